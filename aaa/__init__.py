@@ -1,0 +1,1 @@
+"""AAA interworking (RADIUS pass-through for EAP). Filled by the EAP/RADIUS issue."""

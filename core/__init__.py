@@ -1,0 +1,1 @@
+"""mipsec core: wire codecs, sans-I/O protocol machines, hooks, roles, launcher."""

@@ -1,0 +1,177 @@
+"""The one place that defines mipsec's plugin hooks (pluggy).
+
+Every hook is synchronous (pluggy calls are): registry hooks return
+*factories*, and the objects those factories build do the work.  Built-in
+plugins register through the ``mipsec`` entry-point group exactly like a
+third-party package, so they have no privilege an outside plugin lacks.
+
+Registry hooks
+    Each returns a list of factories.  A factory has a ``name`` (what a
+    configuration file selects it by) and a ``create(options, ctx)`` method.
+    ``options`` is the plain mapping from the TOML table; the factory
+    validates it (pydantic recommended) and raises ``ValueError`` naming the
+    key on bad input -- the loader turns that into a ``ConfigError`` with the
+    file name.  Two plugins providing the same name is an error at start.
+
+Event hooks
+    Called after the fact for accounting and logging; they return nothing,
+    must not block, and never receive key material.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import pluggy
+
+from mipsec.core.model import HomeAgentInfo, HomeAssignment, IssuedSA
+
+PROJECT = "mipsec"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What a factory may know about where it runs."""
+
+    role: str  # "hac" | "ha" | "mn"
+    base_dir: Path  # directory of the configuration file: relative paths resolve here
+    config_file: str = "<memory>"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- objects
+
+
+@runtime_checkable
+class CredentialBackend(Protocol):
+    """Looks up an MN's credentials.  Returns None for an unknown identity:
+    the caller (never the backend) decides how not to reveal that."""
+
+    def get_psk(self, mn_id: str) -> bytes | None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SAStore(Protocol):
+    """Live SAs of a HAC or HA, keyed by SPI.
+
+    ``add`` must be atomic and return False (storing nothing) when the SPI is
+    already held by a live SA -- that is how SPI uniqueness survives restarts
+    and is shared by every HAC using the same store.  Expired SAs are not
+    live: ``get`` never returns one.
+    """
+
+    def add(self, issued: IssuedSA) -> bool: ...
+
+    def get(self, spi: int, now: datetime) -> IssuedSA | None: ...
+
+    def remove(self, spi: int) -> IssuedSA | None: ...
+
+    def live(self, now: datetime) -> list[IssuedSA]: ...
+
+    def expire(self, now: datetime) -> list[IssuedSA]:
+        """Delete and return every SA whose validity end is <= now."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class HoAAllocator(Protocol):
+    """Assigns home addresses/prefixes from pools.
+
+    Never one home address to two live MNs: ``in_use`` maps every address
+    held by a live SA to its ``mn_id``; an MN that already holds one gets it
+    again (re-bootstrap keeps the HoA).  Raises ``LookupError`` when a pool is
+    exhausted (the HAC answers 503).
+    """
+
+    def assign(self, mn_id: str, in_use: Mapping[str, str]) -> HomeAssignment: ...
+
+
+@runtime_checkable
+class HASelector(Protocol):
+    """Chooses the HA for a new SA; None = no HA available (503)."""
+
+    def select(
+        self, mn_id: str, candidates: Sequence[HomeAgentInfo], live_sas: Mapping[str, int]
+    ) -> HomeAgentInfo | None: ...
+
+
+@runtime_checkable
+class ProvisioningTransport(Protocol):
+    """Hands an SA to an HA (PROFILE §9).  Async: it does network I/O, but it
+    is built by a synchronous factory."""
+
+    async def provision(self, ha: HomeAgentInfo, issued: IssuedSA, timeout: float) -> None:
+        """Return once the HA confirmed; raise TimeoutError or ConnectionError."""
+        ...
+
+    async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None: ...
+
+
+class Factory(Protocol):
+    name: str
+
+    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> Any: ...
+
+
+# ---------------------------------------------------------------- hooks
+
+
+class MipsecSpec:
+    @hookspec
+    def mipsec_auth_methods(self) -> Sequence[Any]:
+        """Return authentication methods (``mipsec.core.authmethod.AuthMethod``).
+
+        Each has a ``name`` used in ``auth-method`` on the wire (``psk``,
+        ``eap``) and builds per-exchange sans-I/O server and peer machines.
+        """
+
+    @hookspec
+    def mipsec_credential_backends(self) -> Sequence[Factory]:
+        """Return factories of ``CredentialBackend`` (e.g. ``toml``, ``sqlite``)."""
+
+    @hookspec
+    def mipsec_sa_stores(self) -> Sequence[Factory]:
+        """Return factories of ``SAStore`` (e.g. ``sqlite``, ``memory``)."""
+
+    @hookspec
+    def mipsec_ha_selectors(self) -> Sequence[Factory]:
+        """Return factories of ``HASelector`` (e.g. ``fewest-sas``)."""
+
+    @hookspec
+    def mipsec_hoa_allocators(self) -> Sequence[Factory]:
+        """Return factories of ``HoAAllocator`` (e.g. ``pool``)."""
+
+    @hookspec
+    def mipsec_provisioning_transports(self) -> Sequence[Factory]:
+        """Return factories of ``ProvisioningTransport`` (``local``, ``tls``)."""
+
+    # ---- events (accounting, logging); never given key material
+
+    @hookspec
+    def mipsec_mn_authenticated(self, mn_id: str, method: str, peer: str) -> None:
+        """An MN proved its identity (before SA issuing)."""
+
+    @hookspec
+    def mipsec_auth_failed(self, mn_id: str, method: str, status: int, peer: str) -> None:
+        """An exchange ended with a status other than 200."""
+
+    @hookspec
+    def mipsec_sa_issued(
+        self, spi: int, mn_id: str, suite: str, scope: int, validity_end: datetime,
+        ha_id: str, peer: str,
+    ) -> None:
+        """An SA was issued and confirmed by its HA (the MN gets 200 next)."""
+
+    @hookspec
+    def mipsec_sa_expired(self, spi: int, mn_id: str, validity_end: datetime) -> None:
+        """A live SA reached its validity end and was removed."""

@@ -1,0 +1,1 @@
+"""Built-in mipsec plugins; each registers through the ``mipsec`` entry-point group."""
