@@ -80,6 +80,14 @@ class SAStore(Protocol):
         """Delete and return every SA whose validity end is <= now."""
         ...
 
+    def hoas_in_use(self, now: datetime) -> dict[str, str]:
+        """Every home address (``str``) held by a live SA -> its ``mn_id``."""
+        ...
+
+    def count_by_ha(self, now: datetime) -> dict[str, int]:
+        """Number of live SAs per ``ha_id``."""
+        ...
+
     def close(self) -> None: ...
 
 

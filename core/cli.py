@@ -1,0 +1,266 @@
+"""The ``mipsec`` launcher.
+
+    mipsec --role hac|ha|mn --config FILE [--once] [--json] [--show-keys]
+    mipsec check-config FILE [--role R]
+    mipsec plugins
+    mipsec init DIR [--hac-port N] [--ha-port N] [--json]
+    mipsec demo
+
+Errors a user can fix (configuration, plugins, certificates) print one line
+naming the file, the key and the reason -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mipsec.core import pluginmanager
+from mipsec.core.config import HACConfig, MNConfig, load_config, load_toml, redacted
+from mipsec.core.errors import CertificateError, ConfigError, PluginError
+from mipsec.core.mn_exchange import BootstrapResult
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def result_json(result: BootstrapResult, *, show_keys: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "status": result.status,
+        "authenticated": result.authenticated,
+        "ok": result.ok,
+    }
+    if result.reason:
+        out["reason"] = result.reason
+    if result.retry_after is not None:
+        out["retry_after"] = result.retry_after.isoformat()
+    if result.issued is not None:
+        sa, bs = result.issued.sa, result.issued.bootstrap
+        from mipsec.core.suites import SUITES
+
+        out["sa"] = {
+            "spi": sa.spi,
+            "suite": sa.suite.name,
+            "suite_id": SUITES[sa.suite].token,
+            "scope": sa.scope,
+            "validity_end": sa.validity_end.isoformat(),
+        }
+        if show_keys:
+            out["sa"]["keys"] = {
+                "mn_to_ha_ikey": sa.mn_to_ha_ikey.hex(),
+                "ha_to_mn_ikey": sa.ha_to_mn_ikey.hex(),
+                "mn_to_ha_ekey": sa.mn_to_ha_ekey.hex(),
+                "ha_to_mn_ekey": sa.ha_to_mn_ekey.hex(),
+            }
+        out["bootstrap"] = {
+            k: (str(v) if v is not None and not isinstance(v, int) else v)
+            for k, v in (
+                ("haa_ip6", bs.haa_ip6),
+                ("haa_ip4", bs.haa_ip4),
+                ("port", bs.port),
+                ("ip6_hoa", bs.ip6_hoa),
+                ("ip4_hoa", bs.ip4_hoa),
+                ("ip6_hnp", bs.ip6_hnp),
+                ("ip4_hnp", bs.ip4_hnp),
+                ("dns_ip6", bs.dns_ip6),
+                ("dns_ip4", bs.dns_ip4),
+            )
+            if v is not None
+        }
+    return out
+
+
+# ---------------------------------------------------------------- roles
+
+
+async def _run_hac(cfg: HACConfig, config_file: str) -> int:
+    from mipsec.core.roles.hac import HacService
+
+    service = HacService(cfg, config_file=config_file)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop()
+    return EXIT_OK
+
+
+async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:
+    from mipsec.core.roles.mn import bootstrap
+
+    log = logging.getLogger("mipsec.mn")
+    while True:
+        result = await bootstrap(cfg, config_file=config_file)
+        if as_json:
+            print(json.dumps(result_json(result, show_keys=keys)), flush=True)
+        else:
+            _print_result(result)
+        if once:
+            return EXIT_OK if result.ok else EXIT_FAILED
+        if result.ok and result.issued is not None:
+            from mipsec.core.issuer import utcnow
+
+            lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
+            wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
+        else:
+            wait = 10.0
+        log.info("next bootstrap in %.0f s", wait)
+        await asyncio.sleep(wait)
+
+
+def _print_result(result: BootstrapResult) -> None:
+    data = result_json(result)
+    if result.ok:
+        sa = data["sa"]
+        print(
+            f"status 200: SPI {sa['spi']} suite {sa['suite']} {sa['suite_id']} "
+            f"scope {sa['scope']} valid until {sa['validity_end']}"
+        )
+        for k, v in data["bootstrap"].items():
+            print(f"  {k}: {v}")
+    else:
+        print(f"bootstrap failed: status {result.status}: {result.reason}")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_role(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.role)
+    _setup_logging(getattr(cfg, "log_level", "info"))
+    if args.role == "hac":
+        assert isinstance(cfg, HACConfig)
+        return asyncio.run(_run_hac(cfg, args.config))
+    if args.role == "mn":
+        assert isinstance(cfg, MNConfig)
+        return asyncio.run(_run_mn(cfg, args.config, args.once, args.json, args.show_keys))
+    print("mipsec: the HA role is not available in this version", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _guess_role(path: str) -> str:
+    data = load_toml(path)
+    for role in ("hac", "mn", "ha"):
+        if role in data:
+            return role
+    raise ConfigError(path, "(top level)", "cannot tell the role: no [hac], [mn] or [ha] table")
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    role = args.role or _guess_role(args.file)
+    cfg = load_config(args.file, role)
+    print(json.dumps({"role": role, "config": redacted(cfg)}, indent=2))
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    pm = pluginmanager.make_plugin_manager()
+    rows = pluginmanager.describe(pm)
+    if args.json:
+        print(json.dumps([r.__dict__ | {"provides": dict(r.provides)} for r in rows], indent=2))
+        return EXIT_OK
+    for r in rows:
+        print(f"{r.name}  ({r.distribution} {r.version}, {r.module})")
+        for hook in r.hooks:
+            names = r.provides.get(hook)
+            print(f"    {hook}" + (f": {', '.join(names)}" if names else ""))
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from mipsec.core.labsetup import init_lab
+
+    info = init_lab(Path(args.dir), hac_port=args.hac_port, ha_port=args.ha_port)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"lab written to {args.dir}")
+        print(f"  HAC: mipsec --role hac --config {info['hac']['config']}")
+        print(f"  MN:  mipsec --role mn --config {info['mn']['config']} --once")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mipsec.core.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    role = argparse.ArgumentParser(
+        prog="mipsec",
+        description="RFC 6618 TLS-based Mobile IPv6 security: MN, HAC and HA.",
+        epilog="other commands: mipsec check-config FILE | plugins | init DIR | demo",
+    )
+    role.add_argument("--role", choices=("hac", "ha", "mn"), required=True)
+    role.add_argument("--config", required=True, metavar="FILE")
+    role.add_argument("--once", action="store_true", help="MN: bootstrap once and exit")
+    role.add_argument("--json", action="store_true", help="MN: print the outcome as JSON")
+    role.add_argument("--show-keys", action="store_true", help="MN: include SA keys in output")
+
+    cmds = argparse.ArgumentParser(prog="mipsec")
+    sub = cmds.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check-config", help="validate a config file and print it, redacted")
+    p.add_argument("file")
+    p.add_argument("--role", choices=("hac", "ha", "mn"))
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("plugins", help="list loaded plugins and the hooks they provide")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("init", help="create a lab: test PKI, hac.toml, ha.toml, mn.toml")
+    p.add_argument("dir")
+    p.add_argument("--hac-port", type=int, default=7872)
+    p.add_argument("--ha-port", type=int, default=7873)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("demo", help="init a lab in a temp dir, run a HAC and one MN")
+    p.set_defaults(func=cmd_demo)
+    return role, cmds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    role_parser, cmd_parser = build_parser()
+    try:
+        if argv and argv[0] in ("check-config", "plugins", "init", "demo"):
+            args = cmd_parser.parse_args(argv)
+            rc: int = args.func(args)
+            return rc
+        if not argv or argv[0] in ("-h", "--help"):
+            role_parser.print_help()
+            print()
+            cmd_parser.print_help()
+            return EXIT_OK if argv else EXIT_CONFIG
+        return cmd_role(role_parser.parse_args(argv))
+    except ConfigError as exc:
+        print(f"mipsec: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (PluginError, CertificateError) as exc:
+        print(f"mipsec: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

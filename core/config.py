@@ -1,0 +1,305 @@
+"""Configuration: TOML files validated by pydantic models.
+
+A wrong file fails at start with the file, the key and the reason
+(``ConfigError``), never with a traceback.  Paths are resolved against the
+directory of the file that names them.  Plugin tables (``[credentials]``,
+``[sa_store]``, ...) name the plugin and pass every other key to it as its
+options; the plugin validates them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mipsec.core.errors import ConfigError
+from mipsec.core.model import DEFAULT_MIP6_PORT
+from mipsec.core.suites import DEFAULT_ALLOWED, Suite, suite_from_name
+
+DEFAULT_HAC_PORT = 7872  # PROFILE §1
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400 * 365)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginRef(BaseModel):
+    """A table that selects a plugin by name; all other keys are its options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class CredentialsRef(PluginRef):
+    backend: str = "toml"
+
+
+class SAStoreRef(PluginRef):
+    backend: str = "sqlite"
+
+
+class HoAAllocatorRef(PluginRef):
+    allocator: str = "pool"
+
+
+class HASelectorRef(PluginRef):
+    selector: str = "fewest-sas"
+
+
+def _suites(values: list[str]) -> tuple[Suite, ...]:
+    out: list[Suite] = []
+    for v in values:
+        out.append(suite_from_name(v))  # ValueError names the bad token
+    if not out:
+        raise ValueError("at least one ciphersuite is needed")
+    return tuple(out)
+
+
+class PolicyConfig(_Strict):
+    methods: tuple[str, ...] = ("psk", "eap")
+    realms: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    suites: tuple[Suite, ...] = DEFAULT_ALLOWED
+    max_scope: Literal[0, 1] = 1
+    sa_lifetime: Seconds = 3600.0
+
+    @field_validator("suites", mode="before")
+    @classmethod
+    def _parse_suites(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
+            return _suites(list(v))
+        return v
+
+
+class HAEntry(_Strict):
+    id: str
+    address6: ipaddress.IPv6Address | None = None
+    address4: ipaddress.IPv4Address | None = None
+    port: Port = DEFAULT_MIP6_PORT  # the MN-HA UDP port (mip6-port)
+    transport: str = "local"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_address(self) -> HAEntry:
+        if self.address6 is None and self.address4 is None:
+            raise ValueError("an HA needs address6 or address4")
+        return self
+
+
+class BootstrapConfig(_Strict):
+    dns_ip6: ipaddress.IPv6Address | None = None
+    dns_ip4: ipaddress.IPv4Address | None = None
+
+
+class HACService(_Strict):
+    listen: tuple[str, ...] = ("127.0.0.1", "::1")
+    port: Port = DEFAULT_HAC_PORT
+    cert: Path
+    key: Path
+    strict_rfc6618: bool = False
+    handshake_timeout: Seconds = 10.0
+    request_timeout: Seconds = 10.0
+    provisioning_timeout: Seconds = 5.0
+    max_sessions: Annotated[int, Field(ge=1, le=100_000)] = 256
+    expiry_interval: Seconds = 30.0
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for a in v:
+            ipaddress.ip_address(a)  # ValueError names the bad address
+        return v
+
+
+class PluginsConfig(_Strict):
+    disable: tuple[str, ...] = ()
+
+
+class HACConfig(_Strict):
+    hac: HACService
+    policy: PolicyConfig = PolicyConfig()
+    credentials: CredentialsRef = CredentialsRef()
+    sa_store: SAStoreRef = SAStoreRef()
+    home_addresses: HoAAllocatorRef = HoAAllocatorRef()
+    ha_selection: HASelectorRef = HASelectorRef()
+    ha: tuple[HAEntry, ...] = Field(min_length=1)
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-method options
+    plugins: PluginsConfig = PluginsConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _unique_ha(self) -> HACConfig:
+        ids = [h.id for h in self.ha]
+        if len(set(ids)) != len(ids):
+            raise ValueError("ha ids must be unique")
+        return self
+
+
+class MNIdentity(_Strict):
+    mn_id: Annotated[str, Field(min_length=1, max_length=253)]
+    method: str = "psk"
+    psk_hex: str | None = Field(default=None, repr=False)
+    psk_file: Path | None = None
+
+    @field_validator("psk_hex")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                if not bytes.fromhex(v):
+                    raise ValueError
+            except ValueError:
+                raise ValueError("must be non-empty hex") from None
+        return v
+
+
+class MNHac(_Strict):
+    host: str
+    port: Port = DEFAULT_HAC_PORT
+    server_name: str | None = None  # None: the HAC is checked by its IP SAN
+    ca: Path
+    strict_rfc6618: bool = False
+    timeout: Seconds = 10.0
+
+
+class MNSA(_Strict):
+    scope: Literal[0, 1] = 1
+    suites: tuple[Suite, ...] = DEFAULT_ALLOWED
+    rebootstrap_at: Annotated[float, Field(gt=0, lt=1)] = 0.8  # PROFILE §5
+
+    @field_validator("suites", mode="before")
+    @classmethod
+    def _parse_suites(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
+            return _suites(list(v))
+        return v
+
+
+class MNConfig(_Strict):
+    mn: MNIdentity
+    hac: MNHac
+    sa: MNSA = MNSA()
+    plugins: PluginsConfig = PluginsConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class HAService(_Strict):
+    listen: tuple[str, ...] = ("127.0.0.1", "::1")
+    port: Port = DEFAULT_MIP6_PORT
+
+
+class HAConfig(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)  # the HA role grows in issue 3
+    ha: HAService = HAService()
+    plugins: PluginsConfig = PluginsConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+ROLE_MODELS: dict[str, type[BaseModel]] = {"hac": HACConfig, "mn": MNConfig, "ha": HAConfig}
+
+_PATH_KEYS = {"cert", "key", "ca", "psk_file", "path", "client_cert", "client_key"}
+
+
+def _resolve_paths(obj: Any, base: Path) -> Any:
+    """Resolve relative path-like keys against the config file's directory."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k in _PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute():
+                out[k] = str((base / v).resolve())
+            else:
+                out[k] = _resolve_paths(v, base)
+        return out
+    if isinstance(obj, list):
+        return [_resolve_paths(v, base) for v in obj]
+    return obj
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1:] = [f"{parts[-1]}[{p}]"] if parts else [f"[{p}]"]
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or "(top level)"
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(p), "(file)", "no such file") from None
+    except PermissionError:
+        raise ConfigError(str(p), "(file)", "permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), "(syntax)", str(exc)) from None
+
+
+def load_config(path: str | Path, role: str) -> BaseModel:
+    """Load and validate a role's configuration file."""
+    p = Path(path)
+    data = load_toml(p)
+    return validate_config(data, role, file=str(p), base=p.resolve().parent)
+
+
+def validate_config(
+    data: dict[str, Any], role: str, *, file: str = "<memory>", base: Path | None = None
+) -> BaseModel:
+    model = ROLE_MODELS.get(role)
+    if model is None:
+        raise ConfigError(file, "role", f"unknown role {role!r}")
+    data = _resolve_paths(data, base or Path.cwd())
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        reason = str(err.get("msg", "invalid"))
+        if reason.startswith("Value error, "):
+            reason = reason[len("Value error, ") :]
+        more = len(exc.errors()) - 1
+        if more:
+            reason += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise ConfigError(file, _loc(tuple(err.get("loc", ()))), reason) from None
+
+
+def redacted(model: BaseModel) -> dict[str, Any]:
+    """The resolved config as a dict with every secret replaced."""
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {
+                k: ("<redacted>" if _is_secret(k) and v is not None else walk(v))
+                for k, v in obj.items()
+            }
+        if isinstance(obj, list | tuple):
+            return [walk(v) for v in obj]
+        return obj
+
+    return walk(model.model_dump(mode="json"))  # type: ignore[no-any-return]
+
+
+def _is_secret(key: str) -> bool:
+    k = key.lower()
+    return any(s in k for s in ("psk", "secret", "password", "passphrase")) and not k.endswith(
+        "_file"
+    )

@@ -1,0 +1,116 @@
+"""Plugin discovery and per-hook registries.
+
+Every plugin -- built-in or third-party -- comes from the ``mipsec``
+entry-point group.  A registry hook's factories are indexed by name; two
+plugins claiming one name is an error at start, not a silent override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from mipsec.core.errors import ConfigError, PluginError
+from mipsec.core.hookspecs import PROJECT, MipsecSpec, PluginContext
+
+REGISTRY_HOOKS = (
+    "mipsec_auth_methods",
+    "mipsec_credential_backends",
+    "mipsec_sa_stores",
+    "mipsec_ha_selectors",
+    "mipsec_hoa_allocators",
+    "mipsec_provisioning_transports",
+)
+
+
+@dataclass(frozen=True)
+class LoadedPlugin:
+    name: str  # entry-point name
+    module: str
+    distribution: str
+    version: str
+    hooks: tuple[str, ...]
+    provides: Mapping[str, tuple[str, ...]]  # hook -> names it provides
+
+
+def make_plugin_manager(disable: Iterable[str] = ()) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(MipsecSpec)
+    skip = set(disable)
+    for ep in sorted(entry_points(group=PROJECT), key=lambda e: e.name):
+        if ep.name in skip or pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken third-party plugin must not be a traceback
+            raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+        pm.register(plugin, name=ep.name)
+        dist = ep.dist
+        _DIST[ep.name] = (dist.name, dist.version) if dist is not None else ("?", "?")
+    return pm
+
+
+_DIST: dict[str, tuple[str, str]] = {}
+
+
+def registry(pm: pluggy.PluginManager, hook: str) -> dict[str, Any]:
+    """name -> factory (or AuthMethod) for one registry hook."""
+    out: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    caller = getattr(pm.hook, hook)
+    for impl in caller.get_hookimpls():
+        for item in impl.function() or ():
+            name = getattr(item, "name", None)
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {impl.plugin_name!r}: {hook} returned an unnamed item")
+            if name in out:
+                raise PluginError(
+                    f"{hook}: name {name!r} provided by both {owner[name]!r} and "
+                    f"{impl.plugin_name!r}"
+                )
+            out[name] = item
+            owner[name] = impl.plugin_name
+    return out
+
+
+def create(
+    pm: pluggy.PluginManager,
+    hook: str,
+    name: str,
+    options: Mapping[str, Any],
+    ctx: PluginContext,
+    *,
+    key: str,
+) -> Any:
+    """Build the object a config table selects; errors name file and key."""
+    factories = registry(pm, hook)
+    factory = factories.get(name)
+    if factory is None:
+        known = ", ".join(sorted(factories)) or "none"
+        raise ConfigError(ctx.config_file, key, f"no plugin provides {name!r} (known: {known})")
+    try:
+        return factory.create(options, ctx)
+    except ValueError as exc:
+        raise ConfigError(ctx.config_file, key, str(exc)) from None
+
+
+def describe(pm: pluggy.PluginManager) -> list[LoadedPlugin]:
+    out: list[LoadedPlugin] = []
+    for name, plugin in sorted(pm.list_name_plugin()):
+        if plugin is None:
+            continue
+        hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
+        provides: dict[str, tuple[str, ...]] = {}
+        for hook in hooks:
+            if hook in REGISTRY_HOOKS:
+                items = getattr(plugin, hook)() or ()
+                provides[hook] = tuple(getattr(i, "name", "?") for i in items)
+        dist, version = _DIST.get(name, ("?", "?"))
+        out.append(
+            LoadedPlugin(name, getattr(plugin, "__name__", repr(plugin)), dist, version, hooks, provides)
+        )
+    return out

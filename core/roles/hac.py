@@ -1,0 +1,326 @@
+"""The HAC service: a thin asyncio shell around ``HacExchange``.
+
+TLS per PROFILE §1 (context from ``mipsec.core.tls``), one exchange per
+connection, timeouts on the handshake and on every request, a cap on
+concurrent sessions, and SA issuing + HA provisioning in between the Done
+request and the final response.  One MN's bad input ends only its own
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import pluggy
+
+from mipsec.core import pluginmanager
+from mipsec.core.authmethod import AuthMethod
+from mipsec.core.config import HACConfig
+from mipsec.core.hac_exchange import (
+    INTERNAL_ERROR,
+    TIMEOUT,
+    UNAVAILABLE,
+    Close,
+    HacExchange,
+    HacPolicy,
+    IssueSA,
+    Send,
+)
+from mipsec.core.hookspecs import (
+    CredentialBackend,
+    HASelector,
+    HoAAllocator,
+    PluginContext,
+    ProvisioningTransport,
+    SAStore,
+)
+from mipsec.core.issuer import new_sa, random_spi, utcnow
+from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
+from mipsec.core.tls import hac_server_context, server_cb_octets, set_nodelay
+
+log = logging.getLogger("mipsec.hac")
+
+READ_CHUNK = 65536 + 4  # one maximal container
+SPI_DRAWS = 32  # collisions among 2^28 SPIs are rare; this bounds a pathological store
+
+
+class IssueFailure(Exception):
+    def __init__(self, status: int, reason: str, retry_after: datetime | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class HacService:
+    def __init__(
+        self,
+        cfg: HACConfig,
+        *,
+        config_file: str = "<memory>",
+        pm: pluggy.PluginManager | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.pm = pm or pluginmanager.make_plugin_manager(cfg.plugins.disable)
+        svc = cfg.hac
+        self.ssl_context = hac_server_context(
+            str(svc.cert), str(svc.key), strict_rfc6618=svc.strict_rfc6618
+        )
+        self.cb_octets = server_cb_octets(str(svc.cert))
+        base = cfg.hac.cert.parent
+        ctx = PluginContext(role="hac", base_dir=base, config_file=config_file)
+        self.methods: Mapping[str, AuthMethod] = pluginmanager.registry(
+            self.pm, "mipsec_auth_methods"
+        )
+        self.credentials: CredentialBackend = pluginmanager.create(
+            self.pm, "mipsec_credential_backends", cfg.credentials.backend,
+            cfg.credentials.options, ctx, key="credentials.backend",
+        )
+        self.store: SAStore = pluginmanager.create(
+            self.pm, "mipsec_sa_stores", cfg.sa_store.backend, cfg.sa_store.options, ctx,
+            key="sa_store.backend",
+        )
+        self.allocator: HoAAllocator = pluginmanager.create(
+            self.pm, "mipsec_hoa_allocators", cfg.home_addresses.allocator,
+            cfg.home_addresses.options, ctx, key="home_addresses.allocator",
+        )
+        self.selector: HASelector = pluginmanager.create(
+            self.pm, "mipsec_ha_selectors", cfg.ha_selection.selector,
+            cfg.ha_selection.options, ctx, key="ha_selection.selector",
+        )
+        self.has = tuple(
+            HomeAgentInfo(h.id, h.address6, h.address4, h.port, h.transport, dict(h.options))
+            for h in cfg.ha
+        )
+        self.transports: dict[str, ProvisioningTransport] = {}
+        for i, h in enumerate(cfg.ha):
+            if h.transport not in self.transports:
+                self.transports[h.transport] = pluginmanager.create(
+                    self.pm, "mipsec_provisioning_transports", h.transport, {}, ctx,
+                    key=f"ha[{i}].transport",
+                )
+        self.policy = HacPolicy(
+            method_order=cfg.policy.methods,
+            realm_methods={k.lower(): v for k, v in cfg.policy.realms.items()}
+            or {"*": cfg.policy.methods},
+            allowed_suites=cfg.policy.suites,
+            max_scope=cfg.policy.max_scope,
+        )
+        # PROFILE §4: one random stand-in key per process for unknown mn-ids.
+        self._standin = secrets.token_bytes(32)
+        self._servers: list[asyncio.Server] = []
+        self._sessions: set[asyncio.Task[Any]] = set()
+        self._expiry_task: asyncio.Task[None] | None = None
+        self.addresses: list[tuple[str, int]] = []
+        self.stats: dict[str, int] = {"sessions": 0, "refused_busy": 0, "status_200": 0}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> list[tuple[str, int]]:
+        svc = self.cfg.hac
+        port = svc.port
+        for host in svc.listen:
+            try:
+                server = await asyncio.start_server(
+                    self._on_connection, host=host, port=port, ssl=self.ssl_context,
+                    ssl_handshake_timeout=svc.handshake_timeout, reuse_address=True,
+                )
+            except OSError as exc:
+                if ":" in host and len(svc.listen) > 1:
+                    log.warning("cannot listen on [%s]:%d: %s (skipped)", host, port, exc)
+                    continue
+                raise
+            self._servers.append(server)
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                self.addresses.append((addr[0], addr[1]))
+                if port == 0:
+                    port = addr[1]  # same ephemeral port on every address if possible
+        self._expiry_task = asyncio.create_task(self._expiry_loop())
+        for host, p in self.addresses:
+            log.info("HAC listening on %s port %d (TLS)", host, p)
+        return self.addresses
+
+    async def serve_forever(self) -> None:
+        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        for t in list(self._sessions):
+            t.cancel()
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+        for s in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 2)
+        self.store.close()
+        self.credentials.close()
+
+    # ------------------------------------------------------------ sessions
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = _peer(writer)
+        task = asyncio.current_task()
+        if len(self._sessions) >= self.cfg.hac.max_sessions:
+            self.stats["refused_busy"] += 1
+            log.warning("session cap %d reached: closing %s", self.cfg.hac.max_sessions, peer)
+            await _close(writer)
+            return
+        assert task is not None
+        self._sessions.add(task)
+        self.stats["sessions"] += 1
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+        try:
+            await self._session(reader, writer, peer)
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            log.info("connection from %s ended: %s", peer, exc.__class__.__name__)
+        finally:
+            self._sessions.discard(task)
+            await _close(writer)
+
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        exch = HacExchange(
+            cb_octets=self.cb_octets, methods=self.methods, credentials=self.credentials,
+            standin_key=self._standin, policy=self.policy, method_options=self.cfg.methods,
+        )
+        timeout = self.cfg.hac.request_timeout
+        while not exch.finished:
+            try:
+                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+            except TimeoutError:
+                log.info("%s idle for %.0f s: closing", peer, timeout)
+                return
+            events = exch.receive_data(data) if data else exch.receive_eof()
+            for ev in events:
+                if isinstance(ev, IssueSA):
+                    ev = await self._issue(exch, ev, peer)
+                if isinstance(ev, Send):
+                    writer.write(ev.data)
+                    await writer.drain()
+                    if ev.status is not None:
+                        self._final_logged(exch, ev.status, peer)
+                    if ev.close:
+                        return
+                elif isinstance(ev, Close):
+                    log.info("%s: closing without response: %s", peer, ev.reason)
+                    return
+
+    def _final_logged(self, exch: HacExchange, status: int, peer: str) -> None:
+        mn_id = exch.mn_id or "-"
+        method = exch.method_name or "-"
+        log.info("mn_id=%s peer=%s method=%s status=%d", mn_id, peer, method, status)
+        if status == 200:
+            self.stats["status_200"] += 1
+        else:
+            self.pm.hook.mipsec_auth_failed(mn_id=mn_id, method=method, status=status, peer=peer)
+
+    # ------------------------------------------------------------ SA issuing
+
+    async def _issue(self, exch: HacExchange, req: IssueSA, peer: str) -> Send:
+        self.pm.hook.mipsec_mn_authenticated(mn_id=req.mn_id, method=req.method, peer=peer)
+        try:
+            issued = await self.issue_sa(req.mn_id, req.suite, req.scope)
+        except IssueFailure as exc:
+            log.warning("mn_id=%s: no SA: %s", req.mn_id, exc)
+            return exch.fail(exc.status, exc.retry_after)
+        except Exception:
+            log.exception("mn_id=%s: internal error while issuing an SA", req.mn_id)
+            return exch.fail(INTERNAL_ERROR)
+        sa = issued.sa
+        self.pm.hook.mipsec_sa_issued(
+            spi=sa.spi, mn_id=sa.mn_id, suite=sa.suite.name, scope=sa.scope,
+            validity_end=sa.validity_end, ha_id=sa.ha_id, peer=peer,
+        )
+        return exch.complete(issued)
+
+    async def issue_sa(self, mn_id: str, suite: Any, scope: int) -> IssuedSA:
+        """Allocate, store and provision one SA; nothing survives a failure."""
+        now = utcnow()
+        live_by_ha: Mapping[str, int] = self.store.count_by_ha(now)  # type: ignore[attr-defined]
+        ha = self.selector.select(mn_id, self.has, live_by_ha)
+        if ha is None:
+            raise IssueFailure(UNAVAILABLE, "no HA available", _retry_after())
+        try:
+            home = self.allocator.assign(mn_id, self.store.hoas_in_use(now))  # type: ignore[attr-defined]
+        except LookupError as exc:
+            raise IssueFailure(UNAVAILABLE, f"home address pool: {exc}", _retry_after()) from None
+        bootstrap = BootstrapData(
+            haa_ip6=ha.haa_ip6, haa_ip4=ha.haa_ip4, port=ha.port,
+            ip6_hoa=home.ip6_hoa, ip4_hoa=home.ip4_hoa, ip6_hnp=home.ip6_hnp,
+            ip4_hnp=home.ip4_hnp, dns_ip6=self.cfg.bootstrap.dns_ip6,
+            dns_ip4=self.cfg.bootstrap.dns_ip4,
+        )
+        issued: IssuedSA | None = None
+        for _ in range(SPI_DRAWS):
+            sa = new_sa(
+                spi=random_spi(), mn_id=mn_id, suite=suite, scope=scope,
+                lifetime=self.cfg.policy.sa_lifetime, now=now, ha_id=ha.ha_id,
+            )
+            candidate = IssuedSA(sa, bootstrap)
+            if self.store.add(candidate):
+                issued = candidate
+                break
+        if issued is None:
+            raise IssueFailure(INTERNAL_ERROR, "no free SPI")
+        transport = self.transports[ha.transport]
+        timeout = self.cfg.hac.provisioning_timeout
+        try:
+            await asyncio.wait_for(transport.provision(ha, issued, timeout), timeout)
+        except BaseException as exc:
+            # Nothing half-provisioned survives: drop it from the store and
+            # tell the HA to forget it in case it did install it.
+            self.store.remove(issued.sa.spi)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(transport.withdraw(ha, issued.sa.spi, timeout), timeout)
+            if isinstance(exc, TimeoutError | ConnectionError | OSError):
+                raise IssueFailure(TIMEOUT, f"HA {ha.ha_id} did not confirm: {exc!r}") from None
+            raise
+        return issued
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.hac.expiry_interval)
+            self.expire_now()
+
+    def expire_now(self) -> int:
+        expired = self.store.expire(utcnow())
+        for issued in expired:
+            sa = issued.sa
+            self.pm.hook.mipsec_sa_expired(spi=sa.spi, mn_id=sa.mn_id, validity_end=sa.validity_end)
+        return len(expired)
+
+
+def _retry_after(seconds: int = 30) -> datetime:
+    from datetime import timedelta
+
+    return (utcnow() + timedelta(seconds=seconds)).replace(microsecond=0)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    addr = writer.get_extra_info("peername")
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    # close() sends TLS close_notify, then closes TCP (PROFILE §1 "closing").
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 2)
+
+

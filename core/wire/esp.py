@@ -1,0 +1,290 @@
+"""RFC 6618 §6 UDP encapsulation of MN-HA packets (PROFILE §7), sans-I/O.
+
+Wire layout of a protected packet (PType 8 or 1)::
+
+    +-------+-----------------------+
+    | PType |  SPI (28 bits)        |   PType: 4 high bits of the first word
+    +-------+-----------------------+
+    |        Sequence Number        |   starts at 0, +1 per packet
+    +-------------------------------+
+    |  IV (one cipher block; none for NULL)
+    |  ciphertext of: Payload || Padding 01 02 .. || Pad Length || Next Header
+    +-------------------------------+
+    |  ICV (12 octets) over PType|SPI .. Next Header (encrypt-then-MAC)
+    +-------------------------------+
+
+A plaintext packet (PType 0) is ``00000000 00000000`` followed by the payload,
+with no trailer (PROFILE §7).
+
+Receivers drop bad packets silently (PROFILE §7); here a drop is a
+``PacketError`` whose ``drop_reason`` names the counter: "malformed",
+"unknown_spi", "bad_icv", "replay", "bad_padding" (and "scope", which only the
+HA can decide).  Sender misuse is a ``LocalProtocolError``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from typing import NamedTuple
+
+from mipsec.core.crypto import ICV_LEN, BytesLike, SuiteCrypto
+from mipsec.core.errors import LocalProtocolError, PacketError
+from mipsec.core.replay import ReplayWindow
+from mipsec.core.suites import SuiteInfo
+
+__all__ = [
+    "DROP_REASONS",
+    "HEADER_LEN",
+    "NEXT_HEADER_DSTOPTS",
+    "NEXT_HEADER_IPV4",
+    "NEXT_HEADER_IPV6",
+    "NEXT_HEADER_MH",
+    "PTYPE_DATA",
+    "PTYPE_MH",
+    "PTYPE_PLAIN",
+    "SEQ_MAX",
+    "SEQ_REINIT_THRESHOLD",
+    "SPI_MAX",
+    "InboundSA",
+    "OutboundSA",
+    "SequenceExhausted",
+    "Unprotected",
+    "decode_plain",
+    "encode_plain",
+    "peek_header",
+]
+
+# PROFILE §7: PType values (RFC 6618 §6.1).
+PTYPE_PLAIN = 0
+PTYPE_DATA = 1
+PTYPE_MH = 8
+_PROTECTED_PTYPES = frozenset((PTYPE_DATA, PTYPE_MH))
+
+# PROFILE §7: Next Header values of the ESP trailer.
+NEXT_HEADER_MH = 135
+NEXT_HEADER_DSTOPTS = 60
+NEXT_HEADER_IPV6 = 41
+NEXT_HEADER_IPV4 = 4
+
+# PROFILE §7 (deliberate tightening): the HA asks for a new SA (BA status 176)
+# once a direction passes 2**32 - 2**20, and nobody sends past 2**32 - 1.
+SEQ_REINIT_THRESHOLD = 2**32 - 2**20
+SEQ_MAX = 2**32 - 1
+
+SPI_MAX = (1 << 28) - 1  # PROFILE §5: SPI 1..268435455 (28 bits)
+HEADER_LEN = 8  # PType|SPI + Sequence Number
+
+DROP_REASONS = ("malformed", "unknown_spi", "bad_icv", "replay", "bad_padding", "scope")
+
+_HEADER = struct.Struct(">II")
+# RFC 4303 §2.4: padding octets are 1, 2, 3, ...; a receiver accepts up to 255.
+_PAD = bytes(range(1, 256))
+_PLAIN_HEADER = bytes(HEADER_LEN)
+
+
+class SequenceExhausted(LocalProtocolError):
+    """The outbound counter reached 2**32 - 1 (PROFILE §7): bootstrap a new SA."""
+
+
+class Unprotected(NamedTuple):
+    """A verified, decrypted packet."""
+
+    ptype: int
+    seq: int
+    next_header: int
+    payload: bytes
+
+
+def peek_header(datagram: BytesLike) -> tuple[int, int]:
+    """(ptype, spi) from the first 32 bits, so the HA can find the SA (PROFILE §7).
+
+    PType 8/1 need an SPI in 1..2**28-1; PType 0 needs SPI 0 and sequence 0.
+    """
+    if len(datagram) < 4:
+        raise PacketError("header", f"{len(datagram)} octets, PType|SPI needs 4")
+    word = int.from_bytes(datagram[:4], "big")
+    ptype = word >> 28
+    spi = word & SPI_MAX
+    if ptype in _PROTECTED_PTYPES:
+        if spi == 0:
+            raise PacketError("spi", f"SPI 0 with PType {ptype}")
+        return ptype, spi
+    if ptype == PTYPE_PLAIN:
+        if spi != 0:
+            raise PacketError("spi", "PType 0 must carry SPI 0")
+        if len(datagram) < HEADER_LEN:
+            raise PacketError("sequence", "PType 0 packet shorter than its 8-octet header")
+        if int.from_bytes(datagram[4:8], "big") != 0:
+            raise PacketError("sequence", "PType 0 must carry sequence 0")
+        return ptype, spi
+    raise PacketError("ptype", f"unknown PType {ptype}")
+
+
+def encode_plain(payload: BytesLike) -> bytes:
+    """PType 0 packet: SPI 0, sequence 0, the payload, no trailer (PROFILE §7)."""
+    return _PLAIN_HEADER + payload
+
+
+def decode_plain(datagram: BytesLike) -> bytes:
+    """The payload of a PType 0 packet (``PacketError`` if it is not one)."""
+    ptype, _ = peek_header(datagram)
+    if ptype != PTYPE_PLAIN:
+        raise PacketError("ptype", f"PType {ptype} is not a plaintext packet")
+    return bytes(datagram[HEADER_LEN:])
+
+
+def _check_spi(spi: int) -> int:
+    if isinstance(spi, bool) or not isinstance(spi, int) or not 1 <= spi <= SPI_MAX:
+        raise LocalProtocolError(f"spi: {spi!r} outside 1..{SPI_MAX}")
+    return spi
+
+
+class OutboundSA:
+    """Sending side of one SA direction: numbers, pads, encrypts and MACs packets."""
+
+    __slots__ = ("_align", "_crypto", "_mac", "_seq", "_trailers", "_words", "spi", "suite_info")
+
+    def __init__(
+        self,
+        suite_info: SuiteInfo,
+        ikey: bytes,
+        ekey: bytes,
+        spi: int,
+        *,
+        initial_seq: int = 0,
+    ) -> None:
+        """``initial_seq`` lets a restarted HA resume a persisted counter (default 0)."""
+        self.spi = _check_spi(spi)
+        if isinstance(initial_seq, bool) or not 0 <= initial_seq <= SEQ_MAX + 1:
+            raise LocalProtocolError(f"initial_seq: {initial_seq!r} outside 0..2**32")
+        self.suite_info = suite_info
+        self._crypto = SuiteCrypto(suite_info, ikey, ekey)
+        self._mac = self._crypto.mac
+        self._align = suite_info.block_size
+        self._seq = initial_seq
+        self._words = {p: (p << 28) | spi for p in _PROTECTED_PTYPES}
+        # (pad_len << 8 | next_header) -> Padding || Pad Length || Next Header.
+        self._trailers: dict[int, bytes] = {}
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the next packet."""
+        return self._seq
+
+    @property
+    def needs_reinit(self) -> bool:
+        """A packet numbered >= SEQ_REINIT_THRESHOLD was sent (PROFILE §7: status 176)."""
+        return self._seq > SEQ_REINIT_THRESHOLD
+
+    def protect(self, ptype: int, next_header: int, payload: BytesLike) -> bytes:
+        """One protected datagram; each call consumes one sequence number."""
+        seq = self._seq
+        if seq > SEQ_MAX:
+            raise SequenceExhausted(f"sequence: SPI {self.spi} used all 2**32 numbers")
+        word = self._words.get(ptype)
+        if word is None:
+            raise LocalProtocolError(f"ptype: {ptype!r} is not {PTYPE_MH} or {PTYPE_DATA}")
+        if not 0 <= next_header <= 255:
+            raise LocalProtocolError(f"next_header: {next_header!r} outside 0..255")
+        # RFC 4303 §2.4: minimal padding so that Payload || Padding || Pad
+        # Length || Next Header fills whole cipher blocks (4 octets for NULL).
+        pad_len = -(len(payload) + 2) % self._align
+        key = pad_len << 8 | next_header
+        trailer = self._trailers.get(key)
+        if trailer is None:
+            trailer = self._trailers[key] = _PAD[:pad_len] + bytes((pad_len, next_header))
+        authed = b"".join((_HEADER.pack(word, seq), self._crypto.encrypt_parts(payload, trailer)))
+        self._seq = seq + 1
+        return authed + self._mac(authed)
+
+    def __repr__(self) -> str:
+        return f"OutboundSA({self.suite_info.suite.name}, spi={self.spi}, seq={self._seq})"
+
+
+class InboundSA:
+    """Receiving side of one SA direction: replay check, ICV, decryption, padding."""
+
+    __slots__ = (
+        "_align",
+        "_crypto",
+        "_encrypts",
+        "_mac",
+        "_min_len",
+        "_window",
+        "spi",
+        "suite_info",
+    )
+
+    def __init__(
+        self, suite_info: SuiteInfo, ikey: bytes, ekey: bytes, spi: int, window: int = 64
+    ) -> None:
+        self.spi = _check_spi(spi)
+        self.suite_info = suite_info
+        self._crypto = SuiteCrypto(suite_info, ikey, ekey)
+        self._mac = self._crypto.mac
+        self._encrypts = self._crypto.encrypts
+        self._align = suite_info.block_size
+        self._window = ReplayWindow(window)
+        # Header, IV, at least one block (or 4-octet unit) of trailer, ICV.
+        self._min_len = HEADER_LEN + self._crypto.iv_len + self._align + ICV_LEN
+
+    @property
+    def highest_seq(self) -> int:
+        """Highest verified sequence number, -1 before the first packet."""
+        return self._window.highest
+
+    @property
+    def needs_reinit(self) -> bool:
+        """A packet numbered >= SEQ_REINIT_THRESHOLD arrived (PROFILE §7: status 176)."""
+        return self._window.highest >= SEQ_REINIT_THRESHOLD
+
+    @property
+    def window_size(self) -> int:
+        return self._window.size
+
+    def unprotect(self, datagram: BytesLike) -> Unprotected:
+        """Verify and open one datagram, or raise ``PacketError`` (drop and count).
+
+        Order (RFC 4303 §3.4.3-3.4.4, PROFILE §7): parse -> replay check before
+        any crypto -> ICV -> decrypt -> padding -> only then slide the window.
+        """
+        n = len(datagram)
+        if n < self._min_len:
+            raise PacketError("length", f"{n} octets, shorter than the minimum {self._min_len}")
+        word, seq = _HEADER.unpack_from(datagram)
+        ptype = word >> 28
+        if word & SPI_MAX != self.spi:
+            raise PacketError("spi", f"SPI {word & SPI_MAX} is not this SA's", "unknown_spi")
+        if ptype not in _PROTECTED_PTYPES:
+            raise PacketError("ptype", f"PType {ptype} on a protected SA")
+        if (n - HEADER_LEN - ICV_LEN) % self._align:
+            raise PacketError("length", f"encrypted part is not a multiple of {self._align} octets")
+        window = self._window
+        if not window.check(seq):
+            raise PacketError("sequence", f"{seq} replayed or left of the window", "replay")
+        mv = memoryview(datagram)
+        end = n - ICV_LEN
+        if not hmac.compare_digest(self._mac(mv[:end]), mv[end:]):
+            raise PacketError("icv", "integrity check failed", "bad_icv")
+        if self._encrypts:
+            plain: BytesLike = self._crypto.decrypt(mv[HEADER_LEN:end])
+        else:
+            plain = mv[HEADER_LEN:end]
+        pad_len = plain[-2]
+        next_header = plain[-1]
+        payload_end = len(plain) - 2 - pad_len
+        if payload_end < 0:
+            raise PacketError("pad_length", f"{pad_len} exceeds the packet", "bad_padding")
+        # Not constant-time on purpose: the ICV already verified, so the
+        # padding is the authenticated sender's, not an oracle for an attacker.
+        if plain[payload_end:-2] != _PAD[:pad_len]:
+            raise PacketError("padding", "padding octets are not 01 02 03 ...", "bad_padding")
+        window.update(seq)
+        return Unprotected(ptype, seq, next_header, bytes(plain[:payload_end]))
+
+    def __repr__(self) -> str:
+        return (
+            f"InboundSA({self.suite_info.suite.name}, spi={self.spi}, "
+            f"highest_seq={self._window.highest})"
+        )

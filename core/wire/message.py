@@ -1,0 +1,128 @@
+"""A typed view of one MHAuth message (RFC 6618 §5.5-5.7; PROFILE §3).
+
+``decode_message`` turns a :class:`ParsedContent` into a :class:`Message`
+with every known header parsed by its value codec; ``encode_message`` does
+the reverse in canonical sender order.  ``auth`` is not a field: it is
+computed and verified over raw octets by :mod:`mipsec.core.wire.tvheader`.
+The message kind (Init/Mid/Done) is not on the wire (PROFILE §4): the state
+machines decide it, not this codec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any, NamedTuple
+
+from mipsec.core.wire import values as v
+from mipsec.core.wire.tvheader import ParsedContent, parse_content
+
+__all__ = [
+    "HEADER_NAMES",
+    "HeaderCodec",
+    "Message",
+    "decode_message",
+    "encode_message",
+    "message_from_bytes",
+]
+
+
+@dataclass(slots=True)
+class Message:
+    """Every RFC 6618 TV-header as an optional typed field (None = absent)."""
+
+    mn_id: str | None = None
+    auth_method: tuple[str, ...] | None = None
+    mn_rand: bytes | None = None
+    hac_rand: bytes | None = None
+    eap_payload: bytes | None = None
+    status_code: int | None = None
+    retry_after: datetime | None = None
+    mip6_spi: int | None = None
+    # SA keys (§5.6.2) never appear in repr.
+    mn_to_ha_ikey: bytes | None = field(default=None, repr=False)
+    ha_to_mn_ikey: bytes | None = field(default=None, repr=False)
+    mn_to_ha_ekey: bytes | None = field(default=None, repr=False)
+    ha_to_mn_ekey: bytes | None = field(default=None, repr=False)
+    sa_validity_end: datetime | None = None
+    mip6_sas: int | None = None
+    ciphersuite: int | None = None
+    suitelist: tuple[int, ...] | None = None
+    haa_ip6: IPv6Address | None = None
+    haa_ip4: IPv4Address | None = None
+    port: int | None = None
+    ip6_hoa: IPv6Address | None = None
+    ip4_hoa: IPv4Address | None = None
+    ip6_hnp: IPv6Network | None = None
+    ip4_hnp: IPv4Network | None = None
+    dns_ip6: IPv6Address | None = None
+    dns_ip4: IPv4Address | None = None
+
+
+class HeaderCodec(NamedTuple):
+    """(attribute, parse, format) for one wire header name."""
+
+    attribute: str
+    # parse(value, *, field=<header name>) -> typed value; raises HeaderError
+    parse: Callable[..., Any]
+    # format(typed value) -> canonical sender str; raises LocalProtocolError
+    format: Callable[[Any], str]
+
+
+# Wire name -> codec.  The order is the canonical sender order used by
+# encode_message.
+HEADER_NAMES: dict[str, HeaderCodec] = {
+    "mn-id": HeaderCodec("mn_id", v.parse_nai, v.format_nai),
+    "auth-method": HeaderCodec("auth_method", v.parse_auth_methods, v.format_auth_methods),
+    "mn-rand": HeaderCodec("mn_rand", v.parse_rand, v.format_rand),
+    "hac-rand": HeaderCodec("hac_rand", v.parse_rand, v.format_rand),
+    "eap-payload": HeaderCodec("eap_payload", v.parse_eap_payload, v.format_eap_payload),
+    "status-code": HeaderCodec("status_code", v.parse_status, v.format_status),
+    "retry-after": HeaderCodec("retry_after", v.parse_date, v.format_date),
+    "mip6-spi": HeaderCodec("mip6_spi", v.parse_spi, v.format_spi),
+    "mip6-mn-to-ha-ikey": HeaderCodec("mn_to_ha_ikey", v.parse_hex, v.format_hex),
+    "mip6-ha-to-mn-ikey": HeaderCodec("ha_to_mn_ikey", v.parse_hex, v.format_hex),
+    "mip6-mn-to-ha-ekey": HeaderCodec("mn_to_ha_ekey", v.parse_hex, v.format_hex),
+    "mip6-ha-to-mn-ekey": HeaderCodec("ha_to_mn_ekey", v.parse_hex, v.format_hex),
+    "mip6-sa-validity-end": HeaderCodec("sa_validity_end", v.parse_date, v.format_date),
+    "mip6-sas": HeaderCodec("mip6_sas", v.parse_sas, v.format_sas),
+    "mip6-ciphersuite": HeaderCodec("ciphersuite", v.parse_suite, v.format_suite),
+    "mip6-suitelist": HeaderCodec("suitelist", v.parse_suitelist, v.format_suitelist),
+    "mip6-haa-ip6": HeaderCodec("haa_ip6", v.parse_ip6, v.format_ip6),
+    "mip6-haa-ip4": HeaderCodec("haa_ip4", v.parse_ip4, v.format_ip4),
+    "mip6-port": HeaderCodec("port", v.parse_port, v.format_port),
+    "mip6-ip6-hoa": HeaderCodec("ip6_hoa", v.parse_ip6, v.format_ip6),
+    "mip6-ip4-hoa": HeaderCodec("ip4_hoa", v.parse_ip4, v.format_ip4),
+    "mip6-ip6-hnp": HeaderCodec("ip6_hnp", v.parse_ip6_prefix, v.format_ip6_prefix),
+    "mip6-ip4-hnp": HeaderCodec("ip4_hnp", v.parse_ip4_subnet, v.format_ip4_subnet),
+    "dns-ip6": HeaderCodec("dns_ip6", v.parse_ip6, v.format_ip6),
+    "dns-ip4": HeaderCodec("dns_ip4", v.parse_ip4, v.format_ip4),
+}
+
+
+def decode_message(parsed: ParsedContent) -> Message:
+    """Parse every known header with its codec; unknown names are ignored (PROFILE §3)."""
+    msg = Message()
+    for name, value in parsed.headers:
+        codec = HEADER_NAMES.get(name)
+        if codec is not None:
+            setattr(msg, codec.attribute, codec.parse(value, field=name))
+    return msg
+
+
+def encode_message(msg: Message) -> list[tuple[str, str]]:
+    """The non-None fields as (name, value) pairs in canonical sender order."""
+    out: list[tuple[str, str]] = []
+    for name, codec in HEADER_NAMES.items():
+        value = getattr(msg, codec.attribute)
+        if value is not None:
+            out.append((name, codec.format(value)))
+    return out
+
+
+def message_from_bytes(content: bytes) -> tuple[ParsedContent, Message]:
+    """Parse one container's content and decode it (raises HeaderError)."""
+    parsed = parse_content(content)
+    return parsed, decode_message(parsed)

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+LAUNCHER = [sys.executable, "-m", "mipsec.core.cli"]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mipsec(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
+           ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LAUNCHER, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+@dataclass
+class Lab:
+    dir: Path
+    info: dict[str, Any]
+
+    @property
+    def psk(self) -> bytes:
+        return bytes.fromhex(self.info["mn"]["psk_hex"])
+
+    @property
+    def hac_port(self) -> int:
+        return int(self.info["hac"]["port"])
+
+
+def make_lab(tmp: Path) -> Lab:
+    out = mipsec("init", str(tmp), "--hac-port", str(free_port()), "--ha-port",
+                 str(free_port(socket.SOCK_DGRAM)), "--json")
+    assert out.returncode == 0, out.stderr
+    return Lab(tmp, json.loads(out.stdout))
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited: {proc.communicate()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("port never opened")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    return make_lab(tmp_path / "lab")
+
+
+def edit_toml(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture
+def start_hac() -> Iterator[Any]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(lab: Lab, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            [*LAUNCHER, "--role", "hac", "--config", lab.info["hac"]["config"]],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env or dict(os.environ),
+        )
+        procs.append(p)
+        wait_port(lab.hac_port, p)
+        return p
+
+    yield start
+    for p in procs:
+        p.terminate()
+        try:
+            p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()

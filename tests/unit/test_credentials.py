@@ -1,0 +1,239 @@
+"""Credential backends (plugins/cred_toml.py, plugins/cred_sqlite.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pluggy
+import pytest
+from mipsec.core.hookspecs import CredentialBackend, MipsecSpec, PluginContext
+from mipsec.plugins import cred_sqlite, cred_toml
+from mipsec.plugins.cred_sqlite import SQLiteCredentialsFactory, add_psk
+from mipsec.plugins.cred_toml import TomlCredentialsFactory, load_credentials, nai_key
+
+ALICE_KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
+
+GOOD = """
+[[mn]]
+mn_id = "alice@home.example"
+psk_hex = "00112233445566778899aabbccddeeff"
+
+[[mn]]
+mn_id = "Bob@Home.Example"
+psk = "correct horse battery staple"
+"""
+
+
+def ctx(tmp_path: Path) -> PluginContext:
+    return PluginContext(role="hac", base_dir=tmp_path)
+
+
+def write(path: Path, text: str, mtime_ns: int) -> None:
+    path.write_text(text, encoding="utf-8")
+    # Set the modification time explicitly: the test never depends on the clock.
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+# ---------------------------------------------------------------- NAI
+
+
+@pytest.mark.parametrize(
+    ("given", "key"),
+    [
+        ("alice@Home.EXAMPLE", "alice@home.example"),
+        ("Alice@home.example", "Alice@home.example"),  # username stays case-sensitive
+        ("NoRealm", "NoRealm"),
+        ("a@b@Realm.Example", "a@b@realm.example"),  # the realm follows the last "@"
+        ("u@BÜCHER.example", "u@BÜCHER.example"),  # non-ASCII realm: compared as is
+        ("cafe\u0301@x.example", "caf\u00e9@x.example"),  # NFC (RFC 7542 §2.1)
+    ],
+)
+def test_nai_key(given: str, key: str) -> None:
+    assert nai_key(given) == key
+
+
+# ---------------------------------------------------------------- TOML
+
+
+def test_toml_psk_hex_and_psk(tmp_path: Path) -> None:
+    (tmp_path / "creds.toml").write_text(GOOD)
+    b = TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
+    assert isinstance(b, CredentialBackend)
+    assert b.get_psk("alice@home.example") == ALICE_KEY
+    assert b.get_psk("Bob@Home.Example") == b"correct horse battery staple"
+    assert b.get_psk("nobody@home.example") is None
+    b.close()
+
+
+def test_toml_realm_case_insensitive_user_case_sensitive(tmp_path: Path) -> None:
+    (tmp_path / "creds.toml").write_text(GOOD)
+    b = TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
+    assert b.get_psk("alice@HOME.example") == ALICE_KEY
+    assert b.get_psk("Bob@home.example") == b"correct horse battery staple"
+    assert b.get_psk("ALICE@home.example") is None
+    assert b.get_psk("bob@home.example") is None
+
+
+def test_toml_repr_has_no_key(tmp_path: Path) -> None:
+    (tmp_path / "creds.toml").write_text(GOOD)
+    b = TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
+    text = repr(b) + str(b)
+    assert ALICE_KEY.hex() not in text and "horse" not in text
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('[[mn]]\nmn_id = "a@x"\npsk_hex = "zz"\n', r"mn\[0\]\.psk_hex: not valid hexadecimal"),
+        ('[[mn]]\nmn_id = "a@x"\npsk_hex = "00"\n[[mn]]\nmn_id = "b@x"\n', r"mn\[1\]: exactly one"),
+        ('[[mn]]\nmn_id = "a@x"\npsk = "p"\npsk_hex = "00"\n', r"mn\[0\]: exactly one"),
+        ('[[mn]]\npsk = "p"\n', r"mn\[0\]\.mn_id: field required"),
+        ('[[mn]]\nmn_id = ""\npsk = "p"\n', r"mn\[0\]\.mn_id: string should have at least"),
+        ('[[mn]]\nmn_id = "a@x"\npsk = ""\n', r"mn\[0\]\.psk: empty key"),
+        ('[[mn]]\nmn_id = "a@x"\npsk = 5\n', r"mn\[0\]\.psk: input should be a valid string"),
+        ('[[mn]]\nmn_id = "a@x"\npsk = "p"\nkey = "q"\n', r"mn\[0\]\.key: extra inputs"),
+        (
+            '[[mn]]\nmn_id = "a@X"\npsk = "p"\n[[mn]]\nmn_id = "a@x"\npsk = "q"\n',
+            r"mn\[1\]\.mn_id: duplicate of mn\[0\]",
+        ),
+        ("users = 1\n", r"users: extra inputs"),
+        ("[[mn]\n", r"line 1"),
+    ],
+)
+def test_toml_errors_name_file_and_key(tmp_path: Path, body: str, expected: str) -> None:
+    path = tmp_path / "creds.toml"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=expected) as ei:
+        load_credentials(path)
+    assert str(ei.value).startswith(f"{path}: ")
+    # Through the factory the config key comes first.
+    with pytest.raises(ValueError, match=r"^path: .*creds\.toml: ") as ei2:
+        TomlCredentialsFactory().create({"path": str(path)}, ctx(tmp_path))
+    # A secret value never appears in an error.
+    assert '"p"' not in str(ei2.value) and "'p'" not in str(ei2.value)
+
+
+def test_toml_factory_option_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^path: field required$"):
+        TomlCredentialsFactory().create({}, ctx(tmp_path))
+    with pytest.raises(ValueError, match=r"^path: cannot read .*missing\.toml"):
+        TomlCredentialsFactory().create({"path": "missing.toml"}, ctx(tmp_path))
+    with pytest.raises(ValueError, match=r"^extra: extra inputs"):
+        TomlCredentialsFactory().create({"path": "x", "extra": 1}, ctx(tmp_path))
+
+
+def test_toml_reload_on_change(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "creds.toml"
+    write(path, GOOD, 1_000_000_000_000_000_000)
+    b = TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
+    assert b.get_psk("carol@home.example") is None
+    added = GOOD + '\n[[mn]]\nmn_id = "carol@home.example"\npsk_hex = "abcd"\n'
+    write(path, added, 1_000_000_001_000_000_000)
+    assert b.get_psk("carol@home.example") == b"\xab\xcd"
+    # A broken edit is logged once and the last good contents stay in force.
+    with caplog.at_level(logging.ERROR, logger="mipsec.plugins.cred_toml"):
+        write(path, added + "[[mn]\n", 1_000_000_002_000_000_000)
+        assert b.get_psk("carol@home.example") == b"\xab\xcd"
+        assert b.get_psk("alice@home.example") == ALICE_KEY
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "creds.toml" in errors[0].getMessage()
+    assert "abcd" not in caplog.text and ALICE_KEY.hex() not in caplog.text
+    # Fixed file: a user removed by the operator is gone.
+    write(path, '[[mn]]\nmn_id = "carol@home.example"\npsk = "new"\n', 1_000_000_003_000_000_000)
+    assert b.get_psk("carol@home.example") == b"new"
+    assert b.get_psk("alice@home.example") is None
+    # A deleted file keeps the last contents too.
+    path.unlink()
+    assert b.get_psk("carol@home.example") == b"new"
+
+
+def test_toml_same_mtime_different_size_reloads(tmp_path: Path) -> None:
+    path = tmp_path / "creds.toml"
+    write(path, GOOD, 5_000_000_000)
+    b = TomlCredentialsFactory().create({"path": str(path)}, ctx(tmp_path))
+    write(path, GOOD.replace("00112233445566778899aabbccddeeff", "01"), 5_000_000_000)
+    assert b.get_psk("alice@home.example") == b"\x01"
+
+
+def test_toml_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("")
+    b = TomlCredentialsFactory().create({"path": "c.toml"}, ctx(tmp_path))
+    assert b.get_psk("a@x") is None
+
+
+# ---------------------------------------------------------------- SQLite
+
+
+def test_sqlite_add_get(tmp_path: Path) -> None:
+    db = tmp_path / "creds.db"
+    add_psk(db, "alice@Home.Example", ALICE_KEY)
+    add_psk(db, "bob@home.example", b"one")
+    add_psk(db, "bob@home.example", b"two")  # replaces
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    b = SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
+    assert isinstance(b, CredentialBackend)
+    assert b.get_psk("alice@home.example") == ALICE_KEY
+    assert b.get_psk("alice@HOME.EXAMPLE") == ALICE_KEY
+    assert b.get_psk("Alice@home.example") is None
+    assert b.get_psk("bob@home.example") == b"two"
+    assert b.get_psk("nobody@home.example") is None
+    assert ALICE_KEY.hex() not in repr(b)
+    # Rows added while the HAC runs are visible without a restart.
+    add_psk(db, "carol@home.example", b"c")
+    assert b.get_psk("carol@home.example") == b"c"
+    b.close()
+
+
+def test_sqlite_hand_made_rows(tmp_path: Path) -> None:
+    db = tmp_path / "creds.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE mn_credentials (mn_id TEXT PRIMARY KEY, psk BLOB)")
+    conn.executemany(
+        "INSERT INTO mn_credentials VALUES (?, ?)",
+        [("text@x", "passphrase"), ("null@x", None), ("empty@x", b"")],
+    )
+    conn.commit()
+    conn.close()
+    b = SQLiteCredentialsFactory().create({"path": str(db)}, ctx(tmp_path))
+    assert b.get_psk("text@x") == b"passphrase"
+    assert b.get_psk("null@x") is None
+    assert b.get_psk("empty@x") is None
+    b.close()
+
+
+def test_sqlite_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^path: .*missing\.db.*no such file"):
+        SQLiteCredentialsFactory().create({"path": "missing.db"}, ctx(tmp_path))
+    sqlite3.connect(tmp_path / "empty.db").close()
+    (tmp_path / "empty.db").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^path: .*empty\.db.*no such table"):
+        SQLiteCredentialsFactory().create({"path": "empty.db"}, ctx(tmp_path))
+    with pytest.raises(ValueError, match=r"^path: field required$"):
+        SQLiteCredentialsFactory().create({}, ctx(tmp_path))
+    with pytest.raises(ValueError, match="psk: empty key"):
+        add_psk(tmp_path / "x.db", "a@x", b"")
+    with pytest.raises(ValueError, match="mn_id: empty"):
+        add_psk(tmp_path / "x.db", "", b"k")
+
+
+# ---------------------------------------------------------------- pluggy
+
+
+def test_through_pluggy(tmp_path: Path) -> None:
+    pm = pluggy.PluginManager("mipsec")
+    pm.add_hookspecs(MipsecSpec)
+    pm.register(cred_toml)
+    pm.register(cred_sqlite)
+    factories = {f.name: f for group in pm.hook.mipsec_credential_backends() for f in group}
+    assert set(factories) == {"toml", "sqlite"}
+    (tmp_path / "c.toml").write_text(GOOD)
+    b = factories["toml"].create({"path": "c.toml"}, ctx(tmp_path))
+    assert b.get_psk("alice@home.example") == ALICE_KEY
+    add_psk(tmp_path / "c.db", "alice@home.example", ALICE_KEY)
+    b2 = factories["sqlite"].create({"path": "c.db"}, ctx(tmp_path))
+    assert b2.get_psk("alice@home.example") == ALICE_KEY
+    b2.close()

@@ -1,0 +1,241 @@
+"""MN and HAC PSK machines driven against each other in memory (PROFILE §4)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+import pytest
+
+from mipsec.core.hac_exchange import Close, HacExchange, HacPolicy, IssueSA, Send
+from mipsec.core.issuer import new_sa, utcnow
+from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
+from mipsec.core.model import BootstrapData, IssuedSA
+from mipsec.core.suites import SUITES, Suite
+from mipsec.core.wire.container import encode_container
+from mipsec.core.wire.message import decode_message
+from mipsec.core.wire.tvheader import parse_content
+from mipsec.plugins.psk_auth import PskMethod
+from mipsec.core.authmethod import PeerMethodContext
+
+CB = hashlib.sha256(b"certificate").digest()
+MN_ID = "alice@home.example"
+PSK = secrets.token_bytes(32)
+ALL = tuple(Suite)
+
+
+class Creds:
+    def __init__(self, table: dict[str, bytes]) -> None:
+        self.table = table
+
+    def get_psk(self, mn_id: str) -> bytes | None:
+        return self.table.get(mn_id)
+
+    def close(self) -> None:
+        pass
+
+
+def make_hac(policy: HacPolicy | None = None, creds: dict[str, bytes] | None = None) -> HacExchange:
+    return HacExchange(
+        cb_octets=CB,
+        methods={"psk": PskMethod()},
+        credentials=Creds({MN_ID: PSK} if creds is None else creds),
+        standin_key=secrets.token_bytes(32),
+        policy=policy or HacPolicy(allowed_suites=ALL),
+    )
+
+
+def make_mn(psk: bytes = PSK, mn_id: str = MN_ID, suites=(0x003C,), cb: bytes = CB) -> MnExchange:
+    peer = PskMethod().peer(PeerMethodContext(mn_id=mn_id, cb_octets=cb, secret=psk))
+    return MnExchange(mn_id=mn_id, method_name="psk", method=peer, cb_octets=cb, scope=1,
+                      suitelist=suites)
+
+
+def issued_for(ev: IssueSA) -> IssuedSA:
+    sa = new_sa(spi=4242, mn_id=ev.mn_id, suite=ev.suite, scope=ev.scope, lifetime=600,
+                now=utcnow())
+    return IssuedSA(sa, BootstrapData(port=7872))
+
+
+def run(hac: HacExchange, mn: MnExchange):
+    """Drive both machines; return (MN result, final status the HAC sent, IssueSA)."""
+    data = mn.start()
+    issue = None
+    for _ in range(10):
+        events = hac.receive_data(data)
+        assert len(events) == 1
+        ev = events[0]
+        if isinstance(ev, IssueSA):
+            issue = ev
+            ev = hac.complete(issued_for(ev))
+        assert isinstance(ev, Send)
+        mn_events = mn.receive_data(ev.data)
+        assert len(mn_events) == 1
+        if isinstance(mn_events[0], Finished):
+            return mn_events[0].result, hac.final_status, issue
+        assert isinstance(mn_events[0], SendRequest)
+        data = mn_events[0].data
+    raise AssertionError("exchange did not finish")
+
+
+def test_psk_success_every_suite() -> None:
+    for suite in Suite:
+        result, status, issue = run(make_hac(), make_mn(suites=(int(suite),)))
+        assert status == 200 and result.ok, result.reason
+        assert issue is not None and issue.suite is suite
+        sa = result.issued.sa
+        info = SUITES[suite]
+        assert sa.spi == 4242 and sa.suite is suite and sa.scope == 1
+        assert len(sa.mn_to_ha_ikey) == info.ikey_len
+        assert len(sa.mn_to_ha_ekey) == info.ekey_len
+
+
+def test_wrong_psk_gets_401_at_done_and_cannot_verify_it() -> None:
+    result, status, issue = run(make_hac(), make_mn(psk=secrets.token_bytes(32)))
+    # The HAC's step-2 auth does not verify with the wrong PSK: the MN stops.
+    assert issue is None and status is None and not result.ok
+    assert "auth" in result.reason
+
+
+def test_unknown_identity_same_shape_as_wrong_psk() -> None:
+    """PROFILE §4: no enumeration oracle -- step 2 looks the same, 401 at Done."""
+    hac_known, hac_unknown = make_hac(), make_hac()
+    mn_a, mn_b = make_mn(), make_mn(mn_id="mallory@home.example")
+    r_known = hac_known.receive_data(mn_a.start())[0]
+    r_unknown = hac_unknown.receive_data(mn_b.start())[0]
+    assert isinstance(r_known, Send) and isinstance(r_unknown, Send)
+    assert not r_known.close and not r_unknown.close
+    names = lambda s: [n for n, _ in parse_content(s.data[4:]).headers]  # noqa: E731
+    assert names(r_known) == names(r_unknown)
+    assert len(r_known.data) == len(r_unknown.data)
+    # An attacker completing Done with a guessed key gets 401 (not earlier).
+    msg = decode_message(parse_content(r_unknown.data[4:]))
+    body = (
+        f"mn-rand: {msg.mn_rand.hex()}\r\nhac-rand: {msg.hac_rand.hex()}\r\n"
+        "mip6-sas: 1\r\nmip6-suitelist: {00,3C}\r\n"
+    ).encode()
+    mac = hmac.new(b"guess", b"MN" + body + CB, hashlib.sha256).hexdigest()
+    done = encode_container(2, body + f"auth: {mac}\r\n\r\n".encode())
+    final = hac_unknown.receive_data(done)[0]
+    assert isinstance(final, Send) and final.close and final.status == 401
+    fmsg = decode_message(parse_content(final.data[4:]))
+    assert fmsg.mn_rand == msg.mn_rand and fmsg.hac_rand == msg.hac_rand
+    assert fmsg.mip6_spi is None
+
+
+def test_channel_binding_mismatch_fails() -> None:
+    """A MITM terminating TLS has another certificate: the MN's CB differs."""
+    result, status, _ = run(make_hac(), make_mn(cb=hashlib.sha256(b"other").digest()))
+    assert not result.ok and status is None
+
+
+def test_only_reserved_suites_gets_501() -> None:
+    result, status, issue = run(make_hac(), make_mn(suites=(0x0035, 0x0001)))
+    assert status == 501 and result.status == 501 and result.authenticated
+    assert issue is None and result.issued is None
+
+
+def test_default_policy_refuses_null_suites() -> None:
+    result, status, _ = run(make_hac(HacPolicy()), make_mn(suites=(0x0002, 0x003B)))
+    assert status == 501
+    result, status, _ = run(make_hac(HacPolicy()), make_mn(suites=(0x0002, 0x002F)))
+    assert status == 200 and result.issued.sa.suite is Suite.AES_128_CBC_SHA
+
+
+def test_method_not_allowed_501_without_auth() -> None:
+    hac = make_hac(HacPolicy(realm_methods={"*": ("eap",)}))
+    ev = hac.receive_data(make_mn().start())[0]
+    assert isinstance(ev, Send) and ev.status == 501 and ev.close
+    assert parse_content(ev.data[4:]).auth is None
+
+
+def test_mn_rand_mismatch_400() -> None:
+    hac = make_hac()
+    mn = make_mn()
+    r1 = hac.receive_data(mn.start())[0]
+    msg = decode_message(parse_content(r1.data[4:]))
+    body = (
+        f"mn-rand: {secrets.token_hex(32)}\r\nhac-rand: {msg.hac_rand.hex()}\r\n"
+        "mip6-sas: 1\r\nmip6-suitelist: {00,3C}\r\n"
+    ).encode()
+    mac = hmac.new(PSK, b"MN" + body + CB, hashlib.sha256).hexdigest()
+    ev = hac.receive_data(encode_container(2, body + f"auth: {mac}\r\n\r\n".encode()))[0]
+    assert isinstance(ev, Send) and ev.status == 400 and ev.close
+    assert parse_content(ev.data[4:]).auth is not None  # a key exists: keyed (PROFILE §4)
+
+
+@pytest.mark.parametrize(
+    "data, expect",
+    [
+        (b"\x20\x01\x00\x05ab\r\n\r\n", 400),  # Ver != 0
+        (b"\x01\x01\x00\x05ab\r\n\r\n", 400),  # Rsrvd != 0
+        (b"\x00\x00\x00\x02\r\n", None),  # Identifier 0: close, no answer
+        (b"\x00\x01\x00\x00", 400),  # Length 0
+        (b"\x00\x02\x00\x02\r\n", 400),  # Identifier out of sequence
+        (encode_container(1, b"mn-id: a@b\r\nmn-id: a@b\r\nauth-method: psk\r\n\r\n"), 400),
+        (encode_container(1, b"mn-id: a@b\r\nmn-rand: zz\r\nauth-method: psk\r\n\r\n"), 400),
+        (encode_container(1, b"mn-id: a@b\r\nauth-method: psk\r\n\r\n"), 400),  # no mn-rand
+        (encode_container(1, b"mn-rand: " + b"00" * 32 + b"\r\nauth-method: psk\r\n\r\n"), 400),
+        (encode_container(1, "mn-id: a@b\r\nx: \u00e9\r\n\r\n".encode()), 400),  # non-ASCII
+    ],
+)
+def test_bad_init(data: bytes, expect: int | None) -> None:
+    hac = make_hac()
+    events = hac.receive_data(data)
+    assert len(events) == 1
+    if expect is None:
+        assert isinstance(events[0], Close)
+    else:
+        ev = events[0]
+        assert isinstance(ev, Send) and ev.status == expect and ev.close
+        assert ev.data[1] == data[1]  # answered with the request's Identifier
+        assert parse_content(ev.data[4:]).auth is None  # no method selected yet
+    assert hac.finished
+
+
+def test_truncated_stream_closes() -> None:
+    hac = make_hac()
+    assert hac.receive_data(b"\x00\x01\x00\x50mn-id") == []
+    events = hac.receive_eof()
+    assert isinstance(events[0], Close) and "inside" in events[0].reason
+
+
+def test_any_chunking_of_requests() -> None:
+    hac = make_hac()
+    mn = make_mn()
+    data = mn.start()
+    events = []
+    for i in range(len(data)):
+        events += hac.receive_data(data[i : i + 1])
+    assert len(events) == 1 and isinstance(events[0], Send) and not events[0].close
+
+
+def test_issue_failure_504_keyed_and_nothing_else() -> None:
+    hac = make_hac()
+    mn = make_mn()
+    r1 = hac.receive_data(mn.start())[0]
+    req = mn.receive_data(r1.data)[0]
+    ev = hac.receive_data(req.data)[0]
+    assert isinstance(ev, IssueSA)
+    final = hac.fail(504)
+    assert final.status == 504 and final.close
+    result = mn.receive_data(final.data)[0].result
+    assert result.status == 504 and result.authenticated and result.issued is None
+
+
+def test_503_carries_retry_after() -> None:
+    hac = make_hac()
+    mn = make_mn()
+    req = mn.receive_data(hac.receive_data(mn.start())[0].data)[0]
+    assert isinstance(hac.receive_data(req.data)[0], IssueSA)
+    when = utcnow().replace(microsecond=0)
+    result = mn.receive_data(hac.fail(503, when).data)[0].result
+    assert result.status == 503 and result.retry_after == when
+
+
+def test_sa_keys_not_in_repr() -> None:
+    result, _, _ = run(make_hac(), make_mn())
+    text = repr(result)
+    assert result.issued.sa.mn_to_ha_ikey.hex() not in text
+    assert PSK.hex() not in repr(make_mn()) + repr(make_hac())

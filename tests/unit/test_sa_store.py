@@ -1,0 +1,352 @@
+"""SA stores (plugins/sa_store_sqlite.py): PROFILE §5 SPI uniqueness, RFC 6618 §5.7 data."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import entry_points
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
+
+import pluggy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mipsec.core.errors import LocalProtocolError
+from mipsec.core.hookspecs import MipsecSpec, PluginContext, SAStore
+from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
+from mipsec.core.suites import Suite
+from mipsec.plugins import sa_store_sqlite
+from mipsec.plugins.sa_store_sqlite import MemoryStoreFactory, SQLiteSAStore, SQLiteStoreFactory
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+IK1 = bytes(range(0x10, 0x24))  # 20 octets: HMAC-SHA1-96 ikey
+IK2 = bytes(range(0x40, 0x54))
+EK1 = bytes(range(0x80, 0x90))  # 16 octets: AES-128 ekey
+EK2 = bytes(range(0xA0, 0xB0))
+
+
+def issued(
+    spi: int,
+    mn_id: str = "alice@home.example",
+    end: datetime = T0 + timedelta(hours=1),
+    hoa6: str | None = "2001:db8:1::10",
+    hoa4: str | None = None,
+    ha_id: str = "ha1",
+) -> IssuedSA:
+    sa = SecurityAssociation(
+        spi=spi,
+        mn_id=mn_id,
+        suite=Suite.AES_128_CBC_SHA,
+        scope=1,
+        validity_end=end,
+        mn_to_ha_ikey=IK1,
+        ha_to_mn_ikey=IK2,
+        mn_to_ha_ekey=EK1,
+        ha_to_mn_ekey=EK2,
+        ha_id=ha_id,
+    )
+    bs = BootstrapData(
+        haa_ip6=IPv6Address("2001:db8:1::1"),
+        ip6_hoa=IPv6Address(hoa6) if hoa6 else None,
+        ip4_hoa=IPv4Address(hoa4) if hoa4 else None,
+        ip6_hnp=IPv6Network("2001:db8:1::/64"),
+    )
+    return IssuedSA(sa=sa, bootstrap=bs)
+
+
+def full_issued() -> IssuedSA:
+    """Every field set, none at its default."""
+    sa = SecurityAssociation(
+        spi=268_435_455,
+        mn_id="Bob@Realm.Example",
+        suite=Suite.AES_128_CBC_SHA256,
+        scope=0,
+        validity_end=T0 + timedelta(days=1),
+        mn_to_ha_ikey=IK1[:16],
+        ha_to_mn_ikey=IK2[:16],
+        mn_to_ha_ekey=EK1,
+        ha_to_mn_ekey=EK2,
+        ha_id="ha-east",
+    )
+    bs = BootstrapData(
+        haa_ip6=IPv6Address("2001:db8:1::1"),
+        haa_ip4=IPv4Address("192.0.2.1"),
+        port=4500,
+        ip6_hoa=IPv6Address("2001:db8:1::abcd"),
+        ip4_hoa=IPv4Address("192.0.2.77"),
+        ip6_hnp=IPv6Network("2001:db8:1::/64"),
+        ip4_hnp=IPv4Network("192.0.2.0/24"),
+        dns_ip6=IPv6Address("2001:db8::53"),
+        dns_ip4=IPv4Address("198.51.100.53"),
+    )
+    return IssuedSA(sa=sa, bootstrap=bs)
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLiteSAStore]:
+    s = SQLiteSAStore(tmp_path / "sa.db" if request.param == "sqlite" else None)
+    yield s
+    s.close()
+
+
+def test_is_an_sastore(store: SQLiteSAStore) -> None:
+    assert isinstance(store, SAStore)
+
+
+def test_roundtrip_every_field(store: SQLiteSAStore) -> None:
+    x = full_issued()
+    assert store.add(x, now=T0)
+    assert store.get(x.sa.spi, T0) == x  # dataclass equality includes the keys
+
+
+def test_persists_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    x = full_issued()
+    with SQLiteSAStore(path) as s:
+        assert s.add(x, now=T0)
+    with SQLiteSAStore(path) as s:
+        got = s.get(x.sa.spi, T0)
+        assert got == x
+        assert got is not None and got.sa.mn_to_ha_ekey == EK1
+        # Uniqueness survives the restart too.
+        assert not s.add(issued(x.sa.spi), now=T0)
+
+
+def test_stored_format(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    with SQLiteSAStore(path) as s:
+        s.add(full_issued(), now=T0)
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute(
+            "SELECT validity_end, mn_to_ha_ekey, ip6_hoa, suite FROM issued_sa"
+        ).fetchone()
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    finally:
+        conn.close()
+    assert row == (int((T0 + timedelta(days=1)).timestamp()), EK1, "2001:db8:1::abcd", 0x3C)
+
+
+def test_same_spi_refused_while_live_and_accepted_after_expiry(store: SQLiteSAStore) -> None:
+    a = issued(7, mn_id="a@x", end=T0 + timedelta(seconds=60))
+    b = issued(7, mn_id="b@x", end=T0 + timedelta(seconds=600))
+    assert store.add(a, now=T0)
+    assert not store.add(b, now=T0)
+    assert not store.add(b, now=T0 + timedelta(seconds=59))
+    got = store.get(7, T0)
+    assert got is not None and got.sa.mn_id == "a@x"  # the refused add stored nothing
+    # At validity end the SA is expired (expire(): validity end <= now): SPI free again.
+    assert store.add(b, now=T0 + timedelta(seconds=60))
+    got = store.get(7, T0 + timedelta(seconds=60))
+    assert got is not None and got.sa.mn_id == "b@x"
+
+
+def test_add_uses_clock_when_no_now(tmp_path: Path) -> None:
+    now = [T0]
+    s = SQLiteSAStore(None, clock=lambda: now[0])
+    assert s.add(issued(9, end=T0 + timedelta(seconds=10)))
+    assert not s.add(issued(9))
+    now[0] = T0 + timedelta(seconds=10)
+    assert s.add(issued(9, mn_id="new@x"))
+    s.close()
+
+
+def test_two_handles_on_one_file_share_the_spi_space(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    with SQLiteSAStore(path) as hac1, SQLiteSAStore(path) as hac2:
+        assert hac1.add(issued(42), now=T0)
+        assert not hac2.add(issued(42, mn_id="other@x"), now=T0)
+        assert hac2.get(42, T0) is not None
+
+
+def test_get_never_returns_expired(store: SQLiteSAStore) -> None:
+    end = T0 + timedelta(seconds=30)
+    store.add(issued(3, end=end), now=T0)
+    assert store.get(3, end - timedelta(microseconds=1)) is not None
+    assert store.get(3, end) is None
+    assert store.get(3, end + timedelta(days=1)) is None
+    assert store.get(4, T0) is None
+
+
+def test_expire_returns_expired_and_frees_hoa(store: SQLiteSAStore) -> None:
+    store.add(issued(1, "a@x", T0 + timedelta(seconds=20), "2001:db8:1::a", "192.0.2.10"), T0)
+    store.add(issued(2, "b@x", T0 + timedelta(seconds=10), "2001:db8:1::b"), T0)
+    store.add(issued(3, "c@x", T0 + timedelta(seconds=99), "2001:db8:1::c", ha_id="ha2"), T0)
+    assert store.hoas_in_use(T0) == {
+        "2001:db8:1::a": "a@x",
+        "192.0.2.10": "a@x",
+        "2001:db8:1::b": "b@x",
+        "2001:db8:1::c": "c@x",
+    }
+    assert store.count_by_ha(T0) == {"ha1": 2, "ha2": 1}
+    now = T0 + timedelta(seconds=20)
+    gone = store.expire(now)
+    assert [x.sa.spi for x in gone] == [2, 1]  # ordered by validity end
+    assert gone[1].bootstrap.ip4_hoa == IPv4Address("192.0.2.10")
+    assert store.expire(now) == []
+    assert store.hoas_in_use(now) == {"2001:db8:1::c": "c@x"}
+    assert store.count_by_ha(now) == {"ha2": 1}
+    assert [x.sa.spi for x in store.live(now)] == [3]
+    # hoas_in_use/count_by_ha/live ignore an expired SA even before expire() runs
+    later = T0 + timedelta(seconds=100)
+    assert store.hoas_in_use(later) == {}
+    assert store.count_by_ha(later) == {}
+    assert store.live(later) == []
+
+
+def test_remove(store: SQLiteSAStore) -> None:
+    x = issued(11)
+    store.add(x, T0)
+    assert store.remove(11) == x
+    assert store.remove(11) is None
+    assert store.get(11, T0) is None
+    assert store.add(issued(11), T0)
+
+
+def test_live_sorted(store: SQLiteSAStore) -> None:
+    for spi, sec in [(5, 30), (4, 10), (6, 10)]:
+        store.add(issued(spi, end=T0 + timedelta(seconds=sec)), T0)
+    assert [x.sa.spi for x in store.live(T0)] == [4, 6, 5]
+
+
+def test_fractional_validity_end_rounds_down(store: SQLiteSAStore) -> None:
+    store.add(issued(8, end=T0 + timedelta(seconds=5, microseconds=900_000)), T0)
+    got = store.get(8, T0)
+    assert got is not None and got.sa.validity_end == T0 + timedelta(seconds=5)
+
+
+def test_rejects_naive_datetimes_and_bad_spi(store: SQLiteSAStore) -> None:
+    naive = datetime(2030, 1, 1)  # noqa: DTZ001 - on purpose
+    with pytest.raises(LocalProtocolError, match="validity_end"):
+        store.add(issued(1, end=naive), T0)
+    with pytest.raises(LocalProtocolError, match="now"):
+        store.get(1, naive)
+    for spi in (0, 268_435_456):
+        with pytest.raises(LocalProtocolError, match="spi"):
+            store.add(issued(spi), T0)
+    assert store.live(T0) == []
+
+
+def test_repr_of_loaded_sa_has_no_key(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    with SQLiteSAStore(path) as s:
+        s.add(full_issued(), T0)
+    with SQLiteSAStore(path) as s:
+        got = s.get(268_435_455, T0)
+        text = repr(got) + str(got) + repr(s)
+    assert got is not None
+    for key in (IK1[:16], IK2[:16], EK1, EK2):
+        assert key.hex() not in text
+        assert repr(key) not in text
+    assert "mn_id='Bob@Realm.Example'" in text
+
+
+def test_file_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    old = os.umask(0)  # the mode must not depend on the umask
+    try:
+        with SQLiteSAStore(path) as s:
+            s.add(issued(1), T0)
+            wal = Path(str(path) + "-wal")
+            assert wal.exists()
+            assert stat.S_IMODE(wal.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_schema_version_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    SQLiteSAStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    ctx = PluginContext(role="hac", base_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"^path: .*schema version 99"):
+        SQLiteStoreFactory().create({"path": "sa.db"}, ctx)
+
+
+def test_factories(tmp_path: Path) -> None:
+    ctx = PluginContext(role="hac", base_dir=tmp_path)
+    s = SQLiteStoreFactory().create({"path": "sub.db"}, ctx)
+    assert s.path == tmp_path / "sub.db"  # relative to the config file's directory
+    s.close()
+    assert (tmp_path / "sub.db").exists()
+    with pytest.raises(ValueError, match=r"^path: field required$"):
+        SQLiteStoreFactory().create({}, ctx)
+    with pytest.raises(ValueError, match=r"^bogus: extra inputs are not permitted$"):
+        SQLiteStoreFactory().create({"path": "x.db", "bogus": 1}, ctx)
+    with pytest.raises(ValueError, match=r"^path: cannot open"):
+        SQLiteStoreFactory().create({"path": "no/such/dir/x.db"}, ctx)
+    (tmp_path / "junk.db").write_bytes(b"this is not a database file at all" * 100)
+    with pytest.raises(ValueError, match=r"^path: cannot open"):
+        SQLiteStoreFactory().create({"path": "junk.db"}, ctx)
+    m = MemoryStoreFactory().create({}, ctx)
+    assert m.add(issued(1), T0) and m.path is None
+    m.close()
+    with pytest.raises(ValueError, match=r"^path: extra inputs"):
+        MemoryStoreFactory().create({"path": "x"}, ctx)
+
+
+def test_through_pluggy(tmp_path: Path) -> None:
+    pm = pluggy.PluginManager("mipsec")
+    pm.add_hookspecs(MipsecSpec)
+    pm.register(sa_store_sqlite)
+    factories = [f for group in pm.hook.mipsec_sa_stores() for f in group]
+    by_name = {f.name: f for f in factories}
+    assert set(by_name) == {"sqlite", "memory"}
+    ctx = PluginContext(role="hac", base_dir=tmp_path)
+    s = by_name["sqlite"].create({"path": "p.db"}, ctx)
+    assert isinstance(s, SAStore) and s.add(issued(1))  # clock: real time, before T0
+    s.close()
+    eps = {e.name: e.value for e in entry_points(group="mipsec")}
+    assert eps["sa_store_sqlite"] == "mipsec.plugins.sa_store_sqlite"
+
+
+# Model-based property: the store agrees with a dict of spi -> validity end.
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "expire", "remove"]),
+        st.integers(1, 4),  # spi: few values so collisions are common
+        st.integers(-5, 5),  # validity end offset from now
+        st.integers(0, 3),  # clock advance
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_ops)
+def test_model(ops: list[tuple[str, int, int, int]]) -> None:
+    s = SQLiteSAStore(None)
+    model: dict[int, int] = {}
+    t = 0
+
+    def at(sec: int) -> datetime:
+        return T0 + timedelta(seconds=sec)
+
+    for op, spi, off, adv in ops:
+        t += adv
+        now = at(t)
+        if op == "add":
+            expect = spi not in model or model[spi] <= t
+            assert s.add(issued(spi, end=at(t + off)), now=now) is expect
+            if expect:
+                model[spi] = t + off
+        elif op == "expire":
+            gone = {x.sa.spi for x in s.expire(now)}
+            assert gone == {k for k, v in model.items() if v <= t}
+            model = {k: v for k, v in model.items() if v > t}
+        else:
+            r = s.remove(spi)
+            assert (r is not None) == (spi in model)
+            model.pop(spi, None)
+        live = {x.sa.spi: x.sa.validity_end for x in s.live(now)}
+        assert live == {k: at(v) for k, v in model.items() if v > t}
+    s.close()
