@@ -20,6 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 from cryptography.x509.oid import SignatureAlgorithmOID
+
 from mipsec.core.errors import CertificateError
 
 __all__ = ["check_binding_capable", "tls_server_end_point"]

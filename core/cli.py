@@ -160,7 +160,8 @@ def cmd_role(args: argparse.Namespace) -> int:
 
 def _guess_role(path: str) -> str:
     data = load_toml(path)
-    for role in ("hac", "mn", "ha"):
+    # mn.toml also has a [hac] table, hac.toml an [[ha]] array: test in this order.
+    for role in ("mn", "hac", "ha"):
         if role in data:
             return role
     raise ConfigError(path, "(top level)", "cannot tell the role: no [hac], [mn] or [ha] table")
@@ -190,7 +191,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     from mipsec.core.labsetup import init_lab
 
-    info = init_lab(Path(args.dir), hac_port=args.hac_port, ha_port=args.ha_port)
+    try:
+        info = init_lab(Path(args.dir), hac_port=args.hac_port, ha_port=args.ha_port)
+    except FileExistsError as exc:
+        # Re-keying an existing CA would silently break every MN configured for it.
+        raise ConfigError(args.dir, "(directory)", f"already holds a lab ({exc.filename or exc})")
     if args.json:
         print(json.dumps(info, indent=2))
     else:

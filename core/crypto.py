@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers import (
     algorithms,
     modes,
 )
+
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.suites import SuiteInfo
 

@@ -50,12 +50,17 @@ def run_demo() -> int:
         lab = Path(tmp)
         hac_port = free_port()
         info = init_lab(lab, hac_port=hac_port, ha_port=free_port(socket.SOCK_DGRAM))
-        say(f"lab created in {lab}: test CA, HAC certificate for {info['hac']['server_name']}"
-            f" and 127.0.0.1, MN {info['mn']['mn_id']} with a random 32-octet PSK")
+        say(
+            f"lab created in {lab}: test CA, HAC certificate for {info['hac']['server_name']}"
+            f" and 127.0.0.1, MN {info['mn']['mn_id']} with a random 32-octet PSK"
+        )
         env = dict(os.environ)
         hac = subprocess.Popen(
             [*_launcher(), "--role", "hac", "--config", info["hac"]["config"]],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         try:
             say(f"HAC starting: TLS on 127.0.0.1:{hac_port} (pid {hac.pid})")
@@ -64,12 +69,24 @@ def run_demo() -> int:
                 hac.kill()
                 print(hac.communicate()[0], file=sys.stderr)
                 return 1
-            say("MN bootstrapping: TLS to the HAC, certificate checked (SAN, CA), "
-                "PSK exchange bound to tls-server-end-point")
+            say(
+                "MN bootstrapping: TLS to the HAC, certificate checked (SAN, CA), "
+                "PSK exchange bound to tls-server-end-point"
+            )
             mn = subprocess.run(
-                [*_launcher(), "--role", "mn", "--config", info["mn"]["config"], "--once",
-                 "--json"],
-                capture_output=True, text=True, timeout=60, env=env,
+                [
+                    *_launcher(),
+                    "--role",
+                    "mn",
+                    "--config",
+                    info["mn"]["config"],
+                    "--once",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
             )
             try:
                 result = json.loads(mn.stdout.strip().splitlines()[-1])
@@ -81,9 +98,11 @@ def run_demo() -> int:
                 return 1
             sa = result["sa"]
             say(f"HAC answered status {result['status']}: SA issued")
-            print(f"      SPI {sa['spi']}, suite {sa['suite']} {sa['suite_id']}, "
-                  f"scope {sa['scope']} ({'signalling and data' if sa['scope'] else 'signalling'})"
-                  f", valid until {sa['validity_end']}")
+            print(
+                f"      SPI {sa['spi']}, suite {sa['suite']} {sa['suite_id']}, "
+                f"scope {sa['scope']} ({'signalling and data' if sa['scope'] else 'signalling'})"
+                f", valid until {sa['validity_end']}"
+            )
             say("bootstrap data received:")
             for k, v in result["bootstrap"].items():
                 print(f"      {k}: {v}")

@@ -175,8 +175,14 @@ class MipsecSpec:
 
     @hookspec
     def mipsec_sa_issued(
-        self, spi: int, mn_id: str, suite: str, scope: int, validity_end: datetime,
-        ha_id: str, peer: str,
+        self,
+        spi: int,
+        mn_id: str,
+        suite: str,
+        scope: int,
+        validity_end: datetime,
+        ha_id: str,
+        peer: str,
     ) -> None:
         """An SA was issued and confirmed by its HA (the MN gets 200 next)."""
 

@@ -111,6 +111,8 @@ def describe(pm: pluggy.PluginManager) -> list[LoadedPlugin]:
                 provides[hook] = tuple(getattr(i, "name", "?") for i in items)
         dist, version = _DIST.get(name, ("?", "?"))
         out.append(
-            LoadedPlugin(name, getattr(plugin, "__name__", repr(plugin)), dist, version, hooks, provides)
+            LoadedPlugin(
+                name, getattr(plugin, "__name__", repr(plugin)), dist, version, hooks, provides
+            )
         )
     return out

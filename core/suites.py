@@ -36,14 +36,18 @@ class SuiteInfo:
     def token(self) -> str:
         """Wire form as the RFC writes it, upper case: ``{00,2F}``."""
         v = int(self.suite)
-        return "{%02X,%02X}" % (v >> 8, v & 0xFF)
+        return f"{{{v >> 8:02X},{v & 0xFF:02X}}}"
 
 
 SUITES: dict[Suite, SuiteInfo] = {
     Suite.NULL_SHA: SuiteInfo(Suite.NULL_SHA, "hmac-sha1-96", 20, "null", 0, 4),
     Suite.NULL_SHA256: SuiteInfo(Suite.NULL_SHA256, "aes-xcbc-mac-96", 16, "null", 0, 4),
-    Suite.DES3_EDE_CBC_SHA: SuiteInfo(Suite.DES3_EDE_CBC_SHA, "hmac-sha1-96", 20, "3des-cbc", 24, 8),
-    Suite.AES_128_CBC_SHA: SuiteInfo(Suite.AES_128_CBC_SHA, "hmac-sha1-96", 20, "aes-128-cbc", 16, 16),
+    Suite.DES3_EDE_CBC_SHA: SuiteInfo(
+        Suite.DES3_EDE_CBC_SHA, "hmac-sha1-96", 20, "3des-cbc", 24, 8
+    ),
+    Suite.AES_128_CBC_SHA: SuiteInfo(
+        Suite.AES_128_CBC_SHA, "hmac-sha1-96", 20, "aes-128-cbc", 16, 16
+    ),
     Suite.AES_128_CBC_SHA256: SuiteInfo(
         Suite.AES_128_CBC_SHA256, "aes-xcbc-mac-96", 16, "aes-128-cbc", 16, 16
     ),

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from mipsec.core.channel_binding import check_binding_capable, tls_server_end_point
 from mipsec.core.errors import CertificateError, LocalProtocolError
 

@@ -22,10 +22,14 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
-def mipsec(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
-           ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LAUNCHER, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+def mipsec(
+    *args: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LAUNCHER, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @dataclass
@@ -43,8 +47,15 @@ class Lab:
 
 
 def make_lab(tmp: Path) -> Lab:
-    out = mipsec("init", str(tmp), "--hac-port", str(free_port()), "--ha-port",
-                 str(free_port(socket.SOCK_DGRAM)), "--json")
+    out = mipsec(
+        "init",
+        str(tmp),
+        "--hac-port",
+        str(free_port()),
+        "--ha-port",
+        str(free_port(socket.SOCK_DGRAM)),
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     return Lab(tmp, json.loads(out.stdout))
 
@@ -80,7 +91,9 @@ def start_hac() -> Iterator[Any]:
     def start(lab: Lab, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         p = subprocess.Popen(
             [*LAUNCHER, "--role", "hac", "--config", lab.info["hac"]["config"]],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env=env or dict(os.environ),
         )
         procs.append(p)

@@ -16,7 +16,6 @@ import struct
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 
 def cb_octets(der: bytes) -> bytes:
@@ -143,7 +142,12 @@ def psk_bootstrap(
     r1 = mn.recv()
     hac_rand = r1.headers.get("hac-rand", "")
     body = lines(
-        [("mn-rand", mn_rand), ("hac-rand", hac_rand), ("mip6-sas", sas), ("mip6-suitelist", suites)]
+        [
+            ("mn-rand", mn_rand),
+            ("hac-rand", hac_rand),
+            ("mip6-sas", sas),
+            ("mip6-suitelist", suites),
+        ]
     )
     mn.send(with_auth(body, psk, b"MN", mn.cb))
     return r1, mn.recv()

@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import pytest
-
 from conftest import Lab, edit_toml
 from rawmn import RawMN, container, lines, psk_bootstrap, with_auth
 
@@ -207,8 +206,10 @@ def test_done_with_letter_o_scope_is_400(lab: Lab, start_hac: Any) -> None:
 def test_third_request_breaks_sequence(lab: Lab, start_hac: Any) -> None:
     start_hac(lab)
     mn = connect(lab)
-    mn.send(lines([("mn-id", MN_ID), ("mn-rand", os.urandom(32).hex()),
-                   ("auth-method", "psk")]) + b"\r\n")
+    mn.send(
+        lines([("mn-id", MN_ID), ("mn-rand", os.urandom(32).hex()), ("auth-method", "psk")])
+        + b"\r\n"
+    )
     mn.recv()
     mn.send(with_auth(b"", lab.psk, b"MN", mn.cb), identifier=3)  # skips Identifier 2
     r = mn.recv()

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+
 from mipsec.core import pki
 from mipsec.core.errors import CertificateError
 from mipsec.core.tls import (
@@ -34,7 +36,6 @@ from mipsec.core.tls import (
     server_cb_octets,
     set_nodelay,
 )
-from OpenSSL import SSL
 
 HAC_NAME = "hac.mipsec.test"
 IO_TIMEOUT = 10.0

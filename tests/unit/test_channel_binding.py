@@ -8,6 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
+
 from mipsec.core import pki
 from mipsec.core.channel_binding import check_binding_capable, tls_server_end_point
 from mipsec.core.errors import CertificateError

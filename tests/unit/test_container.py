@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mipsec.core.errors import ContainerError, LocalProtocolError, TruncatedError
 from mipsec.core.wire.container import (
     MAX_CONTENT,

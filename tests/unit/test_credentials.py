@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
+
 from mipsec.core.hookspecs import CredentialBackend, MipsecSpec, PluginContext
 from mipsec.plugins import cred_sqlite, cred_toml
 from mipsec.plugins.cred_sqlite import SQLiteCredentialsFactory, add_psk

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pluggy
 import pytest
+
 from mipsec.core.hookspecs import MipsecSpec
 from mipsec.core.model import SecurityAssociation
 from mipsec.core.suites import Suite

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
+
 from mipsec.core.hookspecs import HASelector, MipsecSpec, PluginContext
 from mipsec.core.model import HomeAgentInfo
 from mipsec.plugins import ha_select

@@ -10,6 +10,7 @@ import pluggy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mipsec.core.hookspecs import HoAAllocator, MipsecSpec, PluginContext
 from mipsec.core.model import HomeAssignment
 from mipsec.plugins import hoa_pool

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
+
 from mipsec.core.errors import HeaderError, LocalProtocolError
 from mipsec.core.wire.message import (
     HEADER_NAMES,

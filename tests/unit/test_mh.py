@@ -8,6 +8,18 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+# scapy is GPL: it is imported here, in tests only, never under core/.
+from scapy.fields import BitField, ByteField, IPField, ShortField
+from scapy.layers.inet6 import (
+    MIP6MH_BA,
+    MIP6MH_BU,
+    IPv6,
+    MIP6OptAltCoA,
+    MIP6OptUnknown,
+    _MIP6OptAlign,
+)
+
 from mipsec.core.errors import LocalProtocolError, MobilityHeaderError
 from mipsec.core.wire.mh import (
     ACCEPTED,
@@ -29,17 +41,6 @@ from mipsec.core.wire.mh import (
     lifetime_units,
     pad_octets,
     seq_newer,
-)
-
-# scapy is GPL: it is imported here, in tests only, never under core/.
-from scapy.fields import BitField, ByteField, IPField, ShortField
-from scapy.layers.inet6 import (
-    MIP6MH_BA,
-    MIP6MH_BU,
-    IPv6,
-    MIP6OptAltCoA,
-    MIP6OptUnknown,
-    _MIP6OptAlign,
 )
 
 HOA = IPv6Address("2001:db8::1")  # MN home address: BU source, BA destination

@@ -8,6 +8,7 @@ import secrets
 
 import pytest
 
+from mipsec.core.authmethod import PeerMethodContext
 from mipsec.core.hac_exchange import Close, HacExchange, HacPolicy, IssueSA, Send
 from mipsec.core.issuer import new_sa, utcnow
 from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
@@ -17,7 +18,6 @@ from mipsec.core.wire.container import encode_container
 from mipsec.core.wire.message import decode_message
 from mipsec.core.wire.tvheader import parse_content
 from mipsec.plugins.psk_auth import PskMethod
-from mipsec.core.authmethod import PeerMethodContext
 
 CB = hashlib.sha256(b"certificate").digest()
 MN_ID = "alice@home.example"
@@ -48,13 +48,15 @@ def make_hac(policy: HacPolicy | None = None, creds: dict[str, bytes] | None = N
 
 def make_mn(psk: bytes = PSK, mn_id: str = MN_ID, suites=(0x003C,), cb: bytes = CB) -> MnExchange:
     peer = PskMethod().peer(PeerMethodContext(mn_id=mn_id, cb_octets=cb, secret=psk))
-    return MnExchange(mn_id=mn_id, method_name="psk", method=peer, cb_octets=cb, scope=1,
-                      suitelist=suites)
+    return MnExchange(
+        mn_id=mn_id, method_name="psk", method=peer, cb_octets=cb, scope=1, suitelist=suites
+    )
 
 
 def issued_for(ev: IssueSA) -> IssuedSA:
-    sa = new_sa(spi=4242, mn_id=ev.mn_id, suite=ev.suite, scope=ev.scope, lifetime=600,
-                now=utcnow())
+    sa = new_sa(
+        spi=4242, mn_id=ev.mn_id, suite=ev.suite, scope=ev.scope, lifetime=600, now=utcnow()
+    )
     return IssuedSA(sa, BootstrapData(port=7872))
 
 

@@ -15,6 +15,7 @@ import pluggy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.hookspecs import MipsecSpec, PluginContext, SAStore
 from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation

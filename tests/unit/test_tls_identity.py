@@ -7,6 +7,7 @@ import hashlib
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from mipsec.core import pki
 from mipsec.core.errors import CertificateError, LocalProtocolError
 from mipsec.core.tls import check_hac_certificate, mn_cb_octets

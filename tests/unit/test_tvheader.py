@@ -8,6 +8,7 @@ import hmac
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mipsec.core.errors import HeaderError, LocalProtocolError
 from mipsec.core.wire.tvheader import (
     LABEL_HAC,

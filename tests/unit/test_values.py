@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mipsec.core.errors import HeaderError, LocalProtocolError
 from mipsec.core.wire import values as v
 

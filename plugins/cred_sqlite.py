@@ -1,0 +1,127 @@
+"""Credential backend ``sqlite``: MN pre-shared keys in an SQLite table.
+
+Table ``mn_credentials(mn_id TEXT PRIMARY KEY, psk BLOB)``; a TEXT ``psk``
+(a row typed in by hand) is taken as a UTF-8 passphrase, like ``psk`` in the
+TOML backend.  The HAC opens the file read-only; ``add_psk`` (tests, CLI)
+writes it.
+
+NAI matching follows the TOML backend (RFC 7542 §2.4, §3): ``add_psk``
+stores ``nai_key(mn_id)`` (realm lower-cased when ASCII, NFC), and a lookup
+tries the identity exactly as sent, then its ``nai_key``.  Rows inserted by
+other tools should therefore carry a lower-case ASCII realm.
+
+Keys are stored in clear; ``add_psk`` creates the file with mode 0600.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.plugins._options import parse_options, resolve_path
+from mipsec.plugins.cred_toml import nai_key
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS mn_credentials (mn_id TEXT PRIMARY KEY, psk BLOB NOT NULL)"
+
+
+def _as_key(value: object) -> bytes | None:
+    if isinstance(value, bytes) and value:
+        return value
+    if isinstance(value, str) and value:
+        return value.encode("utf-8")
+    return None  # NULL, empty or a number: no usable credential
+
+
+def add_psk(path: str | os.PathLike[str], mn_id: str, psk: bytes) -> None:
+    """Insert or replace ``mn_id``'s key in the database at ``path`` (created 0600)."""
+    if not mn_id:
+        raise ValueError("mn_id: empty")
+    if not psk:
+        raise ValueError("psk: empty key")
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.fchmod(fd, 0o600)  # independent of the umask: the file holds keys
+        os.close(fd)
+    conn = sqlite3.connect(p, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(_SCHEMA)
+        conn.execute(
+            "INSERT INTO mn_credentials (mn_id, psk) VALUES (?, ?) "
+            "ON CONFLICT (mn_id) DO UPDATE SET psk = excluded.psk",
+            (nai_key(mn_id), bytes(psk)),
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+class SQLiteCredentials:
+    """``CredentialBackend`` over ``mn_credentials``, opened read-only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.is_file():
+            raise ValueError(f"{str(path)!r}: no such file")
+        uri = path.resolve().as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            # Fail at start, not at the first MN, when the table is missing.
+            conn.execute("SELECT mn_id, psk FROM mn_credentials LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise ValueError(f"{str(path)!r}: {exc}") from None
+        self._conn = conn
+
+    def __repr__(self) -> str:
+        return f"SQLiteCredentials(path={str(self.path)!r})"
+
+    def _lookup(self, key: str) -> bytes | None:
+        row = self._conn.execute(
+            "SELECT psk FROM mn_credentials WHERE mn_id = ?", (key,)
+        ).fetchone()
+        return None if row is None else _as_key(row[0])
+
+    def get_psk(self, mn_id: str) -> bytes | None:
+        psk = self._lookup(mn_id)
+        if psk is None:
+            norm = nai_key(mn_id)
+            if norm != mn_id:
+                psk = self._lookup(norm)
+        return psk
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = Field(min_length=1)
+
+
+class SQLiteCredentialsFactory:
+    name = "sqlite"
+
+    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> SQLiteCredentials:
+        opts = parse_options(_Options, options)
+        try:
+            return SQLiteCredentials(resolve_path(opts.path, ctx.base_dir))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"path: {exc}") from None
+
+
+@hookimpl
+def mipsec_credential_backends() -> list[SQLiteCredentialsFactory]:
+    return [SQLiteCredentialsFactory()]

@@ -1,0 +1,186 @@
+"""Credential backend ``toml``: MN pre-shared keys in a TOML file.
+
+File format (one table per MN)::
+
+    [[mn]]
+    mn_id = "alice@home.example"
+    psk_hex = "00112233..."        # the key as hexadecimal, or
+    # psk = "a passphrase"          # the key as UTF-8 text -- exactly one of the two
+
+Identities are NAIs (RFC 7542): the username part is opaque to everyone but
+its home domain (§2.4), so it is compared case-sensitively; an ASCII realm
+is compared case-insensitively, the practice §3 allows.  Both sides are put
+in Unicode NFC first (§2.1).
+
+The file is re-read when its modification time, size or inode changes, so
+operators add users without a restart.  A file that breaks after start is
+logged and the last good contents stay in force (an editor's half-written
+save must not lock every MN out).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+import unicodedata
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.plugins._options import error_text, parse_options, resolve_path
+
+log = logging.getLogger("mipsec.plugins.cred_toml")
+
+_UNREADABLE = (-1, -1, -1)  # stamp remembered while the file cannot be stat()ed
+
+
+def nai_key(mn_id: str) -> str:
+    """Lookup key of an NAI: NFC, realm lower-cased when ASCII (RFC 7542 §2.1, §3)."""
+    nfc = unicodedata.normalize("NFC", mn_id)
+    user, at, realm = nfc.rpartition("@")
+    if not at or not realm.isascii():
+        return nfc
+    return f"{user}@{realm.lower()}"
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mn_id: str = Field(min_length=1)
+    psk_hex: str | None = None
+    psk: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> _Entry:
+        if (self.psk_hex is None) == (self.psk is None):
+            raise ValueError("exactly one of psk_hex and psk is required")
+        return self
+
+    def key(self) -> bytes:
+        if self.psk is not None:
+            return self.psk.encode("utf-8")
+        assert self.psk_hex is not None
+        return bytes.fromhex(self.psk_hex)
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mn: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def load_credentials(path: Path) -> dict[str, bytes]:
+    """Parse a credential file into ``nai_key(mn_id) -> psk``.
+
+    Raises ``ValueError`` naming the file, the entry index and the key
+    (``creds.toml: mn[2].psk_hex: not valid hexadecimal``); never the key value.
+    """
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    try:
+        top = _File.model_validate(doc)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {error_text(exc)}") from None
+    table: dict[str, bytes] = {}
+    first_index: dict[str, int] = {}
+    for i, raw in enumerate(top.mn):
+        where = f"{path}: mn[{i}]"
+        try:
+            entry = _Entry.model_validate(raw)
+        except ValidationError as exc:
+            raise ValueError(f"{path}: {error_text(exc, f'mn[{i}]')}") from None
+        try:
+            key = entry.key()
+        except ValueError:
+            raise ValueError(f"{where}.psk_hex: not valid hexadecimal") from None
+        if not key:
+            name = "psk" if entry.psk is not None else "psk_hex"
+            raise ValueError(f"{where}.{name}: empty key")
+        k = nai_key(entry.mn_id)
+        if k in first_index:
+            raise ValueError(f"{where}.mn_id: duplicate of mn[{first_index[k]}]")
+        first_index[k] = i
+        table[k] = key
+    return table
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class TomlCredentials:
+    """``CredentialBackend`` over a TOML file, reloaded when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = _stamp(path)
+        self._table = load_credentials(path)
+        self._bad_stamp: tuple[int, int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"TomlCredentials(path={str(self.path)!r}, entries={len(self._table)})"
+
+    def _refresh(self) -> None:
+        try:
+            stamp = _stamp(self.path)
+        except OSError as exc:
+            if self._bad_stamp != _UNREADABLE:
+                log.error(
+                    "credential file %s unreadable, keeping last contents: %s", self.path, exc
+                )
+                self._bad_stamp = _UNREADABLE
+            return
+        if stamp == self._stamp or stamp == self._bad_stamp:
+            return
+        try:
+            table = load_credentials(self.path)
+        except ValueError as exc:
+            # Log once per broken version of the file; the message never holds a key.
+            log.error("credential file not reloaded, keeping last contents: %s", exc)
+            self._bad_stamp = stamp
+            return
+        self._table, self._stamp, self._bad_stamp = table, stamp, None
+        log.info("credential file %s reloaded: %d entries", self.path, len(table))
+
+    def get_psk(self, mn_id: str) -> bytes | None:
+        self._refresh()
+        return self._table.get(nai_key(mn_id))
+
+    def close(self) -> None:
+        self._table = {}
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = Field(min_length=1)
+
+
+class TomlCredentialsFactory:
+    name = "toml"
+
+    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> TomlCredentials:
+        opts = parse_options(_Options, options)
+        path = resolve_path(opts.path, ctx.base_dir)
+        try:
+            return TomlCredentials(path)
+        except OSError as exc:
+            raise ValueError(f"path: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"path: {exc}") from None
+
+
+@hookimpl
+def mipsec_credential_backends() -> list[TomlCredentialsFactory]:
+    return [TomlCredentialsFactory()]

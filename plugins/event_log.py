@@ -1,0 +1,77 @@
+"""Event hooks -> one ``key=value`` line each on the ``mipsec.events`` logger.
+
+Example: ``event=sa_issued spi=4660 mn_id=alice@home.example
+suite=AES_128_CBC_SHA256 scope=1 ha=ha1 validity_end=2025-01-01T00:00:00Z
+peer=[2001:db8::5]:4433``.
+
+The hooks never receive key material (core/hookspecs.py), so none can be
+logged.  ``mn_id`` and ``peer`` come from the network: a value with spaces,
+quotes, ``=`` or control characters is written as a JSON string, so a
+crafted identity cannot forge a second field or line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+
+from mipsec.core.hookspecs import hookimpl
+
+log = logging.getLogger("mipsec.events")
+
+
+def _value(v: object) -> str:
+    if isinstance(v, datetime):
+        if v.tzinfo is not None:
+            v = v.astimezone(UTC)
+            return v.replace(tzinfo=None).isoformat() + "Z"
+        return v.isoformat()
+    s = str(v)
+    if s and s.isprintable() and not any(c in s for c in ' ="\\'):
+        return s
+    return json.dumps(s)  # ensure_ascii: escapes every control and non-ASCII character
+
+
+def _emit(level: int, event: str, **fields: object) -> None:
+    if log.isEnabledFor(level):
+        parts = [f"event={event}"] + [f"{k}={_value(v)}" for k, v in fields.items()]
+        log.log(level, " ".join(parts))
+
+
+@hookimpl
+def mipsec_mn_authenticated(mn_id: str, method: str, peer: str) -> None:
+    _emit(logging.INFO, "mn_authenticated", mn_id=mn_id, method=method, peer=peer)
+
+
+@hookimpl
+def mipsec_auth_failed(mn_id: str, method: str, status: int, peer: str) -> None:
+    _emit(logging.WARNING, "auth_failed", mn_id=mn_id, method=method, status=status, peer=peer)
+
+
+@hookimpl
+def mipsec_sa_issued(
+    spi: int,
+    mn_id: str,
+    suite: str,
+    scope: int,
+    validity_end: datetime,
+    ha_id: str,
+    peer: str,
+) -> None:
+    _emit(
+        logging.INFO,
+        "sa_issued",
+        spi=spi,
+        mn_id=mn_id,
+        suite=suite,
+        scope=scope,
+        ha=ha_id,
+        validity_end=validity_end,
+        peer=peer,
+    )
+
+
+@hookimpl
+def mipsec_sa_expired(spi: int, mn_id: str, validity_end: datetime) -> None:
+    _emit(logging.INFO, "sa_expired", spi=spi, mn_id=mn_id, validity_end=validity_end)

@@ -1,0 +1,266 @@
+"""The launcher as a user runs it: init, check-config, plugins, mn --once."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Lab, edit_toml, make_lab, mipsec
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mipsec.core import pki
+
+
+def run_mn(lab: Lab, *extra: str) -> tuple[int, dict[str, Any]]:
+    out = mipsec("--role", "mn", "--config", lab.info["mn"]["config"], "--once", "--json", *extra)
+    lines = out.stdout.strip().splitlines()
+    assert lines, out.stderr
+    return out.returncode, json.loads(lines[-1])
+
+
+def test_help() -> None:
+    out = mipsec("--help")
+    assert out.returncode == 0 and "--role" in out.stdout and "check-config" in out.stdout
+
+
+def test_init_json_and_files(lab: Lab) -> None:
+    info = lab.info
+    assert set(info) == {"ca", "hac", "ha", "mn"}
+    assert set(info["hac"]) == {"host", "port", "server_name", "config"}
+    assert set(info["ha"]) == {"host", "port", "config"}
+    assert set(info["mn"]) == {"mn_id", "psk_hex", "config"}
+    assert info["hac"]["server_name"] == "hac.mipsec.test"
+    assert len(bytes.fromhex(info["mn"]["psk_hex"])) == 32
+    for key in ("hac", "ha", "mn"):
+        assert Path(info[key]["config"]).is_file()
+    cert = x509.load_pem_x509_certificate((lab.dir / "pki" / "hac.pem").read_bytes())
+    pub = cert.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp256r1"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["hac.mipsec.test"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for secret in (lab.dir / "pki" / "hac.key", lab.dir / "credentials.toml", lab.dir / "mn.psk"):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    # The lab HAC policy enables all five suites (unlike the built-in default).
+    out = mipsec("check-config", info["hac"]["config"])
+    assert out.returncode == 0
+    assert len(json.loads(out.stdout)["config"]["policy"]["suites"]) == 5
+
+
+def test_init_refuses_existing_lab(lab: Lab) -> None:
+    out = mipsec("init", str(lab.dir))
+    assert out.returncode == 2 and "already" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_check_config_redacts_secrets(lab: Lab) -> None:
+    mn_toml = Path(lab.info["mn"]["config"])
+    edit_toml(mn_toml, 'psk_file = "mn.psk"', f'psk_hex = "{lab.info["mn"]["psk_hex"]}"')
+    out = mipsec("check-config", str(mn_toml))
+    assert out.returncode == 0, out.stderr
+    assert lab.info["mn"]["psk_hex"] not in out.stdout
+    assert json.loads(out.stdout)["config"]["mn"]["psk_hex"] == "<redacted>"
+
+
+@pytest.mark.parametrize(
+    "old, new, key, reason",
+    [
+        ("port = ", "prot = 1\nport = ", "hac.prot", "Extra inputs"),
+        ("max_sessions = 256", "max_sessions = 0", "hac.max_sessions", "greater than"),
+        ("max_sessions = 256", 'max_sessions = "many"', "hac.max_sessions", "integer"),
+        ('"AES_128_CBC_SHA",', '"AES_256_GCM",', "policy.suites", "unknown ciphersuite"),
+        ('address6 = "::1"', 'address6 = "::1::"', "ha[0].address6", "IPv6"),
+        ('backend = "toml"', 'backend = "ldap"', "credentials.backend", "no plugin provides"),
+        ('path = "credentials.toml"', 'path = "nope.toml"', "credentials", "nope.toml"),
+        ("[hac]", "[hac\n", "(syntax)", "line"),
+    ],
+)
+def test_config_errors_name_file_key_reason(
+    lab: Lab, old: str, new: str, key: str, reason: str
+) -> None:
+    hac_toml = Path(lab.info["hac"]["config"])
+    edit_toml(hac_toml, old, new)
+    out = mipsec("--role", "hac", "--config", str(hac_toml))
+    assert out.returncode == 2, out.stderr
+    err = out.stderr
+    assert str(hac_toml) in err and key in err and reason in err, err
+    assert "Traceback" not in err
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    out = mipsec("--role", "mn", "--config", str(tmp_path / "none.toml"))
+    assert out.returncode == 2 and "none.toml" in out.stderr and "no such file" in out.stderr
+
+
+def test_plugins_lists_builtins() -> None:
+    out = mipsec("plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["psk"]["distribution"] == "mipsec"
+    assert rows["psk"]["provides"]["mipsec_auth_methods"] == ["psk"]
+    assert "toml" in rows["credentials_toml"]["provides"]["mipsec_credential_backends"]
+    assert "sqlite" in rows["sa_store_sqlite"]["provides"]["mipsec_sa_stores"]
+    assert "mipsec_sa_issued" in rows["event_log"]["hooks"]
+    text = mipsec("plugins").stdout
+    assert "psk" in text and "mipsec_auth_methods" in text
+
+
+def test_mn_once_json_exit_codes(lab: Lab, start_hac: Any) -> None:
+    start_hac(lab)
+    rc, res = run_mn(lab)
+    assert rc == 0 and res["status"] == 200 and res["ok"]
+    assert "keys" not in res["sa"]
+    assert res["sa"]["suite"] == "AES_128_CBC_SHA256" and res["sa"]["suite_id"] == "{00,3C}"
+    assert res["bootstrap"]["ip6_hoa"].startswith("2001:db8:1::")
+    rc, res = run_mn(lab, "--show-keys")
+    assert rc == 0 and len(bytes.fromhex(res["sa"]["keys"]["mn_to_ha_ikey"])) == 16
+    (lab.dir / "mn.psk").write_text(os.urandom(32).hex())
+    rc, res = run_mn(lab)
+    assert rc != 0 and not res["ok"] and res["status"] in (None, 401)
+
+
+def test_mn_without_hac_fails_cleanly(lab: Lab) -> None:
+    rc, res = run_mn(lab)
+    assert rc != 0 and res["status"] is None and "connect" in res["reason"]
+
+
+def _replace_hac_cert(lab: Lab, ca: str = "lab", **leaf: Any) -> None:
+    d = lab.dir / "pki"
+    if ca == "lab":
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        ca_key = load_pem_private_key((d / "ca.key").read_bytes(), None)
+        ca_cert = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    else:
+        ca_key, ca_cert = pki.make_ca("rogue CA")
+    key, cert = pki.make_leaf(
+        ca_key, ca_cert, common_name=leaf.pop("common_name", "hac.mipsec.test"), **leaf
+    )
+    pki.write_cert(d / "hac.pem", cert)
+    pki.write_key(d / "hac.key", key)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["wildcard", "cn_only", "unknown_ca", "other_name"],
+)
+def test_mn_refuses_bad_hac_certificates(lab: Lab, start_hac: Any, variant: str) -> None:
+    if variant == "wildcard":
+        _replace_hac_cert(
+            lab, dns_names=["*.mipsec.test", "hac.mipsec.test"], ip_addresses=["127.0.0.1"]
+        )
+    elif variant == "cn_only":
+        _replace_hac_cert(lab, include_san=False)
+    elif variant == "unknown_ca":
+        _replace_hac_cert(lab, ca="rogue", dns_names=["hac.mipsec.test"])
+    else:
+        _replace_hac_cert(lab, dns_names=["evil.mipsec.test"], ip_addresses=["127.0.0.1"])
+    start_hac(lab)
+    rc, res = run_mn(lab)
+    assert rc != 0 and res["status"] is None and not res["ok"]
+    assert "certificate" in res["reason"].lower() or "CERTIFICATE" in res["reason"], res
+
+
+def test_hac_refuses_ed25519_certificate(lab: Lab) -> None:
+    _replace_hac_cert(lab, dns_names=["hac.mipsec.test"], key_type="ed25519")
+    out = mipsec("--role", "hac", "--config", lab.info["hac"]["config"])
+    assert out.returncode == 2 and "hac.pem" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_third_party_plugin_discovered_listed_used(
+    lab: Lab, start_hac: Any, tmp_path: Path
+) -> None:
+    target = tmp_path / "site"
+    src = Path(__file__).parent.parent / "fixtures" / "mipsec-plugin-example"
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pip.returncode == 0, pip.stderr
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = mipsec("plugins", "--json", env=env)
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["example_static"]["distribution"] == "mipsec-plugin-example"
+    assert rows["example_static"]["version"] == "1.2.3"
+    assert rows["example_static"]["provides"]["mipsec_credential_backends"] == ["static"]
+    other = os.urandom(32)
+    edit_toml(
+        Path(lab.info["hac"]["config"]),
+        'backend = "toml"\npath = "credentials.toml"',
+        f'backend = "static"\nmn_id = "demo@mipsec.test"\npsk_hex = "{other.hex()}"',
+    )
+    start_hac(lab, env=env)
+    (lab.dir / "mn.psk").write_text(other.hex())
+    rc, res = run_mn(lab)
+    assert rc == 0 and res["status"] == 200
+
+
+def test_hoa_persists_across_restart_and_returns_to_pool(tmp_path: Path, start_hac: Any) -> None:
+    lab = make_lab(tmp_path / "lab")
+    hac_toml = Path(lab.info["hac"]["config"])
+    bob_psk = os.urandom(32)
+    with (lab.dir / "credentials.toml").open("a") as f:
+        f.write(f'\n[[mn]]\nmn_id = "bob@mipsec.test"\npsk_hex = "{bob_psk.hex()}"\n')
+    p = start_hac(lab)
+    rc, alice = run_mn(lab)
+    assert rc == 0
+    p.terminate()
+    p.communicate(timeout=10)
+    start_hac(lab)  # restart: the SA store survives, so the HoA stays Alice's
+    rc, again = run_mn(lab)
+    assert again["bootstrap"]["ip6_hoa"] == alice["bootstrap"]["ip6_hoa"]
+    assert again["sa"]["spi"] != alice["sa"]["spi"]
+    # Bob gets another address while Alice's SA is live.
+    edit_toml(
+        Path(lab.info["mn"]["config"]), 'mn_id = "demo@mipsec.test"', 'mn_id = "bob@mipsec.test"'
+    )
+    (lab.dir / "mn.psk").write_text(bob_psk.hex())
+    rc, bob = run_mn(lab)
+    assert rc == 0 and bob["bootstrap"]["ip6_hoa"] != alice["bootstrap"]["ip6_hoa"]
+    del hac_toml
+
+
+def test_expired_sa_releases_home_address(tmp_path: Path, start_hac: Any) -> None:
+    lab = make_lab(tmp_path / "lab")
+    hac_toml = Path(lab.info["hac"]["config"])
+    edit_toml(hac_toml, "sa_lifetime = 3600", "sa_lifetime = 2")
+    edit_toml(hac_toml, "max_sessions = 256", "max_sessions = 256\nexpiry_interval = 0.5")
+    bob_psk = os.urandom(32)
+    with (lab.dir / "credentials.toml").open("a") as f:
+        f.write(f'\n[[mn]]\nmn_id = "bob@mipsec.test"\npsk_hex = "{bob_psk.hex()}"\n')
+    p = start_hac(lab)
+    rc, alice = run_mn(lab)
+    assert rc == 0
+    time.sleep(3.5)
+    edit_toml(
+        Path(lab.info["mn"]["config"]), 'mn_id = "demo@mipsec.test"', 'mn_id = "bob@mipsec.test"'
+    )
+    (lab.dir / "mn.psk").write_text(bob_psk.hex())
+    rc, bob = run_mn(lab)
+    assert rc == 0
+    # Alice's SA expired, so her address went back to the pool and Bob gets it.
+    assert bob["bootstrap"]["ip6_hoa"] == alice["bootstrap"]["ip6_hoa"]
+    p.terminate()
+    log = p.communicate(timeout=10)[0]
+    assert "sa_expired" in log and str(alice["sa"]["spi"]) in log
