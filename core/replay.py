@@ -67,15 +67,18 @@ class ReplayWindow:
         ``seq`` must have passed ``check`` (nothing can change the window in
         between in a sans-I/O receiver); anything else is a caller bug.
         """
-        if not self.check(seq):
-            raise LocalProtocolError(f"sequence: {seq} was not accepted by check()")
+        if not 0 <= seq < SEQ_LIMIT:
+            raise LocalProtocolError(f"sequence: {seq} is not a 32-bit number")
         diff = seq - self._highest
         if diff > 0:
             # Slide right: older bits move left, bits past the left edge fall off.
             self._bitmap = ((self._bitmap << diff) | 1) & self._mask if diff < self.size else 1
             self._highest = seq
-        else:
-            self._bitmap |= 1 << -diff
+            return
+        diff = -diff
+        if diff >= self.size or (self._bitmap >> diff) & 1:
+            raise LocalProtocolError(f"sequence: {seq} was not accepted by check()")
+        self._bitmap |= 1 << diff
 
     def __repr__(self) -> str:
         return f"ReplayWindow(size={self.size}, highest={self._highest})"

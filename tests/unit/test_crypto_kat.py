@@ -152,9 +152,7 @@ def test_rfc2202_hmac_sha1_and_96_bit_truncation(
 
 
 def test_rfc2202_case5_digest96_as_printed() -> None:
-    assert HmacSha1_96(b"\x0c" * 20).mac96(b"Test With Truncation") == H(
-        "4c1a03424b55e07fe7f27be1"
-    )
+    assert HmacSha1_96(b"\x0c" * 20).mac96(b"Test With Truncation") == H("4c1a03424b55e07fe7f27be1")
 
 
 # ------------------------------------------------------------- RFC 3602 §4

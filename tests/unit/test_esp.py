@@ -164,7 +164,7 @@ def test_null_sha_byte_vector() -> None:
     assert len(wire) == 28
 
     second = out.protect(1, 41, H("60"))  # 1 + 2 -> one padding octet
-    assert second[:12] == H("11234567" "00000001" "60" "01" "01" "29")
+    assert second[:12] == H("112345670000000160010129")
     assert second[12:] == hmac.new(ikey, second[:12], "sha1").digest()[:12]
 
     inbound = InboundSA(SUITES[Suite.NULL_SHA], ikey, b"", 0x1234567)
@@ -286,7 +286,9 @@ def test_null_bad_padding_with_valid_icv(plain: bytes) -> None:
     # The window did not move: the same sequence number with good padding passes.
     good = _null_packet(ikey, H("aabbccdd") + H("0102") + H("02") + H("87"))
     assert inbound.unprotect(good) == Unprotected(8, 0, 0x87, H("aabbccdd"))
-    assert inbound.unprotect(_null_packet(ikey, H("0102") + H("02") + H("87"), seq=1)).payload == b""
+    assert (
+        inbound.unprotect(_null_packet(ikey, H("0102") + H("02") + H("87"), seq=1)).payload == b""
+    )
 
 
 @pytest.mark.parametrize("suite", [s for s in ALL_SUITES if SUITES[s].encrypts])
