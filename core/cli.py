@@ -106,29 +106,92 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
 
 
 async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:
-    from mipsec.core.roles.mn import bootstrap
+    from mipsec.core.roles.mn import Registrar, RegistrationOutcome, bootstrap
 
     log = logging.getLogger("mipsec.mn")
-    while True:
-        result = await bootstrap(cfg, config_file=config_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+    def report(result: BootstrapResult, reg: RegistrationOutcome | None) -> None:
+        data = result_json(result, show_keys=keys)
+        if reg is not None:
+            data["ba"] = {
+                "status": reg.status,
+                "lifetime": reg.lifetime,
+                "sequence": reg.sequence,
+            }
+            if reg.ip4_hoa:
+                data["ba"]["ip4_hoa"] = reg.ip4_hoa
+            if reg.reason:
+                data["ba"]["reason"] = reg.reason
+            data["ok"] = data["ok"] and reg.accepted
         if as_json:
-            print(json.dumps(result_json(result, show_keys=keys)), flush=True)
+            print(json.dumps(data), flush=True)
         else:
-            _print_result(result)
-        if once:
-            return EXIT_OK if result.ok else EXIT_FAILED
-        if result.ok and result.issued is not None:
-            from mipsec.core.issuer import utcnow
+            _print_result(result, reg)
 
-            lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
-            wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
-        else:
+    while not stop.is_set():
+        result = await bootstrap(cfg, config_file=config_file)
+        if not result.ok or result.issued is None or not cfg.registration.enabled:
+            report(result, None)
+            if once:
+                return EXIT_OK if result.ok else EXIT_FAILED
             wait = 10.0
-        log.info("next bootstrap in %.0f s", wait)
-        await asyncio.sleep(wait)
+            if result.ok and result.issued is not None:
+                from mipsec.core.issuer import utcnow
+
+                lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
+                wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
+            log.info("next bootstrap in %.0f s", wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            continue
+        registrar = Registrar(result.issued, cfg, rebootstrap_at=cfg.sa.rebootstrap_at)
+        try:
+            await registrar.open()
+        except (OSError, LookupError) as exc:
+            report(result, RegistrationOutcome(None, reason=f"cannot reach the HA: {exc}"))
+            if once:
+                return EXIT_FAILED
+            await asyncio.sleep(10)
+            continue
+        try:
+            if once:
+                outcome = await registrar.run(
+                    until_registered=True,
+                    deadline=_monotonic() + cfg.registration.once_timeout,
+                )
+                report(result, outcome)
+                return EXIT_OK if outcome.accepted else EXIT_FAILED
+            first = await registrar.run(until_registered=True, stop=stop)
+            report(result, first)
+            outcome = first
+            if first.accepted and first.rebootstrap is None:
+                outcome = await registrar.run_more(stop=stop)
+            if stop.is_set():
+                await registrar.deregister()
+                break
+            if outcome.rebootstrap:
+                log.info("bootstrapping again: %s", outcome.rebootstrap)
+            elif not outcome.accepted:
+                log.warning("registration failed: %s", outcome.reason or outcome.status)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 10)
+        finally:
+            registrar.close()
+    return EXIT_OK
 
 
-def _print_result(result: BootstrapResult) -> None:
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _print_result(result: BootstrapResult, reg: Any = None) -> None:
     data = result_json(result)
     if result.ok:
         sa = data["sa"]
@@ -140,6 +203,11 @@ def _print_result(result: BootstrapResult) -> None:
             print(f"  {k}: {v}")
     else:
         print(f"bootstrap failed: status {result.status}: {result.reason}")
+    if reg is not None:
+        if reg.status is None:
+            print(f"binding update: no acknowledgement ({reg.reason})")
+        else:
+            print(f"binding acknowledgement: status {reg.status}, lifetime {reg.lifetime} s")
 
 
 # ---------------------------------------------------------------- commands

@@ -141,6 +141,8 @@ class HACConfig(_Strict):
     ha: tuple[HAEntry, ...] = Field(min_length=1)
     bootstrap: BootstrapConfig = BootstrapConfig()
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-method options
+    # Optional listener where HAs pull SAs for SPIs they do not know (PROFILE §9).
+    provisioning: ProvisioningListener | None = None
     plugins: PluginsConfig = PluginsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -192,29 +194,89 @@ class MNSA(_Strict):
         return v
 
 
+class MNRegistrationConfig(_Strict):
+    """Home registration with the HA after bootstrap (RFC 6618 §6)."""
+
+    enabled: bool = True
+    lifetime: Annotated[int, Field(ge=4, le=262_140)] = 600  # requested, seconds
+    # Reach the HA at its IPv6 (mip6-haa-ip6) or IPv4 (mip6-haa-ip4) address;
+    # "auto" prefers IPv6 when the HAC provisioned one.
+    transport: Literal["auto", "ip6", "ip4"] = "auto"
+    once_timeout: Seconds = 15.0  # --once: the longest wait for a BA
+    request_ip4_hoa: bool = True  # DSMIP6 (RFC 5555) when an IPv4 HoA was provisioned
+    replay_window: Annotated[int, Field(ge=32, le=4096)] = 64
+
+
 class MNConfig(_Strict):
     mn: MNIdentity
     hac: MNHac
     sa: MNSA = MNSA()
+    registration: MNRegistrationConfig = MNRegistrationConfig()
     plugins: PluginsConfig = PluginsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class HAService(_Strict):
+    id: str = "ha1"
     listen: tuple[str, ...] = ("127.0.0.1", "::1")
-    port: Port = DEFAULT_MIP6_PORT
+    port: Port = DEFAULT_MIP6_PORT  # MN-HA UDP port (PROFILE §7)
+    # The HA's own addresses as provisioned to MNs (mip6-haa-ip6/-ip4): the MH
+    # checksum pseudo-header uses address6 (PROFILE §8).
+    address6: ipaddress.IPv6Address | None = None
+    address4: ipaddress.IPv4Address | None = None
+    replay_window: Annotated[int, Field(ge=32, le=4096)] = 64
+    max_binding_lifetime: Seconds = 3600.0
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for a in v:
+            ipaddress.ip_address(a)
+        return v
+
+
+class BindingsConfig(_Strict):
+    path: Path | None = None  # SQLite file; None keeps the binding cache in memory
+
+
+class ProvisioningListener(_Strict):
+    """A mutually authenticated TLS listener for PROFILE §9 provisioning."""
+
+    listen: tuple[str, ...] = ("127.0.0.1",)
+    port: Port
+    cert: Path
+    key: Path
+    client_ca: Path
+    # dNSName SANs a client certificate must carry (empty: any from client_ca).
+    client_names: tuple[str, ...] = ()
+    timeout: Seconds = 10.0
+
+
+class PullConfig(_Strict):
+    """Where an HA pulls an SA for an unknown SPI (PROFILE §9)."""
+
+    host: str
+    port: Port
+    server_name: str | None = None
+    ca: Path
+    cert: Path
+    key: Path
+    timeout: Seconds = 2.0
 
 
 class HAConfig(_Strict):
-    model_config = ConfigDict(extra="allow", frozen=True)  # the HA role grows in issue 3
     ha: HAService = HAService()
+    sa_store: SAStoreRef = SAStoreRef()
+    bindings: BindingsConfig = BindingsConfig()
+    provisioning: ProvisioningListener | None = None
+    pull: PullConfig | None = None
     plugins: PluginsConfig = PluginsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 ROLE_MODELS: dict[str, type[BaseModel]] = {"hac": HACConfig, "mn": MNConfig, "ha": HAConfig}
 
-_PATH_KEYS = {"cert", "key", "ca", "psk_file", "path", "client_cert", "client_key"}
+_PATH_KEYS = {"cert", "key", "ca", "client_ca", "psk_file", "path", "client_cert", "client_key"}
 
 
 def _resolve_paths(obj: Any, base: Path) -> Any:

@@ -440,6 +440,9 @@ def init_pki(
         dns_names=ha_names,
         ip_addresses=ha_ips,
         key_type="ec-p256",
+        # The HA also authenticates as a TLS client when it pulls an unknown SPI
+        # from the HAC (PROFILE §9).
+        client=True,
     )
     client_key, client_cert = make_leaf(
         ca_key,

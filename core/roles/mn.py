@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
@@ -19,7 +22,10 @@ from mipsec.core import pluginmanager
 from mipsec.core.authmethod import PeerMethodContext
 from mipsec.core.config import MNConfig
 from mipsec.core.errors import CertificateError, ConfigError
+from mipsec.core.issuer import utcnow
 from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendRequest
+from mipsec.core.mn_registration import Failed, MnRegistration, Rebootstrap, Registered, Transmit
+from mipsec.core.model import IssuedSA
 from mipsec.core.tls import check_hac_certificate, mn_cb_octets, mn_client_context, set_nodelay
 
 log = logging.getLogger("mipsec.mn")
@@ -115,3 +121,139 @@ async def bootstrap(
         writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.wait_closed(), 2)
+
+
+# ---------------------------------------------------------------- registration
+
+
+@dataclass
+class RegistrationOutcome:
+    status: int | None  # BA status; None: no BA
+    lifetime: int = 0
+    sequence: int | None = None
+    ip4_hoa: str | None = None
+    reason: str = ""
+    rebootstrap: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status is not None and self.status < 128
+
+
+class _UdpQueue(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(data)
+
+
+def ha_destination(issued: IssuedSA, transport: str) -> tuple[str, int]:
+    bs = issued.bootstrap
+    if transport == "ip4" or (transport == "auto" and bs.haa_ip6 is None):
+        if bs.haa_ip4 is None:
+            raise LookupError("the HAC provisioned no IPv4 HA address")
+        return str(bs.haa_ip4), bs.port
+    if bs.haa_ip6 is None:
+        raise LookupError("the HAC provisioned no IPv6 HA address")
+    return str(bs.haa_ip6), bs.port
+
+
+class Registrar:
+    """Asyncio shell around ``MnRegistration`` for one SA."""
+
+    def __init__(self, issued: IssuedSA, cfg: MNConfig, *, rebootstrap_at: float = 0.8) -> None:
+        self.issued = issued
+        self.cfg = cfg
+        loop_now = time.monotonic()
+        self.machine = MnRegistration(
+            issued, now=loop_now, wall_now=utcnow(), lifetime=cfg.registration.lifetime,
+            rebootstrap_at=rebootstrap_at, window=cfg.registration.replay_window,
+            request_ip4_hoa=cfg.registration.request_ip4_hoa,
+        )
+        self._transport: asyncio.DatagramTransport | None = None
+        self._proto: _UdpQueue | None = None
+
+    async def open(self) -> None:
+        host, port = ha_destination(self.issued, self.cfg.registration.transport)
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.create_datagram_endpoint(
+            _UdpQueue, remote_addr=(host, port)
+        )
+        self._transport, self._proto = transport, proto
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _send(self, actions: list[Any]) -> list[Any]:
+        rest = []
+        for a in actions:
+            if isinstance(a, Transmit):
+                assert self._transport is not None
+                self._transport.sendto(a.datagram)
+            else:
+                rest.append(a)
+        return rest
+
+    async def run_more(self, *, stop: asyncio.Event) -> RegistrationOutcome:
+        """Keep the binding fresh after the first BA until a re-bootstrap is
+        due, the HA refuses, or ``stop`` is set."""
+        return await self.run(until_registered=False, stop=stop, start=False)
+
+    async def run(self, *, until_registered: bool, deadline: float | None = None,
+                  stop: asyncio.Event | None = None, start: bool = True) -> RegistrationOutcome:
+        """Drive the machine; return at the first BA (``until_registered``),
+        on failure, on a re-bootstrap request, or when ``stop`` is set."""
+        assert self._proto is not None
+        outcome = RegistrationOutcome(None, reason="no binding acknowledgement")
+        pending = self._send(self.machine.start(time.monotonic())) if start else []
+        while True:
+            for a in pending:
+                if isinstance(a, Registered):
+                    outcome = RegistrationOutcome(
+                        a.status, a.lifetime, a.sequence,
+                        str(a.ip4_hoa) if a.ip4_hoa else None, "",
+                    )
+                    log.info("binding registered: status %d lifetime %d s sequence %d",
+                             a.status, a.lifetime, a.sequence)
+                    if until_registered:
+                        return outcome
+                elif isinstance(a, Failed):
+                    outcome.status, outcome.reason = a.status, a.reason
+                    return outcome
+                elif isinstance(a, Rebootstrap):
+                    outcome.rebootstrap = a.reason
+                    return outcome
+            now = time.monotonic()
+            wake = self.machine.next_timer()
+            if deadline is not None:
+                wake = min(wake, deadline)
+            if stop is not None:
+                wake = min(wake, now + 0.25)  # notice a shutdown request promptly
+            if deadline is not None and now >= deadline:
+                return outcome
+            if stop is not None and stop.is_set():
+                return outcome
+            try:
+                data = await asyncio.wait_for(self._proto.queue.get(), max(0.0, wake - now))
+                pending = self._send(self.machine.receive(data, time.monotonic()))
+            except TimeoutError:
+                pending = self._send(self.machine.timer(time.monotonic()))
+
+    async def deregister(self, timeout: float = 2.0) -> RegistrationOutcome:
+        assert self._proto is not None
+        pending = self._send(self.machine.deregister(time.monotonic()))
+        del pending
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                data = await asyncio.wait_for(self._proto.queue.get(), end - time.monotonic())
+            except TimeoutError:
+                break
+            for a in self.machine.receive(data, time.monotonic()):
+                if isinstance(a, Registered):
+                    log.info("binding deregistered (status %d)", a.status)
+                    return RegistrationOutcome(a.status, a.lifetime, a.sequence)
+        return RegistrationOutcome(None, reason="no acknowledgement of the de-registration")

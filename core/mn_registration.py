@@ -1,0 +1,219 @@
+"""MN home registration with its HA, sans-I/O (RFC 6618 §6, RFC 6275 §11.7).
+
+One object per SA.  Time is injected (``now`` in seconds, monotonic), so the
+retransmission backoff, refresh and re-bootstrap decisions are tested
+without sleeping; the asyncio shell in ``roles/mn.py`` moves the datagrams.
+
+Outputs:
+* ``Transmit(datagram)`` -- send to the HA (address/port from bootstrap data);
+* ``Registered(status, lifetime, sequence, ip4_hoa)`` -- a BA accepted the binding;
+* ``Rebootstrap(reason)`` -- bootstrap again with the HAC (BA status 176,
+  RFC 6618 §8.2, or the SA's validity end is near, PROFILE §5);
+* ``Failed(status, reason)`` -- the HA refused, or no BA came in time.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from ipaddress import IPv4Address, IPv6Address
+
+from mipsec.core.errors import MobilityHeaderError, PacketError
+from mipsec.core.model import IssuedSA
+from mipsec.core.suites import SUITES
+from mipsec.core.wire import mh
+from mipsec.core.wire.esp import NEXT_HEADER_MH, PTYPE_MH, InboundSA, OutboundSA
+
+# RFC 6275 §12 / §13: protocol constants for BU retransmission.
+INITIAL_BINDACK_TIMEOUT_FIRST_REG = 1.5  # InitialBindackTimeoutFirstReg (§13)
+INITIAL_BINDACK_TIMEOUT = 1.0  # INITIAL_BINDACK_TIMEOUT (§12)
+MAX_BINDACK_TIMEOUT = 32.0  # MAX_BINDACK_TIMEOUT (§12)
+UNSPECIFIED = IPv6Address("::")
+
+
+@dataclass(frozen=True)
+class Transmit:
+    datagram: bytes
+
+
+@dataclass(frozen=True)
+class Registered:
+    status: int
+    lifetime: int  # seconds granted
+    sequence: int
+    ip4_hoa: IPv4Address | None = None
+
+
+@dataclass(frozen=True)
+class Rebootstrap:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int | None
+    reason: str
+
+
+Action = Transmit | Registered | Rebootstrap | Failed
+
+
+class MnRegistration:
+    def __init__(
+        self,
+        issued: IssuedSA,
+        *,
+        now: float,
+        wall_now: datetime,
+        lifetime: int = 600,
+        rebootstrap_at: float = 0.8,
+        refresh_at: float = 0.8,
+        window: int = 64,
+        request_ip4_hoa: bool = True,
+        first_sequence: int | None = None,
+    ) -> None:
+        sa, bs = issued.sa, issued.bootstrap
+        info = SUITES[sa.suite]
+        self.issued = issued
+        self.hoa = bs.ip6_hoa or UNSPECIFIED
+        # PROFILE §8: pseudo-header uses the provisioned mip6-haa-ip6 even over IPv4.
+        self.ha_addr = bs.haa_ip6 or UNSPECIFIED
+        self._out = OutboundSA(info, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.spi)
+        self._in = InboundSA(info, sa.ha_to_mn_ikey, sa.ha_to_mn_ekey, sa.spi, window=window)
+        self._lifetime_units = mh.lifetime_units(lifetime)
+        self._refresh_at = refresh_at
+        # The SA's end, measured on the monotonic clock from now.
+        remaining = (sa.validity_end - wall_now).total_seconds()
+        total = max(remaining, 1.0)
+        self._rebootstrap_deadline = now + total * rebootstrap_at
+        self._request_ip4 = request_ip4_hoa and bs.ip4_hoa is not None
+        self.sequence = secrets.randbelow(1 << 16) if first_sequence is None else first_sequence
+        self._pending: bytes | None = None  # the BU awaiting its BA
+        self._pending_lifetime = self._lifetime_units
+        self._timeout = INITIAL_BINDACK_TIMEOUT_FIRST_REG
+        self._retransmit_at: float | None = None
+        self._refresh_deadline: float | None = None
+        self._rebootstrap_sent = False
+        self.registered = False
+        self.last_status: int | None = None
+        self.granted_lifetime = 0
+        self.retransmissions = 0
+
+    def __repr__(self) -> str:
+        return f"MnRegistration(spi={self.issued.sa.spi}, hoa={self.hoa})"
+
+    # ------------------------------------------------------------ inputs
+
+    def start(self, now: float) -> list[Action]:
+        """Send the first BU (home registration)."""
+        return [self._send_bu(now, self._lifetime_units, first=True)]
+
+    def deregister(self, now: float) -> list[Action]:
+        """BU with lifetime 0 (RFC 6275 §11.7.2), e.g. at shutdown."""
+        self.sequence = (self.sequence + 1) & 0xFFFF
+        return [self._send_bu(now, 0, first=False)]
+
+    def receive(self, datagram: bytes, now: float) -> list[Action]:
+        try:
+            plain = self._in.unprotect(datagram)
+        except PacketError:
+            return []  # silently dropped, like the HA does (PROFILE §7)
+        if plain.ptype != PTYPE_MH or plain.next_header != NEXT_HEADER_MH:
+            return []
+        try:
+            decoded = mh.decode_mh(plain.payload, src=self.ha_addr, dst=self.hoa)
+        except MobilityHeaderError:
+            return []
+        ba = decoded.message
+        if not isinstance(ba, mh.BindingAck) or self._pending is None:
+            return []
+        if ba.status == mh.SEQUENCE_OUT_OF_WINDOW:
+            # RFC 6275 §11.7.3: retry with a sequence above the HA's last one.
+            self.sequence = (ba.sequence + 1) & 0xFFFF
+            return [self._send_bu(now, self._pending_lifetime, first=False)]
+        if ba.sequence != self.sequence:
+            return []  # a BA for another BU
+        self._pending = None
+        self._retransmit_at = None
+        self.last_status = ba.status
+        if ba.status >= 128 and ba.status != mh.REINIT_SA_WITH_HAC:
+            self.registered = False
+            return [Failed(ba.status, f"HA refused the binding update (status {ba.status})")]
+        self.granted_lifetime = ba.lifetime_seconds
+        self.registered = self._pending_lifetime > 0 and ba.lifetime > 0
+        ip4 = None
+        for opt in ba.options:
+            if isinstance(opt, mh.IPv4AddressAck) and opt.accepted:
+                ip4 = opt.home_address
+        out: list[Action] = [Registered(ba.status, ba.lifetime_seconds, ba.sequence, ip4)]
+        if self.registered:
+            self._refresh_deadline = now + ba.lifetime_seconds * self._refresh_at
+        if ba.status == mh.REINIT_SA_WITH_HAC and not self._rebootstrap_sent:
+            self._rebootstrap_sent = True
+            out.append(Rebootstrap("HA answered REINIT_SA_WITH_HAC (176)"))
+        return out
+
+    def timer(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        if self._retransmit_at is not None and now >= self._retransmit_at:
+            if self._timeout * 2 > MAX_BINDACK_TIMEOUT:
+                self._pending = None
+                self._retransmit_at = None
+                out.append(Failed(None, "no binding acknowledgement from the HA"))
+            else:
+                self._timeout *= 2  # RFC 6275 §11.8 exponential backoff
+                assert self._pending is not None
+                self.retransmissions += 1
+                # A retransmission is a new ESP packet (new sequence number)
+                # carrying the same BU: the HA's replay window would drop a copy.
+                out.append(self._protect_pending())
+                self._retransmit_at = now + self._timeout
+        if (
+            self._refresh_deadline is not None
+            and now >= self._refresh_deadline
+            and self._pending is None
+        ):
+            self._refresh_deadline = None
+            self.sequence = (self.sequence + 1) & 0xFFFF
+            out.append(self._send_bu(now, self._lifetime_units, first=False))
+        if now >= self._rebootstrap_deadline and not self._rebootstrap_sent:
+            self._rebootstrap_sent = True
+            out.append(Rebootstrap("SA validity end is near"))
+        return out
+
+    def next_timer(self) -> float:
+        times = [self._rebootstrap_deadline]
+        if self._retransmit_at is not None:
+            times.append(self._retransmit_at)
+        if self._refresh_deadline is not None:
+            times.append(self._refresh_deadline)
+        return min(times)
+
+    @property
+    def needs_reinit(self) -> bool:
+        return self._out.needs_reinit
+
+    # ------------------------------------------------------------ internals
+
+    def _bu(self, lifetime_units: int) -> bytes:
+        options: tuple[mh.MobilityOption, ...] = ()
+        bs = self.issued.bootstrap
+        if self._request_ip4 and lifetime_units and bs.ip4_hoa is not None:
+            plen = bs.ip4_hnp.prefixlen if bs.ip4_hnp is not None else 32
+            options = (mh.IPv4HomeAddressRequest(plen, bs.ip4_hoa),)
+        bu = mh.BindingUpdate(
+            sequence=self.sequence, a=True, h=True, lifetime=lifetime_units, options=options
+        )
+        return mh.encode_mh(bu, src=self.hoa, dst=self.ha_addr)
+
+    def _send_bu(self, now: float, lifetime_units: int, *, first: bool) -> Transmit:
+        self._pending = self._bu(lifetime_units)
+        self._pending_lifetime = lifetime_units
+        self._timeout = INITIAL_BINDACK_TIMEOUT_FIRST_REG if first else INITIAL_BINDACK_TIMEOUT
+        self._retransmit_at = now + self._timeout
+        return self._protect_pending()
+
+    def _protect_pending(self) -> Transmit:
+        assert self._pending is not None
+        return Transmit(self._out.protect(PTYPE_MH, NEXT_HEADER_MH, self._pending))

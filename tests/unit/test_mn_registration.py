@@ -1,0 +1,182 @@
+"""The MN registration machine against a hand-driven HA side (no sockets)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+
+import pytest
+
+from mipsec.core.issuer import new_sa
+from mipsec.core.mn_registration import (
+    MAX_BINDACK_TIMEOUT,
+    Failed,
+    MnRegistration,
+    Rebootstrap,
+    Registered,
+    Transmit,
+)
+from mipsec.core.model import BootstrapData, IssuedSA
+from mipsec.core.suites import SUITES, Suite
+from mipsec.core.wire import mh
+from mipsec.core.wire.esp import NEXT_HEADER_MH, PTYPE_MH, InboundSA, OutboundSA
+
+HOA = IPv6Address("2001:db8:1::7")
+HAA = IPv6Address("2001:db8:1::1")
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def issued(suite: Suite = Suite.AES_128_CBC_SHA256, lifetime: float = 3600,
+           ip4: bool = False) -> IssuedSA:
+    sa = new_sa(spi=77, mn_id="a@b", suite=suite, scope=1, lifetime=lifetime, now=NOW)
+    bs = BootstrapData(
+        haa_ip6=HAA, ip6_hoa=HOA, port=7872,
+        ip4_hoa=IPv4Address("192.0.2.9") if ip4 else None,
+        ip4_hnp=IPv4Network("192.0.2.0/24") if ip4 else None,
+    )
+    return IssuedSA(sa, bs)
+
+
+class FakeHA:
+    """The HA side written from the spec with the same codecs."""
+
+    def __init__(self, iss: IssuedSA) -> None:
+        sa = iss.sa
+        info = SUITES[sa.suite]
+        self.inb = InboundSA(info, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.spi)
+        self.out = OutboundSA(info, sa.ha_to_mn_ikey, sa.ha_to_mn_ekey, sa.spi)
+
+    def bu(self, datagram: bytes) -> mh.BindingUpdate:
+        plain = self.inb.unprotect(datagram)
+        assert plain.ptype == PTYPE_MH and plain.next_header == NEXT_HEADER_MH
+        dec = mh.decode_mh(plain.payload, src=HOA, dst=HAA)
+        assert dec.checksum_ok
+        assert isinstance(dec.message, mh.BindingUpdate)
+        return dec.message
+
+    def ba(self, status: int, seq: int, lifetime: int, options=()) -> bytes:
+        ba = mh.BindingAck(status=status, sequence=seq, lifetime=lifetime, options=options)
+        return self.out.protect(PTYPE_MH, NEXT_HEADER_MH, mh.encode_mh(ba, src=HAA, dst=HOA))
+
+
+@pytest.mark.parametrize("suite", list(Suite))
+def test_register_every_suite(suite: Suite) -> None:
+    iss = issued(suite)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, lifetime=400)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    assert isinstance(tx, Transmit)
+    bu = ha.bu(tx.datagram)
+    assert bu.a and bu.h and bu.lifetime == 100 and bu.sequence == reg.sequence
+    acts = reg.receive(ha.ba(0, bu.sequence, 100), 0.1)
+    assert acts == [Registered(0, 400, bu.sequence, None)]
+    assert reg.registered
+
+
+def test_retransmission_backoff_then_failure() -> None:
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    [first] = reg.start(0.0)
+    t, timeout, sent = 0.0, 1.5, [first]
+    assert reg.timer(1.4) == []
+    while True:
+        t += timeout
+        acts = reg.timer(t)
+        if any(isinstance(a, Failed) for a in acts):
+            break
+        [tx] = [a for a in acts if isinstance(a, Transmit)]
+        sent.append(tx)
+        timeout *= 2
+        assert timeout <= MAX_BINDACK_TIMEOUT
+    # Every retransmission is a fresh ESP packet carrying the same BU.
+    bus = [ha.bu(s.datagram) for s in sent]
+    assert len({b.sequence for b in bus}) == 1 and len(sent) == 5
+    assert len({s.datagram for s in sent}) == len(sent)
+
+
+def test_status_135_retries_with_higher_sequence() -> None:
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, first_sequence=5)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    acts = reg.receive(ha.ba(mh.SEQUENCE_OUT_OF_WINDOW, 900, 0), 0.1)
+    [retry] = acts
+    assert ha.bu(tx.datagram).sequence == 5 and ha.bu(retry.datagram).sequence == 901
+    assert reg.receive(ha.ba(0, 901, 10), 0.2)[0] == Registered(0, 40, 901, None)
+
+
+def test_status_133_fails() -> None:
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    [act] = reg.receive(ha.ba(mh.NOT_HOME_AGENT, ha.bu(tx.datagram).sequence, 0), 0.1)
+    assert isinstance(act, Failed) and act.status == 133 and not reg.registered
+
+
+def test_status_176_asks_for_rebootstrap() -> None:
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    acts = reg.receive(ha.ba(mh.REINIT_SA_WITH_HAC, ha.bu(tx.datagram).sequence, 10), 0.1)
+    assert isinstance(acts[0], Registered) and acts[0].status == 176
+    assert isinstance(acts[1], Rebootstrap) and "176" in acts[1].reason
+
+
+def test_refresh_and_rebootstrap_timers() -> None:
+    iss = issued(lifetime=1000)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, lifetime=100)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    seq = ha.bu(tx.datagram).sequence
+    reg.receive(ha.ba(0, seq, 25), 0.0)
+    assert reg.next_timer() == pytest.approx(80.0)
+    [refresh] = reg.timer(80.0)
+    assert ha.bu(refresh.datagram).sequence == (seq + 1) & 0xFFFF
+    reg.receive(ha.ba(0, (seq + 1) & 0xFFFF, 25), 80.1)
+    acts = reg.timer(800.0)  # 80 % of the SA's 1000 s validity
+    assert any(isinstance(a, Rebootstrap) for a in acts)
+
+
+def test_forged_or_replayed_ba_ignored() -> None:
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    seq = ha.bu(tx.datagram).sequence
+    ba = ha.ba(0, seq, 10)
+    flipped = bytearray(ba)
+    flipped[-1] ^= 1
+    assert reg.receive(bytes(flipped), 0.1) == []
+    assert reg.receive(ha.ba(0, (seq + 7) & 0xFFFF, 10), 0.1) == []  # other BU
+    assert isinstance(reg.receive(ba, 0.2)[0], Registered)
+    assert reg.receive(ba, 0.3) == []  # replay
+
+
+def test_ipv4_hoa_request_and_ack() -> None:
+    iss = issued(ip4=True)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    bu = ha.bu(tx.datagram)
+    [req] = bu.options
+    assert isinstance(req, mh.IPv4HomeAddressRequest)
+    assert req.home_address == IPv4Address("192.0.2.9") and req.prefix_len == 24
+    ack = mh.IPv4AddressAck(0, 24, IPv4Address("192.0.2.9"))
+    [reg_act] = reg.receive(ha.ba(0, bu.sequence, 10, (ack,)), 0.1)
+    assert reg_act.ip4_hoa == IPv4Address("192.0.2.9")
+
+
+def test_deregistration_lifetime_zero() -> None:
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    reg.receive(ha.ba(0, ha.bu(tx.datagram).sequence, 10), 0.1)
+    [d] = reg.deregister(1.0)
+    bu = ha.bu(d.datagram)
+    assert bu.lifetime == 0 and bu.options == ()
+    [act] = reg.receive(ha.ba(0, bu.sequence, 0), 1.1)
+    assert isinstance(act, Registered) and not reg.registered
