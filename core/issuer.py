@@ -47,6 +47,15 @@ def new_sa(
 ) -> SecurityAssociation:
     """Four independent fresh keys from the CSPRNG (PROFILE §5)."""
     info = SUITES[suite]
+
+    def ekey() -> bytes:
+        if not info.ekey_len:
+            return b""
+        while True:
+            key = secrets.token_bytes(info.ekey_len)
+            if info.encryption != "3des-cbc" or not _des3_degenerate(key):
+                return key
+
     # The wire carries whole seconds (RFC 1123 date): truncate so HAC, HA and
     # MN agree on the exact same instant.
     end = (now + timedelta(seconds=lifetime)).astimezone(UTC).replace(microsecond=0)
@@ -58,10 +67,17 @@ def new_sa(
         validity_end=end,
         mn_to_ha_ikey=secrets.token_bytes(info.ikey_len),
         ha_to_mn_ikey=secrets.token_bytes(info.ikey_len),
-        mn_to_ha_ekey=secrets.token_bytes(info.ekey_len) if info.ekey_len else b"",
-        ha_to_mn_ekey=secrets.token_bytes(info.ekey_len) if info.ekey_len else b"",
+        mn_to_ha_ekey=ekey(),
+        ha_to_mn_ekey=ekey(),
         ha_id=ha_id,
     )
+
+
+def _des3_degenerate(key: bytes) -> bool:
+    """RFC 2451 §2.3: k1 == k2 or k2 == k3 (parity bits ignored) turns 3DES
+    into single DES; such keys MUST NOT be used."""
+    k1, k2, k3 = (bytes(b & 0xFE for b in key[i : i + 8]) for i in (0, 8, 16))
+    return k1 == k2 or k2 == k3
 
 
 def sa_headers(issued: IssuedSA) -> Message:

@@ -73,7 +73,7 @@ SEQ_REINIT_THRESHOLD = 2**32 - 2**20
 SEQ_MAX = 2**32 - 1
 
 SPI_MAX = (1 << 28) - 1  # PROFILE §5: SPI 1..268435455 (28 bits)
-HEADER_LEN = 8  # PType|SPI + Sequence Number
+HEADER_LEN = 8  # PType|SPI + Sequence Number (_HEADER_LEN below is the same)
 
 DROP_REASONS = ("malformed", "unknown_spi", "bad_icv", "replay", "bad_padding", "scope")
 
@@ -83,6 +83,9 @@ _unpack_from = _HEADER.unpack_from
 _compare_digest = hmac.compare_digest
 # RFC 4303 §2.4: padding octets are 1, 2, 3, ...; a receiver accepts up to 255.
 _PAD = bytes(range(1, 256))
+_PADS = tuple(_PAD[:i] for i in range(256))  # _PADS[n] = the n padding octets
+_ICV_LEN = ICV_LEN  # module-level copies: cheaper lookups on the hot path
+_HEADER_LEN = 8
 _PLAIN_HEADER = bytes(HEADER_LEN)
 
 
@@ -208,13 +211,13 @@ class OutboundSA:
             raise LocalProtocolError(f"ptype: {ptype!r} is not {PTYPE_MH} or {PTYPE_DATA}")
         # RFC 4303 §2.4: minimal padding so that Payload || Padding || Pad
         # Length || Next Header fills whole cipher blocks (4 octets for NULL).
+        if not 0 <= next_header <= 255:
+            raise LocalProtocolError(f"next_header: {next_header!r} outside 0..255")
         pad_len = -(len(payload) + 2) % self._align
         key = pad_len << 8 | next_header
         trailer = self._trailers.get(key)
         if trailer is None:
-            if not 0 <= next_header <= 255:
-                raise LocalProtocolError(f"next_header: {next_header!r} outside 0..255")
-            trailer = self._trailers[key] = _PAD[:pad_len] + bytes((pad_len, next_header))
+            trailer = self._trailers[key] = _PADS[pad_len] + bytes((pad_len, next_header))
         if self._encrypts:
             authed = _pack(word, seq) + self._encrypt_parts(payload, trailer)
         else:
@@ -236,6 +239,7 @@ class InboundSA:
         "_encrypts",
         "_mac",
         "_min_len",
+        "_ptypes",
         "_window",
         "spi",
         "suite_info",
@@ -254,6 +258,8 @@ class InboundSA:
         self._window = ReplayWindow(window)
         # Header, IV, at least one block (or 4-octet unit) of trailer, ICV.
         self._min_len = HEADER_LEN + crypto.iv_len + self._align + ICV_LEN
+        # First word (PType|SPI) -> PType: one dict lookup checks SPI and PType.
+        self._ptypes = {(p << 28) | spi: p for p in _PROTECTED_PTYPES}
 
     @property
     def highest_seq(self) -> int:
@@ -275,17 +281,19 @@ class InboundSA:
         Order (RFC 4303 §3.4.3-3.4.4, PROFILE §7): parse -> replay check before
         any crypto -> ICV -> decrypt -> padding -> only then slide the window.
         """
+        if type(datagram) is not bytes:
+            datagram = bytes(datagram)  # one copy buys the fast bytes methods below
         n = len(datagram)
         if n < self._min_len:
             raise PacketError("length", f"{n} octets, shorter than the minimum {self._min_len}")
         word, seq = _unpack_from(datagram)
-        if word & SPI_MAX != self.spi:
-            raise PacketError("spi", f"SPI {word & SPI_MAX} is not this SA's", "unknown_spi")
-        ptype = word >> 28
-        if ptype != PTYPE_MH and ptype != PTYPE_DATA:
-            raise PacketError("ptype", f"PType {ptype} on a protected SA")
-        end = n - ICV_LEN
-        if (end - HEADER_LEN) % self._align:
+        ptype = self._ptypes.get(word)
+        if ptype is None:
+            if word & SPI_MAX != self.spi:
+                raise PacketError("spi", f"SPI {word & SPI_MAX} is not this SA's", "unknown_spi")
+            raise PacketError("ptype", f"PType {word >> 28} on a protected SA")
+        end = n - _ICV_LEN
+        if (end - _HEADER_LEN) % self._align:
             raise PacketError("length", f"encrypted part is not a multiple of {self._align} octets")
         window = self._window
         if not window.check(seq):
@@ -293,25 +301,23 @@ class InboundSA:
         if not _compare_digest(self._mac(datagram[:end]), datagram[end:]):
             raise PacketError("icv", "integrity check failed", "bad_icv")
         if self._encrypts:
-            plain: BytesLike = self._decrypt(datagram[HEADER_LEN:end])
+            plain = self._decrypt(datagram[_HEADER_LEN:end])
             start = 0
             end = len(plain)
         else:
             # NULL: the plaintext is in place; slice the payload out once.
             plain = datagram
-            start = HEADER_LEN
+            start = _HEADER_LEN
         pad_len = plain[end - 2]
         payload_end = end - 2 - pad_len
-        if payload_end < start:
-            raise PacketError("pad_length", f"{pad_len} exceeds the packet", "bad_padding")
         # Not constant-time on purpose: the ICV already verified, so the
         # padding is the authenticated sender's, not an oracle for an attacker.
-        if plain[payload_end : end - 2] != _PAD[:pad_len]:
+        if payload_end < start or not plain.startswith(_PADS[pad_len], payload_end):
+            if payload_end < start:
+                raise PacketError("pad_length", f"{pad_len} exceeds the packet", "bad_padding")
             raise PacketError("padding", "padding octets are not 01 02 03 ...", "bad_padding")
         window.update(seq)
-        return _new_unprotected(
-            Unprotected, (ptype, seq, plain[end - 1], bytes(plain[start:payload_end]))
-        )
+        return _new_unprotected(Unprotected, (ptype, seq, plain[end - 1], plain[start:payload_end]))
 
     def __repr__(self) -> str:
         return (

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mipsec.core import crypto as crypto_mod
 from mipsec.core.crypto import AesXcbcMac96, CbcCipher, HmacSha1_96, SuiteCrypto
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.suites import SUITES, Suite
@@ -65,8 +64,8 @@ def test_rfc3566_vectors_fresh_object(case: int, msg: bytes, full: str, mac96: s
 
 
 def test_rfc3566_vectors_one_object_many_messages() -> None:
-    # One object keeps a running CBC context across messages: every message
-    # must still start from a zero IV, in any order, repeatedly.
+    # One pre-keyed object serves every packet of an SA: reuse must not leak
+    # state from one message into the next, in any order, repeatedly.
     mac = AesXcbcMac96(XCBC_KEY)
     order = RFC3566_VECTORS + RFC3566_VECTORS[::-1] + RFC3566_VECTORS[::2]
     for _, msg, full, mac96 in order:
@@ -216,7 +215,9 @@ RFC3602_ESP_VECTORS = [
 ]
 
 
-def _force_iv(cipher: CbcCipher, key: bytes, wanted_iv: bytes, monkeypatch: pytest.MonkeyPatch):
+def _force_iv(
+    cipher: CbcCipher, key: bytes, wanted_iv: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Make the next ``encrypt`` emit ``wanted_iv``: R = D_K(IV) XOR C_prev.
 
     Only possible for someone who knows the key and the random block R, which
@@ -225,7 +226,7 @@ def _force_iv(cipher: CbcCipher, key: bytes, wanted_iv: bytes, monkeypatch: pyte
     c_prev = cipher.encrypt(bytes(16))[-16:]  # last block of the running chain
     d = Cipher(algorithms.AES(key), modes.ECB()).decryptor().update(wanted_iv)
     r = bytes(a ^ b for a, b in zip(d, c_prev, strict=True))
-    monkeypatch.setattr(crypto_mod.os, "urandom", lambda n: r)
+    monkeypatch.setattr(os, "urandom", lambda n: r)
 
 
 @pytest.mark.parametrize(("case", "key", "iv", "plaintext", "ciphertext"), RFC3602_VECTORS)
@@ -310,7 +311,7 @@ def test_iv_comes_from_fresh_randomness(monkeypatch: pytest.MonkeyPatch) -> None
         calls.append(n)
         return real(n)
 
-    monkeypatch.setattr(crypto_mod.os, "urandom", spy)
+    monkeypatch.setattr(os, "urandom", spy)
     for _ in range(5):
         cipher.encrypt(bytes(32))
     assert calls == [16] * 5
@@ -318,9 +319,9 @@ def test_iv_comes_from_fresh_randomness(monkeypatch: pytest.MonkeyPatch) -> None
     # ciphers that saw identical traffic emit different IVs for different R.
     key = os.urandom(16)
     a, b = CbcCipher(algorithms.AES(key), 16), CbcCipher(algorithms.AES(key), 16)
-    monkeypatch.setattr(crypto_mod.os, "urandom", lambda n: bytes(n))
+    monkeypatch.setattr(os, "urandom", lambda n: bytes(n))
     ia = a.encrypt(bytes(16))[:16]
-    monkeypatch.setattr(crypto_mod.os, "urandom", lambda n: b"\xff" * n)
+    monkeypatch.setattr(os, "urandom", lambda n: b"\xff" * n)
     ib = b.encrypt(bytes(16))[:16]
     assert ia != ib
 

@@ -337,7 +337,12 @@ def test_replay_checked_before_the_icv(monkeypatch: pytest.MonkeyPatch) -> None:
     wire = out.protect(1, 41, b"data")
     inbound.unprotect(wire)
     calls: list[int] = []
-    monkeypatch.setattr(inbound, "_mac", lambda data: calls.append(1) or b"")
+
+    def spy(data: bytes) -> bytes:
+        calls.append(1)
+        return b""
+
+    monkeypatch.setattr(inbound, "_mac", spy)
     assert _drop(inbound, wire) == "replay"
     assert calls == []
 
@@ -423,10 +428,11 @@ def test_protect_rejects_bad_arguments() -> None:
     for ptype in (0, 2, 15):
         with pytest.raises(LocalProtocolError, match="ptype"):
             out.protect(ptype, 41, b"")
-    for nh in (-1, 256):
+    out.protect(1, 0, b"a")  # caches the trailer 01 01 00 for one padding octet
+    for nh in (-1, 256, 257):
         with pytest.raises(LocalProtocolError, match="next_header"):
-            out.protect(1, nh, b"")
-    assert out.seq == 0  # nothing consumed
+            out.protect(1, nh, b"ab")  # 256 with no padding must not hit that entry
+    assert out.seq == 1  # the failures consumed nothing
 
 
 @pytest.mark.parametrize("spi", [0, 2**28, -1, True])

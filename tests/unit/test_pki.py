@@ -66,7 +66,8 @@ def test_ha_and_client_certificates(paths: pki.PkiPaths) -> None:
     ha.verify_directly_issued_by(ca)
     client.verify_directly_issued_by(ca)
     assert _san(ha).get_values_for_type(x509.DNSName) == ["ha.mipsec.test"]
-    assert _eku(ha) == {ExtendedKeyUsageOID.SERVER_AUTH}
+    # The HA is a TLS server for provisioning and a TLS client when it pulls (PROFILE §9).
+    assert _eku(ha) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert _eku(client) == {ExtendedKeyUsageOID.CLIENT_AUTH}
 
 

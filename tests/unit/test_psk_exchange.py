@@ -241,3 +241,12 @@ def test_sa_keys_not_in_repr() -> None:
     text = repr(result)
     assert result.issued.sa.mn_to_ha_ikey.hex() not in text
     assert PSK.hex() not in repr(make_mn()) + repr(make_hac())
+
+
+def test_des3_degenerate_keys_detected() -> None:
+    from mipsec.core.issuer import _des3_degenerate
+
+    k = bytes(range(24))
+    assert not _des3_degenerate(k)
+    assert _des3_degenerate(k[:8] + bytes(b ^ 1 for b in k[:8]) + k[16:])  # k1 == k2 mod parity
+    assert _des3_degenerate(k[:8] + k[8:16] + k[8:16])  # k2 == k3

@@ -1,0 +1,119 @@
+"""The SA store's in-memory live view answers exactly as its SQL queries do.
+
+``count_by_ha`` and ``hoas_in_use`` run on every bootstrap; the store answers
+them from a view kept in step with its own writes and rebuilt when another
+connection commits (PRAGMA data_version).  These tests drive random
+operations -- including a second handle on the same file and queries for
+earlier instants -- and compare every answer with the plain SQL one.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
+from mipsec.core.suites import Suite
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def at(sec: int) -> datetime:
+    return T0 + timedelta(seconds=sec)
+
+
+def issued(spi: int, mn: int, end: int, hoa6: int | None, hoa4: int | None, ha: int) -> IssuedSA:
+    sa = SecurityAssociation(
+        spi=spi,
+        mn_id=f"mn{mn}@x",
+        suite=Suite.AES_128_CBC_SHA,
+        scope=1,
+        validity_end=at(end),
+        mn_to_ha_ikey=bytes(20),
+        ha_to_mn_ikey=bytes(20),
+        mn_to_ha_ekey=bytes(16),
+        ha_to_mn_ekey=bytes(16),
+        ha_id=f"ha{ha}",
+    )
+    bs = BootstrapData(
+        ip6_hoa=IPv6Address(f"2001:db8:1::{hoa6}") if hoa6 is not None else None,
+        ip4_hoa=IPv4Address(f"192.0.2.{hoa4}") if hoa4 is not None else None,
+    )
+    return IssuedSA(sa, bs)
+
+
+def check(store: SQLiteSAStore, now: datetime) -> None:
+    # The SQL answer first: the view must not be consulted (or built) by it.
+    want_hoas = store._hoas_in_use_sql(now)
+    want_counts = store._count_by_ha_sql(now)
+    assert store.hoas_in_use(now) == want_hoas
+    assert store.count_by_ha(now) == want_counts
+
+
+_maybe = st.one_of(st.none(), st.integers(1, 3))
+_op = st.tuples(
+    st.sampled_from(["add", "add", "add", "other-add", "remove", "expire", "query"]),
+    st.integers(1, 6),  # spi: few values, so collisions are common
+    st.integers(0, 3),  # mn
+    st.integers(-3, 6),  # validity end offset
+    _maybe,  # ip6 HoA
+    _maybe,  # ip4 HoA
+    st.integers(1, 2),  # ha
+    st.integers(-2, 3),  # clock step (negative: a query for an earlier instant)
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(_op, max_size=40))
+def test_view_matches_sql(ops: list[tuple[str, int, int, int, int | None, int | None, int, int]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sa.db"
+        with SQLiteSAStore(path) as store, SQLiteSAStore(path) as other:
+            t = 0
+            for op, spi, mn, off, h6, h4, ha, step in ops:
+                t += step
+                now = at(t)
+                if op == "add":
+                    store.add(issued(spi, mn, t + off, h6, h4, ha), now=now)
+                elif op == "other-add":
+                    other.add(issued(spi, mn, t + off, h6, h4, ha), now=now)
+                elif op == "remove":
+                    store.remove(spi)
+                elif op == "expire":
+                    store.expire(now)
+                check(store, now)
+                check(store, at(t + off))  # a later (or earlier) instant as well
+
+
+def test_newest_holder_wins_and_survives_removal() -> None:
+    with SQLiteSAStore(None) as s:
+        s.add(issued(1, 1, 10, 5, None, 1), now=T0)
+        s.add(issued(2, 2, 20, 5, None, 1), now=T0)
+        s.add(issued(3, 3, 20, 5, 7, 2), now=T0)
+        assert s.hoas_in_use(T0) == {"2001:db8:1::5": "mn3@x", "192.0.2.7": "mn3@x"}
+        assert s.count_by_ha(T0) == {"ha1": 2, "ha2": 1}
+        s.remove(3)
+        assert s.hoas_in_use(T0) == {"2001:db8:1::5": "mn2@x"}
+        assert s.hoas_in_use(at(15)) == {"2001:db8:1::5": "mn2@x"}
+        s.remove(2)
+        # at(15) dropped SA 1 from the view; an earlier instant is answered by SQL.
+        assert s.hoas_in_use(at(15)) == {}
+        assert s.hoas_in_use(T0) == {"2001:db8:1::5": "mn1@x"}
+        assert s.count_by_ha(T0) == {"ha1": 1}
+
+
+def test_other_handle_commits_are_seen(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    with SQLiteSAStore(path) as hac1, SQLiteSAStore(path) as hac2:
+        assert hac1.count_by_ha(T0) == {}
+        hac2.add(issued(9, 1, 60, 1, None, 1), now=T0)
+        assert hac1.count_by_ha(T0) == {"ha1": 1}
+        assert hac1.hoas_in_use(T0) == {"2001:db8:1::1": "mn1@x"}
+        hac2.remove(9)
+        assert hac1.hoas_in_use(T0) == {}
