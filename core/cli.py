@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mipsec.core import pluginmanager
-from mipsec.core.config import HACConfig, MNConfig, load_config, load_toml, redacted
+from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
 from mipsec.core.errors import CertificateError, ConfigError, PluginError
 from mipsec.core.mn_exchange import BootstrapResult
 
@@ -100,6 +100,22 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop()
+    return EXIT_OK
+
+
+async def _run_ha(cfg: HAConfig, config_file: str) -> int:
+    from mipsec.core.roles.ha import HaService
+
+    service = HaService(cfg, config_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Handlers first: a SIGTERM right after "listening" must still stop cleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await service.start()
     await stop.wait()
     await service.stop()
     return EXIT_OK
@@ -222,8 +238,8 @@ def cmd_role(args: argparse.Namespace) -> int:
     if args.role == "mn":
         assert isinstance(cfg, MNConfig)
         return asyncio.run(_run_mn(cfg, args.config, args.once, args.json, args.show_keys))
-    print("mipsec: the HA role is not available in this version", file=sys.stderr)
-    return EXIT_FAILED
+    assert isinstance(cfg, HAConfig)
+    return asyncio.run(_run_ha(cfg, args.config))
 
 
 def _guess_role(path: str) -> str:
@@ -329,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mipsec: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (PluginError, CertificateError) as exc:
+        print(f"mipsec: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        # e.g. a listener port already in use: say which, no traceback.
         print(f"mipsec: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

@@ -219,7 +219,8 @@ class MNConfig(_Strict):
 class HAService(_Strict):
     id: str = "ha1"
     listen: tuple[str, ...] = ("127.0.0.1", "::1")
-    port: Port = DEFAULT_MIP6_PORT  # MN-HA UDP port (PROFILE §7)
+    # MN-HA UDP port (PROFILE §7); 0 = an ephemeral port (tests, labs).
+    port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_MIP6_PORT
     # The HA's own addresses as provisioned to MNs (mip6-haa-ip6/-ip4): the MH
     # checksum pseudo-header uses address6 (PROFILE §8).
     address6: ipaddress.IPv6Address | None = None

@@ -15,10 +15,19 @@ from pathlib import Path
 from mipsec.core.labsetup import init_lab
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port() -> int:
+    """A port free for both TCP and UDP (the HA uses one number for both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise OSError("no free port on 127.0.0.1")
 
 
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[str]) -> bool:
@@ -38,6 +47,22 @@ def _launcher() -> list[str]:
     return [sys.executable, "-m", "mipsec.core.cli"]
 
 
+def _start(role: str, config: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*_launcher(), "--role", role, "--config", config],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=10)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
+
+
 def run_demo() -> int:
     step = 0
 
@@ -48,72 +73,71 @@ def run_demo() -> int:
 
     with tempfile.TemporaryDirectory(prefix="mipsec-demo-") as tmp:
         lab = Path(tmp)
-        hac_port = free_port()
-        info = init_lab(lab, hac_port=hac_port, ha_port=free_port(socket.SOCK_DGRAM))
-        say(
-            f"lab created in {lab}: test CA, HAC certificate for {info['hac']['server_name']}"
-            f" and 127.0.0.1, MN {info['mn']['mn_id']} with a random 32-octet PSK"
-        )
-        env = dict(os.environ)
-        hac = subprocess.Popen(
-            [*_launcher(), "--role", "hac", "--config", info["hac"]["config"]],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
+        hac_port, ha_port = free_port(), free_port()
+        info = init_lab(lab, hac_port=hac_port, ha_port=ha_port)
+        say(f"lab created in {lab}: test CA, HAC certificate for {info['hac']['server_name']}"
+            f" and 127.0.0.1, MN {info['mn']['mn_id']} with a random 32-octet PSK")
+        procs: dict[str, subprocess.Popen[str]] = {}
         try:
-            say(f"HAC starting: TLS on 127.0.0.1:{hac_port} (pid {hac.pid})")
-            if not wait_for_port("127.0.0.1", hac_port, 20, hac):
-                print("demo: the HAC did not start:", file=sys.stderr)
-                hac.kill()
-                print(hac.communicate()[0], file=sys.stderr)
-                return 1
-            say(
-                "MN bootstrapping: TLS to the HAC, certificate checked (SAN, CA), "
-                "PSK exchange bound to tls-server-end-point"
-            )
+            procs["ha"] = _start("ha", info["ha"]["config"])
+            say(f"HA starting (pid {procs['ha'].pid}): Binding Updates on UDP {ha_port}, "
+                f"SA provisioning over mutually authenticated TLS on TCP {ha_port}")
+            if not wait_for_port("127.0.0.1", ha_port, 20, procs["ha"]):
+                return _failed("the HA did not start", procs)
+            procs["hac"] = _start("hac", info["hac"]["config"])
+            say(f"HAC starting (pid {procs['hac'].pid}): TLS on 127.0.0.1:{hac_port}; "
+                "it provisions SAs to the HA with the 'tls' transport")
+            if not wait_for_port("127.0.0.1", hac_port, 20, procs["hac"]):
+                return _failed("the HAC did not start", procs)
+            say("MN bootstrapping: TLS to the HAC, certificate checked (SAN, CA), "
+                "PSK exchange bound to tls-server-end-point")
             mn = subprocess.run(
-                [
-                    *_launcher(),
-                    "--role",
-                    "mn",
-                    "--config",
-                    info["mn"]["config"],
-                    "--once",
-                    "--json",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env=env,
+                [*_launcher(), "--role", "mn", "--config", info["mn"]["config"], "--once",
+                 "--json"],
+                capture_output=True, text=True, timeout=90, env=dict(os.environ),
             )
             try:
                 result = json.loads(mn.stdout.strip().splitlines()[-1])
             except (ValueError, IndexError):
                 print("demo: the MN printed no result:", mn.stdout, mn.stderr, file=sys.stderr)
                 return 1
-            if not result.get("ok"):
+            if result.get("status") != 200:
                 say(f"bootstrap FAILED: status {result.get('status')}: {result.get('reason')}")
                 return 1
             sa = result["sa"]
-            say(f"HAC answered status {result['status']}: SA issued")
-            print(
-                f"      SPI {sa['spi']}, suite {sa['suite']} {sa['suite_id']}, "
-                f"scope {sa['scope']} ({'signalling and data' if sa['scope'] else 'signalling'})"
-                f", valid until {sa['validity_end']}"
-            )
+            say(f"HAC answered status 200 once the HA had confirmed the SA: SPI {sa['spi']}, "
+                f"suite {sa['suite']} {sa['suite_id']}, scope {sa['scope']} "
+                f"({'signalling and data' if sa['scope'] else 'signalling only'}), "
+                f"valid until {sa['validity_end']}")
             say("bootstrap data received:")
             for k, v in result["bootstrap"].items():
                 print(f"      {k}: {v}")
-            say("done: the MN holds its SA and bootstrap data")
+            ba = result.get("ba") or {}
+            say(f"MN sent a protected Binding Update (PType 8, SPI {sa['spi']}) to the HA")
+            if ba.get("status") is None:
+                say(f"no Binding Acknowledgement: {ba.get('reason')}")
+                return 1
+            say(f"HA answered a protected Binding Acknowledgement: status {ba['status']}, "
+                f"lifetime {ba['lifetime']} s, sequence {ba['sequence']}")
+            ha_log = _stop(procs.pop("ha"))
+            for line in ha_log.splitlines():
+                if "binding" in line and "added" in line:
+                    say("HA log: " + line.split(": ", 1)[-1])
+            if ba["status"] != 0:
+                return 1
+            say("done: the MN holds its SA and is registered with its HA")
             return 0
         finally:
-            hac.terminate()
-            try:
-                out = hac.communicate(timeout=10)[0]
-            except subprocess.TimeoutExpired:
-                hac.kill()
-                out = hac.communicate()[0]
-            if os.environ.get("MIPSEC_DEMO_VERBOSE"):
-                print(out)
+            for p in procs.values():
+                out = _stop(p)
+                if os.environ.get("MIPSEC_DEMO_VERBOSE"):
+                    print(out)
+
+
+def _failed(what: str, procs: dict[str, subprocess.Popen[str]]) -> int:
+    print(f"demo: {what}:", file=sys.stderr)
+    for name, p in procs.items():
+        print(f"--- {name}", file=sys.stderr)
+        print(_stop(p), file=sys.stderr)
+    procs.clear()
+    return 1

@@ -41,6 +41,9 @@ def init_lab(directory: Path, *, hac_port: int = 7872, ha_port: int = 7873) -> d
     pki = init_pki(directory / "pki")
     psk = secrets.token_bytes(32)
 
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, directory)
+
     _write(
         directory / "credentials.toml",
         "# MN credentials for the HAC (credential backend 'toml').\n"
@@ -53,8 +56,8 @@ log_level = "info"
 [hac]
 listen = ["127.0.0.1", "::1"]
 port = {hac_port}
-cert = "{os.path.relpath(pki.hac_cert, directory)}"
-key = "{os.path.relpath(pki.hac_key, directory)}"
+cert = "{rel(pki.hac_cert)}"
+key = "{rel(pki.hac_key)}"
 strict_rfc6618 = false      # true pins TLS 1.2 (RFC 6618 as written)
 handshake_timeout = 10
 request_timeout = 10
@@ -84,12 +87,22 @@ ip4_pool = "192.0.2.0/24"
 [ha_selection]
 selector = "fewest-sas"
 
+# The HA is a separate process; SAs reach it over mutually authenticated
+# TLS (PROFILE §9) before the MN gets its 200.
 [[ha]]
 id = "ha1"
-address6 = "::1"
-address4 = "127.0.0.1"
+address6 = "::1"          # mip6-haa-ip6
+address4 = "127.0.0.1"    # mip6-haa-ip4
+port = {ha_port}              # MN-HA UDP port (mip6-port)
+transport = "tls"
+
+[ha.options]              # the HA's provisioning listener (TCP, same number)
+host = "127.0.0.1"
 port = {ha_port}
-transport = "local"
+server_name = "ha.mipsec.test"
+ca = "{rel(pki.ca_cert)}"
+cert = "{rel(pki.hac_client_cert)}"
+key = "{rel(pki.hac_client_key)}"
 
 [bootstrap]
 dns_ip6 = "2001:db8:1::53"
@@ -100,8 +113,28 @@ dns_ip4 = "192.0.2.53"
 log_level = "info"
 
 [ha]
+id = "ha1"
 listen = ["127.0.0.1", "::1"]
+port = {ha_port}              # MN-HA UDP (PROFILE §7)
+address6 = "::1"          # as provisioned to MNs: the MH checksum uses it (PROFILE §8)
+address4 = "127.0.0.1"
+replay_window = 64
+max_binding_lifetime = 3600
+
+[sa_store]                # SAs survive an HA restart
+backend = "sqlite"
+path = "ha-sa.sqlite"
+
+[bindings]                # so does the binding cache
+path = "ha-bindings.sqlite"
+
+[provisioning]            # the HAC hands SAs over mutually authenticated TLS
+listen = ["127.0.0.1"]
 port = {ha_port}
+cert = "{rel(pki.ha_cert)}"
+key = "{rel(pki.ha_key)}"
+client_ca = "{rel(pki.ca_cert)}"
+client_names = ["hac.mipsec.test"]
 """
     _write(directory / "ha.toml", ha_toml)
     mn_toml = f"""# Mobile node of the mipsec lab (mipsec init).
@@ -116,12 +149,17 @@ psk_file = "mn.psk"
 host = "127.0.0.1"
 port = {hac_port}
 server_name = "{HAC_NAME}"
-ca = "{os.path.relpath(pki.ca_cert, directory)}"
+ca = "{rel(pki.ca_cert)}"
 timeout = 10
 
 [sa]
 scope = 1
 suites = ["AES_128_CBC_SHA256", "AES_128_CBC_SHA"]
+
+[registration]            # Binding Update to the HA after bootstrap
+enabled = true
+lifetime = 600
+transport = "auto"        # IPv6 to mip6-haa-ip6 when provisioned, else IPv4
 """
     _write(directory / "mn.psk", psk.hex() + "\n", 0o600)
     _write(directory / "mn.toml", mn_toml)

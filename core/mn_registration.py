@@ -165,8 +165,11 @@ class MnRegistration:
                 self._timeout *= 2  # RFC 6275 §11.8 exponential backoff
                 assert self._pending is not None
                 self.retransmissions += 1
-                # A retransmission is a new ESP packet (new sequence number)
-                # carrying the same BU: the HA's replay window would drop a copy.
+                # RFC 6275 §11.8: a retransmitted BU MUST use a greater Sequence
+                # Number; it is also a new ESP packet, as the HA's replay window
+                # would drop a copy.
+                self.sequence = (self.sequence + 1) & 0xFFFF
+                self._pending = self._bu(self._pending_lifetime)
                 out.append(self._protect_pending())
                 self._retransmit_at = now + self._timeout
         if (

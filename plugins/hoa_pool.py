@@ -114,6 +114,10 @@ class _Options(BaseModel):
         return self
 
 
+_PARSED_MAX = 1 << 16  # bound on the parse cache (texts of live HoAs)
+_UNPARSED = (0, 0)
+
+
 class PoolAllocator:
     """``HoAAllocator`` over configured address pools (stateless)."""
 
@@ -134,6 +138,7 @@ class PoolAllocator:
         self.ip6_hnp_len = ip6_hnp_len
         self.ip4_pool = ip4_pool
         self.exclude = frozenset(exclude)
+        self._parsed: dict[str, tuple[int, int] | None] = {}  # text -> (version, int)
         # Per family: an IPv4 address and an IPv6 one can share an integer value.
         self._ex6 = {int(a) for a in self.exclude if a.version == 6}
         self._ex4 = {int(a) for a in self.exclude if a.version == 4}
@@ -152,18 +157,29 @@ class PoolAllocator:
 
     # ------------------------------------------------------------ helpers
 
-    @staticmethod
     def _parse_in_use(
+        self,
         in_use: Mapping[str, str],
     ) -> tuple[dict[int, str], dict[int, str]]:
         v6: dict[int, str] = {}
         v4: dict[int, str] = {}
+        parsed = self._parsed
         for text, mn in in_use.items():
-            try:
-                a = ip_address(text)
-            except ValueError:
+            # in_use holds every live HoA and comes on every bootstrap: parse
+            # each text once (ip_address() dominated the HAC's per-SA cost).
+            a = parsed.get(text, _UNPARSED)
+            if a is _UNPARSED:
+                try:
+                    ip = ip_address(text)
+                    a = (ip.version, int(ip))
+                except ValueError:
+                    a = None
+                if len(parsed) >= _PARSED_MAX:
+                    parsed.clear()
+                parsed[text] = a
+            if a is None:
                 continue  # not an address: cannot collide with one we hand out
-            (v6 if a.version == 6 else v4)[int(a)] = mn
+            (v6 if a[0] == 6 else v4)[a[1]] = mn
         return v6, v4
 
     def _own(self, used: dict[int, str], mn_id: str, lo: int, hi: int) -> int | None:

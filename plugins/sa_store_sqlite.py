@@ -19,10 +19,11 @@ addresses and prefixes as text (``str(ipaddress object)``), the suite as its
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -192,6 +193,93 @@ def _sorted(rows: list[tuple[Any, ...]]) -> list[IssuedSA]:
     return [_from_row(r) for r in sorted(rows, key=lambda r: (r[4], r[0]))]
 
 
+# Columns the live view needs, in _LiveView.insert's argument order.
+_VIEW_COLS = "spi, validity_end, mn_id, ha_id, ip6_hoa, ip4_hoa"
+_ViewRow = tuple[int, int, str, str, str | None, str | None]
+
+
+class _LiveView:
+    """SAs per HA and the newest holder of each HoA, kept in memory.
+
+    The HAC asks for both on every bootstrap (HA selection, HoA allocation);
+    answering with a table scan made each bootstrap cost O(live SAs).  The
+    view follows this connection's own writes and is rebuilt when ``PRAGMA
+    data_version`` shows that another connection (another HAC process sharing
+    the file) committed.  Rows with ``validity_end <= floor`` have been dropped,
+    so it answers only for instants ``>= floor``; earlier ones go to SQL.
+    """
+
+    def __init__(self, rows: Iterable[_ViewRow], data_version: int) -> None:
+        self.data_version = data_version
+        self.floor = -math.inf
+        self._rows: dict[int, tuple[int, str, str, str | None, str | None]] = {}
+        self._heap: list[tuple[int, int]] = []  # (validity_end, spi), stale entries allowed
+        self._by_ha: dict[str, int] = {}
+        self._holders: dict[str, dict[int, tuple[int, str]]] = {}  # hoa -> spi -> (end, mn_id)
+        # hoa -> (validity_end, spi, mn_id) of its newest live SA: the holder the
+        # SQL answer (rows ordered by validity_end, spi; later rows win) reports.
+        self._best: dict[str, tuple[int, int, str]] = {}
+        for row in rows:
+            self.insert(*row)
+
+    def insert(
+        self, spi: int, end: int, mn_id: str, ha_id: str, ip6: str | None, ip4: str | None
+    ) -> None:
+        if end <= self.floor:
+            return  # already expired for every instant the view answers for
+        self._rows[spi] = (end, mn_id, ha_id, ip6, ip4)
+        heapq.heappush(self._heap, (end, spi))
+        self._by_ha[ha_id] = self._by_ha.get(ha_id, 0) + 1
+        for hoa in (ip6, ip4):
+            if hoa is None:
+                continue
+            self._holders.setdefault(hoa, {})[spi] = (end, mn_id)
+            best = self._best.get(hoa)
+            if best is None or (end, spi) > best[:2]:
+                self._best[hoa] = (end, spi, mn_id)
+
+    def discard(self, spi: int) -> None:
+        row = self._rows.pop(spi, None)
+        if row is None:
+            return
+        _, _, ha_id, ip6, ip4 = row
+        n = self._by_ha[ha_id] - 1
+        if n:
+            self._by_ha[ha_id] = n
+        else:
+            del self._by_ha[ha_id]
+        for hoa in (ip6, ip4):
+            holders = self._holders.get(hoa) if hoa is not None else None
+            if holders is None or spi not in holders:
+                continue
+            assert hoa is not None
+            del holders[spi]
+            if not holders:
+                del self._holders[hoa], self._best[hoa]
+            elif self._best[hoa][1] == spi:
+                end, s, mn_id = max((e, s, m) for s, (e, m) in holders.items())
+                self._best[hoa] = (end, s, mn_id)
+
+    def advance(self, t: float) -> bool:
+        """Drop every SA with ``validity_end <= t``; False if ``t`` is before the floor."""
+        if t < self.floor:
+            return False
+        heap = self._heap
+        while heap and heap[0][0] <= t:
+            end, spi = heapq.heappop(heap)
+            row = self._rows.get(spi)
+            if row is not None and row[0] == end:
+                self.discard(spi)
+        self.floor = t
+        return True
+
+    def count_by_ha(self) -> dict[str, int]:
+        return dict(sorted(self._by_ha.items()))
+
+    def hoas_in_use(self) -> dict[str, str]:
+        return {hoa: best[2] for hoa, best in self._best.items()}
+
+
 def _create_private(path: Path) -> None:
     """Create ``path`` empty with mode 0600 unless it exists (it will hold keys)."""
     try:
@@ -223,11 +311,15 @@ class SQLiteSAStore:
             # busy_timeout: several HAC processes may share one store.
             conn.execute("PRAGMA busy_timeout = 5000")
             if path is not None:
-                # WAL: readers never block the writer.  synchronous stays at
-                # its FULL default: a committed SA survives a power loss, so
-                # its SPI is never handed out twice.
+                # WAL: readers never block the writer.  synchronous = NORMAL:
+                # no fsync per commit (it stalled the HAC's event loop on every
+                # SA).  A commit still survives a process crash; a power loss
+                # can drop the last commits, and SPI uniqueness never depends
+                # on durability: add() checks it in the same transaction.
                 conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
             self._conn = conn
+            self._view: _LiveView | None = None
             self._init_schema()
         except BaseException:
             conn.close()
@@ -277,13 +369,21 @@ class SQLiteSAStore:
         t = self._now(now)
         with self._tx() as c:
             # An expired SA no longer holds its SPI (PROFILE §5: unique among live SAs).
-            c.execute("DELETE FROM issued_sa WHERE spi = ? AND validity_end <= ?", (spi, t))
+            cur = c.execute("DELETE FROM issued_sa WHERE spi = ? AND validity_end <= ?", (spi, t))
+            deleted = cur.rowcount > 0
             cur = c.execute(
                 f"INSERT INTO issued_sa ({_COLS}) VALUES ({_MARKS}) "  # noqa: S608 (constants)
                 "ON CONFLICT (spi) DO NOTHING",
                 row,
             )
-            return cur.rowcount == 1
+            inserted = cur.rowcount == 1
+        view = self._view  # updated only once the transaction committed
+        if view is not None:
+            if deleted:
+                view.discard(spi)
+            if inserted:
+                view.insert(row[0], row[4], row[1], row[9], row[13], row[14])
+        return inserted
 
     def get(self, spi: int, now: datetime) -> IssuedSA | None:
         row = self._conn.execute(
@@ -298,6 +398,8 @@ class SQLiteSAStore:
                 f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_COLS}",  # noqa: S608
                 (spi,),
             ).fetchall()
+        if rows and self._view is not None:
+            self._view.discard(spi)
         return _from_row(rows[0]) if rows else None
 
     def live(self, now: datetime) -> list[IssuedSA]:
@@ -316,10 +418,35 @@ class SQLiteSAStore:
                 f"DELETE FROM issued_sa WHERE validity_end <= ? RETURNING {_COLS}",  # noqa: S608
                 (t,),
             ).fetchall()
+        if self._view is not None:
+            for r in rows:
+                self._view.discard(r[0])
         return _sorted(rows)
 
+    def _live_view(self, now: datetime) -> _LiveView | None:
+        """The live view advanced to ``now``; None when SQL must answer."""
+        t = _timestamp(now, "now")
+        # data_version first: a commit landing before the SELECT below then
+        # only causes one more rebuild, never a missed change.
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        view = self._view
+        if view is None or view.data_version != version:
+            rows = self._conn.execute(f"SELECT {_VIEW_COLS} FROM issued_sa").fetchall()  # noqa: S608
+            view = self._view = _LiveView(rows, version)
+        return view if view.advance(t) else None
+
     def hoas_in_use(self, now: datetime) -> dict[str, str]:
-        """Every home address (``str``) of a live SA -> its ``mn_id``."""
+        """Every home address (``str``) of a live SA -> its ``mn_id``.
+
+        An address held by several live SAs maps to the ``mn_id`` of the newest
+        (latest validity end, then highest SPI).
+        """
+        view = self._live_view(now)
+        if view is not None:
+            return view.hoas_in_use()
+        return self._hoas_in_use_sql(now)
+
+    def _hoas_in_use_sql(self, now: datetime) -> dict[str, str]:
         rows = self._conn.execute(
             "SELECT mn_id, ip6_hoa, ip4_hoa FROM issued_sa WHERE validity_end > ? "
             "ORDER BY validity_end, spi",
@@ -334,6 +461,12 @@ class SQLiteSAStore:
 
     def count_by_ha(self, now: datetime) -> dict[str, int]:
         """Number of live SAs per ``ha_id``."""
+        view = self._live_view(now)
+        if view is not None:
+            return view.count_by_ha()
+        return self._count_by_ha_sql(now)
+
+    def _count_by_ha_sql(self, now: datetime) -> dict[str, int]:
         rows = self._conn.execute(
             "SELECT ha_id, COUNT(*) FROM issued_sa WHERE validity_end > ? GROUP BY ha_id",
             (_timestamp(now, "now"),),
@@ -341,6 +474,7 @@ class SQLiteSAStore:
         return {ha_id: n for ha_id, n in rows}
 
     def close(self) -> None:
+        self._view = None
         self._conn.close()
 
     def __enter__(self) -> SQLiteSAStore:

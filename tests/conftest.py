@@ -17,9 +17,19 @@ LAUNCHER = [sys.executable, "-m", "mipsec.core.cli"]
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free for both TCP and UDP (the HA uses one number for both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        try:
+            with socket.socket(socket.AF_INET, other) as o:
+                o.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
 
 
 def mipsec(
@@ -88,7 +98,18 @@ def edit_toml(path: Path, old: str, new: str) -> None:
 def start_hac() -> Iterator[Any]:
     procs: list[subprocess.Popen[str]] = []
 
-    def start(lab: Lab, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(lab: Lab, env: dict[str, str] | None = None,
+              with_ha: bool = True) -> subprocess.Popen[str]:
+        """Start the lab's HA (it confirms the SAs the HAC provisions), then the HAC."""
+        if with_ha and not any(getattr(p, "mipsec_role", "") == "ha" for p in procs):
+            ha = subprocess.Popen(
+                [*LAUNCHER, "--role", "ha", "--config", lab.info["ha"]["config"]],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=env or dict(os.environ),
+            )
+            ha.mipsec_role = "ha"  # type: ignore[attr-defined]
+            procs.append(ha)
+            wait_port(int(lab.info["ha"]["port"]), ha)
         p = subprocess.Popen(
             [*LAUNCHER, "--role", "hac", "--config", lab.info["hac"]["config"]],
             stdout=subprocess.PIPE,

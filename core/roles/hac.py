@@ -43,6 +43,7 @@ from mipsec.core.hookspecs import (
 )
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
+from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.tls import hac_server_context, server_cb_octets, set_nodelay
 
 log = logging.getLogger("mipsec.hac")
@@ -98,13 +99,20 @@ class HacService:
             HomeAgentInfo(h.id, h.address6, h.address4, h.port, h.transport, dict(h.options))
             for h in cfg.ha
         )
+        # One transport per HA entry, keyed by ha_id: its options (address,
+        # certificates) belong to that HA (PROFILE §9).
         self.transports: dict[str, ProvisioningTransport] = {}
         for i, h in enumerate(cfg.ha):
-            if h.transport not in self.transports:
-                self.transports[h.transport] = pluginmanager.create(
-                    self.pm, "mipsec_provisioning_transports", h.transport, {}, ctx,
-                    key=f"ha[{i}].transport",
-                )
+            self.transports[h.id] = pluginmanager.create(
+                self.pm, "mipsec_provisioning_transports", h.transport, dict(h.options), ctx,
+                key=f"ha[{i}]",
+            )
+        # HAs pull SAs for SPIs they do not know here (PROFILE §9).
+        self._prov_server = (
+            ProvisioningServer(cfg.provisioning, on_pull=self._on_pull)
+            if cfg.provisioning is not None
+            else None
+        )
         self.policy = HacPolicy(
             method_order=cfg.policy.methods,
             realm_methods={k.lower(): v for k, v in cfg.policy.realms.items()}
@@ -117,6 +125,7 @@ class HacService:
         self._servers: list[asyncio.Server] = []
         self._sessions: set[asyncio.Task[Any]] = set()
         self._expiry_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
         self.addresses: list[tuple[str, int]] = []
         self.stats: dict[str, int] = {"sessions": 0, "refused_busy": 0, "status_200": 0}
 
@@ -143,6 +152,8 @@ class HacService:
                 if port == 0:
                     port = addr[1]  # same ephemeral port on every address if possible
         self._expiry_task = asyncio.create_task(self._expiry_loop())
+        if self._prov_server is not None:
+            await self._prov_server.start()
         for host, p in self.addresses:
             log.info("HAC listening on %s port %d (TLS)", host, p)
         return self.addresses
@@ -157,9 +168,18 @@ class HacService:
             t.cancel()
         if self._expiry_task is not None:
             self._expiry_task.cancel()
+        if self._tasks:  # let pending withdraws finish: nothing half-provisioned
+            await asyncio.wait(list(self._tasks), timeout=self.cfg.hac.provisioning_timeout)
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), 2)
+        if self._prov_server is not None:
+            await self._prov_server.stop()
+        for transport in self.transports.values():
+            aclose = getattr(transport, "aclose", None)  # optional: pooled connections
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
         self.store.close()
         self.credentials.close()
 
@@ -199,7 +219,9 @@ class HacService:
         timeout = self.cfg.hac.request_timeout
         while not exch.finished:
             try:
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+                # asyncio.timeout, not wait_for: no extra task per request.
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(READ_CHUNK)
             except TimeoutError:
                 log.info("%s idle for %.0f s: closing", peer, timeout)
                 return
@@ -275,19 +297,44 @@ class HacService:
                 break
         if issued is None:
             raise IssueFailure(INTERNAL_ERROR, "no free SPI")
-        transport = self.transports[ha.transport]
+        transport = self.transports[ha.ha_id]
         timeout = self.cfg.hac.provisioning_timeout
         try:
-            await asyncio.wait_for(transport.provision(ha, issued, timeout), timeout)
+            async with asyncio.timeout(timeout):
+                await transport.provision(ha, issued, timeout)
         except BaseException as exc:
             # Nothing half-provisioned survives: drop it from the store and
             # tell the HA to forget it in case it did install it.
             self.store.remove(issued.sa.spi)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(transport.withdraw(ha, issued.sa.spi, timeout), timeout)
+            # The withdraw runs in the background so the MN's 504 is not
+            # delayed by a second timeout against an HA that is already slow.
+            self._background(self._withdraw(transport, ha, issued.sa.spi, timeout))
             if isinstance(exc, TimeoutError | ConnectionError | OSError):
                 raise IssueFailure(TIMEOUT, f"HA {ha.ha_id} did not confirm: {exc!r}") from None
             raise
+        return issued
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _withdraw(
+        self, transport: ProvisioningTransport, ha: HomeAgentInfo, spi: int, timeout: float
+    ) -> None:
+        try:
+            await asyncio.wait_for(transport.withdraw(ha, spi, timeout), timeout)
+        except Exception as exc:
+            log.info("withdraw of spi=%d from HA %s failed: %r", spi, ha.ha_id, exc)
+
+    async def _on_pull(self, spi: int, ha_id: str) -> IssuedSA | None:
+        """PROFILE §9 pull: a live SA, and only to the HA it was provisioned to."""
+        issued = self.store.get(spi, utcnow())
+        if issued is not None and issued.sa.ha_id != ha_id:
+            # Answered exactly like an unknown SPI: no oracle for other HAs' SPIs.
+            log.warning("pull of spi=%d by ha_id=%s refused: held by %s", spi, ha_id,
+                        issued.sa.ha_id)
+            return None
         return issued
 
     async def _expiry_loop(self) -> None:
@@ -321,6 +368,7 @@ async def _close(writer: asyncio.StreamWriter) -> None:
     # close() sends TLS close_notify, then closes TCP (PROFILE §1 "closing").
     writer.close()
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(writer.wait_closed(), 2)
+        async with asyncio.timeout(2):
+            await writer.wait_closed()
 
 

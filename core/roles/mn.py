@@ -137,7 +137,9 @@ class RegistrationOutcome:
 
     @property
     def accepted(self) -> bool:
-        return self.status is not None and self.status < 128
+        # 176 (REINIT_SA_WITH_HAC, RFC 6618 §8.2) still accepts the binding; it
+        # only asks the MN to bootstrap again soon.
+        return self.status is not None and (self.status < 128 or self.status == 176)
 
 
 class _UdpQueue(asyncio.DatagramProtocol):

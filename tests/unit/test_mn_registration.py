@@ -89,9 +89,11 @@ def test_retransmission_backoff_then_failure() -> None:
         sent.append(tx)
         timeout *= 2
         assert timeout <= MAX_BINDACK_TIMEOUT
-    # Every retransmission is a fresh ESP packet carrying the same BU.
+    # RFC 6275 §11.8: each retransmission carries a greater BU sequence number,
+    # in a fresh ESP packet.
     bus = [ha.bu(s.datagram) for s in sent]
-    assert len({b.sequence for b in bus}) == 1 and len(sent) == 5
+    assert [b.sequence for b in bus] == [(bus[0].sequence + i) & 0xFFFF for i in range(5)]
+    assert len(sent) == 5
     assert len({s.datagram for s in sent}) == len(sent)
 
 

@@ -65,13 +65,15 @@ _op = st.tuples(
     _maybe,  # ip6 HoA
     _maybe,  # ip4 HoA
     st.integers(1, 2),  # ha
-    st.integers(-2, 3),  # clock step (negative: a query for an earlier instant)
+    st.sampled_from([0, 0, 1, 1, 2, 3, -1]),  # clock step (negative: an earlier instant)
 )
 
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(_op, max_size=40))
-def test_view_matches_sql(ops: list[tuple[str, int, int, int, int | None, int | None, int, int]]) -> None:
+def test_view_matches_sql(
+    ops: list[tuple[str, int, int, int, int | None, int | None, int, int]],
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sa.db"
         with SQLiteSAStore(path) as store, SQLiteSAStore(path) as other:
@@ -87,8 +89,9 @@ def test_view_matches_sql(ops: list[tuple[str, int, int, int, int | None, int | 
                     store.remove(spi)
                 elif op == "expire":
                     store.expire(now)
+                elif op == "query":
+                    check(store, at(t + off))  # a later or earlier instant
                 check(store, now)
-                check(store, at(t + off))  # a later (or earlier) instant as well
 
 
 def test_newest_holder_wins_and_survives_removal() -> None:

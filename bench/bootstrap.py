@@ -1,0 +1,564 @@
+"""PSK bootstraps per second against ``mipsec --role hac`` vs bare TLS handshakes.
+
+    python bench/bootstrap.py [--duration S] [--quick] [--tls12] [--concurrency 1,32]
+                              [--provisioning local|tls] [--profile-hac FILE.prof]
+
+What is measured, all in one run, on one lab made in a temp dir (``mipsec init``):
+
+* bootstrap/s -- each bootstrap is what a real MN does (core/roles/mn.py): a new
+  TCP + TLS connection to a separate ``mipsec --role hac`` process, the HAC
+  certificate checks of PROFILE §1 (chain to the lab CA, then SAN by hand), the
+  channel binding, the full PSK exchange (Init, Done; HMACs both ways), the SA
+  checks of the 200 response, and close.  Each of the N concurrent MNs has its
+  own identity (credentials appended to the lab's credentials.toml).
+* handshake/s -- bare TLS against a small asyncio server in another process
+  (same structure as the HAC: ``asyncio.start_server`` with ssl), same
+  certificate, same contexts (``hac_server_context`` / ``mn_client_context``):
+  connect, handshake, close.
+* ratio = bootstrap/s / handshake/s at each concurrency: how much of the
+  bare-TLS capacity survives the protocol work on top of it (target >= 0.7).
+
+The clients run as asyncio tasks in this process; the machine this was written
+for has 2 cores, so the client and the server compete for the CPU (said in
+the output).  The HAs are put on the ``local`` provisioning transport, so the
+bootstrap figure is the HAC's own; ``--provisioning tls`` keeps the lab's TLS
+provisioning and also runs ``mipsec --role ha``.  Exit status 1 if any
+bootstrap or handshake failed.  ``--profile-hac`` runs the HAC under cProfile and writes its
+stats to a file when the HAC stops (the figures are then not representative).
+The bench stops by itself and always terminates the processes it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from mipsec.core.authmethod import AuthMethod, PeerMethodContext
+from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
+from mipsec.core.tls import (
+    check_hac_certificate,
+    hac_server_context,
+    mn_cb_octets,
+    mn_client_context,
+    set_nodelay,
+)
+from mipsec.plugins.psk_auth import PskMethod
+
+HOST = "127.0.0.1"
+TIMEOUT = 10.0
+READY_TIMEOUT = 30.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+SUITES = (1, 2)  # AES_128_CBC_SHA256, AES_128_CBC_SHA: what the lab MN offers
+
+# ---------------------------------------------------------------- bare TLS server
+
+
+async def _serve_tls(cert: str, key: str, strict: bool) -> None:
+    ctx = hac_server_context(cert, key, strict_rfc6618=strict)
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Same shape as HacService._on_connection/_close: the handshake is
+        # done by start_server before this runs; close sends close_notify.
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 2)
+
+    server = await asyncio.start_server(
+        on_connection,
+        host=HOST,
+        port=0,
+        ssl=ctx,
+        ssl_handshake_timeout=TIMEOUT,
+        reuse_address=True,
+    )
+    port = server.sockets[0].getsockname()[1]
+    print(f"READY {port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+
+
+# ---------------------------------------------------------------- clients
+
+
+@dataclass
+class Client:
+    ctx: ssl.SSLContext
+    port: int
+    server_name: str
+    method: AuthMethod = field(default_factory=PskMethod)
+    tls_info: str = ""
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # asyncio.timeout rather than wait_for (as core/roles/mn.py has it):
+        # same limits, without an extra task per await.
+        async with asyncio.timeout(TIMEOUT):
+            reader, writer = await asyncio.open_connection(
+                HOST,
+                self.port,
+                ssl=self.ctx,
+                server_hostname=self.server_name,
+                ssl_handshake_timeout=TIMEOUT,
+            )
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+        if not self.tls_info:
+            obj = writer.get_extra_info("ssl_object")
+            if obj is not None:
+                cipher = obj.cipher()
+                self.tls_info = f"{obj.version()} {cipher[0] if cipher else '?'}"
+        return reader, writer
+
+    async def handshake(self, mn: tuple[str, bytes]) -> None:
+        """Connect, handshake, close."""
+        _, writer = await self._connect()
+        await _close(writer)
+
+    async def bootstrap(self, mn: tuple[str, bytes]) -> None:
+        """One bootstrap as core/roles/mn.py runs it; raises unless status 200 + SA."""
+        mn_id, psk = mn
+        reader, writer = await self._connect()
+        try:
+            obj = writer.get_extra_info("ssl_object")
+            der = obj.getpeercert(binary_form=True) if obj is not None else None
+            if der is None:
+                raise RuntimeError("HAC sent no certificate")
+            check_hac_certificate(der, server_name=self.server_name, connected_ip=None)
+            cb = mn_cb_octets(der)
+            peer = self.method.peer(PeerMethodContext(mn_id=mn_id, cb_octets=cb, secret=psk))
+            exch = MnExchange(
+                mn_id=mn_id,
+                method_name=self.method.name,
+                method=peer,
+                cb_octets=cb,
+                scope=1,
+                suitelist=SUITES,
+            )
+            writer.write(exch.start())
+            await writer.drain()
+            while True:
+                async with asyncio.timeout(TIMEOUT):
+                    data = await reader.read(65540)
+                events = exch.receive_data(data) if data else exch.receive_eof()
+                for ev in events:
+                    if isinstance(ev, SendRequest):
+                        writer.write(ev.data)
+                        await writer.drain()
+                    elif isinstance(ev, Finished):
+                        if not ev.result.ok:
+                            raise RuntimeError(
+                                f"bootstrap failed: {ev.result.status} {ev.result.reason}"
+                            )
+                        return
+        finally:
+            await _close(writer)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2):
+            await writer.wait_closed()
+
+
+@dataclass
+class Result:
+    ops: int  # completed within the measured duration
+    seconds: float
+    errors: int
+    client_cpu: float  # seconds of this process's CPU during the measurement
+    server_cpu: float  # seconds of the server processes' CPU
+    first_error: str = ""
+    completed: int = 0  # ops + those still in flight at the deadline (they used the CPU too)
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds if self.seconds else 0.0
+
+    def cpu_us(self, cpu: float) -> float:
+        n = max(self.completed, self.ops)
+        return 1e6 * cpu / n if n else float("nan")
+
+
+def _proc_cpu(pid: int) -> float:
+    """user + system CPU seconds of ``pid`` (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    op: Callable[[tuple[str, bytes]], Awaitable[None]],
+    mns: list[tuple[str, bytes]],
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    server_pids: list[int],
+) -> Result:
+    counting = False
+    ops = errors = completed = 0
+    first_error = ""
+    max_errors = max(10, concurrency * 4)
+
+    async def worker(i: int, deadline: float) -> None:
+        nonlocal ops, errors, completed, first_error
+        mn = mns[i % len(mns)]
+        while time.monotonic() < deadline and errors < max_errors:
+            try:
+                await op(mn)
+            except Exception as exc:  # reported, and bounded by max_errors
+                errors += 1
+                first_error = first_error or f"{type(exc).__name__}: {exc}"
+                continue
+            if counting:
+                completed += 1
+                if time.monotonic() <= deadline:
+                    ops += 1
+
+    if warmup > 0:
+        end = time.monotonic() + warmup
+        await asyncio.gather(*(worker(i, end) for i in range(concurrency)))
+    ops = errors = completed = 0
+    counting = True
+    s_cpu0, c_cpu0 = sum(map(_proc_cpu, server_pids)), time.process_time()
+    t0 = time.monotonic()
+    deadline = t0 + duration
+    await asyncio.gather(*(worker(i, deadline) for i in range(concurrency)))
+    c_cpu = time.process_time() - c_cpu0
+    s_cpu = sum(map(_proc_cpu, server_pids)) - s_cpu0
+    return Result(ops, duration, errors, c_cpu, s_cpu, first_error, completed)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _mipsec_cmd(profile: Path | None) -> list[str]:
+    if profile is not None:
+        return [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "mipsec.core.cli"]
+    script = Path(sys.executable).with_name("mipsec")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("mipsec")
+    return [found] if found else [sys.executable, "-m", "mipsec.core.cli"]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the bench dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as logf:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads in this process
+        )
+
+
+def _wait_for(pattern: str, read: Callable[[], str], proc: subprocess.Popen[bytes]) -> int:
+    end = time.monotonic() + READY_TIMEOUT
+    rx = re.compile(pattern)
+    while time.monotonic() < end:
+        m = rx.search(read())
+        if m:
+            return int(m.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {read()[-2000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"server not ready after {READY_TIMEOUT:.0f} s: {read()[-2000:]}")
+
+
+async def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    end = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"HA exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            _, writer = await asyncio.open_connection(HOST, port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise RuntimeError(f"HA not listening on port {port} after {READY_TIMEOUT:.0f} s")
+
+
+def _free_port() -> int:
+    # The config wants a fixed port; the tiny race with another program
+    # taking it meanwhile only makes the HAC fail to start (reported).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _local_provisioning(text: str) -> str:
+    """hac.toml with every HA on the in-process ``local`` transport.
+
+    The HAC then confirms each SA without a network round trip to an HA
+    process, so the figures are the HAC's own (``--provisioning tls`` keeps
+    the lab's TLS provisioning and runs ``mipsec --role ha`` as well).
+    """
+    text = re.sub(r'(?m)^(transport\s*=\s*)"[^"]*"', r'\1"local"', text)
+    # The [ha.options] table belongs to the network transport: drop it.
+    return re.sub(r"(?ms)^\[ha\.options\][^\[]*", "", text)
+
+
+def make_lab(
+    root: Path, mns: int, strict: bool, provisioning: str
+) -> tuple[dict[str, object], list[tuple[str, bytes]]]:
+    lab = root / "lab"
+    hac_port, ha_port = _free_port(), _free_port()
+    out = subprocess.run(
+        [
+            *_mipsec_cmd(None),
+            "init",
+            str(lab),
+            "--hac-port",
+            str(hac_port),
+            "--ha-port",
+            str(ha_port),
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    info: dict[str, object] = json.loads(out.stdout)
+    # One identity per concurrent MN, as a real population would be.
+    creds = [(f"bench-{i:03d}@mipsec.test", secrets.token_bytes(32)) for i in range(mns)]
+    with (lab / "credentials.toml").open("a") as f:
+        for mn_id, psk in creds:
+            f.write(f'\n[[mn]]\nmn_id = "{mn_id}"\npsk_hex = "{psk.hex()}"\n')
+    hac_toml = lab / "hac.toml"
+    text = hac_toml.read_text()
+    if strict:
+        new = re.sub(r"(?m)^strict_rfc6618\s*=\s*false", "strict_rfc6618 = true", text)
+        if new == text:
+            raise RuntimeError("hac.toml: no strict_rfc6618 setting to switch on")
+        text = new
+    if provisioning == "local":
+        text = _local_provisioning(text)
+    hac_toml.write_text(text)
+    return info, creds
+
+
+# ---------------------------------------------------------------- main
+
+
+async def run(args: argparse.Namespace) -> int:
+    duration = 1.0 if args.quick else args.duration
+    warmup = 0.2 if args.quick else min(1.0, duration / 5)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    strict = args.tls12
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="mipsec-bench-") as tmp:
+        root = Path(tmp)
+        try:
+            info, creds = make_lab(root, max(levels), strict, args.provisioning)
+            lab = root / "lab"
+            hac_info = info["hac"]
+            assert isinstance(hac_info, dict)
+            cert, key = str(lab / "pki" / "hac.pem"), str(lab / "pki" / "hac.key")
+            ca, server_name = str(info["ca"]), str(hac_info["server_name"])
+
+            server_pids: list[int] = []
+            if args.provisioning == "tls":
+                ha_info = info["ha"]
+                assert isinstance(ha_info, dict)
+                ha_toml = Path(str(ha_info["config"]))
+                ha_cmd = [*_mipsec_cmd(None), "--role", "ha", "--config", str(ha_toml)]
+                ha = _spawn(ha_cmd, root / "ha.log")
+                procs.append(ha)
+                server_pids.append(ha.pid)
+                with ha_toml.open("rb") as f:
+                    prov_port = int(tomllib.load(f)["provisioning"]["port"])
+                await _wait_tcp(prov_port, ha, root / "ha.log")
+
+            hac_log, tls_log = root / "hac.log", root / "tls.log"
+            hac_cmd = [*_mipsec_cmd(args.profile_hac), "--role", "hac", "--config"]
+            hac = _spawn([*hac_cmd, str(hac_info["config"])], hac_log)
+            procs.append(hac)
+            server_pids.append(hac.pid)
+            tls_cmd = [sys.executable, __file__, "--serve-tls", cert, key]
+            bare = _spawn(tls_cmd + (["--tls12"] if strict else []), tls_log)
+            procs.append(bare)
+            hac_port = _wait_for(
+                r"HAC listening on 127\.0\.0\.1 port (\d+)", hac_log.read_text, hac
+            )
+            tls_port = _wait_for(r"READY (\d+)", tls_log.read_text, bare)
+
+            ctx = mn_client_context(ca, strict_rfc6618=strict)
+            boot = Client(ctx, hac_port, server_name)
+            tls = Client(ctx, tls_port, server_name)
+            rows = []
+            for n in levels:
+                r_tls = await measure(tls.handshake, creds, n, duration, warmup, [bare.pid])
+                r_boot = await measure(boot.bootstrap, creds, n, duration, warmup, server_pids)
+                rows.append((n, r_tls, r_boot))
+            _report(args, duration, boot.tls_info or tls.tls_info, cert, rows)
+            bad = [r for _, a, b in rows for r in (a, b) if r.errors]
+            for r in bad:
+                print(f"errors: {r.errors} (first: {r.first_error})", file=sys.stderr)
+            if bad or any(r.ops == 0 for _, a, b in rows for r in (a, b)):
+                print(f"HAC log tail:\n{hac_log.read_text()[-3000:]}", file=sys.stderr)
+                return 1
+            return 0
+        finally:
+            for p in procs:
+                _stop(p)
+
+
+def _key_info(cert_file: str) -> str:
+    key = x509.load_pem_x509_certificate(Path(cert_file).read_bytes()).public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {key.curve.name}"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    return type(key).__name__
+
+
+def _report(
+    args: argparse.Namespace,
+    duration: float,
+    tls_info: str,
+    cert_file: str,
+    rows: list[tuple[int, Result, Result]],
+) -> None:
+    cores = os.cpu_count() or 0
+    load = os.getloadavg()[0]
+    print(
+        f"mipsec bootstrap bench: {tls_info}, {_key_info(cert_file)} server certificate, "
+        f"{duration:g} s per figure"
+    )
+    print(
+        f"note: {cores} CPU cores; the clients (asyncio, this process) and the server "
+        "process compete for them, so every figure is client+server bound "
+        f"(1-min load average at the end: {load:.2f})."
+    )
+    if args.provisioning == "tls":
+        print(
+            "note: SAs provisioned over TLS to a mipsec --role ha process; "
+            "bootstrap server CPU = HAC + HA"
+        )
+    else:
+        print("note: HA provisioning on the local transport (no HA round trip): HAC cost only")
+    if args.profile_hac:
+        print(f"note: HAC runs under cProfile ({args.profile_hac}): figures not representative")
+    print()
+    head = (
+        f"{'MNs':>4} | {'handshake/s':>11} | {'bootstrap/s':>11} | {'ratio':>5} | "
+        f"{'server CPU µs/op':>18} | {'client CPU µs/op':>18}"
+    )
+    print(head)
+    print(
+        f"{'':>4} | {'(bare TLS)':>11} | {'(PSK, HAC)':>11} | {'':>5} | "
+        f"{'TLS / bootstrap':>18} | {'TLS / bootstrap':>18}"
+    )
+    print("-" * len(head))
+    for n, t, b in rows:
+        ratio = b.rate / t.rate if t.rate else float("nan")
+        flag = "" if ratio >= 0.7 else "  (< 0.7)"
+        print(
+            f"{n:>4} | {t.rate:>11.1f} | {b.rate:>11.1f} | {ratio:>5.2f} | "
+            f"{t.cpu_us(t.server_cpu):>8.0f} / {b.cpu_us(b.server_cpu):>7.0f} | "
+            f"{t.cpu_us(t.client_cpu):>8.0f} / {b.cpu_us(b.client_cpu):>7.0f}{flag}"
+        )
+    print()
+    print(
+        "ratio = bootstrap/s / handshake/s (target >= 0.70); a bootstrap = TCP + TLS + "
+        "cert checks + PSK exchange + close."
+    )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per figure (5)")
+    p.add_argument("--quick", action="store_true", help="1 s per figure (CI)")
+    p.add_argument("--tls12", action="store_true", help="strict RFC 6618 mode: TLS 1.2 only")
+    p.add_argument("--concurrency", default="1,32", help="comma-separated MN counts (1,32)")
+    p.add_argument(
+        "--provisioning",
+        choices=("local", "tls"),
+        default="local",
+        help="HA provisioning: local (HAC only, default) or tls (also runs mipsec --role ha)",
+    )
+    p.add_argument(
+        "--profile-hac",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run the HAC under cProfile, stats to FILE",
+    )
+    p.add_argument("--serve-tls", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_tls:
+        asyncio.run(_serve_tls(args.serve_tls[0], args.serve_tls[1], args.tls12))
+        return 0
+    if args.duration <= 0:
+        p.error("--duration must be positive")
+    try:
+        levels = [int(x) for x in args.concurrency.split(",")]
+    except ValueError:
+        p.error("--concurrency: comma-separated integers")
+    if not levels or min(levels) < 1 or max(levels) > 200:
+        p.error("--concurrency: each between 1 and 200")
+    if args.profile_hac is not None:
+        args.profile_hac = args.profile_hac.resolve()
+    # SIGTERM ends the run like Ctrl-C, so the finally clause stops the servers.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

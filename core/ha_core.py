@@ -1,0 +1,701 @@
+"""The Home Agent's packet and binding logic, sans-I/O (RFC 6618 §6, PROFILE §7-§8).
+
+``HaCore.receive(datagram, src, now)`` takes one UDP payload that arrived on
+the ``mip6-port`` and returns what to do: ``Reply`` (a protected Binding
+Acknowledgement for the observed source address and port, PROFILE §7),
+``BindingChanged`` (for the log and, later, routing), ``NeedSA`` (an unknown
+SPI the shell may pull from the HAC, PROFILE §9) or ``DataIn`` (tunnelled user
+data for a future TUN device).  Time is injected as epoch seconds (``now``):
+SA validity ends and binding lifetimes are wall-clock instants, and both are
+tested without sleeping.
+
+Drops are silent (PROFILE §7: never answer) and counted in ``drops`` under
+the reason: ``malformed``, ``unknown_spi``, ``bad_icv``, ``replay``,
+``bad_padding``, ``scope``, ``expired_sa``, plus ``not_home_registration``
+(a BU without the H flag and no binding: RFC 6275 §9.5.1 requires nonce
+indices and authorization data there, which this HA never has, so the packet
+"MUST be silently discarded") and ``seq_exhausted`` (the HA->MN counter is
+used up; PROFILE §7 forbids sending past 2**32 - 1).
+
+Binding Update processing follows RFC 6275 §9.5.1, §10.3.1 and §10.3.2 with
+the profile's rules (PROFILE §8):
+
+* the home address is the one the SA was provisioned for (RFC 6275 §10.3.1:
+  "the home address unequivocally identifying the security association");
+  a Home Address destination option that names another one -> BA 133;
+* sequence numbers compare modulo 2**16 (``seq_newer``); the first BU for a
+  home address is accepted with any number; an old one -> BA 135 carrying the
+  last accepted number.  After a de-registration the last number is kept for
+  MAX_DELETE_BCE_TIMEOUT (RFC 6275 §10.3.2, §12) so a delayed BU cannot
+  re-create the binding;
+* H flag clear: BA 139 when a binding exists (RFC 6275 §9.5.1: the flag may
+  not change), otherwise a silent drop (see above);
+* lifetime granted = min(requested, ``max_binding_lifetime``, the SA's
+  remaining validity), in 4-second units rounded down; the BA is sent
+  whatever the A flag says (RFC 6275 §10.3.1 "Regardless of the setting of
+  the Acknowledge (A) bit");
+* lifetime 0 = de-registration: the binding is deleted and BA 0 (lifetime 0)
+  answers; with no binding (and no recent de-registration) the answer is 133
+  as RFC 6275 §10.3.2 asks;
+* less than one 4-s unit grantable (SA about to end): BA with lifetime 0 and
+  no binding change; a Nonce Indices option with H set is dropped as
+  malformed (RFC 6275 §9.5.1);
+* care-of address = the outer source address and port, or the Alternate
+  Care-of Address option's address with the outer source port;
+* BA status 176 REINIT_SA_WITH_HAC (RFC 6618 §8.2) instead of 0 -- the binding
+  is still made -- when either direction's sequence number passed
+  SEQ_REINIT_THRESHOLD (PROFILE §7) or less than ``reinit_margin`` seconds
+  (default 60) of the SA's validity are left.  Choice: a fixed margin rather
+  than a fraction of the SA lifetime, because the HA learns only the validity
+  end, not when the HAC issued the SA; the MN re-bootstraps on its own at 80 %
+  of the lifetime (PROFILE §5), so 176 is the backstop for an MN that did not;
+* DSMIP6 (RFC 5555 §3.1.1, §3.2.1, §4.5): an IPv4 Home Address option is
+  answered with an IPv4 Address Acknowledgement -- status 0 and the
+  provisioned IPv4 HoA when the SA has one and the request names it or
+  0.0.0.0; 130/132/133/128 otherwise (the IPv6 binding stands either way).
+  NAT detection (RFC 5555 §4.2) is not signalled: every MN-HA packet of this
+  profile is UDP-encapsulated anyway, and the HA always answers the source
+  address and port it observed.
+* The MH checksum uses the pseudo-header (SA's HoA -> provisioned HA address,
+  ``::`` when unknown); a mismatch is counted (``checksum_mismatch``), not
+  dropped: the ICV already protects the octets (PROFILE §8).
+"""
+
+from __future__ import annotations
+
+import heapq
+import hmac
+from collections import Counter
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from typing import Any, TypeAlias
+
+from mipsec.core.bindings import Binding, BindingCache
+from mipsec.core.errors import LocalProtocolError, MobilityHeaderError, PacketError
+from mipsec.core.model import IssuedSA
+from mipsec.core.suites import SUITES
+from mipsec.core.wire.esp import (
+    NEXT_HEADER_DSTOPTS,
+    NEXT_HEADER_IPV4,
+    NEXT_HEADER_IPV6,
+    NEXT_HEADER_MH,
+    PTYPE_DATA,
+    PTYPE_MH,
+    PTYPE_PLAIN,
+    SEQ_MAX,
+    SEQ_REINIT_THRESHOLD,
+    InboundSA,
+    OutboundSA,
+    SequenceExhausted,
+    Unprotected,
+    peek_header,
+)
+from mipsec.core.wire.mh import (
+    ACCEPTED,
+    IPV4_ACK_DYNAMIC_NOT_AVAILABLE,
+    IPV4_ACK_INCORRECT_HOA,
+    IPV4_ACK_PREFIX_UNAUTHORIZED,
+    IPV4_ACK_REASON_UNSPECIFIED,
+    IPV4_ACK_SUCCESS,
+    NOT_HOME_AGENT,
+    REINIT_SA_WITH_HAC,
+    SEQUENCE_OUT_OF_WINDOW,
+    AlternateCareOfAddress,
+    BindingAck,
+    BindingUpdate,
+    IPv4AddressAck,
+    IPv4HomeAddressRequest,
+    MobilityOption,
+    UnknownOption,
+    decode_mh,
+    encode_mh,
+    seq_newer,
+)
+
+__all__ = [
+    "ADDED",
+    "DELETED",
+    "EXPIRED",
+    "MAX_DELETE_BCE_TIMEOUT",
+    "OUT_SEQ_RESERVE",
+    "REFRESHED",
+    "REGISTRATION_TYPE_CHANGE_DISALLOWED",
+    "REINIT_MARGIN",
+    "Action",
+    "BindingChanged",
+    "DataIn",
+    "HaCore",
+    "NeedSA",
+    "Reply",
+    "same_sa",
+]
+
+ADDED = "added"
+REFRESHED = "refreshed"
+DELETED = "deleted"
+EXPIRED = "expired"
+
+# RFC 6275 §6.1.8 status 139; not among mh.py's constants.
+REGISTRATION_TYPE_CHANGE_DISALLOWED = 139
+# RFC 6275 §12: how long a de-registered entry still guards its sequence number.
+MAX_DELETE_BCE_TIMEOUT = 10.0
+# Seconds of SA validity below which a BA says 176 (see the module docstring).
+REINIT_MARGIN = 60.0
+# HA->MN sequence numbers reserved (persisted) at a time; a restart skips at
+# most this many, out of 2**32.
+OUT_SEQ_RESERVE = 4096
+
+_HOME_ADDRESS_OPTION = 201  # RFC 6275 §6.3, in a Destination Options header
+_NONCE_INDICES_OPTION = 5  # RFC 6275 §6.2.6: must not appear with H set (§9.5.1)
+_UNSPECIFIED6 = IPv6Address("::")
+_UNSPECIFIED4 = IPv4Address("0.0.0.0")  # noqa: S104 -- RFC 5555 "request an address" value
+Address: TypeAlias = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send ``datagram`` to ``dst`` (the source address and port the BU came from)."""
+
+    datagram: bytes
+    dst: Address
+
+
+@dataclass(frozen=True, slots=True)
+class BindingChanged:
+    """A binding cache change; ``lifetime`` is the granted lifetime in seconds."""
+
+    event: str  # "added" | "refreshed" | "deleted" | "expired"
+    hoa: str
+    coa: Address
+    lifetime: int
+    spi: int
+    previous_coa: Address | None = None  # "refreshed": the care-of address before
+
+
+@dataclass(frozen=True, slots=True)
+class NeedSA:
+    """Unknown SPI with pulling enabled: fetch the SA, then ``receive`` again."""
+
+    spi: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataIn:
+    """Tunnelled user data (PType 1 protected, PType 0 plain) for a future TUN.
+
+    ``hoa`` is the SA's home address (PType 1) or the binding that matched the
+    inner source (PType 0).  For PType 1 the inner source has NOT been checked
+    against the MN's home addresses: whoever forwards the packet must do that
+    ingress filtering.
+    """
+
+    spi: int
+    hoa: str | None
+    next_header: int
+    payload: bytes
+    src: Address
+    protected: bool
+
+
+Action: TypeAlias = Reply | BindingChanged | NeedSA | DataIn
+
+
+def same_sa(a: IssuedSA, b: IssuedSA) -> bool:
+    """Equal SAs, keys compared in constant time (they are secrets)."""
+    sa, sb = a.sa, b.sa
+    keys_a = sa.mn_to_ha_ikey + sa.ha_to_mn_ikey + sa.mn_to_ha_ekey + sa.ha_to_mn_ekey
+    keys_b = sb.mn_to_ha_ikey + sb.ha_to_mn_ikey + sb.mn_to_ha_ekey + sb.ha_to_mn_ekey
+    same_keys = hmac.compare_digest(keys_a, keys_b)
+    rest_a = (sa.spi, sa.mn_id, sa.suite, sa.scope, sa.validity_end, a.bootstrap)
+    rest_b = (sb.spi, sb.mn_id, sb.suite, sb.scope, sb.validity_end, b.bootstrap)
+    return same_keys and len(sa.mn_to_ha_ikey) == len(sb.mn_to_ha_ikey) and rest_a == rest_b
+
+
+def _parse_dstopts(data: bytes) -> tuple[bytes | None, bytes] | None:
+    """(Home Address option's 16 octets or None, the Mobility Header) or None if malformed.
+
+    RFC 2460 §4.6 Destination Options header (Next Header, Hdr Ext Len in
+    8-octet units not counting the first 8, options) carrying RFC 6275 §6.3's
+    Home Address option (type 201, length 16).  An unrecognised option whose
+    two high-order type bits are not 00 means "discard the packet" (RFC 2460
+    §4.2).  What follows must be the Mobility Header (Next Header 135).
+    """
+    if len(data) < 8:
+        return None
+    ext_len = (data[1] + 1) * 8
+    if data[0] != NEXT_HEADER_MH or len(data) < ext_len:
+        return None
+    hoa: bytes | None = None
+    i = 2
+    while i < ext_len:
+        opt = data[i]
+        if opt == 0:  # Pad1
+            i += 1
+            continue
+        if i + 2 > ext_len:
+            return None
+        end = i + 2 + data[i + 1]
+        if end > ext_len:
+            return None
+        if opt == _HOME_ADDRESS_OPTION:
+            if data[i + 1] != 16 or hoa is not None:
+                return None
+            hoa = data[i + 2 : end]
+        elif opt != 1 and opt >> 6:  # not PadN, and "skip" is not its action
+            return None
+        i = end
+    return hoa, data[ext_len:]
+
+
+class _SAEntry:
+    """One installed SA with its crypto prepared once (DESIGN "Library traps")."""
+
+    __slots__ = (
+        "ba_dst",
+        "ba_src",
+        "bu_dst",
+        "bu_src",
+        "hoa",
+        "in_floor",
+        "inbound",
+        "ip4_hnp",
+        "ip4_hoa",
+        "ip6_hoa",
+        "issued",
+        "out_mark",
+        "outbound",
+        "scope",
+        "spi",
+        "validity_end",
+    )
+
+    def __init__(
+        self,
+        issued: IssuedSA,
+        haa_ip6: IPv6Address | None,
+        window: int,
+        out_seq: int,
+        out_mark: int,
+        in_floor: int,
+    ) -> None:
+        sa, bs = issued.sa, issued.bootstrap
+        info = SUITES[sa.suite]
+        self.issued = issued
+        self.spi = sa.spi
+        self.scope = sa.scope
+        self.validity_end = sa.validity_end.timestamp()
+        # RFC 6618 §6.1: one SPI for both directions; MN->HA keys verify what
+        # we receive, HA->MN keys protect what we send.
+        self.inbound = InboundSA(info, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.spi, window=window)
+        self.outbound = OutboundSA(
+            info, sa.ha_to_mn_ikey, sa.ha_to_mn_ekey, sa.spi, initial_seq=out_seq
+        )
+        self.out_mark = out_mark  # numbers below it are reserved (persisted)
+        self.in_floor = in_floor
+        self.ip6_hoa = bs.ip6_hoa
+        self.ip4_hoa = bs.ip4_hoa
+        self.ip4_hnp: IPv4Network | None = bs.ip4_hnp
+        hoa = bs.ip6_hoa if bs.ip6_hoa is not None else bs.ip4_hoa
+        self.hoa: str | None = None if hoa is None else str(hoa)
+        # PROFILE §8: pseudo-header of the equivalent native packet, with the
+        # provisioned mip6-haa-ip6 (the HA's own address as a fallback) and
+        # "::" where an address is unknown.
+        haa = bs.haa_ip6 or haa_ip6 or _UNSPECIFIED6
+        mn = bs.ip6_hoa or _UNSPECIFIED6
+        self.bu_src, self.bu_dst = mn, haa
+        self.ba_src, self.ba_dst = haa, mn
+
+
+class HaCore:
+    """Sans-I/O Home Agent: SAs, BU/BA processing, binding cache, counters.
+
+    ``bindings`` is the binding cache (in memory unless the caller passes a
+    persistent one); ``pull`` makes an unknown SPI produce ``NeedSA``.
+    """
+
+    def __init__(
+        self,
+        ha_id: str,
+        haa_ip6: IPv6Address | None = None,
+        haa_ip4: IPv4Address | None = None,
+        *,
+        window: int = 64,
+        max_binding_lifetime: float = 3600.0,
+        reinit_margin: float = REINIT_MARGIN,
+        bindings: BindingCache | None = None,
+        pull: bool = False,
+    ) -> None:
+        if max_binding_lifetime <= 0:
+            raise LocalProtocolError("max_binding_lifetime: must be > 0 seconds")
+        self.ha_id = ha_id
+        self.haa_ip6 = haa_ip6
+        self.haa_ip4 = haa_ip4
+        self.window = window
+        self.max_binding_lifetime = float(max_binding_lifetime)
+        self.reinit_margin = float(reinit_margin)
+        self.bindings = bindings if bindings is not None else BindingCache()
+        self.pull = pull
+        self._sas: dict[int, _SAEntry] = {}
+        self._sa_heap: list[tuple[float, int]] = []  # (validity_end, spi), stale allowed
+        self._tombstones: dict[str, tuple[int, float]] = {}  # hoa -> (sequence, until)
+        self.drops: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # packets, bu, data_in, need_sa, ...
+        self.ba_status: Counter[int] = Counter()
+
+    # ------------------------------------------------------------ SAs
+
+    def install_sa(self, issued: IssuedSA, *, initial_out_seq: int | None = None) -> bool:
+        """Prepare the SA's crypto once and start accepting its SPI.
+
+        Returns False when the very same SA is already installed (nothing
+        changes: its replay window and counters stay).  A different SA under
+        an installed SPI replaces it -- the provisioning side (HAC) decides
+        which SA an SPI means.  ``initial_out_seq`` overrides the persisted
+        HA->MN counter (restores and tests).
+        """
+        spi = issued.sa.spi
+        old = self._sas.get(spi)
+        if old is not None:
+            if same_sa(old.issued, issued):
+                return False
+            self._sas.pop(spi)
+            self.bindings.forget_spi(spi)
+        hoa = issued.bootstrap.ip6_hoa or issued.bootstrap.ip4_hoa
+        if initial_out_seq is not None:
+            if not 0 <= initial_out_seq <= SEQ_MAX + 1:
+                raise LocalProtocolError(f"initial_out_seq: {initial_out_seq} outside 0..2**32")
+            out_seq = out_mark = initial_out_seq
+        else:
+            mark = self.bindings.out_mark(spi)
+            if mark is None:
+                # A new SA: reserve its first block of numbers now, on the
+                # (slow) provisioning path, rather than on its first BA.
+                self.bindings.set_out_mark(spi, OUT_SEQ_RESERVE)
+                out_seq, out_mark = 0, OUT_SEQ_RESERVE
+            else:
+                out_seq = out_mark = mark
+        floor = self.bindings.replay_floor(spi, None if hoa is None else str(hoa))
+        entry = _SAEntry(issued, self.haa_ip6, self.window, out_seq, out_mark, floor)
+        self._sas[spi] = entry
+        heapq.heappush(self._sa_heap, (entry.validity_end, spi))
+        if len(self._sa_heap) > 2 * len(self._sas) + 64:
+            self._sa_heap = [(e.validity_end, e.spi) for e in self._sas.values()]
+            heapq.heapify(self._sa_heap)
+        return True
+
+    def remove_sa(self, spi: int) -> list[BindingChanged]:
+        """Forget an SA (withdrawn by the HAC); its binding goes with it."""
+        entry = self._sas.pop(spi, None)
+        if entry is None:
+            return []
+        events = self._unbind(entry, DELETED)
+        self.bindings.forget_spi(spi)
+        return events
+
+    def has_spi(self, spi: int) -> bool:
+        return spi in self._sas
+
+    def spis(self) -> list[int]:
+        return list(self._sas)
+
+    def _unbind(self, entry: _SAEntry, event: str) -> list[BindingChanged]:
+        if entry.hoa is None:
+            return []
+        b = self.bindings.get(entry.hoa)
+        if b is None or b.spi != entry.spi:
+            return []
+        self.bindings.delete(entry.hoa)
+        return [BindingChanged(event, b.hoa, b.coa, b.lifetime, b.spi)]
+
+    # ------------------------------------------------------------ timers
+
+    def next_expiry(self) -> float | None:
+        """Earliest instant at which ``expire`` may have something to do."""
+        times = [t for t in (self.bindings.next_expiry(),) if t is not None]
+        if self._sa_heap:
+            times.append(self._sa_heap[0][0])
+        return min(times) if times else None
+
+    def expire(self, now: float) -> list[BindingChanged]:
+        """End bindings whose lifetime passed and SAs past their validity end."""
+        events = [
+            BindingChanged(EXPIRED, b.hoa, b.coa, b.lifetime, b.spi)
+            for b in self.bindings.pop_expired(now)
+        ]
+        heap = self._sa_heap
+        while heap and heap[0][0] <= now:
+            end, spi = heapq.heappop(heap)
+            entry = self._sas.get(spi)
+            if entry is None or entry.validity_end != end:
+                continue  # removed or replaced since
+            del self._sas[spi]
+            # Bindings never outlive their SA (lifetime is capped by it), but
+            # a clock step could leave one behind.
+            events.extend(self._unbind(entry, EXPIRED))
+            self.bindings.forget_spi(spi)
+        if self._tombstones:
+            for hoa in [h for h, (_, until) in self._tombstones.items() if until <= now]:
+                del self._tombstones[hoa]
+        return events
+
+    # ------------------------------------------------------------ packets
+
+    def _drop(self, reason: str) -> list[Action]:
+        self.drops[reason] += 1
+        return []
+
+    def receive(
+        self, datagram: bytes, src: tuple[Any, ...], now: float, *, allow_pull: bool = True
+    ) -> list[Action]:
+        """Process one datagram from ``src`` = (host, port, ...).
+
+        ``allow_pull=False`` is for the second pass after a pull: an SPI that
+        is still unknown is then dropped and counted instead of asked for (the
+        datagram was counted as a packet on its first pass).
+        """
+        if allow_pull:
+            self.counts["packets"] += 1
+        try:
+            ptype, spi = peek_header(datagram)
+        except PacketError as exc:
+            return self._drop(exc.drop_reason)
+        if ptype == PTYPE_PLAIN:
+            return self._plain(datagram, src, now)
+        entry = self._sas.get(spi)
+        if entry is None:
+            if self.pull and allow_pull:
+                self.counts["need_sa"] += 1
+                return [NeedSA(spi)]
+            return self._drop("unknown_spi")
+        if now >= entry.validity_end:
+            return self._drop("expired_sa")
+        # After a restart, numbers the previous run accepted are replays even
+        # though the fresh window has not seen them (see bindings.py).
+        if (
+            entry.in_floor >= 0
+            and len(datagram) >= 8
+            and int.from_bytes(datagram[4:8], "big") <= entry.in_floor
+        ):
+            return self._drop("replay")
+        try:
+            u = entry.inbound.unprotect(datagram)
+        except PacketError as exc:
+            return self._drop(exc.drop_reason)
+        if u.ptype == PTYPE_DATA:
+            self.counts["data_in"] += 1
+            return [DataIn(entry.spi, entry.hoa, u.next_header, u.payload, (src[0], src[1]), True)]
+        return self._mobility(entry, u, (src[0], src[1]), now)
+
+    def _plain(self, datagram: bytes, src: tuple[Any, ...], now: float) -> list[Action]:
+        """PType 0 (PROFILE §7): only from a registered HoA of a scope-0 SA at its CoA."""
+        payload = bytes(datagram[8:])
+        if not payload:
+            return self._drop("malformed")
+        version = payload[0] >> 4
+        if version == 6 and len(payload) >= 40:
+            inner, nh = payload[8:24], NEXT_HEADER_IPV6
+        elif version == 4 and len(payload) >= 20:
+            inner, nh = payload[12:16], NEXT_HEADER_IPV4
+        else:
+            return self._drop("malformed")
+        b = self.bindings.by_address(inner)
+        if b is None or src[0] != b.coa_host or src[1] != b.coa_port:
+            return self._drop("scope")
+        entry = self._sas.get(b.spi)
+        if entry is None or entry.scope != 0:
+            # RFC 6618 §6.4: with mip6-sas 1 the receiver MUST silently
+            # discard PType 0.
+            return self._drop("scope")
+        if now >= entry.validity_end:
+            return self._drop("expired_sa")
+        self.counts["data_in"] += 1
+        return [DataIn(0, b.hoa, nh, payload, (src[0], src[1]), False)]
+
+    # ------------------------------------------------------------ binding updates
+
+    def _mobility(self, entry: _SAEntry, u: Unprotected, src: Address, now: float) -> list[Action]:
+        hoa_option: bytes | None = None
+        if u.next_header == NEXT_HEADER_MH:
+            mh_octets = u.payload
+        elif u.next_header == NEXT_HEADER_DSTOPTS:
+            parsed = _parse_dstopts(u.payload)
+            if parsed is None:
+                return self._drop("malformed")
+            hoa_option, mh_octets = parsed
+        else:
+            return self._drop("malformed")
+        try:
+            decoded = decode_mh(mh_octets, src=entry.bu_src, dst=entry.bu_dst)
+        except MobilityHeaderError:
+            return self._drop("malformed")
+        bu = decoded.message
+        if not isinstance(bu, BindingUpdate):
+            return self._drop("malformed")  # an MN never sends a BA
+        self.counts["bu"] += 1
+        if not decoded.checksum_ok:
+            self.counts["checksum_mismatch"] += 1
+        hoa = entry.hoa
+        if hoa is None or (
+            hoa_option is not None and (entry.ip6_hoa is None or hoa_option != entry.ip6_hoa.packed)
+        ):
+            # PROFILE §8: the HoA is the SA's; RFC 6275 §10.3.1 status 133.
+            return self._ba(entry, src, NOT_HOME_AGENT, bu.sequence, 0)
+        binding = self.bindings.get(hoa)
+        last: int | None = None
+        if binding is not None:
+            last = binding.sequence
+        elif self._tombstones:
+            tomb = self._tombstones.get(hoa)
+            if tomb is not None and tomb[1] > now:
+                last = tomb[0]
+        if last is not None and not seq_newer(bu.sequence, last):
+            # RFC 6275 §9.5.1: 135 with the last accepted sequence number.
+            return self._ba(entry, src, SEQUENCE_OUT_OF_WINDOW, last, 0)
+        if not bu.h:
+            if binding is not None:
+                return self._ba(entry, src, REGISTRATION_TYPE_CHANGE_DISALLOWED, bu.sequence, 0)
+            return self._drop("not_home_registration")
+        coa_host = src[0]
+        ip4_request: IPv4HomeAddressRequest | None = None
+        for opt in bu.options:
+            if isinstance(opt, AlternateCareOfAddress):
+                coa_host = str(opt.address)
+            elif isinstance(opt, IPv4HomeAddressRequest):
+                if ip4_request is None:
+                    ip4_request = opt
+            elif isinstance(opt, UnknownOption) and opt.option_type == _NONCE_INDICES_OPTION:
+                return self._drop("malformed")  # RFC 6275 §9.5.1: not with H set
+        if bu.lifetime == 0:
+            return self._deregister(entry, src, bu, binding, hoa, now)
+        remaining = entry.validity_end - now
+        units = int(min(bu.lifetime * 4, self.max_binding_lifetime, remaining) // 4)
+        reinit = (
+            remaining < self.reinit_margin
+            or entry.outbound.seq >= SEQ_REINIT_THRESHOLD
+            or entry.inbound.needs_reinit
+        )
+        status = REINIT_SA_WITH_HAC if reinit else ACCEPTED
+        options: tuple[MobilityOption, ...] = ()
+        ip4_hoa: str | None = None
+        if ip4_request is not None:
+            ack = self._ipv4_ack(entry, ip4_request)
+            options = (ack,)
+            if ack.accepted:
+                ip4_hoa = str(ack.home_address)
+        if units == 0:
+            # Less than one 4-s unit of SA validity left (or a policy cap
+            # below 4 s): nothing to bind; the status (176) says why.
+            return self._ba(entry, src, status, bu.sequence, 0, options)
+        out = self._ba(entry, src, status, bu.sequence, units, options)
+        lifetime = units * 4
+        if binding is None:
+            binding = Binding(
+                hoa, coa_host, src[1], entry.spi, bu.sequence, lifetime, now + lifetime,
+                ip4_hoa, u.seq,
+            )  # fmt: skip
+            event = ADDED
+            previous = None
+            self._tombstones.pop(hoa, None)
+        else:
+            previous = binding.coa
+            binding.coa_host = coa_host
+            binding.coa_port = src[1]
+            binding.spi = entry.spi
+            binding.sequence = bu.sequence
+            binding.lifetime = lifetime
+            binding.expires_at = now + lifetime
+            binding.ip4_hoa = ip4_hoa
+            binding.mn_seq = u.seq
+            event = REFRESHED
+        self.bindings.put(binding)
+        out.append(BindingChanged(event, hoa, (coa_host, src[1]), lifetime, entry.spi, previous))
+        return out
+
+    def _deregister(
+        self,
+        entry: _SAEntry,
+        src: Address,
+        bu: BindingUpdate,
+        binding: Binding | None,
+        hoa: str,
+        now: float,
+    ) -> list[Action]:
+        """RFC 6275 §10.3.2: delete the home registration, BA 0 with lifetime 0."""
+        if binding is None:
+            if hoa not in self._tombstones:
+                return self._ba(entry, src, NOT_HOME_AGENT, bu.sequence, 0)
+            # A newer de-registration right after one that succeeded (its BA
+            # was lost): still success.
+            self._tombstones[hoa] = (bu.sequence, now + MAX_DELETE_BCE_TIMEOUT)
+            return self._ba(entry, src, ACCEPTED, bu.sequence, 0)
+        self.bindings.delete(hoa)
+        # The binding row that held this SA's replay floor is gone: keep it.
+        self.bindings.raise_floor(entry.spi, entry.inbound.highest_seq)
+        self._tombstones[hoa] = (bu.sequence, now + MAX_DELETE_BCE_TIMEOUT)
+        out = self._ba(entry, src, ACCEPTED, bu.sequence, 0)
+        out.append(BindingChanged(DELETED, hoa, binding.coa, 0, binding.spi))
+        return out
+
+    def _ipv4_ack(self, entry: _SAEntry, req: IPv4HomeAddressRequest) -> IPv4AddressAck:
+        """RFC 5555 §4.5 checks, answered with §3.2.1's option."""
+        mine = entry.ip4_hoa
+        asked = req.home_address
+        if req.prefix_len == 0:  # §3.1.1: "A value of zero is invalid"
+            return IPv4AddressAck(IPV4_ACK_REASON_UNSPECIFIED, 0, asked)
+        if req.p and entry.ip4_hnp is None:
+            return IPv4AddressAck(IPV4_ACK_PREFIX_UNAUTHORIZED, 0, asked)
+        if mine is None:
+            if asked == _UNSPECIFIED4:
+                return IPv4AddressAck(IPV4_ACK_DYNAMIC_NOT_AVAILABLE, 0, asked)
+            return IPv4AddressAck(IPV4_ACK_INCORRECT_HOA, 0, asked)
+        if asked != _UNSPECIFIED4 and asked != mine:
+            # §4.5: the address must be the one allocated to this MN.
+            return IPv4AddressAck(IPV4_ACK_INCORRECT_HOA, 0, asked)
+        hnp = entry.ip4_hnp
+        plen = hnp.prefixlen if hnp is not None and mine in hnp else 32
+        return IPv4AddressAck(IPV4_ACK_SUCCESS, plen, mine)
+
+    def _ba(
+        self,
+        entry: _SAEntry,
+        dst: Address,
+        status: int,
+        sequence: int,
+        lifetime_units: int,
+        options: tuple[MobilityOption, ...] = (),
+    ) -> list[Action]:
+        """A BA protected with the SA (PType 8, Next Header 135) for ``dst``."""
+        ba = BindingAck(status=status, sequence=sequence, lifetime=lifetime_units, options=options)
+        octets = encode_mh(ba, src=entry.ba_src, dst=entry.ba_dst)
+        out = entry.outbound
+        seq = out.seq
+        if seq >= entry.out_mark:
+            # Reserve the next block of numbers before using the first of
+            # them, so a restart resumes above anything sent (bindings.py).
+            entry.out_mark = min(seq + OUT_SEQ_RESERVE, SEQ_MAX + 1)
+            self.bindings.set_out_mark(entry.spi, entry.out_mark)
+        try:
+            datagram = out.protect(PTYPE_MH, NEXT_HEADER_MH, octets)
+        except SequenceExhausted:
+            return self._drop("seq_exhausted")
+        self.ba_status[status] += 1
+        return [Reply(datagram, dst)]
+
+    # ------------------------------------------------------------ inspection
+
+    def binding(self, hoa: str) -> Binding | None:
+        return self.bindings.get(hoa)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: packets, BUs, BAs per status, drops per reason, sizes."""
+        return {
+            "packets": self.counts["packets"],
+            "bu": self.counts["bu"],
+            "ba": dict(self.ba_status),
+            "drops": dict(self.drops),
+            "checksum_mismatch": self.counts["checksum_mismatch"],
+            "data_in": self.counts["data_in"],
+            "need_sa": self.counts["need_sa"],
+            "sas": len(self._sas),
+            "bindings": len(self.bindings),
+        }

@@ -1,0 +1,259 @@
+"""HAC <-> HA provisioning messages (PROFILE §9), sans-I/O.
+
+PROFILE §9 leaves the HAC -> HA channel to this project: the built-in network
+transport reuses the MHAuth framing of PROFILE §2-3 -- one container per
+message, TV-header content -- over mutually authenticated TLS (HAC = client,
+HA = server for install/withdraw; HA = client, HAC = server for pull).
+
+Framing.  A connection carries any number of lockstep request/response pairs:
+requests carry Identifier 1, 2, 3, ... exactly as in PROFILE §2, each response
+echoes its request's Identifier, and the client opens a new connection after
+the 255th exchange (the Identifier is one octet).  A client may just as well
+send one request per connection.
+
+Operations (header ``prov-op``; unknown names are allowed by PROFILE §3):
+
+=========  ==================================================  ===========================
+op         request headers                                     200 response
+=========  ==================================================  ===========================
+install    ``mn-id``, SA + bootstrap headers exactly as in the  ``status-code: 200``
+           MN's 200 (:func:`mipsec.core.issuer.sa_headers`),
+           ``ha-id`` (the HA the HAC chose)
+withdraw   ``mip6-spi``                                         ``status-code: 200``
+pull       ``mip6-spi``, ``ha-id`` (the asking HA)              ``status-code: 200`` + the
+                                                                install headers
+=========  ==================================================  ===========================
+
+Failures: ``400`` malformed request (then the server closes) or an operation
+the server does not serve, ``500`` internal failure of the server; a pull of
+an SPI the HAC will not hand out is ``400`` with ``prov-reason: unknown-spi``.
+Status codes stay within PROFILE §6's set.
+
+No ``auth`` header: the TLS channel already gives integrity, confidentiality
+and mutual authentication of HAC and HA (RFC 6618 §4.2 asks exactly that of
+the HAC-HA channel), and there is no per-MN key to bind a MAC to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from dataclasses import dataclass
+
+from mipsec.core.errors import HeaderError, LocalProtocolError, RemoteProtocolError
+from mipsec.core.issuer import sa_from_message, sa_headers
+from mipsec.core.model import IssuedSA
+from mipsec.core.wire.message import Message, decode_message, encode_message
+from mipsec.core.wire.tvheader import ParsedContent, encode_content, parse_content
+from mipsec.core.wire.values import format_spi, format_status, parse_status
+
+__all__ = [
+    "BAD_REQUEST",
+    "HA_ID_HEADER",
+    "HA_ID_MAX",
+    "INTERNAL_ERROR",
+    "OK",
+    "PROV_OP_HEADER",
+    "PROV_REASON_HEADER",
+    "REASON_INTERNAL",
+    "REASON_MALFORMED",
+    "REASON_UNKNOWN_SPI",
+    "REASON_UNSUPPORTED_OP",
+    "ProvOp",
+    "ProvRequest",
+    "ProvResponse",
+    "ProvisioningFailed",
+    "decode_request",
+    "decode_response",
+    "encode_install",
+    "encode_pull",
+    "encode_response",
+    "encode_withdraw",
+]
+
+PROV_OP_HEADER = "prov-op"
+HA_ID_HEADER = "ha-id"
+PROV_REASON_HEADER = "prov-reason"
+HA_ID_MAX = 253  # same bound as an NAI (PROFILE §3): an HA id is a name, not a payload
+
+OK = 200
+BAD_REQUEST = 400
+INTERNAL_ERROR = 500
+
+REASON_MALFORMED = "malformed"
+REASON_UNSUPPORTED_OP = "unsupported-op"
+REASON_UNKNOWN_SPI = "unknown-spi"
+REASON_INTERNAL = "internal"
+
+_REASON = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_REASON_MAX = 64
+
+
+class ProvOp(enum.StrEnum):
+    INSTALL = "install"
+    WITHDRAW = "withdraw"
+    PULL = "pull"
+
+
+@dataclass(frozen=True, slots=True)
+class ProvRequest:
+    """A decoded request.  ``issued`` (install) carries keys, which its repr hides."""
+
+    op: ProvOp
+    issued: IssuedSA | None = None  # install
+    spi: int | None = None  # every op (install: the SA's SPI)
+    ha_id: str = ""  # install: chosen HA; pull: asking HA; withdraw: ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProvResponse:
+    status: int
+    issued: IssuedSA | None = None  # a 200 answer to pull
+    reason: str | None = None  # prov-reason
+
+
+class ProvisioningFailed(ConnectionError):
+    """The peer did not confirm: it refused, closed, or answered something unusable.
+
+    A ``ConnectionError`` because that is what ``ProvisioningTransport`` promises
+    its caller (core/hookspecs.py): the HAC turns it into 504 with nothing left
+    provisioned (PROFILE §9).  ``status`` is the peer's status code, if any.
+    """
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _format_ha_id(ha_id: str) -> str:
+    if not 1 <= len(ha_id) <= HA_ID_MAX:
+        raise LocalProtocolError(f"{HA_ID_HEADER}: length {len(ha_id)} outside 1..{HA_ID_MAX}")
+    if not all(0x20 <= ord(c) <= 0x7E for c in ha_id) or ha_id != ha_id.strip():
+        raise LocalProtocolError(f"{HA_ID_HEADER}: not printable ASCII without outer spaces")
+    return ha_id
+
+
+def _parse_ha_id(parsed: ParsedContent) -> str:
+    value = parsed.get(HA_ID_HEADER)
+    if value is None:
+        raise HeaderError(HA_ID_HEADER, "missing")
+    # parse_content already refused non-printable octets and stripped spaces.
+    if not 1 <= len(value) <= HA_ID_MAX:
+        raise HeaderError(HA_ID_HEADER, f"length {len(value)} outside 1..{HA_ID_MAX}")
+    return value
+
+
+def _install_headers(issued: IssuedSA) -> list[tuple[str, str]]:
+    msg = sa_headers(issued)  # the exact SA + bootstrap headers of the MN's 200
+    msg.mn_id = issued.sa.mn_id
+    return [*encode_message(msg), (HA_ID_HEADER, _format_ha_id(issued.sa.ha_id))]
+
+
+def _issued_from(parsed: ParsedContent, msg: Message) -> IssuedSA:
+    """Rebuild the SA of an install request or a pull answer, checking every field."""
+    if msg.mn_id is None:
+        raise HeaderError("mn-id", "missing")
+    for name, value in (
+        ("mip6-spi", msg.mip6_spi),
+        ("mip6-ciphersuite", msg.ciphersuite),
+        ("mip6-sas", msg.mip6_sas),
+        ("mip6-sa-validity-end", msg.sa_validity_end),
+        ("mip6-mn-to-ha-ikey", msg.mn_to_ha_ikey),
+        ("mip6-ha-to-mn-ikey", msg.ha_to_mn_ikey),
+    ):
+        if value is None:
+            raise HeaderError(name, "missing")
+    ha_id = _parse_ha_id(parsed)
+    try:
+        # Same suite and key-length checks as the MN applies to its 200.
+        issued = sa_from_message(msg, msg.mn_id)
+    except RemoteProtocolError as exc:
+        field, _, why = exc.reason.partition(": ")
+        raise HeaderError(field, why or exc.reason) from None
+    return IssuedSA(dataclasses.replace(issued.sa, ha_id=ha_id), issued.bootstrap)
+
+
+# ------------------------------------------------------------------ requests
+
+
+def encode_install(issued: IssuedSA) -> bytes:
+    """Content of an install request; ``issued.sa.ha_id`` names the chosen HA."""
+    return encode_content([(PROV_OP_HEADER, ProvOp.INSTALL.value), *_install_headers(issued)])
+
+
+def encode_withdraw(spi: int) -> bytes:
+    return encode_content([(PROV_OP_HEADER, ProvOp.WITHDRAW.value), ("mip6-spi", format_spi(spi))])
+
+
+def encode_pull(spi: int, ha_id: str) -> bytes:
+    return encode_content(
+        [
+            (PROV_OP_HEADER, ProvOp.PULL.value),
+            ("mip6-spi", format_spi(spi)),
+            (HA_ID_HEADER, _format_ha_id(ha_id)),
+        ]
+    )
+
+
+def decode_request(content: bytes) -> ProvRequest:
+    """Parse one request content.  Raises ``HeaderError`` naming the field."""
+    parsed = parse_content(content)
+    op_text = parsed.get(PROV_OP_HEADER)
+    if op_text is None:
+        raise HeaderError(PROV_OP_HEADER, "missing")
+    try:
+        op = ProvOp(op_text.lower())
+    except ValueError:
+        raise HeaderError(PROV_OP_HEADER, "unknown operation") from None
+    msg = decode_message(parsed)  # every known header through its value codec
+    if op is ProvOp.INSTALL:
+        issued = _issued_from(parsed, msg)
+        return ProvRequest(op, issued=issued, spi=issued.sa.spi, ha_id=issued.sa.ha_id)
+    if msg.mip6_spi is None:
+        raise HeaderError("mip6-spi", "missing")
+    if op is ProvOp.WITHDRAW:
+        return ProvRequest(op, spi=msg.mip6_spi)
+    return ProvRequest(op, spi=msg.mip6_spi, ha_id=_parse_ha_id(parsed))
+
+
+# ----------------------------------------------------------------- responses
+
+
+def encode_response(
+    status: int, issued: IssuedSA | None = None, reason: str | None = None
+) -> bytes:
+    """``status-code`` first, then ``prov-reason``, then (pull, 200) the SA."""
+    headers = [("status-code", format_status(status))]
+    if reason is not None:
+        if not (len(reason) <= _REASON_MAX and _REASON.fullmatch(reason)):
+            raise LocalProtocolError(f"{PROV_REASON_HEADER}: not a lower-case token")
+        headers.append((PROV_REASON_HEADER, reason))
+    if issued is not None:
+        if status != OK:
+            raise LocalProtocolError("SA data only in a 200 response")
+        headers += _install_headers(issued)
+    return encode_content(headers)
+
+
+def decode_response(content: bytes) -> ProvResponse:
+    """Parse one response content.  Raises ``HeaderError`` naming the field."""
+    parsed = parse_content(content)
+    value = parsed.get("status-code")
+    if value is None:
+        raise HeaderError("status-code", "missing")
+    status = parse_status(value)
+    reason = parsed.get(PROV_REASON_HEADER)
+    if reason is not None:
+        reason = reason.lower()
+        if not (len(reason) <= _REASON_MAX and _REASON.fullmatch(reason)):
+            raise HeaderError(PROV_REASON_HEADER, "not a token")
+    issued: IssuedSA | None = None
+    if "mip6-spi" in parsed:
+        if status != OK:
+            raise HeaderError("mip6-spi", f"SA data in a {status} response")
+        issued = _issued_from(parsed, decode_message(parsed))
+    return ProvResponse(status, issued, reason)

@@ -1,0 +1,532 @@
+"""PROFILE §9 provisioning over mutually authenticated TLS: server and client.
+
+The server side is used by the HA (it serves ``install`` and ``withdraw``
+from the HAC) and by the HAC (it serves ``pull`` of an SPI an HA does not
+know).  The client side, :class:`ProvisioningClient`, is used by the ``tls``
+provisioning transport (plugins/transport_tls.py) and by :func:`pull_sa`.
+Messages are those of :mod:`mipsec.core.provisioning`, framed as MHAuth
+containers (PROFILE §2): a connection carries lockstep exchanges with
+Identifiers 1, 2, 3, ...; the client reconnects after the 255th.
+
+TLS contexts reuse core/tls.py: the PROFILE §1 policy (TLS 1.2 floor,
+ECDHE+AEAD only, no renegotiation), the peer's CA as the only trust anchor,
+and the hand-made SAN check (no CN, no wildcard, IP SAN tied to the connected
+address) for the server certificate.  The server requires a client
+certificate (RFC 6618 §4.2: the HAC-HA channel is mutually authenticated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from cryptography import x509
+
+from mipsec.core.config import ProvisioningListener, PullConfig
+from mipsec.core.errors import CertificateError, ContainerError, TruncatedError, WireError
+from mipsec.core.model import IssuedSA
+from mipsec.core.provisioning import (
+    BAD_REQUEST,
+    INTERNAL_ERROR,
+    OK,
+    REASON_INTERNAL,
+    REASON_MALFORMED,
+    REASON_UNKNOWN_SPI,
+    REASON_UNSUPPORTED_OP,
+    ProvisioningFailed,
+    ProvOp,
+    ProvRequest,
+    ProvResponse,
+    decode_request,
+    decode_response,
+    encode_pull,
+    encode_response,
+)
+from mipsec.core.tls import (
+    check_hac_certificate,
+    hac_server_context,
+    mn_client_context,
+    set_nodelay,
+)
+from mipsec.core.wire.container import (
+    HEADER_LEN,
+    IDENTIFIER_MAX,
+    MAX_CONTENT,
+    ContainerDecoder,
+    IdentifierSequence,
+    encode_container,
+)
+
+log = logging.getLogger("mipsec.provisioning")
+
+READ_CHUNK = HEADER_LEN + MAX_CONTENT  # one maximal container
+# Connections a client opens to one peer at most; requests beyond wait for a
+# free one.  Measured on loopback: lockstep on a kept connection ~0.4 ms per
+# install, a fresh TLS connection per install ~3.4 ms.
+MAX_CONNECTIONS = 8
+
+OnInstall = Callable[[IssuedSA, str], Awaitable[None]]
+OnWithdraw = Callable[[int], Awaitable[None]]
+OnPull = Callable[[int, str], Awaitable[IssuedSA | None]]
+
+StrPath = str | os.PathLike[str]
+
+__all__ = [
+    "MAX_CONNECTIONS",
+    "ProvisioningClient",
+    "ProvisioningServer",
+    "check_client_names",
+    "client_context",
+    "pull_sa",
+    "server_context",
+]
+
+
+# ----------------------------------------------------------------- contexts
+
+
+def server_context(cfg: ProvisioningListener) -> ssl.SSLContext:
+    """TLS 1.2 floor, ECDHE+AEAD, no renegotiation (PROFILE §1 policy via core.tls),
+    CERT_REQUIRED with ``cfg.client_ca`` as the only trust anchor."""
+    return hac_server_context(
+        cfg.cert, cfg.key, client_ca_file=cfg.client_ca, require_client_cert=True
+    )
+
+
+def client_context(ca: StrPath, cert: StrPath, key: StrPath) -> ssl.SSLContext:
+    """Trust only ``ca``; present ``cert``/``key``; no CN fallback (PROFILE §1 policy)."""
+    return mn_client_context(ca, client_cert=cert, client_key=key)
+
+
+def check_client_names(peer_cert_der: bytes, names: Sequence[str]) -> None:
+    """The client certificate must carry one of ``names`` as a dNSName SAN.
+
+    Exact, case-insensitive match; a wildcard dNSName is refused, the CN is
+    never used (same rules as PROFILE §1 applies to the HAC certificate).
+    """
+    try:
+        cert = x509.load_der_x509_certificate(peer_cert_der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CertificateError("client certificate: no subjectAltName extension")
+    except ValueError:
+        raise CertificateError("client certificate: not parseable")
+    dns = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+    if any("*" in n for n in dns):
+        raise CertificateError("client certificate: wildcard dNSName refused")
+    wanted = {n.lower().rstrip(".") for n in names}
+    if not wanted.intersection(dns):
+        raise CertificateError(f"client certificate: no dNSName in {sorted(wanted)} (has {dns})")
+
+
+# ------------------------------------------------------------------- server
+
+
+class ProvisioningServer:
+    """Mutual-TLS listener serving the operations it has a callback for.
+
+    An operation without a callback (e.g. install on the HAC's pull server)
+    gets 400 ``unsupported-op``; a malformed request gets 400 ``malformed``
+    and the connection is closed; other connections are unaffected.
+    Callbacks are bounded by ``cfg.timeout`` and a failing one gives 500.
+    """
+
+    def __init__(
+        self,
+        cfg: ProvisioningListener,
+        *,
+        on_install: OnInstall | None = None,
+        on_withdraw: OnWithdraw | None = None,
+        on_pull: OnPull | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.on_install = on_install
+        self.on_withdraw = on_withdraw
+        self.on_pull = on_pull
+        self.ssl_context = server_context(cfg)
+        self.addresses: list[tuple[str, int]] = []
+        self._servers: list[asyncio.Server] = []
+        self._sessions: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def start(self) -> list[tuple[str, int]]:
+        for host in self.cfg.listen:
+            server = await asyncio.start_server(
+                self._on_connection,
+                host=host,
+                port=self.cfg.port,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=self.cfg.timeout,
+                reuse_address=True,
+            )
+            self._servers.append(server)
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                self.addresses.append((addr[0], addr[1]))
+        for host, port in self.addresses:
+            log.info("provisioning listening on %s port %d (mutual TLS)", host, port)
+        return self.addresses
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        # Close the connections rather than cancel their tasks: each handler
+        # sees EOF and returns (Python 3.11's start_server logs a cancelled
+        # handler task as an error).  Cancel only what is still running then.
+        for writer in list(self._sessions.values()):
+            writer.transport.abort()
+        if self._sessions:
+            await asyncio.wait(list(self._sessions), timeout=2)
+        for task in list(self._sessions):
+            task.cancel()
+        for s in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 2)
+        self._servers.clear()
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions[task] = writer
+        peer = _peer(writer)
+        try:
+            tls = writer.get_extra_info("ssl_object")
+            der = tls.getpeercert(binary_form=True) if tls is not None else None
+            if not der:  # CERT_REQUIRED makes this unreachable; never rely on it
+                log.warning("provisioning peer=%s refused: no client certificate", peer)
+                return
+            if self.cfg.client_names:
+                try:
+                    check_client_names(der, self.cfg.client_names)
+                except CertificateError as exc:
+                    log.warning("provisioning peer=%s refused: %s", peer, exc)
+                    return
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                set_nodelay(sock)
+            await self._serve(reader, writer, peer)
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            log.info("provisioning peer=%s connection ended: %s", peer, type(exc).__name__)
+        finally:
+            self._sessions.pop(task, None)
+            await _close(writer)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        decoder = ContainerDecoder()
+        ids = IdentifierSequence()
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(READ_CHUNK), self.cfg.timeout)
+            except TimeoutError:
+                log.debug("provisioning peer=%s idle: closing", peer)
+                return
+            if not data:
+                try:
+                    decoder.eof()
+                except TruncatedError as exc:
+                    log.info("provisioning peer=%s: %s", peer, exc)
+                return
+            try:
+                containers = decoder.feed(data)
+            except ContainerError as exc:
+                log.info("provisioning peer=%s op=? result=400 (%s)", peer, exc)
+                if exc.identifier is not None:
+                    await _send(writer, exc.identifier, _malformed())
+                return
+            for c in containers:
+                try:
+                    ids.check_request(c.identifier)
+                    req = decode_request(c.content)
+                except WireError as exc:
+                    log.info("provisioning peer=%s op=? result=400 (%s)", peer, exc)
+                    await _send(writer, c.identifier, _malformed())
+                    return
+                await _send(writer, c.identifier, await self._dispatch(req, peer))
+
+    async def _dispatch(self, req: ProvRequest, peer: str) -> bytes:
+        spi, op = req.spi, req.op.value
+        mn_id = req.issued.sa.mn_id if req.issued is not None else "-"
+
+        def done(status: int, reason: str | None = None, note: str = "") -> None:
+            log.info(
+                "provisioning peer=%s op=%s spi=%s mn_id=%s ha_id=%s result=%d%s%s",
+                peer,
+                op,
+                spi,
+                mn_id,
+                req.ha_id or "-",
+                status,
+                f" reason={reason}" if reason else "",
+                f" ({note})" if note else "",
+            )
+
+        try:
+            if req.op is ProvOp.INSTALL and self.on_install is not None:
+                assert req.issued is not None
+                await asyncio.wait_for(self.on_install(req.issued, req.ha_id), self.cfg.timeout)
+                done(OK)
+                return encode_response(OK)
+            if req.op is ProvOp.WITHDRAW and self.on_withdraw is not None:
+                assert spi is not None
+                await asyncio.wait_for(self.on_withdraw(spi), self.cfg.timeout)
+                done(OK)
+                return encode_response(OK)
+            if req.op is ProvOp.PULL and self.on_pull is not None:
+                assert spi is not None
+                issued = await asyncio.wait_for(self.on_pull(spi, req.ha_id), self.cfg.timeout)
+                if issued is None:
+                    done(BAD_REQUEST, REASON_UNKNOWN_SPI)
+                    return encode_response(BAD_REQUEST, reason=REASON_UNKNOWN_SPI)
+                mn_id = issued.sa.mn_id
+                done(OK)
+                return encode_response(OK, issued)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Only the class name: a careless callback's message could hold a key.
+            done(INTERNAL_ERROR, REASON_INTERNAL, type(exc).__name__)
+            return encode_response(INTERNAL_ERROR, reason=REASON_INTERNAL)
+        done(BAD_REQUEST, REASON_UNSUPPORTED_OP)
+        return encode_response(BAD_REQUEST, reason=REASON_UNSUPPORTED_OP)
+
+
+def _malformed() -> bytes:
+    return encode_response(BAD_REQUEST, reason=REASON_MALFORMED)
+
+
+async def _send(writer: asyncio.StreamWriter, identifier: int, content: bytes) -> None:
+    writer.write(encode_container(identifier, content))
+    await writer.drain()
+
+
+# ------------------------------------------------------------------- client
+
+
+class _Connection:
+    """One client TLS connection: lockstep exchanges, Identifier 1, 2, 3, ..."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.ids = IdentifierSequence()
+        self.decoder = ContainerDecoder()
+        self.loop = asyncio.get_running_loop()
+
+    def reusable(self) -> bool:
+        return (
+            self.loop is asyncio.get_running_loop()  # a transport is bound to its loop
+            and self.ids.last < IDENTIFIER_MAX
+            and not self.reader.at_eof()
+            and not self.writer.is_closing()
+        )
+
+    async def exchange(self, content: bytes) -> bytes:
+        identifier = self.ids.next_identifier()
+        self.writer.write(encode_container(identifier, content))
+        await self.writer.drain()
+        while True:
+            data = await self.reader.read(READ_CHUNK)
+            if not data:
+                self.decoder.eof()  # TruncatedError if it ended inside a container
+                raise ConnectionResetError("closed by the peer without a response")
+            containers = self.decoder.feed(data)
+            if containers:
+                if len(containers) > 1 or self.decoder.buffered:
+                    raise ContainerError("identifier", "more than one response to one request")
+                self.ids.check_response(containers[0].identifier, identifier)
+                return containers[0].content
+
+    def close(self) -> None:
+        self.writer.close()  # close_notify, then TCP close; not awaited on error paths
+
+
+class ProvisioningClient:
+    """Client of a :class:`ProvisioningServer` with a small connection pool.
+
+    At most ``max_connections`` connections run at once, each carrying one
+    lockstep exchange at a time; finished connections are kept for the next
+    request (``keep_idle``), since a TLS handshake costs far more than an
+    exchange.  A request waits for a free connection within its timeout.  A
+    kept connection the server has meanwhile closed (its idle timeout) is
+    detected and the request is sent once more on a fresh connection -- every
+    operation is idempotent (install of the same SA, withdraw, pull).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        server_name: str | None,
+        ssl_context: ssl.SSLContext,
+        peer_label: str = "HA",
+        max_connections: int = MAX_CONNECTIONS,
+        keep_idle: bool = True,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections: must be at least 1")
+        self.host = host
+        self.port = port
+        self.server_name = server_name
+        self.ssl_context = ssl_context
+        self.peer_label = peer_label
+        self.max_connections = max_connections
+        self.keep_idle = keep_idle
+        self._idle: list[_Connection] = []
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self.stats = {"connects": 0, "requests": 0, "retries": 0}
+
+    async def request(self, content: bytes, timeout: float) -> ProvResponse:
+        """Send one request and return the decoded response.
+
+        Raises ``TimeoutError`` when no response came within ``timeout``
+        (connect and handshake included) and :class:`ProvisioningFailed`
+        (a ``ConnectionError``) for a refused or failed connection, a TLS or
+        certificate failure, or a malformed response.
+        """
+        async with asyncio.timeout(timeout), self._semaphore():
+            self.stats["requests"] += 1
+            conn = self._take_idle()
+            if conn is not None:
+                try:
+                    return await self._exchange(conn, content)
+                except ProvisioningFailed as exc:
+                    if not isinstance(exc.__cause__, ConnectionError | ssl.SSLError):
+                        raise
+                    # The server closed the idle connection meanwhile: retry fresh.
+                    self.stats["retries"] += 1
+            return await self._exchange(await self._connect(), content)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.writer.wait_closed(), 1)
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:  # a semaphore binds to its loop
+            self._slots = (loop, asyncio.Semaphore(self.max_connections))
+        return self._slots[1]
+
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.reusable():
+                return conn
+            conn.close()
+        return None
+
+    async def _exchange(self, conn: _Connection, content: bytes) -> ProvResponse:
+        try:
+            raw = await conn.exchange(content)
+            response = decode_response(raw)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, ConnectionError | ssl.SSLError | OSError):
+                raise ProvisioningFailed(f"{self._who()}: connection failed: {exc!r}") from exc
+            if isinstance(exc, WireError):
+                raise ProvisioningFailed(f"{self._who()}: malformed response: {exc}") from exc
+            raise
+        if self.keep_idle and conn.reusable():
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return response
+
+    async def _connect(self) -> _Connection:
+        self.stats["connects"] += 1
+        try:
+            reader, writer = await asyncio.open_connection(
+                self.host,
+                self.port,
+                ssl=self.ssl_context,
+                server_hostname=self.server_name or self.host,
+            )
+        except (ssl.SSLError, OSError) as exc:
+            # ssl.SSLCertVerificationError included: chain or stdlib name check.
+            raise ProvisioningFailed(f"{self._who()}: cannot connect: {exc!r}") from None
+        conn = _Connection(reader, writer)
+        try:
+            tls = writer.get_extra_info("ssl_object")
+            der = tls.getpeercert(binary_form=True) if tls is not None else None
+            if not der:
+                raise CertificateError("the server sent no certificate")
+            peername = writer.get_extra_info("peername")
+            # PROFILE §1 SAN rules, checked by hand whatever the stdlib checked.
+            check_hac_certificate(
+                der,
+                server_name=self.server_name,
+                connected_ip=peername[0] if peername else None,
+            )
+        except CertificateError as exc:
+            conn.close()
+            why = str(exc).removeprefix("HAC certificate: ")
+            raise ProvisioningFailed(f"{self._who()}: certificate refused: {why}") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+        return conn
+
+    def _who(self) -> str:
+        return f"{self.peer_label} {self.host}:{self.port}"
+
+
+# --------------------------------------------------------------------- pull
+
+
+async def pull_sa(cfg: PullConfig, spi: int, ha_id: str) -> IssuedSA | None:
+    """The HA's pull of an SPI it does not know (PROFILE §9).
+
+    Returns the SA, or None when the HAC answers ``unknown-spi`` (it holds no
+    live SA of that SPI for ``ha_id``).  Raises ``TimeoutError`` or
+    :class:`ProvisioningFailed` (a ``ConnectionError``).  One connection per
+    pull: pulls are rare (an HA restarted without a shared store).
+    """
+    client = ProvisioningClient(
+        cfg.host,
+        cfg.port,
+        server_name=cfg.server_name,
+        ssl_context=client_context(cfg.ca, cfg.cert, cfg.key),
+        peer_label="HAC",
+        max_connections=1,
+        keep_idle=False,
+    )
+    try:
+        response = await client.request(encode_pull(spi, ha_id), cfg.timeout)
+    finally:
+        await client.aclose()
+    if response.status == OK:
+        if response.issued is None or response.issued.sa.spi != spi:
+            raise ProvisioningFailed(f"HAC answered a pull of spi={spi} without that SA")
+        return response.issued
+    if response.status == BAD_REQUEST and response.reason == REASON_UNKNOWN_SPI:
+        return None
+    raise ProvisioningFailed(
+        f"HAC refused the pull of spi={spi}: {response.status} {response.reason or ''}".strip(),
+        response.status,
+    )
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    addr = writer.get_extra_info("peername")
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 2)

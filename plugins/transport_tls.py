@@ -1,0 +1,111 @@
+"""``tls`` HA provisioning transport: the network transport of PROFILE §9.
+
+The HAC (TLS client, with its client certificate) hands each new SA to the
+chosen HA (TLS server) as an ``install`` request and waits for
+``status-code: 200`` before it answers the MN; ``withdraw`` makes the HA
+forget an SA that must not stay live.  Messages: core/provisioning.py;
+connections: ``ProvisioningClient`` in core/roles/provserver.py (idle
+connections are kept and reused, one TLS handshake per burst rather than per
+SA).
+
+Options (the ``options`` table of an ``[[ha]]`` entry)::
+
+    host        = "192.0.2.10"       # the HA's provisioning listener
+    port        = 7873
+    server_name = "ha.example.net"   # optional: absent = the HA cert is checked by IP SAN
+    ca          = "ca.pem"           # CA of the HA's certificate (the only trust anchor)
+    cert        = "hac-client.pem"   # the HAC's client certificate ...
+    key         = "hac-client.key"   # ... and its key
+    timeout     = 5                  # seconds; the HAC's provisioning_timeout also bounds it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mipsec.core.errors import CertificateError
+from mipsec.core.hookspecs import Factory, PluginContext, hookimpl
+from mipsec.core.model import HomeAgentInfo, IssuedSA
+from mipsec.core.provisioning import (
+    OK,
+    ProvisioningFailed,
+    encode_install,
+    encode_withdraw,
+)
+from mipsec.core.roles.provserver import ProvisioningClient, client_context
+from mipsec.plugins._options import parse_options, resolve_path
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(min_length=1)
+    port: Annotated[int, Field(ge=1, le=65535)]
+    server_name: str | None = Field(default=None, min_length=1)
+    ca: str = Field(min_length=1)
+    cert: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 5.0
+
+
+class TlsTransport:
+    """One HA's provisioning client (the HAC builds one per ``[[ha]]`` entry)."""
+
+    def __init__(self, client: ProvisioningClient, timeout: float) -> None:
+        self.client = client
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"TlsTransport({self.client.host}:{self.client.port})"
+
+    async def provision(self, ha: HomeAgentInfo, issued: IssuedSA, timeout: float) -> None:
+        # The install names the HA it is meant for: the one this transport serves.
+        sa = dataclasses.replace(issued.sa, ha_id=ha.ha_id)
+        content = encode_install(IssuedSA(sa, issued.bootstrap))
+        await self._confirm(ha, "install", sa.spi, content, timeout)
+
+    async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:
+        await self._confirm(ha, "withdraw", spi, encode_withdraw(spi), timeout)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _confirm(
+        self, ha: HomeAgentInfo, op: str, spi: int, content: bytes, timeout: float
+    ) -> None:
+        response = await self.client.request(content, min(timeout, self.timeout))
+        if response.status != OK:
+            reason = f" ({response.reason})" if response.reason else ""
+            raise ProvisioningFailed(
+                f"HA {ha.ha_id} refused {op} of spi={spi}: {response.status}{reason}",
+                response.status,
+            )
+
+
+class TlsTransportFactory:
+    name = "tls"
+
+    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> TlsTransport:
+        opts = parse_options(_Options, options)
+        paths: dict[str, Path] = {
+            k: resolve_path(getattr(opts, k), ctx.base_dir) for k in ("ca", "cert", "key")
+        }
+        try:
+            ssl_context = client_context(paths["ca"], paths["cert"], paths["key"])
+        except CertificateError as exc:
+            key = "ca" if str(exc).startswith(str(paths["ca"])) else "cert"
+            raise ValueError(f"{key}: {exc}") from None
+        client = ProvisioningClient(
+            opts.host, opts.port, server_name=opts.server_name, ssl_context=ssl_context
+        )
+        return TlsTransport(client, opts.timeout)
+
+
+@hookimpl
+def mipsec_provisioning_transports() -> Sequence[Factory]:
+    return [TlsTransportFactory()]

@@ -1,0 +1,453 @@
+"""The HA role (mipsec.core.roles.ha) on real UDP sockets on 127.0.0.1.
+
+SQLite SA store and binding cache in tmp_path; the MN side is built from the
+codecs (OutboundSA/InboundSA, encode_mh/decode_mh), plus one run of the MN's
+own registration machine and one of the independent raw MN code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import rawha  # type: ignore[import-not-found]  # tests/integration/rawha.py
+
+from mipsec.core.config import HAConfig, ProvisioningListener
+from mipsec.core.hookspecs import PluginContext
+from mipsec.core.issuer import new_sa
+from mipsec.core.mn_registration import MnRegistration, Registered, Transmit
+from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
+from mipsec.core.roles.ha import HaService
+from mipsec.core.suites import SUITES, Suite
+from mipsec.core.wire.esp import NEXT_HEADER_MH, PTYPE_MH, InboundSA, OutboundSA
+from mipsec.core.wire.mh import BindingAck, BindingUpdate, decode_mh, encode_mh
+from mipsec.plugins.transport_local import LocalTransport
+
+T = TypeVar("T")
+HAA = IPv6Address("2001:db8::1")
+HOA = IPv6Address("2001:db8:1::10")
+MN_ID = "alice@home.example"
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def ha_config(tmp_path: Path, **extra: Any) -> HAConfig:
+    data: dict[str, Any] = {
+        "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0, "address6": str(HAA)},
+        "sa_store": {"backend": "sqlite", "path": str(tmp_path / "sa.sqlite")},
+        "bindings": {"path": str(tmp_path / "bindings.sqlite")},
+    }
+    data.update(extra)
+    return HAConfig.model_validate(data)
+
+
+def make_issued(
+    spi: int = 0x0ABCDE, suite: Suite = Suite.AES_128_CBC_SHA256, ha_id: str = "ha1"
+) -> IssuedSA:
+    now = datetime.now(UTC)
+    sa = new_sa(spi=spi, mn_id=MN_ID, suite=suite, scope=1, lifetime=600, now=now, ha_id=ha_id)
+    bs = BootstrapData(haa_ip6=HAA, ip6_hoa=HOA, ip4_hoa=IPv4Address("10.1.0.10"))
+    return IssuedSA(sa, bs)
+
+
+class MN:
+    """An MN on a real UDP socket, from the codecs alone."""
+
+    def __init__(self, issued: IssuedSA) -> None:
+        sa = issued.sa
+        info = SUITES[sa.suite]
+        self.out = OutboundSA(info, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.spi)
+        self.inb = InboundSA(info, sa.ha_to_mn_ikey, sa.ha_to_mn_ekey, sa.spi)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.bind(("127.0.0.1", 0))
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()
+        return host, port
+
+    def bu(self, seq: int, lifetime: int = 100) -> bytes:
+        mh = encode_mh(
+            BindingUpdate(sequence=seq, a=True, h=True, lifetime=lifetime), src=HOA, dst=HAA
+        )
+        return self.out.protect(PTYPE_MH, NEXT_HEADER_MH, mh)
+
+    async def send(self, datagram: bytes, ha: tuple[str, int]) -> None:
+        await asyncio.get_running_loop().sock_sendto(self.sock, datagram, ha)
+
+    async def recv(self, timeout: float = 5.0) -> bytes:
+        loop = asyncio.get_running_loop()
+        data, _ = await asyncio.wait_for(loop.sock_recvfrom(self.sock, 65535), timeout)
+        return data
+
+    async def register(self, seq: int, ha: tuple[str, int], lifetime: int = 100) -> BindingAck:
+        await self.send(self.bu(seq, lifetime), ha)
+        u = self.inb.unprotect(await self.recv())
+        assert (u.ptype, u.next_header) == (PTYPE_MH, NEXT_HEADER_MH)
+        decoded = decode_mh(u.payload, src=HAA, dst=HOA)
+        assert decoded.checksum_ok
+        assert isinstance(decoded.message, BindingAck)
+        return decoded.message
+
+    async def nothing(self, timeout: float = 0.3) -> bool:
+        try:
+            await self.recv(timeout)
+        except TimeoutError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_bu_over_udp_gets_ba_status_0(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        assert len(addrs) == 1 and addrs[0][0] == "127.0.0.1" and addrs[0][1] > 0
+        issued = make_issued()
+        await svc.install_sa(issued)
+        mn = MN(issued)
+        datagram = mn.bu(1)
+        with caplog.at_level(logging.INFO, logger="mipsec.ha"):
+            await mn.send(datagram, addrs[0])
+            u = mn.inb.unprotect(await mn.recv())
+        ba = decode_mh(u.payload, src=HAA, dst=HOA).message
+        assert isinstance(ba, BindingAck)
+        assert (ba.status, ba.sequence, ba.lifetime) == (0, 1, 100)
+        b = svc.core.binding(str(HOA))
+        assert b is not None and b.coa == mn.addr and b.spi == issued.sa.spi
+        lines = [r.getMessage() for r in caplog.records if "binding" in r.getMessage()]
+        assert lines == [
+            f"binding added hoa={HOA} coa={mn.addr[0]}:{mn.addr[1]} lifetime=400 "
+            f"spi={issued.sa.spi}"
+        ]
+        # A replay of the same datagram, or a protected non-MH, gets nothing back.
+        await mn.send(datagram, addrs[0])
+        assert await mn.nothing()
+        await mn.send(mn.out.protect(PTYPE_MH, NEXT_HEADER_MH, b"x"), addrs[0])
+        assert await mn.nothing()
+        assert svc.stats()["drops"] == {"replay": 1, "malformed": 1}
+        assert svc.stats()["ba"] == {0: 1}
+        # A refresh from the same address is logged at DEBUG only.
+        with caplog.at_level(logging.INFO, logger="mipsec.ha"):
+            caplog.clear()
+            assert (await mn.register(2, addrs[0])).status == 0
+        assert not [r for r in caplog.records if "binding" in r.getMessage()]
+        mn.close()
+        await svc.stop()
+
+    run(main())
+
+
+def test_restart_between_install_and_bu(tmp_path: Path) -> None:
+    async def main() -> None:
+        issued = make_issued()
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        await svc.install_sa(issued)
+        await svc.stop()
+
+        svc2 = HaService(ha_config(tmp_path))
+        addrs = await svc2.start()
+        assert svc2.core.has_spi(issued.sa.spi)  # reloaded from the SA store
+        mn = MN(issued)
+        ba = await mn.register(7, addrs[0])
+        assert ba.status == 0
+        mn.close()
+        await svc2.stop()
+
+    run(main())
+
+
+def test_binding_survives_restart(tmp_path: Path) -> None:
+    async def main() -> None:
+        issued = make_issued(suite=Suite.AES_128_CBC_SHA)
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        await svc.install_sa(issued)
+        mn = MN(issued)
+        replayed = mn.bu(1)
+        await mn.send(replayed, addrs[0])
+        await mn.recv()
+        first = mn.bu(2)  # recorded, sent only after the restart
+        await svc.stop()
+
+        svc2 = HaService(ha_config(tmp_path))
+        addrs = await svc2.start()
+        b = svc2.core.binding(str(HOA))
+        assert b is not None and (b.coa, b.sequence) == (mn.addr, 1)
+        # The MN goes on: its next BU is accepted and the BA passes its
+        # replay window (the HA's counter resumed above what it had sent).
+        assert (await mn.register(3, addrs[0])).status == 0
+        # A BU older than the binding's (delayed across the restart) is
+        # refused with 135 and the last accepted sequence number.
+        await mn.send(first, addrs[0])
+        ba = decode_mh(mn.inb.unprotect(await mn.recv()).payload, src=HAA, dst=HOA).message
+        assert isinstance(ba, BindingAck) and (ba.status, ba.sequence) == (135, 3)
+        # And the first BU, replayed, is dropped as a replay.
+        await mn.send(replayed, addrs[0])
+        assert await mn.nothing()
+        assert svc2.stats()["drops"] == {"replay": 1}
+        mn.close()
+        await svc2.stop()
+
+    run(main())
+
+
+def test_local_transport_and_withdraw(tmp_path: Path) -> None:
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        issued = make_issued()
+        ha = HomeAgentInfo("ha1", HAA)
+        await LocalTransport().provision(ha, issued, 1.0)  # model 1: same process
+        assert svc.core.has_spi(issued.sa.spi)
+        mn = MN(issued)
+        assert (await mn.register(1, addrs[0])).status == 0
+        await LocalTransport().withdraw(ha, issued.sa.spi, 1.0)
+        assert not svc.core.has_spi(issued.sa.spi)
+        assert svc.core.binding(str(HOA)) is None
+        assert svc.store.get(issued.sa.spi, datetime.now(UTC)) is None
+        await mn.send(mn.bu(2), addrs[0])
+        assert await mn.nothing()
+        assert svc.stats()["drops"] == {"unknown_spi": 1}
+        mn.close()
+        await svc.stop()
+        # After stop the local receiver is gone: provisioning confirms without delivery.
+        await LocalTransport().provision(ha, make_issued(spi=77), 1.0)
+
+    run(main())
+
+
+def test_install_refuses_other_ha_and_expired(tmp_path: Path) -> None:
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        with pytest.raises(ValueError, match="ha_id"):
+            await svc.install_sa(make_issued(ha_id="ha2"))
+        with pytest.raises(ValueError, match="ha_id"):
+            await svc.install_sa(make_issued(), "ha2")
+        old = make_issued()
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        expired = IssuedSA(dataclasses.replace(old.sa, validity_end=past), old.bootstrap)
+        with pytest.raises(ValueError, match="expired"):
+            await svc.install_sa(expired)
+        assert svc.stats()["sas"] == 0
+        # Installing the same SA twice is idempotent (HAC retries).
+        issued = make_issued()
+        await svc.install_sa(issued)
+        await svc.install_sa(issued, "ha1")
+        assert svc.stats()["sas"] == 1
+        await svc.stop()
+
+    run(main())
+
+
+def test_pull_unknown_spi(tmp_path: Path) -> None:
+    issued = make_issued(spi=0x1111)
+    asked: list[int] = []
+
+    async def puller(spi: int) -> IssuedSA | None:
+        asked.append(spi)
+        await asyncio.sleep(0.01)
+        return issued if spi == issued.sa.spi else None
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path), puller=puller)
+        addrs = await svc.start()
+        mn = MN(issued)
+        # Unknown SPI: pulled, installed, then the very same datagram is answered.
+        assert (await mn.register(1, addrs[0])).status == 0
+        assert asked == [issued.sa.spi] and svc.core.has_spi(issued.sa.spi)
+        assert svc.store.get(issued.sa.spi, datetime.now(UTC)) is not None
+        # A stranger's SPI: one pull, then the negative cache answers.
+        stranger = MN(make_issued(spi=0x2222))
+        for seq in range(3):
+            await stranger.send(stranger.bu(seq), addrs[0])
+            assert await stranger.nothing(0.2)
+        assert asked == [issued.sa.spi, 0x2222]
+        assert svc.stats()["drops"] == {"unknown_spi": 3}
+        assert svc.stats()["pulls"] == 2 and svc.stats()["pulls_refused"] == 1
+        mn.close()
+        stranger.close()
+        await svc.stop()
+
+    run(main())
+
+
+def test_pull_flood_is_rate_limited(tmp_path: Path) -> None:
+    asked: list[int] = []
+
+    async def puller(spi: int) -> IssuedSA | None:
+        asked.append(spi)
+        return None
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path), puller=puller)
+        addrs = await svc.start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for spi in range(1, 301):
+            sock.sendto(((8 << 28) | spi).to_bytes(4, "big") + bytes(60), addrs[0])
+        sock.close()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if svc.stats()["packets"] >= 300 and not svc.stats()["pulls_in_flight"]:
+                break
+        assert svc.stats()["packets"] == 300
+        assert len(asked) <= 60  # burst 50 plus what the bucket refilled meanwhile
+        assert svc.stats()["drops"]["unknown_spi"] == 300
+        await svc.stop()
+
+    run(main())
+
+
+def test_mn_registration_machine_against_the_ha(tmp_path: Path) -> None:
+    """The project's own MN registration machine interoperates with the HA."""
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        issued = make_issued(suite=Suite.DES3_EDE_CBC_SHA)
+        await svc.install_sa(issued)
+        reg = MnRegistration(issued, now=time.monotonic(), wall_now=datetime.now(UTC), lifetime=60)
+        mn = MN(issued)
+        for action in reg.start(time.monotonic()):
+            assert isinstance(action, Transmit)
+            await mn.send(action.datagram, addrs[0])
+        outcome = reg.receive(await mn.recv(), time.monotonic())
+        assert len(outcome) == 1 and isinstance(outcome[0], Registered)
+        assert outcome[0].status == 0 and outcome[0].lifetime == 60
+        assert outcome[0].ip4_hoa == IPv4Address("10.1.0.10")  # DSMIP6 option 29 -> 30
+        b = svc.core.binding(str(HOA))
+        assert b is not None and b.ip4_hoa == "10.1.0.10"
+        for action in reg.deregister(time.monotonic()):
+            assert isinstance(action, Transmit)
+            await mn.send(action.datagram, addrs[0])
+        outcome = reg.receive(await mn.recv(), time.monotonic())
+        assert isinstance(outcome[0], Registered) and outcome[0].lifetime == 0
+        assert svc.core.binding(str(HOA)) is None
+        mn.close()
+        await svc.stop()
+
+    run(main())
+
+
+def test_independent_raw_mn_against_the_ha(tmp_path: Path) -> None:
+    """Black box: packet code written without mipsec (tests/integration/rawha.py)."""
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        issued = make_issued(suite=Suite.NULL_SHA256)
+        await svc.install_sa(issued)
+        sa = issued.sa
+        raw = rawha.RawSA(
+            SUITES[sa.suite].token, sa.spi, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey,
+            sa.ha_to_mn_ikey, sa.ha_to_mn_ekey,
+        )  # fmt: skip
+        mn = MN(issued)
+        await mn.send(raw.protect(rawha.binding_update(42, 10, str(HOA), str(HAA))), addrs[0])
+        seq, nh, payload = raw.unprotect(await mn.recv())
+        assert (seq, nh) == (0, 135)
+        assert rawha.checksum(str(HAA), str(HOA), payload) == 0
+        assert rawha.parse_ba(payload) == {"status": 0, "k": 0, "sequence": 42, "lifetime": 10}
+        mn.close()
+        await svc.stop()
+
+    run(main())
+
+
+def test_provisioning_over_tls_then_bu(tmp_path: Path) -> None:
+    """PROFILE §9: the HAC's ``tls`` transport installs the SA; the MN registers."""
+    from mipsec.core.pki import init_pki
+    from mipsec.plugins.transport_tls import TlsTransportFactory
+
+    pki = init_pki(tmp_path / "pki")
+    listener = ProvisioningListener(
+        port=1,
+        cert=pki.ha_cert,
+        key=pki.ha_key,
+        client_ca=pki.ca_cert,
+        client_names=("hac.mipsec.test",),
+    ).model_copy(update={"port": 0})
+
+    async def main() -> None:
+        cfg = ha_config(tmp_path).model_copy(update={"provisioning": listener})
+        svc = HaService(cfg)
+        addrs = await svc.start()
+        assert svc._provisioning is not None
+        prov_port = svc._provisioning.addresses[0][1]
+        transport = TlsTransportFactory().create(
+            {
+                "host": "127.0.0.1",
+                "port": prov_port,
+                "server_name": "ha.mipsec.test",
+                "ca": str(pki.ca_cert),
+                "cert": str(pki.hac_client_cert),
+                "key": str(pki.hac_client_key),
+            },
+            PluginContext("hac", tmp_path),
+        )
+        issued = make_issued()
+        await transport.provision(HomeAgentInfo("ha1", HAA, transport="tls"), issued, 5.0)
+        assert svc.core.has_spi(issued.sa.spi)
+        mn = MN(issued)
+        assert (await mn.register(1, addrs[0])).status == 0
+        await transport.withdraw(HomeAgentInfo("ha1", HAA, transport="tls"), issued.sa.spi, 5.0)
+        assert not svc.core.has_spi(issued.sa.spi)
+        aclose = getattr(transport, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        mn.close()
+        await svc.stop()
+
+    run(main())
+
+
+def test_cli_runs_the_ha_role(tmp_path: Path) -> None:
+    conf = tmp_path / "ha.toml"
+    conf.write_text(
+        '[ha]\nid = "ha1"\nlisten = ["127.0.0.1"]\nport = 0\n'
+        '[sa_store]\nbackend = "sqlite"\npath = "sa.sqlite"\n'
+        '[bindings]\npath = "bindings.sqlite"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mipsec.core.cli", "--role", "ha", "--config", str(conf)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 20
+        while "listening" not in seen and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+        assert "HA ha1 listening on 127.0.0.1:" in seen, seen
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "bindings.sqlite").exists() and (tmp_path / "sa.sqlite").exists()

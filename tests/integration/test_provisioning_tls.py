@@ -1,0 +1,573 @@
+"""PROFILE §9 provisioning over real mutual TLS on 127.0.0.1: ProvisioningServer,
+the ``tls`` transport, pull_sa, and HacService using them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv6Address
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from mipsec.core.config import HACConfig, ProvisioningListener, PullConfig, validate_config
+from mipsec.core.hookspecs import PluginContext
+from mipsec.core.issuer import new_sa
+from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
+from mipsec.core.pki import PkiPaths, init_pki
+from mipsec.core.provisioning import (
+    ProvisioningFailed,
+    decode_response,
+    encode_install,
+    encode_withdraw,
+)
+from mipsec.core.roles.hac import HacService, IssueFailure
+from mipsec.core.roles.provserver import (
+    MAX_CONNECTIONS,
+    ProvisioningClient,
+    ProvisioningServer,
+    client_context,
+    pull_sa,
+)
+from mipsec.core.suites import Suite
+from mipsec.core.tls import mn_client_context
+from mipsec.core.wire.container import ContainerDecoder, encode_container
+from mipsec.plugins.transport_tls import TlsTransport, TlsTransportFactory
+
+T = TypeVar("T")
+HA = HomeAgentInfo("ha1", IPv6Address("2001:db8::1"), transport="tls")
+MN_ID = "alice@home.example"
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
+    return init_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
+    return init_pki(tmp_path_factory.mktemp("other"))
+
+
+def ha_listener(pki: PkiPaths, **kw: Any) -> ProvisioningListener:
+    """The HA's listener; port 0 (ephemeral) set after validation."""
+    cfg = ProvisioningListener(
+        port=1,
+        cert=pki.ha_cert,
+        key=pki.ha_key,
+        client_ca=pki.ca_cert,
+        client_names=("hac.mipsec.test",),
+        **kw,
+    )
+    return cfg.model_copy(update={"port": 0})
+
+
+def hac_listener(pki: PkiPaths) -> ProvisioningListener:
+    cfg = ProvisioningListener(
+        port=1,
+        cert=pki.hac_cert,
+        key=pki.hac_key,
+        client_ca=pki.ca_cert,
+        client_names=("ha.mipsec.test",),
+    )
+    return cfg.model_copy(update={"port": 0})
+
+
+def transport(pki: PkiPaths, port: int, **kw: Any) -> TlsTransport:
+    options: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "server_name": "ha.mipsec.test",
+        "ca": str(pki.ca_cert),
+        "cert": str(pki.hac_client_cert),
+        "key": str(pki.hac_client_key),
+    }
+    options.update(kw)
+    options = {k: v for k, v in options.items() if v is not None}
+    return TlsTransportFactory().create(options, PluginContext("hac", pki.ca_cert.parent))
+
+
+def make_issued(spi: int = 4660, suite: Suite = Suite.AES_128_CBC_SHA) -> IssuedSA:
+    now = datetime.now(UTC)
+    sa = new_sa(spi=spi, mn_id=MN_ID, suite=suite, scope=1, lifetime=600, now=now, ha_id="ha1")
+    return IssuedSA(sa, BootstrapData(haa_ip6=IPv6Address("2001:db8::1")))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.installed: list[tuple[IssuedSA, str]] = []
+        self.withdrawn: list[int] = []
+        self.sas: dict[int, IssuedSA] = {}
+
+    async def install(self, issued: IssuedSA, ha_id: str) -> None:
+        self.installed.append((issued, ha_id))
+
+    async def withdraw(self, spi: int) -> None:
+        self.withdrawn.append(spi)
+
+    async def pull(self, spi: int, ha_id: str) -> IssuedSA | None:
+        return self.sas.get(spi)
+
+
+async def serving(
+    cfg: ProvisioningListener, rec: Recorder, body: Callable[[int], Awaitable[T]], **kw: Any
+) -> T:
+    kw.setdefault("on_install", rec.install)
+    kw.setdefault("on_withdraw", rec.withdraw)
+    server = ProvisioningServer(cfg, **kw)
+    (_, port), *_ = await server.start()
+    try:
+        return await body(port)
+    finally:
+        await server.stop()
+
+
+async def raw_exchange(pki: PkiPaths, port: int, data: bytes) -> tuple[list[Any], bytes]:
+    """Send raw octets with the HAC client certificate; read until the server closes."""
+    ctx = client_context(pki.ca_cert, pki.hac_client_cert, pki.hac_client_key)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="ha.mipsec.test"
+    )
+    writer.write(data)
+    await writer.drain()
+    received = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return ContainerDecoder().feed(received), received
+
+
+# ----------------------------------------------------------- install/withdraw
+
+
+def test_install_withdraw_round_trip_reuses_one_connection(
+    pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder()
+    issued = make_issued()
+
+    async def body(port: int) -> TlsTransport:
+        t = transport(pki, port)
+        await t.provision(HA, issued, 5)
+        await t.withdraw(HA, issued.sa.spi, 5)
+        await t.provision(HA, make_issued(spi=99, suite=Suite.NULL_SHA), 5)
+        await t.aclose()
+        return t
+
+    caplog.set_level(logging.INFO, logger="mipsec.provisioning")
+    t = run(serving(ha_listener(pki), rec, body))
+    assert rec.installed[0] == (issued, "ha1")
+    got = rec.installed[0][0].sa
+    assert got.mn_to_ha_ekey == issued.sa.mn_to_ha_ekey and got.ha_id == "ha1"
+    assert rec.installed[1][0].sa.mn_to_ha_ekey == b""  # NULL suite: no ekeys
+    assert rec.withdrawn == [4660]
+    assert t.client.stats["connects"] == 1 and t.client.stats["requests"] == 3
+    # One log line per operation, never a key.
+    assert "op=install spi=4660 mn_id=alice@home.example ha_id=ha1 result=200" in caplog.text
+    assert "op=withdraw spi=4660" in caplog.text
+    for key in (issued.sa.mn_to_ha_ikey, issued.sa.ha_to_mn_ekey):
+        assert key.hex() not in caplog.text
+
+
+def test_server_context_policy(pki: PkiPaths) -> None:
+    ctx = ProvisioningServer(ha_listener(pki)).ssl_context
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION
+    assert all(c["aead"] for c in ctx.get_ciphers())
+
+
+def test_concurrent_installs(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> TlsTransport:
+        t = transport(pki, port)
+        await asyncio.gather(*(t.provision(HA, make_issued(spi=i), 5) for i in range(1, 41)))
+        await t.aclose()
+        return t
+
+    t = run(serving(ha_listener(pki), rec, body))
+    assert sorted(i.sa.spi for i, _ in rec.installed) == list(range(1, 41))
+    assert t.client.stats["connects"] <= MAX_CONNECTIONS  # the pool bounds them
+
+
+def test_new_connection_after_255_exchanges(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> TlsTransport:
+        t = transport(pki, port)
+        for spi in range(1, 301):
+            await t.withdraw(HA, spi, 5)
+        await t.aclose()
+        return t
+
+    t = run(serving(ha_listener(pki), rec, body))
+    assert rec.withdrawn == list(range(1, 301))
+    # The Identifier is one octet (PROFILE §2): a 256th exchange needs a new session.
+    assert t.client.stats["connects"] == 2
+
+
+def test_reconnects_after_the_server_closed_an_idle_connection(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> TlsTransport:
+        t = transport(pki, port)
+        await t.provision(HA, make_issued(spi=1), 5)
+        await asyncio.sleep(0.6)  # > the server's read timeout: it closes the connection
+        await t.provision(HA, make_issued(spi=2), 5)
+        await t.aclose()
+        return t
+
+    t = run(serving(ha_listener(pki, timeout=0.2), rec, body))
+    assert [i.sa.spi for i, _ in rec.installed] == [1, 2]
+    assert t.client.stats["connects"] == 2
+
+
+def test_ha_failure_is_500_and_a_connection_error(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def broken(issued: IssuedSA, ha_id: str) -> None:
+        raise RuntimeError("disk full")
+
+    async def body(port: int) -> None:
+        t = transport(pki, port)
+        with pytest.raises(ProvisioningFailed) as info:
+            await t.provision(HA, make_issued(), 5)
+        assert info.value.status == 500
+        await t.withdraw(HA, 4660, 5)  # the same connection still serves
+        await t.aclose()
+
+    run(serving(ha_listener(pki), rec, body, on_install=broken))
+    assert rec.withdrawn == [4660]
+
+
+# ------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize("tls", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_client_without_certificate_refused(pki: PkiPaths, tls: ssl.TLSVersion) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> None:
+        ctx = mn_client_context(pki.ca_cert)
+        ctx.maximum_version = tls
+        client = ProvisioningClient(
+            "127.0.0.1", port, server_name="ha.mipsec.test", ssl_context=ctx
+        )
+        with pytest.raises(ConnectionError):
+            await client.request(encode_install(make_issued()), 5)
+        await client.aclose()
+
+    run(serving(ha_listener(pki), rec, body))
+    assert rec.installed == []
+
+
+def test_client_certificate_from_another_ca_refused(pki: PkiPaths, other_pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> None:
+        t = transport(
+            pki, port, cert=str(other_pki.hac_client_cert), key=str(other_pki.hac_client_key)
+        )
+        with pytest.raises(ConnectionError):
+            await t.provision(HA, make_issued(), 5)
+        await t.aclose()
+
+    run(serving(ha_listener(pki), rec, body))
+    assert rec.installed == []
+
+
+def test_client_with_wrong_san_refused(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> None:
+        # The HA's own certificate is a valid client certificate of the same CA,
+        # but its dNSName is ha.mipsec.test, not one of client_names.
+        t = transport(pki, port, cert=str(pki.ha_cert), key=str(pki.ha_key))
+        with pytest.raises(ConnectionError):
+            await t.provision(HA, make_issued(), 5)
+        await t.aclose()
+
+    run(serving(ha_listener(pki), rec, body))
+    assert rec.installed == []
+
+
+def test_ha_certificate_checked_by_name_or_ip_san(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> None:
+        wrong = transport(pki, port, server_name="other.mipsec.test")
+        with pytest.raises(ConnectionError, match="certificate"):
+            await wrong.provision(HA, make_issued(spi=1), 5)
+        by_ip = transport(pki, port, server_name=None)  # iPAddress SAN 127.0.0.1
+        await by_ip.provision(HA, make_issued(spi=2), 5)
+        for t in (wrong, by_ip):
+            await t.aclose()
+
+    run(serving(ha_listener(pki), rec, body))
+    assert [i.sa.spi for i, _ in rec.installed] == [2]
+
+
+def test_ha_not_listening_is_connection_error(pki: PkiPaths) -> None:
+    async def body() -> None:
+        t = transport(pki, free_port())
+        with pytest.raises(ConnectionError):
+            await t.provision(HA, make_issued(), 30)
+        with pytest.raises(ConnectionError):
+            await t.withdraw(HA, 4660, 30)
+
+    run(body())
+
+
+@pytest.mark.parametrize("handshake", [True, False])
+def test_ha_that_never_answers_is_timeout(pki: PkiPaths, handshake: bool) -> None:
+    async def body() -> None:
+        done = asyncio.Event()
+        handlers: list[asyncio.Task[Any]] = []
+
+        async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+            await done.wait()  # accept, read nothing, answer nothing
+            writer.close()
+
+        ctx = ProvisioningServer(ha_listener(pki)).ssl_context if handshake else None
+        server = await asyncio.start_server(hang, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        t = transport(pki, port, timeout=0.5)
+        with pytest.raises(TimeoutError):
+            await t.provision(HA, make_issued(), 30)  # the option's 0.5 s bounds it
+        with pytest.raises(TimeoutError):
+            await t.withdraw(HA, 1, 0.3)
+        await t.aclose()
+        server.close()
+        done.set()
+        await asyncio.gather(*handlers)
+
+    run(body())
+
+
+# ------------------------------------------------------------ malformed input
+
+
+def test_malformed_request_gets_400_and_the_server_keeps_serving(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> list[list[Any]]:
+        dup = b"prov-op: withdraw\r\nmip6-spi: 1\r\nmip6-spi: 2\r\n\r\n"
+        out = []
+        for data in (
+            encode_container(1, dup),  # duplicate header (PROFILE §3)
+            encode_container(2, encode_withdraw(5)),  # Identifier must start at 1
+            b"\x01\x03\x00\x05hello",  # Rsrvd bits set: answered with Identifier 3
+            encode_container(1, encode_withdraw(5)) + encode_container(1, encode_withdraw(6)),
+        ):
+            containers, _ = await raw_exchange(pki, port, data)
+            out.append(containers)
+        # A request without an answerable Identifier is closed without a response.
+        assert (await raw_exchange(pki, port, b"\x00\x00\x00\x05hello"))[1] == b""
+        t = transport(pki, port)
+        await t.provision(HA, make_issued(), 5)
+        await t.aclose()
+        return out
+
+    out = run(serving(ha_listener(pki), rec, body))
+    for containers, identifier in zip(out[:3], (1, 2, 3), strict=True):
+        (c,) = containers
+        assert c.identifier == identifier
+        r = decode_response(c.content)
+        assert (r.status, r.reason) == (400, "malformed")
+    first, second = out[3]
+    assert decode_response(first.content).status == 200
+    assert (second.identifier, decode_response(second.content).status) == (1, 400)
+    assert rec.withdrawn == [5] and len(rec.installed) == 1
+
+
+def test_unserved_operation_is_400(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> None:
+        # An install sent to a pull-only server (the HAC's).
+        client = ProvisioningClient(
+            "127.0.0.1",
+            port,
+            server_name="hac.mipsec.test",
+            ssl_context=client_context(pki.ca_cert, pki.ha_cert, pki.ha_key),
+        )
+        r = await client.request(encode_install(make_issued()), 5)
+        assert (r.status, r.reason) == (400, "unsupported-op")
+        await client.aclose()
+
+    run(serving(hac_listener(pki), rec, body, on_install=None, on_withdraw=None, on_pull=rec.pull))
+
+
+# -------------------------------------------------------------------- pull
+
+
+def pull_cfg(pki: PkiPaths, port: int, **kw: Any) -> PullConfig:
+    args: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "server_name": "hac.mipsec.test",
+        "ca": pki.ca_cert,
+        "cert": pki.ha_cert,
+        "key": pki.ha_key,
+    }
+    args.update(kw)
+    return PullConfig(**args)
+
+
+def test_pull_known_and_unknown_spi(pki: PkiPaths) -> None:
+    rec = Recorder()
+    issued = make_issued(spi=77)
+    rec.sas[77] = issued
+
+    async def body(port: int) -> tuple[IssuedSA | None, IssuedSA | None]:
+        cfg = pull_cfg(pki, port)
+        return await pull_sa(cfg, 77, "ha1"), await pull_sa(cfg, 78, "ha1")
+
+    known, unknown = run(
+        serving(hac_listener(pki), rec, body, on_install=None, on_withdraw=None, on_pull=rec.pull)
+    )
+    assert known == issued and unknown is None
+
+
+def test_pull_from_nothing_listening_is_connection_error(pki: PkiPaths) -> None:
+    with pytest.raises(ConnectionError):
+        run(pull_sa(pull_cfg(pki, free_port()), 1, "ha1"))
+
+
+# ------------------------------------------------------- HacService in-process
+
+
+def hac_config(
+    tmp: Path, pki: PkiPaths, ha_port: int, *, pull_port: int | None = None
+) -> HACConfig:
+    creds = tmp / "credentials.toml"
+    creds.write_text(f'[[mn]]\nmn_id = "{MN_ID}"\npsk_hex = "{"00" * 32}"\n')
+    data: dict[str, Any] = {
+        "hac": {
+            "listen": ["127.0.0.1"],
+            "port": free_port(),
+            "cert": str(pki.hac_cert),
+            "key": str(pki.hac_key),
+            "provisioning_timeout": 3,
+        },
+        "credentials": {"backend": "toml", "path": str(creds)},
+        "sa_store": {"backend": "memory"},
+        "home_addresses": {"allocator": "pool", "ip6_prefix": "2001:db8:1::/64"},
+        "ha": [
+            {
+                "id": "ha1",
+                "address6": "2001:db8::1",
+                "transport": "tls",
+                "options": {
+                    "host": "127.0.0.1",
+                    "port": ha_port,
+                    "server_name": "ha.mipsec.test",
+                    "ca": str(pki.ca_cert),
+                    "cert": "hac-client.pem",  # relative: resolved by the config loader
+                    "key": "hac-client.key",
+                },
+            }
+        ],
+    }
+    if pull_port is not None:
+        data["provisioning"] = {
+            "port": pull_port,
+            "cert": str(pki.hac_cert),
+            "key": str(pki.hac_key),
+            "client_ca": str(pki.ca_cert),
+            "client_names": ["ha.mipsec.test"],
+        }
+    cfg = validate_config(data, "hac", base=pki.ca_cert.parent)
+    assert isinstance(cfg, HACConfig)
+    return cfg
+
+
+def test_hac_provisions_over_tls_and_serves_pull(tmp_path: Path, pki: PkiPaths) -> None:
+    rec = Recorder()
+    pull_port = free_port()
+
+    async def body(port: int) -> tuple[IssuedSA, list[Any]]:
+        hac = HacService(hac_config(tmp_path, pki, port, pull_port=pull_port))
+        await hac.start()
+        try:
+            issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            spi = issued.sa.spi
+            cfg = pull_cfg(pki, pull_port)
+            pulled = [
+                await pull_sa(cfg, spi, "ha1"),
+                await pull_sa(cfg, spi, "ha2"),  # another HA's SPI: refused like unknown
+                await pull_sa(cfg, spi % 268435455 + 1, "ha1"),
+            ]
+        finally:
+            await hac.stop()
+        return issued, pulled
+
+    issued, pulled = run(serving(ha_listener(pki), rec, body))
+    assert rec.installed == [(issued, "ha1")]
+    assert issued.sa.ha_id == "ha1" and issued.bootstrap.ip6_hoa is not None
+    assert pulled == [issued, None, None]
+
+
+@pytest.mark.parametrize("ha", ["down", "refuses"])
+def test_hac_gets_504_and_keeps_nothing_when_the_ha_does_not_confirm(
+    tmp_path: Path, pki: PkiPaths, ha: str
+) -> None:
+    rec = Recorder()
+
+    async def refuse(issued: IssuedSA, ha_id: str) -> None:
+        raise RuntimeError("refused")
+
+    async def attempt(port: int) -> tuple[int, list[IssuedSA]]:
+        hac = HacService(hac_config(tmp_path, pki, port))
+        try:
+            with pytest.raises(IssueFailure) as info:
+                await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA, 1)
+            live = hac.store.live(datetime.now(UTC) - timedelta(seconds=1))
+        finally:
+            await hac.stop()
+        return info.value.status, live
+
+    if ha == "down":
+        status, live = run(attempt(free_port()))
+    else:
+        status, live = run(serving(ha_listener(pki), rec, attempt, on_install=refuse))
+        assert len(rec.withdrawn) == 1  # the HAC told the HA to forget it
+    assert status == 504
+    assert live == []  # nothing half-provisioned
+
+
+def test_factory_validates_options(pki: PkiPaths, tmp_path: Path) -> None:
+    ctx = PluginContext("hac", tmp_path)
+    good = {
+        "host": "127.0.0.1",
+        "port": 7873,
+        "ca": str(pki.ca_cert),
+        "cert": str(pki.hac_client_cert),
+        "key": str(pki.hac_client_key),
+    }
+    assert TlsTransportFactory().create(good, ctx).timeout == 5.0
+    for bad, key in (
+        ({**good, "colour": "red"}, "colour"),
+        ({k: v for k, v in good.items() if k != "host"}, "host"),
+        ({**good, "port": 0}, "port"),
+        ({**good, "timeout": -1}, "timeout"),
+        ({**good, "ca": str(tmp_path / "missing.pem")}, "ca"),
+        ({**good, "key": str(pki.ha_key)}, "cert"),  # key does not match the certificate
+    ):
+        with pytest.raises(ValueError, match=rf"^{key}: "):
+            TlsTransportFactory().create(bad, ctx)
