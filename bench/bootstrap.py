@@ -295,7 +295,7 @@ def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads in this process
+            preexec_fn=_die_with_parent,
         )
 
 

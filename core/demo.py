@@ -50,7 +50,10 @@ def _launcher() -> list[str]:
 def _start(role: str, config: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*_launcher(), "--role", role, "--config", config],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
     )
 
 
@@ -75,26 +78,44 @@ def run_demo() -> int:
         lab = Path(tmp)
         hac_port, ha_port = free_port(), free_port()
         info = init_lab(lab, hac_port=hac_port, ha_port=ha_port)
-        say(f"lab created in {lab}: test CA, HAC certificate for {info['hac']['server_name']}"
-            f" and 127.0.0.1, MN {info['mn']['mn_id']} with a random 32-octet PSK")
+        say(
+            f"lab created in {lab}: test CA, HAC certificate for {info['hac']['server_name']}"
+            f" and 127.0.0.1, MN {info['mn']['mn_id']} with a random 32-octet PSK"
+        )
         procs: dict[str, subprocess.Popen[str]] = {}
         try:
             procs["ha"] = _start("ha", info["ha"]["config"])
-            say(f"HA starting (pid {procs['ha'].pid}): Binding Updates on UDP {ha_port}, "
-                f"SA provisioning over mutually authenticated TLS on TCP {ha_port}")
+            say(
+                f"HA starting (pid {procs['ha'].pid}): Binding Updates on UDP {ha_port}, "
+                f"SA provisioning over mutually authenticated TLS on TCP {ha_port}"
+            )
             if not wait_for_port("127.0.0.1", ha_port, 20, procs["ha"]):
                 return _failed("the HA did not start", procs)
             procs["hac"] = _start("hac", info["hac"]["config"])
-            say(f"HAC starting (pid {procs['hac'].pid}): TLS on 127.0.0.1:{hac_port}; "
-                "it provisions SAs to the HA with the 'tls' transport")
+            say(
+                f"HAC starting (pid {procs['hac'].pid}): TLS on 127.0.0.1:{hac_port}; "
+                "it provisions SAs to the HA with the 'tls' transport"
+            )
             if not wait_for_port("127.0.0.1", hac_port, 20, procs["hac"]):
                 return _failed("the HAC did not start", procs)
-            say("MN bootstrapping: TLS to the HAC, certificate checked (SAN, CA), "
-                "PSK exchange bound to tls-server-end-point")
+            say(
+                "MN bootstrapping: TLS to the HAC, certificate checked (SAN, CA), "
+                "PSK exchange bound to tls-server-end-point"
+            )
             mn = subprocess.run(
-                [*_launcher(), "--role", "mn", "--config", info["mn"]["config"], "--once",
-                 "--json"],
-                capture_output=True, text=True, timeout=90, env=dict(os.environ),
+                [
+                    *_launcher(),
+                    "--role",
+                    "mn",
+                    "--config",
+                    info["mn"]["config"],
+                    "--once",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=90,
+                env=dict(os.environ),
             )
             try:
                 result = json.loads(mn.stdout.strip().splitlines()[-1])
@@ -105,10 +126,12 @@ def run_demo() -> int:
                 say(f"bootstrap FAILED: status {result.get('status')}: {result.get('reason')}")
                 return 1
             sa = result["sa"]
-            say(f"HAC answered status 200 once the HA had confirmed the SA: SPI {sa['spi']}, "
+            say(
+                f"HAC answered status 200 once the HA had confirmed the SA: SPI {sa['spi']}, "
                 f"suite {sa['suite']} {sa['suite_id']}, scope {sa['scope']} "
                 f"({'signalling and data' if sa['scope'] else 'signalling only'}), "
-                f"valid until {sa['validity_end']}")
+                f"valid until {sa['validity_end']}"
+            )
             say("bootstrap data received:")
             for k, v in result["bootstrap"].items():
                 print(f"      {k}: {v}")
@@ -117,8 +140,10 @@ def run_demo() -> int:
             if ba.get("status") is None:
                 say(f"no Binding Acknowledgement: {ba.get('reason')}")
                 return 1
-            say(f"HA answered a protected Binding Acknowledgement: status {ba['status']}, "
-                f"lifetime {ba['lifetime']} s, sequence {ba['sequence']}")
+            say(
+                f"HA answered a protected Binding Acknowledgement: status {ba['status']}, "
+                f"lifetime {ba['lifetime']} s, sequence {ba['sequence']}"
+            )
             ha_log = _stop(procs.pop("ha"))
             for line in ha_log.splitlines():
                 if "binding" in line and "added" in line:

@@ -98,13 +98,16 @@ def edit_toml(path: Path, old: str, new: str) -> None:
 def start_hac() -> Iterator[Any]:
     procs: list[subprocess.Popen[str]] = []
 
-    def start(lab: Lab, env: dict[str, str] | None = None,
-              with_ha: bool = True) -> subprocess.Popen[str]:
+    def start(
+        lab: Lab, env: dict[str, str] | None = None, with_ha: bool = True
+    ) -> subprocess.Popen[str]:
         """Start the lab's HA (it confirms the SAs the HAC provisions), then the HAC."""
         if with_ha and not any(getattr(p, "mipsec_role", "") == "ha" for p in procs):
             ha = subprocess.Popen(
                 [*LAUNCHER, "--role", "ha", "--config", lab.info["ha"]["config"]],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
                 env=env or dict(os.environ),
             )
             ha.mipsec_role = "ha"  # type: ignore[attr-defined]

@@ -70,7 +70,10 @@ async def bootstrap(
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
-                hac.host, hac.port, ssl=ctx, server_hostname=tls_name,
+                hac.host,
+                hac.port,
+                ssl=ctx,
+                server_hostname=tls_name,
                 ssl_handshake_timeout=hac.timeout,
             ),
             hac.timeout,
@@ -98,8 +101,12 @@ async def bootstrap(
         log.debug("TLS %s with %s", ssl_obj.version() if ssl_obj else "?", tls_name)
         peer = method.peer(PeerMethodContext(mn_id=cfg.mn.mn_id, cb_octets=cb, secret=secret))
         exch = MnExchange(
-            mn_id=cfg.mn.mn_id, method_name=method.name, method=peer, cb_octets=cb,
-            scope=cfg.sa.scope, suitelist=[int(s) for s in cfg.sa.suites],
+            mn_id=cfg.mn.mn_id,
+            method_name=method.name,
+            method=peer,
+            cb_octets=cb,
+            scope=cfg.sa.scope,
+            suitelist=[int(s) for s in cfg.sa.suites],
         )
         writer.write(exch.start())
         await writer.drain()
@@ -170,8 +177,12 @@ class Registrar:
         self.cfg = cfg
         loop_now = time.monotonic()
         self.machine = MnRegistration(
-            issued, now=loop_now, wall_now=utcnow(), lifetime=cfg.registration.lifetime,
-            rebootstrap_at=rebootstrap_at, window=cfg.registration.replay_window,
+            issued,
+            now=loop_now,
+            wall_now=utcnow(),
+            lifetime=cfg.registration.lifetime,
+            rebootstrap_at=rebootstrap_at,
+            window=cfg.registration.replay_window,
             request_ip4_hoa=cfg.registration.request_ip4_hoa,
         )
         self._transport: asyncio.DatagramTransport | None = None
@@ -180,9 +191,7 @@ class Registrar:
     async def open(self) -> None:
         host, port = ha_destination(self.issued, self.cfg.registration.transport)
         loop = asyncio.get_running_loop()
-        transport, proto = await loop.create_datagram_endpoint(
-            _UdpQueue, remote_addr=(host, port)
-        )
+        transport, proto = await loop.create_datagram_endpoint(_UdpQueue, remote_addr=(host, port))
         self._transport, self._proto = transport, proto
 
     def close(self) -> None:
@@ -204,8 +213,14 @@ class Registrar:
         due, the HA refuses, or ``stop`` is set."""
         return await self.run(until_registered=False, stop=stop, start=False)
 
-    async def run(self, *, until_registered: bool, deadline: float | None = None,
-                  stop: asyncio.Event | None = None, start: bool = True) -> RegistrationOutcome:
+    async def run(
+        self,
+        *,
+        until_registered: bool,
+        deadline: float | None = None,
+        stop: asyncio.Event | None = None,
+        start: bool = True,
+    ) -> RegistrationOutcome:
         """Drive the machine; return at the first BA (``until_registered``),
         on failure, on a re-bootstrap request, or when ``stop`` is set."""
         assert self._proto is not None
@@ -215,11 +230,18 @@ class Registrar:
             for a in pending:
                 if isinstance(a, Registered):
                     outcome = RegistrationOutcome(
-                        a.status, a.lifetime, a.sequence,
-                        str(a.ip4_hoa) if a.ip4_hoa else None, "",
+                        a.status,
+                        a.lifetime,
+                        a.sequence,
+                        str(a.ip4_hoa) if a.ip4_hoa else None,
+                        "",
                     )
-                    log.info("binding registered: status %d lifetime %d s sequence %d",
-                             a.status, a.lifetime, a.sequence)
+                    log.info(
+                        "binding registered: status %d lifetime %d s sequence %d",
+                        a.status,
+                        a.lifetime,
+                        a.sequence,
+                    )
                     if until_registered:
                         return outcome
                 elif isinstance(a, Failed):

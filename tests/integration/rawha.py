@@ -60,15 +60,22 @@ def _cipher(enc: str, key: bytes, iv: bytes) -> Cipher:  # type: ignore[type-arg
 
 
 class RawSA:
-    def __init__(self, suite: str, spi: int, ikey_out: bytes, ekey_out: bytes, ikey_in: bytes,
-                 ekey_in: bytes) -> None:
+    def __init__(
+        self, suite: str, spi: int, ikey_out: bytes, ekey_out: bytes, ikey_in: bytes, ekey_in: bytes
+    ) -> None:
         self.integ, self.enc, self.block = SUITES[suite]
         self.spi = spi
-        self.ikey_out, self.ekey_out, self.ikey_in, self.ekey_in = ikey_out, ekey_out, ikey_in, ekey_in
+        self.ikey_out, self.ekey_out, self.ikey_in, self.ekey_in = (
+            ikey_out,
+            ekey_out,
+            ikey_in,
+            ekey_in,
+        )
         self.seq_out = 0
 
-    def protect(self, payload: bytes, next_header: int = 135, ptype: int = 8,
-                seq: int | None = None) -> bytes:
+    def protect(
+        self, payload: bytes, next_header: int = 135, ptype: int = 8, seq: int | None = None
+    ) -> bytes:
         seq = self.seq_out if seq is None else seq
         self.seq_out = seq + 1
         pad_len = -(len(payload) + 2) % self.block

@@ -26,11 +26,14 @@ HAA = IPv6Address("2001:db8:1::1")
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
-def issued(suite: Suite = Suite.AES_128_CBC_SHA256, lifetime: float = 3600,
-           ip4: bool = False) -> IssuedSA:
+def issued(
+    suite: Suite = Suite.AES_128_CBC_SHA256, lifetime: float = 3600, ip4: bool = False
+) -> IssuedSA:
     sa = new_sa(spi=77, mn_id="a@b", suite=suite, scope=1, lifetime=lifetime, now=NOW)
     bs = BootstrapData(
-        haa_ip6=HAA, ip6_hoa=HOA, port=7872,
+        haa_ip6=HAA,
+        ip6_hoa=HOA,
+        port=7872,
         ip4_hoa=IPv4Address("192.0.2.9") if ip4 else None,
         ip4_hnp=IPv4Network("192.0.2.0/24") if ip4 else None,
     )
