@@ -93,6 +93,14 @@ def result_json(result: BootstrapResult, *, show_keys: bool = False) -> dict[str
 async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     from mipsec.core.roles.hac import HacService
 
+    local_ha = None
+    if cfg.local_ha is not None:
+        # Deployment model 1: the HA runs in this process; the ``local``
+        # transport hands it each SA directly.
+        from mipsec.core.roles.ha import HaService
+
+        local_ha = HaService(cfg.local_ha, config_file=config_file)
+        await local_ha.start()
     service = HacService(cfg, config_file=config_file)
     await service.start()
     stop = asyncio.Event()
@@ -102,6 +110,8 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await service.stop()
+    if local_ha is not None:
+        await local_ha.stop()
     return EXIT_OK
 
 

@@ -143,6 +143,9 @@ class HACConfig(_Strict):
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-method options
     # Optional listener where HAs pull SAs for SPIs they do not know (PROFILE §9).
     provisioning: ProvisioningListener | None = None
+    # Deployment model 1: an HA running in the HAC's own process, reached with
+    # the ``local`` transport (an [[ha]] entry with the same id).
+    local_ha: HAConfig | None = None
     plugins: PluginsConfig = PluginsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -151,6 +154,13 @@ class HACConfig(_Strict):
         ids = [h.id for h in self.ha]
         if len(set(ids)) != len(ids):
             raise ValueError("ha ids must be unique")
+        if self.local_ha is not None:
+            local = [h for h in self.ha if h.id == self.local_ha.ha.id]
+            if not local or local[0].transport != "local":
+                raise ValueError(
+                    f"local_ha: an [[ha]] entry with id {self.local_ha.ha.id!r} and "
+                    'transport = "local" must point at the in-process HA'
+                )
         return self
 
 
@@ -274,6 +284,8 @@ class HAConfig(_Strict):
     plugins: PluginsConfig = PluginsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+
+HACConfig.model_rebuild()
 
 ROLE_MODELS: dict[str, type[BaseModel]] = {"hac": HACConfig, "mn": MNConfig, "ha": HAConfig}
 
