@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -11,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import LAUNCHER, free_port, make_lab, mipsec, wait_port
 from rawha import RawSA, binding_update, parse_ba
 

@@ -8,7 +8,6 @@ import socket
 from typing import Any
 
 import pytest
-
 from conftest import Lab
 from rawha import RawSA, binding_update, parse_ba
 from rawmn import RawMN, psk_bootstrap
@@ -110,8 +109,9 @@ def test_unknown_spi_and_plain_data_dropped(lab: Lab, start_hac: Any) -> None:
     sa = raw_sa(h, "{00,3C}")
     sa.spi ^= 0x5555  # an SPI nobody provisioned
     sock = udp(1.0)
-    sock.sendto(sa.protect(binding_update(1, 25, h["mip6-ip6-hoa"], h["mip6-haa-ip6"])),
-                ("127.0.0.1", port))
+    sock.sendto(
+        sa.protect(binding_update(1, 25, h["mip6-ip6-hoa"], h["mip6-haa-ip6"])), ("127.0.0.1", port)
+    )
     with pytest.raises(TimeoutError):
         sock.recvfrom(2048)
     # PType 0 under mip6-sas 1 is dropped silently (PROFILE §7).
