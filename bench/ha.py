@@ -368,7 +368,8 @@ class MemRow:
     suite: str
     mns: int
     bus: int
-    seconds: float
+    seconds: float  # summed over the timed rounds
+    best_us: float  # µs per tx in the fastest round (least disturbed by other load)
     valid: int
     esp_us: float
 
@@ -387,24 +388,32 @@ def bench_memory(suite: Suite, n_mns: int, rounds: int) -> MemRow:
     for iss in issued:
         core.install_sa(iss)
     mns = [_Mn(iss) for iss in issued]
-    bus = _make_bus(mns, rounds)
     # Each MN at its own care-of address (port), as after NATs.
-    srcs = [("192.0.2.1", 20000 + i) for i in range(n_mns)] * rounds
-    work = list(zip(bus, srcs, strict=True))
+    srcs = [("192.0.2.1", 20000 + i) for i in range(n_mns)]
     receive = core.receive
     now = time.time()
-    t0 = time.perf_counter()
-    results = [receive(d, s, now) for d, s in work]
-    seconds = time.perf_counter() - t0
+    seconds = 0.0
+    best = float("inf")
     valid = 0
-    ba_len = 0
-    for k, actions in enumerate(results):
-        replies = [a for a in actions if isinstance(a, Reply)]
-        if len(replies) == 1 and mns[k % n_mns].ba_ok(replies[0].datagram, k // n_mns + 1):
-            valid += 1
-            ba_len = len(replies[0].datagram)
-    esp = _esp_us(suite, len(bus[0]), ba_len or len(bus[0]), 2000)
-    return MemRow(suite.name, n_mns, len(bus), seconds, valid, esp)
+    bu_len = ba_len = 0
+    # One round (a BU from every MN) per timed loop; its BAs are checked and
+    # dropped before the next, so no pile of results inflates the GC's work.
+    for r in range(rounds):
+        work = list(zip([mn.bu(r + 1) for mn in mns], srcs, strict=True))
+        bu_len = len(work[0][0])
+        t0 = time.perf_counter()
+        results = [receive(d, s, now) for d, s in work]
+        dt = time.perf_counter() - t0
+        seconds += dt
+        best = min(best, dt)
+        for mn, actions in zip(mns, results, strict=True):
+            replies = [a for a in actions if isinstance(a, Reply)]
+            if len(replies) == 1 and mn.ba_ok(replies[0].datagram, r + 1):
+                valid += 1
+                ba_len = len(replies[0].datagram)
+        del results, work
+    esp = _esp_us(suite, bu_len, ba_len or bu_len, 2000)
+    return MemRow(suite.name, n_mns, n_mns * rounds, seconds, best / n_mns * 1e6, valid, esp)
 
 
 # ---------------------------------------------------------------- UDP: child processes
@@ -708,13 +717,13 @@ def _verdict(tps: float) -> str:
 def render_memory(rows: list[MemRow]) -> str:
     head = (
         f"{'suite':<19}{'MNs':>6}{'BUs':>7} | {'BU/BA per s':>12}{'µs/tx':>8}"
-        f"{'esp µs':>8} | {'valid BAs':>10} | target >= {TARGET_TPS:,}/s"
+        f"{'best':>7}{'esp µs':>8} | {'valid BAs':>10} | target >= {TARGET_TPS:,}/s"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.suite:<19}{r.mns:>6}{r.bus:>7} | {r.tps:>12,.0f}{r.us_per_tx:>8.1f}"
-            f"{r.esp_us:>8.1f} | {r.valid:>10} | {_verdict(r.tps)} ({r.tps / TARGET_TPS:.2f}x)"
+            f"{r.best_us:>7.1f}{r.esp_us:>8.1f} | {r.valid:>10} | {_verdict(r.tps)} ({r.tps / TARGET_TPS:.2f}x)"
         )
     return "\n".join(lines)
 
@@ -751,7 +760,8 @@ def render_udp(rows: list[UdpRow], window: int, pinned: bool) -> str:
 TPS_TEXT = f"""\
 BU -> BA transactions, many MNs; target >= {TARGET_TPS:,} per second on one core
 in-memory: HaCore.receive only (BUs made before the clock, BAs checked after it);
-esp = ESP unprotect(BU) + protect(BA) alone, per tx"""
+BU/BA per s and µs/tx over all rounds (round 1 registers, later ones refresh);
+best = µs/tx of the fastest round; esp = ESP unprotect(BU) + protect(BA) alone, per tx"""
 
 
 def main(argv: list[str] | None = None) -> int:
