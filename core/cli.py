@@ -31,6 +31,7 @@ from mipsec.core.mn_exchange import BootstrapResult
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+MIN_REBOOTSTRAP_INTERVAL = 5.0  # seconds
 
 
 def _setup_logging(level: str) -> None:
@@ -159,7 +160,18 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         else:
             _print_result(result, reg)
 
+    last_bootstrap = -1e9
     while not stop.is_set():
+        # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL: a
+        # misconfigured HA answering 176 to every BU must not make the MN
+        # hammer its HAC.
+        gap = _monotonic() - last_bootstrap
+        if gap < MIN_REBOOTSTRAP_INTERVAL:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), MIN_REBOOTSTRAP_INTERVAL - gap)
+            if stop.is_set():
+                break
+        last_bootstrap = _monotonic()
         result = await bootstrap(cfg, config_file=config_file)
         if not result.ok or result.issued is None or not cfg.registration.enabled:
             report(result, None)

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import heapq
 import hmac
+import time
 from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
@@ -264,6 +265,7 @@ class _SAEntry:
         "issued",
         "out_mark",
         "outbound",
+        "reinit_at",
         "scope",
         "spi",
         "validity_end",
@@ -284,6 +286,7 @@ class _SAEntry:
         self.spi = sa.spi
         self.scope = sa.scope
         self.validity_end = sa.validity_end.timestamp()
+        self.reinit_at = self.validity_end  # set by HaCore.install_sa
         # RFC 6618 §6.1: one SPI for both directions; MN->HA keys verify what
         # we receive, HA->MN keys protect what we send.
         self.inbound = InboundSA(info, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.spi, window=window)
@@ -344,7 +347,9 @@ class HaCore:
 
     # ------------------------------------------------------------ SAs
 
-    def install_sa(self, issued: IssuedSA, *, initial_out_seq: int | None = None) -> bool:
+    def install_sa(
+        self, issued: IssuedSA, *, initial_out_seq: int | None = None, now: float | None = None
+    ) -> bool:
         """Prepare the SA's crypto once and start accepting its SPI.
 
         Returns False when the very same SA is already installed (nothing
@@ -376,6 +381,13 @@ class HaCore:
                 out_seq = out_mark = mark
         floor = self.bindings.replay_floor(spi, None if hoa is None else str(hoa))
         entry = _SAEntry(issued, self.haa_ip6, self.window, out_seq, out_mark, floor)
+        # 176 once less than reinit_margin of validity is left -- but never
+        # more than a fifth of the SA's remaining life at install, so a short
+        # SA (labs, tests) is not answered 176 from its first BU on, which
+        # would send the MN into a re-bootstrap loop.
+        installed = time.time() if now is None else now
+        margin = min(self.reinit_margin, 0.2 * max(0.0, entry.validity_end - installed))
+        entry.reinit_at = entry.validity_end - margin
         self._sas[spi] = entry
         heapq.heappush(self._sa_heap, (entry.validity_end, spi))
         if len(self._sa_heap) > 2 * len(self._sas) + 64:
@@ -570,7 +582,7 @@ class HaCore:
         remaining = entry.validity_end - now
         units = int(min(bu.lifetime * 4, self.max_binding_lifetime, remaining) // 4)
         reinit = (
-            remaining < self.reinit_margin
+            now >= entry.reinit_at
             or entry.outbound.seq >= SEQ_REINIT_THRESHOLD
             or entry.inbound.needs_reinit
         )
