@@ -295,8 +295,14 @@ class InboundSA:
         end = n - _ICV_LEN
         if (end - _HEADER_LEN) % self._align:
             raise PacketError("length", f"encrypted part is not a multiple of {self._align} octets")
+        # The replay window's check() and update() (RFC 4303 §3.4.3), inlined
+        # on its own state: two method calls cost ~0.15 µs of a ~3 µs packet
+        # (bench/ha.py).  ``seq`` came from ">I", so it is a 32-bit number.
+        # diff >= 0: at or left of the right edge, so it must be inside the
+        # window and not yet seen; diff < 0: new, right of the window.
         window = self._window
-        if not window.check(seq):
+        diff = window._highest - seq
+        if diff >= 0 and (diff >= window.size or (window._bitmap >> diff) & 1):
             raise PacketError("sequence", f"{seq} replayed or left of the window", "replay")
         if not _compare_digest(self._mac(datagram[:end]), datagram[end:]):
             raise PacketError("icv", "integrity check failed", "bad_icv")
@@ -316,7 +322,15 @@ class InboundSA:
             if payload_end < start:
                 raise PacketError("pad_length", f"{pad_len} exceeds the packet", "bad_padding")
             raise PacketError("padding", "padding octets are not 01 02 03 ...", "bad_padding")
-        window.update(seq)
+        # Only now slide the window (RFC 4303 §3.4.3: after the ICV verified);
+        # nothing ran in between that could have changed it (sans-I/O).
+        if diff < 0:
+            window._bitmap = (
+                ((window._bitmap << -diff) | 1) & window._mask if -diff < window.size else 1
+            )
+            window._highest = seq
+        else:
+            window._bitmap |= 1 << diff
         return _new_unprotected(Unprotected, (ptype, seq, plain[end - 1], plain[start:payload_end]))
 
     def __repr__(self) -> str:
