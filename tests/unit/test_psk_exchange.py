@@ -178,7 +178,12 @@ def test_mn_rand_mismatch_400() -> None:
         (encode_container(1, b"mn-id: a@b\r\nmn-id: a@b\r\nauth-method: psk\r\n\r\n"), 400),
         (encode_container(1, b"mn-id: a@b\r\nmn-rand: zz\r\nauth-method: psk\r\n\r\n"), 400),
         # rand of the wrong length (31 octets)
-        (encode_container(1, b"mn-id: a@b\r\nmn-rand: " + b"ab" * 31 + b"\r\nauth-method: psk\r\n\r\n"), 400),
+        (
+            encode_container(
+                1, b"mn-id: a@b\r\nmn-rand: " + b"ab" * 31 + b"\r\nauth-method: psk\r\n\r\n"
+            ),
+            400,
+        ),
         (encode_container(1, b"mn-id: a@b\r\nauth-method: psk\r\n\r\n"), 400),  # no mn-rand
         (encode_container(1, b"mn-rand: " + b"00" * 32 + b"\r\nauth-method: psk\r\n\r\n"), 400),
         (encode_container(1, "mn-id: a@b\r\nx: \u00e9\r\n\r\n".encode()), 400),  # non-ASCII
