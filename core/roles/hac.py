@@ -80,20 +80,36 @@ class HacService:
             self.pm, "mipsec_auth_methods"
         )
         self.credentials: CredentialBackend = pluginmanager.create(
-            self.pm, "mipsec_credential_backends", cfg.credentials.backend,
-            cfg.credentials.options, ctx, key="credentials.backend",
+            self.pm,
+            "mipsec_credential_backends",
+            cfg.credentials.backend,
+            cfg.credentials.options,
+            ctx,
+            key="credentials.backend",
         )
         self.store: SAStore = pluginmanager.create(
-            self.pm, "mipsec_sa_stores", cfg.sa_store.backend, cfg.sa_store.options, ctx,
+            self.pm,
+            "mipsec_sa_stores",
+            cfg.sa_store.backend,
+            cfg.sa_store.options,
+            ctx,
             key="sa_store.backend",
         )
         self.allocator: HoAAllocator = pluginmanager.create(
-            self.pm, "mipsec_hoa_allocators", cfg.home_addresses.allocator,
-            cfg.home_addresses.options, ctx, key="home_addresses.allocator",
+            self.pm,
+            "mipsec_hoa_allocators",
+            cfg.home_addresses.allocator,
+            cfg.home_addresses.options,
+            ctx,
+            key="home_addresses.allocator",
         )
         self.selector: HASelector = pluginmanager.create(
-            self.pm, "mipsec_ha_selectors", cfg.ha_selection.selector,
-            cfg.ha_selection.options, ctx, key="ha_selection.selector",
+            self.pm,
+            "mipsec_ha_selectors",
+            cfg.ha_selection.selector,
+            cfg.ha_selection.options,
+            ctx,
+            key="ha_selection.selector",
         )
         self.has = tuple(
             HomeAgentInfo(h.id, h.address6, h.address4, h.port, h.transport, dict(h.options))
@@ -104,12 +120,18 @@ class HacService:
         self.transports: dict[str, ProvisioningTransport] = {}
         for i, h in enumerate(cfg.ha):
             self.transports[h.id] = pluginmanager.create(
-                self.pm, "mipsec_provisioning_transports", h.transport, dict(h.options), ctx,
+                self.pm,
+                "mipsec_provisioning_transports",
+                h.transport,
+                dict(h.options),
+                ctx,
                 key=f"ha[{i}]",
             )
         # HAs pull SAs for SPIs they do not know here (PROFILE §9).
         self._prov_server = (
-            ProvisioningServer(cfg.provisioning, on_pull=self._on_pull)
+            ProvisioningServer(
+                cfg.provisioning, on_pull=self._on_pull, pull_names=self._ha_cert_names
+            )
             if cfg.provisioning is not None
             else None
         )
@@ -137,8 +159,12 @@ class HacService:
         for host in svc.listen:
             try:
                 server = await asyncio.start_server(
-                    self._on_connection, host=host, port=port, ssl=self.ssl_context,
-                    ssl_handshake_timeout=svc.handshake_timeout, reuse_address=True,
+                    self._on_connection,
+                    host=host,
+                    port=port,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=svc.handshake_timeout,
+                    reuse_address=True,
                 )
             except OSError as exc:
                 if ":" in host and len(svc.listen) > 1:
@@ -213,8 +239,12 @@ class HacService:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> None:
         exch = HacExchange(
-            cb_octets=self.cb_octets, methods=self.methods, credentials=self.credentials,
-            standin_key=self._standin, policy=self.policy, method_options=self.cfg.methods,
+            cb_octets=self.cb_octets,
+            methods=self.methods,
+            credentials=self.credentials,
+            standin_key=self._standin,
+            policy=self.policy,
+            method_options=self.cfg.methods,
         )
         timeout = self.cfg.hac.request_timeout
         while not exch.finished:
@@ -263,8 +293,13 @@ class HacService:
             return exch.fail(INTERNAL_ERROR)
         sa = issued.sa
         self.pm.hook.mipsec_sa_issued(
-            spi=sa.spi, mn_id=sa.mn_id, suite=sa.suite.name, scope=sa.scope,
-            validity_end=sa.validity_end, ha_id=sa.ha_id, peer=peer,
+            spi=sa.spi,
+            mn_id=sa.mn_id,
+            suite=sa.suite.name,
+            scope=sa.scope,
+            validity_end=sa.validity_end,
+            ha_id=sa.ha_id,
+            peer=peer,
         )
         return exch.complete(issued)
 
@@ -280,16 +315,26 @@ class HacService:
         except LookupError as exc:
             raise IssueFailure(UNAVAILABLE, f"home address pool: {exc}", _retry_after()) from None
         bootstrap = BootstrapData(
-            haa_ip6=ha.haa_ip6, haa_ip4=ha.haa_ip4, port=ha.port,
-            ip6_hoa=home.ip6_hoa, ip4_hoa=home.ip4_hoa, ip6_hnp=home.ip6_hnp,
-            ip4_hnp=home.ip4_hnp, dns_ip6=self.cfg.bootstrap.dns_ip6,
+            haa_ip6=ha.haa_ip6,
+            haa_ip4=ha.haa_ip4,
+            port=ha.port,
+            ip6_hoa=home.ip6_hoa,
+            ip4_hoa=home.ip4_hoa,
+            ip6_hnp=home.ip6_hnp,
+            ip4_hnp=home.ip4_hnp,
+            dns_ip6=self.cfg.bootstrap.dns_ip6,
             dns_ip4=self.cfg.bootstrap.dns_ip4,
         )
         issued: IssuedSA | None = None
         for _ in range(SPI_DRAWS):
             sa = new_sa(
-                spi=random_spi(), mn_id=mn_id, suite=suite, scope=scope,
-                lifetime=self.cfg.policy.sa_lifetime, now=now, ha_id=ha.ha_id,
+                spi=random_spi(),
+                mn_id=mn_id,
+                suite=suite,
+                scope=scope,
+                lifetime=self.cfg.policy.sa_lifetime,
+                now=now,
+                ha_id=ha.ha_id,
             )
             candidate = IssuedSA(sa, bootstrap)
             if self.store.add(candidate):
@@ -327,13 +372,27 @@ class HacService:
         except Exception as exc:
             log.info("withdraw of spi=%d from HA %s failed: %r", spi, ha.ha_id, exc)
 
+    def _ha_cert_names(self, ha_id: str) -> list[str] | None:
+        """The names an HA proves with its certificate: the ``server_name`` the
+        HAC checks when it provisions to that HA (PROFILE §9 pull)."""
+        for h in self.cfg.ha:
+            if h.id == ha_id:
+                name = h.options.get("server_name")
+                return (
+                    [str(name)]
+                    if name
+                    else list(self.cfg.provisioning.client_names if self.cfg.provisioning else [])
+                )
+        return None
+
     async def _on_pull(self, spi: int, ha_id: str) -> IssuedSA | None:
         """PROFILE §9 pull: a live SA, and only to the HA it was provisioned to."""
         issued = self.store.get(spi, utcnow())
         if issued is not None and issued.sa.ha_id != ha_id:
             # Answered exactly like an unknown SPI: no oracle for other HAs' SPIs.
-            log.warning("pull of spi=%d by ha_id=%s refused: held by %s", spi, ha_id,
-                        issued.sa.ha_id)
+            log.warning(
+                "pull of spi=%d by ha_id=%s refused: held by %s", spi, ha_id, issued.sa.ha_id
+            )
             return None
         return issued
 
@@ -370,5 +429,3 @@ async def _close(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2):
             await writer.wait_closed()
-
-

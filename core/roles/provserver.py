@@ -143,8 +143,13 @@ class ProvisioningServer:
         on_install: OnInstall | None = None,
         on_withdraw: OnWithdraw | None = None,
         on_pull: OnPull | None = None,
+        pull_names: Callable[[str], Sequence[str] | None] | None = None,
     ) -> None:
+        """``pull_names(ha_id)`` gives the dNSName SANs the client certificate
+        must carry to pull for that HA (None: no such HA): it binds the
+        ``ha-id`` a puller claims to the certificate it authenticated with."""
         self.cfg = cfg
+        self.pull_names = pull_names
         self.on_install = on_install
         self.on_withdraw = on_withdraw
         self.on_pull = on_pull
@@ -210,7 +215,7 @@ class ProvisioningServer:
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 set_nodelay(sock)
-            await self._serve(reader, writer, peer)
+            await self._serve(reader, writer, peer, der)
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             log.info("provisioning peer=%s connection ended: %s", peer, type(exc).__name__)
         finally:
@@ -218,7 +223,11 @@ class ProvisioningServer:
             await _close(writer)
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        peer_der: bytes = b"",
     ) -> None:
         decoder = ContainerDecoder()
         ids = IdentifierSequence()
@@ -249,9 +258,9 @@ class ProvisioningServer:
                     log.info("provisioning peer=%s op=? result=400 (%s)", peer, exc)
                     await _send(writer, c.identifier, _malformed())
                     return
-                await _send(writer, c.identifier, await self._dispatch(req, peer))
+                await _send(writer, c.identifier, await self._dispatch(req, peer, peer_der))
 
-    async def _dispatch(self, req: ProvRequest, peer: str) -> bytes:
+    async def _dispatch(self, req: ProvRequest, peer: str, peer_der: bytes = b"") -> bytes:
         spi, op = req.spi, req.op.value
         mn_id = req.issued.sa.mn_id if req.issued is not None else "-"
 
@@ -281,6 +290,18 @@ class ProvisioningServer:
                 return encode_response(OK)
             if req.op is ProvOp.PULL and self.on_pull is not None:
                 assert spi is not None
+                if self.pull_names is not None:
+                    names = self.pull_names(req.ha_id)
+                    try:
+                        if names is None:
+                            raise CertificateError(f"no HA {req.ha_id!r} is configured")
+                        if not names:
+                            raise CertificateError(f"HA {req.ha_id!r} has no name to prove")
+                        check_client_names(peer_der, names)
+                    except CertificateError as exc:
+                        # Same answer as an unknown SPI: no oracle for other HAs.
+                        done(BAD_REQUEST, REASON_UNKNOWN_SPI, f"ha-id not proven: {exc}")
+                        return encode_response(BAD_REQUEST, reason=REASON_UNKNOWN_SPI)
                 issued = await asyncio.wait_for(self.on_pull(spi, req.ha_id), self.cfg.timeout)
                 if issued is None:
                     done(BAD_REQUEST, REASON_UNKNOWN_SPI)

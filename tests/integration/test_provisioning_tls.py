@@ -571,3 +571,31 @@ def test_factory_validates_options(pki: PkiPaths, tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=rf"^{key}: "):
             TlsTransportFactory().create(bad, ctx)
+
+
+def test_pull_ha_id_bound_to_certificate(pki: PkiPaths) -> None:
+    """A puller gets only the SAs of the HA its certificate names (PROFILE §9)."""
+    rec = Recorder()
+    rec.sas[77] = make_issued(spi=77)
+    names = {"ha1": ["ha.mipsec.test"], "ha2": ["ha2.mipsec.test"]}
+
+    async def body(port: int) -> tuple[IssuedSA | None, IssuedSA | None, IssuedSA | None]:
+        cfg = pull_cfg(pki, port)  # authenticates with the ha.mipsec.test certificate
+        return (
+            await pull_sa(cfg, 77, "ha1"),
+            await pull_sa(cfg, 77, "ha2"),  # claims another HA's id
+            await pull_sa(cfg, 77, "ha9"),  # an HA nobody configured
+        )
+
+    own, other, unknown = run(
+        serving(
+            hac_listener(pki),
+            rec,
+            body,
+            on_install=None,
+            on_withdraw=None,
+            on_pull=rec.pull,
+            pull_names=names.get,
+        )
+    )
+    assert own is not None and other is None and unknown is None
