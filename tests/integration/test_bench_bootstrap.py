@@ -1,0 +1,63 @@
+"""bench/bootstrap.py still runs end to end (lab, HAC process, bare TLS server).
+
+Only the shape of the output and the clean-up are checked: figures are
+machine-dependent and never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bootstrap.py"
+ROW = re.compile(r"^\s+(\d+) \|\s+([\d.]+) \|\s+([\d.]+) \|\s+([\d.]+) \|", re.M)
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # TMPDIR: the bench's lab (and every process it starts) lives under tmp_path.
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    return subprocess.run(
+        [sys.executable, str(BENCH), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_quick_run_prints_both_levels_and_cleans_up(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "--concurrency", "1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"bench: TLSv1\.3 ", out)
+    assert "compete" in out  # the shared-CPU caveat is stated
+    rows = ROW.findall(out)
+    assert [r[0] for r in rows] == ["1", "2"]
+    for _, tls, boot, ratio in rows:
+        assert float(tls) > 0 and float(boot) > 0
+        assert abs(float(ratio) - float(boot) / float(tls)) < 0.01
+    assert _processes_mentioning(str(tmp_path)) == []  # HAC and TLS server stopped
+    assert list(tmp_path.iterdir()) == []  # temp lab removed
+
+
+def test_tls12_mode_pins_tls12(tmp_path: Path) -> None:
+    proc = _run(tmp_path, "--tls12", "--concurrency", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bench: TLSv1.2 " in proc.stdout
+    assert len(ROW.findall(proc.stdout)) == 1
