@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -85,6 +86,10 @@ class PolicyConfig(_Strict):
         if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
             return _suites(list(v))
         return v
+
+    @field_serializer("suites")
+    def _suite_names(self, v: tuple[Suite, ...]) -> list[str]:
+        return [s.name for s in v]
 
 
 class HAEntry(_Strict):
@@ -202,6 +207,10 @@ class MNSA(_Strict):
         if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
             return _suites(list(v))
         return v
+
+    @field_serializer("suites")
+    def _suite_names(self, v: tuple[Suite, ...]) -> list[str]:
+        return [s.name for s in v]
 
 
 class MNRegistrationConfig(_Strict):
