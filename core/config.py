@@ -16,10 +16,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -73,23 +74,26 @@ def _suites(values: list[str]) -> tuple[Suite, ...]:
     return tuple(out)
 
 
+def _parse_suites(v: Any) -> Any:
+    if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
+        return _suites(list(v))
+    return v
+
+
+# Suites by name (AES_128_CBC_SHA256) or wire token ({00,3C}); printed by name.
+SuiteList = Annotated[
+    tuple[Suite, ...],
+    BeforeValidator(_parse_suites),
+    PlainSerializer(lambda v: [s.name for s in v], return_type=list[str]),
+]
+
+
 class PolicyConfig(_Strict):
     methods: tuple[str, ...] = ("psk", "eap")
     realms: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    suites: tuple[Suite, ...] = DEFAULT_ALLOWED
+    suites: SuiteList = DEFAULT_ALLOWED
     max_scope: Literal[0, 1] = 1
     sa_lifetime: Seconds = 3600.0
-
-    @field_validator("suites", mode="before")
-    @classmethod
-    def _parse_suites(cls, v: Any) -> Any:
-        if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
-            return _suites(list(v))
-        return v
-
-    @field_serializer("suites")
-    def _suite_names(self, v: tuple[Suite, ...]) -> list[str]:
-        return [s.name for s in v]
 
 
 class HAEntry(_Strict):
@@ -198,19 +202,8 @@ class MNHac(_Strict):
 
 class MNSA(_Strict):
     scope: Literal[0, 1] = 1
-    suites: tuple[Suite, ...] = DEFAULT_ALLOWED
+    suites: SuiteList = DEFAULT_ALLOWED
     rebootstrap_at: Annotated[float, Field(gt=0, lt=1)] = 0.8  # PROFILE §5
-
-    @field_validator("suites", mode="before")
-    @classmethod
-    def _parse_suites(cls, v: Any) -> Any:
-        if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
-            return _suites(list(v))
-        return v
-
-    @field_serializer("suites")
-    def _suite_names(self, v: tuple[Suite, ...]) -> list[str]:
-        return [s.name for s in v]
 
 
 class MNRegistrationConfig(_Strict):
