@@ -22,7 +22,10 @@ work on the same number of octets, without any ESP framing:
 MAC in both baselines: HMAC-SHA1 from ``cryptography``, pre-keyed and copy()-ed
 per packet; for AES-XCBC-MAC-96 suites ``cryptography`` has no XCBC, so the
 stand-in is its AES-CMAC (pre-keyed, copy()-ed), the same number of AES block
-operations.  NULL suites have no cipher: their baselines are the MAC alone.
+operations over the data.  It is a strict floor: XCBC's last step (K2/K3
+instead of CMAC's subkeys) is not in it, while mipsec pays for it (two more
+AES calls per packet, see core/crypto.py ``AesXcbcMac96``).  NULL suites have no
+cipher: their baselines are the MAC alone.
 
 ratio = mipsec / baseline.  Target (brief): ratio vs "fresh" <= 1.5 at 1400 B.
 
@@ -263,9 +266,12 @@ times in µs per packet (best of several loops, time.perf_counter)
 protect/unprot: mipsec OutboundSA.protect / InboundSA.unprotect (full ESP framing)
 fresh: bare primitives, NEW CBC context per packet (+ os.urandom IV) + pre-keyed MAC copy
 floor: bare primitives, ONE reused CBC context + pre-keyed MAC copy (no framing, no IV)
-MAC: HMAC-SHA1 (cryptography); XCBC suites use AES-CMAC as stand-in (no XCBC in cryptography)
+MAC: HMAC-SHA1 (cryptography); XCBC suites use AES-CMAC as stand-in (no XCBC in cryptography):
+     same AES work on the data, but without XCBC's K2/K3 last step, which mipsec
+     adds on top of CMAC with two more 2-block AES calls (~0.45 µs, in "protect/unprot")
 NULL suites: fresh = floor = the MAC alone
-ratio = mipsec / baseline; target: ratio vs fresh <= 1.5 at 1400 bytes"""
+ratio = mipsec / baseline; target: ratio <= 1.5 at 1400 bytes (vs fresh; vs floor: as near as
+possible)"""
 
 
 # ====================================================================== part 2: BU/BA per second
@@ -808,13 +814,17 @@ def main(argv: list[str] | None = None) -> int:
         print(BASELINE_TEXT)
         print()
         print(render(rows))
-        worst = max(r.protect / r.protect_fresh for r in rows if r.size == 1400)
-        worst_un = max(r.unprotect / r.unprotect_fresh for r in rows if r.size == 1400)
+        big = [r for r in rows if r.size == 1400]
+        worst = max(r.protect / r.protect_fresh for r in big)
+        worst_un = max(r.unprotect / r.unprotect_fresh for r in big)
+        floor = max(r.protect / r.protect_floor for r in big)
+        floor_un = max(r.unprotect / r.unprotect_floor for r in big)
         print()
         print(
             f"worst ratio vs fresh at 1400 B: protect {worst:.2f}, unprotect {worst_un:.2f}"
             f"   (elapsed {time.perf_counter() - t0:.1f} s)"
         )
+        print(f"worst ratio vs floor at 1400 B: protect {floor:.2f}, unprotect {floor_un:.2f}")
     ok = True
     if sections & {"memory", "udp"}:
         print()

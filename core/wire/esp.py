@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
-from mipsec.core.crypto import ICV_LEN, BytesLike, SuiteCrypto
+from mipsec.core.crypto import ICV_LEN, AesXcbcMac96, BytesLike, MacContext, SuiteCrypto
 from mipsec.core.errors import LocalProtocolError, PacketError
 from mipsec.core.replay import ReplayWindow
 from mipsec.core.suites import SuiteInfo
@@ -87,6 +88,7 @@ _PADS = tuple(_PAD[:i] for i in range(256))  # _PADS[n] = the n padding octets
 _ICV_LEN = ICV_LEN  # module-level copies: cheaper lookups on the hot path
 _HEADER_LEN = 8
 _PLAIN_HEADER = bytes(HEADER_LEN)
+_Block2 = Callable[[bytes], bytes]  # a running AES context's update() over two blocks
 
 
 class SequenceExhausted(LocalProtocolError):
@@ -145,6 +147,22 @@ def decode_plain(datagram: BytesLike) -> bytes:
     return bytes(datagram[HEADER_LEN:])
 
 
+def _icv_parts(
+    crypto: SuiteCrypto,
+) -> tuple[Callable[[], MacContext], tuple[bytes, ...] | None, _Block2, _Block2]:
+    """What the inlined ICV computation needs (the recipes in crypto.py).
+
+    (new, deltas, fix_dec, fix_enc): ``new()`` is a context of the pre-keyed
+    HMAC-SHA1 or, for AES-XCBC-MAC-96, AES-CMAC(K1); ``deltas`` is None for
+    HMAC, else XCBC's last-step table, with ``fix_dec`` / ``fix_enc``
+    (for HMAC those two are never called).
+    """
+    integrity = crypto.integrity
+    if isinstance(integrity, AesXcbcMac96):
+        return integrity.new, integrity.deltas, integrity.fix_dec, integrity.fix_enc
+    return integrity.new, None, bytes, bytes
+
+
 def _check_spi(spi: int) -> int:
     if isinstance(spi, bool) or not isinstance(spi, int) or not 1 <= spi <= SPI_MAX:
         raise LocalProtocolError(f"spi: {spi!r} outside 1..{SPI_MAX}")
@@ -156,15 +174,27 @@ class OutboundSA:
 
     __slots__ = (
         "_align",
+        "_deltas",
+        "_encrypt",
         "_encrypt_parts",
         "_encrypts",
-        "_mac",
+        "_fix_dec",
+        "_fix_enc",
+        "_mac_new",
+        "_random_block",
         "_seq",
         "_trailers",
         "_words",
         "spi",
         "suite_info",
     )
+
+    _mac_new: Callable[[], MacContext]
+    _deltas: tuple[bytes, ...] | None
+    _fix_dec: _Block2
+    _fix_enc: _Block2
+    _random_block: Callable[[], bytes]
+    _encrypt: Callable[[BytesLike], bytes]
 
     def __init__(
         self,
@@ -181,9 +211,15 @@ class OutboundSA:
             raise LocalProtocolError(f"initial_seq: {initial_seq!r} outside 0..2**32")
         self.suite_info = suite_info
         crypto = SuiteCrypto(suite_info, ikey, ekey)
-        self._mac = crypto.mac
+        self._mac_new, self._deltas, self._fix_dec, self._fix_enc = _icv_parts(crypto)
         self._encrypt_parts = crypto.encrypt_parts
         self._encrypts = crypto.encrypts
+        cipher = crypto.cipher
+        if cipher is not None:
+            # CbcCipher.encrypt_parts inlined on the hot path (one Python call
+            # less); encrypt_parts stays the slow path that refills the pool.
+            self._random_block = cipher.random_block
+            self._encrypt = cipher.encrypt_update
         self._align = suite_info.block_size
         self._seq = initial_seq
         self._words = {p: (p << 28) | spi for p in _PROTECTED_PTYPES}
@@ -219,12 +255,26 @@ class OutboundSA:
         if trailer is None:
             trailer = self._trailers[key] = _PADS[pad_len] + bytes((pad_len, next_header))
         if self._encrypts:
-            authed = _pack(word, seq) + self._encrypt_parts(payload, trailer)
+            # = self._encrypt_parts(payload, trailer): R || Payload || Padding ||
+            # Pad Length || Next Header through the running CBC context, whole
+            # blocks only (pad_len above), so nothing stays buffered in it.
+            try:
+                ct = self._encrypt(b"".join((self._random_block(), payload, trailer)))
+            except IndexError:  # the pool of random blocks is empty: refill it
+                ct = self._encrypt_parts(payload, trailer)
+            authed = _pack(word, seq) + ct
         else:
             # NULL (RFC 2410): the "ciphertext" is the plaintext, one copy.
             authed = b"".join((_pack(word, seq), payload, trailer))
         self._seq = seq + 1
-        return authed + self._mac(authed)
+        # The ICV (crypto.py's recipes, inlined: one Python call less per packet).
+        h = self._mac_new()
+        h.update(authed)
+        deltas = self._deltas
+        if deltas is None:  # HMAC-SHA1-96 (RFC 2404)
+            return authed + h.finalize()[:_ICV_LEN]
+        # AES-XCBC-MAC-96 (RFC 3566) from AES-CMAC: AesXcbcMac96.
+        return authed + self._fix_enc(self._fix_dec(deltas[len(authed) & 15] + h.finalize()))[16:28]
 
     def __repr__(self) -> str:
         return f"OutboundSA({self.suite_info.suite.name}, spi={self.spi}, seq={self._seq})"
@@ -236,8 +286,12 @@ class InboundSA:
     __slots__ = (
         "_align",
         "_decrypt",
+        "_deltas",
         "_encrypts",
-        "_mac",
+        "_fix_dec",
+        "_fix_enc",
+        "_iv_len",
+        "_mac_new",
         "_min_len",
         "_ptypes",
         "_window",
@@ -245,14 +299,24 @@ class InboundSA:
         "suite_info",
     )
 
+    _mac_new: Callable[[], MacContext]
+    _deltas: tuple[bytes, ...] | None
+    _fix_dec: _Block2
+    _fix_enc: _Block2
+    _decrypt: Callable[[bytes], bytes]
+
     def __init__(
         self, suite_info: SuiteInfo, ikey: bytes, ekey: bytes, spi: int, window: int = 64
     ) -> None:
         self.spi = _check_spi(spi)
         self.suite_info = suite_info
         crypto = SuiteCrypto(suite_info, ikey, ekey)
-        self._mac = crypto.mac
-        self._decrypt = crypto.decrypt
+        self._mac_new, self._deltas, self._fix_dec, self._fix_enc = _icv_parts(crypto)
+        # The running decryptor's update() itself: unprotect's length checks
+        # (whole blocks, at least IV + one block) are the ones decrypt() makes,
+        # and unprotect skips the IV block by offset instead of by a copy.
+        self._decrypt = crypto.cipher.decrypt_update if crypto.cipher else crypto.decrypt
+        self._iv_len = crypto.iv_len
         self._encrypts = crypto.encrypts
         self._align = suite_info.block_size
         self._window = ReplayWindow(window)
@@ -304,12 +368,23 @@ class InboundSA:
         diff = window._highest - seq
         if diff >= 0 and (diff >= window.size or (window._bitmap >> diff) & 1):
             raise PacketError("sequence", f"{seq} replayed or left of the window", "replay")
-        if not _compare_digest(self._mac(datagram[:end]), datagram[end:]):
+        # The ICV, inlined as in protect(), then compared in constant time
+        # (RFC 4303 §3.4.4).
+        h = self._mac_new()
+        h.update(datagram[:end])
+        deltas = self._deltas
+        if deltas is None:
+            icv = h.finalize()[:_ICV_LEN]
+        else:
+            icv = self._fix_enc(self._fix_dec(deltas[end & 15] + h.finalize()))[16:28]
+        if not _compare_digest(icv, datagram[end:]):
             raise PacketError("icv", "integrity check failed", "bad_icv")
         if self._encrypts:
+            # First output block: D_K(IV) ^ <running chain>, meaningless
+            # (CbcCipher.decrypt); the plaintext starts after it.
             plain = self._decrypt(datagram[_HEADER_LEN:end])
-            start = 0
-            end = len(plain)
+            start = self._iv_len
+            end -= _HEADER_LEN  # = len(plain)
         else:
             # NULL: the plaintext is in place; slice the payload out once.
             plain = datagram

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mipsec.core import crypto
 from mipsec.core.crypto import AesXcbcMac96, CbcCipher, HmacSha1_96, SuiteCrypto
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.suites import SUITES, Suite
@@ -215,18 +216,16 @@ RFC3602_ESP_VECTORS = [
 ]
 
 
-def _force_iv(
-    cipher: CbcCipher, key: bytes, wanted_iv: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _force_iv(cipher: CbcCipher, key: bytes, wanted_iv: bytes) -> None:
     """Make the next ``encrypt`` emit ``wanted_iv``: R = D_K(IV) XOR C_prev.
 
     Only possible for someone who knows the key and the random block R, which
-    is the point: the test plays the CSPRNG.
+    is the point: the test plays the CSPRNG by putting R on top of the pool.
     """
     c_prev = cipher.encrypt(bytes(16))[-16:]  # last block of the running chain
     d = Cipher(algorithms.AES(key), modes.ECB()).decryptor().update(wanted_iv)
     r = bytes(a ^ b for a, b in zip(d, c_prev, strict=True))
-    monkeypatch.setattr(os, "urandom", lambda n: r)
+    crypto._pools[16].append(r)  # list.pop takes the last block next
 
 
 @pytest.mark.parametrize(("case", "key", "iv", "plaintext", "ciphertext"), RFC3602_VECTORS)
@@ -244,10 +243,9 @@ def test_rfc3602_encrypt(
     iv: str,
     plaintext: bytes,
     ciphertext: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cipher = CbcCipher(algorithms.AES(H(key)), 16)
-    _force_iv(cipher, H(key), H(iv), monkeypatch)
+    _force_iv(cipher, H(key), H(iv))
     assert cipher.encrypt(plaintext) == H(iv) + H(ciphertext)
 
 
@@ -302,28 +300,56 @@ def test_ivs_are_fresh_and_not_the_previous_ciphertext_block(name: str) -> None:
     assert 0.45 < ones / (len(ivs) * bs * 8) < 0.55
 
 
-def test_iv_comes_from_fresh_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
-    cipher, bs = _cipher_for("aes", os.urandom(24))
-    calls: list[int] = []
+@pytest.mark.parametrize("name", ["aes", "3des"])
+def test_iv_comes_from_buffered_os_urandom(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # R (the random block in front of each packet) is a slice of os.urandom
+    # output drawn _POOL_OCTETS at a time, each slice used exactly once.
+    key = os.urandom(24)
+    cipher, bs = _cipher_for(name, key)
+    alg = algorithms.AES(key[:16]) if name == "aes" else TripleDES(key)
+    ecb_d = Cipher(alg, modes.ECB()).decryptor()  # noqa: S305 (recovers R, test only)
     real = os.urandom
+    drawn: list[bytes] = []
 
     def spy(n: int) -> bytes:
-        calls.append(n)
-        return real(n)
+        drawn.append(real(n))
+        return drawn[-1]
 
+    crypto._clear_pools()
     monkeypatch.setattr(os, "urandom", spy)
-    for _ in range(5):
-        cipher.encrypt(bytes(32))
-    assert calls == [16] * 5
+    per_pool = crypto._POOL_OCTETS // bs
+    outs = [cipher.encrypt(bytes(2 * bs)) for _ in range(per_pool + 5)]
+    assert [len(d) for d in drawn] == [crypto._POOL_OCTETS] * 2  # one refill per pool
+    offered = {d[i : i + bs] for d in drawn for i in range(0, len(d), bs)}
+    # C0 = E_K(R XOR C_prev): recover each R (from the 2nd packet, C_prev is known).
+    rs = [
+        bytes(a ^ b for a, b in zip(ecb_d.update(out[:bs]), prev[-bs:], strict=True))
+        for prev, out in zip(outs, outs[1:], strict=False)
+    ]
+    assert set(rs) <= offered
+    assert len(set(rs)) == len(rs)  # never reused
     # With the CSPRNG pinned, the IV is a function of that secret block: two
     # ciphers that saw identical traffic emit different IVs for different R.
-    key = os.urandom(16)
-    a, b = CbcCipher(algorithms.AES(key), 16), CbcCipher(algorithms.AES(key), 16)
-    monkeypatch.setattr(os, "urandom", lambda n: bytes(n))
+    k = os.urandom(16)
+    a, b = CbcCipher(algorithms.AES(k), 16), CbcCipher(algorithms.AES(k), 16)
+    crypto._pools[16].append(bytes(16))
     ia = a.encrypt(bytes(16))[:16]
-    monkeypatch.setattr(os, "urandom", lambda n: b"\xff" * n)
+    crypto._pools[16].append(b"\xff" * 16)
     ib = b.encrypt(bytes(16))[:16]
     assert ia != ib
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_does_not_reuse_the_parents_random_blocks() -> None:
+    cipher, _ = _cipher_for("aes", os.urandom(24))
+    cipher.encrypt(bytes(16))  # the pool now holds unused blocks
+    assert crypto._pools[16]
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        os._exit(0 if not crypto._pools[16] and not crypto._pools[8] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert crypto._pools[16]  # the parent keeps its own
 
 
 def test_cbc_rejects_unaligned_lengths() -> None:
@@ -401,7 +427,7 @@ def test_no_key_in_repr(suite: Suite) -> None:
     ikey = b"\x5a" * info.ikey_len
     ekey = (b"\xa5" * 8 + b"\xc3" * 8 + b"\xa5" * 8)[: info.ekey_len]  # k2 != k1, k3
     sc = SuiteCrypto(info, ikey, ekey)
-    text = repr(sc) + repr(sc._integrity) + repr(sc._cipher)
+    text = repr(sc) + repr(sc.integrity) + repr(sc.cipher)
     for marker in ("5a5a", "a5a5", "c3c3", "zzzz", "\\xa5", "\\xc3"):
         assert marker not in text.lower()
     assert "hidden" in text

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mipsec.core import crypto
 from mipsec.core.crypto import AesXcbcMac96
 from mipsec.core.errors import LocalProtocolError, PacketError
 from mipsec.core.replay import ReplayWindow
@@ -210,6 +211,51 @@ def test_round_trip_every_size(suite: Suite) -> None:
 
 
 @pytest.mark.parametrize("suite", ALL_SUITES)
+def test_inlined_icv_interoperates_at_every_length(suite: Suite) -> None:
+    # protect()/unprotect() compute the ICV inline (not through SuiteCrypto.mac):
+    # check them both against the independent ICV, for every length modulo the
+    # MAC block (XCBC's last step depends on it: RFC 3566 §4 steps 3a/3b).
+    out, inbound, ikey, ekey = _pair(suite, window=128)
+    info = SUITES[suite]
+    residues = set()
+    for n in range(70):
+        wire = out.protect(8, 135, os.urandom(n))
+        residues.add((len(wire) - 12) % 16)
+        assert wire[-12:] == _icv(suite, ikey, wire[:-12])
+        assert inbound.unprotect(wire).seq == n
+    # ... and a packet made without mipsec at all is accepted.
+    pad = -(5 + 2) % info.block_size
+    plain = b"hello" + bytes(range(1, pad + 1)) + bytes((pad, 135))
+    if info.encrypts:
+        wire = _encrypted_packet(suite, ikey, ekey, plain, seq=70)
+    else:
+        authed = struct.pack(">II", (8 << 28) | SPI, 70) + plain
+        wire = authed + _icv(suite, ikey, authed)
+    assert inbound.unprotect(wire) == Unprotected(8, 70, 135, b"hello")
+    if not info.encrypts:
+        assert residues == {0, 4, 8, 12}  # full and partial last blocks both seen
+
+
+@pytest.mark.parametrize("suite", [s for s in ALL_SUITES if SUITES[s].encrypts])
+def test_protect_refills_the_random_block_pool(suite: Suite) -> None:
+    # protect() takes R from the shared pool inline and falls back to
+    # CbcCipher.encrypt_parts (which refills it from os.urandom) when empty.
+    out, inbound, _, ekey = _pair(suite, window=4096)
+    bs = SUITES[suite].block_size
+    crypto._clear_pools()
+    ivs = set()
+    for seq in range(crypto._POOL_OCTETS // bs + 3):  # empty, drained, refilled
+        payload = seq.to_bytes(4, "big")
+        wire = out.protect(1, 41, payload)
+        iv, ct = wire[8 : 8 + bs], wire[8 + bs : -12]
+        plain = Cipher(_alg(suite, ekey), modes.CBC(iv)).decryptor().update(ct)
+        assert plain.startswith(payload)
+        assert inbound.unprotect(wire).payload == payload
+        ivs.add(iv)
+    assert len(ivs) == crypto._POOL_OCTETS // bs + 3
+
+
+@pytest.mark.parametrize("suite", ALL_SUITES)
 @settings(max_examples=25, deadline=None)
 @given(
     payloads=st.lists(
@@ -338,14 +384,17 @@ def test_replay_checked_before_the_icv(monkeypatch: pytest.MonkeyPatch) -> None:
     wire = out.protect(1, 41, b"data")
     inbound.unprotect(wire)
     calls: list[int] = []
+    real_new = inbound._mac_new
 
-    def spy(data: bytes) -> bytes:
+    def spy() -> object:  # every ICV computation starts with a fresh MAC context
         calls.append(1)
-        return b""
+        return real_new()
 
-    monkeypatch.setattr(inbound, "_mac", spy)
+    monkeypatch.setattr(inbound, "_mac_new", spy)
     assert _drop(inbound, wire) == "replay"
     assert calls == []
+    assert inbound.unprotect(out.protect(1, 41, b"next")).payload == b"next"
+    assert calls == [1]  # the spy does see the MAC of a fresh packet
 
 
 @pytest.mark.parametrize("suite", [Suite.NULL_SHA, Suite.AES_128_CBC_SHA256])
