@@ -23,7 +23,7 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 
 from mipsec.core.errors import CertificateError
 
-__all__ = ["check_binding_capable", "tls_server_end_point"]
+__all__ = ["check_binding_capable", "tls_server_end_point", "tls_server_end_point_of"]
 
 # RFC 5929 §4.1: these two are upgraded to SHA-256.
 _WEAK_HASHES = frozenset({"md5", "sha1"})
@@ -68,7 +68,12 @@ def tls_server_end_point(cert_der: bytes) -> bytes:
     Raises :class:`CertificateError` when the binding is undefined for this
     certificate (signature without a single hash) or the DER does not parse.
     """
-    algorithm = _binding_hash(_parse(cert_der))
+    return tls_server_end_point_of(_parse(cert_der), cert_der)
+
+
+def tls_server_end_point_of(cert: x509.Certificate, cert_der: bytes) -> bytes:
+    """:func:`tls_server_end_point` for an already parsed ``cert`` whose DER is ``cert_der``."""
+    algorithm = _binding_hash(cert)
     digest = hashes.Hash(algorithm)
     # Hash the octets exactly as received, never a re-encoding (RFC 5929 §4.1).
     digest.update(cert_der)

@@ -15,7 +15,6 @@ Time and I/O stay with the caller (the asyncio shell in ``roles/hac.py``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +32,13 @@ from mipsec.core.issuer import sa_headers, select_suite
 from mipsec.core.model import IssuedSA
 from mipsec.core.suites import DEFAULT_ALLOWED, Suite
 from mipsec.core.wire.container import ContainerDecoder, IdentifierSequence, encode_container
-from mipsec.core.wire.message import Message, decode_message, encode_message
+from mipsec.core.wire.message import (
+    MESSAGE_FIELDS,
+    Message,
+    decode_message,
+    encode_message,
+    message_values,
+)
 from mipsec.core.wire.tvheader import (
     LABEL_HAC,
     ParsedContent,
@@ -49,6 +54,8 @@ NOT_IMPLEMENTED = 501
 UNAVAILABLE = 503
 TIMEOUT = 504
 FINAL_STATUSES = frozenset({200, BAD_REQUEST, UNAUTHORIZED, 500, NOT_IMPLEMENTED, 503, 504})
+_NO_HEADERS = Message()  # never mutated
+_AUTH_METHOD = MESSAGE_FIELDS.index("auth_method")
 
 
 @dataclass(frozen=True)
@@ -265,22 +272,29 @@ class HacExchange:
         return self._final(step.status or UNAUTHORIZED)
 
     def _final(self, status: int, extra: Message | None = None) -> Send:
-        msg = dataclasses.replace(self._method_headers, auth_method=None)
-        if extra is not None:
-            for f in dataclasses.fields(extra):
-                value = getattr(extra, f.name)
-                if value is not None:
-                    setattr(msg, f.name, value)
-        msg.status_code = status
+        base = self._method_headers
         if status != 200:
-            # Error responses carry no SA or bootstrap headers (PROFILE §4).
+            # Error responses carry no SA or bootstrap headers (PROFILE §4):
+            # only the method's rands/payload and, for 503, retry-after.
+            x = extra if extra is not None else _NO_HEADERS
             msg = Message(
-                mn_rand=msg.mn_rand,
-                hac_rand=msg.hac_rand,
-                eap_payload=msg.eap_payload,
+                mn_rand=x.mn_rand if x.mn_rand is not None else base.mn_rand,
+                hac_rand=x.hac_rand if x.hac_rand is not None else base.hac_rand,
+                eap_payload=x.eap_payload if x.eap_payload is not None else base.eap_payload,
                 status_code=status,
-                retry_after=msg.retry_after,
+                retry_after=x.retry_after if x.retry_after is not None else base.retry_after,
             )
+        else:
+            # The method's headers (without auth-method), overlaid by ``extra``.
+            values = list(message_values(base))
+            values[_AUTH_METHOD] = None
+            if extra is not None:
+                values = [
+                    v if v is not None else b
+                    for v, b in zip(message_values(extra), values, strict=True)
+                ]
+            msg = Message(*values)
+            msg.status_code = status
         self.finished = True
         self.final_status = status
         return self._send(msg, close=True, status=status)

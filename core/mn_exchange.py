@@ -8,7 +8,6 @@ tell a forged failure from a real one and never uses such a response's SA.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +23,7 @@ from mipsec.core.errors import (
 from mipsec.core.issuer import sa_from_message
 from mipsec.core.model import IssuedSA
 from mipsec.core.wire.container import ContainerDecoder, IdentifierSequence, encode_container
-from mipsec.core.wire.message import Message, decode_message, encode_message
+from mipsec.core.wire.message import Message, decode_message, encode_message, message_values
 from mipsec.core.wire.tvheader import (
     LABEL_HAC,
     LABEL_MN,
@@ -33,6 +32,11 @@ from mipsec.core.wire.tvheader import (
     parse_content,
     verify_auth,
 )
+
+
+def _copy(msg: Message) -> Message:
+    """A shallow copy (``dataclasses.replace`` without its per-call field walk)."""
+    return Message(*message_values(msg))
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ class MnExchange:
         step = self._method.on_response(msg, parsed)
         if step.outcome is not Outcome.CONTINUE:
             return self._finish(None, False, step.reason or "method failed")
-        out = dataclasses.replace(step.headers)
+        out = _copy(step.headers)  # the method's object stays untouched
         if step.ready_for_done:
             out.mip6_sas = self._scope
             out.suitelist = self._suitelist

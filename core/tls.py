@@ -15,6 +15,7 @@ This module only builds contexts and checks certificates; it opens no socket.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import os
@@ -25,7 +26,11 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mipsec.core.channel_binding import check_binding_capable, tls_server_end_point
+from mipsec.core.channel_binding import (
+    check_binding_capable,
+    tls_server_end_point,
+    tls_server_end_point_of,
+)
 from mipsec.core.errors import CertificateError, LocalProtocolError
 
 __all__ = [
@@ -227,6 +232,13 @@ def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     return address
 
 
+@functools.lru_cache(maxsize=64)
+def _server_name_ip(server_name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # The configured name, the same on every bootstrap: ip_address() fails
+    # by raising (twice) for a host name, so remember the answer.
+    return _ip_or_none(server_name)
+
+
 def _normalise_dns(name: str) -> str:
     if name.endswith("."):
         name = name[:-1]
@@ -239,6 +251,89 @@ def _normalise_dns(name: str) -> str:
         except UnicodeError:
             raise CertificateError(f"server_name {name!r}: not a valid host name")
     return name.lower()
+
+
+class _Leaf:
+    """What the checks need from one HAC certificate, independent of the connection.
+
+    A function of the DER octets alone, so it is kept per DER (:func:`_leaf`):
+    an MN bootstraps against the same HAC certificate again and again, and
+    parsing it (and its key) was the largest share of the MN's own CPU per
+    bootstrap.  Only certificates that parse and can anchor the binding are
+    kept; the SAN facts are worked out on first use, a refusal kept as its
+    message and raised anew each time.
+    """
+
+    __slots__ = ("_san", "cb_octets", "cert")
+
+    def __init__(self, cert: x509.Certificate, cb_octets: bytes) -> None:
+        self.cert = cert
+        self.cb_octets = cb_octets
+        self._san: _SanFacts | str | None = None
+
+    def san(self) -> _SanFacts:
+        facts = self._san
+        if facts is None:
+            facts = self._san = _san_facts(self.cert)
+        if isinstance(facts, str):
+            raise CertificateError(facts)
+        return facts
+
+
+class _SanFacts:
+    __slots__ = ("dns_names", "ips", "names")
+
+    def __init__(
+        self,
+        dns_names: list[str],
+        ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None],
+    ) -> None:
+        self.dns_names = dns_names  # as in the certificate, for error messages
+        # _normalise_dns() of an ASCII name cannot fail: compare against these.
+        self.names = frozenset(_normalise_dns(n) for n in dns_names if n.isascii())
+        self.ips = ips
+
+
+def _san_facts(cert: x509.Certificate) -> _SanFacts | str:
+    """The SAN facts, or the message of the CertificateError that refuses them."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "HAC certificate: no subjectAltName extension (the CN is never used, PROFILE §1)"
+    except ValueError as exc:
+        return f"HAC certificate: malformed extensions ({exc})"
+    dns_names = san.get_values_for_type(x509.DNSName)
+    wildcards = [n for n in dns_names if "*" in n]
+    if wildcards:
+        return f"HAC certificate: wildcard dNSName {wildcards[0]!r} refused (PROFILE §1)"
+    ips = [
+        _ip_or_none(str(a))
+        for a in san.get_values_for_type(x509.IPAddress)
+        if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address)
+    ]
+    return _SanFacts(dns_names, ips)
+
+
+_LEAF_CACHE_MAX = 16  # distinct HAC certificates an MN sees: a handful
+_leaf_cache: dict[bytes, _Leaf] = {}
+
+
+def _leaf(peer_cert_der: bytes) -> _Leaf:
+    """Parse ``peer_cert_der`` and check it can anchor the binding (PROFILE §1), once per DER."""
+    der = bytes(peer_cert_der)
+    leaf = _leaf_cache.get(der)
+    if leaf is not None:
+        return leaf
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise CertificateError("HAC certificate: not a parseable DER certificate")
+    check_binding_capable(cert)
+    leaf = _Leaf(cert, tls_server_end_point_of(cert, der))
+    if len(_leaf_cache) >= _LEAF_CACHE_MAX:
+        _leaf_cache.clear()
+    _leaf_cache[der] = leaf
+    return leaf
 
 
 def check_hac_certificate(
@@ -256,33 +351,13 @@ def check_hac_certificate(
     SAN equals the address.  Always: a SAN extension exists, no dNSName holds
     "*", the binding is defined (no EdDSA).  The CN is never looked at.
     """
-    try:
-        cert = x509.load_der_x509_certificate(peer_cert_der)
-    except ValueError:
-        raise CertificateError("HAC certificate: not a parseable DER certificate")
-    check_binding_capable(cert)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise CertificateError(
-            "HAC certificate: no subjectAltName extension (the CN is never used, PROFILE §1)"
-        )
-    except ValueError as exc:
-        raise CertificateError(f"HAC certificate: malformed extensions ({exc})")
+    san = _leaf(peer_cert_der).san()
 
-    dns_names = san.get_values_for_type(x509.DNSName)
-    wildcards = [n for n in dns_names if "*" in n]
-    if wildcards:
-        raise CertificateError(
-            f"HAC certificate: wildcard dNSName {wildcards[0]!r} refused (PROFILE §1)"
-        )
-
-    name_ip = _ip_or_none(server_name) if server_name is not None else None
+    name_ip = _server_name_ip(server_name) if server_name is not None else None
     if server_name is not None and name_ip is None:
-        wanted = _normalise_dns(server_name)
-        if not any(_normalise_dns(n) == wanted for n in dns_names if n.isascii()):
+        if _normalise_dns(server_name) not in san.names:
             raise CertificateError(
-                f"HAC certificate: no dNSName equals {server_name!r} (has {dns_names})"
+                f"HAC certificate: no dNSName equals {server_name!r} (has {san.dns_names})"
             )
         return
 
@@ -297,15 +372,10 @@ def check_hac_certificate(
         wanted_ips.append(ip)
     if not wanted_ips:
         raise LocalProtocolError("check_hac_certificate needs server_name or connected_ip")
-    san_ips = [
-        _ip_or_none(str(a))
-        for a in san.get_values_for_type(x509.IPAddress)
-        if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address)
-    ]
     for ip in wanted_ips:
-        if ip not in san_ips:
+        if ip not in san.ips:
             raise CertificateError(
-                f"HAC certificate: no iPAddress SAN equals {ip} (has {[str(a) for a in san_ips]})"
+                f"HAC certificate: no iPAddress SAN equals {ip} (has {[str(a) for a in san.ips]})"
             )
 
 
@@ -315,12 +385,7 @@ def mn_cb_octets(peer_cert_der: bytes) -> bytes:
     Refuses an EdDSA certificate.  Call it after :func:`check_hac_certificate`
     (or use :func:`hac_peer_binding`, which does both).
     """
-    try:
-        cert = x509.load_der_x509_certificate(peer_cert_der)
-    except ValueError:
-        raise CertificateError("HAC certificate: not a parseable DER certificate")
-    check_binding_capable(cert)
-    return tls_server_end_point(peer_cert_der)
+    return _leaf(peer_cert_der).cb_octets
 
 
 def hac_peer_binding(

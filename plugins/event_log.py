@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 
 from mipsec.core.hookspecs import hookimpl
 
 log = logging.getLogger("mipsec.events")
 
+# Printable ASCII without space, '"', '=' or '\\': written as it is.  One C
+# call; other values take the general rule in _value().
+_PLAIN_RE = re.compile(r"[!#-<>-\[\]-~]+")
+
 
 def _value(v: object) -> str:
+    if type(v) is str and _PLAIN_RE.fullmatch(v) is not None:
+        return v
+    if type(v) is int:
+        return str(v)  # digits and maybe '-': always plain
     if isinstance(v, datetime):
         if v.tzinfo is not None:
             v = v.astimezone(UTC)
@@ -35,8 +44,23 @@ def _value(v: object) -> str:
 
 def _emit(level: int, event: str, **fields: object) -> None:
     if log.isEnabledFor(level):
-        parts = [f"event={event}"] + [f"{k}={_value(v)}" for k, v in fields.items()]
-        log.log(level, " ".join(parts))
+        # Lazy %-formatting: the line is joined only if a handler formats it.
+        if fields:
+            log.log(level, "event=%s %s", event, _Fields(fields))
+        else:
+            log.log(level, "event=%s", event)
+
+
+class _Fields:
+    """``k=v k=v ...`` of one event, built when the log record is formatted."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        self._fields = fields
+
+    def __str__(self) -> str:
+        return " ".join([f"{k}={_value(v)}" for k, v in self._fields.items()])
 
 
 @hookimpl

@@ -118,6 +118,25 @@ _PARSED_MAX = 1 << 16  # bound on the parse cache (texts of live HoAs)
 _UNPARSED = (0, 0)
 
 
+class _Used:
+    """``in_use`` parsed per family, with each MN's addresses indexed."""
+
+    __slots__ = ("own4", "own6", "v4", "v6")
+
+    def __init__(self, v6: dict[int, str], v4: dict[int, str]) -> None:
+        self.v6 = v6
+        self.v4 = v4
+        self.own6 = _by_mn(v6)
+        self.own4 = _by_mn(v4)
+
+
+def _by_mn(used: dict[int, str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for a, mn in used.items():
+        out.setdefault(mn, []).append(a)
+    return out
+
+
 class PoolAllocator:
     """``HoAAllocator`` over configured address pools (stateless)."""
 
@@ -139,6 +158,10 @@ class PoolAllocator:
         self.ip4_pool = ip4_pool
         self.exclude = frozenset(exclude)
         self._parsed: dict[str, tuple[int, int] | None] = {}  # text -> (version, int)
+        # The last in_use seen (a copy) and its parse: between two bootstraps
+        # it rarely changes (a returning MN keeps its HoA), and comparing two
+        # dicts runs in C, where parsing and indexing it is a Python loop.
+        self._last: tuple[dict[str, str], _Used] | None = None
         # Per family: an IPv4 address and an IPv6 one can share an integer value.
         self._ex6 = {int(a) for a in self.exclude if a.version == 6}
         self._ex4 = {int(a) for a in self.exclude if a.version == 4}
@@ -148,6 +171,8 @@ class PoolAllocator:
         if ip4_pool is not None:
             plen = ip4_pool.prefixlen if ip4_subnet_len is None else ip4_subnet_len
             self.ip4_subnet = IPv4Network((ip4_pool.network_address, plen), strict=False)
+            self._ip4_lo = int(ip4_pool.network_address)
+            self._ip4_hi = int(ip4_pool.broadcast_address)
 
     def __repr__(self) -> str:
         return (
@@ -182,15 +207,24 @@ class PoolAllocator:
             (v6 if a[0] == 6 else v4)[a[1]] = mn
         return v6, v4
 
-    def _own(self, used: dict[int, str], mn_id: str, lo: int, hi: int) -> int | None:
+    def _used(self, in_use: Mapping[str, str]) -> _Used:
+        last = self._last
+        if last is not None and last[0] == in_use:
+            return last[1]
+        used = _Used(*self._parse_in_use(in_use))
+        self._last = (dict(in_use), used)
+        return used
+
+    @staticmethod
+    def _own(own: dict[str, list[int]], mn_id: str, lo: int, hi: int) -> int | None:
         """The lowest address in [lo, hi] that ``mn_id`` already holds."""
-        mine = [a for a, mn in used.items() if mn == mn_id and lo <= a <= hi]
+        mine = [a for a in own.get(mn_id, ()) if lo <= a <= hi]
         return min(mine) if mine else None
 
-    def _ip6_hoa(self, mn_id: str, used: dict[int, str]) -> IPv6Address:
+    def _ip6_hoa(self, mn_id: str, used: dict[int, str], own6: dict[str, list[int]]) -> IPv6Address:
         assert self.ip6_prefix is not None
         lo, hi, net = self._ip6_lo, self._ip6_hi, self.ip6_prefix
-        own = self._own(used, mn_id, lo, hi)
+        own = self._own(own6, mn_id, lo, hi)
         if own is not None:
             return IPv6Address(own)
         # Scanning stops at the first free address: at most
@@ -209,12 +243,14 @@ class PoolAllocator:
             raise LookupError("ip6 hnp pool exhausted")
         return IPv6Network((int(self.ip6_hnp_pool.network_address) + k * size, self.ip6_hnp_len))
 
-    def _ip6_from_hnp(self, mn_id: str, used: dict[int, str]) -> tuple[IPv6Address, IPv6Network]:
+    def _ip6_from_hnp(
+        self, mn_id: str, used: dict[int, str], own6: dict[str, list[int]]
+    ) -> tuple[IPv6Address, IPv6Network]:
         """No ip6_prefix: each MN gets a free prefix, HoA = prefix::1."""
         assert self.ip6_hnp_pool is not None and self.ip6_hnp_len is not None
         pool, shift = self.ip6_hnp_pool, 128 - self.ip6_hnp_len
         lo, hi = int(pool.network_address), int(pool.broadcast_address)
-        own = self._own(used, mn_id, lo, hi)
+        own = self._own(own6, mn_id, lo, hi)
         if own is not None:
             return IPv6Address(own), self._hnp_at((own - lo) >> shift)
         taken = {(a - lo) >> shift for a in used if lo <= a <= hi}
@@ -225,10 +261,10 @@ class PoolAllocator:
         hnp = self._hnp_at(k)
         return IPv6Address(int(hnp.network_address) + 1), hnp
 
-    def _ip4_hoa(self, mn_id: str, used: dict[int, str]) -> IPv4Address:
+    def _ip4_hoa(self, mn_id: str, used: dict[int, str], own4: dict[str, list[int]]) -> IPv4Address:
         assert self.ip4_pool is not None
-        lo, hi = int(self.ip4_pool.network_address), int(self.ip4_pool.broadcast_address)
-        own = self._own(used, mn_id, lo, hi)
+        lo, hi = self._ip4_lo, self._ip4_hi
+        own = self._own(own4, mn_id, lo, hi)
         if own is not None:
             return IPv4Address(own)
         subnet = self.ip4_subnet
@@ -246,21 +282,21 @@ class PoolAllocator:
     # ------------------------------------------------------------ HoAAllocator
 
     def assign(self, mn_id: str, in_use: Mapping[str, str]) -> HomeAssignment:
-        used6, used4 = self._parse_in_use(in_use)
+        used = self._used(in_use)
         ip6_hoa: IPv6Address | None = None
         ip6_hnp: IPv6Network | None = None
         if self.ip6_prefix is not None:
-            ip6_hoa = self._ip6_hoa(mn_id, used6)
+            ip6_hoa = self._ip6_hoa(mn_id, used.v6, used.own6)
             if self.ip6_hnp_pool is not None:
                 ip6_hnp = self._hnp_at(int(ip6_hoa) - self._ip6_lo)
             else:
                 ip6_hnp = self.ip6_prefix
         elif self.ip6_hnp_pool is not None:
-            ip6_hoa, ip6_hnp = self._ip6_from_hnp(mn_id, used6)
+            ip6_hoa, ip6_hnp = self._ip6_from_hnp(mn_id, used.v6, used.own6)
         ip4_hoa: IPv4Address | None = None
         ip4_hnp: IPv4Network | None = None
         if self.ip4_pool is not None:
-            ip4_hoa = self._ip4_hoa(mn_id, used4)
+            ip4_hoa = self._ip4_hoa(mn_id, used.v4, used.own4)
             ip4_hnp = self.ip4_subnet
         return HomeAssignment(ip6_hoa=ip6_hoa, ip4_hoa=ip4_hoa, ip6_hnp=ip6_hnp, ip4_hnp=ip4_hnp)
 

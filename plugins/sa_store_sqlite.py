@@ -2,9 +2,10 @@
 
 Both keep every field of an ``IssuedSA`` (the SA of RFC 6618 §5.6 and the
 bootstrap data of §5.7) in one SQLite table keyed by SPI.  The SPI is the
-PRIMARY KEY and ``add`` runs in one ``BEGIN IMMEDIATE`` transaction, so SPI
-uniqueness among live SAs (PROFILE §5) holds across restarts and across every
-HAC process sharing the file.
+PRIMARY KEY and ``add`` is one atomic ``INSERT ... ON CONFLICT DO NOTHING``
+(or, when the SPI is taken, one ``BEGIN IMMEDIATE`` transaction that clears an
+expired holder first), so SPI uniqueness among live SAs (PROFILE §5) holds
+across restarts and across every HAC process sharing the file.
 
 Security note: the four SA keys are stored **in clear** (BLOB columns) -- the
 HAC must hand them to an HA after a restart, so it needs them back.  The file
@@ -107,8 +108,23 @@ def _timestamp(dt: datetime, name: str) -> float:
     return dt.timestamp()
 
 
+_TEXT_CACHE_MAX = 4096
+_text_cache: dict[object, str] = {}
+
+
 def _text(value: object | None) -> str | None:
-    return None if value is None else str(value)
+    if value is None:
+        return None
+    # str() of an IPv6 address (RFC 5952 compression) is slow and the same few
+    # addresses (HA, DNS, home prefix, each MN's HoA) recur in every SA: keep
+    # the texts.  Keyed by the value: ipaddress objects compare by version too.
+    text = _text_cache.get(value)
+    if text is None:
+        text = str(value)
+        if len(_text_cache) >= _TEXT_CACHE_MAX:
+            _text_cache.clear()
+        _text_cache[value] = text
+    return text
 
 
 def _opt(cls: Callable[[str], _T], value: str | None) -> _T | None:
@@ -219,6 +235,9 @@ class _LiveView:
         # hoa -> (validity_end, spi, mn_id) of its newest live SA: the holder the
         # SQL answer (rows ordered by validity_end, spi; later rows win) reports.
         self._best: dict[str, tuple[int, int, str]] = {}
+        # hoa -> mn_id of _best[hoa], kept alongside: hoas_in_use() is then a
+        # C-level dict copy rather than a Python loop over every live HoA.
+        self._hoa_mn: dict[str, str] = {}
         for row in rows:
             self.insert(*row)
 
@@ -237,6 +256,7 @@ class _LiveView:
             best = self._best.get(hoa)
             if best is None or (end, spi) > best[:2]:
                 self._best[hoa] = (end, spi, mn_id)
+                self._hoa_mn[hoa] = mn_id
 
     def discard(self, spi: int) -> None:
         row = self._rows.pop(spi, None)
@@ -255,10 +275,11 @@ class _LiveView:
             assert hoa is not None
             del holders[spi]
             if not holders:
-                del self._holders[hoa], self._best[hoa]
+                del self._holders[hoa], self._best[hoa], self._hoa_mn[hoa]
             elif self._best[hoa][1] == spi:
                 end, s, mn_id = max((e, s, m) for s, (e, m) in holders.items())
                 self._best[hoa] = (end, s, mn_id)
+                self._hoa_mn[hoa] = mn_id
 
     def advance(self, t: float) -> bool:
         """Drop every SA with ``validity_end <= t``; False if ``t`` is before the floor."""
@@ -277,7 +298,7 @@ class _LiveView:
         return dict(sorted(self._by_ha.items()))
 
     def hoas_in_use(self) -> dict[str, str]:
-        return {hoa: best[2] for hoa, best in self._best.items()}
+        return self._hoa_mn.copy()
 
 
 def _create_private(path: Path) -> None:
@@ -367,6 +388,18 @@ class SQLiteSAStore:
             raise LocalProtocolError(f"spi: {spi} outside {SPI_MIN}..{SPI_MAX} (RFC 6618 §5.6.1)")
         row = _to_row(issued)
         t = self._now(now)
+        # Nearly always the SPI is free: one INSERT, atomic on its own (the
+        # connection is in autocommit mode), instead of a four-statement
+        # transaction.  Only when the SPI is taken is an expired holder cleared.
+        cur = self._conn.execute(
+            f"INSERT INTO issued_sa ({_COLS}) VALUES ({_MARKS}) "  # noqa: S608 (constants)
+            "ON CONFLICT (spi) DO NOTHING",
+            row,
+        )
+        if cur.rowcount == 1:
+            if self._view is not None:
+                self._view.insert(row[0], row[4], row[1], row[9], row[13], row[14])
+            return True
         with self._tx() as c:
             # An expired SA no longer holds its SPI (PROFILE §5: unique among live SAs).
             cur = c.execute("DELETE FROM issued_sa WHERE spi = ? AND validity_end <= ?", (spi, t))
@@ -458,6 +491,17 @@ class SQLiteSAStore:
                 if hoa is not None:
                     out[hoa] = mn_id
         return out
+
+    def live_summary(self, now: datetime) -> tuple[dict[str, int], dict[str, str]]:
+        """``(count_by_ha(now), hoas_in_use(now))`` from one look at the store.
+
+        The HAC needs both on every bootstrap; each alone checks the live
+        view against the file (``PRAGMA data_version``) first.
+        """
+        view = self._live_view(now)
+        if view is not None:
+            return view.count_by_ha(), view.hoas_in_use()
+        return self._count_by_ha_sql(now), self._hoas_in_use_sql(now)
 
     def count_by_ha(self, now: datetime) -> dict[str, int]:
         """Number of live SAs per ``ha_id``."""

@@ -5,6 +5,11 @@ connection, timeouts on the handshake and on every request, a cap on
 concurrent sessions, and SA issuing + HA provisioning in between the Done
 request and the final response.  One MN's bad input ends only its own
 connection.
+
+Each connection is an ``asyncio.Protocol`` (:class:`_Session`) that feeds the
+sans-I/O exchange straight from ``data_received``: no stream reader, writer
+or task per connection, and no task wake-up per request.  Only the SA issue
+(which may wait for an HA) runs as a task, with reading paused meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import ssl
+import socket
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -48,7 +53,8 @@ from mipsec.core.tls import hac_server_context, server_cb_octets, set_nodelay
 
 log = logging.getLogger("mipsec.hac")
 
-READ_CHUNK = 65536 + 4  # one maximal container
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
+
 SPI_DRAWS = 32  # collisions among 2^28 SPIs are rare; this bounds a pathological store
 
 
@@ -145,7 +151,7 @@ class HacService:
         # PROFILE §4: one random stand-in key per process for unknown mn-ids.
         self._standin = secrets.token_bytes(32)
         self._servers: list[asyncio.Server] = []
-        self._sessions: set[asyncio.Task[Any]] = set()
+        self._sessions: set[_Session] = set()
         self._expiry_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
         self.addresses: list[tuple[str, int]] = []
@@ -158,8 +164,8 @@ class HacService:
         port = svc.port
         for host in svc.listen:
             try:
-                server = await asyncio.start_server(
-                    self._on_connection,
+                server = await asyncio.get_running_loop().create_server(
+                    lambda: _Session(self),
                     host=host,
                     port=port,
                     ssl=self.ssl_context,
@@ -190,8 +196,9 @@ class HacService:
     async def stop(self) -> None:
         for s in self._servers:
             s.close()
-        for t in list(self._sessions):
-            t.cancel()
+        issuing = [t for t in (session.cancel() for session in list(self._sessions)) if t]
+        if issuing:  # let cancelled issues clean up (store, withdraw) before the store closes
+            await asyncio.wait(issuing, timeout=self.cfg.hac.provisioning_timeout)
         if self._expiry_task is not None:
             self._expiry_task.cancel()
         if self._tasks:  # let pending withdraws finish: nothing half-provisioned
@@ -210,65 +217,6 @@ class HacService:
         self.credentials.close()
 
     # ------------------------------------------------------------ sessions
-
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        peer = _peer(writer)
-        task = asyncio.current_task()
-        if len(self._sessions) >= self.cfg.hac.max_sessions:
-            self.stats["refused_busy"] += 1
-            log.warning("session cap %d reached: closing %s", self.cfg.hac.max_sessions, peer)
-            await _close(writer)
-            return
-        assert task is not None
-        self._sessions.add(task)
-        self.stats["sessions"] += 1
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
-        try:
-            await self._session(reader, writer, peer)
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
-            log.info("connection from %s ended: %s", peer, exc.__class__.__name__)
-        finally:
-            self._sessions.discard(task)
-            await _close(writer)
-
-    async def _session(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
-    ) -> None:
-        exch = HacExchange(
-            cb_octets=self.cb_octets,
-            methods=self.methods,
-            credentials=self.credentials,
-            standin_key=self._standin,
-            policy=self.policy,
-            method_options=self.cfg.methods,
-        )
-        timeout = self.cfg.hac.request_timeout
-        while not exch.finished:
-            try:
-                # asyncio.timeout, not wait_for: no extra task per request.
-                async with asyncio.timeout(timeout):
-                    data = await reader.read(READ_CHUNK)
-            except TimeoutError:
-                log.info("%s idle for %.0f s: closing", peer, timeout)
-                return
-            events = exch.receive_data(data) if data else exch.receive_eof()
-            for ev in events:
-                if isinstance(ev, IssueSA):
-                    ev = await self._issue(exch, ev, peer)
-                if isinstance(ev, Send):
-                    writer.write(ev.data)
-                    await writer.drain()
-                    if ev.status is not None:
-                        self._final_logged(exch, ev.status, peer)
-                    if ev.close:
-                        return
-                elif isinstance(ev, Close):
-                    log.info("%s: closing without response: %s", peer, ev.reason)
-                    return
 
     def _final_logged(self, exch: HacExchange, status: int, peer: str) -> None:
         mn_id = exch.mn_id or "-"
@@ -306,12 +254,20 @@ class HacService:
     async def issue_sa(self, mn_id: str, suite: Any, scope: int) -> IssuedSA:
         """Allocate, store and provision one SA; nothing survives a failure."""
         now = utcnow()
-        live_by_ha: Mapping[str, int] = self.store.count_by_ha(now)  # type: ignore[attr-defined]
+        store: Any = self.store
+        summary = getattr(store, "live_summary", None)
+        if summary is not None:
+            # Both views of the live SAs in one look at the store.
+            live_by_ha, in_use = summary(now)
+        else:
+            live_by_ha, in_use = store.count_by_ha(now), None
         ha = self.selector.select(mn_id, self.has, live_by_ha)
         if ha is None:
             raise IssueFailure(UNAVAILABLE, "no HA available", _retry_after())
+        if in_use is None:
+            in_use = store.hoas_in_use(now)
         try:
-            home = self.allocator.assign(mn_id, self.store.hoas_in_use(now))  # type: ignore[attr-defined]
+            home = self.allocator.assign(mn_id, in_use)
         except LookupError as exc:
             raise IssueFailure(UNAVAILABLE, f"home address pool: {exc}", _retry_after()) from None
         bootstrap = BootstrapData(
@@ -415,17 +371,169 @@ def _retry_after(seconds: int = 30) -> datetime:
     return (utcnow() + timedelta(seconds=seconds)).replace(microsecond=0)
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    addr = writer.get_extra_info("peername")
+def _peer(transport: asyncio.BaseTransport) -> str:
+    addr = transport.get_extra_info("peername")
     if not addr:
         return "?"
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    # close() sends TLS close_notify, then closes TCP (PROFILE §1 "closing").
-    writer.close()
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(2):
-            await writer.wait_closed()
+class _Session(asyncio.Protocol):
+    """One MN's TLS connection: created by the server once the handshake is done."""
+
+    def __init__(self, service: HacService) -> None:
+        self._svc = service
+        self._transport: asyncio.Transport | None = None
+        self._exch: HacExchange | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._issuing: asyncio.Task[None] | None = None
+        self._peer = "?"
+        self._sock: Any = None  # the TCP socket (for TCP_CORK), None if not TCP
+        self._done = False  # answered or closing: further input is ignored
+
+    # ------------------------------------------------------------ protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._peer = _peer(transport)
+        svc = self._svc
+        if len(svc._sessions) >= svc.cfg.hac.max_sessions:
+            svc.stats["refused_busy"] += 1
+            log.warning("session cap %d reached: closing %s", svc.cfg.hac.max_sessions, self._peer)
+            self._close()
+            return
+        svc._sessions.add(self)
+        svc.stats["sessions"] += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._sock = sock
+        self._exch = HacExchange(
+            cb_octets=svc.cb_octets,
+            methods=svc.methods,
+            credentials=svc.credentials,
+            standin_key=svc._standin,
+            policy=svc.policy,
+            method_options=svc.cfg.methods,
+        )
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._done or self._exch is None:
+            return
+        self._cancel_timer()
+        self._handle(self._exch.receive_data(data))
+
+    def eof_received(self) -> bool | None:
+        if not self._done and self._exch is not None:
+            self._cancel_timer()
+            self._handle(self._exch.receive_eof())
+        return None  # the transport closes itself (with close_notify)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self._done:
+            log.info("connection from %s ended: %s", self._peer, exc.__class__.__name__)
+        self._done = True
+        self._cancel_timer()
+        self._svc._sessions.discard(self)
+
+    # ------------------------------------------------------------ internals
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        """Service stop: abandon an SA issue in progress (returned) and close."""
+        task = self._issuing
+        if task is not None:
+            task.cancel()
+        self._close()
+        return task
+
+    def _arm_timer(self) -> None:
+        # PROFILE §1: each request must arrive within request_timeout.
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._svc.cfg.hac.request_timeout, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if not self._done:
+            log.info("%s idle for %.0f s: closing", self._peer, self._svc.cfg.hac.request_timeout)
+            self._close()
+
+    def _close(self) -> None:
+        # close() sends TLS close_notify, then closes TCP (PROFILE §1 "closing").
+        self._done = True
+        self._cancel_timer()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _handle(self, events: list[Send | Close | IssueSA]) -> None:
+        assert self._exch is not None and self._transport is not None
+        for ev in events:
+            if isinstance(ev, IssueSA):
+                # The exchange stops at IssueSA (nothing follows it).  Stop
+                # reading until the final response is out: the MN must wait.
+                self._transport.pause_reading()
+                self._issuing = asyncio.create_task(self._issue(ev))
+                return
+            if isinstance(ev, Send):
+                if self._send(ev):
+                    return
+            else:
+                log.info("%s: closing without response: %s", self._peer, ev.reason)
+                self._close()
+                return
+        if not self._exch.finished:
+            self._arm_timer()
+
+    def _send(self, ev: Send) -> bool:
+        """Write one response; True when the connection closes after it."""
+        assert self._exch is not None and self._transport is not None
+        if not ev.close:
+            self._transport.write(ev.data)
+            if ev.status is not None:
+                self._svc._final_logged(self._exch, ev.status, self._peer)
+            return False
+        # Final response: it and the TLS close_notify that follows it at once
+        # leave in one TCP segment (corked while both are written), so the MN
+        # reads them together instead of being woken twice.
+        sock = self._sock
+        corked = False
+        if sock is not None and _TCP_CORK is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+                corked = True
+        try:
+            self._transport.write(ev.data)
+            self._close()
+        finally:
+            if corked:
+                assert sock is not None
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
+        # Logged once the response is on its way: the MN need not wait for it.
+        if ev.status is not None:
+            self._svc._final_logged(self._exch, ev.status, self._peer)
+        return True
+
+    async def _issue(self, req: IssueSA) -> None:
+        assert self._exch is not None
+        try:
+            ev = await self._svc._issue(self._exch, req, self._peer)
+        except Exception:  # _issue answers every failure itself; this is a bug
+            log.exception("%s: SA issue failed", self._peer)
+            self._close()
+            return
+        finally:
+            self._issuing = None
+        if self._done or self._transport is None or self._transport.is_closing():
+            # The MN went away meanwhile (the SA stays issued, as before).
+            log.info("connection from %s ended before the final response", self._peer)
+            return
+        self._send(ev)

@@ -10,8 +10,9 @@ machines decide it, not this codec.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, NamedTuple
@@ -21,11 +22,13 @@ from mipsec.core.wire.tvheader import ParsedContent, parse_content
 
 __all__ = [
     "HEADER_NAMES",
+    "MESSAGE_FIELDS",
     "HeaderCodec",
     "Message",
     "decode_message",
     "encode_message",
     "message_from_bytes",
+    "message_values",
 ]
 
 
@@ -59,6 +62,13 @@ class Message:
     ip4_hnp: IPv4Network | None = None
     dns_ip6: IPv6Address | None = None
     dns_ip4: IPv4Address | None = None
+
+
+# Every Message attribute, in declaration (= constructor) order.
+MESSAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Message))
+# message_values(msg): every attribute value at once, in MESSAGE_FIELDS order
+# (one C call instead of a getattr() per field).
+message_values: Callable[[Message], tuple[Any, ...]] = operator.attrgetter(*MESSAGE_FIELDS)
 
 
 class HeaderCodec(NamedTuple):
@@ -102,24 +112,38 @@ HEADER_NAMES: dict[str, HeaderCodec] = {
 }
 
 
+# Flat tables for the per-message loops (they run for every message sent and
+# received): no NamedTuple attribute access per header.
+_PARSERS: dict[str, tuple[str, Callable[..., Any]]] = {
+    name: (c.attribute, c.parse) for name, c in HEADER_NAMES.items()
+}
+_FORMATTERS: tuple[tuple[str, Callable[[Any], str]], ...] = tuple(
+    (name, c.format) for name, c in HEADER_NAMES.items()
+)
+# The attributes of HEADER_NAMES in canonical sender order (all of Message's).
+_SENDER_VALUES: Callable[[Message], tuple[Any, ...]] = operator.attrgetter(
+    *(c.attribute for c in HEADER_NAMES.values())
+)
+
+
 def decode_message(parsed: ParsedContent) -> Message:
     """Parse every known header with its codec; unknown names are ignored (PROFILE §3)."""
     msg = Message()
+    get = _PARSERS.get
     for name, value in parsed.headers:
-        codec = HEADER_NAMES.get(name)
-        if codec is not None:
-            setattr(msg, codec.attribute, codec.parse(value, field=name))
+        entry = get(name)
+        if entry is not None:
+            setattr(msg, entry[0], entry[1](value, field=name))
     return msg
 
 
 def encode_message(msg: Message) -> list[tuple[str, str]]:
     """The non-None fields as (name, value) pairs in canonical sender order."""
-    out: list[tuple[str, str]] = []
-    for name, codec in HEADER_NAMES.items():
-        value = getattr(msg, codec.attribute)
-        if value is not None:
-            out.append((name, codec.format(value)))
-    return out
+    return [
+        (name, fmt(value))
+        for (name, fmt), value in zip(_FORMATTERS, _SENDER_VALUES(msg), strict=True)
+        if value is not None
+    ]
 
 
 def message_from_bytes(content: bytes) -> tuple[ParsedContent, Message]:

@@ -15,6 +15,7 @@ may be key material).
 from __future__ import annotations
 
 import re
+import struct
 import unicodedata
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -75,6 +76,13 @@ EAP_HEADER_LEN = 4  # RFC 3748 §4: Code, Identifier, Length(2)
 _HEX_RE = re.compile(r"[0-9a-fA-F]+")
 _TOKEN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 _WS = " \t"
+# Fast paths for the forms senders write (PROFILE §3); every other text takes
+# the general check, so what is accepted does not change.
+_NAI_ASCII_RE = re.compile(rf"[!-~]{{1,{NAI_MAX_OCTETS}}}")  # printable, no space
+_IP6_FULL_RE = re.compile(r"(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}")  # §5.7 full 8-group form
+_UNPACK_8H = struct.Struct(">8H").unpack
+_IP6_FORMAT = "{:x}:{:x}:{:x}:{:x}:{:x}:{:x}:{:x}:{:x}".format
+_IP4_RE = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")  # §5.7 BNF
 
 
 def _ascii_digits(s: str) -> bool:
@@ -113,6 +121,24 @@ def _nai_problem(value: str) -> str | None:
     """Why ``value`` is not an acceptable NAI (RFC 7542), or None."""
     if not value:
         return "empty NAI"
+    if _NAI_ASCII_RE.fullmatch(value) is not None:
+        pass  # printable ASCII without space, <= 253 octets: the checks below hold
+    else:
+        problem = _nai_chars_problem(value)
+        if problem is not None:
+            return problem
+    if value.count("@") > 1:
+        return "more than one '@' in NAI"
+    if "@" in value:
+        realm = value.split("@", 1)[1]
+        if not realm:
+            return "empty realm in NAI"
+        if any(not label for label in realm.split(".")):
+            return "empty label in NAI realm"
+    return None
+
+
+def _nai_chars_problem(value: str) -> str | None:
     try:
         octets = value.encode("utf-8")
     except UnicodeEncodeError:
@@ -122,14 +148,6 @@ def _nai_problem(value: str) -> str | None:
     if any(unicodedata.category(c) == "Cc" or c.isspace() for c in value):
         # RFC 7542 §2.2 has no controls or white space in any NAI part.
         return "control or white-space character in NAI"
-    if value.count("@") > 1:
-        return "more than one '@' in NAI"
-    if "@" in value:
-        realm = value.split("@", 1)[1]
-        if not realm:
-            return "empty realm in NAI"
-        if any(not label for label in realm.split(".")):
-            return "empty label in NAI realm"
     return None
 
 
@@ -383,6 +401,9 @@ def format_suitelist(suites: Iterable[int]) -> str:
 
 def parse_ip6(value: str, *, field: str) -> IPv6Address:
     """Any RFC 4291 §2.2 text form; zone identifiers (``%eth0``) are refused."""
+    if _IP6_FULL_RE.fullmatch(value) is not None:
+        # The canonical sender form: eight groups, the integer directly.
+        return IPv6Address(int("".join([g.rjust(4, "0") for g in value.split(":")]), 16))
     if not value.isascii() or "%" in value:
         raise HeaderError(field, "not an IPv6 address")
     try:
@@ -397,8 +418,7 @@ def format_ip6(addr: IPv6Address) -> str:
         raise LocalProtocolError("expected an IPv6Address")
     if addr.scope_id is not None:
         raise LocalProtocolError("IPv6 address with a zone id cannot be sent")
-    n = int(addr)
-    return ":".join(f"{(n >> shift) & 0xFFFF:x}" for shift in range(112, -1, -16))
+    return _IP6_FORMAT(*_UNPACK_8H(addr.packed))
 
 
 def _split_prefix(value: str, field: str, max_len: int, max_digits: int) -> tuple[str, int]:
@@ -415,7 +435,10 @@ def parse_ip6_prefix(value: str, *, field: str = "mip6-ip6-hnp") -> IPv6Network:
     network prefix; only its first ``len`` bits carry meaning).
     """
     addr, length = _split_prefix(value, field, 128, 3)
-    return IPv6Network((parse_ip6(addr, field=field), length), strict=False)
+    n = int(parse_ip6(addr, field=field))
+    # Clear the host bits here: the (int, len) form builds without re-checking.
+    host = (1 << (128 - length)) - 1
+    return IPv6Network((n & ~host, length))
 
 
 def format_ip6_prefix(net: IPv6Network) -> str:
@@ -429,6 +452,12 @@ def parse_ip4(value: str, *, field: str) -> IPv4Address:
 
     Leading zeros are allowed by the BNF and read as decimal (never octal).
     """
+    m = _IP4_RE.fullmatch(value)
+    if m is not None:
+        a, b, c, d = map(int, m.groups())
+        if a <= 255 and b <= 255 and c <= 255 and d <= 255:
+            return IPv4Address((a << 24) | (b << 16) | (c << 8) | d)
+    # Not the plain form: part by part, so the error names the first problem.
     parts = value.split(".")
     if len(parts) != 4:
         raise HeaderError(field, "not a dotted-quad IPv4 address")
@@ -452,7 +481,9 @@ def format_ip4(addr: IPv4Address) -> str:
 def parse_ip4_subnet(value: str, *, field: str = "mip6-ip4-hnp") -> IPv4Network:
     """``ip4-addr "/" 1*2DIGIT``, len 0..32; host bits are cleared as for IPv6."""
     addr, length = _split_prefix(value, field, 32, 2)
-    return IPv4Network((parse_ip4(addr, field=field), length), strict=False)
+    n = int(parse_ip4(addr, field=field))
+    host = (1 << (32 - length)) - 1  # cleared here, as for IPv6
+    return IPv4Network((n & ~host, length))
 
 
 def format_ip4_subnet(net: IPv4Network) -> str:
