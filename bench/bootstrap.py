@@ -12,7 +12,7 @@ What is measured, all in one run, on one lab made in a temp dir (``mipsec init``
   checks of the 200 response, and close.  Each of the N concurrent MNs has its
   own identity (credentials appended to the lab's credentials.toml).
 * handshake/s -- bare TLS against a small asyncio server in another process
-  (same structure as the HAC: ``asyncio.start_server`` with ssl), same
+  (same structure as the HAC: an asyncio Protocol on ``create_server`` with ssl), same
   certificate, same contexts (``hac_server_context`` / ``mn_client_context``):
   connect, handshake, close.
 * ratio = bootstrap/s / handshake/s at each concurrency: how much of the
@@ -82,18 +82,19 @@ SUITES = (1, 2)  # AES_128_CBC_SHA256, AES_128_CBC_SHA: what the lab MN offers
 async def _serve_tls(cert: str, key: str, strict: bool) -> None:
     ctx = hac_server_context(cert, key, strict_rfc6618=strict)
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Same shape as HacService._on_connection/_close: the handshake is
-        # done by start_server before this runs; close sends close_notify.
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
-        writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 2)
+    class BareTLS(asyncio.Protocol):
+        # The same shape as the HAC's connection handling (a Protocol, no
+        # stream or task per connection): the handshake is done before
+        # connection_made runs; close() sends close_notify.
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                set_nodelay(sock)
+            transport.close()
 
-    server = await asyncio.start_server(
-        on_connection,
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        BareTLS,
         host=HOST,
         port=0,
         ssl=ctx,
@@ -103,7 +104,6 @@ async def _serve_tls(cert: str, key: str, strict: bool) -> None:
     port = server.sockets[0].getsockname()[1]
     print(f"READY {port}", flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
