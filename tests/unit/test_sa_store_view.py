@@ -54,6 +54,8 @@ def check(store: SQLiteSAStore, now: datetime) -> None:
     want_counts = store._count_by_ha_sql(now)
     assert store.hoas_in_use(now) == want_hoas
     assert store.count_by_ha(now) == want_counts
+    # The HAC's one-look read of both views gives the same answers.
+    assert store.live_summary(now) == (want_counts, want_hoas)
 
 
 _maybe = st.one_of(st.none(), st.integers(1, 3))
