@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from ipaddress import ip_address
 from pathlib import Path
 
 from mipsec.core.errors import LocalProtocolError
+from mipsec.core.fsutil import create_private
 
 __all__ = ["SCHEMA_VERSION", "Binding", "BindingCache"]
 
@@ -127,18 +127,6 @@ def _packed(address: str) -> bytes:
     return ip_address(address).packed
 
 
-def _create_private(path: Path) -> None:
-    """Create ``path`` empty with mode 0600 unless it exists."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    try:
-        os.fchmod(fd, 0o600)  # independent of the process umask
-    finally:
-        os.close(fd)
-
-
 class BindingCache:
     """In-memory binding cache keyed by HoA (``str``), with optional SQLite write-through.
 
@@ -170,7 +158,7 @@ class BindingCache:
     # ------------------------------------------------------------ storage
 
     def _open(self, path: Path) -> None:
-        _create_private(path)
+        create_private(path)
         conn = sqlite3.connect(path, isolation_level=None)
         try:
             conn.execute("PRAGMA busy_timeout = 5000")

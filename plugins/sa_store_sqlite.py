@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from mipsec.core.errors import LocalProtocolError
+from mipsec.core.fsutil import create_private
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.model import SPI_MAX, SPI_MIN, BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.suites import Suite
@@ -301,18 +301,6 @@ class _LiveView:
         return self._hoa_mn.copy()
 
 
-def _create_private(path: Path) -> None:
-    """Create ``path`` empty with mode 0600 unless it exists (it will hold keys)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    try:
-        os.fchmod(fd, 0o600)  # independent of the process umask
-    finally:
-        os.close(fd)
-
-
 class SQLiteSAStore:
     """``SAStore`` over SQLite; ``path=None`` keeps it in memory only.
 
@@ -326,7 +314,7 @@ class SQLiteSAStore:
         if path is None:
             conn = sqlite3.connect(":memory:", isolation_level=None)
         else:
-            _create_private(path)
+            create_private(path)
             conn = sqlite3.connect(path, isolation_level=None)
         try:
             # busy_timeout: several HAC processes may share one store.
