@@ -144,6 +144,25 @@ class MipsecSpec:
         """
 
     @hookspec
+    def mipsec_eap_methods(self) -> Sequence[Any]:
+        """Return EAP methods (``mipsec.core.eap.method.EapMethodPlugin``).
+
+        Each has a ``name`` (what ``[eap] methods`` / ``[methods.eap] types``
+        select), its EAP ``eap_type`` and a factory per role it implements
+        (``peer`` on the MN, ``server`` on the HAC), built at start from the
+        method's validated options.
+        """
+
+    @hookspec
+    def mipsec_eap_backends(self) -> Sequence[Factory]:
+        """Return factories of HAC EAP back ends (``mipsec.core.eap.backend.EapBackend``).
+
+        The HAC's EAP authenticator routes each identity to one back end:
+        ``local`` runs EAP server methods in the HAC; ``radius`` passes EAP
+        through to an AAA server (RFC 3579).  ``create(options, ctx)``.
+        """
+
+    @hookspec
     def mipsec_credential_backends(self) -> Sequence[Factory]:
         """Return factories of ``CredentialBackend`` (e.g. ``toml``, ``sqlite``)."""
 

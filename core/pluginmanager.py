@@ -19,6 +19,8 @@ from mipsec.core.hookspecs import PROJECT, MipsecSpec, PluginContext
 
 REGISTRY_HOOKS = (
     "mipsec_auth_methods",
+    "mipsec_eap_methods",
+    "mipsec_eap_backends",
     "mipsec_credential_backends",
     "mipsec_sa_stores",
     "mipsec_ha_selectors",
