@@ -208,3 +208,11 @@ class MipsecSpec:
     @hookspec
     def mipsec_sa_expired(self, spi: int, mn_id: str, validity_end: datetime) -> None:
         """A live SA reached its validity end and was removed."""
+
+    @hookspec
+    def mipsec_sa_withdrawn(self, spi: int, mn_id: str, ha_id: str, reason: str) -> None:
+        """A live SA was taken back before its validity end and is dead for good.
+
+        ``reason``: ``superseded`` (the MN holds a newer SA), ``revoked``
+        (by the operator), ``provisioning-failed`` (the MN never got it).
+        """
