@@ -59,7 +59,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from mipsec.core.authmethod import AuthMethod, PeerMethodContext
+from mipsec.core.authmethod import PeerMethodContext, PeerMethodFactory
+from mipsec.core.hookspecs import PluginContext
 from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
 from mipsec.core.tls import (
     check_hac_certificate,
@@ -74,7 +75,10 @@ HOST = "127.0.0.1"
 TIMEOUT = 10.0
 READY_TIMEOUT = 30.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-SUITES = (1, 2)  # AES_128_CBC_SHA256, AES_128_CBC_SHA: what the lab MN offers
+# AES_128_CBC_SHA256 {00,3C}, AES_128_CBC_SHA {00,2F}: what the lab MN offers
+# (wire codes, not enum positions: (1, 2) would offer nothing the default
+# policy allows).
+SUITES = (0x003C, 0x002F)
 
 # ---------------------------------------------------------------- bare TLS server
 
@@ -118,7 +122,9 @@ class Client:
     ctx: ssl.SSLContext
     port: int
     server_name: str
-    method: AuthMethod = field(default_factory=PskMethod)
+    method: PeerMethodFactory = field(
+        default_factory=lambda: PskMethod().peer({}, PluginContext("mn", Path(".")))
+    )
     tls_info: str = ""
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -158,10 +164,10 @@ class Client:
                 raise RuntimeError("HAC sent no certificate")
             check_hac_certificate(der, server_name=self.server_name, connected_ip=None)
             cb = mn_cb_octets(der)
-            peer = self.method.peer(PeerMethodContext(mn_id=mn_id, cb_octets=cb, secret=psk))
+            peer = self.method.new(PeerMethodContext(mn_id=mn_id, cb_octets=cb, secret=psk))
             exch = MnExchange(
                 mn_id=mn_id,
-                method_name=self.method.name,
+                method_name="psk",
                 method=peer,
                 cb_octets=cb,
                 scope=1,
@@ -351,15 +357,21 @@ def _free_port() -> int:
 
 
 def _local_provisioning(text: str) -> str:
-    """hac.toml with every HA on the in-process ``local`` transport.
+    """hac.toml with the HA in the HAC's own process (deployment model 1).
 
-    The HAC then confirms each SA without a network round trip to an HA
-    process, so the figures are the HAC's own (``--provisioning tls`` keeps
-    the lab's TLS provisioning and runs ``mipsec --role ha`` as well).
+    The HAC then hands each SA to an in-memory HA without a network round
+    trip, so the figures are the HAC's own plus an in-process install
+    (``--provisioning tls`` keeps the lab's TLS provisioning and runs
+    ``mipsec --role ha`` as well).  The ``local`` transport fails closed
+    without an HA in the process, hence the ``[local_ha]`` table.
     """
     text = re.sub(r'(?m)^(transport\s*=\s*)"[^"]*"', r'\1"local"', text)
     # The [ha.options] table belongs to the network transport: drop it.
-    return re.sub(r"(?ms)^\[ha\.options\][^\[]*", "", text)
+    text = re.sub(r"(?ms)^\[ha\.options\][^\[]*", "", text)
+    return text + (
+        '\n[local_ha.ha]\nid = "ha1"\nlisten = ["127.0.0.1"]\nport = 0\n'
+        '\n[local_ha.sa_store]\nbackend = "memory"\n'
+    )
 
 
 def make_lab(
@@ -507,7 +519,7 @@ def _report(
             "bootstrap server CPU = HAC + HA"
         )
     else:
-        print("note: HA provisioning on the local transport (no HA round trip): HAC cost only")
+        print("note: HA in the HAC's process (local transport, in-memory store): no HA round trip")
     if args.profile_hac:
         print(f"note: HAC runs under cProfile ({args.profile_hac}): figures not representative")
     print()

@@ -133,9 +133,12 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
 
 
 async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:
-    from mipsec.core.roles.mn import Registrar, RegistrationOutcome, bootstrap
+    from mipsec.core.roles.mn import Registrar, RegistrationOutcome, bootstrap, peer_factory
 
     log = logging.getLogger("mipsec.mn")
+    # The method's options are validated once, at start (a wrong one is a
+    # configuration error naming the key, not a failure at each bootstrap).
+    factory = peer_factory(cfg, pluginmanager.make_plugin_manager(cfg.plugins.disable), config_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -172,7 +175,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             if stop.is_set():
                 break
         last_bootstrap = _monotonic()
-        result = await bootstrap(cfg, config_file=config_file)
+        result = await bootstrap(cfg, config_file=config_file, factory=factory)
         if not result.ok or result.issued is None or not cfg.registration.enabled:
             report(result, None)
             if once:

@@ -89,11 +89,16 @@ SuiteList = Annotated[
 
 
 class PolicyConfig(_Strict):
-    methods: tuple[str, ...] = ("psk", "eap")
+    # Fail closed: the default names only the built-in PSK method; EAP is
+    # enabled explicitly (it needs its own configuration).
+    methods: tuple[str, ...] = ("psk",)
     realms: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     suites: SuiteList = DEFAULT_ALLOWED
     max_scope: Literal[0, 1] = 1
     sa_lifetime: Seconds = 3600.0
+    # Live SAs one MN may hold; once a newer one is delivered, older ones
+    # beyond this are withdrawn from their HAs (issue 6 item 3).
+    max_sas_per_mn: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 class HAEntry(_Strict):
@@ -101,7 +106,9 @@ class HAEntry(_Strict):
     address6: ipaddress.IPv6Address | None = None
     address4: ipaddress.IPv4Address | None = None
     port: Port = DEFAULT_MIP6_PORT  # the MN-HA UDP port (mip6-port)
-    transport: str = "local"
+    # No default: how an SA reaches its HA is never chosen silently
+    # ("tls" over the network, "local" for an HA in the HAC's own process).
+    transport: str
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -222,6 +229,9 @@ class MNRegistrationConfig(_Strict):
 class MNConfig(_Strict):
     mn: MNIdentity
     hac: MNHac
+    # Options of the ``eap`` method (``[eap]``: methods, per-method tables);
+    # validated by the method's plugin at start.
+    eap: dict[str, Any] = Field(default_factory=dict)
     sa: MNSA = MNSA()
     registration: MNRegistrationConfig = MNRegistrationConfig()
     plugins: PluginsConfig = PluginsConfig()
@@ -260,8 +270,9 @@ class ProvisioningListener(_Strict):
     cert: Path
     key: Path
     client_ca: Path
-    # dNSName SANs a client certificate must carry (empty: any from client_ca).
-    client_names: tuple[str, ...] = ()
+    # dNSName SANs a client certificate must carry (at least one: a CA alone
+    # would let every certificate it ever issued in).
+    client_names: tuple[str, ...] = Field(min_length=1)
     timeout: Seconds = 10.0
 
 

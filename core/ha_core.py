@@ -301,9 +301,10 @@ class _SAEntry:
         hoa = bs.ip6_hoa if bs.ip6_hoa is not None else bs.ip4_hoa
         self.hoa: str | None = None if hoa is None else str(hoa)
         # PROFILE §8: pseudo-header of the equivalent native packet, with the
-        # provisioned mip6-haa-ip6 (the HA's own address as a fallback) and
-        # "::" where an address is unknown.
-        haa = bs.haa_ip6 or haa_ip6 or _UNSPECIFIED6
+        # provisioned mip6-haa-ip6 and "::" where an address is unknown --
+        # never the HA's own configured address: the MN computes the checksum
+        # from what the HAC provisioned, and so must the HA.
+        haa = bs.haa_ip6 or _UNSPECIFIED6
         mn = bs.ip6_hoa or _UNSPECIFIED6
         self.bu_src, self.bu_dst = mn, haa
         self.ba_src, self.ba_dst = haa, mn

@@ -88,6 +88,22 @@ class SAStore(Protocol):
         """Number of live SAs per ``ha_id``."""
         ...
 
+    def live_for_mn(self, mn_id: str, now: datetime) -> list[IssuedSA]:
+        """The live SAs of one MN, oldest first (validity end, then SPI)."""
+        ...
+
+    def retire(self, spi: int, reason: str) -> IssuedSA | None:
+        """Remove a live SA and record it as retired, atomically (see the SQLite store)."""
+        ...
+
+    def retired_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
+        """``(spi, mn_id, ha_id, validity_end)`` of retired SAs still to withdraw from their HA."""
+        ...
+
+    def confirm_retired(self, spi: int) -> None:
+        """The HA confirmed the withdrawal of ``spi``."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -189,8 +205,25 @@ class MipsecSpec:
         """An MN proved its identity (before SA issuing)."""
 
     @hookspec
-    def mipsec_auth_failed(self, mn_id: str, method: str, status: int, peer: str) -> None:
-        """An exchange ended with a status other than 200."""
+    def mipsec_auth_failed(
+        self, mn_id: str, method: str, status: int | None, peer: str, reason: str
+    ) -> None:
+        """An exchange ended without an SA: a final status other than 200, or
+        (``status`` None) no final response at all (timeout, peer closed).
+
+        ``reason`` tells why (``bad-auth``, ``unknown-identity``, ``timeout``,
+        ``peer-closed``, ``bad-request``...): the wire never reveals an unknown
+        identity (PROFILE §4), the audit log does.  Provisioning failures are
+        ``mipsec_provisioning_failed``, not this.
+        """
+
+    @hookspec
+    def mipsec_provisioning_failed(
+        self, mn_id: str, ha_id: str, spi: int | None, status: int, reason: str, peer: str
+    ) -> None:
+        """An authenticated MN got no SA: no HA or home address (503), the HA did
+        not confirm (504), an internal failure (500), or the MN went away before
+        its 200 -- whatever was provisioned has been taken back."""
 
     @hookspec
     def mipsec_sa_issued(

@@ -64,7 +64,7 @@ request_timeout = 10
 max_sessions = 256
 
 [policy]
-methods = ["psk", "eap"]
+methods = ["psk"]
 # Lab policy: all five suites, so each can be exercised. The built-in default
 # offers only the encrypting suites (PROFILE §5).
 suites = {_toml_list(LAB_SUITES)}

@@ -161,6 +161,10 @@ class MnExchange:
         except HeaderError as exc:
             return self._finish(None, False, f"malformed response: {exc}")
 
+        if msg.status_code == 100:
+            # PROFILE §6: 100 is listed by the RFC but never sent; status-code
+            # appears only in a final response, and 100 is not one.
+            return self._finish(None, False, "status-code 100 in a response (never a final status)")
         if msg.status_code is not None:
             key = self._method.final_key(msg)
             authenticated = (

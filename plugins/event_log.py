@@ -65,12 +65,37 @@ class _Fields:
 
 @hookimpl
 def mipsec_mn_authenticated(mn_id: str, method: str, peer: str) -> None:
-    _emit(logging.INFO, "mn_authenticated", mn_id=mn_id, method=method, peer=peer)
+    # DEBUG: a successful bootstrap is one INFO line (sa_issued), not two.
+    _emit(logging.DEBUG, "mn_authenticated", mn_id=mn_id, method=method, peer=peer)
 
 
 @hookimpl
-def mipsec_auth_failed(mn_id: str, method: str, status: int, peer: str) -> None:
-    _emit(logging.WARNING, "auth_failed", mn_id=mn_id, method=method, status=status, peer=peer)
+def mipsec_auth_failed(mn_id: str, method: str, status: int | None, peer: str, reason: str) -> None:
+    _emit(
+        logging.WARNING,
+        "auth_failed",
+        mn_id=mn_id,
+        peer=peer,
+        method=method,
+        status="-" if status is None else status,
+        reason=reason,
+    )
+
+
+@hookimpl
+def mipsec_provisioning_failed(
+    mn_id: str, ha_id: str, spi: int | None, status: int, reason: str, peer: str
+) -> None:
+    _emit(
+        logging.WARNING,
+        "provisioning_failed",
+        mn_id=mn_id,
+        peer=peer,
+        ha=ha_id,
+        spi="-" if spi is None else spi,
+        status=status or "-",
+        reason=reason,
+    )
 
 
 @hookimpl
@@ -99,3 +124,8 @@ def mipsec_sa_issued(
 @hookimpl
 def mipsec_sa_expired(spi: int, mn_id: str, validity_end: datetime) -> None:
     _emit(logging.INFO, "sa_expired", spi=spi, mn_id=mn_id, validity_end=validity_end)
+
+
+@hookimpl
+def mipsec_sa_withdrawn(spi: int, mn_id: str, ha_id: str, reason: str) -> None:
+    _emit(logging.INFO, "sa_withdrawn", spi=spi, mn_id=mn_id, ha=ha_id, reason=reason)

@@ -13,12 +13,15 @@ Done with 401, exactly like a wrong PSK (no enumeration oracle).
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mipsec.core.authmethod import (
     AuthMethod,
+    FinalShape,
     Outcome,
     PeerMethod,
     PeerMethodContext,
@@ -28,13 +31,17 @@ from mipsec.core.authmethod import (
     ServerStep,
 )
 from mipsec.core.errors import LocalProtocolError
-from mipsec.core.hookspecs import hookimpl
+from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.wire.message import Message
 from mipsec.core.wire.tvheader import LABEL_HAC, LABEL_MN, ParsedContent, verify_auth
+
+log = logging.getLogger("mipsec.psk")
 
 RAND_LEN = 32  # mn-rand / hac-rand: 32 octets (RFC 6618 §5.5.6)
 STATUS_BAD_REQUEST = 400
 STATUS_UNAUTHORIZED = 401
+STATUS_UNAVAILABLE = 503
+BACKEND_RETRY_AFTER = 30  # seconds: a failing credential backend is an outage (PROFILE §6 503)
 
 
 class PskServer:
@@ -42,23 +49,48 @@ class PskServer:
 
     def __init__(self, ctx: ServerMethodContext) -> None:
         self._ctx = ctx
-        psk = ctx.credentials.get_psk(ctx.mn_id) if ctx.credentials is not None else None
-        # Unknown identity: same code path, stand-in key, failure only at Done.
-        self._key = psk if psk else ctx.standin_key
-        self._known = bool(psk)
+        # Until the credentials are looked up (start), only the stand-in key.
+        self._key = ctx.standin_key
+        self._known = False
         self._mn_rand: bytes | None = None
         self._hac_rand = secrets.token_bytes(RAND_LEN)
+        self._hac_rand_sent = False
 
     def __repr__(self) -> str:
         return f"PskServer(mn_id={self._ctx.mn_id!r})"
 
     def _rands(self) -> Message:
-        return Message(mn_rand=self._mn_rand, hac_rand=self._hac_rand)
+        return Message(
+            mn_rand=self._mn_rand, hac_rand=self._hac_rand if self._hac_rand_sent else None
+        )
 
     def start(self, init: Message, parsed: ParsedContent) -> ServerStep:
         if init.mn_rand is None:
-            return ServerStep(Outcome.FAILURE, status=STATUS_BAD_REQUEST)
+            return ServerStep(Outcome.FAILURE, status=STATUS_BAD_REQUEST, reason="bad-request")
         self._mn_rand = init.mn_rand
+        credentials = self._ctx.credentials
+        try:
+            psk = credentials.get_psk(self._ctx.mn_id) if credentials is not None else None
+        except Exception as exc:
+            # A backend outage is not the MN's fault: 503 with retry-after
+            # (PROFILE §6), one log line, never a traceback.  Only the class
+            # name: a backend's message could quote a secret.
+            log.error(
+                "mn_id=%s: credential backend failed: %s", self._ctx.mn_id, type(exc).__name__
+            )
+            return ServerStep(
+                Outcome.FAILURE,
+                status=STATUS_UNAVAILABLE,
+                reason="credential-backend-failure",
+                retry_after=(datetime.now(UTC) + timedelta(seconds=BACKEND_RETRY_AFTER)).replace(
+                    microsecond=0
+                ),
+            )
+        # Unknown identity: same code path, stand-in key, failure only at Done.
+        if psk:
+            self._key = psk
+            self._known = True
+        self._hac_rand_sent = True
         msg = self._rands()
         msg.auth_method = ("psk",)
         return ServerStep(Outcome.CONTINUE, msg, self._key)
@@ -74,11 +106,33 @@ class PskServer:
             or not hmac.compare_digest(request.hac_rand, self._hac_rand)
             or request.eap_payload is not None
         ):
-            return ServerStep(Outcome.FAILURE, self._rands(), self._key, STATUS_BAD_REQUEST)
+            return ServerStep(Outcome.FAILURE, status=STATUS_BAD_REQUEST, reason="bad-request")
         ok = verify_auth(self._key, LABEL_MN, parsed, self._ctx.cb_octets)
-        if not ok or not self._known:
-            return ServerStep(Outcome.FAILURE, self._rands(), self._key, STATUS_UNAUTHORIZED)
-        return ServerStep(Outcome.SUCCESS, self._rands(), self._key)
+        if not self._known:
+            # The wire says 401 either way; the log knows which (issue 6 item 7).
+            return ServerStep(
+                Outcome.FAILURE, status=STATUS_UNAUTHORIZED, reason="unknown-identity"
+            )
+        if not ok:
+            return ServerStep(Outcome.FAILURE, status=STATUS_UNAUTHORIZED, reason="bad-auth")
+        return ServerStep(Outcome.SUCCESS)
+
+    def resume(self, result: Any) -> ServerStep:
+        raise LocalProtocolError("the PSK method never waits for I/O")
+
+    def final(self, status: int) -> FinalShape:
+        # PROFILE §4 step 4: the final response echoes both rands and is keyed
+        # with the key the HAC holds (the PSK or the stand-in), whatever the
+        # status -- so a wrong-PSK MN cannot verify a 401 and treats it as
+        # unauthenticated.  An Init without mn-rand was never accepted by the
+        # method: its 400 answers the Init before a method was selected and
+        # carries no auth (PROFILE §4, last paragraph).
+        if self._mn_rand is None:
+            return FinalShape(Message(), None)
+        return FinalShape(self._rands(), self._key)
+
+    def close(self) -> None:
+        pass
 
 
 class PskPeer:
@@ -103,6 +157,10 @@ class PskPeer:
             return PeerStep(Outcome.FAILURE, reason="unexpected second PSK response")
         if not verify_auth(self._psk, LABEL_HAC, parsed, self._ctx.cb_octets):
             return PeerStep(Outcome.FAILURE, reason="HAC auth does not verify")
+        # PROFILE §4 PSK step 2: the HAC's first response names the method it
+        # chose; anything but exactly "psk" is not this exchange.
+        if response.auth_method != ("psk",):
+            return PeerStep(Outcome.FAILURE, reason="auth-method in the HAC's response is not psk")
         if response.mn_rand is None or not hmac.compare_digest(response.mn_rand, self._mn_rand):
             return PeerStep(Outcome.FAILURE, reason="mn-rand not echoed")
         if response.hac_rand is None:
@@ -129,14 +187,31 @@ class PskPeer:
         return None
 
 
+class _ServerFactory:
+    def new(self, ctx: ServerMethodContext) -> ServerMethod:
+        return PskServer(ctx)
+
+
+class _PeerFactory:
+    def new(self, ctx: PeerMethodContext) -> PeerMethod:
+        return PskPeer(ctx)
+
+
+def _no_options(options: Mapping[str, Any]) -> None:
+    if options:
+        raise ValueError(f"{sorted(options)[0]}: the psk method takes no options")
+
+
 class PskMethod:
     name = "psk"
 
-    def server(self, ctx: ServerMethodContext) -> ServerMethod:
-        return PskServer(ctx)
+    def server(self, options: Mapping[str, Any], ctx: PluginContext) -> _ServerFactory:
+        _no_options(options)
+        return _ServerFactory()
 
-    def peer(self, ctx: PeerMethodContext) -> PeerMethod:
-        return PskPeer(ctx)
+    def peer(self, options: Mapping[str, Any], ctx: PluginContext) -> _PeerFactory:
+        _no_options(options)
+        return _PeerFactory()
 
 
 @hookimpl

@@ -2,9 +2,8 @@
 
 An in-process HA registers a receiver under its ``ha_id``; the HAC's
 ``provision`` hands the SA to it directly.  When no HA of that id runs in the
-process, the transport confirms without delivery: the co-located HA then
-reads the SA from the shared SA store (same SQLite file), which already holds
-it.  The asynchronous network transport is ``tls`` (PROFILE §9).
+process, provisioning fails (the MN gets 504): an SPI no HA knows is never
+announced as live.  The network transport is ``tls`` (PROFILE §9).
 """
 
 from __future__ import annotations
@@ -30,15 +29,20 @@ def unregister_local_ha(ha_id: str) -> None:
 
 
 class LocalTransport:
-    async def provision(self, ha: HomeAgentInfo, issued: IssuedSA, timeout: float) -> None:
+    """Fail closed: with no HA of that id running in this process, nothing is
+    confirmed (the HAC answers 504 and takes the SA back)."""
+
+    def _entry(self, ha: HomeAgentInfo) -> tuple[Receiver, Withdrawer]:
         entry = _RECEIVERS.get(ha.ha_id)
-        if entry is not None:
-            await entry[0](issued)
+        if entry is None:
+            raise ConnectionRefusedError(f"no HA {ha.ha_id!r} runs in this process")
+        return entry
+
+    async def provision(self, ha: HomeAgentInfo, issued: IssuedSA, timeout: float) -> None:
+        await self._entry(ha)[0](issued)
 
     async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:
-        entry = _RECEIVERS.get(ha.ha_id)
-        if entry is not None:
-            await entry[1](spi)
+        await self._entry(ha)[1](spi)
 
 
 class LocalTransportFactory:

@@ -19,19 +19,22 @@ import contextlib
 import logging
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from mipsec.core import pluginmanager
-from mipsec.core.authmethod import AuthMethod
+from mipsec.core.authmethod import AuthMethod, ServerMethodFactory
 from mipsec.core.config import HACConfig
+from mipsec.core.errors import ConfigError
 from mipsec.core.hac_exchange import (
     INTERNAL_ERROR,
     TIMEOUT,
     UNAVAILABLE,
+    AwaitMethod,
     Close,
     HacExchange,
     HacPolicy,
@@ -65,6 +68,14 @@ class IssueFailure(Exception):
         self.retry_after = retry_after
 
 
+# Withdrawal retries of a retired SA (superseded, revoked): back off up to
+# this interval, until the HA confirms or the SA's validity end passes.
+WITHDRAW_RETRY_MAX = 30.0
+# Requests being worked on at once (SA issues, AAA round trips) beyond which
+# a complete request is answered 503 + retry-after instead of queueing (PROFILE §6).
+MAX_IN_FLIGHT = 1024
+
+
 class HacService:
     def __init__(
         self,
@@ -74,17 +85,18 @@ class HacService:
         pm: pluggy.PluginManager | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_file = config_file
         self.pm = pm or pluginmanager.make_plugin_manager(cfg.plugins.disable)
         svc = cfg.hac
         self.ssl_context = hac_server_context(
             str(svc.cert), str(svc.key), strict_rfc6618=svc.strict_rfc6618
         )
         self.cb_octets = server_cb_octets(str(svc.cert))
-        base = cfg.hac.cert.parent
-        ctx = PluginContext(role="hac", base_dir=base, config_file=config_file)
-        self.methods: Mapping[str, AuthMethod] = pluginmanager.registry(
-            self.pm, "mipsec_auth_methods"
+        base = Path(config_file).resolve().parent if config_file != "<memory>" else svc.cert.parent
+        ctx = PluginContext(
+            role="hac", base_dir=base, config_file=config_file, extra={"pm": self.pm}
         )
+        self.methods = self._method_factories(ctx)
         self.credentials: CredentialBackend = pluginmanager.create(
             self.pm,
             "mipsec_credential_backends",
@@ -121,6 +133,7 @@ class HacService:
             HomeAgentInfo(h.id, h.address6, h.address4, h.port, h.transport, dict(h.options))
             for h in cfg.ha
         )
+        self._ha_by_id = {h.ha_id: h for h in self.has}
         # One transport per HA entry, keyed by ha_id: its options (address,
         # certificates) belong to that HA (PROFILE §9).
         self.transports: dict[str, ProvisioningTransport] = {}
@@ -154,8 +167,54 @@ class HacService:
         self._sessions: set[_Session] = set()
         self._expiry_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
+        self._withdrawing: set[int] = set()  # SPIs with a withdrawal task running
+        self._issuing_spis: set[int] = set()  # SAs stored but not yet delivered (200)
+        self.in_flight = 0  # requests being worked on (issues, method I/O)
         self.addresses: list[tuple[str, int]] = []
-        self.stats: dict[str, int] = {"sessions": 0, "refused_busy": 0, "status_200": 0}
+        self.stats: dict[str, int] = {
+            "sessions": 0,
+            "refused_busy": 0,
+            "status_200": 0,
+            "saturated": 0,
+            "withdrawn": 0,
+            "hook_errors": 0,
+        }
+
+    def _method_factories(self, ctx: PluginContext) -> dict[str, ServerMethodFactory]:
+        """Build the server factory of every method the policy names, at start.
+
+        Fail closed (issue 6 item 4): a method the policy lists that no plugin
+        provides is a configuration error, not a silent 501; options
+        (``[methods.NAME]``) are validated here, so a wrong one fails at start.
+        """
+        cfg = self.cfg
+        installed: Mapping[str, AuthMethod] = pluginmanager.registry(self.pm, "mipsec_auth_methods")
+        named: list[tuple[str, str]] = [(m, "policy.methods") for m in cfg.policy.methods]
+        for realm, realm_methods in cfg.policy.realms.items():
+            named += [(m, f"policy.realms.{realm}") for m in realm_methods]
+        for name in cfg.methods:
+            if name not in installed:
+                raise ConfigError(
+                    self.config_file, f"methods.{name}", f"no plugin provides method {name!r}"
+                )
+        out: dict[str, ServerMethodFactory] = {}
+        for name, key in named:
+            if name in out:
+                continue
+            method = installed.get(name)
+            if method is None:
+                known = ", ".join(sorted(installed)) or "none"
+                raise ConfigError(
+                    self.config_file, key, f"no plugin provides method {name!r} (known: {known})"
+                )
+            try:
+                factory = method.server(cfg.methods.get(name, {}), ctx)
+            except ValueError as exc:
+                raise ConfigError(self.config_file, f"methods.{name}", str(exc)) from None
+            if factory is None:
+                raise ConfigError(self.config_file, key, f"method {name!r} has no HAC side")
+            out[name] = factory
+        return out
 
     # ------------------------------------------------------------ lifecycle
 
@@ -186,6 +245,9 @@ class HacService:
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         if self._prov_server is not None:
             await self._prov_server.start()
+        # Withdrawals a previous run did not see confirmed: keep at them.
+        for spi, _mn_id, ha_id, end in self.store.retired_unconfirmed(utcnow()):
+            self._schedule_withdraw(ha_id, spi, end)
         for host, p in self.addresses:
             log.info("HAC listening on %s port %d (TLS)", host, p)
         return self.addresses
@@ -201,8 +263,13 @@ class HacService:
             await asyncio.wait(issuing, timeout=self.cfg.hac.provisioning_timeout)
         if self._expiry_task is not None:
             self._expiry_task.cancel()
-        if self._tasks:  # let pending withdraws finish: nothing half-provisioned
+        if self._tasks:
+            # Give withdrawals in flight one chance to finish; unconfirmed
+            # ones stay recorded in the store and resume at the next start.
             await asyncio.wait(list(self._tasks), timeout=self.cfg.hac.provisioning_timeout)
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), 2)
@@ -213,34 +280,117 @@ class HacService:
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
+        for factory in self.methods.values():
+            aclose = getattr(factory, "aclose", None)  # optional: e.g. RADIUS sockets
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
         self.store.close()
         self.credentials.close()
 
-    # ------------------------------------------------------------ sessions
+    # ------------------------------------------------------------ events
 
-    def _final_logged(self, exch: HacExchange, status: int, peer: str) -> None:
-        mn_id = exch.mn_id or "-"
-        method = exch.method_name or "-"
-        log.info("mn_id=%s peer=%s method=%s status=%d", mn_id, peer, method, status)
+    def emit(self, hook: str, **kwargs: Any) -> None:
+        """Call an event hook after the fact; a raising plugin never breaks anything.
+
+        pluggy stops at the first raising implementation: each is called on
+        its own so one broken plugin does not silence the others (accounting).
+        """
+        caller = getattr(self.pm.hook, hook)
+        for impl in caller.get_hookimpls():
+            try:
+                impl.function(**{k: kwargs[k] for k in impl.argnames if k in kwargs})
+            except Exception as exc:
+                self.stats["hook_errors"] += 1
+                log.error(
+                    "event hook %s of plugin %s failed: %s",
+                    hook,
+                    impl.plugin_name,
+                    type(exc).__name__,
+                )
+
+    def exchange_ended(self, exch: HacExchange, peer: str) -> None:
+        """One audit event per finished exchange (issue 6 item 7)."""
+        status = exch.final_status
         if status == 200:
             self.stats["status_200"] += 1
-        else:
-            self.pm.hook.mipsec_auth_failed(mn_id=mn_id, method=method, status=status, peer=peer)
+            return  # sa_issued was emitted when the 200 left
+        if exch.mn_id is None and status is None:
+            # Nothing was asked (idle/handshake-only connection): not an
+            # exchange worth a line at INFO; attackers could flood the log.
+            log.debug("peer=%s closed before any request: %s", peer, exch.reason or "-")
+            return
+        if exch.reason.startswith("issue:"):
+            return  # reported as provisioning_failed
+        self.emit(
+            "mipsec_auth_failed",
+            mn_id=exch.mn_id or "-",
+            method=exch.method_name or "-",
+            status=status,
+            peer=peer,
+            reason=exch.reason or "-",
+        )
 
     # ------------------------------------------------------------ SA issuing
 
-    async def _issue(self, exch: HacExchange, req: IssueSA, peer: str) -> Send:
-        self.pm.hook.mipsec_mn_authenticated(mn_id=req.mn_id, method=req.method, peer=peer)
+    async def issue(
+        self,
+        exch: HacExchange,
+        req: IssueSA,
+        peer: str,
+        on_stored: Callable[[IssuedSA], None] | None = None,
+    ) -> IssuedSA | Send:
+        """Allocate, store and provision one SA: the issued SA (not yet
+        delivered: see ``deliver``/``rollback``), or the failure response."""
+        self.emit("mipsec_mn_authenticated", mn_id=req.mn_id, method=req.method, peer=peer)
+        if self.in_flight >= MAX_IN_FLIGHT:
+            self.stats["saturated"] += 1
+            exc = IssueFailure(UNAVAILABLE, "saturated", _retry_after(5))
+            return self._issue_failed(exch, req, peer, exc, None, None)
+        self.in_flight += 1
         try:
-            issued = await self.issue_sa(req.mn_id, req.suite, req.scope)
+            issued = await self.issue_sa(req.mn_id, req.suite, req.scope, on_stored=on_stored)
         except IssueFailure as exc:
-            log.warning("mn_id=%s: no SA: %s", req.mn_id, exc)
-            return exch.fail(exc.status, exc.retry_after)
-        except Exception:
-            log.exception("mn_id=%s: internal error while issuing an SA", req.mn_id)
-            return exch.fail(INTERNAL_ERROR)
+            return self._issue_failed(exch, req, peer, exc, None, None)
+        except Exception as exc:
+            failure = IssueFailure(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            return self._issue_failed(exch, req, peer, failure, None, None)
+        finally:
+            self.in_flight -= 1
+        return issued
+
+    def _issue_failed(
+        self,
+        exch: HacExchange,
+        req: IssueSA,
+        peer: str,
+        exc: IssueFailure,
+        ha_id: str | None,
+        spi: int | None,
+    ) -> Send:
+        reason = str(exc)
+        self.emit(
+            "mipsec_provisioning_failed",
+            mn_id=req.mn_id,
+            ha_id=ha_id or getattr(exc, "ha_id", None) or "-",
+            spi=spi if spi is not None else getattr(exc, "spi", None),
+            status=exc.status,
+            reason=reason,
+            peer=peer,
+        )
+        return exch.fail(exc.status, exc.retry_after, reason=f"issue:{reason}")
+
+    def deliver(self, issued: IssuedSA, peer: str) -> None:
+        """The 200 carrying ``issued`` has left: it is the MN's now.
+
+        Events run after the fact; then older SAs of the same MN beyond
+        ``max_sas_per_mn`` are withdrawn (issue 6 item 3) -- in the
+        background, so a withdrawal never delays the MN's 200.
+        """
         sa = issued.sa
-        self.pm.hook.mipsec_sa_issued(
+        self._issuing_spis.discard(sa.spi)
+        self.emit(
+            "mipsec_sa_issued",
             spi=sa.spi,
             mn_id=sa.mn_id,
             suite=sa.suite.name,
@@ -249,10 +399,105 @@ class HacService:
             ha_id=sa.ha_id,
             peer=peer,
         )
-        return exch.complete(issued)
+        try:
+            self._supersede(sa.mn_id, keep=sa.spi)
+        except Exception as exc:  # the store failed: the next bootstrap tries again
+            log.error("mn_id=%s: cannot withdraw older SAs: %s", sa.mn_id, type(exc).__name__)
 
-    async def issue_sa(self, mn_id: str, suite: Any, scope: int) -> IssuedSA:
-        """Allocate, store and provision one SA; nothing survives a failure."""
+    def rollback(self, issued: IssuedSA, peer: str, reason: str) -> None:
+        """The MN did not get the 200 (it went away, or broke the sequence):
+        take the SA back everywhere -- nothing stays live unannounced."""
+        sa = issued.sa
+        self._issuing_spis.discard(sa.spi)
+        self.retire(sa.spi, "provisioning-failed")
+        self.emit(
+            "mipsec_provisioning_failed",
+            mn_id=sa.mn_id,
+            ha_id=sa.ha_id,
+            spi=sa.spi,
+            status=0,
+            reason=reason,
+            peer=peer,
+        )
+
+    def _supersede(self, mn_id: str, keep: int) -> None:
+        limit = self.cfg.policy.max_sas_per_mn
+        live = [
+            i
+            for i in self.store.live_for_mn(mn_id, utcnow())
+            if i.sa.spi != keep and i.sa.spi not in self._issuing_spis
+        ]
+        # Oldest first: keep the delivered SA and the newest limit-1 others.
+        excess = len(live) - (limit - 1)
+        for issued in live[: max(0, excess)]:
+            self.retire(issued.sa.spi, "superseded")
+
+    def retire(self, spi: int, reason: str) -> bool:
+        """Withdraw a live SA for good: out of the store now, off its HA soon."""
+        issued = self.store.retire(spi, reason)
+        if issued is None:
+            return False
+        sa = issued.sa
+        self.stats["withdrawn"] += 1
+        if reason != "provisioning-failed":  # the MN never held it: nothing to account
+            self.emit(
+                "mipsec_sa_withdrawn", spi=sa.spi, mn_id=sa.mn_id, ha_id=sa.ha_id, reason=reason
+            )
+        self._schedule_withdraw(sa.ha_id, sa.spi, sa.validity_end)
+        return True
+
+    def _schedule_withdraw(self, ha_id: str, spi: int, validity_end: datetime) -> None:
+        if spi in self._withdrawing:
+            return
+        ha = self._ha_by_id.get(ha_id)
+        if ha is None:
+            log.warning("spi=%d: cannot withdraw, HA %r is not configured", spi, ha_id)
+            return
+        self._withdrawing.add(spi)
+        self._background(self._withdraw_until_confirmed(ha, spi, validity_end))
+
+    async def _withdraw_until_confirmed(
+        self, ha: HomeAgentInfo, spi: int, validity_end: datetime
+    ) -> None:
+        transport = self.transports[ha.ha_id]
+        timeout = self.cfg.hac.provisioning_timeout
+        delay = 0.5
+        try:
+            while utcnow() < validity_end:
+                try:
+                    await asyncio.wait_for(transport.withdraw(ha, spi, timeout), timeout)
+                except Exception as exc:
+                    log.info(
+                        "withdraw of spi=%d from HA %s failed (%s): retrying in %.1f s",
+                        spi,
+                        ha.ha_id,
+                        type(exc).__name__,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, WITHDRAW_RETRY_MAX)
+                    continue
+                self.store.confirm_retired(spi)
+                log.debug("spi=%d withdrawn from HA %s", spi, ha.ha_id)
+                return
+        finally:
+            self._withdrawing.discard(spi)
+
+    async def issue_sa(
+        self,
+        mn_id: str,
+        suite: Any,
+        scope: int,
+        *,
+        on_stored: Callable[[IssuedSA], None] | None = None,
+    ) -> IssuedSA:
+        """Allocate, store and provision one SA; nothing survives a failure.
+
+        The SA is left *undelivered*: the caller either sends the 200 and calls
+        ``deliver``, or calls ``rollback``.  ``on_stored`` learns the SA as soon
+        as it is in the store, so a caller cancelled at any instant can still
+        take it back.
+        """
         now = utcnow()
         store: Any = self.store
         summary = getattr(store, "live_summary", None)
@@ -263,13 +508,13 @@ class HacService:
             live_by_ha, in_use = store.count_by_ha(now), None
         ha = self.selector.select(mn_id, self.has, live_by_ha)
         if ha is None:
-            raise IssueFailure(UNAVAILABLE, "no HA available", _retry_after())
+            raise IssueFailure(UNAVAILABLE, "no-ha-available", _retry_after())
         if in_use is None:
             in_use = store.hoas_in_use(now)
         try:
             home = self.allocator.assign(mn_id, in_use)
-        except LookupError as exc:
-            raise IssueFailure(UNAVAILABLE, f"home address pool: {exc}", _retry_after()) from None
+        except LookupError:
+            raise IssueFailure(UNAVAILABLE, "home-address-pool-exhausted", _retry_after()) from None
         bootstrap = BootstrapData(
             haa_ip6=ha.haa_ip6,
             haa_ip4=ha.haa_ip4,
@@ -297,21 +542,27 @@ class HacService:
                 issued = candidate
                 break
         if issued is None:
-            raise IssueFailure(INTERNAL_ERROR, "no free SPI")
+            raise IssueFailure(INTERNAL_ERROR, "no-free-spi")
+        spi = issued.sa.spi
+        self._issuing_spis.add(spi)
+        if on_stored is not None:
+            on_stored(issued)
         transport = self.transports[ha.ha_id]
         timeout = self.cfg.hac.provisioning_timeout
         try:
             async with asyncio.timeout(timeout):
                 await transport.provision(ha, issued, timeout)
         except BaseException as exc:
-            # Nothing half-provisioned survives: drop it from the store and
-            # tell the HA to forget it in case it did install it.
-            self.store.remove(issued.sa.spi)
-            # The withdraw runs in the background so the MN's 504 is not
-            # delayed by a second timeout against an HA that is already slow.
-            self._background(self._withdraw(transport, ha, issued.sa.spi, timeout))
+            # Nothing half-provisioned survives: out of the store, and the HA
+            # told to forget it in case it did install it (retried until it
+            # confirms, also across restarts: the store records it).
+            self._issuing_spis.discard(spi)
+            self.retire(spi, "provisioning-failed")
             if isinstance(exc, TimeoutError | ConnectionError | OSError):
-                raise IssueFailure(TIMEOUT, f"HA {ha.ha_id} did not confirm: {exc!r}") from None
+                failure = IssueFailure(TIMEOUT, f"ha-no-confirmation:{type(exc).__name__}")
+                failure.ha_id = ha.ha_id  # type: ignore[attr-defined]
+                failure.spi = spi  # type: ignore[attr-defined]
+                raise failure from None
             raise
         return issued
 
@@ -319,14 +570,6 @@ class HacService:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _withdraw(
-        self, transport: ProvisioningTransport, ha: HomeAgentInfo, spi: int, timeout: float
-    ) -> None:
-        try:
-            await asyncio.wait_for(transport.withdraw(ha, spi, timeout), timeout)
-        except Exception as exc:
-            log.info("withdraw of spi=%d from HA %s failed: %r", spi, ha.ha_id, exc)
 
     def _ha_cert_names(self, ha_id: str) -> list[str] | None:
         """The names an HA proves with its certificate: the ``server_name`` the
@@ -342,7 +585,7 @@ class HacService:
         return None
 
     async def _on_pull(self, spi: int, ha_id: str) -> IssuedSA | None:
-        """PROFILE §9 pull: a live SA, and only to the HA it was provisioned to."""
+        """PROFILE §9 pull: a live, delivered SA, and only to the HA it was provisioned to."""
         issued = self.store.get(spi, utcnow())
         if issued is not None and issued.sa.ha_id != ha_id:
             # Answered exactly like an unknown SPI: no oracle for other HAs' SPIs.
@@ -355,13 +598,16 @@ class HacService:
     async def _expiry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.hac.expiry_interval)
-            self.expire_now()
+            try:
+                self.expire_now()
+            except Exception as exc:  # a failing store must not end expiry for good
+                log.error("expiry run failed: %s", type(exc).__name__)
 
     def expire_now(self) -> int:
         expired = self.store.expire(utcnow())
         for issued in expired:
             sa = issued.sa
-            self.pm.hook.mipsec_sa_expired(spi=sa.spi, mn_id=sa.mn_id, validity_end=sa.validity_end)
+            self.emit("mipsec_sa_expired", spi=sa.spi, mn_id=sa.mn_id, validity_end=sa.validity_end)
         return len(expired)
 
 
@@ -387,10 +633,11 @@ class _Session(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._exch: HacExchange | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._issuing: asyncio.Task[None] | None = None
+        self._work: asyncio.Task[None] | None = None  # SA issue or method I/O
         self._peer = "?"
         self._sock: Any = None  # the TCP socket (for TCP_CORK), None if not TCP
         self._done = False  # answered or closing: further input is ignored
+        self._reported = False
 
     # ------------------------------------------------------------ protocol
 
@@ -417,7 +664,7 @@ class _Session(asyncio.Protocol):
             credentials=svc.credentials,
             standin_key=svc._standin,
             policy=svc.policy,
-            method_options=svc.cfg.methods,
+            peer=self._peer,
         )
         self._arm_timer()
 
@@ -434,19 +681,30 @@ class _Session(asyncio.Protocol):
         return None  # the transport closes itself (with close_notify)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and not self._done:
-            log.info("connection from %s ended: %s", self._peer, exc.__class__.__name__)
+        if self._exch is not None and not self._exch.finished:
+            why = "peer-closed" if exc is None else f"connection-lost:{type(exc).__name__}"
+            self._exch.abort(why)
+        if self._work is not None:
+            self._work.cancel()  # void: nothing of it stays live (see _issue)
         self._done = True
         self._cancel_timer()
         self._svc._sessions.discard(self)
+        self._report()
 
     # ------------------------------------------------------------ internals
 
+    def _report(self) -> None:
+        if not self._reported and self._exch is not None and self._exch.finished:
+            self._reported = True
+            self._svc.exchange_ended(self._exch, self._peer)
+
     def cancel(self) -> asyncio.Task[None] | None:
-        """Service stop: abandon an SA issue in progress (returned) and close."""
-        task = self._issuing
+        """Service stop: abandon work in progress (returned) and close."""
+        task = self._work
         if task is not None:
             task.cancel()
+        if self._exch is not None:
+            self._exch.abort("service-stopped")
         self._close()
         return task
 
@@ -463,8 +721,11 @@ class _Session(asyncio.Protocol):
     def _on_timeout(self) -> None:
         self._timer = None
         if not self._done:
-            log.info("%s idle for %.0f s: closing", self._peer, self._svc.cfg.hac.request_timeout)
+            log.debug("%s idle for %.0f s: closing", self._peer, self._svc.cfg.hac.request_timeout)
+            if self._exch is not None:
+                self._exch.abort("timeout")
             self._close()
+            self._report()
 
     def _close(self) -> None:
         # close() sends TLS close_notify, then closes TCP (PROFILE §1 "closing").
@@ -473,21 +734,28 @@ class _Session(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    def _handle(self, events: list[Send | Close | IssueSA]) -> None:
+    def _handle(self, events: list[Send | Close | IssueSA | AwaitMethod]) -> None:
         assert self._exch is not None and self._transport is not None
         for ev in events:
-            if isinstance(ev, IssueSA):
-                # The exchange stops at IssueSA (nothing follows it).  Stop
-                # reading until the final response is out: the MN must wait.
-                self._transport.pause_reading()
-                self._issuing = asyncio.create_task(self._issue(ev))
+            if isinstance(ev, IssueSA | AwaitMethod):
+                # The exchange stops here (nothing follows) until the work is
+                # done.  Reading goes on: the MN must wait (lockstep), so data
+                # or EOF now means it broke the sequence or went away, and the
+                # exchange voids the work (no SA may stay live unannounced).
+                work = self._issue(ev) if isinstance(ev, IssueSA) else self._await_method(ev)
+                self._work = asyncio.create_task(work)
                 return
+            if self._work is not None and (isinstance(ev, Close) or ev.close):
+                # The exchange ended while work is outstanding: the work is
+                # void; its task takes back whatever it provisioned.
+                self._work.cancel()
             if isinstance(ev, Send):
                 if self._send(ev):
                     return
             else:
-                log.info("%s: closing without response: %s", self._peer, ev.reason)
+                log.debug("%s: closing without response: %s", self._peer, ev.reason)
                 self._close()
+                self._report()
                 return
         if not self._exch.finished:
             self._arm_timer()
@@ -497,8 +765,6 @@ class _Session(asyncio.Protocol):
         assert self._exch is not None and self._transport is not None
         if not ev.close:
             self._transport.write(ev.data)
-            if ev.status is not None:
-                self._svc._final_logged(self._exch, ev.status, self._peer)
             return False
         # Final response: it and the TLS close_notify that follows it at once
         # leave in one TCP segment (corked while both are written), so the MN
@@ -517,23 +783,95 @@ class _Session(asyncio.Protocol):
                 assert sock is not None
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
-        # Logged once the response is on its way: the MN need not wait for it.
-        if ev.status is not None:
-            self._svc._final_logged(self._exch, ev.status, self._peer)
+        # Reported once the response is on its way: the MN need not wait for it.
+        self._report()
         return True
+
+    def _alive(self) -> bool:
+        return not (self._done or self._transport is None or self._transport.is_closing())
 
     async def _issue(self, req: IssueSA) -> None:
         assert self._exch is not None
+        exch, svc = self._exch, self._svc
+        issued: IssuedSA | None = None
+
+        def stored(sa: IssuedSA) -> None:
+            nonlocal issued
+            issued = sa
+
         try:
-            ev = await self._svc._issue(self._exch, req, self._peer)
-        except Exception:  # _issue answers every failure itself; this is a bug
-            log.exception("%s: SA issue failed", self._peer)
-            self._close()
-            return
+            result = await svc.issue(exch, req, self._peer, on_stored=stored)
+            if isinstance(result, Send):
+                issued = None  # issuing failed and took back what it stored
+                if self._alive():
+                    self._send(result)
+                else:
+                    self._report()
+                return
+            if not self._alive() or exch.waiting != "issue":
+                # The MN went away, or broke the lockstep, while its SA was being
+                # issued: it never gets this SA, so nothing of it stays live.
+                issued = None
+                svc.rollback(result, self._peer, exch.reason or "peer-gone-before-200")
+                self._report()
+                return
+            response = exch.complete(result)
+            issued = None
+            self._send(response)
+            svc.deliver(result, self._peer)
+        except asyncio.CancelledError:
+            if issued is not None:
+                svc.rollback(issued, self._peer, exch.reason or "cancelled")
+            raise
+        except Exception as exc:  # a bug in the issue path: answer 500, nothing stays live
+            log.error(
+                "mn_id=%s peer=%s: SA issue failed: %s", req.mn_id, self._peer, type(exc).__name__
+            )
+            if issued is not None:
+                svc.rollback(issued, self._peer, "internal-error")
+                issued = None
+            if exch.waiting == "issue" and self._alive():
+                self._send(exch.fail(INTERNAL_ERROR, reason="internal-error"))
+            else:
+                self._close()
+                self._report()
         finally:
-            self._issuing = None
-        if self._done or self._transport is None or self._transport.is_closing():
-            # The MN went away meanwhile (the SA stays issued, as before).
-            log.info("connection from %s ended before the final response", self._peer)
+            self._work = None
+
+    async def _await_method(self, ev: AwaitMethod) -> None:
+        assert self._exch is not None and self._transport is not None
+        exch, svc = self._exch, self._svc
+        timeout = ev.pending.timeout or svc.cfg.hac.request_timeout
+        result: Any
+        if svc.in_flight >= MAX_IN_FLIGHT:
+            svc.stats["saturated"] += 1
+            close_awaitable(ev.pending.awaitable)
+            result = OverloadedError("HAC saturated")
+        else:
+            svc.in_flight += 1
+            try:
+                async with asyncio.timeout(timeout):
+                    result = await ev.pending.awaitable
+            except asyncio.CancelledError:
+                self._work = None
+                raise
+            except Exception as exc:  # handed to the method, which decides (504...)
+                result = exc
+            finally:
+                svc.in_flight -= 1
+        self._work = None
+        if exch.waiting != "method" or not self._alive():
+            self._report()
             return
-        self._send(ev)
+        self._handle(exch.method_result(result))
+
+
+class OverloadedError(Exception):
+    """Method I/O refused because the HAC is saturated (PROFILE §6: 503)."""
+
+
+def close_awaitable(awaitable: Any) -> None:
+    """Discard an awaitable that will never be awaited (no 'never awaited' warning)."""
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()

@@ -14,14 +14,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
 from mipsec.core import pluginmanager
-from mipsec.core.authmethod import PeerMethodContext
+from mipsec.core.authmethod import PeerMethodContext, PeerMethodFactory
 from mipsec.core.config import MNConfig
 from mipsec.core.errors import CertificateError, ConfigError
+from mipsec.core.hookspecs import PluginContext
 from mipsec.core.issuer import utcnow
 from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendRequest
 from mipsec.core.mn_registration import Failed, MnRegistration, Rebootstrap, Registered, Transmit
@@ -51,22 +52,61 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-async def bootstrap(
-    cfg: MNConfig, *, pm: pluggy.PluginManager | None = None, config_file: str = "<memory>"
-) -> BootstrapResult:
-    """Run one bootstrap with the HAC; never raises for network or peer faults."""
-    pm = pm or pluginmanager.make_plugin_manager(cfg.plugins.disable)
+def peer_factory(
+    cfg: MNConfig, pm: pluggy.PluginManager, config_file: str = "<memory>"
+) -> PeerMethodFactory:
+    """Build the configured method's peer factory once (options validated at start).
+
+    The method's options are the MN's table named after it (``[eap]`` for
+    ``eap``; ``psk`` takes none): a wrong option is a ConfigError naming
+    the file and the key.
+    """
     methods = pluginmanager.registry(pm, "mipsec_auth_methods")
     method = methods.get(cfg.mn.method)
     if method is None:
-        raise ConfigError(config_file, "mn.method", f"no plugin provides {cfg.mn.method!r}")
+        known = ", ".join(sorted(methods)) or "none"
+        raise ConfigError(
+            config_file, "mn.method", f"no plugin provides {cfg.mn.method!r} (known: {known})"
+        )
+    options = cfg.eap if cfg.mn.method == "eap" else {}
+    base = Path(config_file).resolve().parent if config_file != "<memory>" else Path.cwd()
+    ctx = PluginContext(role="mn", base_dir=base, config_file=config_file, extra={"pm": pm})
+    key = "eap" if cfg.mn.method == "eap" else "mn.method"
+    try:
+        factory = method.peer(options, ctx)
+    except ValueError as exc:
+        raise ConfigError(config_file, key, str(exc)) from None
+    if factory is None:
+        raise ConfigError(config_file, "mn.method", f"{cfg.mn.method!r} has no mobile-node side")
+    return cast(PeerMethodFactory, factory)
+
+
+def hac_identity(cfg: MNConfig) -> tuple[str, bool]:
+    """(the name the HAC certificate must carry, whether it is an IP address).
+
+    PROFILE §1: by name, a dNSName equals ``server_name`` -- or, when none is
+    configured and ``host`` is a DNS name, ``host`` itself; by address, an
+    iPAddress SAN equals the address.
+    """
+    name = cfg.hac.server_name if cfg.hac.server_name is not None else cfg.hac.host
+    return name, _is_ip(name)
+
+
+async def bootstrap(
+    cfg: MNConfig,
+    *,
+    pm: pluggy.PluginManager | None = None,
+    config_file: str = "<memory>",
+    factory: PeerMethodFactory | None = None,
+) -> BootstrapResult:
+    """Run one bootstrap with the HAC; never raises for network or peer faults."""
+    if factory is None:
+        pm = pm or pluginmanager.make_plugin_manager(cfg.plugins.disable)
+        factory = peer_factory(cfg, pm, config_file)
     secret = mn_secret(cfg, config_file)
     hac = cfg.hac
     ctx = mn_client_context(str(hac.ca), strict_rfc6618=hac.strict_rfc6618)
-    server_name = hac.server_name
-    if server_name is not None and _is_ip(server_name):
-        server_name = None
-    tls_name = server_name or hac.host
+    tls_name, by_ip = hac_identity(cfg)
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
@@ -93,16 +133,16 @@ async def bootstrap(
             return BootstrapResult(None, False, reason="HAC sent no certificate")
         try:
             check_hac_certificate(
-                der, server_name=server_name, connected_ip=None if server_name else peer_ip
+                der, server_name=tls_name, connected_ip=peer_ip if by_ip else None
             )
             cb = mn_cb_octets(der)
         except CertificateError as exc:
             return BootstrapResult(None, False, reason=f"HAC certificate refused: {exc}")
         log.debug("TLS %s with %s", ssl_obj.version() if ssl_obj else "?", tls_name)
-        peer = method.peer(PeerMethodContext(mn_id=cfg.mn.mn_id, cb_octets=cb, secret=secret))
+        peer = factory.new(PeerMethodContext(mn_id=cfg.mn.mn_id, cb_octets=cb, secret=secret))
         exch = MnExchange(
             mn_id=cfg.mn.mn_id,
-            method_name=method.name,
+            method_name=cfg.mn.method,
             method=peer,
             cb_octets=cb,
             scope=cfg.sa.scope,

@@ -138,6 +138,12 @@ def _nai_problem(value: str) -> str | None:
     return None
 
 
+# Unicode categories never allowed in an NAI: controls (Cc), format (Cf),
+# line/paragraph separators (Zl, Zp), surrogates (Cs), private use (Co),
+# unassigned (Cn).
+_NAI_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
 def _nai_chars_problem(value: str) -> str | None:
     try:
         octets = value.encode("utf-8")
@@ -145,9 +151,15 @@ def _nai_chars_problem(value: str) -> str | None:
         return "NAI is not valid UTF-8"
     if len(octets) > NAI_MAX_OCTETS:
         return f"NAI longer than {NAI_MAX_OCTETS} octets"
-    if any(unicodedata.category(c) == "Cc" or c.isspace() for c in value):
-        # RFC 7542 §2.2 has no controls or white space in any NAI part.
-        return "control or white-space character in NAI"
+    for c in value:
+        category = unicodedata.category(c)
+        if category in _NAI_BAD_CATEGORIES or c.isspace():
+            # RFC 7542 §2.2 has no controls or white space in any NAI part;
+            # format characters (bidi overrides such as U+202E, zero-width
+            # U+200B...), separators, surrogates, private-use and unassigned
+            # code points are refused too: an identity is written into every
+            # log line and must not be able to disguise itself there.
+            return "control, format or white-space character in NAI"
     return None
 
 

@@ -230,8 +230,12 @@ def test_local_transport_and_withdraw(tmp_path: Path) -> None:
         assert svc.stats()["drops"] == {"unknown_spi": 1}
         mn.close()
         await svc.stop()
-        # After stop the local receiver is gone: provisioning confirms without delivery.
-        await LocalTransport().provision(ha, make_issued(spi=77), 1.0)
+        # After stop the local receiver is gone: fail closed, nothing is confirmed
+        # (the HAC answers 504 rather than announce an SPI no HA knows).
+        with pytest.raises(ConnectionError, match="no HA 'ha1' runs in this process"):
+            await LocalTransport().provision(ha, make_issued(spi=77), 1.0)
+        with pytest.raises(ConnectionError):
+            await LocalTransport().withdraw(ha, 77, 1.0)
 
     run(main())
 

@@ -55,19 +55,34 @@ def test_all_events_one_line_each(
             ha_id=sa.ha_id,
             peer="[2001:db8::5]:4433",
         )
-        pm.hook.mipsec_auth_failed(mn_id="eve@x", method="psk", status=401, peer="192.0.2.9:1")
+        pm.hook.mipsec_auth_failed(
+            mn_id="eve@x", method="psk", status=401, peer="192.0.2.9:1", reason="bad-auth"
+        )
+        pm.hook.mipsec_auth_failed(
+            mn_id="eve@x", method="psk", status=None, peer="192.0.2.9:1", reason="timeout"
+        )
+        pm.hook.mipsec_provisioning_failed(
+            mn_id=sa.mn_id, ha_id="ha1", spi=7, status=504, reason="ha-no-confirmation", peer="p"
+        )
+        pm.hook.mipsec_sa_withdrawn(spi=sa.spi, mn_id=sa.mn_id, ha_id="ha1", reason="superseded")
         pm.hook.mipsec_sa_expired(spi=sa.spi, mn_id=sa.mn_id, validity_end=sa.validity_end)
+    # mn_authenticated is DEBUG: a successful bootstrap is one INFO line (sa_issued).
     assert lines(caplog) == [
-        "event=mn_authenticated mn_id=alice@home.example method=psk peer=[2001:db8::5]:4433",
         "event=sa_issued spi=4660 mn_id=alice@home.example suite=AES_128_CBC_SHA256 scope=1 "
         "ha=ha1 validity_end=2030-01-02T03:04:05Z peer=[2001:db8::5]:4433",
-        "event=auth_failed mn_id=eve@x method=psk status=401 peer=192.0.2.9:1",
+        "event=auth_failed mn_id=eve@x peer=192.0.2.9:1 method=psk status=401 reason=bad-auth",
+        "event=auth_failed mn_id=eve@x peer=192.0.2.9:1 method=psk status=- reason=timeout",
+        "event=provisioning_failed mn_id=alice@home.example peer=p ha=ha1 spi=7 status=504 "
+        "reason=ha-no-confirmation",
+        "event=sa_withdrawn spi=4660 mn_id=alice@home.example ha=ha1 reason=superseded",
         "event=sa_expired spi=4660 mn_id=alice@home.example validity_end=2030-01-02T03:04:05Z",
     ]
     assert [r.levelno for r in caplog.records] == [
         logging.INFO,
-        logging.INFO,
         logging.WARNING,
+        logging.WARNING,
+        logging.WARNING,
+        logging.INFO,
         logging.INFO,
     ]
     text = caplog.text + repr(sa)
@@ -80,13 +95,15 @@ def test_untrusted_values_are_quoted(
 ) -> None:
     with caplog.at_level(logging.INFO, logger="mipsec.events"):
         pm.hook.mipsec_auth_failed(
-            mn_id="x\nevent=sa_issued spi=1", method="psk", status=401, peer="p"
+            mn_id="x\nevent=sa_issued spi=1", method="psk", status=401, peer="p", reason="r"
         )
-        pm.hook.mipsec_auth_failed(mn_id='a "b"=c', method="psk", status=400, peer="")
+        pm.hook.mipsec_auth_failed(
+            mn_id='a "b"=c', method="psk", status=400, peer="", reason="bad-request"
+        )
     got = lines(caplog)
     assert got == [
-        'event=auth_failed mn_id="x\\nevent=sa_issued spi=1" method=psk status=401 peer=p',
-        'event=auth_failed mn_id="a \\"b\\"=c" method=psk status=400 peer=""',
+        'event=auth_failed mn_id="x\\nevent=sa_issued spi=1" peer=p method=psk status=401 reason=r',
+        'event=auth_failed mn_id="a \\"b\\"=c" peer="" method=psk status=400 reason=bad-request',
     ]
     assert all("\n" not in line for line in got)
 

@@ -8,6 +8,7 @@ window, decryption, padding, MH checksum with the BA pseudo-header (PROFILE
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Sequence
@@ -466,6 +467,19 @@ def test_checksum_uses_provisioned_haa_and_unspecified_hoa() -> None:
     assert mn.ba(actions).status == 0
     assert ha.stats()["checksum_mismatch"] == 0
     assert events(actions)[0].hoa == str(IP4_HOA)
+
+
+def test_checksum_uses_unspecified_when_no_haa_ip6_was_provisioned() -> None:
+    """PROFILE §8: "::" where an address is unknown -- never the HA's own address6."""
+    ha = core()  # the HA itself knows its IPv6 address (HAA) ...
+    plain = issue()
+    issued = IssuedSA(plain.sa, dataclasses.replace(plain.bootstrap, haa_ip6=None))
+    assert ha.install_sa(issued)  # ... but the HAC provisioned none to the MN
+    mn = MN(issued)
+    assert mn.haa == IPv6Address("::")  # the MN's pseudo-header
+    actions = ha.receive(mn.bu(1), MN_ADDR, NOW)
+    assert mn.ba(actions).status == 0  # the BA's checksum verifies with "::" too
+    assert ha.stats()["checksum_mismatch"] == 0
 
 
 # ------------------------------------------------------------ drops

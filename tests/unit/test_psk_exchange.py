@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from pathlib import Path
 
 import pytest
 
 from mipsec.core.authmethod import PeerMethodContext
 from mipsec.core.hac_exchange import Close, HacExchange, HacPolicy, IssueSA, Send
+from mipsec.core.hookspecs import PluginContext
 from mipsec.core.issuer import new_sa, utcnow
 from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
 from mipsec.core.model import BootstrapData, IssuedSA
@@ -36,10 +38,15 @@ class Creds:
         pass
 
 
+CTX = PluginContext(role="test", base_dir=Path("."))
+PSK_SERVER = PskMethod().server({}, CTX)
+PSK_PEER = PskMethod().peer({}, CTX)
+
+
 def make_hac(policy: HacPolicy | None = None, creds: dict[str, bytes] | None = None) -> HacExchange:
     return HacExchange(
         cb_octets=CB,
-        methods={"psk": PskMethod()},
+        methods={"psk": PSK_SERVER},
         credentials=Creds({MN_ID: PSK} if creds is None else creds),
         standin_key=secrets.token_bytes(32),
         policy=policy or HacPolicy(allowed_suites=ALL),
@@ -47,7 +54,7 @@ def make_hac(policy: HacPolicy | None = None, creds: dict[str, bytes] | None = N
 
 
 def make_mn(psk: bytes = PSK, mn_id: str = MN_ID, suites=(0x003C,), cb: bytes = CB) -> MnExchange:
-    peer = PskMethod().peer(PeerMethodContext(mn_id=mn_id, cb_octets=cb, secret=psk))
+    peer = PSK_PEER.new(PeerMethodContext(mn_id=mn_id, cb_octets=cb, secret=psk))
     return MnExchange(
         mn_id=mn_id, method_name="psk", method=peer, cb_octets=cb, scope=1, suitelist=suites
     )

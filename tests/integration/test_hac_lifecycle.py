@@ -1,0 +1,586 @@
+"""SA lifecycle and fail-closed paths of a real HAC (issue 6 items 3, 4, 7).
+
+In one process: a ``HacService`` with its HA co-located (``[local_ha]``,
+deployment model 1) on loopback, real TLS, real UDP, and the project's MN
+(``roles/mn.py``) or hand-driven ``MnExchange`` clients.  Fault injection uses
+ordinary plugins registered on the service's plugin manager -- the hooks a
+third party would use -- never a patched internal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+
+from mipsec.core import pluginmanager
+from mipsec.core.config import HACConfig, MNConfig, validate_config
+from mipsec.core.errors import ConfigError
+from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
+from mipsec.core.model import HomeAgentInfo, IssuedSA
+from mipsec.core.pki import PkiPaths, init_pki, make_leaf, write_cert, write_key
+from mipsec.core.roles.ha import HaService
+from mipsec.core.roles.hac import HacService
+from mipsec.core.roles.mn import Registrar, bootstrap, peer_factory
+from mipsec.core.tls import check_hac_certificate, mn_cb_octets, mn_client_context
+from mipsec.core.wire.container import encode_container
+from mipsec.plugins.transport_local import LocalTransport
+
+MN_ID = "alice@mipsec.test"
+PSK = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
+    return init_pki(tmp_path_factory.mktemp("pki"))
+
+
+def hac_data(tmp: Path, pki: PkiPaths, *, local_ha: bool = True, **hac: Any) -> dict[str, Any]:
+    ha_port = free_port()
+    creds = tmp / "credentials.toml"
+    creds.write_text(f'[[mn]]\nmn_id = "{MN_ID}"\npsk_hex = "{PSK.hex()}"\n')
+    creds.chmod(0o600)
+    data: dict[str, Any] = {
+        "hac": {
+            "listen": ["127.0.0.1"],
+            "port": free_port(),
+            "cert": str(pki.hac_cert),
+            "key": str(pki.hac_key),
+            "provisioning_timeout": 2,
+            "request_timeout": 2,
+            **hac,
+        },
+        "credentials": {"backend": "toml", "path": str(creds)},
+        "sa_store": {"backend": "memory"},
+        "home_addresses": {"allocator": "pool", "ip6_prefix": "2001:db8:1::/64"},
+        "ha": [
+            {
+                "id": "ha1",
+                "address6": "::1",
+                "address4": "127.0.0.1",
+                "port": ha_port,
+                "transport": "local",
+            }
+        ],
+    }
+    if local_ha:
+        data["local_ha"] = {
+            "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": ha_port},
+            "sa_store": {"backend": "memory"},
+        }
+    return data
+
+
+def hac_config(data: dict[str, Any], base: Path) -> HACConfig:
+    cfg = validate_config(data, "hac", base=base)
+    assert isinstance(cfg, HACConfig)
+    return cfg
+
+
+def mn_config(pki: PkiPaths, port: int, **mn: Any) -> MNConfig:
+    data = {
+        "mn": {"mn_id": MN_ID, "psk_hex": PSK.hex(), **mn},
+        "hac": {"host": "127.0.0.1", "port": port, "server_name": "hac.mipsec.test",
+                "ca": str(pki.ca_cert), "timeout": 5},
+        "sa": {"suites": ["AES_128_CBC_SHA256"]},
+        "registration": {"transport": "ip4"},
+    }  # fmt: skip
+    cfg = validate_config(data, "mn")
+    assert isinstance(cfg, MNConfig)
+    return cfg
+
+
+class Stack:
+    """A running HAC (+ co-located HA) on loopback."""
+
+    def __init__(
+        self, cfg: HACConfig, plugins: Sequence[object] = (), *, ha_cfg: Any = None
+    ) -> None:
+        pm = pluginmanager.make_plugin_manager()
+        for p in plugins:
+            pm.register(p)
+        self.pm = pm
+        self.cfg = cfg
+        self.ha: HaService | None = None
+        self.hac: HacService | None = None
+        self.ha_cfg = ha_cfg if ha_cfg is not None else cfg.local_ha
+        self.port = cfg.hac.port
+
+    async def __aenter__(self) -> Stack:
+        if self.ha_cfg is not None:
+            # An HA in this process (model 1): the local transport reaches it.
+            self.ha = HaService(self.ha_cfg)
+            await self.ha.start()
+        self.hac = HacService(self.cfg, pm=self.pm)
+        await self.hac.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.hac is not None:
+            await self.hac.stop()
+        if self.ha is not None:
+            await self.ha.stop()
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        await asyncio.sleep(0.02)
+    return check()
+
+
+# ------------------------------------------------------------ SA lifecycle
+
+
+def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) -> None:
+    """max_sas_per_mn = 1 (default): the older SA leaves the store and the HA,
+    and a BU under it gets no answer, while the new one registers."""
+
+    async def main() -> None:
+        async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path)) as st:
+            assert st.hac is not None and st.ha is not None
+            mn = mn_config(pki, st.port)
+            first = await bootstrap(mn)
+            assert first.ok and first.issued is not None
+            old = first.issued
+            reg = Registrar(old, mn)
+            await reg.open()
+            assert (await reg.run(until_registered=True, deadline=time.monotonic() + 5)).status == 0
+            second = await bootstrap(mn)
+            assert second.ok and second.issued is not None
+            new = second.issued
+            assert new.sa.spi != old.sa.spi
+            # The HoA is kept; the old SPI is retired in the HAC store at once
+            # and withdrawn from the HA in the background.
+            assert new.bootstrap.ip6_hoa == old.bootstrap.ip6_hoa
+            now = datetime.now(UTC)
+            assert st.hac.store.get(old.sa.spi, now) is None
+            assert [i.sa.spi for i in st.hac.store.live_for_mn(MN_ID, now)] == [new.sa.spi]
+            assert await eventually(lambda: not st.ha.core.has_spi(old.sa.spi))
+            # A BU under the old SA: silence (a later BU sequence number, new ESP seq).
+            out = await reg.run(until_registered=True, deadline=time.monotonic() + 2)
+            assert out.status is None
+            reg.close()
+            assert st.ha.stats()["drops"].get("unknown_spi", 0) >= 1
+            # The new SA registers.
+            reg2 = Registrar(new, mn)
+            await reg2.open()
+            assert (
+                await reg2.run(until_registered=True, deadline=time.monotonic() + 5)
+            ).status == 0
+            reg2.close()
+            # Withdrawal confirmed: nothing left to retry.
+            assert await eventually(lambda: st.hac.store.retired_unconfirmed(now) == [])
+
+    run(main())
+
+
+def test_max_sas_per_mn_keeps_the_newest(tmp_path: Path, pki: PkiPaths) -> None:
+    data = hac_data(tmp_path, pki)
+    data["policy"] = {"max_sas_per_mn": 2}
+
+    async def main() -> None:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            assert st.hac is not None
+            mn = mn_config(pki, st.port)
+            spis = []
+            for _ in range(3):
+                r = await bootstrap(mn)
+                assert r.ok and r.issued is not None
+                spis.append(r.issued.sa.spi)
+            live = [i.sa.spi for i in st.hac.store.live_for_mn(MN_ID, datetime.now(UTC))]
+            assert sorted(live) == sorted(spis[1:])
+
+    run(main())
+
+
+def test_withdrawals_survive_a_hac_restart(tmp_path: Path, pki: PkiPaths) -> None:
+    """A withdrawal the HA has not confirmed is retried by the next HAC run."""
+    data = hac_data(tmp_path, pki, local_ha=False)
+    data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "hac.sqlite")}
+
+    async def main() -> None:
+        ha_cfg = validate_config(
+            {
+                "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
+                "sa_store": {"backend": "memory"},
+            },
+            "ha",
+        )
+        ha = HaService(ha_cfg)  # type: ignore[arg-type]
+        await ha.start()
+        try:
+            hac = HacService(hac_config(data, tmp_path))
+            await hac.start()
+            mn = mn_config(pki, hac.cfg.hac.port)
+            r1 = await bootstrap(mn)
+            assert r1.ok and r1.issued is not None
+            await hac.stop()
+            # The HA goes away: the next withdrawal cannot be confirmed.
+            await ha.stop()
+            hac = HacService(hac_config(data, tmp_path))
+            await hac.start()
+            hac.retire(r1.issued.sa.spi, "revoked")
+            await asyncio.sleep(0.2)
+            pending = hac.store.retired_unconfirmed(datetime.now(UTC))
+            assert [p[0] for p in pending] == [r1.issued.sa.spi]
+            await hac.stop()
+            # HA back (its memory store lost the SA; re-install it to see it go).
+            ha = HaService(ha_cfg)  # type: ignore[arg-type]
+            await ha.start()
+            await ha.install_sa(r1.issued)
+            hac = HacService(hac_config(data, tmp_path))
+            await hac.start()
+            assert await eventually(lambda: not ha.core.has_spi(r1.issued.sa.spi))
+            assert await eventually(lambda: hac.store.retired_unconfirmed(datetime.now(UTC)) == [])
+            await hac.stop()
+        finally:
+            await ha.stop()
+
+    run(main())
+
+
+# ------------------------------------------------------------ fail closed
+
+
+def test_local_transport_without_an_ha_answers_504(tmp_path: Path, pki: PkiPaths) -> None:
+    async def main() -> None:
+        async with Stack(hac_config(hac_data(tmp_path, pki, local_ha=False), tmp_path)) as st:
+            assert st.hac is not None
+            r = await bootstrap(mn_config(pki, st.port))
+            assert r.status == 504 and r.authenticated and r.issued is None
+            now = datetime.now(UTC)
+            assert st.hac.store.live(now) == []
+
+    run(main())
+
+
+class RaisingHooks:
+    @hookimpl
+    def mipsec_sa_issued(self, spi: int, mn_id: str) -> None:
+        raise RuntimeError("accounting database down: secret=hunter2")
+
+    @hookimpl
+    def mipsec_mn_authenticated(self, mn_id: str) -> None:
+        raise ValueError("boom")
+
+
+def test_a_raising_event_hook_never_breaks_an_exchange(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path), [RaisingHooks()]) as st:
+            assert st.hac is not None and st.ha is not None
+            r = await bootstrap(mn_config(pki, st.port))
+            assert r.ok and r.issued is not None
+            assert st.ha.core.has_spi(r.issued.sa.spi)
+            assert st.hac.stats["hook_errors"] == 2
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    errors = [r for r in caplog.records if "event hook" in r.getMessage()]
+    assert len(errors) == 2 and all(r.exc_info is None for r in errors)
+    assert "hunter2" not in caplog.text and "Traceback" not in caplog.text
+
+
+class BrokenBackend:
+    def get_psk(self, mn_id: str) -> bytes | None:
+        raise OSError("connection to credential database lost: password=s3cret")
+
+    def close(self) -> None:
+        pass
+
+
+class BrokenBackendPlugin:
+    class Factory:
+        name = "broken"
+
+        def create(self, options: Mapping[str, Any], ctx: PluginContext) -> BrokenBackend:
+            return BrokenBackend()
+
+    @hookimpl
+    def mipsec_credential_backends(self) -> list[Any]:
+        return [self.Factory()]
+
+
+def test_a_raising_credential_backend_gives_503_and_one_line(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = hac_data(tmp_path, pki)
+    data["credentials"] = {"backend": "broken"}
+
+    async def main() -> None:
+        async with Stack(hac_config(data, tmp_path), [BrokenBackendPlugin()]) as st:
+            r = await bootstrap(mn_config(pki, st.port))
+            # 503 keyed with the stand-in key: the MN cannot authenticate it,
+            # but it is the status PROFILE §6 prescribes, and nothing is issued.
+            assert r.status == 503 and not r.ok
+            assert st.hac is not None and st.hac.store.live(datetime.now(UTC)) == []
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("credential backend failed: OSError" in m and MN_ID in m for m in lines)
+    assert any("reason=credential-backend-failure" in m for m in lines)
+    assert "s3cret" not in caplog.text and "Traceback" not in caplog.text
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+# ------------------------------------------------------------ issuing interrupted
+
+
+class SlowLocal:
+    """A provisioning transport that takes ``delay`` before the local HA's install."""
+
+    name = "slow-local"
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.inner = LocalTransport()
+
+    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> SlowLocal:
+        return self
+
+    async def provision(self, ha: HomeAgentInfo, issued: IssuedSA, timeout: float) -> None:
+        await asyncio.sleep(self.delay)
+        await self.inner.provision(ha, issued, timeout)
+
+    async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:
+        await self.inner.withdraw(ha, spi, timeout)
+
+    @hookimpl
+    def mipsec_provisioning_transports(self) -> list[Any]:
+        return [self]
+
+
+async def done_request(st: Stack, pki: PkiPaths) -> tuple[Any, Any, MnExchange]:
+    """Open TLS, run the PSK exchange up to and including the Done request."""
+    ctx = mn_client_context(str(pki.ca_cert))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", st.port, ssl=ctx, server_hostname="hac.mipsec.test"
+    )
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    check_hac_certificate(der, server_name="hac.mipsec.test", connected_ip=None)
+    cb = mn_cb_octets(der)
+    from mipsec.core.authmethod import PeerMethodContext
+
+    mn = mn_config(pki, st.port)
+    factory = peer_factory(mn, st.pm)
+    exch = MnExchange(
+        mn_id=MN_ID,
+        method_name="psk",
+        method=factory.new(PeerMethodContext(MN_ID, cb, PSK)),
+        cb_octets=cb,
+        scope=1,
+        suitelist=[0x003C],
+    )
+    writer.write(exch.start())
+    events = exch.receive_data(await reader.read(65540))
+    assert isinstance(events[0], SendRequest)
+    writer.write(events[0].data)  # the Done request
+    await writer.drain()
+    return reader, writer, exch
+
+
+@pytest.mark.parametrize("how", ["close", "more-data"])
+def test_mn_gone_or_breaking_lockstep_mid_issue_leaves_nothing_live(
+    tmp_path: Path, pki: PkiPaths, how: str
+) -> None:
+    data = hac_data(tmp_path, pki)
+    ha_cfg = hac_config(data, tmp_path).local_ha
+    del data["local_ha"]
+    data["ha"][0]["transport"] = "slow-local"
+    slow = SlowLocal(0.5)
+
+    async def main() -> None:
+        async with Stack(hac_config(data, tmp_path), [slow], ha_cfg=ha_cfg) as st:
+            assert st.hac is not None and st.ha is not None
+            reader, writer, exch = await done_request(st, pki)
+            await asyncio.sleep(0.1)  # the HAC is now issuing (provisioning takes 0.5 s)
+            if how == "close":
+                writer.close()
+            else:
+                # A second request before the answer breaks the lockstep: 400.
+                writer.write(b"\x00\x03\x00\x02\r\n")
+                await writer.drain()
+                events = exch.receive_data(await asyncio.wait_for(reader.read(65540), 5))
+                assert isinstance(events[0], Finished)
+                assert events[0].result.status == 400 and events[0].result.authenticated
+                assert events[0].result.issued is None
+                writer.close()
+            # Provisioning completes on the HA, then is taken back.
+            await asyncio.sleep(slow.delay + 0.2)
+            now = datetime.now(UTC)
+            assert st.hac.store.live(now) == []
+            assert await eventually(lambda: st.ha is not None and st.ha.core.spis() == [])
+            assert await eventually(lambda: st.hac.store.retired_unconfirmed(now) == [])
+
+    run(main())
+
+
+# ------------------------------------------------------------ configuration
+
+
+def test_policy_naming_a_method_nobody_provides_fails_at_start(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    data = hac_data(tmp_path, pki)
+    data["policy"] = {"methods": ["psk", "otp"]}
+    with pytest.raises(ConfigError) as info:
+        HacService(hac_config(data, tmp_path))
+    assert info.value.key == "policy.methods" and "'otp'" in info.value.reason
+    data["policy"] = {"methods": ["psk"], "realms": {"example.com": ["otp"]}}
+    with pytest.raises(ConfigError) as info:
+        HacService(hac_config(data, tmp_path))
+    assert info.value.key == "policy.realms.example.com"
+    data["policy"] = {"methods": ["psk"]}
+    data["methods"] = {"psk": {"colour": "red"}}
+    with pytest.raises(ConfigError) as info:
+        HacService(hac_config(data, tmp_path))
+    assert info.value.key == "methods.psk" and "colour" in info.value.reason
+
+
+def test_no_silent_transport_default(tmp_path: Path, pki: PkiPaths) -> None:
+    data = hac_data(tmp_path, pki)
+    del data["ha"][0]["transport"]
+    with pytest.raises(ConfigError) as info:
+        hac_config(data, tmp_path)
+    assert info.value.key == "ha[0].transport"
+
+
+def test_provisioning_listener_needs_client_names(tmp_path: Path, pki: PkiPaths) -> None:
+    data = {
+        "ha": {"id": "ha1"},
+        "provisioning": {
+            "port": 7873,
+            "cert": str(pki.ha_cert),
+            "key": str(pki.ha_key),
+            "client_ca": str(pki.ca_cert),
+        },
+    }
+    with pytest.raises(ConfigError) as info:
+        validate_config(data, "ha")
+    assert info.value.key == "provisioning.client_names"
+    data["provisioning"]["client_names"] = []  # type: ignore[index]
+    with pytest.raises(ConfigError):
+        validate_config(data, "ha")
+
+
+# ------------------------------------------------------------ MN identity check
+
+
+def test_mn_with_a_dns_host_checks_that_dns_name(tmp_path: Path, pki: PkiPaths) -> None:
+    """PROFILE §1: no server_name and a DNS host -> a dNSName equal to host (not an IP SAN)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key: Any = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+    key, cert = make_leaf(ca_key, ca_cert, common_name="localhost", dns_names=["localhost"])
+    write_cert(tmp_path / "dns-only.pem", cert)
+    write_key(tmp_path / "dns-only.key", key)
+    data = hac_data(tmp_path, pki)
+    data["hac"]["cert"] = str(tmp_path / "dns-only.pem")
+    data["hac"]["key"] = str(tmp_path / "dns-only.key")
+
+    async def main() -> None:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            base = mn_config(pki, st.port)
+            by_host = base.model_copy(
+                update={
+                    "hac": base.hac.model_copy(update={"host": "localhost", "server_name": None})
+                }
+            )
+            r = await bootstrap(by_host)
+            assert r.ok, r.reason  # dNSName "localhost" == host; no IP SAN needed
+            by_ip = base.model_copy(
+                update={
+                    "hac": base.hac.model_copy(update={"host": "127.0.0.1", "server_name": None})
+                }
+            )
+            r = await bootstrap(by_ip)
+            # Refused by the stdlib's check or ours, whichever comes first.
+            assert not r.ok and r.status is None and "127.0.0.1" in r.reason
+
+    run(main())
+
+
+# ------------------------------------------------------------ audit
+
+
+def test_failures_are_one_audit_line_each_with_reason(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path)) as st:
+            wrong = mn_config(pki, st.port, psk_hex="11" * 32)
+            r = await bootstrap(wrong)
+            assert r.status is None and not r.ok  # the HAC's step-2 auth does not verify
+            unknown = mn_config(pki, st.port, mn_id="mallory@mipsec.test")
+            assert not (await bootstrap(unknown)).ok
+            # An MN that stops after Init: the request deadline closes it.
+            ctx = mn_client_context(str(pki.ca_cert))
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", st.port, ssl=ctx, server_hostname="hac.mipsec.test"
+            )
+            init = b"mn-id: idle@mipsec.test\r\nmn-rand: " + b"00" * 32
+            init += b"\r\nauth-method: psk\r\n\r\n"
+            writer.write(encode_container(1, init))
+            await reader.read(65540)
+            assert await asyncio.wait_for(reader.read(10), 10) == b""  # closed at the deadline
+            writer.close()
+            await asyncio.sleep(0.1)
+
+    with caplog.at_level(logging.INFO, logger="mipsec.events"):
+        run(main())
+    failed = [r.getMessage() for r in caplog.records if "event=auth_failed" in r.getMessage()]
+    assert any(f"mn_id={MN_ID}" in m and "reason=peer-closed" in m for m in failed), failed
+    assert any("mn_id=mallory@mipsec.test" in m and "reason=peer-closed" in m for m in failed)
+    assert any("mn_id=idle@mipsec.test" in m and "reason=timeout" in m for m in failed), failed
+    assert all(len(m.splitlines()) == 1 for m in failed)
+
+
+def test_wrong_psk_and_unknown_identity_differ_in_the_log_only(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Drive both to Done (a client that ignores the HAC's auth): the wire says
+    401 both times, the log says bad-auth or unknown-identity."""
+    from rawmn import RawMN, psk_bootstrap
+
+    def raw(port: int, mn_id: str, psk: bytes) -> str:
+        mn = RawMN("127.0.0.1", port, str(pki.ca_cert), "hac.mipsec.test")
+        try:
+            return psk_bootstrap(mn, mn_id, psk)[1].headers["status-code"]
+        finally:
+            mn.close()
+
+    async def main() -> list[str]:
+        async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path)) as st:
+            loop = asyncio.get_running_loop()
+            return [
+                await loop.run_in_executor(None, raw, st.port, mn_id, psk)
+                for mn_id, psk in ((MN_ID, b"\x11" * 32), ("mallory@mipsec.test", PSK))
+            ]
+
+    with caplog.at_level(logging.INFO, logger="mipsec.events"):
+        assert run(main()) == ["401", "401"]
+    failed = [r.getMessage() for r in caplog.records if "event=auth_failed" in r.getMessage()]
+    assert any(f"mn_id={MN_ID}" in m and "reason=bad-auth" in m for m in failed), failed
+    assert any("mallory@mipsec.test" in m and "reason=unknown-identity" in m for m in failed)
+
+
+_ = timedelta
