@@ -390,6 +390,10 @@ class PkiPaths:
     # The HAC's client certificate for mutual TLS towards the HA (PROFILE §9).
     hac_client_cert: Path
     hac_client_key: Path
+    # A second HA with its own identity (deployment model 3: two HAs must
+    # never share a certificate, or each could pull the other's SAs).
+    ha2_cert: Path
+    ha2_key: Path
 
 
 def init_pki(
@@ -417,6 +421,8 @@ def init_pki(
         ha_key=directory / "ha.key",
         hac_client_cert=directory / "hac-client.pem",
         hac_client_key=directory / "hac-client.key",
+        ha2_cert=directory / "ha2.pem",
+        ha2_key=directory / "ha2.key",
     )
     if not overwrite:
         for p in vars(paths).values():
@@ -459,6 +465,17 @@ def init_pki(
     write_key(paths.hac_key, hac_key)
     write_cert(paths.ha_cert, ha_cert)
     write_key(paths.ha_key, ha_key)
+    ha2_key, ha2_cert = make_leaf(
+        ca_key,
+        ca_cert,
+        common_name="ha2.mipsec.test",
+        dns_names=("ha2.mipsec.test",),
+        ip_addresses=("127.0.0.2",),
+        key_type="ec-p256",
+        client=True,
+    )
     write_cert(paths.hac_client_cert, client_cert)
     write_key(paths.hac_client_key, client_key)
+    write_cert(paths.ha2_cert, ha2_cert)
+    write_key(paths.ha2_key, ha2_key)
     return paths
