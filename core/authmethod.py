@@ -40,6 +40,7 @@ __all__ = [
     "AuthMethod",
     "FinalShape",
     "Outcome",
+    "Overloaded",
     "PeerMethod",
     "PeerMethodContext",
     "PeerMethodFactory",
@@ -50,6 +51,11 @@ __all__ = [
     "ServerMethodFactory",
     "ServerStep",
 ]
+
+
+class Overloaded(Exception):
+    """Handed to ``ServerMethod.resume`` when the shell refused a PENDING step's
+    I/O because the HAC is saturated: the method answers 503 (PROFILE §6)."""
 
 
 class Outcome(Enum):

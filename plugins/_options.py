@@ -1,55 +1,6 @@
-"""Shared helpers of the built-in plugins: option validation and file paths.
+"""Shared helpers of the built-in plugins (kept in ``core/options.py``, which
+the core's own factories use too)."""
 
-Factories receive the plain mapping of a TOML table; core/hookspecs.py asks
-them to raise ``ValueError`` naming the key, which the loader turns into a
-``ConfigError`` carrying the configuration file name.
-"""
+from mipsec.core.options import error_text, parse_options, resolve_path
 
-from __future__ import annotations
-
-import re
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import BaseModel, ValidationError
-
-M = TypeVar("M", bound=BaseModel)
-
-_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def error_text(exc: ValidationError, prefix: str = "") -> str:
-    """``key: reason`` for each pydantic error, without the offending value
-    (an option may be a secret, e.g. a passphrase).  ``prefix`` is prepended
-    to every key (``mn[2]`` gives ``mn[2].psk_hex: ...``)."""
-    parts: list[str] = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = prefix
-        for item in err["loc"]:
-            if isinstance(item, int):
-                loc += f"[{item}]"
-            elif _KEY.fullmatch(item):
-                loc += f".{item}" if loc else item
-            # else: a union-branch tag such as "lax-or-strict[...]": not a key
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        msg = msg[:1].lower() + msg[1:]
-        # A model-level check has no location: its message names the keys itself.
-        text = f"{loc}: {msg}" if loc else msg
-        if text not in parts:
-            parts.append(text)
-    return "; ".join(parts)
-
-
-def parse_options(model: type[M], options: Mapping[str, Any]) -> M:
-    """Validate ``options`` against ``model`` or raise ``ValueError("key: reason")``."""
-    try:
-        return model.model_validate(dict(options))
-    except ValidationError as exc:
-        raise ValueError(error_text(exc)) from None
-
-
-def resolve_path(path: str, base_dir: Path) -> Path:
-    """Relative paths resolve against the configuration file's directory."""
-    p = Path(path)
-    return p if p.is_absolute() else base_dir / p
+__all__ = ["error_text", "parse_options", "resolve_path"]

@@ -27,7 +27,7 @@ from typing import Any
 import pluggy
 
 from mipsec.core import pluginmanager
-from mipsec.core.authmethod import AuthMethod, ServerMethodFactory
+from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
 from mipsec.core.config import HACConfig
 from mipsec.core.errors import ConfigError
 from mipsec.core.hac_exchange import (
@@ -846,7 +846,7 @@ class _Session(asyncio.Protocol):
         if svc.in_flight >= MAX_IN_FLIGHT:
             svc.stats["saturated"] += 1
             close_awaitable(ev.pending.awaitable)
-            result = OverloadedError("HAC saturated")
+            result = Overloaded("HAC saturated")
         else:
             svc.in_flight += 1
             try:
@@ -864,10 +864,6 @@ class _Session(asyncio.Protocol):
             self._report()
             return
         self._handle(exch.method_result(result))
-
-
-class OverloadedError(Exception):
-    """Method I/O refused because the HAC is saturated (PROFILE §6: 503)."""
 
 
 def close_awaitable(awaitable: Any) -> None:
