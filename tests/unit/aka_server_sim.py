@@ -167,6 +167,7 @@ class AkaServerSim:
         notification_first: int | None = None,
         bad_challenge_mac: bool = False,
         bad_autn_mac: bool = False,
+        late_failure_code: int = 0,
     ) -> None:
         self.auc = auc
         self.identity = identity.encode()
@@ -182,6 +183,7 @@ class AkaServerSim:
         self.notification_first = notification_first
         self.bad_challenge_mac = bad_challenge_mac
         self.bad_autn_mac = bad_autn_mac
+        self.late_failure_code = late_failure_code  # hostapd uses 16384 here
         self.ident = 0x40
         self.id_msgs = b""
         self.state = "start"
@@ -322,16 +324,16 @@ class AkaServerSim:
                 self.kdfs = (choice, *self.kdfs)
                 return self._challenge(again=self.vector)  # the peer ran no AKA yet
             if not self._verify_mac(pkt, attrs):
-                return self._notify(16384, "bad AT_MAC")
+                return self._notify(self.late_failure_code, "bad AT_MAC")
             res = attrs[AT_RES][0]
             bits = struct.unpack("!H", res[:2])[0]
             if bits != 64 or not hmac.compare_digest(res[2:10], self.vector["xres"]):
-                return self._notify(16384, "bad RES")
+                return self._notify(self.late_failure_code, "bad RES")
             if self.want_checkcode and AT_CHECKCODE in attrs:
                 h = hashlib.sha256 if self.prime else hashlib.sha1
                 want = h(self.id_msgs).digest() if self.id_msgs else b""
                 if attrs[AT_CHECKCODE][0][2:] != want:
-                    return self._notify(16384, "bad AT_CHECKCODE")
+                    return self._notify(self.late_failure_code, "bad AT_CHECKCODE")
             if self.result_ind and AT_RESULT_IND in attrs:
                 self.state = "notified-success"
                 return self._req(NOTIFICATION, attr_u16(AT_NOTIFICATION, 32768), with_mac=True)
