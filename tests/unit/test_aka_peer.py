@@ -22,6 +22,8 @@ from aka_server_sim import (
     attr_u16,
     eap,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mipsec.core.eap import usim as usim_mod
 from mipsec.core.eap.aka_peer import AkaPeer, network_name_matches
@@ -419,3 +421,39 @@ def test_lab_subscriber(tmp_path: Path, prime: bool) -> None:
     assert run(peer, sim)[0] == EapCode.SUCCESS and peer.msk() == sim.msk
     state = json.loads((tmp_path / "usim.sqn").read_text())
     assert state["sqn_ms"] == "ff9bb4d0b628"
+
+
+def test_kdf_list_must_not_change_between_challenges(tmp_path: Path) -> None:
+    # RFC 5448 §3.2: differing AT_KDF lists without a negotiation = a bad AT_MAC.
+    class Shifty(AkaServerSim):
+        def _challenge(self, again: Any = None) -> bytes:
+            if self.challenges:  # the challenge after the AUTS
+                self.kdfs = (1, 7)
+            return super()._challenge(again)
+
+    peer = make_peer(tmp_path, prime=True, sqn=f"{LAB_SQN + (5000 << 5):012x}")
+    code, outs = run(peer, Shifty(lab_auc(), AKA_PRIME_ID, prime=True))
+    assert code == EapCode.FAILURE and "differs from the previous" in outs[-1].reason
+
+
+@given(
+    st.sampled_from([1, 2, 4, 5, 12, 13, 14, 99]),
+    st.lists(
+        st.tuples(st.integers(0, 255), st.binary(max_size=40)).map(
+            lambda t: bytes((t[0], (2 + len(t[1]) + 3) // 4)) + t[1] + bytes(-(2 + len(t[1])) % 4)
+        ),
+        max_size=6,
+    ),
+    st.booleans(),
+)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_request_gets_an_answer_never_an_exception(
+    tmp_path: Path, subtype: int, attrs: list[bytes], prime: bool
+) -> None:
+    peer = make_peer(tmp_path, prime=prime)
+    out = peer.process(request(subtype, b"".join(attrs), typ=50 if prime else AKA_T))
+    assert isinstance(out, PeerOutput)
+    if out.decision is not Decision.FAIL:  # only a real challenge could get here
+        raise AssertionError(out)
