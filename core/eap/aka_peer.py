@@ -125,7 +125,8 @@ class AkaPeer:
         self._identity = identity.encode()  # RFC 4187 §7: sent as-is, no NUL
         self._id_rounds: list[Attr] = []
         self._id_msgs = b""  # AKA-Identity requests and responses, for AT_CHECKCODE
-        self._challenges = 0
+        self._challenges = 0  # AKA runs asked for (KDF negotiation rounds excluded)
+        self._challenge_seen = False
         self._kdf_request: tuple[int, ...] | None = None  # the list we asked to change
         self._last_kdfs: tuple[int, ...] | None = None
         self._keys: AkaKeys | None = None
@@ -216,8 +217,8 @@ class AkaPeer:
 
     def _identity_round(self, request: EapPacket, raw: bytes, attrs: AkaAttributes) -> PeerOutput:
         self._only(attrs, _ID_REQS, "AKA-Identity")
-        if self._authenticated or self._challenges:
-            raise _Fail("AKA-Identity after the challenge round")
+        if self._challenge_seen:
+            raise _Fail("AKA-Identity after an AKA-Challenge")
         if attrs.id_reqs != 1 or attrs.id_req is None:
             raise _Fail(f"AKA-Identity with {attrs.id_reqs} identity requests (RFC 4187 §9.1: one)")
         req = attrs.id_req
@@ -249,6 +250,7 @@ class AkaPeer:
             raise _Fail("AKA-Challenge without AT_RAND, AT_AUTN or AT_MAC")
         if (attrs.iv is None) != (attrs.encr_data is None):
             raise _Fail("AT_IV and AT_ENCR_DATA must come together")
+        self._challenge_seen = True
         self._challenges += 1
         if self._challenges > MAX_CHALLENGES:
             raise _Fail(f"more than {MAX_CHALLENGES} AKA-Challenge rounds")

@@ -457,3 +457,12 @@ def test_any_request_gets_an_answer_never_an_exception(
     assert isinstance(out, PeerOutput)
     if out.decision is not Decision.FAIL:  # only a real challenge could get here
         raise AssertionError(out)
+
+
+def test_identity_round_after_a_challenge_refused(tmp_path: Path) -> None:
+    peer = make_peer(tmp_path, prime=True)
+    sim = AkaServerSim(lab_auc(), AKA_PRIME_ID, prime=True, identity_round=False, kdfs=(2, 1))
+    out = peer.process(decode_eap(sim.start()))  # only a KDF negotiation so far
+    assert "KDF 1" in out.reason
+    late = peer.process(request(5, attr(13, b"\x00\x00"), ident=99, typ=50))
+    assert "AKA-Identity after an AKA-Challenge" in late.reason
