@@ -386,8 +386,14 @@ def redacted(model: BaseModel) -> dict[str, Any]:
     return walk(model.model_dump(mode="json"))  # type: ignore[no-any-return]
 
 
+# Keys whose whole name is a secret: a USIM's K and OP/OPc ([eap.aka] tables).
+_SECRET_KEYS = frozenset({"ki", "op", "opc"})
+
+
 def _is_secret(key: str) -> bool:
     k = key.lower()
+    if k in _SECRET_KEYS:
+        return True
     return any(s in k for s in ("psk", "secret", "password", "passphrase")) and not k.endswith(
         "_file"
     )

@@ -1,0 +1,192 @@
+"""EAP methods ``aka`` (EAP-AKA, Type 23) and ``aka-prime`` (EAP-AKA', Type 50): MN side.
+
+Both run on a software USIM (Milenage, TS 35.206) built once at start from
+the method's table in the MN's configuration (``[eap.aka]`` /
+``[eap.aka-prime]``); relative paths resolve against the configuration
+file's directory.  Options:
+
+=====================  =========================================================
+``ki`` / ``ki_file``   subscriber key K, 32 hex digits (inline or in a file);
+                       exactly one
+``opc`` / ``op``       OPc, or OP from which OPc = OP xor E_K(OP) is computed;
+(or ``*_file``)        exactly one of the four
+``amf``                4 hex digits; when set, an AUTN with another AMF is
+                       rejected (aka-prime: the separation bit 8000 must be set)
+``sqn``                initial SQN_MS (12 hex digits, default 000000000000),
+                       used only when ``sqn_file`` does not exist yet
+``sqn_file``           the USIM's persisted SQN state (required; mode 0600)
+``ind_bits``           IND length of TS 33.102 Annex C (default 5: 32 slots)
+``sqn_delta``          Annex C.3.1 Delta: the furthest jump ahead accepted
+                       (default 2^28)
+``sqn_age_limit``      Annex C.3.3 L: how far behind the highest SEQ a fresh
+                       slot may be (default: no limit)
+``result_ind``         answer the server's AT_RESULT_IND (default false)
+``network_name``       aka-prime only: the access network name expected in
+                       AT_KDF_INPUT (RFC 5448 §3.1 prefix match; unset = no
+                       check); a mismatch fails as AKA'-Authentication-Reject
+``aka_prime_supported`` aka only: this MN would rather use EAP-AKA', so an
+                       AT_BIDDING with the D bit fails (RFC 5448 §4)
+=====================  =========================================================
+
+The EAP identity -- and so the MK identity of RFC 4187 §7 -- is the MN's
+``mn-id`` (``0<IMSI>@wlan.mnc<MNC>.mcc<MCC>.3gppnetwork.org`` for EAP-AKA,
+``6<IMSI>@...`` for EAP-AKA').  No server role: the HAC reaches EAP-AKA
+servers through RADIUS.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mipsec.core.eap.aka_peer import AkaPeer, AkaPeerConfig
+from mipsec.core.eap.method import EapMethodPlugin, EapPeerContext
+from mipsec.core.eap.milenage import Milenage, opc_from_op
+from mipsec.core.eap.usim import SqnPolicy, SqnStore, Usim, UsimStateError
+from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.wire.eap import EapType, MethodKey
+from mipsec.plugins._options import parse_options, resolve_path
+
+__all__ = ["AKA", "AKA_PRIME", "AkaMethod", "AkaPeerFactory", "mipsec_eap_methods"]
+
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def _hex_of(n: int) -> Any:
+    def check(v: str | None) -> str | None:
+        if v is not None and (len(v) != 2 * n or not _HEX.fullmatch(v)):
+            raise ValueError(f"must be {2 * n} hexadecimal digits")
+        return v
+
+    return check
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ki: str | None = Field(default=None, repr=False)
+    ki_file: str | None = None
+    opc: str | None = Field(default=None, repr=False)
+    op: str | None = Field(default=None, repr=False)
+    opc_file: str | None = None
+    op_file: str | None = None
+    amf: str | None = None
+    sqn: str = "000000000000"
+    sqn_file: Annotated[str, Field(min_length=1)]
+    ind_bits: Annotated[int, Field(ge=0, le=10)] = 5
+    sqn_delta: Annotated[int, Field(ge=1, lt=1 << 48)] = 1 << 28
+    sqn_age_limit: Annotated[int | None, Field(ge=0, lt=1 << 48)] = None
+    result_ind: bool = False
+
+    _k = field_validator("ki", "opc", "op")(_hex_of(16))
+    _a = field_validator("amf")(_hex_of(2))
+    _s = field_validator("sqn")(_hex_of(6))
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> _Options:
+        if (self.ki is None) == (self.ki_file is None):
+            raise ValueError("exactly one of ki and ki_file is required")
+        given = [k for k in ("opc", "op", "opc_file", "op_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of opc, op, opc_file and op_file is required")
+        return self
+
+
+class _AkaOptions(_Options):
+    aka_prime_supported: bool = False
+
+
+class _AkaPrimeOptions(_Options):
+    network_name: Annotated[str | None, Field(min_length=1, max_length=1000)] = None
+
+    @model_validator(mode="after")
+    def _separation_bit(self) -> _AkaPrimeOptions:
+        if self.amf is not None and not int(self.amf, 16) & 0x8000:
+            raise ValueError("amf: EAP-AKA' needs the AMF separation bit (8000) set")
+        return self
+
+
+def _key(inline: str | None, file: str | None, name: str, base: Path) -> bytes:
+    if inline is not None:
+        return bytes.fromhex(inline)
+    assert file is not None
+    path = resolve_path(file, base)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not ASCII"
+        raise ValueError(f"{name}_file: cannot read {path}: {reason}") from None
+    if len(text) != 32 or not _HEX.fullmatch(text):
+        raise ValueError(f"{name}_file: {path} must hold 32 hexadecimal digits")
+    return bytes.fromhex(text)
+
+
+class AkaPeerFactory:
+    """Built once per MN process: the USIM (and its SQN state) outlives exchanges."""
+
+    def __init__(self, usim: Usim, config: AkaPeerConfig) -> None:
+        self._usim = usim
+        self._config = config
+
+    def __repr__(self) -> str:
+        return f"AkaPeerFactory({self._usim!r}, {self._config!r})"
+
+    def new(self, ctx: EapPeerContext) -> AkaPeer:
+        return AkaPeer(self._usim, ctx.mn_id, self._config)
+
+
+class AkaMethod:
+    """The ``mipsec_eap_methods`` entry for EAP-AKA or EAP-AKA' (peer role only)."""
+
+    def __init__(self, name: str, eap_type: EapType, *, prime: bool) -> None:
+        self.name = name
+        self.eap_type: MethodKey = eap_type
+        self.prime = prime
+        self.derives_msk = True  # RFC 4187 §7 / RFC 5448 §3.3: MSK and EMSK
+
+    def __repr__(self) -> str:
+        return f"AkaMethod({self.name!r}, eap_type={self.eap_type!r})"
+
+    def peer(self, options: Mapping[str, Any], ctx: PluginContext) -> AkaPeerFactory:
+        opts: _Options = parse_options(_AkaPrimeOptions if self.prime else _AkaOptions, options)
+        k = _key(opts.ki, opts.ki_file, "ki", ctx.base_dir)
+        if opts.op is not None or opts.op_file is not None:
+            opc = opc_from_op(k, _key(opts.op, opts.op_file, "op", ctx.base_dir))
+        else:
+            opc = _key(opts.opc, opts.opc_file, "opc", ctx.base_dir)
+        policy = SqnPolicy(opts.ind_bits, opts.sqn_delta, opts.sqn_age_limit)
+        sqn_path = resolve_path(opts.sqn_file, ctx.base_dir)
+        try:
+            store = SqnStore(sqn_path, int(opts.sqn, 16), policy)
+        except UsimStateError as exc:
+            raise ValueError(f"sqn_file: {exc}") from None
+        amf = bytes.fromhex(opts.amf) if opts.amf is not None else None
+        usim = Usim(Milenage(k, opc), store, amf)
+        config = AkaPeerConfig(
+            prime=self.prime,
+            network_name=getattr(opts, "network_name", None),
+            result_ind=opts.result_ind,
+            aka_prime_supported=getattr(opts, "aka_prime_supported", False),
+        )
+        return AkaPeerFactory(usim, config)
+
+    def server(self, options: Mapping[str, Any], ctx: PluginContext) -> None:
+        return None  # EAP-AKA servers are reached through RADIUS (hostapd, ...)
+
+
+AKA = AkaMethod("aka", EapType.AKA, prime=False)
+AKA_PRIME = AkaMethod("aka-prime", EapType.AKA_PRIME, prime=True)
+
+
+@hookimpl
+def mipsec_eap_methods() -> list[AkaMethod]:
+    return [AKA, AKA_PRIME]
+
+
+if TYPE_CHECKING:  # both objects satisfy the method-plugin protocol
+    _aka: EapMethodPlugin = AKA
+    _aka_prime: EapMethodPlugin = AKA_PRIME

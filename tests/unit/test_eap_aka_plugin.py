@@ -1,0 +1,143 @@
+"""Options of the ``aka`` / ``aka-prime`` EAP method plugins ([eap.aka] tables)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aka_server_sim import AkaServerSim, AuC
+from pydantic import BaseModel
+
+from mipsec.core.config import redacted
+from mipsec.core.eap.method import EapPeerContext
+from mipsec.core.hookspecs import PluginContext
+from mipsec.core.pluginmanager import make_plugin_manager, registry
+from mipsec.core.wire.eap import EapCode, EapPacket, EapType, decode_eap, encode_eap
+from mipsec.plugins.eap_aka import AKA, AKA_PRIME
+
+KI = "465b5ce8b199b49faa5f0a2ee238a6bc"
+OP = "cdc202d5123e20f62b6d676ac72cb318"
+OPC = "cd63cb71954a9f4e48a5994e37a02baf"
+
+
+def ctx(tmp_path: Path) -> PluginContext:
+    return PluginContext("mn", tmp_path, config_file=str(tmp_path / "mn.toml"))
+
+
+def test_registered_through_the_entry_point() -> None:
+    methods = registry(make_plugin_manager(), "mipsec_eap_methods")
+    assert methods["aka"] is AKA and methods["aka-prime"] is AKA_PRIME
+    assert (AKA.eap_type, AKA_PRIME.eap_type) == (EapType.AKA, EapType.AKA_PRIME)
+    assert AKA.derives_msk and AKA_PRIME.derives_msk
+    assert AKA.server({}, ctx(Path("."))) is None  # peer role only
+
+
+def _challenge_once(tmp_path: Path, opts: dict[str, Any]) -> bool:
+    factory = AKA.peer(opts, ctx(tmp_path))
+    peer = factory.new(EapPeerContext("0001010000000001@wlan.mnc001.mcc001.3gppnetwork.org"))
+    sim = AkaServerSim(
+        AuC(bytes.fromhex(KI), bytes.fromhex(OPC), bytes.fromhex("b9b9"), 0xFF9BB4D0B607),
+        "0001010000000001@wlan.mnc001.mcc001.3gppnetwork.org",
+        identity_round=False,
+    )
+    req = decode_eap(sim.start())
+    out = peer.process(req)
+    assert out.data is not None
+    fin = sim.handle(encode_eap(EapPacket(EapCode.RESPONSE, req.identifier, req.type, out.data)))
+    return decode_eap(fin).code is EapCode.SUCCESS
+
+
+def test_keys_from_files_and_op(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "ki").write_text(KI.upper() + "\n")
+    (tmp_path / "keys" / "op").write_text(OP)
+    opts = {"ki_file": "keys/ki", "op_file": "keys/op", "sqn": "ff9bb4d0b607", "sqn_file": "s"}
+    assert _challenge_once(tmp_path, opts)  # OPc derived from OP, paths relative to base_dir
+    sqn_file = tmp_path / "s"
+    assert stat.S_IMODE(sqn_file.stat().st_mode) == 0o600
+    inline = {"ki": KI, "op": OP, "sqn": "ff9bb4d0b607", "sqn_file": "../s2"}
+    assert _challenge_once(tmp_path / "keys", inline)
+    assert (tmp_path / "s2").exists()
+
+
+def test_absolute_sqn_file(tmp_path: Path) -> None:
+    path = tmp_path / "abs.sqn"
+    AKA.peer({"ki": KI, "opc": OPC, "sqn_file": str(path)}, ctx(tmp_path / "elsewhere"))
+    assert path.exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "opts", "message"),
+    [
+        (AKA, {"ki": KI, "opc": OPC}, "sqn_file: field required"),
+        (AKA, {"opc": OPC, "sqn_file": "s"}, "exactly one of ki and ki_file"),
+        (
+            AKA,
+            {"ki": KI, "ki_file": "k", "opc": OPC, "sqn_file": "s"},
+            "exactly one of ki and ki_file",
+        ),
+        (AKA, {"ki": KI, "sqn_file": "s"}, "exactly one of opc, op"),
+        (AKA, {"ki": KI, "opc": OPC, "op": OP, "sqn_file": "s"}, "exactly one of opc, op"),
+        (AKA, {"ki": KI[:-2] + "zz", "opc": OPC, "sqn_file": "s"}, "ki: must be 32 hexadecimal"),
+        (AKA, {"ki": KI, "opc": OPC, "amf": "b9", "sqn_file": "s"}, "amf: must be 4 hexadecimal"),
+        (AKA, {"ki": KI, "opc": OPC, "sqn": "1", "sqn_file": "s"}, "sqn: must be 12 hexadecimal"),
+        (AKA, {"ki": KI, "opc": OPC, "sqn_file": "s", "ind_bits": 11}, "ind_bits"),
+        (AKA, {"ki": KI, "opc": OPC, "sqn_file": "s", "network_name": "WLAN"}, "network_name"),
+        (
+            AKA_PRIME,
+            {"ki": KI, "opc": OPC, "sqn_file": "s", "aka_prime_supported": True},
+            "aka_prime_supported",
+        ),
+        (AKA_PRIME, {"ki": KI, "opc": OPC, "sqn_file": "s", "amf": "0000"}, "separation bit"),
+        (AKA_PRIME, {"ki": KI, "opc": OPC, "sqn_file": "s", "network_name": ""}, "network_name"),
+        (AKA, {"ki_file": "missing", "opc": OPC, "sqn_file": "s"}, "ki_file: cannot read"),
+        (AKA, {"ki": KI, "opc": OPC, "sqn_file": "s", "result_ind": "maybe"}, "result_ind"),
+    ],
+)
+def test_bad_options_name_the_key_not_the_value(
+    tmp_path: Path, method: Any, opts: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as exc:
+        method.peer(opts, ctx(tmp_path))
+    text = str(exc.value)
+    assert message.lower() in text.lower(), text
+    assert KI not in text and OPC not in text and KI[:-2] not in text
+
+
+def test_bad_key_file_content(tmp_path: Path) -> None:
+    (tmp_path / "ki").write_text("not hex at all")
+    with pytest.raises(ValueError, match="ki_file: .* must hold 32 hexadecimal digits"):
+        AKA.peer({"ki_file": "ki", "opc": OPC, "sqn_file": "s"}, ctx(tmp_path))
+
+
+def test_corrupt_or_foreign_sqn_file(tmp_path: Path) -> None:
+    (tmp_path / "s").write_text("{}")
+    with pytest.raises(ValueError, match="sqn_file: .*not a mipsec-usim-sqn/1 file"):
+        AKA.peer({"ki": KI, "opc": OPC, "sqn_file": "s"}, ctx(tmp_path))
+    AKA.peer({"ki": KI, "opc": OPC, "sqn_file": "t", "ind_bits": 4}, ctx(tmp_path))
+    with pytest.raises(ValueError, match="ind_bits=4, configured 5"):
+        AKA.peer({"ki": KI, "opc": OPC, "sqn_file": "t"}, ctx(tmp_path))
+
+
+def test_unwritable_sqn_directory(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        target = "/proc/mipsec-no-such-dir/sqn"  # even root cannot create files here
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        target = str(ro / "sqn")
+    with pytest.raises(ValueError, match="sqn_file: cannot"):
+        AKA.peer({"ki": KI, "opc": OPC, "sqn_file": target}, ctx(tmp_path))
+
+
+def test_config_dump_redacts_usim_keys() -> None:
+    class Cfg(BaseModel):
+        eap: dict[str, Any]
+
+    cfg = Cfg(eap={"aka": {"ki": KI, "opc": OPC, "op": OP, "sqn_file": "s", "ki_file": "k"}})
+    out = redacted(cfg)["eap"]["aka"]
+    assert out["ki"] == out["opc"] == out["op"] == "<redacted>"
+    assert out["sqn_file"] == "s" and out["ki_file"] == "k"
