@@ -297,7 +297,12 @@ class AkaPeer:
         data = self._respond(request, Subtype.CHALLENGE, response_attrs, mac=True)
         self._authenticated = True
         if self._use_result_ind:
-            return PeerOutput(data, MethodState.CONT, Decision.FAIL, "waiting for the result")
+            # RFC 4187 §6.3.4: with result indications, EAP-Success is only
+            # believed after the server's Success notification -- methodState
+            # CONT says "not finished" -- but the MSK exists now, so the
+            # decision is already COND_SUCC and PROFILE §4 item 4 puts the
+            # Done parameters on this very response (the AKA-Challenge one).
+            return PeerOutput(data, MethodState.CONT, Decision.COND_SUCC, "waiting for the result")
         return PeerOutput(data, MethodState.MAY_CONT, Decision.COND_SUCC)
 
     def _check_kdf(self, attrs: AkaAttributes) -> PeerOutput | None:
@@ -417,5 +422,4 @@ class AkaPeer:
             return PeerOutput(data, MethodState.DONE, Decision.UNCOND_SUCC)
         # Informational (or a Success nobody asked for): nothing changes.
         state = MethodState.CONT if self._use_result_ind else MethodState.MAY_CONT
-        decision = Decision.FAIL if self._use_result_ind else Decision.COND_SUCC
-        return PeerOutput(data, state, decision, f"server notification {code}")
+        return PeerOutput(data, state, Decision.COND_SUCC, f"server notification {code}")

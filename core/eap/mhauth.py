@@ -542,6 +542,7 @@ class EapPeer:
         self._ctx = ctx
         self._mn_rand = secrets.token_bytes(RAND_LEN)
         self._first = True
+        self._done = False  # the Done parameters have been sent
         self.machine = EapPeerMachine(
             identity=cfg.identity or ctx.mn_id,
             methods=cfg.methods,
@@ -576,8 +577,13 @@ class EapPeer:
         if reply.response is None:
             return PeerStep(Outcome.FAILURE, reason=reply.reason or "EAP request discarded")
         msg = Message(eap_payload=reply.response)
-        if not self.machine.succeeded:
+        if not (self._done or self.machine.ready):
             return PeerStep(Outcome.CONTINUE, msg, ONE)
+        # From the first Response built with the decision COND_SUCC/UNCOND_SUCC
+        # on, every request carries the identical Done parameters (item 4),
+        # keyed with the MSK -- even if a later notification changes the
+        # method's mind (the HAC then answers with the failure).
+        self._done = True
         key = self._key()
         if key is None:
             return PeerStep(Outcome.FAILURE, reason="the EAP method derived no MSK")

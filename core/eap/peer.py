@@ -85,9 +85,17 @@ class EapPeerMachine:
         return f"EapPeerMachine(identity={self.identity!r}, method={self.method_name!r})"
 
     @property
-    def succeeded(self) -> bool:
-        """RFC 4137 §4.1: an EAP-Success may be believed (the method allows it)."""
+    def ready(self) -> bool:
+        """PROFILE §4 item 4: the decision is COND_SUCC or UNCOND_SUCC (the MSK
+        exists): the Done parameters go on the Response just built."""
         return self.decision in (Decision.COND_SUCC, Decision.UNCOND_SUCC)
+
+    @property
+    def succeeded(self) -> bool:
+        """RFC 4137 §4.1: an EAP-Success may be believed -- the decision allows
+        it and the method is not waiting for more (methodState not CONT, e.g.
+        an EAP-AKA result indication still to come, RFC 4187 §6.3.4)."""
+        return self.ready and self.state is not MethodState.CONT
 
     def msk(self) -> bytes | None:
         return self.method.msk() if self.method is not None else None

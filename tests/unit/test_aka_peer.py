@@ -145,8 +145,10 @@ def test_result_indication_success_notification(tmp_path: Path) -> None:
     assert code == EapCode.SUCCESS, sim.outcome.reason
     assert sim.outcome.subtypes_seen[-1] == NOTIFICATION
     challenge, notification = outs[-2], outs[-1]
-    # RFC 4187 §6.3.4: no EAP-Success before the success notification
-    assert (challenge.state, challenge.decision) == (MethodState.CONT, Decision.FAIL)
+    # RFC 4187 §6.3.4: no EAP-Success before the success notification (state
+    # CONT), but the MSK exists, so the decision is COND_SUCC and the Done
+    # parameters ride on the challenge response (PROFILE §4 item 4).
+    assert (challenge.state, challenge.decision) == (MethodState.CONT, Decision.COND_SUCC)
     assert (notification.state, notification.decision) == (MethodState.DONE, Decision.UNCOND_SUCC)
     assert peer.msk() == sim.msk
 

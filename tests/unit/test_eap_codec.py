@@ -150,6 +150,9 @@ class Echo:
         if request.data == b"fin":
             self.done = True
             return PeerOutput(b"ok", MethodState.DONE, Decision.UNCOND_SUCC)
+        if request.data == b"cond":  # MSK exists, result still to come (AKA result_ind)
+            self.done = True
+            return PeerOutput(b"ok", MethodState.CONT, Decision.COND_SUCC)
         if request.data == b"drop":
             return PeerOutput(None, MethodState.DONE, Decision.FAIL, "dropped")
         return PeerOutput(b"ok", MethodState.CONT, Decision.FAIL)
@@ -223,3 +226,11 @@ def test_a_method_that_discards_ends_it() -> None:
     m = machine()
     out = m.process(req(1, 13, b"drop"))
     assert out.response is None and out.reason == "dropped"
+
+
+def test_ready_for_done_before_success_may_be_believed() -> None:
+    m = machine()
+    m.process(req(1, 13, b"cond"))
+    assert m.ready and not m.succeeded  # Done goes out; an EAP-Success would be refused
+    m.process(req(2, 13, b"fin"))
+    assert m.ready and m.succeeded
