@@ -52,7 +52,7 @@ from mipsec.aaa.codec import (
     Request,
     decode_reply,
 )
-from mipsec.aaa.dictionary import load_dictionary
+from mipsec.aaa.dictionary import check_dictionary, load_dictionary
 from mipsec.core.errors import LocalProtocolError, MipsecError
 
 __all__ = [
@@ -124,7 +124,12 @@ class RadiusTimeout(RadiusError):
                 "wrong shared secret?"
             )
         else:
-            reason = f"no answer from RADIUS server {server} ({tries} tries, {timeout:g} s apart)"
+            # FreeRADIUS and hostapd drop a request whose Message-Authenticator
+            # does not verify without a word: a wrong secret can look like this.
+            reason = (
+                f"no answer from RADIUS server {server} ({tries} tries, {timeout:g} s apart; "
+                "down, unreachable, or not sharing our secret)"
+            )
         super().__init__(reason)
 
 
@@ -285,7 +290,7 @@ class RadiusClient:
             raise LocalProtocolError("radius client: no server")
         if timeout <= 0 or retries < 0 or dead_time < 0 or max_sockets < 1:
             raise LocalProtocolError("radius client: bad timing or socket limits")
-        d = load_dictionary() if dictionary is None else dictionary
+        d = load_dictionary() if dictionary is None else check_dictionary(dictionary)
         self._servers = [_ServerState(s, d) for s in servers]
         for st in self._servers:
             st.clock = clock
@@ -377,15 +382,17 @@ class RadiusClient:
 
     async def _acquire(self, st: _ServerState) -> tuple[_Channel, int]:
         while True:
-            st.channels = [c for c in st.channels if not c.closed]
+            if any(c.closed for c in st.channels):
+                st.channels[:] = [c for c in st.channels if not c.closed]
             for channel in st.channels:
                 ident = channel.allocate()
                 if ident is not None:
                     return channel, ident
             if len(st.channels) < self.max_sockets:
-                async with st.opening:
+                async with st.opening:  # one socket opened at a time, and only if needed
                     if not any(c.has_free() for c in st.channels):
-                        st.channels.append(await self._open(st))
+                        channel = await self._open(st)
+                        st.channels.append(channel)
                 continue
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             st.waiters.append(waiter)
