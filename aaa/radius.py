@@ -225,7 +225,11 @@ class _ServerState:
 
     def received(self, channel: _Channel, data: bytes) -> None:
         label = self.config.label
-        p = channel.pending.get(data[1]) if len(data) >= HEADER_LEN else None
+        if len(data) < HEADER_LEN:
+            self.stats.malformed += 1
+            self._warn(f"a {len(data)}-octet datagram dropped")
+            return
+        p = channel.pending.get(data[1])
         if p is None or p.future.done():
             self.stats.unexpected += 1
             log.debug("RADIUS server %s: a reply to no outstanding request (dropped)", label)
@@ -372,6 +376,8 @@ class RadiusClient:
                         return future.result()
                     except ConnectionError:
                         break  # the socket went away: as good as no answer
+            if self._closed:
+                raise RadiusError("RADIUS client closed")
             st.stats.timeouts += 1
             raise RadiusTimeout(st.config.label, tries, self.timeout, pending.rejected)
         finally:
