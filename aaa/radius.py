@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -68,6 +69,7 @@ __all__ = [
 log = logging.getLogger("mipsec.aaa.radius")
 
 IDENTIFIERS = 256
+RCVBUF = 1 << 20  # bytes asked for each socket's receive buffer (the kernel may cap it)
 WARN_INTERVAL = 60.0  # seconds between two "unverifiable replies" lines per server
 
 # (shared secret, Identifier) -> the request to send: the packet depends on
@@ -410,9 +412,16 @@ class RadiusClient:
 
     async def _open(self, st: _ServerState) -> _Channel:
         loop = asyncio.get_running_loop()
-        _, channel = await loop.create_datagram_endpoint(
+        transport, channel = await loop.create_datagram_endpoint(
             lambda: _Channel(st), remote_addr=(st.config.host, st.config.port)
         )
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Up to 256 replies can arrive in one burst; the default buffer
+            # (about 200 KiB of kernel accounting, ~1 KiB per datagram) drops
+            # some, which costs a whole retransmission timeout.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         st.stats.sockets += 1
         return channel
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,9 @@ async def fake_server(handler: Handler, secret: bytes = b"fake-secret") -> FakeS
         lambda: FakeServer(handler, secret), local_addr=("127.0.0.1", 0)
     )
     proto.port = proto.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+    # Hundreds of requests may arrive in one burst: do not drop them.
+    sock = proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     return proto
 
 

@@ -88,6 +88,28 @@ def test_eap_md5_wrong_password_is_rejected(aaa_lab: AaaLab) -> None:
     assert decode_eap(done.eap).code is EapCode.FAILURE
 
 
+def test_fifty_concurrent_conversations(aaa_lab: AaaLab) -> None:
+    """50 MNs at once through one back end: every one gets its own answer."""
+
+    async def main() -> list[list[EapBackendStep]]:
+        b = make_backend([aaa_lab.server()], timeout=5)
+        try:
+            return await asyncio.gather(
+                *(
+                    conversation(b, USER, md5_peer(PASSWORD if i % 5 else b"wrong"))
+                    for i in range(50)
+                )
+            )
+        finally:
+            await b.aclose()
+
+    results = asyncio.run(main())
+    verdicts = [steps[-1].verdict for steps in results]
+    assert verdicts == [
+        BackendVerdict.FAILURE if i % 5 == 0 else BackendVerdict.SUCCESS for i in range(50)
+    ]
+
+
 # ------------------------------------------------------------------ EAP-TLS: a real MSK
 
 
