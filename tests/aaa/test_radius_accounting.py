@@ -131,7 +131,10 @@ def test_records_of_one_sa_in_order() -> None:
         return [status(r) for r in records(fake)]
 
     seen = asyncio.run(main())
-    assert seen[:2] == [1, 1] and seen[2:] == [2]  # Stop only once the Start was answered
+    # The Start went out at least twice (its first copy was lost) and the
+    # Stop only after the Start was answered.
+    assert seen.count(1) >= 2 and seen.count(2) >= 1
+    assert max(i for i, s in enumerate(seen) if s == 1) < seen.index(2)
 
 
 def test_retry_after_an_outage_with_acct_delay_time() -> None:

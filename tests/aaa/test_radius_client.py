@@ -156,14 +156,15 @@ def test_unverifiable_replies_are_dropped_and_the_valid_one_taken() -> None:
 def test_wrong_shared_secret_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         fake = await fake_server(challenge, secret=b"the-servers-secret")
-        client = RadiusClient([server(fake, b"our-wrong-secret")], timeout=0.2, retries=2)
+        client = RadiusClient([server(fake, b"our-wrong-secret")], timeout=0.5, retries=2)
         with pytest.raises(RadiusTimeout) as exc:
             await client.send(builder())
         text = str(exc.value)
         assert "answered but no reply verified" in text and "wrong shared secret" in text
         assert f"127.0.0.1:{fake.port}" in text
-        assert exc.value.rejected["response-authenticator"] == 3
-        assert client.stats()[exc.value.server].unverifiable == 3
+        rejected = exc.value.rejected["response-authenticator"]
+        assert 1 <= rejected <= 3  # one per send (a very late one counts as unexpected)
+        assert client.stats()[exc.value.server].unverifiable == rejected
         await client.aclose()
         fake.close()
 
@@ -184,7 +185,7 @@ def test_failover_and_dead_server_hold_off() -> None:
         dead, alive = await silent(), await fake_server(challenge)
         client = RadiusClient(
             [server(dead), server(alive)],
-            timeout=0.2,
+            timeout=1,
             retries=1,
             dead_time=60,
             clock=lambda: now[0],

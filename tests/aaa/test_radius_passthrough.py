@@ -278,7 +278,7 @@ def test_challenge_without_eap_message_is_a_failure() -> None:
 def test_reply_without_or_with_wrong_message_authenticator_is_dropped(ma: str) -> None:
     # A forged Accept (the Blast-RADIUS shape) is dropped; nothing verified
     # arrives, so the conversation ends unanswered (504), never in SUCCESS.
-    steps, fake = run(script(challenge(), accept(ma=ma)), MD5_RESPONSE, timeout=0.3)
+    steps, fake = run(script(challenge(), accept(ma=ma)), MD5_RESPONSE, timeout=1)
     assert steps[0].verdict is BackendVerdict.CONTINUE
     assert steps[1].verdict is BackendVerdict.UNAVAILABLE and steps[1].status == 504
     assert "no reply verified" in steps[1].reason
@@ -287,8 +287,15 @@ def test_reply_without_or_with_wrong_message_authenticator_is_dropped(ma: str) -
     )
 
 
+def test_identity_too_long_for_user_name_is_a_failure() -> None:
+    long_id = "u" * 250 + "@example.net"  # 262 octets: User-Name holds 253
+    steps, fake = run(script(challenge()), c=ctx(long_id))
+    assert steps[0].verdict is BackendVerdict.FAILURE and "cannot build" in steps[0].reason
+    assert not fake.received
+
+
 def test_server_that_stops_answering_mid_conversation_is_504() -> None:
-    steps, fake = run(script(challenge(), None), MD5_RESPONSE, timeout=0.2, retries=1)
+    steps, fake = run(script(challenge(), None), MD5_RESPONSE, timeout=1, retries=1)
     assert [s.verdict for s in steps] == [BackendVerdict.CONTINUE, BackendVerdict.UNAVAILABLE]
     assert steps[1].status == 504 and "no answer" in steps[1].reason
     assert len(fake.received) == 3  # the Identity, then the MD5 response twice
