@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AaaLab
+from aaalab import AaaLab
 from eaptls_peer import EapTlsPeer
 from pyrad.packet import AuthPacket
 from radfake import identity_response, md5_peer
@@ -133,6 +133,27 @@ def test_eap_tls_msk_from_mppe_keys_matches_the_peer(aaa_lab: AaaLab) -> None:
     assert max(peer.requests_seen) > 253 and max(peer.requests_seen) <= 1400
     assert done.msk is not None and len(done.msk) == 64
     assert done.msk == peer.msk()  # MS-MPPE-Recv-Key || MS-MPPE-Send-Key, all 64 octets
+
+
+def test_aka_identity_is_proxied_to_the_aka_server(aaa_lab: AaaLab) -> None:
+    """The full NAI goes out as User-Name, so FreeRADIUS proxies the 3GPP realm
+    to hostapd, whose EAP-AKA server answers with an AKA request (type 23)."""
+    if "AKA_AUTH_PORT" not in aaa_lab.env:
+        pytest.skip("this lab runs without its EAP-AKA server (AAA_LAB_AKA=0)")
+    nai = f"0001010000000001@{aaa_lab.env['AKA_REALM']}"
+
+    async def main() -> EapBackendStep:
+        b = make_backend([aaa_lab.server()], timeout=3)
+        s = b.session(EapSessionContext(mn_id=nai, identity=nai, peer="127.0.0.1:40000"))
+        try:
+            return await s.start(identity_response(nai))
+        finally:
+            s.close()
+            await b.aclose()
+
+    step = asyncio.run(main())
+    assert step.verdict is BackendVerdict.CONTINUE, step.reason
+    assert decode_eap(step.eap).type == 23  # EAP-AKA (AKA-Challenge or AKA-Identity)
 
 
 # ------------------------------------------------------------------ what the server requires

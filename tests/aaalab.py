@@ -1,4 +1,9 @@
-"""The real AAA lab (FreeRADIUS 3.2 on loopback) for the RADIUS tests.
+"""The real AAA lab (FreeRADIUS 3.2 on loopback): the session fixture ``aaa_lab``.
+
+tests/conftest.py imports the fixture, so it is defined once for the whole
+run (one lab per session, whichever test directory asks for it); a
+``conftest.py`` in a sub-directory would shadow ``tests/conftest.py`` for
+the ``from conftest import ...`` the other tests use.
 
 ``MIPSEC_AAA_LAB_ENV`` names the ``lab.env`` of a lab that is already
 running (CI starts one for the whole run); otherwise the first test that
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 LAB_DIR = REPO.parent / "shared" / "aaa-lab"
 LAB_SCRIPT = LAB_DIR / "start-freeradius.sh"
 PACKAGES = ("freeradius", "freeradius-utils", "eapoltest", "openssl")
