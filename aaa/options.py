@@ -47,8 +47,10 @@ class ClientOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     servers: list[ServerOptions] = Field(min_length=1)
-    timeout: Annotated[float, Field(gt=0, le=60)] = 3.0  # seconds before each retransmission
-    retries: Annotated[int, Field(ge=0, le=10)] = 2  # retransmissions after the first send
+    # Worst case per server: (1 + retries) x timeout; with the defaults two
+    # servers fit in the HAC's default 10 s EAP timeout ([methods.eap] timeout).
+    timeout: Annotated[float, Field(gt=0, le=60)] = 2.0  # seconds before each retransmission
+    retries: Annotated[int, Field(ge=0, le=10)] = 1  # retransmissions after the first send
     dead_time: Annotated[float, Field(ge=0, le=86400)] = 30.0  # hold-off of a silent server
     max_sockets: Annotated[int, Field(ge=1, le=256)] = 16  # per server: 256 requests each
     # RFC 2865 §5.4/§5.32: an Access-Request carries NAS-IP-Address or

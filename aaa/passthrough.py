@@ -26,8 +26,8 @@ first request, because State means nothing to any other server.
 Options (the back end's table in the HAC configuration)::
 
     servers = [{ host = "127.0.0.1", port = 1812, secret_file = "radius.secret" }]
-    timeout = 3.0           # seconds before each retransmission
-    retries = 2             # retransmissions after the first send
+    timeout = 2.0           # seconds before each retransmission
+    retries = 1             # retransmissions after the first send
     dead_time = 30.0        # hold-off of a server that did not answer
     nas_identifier = "mipsec-hac"
     nas_ip_address = "192.0.2.1"      # optional; nas_ipv6_address too

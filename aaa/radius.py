@@ -285,8 +285,8 @@ class RadiusClient:
         self,
         servers: Sequence[RadiusServer],
         *,
-        timeout: float = 3.0,
-        retries: int = 2,
+        timeout: float = 2.0,
+        retries: int = 1,
         dead_time: float = 30.0,
         max_sockets: int = 16,
         dictionary: Dictionary | None = None,
@@ -366,18 +366,33 @@ class RadiusClient:
             pending = _Pending(future, request)
             channel.pending[ident] = pending
             tries = self.retries + 1
+            silent = 0  # timeouts so far without a verified reply
             for attempt in range(tries):
                 if attempt:
                     st.stats.retransmissions += 1
                 else:
                     st.stats.requests += 1
                 channel.send(request.raw)  # identical octets every time
-                done, _ = await asyncio.wait((future,), timeout=self.timeout)
+                try:
+                    done, _ = await asyncio.wait((future,), timeout=self.timeout)
+                except asyncio.CancelledError:
+                    # The caller gave up (its own deadline, e.g. the HAC's EAP
+                    # timeout) while this server had already let a whole
+                    # timeout pass: hold it off, or every later MN would wait
+                    # on it too and never reach the next server.
+                    if silent and not self._closed:
+                        st.stats.timeouts += 1
+                        self._mark_dead(
+                            st,
+                            RadiusTimeout(st.config.label, silent, self.timeout, pending.rejected),
+                        )
+                    raise
                 if done:
                     try:
                         return future.result()
                     except ConnectionError:
                         break  # the socket went away: as good as no answer
+                silent += 1
             if self._closed:
                 raise RadiusError("RADIUS client closed")
             st.stats.timeouts += 1

@@ -210,6 +210,27 @@ def test_failover_and_dead_server_hold_off() -> None:
     asyncio.run(main())
 
 
+def test_caller_deadline_still_holds_off_a_silent_server() -> None:
+    """The HAC's EAP timeout may cancel a request before its retransmissions
+    are spent: a server that already let a whole timeout pass is held off
+    anyway, so the next MN goes to the next server."""
+
+    async def main() -> None:
+        dead, alive = await silent(), await fake_server(challenge)
+        client = RadiusClient([server(dead), server(alive)], timeout=0.5, retries=5, dead_time=60)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.send(builder()), 1.2)  # gives up on the dead server
+        assert client.is_dead(f"127.0.0.1:{dead.port}")
+        sent = len(dead.received)
+        label, _ = await client.send(builder())
+        assert label == f"127.0.0.1:{alive.port}" and len(dead.received) == sent
+        await client.aclose()
+        dead.close()
+        alive.close()
+
+    asyncio.run(main())
+
+
 def test_every_server_dead_is_unavailable_with_retry_after() -> None:
     now = [0.0]
 
