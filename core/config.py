@@ -65,6 +65,10 @@ class HASelectorRef(PluginRef):
     selector: str = "fewest-sas"
 
 
+class AccountingRef(PluginRef):
+    backend: str = "radius"
+
+
 def _suites(values: list[str]) -> tuple[Suite, ...]:
     out: list[Suite] = []
     for v in values:
@@ -162,6 +166,8 @@ class HACConfig(_Strict):
     # Deployment model 1: an HA running in the HAC's own process, reached with
     # the ``local`` transport (an [[ha]] entry with the same id).
     local_ha: HAConfig | None = None
+    # Optional accounting of issued SAs (``mipsec_accounting_backends``).
+    accounting: AccountingRef | None = None
     plugins: PluginsConfig = PluginsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -179,6 +179,19 @@ class MipsecSpec:
         """
 
     @hookspec
+    def mipsec_accounting_backends(self) -> Sequence[Factory]:
+        """Return factories of HAC accounting back ends (e.g. ``radius``, RFC 2866).
+
+        The HAC's optional ``[accounting]`` table selects one by ``backend``;
+        ``create(options, ctx)`` returns an object that the HAC registers on
+        its plugin manager at start, so its ``@hookimpl`` event methods
+        (``mipsec_sa_issued``, ``mipsec_sa_expired``, ``mipsec_sa_withdrawn``)
+        receive the events.  Those must not block: queue, and send from a
+        task.  An ``async aclose()`` method, when present, is awaited at
+        service stop (flush, release sockets).
+        """
+
+    @hookspec
     def mipsec_credential_backends(self) -> Sequence[Factory]:
         """Return factories of ``CredentialBackend`` (e.g. ``toml``, ``sqlite``)."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aaalab import aaa_lab  # noqa: F401  (the real AAA lab, a session fixture: tests/aaalab.py)
 
 LAUNCHER = [sys.executable, "-m", "mipsec.core.cli"]
 

@@ -146,6 +146,18 @@ class HacService:
                 ctx,
                 key=f"ha[{i}]",
             )
+        # Optional accounting: its @hookimpl event methods receive the SA events.
+        self.accounting: Any = None
+        if cfg.accounting is not None:
+            self.accounting = pluginmanager.create(
+                self.pm,
+                "mipsec_accounting_backends",
+                cfg.accounting.backend,
+                cfg.accounting.options,
+                ctx,
+                key="accounting.backend",
+            )
+            self.pm.register(self.accounting, name="accounting")
         # HAs pull SAs for SPIs they do not know here (PROFILE §9).
         self._prov_server = (
             ProvisioningServer(
@@ -285,6 +297,10 @@ class HacService:
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
+        if self.accounting is not None:  # after the last SA event: flush, then unhook
+            with contextlib.suppress(Exception):
+                await self.accounting.aclose()
+            self.pm.unregister(self.accounting)
         self.store.close()
         self.credentials.close()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import importlib.util
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,8 +41,17 @@ from mipsec.core.wire.tvheader import (
     verify_auth,
 )
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures" / "mipsec-eap-example"))
-import mipsec_eap_example as example  # noqa: E402
+# Loaded from its file, not via sys.path: the fixture's source folder may hold
+# an egg-info (left by pip in the end-to-end test) that would also make its
+# entry point discoverable.
+_SPEC = importlib.util.spec_from_file_location(
+    "mipsec_eap_example",
+    Path(__file__).parents[1] / "fixtures" / "mipsec-eap-example" / "mipsec_eap_example.py",
+)
+assert _SPEC is not None and _SPEC.loader is not None
+example = importlib.util.module_from_spec(_SPEC)
+sys.modules["mipsec_eap_example"] = example
+_SPEC.loader.exec_module(example)
 
 CB = hashlib.sha256(b"hac certificate").digest()
 MN_ID = "alice@home.example"

@@ -1,0 +1,307 @@
+"""RADIUS accounting (RFC 2866) of the SAs a HAC issues: the ``radius`` accounting back end.
+
+Selected by the HAC's optional ``[accounting]`` table (``backend =
+"radius"``); the HAC registers the object this factory builds on its plugin
+manager, so its event hooks receive:
+
+* ``mipsec_sa_issued``  -> Accounting-Request Start (Acct-Status-Type 1);
+* every ``interim_interval`` seconds, per live SA -> Interim-Update (3);
+* ``mipsec_sa_expired`` -> Stop (2), Acct-Terminate-Cause Session-Timeout;
+* ``mipsec_sa_withdrawn`` -> Stop, cause NAS-Request (superseded),
+  Admin-Reset (revoked) or NAS-Error; an SA whose provisioning failed was
+  never started, so it gets no Stop.
+
+One SA is one accounting session: Acct-Session-Id is its SPI as 8 hex
+digits, User-Name its ``mn_id``, Calling-Station-Id the MN's address,
+Called-Station-Id the HA's id; Acct-Session-Time counts from the Start.
+
+Hooks never block: they queue a record and return.  A sender task (started
+in the running loop on the first event) delivers each record with the
+client's retransmission and failover; while every server is down a record is
+retried until ``give_up_after`` seconds after its event, with Acct-Delay-Time
+telling the server how late it is (RFC 2866 §5.2: a new value, so a new
+Identifier -- each retry after a failover is a new packet).  Records of one
+SA are delivered in order.  ``aclose()`` flushes what it can within one
+request's retransmission budget.
+
+Options: those of every RADIUS client (``servers``, ``timeout``,
+``retries``, ``dead_time``, ``nas_*``; the port defaults to 1813) plus
+``interim_interval`` (seconds, 0 = none), ``give_up_after`` (seconds) and
+``queue_limit`` (records waiting; beyond it the oldest is dropped and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from mipsec.aaa.codec import Request, encode_accounting_request
+from mipsec.aaa.options import ClientOptions, make_client, nas_attributes
+from mipsec.aaa.radius import RadiusClient, RadiusError, RadiusTimeout, RadiusUnavailable
+from mipsec.core.hookspecs import Factory, PluginContext, hookimpl
+from mipsec.plugins._options import parse_options
+
+__all__ = ["AccountingFactory", "RadiusAccounting"]
+
+log = logging.getLogger("mipsec.aaa.accounting")
+
+ACCT_PORT = 1813  # RFC 2866 §3 (IANA "radius-acct")
+START, STOP, INTERIM = 1, 2, 3  # Acct-Status-Type (RFC 2866 §5.1)
+# Acct-Terminate-Cause (RFC 2866 §5.10)
+_CAUSES = {"expired": 5, "superseded": 10, "revoked": 6, "provisioning-failed": 9}
+_DEFAULT_CAUSE = 10  # NAS-Request
+
+
+class AccountingOptions(ClientOptions):
+    interim_interval: Annotated[float, Field(ge=0, le=86400 * 7)] = 0.0
+    give_up_after: Annotated[float, Field(gt=0, le=86400 * 7)] = 3600.0
+    queue_limit: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+
+
+@dataclass
+class _Session:
+    mn_id: str
+    started: float  # monotonic
+    peer: str
+    ha_id: str
+
+
+@dataclass
+class _Record:
+    status: int
+    spi: int
+    attrs: list[tuple[str, Any]]
+    created: float  # monotonic: Acct-Delay-Time counts from here
+    done: asyncio.Event | None = field(default=None, repr=False)
+
+
+@dataclass
+class AccountingStats:
+    queued: int = 0
+    sent: int = 0  # Accounting-Responses received
+    dropped: int = 0  # given up or pushed out of a full queue
+
+
+class RadiusAccounting:
+    """The accounting back end: event hooks in, Accounting-Requests out."""
+
+    def __init__(
+        self,
+        client: RadiusClient,
+        opts: AccountingOptions,
+        *,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.opts = opts
+        self.stats = AccountingStats()
+        self._nas = nas_attributes(opts)
+        self._clock = clock
+        self._sessions: dict[int, _Session] = {}
+        self._queue: deque[_Record] = deque()
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._interim: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tail: dict[int, asyncio.Task[None]] = {}  # spi -> its last delivery
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RadiusAccounting({', '.join(self.client.servers)})"
+
+    # ------------------------------------------------------------ event hooks
+
+    @hookimpl
+    def mipsec_sa_issued(
+        self,
+        spi: int,
+        mn_id: str,
+        suite: str,
+        scope: int,
+        validity_end: datetime,
+        ha_id: str,
+        peer: str,
+    ) -> None:
+        self._sessions[spi] = _Session(mn_id, self._clock(), peer, ha_id)
+        self._queue_record(START, spi)
+
+    @hookimpl
+    def mipsec_sa_expired(self, spi: int, mn_id: str, validity_end: datetime) -> None:
+        self._stop(spi, mn_id, "expired")
+
+    @hookimpl
+    def mipsec_sa_withdrawn(self, spi: int, mn_id: str, ha_id: str, reason: str) -> None:
+        if reason == "provisioning-failed" and spi not in self._sessions:
+            return  # never started: nothing to stop
+        self._stop(spi, mn_id, reason)
+
+    def _stop(self, spi: int, mn_id: str, reason: str) -> None:
+        if spi not in self._sessions:
+            # A Stop for an SA started before a restart: the server matches
+            # it by Acct-Session-Id; there is no start time to count from.
+            self._sessions[spi] = _Session(mn_id, -1.0, "", "")
+        self._queue_record(STOP, spi, cause=_CAUSES.get(reason, _DEFAULT_CAUSE))
+        del self._sessions[spi]
+
+    # ------------------------------------------------------------ records
+
+    def _attributes(self, status: int, spi: int, cause: int | None) -> list[tuple[str, Any]]:
+        s = self._sessions[spi]
+        attrs: list[tuple[str, Any]] = [
+            ("Acct-Status-Type", status),
+            ("Acct-Session-Id", f"{spi:08x}"),
+            ("User-Name", s.mn_id),
+            *self._nas,
+            ("Event-Timestamp", int(time.time())),
+        ]
+        if s.peer:
+            attrs.append(("Calling-Station-Id", s.peer))
+        if s.ha_id:
+            attrs.append(("Called-Station-Id", s.ha_id))
+        if status != START and s.started >= 0:
+            attrs.append(("Acct-Session-Time", int(self._clock() - s.started)))
+        if cause is not None:
+            attrs.append(("Acct-Terminate-Cause", cause))
+        return attrs
+
+    def _queue_record(self, status: int, spi: int, cause: int | None = None) -> None:
+        if self._closed:
+            return
+        if len(self._queue) >= self.opts.queue_limit:
+            old = self._queue.popleft()
+            self.stats.dropped += 1
+            log.warning(
+                "accounting queue full (%d): dropped a record for spi=%08x",
+                self.opts.queue_limit,
+                old.spi,
+            )
+        self._queue.append(
+            _Record(status, spi, self._attributes(status, spi, cause), self._clock())
+        )
+        self.stats.queued += 1
+        self._kick()
+
+    def _kick(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: the records wait for the first event in one
+        if self._runner is None or self._runner.done():
+            self._wake = asyncio.Event()
+            self._runner = loop.create_task(self._run())
+            if self.opts.interim_interval > 0:
+                self._interim = loop.create_task(self._interim_loop())
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            while self._queue:
+                rec = self._queue.popleft()
+                prev = self._tail.get(rec.spi)
+                task = asyncio.create_task(self._deliver(rec, prev))
+                self._tasks.add(task)
+                self._tail[rec.spi] = task
+                task.add_done_callback(self._finished(rec.spi))
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _finished(self, spi: int) -> Any:
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if self._tail.get(spi) is task:
+                del self._tail[spi]
+
+        return done
+
+    async def _deliver(self, rec: _Record, prev: asyncio.Task[None] | None) -> None:
+        if prev is not None:  # one SA's records in order: Start before Stop
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(prev)
+        while True:
+            delay = max(0, int(self._clock() - rec.created))
+
+            def build(secret: bytes, identifier: int, delay: int = delay) -> Request:
+                attrs = [*rec.attrs, ("Acct-Delay-Time", delay)] if delay else rec.attrs
+                return encode_accounting_request(identifier, secret, attrs)
+
+            try:
+                server, _ = await self.client.send(build)
+            except RadiusUnavailable as exc:
+                wait = exc.retry_after
+                why = str(exc)
+            except RadiusTimeout as exc:
+                wait = self.client.timeout
+                why = str(exc)
+            except RadiusError:
+                return  # closed
+            else:
+                self.stats.sent += 1
+                log.debug(
+                    "accounting status=%d spi=%08x acknowledged by %s", rec.status, rec.spi, server
+                )
+                return
+            if self._closed or self._clock() - rec.created + wait > self.opts.give_up_after:
+                self.stats.dropped += 1
+                log.warning(
+                    "accounting record status=%d spi=%08x dropped: %s", rec.status, rec.spi, why
+                )
+                return
+            await asyncio.sleep(max(wait, 1.0))
+
+    async def _interim_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.interim_interval)
+            for spi in list(self._sessions):
+                self._queue_record(INTERIM, spi)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued record was delivered or given up (tests, stop)."""
+        self._kick()
+        budget = timeout if timeout is not None else self._budget()
+        async with asyncio.timeout(budget):
+            while self._queue or self._tasks:
+                if self._tasks:
+                    await asyncio.wait(list(self._tasks))
+                else:
+                    await asyncio.sleep(0)
+
+    def _budget(self) -> float:
+        return self.client.timeout * (self.client.retries + 1) * len(self.client.servers) + 1
+
+    async def aclose(self) -> None:
+        """Service stop: deliver what is queued within one request's budget, then close."""
+        with contextlib.suppress(TimeoutError):
+            await self.flush()
+        self._closed = True
+        for task in (self._runner, self._interim, *self._tasks):
+            if task is not None:
+                task.cancel()
+        await self.client.aclose()
+
+
+class AccountingFactory:
+    """``mipsec_accounting_backends`` factory ``radius``."""
+
+    name = "radius"
+
+    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> RadiusAccounting:
+        opts = parse_options(AccountingOptions, options)
+        return RadiusAccounting(make_client(opts, ctx.base_dir, ACCT_PORT), opts)
+
+
+@hookimpl
+def mipsec_accounting_backends() -> Sequence[Factory]:
+    return [AccountingFactory()]

@@ -1,0 +1,287 @@
+"""RADIUS accounting (mipsec.aaa.accounting) against fake neighbour servers, and its
+wiring into the HAC (``[accounting]`` table -> registered on the plugin manager)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from radfake import ACCOUNTING_RESPONSE, FakeServer, build_reply, fake_server, request_attrs
+
+from mipsec.aaa.accounting import AccountingFactory, RadiusAccounting
+from mipsec.core import pluginmanager
+from mipsec.core.config import validate_config
+from mipsec.core.errors import ConfigError
+from mipsec.core.hookspecs import PluginContext
+from mipsec.core.labsetup import init_lab
+from mipsec.core.roles.hac import HacService
+
+SECRET = "acct-secret"
+CTX = PluginContext(role="hac", base_dir=Path("."), config_file="hac.toml")
+END = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def answer(srv: FakeServer, data: bytes, addr: Any) -> bytes:
+    return build_reply(ACCOUNTING_RESPONSE, data, srv.secret, ma="none")
+
+
+def accounting(port: int, **opts: Any) -> RadiusAccounting:
+    return AccountingFactory().create(
+        {"servers": [{"host": "127.0.0.1", "port": port, "secret": SECRET}], "timeout": 5, **opts},
+        CTX,
+    )
+
+
+def records(fake: FakeServer) -> list[dict[int, bytes]]:
+    return [dict(request_attrs(d)) for _, d in fake.received]
+
+
+def status(a: dict[int, bytes]) -> int:
+    return int.from_bytes(a[40], "big")
+
+
+def issue(acct: RadiusAccounting, spi: int = 0x1234ABCD) -> None:
+    acct.mipsec_sa_issued(
+        spi=spi,
+        mn_id="alice@example.net",
+        suite="AES_128_CBC_SHA256",
+        scope=1,
+        validity_end=END,
+        ha_id="ha1",
+        peer="[2001:db8::5]:40000",
+    )
+
+
+def test_start_and_stop_attributes() -> None:
+    async def main() -> list[dict[int, bytes]]:
+        fake = await fake_server(answer, secret=SECRET.encode())
+        acct = accounting(fake.port, nas_ip_address="192.0.2.1")
+        issue(acct, 0x1234ABCD)
+        issue(acct, 0x00000042)
+        issue(acct, 0x00000043)
+        issue(acct, 0x00000044)
+        acct.mipsec_sa_expired(spi=0x1234ABCD, mn_id="alice@example.net", validity_end=END)
+        acct.mipsec_sa_withdrawn(
+            spi=0x42, mn_id="alice@example.net", ha_id="ha1", reason="superseded"
+        )
+        acct.mipsec_sa_withdrawn(spi=0x43, mn_id="alice@example.net", ha_id="ha1", reason="revoked")
+        acct.mipsec_sa_withdrawn(
+            spi=0x99, mn_id="bob", ha_id="ha1", reason="provisioning-failed"
+        )  # never started: no Stop
+        await acct.flush(20)
+        assert acct.stats.sent == 7 and acct.stats.dropped == 0
+        await acct.aclose()
+        fake.close()
+        return records(fake)
+
+    recs = asyncio.run(main())
+    starts = [r for r in recs if status(r) == 1]
+    stops = {r[44]: r for r in recs if status(r) == 2}
+    assert len(starts) == 4 and len(stops) == 3
+    s = next(r for r in starts if r[44] == b"1234abcd")  # Acct-Session-Id = the SPI in hex
+    assert s[1] == b"alice@example.net" and s[32] == b"mipsec-hac" and s[4] == bytes([192, 0, 2, 1])
+    assert s[31] == b"[2001:db8::5]:40000" and s[30] == b"ha1"
+    assert 55 in s and 46 not in s and 49 not in s
+    cause = {k: int.from_bytes(v[49], "big") for k, v in stops.items()}
+    assert cause == {b"1234abcd": 5, b"00000042": 10, b"00000043": 6}
+    assert all(46 in r for r in stops.values())  # Acct-Session-Time
+
+
+def test_hooks_never_block_and_wait_for_a_loop() -> None:
+    # Called with no event loop at all (as a synchronous caller would): queued only.
+    acct = accounting(9)  # nothing listens there; nothing is sent yet either
+    issue(acct)
+    assert acct.stats.queued == 1 and acct.client.stats()["127.0.0.1:9"].requests == 0
+
+    async def main() -> RadiusAccounting:
+        fake = await fake_server(answer, secret=SECRET.encode())
+        a = accounting(fake.port)
+        issue(a)  # outside a loop task would be the same: hooks only queue
+        a.mipsec_sa_expired(spi=0x1234ABCD, mn_id="alice@example.net", validity_end=END)
+        assert a.stats.sent == 0  # returned before anything was sent
+        await a.flush(20)
+        await a.aclose()
+        fake.close()
+        return a
+
+    assert asyncio.run(main()).stats.sent == 2
+
+
+def test_records_of_one_sa_in_order() -> None:
+    def slow_start(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+        if status(dict(request_attrs(data))) == 1 and not srv.state.get("dropped"):
+            srv.state["dropped"] = True  # the Start's first copy is lost
+            return None
+        srv.state.setdefault("answered", []).append(status(dict(request_attrs(data))))
+        return answer(srv, data, addr)
+
+    async def main() -> list[int]:
+        fake = await fake_server(slow_start, secret=SECRET.encode())
+        acct = accounting(fake.port, timeout=0.2, retries=3)
+        issue(acct)
+        acct.mipsec_sa_expired(spi=0x1234ABCD, mn_id="alice@example.net", validity_end=END)
+        await acct.flush(20)
+        await acct.aclose()
+        fake.close()
+        return [status(r) for r in records(fake)]
+
+    seen = asyncio.run(main())
+    # The Start went out at least twice (its first copy was lost) and the
+    # Stop only after the Start was answered.
+    assert seen.count(1) >= 2 and seen.count(2) >= 1
+    assert max(i for i, s in enumerate(seen) if s == 1) < seen.index(2)
+
+
+def test_retry_after_an_outage_with_acct_delay_time() -> None:
+    def outage(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+        return None if len(srv.received) == 1 else answer(srv, data, addr)
+
+    async def main() -> list[tuple[Any, bytes]]:
+        fake = await fake_server(outage, secret=SECRET.encode())
+        acct = accounting(fake.port, timeout=0.2, retries=0, dead_time=0.5)
+        issue(acct)
+        await acct.flush(30)
+        assert acct.stats.sent == 1
+        await acct.aclose()
+        fake.close()
+        return fake.received
+
+    received = asyncio.run(main())
+    first, last = received[0][1], received[-1][1]
+    assert 41 not in dict(request_attrs(first))
+    delay = int.from_bytes(dict(request_attrs(last))[41], "big")  # Acct-Delay-Time
+    assert delay >= 1
+    assert first[4:20] != last[4:20]  # a new packet, not a retransmission
+
+
+def test_give_up_after(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> RadiusAccounting:
+        fake = await fake_server(lambda s, d, a: None, secret=SECRET.encode())
+        acct = accounting(fake.port, timeout=0.2, retries=0, give_up_after=0.5)
+        issue(acct)
+        await acct.flush(30)
+        await acct.aclose()
+        fake.close()
+        return acct
+
+    with caplog.at_level(logging.WARNING, logger="mipsec.aaa.accounting"):
+        acct = asyncio.run(main())
+    assert acct.stats.dropped == 1 and acct.stats.sent == 0
+    assert any("spi=1234abcd dropped" in r.getMessage() for r in caplog.records)
+    assert all(SECRET not in r.getMessage() for r in caplog.records)
+
+
+def test_queue_limit_drops_the_oldest() -> None:
+    acct = accounting(9, queue_limit=2)
+    for spi in (1, 2, 3):
+        issue(acct, spi)
+    assert acct.stats.dropped == 1 and [r.spi for r in acct._queue] == [2, 3]
+
+
+def test_interim_updates() -> None:
+    async def main() -> list[int]:
+        fake = await fake_server(answer, secret=SECRET.encode())
+        acct = accounting(fake.port, interim_interval=0.05)
+        issue(acct)
+        for _ in range(400):
+            if 3 in [status(r) for r in records(fake)]:
+                break
+            await asyncio.sleep(0.05)
+        acct.mipsec_sa_expired(spi=0x1234ABCD, mn_id="alice@example.net", validity_end=END)
+        await acct.flush(20)
+        await acct.aclose()
+        fake.close()
+        return [status(r) for r in records(fake)]
+
+    seen = asyncio.run(main())
+    assert seen[0] == 1 and 3 in seen and seen[-1] == 2
+    assert all(r == 3 for r in seen[1:-1])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"servers": [{"host": "h", "secret": "s"}], "interim_interval": -1}, "interim_interval:"),
+        ({"servers": [{"host": "h", "secret": "s"}], "give_up_after": 0}, "give_up_after:"),
+        ({"servers": [{"host": "h"}]}, "servers[0]: exactly one of"),
+    ],
+)
+def test_bad_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        AccountingFactory().create(options, CTX)
+    assert message in str(exc.value)
+
+
+def test_default_port_is_1813() -> None:
+    acct = AccountingFactory().create({"servers": [{"host": "127.0.0.1", "secret": "s"}]}, CTX)
+    assert acct.client.servers == ["127.0.0.1:1813"]
+
+
+# ------------------------------------------------------------------ HAC wiring
+
+
+def _hac_data(tmp_path: Path) -> dict[str, Any]:
+    info = init_lab(tmp_path / "lab", hac_port=1, ha_port=2)
+    path = Path(info["hac"]["config"])
+    return tomllib.loads(path.read_text()), path  # type: ignore[return-value]
+
+
+def test_hac_registers_the_accounting_backend(tmp_path: Path) -> None:
+    data, path = _hac_data(tmp_path)  # type: ignore[misc]
+
+    async def main() -> list[dict[int, bytes]]:
+        fake = await fake_server(answer, secret=SECRET.encode())
+        data["accounting"] = {
+            "backend": "radius",
+            "servers": [{"host": "127.0.0.1", "port": fake.port, "secret": SECRET}],
+        }
+        cfg = validate_config(data, "hac", file=str(path), base=path.parent)
+        svc = HacService(cfg, config_file=str(path))  # type: ignore[arg-type]
+        assert isinstance(svc.accounting, RadiusAccounting)
+        assert svc.pm.get_plugin("accounting") is svc.accounting
+        # The event reaches the accounting object through the plugin manager.
+        svc.pm.hook.mipsec_sa_issued(
+            spi=7,
+            mn_id="alice@example.net",
+            suite="x",
+            scope=1,
+            validity_end=END,
+            ha_id="ha1",
+            peer="127.0.0.1:1",
+        )
+        await svc.stop()  # flushes the Start, then unregisters
+        assert svc.pm.get_plugin("accounting") is None
+        fake.close()
+        return records(fake)
+
+    recs = asyncio.run(main())
+    assert len(recs) == 1 and status(recs[0]) == 1 and recs[0][44] == b"00000007"
+
+
+def test_hac_without_or_with_unknown_accounting(tmp_path: Path) -> None:
+    data, path = _hac_data(tmp_path)  # type: ignore[misc]
+    cfg = validate_config(data, "hac", file=str(path), base=path.parent)
+    svc = HacService(cfg, config_file=str(path))  # type: ignore[arg-type]
+    assert svc.accounting is None and svc.pm.get_plugin("accounting") is None
+    svc.store.close()
+    svc.credentials.close()
+    data["accounting"] = {"backend": "nope"}
+    cfg = validate_config(data, "hac", file=str(path), base=path.parent)
+    with pytest.raises(ConfigError) as exc:
+        HacService(cfg, config_file=str(path))  # type: ignore[arg-type]
+    assert "accounting.backend" in str(exc.value) and "nope" in str(exc.value)
+    data["accounting"] = {"backend": "radius", "servers": [{"host": "h"}]}
+    cfg = validate_config(data, "hac", file=str(path), base=path.parent)
+    with pytest.raises(ConfigError) as exc:
+        HacService(cfg, config_file=str(path))  # type: ignore[arg-type]
+    assert str(path) in str(exc.value) and "servers[0]: exactly one of" in str(exc.value)
+
+
+def test_accounting_registry() -> None:
+    pm = pluginmanager.make_plugin_manager()
+    assert "radius" in pluginmanager.registry(pm, "mipsec_accounting_backends")

@@ -1,0 +1,307 @@
+"""The asyncio RADIUS client against fake neighbour servers (crafted replies, held
+requests, silence).  No wall-clock assertions: concurrency is shown by a
+server that answers nothing until it has seen every request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from radfake import (
+    ACCESS_ACCEPT,
+    ACCESS_CHALLENGE,
+    FakeServer,
+    attr,
+    build_reply,
+    eap_attrs,
+    eap_request,
+    fake_server,
+    request_attrs,
+)
+
+from mipsec.aaa.codec import RadiusCode, Request, encode_access_request
+from mipsec.aaa.radius import (
+    RadiusClient,
+    RadiusError,
+    RadiusServer,
+    RadiusTimeout,
+    RadiusUnavailable,
+)
+
+SECRET = b"fake-secret"
+
+
+def builder(user: str = "alice") -> Any:
+    def build(secret: bytes, identifier: int) -> Request:
+        return encode_access_request(
+            identifier, secret, [("User-Name", user)], eap=b"\x02\x01\x00\x06\x01a"
+        )
+
+    return build
+
+
+def challenge(srv: FakeServer, data: bytes, addr: Any) -> bytes:
+    """Access-Challenge whose Reply-Message echoes the request's User-Name."""
+    user = dict(request_attrs(data))[1]
+    return build_reply(
+        ACCESS_CHALLENGE, data, srv.secret, eap_attrs(eap_request(2, 4, b"\x01x")) + attr(18, user)
+    )
+
+
+def server(fake: FakeServer, secret: bytes = SECRET) -> RadiusServer:
+    return RadiusServer("127.0.0.1", fake.port, secret)
+
+
+async def silent() -> FakeServer:
+    return await fake_server(lambda s, d, a: None)
+
+
+def test_retransmission_is_the_same_packet() -> None:
+    async def main() -> None:
+        def second_copy_only(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+            return challenge(srv, data, addr) if len(srv.received) == 2 else None
+
+        fake = await fake_server(second_copy_only)
+        client = RadiusClient([server(fake)], timeout=0.3, retries=3)
+        label, reply = await client.send(builder())
+        assert reply.code is RadiusCode.ACCESS_CHALLENGE
+        first, second = fake.received[0], fake.received[1]
+        # RFC 5080 §2.2.1: same source port, Identifier and Request Authenticator.
+        assert first == second
+        assert client.stats()[label].retransmissions >= 1
+        await client.aclose()
+        fake.close()
+
+    asyncio.run(main())
+
+
+def _held(count: int):  # type: ignore[no-untyped-def]
+    """A server that answers nothing until it holds ``count`` requests, then all."""
+
+    def handler(srv: FakeServer, data: bytes, addr: Any) -> list[bytes] | None:
+        if srv.state.get("released"):
+            return [challenge(srv, data, addr)]
+        held = srv.state.setdefault("held", {})
+        held[(addr, data[1])] = data  # a retransmission replaces its first copy
+        if len(held) < count:
+            return None
+        srv.state["released"] = True
+        for (a, _), d in held.items():
+            srv.send(challenge(srv, d, a), a)
+        return None
+
+    return handler
+
+
+def test_more_than_256_outstanding_use_several_source_ports() -> None:
+    n = 300
+
+    async def main() -> None:
+        fake = await fake_server(_held(n))
+        client = RadiusClient([server(fake)], timeout=30, retries=1)
+        results = await asyncio.gather(*(client.send(builder(f"mn{i}")) for i in range(n)))
+        # Every reply reached the request it answers (Reply-Message echo).
+        for i, (_, reply) in enumerate(results):
+            assert reply.packet["Reply-Message"] == [f"mn{i}"]
+        held = fake.state["held"]
+        assert len(held) == n, "the server held every request before answering any"
+        ports = {addr[1] for addr, _ in held}
+        assert len(ports) >= 2
+        assert client.stats()[client.servers[0]].sockets == len(ports)
+        await client.aclose()
+        fake.close()
+
+    asyncio.run(main())
+
+
+def test_one_socket_limit_queues_requests() -> None:
+    async def main() -> None:
+        fake = await fake_server(challenge)
+        client = RadiusClient([server(fake)], timeout=30, retries=0, max_sockets=1)
+        results = await asyncio.gather(*(client.send(builder(f"u{i}")) for i in range(300)))
+        assert [r.packet["Reply-Message"][0] for _, r in results] == [f"u{i}" for i in range(300)]
+        assert {addr for addr, _ in fake.received} == {fake.received[0][0]}
+        assert client.stats()[client.servers[0]].sockets == 1
+        await client.aclose()
+        fake.close()
+
+    asyncio.run(main())
+
+
+def test_unverifiable_replies_are_dropped_and_the_valid_one_taken() -> None:
+    async def main() -> None:
+        def forged_first(srv: FakeServer, data: bytes, addr: Any) -> list[bytes]:
+            ok = eap_attrs(b"\x03\x01\x00\x04")
+            return [
+                build_reply(ACCESS_ACCEPT, data, srv.secret, ok, ma="none"),
+                build_reply(ACCESS_ACCEPT, data, srv.secret, ok, ma="bad"),
+                build_reply(ACCESS_ACCEPT, data, b"other-secret", ok),
+                challenge(srv, data, addr),
+            ]
+
+        fake = await fake_server(forged_first)
+        client = RadiusClient([server(fake)], timeout=30, retries=0)
+        label, reply = await client.send(builder())
+        assert reply.code is RadiusCode.ACCESS_CHALLENGE  # not the forged Accepts
+        stats = client.stats()[label]
+        assert stats.unverifiable == 3 and stats.replies == 1
+        await client.aclose()
+        fake.close()
+
+    asyncio.run(main())
+
+
+def test_wrong_shared_secret_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        fake = await fake_server(challenge, secret=b"the-servers-secret")
+        client = RadiusClient([server(fake, b"our-wrong-secret")], timeout=0.5, retries=2)
+        with pytest.raises(RadiusTimeout) as exc:
+            await client.send(builder())
+        text = str(exc.value)
+        assert "answered but no reply verified" in text and "wrong shared secret" in text
+        assert f"127.0.0.1:{fake.port}" in text
+        rejected = exc.value.rejected["response-authenticator"]
+        assert 1 <= rejected <= 3  # one per send (a very late one counts as unexpected)
+        assert client.stats()[exc.value.server].unverifiable == rejected
+        await client.aclose()
+        fake.close()
+
+    with caplog.at_level(logging.WARNING, logger="mipsec.aaa.radius"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "reply dropped" in r.getMessage()]
+    assert len(lines) == 1, "one line per server, not one per reply"
+    assert "127.0.0.1:" in lines[0] and "shared secret" in lines[0]
+    for r in caplog.records:
+        assert "our-wrong-secret" not in r.getMessage()
+        assert "the-servers-secret" not in r.getMessage()
+
+
+def test_failover_and_dead_server_hold_off() -> None:
+    now = [1000.0]
+
+    async def main() -> None:
+        dead, alive = await silent(), await fake_server(challenge)
+        client = RadiusClient(
+            [server(dead), server(alive)],
+            timeout=1,
+            retries=1,
+            dead_time=60,
+            clock=lambda: now[0],
+        )
+        label, _ = await client.send(builder())
+        assert label == f"127.0.0.1:{alive.port}"
+        assert len(dead.received) == 2  # first send + one retransmission
+        assert client.is_dead(f"127.0.0.1:{dead.port}")
+        # Hold-off: the next requests skip the dead server entirely.
+        for _ in range(3):
+            label, _ = await client.send(builder())
+            assert label == f"127.0.0.1:{alive.port}"
+        assert len(dead.received) == 2
+        # After dead_time it is tried again (and found still dead).
+        now[0] += 61
+        label, _ = await client.send(builder())
+        assert label == f"127.0.0.1:{alive.port}" and len(dead.received) == 4
+        await client.aclose()
+        dead.close()
+        alive.close()
+
+    asyncio.run(main())
+
+
+def test_caller_deadline_still_holds_off_a_silent_server() -> None:
+    """The HAC's EAP timeout may cancel a request before its retransmissions
+    are spent: a server that already let a whole timeout pass is held off
+    anyway, so the next MN goes to the next server."""
+
+    async def main() -> None:
+        dead, alive = await silent(), await fake_server(challenge)
+        client = RadiusClient([server(dead), server(alive)], timeout=0.5, retries=5, dead_time=60)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.send(builder()), 1.2)  # gives up on the dead server
+        assert client.is_dead(f"127.0.0.1:{dead.port}")
+        sent = len(dead.received)
+        label, _ = await client.send(builder())
+        assert label == f"127.0.0.1:{alive.port}" and len(dead.received) == sent
+        await client.aclose()
+        dead.close()
+        alive.close()
+
+    asyncio.run(main())
+
+
+def test_every_server_dead_is_unavailable_with_retry_after() -> None:
+    now = [0.0]
+
+    async def main() -> None:
+        a, b = await silent(), await silent()
+        client = RadiusClient(
+            [server(a), server(b)], timeout=0.2, retries=0, dead_time=30, clock=lambda: now[0]
+        )
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder())
+        assert len(a.received) == 1 and len(b.received) == 1
+        now[0] += 10
+        with pytest.raises(RadiusUnavailable) as exc:
+            await client.send(builder())
+        assert exc.value.retry_after == pytest.approx(20)
+        assert len(a.received) == 1 and len(b.received) == 1, "nothing sent while held off"
+        await client.aclose()
+        a.close()
+        b.close()
+
+    asyncio.run(main())
+
+
+def test_pinned_request_goes_only_to_its_server() -> None:
+    async def main() -> None:
+        a, b = await fake_server(challenge), await fake_server(challenge)
+        client = RadiusClient([server(a), server(b)], timeout=5, retries=0)
+        label, _ = await client.send(builder(), server=f"127.0.0.1:{b.port}")
+        assert label == f"127.0.0.1:{b.port}" and not a.received and len(b.received) == 1
+        await client.aclose()
+        a.close()
+        b.close()
+
+    asyncio.run(main())
+
+
+def test_duplicate_reply_counted_unexpected() -> None:
+    async def main() -> None:
+        fake = await fake_server(lambda s, d, a: [challenge(s, d, a)] * 2)
+        client = RadiusClient([server(fake)], timeout=5, retries=0)
+        label, _ = await client.send(builder())
+        for _ in range(50):  # let the duplicate arrive
+            if client.stats()[label].unexpected:
+                break
+            await asyncio.sleep(0.01)
+        assert client.stats()[label].unexpected == 1
+        assert client.stats()[label].unverifiable == 0
+        await client.aclose()
+        fake.close()
+
+    asyncio.run(main())
+
+
+def test_closed_client_refuses() -> None:
+    async def main() -> None:
+        fake = await silent()
+        client = RadiusClient([server(fake)], timeout=30, retries=0)
+        pending = asyncio.ensure_future(client.send(builder()))
+        while not fake.received:
+            await asyncio.sleep(0.01)
+        await client.aclose()
+        with pytest.raises(RadiusError):
+            await pending
+        with pytest.raises(RadiusError):
+            await client.send(builder())
+        fake.close()
+
+    asyncio.run(main())
+
+
+def test_secret_never_in_repr() -> None:
+    s = RadiusServer("127.0.0.1", 1812, b"top-secret-value")
+    c = RadiusClient([s])
+    assert "top-secret" not in repr(s) and "top-secret" not in repr(c)

@@ -1,0 +1,122 @@
+"""The real AAA lab (FreeRADIUS 3.2 on loopback): the session fixture ``aaa_lab``.
+
+tests/conftest.py imports the fixture, so it is defined once for the whole
+run (one lab per session, whichever test directory asks for it); a
+``conftest.py`` in a sub-directory would shadow ``tests/conftest.py`` for
+the ``from conftest import ...`` the other tests use.
+
+``MIPSEC_AAA_LAB_ENV`` names the ``lab.env`` of a lab that is already
+running (CI starts one for the whole run); otherwise the first test that
+needs it starts one with ``../shared/aaa-lab/start-freeradius.sh`` (every
+port 0) and the session stops it at the end.  In CI (``CI=true``) a lab that
+cannot start is a failure; locally the tests skip only when the lab's
+packages cannot be installed (not root, no apt-get, apt-get failing).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAB_DIR = REPO.parent / "shared" / "aaa-lab"
+LAB_SCRIPT = LAB_DIR / "start-freeradius.sh"
+PACKAGES = ("freeradius", "freeradius-utils", "eapoltest", "openssl")
+
+
+@dataclass(frozen=True)
+class AaaLab:
+    env: dict[str, str]
+
+    @property
+    def auth_port(self) -> int:
+        return int(self.env["AUTH_PORT"])
+
+    @property
+    def acct_port(self) -> int:
+        return int(self.env["ACCT_PORT"])
+
+    @property
+    def secret(self) -> str:
+        return self.env["SECRET"]
+
+    def server(self, **extra: object) -> dict[str, object]:
+        return {"host": "127.0.0.1", "port": self.auth_port, "secret": self.secret, **extra}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _parse_env(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def _missing_packages() -> list[str]:
+    missing = []
+    for p in PACKAGES:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True
+        )
+        if "install ok installed" not in out.stdout:
+            missing.append(p)
+    return missing
+
+
+def _cannot_install() -> str | None:
+    """Why the lab's packages cannot be installed here, or None."""
+    if shutil.which("dpkg-query") is None:
+        return "not a Debian system (no dpkg-query)"
+    missing = _missing_packages()
+    if not missing:
+        return None
+    if os.geteuid() != 0:
+        return f"packages {' '.join(missing)} missing and not root"
+    if shutil.which("apt-get") is None:
+        return f"packages {' '.join(missing)} missing and no apt-get"
+    return None
+
+
+def _unavailable(reason: str) -> None:
+    if _in_ci():
+        pytest.fail(f"AAA lab unavailable in CI: {reason}")
+    pytest.skip(f"AAA lab unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def aaa_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AaaLab]:
+    given = os.environ.get("MIPSEC_AAA_LAB_ENV")
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            pytest.fail(f"MIPSEC_AAA_LAB_ENV={given}: no such file")
+        yield AaaLab(_parse_env(path.read_text()))
+        return
+    if not LAB_SCRIPT.is_file():
+        _unavailable(f"{LAB_SCRIPT} not found")
+    why = _cannot_install()
+    if why is not None:
+        _unavailable(why)
+    d = tmp_path_factory.mktemp("aaa-lab")
+    env = dict(os.environ, AAA_LAB_AUTH_PORT="0", AAA_LAB_ACCT_PORT="0", AAA_LAB_AKA_PORT="0")
+    out = subprocess.run(
+        ["bash", str(LAB_SCRIPT), "start", str(d)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if out.returncode != 0:
+        if "apt-get failed" in out.stderr and not _in_ci():
+            pytest.skip(f"AAA lab packages could not be installed: {out.stderr[-500:]}")
+        pytest.fail(f"AAA lab did not start (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    try:
+        yield AaaLab(_parse_env(out.stdout))
+    finally:
+        subprocess.run(["bash", str(LAB_SCRIPT), "stop", str(d)], capture_output=True, timeout=120)
