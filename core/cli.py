@@ -3,7 +3,8 @@
     mipsec --role hac|ha|mn --config FILE [--once] [--json] [--show-keys]
     mipsec check-config FILE [--role R]
     mipsec plugins
-    mipsec init DIR [--hac-port N] [--ha-port N] [--json]
+    mipsec init DIR [--hac-port N] [--ha-port N] [--radius HOST:PORT
+                    --radius-secret-file FILE [--usim IMSI,KI,OPC,AMF,SQN]] [--json]
     mipsec demo
 
 Errors a user can fix (configuration, plugins, certificates) print one line
@@ -298,10 +299,38 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from mipsec.core.labsetup import init_lab
+    from mipsec.core.labsetup import Usim, init_lab
 
+    radius: tuple[str, int] | None = None
+    secret_file: Path | None = None
+    usim: Usim | None = None
     try:
-        info = init_lab(Path(args.dir), hac_port=args.hac_port, ha_port=args.ha_port)
+        if args.radius is not None:
+            host, _, port = args.radius.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError("--radius: expected HOST:PORT")
+            radius = (host.strip("[]"), int(port))
+        if args.radius_secret_file is not None:
+            secret_file = Path(args.radius_secret_file).resolve()
+            if not secret_file.is_file():
+                raise ValueError(f"--radius-secret-file: no such file {str(secret_file)!r}")
+        if args.usim is not None:
+            usim = Usim.parse(args.usim, args.mnc_digits)
+    except ValueError as exc:
+        opt, _, why = str(exc).partition(": ")
+        raise ConfigError("(command line)", opt, why) from None
+    try:
+        info = init_lab(
+            Path(args.dir),
+            hac_port=args.hac_port,
+            ha_port=args.ha_port,
+            radius=radius,
+            radius_secret_file=secret_file,
+            usim=usim,
+        )
+    except ValueError as exc:
+        opt, _, why = str(exc).partition(": ")
+        raise ConfigError("(command line)", opt, why) from None
     except FileExistsError as exc:
         # Re-keying an existing CA would silently break every MN configured for it.
         raise ConfigError(args.dir, "(directory)", f"already holds a lab ({exc.filename or exc})")
@@ -343,9 +372,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.set_defaults(func=cmd_plugins)
     p = sub.add_parser("init", help="create a lab: test PKI, hac.toml, ha.toml, mn.toml")
     p.add_argument("dir")
-    p.add_argument("--hac-port", type=int, default=7872)
-    p.add_argument("--ha-port", type=int, default=7873)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--hac-port", type=int, default=7872, help="HAC TCP port (default 7872)")
+    p.add_argument("--ha-port", type=int, default=7873, help="HA UDP and TCP port (default 7873)")
+    p.add_argument(
+        "--radius",
+        metavar="HOST:PORT",
+        help="pass EAP of every realm but mipsec.test through to this RADIUS server",
+    )
+    p.add_argument(
+        "--radius-secret-file", metavar="FILE", help="the RADIUS shared secret (with --radius)"
+    )
+    p.add_argument(
+        "--usim",
+        metavar="IMSI,KI,OPC,AMF,SQN",
+        help="also write mn-aka.toml and mn-aka-prime.toml for this USIM subscriber",
+    )
+    p.add_argument(
+        "--mnc-digits", type=int, choices=(2, 3), default=2, help="MNC length in the IMSI"
+    )
+    p.add_argument("--json", action="store_true", help="print the lab's facts as JSON")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("demo", help="init a lab in a temp dir, run a HAC and one MN")
     p.set_defaults(func=cmd_demo)

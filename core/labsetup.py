@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mipsec.core.pki import init_pki
 
 DEMO_MN_ID = "demo@mipsec.test"
+LAB_REALM = "mipsec.test"
 HAC_NAME = "hac.mipsec.test"
 LAB_SUITES = [
     "AES_128_CBC_SHA256",
@@ -35,7 +37,127 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
-def init_lab(directory: Path, *, hac_port: int = 7872, ha_port: int = 7873) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Usim:
+    """A lab subscriber for the software USIM (``--usim IMSI,KI,OPC,AMF,SQN``)."""
+
+    imsi: str
+    ki: str
+    opc: str
+    amf: str
+    sqn: str
+    mnc_digits: int = 2
+
+    @classmethod
+    def parse(cls, text: str, mnc_digits: int = 2) -> Usim:
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 5:
+            raise ValueError("--usim: expected IMSI,KI,OPC,AMF,SQN")
+        imsi, ki, opc, amf, sqn = parts
+        if not (imsi.isascii() and imsi.isdigit() and 6 <= len(imsi) <= 15):
+            raise ValueError("--usim: IMSI must be 6 to 15 digits")
+        for name, value, digits in (("KI", ki, 32), ("OPC", opc, 32), ("AMF", amf, 4),
+                                    ("SQN", sqn, 12)):  # fmt: skip
+            try:
+                ok = len(value) == digits and bytes.fromhex(value) is not None
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"--usim: {name} must be {digits} hex digits")
+        return cls(imsi, ki.lower(), opc.lower(), amf.lower(), sqn.lower(), mnc_digits)
+
+    def nai(self, prefix: str) -> str:
+        """3GPP TS 23.003 §14 permanent NAI: 0<IMSI> (AKA) or 6<IMSI> (AKA')."""
+        mcc = self.imsi[:3]
+        mnc = self.imsi[3 : 3 + self.mnc_digits].rjust(3, "0")
+        return f"{prefix}{self.imsi}@wlan.mnc{mnc}.mcc{mcc}.3gppnetwork.org"
+
+
+def _mn_toml(title: str, mn_table: str, hac_port: int, ca: str, extra: str = "") -> str:
+    """One lab MN configuration: the identity part, then what every lab MN shares."""
+    return f"""# {title} (mipsec init).
+log_level = "info"
+
+[mn]
+{mn_table}
+[hac]
+host = "127.0.0.1"
+port = {hac_port}
+server_name = "{HAC_NAME}"
+ca = "{ca}"
+timeout = 10
+
+[sa]
+scope = 1
+suites = ["AES_128_CBC_SHA256", "AES_128_CBC_SHA"]
+
+[registration]            # Binding Update to the HA after bootstrap
+enabled = true
+lifetime = 600
+transport = "auto"        # IPv6 to mip6-haa-ip6 when provisioned, else IPv4
+{extra}"""
+
+
+def _hac_eap(radius: tuple[str, int] | None, secret_file: Path | None) -> str:
+    """The HAC's EAP policy: local methods for the lab realm; with ``radius``,
+    EAP of every other realm passes through to that server (RFC 3579)."""
+    if radius is None:
+        return ""
+    host, port = radius
+    return f"""
+# EAP of every realm but the lab's own passes through to the RADIUS server
+# (RFC 3579): EAP-AKA/AKA' for SIM identities, or whatever it supports.
+[policy.realms]
+"{LAB_REALM}" = ["psk", "eap"]
+"*" = ["eap"]
+
+[methods.eap]
+types = []
+routes = [
+  {{ match = "{LAB_REALM}", backend = "local" }},
+  {{ match = "*", backend = "aaa" }},
+]
+
+[methods.eap.backends.aaa]
+backend = "radius"
+servers = [{{ host = "{host}", port = {port}, secret_file = "{secret_file}" }}]
+nas_identifier = "mipsec-lab-hac"
+"""
+
+
+def _usim_files(directory: Path, usim: Usim) -> None:
+    _write(directory / "usim.ki", usim.ki + "\n", 0o600)
+    _write(directory / "usim.opc", usim.opc + "\n", 0o600)
+
+
+def _aka_table(method: str, usim: Usim) -> str:
+    extra = 'network_name = "WLAN"           # what the lab\'s AAA server puts in AT_KDF_INPUT\n'
+    return f"""
+[eap]
+methods = ["{method}"]
+
+[eap.{method}]                 # the software USIM (Milenage, TS 35.206)
+ki_file = "usim.ki"
+opc_file = "usim.opc"
+amf = "{usim.amf}"
+sqn = "{usim.sqn}"              # initial SQN_MS; then usim.sqn holds the state
+sqn_file = "usim.sqn"          # one USIM: shared by mn-aka.toml and mn-aka-prime.toml
+{extra if method == "aka-prime" else ""}"""
+
+
+def init_lab(
+    directory: Path,
+    *,
+    hac_port: int = 7872,
+    ha_port: int = 7873,
+    radius: tuple[str, int] | None = None,
+    radius_secret_file: Path | None = None,
+    usim: Usim | None = None,
+) -> dict[str, Any]:
+    if (radius is None) != (radius_secret_file is None):
+        raise ValueError("--radius and --radius-secret-file go together")
+    if usim is not None and radius is None:
+        raise ValueError("--usim needs --radius (the AAA server runs EAP-AKA)")
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     pki = init_pki(directory / "pki")
@@ -64,7 +186,7 @@ request_timeout = 10
 max_sessions = 256
 
 [policy]
-methods = ["psk"]
+methods = {_toml_list(["psk", "eap"] if radius is not None else ["psk"])}
 # Lab policy: all five suites, so each can be exercised. The built-in default
 # offers only the encrypting suites (PROFILE §5).
 suites = {_toml_list(LAB_SUITES)}
@@ -107,7 +229,7 @@ key = "{rel(pki.hac_client_key)}"
 [bootstrap]
 dns_ip6 = "2001:db8:1::53"
 dns_ip4 = "192.0.2.53"
-"""
+{_hac_eap(radius, radius_secret_file)}"""
     _write(directory / "hac.toml", hac_toml)
     ha_toml = f"""# HA of the mipsec lab (mipsec init).
 log_level = "info"
@@ -137,30 +259,13 @@ client_ca = "{rel(pki.ca_cert)}"
 client_names = ["hac.mipsec.test"]
 """
     _write(directory / "ha.toml", ha_toml)
-    mn_toml = f"""# Mobile node of the mipsec lab (mipsec init).
-log_level = "info"
-
-[mn]
-mn_id = "{DEMO_MN_ID}"
-method = "psk"
-psk_file = "mn.psk"
-
-[hac]
-host = "127.0.0.1"
-port = {hac_port}
-server_name = "{HAC_NAME}"
-ca = "{rel(pki.ca_cert)}"
-timeout = 10
-
-[sa]
-scope = 1
-suites = ["AES_128_CBC_SHA256", "AES_128_CBC_SHA"]
-
-[registration]            # Binding Update to the HA after bootstrap
-enabled = true
-lifetime = 600
-transport = "auto"        # IPv6 to mip6-haa-ip6 when provisioned, else IPv4
-"""
+    ca = rel(pki.ca_cert)
+    mn_toml = _mn_toml(
+        "Mobile node of the mipsec lab",
+        f'mn_id = "{DEMO_MN_ID}"\nmethod = "psk"\npsk_file = "mn.psk"\n',
+        hac_port,
+        ca,
+    )
     _write(directory / "mn.psk", psk.hex() + "\n", 0o600)
     _write(directory / "mn.toml", mn_toml)
     return {
@@ -173,4 +278,23 @@ transport = "auto"        # IPv6 to mip6-haa-ip6 when provisioned, else IPv4
         },
         "ha": {"host": "127.0.0.1", "port": ha_port, "config": str(directory / "ha.toml")},
         "mn": {"mn_id": DEMO_MN_ID, "psk_hex": psk.hex(), "config": str(directory / "mn.toml")},
+        **_aka_labs(directory, usim, hac_port, ca),
     }
+
+
+def _aka_labs(directory: Path, usim: Usim | None, hac_port: int, ca: str) -> dict[str, Any]:
+    """mn-aka.toml and mn-aka-prime.toml for the ``--usim`` subscriber."""
+    if usim is None:
+        return {}
+    _usim_files(directory, usim)
+    out: dict[str, Any] = {}
+    for key, method, prefix, title in (
+        ("mn_aka", "aka", "0", "Mobile node with a software USIM, EAP-AKA"),
+        ("mn_aka_prime", "aka-prime", "6", "Mobile node with a software USIM, EAP-AKA'"),
+    ):
+        mn_id = usim.nai(prefix)
+        path = directory / f"mn-{method}.toml"
+        table = f'mn_id = "{mn_id}"\nmethod = "eap"\n'
+        _write(path, _mn_toml(title, table, hac_port, ca, _aka_table(method, usim)))
+        out[key] = {"config": str(path), "mn_id": mn_id}
+    return out
