@@ -35,6 +35,9 @@ def model_dir(tmp: Path, model: str, ports: dict[str, int]) -> Path:
             shutil.copytree(src, dst)
         else:
             shutil.copy2(src, dst)
+    secret = work / "radius.secret"  # model 2's RADIUS shared secret (an operator's file)
+    secret.write_text("testing123\n")
+    secret.chmod(0o600)
     for f in work.glob("*.toml"):
         text = f.read_text()
         for old, new in ports.items():
