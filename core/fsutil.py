@@ -44,9 +44,21 @@ def _write_new(path: Path, data: bytes, mode: int, *, sync: bool) -> None:
     os.close(fd)
 
 
-def write_new_file(path: Path, data: bytes, mode: int = PUBLIC_FILE) -> None:
-    """Write a new file ``path`` (``FileExistsError`` if it exists) with exactly ``mode``."""
-    _write_new(path, data, mode, sync=False)
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` (new or replaced) with exactly ``mode``, whatever the umask.
+
+    The octets go to a temporary file in the same directory first, which is
+    then renamed over ``path``: nobody ever sees a half-written file, and a
+    replaced file's old mode (or an open descriptor on it) gains nothing.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    _write_new(tmp, data, mode, sync=False)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_private_atomic(path: Path, data: bytes) -> None:

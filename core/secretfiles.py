@@ -18,9 +18,6 @@ from __future__ import annotations
 import os
 import shlex
 import stat
-from collections.abc import Iterable
-
-from mipsec.core.errors import ConfigError
 
 StrPath = str | os.PathLike[str]
 
@@ -65,14 +62,3 @@ def check_private_sqlite(path: StrPath) -> None:
     base = os.fspath(path)
     for p in (base, base + "-wal", base + "-shm"):
         check_private(p)
-
-
-def check_config_secrets(config_file: str, entries: Iterable[tuple[str, StrPath | None]]) -> None:
-    """Check each ``(config key, path)``; a bad one is a :class:`ConfigError` naming both."""
-    for key, path in entries:
-        if path is None:
-            continue
-        try:
-            check_private(path)
-        except InsecureFileError as exc:
-            raise ConfigError(config_file, key, str(exc)) from None

@@ -28,6 +28,7 @@ import pluggy
 from mipsec.core import pluginmanager
 from mipsec.core.authmethod import AuthMethod
 from mipsec.core.config import HACConfig
+from mipsec.core.errors import ListenError
 from mipsec.core.hac_exchange import (
     INTERNAL_ERROR,
     TIMEOUT,
@@ -72,7 +73,10 @@ class HacService:
         *,
         config_file: str = "<memory>",
         pm: pluggy.PluginManager | None = None,
+        check_only: bool = False,
     ) -> None:
+        """``check_only``: build everything for ``mipsec check-config`` (plugins
+        create no files); such a service is only ever stopped, never started."""
         self.cfg = cfg
         self.pm = pm or pluginmanager.make_plugin_manager(cfg.plugins.disable)
         svc = cfg.hac
@@ -81,7 +85,12 @@ class HacService:
         )
         self.cb_octets = server_cb_octets(str(svc.cert))
         base = cfg.hac.cert.parent
-        ctx = PluginContext(role="hac", base_dir=base, config_file=config_file)
+        ctx = PluginContext(
+            role="hac",
+            base_dir=base,
+            config_file=config_file,
+            extra={"check_only": True} if check_only else {},
+        )
         self.methods: Mapping[str, AuthMethod] = pluginmanager.registry(
             self.pm, "mipsec_auth_methods"
         )
@@ -176,7 +185,7 @@ class HacService:
                 if ":" in host and len(svc.listen) > 1:
                     log.warning("cannot listen on [%s]:%d: %s (skipped)", host, port, exc)
                     continue
-                raise
+                raise ListenError.from_oserror("hac.port", host, port, exc) from None
             self._servers.append(server)
             for sock in server.sockets:
                 addr = sock.getsockname()
