@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from mipsec.core.fsutil import create_private
 from mipsec.core.hookspecs import PluginContext, hookimpl
@@ -142,7 +142,7 @@ class SQLiteCredentials:
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = Field(min_length=1)
-    allow_short_passphrase: bool = False
+    allow_short_passphrase: StrictBool = False  # an opt-out: TOML true only
 
 
 class SQLiteCredentialsFactory:

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.secretfiles import check_private
@@ -197,7 +197,7 @@ class TomlCredentials:
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = Field(min_length=1)
-    allow_short_passphrase: bool = False
+    allow_short_passphrase: StrictBool = False  # an opt-out: TOML true only
 
 
 class TomlCredentialsFactory:

@@ -50,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
@@ -820,7 +820,7 @@ class _SQLiteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = Field(min_length=1)
     key_file: str | None = Field(default=None, min_length=1)
-    clear_keys: bool = False
+    clear_keys: StrictBool = False  # an opt-out of protection: TOML true, nothing looser
 
     @model_validator(mode="after")
     def _one_way(self) -> _SQLiteOptions:
@@ -831,7 +831,7 @@ class _SQLiteOptions(BaseModel):
 
 class _MemoryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    clear_keys: bool = False
+    clear_keys: StrictBool = False  # an opt-out of protection: TOML true, nothing looser
 
 
 def _check_only(ctx: PluginContext) -> bool:
