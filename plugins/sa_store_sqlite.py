@@ -109,7 +109,7 @@ _N_HEAD = len(_HEAD)
 _SPI, _MN_ID, _END, _HA_ID, _IP6_HOA, _IP4_HOA = 0, 1, 4, 5, 9, 10
 
 _TABLE = """
-CREATE TABLE issued_sa (
+CREATE TABLE IF NOT EXISTS issued_sa (
     spi            INTEGER PRIMARY KEY CHECK (spi BETWEEN 1 AND 268435455),
     mn_id          TEXT    NOT NULL,
     suite          INTEGER NOT NULL,
@@ -127,11 +127,35 @@ CREATE TABLE issued_sa (
     dns_ip4        TEXT,
     sa_keys        BLOB    NOT NULL    -- plugins/_sa_keys.py
 )"""
+# SAs taken back before their validity end (superseded, revoked, never
+# delivered).  A row keeps its SPI out of use until the old validity end (an
+# HA may still hold a tombstone for it) and, while ``confirmed`` is 0, tells
+# the HAC to keep withdrawing it from its HA -- across restarts.  No keys.
+_RETIRED = """
+CREATE TABLE IF NOT EXISTS retired_sa (
+    spi            INTEGER PRIMARY KEY,
+    mn_id          TEXT    NOT NULL,
+    ha_id          TEXT    NOT NULL,
+    validity_end   INTEGER NOT NULL,
+    reason         TEXT    NOT NULL,
+    confirmed      INTEGER NOT NULL DEFAULT 0
+)"""
+# Every statement may run on a schema 1 store being converted (IF NOT EXISTS).
 _SCHEMA = (
-    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    "CREATE TABLE store_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     _TABLE,
-    "CREATE INDEX issued_sa_validity_end ON issued_sa (validity_end)",
+    "CREATE INDEX IF NOT EXISTS issued_sa_validity_end ON issued_sa (validity_end)",
+    "CREATE INDEX IF NOT EXISTS issued_sa_mn_id ON issued_sa (mn_id)",
+    _RETIRED,
+)
+_INDEXES = ("issued_sa_validity_end", "issued_sa_mn_id")
+# Insert unless the SPI is retired (still reserved): one statement, atomic in
+# autocommit mode; ON CONFLICT keeps a live holder of the SPI.
+_INSERT = (
+    f"INSERT INTO issued_sa ({_COLS}) SELECT {_MARKS} "  # noqa: S608 (constants)
+    "WHERE NOT EXISTS (SELECT 1 FROM retired_sa WHERE spi = ?) "
+    "ON CONFLICT (spi) DO NOTHING"
 )
 # Schema 1 (keys in four clear BLOB columns): read once, to convert it.
 _V1_COLS = (
@@ -585,10 +609,9 @@ class SQLiteSAStore:
                 for r in c.execute(f"SELECT {_READ} FROM issued_sa")  # noqa: S608
             ]
         c.execute("ALTER TABLE issued_sa RENAME TO issued_sa_old")
-        c.execute("DROP INDEX IF EXISTS issued_sa_validity_end")
-        if version == 1:
-            c.execute(_SCHEMA[1])  # store_meta
-        for stmt in _SCHEMA[2:]:
+        for index in _INDEXES:  # index names are global: free them for the new table
+            c.execute(f"DROP INDEX IF EXISTS {index}")
+        for stmt in _SCHEMA:
             c.execute(stmt)
         c.executemany(
             f"INSERT INTO issued_sa ({_COLS}) VALUES ({_MARKS})",  # noqa: S608 (constants)
@@ -651,7 +674,8 @@ class SQLiteSAStore:
     # ------------------------------------------------------------ SAStore
 
     def add(self, issued: IssuedSA, now: datetime | None = None) -> bool:
-        """Store ``issued``; False (nothing stored) if a live SA holds its SPI."""
+        """Store ``issued``; False (nothing stored) if a live SA holds its SPI
+        or the SPI is retired (``retire``) and not yet past its old validity end."""
         sa = issued.sa
         spi = sa.spi
         if not SPI_MIN <= spi <= SPI_MAX:
@@ -665,11 +689,7 @@ class SQLiteSAStore:
         # Nearly always the SPI is free: one INSERT, atomic on its own (the
         # connection is in autocommit mode), instead of a four-statement
         # transaction.  Only when the SPI is taken is an expired holder cleared.
-        cur = self._conn.execute(
-            f"INSERT INTO issued_sa ({_COLS}) VALUES ({_MARKS}) "  # noqa: S608 (constants)
-            "ON CONFLICT (spi) DO NOTHING",
-            row,
-        )
+        cur = self._conn.execute(_INSERT, (*row, spi))
         if cur.rowcount == 1:
             if self._view is not None:
                 self._view_insert(self._view, head)
@@ -678,11 +698,7 @@ class SQLiteSAStore:
             # An expired SA no longer holds its SPI (PROFILE §5: unique among live SAs).
             cur = c.execute("DELETE FROM issued_sa WHERE spi = ? AND validity_end <= ?", (spi, t))
             deleted = cur.rowcount > 0
-            cur = c.execute(
-                f"INSERT INTO issued_sa ({_COLS}) VALUES ({_MARKS}) "  # noqa: S608 (constants)
-                "ON CONFLICT (spi) DO NOTHING",
-                row,
-            )
+            cur = c.execute(_INSERT, (*row, spi))
             inserted = cur.rowcount == 1
         view = self._view  # updated only once the transaction committed
         if view is not None:
@@ -715,6 +731,56 @@ class SQLiteSAStore:
             self._view.discard(spi)
         return self._decode(rows[0]) if rows else None
 
+    def live_for_mn(self, mn_id: str, now: datetime) -> list[IssuedSA]:
+        """The live SAs of one MN, oldest first (validity end, then SPI)."""
+        rows = self._conn.execute(
+            f"SELECT {_READ} FROM issued_sa WHERE mn_id = ? AND validity_end > ? "  # noqa: S608
+            "ORDER BY validity_end, spi",
+            (mn_id, _timestamp(now, "now")),
+        ).fetchall()
+        return self._decoded(rows)
+
+    def retire(self, spi: int, reason: str) -> IssuedSA | None:
+        """Take a live SA back: remove it and record it as retired, atomically.
+
+        The record keeps the SPI from being issued again until the SA's old
+        validity end and lists it in ``retired_unconfirmed`` until
+        ``confirm_retired``: the HAC keeps withdrawing it from its HA, across
+        restarts.  None when no SA holds ``spi`` (or its row fails
+        authentication: it is retired all the same, but never handed out).
+        """
+        with self._tx() as c:
+            rows = c.execute(
+                f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_READ}",  # noqa: S608
+                (spi,),
+            ).fetchall()
+            if rows:
+                r = rows[0]
+                c.execute(
+                    "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, confirmed) "
+                    "VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (spi) DO UPDATE SET confirmed = 0",
+                    (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason),
+                )
+        if not rows:
+            return None
+        if self._view is not None:
+            self._view.discard(spi)
+        return self._decode(rows[0])
+
+    def retired_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
+        """``(spi, mn_id, ha_id, validity_end)`` of retired SAs whose HA has not
+        confirmed the withdrawal and that are not yet past their validity end."""
+        rows = self._conn.execute(
+            "SELECT spi, mn_id, ha_id, validity_end FROM retired_sa "
+            "WHERE confirmed = 0 AND validity_end > ? ORDER BY validity_end, spi",
+            (_timestamp(now, "now"),),
+        ).fetchall()
+        return [(s, m, h, datetime.fromtimestamp(e, tz=UTC)) for s, m, h, e in rows]
+
+    def confirm_retired(self, spi: int) -> None:
+        """The HA confirmed the withdrawal of ``spi``: stop retrying (the SPI stays reserved)."""
+        self._conn.execute("UPDATE retired_sa SET confirmed = 1 WHERE spi = ?", (spi,))
+
     def live(self, now: datetime) -> list[IssuedSA]:
         rows = self._conn.execute(
             f"SELECT {_READ} FROM issued_sa WHERE validity_end > ? "  # noqa: S608
@@ -731,6 +797,8 @@ class SQLiteSAStore:
                 f"DELETE FROM issued_sa WHERE validity_end <= ? RETURNING {_READ}",  # noqa: S608
                 (t,),
             ).fetchall()
+            # A retired SA's SPI is free again once its old validity end passed.
+            c.execute("DELETE FROM retired_sa WHERE validity_end <= ?", (t,))
         if self._view is not None:
             for r in rows:
                 self._view.discard(r[_SPI])

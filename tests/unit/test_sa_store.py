@@ -355,3 +355,30 @@ def test_model(ops: list[tuple[str, int, int, int]]) -> None:
         live = {x.sa.spi: x.sa.validity_end for x in s.live(now)}
         assert live == {k: at(v) for k, v in model.items() if v > t}
     s.close()
+
+
+# ---------------------------------------------------------------- retired SAs
+
+
+def test_retire_reserves_the_spi_until_its_old_validity_end(store: SQLiteSAStore) -> None:
+    end = T0 + timedelta(seconds=60)
+    x = issued(21, mn_id="a@x", end=end)
+    assert store.add(x, T0)
+    assert store.retire(21, "superseded") == x
+    assert store.retire(21, "superseded") is None
+    assert store.get(21, T0) is None and store.live_for_mn("a@x", T0) == []
+    assert not store.add(issued(21, mn_id="b@x"), T0)  # reserved, not free
+    assert store.retired_unconfirmed(T0) == [(21, "a@x", "ha1", end)]
+    store.confirm_retired(21)
+    assert store.retired_unconfirmed(T0) == []
+    assert not store.add(issued(21, mn_id="b@x"), T0)  # still reserved after confirmation
+    store.expire(end)
+    assert store.add(issued(21, mn_id="b@x", end=end + timedelta(seconds=60)), end)
+
+
+def test_live_for_mn_oldest_first(store: SQLiteSAStore) -> None:
+    store.add(issued(31, mn_id="a@x", end=T0 + timedelta(seconds=90)), T0)
+    store.add(issued(32, mn_id="a@x", end=T0 + timedelta(seconds=30)), T0)
+    store.add(issued(33, mn_id="b@x", end=T0 + timedelta(seconds=10)), T0)
+    assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [32, 31]
+    assert [x.sa.spi for x in store.live_for_mn("a@x", T0 + timedelta(seconds=30))] == [31]

@@ -319,6 +319,28 @@ def test_schema_1_store_converted_and_clear_keys_gone(
         assert len(s.live(T0)) == 300
 
 
+def test_schema_1_store_with_retired_sas_converted(tmp_path: Path) -> None:
+    # Schema 1 as the lifecycle change left it: an mn_id index and retired_sa.
+    path = tmp_path / "sa.db"
+    _v1_store(path, 3)
+    end = int((T0 + timedelta(hours=1)).timestamp())
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE INDEX issued_sa_mn_id ON issued_sa (mn_id);"
+        "CREATE TABLE retired_sa (spi INTEGER PRIMARY KEY, mn_id TEXT NOT NULL, "
+        "ha_id TEXT NOT NULL, validity_end INTEGER NOT NULL, reason TEXT NOT NULL, "
+        "confirmed INTEGER NOT NULL DEFAULT 0);"
+        f"INSERT INTO retired_sa VALUES (99, 'old@x', 'ha1', {end}, 'superseded', 0);"
+    )
+    conn.close()
+    with make(tmp_path) as s:
+        assert s.key_mode == "aes-256-gcm"
+        assert [x.sa.spi for x in s.live_for_mn("mn2@x", T0)] == [2]
+        assert [r[0] for r in s.retired_unconfirmed(T0)] == [99]
+        assert not s.add(issued(99), T0)  # still reserved
+    assert not holds_a_key(raw(path))
+
+
 def test_schema_1_store_kept_in_clear_when_asked(tmp_path: Path) -> None:
     path = tmp_path / "sa.db"
     _v1_store(path, 3)
