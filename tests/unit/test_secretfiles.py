@@ -193,7 +193,7 @@ def test_redacted_keeps_booleans_of_secret_sounding_options(tmp_path: Path) -> N
     cfg = validate_config(
         {
             "hac": {"cert": "c.pem", "key": "k.pem"},
-            "ha": [{"id": "ha1", "address6": "::1"}],
+            "ha": [{"id": "ha1", "address6": "::1", "transport": "tls"}],
             "credentials": {"path": "c.toml", "allow_short_passphrase": True, "psk": "x"},
         },
         "hac",
@@ -207,7 +207,7 @@ def test_key_file_resolved_against_the_config_file(tmp_path: Path) -> None:
     cfg = validate_config(
         {
             "hac": {"cert": "pki/c.pem", "key": "pki/k.pem"},
-            "ha": [{"id": "ha1", "address6": "::1"}],
+            "ha": [{"id": "ha1", "address6": "::1", "transport": "tls"}],
             "sa_store": {"path": "sa.sqlite", "key_file": "keys/sa.key"},
         },
         "hac",
