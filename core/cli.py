@@ -26,7 +26,7 @@ from typing import Any
 
 from mipsec.core import pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
-from mipsec.core.errors import CertificateError, ConfigError, PluginError
+from mipsec.core.errors import CertificateError, ConfigError, ListenError, PluginError
 from mipsec.core.mn_exchange import BootstrapResult
 
 EXIT_OK = 0
@@ -102,7 +102,10 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
         from mipsec.core.roles.ha import HaService
 
         local_ha = HaService(cfg.local_ha, config_file=config_file)
-        await local_ha.start()
+        try:
+            await local_ha.start()
+        except ListenError as exc:
+            raise exc.under("local_ha.") from None
     service = HacService(cfg, config_file=config_file)
     await service.start()
     stop = asyncio.Event()
@@ -258,14 +261,21 @@ def _print_result(result: BootstrapResult, reg: Any = None) -> None:
 def cmd_role(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.role)
     _setup_logging(getattr(cfg, "log_level", "info"))
-    if args.role == "hac":
-        assert isinstance(cfg, HACConfig)
-        return asyncio.run(_run_hac(cfg, args.config))
-    if args.role == "mn":
-        assert isinstance(cfg, MNConfig)
-        return asyncio.run(_run_mn(cfg, args.config, args.once, args.json, args.show_keys))
-    assert isinstance(cfg, HAConfig)
-    return asyncio.run(_run_ha(cfg, args.config))
+    from mipsec.core.roles.preflight import preflight
+
+    preflight(cfg, args.config)  # the same checks as check-config (core/roles/preflight.py)
+    try:
+        if args.role == "hac":
+            assert isinstance(cfg, HACConfig)
+            return asyncio.run(_run_hac(cfg, args.config))
+        if args.role == "mn":
+            assert isinstance(cfg, MNConfig)
+            return asyncio.run(_run_mn(cfg, args.config, args.once, args.json, args.show_keys))
+        assert isinstance(cfg, HAConfig)
+        return asyncio.run(_run_ha(cfg, args.config))
+    except ListenError as exc:
+        # e.g. a port in use: the address, the port and the key that set it.
+        raise ConfigError(args.config, exc.key, exc.reason) from None
 
 
 def _guess_role(path: str) -> str:
@@ -278,8 +288,14 @@ def _guess_role(path: str) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate what a start validates (files, certificates and keys, file modes,
+    plugins and their options), short of binding sockets; exit 2 where it would."""
     role = args.role or _guess_role(args.file)
     cfg = load_config(args.file, role)
+    from mipsec.core.roles.preflight import check_services, preflight
+
+    preflight(cfg, args.file)
+    check_services(cfg, args.file)
     print(json.dumps({"role": role, "config": redacted(cfg)}, indent=2))
     return EXIT_OK
 
@@ -363,7 +379,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     cmds = argparse.ArgumentParser(prog="mipsec")
     sub = cmds.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check-config", help="validate a config file and print it, redacted")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a config file as a start would (no socket bound), print it redacted",
+    )
     p.add_argument("file")
     p.add_argument("--role", choices=("hac", "ha", "mn"))
     p.set_defaults(func=cmd_check_config)

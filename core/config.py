@@ -203,6 +203,13 @@ class MNIdentity(_Strict):
                 raise ValueError("must be non-empty hex") from None
         return v
 
+    @model_validator(mode="after")
+    def _one_psk(self) -> MNIdentity:
+        # Two sources for one key: which one wins would be a silent guess.
+        if self.psk_hex is not None and self.psk_file is not None:
+            raise ValueError("psk_hex and psk_file exclude each other: keep one")
+        return self
+
 
 class MNHac(_Strict):
     host: str
@@ -308,7 +315,17 @@ HACConfig.model_rebuild()
 
 ROLE_MODELS: dict[str, type[BaseModel]] = {"hac": HACConfig, "mn": MNConfig, "ha": HAConfig}
 
-_PATH_KEYS = {"cert", "key", "ca", "client_ca", "psk_file", "path", "client_cert", "client_key"}
+_PATH_KEYS = {
+    "cert",
+    "key",
+    "ca",
+    "client_ca",
+    "psk_file",
+    "path",
+    "client_cert",
+    "client_key",
+    "key_file",
+}
 
 
 def _resolve_paths(obj: Any, base: Path) -> Any:
@@ -382,7 +399,11 @@ def redacted(model: BaseModel) -> dict[str, Any]:
     def walk(obj: Any) -> Any:
         if isinstance(obj, dict):
             return {
-                k: ("<redacted>" if _is_secret(k) and v is not None else walk(v))
+                k: (
+                    "<redacted>"
+                    if _is_secret(k) and v is not None and not isinstance(v, bool)
+                    else walk(v)
+                )
                 for k, v in obj.items()
             }
         if isinstance(obj, list | tuple):

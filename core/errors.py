@@ -8,6 +8,8 @@ field and never carry secret material.
 
 from __future__ import annotations
 
+import os
+
 
 class MipsecError(Exception):
     """Base of every error mipsec raises on purpose."""
@@ -84,3 +86,29 @@ class ConfigError(MipsecError):
 
 class PluginError(MipsecError):
     """A plugin is missing, duplicated or broke its hook contract."""
+
+
+class ListenError(MipsecError):
+    """A listener could not bind its address; ``key`` is the config key of its port.
+
+    Raised by the services' ``start``; the launcher adds the file name.
+    """
+
+    def __init__(self, key: str, host: str, port: int, why: str) -> None:
+        self.key = key
+        self.host = host
+        self.port = port
+        self.why = why
+        where = f"[{host}]" if ":" in host else host
+        self.reason = f"cannot listen on {where} port {port}: {why}"
+        super().__init__(f"{key}: {self.reason}")
+
+    @classmethod
+    def from_oserror(cls, key: str, host: str, port: int, exc: OSError) -> ListenError:
+        # asyncio rewords bind errors ("error while attempting to bind on
+        # address ...: address already in use"): keep only the plain reason.
+        return cls(key, host, port, os.strerror(exc.errno) if exc.errno else str(exc))
+
+    def under(self, prefix: str) -> ListenError:
+        """The same error for a service configured under ``prefix`` (``local_ha.``)."""
+        return ListenError(prefix + self.key, self.host, self.port, self.why)

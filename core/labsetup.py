@@ -1,7 +1,11 @@
 """``mipsec init``: a working lab on loopback.
 
-Writes a test PKI, a credentials file with one demo MN and random PSK, and
-``hac.toml``, ``ha.toml``, ``mn.toml``.  The lab HAC policy enables all five
+Writes a test PKI, a credentials file with one demo MN and random PSK, the
+key-wrapping keys of the HAC's and the HA's SA stores, and ``hac.toml``,
+``ha.toml``, ``mn.toml``.  Every mode is set explicitly, whatever the umask:
+secrets (private keys, credentials, PSK, key-wrapping keys) 0600, the
+directories init creates 0700 (they hold secrets), certificates and
+configuration files 0644.  The lab HAC policy enables all five
 ciphersuites so each can be exercised -- unlike the built-in default of
 PROFILE §5, which offers only the encrypting ones.
 """
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mipsec.core.fsutil import PRIVATE_DIR, PRIVATE_FILE, PUBLIC_FILE, make_dir, write_file
+from mipsec.core.keywrap import create_key_file
 from mipsec.core.pki import init_pki
 
 DEMO_MN_ID = "demo@mipsec.test"
@@ -28,9 +34,8 @@ LAB_SUITES = [
 ]
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.write_text(text)
-    os.chmod(path, mode)
+def _write(path: Path, text: str, mode: int = PUBLIC_FILE) -> None:
+    write_file(path, text.encode(), mode)
 
 
 def _toml_list(items: list[str]) -> str:
@@ -126,8 +131,8 @@ nas_identifier = "mipsec-lab-hac"
 
 
 def _usim_files(directory: Path, usim: Usim) -> None:
-    _write(directory / "usim.ki", usim.ki + "\n", 0o600)
-    _write(directory / "usim.opc", usim.opc + "\n", 0o600)
+    _write(directory / "usim.ki", usim.ki + "\n", PRIVATE_FILE)
+    _write(directory / "usim.opc", usim.opc + "\n", PRIVATE_FILE)
 
 
 def _aka_table(method: str, usim: Usim) -> str:
@@ -159,8 +164,12 @@ def init_lab(
     if usim is not None and radius is None:
         raise ValueError("--usim needs --radius (the AAA server runs EAP-AKA)")
     directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dir(directory, PRIVATE_DIR)
     pki = init_pki(directory / "pki")
+    # The SA stores wrap SA keys under these (plugins/sa_store_sqlite.py); each
+    # role has its own store and its own key.
+    for name in ("hac-sa.key", "ha-sa.key"):
+        create_key_file(directory / name)
     psk = secrets.token_bytes(32)
 
     def rel(p: Path) -> str:
@@ -170,7 +179,7 @@ def init_lab(
         directory / "credentials.toml",
         "# MN credentials for the HAC (credential backend 'toml').\n"
         f'[[mn]]\nmn_id = "{DEMO_MN_ID}"\npsk_hex = "{psk.hex()}"\n',
-        0o600,
+        PRIVATE_FILE,
     )
     hac_toml = f"""# HAC of the mipsec lab (mipsec init).
 log_level = "info"
@@ -200,6 +209,7 @@ path = "credentials.toml"
 [sa_store]
 backend = "sqlite"
 path = "hac-sa.sqlite"
+key_file = "hac-sa.key"      # SA keys are wrapped (AES-256-GCM) under this key
 
 [home_addresses]
 allocator = "pool"
@@ -246,6 +256,7 @@ max_binding_lifetime = 3600
 [sa_store]                # SAs survive an HA restart
 backend = "sqlite"
 path = "ha-sa.sqlite"
+key_file = "ha-sa.key"    # SA keys are wrapped (AES-256-GCM) under this key
 
 [bindings]                # so does the binding cache
 path = "ha-bindings.sqlite"
@@ -266,7 +277,7 @@ client_names = ["hac.mipsec.test"]
         hac_port,
         ca,
     )
-    _write(directory / "mn.psk", psk.hex() + "\n", 0o600)
+    _write(directory / "mn.psk", psk.hex() + "\n", PRIVATE_FILE)
     _write(directory / "mn.toml", mn_toml)
     return {
         "ca": str(pki.ca_cert),

@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mipsec.core.fsutil import PRIVATE_DIR, PRIVATE_FILE, PUBLIC_FILE, make_dir, write_file
+
 __all__ = [
     "KEY_TYPES",
     "SIGNATURE_HASHES",
@@ -315,26 +317,12 @@ def make_leaf(
 # --- files -----------------------------------------------------------------
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    # Create with 0o600 from the start and fchmod before writing, so a key never
-    # sits in a world-readable file even for a moment (also when overwriting).
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(data)
-    finally:
-        os.close(fd)
-
-
 def write_cert(path: str | os.PathLike[str], *certs: x509.Certificate) -> None:
     """Write ``certs`` as one PEM file, in the order given (leaf first for a chain)."""
     if not certs:
         raise ValueError("certs: at least one certificate is needed")
     data = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-    p = Path(path)
-    p.write_bytes(data)
-    p.chmod(0o644)
+    write_file(Path(path), data, PUBLIC_FILE)
 
 
 def write_key(path: str | os.PathLike[str], key: PrivateKey) -> None:
@@ -344,7 +332,7 @@ def write_key(path: str | os.PathLike[str], key: PrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(Path(path), data)
+    write_file(Path(path), data, PRIVATE_FILE)
 
 
 def write_pem(path: str | os.PathLike[str], *items: x509.Certificate | PrivateKey) -> None:
@@ -368,13 +356,7 @@ def write_pem(path: str | os.PathLike[str], *items: x509.Certificate | PrivateKe
                     serialization.NoEncryption(),
                 )
             )
-    data = b"".join(parts)
-    if secret:
-        _write_private(Path(path), data)
-    else:
-        p = Path(path)
-        p.write_bytes(data)
-        p.chmod(0o644)
+    write_file(Path(path), b"".join(parts), PRIVATE_FILE if secret else PUBLIC_FILE)
 
 
 @dataclass(frozen=True)
@@ -411,7 +393,7 @@ def init_pki(
     silently re-keying a CA would invalidate every certificate already handed out.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dir(directory, PRIVATE_DIR)  # it holds the private keys
     paths = PkiPaths(
         ca_cert=directory / "ca.pem",
         ca_key=directory / "ca.key",

@@ -10,22 +10,33 @@ stores ``nai_key(mn_id)`` (realm lower-cased when ASCII, NFC), and a lookup
 tries the identity exactly as sent, then its ``nai_key``.  Rows inserted by
 other tools should therefore carry a lower-case ASCII realm.
 
-Keys are stored in clear; ``add_psk`` creates the file with mode 0600.
+A TEXT passphrase shorter than 20 characters is refused unless the option
+``allow_short_passphrase = true`` is set (plugins/cred_toml.py says why): at
+start every such row is an error naming the file and the row; a row added
+later is ignored (that MN fails as an unknown one) and logged once.
+
+Keys are stored in clear; ``add_psk`` creates the file with mode 0600, and
+the HAC refuses to start when group or others may access it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from mipsec.core.fsutil import create_private
 from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.secretfiles import check_private_sqlite
 from mipsec.plugins._options import parse_options, resolve_path
-from mipsec.plugins.cred_toml import nai_key
+from mipsec.plugins.cred_toml import MIN_PASSPHRASE, nai_key, short_passphrase
+
+log = logging.getLogger("mipsec.plugins.cred_sqlite")
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS mn_credentials (mn_id TEXT PRIMARY KEY, psk BLOB NOT NULL)"
 
@@ -45,13 +56,7 @@ def add_psk(path: str | os.PathLike[str], mn_id: str, psk: bytes) -> None:
     if not psk:
         raise ValueError("psk: empty key")
     p = Path(path)
-    try:
-        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        os.fchmod(fd, 0o600)  # independent of the umask: the file holds keys
-        os.close(fd)
+    create_private(p)  # 0600 whatever the umask: the file holds keys
     conn = sqlite3.connect(p, isolation_level=None)
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
@@ -70,8 +75,10 @@ def add_psk(path: str | os.PathLike[str], mn_id: str, psk: bytes) -> None:
 class SQLiteCredentials:
     """``CredentialBackend`` over ``mn_credentials``, opened read-only."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, allow_short_passphrase: bool = False) -> None:
         self.path = path
+        self.allow_short_passphrase = allow_short_passphrase
+        self._reported: set[str] = set()
         if not path.is_file():
             raise ValueError(f"{str(path)!r}: no such file")
         uri = path.resolve().as_uri() + "?mode=ro"
@@ -80,9 +87,25 @@ class SQLiteCredentials:
             conn.execute("PRAGMA busy_timeout = 5000")
             # Fail at start, not at the first MN, when the table is missing.
             conn.execute("SELECT mn_id, psk FROM mn_credentials LIMIT 1").fetchall()
+            # The first (by mn_id) passphrase that is too short, if any.
+            short = (
+                None
+                if allow_short_passphrase
+                else conn.execute(
+                    "SELECT mn_id, psk FROM mn_credentials WHERE typeof(psk) = 'text' "
+                    "AND length(psk) BETWEEN 1 AND ? ORDER BY mn_id LIMIT 1",
+                    (MIN_PASSPHRASE - 1,),
+                ).fetchone()
+            )
         except sqlite3.Error as exc:
             conn.close()
             raise ValueError(f"{str(path)!r}: {exc}") from None
+        if short is not None:
+            mn_id, psk = short
+            why = short_passphrase(psk, str(mn_id))
+            if why is not None:
+                conn.close()
+                raise ValueError(f"{str(path)!r}: mn_credentials[mn_id={mn_id!r}].psk: {why}")
         self._conn = conn
 
     def __repr__(self) -> str:
@@ -92,7 +115,17 @@ class SQLiteCredentials:
         row = self._conn.execute(
             "SELECT psk FROM mn_credentials WHERE mn_id = ?", (key,)
         ).fetchone()
-        return None if row is None else _as_key(row[0])
+        if row is None:
+            return None
+        value = row[0]
+        if isinstance(value, str) and value and not self.allow_short_passphrase:
+            why = short_passphrase(value, key)
+            if why is not None:
+                if key not in self._reported:  # once per entry, not once per attempt
+                    self._reported.add(key)
+                    log.error("%s: mn_credentials[mn_id=%r].psk ignored: %s", self.path, key, why)
+                return None
+        return _as_key(value)
 
     def get_psk(self, mn_id: str) -> bytes | None:
         psk = self._lookup(mn_id)
@@ -109,6 +142,7 @@ class SQLiteCredentials:
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = Field(min_length=1)
+    allow_short_passphrase: StrictBool = False  # an opt-out: TOML true only
 
 
 class SQLiteCredentialsFactory:
@@ -116,8 +150,10 @@ class SQLiteCredentialsFactory:
 
     def create(self, options: Mapping[str, Any], ctx: PluginContext) -> SQLiteCredentials:
         opts = parse_options(_Options, options)
+        path = resolve_path(opts.path, ctx.base_dir)
         try:
-            return SQLiteCredentials(resolve_path(opts.path, ctx.base_dir))
+            check_private_sqlite(path)
+            return SQLiteCredentials(path, allow_short_passphrase=opts.allow_short_passphrase)
         except (OSError, ValueError) as exc:
             raise ValueError(f"path: {exc}") from None
 

@@ -7,6 +7,16 @@ File format (one table per MN)::
     psk_hex = "00112233..."        # the key as hexadecimal, or
     # psk = "a passphrase"          # the key as UTF-8 text -- exactly one of the two
 
+A passphrase (``psk``) shorter than ``MIN_PASSPHRASE`` characters is refused
+unless the backend option ``allow_short_passphrase = true`` is set: in RFC
+6618's PSK exchange the HAC's first response is already keyed with the PSK
+over values anyone sees (the MN's own mn-rand, the hac-rand, the channel
+binding), so anyone who asks for an Init can test passphrase guesses
+offline, as fast as they can compute HMACs.  Only entropy defends it.
+
+The file holds secrets: it is refused at start when group or others may
+access it (core/secretfiles.py).
+
 Identities are NAIs (RFC 7542): the username part is opaque to everyone but
 its home domain (§2.4), so it is compared case-sensitively; an ASCII realm
 is compared case-insensitively, the practice §3 allows.  Both sides are put
@@ -28,14 +38,31 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.secretfiles import check_private
 from mipsec.plugins._options import error_text, parse_options, resolve_path
 
 log = logging.getLogger("mipsec.plugins.cred_toml")
 
 _UNREADABLE = (-1, -1, -1)  # stamp remembered while the file cannot be stat()ed
+
+# Characters a passphrase needs unless the operator opts out: a passphrase
+# faces offline guessing (module docstring), so it must carry entropy.
+MIN_PASSPHRASE = 20
+
+
+def short_passphrase(passphrase: str, mn_id: str) -> str | None:
+    """Why ``passphrase`` is too short to use, or None (the message has no secret)."""
+    if len(passphrase) >= MIN_PASSPHRASE:
+        return None
+    return (
+        f"passphrase for {mn_id!r} has {len(passphrase)} characters, fewer than "
+        f"{MIN_PASSPHRASE}: RFC 6618's PSK exchange lets anyone who asks for an Init "
+        "test guesses offline; use psk_hex with 32 random octets, or set "
+        "allow_short_passphrase = true in [credentials]"
+    )
 
 
 def nai_key(mn_id: str) -> str:
@@ -73,7 +100,7 @@ class _File(BaseModel):
     mn: list[dict[str, Any]] = Field(default_factory=list)
 
 
-def load_credentials(path: Path) -> dict[str, bytes]:
+def load_credentials(path: Path, *, allow_short_passphrase: bool = False) -> dict[str, bytes]:
     """Parse a credential file into ``nai_key(mn_id) -> psk``.
 
     Raises ``ValueError`` naming the file, the entry index and the key
@@ -107,6 +134,10 @@ def load_credentials(path: Path) -> dict[str, bytes]:
         if not key:
             name = "psk" if entry.psk is not None else "psk_hex"
             raise ValueError(f"{where}.{name}: empty key")
+        if entry.psk is not None and not allow_short_passphrase:
+            short = short_passphrase(entry.psk, entry.mn_id)
+            if short is not None:
+                raise ValueError(f"{where}.psk: {short}")
         k = nai_key(entry.mn_id)
         if k in first_index:
             raise ValueError(f"{where}.mn_id: duplicate of mn[{first_index[k]}]")
@@ -123,10 +154,11 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 class TomlCredentials:
     """``CredentialBackend`` over a TOML file, reloaded when the file changes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, allow_short_passphrase: bool = False) -> None:
         self.path = path
+        self.allow_short_passphrase = allow_short_passphrase
         self._stamp = _stamp(path)
-        self._table = load_credentials(path)
+        self._table = load_credentials(path, allow_short_passphrase=allow_short_passphrase)
         self._bad_stamp: tuple[int, int, int] | None = None
 
     def __repr__(self) -> str:
@@ -145,7 +177,7 @@ class TomlCredentials:
         if stamp == self._stamp or stamp == self._bad_stamp:
             return
         try:
-            table = load_credentials(self.path)
+            table = load_credentials(self.path, allow_short_passphrase=self.allow_short_passphrase)
         except ValueError as exc:
             # Log once per broken version of the file; the message never holds a key.
             log.error("credential file not reloaded, keeping last contents: %s", exc)
@@ -165,6 +197,7 @@ class TomlCredentials:
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = Field(min_length=1)
+    allow_short_passphrase: StrictBool = False  # an opt-out: TOML true only
 
 
 class TomlCredentialsFactory:
@@ -174,7 +207,8 @@ class TomlCredentialsFactory:
         opts = parse_options(_Options, options)
         path = resolve_path(opts.path, ctx.base_dir)
         try:
-            return TomlCredentials(path)
+            check_private(path)
+            return TomlCredentials(path, allow_short_passphrase=opts.allow_short_passphrase)
         except OSError as exc:
             raise ValueError(f"path: cannot read {str(path)!r}: {exc.strerror or exc}") from None
         except ValueError as exc:

@@ -7,21 +7,40 @@ PRIMARY KEY and ``add`` is one atomic ``INSERT ... ON CONFLICT DO NOTHING``
 expired holder first), so SPI uniqueness among live SAs (PROFILE §5) holds
 across restarts and across every HAC process sharing the file.
 
-Security note: the four SA keys are stored **in clear** (BLOB columns) -- the
-HAC must hand them to an HA after a restart, so it needs them back.  The file
-is created with mode 0600 and SQLite gives its ``-wal``/``-shm`` companions
-the same mode; protecting the directory and backups is the operator's job.
+SA keys at rest (plugins/_sa_keys.py, core/keywrap.py): the four keys of a
+row are one ``sa_keys`` BLOB, wrapped with AES-256-GCM under a key-wrapping
+key read from ``key_file`` (default: the store's path + ``.key``; created
+with 32 random octets, mode 0600, together with a new store), one random
+nonce per row, the row's other columns as additional authenticated data.  A
+verifier in ``store_meta`` tells a wrong key file at start.  A row that fails
+authentication (edited, or keys moved from another row) is never returned:
+it is logged once and treated as absent.  ``clear_keys = true`` stores them
+in clear instead (the operator's explicit choice); a store is one or the
+other for its whole life.
 
-Storage format: keys as BLOBs, datetimes as integer epoch seconds (UTC),
-addresses and prefixes as text (``str(ipaddress object)``), the suite as its
-16-bit code.  A ``validity_end`` with a fraction of a second is rounded
-*down*: the SA then ends slightly early, never late.
+Conversion: a store that holds keys in clear -- schema 1 (mipsec before key
+wrapping) or a ``clear_keys`` store -- opened with wrapping on is converted
+once, in one transaction, with SQLite's ``secure_delete`` on (freed pages are
+zeroed) and the WAL truncated afterwards, and the conversion is logged.  Its
+rows are trusted as they are found.  The opposite (wrapped -> clear) is
+refused: it would write keys in clear.
+
+The file and the key file are refused at start when group or others may
+access them (core/secretfiles.py); the file is created 0600 and SQLite gives
+its ``-wal``/``-shm`` companions the same mode.
+
+Storage format: datetimes as integer epoch seconds (UTC), addresses and
+prefixes as text (``str(ipaddress object)``), the suite as its 16-bit code.  A
+``validity_end`` with a fraction of a second is rounded *down*: the SA then
+ends slightly early, never late.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import math
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,28 +50,42 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
 from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.keywrap import (
+    KeyWrapper,
+    UnwrapError,
+    create_key_file,
+    read_key_file,
+)
 from mipsec.core.model import SPI_MAX, SPI_MIN, BootstrapData, IssuedSA, SecurityAssociation
+from mipsec.core.secretfiles import check_private, check_private_sqlite
 from mipsec.core.suites import Suite
 from mipsec.plugins._options import parse_options, resolve_path
+from mipsec.plugins._sa_keys import (
+    MODE_CLEAR,
+    MODE_WRAPPED,
+    ClearKeys,
+    KeyCodec,
+    WrappedKeys,
+    clear_blob_keys,
+)
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("mipsec.plugins.sa_store")
 
-# Column order of the issued_sa table; _to_row/_from_row follow it.
-_COLUMNS = (
+SCHEMA_VERSION = 2
+
+# Column order of the issued_sa table; _to_row/_from_row follow it.  Every
+# column but the last is the "head" that authenticates the wrapped keys.
+_HEAD = (
     "spi",
     "mn_id",
     "suite",
     "scope",
     "validity_end",
-    "mn_to_ha_ikey",
-    "ha_to_mn_ikey",
-    "mn_to_ha_ekey",
-    "ha_to_mn_ekey",
     "ha_id",
     "haa_ip6",
     "haa_ip4",
@@ -64,21 +97,24 @@ _COLUMNS = (
     "dns_ip6",
     "dns_ip4",
 )
+_COLUMNS = (*_HEAD, "sa_keys")
 _COLS = ", ".join(_COLUMNS)
+# What SELECT and RETURNING read: the keys always as a BLOB, so that a value
+# edited into TEXT (invalid UTF-8) is refused like any other bad value rather
+# than failing the query.
+_READ = ", ".join((*_HEAD, "CAST(sa_keys AS BLOB)"))
 _MARKS = ", ".join("?" for _ in _COLUMNS)
+_N_HEAD = len(_HEAD)
+# Indexes into a row, for the live view.
+_SPI, _MN_ID, _END, _HA_ID, _IP6_HOA, _IP4_HOA = 0, 1, 4, 5, 9, 10
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+_TABLE = """
 CREATE TABLE IF NOT EXISTS issued_sa (
     spi            INTEGER PRIMARY KEY CHECK (spi BETWEEN 1 AND 268435455),
     mn_id          TEXT    NOT NULL,
     suite          INTEGER NOT NULL,
     scope          INTEGER NOT NULL,
     validity_end   INTEGER NOT NULL,   -- epoch seconds, UTC
-    mn_to_ha_ikey  BLOB    NOT NULL,
-    ha_to_mn_ikey  BLOB    NOT NULL,
-    mn_to_ha_ekey  BLOB    NOT NULL,
-    ha_to_mn_ekey  BLOB    NOT NULL,
     ha_id          TEXT    NOT NULL,
     haa_ip6        TEXT,
     haa_ip4        TEXT,
@@ -88,14 +124,14 @@ CREATE TABLE IF NOT EXISTS issued_sa (
     ip6_hnp        TEXT,
     ip4_hnp        TEXT,
     dns_ip6        TEXT,
-    dns_ip4        TEXT
-);
-CREATE INDEX IF NOT EXISTS issued_sa_validity_end ON issued_sa (validity_end);
-CREATE INDEX IF NOT EXISTS issued_sa_mn_id ON issued_sa (mn_id);
--- SAs taken back before their validity end (superseded, revoked, never
--- delivered).  A row keeps its SPI out of use until the old validity end
--- (an HA may still hold a tombstone for it) and, while ``confirmed`` is 0,
--- tells the HAC to keep withdrawing it from its HA -- across restarts.
+    dns_ip4        TEXT,
+    sa_keys        BLOB    NOT NULL    -- plugins/_sa_keys.py
+)"""
+# SAs taken back before their validity end (superseded, revoked, never
+# delivered).  A row keeps its SPI out of use until the old validity end (an
+# HA may still hold a tombstone for it) and, while ``confirmed`` is 0, tells
+# the HAC to keep withdrawing it from its HA -- across restarts.  No keys.
+_RETIRED = """
 CREATE TABLE IF NOT EXISTS retired_sa (
     spi            INTEGER PRIMARY KEY,
     mn_id          TEXT    NOT NULL,
@@ -103,9 +139,17 @@ CREATE TABLE IF NOT EXISTS retired_sa (
     validity_end   INTEGER NOT NULL,
     reason         TEXT    NOT NULL,
     confirmed      INTEGER NOT NULL DEFAULT 0
-);
-"""
-
+)"""
+# Every statement may run on a schema 1 store being converted (IF NOT EXISTS).
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    _TABLE,
+    "CREATE INDEX IF NOT EXISTS issued_sa_validity_end ON issued_sa (validity_end)",
+    "CREATE INDEX IF NOT EXISTS issued_sa_mn_id ON issued_sa (mn_id)",
+    _RETIRED,
+)
+_INDEXES = ("issued_sa_validity_end", "issued_sa_mn_id")
 # Insert unless the SPI is retired (still reserved): one statement, atomic in
 # autocommit mode; ON CONFLICT keeps a live holder of the SPI.
 _INSERT = (
@@ -113,8 +157,22 @@ _INSERT = (
     "WHERE NOT EXISTS (SELECT 1 FROM retired_sa WHERE spi = ?) "
     "ON CONFLICT (spi) DO NOTHING"
 )
+# Schema 1 (keys in four clear BLOB columns): read once, to convert it.
+_V1_COLS = (
+    "spi, mn_id, suite, scope, validity_end, ha_id, haa_ip6, haa_ip4, port, ip6_hoa, "
+    "ip4_hoa, ip6_hnp, ip4_hnp, dns_ip6, dns_ip4, "
+    "mn_to_ha_ikey, ha_to_mn_ikey, mn_to_ha_ekey, ha_to_mn_ekey"
+)
 
 _T = TypeVar("_T")
+
+
+class StoreOptionError(ValueError):
+    """A problem with one store option; ``option`` names it (``path``, ``key_file``, ...)."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        self.option = option
+        super().__init__(reason)
 
 
 def _utcnow() -> datetime:
@@ -152,7 +210,7 @@ def _opt(cls: Callable[[str], _T], value: str | None) -> _T | None:
     return None if value is None else cls(value)
 
 
-def _to_row(issued: IssuedSA) -> tuple[Any, ...]:
+def _head(issued: IssuedSA) -> tuple[Any, ...]:
     sa, bs = issued.sa, issued.bootstrap
     return (
         sa.spi,
@@ -160,10 +218,6 @@ def _to_row(issued: IssuedSA) -> tuple[Any, ...]:
         int(sa.suite),
         sa.scope,
         math.floor(_timestamp(sa.validity_end, "validity_end")),
-        bytes(sa.mn_to_ha_ikey),
-        bytes(sa.ha_to_mn_ikey),
-        bytes(sa.mn_to_ha_ekey),
-        bytes(sa.ha_to_mn_ekey),
         sa.ha_id,
         _text(bs.haa_ip6),
         _text(bs.haa_ip4),
@@ -177,17 +231,13 @@ def _to_row(issued: IssuedSA) -> tuple[Any, ...]:
     )
 
 
-def _from_row(row: tuple[Any, ...]) -> IssuedSA:
+def _from_row(row: tuple[Any, ...], keys: tuple[bytes, bytes, bytes, bytes]) -> IssuedSA:
     (
         spi,
         mn_id,
         suite,
         scope,
         validity_end,
-        mn_to_ha_ikey,
-        ha_to_mn_ikey,
-        mn_to_ha_ekey,
-        ha_to_mn_ekey,
         ha_id,
         haa_ip6,
         haa_ip4,
@@ -198,17 +248,17 @@ def _from_row(row: tuple[Any, ...]) -> IssuedSA:
         ip4_hnp,
         dns_ip6,
         dns_ip4,
-    ) = row
+    ) = row[:_N_HEAD]
     sa = SecurityAssociation(
         spi=spi,
         mn_id=mn_id,
         suite=Suite(suite),
         scope=scope,
         validity_end=datetime.fromtimestamp(validity_end, tz=UTC),
-        mn_to_ha_ikey=bytes(mn_to_ha_ikey),
-        ha_to_mn_ikey=bytes(ha_to_mn_ikey),
-        mn_to_ha_ekey=bytes(mn_to_ha_ekey),
-        ha_to_mn_ekey=bytes(ha_to_mn_ekey),
+        mn_to_ha_ikey=keys[0],
+        ha_to_mn_ikey=keys[1],
+        mn_to_ha_ekey=keys[2],
+        ha_to_mn_ekey=keys[3],
         ha_id=ha_id,
     )
     bootstrap = BootstrapData(
@@ -223,11 +273,6 @@ def _from_row(row: tuple[Any, ...]) -> IssuedSA:
         dns_ip4=_opt(IPv4Address, dns_ip4),
     )
     return IssuedSA(sa=sa, bootstrap=bootstrap)
-
-
-def _sorted(rows: list[tuple[Any, ...]]) -> list[IssuedSA]:
-    # RETURNING gives no order guarantee: sort by (validity_end, spi).
-    return [_from_row(r) for r in sorted(rows, key=lambda r: (r[4], r[0]))]
 
 
 # Columns the live view needs, in _LiveView.insert's argument order.
@@ -322,25 +367,54 @@ class _LiveView:
         return self._hoa_mn.copy()
 
 
+def default_key_file(path: Path) -> Path:
+    """Where the key-wrapping key of the store at ``path`` lives when ``key_file`` is unset."""
+    return path.with_name(path.name + ".key")
+
+
+_REPORTED_MAX = 4096
+
+
 class SQLiteSAStore:
     """``SAStore`` over SQLite; ``path=None`` keeps it in memory only.
+
+    Keys are wrapped (see the module docstring) under the key in ``key_file``
+    (default :func:`default_key_file`); a memory store wraps them under a
+    random key of its own.  ``clear_keys=True`` stores them in clear.
+    ``check_only=True`` validates an existing file (schema, key file) without
+    writing anything, and creates nothing when the file is missing.
 
     ``clock`` gives "now" for ``add`` (which has no ``now`` argument in the
     protocol) when it clears an expired SA holding the same SPI.
     """
 
-    def __init__(self, path: Path | None, *, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        key_file: Path | None = None,
+        clear_keys: bool = False,
+        check_only: bool = False,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        if clear_keys and key_file is not None:
+            raise StoreOptionError(
+                "clear_keys", "clear_keys = true and key_file exclude each other"
+            )
+        if path is None and key_file is not None:
+            raise StoreOptionError("key_file", "a memory store has no key file")
         self.path = path
+        self.key_file = None if clear_keys or path is None else key_file or default_key_file(path)
         self._clock = clock
-        if path is None:
-            conn = sqlite3.connect(":memory:", isolation_level=None)
-        else:
-            create_private(path)
-            conn = sqlite3.connect(path, isolation_level=None)
+        self._reported: set[int] = set()
+        self._view: _LiveView | None = None
+        if path is not None:
+            self._check_modes(path)
+        conn = self._connect(path, check_only)
         try:
             # busy_timeout: several HAC processes may share one store.
             conn.execute("PRAGMA busy_timeout = 5000")
-            if path is not None:
+            if path is not None and not check_only:
                 # WAL: readers never block the writer.  synchronous = NORMAL:
                 # no fsync per commit (it stalled the HAC's event loop on every
                 # SA).  A commit still survives a process crash; a power loss
@@ -349,20 +423,61 @@ class SQLiteSAStore:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
             self._conn = conn
-            self._view: _LiveView | None = None
-            self._init_schema()
+            self._codec: KeyCodec = self._init_schema(clear_keys, check_only)
+            if isinstance(self._codec, ClearKeys):
+                # Keys in clear: at least do not leave deleted ones in free pages.
+                conn.execute("PRAGMA secure_delete = ON")
         except BaseException:
             conn.close()
             raise
 
     def __repr__(self) -> str:
-        return f"SQLiteSAStore(path={str(self.path) if self.path else ':memory:'!r})"
+        where = str(self.path) if self.path else ":memory:"
+        return f"SQLiteSAStore(path={where!r}, keys={self._codec.mode!r})"
+
+    @property
+    def key_mode(self) -> str:
+        """``"aes-256-gcm"`` (wrapped) or ``"clear"``."""
+        return self._codec.mode
+
+    # ------------------------------------------------------------ opening
+
+    def _check_modes(self, path: Path) -> None:
+        try:
+            check_private_sqlite(path)
+        except ValueError as exc:
+            raise StoreOptionError("path", str(exc)) from None
+        if self.key_file is not None:
+            try:
+                check_private(self.key_file)
+            except ValueError as exc:
+                raise StoreOptionError("key_file", str(exc)) from None
+
+    @staticmethod
+    def _connect(path: Path | None, check_only: bool) -> sqlite3.Connection:
+        if path is None:
+            return sqlite3.connect(":memory:", isolation_level=None)
+        if check_only:
+            if path.exists():
+                # Read-write but never written: closing the last connection
+                # then removes the -wal/-shm files it opened (a read-only one
+                # would leave them behind).
+                return sqlite3.connect(path, isolation_level=None)
+            # A start would create it here: say now whether it could.
+            parent = path.parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise StoreOptionError(
+                    "path", f"cannot create {str(path)!r}: {parent} is not a writable directory"
+                )
+            return sqlite3.connect(":memory:", isolation_level=None)
+        create_private(path)
+        return sqlite3.connect(path, isolation_level=None)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so check-then-insert in
         # add() cannot interleave with another process.
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield self._conn
         except BaseException:
@@ -370,32 +485,206 @@ class SQLiteSAStore:
             raise
         self._conn.execute("COMMIT")
 
-    def _init_schema(self) -> None:
-        with self._tx() as c:
-            # One statement at a time: executescript() would COMMIT our transaction.
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    c.execute(stmt)
-            rows = c.execute("SELECT version FROM schema_version").fetchall()
-            if not rows:
-                c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif len(rows) != 1 or rows[0][0] != SCHEMA_VERSION:
-                found = ", ".join(str(r[0]) for r in rows)
-                raise ValueError(
-                    f"schema version {found} not supported (expected {SCHEMA_VERSION})"
-                )
+    def _init_schema(self, clear_keys: bool, check_only: bool) -> KeyCodec:
+        """Create, check or convert the schema; the codec for this store's keys."""
+        write = not check_only
+        with self._tx(write=write) as c:
+            version = self._schema_version(c)
+            if version is None:  # a new store
+                codec = self._fresh_codec(clear_keys, create=write)
+                if write:
+                    for stmt in _SCHEMA:
+                        c.execute(stmt)
+                    c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                    self._write_meta(c, codec)
+                return codec
+            mode = MODE_CLEAR if version == 1 else self._meta(c, "key_mode")
+            if mode == MODE_WRAPPED:
+                return self._wrapped_codec(c, clear_keys)
+            if mode != MODE_CLEAR:
+                raise ValueError(f"key_mode {mode!r} not supported")
+            codec = self._fresh_codec(clear_keys, create=write)
+            converted = write and (version == 1 or isinstance(codec, WrappedKeys))
+            if converted:
+                self._convert(c, version, codec)
+        if converted:
+            self._after_conversion()
+        return codec
+
+    @staticmethod
+    def _schema_version(c: sqlite3.Connection) -> int | None:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" not in tables and "issued_sa" not in tables:
+            return None
+        rows = (
+            c.execute("SELECT version FROM schema_version").fetchall()
+            if "schema_version" in tables
+            else []
+        )
+        if len(rows) != 1 or rows[0][0] not in (1, SCHEMA_VERSION):
+            found = ", ".join(str(r[0]) for r in rows) or "none"
+            raise ValueError(f"schema version {found} not supported (expected {SCHEMA_VERSION})")
+        return int(rows[0][0])
+
+    @staticmethod
+    def _meta(c: sqlite3.Connection, name: str) -> Any:
+        row = c.execute("SELECT value FROM store_meta WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ValueError(f"store_meta: {name} missing")
+        return row[0]
+
+    @staticmethod
+    def _write_meta(c: sqlite3.Connection, codec: KeyCodec) -> None:
+        c.execute("DELETE FROM store_meta")
+        c.execute("INSERT INTO store_meta (name, value) VALUES ('key_mode', ?)", (codec.mode,))
+        if isinstance(codec, WrappedKeys):
+            c.execute(
+                "INSERT INTO store_meta (name, value) VALUES ('key_check', ?)",
+                (codec.wrapper.verifier(),),
+            )
+
+    def _fresh_codec(self, clear_keys: bool, *, create: bool) -> KeyCodec:
+        """The codec for a store that holds no wrapped key yet (its key file may be new)."""
+        if clear_keys:
+            return ClearKeys()
+        kf = self.key_file
+        if kf is None:  # memory store: a key of its own, gone with the process
+            return WrappedKeys(KeyWrapper(os.urandom(32)))
+        if kf.exists():
+            return WrappedKeys(KeyWrapper(self._read_key(kf)))
+        if not create:  # check_only: a start would create it
+            return WrappedKeys(KeyWrapper(os.urandom(32)))
+        try:
+            material = create_key_file(kf)
+        except FileExistsError:
+            material = self._read_key(kf)
+        except OSError as exc:
+            raise StoreOptionError(
+                "key_file", f"cannot create {str(kf)!r}: {exc.strerror or exc}"
+            ) from None
+        else:
+            log.info("SA store %s: new key-wrapping key %s (mode 0600)", self.path, kf)
+        return WrappedKeys(KeyWrapper(material))
+
+    def _wrapped_codec(self, c: sqlite3.Connection, clear_keys: bool) -> WrappedKeys:
+        if clear_keys:
+            raise StoreOptionError(
+                "clear_keys",
+                f"{self.path} holds wrapped SA keys: clear_keys = true would write new ones "
+                "in clear beside them; remove it and give the store's key_file",
+            )
+        kf = self.key_file
+        assert kf is not None
+        if not kf.exists():
+            raise StoreOptionError(
+                "key_file",
+                f"{kf}: no such file, and the SA keys in {self.path} are wrapped with it",
+            )
+        wrapper = KeyWrapper(self._read_key(kf))
+        if not wrapper.matches(self._meta(c, "key_check")):
+            raise StoreOptionError(
+                "key_file", f"{kf} is not the key the SA keys in {self.path} were wrapped with"
+            )
+        return WrappedKeys(wrapper)
+
+    @staticmethod
+    def _read_key(kf: Path) -> bytes:
+        try:
+            return read_key_file(kf)
+        except ValueError as exc:
+            raise StoreOptionError("key_file", str(exc)) from None
+
+    def _convert(self, c: sqlite3.Connection, version: int, codec: KeyCodec) -> None:
+        """Rewrite every row with ``codec`` (schema 1, or clear -> wrapped), in ``c``'s
+        transaction; freed pages are zeroed (``secure_delete``)."""
+        c.execute("PRAGMA secure_delete = ON")
+        if version == 1:
+            rows = [
+                (r[:_N_HEAD], (r[15], r[16], r[17], r[18]))
+                for r in c.execute(f"SELECT {_V1_COLS} FROM issued_sa")  # noqa: S608
+            ]
+        else:
+            rows = [
+                (r[:_N_HEAD], clear_blob_keys(r[_N_HEAD]))
+                for r in c.execute(f"SELECT {_READ} FROM issued_sa")  # noqa: S608
+            ]
+        c.execute("ALTER TABLE issued_sa RENAME TO issued_sa_old")
+        for index in _INDEXES:  # index names are global: free them for the new table
+            c.execute(f"DROP INDEX IF EXISTS {index}")
+        for stmt in _SCHEMA:
+            c.execute(stmt)
+        c.executemany(
+            f"INSERT INTO issued_sa ({_COLS}) VALUES ({_MARKS})",  # noqa: S608 (constants)
+            [(*head, codec.seal(head, keys)) for head, keys in rows],
+        )
+        c.execute("DROP TABLE issued_sa_old")
+        c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        self._write_meta(c, codec)
+        log.warning(
+            "SA store %s: %d SAs converted from schema %d, keys now %s",
+            self.path,
+            len(rows),
+            version,
+            codec.mode,
+        )
+
+    def _after_conversion(self) -> None:
+        # The old rows may still sit in WAL frames: copy the zeroed pages
+        # into the file and truncate the WAL.
+        if self.path is not None:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self._conn.execute("PRAGMA secure_delete = OFF")
 
     def _now(self, now: datetime | None) -> float:
         return _timestamp(self._clock() if now is None else now, "now")
 
+    def _decode(self, row: tuple[Any, ...]) -> IssuedSA | None:
+        head = row[:_N_HEAD]
+        try:
+            keys = self._codec.open(head, row[_N_HEAD])
+        except UnwrapError as exc:
+            spi = row[_SPI]
+            if spi not in self._reported:  # once per SPI: no log flood from a bad row
+                if len(self._reported) >= _REPORTED_MAX:
+                    self._reported.clear()
+                self._reported.add(spi)
+                log.error(
+                    "SA store %s: spi=%d mn_id=%r refused: %s (row altered, or not written "
+                    "by this store)",
+                    self.path or ":memory:",
+                    spi,
+                    row[_MN_ID],
+                    exc,
+                )
+            return None
+        return _from_row(head, keys)
+
+    def _decoded(self, rows: Iterable[tuple[Any, ...]]) -> list[IssuedSA]:
+        out = []
+        for r in rows:
+            x = self._decode(r)
+            if x is not None:
+                out.append(x)
+        return out
+
+    def _sorted(self, rows: list[tuple[Any, ...]]) -> list[IssuedSA]:
+        # RETURNING gives no order guarantee: sort by (validity_end, spi).
+        return self._decoded(sorted(rows, key=lambda r: (r[_END], r[_SPI])))
+
     # ------------------------------------------------------------ SAStore
 
     def add(self, issued: IssuedSA, now: datetime | None = None) -> bool:
-        """Store ``issued``; False (nothing stored) if a live SA holds its SPI."""
-        spi = issued.sa.spi
+        """Store ``issued``; False (nothing stored) if a live SA holds its SPI
+        or the SPI is retired (``retire``) and not yet past its old validity end."""
+        sa = issued.sa
+        spi = sa.spi
         if not SPI_MIN <= spi <= SPI_MAX:
             raise LocalProtocolError(f"spi: {spi} outside {SPI_MIN}..{SPI_MAX} (RFC 6618 §5.6.1)")
-        row = _to_row(issued)
+        head = _head(issued)
+        blob = self._codec.seal(
+            head, (sa.mn_to_ha_ikey, sa.ha_to_mn_ikey, sa.mn_to_ha_ekey, sa.ha_to_mn_ekey)
+        )
+        row = (*head, blob)
         t = self._now(now)
         # Nearly always the SPI is free: one INSERT, atomic on its own (the
         # connection is in autocommit mode), instead of a four-statement
@@ -403,7 +692,7 @@ class SQLiteSAStore:
         cur = self._conn.execute(_INSERT, (*row, spi))
         if cur.rowcount == 1:
             if self._view is not None:
-                self._view.insert(row[0], row[4], row[1], row[9], row[13], row[14])
+                self._view_insert(self._view, head)
             return True
         with self._tx() as c:
             # An expired SA no longer holds its SPI (PROFILE §5: unique among live SAs).
@@ -416,46 +705,53 @@ class SQLiteSAStore:
             if deleted:
                 view.discard(spi)
             if inserted:
-                view.insert(row[0], row[4], row[1], row[9], row[13], row[14])
+                self._view_insert(view, head)
         return inserted
+
+    @staticmethod
+    def _view_insert(view: _LiveView, head: tuple[Any, ...]) -> None:
+        view.insert(
+            head[_SPI], head[_END], head[_MN_ID], head[_HA_ID], head[_IP6_HOA], head[_IP4_HOA]
+        )
 
     def get(self, spi: int, now: datetime) -> IssuedSA | None:
         row = self._conn.execute(
-            f"SELECT {_COLS} FROM issued_sa WHERE spi = ? AND validity_end > ?",  # noqa: S608
+            f"SELECT {_READ} FROM issued_sa WHERE spi = ? AND validity_end > ?",  # noqa: S608
             (spi, _timestamp(now, "now")),
         ).fetchone()
-        return None if row is None else _from_row(row)
+        return None if row is None else self._decode(row)
 
     def remove(self, spi: int) -> IssuedSA | None:
         with self._tx() as c:
             rows = c.execute(
-                f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_COLS}",  # noqa: S608
+                f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_READ}",  # noqa: S608
                 (spi,),
             ).fetchall()
         if rows and self._view is not None:
             self._view.discard(spi)
-        return _from_row(rows[0]) if rows else None
+        return self._decode(rows[0]) if rows else None
 
     def live_for_mn(self, mn_id: str, now: datetime) -> list[IssuedSA]:
         """The live SAs of one MN, oldest first (validity end, then SPI)."""
         rows = self._conn.execute(
-            f"SELECT {_COLS} FROM issued_sa WHERE mn_id = ? AND validity_end > ? "  # noqa: S608
+            f"SELECT {_READ} FROM issued_sa WHERE mn_id = ? AND validity_end > ? "  # noqa: S608
             "ORDER BY validity_end, spi",
             (mn_id, _timestamp(now, "now")),
         ).fetchall()
-        return [_from_row(r) for r in rows]
+        return self._decoded(rows)
 
     def retire(self, spi: int, reason: str) -> IssuedSA | None:
         """Take a live SA back: remove it and record it as retired, atomically.
 
         The record keeps the SPI from being issued again until the SA's old
         validity end and lists it in ``retired_unconfirmed`` until
-        ``confirm_retired``: the HAC keeps withdrawing it from its HA,
-        across restarts.  None when no SA holds ``spi``.
+        ``confirm_retired``: the HAC keeps withdrawing it from its HA, across
+        restarts.  None when no SA holds ``spi`` (or its row fails
+        authentication: it is retired all the same, but never handed out).
         """
         with self._tx() as c:
             rows = c.execute(
-                f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_COLS}",  # noqa: S608
+                f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_READ}",  # noqa: S608
                 (spi,),
             ).fetchall()
             if rows:
@@ -463,13 +759,13 @@ class SQLiteSAStore:
                 c.execute(
                     "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, confirmed) "
                     "VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (spi) DO UPDATE SET confirmed = 0",
-                    (r[0], r[1], r[9], r[4], reason),
+                    (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason),
                 )
         if not rows:
             return None
         if self._view is not None:
             self._view.discard(spi)
-        return _from_row(rows[0])
+        return self._decode(rows[0])
 
     def retired_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
         """``(spi, mn_id, ha_id, validity_end)`` of retired SAs whose HA has not
@@ -487,26 +783,26 @@ class SQLiteSAStore:
 
     def live(self, now: datetime) -> list[IssuedSA]:
         rows = self._conn.execute(
-            f"SELECT {_COLS} FROM issued_sa WHERE validity_end > ? "  # noqa: S608
+            f"SELECT {_READ} FROM issued_sa WHERE validity_end > ? "  # noqa: S608
             "ORDER BY validity_end, spi",
             (_timestamp(now, "now"),),
         ).fetchall()
-        return [_from_row(r) for r in rows]
+        return self._decoded(rows)
 
     def expire(self, now: datetime) -> list[IssuedSA]:
         """Delete and return every SA whose validity end is <= now."""
         t = _timestamp(now, "now")
         with self._tx() as c:
             rows = c.execute(
-                f"DELETE FROM issued_sa WHERE validity_end <= ? RETURNING {_COLS}",  # noqa: S608
+                f"DELETE FROM issued_sa WHERE validity_end <= ? RETURNING {_READ}",  # noqa: S608
                 (t,),
             ).fetchall()
             # A retired SA's SPI is free again once its old validity end passed.
             c.execute("DELETE FROM retired_sa WHERE validity_end <= ?", (t,))
         if self._view is not None:
             for r in rows:
-                self._view.discard(r[0])
-        return _sorted(rows)
+                self._view.discard(r[_SPI])
+        return self._sorted(rows)
 
     def _live_view(self, now: datetime) -> _LiveView | None:
         """The live view advanced to ``now``; None when SQL must answer."""
@@ -591,10 +887,24 @@ class SQLiteSAStore:
 class _SQLiteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = Field(min_length=1)
+    key_file: str | None = Field(default=None, min_length=1)
+    clear_keys: StrictBool = False  # an opt-out of protection: TOML true, nothing looser
+
+    @model_validator(mode="after")
+    def _one_way(self) -> _SQLiteOptions:
+        if self.clear_keys and self.key_file is not None:
+            raise ValueError("clear_keys = true and key_file exclude each other")
+        return self
 
 
-class _NoOptions(BaseModel):
+class _MemoryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    clear_keys: StrictBool = False  # an opt-out of protection: TOML true, nothing looser
+
+
+def _check_only(ctx: PluginContext) -> bool:
+    # mipsec check-config: validate, create nothing (core/roles/preflight.py).
+    return bool(ctx.extra.get("check_only", False))
 
 
 class SQLiteStoreFactory:
@@ -603,8 +913,13 @@ class SQLiteStoreFactory:
     def create(self, options: Mapping[str, Any], ctx: PluginContext) -> SQLiteSAStore:
         opts = parse_options(_SQLiteOptions, options)
         path = resolve_path(opts.path, ctx.base_dir)
+        key_file = resolve_path(opts.key_file, ctx.base_dir) if opts.key_file else None
         try:
-            return SQLiteSAStore(path)
+            return SQLiteSAStore(
+                path, key_file=key_file, clear_keys=opts.clear_keys, check_only=_check_only(ctx)
+            )
+        except StoreOptionError as exc:
+            raise ValueError(f"{exc.option}: {exc}") from None
         except (OSError, sqlite3.Error, ValueError) as exc:
             raise ValueError(f"path: cannot open SA store {str(path)!r}: {exc}") from None
 
@@ -613,8 +928,8 @@ class MemoryStoreFactory:
     name = "memory"
 
     def create(self, options: Mapping[str, Any], ctx: PluginContext) -> SQLiteSAStore:
-        parse_options(_NoOptions, options)
-        return SQLiteSAStore(None)
+        opts = parse_options(_MemoryOptions, options)
+        return SQLiteSAStore(None, clear_keys=opts.clear_keys)
 
 
 @hookimpl

@@ -38,6 +38,7 @@ from mipsec.core.provisioning import (
     encode_withdraw,
 )
 from mipsec.core.roles.provserver import ProvisioningClient, client_context
+from mipsec.core.secretfiles import InsecureFileError, check_private
 from mipsec.plugins._options import parse_options, resolve_path
 
 
@@ -95,6 +96,10 @@ class TlsTransportFactory:
         paths: dict[str, Path] = {
             k: resolve_path(getattr(opts, k), ctx.base_dir) for k in ("ca", "cert", "key")
         }
+        try:
+            check_private(paths["key"])  # the HAC's private key
+        except InsecureFileError as exc:
+            raise ValueError(f"key: {exc}") from None
         try:
             ssl_context = client_context(paths["ca"], paths["cert"], paths["key"])
         except CertificateError as exc:

@@ -37,7 +37,7 @@ import pluggy
 from mipsec.core import pluginmanager
 from mipsec.core.bindings import BindingCache
 from mipsec.core.config import HAConfig
-from mipsec.core.errors import ConfigError
+from mipsec.core.errors import ConfigError, ListenError
 from mipsec.core.ha_core import (
     REFRESHED,
     BindingChanged,
@@ -150,12 +150,20 @@ class HaService:
         *,
         puller: Puller | None = None,
         expiry_interval: float = EXPIRY_INTERVAL,
+        check_only: bool = False,
     ) -> None:
+        """``check_only``: build everything for ``mipsec check-config`` without
+        creating a file; such a service is only ever stopped, never started."""
         self.cfg = cfg
         self.config_file = config_file
         self.pm = pm or pluginmanager.make_plugin_manager(cfg.plugins.disable)
         base = Path(config_file).resolve().parent if config_file != "<memory>" else Path.cwd()
-        ctx = PluginContext(role="ha", base_dir=base, config_file=config_file)
+        ctx = PluginContext(
+            role="ha",
+            base_dir=base,
+            config_file=config_file,
+            extra={"check_only": True} if check_only else {},
+        )
         self.store: SAStore = pluginmanager.create(
             self.pm,
             "mipsec_sa_stores",
@@ -167,7 +175,10 @@ class HaService:
         try:
             # Write-behind: one SQLite commit per burst instead of one per BU
             # (flushed within FLUSH_DELAY and on stop; see bindings.py).
-            self.bindings = BindingCache(cfg.bindings.path, write_behind=True)
+            bindings_path = cfg.bindings.path
+            if check_only and bindings_path is not None and not bindings_path.exists():
+                bindings_path = None  # a start creates it: check-config does not
+            self.bindings = BindingCache(bindings_path, write_behind=True)
         except (OSError, sqlite3.Error, ValueError) as exc:
             self.store.close()
             raise ConfigError(config_file, "bindings.path", f"cannot open: {exc}") from None
@@ -255,7 +266,7 @@ class HaService:
                 if v6 and len(self.cfg.ha.listen) > 1:
                     log.warning("cannot listen on [%s]:%d: %s (skipped)", host, port, exc)
                     continue
-                raise
+                raise ListenError.from_oserror("ha.port", host, port, exc) from None
             transport, _ = await loop.create_datagram_endpoint(
                 functools.partial(_Protocol, self, sock), sock=sock
             )

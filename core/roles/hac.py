@@ -29,7 +29,7 @@ import pluggy
 from mipsec.core import pluginmanager
 from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
 from mipsec.core.config import HACConfig
-from mipsec.core.errors import ConfigError
+from mipsec.core.errors import ConfigError, ListenError
 from mipsec.core.hac_exchange import (
     INTERNAL_ERROR,
     TIMEOUT,
@@ -83,7 +83,10 @@ class HacService:
         *,
         config_file: str = "<memory>",
         pm: pluggy.PluginManager | None = None,
+        check_only: bool = False,
     ) -> None:
+        """``check_only``: build everything for ``mipsec check-config`` (plugins
+        create no files); such a service is only ever stopped, never started."""
         self.cfg = cfg
         self.config_file = config_file
         self.pm = pm or pluginmanager.make_plugin_manager(cfg.plugins.disable)
@@ -93,9 +96,10 @@ class HacService:
         )
         self.cb_octets = server_cb_octets(str(svc.cert))
         base = Path(config_file).resolve().parent if config_file != "<memory>" else svc.cert.parent
-        ctx = PluginContext(
-            role="hac", base_dir=base, config_file=config_file, extra={"pm": self.pm}
-        )
+        extra: dict[str, Any] = {"pm": self.pm}
+        if check_only:
+            extra["check_only"] = True  # mipsec check-config: plugins create nothing
+        ctx = PluginContext(role="hac", base_dir=base, config_file=config_file, extra=extra)
         self.methods = self._method_factories(ctx)
         self.credentials: CredentialBackend = pluginmanager.create(
             self.pm,
@@ -181,6 +185,10 @@ class HacService:
         self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
         self._withdrawing: set[int] = set()  # SPIs with a withdrawal task running
         self._issuing_spis: set[int] = set()  # SAs stored but not yet delivered (200)
+        # spi -> delivery order in this process: "older" among SAs whose
+        # validity ends fall in the same second (max_sas_per_mn).
+        self._delivered: dict[int, int] = {}
+        self._delivery_seq = 0
         self.in_flight = 0  # requests being worked on (issues, method I/O)
         self.addresses: list[tuple[str, int]] = []
         self.stats: dict[str, int] = {
@@ -247,7 +255,7 @@ class HacService:
                 if ":" in host and len(svc.listen) > 1:
                     log.warning("cannot listen on [%s]:%d: %s (skipped)", host, port, exc)
                     continue
-                raise
+                raise ListenError.from_oserror("hac.port", host, port, exc) from None
             self._servers.append(server)
             for sock in server.sockets:
                 addr = sock.getsockname()
@@ -438,12 +446,20 @@ class HacService:
 
     def _supersede(self, mn_id: str, keep: int) -> None:
         limit = self.cfg.policy.max_sas_per_mn
-        live = [
-            i
-            for i in self.store.live_for_mn(mn_id, utcnow())
-            if i.sa.spi != keep and i.sa.spi not in self._issuing_spis
-        ]
-        # Oldest first: keep the delivered SA and the newest limit-1 others.
+        self._delivery_seq += 1
+        self._delivered[keep] = self._delivery_seq
+        order = self._delivered
+        live = sorted(
+            (
+                i
+                for i in self.store.live_for_mn(mn_id, utcnow())
+                if i.sa.spi != keep and i.sa.spi not in self._issuing_spis
+            ),
+            # Oldest first: validity end (whole seconds), then the order of
+            # delivery in this process (SAs from before a restart come first).
+            key=lambda i: (i.sa.validity_end, order.get(i.sa.spi, -1)),
+        )
+        # Keep the delivered SA and the newest limit-1 others.
         excess = len(live) - (limit - 1)
         for issued in live[: max(0, excess)]:
             self.retire(issued.sa.spi, "superseded")
@@ -451,6 +467,7 @@ class HacService:
     def retire(self, spi: int, reason: str) -> bool:
         """Withdraw a live SA for good: out of the store now, off its HA soon."""
         issued = self.store.retire(spi, reason)
+        self._delivered.pop(spi, None)
         if issued is None:
             return False
         sa = issued.sa
@@ -623,6 +640,7 @@ class HacService:
         expired = self.store.expire(utcnow())
         for issued in expired:
             sa = issued.sa
+            self._delivered.pop(sa.spi, None)
             self.emit("mipsec_sa_expired", spi=sa.spi, mn_id=sa.mn_id, validity_end=sa.validity_end)
         return len(expired)
 

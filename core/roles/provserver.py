@@ -28,7 +28,13 @@ from typing import Any
 from cryptography import x509
 
 from mipsec.core.config import ProvisioningListener, PullConfig
-from mipsec.core.errors import CertificateError, ContainerError, TruncatedError, WireError
+from mipsec.core.errors import (
+    CertificateError,
+    ContainerError,
+    ListenError,
+    TruncatedError,
+    WireError,
+)
 from mipsec.core.model import IssuedSA
 from mipsec.core.provisioning import (
     BAD_REQUEST,
@@ -160,14 +166,20 @@ class ProvisioningServer:
 
     async def start(self) -> list[tuple[str, int]]:
         for host in self.cfg.listen:
-            server = await asyncio.start_server(
-                self._on_connection,
-                host=host,
-                port=self.cfg.port,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=self.cfg.timeout,
-                reuse_address=True,
-            )
+            try:
+                server = await asyncio.start_server(
+                    self._on_connection,
+                    host=host,
+                    port=self.cfg.port,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.cfg.timeout,
+                    reuse_address=True,
+                )
+            except OSError as exc:
+                await self.stop()  # the addresses already bound, if any
+                raise ListenError.from_oserror(
+                    "provisioning.port", host, self.cfg.port, exc
+                ) from None
             self._servers.append(server)
             for sock in server.sockets:
                 addr = sock.getsockname()

@@ -457,6 +457,7 @@ def hac_config(
 ) -> HACConfig:
     creds = tmp / "credentials.toml"
     creds.write_text(f'[[mn]]\nmn_id = "{MN_ID}"\npsk_hex = "{"00" * 32}"\n')
+    creds.chmod(0o600)  # a credential file must be private (core/secretfiles.py)
     data: dict[str, Any] = {
         "hac": {
             "listen": ["127.0.0.1"],

@@ -33,8 +33,14 @@ def ctx(tmp_path: Path) -> PluginContext:
     return PluginContext(role="hac", base_dir=tmp_path)
 
 
-def write(path: Path, text: str, mtime_ns: int) -> None:
+def put(path: Path, text: str) -> None:
+    """A credential file as an operator keeps it: mode 0600."""
     path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+
+
+def write(path: Path, text: str, mtime_ns: int) -> None:
+    put(path, text)
     # Set the modification time explicitly: the test never depends on the clock.
     os.utime(path, ns=(mtime_ns, mtime_ns))
 
@@ -61,7 +67,7 @@ def test_nai_key(given: str, key: str) -> None:
 
 
 def test_toml_psk_hex_and_psk(tmp_path: Path) -> None:
-    (tmp_path / "creds.toml").write_text(GOOD)
+    put(tmp_path / "creds.toml", GOOD)
     b = TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
     assert isinstance(b, CredentialBackend)
     assert b.get_psk("alice@home.example") == ALICE_KEY
@@ -71,7 +77,7 @@ def test_toml_psk_hex_and_psk(tmp_path: Path) -> None:
 
 
 def test_toml_realm_case_insensitive_user_case_sensitive(tmp_path: Path) -> None:
-    (tmp_path / "creds.toml").write_text(GOOD)
+    put(tmp_path / "creds.toml", GOOD)
     b = TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
     assert b.get_psk("alice@HOME.example") == ALICE_KEY
     assert b.get_psk("Bob@home.example") == b"correct horse battery staple"
@@ -80,7 +86,7 @@ def test_toml_realm_case_insensitive_user_case_sensitive(tmp_path: Path) -> None
 
 
 def test_toml_repr_has_no_key(tmp_path: Path) -> None:
-    (tmp_path / "creds.toml").write_text(GOOD)
+    put(tmp_path / "creds.toml", GOOD)
     b = TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
     text = repr(b) + str(b)
     assert ALICE_KEY.hex() not in text and "horse" not in text
@@ -98,7 +104,8 @@ def test_toml_repr_has_no_key(tmp_path: Path) -> None:
         ('[[mn]]\nmn_id = "a@x"\npsk = 5\n', r"mn\[0\]\.psk: input should be a valid string"),
         ('[[mn]]\nmn_id = "a@x"\npsk = "p"\nkey = "q"\n', r"mn\[0\]\.key: extra inputs"),
         (
-            '[[mn]]\nmn_id = "a@X"\npsk = "p"\n[[mn]]\nmn_id = "a@x"\npsk = "q"\n',
+            f'[[mn]]\nmn_id = "a@X"\npsk = "{"p" * 20}"\n'
+            f'[[mn]]\nmn_id = "a@x"\npsk = "{"q" * 20}"\n',
             r"mn\[1\]\.mn_id: duplicate of mn\[0\]",
         ),
         ("users = 1\n", r"users: extra inputs"),
@@ -107,7 +114,7 @@ def test_toml_repr_has_no_key(tmp_path: Path) -> None:
 )
 def test_toml_errors_name_file_and_key(tmp_path: Path, body: str, expected: str) -> None:
     path = tmp_path / "creds.toml"
-    path.write_text(body)
+    put(path, body)
     with pytest.raises(ValueError, match=expected) as ei:
         load_credentials(path)
     assert str(ei.value).startswith(f"{path}: ")
@@ -144,12 +151,13 @@ def test_toml_reload_on_change(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     assert len(errors) == 1 and "creds.toml" in errors[0].getMessage()
     assert "abcd" not in caplog.text and ALICE_KEY.hex() not in caplog.text
     # Fixed file: a user removed by the operator is gone.
-    write(path, '[[mn]]\nmn_id = "carol@home.example"\npsk = "new"\n', 1_000_000_003_000_000_000)
-    assert b.get_psk("carol@home.example") == b"new"
+    new = "a new passphrase, long enough"
+    write(path, f'[[mn]]\nmn_id = "carol@home.example"\npsk = "{new}"\n', 1_000_000_003_000_000_000)
+    assert b.get_psk("carol@home.example") == new.encode()
     assert b.get_psk("alice@home.example") is None
     # A deleted file keeps the last contents too.
     path.unlink()
-    assert b.get_psk("carol@home.example") == b"new"
+    assert b.get_psk("carol@home.example") == new.encode()
 
 
 def test_toml_same_mtime_different_size_reloads(tmp_path: Path) -> None:
@@ -161,7 +169,7 @@ def test_toml_same_mtime_different_size_reloads(tmp_path: Path) -> None:
 
 
 def test_toml_empty_file(tmp_path: Path) -> None:
-    (tmp_path / "c.toml").write_text("")
+    put(tmp_path / "c.toml", "")
     b = TomlCredentialsFactory().create({"path": "c.toml"}, ctx(tmp_path))
     assert b.get_psk("a@x") is None
 
@@ -195,12 +203,13 @@ def test_sqlite_hand_made_rows(tmp_path: Path) -> None:
     conn.execute("CREATE TABLE mn_credentials (mn_id TEXT PRIMARY KEY, psk BLOB)")
     conn.executemany(
         "INSERT INTO mn_credentials VALUES (?, ?)",
-        [("text@x", "passphrase"), ("null@x", None), ("empty@x", b"")],
+        [("text@x", "a passphrase typed by hand"), ("null@x", None), ("empty@x", b"")],
     )
     conn.commit()
     conn.close()
+    db.chmod(0o600)
     b = SQLiteCredentialsFactory().create({"path": str(db)}, ctx(tmp_path))
-    assert b.get_psk("text@x") == b"passphrase"
+    assert b.get_psk("text@x") == b"a passphrase typed by hand"
     assert b.get_psk("null@x") is None
     assert b.get_psk("empty@x") is None
     b.close()
@@ -211,6 +220,7 @@ def test_sqlite_errors(tmp_path: Path) -> None:
         SQLiteCredentialsFactory().create({"path": "missing.db"}, ctx(tmp_path))
     sqlite3.connect(tmp_path / "empty.db").close()
     (tmp_path / "empty.db").write_bytes(b"")
+    (tmp_path / "empty.db").chmod(0o600)
     with pytest.raises(ValueError, match=r"^path: .*empty\.db.*no such table"):
         SQLiteCredentialsFactory().create({"path": "empty.db"}, ctx(tmp_path))
     with pytest.raises(ValueError, match=r"^path: field required$"):
@@ -231,10 +241,133 @@ def test_through_pluggy(tmp_path: Path) -> None:
     pm.register(cred_sqlite)
     factories = {f.name: f for group in pm.hook.mipsec_credential_backends() for f in group}
     assert set(factories) == {"toml", "sqlite"}
-    (tmp_path / "c.toml").write_text(GOOD)
+    put(tmp_path / "c.toml", GOOD)
     b = factories["toml"].create({"path": "c.toml"}, ctx(tmp_path))
     assert b.get_psk("alice@home.example") == ALICE_KEY
     add_psk(tmp_path / "c.db", "alice@home.example", ALICE_KEY)
     b2 = factories["sqlite"].create({"path": "c.db"}, ctx(tmp_path))
     assert b2.get_psk("alice@home.example") == ALICE_KEY
     b2.close()
+
+
+# ---------------------------------------------------------------- secrets at rest
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o606])
+def test_toml_file_open_to_others_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "creds.toml"
+    put(path, GOOD)
+    path.chmod(mode)
+    with pytest.raises(ValueError, match=r"^path: .*creds\.toml: secret file open to") as ei:
+        TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
+    assert str(ei.value).endswith(f"fix: chmod 600 {path}")
+
+
+def test_sqlite_file_open_to_others_refused(tmp_path: Path) -> None:
+    db = tmp_path / "creds.db"
+    add_psk(db, "alice@home.example", ALICE_KEY)
+    db.chmod(0o604)
+    with pytest.raises(ValueError, match=r"^path: .*creds\.db: secret file open to others"):
+        SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
+
+
+def test_add_psk_creates_0600_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        add_psk(tmp_path / "creds.db", "alice@home.example", ALICE_KEY)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "creds.db").stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------- passphrases
+
+
+SHORT = (
+    '[[mn]]\nmn_id = "alice@home.example"\npsk_hex = "00"\n\n[[mn]]\nmn_id = "eve@x"\npsk = "{p}"\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("passphrase", "ok"), [("x" * 19, False), ("x" * 20, True), ("é" * 20, True)]
+)
+def test_toml_short_passphrase_refused(tmp_path: Path, passphrase: str, ok: bool) -> None:
+    put(tmp_path / "creds.toml", SHORT.format(p=passphrase))
+    factory = TomlCredentialsFactory()
+    if ok:
+        b = factory.create({"path": "creds.toml"}, ctx(tmp_path))
+        assert b.get_psk("eve@x") == passphrase.encode()
+        return
+    with pytest.raises(ValueError) as ei:
+        factory.create({"path": "creds.toml"}, ctx(tmp_path))
+    text = str(ei.value)
+    # file, key and entry named; the passphrase itself never is
+    assert text.startswith(f"path: {tmp_path / 'creds.toml'}: mn[1].psk: passphrase for 'eve@x'")
+    assert "19 characters, fewer than 20" in text and "allow_short_passphrase" in text
+    assert passphrase not in text
+
+
+def test_toml_short_passphrase_accepted_with_opt_in(tmp_path: Path) -> None:
+    put(tmp_path / "creds.toml", SHORT.format(p="hunter2"))
+    b = TomlCredentialsFactory().create(
+        {"path": "creds.toml", "allow_short_passphrase": True}, ctx(tmp_path)
+    )
+    assert b.get_psk("eve@x") == b"hunter2"
+
+
+def test_toml_reload_with_short_passphrase_keeps_last_contents(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "creds.toml"
+    write(path, GOOD, 1_000_000_000_000_000_000)
+    b = TomlCredentialsFactory().create({"path": "creds.toml"}, ctx(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="mipsec.plugins.cred_toml"):
+        write(
+            path, GOOD + SHORT.format(p="hunter2").replace("alice", "al"), 2_000_000_000_000_000_000
+        )
+        assert b.get_psk("eve@x") is None
+        assert b.get_psk("alice@home.example") == ALICE_KEY
+    assert "mn[3].psk: passphrase for 'eve@x' has 7 characters" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
+def _hand_made(db: Path, rows: list[tuple[str, object]]) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE IF NOT EXISTS mn_credentials (mn_id TEXT PRIMARY KEY, psk BLOB)")
+    conn.executemany("INSERT INTO mn_credentials VALUES (?, ?)", rows)
+    conn.commit()
+    conn.close()
+    db.chmod(0o600)
+
+
+def test_sqlite_short_passphrase_refused_at_start(tmp_path: Path) -> None:
+    db = tmp_path / "creds.db"
+    # A short BLOB is a key, not a passphrase: only TEXT rows are checked.
+    _hand_made(db, [("key@x", b"\x01\x02"), ("eve@x", "hunter2"), ("ok@x", "y" * 20)])
+    with pytest.raises(ValueError) as ei:
+        SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
+    text = str(ei.value)
+    assert "creds.db" in text and "mn_credentials[mn_id='eve@x'].psk" in text
+    assert "7 characters" in text and "hunter2" not in text
+    b = SQLiteCredentialsFactory().create(
+        {"path": "creds.db", "allow_short_passphrase": True}, ctx(tmp_path)
+    )
+    assert b.get_psk("eve@x") == b"hunter2"
+    b.close()
+
+
+def test_sqlite_short_passphrase_added_later_ignored_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "creds.db"
+    _hand_made(db, [("ok@x", "y" * 20)])
+    b = SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
+    _hand_made(db, [("eve@x", "hunter2")])
+    with caplog.at_level(logging.ERROR, logger="mipsec.plugins.cred_sqlite"):
+        assert b.get_psk("eve@x") is None
+        assert b.get_psk("eve@x") is None
+    assert b.get_psk("ok@x") == b"y" * 20
+    errors = [r.getMessage() for r in caplog.records]
+    assert len(errors) == 1 and "mn_credentials[mn_id='eve@x'].psk ignored" in errors[0]
+    assert "hunter2" not in caplog.text
+    b.close()

@@ -123,14 +123,17 @@ def test_stored_format(tmp_path: Path) -> None:
         s.add(full_issued(), now=T0)
     conn = sqlite3.connect(path)
     try:
-        row = conn.execute(
-            "SELECT validity_end, mn_to_ha_ekey, ip6_hoa, suite FROM issued_sa"
-        ).fetchone()
+        row = conn.execute("SELECT validity_end, ip6_hoa, suite, sa_keys FROM issued_sa").fetchone()
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        meta = dict(conn.execute("SELECT name, value FROM store_meta").fetchall())
     finally:
         conn.close()
-    assert row == (int((T0 + timedelta(days=1)).timestamp()), EK1, "2001:db8:1::abcd", 0x3C)
+    assert row[:3] == (int((T0 + timedelta(days=1)).timestamp()), "2001:db8:1::abcd", 0x3C)
+    # Wrapped by default: format octet 1, 12-octet nonce, 4 lengths + 64 key octets, 16-octet tag.
+    assert row[3][0] == 1 and len(row[3]) == 1 + 12 + 4 + 64 + 16
+    assert meta["key_mode"] == "aes-256-gcm" and len(meta["key_check"]) == 12 + 16
+    assert stat.S_IMODE((tmp_path / "sa.db.key").stat().st_mode) == 0o600
 
 
 def test_same_spi_refused_while_live_and_accepted_after_expiry(store: SQLiteSAStore) -> None:
@@ -286,6 +289,7 @@ def test_factories(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^path: cannot open"):
         SQLiteStoreFactory().create({"path": "no/such/dir/x.db"}, ctx)
     (tmp_path / "junk.db").write_bytes(b"this is not a database file at all" * 100)
+    (tmp_path / "junk.db").chmod(0o600)
     with pytest.raises(ValueError, match=r"^path: cannot open"):
         SQLiteStoreFactory().create({"path": "junk.db"}, ctx)
     m = MemoryStoreFactory().create({}, ctx)
@@ -351,3 +355,30 @@ def test_model(ops: list[tuple[str, int, int, int]]) -> None:
         live = {x.sa.spi: x.sa.validity_end for x in s.live(now)}
         assert live == {k: at(v) for k, v in model.items() if v > t}
     s.close()
+
+
+# ---------------------------------------------------------------- retired SAs
+
+
+def test_retire_reserves_the_spi_until_its_old_validity_end(store: SQLiteSAStore) -> None:
+    end = T0 + timedelta(seconds=60)
+    x = issued(21, mn_id="a@x", end=end)
+    assert store.add(x, T0)
+    assert store.retire(21, "superseded") == x
+    assert store.retire(21, "superseded") is None
+    assert store.get(21, T0) is None and store.live_for_mn("a@x", T0) == []
+    assert not store.add(issued(21, mn_id="b@x"), T0)  # reserved, not free
+    assert store.retired_unconfirmed(T0) == [(21, "a@x", "ha1", end)]
+    store.confirm_retired(21)
+    assert store.retired_unconfirmed(T0) == []
+    assert not store.add(issued(21, mn_id="b@x"), T0)  # still reserved after confirmation
+    store.expire(end)
+    assert store.add(issued(21, mn_id="b@x", end=end + timedelta(seconds=60)), end)
+
+
+def test_live_for_mn_oldest_first(store: SQLiteSAStore) -> None:
+    store.add(issued(31, mn_id="a@x", end=T0 + timedelta(seconds=90)), T0)
+    store.add(issued(32, mn_id="a@x", end=T0 + timedelta(seconds=30)), T0)
+    store.add(issued(33, mn_id="b@x", end=T0 + timedelta(seconds=10)), T0)
+    assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [32, 31]
+    assert [x.sa.spi for x in store.live_for_mn("a@x", T0 + timedelta(seconds=30))] == [31]
