@@ -227,7 +227,11 @@ def test_local_transport_and_withdraw(tmp_path: Path) -> None:
         assert svc.store.get(issued.sa.spi, datetime.now(UTC)) is None
         await mn.send(mn.bu(2), addrs[0])
         assert await mn.nothing()
-        assert svc.stats()["drops"] == {"unknown_spi": 1}
+        assert svc.stats()["drops"] == {"withdrawn_spi": 1}
+        # Withdrawn is dead for good: the same SA is not taken back.
+        with pytest.raises(ValueError, match="withdrawn"):
+            await LocalTransport().provision(ha, issued, 1.0)
+        assert not svc.core.has_spi(issued.sa.spi)
         mn.close()
         await svc.stop()
         # After stop the local receiver is gone: provisioning confirms without delivery.
