@@ -53,7 +53,8 @@ Part 2, BU -> BA transactions per second, many MNs, target >= 10,000 on one core
   The HA child keeps its binding cache in a SQLite file in a temporary
   directory (``--bindings file``, the default: what a deployment runs, so the
   figure includes committing each burst's replay floors and bindings before
-  its BAs leave) or in memory (``--bindings memory``).
+  its BAs leave; ``--bindings full``: the same with ``synchronous = "full"``,
+  an fsync per commit) or in memory (``--bindings memory``).
 """
 
 from __future__ import annotations
@@ -287,6 +288,11 @@ HAA = IPv6Address("2001:db8::1")
 HOA_BASE = int(IPv6Address("2001:db8:1::"))
 BU_LIFETIME = 100  # 4-s units requested by every BU (400 s)
 CHILD_START_TIMEOUT = 30.0  # seconds for a child to import, install SAs and bind
+BINDINGS_TEXT = {
+    "file": "SQLite file, synchronous normal",
+    "full": "SQLite file, synchronous full",
+    "memory": "memory",
+}
 BLAST_IDLE = 0.5  # seconds without a reply: the outstanding BUs count as lost
 
 
@@ -447,7 +453,7 @@ class _EchoService:
 
 
 async def _serve_async(
-    kind: str, sas: list[IssuedSA], commands: IO[str], bindings: str | None
+    kind: str, sas: list[IssuedSA], commands: IO[str], bindings: str | None, full: bool = False
 ) -> None:
     """Child body: start the server, print ``ready PORT``, then answer commands on stdin.
 
@@ -464,7 +470,7 @@ async def _serve_async(
             {
                 "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0, "address6": str(HAA)},
                 "sa_store": {"backend": "memory"},
-                "bindings": {"path": bindings},
+                "bindings": {"path": bindings, "synchronous": "full" if full else "normal"},
             }
         )
         service = HaService(cfg)
@@ -519,7 +525,7 @@ def serve(kind: str, bindings: str) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="mipsec-bench-") as tmp:
         path = os.path.join(tmp, "bindings.sqlite")
-        asyncio.run(_serve_async(kind, sas, commands, path))
+        asyncio.run(_serve_async(kind, sas, commands, path, bindings == "full"))
     return 0
 
 
@@ -820,9 +826,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=128, help="outstanding BUs in the UDP client")
     parser.add_argument(
         "--bindings",
-        choices=("file", "memory"),
+        choices=("file", "full", "memory"),
         default="file",
-        help="the UDP HA child's binding cache: a SQLite file (default) or memory",
+        help="the UDP HA child's binding cache: a SQLite file (default), the same with "
+        "synchronous = full, or memory",
     )
     parser.add_argument("--serve", choices=("ha", "echo"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -878,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(
             f"UDP on 127.0.0.1, HaService in a child process, {args.mns} SAs per suite, "
-            f"binding cache in {'a SQLite file' if args.bindings == 'file' else 'memory'}:"
+            f"binding cache: {BINDINGS_TEXT[args.bindings]}:"
         )
         print(render_udp(udp, args.window, pinned))
         # Exit status 1 for a BA that fails the MN's checks; a lost one (or one
