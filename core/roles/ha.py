@@ -253,7 +253,9 @@ class HaService:
                 # Withdrawn, then the HA stopped before the store forgot it.
                 self.store.remove(issued.sa.spi)
                 log.info("SA spi=%d withdrawn earlier: removed from the store", issued.sa.spi)
-        self.core.expire(now)  # records of SAs that ended while the HA was down
+        # Bindings, SAs and records that ended while the HA was down.
+        for ev in self.core.expire(now):
+            self._log_binding(ev)
         self.bindings.flush()  # one commit for every SA's records
         try:
             await self._open_sockets()
