@@ -597,9 +597,12 @@ class BindingCache:
             and not rec.dead
             and (rec.key_digest is None or rec.key_digest == key_digest)
         )
-        if not same:
+        if same:
+            assert rec is not None
+            if rec.until == until and rec.key_digest == key_digest:
+                return True  # a restart: nothing to write
+        else:
             rec = _SpiRecord()
-        assert rec is not None
         rec.until = until
         rec.key_digest = key_digest
         self._spis.set(spi, rec, until)
