@@ -50,6 +50,11 @@ Part 2, BU -> BA transactions per second, many MNs, target >= 10,000 on one core
   the client costs.  Baseline in the same run: a bare UDP echo server in a
   child process built the same way (asyncio + the HA's own ``_Protocol``
   socket-draining class), echoing the same BUs; ratio = HA / echo.
+  The HA child keeps its binding cache in a SQLite file in a temporary
+  directory (``--bindings file``, the default: what a deployment runs, so the
+  figure includes committing each burst's replay floors and bindings before
+  its BAs leave; ``--bindings full``: the same with ``synchronous = "full"``,
+  an fsync per commit) or in memory (``--bindings memory``).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ import select
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -282,6 +288,11 @@ HAA = IPv6Address("2001:db8::1")
 HOA_BASE = int(IPv6Address("2001:db8:1::"))
 BU_LIFETIME = 100  # 4-s units requested by every BU (400 s)
 CHILD_START_TIMEOUT = 30.0  # seconds for a child to import, install SAs and bind
+BINDINGS_TEXT = {
+    "file": "SQLite file, synchronous normal",
+    "full": "SQLite file, synchronous full",
+    "memory": "memory",
+}
 BLAST_IDLE = 0.5  # seconds without a reply: the outstanding BUs count as lost
 
 
@@ -441,7 +452,9 @@ class _EchoService:
         return dict(self.counts)
 
 
-async def _serve_async(kind: str, sas: list[IssuedSA], commands: IO[str]) -> None:
+async def _serve_async(
+    kind: str, sas: list[IssuedSA], commands: IO[str], bindings: str | None, full: bool = False
+) -> None:
     """Child body: start the server, print ``ready PORT``, then answer commands on stdin.
 
     ``cpu`` -> this process's user+system CPU seconds (getrusage); ``stats`` ->
@@ -457,6 +470,7 @@ async def _serve_async(kind: str, sas: list[IssuedSA], commands: IO[str]) -> Non
             {
                 "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0, "address6": str(HAA)},
                 "sa_store": {"backend": "memory"},
+                "bindings": {"path": bindings, "synchronous": "full" if full else "normal"},
             }
         )
         service = HaService(cfg)
@@ -500,13 +514,18 @@ async def _serve_async(kind: str, sas: list[IssuedSA], commands: IO[str]) -> Non
         transport.close()
 
 
-def serve(kind: str) -> int:
+def serve(kind: str, bindings: str) -> int:
     """``--serve ha|echo``: run as the bench's child process (SAs pickled on stdin)."""
     stdin = sys.stdin.buffer
     size = int(stdin.readline())
     sas: list[IssuedSA] = pickle.loads(stdin.read(size))  # our own parent wrote it
     commands = open(stdin.fileno(), encoding="ascii", closefd=False)
-    asyncio.run(_serve_async(kind, sas, commands))
+    if bindings == "memory":
+        asyncio.run(_serve_async(kind, sas, commands, None))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="mipsec-bench-") as tmp:
+        path = os.path.join(tmp, "bindings.sqlite")
+        asyncio.run(_serve_async(kind, sas, commands, path, bindings == "full"))
     return 0
 
 
@@ -524,10 +543,10 @@ def _pin(pid: int, cpu: int) -> bool:
 class _Child:
     """A ``--serve`` child: started, asked over its stdin/stdout, always reaped."""
 
-    def __init__(self, kind: str, sas: list[IssuedSA]) -> None:
+    def __init__(self, kind: str, sas: list[IssuedSA], bindings: str = "file") -> None:
         self.kind = kind
         self.proc = subprocess.Popen(  # this very script, fixed arguments
-            [sys.executable, os.path.abspath(__file__), "--serve", kind],
+            [sys.executable, os.path.abspath(__file__), "--serve", kind, "--bindings", bindings],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -576,8 +595,8 @@ class _Child:
 
 
 @contextlib.contextmanager
-def _child(kind: str, sas: list[IssuedSA]) -> Iterator[_Child]:
-    child = _Child(kind, sas)
+def _child(kind: str, sas: list[IssuedSA], bindings: str = "file") -> Iterator[_Child]:
+    child = _Child(kind, sas, bindings)
     try:
         yield child
     finally:
@@ -694,7 +713,12 @@ def _udp_run(
 
 
 def bench_udp(
-    suites: list[Suite], n_mns: int, rounds: int, window: int, max_seconds: float
+    suites: list[Suite],
+    n_mns: int,
+    rounds: int,
+    window: int,
+    max_seconds: float,
+    bindings: str = "file",
 ) -> tuple[list[UdpRow], bool]:
     """HA child with N SAs per suite, then the echo child with the same BUs."""
     issued = {s: _issue(s, n_mns, 0x1000 + k * n_mns) for k, s in enumerate(suites)}
@@ -704,7 +728,7 @@ def bench_udp(
     me_pinned = _pin(0, 0)
     try:
         all_sas = [iss for s in suites for iss in issued[s]]
-        with _child("ha", all_sas) as ha:
+        with _child("ha", all_sas, bindings) as ha:
             pinned = ha.pinned and me_pinned
             for s in suites:
                 rows.append(_udp_run(ha, s.name, mns[s], bus[s], window, True, max_seconds))
@@ -800,10 +824,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mns", type=int, default=1000, help="MNs (SAs) for part 2")
     parser.add_argument("--window", type=int, default=128, help="outstanding BUs in the UDP client")
+    parser.add_argument(
+        "--bindings",
+        choices=("file", "full", "memory"),
+        default="file",
+        help="the UDP HA child's binding cache: a SQLite file (default), the same with "
+        "synchronous = full, or memory",
+    )
     parser.add_argument("--serve", choices=("ha", "echo"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return serve(args.serve)
+        return serve(args.serve, args.bindings)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     unknown = sections - {"crypto", "memory", "udp"}
     if unknown:
@@ -844,10 +875,18 @@ def main(argv: list[str] | None = None) -> int:
             else [DEFAULT_SUITE, *(s for s in SUITES if s != DEFAULT_SUITE)]
         )
         udp, pinned = bench_udp(
-            suites, args.mns, 10 if args.quick else 40, args.window, 5.0 if args.quick else 10.0
+            suites,
+            args.mns,
+            10 if args.quick else 40,
+            args.window,
+            5.0 if args.quick else 10.0,
+            args.bindings,
         )
         print()
-        print(f"UDP on 127.0.0.1, HaService in a child process, {args.mns} SAs per suite:")
+        print(
+            f"UDP on 127.0.0.1, HaService in a child process, {args.mns} SAs per suite, "
+            f"binding cache: {BINDINGS_TEXT[args.bindings]}:"
+        )
         print(render_udp(udp, args.window, pinned))
         # Exit status 1 for a BA that fails the MN's checks; a lost one (or one
         # cut off by the time limit) only shows in "lost".

@@ -273,6 +273,9 @@ class HAService(_Strict):
 
 class BindingsConfig(_Strict):
     path: Path | None = None  # SQLite file; None keeps the binding cache in memory
+    # "normal": every commit survives a crash of the HA process; "full": also
+    # a power loss, at an fsync per commit (core/bindings.py).
+    synchronous: Literal["normal", "full"] = "normal"
 
 
 class ProvisioningListener(_Strict):

@@ -11,7 +11,8 @@ tested without sleeping.
 
 Drops are silent (PROFILE §7: never answer) and counted in ``drops`` under
 the reason: ``malformed``, ``unknown_spi``, ``bad_icv``, ``replay``,
-``bad_padding``, ``scope``, ``expired_sa``, plus ``not_home_registration``
+``bad_padding``, ``scope``, ``expired_sa``, ``withdrawn_spi`` (an SPI the
+HAC withdrew, see below), plus ``not_home_registration``
 (a BU without the H flag and no binding: RFC 6275 §9.5.1 requires nonce
 indices and authorization data there, which this HA never has, so the packet
 "MUST be silently discarded") and ``seq_exhausted`` (the HA->MN counter is
@@ -59,10 +60,52 @@ the profile's rules (PROFILE §8):
 * The MH checksum uses the pseudo-header (SA's HoA -> provisioned HA address,
   ``::`` when unknown); a mismatch is counted (``checksum_mismatch``), not
   dropped: the ICV already protects the octets (PROFILE §8).
+
+Replay protection across restarts (issue 6): no packet the HA accepted is
+accepted again after a restart at any instant.  What must survive lives in
+the binding cache (``bindings.py``) and is on disk before any answer leaves
+-- the HA role commits each burst's changes, then sends its replies and
+delivers its data (a caller of ``receive`` with a write-behind cache must
+do the same: ``bindings.flush()`` before sending).  One MN->HA sequence space
+per SA is shared by BUs and data, but the two are guarded differently:
+
+* Mobility Header packets (BUs): an exact floor.  Every verified PType 8
+  packet raises its SPI's ``in_floor`` to its number before the reply; after
+  a restart a PType 8 packet at or below the floor is a replay.  The binding
+  (with its BU Sequence #) and the §10.3.2 deleted-binding records are
+  committed with it.  So a fresh BU after a restart is accepted at once
+  (BA 0): its number is above every BU the HA ever answered.
+* Data packets (PType 1): a high-water mark reserved ahead, ``data_mark``:
+  no data packet numbered at or above it has been accepted.  A data packet
+  that reaches it raises it (to its number + a reserve) and is delivered only
+  once that is committed; below it, nothing is written.  After a restart,
+  data numbered below the persisted mark is dropped as a replay.  The
+  reserve adapts to each SA's rate -- about ``DATA_RESERVE_PERIOD`` (1 s) of
+  its traffic, at least ``DATA_RESERVE_MIN`` (32) and at most
+  ``DATA_RESERVE_MAX`` (65,536) numbers -- so an SA commits its mark about
+  once a second while it sends, and ``expire`` shrinks the reservation of
+  an SA that went quiet.  Cost: after a crash (SIGKILL, power loss), an SA
+  loses the data packets its MN numbers between the last one the HA accepted
+  and the mark -- at most about a second of its traffic, or 32 packets for a
+  slow sender.  After a clean stop (``settle``) the marks are exact and
+  nothing is lost.  A fresh BU does not lower the mark: a BU that was held
+  back (never delivered before the restart) would look just as fresh, and
+  accepting data below the mark on its strength could replay data the HA
+  had accepted.  The BU's own number is not affected by the mark, so
+  registration works at once; data resumes when the MN's counter passes the
+  mark (the MN's next packets, for an MN that kept sending).
+* A withdrawn SPI (``remove_sa``: the HAC superseded or revoked the SA) is
+  dead until the SA's validity end: its packets are dropped
+  (``withdrawn_spi``) without asking the HAC (no ``NeedSA``), and
+  ``install_sa`` refuses the same SA again (``SpiWithdrawn``; an SA with
+  other keys under the same SPI is a new SA and starts afresh).  An SPI
+  withdrawn before the HA knew it is refused whatever the keys, for
+  ``WITHDRAWN_UNKNOWN_TTL``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import hmac
 import time
@@ -115,6 +158,9 @@ from mipsec.core.wire.mh import (
 
 __all__ = [
     "ADDED",
+    "DATA_RESERVE_MAX",
+    "DATA_RESERVE_MIN",
+    "DATA_RESERVE_PERIOD",
     "DELETED",
     "EXPIRED",
     "MAX_DELETE_BCE_TIMEOUT",
@@ -122,12 +168,15 @@ __all__ = [
     "REFRESHED",
     "REGISTRATION_TYPE_CHANGE_DISALLOWED",
     "REINIT_MARGIN",
+    "WITHDRAWN_UNKNOWN_TTL",
     "Action",
     "BindingChanged",
     "DataIn",
     "HaCore",
     "NeedSA",
     "Reply",
+    "SpiWithdrawn",
+    "key_digest",
     "same_sa",
 ]
 
@@ -145,6 +194,14 @@ REINIT_MARGIN = 60.0
 # HA->MN sequence numbers reserved (persisted) at a time; a restart skips at
 # most this many, out of 2**32.
 OUT_SEQ_RESERVE = 4096
+# MN->HA data sequence numbers reserved ahead (see the module docstring): the
+# reserve aims at DATA_RESERVE_PERIOD seconds of the SA's traffic.
+DATA_RESERVE_MIN = 32
+DATA_RESERVE_MAX = 1 << 16
+DATA_RESERVE_PERIOD = 1.0
+# How long an SPI withdrawn before the HA knew its SA stays dead (its
+# validity end is unknown; an SA lives an hour by default).
+WITHDRAWN_UNKNOWN_TTL = 86400.0
 
 _HOME_ADDRESS_OPTION = 201  # RFC 6275 §6.3, in a Destination Options header
 _NONCE_INDICES_OPTION = 5  # RFC 6275 §6.2.6: must not appear with H set (§9.5.1)
@@ -199,6 +256,25 @@ class DataIn:
 
 
 Action: TypeAlias = Reply | BindingChanged | NeedSA | DataIn
+
+
+class SpiWithdrawn(LocalProtocolError):
+    """``install_sa`` of an SA whose SPI the HAC withdrew: it is dead for good."""
+
+
+def key_digest(issued: IssuedSA) -> bytes:
+    """Which SA this is, without its keys: 16 octets of SHA-256 over suite, SPI and keys.
+
+    Kept in the binding cache's SPI records (a digest reveals nothing of the
+    random keys) so a withdrawn SA is recognised, and a later SA under the
+    same SPI does not inherit another's counters.
+    """
+    sa = issued.sa
+    h = hashlib.sha256(b"mipsec spi record\x00")
+    h.update(int(sa.suite).to_bytes(2, "big") + sa.spi.to_bytes(4, "big"))
+    for key in (sa.mn_to_ha_ikey, sa.ha_to_mn_ikey, sa.mn_to_ha_ekey, sa.ha_to_mn_ekey):
+        h.update(len(key).to_bytes(2, "big") + bytes(key))
+    return h.digest()[:16]
 
 
 def same_sa(a: IssuedSA, b: IssuedSA) -> bool:
@@ -256,6 +332,11 @@ class _SAEntry:
         "ba_src",
         "bu_dst",
         "bu_src",
+        "data_floor",
+        "data_mark",
+        "data_raised_at",
+        "data_reserve",
+        "guard",
         "hoa",
         "in_floor",
         "inbound",
@@ -279,6 +360,9 @@ class _SAEntry:
         out_seq: int,
         out_mark: int,
         in_floor: int,
+        data_mark: int,
+        data_floor: int,
+        now: float,
     ) -> None:
         sa, bs = issued.sa, issued.bootstrap
         info = SUITES[sa.suite]
@@ -294,7 +378,15 @@ class _SAEntry:
             info, sa.ha_to_mn_ikey, sa.ha_to_mn_ekey, sa.spi, initial_seq=out_seq
         )
         self.out_mark = out_mark  # numbers below it are reserved (persisted)
+        # Restored at install (-1: nothing to guard): MH packets numbered
+        # <= in_floor and data packets <= data_floor were accepted in an
+        # earlier run, which this run's fresh window cannot know.
         self.in_floor = in_floor
+        self.data_floor = data_floor
+        self.guard = in_floor >= 0 or data_floor >= 0
+        self.data_mark = data_mark  # persisted: no data packet >= it accepted
+        self.data_reserve = DATA_RESERVE_MIN
+        self.data_raised_at = now
         self.ip6_hoa = bs.ip6_hoa
         self.ip4_hoa = bs.ip4_hoa
         self.ip4_hnp: IPv4Network | None = bs.ip4_hnp
@@ -341,7 +433,9 @@ class HaCore:
         self.pull = pull
         self._sas: dict[int, _SAEntry] = {}
         self._sa_heap: list[tuple[float, int]] = []  # (validity_end, spi), stale allowed
-        self._tombstones: dict[str, tuple[int, float]] = {}  # hoa -> (sequence, until)
+        # SPIs whose data reservation is above the minimum: expire() trims
+        # those that went quiet.
+        self._big_reserves: set[int] = set()
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()  # packets, bu, data_in, need_sa, ...
         self.ba_status: Counter[int] = Counter()
@@ -356,38 +450,53 @@ class HaCore:
         Returns False when the very same SA is already installed (nothing
         changes: its replay window and counters stay).  A different SA under
         an installed SPI replaces it -- the provisioning side (HAC) decides
-        which SA an SPI means.  ``initial_out_seq`` overrides the persisted
-        HA->MN counter (restores and tests).
+        which SA an SPI means.  Raises ``SpiWithdrawn`` for an SA withdrawn
+        earlier (``remove_sa``).  The SPI's persisted record, when it is this
+        SA's, restores the counters and replay floors (a restart).
+        ``initial_out_seq`` overrides the HA->MN counter (tests).
         """
         spi = issued.sa.spi
+        t = time.time() if now is None else now
+        digest = key_digest(issued)
+        if self.is_withdrawn(issued, now=t, digest=digest):
+            raise SpiWithdrawn(f"spi: {spi} was withdrawn; its SA is not accepted again")
         old = self._sas.get(spi)
         if old is not None:
             if same_sa(old.issued, issued):
                 return False
             self._sas.pop(spi)
-            self.bindings.forget_spi(spi)
-        hoa = issued.bootstrap.ip6_hoa or issued.bootstrap.ip4_hoa
-        if initial_out_seq is not None:
-            if not 0 <= initial_out_seq <= SEQ_MAX + 1:
-                raise LocalProtocolError(f"initial_out_seq: {initial_out_seq} outside 0..2**32")
-            out_seq = out_mark = initial_out_seq
+            self._big_reserves.discard(spi)
+        if initial_out_seq is not None and not 0 <= initial_out_seq <= SEQ_MAX + 1:
+            raise LocalProtocolError(f"initial_out_seq: {initial_out_seq} outside 0..2**32")
+        validity_end = issued.sa.validity_end.timestamp()
+        bindings = self.bindings
+        if bindings.claim_spi(spi, validity_end, digest):
+            # This SA's record: a restart.  Resume the HA->MN counter at its
+            # reservation and guard what the earlier run accepted.
+            out_seq = out_mark = bindings.out_mark(spi) or 0
+            hoa = issued.bootstrap.ip6_hoa or issued.bootstrap.ip4_hoa
+            in_floor = bindings.replay_floor(spi, None if hoa is None else str(hoa))
+            data_mark = bindings.data_mark(spi) or 0
+            data_floor = data_mark - 1
         else:
-            mark = self.bindings.out_mark(spi)
-            if mark is None:
-                # A new SA: reserve its first block of numbers now, on the
-                # (slow) provisioning path, rather than on its first BA.
-                self.bindings.set_out_mark(spi, OUT_SEQ_RESERVE)
-                out_seq, out_mark = 0, OUT_SEQ_RESERVE
-            else:
-                out_seq = out_mark = mark
-        floor = self.bindings.replay_floor(spi, None if hoa is None else str(hoa))
-        entry = _SAEntry(issued, self.haa_ip6, self.window, out_seq, out_mark, floor)
+            # A new SA (or one replacing another SA's record): reserve its first
+            # blocks of numbers now, on the (slow) provisioning path, rather
+            # than on its first packets.
+            out_seq, out_mark = 0, OUT_SEQ_RESERVE
+            bindings.set_out_mark(spi, OUT_SEQ_RESERVE)
+            in_floor = data_floor = -1
+            data_mark = DATA_RESERVE_MIN
+            bindings.set_data_mark(spi, data_mark)
+        if initial_out_seq is not None:
+            out_seq = out_mark = initial_out_seq
+        entry = _SAEntry(
+            issued, self.haa_ip6, self.window, out_seq, out_mark, in_floor, data_mark, data_floor, t
+        )
         # 176 once less than reinit_margin of validity is left -- but never
         # more than a fifth of the SA's remaining life at install, so a short
         # SA (labs, tests) is not answered 176 from its first BU on, which
         # would send the MN into a re-bootstrap loop.
-        installed = time.time() if now is None else now
-        margin = min(self.reinit_margin, 0.2 * max(0.0, entry.validity_end - installed))
+        margin = min(self.reinit_margin, 0.2 * max(0.0, entry.validity_end - t))
         entry.reinit_at = entry.validity_end - margin
         self._sas[spi] = entry
         heapq.heappush(self._sa_heap, (entry.validity_end, spi))
@@ -396,14 +505,47 @@ class HaCore:
             heapq.heapify(self._sa_heap)
         return True
 
-    def remove_sa(self, spi: int) -> list[BindingChanged]:
-        """Forget an SA (withdrawn by the HAC); its binding goes with it."""
+    def is_withdrawn(
+        self, issued: IssuedSA, *, now: float | None = None, digest: bytes | None = None
+    ) -> bool:
+        """Was this SA (same SPI and keys) withdrawn, or its SPI withdrawn unseen?"""
+        dead = self.bindings.dead(issued.sa.spi)
+        if dead is None or dead.until <= (time.time() if now is None else now):
+            return False
+        if dead.key_digest is None:
+            return True
+        return hmac.compare_digest(dead.key_digest, digest or key_digest(issued))
+
+    def remove_sa(
+        self, spi: int, *, now: float | None = None, issued: IssuedSA | None = None
+    ) -> list[BindingChanged]:
+        """Withdraw an SA (the HAC superseded or revoked it): dead for good.
+
+        Its binding goes with it, and the SPI's record becomes a withdrawal
+        record until the SA's validity end, so neither its packets nor the
+        same SA (a pull, a repeated install) are accepted again.  ``issued``
+        names the SA when this core does not hold it (e.g. it was only in
+        the store); with neither, the SPI is refused whatever the keys for
+        ``WITHDRAWN_UNKNOWN_TTL``.
+        """
+        t = time.time() if now is None else now
         entry = self._sas.pop(spi, None)
-        if entry is None:
-            return []
-        events = self._unbind(entry, DELETED)
-        self.bindings.forget_spi(spi)
-        return events
+        self._big_reserves.discard(spi)
+        known = entry.issued if entry is not None else issued
+        digest: bytes | None
+        if known is not None:
+            until, digest = known.sa.validity_end.timestamp(), key_digest(known)
+        else:
+            until, digest = t + WITHDRAWN_UNKNOWN_TTL, None
+        prev = self.bindings.dead(spi)
+        if prev is not None:
+            # Withdrawn before: keep the longer end, and "any keys" when the
+            # two records do not name the same SA.
+            until = max(until, prev.until)
+            if prev.key_digest is None or digest is None or prev.key_digest != digest:
+                digest = None
+        self.bindings.bury_spi(spi, until, digest)
+        return [] if entry is None else self._unbind(entry, DELETED, t)
 
     def has_spi(self, spi: int) -> bool:
         return spi in self._sas
@@ -411,14 +553,34 @@ class HaCore:
     def spis(self) -> list[int]:
         return list(self._sas)
 
-    def _unbind(self, entry: _SAEntry, event: str) -> list[BindingChanged]:
+    def _unbind(self, entry: _SAEntry, event: str, now: float) -> list[BindingChanged]:
         if entry.hoa is None:
             return []
         b = self.bindings.get(entry.hoa)
         if b is None or b.spi != entry.spi:
             return []
         self.bindings.delete(entry.hoa)
+        # As after a de-registration (RFC 6275 §10.3.2): a delayed BU under
+        # another SA of this HoA cannot re-create the binding with an old number.
+        self.bindings.set_deleted(b.hoa, b.sequence, now + MAX_DELETE_BCE_TIMEOUT)
         return [BindingChanged(event, b.hoa, b.coa, b.lifetime, b.spi)]
+
+    def settle(self) -> int:
+        """Make every data reservation exact (before a clean stop); how many changed.
+
+        After it, a restart loses no data packet: the persisted marks are
+        just above what each SA accepted.
+        """
+        changed = 0
+        for entry in self._sas.values():
+            exact = max(entry.inbound.highest_seq, entry.data_floor) + 1
+            if exact < entry.data_mark:
+                entry.data_mark = exact
+                entry.data_reserve = DATA_RESERVE_MIN
+                self.bindings.set_data_mark(entry.spi, exact)
+                changed += 1
+        self._big_reserves.clear()
+        return changed
 
     # ------------------------------------------------------------ timers
 
@@ -430,7 +592,11 @@ class HaCore:
         return min(times) if times else None
 
     def expire(self, now: float) -> list[BindingChanged]:
-        """End bindings whose lifetime passed and SAs past their validity end."""
+        """End bindings whose lifetime passed and SAs past their validity end.
+
+        Also ends the records that prevent replays once they have nothing
+        left to guard, and shrinks the data reservation of SAs that went quiet.
+        """
         events = [
             BindingChanged(EXPIRED, b.hoa, b.coa, b.lifetime, b.spi)
             for b in self.bindings.pop_expired(now)
@@ -442,14 +608,55 @@ class HaCore:
             if entry is None or entry.validity_end != end:
                 continue  # removed or replaced since
             del self._sas[spi]
+            self._big_reserves.discard(spi)
             # Bindings never outlive their SA (lifetime is capped by it), but
             # a clock step could leave one behind.
-            events.extend(self._unbind(entry, EXPIRED))
+            events.extend(self._unbind(entry, EXPIRED, now))
             self.bindings.forget_spi(spi)
-        if self._tombstones:
-            for hoa in [h for h, (_, until) in self._tombstones.items() if until <= now]:
-                del self._tombstones[hoa]
+        self.bindings.purge(now)
+        if self._big_reserves:
+            self._trim_reserves(now)
         return events
+
+    def _trim_reserves(self, now: float) -> None:
+        # A reservation sized for a fast sender that stopped would cost that
+        # many packets after a crash: bring it back to the minimum above
+        # what was accepted (lowering the mark is safe -- nothing at or
+        # above the new one was accepted).
+        for spi in list(self._big_reserves):
+            entry = self._sas.get(spi)
+            if entry is None:
+                self._big_reserves.discard(spi)
+                continue
+            if now - entry.data_raised_at < 2 * DATA_RESERVE_PERIOD:
+                continue
+            self._big_reserves.discard(spi)
+            mark = max(entry.inbound.highest_seq, entry.data_floor) + 1 + DATA_RESERVE_MIN
+            if mark < entry.data_mark:
+                entry.data_mark = mark
+                entry.data_reserve = DATA_RESERVE_MIN
+                entry.data_raised_at = now
+                self.bindings.set_data_mark(spi, mark)
+
+    def _reserve_data(self, entry: _SAEntry, seq: int, now: float) -> None:
+        """Data packet ``seq`` reached the mark: reserve the next block beyond it.
+
+        The block holds about DATA_RESERVE_PERIOD of the SA's traffic at the
+        rate it used the previous block.
+        """
+        used = seq + 1 - (entry.data_mark - entry.data_reserve)
+        elapsed = now - entry.data_raised_at
+        if elapsed > 0:
+            want = int(used * DATA_RESERVE_PERIOD / elapsed)
+            reserve = min(max(want, DATA_RESERVE_MIN), DATA_RESERVE_MAX)
+        else:
+            reserve = min(2 * entry.data_reserve, DATA_RESERVE_MAX)
+        entry.data_reserve = reserve
+        entry.data_raised_at = now
+        entry.data_mark = min(seq + 1 + reserve, SEQ_MAX + 1)
+        self.bindings.set_data_mark(entry.spi, entry.data_mark)
+        if reserve > DATA_RESERVE_MIN:
+            self._big_reserves.add(entry.spi)
 
     # ------------------------------------------------------------ packets
 
@@ -476,6 +683,8 @@ class HaCore:
             return self._plain(datagram, src, now)
         entry = self._sas.get(spi)
         if entry is None:
+            if self.bindings.dead(spi) is not None:
+                return self._drop("withdrawn_spi")  # never pulled back either
             if self.pull and allow_pull:
                 self.counts["need_sa"] += 1
                 return [NeedSA(spi)]
@@ -483,11 +692,12 @@ class HaCore:
         if now >= entry.validity_end:
             return self._drop("expired_sa")
         # After a restart, numbers the previous run accepted are replays even
-        # though the fresh window has not seen them (see bindings.py).
+        # though the fresh window has not seen them (module docstring).
         if (
-            entry.in_floor >= 0
+            entry.guard
             and len(datagram) >= 8
-            and int.from_bytes(datagram[4:8], "big") <= entry.in_floor
+            and int.from_bytes(datagram[4:8], "big")
+            <= (entry.in_floor if ptype == PTYPE_MH else entry.data_floor)
         ):
             return self._drop("replay")
         try:
@@ -495,8 +705,13 @@ class HaCore:
         except PacketError as exc:
             return self._drop(exc.drop_reason)
         if u.ptype == PTYPE_DATA:
+            if u.seq >= entry.data_mark:
+                self._reserve_data(entry, u.seq, now)
             self.counts["data_in"] += 1
             return [DataIn(entry.spi, entry.hoa, u.next_header, u.payload, (src[0], src[1]), True)]
+        # Whatever the BU leads to, its number is used: exact floor, committed
+        # before any reply (module docstring).
+        self.bindings.raise_floor(entry.spi, u.seq)
         return self._mobility(entry, u, (src[0], src[1]), now)
 
     def _plain(self, datagram: bytes, src: tuple[Any, ...], now: float) -> list[Action]:
@@ -557,10 +772,10 @@ class HaCore:
         last: int | None = None
         if binding is not None:
             last = binding.sequence
-        elif self._tombstones:
-            tomb = self._tombstones.get(hoa)
-            if tomb is not None and tomb[1] > now:
-                last = tomb[0]
+        else:
+            tomb = self.bindings.deleted(hoa)
+            if tomb is not None and tomb.until > now:
+                last = tomb.sequence
         if last is not None and not seq_newer(bu.sequence, last):
             # RFC 6275 §9.5.1: 135 with the last accepted sequence number.
             return self._ba(entry, src, SEQUENCE_OUT_OF_WINDOW, last, 0)
@@ -608,7 +823,7 @@ class HaCore:
             )  # fmt: skip
             event = ADDED
             previous = None
-            self._tombstones.pop(hoa, None)
+            self.bindings.clear_deleted(hoa)
         else:
             previous = binding.coa
             binding.coa_host = coa_host
@@ -635,16 +850,14 @@ class HaCore:
     ) -> list[Action]:
         """RFC 6275 §10.3.2: delete the home registration, BA 0 with lifetime 0."""
         if binding is None:
-            if hoa not in self._tombstones:
+            if self.bindings.deleted(hoa) is None:
                 return self._ba(entry, src, NOT_HOME_AGENT, bu.sequence, 0)
             # A newer de-registration right after one that succeeded (its BA
             # was lost): still success.
-            self._tombstones[hoa] = (bu.sequence, now + MAX_DELETE_BCE_TIMEOUT)
+            self.bindings.set_deleted(hoa, bu.sequence, now + MAX_DELETE_BCE_TIMEOUT)
             return self._ba(entry, src, ACCEPTED, bu.sequence, 0)
         self.bindings.delete(hoa)
-        # The binding row that held this SA's replay floor is gone: keep it.
-        self.bindings.raise_floor(entry.spi, entry.inbound.highest_seq)
-        self._tombstones[hoa] = (bu.sequence, now + MAX_DELETE_BCE_TIMEOUT)
+        self.bindings.set_deleted(hoa, bu.sequence, now + MAX_DELETE_BCE_TIMEOUT)
         out = self._ba(entry, src, ACCEPTED, bu.sequence, 0)
         out.append(BindingChanged(DELETED, hoa, binding.coa, 0, binding.spi))
         return out
@@ -711,4 +924,5 @@ class HaCore:
             "need_sa": self.counts["need_sa"],
             "sas": len(self._sas),
             "bindings": len(self.bindings),
+            **self.bindings.records(),
         }

@@ -10,11 +10,21 @@ Outputs:
 * ``Rebootstrap(reason)`` -- bootstrap again with the HAC (BA status 176,
   RFC 6618 §8.2, or the SA's validity end is near, PROFILE §5);
 * ``Failed(status, reason)`` -- the HA refused, or no BA came in time.
+
+Replays (issue 6: the MN side's guarantee): a BA is accepted at most once.
+Within one SA the ESP anti-replay window (PROFILE §7) drops a copy before
+its BU Sequence # is even looked at -- so a BA captured one 2**16 lap of
+BU numbers earlier cannot complete a later BU with the same number -- and
+drops are counted in ``drops``.  Across SAs nothing carries over: every
+``MnRegistration`` is built for one SA and the MN role bootstraps a new SA
+(new SPI, new keys) whenever it starts or re-bootstraps, so a BA from an
+earlier SA or an earlier run fails the SPI/ICV check.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address
@@ -96,6 +106,7 @@ class MnRegistration:
         self._refresh_deadline: float | None = None
         self._rebootstrap_sent = False
         self.registered = False
+        self.drops: Counter[str] = Counter()  # BAs dropped before decoding, per reason
         self.last_status: int | None = None
         self.granted_lifetime = 0
         self.retransmissions = 0
@@ -117,7 +128,8 @@ class MnRegistration:
     def receive(self, datagram: bytes, now: float) -> list[Action]:
         try:
             plain = self._in.unprotect(datagram)
-        except PacketError:
+        except PacketError as exc:
+            self.drops[exc.drop_reason] += 1
             return []  # silently dropped, like the HA does (PROFILE §7)
         if plain.ptype != PTYPE_MH or plain.next_header != NEXT_HEADER_MH:
             return []

@@ -8,15 +8,26 @@ What it adds to the sans-I/O core:
 * its SA store (plugin from ``[sa_store]``): every live SA in it is installed
   at start, and ``install_sa`` writes there before the core accepts the SPI,
   so SAs survive a restart; the binding cache (``[bindings] path``) does the
-  same for bindings and sequence counters;
+  same for bindings, sequence counters, replay floors and withdrawal records
+  (required whenever SAs outlive the process: a persistent store or pull);
+* group commit (issue 6): a burst of datagrams is processed, the binding
+  cache's changes are committed once, and only then do the burst's replies
+  leave and its data go on -- so no BA ever acknowledges a state that a crash
+  could lose, and a replay after a restart at any instant is refused
+  (``ha_core``'s module docstring).  When the commit fails, the burst's
+  replies and data are withheld (fail closed) and the next burst retries;
+* withdrawal (``withdraw_sa``, from the HAC's provisioning): the SPI becomes
+  dead for good -- committed before the withdrawal is confirmed -- and
+  leaves the store;
 * the provisioning listener (``[provisioning]``, PROFILE §9) and the
   in-process receiver for a co-located HAC (``transport_local``, model 1);
 * pulling unknown SPIs from the HAC (``[pull]``), rate-limited, with a
   negative cache, so a flood of random SPIs cannot become a flood of pulls;
 * a periodic expiry task and one log line per binding change.
 
-Per packet the work is one ``HaCore.receive`` call and a ``sendto``: no
-logging, no allocation beyond what the core needs.
+Per packet the work is one ``HaCore.receive`` call and a ``sendto`` (held
+to the end of the burst when something waits for the commit): no logging,
+no allocation beyond what the core needs and one tuple per held reply.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from mipsec.core.ha_core import (
     HaCore,
     NeedSA,
     Reply,
+    SpiWithdrawn,
     same_sa,
 )
 from mipsec.core.hookspecs import PluginContext, SAStore
@@ -60,7 +72,6 @@ STORE_EXPIRY_EVERY = 30  # ... and every this many runs, expired SAs leave the s
 RCVBUF = 4 << 20  # socket receive buffer: absorbs bursts of BUs
 RECV_SIZE = 65535  # largest UDP payload
 DRAIN_BUDGET = 256  # datagrams read per wake-up beyond the one asyncio delivered
-FLUSH_DELAY = 0.05  # binding changes reach the disk within this many seconds
 # Pull limits (PROFILE §9 pull is for the rare SA the HA missed, not for every
 # random SPI an attacker sends).
 PULL_RATE = 20.0  # pulls per second on average ...
@@ -74,6 +85,11 @@ NEGATIVE_MAX = 4096
 def _fmt(addr: tuple[str, int]) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _counts(counter: dict[Any, int]) -> str:
+    """``{"replay": 2, "bad_icv": 1}`` -> ``bad_icv:1,replay:2`` (one log token)."""
+    return ",".join(f"{k}:{v}" for k, v in sorted(counter.items(), key=str)) or "-"
 
 
 class _TokenBucket:
@@ -172,19 +188,31 @@ class HaService:
             ctx,
             key="sa_store.backend",
         )
+        if puller is None and cfg.pull is not None:
+            puller = self._pull_from_hac
+        if cfg.bindings.path is None and (cfg.sa_store.backend != "memory" or puller is not None):
+            # SAs would come back after a restart (from the store, or pulled)
+            # without their replay floors: replays would be accepted.
+            self.store.close()
+            why = "[pull]" if puller is not None else f"sa_store backend {cfg.sa_store.backend!r}"
+            raise ConfigError(
+                config_file,
+                "bindings.path",
+                f"required: with {why} SAs outlive the process, and so must their replay state",
+            )
         try:
-            # Write-behind: one SQLite commit per burst instead of one per BU
-            # (flushed within FLUSH_DELAY and on stop; see bindings.py).
+            # Write-behind: one SQLite commit per burst of datagrams, made
+            # before the burst's replies leave (burst_done; see bindings.py).
             bindings_path = cfg.bindings.path
             if check_only and bindings_path is not None and not bindings_path.exists():
                 bindings_path = None  # a start creates it: check-config does not
-            self.bindings = BindingCache(bindings_path, write_behind=True)
+            self.bindings = BindingCache(
+                bindings_path, write_behind=True, synchronous=cfg.bindings.synchronous
+            )
         except (OSError, sqlite3.Error, ValueError) as exc:
             self.store.close()
             raise ConfigError(config_file, "bindings.path", f"cannot open: {exc}") from None
         svc = cfg.ha
-        if puller is None and cfg.pull is not None:
-            puller = self._pull_from_hac
         self._puller = puller
         self.core = HaCore(
             svc.id,
@@ -203,6 +231,8 @@ class HaService:
             "pulls_found": 0,
             "pulls_refused": 0,
             "internal_errors": 0,
+            "store_errors": 0,
+            "withheld": 0,
         }
         self.on_data: Callable[[DataIn], None] | None = None  # a future TUN plugs in here
         self._transports: list[asyncio.DatagramTransport] = []
@@ -214,17 +244,30 @@ class HaService:
         self._bucket = _TokenBucket(PULL_RATE, PULL_BURST)
         self._local_registered = False
         self._started = False
-        self._flush_handle: asyncio.TimerHandle | None = None
+        # Replies and data waiting for the burst's commit (burst_done).
+        self._held: list[tuple[asyncio.DatagramTransport, Reply | DataIn]] = []
+        self._store_failing = False
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> list[tuple[str, int]]:
         installed = 0
-        with self.bindings.transaction():  # one commit for every new SA's reservation
-            for issued in self.store.live(utcnow()):
-                # A store shared with the HAC (model 1) holds every HA's SAs.
-                if issued.sa.ha_id in ("", self.cfg.ha.id) and self.core.install_sa(issued):
+        now = time.time()
+        for issued in self.store.live(utcnow()):
+            # A store shared with the HAC (model 1) holds every HA's SAs.
+            if issued.sa.ha_id not in ("", self.cfg.ha.id):
+                continue
+            try:
+                if self.core.install_sa(issued, now=now):
                     installed += 1
+            except SpiWithdrawn:
+                # Withdrawn, then the HA stopped before the store forgot it.
+                self.store.remove(issued.sa.spi)
+                log.info("SA spi=%d withdrawn earlier: removed from the store", issued.sa.spi)
+        # Bindings, SAs and records that ended while the HA was down.
+        for ev in self.core.expire(now):
+            self._log_binding(ev)
+        self.bindings.flush()  # one commit for every SA's records
         try:
             await self._open_sockets()
             await self._start_provisioning()
@@ -309,11 +352,21 @@ class HaService:
             with contextlib.suppress(BaseException):
                 await task
         self._expiry_task = None
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        # Exact data marks: a clean restart loses no data packet (ha_core).
+        self.core.settle()
         self.bindings.close()  # flushes what is pending
         self.store.close()
+        if self._started:
+            st = self.core.stats()
+            log.info(
+                "HA %s stopped: packets=%d bu=%d data_in=%d ba=%s drops=%s",
+                self.cfg.ha.id,
+                st["packets"],
+                st["bu"],
+                st["data_in"],
+                _counts(st["ba"]),
+                _counts(st["drops"]),
+            )
         self._started = False
 
     # ------------------------------------------------------------ packets
@@ -326,7 +379,12 @@ class HaService:
         *,
         allow_pull: bool = True,
     ) -> None:
-        """One datagram through the core; replies go out of the socket it came in on."""
+        """One datagram through the core; replies go out of the socket it came in on.
+
+        A reply or data that depends on a change not yet committed waits in
+        ``_held`` for ``burst_done`` -- and so does everything after it, to
+        keep the order.  The caller calls ``burst_done`` after each burst.
+        """
         try:
             actions = self.core.receive(data, addr, time.time(), allow_pull=allow_pull)
         except Exception:
@@ -336,30 +394,60 @@ class HaService:
             if self.counts["internal_errors"] == 1:
                 log.exception("internal error on a datagram from %s (logged once)", addr[0])
             return
+        if not actions:
+            return
+        hold = self._held or self.bindings.dirty
         for action in actions:
             if isinstance(action, Reply):
-                transport.sendto(action.datagram, action.dst)
+                if hold:
+                    self._held.append((transport, action))
+                else:
+                    transport.sendto(action.datagram, action.dst)
             elif isinstance(action, BindingChanged):
                 self._log_binding(action)
             elif isinstance(action, NeedSA):
                 self._need_sa(action.spi, data, addr, transport)
             elif self.on_data is not None:
-                self.on_data(action)
+                if hold:
+                    self._held.append((transport, action))
+                else:
+                    self.on_data(action)
 
     def burst_done(self) -> None:
-        """After a burst of datagrams: schedule one flush of the binding changes."""
-        if self._flush_handle is None and self.bindings.pending:
-            loop = asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(FLUSH_DELAY, self._flush)
+        """After a burst of datagrams: commit its changes once, then release what waited."""
+        if self.bindings.dirty:
+            try:
+                self.bindings.flush()
+            except Exception as exc:  # sqlite3.Error, or a full disk's OSError
+                # Fail closed: nothing leaves that acknowledges a state the
+                # disk does not hold.  The changes stay queued; the next
+                # burst (an MN's retransmission) tries again.
+                self.counts["store_errors"] += 1
+                self.counts["withheld"] += len(self._held)
+                self._held.clear()
+                if not self._store_failing:
+                    self._store_failing = True
+                    log.error(
+                        "binding cache write failed: %s; replies withheld until it works", exc
+                    )
+                return
+            if self._store_failing:
+                self._store_failing = False
+                log.warning("binding cache writes work again")
+        if self._held:
+            held, self._held = self._held, []
+            for transport, action in held:
+                if isinstance(action, Reply):
+                    if not transport.is_closing():
+                        transport.sendto(action.datagram, action.dst)
+                elif self.on_data is not None:
+                    self.on_data(action)
 
     def _flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()  # harmless when it is the one firing
-            self._flush_handle = None
+        """Commit outside the packet path (expiry); a failure is logged, retried later."""
         try:
             self.bindings.flush()
         except sqlite3.Error as exc:
-            # Kept pending; the next burst schedules another try.
             log.error("binding cache write failed: %s", exc)
 
     def _log_binding(self, ev: BindingChanged) -> None:
@@ -429,6 +517,7 @@ class HaService:
         for data, addr, transport in self._pending.pop(spi, []):
             if not transport.is_closing():
                 self.handle(data, addr, transport, allow_pull=False)
+        self.burst_done()
 
     async def _pull_from_hac(self, spi: int) -> IssuedSA | None:
         from mipsec.core.roles.provserver import pull_sa
@@ -442,7 +531,8 @@ class HaService:
         """Persist ``issued`` in the SA store, then accept its SPI (PROFILE §9).
 
         Raises ``ValueError`` for an SA this HA must not take: one chosen for
-        another HA id, or one already past its validity end.
+        another HA id, one already past its validity end, or one withdrawn
+        earlier (dead for good: a repeated install or a pull cannot revive it).
         """
         sa = issued.sa
         mine = self.cfg.ha.id
@@ -453,6 +543,9 @@ class HaService:
         now = utcnow()
         if sa.validity_end <= now:
             raise ValueError(f"validity_end: SA spi={sa.spi} already expired")
+        if self.core.is_withdrawn(issued):
+            log.warning("spi=%d mn_id=%s refused: withdrawn earlier", sa.spi, sa.mn_id)
+            raise ValueError(f"spi: {sa.spi} was withdrawn; it is not accepted again")
         if not self.store.add(issued):
             # Model 1 shares the HAC's store: the SA is already there.  A
             # different SA under a live SPI means the HAC re-used it (it only
@@ -464,6 +557,7 @@ class HaService:
                 if not self.store.add(issued):
                     raise RuntimeError(f"spi={sa.spi}: SA store refused the SA")
         if self.core.install_sa(issued):
+            self.bindings.flush()  # its records, before the HAC hears "installed"
             log.info(
                 "SA installed spi=%d mn_id=%s suite=%s scope=%d validity_end=%s",
                 sa.spi,
@@ -474,14 +568,19 @@ class HaService:
             )
 
     async def withdraw_sa(self, spi: int) -> None:
-        """Forget an SA (the HAC's provisioning failed or it was revoked)."""
-        self.store.remove(spi)
+        """The HAC withdrew the SA (superseded, revoked, provisioning failed): dead for good.
+
+        The withdrawal record is committed before the store forgets the SA
+        and before this returns (the HAC's confirmation), so a crash at any
+        point leaves the SPI dead, never live again.
+        """
         known = self.core.has_spi(spi)
-        for ev in self.core.remove_sa(spi):
+        held = self.store.get(spi, utcnow())
+        for ev in self.core.remove_sa(spi, issued=held):
             self._log_binding(ev)
-        self._flush()
-        if known:
-            log.info("SA withdrawn spi=%d", spi)
+        self.bindings.flush()  # raises: the HAC gets no confirmation, and retries
+        self.store.remove(spi)
+        log.info("SA withdrawn spi=%d%s", spi, "" if known or held else " (unknown here)")
 
     # ------------------------------------------------------------ timers
 
@@ -496,11 +595,19 @@ class HaService:
                 log.exception("expiry run failed")
 
     def expire_now(self, *, store: bool = True) -> int:
-        """Expire bindings and SAs now; returns the number of binding events."""
+        """Expire bindings and SAs now; returns the number of binding events.
+
+        Also checkpoints the binding cache's WAL, which bounds what a power
+        loss can take with ``synchronous = "normal"`` (bindings.py).
+        """
         events = self.core.expire(time.time())
         for ev in events:
             self._log_binding(ev)
         self._flush()
+        try:
+            self.bindings.checkpoint()
+        except sqlite3.Error as exc:
+            log.warning("binding cache checkpoint failed: %s", exc)
         if store:
             self.store.expire(utcnow())
         return len(events)

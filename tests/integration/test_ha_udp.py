@@ -25,7 +25,9 @@ from typing import Any, TypeVar
 import pytest
 import rawha  # type: ignore[import-not-found]  # tests/integration/rawha.py
 
+from mipsec.core.bindings import BindingCache
 from mipsec.core.config import HAConfig, ProvisioningListener
+from mipsec.core.errors import ConfigError
 from mipsec.core.hookspecs import PluginContext
 from mipsec.core.issuer import new_sa
 from mipsec.core.mn_registration import MnRegistration, Registered, Transmit
@@ -211,6 +213,46 @@ def test_binding_survives_restart(tmp_path: Path) -> None:
     run(main())
 
 
+def test_no_ba_leaves_before_its_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit, fail closed: when the binding cache cannot be written, the
+    burst's BAs are withheld; the MN's next BU (a retransmission) is answered
+    once the write works, and what it acknowledges is on disk."""
+    import sqlite3
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        issued = make_issued()
+        await svc.install_sa(issued)
+        mn = MN(issued)
+        real_flush = svc.bindings.flush
+
+        def failing_flush() -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(svc.bindings, "flush", failing_flush)
+        await mn.send(mn.bu(1), addrs[0])
+        assert await mn.nothing(0.5)
+        assert svc.stats()["store_errors"] == 1 and svc.stats()["withheld"] == 1
+        monkeypatch.setattr(svc.bindings, "flush", real_flush)
+        assert (await mn.register(2, addrs[0])).status == 0
+        on_disk = BindingCache(tmp_path / "bindings.sqlite")
+        b = on_disk.get(str(HOA))
+        assert b is not None and b.sequence == 2 and on_disk.replay_floor(issued.sa.spi) == 1
+        on_disk.close()
+        mn.close()
+        await svc.stop()
+
+    run(main())
+
+
+def test_binding_cache_required_when_sas_outlive_the_process(tmp_path: Path) -> None:
+    cfg = ha_config(tmp_path, bindings={})
+    with pytest.raises(ConfigError, match="bindings.path"):
+        HaService(cfg)
+    HaService(ha_config(tmp_path, bindings={}, sa_store={"backend": "memory"})).store.close()
+
+
 def test_local_transport_and_withdraw(tmp_path: Path) -> None:
     async def main() -> None:
         svc = HaService(ha_config(tmp_path))
@@ -227,7 +269,11 @@ def test_local_transport_and_withdraw(tmp_path: Path) -> None:
         assert svc.store.get(issued.sa.spi, datetime.now(UTC)) is None
         await mn.send(mn.bu(2), addrs[0])
         assert await mn.nothing()
-        assert svc.stats()["drops"] == {"unknown_spi": 1}
+        assert svc.stats()["drops"] == {"withdrawn_spi": 1}
+        # Withdrawn is dead for good: the same SA is not taken back.
+        with pytest.raises(ValueError, match="withdrawn"):
+            await LocalTransport().provision(ha, issued, 1.0)
+        assert not svc.core.has_spi(issued.sa.spi)
         mn.close()
         await svc.stop()
         # After stop the local receiver is gone: fail closed, nothing is confirmed

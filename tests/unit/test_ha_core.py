@@ -735,30 +735,38 @@ def test_binding_cache_indexes_and_expiry(tmp_path: Path) -> None:
 
 
 def test_binding_cache_write_behind(tmp_path: Path) -> None:
+    """Write-behind queues every change, the SA's records too, until flush (group commit)."""
     path = tmp_path / "wb.sqlite"
     cache = BindingCache(path, write_behind=True)
     ha = core(bindings=cache)
     issued = issue()
-    ha.install_sa(issued)  # the SA's sequence reservation is written at once
+    ha.install_sa(issued)
+    assert cache.dirty and cache.pending == 1  # the SPI's record (its reservations)
+    cache.flush()
+    assert not cache.dirty and cache.pending == 0
     mn = MN(issued)
     mn.ba(ha.receive(mn.bu(1), MN_ADDR, NOW))
-    assert cache.pending == 1
+    assert cache.pending == 2  # the binding and the SPI's replay floor
     on_disk = BindingCache(path)
     assert len(on_disk) == 0 and on_disk.out_mark(SPI) == OUT_SEQ_RESERVE
+    assert on_disk.replay_floor(SPI) == -1
     on_disk.close()
     cache.flush()
     assert cache.pending == 0
     on_disk = BindingCache(path)
     b = on_disk.get(str(HOA))
-    assert b is not None and b.sequence == 1
+    assert b is not None and b.sequence == 1 and on_disk.replay_floor(SPI) == 0
     on_disk.close()
     # Changes coalesce per home address; a delete after a put writes the delete.
     mn.ba(ha.receive(mn.bu(2), MN_ADDR, NOW))
     mn.ba(ha.receive(mn.bu(3, lifetime=0), MN_ADDR, NOW))
-    assert cache.pending == 2  # the binding row (deleted) and the SPI's replay floor
+    # The binding row (deleted), the SPI's floor, the deleted-binding record.
+    assert cache.pending == 3
     cache.close()  # close flushes
     again = BindingCache(path)
     assert len(again) == 0 and again.replay_floor(SPI, str(HOA)) == 2
+    deleted = again.deleted(str(HOA))
+    assert deleted is not None and deleted.sequence == 3
     again.close()
 
 

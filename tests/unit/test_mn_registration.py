@@ -160,6 +160,40 @@ def test_forged_or_replayed_ba_ignored() -> None:
     assert reg.receive(ba, 0.3) == []  # replay
 
 
+def test_a_ba_is_accepted_once_even_when_its_sequence_matches_again() -> None:
+    """Issue 6, MN side: 2**16 BUs later the BU Sequence # comes round again; a BA
+    captured at the earlier lap then names the pending BU, and only the ESP
+    anti-replay window (PROFILE §7) stands between it and a false registration."""
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, first_sequence=41)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    captured = ha.ba(0, ha.bu(tx.datagram).sequence, 10)
+    assert isinstance(reg.receive(captured, 0.1)[0], Registered)
+    for _ in range(69):  # more refreshes than the window (64) is wide
+        [refresh] = reg.timer(reg.next_timer())
+        assert isinstance(
+            reg.receive(ha.ba(0, ha.bu(refresh.datagram).sequence, 10), 1.0)[0], Registered
+        )
+    reg.sequence = 40  # the next BU carries 41 again, as after a wrap
+    [again] = reg.timer(reg.next_timer())
+    assert ha.bu(again.datagram).sequence == 41
+    assert reg.receive(captured, 2.0) == []  # not the BA of this BU
+    assert reg.drops == {"replay": 1}
+    # The BU was still pending: the HA's genuine answer completes it.
+    assert isinstance(reg.receive(ha.ba(0, 41, 10), 2.1)[0], Registered)
+
+
+def test_a_ba_of_another_sa_is_dropped() -> None:
+    """Across re-bootstraps and MN runs: each run registers under a new SA."""
+    first, second = issued(), issued()
+    ha_first = FakeHA(first)
+    reg = MnRegistration(second, now=0.0, wall_now=NOW, first_sequence=9)
+    reg.start(0.0)
+    assert reg.receive(ha_first.ba(0, 9, 10), 0.1) == []
+    assert reg.drops == {"bad_icv": 1}
+
+
 def test_ipv4_hoa_request_and_ack() -> None:
     iss = issued(ip4=True)
     reg = MnRegistration(iss, now=0.0, wall_now=NOW)
