@@ -280,7 +280,8 @@ def test_bu_under_a_superseded_or_withdrawn_spi_after_restart(
     try:
         captured = old.bu(10)
         assert old.register(captured)["status"] == 0
-        store = SQLiteSAStore(lab.dir / "ha-sa.sqlite")  # the SA as the HA holds it
+        # The SA as the HA holds it (its keys wrapped under the lab's ha-sa.key).
+        store = SQLiteSAStore(lab.dir / "ha-sa.sqlite", key_file=lab.dir / "ha-sa.key")
         try:
             issued: IssuedSA | None = store.get(old.spi, datetime.now(UTC))
         finally:

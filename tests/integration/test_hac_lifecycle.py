@@ -175,7 +175,9 @@ def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) 
             out = await reg.run(until_registered=True, deadline=time.monotonic() + 2)
             assert out.status is None
             reg.close()
-            assert st.ha.stats()["drops"].get("unknown_spi", 0) >= 1
+            # Dropped as an SPI withdrawn for good (not merely unknown: it can
+            # never come back, not even by a pull).
+            assert st.ha.stats()["drops"].get("withdrawn_spi", 0) >= 1
             # The new SA registers.
             reg2 = Registrar(new, mn)
             await reg2.open()
