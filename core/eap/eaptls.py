@@ -32,7 +32,10 @@ Failures (RFC 5216 §2.1.3, RFC 9190 §2.1.3): a TLS error on the server side
 sends the alert OpenSSL produced in one more Request and fails on whatever
 answer comes (the peer sends an empty response); a peer that refuses the
 server sends its alert in a Response and is then DONE with decision FAIL; a
-peer that receives an alert answers with an empty response.  The machines
+peer that receives an alert answers with an empty response.  A peer that
+fails outside TLS (malformed framing, reassembly limit, a wrong commitment
+message) discards the Request instead: an empty response there would read
+as an ACK, or as the final response.  The machines
 never see a socket or a clock; OpenSSL checks certificate validity against
 the system clock.
 """
@@ -629,17 +632,30 @@ class EapTlsPeer(_Machine):
         return self._respond(out, MethodState.DONE, Decision.UNCOND_SUCC)
 
     def _tls_failed(self, exc: SSL.Error) -> PeerOutput:
-        # An alert of ours goes to the server (RFC 5216 §2.1.3 "MAY send ... a
-        # TLS Alert"); after the server's alert we answer with an empty response.
+        # RFC 5216 §2.1.3: our own alert goes to the server in a Response (it
+        # then sends EAP-Failure); after the server's alert -- nothing for
+        # OpenSSL to say -- we answer with an empty Response, which the
+        # server, waiting after its alert, takes as the end.
         reason = self._reason(exc)
         alert = self._drain()
         return self._fail(reason, alert)
 
-    def _fail(self, reason: str, alert: bytes = b"") -> PeerOutput:
+    def _fail(self, reason: str, answer: bytes | None = None) -> PeerOutput:
+        """DONE with decision FAIL; answer with the TLS message ``answer`` (b"": an
+        empty Response), or with None silently discard the Request.
+
+        Without a TLS answer the Request is discarded (RFC 4137 ``ignore``,
+        as hostapd does): an empty Response would read as a fragment ACK to
+        a server that is fragmenting, or -- after the TLS 1.3 handshake -- as
+        the final response the server accepts as success.
+        """
         self._out.clear()
         self._release()
         self._phase = _Phase.DONE
-        return self._respond(alert, MethodState.DONE, Decision.FAIL, reason)
+        if answer is None:
+            self._state, self._decision, self._reason_text = MethodState.DONE, Decision.FAIL, reason
+            return PeerOutput(None, MethodState.DONE, Decision.FAIL, reason)
+        return self._respond(answer, MethodState.DONE, Decision.FAIL, reason)
 
     def _respond(
         self, message: bytes, state: MethodState, decision: Decision, reason: str = ""
