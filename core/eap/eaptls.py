@@ -100,7 +100,8 @@ DEFAULT_MAX_MESSAGE = 65536  # RFC 5216 §2.1.5: "a reasonable choice ... might 
 # it runs elsewhere.
 MAX_ROUNDS = 255
 COMMITMENT = b"\x00"  # RFC 9190 §2.5: one octet of application data, 0x00
-_EAP_TLS_HEAD = EAP_HEADER_LEN + 1  # EAP header + Type; type-data follows
+_EAP_TLS_HEAD = EAP_HEADER_LEN + 1
+_BIO_CHUNK = 65536  # EAP header + Type; type-data follows
 
 TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
@@ -333,12 +334,14 @@ class _Machine:
         out = bytearray()
         while True:
             try:
-                chunk = conn.bio_read(65536)
+                chunk = conn.bio_read(_BIO_CHUNK)
             except SSL.WantReadError:
                 break
-            if not chunk:
-                break
             out += chunk
+            # A memory BIO hands out all it holds up to the size asked for:
+            # a short read means it is empty (saves a raised WantReadError).
+            if len(chunk) < _BIO_CHUNK:
+                break
         return bytes(out)
 
     def _handshake(self, message: bytes) -> bool:
