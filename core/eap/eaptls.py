@@ -310,7 +310,10 @@ class _Machine:
 
     @property
     def connection(self) -> SSL.Connection | None:
-        """The pyOpenSSL connection (diagnostics, tests); None once the method failed."""
+        """The pyOpenSSL connection (diagnostics, tests); None once the method failed.
+
+        After a success it stays until the machine is dropped (one exchange).
+        """
         return self._conn
 
     @property
@@ -374,6 +377,12 @@ class _Machine:
         frames = fragment(message, self._max_type_data)
         self._out.extend(frames[1:])
         return frames[0]
+
+    def _detach(self) -> None:
+        # Success: no more verify callbacks; break the machine <-> connection
+        # cycle so both go as soon as the exchange drops the machine.
+        if self._conn is not None:
+            self._conn.set_app_data(None)
 
     def _release(self) -> None:
         # Failure: drop the TLS state (and its secrets) and any partial input.
@@ -443,7 +452,10 @@ class EapTlsServer(_Machine):
         if self._phase is _Phase.START:
             raise LocalProtocolError("EAP-TLS server: initiate() first")
         if self._phase is _Phase.DONE:
-            return self._fail("EAP-TLS response after the method ended")
+            # The verdict stands (and a successful MSK stays): nothing to answer.
+            return ServerOutput(
+                None, done=True, success=False, reason="EAP-TLS response after the method ended"
+            )
         self._rounds += 1
         if self._rounds > MAX_ROUNDS:
             return self._fail(f"EAP-TLS did not finish within {MAX_ROUNDS} rounds")
@@ -521,6 +533,7 @@ class EapTlsServer(_Machine):
     def _succeed(self) -> ServerOutput:
         self._phase = _Phase.DONE
         self._msk, self._pending_msk = self._pending_msk, None
+        self._detach()
         return ServerOutput(None, done=True, success=True)
 
     def _fail(self, reason: str) -> ServerOutput:
@@ -632,6 +645,7 @@ class EapTlsPeer(_Machine):
     def _succeed(self, out: bytes) -> PeerOutput:
         self._msk = derive_msk(self._live())
         self._phase = _Phase.DONE
+        self._detach()
         return self._respond(out, MethodState.DONE, Decision.UNCOND_SUCC)
 
     def _tls_failed(self, exc: SSL.Error) -> PeerOutput:

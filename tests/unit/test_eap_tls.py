@@ -647,5 +647,28 @@ def test_peer_that_never_finishes_hits_the_round_cap(pki):
 def test_server_answers_nothing_after_the_verdict(pki):
     server, peer = machines(pki)
     drive(server, peer)
+    msk = server.msk()
     later = server.process(response(ACK))
-    assert later.done and not later.success
+    assert later.done and not later.success and later.data is None
+    assert msk is not None and server.msk() == msk  # the verdict and its key stand
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tls_policy_of_the_contexts(pki, version):
+    from OpenSSL import SSL
+
+    server, peer = machines(pki, server=pinned(version))
+    drive(server, peer)
+    for conn in (server.connection, peer.connection):
+        assert conn is not None
+        options = conn.set_options(0)  # returns the options in force
+        assert options & SSL.OP_NO_RENEGOTIATION and options & SSL.OP_NO_TICKET
+        assert conn.get_app_data() is None  # detached after success
+        tls12 = [n for n in conn.get_cipher_list() if not n.startswith("TLS_")]
+        assert tls12 and all(n.startswith("ECDHE-") for n in tls12)
+        assert all("GCM" in n or "CHACHA20" in n for n in tls12)
+    name = peer.connection.get_cipher_name()
+    assert name.startswith("TLS_") if version == "1.3" else name.startswith("ECDHE-")
+    # No session cache on either side: nothing is kept for resumption.
+    for conn in (server.connection, peer.connection):
+        assert conn.get_context().get_session_cache_mode() == SSL.SESS_CACHE_OFF
