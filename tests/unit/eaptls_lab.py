@@ -35,7 +35,8 @@ class Pki:
 def make_pki(directory: Path) -> Pki:
     """ca.pem (the lab CA), eap.pem/key (EAP server), mn.pem/key (MN, SAN email = MN_ID),
     plus: other-ca.pem with mn-other.pem/key and eap-other.pem/key (unknown CA),
-    mn-expired.pem/key, mn-wrongid.pem/key, eap-wrongname.pem/key."""
+    mn-expired.pem/key, mn-wrongid.pem/key, eap-wrongname.pem/key, and the wrong
+    extended key usage: mn-serveronly.pem/key, eap-clientonly.pem/key."""
     ca_key, ca = make_ca("EAP lab CA")
     other_key, other = make_ca("someone else's CA")
     now = datetime.datetime.now(datetime.UTC)
@@ -56,6 +57,9 @@ def make_pki(directory: Path) -> Pki:
     leaf("mn-other", (other_key, other), email_addresses=[MN_ID], **mn)
     past = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1))
     leaf("mn-expired", (ca_key, ca), email_addresses=[MN_ID], validity=past, **mn)
+    # Wrong extended key usage: a server-only MN cert, a client-only EAP server cert.
+    leaf("mn-serveronly", (ca_key, ca), email_addresses=[MN_ID])
+    leaf("eap-clientonly", (ca_key, ca), dns_names=[SERVER_NAME], client=True, server=False)
     return Pki(directory)
 
 

@@ -305,6 +305,16 @@ def test_mn_certificate_identity_not_mn_id(pki, version):
     assert_server_refused(drive(server, peer), "equals mn-id 'mn1@example.net'")
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_mn_certificate_without_client_auth_purpose(pki, version):
+    server, peer = machines(
+        pki,
+        server=pinned(version),
+        peer={"cert": "mn-serveronly.pem", "key": "mn-serveronly.key"},
+    )
+    assert_server_refused(drive(server, peer), "MN certificate: unsupported certificate purpose")
+
+
 def test_identity_realm_case_insensitive_user_part_exact(pki):
     # The certificate says mn1@Example.NET.
     server, peer = machines(pki, mn_id="mn1@EXAMPLE.net")
@@ -402,6 +412,16 @@ def test_eap_server_certificate_from_unknown_ca(pki, version):
         pki, server={**pinned(version), "cert": "eap-other.pem", "key": "eap-other.key"}
     )
     assert_peer_refused(drive(server, peer), "EAP server certificate: unable to get local issuer")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_eap_server_certificate_without_server_auth_purpose(pki, version):
+    server, peer = machines(
+        pki, server={**pinned(version), "cert": "eap-clientonly.pem", "key": "eap-clientonly.key"}
+    )
+    assert_peer_refused(
+        drive(server, peer), "EAP server certificate: unsupported certificate purpose"
+    )
 
 
 def test_eap_server_certificate_checked_by_san_not_cn(pki):
