@@ -295,12 +295,12 @@ class _Machine:
 
     _who_other = "peer"
 
-    def __init__(self, context: SSL.Context, max_type_data: int, max_message: int) -> None:
-        self._conn: SSL.Connection | None = SSL.Connection(context, None)
+    def __init__(self, config: EapTlsServerConfig | EapTlsPeerConfig, extra: Any) -> None:
+        self._conn: SSL.Connection | None = SSL.Connection(config.context, None)
         self._conn.set_app_data(self)
-        self._max_type_data = max_type_data
-        self._max_message = max_message
-        self._rx = Reassembler(max_message)
+        self._max_type_data = _max_type_data(config.fragment_size, extra)
+        self._max_message = config.max_message
+        self._rx = Reassembler(config.max_message)
         self._out: deque[bytes] = deque()  # fragments not yet sent
         self._phase = _Phase.START
         self._rounds = 0
@@ -426,9 +426,7 @@ class EapTlsServer(_Machine):
     _who_other = "MN"
 
     def __init__(self, config: EapTlsServerConfig, ctx: EapServerContext) -> None:
-        super().__init__(
-            config.context, _max_type_data(config.fragment_size, ctx.extra), config.max_message
-        )
+        super().__init__(config, ctx.extra)
         self._ctx = ctx
         self._policy = config.policy
         self._live().set_accept_state()
@@ -550,9 +548,7 @@ class EapTlsPeer(_Machine):
     _who_other = "EAP server"
 
     def __init__(self, config: EapTlsPeerConfig, ctx: EapPeerContext) -> None:
-        super().__init__(
-            config.context, _max_type_data(config.fragment_size, ctx.extra), config.max_message
-        )
+        super().__init__(config, ctx.extra)
         self._ctx = ctx
         self._server_name = config.server_name
         conn = self._live()

@@ -323,11 +323,24 @@ def test_identity_realm_case_insensitive_user_part_exact(pki):
     assert_server_refused(drive(server, peer), "equals mn-id 'MN1@example.net'")
 
 
-def test_identity_policy_from_the_plugin_manager(pki):
+def pm_with_policy(policy):
+    """A plugin manager whose only plugin provides ``policy``."""
     import pluggy
 
     from mipsec.core.hookspecs import PROJECT, MipsecSpec, hookimpl
 
+    class Provider:
+        @hookimpl
+        def mipsec_eap_tls_identity_policies(self):
+            return [policy]
+
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(MipsecSpec)
+    pm.register(Provider(), name=f"policy-{policy.name}")
+    return pm
+
+
+def test_identity_policy_from_the_plugin_manager(pki):
     seen = []
 
     class AnyCertPolicy:
@@ -337,14 +350,7 @@ def test_identity_policy_from_the_plugin_manager(pki):
             seen.append(mn_id)
             return None
 
-    class Provider:
-        @hookimpl
-        def mipsec_eap_tls_identity_policies(self):
-            return [AnyCertPolicy()]
-
-    pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(MipsecSpec)
-    pm.register(Provider(), name="test-policy")
+    pm = pm_with_policy(AnyCertPolicy())
     server, peer = machines(
         pki,
         server={"identity_policy": "trust-the-ca"},
@@ -356,24 +362,13 @@ def test_identity_policy_from_the_plugin_manager(pki):
 
 
 def test_identity_policy_that_raises_is_a_clean_failure(pki):
-    import pluggy
-
-    from mipsec.core.hookspecs import PROJECT, MipsecSpec, hookimpl
-
     class Broken:
         name = "broken"
 
         def check(self, cert, mn_id):
             raise RuntimeError("bug")
 
-    class Provider:
-        @hookimpl
-        def mipsec_eap_tls_identity_policies(self):
-            return [Broken()]
-
-    pm = pluggy.PluginManager(PROJECT)
-    pm.add_hookspecs(MipsecSpec)
-    pm.register(Provider(), name="broken-policy")
+    pm = pm_with_policy(Broken())
     server, peer = machines(pki, server={"identity_policy": "broken"}, pm=pm)
     assert_server_refused(drive(server, peer), "MN certificate check failed (RuntimeError)")
 
