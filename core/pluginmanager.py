@@ -21,12 +21,12 @@ REGISTRY_HOOKS = (
     "mipsec_auth_methods",
     "mipsec_eap_methods",
     "mipsec_eap_backends",
-    "mipsec_eap_tls_identity_policies",
     "mipsec_credential_backends",
     "mipsec_sa_stores",
     "mipsec_ha_selectors",
     "mipsec_hoa_allocators",
     "mipsec_provisioning_transports",
+    "mipsec_eap_tls_identity_policies",
 )
 
 
