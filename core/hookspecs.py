@@ -170,6 +170,17 @@ class MipsecSpec:
         """
 
     @hookspec
+    def mipsec_eap_tls_identity_policies(self) -> Sequence[Any]:
+        """Return EAP-TLS identity policies (``mipsec.core.eap.tls_identity.EapTlsIdentityPolicy``).
+
+        Each has a ``name`` (what ``[methods.eap.tls] identity_policy``
+        selects) and ``check(cert, mn_id) -> str | None``: None when the
+        verified MN client certificate proves ``mn_id``, else the reason.
+        Built in: ``rfc822name`` (an rfc822Name SAN equal to the NAI, realm
+        case-insensitive).
+        """
+
+    @hookspec
     def mipsec_eap_backends(self) -> Sequence[Factory]:
         """Return factories of HAC EAP back ends (``mipsec.core.eap.backend.EapBackend``).
 

@@ -248,25 +248,36 @@ def make_leaf(
     common_name: str,
     dns_names: Sequence[str] = (),
     ip_addresses: Sequence[str] = (),
+    email_addresses: Sequence[str] = (),
     key_type: str = "ec-p256",
     days: int = 825,
     client: bool = False,
     server: bool = True,
     include_san: bool = True,
     signature_hash: str = "sha256",
+    validity: tuple[datetime.datetime, datetime.datetime] | None = None,
 ) -> tuple[PrivateKey, x509.Certificate]:
     """An end-entity key and certificate issued by ``ca_key``/``ca_cert``.
 
     ``include_san=False`` (or no names at all) gives a CN-only certificate, which
     the MN must refuse (PROFILE §1); ``dns_names`` may hold a wildcard on purpose
-    for the same reason.  ``signature_hash`` is ignored when the CA key is
-    Ed25519/Ed448, whose signatures have no separate hash.
+    for the same reason.  ``email_addresses`` become rfc822Name SANs: an MN's
+    EAP-TLS client certificate carries its NAI there (``mn_id``, the default
+    ``rfc822name`` identity policy).  ``validity`` (not before, not after; aware
+    datetimes) replaces ``days``, so tests can issue expired certificates.
+    ``signature_hash`` is ignored when the CA key is Ed25519/Ed448, whose
+    signatures have no separate hash.
     """
     if not (client or server):
         raise ValueError("client/server: a leaf certificate needs at least one purpose")
     key = make_private_key(key_type)
     public_key = key.public_key()
-    not_before, not_after = _validity(days)
+    if validity is None:
+        not_before, not_after = _validity(days)
+    else:
+        not_before, not_after = validity
+        if not_after <= not_before:
+            raise ValueError("validity: not after must be later than not before")
     is_rsa = isinstance(key, rsa.RSAPrivateKey)
     purposes = []
     if server:
@@ -309,6 +320,7 @@ def make_leaf(
     )
     general_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
     general_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    general_names += [x509.RFC822Name(e) for e in email_addresses]
     if include_san and general_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
     return key, _sign(builder, ca_key, signature_hash)

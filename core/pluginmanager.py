@@ -27,6 +27,7 @@ REGISTRY_HOOKS = (
     "mipsec_ha_selectors",
     "mipsec_hoa_allocators",
     "mipsec_provisioning_transports",
+    "mipsec_eap_tls_identity_policies",
 )
 
 

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from mipsec.core.channel_binding import (
     check_binding_capable,
@@ -36,8 +37,10 @@ from mipsec.core.errors import CertificateError, LocalProtocolError
 __all__ = [
     "TLS12_CIPHERS",
     "check_hac_certificate",
+    "check_server_name",
     "hac_peer_binding",
     "hac_server_context",
+    "load_matching_key",
     "load_server_chain",
     "mn_cb_octets",
     "mn_client_context",
@@ -121,7 +124,13 @@ def server_cb_octets(cert_file: StrPath) -> bytes:
         raise CertificateError(f"{os.fspath(cert_file)}: {exc}")
 
 
-def _check_key_matches(cert_file: StrPath, key_file: StrPath, leaf: x509.Certificate) -> None:
+def load_matching_key(
+    cert_file: StrPath, key_file: StrPath, leaf: x509.Certificate
+) -> PrivateKeyTypes:
+    """The unencrypted PEM private key in ``key_file``, checked to match ``leaf``.
+
+    Errors (:class:`CertificateError`) name the file and never quote the key.
+    """
     try:
         with open(key_file, "rb") as f:
             key_pem = f.read()
@@ -138,6 +147,7 @@ def _check_key_matches(cert_file: StrPath, key_file: StrPath, leaf: x509.Certifi
             f"{os.fspath(cert_file)}: leaf certificate does not match the private key "
             f"in {os.fspath(key_file)}"
         )
+    return key
 
 
 def hac_server_context(
@@ -161,7 +171,7 @@ def hac_server_context(
         check_binding_capable(chain[0])
     except CertificateError as exc:
         raise CertificateError(f"{os.fspath(cert_file)}: {exc}")
-    _check_key_matches(cert_file, key_file, chain[0])
+    load_matching_key(cert_file, key_file, chain[0])
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _apply_policy(ctx, strict_rfc6618)
@@ -294,18 +304,21 @@ class _SanFacts:
         self.ips = ips
 
 
-def _san_facts(cert: x509.Certificate) -> _SanFacts | str:
-    """The SAN facts, or the message of the CertificateError that refuses them."""
+def _san_facts(cert: x509.Certificate, who: str = "HAC certificate") -> _SanFacts | str:
+    """The SAN facts, or the message of the CertificateError that refuses them.
+
+    ``who`` names the certificate in that message.
+    """
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return "HAC certificate: no subjectAltName extension (the CN is never used, PROFILE §1)"
+        return f"{who}: no subjectAltName extension (the CN is never used, PROFILE §1)"
     except ValueError as exc:
-        return f"HAC certificate: malformed extensions ({exc})"
+        return f"{who}: malformed extensions ({exc})"
     dns_names = san.get_values_for_type(x509.DNSName)
     wildcards = [n for n in dns_names if "*" in n]
     if wildcards:
-        return f"HAC certificate: wildcard dNSName {wildcards[0]!r} refused (PROFILE §1)"
+        return f"{who}: wildcard dNSName {wildcards[0]!r} refused (PROFILE §1)"
     ips = [
         _ip_or_none(str(a))
         for a in san.get_values_for_type(x509.IPAddress)
@@ -355,10 +368,7 @@ def check_hac_certificate(
 
     name_ip = _server_name_ip(server_name) if server_name is not None else None
     if server_name is not None and name_ip is None:
-        if _normalise_dns(server_name) not in san.names:
-            raise CertificateError(
-                f"HAC certificate: no dNSName equals {server_name!r} (has {san.dns_names})"
-            )
+        _check_dns_name(san, server_name, "HAC certificate")
         return
 
     # Connecting by IP address: every address we know of must be a SAN.
@@ -377,6 +387,29 @@ def check_hac_certificate(
             raise CertificateError(
                 f"HAC certificate: no iPAddress SAN equals {ip} (has {[str(a) for a in san.ips]})"
             )
+
+
+def _check_dns_name(san: _SanFacts, server_name: str, who: str) -> None:
+    if _normalise_dns(server_name) not in san.names:
+        raise CertificateError(f"{who}: no dNSName equals {server_name!r} (has {san.dns_names})")
+
+
+def check_server_name(
+    cert: x509.Certificate, server_name: str, *, who: str = "server certificate"
+) -> None:
+    """PROFILE §1's SAN-only name rules for any server certificate checked by name.
+
+    A subjectAltName extension exists, no dNSName holds "*", and one dNSName
+    equals ``server_name`` (case-insensitive, one trailing dot ignored); the CN
+    is never looked at.  Unlike :func:`check_hac_certificate` it asks nothing
+    of the signature (no channel binding rides on it): the EAP-TLS peer checks
+    the EAP server certificate with it.  ``who`` names the certificate in the
+    :class:`CertificateError`.
+    """
+    facts = _san_facts(cert, who)
+    if isinstance(facts, str):
+        raise CertificateError(facts)
+    _check_dns_name(facts, server_name, who)
 
 
 def mn_cb_octets(peer_cert_der: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""PROFILE §1 HAC identity rules, checked by hand (core/tls.check_hac_certificate)."""
+"""PROFILE §1 server identity rules, checked by hand (core/tls.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mipsec.core import pki
 from mipsec.core.errors import CertificateError, LocalProtocolError
-from mipsec.core.tls import check_hac_certificate, mn_cb_octets
+from mipsec.core.tls import check_hac_certificate, check_server_name, mn_cb_octets
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,38 @@ def test_mn_cb_octets(ca) -> None:
     assert mn_cb_octets(der) == hashlib.sha384(der).digest()
     cert = x509.load_der_x509_certificate(der)
     assert cert.signature_hash_algorithm.name == "sha384"
+
+
+# --- check_server_name: the same SAN-only rules for any server certificate (EAP-TLS) ---
+
+
+def leaf_cert(ca, **kw) -> x509.Certificate:
+    kw.setdefault("common_name", "eap.mipsec.test")
+    return pki.make_leaf(ca[0], ca[1], **kw)[1]
+
+
+@pytest.mark.parametrize("server_name", ["eap.mipsec.test", "EAP.mipsec.test", "eap.mipsec.test."])
+def test_check_server_name_accepts_dnsname(ca, server_name):
+    check_server_name(leaf_cert(ca, dns_names=["eap.mipsec.test"]), server_name)
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        ({"dns_names": ["other.mipsec.test"]}, "no dNSName equals"),
+        ({"include_san": False, "dns_names": ["eap.mipsec.test"]}, "no subjectAltName"),
+        ({"dns_names": ["*.mipsec.test", "eap.mipsec.test"]}, "wildcard"),
+        # An EAP server checked by name: an iPAddress SAN does not stand in.
+        ({"ip_addresses": ["192.0.2.1"]}, "no dNSName equals"),
+    ],
+)
+def test_check_server_name_refuses(ca, kw, reason):
+    with pytest.raises(CertificateError, match=reason) as err:
+        check_server_name(leaf_cert(ca, **kw), "eap.mipsec.test", who="EAP server certificate")
+    assert str(err.value).startswith("EAP server certificate: ")
+
+
+def test_check_server_name_needs_no_binding_capable_signature():
+    # Unlike the HAC certificate, nothing is bound to this one (RFC 5929 not used).
+    ed_ca = pki.make_ca(key_type="ed25519")
+    check_server_name(leaf_cert(ed_ca, dns_names=["eap.mipsec.test"]), "eap.mipsec.test")

@@ -1,0 +1,248 @@
+"""EAP-TLS (Type 13) as an EAP method plugin: RFC 5216 over TLS 1.2, RFC 9190 over TLS 1.3.
+
+The machines live in ``core/eap/eaptls.py``; this module validates options,
+loads the certificates and builds one TLS context per role at start.
+
+HAC, table ``[methods.eap.tls]`` (``server``)::
+
+    cert            = "eap-server.pem"  # EAP server chain, leaf first (not the MHAuth TLS cert)
+    key             = "eap-server.key"
+    ca              = "mn-ca.pem"       # the only CA trusted for MN client certificates
+    tls_min         = "1.2"             # "1.2" or "1.3"
+    tls_max         = "1.3"
+    fragment_size   = 1400              # largest EAP packet sent, octets (PROFILE §4 item 9)
+    max_message     = 65536             # largest reassembled TLS flight accepted, octets
+    identity_policy = "rfc822name"      # binds the MN certificate to mn-id
+
+MN, table ``[eap.tls]`` (``peer``): ``cert``, ``key`` (the MN's client
+certificate), ``ca`` (the only CA for the EAP server certificate),
+``server_name`` (a dNSName the EAP server certificate must carry, PROFILE §1
+rules), ``tls_min``, ``tls_max``, ``fragment_size``, ``max_message``.
+
+Relative paths resolve against the configuration file's directory.  A wrong
+option raises ``ValueError("key: reason")``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from cryptography import x509
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mipsec.core.eap.eaptls import (
+    DEFAULT_FRAGMENT_SIZE,
+    DEFAULT_MAX_MESSAGE,
+    TLS_VERSIONS,
+    EapTlsPeer,
+    EapTlsPeerConfig,
+    EapTlsServer,
+    EapTlsServerConfig,
+    make_context,
+)
+from mipsec.core.eap.method import EapPeerContext, EapServerContext
+from mipsec.core.eap.tls_identity import (
+    DEFAULT_POLICY,
+    EapTlsIdentityPolicy,
+    Rfc822NamePolicy,
+    builtin_policies,
+)
+from mipsec.core.errors import CertificateError
+from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.pluginmanager import registry
+from mipsec.core.tls import load_matching_key, load_server_chain
+from mipsec.core.wire.eap import EapType
+from mipsec.plugins._options import parse_options, resolve_path
+
+TlsVersion = Literal["1.2", "1.3"]
+
+# A host name as a dNSName carries it (A-labels), without wildcards.
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}\.?$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
+)
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    ca: str = Field(min_length=1)
+    tls_min: TlsVersion = "1.2"
+    tls_max: TlsVersion = "1.3"
+    # The whole EAP packet (header, Type, Flags, length field, data).
+    fragment_size: Annotated[int, Field(ge=64, le=65535)] = DEFAULT_FRAGMENT_SIZE
+    max_message: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = DEFAULT_MAX_MESSAGE
+
+    @field_validator("tls_min", "tls_max", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # TOML users write tls_max = 1.3 as readily as "1.3".
+        if isinstance(value, float) and value in (1.2, 1.3):
+            return f"{value:.1f}"
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> _Common:
+        if TLS_VERSIONS[self.tls_min] > TLS_VERSIONS[self.tls_max]:
+            raise ValueError(f"tls_min: {self.tls_min} is above tls_max {self.tls_max}")
+        return self
+
+
+class ServerOptions(_Common):
+    identity_policy: str = Field(default=DEFAULT_POLICY, min_length=1)
+
+
+class PeerOptions(_Common):
+    server_name: str = Field(min_length=1)
+
+    @field_validator("server_name")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            pass
+        else:
+            raise ValueError("must be a DNS name (the EAP server is checked by dNSName)")
+        if "*" in value:
+            raise ValueError("must not hold a wildcard")
+        try:
+            ascii_name = value.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("not a valid host name") from None
+        if not _DNS_NAME.fullmatch(ascii_name):
+            raise ValueError("not a valid host name")
+        return value
+
+
+class _Credentials:
+    """This side's chain and key and the trusted CA, loaded once at start."""
+
+    def __init__(self, opts: _Common, base_dir: Path) -> None:
+        cert_file = resolve_path(opts.cert, base_dir)
+        key_file = resolve_path(opts.key, base_dir)
+        self.ca_file = resolve_path(opts.ca, base_dir)
+        try:
+            self.chain = load_server_chain(cert_file)
+        except CertificateError as exc:
+            raise ValueError(f"cert: {exc}") from None
+        try:
+            self.key = load_matching_key(cert_file, key_file, self.chain[0])
+        except CertificateError as exc:
+            raise ValueError(f"key: {exc}") from None
+        self.ca_certs = _load_cas(self.ca_file)
+
+    def context(self, opts: _Common, *, server: bool) -> Any:
+        try:
+            return make_context(
+                server=server,
+                chain=self.chain,
+                key=self.key,
+                ca_file=self.ca_file,
+                ca_certs=self.ca_certs,
+                tls_min=opts.tls_min,
+                tls_max=opts.tls_max,
+            )
+        except CertificateError as exc:
+            key = "ca" if str(exc).startswith(os.fspath(self.ca_file)) else "cert"
+            raise ValueError(f"{key}: {exc}") from None
+
+
+def _load_cas(path: Path) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"ca: {path}: cannot read ({exc.strerror})") from None
+    try:
+        cas = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError(f"ca: {path}: no PEM certificate found") from None
+    return cas
+
+
+def _policy(name: str, ctx: PluginContext) -> EapTlsIdentityPolicy:
+    pm = ctx.extra.get("pm")
+    policies: Mapping[str, Any] = (
+        registry(pm, "mipsec_eap_tls_identity_policies") if pm is not None else builtin_policies()
+    )
+    policy = policies.get(name)
+    if policy is None:
+        known = ", ".join(sorted(policies)) or "none"
+        raise ValueError(f"identity_policy: no policy named {name!r} (known: {known})")
+    if not callable(getattr(policy, "check", None)):
+        raise ValueError(f"identity_policy: {name!r} has no check(cert, mn_id)")
+    return policy  # type: ignore[no-any-return]
+
+
+class EapTlsServerFactory:
+    """Builds one :class:`EapTlsServer` per EAP conversation (HAC)."""
+
+    def __init__(self, config: EapTlsServerConfig) -> None:
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"EapTlsServerFactory(policy={self.config.policy.name!r})"
+
+    def new(self, ctx: EapServerContext) -> EapTlsServer:
+        return EapTlsServer(self.config, ctx)
+
+
+class EapTlsPeerFactory:
+    """Builds one :class:`EapTlsPeer` per EAP conversation (MN)."""
+
+    def __init__(self, config: EapTlsPeerConfig) -> None:
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"EapTlsPeerFactory(server_name={self.config.server_name!r})"
+
+    def new(self, ctx: EapPeerContext) -> EapTlsPeer:
+        return EapTlsPeer(self.config, ctx)
+
+
+class EapTlsMethod:
+    """The ``tls`` EAP method (an ``EapMethodPlugin``)."""
+
+    name = "tls"
+    eap_type = int(EapType.TLS)
+    derives_msk = True
+
+    def server(self, options: Mapping[str, Any], ctx: PluginContext) -> EapTlsServerFactory:
+        opts = parse_options(ServerOptions, options)
+        policy = _policy(opts.identity_policy, ctx)
+        creds = _Credentials(opts, ctx.base_dir)
+        config = EapTlsServerConfig(
+            context=creds.context(opts, server=True),
+            policy=policy,
+            fragment_size=opts.fragment_size,
+            max_message=opts.max_message,
+        )
+        return EapTlsServerFactory(config)
+
+    def peer(self, options: Mapping[str, Any], ctx: PluginContext) -> EapTlsPeerFactory:
+        opts = parse_options(PeerOptions, options)
+        creds = _Credentials(opts, ctx.base_dir)
+        config = EapTlsPeerConfig(
+            context=creds.context(opts, server=False),
+            server_name=opts.server_name,
+            fragment_size=opts.fragment_size,
+            max_message=opts.max_message,
+        )
+        return EapTlsPeerFactory(config)
+
+
+@hookimpl
+def mipsec_eap_methods() -> Sequence[Any]:
+    return [EapTlsMethod()]
+
+
+@hookimpl
+def mipsec_eap_tls_identity_policies() -> Sequence[Any]:
+    return [Rfc822NamePolicy()]
