@@ -24,6 +24,7 @@ from mipsec.core.pki import init_pki
 
 DEMO_MN_ID = "demo@mipsec.test"
 LAB_REALM = "mipsec.test"
+EAP_NAME = "eap.mipsec.test"  # the dNSName of the HAC's EAP-TLS server certificate
 HAC_NAME = "hac.mipsec.test"
 LAB_SUITES = [
     "AES_128_CBC_SHA256",
@@ -103,11 +104,23 @@ transport = "auto"        # IPv6 to mip6-haa-ip6 when provisioned, else IPv4
 {extra}"""
 
 
-def _hac_eap(radius: tuple[str, int] | None, secret_file: Path | None) -> str:
-    """The HAC's EAP policy: local methods for the lab realm; with ``radius``,
-    EAP of every other realm passes through to that server (RFC 3579)."""
+def _hac_eap(
+    radius: tuple[str, int] | None, secret_file: Path | None, eap_tls: dict[str, str]
+) -> str:
+    """The HAC's EAP: EAP-TLS run by the HAC itself for the lab realm; with
+    ``radius``, EAP of every other realm passes through to that server (RFC 3579)."""
+    tls = f"""
+[methods.eap.tls]         # EAP-TLS served by the HAC (RFC 5216 / RFC 9190)
+cert = "{eap_tls["cert"]}"        # the EAP server certificate (eap.mipsec.test), not the MHAuth one
+key = "{eap_tls["key"]}"
+ca = "{eap_tls["ca"]}"           # the only CA for MN client certificates
+identity_policy = "rfc822name"   # an rfc822Name SAN must equal mn-id
+"""
     if radius is None:
-        return ""
+        return f"""
+[methods.eap]             # EAP next to PSK (RFC 6618 §5.9)
+types = ["tls"]
+{tls}"""
     host, port = radius
     return f"""
 # EAP of every realm but the lab's own passes through to the RADIUS server
@@ -117,12 +130,13 @@ def _hac_eap(radius: tuple[str, int] | None, secret_file: Path | None) -> str:
 "*" = ["eap"]
 
 [methods.eap]
-types = []
+types = ["tls"]
+realms = {{ "{LAB_REALM}" = ["tls"] }}
 routes = [
   {{ match = "{LAB_REALM}", backend = "local" }},
   {{ match = "*", backend = "aaa" }},
 ]
-
+{tls}
 [methods.eap.backends.aaa]
 backend = "radius"
 servers = [{{ host = "{host}", port = {port}, secret_file = "{secret_file}" }}]
@@ -175,6 +189,8 @@ def init_lab(
     def rel(p: Path) -> str:
         return os.path.relpath(p, directory)
 
+    eap_tls = {"cert": rel(pki.eap_cert), "key": rel(pki.eap_key), "ca": rel(pki.ca_cert)}
+
     _write(
         directory / "credentials.toml",
         "# MN credentials for the HAC (credential backend 'toml').\n"
@@ -195,7 +211,7 @@ request_timeout = 10
 max_sessions = 256
 
 [policy]
-methods = {_toml_list(["psk", "eap"] if radius is not None else ["psk"])}
+methods = ["psk", "eap"]
 # Lab policy: all five suites, so each can be exercised. The built-in default
 # offers only the encrypting suites (PROFILE §5).
 suites = {_toml_list(LAB_SUITES)}
@@ -239,7 +255,7 @@ key = "{rel(pki.hac_client_key)}"
 [bootstrap]
 dns_ip6 = "2001:db8:1::53"
 dns_ip4 = "192.0.2.53"
-{_hac_eap(radius, radius_secret_file)}"""
+{_hac_eap(radius, radius_secret_file, eap_tls)}"""
     _write(directory / "hac.toml", hac_toml)
     ha_toml = f"""# HA of the mipsec lab (mipsec init).
 log_level = "info"
@@ -279,6 +295,26 @@ client_names = ["hac.mipsec.test"]
     )
     _write(directory / "mn.psk", psk.hex() + "\n", PRIVATE_FILE)
     _write(directory / "mn.toml", mn_toml)
+    eap_tls_table = f"""
+[eap]
+methods = ["tls"]
+
+[eap.tls]                 # EAP-TLS with the demo MN's client certificate
+cert = "{rel(pki.mn_cert)}"      # rfc822Name SAN = {DEMO_MN_ID}
+key = "{rel(pki.mn_key)}"
+ca = "{ca}"          # the only CA for the HAC's EAP server certificate
+server_name = "{EAP_NAME}"
+"""
+    _write(
+        directory / "mn-eap-tls.toml",
+        _mn_toml(
+            "Mobile node of the mipsec lab, EAP-TLS",
+            f'mn_id = "{DEMO_MN_ID}"\nmethod = "eap"\n',
+            hac_port,
+            ca,
+            eap_tls_table,
+        ),
+    )
     return {
         "ca": str(pki.ca_cert),
         "hac": {
@@ -288,7 +324,14 @@ client_names = ["hac.mipsec.test"]
             "config": str(directory / "hac.toml"),
         },
         "ha": {"host": "127.0.0.1", "port": ha_port, "config": str(directory / "ha.toml")},
-        "mn": {"mn_id": DEMO_MN_ID, "psk_hex": psk.hex(), "config": str(directory / "mn.toml")},
+        "mn": {
+            "mn_id": DEMO_MN_ID,
+            "psk_hex": psk.hex(),
+            "config": str(directory / "mn.toml"),
+            "cert": str(pki.mn_cert),
+            "key": str(pki.mn_key),
+        },
+        "eap": {"ca": str(pki.ca_cert), "server_name": EAP_NAME},
         **_aka_labs(directory, usim, hac_port, ca),
     }
 

@@ -388,6 +388,13 @@ class PkiPaths:
     # never share a certificate, or each could pull the other's SAs).
     ha2_cert: Path
     ha2_key: Path
+    # EAP-TLS (issue 7): the demo MN's client certificate (rfc822Name SAN =
+    # its mn_id) and the HAC's EAP server certificate (dNSName eap.mipsec.test),
+    # separate from the MHAuth TLS certificate.
+    mn_cert: Path
+    mn_key: Path
+    eap_cert: Path
+    eap_key: Path
 
 
 def init_pki(
@@ -397,6 +404,8 @@ def init_pki(
     hac_ips: Sequence[str] = ("127.0.0.1",),
     ha_names: Sequence[str] = ("ha.mipsec.test",),
     ha_ips: Sequence[str] = ("127.0.0.1",),
+    mn_id: str = "demo@mipsec.test",
+    eap_names: Sequence[str] = ("eap.mipsec.test",),
     overwrite: bool = False,
 ) -> PkiPaths:
     """Create a lab CA and the HAC/HA certificates in ``directory``.
@@ -417,6 +426,10 @@ def init_pki(
         hac_client_key=directory / "hac-client.key",
         ha2_cert=directory / "ha2.pem",
         ha2_key=directory / "ha2.key",
+        mn_cert=directory / "mn.pem",
+        mn_key=directory / "mn.key",
+        eap_cert=directory / "eap.pem",
+        eap_key=directory / "eap.key",
     )
     if not overwrite:
         for p in vars(paths).values():
@@ -472,4 +485,24 @@ def init_pki(
     write_key(paths.hac_client_key, client_key)
     write_cert(paths.ha2_cert, ha2_cert)
     write_key(paths.ha2_key, ha2_key)
+    mn_key, mn_cert = make_leaf(
+        ca_key,
+        ca_cert,
+        common_name=mn_id,
+        email_addresses=(mn_id,),
+        key_type="ec-p256",
+        client=True,
+        server=False,
+    )
+    eap_key, eap_cert = make_leaf(
+        ca_key,
+        ca_cert,
+        common_name=eap_names[0] if eap_names else "mipsec EAP server",
+        dns_names=eap_names,
+        key_type="ec-p256",
+    )
+    write_cert(paths.mn_cert, mn_cert)
+    write_key(paths.mn_key, mn_key)
+    write_cert(paths.eap_cert, eap_cert)
+    write_key(paths.eap_key, eap_key)
     return paths

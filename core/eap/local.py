@@ -143,7 +143,10 @@ class _LocalSession:
         self._tried.add(m.name)
         self._answered = False
         ctx = EapServerContext(
-            mn_id=self._ctx.mn_id, identity=self._ctx.identity, peer=self._ctx.peer
+            mn_id=self._ctx.mn_id,
+            identity=self._ctx.identity,
+            peer=self._ctx.peer,
+            extra={"max_packet": self._ctx.max_packet},  # methods fragment to fit it
         )
         self._method = m.factory.new(ctx)
         return self._request(self._method.initiate())

@@ -178,6 +178,11 @@ def _parse(model: type[Any], options: Mapping[str, Any]) -> Any:
         raise ValueError(error_text(exc)) from None
 
 
+def _prefixed(table: str, exc: ValueError) -> str:
+    """``key: reason; key2: reason2`` of a sub-table's factory, each key under ``table``."""
+    return "; ".join(f"{table}.{part}" for part in str(exc).split("; "))
+
+
 def _method_tables(opts: _Common, known: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """The per-method option tables (keys other than the reserved ones)."""
     out: dict[str, Mapping[str, Any]] = {}
@@ -231,7 +236,7 @@ class EapServerConfig:
             try:
                 factory = plugin.server(tables.get(name, {}), ctx)
             except ValueError as exc:
-                raise ValueError(f"{name}.{exc}") from None
+                raise ValueError(_prefixed(name, exc)) from None
             if factory is None:
                 raise ValueError(f"{key}: EAP method {name!r} has no server (HAC) side")
             local[name] = LocalMethod(name, plugin.eap_type, factory)
@@ -256,7 +261,7 @@ class EapServerConfig:
             try:
                 self.backends[name] = factory.create(table, ctx)
             except ValueError as exc:
-                raise ValueError(f"backends.{name}.{exc}") from None
+                raise ValueError(_prefixed(f"backends.{name}", exc)) from None
         for i, route in enumerate(opts.routes):
             if route.backend not in self.backends:
                 raise ValueError(f"routes[{i}].backend: no back end named {route.backend!r}")
@@ -525,7 +530,7 @@ class EapPeerConfig:
             try:
                 factory = plugin.peer(tables.get(name, {}), ctx)
             except ValueError as exc:
-                raise ValueError(f"{name}.{exc}") from None
+                raise ValueError(_prefixed(name, exc)) from None
             if factory is None:
                 raise ValueError(f"methods: EAP method {name!r} has no mobile-node side")
             self.methods[plugin.eap_type] = (name, factory)
@@ -546,7 +551,7 @@ class EapPeer:
         self.machine = EapPeerMachine(
             identity=cfg.identity or ctx.mn_id,
             methods=cfg.methods,
-            ctx=EapPeerContext(mn_id=ctx.mn_id),
+            ctx=EapPeerContext(mn_id=ctx.mn_id, extra={"max_packet": cfg.max_packet}),
             max_packet=cfg.max_packet,
         )
 

@@ -33,10 +33,21 @@ def test_help() -> None:
 
 def test_init_json_and_files(lab: Lab) -> None:
     info = lab.info
-    assert set(info) == {"ca", "hac", "ha", "mn"}
+    assert set(info) == {"ca", "hac", "ha", "mn", "eap"}
     assert set(info["hac"]) == {"host", "port", "server_name", "config"}
     assert set(info["ha"]) == {"host", "port", "config"}
-    assert set(info["mn"]) == {"mn_id", "psk_hex", "config"}
+    assert set(info["mn"]) == {"mn_id", "psk_hex", "config", "cert", "key"}
+    assert info["eap"] == {"ca": info["ca"], "server_name": "eap.mipsec.test"}
+    # EAP-TLS: the MN's client certificate names its mn_id as an rfc822Name
+    # SAN; the EAP server certificate carries the advertised dNSName.
+    mn_cert = x509.load_pem_x509_certificate(Path(info["mn"]["cert"]).read_bytes())
+    mn_san = mn_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert mn_san.get_values_for_type(x509.RFC822Name) == ["demo@mipsec.test"]
+    eap_cert = x509.load_pem_x509_certificate((lab.dir / "pki" / "eap.pem").read_bytes())
+    eap_san = eap_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert eap_san.get_values_for_type(x509.DNSName) == ["eap.mipsec.test"]
+    assert stat.S_IMODE(Path(info["mn"]["key"]).stat().st_mode) == 0o600
+    assert mipsec("check-config", str(lab.dir / "mn-eap-tls.toml")).returncode == 0
     assert info["hac"]["server_name"] == "hac.mipsec.test"
     assert len(bytes.fromhex(info["mn"]["psk_hex"])) == 32
     for key in ("hac", "ha", "mn"):

@@ -1,0 +1,214 @@
+"""EAP-TLS served by the HAC, end to end (issue 7 "Done when").
+
+Real processes from `mipsec init`: HA, HAC, and either the project's own MN
+(`mn-eap-tls.toml`) or an independent MN of PROFILE.md -- stdlib `ssl` for the
+outer MHAuth TLS, hand-built containers and TV headers, and a pyOpenSSL EAP-TLS
+peer of its own (no mipsec EAP or MHAuth code) -- over EAP-TLS 1.2 and 1.3,
+with the outer TLS 1.2 and 1.3 alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Lab, edit_toml, mipsec
+from OpenSSL import SSL
+from rawmn import RawMN, lines, with_auth
+
+ONE = b"1"
+MN_ID = "demo@mipsec.test"
+
+
+def run_mn(config: str) -> tuple[int, dict[str, Any]]:
+    out = mipsec("--role", "mn", "--config", config, "--once", "--json", timeout=90)
+    rows = out.stdout.strip().splitlines()
+    assert rows, out.stderr
+    return out.returncode, json.loads(rows[-1])
+
+
+def pin(lab: Lab, *, inner: str, outer: str) -> None:
+    """TLS versions: inner = EAP-TLS (both ends), outer = MHAuth TLS (strict_rfc6618)."""
+    if outer == "1.2":
+        edit_toml(
+            Path(lab.info["hac"]["config"]), "strict_rfc6618 = false", "strict_rfc6618 = true"
+        )
+    hac = Path(lab.info["hac"]["config"])
+    edit_toml(
+        hac,
+        'identity_policy = "rfc822name"',
+        f'identity_policy = "rfc822name"\ntls_max = "{inner}"',
+    )
+
+
+@pytest.mark.parametrize("outer", ["1.2", "1.3"])
+@pytest.mark.parametrize("inner", ["1.2", "1.3"])
+def test_own_mn_eap_tls(lab: Lab, start_hac: Any, inner: str, outer: str) -> None:
+    pin(lab, inner=inner, outer=outer)
+    start_hac(lab)
+    rc, res = run_mn(str(lab.dir / "mn-eap-tls.toml"))
+    assert rc == 0 and res["status"] == 200 and res["ba"]["status"] == 0, res
+
+
+def test_mn_certificate_for_another_identity_is_401(lab: Lab, start_hac: Any) -> None:
+    mn = lab.dir / "mn-eap-tls.toml"
+    edit_toml(mn, 'mn_id = "demo@mipsec.test"', 'mn_id = "other@mipsec.test"')
+    with (lab.dir / "credentials.toml").open("a") as f:  # known for PSK: irrelevant to EAP
+        f.write(f'\n[[mn]]\nmn_id = "other@mipsec.test"\npsk_hex = "{"ab" * 32}"\n')
+    start_hac(lab)
+    rc, res = run_mn(str(mn))
+    assert rc == 1 and res["status"] == 401 and res["authenticated"], res
+
+
+def test_mn_refuses_an_eap_server_certificate_with_another_name(lab: Lab, start_hac: Any) -> None:
+    mn = lab.dir / "mn-eap-tls.toml"
+    edit_toml(mn, 'server_name = "eap.mipsec.test"', 'server_name = "eap.elsewhere.test"')
+    start_hac(lab)
+    rc, res = run_mn(str(mn))
+    # The MN's TLS alert goes to the HAC inside EAP; the HAC answers EAP-Failure (401).
+    assert rc == 1 and res["status"] == 401 and res["authenticated"], res
+
+
+# ------------------------------------------------------------ an independent MN
+
+
+class IndependentEapTls:
+    """EAP-TLS peer on pyOpenSSL (RFC 5216 / RFC 9190), written from the RFCs."""
+
+    def __init__(self, lab: Lab, tls: str) -> None:
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_max_proto_version(SSL.TLS1_3_VERSION if tls == "1.3" else SSL.TLS1_2_VERSION)
+        ctx.use_certificate_file(lab.info["mn"]["cert"])
+        ctx.use_privatekey_file(lab.info["mn"]["key"])
+        ctx.load_verify_locations(lab.info["eap"]["ca"])
+        ctx.set_verify(SSL.VERIFY_PEER, lambda *a: bool(a[-1]))
+        self.conn = SSL.Connection(ctx, None)
+        self.conn.set_tlsext_host_name(lab.info["eap"]["server_name"].encode())
+        self.conn.set_connect_state()
+        self.tls13 = tls == "1.3"
+        self.out = b""
+        self.inbuf = b""
+        self.handshake_done = False
+        self.committed = False  # RFC 9190: the server's 0x00 application data
+
+    def _pump(self) -> None:
+        try:
+            self.conn.do_handshake()
+            self.handshake_done = True
+        except SSL.WantReadError:
+            pass
+        if self.handshake_done and self.tls13:
+            try:
+                data = self.conn.recv(16)
+                assert data == b"\x00", data
+                self.committed = True
+            except (SSL.WantReadError, SSL.ZeroReturnError):
+                pass
+        while True:
+            try:
+                self.out += self.conn.bio_read(65536)
+            except SSL.WantReadError:
+                break
+
+    def answer(self, req: bytes) -> tuple[bytes, bool]:
+        """(EAP-Response, Done-time) for one EAP-Request."""
+        code, ident, length, typ = req[0], req[1], struct.unpack("!H", req[2:4])[0], req[4]
+        assert code == 1 and length == len(req)
+
+        def resp(data: bytes) -> bytes:
+            return struct.pack("!BBHB", 2, ident, 5 + len(data), 13) + data
+
+        if typ == 1:  # Identity
+            return struct.pack("!BBHB", 2, ident, 5 + len(MN_ID), 1) + MN_ID.encode(), False
+        assert typ == 13
+        flags, body = req[5], req[6:]
+        if flags & 0x80:
+            body = body[4:]
+        if flags & 0x20:  # Start
+            self._pump()
+        elif body or not self.out:
+            self.inbuf += body
+            if flags & 0x40:
+                return resp(b"\x00"), False  # ACK a server fragment
+            self.conn.bio_write(self.inbuf)
+            self.inbuf = b""
+            self._pump()
+        if self.out:  # send (the next fragment of) our flight
+            first, piece = len(self.out), self.out[:1000]
+            self.out = self.out[1000:]
+            head = b""
+            flags = 0x40 if self.out else 0
+            if self.out and first > 1000 and not hasattr(self, "_sent_len"):
+                flags |= 0x80
+                head = first.to_bytes(4, "big")
+                self._sent_len = True
+            if not self.out and hasattr(self, "_sent_len"):
+                del self._sent_len
+            return resp(bytes((flags,)) + head + piece), False
+        # An empty response: the final one once the method succeeded (PROFILE §4 item 4).
+        done = self.handshake_done and (self.committed or not self.tls13)
+        return resp(b"\x00"), done
+
+    def msk(self) -> bytes:
+        # RFC 9190 §2.3: 128 octets, the MSK is the first 64 (the TLS 1.3
+        # exporter's output depends on the length asked for, unlike TLS 1.2's PRF).
+        if self.tls13:
+            label, context = b"EXPORTER_EAP_TLS_Key_Material", b"\x0d"
+            return bytes(self.conn.export_keying_material(label, 128, context))[:64]
+        return bytes(self.conn.export_keying_material(b"client EAP encryption", 128, None))[:64]
+
+
+def independent_bootstrap(lab: Lab, *, inner: str, outer: str) -> dict[str, str]:
+    mn = RawMN(
+        "127.0.0.1",
+        lab.hac_port,
+        lab.info["ca"],
+        "hac.mipsec.test",
+        max_version=ssl.TLSVersion.TLSv1_2 if outer == "1.2" else None,
+    )
+    try:
+        assert mn.version == f"TLSv{outer}"
+        peer = IndependentEapTls(lab, inner)
+        mn.send(lines([("mn-id", MN_ID), ("mn-rand", os.urandom(32).hex()),
+                       ("auth-method", "eap")]) + b"\r\n")  # fmt: skip
+        r = mn.recv()
+        assert r.auth_ok(ONE, mn.cb) and r.headers["auth-method"] == "eap"
+        done = False
+        for _ in range(100):
+            answer, now_done = peer.answer(bytes.fromhex(r.headers["eap-payload"]))
+            done = done or now_done
+            headers = [("eap-payload", answer.hex())]
+            key = ONE
+            if done:
+                headers += [("mip6-sas", "1"), ("mip6-suitelist", "{00,3C}")]
+                key = peer.msk()
+            mn.send(with_auth(lines(headers), key, b"MN", mn.cb))
+            r = mn.recv()
+            if "status-code" in r.headers:
+                break
+            assert r.auth_ok(ONE, mn.cb)
+        final = r.headers
+        final["_auth_with_msk"] = str(done and r.auth_ok(peer.msk(), mn.cb))
+        final["_auth_with_one"] = str(r.auth_ok(ONE, mn.cb))
+        return final
+    finally:
+        mn.close()
+
+
+@pytest.mark.parametrize(
+    ("inner", "outer"), [("1.2", "1.2"), ("1.3", "1.3"), ("1.2", "1.3"), ("1.3", "1.2")]
+)
+def test_independent_mn_eap_tls(lab: Lab, start_hac: Any, inner: str, outer: str) -> None:
+    pin(lab, inner=inner, outer=outer)
+    start_hac(lab)
+    final = independent_bootstrap(lab, inner=inner, outer=outer)
+    assert final["status-code"] == "200", final
+    assert final["eap-payload"][:2] == "03"  # EAP-Success
+    assert final["_auth_with_msk"] == "True" and final["_auth_with_one"] == "False"
+    assert "mip6-spi" in final and "mip6-mn-to-ha-ikey" in final
