@@ -160,6 +160,14 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         else:
             _print_result(result, reg)
 
+    dataplane = None
+    if cfg.dataplane.enabled and not once:
+        # The TUN device lives across re-bootstraps; each registered SA is
+        # attached to it (roles/mn_data.py).  It goes with the process.
+        from mipsec.core.roles.mn_data import MnDataPlane
+
+        dataplane = MnDataPlane(cfg.dataplane, config_file)
+        dataplane.open()
     last_bootstrap = -1e9
     while not stop.is_set():
         # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL: a
@@ -206,6 +214,8 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 return EXIT_OK if outcome.accepted else EXIT_FAILED
             first = await registrar.run(until_registered=True, stop=stop)
             report(result, first)
+            if dataplane is not None and first.accepted:
+                dataplane.attach(registrar, first.ip4_hoa)
             outcome = first
             if first.accepted and first.rebootstrap is None:
                 outcome = await registrar.run_more(stop=stop)
@@ -219,7 +229,11 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 10)
         finally:
+            if dataplane is not None:
+                dataplane.detach()
             registrar.close()
+    if dataplane is not None:
+        dataplane.close()
     return EXIT_OK
 
 

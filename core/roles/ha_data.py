@@ -1,0 +1,174 @@
+"""The HA's data plane: MN user data to and from the home network on a TUN device.
+
+RFC 6618 §6.4 reverse tunnelling, as a thin asyncio shell around
+``forwarding.HaForwarder``:
+
+* ``HaService.handle`` turns each authenticated user-data datagram into a
+  ``DataIn`` and hands it to ``on_data`` (this object, on the event loop's
+  thread); the forwarder's ingress filter decides, and the packet is
+  written to the TUN device, from where the host's routing takes it into the
+  home network;
+* the TUN device's packets -- home-network traffic routed to the HoAs
+  (``[dataplane] routes``) -- are read when the event loop says the device is
+  readable, up to ``TUN_BUDGET`` per wake-up, encapsulated under the SA of the
+  destination's binding and sent from the HA's own UDP socket of the right
+  family to the binding's care-of address and port (PROFILE §7).
+
+Why on the event loop's thread and not a thread of its own: the SA's
+outbound state (sequence counter, its persisted reservation, the running
+CBC context) is shared with the Binding Acknowledgements that ``HaCore``
+sends, and its inbound replay window with the BUs; one thread owning all of
+it needs no lock on the per-packet path.  Measured on the project's test
+machine, a drain loop costs per packet about what a blocking loop in its
+own thread would (bench/tunnel.py), and batched receive (``recvmmsg``)
+saved too little over the HA's draining reads to be worth a second read path
+(docs-dataplane.md, "Fast path").
+
+A full TUN queue or UDP send buffer drops the packet (``tun_full``,
+``send_full``), as a router would; TCP recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from mipsec.core.config import HADataPlane
+from mipsec.core.errors import ConfigError
+from mipsec.core.forwarding import HaForwarder
+from mipsec.core.ha_core import DataIn
+from mipsec.core.tun import IpCommandError, TunDevice, TunError
+
+if TYPE_CHECKING:
+    from mipsec.core.roles.ha import HaService
+
+log = logging.getLogger("mipsec.ha.data")
+
+TUN_BUDGET = 256  # packets read from the TUN device per wake-up
+READ_SIZE = 65535
+
+
+def pick_socket(
+    sockets: list[socket.socket], family: int, preferred: str | None
+) -> socket.socket | None:
+    """The UDP socket to send from: the one bound to the HA's provisioned address
+    (MNs connect to it, and a connected MN socket only accepts that source),
+    else one bound to the wildcard address, else any of the family."""
+    mine = [s for s in sockets if s.family == family]
+    for wanted in (preferred, "::" if family == socket.AF_INET6 else "0.0.0.0"):  # noqa: S104
+        for s in mine:
+            if wanted is not None and s.getsockname()[0] == wanted:
+                return s
+    return mine[0] if mine else None
+
+
+class HaDataPlane:
+    """Attach to a started ``HaService`` with ``start()``; ``stop()`` removes the device."""
+
+    def __init__(self, service: HaService, cfg: HADataPlane) -> None:
+        self.service = service
+        self.cfg = cfg
+        self.forwarder = HaForwarder(service.core, mtu=cfg.mtu)
+        self.tun: TunDevice | None = None
+        self.counts: dict[str, int] = {"tun_full": 0, "send_full": 0, "io_errors": 0}
+        self._sock4: socket.socket | None = None
+        self._sock6: socket.socket | None = None
+
+    def start(self) -> None:
+        cfg, file = self.cfg, self.service.config_file
+        try:
+            tun = TunDevice(cfg.tun)
+        except TunError as exc:
+            raise ConfigError(file, "dataplane.tun", str(exc)) from None
+        key = "dataplane.tun"
+        try:
+            tun.up(cfg.mtu)
+            key = "dataplane.addresses"
+            for address in cfg.addresses:
+                tun.add_address(str(address))
+            key = "dataplane.routes"
+            for route in cfg.routes:
+                tun.add_route(str(route))
+        except IpCommandError as exc:
+            tun.close()
+            raise ConfigError(file, key, str(exc)) from None
+        self.tun = tun
+        ha = self.service.cfg.ha
+        socks = self.service.sockets
+        six = str(ha.address6) if ha.address6 is not None else None
+        four = str(ha.address4) if ha.address4 is not None else None
+        self._sock6 = pick_socket(socks, socket.AF_INET6, six)
+        self._sock4 = pick_socket(socks, socket.AF_INET, four)
+        self.service.on_data = self.on_data
+        asyncio.get_running_loop().add_reader(tun.fd, self._tun_readable)
+        log.info(
+            "data plane on %s: mtu %d, routes %s",
+            tun.name,
+            cfg.mtu,
+            ", ".join(str(r) for r in cfg.routes) or "none",
+        )
+
+    def stop(self) -> None:
+        if self.service.on_data == self.on_data:
+            self.service.on_data = None
+        if self.tun is not None:
+            asyncio.get_running_loop().remove_reader(self.tun.fd)
+            self.tun.close()  # the interface, its addresses and routes go with it
+            self.tun = None
+
+    # ------------------------------------------------------------ MN -> home network
+
+    def on_data(self, data: DataIn) -> None:
+        tun = self.tun
+        packet = self.forwarder.inbound(data, time.time())
+        if packet is None or tun is None:
+            return
+        try:
+            os.write(tun.fd, packet)
+        except BlockingIOError:
+            self.counts["tun_full"] += 1
+        except OSError:
+            # e.g. EINVAL for a packet the kernel refuses; keep serving.
+            self.counts["io_errors"] += 1
+
+    # ------------------------------------------------------------ home network -> MN
+
+    def _tun_readable(self) -> None:
+        tun = self.tun
+        if tun is None:
+            return
+        fd, read = tun.fd, os.read
+        outbound = self.forwarder.outbound
+        sock4, sock6 = self._sock4, self._sock6
+        now = time.time()
+        for _ in range(TUN_BUDGET):
+            try:
+                packet = read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.counts["io_errors"] += 1
+                return
+            out = outbound(packet, now)
+            if out is None:
+                continue
+            datagram, dst = out
+            sock = sock6 if ":" in dst[0] else sock4
+            if sock is None:
+                self.forwarder.drops["no_socket"] += 1
+                continue
+            try:
+                sock.sendto(datagram, dst)
+            except BlockingIOError:
+                self.counts["send_full"] += 1
+            except OSError:
+                self.counts["io_errors"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.forwarder.stats()
+        out.update(self.counts)
+        return out

@@ -1,0 +1,173 @@
+"""The MN's data plane: its home addresses on a TUN device, their traffic via the HA.
+
+RFC 6618 §6.4 reverse tunnelling, as a thin asyncio shell around
+``forwarding.MnForwarder``.  The device is opened once per MN process
+(``open``: a device that cannot be made fails the start, naming the key) and
+lives across re-bootstraps; each registered SA is ``attach``-ed to it:
+
+* its home addresses go on the device -- the IPv6 HoA, and the IPv4 HoA once a
+  BA acknowledged it (DSMIP6, RFC 5555 §3.2.1) -- and ``[dataplane] routes``
+  point into it with that home address as the preferred source, so the
+  host's own traffic to those destinations leaves from the HoA;
+* packets the device gives are read while the event loop says it is readable
+  (up to ``TUN_BUDGET`` per wake-up), sealed under the SA and sent on the
+  registrar's socket (connected to the HA);
+* user-data datagrams the registrar reads are opened, checked and written
+  to the device.
+
+A route that covers the HA's own address is refused (with a warning): the
+tunnel's outer packets would then be routed into the tunnel itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+
+from mipsec.core.config import MNDataPlane
+from mipsec.core.errors import ConfigError
+from mipsec.core.forwarding import MnForwarder
+from mipsec.core.roles.mn import Registrar
+from mipsec.core.tun import IpCommandError, TunDevice, TunError
+
+log = logging.getLogger("mipsec.mn.data")
+
+TUN_BUDGET = 256  # packets read from the TUN device per wake-up
+READ_SIZE = 65535
+
+
+class MnDataPlane:
+    """The MN's TUN device; ``attach`` a registered ``Registrar`` to carry its traffic."""
+
+    def __init__(self, cfg: MNDataPlane, config_file: str = "<memory>") -> None:
+        self.cfg = cfg
+        self.config_file = config_file
+        self.tun: TunDevice | None = None
+        self.forwarder: MnForwarder | None = None
+        self.registrar: Registrar | None = None
+        self.counts: dict[str, int] = {"tun_full": 0, "io_errors": 0}
+
+    def open(self) -> None:
+        try:
+            tun = TunDevice(self.cfg.tun)
+        except TunError as exc:
+            raise ConfigError(self.config_file, "dataplane.tun", str(exc)) from None
+        try:
+            tun.up(self.cfg.mtu)
+        except IpCommandError as exc:
+            tun.close()
+            raise ConfigError(self.config_file, "dataplane.tun", str(exc)) from None
+        self.tun = tun
+
+    def close(self) -> None:
+        self.detach()
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+
+    # ------------------------------------------------------------ attach / detach
+
+    def attach(self, registrar: Registrar, ip4_hoa: str | None) -> list[str]:
+        """Carry the traffic of ``registrar``'s SA; returns the home addresses in use.
+
+        ``ip4_hoa``: the IPv4 home address the HA acknowledged (None: none).
+        """
+        tun = self.tun
+        assert tun is not None, "open() first"
+        self.detach()
+        bs = registrar.issued.bootstrap
+        hoas: list[IPv6Address | IPv4Address] = []
+        if bs.ip6_hoa is not None:
+            hoas.append(bs.ip6_hoa)
+        if ip4_hoa is not None:
+            hoas.append(IPv4Address(ip4_hoa))
+        tun.flush()
+        try:
+            for hoa in hoas:
+                tun.add_address(str(hoa))
+        except IpCommandError as exc:
+            # The binding stands; only user data cannot flow.  Say so once.
+            log.error("data plane on %s not attached: %s", tun.name, exc)
+            tun.flush()
+            return []
+        ha_host = ip_address(registrar.ha[0]) if registrar.ha is not None else None
+        for route in self.cfg.routes:
+            net = ip_network(route)
+            src = next((h for h in hoas if h.version == net.version), None)
+            if src is None:
+                log.warning("route %s skipped: no IPv%d home address", net, net.version)
+                continue
+            if ha_host is not None and ha_host.version == net.version and ha_host in net:
+                log.warning("route %s skipped: it covers the HA address %s", net, ha_host)
+                continue
+            try:
+                tun.add_route(str(net), src=str(src))
+            except IpCommandError as exc:
+                log.warning("route %s not added: %s", net, exc)
+        self.forwarder = MnForwarder(
+            registrar.machine, frozenset(h.packed for h in hoas), mtu=self.cfg.mtu
+        )
+        self.registrar = registrar
+        registrar.on_data = self._from_ha
+        asyncio.get_running_loop().add_reader(tun.fd, self._tun_readable)
+        names = [str(h) for h in hoas]
+        log.info(
+            "data plane on %s: home addresses %s, scope %d",
+            tun.name,
+            ", ".join(names),
+            registrar.machine.scope,
+        )
+        return names
+
+    def detach(self) -> None:
+        if self.registrar is None:
+            return
+        if self.registrar.on_data == self._from_ha:
+            self.registrar.on_data = None
+        self.registrar = None
+        self.forwarder = None
+        if self.tun is not None:
+            asyncio.get_running_loop().remove_reader(self.tun.fd)
+            self.tun.flush()
+
+    # ------------------------------------------------------------ the two directions
+
+    def _tun_readable(self) -> None:
+        tun, fwd, registrar = self.tun, self.forwarder, self.registrar
+        if tun is None or fwd is None or registrar is None:
+            return
+        fd, read = tun.fd, os.read
+        uplink, send = fwd.uplink, registrar.send
+        for _ in range(TUN_BUDGET):
+            try:
+                packet = read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.counts["io_errors"] += 1
+                return
+            datagram = uplink(packet)
+            if datagram is not None:
+                send(datagram)
+
+    def _from_ha(self, datagram: bytes) -> None:
+        tun, fwd = self.tun, self.forwarder
+        if tun is None or fwd is None:
+            return
+        packet = fwd.downlink(datagram)
+        if packet is None:
+            return
+        try:
+            os.write(tun.fd, packet)
+        except BlockingIOError:
+            self.counts["tun_full"] += 1
+        except OSError:
+            self.counts["io_errors"] += 1
+
+    def stats(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.counts)
+        if self.forwarder is not None:
+            out.update(self.forwarder.stats())
+        return out
