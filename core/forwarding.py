@@ -40,14 +40,14 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from ipaddress import ip_address
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from mipsec.core.errors import PacketError
 from mipsec.core.ha_core import DataIn, HaCore
 from mipsec.core.wire.esp import SequenceExhausted
 from mipsec.core.wire.inner import parse_inner
 
-__all__ = ["DataSA", "HaForwarder", "MnForwarder", "packed_address"]
+__all__ = ["DataSA", "HaForwarder", "MnForwarder", "packed_address", "stats_line"]
 
 Address: TypeAlias = tuple[str, int]
 
@@ -67,6 +67,8 @@ class HaForwarder:
         self.drops: Counter[str] = Counter()
         self.packets_in = 0  # into the home network
         self.packets_out = 0  # towards MNs
+        self.plain_in = 0  # ... of which PType 0 (mip6-sas 0)
+        self.plain_out = 0
 
     def inbound(self, data: DataIn, now: float) -> bytes | None:
         """The packet to write into the home network, or None (dropped, counted)."""
@@ -91,6 +93,8 @@ class HaForwarder:
             drops["not_hoa"] += 1
             return None
         self.packets_in += 1
+        if not data.protected:
+            self.plain_in += 1
         return payload
 
     def outbound(self, packet: bytes, now: float) -> tuple[bytes, Address] | None:
@@ -113,10 +117,18 @@ class HaForwarder:
             drops["no_sa"] += 1
             return None
         self.packets_out += 1
+        if datagram[0] < 0x10:  # PType 0
+            self.plain_out += 1
         return datagram, (b.coa_host, b.coa_port)
 
     def stats(self) -> dict[str, object]:
-        return {"in": self.packets_in, "out": self.packets_out, "drops": dict(self.drops)}
+        return {
+            "in": self.packets_in,
+            "out": self.packets_out,
+            "plain_in": self.plain_in,
+            "plain_out": self.plain_out,
+            "drops": dict(self.drops),
+        }
 
 
 class DataSA(Protocol):
@@ -141,6 +153,8 @@ class MnForwarder:
         self.drops: Counter[str] = Counter()
         self.packets_up = 0
         self.packets_down = 0
+        self.plain_up = 0  # ... of which PType 0 (mip6-sas 0)
+        self.plain_down = 0
 
     def uplink(self, packet: bytes) -> bytes | None:
         """The datagram for the HA that carries ``packet`` (from the TUN), or None."""
@@ -162,6 +176,8 @@ class MnForwarder:
             drops["seq_exhausted"] += 1
             return None
         self.packets_up += 1
+        if datagram[0] < 0x10:  # PType 0
+            self.plain_up += 1
         return datagram
 
     def downlink(self, datagram: bytes) -> bytes | None:
@@ -184,7 +200,23 @@ class MnForwarder:
             drops["not_hoa"] += 1
             return None
         self.packets_down += 1
+        if datagram[0] < 0x10:
+            self.plain_down += 1
         return packet
 
     def stats(self) -> dict[str, object]:
-        return {"up": self.packets_up, "down": self.packets_down, "drops": dict(self.drops)}
+        return {
+            "up": self.packets_up,
+            "down": self.packets_down,
+            "plain_up": self.plain_up,
+            "plain_down": self.plain_down,
+            "drops": dict(self.drops),
+        }
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    """One log line's worth of counters: ``in=.. out=.. drops=reason:n,..`` (zeros left out)."""
+    drops = stats.get("drops") or {}
+    parts = [f"{k}={v}" for k, v in stats.items() if k != "drops" and v]
+    parts.append("drops=" + (",".join(f"{k}:{v}" for k, v in sorted(drops.items())) or "none"))
+    return " ".join(parts)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from mipsec.core.config import HADataPlane
 from mipsec.core.errors import ConfigError
-from mipsec.core.forwarding import HaForwarder
+from mipsec.core.forwarding import HaForwarder, stats_line
 from mipsec.core.ha_core import DataIn
 from mipsec.core.tun import IpCommandError, TunDevice, TunError
 
@@ -118,6 +118,7 @@ class HaDataPlane:
         if self.tun is not None:
             asyncio.get_running_loop().remove_reader(self.tun.fd)
             self.tun.close()  # the interface, its addresses and routes go with it
+            log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
             self.tun = None
 
     # ------------------------------------------------------------ MN -> home network

@@ -25,10 +25,11 @@ import asyncio
 import logging
 import os
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import Any
 
 from mipsec.core.config import MNDataPlane
 from mipsec.core.errors import ConfigError
-from mipsec.core.forwarding import MnForwarder
+from mipsec.core.forwarding import MnForwarder, stats_line
 from mipsec.core.roles.mn import Registrar
 from mipsec.core.tun import IpCommandError, TunDevice, TunError
 
@@ -48,6 +49,8 @@ class MnDataPlane:
         self.forwarder: MnForwarder | None = None
         self.registrar: Registrar | None = None
         self.counts: dict[str, int] = {"tun_full": 0, "io_errors": 0}
+        self._totals: dict[str, int] = {}  # forwarder counters of detached SAs
+        self._drops: dict[str, int] = {}
 
     def open(self) -> None:
         try:
@@ -64,6 +67,7 @@ class MnDataPlane:
     def close(self) -> None:
         self.detach()
         if self.tun is not None:
+            log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
             self.tun.close()
             self.tun = None
 
@@ -124,8 +128,11 @@ class MnDataPlane:
     def detach(self) -> None:
         if self.registrar is None:
             return
-        if self.registrar.on_data == self._from_ha:
-            self.registrar.on_data = None
+        if self.forwarder is not None:
+            self._fold(self._totals, self._drops, self.forwarder)  # this SA's counters
+        registrar = self.registrar
+        if registrar.on_data == self._from_ha:
+            registrar.on_data = None
         self.registrar = None
         self.forwarder = None
         if self.tun is not None:
@@ -166,8 +173,17 @@ class MnDataPlane:
         except OSError:
             self.counts["io_errors"] += 1
 
-    def stats(self) -> dict[str, object]:
-        out: dict[str, object] = dict(self.counts)
+    @staticmethod
+    def _fold(totals: dict[str, int], drops: dict[str, int], fwd: MnForwarder) -> None:
+        for k, v in fwd.stats().items():
+            if isinstance(v, int):
+                totals[k] = totals.get(k, 0) + v
+        for reason, n in fwd.drops.items():
+            drops[reason] = drops.get(reason, 0) + n
+
+    def stats(self) -> dict[str, Any]:
+        """Counters over the device's whole life (every SA attached so far)."""
+        totals, drops = dict(self._totals), dict(self._drops)
         if self.forwarder is not None:
-            out.update(self.forwarder.stats())
-        return out
+            self._fold(totals, drops, self.forwarder)
+        return {**totals, **self.counts, "drops": drops}
