@@ -4,7 +4,7 @@
     mipsec check-config FILE [--role R]
     mipsec plugins
     mipsec init DIR [--hac-port N] [--ha-port N] [--json]
-    mipsec demo
+    mipsec demo [--data]
 
 Errors a user can fix (configuration, plugins, certificates) print one line
 naming the file, the key and the reason -- never a traceback.
@@ -326,6 +326,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "data", False):
+        from mipsec.core.demo_data import run_data_demo
+
+        return run_data_demo()
     from mipsec.core.demo import run_demo
 
     return run_demo()
@@ -359,6 +363,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("demo", help="init a lab in a temp dir, run a HAC and one MN")
+    p.add_argument(
+        "--data",
+        action="store_true",
+        help="(root) in network namespaces, then ping and TCP from the MN's home address",
+    )
     p.set_defaults(func=cmd_demo)
     return role, cmds
 
