@@ -172,6 +172,9 @@ class HADataPlane(_Strict):
     # Prefixes routed into the TUN device: the home network(s) the HoAs come
     # from.  Packets for a HoA with a live binding go to that MN.
     routes: tuple[IPvAnyNetwork, ...] = ()
+    # Merge in-order TCP segments before they enter the host's IP stack
+    # (GRO in user space, gro.py).
+    gro: bool = True
 
 
 class MNDataPlane(_Strict):
@@ -182,6 +185,7 @@ class MNDataPlane(_Strict):
     mtu: TunMtu = 1400
     # Destinations reached through the tunnel, from the home address.
     routes: tuple[IPvAnyNetwork, ...] = ()
+    gro: bool = True  # as the HA's
     # NAT keepalive: a BU at least this often (RFC 5555 §4.3; NATKATIMEOUT,
     # §6, is 110 s).  0 = only the lifetime's own refreshes.
     keepalive_interval: Annotated[float, Field(ge=0, le=86400)] = 110.0

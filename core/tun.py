@@ -21,15 +21,17 @@ import fcntl
 import os
 import struct
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mipsec.core.errors import MipsecError
+from mipsec.core.gro import TcpCoalescer
 
-__all__ = ["IpCommandError", "TunDevice", "TunError", "ip"]
+__all__ = ["IpCommandError", "TunDevice", "TunError", "TunWriter", "ip"]
 
 _TUNSETIFF = 0x400454CA  # _IOW('T', 202, int), linux/if_tun.h
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
 _IFNAMSIZ = 16
 _IP_TIMEOUT = 10.0  # seconds for one ip(8) command
 
@@ -58,9 +60,16 @@ def ip(*args: str, check: bool = True) -> str:
 
 
 class TunDevice:
-    """One TUN interface, non-blocking; ``read`` / ``write`` move whole IP packets."""
+    """One TUN interface, non-blocking; ``read`` / ``write`` move whole IP packets.
 
-    def __init__(self, name: str) -> None:
+    ``vnet_hdr=True`` (``IFF_VNET_HDR``): every read and write carries a
+    10-octet ``struct virtio_net_hdr`` in front of the packet, which lets a
+    writer hand the kernel coalesced TCP segments (``gro.py``).  No offload
+    is switched on for reads (no ``TUNSETOFFLOAD``): packets read are whole,
+    with complete checksums, and their header is all zeros but for flags.
+    """
+
+    def __init__(self, name: str, *, vnet_hdr: bool = False) -> None:
         encoded = name.encode()
         if not 0 < len(encoded) < _IFNAMSIZ:
             raise TunError(f"tun {name!r}: a name has 1 to {_IFNAMSIZ - 1} octets")
@@ -69,13 +78,15 @@ class TunDevice:
         except OSError as exc:
             raise TunError(f"tun {name}: cannot open /dev/net/tun: {exc.strerror}") from None
         try:
-            ifr = struct.pack("16sH22x", encoded, _IFF_TUN | _IFF_NO_PI)
+            flags = _IFF_TUN | _IFF_NO_PI | (_IFF_VNET_HDR if vnet_hdr else 0)
+            ifr = struct.pack("16sH22x", encoded, flags)
             got = fcntl.ioctl(fd, _TUNSETIFF, ifr)
         except OSError as exc:
             os.close(fd)
             # EPERM without CAP_NET_ADMIN; EBUSY when another process holds it.
             raise TunError(f"tun {name}: TUNSETIFF failed: {exc.strerror}") from None
         self.fd = fd
+        self.vnet_hdr = vnet_hdr
         self.name = got[:_IFNAMSIZ].split(b"\0", 1)[0].decode()
 
     def fileno(self) -> int:
@@ -129,3 +140,58 @@ class TunDevice:
         family = "-6" if ":" in prefix else "-4"
         extra: Sequence[str] = ("src", src) if src is not None else ()
         ip(family, "route", "replace", prefix, "dev", self.name, *extra)
+
+
+class TunWriter:
+    """Writes packets to a TUN device; with vnet headers, TCP runs are merged (``gro.py``).
+
+    A run is held only until the end of the current event-loop callback:
+    the first packet held schedules ``flush`` with ``schedule`` (the loop's
+    ``call_soon``), so a burst the shell drains in one callback is written as
+    few packets as it allows, and nothing waits beyond that burst.  A full
+    device queue or a refused packet is counted in ``counts`` (``tun_full``,
+    ``io_errors``) and dropped, as a router would.
+    """
+
+    def __init__(
+        self,
+        tun: TunDevice,
+        schedule: Callable[[Callable[[], None]], object],
+        counts: dict[str, int],
+    ) -> None:
+        self.fd = tun.fd
+        self._gro = TcpCoalescer() if tun.vnet_hdr else None
+        self._schedule = schedule
+        self._scheduled = False
+        self.counts = counts
+        counts.setdefault("tun_full", 0)
+        counts.setdefault("io_errors", 0)
+        counts.setdefault("tun_writes", 0)
+
+    def write(self, packet: bytes) -> None:
+        gro = self._gro
+        if gro is None:
+            self._write(packet)
+            return
+        for frame in gro.push(packet):
+            self._write(frame)
+        if gro.pending and not self._scheduled:
+            self._scheduled = True
+            self._schedule(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._gro is not None:
+            for frame in self._gro.flush():
+                self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        try:
+            os.write(self.fd, frame)
+        except BlockingIOError:
+            self.counts["tun_full"] += 1
+        except OSError:
+            # e.g. EINVAL for a packet the kernel refuses; keep serving.
+            self.counts["io_errors"] += 1
+        else:
+            self.counts["tun_writes"] += 1

@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 from mipsec.core.config import HADataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import HaForwarder, stats_line
+from mipsec.core.gro import VNET_HDR_LEN
 from mipsec.core.ha_core import DataIn
-from mipsec.core.tun import IpCommandError, TunDevice, TunError
+from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunWriter
 
 if TYPE_CHECKING:
     from mipsec.core.roles.ha import HaService
@@ -74,14 +75,15 @@ class HaDataPlane:
         self.cfg = cfg
         self.forwarder = HaForwarder(service.core, mtu=cfg.mtu)
         self.tun: TunDevice | None = None
-        self.counts: dict[str, int] = {"tun_full": 0, "send_full": 0, "io_errors": 0}
+        self.writer: TunWriter | None = None
+        self.counts: dict[str, int] = {"send_full": 0, "io_errors": 0, "not_read": 0}
         self._sock4: socket.socket | None = None
         self._sock6: socket.socket | None = None
 
     def start(self) -> None:
         cfg, file = self.cfg, self.service.config_file
         try:
-            tun = TunDevice(cfg.tun)
+            tun = TunDevice(cfg.tun, vnet_hdr=cfg.gro)
         except TunError as exc:
             raise ConfigError(file, "dataplane.tun", str(exc)) from None
         key = "dataplane.tun"
@@ -97,6 +99,8 @@ class HaDataPlane:
             tun.close()
             raise ConfigError(file, key, str(exc)) from None
         self.tun = tun
+        loop = asyncio.get_running_loop()
+        self.writer = TunWriter(tun, loop.call_soon, self.counts)
         ha = self.service.cfg.ha
         socks = self.service.sockets
         six = str(ha.address6) if ha.address6 is not None else None
@@ -104,11 +108,12 @@ class HaDataPlane:
         self._sock6 = pick_socket(socks, socket.AF_INET6, six)
         self._sock4 = pick_socket(socks, socket.AF_INET, four)
         self.service.on_data = self.on_data
-        asyncio.get_running_loop().add_reader(tun.fd, self._tun_readable)
+        loop.add_reader(tun.fd, self._tun_readable)
         log.info(
-            "data plane on %s: mtu %d, routes %s",
+            "data plane on %s: mtu %d, gro %s, routes %s",
             tun.name,
             cfg.mtu,
+            "on" if cfg.gro else "off",
             ", ".join(str(r) for r in cfg.routes) or "none",
         )
 
@@ -117,6 +122,9 @@ class HaDataPlane:
             self.service.on_data = None
         if self.tun is not None:
             asyncio.get_running_loop().remove_reader(self.tun.fd)
+            if self.writer is not None:
+                self.writer.flush()
+                self.writer = None
             self.tun.close()  # the interface, its addresses and routes go with it
             log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
             self.tun = None
@@ -124,17 +132,9 @@ class HaDataPlane:
     # ------------------------------------------------------------ MN -> home network
 
     def on_data(self, data: DataIn) -> None:
-        tun = self.tun
         packet = self.forwarder.inbound(data, time.time())
-        if packet is None or tun is None:
-            return
-        try:
-            os.write(tun.fd, packet)
-        except BlockingIOError:
-            self.counts["tun_full"] += 1
-        except OSError:
-            # e.g. EINVAL for a packet the kernel refuses; keep serving.
-            self.counts["io_errors"] += 1
+        if packet is not None and self.writer is not None:
+            self.writer.write(packet)
 
     # ------------------------------------------------------------ home network -> MN
 
@@ -142,7 +142,7 @@ class HaDataPlane:
         tun = self.tun
         if tun is None:
             return
-        fd, read = tun.fd, os.read
+        fd, read, vnet = tun.fd, os.read, tun.vnet_hdr
         outbound = self.forwarder.outbound
         sock4, sock6 = self._sock4, self._sock6
         now = time.time()
@@ -154,6 +154,11 @@ class HaDataPlane:
             except OSError:
                 self.counts["io_errors"] += 1
                 return
+            if vnet:
+                if packet[1]:  # gso_type: never without TUNSETOFFLOAD
+                    self.counts["not_read"] += 1
+                    continue
+                packet = packet[VNET_HDR_LEN:]
             out = outbound(packet, now)
             if out is None:
                 continue

@@ -30,8 +30,9 @@ from typing import Any
 from mipsec.core.config import MNDataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import MnForwarder, stats_line
+from mipsec.core.gro import VNET_HDR_LEN
 from mipsec.core.roles.mn import Registrar
-from mipsec.core.tun import IpCommandError, TunDevice, TunError
+from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunWriter
 
 log = logging.getLogger("mipsec.mn.data")
 
@@ -46,15 +47,16 @@ class MnDataPlane:
         self.cfg = cfg
         self.config_file = config_file
         self.tun: TunDevice | None = None
+        self.writer: TunWriter | None = None
         self.forwarder: MnForwarder | None = None
         self.registrar: Registrar | None = None
-        self.counts: dict[str, int] = {"tun_full": 0, "io_errors": 0}
+        self.counts: dict[str, int] = {"io_errors": 0, "not_read": 0}
         self._totals: dict[str, int] = {}  # forwarder counters of detached SAs
         self._drops: dict[str, int] = {}
 
     def open(self) -> None:
         try:
-            tun = TunDevice(self.cfg.tun)
+            tun = TunDevice(self.cfg.tun, vnet_hdr=self.cfg.gro)
         except TunError as exc:
             raise ConfigError(self.config_file, "dataplane.tun", str(exc)) from None
         try:
@@ -115,7 +117,9 @@ class MnDataPlane:
         )
         self.registrar = registrar
         registrar.on_data = self._from_ha
-        asyncio.get_running_loop().add_reader(tun.fd, self._tun_readable)
+        loop = asyncio.get_running_loop()
+        self.writer = TunWriter(tun, loop.call_soon, self.counts)
+        loop.add_reader(tun.fd, self._tun_readable)
         names = [str(h) for h in hoas]
         log.info(
             "data plane on %s: home addresses %s, scope %d",
@@ -135,6 +139,9 @@ class MnDataPlane:
             registrar.on_data = None
         self.registrar = None
         self.forwarder = None
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer = None
         if self.tun is not None:
             asyncio.get_running_loop().remove_reader(self.tun.fd)
             self.tun.flush()
@@ -145,7 +152,7 @@ class MnDataPlane:
         tun, fwd, registrar = self.tun, self.forwarder, self.registrar
         if tun is None or fwd is None or registrar is None:
             return
-        fd, read = tun.fd, os.read
+        fd, read, vnet = tun.fd, os.read, tun.vnet_hdr
         uplink, send = fwd.uplink, registrar.send
         for _ in range(TUN_BUDGET):
             try:
@@ -155,23 +162,22 @@ class MnDataPlane:
             except OSError:
                 self.counts["io_errors"] += 1
                 return
+            if vnet:
+                if packet[1]:  # gso_type: never without TUNSETOFFLOAD
+                    self.counts["not_read"] += 1
+                    continue
+                packet = packet[VNET_HDR_LEN:]
             datagram = uplink(packet)
             if datagram is not None:
                 send(datagram)
 
     def _from_ha(self, datagram: bytes) -> None:
-        tun, fwd = self.tun, self.forwarder
-        if tun is None or fwd is None:
+        fwd, writer = self.forwarder, self.writer
+        if fwd is None or writer is None:
             return
         packet = fwd.downlink(datagram)
-        if packet is None:
-            return
-        try:
-            os.write(tun.fd, packet)
-        except BlockingIOError:
-            self.counts["tun_full"] += 1
-        except OSError:
-            self.counts["io_errors"] += 1
+        if packet is not None:
+            writer.write(packet)
 
     @staticmethod
     def _fold(totals: dict[str, int], drops: dict[str, int], fwd: MnForwarder) -> None:
