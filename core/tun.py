@@ -141,6 +141,15 @@ class TunDevice:
         extra: Sequence[str] = ("src", src) if src is not None else ()
         ip(family, "route", "replace", prefix, "dev", self.name, *extra)
 
+    def delete_route(self, prefix: str) -> None:
+        family = "-6" if ":" in prefix else "-4"
+        ip(family, "route", "del", prefix, "dev", self.name, check=False)
+
+    def routes_to(self, address: str) -> bool:
+        """Would the host send a packet for ``address`` into this device now?"""
+        out = ip("-o", "route", "get", address, check=False)
+        return f" dev {self.name} " in f" {' '.join(out.split())} "
+
 
 class TunWriter:
     """Writes packets to a TUN device; with vnet headers, TCP runs are merged (``gro.py``).

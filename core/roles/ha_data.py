@@ -18,11 +18,11 @@ Why on the event loop's thread and not a thread of its own: the SA's
 outbound state (sequence counter, its persisted reservation, the running
 CBC context) is shared with the Binding Acknowledgements that ``HaCore``
 sends, and its inbound replay window with the BUs; one thread owning all of
-it needs no lock on the per-packet path.  Measured on the project's test
-machine, a drain loop costs per packet about what a blocking loop in its
-own thread would (bench/tunnel.py), and batched receive (``recvmmsg``)
-saved too little over the HA's draining reads to be worth a second read path
-(docs-dataplane.md, "Fast path").
+it needs no lock on the per-packet path.  Under load the loop's overhead is
+spread thin: measured through bench/tunnel.py, the HA's socket drain read
+about 60 datagrams per wake-up and the MN's TUN drain about 120 packets
+(docs-dataplane.md, "Fast path").  Writes into the TUN device go through
+``TunWriter``, which merges runs of TCP segments (``gro.py``).
 
 A full TUN queue or UDP send buffer drops the packet (``tun_full``,
 ``send_full``), as a router would; TCP recovers.
@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mipsec.core.config import HADataPlane
@@ -50,6 +51,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("mipsec.ha.data")
 
 TUN_BUDGET = 256  # packets read from the TUN device per wake-up
+_FORWARDING = (
+    ("IPv4", "/proc/sys/net/ipv4/ip_forward"),
+    ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding"),
+)
 READ_SIZE = 65535
 
 
@@ -109,6 +114,15 @@ class HaDataPlane:
         self._sock4 = pick_socket(socks, socket.AF_INET, four)
         self.service.on_data = self.on_data
         loop.add_reader(tun.fd, self._tun_readable)
+        for family, path in _FORWARDING:
+            try:
+                off = Path(path).read_text().strip() == "0"
+            except OSError:
+                continue
+            if off:
+                log.warning(
+                    "%s forwarding is off (%s = 0): MN traffic reaches this host only", family, path
+                )
         log.info(
             "data plane on %s: mtu %d, gro %s, routes %s",
             tun.name,

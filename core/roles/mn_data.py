@@ -15,8 +15,10 @@ lives across re-bootstraps; each registered SA is ``attach``-ed to it:
 * user-data datagrams the registrar reads are opened, checked and written
   to the device.
 
-A route that covers the HA's own address is refused (with a warning): the
-tunnel's outer packets would then be routed into the tunnel itself.
+A route that would take the HA's own address into the device is removed
+again (with a warning): the tunnel's outer packets would be routed into the
+tunnel itself.  A default route is fine wherever a more specific route
+(the care-of link's, say) still leads to the HA.
 """
 
 from __future__ import annotations
@@ -105,13 +107,14 @@ class MnDataPlane:
             if src is None:
                 log.warning("route %s skipped: no IPv%d home address", net, net.version)
                 continue
-            if ha_host is not None and ha_host.version == net.version and ha_host in net:
-                log.warning("route %s skipped: it covers the HA address %s", net, ha_host)
-                continue
             try:
                 tun.add_route(str(net), src=str(src))
             except IpCommandError as exc:
                 log.warning("route %s not added: %s", net, exc)
+                continue
+            if ha_host is not None and ha_host in net and tun.routes_to(str(ha_host)):
+                tun.delete_route(str(net))
+                log.warning("route %s removed: it would take the HA address %s", net, ha_host)
         self.forwarder = MnForwarder(
             registrar.machine, frozenset(h.packed for h in hoas), mtu=self.cfg.mtu
         )

@@ -118,3 +118,23 @@ def test_nat_keepalive_keeps_the_mn_reachable(natted: RunningLab) -> None:
                 natted.stop_mn(mn)
     finally:
         lab.nat_udp_timeout(30)
+
+
+def test_default_routes_through_the_tunnel(direct: RunningLab) -> None:
+    # Default routes are fine while the care-of link's own route still leads
+    # to the HA; a route that would take the HA's address into the tunnel is
+    # removed again, with a warning.
+    lab = direct.lab
+    routes = ["0.0.0.0/0", "::/0", "198.51.100.0/25"]
+    cfg = direct.config(
+        "mn-default",
+        **{"registration.transport": "ip4", "hac.host": HA4, "dataplane.routes": routes},
+    )
+    mn = direct.start_mn("mn-default", cfg)
+    try:
+        lab.wait_log("mn-default", "route 198.51.100.0/25 removed", 10)
+        table = lab.exec("mn", "ip", "-4", "route", "show", "dev", "mip0")
+        assert "default" in table and "198.51.100.0/25" not in table
+        _traffic(direct, mn.hoa6, mn.hoa4)
+    finally:
+        direct.stop_mn(mn)
