@@ -45,7 +45,7 @@ from typing import Any, Protocol, TypeAlias
 from mipsec.core.errors import PacketError
 from mipsec.core.ha_core import DataIn, HaCore
 from mipsec.core.wire.esp import SequenceExhausted
-from mipsec.core.wire.inner import parse_inner
+from mipsec.core.wire.inner import InnerHeader, parse_inner
 
 __all__ = ["DataSA", "HaForwarder", "MnForwarder", "packed_address", "stats_line"]
 
@@ -56,6 +56,18 @@ Address: TypeAlias = tuple[str, int]
 def packed_address(address: str) -> bytes:
     """``ip_address(address).packed``, cached: bindings keep addresses as text."""
     return ip_address(address).packed
+
+
+def _local_packet(packet: bytes, mtu: int, drops: Counter[str]) -> InnerHeader | None:
+    """The header of a packet the local TUN device gave, or None (dropped, counted)."""
+    if len(packet) > mtu:
+        drops["too_big"] += 1
+        return None
+    try:
+        return parse_inner(packet)
+    except PacketError as exc:
+        drops[exc.drop_reason] += 1
+        return None
 
 
 class HaForwarder:
@@ -100,13 +112,8 @@ class HaForwarder:
     def outbound(self, packet: bytes, now: float) -> tuple[bytes, Address] | None:
         """(datagram, care-of address and port) for a home-network packet, or None."""
         drops = self.drops
-        if len(packet) > self.mtu:
-            drops["too_big"] += 1
-            return None
-        try:
-            hdr = parse_inner(packet)
-        except PacketError as exc:
-            drops[exc.drop_reason] += 1
+        hdr = _local_packet(packet, self.mtu, drops)
+        if hdr is None:
             return None
         b = self.core.bindings.by_address(hdr.dst)
         if b is None or b.expires_at <= now:
@@ -159,13 +166,8 @@ class MnForwarder:
     def uplink(self, packet: bytes) -> bytes | None:
         """The datagram for the HA that carries ``packet`` (from the TUN), or None."""
         drops = self.drops
-        if len(packet) > self.mtu:
-            drops["too_big"] += 1
-            return None
-        try:
-            hdr = parse_inner(packet)
-        except PacketError as exc:
-            drops[exc.drop_reason] += 1
+        hdr = _local_packet(packet, self.mtu, drops)
+        if hdr is None:
             return None
         if hdr.src not in self.home_addresses:
             drops["not_hoa"] += 1

@@ -24,7 +24,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 
 from mipsec.core.errors import MipsecError
-from mipsec.core.gro import TcpCoalescer
+from mipsec.core.gro import VNET_HDR_LEN, TcpCoalescer
 
 __all__ = ["IpCommandError", "TunDevice", "TunError", "TunWriter", "ip"]
 
@@ -34,6 +34,7 @@ _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
 _IFNAMSIZ = 16
 _IP_TIMEOUT = 10.0  # seconds for one ip(8) command
+_READ_SIZE = 65535 + VNET_HDR_LEN
 
 
 class TunError(MipsecError):
@@ -98,6 +99,29 @@ class TunDevice:
 
     def write(self, packet: bytes) -> int:
         return os.write(self.fd, packet)
+
+    def drain(self, handle: Callable[[bytes], object], budget: int, counts: dict[str, int]) -> None:
+        """Hand each queued packet to ``handle``, at most ``budget`` of them.
+
+        With vnet headers the header is stripped; a GSO frame (which a device
+        without offloads never yields) is counted as ``not_read``.  A read
+        error other than "nothing queued" is counted as ``io_errors``.
+        """
+        fd, read, vnet = self.fd, os.read, self.vnet_hdr
+        for _ in range(budget):
+            try:
+                packet = read(fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                counts["io_errors"] = counts.get("io_errors", 0) + 1
+                return
+            if vnet:
+                if packet[1]:  # gso_type: never without TUNSETOFFLOAD
+                    counts["not_read"] = counts.get("not_read", 0) + 1
+                    continue
+                packet = packet[VNET_HDR_LEN:]
+            handle(packet)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from pathlib import Path
@@ -41,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 from mipsec.core.config import HADataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import HaForwarder, stats_line
-from mipsec.core.gro import VNET_HDR_LEN
 from mipsec.core.ha_core import DataIn
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunWriter
 
@@ -55,7 +53,6 @@ _FORWARDING = (
     ("IPv4", "/proc/sys/net/ipv4/ip_forward"),
     ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding"),
 )
-READ_SIZE = 65535
 
 
 def pick_socket(
@@ -153,40 +150,24 @@ class HaDataPlane:
     # ------------------------------------------------------------ home network -> MN
 
     def _tun_readable(self) -> None:
-        tun = self.tun
-        if tun is None:
+        if self.tun is not None:
+            self.tun.drain(self._to_mn, TUN_BUDGET, self.counts)
+
+    def _to_mn(self, packet: bytes) -> None:
+        out = self.forwarder.outbound(packet, time.time())
+        if out is None:
             return
-        fd, read, vnet = tun.fd, os.read, tun.vnet_hdr
-        outbound = self.forwarder.outbound
-        sock4, sock6 = self._sock4, self._sock6
-        now = time.time()
-        for _ in range(TUN_BUDGET):
-            try:
-                packet = read(fd, READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.counts["io_errors"] += 1
-                return
-            if vnet:
-                if packet[1]:  # gso_type: never without TUNSETOFFLOAD
-                    self.counts["not_read"] += 1
-                    continue
-                packet = packet[VNET_HDR_LEN:]
-            out = outbound(packet, now)
-            if out is None:
-                continue
-            datagram, dst = out
-            sock = sock6 if ":" in dst[0] else sock4
-            if sock is None:
-                self.forwarder.drops["no_socket"] += 1
-                continue
-            try:
-                sock.sendto(datagram, dst)
-            except BlockingIOError:
-                self.counts["send_full"] += 1
-            except OSError:
-                self.counts["io_errors"] += 1
+        datagram, dst = out
+        sock = self._sock6 if ":" in dst[0] else self._sock4
+        if sock is None:
+            self.forwarder.drops["no_socket"] += 1
+            return
+        try:
+            sock.sendto(datagram, dst)
+        except BlockingIOError:
+            self.counts["send_full"] += 1
+        except OSError:
+            self.counts["io_errors"] += 1
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = self.forwarder.stats()

@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Any
 
 from mipsec.core.config import MNDataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import MnForwarder, stats_line
-from mipsec.core.gro import VNET_HDR_LEN
 from mipsec.core.roles.mn import Registrar
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunWriter
 
 log = logging.getLogger("mipsec.mn.data")
 
 TUN_BUDGET = 256  # packets read from the TUN device per wake-up
-READ_SIZE = 65535
 
 
 class MnDataPlane:
@@ -152,27 +149,16 @@ class MnDataPlane:
     # ------------------------------------------------------------ the two directions
 
     def _tun_readable(self) -> None:
-        tun, fwd, registrar = self.tun, self.forwarder, self.registrar
-        if tun is None or fwd is None or registrar is None:
+        if self.tun is not None and self.forwarder is not None:
+            self.tun.drain(self._to_ha, TUN_BUDGET, self.counts)
+
+    def _to_ha(self, packet: bytes) -> None:
+        fwd, registrar = self.forwarder, self.registrar
+        if fwd is None or registrar is None:
             return
-        fd, read, vnet = tun.fd, os.read, tun.vnet_hdr
-        uplink, send = fwd.uplink, registrar.send
-        for _ in range(TUN_BUDGET):
-            try:
-                packet = read(fd, READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.counts["io_errors"] += 1
-                return
-            if vnet:
-                if packet[1]:  # gso_type: never without TUNSETOFFLOAD
-                    self.counts["not_read"] += 1
-                    continue
-                packet = packet[VNET_HDR_LEN:]
-            datagram = uplink(packet)
-            if datagram is not None:
-                send(datagram)
+        datagram = fwd.uplink(packet)
+        if datagram is not None:
+            registrar.send(datagram)
 
     def _from_ha(self, datagram: bytes) -> None:
         fwd, writer = self.forwarder, self.writer

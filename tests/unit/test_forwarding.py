@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.inet6 import UDP, IPv6
+from test_ha_core import HAA, HOA, NOW, SPI
+from test_ha_core import issue as ha_core_issue
 
 from mipsec.core.bindings import BindingCache
 from mipsec.core.forwarding import HaForwarder, MnForwarder
 from mipsec.core.ha_core import DataIn, HaCore, Reply
 from mipsec.core.mn_registration import MnRegistration, Registered, Transmit
-from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
+from mipsec.core.model import IssuedSA
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.wire.esp import (
     NEXT_HEADER_IPV4,
@@ -36,34 +38,17 @@ from mipsec.core.wire.esp import (
     peek_header,
 )
 
-NOW = 1_800_000_000.0
-HAA = IPv6Address("2001:db8::1")
-HOA = IPv6Address("2001:db8:1::10")
 IP4_HOA = IPv4Address("192.0.2.10")
 CN6, CN4 = "2001:db8:c0::2", "203.0.113.2"
 MN_ADDR = ("198.51.100.10", 40000)
 MOVED_ADDR = ("198.51.100.77", 40123)
-SPI = 0x0123456
 MTU = 1400
 
 
 def issue(
     suite: Suite = Suite.AES_128_CBC_SHA, *, scope: int = 1, spi: int = SPI, lifetime: float = 3600
 ) -> IssuedSA:
-    info = SUITES[suite]
-    sa = SecurityAssociation(
-        spi=spi,
-        mn_id="alice@home.example",
-        suite=suite,
-        scope=scope,
-        validity_end=datetime.fromtimestamp(NOW + lifetime, UTC),
-        mn_to_ha_ikey=os.urandom(info.ikey_len),
-        ha_to_mn_ikey=os.urandom(info.ikey_len),
-        mn_to_ha_ekey=os.urandom(info.ekey_len),
-        ha_to_mn_ekey=os.urandom(info.ekey_len),
-        ha_id="ha1",
-    )
-    return IssuedSA(sa, BootstrapData(haa_ip6=HAA, ip6_hoa=HOA, ip4_hoa=IP4_HOA))
+    return ha_core_issue(suite, spi=spi, scope=scope, lifetime=lifetime, ip4_hoa=IP4_HOA)
 
 
 def up6(src: str = str(HOA), dst: str = CN6, size: int = 20) -> bytes:
