@@ -71,13 +71,18 @@ class Pair:
         ip4: bool = True,
         ha: HaCore | None = None,
         mtu: int = MTU,
+        first_sequence: int = 100,
     ) -> None:
         self.issued = issued or issue(suite, scope=scope)
         self.ha = ha or HaCore("ha1", HAA)
         self.ha.install_sa(self.issued, now=NOW)
         self.hf = HaForwarder(self.ha, mtu=mtu)
         self.mn = MnRegistration(
-            self.issued, now=0.0, wall_now=datetime.fromtimestamp(NOW, UTC), request_ip4_hoa=ip4
+            self.issued,
+            now=0.0,
+            wall_now=datetime.fromtimestamp(NOW, UTC),
+            request_ip4_hoa=ip4,
+            first_sequence=first_sequence,  # not random: BU numbers must be newer (RFC 6275)
         )
         self.mf: MnForwarder | None = None
         self.t = 0.0
@@ -167,7 +172,7 @@ def test_protected_data_under_a_superseded_sa_of_the_same_home_address() -> None
     ha = HaCore("ha1", HAA)
     old = Pair(issue(spi=0x111), ha=ha)
     old.register()
-    new = Pair(issue(spi=0x222), ha=ha)
+    new = Pair(issue(spi=0x222), ha=ha, first_sequence=200)
     new.register(src=MOVED_ADDR)
     # The binding now belongs to the new SA: the old one cannot inject data.
     assert old.to_ha(old.mn.seal_data(NEXT_HEADER_IPV6, up6())) is None
