@@ -138,3 +138,22 @@ def test_default_routes_through_the_tunnel(direct: RunningLab) -> None:
         _traffic(direct, mn.hoa6, mn.hoa4)
     finally:
         direct.stop_mn(mn)
+
+
+def test_tunnel_survives_an_ha_restart(direct: RunningLab) -> None:
+    # SIGKILL, then the same configuration again: the SA (store) and the
+    # binding (cache) come back, the HA's counter resumes above anything it
+    # sent, so the MN's traffic flows again without a new bootstrap.
+    lab = direct.lab
+    mn = direct.start_mn("mn-restart", direct.config("mn-restart"))
+    try:
+        assert lab.ping(mn.hoa6, CN6)[0] == 3
+        lab.procs["ha"].kill()
+        lab.stop("ha")
+        lab.mipsec("ha", "ha", direct.info["ha"]["config"])
+        lab.wait_log("ha", "bindings from the cache", 60)
+        assert until(lambda: lab.ping(mn.hoa6, CN6, count=1)[0] == 1, timeout=20)
+        _traffic(direct, mn.hoa6, mn.hoa4)
+        assert "bootstrap" not in lab.log("mn-restart").split("data plane on", 1)[1]
+    finally:
+        direct.stop_mn(mn)
