@@ -130,7 +130,7 @@ def _run(lab: NetLab, info: dict[str, Any], say: Any) -> int:
     ha_log = lab.stop("ha")
     for log, who in ((mn_log, "MN"), (ha_log, "HA")):
         for ln in log.splitlines():
-            if "stopped:" in ln:
+            if "data plane on" in ln and "stopped:" in ln:
                 say(f"{who} data plane counters: {ln.split('stopped: ', 1)[-1]}")
     if ok:
         say("done: the MN's home addresses reached the correspondent through its HA")

@@ -399,7 +399,9 @@ class NetLab:
 
     # ------------------------------------------------------------ checks through the tunnel
 
-    def ping(self, src: str, dst: str, *, count: int = 3, role: str = "mn") -> tuple[int, str]:
+    def ping(
+        self, src: str, dst: str, *, count: int = 3, interval: float = 0.2, role: str = "mn"
+    ) -> tuple[int, str]:
         """(replies received, ping's summary) for ``count`` echoes from ``src`` to ``dst``."""
         family = "-6" if ":" in dst else "-4"
         out = self.run(
@@ -410,7 +412,7 @@ class NetLab:
             "-c",
             str(count),
             "-i",
-            "0.2",
+            f"{interval:g}",
             "-W",
             "2",
             "-I",

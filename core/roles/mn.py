@@ -40,6 +40,7 @@ from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendR
 from mipsec.core.mn_registration import Failed, MnRegistration, Rebootstrap, Registered, Transmit
 from mipsec.core.model import IssuedSA
 from mipsec.core.tls import check_hac_certificate, mn_cb_octets, mn_client_context, set_nodelay
+from mipsec.core.udpgso import GsoSender
 
 log = logging.getLogger("mipsec.mn")
 
@@ -216,6 +217,7 @@ class Registrar:
         # User data from the HA (PType 1/0), raw; set by the data plane.
         self.on_data: Callable[[bytes], None] | None = None
         self.sock: socket.socket | None = None
+        self._gso: GsoSender | None = None
         self.ha: tuple[str, int] | None = None
         self.moves = 0
         self.send_errors = 0
@@ -245,9 +247,11 @@ class Registrar:
             sock.close()
             raise
         self.sock = sock
+        self._gso = GsoSender(sock)
 
     def _close_socket(self) -> None:
         sock, self.sock = self.sock, None
+        self._gso = None
         if sock is not None:
             with contextlib.suppress(RuntimeError):  # the loop may be closing
                 asyncio.get_running_loop().remove_reader(sock.fileno())
@@ -291,6 +295,20 @@ class Registrar:
             sock.send(datagram)
         except BlockingIOError:
             self.send_errors += 1  # send buffer full: dropped, as a router would
+        except OSError as exc:
+            self.send_errors += 1
+            if exc.errno in _MOVED_ERRNOS:
+                self._check_now.set()
+
+    def send_all(self, datagrams: list[bytes]) -> None:
+        """Many datagrams to the HA, runs of them per system call (``udpgso.py``)."""
+        gso = self._gso
+        if gso is None or not datagrams:
+            return
+        try:
+            gso.send(datagrams)
+        except BlockingIOError:
+            self.send_errors += 1
         except OSError as exc:
             self.send_errors += 1
             if exc.errno in _MOVED_ERRNOS:

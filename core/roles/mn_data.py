@@ -11,7 +11,8 @@ lives across re-bootstraps; each registered SA is ``attach``-ed to it:
   host's own traffic to those destinations leaves from the HoA;
 * packets the device gives are read while the event loop says it is readable
   (up to ``TUN_BUDGET`` per wake-up), sealed under the SA and sent on the
-  registrar's socket (connected to the HA);
+  registrar's socket (connected to the HA), runs of equal-size datagrams in
+  one system call (UDP GSO, ``udpgso.py``);
 * user-data datagrams the registrar reads are opened, checked and written
   to the device.
 
@@ -50,6 +51,7 @@ class MnDataPlane:
         self.forwarder: MnForwarder | None = None
         self.registrar: Registrar | None = None
         self.counts: dict[str, int] = {"io_errors": 0, "not_read": 0}
+        self._out: list[bytes] = []  # datagrams of the current TUN drain
         self._totals: dict[str, int] = {}  # forwarder counters of detached SAs
         self._drops: dict[str, int] = {}
 
@@ -149,16 +151,20 @@ class MnDataPlane:
     # ------------------------------------------------------------ the two directions
 
     def _tun_readable(self) -> None:
-        if self.tun is not None and self.forwarder is not None:
-            self.tun.drain(self._to_ha, TUN_BUDGET, self.counts)
+        if self.tun is None or self.forwarder is None or self.registrar is None:
+            return
+        out = self._out
+        self.tun.drain(self._to_ha, TUN_BUDGET, self.counts)
+        if out:
+            self.registrar.send_all(out)  # one UDP GSO send per run of them
+            out.clear()
 
     def _to_ha(self, packet: bytes) -> None:
-        fwd, registrar = self.forwarder, self.registrar
-        if fwd is None or registrar is None:
-            return
-        datagram = fwd.uplink(packet)
-        if datagram is not None:
-            registrar.send(datagram)
+        fwd = self.forwarder
+        if fwd is not None:
+            datagram = fwd.uplink(packet)
+            if datagram is not None:
+                self._out.append(datagram)
 
     def _from_ha(self, datagram: bytes) -> None:
         fwd, writer = self.forwarder, self.writer

@@ -143,7 +143,9 @@ def test_default_routes_through_the_tunnel(direct: RunningLab) -> None:
 def test_tunnel_survives_an_ha_restart(direct: RunningLab) -> None:
     # SIGKILL, then the same configuration again: the SA (store) and the
     # binding (cache) come back, the HA's counter resumes above anything it
-    # sent, so the MN's traffic flows again without a new bootstrap.
+    # sent, so the MN's traffic flows again without a new bootstrap.  (An HA
+    # that guards data with a high-water mark reserved ahead (issue 6) drops
+    # the MN's packets below the mark after a crash: the burst passes it.)
     lab = direct.lab
     mn = direct.start_mn("mn-restart", direct.config("mn-restart"))
     try:
@@ -152,6 +154,8 @@ def test_tunnel_survives_an_ha_restart(direct: RunningLab) -> None:
         lab.stop("ha")
         lab.mipsec("ha", "ha", direct.info["ha"]["config"])
         lab.wait_log("ha", "bindings from the cache", 60)
+        received, summary = lab.ping(mn.hoa6, CN6, count=80, interval=0.01)
+        assert received > 0, summary
         assert until(lambda: lab.ping(mn.hoa6, CN6, count=1)[0] == 1, timeout=20)
         _traffic(direct, mn.hoa6, mn.hoa4)
         assert "bootstrap" not in lab.log("mn-restart").split("data plane on", 1)[1]
