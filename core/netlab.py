@@ -431,17 +431,25 @@ class NetLab:
         return received, summary
 
     def tcp_transfer(
-        self, src: str, dst: str, size: int = 1 << 20, port: int = 5001
+        self,
+        src: str,
+        dst: str,
+        size: int = 1 << 20,
+        port: int = 5001,
+        *,
+        sender: str = "mn",
+        sink: str = "cn",
     ) -> dict[str, Any]:
-        """Send ``size`` octets from ``src`` (MN) to ``dst`` (CN) over TCP; the CN
-        answers with the SHA-256 of what it received.  Returns tcp-send's report."""
+        """Send ``size`` octets from ``src`` (in ``sender``'s namespace) to ``dst`` (in
+        ``sink``'s) over TCP; the sink answers with the SHA-256 of what it
+        received.  Returns tcp-send's report (``ok``, ``seconds``)."""
         name = f"sink-{port}-{secrets.token_hex(2)}"
         me = [sys.executable, "-m", "mipsec.core.netlab"]
-        self.start("cn", name, *me, "tcp-sink", "--listen", dst, "--port", str(port))
+        self.start(sink, name, *me, "tcp-sink", "--listen", dst, "--port", str(port))
         try:
             self.wait_log(name, "listening", 20)
             out = self.run(
-                "mn",
+                sender,
                 *me,
                 "tcp-send",
                 "--bind",

@@ -29,6 +29,9 @@ def _traffic(run: RunningLab, hoa6: str, hoa4: str) -> None:
         assert received == 3, f"{src} -> {dst}: {summary}"
         report = lab.tcp_transfer(src, dst, TCP_BYTES)
         assert report["ok"], f"{src} -> {dst}: {report}"
+        # ... and the other way: the HA's return path carries the bulk.
+        back = lab.tcp_transfer(dst, src, TCP_BYTES, sender="cn", sink="mn")
+        assert back["ok"], f"{dst} -> {src}: {back}"
 
 
 def _counter(log: str, name: str) -> int:
