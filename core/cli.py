@@ -5,7 +5,7 @@
     mipsec plugins
     mipsec init DIR [--hac-port N] [--ha-port N] [--radius HOST:PORT
                     --radius-secret-file FILE [--usim IMSI,KI,OPC,AMF,SQN]] [--json]
-    mipsec demo
+    mipsec demo [--data]
 
 Errors a user can fix (configuration, plugins, certificates) print one line
 naming the file, the key and the reason -- never a traceback.
@@ -167,6 +167,14 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         else:
             _print_result(result, reg)
 
+    dataplane = None
+    if cfg.dataplane.enabled and not once:
+        # The TUN device lives across re-bootstraps; each registered SA is
+        # attached to it (roles/mn_data.py).  It goes with the process.
+        from mipsec.core.roles.mn_data import MnDataPlane
+
+        dataplane = MnDataPlane(cfg.dataplane, config_file)
+        dataplane.open()
     last_bootstrap = -1e9
     while not stop.is_set():
         # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL: a
@@ -213,6 +221,8 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 return EXIT_OK if outcome.accepted else EXIT_FAILED
             first = await registrar.run(until_registered=True, stop=stop)
             report(result, first)
+            if dataplane is not None and first.accepted:
+                dataplane.attach(registrar, first.ip4_hoa)
             outcome = first
             if first.accepted and first.rebootstrap is None:
                 outcome = await registrar.run_more(stop=stop)
@@ -226,7 +236,11 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 10)
         finally:
+            if dataplane is not None:
+                dataplane.detach()
             registrar.close()
+    if dataplane is not None:
+        dataplane.close()
     return EXIT_OK
 
 
@@ -360,6 +374,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "data", False):
+        from mipsec.core.demo_data import run_data_demo
+
+        return run_data_demo()
     from mipsec.core.demo import run_demo
 
     return run_demo()
@@ -412,6 +430,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--json", action="store_true", help="print the lab's facts as JSON")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("demo", help="init a lab in a temp dir, run a HAC and one MN")
+    p.add_argument(
+        "--data",
+        action="store_true",
+        help="(root) in network namespaces, then ping and TCP from the MN's home address",
+    )
     p.set_defaults(func=cmd_demo)
     return role, cmds
 

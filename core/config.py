@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyInterface,
+    IPvAnyNetwork,
     PlainSerializer,
     ValidationError,
     field_validator,
@@ -151,6 +154,57 @@ class PluginsConfig(_Strict):
     disable: tuple[str, ...] = ()
 
 
+# ---------------------------------------------------------------- data plane
+
+
+def _ifname(v: str) -> str:
+    # Linux dev_valid_name(): 1..15 octets (IFNAMSIZ - 1), not "." or "..",
+    # no "/", ":" or white space; "%" would ask the kernel to pick a number.
+    if not 1 <= len(v.encode()) <= 15:
+        raise ValueError("an interface name has 1 to 15 octets")
+    if v in (".", "..") or any(c in v for c in "/:%") or any(c.isspace() for c in v):
+        raise ValueError(f"{v!r} is not a valid interface name")
+    return v
+
+
+IfName = Annotated[str, AfterValidator(_ifname)]
+# RFC 8200 §5: every link that carries IPv6 has an MTU of at least 1280.
+TunMtu = Annotated[int, Field(ge=1280, le=65535)]
+
+
+class HADataPlane(_Strict):
+    """The HA's data plane: MN user data to and from the home network (RFC 6618 §6.4)."""
+
+    enabled: bool = False
+    tun: IfName = "mipha0"
+    mtu: TunMtu = 1400
+    # Addresses put on the TUN device (e.g. the HA's own on the home prefix).
+    addresses: tuple[IPvAnyInterface, ...] = ()
+    # Prefixes routed into the TUN device: the home network(s) the HoAs come
+    # from.  Packets for a HoA with a live binding go to that MN.
+    routes: tuple[IPvAnyNetwork, ...] = ()
+    # Merge in-order TCP segments before they enter the host's IP stack
+    # (GRO in user space, gro.py).
+    gro: bool = True
+
+
+class MNDataPlane(_Strict):
+    """The MN's data plane: its home addresses on a TUN device, traffic via the HA."""
+
+    enabled: bool = False
+    tun: IfName = "mip0"
+    mtu: TunMtu = 1400
+    # Destinations reached through the tunnel, from the home address.
+    routes: tuple[IPvAnyNetwork, ...] = ()
+    gro: bool = True  # as the HA's
+    # NAT keepalive: a BU at least this often (RFC 5555 §4.3; NATKATIMEOUT,
+    # §6, is 110 s).  0 = only the lifetime's own refreshes.
+    keepalive_interval: Annotated[float, Field(ge=0, le=86400)] = 110.0
+    # How often the MN checks which source address reaches the HA (its
+    # care-of address); a change re-opens the socket and sends a BU.  0 = off.
+    movement_check: Annotated[float, Field(ge=0, le=3600)] = 1.0
+
+
 class HACConfig(_Strict):
     hac: HACService
     policy: PolicyConfig = PolicyConfig()
@@ -247,6 +301,7 @@ class MNConfig(_Strict):
     eap: dict[str, Any] = Field(default_factory=dict)
     sa: MNSA = MNSA()
     registration: MNRegistrationConfig = MNRegistrationConfig()
+    dataplane: MNDataPlane = MNDataPlane()
     plugins: PluginsConfig = PluginsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -310,6 +365,7 @@ class HAConfig(_Strict):
     bindings: BindingsConfig = BindingsConfig()
     provisioning: ProvisioningListener | None = None
     pull: PullConfig | None = None
+    dataplane: HADataPlane = HADataPlane()
     plugins: PluginsConfig = PluginsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

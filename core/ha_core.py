@@ -5,9 +5,9 @@ the ``mip6-port`` and returns what to do: ``Reply`` (a protected Binding
 Acknowledgement for the observed source address and port, PROFILE §7),
 ``BindingChanged`` (for the log and, later, routing), ``NeedSA`` (an unknown
 SPI the shell may pull from the HAC, PROFILE §9) or ``DataIn`` (tunnelled user
-data for a future TUN device).  Time is injected as epoch seconds (``now``):
-SA validity ends and binding lifetimes are wall-clock instants, and both are
-tested without sleeping.
+data, which ``forwarding.HaForwarder`` filters before the TUN device gets it).
+Time is injected as epoch seconds (``now``): SA validity ends and binding
+lifetimes are wall-clock instants, and both are tested without sleeping.
 
 Drops are silent (PROFILE §7: never answer) and counted in ``drops`` under
 the reason: ``malformed``, ``unknown_spi``, ``bad_icv``, ``replay``,
@@ -132,6 +132,7 @@ from mipsec.core.wire.esp import (
     OutboundSA,
     SequenceExhausted,
     Unprotected,
+    encode_plain,
     peek_header,
 )
 from mipsec.core.wire.mh import (
@@ -239,7 +240,7 @@ class NeedSA:
 
 @dataclass(frozen=True, slots=True)
 class DataIn:
-    """Tunnelled user data (PType 1 protected, PType 0 plain) for a future TUN.
+    """Tunnelled user data (PType 1 protected, PType 0 plain) for the data plane.
 
     ``hoa`` is the SA's home address (PType 1) or the binding that matched the
     inner source (PType 0).  For PType 1 the inner source has NOT been checked
@@ -691,6 +692,10 @@ class HaCore:
             return self._drop("unknown_spi")
         if now >= entry.validity_end:
             return self._drop("expired_sa")
+        if ptype == PTYPE_DATA and entry.scope == 0:
+            # PROFILE §7: user data under an SA of mip6-sas 0 goes as PType 0;
+            # PType 1 is the wrong PType for that scope (RFC 6618 §5.6.4).
+            return self._drop("scope")
         # After a restart, numbers the previous run accepted are replays even
         # though the fresh window has not seen them (module docstring).
         if (
@@ -893,19 +898,43 @@ class HaCore:
         """A BA protected with the SA (PType 8, Next Header 135) for ``dst``."""
         ba = BindingAck(status=status, sequence=sequence, lifetime=lifetime_units, options=options)
         octets = encode_mh(ba, src=entry.ba_src, dst=entry.ba_dst)
-        out = entry.outbound
-        seq = out.seq
-        if seq >= entry.out_mark:
-            # Reserve the next block of numbers before using the first of
-            # them, so a restart resumes above anything sent (bindings.py).
-            entry.out_mark = min(seq + OUT_SEQ_RESERVE, SEQ_MAX + 1)
-            self.bindings.set_out_mark(entry.spi, entry.out_mark)
+        self._reserve_out(entry)
         try:
-            datagram = out.protect(PTYPE_MH, NEXT_HEADER_MH, octets)
+            datagram = entry.outbound.protect(PTYPE_MH, NEXT_HEADER_MH, octets)
         except SequenceExhausted:
             return self._drop("seq_exhausted")
         self.ba_status[status] += 1
         return [Reply(datagram, dst)]
+
+    def _reserve_out(self, entry: _SAEntry) -> None:
+        if entry.outbound.seq >= entry.out_mark:
+            # Reserve the next block of numbers before using the first of
+            # them, so a restart resumes above anything sent (bindings.py).
+            entry.out_mark = min(entry.outbound.seq + OUT_SEQ_RESERVE, SEQ_MAX + 1)
+            self.bindings.set_out_mark(entry.spi, entry.out_mark)
+
+    # ------------------------------------------------------------ user data out
+
+    def protect_data(self, spi: int, next_header: int, packet: bytes, now: float) -> bytes | None:
+        """A home-network packet for the MN of ``spi`` as one datagram (RFC 6618 §6.4).
+
+        PType 1 under an SA of ``mip6-sas`` 1, PType 0 (plaintext) under 0
+        (PROFILE §7).  It shares the SA's HA->MN sequence numbers with the
+        BAs, reserved the same way.  None: no such SA, it has ended, or its
+        counter is used up -- the caller (``forwarding.HaForwarder``) decides
+        which binding the packet belongs to and counts the drop.
+        """
+        entry = self._sas.get(spi)
+        if entry is None or now >= entry.validity_end:
+            return None
+        if entry.scope == 0:
+            return encode_plain(packet)
+        self._reserve_out(entry)
+        try:
+            return entry.outbound.protect(PTYPE_DATA, next_header, packet)
+        except SequenceExhausted:
+            self.drops["seq_exhausted"] += 1
+            return None
 
     # ------------------------------------------------------------ inspection
 

@@ -19,6 +19,11 @@ drops are counted in ``drops``.  Across SAs nothing carries over: every
 ``MnRegistration`` is built for one SA and the MN role bootstraps a new SA
 (new SPI, new keys) whenever it starts or re-bootstraps, so a BA from an
 earlier SA or an earlier run fails the SPI/ICV check.
+
+User data (RFC 6618 §6.4) shares the SA -- its sequence numbers, its replay
+window, its CBC contexts -- so the machine also seals and opens it
+(``seal_data``, ``open_data``); ``forwarding.MnForwarder`` decides which
+packets may use them.
 """
 
 from __future__ import annotations
@@ -33,7 +38,17 @@ from mipsec.core.errors import MobilityHeaderError, PacketError
 from mipsec.core.model import IssuedSA
 from mipsec.core.suites import SUITES
 from mipsec.core.wire import mh
-from mipsec.core.wire.esp import NEXT_HEADER_MH, PTYPE_MH, InboundSA, OutboundSA
+from mipsec.core.wire.esp import (
+    NEXT_HEADER_MH,
+    PTYPE_DATA,
+    PTYPE_MH,
+    PTYPE_PLAIN,
+    InboundSA,
+    OutboundSA,
+    encode_plain,
+    peek_header,
+)
+from mipsec.core.wire.inner import next_header_of
 
 # RFC 6275 §12 / §13: protocol constants for BU retransmission.
 INITIAL_BINDACK_TIMEOUT_FIRST_REG = 1.5  # InitialBindackTimeoutFirstReg (§13)
@@ -82,7 +97,11 @@ class MnRegistration:
         window: int = 64,
         request_ip4_hoa: bool = True,
         first_sequence: int | None = None,
+        keepalive: float = 0.0,
     ) -> None:
+        """``keepalive`` > 0: refresh the binding at least this often (seconds),
+        so a NAT between MN and HA keeps its mapping (RFC 5555 §4.3 does it
+        with the BU/BA pair, which also moves the binding to a new mapping)."""
         sa, bs = issued.sa, issued.bootstrap
         info = SUITES[sa.suite]
         self.issued = issued
@@ -91,6 +110,8 @@ class MnRegistration:
         self.ha_addr = bs.haa_ip6 or UNSPECIFIED
         self._out = OutboundSA(info, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.spi)
         self._in = InboundSA(info, sa.ha_to_mn_ikey, sa.ha_to_mn_ekey, sa.spi, window=window)
+        self.scope = sa.scope
+        self._keepalive = keepalive
         self._lifetime_units = mh.lifetime_units(lifetime)
         self._refresh_at = refresh_at
         # The SA's end, measured on the monotonic clock from now.
@@ -160,7 +181,10 @@ class MnRegistration:
                 ip4 = opt.home_address
         out: list[Action] = [Registered(ba.status, ba.lifetime_seconds, ba.sequence, ip4)]
         if self.registered:
-            self._refresh_deadline = now + ba.lifetime_seconds * self._refresh_at
+            refresh = ba.lifetime_seconds * self._refresh_at
+            if self._keepalive > 0:
+                refresh = min(refresh, self._keepalive)
+            self._refresh_deadline = now + refresh
         if ba.status == mh.REINIT_SA_WITH_HAC and not self._rebootstrap_sent:
             self._rebootstrap_sent = True
             out.append(Rebootstrap("HA answered REINIT_SA_WITH_HAC (176)"))
@@ -208,6 +232,52 @@ class MnRegistration:
     @property
     def needs_reinit(self) -> bool:
         return self._out.needs_reinit
+
+    def moved(self, now: float) -> list[Action]:
+        """The care-of address (or the NAT's port) changed: a BU at once (RFC 6275 §11.7.1).
+
+        Nothing while a de-registration is pending: the MN is leaving anyway.
+        """
+        if self._pending is not None and self._pending_lifetime == 0:
+            return []
+        self.sequence = (self.sequence + 1) & 0xFFFF
+        return [self._send_bu(now, self._lifetime_units, first=False)]
+
+    # ------------------------------------------------------------ user data (RFC 6618 §6.4)
+
+    def seal_data(self, next_header: int, packet: bytes) -> bytes:
+        """One datagram for the HA carrying ``packet`` (an IPv6 or IPv4 packet).
+
+        ``mip6-sas`` 1: PType 1 under the SA; 0: PType 0 in the clear, as the
+        SA does not cover data (RFC 6618 §5.6.4, PROFILE §7).  Raises
+        ``SequenceExhausted`` once the SA's counter is used up.
+        """
+        if self.scope == 0:
+            return encode_plain(packet)
+        return self._out.protect(PTYPE_DATA, next_header, packet)
+
+    def open_data(self, datagram: bytes) -> tuple[int, bytes]:
+        """(Next Header, packet) of a user-data datagram from the HA.
+
+        Raises ``PacketError`` (``drop_reason`` = the counter) for anything
+        else: a PType that does not match the scope (RFC 6618 §6.4: with
+        ``mip6-sas`` 1 "the receiver MUST silently discard any packet with
+        the PType set to 0"), a BA, or an ESP failure (ICV, replay, padding).
+        PType 0 is only ever read from the HA's own address and port: the
+        shell's socket is connected to it.
+        """
+        ptype, _ = peek_header(datagram)
+        if ptype == PTYPE_PLAIN:
+            if self.scope != 0:
+                raise PacketError("ptype", "PType 0 under an SA of mip6-sas 1", "scope")
+            packet = datagram[8:]
+            return next_header_of(packet), packet
+        if ptype != PTYPE_DATA:
+            raise PacketError("ptype", f"PType {ptype} is not user data")
+        if self.scope == 0:
+            raise PacketError("ptype", "PType 1 under an SA of mip6-sas 0", "scope")
+        u = self._in.unprotect(datagram)
+        return u.next_header, u.payload
 
     # ------------------------------------------------------------ internals
 

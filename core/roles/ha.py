@@ -23,7 +23,10 @@ What it adds to the sans-I/O core:
   in-process receiver for a co-located HAC (``transport_local``, model 1);
 * pulling unknown SPIs from the HAC (``[pull]``), rate-limited, with a
   negative cache, so a flood of random SPIs cannot become a flood of pulls;
-* a periodic expiry task and one log line per binding change.
+* a periodic expiry task and one log line per binding change;
+* with ``[dataplane] enabled``, the data plane (``roles/ha_data.py``): a TUN
+  device that takes the ``DataIn`` actions (``on_data``) and sends the home
+  network's answers from this service's sockets.
 
 Per packet the work is one ``HaCore.receive`` call and a ``sendto`` (held
 to the end of the burst when something waits for the commit): no logging,
@@ -234,7 +237,9 @@ class HaService:
             "store_errors": 0,
             "withheld": 0,
         }
-        self.on_data: Callable[[DataIn], None] | None = None  # a future TUN plugs in here
+        self.on_data: Callable[[DataIn], None] | None = None  # the data plane plugs in here
+        self.sockets: list[socket.socket] = []  # the UDP sockets (the data plane sends from them)
+        self.dataplane: Any = None  # roles.ha_data.HaDataPlane when [dataplane] enabled
         self._transports: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry_task: asyncio.Task[None] | None = None
@@ -271,6 +276,11 @@ class HaService:
         try:
             await self._open_sockets()
             await self._start_provisioning()
+            if self.cfg.dataplane.enabled:
+                from mipsec.core.roles.ha_data import HaDataPlane
+
+                self.dataplane = HaDataPlane(self, self.cfg.dataplane)
+                self.dataplane.start()
         except BaseException:
             await self.stop()
             raise
@@ -314,6 +324,7 @@ class HaService:
                 functools.partial(_Protocol, self, sock), sock=sock
             )
             self._transports.append(transport)
+            self.sockets.append(sock)
             addr = sock.getsockname()
             self.addresses.append((addr[0], addr[1]))
             if port == 0:
@@ -334,6 +345,9 @@ class HaService:
         self._provisioning = server
 
     async def stop(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.stop()
+            self.dataplane = None
         if self._local_registered:
             from mipsec.plugins.transport_local import unregister_local_ha
 
@@ -345,6 +359,7 @@ class HaService:
         for t in self._transports:
             t.close()
         self._transports.clear()
+        self.sockets.clear()
         tasks = [*self._tasks, *([self._expiry_task] if self._expiry_task else [])]
         for task in tasks:
             task.cancel()
@@ -618,4 +633,6 @@ class HaService:
         out = self.core.stats()
         out.update(self.counts)
         out["pulls_in_flight"] = len(self._pending)
+        if self.dataplane is not None:
+            out["data"] = self.dataplane.stats()
         return out

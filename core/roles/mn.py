@@ -1,17 +1,30 @@
-"""The MN's bootstrap client: a thin asyncio shell around ``MnExchange``.
+"""The MN's bootstrap client and registrar: thin asyncio shells.
 
-It opens TLS to the HAC, checks the HAC certificate by hand after the
-handshake (PROFILE §1: SAN only, no wildcard, no CN, IP SAN for an IP
+``bootstrap`` opens TLS to the HAC, checks the HAC certificate by hand after
+the handshake (PROFILE §1: SAN only, no wildcard, no CN, IP SAN for an IP
 connection), derives the channel binding and runs one MHAuth exchange.
+
+``Registrar`` drives ``MnRegistration`` over one UDP socket connected to the
+HA (so the kernel only lets the HA's address and port in).  It reads what
+the socket holds whenever the event loop says it is readable: Binding
+Acknowledgements go to the registration machine, user data (PType 1 and 0)
+to ``on_data`` (the data plane, ``roles/mn_data.py``).  With movement
+detection on, it checks every ``movement_check`` seconds which source
+address the host would now use towards the HA; when that care-of address
+changed (or a send fails because it disappeared), it opens a new socket and
+sends a Binding Update at once (RFC 6275 §11.5-§11.7.1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -28,6 +41,7 @@ from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendR
 from mipsec.core.mn_registration import Failed, MnRegistration, Rebootstrap, Registered, Transmit
 from mipsec.core.model import IssuedSA
 from mipsec.core.tls import check_hac_certificate, mn_cb_octets, mn_client_context, set_nodelay
+from mipsec.core.udpgso import GsoSender
 
 log = logging.getLogger("mipsec.mn")
 
@@ -189,13 +203,25 @@ class RegistrationOutcome:
         return self.status is not None and (self.status < 128 or self.status == 176)
 
 
-class _UdpQueue(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)
+RECV_BUDGET = 256  # datagrams read per wake-up
+RECV_SIZE = 65535
+SOCKET_BUFFER = 4 << 20  # absorbs bursts of tunnelled data
+# A send that fails with one of these means the care-of address is gone.
+_MOVED_ERRNOS = frozenset((errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH))
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(data)
+
+def source_address_for(host: str, port: int) -> str | None:
+    """The source address the host would use towards ``host`` now (None: no route).
+
+    A UDP ``connect`` only asks the routing table: no packet leaves.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+        except OSError:
+            return None
+        return str(s.getsockname()[0])
 
 
 def ha_destination(issued: IssuedSA, transport: str) -> tuple[str, int]:
@@ -216,6 +242,7 @@ class Registrar:
         self.issued = issued
         self.cfg = cfg
         loop_now = time.monotonic()
+        data = cfg.dataplane
         self.machine = MnRegistration(
             issued,
             now=loop_now,
@@ -224,29 +251,148 @@ class Registrar:
             rebootstrap_at=rebootstrap_at,
             window=cfg.registration.replay_window,
             request_ip4_hoa=cfg.registration.request_ip4_hoa,
+            keepalive=data.keepalive_interval if data.enabled else 0.0,
         )
-        self._transport: asyncio.DatagramTransport | None = None
-        self._proto: _UdpQueue | None = None
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)  # BAs for run()
+        # User data from the HA (PType 1/0), raw; set by the data plane.
+        self.on_data: Callable[[bytes], None] | None = None
+        self.sock: socket.socket | None = None
+        self._gso: GsoSender | None = None
+        self.ha: tuple[str, int] | None = None
+        self.moves = 0
+        self.send_errors = 0
+        self._movement_task: asyncio.Task[None] | None = None
+        self._check_now = asyncio.Event()
 
     async def open(self) -> None:
-        host, port = ha_destination(self.issued, self.cfg.registration.transport)
-        loop = asyncio.get_running_loop()
-        transport, proto = await loop.create_datagram_endpoint(_UdpQueue, remote_addr=(host, port))
-        self._transport, self._proto = transport, proto
+        self.ha = ha_destination(self.issued, self.cfg.registration.transport)
+        self._open_socket()
+        data = self.cfg.dataplane
+        if data.enabled and data.movement_check > 0:
+            self._movement_task = asyncio.create_task(self._watch_movement(data.movement_check))
+
+    def _open_socket(self) -> None:
+        assert self.ha is not None
+        host, port = self.ha
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            sock.connect((host, port))
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._gso = GsoSender(sock)
+
+    def _close_socket(self) -> None:
+        sock, self.sock = self.sock, None
+        self._gso = None
+        if sock is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closing
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        if self._movement_task is not None:
+            self._movement_task.cancel()
+            self._movement_task = None
+        self._close_socket()
+
+    def _readable(self, sock: socket.socket) -> None:
+        """Drain the socket: BAs to the queue, user data to ``on_data``."""
+        recv = sock.recv
+        queue = self.queue
+        for _ in range(RECV_BUDGET):
+            try:
+                data = recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                # ECONNREFUSED: an ICMP error for an earlier send (the HA is
+                # restarting, say); the socket stays usable.
+                continue
+            if not data:
+                continue
+            if data[0] >> 4 <= 1:  # PType 0 or 1: user data (RFC 6618 §6.4)
+                on_data = self.on_data
+                if on_data is not None:
+                    on_data(data)
+            else:
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(data)
+
+    def send(self, datagram: bytes) -> None:
+        """One datagram to the HA; a send the care-of address cannot make triggers a check."""
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            sock.send(datagram)
+        except BlockingIOError:
+            self.send_errors += 1  # send buffer full: dropped, as a router would
+        except OSError as exc:
+            self.send_errors += 1
+            if exc.errno in _MOVED_ERRNOS:
+                self._check_now.set()
+
+    def send_all(self, datagrams: list[bytes]) -> None:
+        """Many datagrams to the HA, runs of them per system call (``udpgso.py``)."""
+        gso = self._gso
+        if gso is None or not datagrams:
+            return
+        try:
+            gso.send(datagrams)
+        except BlockingIOError:
+            self.send_errors += 1
+        except OSError as exc:
+            self.send_errors += 1
+            if exc.errno in _MOVED_ERRNOS:
+                self._check_now.set()
 
     def _send(self, actions: list[Any]) -> list[Any]:
         rest = []
         for a in actions:
             if isinstance(a, Transmit):
-                assert self._transport is not None
-                self._transport.sendto(a.datagram)
+                self.send(a.datagram)
             else:
                 rest.append(a)
         return rest
+
+    # ------------------------------------------------------------ movement (RFC 6275 §11.5)
+
+    async def _watch_movement(self, interval: float) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), interval)
+            self._check_now.clear()
+            self.check_movement()
+
+    def check_movement(self) -> bool:
+        """Re-open the socket and send a BU when the care-of address changed."""
+        if self.ha is None or self.sock is None:
+            return False
+        now_src = source_address_for(*self.ha)
+        try:
+            old_src = self.sock.getsockname()[0]
+        except OSError:
+            old_src = None
+        if now_src is None or now_src == old_src:
+            return False
+        log.info("care-of address changed: %s -> %s; sending a binding update", old_src, now_src)
+        self.moves += 1
+        self._close_socket()
+        try:
+            self._open_socket()
+        except OSError as exc:
+            log.warning("cannot re-open the socket to the HA: %s", exc)
+            return False
+        self._send(self.machine.moved(time.monotonic()))
+        return True
 
     async def run_more(self, *, stop: asyncio.Event) -> RegistrationOutcome:
         """Keep the binding fresh after the first BA until a re-bootstrap is
@@ -263,7 +409,6 @@ class Registrar:
     ) -> RegistrationOutcome:
         """Drive the machine; return at the first BA (``until_registered``),
         on failure, on a re-bootstrap request, or when ``stop`` is set."""
-        assert self._proto is not None
         outcome = RegistrationOutcome(None, reason="no binding acknowledgement")
         pending = self._send(self.machine.start(time.monotonic())) if start else []
         while True:
@@ -301,19 +446,18 @@ class Registrar:
             if stop is not None and stop.is_set():
                 return outcome
             try:
-                data = await asyncio.wait_for(self._proto.queue.get(), max(0.0, wake - now))
+                data = await asyncio.wait_for(self.queue.get(), max(0.0, wake - now))
                 pending = self._send(self.machine.receive(data, time.monotonic()))
             except TimeoutError:
                 pending = self._send(self.machine.timer(time.monotonic()))
 
     async def deregister(self, timeout: float = 2.0) -> RegistrationOutcome:
-        assert self._proto is not None
         pending = self._send(self.machine.deregister(time.monotonic()))
         del pending
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
-                data = await asyncio.wait_for(self._proto.queue.get(), end - time.monotonic())
+                data = await asyncio.wait_for(self.queue.get(), end - time.monotonic())
             except TimeoutError:
                 break
             for a in self.machine.receive(data, time.monotonic()):

@@ -219,3 +219,54 @@ def test_deregistration_lifetime_zero() -> None:
     assert bu.lifetime == 0 and bu.options == ()
     [act] = reg.receive(ha.ba(0, bu.sequence, 0), 1.1)
     assert isinstance(act, Registered) and not reg.registered
+
+
+# ------------------------------------------------------------ data plane support
+
+
+def test_nat_keepalive_refreshes_the_binding_early() -> None:
+    # RFC 5555 §4.3: a BU/BA pair at least every keepalive seconds.
+    iss = issued(lifetime=1000)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, lifetime=400, keepalive=30.0)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    reg.receive(ha.ba(0, ha.bu(tx.datagram).sequence, 100), 0.0)
+    assert reg.next_timer() == pytest.approx(30.0)
+    [refresh] = reg.timer(30.0)
+    assert isinstance(refresh, Transmit) and ha.bu(refresh.datagram).lifetime == 100
+
+
+def test_moved_sends_a_fresh_bu_at_once() -> None:
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, first_sequence=10)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    reg.receive(ha.ba(0, 10, 100), 0.1)
+    [moved] = reg.moved(5.0)
+    assert isinstance(moved, Transmit)
+    bu = ha.bu(moved.datagram)
+    assert bu.sequence == 11 and bu.lifetime == 150 and bu.h
+    assert reg.receive(ha.ba(0, 11, 100), 5.1)[0] == Registered(0, 400, 11, None)
+    # While de-registering, a move changes nothing.
+    reg.deregister(6.0)
+    assert reg.moved(6.5) == []
+
+
+def test_user_data_follows_the_scope() -> None:
+    from mipsec.core.errors import PacketError
+    from mipsec.core.wire.esp import PTYPE_DATA, encode_plain, peek_header
+
+    packet = bytes([0x60, 0, 0, 0, 0, 0, 59, 64]) + HOA.packed + HAA.packed
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    sealed = reg.seal_data(41, packet)
+    assert peek_header(sealed)[0] == PTYPE_DATA
+    assert ha.inb.unprotect(sealed).payload == packet
+    assert reg.open_data(ha.out.protect(PTYPE_DATA, 41, packet)) == (41, packet)
+    with pytest.raises(PacketError) as info:
+        reg.open_data(encode_plain(packet))
+    assert info.value.drop_reason == "scope"
+    with pytest.raises(PacketError) as info:
+        reg.open_data(ha.ba(0, 1, 1))  # a BA is not user data
+    assert info.value.field == "ptype"

@@ -1,0 +1,192 @@
+"""The HA's data plane: MN user data to and from the home network on a TUN device.
+
+RFC 6618 §6.4 reverse tunnelling, as a thin asyncio shell around
+``forwarding.HaForwarder``:
+
+* ``HaService.handle`` turns each authenticated user-data datagram into a
+  ``DataIn`` and hands it to ``on_data`` (this object, on the event loop's
+  thread); the forwarder's ingress filter decides, and the packet is
+  written to the TUN device, from where the host's routing takes it into the
+  home network;
+* the TUN device's packets -- home-network traffic routed to the HoAs
+  (``[dataplane] routes``) -- are read when the event loop says the device is
+  readable, up to ``TUN_BUDGET`` per wake-up, encapsulated under the SA of the
+  destination's binding and sent from the HA's own UDP socket of the right
+  family to the binding's care-of address and port (PROFILE §7); a run of
+  them for one care-of address goes in one system call (UDP GSO,
+  ``udpgso.py``).
+
+Why on the event loop's thread and not a thread of its own: the SA's
+outbound state (sequence counter, its persisted reservation, the running
+CBC context) is shared with the Binding Acknowledgements that ``HaCore``
+sends, and its inbound replay window with the BUs; one thread owning all of
+it needs no lock on the per-packet path.  Under load the loop's overhead is
+spread thin: measured through bench/tunnel.py, the HA's socket drain read
+about 60 datagrams per wake-up and the MN's TUN drain about 120 packets
+(docs-dataplane.md, "Fast path").  Writes into the TUN device go through
+``TunWriter``, which merges runs of TCP segments (``gro.py``).
+
+A full TUN queue or UDP send buffer drops the packet (``tun_full``,
+``send_full``), as a router would; TCP recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mipsec.core.config import HADataPlane
+from mipsec.core.errors import ConfigError
+from mipsec.core.forwarding import HaForwarder, stats_line
+from mipsec.core.ha_core import DataIn
+from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunWriter
+from mipsec.core.udpgso import GsoSender
+
+if TYPE_CHECKING:
+    from mipsec.core.roles.ha import HaService
+
+log = logging.getLogger("mipsec.ha.data")
+
+TUN_BUDGET = 256  # packets read from the TUN device per wake-up
+_FORWARDING = (
+    ("IPv4", "/proc/sys/net/ipv4/ip_forward"),
+    ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding"),
+)
+
+
+def pick_socket(
+    sockets: list[socket.socket], family: int, preferred: str | None
+) -> socket.socket | None:
+    """The UDP socket to send from: the one bound to the HA's provisioned address
+    (MNs connect to it, and a connected MN socket only accepts that source),
+    else one bound to the wildcard address, else any of the family."""
+    mine = [s for s in sockets if s.family == family]
+    for wanted in (preferred, "::" if family == socket.AF_INET6 else "0.0.0.0"):  # noqa: S104
+        for s in mine:
+            if wanted is not None and s.getsockname()[0] == wanted:
+                return s
+    return mine[0] if mine else None
+
+
+class HaDataPlane:
+    """Attach to a started ``HaService`` with ``start()``; ``stop()`` removes the device."""
+
+    def __init__(self, service: HaService, cfg: HADataPlane) -> None:
+        self.service = service
+        self.cfg = cfg
+        self.forwarder = HaForwarder(service.core, mtu=cfg.mtu)
+        self.tun: TunDevice | None = None
+        self.writer: TunWriter | None = None
+        self.counts: dict[str, int] = {"send_full": 0, "io_errors": 0, "not_read": 0}
+        self._sock4: GsoSender | None = None
+        self._sock6: GsoSender | None = None
+        self._out: list[tuple[bytes, tuple[str, int]]] = []  # of the current TUN drain
+
+    def start(self) -> None:
+        cfg, file = self.cfg, self.service.config_file
+        try:
+            tun = TunDevice(cfg.tun, vnet_hdr=cfg.gro)
+        except TunError as exc:
+            raise ConfigError(file, "dataplane.tun", str(exc)) from None
+        key = "dataplane.tun"
+        try:
+            tun.up(cfg.mtu)
+            key = "dataplane.addresses"
+            for address in cfg.addresses:
+                tun.add_address(str(address))
+            key = "dataplane.routes"
+            for route in cfg.routes:
+                tun.add_route(str(route))
+        except IpCommandError as exc:
+            tun.close()
+            raise ConfigError(file, key, str(exc)) from None
+        self.tun = tun
+        loop = asyncio.get_running_loop()
+        self.writer = TunWriter(tun, loop.call_soon, self.counts)
+        ha = self.service.cfg.ha
+        socks = self.service.sockets
+        six = str(ha.address6) if ha.address6 is not None else None
+        four = str(ha.address4) if ha.address4 is not None else None
+        sock6 = pick_socket(socks, socket.AF_INET6, six)
+        sock4 = pick_socket(socks, socket.AF_INET, four)
+        self._sock6 = GsoSender(sock6) if sock6 is not None else None
+        self._sock4 = GsoSender(sock4) if sock4 is not None else None
+        self.service.on_data = self.on_data
+        loop.add_reader(tun.fd, self._tun_readable)
+        for family, path in _FORWARDING:
+            try:
+                off = Path(path).read_text().strip() == "0"
+            except OSError:
+                continue
+            if off:
+                log.warning(
+                    "%s forwarding is off (%s = 0): MN traffic reaches this host only", family, path
+                )
+        log.info(
+            "data plane on %s: mtu %d, gro %s, routes %s",
+            tun.name,
+            cfg.mtu,
+            "on" if cfg.gro else "off",
+            ", ".join(str(r) for r in cfg.routes) or "none",
+        )
+
+    def stop(self) -> None:
+        if self.service.on_data == self.on_data:
+            self.service.on_data = None
+        if self.tun is not None:
+            asyncio.get_running_loop().remove_reader(self.tun.fd)
+            if self.writer is not None:
+                self.writer.flush()
+                self.writer = None
+            self.tun.close()  # the interface, its addresses and routes go with it
+            log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
+            self.tun = None
+
+    # ------------------------------------------------------------ MN -> home network
+
+    def on_data(self, data: DataIn) -> None:
+        packet = self.forwarder.inbound(data, time.time())
+        if packet is not None and self.writer is not None:
+            self.writer.write(packet)
+
+    # ------------------------------------------------------------ home network -> MN
+
+    def _tun_readable(self) -> None:
+        if self.tun is None:
+            return
+        out = self._out
+        self.tun.drain(self._to_mn, TUN_BUDGET, self.counts)
+        # Consecutive datagrams for one care-of address leave together: one
+        # UDP GSO send per run of equal size (udpgso.py).
+        start = 0
+        for i in range(1, len(out) + 1):
+            if i == len(out) or out[i][1] != out[start][1]:
+                self._send([d for d, _ in out[start:i]], out[start][1])
+                start = i
+        out.clear()
+
+    def _to_mn(self, packet: bytes) -> None:
+        out = self.forwarder.outbound(packet, time.time())
+        if out is not None:
+            self._out.append(out)
+
+    def _send(self, datagrams: list[bytes], dst: tuple[str, int]) -> None:
+        sender = self._sock6 if ":" in dst[0] else self._sock4
+        if sender is None:
+            self.forwarder.drops["no_socket"] += len(datagrams)
+            return
+        try:
+            sender.send(datagrams, dst)
+        except BlockingIOError:
+            self.counts["send_full"] += 1
+        except OSError:
+            self.counts["io_errors"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.forwarder.stats()
+        out.update(self.counts)
+        return out

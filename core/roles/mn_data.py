@@ -1,0 +1,190 @@
+"""The MN's data plane: its home addresses on a TUN device, their traffic via the HA.
+
+RFC 6618 §6.4 reverse tunnelling, as a thin asyncio shell around
+``forwarding.MnForwarder``.  The device is opened once per MN process
+(``open``: a device that cannot be made fails the start, naming the key) and
+lives across re-bootstraps; each registered SA is ``attach``-ed to it:
+
+* its home addresses go on the device -- the IPv6 HoA, and the IPv4 HoA once a
+  BA acknowledged it (DSMIP6, RFC 5555 §3.2.1) -- and ``[dataplane] routes``
+  point into it with that home address as the preferred source, so the
+  host's own traffic to those destinations leaves from the HoA;
+* packets the device gives are read while the event loop says it is readable
+  (up to ``TUN_BUDGET`` per wake-up), sealed under the SA and sent on the
+  registrar's socket (connected to the HA), runs of equal-size datagrams in
+  one system call (UDP GSO, ``udpgso.py``);
+* user-data datagrams the registrar reads are opened, checked and written
+  to the device.
+
+A route that would take the HA's own address into the device is removed
+again (with a warning): the tunnel's outer packets would be routed into the
+tunnel itself.  A default route is fine wherever a more specific route
+(the care-of link's, say) still leads to the HA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from typing import Any
+
+from mipsec.core.config import MNDataPlane
+from mipsec.core.errors import ConfigError
+from mipsec.core.forwarding import MnForwarder, stats_line
+from mipsec.core.roles.mn import Registrar
+from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunWriter
+
+log = logging.getLogger("mipsec.mn.data")
+
+TUN_BUDGET = 256  # packets read from the TUN device per wake-up
+
+
+class MnDataPlane:
+    """The MN's TUN device; ``attach`` a registered ``Registrar`` to carry its traffic."""
+
+    def __init__(self, cfg: MNDataPlane, config_file: str = "<memory>") -> None:
+        self.cfg = cfg
+        self.config_file = config_file
+        self.tun: TunDevice | None = None
+        self.writer: TunWriter | None = None
+        self.forwarder: MnForwarder | None = None
+        self.registrar: Registrar | None = None
+        self.counts: dict[str, int] = {"io_errors": 0, "not_read": 0}
+        self._out: list[bytes] = []  # datagrams of the current TUN drain
+        self._totals: dict[str, int] = {}  # forwarder counters of detached SAs
+        self._drops: dict[str, int] = {}
+
+    def open(self) -> None:
+        try:
+            tun = TunDevice(self.cfg.tun, vnet_hdr=self.cfg.gro)
+        except TunError as exc:
+            raise ConfigError(self.config_file, "dataplane.tun", str(exc)) from None
+        try:
+            tun.up(self.cfg.mtu)
+        except IpCommandError as exc:
+            tun.close()
+            raise ConfigError(self.config_file, "dataplane.tun", str(exc)) from None
+        self.tun = tun
+
+    def close(self) -> None:
+        self.detach()
+        if self.tun is not None:
+            log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
+            self.tun.close()
+            self.tun = None
+
+    # ------------------------------------------------------------ attach / detach
+
+    def attach(self, registrar: Registrar, ip4_hoa: str | None) -> list[str]:
+        """Carry the traffic of ``registrar``'s SA; returns the home addresses in use.
+
+        ``ip4_hoa``: the IPv4 home address the HA acknowledged (None: none).
+        """
+        tun = self.tun
+        assert tun is not None, "open() first"
+        self.detach()
+        bs = registrar.issued.bootstrap
+        hoas: list[IPv6Address | IPv4Address] = []
+        if bs.ip6_hoa is not None:
+            hoas.append(bs.ip6_hoa)
+        if ip4_hoa is not None:
+            hoas.append(IPv4Address(ip4_hoa))
+        tun.flush()
+        try:
+            for hoa in hoas:
+                tun.add_address(str(hoa))
+        except IpCommandError as exc:
+            # The binding stands; only user data cannot flow.  Say so once.
+            log.error("data plane on %s not attached: %s", tun.name, exc)
+            tun.flush()
+            return []
+        ha_host = ip_address(registrar.ha[0]) if registrar.ha is not None else None
+        for route in self.cfg.routes:
+            net = ip_network(route)
+            src = next((h for h in hoas if h.version == net.version), None)
+            if src is None:
+                log.warning("route %s skipped: no IPv%d home address", net, net.version)
+                continue
+            try:
+                tun.add_route(str(net), src=str(src))
+            except IpCommandError as exc:
+                log.warning("route %s not added: %s", net, exc)
+                continue
+            if ha_host is not None and ha_host in net and tun.routes_to(str(ha_host)):
+                tun.delete_route(str(net))
+                log.warning("route %s removed: it would take the HA address %s", net, ha_host)
+        self.forwarder = MnForwarder(
+            registrar.machine, frozenset(h.packed for h in hoas), mtu=self.cfg.mtu
+        )
+        self.registrar = registrar
+        registrar.on_data = self._from_ha
+        loop = asyncio.get_running_loop()
+        self.writer = TunWriter(tun, loop.call_soon, self.counts)
+        loop.add_reader(tun.fd, self._tun_readable)
+        names = [str(h) for h in hoas]
+        log.info(
+            "data plane on %s: home addresses %s, scope %d",
+            tun.name,
+            ", ".join(names),
+            registrar.machine.scope,
+        )
+        return names
+
+    def detach(self) -> None:
+        if self.registrar is None:
+            return
+        if self.forwarder is not None:
+            self._fold(self._totals, self._drops, self.forwarder)  # this SA's counters
+        registrar = self.registrar
+        if registrar.on_data == self._from_ha:
+            registrar.on_data = None
+        self.registrar = None
+        self.forwarder = None
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer = None
+        if self.tun is not None:
+            asyncio.get_running_loop().remove_reader(self.tun.fd)
+            self.tun.flush()
+
+    # ------------------------------------------------------------ the two directions
+
+    def _tun_readable(self) -> None:
+        if self.tun is None or self.forwarder is None or self.registrar is None:
+            return
+        out = self._out
+        self.tun.drain(self._to_ha, TUN_BUDGET, self.counts)
+        if out:
+            self.registrar.send_all(out)  # one UDP GSO send per run of them
+            out.clear()
+
+    def _to_ha(self, packet: bytes) -> None:
+        fwd = self.forwarder
+        if fwd is not None:
+            datagram = fwd.uplink(packet)
+            if datagram is not None:
+                self._out.append(datagram)
+
+    def _from_ha(self, datagram: bytes) -> None:
+        fwd, writer = self.forwarder, self.writer
+        if fwd is None or writer is None:
+            return
+        packet = fwd.downlink(datagram)
+        if packet is not None:
+            writer.write(packet)
+
+    @staticmethod
+    def _fold(totals: dict[str, int], drops: dict[str, int], fwd: MnForwarder) -> None:
+        for k, v in fwd.stats().items():
+            if isinstance(v, int):
+                totals[k] = totals.get(k, 0) + v
+        for reason, n in fwd.drops.items():
+            drops[reason] = drops.get(reason, 0) + n
+
+    def stats(self) -> dict[str, Any]:
+        """Counters over the device's whole life (every SA attached so far)."""
+        totals, drops = dict(self._totals), dict(self._drops)
+        if self.forwarder is not None:
+            self._fold(totals, drops, self.forwarder)
+        return {**totals, **self.counts, "drops": drops}

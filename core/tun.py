@@ -1,0 +1,230 @@
+"""A Linux TUN device (``/dev/net/tun``) and its configuration with iproute2.
+
+``TunDevice`` opens the clone device and attaches it to an interface with
+``TUNSETIFF`` (``IFF_TUN | IFF_NO_PI``: layer-3 packets, no 4-octet packet
+information header, so one ``read`` is one whole IPv6 or IPv4 packet and one
+``write`` injects one).  The interface exists as long as the descriptor is
+open: closing it (or the process ending) removes the interface with its
+addresses and routes, so a crashed data plane leaves nothing behind.
+
+Addresses, MTU and routes are set with ``ip`` (iproute2), the operator's own
+tool, so what the data plane did can be read back with ``ip addr`` / ``ip
+route`` and repeated by hand.  IPv6 address autoconfiguration is switched
+off on the device (``addrgenmode none``): a tunnel interface must not send
+Router Solicitations or MLD reports from a link-local address into the
+tunnel, where the MN's ingress rule would only drop them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import subprocess
+from collections.abc import Callable, Sequence
+
+from mipsec.core.errors import MipsecError
+from mipsec.core.gro import VNET_HDR_LEN, TcpCoalescer
+
+__all__ = ["IpCommandError", "TunDevice", "TunError", "TunWriter", "ip"]
+
+_TUNSETIFF = 0x400454CA  # _IOW('T', 202, int), linux/if_tun.h
+_IFF_TUN = 0x0001
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+_IFNAMSIZ = 16
+_IP_TIMEOUT = 10.0  # seconds for one ip(8) command
+_READ_SIZE = 65535 + VNET_HDR_LEN
+
+
+class TunError(MipsecError):
+    """The TUN device cannot be created or used (names the device and why)."""
+
+
+class IpCommandError(MipsecError):
+    """An ``ip`` command failed; the message is the command and ip's own words."""
+
+
+def ip(*args: str, check: bool = True) -> str:
+    """Run ``ip ARGS`` and return its output; ``IpCommandError`` (one line) if it fails."""
+    cmd = ["ip", *args]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=_IP_TIMEOUT)
+    except FileNotFoundError:
+        raise IpCommandError("ip: iproute2 is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise IpCommandError(f"{' '.join(cmd)}: no answer in {_IP_TIMEOUT:.0f} s") from None
+    if check and out.returncode != 0:
+        why = " ".join(out.stderr.split()) or f"exit status {out.returncode}"
+        raise IpCommandError(f"{' '.join(cmd)}: {why}")
+    return out.stdout
+
+
+class TunDevice:
+    """One TUN interface, non-blocking; ``read`` / ``write`` move whole IP packets.
+
+    ``vnet_hdr=True`` (``IFF_VNET_HDR``): every read and write carries a
+    10-octet ``struct virtio_net_hdr`` in front of the packet, which lets a
+    writer hand the kernel coalesced TCP segments (``gro.py``).  No offload
+    is switched on for reads (no ``TUNSETOFFLOAD``): packets read are whole,
+    with complete checksums, and their header is all zeros but for flags.
+    """
+
+    def __init__(self, name: str, *, vnet_hdr: bool = False) -> None:
+        encoded = name.encode()
+        if not 0 < len(encoded) < _IFNAMSIZ:
+            raise TunError(f"tun {name!r}: a name has 1 to {_IFNAMSIZ - 1} octets")
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TunError(f"tun {name}: cannot open /dev/net/tun: {exc.strerror}") from None
+        try:
+            flags = _IFF_TUN | _IFF_NO_PI | (_IFF_VNET_HDR if vnet_hdr else 0)
+            ifr = struct.pack("16sH22x", encoded, flags)
+            got = fcntl.ioctl(fd, _TUNSETIFF, ifr)
+        except OSError as exc:
+            os.close(fd)
+            # EPERM without CAP_NET_ADMIN; EBUSY when another process holds it.
+            raise TunError(f"tun {name}: TUNSETIFF failed: {exc.strerror}") from None
+        self.fd = fd
+        self.vnet_hdr = vnet_hdr
+        self.name = got[:_IFNAMSIZ].split(b"\0", 1)[0].decode()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self, size: int = 65535) -> bytes:
+        """One packet; ``BlockingIOError`` when none is queued."""
+        return os.read(self.fd, size)
+
+    def write(self, packet: bytes) -> int:
+        return os.write(self.fd, packet)
+
+    def drain(self, handle: Callable[[bytes], object], budget: int, counts: dict[str, int]) -> None:
+        """Hand each queued packet to ``handle``, at most ``budget`` of them.
+
+        With vnet headers the header is stripped; a GSO frame (which a device
+        without offloads never yields) is counted as ``not_read``.  A read
+        error other than "nothing queued" is counted as ``io_errors``.
+        """
+        fd, read, vnet = self.fd, os.read, self.vnet_hdr
+        for _ in range(budget):
+            try:
+                packet = read(fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                counts["io_errors"] = counts.get("io_errors", 0) + 1
+                return
+            if vnet:
+                if packet[1]:  # gso_type: never without TUNSETOFFLOAD
+                    counts["not_read"] = counts.get("not_read", 0) + 1
+                    continue
+                packet = packet[VNET_HDR_LEN:]
+            handle(packet)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> TunDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TunDevice({self.name!r}, fd={self.fd})"
+
+    # ------------------------------------------------------------ configuration (iproute2)
+
+    def up(self, mtu: int) -> None:
+        """MTU, no IPv6 autoconfiguration, link up (see the module docstring)."""
+        ip("link", "set", "dev", self.name, "addrgenmode", "none")
+        ip("link", "set", "dev", self.name, "mtu", str(mtu), "up")
+
+    def add_address(self, address: str) -> None:
+        """Add ``address`` (``addr/len``; a bare address is a host address)."""
+        if "/" not in address:
+            address += "/128" if ":" in address else "/32"
+        family = "-6" if ":" in address else "-4"
+        # nodad: the address is ours alone on a point-to-point device.
+        extra = ("nodad",) if family == "-6" else ()
+        ip(family, "addr", "replace", address, "dev", self.name, *extra)
+
+    def flush(self) -> None:
+        """Remove every address and route of the device (it stays up)."""
+        for family in ("-4", "-6"):
+            ip(family, "route", "flush", "dev", self.name, check=False)
+        ip("addr", "flush", "dev", self.name, check=False)
+
+    def add_route(self, prefix: str, *, src: str | None = None) -> None:
+        """Route ``prefix`` into the device (``src``: the source address to prefer)."""
+        family = "-6" if ":" in prefix else "-4"
+        extra: Sequence[str] = ("src", src) if src is not None else ()
+        ip(family, "route", "replace", prefix, "dev", self.name, *extra)
+
+    def delete_route(self, prefix: str) -> None:
+        family = "-6" if ":" in prefix else "-4"
+        ip(family, "route", "del", prefix, "dev", self.name, check=False)
+
+    def routes_to(self, address: str) -> bool:
+        """Would the host send a packet for ``address`` into this device now?"""
+        out = ip("-o", "route", "get", address, check=False)
+        return f" dev {self.name} " in f" {' '.join(out.split())} "
+
+
+class TunWriter:
+    """Writes packets to a TUN device; with vnet headers, TCP runs are merged (``gro.py``).
+
+    A run is held only until the end of the current event-loop callback:
+    the first packet held schedules ``flush`` with ``schedule`` (the loop's
+    ``call_soon``), so a burst the shell drains in one callback is written as
+    few packets as it allows, and nothing waits beyond that burst.  A full
+    device queue or a refused packet is counted in ``counts`` (``tun_full``,
+    ``io_errors``) and dropped, as a router would.
+    """
+
+    def __init__(
+        self,
+        tun: TunDevice,
+        schedule: Callable[[Callable[[], None]], object],
+        counts: dict[str, int],
+    ) -> None:
+        self.fd = tun.fd
+        self._gro = TcpCoalescer() if tun.vnet_hdr else None
+        self._schedule = schedule
+        self._scheduled = False
+        self.counts = counts
+        counts.setdefault("tun_full", 0)
+        counts.setdefault("io_errors", 0)
+        counts.setdefault("tun_writes", 0)
+
+    def write(self, packet: bytes) -> None:
+        gro = self._gro
+        if gro is None:
+            self._write(packet)
+            return
+        for frame in gro.push(packet):
+            self._write(frame)
+        if gro.pending and not self._scheduled:
+            self._scheduled = True
+            self._schedule(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._gro is not None:
+            for frame in self._gro.flush():
+                self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
+        try:
+            os.write(self.fd, frame)
+        except BlockingIOError:
+            self.counts["tun_full"] += 1
+        except OSError:
+            # e.g. EINVAL for a packet the kernel refuses; keep serving.
+            self.counts["io_errors"] += 1
+        else:
+            self.counts["tun_writes"] += 1
