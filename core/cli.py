@@ -5,7 +5,7 @@
     mipsec plugins
     mipsec init DIR [--hac-port N] [--ha-port N] [--radius HOST:PORT
                     --radius-secret-file FILE [--usim IMSI,KI,OPC,AMF,SQN]] [--json]
-    mipsec demo [--data]
+    mipsec demo [--auth psk|eap-tls] [--data]
 
 Errors a user can fix (configuration, plugins, certificates) print one line
 naming the file, the key and the reason -- never a traceback.
@@ -380,7 +380,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return run_data_demo()
     from mipsec.core.demo import run_demo
 
-    return run_demo()
+    return run_demo(auth=args.auth)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -434,6 +434,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--data",
         action="store_true",
         help="(root) in network namespaces, then ping and TCP from the MN's home address",
+    )
+    p.add_argument(
+        "--auth",
+        choices=("psk", "eap-tls"),
+        default="psk",
+        help="how the MN authenticates: its PSK (default) or EAP-TLS with its certificate",
     )
     p.set_defaults(func=cmd_demo)
     return role, cmds

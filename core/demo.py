@@ -66,7 +66,9 @@ def _stop(proc: subprocess.Popen[str]) -> str:
         return proc.communicate()[0]
 
 
-def run_demo() -> int:
+def run_demo(auth: str = "psk") -> int:
+    """``auth``: ``psk`` (the lab MN's PSK) or ``eap-tls`` (its client
+    certificate, EAP-TLS served by the HAC itself)."""
     step = 0
 
     def say(text: str) -> None:
@@ -78,9 +80,16 @@ def run_demo() -> int:
         lab = Path(tmp)
         hac_port, ha_port = free_port(), free_port()
         info = init_lab(lab, hac_port=hac_port, ha_port=ha_port)
+        eap = auth == "eap-tls"
+        credential = (
+            "a client certificate (rfc822Name SAN = its mn_id) and the HAC's EAP server "
+            f"certificate for {info['eap']['server_name']}"
+            if eap
+            else "a random 32-octet PSK"
+        )
         say(
             f"lab created in {lab}: test CA, HAC certificate for {info['hac']['server_name']}"
-            f" and 127.0.0.1, MN {info['mn']['mn_id']} with a random 32-octet PSK"
+            f" and 127.0.0.1, MN {info['mn']['mn_id']} with {credential}"
         )
         procs: dict[str, subprocess.Popen[str]] = {}
         try:
@@ -100,7 +109,13 @@ def run_demo() -> int:
                 return _failed("the HAC did not start", procs)
             say(
                 "MN bootstrapping: TLS to the HAC, certificate checked (SAN, CA), "
-                "PSK exchange bound to tls-server-end-point"
+                + (
+                    "then EAP inside it: Identity, EAP-TLS with client certificates "
+                    "run by the HAC, auth keyed with the MSK and bound to "
+                    "tls-server-end-point"
+                    if eap
+                    else "PSK exchange bound to tls-server-end-point"
+                )
             )
             mn = subprocess.run(
                 [
@@ -108,7 +123,7 @@ def run_demo() -> int:
                     "--role",
                     "mn",
                     "--config",
-                    info["mn"]["config"],
+                    str(lab / "mn-eap-tls.toml") if eap else info["mn"]["config"],
                     "--once",
                     "--json",
                 ],

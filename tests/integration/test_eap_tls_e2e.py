@@ -212,3 +212,9 @@ def test_independent_mn_eap_tls(lab: Lab, start_hac: Any, inner: str, outer: str
     assert final["eap-payload"][:2] == "03"  # EAP-Success
     assert final["_auth_with_msk"] == "True" and final["_auth_with_one"] == "False"
     assert "mip6-spi" in final and "mip6-mn-to-ha-ikey" in final
+
+
+def test_demo_auth_eap_tls() -> None:
+    out = mipsec("demo", "--auth", "eap-tls", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "EAP-TLS" in out.stdout and "status 0" in out.stdout
