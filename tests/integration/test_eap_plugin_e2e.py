@@ -33,14 +33,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def eap_lab(lab: Lab, *, hac_types: str = '["example"]', mn_methods: str = '["example"]') -> None:
+def eap_lab(
+    lab: Lab, *, hac_types: str = '["example", "tls"]', mn_methods: str = '["example"]'
+) -> None:
     hac = Path(lab.info["hac"]["config"])
-    edit_toml(hac, 'methods = ["psk"]', 'methods = ["eap", "psk"]')
+    # The lab already runs EAP (EAP-TLS for its realm): the third-party method
+    # is offered first, next to it.
+    edit_toml(hac, 'types = ["tls"]', f"types = {hac_types}")
     with hac.open("a") as f:
-        f.write(
-            f"\n[methods.eap]\ntypes = {hac_types}\n"
-            f'[methods.eap.example]\nsecret_hex = "{SECRET}"\nrounds = 2\n'
-        )
+        f.write(f'\n[methods.eap.example]\nsecret_hex = "{SECRET}"\nrounds = 2\n')
     mn = Path(lab.info["mn"]["config"])
     edit_toml(mn, 'method = "psk"', 'method = "eap"')
     with mn.open("a") as f:
