@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import time
@@ -105,6 +106,7 @@ class ServerStats:
     malformed: int = 0  # replies that could not be parsed at all
     unexpected: int = 0  # replies to no outstanding request (late duplicates)
     timeouts: int = 0  # requests that got no verified reply
+    stalled: int = 0  # of those, while the server answered other requests (not held off)
     sockets: int = 0  # UDP sockets (source ports) opened
 
 
@@ -119,6 +121,7 @@ class RadiusTimeout(RadiusError):
         self.server = server
         self.tries = tries
         self.rejected = rejected  # kind -> count of replies dropped for this request
+        self.sent_at = -math.inf  # when the request was first sent (client clock)
         if rejected:
             kinds = ", ".join(f"{k} x{n}" for k, n in sorted(rejected.items()))
             reason = (
@@ -222,6 +225,10 @@ class _ServerState:
         self.waiters: list[asyncio.Future[None]] = []
         self.dead_until = 0.0
         self.dead = False
+        # When the server last sent a verified reply (to any request): a
+        # server that answers others is alive, even if one conversation
+        # stalls behind it (a proxied realm whose upstream did not answer).
+        self.last_reply = -math.inf
         self._last_warn = -WARN_INTERVAL
         self.clock: Callable[[], float] = time.monotonic
 
@@ -249,6 +256,7 @@ class _ServerState:
             self._warn(f"malformed reply dropped: {exc}")
             return
         self.stats.replies += 1
+        self.last_reply = self.clock()
         p.future.set_result(reply)
 
     def _warn(self, what: str) -> None:
@@ -348,7 +356,7 @@ class RadiusClient:
             try:
                 reply = await self._exchange(st, build)
             except RadiusTimeout as exc:
-                self._mark_dead(st, exc)
+                self._mark_dead(st, exc, exc.sent_at)
                 last = exc
                 continue
             self._mark_alive(st)
@@ -367,6 +375,7 @@ class RadiusClient:
             channel.pending[ident] = pending
             tries = self.retries + 1
             silent = 0  # timeouts so far without a verified reply
+            sent_at = self._clock()
             for attempt in range(tries):
                 if attempt:
                     st.stats.retransmissions += 1
@@ -385,6 +394,7 @@ class RadiusClient:
                         self._mark_dead(
                             st,
                             RadiusTimeout(st.config.label, silent, self.timeout, pending.rejected),
+                            sent_at,
                         )
                     raise
                 if done:
@@ -396,7 +406,9 @@ class RadiusClient:
             if self._closed:
                 raise RadiusError("RADIUS client closed")
             st.stats.timeouts += 1
-            raise RadiusTimeout(st.config.label, tries, self.timeout, pending.rejected)
+            err = RadiusTimeout(st.config.label, tries, self.timeout, pending.rejected)
+            err.sent_at = sent_at
+            raise err
         finally:
             if not future.done():
                 future.cancel()
@@ -445,8 +457,16 @@ class RadiusClient:
     def _held_off(self, st: _ServerState, now: float) -> bool:
         return st.dead and st.dead_until > now
 
-    def _mark_dead(self, st: _ServerState, exc: RadiusTimeout) -> None:
+    def _mark_dead(self, st: _ServerState, exc: RadiusTimeout, sent_at: float) -> None:
         if self.dead_time <= 0:
+            return
+        if st.last_reply >= sent_at:
+            # It answered other requests since this one left: alive, only this
+            # conversation stalled (e.g. upstream of a proxy).  Holding it off
+            # would turn one lost conversation into 503s for every MN
+            # (the "zombie" rule of FreeRADIUS's home servers, in spirit).
+            st.stats.stalled += 1
+            log.info("RADIUS server %s: a request went unanswered (%s)", st.config.label, exc)
             return
         now = self._clock()
         if not self._held_off(st, now):

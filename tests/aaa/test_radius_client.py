@@ -231,6 +231,41 @@ def test_caller_deadline_still_holds_off_a_silent_server() -> None:
     asyncio.run(main())
 
 
+def test_a_server_answering_others_is_not_held_off_for_one_stalled_request() -> None:
+    """A proxy whose upstream lost one conversation still answers everyone
+    else: that one request times out, the server is not marked dead."""
+
+    def selective(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+        user = dict(request_attrs(data))[1]
+        return None if user == b"stalled" else challenge(srv, data, addr)
+
+    async def main() -> None:
+        srv = await fake_server(selective)
+        client = RadiusClient([server(srv)], timeout=0.3, retries=1, dead_time=60)
+        stalled = asyncio.create_task(client.send(builder("stalled")))
+        await asyncio.sleep(0.05)
+        for _ in range(3):  # answered while the stalled request waits
+            await client.send(builder("alice"))
+        with pytest.raises(RadiusTimeout):
+            await stalled
+        label = f"127.0.0.1:{srv.port}"
+        assert not client.is_dead(label)
+        assert client.stats()[label].stalled == 1
+        await client.send(builder("bob"))  # still served: no 503 for everyone
+        # A server that answers nobody is held off as before.
+        quiet = await silent()
+        c2 = RadiusClient([server(quiet)], timeout=0.2, retries=0, dead_time=60)
+        with pytest.raises(RadiusTimeout):
+            await c2.send(builder())
+        assert c2.is_dead(f"127.0.0.1:{quiet.port}")
+        for c in (client, c2):
+            await c.aclose()
+        srv.close()
+        quiet.close()
+
+    asyncio.run(main())
+
+
 def test_every_server_dead_is_unavailable_with_retry_after() -> None:
     now = [0.0]
 
