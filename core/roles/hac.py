@@ -1,15 +1,16 @@
 """The HAC service: a thin asyncio shell around ``HacExchange``.
 
 TLS per PROFILE §1 (context from ``mipsec.core.tls``), one exchange per
-connection, timeouts on the handshake and on every request, a cap on
-concurrent sessions, and SA issuing + HA provisioning in between the Done
-request and the final response.  One MN's bad input ends only its own
-connection.
+connection, and SA issuing + HA provisioning in between the Done request and
+the final response.  One MN's bad input ends only its own connection.
 
-Each connection is an ``asyncio.Protocol`` (:class:`_Session`) that feeds the
-sans-I/O exchange straight from ``data_received``: no stream reader, writer
-or task per connection, and no task wake-up per request.  Only the SA issue
-(which may wait for an HA) runs as a task, with reading paused meanwhile.
+Connections, their deadlines (handshake, idle, per request) and the cap on
+them belong to the connection layer, core/roles/tlsserver.py; each one's
+exchange is a :class:`_Session` that feeds the sans-I/O exchange straight
+from ``data_received``: no stream reader, writer or task per connection.
+Only the SA issue (which may wait for an HA) runs as a task, with reading
+paused meanwhile; ``[hac] max_in_progress`` such issues at once, beyond
+which the MN gets 503 with ``retry-after``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import socket
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -49,13 +49,13 @@ from mipsec.core.hookspecs import (
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
 from mipsec.core.roles.provserver import ProvisioningServer
-from mipsec.core.tls import hac_server_context, server_cb_octets, set_nodelay
+from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
+from mipsec.core.tls import hac_server_context, server_cb_octets
 
 log = logging.getLogger("mipsec.hac")
 
-_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
-
 SPI_DRAWS = 32  # collisions among 2^28 SPIs are rare; this bounds a pathological store
+BUSY_RETRY_AFTER = 2  # seconds: saturation passes quickly, unlike "no HA available"
 
 
 class IssueFailure(Exception):
@@ -150,39 +150,41 @@ class HacService:
         )
         # PROFILE §4: one random stand-in key per process for unknown mn-ids.
         self._standin = secrets.token_bytes(32)
-        self._servers: list[asyncio.Server] = []
+        self._listener: TlsListener | None = None
         self._sessions: set[_Session] = set()
         self._expiry_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
         self.addresses: list[tuple[str, int]] = []
-        self.stats: dict[str, int] = {"sessions": 0, "refused_busy": 0, "status_200": 0}
+        self.stats: dict[str, int] = {"sessions": 0, "status_200": 0}
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> list[tuple[str, int]]:
         svc = self.cfg.hac
         port = svc.port
+        self._listener = TlsListener(
+            self.ssl_context,
+            lambda conn: _Session(self, conn),
+            Limits(
+                handshake_timeout=svc.handshake_timeout,
+                request_timeout=svc.request_timeout,
+                idle_timeout=svc.idle_timeout or svc.request_timeout,
+                max_connections=svc.max_connections,
+                max_in_progress=svc.max_in_progress,
+            ),
+            name="hac",
+        )
         for host in svc.listen:
             try:
-                server = await asyncio.get_running_loop().create_server(
-                    lambda: _Session(self),
-                    host=host,
-                    port=port,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=svc.handshake_timeout,
-                    reuse_address=True,
-                )
+                bound = await self._listener.listen(host, port)
             except OSError as exc:
                 if ":" in host and len(svc.listen) > 1:
                     log.warning("cannot listen on [%s]:%d: %s (skipped)", host, port, exc)
                     continue
                 raise
-            self._servers.append(server)
-            for sock in server.sockets:
-                addr = sock.getsockname()
-                self.addresses.append((addr[0], addr[1]))
-                if port == 0:
-                    port = addr[1]  # same ephemeral port on every address if possible
+            self.addresses.extend(bound)
+            if port == 0 and bound:
+                port = bound[0][1]  # same ephemeral port on every address if possible
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         if self._prov_server is not None:
             await self._prov_server.start()
@@ -191,11 +193,12 @@ class HacService:
         return self.addresses
 
     async def serve_forever(self) -> None:
-        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+        if self._listener is not None:
+            await self._listener.serve_forever()
 
     async def stop(self) -> None:
-        for s in self._servers:
-            s.close()
+        if self._listener is not None:
+            self._listener.close()
         issuing = [t for t in (session.cancel() for session in list(self._sessions)) if t]
         if issuing:  # let cancelled issues clean up (store, withdraw) before the store closes
             await asyncio.wait(issuing, timeout=self.cfg.hac.provisioning_timeout)
@@ -203,9 +206,8 @@ class HacService:
             self._expiry_task.cancel()
         if self._tasks:  # let pending withdraws finish: nothing half-provisioned
             await asyncio.wait(list(self._tasks), timeout=self.cfg.hac.provisioning_timeout)
-        for s in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.wait_closed(), 2)
+        if self._listener is not None:
+            await self._listener.aclose()
         if self._prov_server is not None:
             await self._prov_server.stop()
         for transport in self.transports.values():
@@ -371,73 +373,57 @@ def _retry_after(seconds: int = 30) -> datetime:
     return (utcnow() + timedelta(seconds=seconds)).replace(microsecond=0)
 
 
-def _peer(transport: asyncio.BaseTransport) -> str:
-    addr = transport.get_extra_info("peername")
-    if not addr:
-        return "?"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _busy(exch: HacExchange) -> Send:
+    """The final response when ``max_in_progress`` requests are worked on
+    already: 503 with ``retry-after`` (PROFILE §6) rather than a queue."""
+    return exch.fail(UNAVAILABLE, _retry_after(BUSY_RETRY_AFTER))
 
 
-class _Session(asyncio.Protocol):
-    """One MN's TLS connection: created by the server once the handshake is done."""
+class _Session:
+    """One MN's MHAuth exchange on one TLS connection (a :class:`TlsHandler`).
 
-    def __init__(self, service: HacService) -> None:
+    Made once the TLS handshake is done; the connection layer
+    (core/roles/tlsserver.py) owns the socket, the deadlines and the cap.
+    The session tells it where the exchange stands: a response sent means
+    the next request is awaited, an SA issue means the server is working
+    (no deadline, no eviction, reading paused: the MN must wait).
+    """
+
+    def __init__(self, service: HacService, conn: TlsConnection) -> None:
         self._svc = service
-        self._transport: asyncio.Transport | None = None
-        self._exch: HacExchange | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._conn = conn
         self._issuing: asyncio.Task[None] | None = None
-        self._peer = "?"
-        self._sock: Any = None  # the TCP socket (for TCP_CORK), None if not TCP
+        self._peer = conn.peer
         self._done = False  # answered or closing: further input is ignored
-
-    # ------------------------------------------------------------ protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._peer = _peer(transport)
-        svc = self._svc
-        if len(svc._sessions) >= svc.cfg.hac.max_sessions:
-            svc.stats["refused_busy"] += 1
-            log.warning("session cap %d reached: closing %s", svc.cfg.hac.max_sessions, self._peer)
-            self._close()
-            return
-        svc._sessions.add(self)
-        svc.stats["sessions"] += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                self._sock = sock
         self._exch = HacExchange(
-            cb_octets=svc.cb_octets,
-            methods=svc.methods,
-            credentials=svc.credentials,
-            standin_key=svc._standin,
-            policy=svc.policy,
-            method_options=svc.cfg.methods,
+            cb_octets=service.cb_octets,
+            methods=service.methods,
+            credentials=service.credentials,
+            standin_key=service._standin,
+            policy=service.policy,
+            method_options=service.cfg.methods,
         )
-        self._arm_timer()
+        service._sessions.add(self)
+        service.stats["sessions"] += 1
+
+    # ------------------------------------------------------------ TlsHandler
 
     def data_received(self, data: bytes) -> None:
-        if self._done or self._exch is None:
-            return
-        self._cancel_timer()
-        self._handle(self._exch.receive_data(data))
+        if not self._done:
+            self._handle(self._exch.receive_data(data))
 
-    def eof_received(self) -> bool | None:
-        if not self._done and self._exch is not None:
-            self._cancel_timer()
+    def eof_received(self) -> None:
+        if not self._done:
             self._handle(self._exch.receive_eof())
-        return None  # the transport closes itself (with close_notify)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and not self._done:
-            log.info("connection from %s ended: %s", self._peer, exc.__class__.__name__)
+    def connection_lost(self, reason: str) -> None:
+        if not self._done:
+            # Ended before the final response: a timeout, an eviction, a reset.
+            level = logging.INFO if self._exch.mn_id is not None else logging.DEBUG
+            log.log(
+                level, "mn_id=%s peer=%s ended: %s", self._exch.mn_id or "-", self._peer, reason
+            )
         self._done = True
-        self._cancel_timer()
         self._svc._sessions.discard(self)
 
     # ------------------------------------------------------------ internals
@@ -450,36 +436,17 @@ class _Session(asyncio.Protocol):
         self._close()
         return task
 
-    def _arm_timer(self) -> None:
-        # PROFILE §1: each request must arrive within request_timeout.
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._svc.cfg.hac.request_timeout, self._on_timeout)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timeout(self) -> None:
-        self._timer = None
-        if not self._done:
-            log.info("%s idle for %.0f s: closing", self._peer, self._svc.cfg.hac.request_timeout)
-            self._close()
-
     def _close(self) -> None:
-        # close() sends TLS close_notify, then closes TCP (PROFILE §1 "closing").
         self._done = True
-        self._cancel_timer()
-        if self._transport is not None:
-            self._transport.close()
+        self._conn.close()  # close_notify, then TCP close (PROFILE §1 "closing")
 
     def _handle(self, events: list[Send | Close | IssueSA]) -> None:
-        assert self._exch is not None and self._transport is not None
         for ev in events:
             if isinstance(ev, IssueSA):
-                # The exchange stops at IssueSA (nothing follows it).  Stop
-                # reading until the final response is out: the MN must wait.
-                self._transport.pause_reading()
+                # The exchange stops at IssueSA (nothing follows it).
+                if not self._conn.begin_work():
+                    self._send(_busy(self._exch))
+                    return
                 self._issuing = asyncio.create_task(self._issue(ev))
                 return
             if isinstance(ev, Send):
@@ -489,41 +456,24 @@ class _Session(asyncio.Protocol):
                 log.info("%s: closing without response: %s", self._peer, ev.reason)
                 self._close()
                 return
-        if not self._exch.finished:
-            self._arm_timer()
 
     def _send(self, ev: Send) -> bool:
         """Write one response; True when the connection closes after it."""
-        assert self._exch is not None and self._transport is not None
         if not ev.close:
-            self._transport.write(ev.data)
+            self._conn.write(ev.data)
+            self._conn.await_request()  # the request deadline starts again at its first octet
             if ev.status is not None:
                 self._svc._final_logged(self._exch, ev.status, self._peer)
             return False
-        # Final response: it and the TLS close_notify that follows it at once
-        # leave in one TCP segment (corked while both are written), so the MN
-        # reads them together instead of being woken twice.
-        sock = self._sock
-        corked = False
-        if sock is not None and _TCP_CORK is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
-                corked = True
-        try:
-            self._transport.write(ev.data)
-            self._close()
-        finally:
-            if corked:
-                assert sock is not None
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
+        # Final response and close_notify leave together, in one TCP segment.
+        self._done = True
+        self._conn.close(ev.data)
         # Logged once the response is on its way: the MN need not wait for it.
         if ev.status is not None:
             self._svc._final_logged(self._exch, ev.status, self._peer)
         return True
 
     async def _issue(self, req: IssueSA) -> None:
-        assert self._exch is not None
         try:
             ev = await self._svc._issue(self._exch, req, self._peer)
         except Exception:  # _issue answers every failure itself; this is a bug
@@ -532,7 +482,7 @@ class _Session(asyncio.Protocol):
             return
         finally:
             self._issuing = None
-        if self._done or self._transport is None or self._transport.is_closing():
+        if self._done or self._conn.closing:
             # The MN went away meanwhile (the SA stays issued, as before).
             log.info("connection from %s ended before the final response", self._peer)
             return
