@@ -548,8 +548,9 @@ class TlsListener:
 
         Raises ``OSError`` as ``loop.create_server`` does (address in use, ...).
         """
+        if self._loop is None:  # one cap, however many addresses
+            _reserve_fds(self.limits.max_connections)
         self._loop = asyncio.get_running_loop()
-        _reserve_fds(self.limits.max_connections)
         server = await self._loop.create_server(
             lambda: TlsConnection(self),
             host=host,
