@@ -3,10 +3,12 @@ listener (issue 6 item 2), against real ``mipsec`` processes from a
 ``mipsec init`` lab.
 
 Each test holds 1,000 idle TCP connections and 300 TLS connections that
-trickle octets while real MNs (tests/integration/rawmn.py, real TLS and PSK)
+trickle octets (the HAC tests also 300 handshakes stalled after the
+ClientHello) while real MNs (tests/integration/rawmn.py, real TLS and PSK)
 bootstrap: every bootstrap must succeed, every trickler must be closed (at
 its deadline or evicted), and the listener's RSS must stay bounded.  The
-figures measured are printed (``pytest -s``).
+figures measured (RSS per held connection of each kind) are printed
+(``pytest -s``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.slow
 MN_ID = "demo@mipsec.test"
 IDLE_TCP = 1000
 TRICKLERS = 300
+HALF_HANDSHAKES = 300
 MNS = 16
 TRICKLE_INTERVAL = 1.5  # seconds between two octets of a trickler
 RSS_BOUND_KIB = 100 * 1024  # issue 6 "done when" (b)
@@ -155,6 +158,12 @@ async def flood_hac(lab: Lab, pid: int, request_timeout: float) -> dict[str, Any
     ]
     await asyncio.sleep(0.5)
     sampler.mark("held")
+    # And handshakes stalled halfway: a whole ClientHello, then silence.
+    stalled = await open_idle(port, HALF_HANDSHAKES)
+    for c in stalled:
+        await c.send(c.start_tls(ctx, "hac.mipsec.test"))
+    await asyncio.sleep(0.5)
+    sampler.mark("mid_handshake")
     results = await asyncio.to_thread(bootstrap_many, lab, MNS)
     closed = await asyncio.gather(
         *(c.wait_closed_by_server(request_timeout + 15) for c in tricklers)
@@ -165,7 +174,7 @@ async def flood_hac(lab: Lab, pid: int, request_timeout: float) -> dict[str, Any
     idle_open = sum(not c.reader.at_eof() for c in idle)
     for task in trickling:
         task.cancel()
-    for c in [*idle, *tricklers]:
+    for c in [*idle, *tricklers, *stalled]:
         c.close()
     return {
         "results": results,
@@ -191,11 +200,15 @@ def test_hac_holds_a_flood_serves_every_mn_and_stays_small(lab: Lab, start_hac: 
     got = asyncio.run(flood_hac(lab, hac.pid, 5))
     out = stop_process(hac)
     statuses = [s for s, _ in got["results"]]
+    marks = got["marks"]
     print(
-        f"\nHAC flood, cap above it: {IDLE_TCP} idle TCP + {got['tls_held']} trickling TLS held;"
+        f"\nHAC flood, cap above it: {IDLE_TCP} idle TCP + {got['tls_held']} trickling TLS"
+        f" + {HALF_HANDSHAKES} stalled handshakes held;"
         f" RSS growth {got['rss_growth_kib'] / 1024:.1f} MiB (marks KiB: {got['marks']});"
-        f" per idle TCP {got['marks']['idle_tcp'] / IDLE_TCP:.1f} KiB,"
-        f" per trickler {(got['marks']['held'] - got['marks']['idle_tcp']) / TRICKLERS:.1f} KiB;"
+        f" per idle TCP {marks['idle_tcp'] / IDLE_TCP:.1f} KiB,"
+        f" per trickler {(marks['held'] - marks['idle_tcp']) / TRICKLERS:.1f} KiB,"
+        f" per stalled handshake {(marks['mid_handshake'] - marks['held']) / HALF_HANDSHAKES:.1f}"
+        " KiB;"
         f" slowest bootstrap {max(t for _, t in got['results']):.2f} s"
     )
     assert statuses == ["200"] * MNS, statuses
