@@ -35,6 +35,7 @@ TRICKLERS = 300
 HALF_HANDSHAKES = 300
 MNS = 16
 TRICKLE_INTERVAL = 1.5  # seconds between two octets of a trickler
+REQUEST_TIMEOUT = 5  # the HAC's, in these tests
 RSS_BOUND_KIB = 100 * 1024  # issue 6 "done when" (b)
 
 
@@ -140,6 +141,19 @@ def stop_process(p: subprocess.Popen[str]) -> str:
 # ------------------------------------------------------------------ the HAC
 
 
+def start_for_flood(lab: Lab, start_hac: Any, *, max_connections: int) -> Any:
+    """The lab's HA and HAC, idle TCP held until the handshake deadline (120 s:
+    longer than the test), requests bounded by REQUEST_TIMEOUT, and warmed up
+    (everything imported) before the RSS baseline is taken."""
+    hac_toml = lab.dir / "hac.toml"
+    edit_toml(hac_toml, "handshake_timeout = 10", "handshake_timeout = 120")
+    edit_toml(hac_toml, "request_timeout = 10", f"request_timeout = {REQUEST_TIMEOUT}")
+    edit_toml(hac_toml, "max_connections = 1024", f"max_connections = {max_connections}")
+    hac = start_hac(lab)
+    assert [s for s, _ in bootstrap_many(lab, 2)] == ["200", "200"]
+    return hac
+
+
 async def flood_hac(lab: Lab, pid: int, request_timeout: float) -> dict[str, Any]:
     port = lab.hac_port
     sampler = Sampler(pid)
@@ -188,16 +202,9 @@ async def flood_hac(lab: Lab, pid: int, request_timeout: float) -> dict[str, Any
 
 
 def test_hac_holds_a_flood_serves_every_mn_and_stays_small(lab: Lab, start_hac: Any) -> None:
-    """Cap above the flood: all 1,300 connections are held at once."""
-    hac_toml = lab.dir / "hac.toml"
-    edit_toml(hac_toml, "handshake_timeout = 10", "handshake_timeout = 120")  # idle TCP stays
-    edit_toml(hac_toml, "request_timeout = 10", "request_timeout = 5")
-    edit_toml(hac_toml, "max_connections = 1024", "max_connections = 4000")
-    hac = start_hac(lab)
-    warm = bootstrap_many(lab, 2)  # everything imported and warmed before the baseline
-    assert [s for s, _ in warm] == ["200", "200"]
-
-    got = asyncio.run(flood_hac(lab, hac.pid, 5))
+    """Cap above the flood: all 1,600 connections are held at once."""
+    hac = start_for_flood(lab, start_hac, max_connections=4000)
+    got = asyncio.run(flood_hac(lab, hac.pid, REQUEST_TIMEOUT))
     out = stop_process(hac)
     statuses = [s for s, _ in got["results"]]
     marks = got["marks"]
@@ -221,14 +228,8 @@ def test_hac_holds_a_flood_serves_every_mn_and_stays_small(lab: Lab, start_hac: 
 
 
 def test_hac_flood_beyond_the_cap_evicts_and_serves_every_mn(lab: Lab, start_hac: Any) -> None:
-    hac_toml = lab.dir / "hac.toml"
-    edit_toml(hac_toml, "handshake_timeout = 10", "handshake_timeout = 120")
-    edit_toml(hac_toml, "request_timeout = 10", "request_timeout = 5")
-    edit_toml(hac_toml, "max_connections = 1024", "max_connections = 200")
-    hac = start_hac(lab)
-    assert [s for s, _ in bootstrap_many(lab, 2)] == ["200", "200"]
-
-    got = asyncio.run(flood_hac(lab, hac.pid, 5))
+    hac = start_for_flood(lab, start_hac, max_connections=200)
+    got = asyncio.run(flood_hac(lab, hac.pid, REQUEST_TIMEOUT))
     out = stop_process(hac)
     print(
         f"\nHAC flood beyond a cap of 200: {got['tls_held']} of {TRICKLERS} tricklers finished"
