@@ -16,7 +16,8 @@ plain-TCP :class:`asyncio.BufferedProtocol` that runs TLS itself with an
   request, its first octet must come within ``idle_timeout``; from that first
   octet the whole request must arrive within ``request_timeout`` -- octets
   trickled in do not extend it.  While the server works on a complete request
-  no deadline runs and reading is paused (the exchanges are lockstep).
+  no deadline runs, and reading is paused (the exchanges are lockstep) or,
+  if the handler asks, goes on so it sees a peer that breaks the lockstep.
 * one cap (``max_connections``) counts every connection, pending handshakes
   included; at the cap the connection that has waited longest without
   completing a request is evicted for the newcomer (:mod:`mipsec.core.conntable`);
@@ -163,6 +164,7 @@ class TlsConnection(asyncio.BufferedProtocol):
         "_state",
         "_timer",
         "_transport",
+        "_watch",
     )
 
     def __init__(self, listener: TlsListener) -> None:
@@ -178,6 +180,7 @@ class TlsConnection(asyncio.BufferedProtocol):
         self._reason: str | None = None
         self._eof = False  # the peer's end of stream was handed to the handler
         self._in_pump = False
+        self._watch = False  # working, and still reading (begin_work(watch_peer=True))
 
     # ------------------------------------------------------------ for handlers
 
@@ -228,9 +231,14 @@ class TlsConnection(asyncio.BufferedProtocol):
         state = self._state
         if state >= _CLOSING or state == _HANDSHAKE:
             return
+        if self._eof:
+            self.close()  # the peer has closed its side: no request can follow
+            return
+        paused = state == _WORKING and not self._watch
+        self._watch = False
         self._lst.table.waiting(self)
         assert self._transport is not None and self._in is not None
-        if state == _WORKING:
+        if paused:
             self._transport.resume_reading()
         lst = self._lst
         now = lst.loop.time()
@@ -241,14 +249,17 @@ class TlsConnection(asyncio.BufferedProtocol):
         else:
             self._state = _IDLE
             self._set_deadline(now + lst.limits.idle_timeout)
-        if state == _WORKING and not self._in_pump:
+        if paused and not self._in_pump:
             lst.loop.call_soon(self._pump)  # octets or EOF held back while working
 
-    def begin_work(self) -> bool:
+    def begin_work(self, *, watch_peer: bool = False) -> bool:
         """The request is complete and the server works on it.
 
-        No deadline runs, reading is paused (lockstep: the peer must wait for
-        the response) and the connection cannot be evicted.  False when
+        No deadline runs and the connection cannot be evicted.  Reading is
+        paused (lockstep: the peer must wait for the response), unless
+        ``watch_peer``: then octets and EOF the peer sends meanwhile still
+        reach the handler, which can void the work of a peer that broke the
+        lockstep or went away.  False when
         ``max_in_progress`` requests are worked on already: answer busy
         (PROFILE §6: 503 with ``retry-after``) and close.
         """
@@ -262,8 +273,10 @@ class TlsConnection(asyncio.BufferedProtocol):
             return False
         self._state = _WORKING
         self._deadline = None
-        assert self._transport is not None
-        self._transport.pause_reading()
+        self._watch = watch_peer
+        if not watch_peer:
+            assert self._transport is not None
+            self._transport.pause_reading()
         return True
 
     def close(self, data: bytes = b"") -> None:
@@ -330,7 +343,7 @@ class TlsConnection(asyncio.BufferedProtocol):
             # pushed back by the octets that follow.
             self._state = _REQUEST
             self._set_deadline(self._lst.loop.time() + self._lst.limits.request_timeout)
-        if state != _WORKING:
+        if state != _WORKING or self._watch:
             self._pump()
 
     def eof_received(self) -> bool:
@@ -338,7 +351,7 @@ class TlsConnection(asyncio.BufferedProtocol):
             self.abort(PEER_CLOSED)
             return False
         self._in.write_eof()
-        if self._state in (_IDLE, _REQUEST):
+        if self._reading():
             self._pump()
         # Keep the transport: we close it, after any last response.
         return True
@@ -366,7 +379,7 @@ class TlsConnection(asyncio.BufferedProtocol):
             if self._state == _HANDSHAKE and not self._handshake():
                 return
             sslobj = self._sslobj
-            while self._state in (_IDLE, _REQUEST) and not self._eof:
+            while self._reading() and not self._eof:
                 try:
                     data = sslobj.read(READ_SIZE)
                 except ssl.SSLWantReadError:
@@ -387,6 +400,11 @@ class TlsConnection(asyncio.BufferedProtocol):
                 self._flush()  # e.g. a TLS 1.3 KeyUpdate answer
         finally:
             self._in_pump = False
+
+    def _reading(self) -> bool:
+        """Whether received octets go to the handler now."""
+        state = self._state
+        return state in (_IDLE, _REQUEST) or (state == _WORKING and self._watch)
 
     def _handshake(self) -> bool:
         assert self._sslobj is not None and self._in is not None

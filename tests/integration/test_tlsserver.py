@@ -53,8 +53,13 @@ class Lines:
         self.conn = conn
         self.ended = ended
         self.buf = b""
+        self.work: asyncio.Task[None]
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.working:  # only with watch_peer: the peer broke the lockstep
+            self.work.cancel()
+            self.conn.close(b"lockstep\n")
+            return
         self.buf += data
         while b"\n" in self.buf and not self.conn.working and not self.conn.closing:
             line, _, self.buf = self.buf.partition(b"\n")
@@ -63,11 +68,12 @@ class Lines:
                 self.conn.await_request()
             elif line == b"bye":
                 self.conn.close(b"bye\n")
-            elif line.startswith(b"work"):
-                if not self.conn.begin_work():
+            elif line.startswith((b"work", b"watch")):
+                if not self.conn.begin_work(watch_peer=line.startswith(b"watch")):
                     self.conn.close(b"busy\n")
                     return
-                asyncio.get_running_loop().create_task(self._work(float(line[5:] or 0)))
+                seconds = float(line.partition(b" ")[2] or 0)
+                self.work = asyncio.get_running_loop().create_task(self._work(seconds))
             elif line == b"raise":
                 raise RuntimeError("a bug in the upper layer")
 
@@ -77,7 +83,10 @@ class Lines:
         self.conn.await_request()
 
     def eof_received(self) -> None:
-        pass
+        if self.conn.working:  # only with watch_peer: the peer went away
+            self.work.cancel()
+            self.ended.append("eof-while-working")
+            self.conn.close()
 
     def connection_lost(self, reason: str) -> None:
         self.ended.append(reason)
@@ -254,6 +263,25 @@ def test_no_deadline_while_the_server_works(pki: PkiPaths) -> None:
     )
     assert got == b"worked\n"
     assert ended == [IDLE_TIMEOUT]
+
+
+def test_watching_the_peer_while_working(pki: PkiPaths) -> None:
+    async def body(port: int, listener: TlsListener, ended: list[str]) -> bytes:
+        breaks = await tls(pki, port)
+        breaks[1].write(b"watch 5\n")
+        await until(lambda: listener.table.in_progress == 1)
+        answer = await ask(breaks, b"hello\n")  # not waiting for the answer
+        leaves = await tls(pki, port)
+        leaves[1].write(b"watch 5\n")
+        await until(lambda: listener.table.in_progress == 1)
+        leaves[1].close()  # close_notify, FIN
+        await until(lambda: len(ended) == 3)
+        assert listener.table.in_progress == 0
+        return answer
+
+    answer, ended = serve(pki, body)
+    assert answer == b"lockstep\n"
+    assert ended == [CLOSED, "eof-while-working", PEER_CLOSED]
 
 
 # --------------------------------------------------------------- cap, busy
