@@ -259,9 +259,9 @@ class TlsConnection(asyncio.BufferedProtocol):
         paused (lockstep: the peer must wait for the response), unless
         ``watch_peer``: then octets and EOF the peer sends meanwhile still
         reach the handler, which can void the work of a peer that broke the
-        lockstep or went away.  False when
-        ``max_in_progress`` requests are worked on already: answer busy
-        (PROFILE §6: 503 with ``retry-after``) and close.
+        lockstep or went away.  False when ``max_in_progress`` requests are
+        worked on already: answer busy (PROFILE §6: 503 with ``retry-after``)
+        and close.
         """
         state = self._state
         if state == _WORKING:
