@@ -12,8 +12,9 @@ What is measured, all in one run, on one lab made in a temp dir (``mipsec init``
   checks of the 200 response, and close.  Each of the N concurrent MNs has its
   own identity (credentials appended to the lab's credentials.toml).
 * handshake/s -- bare TLS against a small asyncio server in another process
-  (same structure as the HAC: an asyncio Protocol on ``create_server`` with ssl), same
-  certificate, same contexts (``hac_server_context`` / ``mn_client_context``):
+  (asyncio's own TLS transport: a Protocol on ``create_server`` with ssl, the
+  stdlib reference; the HAC runs TLS in core/roles/tlsserver.py since issue 6),
+  same certificate, same contexts (``hac_server_context`` / ``mn_client_context``):
   connect, handshake, close.
 * ratio = bootstrap/s / handshake/s at each concurrency: how much of the
   bare-TLS capacity survives the protocol work on top of it (target >= 0.7).
@@ -88,8 +89,8 @@ async def _serve_tls(cert: str, key: str, strict: bool) -> None:
     ctx = hac_server_context(cert, key, strict_rfc6618=strict)
 
     class BareTLS(asyncio.Protocol):
-        # The same shape as the HAC's connection handling (a Protocol, no
-        # stream or task per connection): the handshake is done before
+        # asyncio's TLS transport, the stdlib reference (a Protocol, no stream
+        # or task per connection): the handshake is done before
         # connection_made runs; close() sends close_notify.
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             sock = transport.get_extra_info("socket")

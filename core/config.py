@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -38,8 +39,18 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86400 * 365)]
 
 
+MaxConnections = Annotated[int, Field(ge=1, le=100_000)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _renamed(data: Any, old: str, new: str) -> Any:
+    """A key and its old name (an ``AliasChoices``) must not both be set."""
+    if isinstance(data, dict) and old in data and new in data:
+        raise ValueError(f"{old}: old name of {new}; set only {new}")
+    return data
 
 
 class PluginRef(BaseModel):
@@ -136,11 +147,27 @@ class HACService(_Strict):
     cert: Path
     key: Path
     strict_rfc6618: bool = False
+    # PROFILE §1 timeouts, deadlines rather than idle timers (issue 6): the
+    # handshake from the accept; the wait for a request's first octet; the
+    # request from its first octet to its last.
     handshake_timeout: Seconds = 10.0
+    idle_timeout: Seconds | None = None  # None: request_timeout
     request_timeout: Seconds = 10.0
     provisioning_timeout: Seconds = 5.0
-    max_sessions: Annotated[int, Field(ge=1, le=100_000)] = 256
+    # Every connection held, pending handshakes included; at the cap the one
+    # that has waited longest without completing a request is evicted.
+    max_connections: Annotated[
+        MaxConnections,
+        Field(validation_alias=AliasChoices("max_connections", "max_sessions")),
+    ] = 1024
+    # SA issues in progress at once; beyond it the MN gets 503 + retry-after.
+    max_in_progress: Annotated[int, Field(ge=1, le=100_000)] = 128
     expiry_interval: Seconds = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return _renamed(data, "max_sessions", "max_connections")
 
     @field_validator("listen")
     @classmethod
@@ -344,7 +371,12 @@ class ProvisioningListener(_Strict):
     # dNSName SANs a client certificate must carry (at least one: a CA alone
     # would let every certificate it ever issued in).
     client_names: tuple[str, ...] = Field(min_length=1)
+    # Bounds the handshake, the wait for a request's first octet, each request
+    # (first octet to last, not per chunk) and each operation's callback.
     timeout: Seconds = 10.0
+    # Every connection held, pending handshakes included (same eviction rule
+    # as [hac] max_connections).
+    max_connections: MaxConnections = 64
 
 
 class PullConfig(_Strict):

@@ -206,9 +206,10 @@ port = {hac_port}
 cert = "{rel(pki.hac_cert)}"
 key = "{rel(pki.hac_key)}"
 strict_rfc6618 = false      # true pins TLS 1.2 (RFC 6618 as written)
-handshake_timeout = 10
-request_timeout = 10
-max_sessions = 256
+handshake_timeout = 10     # from the TCP accept
+request_timeout = 10       # each request, from its first octet to its last
+max_connections = 1024     # all held, handshakes included; the longest waiting is evicted
+max_in_progress = 128      # SA issues at once; beyond, 503 with retry-after
 
 [policy]
 methods = ["psk", "eap"]
@@ -284,6 +285,8 @@ cert = "{rel(pki.ha_cert)}"
 key = "{rel(pki.ha_key)}"
 client_ca = "{rel(pki.ca_cert)}"
 client_names = ["hac.mipsec.test"]
+timeout = 10
+max_connections = 64      # all held, handshakes included; the longest waiting is evicted
 """
     _write(directory / "ha.toml", ha_toml)
     ca = rel(pki.ca_cert)

@@ -1,15 +1,16 @@
 """The HAC service: a thin asyncio shell around ``HacExchange``.
 
 TLS per PROFILE §1 (context from ``mipsec.core.tls``), one exchange per
-connection, timeouts on the handshake and on every request, a cap on
-concurrent sessions, and SA issuing + HA provisioning in between the Done
-request and the final response.  One MN's bad input ends only its own
-connection.
+connection, and SA issuing + HA provisioning in between the Done request and
+the final response.  One MN's bad input ends only its own connection.
 
-Each connection is an ``asyncio.Protocol`` (:class:`_Session`) that feeds the
-sans-I/O exchange straight from ``data_received``: no stream reader, writer
-or task per connection, and no task wake-up per request.  Only the SA issue
-(which may wait for an HA) runs as a task, with reading paused meanwhile.
+Connections, their deadlines (handshake, idle, per request) and the cap on
+them belong to the connection layer, core/roles/tlsserver.py; each one's
+exchange is a :class:`_Session` that feeds the sans-I/O exchange straight
+from ``data_received``: no stream reader, writer or task per connection.
+Only the SA issue (which may wait for an HA) runs as a task, with reading
+paused meanwhile; ``[hac] max_in_progress`` such issues at once, beyond
+which the MN gets 503 with ``retry-after``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import socket
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -52,13 +52,13 @@ from mipsec.core.hookspecs import (
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
 from mipsec.core.roles.provserver import ProvisioningServer
-from mipsec.core.tls import hac_server_context, server_cb_octets, set_nodelay
+from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
+from mipsec.core.tls import hac_server_context, server_cb_octets
 
 log = logging.getLogger("mipsec.hac")
 
-_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux
-
 SPI_DRAWS = 32  # collisions among 2^28 SPIs are rare; this bounds a pathological store
+BUSY_RETRY_AFTER = 2  # seconds: saturation passes quickly, unlike "no HA available"
 
 
 class IssueFailure(Exception):
@@ -71,9 +71,6 @@ class IssueFailure(Exception):
 # Withdrawal retries of a retired SA (superseded, revoked): back off up to
 # this interval, until the HA confirms or the SA's validity end passes.
 WITHDRAW_RETRY_MAX = 30.0
-# Requests being worked on at once (SA issues, AAA round trips) beyond which
-# a complete request is answered 503 + retry-after instead of queueing (PROFILE §6).
-MAX_IN_FLIGHT = 1024
 
 
 class HacService:
@@ -179,7 +176,7 @@ class HacService:
         )
         # PROFILE §4: one random stand-in key per process for unknown mn-ids.
         self._standin = secrets.token_bytes(32)
-        self._servers: list[asyncio.Server] = []
+        self._listener: TlsListener | None = None
         self._sessions: set[_Session] = set()
         self._expiry_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
@@ -189,11 +186,9 @@ class HacService:
         # validity ends fall in the same second (max_sas_per_mn).
         self._delivered: dict[int, int] = {}
         self._delivery_seq = 0
-        self.in_flight = 0  # requests being worked on (issues, method I/O)
         self.addresses: list[tuple[str, int]] = []
         self.stats: dict[str, int] = {
             "sessions": 0,
-            "refused_busy": 0,
             "status_200": 0,
             "saturated": 0,
             "withdrawn": 0,
@@ -241,27 +236,29 @@ class HacService:
     async def start(self) -> list[tuple[str, int]]:
         svc = self.cfg.hac
         port = svc.port
+        self._listener = TlsListener(
+            self.ssl_context,
+            lambda conn: _Session(self, conn),
+            Limits(
+                handshake_timeout=svc.handshake_timeout,
+                request_timeout=svc.request_timeout,
+                idle_timeout=svc.idle_timeout or svc.request_timeout,
+                max_connections=svc.max_connections,
+                max_in_progress=svc.max_in_progress,
+            ),
+            name="hac",
+        )
         for host in svc.listen:
             try:
-                server = await asyncio.get_running_loop().create_server(
-                    lambda: _Session(self),
-                    host=host,
-                    port=port,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=svc.handshake_timeout,
-                    reuse_address=True,
-                )
+                bound = await self._listener.listen(host, port)
             except OSError as exc:
                 if ":" in host and len(svc.listen) > 1:
                     log.warning("cannot listen on [%s]:%d: %s (skipped)", host, port, exc)
                     continue
                 raise ListenError.from_oserror("hac.port", host, port, exc) from None
-            self._servers.append(server)
-            for sock in server.sockets:
-                addr = sock.getsockname()
-                self.addresses.append((addr[0], addr[1]))
-                if port == 0:
-                    port = addr[1]  # same ephemeral port on every address if possible
+            self.addresses.extend(bound)
+            if port == 0 and bound:
+                port = bound[0][1]  # same ephemeral port on every address if possible
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         if self._prov_server is not None:
             await self._prov_server.start()
@@ -273,11 +270,12 @@ class HacService:
         return self.addresses
 
     async def serve_forever(self) -> None:
-        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+        if self._listener is not None:
+            await self._listener.serve_forever()
 
     async def stop(self) -> None:
-        for s in self._servers:
-            s.close()
+        if self._listener is not None:
+            self._listener.close()
         issuing = [t for t in (session.cancel() for session in list(self._sessions)) if t]
         if issuing:  # let cancelled issues clean up (store, withdraw) before the store closes
             await asyncio.wait(issuing, timeout=self.cfg.hac.provisioning_timeout)
@@ -290,9 +288,8 @@ class HacService:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for s in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.wait_closed(), 2)
+        if self._listener is not None:
+            await self._listener.aclose()
         if self._prov_server is not None:
             await self._prov_server.stop()
         for transport in self.transports.values():
@@ -367,11 +364,6 @@ class HacService:
         """Allocate, store and provision one SA: the issued SA (not yet
         delivered: see ``deliver``/``rollback``), or the failure response."""
         self.emit("mipsec_mn_authenticated", mn_id=req.mn_id, method=req.method, peer=peer)
-        if self.in_flight >= MAX_IN_FLIGHT:
-            self.stats["saturated"] += 1
-            exc = IssueFailure(UNAVAILABLE, "saturated", _retry_after(5))
-            return self._issue_failed(exch, req, peer, exc, None, None)
-        self.in_flight += 1
         try:
             issued = await self.issue_sa(req.mn_id, req.suite, req.scope, on_stored=on_stored)
         except IssueFailure as exc:
@@ -379,9 +371,15 @@ class HacService:
         except Exception as exc:
             failure = IssueFailure(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             return self._issue_failed(exch, req, peer, failure, None, None)
-        finally:
-            self.in_flight -= 1
         return issued
+
+    def issue_saturated(self, exch: HacExchange, req: IssueSA, peer: str) -> Send:
+        """``max_in_progress`` requests are worked on already: 503 with
+        ``retry-after`` (PROFILE §6) rather than a queue."""
+        self.stats["saturated"] += 1
+        self.emit("mipsec_mn_authenticated", mn_id=req.mn_id, method=req.method, peer=peer)
+        failure = IssueFailure(UNAVAILABLE, "saturated", _retry_after(BUSY_RETRY_AFTER))
+        return self._issue_failed(exch, req, peer, failure, None, None)
 
     def _issue_failed(
         self,
@@ -651,84 +649,67 @@ def _retry_after(seconds: int = 30) -> datetime:
     return (utcnow() + timedelta(seconds=seconds)).replace(microsecond=0)
 
 
-def _peer(transport: asyncio.BaseTransport) -> str:
-    addr = transport.get_extra_info("peername")
-    if not addr:
-        return "?"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _busy(exch: HacExchange) -> Send:
+    """The final response when ``max_in_progress`` requests are worked on
+    already: 503 with ``retry-after`` (PROFILE §6) rather than a queue."""
+    return exch.fail(UNAVAILABLE, _retry_after(BUSY_RETRY_AFTER))
 
 
-class _Session(asyncio.Protocol):
-    """One MN's TLS connection: created by the server once the handshake is done."""
+class _Session:
+    """One MN's MHAuth exchange on one TLS connection (a :class:`TlsHandler`).
 
-    def __init__(self, service: HacService) -> None:
+    Made once the TLS handshake is done; the connection layer
+    (core/roles/tlsserver.py) owns the socket, the deadlines and the cap.
+    The session tells it where the exchange stands: a response sent means the
+    next request is awaited; an SA issue or a method's I/O means the server
+    is working (no deadline, not evictable).  Reading goes on while it works
+    (``watch_peer``): the MN must wait (lockstep), so data or EOF then means
+    it broke the sequence or went away, and the exchange voids the work --
+    no SA stays live that the MN was not told about.
+    """
+
+    def __init__(self, service: HacService, conn: TlsConnection) -> None:
         self._svc = service
-        self._transport: asyncio.Transport | None = None
-        self._exch: HacExchange | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._conn = conn
         self._work: asyncio.Task[None] | None = None  # SA issue or method I/O
-        self._peer = "?"
-        self._sock: Any = None  # the TCP socket (for TCP_CORK), None if not TCP
+        self._peer = conn.peer
         self._done = False  # answered or closing: further input is ignored
         self._reported = False
-
-    # ------------------------------------------------------------ protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._peer = _peer(transport)
-        svc = self._svc
-        if len(svc._sessions) >= svc.cfg.hac.max_sessions:
-            svc.stats["refused_busy"] += 1
-            log.warning("session cap %d reached: closing %s", svc.cfg.hac.max_sessions, self._peer)
-            self._close()
-            return
-        svc._sessions.add(self)
-        svc.stats["sessions"] += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                self._sock = sock
         self._exch = HacExchange(
-            cb_octets=svc.cb_octets,
-            methods=svc.methods,
-            credentials=svc.credentials,
-            standin_key=svc._standin,
-            policy=svc.policy,
+            cb_octets=service.cb_octets,
+            methods=service.methods,
+            credentials=service.credentials,
+            standin_key=service._standin,
+            policy=service.policy,
             peer=self._peer,
         )
-        self._arm_timer()
+        service._sessions.add(self)
+        service.stats["sessions"] += 1
+
+    # ------------------------------------------------------------ TlsHandler
 
     def data_received(self, data: bytes) -> None:
-        if self._done or self._exch is None:
-            return
-        self._cancel_timer()
-        self._handle(self._exch.receive_data(data))
+        if not self._done:
+            self._handle(self._exch.receive_data(data))
 
-    def eof_received(self) -> bool | None:
-        if not self._done and self._exch is not None:
-            self._cancel_timer()
+    def eof_received(self) -> None:
+        if not self._done:
             self._handle(self._exch.receive_eof())
-        return None  # the transport closes itself (with close_notify)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._exch is not None and not self._exch.finished:
-            why = "peer-closed" if exc is None else f"connection-lost:{type(exc).__name__}"
-            self._exch.abort(why)
+    def connection_lost(self, reason: str) -> None:
+        if not self._exch.finished:
+            # Ended before the final response: a timeout, an eviction, a reset.
+            self._exch.abort(_REASONS.get(reason, reason))
         if self._work is not None:
             self._work.cancel()  # void: nothing of it stays live (see _issue)
         self._done = True
-        self._cancel_timer()
         self._svc._sessions.discard(self)
         self._report()
 
     # ------------------------------------------------------------ internals
 
     def _report(self) -> None:
-        if not self._reported and self._exch is not None and self._exch.finished:
+        if not self._reported and self._exch.finished:
             self._reported = True
             self._svc.exchange_ended(self._exch, self._peer)
 
@@ -737,45 +718,30 @@ class _Session(asyncio.Protocol):
         task = self._work
         if task is not None:
             task.cancel()
-        if self._exch is not None:
-            self._exch.abort("service-stopped")
+        self._exch.abort("service-stopped")
         self._close()
         return task
 
-    def _arm_timer(self) -> None:
-        # PROFILE §1: each request must arrive within request_timeout.
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._svc.cfg.hac.request_timeout, self._on_timeout)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timeout(self) -> None:
-        self._timer = None
-        if not self._done:
-            log.debug("%s idle for %.0f s: closing", self._peer, self._svc.cfg.hac.request_timeout)
-            if self._exch is not None:
-                self._exch.abort("timeout")
-            self._close()
-            self._report()
-
     def _close(self) -> None:
-        # close() sends TLS close_notify, then closes TCP (PROFILE §1 "closing").
         self._done = True
-        self._cancel_timer()
-        if self._transport is not None:
-            self._transport.close()
+        self._conn.close()  # close_notify, then TCP close (PROFILE §1 "closing")
+
+    def _alive(self) -> bool:
+        return not (self._done or self._conn.closing)
 
     def _handle(self, events: list[Send | Close | IssueSA | AwaitMethod]) -> None:
-        assert self._exch is not None and self._transport is not None
         for ev in events:
             if isinstance(ev, IssueSA | AwaitMethod):
-                # The exchange stops here (nothing follows) until the work is
-                # done.  Reading goes on: the MN must wait (lockstep), so data
-                # or EOF now means it broke the sequence or went away, and the
-                # exchange voids the work (no SA may stay live unannounced).
+                # The exchange stops here (nothing follows) until the work is done.
+                if not self._conn.begin_work(watch_peer=True):
+                    # max_in_progress reached: 503 + retry-after, not a queue.
+                    if isinstance(ev, IssueSA):
+                        self._send(self._svc.issue_saturated(self._exch, ev, self._peer))
+                        return
+                    close_awaitable(ev.pending.awaitable)
+                    self._svc.stats["saturated"] += 1
+                    self._handle(self._exch.method_result(Overloaded("HAC saturated")))
+                    return
                 work = self._issue(ev) if isinstance(ev, IssueSA) else self._await_method(ev)
                 self._work = asyncio.create_task(work)
                 return
@@ -791,41 +757,21 @@ class _Session(asyncio.Protocol):
                 self._close()
                 self._report()
                 return
-        if not self._exch.finished:
-            self._arm_timer()
 
     def _send(self, ev: Send) -> bool:
         """Write one response; True when the connection closes after it."""
-        assert self._exch is not None and self._transport is not None
         if not ev.close:
-            self._transport.write(ev.data)
+            self._conn.write(ev.data)
+            self._conn.await_request()  # the request deadline starts again at its first octet
             return False
-        # Final response: it and the TLS close_notify that follows it at once
-        # leave in one TCP segment (corked while both are written), so the MN
-        # reads them together instead of being woken twice.
-        sock = self._sock
-        corked = False
-        if sock is not None and _TCP_CORK is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
-                corked = True
-        try:
-            self._transport.write(ev.data)
-            self._close()
-        finally:
-            if corked:
-                assert sock is not None
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
+        # Final response and close_notify leave together, in one TCP segment.
+        self._done = True
+        self._conn.close(ev.data)
         # Reported once the response is on its way: the MN need not wait for it.
         self._report()
         return True
 
-    def _alive(self) -> bool:
-        return not (self._done or self._transport is None or self._transport.is_closing())
-
     async def _issue(self, req: IssueSA) -> None:
-        assert self._exch is not None
         exch, svc = self._exch, self._svc
         issued: IssuedSA | None = None
 
@@ -873,31 +819,31 @@ class _Session(asyncio.Protocol):
             self._work = None
 
     async def _await_method(self, ev: AwaitMethod) -> None:
-        assert self._exch is not None and self._transport is not None
         exch, svc = self._exch, self._svc
         timeout = ev.pending.timeout or svc.cfg.hac.request_timeout
         result: Any
-        if svc.in_flight >= MAX_IN_FLIGHT:
-            svc.stats["saturated"] += 1
-            close_awaitable(ev.pending.awaitable)
-            result = Overloaded("HAC saturated")
-        else:
-            svc.in_flight += 1
-            try:
-                async with asyncio.timeout(timeout):
-                    result = await ev.pending.awaitable
-            except asyncio.CancelledError:
-                self._work = None
-                raise
-            except Exception as exc:  # handed to the method, which decides (504...)
-                result = exc
-            finally:
-                svc.in_flight -= 1
+        try:
+            async with asyncio.timeout(timeout):
+                result = await ev.pending.awaitable
+        except asyncio.CancelledError:
+            self._work = None
+            raise
+        except Exception as exc:  # handed to the method, which decides (504...)
+            result = exc
         self._work = None
         if exch.waiting != "method" or not self._alive():
             self._report()
             return
         self._handle(exch.method_result(result))
+
+
+# Connection-layer reasons (core/roles/tlsserver.py) -> audit reasons.
+_REASONS = {
+    "request-timeout": "timeout",
+    "idle-timeout": "timeout",
+    "handshake-timeout": "timeout",
+    "closed": "peer-closed",
+}
 
 
 def close_awaitable(awaitable: Any) -> None:

@@ -22,8 +22,8 @@ import contextlib
 import logging
 import os
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from cryptography import x509
 
@@ -53,6 +53,14 @@ from mipsec.core.provisioning import (
     encode_pull,
     encode_response,
 )
+from mipsec.core.roles.tlsserver import (
+    CLOSED,
+    IDLE_TIMEOUT,
+    PEER_CLOSED,
+    Limits,
+    TlsConnection,
+    TlsListener,
+)
 from mipsec.core.tls import (
     check_hac_certificate,
     hac_server_context,
@@ -63,6 +71,7 @@ from mipsec.core.wire.container import (
     HEADER_LEN,
     IDENTIFIER_MAX,
     MAX_CONTENT,
+    Container,
     ContainerDecoder,
     IdentifierSequence,
     encode_container,
@@ -140,6 +149,11 @@ class ProvisioningServer:
     gets 400 ``unsupported-op``; a malformed request gets 400 ``malformed``
     and the connection is closed; other connections are unaffected.
     Callbacks are bounded by ``cfg.timeout`` and a failing one gives 500.
+
+    Connections are those of core/roles/tlsserver.py: ``cfg.timeout`` bounds
+    the handshake, the wait for a request and each request (first octet to
+    last), and ``cfg.max_connections`` caps them all, the longest-waiting one
+    evicted for a newcomer, so idle or trickling peers cannot lock the HAC out.
     """
 
     def __init__(
@@ -160,117 +174,53 @@ class ProvisioningServer:
         self.on_withdraw = on_withdraw
         self.on_pull = on_pull
         self.ssl_context = server_context(cfg)
+        self.listener = TlsListener(
+            self.ssl_context,
+            self._session,
+            Limits(
+                handshake_timeout=cfg.timeout,
+                request_timeout=cfg.timeout,
+                idle_timeout=cfg.timeout,
+                max_connections=cfg.max_connections,
+            ),
+            name="provisioning",
+        )
         self.addresses: list[tuple[str, int]] = []
-        self._servers: list[asyncio.Server] = []
-        self._sessions: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._sessions: set[_ProvSession] = set()
 
     async def start(self) -> list[tuple[str, int]]:
         for host in self.cfg.listen:
             try:
-                server = await asyncio.start_server(
-                    self._on_connection,
-                    host=host,
-                    port=self.cfg.port,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=self.cfg.timeout,
-                    reuse_address=True,
-                )
+                self.addresses.extend(await self.listener.listen(host, self.cfg.port))
             except OSError as exc:
                 await self.stop()  # the addresses already bound, if any
                 raise ListenError.from_oserror(
                     "provisioning.port", host, self.cfg.port, exc
                 ) from None
-            self._servers.append(server)
-            for sock in server.sockets:
-                addr = sock.getsockname()
-                self.addresses.append((addr[0], addr[1]))
         for host, port in self.addresses:
             log.info("provisioning listening on %s port %d (mutual TLS)", host, port)
         return self.addresses
 
     async def stop(self) -> None:
-        for s in self._servers:
-            s.close()
-        # Close the connections rather than cancel their tasks: each handler
-        # sees EOF and returns (Python 3.11's start_server logs a cancelled
-        # handler task as an error).  Cancel only what is still running then.
-        for writer in list(self._sessions.values()):
-            writer.transport.abort()
-        if self._sessions:
-            await asyncio.wait(list(self._sessions), timeout=2)
-        for task in list(self._sessions):
-            task.cancel()
-        for s in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.wait_closed(), 2)
-        self._servers.clear()
+        self.listener.close()
+        tasks = [t for t in (s.cancel() for s in list(self._sessions)) if t is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        await self.listener.aclose()
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions[task] = writer
-        peer = _peer(writer)
-        try:
-            tls = writer.get_extra_info("ssl_object")
-            der = tls.getpeercert(binary_form=True) if tls is not None else None
-            if not der:  # CERT_REQUIRED makes this unreachable; never rely on it
-                log.warning("provisioning peer=%s refused: no client certificate", peer)
-                return
-            if self.cfg.client_names:
-                try:
-                    check_client_names(der, self.cfg.client_names)
-                except CertificateError as exc:
-                    log.warning("provisioning peer=%s refused: %s", peer, exc)
-                    return
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                set_nodelay(sock)
-            await self._serve(reader, writer, peer, der)
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
-            log.info("provisioning peer=%s connection ended: %s", peer, type(exc).__name__)
-        finally:
-            self._sessions.pop(task, None)
-            await _close(writer)
-
-    async def _serve(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: str,
-        peer_der: bytes = b"",
-    ) -> None:
-        decoder = ContainerDecoder()
-        ids = IdentifierSequence()
-        while True:
+    def _session(self, conn: TlsConnection) -> _ProvSession | None:
+        peer = conn.peer
+        der = conn.peercert_der()
+        if not der:  # CERT_REQUIRED makes this unreachable; never rely on it
+            log.warning("provisioning peer=%s refused: no client certificate", peer)
+            return None
+        if self.cfg.client_names:
             try:
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), self.cfg.timeout)
-            except TimeoutError:
-                log.debug("provisioning peer=%s idle: closing", peer)
-                return
-            if not data:
-                try:
-                    decoder.eof()
-                except TruncatedError as exc:
-                    log.info("provisioning peer=%s: %s", peer, exc)
-                return
-            try:
-                containers = decoder.feed(data)
-            except ContainerError as exc:
-                log.info("provisioning peer=%s op=? result=400 (%s)", peer, exc)
-                if exc.identifier is not None:
-                    await _send(writer, exc.identifier, _malformed())
-                return
-            for c in containers:
-                try:
-                    ids.check_request(c.identifier)
-                    req = decode_request(c.content)
-                except WireError as exc:
-                    log.info("provisioning peer=%s op=? result=400 (%s)", peer, exc)
-                    await _send(writer, c.identifier, _malformed())
-                    return
-                await _send(writer, c.identifier, await self._dispatch(req, peer, peer_der))
+                check_client_names(der, self.cfg.client_names)
+            except CertificateError as exc:
+                log.warning("provisioning peer=%s refused: %s", peer, exc)
+                return None
+        return _ProvSession(self, conn, der)
 
     async def _dispatch(self, req: ProvRequest, peer: str, peer_der: bytes = b"") -> bytes:
         spi, op = req.spi, req.op.value
@@ -331,13 +281,88 @@ class ProvisioningServer:
         return encode_response(BAD_REQUEST, reason=REASON_UNSUPPORTED_OP)
 
 
+class _ProvSession:
+    """One client's lockstep requests on one connection (a ``TlsHandler``).
+
+    Requests are answered in order, one at a time: while an operation's
+    callback runs the connection is working (reading paused, no deadline,
+    not evictable); a request that arrived with the previous one waits here.
+    """
+
+    def __init__(self, server: ProvisioningServer, conn: TlsConnection, peer_der: bytes) -> None:
+        self._server = server
+        self._conn = conn
+        self._peer = conn.peer
+        self._der = peer_der
+        self._decoder = ContainerDecoder()
+        self._ids = IdentifierSequence()
+        self._queue: deque[Container] = deque()
+        self._task: asyncio.Task[None] | None = None
+        server._sessions.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            containers = self._decoder.feed(data)
+        except ContainerError as exc:
+            log.info("provisioning peer=%s op=? result=400 (%s)", self._peer, exc)
+            self._queue.clear()
+            self._conn.close(
+                encode_container(exc.identifier, _malformed()) if exc.identifier else b""
+            )
+            return
+        self._queue.extend(containers)
+        if self._task is None:
+            self._next()
+
+    def eof_received(self) -> None:
+        try:
+            self._decoder.eof()
+        except TruncatedError as exc:
+            log.info("provisioning peer=%s: %s", self._peer, exc)
+        if self._task is None:
+            self._conn.close()
+
+    def connection_lost(self, reason: str) -> None:
+        if reason not in (CLOSED, PEER_CLOSED, IDLE_TIMEOUT):
+            log.info("provisioning peer=%s connection ended: %s", self._peer, reason)
+        self._server._sessions.discard(self)
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+        return task
+
+    def _next(self) -> None:
+        """Answer the next queued request, or wait for one."""
+        if not self._queue:
+            self._conn.await_request()
+            return
+        c = self._queue.popleft()
+        try:
+            self._ids.check_request(c.identifier)
+            req = decode_request(c.content)
+        except WireError as exc:
+            log.info("provisioning peer=%s op=? result=400 (%s)", self._peer, exc)
+            self._queue.clear()
+            self._conn.close(encode_container(c.identifier, _malformed()))
+            return
+        self._conn.begin_work()  # no in-progress cap here: always True
+        self._task = asyncio.create_task(self._answer(c.identifier, req))
+
+    async def _answer(self, identifier: int, req: ProvRequest) -> None:
+        try:
+            content = await self._server._dispatch(req, self._peer, self._der)
+        finally:
+            self._task = None
+        if self._conn.closing:
+            return
+        self._conn.write(encode_container(identifier, content))
+        self._next()
+
+
 def _malformed() -> bytes:
     return encode_response(BAD_REQUEST, reason=REASON_MALFORMED)
-
-
-async def _send(writer: asyncio.StreamWriter, identifier: int, content: bytes) -> None:
-    writer.write(encode_container(identifier, content))
-    await writer.drain()
 
 
 # ------------------------------------------------------------------- client
@@ -549,17 +574,3 @@ async def pull_sa(cfg: PullConfig, spi: int, ha_id: str) -> IssuedSA | None:
         f"HAC refused the pull of spi={spi}: {response.status} {response.reason or ''}".strip(),
         response.status,
     )
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    addr = writer.get_extra_info("peername")
-    if not addr:
-        return "?"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(writer.wait_closed(), 2)

@@ -84,8 +84,17 @@ def test_check_config_redacts_secrets(lab: Lab) -> None:
     "old, new, key, reason",
     [
         ("port = ", "prot = 1\nport = ", "hac.prot", "Extra inputs"),
-        ("max_sessions = 256", "max_sessions = 0", "hac.max_sessions", "greater than"),
-        ("max_sessions = 256", 'max_sessions = "many"', "hac.max_sessions", "integer"),
+        ("max_connections = 1024", "max_connections = 0", "hac.max_connections", "greater than"),
+        ("max_connections = 1024", 'max_connections = "many"', "hac.max_connections", "integer"),
+        # The old name is still accepted, and errors name it as written ...
+        ("max_connections = 1024", "max_sessions = 0", "hac.max_sessions", "greater than"),
+        # ... but not together with the new one.
+        (
+            "max_connections = 1024",
+            "max_connections = 1\nmax_sessions = 2",
+            "max_sessions",
+            "old name",
+        ),
         ('"AES_128_CBC_SHA",', '"AES_256_GCM",', "policy.suites", "unknown ciphersuite"),
         ('address6 = "::1"', 'address6 = "::1::"', "ha[0].address6", "IPv6"),
         ('backend = "toml"', 'backend = "ldap"', "credentials.backend", "no plugin provides"),
@@ -256,7 +265,7 @@ def test_expired_sa_releases_home_address(tmp_path: Path, start_hac: Any) -> Non
     lab = make_lab(tmp_path / "lab")
     hac_toml = Path(lab.info["hac"]["config"])
     edit_toml(hac_toml, "sa_lifetime = 3600", "sa_lifetime = 2")
-    edit_toml(hac_toml, "max_sessions = 256", "max_sessions = 256\nexpiry_interval = 0.5")
+    edit_toml(hac_toml, "max_connections = 1024", "max_connections = 1024\nexpiry_interval = 0.5")
     bob_psk = os.urandom(32)
     with (lab.dir / "credentials.toml").open("a") as f:
         f.write(f'\n[[mn]]\nmn_id = "bob@mipsec.test"\npsk_hex = "{bob_psk.hex()}"\n')

@@ -139,20 +139,59 @@ def test_idle_client_closed_after_timeout(lab: Lab, start_hac: Any) -> None:
     mn.close()
 
 
-def test_session_cap(lab: Lab, start_hac: Any) -> None:
-    edit_toml(lab.dir / "hac.toml", "max_sessions = 256", "max_sessions = 2")
+def test_connection_cap_evicts_the_longest_waiting(lab: Lab, start_hac: Any) -> None:
+    # The key's old name is still accepted.
+    edit_toml(lab.dir / "hac.toml", "max_connections = 1024", "max_sessions = 2")
     start_hac(lab)
-    idle = [connect(lab), connect(lab)]
+    first, second = connect(lab), connect(lab)  # TLS up, no request: both wait
     time.sleep(0.3)
-    third = connect(lab)
-    assert third.at_eof()  # refused while two sessions are open
-    third.close()
-    for mn in idle:
-        mn.close()
-    time.sleep(0.3)
+    # At the cap a newcomer still gets in: the connection that has waited
+    # longest without completing a request (first) makes room for it.
     mn = connect(lab)
     assert psk_bootstrap(mn, MN_ID, lab.psk)[1].headers["status-code"] == "200"
     mn.close()
+    first.sock.settimeout(5)
+    assert first.at_eof()  # closed without an answer
+    first.close()
+    assert psk_bootstrap(second, MN_ID, lab.psk)[1].headers["status-code"] == "200"
+    second.close()
+
+
+def test_saturated_hac_answers_503_with_retry_after(lab: Lab, start_hac: Any) -> None:
+    """Beyond max_in_progress SA issues the MN gets 503 at once (PROFILE §6),
+    not a place in a queue."""
+    hac_toml = lab.dir / "hac.toml"
+    with socket.socket() as silent_ha:  # accepts TCP, never answers: each issue waits
+        silent_ha.bind(("127.0.0.1", 0))
+        silent_ha.listen(16)
+        ha_port = lab.info["ha"]["port"]
+        edit_toml(
+            hac_toml,
+            f'host = "127.0.0.1"\nport = {ha_port}\n',
+            f'host = "127.0.0.1"\nport = {silent_ha.getsockname()[1]}\n',
+        )
+        edit_toml(
+            hac_toml, "max_in_progress = 128", "max_in_progress = 1\nprovisioning_timeout = 4"
+        )
+        start_hac(lab, with_ha=False)
+        first: list[str] = []
+
+        def waits_for_the_ha() -> None:
+            mn = connect(lab)
+            first.append(psk_bootstrap(mn, MN_ID, lab.psk)[1].headers["status-code"])
+            mn.close()
+
+        t = threading.Thread(target=waits_for_the_ha)
+        t.start()
+        time.sleep(1.0)  # its Done is in: the one issue slot is taken
+        mn = connect(lab)
+        _, final = psk_bootstrap(mn, MN_ID, lab.psk)
+        mn.close()
+        t.join(30)
+    assert final.headers["status-code"] == "503"
+    assert final.headers["retry-after"].endswith(" GMT")
+    assert final.auth_ok(lab.psk, mn.cb)
+    assert first == ["504"]  # the HA never confirmed
 
 
 def test_concurrent_mns_with_a_bad_one(lab: Lab, start_hac: Any) -> None:

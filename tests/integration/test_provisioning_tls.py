@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from tlsflood import RawTls
+from tlsflood import client_context as flood_context
 
 from mipsec.core.config import HACConfig, ProvisioningListener, PullConfig, validate_config
 from mipsec.core.hookspecs import PluginContext
@@ -234,6 +236,43 @@ def test_reconnects_after_the_server_closed_an_idle_connection(pki: PkiPaths) ->
     t = run(serving(ha_listener(pki, timeout=0.2), rec, body))
     assert [i.sa.spi for i, _ in rec.installed] == [1, 2]
     assert t.client.stats["connects"] == 2
+
+
+def test_idle_connections_at_the_cap_cannot_lock_the_hac_out(pki: PkiPaths) -> None:
+    """Issue 6 item 2: idle TCP connections fill the cap; the HAC's install
+    still gets in, the connection that waited longest making room for it."""
+    rec = Recorder()
+
+    async def body(port: int) -> None:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)]
+        t = transport(pki, port)
+        await t.provision(HA, make_issued(), 5)
+        await t.aclose()
+        assert await asyncio.wait_for(idle[0][0].read(), 5) == b""  # evicted
+        for _, writer in idle:
+            writer.close()
+
+    run(serving(ha_listener(pki, max_connections=4), rec, body))
+    assert len(rec.installed) == 1
+
+
+def test_trickled_request_closed_at_its_deadline(pki: PkiPaths) -> None:
+    """The timeout bounds a whole request, not the gap between its octets."""
+    rec = Recorder()
+
+    async def body(port: int) -> bool:
+        c = await RawTls.open(port)
+        ctx = flood_context(str(pki.ca_cert), str(pki.hac_client_cert), str(pki.hac_client_key))
+        await c.handshake(ctx, "ha.mipsec.test")
+        request = c.record(encode_container(1, encode_withdraw(5)))
+        trickler = asyncio.create_task(c.trickle(request, 0.1))
+        closed = await c.wait_closed_by_server(10)
+        trickler.cancel()
+        c.close()
+        return closed and c.sent < len(request)
+
+    assert run(serving(ha_listener(pki, timeout=0.6), rec, body))
+    assert rec.withdrawn == []
 
 
 def test_ha_failure_is_500_and_a_connection_error(pki: PkiPaths) -> None:

@@ -1,0 +1,140 @@
+"""The listener's cap and eviction order (core/conntable.py, issue 6 item 2)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mipsec.core.conntable import ConnectionTable
+from mipsec.core.errors import LocalProtocolError
+
+
+def test_under_the_cap_everyone_is_admitted() -> None:
+    t: ConnectionTable[str] = ConnectionTable(3)
+    assert [t.admit(k) for k in "abc"] == [(True, None)] * 3
+    assert len(t) == 3 and "b" in t and t.oldest() == "a"
+
+
+def test_at_the_cap_the_longest_waiting_makes_room() -> None:
+    t: ConnectionTable[str] = ConnectionTable(3)
+    for k in "abc":
+        t.admit(k)
+    t.waiting("a")  # a was answered: it waits again, now the newest
+    assert t.admit("d") == (True, "b")
+    assert "b" not in t and len(t) == 3
+    assert t.admit("e") == (True, "c")
+    assert t.admit("f") == (True, "a")
+
+
+def test_worked_for_connections_are_never_evicted() -> None:
+    t: ConnectionTable[str] = ConnectionTable(2)
+    t.admit("a")
+    t.admit("b")
+    assert t.begin_work("a")
+    assert t.admit("c") == (True, "b")
+    assert t.begin_work("c")
+    # Everyone held is being worked for: the newcomer is refused.
+    assert t.admit("d") == (False, None)
+    assert "d" not in t and len(t) == 2
+    t.waiting("a")  # a's work ended; it is evictable again
+    assert t.admit("d") == (True, "a")
+
+
+def test_in_progress_cap() -> None:
+    t: ConnectionTable[str] = ConnectionTable(10, max_in_progress=2)
+    for k in "abc":
+        t.admit(k)
+    assert t.begin_work("a") and t.begin_work("b")
+    assert not t.begin_work("c")  # the caller answers busy (503)
+    assert t.in_progress == 2 and "c" in t
+    assert t.begin_work("a")  # already working: still True, not counted twice
+    t.remove("a")
+    assert t.in_progress == 1 and t.begin_work("c")
+
+
+def test_closing_connections_leave_first() -> None:
+    t: ConnectionTable[str] = ConnectionTable(3)
+    for k in "abc":
+        t.admit(k)
+    t.begin_work("c")
+    t.closing("c")  # was working, now closing: first in line
+    assert t.in_progress == 0
+    assert t.admit("d") == (True, "c")
+
+
+def test_misuse_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        ConnectionTable(0)
+    with pytest.raises(LocalProtocolError):
+        ConnectionTable(1, max_in_progress=0)
+    t: ConnectionTable[str] = ConnectionTable(2)
+    t.admit("a")
+    with pytest.raises(LocalProtocolError):
+        t.admit("a")
+    with pytest.raises(LocalProtocolError):
+        t.begin_work("zz")
+    t.remove("zz")  # idempotent
+    t.closing("zz")
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["admit", "waiting", "work", "close", "remove"]), st.integers(0, 15)),
+    max_size=200,
+)
+
+
+@given(cap=st.integers(1, 6), in_progress=st.none() | st.integers(1, 4), script=ops)
+def test_model(cap: int, in_progress: int | None, script: list[tuple[str, int]]) -> None:
+    """Against a model with explicit timestamps: the victim is always the
+    evictable connection with the oldest 'waiting since' (closing ones first),
+    the cap always holds and worked-for connections stay."""
+    t: ConnectionTable[int] = ConnectionTable(cap, in_progress)
+    since: dict[int, float] = {}  # evictable -> waiting since
+    working: set[int] = set()
+    clock = 0.0
+    fresh = 100
+    for op, n in script:
+        clock += 1
+        held = sorted(since) + sorted(working)
+        key = held[n % len(held)] if held else None
+        if op == "admit":
+            fresh += 1
+            expect_victim = min(since, key=since.__getitem__) if since else None
+            admitted, victim = t.admit(fresh)
+            if len(since) + len(working) >= cap:
+                assert victim == expect_victim
+                assert admitted == (expect_victim is not None)
+                if victim is not None:
+                    del since[victim]
+            else:
+                assert (admitted, victim) == (True, None)
+            if admitted:
+                since[fresh] = clock
+        elif key is None:
+            continue
+        elif op == "waiting":
+            t.waiting(key)
+            working.discard(key)
+            since[key] = clock
+        elif op == "work":
+            ok = t.begin_work(key)
+            if key in working:
+                assert ok
+            elif in_progress is not None and len(working) >= in_progress:
+                assert not ok
+            else:
+                assert ok
+                del since[key]
+                working.add(key)
+        elif op == "close":
+            t.closing(key)
+            working.discard(key)
+            since[key] = -clock  # before everyone else, the latest closer first
+        else:
+            t.remove(key)
+            working.discard(key)
+            since.pop(key, None)
+        assert len(t) == len(since) + len(working) <= cap
+        assert t.in_progress == len(working)
+        assert t.oldest() == (min(since, key=since.__getitem__) if since else None)
