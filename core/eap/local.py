@@ -8,8 +8,8 @@ Nak names if the policy allows it, runs the method's server machine
 (``core/eap/method.py``) and ends with EAP-Success (carrying the method's MSK)
 or EAP-Failure.  Everything is synchronous: local methods need no I/O.
 
-EAP Identifiers start at a random value and increase by one per Request
-(RFC 3748 §4.1); the MHAuth layer checks that each Response echoes the last
+EAP Identifiers count on by one per Request from the Identity Request's
+(random) one (RFC 3748 §4.1); the MHAuth layer checks that each Response echoes the last
 Request's Identifier before it gets here.
 """
 
@@ -85,8 +85,18 @@ class _LocalSession:
     # ------------------------------------------------------------ back-end API
 
     def start(self, identity_response: bytes) -> StepOrPending:
+        # RFC 3748 §4.1: the next Request's Identifier must differ from the
+        # last one; that was the Identity Request's, which the Identity
+        # Response echoes (the exchange already checked it), so count on
+        # from it rather than from an independent random start that
+        # collides with it once in 256 sessions.
+        try:
+            identity = decode_eap(identity_response, max_len=self._ctx.max_packet)
+        except EapError as exc:
+            return self._fail(0, f"malformed-eap:{exc.field}")
+        self._identifier = identity.identifier
         if not self._allowed:
-            return self._fail(0, "no-eap-method-allowed")
+            return self._fail(self._identifier, "no-eap-method-allowed")
         return self._propose(self._allowed[0])
 
     def receive(self, eap_response: bytes) -> StepOrPending:
