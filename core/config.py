@@ -185,7 +185,7 @@ class ControlConfig(_Strict):
     """The role's control socket (core/control.py): ``mipsec status`` and friends."""
 
     enabled: bool = True
-    # None: ``<role>.ctl`` in the role's state directory (core/control.py).
+    # None: ``<config file name>.ctl`` in the state directory (core/control.py).
     path: Path | None = None
     timeout: Annotated[float, Field(gt=0, le=300)] = 5.0  # a client's request, first to last octet
 
@@ -193,7 +193,7 @@ class ControlConfig(_Strict):
 class RevocationsConfig(_Strict):
     """Where the HAC keeps its list of revoked MNs (``mipsec revoke``)."""
 
-    # None: ``hac-revoked.json`` in the HAC's state directory.
+    # None: ``<config file name>-revoked.json`` in the HAC's state directory.
     path: Path | None = None
 
 

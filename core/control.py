@@ -153,14 +153,22 @@ def state_dir(cfg: BaseModel, config_file: str) -> Path:
     return Path(config_file).resolve().parent
 
 
+def default_name(config_file: str, role: str, suffix: str) -> str:
+    """``hac.toml`` -> ``hac<suffix>``: named after the config file, so that two
+    roles sharing a state directory (two HAs of model 3) get two sockets."""
+    stem = Path(config_file).stem if config_file != "<memory>" else role
+    return f"{stem or role}{suffix}"
+
+
 def socket_path(cfg: BaseModel, role: str, config_file: str) -> Path:
-    """``[control] path``, or ``<role>.ctl`` in the state directory; checked for length."""
+    """``[control] path``, or ``<config file name>.ctl`` in the state directory;
+    checked for length."""
     control = getattr(cfg, "control", None)
     configured = control.path if control is not None else None
     path = (
         Path(configured)
         if configured is not None
-        else state_dir(cfg, config_file) / (f"{role}.ctl")
+        else state_dir(cfg, config_file) / default_name(config_file, role, ".ctl")
     )
     if len(os.fsencode(path)) > MAX_PATH:
         raise ConfigError(

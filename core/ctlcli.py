@@ -8,7 +8,7 @@
     mipsec reload   --config FILE
 
 Each reads the role's configuration file to find its socket (``[control]
-path``, else ``<role>.ctl`` in its state directory).  Exit status: 0 done,
+path``, else ``<config file name>.ctl`` in its state directory).  Exit status: 0 done,
 1 the role refused or is not running (one line on stderr), 2 the
 configuration cannot be read.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mipsec.core.config import load_config, load_toml
-from mipsec.core.control import NotRunning, Request, request, socket_path
+from mipsec.core.control import NotRunning, Request, default_name, request, socket_path
 from mipsec.core.errors import ConfigError
 
 VERBS = ("status", "sas", "bindings", "revoke", "unrevoke", "reload")
@@ -44,10 +44,11 @@ def _raw_socket_path(file: str, role: str, data: dict[str, Any]) -> Path:
     control = data.get("control")
     if isinstance(control, dict) and isinstance(control.get("path"), str):
         return base / str(control["path"])
+    name = default_name(file, role, ".ctl")
     store = data.get("sa_store")
     if isinstance(store, dict) and isinstance(store.get("path"), str):
-        return (base / str(store["path"])).parent / f"{role}.ctl"
-    return base / f"{role}.ctl"
+        return (base / str(store["path"])).parent / name
+    return base / name
 
 
 def locate(file: str, *, lenient: bool = False) -> tuple[str, Path]:

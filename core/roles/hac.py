@@ -173,10 +173,11 @@ class HacService:
         self.policy = hac_policy(cfg)
         # MNs refused with 401 after authenticating (``mipsec revoke``); read
         # once here, so a list that cannot be read fails the start.
-        from mipsec.core.control import state_dir
+        from mipsec.core.control import default_name, state_dir
 
         self.revocations = RevocationList(
-            cfg.revocations.path or state_dir(cfg, config_file) / "hac-revoked.json",
+            cfg.revocations.path
+            or state_dir(cfg, config_file) / default_name(config_file, "hac", "-revoked.json"),
             config_file=config_file,
         )
         # PROFILE §4: one random stand-in key per process for unknown mn-ids.

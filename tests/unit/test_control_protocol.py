@@ -139,6 +139,8 @@ def test_socket_path_default_and_length(tmp_path: Path) -> None:
     cfg = validate_config(data, "ha", base=tmp_path)
     file = str(tmp_path / "ha.toml")
     assert socket_path(cfg, "ha", file) == tmp_path / "ha.ctl"
+    # Two HAs configured in one directory (model 3) get two sockets.
+    assert socket_path(cfg, "ha", str(tmp_path / "ha2.toml")) == tmp_path / "ha2.ctl"
     store = {"backend": "sqlite", "path": "state/ha.sqlite"}
     cfg = validate_config({**data, "sa_store": store}, "ha", base=tmp_path)
     assert socket_path(cfg, "ha", file) == tmp_path / "state" / "ha.ctl"
