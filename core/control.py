@@ -287,7 +287,15 @@ async def start_control(
     control = getattr(cfg, "control", None)
     if control is None or not control.enabled:
         return None
-    path = socket_path(cfg, role, config_file)
+    try:
+        path = socket_path(cfg, role, config_file)
+    except ConfigError as exc:
+        if control.path is not None:
+            raise
+        # Only the default is too long (a deep state directory): the role
+        # runs; the operator sets [control] path to get the socket back.
+        log.warning("no control socket: %s; set [control] path", exc.reason)
+        return None
     server = ControlServer(path, dispatcher, timeout=control.timeout, key="control.path")
     try:
         await server.start()

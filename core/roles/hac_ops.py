@@ -61,18 +61,28 @@ class _MethodTracker:
     def __init__(self) -> None:
         self.authenticated: dict[str, str] = {}
         self.by_spi: dict[int, str] = {}
+        # Per HA since start: SAs provisioned, provisioning failures, the last reason.
+        self.provisioning: dict[str, dict[str, Any]] = {}
+
+    def _ha(self, ha_id: str) -> dict[str, Any]:
+        return self.provisioning.setdefault(ha_id, {"issued": 0, "failed": 0, "last_failure": None})
 
     @hookimpl
     def mipsec_mn_authenticated(self, mn_id: str, method: str) -> None:
         self.authenticated[mn_id] = method
 
     @hookimpl
-    def mipsec_provisioning_failed(self, mn_id: str) -> None:
+    def mipsec_provisioning_failed(self, mn_id: str, ha_id: str, reason: str) -> None:
         self.authenticated.pop(mn_id, None)
+        if ha_id != "-":  # "-": no HA was chosen (none available, saturated)
+            row = self._ha(ha_id)
+            row["failed"] += 1
+            row["last_failure"] = reason
 
     @hookimpl
-    def mipsec_sa_issued(self, spi: int, mn_id: str) -> None:
+    def mipsec_sa_issued(self, spi: int, mn_id: str, ha_id: str) -> None:
         self.by_spi[spi] = self.authenticated.pop(mn_id, "-")
+        self._ha(ha_id)["issued"] += 1
 
     @hookimpl
     def mipsec_sa_expired(self, spi: int) -> None:
@@ -99,6 +109,33 @@ def sa_row(issued: IssuedSA, method: str | None = None) -> dict[str, Any]:
     if method is not None:
         row["method"] = method
     return row
+
+
+def aaa_health(methods: Mapping[str, Any]) -> dict[str, Any]:
+    """Per AAA server: its counters and whether it is held off as dead.
+
+    Read from the EAP method's back ends that carry a RADIUS client
+    (``aaa/passthrough.py``); methods without one add nothing.
+    """
+    out: dict[str, Any] = {}
+    for factory in methods.values():
+        for name, backend in (getattr(factory, "backends", None) or {}).items():
+            client = getattr(backend, "client", None)
+            stats = getattr(client, "stats", None)
+            if client is None or not callable(stats):
+                continue
+            servers: dict[str, Any] = {}
+            for label, st in stats().items():
+                row: dict[str, Any] = (
+                    dataclasses.asdict(st)
+                    if dataclasses.is_dataclass(st) and not isinstance(st, type)
+                    else {}
+                )
+                is_dead = getattr(client, "is_dead", None)
+                row["dead"] = bool(is_dead(label)) if callable(is_dead) else None
+                servers[label] = row
+            out[name] = servers
+    return out
 
 
 class HacOps:
@@ -153,11 +190,17 @@ class HacOps:
             "revoked": len(svc.revocations),
             "counters": dict(svc.stats),
             "provisioning": {
-                "has": {h.ha_id: h.transport for h in svc.has},
+                "has": {
+                    h.ha_id: {"transport": h.transport, **self.tracker._ha(h.ha_id)}
+                    for h in svc.has
+                },
                 "withdrawals_pending": len(svc._withdrawing),
             },
             "last_reload": self.reloader.last,
         }
+        aaa = aaa_health(svc.methods)
+        if aaa:
+            out["aaa"] = aaa
         accounting = getattr(svc.accounting, "stats", None)
         if dataclasses.is_dataclass(accounting) and not isinstance(accounting, type):
             out["accounting"] = dataclasses.asdict(accounting)

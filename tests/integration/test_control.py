@@ -132,6 +132,12 @@ def test_verbs_show_live_state_and_never_keys(lab: Lab, roles: Roles) -> None:
     assert hac["sas"]["by_method"] == {"psk": 1}
     assert hac["sas"]["by_suite"] == {res["sa"]["suite"]: 1}
     assert hac["counters"]["status_200"] == 1
+    assert hac["provisioning"]["has"]["ha1"] == {
+        "transport": "tls",
+        "issued": 1,
+        "failed": 0,
+        "last_failure": None,
+    }
     assert "psk" in hac["plugins"]
 
     ha = ctl_json("status", "--config", ha_cfg(lab))
