@@ -102,6 +102,12 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     from mipsec.core.roles.hac import HacService
     from mipsec.core.roles.hac_ops import HacOps
 
+    loop = asyncio.get_running_loop()
+    # A SIGHUP during start must not end the process: remembered, then
+    # served as a reload once the service runs.
+    early_hup: list[bool] = []
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
     local_ha = None
     if cfg.local_ha is not None:
         # Deployment model 1: the HA runs in this process; the ``local``
@@ -117,12 +123,13 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     await service.start()
     ops = HacOps(service, config_file, HaOps(local_ha, config_file) if local_ha else None)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
+    if early_hup:
+        ops.reloader.on_signal()
     try:
         control = await start_control(cfg, "hac", config_file, ops.dispatcher())
     except BaseException:

@@ -114,6 +114,13 @@ def ha_cfg(lab: Lab) -> str:
 # ------------------------------------------------------------ verbs
 
 
+def test_version() -> None:
+    from importlib.metadata import version
+
+    out = mipsec("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"mipsec {version('mipsec')}"
+
+
 def test_verbs_show_live_state_and_never_keys(lab: Lab, roles: Roles) -> None:
     roles.start("ha")
     roles.start("hac")
@@ -126,7 +133,7 @@ def test_verbs_show_live_state_and_never_keys(lab: Lab, roles: Roles) -> None:
     spi = res["sa"]["spi"]
 
     hac = ctl_json("status", "--config", hac_cfg(lab))
-    assert hac["role"] == "hac" and hac["version"]
+    assert hac["role"] == "hac" and hac["version"] == mipsec("--version").stdout.split()[1]
     assert hac["sas"]["live"] == 1
     assert hac["sas"]["by_ha"] == {"ha1": 1}
     assert hac["sas"]["by_method"] == {"psk": 1}

@@ -189,3 +189,25 @@ def test_restart_keys_names_leaves_outside_live_keys(tmp_path: Path) -> None:
     assert changed == ["ha", "log_level"]
     assert restart == ["ha.replay_window"]
     assert restart_keys(old, old, frozenset()) == ([], [])
+
+
+# ------------------------------------------------------------ CLI help
+
+
+def test_every_cli_option_has_help() -> None:
+    import argparse
+
+    from mipsec.core.cli import build_parser
+
+    parsers: list[argparse.ArgumentParser] = list(build_parser())
+    subs = [a for a in parsers[1]._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers += list(subs[0].choices.values())
+    missing = [
+        f"{p.prog} {a.dest}"
+        for p in parsers
+        for a in p._actions
+        if not isinstance(a, argparse._SubParsersAction | argparse._HelpAction) and not a.help
+    ]
+    assert missing == []
+    names = set(subs[0].choices)
+    assert {"status", "sas", "bindings", "revoke", "unrevoke", "reload"} <= names
