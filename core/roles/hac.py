@@ -29,6 +29,7 @@ import pluggy
 from mipsec.core import pluginmanager
 from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
 from mipsec.core.config import HACConfig
+from mipsec.core.control import default_name, state_dir
 from mipsec.core.errors import ConfigError, ListenError
 from mipsec.core.hac_exchange import (
     INTERNAL_ERROR,
@@ -173,8 +174,6 @@ class HacService:
         self.policy = hac_policy(cfg)
         # MNs refused with 401 after authenticating (``mipsec revoke``); read
         # once here, so a list that cannot be read fails the start.
-        from mipsec.core.control import default_name, state_dir
-
         self.revocations = RevocationList(
             cfg.revocations.path
             or state_dir(cfg, config_file) / default_name(config_file, "hac", "-revoked.json"),
