@@ -35,10 +35,9 @@ def _iso(epoch: float) -> str:
 
 
 class HaOps:
-    def __init__(self, service: HaService, config_file: str, *, in_hac: bool = False) -> None:
+    def __init__(self, service: HaService, config_file: str) -> None:
         self.svc = service
         self.config_file = config_file
-        self.in_hac = in_hac  # model 1: the HAC's reload covers the whole file
         self.started = time.monotonic()
         self.started_at = datetime.now(UTC).replace(microsecond=0)
         self.reloader = ReloadRunner("ha", config_file, self._reload)
