@@ -119,7 +119,11 @@ def aaa_health(methods: Mapping[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for factory in methods.values():
-        for name, backend in (getattr(factory, "backends", None) or {}).items():
+        # The eap method keeps its back ends in its configuration (core/eap/mhauth.py).
+        backends = getattr(factory, "backends", None) or getattr(
+            getattr(factory, "cfg", None), "backends", None
+        )
+        for name, backend in (backends or {}).items():
             client = getattr(backend, "client", None)
             stats = getattr(client, "stats", None)
             if client is None or not callable(stats):

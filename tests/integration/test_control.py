@@ -373,3 +373,34 @@ def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
     log = roles.wait_log("ha", "reload refused")
     assert "ha.replay_window: changes only with a restart" in log
     assert ha.poll() is None
+
+
+def test_status_shows_radius_server_health(tmp_path: Path) -> None:
+    from conftest import Lab, free_port
+
+    secret = tmp_path / "radius.secret"
+    secret.write_text("testing123\n")
+    secret.chmod(0o600)
+    radius = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+    out = mipsec(
+        "init",
+        str(tmp_path / "lab"),
+        "--hac-port",
+        str(free_port()),
+        "--radius",
+        radius,
+        "--radius-secret-file",
+        str(secret),
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    lab = Lab(tmp_path / "lab", json.loads(out.stdout))
+    r = Roles(lab)
+    try:
+        r.start("hac")
+        st = ctl_json("status", "--config", hac_cfg(lab))
+        servers = next(iter(st["aaa"].values()))
+        assert servers[radius]["dead"] is False and servers[radius]["timeouts"] == 0
+        assert "testing123" not in json.dumps(st)
+    finally:
+        r.stop("hac")
