@@ -366,8 +366,14 @@ def test_sighup_with_broken_file_keeps_running_config(lab: Lab, roles: Roles) ->
 def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
     ha = roles.start("ha")
     edit_toml(Path(ha_cfg(lab)), "max_binding_lifetime = 3600", "max_binding_lifetime = 60")
+    edit_toml(Path(ha_cfg(lab)), 'log_level = "info"', 'log_level = "debug"')
     out = ctl("reload", "--config", ha_cfg(lab))
-    assert out.returncode == 0 and "ha" in out.stdout, out.stderr
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(": ha, log_level")
+    assert ctl_json("status", "--config", ha_cfg(lab))["last_reload"]["changed"] == [
+        "ha",
+        "log_level",
+    ]
     edit_toml(Path(ha_cfg(lab)), "replay_window = 64", "replay_window = 128")
     ha.send_signal(signal.SIGHUP)
     log = roles.wait_log("ha", "reload refused")
