@@ -6,6 +6,9 @@
     mipsec init DIR [--hac-port N] [--ha-port N] [--radius HOST:PORT
                     --radius-secret-file FILE [--usim IMSI,KI,OPC,AMF,SQN]] [--json]
     mipsec demo [--auth psk|eap-tls] [--data]
+    mipsec status|sas|bindings|reload --config FILE [--json]   (core/ctlcli.py)
+    mipsec revoke|unrevoke --config FILE MN_ID
+    mipsec --version
 
 Errors a user can fix (configuration, plugins, certificates) print one line
 naming the file, the key and the reason -- never a traceback.
@@ -24,10 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mipsec.core import pluginmanager
+from mipsec.core import ctlcli, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
 from mipsec.core.errors import CertificateError, ConfigError, ListenError, PluginError
 from mipsec.core.mn_exchange import BootstrapResult
+from mipsec.core.version import version
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -93,8 +97,17 @@ def result_json(result: BootstrapResult, *, show_keys: bool = False) -> dict[str
 
 
 async def _run_hac(cfg: HACConfig, config_file: str) -> int:
+    from mipsec.core.control import start_control
+    from mipsec.core.roles.ha_ops import HaOps
     from mipsec.core.roles.hac import HacService
+    from mipsec.core.roles.hac_ops import HacOps
 
+    loop = asyncio.get_running_loop()
+    # A SIGHUP during start must not end the process: remembered, then
+    # served as a reload once the service runs.
+    early_hup: list[bool] = []
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
     local_ha = None
     if cfg.local_ha is not None:
         # Deployment model 1: the HA runs in this process; the ``local``
@@ -108,12 +121,26 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
             raise exc.under("local_ha.") from None
     service = HacService(cfg, config_file=config_file)
     await service.start()
+    ops = HacOps(service, config_file, HaOps(local_ha, config_file) if local_ha else None)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
+    if early_hup:
+        ops.reloader.on_signal()
+    try:
+        control = await start_control(cfg, "hac", config_file, ops.dispatcher())
+    except BaseException:
+        await service.stop()
+        if local_ha is not None:
+            await local_ha.stop()
+        raise
     await stop.wait()
+    if control is not None:
+        await control.stop()
+    await ops.aclose()
     await service.stop()
     if local_ha is not None:
         await local_ha.stop()
@@ -121,17 +148,29 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
 
 
 async def _run_ha(cfg: HAConfig, config_file: str) -> int:
+    from mipsec.core.control import start_control
     from mipsec.core.roles.ha import HaService
+    from mipsec.core.roles.ha_ops import HaOps
 
     service = HaService(cfg, config_file)
+    ops = HaOps(service, config_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM right after "listening" must still stop cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
     await service.start()
+    try:
+        control = await start_control(cfg, "ha", config_file, ops.dispatcher())
+    except BaseException:
+        await service.stop()
+        raise
     await stop.wait()
+    if control is not None:
+        await control.stop()
     await service.stop()
     return EXIT_OK
 
@@ -387,10 +426,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     role = argparse.ArgumentParser(
         prog="mipsec",
         description="RFC 6618 TLS-based Mobile IPv6 security: MN, HAC and HA.",
-        epilog="other commands: mipsec check-config FILE | plugins | init DIR | demo",
+        epilog="other commands: mipsec check-config FILE | plugins | init DIR | demo | "
+        "status | sas | bindings | revoke | unrevoke | reload (mipsec COMMAND --help)",
     )
-    role.add_argument("--role", choices=("hac", "ha", "mn"), required=True)
-    role.add_argument("--config", required=True, metavar="FILE")
+    role.add_argument("--version", action="version", version=f"mipsec {version()}")
+    role.add_argument(
+        "--role", choices=("hac", "ha", "mn"), required=True, help="which role this process runs"
+    )
+    role.add_argument(
+        "--config", required=True, metavar="FILE", help="the role's TOML configuration file"
+    )
     role.add_argument("--once", action="store_true", help="MN: bootstrap once and exit")
     role.add_argument("--json", action="store_true", help="MN: print the outcome as JSON")
     role.add_argument("--show-keys", action="store_true", help="MN: include SA keys in output")
@@ -401,14 +446,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "check-config",
         help="validate a config file as a start would (no socket bound), print it redacted",
     )
-    p.add_argument("file")
-    p.add_argument("--role", choices=("hac", "ha", "mn"))
+    p.add_argument("file", help="the configuration file to check")
+    p.add_argument(
+        "--role", choices=("hac", "ha", "mn"), help="the file's role (default: guessed from it)"
+    )
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("plugins", help="list loaded plugins and the hooks they provide")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_plugins)
     p = sub.add_parser("init", help="create a lab: test PKI, hac.toml, ha.toml, mn.toml")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a new directory for the lab")
     p.add_argument("--hac-port", type=int, default=7872, help="HAC TCP port (default 7872)")
     p.add_argument("--ha-port", type=int, default=7873, help="HA UDP and TCP port (default 7873)")
     p.add_argument(
@@ -442,6 +489,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="how the MN authenticates: its PSK (default) or EAP-TLS with its certificate",
     )
     p.set_defaults(func=cmd_demo)
+    ctlcli.add_parsers(sub)
     return role, cmds
 
 
@@ -449,7 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     role_parser, cmd_parser = build_parser()
     try:
-        if argv and argv[0] in ("check-config", "plugins", "init", "demo"):
+        if argv and argv[0] == "--version":
+            print(f"mipsec {version()}")
+            return EXIT_OK
+        if argv and argv[0] in ("check-config", "plugins", "init", "demo", *ctlcli.VERBS):
             args = cmd_parser.parse_args(argv)
             rc: int = args.func(args)
             return rc

@@ -181,6 +181,22 @@ class PluginsConfig(_Strict):
     disable: tuple[str, ...] = ()
 
 
+class ControlConfig(_Strict):
+    """The role's control socket (core/control.py): ``mipsec status`` and friends."""
+
+    enabled: bool = True
+    # None: ``<config file name>.ctl`` in the state directory (core/control.py).
+    path: Path | None = None
+    timeout: Annotated[float, Field(gt=0, le=300)] = 5.0  # a client's request, first to last octet
+
+
+class RevocationsConfig(_Strict):
+    """Where the HAC keeps its list of revoked MNs (``mipsec revoke``)."""
+
+    # None: ``<config file name>-revoked.json`` in the HAC's state directory.
+    path: Path | None = None
+
+
 # ---------------------------------------------------------------- data plane
 
 
@@ -250,6 +266,8 @@ class HACConfig(_Strict):
     # Optional accounting of issued SAs (``mipsec_accounting_backends``).
     accounting: AccountingRef | None = None
     plugins: PluginsConfig = PluginsConfig()
+    control: ControlConfig = ControlConfig()
+    revocations: RevocationsConfig = RevocationsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
@@ -399,6 +417,7 @@ class HAConfig(_Strict):
     pull: PullConfig | None = None
     dataplane: HADataPlane = HADataPlane()
     plugins: PluginsConfig = PluginsConfig()
+    control: ControlConfig = ControlConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

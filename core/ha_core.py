@@ -554,6 +554,10 @@ class HaCore:
     def spis(self) -> list[int]:
         return list(self._sas)
 
+    def installed(self) -> list[IssuedSA]:
+        """The SAs installed now (for inspection: ``mipsec sas``)."""
+        return [e.issued for e in self._sas.values()]
+
     def _unbind(self, entry: _SAEntry, event: str, now: float) -> list[BindingChanged]:
         if entry.hoa is None:
             return []

@@ -29,10 +29,12 @@ import pluggy
 from mipsec.core import pluginmanager
 from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
 from mipsec.core.config import HACConfig
+from mipsec.core.control import default_name, state_dir
 from mipsec.core.errors import ConfigError, ListenError
 from mipsec.core.hac_exchange import (
     INTERNAL_ERROR,
     TIMEOUT,
+    UNAUTHORIZED,
     UNAVAILABLE,
     AwaitMethod,
     Close,
@@ -51,6 +53,7 @@ from mipsec.core.hookspecs import (
 )
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
+from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
 from mipsec.core.tls import hac_server_context, server_cb_octets
@@ -97,6 +100,7 @@ class HacService:
         if check_only:
             extra["check_only"] = True  # mipsec check-config: plugins create nothing
         ctx = PluginContext(role="hac", base_dir=base, config_file=config_file, extra=extra)
+        self.plugin_ctx = ctx  # a reload builds the new plugin objects with it
         self.methods = self._method_factories(ctx)
         self.credentials: CredentialBackend = pluginmanager.create(
             self.pm,
@@ -167,12 +171,13 @@ class HacService:
             if cfg.provisioning is not None
             else None
         )
-        self.policy = HacPolicy(
-            method_order=cfg.policy.methods,
-            realm_methods={k.lower(): v for k, v in cfg.policy.realms.items()}
-            or {"*": cfg.policy.methods},
-            allowed_suites=cfg.policy.suites,
-            max_scope=cfg.policy.max_scope,
+        self.policy = hac_policy(cfg)
+        # MNs refused with 401 after authenticating (``mipsec revoke``); read
+        # once here, so a list that cannot be read fails the start.
+        self.revocations = RevocationList(
+            cfg.revocations.path
+            or state_dir(cfg, config_file) / default_name(config_file, "hac", "-revoked.json"),
+            config_file=config_file,
         )
         # PROFILE §4: one random stand-in key per process for unknown mn-ids.
         self._standin = secrets.token_bytes(32)
@@ -195,14 +200,17 @@ class HacService:
             "hook_errors": 0,
         }
 
-    def _method_factories(self, ctx: PluginContext) -> dict[str, ServerMethodFactory]:
+    def _method_factories(
+        self, ctx: PluginContext, cfg: HACConfig | None = None
+    ) -> dict[str, ServerMethodFactory]:
         """Build the server factory of every method the policy names, at start.
 
         Fail closed (issue 6 item 4): a method the policy lists that no plugin
         provides is a configuration error, not a silent 501; options
         (``[methods.NAME]``) are validated here, so a wrong one fails at start.
+        ``cfg``: a reloaded configuration (core/roles/hac_ops.py) instead of ours.
         """
-        cfg = self.cfg
+        cfg = cfg or self.cfg
         installed: Mapping[str, AuthMethod] = pluginmanager.registry(self.pm, "mipsec_auth_methods")
         named: list[tuple[str, str]] = [(m, "policy.methods") for m in cfg.policy.methods]
         for realm, realm_methods in cfg.policy.realms.items():
@@ -363,6 +371,10 @@ class HacService:
     ) -> IssuedSA | Send:
         """Allocate, store and provision one SA: the issued SA (not yet
         delivered: see ``deliver``/``rollback``), or the failure response."""
+        if req.mn_id in self.revocations:
+            # Only after authentication: an unauthenticated peer learns nothing
+            # about which identities are revoked (PROFILE §4: no oracle).
+            return exch.fail(UNAUTHORIZED, reason="revoked")
         self.emit("mipsec_mn_authenticated", mn_id=req.mn_id, method=req.method, peer=peer)
         try:
             issued = await self.issue_sa(req.mn_id, req.suite, req.scope, on_stored=on_stored)
@@ -641,6 +653,17 @@ class HacService:
             self._delivered.pop(sa.spi, None)
             self.emit("mipsec_sa_expired", spi=sa.spi, mn_id=sa.mn_id, validity_end=sa.validity_end)
         return len(expired)
+
+
+def hac_policy(cfg: HACConfig) -> HacPolicy:
+    """The exchange's view of ``[policy]`` (built at start and at each reload)."""
+    return HacPolicy(
+        method_order=cfg.policy.methods,
+        realm_methods={k.lower(): v for k, v in cfg.policy.realms.items()}
+        or {"*": cfg.policy.methods},
+        allowed_suites=cfg.policy.suites,
+        max_scope=cfg.policy.max_scope,
+    )
 
 
 def _retry_after(seconds: int = 30) -> datetime:

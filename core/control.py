@@ -1,0 +1,348 @@
+"""The control socket: a Unix socket per role, one JSON request per line.
+
+``mipsec status|sas|bindings|revoke|unrevoke|reload --config FILE`` read the
+role's configuration to find the socket, connect, write one request line and
+read one response line; the server closes after answering.
+
+    request:  {"cmd": "status", "args": {}}\\n
+    response: {"ok": true, "result": {...}}\\n
+              {"ok": false, "error": "mn_id: required"}\\n
+
+The protocol half (``parse_request``, ``encode_response``, ``Dispatcher``) is
+sans-I/O; ``ControlServer`` and ``request`` only move the octets.  Limits:
+a request line of at most ``MAX_REQUEST`` octets, read within the
+configured ``[control] timeout``; a response of at most ``MAX_RESPONSE``.
+
+The socket is created with mode 0600 before anyone can connect (bound under
+a temporary name, chmod, listen, then renamed into place), so only the
+role's own user (and root) can talk to it: the socket is the authorisation.
+It is removed at stop, and a stale one (left by a killed process, nobody
+listening) is replaced at start; a live one is never taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from mipsec.core.errors import ConfigError
+
+log = logging.getLogger("mipsec.control")
+
+MAX_REQUEST = 64 * 1024  # octets of one request line
+MAX_RESPONSE = 64 * 1024 * 1024  # octets of one response line (a big HAC's SA list)
+SOCKET_MODE = 0o600
+# sockaddr_un.sun_path is 108 octets on Linux, the terminating NUL included.
+MAX_PATH = 107
+
+COMMANDS = ("status", "sas", "bindings", "revoke", "unrevoke", "reload")
+
+
+class ControlError(Exception):
+    """A request the server refuses (bad input, unknown command): the message names the field."""
+
+
+class NotRunning(Exception):
+    """Nobody answers on the control socket (the message says where and why)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- sans-I/O protocol
+
+
+def encode_request(req: Request) -> bytes:
+    return json.dumps({"cmd": req.cmd, "args": dict(req.args)}).encode() + b"\n"
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line -> ``Request``; ``ControlError`` names what is wrong."""
+    if len(line) > MAX_REQUEST:
+        raise ControlError(f"request: longer than {MAX_REQUEST} octets")
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ControlError("request: not a JSON object") from None
+    if not isinstance(data, dict):
+        raise ControlError("request: not a JSON object")
+    cmd = data.get("cmd")
+    if not isinstance(cmd, str):
+        raise ControlError("cmd: required, a string")
+    if cmd not in COMMANDS:
+        raise ControlError(f"cmd: unknown command {cmd[:40]!r}")
+    args = data.get("args", {})
+    if not isinstance(args, dict):
+        raise ControlError("args: must be an object")
+    return Request(cmd, args)
+
+
+def encode_response(result: Any = None, error: str | None = None) -> bytes:
+    body: dict[str, Any] = {"ok": error is None}
+    if error is None:
+        body["result"] = result
+    else:
+        body["error"] = error
+    return json.dumps(body, default=str).encode() + b"\n"
+
+
+def parse_response(line: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise NotRunning("the control socket answered something that is not JSON") from None
+    if not isinstance(data, dict) or "ok" not in data:
+        raise NotRunning("the control socket answered something that is not a response")
+    return data
+
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+class Dispatcher:
+    """Commands -> handlers of one role; a command the role lacks is a ``ControlError``."""
+
+    def __init__(self, role: str, handlers: Mapping[str, Handler]) -> None:
+        self.role = role
+        self.handlers = dict(handlers)
+
+    async def handle(self, line: bytes) -> bytes:
+        try:
+            req = parse_request(line)
+            handler = self.handlers.get(req.cmd)
+            if handler is None:
+                raise ControlError(f"cmd: {req.cmd!r} is not available on the {self.role}")
+            return encode_response(await handler(req.args))
+        except ControlError as exc:
+            return encode_response(error=str(exc))
+
+
+def arg_str(args: Mapping[str, Any], name: str, *, required: bool = True) -> str | None:
+    v = args.get(name)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or not v or len(v) > 253:
+        raise ControlError(f"{name}: required, a string of 1 to 253 characters")
+    return v
+
+
+# ---------------------------------------------------------------- where the socket is
+
+
+def state_dir(cfg: BaseModel, config_file: str) -> Path:
+    """The role's state directory: where its SA store lives, else its config file's."""
+    store = getattr(cfg, "sa_store", None)
+    path = store.options.get("path") if store is not None else None
+    if isinstance(path, str) and path:
+        return Path(path).parent
+    return Path(config_file).resolve().parent
+
+
+def default_name(config_file: str, role: str, suffix: str) -> str:
+    """``hac.toml`` -> ``hac<suffix>``: named after the config file, so that two
+    roles sharing a state directory (two HAs of model 3) get two sockets."""
+    stem = Path(config_file).stem if config_file != "<memory>" else role
+    return f"{stem or role}{suffix}"
+
+
+def socket_path(cfg: BaseModel, role: str, config_file: str) -> Path:
+    """``[control] path``, or ``<config file name>.ctl`` in the state directory;
+    checked for length."""
+    control = getattr(cfg, "control", None)
+    configured = control.path if control is not None else None
+    path = (
+        Path(configured)
+        if configured is not None
+        else state_dir(cfg, config_file) / default_name(config_file, role, ".ctl")
+    )
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise ConfigError(
+            config_file,
+            "control.path",
+            f"{str(path)!r} is longer than a Unix socket path may be ({MAX_PATH} octets)",
+        )
+    return path
+
+
+# ---------------------------------------------------------------- server
+
+
+class ControlServer:
+    """Serves a ``Dispatcher`` on a Unix socket from the role's event loop."""
+
+    def __init__(self, path: Path, dispatcher: Dispatcher, *, timeout: float, key: str) -> None:
+        self.path = path
+        self.dispatcher = dispatcher
+        self.timeout = timeout
+        self.key = key  # "control.path": errors name it
+        self._server: asyncio.AbstractServer | None = None
+        self._ino: tuple[int, int] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        path = self.path
+        if not path.parent.is_dir():
+            raise OSError(f"{self.key}: no such directory {str(path.parent)!r}")
+        self._take_stale(path)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(tmp))
+            # Before listen(): until then a connect is refused, so the mode
+            # is 0600 before anyone can talk to it, whatever the umask.
+            os.chmod(tmp, SOCKET_MODE)
+            sock.listen(16)
+            os.replace(tmp, path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        st = os.stat(path)
+        self._ino = (st.st_dev, st.st_ino)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
+        log.info("control socket %s", path)
+
+    def _take_stale(self, path: Path) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{self.key}: {str(path)!r} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # left by a process that died: nobody listens
+            return
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        raise OSError(f"{self.key}: {str(path)!r} is in use: is the role already running?")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError:
+                writer.write(encode_response(error=f"request: longer than {MAX_REQUEST} octets"))
+                return
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                return  # too slow, or gone: nothing to answer
+            try:
+                out = await self.dispatcher.handle(line)
+            except Exception as exc:  # a bug in a handler: answer, keep serving
+                log.error("control request failed: %s", type(exc).__name__)
+                out = encode_response(error=f"internal error: {type(exc).__name__}")
+            writer.write(out)
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(self.timeout):
+                    await writer.drain()
+        finally:
+            writer.close()
+            if task is not None:
+                self._conns.discard(task)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for t in list(self._conns):
+            t.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        self._server = None
+        # Only the socket this server made: a newer process may own the path now.
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._ino:
+                os.unlink(self.path)
+
+
+async def start_control(
+    cfg: BaseModel, role: str, config_file: str, dispatcher: Dispatcher
+) -> ControlServer | None:
+    """The role's control server, started; None when ``[control] enabled = false``."""
+    control = getattr(cfg, "control", None)
+    if control is None or not control.enabled:
+        return None
+    try:
+        path = socket_path(cfg, role, config_file)
+    except ConfigError as exc:
+        if control.path is not None:
+            raise
+        # Only the default is too long (a deep state directory): the role
+        # runs; the operator sets [control] path to get the socket back.
+        log.warning("no control socket: %s; set [control] path", exc.reason)
+        return None
+    server = ControlServer(path, dispatcher, timeout=control.timeout, key="control.path")
+    try:
+        await server.start()
+    except OSError as exc:
+        reason = (
+            f"cannot listen on {str(path)!r}: {exc.strerror}"
+            if exc.strerror
+            else str(exc).removeprefix("control.path: ")
+        )
+        raise ConfigError(config_file, "control.path", reason) from None
+    return server
+
+
+# ---------------------------------------------------------------- client
+
+
+def request(path: Path, req: Request, *, timeout: float = 30.0) -> dict[str, Any]:
+    """Send one request, return the response object; ``NotRunning`` when nobody answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise NotRunning(f"not running: no control socket at {path}") from None
+        except ConnectionRefusedError:
+            raise NotRunning(f"not running: {path} refuses connections (stale socket)") from None
+        except PermissionError:
+            raise NotRunning(f"permission denied on {path} (run as the role's user)") from None
+        except OSError as exc:
+            raise NotRunning(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        try:
+            sock.sendall(encode_request(req))
+            buf = bytearray()
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_RESPONSE:
+                    raise NotRunning(f"{path}: response longer than {MAX_RESPONSE} octets")
+        except TimeoutError:
+            raise NotRunning(f"{path}: no answer within {timeout:g} s") from None
+        except OSError as exc:
+            raise NotRunning(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    if not buf:
+        raise NotRunning(f"{path}: closed without an answer")
+    return parse_response(bytes(buf))

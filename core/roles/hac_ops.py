@@ -1,0 +1,381 @@
+"""What the HAC's control socket serves: status, SAs, revocation, reload.
+
+Kept out of ``roles/hac.py`` on purpose: this module only reads the
+service's state and, for ``revoke`` and ``reload``, uses the paths the
+service already has (``retire`` withdraws an SA from its HA; a reload
+swaps the objects new exchanges are built from).  Nothing here ever puts
+key material in a response: SA rows are built field by field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mipsec.core import pluginmanager
+from mipsec.core.config import HACConfig, load_config
+from mipsec.core.control import ControlError, Dispatcher, arg_str
+from mipsec.core.errors import ConfigError
+from mipsec.core.hookspecs import hookimpl
+from mipsec.core.issuer import utcnow
+from mipsec.core.model import IssuedSA
+from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
+from mipsec.core.roles.hac import HacService, hac_policy
+from mipsec.core.version import version
+
+if TYPE_CHECKING:
+    from mipsec.core.roles.ha_ops import HaOps
+
+log = logging.getLogger("mipsec.hac")
+
+# Top-level keys a reload applies; any other change needs a restart.
+LIVE_KEYS = frozenset(
+    {
+        "policy",
+        "credentials",
+        "methods",
+        "home_addresses",
+        "ha_selection",
+        "bootstrap",
+        "log_level",
+    }
+)
+TRACKER = "mipsec-control-tracker"
+
+
+class _MethodTracker:
+    """Remembers which method authenticated the MN an SA was issued to.
+
+    The SA record has no method; status counts SAs by method from what this
+    process saw (SAs issued before a restart count as ``-``).
+    """
+
+    def __init__(self) -> None:
+        self.authenticated: dict[str, str] = {}
+        self.by_spi: dict[int, str] = {}
+        # Per HA since start: SAs provisioned, provisioning failures, the last reason.
+        self.provisioning: dict[str, dict[str, Any]] = {}
+
+    def _ha(self, ha_id: str) -> dict[str, Any]:
+        return self.provisioning.setdefault(ha_id, {"issued": 0, "failed": 0, "last_failure": None})
+
+    @hookimpl
+    def mipsec_mn_authenticated(self, mn_id: str, method: str) -> None:
+        self.authenticated[mn_id] = method
+
+    @hookimpl
+    def mipsec_provisioning_failed(self, mn_id: str, ha_id: str, reason: str) -> None:
+        self.authenticated.pop(mn_id, None)
+        if ha_id != "-":  # "-": no HA was chosen (none available, saturated)
+            row = self._ha(ha_id)
+            row["failed"] += 1
+            row["last_failure"] = reason
+
+    @hookimpl
+    def mipsec_sa_issued(self, spi: int, mn_id: str, ha_id: str) -> None:
+        self.by_spi[spi] = self.authenticated.pop(mn_id, "-")
+        self._ha(ha_id)["issued"] += 1
+
+    @hookimpl
+    def mipsec_sa_expired(self, spi: int) -> None:
+        self.by_spi.pop(spi, None)
+
+    @hookimpl
+    def mipsec_sa_withdrawn(self, spi: int) -> None:
+        self.by_spi.pop(spi, None)
+
+
+def sa_row(issued: IssuedSA, method: str | None = None) -> dict[str, Any]:
+    """One SA for an operator: identifiers and validity, never a key."""
+    sa, bs = issued.sa, issued.bootstrap
+    row: dict[str, Any] = {
+        "spi": sa.spi,
+        "mn_id": sa.mn_id,
+        "ha": sa.ha_id or "-",
+        "suite": sa.suite.name,
+        "scope": sa.scope,
+        "validity_end": sa.validity_end.isoformat(),
+        "hoa": str(bs.ip6_hoa) if bs.ip6_hoa is not None else None,
+        "ip4_hoa": str(bs.ip4_hoa) if bs.ip4_hoa is not None else None,
+    }
+    if method is not None:
+        row["method"] = method
+    return row
+
+
+def aaa_health(methods: Mapping[str, Any]) -> dict[str, Any]:
+    """Per AAA server: its counters and whether it is held off as dead.
+
+    Read from the EAP method's back ends that carry a RADIUS client
+    (``aaa/passthrough.py``); methods without one add nothing.
+    """
+    out: dict[str, Any] = {}
+    for factory in methods.values():
+        # The eap method keeps its back ends in its configuration (core/eap/mhauth.py).
+        backends = getattr(factory, "backends", None) or getattr(
+            getattr(factory, "cfg", None), "backends", None
+        )
+        for name, backend in (backends or {}).items():
+            client = getattr(backend, "client", None)
+            stats = getattr(client, "stats", None)
+            if client is None or not callable(stats):
+                continue
+            servers: dict[str, Any] = {}
+            for label, st in stats().items():
+                row: dict[str, Any] = (
+                    dataclasses.asdict(st)
+                    if dataclasses.is_dataclass(st) and not isinstance(st, type)
+                    else {}
+                )
+                is_dead = getattr(client, "is_dead", None)
+                row["dead"] = bool(is_dead(label)) if callable(is_dead) else None
+                servers[label] = row
+            out[name] = servers
+    return out
+
+
+class HacOps:
+    def __init__(
+        self, service: HacService, config_file: str, local_ha: HaOps | None = None
+    ) -> None:
+        self.svc = service
+        self.config_file = config_file
+        self.local_ha = local_ha
+        self.started = time.monotonic()
+        self.started_at = datetime.now(UTC).replace(microsecond=0)
+        self.tracker = _MethodTracker()
+        service.pm.register(self.tracker, name=TRACKER)
+        self.reloader = ReloadRunner("hac", config_file, self._reload)
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def dispatcher(self) -> Dispatcher:
+        handlers = {
+            "status": self.status,
+            "sas": self.sas,
+            "revoke": self.revoke,
+            "unrevoke": self.unrevoke,
+            "reload": self.reload,
+        }
+        if self.local_ha is not None:  # model 1: the in-process HA's bindings
+            handlers["bindings"] = self.local_ha.bindings
+        return Dispatcher("hac", handlers)
+
+    # ------------------------------------------------------------ reading
+
+    async def status(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        svc = self.svc
+        live = svc.store.live(utcnow())
+        by_method = Counter(self.tracker.by_spi.get(i.sa.spi, "-") for i in live)
+        out: dict[str, Any] = {
+            "role": "hac",
+            "version": version(),
+            "config": str(Path(self.config_file).resolve()),
+            "started": self.started_at.isoformat(),
+            "uptime_s": int(time.monotonic() - self.started),
+            "listen": [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in svc.addresses],
+            "plugins": sorted(n for n, p in svc.pm.list_name_plugin() if p and n != TRACKER),
+            "methods": sorted(svc.methods),
+            "sas": {
+                "live": len(live),
+                "by_ha": dict(Counter(i.sa.ha_id or "-" for i in live)),
+                "by_suite": dict(Counter(i.sa.suite.name for i in live)),
+                "by_method": dict(by_method),
+            },
+            "exchanges_in_progress": len(svc._sessions),
+            "issuing": len(svc._issuing_spis),
+            "revoked": len(svc.revocations),
+            "counters": dict(svc.stats),
+            "provisioning": {
+                "has": {
+                    h.ha_id: {"transport": h.transport, **self.tracker._ha(h.ha_id)}
+                    for h in svc.has
+                },
+                "withdrawals_pending": len(svc._withdrawing),
+            },
+            "last_reload": self.reloader.last,
+        }
+        aaa = aaa_health(svc.methods)
+        if aaa:
+            out["aaa"] = aaa
+        accounting = getattr(svc.accounting, "stats", None)
+        if dataclasses.is_dataclass(accounting) and not isinstance(accounting, type):
+            out["accounting"] = dataclasses.asdict(accounting)
+        if self.local_ha is not None:
+            ha = await self.local_ha.status(args)
+            out["local_ha"] = ha
+            out["bindings"] = ha["bindings"]
+        return out
+
+    async def sas(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        mn_id = arg_str(args, "mn_id", required=False)
+        now = utcnow()
+        live = (
+            self.svc.store.live_for_mn(mn_id, now)
+            if mn_id is not None
+            else self.svc.store.live(now)
+        )
+        rows = [sa_row(i, self.tracker.by_spi.get(i.sa.spi, "-")) for i in live]
+        rows.sort(key=lambda r: (r["mn_id"], r["validity_end"], r["spi"]))
+        return {"role": "hac", "sas": rows}
+
+    # ------------------------------------------------------------ revocation
+
+    async def revoke(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Refuse the MN from now on (persisted first), end its exchanges in
+        progress, and withdraw every live SA it holds from its HA."""
+        mn_id = arg_str(args, "mn_id")
+        assert mn_id is not None
+        svc = self.svc
+        try:
+            added = svc.revocations.add(mn_id)
+        except OSError as exc:
+            raise ControlError(f"revocations.path: cannot write: {exc.strerror}") from None
+        # An exchange of this MN already past authentication would otherwise
+        # still end in a 200: cancelling rolls its SA back (roles/hac.py).
+        ended = 0
+        for session in list(svc._sessions):
+            if session._exch.mn_id == mn_id:
+                session.cancel()
+                ended += 1
+        withdrawn = []
+        for issued in svc.store.live_for_mn(mn_id, utcnow()):
+            if svc.retire(issued.sa.spi, "revoked"):
+                withdrawn.append(issued.sa.spi)
+        log.warning(
+            "mn_id=%s revoked%s: %d SA(s) withdrawn (spi=%s), %d exchange(s) ended",
+            mn_id,
+            "" if added else " (already)",
+            len(withdrawn),
+            ",".join(map(str, withdrawn)) or "-",
+            ended,
+        )
+        return {"mn_id": mn_id, "revoked": True, "withdrawn": withdrawn, "exchanges_ended": ended}
+
+    async def unrevoke(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        mn_id = arg_str(args, "mn_id")
+        assert mn_id is not None
+        try:
+            removed = self.svc.revocations.remove(mn_id)
+        except OSError as exc:
+            raise ControlError(f"revocations.path: cannot write: {exc.strerror}") from None
+        log.warning("mn_id=%s unrevoked%s", mn_id, "" if removed else " (was not revoked)")
+        return {"mn_id": mn_id, "revoked": False, "was_revoked": removed}
+
+    # ------------------------------------------------------------ reload
+
+    async def reload(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        result = await self.reloader.run("control socket")
+        if not result["applied"]:
+            raise ControlError(f"reload refused: {result['error']}")
+        return result
+
+    def _reload(self) -> list[str]:
+        """Validate the file as a start does, then swap what new exchanges use.
+
+        Raises ``ConfigError`` (nothing changed) or returns the keys changed.
+        Exchanges in progress keep the policy, methods and credentials they
+        started with (each holds its own references); the objects replaced
+        are closed once those exchanges are over.
+        """
+        from mipsec.core.roles.preflight import preflight
+
+        svc, file = self.svc, self.config_file
+        new = load_config(file, "hac")
+        assert isinstance(new, HACConfig)
+        preflight(new, file)
+        changed, restart = restart_keys(svc.cfg, new, LIVE_KEYS)
+        if restart:
+            raise ConfigError(file, ", ".join(restart), "changes only with a restart")
+        if not changed:
+            return []
+        ctx = svc.plugin_ctx
+        built: list[Any] = []
+        try:
+            methods = svc.methods
+            if {"methods", "policy"} & set(changed):
+                methods = svc._method_factories(ctx, new)
+                built += [f for n, f in methods.items() if svc.methods.get(n) is not f]
+            credentials = svc.credentials
+            if "credentials" in changed:
+                credentials = pluginmanager.create(
+                    svc.pm,
+                    "mipsec_credential_backends",
+                    new.credentials.backend,
+                    new.credentials.options,
+                    ctx,
+                    key="credentials.backend",
+                )
+                built.append(credentials)
+            allocator = svc.allocator
+            if "home_addresses" in changed:
+                allocator = pluginmanager.create(
+                    svc.pm,
+                    "mipsec_hoa_allocators",
+                    new.home_addresses.allocator,
+                    new.home_addresses.options,
+                    ctx,
+                    key="home_addresses.allocator",
+                )
+            selector = svc.selector
+            if "ha_selection" in changed:
+                selector = pluginmanager.create(
+                    svc.pm,
+                    "mipsec_ha_selectors",
+                    new.ha_selection.selector,
+                    new.ha_selection.options,
+                    ctx,
+                    key="ha_selection.selector",
+                )
+        except BaseException:
+            self._close_later(built, set())
+            raise
+        old: list[Any] = [f for n, f in svc.methods.items() if methods.get(n) is not f]
+        if credentials is not svc.credentials:
+            old.append(svc.credentials)
+        in_flight = set(svc._sessions)
+        svc.cfg = new
+        svc.policy = hac_policy(new)
+        svc.methods = methods
+        svc.credentials = credentials
+        svc.allocator = allocator
+        svc.selector = selector
+        set_log_level(new.log_level)
+        self._close_later(old, in_flight)
+        return changed
+
+    def _close_later(self, objs: list[Any], sessions: set[Any]) -> None:
+        """Close replaced plugin objects once the exchanges that hold them are over."""
+        if not objs:
+            return
+
+        async def close() -> None:
+            while sessions & self.svc._sessions:
+                await asyncio.sleep(1.0)
+            for obj in objs:
+                with contextlib.suppress(Exception):
+                    aclose = getattr(obj, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                    else:
+                        closer = getattr(obj, "close", None)
+                        if closer is not None:
+                            closer()
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        for t in list(self._closing):
+            t.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            self.svc.pm.unregister(self.tracker)

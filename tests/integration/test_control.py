@@ -1,0 +1,412 @@
+"""The control socket and its verbs against real HAC and HA processes from ``mipsec init``.
+
+status/sas/bindings (text and JSON, never a key), revoke/unrevoke (the
+MN's next BU unanswered, its next bootstrap 401, persisted across a HAC
+restart), reload by ``mipsec reload`` and SIGHUP (a changed policy applies
+to the next MN while an exchange in flight completes under the old one; a
+broken file is refused with one log line and the old configuration kept),
+the socket's mode and its removal at stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import LAUNCHER, Lab, edit_toml, mipsec, wait_port
+from rawmn import RawMN, lines, with_auth
+
+from mipsec.core.config import MNConfig, load_config
+from mipsec.core.roles.mn import Registrar, bootstrap
+
+MN_ID = "demo@mipsec.test"
+
+
+class Roles:
+    """The lab's HA and HAC as processes, their output in files (for log checks)."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def log(self, role: str) -> str:
+        return (self.lab.dir / f"{role}.log").read_text()
+
+    def start(self, role: str) -> subprocess.Popen[bytes]:
+        out = (self.lab.dir / f"{role}.log").open("ab")
+        p = subprocess.Popen(
+            [*LAUNCHER, "--role", role, "--config", self.lab.info[role]["config"]],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        out.close()
+        self.procs[role] = p
+        wait_port(int(self.lab.info[role]["port"]), p)
+        ctl = self.lab.dir / f"{role}.ctl"
+        deadline = time.monotonic() + 10
+        while not ctl.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return p
+
+    def stop(self, role: str) -> int:
+        p = self.procs.pop(role)
+        p.send_signal(signal.SIGTERM)
+        return p.wait(timeout=20)
+
+    def wait_log(self, role: str, text: str, count: int = 1, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log(role)
+            if log.count(text) >= count:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not logged {count}x by the {role}:\n{self.log(role)}")
+
+
+@pytest.fixture
+def roles(lab: Lab) -> Iterator[Roles]:
+    r = Roles(lab)
+    yield r
+    for role in list(r.procs):
+        p = r.procs.pop(role)
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return mipsec(*args, timeout=30)
+
+
+def ctl_json(*args: str) -> dict[str, Any]:
+    out = ctl(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    data: dict[str, Any] = json.loads(out.stdout)
+    return data
+
+
+def mn_once(lab: Lab, *extra: str) -> dict[str, Any]:
+    out = mipsec("--role", "mn", "--config", lab.info["mn"]["config"], "--once", "--json", *extra)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def hac_cfg(lab: Lab) -> str:
+    return str(lab.info["hac"]["config"])
+
+
+def ha_cfg(lab: Lab) -> str:
+    return str(lab.info["ha"]["config"])
+
+
+# ------------------------------------------------------------ verbs
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    out = mipsec("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"mipsec {version('mipsec')}"
+
+
+def test_verbs_show_live_state_and_never_keys(lab: Lab, roles: Roles) -> None:
+    roles.start("ha")
+    roles.start("hac")
+    for role in ("hac", "ha"):
+        mode = os.stat(lab.dir / f"{role}.ctl").st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    res = mn_once(lab, "--show-keys")
+    assert res["ok"] and res["ba"]["status"] == 0, res
+    secrets = [*res["sa"]["keys"].values(), lab.info["mn"]["psk_hex"]]
+    spi = res["sa"]["spi"]
+
+    hac = ctl_json("status", "--config", hac_cfg(lab))
+    assert hac["role"] == "hac" and hac["version"] == mipsec("--version").stdout.split()[1]
+    assert hac["sas"]["live"] == 1
+    assert hac["sas"]["by_ha"] == {"ha1": 1}
+    assert hac["sas"]["by_method"] == {"psk": 1}
+    assert hac["sas"]["by_suite"] == {res["sa"]["suite"]: 1}
+    assert hac["counters"]["status_200"] == 1
+    assert hac["provisioning"]["has"]["ha1"] == {
+        "transport": "tls",
+        "issued": 1,
+        "failed": 0,
+        "last_failure": None,
+    }
+    assert "psk" in hac["plugins"]
+
+    ha = ctl_json("status", "--config", ha_cfg(lab))
+    assert ha["role"] == "ha" and ha["bindings"] == 1 and ha["sas"]["live"] == 1
+
+    # Garbage on the HA's UDP port: counted as drops by reason.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(20):
+            s.sendto(os.urandom(8 + i), ("127.0.0.1", int(lab.info["ha"]["port"])))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        ha = ctl_json("status", "--config", ha_cfg(lab))
+        if sum(ha["drops"].values()) >= 20:
+            break
+        time.sleep(0.1)
+    assert sum(ha["drops"].values()) >= 20, ha["drops"]
+
+    sas = ctl_json("sas", "--config", hac_cfg(lab))["sas"]
+    assert [(r["spi"], r["mn_id"], r["ha"], r["method"]) for r in sas] == [
+        (spi, MN_ID, "ha1", "psk")
+    ]
+    assert ctl_json("sas", "--config", hac_cfg(lab), "--mn-id", "nobody@x")["sas"] == []
+    assert [r["spi"] for r in ctl_json("sas", "--config", ha_cfg(lab))["sas"]] == [spi]
+    bindings = ctl_json("bindings", "--config", ha_cfg(lab))["bindings"]
+    assert len(bindings) == 1
+    b = bindings[0]
+    assert b["hoa"] == res["bootstrap"]["ip6_hoa"] and b["spi"] == spi and b["mn_id"] == MN_ID
+    assert b["lifetime"] > 0
+
+    texts = []
+    for verb, cfg in [
+        ("status", hac_cfg(lab)),
+        ("status", ha_cfg(lab)),
+        ("sas", hac_cfg(lab)),
+        ("sas", ha_cfg(lab)),
+        ("bindings", ha_cfg(lab)),
+    ]:
+        for extra in ((), ("--json",)):
+            out = ctl(verb, "--config", cfg, *extra)
+            assert out.returncode == 0, out.stderr
+            texts.append(out.stdout)
+    assert str(spi) in texts[4] and MN_ID in texts[8]  # the text tables
+    everything = "\n".join(texts).lower()
+    for secret in secrets:
+        assert secret.lower() not in everything
+    # bindings is an HA verb: the HAC (no local HA) refuses it by name.
+    out = ctl("bindings", "--config", hac_cfg(lab))
+    assert out.returncode == 1 and "not available on the hac" in out.stderr
+
+    # Stop: the sockets go; the verbs say so in one line.
+    assert roles.stop("hac") == 0 and roles.stop("ha") == 0
+    assert not (lab.dir / "hac.ctl").exists() and not (lab.dir / "ha.ctl").exists()
+    out = ctl("status", "--config", hac_cfg(lab))
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "not running" in out.stderr, out.stderr
+
+
+def test_stale_socket_replaced_and_configured_path(lab: Lab, roles: Roles) -> None:
+    # A socket left by a killed HA (nobody listening) does not block a start.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(lab.dir / "ha.ctl"))
+    stale.close()
+    roles.start("ha")
+    assert ctl_json("status", "--config", ha_cfg(lab))["role"] == "ha"
+    roles.stop("ha")
+    # [control] path moves it; the verbs find it through the same file.
+    with open(ha_cfg(lab), "a") as f:
+        f.write('\n[control]\npath = "run-ha.sock"\n')
+    roles.procs["ha"] = subprocess.Popen(
+        [*LAUNCHER, "--role", "ha", "--config", ha_cfg(lab)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(int(lab.info["ha"]["port"]), roles.procs["ha"])
+    deadline = time.monotonic() + 10
+    while not (lab.dir / "run-ha.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ctl_json("status", "--config", ha_cfg(lab))["role"] == "ha"
+
+
+# ------------------------------------------------------------ revoke
+
+
+def _mn(lab: Lab) -> MNConfig:
+    cfg = load_config(lab.info["mn"]["config"], "mn")
+    assert isinstance(cfg, MNConfig)
+    return cfg
+
+
+async def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(ctl, *args)
+
+
+def test_revoke_withdraws_refuses_until_unrevoke_and_persists(lab: Lab, roles: Roles) -> None:
+    roles.start("ha")
+    roles.start("hac")
+    mn = _mn(lab)
+    mn_file = lab.info["mn"]["config"]
+
+    async def before_restart() -> None:
+        first = await bootstrap(mn, config_file=mn_file)
+        assert first.ok and first.issued is not None
+        reg = Registrar(first.issued, mn)
+        await reg.open()
+        try:
+            ok = await reg.run(until_registered=True, deadline=time.monotonic() + 5)
+            assert ok.status == 0
+            out = await _cli("revoke", "--config", hac_cfg(lab), MN_ID)
+            assert out.returncode == 0, out.stderr
+            assert str(first.issued.sa.spi) in out.stdout
+            # The HA hears of it (the HAC's withdrawal), drops the binding.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                st = json.loads((await _cli("status", "--config", ha_cfg(lab), "--json")).stdout)
+                if st["sas"]["live"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert st["sas"]["live"] == 0 and st["bindings"] == 0
+            # The MN's next BU under its SA: no answer.
+            again = await reg.run(until_registered=True, deadline=time.monotonic() + 2)
+            assert again.status is None
+        finally:
+            reg.close()
+        refused = await bootstrap(mn, config_file=mn_file)
+        assert refused.status == 401 and not refused.ok
+
+    asyncio.run(before_restart())
+    hac = ctl_json("status", "--config", hac_cfg(lab))
+    assert hac["revoked"] == 1 and hac["sas"]["live"] == 0
+    log = roles.log("hac")
+    assert f"mn_id={MN_ID} revoked" in log and "reason=revoked" in log
+
+    # The list survives a restart of the HAC.
+    assert roles.stop("hac") == 0
+    assert stat.S_IMODE(os.stat(lab.dir / "hac-revoked.json").st_mode) == 0o600
+    roles.start("hac")
+    assert mn_once(lab)["status"] == 401
+    out = ctl("unrevoke", "--config", hac_cfg(lab), MN_ID)
+    assert out.returncode == 0 and "may bootstrap again" in out.stdout
+    res = mn_once(lab)
+    assert res["status"] == 200 and res["ok"], res
+    assert ctl_json("status", "--config", hac_cfg(lab))["revoked"] == 0
+    # revoke is the HAC's: the HA refuses it by name.
+    out = ctl("revoke", "--config", ha_cfg(lab), MN_ID)
+    assert out.returncode == 1 and "not available on the ha" in out.stderr
+
+
+# ------------------------------------------------------------ reload
+
+
+def test_sighup_policy_applies_to_next_mn_not_to_exchange_in_flight(lab: Lab, roles: Roles) -> None:
+    roles.start("ha")
+    hac = roles.start("hac")
+    # An exchange in flight: Init answered, Done not yet sent.
+    mn = RawMN("127.0.0.1", lab.hac_port, str(lab.dir / "pki" / "ca.pem"), "hac.mipsec.test")
+    try:
+        mn_rand = os.urandom(32).hex()
+        mn.send(lines([("mn-id", MN_ID), ("mn-rand", mn_rand), ("auth-method", "psk")]) + b"\r\n")
+        r1 = mn.recv()
+        assert r1.headers.get("hac-rand")
+        # The policy no longer allows PSK, nor the suite this MN offers: by SIGHUP.
+        edit_toml(Path(hac_cfg(lab)), 'methods = ["psk", "eap"]', 'methods = ["eap"]')
+        edit_toml(Path(hac_cfg(lab)), 'suites = ["AES_128_CBC_SHA256", ', "suites = [")
+        hac.send_signal(signal.SIGHUP)
+        roles.wait_log("hac", "reload of")
+        log = roles.wait_log("hac", "applied: changed policy")
+        assert "requested (SIGHUP)" in log
+        assert hac.poll() is None  # SIGHUP no longer ends the HAC
+        # The exchange in flight finishes under the policy it started with
+        # (under the new one its only suite would get 501).
+        body = lines(
+            [
+                ("mn-rand", mn_rand),
+                ("hac-rand", r1.headers["hac-rand"]),
+                ("mip6-sas", "1"),
+                ("mip6-suitelist", "{00,3C}"),
+            ]
+        )
+        mn.send(with_auth(body, lab.psk, b"MN", mn.cb))
+        final = mn.recv()
+        assert final.headers.get("status-code") == "200", final.headers
+    finally:
+        mn.close()
+    # The next MN meets the new policy: PSK is not offered any more (501).
+    assert mn_once(lab)["status"] == 501
+    # Back, by `mipsec reload` this time.
+    edit_toml(Path(hac_cfg(lab)), 'methods = ["eap"]', 'methods = ["psk", "eap"]')
+    edit_toml(Path(hac_cfg(lab)), "suites = [", 'suites = ["AES_128_CBC_SHA256", ')
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and "policy" in out.stdout, out.stderr
+    assert mn_once(lab)["status"] == 200
+    assert ctl_json("status", "--config", hac_cfg(lab))["last_reload"]["applied"] is True
+
+
+def test_sighup_with_broken_file_keeps_running_config(lab: Lab, roles: Roles) -> None:
+    roles.start("ha")
+    hac = roles.start("hac")
+    edit_toml(Path(hac_cfg(lab)), "max_scope = 1", "max_scope = 7")
+    hac.send_signal(signal.SIGHUP)
+    log = roles.wait_log("hac", "reload refused")
+    refusals = [line for line in log.splitlines() if "reload refused" in line]
+    assert len(refusals) == 1
+    assert "hac.toml: policy.max_scope:" in refusals[0] and "kept" in refusals[0]
+    assert hac.poll() is None
+    res = mn_once(lab)
+    assert res["status"] == 200 and res["sa"]["scope"] == 1
+    # `mipsec reload` of the broken file: refused, named, exit 1, still running.
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 1 and "policy.max_scope" in out.stderr
+    # A key that needs a restart is named in the refusal.
+    edit_toml(Path(hac_cfg(lab)), "max_scope = 7", "max_scope = 1")
+    edit_toml(Path(hac_cfg(lab)), "request_timeout = 10", "request_timeout = 11")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 1
+    assert "hac.request_timeout: changes only with a restart" in out.stderr
+    assert hac.poll() is None and mn_once(lab)["status"] == 200
+
+
+def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
+    ha = roles.start("ha")
+    edit_toml(Path(ha_cfg(lab)), "max_binding_lifetime = 3600", "max_binding_lifetime = 60")
+    edit_toml(Path(ha_cfg(lab)), 'log_level = "info"', 'log_level = "debug"')
+    out = ctl("reload", "--config", ha_cfg(lab))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(": ha, log_level")
+    assert ctl_json("status", "--config", ha_cfg(lab))["last_reload"]["changed"] == [
+        "ha",
+        "log_level",
+    ]
+    edit_toml(Path(ha_cfg(lab)), "replay_window = 64", "replay_window = 128")
+    ha.send_signal(signal.SIGHUP)
+    log = roles.wait_log("ha", "reload refused")
+    assert "ha.replay_window: changes only with a restart" in log
+    assert ha.poll() is None
+
+
+def test_status_shows_radius_server_health(tmp_path: Path) -> None:
+    from conftest import Lab, free_port
+
+    secret = tmp_path / "radius.secret"
+    secret.write_text("testing123\n")
+    secret.chmod(0o600)
+    radius = f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+    out = mipsec(
+        "init",
+        str(tmp_path / "lab"),
+        "--hac-port",
+        str(free_port()),
+        "--radius",
+        radius,
+        "--radius-secret-file",
+        str(secret),
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    lab = Lab(tmp_path / "lab", json.loads(out.stdout))
+    r = Roles(lab)
+    try:
+        r.start("hac")
+        st = ctl_json("status", "--config", hac_cfg(lab))
+        servers = next(iter(st["aaa"].values()))
+        assert servers[radius]["dead"] is False and servers[radius]["timeouts"] == 0
+        assert "testing123" not in json.dumps(st)
+    finally:
+        r.stop("hac")

@@ -1,0 +1,213 @@
+"""Control socket protocol (sans-I/O), server limits, revocation list, reload diff."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mipsec.core.config import validate_config
+from mipsec.core.control import (
+    MAX_REQUEST,
+    ControlError,
+    ControlServer,
+    Dispatcher,
+    NotRunning,
+    Request,
+    encode_request,
+    parse_request,
+    request,
+    socket_path,
+)
+from mipsec.core.errors import ConfigError
+from mipsec.core.reload import restart_keys
+from mipsec.core.revocation import RevocationList
+
+# ------------------------------------------------------------ protocol
+
+
+def test_parse_request_round_trip() -> None:
+    req = parse_request(encode_request(Request("sas", {"mn_id": "a@b"})))
+    assert req == Request("sas", {"mn_id": "a@b"})
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        (b"not json\n", "request"),
+        (b"[1]\n", "request"),
+        (b"\xff\xfe\n", "request"),
+        (b'{"args": {}}\n', "cmd"),
+        (b'{"cmd": 3}\n', "cmd"),
+        (b'{"cmd": "shutdown"}\n', "cmd"),
+        (b'{"cmd": "status", "args": []}\n', "args"),
+        (b'{"cmd": "status", "pad": "' + b"x" * MAX_REQUEST + b'"}\n', "request"),
+    ],
+)
+def test_parse_request_errors_name_the_field(line: bytes, field: str) -> None:
+    with pytest.raises(ControlError) as err:
+        parse_request(line)
+    assert str(err.value).startswith(f"{field}:")
+
+
+def test_dispatcher_answers_errors_as_responses() -> None:
+    async def status(args: Any) -> dict[str, Any]:
+        return {"role": "x"}
+
+    d = Dispatcher("ha", {"status": status})
+
+    async def main() -> None:
+        assert json.loads(await d.handle(b'{"cmd": "status"}\n')) == {
+            "ok": True,
+            "result": {"role": "x"},
+        }
+        bad = json.loads(await d.handle(b'{"cmd": "revoke", "args": {"mn_id": "a"}}\n'))
+        assert bad == {"ok": False, "error": "cmd: 'revoke' is not available on the ha"}
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------ server
+
+
+def _serve(tmp_path: Path, timeout: float = 0.3) -> tuple[ControlServer, Path]:
+    async def status(args: Any) -> dict[str, Any]:
+        return {"args": dict(args)}
+
+    path = tmp_path / "t.ctl"
+    return ControlServer(
+        path, Dispatcher("hac", {"status": status}), timeout=timeout, key="control.path"
+    ), path
+
+
+def test_server_mode_limits_and_removal(tmp_path: Path) -> None:
+    server, path = _serve(tmp_path)
+
+    async def main() -> None:
+        old = os.umask(0)  # the mode must not depend on it
+        try:
+            await server.start()
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        resp = await asyncio.to_thread(request, path, Request("status", {"k": "v"}))
+        assert resp == {"ok": True, "result": {"args": {"k": "v"}}}
+
+        def raw(data: bytes) -> bytes:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(str(path))
+                s.sendall(data)
+                out = b""
+                while chunk := s.recv(4096):
+                    out += chunk
+                return out
+
+        # Longer than the limit: refused with a reason, not buffered forever.
+        big = json.loads(await asyncio.to_thread(raw, b"x" * (MAX_REQUEST + 10)))
+        assert big["ok"] is False and "longer than" in big["error"]
+        # A client that never finishes its line is cut off at the timeout.
+        assert await asyncio.to_thread(raw, b'{"cmd": "sta') == b""
+        # A second server on the same live path refuses to take it over.
+        other, _ = _serve(tmp_path)
+        with pytest.raises(OSError, match="in use"):
+            await other.start()
+        await server.stop()
+        assert not path.exists()
+
+    asyncio.run(main())
+
+
+def test_client_not_running_errors(tmp_path: Path) -> None:
+    with pytest.raises(NotRunning, match="no control socket"):
+        request(tmp_path / "none.ctl", Request("status"))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(tmp_path / "stale.ctl"))
+    s.close()
+    with pytest.raises(NotRunning, match="refuses connections"):
+        request(tmp_path / "stale.ctl", Request("status"))
+
+
+def test_socket_path_default_and_length(tmp_path: Path) -> None:
+    data = {"ha": {"id": "ha1"}, "sa_store": {"backend": "memory"}}
+    cfg = validate_config(data, "ha", base=tmp_path)
+    file = str(tmp_path / "ha.toml")
+    assert socket_path(cfg, "ha", file) == tmp_path / "ha.ctl"
+    # Two HAs configured in one directory (model 3) get two sockets.
+    assert socket_path(cfg, "ha", str(tmp_path / "ha2.toml")) == tmp_path / "ha2.ctl"
+    store = {"backend": "sqlite", "path": "state/ha.sqlite"}
+    cfg = validate_config({**data, "sa_store": store}, "ha", base=tmp_path)
+    assert socket_path(cfg, "ha", file) == tmp_path / "state" / "ha.ctl"
+    long = validate_config({**data, "control": {"path": "x" * 120}}, "ha", base=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        socket_path(long, "ha", file)
+    assert err.value.key == "control.path"
+    with pytest.raises(ConfigError) as err:
+        validate_config({**data, "control": {"timeout": 0}}, "ha", file="ha.toml")
+    assert err.value.key == "control.timeout"
+
+
+# ------------------------------------------------------------ revocation list
+
+
+def test_revocation_list_persists_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "revoked.json"
+    rl = RevocationList(path)
+    assert "a@x" not in rl and not path.exists()
+    assert rl.add("a@x") and not rl.add("a@x")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert "a@x" in RevocationList(path)
+    assert rl.remove("a@x") and not rl.remove("a@x")
+    assert "a@x" not in RevocationList(path) and len(RevocationList(path)) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["revoked.json"]  # no temporary left
+
+
+def test_revocation_list_unreadable_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "revoked.json"
+    path.write_text('{"version": 1, "revoked": ["a"]}')
+    with pytest.raises(ConfigError) as err:
+        RevocationList(path, config_file="hac.toml")
+    assert err.value.key == "revocations.path" and err.value.file == "hac.toml"
+
+
+# ------------------------------------------------------------ reload diff
+
+
+def test_restart_keys_names_leaves_outside_live_keys(tmp_path: Path) -> None:
+    base = {"ha": {"id": "ha1", "replay_window": 64}, "sa_store": {"backend": "memory"}}
+    old = validate_config(base, "ha")
+    new = validate_config(
+        {**base, "ha": {"id": "ha1", "replay_window": 128}, "log_level": "debug"}, "ha"
+    )
+    changed, restart = restart_keys(old, new, frozenset({"log_level"}))
+    assert changed == ["ha", "log_level"]
+    assert restart == ["ha.replay_window"]
+    assert restart_keys(old, old, frozenset()) == ([], [])
+
+
+# ------------------------------------------------------------ CLI help
+
+
+def test_every_cli_option_has_help() -> None:
+    import argparse
+
+    from mipsec.core.cli import build_parser
+
+    parsers: list[argparse.ArgumentParser] = list(build_parser())
+    subs = [a for a in parsers[1]._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers += list(subs[0].choices.values())
+    missing = [
+        f"{p.prog} {a.dest}"
+        for p in parsers
+        for a in p._actions
+        if not isinstance(a, argparse._SubParsersAction | argparse._HelpAction) and not a.help
+    ]
+    assert missing == []
+    names = set(subs[0].choices)
+    assert {"status", "sas", "bindings", "revoke", "unrevoke", "reload"} <= names
