@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LAUNCHER, Lab, edit_toml, mipsec, wait_port
+from conftest import LAUNCHER, Lab, edit_toml, free_port, mipsec, wait_port
 from rawmn import RawMN, lines, with_auth
 
 from mipsec.core.config import MNConfig, load_config
@@ -382,8 +382,8 @@ def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
 
 
 def test_status_shows_radius_server_health(tmp_path: Path) -> None:
-    from conftest import Lab, free_port
-
+    # conftest is imported at the top: a function-level import runs after
+    # tests/system/conftest.py has taken the name in a whole-suite run.
     secret = tmp_path / "radius.secret"
     secret.write_text("testing123\n")
     secret.chmod(0o600)
