@@ -39,12 +39,10 @@ EXIT_CONFIG = 2
 MIN_REBOOTSTRAP_INTERVAL = 5.0  # seconds
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(cfg: Any) -> None:
+    from mipsec.core.logsetup import configure_from
+
+    configure_from(cfg)  # one event per line, UTC (core/logsetup.py)
 
 
 def result_json(result: BootstrapResult, *, show_keys: bool = False) -> dict[str, Any]:
@@ -130,21 +128,62 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
         loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
     if early_hup:
         ops.reloader.on_signal()
+    metrics = None
+    control = None
     try:
         control = await start_control(cfg, "hac", config_file, ops.dispatcher())
+        if cfg.metrics is not None:
+            from mipsec.core.metrics import HacMetrics, start_metrics
+
+            service.metrics = HacMetrics(service, ops.tracker)
+            metrics = await start_metrics(
+                cfg, service.metrics.registry, lambda: service._listener is not None, "hac"
+            )
     except BaseException:
+        if metrics is not None:
+            await metrics.stop()
+        if control is not None:
+            await control.stop()
         await service.stop()
         if local_ha is not None:
             await local_ha.stop()
         raise
+    _ready("hac", config_file)
     await stop.wait()
+    _stopping("hac")
+    left = await service.drain(cfg.hac.drain_timeout)
+    if left:
+        logging.getLogger("mipsec.hac").warning(
+            "hac drain: %d exchange(s) still under way after %.1f s are cut",
+            left,
+            cfg.hac.drain_timeout,
+        )
     if control is not None:
         await control.stop()
+    if metrics is not None:
+        await metrics.stop()
     await ops.aclose()
     await service.stop()
     if local_ha is not None:
         await local_ha.stop()
+    logging.getLogger("mipsec").info("hac stopped (mipsec %s)", version())
     return EXIT_OK
+
+
+def _ready(role: str, config_file: str) -> None:
+    from mipsec.core import sdnotify
+
+    logging.getLogger("mipsec").info(
+        "%s ready (mipsec %s, config %s)", role, version(), config_file
+    )
+    sdnotify.ready(f"{role} serving")
+
+
+def _stopping(role: str) -> None:
+    from mipsec.core import sdnotify
+
+    logging.getLogger("mipsec").info("%s stopping (mipsec %s)", role, version())
+    sdnotify.stopping()
 
 
 async def _run_ha(cfg: HAConfig, config_file: str) -> int:
@@ -163,15 +202,30 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
     await service.start()
+    metrics = None
+    control = None
     try:
         control = await start_control(cfg, "ha", config_file, ops.dispatcher())
+        if cfg.metrics is not None:
+            from mipsec.core.metrics import HaMetrics, start_metrics
+
+            metrics = await start_metrics(cfg, HaMetrics(service).registry, lambda: True, "ha")
     except BaseException:
+        if control is not None:
+            await control.stop()
         await service.stop()
         raise
+    _ready("ha", config_file)
     await stop.wait()
+    # Nothing to drain on the HA: each BU is answered only after its state
+    # is committed (issue 6), so stopping between packets loses nothing.
+    _stopping("ha")
     if control is not None:
         await control.stop()
+    if metrics is not None:
+        await metrics.stop()
     await service.stop()
+    logging.getLogger("mipsec").info("ha stopped (mipsec %s)", version())
     return EXIT_OK
 
 
@@ -313,7 +367,7 @@ def _print_result(result: BootstrapResult, reg: Any = None) -> None:
 
 def cmd_role(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.role)
-    _setup_logging(getattr(cfg, "log_level", "info"))
+    _setup_logging(cfg)
     from mipsec.core.roles.preflight import preflight
 
     preflight(cfg, args.config)  # the same checks as check-config (core/roles/preflight.py)

@@ -163,6 +163,8 @@ class HACService(_Strict):
     # SA issues in progress at once; beyond it the MN gets 503 + retry-after.
     max_in_progress: Annotated[int, Field(ge=1, le=100_000)] = 128
     expiry_interval: Seconds = 30.0
+    # SIGTERM: exchanges under way may finish for this long before the stop.
+    drain_timeout: Annotated[float, Field(ge=0, le=300)] = 10.0
 
     @model_validator(mode="before")
     @classmethod
@@ -188,6 +190,32 @@ class ControlConfig(_Strict):
     # None: ``<config file name>.ctl`` in the state directory (core/control.py).
     path: Path | None = None
     timeout: Annotated[float, Field(gt=0, le=300)] = 5.0  # a client's request, first to last octet
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _logger_names(v: dict[str, LogLevel]) -> dict[str, LogLevel]:
+    for name in v:
+        if not name or any(c.isspace() for c in name) or name.startswith("."):
+            raise ValueError(f'{name!r} is not a logger name (e.g. "mipsec.ha")')
+    return v
+
+
+LogLevels = Annotated[dict[str, LogLevel], AfterValidator(_logger_names)]
+
+
+class MetricsConfig(_Strict):
+    """Prometheus ``/metrics`` and ``/healthz`` over HTTP (core/metrics.py); off when absent."""
+
+    address: str = "127.0.0.1"
+    port: Port
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        ipaddress.ip_address(v)  # ValueError names the bad address
+        return v
 
 
 class RevocationsConfig(_Strict):
@@ -268,7 +296,10 @@ class HACConfig(_Strict):
     plugins: PluginsConfig = PluginsConfig()
     control: ControlConfig = ControlConfig()
     revocations: RevocationsConfig = RevocationsConfig()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics: MetricsConfig | None = None
+    log_level: LogLevel = "info"
+    log_format: Literal["text", "json"] = "text"
+    log_levels: LogLevels = Field(default_factory=dict)  # per logger, e.g. "mipsec.events"
 
     @model_validator(mode="after")
     def _unique_ha(self) -> HACConfig:
@@ -348,7 +379,9 @@ class MNConfig(_Strict):
     registration: MNRegistrationConfig = MNRegistrationConfig()
     dataplane: MNDataPlane = MNDataPlane()
     plugins: PluginsConfig = PluginsConfig()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: LogLevel = "info"
+    log_format: Literal["text", "json"] = "text"
+    log_levels: LogLevels = Field(default_factory=dict)
 
 
 class HAService(_Strict):
@@ -418,7 +451,10 @@ class HAConfig(_Strict):
     dataplane: HADataPlane = HADataPlane()
     plugins: PluginsConfig = PluginsConfig()
     control: ControlConfig = ControlConfig()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics: MetricsConfig | None = None
+    log_level: LogLevel = "info"
+    log_format: Literal["text", "json"] = "text"
+    log_levels: LogLevels = Field(default_factory=dict)
 
 
 HACConfig.model_rebuild()

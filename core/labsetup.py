@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,28 @@ sqn_file = "usim.sqn"          # one USIM: shared by mn-aka.toml and mn-aka-prim
 {extra if method == "aka-prime" else ""}"""
 
 
+def _free_tcp_port() -> int:
+    """A port free on 127.0.0.1 now (the kernel's pick); written into the config."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _metrics_table(port: int) -> str:
+    return f"""
+[metrics]                 # Prometheus: GET /metrics and /healthz (management address only)
+address = "127.0.0.1"
+port = {port}
+"""
+
+
+def _control_path(config_file: Path, role: str) -> str:
+    from mipsec.core.config import load_config
+    from mipsec.core.control import socket_path
+
+    return str(socket_path(load_config(config_file, role), role, str(config_file)))
+
+
 def init_lab(
     directory: Path,
     *,
@@ -185,6 +208,7 @@ def init_lab(
     for name in ("hac-sa.key", "ha-sa.key"):
         create_key_file(directory / name)
     psk = secrets.token_bytes(32)
+    metrics_ports = (_free_tcp_port(), _free_tcp_port())
 
     def rel(p: Path) -> str:
         return os.path.relpath(p, directory)
@@ -257,7 +281,7 @@ key = "{rel(pki.hac_client_key)}"
 dns_ip6 = "2001:db8:1::53"
 dns_ip4 = "192.0.2.53"
 {_hac_eap(radius, radius_secret_file, eap_tls)}"""
-    _write(directory / "hac.toml", hac_toml)
+    _write(directory / "hac.toml", hac_toml + _metrics_table(metrics_ports[0]))
     ha_toml = f"""# HA of the mipsec lab (mipsec init).
 log_level = "info"
 
@@ -288,7 +312,7 @@ client_names = ["hac.mipsec.test"]
 timeout = 10
 max_connections = 64      # all held, handshakes included; the longest waiting is evicted
 """
-    _write(directory / "ha.toml", ha_toml)
+    _write(directory / "ha.toml", ha_toml + _metrics_table(metrics_ports[1]))
     ca = rel(pki.ca_cert)
     mn_toml = _mn_toml(
         "Mobile node of the mipsec lab",
@@ -325,8 +349,16 @@ server_name = "{EAP_NAME}"
             "port": hac_port,
             "server_name": HAC_NAME,
             "config": str(directory / "hac.toml"),
+            "metrics": f"http://127.0.0.1:{metrics_ports[0]}/metrics",
+            "control": _control_path(directory / "hac.toml", "hac"),
         },
-        "ha": {"host": "127.0.0.1", "port": ha_port, "config": str(directory / "ha.toml")},
+        "ha": {
+            "host": "127.0.0.1",
+            "port": ha_port,
+            "config": str(directory / "ha.toml"),
+            "metrics": f"http://127.0.0.1:{metrics_ports[1]}/metrics",
+            "control": _control_path(directory / "ha.toml", "ha"),
+        },
         "mn": {
             "mn_id": DEMO_MN_ID,
             "psk_hex": psk.hex(),

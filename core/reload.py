@@ -43,8 +43,11 @@ def restart_keys(
     return changed, restart
 
 
-def set_log_level(level: str) -> None:
-    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
+def set_log_level(cfg: Any) -> None:
+    """Apply the new ``log_level``, ``log_format`` and ``log_levels`` (all live)."""
+    from mipsec.core.logsetup import configure_from
+
+    configure_from(cfg)
 
 
 class ReloadRunner:
@@ -59,36 +62,45 @@ class ReloadRunner:
 
     async def run(self, source: str) -> dict[str, Any]:
         async with self._lock:
-            log.info("%s reload of %s requested (%s)", self.role, self.config_file, source)
-            at = datetime.now(UTC).replace(microsecond=0).isoformat()
+            from mipsec.core import sdnotify
+
+            sdnotify.reloading()
             try:
-                changed = self.apply()
-            except (ConfigError, PluginError) as exc:
-                # One line: file, key, reason; the running configuration stays.
-                log.error("%s reload refused, running configuration kept: %s", self.role, exc)
-                self.last = {"at": at, "applied": False, "error": str(exc)}
-                return dict(self.last)
-            except Exception as exc:  # a plugin bug while building: refuse, keep running
-                log.error(
-                    "%s reload refused, running configuration kept: %s: internal error: %s",
-                    self.role,
-                    self.config_file,
-                    type(exc).__name__,
-                )
-                self.last = {
-                    "at": at,
-                    "applied": False,
-                    "error": f"internal error: {type(exc).__name__}",
-                }
-                return dict(self.last)
-            log.info(
-                "%s reload of %s applied: %s",
+                return await self._run(source)
+            finally:
+                sdnotify.ready()
+
+    async def _run(self, source: str) -> dict[str, Any]:
+        log.info("%s reload of %s requested (%s)", self.role, self.config_file, source)
+        at = datetime.now(UTC).replace(microsecond=0).isoformat()
+        try:
+            changed = self.apply()
+        except (ConfigError, PluginError) as exc:
+            # One line: file, key, reason; the running configuration stays.
+            log.error("%s reload refused, running configuration kept: %s", self.role, exc)
+            self.last = {"at": at, "applied": False, "error": str(exc)}
+            return dict(self.last)
+        except Exception as exc:  # a plugin bug while building: refuse, keep running
+            log.error(
+                "%s reload refused, running configuration kept: %s: internal error: %s",
                 self.role,
                 self.config_file,
-                ("changed " + ", ".join(changed)) if changed else "no change",
+                type(exc).__name__,
             )
-            self.last = {"at": at, "applied": True, "changed": changed}
+            self.last = {
+                "at": at,
+                "applied": False,
+                "error": f"internal error: {type(exc).__name__}",
+            }
             return dict(self.last)
+        log.info(
+            "%s reload of %s applied: %s",
+            self.role,
+            self.config_file,
+            ("changed " + ", ".join(changed)) if changed else "no change",
+        )
+        self.last = {"at": at, "applied": True, "changed": changed}
+        return dict(self.last)
 
     def on_signal(self) -> None:
         """SIGHUP handler (``loop.add_signal_handler``): reload in the background."""

@@ -25,7 +25,7 @@ from mipsec.core.version import version
 
 log = logging.getLogger("mipsec.ha")
 
-LIVE_KEYS = frozenset({"log_level", "ha"})
+LIVE_KEYS = frozenset({"log_level", "log_format", "log_levels", "ha"})
 # Under [ha], only these apply live; every other [ha] key needs a restart.
 LIVE_HA_KEYS = frozenset({"max_binding_lifetime"})
 
@@ -139,5 +139,5 @@ class HaOps:
             raise ConfigError(file, ", ".join(restart), "changes only with a restart")
         svc.cfg = new
         svc.core.max_binding_lifetime = float(new.ha.max_binding_lifetime)
-        set_log_level(new.log_level)
+        set_log_level(new)
         return changed

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -192,6 +193,9 @@ class HacService:
         self._delivered: dict[int, int] = {}
         self._delivery_seq = 0
         self.addresses: list[tuple[str, int]] = []
+        # ``mipsec_bootstraps_total`` and the latency histogram (core/metrics.py):
+        # set by the launcher when ``[metrics]`` is configured.
+        self.metrics: Any = None
         self.stats: dict[str, int] = {
             "sessions": 0,
             "status_200": 0,
@@ -281,6 +285,27 @@ class HacService:
         if self._listener is not None:
             await self._listener.serve_forever()
 
+    async def drain(self, timeout: float) -> int:
+        """SIGTERM: stop accepting, let exchanges under way finish (up to
+        ``timeout`` seconds), then return how many were still open.
+
+        Only exchanges that have begun (an Init was read) are waited for; an
+        idle connection would only hold the stop for the whole bound.
+        """
+        if self._listener is not None:
+            self._listener.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def busy() -> int:
+            return sum(
+                1 for s in self._sessions if s._exch.mn_id is not None and not s._exch.finished
+            )
+
+        while busy() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return busy()
+
     async def stop(self) -> None:
         if self._listener is not None:
             self._listener.close()
@@ -338,9 +363,15 @@ class HacService:
                     type(exc).__name__,
                 )
 
-    def exchange_ended(self, exch: HacExchange, peer: str) -> None:
+    def exchange_ended(self, exch: HacExchange, peer: str, started: float | None = None) -> None:
         """One audit event per finished exchange (issue 6 item 7)."""
         status = exch.final_status
+        if self.metrics is not None and (exch.mn_id is not None or status is not None):
+            self.metrics.bootstrap(
+                exch.method_name or "-",
+                status,
+                time.monotonic() - started if started is not None else None,
+            )
         if status == 200:
             self.stats["status_200"] += 1
             return  # sa_issued was emitted when the 200 left
@@ -708,6 +739,7 @@ class _Session:
         )
         service._sessions.add(self)
         service.stats["sessions"] += 1
+        self._started = time.monotonic()
 
     # ------------------------------------------------------------ TlsHandler
 
@@ -734,7 +766,7 @@ class _Session:
     def _report(self) -> None:
         if not self._reported and self._exch.finished:
             self._reported = True
-            self._svc.exchange_ended(self._exch, self._peer)
+            self._svc.exchange_ended(self._exch, self._peer, self._started)
 
     def cancel(self) -> asyncio.Task[None] | None:
         """Service stop: abandon work in progress (returned) and close."""

@@ -46,6 +46,8 @@ LIVE_KEYS = frozenset(
         "ha_selection",
         "bootstrap",
         "log_level",
+        "log_format",
+        "log_levels",
     }
 )
 TRACKER = "mipsec-control-tracker"
@@ -347,7 +349,7 @@ class HacOps:
         svc.credentials = credentials
         svc.allocator = allocator
         svc.selector = selector
-        set_log_level(new.log_level)
+        set_log_level(new)
         self._close_later(old, in_flight)
         return changed
 

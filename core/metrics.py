@@ -1,0 +1,287 @@
+"""Prometheus metrics: ``/metrics`` and ``/healthz`` per role (issue 10 item 3).
+
+Each role owns one ``CollectorRegistry`` (not prometheus_client's global one,
+so several roles -- or tests -- can share a process).  Two kinds of series:
+
+* counted as they happen: ``mipsec_bootstraps_total{method,status}`` and the
+  ``mipsec_bootstrap_duration_seconds`` histogram, fed by the HAC once per
+  finished exchange (``HacService.exchange_ended``);
+* read at scrape time from counters the roles keep anyway (the HA core's drops
+  by reason, the listeners' connection counters, provisioning per HA, the
+  RADIUS client's per-server counters): nothing extra on the hot path, and the
+  figures cannot drift from what ``mipsec status`` shows.
+
+The HTTP side is a deliberately small HTTP/1.0 server on the role's own event
+loop: one request per connection, a 4 KiB request head read within 5 s, GET
+only, two paths.  Exporting must never become a way to hold the role's memory
+or loop (the same rules as the HAC's TLS listener, at a smaller scale), and it
+needs no thread.  Bind it to a management address: it tells counts, never an
+identity or a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["HaMetrics", "HacMetrics", "MetricsServer", "start_metrics"]
+
+log = logging.getLogger("mipsec.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_HEAD = 4096
+READ_TIMEOUT = 5.0
+MAX_CLIENTS = 16  # scrapes at once; more are closed at once
+
+
+class _ReadAtScrape(Collector):
+    """Builds metric families from a function called at each scrape."""
+
+    def __init__(self, build: Callable[[], Iterable[Metric]]) -> None:
+        self._build = build
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._build()
+        except Exception as exc:  # a scrape must not take the role down
+            log.warning("metrics collection failed: %s", type(exc).__name__)
+
+
+def _counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, doc, labels=[label])
+    for k, v in sorted(values.items()):
+        fam.add_metric([str(k)], float(v))
+    return fam
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _listener_families(prefix: str, listener: Any) -> Iterator[Metric]:
+    if listener is None:
+        return
+    yield _gauge(f"{prefix}_connections", "TLS connections held now", listener.connections)
+    yield _counter(
+        f"{prefix}_connection_events",
+        "TLS connection events: accepted, evicted, refused, deadlines, failed handshakes",
+        "event",
+        dict(listener.stats),
+    )
+
+
+class HacMetrics:
+    """The HAC's registry; ``bootstrap()`` is called once per finished exchange."""
+
+    def __init__(self, service: Any, tracker: Any = None) -> None:
+        self.svc = service
+        self.tracker = tracker  # roles/hac_ops.py: SAs issued / failures per HA
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.bootstraps = Counter(
+            "mipsec_bootstraps",
+            "Finished MN exchanges by method and final status ('none': no final response)",
+            ["method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "mipsec_bootstrap_duration_seconds",
+            "From the TLS connection's accept to the exchange's end",
+            ["method"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.registry.register(_ReadAtScrape(self._collect))
+
+    def bootstrap(self, method: str, status: int | None, seconds: float | None) -> None:
+        self.bootstraps.labels(method, str(status) if status is not None else "none").inc()
+        if seconds is not None:
+            self.latency.labels(method).observe(seconds)
+
+    def _collect(self) -> Iterator[Metric]:
+        from mipsec.core.issuer import utcnow
+
+        svc = self.svc
+        by_ha = svc.store.count_by_ha(utcnow())
+        live = GaugeMetricFamily("mipsec_live_sas", "Live SAs by HA", labels=["ha"])
+        for ha_id in sorted({h.ha_id for h in svc.has} | set(by_ha)):
+            live.add_metric([ha_id], float(by_ha.get(ha_id, 0)))
+        yield live
+        yield _counter(
+            "mipsec_hac_events", "HAC counters (sessions, saturated, withdrawn, ...)", "event",
+            dict(svc.stats),
+        )  # fmt: skip
+        yield _gauge("mipsec_exchanges_in_progress", "MN exchanges open", len(svc._sessions))
+        yield _gauge("mipsec_revoked_mns", "MNs on the revocation list", len(svc.revocations))
+        yield from _listener_families("mipsec_hac", svc._listener)
+        prov = getattr(self.tracker, "provisioning", None)
+        if prov:
+            ok = CounterMetricFamily(
+                "mipsec_provisioning", "SA installs per HA by outcome", labels=["ha", "outcome"]
+            )
+            for ha_id, row in sorted(prov.items()):
+                ok.add_metric([ha_id, "issued"], float(row.get("issued", 0)))
+                ok.add_metric([ha_id, "failed"], float(row.get("failed", 0)))
+            yield ok
+        from mipsec.core.roles.hac_ops import aaa_health
+
+        servers = aaa_health(svc.methods)
+        if servers:
+            rt = CounterMetricFamily(
+                "mipsec_radius", "RADIUS client counters per server", labels=["server", "counter"]
+            )
+            dead = GaugeMetricFamily(
+                "mipsec_radius_server_dead", "1 while a server is held off as dead",
+                labels=["server"],
+            )  # fmt: skip
+            for server, row in _radius_rows(servers):
+                for k, v in row.items():
+                    if isinstance(v, bool):
+                        if k == "dead":
+                            dead.add_metric([server], float(v))
+                    elif isinstance(v, int | float):
+                        rt.add_metric([server, k], float(v))
+            yield rt
+            yield dead
+
+
+def _radius_rows(health: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``aaa_health`` is {back end: {server: counters}}: one row per server."""
+    for servers in health.values():
+        for name, row in servers.items():
+            yield str(name), row
+
+
+class HaMetrics:
+    """The HA's registry: everything is read at scrape time from its counters."""
+
+    def __init__(self, service: Any) -> None:
+        self.svc = service
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_ReadAtScrape(self._collect))
+
+    def _collect(self) -> Iterator[Metric]:
+        svc = self.svc
+        st = svc.stats()
+        yield _counter(
+            "mipsec_ha_packets_dropped", "Packets dropped by reason", "reason", st.get("drops", {})
+        )
+        yield CounterMetricFamily(
+            "mipsec_ha_packets", "Packets received on the MIP6 port", value=st.get("packets", 0)
+        )
+        yield CounterMetricFamily(
+            "mipsec_ha_binding_updates", "BUs accepted", value=st.get("bu", 0)
+        )
+        yield _counter(
+            "mipsec_ha_binding_acks", "BAs sent by status", "status",
+            {str(k): v for k, v in st.get("ba", {}).items()},
+        )  # fmt: skip
+        yield _gauge("mipsec_ha_sas", "SAs installed", st.get("sas", 0))
+        yield _gauge("mipsec_ha_bindings", "Bindings in the cache", st.get("bindings", 0))
+        prov = getattr(svc, "_provisioning", None)
+        yield from _listener_families("mipsec_ha_provisioning", getattr(prov, "listener", None))
+
+
+class MetricsServer:
+    """``GET /metrics`` and ``GET /healthz`` over HTTP/1.0 on the role's loop."""
+
+    def __init__(self, registry: CollectorRegistry, healthy: Callable[[], bool]) -> None:
+        self.registry = registry
+        self.healthy = healthy
+        self._server: asyncio.Server | None = None
+        self._clients = 0
+        self.addresses: list[tuple[str, int]] = []
+
+    async def listen(self, host: str, port: int) -> list[tuple[str, int]]:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD)
+        self.addresses = [s.getsockname()[:2] for s in self._server.sockets]
+        return self.addresses
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            writer.close()
+            return
+        self._clients += 1
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                return
+            except OSError:
+                return
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+                await self._answer(writer, 400, b"bad request\n")
+            elif parts[0] not in (b"GET", b"HEAD"):
+                await self._answer(writer, 405, b"GET only\n")
+            else:
+                path = parts[1].split(b"?", 1)[0]
+                body_only = parts[0] == b"GET"
+                if path == b"/metrics":
+                    await self._answer(
+                        writer, 200, generate_latest(self.registry), CONTENT_TYPE, body_only
+                    )
+                elif path == b"/healthz":
+                    ok = self.healthy()
+                    await self._answer(
+                        writer, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n",
+                        send_body=body_only,
+                    )  # fmt: skip
+                else:
+                    await self._answer(writer, 404, b"not found\n")
+        finally:
+            self._clients -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), READ_TIMEOUT)
+
+    @staticmethod
+    async def _answer(
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        ctype: str = "text/plain; charset=utf-8",
+        send_body: bool = True,
+    ) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  503: "Service Unavailable"}[status]  # fmt: skip
+        head = (
+            f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        writer.write(head + (body if send_body else b""))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+
+
+async def start_metrics(
+    cfg: Any, registry: CollectorRegistry, healthy: Callable[[], bool], role: str
+) -> MetricsServer | None:
+    """Serve ``[metrics]`` when configured; a bind failure names the key."""
+    mc = getattr(cfg, "metrics", None)
+    if mc is None:
+        return None
+    from mipsec.core.errors import ListenError
+
+    server = MetricsServer(registry, healthy)
+    try:
+        bound = await server.listen(mc.address, mc.port)
+    except OSError as exc:
+        raise ListenError.from_oserror("metrics.port", mc.address, mc.port, exc) from None
+    for host, port in bound:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("%s metrics on http://%s/metrics", role, where)
+    return server

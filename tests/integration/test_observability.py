@@ -1,0 +1,226 @@
+"""Metrics, JSON logs, sd_notify and the SIGTERM drain, on real role processes (issue 10).
+
+One lab from ``mipsec init`` (which gives each role a ``[metrics]`` address),
+switched to ``log_format = "json"``; the HA and the HAC run as processes with
+``NOTIFY_SOCKET`` pointing at a datagram socket of the test, the MN bootstraps
+and registers, garbage goes to the HA's UDP port; then both stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import LAUNCHER, Lab, edit_toml, mipsec, wait_port
+
+TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of the Prometheus text format."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        got = dict(re.findall(r'(\w+)="([^"]*)"', head))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+class Notify:
+    """A datagram socket standing in for systemd's ``NOTIFY_SOCKET``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.got: list[str] = []
+
+    def wait_for(self, state: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(state in m.split("\n") for m in self.got):
+                return
+            try:
+                self.got.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+        raise AssertionError(f"{state} never notified: {self.got}")
+
+
+@pytest.fixture
+def json_lab(lab: Lab) -> Lab:
+    for role in ("hac", "ha"):
+        edit_toml(
+            Path(lab.info[role]["config"]),
+            'log_level = "info"',
+            'log_level = "info"\nlog_format = "json"',
+        )
+    return lab
+
+
+def _start(lab: Lab, role: str, notify: Notify) -> subprocess.Popen[bytes]:
+    out = (lab.dir / f"{role}.log").open("ab")
+    p = subprocess.Popen(
+        [*LAUNCHER, "--role", role, "--config", lab.info[role]["config"]],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, NOTIFY_SOCKET=str(notify.path)),
+    )
+    out.close()
+    wait_port(int(lab.info[role]["port"]), p)
+    return p
+
+
+@pytest.fixture
+def running(json_lab: Lab, tmp_path: Path) -> Iterator[tuple[Lab, dict[str, Any]]]:
+    notes = {r: Notify(tmp_path / f"{r}.notify") for r in ("ha", "hac")}
+    procs = {}
+    try:
+        for role in ("ha", "hac"):
+            procs[role] = _start(json_lab, role, notes[role])
+            notes[role].wait_for("READY=1")
+        yield json_lab, {"procs": procs, "notify": notes}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_metrics_json_logs_notify_and_stop(running: tuple[Lab, dict[str, Any]]) -> None:
+    lab, ctx = running
+    procs, notes = ctx["procs"], ctx["notify"]
+    hac_metrics, ha_metrics = lab.info["hac"]["metrics"], lab.info["ha"]["metrics"]
+
+    out = mipsec("--role", "mn", "--config", lab.info["mn"]["config"], "--once", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == 200
+
+    # Garbage at the HA's MIP6 port: counted as drops by reason.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(5):
+            s.sendto(b"\x00\x01garbage", ("127.0.0.1", int(lab.info["ha"]["port"])))
+    time.sleep(0.5)
+
+    status, text = _get(hac_metrics)
+    assert status == 200
+    assert _sample(text, "mipsec_bootstraps_total", method="psk", status="200") == 1.0
+    assert _sample(text, "mipsec_bootstrap_duration_seconds_count", method="psk") == 1.0
+    assert _sample(text, "mipsec_live_sas", ha="ha1") == 1.0
+    assert _sample(text, "mipsec_provisioning_total", ha="ha1", outcome="issued") == 1.0
+
+    status, text = _get(ha_metrics)
+    assert status == 200
+    drops = [
+        float(v)
+        for v in re.findall(
+            r'^mipsec_ha_packets_dropped_total\{reason="[^"]+"\} (\S+)$', text, re.M
+        )
+    ]
+    assert sum(drops) == 5.0, text
+    assert _sample(text, "mipsec_ha_bindings") == 1.0
+    assert _sample(text, "mipsec_ha_sas") == 1.0
+    for url in (hac_metrics, ha_metrics):
+        assert _get(url.replace("/metrics", "/healthz")) == (200, "ok\n")
+        assert _get(url.replace("/metrics", "/nothing"))[0] == 404
+    # No key material in an export: the SA's keys never reach a metric.
+    assert "key" not in text.lower().replace("keepalive", "")
+
+    for role in ("hac", "ha"):
+        procs[role].send_signal(signal.SIGTERM)
+        assert procs[role].wait(timeout=30) == 0
+        notes[role].wait_for("STOPPING=1")
+
+    for role in ("hac", "ha"):
+        lines = (lab.dir / f"{role}.log").read_text().splitlines()
+        assert lines, role
+        records = [json.loads(line) for line in lines]  # every line is one JSON object
+        for rec in records:
+            assert set(rec) >= {"ts", "level", "logger", "msg"}
+            assert TS.match(rec["ts"]), rec["ts"]
+        msgs = [r["msg"] for r in records]
+        assert any(m.startswith(f"{role} ready (mipsec ") for m in msgs), msgs
+        assert any(m.startswith(f"{role} stopped (mipsec ") for m in msgs), msgs
+    hac_records = [json.loads(x) for x in (lab.dir / "hac.log").read_text().splitlines()]
+    issued = [r for r in hac_records if r.get("event") == "sa_issued"]
+    assert issued and issued[0]["mn_id"] == "demo@mipsec.test"  # event fields as JSON fields
+
+
+def test_metrics_port_in_use_names_the_key(json_lab: Lab) -> None:
+    port = int(json_lab.info["ha"]["metrics"].rsplit(":", 1)[1].split("/")[0])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        out = mipsec("--role", "ha", "--config", json_lab.info["ha"]["config"], timeout=30)
+    assert out.returncode != 0
+    assert "metrics.port" in out.stderr and str(port) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_sigterm_drains_an_exchange_in_flight(lab: Lab, tmp_path: Path) -> None:
+    """SIGTERM between Init and Done: the HAC stops accepting, the MN's Done
+    still gets its 200, then the HAC exits 0."""
+    from rawmn import RawMN, lines, with_auth
+
+    notes = {r: Notify(tmp_path / f"{r}.notify") for r in ("ha", "hac")}
+    procs = {}
+    try:
+        for role in ("ha", "hac"):
+            procs[role] = _start(lab, role, notes[role])
+            notes[role].wait_for("READY=1")
+        mn = RawMN("127.0.0.1", lab.hac_port, str(lab.dir / "pki" / "ca.pem"), "hac.mipsec.test")
+        try:
+            mn_rand = os.urandom(32).hex()
+            mn.send(
+                lines([("mn-id", "demo@mipsec.test"), ("mn-rand", mn_rand), ("auth-method", "psk")])
+                + b"\r\n"
+            )
+            r1 = mn.recv()
+            procs["hac"].send_signal(signal.SIGTERM)
+            notes["hac"].wait_for("STOPPING=1")
+            # Not accepting any more: a new connection is refused.
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", lab.hac_port), timeout=2).close()
+            body = lines(
+                [
+                    ("mn-rand", mn_rand),
+                    ("hac-rand", r1.headers["hac-rand"]),
+                    ("mip6-sas", "1"),
+                    ("mip6-suitelist", "{00,3C}"),
+                ]
+            )
+            mn.send(with_auth(body, lab.psk, b"MN", mn.cb))
+            assert mn.recv().headers.get("status-code") == "200"
+        finally:
+            mn.close()
+        assert procs["hac"].wait(timeout=30) == 0
+        log = (lab.dir / "hac.log").read_text()
+        assert "hac stopping (mipsec " in log and "hac stopped (mipsec " in log
+        assert "still under way" not in log
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -1,0 +1,108 @@
+"""Operator log lines (core/logsetup.py): one line, UTC, JSON mode, levels."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mipsec.core import logsetup, sdnotify
+
+TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    buf = io.StringIO()
+    yield buf
+    logsetup.configure("info", "text", {}, stream=io.StringIO())  # drop overrides
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in saved[0]:
+        root.addHandler(h)
+    root.setLevel(saved[1])
+
+
+def _boom() -> None:
+    raise ValueError("bad value\nsecond line")
+
+
+def test_text_is_one_line_utc_and_keeps_no_traceback_at_info(stream: io.StringIO) -> None:
+    logsetup.configure("info", "text", {}, stream=stream)
+    log = logging.getLogger("mipsec.t1")
+    log.info("two\nlines")
+    try:
+        _boom()
+    except ValueError:
+        log.exception("failed for mn_id=%s", "a@b.test")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert all(TS.match(x) for x in lines)
+    assert lines[0].endswith("INFO mipsec.t1: two\\nlines")
+    assert "error=ValueError: bad value\\nsecond line" in lines[1]
+    assert "Traceback" not in stream.getvalue()
+
+
+def test_traceback_only_when_the_logger_is_at_debug(stream: io.StringIO) -> None:
+    logsetup.configure("info", "text", {"mipsec.t2": "debug"}, stream=stream)
+    try:
+        _boom()
+    except ValueError:
+        logging.getLogger("mipsec.t2").exception("x")
+        logging.getLogger("mipsec.other").exception("y")
+    out = stream.getvalue()
+    assert out.count("Traceback") == 1
+    # A reload without the override: the logger follows the root again.
+    logsetup.configure("info", "text", {}, stream=stream)
+    assert logging.getLogger("mipsec.t2").getEffectiveLevel() == logging.INFO
+
+
+def test_json_one_object_per_line_with_event_fields(stream: io.StringIO) -> None:
+    logsetup.configure("info", "json", {}, stream=stream)
+    log = logging.getLogger("mipsec.events")
+    log.info("event=sa_issued spi=7 mn_id=a@b.test peer=127.0.0.1:5")
+    try:
+        _boom()
+    except ValueError:
+        log.exception("oops")
+    recs = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert len(recs) == 2
+    assert recs[0]["event"] == "sa_issued" and recs[0]["mn_id"] == "a@b.test"
+    assert recs[0]["ts"].endswith("Z") and recs[0]["level"] == "INFO"
+    assert recs[1]["error"] == "ValueError: bad value\nsecond line"
+    assert "traceback" not in recs[1]
+
+
+def test_level_and_per_component_levels(stream: io.StringIO) -> None:
+    logsetup.configure("warning", "text", {"mipsec.loud": "debug"}, stream=stream)
+    logging.getLogger("mipsec.quiet").info("hidden")
+    logging.getLogger("mipsec.loud").debug("shown")
+    out = stream.getvalue()
+    assert "hidden" not in out and "shown" in out
+
+
+def test_sd_notify_datagrams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sdnotify.ready() is False  # outside systemd: nothing, no error
+    for name in (str(tmp_path / "n.sock"), f"@mipsec-test-{os.getpid()}"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.bind("\0" + name[1:] if name.startswith("@") else name)
+            s.settimeout(5)
+            monkeypatch.setenv("NOTIFY_SOCKET", name)
+            assert sdnotify.ready("hac serving")
+            assert s.recv(512) == b"READY=1\nSTATUS=hac serving"
+            assert sdnotify.reloading()
+            assert s.recv(512).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+            assert sdnotify.stopping()
+            assert s.recv(512) == b"STOPPING=1"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "absent.sock"))
+    assert sdnotify.ready() is False  # a dead socket never stops the role
