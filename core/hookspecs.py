@@ -273,3 +273,22 @@ class MipsecSpec:
         ``reason``: ``superseded`` (the MN holds a newer SA), ``revoked``
         (by the operator), ``provisioning-failed`` (the MN never got it).
         """
+
+    # ---- HA events (accounting, logging, monitoring); never given key material
+
+    @hookspec
+    def mipsec_ha_sa_installed(
+        self, ha_id: str, spi: int, mn_id: str, suite: str, scope: int, validity_end: datetime
+    ) -> None:
+        """The HA installed an SA a HAC provisioned or it pulled (not those restored at start)."""
+
+    @hookspec
+    def mipsec_ha_sa_withdrawn(self, ha_id: str, spi: int) -> None:
+        """The HAC withdrew an SA from this HA: its SPI is dead for good."""
+
+    @hookspec
+    def mipsec_ha_binding_changed(
+        self, ha_id: str, event: str, hoa: str, coa: str, lifetime: int, spi: int
+    ) -> None:
+        """A binding cache change: ``event`` is ``added``, ``refreshed``, ``deleted``
+        or ``expired``; ``coa`` is ``address:port`` (``[v6]:port``)."""

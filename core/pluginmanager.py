@@ -41,6 +41,21 @@ class LoadedPlugin:
     provides: Mapping[str, tuple[str, ...]]  # hook -> names it provides
 
 
+def emit(pm: pluggy.PluginManager, hook: str, on_error: Any, **kwargs: Any) -> None:
+    """Call an event hook after the fact; a raising plugin never breaks the role.
+
+    pluggy stops at the first raising implementation: each is called on its
+    own so one broken plugin does not silence the others (accounting).
+    ``on_error(hook, plugin_name, exc)`` counts and logs the failure.
+    """
+    caller = getattr(pm.hook, hook)
+    for impl in caller.get_hookimpls():
+        try:
+            impl.function(**{k: kwargs[k] for k in impl.argnames if k in kwargs})
+        except Exception as exc:
+            on_error(hook, impl.plugin_name, exc)
+
+
 def make_plugin_manager(disable: Iterable[str] = ()) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(MipsecSpec)

@@ -236,6 +236,7 @@ class HaService:
             "internal_errors": 0,
             "store_errors": 0,
             "withheld": 0,
+            "hook_errors": 0,
         }
         self.on_data: Callable[[DataIn], None] | None = None  # the data plane plugs in here
         self.sockets: list[socket.socket] = []  # the UDP sockets (the data plane sends from them)
@@ -465,7 +466,23 @@ class HaService:
         except sqlite3.Error as exc:
             log.error("binding cache write failed: %s", exc)
 
+    def emit(self, hook: str, **kwargs: Any) -> None:
+        """HA event hooks (``mipsec_ha_*``); a raising plugin never breaks the HA."""
+        pluginmanager.emit(self.pm, hook, self._hook_failed, ha_id=self.cfg.ha.id, **kwargs)
+
+    def _hook_failed(self, hook: str, plugin: str, exc: Exception) -> None:
+        self.counts["hook_errors"] += 1
+        log.error("event hook %s of plugin %s failed: %s", hook, plugin, type(exc).__name__)
+
     def _log_binding(self, ev: BindingChanged) -> None:
+        self.emit(
+            "mipsec_ha_binding_changed",
+            event=ev.event,
+            hoa=ev.hoa,
+            coa=_fmt(ev.coa),
+            lifetime=ev.lifetime,
+            spi=ev.spi,
+        )
         # One line per binding change; a refresh from the same care-of
         # address changes nothing worth a line at INFO.
         level = (
@@ -573,6 +590,14 @@ class HaService:
                     raise RuntimeError(f"spi={sa.spi}: SA store refused the SA")
         if self.core.install_sa(issued):
             self.bindings.flush()  # its records, before the HAC hears "installed"
+            self.emit(
+                "mipsec_ha_sa_installed",
+                spi=sa.spi,
+                mn_id=sa.mn_id,
+                suite=sa.suite.name,
+                scope=sa.scope,
+                validity_end=sa.validity_end,
+            )
             log.info(
                 "SA installed spi=%d mn_id=%s suite=%s scope=%d validity_end=%s",
                 sa.spi,
@@ -596,6 +621,7 @@ class HaService:
         self.bindings.flush()  # raises: the HAC gets no confirmation, and retries
         self.store.remove(spi)
         log.info("SA withdrawn spi=%d%s", spi, "" if known or held else " (unknown here)")
+        self.emit("mipsec_ha_sa_withdrawn", spi=spi)
 
     # ------------------------------------------------------------ timers
 

@@ -345,23 +345,12 @@ class HacService:
     # ------------------------------------------------------------ events
 
     def emit(self, hook: str, **kwargs: Any) -> None:
-        """Call an event hook after the fact; a raising plugin never breaks anything.
+        """Call an event hook after the fact; a raising plugin never breaks anything."""
+        pluginmanager.emit(self.pm, hook, self._hook_failed, **kwargs)
 
-        pluggy stops at the first raising implementation: each is called on
-        its own so one broken plugin does not silence the others (accounting).
-        """
-        caller = getattr(self.pm.hook, hook)
-        for impl in caller.get_hookimpls():
-            try:
-                impl.function(**{k: kwargs[k] for k in impl.argnames if k in kwargs})
-            except Exception as exc:
-                self.stats["hook_errors"] += 1
-                log.error(
-                    "event hook %s of plugin %s failed: %s",
-                    hook,
-                    impl.plugin_name,
-                    type(exc).__name__,
-                )
+    def _hook_failed(self, hook: str, plugin: str, exc: Exception) -> None:
+        self.stats["hook_errors"] += 1
+        log.error("event hook %s of plugin %s failed: %s", hook, plugin, type(exc).__name__)
 
     def exchange_ended(self, exch: HacExchange, peer: str, started: float | None = None) -> None:
         """One audit event per finished exchange (issue 6 item 7)."""

@@ -586,3 +586,62 @@ def test_wrong_psk_and_unknown_identity_differ_in_the_log_only(
 
 
 _ = timedelta
+
+
+# ------------------------------------------------------------ HA event hooks
+
+
+class _HaEvents:
+    """A plugin as a third party writes it: the HA's event hooks, recorded."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any]] = []
+
+    @hookimpl
+    def mipsec_ha_sa_installed(self, ha_id: str, spi: int, mn_id: str, suite: str) -> None:
+        self.seen.append(("installed", (ha_id, spi, mn_id, suite)))
+
+    @hookimpl
+    def mipsec_ha_binding_changed(self, ha_id: str, event: str, hoa: str, spi: int) -> None:
+        self.seen.append((f"binding_{event}", (ha_id, hoa, spi)))
+
+    @hookimpl
+    def mipsec_ha_sa_withdrawn(self, ha_id: str, spi: int) -> None:
+        self.seen.append(("withdrawn", (ha_id, spi)))
+
+
+class _Broken:
+    @hookimpl
+    def mipsec_ha_binding_changed(self) -> None:
+        raise RuntimeError("plugin bug")
+
+
+def test_ha_event_hooks_see_sa_and_binding_events(tmp_path: Path, pki: PkiPaths) -> None:
+    """SA installed, binding added, SA withdrawn (superseded) with its binding
+    deleted; a raising plugin is counted and the HA keeps answering."""
+
+    async def main() -> None:
+        async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path)) as st:
+            assert st.ha is not None
+            rec = _HaEvents()
+            st.ha.pm.register(_Broken())
+            st.ha.pm.register(rec)
+            mn = mn_config(pki, st.port)
+            first = await bootstrap(mn)
+            assert first.ok and first.issued is not None
+            spi = first.issued.sa.spi
+            reg = Registrar(first.issued, mn)
+            await reg.open()
+            assert (await reg.run(until_registered=True, deadline=time.monotonic() + 5)).status == 0
+            reg.close()
+            second = await bootstrap(mn)  # supersedes the first SA
+            assert second.ok
+            assert await eventually(lambda: ("withdrawn", (st.ha.cfg.ha.id, spi)) in rec.seen)
+            ha_id = st.ha.cfg.ha.id
+            hoa = str(first.issued.bootstrap.ip6_hoa)
+            assert rec.seen[0] == ("installed", (ha_id, spi, MN_ID, first.issued.sa.suite.name))
+            assert ("binding_added", (ha_id, hoa, spi)) in rec.seen
+            assert ("binding_deleted", (ha_id, hoa, spi)) in rec.seen
+            assert st.ha.stats()["hook_errors"] >= 1
+
+    run(main())
