@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -34,8 +35,11 @@ def test_help() -> None:
 def test_init_json_and_files(lab: Lab) -> None:
     info = lab.info
     assert set(info) == {"ca", "hac", "ha", "mn", "eap"}
-    assert set(info["hac"]) == {"host", "port", "server_name", "config"}
-    assert set(info["ha"]) == {"host", "port", "config"}
+    assert set(info["hac"]) == {"host", "port", "server_name", "config", "metrics", "control"}
+    assert set(info["ha"]) == {"host", "port", "config", "metrics", "control"}
+    for role in ("hac", "ha"):  # what the roles will use: the control socket next to the store
+        assert info[role]["control"] == str(lab.dir / f"{role}.ctl")
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", info[role]["metrics"])
     assert set(info["mn"]) == {"mn_id", "psk_hex", "config", "cert", "key"}
     assert info["eap"] == {"ca": info["ca"], "server_name": "eap.mipsec.test"}
     # EAP-TLS: the MN's client certificate names its mn_id as an rfc822Name
