@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
+from mipsec.core.hoa_table import HoATable
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.keywrap import (
     KeyWrapper,
@@ -301,9 +302,10 @@ class _LiveView:
         # hoa -> (validity_end, spi, mn_id) of its newest live SA: the holder the
         # SQL answer (rows ordered by validity_end, spi; later rows win) reports.
         self._best: dict[str, tuple[int, int, str]] = {}
-        # hoa -> mn_id of _best[hoa], kept alongside: hoas_in_use() is then a
-        # C-level dict copy rather than a Python loop over every live HoA.
-        self._hoa_mn: dict[str, str] = {}
+        # hoa -> mn_id of _best[hoa], kept alongside with a journal of its
+        # changes: the HoA allocator reads only those (core/hoa_table.py), so
+        # a bootstrap never copies or walks the whole table.
+        self._hoa_mn = HoATable()
         for row in rows:
             self.insert(*row)
 
@@ -322,7 +324,7 @@ class _LiveView:
             best = self._best.get(hoa)
             if best is None or (end, spi) > best[:2]:
                 self._best[hoa] = (end, spi, mn_id)
-                self._hoa_mn[hoa] = mn_id
+                self._hoa_mn.set(hoa, mn_id)
 
     def discard(self, spi: int) -> None:
         row = self._rows.pop(spi, None)
@@ -341,11 +343,12 @@ class _LiveView:
             assert hoa is not None
             del holders[spi]
             if not holders:
-                del self._holders[hoa], self._best[hoa], self._hoa_mn[hoa]
+                del self._holders[hoa], self._best[hoa]
+                self._hoa_mn.delete(hoa)
             elif self._best[hoa][1] == spi:
                 end, s, mn_id = max((e, s, m) for s, (e, m) in holders.items())
                 self._best[hoa] = (end, s, mn_id)
-                self._hoa_mn[hoa] = mn_id
+                self._hoa_mn.set(hoa, mn_id)
 
     def advance(self, t: float) -> bool:
         """Drop every SA with ``validity_end <= t``; False if ``t`` is before the floor."""
@@ -365,6 +368,9 @@ class _LiveView:
 
     def hoas_in_use(self) -> dict[str, str]:
         return self._hoa_mn.copy()
+
+    def hoa_table(self) -> HoATable:
+        return self._hoa_mn
 
 
 def default_key_file(path: Path) -> Path:
@@ -840,15 +846,18 @@ class SQLiteSAStore:
                     out[hoa] = mn_id
         return out
 
-    def live_summary(self, now: datetime) -> tuple[dict[str, int], dict[str, str]]:
+    def live_summary(self, now: datetime) -> tuple[dict[str, int], Mapping[str, str]]:
         """``(count_by_ha(now), hoas_in_use(now))`` from one look at the store.
 
         The HAC needs both on every bootstrap; each alone checks the live
-        view against the file (``PRAGMA data_version``) first.
+        view against the file (``PRAGMA data_version``) first.  The second is
+        the live view's own table (not a copy; read it before the store
+        changes): a ``HoATable`` whose journal lets the allocator follow it
+        in O(changes).
         """
         view = self._live_view(now)
         if view is not None:
-            return view.count_by_ha(), view.hoas_in_use()
+            return view.count_by_ha(), view.hoa_table()
         return self._count_by_ha_sql(now), self._hoas_in_use_sql(now)
 
     def count_by_ha(self, now: datetime) -> dict[str, int]:
