@@ -714,6 +714,37 @@ class SQLiteSAStore:
                 self._view_insert(view, head)
         return inserted
 
+    def add_bulk(self, issued: Iterable[IssuedSA]) -> int:
+        """Store many SAs in one transaction (filling a store: benches, migrations).
+
+        All or nothing: an SPI already held (live or retired) fails the whole
+        batch with ``sqlite3.IntegrityError``.  Returns how many were stored.
+        """
+        rows = []
+        for x in issued:
+            sa = x.sa
+            if not SPI_MIN <= sa.spi <= SPI_MAX:
+                raise LocalProtocolError(
+                    f"spi: {sa.spi} outside {SPI_MIN}..{SPI_MAX} (RFC 6618 §5.6.1)"
+                )
+            head = _head(x)
+            keys = (sa.mn_to_ha_ikey, sa.ha_to_mn_ikey, sa.mn_to_ha_ekey, sa.ha_to_mn_ekey)
+            rows.append((*head, self._codec.seal(head, keys)))
+        with self._tx() as c:
+            spis = [(r[_SPI],) for r in rows]
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS bulk_spi (spi INTEGER PRIMARY KEY)")
+            c.execute("DELETE FROM bulk_spi")
+            c.executemany("INSERT INTO bulk_spi (spi) VALUES (?)", spis)
+            if c.execute("SELECT 1 FROM retired_sa JOIN bulk_spi USING (spi) LIMIT 1").fetchone():
+                raise sqlite3.IntegrityError("add_bulk: an SPI is retired")
+            c.execute("DELETE FROM bulk_spi")
+            c.executemany(
+                f"INSERT INTO issued_sa ({_COLS}) VALUES ({_MARKS})",  # noqa: S608 (constants)
+                rows,
+            )
+        self._view = None  # rebuilt from the table at the next look
+        return len(rows)
+
     @staticmethod
     def _view_insert(view: _LiveView, head: tuple[Any, ...]) -> None:
         view.insert(
