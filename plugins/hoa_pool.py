@@ -381,6 +381,10 @@ class PoolAllocator:
         self._rebuild(in_use)
         self._src_token, self._last = None, dict(in_use)
 
+    def prime(self, in_use: Mapping[str, str]) -> None:
+        """Index ``in_use`` now (at start, so the first bootstrap does not pay for it)."""
+        self._sync(in_use)
+
     # ------------------------------------------------------------ pools
 
     def _ip6_hoa(self, mn_id: str) -> IPv6Address:
