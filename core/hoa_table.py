@@ -60,6 +60,12 @@ class HoATable(Mapping[str, str]):
     def seq(self) -> int:
         return self._base + len(self._log)
 
+    def load(self, table: dict[str, str]) -> None:
+        """Fill an empty table at once (a store building its view): no journal entries."""
+        if self._map or self._log:
+            raise ValueError("load: the table is not new")
+        self._map = table
+
     def set(self, text: str, mn_id: str) -> None:
         old = self._map.get(text)
         if old == mn_id:

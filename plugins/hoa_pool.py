@@ -33,6 +33,7 @@ addresses of the home subnet, and ``exclude``.
 from __future__ import annotations
 
 import heapq
+import socket
 from collections.abc import Callable, Container, Iterable, Mapping
 from ipaddress import (
     IPv4Address,
@@ -120,6 +121,15 @@ class _Options(BaseModel):
 
 def _parse(text: str) -> tuple[int, int] | None:
     """``(version, int)`` of an address text; None when it is not an address."""
+    # inet_pton first: about ten times faster than ip_address() on the
+    # canonical texts the store holds (a start-up indexes every live HoA).
+    # Anything it refuses goes to ip_address(), the reference.
+    try:
+        if ":" in text:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text))
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text))
+    except (OSError, ValueError):
+        pass
     try:
         ip = ip_address(text)
     except ValueError:

@@ -306,8 +306,35 @@ class _LiveView:
         # changes: the HoA allocator reads only those (core/hoa_table.py), so
         # a bootstrap never copies or walks the whole table.
         self._hoa_mn = HoATable()
-        for row in rows:
-            self.insert(*row)
+        self._load(rows)
+
+    def _load(self, rows: Iterable[_ViewRow]) -> None:
+        """``insert`` of every row, in bulk (a start with 100k SAs waits for it).
+
+        ``rows`` come ordered by (validity_end, spi): the heap is then the
+        list itself, and for each HoA the last row seen is its newest holder.
+        """
+        rows_d, heap, by_ha = self._rows, self._heap, self._by_ha
+        holders_d, best_d = self._holders, self._best
+        for spi, end, mn_id, ha_id, ip6, ip4 in rows:
+            rows_d[spi] = (end, mn_id, ha_id, ip6, ip4)
+            heap.append((end, spi))
+            by_ha[ha_id] = by_ha.get(ha_id, 0) + 1
+            if ip6 is not None:
+                h = holders_d.get(ip6)
+                if h is None:
+                    holders_d[ip6] = {spi: (end, mn_id)}
+                else:
+                    h[spi] = (end, mn_id)
+                best_d[ip6] = (end, spi, mn_id)
+            if ip4 is not None:
+                h = holders_d.get(ip4)
+                if h is None:
+                    holders_d[ip4] = {spi: (end, mn_id)}
+                else:
+                    h[spi] = (end, mn_id)
+                best_d[ip4] = (end, spi, mn_id)
+        self._hoa_mn.load({hoa: b[2] for hoa, b in best_d.items()})
 
     def insert(
         self, spi: int, end: int, mn_id: str, ha_id: str, ip6: str | None, ip4: str | None
@@ -849,7 +876,9 @@ class SQLiteSAStore:
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         view = self._view
         if view is None or view.data_version != version:
-            rows = self._conn.execute(f"SELECT {_VIEW_COLS} FROM issued_sa").fetchall()  # noqa: S608
+            rows = self._conn.execute(
+                f"SELECT {_VIEW_COLS} FROM issued_sa ORDER BY validity_end, spi"  # noqa: S608
+            ).fetchall()
             view = self._view = _LiveView(rows, version)
         return view if view.advance(t) else None
 
