@@ -64,7 +64,7 @@ from bootstrap import (  # a sibling script, not a package
 
 from mipsec.core.fsutil import create_private
 from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
-from mipsec.core.suites import Suite
+from mipsec.core.suites import SUITES, Suite
 from mipsec.core.tls import mn_client_context
 from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
 
@@ -145,6 +145,7 @@ def _fill_credentials(path: Path, creds: Iterator[MN]) -> int:
 def _live_sas(n: int, lifetime: timedelta) -> Iterator[IssuedSA]:
     end = (datetime.now(UTC) + lifetime).replace(microsecond=0)
     hnp6 = IPv6Network("2001:db8:1::/64")
+    info = SUITES[Suite.AES_128_CBC_SHA256]
     for i in range(n):
         sa = SecurityAssociation(
             spi=SPI_BASE + i,
@@ -152,10 +153,10 @@ def _live_sas(n: int, lifetime: timedelta) -> Iterator[IssuedSA]:
             suite=Suite.AES_128_CBC_SHA256,
             scope=1,
             validity_end=end,
-            mn_to_ha_ikey=secrets.token_bytes(32),
-            ha_to_mn_ikey=secrets.token_bytes(32),
-            mn_to_ha_ekey=secrets.token_bytes(16),
-            ha_to_mn_ekey=secrets.token_bytes(16),
+            mn_to_ha_ikey=secrets.token_bytes(info.ikey_len),
+            ha_to_mn_ikey=secrets.token_bytes(info.ikey_len),
+            mn_to_ha_ekey=secrets.token_bytes(info.ekey_len),
+            ha_to_mn_ekey=secrets.token_bytes(info.ekey_len),
             ha_id="ha1",
         )
         bs = BootstrapData(
