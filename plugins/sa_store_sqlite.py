@@ -151,6 +151,25 @@ _SCHEMA = (
     _RETIRED,
 )
 _INDEXES = ("issued_sa_validity_end", "issued_sa_mn_id")
+# Change log of issued_sa, written by triggers (so every writer, any version
+# of mipsec with these triggers, any tool, logs its changes): another HAC
+# sharing the file follows it to update its live view in O(changes) instead
+# of re-reading the whole table after each foreign commit.  Only the SPI is
+# logged; the reader fetches the row's current state.  AUTOINCREMENT: seqs
+# are never reused, so a reader detects entries trimmed before it saw them.
+_LOG_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS issued_sa_log "
+    "(seq INTEGER PRIMARY KEY AUTOINCREMENT, spi INTEGER NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS issued_sa_log_ins AFTER INSERT ON issued_sa "
+    "BEGIN INSERT INTO issued_sa_log (spi) VALUES (NEW.spi); END",
+    "CREATE TRIGGER IF NOT EXISTS issued_sa_log_del AFTER DELETE ON issued_sa "
+    "BEGIN INSERT INTO issued_sa_log (spi) VALUES (OLD.spi); END",
+    "CREATE TRIGGER IF NOT EXISTS issued_sa_log_upd AFTER UPDATE ON issued_sa "
+    "BEGIN INSERT INTO issued_sa_log (spi) VALUES (OLD.spi); "
+    "INSERT INTO issued_sa_log (spi) VALUES (NEW.spi); END",
+)
+_LOG_KEEP = 1 << 17  # entries kept by expire(); a reader further behind rebuilds
+_CATCH_UP_MAX = 1 << 14  # more changes than this at once: rebuilding is as cheap
 # Insert unless the SPI is retired (still reserved): one statement, atomic in
 # autocommit mode; ON CONFLICT keeps a live holder of the SPI.
 _INSERT = (
@@ -294,6 +313,7 @@ class _LiveView:
 
     def __init__(self, rows: Iterable[_ViewRow], data_version: int) -> None:
         self.data_version = data_version
+        self.log_seq: int | None = None  # last issued_sa_log entry reflected (None: no log)
         self.floor = -math.inf
         self._rows: dict[int, tuple[int, str, str, str | None, str | None]] = {}
         self._heap: list[tuple[int, int]] = []  # (validity_end, spi), stale entries allowed
@@ -520,6 +540,18 @@ class SQLiteSAStore:
 
     def _init_schema(self, clear_keys: bool, check_only: bool) -> KeyCodec:
         """Create, check or convert the schema; the codec for this store's keys."""
+        codec = self._init_tables(clear_keys, check_only)
+        self._has_log = False
+        if not check_only and self.path is not None:  # a memory store has no other reader
+            # Also on stores made before the log existed (no version change:
+            # an older mipsec just ignores the table; its triggers keep logging).
+            with self._tx() as c:
+                for stmt in _LOG_SCHEMA:
+                    c.execute(stmt)
+            self._has_log = True
+        return codec
+
+    def _init_tables(self, clear_keys: bool, check_only: bool) -> KeyCodec:
         write = not check_only
         with self._tx(write=write) as c:
             version = self._schema_version(c)
@@ -863,6 +895,12 @@ class SQLiteSAStore:
             ).fetchall()
             # A retired SA's SPI is free again once its old validity end passed.
             c.execute("DELETE FROM retired_sa WHERE validity_end <= ?", (t,))
+            if self._has_log:
+                c.execute(
+                    "DELETE FROM issued_sa_log WHERE seq <= "
+                    "(SELECT MAX(seq) FROM issued_sa_log) - ?",
+                    (_LOG_KEEP,),
+                )
         if self._view is not None:
             for r in rows:
                 self._view.discard(r[_SPI])
@@ -875,12 +913,59 @@ class SQLiteSAStore:
         # only causes one more rebuild, never a missed change.
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         view = self._view
-        if view is None or view.data_version != version:
-            rows = self._conn.execute(
-                f"SELECT {_VIEW_COLS} FROM issued_sa ORDER BY validity_end, spi"  # noqa: S608
-            ).fetchall()
-            view = self._view = _LiveView(rows, version)
+        if view is None:
+            view = self._build_view(version)
+        elif view.data_version != version:
+            # Another connection committed: follow its changes, or rebuild.
+            if not self._catch_up(view):
+                view = self._build_view(version)
+            view.data_version = version
         return view if view.advance(t) else None
+
+    def _log_seq(self) -> int | None:
+        if not self._has_log:
+            return None
+        row = self._conn.execute("SELECT MAX(seq) FROM issued_sa_log").fetchone()
+        return int(row[0] or 0)
+
+    def _build_view(self, version: int) -> _LiveView:
+        # The log position first: a commit landing before the SELECT is then
+        # replayed once more at the next catch-up (harmless), never missed.
+        seq = self._log_seq()
+        rows = self._conn.execute(
+            f"SELECT {_VIEW_COLS} FROM issued_sa ORDER BY validity_end, spi"  # noqa: S608
+        ).fetchall()
+        view = self._view = _LiveView(rows, version)
+        view.log_seq = seq
+        return view
+
+    def _catch_up(self, view: _LiveView) -> bool:
+        """Apply the logged changes after ``view.log_seq``; False when a rebuild is needed."""
+        if view.log_seq is None:
+            return False
+        changes = self._conn.execute(
+            "SELECT seq, spi FROM issued_sa_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (view.log_seq, _CATCH_UP_MAX + 1),
+        ).fetchall()
+        if not changes:
+            return True  # a commit that did not touch issued_sa (retired_sa, ...)
+        if len(changes) > _CATCH_UP_MAX or changes[0][0] != view.log_seq + 1:
+            return False  # too many, or trimmed before this view saw them
+        spis = list({spi for _, spi in changes})
+        for spi in spis:
+            view.discard(spi)
+        # The rows as they are now (own writes among the changes are replayed
+        # the same way: discard + current row is idempotent).
+        for i in range(0, len(spis), 500):
+            part = spis[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            for row in self._conn.execute(
+                f"SELECT {_VIEW_COLS} FROM issued_sa WHERE spi IN ({marks})",  # noqa: S608
+                part,
+            ):
+                view.insert(*row)
+        view.log_seq = changes[-1][0]
+        return True
 
     def hoas_in_use(self, now: datetime) -> dict[str, str]:
         """Every home address (``str``) of a live SA -> its ``mn_id``.
