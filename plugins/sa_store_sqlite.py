@@ -320,10 +320,12 @@ class _LiveView:
         self._rows: dict[int, tuple[int, str, str, str | None, str | None]] = {}
         self._heap: list[tuple[int, int]] = []  # (validity_end, spi), stale entries allowed
         self._by_ha: dict[str, int] = {}
-        self._holders: dict[str, dict[int, tuple[int, str]]] = {}  # hoa -> spi -> (end, mn_id)
         # hoa -> (validity_end, spi, mn_id) of its newest live SA: the holder the
         # SQL answer (rows ordered by validity_end, spi; later rows win) reports.
         self._best: dict[str, tuple[int, int, str]] = {}
+        # hoa -> spi -> (end, mn_id) of every holder, only for the (rare) HoAs
+        # with more than one live SA: a dict per HoA cost ~300 B per live SA.
+        self._holders: dict[str, dict[int, tuple[int, str]]] = {}
         # hoa -> mn_id of _best[hoa], kept alongside with a journal of its
         # changes: the HoA allocator reads only those (core/hoa_table.py), so
         # a bootstrap never copies or walks the whole table.
@@ -337,26 +339,27 @@ class _LiveView:
         list itself, and for each HoA the last row seen is its newest holder.
         """
         rows_d, heap, by_ha = self._rows, self._heap, self._by_ha
-        holders_d, best_d = self._holders, self._best
+        best_d, add_holder = self._best, self._add_holder
         for spi, end, mn_id, ha_id, ip6, ip4 in rows:
             rows_d[spi] = (end, mn_id, ha_id, ip6, ip4)
             heap.append((end, spi))
             by_ha[ha_id] = by_ha.get(ha_id, 0) + 1
-            if ip6 is not None:
-                h = holders_d.get(ip6)
-                if h is None:
-                    holders_d[ip6] = {spi: (end, mn_id)}
-                else:
-                    h[spi] = (end, mn_id)
-                best_d[ip6] = (end, spi, mn_id)
-            if ip4 is not None:
-                h = holders_d.get(ip4)
-                if h is None:
-                    holders_d[ip4] = {spi: (end, mn_id)}
-                else:
-                    h[spi] = (end, mn_id)
-                best_d[ip4] = (end, spi, mn_id)
+            for hoa in (ip6, ip4):
+                if hoa is not None:
+                    best = best_d.get(hoa)
+                    if best is not None:
+                        add_holder(hoa, best, spi, end, mn_id)
+                    best_d[hoa] = (end, spi, mn_id)
         self._hoa_mn.load({hoa: b[2] for hoa, b in best_d.items()})
+
+    def _add_holder(
+        self, hoa: str, best: tuple[int, int, str], spi: int, end: int, mn_id: str
+    ) -> None:
+        """A second (or further) live SA holds ``hoa``: keep every holder."""
+        holders = self._holders.get(hoa)
+        if holders is None:
+            holders = self._holders[hoa] = {best[1]: (best[0], best[2])}
+        holders[spi] = (end, mn_id)
 
     def insert(
         self, spi: int, end: int, mn_id: str, ha_id: str, ip6: str | None, ip4: str | None
@@ -369,8 +372,9 @@ class _LiveView:
         for hoa in (ip6, ip4):
             if hoa is None:
                 continue
-            self._holders.setdefault(hoa, {})[spi] = (end, mn_id)
             best = self._best.get(hoa)
+            if best is not None:
+                self._add_holder(hoa, best, spi, end, mn_id)
             if best is None or (end, spi) > best[:2]:
                 self._best[hoa] = (end, spi, mn_id)
                 self._hoa_mn.set(hoa, mn_id)
@@ -386,18 +390,25 @@ class _LiveView:
         else:
             del self._by_ha[ha_id]
         for hoa in (ip6, ip4):
-            holders = self._holders.get(hoa) if hoa is not None else None
-            if holders is None or spi not in holders:
+            if hoa is None:
                 continue
-            assert hoa is not None
-            del holders[spi]
-            if not holders:
-                del self._holders[hoa], self._best[hoa]
-                self._hoa_mn.delete(hoa)
-            elif self._best[hoa][1] == spi:
+            best = self._best.get(hoa)
+            if best is None:
+                continue
+            holders = self._holders.get(hoa)
+            if holders is None:  # the only holder
+                if best[1] == spi:
+                    del self._best[hoa]
+                    self._hoa_mn.delete(hoa)
+                continue
+            if holders.pop(spi, None) is None:
+                continue
+            if best[1] == spi:
                 end, s, mn_id = max((e, s, m) for s, (e, m) in holders.items())
                 self._best[hoa] = (end, s, mn_id)
                 self._hoa_mn.set(hoa, mn_id)
+            if len(holders) == 1:
+                del self._holders[hoa]  # back to a single holder: _best says it all
 
     def advance(self, t: float) -> bool:
         """Drop every SA with ``validity_end <= t``; False if ``t`` is before the floor."""
