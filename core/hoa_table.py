@@ -6,8 +6,8 @@ table per bootstrap made each bootstrap cost O(live SAs); with this table the
 allocator reads only what changed since it last looked
 (:meth:`HoATable.changes_since`) and keeps its own indexes up to date.
 
-The journal is bounded: once it holds more entries than the table plus a
-margin, its older half is dropped, and a reader that had not caught up sees
+The journal is bounded: once it holds more entries than an eighth of the
+table plus a margin, its older half is dropped, and a reader that had not caught up sees
 ``None`` and rebuilds from the whole table (rare: the allocator reads on every
 bootstrap).
 """
@@ -81,7 +81,9 @@ class HoATable(Mapping[str, str]):
     def _record(self, text: str, old: str | None, new: str | None) -> None:
         log = self._log
         log.append((text, old, new))
-        if len(log) > len(self._map) + _MARGIN:
+        # An eighth: ~9 B per live address at most, and a reader that fell
+        # that far behind pays about as much to rebuild as to catch up.
+        if len(log) > len(self._map) // 8 + _MARGIN:
             drop = len(log) // 2
             del log[:drop]
             self._base += drop
