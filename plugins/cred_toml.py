@@ -179,6 +179,7 @@ class TomlCredentials:
         self._table = load_credentials(path, allow_short_passphrase=allow_short_passphrase)
         self._bad_stamp: tuple[int, int, int] | None = None
         self._pending: asyncio.Future[dict[str, bytes]] | None = None  # a reload in a thread
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"TomlCredentials(path={str(self.path)!r}, entries={len(self._table)})"
@@ -216,8 +217,8 @@ class TomlCredentials:
 
     def _reloaded(self, stamp: tuple[int, int, int], fut: asyncio.Future[dict[str, bytes]]) -> None:
         self._pending = None
-        if fut.cancelled():
-            return  # the loop is shutting down: the next lookup tries again
+        if fut.cancelled() or self._closed:
+            return  # the loop is shutting down (the next lookup tries again), or closed
         exc = fut.exception()
         if isinstance(exc, ValueError):
             self._failed(stamp, exc)
@@ -245,6 +246,7 @@ class TomlCredentials:
         return self._table.get(nai_key(mn_id))
 
     def close(self) -> None:
+        self._closed = True
         self._table = {}
 
 

@@ -91,3 +91,21 @@ def test_small_file_or_no_loop_reloads_at_once(tmp_path: Path) -> None:
         assert backend.get_psk("alice@x") == b"\xbb"  # a few octets: parsed inline
 
     asyncio.run(scenario())
+
+
+def test_reload_finishing_after_close_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cred_toml, "INLINE_RELOAD_MAX", 10)
+    path = tmp_path / "creds.toml"
+    _write(path, {"alice@x": "aa"}, 1_000_000_000_000_000_000)
+    backend = TomlCredentialsFactory().create({"path": str(path)}, PluginContext("hac", tmp_path))
+
+    async def scenario() -> None:
+        _write(path, {"alice@x": "bb"}, 1_000_000_001_000_000_000)
+        assert backend.get_psk("alice@x") == b"\xaa"  # the reload runs in a thread
+        backend.close()
+        await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
+    assert backend._table == {}  # a closed backend holds no keys
