@@ -297,7 +297,7 @@ class CbcCipher:
     and must only ever see whole blocks.
     """
 
-    __slots__ = ("block_size", "decrypt_update", "encrypt_update", "random_block")
+    __slots__ = ("_algorithm", "block_size", "decrypt_update", "encrypt_update", "random_block")
 
     random_block: Callable[[], bytes]
     encrypt_update: Callable[[BytesLike], bytes]
@@ -308,12 +308,28 @@ class CbcCipher:
             raise LocalProtocolError(f"block_size: {block_size} is not 8 or 16")
         self.block_size = block_size
         self.random_block = _pools[block_size].pop
-        # The initial IVs only seed the running chains; their value never
-        # reaches the wire in clear (C0 depends on fresh randomness).
-        enc = Cipher(algorithm, modes.CBC(os.urandom(block_size))).encryptor()
-        dec = Cipher(algorithm, modes.CBC(bytes(block_size))).decryptor()
-        self.encrypt_update = enc.update
-        self.decrypt_update = dec.update
+        # The two running contexts are made at first use (__getattr__): a
+        # direction of an SA only ever encrypts or only ever decrypts, and
+        # each OpenSSL context costs ~2-3 KB -- per SA, on an HA with 100k SAs.
+        self._algorithm = algorithm
+
+    def __getattr__(self, name: str) -> Callable[[BytesLike], bytes]:
+        # Only reached while the slot is still empty: after the first use the
+        # attribute is an ordinary slot read (no cost on the packet path).
+        if name == "encrypt_update":
+            # The initial IVs only seed the running chains; their value never
+            # reaches the wire in clear (C0 depends on fresh randomness).  A
+            # block of the shared pool: no extra os.urandom call per SA.
+            iv = self._next_random_block()
+            update = Cipher(self._algorithm, modes.CBC(iv)).encryptor().update
+            self.encrypt_update = update
+            return update
+        if name == "decrypt_update":
+            iv = bytes(self.block_size)
+            update = Cipher(self._algorithm, modes.CBC(iv)).decryptor().update
+            self.decrypt_update = update
+            return update
+        raise AttributeError(name)
 
     def _next_random_block(self) -> bytes:
         try:

@@ -114,7 +114,10 @@ class HoAAllocator(Protocol):
     Never one home address to two live MNs: ``in_use`` maps every address
     held by a live SA to its ``mn_id``; an MN that already holds one gets it
     again (re-bootstrap keeps the HoA).  Raises ``LookupError`` when a pool is
-    exhausted (the HAC answers 503).
+    exhausted (the HAC answers 503).  ``in_use`` may be the store's live table
+    (``mipsec.core.hoa_table.HoATable``, whose journal lets an allocator
+    follow it change by change): read it during the call, never keep it as a
+    snapshot.
     """
 
     def assign(self, mn_id: str, in_use: Mapping[str, str]) -> HomeAssignment: ...

@@ -25,11 +25,18 @@ in Unicode NFC first (§2.1).
 The file is re-read when its modification time, size or inode changes, so
 operators add users without a restart.  A file that breaks after start is
 logged and the last good contents stay in force (an editor's half-written
-save must not lock every MN out).
+save must not lock every MN out).  A file of more than ``INLINE_RELOAD_MAX``
+octets is re-read in a worker thread when an event loop is running (parsing
+100,000 entries takes over a second: the HAC must keep serving meanwhile);
+the last contents stay in force until the new ones are parsed.  Past some
+ten thousand MNs the ``sqlite`` backend (plugins/cred_sqlite.py) is the
+better choice: it looks up one row per bootstrap and never re-reads a file.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import tomllib
@@ -47,6 +54,10 @@ from mipsec.plugins._options import error_text, parse_options, resolve_path
 log = logging.getLogger("mipsec.plugins.cred_toml")
 
 _UNREADABLE = (-1, -1, -1)  # stamp remembered while the file cannot be stat()ed
+
+# Above this size a reload is parsed off the event loop (module docstring);
+# below it (~500 entries) parsing inline costs a few milliseconds at most.
+INLINE_RELOAD_MAX = 64 * 1024
 
 # Characters a passphrase needs unless the operator opts out: a passphrase
 # faces offline guessing (module docstring), so it must carry entropy.
@@ -146,6 +157,13 @@ def load_credentials(path: Path, *, allow_short_passphrase: bool = False) -> dic
     return table
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _stamp(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -160,6 +178,8 @@ class TomlCredentials:
         self._stamp = _stamp(path)
         self._table = load_credentials(path, allow_short_passphrase=allow_short_passphrase)
         self._bad_stamp: tuple[int, int, int] | None = None
+        self._pending: asyncio.Future[dict[str, bytes]] | None = None  # a reload in a thread
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"TomlCredentials(path={str(self.path)!r}, entries={len(self._table)})"
@@ -174,15 +194,50 @@ class TomlCredentials:
                 )
                 self._bad_stamp = _UNREADABLE
             return
-        if stamp == self._stamp or stamp == self._bad_stamp:
+        if stamp == self._stamp or stamp == self._bad_stamp or self._pending is not None:
+            return
+        loop = _running_loop()
+        if loop is not None and stamp[1] > INLINE_RELOAD_MAX:
+            # Parsed in a worker thread; the last contents answer meanwhile.
+            fut = loop.run_in_executor(
+                None,
+                functools.partial(
+                    load_credentials, self.path, allow_short_passphrase=self.allow_short_passphrase
+                ),
+            )
+            self._pending = fut
+            fut.add_done_callback(functools.partial(self._reloaded, stamp))
             return
         try:
             table = load_credentials(self.path, allow_short_passphrase=self.allow_short_passphrase)
         except ValueError as exc:
-            # Log once per broken version of the file; the message never holds a key.
-            log.error("credential file not reloaded, keeping last contents: %s", exc)
-            self._bad_stamp = stamp
+            self._failed(stamp, exc)
             return
+        self._apply(stamp, table)
+
+    def _reloaded(self, stamp: tuple[int, int, int], fut: asyncio.Future[dict[str, bytes]]) -> None:
+        self._pending = None
+        if fut.cancelled() or self._closed:
+            return  # the loop is shutting down (the next lookup tries again), or closed
+        exc = fut.exception()
+        if isinstance(exc, ValueError):
+            self._failed(stamp, exc)
+        elif exc is not None:
+            log.error(
+                "credential file %s not reloaded, keeping last contents: %s",
+                self.path,
+                type(exc).__name__,
+            )
+            self._bad_stamp = stamp
+        else:
+            self._apply(stamp, fut.result())
+
+    def _failed(self, stamp: tuple[int, int, int], exc: ValueError) -> None:
+        # Log once per broken version of the file; the message never holds a key.
+        log.error("credential file not reloaded, keeping last contents: %s", exc)
+        self._bad_stamp = stamp
+
+    def _apply(self, stamp: tuple[int, int, int], table: dict[str, bytes]) -> None:
         self._table, self._stamp, self._bad_stamp = table, stamp, None
         log.info("credential file %s reloaded: %d entries", self.path, len(table))
 
@@ -191,6 +246,7 @@ class TomlCredentials:
         return self._table.get(nai_key(mn_id))
 
     def close(self) -> None:
+        self._closed = True
         self._table = {}
 
 

@@ -11,10 +11,12 @@ Options (all optional, at least one pool required)::
     ip4_subnet_len = 24                  # home subnet length (default: the pool's)
     exclude      = ["2001:db8:1::1"]     # e.g. the HA's own addresses
 
-The allocator keeps no state: ``in_use`` (every HoA of a live SA -> mn_id,
-from the SA store) is the truth, so a restart or a second HAC sharing the
-store never hands one address to two MNs.  An MN that already holds an
-address of a pool gets it again; otherwise the lowest free one.
+The allocator keeps no state of its own: ``in_use`` (every HoA of a live
+SA -> mn_id, from the SA store) is the truth -- the allocator only keeps an
+index of it, followed change by change (see ``PoolAllocator``) -- so a
+restart or a second HAC sharing the store never hands one address to two
+MNs.  An MN that already holds an address of a pool gets it again;
+otherwise the lowest free one.
 
 IPv6 HNP: without a per-MN pool, ``ip6_hnp`` is ``ip6_prefix`` (the home
 link).  With ``ip6_hnp_pool`` and ``ip6_prefix``, the HoA at offset k of the
@@ -30,7 +32,9 @@ addresses of the home subnet, and ``exclude``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import heapq
+import socket
+from collections.abc import Callable, Container, Iterable, Mapping
 from ipaddress import (
     IPv4Address,
     IPv4Network,
@@ -42,6 +46,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
+from mipsec.core.hoa_table import HoATable
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.model import HomeAssignment
 from mipsec.plugins._options import parse_options
@@ -114,31 +119,147 @@ class _Options(BaseModel):
         return self
 
 
-_PARSED_MAX = 1 << 16  # bound on the parse cache (texts of live HoAs)
-_UNPARSED = (0, 0)
+def _parse(text: str) -> tuple[int, int] | None:
+    """``(version, int)`` of an address text; None when it is not an address."""
+    # inet_pton first: about ten times faster than ip_address() on the
+    # canonical texts the store holds (a start-up indexes every live HoA).
+    # Anything it refuses goes to ip_address(), the reference.
+    try:
+        if ":" in text:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text))
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text))
+    except (OSError, ValueError):
+        pass
+    try:
+        ip = ip_address(text)
+    except ValueError:
+        return None
+    return ip.version, int(ip)
 
 
-class _Used:
-    """``in_use`` parsed per family, with each MN's addresses indexed."""
+class _Slots:
+    """The lowest free slot in ``[lo, hi]``, found in amortised O(1).
 
-    __slots__ = ("own4", "own6", "v4", "v6")
+    ``occ`` tells which slots are in use (kept by the owner, who calls
+    :meth:`freed` when one leaves use); ``blocked`` the slots never handed
+    out.  Every slot below ``hw`` is known to be occupied or blocked, except
+    those in ``holes`` (a min-heap; an entry may have been taken again since,
+    and is dropped lazily).  So the answer is the lowest valid hole, else the
+    first free slot from ``hw`` on -- and ``hw`` only moves forward.
+    """
 
-    def __init__(self, v6: dict[int, str], v4: dict[int, str]) -> None:
-        self.v6 = v6
-        self.v4 = v4
-        self.own6 = _by_mn(v6)
-        self.own4 = _by_mn(v4)
+    __slots__ = ("blocked", "hi", "holes", "hw", "in_holes", "occ")
+
+    def __init__(
+        self, lo: int, hi: int, occ: Container[int], blocked: Callable[[int], bool]
+    ) -> None:
+        self.hi = hi
+        self.hw = lo
+        self.occ = occ
+        self.blocked = blocked
+        self.holes: list[int] = []
+        self.in_holes: set[int] = set()
+
+    def freed(self, s: int) -> None:
+        if s < self.hw and s not in self.in_holes and not self.blocked(s):
+            heapq.heappush(self.holes, s)
+            self.in_holes.add(s)
+
+    def first(self) -> int | None:
+        holes, occ = self.holes, self.occ
+        while holes:
+            s = holes[0]
+            if s not in occ:
+                return s
+            heapq.heappop(holes)
+            self.in_holes.discard(s)
+        s, hi, blocked = self.hw, self.hi, self.blocked
+        while s <= hi and (s in occ or blocked(s)):
+            s += 1
+        self.hw = s
+        return s if s <= hi else None
 
 
-def _by_mn(used: dict[int, str]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for a, mn in used.items():
-        out.setdefault(mn, []).append(a)
-    return out
+class _Family:
+    """The live addresses of one IP version: address -> holder, holder -> addresses.
+
+    Several texts may spell one address (only from a hand-edited store: the
+    store writes canonical texts); ``extra`` counts the further spellings so
+    the address stays in use until the last one goes.
+    """
+
+    __slots__ = ("extra", "on_free", "on_take", "own", "used")
+
+    def __init__(self) -> None:
+        self.used: dict[int, str] = {}
+        self.own: dict[str, list[int]] = {}
+        self.extra: dict[int, int] = {}
+        # Per-pool hooks: a slot structure learns takes and frees (O(1) each).
+        self.on_take: list[Callable[[int], None]] = []
+        self.on_free: list[Callable[[int], None]] = []
+
+    def _own_add(self, mn_id: str, a: int) -> None:
+        self.own.setdefault(mn_id, []).append(a)
+
+    def _own_remove(self, mn_id: str, a: int) -> None:
+        mine = self.own.get(mn_id)
+        if mine is not None and a in mine:
+            mine.remove(a)
+            if not mine:
+                del self.own[mn_id]
+
+    def add(self, a: int, mn_id: str) -> None:
+        holder = self.used.get(a)
+        if holder is not None:
+            self.extra[a] = self.extra.get(a, 0) + 1
+            self.change(a, mn_id)
+            return
+        self.used[a] = mn_id
+        self._own_add(mn_id, a)
+        for f in self.on_take:
+            f(a)
+
+    def change(self, a: int, mn_id: str) -> None:
+        holder = self.used.get(a)
+        if holder is None:
+            self.add(a, mn_id)
+        elif holder != mn_id:
+            self._own_remove(holder, a)
+            self.used[a] = mn_id
+            self._own_add(mn_id, a)
+
+    def remove(self, a: int) -> None:
+        n = self.extra.get(a)
+        if n:
+            if n == 1:
+                del self.extra[a]
+            else:
+                self.extra[a] = n - 1
+            return
+        holder = self.used.pop(a, None)
+        if holder is None:
+            return
+        self._own_remove(holder, a)
+        for f in self.on_free:
+            f(a)
+
+    def lowest_own(self, mn_id: str, lo: int, hi: int) -> int | None:
+        """The lowest address in [lo, hi] that ``mn_id`` already holds."""
+        mine = [a for a in self.own.get(mn_id, ()) if lo <= a <= hi]
+        return min(mine) if mine else None
 
 
 class PoolAllocator:
-    """``HoAAllocator`` over configured address pools (stateless)."""
+    """``HoAAllocator`` over configured address pools.
+
+    The truth stays ``in_use`` (from the SA store); what the allocator keeps
+    is an index of it -- addresses as integers per family, each MN's
+    addresses, and per pool the lowest free candidate (``_Slots``) -- brought
+    up to date from the changes since the last call when ``in_use`` is a
+    ``HoATable`` (the SQLite store's), so an assignment costs O(changes), not
+    O(live SAs).  Any other mapping is indexed whole when it differs from the
+    previous one.
+    """
 
     def __init__(
         self,
@@ -157,11 +278,6 @@ class PoolAllocator:
         self.ip6_hnp_len = ip6_hnp_len
         self.ip4_pool = ip4_pool
         self.exclude = frozenset(exclude)
-        self._parsed: dict[str, tuple[int, int] | None] = {}  # text -> (version, int)
-        # The last in_use seen (a copy) and its parse: between two bootstraps
-        # it rarely changes (a returning MN keeps its HoA), and comparing two
-        # dicts runs in C, where parsing and indexing it is a Python loop.
-        self._last: tuple[dict[str, str], _Used] | None = None
         # Per family: an IPv4 address and an IPv6 one can share an integer value.
         self._ex6 = {int(a) for a in self.exclude if a.version == 6}
         self._ex4 = {int(a) for a in self.exclude if a.version == 4}
@@ -173,6 +289,22 @@ class PoolAllocator:
             self.ip4_subnet = IPv4Network((ip4_pool.network_address, plen), strict=False)
             self._ip4_lo = int(ip4_pool.network_address)
             self._ip4_hi = int(ip4_pool.broadcast_address)
+            # /31 and /32 have no network or broadcast address (RFC 3021).
+            subnet = self.ip4_subnet
+            self._ip4_skip = (
+                {int(subnet.network_address), int(subnet.broadcast_address)} | self._ex4
+                if subnet.prefixlen < 31
+                else set(self._ex4)
+            )
+        # The index of in_use and where it came from.
+        self._v6 = self._v4 = _Family()
+        self._slots6: _Slots | None = None
+        self._slots_hnp: _Slots | None = None
+        self._slots4: _Slots | None = None
+        self._src_token: object | None = None  # HoATable.token indexed
+        self._src_seq = 0
+        self._last: dict[str, str] | None = None  # a plain mapping indexed (a copy)
+        self._reset()
 
     def __repr__(self) -> str:
         return (
@@ -180,61 +312,100 @@ class PoolAllocator:
             f"ip4_pool={self.ip4_pool})"
         )
 
-    # ------------------------------------------------------------ helpers
+    # ------------------------------------------------------------ index
 
-    def _parse_in_use(
-        self,
-        in_use: Mapping[str, str],
-    ) -> tuple[dict[int, str], dict[int, str]]:
-        v6: dict[int, str] = {}
-        v4: dict[int, str] = {}
-        parsed = self._parsed
-        for text, mn in in_use.items():
-            # in_use holds every live HoA and comes on every bootstrap: parse
-            # each text once (ip_address() dominated the HAC's per-SA cost).
-            a = parsed.get(text, _UNPARSED)
-            if a is _UNPARSED:
-                try:
-                    ip = ip_address(text)
-                    a = (ip.version, int(ip))
-                except ValueError:
-                    a = None
-                if len(parsed) >= _PARSED_MAX:
-                    parsed.clear()
-                parsed[text] = a
-            if a is None:
-                continue  # not an address: cannot collide with one we hand out
-            (v6 if a[0] == 6 else v4)[a[1]] = mn
-        return v6, v4
+    def _reset(self) -> None:
+        v6, v4 = _Family(), _Family()
+        self._v6, self._v4 = v6, v4
+        self._slots6 = self._slots_hnp = self._slots4 = None
+        if self.ip6_prefix is not None:
+            net, ex6, lo, hi = self.ip6_prefix, self._ex6, self._ip6_lo, self._ip6_hi
+            s6 = _Slots(lo, hi, v6.used, lambda a: _ip6_reserved(a, net) or a in ex6)
+            v6.on_free.append(lambda a: s6.freed(a) if lo <= a <= hi else None)
+            self._slots6 = s6
+        elif self.ip6_hnp_pool is not None and self.ip6_hnp_len is not None:
+            pool, shift = self.ip6_hnp_pool, 128 - self.ip6_hnp_len
+            plo, phi = int(pool.network_address), int(pool.broadcast_address)
+            count: dict[int, int] = {}  # prefix index -> live addresses inside it
+            ex_k = {(a - plo) >> shift for a in self._ex6 if plo <= a <= phi}
+            n_k = 1 << (self.ip6_hnp_len - pool.prefixlen)
+            sh = _Slots(0, n_k - 1, count, ex_k.__contains__)
 
-    def _used(self, in_use: Mapping[str, str]) -> _Used:
-        last = self._last
-        if last is not None and last[0] == in_use:
-            return last[1]
-        used = _Used(*self._parse_in_use(in_use))
-        self._last = (dict(in_use), used)
-        return used
+            def take(a: int) -> None:
+                if plo <= a <= phi:
+                    k = (a - plo) >> shift
+                    count[k] = count.get(k, 0) + 1
 
-    @staticmethod
-    def _own(own: dict[str, list[int]], mn_id: str, lo: int, hi: int) -> int | None:
-        """The lowest address in [lo, hi] that ``mn_id`` already holds."""
-        mine = [a for a in own.get(mn_id, ()) if lo <= a <= hi]
-        return min(mine) if mine else None
+            def free(a: int) -> None:
+                if plo <= a <= phi:
+                    k = (a - plo) >> shift
+                    n = count[k] - 1
+                    if n:
+                        count[k] = n
+                    else:
+                        del count[k]
+                        sh.freed(k)
 
-    def _ip6_hoa(self, mn_id: str, used: dict[int, str], own6: dict[str, list[int]]) -> IPv6Address:
-        assert self.ip6_prefix is not None
-        lo, hi, net = self._ip6_lo, self._ip6_hi, self.ip6_prefix
-        own = self._own(own6, mn_id, lo, hi)
+            v6.on_take.append(take)
+            v6.on_free.append(free)
+            self._slots_hnp = sh
+        if self.ip4_pool is not None:
+            skip, lo4, hi4 = self._ip4_skip, self._ip4_lo, self._ip4_hi
+            s4 = _Slots(lo4, hi4, v4.used, skip.__contains__)
+            v4.on_free.append(lambda a: s4.freed(a) if lo4 <= a <= hi4 else None)
+            self._slots4 = s4
+
+    def _apply(self, text: str, old: str | None, new: str | None) -> None:
+        p = _parse(text)
+        if p is None:
+            return  # not an address: cannot collide with one we hand out
+        fam = self._v6 if p[0] == 6 else self._v4
+        if new is None:
+            fam.remove(p[1])
+        elif old is None:
+            fam.add(p[1], new)
+        else:
+            fam.change(p[1], new)
+
+    def _rebuild(self, in_use: Mapping[str, str]) -> None:
+        self._reset()
+        for text, mn_id in in_use.items():
+            self._apply(text, None, mn_id)
+
+    def _sync(self, in_use: Mapping[str, str]) -> None:
+        """Bring the index up to ``in_use``."""
+        if isinstance(in_use, HoATable):
+            if self._src_token is in_use.token:
+                changes = in_use.changes_since(self._src_seq)
+                if changes is not None:
+                    for change in changes:
+                        self._apply(*change)
+                    self._src_seq = in_use.seq
+                    return
+            self._rebuild(in_use)
+            self._src_token, self._src_seq, self._last = in_use.token, in_use.seq, None
+            return
+        # Any other mapping: comparing two dicts runs in C; indexing is a Python loop.
+        if self._last is not None and self._last == in_use:
+            return
+        self._rebuild(in_use)
+        self._src_token, self._last = None, dict(in_use)
+
+    def prime(self, in_use: Mapping[str, str]) -> None:
+        """Index ``in_use`` now (at start, so the first bootstrap does not pay for it)."""
+        self._sync(in_use)
+
+    # ------------------------------------------------------------ pools
+
+    def _ip6_hoa(self, mn_id: str) -> IPv6Address:
+        assert self._slots6 is not None
+        own = self._v6.lowest_own(mn_id, self._ip6_lo, self._ip6_hi)
         if own is not None:
             return IPv6Address(own)
-        # Scanning stops at the first free address: at most
-        # len(used) + len(exclude) + reserved steps before it.
-        a = lo
-        while a <= hi:
-            if not _ip6_reserved(a, net) and a not in used and a not in self._ex6:
-                return IPv6Address(a)
-            a += 1
-        raise LookupError("ip6 pool exhausted")
+        a = self._slots6.first()
+        if a is None:
+            raise LookupError("ip6 pool exhausted")
+        return IPv6Address(a)
 
     def _hnp_at(self, k: int) -> IPv6Network:
         assert self.ip6_hnp_pool is not None and self.ip6_hnp_len is not None
@@ -243,60 +414,49 @@ class PoolAllocator:
             raise LookupError("ip6 hnp pool exhausted")
         return IPv6Network((int(self.ip6_hnp_pool.network_address) + k * size, self.ip6_hnp_len))
 
-    def _ip6_from_hnp(
-        self, mn_id: str, used: dict[int, str], own6: dict[str, list[int]]
-    ) -> tuple[IPv6Address, IPv6Network]:
+    def _ip6_from_hnp(self, mn_id: str) -> tuple[IPv6Address, IPv6Network]:
         """No ip6_prefix: each MN gets a free prefix, HoA = prefix::1."""
         assert self.ip6_hnp_pool is not None and self.ip6_hnp_len is not None
+        assert self._slots_hnp is not None
         pool, shift = self.ip6_hnp_pool, 128 - self.ip6_hnp_len
         lo, hi = int(pool.network_address), int(pool.broadcast_address)
-        own = self._own(own6, mn_id, lo, hi)
+        own = self._v6.lowest_own(mn_id, lo, hi)
         if own is not None:
             return IPv6Address(own), self._hnp_at((own - lo) >> shift)
-        taken = {(a - lo) >> shift for a in used if lo <= a <= hi}
-        taken |= {(a - lo) >> shift for a in self._ex6 if lo <= a <= hi}
-        k = 0
-        while k in taken:
-            k += 1
+        k = self._slots_hnp.first()
+        if k is None:
+            raise LookupError("ip6 hnp pool exhausted")
         hnp = self._hnp_at(k)
         return IPv6Address(int(hnp.network_address) + 1), hnp
 
-    def _ip4_hoa(self, mn_id: str, used: dict[int, str], own4: dict[str, list[int]]) -> IPv4Address:
-        assert self.ip4_pool is not None
-        lo, hi = self._ip4_lo, self._ip4_hi
-        own = self._own(own4, mn_id, lo, hi)
+    def _ip4_hoa(self, mn_id: str) -> IPv4Address:
+        assert self._slots4 is not None
+        own = self._v4.lowest_own(mn_id, self._ip4_lo, self._ip4_hi)
         if own is not None:
             return IPv4Address(own)
-        subnet = self.ip4_subnet
-        # /31 and /32 have no network or broadcast address (RFC 3021).
-        skip = (
-            {int(subnet.network_address), int(subnet.broadcast_address)}
-            if subnet.prefixlen < 31
-            else set()
-        )
-        for a in range(lo, hi + 1):
-            if a not in skip and a not in used and a not in self._ex4:
-                return IPv4Address(a)
-        raise LookupError("ip4 pool exhausted")
+        a = self._slots4.first()
+        if a is None:
+            raise LookupError("ip4 pool exhausted")
+        return IPv4Address(a)
 
     # ------------------------------------------------------------ HoAAllocator
 
     def assign(self, mn_id: str, in_use: Mapping[str, str]) -> HomeAssignment:
-        used = self._used(in_use)
+        self._sync(in_use)
         ip6_hoa: IPv6Address | None = None
         ip6_hnp: IPv6Network | None = None
         if self.ip6_prefix is not None:
-            ip6_hoa = self._ip6_hoa(mn_id, used.v6, used.own6)
+            ip6_hoa = self._ip6_hoa(mn_id)
             if self.ip6_hnp_pool is not None:
                 ip6_hnp = self._hnp_at(int(ip6_hoa) - self._ip6_lo)
             else:
                 ip6_hnp = self.ip6_prefix
         elif self.ip6_hnp_pool is not None:
-            ip6_hoa, ip6_hnp = self._ip6_from_hnp(mn_id, used.v6, used.own6)
+            ip6_hoa, ip6_hnp = self._ip6_from_hnp(mn_id)
         ip4_hoa: IPv4Address | None = None
         ip4_hnp: IPv4Network | None = None
         if self.ip4_pool is not None:
-            ip4_hoa = self._ip4_hoa(mn_id, used.v4, used.own4)
+            ip4_hoa = self._ip4_hoa(mn_id)
             ip4_hnp = self.ip4_subnet
         return HomeAssignment(ip6_hoa=ip6_hoa, ip4_hoa=ip4_hoa, ip6_hnp=ip6_hnp, ip4_hnp=ip4_hnp)
 

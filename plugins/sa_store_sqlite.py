@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
+from mipsec.core.hoa_table import HoATable
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.keywrap import (
     KeyWrapper,
@@ -150,6 +151,27 @@ _SCHEMA = (
     _RETIRED,
 )
 _INDEXES = ("issued_sa_validity_end", "issued_sa_mn_id")
+# Change log of issued_sa, written by triggers (so every writer, any version
+# of mipsec with these triggers, any tool, logs its changes): another HAC
+# sharing the file follows it to update its live view in O(changes) instead
+# of re-reading the whole table after each foreign commit.  Only the SPI is
+# logged; the reader fetches the row's current state.  seq is the rowid
+# (AUTOINCREMENT cost ~10 µs more per write): expire() always keeps the newest
+# entry, so the largest seq never goes back and seqs are never reused; a
+# reader detects entries trimmed before it saw them by the gap.  ~10 µs per
+# SA write for the trigger.
+_LOG_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS issued_sa_log (seq INTEGER PRIMARY KEY, spi INTEGER NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS issued_sa_log_ins AFTER INSERT ON issued_sa "
+    "BEGIN INSERT INTO issued_sa_log (spi) VALUES (NEW.spi); END",
+    "CREATE TRIGGER IF NOT EXISTS issued_sa_log_del AFTER DELETE ON issued_sa "
+    "BEGIN INSERT INTO issued_sa_log (spi) VALUES (OLD.spi); END",
+    "CREATE TRIGGER IF NOT EXISTS issued_sa_log_upd AFTER UPDATE ON issued_sa "
+    "BEGIN INSERT INTO issued_sa_log (spi) VALUES (OLD.spi); "
+    "INSERT INTO issued_sa_log (spi) VALUES (NEW.spi); END",
+)
+_LOG_KEEP = 1 << 17  # entries kept by expire() (>= 1); a reader further behind rebuilds
+_CATCH_UP_MAX = 1 << 14  # more changes than this at once: rebuilding is as cheap
 # Insert unless the SPI is retired (still reserved): one statement, atomic in
 # autocommit mode; ON CONFLICT keeps a live holder of the SPI.
 _INSERT = (
@@ -293,19 +315,51 @@ class _LiveView:
 
     def __init__(self, rows: Iterable[_ViewRow], data_version: int) -> None:
         self.data_version = data_version
+        self.log_seq: int | None = None  # last issued_sa_log entry reflected (None: no log)
         self.floor = -math.inf
         self._rows: dict[int, tuple[int, str, str, str | None, str | None]] = {}
         self._heap: list[tuple[int, int]] = []  # (validity_end, spi), stale entries allowed
         self._by_ha: dict[str, int] = {}
-        self._holders: dict[str, dict[int, tuple[int, str]]] = {}  # hoa -> spi -> (end, mn_id)
         # hoa -> (validity_end, spi, mn_id) of its newest live SA: the holder the
         # SQL answer (rows ordered by validity_end, spi; later rows win) reports.
         self._best: dict[str, tuple[int, int, str]] = {}
-        # hoa -> mn_id of _best[hoa], kept alongside: hoas_in_use() is then a
-        # C-level dict copy rather than a Python loop over every live HoA.
-        self._hoa_mn: dict[str, str] = {}
-        for row in rows:
-            self.insert(*row)
+        # hoa -> spi -> (end, mn_id) of every holder, only for the (rare) HoAs
+        # with more than one live SA: a dict per HoA cost ~300 B per live SA.
+        self._holders: dict[str, dict[int, tuple[int, str]]] = {}
+        # hoa -> mn_id of _best[hoa], kept alongside with a journal of its
+        # changes: the HoA allocator reads only those (core/hoa_table.py), so
+        # a bootstrap never copies or walks the whole table.
+        self._hoa_mn = HoATable()
+        self._load(rows)
+
+    def _load(self, rows: Iterable[_ViewRow]) -> None:
+        """``insert`` of every row, in bulk (a start with 100k SAs waits for it).
+
+        ``rows`` come ordered by (validity_end, spi): the heap is then the
+        list itself, and for each HoA the last row seen is its newest holder.
+        """
+        rows_d, heap, by_ha = self._rows, self._heap, self._by_ha
+        best_d, add_holder = self._best, self._add_holder
+        for spi, end, mn_id, ha_id, ip6, ip4 in rows:
+            rows_d[spi] = (end, mn_id, ha_id, ip6, ip4)
+            heap.append((end, spi))
+            by_ha[ha_id] = by_ha.get(ha_id, 0) + 1
+            for hoa in (ip6, ip4):
+                if hoa is not None:
+                    best = best_d.get(hoa)
+                    if best is not None:
+                        add_holder(hoa, best, spi, end, mn_id)
+                    best_d[hoa] = (end, spi, mn_id)
+        self._hoa_mn.load({hoa: b[2] for hoa, b in best_d.items()})
+
+    def _add_holder(
+        self, hoa: str, best: tuple[int, int, str], spi: int, end: int, mn_id: str
+    ) -> None:
+        """A second (or further) live SA holds ``hoa``: keep every holder."""
+        holders = self._holders.get(hoa)
+        if holders is None:
+            holders = self._holders[hoa] = {best[1]: (best[0], best[2])}
+        holders[spi] = (end, mn_id)
 
     def insert(
         self, spi: int, end: int, mn_id: str, ha_id: str, ip6: str | None, ip4: str | None
@@ -318,11 +372,12 @@ class _LiveView:
         for hoa in (ip6, ip4):
             if hoa is None:
                 continue
-            self._holders.setdefault(hoa, {})[spi] = (end, mn_id)
             best = self._best.get(hoa)
+            if best is not None:
+                self._add_holder(hoa, best, spi, end, mn_id)
             if best is None or (end, spi) > best[:2]:
                 self._best[hoa] = (end, spi, mn_id)
-                self._hoa_mn[hoa] = mn_id
+                self._hoa_mn.set(hoa, mn_id)
 
     def discard(self, spi: int) -> None:
         row = self._rows.pop(spi, None)
@@ -335,17 +390,25 @@ class _LiveView:
         else:
             del self._by_ha[ha_id]
         for hoa in (ip6, ip4):
-            holders = self._holders.get(hoa) if hoa is not None else None
-            if holders is None or spi not in holders:
+            if hoa is None:
                 continue
-            assert hoa is not None
-            del holders[spi]
-            if not holders:
-                del self._holders[hoa], self._best[hoa], self._hoa_mn[hoa]
-            elif self._best[hoa][1] == spi:
+            best = self._best.get(hoa)
+            if best is None:
+                continue
+            holders = self._holders.get(hoa)
+            if holders is None:  # the only holder
+                if best[1] == spi:
+                    del self._best[hoa]
+                    self._hoa_mn.delete(hoa)
+                continue
+            if holders.pop(spi, None) is None:
+                continue
+            if best[1] == spi:
                 end, s, mn_id = max((e, s, m) for s, (e, m) in holders.items())
                 self._best[hoa] = (end, s, mn_id)
-                self._hoa_mn[hoa] = mn_id
+                self._hoa_mn.set(hoa, mn_id)
+            if len(holders) == 1:
+                del self._holders[hoa]  # back to a single holder: _best says it all
 
     def advance(self, t: float) -> bool:
         """Drop every SA with ``validity_end <= t``; False if ``t`` is before the floor."""
@@ -365,6 +428,9 @@ class _LiveView:
 
     def hoas_in_use(self) -> dict[str, str]:
         return self._hoa_mn.copy()
+
+    def hoa_table(self) -> HoATable:
+        return self._hoa_mn
 
 
 def default_key_file(path: Path) -> Path:
@@ -487,6 +553,18 @@ class SQLiteSAStore:
 
     def _init_schema(self, clear_keys: bool, check_only: bool) -> KeyCodec:
         """Create, check or convert the schema; the codec for this store's keys."""
+        codec = self._init_tables(clear_keys, check_only)
+        self._has_log = False
+        if not check_only and self.path is not None:  # a memory store has no other reader
+            # Also on stores made before the log existed (no version change:
+            # an older mipsec just ignores the table; its triggers keep logging).
+            with self._tx() as c:
+                for stmt in _LOG_SCHEMA:
+                    c.execute(stmt)
+            self._has_log = True
+        return codec
+
+    def _init_tables(self, clear_keys: bool, check_only: bool) -> KeyCodec:
         write = not check_only
         with self._tx(write=write) as c:
             version = self._schema_version(c)
@@ -708,6 +786,37 @@ class SQLiteSAStore:
                 self._view_insert(view, head)
         return inserted
 
+    def add_bulk(self, issued: Iterable[IssuedSA]) -> int:
+        """Store many SAs in one transaction (filling a store: benches, migrations).
+
+        All or nothing: an SPI already held (live or retired) fails the whole
+        batch with ``sqlite3.IntegrityError``.  Returns how many were stored.
+        """
+        rows = []
+        for x in issued:
+            sa = x.sa
+            if not SPI_MIN <= sa.spi <= SPI_MAX:
+                raise LocalProtocolError(
+                    f"spi: {sa.spi} outside {SPI_MIN}..{SPI_MAX} (RFC 6618 §5.6.1)"
+                )
+            head = _head(x)
+            keys = (sa.mn_to_ha_ikey, sa.ha_to_mn_ikey, sa.mn_to_ha_ekey, sa.ha_to_mn_ekey)
+            rows.append((*head, self._codec.seal(head, keys)))
+        with self._tx() as c:
+            spis = [(r[_SPI],) for r in rows]
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS bulk_spi (spi INTEGER PRIMARY KEY)")
+            c.execute("DELETE FROM bulk_spi")
+            c.executemany("INSERT INTO bulk_spi (spi) VALUES (?)", spis)
+            if c.execute("SELECT 1 FROM retired_sa JOIN bulk_spi USING (spi) LIMIT 1").fetchone():
+                raise sqlite3.IntegrityError("add_bulk: an SPI is retired")
+            c.execute("DELETE FROM bulk_spi")
+            c.executemany(
+                f"INSERT INTO issued_sa ({_COLS}) VALUES ({_MARKS})",  # noqa: S608 (constants)
+                rows,
+            )
+        self._view = None  # rebuilt from the table at the next look
+        return len(rows)
+
     @staticmethod
     def _view_insert(view: _LiveView, head: tuple[Any, ...]) -> None:
         view.insert(
@@ -799,6 +908,12 @@ class SQLiteSAStore:
             ).fetchall()
             # A retired SA's SPI is free again once its old validity end passed.
             c.execute("DELETE FROM retired_sa WHERE validity_end <= ?", (t,))
+            if self._has_log:
+                c.execute(
+                    "DELETE FROM issued_sa_log WHERE seq <= "
+                    "(SELECT MAX(seq) FROM issued_sa_log) - ?",
+                    (max(1, _LOG_KEEP),),
+                )
         if self._view is not None:
             for r in rows:
                 self._view.discard(r[_SPI])
@@ -811,10 +926,59 @@ class SQLiteSAStore:
         # only causes one more rebuild, never a missed change.
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         view = self._view
-        if view is None or view.data_version != version:
-            rows = self._conn.execute(f"SELECT {_VIEW_COLS} FROM issued_sa").fetchall()  # noqa: S608
-            view = self._view = _LiveView(rows, version)
+        if view is None:
+            view = self._build_view(version)
+        elif view.data_version != version:
+            # Another connection committed: follow its changes, or rebuild.
+            if not self._catch_up(view):
+                view = self._build_view(version)
+            view.data_version = version
         return view if view.advance(t) else None
+
+    def _log_seq(self) -> int | None:
+        if not self._has_log:
+            return None
+        row = self._conn.execute("SELECT MAX(seq) FROM issued_sa_log").fetchone()
+        return int(row[0] or 0)
+
+    def _build_view(self, version: int) -> _LiveView:
+        # The log position first: a commit landing before the SELECT is then
+        # replayed once more at the next catch-up (harmless), never missed.
+        seq = self._log_seq()
+        rows = self._conn.execute(
+            f"SELECT {_VIEW_COLS} FROM issued_sa ORDER BY validity_end, spi"  # noqa: S608
+        ).fetchall()
+        view = self._view = _LiveView(rows, version)
+        view.log_seq = seq
+        return view
+
+    def _catch_up(self, view: _LiveView) -> bool:
+        """Apply the logged changes after ``view.log_seq``; False when a rebuild is needed."""
+        if view.log_seq is None:
+            return False
+        changes = self._conn.execute(
+            "SELECT seq, spi FROM issued_sa_log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (view.log_seq, _CATCH_UP_MAX + 1),
+        ).fetchall()
+        if not changes:
+            return True  # a commit that did not touch issued_sa (retired_sa, ...)
+        if len(changes) > _CATCH_UP_MAX or changes[0][0] != view.log_seq + 1:
+            return False  # too many, or trimmed before this view saw them
+        spis = list({spi for _, spi in changes})
+        for spi in spis:
+            view.discard(spi)
+        # The rows as they are now (own writes among the changes are replayed
+        # the same way: discard + current row is idempotent).
+        for i in range(0, len(spis), 500):
+            part = spis[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            for row in self._conn.execute(
+                f"SELECT {_VIEW_COLS} FROM issued_sa WHERE spi IN ({marks})",  # noqa: S608
+                part,
+            ):
+                view.insert(*row)
+        view.log_seq = changes[-1][0]
+        return True
 
     def hoas_in_use(self, now: datetime) -> dict[str, str]:
         """Every home address (``str``) of a live SA -> its ``mn_id``.
@@ -840,15 +1004,18 @@ class SQLiteSAStore:
                     out[hoa] = mn_id
         return out
 
-    def live_summary(self, now: datetime) -> tuple[dict[str, int], dict[str, str]]:
+    def live_summary(self, now: datetime) -> tuple[dict[str, int], Mapping[str, str]]:
         """``(count_by_ha(now), hoas_in_use(now))`` from one look at the store.
 
         The HAC needs both on every bootstrap; each alone checks the live
-        view against the file (``PRAGMA data_version``) first.
+        view against the file (``PRAGMA data_version``) first.  The second is
+        the live view's own table (not a copy; read it before the store
+        changes): a ``HoATable`` whose journal lets the allocator follow it
+        in O(changes).
         """
         view = self._live_view(now)
         if view is not None:
-            return view.count_by_ha(), view.hoas_in_use()
+            return view.count_by_ha(), view.hoa_table()
         return self._count_by_ha_sql(now), self._hoas_in_use_sql(now)
 
     def count_by_ha(self, now: datetime) -> dict[str, int]:

@@ -65,6 +65,7 @@ from mipsec.core.ha_core import (
 from mipsec.core.hookspecs import PluginContext, SAStore
 from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
+from mipsec.core.startup_heap import freeze_heap
 
 log = logging.getLogger("mipsec.ha")
 
@@ -291,6 +292,7 @@ class HaService:
         self._local_registered = True
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         self._started = True
+        freeze_heap("HA")  # SAs and bindings loaded: out of the collector's sight (issue 9)
         for host, port in self.addresses:
             log.info("HA %s listening on %s (UDP)", self.cfg.ha.id, _fmt((host, port)))
         log.info(

@@ -57,6 +57,7 @@ from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
+from mipsec.core.startup_heap import freeze_heap, warm_hac_views
 from mipsec.core.tls import hac_server_context, server_cb_octets
 
 log = logging.getLogger("mipsec.hac")
@@ -277,6 +278,8 @@ class HacService:
         # Withdrawals a previous run did not see confirmed: keep at them.
         for spi, _mn_id, ha_id, end in self.store.retired_unconfirmed(utcnow()):
             self._schedule_withdraw(ha_id, spi, end)
+        warm_hac_views(self.store, self.allocator)  # core/startup_heap.py (issue 9)
+        freeze_heap("HAC")
         for host, p in self.addresses:
             log.info("HAC listening on %s port %d (TLS)", host, p)
         return self.addresses

@@ -13,6 +13,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,3 +123,38 @@ def test_other_handle_commits_are_seen(tmp_path: Path) -> None:
         assert hac1.hoas_in_use(T0) == {"2001:db8:1::1": "mn1@x"}
         hac2.remove(9)
         assert hac1.hoas_in_use(T0) == {}
+
+
+def test_other_handle_commits_are_followed_not_rebuilt(tmp_path: Path) -> None:
+    """Another HAC's commits reach the view through the change log (issue 9)."""
+    path = tmp_path / "sa.db"
+    with SQLiteSAStore(path) as hac1, SQLiteSAStore(path) as hac2:
+        hac1.add(issued(1, 1, 60, 1, None, 1), now=T0)
+        _, table = hac1.live_summary(T0)
+        view = hac1._view
+        hac2.add(issued(2, 2, 60, 2, 3, 2), now=T0)
+        hac2.retire(1, "test")
+        hac1.add(issued(4, 4, 60, 4, None, 1), now=T0)  # an own write in between
+        assert hac1.live_summary(T0) == (
+            {"ha1": 1, "ha2": 1},
+            {"2001:db8:1::2": "mn2@x", "192.0.2.3": "mn2@x", "2001:db8:1::4": "mn4@x"},
+        )
+        assert hac1._view is view  # followed, not rebuilt
+        # The HoA table is the same object: the allocator follows its journal.
+        assert hac1.live_summary(T0)[1] is table
+
+
+def test_log_trimmed_past_a_reader_rebuilds(tmp_path: Path, monkeypatch: Any) -> None:
+    from mipsec.plugins import sa_store_sqlite
+
+    monkeypatch.setattr(sa_store_sqlite, "_LOG_KEEP", 1)
+    path = tmp_path / "sa.db"
+    with SQLiteSAStore(path) as hac1, SQLiteSAStore(path) as hac2:
+        assert hac1.count_by_ha(T0) == {}
+        view = hac1._view
+        for spi in range(10, 15):
+            hac2.add(issued(spi, spi, 60, spi, None, 1), now=T0)
+        hac2.expire(T0)  # trims the log to its last entry
+        assert hac1.count_by_ha(T0) == {"ha1": 5}
+        assert hac1._view is not view  # rebuilt: the entries it missed are gone
+        assert len(hac1.hoas_in_use(T0)) == 5

@@ -1,0 +1,432 @@
+"""HAC cost with N live SAs against an empty-state HAC, in one run.
+
+    python bench/scale.py [--n 100000] [--duration S] [--quick]
+
+Two labs are made in a temp dir (``mipsec init``), each run by a real
+``mipsec --role hac`` process with the HA in the HAC's process (``local``
+provisioning, as bench/bootstrap.py has it by default), so the figures are the
+HAC's own.  Credentials are in the SQLite backend (plugins/cred_sqlite.py);
+the IPv4 pool is widened to 10.0.0.0/12 so that N MNs fit.
+
+* "empty": an empty SA store; its credentials hold only the MNs the bench uses.
+* "N live": before the HAC starts, the SA store is filled with N live SAs of N
+  distinct MNs (each with its own IPv6 and IPv4 home address, in one bulk
+  transaction: ``SQLiteSAStore.add_bulk``) and the credential table with
+  those N MNs.
+
+Measured on each HAC, in slices alternating between the two so that other
+load on the machine hits both alike:
+
+* bootstraps/s of returning MNs (they hold a live SA; each bootstrap
+  supersedes it) and of new MNs (each bootstrap a fresh identity, so a new
+  home address), at 1 and 32 concurrent MNs -- the PSK bootstrap of
+  bench/bootstrap.py (TCP + TLS + certificate checks + PSK exchange + close);
+* HAC CPU per bootstrap (/proc/PID/stat of the HAC, user + system);
+* HAC RSS, and (RSS of the N-live HAC - RSS of the empty one) / N per live SA;
+* time from starting the HAC process to its first served bootstrap (a new MN).
+
+Figures and ratios (N live / empty) are printed, never judged.  ``--quick``
+is N = 10,000 and short slices (CI).  The clients run in this process and
+compete with the HACs for the CPU.  Exit status 1 if a bootstrap failed.
+The bench always stops the processes it started and removes its temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bootstrap import (  # a sibling script, not a package
+    Client,
+    _free_port,
+    _local_provisioning,
+    _mipsec_cmd,
+    _proc_cpu,
+    _spawn,
+    _stop,
+    _wait_for,
+)
+
+from mipsec.core.fsutil import create_private
+from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
+from mipsec.core.suites import SUITES, Suite
+from mipsec.core.tls import mn_client_context
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
+
+LEVELS = (1, 32)
+IP6_BASE = int(IPv6Address("2001:db8:1::"))
+IP4_POOL = IPv4Network("10.0.0.0/12")
+REALM = "@mipsec.test"
+SPI_BASE = 4096
+
+MN = tuple[str, bytes]
+
+
+@dataclass
+class Lab:
+    name: str
+    root: Path
+    config: Path
+    returning: list[MN]
+    new: Iterator[MN]
+    ca: str
+    server_name: str
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    first_bootstrap_s: float = float("nan")
+    rss_start: int = 0
+    log: Path | None = None
+
+
+def _make_lab(root: Path, name: str) -> tuple[Path, dict[str, object]]:
+    lab = root / name
+    out = subprocess.run(
+        [
+            *_mipsec_cmd(None),
+            "init",
+            str(lab),
+            "--hac-port",
+            str(_free_port()),
+            "--ha-port",
+            str(_free_port()),
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    info: dict[str, object] = json.loads(out.stdout)
+    hac_toml = lab / "hac.toml"
+    text = hac_toml.read_text()
+    for old, new in (
+        (
+            'backend = "toml"\npath = "credentials.toml"',
+            'backend = "sqlite"\npath = "creds.sqlite"',
+        ),
+        ('ip4_pool = "192.0.2.0/24"', f'ip4_pool = "{IP4_POOL}"'),
+    ):
+        if old not in text:
+            raise RuntimeError(f"{hac_toml}: no {old!r} to replace")
+        text = text.replace(old, new)
+    hac_toml.write_text(_local_provisioning(text))
+    return lab, info
+
+
+def _fill_credentials(path: Path, creds: Iterator[MN]) -> int:
+    create_private(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS mn_credentials (mn_id TEXT PRIMARY KEY, psk BLOB NOT NULL)"
+        )
+        cur = conn.executemany("INSERT INTO mn_credentials (mn_id, psk) VALUES (?, ?)", creds)
+        conn.execute("COMMIT")
+        return cur.rowcount
+    finally:
+        conn.close()
+
+
+def _live_sas(n: int, lifetime: timedelta) -> Iterator[IssuedSA]:
+    end = (datetime.now(UTC) + lifetime).replace(microsecond=0)
+    hnp6 = IPv6Network("2001:db8:1::/64")
+    info = SUITES[Suite.AES_128_CBC_SHA256]
+    for i in range(n):
+        sa = SecurityAssociation(
+            spi=SPI_BASE + i,
+            mn_id=_mn_id("live", i),
+            suite=Suite.AES_128_CBC_SHA256,
+            scope=1,
+            validity_end=end,
+            mn_to_ha_ikey=secrets.token_bytes(info.ikey_len),
+            ha_to_mn_ikey=secrets.token_bytes(info.ikey_len),
+            mn_to_ha_ekey=secrets.token_bytes(info.ekey_len),
+            ha_to_mn_ekey=secrets.token_bytes(info.ekey_len),
+            ha_id="ha1",
+        )
+        bs = BootstrapData(
+            haa_ip6=IPv6Address("::1"),
+            haa_ip4=IPv4Address("127.0.0.1"),
+            ip6_hoa=IPv6Address(IP6_BASE + 1 + i),
+            ip4_hoa=IPv4Address(int(IP4_POOL.network_address) + 1 + i),
+            ip6_hnp=hnp6,
+            ip4_hnp=IP4_POOL,
+        )
+        yield IssuedSA(sa=sa, bootstrap=bs)
+
+
+def _mn_id(kind: str, i: int) -> str:
+    return f"scale-{kind}-{i:06d}{REALM}"
+
+
+def _rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (Linux /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class Result:
+    ops: int = 0
+    seconds: float = 0.0
+    errors: int = 0
+    server_cpu: float = 0.0
+    first_error: str = ""
+    exhausted: bool = False
+
+    def add(self, other: Result) -> None:
+        self.ops += other.ops
+        self.seconds += other.seconds
+        self.errors += other.errors
+        self.server_cpu += other.server_cpu
+        self.first_error = self.first_error or other.first_error
+        self.exhausted = self.exhausted or other.exhausted
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds if self.seconds else float("nan")
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1e3 * self.server_cpu / self.ops if self.ops else float("nan")
+
+
+async def measure(
+    op: Callable[[MN], Awaitable[None]],
+    pick: Callable[[int], MN | None],
+    concurrency: int,
+    duration: float,
+    pid: int,
+) -> Result:
+    """Bootstraps by ``concurrency`` workers for ``duration`` s (or until ``pick`` runs dry)."""
+    res = Result()
+    max_errors = max(10, 4 * concurrency)
+
+    async def worker(i: int, deadline: float) -> None:
+        while time.monotonic() < deadline and res.errors < max_errors:
+            mn = pick(i)
+            if mn is None:
+                res.exhausted = True
+                return
+            try:
+                await op(mn)
+            except Exception as exc:  # reported, and bounded by max_errors
+                res.errors += 1
+                res.first_error = res.first_error or f"{type(exc).__name__}: {exc}"
+                continue
+            res.ops += 1
+
+    cpu0, t0 = _proc_cpu(pid), time.monotonic()
+    await asyncio.gather(*(worker(i, t0 + duration) for i in range(concurrency)))
+    res.seconds = time.monotonic() - t0
+    res.server_cpu = _proc_cpu(pid) - cpu0
+    return res
+
+
+async def _start(lab: Lab, client_for: Callable[[int], Client]) -> None:
+    """Start the HAC; time until it served its first bootstrap (a new MN)."""
+    lab.log = lab.root / "hac.log"
+    t0 = time.monotonic()
+    lab.proc = _spawn([*_mipsec_cmd(None), "--role", "hac", "--config", str(lab.config)], lab.log)
+    log = lab.log
+    lab.port = await asyncio.to_thread(
+        _wait_for, r"HAC listening on 127\.0\.0\.1 port (\d+)", log.read_text, lab.proc
+    )
+    client = client_for(lab.port)
+    mn = next(lab.new)
+    deadline = t0 + 120
+    while True:
+        try:
+            await client.bootstrap(mn)
+            break
+        except ConnectionError:  # not yet accepting: anything else is a failure
+            if time.monotonic() > deadline or lab.proc.poll() is not None:
+                raise
+            await asyncio.sleep(0.01)
+    lab.first_bootstrap_s = time.monotonic() - t0
+    lab.rss_start = _rss(lab.proc.pid)
+
+
+async def run(args: argparse.Namespace) -> int:
+    n = 10_000 if args.quick else args.n
+    duration = 1.0 if args.quick else args.duration
+    slices = 2 if args.quick else 3
+    warmup = 0.2 if args.quick else 0.5
+    new_pool = 4_000 if args.quick else max(4_000, int(duration * 1_500))
+    with tempfile.TemporaryDirectory(prefix="mipsec-scale-") as tmp:
+        root = Path(tmp)
+        labs: list[Lab] = []
+        try:
+            fill_s = 0.0
+            for name, live in (("empty", 0), ("full", n)):
+                lab_dir, info = _make_lab(root, name)
+                hac = info["hac"]
+                assert isinstance(hac, dict)
+                returning_ids = (
+                    [_mn_id("live", i) for i in range(max(LEVELS))]
+                    if live
+                    else [_mn_id("ret", i) for i in range(max(LEVELS))]
+                )
+                new = [(_mn_id(f"new-{name}", i), secrets.token_bytes(32)) for i in range(new_pool)]
+                returning = [(m, secrets.token_bytes(32)) for m in returning_ids]
+                t0 = time.monotonic()
+                filler = (
+                    (_mn_id("live", i), secrets.token_bytes(32)) for i in range(max(LEVELS), live)
+                )
+                _fill_credentials(lab_dir / "creds.sqlite", iter([*returning, *new, *filler]))
+                if live:
+                    with SQLiteSAStore(
+                        lab_dir / "hac-sa.sqlite", key_file=lab_dir / "hac-sa.key"
+                    ) as store:
+                        store.add_bulk(_live_sas(live, timedelta(hours=1)))
+                    fill_s = time.monotonic() - t0
+                labs.append(
+                    Lab(
+                        name,
+                        lab_dir,
+                        Path(str(hac["config"])),
+                        returning,
+                        iter(new),
+                        str(info["ca"]),  # each lab has its own CA
+                        str(hac["server_name"]),
+                    )
+                )
+            clients: dict[str, Client] = {}
+            for lab in labs:
+                ctx = mn_client_context(lab.ca, strict_rfc6618=False)
+                await _start(lab, lambda port, c=ctx, sn=lab.server_name: Client(c, port, sn))
+                clients[lab.name] = Client(ctx, lab.port, lab.server_name)
+
+            rows: list[tuple[str, int, Result, Result]] = []
+            for kind in ("returning", "new"):
+                for level in LEVELS:
+                    results = {lab.name: Result() for lab in labs}
+                    for s in range(slices):
+                        for lab in labs:
+                            assert lab.proc is not None
+                            if kind == "returning":
+                                mns = lab.returning
+
+                                def pick(i: int, mns: list[MN] = mns) -> MN | None:
+                                    return mns[i % len(mns)]
+
+                            else:
+                                it = lab.new
+
+                                def pick(i: int, it: Iterator[MN] = it) -> MN | None:
+                                    return next(it, None)
+
+                            op = clients[lab.name].bootstrap
+                            if s == 0:  # warm-up: returning MNs bootstrap once first
+                                await measure(op, pick, level, warmup, lab.proc.pid)
+                            r = await measure(op, pick, level, duration / slices, lab.proc.pid)
+                            results[lab.name].add(r)
+                    rows.append((kind, level, results["empty"], results["full"]))
+            rss = {lab.name: _rss(lab.proc.pid) if lab.proc else 0 for lab in labs}
+            _report(n, fill_s, duration, labs, rows, rss)
+            bad = [r for *_, e, f in rows for r in (e, f) if r.errors or r.ops == 0]
+            for r in bad:
+                print(f"errors: {r.errors} (first: {r.first_error})", file=sys.stderr)
+            if bad:
+                for lab in labs:
+                    if lab.log is not None:
+                        print(f"{lab.name} HAC log tail:\n{lab.log.read_text()[-2000:]}")
+                return 1
+            return 0
+        finally:
+            for lab in labs:
+                if lab.proc is not None:
+                    _stop(lab.proc)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b and b == b and a == a else "-"
+
+
+def _report(
+    n: int,
+    fill_s: float,
+    duration: float,
+    labs: list[Lab],
+    rows: list[tuple[str, int, Result, Result]],
+    rss: dict[str, int],
+) -> None:
+    empty, full = labs
+    print(
+        f"mipsec scale bench: HAC with {n} live SAs ({n} distinct MNs, SQLite SA store and "
+        f"credentials) vs an empty-state HAC, {duration:g} s per figure"
+    )
+    print(
+        f"note: {os.cpu_count()} CPU cores shared by the clients (this process) and both HACs; "
+        f"1-min load average {os.getloadavg()[0]:.2f}; store filled in {fill_s:.1f} s"
+    )
+    print()
+    head = f"{'figure':<50} | {'empty':>10} | {f'{n} live':>10} | {'ratio':>5}"
+    print(head)
+    print("-" * len(head))
+
+    def line(label: str, a: float, b: float, fmt: str) -> None:
+        print(f"{label:<50} | {a:>10{fmt}} | {b:>10{fmt}} | {_ratio(b, a):>5}")
+
+    for kind, level, e, f in rows:
+        mark = " (pool ran dry)" if e.exhausted or f.exhausted else ""
+        line(f"bootstraps/s, {kind} MN, {level} concurrent{mark}", e.rate, f.rate, ".1f")
+    for kind, level, e, f in rows:
+        line(f"HAC CPU ms/bootstrap, {kind} MN, {level} concurrent", e.cpu_ms, f.cpu_ms, ".2f")
+    line(
+        "first bootstrap after HAC start, s",
+        empty.first_bootstrap_s,
+        full.first_bootstrap_s,
+        ".2f",
+    )
+    line("HAC RSS after first bootstrap, MB", empty.rss_start / 1e6, full.rss_start / 1e6, ".1f")
+    line("HAC RSS at the end, MB", rss["empty"] / 1e6, rss["full"] / 1e6, ".1f")
+    per_sa = (full.rss_start - empty.rss_start) / n if n else float("nan")
+    print()
+    print(f"HAC RSS per live SA (after first bootstrap, full - empty) / N: {per_sa:.0f} bytes")
+    print("ratio = N live / empty (1.00: the cost does not depend on the number of live SAs)")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=100_000, help="live SAs / MNs (100000)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per figure (3)")
+    p.add_argument("--quick", action="store_true", help="N = 10000, 1 s per figure (CI)")
+    args = p.parse_args(argv)
+    if args.n < 1 or args.n > 1_000_000:
+        p.error("--n: between 1 and 1000000")
+    if args.duration <= 0:
+        p.error("--duration must be positive")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

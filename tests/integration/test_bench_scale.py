@@ -1,0 +1,59 @@
+"""bench/scale.py still runs end to end (two labs, two HAC processes, a filled store).
+
+Only the shape of the output and the clean-up are checked: figures are
+machine-dependent and never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
+NUM = r"([\d.]+|nan)"
+ROW = re.compile(rf"^(.+?)\s+\|\s+{NUM} \|\s+{NUM} \|\s+([\d.]+|-)$", re.M)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
+    # TMPDIR: the bench's labs (and every process it starts) live under tmp_path.
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    out = proc.stdout
+    assert "HAC with 10000 live SAs" in out
+    assert "compete" in out or "shared by the clients" in out  # the shared-CPU caveat
+    rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
+    for kind in ("returning", "new"):
+        for level in (1, 32):
+            rate = rows[f"bootstraps/s, {kind} MN, {level} concurrent"]
+            assert float(rate[0]) > 0 and float(rate[1]) > 0
+            assert abs(float(rate[2]) - float(rate[1]) / float(rate[0])) < 0.01
+            cpu = rows[f"HAC CPU ms/bootstrap, {kind} MN, {level} concurrent"]
+            assert float(cpu[0]) > 0 and float(cpu[1]) > 0
+    first = rows["first bootstrap after HAC start, s"]
+    assert float(first[0]) > 0 and float(first[1]) > 0
+    assert re.search(r"HAC RSS per live SA .*: -?\d+ bytes", out)
+    assert _processes_mentioning(str(tmp_path)) == []  # both HACs stopped
+    assert list(tmp_path.iterdir()) == []  # temp labs removed
