@@ -572,7 +572,7 @@ class HaService:
         mine = self.cfg.ha.id
         for who in (ha_id, sa.ha_id):
             if who and who != mine:
-                log.warning("spi=%d refused: provisioned for HA %r, this is %r", sa.spi, who, mine)
+                log.warning("spi=%d refused: provisioned for HA %s, this is %s", sa.spi, who, mine)
                 raise ValueError(f"ha_id: SA is for HA {who!r}, this HA is {mine!r}")
         now = utcnow()
         if sa.validity_end <= now:

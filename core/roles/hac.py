@@ -517,7 +517,7 @@ class HacService:
             return
         ha = self._ha_by_id.get(ha_id)
         if ha is None:
-            log.warning("spi=%d: cannot withdraw, HA %r is not configured", spi, ha_id)
+            log.warning("spi=%d: cannot withdraw, HA %s is not configured", spi, ha_id)
             return
         self._withdrawing.add(spi)
         self._background(self._withdraw_until_confirmed(ha, spi, validity_end))
