@@ -29,7 +29,14 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
-from mipsec.core.crypto import ICV_LEN, AesXcbcMac96, BytesLike, MacContext, SuiteCrypto
+from mipsec.core.crypto import (
+    ICV_LEN,
+    AesXcbcMac96,
+    BytesLike,
+    MacContext,
+    SuiteCrypto,
+    xcbc_finish,
+)
 from mipsec.core.errors import LocalProtocolError, PacketError
 from mipsec.core.replay import ReplayWindow
 from mipsec.core.suites import SuiteInfo
@@ -88,7 +95,6 @@ _PADS = tuple(_PAD[:i] for i in range(256))  # _PADS[n] = the n padding octets
 _ICV_LEN = ICV_LEN  # module-level copies: cheaper lookups on the hot path
 _HEADER_LEN = 8
 _PLAIN_HEADER = bytes(HEADER_LEN)
-_Block2 = Callable[[bytes], bytes]  # a running AES context's update() over two blocks
 
 
 class SequenceExhausted(LocalProtocolError):
@@ -149,18 +155,17 @@ def decode_plain(datagram: BytesLike) -> bytes:
 
 def _icv_parts(
     crypto: SuiteCrypto,
-) -> tuple[Callable[[], MacContext], tuple[bytes, ...] | None, _Block2, _Block2]:
+) -> tuple[Callable[[], MacContext], tuple[int, int] | None]:
     """What the inlined ICV computation needs (the recipes in crypto.py).
 
-    (new, deltas, fix_dec, fix_enc): ``new()`` is a context of the pre-keyed
-    HMAC-SHA1 or, for AES-XCBC-MAC-96, AES-CMAC(K1); ``deltas`` is None for
-    HMAC, else XCBC's last-step table, with ``fix_dec`` / ``fix_enc``
-    (for HMAC those two are never called).
+    (new, deltas): ``new()`` is a context of the pre-keyed HMAC-SHA1 or, for
+    AES-XCBC-MAC-96, AES-CMAC(K1); ``deltas`` is None for HMAC, else what
+    ``xcbc_finish`` needs.
     """
     integrity = crypto.integrity
     if isinstance(integrity, AesXcbcMac96):
-        return integrity.new, integrity.deltas, integrity.fix_dec, integrity.fix_enc
-    return integrity.new, None, bytes, bytes
+        return integrity.new, integrity.deltas
+    return integrity.new, None
 
 
 def _check_spi(spi: int) -> int:
@@ -178,8 +183,6 @@ class OutboundSA:
         "_encrypt",
         "_encrypt_parts",
         "_encrypts",
-        "_fix_dec",
-        "_fix_enc",
         "_mac_new",
         "_random_block",
         "_seq",
@@ -190,9 +193,7 @@ class OutboundSA:
     )
 
     _mac_new: Callable[[], MacContext]
-    _deltas: tuple[bytes, ...] | None
-    _fix_dec: _Block2
-    _fix_enc: _Block2
+    _deltas: tuple[int, int] | None
     _random_block: Callable[[], bytes]
     _encrypt: Callable[[BytesLike], bytes]
 
@@ -211,7 +212,7 @@ class OutboundSA:
             raise LocalProtocolError(f"initial_seq: {initial_seq!r} outside 0..2**32")
         self.suite_info = suite_info
         crypto = SuiteCrypto(suite_info, ikey, ekey)
-        self._mac_new, self._deltas, self._fix_dec, self._fix_enc = _icv_parts(crypto)
+        self._mac_new, self._deltas = _icv_parts(crypto)
         self._encrypt_parts = crypto.encrypt_parts
         self._encrypts = crypto.encrypts
         cipher = crypto.cipher
@@ -268,13 +269,13 @@ class OutboundSA:
             authed = b"".join((_pack(word, seq), payload, trailer))
         self._seq = seq + 1
         # The ICV (crypto.py's recipes, inlined: one Python call less per packet).
-        h = self._mac_new()
-        h.update(authed)
         deltas = self._deltas
         if deltas is None:  # HMAC-SHA1-96 (RFC 2404)
+            h = self._mac_new()
+            h.update(authed)
             return authed + h.finalize()[:_ICV_LEN]
         # AES-XCBC-MAC-96 (RFC 3566) from AES-CMAC: AesXcbcMac96.
-        return authed + self._fix_enc(self._fix_dec(deltas[len(authed) & 15] + h.finalize()))[16:28]
+        return authed + xcbc_finish(self._mac_new(), authed, len(authed), deltas)[:_ICV_LEN]
 
     def __repr__(self) -> str:
         return f"OutboundSA({self.suite_info.suite.name}, spi={self.spi}, seq={self._seq})"
@@ -288,8 +289,6 @@ class InboundSA:
         "_decrypt",
         "_deltas",
         "_encrypts",
-        "_fix_dec",
-        "_fix_enc",
         "_iv_len",
         "_mac_new",
         "_min_len",
@@ -300,9 +299,7 @@ class InboundSA:
     )
 
     _mac_new: Callable[[], MacContext]
-    _deltas: tuple[bytes, ...] | None
-    _fix_dec: _Block2
-    _fix_enc: _Block2
+    _deltas: tuple[int, int] | None
     _decrypt: Callable[[bytes], bytes]
 
     def __init__(
@@ -311,7 +308,7 @@ class InboundSA:
         self.spi = _check_spi(spi)
         self.suite_info = suite_info
         crypto = SuiteCrypto(suite_info, ikey, ekey)
-        self._mac_new, self._deltas, self._fix_dec, self._fix_enc = _icv_parts(crypto)
+        self._mac_new, self._deltas = _icv_parts(crypto)
         # The running decryptor's update() itself: unprotect's length checks
         # (whole blocks, at least IV + one block) are the ones decrypt() makes,
         # and unprotect skips the IV block by offset instead of by a copy.
@@ -370,13 +367,13 @@ class InboundSA:
             raise PacketError("sequence", f"{seq} replayed or left of the window", "replay")
         # The ICV, inlined as in protect(), then compared in constant time
         # (RFC 4303 §3.4.4).
-        h = self._mac_new()
-        h.update(datagram[:end])
         deltas = self._deltas
         if deltas is None:
+            h = self._mac_new()
+            h.update(datagram[:end])
             icv = h.finalize()[:_ICV_LEN]
         else:
-            icv = self._fix_enc(self._fix_dec(deltas[end & 15] + h.finalize()))[16:28]
+            icv = xcbc_finish(self._mac_new(), datagram, end, deltas)[:_ICV_LEN]
         if not _compare_digest(icv, datagram[end:]):
             raise PacketError("icv", "integrity check failed", "bad_icv")
         if self._encrypts:
