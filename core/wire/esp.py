@@ -187,7 +187,6 @@ class OutboundSA:
         "_random_block",
         "_seq",
         "_trailers",
-        "_words",
         "spi",
         "suite_info",
     )
@@ -223,7 +222,6 @@ class OutboundSA:
             self._encrypt = cipher.encrypt_update
         self._align = suite_info.block_size
         self._seq = initial_seq
-        self._words = {p: (p << 28) | spi for p in _PROTECTED_PTYPES}
         # (pad_len << 8 | next_header) -> Padding || Pad Length || Next Header;
         # at most block_size * 256 small entries, in practice a handful.
         self._trailers: dict[int, bytes] = {}
@@ -243,9 +241,9 @@ class OutboundSA:
         seq = self._seq
         if seq > SEQ_MAX:
             raise SequenceExhausted(f"sequence: SPI {self.spi} used all 2**32 numbers")
-        word = self._words.get(ptype)
-        if word is None:
+        if ptype not in _PROTECTED_PTYPES:
             raise LocalProtocolError(f"ptype: {ptype!r} is not {PTYPE_MH} or {PTYPE_DATA}")
+        word = (ptype << 28) | self.spi
         # RFC 4303 §2.4: minimal padding so that Payload || Padding || Pad
         # Length || Next Header fills whole cipher blocks (4 octets for NULL).
         if not 0 <= next_header <= 255:
@@ -292,7 +290,6 @@ class InboundSA:
         "_iv_len",
         "_mac_new",
         "_min_len",
-        "_ptypes",
         "_window",
         "spi",
         "suite_info",
@@ -319,8 +316,6 @@ class InboundSA:
         self._window = ReplayWindow(window)
         # Header, IV, at least one block (or 4-octet unit) of trailer, ICV.
         self._min_len = HEADER_LEN + crypto.iv_len + self._align + ICV_LEN
-        # First word (PType|SPI) -> PType: one dict lookup checks SPI and PType.
-        self._ptypes = {(p << 28) | spi: p for p in _PROTECTED_PTYPES}
 
     @property
     def highest_seq(self) -> int:
@@ -348,11 +343,11 @@ class InboundSA:
         if n < self._min_len:
             raise PacketError("length", f"{n} octets, shorter than the minimum {self._min_len}")
         word, seq = _unpack_from(datagram)
-        ptype = self._ptypes.get(word)
-        if ptype is None:
-            if word & SPI_MAX != self.spi:
-                raise PacketError("spi", f"SPI {word & SPI_MAX} is not this SA's", "unknown_spi")
-            raise PacketError("ptype", f"PType {word >> 28} on a protected SA")
+        if word & SPI_MAX != self.spi:
+            raise PacketError("spi", f"SPI {word & SPI_MAX} is not this SA's", "unknown_spi")
+        ptype = word >> 28
+        if ptype not in _PROTECTED_PTYPES:
+            raise PacketError("ptype", f"PType {ptype} on a protected SA")
         end = n - _ICV_LEN
         if (end - _HEADER_LEN) % self._align:
             raise PacketError("length", f"encrypted part is not a multiple of {self._align} octets")
