@@ -23,7 +23,9 @@ load on the machine hits both alike:
   bench/bootstrap.py (TCP + TLS + certificate checks + PSK exchange + close);
 * HAC CPU per bootstrap (/proc/PID/stat of the HAC, user + system);
 * HAC RSS, and (RSS of the N-live HAC - RSS of the empty one) / N per live SA;
-* time from starting the HAC process to its first served bootstrap (a new MN).
+* time from starting the HAC process to its first served bootstrap (a new MN);
+* HA memory: RSS per installed SA and per binding of an in-memory ``HaCore``
+  holding N SAs and N bindings (in a child process, so nothing else counts).
 
 Figures and ratios (N live / empty) are printed, never judged.  ``--quick``
 is N = 10,000 and short slices (CI).  The clients run in this process and
@@ -260,7 +262,10 @@ async def _start(lab: Lab, client_for: Callable[[int], Client]) -> None:
             await client.bootstrap(mn)
             break
         except ConnectionError:  # not yet accepting: anything else is a failure
-            if time.monotonic() > deadline or lab.proc.poll() is not None:
+            if lab.proc.poll() is not None:
+                tail = log.read_text()[-2000:]
+                raise RuntimeError(f"the HAC exited ({lab.proc.returncode}): {tail}") from None
+            if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.01)
     lab.first_bootstrap_s = time.monotonic() - t0
@@ -404,7 +409,53 @@ def _report(
     per_sa = (full.rss_start - empty.rss_start) / n if n else float("nan")
     print()
     print(f"HAC RSS per live SA (after first bootstrap, full - empty) / N: {per_sa:.0f} bytes")
+    ha_sa, ha_binding = _ha_figures(n)
+    print(
+        f"HA RSS per SA: {ha_sa:.0f} bytes (target <= 6144); per binding: {ha_binding:.0f} bytes"
+        f" ({n} of each in an in-memory HaCore)"
+    )
     print("ratio = N live / empty (1.00: the cost does not depend on the number of live SAs)")
+
+
+def ha_memory(n: int) -> None:
+    """In a child process: RSS per SA and per binding of an in-memory ``HaCore``."""
+    import gc
+
+    from mipsec.core.bindings import Binding
+    from mipsec.core.ha_core import HaCore
+
+    items = list(_live_sas(n, timedelta(hours=2)))
+    core = HaCore("ha1", IPv6Address("::1"), IPv4Address("127.0.0.1"))
+    gc.collect()
+    r0 = _rss(os.getpid())
+    now = time.time()
+    for x in items:
+        core.install_sa(x, now=now)
+    gc.collect()
+    r1 = _rss(os.getpid())
+    for x in items:
+        hoa = str(x.bootstrap.ip6_hoa)
+        core.bindings.put(
+            Binding(hoa, "2001:db8:99::1", 7873, x.sa.spi, 1, 3600, now + 3600, None, 0)
+        )
+    gc.collect()
+    r2 = _rss(os.getpid())
+    print(f"HA {(r1 - r0) / n:.0f} {(r2 - r1) / n:.0f}", flush=True)
+
+
+def _ha_figures(n: int) -> tuple[float, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--ha-memory", str(n)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "HA":
+            return float(parts[1]), float(parts[2])
+    raise RuntimeError(f"HA memory child: unexpected output {out[-500:]!r}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -416,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100_000, help="live SAs / MNs (100000)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per figure (3)")
     p.add_argument("--quick", action="store_true", help="N = 10000, 1 s per figure (CI)")
+    p.add_argument("--ha-memory", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.ha_memory:
+        ha_memory(args.ha_memory)
+        return 0
     if args.n < 1 or args.n > 1_000_000:
         p.error("--n: between 1 and 1000000")
     if args.duration <= 0:

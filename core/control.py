@@ -46,6 +46,7 @@ MAX_RESPONSE = 64 * 1024 * 1024  # octets of one response line (a big HAC's SA l
 SOCKET_MODE = 0o600
 # sockaddr_un.sun_path is 108 octets on Linux, the terminating NUL included.
 MAX_PATH = 107
+TMP_EXTRA = 10  # "." + "." + 8 hex digits: the temporary name bound first
 
 COMMANDS = ("status", "sas", "bindings", "revoke", "unrevoke", "reload")
 
@@ -170,11 +171,15 @@ def socket_path(cfg: BaseModel, role: str, config_file: str) -> Path:
         if configured is not None
         else state_dir(cfg, config_file) / default_name(config_file, role, ".ctl")
     )
-    if len(os.fsencode(path)) > MAX_PATH:
+    # The socket is bound under a temporary name TMP_EXTRA octets longer
+    # (".NAME.xxxxxxxx"), then renamed: that name must fit too.
+    if len(os.fsencode(path)) + TMP_EXTRA > MAX_PATH:
         raise ConfigError(
             config_file,
             "control.path",
-            f"{str(path)!r} is longer than a Unix socket path may be ({MAX_PATH} octets)",
+            f"{str(path)!r} is longer than a control socket path may be "
+            f"({MAX_PATH - TMP_EXTRA} octets: {MAX_PATH} for a Unix socket, less the "
+            "temporary name it is bound under)",
         )
     return path
 

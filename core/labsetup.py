@@ -180,11 +180,17 @@ port = {port}
 """
 
 
-def _control_path(config_file: Path, role: str) -> str:
+def _control_path(config_file: Path, role: str) -> str | None:
+    """The role's control socket; None when the lab's path is too long for one
+    (the role then runs without it, saying so in a warning)."""
     from mipsec.core.config import load_config
     from mipsec.core.control import socket_path
+    from mipsec.core.errors import ConfigError
 
-    return str(socket_path(load_config(config_file, role), role, str(config_file)))
+    try:
+        return str(socket_path(load_config(config_file, role), role, str(config_file)))
+    except ConfigError:
+        return None
 
 
 def init_lab(

@@ -55,5 +55,6 @@ def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
     first = rows["first bootstrap after HAC start, s"]
     assert float(first[0]) > 0 and float(first[1]) > 0
     assert re.search(r"HAC RSS per live SA .*: -?\d+ bytes", out)
+    assert re.search(r"HA RSS per SA: \d+ bytes .*; per binding: \d+ bytes", out)
     assert _processes_mentioning(str(tmp_path)) == []  # both HACs stopped
     assert list(tmp_path.iterdir()) == []  # temp labs removed
