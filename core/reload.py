@@ -93,11 +93,14 @@ class ReloadRunner:
                 "error": f"internal error: {type(exc).__name__}",
             }
             return dict(self.last)
+        from mipsec.core.version import version
+
         log.info(
-            "%s reload of %s applied: %s",
+            "%s reload of %s applied: %s (mipsec %s)",
             self.role,
             self.config_file,
             ("changed " + ", ".join(changed)) if changed else "no change",
+            version(),
         )
         self.last = {"at": at, "applied": True, "changed": changed}
         return dict(self.last)

@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -408,5 +409,11 @@ def test_status_shows_radius_server_health(tmp_path: Path) -> None:
         servers = next(iter(st["aaa"].values()))
         assert servers[radius]["dead"] is False and servers[radius]["timeouts"] == 0
         assert "testing123" not in json.dumps(st)
+        # The same counters on /metrics (issue 10 item 3), per server.
+        with urllib.request.urlopen(lab.info["hac"]["metrics"], timeout=10) as resp:
+            text = resp.read().decode()
+        assert f'mipsec_radius_server_dead{{server="{radius}"}} 0.0' in text
+        assert f'mipsec_radius_total{{counter="timeouts",server="{radius}"}} 0.0' in text
+        assert "testing123" not in text
     finally:
         r.stop("hac")
