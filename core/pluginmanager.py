@@ -7,7 +7,8 @@ plugins claiming one name is an error at start, not a silent override.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -41,19 +42,28 @@ class LoadedPlugin:
     provides: Mapping[str, tuple[str, ...]]  # hook -> names it provides
 
 
-def emit(pm: pluggy.PluginManager, hook: str, on_error: Any, **kwargs: Any) -> None:
+def emit(
+    pm: pluggy.PluginManager,
+    hook: str,
+    stats: MutableMapping[str, int],
+    log: logging.Logger,
+    **kwargs: Any,
+) -> None:
     """Call an event hook after the fact; a raising plugin never breaks the role.
 
     pluggy stops at the first raising implementation: each is called on its
-    own so one broken plugin does not silence the others (accounting).
-    ``on_error(hook, plugin_name, exc)`` counts and logs the failure.
+    own so one broken plugin does not silence the others (accounting).  A
+    failure is counted in ``stats["hook_errors"]`` and logged in one line.
     """
     caller = getattr(pm.hook, hook)
     for impl in caller.get_hookimpls():
         try:
             impl.function(**{k: kwargs[k] for k in impl.argnames if k in kwargs})
         except Exception as exc:
-            on_error(hook, impl.plugin_name, exc)
+            stats["hook_errors"] = stats.get("hook_errors", 0) + 1
+            log.error(
+                "event hook %s of plugin %s failed: %s", hook, impl.plugin_name, type(exc).__name__
+            )
 
 
 def make_plugin_manager(disable: Iterable[str] = ()) -> pluggy.PluginManager:

@@ -105,6 +105,15 @@ class ReloadRunner:
         self.last = {"at": at, "applied": True, "changed": changed}
         return dict(self.last)
 
+    async def via_control(self) -> dict[str, Any]:
+        """``mipsec reload``: the result, or ``ControlError`` when refused."""
+        from mipsec.core.control import ControlError
+
+        result = await self.run("control socket")
+        if not result["applied"]:
+            raise ControlError(f"reload refused: {result['error']}")
+        return result
+
     def on_signal(self) -> None:
         """SIGHUP handler (``loop.add_signal_handler``): reload in the background."""
         task = asyncio.get_running_loop().create_task(self.run("SIGHUP"))

@@ -133,3 +133,17 @@ def start_hac() -> Iterator[Any]:
         except subprocess.TimeoutExpired:
             p.kill()
             p.communicate()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (a bench's temp dir: all stopped?)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(int(entry.name))
+    return found

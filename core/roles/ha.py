@@ -470,11 +470,7 @@ class HaService:
 
     def emit(self, hook: str, **kwargs: Any) -> None:
         """HA event hooks (``mipsec_ha_*``); a raising plugin never breaks the HA."""
-        pluginmanager.emit(self.pm, hook, self._hook_failed, ha_id=self.cfg.ha.id, **kwargs)
-
-    def _hook_failed(self, hook: str, plugin: str, exc: Exception) -> None:
-        self.counts["hook_errors"] += 1
-        log.error("event hook %s of plugin %s failed: %s", hook, plugin, type(exc).__name__)
+        pluginmanager.emit(self.pm, hook, self.counts, log, ha_id=self.cfg.ha.id, **kwargs)
 
     def _log_binding(self, ev: BindingChanged) -> None:
         self.emit(

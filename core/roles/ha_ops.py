@@ -115,12 +115,7 @@ class HaOps:
         return {"role": "ha", "bindings": rows}
 
     async def reload(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        from mipsec.core.control import ControlError
-
-        result = await self.reloader.run("control socket")
-        if not result["applied"]:
-            raise ControlError(f"reload refused: {result['error']}")
-        return result
+        return await self.reloader.via_control()
 
     def _reload(self) -> list[str]:
         from mipsec.core.roles.preflight import preflight

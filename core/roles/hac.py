@@ -349,11 +349,7 @@ class HacService:
 
     def emit(self, hook: str, **kwargs: Any) -> None:
         """Call an event hook after the fact; a raising plugin never breaks anything."""
-        pluginmanager.emit(self.pm, hook, self._hook_failed, **kwargs)
-
-    def _hook_failed(self, hook: str, plugin: str, exc: Exception) -> None:
-        self.stats["hook_errors"] += 1
-        log.error("event hook %s of plugin %s failed: %s", hook, plugin, type(exc).__name__)
+        pluginmanager.emit(self.pm, hook, self.stats, log, **kwargs)
 
     def exchange_ended(self, exch: HacExchange, peer: str, started: float | None = None) -> None:
         """One audit event per finished exchange (issue 6 item 7)."""

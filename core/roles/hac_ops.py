@@ -274,10 +274,7 @@ class HacOps:
     # ------------------------------------------------------------ reload
 
     async def reload(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        result = await self.reloader.run("control socket")
-        if not result["applied"]:
-            raise ControlError(f"reload refused: {result['error']}")
-        return result
+        return await self.reloader.via_control()
 
     def _reload(self) -> list[str]:
         """Validate the file as a start does, then swap what new exchanges use.

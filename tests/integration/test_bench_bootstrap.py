@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import processes_mentioning
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bootstrap.py"
 ROW = re.compile(r"^\s+(\d+) \|\s+([\d.]+) \|\s+([\d.]+) \|\s+([\d.]+) \|", re.M)
 
@@ -28,19 +30,6 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if text.encode() in cmdline:
-                found.append(int(entry.name))
-    return found
-
-
 def test_quick_run_prints_both_levels_and_cleans_up(tmp_path: Path) -> None:
     proc = _run(tmp_path, "--concurrency", "1,2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,7 +41,7 @@ def test_quick_run_prints_both_levels_and_cleans_up(tmp_path: Path) -> None:
     for _, tls, boot, ratio in rows:
         assert float(tls) > 0 and float(boot) > 0
         assert abs(float(ratio) - float(boot) / float(tls)) < 0.01
-    assert _processes_mentioning(str(tmp_path)) == []  # HAC and TLS server stopped
+    assert processes_mentioning(str(tmp_path)) == []  # HAC and TLS server stopped
     assert list(tmp_path.iterdir()) == []  # temp lab removed
 
 

@@ -12,22 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import processes_mentioning
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
 NUM = r"([\d.]+|nan)"
 ROW = re.compile(rf"^(.+?)\s+\|\s+{NUM} \|\s+{NUM} \|\s+([\d.]+|-)$", re.M)
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if text.encode() in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
@@ -56,5 +45,5 @@ def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
     assert float(first[0]) > 0 and float(first[1]) > 0
     assert re.search(r"HAC RSS per live SA .*: -?\d+ bytes", out)
     assert re.search(r"HA RSS per SA: \d+ bytes .*; per binding: \d+ bytes", out)
-    assert _processes_mentioning(str(tmp_path)) == []  # both HACs stopped
+    assert processes_mentioning(str(tmp_path)) == []  # both HACs stopped
     assert list(tmp_path.iterdir()) == []  # temp labs removed
