@@ -12,22 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mipsec.core.labsetup import init_lab
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP (the HA uses one number for both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise OSError("no free port on 127.0.0.1")
+from mipsec.core.labsetup import free_port, init_lab
 
 
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[str]) -> bool:

@@ -165,11 +165,30 @@ sqn_file = "usim.sqn"          # one USIM: shared by mn-aka.toml and mn-aka-prim
 {extra if method == "aka-prime" else ""}"""
 
 
-def _free_tcp_port() -> int:
-    """A port free on 127.0.0.1 now (the kernel's pick); written into the config."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port() -> int:
+    """A port free for both TCP and UDP (the HA uses one number for both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise OSError("no free port on 127.0.0.1")
+
+
+def _metrics_ports(taken: tuple[int, ...]) -> tuple[int, int]:
+    """Two ports free now for the roles' metrics, distinct from each other and
+    from the lab's own ports (the kernel may hand one out twice in a row)."""
+    picked: list[int] = []
+    while len(picked) < 2:
+        port = free_port()
+        if port not in taken and port not in picked:
+            picked.append(port)
+    return picked[0], picked[1]
 
 
 def _metrics_table(port: int) -> str:
@@ -214,7 +233,7 @@ def init_lab(
     for name in ("hac-sa.key", "ha-sa.key"):
         create_key_file(directory / name)
     psk = secrets.token_bytes(32)
-    metrics_ports = (_free_tcp_port(), _free_tcp_port())
+    metrics_ports = _metrics_ports((hac_port, ha_port))
 
     def rel(p: Path) -> str:
         return os.path.relpath(p, directory)

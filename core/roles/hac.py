@@ -104,14 +104,7 @@ class HacService:
         ctx = PluginContext(role="hac", base_dir=base, config_file=config_file, extra=extra)
         self.plugin_ctx = ctx  # a reload builds the new plugin objects with it
         self.methods = self._method_factories(ctx)
-        self.credentials: CredentialBackend = pluginmanager.create(
-            self.pm,
-            "mipsec_credential_backends",
-            cfg.credentials.backend,
-            cfg.credentials.options,
-            ctx,
-            key="credentials.backend",
-        )
+        self.credentials: CredentialBackend = self.create_plugin("credentials", cfg)
         self.store: SAStore = pluginmanager.create(
             self.pm,
             "mipsec_sa_stores",
@@ -120,22 +113,8 @@ class HacService:
             ctx,
             key="sa_store.backend",
         )
-        self.allocator: HoAAllocator = pluginmanager.create(
-            self.pm,
-            "mipsec_hoa_allocators",
-            cfg.home_addresses.allocator,
-            cfg.home_addresses.options,
-            ctx,
-            key="home_addresses.allocator",
-        )
-        self.selector: HASelector = pluginmanager.create(
-            self.pm,
-            "mipsec_ha_selectors",
-            cfg.ha_selection.selector,
-            cfg.ha_selection.options,
-            ctx,
-            key="ha_selection.selector",
-        )
+        self.allocator: HoAAllocator = self.create_plugin("home_addresses", cfg)
+        self.selector: HASelector = self.create_plugin("ha_selection", cfg)
         self.has = tuple(
             HomeAgentInfo(h.id, h.address6, h.address4, h.port, h.transport, dict(h.options))
             for h in cfg.ha
@@ -204,6 +183,21 @@ class HacService:
             "withdrawn": 0,
             "hook_errors": 0,
         }
+
+    # Config table -> (hook, key naming the plugin): the plugin objects a
+    # start and a reload (roles/hac_ops.py) build the same way.
+    _PLUGIN_TABLES = {
+        "credentials": ("mipsec_credential_backends", "backend"),
+        "home_addresses": ("mipsec_hoa_allocators", "allocator"),
+        "ha_selection": ("mipsec_ha_selectors", "selector"),
+    }
+
+    def create_plugin(self, table: str, cfg: HACConfig) -> Any:
+        hook, field = self._PLUGIN_TABLES[table]
+        ref = getattr(cfg, table)
+        return pluginmanager.create(
+            self.pm, hook, getattr(ref, field), ref.options, self.plugin_ctx, key=f"{table}.{field}"
+        )
 
     def _method_factories(
         self, ctx: PluginContext, cfg: HACConfig | None = None

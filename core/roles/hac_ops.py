@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mipsec.core import pluginmanager
 from mipsec.core.config import HACConfig, load_config
 from mipsec.core.control import ControlError, Dispatcher, arg_str
 from mipsec.core.errors import ConfigError
@@ -304,35 +303,14 @@ class HacOps:
                 built += [f for n, f in methods.items() if svc.methods.get(n) is not f]
             credentials = svc.credentials
             if "credentials" in changed:
-                credentials = pluginmanager.create(
-                    svc.pm,
-                    "mipsec_credential_backends",
-                    new.credentials.backend,
-                    new.credentials.options,
-                    ctx,
-                    key="credentials.backend",
-                )
+                credentials = svc.create_plugin("credentials", new)
                 built.append(credentials)
             allocator = svc.allocator
             if "home_addresses" in changed:
-                allocator = pluginmanager.create(
-                    svc.pm,
-                    "mipsec_hoa_allocators",
-                    new.home_addresses.allocator,
-                    new.home_addresses.options,
-                    ctx,
-                    key="home_addresses.allocator",
-                )
+                allocator = svc.create_plugin("home_addresses", new)
             selector = svc.selector
             if "ha_selection" in changed:
-                selector = pluginmanager.create(
-                    svc.pm,
-                    "mipsec_ha_selectors",
-                    new.ha_selection.selector,
-                    new.ha_selection.options,
-                    ctx,
-                    key="ha_selection.selector",
-                )
+                selector = svc.create_plugin("ha_selection", new)
         except BaseException:
             self._close_later(built, set())
             raise
