@@ -1,0 +1,83 @@
+"""The /metrics HTTP server's limits (core/metrics.py): held connections
+cannot pile up, a trickled request head runs into a deadline, bad requests
+get their status, and the role's registry is what is served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from mipsec.core import metrics
+from mipsec.core.metrics import MetricsServer
+
+
+async def _request(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        out = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionResetError:  # closed with our request unread: no answer either
+        out = b""
+    writer.close()
+    return out
+
+
+def _server() -> tuple[MetricsServer, CollectorRegistry]:
+    reg = CollectorRegistry()
+    Counter("mipsec_test", "a test counter", registry=reg).inc(3)
+    return MetricsServer(reg, lambda: True), reg
+
+
+def test_answers_metrics_healthz_and_errors() -> None:
+    async def main() -> None:
+        server, _ = _server()
+        (_, port), *_ = await server.listen("127.0.0.1", 0)
+        try:
+            out = await _request(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert out.startswith(b"HTTP/1.0 200 OK\r\n")
+            assert b"mipsec_test_total 3.0" in out
+            assert (await _request(port, b"GET /healthz HTTP/1.0\r\n\r\n")).endswith(
+                b"\r\n\r\nok\n"
+            )
+            assert (await _request(port, b"POST /metrics HTTP/1.0\r\n\r\n")).startswith(
+                b"HTTP/1.0 405"
+            )
+            assert (await _request(port, b"GET /x HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 404")
+            assert (await _request(port, b"garbage\r\n\r\n")).startswith(b"HTTP/1.0 400")
+            # A head over the limit: closed without an answer.
+            assert await _request(port, b"GET /" + b"a" * 5000 + b" HTTP/1.0\r\n\r\n") == b""
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_held_connections_are_capped_and_trickled_heads_time_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics, "READ_TIMEOUT", 0.5)
+
+    async def main() -> None:
+        server, _ = _server()
+        (_, port), *_ = await server.listen("127.0.0.1", 0)
+        held = []
+        try:
+            for _ in range(metrics.MAX_CLIENTS):
+                held.append(await asyncio.open_connection("127.0.0.1", port))
+                held[-1][1].write(b"GET /met")  # never finished
+            await asyncio.sleep(0.1)
+            # Beyond the cap: closed at once, no answer.
+            assert await _request(port, b"GET /metrics HTTP/1.0\r\n\r\n") == b""
+            # The deadline ends the trickled heads; scrapes are served again.
+            for reader, _ in held:
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+            out = await _request(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert out.startswith(b"HTTP/1.0 200")
+        finally:
+            for _, writer in held:
+                writer.close()
+            await server.stop()
+
+    asyncio.run(main())
