@@ -46,6 +46,7 @@ MAX_RESPONSE = 64 * 1024 * 1024  # octets of one response line (a big HAC's SA l
 SOCKET_MODE = 0o600
 # sockaddr_un.sun_path is 108 octets on Linux, the terminating NUL included.
 MAX_PATH = 107
+MAX_CLIENTS = 16  # control requests served at once
 TMP_EXTRA = 10  # "." + "." + 8 hex digits: the temporary name bound first
 
 COMMANDS = ("status", "sas", "bindings", "revoke", "unrevoke", "reload")
@@ -244,6 +245,12 @@ class ControlServer:
         raise OSError(f"{self.key}: {str(path)!r} is in use: is the role already running?")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._conns) >= MAX_CLIENTS:
+            # Each held client costs a task and a buffer until its timeout:
+            # beyond the cap, answer at once instead of holding more.
+            writer.write(encode_response(error=f"busy: {MAX_CLIENTS} requests in progress"))
+            writer.close()
+            return
         task = asyncio.current_task()
         if task is not None:
             self._conns.add(task)

@@ -211,3 +211,31 @@ def test_every_cli_option_has_help() -> None:
     assert missing == []
     names = set(subs[0].choices)
     assert {"status", "sas", "bindings", "revoke", "unrevoke", "reload"} <= names
+
+
+def test_server_caps_clients_held_at_once(tmp_path: Path) -> None:
+    from mipsec.core.control import MAX_CLIENTS
+
+    server, path = _serve(tmp_path, timeout=2.0)
+
+    async def main() -> None:
+        await server.start()
+        held = []
+        try:
+            for _ in range(MAX_CLIENTS):  # connected, never sending a line
+                held.append(await asyncio.open_unix_connection(str(path)))
+            await asyncio.sleep(0.1)
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            busy = json.loads(await asyncio.wait_for(reader.read(), 5))
+            writer.close()
+            assert busy["ok"] is False and busy["error"].startswith("busy:")
+        finally:
+            for _, w in held:
+                w.close()
+        await asyncio.sleep(0.1)
+        # Once they are gone, requests are served again.
+        resp = await asyncio.to_thread(request, path, Request("status"))
+        assert resp == {"ok": True, "result": {"args": {}}}
+        await server.stop()
+
+    asyncio.run(main())
