@@ -2,6 +2,7 @@
 
     python bench/bootstrap.py [--duration S] [--quick] [--tls12] [--concurrency 1,32]
                               [--provisioning local|tls] [--profile-hac FILE.prof]
+                              [--profile-ha FILE.prof]
 
 What is measured, all in one run, on one lab made in a temp dir (``mipsec init``):
 
@@ -29,8 +30,9 @@ for has 2 cores, so the client and the server compete for the CPU (said in
 the output).  The HAs are put on the ``local`` provisioning transport, so the
 bootstrap figure is the HAC's own; ``--provisioning tls`` keeps the lab's TLS
 provisioning and also runs ``mipsec --role ha``.  Exit status 1 if any
-bootstrap or handshake failed.  ``--profile-hac`` runs the HAC under cProfile and writes its
-stats to a file when the HAC stops (the figures are then not representative).
+bootstrap or handshake failed.  ``--profile-hac`` (``--profile-ha``) runs the HAC (the HA)
+under cProfile and writes its stats to a file when it stops (the figures are then not
+representative).  With ``--provisioning tls`` the server CPU is also split per process.
 The bench stops by itself and always terminates the processes it started.
 """
 
@@ -215,6 +217,7 @@ class Result:
     server_cpu: float = 0.0  # seconds of the server processes' CPU
     first_error: str = ""
     completed: int = 0  # ops + those still in flight at the deadline (they used the CPU too)
+    server_split: list[float] = field(default_factory=list)  # per server process, same order
 
     def __iadd__(self, other: Result) -> Result:
         self.ops += other.ops
@@ -224,6 +227,9 @@ class Result:
         self.server_cpu += other.server_cpu
         self.first_error = self.first_error or other.first_error
         self.completed += other.completed
+        if not self.server_split:
+            self.server_split = [0.0] * len(other.server_split)
+        self.server_split = [a + b for a, b in zip(self.server_split, other.server_split)]
         return self
 
     @property
@@ -277,13 +283,13 @@ async def measure(
         await asyncio.gather(*(worker(i, end) for i in range(concurrency)))
     ops = errors = completed = 0
     counting = True
-    s_cpu0, c_cpu0 = sum(map(_proc_cpu, server_pids)), time.process_time()
+    split0, c_cpu0 = [_proc_cpu(p) for p in server_pids], time.process_time()
     t0 = time.monotonic()
     deadline = t0 + duration
     await asyncio.gather(*(worker(i, deadline) for i in range(concurrency)))
     c_cpu = time.process_time() - c_cpu0
-    s_cpu = sum(map(_proc_cpu, server_pids)) - s_cpu0
-    return Result(ops, duration, errors, c_cpu, s_cpu, first_error, completed)
+    split = [_proc_cpu(p) - c0 for p, c0 in zip(server_pids, split0)]
+    return Result(ops, duration, errors, c_cpu, sum(split), first_error, completed, split)
 
 
 # ---------------------------------------------------------------- processes
@@ -476,7 +482,7 @@ async def run(args: argparse.Namespace) -> int:
                 ha_info = info["ha"]
                 assert isinstance(ha_info, dict)
                 ha_toml = Path(str(ha_info["config"]))
-                ha_cmd = [*_mipsec_cmd(None), "--role", "ha", "--config", str(ha_toml)]
+                ha_cmd = [*_mipsec_cmd(args.profile_ha), "--role", "ha", "--config", str(ha_toml)]
                 ha = _spawn(ha_cmd, root / "ha.log")
                 procs.append(ha)
                 server_pids.append(ha.pid)
@@ -514,13 +520,14 @@ async def run(args: argparse.Namespace) -> int:
                     part = duration / slices
                     r_tls += await measure(tls.handshake, creds, n, part, w, [bare.pid])
                     r_boot += await measure(boot.bootstrap, creds, n, part, w, server_pids)
-                    r_eap += await measure(eap.bootstrap, creds, n, part, w, server_pids)
+                    if not args.psk_only:
+                        r_eap += await measure(eap.bootstrap, creds, n, part, w, server_pids)
                 rows.append((n, r_tls, r_boot, r_eap))
             _report(args, duration, boot.tls_info or tls.tls_info, cert, rows)
             bad = [r for _, *rs in rows for r in rs if r.errors]
             for r in bad:
                 print(f"errors: {r.errors} (first: {r.first_error})", file=sys.stderr)
-            if bad or any(r.ops == 0 for _, *rs in rows for r in rs):
+            if bad or any(r.ops == 0 for _, *rs in rows for r in rs[: 2 if args.psk_only else 3]):
                 print(f"HAC log tail:\n{hac_log.read_text()[-3000:]}", file=sys.stderr)
                 return 1
             return 0
@@ -565,6 +572,8 @@ def _report(
         print("note: HA in the HAC's process (local transport, in-memory store): no HA round trip")
     if args.profile_hac:
         print(f"note: HAC runs under cProfile ({args.profile_hac}): figures not representative")
+    if args.profile_ha:
+        print(f"note: HA runs under cProfile ({args.profile_ha}): figures not representative")
     print()
     head = (
         f"{'MNs':>4} | {'handshake/s':>11} | {'bootstrap/s':>11} | {'ratio':>5} | "
@@ -593,6 +602,15 @@ def _report(
             f"{n:>4} | {t.rate:>11.1f} | {b.rate:>11.1f} | {ratio:>5.2f} | {e.rate:>11.1f} | "
             f"{eap_ratio:>5.2f} | {server:>24} | {client:>24}{flags}"
         )
+    if args.provisioning == "tls":
+        print()
+        for n, _t, b, e in rows:
+            ha_psk, hac_psk = (b.cpu_us(c) for c in b.server_split)
+            line = f"{n:>4} MNs: server CPU µs/op split HAC + HA: PSK {hac_psk:.0f} + {ha_psk:.0f}"
+            if e.server_split:
+                ha_eap, hac_eap = (e.cpu_us(c) for c in e.server_split)
+                line += f", EAP-TLS {hac_eap:.0f} + {ha_eap:.0f}"
+            print(line)
     print()
     print(
         "ratio = bootstrap/s / handshake/s (targets: PSK >= 0.70, EAP-TLS >= 0.40); a "
@@ -623,6 +641,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="run the HAC under cProfile, stats to FILE",
     )
+    p.add_argument(
+        "--profile-ha",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --provisioning tls: run the HA under cProfile, stats to FILE",
+    )
+    p.add_argument(
+        "--psk-only",
+        action="store_true",
+        help="skip the EAP-TLS figures (e.g. to profile the PSK path alone)",
+    )
     p.add_argument("--serve-tls", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_tls:
@@ -638,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--concurrency: each between 1 and 200")
     if args.profile_hac is not None:
         args.profile_hac = args.profile_hac.resolve()
+    if args.profile_ha is not None:
+        args.profile_ha = args.profile_ha.resolve()
     # SIGTERM ends the run like Ctrl-C, so the finally clause stops the servers.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -128,4 +128,8 @@ def mipsec_sa_expired(spi: int, mn_id: str, validity_end: datetime) -> None:
 
 @hookimpl
 def mipsec_sa_withdrawn(spi: int, mn_id: str, ha_id: str, reason: str) -> None:
-    _emit(logging.INFO, "sa_withdrawn", spi=spi, mn_id=mn_id, ha=ha_id, reason=reason)
+    # A superseded SA is the normal end of every re-bootstrap: DEBUG, so a
+    # successful bootstrap stays one INFO line (issue 9); revoked and every
+    # other reason are what an operator looks for: INFO.
+    level = logging.DEBUG if reason == "superseded" else logging.INFO
+    _emit(level, "sa_withdrawn", spi=spi, mn_id=mn_id, ha=ha_id, reason=reason)

@@ -613,12 +613,24 @@ class HaService:
         point leaves the SPI dead, never live again.
         """
         known = self.core.has_spi(spi)
-        held = self.store.get(spi, utcnow())
+        # The stored SA is only needed when the core does not hold it (to
+        # record its MN's tombstone); otherwise no key unwrapping here.
+        held = None if known else self.store.get(spi, utcnow())
         for ev in self.core.remove_sa(spi, issued=held):
             self._log_binding(ev)
         self.bindings.flush()  # raises: the HAC gets no confirmation, and retries
-        self.store.remove(spi)
-        log.info("SA withdrawn spi=%d%s", spi, "" if known or held else " (unknown here)")
+        discard = getattr(self.store, "discard", None)
+        if discard is not None:
+            discard(spi)
+        else:
+            self.store.remove(spi)
+        # DEBUG: a superseded SA is withdrawn on every re-bootstrap, and the
+        # HAC logs each withdrawal with its reason (issue 9: one INFO line per
+        # bootstrap); an SPI this HA never held is worth a line.
+        if known or held:
+            log.debug("SA withdrawn spi=%d", spi)
+        else:
+            log.info("SA withdrawn spi=%d (unknown here)", spi)
         self.emit("mipsec_ha_sa_withdrawn", spi=spi)
 
     # ------------------------------------------------------------ timers

@@ -472,20 +472,29 @@ class HacService:
         self._delivery_seq += 1
         self._delivered[keep] = self._delivery_seq
         order = self._delivered
+        now = utcnow()
+        fast = getattr(self.store, "live_spis_for_mn", None)
+        # (spi, validity end) of the MN's other SAs; the SQLite store gives
+        # them without unwrapping keys (this runs on every bootstrap).
+        held: list[tuple[int, float]] = (
+            fast(mn_id, now)
+            if fast is not None
+            else [
+                (i.sa.spi, i.sa.validity_end.timestamp())
+                for i in self.store.live_for_mn(mn_id, now)
+            ]
+        )
+        issuing = self._issuing_spis
         live = sorted(
-            (
-                i
-                for i in self.store.live_for_mn(mn_id, utcnow())
-                if i.sa.spi != keep and i.sa.spi not in self._issuing_spis
-            ),
+            ((spi, end) for spi, end in held if spi != keep and spi not in issuing),
             # Oldest first: validity end (whole seconds), then the order of
             # delivery in this process (SAs from before a restart come first).
-            key=lambda i: (i.sa.validity_end, order.get(i.sa.spi, -1)),
+            key=lambda x: (x[1], order.get(x[0], -1)),
         )
         # Keep the delivered SA and the newest limit-1 others.
         excess = len(live) - (limit - 1)
-        for issued in live[: max(0, excess)]:
-            self.retire(issued.sa.spi, "superseded")
+        for spi, _end in live[: max(0, excess)]:
+            self.retire(spi, "superseded")
 
     def retire(self, spi: int, reason: str) -> bool:
         """Withdraw a live SA for good: out of the store now, off its HA soon."""

@@ -65,8 +65,10 @@ def test_all_events_one_line_each(
             mn_id=sa.mn_id, ha_id="ha1", spi=7, status=504, reason="ha-no-confirmation", peer="p"
         )
         pm.hook.mipsec_sa_withdrawn(spi=sa.spi, mn_id=sa.mn_id, ha_id="ha1", reason="superseded")
+        pm.hook.mipsec_sa_withdrawn(spi=sa.spi, mn_id=sa.mn_id, ha_id="ha1", reason="revoked")
         pm.hook.mipsec_sa_expired(spi=sa.spi, mn_id=sa.mn_id, validity_end=sa.validity_end)
-    # mn_authenticated is DEBUG: a successful bootstrap is one INFO line (sa_issued).
+    # mn_authenticated and a superseded SA's withdrawal are DEBUG: a successful
+    # (re-)bootstrap is one INFO line (sa_issued).
     assert lines(caplog) == [
         "event=sa_issued spi=4660 mn_id=alice@home.example suite=AES_128_CBC_SHA256 scope=1 "
         "ha=ha1 validity_end=2030-01-02T03:04:05Z peer=[2001:db8::5]:4433",
@@ -74,7 +76,7 @@ def test_all_events_one_line_each(
         "event=auth_failed mn_id=eve@x peer=192.0.2.9:1 method=psk status=- reason=timeout",
         "event=provisioning_failed mn_id=alice@home.example peer=p ha=ha1 spi=7 status=504 "
         "reason=ha-no-confirmation",
-        "event=sa_withdrawn spi=4660 mn_id=alice@home.example ha=ha1 reason=superseded",
+        "event=sa_withdrawn spi=4660 mn_id=alice@home.example ha=ha1 reason=revoked",
         "event=sa_expired spi=4660 mn_id=alice@home.example validity_end=2030-01-02T03:04:05Z",
     ]
     assert [r.levelno for r in caplog.records] == [
