@@ -229,7 +229,9 @@ class Result:
         self.completed += other.completed
         if not self.server_split:
             self.server_split = [0.0] * len(other.server_split)
-        self.server_split = [a + b for a, b in zip(self.server_split, other.server_split)]
+        self.server_split = [
+            a + b for a, b in zip(self.server_split, other.server_split, strict=True)
+        ]
         return self
 
     @property
@@ -288,7 +290,7 @@ async def measure(
     deadline = t0 + duration
     await asyncio.gather(*(worker(i, deadline) for i in range(concurrency)))
     c_cpu = time.process_time() - c_cpu0
-    split = [_proc_cpu(p) - c0 for p, c0 in zip(server_pids, split0)]
+    split = [_proc_cpu(p) - c0 for p, c0 in zip(server_pids, split0, strict=True)]
     return Result(ops, duration, errors, c_cpu, sum(split), first_error, completed, split)
 
 

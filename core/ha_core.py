@@ -340,13 +340,15 @@ class _SAEntry:
         "guard",
         "hoa",
         "in_floor",
-        "inbound",
+        "_inbound",
         "ip4_hnp",
         "ip4_hoa",
         "ip6_hoa",
         "issued",
         "out_mark",
-        "outbound",
+        "_outbound",
+        "_out_seq",
+        "_window",
         "reinit_at",
         "scope",
         "spi",
@@ -366,18 +368,18 @@ class _SAEntry:
         now: float,
     ) -> None:
         sa, bs = issued.sa, issued.bootstrap
-        info = SUITES[sa.suite]
         self.issued = issued
         self.spi = sa.spi
         self.scope = sa.scope
         self.validity_end = sa.validity_end.timestamp()
         self.reinit_at = self.validity_end  # set by HaCore.install_sa
-        # RFC 6618 §6.1: one SPI for both directions; MN->HA keys verify what
-        # we receive, HA->MN keys protect what we send.
-        self.inbound = InboundSA(info, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.spi, window=window)
-        self.outbound = OutboundSA(
-            info, sa.ha_to_mn_ikey, sa.ha_to_mn_ekey, sa.spi, initial_seq=out_seq
-        )
+        # The ESP contexts are built at the SA's first packet (``inbound``,
+        # ``outbound``): an install, and each SA restored at start, then costs
+        # no key schedule, and an SA that never carries a packet none at all.
+        self._inbound: InboundSA | None = None
+        self._outbound: OutboundSA | None = None
+        self._window = window
+        self._out_seq = out_seq
         self.out_mark = out_mark  # numbers below it are reserved (persisted)
         # Restored at install (-1: nothing to guard): MH packets numbered
         # <= in_floor and data packets <= data_floor were accepted in an
@@ -401,6 +403,42 @@ class _SAEntry:
         mn = bs.ip6_hoa or _UNSPECIFIED6
         self.bu_src, self.bu_dst = mn, haa
         self.ba_src, self.ba_dst = haa, mn
+
+    # RFC 6618 §6.1: one SPI for both directions; MN->HA keys verify what we
+    # receive, HA->MN keys protect what we send.
+    @property
+    def inbound(self) -> InboundSA:
+        sa_in = self._inbound
+        if sa_in is None:
+            sa = self.issued.sa
+            sa_in = self._inbound = InboundSA(
+                SUITES[sa.suite], sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.spi, window=self._window
+            )
+        return sa_in
+
+    @property
+    def outbound(self) -> OutboundSA:
+        sa_out = self._outbound
+        if sa_out is None:
+            sa = self.issued.sa
+            sa_out = self._outbound = OutboundSA(
+                SUITES[sa.suite],
+                sa.ha_to_mn_ikey,
+                sa.ha_to_mn_ekey,
+                sa.spi,
+                initial_seq=self._out_seq,
+            )
+        return sa_out
+
+    @property
+    def highest_in(self) -> int:
+        """``inbound.highest_seq`` without building the context: -1 before any packet."""
+        return -1 if self._inbound is None else self._inbound.highest_seq
+
+    @property
+    def out_seq(self) -> int:
+        """``outbound.seq`` without building the context."""
+        return self._out_seq if self._outbound is None else self._outbound.seq
 
 
 class HaCore:
@@ -578,7 +616,7 @@ class HaCore:
         """
         changed = 0
         for entry in self._sas.values():
-            exact = max(entry.inbound.highest_seq, entry.data_floor) + 1
+            exact = max(entry.highest_in, entry.data_floor) + 1
             if exact < entry.data_mark:
                 entry.data_mark = exact
                 entry.data_reserve = DATA_RESERVE_MIN
@@ -636,7 +674,7 @@ class HaCore:
             if now - entry.data_raised_at < 2 * DATA_RESERVE_PERIOD:
                 continue
             self._big_reserves.discard(spi)
-            mark = max(entry.inbound.highest_seq, entry.data_floor) + 1 + DATA_RESERVE_MIN
+            mark = max(entry.highest_in, entry.data_floor) + 1 + DATA_RESERVE_MIN
             if mark < entry.data_mark:
                 entry.data_mark = mark
                 entry.data_reserve = DATA_RESERVE_MIN
@@ -808,7 +846,7 @@ class HaCore:
         units = int(min(bu.lifetime * 4, self.max_binding_lifetime, remaining) // 4)
         reinit = (
             now >= entry.reinit_at
-            or entry.outbound.seq >= SEQ_REINIT_THRESHOLD
+            or entry.out_seq >= SEQ_REINIT_THRESHOLD
             or entry.inbound.needs_reinit
         )
         status = REINIT_SA_WITH_HAC if reinit else ACCEPTED

@@ -16,13 +16,22 @@ Operations (header ``prov-op``; unknown names are allowed by PROFILE §3):
 =========  ==================================================  ===========================
 op         request headers                                     200 response
 =========  ==================================================  ===========================
-install    ``mn-id``, SA + bootstrap headers exactly as in the  ``status-code: 200``
-           MN's 200 (:func:`mipsec.core.issuer.sa_headers`),
-           ``ha-id`` (the HA the HAC chose)
+install    ``mn-id``, SA + bootstrap headers exactly as in the  ``status-code: 200``,
+           MN's 200 (:func:`mipsec.core.issuer.sa_headers`),   ``prov-withdrawn`` (echo
+           ``ha-id`` (the HA the HAC chose), optionally         of ``prov-withdraw``, once
+           ``prov-withdraw`` (SPIs the new SA supersedes)       all are withdrawn)
 withdraw   ``mip6-spi``                                         ``status-code: 200``
 pull       ``mip6-spi``, ``ha-id`` (the asking HA)              ``status-code: 200`` + the
                                                                 install headers
 =========  ==================================================  ===========================
+
+``prov-withdraw`` (1 to 16 decimal SPIs separated by single spaces) asks the HA
+to withdraw those SPIs in the same step as it installs the new SA -- the older
+SAs the new one supersedes (issue 6 item 3: withdrawn once the new SA is
+confirmed).  It saves the HAC a withdraw round trip per re-bootstrap.  The HA
+confirms with ``prov-withdrawn`` carrying the same list; a 200 without it
+(e.g. an HA that ignores the unknown header, PROFILE §3) confirms the install
+only, and the HAC then withdraws those SPIs with ``withdraw`` as before.
 
 Failures: ``400`` malformed request (then the server closes) or an operation
 the server does not serve, ``500`` internal failure of the server; a pull of
@@ -46,16 +55,19 @@ from mipsec.core.issuer import sa_from_message, sa_headers
 from mipsec.core.model import IssuedSA
 from mipsec.core.wire.message import Message, decode_message, encode_message
 from mipsec.core.wire.tvheader import ParsedContent, encode_content, parse_content
-from mipsec.core.wire.values import format_spi, format_status, parse_status
+from mipsec.core.wire.values import format_spi, format_status, parse_spi, parse_status
 
 __all__ = [
     "BAD_REQUEST",
     "HA_ID_HEADER",
     "HA_ID_MAX",
     "INTERNAL_ERROR",
+    "MAX_PIGGYBACK",
     "OK",
     "PROV_OP_HEADER",
     "PROV_REASON_HEADER",
+    "PROV_WITHDRAWN_HEADER",
+    "PROV_WITHDRAW_HEADER",
     "REASON_INTERNAL",
     "REASON_MALFORMED",
     "REASON_UNKNOWN_SPI",
@@ -75,6 +87,9 @@ __all__ = [
 PROV_OP_HEADER = "prov-op"
 HA_ID_HEADER = "ha-id"
 PROV_REASON_HEADER = "prov-reason"
+PROV_WITHDRAW_HEADER = "prov-withdraw"
+PROV_WITHDRAWN_HEADER = "prov-withdrawn"
+MAX_PIGGYBACK = 16  # SPIs one install may withdraw (max_sas_per_mn is small)
 HA_ID_MAX = 253  # same bound as an NAI (PROFILE §3): an HA id is a name, not a payload
 
 OK = 200
@@ -104,6 +119,7 @@ class ProvRequest:
     issued: IssuedSA | None = None  # install
     spi: int | None = None  # every op (install: the SA's SPI)
     ha_id: str = ""  # install: chosen HA; pull: asking HA; withdraw: ""
+    withdraw: tuple[int, ...] = ()  # install: SPIs the new SA supersedes (prov-withdraw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +127,7 @@ class ProvResponse:
     status: int
     issued: IssuedSA | None = None  # a 200 answer to pull
     reason: str | None = None  # prov-reason
+    withdrawn: tuple[int, ...] = ()  # a 200 answer to install: prov-withdrawn
 
 
 class ProvisioningFailed(ConnectionError):
@@ -153,6 +170,24 @@ def _install_headers(issued: IssuedSA) -> list[tuple[str, str]]:
     return [*encode_message(msg), (HA_ID_HEADER, _format_ha_id(issued.sa.ha_id))]
 
 
+def _format_spis(spis: tuple[int, ...], header: str) -> str:
+    if not 1 <= len(spis) <= MAX_PIGGYBACK:
+        raise LocalProtocolError(f"{header}: {len(spis)} SPIs, 1..{MAX_PIGGYBACK} allowed")
+    if len(set(spis)) != len(spis):
+        raise LocalProtocolError(f"{header}: an SPI twice")
+    return " ".join(format_spi(spi) for spi in spis)
+
+
+def _parse_spis(value: str, header: str) -> tuple[int, ...]:
+    items = value.split(" ")
+    if not 1 <= len(items) <= MAX_PIGGYBACK:
+        raise HeaderError(header, f"{len(items)} SPIs, 1..{MAX_PIGGYBACK} allowed")
+    spis = tuple(parse_spi(item, field=header) for item in items)
+    if len(set(spis)) != len(spis):
+        raise HeaderError(header, "an SPI twice")
+    return spis
+
+
 def _issued_from(parsed: ParsedContent, msg: Message) -> IssuedSA:
     """Rebuild the SA of an install request or a pull answer, checking every field."""
     if msg.mn_id is None:
@@ -180,9 +215,15 @@ def _issued_from(parsed: ParsedContent, msg: Message) -> IssuedSA:
 # ------------------------------------------------------------------ requests
 
 
-def encode_install(issued: IssuedSA) -> bytes:
-    """Content of an install request; ``issued.sa.ha_id`` names the chosen HA."""
-    return encode_content([(PROV_OP_HEADER, ProvOp.INSTALL.value), *_install_headers(issued)])
+def encode_install(issued: IssuedSA, withdraw: tuple[int, ...] = ()) -> bytes:
+    """Content of an install request; ``issued.sa.ha_id`` names the chosen HA,
+    ``withdraw`` the SPIs the new SA supersedes on that HA (``prov-withdraw``)."""
+    headers = [(PROV_OP_HEADER, ProvOp.INSTALL.value), *_install_headers(issued)]
+    if withdraw:
+        if issued.sa.spi in withdraw:
+            raise LocalProtocolError(f"{PROV_WITHDRAW_HEADER}: names the SPI being installed")
+        headers.append((PROV_WITHDRAW_HEADER, _format_spis(withdraw, PROV_WITHDRAW_HEADER)))
+    return encode_content(headers)
 
 
 def encode_withdraw(spi: int) -> bytes:
@@ -212,7 +253,13 @@ def decode_request(content: bytes) -> ProvRequest:
     msg = decode_message(parsed)  # every known header through its value codec
     if op is ProvOp.INSTALL:
         issued = _issued_from(parsed, msg)
-        return ProvRequest(op, issued=issued, spi=issued.sa.spi, ha_id=issued.sa.ha_id)
+        value = parsed.get(PROV_WITHDRAW_HEADER)
+        withdraw = () if value is None else _parse_spis(value, PROV_WITHDRAW_HEADER)
+        if issued.sa.spi in withdraw:
+            raise HeaderError(PROV_WITHDRAW_HEADER, "names the SPI being installed")
+        return ProvRequest(
+            op, issued=issued, spi=issued.sa.spi, ha_id=issued.sa.ha_id, withdraw=withdraw
+        )
     if msg.mip6_spi is None:
         raise HeaderError("mip6-spi", "missing")
     if op is ProvOp.WITHDRAW:
@@ -224,14 +271,22 @@ def decode_request(content: bytes) -> ProvRequest:
 
 
 def encode_response(
-    status: int, issued: IssuedSA | None = None, reason: str | None = None
+    status: int,
+    issued: IssuedSA | None = None,
+    reason: str | None = None,
+    withdrawn: tuple[int, ...] = (),
 ) -> bytes:
-    """``status-code`` first, then ``prov-reason``, then (pull, 200) the SA."""
+    """``status-code`` first, then ``prov-reason``, then (pull, 200) the SA,
+    or (install, 200) ``prov-withdrawn``."""
     headers = [("status-code", format_status(status))]
     if reason is not None:
         if not (len(reason) <= _REASON_MAX and _REASON.fullmatch(reason)):
             raise LocalProtocolError(f"{PROV_REASON_HEADER}: not a lower-case token")
         headers.append((PROV_REASON_HEADER, reason))
+    if withdrawn:
+        if status != OK:
+            raise LocalProtocolError(f"{PROV_WITHDRAWN_HEADER} only in a 200 response")
+        headers.append((PROV_WITHDRAWN_HEADER, _format_spis(withdrawn, PROV_WITHDRAWN_HEADER)))
     if issued is not None:
         if status != OK:
             raise LocalProtocolError("SA data only in a 200 response")
@@ -256,4 +311,10 @@ def decode_response(content: bytes) -> ProvResponse:
         if status != OK:
             raise HeaderError("mip6-spi", f"SA data in a {status} response")
         issued = _issued_from(parsed, decode_message(parsed))
-    return ProvResponse(status, issued, reason)
+    withdrawn: tuple[int, ...] = ()
+    value = parsed.get(PROV_WITHDRAWN_HEADER)
+    if value is not None:
+        if status != OK:
+            raise HeaderError(PROV_WITHDRAWN_HEADER, f"in a {status} response")
+        withdrawn = _parse_spis(value, PROV_WITHDRAWN_HEADER)
+    return ProvResponse(status, issued, reason, withdrawn)

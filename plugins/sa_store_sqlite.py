@@ -869,14 +869,14 @@ class SQLiteSAStore:
             self._view.discard(spi)
         return cur.rowcount > 0
 
-    def live_spis_for_mn(self, mn_id: str, now: datetime) -> list[tuple[int, float]]:
-        """``(spi, validity_end)`` of one MN's live SAs, oldest first.
+    def live_spis_for_mn(self, mn_id: str, now: datetime) -> list[tuple[int, float, str]]:
+        """``(spi, validity_end, ha_id)`` of one MN's live SAs, oldest first.
 
         Optional fast path of ``live_for_mn`` for the HAC's supersede step,
         which only orders the SAs: no key unwrapping, no address parsing.
         """
         return self._conn.execute(
-            "SELECT spi, validity_end FROM issued_sa WHERE mn_id = ? AND validity_end > ? "
+            "SELECT spi, validity_end, ha_id FROM issued_sa WHERE mn_id = ? AND validity_end > ? "
             "ORDER BY validity_end, spi",
             (mn_id, _timestamp(now, "now")),
         ).fetchall()
@@ -916,6 +916,31 @@ class SQLiteSAStore:
         if self._view is not None:
             self._view.discard(spi)
         return self._decode(rows[0])
+
+    def retire_confirmed(self, spi: int, reason: str) -> tuple[str, str] | None:
+        """``retire`` of an SA its HA has already confirmed withdrawn, in one
+        transaction and without reading the SA back: ``(mn_id, ha_id)``, or
+        None when no SA holds ``spi``.
+
+        Optional fast path (the HAC's supersede with the install,
+        ``prov-withdraw``): not part of the ``SAStore`` protocol.
+        """
+        with self._tx() as c:
+            row = c.execute(
+                "DELETE FROM issued_sa WHERE spi = ? RETURNING mn_id, ha_id, validity_end",
+                (spi,),
+            ).fetchone()
+            if row is not None:
+                c.execute(
+                    "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, confirmed) "
+                    "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (spi) DO UPDATE SET confirmed = 1",
+                    (spi, row[0], row[1], row[2], reason),
+                )
+        if row is None:
+            return None
+        if self._view is not None:
+            self._view.discard(spi)
+        return row[0], row[1]
 
     def retired_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
         """``(spi, mn_id, ha_id, validity_end)`` of retired SAs whose HA has not

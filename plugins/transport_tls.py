@@ -34,6 +34,7 @@ from mipsec.core.model import HomeAgentInfo, IssuedSA
 from mipsec.core.provisioning import (
     OK,
     ProvisioningFailed,
+    ProvResponse,
     encode_install,
     encode_withdraw,
 )
@@ -70,6 +71,18 @@ class TlsTransport:
         content = encode_install(IssuedSA(sa, issued.bootstrap))
         await self._confirm(ha, "install", sa.spi, content, timeout)
 
+    async def provision_superseding(
+        self, ha: HomeAgentInfo, issued: IssuedSA, withdraw: tuple[int, ...], timeout: float
+    ) -> tuple[int, ...]:
+        """``provision``, asking the HA to withdraw ``withdraw`` in the same step
+        (``prov-withdraw``, core/provisioning.py).  Returns the SPIs the HA
+        confirmed withdrawn: all of them, or none (an HA that ignores the
+        header), in which case the HAC withdraws them one by one."""
+        sa = dataclasses.replace(issued.sa, ha_id=ha.ha_id)
+        content = encode_install(IssuedSA(sa, issued.bootstrap), withdraw)
+        response = await self._confirm(ha, "install", sa.spi, content, timeout)
+        return withdraw if response.withdrawn == withdraw else ()
+
     async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:
         await self._confirm(ha, "withdraw", spi, encode_withdraw(spi), timeout)
 
@@ -78,7 +91,7 @@ class TlsTransport:
 
     async def _confirm(
         self, ha: HomeAgentInfo, op: str, spi: int, content: bytes, timeout: float
-    ) -> None:
+    ) -> ProvResponse:
         response = await self.client.request(content, min(timeout, self.timeout))
         if response.status != OK:
             reason = f" ({response.reason})" if response.reason else ""
@@ -86,6 +99,7 @@ class TlsTransport:
                 f"HA {ha.ha_id} refused {op} of spi={spi}: {response.status}{reason}",
                 response.status,
             )
+        return response
 
 
 class TlsTransportFactory:

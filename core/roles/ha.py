@@ -42,7 +42,7 @@ import logging
 import socket
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -342,6 +342,7 @@ class HaService:
             self.cfg.provisioning,
             on_install=self.install_sa,
             on_withdraw=self.withdraw_sa,
+            install_withdraws=True,
             on_pull=None,
         )
         await server.start()
@@ -557,12 +558,19 @@ class HaService:
 
     # ------------------------------------------------------------ provisioning
 
-    async def install_sa(self, issued: IssuedSA, ha_id: str | None = None) -> None:
+    async def install_sa(
+        self, issued: IssuedSA, ha_id: str | None = None, withdraw: Sequence[int] = ()
+    ) -> None:
         """Persist ``issued`` in the SA store, then accept its SPI (PROFILE §9).
 
         Raises ``ValueError`` for an SA this HA must not take: one chosen for
         another HA id, one already past its validity end, or one withdrawn
         earlier (dead for good: a repeated install or a pull cannot revive it).
+
+        ``withdraw``: SPIs the new SA supersedes (``prov-withdraw``), withdrawn
+        exactly as ``withdraw_sa`` does, once the new SA is installed and in
+        the same flush of the binding cache -- all durable before the HAC
+        hears "installed".  A refused install withdraws nothing.
         """
         sa = issued.sa
         mine = self.cfg.ha.id
@@ -586,8 +594,13 @@ class HaService:
                 self.store.remove(sa.spi)
                 if not self.store.add(issued):
                     raise RuntimeError(f"spi={sa.spi}: SA store refused the SA")
-        if self.core.install_sa(issued):
+        installed = self.core.install_sa(issued)
+        gone = [self._withdraw_in_core(spi) for spi in withdraw]
+        if installed or withdraw:
             self.bindings.flush()  # its records, before the HAC hears "installed"
+        for spi, known in zip(withdraw, gone, strict=True):
+            self._withdrawn(spi, known)
+        if installed:
             self.emit(
                 "mipsec_ha_sa_installed",
                 spi=sa.spi,
@@ -612,13 +625,23 @@ class HaService:
         and before this returns (the HAC's confirmation), so a crash at any
         point leaves the SPI dead, never live again.
         """
+        known = self._withdraw_in_core(spi)
+        self.bindings.flush()  # raises: the HAC gets no confirmation, and retries
+        self._withdrawn(spi, known)
+
+    def _withdraw_in_core(self, spi: int) -> bool:
+        """The core's half of a withdrawal (its records wait for the next
+        flush); True if this HA held the SA, in its core or its store."""
         known = self.core.has_spi(spi)
         # The stored SA is only needed when the core does not hold it (to
         # record its MN's tombstone); otherwise no key unwrapping here.
         held = None if known else self.store.get(spi, utcnow())
         for ev in self.core.remove_sa(spi, issued=held):
             self._log_binding(ev)
-        self.bindings.flush()  # raises: the HAC gets no confirmation, and retries
+        return known or held is not None
+
+    def _withdrawn(self, spi: int, known: bool) -> None:
+        """After the flush: the store forgets the SA; log and hook."""
         discard = getattr(self.store, "discard", None)
         if discard is not None:
             discard(spi)
@@ -627,7 +650,7 @@ class HaService:
         # DEBUG: a superseded SA is withdrawn on every re-bootstrap, and the
         # HAC logs each withdrawal with its reason (issue 9: one INFO line per
         # bootstrap); an SPI this HA never held is worth a line.
-        if known or held:
+        if known:
             log.debug("SA withdrawn spi=%d", spi)
         else:
             log.info("SA withdrawn spi=%d (unknown here)", spi)

@@ -54,6 +54,7 @@ from mipsec.core.hookspecs import (
 )
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
+from mipsec.core.provisioning import MAX_PIGGYBACK
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
@@ -468,33 +469,55 @@ class HacService:
         )
 
     def _supersede(self, mn_id: str, keep: int) -> None:
-        limit = self.cfg.policy.max_sas_per_mn
         self._delivery_seq += 1
         self._delivered[keep] = self._delivery_seq
+        for spi, _ha_id in self._excess(mn_id, keep):
+            self.retire(spi, "superseded")
+
+    def _excess(self, mn_id: str, keep: int) -> list[tuple[int, str]]:
+        """``(spi, ha_id)`` of the MN's SAs beyond ``max_sas_per_mn`` once
+        ``keep`` is counted: the oldest first, SAs still being issued spared."""
         order = self._delivered
         now = utcnow()
         fast = getattr(self.store, "live_spis_for_mn", None)
-        # (spi, validity end) of the MN's other SAs; the SQLite store gives
+        # (spi, validity end, ha_id) of the MN's SAs; the SQLite store gives
         # them without unwrapping keys (this runs on every bootstrap).
-        held: list[tuple[int, float]] = (
+        held: list[tuple[int, float, str]] = (
             fast(mn_id, now)
             if fast is not None
             else [
-                (i.sa.spi, i.sa.validity_end.timestamp())
+                (i.sa.spi, i.sa.validity_end.timestamp(), i.sa.ha_id)
                 for i in self.store.live_for_mn(mn_id, now)
             ]
         )
         issuing = self._issuing_spis
         live = sorted(
-            ((spi, end) for spi, end in held if spi != keep and spi not in issuing),
+            (x for x in held if x[0] != keep and x[0] not in issuing),
             # Oldest first: validity end (whole seconds), then the order of
             # delivery in this process (SAs from before a restart come first).
             key=lambda x: (x[1], order.get(x[0], -1)),
         )
-        # Keep the delivered SA and the newest limit-1 others.
-        excess = len(live) - (limit - 1)
-        for spi, _end in live[: max(0, excess)]:
-            self.retire(spi, "superseded")
+        # Keep ``keep`` and the newest limit-1 others.
+        excess = len(live) - (self.cfg.policy.max_sas_per_mn - 1)
+        return [(spi, ha_id) for spi, _end, ha_id in live[: max(0, excess)]]
+
+    def _retired_by_ha(self, spi: int) -> None:
+        """The HA confirmed the withdrawal of a superseded SA together with the
+        install of its successor (``prov-withdraw``): retire it, confirmed."""
+        self._delivered.pop(spi, None)
+        fast = getattr(self.store, "retire_confirmed", None)
+        held: tuple[str, str] | None
+        if fast is not None:
+            held = fast(spi, "superseded")  # one transaction, no key unwrapping
+        else:
+            issued = self.store.retire(spi, "superseded")
+            self.store.confirm_retired(spi)
+            held = None if issued is None else (issued.sa.mn_id, issued.sa.ha_id)
+        if held is not None:
+            self.stats["withdrawn"] += 1
+            self.emit(
+                "mipsec_sa_withdrawn", spi=spi, mn_id=held[0], ha_id=held[1], reason="superseded"
+            )
 
     def retire(self, spi: int, reason: str) -> bool:
         """Withdraw a live SA for good: out of the store now, off its HA soon."""
@@ -614,21 +637,43 @@ class HacService:
             on_stored(issued)
         transport = self.transports[ha.ha_id]
         timeout = self.cfg.hac.provisioning_timeout
+        # Issue 6 item 3: once the new SA is confirmed by its HA, the older
+        # ones are withdrawn.  Those on the same HA go with the install
+        # (prov-withdraw, one round trip instead of two, both durable on the
+        # HA before it confirms); the rest after the 200 (``deliver``).
+        superseding = getattr(transport, "provision_superseding", None)
+        old: tuple[int, ...] = ()
+        if superseding is not None:
+            old = tuple(s for s, h in self._excess(mn_id, spi) if h == ha.ha_id)
+            old = old[:MAX_PIGGYBACK]
         try:
             async with asyncio.timeout(timeout):
-                await transport.provision(ha, issued, timeout)
+                if old and superseding is not None:
+                    confirmed = await superseding(ha, issued, old, timeout)
+                else:
+                    await transport.provision(ha, issued, timeout)
+                    confirmed = ()
         except BaseException as exc:
             # Nothing half-provisioned survives: out of the store, and the HA
             # told to forget it in case it did install it (retried until it
             # confirms, also across restarts: the store records it).
             self._issuing_spis.discard(spi)
             self.retire(spi, "provisioning-failed")
+            if old and getattr(exc, "status", None) is None:
+                # No answer: the HA may have withdrawn the older SAs too.  The
+                # store must not call them live then: retired, and withdrawn
+                # until confirmed (an HA that answered a refusal withdrew
+                # nothing, and they stay).
+                for s in old:
+                    self.retire(s, "superseded")
             if isinstance(exc, TimeoutError | ConnectionError | OSError):
                 failure = IssueFailure(TIMEOUT, f"ha-no-confirmation:{type(exc).__name__}")
                 failure.ha_id = ha.ha_id  # type: ignore[attr-defined]
                 failure.spi = spi  # type: ignore[attr-defined]
                 raise failure from None
             raise
+        for s in confirmed:
+            self._retired_by_ha(s)
         return issued
 
     def _background(self, coro: Any) -> None:

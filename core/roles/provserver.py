@@ -85,7 +85,9 @@ READ_CHUNK = HEADER_LEN + MAX_CONTENT  # one maximal container
 # install, a fresh TLS connection per install ~3.4 ms.
 MAX_CONNECTIONS = 8
 
-OnInstall = Callable[[IssuedSA, str], Awaitable[None]]
+# (issued, ha_id), and with ``install_withdraws`` a third argument: the SPIs
+# of the request's prov-withdraw (core/provisioning.py), if it has any.
+OnInstall = Callable[..., Awaitable[None]]
 OnWithdraw = Callable[[int], Awaitable[None]]
 OnPull = Callable[[int, str], Awaitable[IssuedSA | None]]
 
@@ -164,11 +166,16 @@ class ProvisioningServer:
         on_withdraw: OnWithdraw | None = None,
         on_pull: OnPull | None = None,
         pull_names: Callable[[str], Sequence[str] | None] | None = None,
+        install_withdraws: bool = False,
     ) -> None:
         """``pull_names(ha_id)`` gives the dNSName SANs the client certificate
         must carry to pull for that HA (None: no such HA): it binds the
-        ``ha-id`` a puller claims to the certificate it authenticated with."""
+        ``ha-id`` a puller claims to the certificate it authenticated with.
+        ``install_withdraws``: ``on_install`` takes the SPIs of an install's
+        ``prov-withdraw``; without it the header is ignored (and not echoed),
+        so the HAC withdraws them one by one."""
         self.cfg = cfg
+        self.install_withdraws = install_withdraws
         self.pull_names = pull_names
         self.on_install = on_install
         self.on_withdraw = on_withdraw
@@ -227,7 +234,11 @@ class ProvisioningServer:
         mn_id = req.issued.sa.mn_id if req.issued is not None else "-"
 
         def done(status: int, reason: str | None = None, note: str = "") -> None:
-            log.info(
+            # A confirmed operation at DEBUG: the HA already writes one INFO
+            # line per installed SA (issue 9: one line per bootstrap);
+            # every refusal and failure at INFO.
+            log.log(
+                logging.DEBUG if status == OK else logging.INFO,
                 "provisioning peer=%s op=%s spi=%s mn_id=%s ha_id=%s result=%d%s%s",
                 peer,
                 op,
@@ -240,14 +251,22 @@ class ProvisioningServer:
             )
 
         try:
+            # asyncio.timeout, not wait_for: no Task (and no extra turn of the
+            # loop) around callbacks that nearly always complete at once.
             if req.op is ProvOp.INSTALL and self.on_install is not None:
                 assert req.issued is not None
-                await asyncio.wait_for(self.on_install(req.issued, req.ha_id), self.cfg.timeout)
-                done(OK)
-                return encode_response(OK)
+                withdraw = req.withdraw if self.install_withdraws else ()
+                async with asyncio.timeout(self.cfg.timeout):
+                    if withdraw:
+                        await self.on_install(req.issued, req.ha_id, withdraw)
+                    else:
+                        await self.on_install(req.issued, req.ha_id)
+                done(OK, note=f"withdrew {len(withdraw)}" if withdraw else "")
+                return encode_response(OK, withdrawn=withdraw)
             if req.op is ProvOp.WITHDRAW and self.on_withdraw is not None:
                 assert spi is not None
-                await asyncio.wait_for(self.on_withdraw(spi), self.cfg.timeout)
+                async with asyncio.timeout(self.cfg.timeout):
+                    await self.on_withdraw(spi)
                 done(OK)
                 return encode_response(OK)
             if req.op is ProvOp.PULL and self.on_pull is not None:
@@ -264,7 +283,8 @@ class ProvisioningServer:
                         # Same answer as an unknown SPI: no oracle for other HAs.
                         done(BAD_REQUEST, REASON_UNKNOWN_SPI, f"ha-id not proven: {exc}")
                         return encode_response(BAD_REQUEST, reason=REASON_UNKNOWN_SPI)
-                issued = await asyncio.wait_for(self.on_pull(spi, req.ha_id), self.cfg.timeout)
+                async with asyncio.timeout(self.cfg.timeout):
+                    issued = await self.on_pull(spi, req.ha_id)
                 if issued is None:
                     done(BAD_REQUEST, REASON_UNKNOWN_SPI)
                     return encode_response(BAD_REQUEST, reason=REASON_UNKNOWN_SPI)

@@ -191,6 +191,54 @@ def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) 
     run(main())
 
 
+def test_ha_install_carrying_prov_withdraw_kills_the_older_sa_for_good() -> None:
+    """The HA's half of an install with ``prov-withdraw``: the older SA is dead
+    (core, store, withdrawal record) once the call returns; a refused install
+    withdraws nothing."""
+    from ipaddress import IPv6Address
+
+    from mipsec.core.issuer import new_sa
+    from mipsec.core.model import BootstrapData
+    from mipsec.core.suites import Suite
+
+    def sa(spi: int) -> IssuedSA:
+        now = datetime.now(UTC)
+        s = new_sa(
+            spi=spi, mn_id=MN_ID, suite=Suite.AES_128_CBC_SHA256, scope=1, lifetime=600,
+            now=now, ha_id="ha1",
+        )  # fmt: skip
+        return IssuedSA(s, BootstrapData(ip6_hoa=IPv6Address("2001:db8:1::7")))
+
+    async def main() -> None:
+        ha_cfg = validate_config(
+            {
+                "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
+                "sa_store": {"backend": "memory"},
+            },
+            "ha",
+        )
+        ha = HaService(ha_cfg)  # type: ignore[arg-type]
+        await ha.start()
+        try:
+            old, new = sa(1001), sa(1002)
+            await ha.install_sa(old)
+            await ha.install_sa(new, "ha1", (old.sa.spi,))
+            now = datetime.now(UTC)
+            assert ha.core.spis() == [new.sa.spi]
+            assert ha.core.is_withdrawn(old)
+            assert ha.store.get(old.sa.spi, now) is None
+            assert ha.store.get(new.sa.spi, now) is not None
+            # The withdrawn SA cannot come back, and its refused install
+            # withdraws nothing it names.
+            with pytest.raises(ValueError, match="withdrawn"):
+                await ha.install_sa(old, "ha1", (new.sa.spi,))
+            assert ha.core.spis() == [new.sa.spi]
+        finally:
+            await ha.stop()
+
+    run(main())
+
+
 def test_max_sas_per_mn_keeps_the_newest(tmp_path: Path, pki: PkiPaths) -> None:
     data = hac_data(tmp_path, pki)
     data["policy"] = {"max_sas_per_mn": 2}

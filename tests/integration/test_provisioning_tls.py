@@ -169,7 +169,7 @@ def test_install_withdraw_round_trip_reuses_one_connection(
         await t.aclose()
         return t
 
-    caplog.set_level(logging.INFO, logger="mipsec.provisioning")
+    caplog.set_level(logging.DEBUG, logger="mipsec.provisioning")
     t = run(serving(ha_listener(pki), rec, body))
     assert rec.installed[0] == (issued, "ha1")
     got = rec.installed[0][0].sa
@@ -639,3 +639,91 @@ def test_pull_ha_id_bound_to_certificate(pki: PkiPaths) -> None:
         )
     )
     assert own is not None and other is None and unknown is None
+
+
+# ------------------------------------------- supersede with the install (prov-withdraw)
+
+
+class SupersedeRecorder(Recorder):
+    """An HA callback that takes ``prov-withdraw`` (as HaService.install_sa does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.superseded: list[tuple[int, tuple[int, ...]]] = []
+        self.refuse_next = False
+
+    async def install(self, issued: IssuedSA, ha_id: str, withdraw: tuple[int, ...] = ()) -> None:
+        if self.refuse_next:
+            self.refuse_next = False
+            raise RuntimeError("refused")
+        await super().install(issued, ha_id)
+        self.superseded.append((issued.sa.spi, withdraw))
+
+
+@pytest.mark.parametrize("ha_takes_it", [True, False])
+def test_second_sa_install_withdraws_the_first_in_the_same_exchange(
+    tmp_path: Path, pki: PkiPaths, ha_takes_it: bool
+) -> None:
+    """Issue 6 item 3 with one round trip: the install of an MN's new SA
+    carries the older SPI; once the HA confirms both, the HAC records the
+    withdrawal as confirmed at once (no withdraw request, nothing to retry).
+    An HA that ignores ``prov-withdraw`` (no echo) gets the withdraw as before."""
+    rec = SupersedeRecorder()
+
+    async def body(port: int) -> tuple[IssuedSA, IssuedSA, list[Any], int]:
+        hac = HacService(hac_config(tmp_path, pki, port))
+        await hac.start()
+        try:
+            first = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(first, "test")
+            second = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(second, "test")
+            now = datetime.now(UTC)
+            assert [i.sa.spi for i in hac.store.live_for_mn(MN_ID, now)] == [second.sa.spi]
+            for _ in range(100):  # the fallback withdraw runs in the background
+                if not hac.store.retired_unconfirmed(now):
+                    break
+                await asyncio.sleep(0.02)
+            pending = hac.store.retired_unconfirmed(now)
+            transport = hac.transports["ha1"]
+            assert isinstance(transport, TlsTransport)
+            requests = transport.client.stats["requests"]
+        finally:
+            await hac.stop()
+        return first, second, pending, requests
+
+    first, second, pending, requests = run(
+        serving(ha_listener(pki), rec, body, install_withdraws=ha_takes_it)
+    )
+    assert pending == []
+    if ha_takes_it:
+        assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, (first.sa.spi,))]
+        assert rec.withdrawn == [] and requests == 2
+    else:
+        assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, ())]
+        assert rec.withdrawn == [first.sa.spi] and requests == 3
+
+
+def test_refused_superseding_install_keeps_the_older_sa(tmp_path: Path, pki: PkiPaths) -> None:
+    """An HA that refuses the install withdrew nothing: the MN's older SA
+    stays live (the MN got 504 for the new one, nothing of it survives)."""
+    rec = SupersedeRecorder()
+
+    async def body(port: int) -> tuple[IssuedSA, int, list[int]]:
+        hac = HacService(hac_config(tmp_path, pki, port))
+        await hac.start()
+        try:
+            first = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(first, "test")
+            rec.refuse_next = True
+            with pytest.raises(IssueFailure) as info:
+                await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, datetime.now(UTC))]
+        finally:
+            await hac.stop()
+        return first, info.value.status, live
+
+    first, status, live = run(serving(ha_listener(pki), rec, body, install_withdraws=True))
+    assert status == 504 and live == [first.sa.spi]
+    # The refused SA is withdrawn (in case it was installed); the older one is not.
+    assert first.sa.spi not in rec.withdrawn and len(rec.withdrawn) == 1

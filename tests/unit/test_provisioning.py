@@ -316,3 +316,64 @@ def test_install_ha_id_is_the_sas() -> None:
     assert req.issued == issued
     other = IssuedSA(dataclasses.replace(issued.sa, ha_id="ha-8"), issued.bootstrap)
     assert req.issued != other
+
+
+# ------------------------------------------------- install superseding (prov-withdraw)
+
+INSTALL_SUPERSEDING = INSTALL[:-2] + b"prov-withdraw: 7 268435455\r\n\r\n"
+
+
+def test_install_superseding_vector() -> None:
+    assert encode_install(make_issued(), (7, 268435455)) == INSTALL_SUPERSEDING
+    req = decode_request(INSTALL_SUPERSEDING)
+    assert req.op is ProvOp.INSTALL and req.withdraw == (7, 268435455)
+    assert req.issued == make_issued()
+    assert decode_request(INSTALL).withdraw == ()  # the header is optional
+
+
+def test_install_superseding_answer_vector() -> None:
+    vector = b"status-code: 200\r\nprov-withdrawn: 7 268435455\r\n\r\n"
+    assert encode_response(200, withdrawn=(7, 268435455)) == vector
+    assert decode_response(vector) == ProvResponse(200, withdrawn=(7, 268435455))
+    assert decode_response(b"status-code: 200\r\n\r\n").withdrawn == ()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",  # empty
+        b"0",  # below SPI_MIN
+        b"268435456",  # above SPI_MAX
+        b"7 7",  # twice
+        b"7  8",  # two spaces: an empty item
+        b"7,8",
+        b"4660",  # the SPI being installed
+        b" ".join(str(i).encode() for i in range(1, 18)),  # 17 > 16
+    ],
+)
+def test_malformed_prov_withdraw_names_the_field(value: bytes) -> None:
+    assert _field(INSTALL[:-2] + b"prov-withdraw: " + value + b"\r\n\r\n") == "prov-withdraw"
+
+
+def test_malformed_prov_withdrawn_names_the_field() -> None:
+    bad = b"status-code: 400\r\nprov-withdrawn: 7\r\n\r\n"  # only a 200 confirms
+    assert _field(bad, decode_response) == "prov-withdrawn"
+    assert _field(b"status-code: 200\r\nprov-withdrawn: x\r\n\r\n", decode_response) == (
+        "prov-withdrawn"
+    )
+
+
+def test_sender_refuses_unsendable_prov_withdraw() -> None:
+    for withdraw in ((4660,), (7, 7), tuple(range(1, 18))):
+        with pytest.raises(LocalProtocolError):
+            encode_install(make_issued(), withdraw)
+    with pytest.raises(LocalProtocolError):
+        encode_response(500, reason="internal", withdrawn=(7,))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 268435455), min_size=1, max_size=16, unique=True))
+def test_round_trip_prov_withdraw(spis: list[int]) -> None:
+    spis = [s for s in spis if s != 4660] or [1]
+    assert decode_request(encode_install(make_issued(), tuple(spis))).withdraw == tuple(spis)
+    assert decode_response(encode_response(200, withdrawn=tuple(spis))).withdrawn == tuple(spis)

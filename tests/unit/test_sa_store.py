@@ -382,3 +382,41 @@ def test_live_for_mn_oldest_first(store: SQLiteSAStore) -> None:
     store.add(issued(33, mn_id="b@x", end=T0 + timedelta(seconds=10)), T0)
     assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [32, 31]
     assert [x.sa.spi for x in store.live_for_mn("a@x", T0 + timedelta(seconds=30))] == [31]
+
+
+# ------------------------------------------------- fast paths of the hot path
+
+
+def test_live_spis_for_mn_matches_live_for_mn(store: SQLiteSAStore) -> None:
+    store.add(issued(31, mn_id="a@x", end=T0 + timedelta(seconds=90)), T0)
+    store.add(issued(32, mn_id="a@x", end=T0 + timedelta(seconds=30), ha_id="ha2"), T0)
+    store.add(issued(33, mn_id="b@x", end=T0 + timedelta(seconds=10)), T0)
+    t30 = (T0 + timedelta(seconds=30)).timestamp()
+    t90 = (T0 + timedelta(seconds=90)).timestamp()
+    assert store.live_spis_for_mn("a@x", T0) == [(32, t30, "ha2"), (31, t90, "ha1")]
+    assert store.live_spis_for_mn("a@x", T0 + timedelta(seconds=30)) == [(31, t90, "ha1")]
+    assert [(s, h) for s, _e, h in store.live_spis_for_mn("a@x", T0)] == [
+        (x.sa.spi, x.sa.ha_id) for x in store.live_for_mn("a@x", T0)
+    ]
+
+
+def test_discard_is_remove_without_reading_back(store: SQLiteSAStore) -> None:
+    store.add(issued(41, mn_id="a@x"), T0)
+    assert store.hoas_in_use(T0) == {"2001:db8:1::10": "a@x"}  # the live view is built
+    assert store.discard(41) is True
+    assert store.discard(41) is False
+    assert store.get(41, T0) is None and store.hoas_in_use(T0) == {}
+    assert store.add(issued(41), T0)  # not retired: the SPI is free again
+
+
+def test_retire_confirmed_is_retire_plus_confirm_in_one_step(store: SQLiteSAStore) -> None:
+    end = T0 + timedelta(seconds=60)
+    store.add(issued(51, mn_id="a@x", end=end, ha_id="ha2"), T0)
+    assert store.count_by_ha(T0) == {"ha2": 1}
+    assert store.retire_confirmed(51, "superseded") == ("a@x", "ha2")
+    assert store.retire_confirmed(51, "superseded") is None
+    assert store.get(51, T0) is None and store.count_by_ha(T0) == {}
+    assert store.retired_unconfirmed(T0) == []  # nothing to retry
+    assert not store.add(issued(51, mn_id="b@x"), T0)  # reserved until its old validity end
+    store.expire(end)
+    assert store.add(issued(51, mn_id="b@x", end=end + timedelta(seconds=60)), end)
