@@ -329,6 +329,10 @@ class _SAEntry:
     """One installed SA with its crypto prepared once (DESIGN "Library traps")."""
 
     __slots__ = (
+        "_inbound",
+        "_out_seq",
+        "_outbound",
+        "_window",
         "ba_dst",
         "ba_src",
         "bu_dst",
@@ -340,15 +344,11 @@ class _SAEntry:
         "guard",
         "hoa",
         "in_floor",
-        "_inbound",
         "ip4_hnp",
         "ip4_hoa",
         "ip6_hoa",
         "issued",
         "out_mark",
-        "_outbound",
-        "_out_seq",
-        "_window",
         "reinit_at",
         "scope",
         "spi",
