@@ -26,6 +26,11 @@ load on the machine hits both alike:
 * time from starting the HAC process to its first served bootstrap (a new MN);
 * HA memory: RSS per installed SA and per binding of an in-memory ``HaCore``
   holding N SAs and N bindings (in a child process, so nothing else counts).
+* HA BU -> BA transactions/s of a ``HaCore`` holding N SAs and N bindings
+  against one holding only the 1,000 that send the BUs, each in its own child
+  process (best of two alternating runs): protected refresh BUs from 1,000
+  MNs, the binding cache in a SQLite file flushed (committed) every 32 BUs as
+  the HA does per burst, every BA checked the way an MN checks it.
 
 Figures and ratios (N live / empty) are printed, never judged.  ``--quick``
 is N = 10,000 and short slices (CI).  The clients run in this process and
@@ -414,6 +419,14 @@ def _report(
         f"HA RSS per SA: {ha_sa:.0f} bytes (target <= 6144); per binding: {ha_binding:.0f} bytes"
         f" ({n} of each in an in-memory HaCore)"
     )
+    with tempfile.TemporaryDirectory(prefix="mipsec-scale-bu-") as tmp:
+        bu_small, bu_full, bu_ok = _bu_figures(n, Path(tmp))
+    print(
+        f"HA BU -> BA/s ({BU_ACTIVE} MNs refreshing, SQLite binding cache flushed every "
+        f"{BU_BURST} BUs): {bu_small:.0f} with {BU_ACTIVE} bindings, {bu_full:.0f} with {n} "
+        f"bindings, ratio {_ratio(bu_full, bu_small)}"
+        + ("" if bu_ok else "  (INVALID BAs: see the child)")
+    )
     print("ratio = N live / empty (1.00: the cost does not depend on the number of live SAs)")
 
 
@@ -443,6 +456,89 @@ def ha_memory(n: int) -> None:
     print(f"HA {(r1 - r0) / n:.0f} {(r2 - r1) / n:.0f}", flush=True)
 
 
+BU_ACTIVE = 1_000  # MNs sending BUs in the BU -> BA figure
+BU_ROUNDS = 6  # one registration round, then refreshes (timed)
+BU_BURST = 32  # BUs per binding-cache flush, as HaService flushes per burst
+
+
+def bu_rate(n: int, rounds: int, db: str) -> None:
+    """In a child process: BU -> BA transactions/s of a ``HaCore`` holding ``n``
+    SAs and ``n`` bindings (the first ``BU_ACTIVE`` send the BUs, the others
+    are registered already), its binding cache in the SQLite file ``db`` and
+    flushed every ``BU_BURST`` BUs (the HA commits a burst's records before
+    its BAs leave).  Prints ``BU <tx/s> <valid BAs>``."""
+    import gc
+
+    from ha import HAA, _issue, _Mn  # the sibling bench: same SAs, MNs and checks
+
+    from mipsec.core.bindings import Binding, BindingCache
+    from mipsec.core.ha_core import HaCore, Reply
+
+    active = min(BU_ACTIVE, n)
+    issued = _issue(Suite.AES_128_CBC_SHA256, n, SPI_BASE)
+    core = HaCore("ha1", HAA, bindings=BindingCache(db))
+    now = time.time()
+    for x in issued:
+        core.install_sa(x, now=now)
+    for x in issued[active:]:  # the idle MNs' bindings: what a full HA holds
+        core.bindings.put(
+            Binding(str(x.bootstrap.ip6_hoa), "2001:db8:99::1", 7873, x.sa.spi, 1, 3600,
+                    now + 3600, None, 0)
+        )  # fmt: skip
+    core.bindings.flush()
+    mns = [_Mn(x) for x in issued[:active]]
+    del issued
+    gc.collect()
+    gc.freeze()  # as the HA does after loading (core/startup_heap.py)
+    srcs = [("192.0.2.1", 20000 + i) for i in range(active)]
+    receive, flush = core.receive, core.bindings.flush
+    seconds, txs, valid = 0.0, 0, 0
+    for r in range(rounds):
+        bus = [mn.bu(r + 1) for mn in mns]
+        t0 = time.perf_counter()
+        results = []
+        for i in range(0, active, BU_BURST):
+            results += [
+                receive(d, s, now)
+                for d, s in zip(bus[i : i + BU_BURST], srcs[i : i + BU_BURST], strict=True)
+            ]
+            flush()
+        dt = time.perf_counter() - t0
+        if r:  # round 0 registers; the timed rounds refresh
+            seconds += dt
+            txs += active
+        for mn, actions in zip(mns, results, strict=True):
+            replies = [a for a in actions if isinstance(a, Reply)]
+            valid += len(replies) == 1 and mn.ba_ok(replies[0].datagram, r + 1)
+    print(f"BU {txs / seconds:.1f} {valid}", flush=True)
+
+
+def _bu_figures(n: int, root: Path) -> tuple[float, float, bool]:
+    """BU -> BA/s with ``BU_ACTIVE`` bindings and with ``n``, best of two
+    alternating child runs each; and whether every BA was valid."""
+    best = {BU_ACTIVE: 0.0, n: 0.0}
+    ok = True
+    for run_no in range(2):
+        for size in (BU_ACTIVE, n):
+            db = root / f"bindings-{size}-{run_no}.sqlite"
+            out = subprocess.run(
+                [sys.executable, __file__, "--bu-child", str(size), str(db)],
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=True,
+            ).stdout
+            for line in out.splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[0] == "BU":
+                    best[size] = max(best[size], float(parts[1]))
+                    ok = ok and int(parts[2]) == min(BU_ACTIVE, size) * BU_ROUNDS
+                    break
+            else:
+                raise RuntimeError(f"BU child: unexpected output {out[-500:]!r}")
+    return best[BU_ACTIVE], best[n], ok
+
+
 def _ha_figures(n: int) -> tuple[float, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--ha-memory", str(n)],
@@ -468,9 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per figure (3)")
     p.add_argument("--quick", action="store_true", help="N = 10000, 1 s per figure (CI)")
     p.add_argument("--ha-memory", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--bu-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ha_memory:
         ha_memory(args.ha_memory)
+        return 0
+    if args.bu_child:
+        bu_rate(int(args.bu_child[0]), BU_ROUNDS, args.bu_child[1])
         return 0
     if args.n < 1 or args.n > 1_000_000:
         p.error("--n: between 1 and 1000000")

@@ -45,5 +45,11 @@ def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
     assert float(first[0]) > 0 and float(first[1]) > 0
     assert re.search(r"HAC RSS per live SA .*: -?\d+ bytes", out)
     assert re.search(r"HA RSS per SA: \d+ bytes .*; per binding: \d+ bytes", out)
+    bu = re.search(
+        r"HA BU -> BA/s .*: (\d+) with 1000 bindings, (\d+) with 10000 bindings, ratio ([\d.]+)",
+        out,
+    )
+    assert bu is not None and int(bu[1]) > 0 and int(bu[2]) > 0
+    assert "INVALID" not in out  # every BA checked the way an MN checks it
     assert processes_mentioning(str(tmp_path)) == []  # both HACs stopped
     assert list(tmp_path.iterdir()) == []  # temp labs removed
