@@ -288,7 +288,12 @@ class HaService:
             raise
         from mipsec.plugins.transport_local import register_local_ha
 
-        register_local_ha(self.cfg.ha.id, self.install_sa, self.withdraw_sa)
+        register_local_ha(
+            self.cfg.ha.id,
+            self.install_sa,
+            self.withdraw_sa,
+            receive_superseding=self.install_sa,
+        )
         self._local_registered = True
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         self._started = True
