@@ -290,9 +290,9 @@ class HaService:
 
         register_local_ha(
             self.cfg.ha.id,
-            self.install_sa,
+            self._install_in_process,
             self.withdraw_sa,
-            receive_superseding=self.install_sa,
+            receive_superseding=self._install_in_process,
         )
         self._local_registered = True
         self._expiry_task = asyncio.create_task(self._expiry_loop())
@@ -563,8 +563,21 @@ class HaService:
 
     # ------------------------------------------------------------ provisioning
 
-    async def install_sa(
+    async def _install_in_process(
         self, issued: IssuedSA, ha_id: str | None = None, withdraw: Sequence[int] = ()
+    ) -> None:
+        # From a HAC in this process (local transport): its event_log line
+        # (sa_issued) already tells the operator, so the install's own line is
+        # DEBUG -- one INFO line per bootstrap (issue 9).
+        await self.install_sa(issued, ha_id, withdraw, log_level=logging.DEBUG)
+
+    async def install_sa(
+        self,
+        issued: IssuedSA,
+        ha_id: str | None = None,
+        withdraw: Sequence[int] = (),
+        *,
+        log_level: int = logging.INFO,
     ) -> None:
         """Persist ``issued`` in the SA store, then accept its SPI (PROFILE §9).
 
@@ -614,7 +627,8 @@ class HaService:
                 scope=sa.scope,
                 validity_end=sa.validity_end,
             )
-            log.info(
+            log.log(
+                log_level,
                 "SA installed spi=%d mn_id=%s suite=%s scope=%d validity_end=%s",
                 sa.spi,
                 sa.mn_id,
