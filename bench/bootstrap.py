@@ -2,7 +2,7 @@
 
     python bench/bootstrap.py [--duration S] [--quick] [--tls12] [--concurrency 1,32]
                               [--provisioning local|tls] [--profile-hac FILE.prof]
-                              [--profile-ha FILE.prof]
+                              [--profile-ha FILE.prof] [--psk-only]
 
 What is measured, all in one run, on one lab made in a temp dir (``mipsec init``):
 
@@ -33,6 +33,7 @@ provisioning and also runs ``mipsec --role ha``.  Exit status 1 if any
 bootstrap or handshake failed.  ``--profile-hac`` (``--profile-ha``) runs the HAC (the HA)
 under cProfile and writes its stats to a file when it stops (the figures are then not
 representative).  With ``--provisioning tls`` the server CPU is also split per process.
+``--psk-only`` skips the EAP-TLS figures (to profile or compare the PSK path alone).
 The bench stops by itself and always terminates the processes it started.
 """
 

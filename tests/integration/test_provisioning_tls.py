@@ -727,3 +727,40 @@ def test_refused_superseding_install_keeps_the_older_sa(tmp_path: Path, pki: Pki
     assert status == 504 and live == [first.sa.spi]
     # The refused SA is withdrawn (in case it was installed); the older one is not.
     assert first.sa.spi not in rec.withdrawn and len(rec.withdrawn) == 1
+
+
+def test_unanswered_superseding_install_retires_the_older_sa_too(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """No answer to an install carrying ``prov-withdraw``: the HA may have
+    withdrawn the older SA, so the HAC's store must not call it live -- it is
+    retired as well and withdrawn until the HA confirms (fail closed)."""
+    rec = SupersedeRecorder()
+    hang = asyncio.Event()
+
+    async def install(issued: IssuedSA, ha_id: str, withdraw: tuple[int, ...] = ()) -> None:
+        if withdraw:
+            await hang.wait()  # never answers (the HAC's provisioning_timeout is 3 s)
+        await rec.install(issued, ha_id, withdraw)
+
+    async def body(port: int) -> tuple[IssuedSA, int, list[int], list[int]]:
+        hac = HacService(hac_config(tmp_path, pki, port))
+        await hac.start()
+        try:
+            first = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(first, "test")
+            with pytest.raises(IssueFailure) as info:
+                await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            now = datetime.now(UTC)
+            live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, now)]
+            pending = [p[0] for p in hac.store.retired_unconfirmed(now)]
+            hang.set()
+        finally:
+            await hac.stop()
+        return first, info.value.status, live, pending
+
+    first, status, live, pending = run(
+        serving(ha_listener(pki), rec, body, install_withdraws=True, on_install=install)
+    )
+    assert status == 504 and live == []
+    assert first.sa.spi in pending  # to be withdrawn until the HA confirms
