@@ -353,7 +353,9 @@ def test_flood_is_logged_as_one_summary_line_per_second(
 
     caplog.set_level(logging.INFO, logger="mipsec.tls")
     serve(pki, body, max_connections=5)
-    lines = [r for r in caplog.records if r.name == "mipsec.tls"]
+    # Only the eviction summaries (a start-up warning about the open-file
+    # limit may precede them, depending on the machine's ulimit -n).
+    lines = [r for r in caplog.records if r.name == "mipsec.tls" and "evicted" in r.getMessage()]
     evicted = sum(int(r.getMessage().split("evicted ")[1].split()[0].rstrip(",")) for r in lines)
     assert evicted >= 55  # every eviction is counted ...
     assert 1 <= len(lines) <= 3  # ... in a line or two, not 55 (aclose may add one)
