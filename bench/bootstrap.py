@@ -74,6 +74,7 @@ from mipsec.core.tls import (
     mn_client_context,
     set_nodelay,
 )
+from mipsec.core.tlsclient import TlsClient
 from mipsec.plugins.psk_auth import PskMethod
 
 HOST = "127.0.0.1"
@@ -135,39 +136,26 @@ class Client:
     method_name: str = "psk"
     tls_info: str = ""
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        # asyncio.timeout rather than wait_for (as core/roles/mn.py has it):
-        # same limits, without an extra task per await.
+    async def _connect(self) -> TlsClient:
+        # The MN's own TLS client (core/tlsclient.py, as core/roles/mn.py uses
+        # it), for the bare handshakes as for the bootstraps.
         async with asyncio.timeout(TIMEOUT):
-            reader, writer = await asyncio.open_connection(
-                HOST,
-                self.port,
-                ssl=self.ctx,
-                server_hostname=self.server_name,
-                ssl_handshake_timeout=TIMEOUT,
-            )
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
+            tls = await TlsClient.connect(HOST, self.port, self.ctx, self.server_name)
         if not self.tls_info:
-            obj = writer.get_extra_info("ssl_object")
-            if obj is not None:
-                cipher = obj.cipher()
-                self.tls_info = f"{obj.version()} {cipher[0] if cipher else '?'}"
-        return reader, writer
+            cipher = tls.tls.cipher()
+            self.tls_info = f"{tls.version()} {cipher[0] if cipher else '?'}"
+        return tls
 
     async def handshake(self, mn: tuple[str, bytes]) -> None:
         """Connect, handshake, close."""
-        _, writer = await self._connect()
-        await _close(writer)
+        await _close(await self._connect())
 
     async def bootstrap(self, mn: tuple[str, bytes]) -> None:
         """One bootstrap as core/roles/mn.py runs it; raises unless status 200 + SA."""
         mn_id, psk = mn
-        reader, writer = await self._connect()
+        tls = await self._connect()
         try:
-            obj = writer.get_extra_info("ssl_object")
-            der = obj.getpeercert(binary_form=True) if obj is not None else None
+            der = tls.peercert_der()
             if der is None:
                 raise RuntimeError("HAC sent no certificate")
             check_hac_certificate(der, server_name=self.server_name, connected_ip=None)
@@ -182,16 +170,14 @@ class Client:
                 scope=1,
                 suitelist=SUITES,
             )
-            writer.write(exch.start())
-            await writer.drain()
+            tls.write(exch.start())
             while True:
                 async with asyncio.timeout(TIMEOUT):
-                    data = await reader.read(65540)
+                    data = await tls.read()
                 events = exch.receive_data(data) if data else exch.receive_eof()
                 for ev in events:
                     if isinstance(ev, SendRequest):
-                        writer.write(ev.data)
-                        await writer.drain()
+                        tls.write(ev.data)
                     elif isinstance(ev, Finished):
                         if not ev.result.ok:
                             raise RuntimeError(
@@ -199,14 +185,14 @@ class Client:
                             )
                         return
         finally:
-            await _close(writer)
+            await _close(tls)
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
+async def _close(tls: TlsClient) -> None:
+    tls.close()
     with contextlib.suppress(Exception):
         async with asyncio.timeout(2):
-            await writer.wait_closed()
+            await tls.closed
 
 
 @dataclass

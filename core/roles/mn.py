@@ -40,7 +40,8 @@ from mipsec.core.issuer import utcnow
 from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendRequest
 from mipsec.core.mn_registration import Failed, MnRegistration, Rebootstrap, Registered, Transmit
 from mipsec.core.model import IssuedSA
-from mipsec.core.tls import check_hac_certificate, mn_cb_octets, mn_client_context, set_nodelay
+from mipsec.core.tls import check_hac_certificate, mn_cb_octets, mn_client_context
+from mipsec.core.tlsclient import TlsClient
 from mipsec.core.udpgso import GsoSender
 
 log = logging.getLogger("mipsec.mn")
@@ -122,27 +123,18 @@ async def bootstrap(
     ctx = mn_client_context(str(hac.ca), strict_rfc6618=hac.strict_rfc6618)
     tls_name, by_ip = hac_identity(cfg)
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                hac.host,
-                hac.port,
-                ssl=ctx,
-                server_hostname=tls_name,
-                ssl_handshake_timeout=hac.timeout,
-            ),
-            hac.timeout,
-        )
+        # Memory-BIO TLS client (core/tlsclient.py): the MHAuth messages are
+        # small and lockstep, asyncio's SSL streams cost more than they do.
+        async with asyncio.timeout(hac.timeout):
+            tls = await TlsClient.connect(hac.host, hac.port, ctx, tls_name)
     except TimeoutError:
         return BootstrapResult(None, False, reason="timeout connecting to the HAC")
     except (OSError, ConnectionError) as exc:  # ssl.SSLError is an OSError
         return BootstrapResult(None, False, reason=f"cannot connect to the HAC: {exc}")
     try:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
-        ssl_obj = writer.get_extra_info("ssl_object")
-        der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
-        peer_ip = writer.get_extra_info("peername")[0]
+        der = tls.peercert_der()
+        peername = tls.peername
+        peer_ip = peername[0] if peername else None
         if der is None:
             return BootstrapResult(None, False, reason="HAC sent no certificate")
         try:
@@ -152,7 +144,7 @@ async def bootstrap(
             cb = mn_cb_octets(der)
         except CertificateError as exc:
             return BootstrapResult(None, False, reason=f"HAC certificate refused: {exc}")
-        log.debug("TLS %s with %s", ssl_obj.version() if ssl_obj else "?", tls_name)
+        log.debug("TLS %s with %s", tls.version() or "?", tls_name)
         peer = factory.new(PeerMethodContext(mn_id=cfg.mn.mn_id, cb_octets=cb, secret=secret))
         exch = MnExchange(
             mn_id=cfg.mn.mn_id,
@@ -162,26 +154,25 @@ async def bootstrap(
             scope=cfg.sa.scope,
             suitelist=[int(s) for s in cfg.sa.suites],
         )
-        writer.write(exch.start())
-        await writer.drain()
+        tls.write(exch.start())
         while True:
             try:
-                data = await asyncio.wait_for(reader.read(65540), hac.timeout)
+                async with asyncio.timeout(hac.timeout):
+                    data = await tls.read()
             except TimeoutError:
                 return BootstrapResult(None, False, reason="timeout waiting for the HAC")
             events = exch.receive_data(data) if data else exch.receive_eof()
             for ev in events:
                 if isinstance(ev, SendRequest):
-                    writer.write(ev.data)
-                    await writer.drain()
+                    tls.write(ev.data)
                 elif isinstance(ev, Finished):
                     return ev.result
     except (OSError, ConnectionError) as exc:
         return BootstrapResult(None, False, reason=f"connection to the HAC failed: {exc}")
     finally:
-        writer.close()
+        tls.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 2)
+            await asyncio.wait_for(tls.closed, 2)
 
 
 # ---------------------------------------------------------------- registration

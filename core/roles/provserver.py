@@ -65,8 +65,8 @@ from mipsec.core.tls import (
     check_hac_certificate,
     hac_server_context,
     mn_client_context,
-    set_nodelay,
 )
+from mipsec.core.tlsclient import TlsClient
 from mipsec.core.wire.container import (
     HEADER_LEN,
     IDENTIFIER_MAX,
@@ -391,9 +391,8 @@ def _malformed() -> bytes:
 class _Connection:
     """One client TLS connection: lockstep exchanges, Identifier 1, 2, 3, ..."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, tls: TlsClient) -> None:
+        self.tls = tls
         self.ids = IdentifierSequence()
         self.decoder = ContainerDecoder()
         self.loop = asyncio.get_running_loop()
@@ -402,16 +401,14 @@ class _Connection:
         return (
             self.loop is asyncio.get_running_loop()  # a transport is bound to its loop
             and self.ids.last < IDENTIFIER_MAX
-            and not self.reader.at_eof()
-            and not self.writer.is_closing()
+            and self.tls.open
         )
 
     async def exchange(self, content: bytes) -> bytes:
         identifier = self.ids.next_identifier()
-        self.writer.write(encode_container(identifier, content))
-        await self.writer.drain()
+        self.tls.write(encode_container(identifier, content))
         while True:
-            data = await self.reader.read(READ_CHUNK)
+            data = await self.tls.read()
             if not data:
                 self.decoder.eof()  # TruncatedError if it ended inside a container
                 raise ConnectionResetError("closed by the peer without a response")
@@ -423,7 +420,7 @@ class _Connection:
                 return containers[0].content
 
     def close(self) -> None:
-        self.writer.close()  # close_notify, then TCP close; not awaited on error paths
+        self.tls.close()  # close_notify, then TCP close; not awaited on error paths
 
 
 class ProvisioningClient:
@@ -489,7 +486,7 @@ class ProvisioningClient:
             conn.close()
         for conn in idle:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.writer.wait_closed(), 1)
+                await asyncio.wait_for(conn.tls.closed, 1)
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -525,22 +522,18 @@ class ProvisioningClient:
     async def _connect(self) -> _Connection:
         self.stats["connects"] += 1
         try:
-            reader, writer = await asyncio.open_connection(
-                self.host,
-                self.port,
-                ssl=self.ssl_context,
-                server_hostname=self.server_name or self.host,
+            tls = await TlsClient.connect(
+                self.host, self.port, self.ssl_context, self.server_name or self.host
             )
         except (ssl.SSLError, OSError) as exc:
             # ssl.SSLCertVerificationError included: chain or stdlib name check.
             raise ProvisioningFailed(f"{self._who()}: cannot connect: {exc!r}") from None
-        conn = _Connection(reader, writer)
+        conn = _Connection(tls)
         try:
-            tls = writer.get_extra_info("ssl_object")
-            der = tls.getpeercert(binary_form=True) if tls is not None else None
+            der = tls.peercert_der()
             if not der:
                 raise CertificateError("the server sent no certificate")
-            peername = writer.get_extra_info("peername")
+            peername = tls.peername
             # PROFILE §1 SAN rules, checked by hand whatever the stdlib checked.
             check_hac_certificate(
                 der,
@@ -551,9 +544,6 @@ class ProvisioningClient:
             conn.close()
             why = str(exc).removeprefix("HAC certificate: ")
             raise ProvisioningFailed(f"{self._who()}: certificate refused: {why}") from None
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
         return conn
 
     def _who(self) -> str:
