@@ -185,7 +185,7 @@ class TlsClient(asyncio.Protocol):
                 self.handshaken = True
             while len(self._plain) < READ_MAX:
                 try:
-                    chunk = self.tls.read(READ_MAX - len(self._plain))
+                    chunk = self.tls.read(16384)  # one TLS record at most
                 except ssl.SSLWantReadError:
                     break
                 except ssl.SSLZeroReturnError:  # close_notify

@@ -764,3 +764,26 @@ def test_unanswered_superseding_install_retires_the_older_sa_too(
     )
     assert status == 504 and live == []
     assert first.sa.spi in pending  # to be withdrawn until the HA confirms
+
+
+def test_kept_connection_serves_many_installs(tmp_path: Path, pki: PkiPaths) -> None:
+    """One bootstrap after another: the HAC keeps one provisioning connection
+    (a TLS handshake per install would cost the HAC and the HA more than the
+    install itself)."""
+    rec = SupersedeRecorder()
+
+    async def body(port: int) -> dict[str, int]:
+        hac = HacService(hac_config(tmp_path, pki, port))
+        await hac.start()
+        try:
+            for _ in range(20):
+                issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+                hac.deliver(issued, "test")
+            transport = hac.transports["ha1"]
+            assert isinstance(transport, TlsTransport)
+            return dict(transport.client.stats)
+        finally:
+            await hac.stop()
+
+    stats = run(serving(ha_listener(pki), rec, body, install_withdraws=True))
+    assert stats["requests"] == 20 and stats["connects"] == 1 and stats["retries"] == 0
