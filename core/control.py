@@ -129,7 +129,14 @@ class Dispatcher:
             handler = self.handlers.get(req.cmd)
             if handler is None:
                 raise ControlError(f"cmd: {req.cmd!r} is not available on the {self.role}")
-            return encode_response(await handler(req.args))
+            result = await handler(req.args)
+        except ControlError as exc:
+            return encode_response(error=str(exc))
+        try:
+            # In a worker thread: a big HAC's SA list is tens of MB of JSON,
+            # which would hold the event loop (and every MN) for a fraction of
+            # a second.  The result is freshly built and no longer touched here.
+            return await asyncio.to_thread(encode_response, result)
         except ControlError as exc:
             return encode_response(error=str(exc))
 

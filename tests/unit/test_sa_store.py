@@ -420,3 +420,28 @@ def test_retire_confirmed_is_retire_plus_confirm_in_one_step(store: SQLiteSAStor
     assert not store.add(issued(51, mn_id="b@x"), T0)  # reserved until its old validity end
     store.expire(end)
     assert store.add(issued(51, mn_id="b@x", end=end + timedelta(seconds=60)), end)
+
+
+def test_operator_listing_reads_columns_not_keys(store: SQLiteSAStore) -> None:
+    """``mipsec sas``/``status`` at 100k SAs must not unwrap 100k keys: the
+    listing and the counts come from the columns, and give what ``live`` gives."""
+    from mipsec.core.roles.hac_ops import _listing_row, sa_row
+
+    full = full_issued()
+    store.add(full, T0)
+    store.add(issued(61, mn_id="a@x"), T0)
+    store.add(issued(62, mn_id="b@x", end=T0 + timedelta(seconds=5), hoa6=None), T0)
+    listing = store.live_listing(T0)
+    assert sorted(r[0] for r in listing) == sorted(x.sa.spi for x in store.live(T0))
+    (row,) = store.live_listing(T0, "Bob@Realm.Example")
+    assert _listing_row(row, "psk") == sa_row(full, "psk")
+    by_spi = {x.sa.spi: x for x in store.live(T0)}
+    for r in listing:
+        assert _listing_row(r, "-") == sa_row(by_spi[r[0]], "-")
+    assert sorted(store.live_counts(T0)) == [
+        ("ha-east", int(Suite.AES_128_CBC_SHA256), 1),
+        ("ha1", int(Suite.AES_128_CBC_SHA), 2),
+    ]
+    later = T0 + timedelta(seconds=5)  # spi 62 is past its validity end
+    assert [r[0] for r in store.live_listing(later, "b@x")] == []
+    assert sorted(store.live_counts(later))[1] == ("ha1", int(Suite.AES_128_CBC_SHA), 1)
