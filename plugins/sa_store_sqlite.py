@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -187,6 +187,21 @@ _V1_COLS = (
 )
 
 _T = TypeVar("_T")
+
+
+class Taken(NamedTuple):
+    """An SA ``add_superseding`` retired: what the HAC needs to withdraw it,
+    and the stored row itself, for ``restore``."""
+
+    spi: int
+    mn_id: str
+    ha_id: str
+    validity_end: datetime
+    row: tuple[Any, ...]
+
+
+class _NotAdded(Exception):
+    """add_superseding: the SPI is held; the transaction is rolled back."""
 
 
 class StoreOptionError(ValueError):
@@ -945,6 +960,94 @@ class SQLiteSAStore:
         if self._view is not None:
             self._view.discard(spi)
         return self._decode(rows[0])
+
+    def add_superseding(
+        self, issued: IssuedSA, supersede: Iterable[int], reason: str, now: datetime | None = None
+    ) -> list[Taken] | None:
+        """``add`` of ``issued`` and ``retire`` of the SAs in ``supersede``, in
+        one transaction -- one commit where a re-bootstrap took two.
+
+        None (nothing changed) when the SPI is held, exactly as ``add`` says
+        False.  Otherwise the SAs actually taken back (live ones among
+        ``supersede``), retired and unconfirmed: the caller confirms them when
+        their HA does (``confirm_retired_many``), or puts them back with
+        ``restore`` if the HA refused the new SA (it then withdrew nothing).
+        Optional fast path of the HAC's supersede-with-the-install: not part of
+        the ``SAStore`` protocol.
+        """
+        sa = issued.sa
+        spi = sa.spi
+        if not SPI_MIN <= spi <= SPI_MAX:
+            raise LocalProtocolError(f"spi: {spi} outside {SPI_MIN}..{SPI_MAX} (RFC 6618 §5.6.1)")
+        head = _head(issued)
+        blob = self._codec.seal(
+            head, (sa.mn_to_ha_ikey, sa.ha_to_mn_ikey, sa.mn_to_ha_ekey, sa.ha_to_mn_ekey)
+        )
+        row = (*head, blob)
+        t = self._now(now)
+        deleted = False
+        taken: list[Taken] = []
+        try:
+            with self._tx() as c:
+                if c.execute(_INSERT, (*row, spi)).rowcount != 1:
+                    # An expired SA no longer holds its SPI (PROFILE §5).
+                    cur = c.execute(
+                        "DELETE FROM issued_sa WHERE spi = ? AND validity_end <= ?", (spi, t)
+                    )
+                    deleted = cur.rowcount > 0
+                    if c.execute(_INSERT, (*row, spi)).rowcount != 1:
+                        raise _NotAdded
+                for old in supersede:
+                    r = c.execute(
+                        f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_READ}",  # noqa: S608
+                        (old,),
+                    ).fetchone()
+                    if r is None:
+                        continue
+                    c.execute(
+                        "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, "
+                        "confirmed) VALUES (?, ?, ?, ?, ?, 0) "
+                        "ON CONFLICT (spi) DO UPDATE SET confirmed = 0",
+                        (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason),
+                    )
+                    end = datetime.fromtimestamp(r[_END], tz=UTC)
+                    taken.append(Taken(r[_SPI], r[_MN_ID], r[_HA_ID], end, tuple(r)))
+        except _NotAdded:
+            return None
+        view = self._view  # updated only once the transaction committed
+        if view is not None:
+            if deleted:
+                view.discard(spi)
+            self._view_insert(view, head)
+            for x in taken:
+                view.discard(x.spi)
+        return taken
+
+    def restore(self, taken: Iterable[Taken]) -> None:
+        """Undo ``add_superseding``'s retirement of ``taken`` (their HA refused
+        the SA that superseded them, and withdrew nothing): live again."""
+        back: list[Taken] = []
+        with self._tx() as c:
+            for x in taken:
+                c.execute("DELETE FROM retired_sa WHERE spi = ? AND confirmed = 0", (x.spi,))
+                # Guarded like add: an SPI whose withdrawal was confirmed stays dead.
+                if c.execute(_INSERT, (*x.row, x.spi)).rowcount == 1:
+                    back.append(x)
+        view = self._view
+        if view is not None:
+            for x in back:
+                self._view_insert(view, x.row[:_N_HEAD])
+
+    def confirm_retired_many(self, spis: Iterable[int]) -> None:
+        """``confirm_retired`` of many SPIs in one statement (one commit)."""
+        spis = list(spis)
+        for i in range(0, len(spis), 500):  # SQLite's bound-parameter limit
+            part = spis[i : i + 500]
+            marks = ", ".join("?" for _ in part)
+            self._conn.execute(
+                f"UPDATE retired_sa SET confirmed = 1 WHERE spi IN ({marks})",  # noqa: S608
+                part,
+            )
 
     def retire_confirmed(self, spi: int, reason: str) -> tuple[str, str] | None:
         """``retire`` of an SA its HA has already confirmed withdrawn, in one

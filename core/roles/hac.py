@@ -63,6 +63,9 @@ from mipsec.core.tls import hac_server_context, server_cb_octets
 
 log = logging.getLogger("mipsec.hac")
 
+# Withdrawals an HA confirmed with the install of their successor are
+# recorded in one batch per this many seconds (core/roles/hac.py _confirm_later).
+CONFIRM_BATCH_S = 1.0
 SPI_DRAWS = 32  # collisions among 2^28 SPIs are rare; this bounds a pathological store
 BUSY_RETRY_AFTER = 2  # seconds: saturation passes quickly, unlike "no HA available"
 
@@ -169,6 +172,8 @@ class HacService:
         self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
         self._withdrawing: set[int] = set()  # SPIs with a withdrawal task running
         self._issuing_spis: set[int] = set()  # SAs stored but not yet delivered (200)
+        self._to_confirm: set[int] = set()  # withdrawals the HA confirmed, to record
+        self._confirm_timer: asyncio.TimerHandle | None = None
         # spi -> delivery order in this process: "older" among SAs whose
         # validity ends fall in the same second (max_sas_per_mn).
         self._delivered: dict[int, int] = {}
@@ -319,6 +324,9 @@ class HacService:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+        self._confirm_now()  # before the store closes
         if self._listener is not None:
             await self._listener.aclose()
         if self._prov_server is not None:
@@ -474,7 +482,7 @@ class HacService:
         for spi, _ha_id in self._excess(mn_id, keep):
             self.retire(spi, "superseded")
 
-    def _excess(self, mn_id: str, keep: int) -> list[tuple[int, str]]:
+    def _excess(self, mn_id: str, keep: int | None) -> list[tuple[int, str]]:
         """``(spi, ha_id)`` of the MN's SAs beyond ``max_sas_per_mn`` once
         ``keep`` is counted: the oldest first, SAs still being issued spared."""
         order = self._delivered
@@ -614,6 +622,21 @@ class HacService:
             dns_ip6=self.cfg.bootstrap.dns_ip6,
             dns_ip4=self.cfg.bootstrap.dns_ip4,
         )
+        transport = self.transports[ha.ha_id]
+        timeout = self.cfg.hac.provisioning_timeout
+        # Issue 6 item 3: once the new SA is confirmed by its HA, the older
+        # ones are withdrawn.  Those on the same HA go with the install
+        # (prov-withdraw, one round trip instead of two, both durable on the
+        # HA before it confirms); the rest after the 200 (``deliver``).
+        superseding = getattr(transport, "provision_superseding", None)
+        old: tuple[int, ...] = ()
+        if superseding is not None:
+            old = tuple(s for s, h in self._excess(mn_id, None) if h == ha.ha_id)
+            old = old[:MAX_PIGGYBACK]
+        # With the SQLite store the new SA is stored and the older ones
+        # retired (unconfirmed) in one transaction: one commit, not two.
+        add_superseding = getattr(self.store, "add_superseding", None) if old else None
+        taken: list[Any] | None = None
         issued: IssuedSA | None = None
         for _ in range(SPI_DRAWS):
             sa = new_sa(
@@ -626,7 +649,13 @@ class HacService:
                 ha_id=ha.ha_id,
             )
             candidate = IssuedSA(sa, bootstrap)
-            if self.store.add(candidate):
+            if add_superseding is not None:
+                taken = add_superseding(candidate, old, "superseded")
+                if taken is not None:
+                    issued = candidate
+                    old = tuple(x.spi for x in taken)
+                    break
+            elif self.store.add(candidate):
                 issued = candidate
                 break
         if issued is None:
@@ -635,17 +664,6 @@ class HacService:
         self._issuing_spis.add(spi)
         if on_stored is not None:
             on_stored(issued)
-        transport = self.transports[ha.ha_id]
-        timeout = self.cfg.hac.provisioning_timeout
-        # Issue 6 item 3: once the new SA is confirmed by its HA, the older
-        # ones are withdrawn.  Those on the same HA go with the install
-        # (prov-withdraw, one round trip instead of two, both durable on the
-        # HA before it confirms); the rest after the 200 (``deliver``).
-        superseding = getattr(transport, "provision_superseding", None)
-        old: tuple[int, ...] = ()
-        if superseding is not None:
-            old = tuple(s for s, h in self._excess(mn_id, spi) if h == ha.ha_id)
-            old = old[:MAX_PIGGYBACK]
         try:
             async with asyncio.timeout(timeout):
                 if old and superseding is not None:
@@ -659,11 +677,18 @@ class HacService:
             # confirms, also across restarts: the store records it).
             self._issuing_spis.discard(spi)
             self.retire(spi, "provisioning-failed")
-            if old and getattr(exc, "status", None) is None:
-                # No answer: the HA may have withdrawn the older SAs too.  The
-                # store must not call them live then: retired, and withdrawn
-                # until confirmed (an HA that answered a refusal withdrew
-                # nothing, and they stay).
+            answered = getattr(exc, "status", None) is not None
+            if taken is not None:
+                if answered:
+                    # The HA refused the install: it withdrew nothing either.
+                    store.restore(taken)
+                else:
+                    # No answer: the HA may have withdrawn them.  They stay
+                    # retired, and are withdrawn until the HA confirms.
+                    for x in taken:
+                        self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
+            elif old and not answered:
+                # The same without the one-transaction store.
                 for s in old:
                     self.retire(s, "superseded")
             if isinstance(exc, TimeoutError | ConnectionError | OSError):
@@ -672,9 +697,51 @@ class HacService:
                 failure.spi = spi  # type: ignore[attr-defined]
                 raise failure from None
             raise
-        for s in confirmed:
-            self._retired_by_ha(s)
+        if taken is not None:
+            for x in taken:
+                self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, x.spi in confirmed)
+        else:
+            for s in confirmed:
+                self._retired_by_ha(s)
         return issued
+
+    def _superseded(
+        self, spi: int, mn_id: str, ha_id: str, validity_end: datetime, confirmed: bool
+    ) -> None:
+        """An SA retired with the store write of its successor: withdrawn by
+        its HA already (``confirmed``: the confirmation is written in the next
+        batch) or to be withdrawn until the HA confirms."""
+        self._delivered.pop(spi, None)
+        self.stats["withdrawn"] += 1
+        self.emit("mipsec_sa_withdrawn", spi=spi, mn_id=mn_id, ha_id=ha_id, reason="superseded")
+        if confirmed:
+            self._confirm_later(spi)
+        else:
+            self._schedule_withdraw(ha_id, spi, validity_end)
+
+    def _confirm_later(self, spi: int) -> None:
+        # Confirmations are batched (one UPDATE per CONFIRM_BATCH_S): losing a
+        # batch in a crash only makes the next run withdraw those SPIs again,
+        # which the HA confirms at once (a withdrawal is idempotent).
+        self._to_confirm.add(spi)
+        if self._confirm_timer is None:
+            loop = asyncio.get_running_loop()
+            self._confirm_timer = loop.call_later(CONFIRM_BATCH_S, self._confirm_now)
+
+    def _confirm_now(self) -> None:
+        self._confirm_timer = None
+        spis, self._to_confirm = self._to_confirm, set()
+        if not spis:
+            return
+        try:
+            many = getattr(self.store, "confirm_retired_many", None)
+            if many is not None:
+                many(sorted(spis))
+            else:
+                for s in spis:
+                    self.store.confirm_retired(s)
+        except Exception as exc:  # the next run withdraws them again: harmless
+            log.error("cannot record %d confirmed withdrawals: %s", len(spis), type(exc).__name__)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

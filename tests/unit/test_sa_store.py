@@ -445,3 +445,50 @@ def test_operator_listing_reads_columns_not_keys(store: SQLiteSAStore) -> None:
     later = T0 + timedelta(seconds=5)  # spi 62 is past its validity end
     assert [r[0] for r in store.live_listing(later, "b@x")] == []
     assert sorted(store.live_counts(later))[1] == ("ha1", int(Suite.AES_128_CBC_SHA), 1)
+
+
+def test_add_superseding_is_add_and_retire_in_one_step(store: SQLiteSAStore) -> None:
+    end = T0 + timedelta(seconds=60)
+    old = issued(71, mn_id="a@x", end=end)
+    store.add(old, T0)
+    assert store.count_by_ha(T0) == {"ha1": 1}  # the live view is built
+    new = issued(72, mn_id="a@x")
+    taken = store.add_superseding(new, [71, 99], "superseded", T0)  # 99: not live, skipped
+    assert taken is not None and [(x.spi, x.mn_id, x.ha_id, x.validity_end) for x in taken] == [
+        (71, "a@x", "ha1", end)
+    ]
+    assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [72]
+    assert store.count_by_ha(T0) == {"ha1": 1}
+    assert store.retired_unconfirmed(T0) == [(71, "a@x", "ha1", end)]
+    store.confirm_retired_many([71])
+    assert store.retired_unconfirmed(T0) == []
+    assert not store.add(issued(71, mn_id="b@x"), T0)  # reserved until its old validity end
+
+
+def test_add_superseding_of_a_held_spi_changes_nothing(store: SQLiteSAStore) -> None:
+    store.add(issued(81, mn_id="a@x"), T0)
+    store.add(issued(82, mn_id="b@x"), T0)
+    assert store.add_superseding(issued(82, mn_id="a@x"), [81], "superseded", T0) is None
+    assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [81]  # rolled back
+    assert store.retired_unconfirmed(T0) == []
+
+
+def test_restore_puts_a_superseded_sa_back(store: SQLiteSAStore) -> None:
+    """The HA refused the successor (and withdrew nothing): the older SA is
+    live again, keys intact; an SPI whose withdrawal was confirmed is not."""
+    old, other = issued(91, mn_id="a@x"), issued(93, mn_id="c@x")
+    store.add(old, T0)
+    store.add(other, T0)
+    assert store.hoas_in_use(T0) == {"2001:db8:1::10": "c@x"}  # both share the test HoA
+    taken = store.add_superseding(issued(92, mn_id="a@x", hoa6=None), [91], "superseded", T0)
+    assert taken is not None
+    store.remove(92)  # what the HAC's rollback of the refused SA does (via retire)
+    store.restore(taken)
+    assert store.get(91, T0) == old
+    assert store.retired_unconfirmed(T0) == []
+    assert store.count_by_ha(T0) == {"ha1": 2}
+    gone = store.add_superseding(issued(94, mn_id="c@x", hoa6=None), [93], "superseded", T0)
+    assert gone is not None
+    store.confirm_retired_many([93])
+    store.restore(gone)  # confirmed withdrawn: dead for good
+    assert store.get(93, T0) is None
