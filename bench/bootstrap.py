@@ -611,6 +611,16 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def run_interruptible(main: Callable[[argparse.Namespace], Awaitable[int]], args: Any) -> int:
+    """``asyncio.run(main(args))``; SIGTERM ends it like Ctrl-C (exit 130), so
+    the benches' finally clauses always stop the processes they started."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return asyncio.run(main(args))
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=5.0, help="seconds per figure (5)")
@@ -659,12 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile_hac = args.profile_hac.resolve()
     if args.profile_ha is not None:
         args.profile_ha = args.profile_ha.resolve()
-    # SIGTERM ends the run like Ctrl-C, so the finally clause stops the servers.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        return 130
+    return run_interruptible(run, args)
 
 
 if __name__ == "__main__":

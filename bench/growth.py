@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,15 +43,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bootstrap import (  # a sibling script, not a package
     Client,
-    _free_port,
     _mipsec_cmd,
     _proc_cpu,
     _spawn,
     _stop,
     _wait_for,
     _wait_tcp,
+    run_interruptible,
 )
-from scale import IP4_POOL, _fill_credentials  # the same SQLite table and pool
+from scale import IP4_POOL, _fill_credentials, _make_lab  # the same lab changes
 
 from mipsec.core.tls import mn_client_context
 
@@ -80,40 +78,6 @@ class Figure:
 
 class Failed(Exception):
     pass
-
-
-def _make_lab(root: Path) -> tuple[Path, dict[str, object]]:
-    lab = root / "lab"
-    out = subprocess.run(
-        [
-            *_mipsec_cmd(None),
-            "init",
-            str(lab),
-            "--hac-port",
-            str(_free_port()),
-            "--ha-port",
-            str(_free_port()),
-            "--json",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    info: dict[str, object] = json.loads(out.stdout)
-    hac_toml = lab / "hac.toml"
-    text = hac_toml.read_text()
-    for old, new in (
-        (
-            'backend = "toml"\npath = "credentials.toml"',
-            'backend = "sqlite"\npath = "creds.sqlite"',
-        ),
-        ('ip4_pool = "192.0.2.0/24"', f'ip4_pool = "{IP4_POOL}"'),
-    ):
-        if old not in text:
-            raise RuntimeError(f"{hac_toml}: no {old!r} to replace")
-        text = text.replace(old, new)
-    hac_toml.write_text(text)
-    return lab, info
 
 
 async def _bootstrap_all(
@@ -150,7 +114,8 @@ async def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mipsec-growth-") as tmp:
         root = Path(tmp)
         try:
-            lab, info = _make_lab(root)
+            # The default lab's TLS provisioning is kept (HA in its own process).
+            lab, info = _make_lab(root, "lab", local_provisioning=False)
             # Credentials for every new MN the run uses (N + two windows), made up front.
             total = n + 2 * window
             mns = [(f"growth-{i:07d}{REALM}", secrets.token_bytes(32)) for i in range(total)]
@@ -233,10 +198,6 @@ def _report(
     print("ratio = at ~N live SAs / at ~1,000 (issue 9 asks >= 0.8 for new and returning MNs)")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000, help="MNs (live SAs) at the end (10000)")
@@ -250,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--window: between 1 and {BASE}")
     if not 2 * BASE <= args.n <= 1_000_000:
         p.error("--n: between 2000 and 1000000")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        return 130
+    return run_interruptible(run, args)
 
 
 if __name__ == "__main__":

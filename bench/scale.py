@@ -45,7 +45,6 @@ import asyncio
 import json
 import os
 import secrets
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -67,6 +66,7 @@ from bootstrap import (  # a sibling script, not a package
     _spawn,
     _stop,
     _wait_for,
+    run_interruptible,
 )
 
 from mipsec.core.fsutil import create_private
@@ -100,7 +100,11 @@ class Lab:
     log: Path | None = None
 
 
-def _make_lab(root: Path, name: str) -> tuple[Path, dict[str, object]]:
+def _make_lab(
+    root: Path, name: str, *, local_provisioning: bool = True
+) -> tuple[Path, dict[str, object]]:
+    """``mipsec init`` with SQLite credentials and the IPv4 pool widened (and,
+    by default, the HA moved into the HAC's process)."""
     lab = root / name
     out = subprocess.run(
         [
@@ -130,7 +134,7 @@ def _make_lab(root: Path, name: str) -> tuple[Path, dict[str, object]]:
         if old not in text:
             raise RuntimeError(f"{hac_toml}: no {old!r} to replace")
         text = text.replace(old, new)
-    hac_toml.write_text(_local_provisioning(text))
+    hac_toml.write_text(_local_provisioning(text) if local_provisioning else text)
     return lab, info
 
 
@@ -554,10 +558,6 @@ def _ha_figures(n: int) -> tuple[float, float]:
     raise RuntimeError(f"HA memory child: unexpected output {out[-500:]!r}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=100_000, help="live SAs / MNs (100000)")
@@ -576,11 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--n: between 1 and 1000000")
     if args.duration <= 0:
         p.error("--duration must be positive")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        return 130
+    return run_interruptible(run, args)
 
 
 if __name__ == "__main__":

@@ -783,9 +783,8 @@ class SQLiteSAStore:
 
     # ------------------------------------------------------------ SAStore
 
-    def add(self, issued: IssuedSA, now: datetime | None = None) -> bool:
-        """Store ``issued``; False (nothing stored) if a live SA holds its SPI
-        or the SPI is retired (``retire``) and not yet past its old validity end."""
+    def _sealed_row(self, issued: IssuedSA) -> tuple[int, tuple[Any, ...], tuple[Any, ...]]:
+        """``(spi, head, row)`` of ``issued``: its columns and its sealed keys."""
         sa = issued.sa
         spi = sa.spi
         if not SPI_MIN <= spi <= SPI_MAX:
@@ -794,7 +793,12 @@ class SQLiteSAStore:
         blob = self._codec.seal(
             head, (sa.mn_to_ha_ikey, sa.ha_to_mn_ikey, sa.mn_to_ha_ekey, sa.ha_to_mn_ekey)
         )
-        row = (*head, blob)
+        return spi, head, (*head, blob)
+
+    def add(self, issued: IssuedSA, now: datetime | None = None) -> bool:
+        """Store ``issued``; False (nothing stored) if a live SA holds its SPI
+        or the SPI is retired (``retire``) and not yet past its old validity end."""
+        spi, head, row = self._sealed_row(issued)
         t = self._now(now)
         # Nearly always the SPI is free: one INSERT, atomic on its own (the
         # connection is in autocommit mode), instead of a four-statement
@@ -975,15 +979,7 @@ class SQLiteSAStore:
         Optional fast path of the HAC's supersede-with-the-install: not part of
         the ``SAStore`` protocol.
         """
-        sa = issued.sa
-        spi = sa.spi
-        if not SPI_MIN <= spi <= SPI_MAX:
-            raise LocalProtocolError(f"spi: {spi} outside {SPI_MIN}..{SPI_MAX} (RFC 6618 §5.6.1)")
-        head = _head(issued)
-        blob = self._codec.seal(
-            head, (sa.mn_to_ha_ikey, sa.ha_to_mn_ikey, sa.mn_to_ha_ekey, sa.ha_to_mn_ekey)
-        )
-        row = (*head, blob)
+        spi, head, row = self._sealed_row(issued)
         t = self._now(now)
         deleted = False
         taken: list[Taken] = []

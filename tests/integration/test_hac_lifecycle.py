@@ -130,6 +130,17 @@ class Stack:
             await self.ha.stop()
 
 
+def memory_ha_config() -> Any:
+    """An HA "ha1" on loopback with a memory SA store (no provisioning listener)."""
+    return validate_config(
+        {
+            "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
+            "sa_store": {"backend": "memory"},
+        },
+        "ha",
+    )
+
+
 def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))  # type: ignore[arg-type]
 
@@ -210,13 +221,7 @@ def test_ha_install_carrying_prov_withdraw_kills_the_older_sa_for_good() -> None
         return IssuedSA(s, BootstrapData(ip6_hoa=IPv6Address("2001:db8:1::7")))
 
     async def main() -> None:
-        ha_cfg = validate_config(
-            {
-                "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
-                "sa_store": {"backend": "memory"},
-            },
-            "ha",
-        )
+        ha_cfg = memory_ha_config()
         ha = HaService(ha_cfg)  # type: ignore[arg-type]
         await ha.start()
         try:
@@ -264,13 +269,7 @@ def test_withdrawals_survive_a_hac_restart(tmp_path: Path, pki: PkiPaths) -> Non
     data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "hac.sqlite")}
 
     async def main() -> None:
-        ha_cfg = validate_config(
-            {
-                "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
-                "sa_store": {"backend": "memory"},
-            },
-            "ha",
-        )
+        ha_cfg = memory_ha_config()
         ha = HaService(ha_cfg)  # type: ignore[arg-type]
         await ha.start()
         try:
