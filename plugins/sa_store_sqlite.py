@@ -224,44 +224,36 @@ def _timestamp(dt: datetime, name: str) -> float:
     return dt.timestamp()
 
 
-_TEXT_CACHE_MAX = 4096
+_CACHE_MAX = 4096  # entries per memo below; a full memo starts over
 _text_cache: dict[object, str] = {}
-
-
-def _text(value: object | None) -> str | None:
-    if value is None:
-        return None
-    # str() of an IPv6 address (RFC 5952 compression) is slow and the same few
-    # addresses (HA, DNS, home prefix, each MN's HoA) recur in every SA: keep
-    # the texts.  Keyed by the value: ipaddress objects compare by version too.
-    text = _text_cache.get(value)
-    if text is None:
-        text = str(value)
-        if len(_text_cache) >= _TEXT_CACHE_MAX:
-            _text_cache.clear()
-        _text_cache[value] = text
-    return text
-
-
-_ADDR_CACHE_MAX = 4096
 _addr_cache: dict[tuple[object, str], Any] = {}
 
 
-def _opt(cls: Callable[[str], _T], value: str | None) -> _T | None:
+def _memo(cache: dict[Any, Any], key: object, make: Callable[[], Any]) -> Any:
+    value = cache.get(key)
     if value is None:
-        return None
+        value = make()
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        cache[key] = value
+    return value
+
+
+def _text(value: object | None) -> str | None:
+    # str() of an IPv6 address (RFC 5952 compression) is slow and the same few
+    # addresses (HA, DNS, home prefix, each MN's HoA) recur in every SA: keep
+    # the texts.  Keyed by the value: ipaddress objects compare by version too.
+    return None if value is None else _memo(_text_cache, value, lambda: str(value))
+
+
+def _opt(cls: Callable[[str], _T], value: str | None) -> _T | None:
     # Parsing an address text costs ~2 us and every row holds up to eight of
     # them, mostly the same few (HA, DNS, home prefix): reading an SA back
     # (supersede, retire, withdraw) would spend more on ipaddress than on SQL.
     # The objects are immutable, so one may be shared by many SAs.
-    key = (cls, value)
-    obj = _addr_cache.get(key)
-    if obj is None:
-        obj = cls(value)
-        if len(_addr_cache) >= _ADDR_CACHE_MAX:
-            _addr_cache.clear()
-        _addr_cache[key] = obj
-    return obj  # type: ignore[no-any-return]
+    if value is None:
+        return None
+    return _memo(_addr_cache, (cls, value), lambda: cls(value))  # type: ignore[no-any-return]
 
 
 def _head(issued: IssuedSA) -> tuple[Any, ...]:
@@ -1044,31 +1036,6 @@ class SQLiteSAStore:
                 f"UPDATE retired_sa SET confirmed = 1 WHERE spi IN ({marks})",  # noqa: S608
                 part,
             )
-
-    def retire_confirmed(self, spi: int, reason: str) -> tuple[str, str] | None:
-        """``retire`` of an SA its HA has already confirmed withdrawn, in one
-        transaction and without reading the SA back: ``(mn_id, ha_id)``, or
-        None when no SA holds ``spi``.
-
-        Optional fast path (the HAC's supersede with the install,
-        ``prov-withdraw``): not part of the ``SAStore`` protocol.
-        """
-        with self._tx() as c:
-            row = c.execute(
-                "DELETE FROM issued_sa WHERE spi = ? RETURNING mn_id, ha_id, validity_end",
-                (spi,),
-            ).fetchone()
-            if row is not None:
-                c.execute(
-                    "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, confirmed) "
-                    "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (spi) DO UPDATE SET confirmed = 1",
-                    (spi, row[0], row[1], row[2], reason),
-                )
-        if row is None:
-            return None
-        if self._view is not None:
-            self._view.discard(spi)
-        return row[0], row[1]
 
     def retired_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
         """``(spi, mn_id, ha_id, validity_end)`` of retired SAs whose HA has not

@@ -509,24 +509,6 @@ class HacService:
         excess = len(live) - (self.cfg.policy.max_sas_per_mn - 1)
         return [(spi, ha_id) for spi, _end, ha_id in live[: max(0, excess)]]
 
-    def _retired_by_ha(self, spi: int) -> None:
-        """The HA confirmed the withdrawal of a superseded SA together with the
-        install of its successor (``prov-withdraw``): retire it, confirmed."""
-        self._delivered.pop(spi, None)
-        fast = getattr(self.store, "retire_confirmed", None)
-        held: tuple[str, str] | None
-        if fast is not None:
-            held = fast(spi, "superseded")  # one transaction, no key unwrapping
-        else:
-            issued = self.store.retire(spi, "superseded")
-            self.store.confirm_retired(spi)
-            held = None if issued is None else (issued.sa.mn_id, issued.sa.ha_id)
-        if held is not None:
-            self.stats["withdrawn"] += 1
-            self.emit(
-                "mipsec_sa_withdrawn", spi=spi, mn_id=held[0], ha_id=held[1], reason="superseded"
-            )
-
     def retire(self, spi: int, reason: str) -> bool:
         """Withdraw a live SA for good: out of the store now, off its HA soon."""
         issued = self.store.retire(spi, reason)
@@ -701,8 +683,12 @@ class HacService:
             for x in taken:
                 self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, x.spi in confirmed)
         else:
+            # A store without add_superseding: retired now, confirmed already.
             for s in confirmed:
-                self._retired_by_ha(s)
+                held = self.store.retire(s, "superseded")
+                if held is not None:
+                    sa_o = held.sa
+                    self._superseded(s, sa_o.mn_id, sa_o.ha_id, sa_o.validity_end, True)
         return issued
 
     def _superseded(

@@ -409,19 +409,6 @@ def test_discard_is_remove_without_reading_back(store: SQLiteSAStore) -> None:
     assert store.add(issued(41), T0)  # not retired: the SPI is free again
 
 
-def test_retire_confirmed_is_retire_plus_confirm_in_one_step(store: SQLiteSAStore) -> None:
-    end = T0 + timedelta(seconds=60)
-    store.add(issued(51, mn_id="a@x", end=end, ha_id="ha2"), T0)
-    assert store.count_by_ha(T0) == {"ha2": 1}
-    assert store.retire_confirmed(51, "superseded") == ("a@x", "ha2")
-    assert store.retire_confirmed(51, "superseded") is None
-    assert store.get(51, T0) is None and store.count_by_ha(T0) == {}
-    assert store.retired_unconfirmed(T0) == []  # nothing to retry
-    assert not store.add(issued(51, mn_id="b@x"), T0)  # reserved until its old validity end
-    store.expire(end)
-    assert store.add(issued(51, mn_id="b@x", end=end + timedelta(seconds=60)), end)
-
-
 def test_operator_listing_reads_columns_not_keys(store: SQLiteSAStore) -> None:
     """``mipsec sas``/``status`` at 100k SAs must not unwrap 100k keys: the
     listing and the counts come from the columns, and give what ``live`` gives."""
