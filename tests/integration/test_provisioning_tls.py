@@ -787,3 +787,56 @@ def test_kept_connection_serves_many_installs(tmp_path: Path, pki: PkiPaths) -> 
 
     stats = run(serving(ha_listener(pki), rec, body, install_withdraws=True))
     assert stats["requests"] == 20 and stats["connects"] == 1 and stats["retries"] == 0
+
+
+class ProtocolOnlyStore:
+    """A third party's store: the SAStore protocol, none of the SQLite store's
+    optional fast paths (the HAC must fall back, not fail)."""
+
+    OPTIONAL = frozenset(
+        {
+            "add_superseding",
+            "restore",
+            "confirm_retired_many",
+            "live_spis_for_mn",
+            "live_listing",
+            "live_counts",
+            "live_summary",
+            "discard",
+        }
+    )
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.OPTIONAL:
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_superseding_install_with_a_protocol_only_store(tmp_path: Path, pki: PkiPaths) -> None:
+    rec = SupersedeRecorder()
+
+    async def body(port: int) -> tuple[IssuedSA, IssuedSA, list[int], list[Any]]:
+        hac = HacService(hac_config(tmp_path, pki, port))
+        await hac.start()
+        hac.store = ProtocolOnlyStore(hac.store)  # type: ignore[assignment]
+        try:
+            first = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(first, "test")
+            second = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(second, "test")
+            now = datetime.now(UTC)
+            live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, now)]
+            for _ in range(100):  # confirmations are recorded in a batch
+                if not hac.store.retired_unconfirmed(now):
+                    break
+                await asyncio.sleep(0.02)
+            return first, second, live, hac.store.retired_unconfirmed(now)
+        finally:
+            await hac.stop()
+
+    first, second, live, pending = run(serving(ha_listener(pki), rec, body, install_withdraws=True))
+    assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, (first.sa.spi,))]
+    assert rec.withdrawn == [] and live == [second.sa.spi] and pending == []
