@@ -354,6 +354,10 @@ class _LiveView:
         # changes: the HoA allocator reads only those (core/hoa_table.py), so
         # a bootstrap never copies or walks the whole table.
         self._hoa_mn = HoATable()
+        # mn_id -> its live SPIs (an int for the usual single SA, a tuple
+        # otherwise: a set per MN would cost ~200 B per live SA).  The
+        # supersede step asks for one MN's SAs on every bootstrap (issue 9).
+        self._by_mn: dict[str, int | tuple[int, ...]] = {}
         self._load(rows)
 
     def _load(self, rows: Iterable[_ViewRow]) -> None:
@@ -363,9 +367,10 @@ class _LiveView:
         list itself, and for each HoA the last row seen is its newest holder.
         """
         rows_d, heap, by_ha = self._rows, self._heap, self._by_ha
-        best_d, add_holder = self._best, self._add_holder
+        best_d, add_holder, mn_add = self._best, self._add_holder, self._mn_add
         for spi, end, mn_id, ha_id, ip6, ip4 in rows:
             rows_d[spi] = (end, mn_id, ha_id, ip6, ip4)
+            mn_add(mn_id, spi)
             heap.append((end, spi))
             by_ha[ha_id] = by_ha.get(ha_id, 0) + 1
             for hoa in (ip6, ip4):
@@ -390,7 +395,10 @@ class _LiveView:
     ) -> None:
         if end <= self.floor:
             return  # already expired for every instant the view answers for
+        if spi in self._rows:
+            self.discard(spi)  # a changed row: never counted twice
         self._rows[spi] = (end, mn_id, ha_id, ip6, ip4)
+        self._mn_add(mn_id, spi)
         heapq.heappush(self._heap, (end, spi))
         self._by_ha[ha_id] = self._by_ha.get(ha_id, 0) + 1
         for hoa in (ip6, ip4):
@@ -407,7 +415,8 @@ class _LiveView:
         row = self._rows.pop(spi, None)
         if row is None:
             return
-        _, _, ha_id, ip6, ip4 = row
+        _, mn_id, ha_id, ip6, ip4 = row
+        self._mn_remove(mn_id, spi)
         n = self._by_ha[ha_id] - 1
         if n:
             self._by_ha[ha_id] = n
@@ -433,6 +442,39 @@ class _LiveView:
                 self._hoa_mn.set(hoa, mn_id)
             if len(holders) == 1:
                 del self._holders[hoa]  # back to a single holder: _best says it all
+
+    def _mn_add(self, mn_id: str, spi: int) -> None:
+        held = self._by_mn.get(mn_id)
+        if held is None:
+            self._by_mn[mn_id] = spi
+        elif isinstance(held, int):
+            self._by_mn[mn_id] = (held, spi)
+        else:
+            self._by_mn[mn_id] = (*held, spi)
+
+    def _mn_remove(self, mn_id: str, spi: int) -> None:
+        held = self._by_mn.get(mn_id)
+        if held is None:
+            return
+        if isinstance(held, int):
+            if held == spi:
+                del self._by_mn[mn_id]
+            return
+        rest = tuple(s for s in held if s != spi)
+        self._by_mn[mn_id] = rest[0] if len(rest) == 1 else rest
+
+    def spis_for_mn(self, mn_id: str) -> list[tuple[int, float, str]]:
+        """``(spi, validity_end, ha_id)`` of the MN's SAs in the view, oldest first."""
+        held = self._by_mn.get(mn_id)
+        if held is None:
+            return []
+        rows = self._rows
+        if isinstance(held, int):
+            row = rows[held]
+            return [(held, row[0], row[2])]
+        out: list[tuple[int, float, str]] = [(s, rows[s][0], rows[s][2]) for s in held]
+        out.sort(key=lambda x: (x[1], x[0]))  # ORDER BY validity_end, spi
+        return out
 
     def advance(self, t: float) -> bool:
         """Drop every SA with ``validity_end <= t``; False if ``t`` is before the floor."""
@@ -884,8 +926,12 @@ class SQLiteSAStore:
         """``(spi, validity_end, ha_id)`` of one MN's live SAs, oldest first.
 
         Optional fast path of ``live_for_mn`` for the HAC's supersede step,
-        which only orders the SAs: no key unwrapping, no address parsing.
+        which only orders the SAs: no key unwrapping, no address parsing, and
+        no SQL when the live view is current (one dict lookup).
         """
+        view = self._live_view(now)
+        if view is not None:
+            return view.spis_for_mn(mn_id)
         return self._conn.execute(
             "SELECT spi, validity_end, ha_id FROM issued_sa WHERE mn_id = ? AND validity_end > ? "
             "ORDER BY validity_end, spi",

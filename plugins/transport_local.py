@@ -46,6 +46,10 @@ class LocalTransport:
     """Fail closed: with no HA of that id running in this process, nothing is
     confirmed (the HAC answers 504 and takes the SA back)."""
 
+    # The HA's install runs to completion inside the call (no I/O, no wait):
+    # the HAC arms no provisioning deadline around it.
+    in_process = True
+
     def _entry(self, ha: HomeAgentInfo) -> tuple[Receiver, Withdrawer]:
         entry = _RECEIVERS.get(ha.ha_id)
         if entry is None:

@@ -646,8 +646,15 @@ class HacService:
         self._issuing_spis.add(spi)
         if on_stored is not None:
             on_stored(issued)
+        # An in-process HA answers before the call returns (no I/O): no
+        # deadline timer to arm and cancel on every bootstrap (issue 9).
+        deadline: Any = (
+            contextlib.nullcontext()
+            if getattr(transport, "in_process", False)
+            else asyncio.timeout(timeout)
+        )
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline:
                 if old and superseding is not None:
                     confirmed = await superseding(ha, issued, old, timeout)
                 else:
