@@ -239,11 +239,26 @@ def _memo(cache: dict[Any, Any], key: object, make: Callable[[], Any]) -> Any:
     return value
 
 
+_text_by_id: dict[int, tuple[object, str]] = {}
+
+
 def _text(value: object | None) -> str | None:
     # str() of an IPv6 address (RFC 5952 compression) is slow and the same few
     # addresses (HA, DNS, home prefix, each MN's HoA) recur in every SA: keep
     # the texts.  Keyed by the value: ipaddress objects compare by version too.
-    return None if value is None else _memo(_text_cache, value, lambda: str(value))
+    # Mostly the very same objects recur (the configuration's): found first
+    # by identity, which skips ipaddress's hash and equality (Python code).
+    # The entry holds the object, so its id cannot be reused while cached.
+    if value is None:
+        return None
+    hit = _text_by_id.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    text: str = _memo(_text_cache, value, lambda: str(value))
+    if len(_text_by_id) >= _CACHE_MAX:
+        _text_by_id.clear()
+    _text_by_id[id(value)] = (value, text)
+    return text
 
 
 def _opt(cls: Callable[[str], _T], value: str | None) -> _T | None:

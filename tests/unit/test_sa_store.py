@@ -536,3 +536,17 @@ def test_restore_puts_a_superseded_sa_back(store: SQLiteSAStore) -> None:
     store.confirm_retired_many([93])
     store.restore(gone)  # confirmed withdrawn: dead for good
     assert store.get(93, T0) is None
+
+
+def test_address_text_memo_by_identity_and_value() -> None:
+    # The memo answers by identity first (the configuration's objects recur),
+    # then by value; the same integer as IPv4 and IPv6 are different texts.
+    a6, a4 = IPv6Address(1), IPv4Address(1)
+    for _ in range(2):
+        assert sa_store_sqlite._text(a6) == "::1"
+        assert sa_store_sqlite._text(a4) == "0.0.0.1"
+        assert sa_store_sqlite._text(IPv6Address("::1")) == "::1"  # equal, not identical
+        assert sa_store_sqlite._text(IPv6Network("2001:db8::/64")) == "2001:db8::/64"
+    assert sa_store_sqlite._text(None) is None
+    held = sa_store_sqlite._text_by_id[id(a6)]
+    assert held[0] is a6  # the entry keeps its object: its id is not reused while cached
