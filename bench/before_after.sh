@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Before/after PSK bootstrap throughput: bench/bootstrap.py of this checkout
+# and of an earlier commit, alternated in the same session so that a change
+# in the machine's speed hits both alike.
+#
+#   bench/before_after.sh BASE_COMMIT [local|tls] [ROUNDS]
+#
+# The earlier commit gets its own worktree and virtual environment under
+# ${BEFORE_AFTER_DIR:-/tmp/mipsec-before}.  With ``local`` both sides run the
+# same deployment, an HA in the HAC's process (deployment model 1): before
+# issue 6, the bench's ``local`` mode ran no HA at all (the ``local``
+# transport confirmed SAs that no HA held -- the fail-open path issue 6
+# removed), so the earlier bench is given the same ``[local_ha]`` tables the
+# current one writes.  Prints each run's rows (MNs | handshake/s |
+# bootstrap/s | ...) and, at the end, the mean PSK bootstraps/s per side.
+set -euo pipefail
+base=${1:?usage: before_after.sh BASE_COMMIT [local|tls] [ROUNDS]}
+mode=${2:-local}
+rounds=${3:-4}
+here=$(cd "$(dirname "$0")/.." && pwd)
+dir=${BEFORE_AFTER_DIR:-/tmp/mipsec-before}
+
+if [[ ! -d $dir/.venv ]]; then
+  git -C "$here" worktree add -f --detach "$dir" "$base" >/dev/null
+  python3 -m venv "$dir/.venv"
+  "$dir/.venv/bin/python" -m pip install -q -e "$dir[test]"
+fi
+git -C "$dir" checkout -q -f "$base"
+if ! grep -q 'local_ha' "$dir/bench/bootstrap.py"; then
+  # The same in-process HA as this checkout's bench (see above).
+  python3 - "$dir/bench/bootstrap.py" <<'EOF'
+import re, sys
+path = sys.argv[1]
+src = open(path).read()
+tables = (
+    '\n[local_ha.ha]\nid = "ha1"\nlisten = ["127.0.0.1"]\nport = 0\n'
+    '\n[local_ha.sa_store]\nbackend = "memory"\n'
+)
+fn = re.search(r"def _local_provisioning\(text: str\) -> str:\n(?:    .*\n|\n)*?    return (.*)\n", src)
+if fn is None:
+    sys.exit("before_after.sh: no _local_provisioning() in the earlier bench")
+src = src[: fn.start(1)] + "(" + fn.group(1) + ") + " + repr(tables) + src[fn.end(1) :]
+open(path, "w").write(src)
+EOF
+fi
+
+extra=()
+if grep -q -- '--psk-only' "$here/bench/bootstrap.py"; then extra=(--psk-only); fi
+rows=$(mktemp)
+trap 'rm -f "$rows"' EXIT
+for i in $(seq "$rounds"); do
+  for side in before after; do
+    if [[ $side == before ]]; then d=$dir; args=(); else d=$here; args=("${extra[@]}"); fi
+    echo "== $side $i"
+    (cd "$d" && .venv/bin/python bench/bootstrap.py --provisioning "$mode" \
+      --concurrency 1,16 --duration 3 "${args[@]}" 2>&1) |
+      grep -E '^ +[0-9]+ \|' | tee /dev/stderr | sed "s/^/$side|/" >>"$rows"
+  done
+done 2>&1
+echo "== mean PSK bootstraps/s ($mode provisioning, $rounds rounds)"
+awk -F'|' '{n=$2+0; k=$1" "n; s[k]+=$4; c[k]++}
+  END {for (k in s) printf "%-10s MNs %3s: %8.1f\n", substr(k,1,index(k," ")-1), substr(k,index(k," ")+1), s[k]/c[k]}' "$rows" | sort -k3n -k1r
