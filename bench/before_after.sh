@@ -26,23 +26,8 @@ if [[ ! -d $dir/.venv ]]; then
   "$dir/.venv/bin/python" -m pip install -q -e "$dir[test]"
 fi
 git -C "$dir" checkout -q -f "$base"
-if ! grep -q 'local_ha' "$dir/bench/bootstrap.py"; then
-  # The same in-process HA as this checkout's bench (see above).
-  python3 - "$dir/bench/bootstrap.py" <<'EOF'
-import re, sys
-path = sys.argv[1]
-src = open(path).read()
-tables = (
-    '\n[local_ha.ha]\nid = "ha1"\nlisten = ["127.0.0.1"]\nport = 0\n'
-    '\n[local_ha.sa_store]\nbackend = "memory"\n'
-)
-fn = re.search(r"def _local_provisioning\(text: str\) -> str:\n(?:    .*\n|\n)*?    return (.*)\n", src)
-if fn is None:
-    sys.exit("before_after.sh: no _local_provisioning() in the earlier bench")
-src = src[: fn.start(1)] + "(" + fn.group(1) + ") + " + repr(tables) + src[fn.end(1) :]
-open(path, "w").write(src)
-EOF
-fi
+# The same in-process HA as this checkout's bench (see above).
+python3 "$here/bench/before_patch.py" "$dir/bench/bootstrap.py"
 
 extra=()
 if grep -q -- '--psk-only' "$here/bench/bootstrap.py"; then extra=(--psk-only); fi
