@@ -27,7 +27,7 @@ if [[ ! -d $dir/.venv ]]; then
 fi
 git -C "$dir" checkout -q -f "$base"
 # The same in-process HA as this checkout's bench (see above).
-python3 "$here/bench/before_patch.py" "$dir/bench/bootstrap.py"
+python3 "$here/bench/tools/before_patch.py" "$dir/bench/bootstrap.py"
 
 extra=()
 if grep -q -- '--psk-only' "$here/bench/bootstrap.py"; then extra=(--psk-only); fi

@@ -1,4 +1,4 @@
-"""bench/before_patch.py: the earlier bench gets exactly the current bench's in-process HA."""
+"""bench/tools/before_patch.py: the earlier bench gets exactly the current bench's in-process HA."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _load(name: str, path: Path) -> ModuleType:
     return mod
 
 
-before_patch = _load("before_patch", ROOT / "bench" / "before_patch.py")
+before_patch = _load("before_patch", ROOT / "bench" / "tools" / "before_patch.py")
 
 # bench/bootstrap.py's _local_provisioning as it was before issue 6 (6012946):
 # no HA in the process.
@@ -80,7 +80,7 @@ def test_patch_refuses_a_bench_without_local_provisioning(tmp_path: Path) -> Non
     f = tmp_path / "bootstrap.py"
     f.write_text("x = 1\n")
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "before_patch.py"), str(f)],
+        [sys.executable, str(ROOT / "bench" / "tools" / "before_patch.py"), str(f)],
         capture_output=True,
         text=True,
         check=False,

@@ -6,7 +6,7 @@ before/after comparison in that mode would set an HAC that installs nothing
 against one that installs every SA in an HA.  This appends the current
 bench's ``[local_ha]`` tables to the earlier ``_local_provisioning()``.
 
-    python bench/before_patch.py PATH/TO/bench/bootstrap.py
+    python bench/tools/before_patch.py PATH/TO/bench/bootstrap.py
 """
 
 from __future__ import annotations
