@@ -126,8 +126,19 @@ CREATE TABLE IF NOT EXISTS issued_sa (
     ip4_hnp        TEXT,
     dns_ip6        TEXT,
     dns_ip4        TEXT,
-    sa_keys        BLOB    NOT NULL    -- plugins/_sa_keys.py
+    sa_keys        BLOB    NOT NULL,   -- plugins/_sa_keys.py
+    pending        REAL                -- see _PENDING
 )"""
+# ``pending``: when an HAC that tracks delivery (``track_delivery``) stored
+# the SA, epoch seconds; NULL once the MN has its 200 (``delivered_many``,
+# batched) and for every SA stored otherwise.  An SA still pending long after
+# any issuing could have finished was stored by an HAC that died before it
+# answered: the MN never got it, so it is taken back (``undelivered``).  Not
+# part of the head: the keys are not bound to it.  Older stores get the
+# column added (NULL: delivered).
+_PENDING_INDEX = (
+    "CREATE INDEX IF NOT EXISTS issued_sa_pending ON issued_sa (pending) WHERE pending IS NOT NULL"
+)
 # SAs taken back before their validity end (superseded, revoked, never
 # delivered).  A row keeps its SPI out of use until the old validity end (an
 # HA may still hold a tombstone for it) and, while ``confirmed`` is 0, tells
@@ -148,9 +159,10 @@ _SCHEMA = (
     _TABLE,
     "CREATE INDEX IF NOT EXISTS issued_sa_validity_end ON issued_sa (validity_end)",
     "CREATE INDEX IF NOT EXISTS issued_sa_mn_id ON issued_sa (mn_id)",
+    _PENDING_INDEX,
     _RETIRED,
 )
-_INDEXES = ("issued_sa_validity_end", "issued_sa_mn_id")
+_INDEXES = ("issued_sa_validity_end", "issued_sa_mn_id", "issued_sa_pending")
 # Change log of issued_sa, written by triggers (so every writer, any version
 # of mipsec with these triggers, any tool, logs its changes): another HAC
 # sharing the file follows it to update its live view in O(changes) instead
@@ -166,7 +178,11 @@ _LOG_SCHEMA = (
     "BEGIN INSERT INTO issued_sa_log (spi) VALUES (NEW.spi); END",
     "CREATE TRIGGER IF NOT EXISTS issued_sa_log_del AFTER DELETE ON issued_sa "
     "BEGIN INSERT INTO issued_sa_log (spi) VALUES (OLD.spi); END",
-    "CREATE TRIGGER IF NOT EXISTS issued_sa_log_upd AFTER UPDATE ON issued_sa "
+    # Only updates of the SA itself: clearing ``pending`` changes nothing a
+    # reader's view holds.  (Stores made before ``pending`` had the trigger
+    # on every column: replaced.)
+    "DROP TRIGGER IF EXISTS issued_sa_log_upd",
+    f"CREATE TRIGGER IF NOT EXISTS issued_sa_log_upd AFTER UPDATE OF {_COLS} ON issued_sa "  # noqa: S608
     "BEGIN INSERT INTO issued_sa_log (spi) VALUES (OLD.spi); "
     "INSERT INTO issued_sa_log (spi) VALUES (NEW.spi); END",
 )
@@ -175,7 +191,7 @@ _CATCH_UP_MAX = 1 << 14  # more changes than this at once: rebuilding is as chea
 # Insert unless the SPI is retired (still reserved): one statement, atomic in
 # autocommit mode; ON CONFLICT keeps a live holder of the SPI.
 _INSERT = (
-    f"INSERT INTO issued_sa ({_COLS}) SELECT {_MARKS} "  # noqa: S608 (constants)
+    f"INSERT INTO issued_sa ({_COLS}, pending) SELECT {_MARKS}, ? "  # noqa: S608 (constants)
     "WHERE NOT EXISTS (SELECT 1 FROM retired_sa WHERE spi = ?) "
     "ON CONFLICT (spi) DO NOTHING"
 )
@@ -553,6 +569,8 @@ class SQLiteSAStore:
         self.path = path
         self.key_file = None if clear_keys or path is None else key_file or default_key_file(path)
         self._clock = clock
+        # Set by the HAC: SAs it stores are pending until ``delivered_many``.
+        self.track_delivery = False
         self._reported: set[int] = set()
         self._view: _LiveView | None = None
         if path is not None:
@@ -636,6 +654,12 @@ class SQLiteSAStore:
         """Create, check or convert the schema; the codec for this store's keys."""
         codec = self._init_tables(clear_keys, check_only)
         self._has_log = False
+        if not check_only:
+            with self._tx() as c:
+                columns = {r[1] for r in c.execute("PRAGMA table_info(issued_sa)")}
+                if "pending" not in columns:  # a store made before ``pending``
+                    c.execute("ALTER TABLE issued_sa ADD COLUMN pending REAL")
+                    c.execute(_PENDING_INDEX)
         if not check_only and self.path is not None:  # a memory store has no other reader
             # Also on stores made before the log existed (no version change:
             # an older mipsec just ignores the table; its triggers keep logging).
@@ -849,10 +873,11 @@ class SQLiteSAStore:
         or the SPI is retired (``retire``) and not yet past its old validity end."""
         spi, head, row = self._sealed_row(issued)
         t = self._now(now)
+        pending = t if self.track_delivery else None
         # Nearly always the SPI is free: one INSERT, atomic on its own (the
         # connection is in autocommit mode), instead of a four-statement
         # transaction.  Only when the SPI is taken is an expired holder cleared.
-        cur = self._conn.execute(_INSERT, (*row, spi))
+        cur = self._conn.execute(_INSERT, (*row, pending, spi))
         if cur.rowcount == 1:
             if self._view is not None:
                 self._view_insert(self._view, head)
@@ -861,7 +886,7 @@ class SQLiteSAStore:
             # An expired SA no longer holds its SPI (PROFILE §5: unique among live SAs).
             cur = c.execute("DELETE FROM issued_sa WHERE spi = ? AND validity_end <= ?", (spi, t))
             deleted = cur.rowcount > 0
-            cur = c.execute(_INSERT, (*row, spi))
+            cur = c.execute(_INSERT, (*row, pending, spi))
             inserted = cur.rowcount == 1
         view = self._view  # updated only once the transaction committed
         if view is not None:
@@ -1034,17 +1059,18 @@ class SQLiteSAStore:
         """
         spi, head, row = self._sealed_row(issued)
         t = self._now(now)
+        pending = t if self.track_delivery else None
         deleted = False
         taken: list[Taken] = []
         try:
             with self._tx() as c:
-                if c.execute(_INSERT, (*row, spi)).rowcount != 1:
+                if c.execute(_INSERT, (*row, pending, spi)).rowcount != 1:
                     # An expired SA no longer holds its SPI (PROFILE §5).
                     cur = c.execute(
                         "DELETE FROM issued_sa WHERE spi = ? AND validity_end <= ?", (spi, t)
                     )
                     deleted = cur.rowcount > 0
-                    if c.execute(_INSERT, (*row, spi)).rowcount != 1:
+                    if c.execute(_INSERT, (*row, pending, spi)).rowcount != 1:
                         raise _NotAdded
                 for old in supersede:
                     r = c.execute(
@@ -1080,7 +1106,7 @@ class SQLiteSAStore:
             for x in taken:
                 c.execute("DELETE FROM retired_sa WHERE spi = ? AND confirmed = 0", (x.spi,))
                 # Guarded like add: an SPI whose withdrawal was confirmed stays dead.
-                if c.execute(_INSERT, (*x.row, x.spi)).rowcount == 1:
+                if c.execute(_INSERT, (*x.row, None, x.spi)).rowcount == 1:
                     back.append(x)
         view = self._view
         if view is not None:
@@ -1089,14 +1115,35 @@ class SQLiteSAStore:
 
     def confirm_retired_many(self, spis: Iterable[int]) -> None:
         """``confirm_retired`` of many SPIs in one statement (one commit)."""
+        self._update_spis("UPDATE retired_sa SET confirmed = 1", spis)
+
+    def _update_spis(self, update: str, spis: Iterable[int]) -> None:
+        """``update WHERE spi IN (...)``, 500 SPIs per statement (SQLite's
+        bound-parameter limit); ``update`` is one of this module's constants."""
         spis = list(spis)
-        for i in range(0, len(spis), 500):  # SQLite's bound-parameter limit
+        for i in range(0, len(spis), 500):
             part = spis[i : i + 500]
             marks = ", ".join("?" for _ in part)
-            self._conn.execute(
-                f"UPDATE retired_sa SET confirmed = 1 WHERE spi IN ({marks})",  # noqa: S608
-                part,
-            )
+            self._conn.execute(f"{update} WHERE spi IN ({marks})", part)
+
+    def delivered_many(self, spis: Iterable[int]) -> None:
+        """The MNs got their 200s: these SAs are no longer pending (``track_delivery``).
+
+        Batched by the HAC; a batch lost in a crash makes those SAs look
+        undelivered, so they are withdrawn -- the safe side: their MNs
+        bootstrap again, and no SA stays live that its MN may not hold.
+        """
+        self._update_spis("UPDATE issued_sa SET pending = NULL", spis)
+
+    def undelivered(self, stored_before: datetime) -> list[int]:
+        """SPIs of SAs stored (with ``track_delivery``) before ``stored_before``
+        and never marked delivered: their HAC stopped between the store write
+        and the 200.  Any HAC sharing the store may take them back."""
+        rows = self._conn.execute(
+            "SELECT spi FROM issued_sa WHERE pending IS NOT NULL AND pending < ? ORDER BY spi",
+            (_timestamp(stored_before, "stored_before"),),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
 
     def retired_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
         """``(spi, mn_id, ha_id, validity_end)`` of retired SAs whose HA has not

@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,17 @@ class HacService:
         self._withdrawing: set[int] = set()  # SPIs with a withdrawal task running
         self._issuing_spis: set[int] = set()  # SAs stored but not yet delivered (200)
         self._to_confirm: set[int] = set()  # withdrawals the HA confirmed, to record
+        self._to_mark_delivered: set[int] = set()  # 200s sent, to record (same batch)
         self._confirm_timer: asyncio.TimerHandle | None = None
+        # SAs are "pending" in the store until their 200 has left (optional
+        # store methods; the SQLite and memory stores have them): a crash
+        # between the store write and the 200 cannot leave one live.
+        self._tracks_delivery = all(
+            hasattr(self.store, m) for m in ("track_delivery", "delivered_many", "undelivered")
+        )
+        if self._tracks_delivery:
+            self.store.track_delivery = True  # type: ignore[attr-defined]
+        self._sweep_timer: asyncio.TimerHandle | None = None
         # spi -> delivery order in this process: "older" among SAs whose
         # validity ends fall in the same second (max_sas_per_mn).
         self._delivered: dict[int, int] = {}
@@ -278,6 +288,12 @@ class HacService:
         # Withdrawals a previous run did not see confirmed: keep at them.
         for spi, _mn_id, ha_id, end in self.store.retired_unconfirmed(utcnow()):
             self._schedule_withdraw(ha_id, spi, end)
+        # SAs a previous run stored but may not have answered with: taken
+        # back once no HAC can still be issuing them (also every expiry run).
+        if self._tracks_delivery:
+            self._sweep_timer = asyncio.get_running_loop().call_later(
+                self._issuing_bound(), self._sweep_now
+            )
         warm_hac_views(self.store, self.allocator)  # core/startup_heap.py (issue 9)
         freeze_heap("HAC")
         for host, p in self.addresses:
@@ -326,6 +342,8 @@ class HacService:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._confirm_timer is not None:
             self._confirm_timer.cancel()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
         self._confirm_now()  # before the store closes
         if self._listener is not None:
             await self._listener.aclose()
@@ -445,6 +463,9 @@ class HacService:
         """
         sa = issued.sa
         self._issuing_spis.discard(sa.spi)
+        if self._tracks_delivery:
+            self._to_mark_delivered.add(sa.spi)
+            self._batch_soon()
         self.emit(
             "mipsec_sa_issued",
             spi=sa.spi,
@@ -517,7 +538,7 @@ class HacService:
             return False
         sa = issued.sa
         self.stats["withdrawn"] += 1
-        if reason != "provisioning-failed":  # the MN never held it: nothing to account
+        if reason not in ("provisioning-failed", "undelivered"):  # the MN never held it
             self.emit(
                 "mipsec_sa_withdrawn", spi=sa.spi, mn_id=sa.mn_id, ha_id=sa.ha_id, reason=reason
             )
@@ -717,12 +738,22 @@ class HacService:
         # batch in a crash only makes the next run withdraw those SPIs again,
         # which the HA confirms at once (a withdrawal is idempotent).
         self._to_confirm.add(spi)
+        self._batch_soon()
+
+    def _batch_soon(self) -> None:
         if self._confirm_timer is None:
             loop = asyncio.get_running_loop()
             self._confirm_timer = loop.call_later(CONFIRM_BATCH_S, self._confirm_now)
 
     def _confirm_now(self) -> None:
+        """Write the batch: confirmed withdrawals, and SAs whose 200 left."""
         self._confirm_timer = None
+        delivered, self._to_mark_delivered = self._to_mark_delivered, set()
+        if delivered:
+            try:
+                self.store.delivered_many(sorted(delivered))  # type: ignore[attr-defined]
+            except Exception as exc:  # they are taken back later: the safe side
+                log.error("cannot record %d delivered SAs: %s", len(delivered), type(exc).__name__)
         spis, self._to_confirm = self._to_confirm, set()
         if not spis:
             return
@@ -773,7 +804,43 @@ class HacService:
             except Exception as exc:  # a failing store must not end expiry for good
                 log.error("expiry run failed: %s", type(exc).__name__)
 
+    def _issuing_bound(self) -> float:
+        """Seconds after which no HAC still issues an SA it stored: the
+        provisioning deadline, the batch that records delivery, and slack."""
+        return self.cfg.hac.provisioning_timeout + 2 * CONFIRM_BATCH_S + 2.0
+
+    def _sweep_now(self) -> None:
+        self._sweep_timer = None
+        try:
+            self.sweep_undelivered()
+        except Exception as exc:  # the expiry loop tries again
+            log.error("sweep of undelivered SAs failed: %s", type(exc).__name__)
+
+    def sweep_undelivered(self) -> int:
+        """Take back SAs stored but never answered with (issue 6: nothing stays
+        live that the MN was not told of): an HAC -- this one before a crash,
+        or another sharing the store -- stopped between its store write and
+        its 200.  The MN bootstraps again; the HA is told to forget the SA."""
+        if not self._tracks_delivery:
+            return 0
+        cutoff = utcnow() - timedelta(seconds=self._issuing_bound())
+        spis = [
+            s
+            for s in self.store.undelivered(cutoff)  # type: ignore[attr-defined]
+            if s not in self._issuing_spis
+        ]
+        taken = [s for s in spis if self.retire(s, "undelivered")]
+        if taken:
+            log.info(
+                "%d SA(s) stored but never answered with (an HAC stopped before its 200): "
+                "withdrawn spi=%s",
+                len(taken),
+                ",".join(str(s) for s in taken[:20]) + (",..." if len(taken) > 20 else ""),
+            )
+        return len(taken)
+
     def expire_now(self) -> int:
+        self.sweep_undelivered()
         expired = self.store.expire(utcnow())
         for issued in expired:
             sa = issued.sa
@@ -794,8 +861,6 @@ def hac_policy(cfg: HACConfig) -> HacPolicy:
 
 
 def _retry_after(seconds: int = 30) -> datetime:
-    from datetime import timedelta
-
     return (utcnow() + timedelta(seconds=seconds)).replace(microsecond=0)
 
 

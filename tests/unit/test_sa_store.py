@@ -550,3 +550,81 @@ def test_address_text_memo_by_identity_and_value() -> None:
     assert sa_store_sqlite._text(None) is None
     held = sa_store_sqlite._text_by_id[id(a6)]
     assert held[0] is a6  # the entry keeps its object: its id is not reused while cached
+
+
+# ------------------------------------------------ delivery (issue 6, HAC crash)
+
+
+def test_sas_stored_by_a_tracking_hac_are_pending_until_delivered(store: SQLiteSAStore) -> None:
+    later = T0 + timedelta(seconds=1)
+    store.add(issued(101, mn_id="a@x"), T0)  # not tracking: never pending
+    assert store.undelivered(later) == []
+    store.track_delivery = True
+    store.add(issued(102, mn_id="b@x"), T0)
+    taken = store.add_superseding(issued(103, mn_id="a@x"), [101], "superseded", T0)
+    assert taken is not None
+    # Stored at T0: pending from T0 on, listed once the cutoff is past it.
+    assert store.undelivered(T0) == []
+    assert store.undelivered(later) == [102, 103]
+    store.delivered_many([103, 999])  # an SPI no longer held is ignored
+    assert store.undelivered(later) == [102]
+    # A restored SA was delivered long ago: never pending.
+    store.remove(103)
+    store.restore(taken)
+    assert store.undelivered(later) == [102]
+    store.retire(102, "undelivered")
+    assert store.undelivered(later) == []
+    with pytest.raises(LocalProtocolError, match="stored_before"):
+        store.undelivered(datetime(2030, 1, 1))  # noqa: DTZ001 (naive on purpose)
+
+
+def test_delivery_marks_are_not_changes_a_sharing_hac_reads(tmp_path: Path) -> None:
+    """Clearing ``pending`` is invisible to the change log (other HACs'
+    views follow it), and another HAC's view stays right."""
+    a, b = SQLiteSAStore(tmp_path / "sa.db"), SQLiteSAStore(tmp_path / "sa.db")
+    try:
+        a.track_delivery = True
+        a.add(issued(111, mn_id="a@x"), T0)
+        assert b.count_by_ha(T0) == {"ha1": 1}
+        log_rows = a._conn.execute("SELECT count(*) FROM issued_sa_log").fetchone()[0]
+        a.delivered_many([111])
+        assert a._conn.execute("SELECT count(*) FROM issued_sa_log").fetchone()[0] == log_rows
+        assert b.undelivered(T0 + timedelta(seconds=1)) == []
+        assert b.count_by_ha(T0) == {"ha1": 1}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_store_made_before_pending_gets_the_column_and_the_narrower_trigger(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sa.db"
+    SQLiteSAStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "DROP INDEX issued_sa_pending; ALTER TABLE issued_sa DROP COLUMN pending;"
+        "DROP TRIGGER issued_sa_log_upd;"
+        "CREATE TRIGGER issued_sa_log_upd AFTER UPDATE ON issued_sa "
+        "BEGIN INSERT INTO issued_sa_log (spi) VALUES (OLD.spi); END;"
+    )
+    conn.execute(
+        "INSERT INTO issued_sa (spi, mn_id, suite, scope, validity_end, ha_id, port, sa_keys) "
+        "VALUES (5, 'old@x', 1, 1, 0, 'ha1', 1, x'00')"
+    )
+    conn.commit()
+    conn.close()
+    s = SQLiteSAStore(path)
+    try:
+        cols = {r[1] for r in s._conn.execute("PRAGMA table_info(issued_sa)")}
+        assert "pending" in cols
+        assert s._conn.execute("SELECT pending FROM issued_sa WHERE spi = 5").fetchone() == (None,)
+        trig = s._conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'issued_sa_log_upd'"
+        ).fetchone()[0]
+        assert "UPDATE OF spi," in trig
+        s.track_delivery = True
+        s.add(issued(6), T0)
+        assert s.undelivered(T0 + timedelta(seconds=1)) == [6]
+    finally:
+        s.close()
