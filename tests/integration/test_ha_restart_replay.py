@@ -49,6 +49,7 @@ class HaProcess:
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
+        self.launcher = list(LAUNCHER)  # tests/integration/crashpoint.py may stand in
         self.port = int(lab.info["ha"]["port"])
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
@@ -59,7 +60,7 @@ class HaProcess:
         self.log = self.lab.dir / f"ha-run{self.runs}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [*LAUNCHER, "--role", "ha", "--config", self.lab.info["ha"]["config"]],
+                [*self.launcher, "--role", "ha", "--config", self.lab.info["ha"]["config"]],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
