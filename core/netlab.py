@@ -428,6 +428,8 @@ class NetLab:
                 summary = line.strip()
             elif line.startswith("rtt"):
                 summary += "; " + line.strip()
+        if not summary:  # ping never sent: say why (bind, route, namespace)
+            summary = f"ping exited {out.returncode}: {out.stderr.strip() or out.stdout.strip()}"
         return received, summary
 
     def tcp_transfer(

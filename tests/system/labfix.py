@@ -55,7 +55,10 @@ class RunningLab:
         line = self.lab.wait_log(name, '"status"', 60)
         result = json.loads(line)
         assert result["ok"], result
-        self.lab.wait_log(name, "data plane on", 30)
+        # "data plane on TUN: home addresses ..." (not "... not attached").
+        self.lab.wait_log(name, ": home addresses", 30)
+        log = self.lab.log(name)
+        assert "not attached" not in log, log
         return Mn(name, result)
 
     def stop_mn(self, mn: Mn) -> str:
