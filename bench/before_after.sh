@@ -39,9 +39,9 @@ for i in $(seq "$rounds"); do
     echo "== $side $i"
     (cd "$d" && .venv/bin/python bench/bootstrap.py --provisioning "$mode" \
       --concurrency 1,16 --duration 3 "${args[@]}" 2>&1) |
-      grep -E '^ +[0-9]+ \|' | tee /dev/stderr | sed "s/^/$side|/" >>"$rows"
+      grep -E '^ +[0-9]+ \|' | sed "s/^/$side|/" | tee -a "$rows"
   done
-done 2>&1
+done
 echo "== mean PSK bootstraps/s ($mode provisioning, $rounds rounds)"
 awk -F'|' '{n=$2+0; k=$1" "n; s[k]+=$4; c[k]++}
   END {for (k in s) printf "%-10s MNs %3s: %8.1f\n", substr(k,1,index(k," ")-1), substr(k,index(k," ")+1), s[k]/c[k]}' "$rows" | sort -k3n -k1r
