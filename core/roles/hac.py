@@ -811,9 +811,12 @@ class HacService:
 
     def _sweep_now(self) -> None:
         self._sweep_timer = None
+        self._sweep_safely()
+
+    def _sweep_safely(self) -> None:
         try:
             self.sweep_undelivered()
-        except Exception as exc:  # the expiry loop tries again
+        except Exception as exc:  # the next expiry run tries again
             log.error("sweep of undelivered SAs failed: %s", type(exc).__name__)
 
     def sweep_undelivered(self) -> int:
@@ -840,7 +843,7 @@ class HacService:
         return len(taken)
 
     def expire_now(self) -> int:
-        self.sweep_undelivered()
+        self._sweep_safely()  # a failing sweep must not skip the expiry
         expired = self.store.expire(utcnow())
         for issued in expired:
             sa = issued.sa
