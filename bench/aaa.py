@@ -39,6 +39,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from mipsec.core.labsetup import port_open
+
 REPO = Path(__file__).resolve().parents[1]
 LAB = REPO.parent / "shared" / "aaa-lab"
 KI, OPC, AMF, SQN = (
@@ -82,11 +84,9 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        if port_open("127.0.0.1", port):  # never a connection to itself
+            return
+        time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on {port}")
 
 

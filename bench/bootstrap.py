@@ -66,6 +66,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mipsec.core.authmethod import PeerMethodContext, PeerMethodFactory
 from mipsec.core.hookspecs import PluginContext
+from mipsec.core.labsetup import port_open
 from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
 from mipsec.core.tls import (
     check_hac_certificate,
@@ -339,13 +340,9 @@ async def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"HA exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            _, writer = await asyncio.open_connection(HOST, port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
+        if port_open(HOST, port, 0.2):  # never a connection to itself
+            return
+        await asyncio.sleep(0.05)
     raise RuntimeError(f"HA not listening on port {port} after {READY_TIMEOUT:.0f} s")
 
 

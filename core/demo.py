@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from mipsec.core.labsetup import free_port, init_lab
+from mipsec.core.labsetup import free_port, init_lab, port_open
 
 
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[str]) -> bool:
@@ -20,11 +19,9 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.1)
+        if port_open(host, port):
+            return True
+        time.sleep(0.1)
     return False
 
 

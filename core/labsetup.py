@@ -165,6 +165,29 @@ sqn_file = "usim.sqn"          # one USIM: shared by mn-aka.toml and mn-aka-prim
 {extra if method == "aka-prime" else ""}"""
 
 
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """A TCP connection to ``host``/``port`` succeeds now (readiness polling).
+
+    The lab's ports come from the ephemeral range (``free_port``), so a
+    connect while nothing listens yet may draw ``port`` itself as its source
+    port and connect to itself (TCP simultaneous open): that "success" would
+    also hold the port the role is about to bind, which then fails with
+    "Address already in use".  The source port is bound first and is never
+    ``port``.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.bind((host, 0))
+            if s.getsockname()[1] == port:
+                return False
+            s.connect((host, port))
+    except OSError:
+        return False
+    return True
+
+
 def free_port() -> int:
     """A port free for both TCP and UDP (the HA uses one number for both)."""
     for _ in range(50):

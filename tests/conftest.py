@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from aaalab import aaa_lab  # noqa: F401  (the real AAA lab, a session fixture: tests/aaalab.py)
 
+from mipsec.core.labsetup import port_open
+
 LAUNCHER = [sys.executable, "-m", "mipsec.core.cli"]
 
 
@@ -76,11 +78,9 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20) -> No
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited: {proc.communicate()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        if port_open("127.0.0.1", port):
+            return
+        time.sleep(0.05)
     raise RuntimeError("port never opened")
 
 
