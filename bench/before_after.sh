@@ -42,6 +42,24 @@ for i in $(seq "$rounds"); do
       grep -E '^ +[0-9]+ \|' | sed "s/^/$side|/" | tee -a "$rows"
   done
 done
-echo "== mean PSK bootstraps/s ($mode provisioning, $rounds rounds)"
-awk -F'|' '{n=$2+0; k=$1" "n; s[k]+=$4; c[k]++}
-  END {for (k in s) printf "%-10s MNs %3s: %8.1f\n", substr(k,1,index(k," ")-1), substr(k,index(k," ")+1), s[k]/c[k]}' "$rows" | sort -k3n -k1r
+echo "== PSK bootstraps ($mode provisioning, $rounds rounds): per side and MN count"
+# Throughput is the budget's figure; CPU per bootstrap (server = HAC, + HA
+# with tls; from /proc in the bench) moves far less with the machine's
+# speed, so it tells a real cost change from noise.
+python3 - "$rows" <<'PY'
+import re, statistics, sys
+acc = {}
+for line in open(sys.argv[1]):
+    side, _, rest = line.partition("|")
+    cols = rest.split("|")
+    cpu = re.findall(r"(\d+) / +(\d+)", rest)
+    a = acc.setdefault((int(cols[0]), side), ([], [], []))
+    a[0].append(float(cols[2]))
+    if len(cpu) >= 2:
+        a[1].append(int(cpu[0][1]))
+        a[2].append(int(cpu[1][1]))
+print(" MNs | side   | mean /s | median /s | server CPU µs/op | client CPU µs/op")
+for (mns, side), (rate, srv, cli) in sorted(acc.items(), key=lambda kv: (kv[0][0], kv[0][1] != "before")):
+    print(f" {mns:3d} | {side:6s} | {statistics.mean(rate):7.1f} | {statistics.median(rate):9.1f} "
+          f"| {statistics.mean(srv) if srv else float('nan'):16.0f} | {statistics.mean(cli) if cli else float('nan'):16.0f}")
+PY
