@@ -205,6 +205,9 @@ _V1_COLS = (
 _T = TypeVar("_T")
 
 
+_DISCARD_ONE = "DELETE FROM issued_sa WHERE spi = ?"
+
+
 class Taken(NamedTuple):
     """An SA ``add_superseding`` retired: what the HAC needs to withdraw it,
     and the stored row itself, for ``restore``."""
@@ -957,10 +960,34 @@ class SQLiteSAStore:
         keys): not part of the ``SAStore`` protocol, callers fall back to
         ``remove``.
         """
-        cur = self._conn.execute("DELETE FROM issued_sa WHERE spi = ?", (spi,))
+        cur = self._conn.execute(_DISCARD_ONE, (spi,))
         if cur.rowcount and self._view is not None:
             self._view.discard(spi)
         return cur.rowcount > 0
+
+    def discard_many(self, spis: Iterable[int]) -> int:
+        """``discard`` of many SPIs in one transaction (one commit): how many
+        rows held one.  Optional fast path, like ``discard``."""
+        spis = list(spis)
+        if not spis:
+            return 0
+        if len(spis) == 1:  # the common case: one statement, its own commit
+            gone = self._conn.execute(_DISCARD_ONE, spis).rowcount
+        else:
+            with self._tx() as c:
+                gone = 0
+                for i in range(0, len(spis), 500):  # SQLite's bound-parameter limit
+                    part = spis[i : i + 500]
+                    marks = ", ".join("?" for _ in part)
+                    gone += c.execute(
+                        f"DELETE FROM issued_sa WHERE spi IN ({marks})",  # noqa: S608
+                        part,
+                    ).rowcount
+        view = self._view  # updated only once the transaction committed
+        if view is not None:
+            for spi in spis:
+                view.discard(spi)
+        return gone
 
     def live_spis_for_mn(self, mn_id: str, now: datetime) -> list[tuple[int, float, str]]:
         """``(spi, validity_end, ha_id)`` of one MN's live SAs, oldest first.

@@ -254,6 +254,7 @@ class HaService:
         # Replies and data waiting for the burst's commit (burst_done).
         self._held: list[tuple[asyncio.DatagramTransport, Reply | DataIn]] = []
         self._store_failing = False
+        self._to_discard: list[int] = []  # withdrawn, out of the store soon (_withdrawn)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -379,6 +380,7 @@ class HaService:
         # Exact data marks: a clean restart loses no data packet (ha_core).
         self.core.settle()
         self.bindings.close()  # flushes what is pending
+        self._discard_now()
         self.store.close()
         if self._started:
             st = self.core.stats()
@@ -660,12 +662,18 @@ class HaService:
         return known or held is not None
 
     def _withdrawn(self, spi: int, known: bool) -> None:
-        """After the flush: the store forgets the SA; log and hook."""
-        discard = getattr(self.store, "discard", None)
-        if discard is not None:
-            discard(spi)
-        else:
-            self.store.remove(spi)
+        """After the flush: the store forgets the SA (soon); log and hook.
+
+        The store's delete waits for the end of this turn of the event loop,
+        after the answer to the HAC has left, and is written for every SA
+        withdrawn meanwhile in one transaction (issue 9: no commit on the
+        critical path that safety does not need).  Safe to lose in a crash:
+        the withdrawal record is durable already (the flush before this call),
+        so a restart finds the row withdrawn and removes it (``start``).
+        """
+        self._to_discard.append(spi)
+        if len(self._to_discard) == 1:
+            asyncio.get_running_loop().call_soon(self._discard_now)
         # DEBUG: a superseded SA is withdrawn on every re-bootstrap, and the
         # HAC logs each withdrawal with its reason (issue 9: one INFO line per
         # bootstrap); an SPI this HA never held is worth a line.
@@ -674,6 +682,23 @@ class HaService:
         else:
             log.info("SA withdrawn spi=%d (unknown here)", spi)
         self.emit("mipsec_ha_sa_withdrawn", spi=spi)
+
+    def _discard_now(self) -> None:
+        """The store forgets the SAs withdrawn since the last call (see ``_withdrawn``)."""
+        spis, self._to_discard = self._to_discard, []
+        if not spis:
+            return
+        try:
+            many = getattr(self.store, "discard_many", None)
+            if many is not None:
+                many(spis)
+            else:
+                for spi in spis:
+                    self.store.remove(spi)
+        except Exception as exc:  # withdrawn already (durable record): removed at the next start
+            log.warning(
+                "cannot remove %d withdrawn SAs from the store: %s", len(spis), type(exc).__name__
+            )
 
     # ------------------------------------------------------------ timers
 

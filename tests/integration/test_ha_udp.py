@@ -266,6 +266,8 @@ def test_local_transport_and_withdraw(tmp_path: Path) -> None:
         await LocalTransport().withdraw(ha, issued.sa.spi, 1.0)
         assert not svc.core.has_spi(issued.sa.spi)
         assert svc.core.binding(str(HOA)) is None
+        # The store forgets it after the answer, in the same turn of the loop.
+        await asyncio.sleep(0)
         assert svc.store.get(issued.sa.spi, datetime.now(UTC)) is None
         await mn.send(mn.bu(2), addrs[0])
         assert await mn.nothing()
@@ -501,3 +503,39 @@ def test_cli_runs_the_ha_role(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert (tmp_path / "bindings.sqlite").exists() and (tmp_path / "sa.sqlite").exists()
+
+
+def test_withdrawn_row_left_in_the_store_is_dead_after_a_restart(tmp_path: Path) -> None:
+    """The store's delete of a withdrawn SA runs after the HA's answer (issue 9):
+    a crash in between leaves the row, and the next start drops it, never
+    installs it -- the withdrawal record was durable before the answer."""
+    cfg = ha_config(tmp_path)
+    issued = make_issued()
+    ha = HomeAgentInfo("ha1", HAA)
+
+    async def first() -> None:
+        svc = HaService(cfg)
+        await svc.start()
+        await LocalTransport().provision(ha, issued, 1.0)
+        await LocalTransport().withdraw(ha, issued.sa.spi, 1.0)
+        # The crash: the delete never runs (the loop's next turn never comes).
+        svc._to_discard.clear()
+        assert svc.store.get(issued.sa.spi, datetime.now(UTC)) is not None
+        await svc.stop()
+
+    async def second() -> None:
+        svc = HaService(cfg)
+        addrs = await svc.start()
+        try:
+            assert not svc.core.has_spi(issued.sa.spi)
+            assert svc.store.get(issued.sa.spi, datetime.now(UTC)) is None
+            mn = MN(issued)
+            await mn.send(mn.bu(1), addrs[0])
+            assert await mn.nothing()
+            with pytest.raises(ValueError, match="withdrawn"):
+                await LocalTransport().provision(ha, issued, 1.0)
+        finally:
+            await svc.stop()
+
+    run(first())
+    run(second())

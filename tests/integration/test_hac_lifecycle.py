@@ -231,6 +231,8 @@ def test_ha_install_carrying_prov_withdraw_kills_the_older_sa_for_good() -> None
             now = datetime.now(UTC)
             assert ha.core.spis() == [new.sa.spi]
             assert ha.core.is_withdrawn(old)
+            # The store's delete follows the answer, in the same turn of the loop.
+            await asyncio.sleep(0)
             assert ha.store.get(old.sa.spi, now) is None
             assert ha.store.get(new.sa.spi, now) is not None
             # The withdrawn SA cannot come back, and its refused install

@@ -466,6 +466,18 @@ def test_discard_is_remove_without_reading_back(store: SQLiteSAStore) -> None:
     assert store.add(issued(41), T0)  # not retired: the SPI is free again
 
 
+def test_discard_many_is_one_delete_for_many_spis(store: SQLiteSAStore) -> None:
+    for spi in (41, 42, 43):
+        store.add(issued(spi, mn_id=f"m{spi}@x", hoa6=f"2001:db8:1::{spi}"), T0)
+    assert len(store.hoas_in_use(T0)) == 3  # the live view is built
+    # 44 was never stored; a long list crosses the 500-parameter statement limit.
+    assert store.discard_many([41, 43, 44, *range(1000, 1700)]) == 2
+    assert store.get(41, T0) is None and store.get(43, T0) is None
+    assert store.get(42, T0) is not None
+    assert store.hoas_in_use(T0) == {"2001:db8:1::42": "m42@x"}
+    assert store.discard_many([]) == 0
+
+
 def test_operator_listing_reads_columns_not_keys(store: SQLiteSAStore) -> None:
     """``mipsec sas``/``status`` at 100k SAs must not unwrap 100k keys: the
     listing and the counts come from the columns, and give what ``live`` gives."""
