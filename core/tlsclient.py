@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from mipsec.core.tls import set_nodelay
@@ -49,6 +50,10 @@ class TlsClient(asyncio.Protocol):
         self._plain = bytearray()
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        # Called (instead of waking a reader) whenever plaintext, EOF or an
+        # error arrives: a caller that takes what is there with ``take``
+        # rather than awaiting ``read`` (the pipelined provisioning client).
+        self.on_event: Callable[[], None] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
@@ -110,18 +115,30 @@ class TlsClient(asyncio.Protocol):
         self.tls.write(data)
         self._flush()
 
+    @property
+    def buffered(self) -> bool:
+        """Plaintext is waiting to be taken."""
+        return bool(self._plain)
+
+    def take(self) -> bytes:
+        """The plaintext received so far, without waiting (``b""``: none yet;
+        then see ``eof`` and ``error``)."""
+        if not self._plain:
+            return b""
+        data = bytes(self._plain)
+        self._plain.clear()
+        if self._in.pending:
+            self._pump()  # records held back while the buffer was full
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
     async def read(self) -> bytes:
         """The plaintext received so far (waiting for some); ``b""`` at EOF."""
         while True:
             if self._plain:
-                data = bytes(self._plain)
-                self._plain.clear()
-                if self._in.pending:
-                    self._pump()  # records held back while the buffer was full
-                if self._paused and self.transport is not None:
-                    self._paused = False
-                    self.transport.resume_reading()
-                return data
+                return self.take()
             if self.error is not None:
                 raise self.error
             if self.eof:
@@ -220,3 +237,5 @@ class TlsClient(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+        elif self.on_event is not None and self.handshaken:
+            self.on_event()

@@ -17,6 +17,12 @@ Options (the ``options`` table of an ``[[ha]]`` entry)::
     cert        = "hac-client.pem"   # the HAC's client certificate ...
     key         = "hac-client.key"   # ... and its key
     timeout     = 5                  # seconds; the HAC's provisioning_timeout also bounds it
+    pipeline    = 16                 # requests in flight per connection; 1 = lockstep
+
+Requests are pipelined (issue 9): written on a kept connection while earlier
+ones still wait for their answers, which the HA gives in order.  An HA
+implementation that reads one request at a time still works (TCP holds the
+next one); ``pipeline = 1`` is for one that cannot.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from mipsec.core.provisioning import (
     encode_install,
     encode_withdraw,
 )
-from mipsec.core.roles.provserver import ProvisioningClient, client_context
+from mipsec.core.roles.provserver import PIPELINE, ProvisioningClient, client_context
 from mipsec.core.secretfiles import InsecureFileError, check_private
 from mipsec.plugins._options import parse_options, resolve_path
 
@@ -53,6 +59,7 @@ class _Options(BaseModel):
     cert: str = Field(min_length=1)
     key: str = Field(min_length=1)
     timeout: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    pipeline: Annotated[int, Field(ge=1, le=128)] = PIPELINE
 
 
 class TlsTransport:
@@ -120,7 +127,11 @@ class TlsTransportFactory:
             key = "ca" if str(exc).startswith(str(paths["ca"])) else "cert"
             raise ValueError(f"{key}: {exc}") from None
         client = ProvisioningClient(
-            opts.host, opts.port, server_name=opts.server_name, ssl_context=ssl_context
+            opts.host,
+            opts.port,
+            server_name=opts.server_name,
+            ssl_context=ssl_context,
+            pipeline=opts.pipeline,
         )
         return TlsTransport(client, opts.timeout)
 

@@ -84,6 +84,8 @@ READ_CHUNK = HEADER_LEN + MAX_CONTENT  # one maximal container
 # free one.  Measured on loopback: lockstep on a kept connection ~0.4 ms per
 # install, a fresh TLS connection per install ~3.4 ms.
 MAX_CONNECTIONS = 8
+# Requests in flight on one connection at most (pipelined, answered in order).
+PIPELINE = 16
 
 # (issued, ha_id), and with ``install_withdraws`` a third argument: the SPIs
 # of the request's prov-withdraw (core/provisioning.py), if it has any.
@@ -95,6 +97,7 @@ StrPath = str | os.PathLike[str]
 
 __all__ = [
     "MAX_CONNECTIONS",
+    "PIPELINE",
     "ProvisioningClient",
     "ProvisioningServer",
     "check_client_names",
@@ -389,50 +392,116 @@ def _malformed() -> bytes:
 
 
 class _Connection:
-    """One client TLS connection: lockstep exchanges, Identifier 1, 2, 3, ..."""
+    """One client TLS connection: pipelined exchanges, Identifier 1, 2, 3, ...
+
+    Requests are written as they come, without waiting for the answers to
+    earlier ones (up to the client's ``pipeline`` depth); the server answers
+    them in order (``_ProvSession``), each response carrying its request's
+    Identifier, so the n-th response received belongs to the n-th request
+    sent.  Responses are taken as they arrive (``TlsClient.on_event``), each
+    completing its request's future: no reader task, one wake-up per answer.
+    """
 
     def __init__(self, tls: TlsClient) -> None:
         self.tls = tls
         self.ids = IdentifierSequence()
         self.decoder = ContainerDecoder()
         self.loop = asyncio.get_running_loop()
+        self.waiting: deque[tuple[int, asyncio.Future[bytes]]] = deque()
+        self.failed = False
+        self.on_change: Callable[[], None] | None = None  # a request finished, or this failed
+        self._busy = False
+        self._again = False
+        tls.on_event = self._on_event
 
-    def reusable(self) -> bool:
+    def accepting(self) -> bool:
+        """Can carry one more request (room in the pipeline aside)."""
         return (
-            self.loop is asyncio.get_running_loop()  # a transport is bound to its loop
+            not self.failed
+            and self.loop is asyncio.get_running_loop()  # a transport is bound to its loop
             and self.ids.last < IDENTIFIER_MAX
             and self.tls.open
         )
 
-    async def exchange(self, content: bytes) -> bytes:
+    def submit(self, content: bytes) -> asyncio.Future[bytes]:
+        """Send one request; the future gets its response's content."""
         identifier = self.ids.next_identifier()
-        self.tls.write(encode_container(identifier, content))
-        while True:
-            data = await self.tls.read()
-            if not data:
-                self.decoder.eof()  # TruncatedError if it ended inside a container
+        fut: asyncio.Future[bytes] = self.loop.create_future()
+        self.waiting.append((identifier, fut))
+        try:
+            self.tls.write(encode_container(identifier, content))
+        except BaseException as exc:
+            self.fail(exc)
+        return fut
+
+    def _on_event(self) -> None:
+        # take() may pump records held back, which calls back here: loop
+        # instead of recursing.
+        if self._busy:
+            self._again = True
+            return
+        self._busy = True
+        try:
+            self._again = True
+            while self._again and not self.failed:
+                self._again = False
+                self._take()
+        except BaseException as exc:
+            self.fail(exc)
+        finally:
+            self._busy = False
+
+    def _take(self) -> None:
+        data = self.tls.take()
+        if data:
+            for c in self.decoder.feed(data):
+                if not self.waiting:
+                    raise ContainerError("identifier", "a response to no request")
+                identifier, fut = self.waiting.popleft()
+                self.ids.check_response(c.identifier, identifier)
+                if not fut.done():  # not given up on (its caller's timeout)
+                    fut.set_result(c.content)
+                if self.on_change is not None:
+                    self.on_change()
+        if self.tls.error is not None:
+            raise self.tls.error
+        if self.tls.eof and not self.tls.buffered:
+            self.decoder.eof()  # TruncatedError if it ended inside a container
+            if self.waiting:
                 raise ConnectionResetError("closed by the peer without a response")
-            containers = self.decoder.feed(data)
-            if containers:
-                if len(containers) > 1 or self.decoder.buffered:
-                    raise ContainerError("identifier", "more than one response to one request")
-                self.ids.check_response(containers[0].identifier, identifier)
-                return containers[0].content
+
+    def fail(self, exc: BaseException) -> None:
+        """The connection is unusable: close it; every request still waiting
+        on it fails with ``exc``."""
+        first = not self.failed
+        self.failed = True
+        self.close()
+        while self.waiting:
+            _, fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+        if first and self.on_change is not None:
+            self.on_change()
 
     def close(self) -> None:
         self.tls.close()  # close_notify, then TCP close; not awaited on error paths
 
 
 class ProvisioningClient:
-    """Client of a :class:`ProvisioningServer` with a small connection pool.
+    """Client of a :class:`ProvisioningServer`: pipelined requests on kept connections.
 
-    At most ``max_connections`` connections run at once, each carrying one
-    lockstep exchange at a time; finished connections are kept for the next
-    request (``keep_idle``), since a TLS handshake costs far more than an
-    exchange.  A request waits for a free connection within its timeout.  A
-    kept connection the server has meanwhile closed (its idle timeout) is
-    detected and the request is sent once more on a fresh connection -- every
-    operation is idempotent (install of the same SA, withdraw, pull).
+    A request goes on the open connection with the fewest requests in
+    flight, written at once even while earlier ones wait for their answers
+    (up to ``pipeline`` per connection: issue 9, one HA connection carries a
+    burst of installs without a round trip each); a new connection is made
+    only when none is open or all are full, ``max_connections`` at most.
+    Connections are kept for the next request (``keep_idle``), since a TLS
+    handshake costs far more than an exchange.  A request waits for room
+    within its timeout.  A request that finds its kept connection closed by
+    the server meanwhile (its idle timeout) is sent once more on a fresh
+    connection -- every operation is idempotent (install of the same SA,
+    withdraw, pull).  ``pipeline = 1`` is lockstep, for a server that reads
+    one request at a time.
     """
 
     def __init__(
@@ -445,9 +514,12 @@ class ProvisioningClient:
         peer_label: str = "HA",
         max_connections: int = MAX_CONNECTIONS,
         keep_idle: bool = True,
+        pipeline: int = PIPELINE,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections: must be at least 1")
+        if pipeline < 1:
+            raise ValueError("pipeline: must be at least 1")
         self.host = host
         self.port = port
         self.server_name = server_name
@@ -455,8 +527,11 @@ class ProvisioningClient:
         self.peer_label = peer_label
         self.max_connections = max_connections
         self.keep_idle = keep_idle
-        self._idle: list[_Connection] = []
-        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self.pipeline = pipeline
+        self._conns: list[_Connection] = []
+        self._dialing = 0  # connections being made
+        self._joining = 0  # requests waiting for one of them
+        self._room: list[asyncio.Future[None]] = []  # requests waiting for room
         self.stats = {"connects": 0, "requests": 0, "retries": 0}
 
     async def request(self, content: bytes, timeout: float) -> ProvResponse:
@@ -467,83 +542,135 @@ class ProvisioningClient:
         (a ``ConnectionError``) for a refused or failed connection, a TLS or
         certificate failure, or a malformed response.
         """
-        async with asyncio.timeout(timeout), self._semaphore():
+        async with asyncio.timeout(timeout):
             self.stats["requests"] += 1
-            conn = self._take_idle()
-            if conn is not None:
+            retry = True
+            while True:
+                conn = self._pick()
+                fresh = conn is None
+                if conn is None:
+                    if self._joining < self._dialing * self.pipeline:
+                        # A connection is on its way with room: wait for it.
+                        self._joining += 1
+                        try:
+                            await self._wait_for_room()
+                        finally:
+                            self._joining -= 1
+                        continue
+                    if len(self._open()) + self._dialing >= self.max_connections:
+                        await self._wait_for_room()
+                        continue
+                    conn = await self._connect()
                 try:
                     return await self._exchange(conn, content)
                 except ProvisioningFailed as exc:
-                    if not isinstance(exc.__cause__, ConnectionError | ssl.SSLError):
+                    if (
+                        fresh
+                        or not retry
+                        or not isinstance(exc.__cause__, ConnectionError | ssl.SSLError)
+                    ):
                         raise
-                    # The server closed the idle connection meanwhile: retry fresh.
+                    # The server closed the kept connection meanwhile (or an
+                    # earlier request on it failed): once more, on another.
+                    retry = False
                     self.stats["retries"] += 1
-            return await self._exchange(await self._connect(), content)
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        conns, self._conns = self._conns, []
+        for conn in conns:
             conn.close()
-        for conn in idle:
+        for conn in conns:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.tls.closed, 1)
 
-    def _semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if self._slots is None or self._slots[0] is not loop:  # a semaphore binds to its loop
-            self._slots = (loop, asyncio.Semaphore(self.max_connections))
-        return self._slots[1]
+    def _open(self) -> list[_Connection]:
+        """The connections that take requests; the others are closed once drained."""
+        if all(c.accepting() for c in self._conns):
+            return self._conns
+        keep: list[_Connection] = []
+        for conn in self._conns:
+            if conn.accepting():
+                keep.append(conn)
+            elif not conn.waiting:
+                conn.close()
+        self._conns = keep + [c for c in self._conns if c not in keep and c.waiting]
+        return keep
 
-    def _take_idle(self) -> _Connection | None:
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.reusable():
-                return conn
-            conn.close()
-        return None
+    def _pick(self) -> _Connection | None:
+        best: _Connection | None = None
+        for conn in self._open():
+            if len(conn.waiting) < self.pipeline and (
+                best is None or len(conn.waiting) < len(best.waiting)
+            ):
+                best = conn
+        return best
+
+    async def _wait_for_room(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room.append(fut)
+        try:
+            await fut
+        finally:
+            with contextlib.suppress(ValueError):
+                self._room.remove(fut)
+
+    def _changed(self) -> None:
+        """A request finished or a connection failed or came: let waiters look again."""
+        room, self._room = self._room, []
+        for fut in room:
+            if not fut.done():
+                fut.set_result(None)
 
     async def _exchange(self, conn: _Connection, content: bytes) -> ProvResponse:
+        fut = conn.submit(content)
         try:
-            raw = await conn.exchange(content)
+            raw = await fut
             response = decode_response(raw)
         except BaseException as exc:
-            conn.close()
+            # A timeout, a failed connection or a malformed response: this
+            # connection is done (its order of answers can no longer be trusted).
+            conn.fail(ConnectionResetError("an earlier request on this connection failed"))
             if isinstance(exc, ConnectionError | ssl.SSLError | OSError):
                 raise ProvisioningFailed(f"{self._who()}: connection failed: {exc!r}") from exc
             if isinstance(exc, WireError):
                 raise ProvisioningFailed(f"{self._who()}: malformed response: {exc}") from exc
             raise
-        if self.keep_idle and conn.reusable():
-            self._idle.append(conn)
-        else:
+        if not self.keep_idle and not conn.waiting:
             conn.close()
         return response
 
     async def _connect(self) -> _Connection:
         self.stats["connects"] += 1
+        self._dialing += 1
         try:
-            tls = await TlsClient.connect(
-                self.host, self.port, self.ssl_context, self.server_name or self.host
-            )
-        except (ssl.SSLError, OSError) as exc:
-            # ssl.SSLCertVerificationError included: chain or stdlib name check.
-            raise ProvisioningFailed(f"{self._who()}: cannot connect: {exc!r}") from None
-        conn = _Connection(tls)
-        try:
-            der = tls.peercert_der()
-            if not der:
-                raise CertificateError("the server sent no certificate")
-            peername = tls.peername
-            # PROFILE §1 SAN rules, checked by hand whatever the stdlib checked.
-            check_hac_certificate(
-                der,
-                server_name=self.server_name,
-                connected_ip=peername[0] if peername else None,
-            )
-        except CertificateError as exc:
-            conn.close()
-            why = str(exc).removeprefix("HAC certificate: ")
-            raise ProvisioningFailed(f"{self._who()}: certificate refused: {why}") from None
+            try:
+                tls = await TlsClient.connect(
+                    self.host, self.port, self.ssl_context, self.server_name or self.host
+                )
+            except (ssl.SSLError, OSError) as exc:
+                # ssl.SSLCertVerificationError included: chain or stdlib name check.
+                raise ProvisioningFailed(f"{self._who()}: cannot connect: {exc!r}") from None
+            conn = _Connection(tls)
+            try:
+                der = tls.peercert_der()
+                if not der:
+                    raise CertificateError("the server sent no certificate")
+                peername = tls.peername
+                # PROFILE §1 SAN rules, checked by hand whatever the stdlib checked.
+                check_hac_certificate(
+                    der,
+                    server_name=self.server_name,
+                    connected_ip=peername[0] if peername else None,
+                )
+            except CertificateError as exc:
+                conn.close()
+                why = str(exc).removeprefix("HAC certificate: ")
+                raise ProvisioningFailed(f"{self._who()}: certificate refused: {why}") from None
+        finally:
+            self._dialing -= 1
+            self._changed()
+        conn.on_change = self._changed
+        self._conns.append(conn)
         return conn
 
     def _who(self) -> str:

@@ -206,6 +206,80 @@ def test_concurrent_installs(pki: PkiPaths) -> None:
     assert t.client.stats["connects"] <= MAX_CONNECTIONS  # the pool bounds them
 
 
+def test_concurrent_installs_are_pipelined_on_one_connection(pki: PkiPaths) -> None:
+    """Issue 9: a burst of installs goes on one kept connection, written
+    without waiting for earlier answers; the HA answers them in order."""
+    rec = Recorder()
+    order: list[int] = []
+
+    async def install(issued: IssuedSA, ha_id: str) -> None:
+        order.append(issued.sa.spi)
+        await rec.install(issued, ha_id)
+
+    async def body(port: int) -> TlsTransport:
+        t = transport(pki, port)
+        await t.provision(HA, make_issued(spi=100), 5)  # the connection exists
+        await asyncio.gather(*(t.provision(HA, make_issued(spi=i), 5) for i in range(1, 17)))
+        await t.aclose()
+        return t
+
+    t = run(serving(ha_listener(pki), rec, body, on_install=install))
+    assert order == [100, *range(1, 17)]  # sent and answered in order
+    assert t.client.stats["connects"] == 1 and t.client.stats["requests"] == 17
+
+
+def test_pipeline_of_one_is_lockstep_on_several_connections(pki: PkiPaths) -> None:
+    rec = Recorder()
+
+    async def body(port: int) -> TlsTransport:
+        t = transport(pki, port, pipeline=1)
+        await asyncio.gather(*(t.provision(HA, make_issued(spi=i), 5) for i in range(1, 5)))
+        await t.aclose()
+        return t
+
+    t = run(serving(ha_listener(pki), rec, body))
+    assert sorted(i.sa.spi for i, _ in rec.installed) == [1, 2, 3, 4]
+    # One exchange per connection at a time: concurrent requests need more
+    # connections (pipelined, one carries them all: the test above).
+    assert 2 <= t.client.stats["connects"] <= 4
+
+
+def test_a_request_timing_out_in_the_pipeline_spares_the_ones_behind_it(pki: PkiPaths) -> None:
+    """A request that times out ends its connection (the order of answers on it
+    can no longer be trusted); requests pipelined behind it are sent again on
+    a fresh connection and succeed."""
+    rec = Recorder()
+    release = asyncio.Event()
+
+    async def install(issued: IssuedSA, ha_id: str) -> None:
+        if issued.sa.spi == 1:
+            await release.wait()  # a stuck install, cut short by the server's timeout
+        await rec.install(issued, ha_id)
+
+    async def body(port: int) -> tuple[TlsTransport, list[Any]]:
+        t = transport(pki, port)
+        await t.withdraw(HA, 99, 5)  # the connection exists
+        results = await asyncio.gather(
+            t.provision(HA, make_issued(spi=1), 0.5),
+            *(t.provision(HA, make_issued(spi=i), 5) for i in (2, 3)),
+            return_exceptions=True,
+        )
+        release.set()
+        await t.aclose()
+        return t, results
+
+    t, results = run(serving(ha_listener(pki, timeout=3), rec, body, on_install=install))
+    assert isinstance(results[0], TimeoutError)
+    assert results[1:] == [None, None]
+    assert {i.sa.spi for i, _ in rec.installed} >= {2, 3}
+    assert t.client.stats["connects"] == 2 and t.client.stats["retries"] == 2
+
+
+def test_factory_refuses_a_pipeline_of_zero(pki: PkiPaths) -> None:
+    with pytest.raises(ValueError, match="pipeline"):
+        transport(pki, 7873, pipeline=0)
+
+
 def test_new_connection_after_255_exchanges(pki: PkiPaths) -> None:
     rec = Recorder()
 
