@@ -590,6 +590,18 @@ def test_sas_stored_by_a_tracking_hac_are_pending_until_delivered(store: SQLiteS
         store.undelivered(datetime(2030, 1, 1))  # noqa: DTZ001 (naive on purpose)
 
 
+def test_undelivered_sweep_reads_the_pending_index_not_the_table(store: SQLiteSAStore) -> None:
+    """The sweep runs at start and on every expiry run: with 100k live SAs it
+    must cost what the few pending rows cost (the partial index), never a scan."""
+    from mipsec.plugins.sa_store_sqlite import _UNDELIVERED
+
+    plan = " ".join(
+        str(r[-1]) for r in store._conn.execute(f"EXPLAIN QUERY PLAN {_UNDELIVERED}", (0.0,))
+    )
+    assert "SEARCH issued_sa USING COVERING INDEX issued_sa_pending" in plan, plan
+    assert "SCAN" not in plan, plan
+
+
 def test_delivery_marks_are_not_changes_a_sharing_hac_reads(tmp_path: Path) -> None:
     """Clearing ``pending`` is invisible to the change log (other HACs'
     views follow it), and another HAC's view stays right."""
