@@ -93,6 +93,12 @@ class TlsTransport:
     async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:
         await self._confirm(ha, "withdraw", spi, encode_withdraw(spi), timeout)
 
+    def stats(self) -> dict[str, int]:
+        """Connections to this HA, for ``mipsec status``: ``connects``,
+        ``requests``, ``retries`` since start; ``open`` connections and
+        requests ``in_flight`` now."""
+        return self.client.snapshot()
+
     async def aclose(self) -> None:
         await self.client.aclose()
 

@@ -233,6 +233,18 @@ class HacOps:
             Counter(self.tracker.by_spi.get(i.sa.spi, "-") for i in live),
         )
 
+    def _ha_status(self, ha_id: str, transport_name: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"transport": transport_name, **self.tracker._ha(ha_id)}
+        # A transport may report its connections (``tls``: counters, open
+        # connections, requests in flight); optional, as for third parties.
+        stats = getattr(self.svc.transports.get(ha_id), "stats", None)
+        if callable(stats):
+            try:
+                row["connections"] = dict(stats())
+            except Exception as exc:  # a plugin's bug must not break status
+                row["connections"] = {"error": type(exc).__name__}
+        return row
+
     async def status(self, args: Mapping[str, Any]) -> dict[str, Any]:
         svc = self.svc
         total, by_ha, by_suite, by_method = self._live_counts()
@@ -256,10 +268,7 @@ class HacOps:
             "revoked": len(svc.revocations),
             "counters": dict(svc.stats),
             "provisioning": {
-                "has": {
-                    h.ha_id: {"transport": h.transport, **self.tracker._ha(h.ha_id)}
-                    for h in svc.has
-                },
+                "has": {h.ha_id: self._ha_status(h.ha_id, h.transport) for h in svc.has},
                 "withdrawals_pending": len(svc._withdrawing),
             },
             "last_reload": self.reloader.last,

@@ -575,6 +575,14 @@ class ProvisioningClient:
                     retry = False
                     self.stats["retries"] += 1
 
+    def snapshot(self) -> dict[str, int]:
+        """Counters and connection state, for an operator (``mipsec status``)."""
+        return {
+            **self.stats,
+            "open": sum(1 for c in self._conns if c.accepting()),
+            "in_flight": sum(len(c.waiting) for c in self._conns),
+        }
+
     async def aclose(self) -> None:
         conns, self._conns = self._conns, []
         for conn in conns:

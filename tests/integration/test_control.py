@@ -145,6 +145,8 @@ def test_verbs_show_live_state_and_never_keys(lab: Lab, roles: Roles) -> None:
         "issued": 1,
         "failed": 0,
         "last_failure": None,
+        # The kept, pipelined connection to the HA (core/roles/provserver.py).
+        "connections": {"connects": 1, "requests": 1, "retries": 0, "open": 1, "in_flight": 0},
     }
     assert "psk" in hac["plugins"]
 
