@@ -604,6 +604,10 @@ class HaService:
         if self.core.is_withdrawn(issued):
             log.warning("spi=%d mn_id=%s refused: withdrawn earlier", sa.spi, sa.mn_id)
             raise ValueError(f"spi: {sa.spi} was withdrawn; it is not accepted again")
+        if self._to_discard and sa.spi in self._to_discard:
+            # A withdrawn SA's row still waits for its delete (``_withdrawn``):
+            # delete it now, not after this SA's row under the same SPI.
+            self._discard_now()
         if not self.store.add(issued):
             # Model 1 shares the HAC's store: the SA is already there.  A
             # different SA under a live SPI means the HAC re-used it (it only

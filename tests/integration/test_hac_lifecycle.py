@@ -246,6 +246,41 @@ def test_ha_install_carrying_prov_withdraw_kills_the_older_sa_for_good() -> None
     run(main())
 
 
+def test_sa_installed_under_an_spi_whose_delete_is_pending_keeps_its_row() -> None:
+    """The HA deletes a withdrawn SA's store row after its answer (issue 9).
+    A new SA under the same SPI installed before that delete ran (another SA,
+    other keys: allowed) must not lose its row to it."""
+    from ipaddress import IPv6Address
+
+    from mipsec.core.issuer import new_sa
+    from mipsec.core.model import BootstrapData
+    from mipsec.core.suites import Suite
+
+    def sa(spi: int) -> IssuedSA:
+        s = new_sa(
+            spi=spi, mn_id=MN_ID, suite=Suite.AES_128_CBC_SHA256, scope=1, lifetime=600,
+            now=datetime.now(UTC), ha_id="ha1",
+        )  # fmt: skip
+        return IssuedSA(s, BootstrapData(ip6_hoa=IPv6Address("2001:db8:1::7")))
+
+    async def main() -> None:
+        ha = HaService(memory_ha_config())  # type: ignore[arg-type]
+        await ha.start()
+        try:
+            first, second = sa(1001), sa(1001)
+            await ha.install_sa(first)
+            await ha.withdraw_sa(1001)
+            await ha.install_sa(second)  # same turn of the loop: the delete is pending
+            await asyncio.sleep(0)  # any delete still queued runs now
+            held = ha.store.get(1001, datetime.now(UTC))
+            assert held is not None and held.sa.mn_to_ha_ikey == second.sa.mn_to_ha_ikey
+            assert ha.core.spis() == [1001]
+        finally:
+            await ha.stop()
+
+    run(main())
+
+
 def test_max_sas_per_mn_keeps_the_newest(tmp_path: Path, pki: PkiPaths) -> None:
     data = hac_data(tmp_path, pki)
     data["policy"] = {"max_sas_per_mn": 2}
