@@ -129,6 +129,7 @@ class HacMetrics:
                 ok.add_metric([ha_id, "issued"], float(row.get("issued", 0)))
                 ok.add_metric([ha_id, "failed"], float(row.get("failed", 0)))
             yield ok
+        yield from _transport_families(svc)
         from mipsec.core.roles.hac_ops import aaa_health
 
         servers = aaa_health(svc.methods)
@@ -149,6 +150,41 @@ class HacMetrics:
                         rt.add_metric([server, k], float(v))
             yield rt
             yield dead
+
+
+def _transport_families(svc: Any) -> Iterator[Metric]:
+    """Per HA, a transport's connections when it reports them (``tls``):
+    counters since start, and what is open and in flight now."""
+    counters = CounterMetricFamily(
+        "mipsec_provisioning_connection_events",
+        "HAC->HA provisioning client counters (connects, requests, retries)",
+        labels=["ha", "event"],
+    )
+    now = GaugeMetricFamily(
+        "mipsec_provisioning_connections",
+        "HAC->HA provisioning connections open, and requests in flight",
+        labels=["ha", "state"],
+    )
+    seen = False
+    for ha_id, transport in sorted(svc.transports.items()):
+        stats = getattr(transport, "stats", None)
+        if not callable(stats):
+            continue
+        try:
+            row = dict(stats())
+        except Exception as exc:  # a plugin's bug must not break the scrape
+            log.debug("HA %s: transport stats failed: %s", ha_id, type(exc).__name__)
+            continue
+        seen = True
+        for k in ("connects", "requests", "retries"):
+            if isinstance(row.get(k), int | float):
+                counters.add_metric([ha_id, k], float(row[k]))
+        for k in ("open", "in_flight"):
+            if isinstance(row.get(k), int | float):
+                now.add_metric([ha_id, k], float(row[k]))
+    if seen:
+        yield counters
+        yield now
 
 
 def _radius_rows(health: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:

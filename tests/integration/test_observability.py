@@ -130,6 +130,17 @@ def test_metrics_json_logs_notify_and_stop(running: tuple[Lab, dict[str, Any]]) 
     assert _sample(text, "mipsec_bootstrap_duration_seconds_count", method="psk") == 1.0
     assert _sample(text, "mipsec_live_sas", ha="ha1") == 1.0
     assert _sample(text, "mipsec_provisioning_total", ha="ha1", outcome="issued") == 1.0
+    # The kept, pipelined provisioning connection to the HA.
+    assert (
+        _sample(text, "mipsec_provisioning_connection_events_total", ha="ha1", event="connects")
+        == 1.0
+    )
+    assert (
+        _sample(text, "mipsec_provisioning_connection_events_total", ha="ha1", event="requests")
+        == 1.0
+    )
+    assert _sample(text, "mipsec_provisioning_connections", ha="ha1", state="open") == 1.0
+    assert _sample(text, "mipsec_provisioning_connections", ha="ha1", state="in_flight") == 0.0
 
     status, text = _get(ha_metrics)
     assert status == 200
