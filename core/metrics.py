@@ -165,17 +165,14 @@ def _transport_families(svc: Any) -> Iterator[Metric]:
         "HAC->HA provisioning connections open, and requests in flight",
         labels=["ha", "state"],
     )
+    from mipsec.core.roles.hac_ops import transport_connections
+
     seen = False
     for ha_id, transport in sorted(svc.transports.items()):
-        stats = getattr(transport, "stats", None)
-        if not callable(stats):
+        row = transport_connections(transport)
+        if row is None:
             continue
-        try:
-            row = dict(stats())
-        except Exception as exc:  # a plugin's bug must not break the scrape
-            log.debug("HA %s: transport stats failed: %s", ha_id, type(exc).__name__)
-            continue
-        seen = True
+        seen = True  # a failing stats() ({"error": ...}) gives no samples
         for k in ("connects", "requests", "retries"):
             if isinstance(row.get(k), int | float):
                 counters.add_metric([ha_id, k], float(row[k]))

@@ -147,6 +147,23 @@ def _listing_rows(
     return rows
 
 
+def transport_connections(transport: Any) -> dict[str, Any] | None:
+    """A provisioning transport's connection figures, for status and metrics.
+
+    Optional (``stats()``: the ``tls`` transport gives its counters, open
+    connections and requests in flight; a third party's may give none):
+    None without it, ``{"error": class name}`` when it raises -- a plugin's
+    bug never breaks status or a scrape.
+    """
+    stats = getattr(transport, "stats", None)
+    if not callable(stats):
+        return None
+    try:
+        return dict(stats())
+    except Exception as exc:
+        return {"error": type(exc).__name__}
+
+
 def aaa_health(methods: Mapping[str, Any]) -> dict[str, Any]:
     """Per AAA server: its counters and whether it is held off as dead.
 
@@ -235,14 +252,9 @@ class HacOps:
 
     def _ha_status(self, ha_id: str, transport_name: str) -> dict[str, Any]:
         row: dict[str, Any] = {"transport": transport_name, **self.tracker._ha(ha_id)}
-        # A transport may report its connections (``tls``: counters, open
-        # connections, requests in flight); optional, as for third parties.
-        stats = getattr(self.svc.transports.get(ha_id), "stats", None)
-        if callable(stats):
-            try:
-                row["connections"] = dict(stats())
-            except Exception as exc:  # a plugin's bug must not break status
-                row["connections"] = {"error": type(exc).__name__}
+        connections = transport_connections(self.svc.transports.get(ha_id))
+        if connections is not None:
+            row["connections"] = connections
         return row
 
     async def status(self, args: Mapping[str, Any]) -> dict[str, Any]:
