@@ -963,10 +963,7 @@ class SQLiteSAStore:
         keys): not part of the ``SAStore`` protocol, callers fall back to
         ``remove``.
         """
-        cur = self._conn.execute(_DISCARD_ONE, (spi,))
-        if cur.rowcount and self._view is not None:
-            self._view.discard(spi)
-        return cur.rowcount > 0
+        return self.discard_many((spi,)) > 0
 
     def discard_many(self, spis: Iterable[int]) -> int:
         """``discard`` of many SPIs in one transaction (one commit): how many
