@@ -402,14 +402,14 @@ class _Connection:
     completing its request's future: no reader task, one wake-up per answer.
     """
 
-    def __init__(self, tls: TlsClient) -> None:
+    def __init__(self, tls: TlsClient, on_change: Callable[[], None]) -> None:
         self.tls = tls
         self.ids = IdentifierSequence()
         self.decoder = ContainerDecoder()
         self.loop = asyncio.get_running_loop()
         self.waiting: deque[tuple[int, asyncio.Future[bytes]]] = deque()
         self.failed = False
-        self.on_change: Callable[[], None] | None = None  # a request finished, or this failed
+        self.on_change = on_change  # a request finished, or this connection failed
         self._busy = False
         self._again = False
         tls.on_event = self._on_event
@@ -461,8 +461,7 @@ class _Connection:
                 self.ids.check_response(c.identifier, identifier)
                 if not fut.done():  # not given up on (its caller's timeout)
                     fut.set_result(c.content)
-                if self.on_change is not None:
-                    self.on_change()
+                self.on_change()
         if self.tls.error is not None:
             raise self.tls.error
         if self.tls.eof and not self.tls.buffered:
@@ -480,7 +479,7 @@ class _Connection:
             _, fut = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(exc)
-        if first and self.on_change is not None:
+        if first:
             self.on_change()
 
     def close(self) -> None:
@@ -593,16 +592,13 @@ class ProvisioningClient:
 
     def _open(self) -> list[_Connection]:
         """The connections that take requests; the others are closed once drained."""
-        if all(c.accepting() for c in self._conns):
-            return self._conns
-        keep: list[_Connection] = []
-        for conn in self._conns:
-            if conn.accepting():
-                keep.append(conn)
-            elif not conn.waiting:
-                conn.close()
-        self._conns = keep + [c for c in self._conns if c not in keep and c.waiting]
-        return keep
+        open_ = [c for c in self._conns if c.accepting()]
+        if len(open_) < len(self._conns):
+            for c in self._conns:
+                if not c.accepting() and not c.waiting:
+                    c.close()
+            self._conns = [c for c in self._conns if c.accepting() or c.waiting]
+        return open_
 
     def _pick(self) -> _Connection | None:
         best: _Connection | None = None
@@ -658,7 +654,7 @@ class ProvisioningClient:
             except (ssl.SSLError, OSError) as exc:
                 # ssl.SSLCertVerificationError included: chain or stdlib name check.
                 raise ProvisioningFailed(f"{self._who()}: cannot connect: {exc!r}") from None
-            conn = _Connection(tls)
+            conn = _Connection(tls, self._changed)
             try:
                 der = tls.peercert_der()
                 if not der:
@@ -677,7 +673,6 @@ class ProvisioningClient:
         finally:
             self._dialing -= 1
             self._changed()
-        conn.on_change = self._changed
         self._conns.append(conn)
         return conn
 
