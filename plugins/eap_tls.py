@@ -13,11 +13,14 @@ HAC, table ``[methods.eap.tls]`` (``server``)::
     fragment_size   = 1400              # largest EAP packet sent, octets (PROFILE §4 item 9)
     max_message     = 65536             # largest reassembled TLS flight accepted, octets
     identity_policy = "rfc822name"      # binds the MN certificate to mn-id
+    groups          = "X25519:P-256:P-384:X448:P-521"  # key exchange, preference order
 
 MN, table ``[eap.tls]`` (``peer``): ``cert``, ``key`` (the MN's client
 certificate), ``ca`` (the only CA for the EAP server certificate),
 ``server_name`` (a dNSName the EAP server certificate must carry, PROFILE §1
-rules), ``tls_min``, ``tls_max``, ``fragment_size``, ``max_message``.
+rules), ``tls_min``, ``tls_max``, ``fragment_size``, ``max_message``,
+``groups``.  ``groups`` is classical by default: see ``DEFAULT_GROUPS`` in
+``core/eap/eaptls.py`` for why (one fragment per flight at 1,400 octets).
 
 Relative paths resolve against the configuration file's directory.  A wrong
 option raises ``ValueError("key: reason")``.
@@ -37,12 +40,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mipsec.core.eap.eaptls import (
     DEFAULT_FRAGMENT_SIZE,
+    DEFAULT_GROUPS,
     DEFAULT_MAX_MESSAGE,
     TLS_VERSIONS,
     EapTlsPeer,
     EapTlsPeerConfig,
     EapTlsServer,
     EapTlsServerConfig,
+    check_groups,
     make_context,
 )
 from mipsec.core.eap.method import EapPeerContext, EapServerContext
@@ -52,7 +57,7 @@ from mipsec.core.eap.tls_identity import (
     Rfc822NamePolicy,
     builtin_policies,
 )
-from mipsec.core.errors import CertificateError
+from mipsec.core.errors import CertificateError, LocalProtocolError
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.pluginmanager import registry
 from mipsec.core.tls import load_matching_key, load_server_chain
@@ -79,6 +84,19 @@ class _Common(BaseModel):
     # The whole EAP packet (header, Type, Flags, length field, data).
     fragment_size: Annotated[int, Field(ge=64, le=65535)] = DEFAULT_FRAGMENT_SIZE
     max_message: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = DEFAULT_MAX_MESSAGE
+    groups: str = Field(default=DEFAULT_GROUPS, min_length=1, max_length=512)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups_known(cls, value: str) -> str:
+        try:
+            check_groups(value)
+        except LocalProtocolError:
+            raise ValueError(
+                f"refused by OpenSSL: {value!r} (group names such as X25519, P-256, "
+                "X25519MLKEM768, separated by ':')"
+            ) from None
+        return value
 
     @field_validator("tls_min", "tls_max", mode="before")
     @classmethod
@@ -149,6 +167,7 @@ class _Credentials:
                 ca_certs=self.ca_certs,
                 tls_min=opts.tls_min,
                 tls_max=opts.tls_max,
+                groups=opts.groups,
             )
         except CertificateError as exc:
             key = "ca" if str(exc).startswith(os.fspath(self.ca_file)) else "cert"

@@ -53,6 +53,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _ssl_lib
 
 from mipsec.core.eap.method import (
     MSK_LEN,
@@ -81,6 +82,7 @@ from mipsec.core.wire.eaptls import (
 __all__ = [
     "COMMITMENT",
     "DEFAULT_FRAGMENT_SIZE",
+    "DEFAULT_GROUPS",
     "DEFAULT_MAX_MESSAGE",
     "MAX_ROUNDS",
     "TLS_VERSIONS",
@@ -88,6 +90,7 @@ __all__ = [
     "EapTlsPeerConfig",
     "EapTlsServer",
     "EapTlsServerConfig",
+    "check_groups",
     "derive_msk",
     "make_context",
     "tls_error_text",
@@ -104,6 +107,18 @@ _EAP_TLS_HEAD = EAP_HEADER_LEN + 1
 _BIO_CHUNK = 65536  # EAP header + Type; type-data follows
 
 TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+# Key-exchange groups, in preference order (OpenSSL group-list syntax).
+# Classical groups by default, not OpenSSL 3.5+'s X25519MLKEM768 first: its
+# 1,216-octet key share pushes the ClientHello, and its 1,088-octet
+# ciphertext the server flight, past one 1,400-octet EAP packet (PROFILE §4
+# item 9), so each needs a second fragment and an ACK round -- 5 EAP-TLS
+# rounds instead of 3, measured ~20 % of an EAP-TLS bootstrap.  The inner
+# handshake runs inside the MHAuth TLS channel, which already carries the
+# confidentiality; its key exchange protects nothing the outer one does not
+# (SA keys travel in the outer channel; the MSK only authenticates).  An
+# operator who wants a post-quantum inner exchange sets ``groups``.
+DEFAULT_GROUPS = "X25519:P-256:P-384:X448:P-521"
 
 # Key types OpenSSL signs TLS handshakes with (what pyOpenSSL accepts).
 _TLS_KEY_TYPES = (
@@ -188,6 +203,24 @@ def _check_cipher_policy(ctx: SSL.Context) -> None:
         raise LocalProtocolError("EAP-TLS cipher policy: no TLS 1.2 ECDHE/AEAD suite available")
 
 
+def _set_groups(ctx: SSL.Context, groups: str) -> None:
+    # pyOpenSSL has no public call for a group list (set_tmp_ecdh takes one
+    # EC curve, no X25519); its bindings carry SSL_CTX_set1_curves_list, the
+    # alias of SSL_CTX_set1_groups_list.  pyOpenSSL is pinned in
+    # pyproject.toml; tests/unit/test_eaptls_groups.py checks the call works.
+    text = groups.encode("ascii", "replace")
+    if not groups.strip() or _ssl_lib.SSL_CTX_set1_curves_list(ctx._context, text) != 1:
+        _ssl_lib.ERR_clear_error()
+        raise LocalProtocolError(
+            f"EAP-TLS groups {groups!r}: OpenSSL refused the list (an unknown group name?)"
+        )
+
+
+def check_groups(groups: str) -> None:
+    """Raise :class:`LocalProtocolError` unless OpenSSL accepts ``groups``."""
+    _set_groups(SSL.Context(SSL.TLS_CLIENT_METHOD), groups)
+
+
 def make_context(
     *,
     server: bool,
@@ -197,6 +230,7 @@ def make_context(
     ca_certs: Sequence[x509.Certificate],
     tls_min: str = "1.2",
     tls_max: str = "1.3",
+    groups: str = DEFAULT_GROUPS,
 ) -> SSL.Context:
     """An EAP-TLS context for one role, shared by all of that role's exchanges.
 
@@ -204,8 +238,10 @@ def make_context(
     ``ca_file`` is trusted for the other side's certificate (no system roots).
     Mutual authentication: the server demands a client certificate.  TLS 1.2
     suites are ECDHE + AEAD only (PROFILE §1), renegotiation is refused, no
-    session is cached or resumed.  Raises :class:`CertificateError` when
-    OpenSSL refuses the credentials.
+    session is cached or resumed; key exchange uses ``groups`` (OpenSSL
+    group-list syntax, preference order).  Raises :class:`CertificateError`
+    when OpenSSL refuses the credentials, :class:`LocalProtocolError` when it
+    knows none of ``groups``.
     """
     if tls_min not in TLS_VERSIONS or tls_max not in TLS_VERSIONS:
         raise LocalProtocolError("EAP-TLS versions: 1.2 or 1.3")
@@ -220,6 +256,7 @@ def make_context(
     ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    _set_groups(ctx, groups)
     if not isinstance(key, _TLS_KEY_TYPES):
         raise CertificateError(f"key type {type(key).__name__} cannot sign in TLS")
     try:
@@ -307,6 +344,7 @@ class _Machine:
         self._msk: bytes | None = None
         self._verify_reason: str | None = None
         self.tls_version: str | None = None  # e.g. "TLSv1.3", once negotiated
+        self.group_name: str | None = None  # key-exchange group, e.g. "x25519"
 
     @property
     def connection(self) -> SSL.Connection | None:
@@ -357,6 +395,10 @@ class _Machine:
         except SSL.WantReadError:
             return False
         self.tls_version = conn.get_protocol_version_name()
+        try:
+            self.group_name = conn.get_group_name()
+        except NotImplementedError:  # OpenSSL < 3.2 cannot tell
+            self.group_name = None
         return True
 
     def _read_application_data(self) -> bytes:

@@ -146,12 +146,52 @@ def test_full_conversation(pki, version, fragment_size):
 
 
 def test_default_fragment_size_keeps_every_packet_within_1400(pki):
-    # PROFILE §4 item 9; the TLS 1.3 ClientHello alone is larger than that here.
+    # PROFILE §4 item 9.  With the default (classical) groups every flight
+    # fits one packet: Start, then the server flight, then the commitment --
+    # three Requests, no fragment and so no ACK round.
     server, peer = machines(pki)
     run = drive(server, peer)
     assert_success(run, "1.3")
     assert max(run.packet_sizes()) <= 1400
-    assert any(decode_frame(type_data(s.response), request=False).more for s in run.steps[:1])
+    assert len(run.steps) == 3
+    assert server.group_name == peer.group_name == "x25519"
+    assert not any(
+        decode_frame(type_data(s.response), request=False).more for s in run.steps if s.response
+    )
+
+
+def test_post_quantum_groups_fragment_within_1400(pki):
+    # An operator may ask for X25519MLKEM768: its 1,216-octet key share makes
+    # the ClientHello, and its ciphertext the server flight, larger than one
+    # 1,400-octet packet, so both are fragmented and ACKed (5 Requests).
+    pq = {"groups": "X25519MLKEM768:X25519"}
+    server, peer = machines(pki, server=pq, peer=pq)
+    run = drive(server, peer)
+    assert_success(run, "1.3")
+    assert max(run.packet_sizes()) <= 1400
+    assert len(run.steps) == 5
+    assert server.group_name == peer.group_name == "X25519MLKEM768"
+    assert decode_frame(type_data(run.steps[0].response), request=False).more
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_default_peer_against_a_post_quantum_first_server(pki, version):
+    # A server preferring X25519MLKEM768 still agrees with a default peer on a
+    # group the peer offered a key share for: no HelloRetryRequest.
+    server, peer = machines(
+        pki, server={**pinned(version), "groups": "X25519MLKEM768:X25519:P-256"}
+    )
+    run = drive(server, peer)
+    assert_success(run, version)
+    assert len(run.steps) == 3
+    assert peer.group_name == "x25519"
+
+
+def test_no_common_group_fails_cleanly(pki):
+    server, peer = machines(pki, server={"groups": "P-384"}, peer={"groups": "X25519"})
+    run = drive(server, peer)
+    assert run.final is not None and not run.final.success
+    assert peer.msk() is None and server.msk() is None
 
 
 def test_both_versions_by_default_negotiate_1_3(pki):

@@ -48,11 +48,19 @@ def peer_error(pki: Pki, **options) -> str:
         ({"fragment_size": 70000}, "fragment_size: "),
         ({"max_message": 100}, "max_message: "),
         ({"identity_policy": "nope"}, "identity_policy: no policy named 'nope'"),
+        ({"groups": "X25519:nope"}, "groups: refused by OpenSSL: 'X25519:nope'"),
+        ({"groups": ""}, "groups: "),
+        ({"groups": " "}, "groups: refused by OpenSSL"),
         ({"colour": "blue"}, "colour: "),
     ],
 )
 def test_server_option_errors_name_the_key(pki, over, starts):
     assert server_error(pki, **server_options(pki, **over)).startswith(starts)
+
+
+def test_peer_groups_error_names_the_key(pki):
+    text = peer_error(pki, **peer_options(pki, groups="P-256:ffdhe-none"))
+    assert text.startswith("groups: refused by OpenSSL")
 
 
 def test_missing_required_options_are_named(pki):
