@@ -346,8 +346,10 @@ class HaService:
 
         server = ProvisioningServer(
             self.cfg.provisioning,
-            on_install=self.install_sa,
-            on_withdraw=self.withdraw_sa,
+            # The synchronous forms: an install or withdrawal completes at
+            # once, so the provisioning server answers it without a Task.
+            on_install=self.install_sa_now,
+            on_withdraw=self.withdraw_sa_now,
             install_withdraws=True,
             on_pull=None,
         )
@@ -581,6 +583,17 @@ class HaService:
         *,
         log_level: int = logging.INFO,
     ) -> None:
+        """:meth:`install_sa_now`, as a coroutine (the in-process transport awaits it)."""
+        self.install_sa_now(issued, ha_id, withdraw, log_level=log_level)
+
+    def install_sa_now(
+        self,
+        issued: IssuedSA,
+        ha_id: str | None = None,
+        withdraw: Sequence[int] = (),
+        *,
+        log_level: int = logging.INFO,
+    ) -> None:
         """Persist ``issued`` in the SA store, then accept its SPI (PROFILE §9).
 
         Raises ``ValueError`` for an SA this HA must not take: one chosen for
@@ -644,6 +657,10 @@ class HaService:
             )
 
     async def withdraw_sa(self, spi: int) -> None:
+        """:meth:`withdraw_sa_now`, as a coroutine."""
+        self.withdraw_sa_now(spi)
+
+    def withdraw_sa_now(self, spi: int) -> None:
         """The HAC withdrew the SA (superseded, revoked, provisioning failed): dead for good.
 
         The withdrawal record is committed before the store forgets the SA

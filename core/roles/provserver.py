@@ -23,7 +23,8 @@ import logging
 import os
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 from cryptography import x509
 
@@ -89,8 +90,11 @@ PIPELINE = 16
 
 # (issued, ha_id), and with ``install_withdraws`` a third argument: the SPIs
 # of the request's prov-withdraw (core/provisioning.py), if it has any.
-OnInstall = Callable[..., Awaitable[None]]
-OnWithdraw = Callable[[int], Awaitable[None]]
+# Install and withdraw callbacks may complete at once (return None) or
+# return an awaitable: work done at once is answered without a Task or a
+# timer around it, and a burst of such requests with one write (issue 9).
+OnInstall = Callable[..., Awaitable[None] | None]
+OnWithdraw = Callable[[int], Awaitable[None] | None]
 OnPull = Callable[[int, str], Awaitable[IssuedSA | None]]
 
 StrPath = str | os.PathLike[str]
@@ -232,46 +236,98 @@ class ProvisioningServer:
                 return None
         return _ProvSession(self, conn, der)
 
+    @staticmethod
+    def _log_result(
+        req: ProvRequest,
+        peer: str,
+        status: int,
+        reason: str | None = None,
+        note: str = "",
+        mn_id: str | None = None,
+    ) -> None:
+        # A confirmed operation at DEBUG: the HA already writes one INFO
+        # line per installed SA (issue 9: one line per bootstrap); every
+        # refusal and failure at INFO.
+        if mn_id is None:
+            mn_id = req.issued.sa.mn_id if req.issued is not None else "-"
+        log.log(
+            logging.DEBUG if status == OK else logging.INFO,
+            "provisioning peer=%s op=%s spi=%s mn_id=%s ha_id=%s result=%d%s%s",
+            peer,
+            req.op.value,
+            req.spi,
+            mn_id,
+            req.ha_id or "-",
+            status,
+            f" reason={reason}" if reason else "",
+            f" ({note})" if note else "",
+        )
+
+    def _dispatch_now(
+        self, req: ProvRequest, peer: str, peer_der: bytes = b""
+    ) -> bytes | Coroutine[Any, Any, bytes]:
+        """The response content when the operation completes at once, else a
+        coroutine that gives it (bounded by ``cfg.timeout``; run in a Task)."""
+        op = req.op
+        withdraw: tuple[int, ...]
+        if op is ProvOp.INSTALL and self.on_install is not None:
+            assert req.issued is not None
+            withdraw = req.withdraw if self.install_withdraws else ()
+            try:
+                if withdraw:
+                    pending = self.on_install(req.issued, req.ha_id, withdraw)
+                else:
+                    pending = self.on_install(req.issued, req.ha_id)
+            except Exception as exc:
+                return self._internal(req, peer, exc)
+        elif op is ProvOp.WITHDRAW and self.on_withdraw is not None:
+            assert req.spi is not None
+            withdraw = ()
+            try:
+                pending = self.on_withdraw(req.spi)
+            except Exception as exc:
+                return self._internal(req, peer, exc)
+        else:
+            return self._dispatch(req, peer, peer_der)
+        if pending is not None:
+            return self._finish(req, peer, pending, withdraw)
+        return self._confirmed(req, peer, withdraw)
+
+    def _confirmed(self, req: ProvRequest, peer: str, withdraw: tuple[int, ...]) -> bytes:
+        self._log_result(req, peer, OK, note=f"withdrew {len(withdraw)}" if withdraw else "")
+        return encode_response(OK, withdrawn=withdraw)
+
+    def _internal(self, req: ProvRequest, peer: str, exc: BaseException) -> bytes:
+        # Only the class name: a careless callback's message could hold a key.
+        self._log_result(req, peer, INTERNAL_ERROR, REASON_INTERNAL, type(exc).__name__)
+        return encode_response(INTERNAL_ERROR, reason=REASON_INTERNAL)
+
+    async def _finish(
+        self, req: ProvRequest, peer: str, pending: Awaitable[None], withdraw: tuple[int, ...]
+    ) -> bytes:
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return self._internal(req, peer, exc)
+        return self._confirmed(req, peer, withdraw)
+
     async def _dispatch(self, req: ProvRequest, peer: str, peer_der: bytes = b"") -> bytes:
-        spi, op = req.spi, req.op.value
+        """Any operation, awaited (pull; install and withdraw go by ``_dispatch_now``)."""
+        spi = req.spi
         mn_id = req.issued.sa.mn_id if req.issued is not None else "-"
 
         def done(status: int, reason: str | None = None, note: str = "") -> None:
-            # A confirmed operation at DEBUG: the HA already writes one INFO
-            # line per installed SA (issue 9: one line per bootstrap);
-            # every refusal and failure at INFO.
-            log.log(
-                logging.DEBUG if status == OK else logging.INFO,
-                "provisioning peer=%s op=%s spi=%s mn_id=%s ha_id=%s result=%d%s%s",
-                peer,
-                op,
-                spi,
-                mn_id,
-                req.ha_id or "-",
-                status,
-                f" reason={reason}" if reason else "",
-                f" ({note})" if note else "",
-            )
+            self._log_result(req, peer, status, reason, note, mn_id)
 
         try:
-            # asyncio.timeout, not wait_for: no Task (and no extra turn of the
-            # loop) around callbacks that nearly always complete at once.
-            if req.op is ProvOp.INSTALL and self.on_install is not None:
-                assert req.issued is not None
-                withdraw = req.withdraw if self.install_withdraws else ()
-                async with asyncio.timeout(self.cfg.timeout):
-                    if withdraw:
-                        await self.on_install(req.issued, req.ha_id, withdraw)
-                    else:
-                        await self.on_install(req.issued, req.ha_id)
-                done(OK, note=f"withdrew {len(withdraw)}" if withdraw else "")
-                return encode_response(OK, withdrawn=withdraw)
-            if req.op is ProvOp.WITHDRAW and self.on_withdraw is not None:
-                assert spi is not None
-                async with asyncio.timeout(self.cfg.timeout):
-                    await self.on_withdraw(spi)
-                done(OK)
-                return encode_response(OK)
+            if (req.op is ProvOp.INSTALL and self.on_install is not None) or (
+                req.op is ProvOp.WITHDRAW and self.on_withdraw is not None
+            ):
+                result = self._dispatch_now(req, peer, peer_der)
+                return result if isinstance(result, bytes) else await result
             if req.op is ProvOp.PULL and self.on_pull is not None:
                 assert spi is not None
                 if self.pull_names is not None:
@@ -297,19 +353,21 @@ class ProvisioningServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Only the class name: a careless callback's message could hold a key.
-            done(INTERNAL_ERROR, REASON_INTERNAL, type(exc).__name__)
-            return encode_response(INTERNAL_ERROR, reason=REASON_INTERNAL)
+            return self._internal(req, peer, exc)
         done(BAD_REQUEST, REASON_UNSUPPORTED_OP)
         return encode_response(BAD_REQUEST, reason=REASON_UNSUPPORTED_OP)
 
 
 class _ProvSession:
-    """One client's lockstep requests on one connection (a ``TlsHandler``).
+    """One client's requests on one connection (a ``TlsHandler``), answered in order.
 
-    Requests are answered in order, one at a time: while an operation's
-    callback runs the connection is working (reading paused, no deadline,
-    not evictable); a request that arrived with the previous one waits here.
+    Requests that arrived together (a pipelining client) are worked through
+    in one go: each one whose operation completes at once is answered
+    without a Task, and their answers leave in one write (issue 9: one
+    send, one TLS record, one wake-up of the client for a burst).  An
+    operation that must wait runs in a Task while the connection is working
+    (reading paused, no deadline, not evictable); the answers before it are
+    written first, and the requests after it wait here.
     """
 
     def __init__(self, server: ProvisioningServer, conn: TlsConnection, peer_der: bytes) -> None:
@@ -357,25 +415,38 @@ class _ProvSession:
         return task
 
     def _next(self) -> None:
-        """Answer the next queued request, or wait for one."""
-        if not self._queue:
-            self._conn.await_request()
+        """Answer the queued requests, then wait for more."""
+        out: list[bytes] = []
+        server = self._server
+        while self._queue:
+            c = self._queue.popleft()
+            try:
+                self._ids.check_request(c.identifier)
+                req = decode_request(c.content)
+            except WireError as exc:
+                log.info("provisioning peer=%s op=? result=400 (%s)", self._peer, exc)
+                self._queue.clear()
+                out.append(encode_container(c.identifier, _malformed()))
+                self._conn.close(b"".join(out))
+                return
+            result = server._dispatch_now(req, self._peer, self._der)
+            if isinstance(result, bytes):
+                out.append(encode_container(c.identifier, result))
+                if self._conn.closing:
+                    return
+                continue
+            if out:
+                self._conn.write(b"".join(out))
+            self._conn.begin_work()  # no in-progress cap here: always True
+            self._task = asyncio.create_task(self._answer(c.identifier, result))
             return
-        c = self._queue.popleft()
-        try:
-            self._ids.check_request(c.identifier)
-            req = decode_request(c.content)
-        except WireError as exc:
-            log.info("provisioning peer=%s op=? result=400 (%s)", self._peer, exc)
-            self._queue.clear()
-            self._conn.close(encode_container(c.identifier, _malformed()))
-            return
-        self._conn.begin_work()  # no in-progress cap here: always True
-        self._task = asyncio.create_task(self._answer(c.identifier, req))
+        if out:
+            self._conn.write(b"".join(out))
+        self._conn.await_request()
 
-    async def _answer(self, identifier: int, req: ProvRequest) -> None:
+    async def _answer(self, identifier: int, work: Coroutine[Any, Any, bytes]) -> None:
         try:
-            content = await self._server._dispatch(req, self._peer, self._der)
+            content = await work
         finally:
             self._task = None
         if self._conn.closing:
@@ -412,6 +483,7 @@ class _Connection:
         self.on_change = on_change  # a request finished, or this connection failed
         self._busy = False
         self._again = False
+        self._unsent: list[bytes] = []  # requests of this turn of the loop (``submit``)
         tls.on_event = self._on_event
 
     def accepting(self) -> bool:
@@ -424,15 +496,28 @@ class _Connection:
         )
 
     def submit(self, content: bytes) -> asyncio.Future[bytes]:
-        """Send one request; the future gets its response's content."""
+        """Send one request; the future gets its response's content.
+
+        The request leaves at the end of this turn of the event loop, with
+        every other request submitted in it: one TLS record and one send for
+        a burst of installs (issue 9), and one wake-up of the server.
+        """
         identifier = self.ids.next_identifier()
         fut: asyncio.Future[bytes] = self.loop.create_future()
         self.waiting.append((identifier, fut))
+        self._unsent.append(encode_container(identifier, content))
+        if len(self._unsent) == 1:
+            self.loop.call_soon(self._send)
+        return fut
+
+    def _send(self) -> None:
+        out, self._unsent = self._unsent, []
+        if self.failed or not out:
+            return  # their futures failed with the connection
         try:
-            self.tls.write(encode_container(identifier, content))
+            self.tls.write(b"".join(out))
         except BaseException as exc:
             self.fail(exc)
-        return fut
 
     def _on_event(self) -> None:
         # take() may pump records held back, which calls back here: loop
