@@ -472,6 +472,153 @@ def test_ha_that_never_answers_is_timeout(pki: PkiPaths, handshake: bool) -> Non
     run(body())
 
 
+# ----------------------------------------------- bursts (issue 9: one write)
+
+
+class SyncRecorder(Recorder):
+    """Callbacks that complete at once, as the HA's do (install_sa_now)."""
+
+    def __init__(self, fail_spi: int | None = None) -> None:
+        super().__init__()
+        self.fail_spi = fail_spi
+
+    def install(self, issued: IssuedSA, ha_id: str) -> None:  # type: ignore[override]
+        if issued.sa.spi == self.fail_spi:
+            raise RuntimeError("secret-looking failure text")
+        self.installed.append((issued, ha_id))
+
+    def withdraw(self, spi: int) -> None:  # type: ignore[override]
+        self.withdrawn.append(spi)
+
+
+def count_writes(monkeypatch: pytest.MonkeyPatch, cls: type) -> list[int]:
+    """Record the size of every ``cls.write`` call (server or client TLS side)."""
+    sizes: list[int] = []
+    real = cls.write
+
+    def write(self: Any, data: bytes) -> None:
+        sizes.append(len(data))
+        real(self, data)
+
+    monkeypatch.setattr(cls, "write", write)
+    return sizes
+
+
+async def burst(pki: PkiPaths, port: int, data: bytes, answers: int) -> list[Any]:
+    """Send ``data`` in one write; read until ``answers`` containers came."""
+    ctx = client_context(pki.ca_cert, pki.hac_client_cert, pki.hac_client_key)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="ha.mipsec.test"
+    )
+    writer.write(data)
+    decoder, got = ContainerDecoder(), []
+    while len(got) < answers:
+        chunk = await asyncio.wait_for(reader.read(65536), 10)
+        assert chunk, "the server closed before answering"
+        got.extend(decoder.feed(chunk))
+    writer.close()
+    return got
+
+
+def test_burst_of_requests_answered_with_one_write(
+    pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mipsec.core.roles.tlsserver import TlsConnection
+
+    rec = SyncRecorder()
+    writes = count_writes(monkeypatch, TlsConnection)
+    data = (
+        encode_container(1, encode_install(make_issued(spi=11)))
+        + encode_container(2, encode_withdraw(11))
+        + encode_container(3, encode_install(make_issued(spi=12)))
+    )
+    got = run(serving(ha_listener(pki), rec, lambda port: burst(pki, port, data, 3)))
+    assert [c.identifier for c in got] == [1, 2, 3]
+    assert [decode_response(c.content).status for c in got] == [200, 200, 200]
+    assert [i.sa.spi for i, _ in rec.installed] == [11, 12] and rec.withdrawn == [11]
+    assert len(writes) == 1  # three answers, one write (one TLS record, one send)
+
+
+def test_failing_callback_in_a_burst_is_500_and_the_rest_is_served(
+    pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mipsec.provisioning")
+    rec = SyncRecorder(fail_spi=22)
+    data = b"".join(encode_container(i, encode_install(make_issued(spi=20 + i))) for i in (1, 2, 3))
+    got = run(serving(ha_listener(pki), rec, lambda port: burst(pki, port, data, 3)))
+    answers = [decode_response(c.content) for c in got]
+    assert [(r.status, r.reason) for r in answers] == [(200, None), (500, "internal"), (200, None)]
+    assert [i.sa.spi for i, _ in rec.installed] == [21, 23]
+    assert "RuntimeError" in caplog.text and "secret-looking" not in caplog.text
+
+
+def test_waiting_callback_in_a_burst_keeps_the_order(pki: PkiPaths) -> None:
+    # Install 31 completes at once, the withdraw waits, install 33 completes
+    # at once: the answer to 31 leaves before the withdraw is done, and 33 is
+    # worked on only after it (answers in request order, PROFILE §9).
+    rec = SyncRecorder()
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def slow_withdraw(spi: int) -> None:
+        order.append(f"withdraw {spi} started")
+        await release.wait()
+        rec.withdrawn.append(spi)
+
+    def install(issued: IssuedSA, ha_id: str) -> None:
+        order.append(f"install {issued.sa.spi}")
+        rec.installed.append((issued, ha_id))
+
+    async def body(port: int) -> list[Any]:
+        ctx = client_context(pki.ca_cert, pki.hac_client_cert, pki.hac_client_key)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="ha.mipsec.test"
+        )
+        writer.write(
+            encode_container(1, encode_install(make_issued(spi=31)))
+            + encode_container(2, encode_withdraw(31))
+            + encode_container(3, encode_install(make_issued(spi=33)))
+        )
+        decoder, got = ContainerDecoder(), []
+        while not got:
+            got.extend(decoder.feed(await asyncio.wait_for(reader.read(65536), 10)))
+        assert [c.identifier for c in got] == [1]  # the withdraw still waits
+        assert order == ["install 31", "withdraw 31 started"]
+        release.set()
+        while len(got) < 3:
+            got.extend(decoder.feed(await asyncio.wait_for(reader.read(65536), 10)))
+        writer.close()
+        return got
+
+    got = run(serving(ha_listener(pki), rec, body, on_install=install, on_withdraw=slow_withdraw))
+    assert [c.identifier for c in got] == [1, 2, 3]
+    assert [decode_response(c.content).status for c in got] == [200, 200, 200]
+    assert order == ["install 31", "withdraw 31 started", "install 33"]
+
+
+def test_client_sends_the_requests_of_one_turn_in_one_write(
+    pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mipsec.core.roles.tlsserver import TlsConnection
+    from mipsec.core.tlsclient import TlsClient
+
+    rec = SyncRecorder()
+    client_writes = count_writes(monkeypatch, TlsClient)
+    server_writes = count_writes(monkeypatch, TlsConnection)
+
+    async def body(port: int) -> None:
+        t = transport(pki, port)
+        await t.provision(HA, make_issued(spi=40), 5)  # opens the connection
+        del client_writes[:], server_writes[:]
+        await asyncio.gather(*(t.provision(HA, make_issued(spi=i), 5) for i in range(41, 46)))
+        await t.aclose()
+
+    run(serving(ha_listener(pki), rec, body))
+    assert sorted(i.sa.spi for i, _ in rec.installed) == list(range(40, 46))
+    assert len(client_writes) == 1  # five requests, one TLS record
+    assert len(server_writes) == 1  # and their five answers in one
+
+
 # ------------------------------------------------------------ malformed input
 
 
