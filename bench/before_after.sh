@@ -26,6 +26,12 @@ if [[ ! -d $dir/.venv ]]; then
   "$dir/.venv/bin/python" -m pip install -q -e "$dir[test]"
 fi
 git -C "$dir" checkout -q -f "$base"
+# A base with other dependencies than the venv was built for: install again.
+stamp=$(sha256sum "$dir/pyproject.toml" | cut -d' ' -f1)
+if [[ $(cat "$dir/.venv/.pyproject.sha256" 2>/dev/null) != "$stamp" ]]; then
+  "$dir/.venv/bin/python" -m pip install -q -e "$dir[test]"
+  echo "$stamp" >"$dir/.venv/.pyproject.sha256"
+fi
 # The same in-process HA as this checkout's bench (see above).
 python3 "$here/bench/tools/before_patch.py" "$dir/bench/bootstrap.py"
 
