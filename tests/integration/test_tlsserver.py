@@ -197,6 +197,10 @@ async def _still_open(reader: asyncio.StreamReader) -> bool:
         data = await asyncio.wait_for(reader.read(100), 0.01)
     except TimeoutError:
         return True
+    except ConnectionResetError:
+        # An octet written after the server's close drew a reset (a race in
+        # the client's timing, not the server's): closed all the same.
+        return False
     return bool(data)
 
 
