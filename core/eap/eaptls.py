@@ -207,7 +207,8 @@ def _set_groups(ctx: SSL.Context, groups: str) -> None:
     # pyOpenSSL has no public call for a group list (set_tmp_ecdh takes one
     # EC curve, no X25519); its bindings carry SSL_CTX_set1_curves_list, the
     # alias of SSL_CTX_set1_groups_list.  pyOpenSSL is pinned in
-    # pyproject.toml; tests/unit/test_eaptls_groups.py checks the call works.
+    # pyproject.toml; the groups tests in tests/unit/test_eap_tls.py check
+    # that the call takes effect (the negotiated group, the packet count).
     text = groups.encode("ascii", "replace")
     if not groups.strip() or _ssl_lib.SSL_CTX_set1_curves_list(ctx._context, text) != 1:
         _ssl_lib.ERR_clear_error()

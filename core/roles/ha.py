@@ -573,7 +573,7 @@ class HaService:
         # From a HAC in this process (local transport): its event_log line
         # (sa_issued) already tells the operator, so the install's own line is
         # DEBUG -- one INFO line per bootstrap (issue 9).
-        await self.install_sa(issued, ha_id, withdraw, log_level=logging.DEBUG)
+        self.install_sa_now(issued, ha_id, withdraw, log_level=logging.DEBUG)
 
     async def install_sa(
         self,

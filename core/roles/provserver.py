@@ -288,7 +288,7 @@ class ProvisioningServer:
             except Exception as exc:
                 return self._internal(req, peer, exc)
         else:
-            return self._dispatch(req, peer, peer_der)
+            return self._dispatch_other(req, peer, peer_der)
         if pending is not None:
             return self._finish(req, peer, pending, withdraw)
         return self._confirmed(req, peer, withdraw)
@@ -314,8 +314,8 @@ class ProvisioningServer:
             return self._internal(req, peer, exc)
         return self._confirmed(req, peer, withdraw)
 
-    async def _dispatch(self, req: ProvRequest, peer: str, peer_der: bytes = b"") -> bytes:
-        """Any operation, awaited (pull; install and withdraw go by ``_dispatch_now``)."""
+    async def _dispatch_other(self, req: ProvRequest, peer: str, peer_der: bytes = b"") -> bytes:
+        """Pull, and any operation this server has no callback for (400)."""
         spi = req.spi
         mn_id = req.issued.sa.mn_id if req.issued is not None else "-"
 
@@ -323,11 +323,6 @@ class ProvisioningServer:
             self._log_result(req, peer, status, reason, note, mn_id)
 
         try:
-            if (req.op is ProvOp.INSTALL and self.on_install is not None) or (
-                req.op is ProvOp.WITHDRAW and self.on_withdraw is not None
-            ):
-                result = self._dispatch_now(req, peer, peer_der)
-                return result if isinstance(result, bytes) else await result
             if req.op is ProvOp.PULL and self.on_pull is not None:
                 assert spi is not None
                 if self.pull_names is not None:
