@@ -70,12 +70,14 @@ __all__ = [
     "PROV_WITHDRAW_HEADER",
     "REASON_INTERNAL",
     "REASON_MALFORMED",
+    "REASON_REFUSED",
     "REASON_UNKNOWN_SPI",
     "REASON_UNSUPPORTED_OP",
     "ProvOp",
     "ProvRequest",
     "ProvResponse",
     "ProvisioningFailed",
+    "ProvisioningRefused",
     "decode_request",
     "decode_response",
     "encode_install",
@@ -100,6 +102,7 @@ REASON_MALFORMED = "malformed"
 REASON_UNSUPPORTED_OP = "unsupported-op"
 REASON_UNKNOWN_SPI = "unknown-spi"
 REASON_INTERNAL = "internal"
+REASON_REFUSED = "refused"
 
 _REASON = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _REASON_MAX = 64
@@ -141,6 +144,21 @@ class ProvisioningFailed(ConnectionError):
     def __init__(self, reason: str, status: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
+
+
+class ProvisioningRefused(ValueError):
+    """An HA's deliberate refusal of an install or withdrawal, raised before
+    it changed anything (an SA for another HA, one already expired, one
+    withdrawn earlier).
+
+    The network transport answers it with 400 and ``prov-reason: refused``;
+    any other exception of an HA's callback is 500 (``internal``): its outcome
+    is unknown.  The HAC tells them apart where it matters: after a refused
+    install that carried ``prov-withdraw`` the older SAs are still live on the
+    HA, after a 500 they may not be, so the HAC retires them too and withdraws
+    them until the HA confirms (fail closed).  A third-party HA callback
+    raises this, with the reason in its message, only when nothing happened.
+    """
 
 
 # ------------------------------------------------------------------ helpers

@@ -65,6 +65,7 @@ from mipsec.core.ha_core import (
 from mipsec.core.hookspecs import PluginContext, SAStore
 from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
+from mipsec.core.provisioning import ProvisioningRefused
 from mipsec.core.startup_heap import freeze_heap
 
 log = logging.getLogger("mipsec.ha")
@@ -596,9 +597,12 @@ class HaService:
     ) -> None:
         """Persist ``issued`` in the SA store, then accept its SPI (PROFILE §9).
 
-        Raises ``ValueError`` for an SA this HA must not take: one chosen for
-        another HA id, one already past its validity end, or one withdrawn
-        earlier (dead for good: a repeated install or a pull cannot revive it).
+        Raises ``ProvisioningRefused`` (a ``ValueError``), before changing
+        anything, for an SA this HA must not take: one chosen for another HA
+        id, one already past its validity end, or one withdrawn earlier (dead
+        for good: a repeated install or a pull cannot revive it).  Any other
+        failure (e.g. the binding cache cannot commit) leaves the new SA dead
+        here and propagates; the older SAs of ``withdraw`` may be gone.
 
         ``withdraw``: SPIs the new SA supersedes (``prov-withdraw``), withdrawn
         exactly as ``withdraw_sa`` does, once the new SA is installed and in
@@ -610,13 +614,13 @@ class HaService:
         for who in (ha_id, sa.ha_id):
             if who and who != mine:
                 log.warning("spi=%d refused: provisioned for HA %s, this is %s", sa.spi, who, mine)
-                raise ValueError(f"ha_id: SA is for HA {who!r}, this HA is {mine!r}")
+                raise ProvisioningRefused(f"ha_id: SA is for HA {who!r}, this HA is {mine!r}")
         now = utcnow()
         if sa.validity_end <= now:
-            raise ValueError(f"validity_end: SA spi={sa.spi} already expired")
+            raise ProvisioningRefused(f"validity_end: SA spi={sa.spi} already expired")
         if self.core.is_withdrawn(issued):
             log.warning("spi=%d mn_id=%s refused: withdrawn earlier", sa.spi, sa.mn_id)
-            raise ValueError(f"spi: {sa.spi} was withdrawn; it is not accepted again")
+            raise ProvisioningRefused(f"spi: {sa.spi} was withdrawn; it is not accepted again")
         if self._to_discard and sa.spi in self._to_discard:
             # A withdrawn SA's row still waits for its delete (``_withdrawn``):
             # delete it now, not after this SA's row under the same SPI.
@@ -631,10 +635,21 @@ class HaService:
                 self.store.remove(sa.spi)
                 if not self.store.add(issued):
                     raise RuntimeError(f"spi={sa.spi}: SA store refused the SA")
-        installed = self.core.install_sa(issued)
-        gone = [self._withdraw_in_core(spi) for spi in withdraw]
-        if installed or withdraw:
-            self.bindings.flush()  # its records, before the HAC hears "installed"
+        installed = False
+        try:
+            installed = self.core.install_sa(issued)
+            gone = [self._withdraw_in_core(spi) for spi in withdraw]
+            if installed or withdraw:
+                self.bindings.flush()  # its records, before the HAC hears "installed"
+        except BaseException:
+            # Nothing half-provisioned stays live: the HAC hears 500 and
+            # withdraws this SA (and, not knowing whether the older ones went,
+            # retires them too), so it is dead here at once.  Its records wait
+            # in the binding cache for the next flush that succeeds.
+            if installed:
+                for ev in self.core.remove_sa(sa.spi, issued=issued):
+                    self._log_binding(ev)
+            raise
         for spi, known in zip(withdraw, gone, strict=True):
             self._withdrawn(spi, known)
         if installed:

@@ -54,7 +54,7 @@ from mipsec.core.hookspecs import (
 )
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
-from mipsec.core.provisioning import MAX_PIGGYBACK
+from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
@@ -687,21 +687,24 @@ class HacService:
             # confirms, also across restarts: the store records it).
             self._issuing_spis.discard(spi)
             self.retire(spi, "provisioning-failed")
-            answered = getattr(exc, "status", None) is not None
+            refused = _refused(exc)
             if taken is not None:
-                if answered:
+                if refused:
                     # The HA refused the install: it withdrew nothing either.
                     store.restore(taken)
                 else:
-                    # No answer: the HA may have withdrawn them.  They stay
-                    # retired, and are withdrawn until the HA confirms.
+                    # No answer, or a 5xx (outcome unknown): the HA may have
+                    # withdrawn them.  They stay retired, and are withdrawn
+                    # until the HA confirms.
                     for x in taken:
                         self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
-            elif old and not answered:
+            elif old and not refused:
                 # The same without the one-transaction store.
                 for s in old:
                     self.retire(s, "superseded")
-            if isinstance(exc, TimeoutError | ConnectionError | OSError):
+            # An in-process HA's refusal is the same to the MN as a network
+            # HA's 400: not confirmed, 504 (PROFILE §9).
+            if isinstance(exc, TimeoutError | ConnectionError | OSError | ProvisioningRefused):
                 failure = IssueFailure(TIMEOUT, f"ha-no-confirmation:{type(exc).__name__}")
                 failure.ha_id = ha.ha_id  # type: ignore[attr-defined]
                 failure.spi = spi  # type: ignore[attr-defined]
@@ -861,6 +864,17 @@ def hac_policy(cfg: HACConfig) -> HacPolicy:
         allowed_suites=cfg.policy.suites,
         max_scope=cfg.policy.max_scope,
     )
+
+
+def _refused(exc: BaseException) -> bool:
+    """The HA refused a provisioning operation before changing anything: a
+    4xx answer, or ``ProvisioningRefused`` from an in-process HA.  No answer
+    or a 5xx (e.g. the HA's binding cache could not commit) leaves the
+    outcome unknown."""
+    if isinstance(exc, ProvisioningRefused):
+        return True
+    status = getattr(exc, "status", None)
+    return isinstance(status, int) and 400 <= status < 500
 
 
 def _retry_after(seconds: int = 30) -> datetime:

@@ -43,9 +43,11 @@ from mipsec.core.provisioning import (
     OK,
     REASON_INTERNAL,
     REASON_MALFORMED,
+    REASON_REFUSED,
     REASON_UNKNOWN_SPI,
     REASON_UNSUPPORTED_OP,
     ProvisioningFailed,
+    ProvisioningRefused,
     ProvOp,
     ProvRequest,
     ProvResponse,
@@ -157,7 +159,9 @@ class ProvisioningServer:
     An operation without a callback (e.g. install on the HAC's pull server)
     gets 400 ``unsupported-op``; a malformed request gets 400 ``malformed``
     and the connection is closed; other connections are unaffected.
-    Callbacks are bounded by ``cfg.timeout`` and a failing one gives 500.
+    Callbacks are bounded by ``cfg.timeout``; one that raises
+    ``ProvisioningRefused`` gives 400 (``refused``: nothing changed), any
+    other failure 500 (``internal``: outcome unknown).
 
     Connections are those of core/roles/tlsserver.py: ``cfg.timeout`` bounds
     the handshake, the wait for a request and each request (first octet to
@@ -298,7 +302,14 @@ class ProvisioningServer:
         return encode_response(OK, withdrawn=withdraw)
 
     def _internal(self, req: ProvRequest, peer: str, exc: BaseException) -> bytes:
-        # Only the class name: a careless callback's message could hold a key.
+        if isinstance(exc, ProvisioningRefused):
+            # Refused before anything changed: 400, so the HAC knows the
+            # older SAs of a superseding install are still live here.  The
+            # HA's own refusal messages name fields and SPIs, never keys.
+            self._log_result(req, peer, BAD_REQUEST, REASON_REFUSED, str(exc))
+            return encode_response(BAD_REQUEST, reason=REASON_REFUSED)
+        # Outcome unknown.  Only the class name: a careless callback's message
+        # could hold a key.
         self._log_result(req, peer, INTERNAL_ERROR, REASON_INTERNAL, type(exc).__name__)
         return encode_response(INTERNAL_ERROR, reason=REASON_INTERNAL)
 

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from mipsec.core.hookspecs import PluginContext
 from mipsec.core.issuer import new_sa
 from mipsec.core.mn_registration import MnRegistration, Registered, Transmit
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
+from mipsec.core.provisioning import ProvisioningRefused
 from mipsec.core.roles.ha import HaService
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.wire.esp import NEXT_HEADER_MH, PTYPE_MH, InboundSA, OutboundSA
@@ -539,3 +541,52 @@ def test_withdrawn_row_left_in_the_store_is_dead_after_a_restart(tmp_path: Path)
 
     run(first())
     run(second())
+
+
+def test_install_whose_commit_fails_leaves_the_new_sa_dead(tmp_path: Path) -> None:
+    """Nothing half-provisioned stays live: the binding cache cannot commit
+    the records of a superseding install.  The install raises (the HAC hears
+    500, outcome unknown), the new SA does not verify a BU, and the older SA
+    it withdrew in memory stays withdrawn -- also after a restart, once a
+    later flush succeeded.  A refusal (expired SA) is ``ProvisioningRefused``
+    and changes nothing."""
+    older, newer = make_issued(spi=0x1001), make_issued(spi=0x1002)
+
+    async def main() -> tuple[bool, bool]:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        await svc.install_sa(older)
+        real_write = svc.bindings._write
+        calls = 0
+
+        def failing_write(*args: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise sqlite3.OperationalError("disk I/O error")
+            real_write(*args)
+
+        svc.bindings._write = failing_write  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.OperationalError):
+            svc.install_sa_now(newer, "ha1", (older.sa.spi,))
+        assert not svc.core.has_spi(newer.sa.spi) and not svc.core.has_spi(older.sa.spi)
+        mn = MN(newer)
+        try:
+            await mn.send(mn.bu(1), addrs[0])
+            assert await mn.nothing()
+        finally:
+            mn.close()
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        third = make_issued(spi=0x1003)
+        expired = IssuedSA(dataclasses.replace(third.sa, validity_end=past), third.bootstrap)
+        with pytest.raises(ProvisioningRefused, match="validity_end"):
+            svc.install_sa_now(expired, "ha1", (0x1004,))
+        await svc.stop()  # its flush succeeds: the withdrawal records are durable
+        again = HaService(ha_config(tmp_path))
+        await again.start()
+        try:
+            return again.core.has_spi(older.sa.spi), again.core.has_spi(newer.sa.spi)
+        finally:
+            await again.stop()
+
+    assert run(main()) == (False, False)

@@ -24,6 +24,7 @@ from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
 from mipsec.core.pki import PkiPaths, init_pki
 from mipsec.core.provisioning import (
     ProvisioningFailed,
+    ProvisioningRefused,
     decode_response,
     encode_install,
     encode_withdraw,
@@ -478,13 +479,16 @@ def test_ha_that_never_answers_is_timeout(pki: PkiPaths, handshake: bool) -> Non
 class SyncRecorder(Recorder):
     """Callbacks that complete at once, as the HA's do (install_sa_now)."""
 
-    def __init__(self, fail_spi: int | None = None) -> None:
+    def __init__(self, fail_spi: int | None = None, refuse_spi: int | None = None) -> None:
         super().__init__()
         self.fail_spi = fail_spi
+        self.refuse_spi = refuse_spi
 
     def install(self, issued: IssuedSA, ha_id: str) -> None:  # type: ignore[override]
         if issued.sa.spi == self.fail_spi:
             raise RuntimeError("secret-looking failure text")
+        if issued.sa.spi == self.refuse_spi:
+            raise ProvisioningRefused(f"validity_end: SA spi={issued.sa.spi} already expired")
         self.installed.append((issued, ha_id))
 
     def withdraw(self, spi: int) -> None:  # type: ignore[override]
@@ -550,6 +554,22 @@ def test_failing_callback_in_a_burst_is_500_and_the_rest_is_served(
     assert [(r.status, r.reason) for r in answers] == [(200, None), (500, "internal"), (200, None)]
     assert [i.sa.spi for i, _ in rec.installed] == [21, 23]
     assert "RuntimeError" in caplog.text and "secret-looking" not in caplog.text
+
+
+def test_refusal_is_400_refused_and_failure_500_internal(
+    pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ProvisioningRefused`` (nothing changed) and any other failure
+    (outcome unknown) get different answers: the HAC keeps an older SA live
+    only after the first (test_refused_superseding_install_keeps_the_older_sa)."""
+    caplog.set_level(logging.INFO, logger="mipsec.provisioning")
+    rec = SyncRecorder(fail_spi=42, refuse_spi=41)
+    data = b"".join(encode_container(i, encode_install(make_issued(spi=40 + i))) for i in (1, 2))
+    got = run(serving(ha_listener(pki), rec, lambda port: burst(pki, port, data, 2)))
+    answers = [decode_response(c.content) for c in got]
+    assert [(r.status, r.reason) for r in answers] == [(400, "refused"), (500, "internal")]
+    assert rec.installed == []
+    assert "result=400 reason=refused (validity_end: SA spi=41 already expired)" in caplog.text
 
 
 def test_waiting_callback_in_a_burst_keeps_the_order(pki: PkiPaths) -> None:
@@ -871,12 +891,12 @@ class SupersedeRecorder(Recorder):
     def __init__(self) -> None:
         super().__init__()
         self.superseded: list[tuple[int, tuple[int, ...]]] = []
-        self.refuse_next = False
+        self.refuse_next: Exception | None = None
 
     async def install(self, issued: IssuedSA, ha_id: str, withdraw: tuple[int, ...] = ()) -> None:
-        if self.refuse_next:
-            self.refuse_next = False
-            raise RuntimeError("refused")
+        if self.refuse_next is not None:
+            exc, self.refuse_next = self.refuse_next, None
+            raise exc
         await super().install(issued, ha_id)
         self.superseded.append((issued.sa.spi, withdraw))
 
@@ -926,28 +946,55 @@ def test_second_sa_install_withdraws_the_first_in_the_same_exchange(
 
 
 def test_refused_superseding_install_keeps_the_older_sa(tmp_path: Path, pki: PkiPaths) -> None:
-    """An HA that refuses the install withdrew nothing: the MN's older SA
-    stays live (the MN got 504 for the new one, nothing of it survives)."""
+    """An HA that refuses the install (400 ``refused``: nothing changed)
+    withdrew nothing: the MN's older SA stays live (the MN got 504 for the
+    new one, nothing of it survives)."""
+    first, status, live, pending = _superseding_install_failing(
+        tmp_path, pki, ProvisioningRefused("validity_end: already expired")
+    )
+    assert status == 504 and live == [first.sa.spi] and first.sa.spi not in pending
+
+
+def test_superseding_install_failing_with_500_retires_the_older_sa_too(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """A 500 from the HA (e.g. its binding cache could not commit after it
+    had withdrawn the older SA in memory) leaves the outcome unknown: the HAC
+    must not keep calling live what the HA may have killed.  The older SA is
+    retired and withdrawn until the HA confirms, as for no answer at all."""
+    first, status, live, pending = _superseding_install_failing(
+        tmp_path, pki, RuntimeError("disk I/O error")
+    )
+    assert status == 504 and live == []
+    assert first.sa.spi in pending
+
+
+def _superseding_install_failing(
+    tmp_path: Path, pki: PkiPaths, exc: Exception
+) -> tuple[IssuedSA, int, list[int], list[int]]:
     rec = SupersedeRecorder()
 
-    async def body(port: int) -> tuple[IssuedSA, int, list[int]]:
+    async def body(port: int) -> tuple[IssuedSA, int, list[int], list[int]]:
         hac = HacService(hac_config(tmp_path, pki, port))
         await hac.start()
         try:
             first = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
             hac.deliver(first, "test")
-            rec.refuse_next = True
+            rec.refuse_next = exc
             with pytest.raises(IssueFailure) as info:
                 await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
-            live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, datetime.now(UTC))]
+            now = datetime.now(UTC)
+            live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, now)]
+            pending = [p[0] for p in hac.store.retired_unconfirmed(now)]
         finally:
             await hac.stop()
-        return first, info.value.status, live
+        # The failed SA is withdrawn (in case it was installed).
+        assert [s for s in rec.withdrawn if s != first.sa.spi]
+        if isinstance(exc, ProvisioningRefused):
+            assert first.sa.spi not in rec.withdrawn
+        return first, info.value.status, live, pending
 
-    first, status, live = run(serving(ha_listener(pki), rec, body, install_withdraws=True))
-    assert status == 504 and live == [first.sa.spi]
-    # The refused SA is withdrawn (in case it was installed); the older one is not.
-    assert first.sa.spi not in rec.withdrawn and len(rec.withdrawn) == 1
+    return run(serving(ha_listener(pki), rec, body, install_withdraws=True))
 
 
 def test_unanswered_superseding_install_retires_the_older_sa_too(
