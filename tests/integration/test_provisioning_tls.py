@@ -25,8 +25,10 @@ from mipsec.core.pki import PkiPaths, init_pki
 from mipsec.core.provisioning import (
     ProvisioningFailed,
     ProvisioningRefused,
+    decode_request,
     decode_response,
     encode_install,
+    encode_response,
     encode_withdraw,
 )
 from mipsec.core.roles.hac import HacService, IssueFailure
@@ -1108,3 +1110,63 @@ def test_superseding_install_with_a_protocol_only_store(tmp_path: Path, pki: Pki
     first, second, live, pending = run(serving(ha_listener(pki), rec, body, install_withdraws=True))
     assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, (first.sa.spi,))]
     assert rec.withdrawn == [] and live == [second.sa.spi] and pending == []
+
+
+def test_garbage_from_the_ha_mid_burst_fails_that_burst(tmp_path: Path, pki: PkiPaths) -> None:
+    """An HA (or whoever holds its key) answers a pipelined burst of installs
+    with garbage: every install waiting on that connection fails (504 to its
+    MN), none of those SAs is live in the HAC's store, each is withdrawn on a
+    fresh connection until confirmed, and the next bootstrap is served."""
+    mn_ids = [f"mn{i}@home.example" for i in range(3)]
+    seen: list[list[tuple[str, int | None]]] = []
+
+    async def fake_ha(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ops: list[tuple[str, int | None]] = []
+        seen.append(ops)
+        first = len(seen) == 1
+        decoder = ContainerDecoder()
+        try:
+            while chunk := await reader.read(65536):
+                for c in decoder.feed(chunk):
+                    req = decode_request(c.content)
+                    ops.append((req.op.value, req.spi))
+                    if not first:
+                        writer.write(encode_container(c.identifier, encode_response(200)))
+                if first and len(ops) == len(mn_ids):
+                    writer.write(b"\x17" * 64)  # not a container
+        except (ConnectionError, ssl.SSLError):
+            pass
+        writer.close()
+
+    async def body() -> tuple[list[Any], list[int], list[int], Any]:
+        ctx = ProvisioningServer(ha_listener(pki)).ssl_context
+        server = await asyncio.start_server(fake_ha, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        hac = HacService(hac_config(tmp_path, pki, port))
+        await hac.start()
+        try:
+            results = await asyncio.gather(
+                *(hac.issue_sa(m, Suite.AES_128_CBC_SHA256, 1) for m in mn_ids),
+                return_exceptions=True,
+            )
+            now = datetime.now(UTC)
+            live = [i.sa.spi for m in mn_ids for i in hac.store.live_for_mn(m, now)]
+            for _ in range(100):  # the first withdrawal retry comes after 0.5 s
+                if not hac.store.retired_unconfirmed(datetime.now(UTC)):
+                    break
+                await asyncio.sleep(0.05)
+            pending = [p[0] for p in hac.store.retired_unconfirmed(datetime.now(UTC))]
+            after = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+        finally:
+            await hac.stop()
+            server.close()
+        return results, live, pending, after
+
+    results, live, pending, after = run(body())
+    assert [getattr(r, "status", None) for r in results] == [504, 504, 504]
+    assert live == [] and pending == []
+    installs = [spi for op, spi in seen[0] if op == "install"]
+    assert len(installs) == 3  # one connection carried the whole burst
+    withdrawn = sorted(spi for ops in seen[1:] for op, spi in ops if op == "withdraw")
+    assert withdrawn == sorted(installs)  # each withdrawn, on fresh connections
+    assert ("install", after.sa.spi) in [x for ops in seen[1:] for x in ops]
