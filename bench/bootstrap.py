@@ -112,8 +112,13 @@ async def _serve_tls(cert: str, key: str, strict: bool) -> None:
         ssl_handshake_timeout=TIMEOUT,
         reuse_address=True,
     )
-    port = server.sockets[0].getsockname()[1]
-    print(f"READY {port}", flush=True)
+    await serve_until_signal(server)
+
+
+async def serve_until_signal(server: asyncio.Server) -> None:
+    """Print ``READY <port>`` for the parent bench, serve until SIGINT/SIGTERM."""
+    print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
