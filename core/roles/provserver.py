@@ -273,26 +273,22 @@ class ProvisioningServer:
         """The response content when the operation completes at once, else a
         coroutine that gives it (bounded by ``cfg.timeout``; run in a Task)."""
         op = req.op
-        withdraw: tuple[int, ...]
-        if op is ProvOp.INSTALL and self.on_install is not None:
-            assert req.issued is not None
-            withdraw = req.withdraw if self.install_withdraws else ()
-            try:
+        withdraw: tuple[int, ...] = ()
+        try:
+            if op is ProvOp.INSTALL and self.on_install is not None:
+                assert req.issued is not None
+                withdraw = req.withdraw if self.install_withdraws else ()
                 if withdraw:
                     pending = self.on_install(req.issued, req.ha_id, withdraw)
                 else:
                     pending = self.on_install(req.issued, req.ha_id)
-            except Exception as exc:
-                return self._internal(req, peer, exc)
-        elif op is ProvOp.WITHDRAW and self.on_withdraw is not None:
-            assert req.spi is not None
-            withdraw = ()
-            try:
+            elif op is ProvOp.WITHDRAW and self.on_withdraw is not None:
+                assert req.spi is not None
                 pending = self.on_withdraw(req.spi)
-            except Exception as exc:
-                return self._internal(req, peer, exc)
-        else:
-            return self._dispatch_other(req, peer, peer_der)
+            else:
+                return self._dispatch_other(req, peer, peer_der)
+        except Exception as exc:
+            return self._failed(req, peer, exc)
         if pending is not None:
             return self._finish(req, peer, pending, withdraw)
         return self._confirmed(req, peer, withdraw)
@@ -301,7 +297,7 @@ class ProvisioningServer:
         self._log_result(req, peer, OK, note=f"withdrew {len(withdraw)}" if withdraw else "")
         return encode_response(OK, withdrawn=withdraw)
 
-    def _internal(self, req: ProvRequest, peer: str, exc: BaseException) -> bytes:
+    def _failed(self, req: ProvRequest, peer: str, exc: BaseException) -> bytes:
         if isinstance(exc, ProvisioningRefused):
             # Refused before anything changed: 400, so the HAC knows the
             # older SAs of a superseding install are still live here.  The
@@ -322,7 +318,7 @@ class ProvisioningServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return self._internal(req, peer, exc)
+            return self._failed(req, peer, exc)
         return self._confirmed(req, peer, withdraw)
 
     async def _dispatch_other(self, req: ProvRequest, peer: str, peer_der: bytes = b"") -> bytes:
@@ -359,7 +355,7 @@ class ProvisioningServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return self._internal(req, peer, exc)
+            return self._failed(req, peer, exc)
         done(BAD_REQUEST, REASON_UNSUPPORTED_OP)
         return encode_response(BAD_REQUEST, reason=REASON_UNSUPPORTED_OP)
 
