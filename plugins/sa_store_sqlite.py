@@ -42,7 +42,7 @@ import logging
 import math
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -932,6 +932,29 @@ class SQLiteSAStore:
             )
         self._view = None  # rebuilt from the table at the next look
         return len(rows)
+
+    def add_many(self, group: Sequence[IssuedSA], now: datetime | None = None) -> list[bool]:
+        """``add`` of each SA of ``group`` in one transaction (one commit).
+
+        The HA's group commit of a burst of installs (issue 9).  False for an
+        SA whose SPI is held or retired: nothing stored for that one -- the
+        caller calls ``add`` for it, whose own path clears an expired holder.
+        A failure rolls back the whole group.  Optional fast path: not part of
+        the ``SAStore`` protocol.
+        """
+        rows = [self._sealed_row(issued) for issued in group]  # refuses bad SPIs first
+        t = self._now(now)
+        pending = t if self.track_delivery else None
+        with self._tx() as c:
+            added = [
+                c.execute(_INSERT, (*row, pending, spi)).rowcount == 1 for spi, _h, row in rows
+            ]
+        view = self._view  # updated only once the transaction committed
+        if view is not None:
+            for (_spi, head, _row), ok in zip(rows, added, strict=True):
+                if ok:
+                    self._view_insert(view, head)
+        return added
 
     @staticmethod
     def _view_insert(view: _LiveView, head: tuple[Any, ...]) -> None:

@@ -96,6 +96,13 @@ PIPELINE = 16
 # return an awaitable: work done at once is answered without a Task or a
 # timer around it, and a burst of such requests with one write (issue 9).
 OnInstall = Callable[..., Awaitable[None] | None]
+# A pipelined burst of installs at once: ``(issued, ha_id, withdraw)`` each
+# (withdraw empty without ``install_withdraws``), in order; per item None
+# (installed) or the exception it failed with.  Lets the HA commit a burst
+# once (issue 9: group commit) where ``on_install`` commits per SA.
+OnInstallMany = Callable[
+    [list[tuple[IssuedSA, str | None, tuple[int, ...]]]], list[Exception | None]
+]
 OnWithdraw = Callable[[int], Awaitable[None] | None]
 OnPull = Callable[[int, str], Awaitable[IssuedSA | None]]
 
@@ -174,6 +181,7 @@ class ProvisioningServer:
         cfg: ProvisioningListener,
         *,
         on_install: OnInstall | None = None,
+        on_install_many: OnInstallMany | None = None,
         on_withdraw: OnWithdraw | None = None,
         on_pull: OnPull | None = None,
         pull_names: Callable[[str], Sequence[str] | None] | None = None,
@@ -184,11 +192,14 @@ class ProvisioningServer:
         ``ha-id`` a puller claims to the certificate it authenticated with.
         ``install_withdraws``: ``on_install`` takes the SPIs of an install's
         ``prov-withdraw``; without it the header is ignored (and not echoed),
-        so the HAC withdraws them one by one."""
+        so the HAC withdraws them one by one.  ``on_install_many``: installs
+        that arrived together (consecutive on one connection) go to it in
+        one call instead of to ``on_install`` one by one."""
         self.cfg = cfg
         self.install_withdraws = install_withdraws
         self.pull_names = pull_names
         self.on_install = on_install
+        self.on_install_many = on_install_many
         self.on_withdraw = on_withdraw
         self.on_pull = on_pull
         self.ssl_context = server_context(cfg)
@@ -292,6 +303,32 @@ class ProvisioningServer:
         if pending is not None:
             return self._finish(req, peer, pending, withdraw)
         return self._confirmed(req, peer, withdraw)
+
+    def groups(self, req: ProvRequest) -> bool:
+        """Whether ``req`` joins a burst answered by :meth:`install_burst`."""
+        return req.op is ProvOp.INSTALL and self.on_install_many is not None
+
+    def install_burst(self, burst: list[tuple[int, ProvRequest]], peer: str) -> list[bytes]:
+        """The answers (containers) to consecutive installs ``(identifier, request)``."""
+        assert self.on_install_many is not None
+        items: list[tuple[IssuedSA, str | None, tuple[int, ...]]] = []
+        for _ident, req in burst:
+            assert req.issued is not None
+            items.append((req.issued, req.ha_id, req.withdraw if self.install_withdraws else ()))
+        results: list[Exception | None]
+        try:
+            results = self.on_install_many(items)
+        except Exception as exc:
+            results = [exc] * len(items)
+        out: list[bytes] = []
+        for (ident, req), item, failure in zip(burst, items, results, strict=True):
+            content = (
+                self._confirmed(req, peer, item[2])
+                if failure is None
+                else self._failed(req, peer, failure)
+            )
+            out.append(encode_container(ident, content))
+        return out
 
     def _confirmed(self, req: ProvRequest, peer: str, withdraw: tuple[int, ...]) -> bytes:
         self._log_result(req, peer, OK, note=f"withdrew {len(withdraw)}" if withdraw else "")
@@ -420,6 +457,7 @@ class _ProvSession:
         """Answer the queued requests, then wait for more."""
         out: list[bytes] = []
         server = self._server
+        burst: list[tuple[int, ProvRequest]] = []  # consecutive installs, committed together
         while self._queue:
             c = self._queue.popleft()
             try:
@@ -428,9 +466,17 @@ class _ProvSession:
             except WireError as exc:
                 log.info("provisioning peer=%s op=? result=400 (%s)", self._peer, exc)
                 self._queue.clear()
+                if burst:
+                    out.extend(server.install_burst(burst, self._peer))
                 out.append(encode_container(c.identifier, _malformed()))
                 self._conn.close(b"".join(out))
                 return
+            if server.groups(req):
+                burst.append((c.identifier, req))
+                continue
+            if burst:
+                out.extend(server.install_burst(burst, self._peer))
+                burst = []
             result = server._dispatch_now(req, self._peer, self._der)
             if isinstance(result, bytes):
                 out.append(encode_container(c.identifier, result))
@@ -442,6 +488,8 @@ class _ProvSession:
             self._conn.begin_work()  # no in-progress cap here: always True
             self._task = asyncio.create_task(self._answer(c.identifier, result))
             return
+        if burst:
+            out.extend(server.install_burst(burst, self._peer))
         if out:
             self._conn.write(b"".join(out))
         self._conn.await_request()

@@ -590,3 +590,105 @@ def test_install_whose_commit_fails_leaves_the_new_sa_dead(tmp_path: Path) -> No
             await again.stop()
 
     assert run(main()) == (False, False)
+
+
+def counting(obj: Any, name: str, fail: bool = False) -> list[int]:
+    """Count calls of ``obj.name`` (and make them fail with ``fail``)."""
+    calls: list[int] = []
+    real = getattr(obj, name)
+
+    def wrapped(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if fail:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(*args, **kw)
+
+    setattr(obj, name, wrapped)
+    return calls
+
+
+def test_burst_of_installs_is_committed_once(tmp_path: Path) -> None:
+    """Issue 9 group commit: a burst of independent installs (the provisioning
+    server hands them over together) is one SA store transaction and one
+    binding-cache commit; each SA is live, verifies a BU, and survives a
+    restart; a refusal in the middle refuses that one alone."""
+    a, b, c = (make_issued(spi=0x2001 + i) for i in range(3))
+    expired = IssuedSA(
+        dataclasses.replace(make_issued(spi=0x2009).sa, validity_end=datetime.now(UTC)),
+        a.bootstrap,
+    )
+
+    async def main() -> tuple[bool, bool, bool]:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        try:
+            commits = counting(svc.store, "add_many")
+            flushes = counting(svc.bindings, "flush")
+            results = svc.install_many_now(
+                [(a, "ha1", ()), (expired, "ha1", ()), (b, "ha1", ()), (c, "ha1", ())]
+            )
+            assert results[0] is None and results[2] is None and results[3] is None
+            assert isinstance(results[1], ProvisioningRefused)
+            assert (len(commits), len(flushes)) == (1, 1)
+            assert [svc.core.has_spi(x.sa.spi) for x in (a, b, c, expired)] == [1, 1, 1, 0]
+            mn = MN(c)
+            try:
+                assert (await mn.register(1, addrs[0])).status == 0
+            finally:
+                mn.close()
+        finally:
+            await svc.stop()
+        again = HaService(ha_config(tmp_path))
+        await again.start()
+        try:
+            return tuple(again.core.has_spi(x.sa.spi) for x in (a, b, c))  # type: ignore[return-value]
+        finally:
+            await again.stop()
+
+    assert run(main()) == (True, True, True)
+
+
+def test_burst_whose_commit_fails_leaves_every_new_sa_dead(tmp_path: Path) -> None:
+    """The binding cache cannot commit a burst: every install of it fails (the
+    HAC hears 500 for each) and none of the new SAs is live."""
+    older = make_issued(spi=0x3001)
+    news = [make_issued(spi=0x3002 + i) for i in range(3)]
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        try:
+            await svc.install_sa(older)
+            counting(svc.bindings, "_write", fail=True)
+            items = [(news[0], "ha1", (older.sa.spi,)), (news[1], "ha1", ()), (news[2], None, ())]
+            results = svc.install_many_now(items)
+            assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+            assert not any(svc.core.has_spi(x.sa.spi) for x in news)
+        finally:
+            svc.bindings._write = BindingCache._write.__get__(svc.bindings)  # type: ignore[method-assign]
+            await svc.stop()
+
+    run(main())
+
+
+def test_burst_of_installs_touching_each_other_is_installed_in_order(tmp_path: Path) -> None:
+    """Items of a burst that touch each other's SPIs (the HAC superseded an SA
+    of the same burst) come out exactly as installed one by one: the first
+    SA is withdrawn by the second, and a repeat of the withdrawn one is refused."""
+    first, second = make_issued(spi=0x4001), make_issued(spi=0x4002)
+
+    async def main() -> list[Exception | None]:
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        try:
+            results = svc.install_many_now(
+                [(first, "ha1", ()), (second, "ha1", (first.sa.spi,)), (first, "ha1", ())]
+            )
+            assert not svc.core.has_spi(first.sa.spi) and svc.core.has_spi(second.sa.spi)
+            return results
+        finally:
+            await svc.stop()
+
+    results = run(main())
+    assert results[:2] == [None, None]
+    assert isinstance(results[2], ProvisioningRefused) and "withdrawn" in str(results[2])

@@ -574,6 +574,51 @@ def test_refusal_is_400_refused_and_failure_500_internal(
     assert "result=400 reason=refused (validity_end: SA spi=41 already expired)" in caplog.text
 
 
+def test_installs_of_a_burst_go_to_on_install_many_together(pki: PkiPaths) -> None:
+    """Consecutive installs that arrived together reach ``on_install_many`` in
+    one call (the HA commits them once); another operation ends the run; a
+    failure or refusal answers its own install only; a malformed request
+    after a run still gets the run answered before its 400."""
+    calls: list[list[int]] = []
+    rec = SyncRecorder()
+
+    def install_many(items: list[Any]) -> list[Exception | None]:
+        calls.append([i.sa.spi for i, _h, _w in items])
+        out: list[Exception | None] = []
+        for issued, _ha_id, withdraw in items:
+            assert withdraw == ()  # install_withdraws is off here
+            spi = issued.sa.spi
+            out.append(
+                ProvisioningRefused("validity_end: expired")
+                if spi == 52
+                else RuntimeError("k3y")
+                if spi == 53
+                else None
+            )
+        return out
+
+    data = (
+        encode_container(1, encode_install(make_issued(spi=51)))
+        + encode_container(2, encode_install(make_issued(spi=52)))
+        + encode_container(3, encode_install(make_issued(spi=53)))
+        + encode_container(4, encode_withdraw(51))
+        + encode_container(5, encode_install(make_issued(spi=55)))
+        + encode_container(6, b"not a tv header\r\n")
+    )
+    got = run(
+        serving(
+            ha_listener(pki),
+            rec,
+            lambda port: raw_exchange(pki, port, data),
+            on_install_many=install_many,
+        )
+    )[0]
+    answers = [(c.identifier, decode_response(c.content).status) for c in got]
+    assert answers == [(1, 200), (2, 400), (3, 500), (4, 200), (5, 200), (6, 400)]
+    assert calls == [[51, 52, 53], [55]] and rec.withdrawn == [51]
+    assert rec.installed == []  # on_install is not used for a burst
+
+
 def test_waiting_callback_in_a_burst_keeps_the_order(pki: PkiPaths) -> None:
     # Install 31 completes at once, the withdraw waits, install 33 completes
     # at once: the answer to 31 leaves before the withdraw is done, and 33 is

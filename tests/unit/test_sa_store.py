@@ -652,3 +652,23 @@ def test_store_made_before_pending_gets_the_column_and_the_narrower_trigger(
         assert s.undelivered(T0 + timedelta(seconds=1)) == [6]
     finally:
         s.close()
+
+
+def test_add_many_is_add_of_each_in_one_transaction(store: SQLiteSAStore) -> None:
+    """The HA's group commit (issue 9): free SPIs stored and in the live view,
+    a held or retired SPI refused (False) with nothing stored for it, and an
+    invalid SPI refuses the whole group before anything is written."""
+    store.add(issued(101, mn_id="held@x"), T0)
+    store.add(issued(102, mn_id="old@x"), T0)
+    store.retire(102, "superseded")
+    assert store.count_by_ha(T0) == {"ha1": 1}  # the live view is built
+    got = store.add_many(
+        [issued(103, mn_id="a@x"), issued(101), issued(102), issued(104, mn_id="b@x")], T0
+    )
+    assert got == [True, False, False, True]
+    assert [x.sa.spi for x in store.live(T0)] == [101, 103, 104]
+    assert store.get(101, T0).sa.mn_id == "held@x"  # type: ignore[union-attr]
+    assert store.count_by_ha(T0) == {"ha1": 3}
+    with pytest.raises(LocalProtocolError, match="spi"):
+        store.add_many([issued(105), issued(0)], T0)
+    assert store.get(105, T0) is None
