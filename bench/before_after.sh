@@ -35,13 +35,17 @@ fi
 # The same in-process HA as this checkout's bench (see above).
 python3 "$here/bench/tools/before_patch.py" "$dir/bench/bootstrap.py"
 
+# --psk-only on each side whose bench has it: the same phases on both sides
+# (an EAP-TLS phase between PSK slices changes what the PSK slices see).
 extra=()
 if grep -q -- '--psk-only' "$here/bench/bootstrap.py"; then extra=(--psk-only); fi
+extra_before=()
+if grep -q -- '--psk-only' "$dir/bench/bootstrap.py"; then extra_before=(--psk-only); fi
 rows=$(mktemp)
 trap 'rm -f "$rows"' EXIT
 for i in $(seq "$rounds"); do
   for side in before after; do
-    if [[ $side == before ]]; then d=$dir; args=(); else d=$here; args=("${extra[@]}"); fi
+    if [[ $side == before ]]; then d=$dir; args=("${extra_before[@]}"); else d=$here; args=("${extra[@]}"); fi
     echo "== $side $i"
     (cd "$d" && .venv/bin/python bench/bootstrap.py --provisioning "$mode" \
       --concurrency 1,16 --duration 3 "${args[@]}" 2>&1) |

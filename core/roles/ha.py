@@ -655,7 +655,8 @@ class HaService:
 
     def _store_all(self, group: list[IssuedSA], now: datetime) -> None:
         """Store the SAs of ``group``: one transaction where the store can."""
-        many = getattr(self.store, "add_many", None)
+        # One SA: ``add``'s single autocommitted INSERT is cheaper than a transaction.
+        many = getattr(self.store, "add_many", None) if len(group) > 1 else None
         added = many(group) if many is not None else [self.store.add(x) for x in group]
         for issued, ok in zip(group, added, strict=True):
             if ok or self.store.add(issued):  # add's own path clears an expired holder
