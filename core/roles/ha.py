@@ -66,6 +66,7 @@ from mipsec.core.ha_core import (
 from mipsec.core.hookspecs import PluginContext, SAStore
 from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
+from mipsec.core.outage import Outage
 from mipsec.core.provisioning import ProvisioningRefused
 from mipsec.core.startup_heap import freeze_heap
 
@@ -258,7 +259,11 @@ class HaService:
         self._started = False
         # Replies and data waiting for the burst's commit (burst_done).
         self._held: list[tuple[asyncio.DatagramTransport, Reply | DataIn]] = []
-        self._store_failing = False
+        # One line when the binding cache's commits start failing (full
+        # disk), one when they work again -- whichever path retries them.
+        self._write_outage = Outage(log, "binding cache write", "replies withheld until it works")
+        self._checkpoint_outage = Outage(log, "binding cache checkpoint")
+        self._expiry_outage = Outage(log, "expiry run")
         self._to_discard: list[int] = []  # withdrawn, out of the store soon (_withdrawn)
 
     # ------------------------------------------------------------ lifecycle
@@ -459,15 +464,9 @@ class HaService:
                 self.counts["store_errors"] += 1
                 self.counts["withheld"] += len(self._held)
                 self._held.clear()
-                if not self._store_failing:
-                    self._store_failing = True
-                    log.error(
-                        "binding cache write failed: %s; replies withheld until it works", exc
-                    )
+                self._write_outage.failed(exc)
                 return
-            if self._store_failing:
-                self._store_failing = False
-                log.warning("binding cache writes work again")
+            self._write_outage.worked()
         if self._held:
             held, self._held = self._held, []
             for transport, action in held:
@@ -481,8 +480,11 @@ class HaService:
         """Commit outside the packet path (expiry); a failure is logged, retried later."""
         try:
             self.bindings.flush()
-        except sqlite3.Error as exc:
-            log.error("binding cache write failed: %s", exc)
+        except (sqlite3.Error, OSError) as exc:
+            self.counts["store_errors"] += 1
+            self._write_outage.failed(exc)
+            return
+        self._write_outage.worked()
 
     def emit(self, hook: str, **kwargs: Any) -> None:
         """HA event hooks (``mipsec_ha_*``); a raising plugin never breaks the HA."""
@@ -817,8 +819,12 @@ class HaService:
             runs += 1
             try:
                 self.expire_now(store=runs % STORE_EXPIRY_EVERY == 0)
-            except Exception:  # a failing store must not end expiry for good
-                log.exception("expiry run failed")
+            except Exception as exc:  # a failing store must not end expiry for good
+                # One line, no traceback: the class name only (a store
+                # plugin's message could hold anything).
+                self._expiry_outage.failed(RuntimeError(type(exc).__name__))
+            else:
+                self._expiry_outage.worked()
 
     def expire_now(self, *, store: bool = True) -> int:
         """Expire bindings and SAs now; returns the number of binding events.
@@ -832,8 +838,10 @@ class HaService:
         self._flush()
         try:
             self.bindings.checkpoint()
-        except sqlite3.Error as exc:
-            log.warning("binding cache checkpoint failed: %s", exc)
+        except (sqlite3.Error, OSError) as exc:
+            self._checkpoint_outage.failed(exc, logging.WARNING)
+        else:
+            self._checkpoint_outage.worked()
         if store:
             self.store.expire(utcnow())
         return len(events)

@@ -1,0 +1,158 @@
+"""Issue 9, tried from outside: the HA's disk fills up under a running HA process.
+
+Real processes (``mipsec --role hac`` and ``mipsec --role ha`` of a lab made by
+``mipsec init``) and the independent raw MN (rawmn.py / rawha.py).  The HA's
+SA store and binding cache live on a small tmpfs of their own; the test fills
+it to the last block while both roles run.  SQLite then fails some commits
+with SQLITE_FULL (not necessarily all: a write-ahead log that was checkpointed
+is written again in place, which needs no new block).
+
+What must hold while the disk is full, and after space comes back:
+
+* every bootstrap ends with 200 or 504, never a hang or another status; a 200
+  means the SA is durable on the HA (the MN registers with BA 0), a 504 means
+  nothing of that try is live on either side;
+* the HA keeps running and logs one line per failure, never a traceback;
+* once space is back, the HAC's owed withdrawals are all confirmed, the HA and
+  the HAC hold the same live SPIs, and the MN bootstraps and registers again.
+
+Needs CAP_SYS_ADMIN (mount); skipped, saying so, without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Lab, edit_toml
+from rawmn import RawMN, psk_bootstrap
+from test_crash_points import (
+    HacProcess,
+    live_on_hac,
+    query,
+    unconfirmed,
+    wait_for,
+)
+from test_ha_restart_replay import MN_ID, SUITE, HaProcess, Mn, silent
+
+TRIES = 40  # re-bootstraps on the full disk: enough to need new blocks
+
+
+def _mount_tmpfs(where: Path) -> str | None:
+    """Mount a 2 MiB tmpfs at ``where``; the reason it cannot be, or None."""
+    where.mkdir(parents=True)
+    try:
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except FileNotFoundError:
+        return "no mount command"
+    if out.returncode != 0:
+        return f"cannot mount a tmpfs (needs CAP_SYS_ADMIN): {out.stderr.strip()}"
+    return None
+
+
+@pytest.fixture
+def small_disk(lab: Lab) -> Iterator[Path]:
+    disk = lab.dir / "hadisk"
+    reason = _mount_tmpfs(disk)
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=10)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the file system has no block left."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 1):  # the last partial block too
+            try:
+                while os.write(fd, b"\0" * size) == size:
+                    pass
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+def bootstrap_status(lab: Lab) -> str:
+    """The final status of one PSK bootstrap of the lab's MN (raw MN)."""
+    raw = RawMN("127.0.0.1", lab.hac_port, lab.info["ca"], "hac.mipsec.test")
+    try:
+        _, final = psk_bootstrap(raw, MN_ID, lab.psk, suites=SUITE)
+    finally:
+        raw.close()
+    return final.headers["status-code"]
+
+
+def held_on_disk(disk: Path) -> list[int]:
+    rows = query(disk / "ha-sa.sqlite", "SELECT spi FROM issued_sa")
+    return sorted(int(r[0]) for r in rows)  # type: ignore[call-overload]
+
+
+def test_ha_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> None:
+    ha_toml = Path(lab.info["ha"]["config"])
+    edit_toml(ha_toml, 'path = "ha-sa.sqlite"', 'path = "hadisk/ha-sa.sqlite"')
+    edit_toml(ha_toml, 'path = "ha-bindings.sqlite"', 'path = "hadisk/ha-bindings.sqlite"')
+    hac_toml = Path(lab.info["hac"]["config"])
+    edit_toml(hac_toml, "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
+    ha, hac = HaProcess(lab), HacProcess(lab)
+    try:
+        ha.start()
+        hac.start()
+        first = Mn(lab)
+        try:
+            assert first.register(first.bu(1))["status"] == 0
+            filler = fill(small_disk)
+            # A BU whose binding-cache commit fails gets no BA (the change
+            # waits in memory for the next commit); one that fits gets BA 0.
+            first.sock.settimeout(2)
+            with contextlib.suppress(TimeoutError):
+                assert first.register(first.bu(2))["status"] == 0
+            statuses = [bootstrap_status(lab) for _ in range(TRIES)]
+            assert set(statuses) <= {"200", "504"}, statuses
+            assert statuses.count("504") >= TRIES // 2, statuses
+            filler.unlink()
+            # Every SA of a failed try, and every SA they superseded, is
+            # withdrawn until the HA confirms; then both sides hold the same.
+            wait_for("withdrawals confirmed", lambda: unconfirmed(lab) == [])
+            assert held_on_disk(small_disk) == live_on_hac(lab)
+            if statuses[0] == "504":  # the first SA went with the first failure
+                assert silent(first.bu(3), first.ha)
+        finally:
+            first.close()
+        again = Mn(lab)
+        try:
+            # RFC 6275 §11.8: a new BU carries a Sequence # above every earlier one.
+            assert again.register(again.bu(4))["status"] == 0
+            assert held_on_disk(small_disk) == live_on_hac(lab) == [again.spi]
+        finally:
+            again.close()
+        assert ha.proc is not None and ha.proc.poll() is None  # it kept running
+        ha_log = ha.stop()
+        hac.stop()
+        for text in (ha_log, hac.log_text()):
+            assert "Traceback" not in text
+        # One line when an outage begins and one when it ends, however many
+        # retries (every burst, every second) came between.
+        for what in ("binding cache write", "binding cache checkpoint"):
+            assert ha_log.count(f"{what} failed") <= 1
+            assert ha_log.count(f"{what} failed") == ha_log.count(f"{what} works again")
+        assert "result=500 reason=internal (OperationalError)" in ha_log
+    finally:
+        hac.close()
+        ha.close()
