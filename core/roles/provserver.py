@@ -173,7 +173,10 @@ class ProvisioningServer:
     Connections are those of core/roles/tlsserver.py: ``cfg.timeout`` bounds
     the handshake, the wait for a request and each request (first octet to
     last), and ``cfg.max_connections`` caps them all, the longest-waiting one
-    evicted for a newcomer, so idle or trickling peers cannot lock the HAC out.
+    evicted for a newcomer, so idle or trickling peers cannot lock the HAC out;
+    an authenticated connection (its client certificate accepted) is evicted
+    only when no unauthenticated one is left, so a connect flood from anyone
+    who reaches the port evicts only itself.
     """
 
     def __init__(
@@ -211,6 +214,9 @@ class ProvisioningServer:
                 request_timeout=cfg.timeout,
                 idle_timeout=cfg.timeout,
                 max_connections=cfg.max_connections,
+                # Client certificates are required and checked by _session:
+                # a flood of connects must not evict a proven HAC.
+                protect_authenticated=True,
             ),
             name="provisioning",
         )
@@ -621,6 +627,11 @@ class _Connection:
         self.tls.close()  # close_notify, then TCP close; not awaited on error paths
 
 
+class ConnectionFailed(ProvisioningFailed):
+    """The connection or its handshake failed before any request was sent
+    (not a certificate refusal): the request may try once more."""
+
+
 class ProvisioningClient:
     """Client of a :class:`ProvisioningServer`: pipelined requests on kept connections.
 
@@ -634,7 +645,9 @@ class ProvisioningClient:
     within its timeout.  A request that finds its kept connection closed by
     the server meanwhile (its idle timeout) is sent once more on a fresh
     connection -- every operation is idempotent (install of the same SA,
-    withdraw, pull).  ``pipeline = 1`` is lockstep, for a server that reads
+    withdraw, pull) -- and so is one whose fresh connection failed before
+    its handshake completed (the server may have evicted it for a newcomer);
+    once per request in all.  ``pipeline = 1`` is lockstep, for a server that reads
     one request at a time.
     """
 
@@ -694,7 +707,16 @@ class ProvisioningClient:
                     if len(self._open()) + self._dialing >= self.max_connections:
                         await self._wait_for_room()
                         continue
-                    conn = await self._connect()
+                    try:
+                        conn = await self._connect()
+                    except ConnectionFailed:
+                        # Nothing was sent: e.g. the server evicted the
+                        # handshake to make room (a connect flood).  Once more.
+                        if not retry:
+                            raise
+                        retry = False
+                        self.stats["retries"] += 1
+                        continue
                 try:
                     return await self._exchange(conn, content)
                 except ProvisioningFailed as exc:
@@ -788,7 +810,12 @@ class ProvisioningClient:
                 )
             except (ssl.SSLError, OSError) as exc:
                 # ssl.SSLCertVerificationError included: chain or stdlib name check.
-                raise ProvisioningFailed(f"{self._who()}: cannot connect: {exc!r}") from None
+                failed = (
+                    ProvisioningFailed
+                    if isinstance(exc, ssl.SSLCertVerificationError)
+                    else ConnectionFailed
+                )
+                raise failed(f"{self._who()}: cannot connect: {exc!r}") from None
             conn = _Connection(tls, self._changed)
             try:
                 der = tls.peercert_der()

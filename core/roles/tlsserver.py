@@ -20,7 +20,9 @@ plain-TCP :class:`asyncio.BufferedProtocol` that runs TLS itself with an
   if the handler asks, goes on so it sees a peer that breaks the lockstep.
 * one cap (``max_connections``) counts every connection, pending handshakes
   included; at the cap the connection that has waited longest without
-  completing a request is evicted for the newcomer (:mod:`mipsec.core.conntable`);
+  completing a request is evicted for the newcomer, an authenticated one
+  (``protect_authenticated``) only when nothing else is left
+  (:mod:`mipsec.core.conntable`);
   connections being worked for are never evicted.
 * ``max_in_progress`` bounds the requests worked on at once:
   :meth:`TlsConnection.begin_work` says False beyond it and the caller answers
@@ -118,6 +120,10 @@ class Limits:
     max_connections: int  # every connection held, pending handshakes included
     max_in_progress: int | None = None  # requests worked on at once (None: no cap)
     close_timeout: float = 5.0  # a closing connection that does not drain is aborted
+    # Mutual TLS: a connection whose handler factory accepted its (verified)
+    # client certificate is evicted only when no unauthenticated one is left
+    # (core/conntable.py), so a connect flood cannot evict a proven peer.
+    protect_authenticated: bool = False
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "request_timeout", "idle_timeout", "close_timeout"):
@@ -433,6 +439,8 @@ class TlsConnection(asyncio.BufferedProtocol):
                 self.close()
             return False
         self._handler = handler
+        if lst.limits.protect_authenticated and self._state < _CLOSING:
+            lst.table.authenticated(self)
         return self._state < _CLOSING
 
     def _peer_eof(self) -> None:

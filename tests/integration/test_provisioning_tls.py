@@ -333,6 +333,74 @@ def test_idle_connections_at_the_cap_cannot_lock_the_hac_out(pki: PkiPaths) -> N
     assert len(rec.installed) == 1
 
 
+def test_connect_flood_cannot_evict_the_hacs_kept_connection(pki: PkiPaths) -> None:
+    """A flood of bare TCP connects (anyone who reaches the port) and of
+    connections that sent some octets evicts only itself: the HAC's kept,
+    authenticated connection survives it, so its next installs need neither
+    a reconnect nor a retry (before: evicted, one 504 per install in flight)."""
+    rec = Recorder()
+
+    async def body(port: int) -> dict[str, int]:
+        t = transport(pki, port)
+        await t.provision(HA, make_issued(spi=71), 5)
+        flood = []
+        for i in range(40):
+            flood.append(await asyncio.open_connection("127.0.0.1", port))
+            if i % 2:
+                flood[-1][1].write(b"\x16\x03\x01")  # the start of a ClientHello
+                await asyncio.sleep(0.01)  # read by the server before the next one
+        await asyncio.gather(*(t.provision(HA, make_issued(spi=72 + i), 5) for i in range(3)))
+        stats = t.client.snapshot()
+        await t.aclose()
+        for _, writer in flood:
+            writer.close()
+        return stats
+
+    stats = run(serving(ha_listener(pki, max_connections=4), rec, body))
+    assert sorted(i.sa.spi for i, _ in rec.installed) == [71, 72, 73, 74]
+    assert (stats["connects"], stats["retries"]) == (1, 0)
+
+
+def test_connect_failing_before_the_handshake_completes_is_retried_once(
+    pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh connection that fails before any request left (the server
+    evicted its handshake for a newcomer) is tried once more within the
+    deadline; a certificate refusal is not (it would fail again)."""
+    from mipsec.core.tlsclient import TlsClient
+
+    real = TlsClient.connect
+    failures: list[BaseException] = []
+
+    async def connect(*args: Any, **kw: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(TlsClient, "connect", connect)
+    rec = Recorder()
+
+    async def body(port: int) -> tuple[dict[str, int], str]:
+        t = transport(pki, port)
+        failures.append(ConnectionResetError("evicted"))
+        await t.provision(HA, make_issued(spi=81), 5)
+        once = t.client.snapshot()
+        await t.aclose()
+        t = transport(pki, port)
+        failures.append(ssl.SSLCertVerificationError("certificate verify failed"))
+        with pytest.raises(ProvisioningFailed) as info:
+            await t.provision(HA, make_issued(spi=82), 5)
+        again = t.client.snapshot()
+        await t.aclose()
+        assert again["retries"] == 0 and not failures
+        return once, str(info.value)
+
+    once, why = run(serving(ha_listener(pki), rec, body))
+    assert (once["connects"], once["retries"]) == (2, 1)
+    assert [i.sa.spi for i, _ in rec.installed] == [81]
+    assert "certificate verify failed" in why
+
+
 def test_trickled_request_closed_at_its_deadline(pki: PkiPaths) -> None:
     """The timeout bounds a whole request, not the gap between its octets."""
     rec = Recorder()

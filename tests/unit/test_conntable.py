@@ -63,6 +63,28 @@ def test_closing_connections_leave_first() -> None:
     assert t.admit("d") == (True, "c")
 
 
+def test_authenticated_connections_go_only_when_nothing_else_is_left() -> None:
+    """A flood of connects evicts only itself: an authenticated connection
+    (the HAC's kept connection to its HA's provisioning port) outlives it."""
+    t: ConnectionTable[str] = ConnectionTable(3)
+    for k in "abc":
+        t.admit(k)
+    t.authenticated("a")  # the oldest, but proven
+    flood = [t.admit(f"x{i}") for i in range(50)]
+    assert flood[:2] == [(True, "b"), (True, "c")]
+    assert all(v is not None and v.startswith("x") for _, v in flood[2:])
+    assert "a" in t
+    t.begin_work("a")  # keeps its rank while worked for
+    t.waiting("a")
+    assert t.admit("y") == (True, "x48")
+    t.authenticated("x49")
+    t.authenticated("y")
+    assert t.admit("z") == (True, "a")  # only proven ones left: the longest waiting
+    t.closing("y")  # a closing connection leaves first, whatever its rank
+    t.authenticated("y")  # ... and stays first
+    assert t.admit("w") == (True, "y")
+
+
 def test_misuse_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         ConnectionTable(0)
@@ -76,21 +98,33 @@ def test_misuse_is_a_local_error() -> None:
         t.begin_work("zz")
     t.remove("zz")  # idempotent
     t.closing("zz")
+    with pytest.raises(LocalProtocolError):
+        t.authenticated("zz")
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["admit", "waiting", "work", "close", "remove"]), st.integers(0, 15)),
+    st.tuples(
+        st.sampled_from(["admit", "waiting", "work", "close", "remove", "auth"]),
+        st.integers(0, 15),
+    ),
     max_size=200,
 )
 
 
 @given(cap=st.integers(1, 6), in_progress=st.none() | st.integers(1, 4), script=ops)
 def test_model(cap: int, in_progress: int | None, script: list[tuple[str, int]]) -> None:
-    """Against a model with explicit timestamps: the victim is always the
-    evictable connection with the oldest 'waiting since' (closing ones first),
-    the cap always holds and worked-for connections stay."""
+    """Against a model with explicit timestamps and ranks: the victim is
+    always the evictable connection of the lowest rank (unauthenticated,
+    then authenticated) with the oldest 'waiting since' (closing ones first), the
+    cap always holds and worked-for connections stay."""
     t: ConnectionTable[int] = ConnectionTable(cap, in_progress)
     since: dict[int, float] = {}  # evictable -> waiting since
+    rank: dict[int, int] = {}  # every held one -> 0 unauthenticated, 1 authenticated
+    closed: set[int] = set()
+
+    def first() -> int | None:
+        return min(since, key=lambda k: (rank[k], since[k])) if since else None
+
     working: set[int] = set()
     clock = 0.0
     fresh = 100
@@ -100,17 +134,18 @@ def test_model(cap: int, in_progress: int | None, script: list[tuple[str, int]])
         key = held[n % len(held)] if held else None
         if op == "admit":
             fresh += 1
-            expect_victim = min(since, key=since.__getitem__) if since else None
+            expect_victim = first()
             admitted, victim = t.admit(fresh)
             if len(since) + len(working) >= cap:
                 assert victim == expect_victim
                 assert admitted == (expect_victim is not None)
                 if victim is not None:
-                    del since[victim]
+                    del since[victim], rank[victim]
             else:
                 assert (admitted, victim) == (True, None)
             if admitted:
                 since[fresh] = clock
+                rank[fresh] = 0
         elif key is None:
             continue
         elif op == "waiting":
@@ -131,10 +166,20 @@ def test_model(cap: int, in_progress: int | None, script: list[tuple[str, int]])
             t.closing(key)
             working.discard(key)
             since[key] = -clock  # before everyone else, the latest closer first
+            rank[key] = 0
+            closed.add(key)
+        elif op == "auth":
+            t.authenticated(key)
+            if rank[key] == 0 and key not in closed:  # closing ones stay first
+                rank[key] = 1
+                if key in since:  # at the back of its new rank
+                    since[key] = clock
         else:
             t.remove(key)
             working.discard(key)
             since.pop(key, None)
+            rank.pop(key, None)
+            closed.discard(key)
         assert len(t) == len(since) + len(working) <= cap
         assert t.in_progress == len(working)
-        assert t.oldest() == (min(since, key=since.__getitem__) if since else None)
+        assert t.oldest() == first()
