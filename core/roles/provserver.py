@@ -324,6 +324,8 @@ class ProvisioningServer:
         results: list[Exception | None]
         try:
             results = self.on_install_many(items)
+            if len(results) != len(items):  # a callback's bug: outcome unknown
+                raise RuntimeError(f"on_install_many: {len(results)} results for {len(items)}")
         except Exception as exc:
             results = [exc] * len(items)
         out: list[bytes] = []

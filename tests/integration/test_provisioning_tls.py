@@ -687,6 +687,25 @@ def test_installs_of_a_burst_go_to_on_install_many_together(pki: PkiPaths) -> No
     assert rec.installed == []  # on_install is not used for a burst
 
 
+def test_install_many_answering_the_wrong_count_is_500_for_the_burst(pki: PkiPaths) -> None:
+    """A third-party ``on_install_many`` that returns too few results: every
+    install of the burst is answered 500 (outcome unknown), and the
+    connection goes on serving."""
+    rec = SyncRecorder()
+    data = b"".join(encode_container(i, encode_install(make_issued(spi=60 + i))) for i in (1, 2))
+    data += encode_container(3, encode_withdraw(61))
+    got = run(
+        serving(
+            ha_listener(pki),
+            rec,
+            lambda port: burst(pki, port, data, 3),
+            on_install_many=lambda items: [None],
+        )
+    )
+    answers = [(c.identifier, decode_response(c.content).status) for c in got]
+    assert answers == [(1, 500), (2, 500), (3, 200)] and rec.withdrawn == [61]
+
+
 def test_waiting_callback_in_a_burst_keeps_the_order(pki: PkiPaths) -> None:
     # Install 31 completes at once, the withdraw waits, install 33 completes
     # at once: the answer to 31 leaves before the withdraw is done, and 33 is
