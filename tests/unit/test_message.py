@@ -181,3 +181,24 @@ def test_encode_rejects_bad_typed_values() -> None:
 
 def test_empty_message_encodes_to_nothing() -> None:
     assert encode_message(Message()) == []
+
+
+def test_per_ha_texts_are_made_once_per_object_and_never_confused() -> None:
+    """Issue 9: the HA's addresses, DNS and pool prefixes are formatted once
+    per object; an entry for another object under a reused id is not used,
+    a bad value still raises, and the memo stays bounded."""
+    from mipsec.core.wire import message as m
+
+    haa = IPv6Address("2001:db8::1")
+    first = dict(encode_message(Message(haa_ip6=haa, dns_ip4=IPv4Address("192.0.2.53"))))
+    assert m._TEXT_MEMO[id(haa)] == (haa, "2001:db8:0:0:0:0:0:1")
+    # Another object now sits under haa's id (as if haa had died and its id
+    # been reused): its text must not be taken for haa's.
+    m._TEXT_MEMO[id(haa)] = (IPv6Address("2001:db8::99"), "2001:db8:0:0:0:0:0:99")
+    again = dict(encode_message(Message(haa_ip6=haa, dns_ip4=IPv4Address("192.0.2.53"))))
+    assert again == first == {"mip6-haa-ip6": "2001:db8:0:0:0:0:0:1", "dns-ip4": "192.0.2.53"}
+    for i in range(2 * m._TEXT_MEMO_MAX):
+        encode_message(Message(dns_ip6=IPv6Address(f"2001:db8::{i:x}")))
+    assert len(m._TEXT_MEMO) <= m._TEXT_MEMO_MAX
+    with pytest.raises(LocalProtocolError):
+        encode_message(Message(haa_ip6=IPv6Address("fe80::1%eth0")))  # zone id: never sent
