@@ -168,7 +168,8 @@ sqn_file = "usim.sqn"          # one USIM: shared by mn-aka.toml and mn-aka-prim
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     """A TCP connection to ``host``/``port`` succeeds now (readiness polling).
 
-    The lab's ports come from the ephemeral range (``free_port``), so a
+    A lab's ports may come from the ephemeral range (``free_port`` when the
+    range leaves no room below it), so a
     connect while nothing listens yet may draw ``port`` itself as its source
     port and connect to itself (TCP simultaneous open): that "success" would
     also hold the port the role is about to bind, which then fails with
@@ -188,17 +189,53 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     return True
 
 
-def free_port() -> int:
-    """A port free for both TCP and UDP (the HA uses one number for both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
+# Lab ports are drawn below the kernel's ephemeral range: a port the kernel
+# hands out on its own (bind to 0, the source port of an outgoing
+# connection) can then never be one the lab is about to listen on.  Drawing
+# them from the ephemeral range made a role fail now and then with "Address
+# already in use" when some connection had taken its port as a source port
+# in between (seen in CI, tests/integration/test_cli.py).
+_LAB_PORTS_LOW = 20000
+# Handed out lately by this process: not again, since a caller may ask for
+# several before it binds any (a lab's HAC, HA and metrics ports).
+_RECENT: list[int] = []
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free now for both TCP and UDP (the HA uses one number for both).
+
+    Drawn at random below the ephemeral range when there is room
+    (``_LAB_PORTS_LOW`` up to it), else from the kernel (bind to 0).
+    """
+    high = _ephemeral_low() - 1
+    for _ in range(200):
+        if high - _LAB_PORTS_LOW >= 1000:
+            port = secrets.choice(range(_LAB_PORTS_LOW, high + 1))
+        else:
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+        if port in _RECENT:
+            continue
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
+            ):
+                t.bind(("127.0.0.1", port))
                 u.bind(("127.0.0.1", port))
         except OSError:
             continue
+        _RECENT.append(port)
+        del _RECENT[:-64]
         return port
     raise OSError("no free port on 127.0.0.1")
 

@@ -14,25 +14,16 @@ from typing import Any
 import pytest
 from aaalab import aaa_lab  # noqa: F401  (the real AAA lab, a session fixture: tests/aaalab.py)
 
+from mipsec.core import labsetup
 from mipsec.core.labsetup import port_open
 
 LAUNCHER = [sys.executable, "-m", "mipsec.core.cli"]
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP (the HA uses one number for both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-        try:
-            with socket.socket(socket.AF_INET, other) as o:
-                o.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
+    """A port free for both TCP and UDP (the HA uses one number for both),
+    below the kernel's ephemeral range (core/labsetup.py says why)."""
+    return labsetup.free_port(kind)
 
 
 def mipsec(

@@ -37,3 +37,27 @@ def test_never_connects_to_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     # A plain connect from that source port to itself would succeed (TCP
     # simultaneous open on Linux); port_open refuses to try it.
     assert not port_open("127.0.0.1", port)
+
+
+def test_lab_ports_come_from_below_the_ephemeral_range() -> None:
+    """A lab port is never one the kernel hands out on its own (a bind to 0,
+    the source port of an outgoing connection), so nothing takes it between
+    its choice and the role's bind; successive ports differ, and each is
+    free for TCP and UDP."""
+    low = labsetup._ephemeral_low()
+    ports = [labsetup.free_port() for _ in range(40)]
+    assert len(set(ports)) == len(ports)
+    assert all(labsetup._LAB_PORTS_LOW <= p < low for p in ports)
+    for p in ports[:5]:
+        with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            t.bind(("127.0.0.1", p))
+            u.bind(("127.0.0.1", p))
+    with socket.socket() as s:  # what the kernel draws is in the ephemeral range
+        s.bind(("127.0.0.1", 0))
+        assert s.getsockname()[1] >= low
+
+
+def test_lab_ports_from_the_kernel_when_no_room_below(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_low = labsetup._ephemeral_low()
+    monkeypatch.setattr(labsetup, "_ephemeral_low", lambda: labsetup._LAB_PORTS_LOW + 10)
+    assert labsetup.free_port() >= real_low  # drawn by the kernel (bind to 0)
