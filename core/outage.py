@@ -24,15 +24,16 @@ class Outage:
         self.note = note  # what happens meanwhile, e.g. "replies withheld until it works"
         self.failing = False
 
-    def failed(self, exc: BaseException, level: int = logging.ERROR) -> bool:
-        """Record a failure; log it if it begins an outage.  True if it did."""
+    def failed(self, why: object, level: int = logging.ERROR) -> bool:
+        """Record a failure (``why``: the exception, or what to say of it);
+        log it if it begins an outage.  True if it did."""
         if self.failing:
             return False
         self.failing = True
-        # str(exc) of sqlite3/OSError names the cause ("database or disk is
+        # str() of a sqlite3/OSError names the cause ("database or disk is
         # full"); such errors never carry a key.
         self.log.log(
-            level, "%s failed: %s%s", self.what, exc, f"; {self.note}" if self.note else ""
+            level, "%s failed: %s%s", self.what, why, f"; {self.note}" if self.note else ""
         )
         return True
 

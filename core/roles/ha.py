@@ -694,36 +694,36 @@ class HaService:
             # A withdrawn SA's row still waits for its delete (``_withdrawn``):
             # delete it now, not after this SA's row under the same SPI.
             self._discard_now()
-        installed: list[IssuedSA] = []
+        new: list[bool] = []  # per accepted item: installed now (not already held)
         gone: list[list[bool]] = []
         try:
             self._store_all([items[i][0] for i in accepted], now)
             for i in accepted:
                 issued, _ha_id, withdraw = items[i]
-                if self.core.install_sa(issued):
-                    installed.append(issued)
+                new.append(self.core.install_sa(issued))
                 gone.append([self._withdraw_in_core(spi) for spi in withdraw])
-            if installed or any(items[i][2] for i in accepted):
+            if any(new) or any(items[i][2] for i in accepted):
                 self.bindings.flush()  # its records, before the HAC hears "installed"
         except BaseException as exc:
             # Nothing half-provisioned stays live: the HAC hears 500 and
             # withdraws these SAs (and, not knowing whether the older ones
             # went, retires them too), so they are dead here at once.  Their
             # records wait in the binding cache for the next flush that succeeds.
-            for sa_i in installed:
-                for ev in self.core.remove_sa(sa_i.sa.spi, issued=sa_i):
-                    self._log_binding(ev)
+            for i, fresh in zip(accepted, new, strict=False):  # new may stop short
+                if fresh:
+                    held = items[i][0]
+                    for ev in self.core.remove_sa(held.sa.spi, issued=held):
+                        self._log_binding(ev)
             if not isinstance(exc, Exception):
                 raise
             for i in accepted:
                 results[i] = exc
             return results
-        new = {id(x) for x in installed}
-        for i, known_list in zip(accepted, gone, strict=True):
+        for i, fresh, known_list in zip(accepted, new, gone, strict=True):
             issued, _ha_id, withdraw = items[i]
             for spi, known in zip(withdraw, known_list, strict=True):
                 self._withdrawn(spi, known)
-            if id(issued) not in new:
+            if not fresh:
                 continue
             sa = issued.sa
             self.emit(
@@ -822,7 +822,7 @@ class HaService:
             except Exception as exc:  # a failing store must not end expiry for good
                 # One line, no traceback: the class name only (a store
                 # plugin's message could hold anything).
-                self._expiry_outage.failed(RuntimeError(type(exc).__name__))
+                self._expiry_outage.failed(type(exc).__name__)
             else:
                 self._expiry_outage.worked()
 
