@@ -30,7 +30,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from mipsec.core.labsetup import port_open
+from mipsec.core.labsetup import free_port, port_open
 
 REPO = Path(__file__).resolve().parents[1]
 LAB = REPO.parent / "shared" / "aaa-lab"
@@ -50,12 +49,6 @@ KI, OPC, AMF, SQN = (
     "ff9bb4d0b607",
 )
 IMSI = "001010000000001"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _mipsec() -> list[str]:
@@ -242,8 +235,8 @@ async def run(args: argparse.Namespace) -> int:
             secret.chmod(0o600)
             lab = root / "lab"
             out = subprocess.run(
-                [*_mipsec(), "init", str(lab), "--hac-port", str(_free_port()),
-                 "--ha-port", str(_free_port()), "--radius", f"127.0.0.1:{aaa['AUTH_PORT']}",
+                [*_mipsec(), "init", str(lab), "--hac-port", str(free_port()),
+                 "--ha-port", str(free_port()), "--radius", f"127.0.0.1:{aaa['AUTH_PORT']}",
                  "--radius-secret-file", str(secret),
                  "--usim", f"{IMSI},{KI},{OPC},{AMF},{SQN}", "--json"],
                 capture_output=True, text=True, check=True,

@@ -49,7 +49,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -66,7 +65,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mipsec.core.authmethod import PeerMethodContext, PeerMethodFactory
 from mipsec.core.hookspecs import PluginContext
-from mipsec.core.labsetup import port_open
+from mipsec.core.labsetup import free_port, port_open
 from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
 from mipsec.core.tls import (
     check_hac_certificate,
@@ -351,14 +350,6 @@ async def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
     raise RuntimeError(f"HA not listening on port {port} after {READY_TIMEOUT:.0f} s")
 
 
-def _free_port() -> int:
-    # The config wants a fixed port; the tiny race with another program
-    # taking it meanwhile only makes the HAC fail to start (reported).
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def _local_provisioning(text: str) -> str:
     """hac.toml with the HA in the HAC's own process (deployment model 1).
 
@@ -381,7 +372,7 @@ def make_lab(
     root: Path, mns: int, strict: bool, provisioning: str
 ) -> tuple[dict[str, object], list[tuple[str, bytes]]]:
     lab = root / "lab"
-    hac_port, ha_port = _free_port(), _free_port()
+    hac_port, ha_port = free_port(), free_port()
     out = subprocess.run(
         [
             *_mipsec_cmd(None),

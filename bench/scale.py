@@ -59,7 +59,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bootstrap import (  # a sibling script, not a package
     Client,
-    _free_port,
     _local_provisioning,
     _mipsec_cmd,
     _proc_cpu,
@@ -70,6 +69,7 @@ from bootstrap import (  # a sibling script, not a package
 )
 
 from mipsec.core.fsutil import create_private
+from mipsec.core.labsetup import free_port
 from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.tls import mn_client_context
@@ -112,9 +112,9 @@ def _make_lab(
             "init",
             str(lab),
             "--hac-port",
-            str(_free_port()),
+            str(free_port()),
             "--ha-port",
-            str(_free_port()),
+            str(free_port()),
             "--json",
         ],
         check=True,
