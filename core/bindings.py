@@ -476,10 +476,13 @@ class BindingCache:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # Also a failed COMMIT (full disk): never leave it open (see flush).
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def __repr__(self) -> str:
         where = str(self.path) if self.path is not None else ":memory:"

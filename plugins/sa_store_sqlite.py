@@ -37,6 +37,7 @@ ends slightly early, never late.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
@@ -648,13 +649,19 @@ class SQLiteSAStore:
     def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so check-then-insert in
         # add() cannot interleave with another process.
-        self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            yield self._conn
+            yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            # Also when COMMIT itself fails (SQLITE_FULL, SQLITE_IOERR): SQLite
+            # may leave the transaction open, and every later BEGIN would then
+            # fail ("within a transaction") after the disk came back.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
 
     def _init_schema(self, clear_keys: bool, check_only: bool) -> KeyCodec:
         """Create, check or convert the schema; the codec for this store's keys."""

@@ -672,3 +672,44 @@ def test_add_many_is_add_of_each_in_one_transaction(store: SQLiteSAStore) -> Non
     with pytest.raises(LocalProtocolError, match="spi"):
         store.add_many([issued(105), issued(0)], T0)
     assert store.get(105, T0) is None
+
+
+class _FailingCommit:
+    """The store's connection, whose next COMMIT fails the way a full disk
+    makes it fail (SQLite may leave the transaction open)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.fail_next_commit = True
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.fail_next_commit:
+            self.fail_next_commit = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+
+def test_a_failed_commit_leaves_no_transaction_open(store: SQLiteSAStore) -> None:
+    """A COMMIT that fails (disk full) is rolled back: nothing of it is
+    stored or in the live view, and the next write works once space is back
+    -- not "cannot start a transaction within a transaction" for good."""
+    store.add(issued(101, mn_id="a@x"), T0)
+    assert store.count_by_ha(T0) == {"ha1": 1}  # the live view is built
+    real = store._conn
+    store._conn = _FailingCommit(real)  # type: ignore[assignment]
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            store.add_superseding(issued(102, mn_id="a@x"), [101], "superseded", T0)
+        assert not real.in_transaction
+        assert [x.sa.spi for x in store.live(T0)] == [101]
+        assert store.count_by_ha(T0) == {"ha1": 1}
+        assert store.retired_unconfirmed(T0) == []
+        # Space is back: the same write goes through.
+        taken = store.add_superseding(issued(102, mn_id="a@x"), [101], "superseded", T0)
+        assert taken is not None and [x.spi for x in taken] == [101]
+        assert [x.sa.spi for x in store.live(T0)] == [102]
+    finally:
+        store._conn = real
