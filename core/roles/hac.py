@@ -54,6 +54,7 @@ from mipsec.core.hookspecs import (
 )
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
+from mipsec.core.outage import Outage
 from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
@@ -175,6 +176,14 @@ class HacService:
         self._to_confirm: set[int] = set()  # withdrawals the HA confirmed, to record
         self._to_mark_delivered: set[int] = set()  # 200s sent, to record (same batch)
         self._confirm_timer: asyncio.TimerHandle | None = None
+        # One line when a retried store write starts failing (full disk,
+        # a store locked by another HAC), one when it works again.
+        every = "retried every expiry interval"
+        self._expiry_outage = Outage(log, "expiry run", every)
+        self._sweep_outage = Outage(log, "sweep of undelivered SAs", every)
+        self._batch_outage = Outage(
+            log, "store write of delivered SAs and confirmed withdrawals", "retried every second"
+        )
         # SAs are "pending" in the store until their 200 has left (optional
         # store methods; the SQLite and memory stores have them): a crash
         # between the store write and the 200 cannot leave one live.
@@ -345,6 +354,9 @@ class HacService:
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
         self._confirm_now()  # before the store closes
+        if self._confirm_timer is not None:  # it failed: the next run's sweep decides
+            self._confirm_timer.cancel()
+            self._confirm_timer = None
         if self._listener is not None:
             await self._listener.aclose()
         if self._prov_server is not None:
@@ -752,23 +764,44 @@ class HacService:
         """Write the batch: confirmed withdrawals, and SAs whose 200 left."""
         self._confirm_timer = None
         delivered, self._to_mark_delivered = self._to_mark_delivered, set()
-        if delivered:
-            try:
-                self.store.delivered_many(sorted(delivered))  # type: ignore[attr-defined]
-            except Exception as exc:  # they are taken back later: the safe side
-                log.error("cannot record %d delivered SAs: %s", len(delivered), type(exc).__name__)
         spis, self._to_confirm = self._to_confirm, set()
-        if not spis:
+        if not delivered and not spis:
             return
         try:
-            many = getattr(self.store, "confirm_retired_many", None)
-            if many is not None:
-                many(sorted(spis))
-            else:
-                for s in spis:
-                    self.store.confirm_retired(s)
-        except Exception as exc:  # the next run withdraws them again: harmless
-            log.error("cannot record %d confirmed withdrawals: %s", len(spis), type(exc).__name__)
+            if delivered:
+                self.store.delivered_many(sorted(delivered))  # type: ignore[attr-defined]
+            if spis:
+                many = getattr(self.store, "confirm_retired_many", None)
+                if many is not None:
+                    many(sorted(spis))
+                else:
+                    for s in spis:
+                        self.store.confirm_retired(s)
+        except Exception as exc:
+            # A full disk, a store locked by another HAC: kept and written
+            # with the next batch.  Dropping the delivered marks would let
+            # the sweep take back SAs whose 200 did leave -- the MN would
+            # lose an SA it was told it holds; the sweep spares the SPIs
+            # still waiting here (``sweep_undelivered``).  One line per
+            # outage, not one per second.
+            self._to_mark_delivered |= delivered
+            self._to_confirm |= spis
+            self._batch_outage.failed(
+                f"{type(exc).__name__}: {exc} ({len(delivered)} delivered SAs, "
+                f"{len(spis)} confirmed withdrawals)"
+            )
+            if self._loop_running():
+                self._batch_soon()
+            return
+        self._batch_outage.worked()
+
+    @staticmethod
+    def _loop_running() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
 
     def _background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -805,7 +838,9 @@ class HacService:
             try:
                 self.expire_now()
             except Exception as exc:  # a failing store must not end expiry for good
-                log.error("expiry run failed: %s", type(exc).__name__)
+                self._expiry_outage.failed(f"{type(exc).__name__}: {exc}")
+            else:
+                self._expiry_outage.worked()
 
     def _issuing_bound(self) -> float:
         """Seconds after which no HAC still issues an SA it stored: the
@@ -820,7 +855,9 @@ class HacService:
         try:
             self.sweep_undelivered()
         except Exception as exc:  # the next expiry run tries again
-            log.error("sweep of undelivered SAs failed: %s", type(exc).__name__)
+            self._sweep_outage.failed(f"{type(exc).__name__}: {exc}")
+        else:
+            self._sweep_outage.worked()
 
     def sweep_undelivered(self) -> int:
         """Take back SAs stored but never answered with (issue 6: nothing stays
@@ -833,7 +870,8 @@ class HacService:
         spis = [
             s
             for s in self.store.undelivered(cutoff)  # type: ignore[attr-defined]
-            if s not in self._issuing_spis
+            # Their 200 left; only the record of it waits (``_confirm_now``).
+            if s not in self._issuing_spis and s not in self._to_mark_delivered
         ]
         taken = [s for s in spis if self.retire(s, "undelivered")]
         if taken:

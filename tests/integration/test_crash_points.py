@@ -21,17 +21,30 @@ registers with BA 0.
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from ipaddress import IPv6Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import LAUNCHER, Lab, edit_toml, wait_port
+from rawha import RawSA, binding_update, parse_ba
 from rawmn import RawMN, psk_bootstrap
-from test_ha_restart_replay import MN_ID, SUITE, HaProcess, Mn, silent
+from test_ha_restart_replay import MN_ID, SILENCE, SUITE, HaProcess, Mn, silent
+
+from mipsec.core.issuer import new_sa
+from mipsec.core.model import BootstrapData, IssuedSA
+from mipsec.core.provisioning import decode_response, encode_install, encode_withdraw
+from mipsec.core.roles import provserver
+from mipsec.core.suites import Suite
+from mipsec.core.wire.container import ContainerDecoder, encode_container
 
 CRASHPOINT = [sys.executable, str(Path(__file__).with_name("crashpoint.py"))]
 SETTLE = 30.0  # seconds for retried withdrawals (0.5, 1, 2, 4... s apart) and the sweep
@@ -61,13 +74,13 @@ def query(path: Path, sql: str) -> list[tuple[object, ...]]:
         conn.close()
 
 
-def unconfirmed(lab: Lab) -> list[int]:
-    rows = query(lab.dir / "hac-sa.sqlite", "SELECT spi FROM retired_sa WHERE confirmed = 0")
+def unconfirmed(lab: Lab, store: str = "hac-sa.sqlite") -> list[int]:
+    rows = query(lab.dir / store, "SELECT spi FROM retired_sa WHERE confirmed = 0")
     return sorted(int(r[0]) for r in rows)  # type: ignore[call-overload]
 
 
-def live_on_hac(lab: Lab) -> list[int]:
-    rows = query(lab.dir / "hac-sa.sqlite", "SELECT spi FROM issued_sa")
+def live_on_hac(lab: Lab, store: str = "hac-sa.sqlite") -> list[int]:
+    rows = query(lab.dir / store, "SELECT spi FROM issued_sa")
     return sorted(int(r[0]) for r in rows)  # type: ignore[call-overload]
 
 
@@ -252,3 +265,151 @@ def test_a_clean_stop_right_after_a_200_keeps_the_sa(
         assert "never answered with" not in hac.log_text()
     finally:
         mn.close()
+
+
+# ----------------------------------------------- the HA's group commit (issue 9)
+
+
+def _sa(spi: int, hoa: str) -> tuple[IssuedSA, RawSA]:
+    """An SA for ``MN_ID`` on the lab's HA, and the MN's side of it."""
+    sa = new_sa(
+        spi=spi,
+        mn_id=MN_ID,
+        suite=Suite.AES_128_CBC_SHA256,  # SUITE, {00,3C}
+        scope=1,
+        lifetime=600,
+        now=datetime.now(UTC),
+        ha_id="ha1",
+    )
+    issued = IssuedSA(sa, BootstrapData(haa_ip6=IPv6Address("::1"), ip6_hoa=IPv6Address(hoa)))
+    raw = RawSA(SUITE, spi, sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, sa.ha_to_mn_ikey, sa.ha_to_mn_ekey)
+    return issued, raw
+
+
+def _registers(raw: RawSA, hoa: str, seq: int, port: int) -> int:
+    """The BA status for a BU under ``raw``; -1 when the HA stays silent."""
+    bu = raw.protect(binding_update(seq, 25, hoa, "::1"))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(SILENCE)
+        s.sendto(bu, ("127.0.0.1", port))
+        try:
+            pkt, _ = s.recvfrom(2048)
+        except TimeoutError:
+            return -1
+        _seq, nh, mh = raw.unprotect(pkt)
+        assert nh == 135
+        return int(parse_ba(mh)["status"])
+    finally:
+        s.close()
+
+
+class _AsHac:
+    """The HAC's end of the provisioning connection, from the codecs alone:
+    requests written in one TLS write, so the HA reads them as one burst."""
+
+    def __init__(self, lab: Lab, port: int) -> None:
+        ctx = provserver.client_context(
+            lab.dir / "pki/ca.pem", lab.dir / "pki/hac-client.pem", lab.dir / "pki/hac-client.key"
+        )
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.tls = ctx.wrap_socket(raw, server_hostname="ha.mipsec.test")
+        self.decoder = ContainerDecoder()
+        self.next_id = 1
+
+    def send(self, *contents: bytes) -> None:
+        data = b""
+        for content in contents:
+            data += encode_container(self.next_id, content)
+            self.next_id += 1
+        self.tls.sendall(data)
+
+    def answers(self, n: int) -> list[int] | None:
+        """The status codes of the next ``n`` answers; None if the HA closed first."""
+        got: list[Any] = []
+        while len(got) < n:
+            try:
+                chunk = self.tls.recv(65536)
+            except (ConnectionError, ssl.SSLError):
+                return None
+            if not chunk:
+                return None
+            got.extend(self.decoder.feed(chunk))
+        return [decode_response(c.content).status for c in got]
+
+    def close(self) -> None:
+        self.tls.close()
+
+
+def test_ha_killed_between_a_bursts_store_commit_and_its_flush(
+    lab: Lab, ha_proc: HaProcess
+) -> None:
+    """A burst of installs is stored in one transaction, then the binding
+    cache's records of the whole burst (the new SAs' sequence-number marks,
+    the withdrawal one install carries) are flushed, then the HAC hears.
+    SIGKILL between the two: the SA rows are durable, their records and the
+    withdrawal are not, and the HAC heard nothing.  After the restart the HA
+    must hold what a HAC that got no answer expects -- every SA of the burst
+    and the older one it did not hear withdrawn -- so that the HAC's
+    withdrawals (504: outcome unknown) find them and end them for good, and
+    no anti-replay fact of the older SA is lost."""
+    # Call 1 of HaCore.install_sa: the first SA, alone.  Call 2: the first
+    # SA of the burst, after the burst's store transaction committed.
+    ha_proc.launcher = [*CRASHPOINT, "mipsec.core.ha_core:HaCore.install_sa", "2", "--"]
+    ha_proc.start()
+    port = ha_proc.port
+    old, old_raw = _sa(0x5001, "2001:db8:1::10")
+    burst = [_sa(0x5002 + i, f"2001:db8:1::{0x11 + i:x}") for i in range(3)]
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(encode_install(old))
+        assert hac.answers(1) == [200]
+        assert _registers(old_raw, "2001:db8:1::10", 10, port) == 0
+        captured = old_raw.protect(binding_update(10, 25, "2001:db8:1::10", "::1"), seq=0)
+        # The burst: the first install withdraws the older SA (prov-withdraw).
+        hac.send(
+            encode_install(burst[0][0], withdraw=(old.sa.spi,)),
+            *(encode_install(issued) for issued, _ in burst[1:]),
+        )
+        assert hac.answers(3) is None  # killed before any answer left
+    finally:
+        hac.close()
+    assert ha_proc.proc is not None and ha_proc.proc.wait(timeout=20) == -9
+    ha_proc.proc = None
+    assert ha_proc.log is not None
+    assert "SIGKILL at call 2 of mipsec.core.ha_core:HaCore.install_sa" in ha_proc.log.read_text()
+    every = sorted([old.sa.spi, *(i.sa.spi for i, _ in burst)])
+    assert held_by_ha(lab) == every  # the burst's one transaction committed; nothing discarded
+
+    ha_proc.launcher = list(LAUNCHER)
+    ha_proc.start()
+    # The older SA's withdrawal never became durable and was never
+    # confirmed: it is live, and what it accepted before the crash is
+    # still refused (its replay floor was flushed with its registration).
+    assert silent(captured, ("127.0.0.1", port))
+    assert _registers(old_raw, "2001:db8:1::10", 11, port) == 0
+    # An SA of the burst restarts as a new SA (its counter marks are made
+    # again: it never sent a packet), so the HAC's withdrawal finds it.
+    assert _registers(burst[1][1], "2001:db8:1::12", 1, port) == 0
+    # What the HAC does after a 504: withdraw the new SAs and the older one.
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(*(encode_withdraw(spi) for spi in every))
+        assert hac.answers(len(every)) == [200] * len(every)
+    finally:
+        hac.close()
+    wait_for("the HA's store forgets them", lambda: held_by_ha(lab) == [])
+    for (issued, raw), seq in zip([(old, old_raw), *burst], (12, 2, 3, 4), strict=True):
+        hoa = str(issued.bootstrap.ip6_hoa)
+        assert _registers(raw, hoa, seq, port) == -1, issued.sa.spi
+    # And they stay dead across another restart (the withdrawals are durable).
+    ha_proc.stop()
+    ha_proc.start()
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(encode_install(burst[2][0]))
+        assert hac.answers(1) == [400]  # a withdrawn SA is never installed again
+    finally:
+        hac.close()
+    assert held_by_ha(lab) == []

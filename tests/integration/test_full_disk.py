@@ -1,8 +1,9 @@
-"""Issue 9, tried from outside: the HA's disk fills up under a running HA process.
+"""Issue 9, tried from outside: the HA's or the HAC's disk fills up under a running role.
 
 Real processes (``mipsec --role hac`` and ``mipsec --role ha`` of a lab made by
 ``mipsec init``) and the independent raw MN (rawmn.py / rawha.py).  The HA's
-SA store and binding cache live on a small tmpfs of their own; the test fills
+SA store and binding cache (or the HAC's SA store) live on a small tmpfs of
+their own; the test fills
 it to the last block while both roles run.  SQLite then fails some commits
 with SQLITE_FULL (not necessarily all: a write-ahead log that was checkpointed
 is written again in place, which needs no new block).
@@ -25,6 +26,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from conftest import Lab, edit_toml
 from rawmn import RawMN, psk_bootstrap
 from test_crash_points import (
     HacProcess,
+    held_by_ha,
     live_on_hac,
     query,
     unconfirmed,
@@ -62,7 +65,7 @@ def _mount_tmpfs(where: Path) -> str | None:
 
 @pytest.fixture
 def small_disk(lab: Lab) -> Iterator[Path]:
-    disk = lab.dir / "hadisk"
+    disk = lab.dir / "disk"
     reason = _mount_tmpfs(disk)
     if reason is not None:
         pytest.skip(reason)
@@ -106,8 +109,8 @@ def held_on_disk(disk: Path) -> list[int]:
 
 def test_ha_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> None:
     ha_toml = Path(lab.info["ha"]["config"])
-    edit_toml(ha_toml, 'path = "ha-sa.sqlite"', 'path = "hadisk/ha-sa.sqlite"')
-    edit_toml(ha_toml, 'path = "ha-bindings.sqlite"', 'path = "hadisk/ha-bindings.sqlite"')
+    edit_toml(ha_toml, 'path = "ha-sa.sqlite"', 'path = "disk/ha-sa.sqlite"')
+    edit_toml(ha_toml, 'path = "ha-bindings.sqlite"', 'path = "disk/ha-bindings.sqlite"')
     hac_toml = Path(lab.info["hac"]["config"])
     edit_toml(hac_toml, "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
     ha, hac = HaProcess(lab), HacProcess(lab)
@@ -153,6 +156,66 @@ def test_ha_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> N
             assert ha_log.count(f"{what} failed") <= 1
             assert ha_log.count(f"{what} failed") == ha_log.count(f"{what} works again")
         assert "result=500 reason=internal (OperationalError)" in ha_log
+    finally:
+        hac.close()
+        ha.close()
+
+
+def test_hac_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> None:
+    """The HAC's SA store fills its disk.  A bootstrap whose store commit
+    fails is answered 500 with nothing provisioned (the HA never hears of
+    it); one whose commit fits gets its 200, and its SA survives the outage:
+    the delivered mark that cannot be written is kept, not dropped, so the
+    sweep of undelivered SAs never takes back an SA the MN holds.  After
+    space comes back, the HAC and the HA hold the same SAs and the MN
+    registers."""
+    hac_toml = Path(lab.info["hac"]["config"])
+    edit_toml(hac_toml, 'path = "hac-sa.sqlite"', 'path = "disk/hac-sa.sqlite"')
+    edit_toml(hac_toml, "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
+    ha, hac = HaProcess(lab), HacProcess(lab)
+    store = "disk/hac-sa.sqlite"
+    try:
+        ha.start()
+        hac.start()
+        first = Mn(lab)
+        try:
+            assert first.register(first.bu(1))["status"] == 0
+            filler = fill(small_disk)
+            statuses = [bootstrap_status(lab) for _ in range(TRIES)]
+            assert set(statuses) <= {"200", "500"}, statuses
+            assert statuses.count("500") >= TRIES // 2, statuses
+            # Past the sweep's bound (provisioning deadline + batches +
+            # slack) while the disk is still full: an SA whose 200 left
+            # must not be taken back because its mark could not be written.
+            time.sleep(1.0 + 2 * 1.0 + 2.0 + 1.5)
+            filler.unlink()
+            wait_for("withdrawals confirmed", lambda: unconfirmed(lab, store) == [])
+            wait_for("HAC and HA agree", lambda: held_by_ha(lab) == live_on_hac(lab, store))
+            if "200" not in statuses:
+                # Every try failed before anything was provisioned: the
+                # first SA is untouched and still registers.
+                assert live_on_hac(lab, store) == [first.spi]
+                assert first.register(first.bu(2))["status"] == 0
+        finally:
+            first.close()
+        again = Mn(lab)
+        try:
+            assert again.register(again.bu(3))["status"] == 0
+            wait_for(
+                "older SAs withdrawn",
+                lambda: held_by_ha(lab) == live_on_hac(lab, store) == [again.spi],
+            )
+        finally:
+            again.close()
+        assert hac.proc is not None and hac.proc.poll() is None  # it kept running
+        hac.stop()
+        text = hac.log_text()
+        assert "Traceback" not in text
+        assert "internal error: OperationalError" in text
+        assert "never answered with" not in text  # no SA swept from under its MN
+        what = "store write of delivered SAs and confirmed withdrawals"
+        assert text.count(f"{what} failed") == text.count(f"{what} works again") <= 1
+        ha.stop()
     finally:
         hac.close()
         ha.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,7 @@ from mipsec.core.roles.hac import HacService
 from mipsec.core.roles.mn import Registrar, bootstrap, peer_factory
 from mipsec.core.tls import check_hac_certificate, mn_cb_octets, mn_client_context
 from mipsec.core.wire.container import encode_container
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
 from mipsec.plugins.transport_local import LocalTransport
 
 MN_ID = "alice@mipsec.test"
@@ -729,3 +731,86 @@ def test_ha_event_hooks_see_sa_and_binding_events(tmp_path: Path, pki: PkiPaths)
             assert st.ha.stats()["hook_errors"] >= 1
 
     run(main())
+
+
+# ------------------------------------------------------------ store outages
+
+
+class FullDiskStore(SQLiteSAStore):
+    """The memory store, whose batched writes fail while ``full`` is set: a
+    disk that filled up after the SA's own commit got through."""
+
+    full = False
+    failed = 0
+
+    def _check(self) -> None:
+        if FullDiskStore.full:
+            FullDiskStore.failed += 1
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def delivered_many(self, spis: Any) -> None:
+        self._check()
+        super().delivered_many(spis)
+
+    def confirm_retired_many(self, spis: Any) -> None:
+        self._check()
+        super().confirm_retired_many(spis)
+
+
+class FullDiskStorePlugin:
+    class Factory:
+        name = "full-disk"
+
+        def create(self, options: Mapping[str, Any], ctx: PluginContext) -> FullDiskStore:
+            return FullDiskStore(None)
+
+    @hookimpl
+    def mipsec_sa_stores(self) -> list[Any]:
+        return [self.Factory()]
+
+
+def test_delivered_marks_the_store_cannot_write_are_kept_not_swept(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 200 left, then the store cannot record it (disk full): the mark is
+    kept and written once the store works again.  Dropping it would let the
+    sweep of undelivered SAs take back an SA the MN was told it holds."""
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "full-disk"}
+    FullDiskStore.full, FullDiskStore.failed = False, 0
+
+    async def main() -> None:
+        async with Stack(hac_config(data, tmp_path), [FullDiskStorePlugin()]) as st:
+            hac = st.hac
+            assert hac is not None and st.ha is not None
+            mn = mn_config(pki, st.port)
+            FullDiskStore.full = True
+            got = await bootstrap(mn)
+            assert got.ok and got.issued is not None
+            spi = got.issued.sa.spi
+            hac._confirm_now()  # the batch: it fails, twice
+            hac._confirm_now()
+            assert FullDiskStore.failed == 2
+            # The sweep of SAs stored and never answered with, as if the
+            # provisioning deadline had long passed: not this one.
+            hac._issuing_bound = lambda: -60.0  # type: ignore[method-assign]
+            assert hac.sweep_undelivered() == 0
+            assert hac.store.get(spi, datetime.now(UTC)) is not None
+            FullDiskStore.full = False
+            hac._confirm_now()
+            assert hac.store.undelivered(datetime.now(UTC) + timedelta(minutes=1)) == []  # type: ignore[attr-defined]
+            assert hac.sweep_undelivered() == 0
+            assert st.ha.core.has_spi(spi)
+            reg = Registrar(got.issued, mn)
+            await reg.open()
+            assert (await reg.run(until_registered=True, deadline=time.monotonic() + 5)).status == 0
+            reg.close()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "delivered SAs" in r.getMessage()]
+    # One line when the outage begins, one when it ends; never a traceback.
+    assert len(lines) == 2, lines
+    assert "database or disk is full" in lines[0] and "1 delivered SAs" in lines[0]
+    assert "works again" in lines[1]
+    assert "Traceback" not in caplog.text
