@@ -428,6 +428,11 @@ class ProvisioningListener(_Strict):
     # Every connection held, pending handshakes included (same eviction rule
     # as [hac] max_connections).
     max_connections: MaxConnections = 64
+    # Source addresses or networks a client may connect from; a connection
+    # from elsewhere is closed at accept, before any TLS work (a flood of
+    # ClientHellos would otherwise cost a key exchange and a signature
+    # each).  None: any address (the client certificate still decides).
+    allowed_clients: Annotated[tuple[IPvAnyNetwork, ...], Field(min_length=1)] | None = None
 
 
 class PullConfig(_Strict):

@@ -396,6 +396,7 @@ client_ca = "{rel(pki.ca_cert)}"
 client_names = ["hac.mipsec.test"]
 timeout = 10
 max_connections = 64      # all held, handshakes included; the longest waiting is evicted
+allowed_clients = ["127.0.0.1"]  # where the HAC connects from; others closed before TLS
 """
     _write(directory / "ha.toml", ha_toml + _metrics_table(metrics_ports[1]))
     ca = rel(pki.ca_cert)

@@ -217,6 +217,7 @@ class ProvisioningServer:
                 # Client certificates are required and checked by _session:
                 # a flood of connects must not evict a proven HAC.
                 protect_authenticated=True,
+                allowed_peers=cfg.allowed_clients,
             ),
             name="provisioning",
         )

@@ -17,7 +17,14 @@ import pytest
 from tlsflood import RawTls
 from tlsflood import client_context as flood_context
 
-from mipsec.core.config import HACConfig, ProvisioningListener, PullConfig, validate_config
+from mipsec.core.config import (
+    HACConfig,
+    ProvisioningListener,
+    PullConfig,
+    load_config,
+    validate_config,
+)
+from mipsec.core.errors import ConfigError
 from mipsec.core.hookspecs import PluginContext
 from mipsec.core.issuer import new_sa
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
@@ -1302,3 +1309,84 @@ def test_garbage_from_the_ha_mid_burst_fails_that_burst(tmp_path: Path, pki: Pki
     withdrawn = sorted(spi for ops in seen[1:] for op, spi in ops if op == "withdraw")
     assert withdrawn == sorted(installs)  # each withdrawn, on fresh connections
     assert ("install", after.sa.spi) in [x for ops in seen[1:] for x in ops]
+
+
+# ----------------------------------------------------------- allowed_clients
+
+
+async def hello_from(source: str, port: int, ctx: ssl.SSLContext) -> bytes:
+    """A complete ClientHello from ``source``; what comes back (b"": nothing,
+    the connection reset before or after the hello left)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    except ConnectionError:
+        return b""
+    raw = RawTls(reader, writer)
+    try:
+        writer.write(raw.start_tls(ctx, "ha.mipsec.test"))
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+def test_a_client_from_outside_allowed_clients_is_closed_before_tls(pki: PkiPaths) -> None:
+    """``allowed_clients``: a connection from another address is closed at
+    accept -- no ServerHello, no key exchange or signature spent on it, no
+    slot in the connection table -- even with a valid client certificate;
+    the HAC's address is served as before."""
+    from mipsec.core.roles.tlsserver import ADDRESS_REFUSED
+
+    rec = Recorder()
+    cfg = ha_listener(pki, allowed_clients=("127.0.0.1", "2001:db8::/32"))
+    assert [str(n) for n in cfg.allowed_clients or ()] == ["127.0.0.1/32", "2001:db8::/32"]
+
+    async def main() -> tuple[bytes, int, int]:
+        server = ProvisioningServer(cfg, on_install=rec.install, on_withdraw=rec.withdraw)
+        (_, port), *_ = await server.start()
+        try:
+            # From 127.0.0.2 (loopback too, but not allowed), with the HAC's
+            # own certificate: a complete ClientHello gets nothing back.
+            ctx = flood_context(str(pki.ca_cert), str(pki.hac_client_cert), str(pki.hac_client_key))
+            answer = await hello_from("127.0.0.2", port, ctx)
+            held = server.listener.connections
+            t = transport(pki, port)
+            await t.provision(HA, make_issued(), 5)
+            await t.aclose()
+            return answer, held, server.listener.stats[ADDRESS_REFUSED]
+        finally:
+            await server.stop()
+
+    answer, held, refused = run(main())
+    assert answer == b"" and held == 0 and refused == 1
+    assert [i.sa.spi for i, _ in rec.installed] == [4660]
+
+
+def test_allowed_clients_matches_ipv4_mapped_peers_and_nothing_else() -> None:
+    from ipaddress import ip_network
+
+    from mipsec.core.roles.tlsserver import peer_allowed
+
+    nets = (ip_network("10.0.0.0/8"), ip_network("2001:db8::/32"))
+    assert peer_allowed(("10.1.2.3", 7873), nets)
+    assert peer_allowed(("::ffff:10.1.2.3", 7873, 0, 0), nets)  # dual-stack socket
+    assert peer_allowed(("2001:db8::5", 7873, 0, 0), nets)
+    assert peer_allowed(("fe80::1%eth0", 7873, 0, 2), (ip_network("fe80::/10"),))
+    assert not peer_allowed(("11.0.0.1", 7873), nets)
+    assert not peer_allowed(("::ffff:11.0.0.1", 7873, 0, 0), nets)
+    assert not peer_allowed(("2001:db9::5", 7873, 0, 0), nets)
+    assert not peer_allowed(None, nets)  # the socket is gone already
+    assert not peer_allowed(("not an address", 1), nets)
+
+
+@pytest.mark.parametrize("value", ["[]", '["10.0.0.1/8"]', '["anywhere"]', '"10.0.0.0/8"'])
+def test_bad_allowed_clients_is_a_config_error(tmp_path: Path, value: str) -> None:
+    toml = tmp_path / "ha.toml"
+    toml.write_text(
+        '[provisioning]\nport = 7873\ncert = "c.pem"\nkey = "k.pem"\nclient_ca = "ca.pem"\n'
+        f'client_names = ["hac.mipsec.test"]\nallowed_clients = {value}\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(toml, "ha")
+    assert str(toml) in str(err.value) and "provisioning.allowed_clients" in str(err.value)
