@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bootstrap import (  # a sibling script, not a package
@@ -100,12 +101,8 @@ class Lab:
     log: Path | None = None
 
 
-def _make_lab(
-    root: Path, name: str, *, local_provisioning: bool = True
-) -> tuple[Path, dict[str, object]]:
-    """``mipsec init`` with SQLite credentials and the IPv4 pool widened (and,
-    by default, the HA moved into the HAC's process)."""
-    lab = root / name
+def mipsec_init(lab: Path) -> dict[str, Any]:
+    """``mipsec init LAB --json`` on free ports: what it printed."""
     out = subprocess.run(
         [
             *_mipsec_cmd(None),
@@ -121,7 +118,17 @@ def _make_lab(
         capture_output=True,
         text=True,
     )
-    info: dict[str, object] = json.loads(out.stdout)
+    info: dict[str, Any] = json.loads(out.stdout)
+    return info
+
+
+def _make_lab(
+    root: Path, name: str, *, local_provisioning: bool = True
+) -> tuple[Path, dict[str, object]]:
+    """``mipsec init`` with SQLite credentials and the IPv4 pool widened (and,
+    by default, the HA moved into the HAC's process)."""
+    lab = root / name
+    info = mipsec_init(lab)
     hac_toml = lab / "hac.toml"
     text = hac_toml.read_text()
     for old, new in (
