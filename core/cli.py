@@ -547,6 +547,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return role, cmds
 
 
+BUILT_IN = ("check-config", "plugins", "init", "demo", *ctlcli.VERBS)
+
+
+def plugin_commands(pm: Any = None) -> dict[str, Any]:
+    """name -> ``CliCommand`` of every loaded plugin (``mipsec_cli_commands``)."""
+    pm = pm if pm is not None else pluginmanager.make_plugin_manager()
+    commands = pluginmanager.registry(pm, "mipsec_cli_commands")
+    for name in commands:
+        if name in BUILT_IN or name.startswith("-"):
+            raise PluginError(f"mipsec_cli_commands: {name!r} is a built-in command or option")
+    return commands
+
+
+def run_plugin_command(command: Any, argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"mipsec {command.name}", description=command.help)
+    command.add_arguments(parser)
+    rc: int = command.run(parser.parse_args(argv))
+    return rc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     role_parser, cmd_parser = build_parser()
@@ -554,14 +574,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "--version":
             print(f"mipsec {version()}")
             return EXIT_OK
-        if argv and argv[0] in ("check-config", "plugins", "init", "demo", *ctlcli.VERBS):
+        if argv and argv[0] in BUILT_IN:
             args = cmd_parser.parse_args(argv)
             rc: int = args.func(args)
             return rc
+        if argv and not argv[0].startswith("-"):
+            command = plugin_commands().get(argv[0])
+            if command is not None:
+                return run_plugin_command(command, argv[1:])
         if not argv or argv[0] in ("-h", "--help"):
             role_parser.print_help()
             print()
             cmd_parser.print_help()
+            extra = plugin_commands()
+            if extra:
+                print("\ncommands added by plugins:")
+                for name, command in sorted(extra.items()):
+                    print(f"  {name:<20}{command.help}")
             return EXIT_OK if argv else EXIT_CONFIG
         return cmd_role(role_parser.parse_args(argv))
     except ConfigError as exc:

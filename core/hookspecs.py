@@ -20,6 +20,7 @@ Event hooks
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -150,6 +151,20 @@ class Factory(Protocol):
     def create(self, options: Mapping[str, Any], ctx: PluginContext) -> Any: ...
 
 
+class CliCommand(Protocol):
+    """A subcommand of the ``mipsec`` launcher that a plugin adds
+    (``mipsec NAME ...``), e.g. a tool for the plugin's own files."""
+
+    name: str  # the word after ``mipsec``; a built-in command's name is refused
+    help: str  # one line, shown in ``mipsec --help``
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int:
+        """The exit status: 0 done, 1 failed, 2 bad input (one line on stderr)."""
+        ...
+
+
 # ---------------------------------------------------------------- hooks
 
 
@@ -224,6 +239,15 @@ class MipsecSpec:
     @hookspec
     def mipsec_provisioning_transports(self) -> Sequence[Factory]:
         """Return factories of ``ProvisioningTransport`` (``local``, ``tls``)."""
+
+    @hookspec
+    def mipsec_cli_commands(self) -> Sequence[CliCommand]:
+        """Return launcher subcommands (``CliCommand``): ``mipsec NAME ...``.
+
+        E.g. the ``sqlite`` credential backend's ``mipsec credentials``.  Two
+        plugins offering one name, or a plugin offering a built-in's name, is
+        an error naming them.
+        """
 
     # ---- events (accounting, logging); never given key material
 

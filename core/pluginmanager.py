@@ -29,6 +29,7 @@ REGISTRY_HOOKS = (
     "mipsec_hoa_allocators",
     "mipsec_provisioning_transports",
     "mipsec_eap_tls_identity_policies",
+    "mipsec_cli_commands",
 )
 
 

@@ -2,8 +2,8 @@
 
 Table ``mn_credentials(mn_id TEXT PRIMARY KEY, psk BLOB)``; a TEXT ``psk``
 (a row typed in by hand) is taken as a UTF-8 passphrase, like ``psk`` in the
-TOML backend.  The HAC opens the file read-only; ``add_psk`` (tests, CLI)
-writes it.
+TOML backend.  The HAC opens the file read-only; ``add_psks`` (the
+``mipsec credentials`` command, plugins/cred_tool.py) writes it.
 
 NAI matching follows the TOML backend (RFC 7542 §2.4, §3): ``add_psk``
 stores ``nai_key(mn_id)`` (realm lower-cased when ASCII, NFC), and a lookup
@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +51,79 @@ def _as_key(value: object) -> bytes | None:
 
 def add_psk(path: str | os.PathLike[str], mn_id: str, psk: bytes) -> None:
     """Insert or replace ``mn_id``'s key in the database at ``path`` (created 0600)."""
-    if not mn_id:
-        raise ValueError("mn_id: empty")
-    if not psk:
-        raise ValueError("psk: empty key")
+    add_psks(path, [(mn_id, psk)])
+
+
+def add_psks(path: str | os.PathLike[str], items: Iterable[tuple[str, bytes]]) -> tuple[int, int]:
+    """Insert or replace many keys in one transaction: ``(new, replaced)``.
+
+    The file is created with mode 0600; an existing one must be private
+    (the HAC refuses to start on one that is not).  All or nothing: an
+    empty ``mn_id`` or key rolls the whole batch back (``ValueError`` naming
+    the entry, never the key).
+    """
     p = Path(path)
     create_private(p)  # 0600 whatever the umask: the file holds keys
+    check_private_sqlite(p)
     conn = sqlite3.connect(p, isolation_level=None)
+    new = replaced = 0
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(_SCHEMA)
-        conn.execute(
-            "INSERT INTO mn_credentials (mn_id, psk) VALUES (?, ?) "
-            "ON CONFLICT (mn_id) DO UPDATE SET psk = excluded.psk",
-            (nai_key(mn_id), bytes(psk)),
-        )
-        conn.execute("COMMIT")
+        try:
+            conn.execute(_SCHEMA)
+            for i, (mn_id, psk) in enumerate(items):
+                if not mn_id:
+                    raise ValueError(f"entry {i}: mn_id: empty")
+                if not psk:
+                    raise ValueError(f"entry {i} ({mn_id!r}): psk: empty key")
+                key = nai_key(mn_id)
+                held = conn.execute(
+                    "SELECT 1 FROM mn_credentials WHERE mn_id = ?", (key,)
+                ).fetchone()
+                conn.execute(
+                    "INSERT INTO mn_credentials (mn_id, psk) VALUES (?, ?) "
+                    "ON CONFLICT (mn_id) DO UPDATE SET psk = excluded.psk",
+                    (key, bytes(psk)),
+                )
+                if held:
+                    replaced += 1
+                else:
+                    new += 1
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    return new, replaced
+
+
+def remove_psk(path: str | os.PathLike[str], mn_id: str) -> bool:
+    """Delete ``mn_id``'s key (looked up as the backend does); True if it was there."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{str(p)!r}: no such file")
+    check_private_sqlite(p)
+    conn = sqlite3.connect(p, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        gone = 0
+        for key in dict.fromkeys((mn_id, nai_key(mn_id))):
+            gone += conn.execute("DELETE FROM mn_credentials WHERE mn_id = ?", (key,)).rowcount
+        return gone > 0
+    finally:
+        conn.close()
+
+
+def count_psks(path: str | os.PathLike[str]) -> int:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{str(p)!r}: no such file")
+    conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM mn_credentials").fetchone()[0])
     finally:
         conn.close()
 
