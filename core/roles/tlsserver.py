@@ -130,8 +130,8 @@ class Limits:
     # Source networks a connection may come from (None: any).  Checked as
     # the connection is accepted, before any TLS state exists and before it
     # takes a slot: a ClientHello from elsewhere costs an accept and a close
-    # (~130-150 µs of CPU, measured), not a handshake's key exchange and
-    # signature (~875 µs), and can never evict a proven client.
+    # (150-230 µs of CPU in bench/hello_flood.py), not a handshake's key
+    # exchange and signature (740-870 µs), and can never evict a proven client.
     allowed_peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
     def __post_init__(self) -> None:
