@@ -9,8 +9,23 @@ An operator needs to see the outage begin and end, not a line per retry
 from __future__ import annotations
 
 import logging
+import sqlite3
 
-__all__ = ["Outage"]
+__all__ = ["Outage", "cause"]
+
+
+def cause(exc: BaseException) -> str:
+    """What to say of ``exc`` in a log line, without risking a secret.
+
+    ``sqlite3`` and ``OSError`` messages name the cause ("database or disk
+    is full") and never carry key material; any other exception may come
+    from a third-party plugin whose message could hold anything (a
+    connection string with its password): its class name only.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, sqlite3.Error | OSError):
+        return f"{name}: {exc}"
+    return name
 
 
 class Outage:

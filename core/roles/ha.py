@@ -66,7 +66,7 @@ from mipsec.core.ha_core import (
 from mipsec.core.hookspecs import PluginContext, SAStore
 from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
-from mipsec.core.outage import Outage
+from mipsec.core.outage import Outage, cause
 from mipsec.core.provisioning import ProvisioningRefused
 from mipsec.core.startup_heap import freeze_heap
 
@@ -820,9 +820,9 @@ class HaService:
             try:
                 self.expire_now(store=runs % STORE_EXPIRY_EVERY == 0)
             except Exception as exc:  # a failing store must not end expiry for good
-                # One line, no traceback: the class name only (a store
-                # plugin's message could hold anything).
-                self._expiry_outage.failed(type(exc).__name__)
+                # One line, no traceback; a store plugin's own message
+                # could hold anything (``cause``).
+                self._expiry_outage.failed(cause(exc))
             else:
                 self._expiry_outage.worked()
 

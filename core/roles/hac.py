@@ -54,7 +54,7 @@ from mipsec.core.hookspecs import (
 )
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
-from mipsec.core.outage import Outage
+from mipsec.core.outage import Outage, cause
 from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
@@ -588,7 +588,10 @@ class HacService:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, WITHDRAW_RETRY_MAX)
                     continue
-                self.store.confirm_retired(spi)
+                # Recorded with the next batch, which keeps it through a
+                # store outage (a raise here would end this task with a
+                # traceback); lost in a crash, the next run withdraws again.
+                self._confirm_later(spi)
                 log.debug("spi=%d withdrawn from HA %s", spi, ha.ha_id)
                 return
         finally:
@@ -787,8 +790,7 @@ class HacService:
             self._to_mark_delivered |= delivered
             self._to_confirm |= spis
             self._batch_outage.failed(
-                f"{type(exc).__name__}: {exc} ({len(delivered)} delivered SAs, "
-                f"{len(spis)} confirmed withdrawals)"
+                f"{cause(exc)} ({len(delivered)} delivered SAs, {len(spis)} confirmed withdrawals)"
             )
             if self._loop_running():
                 self._batch_soon()
@@ -838,7 +840,7 @@ class HacService:
             try:
                 self.expire_now()
             except Exception as exc:  # a failing store must not end expiry for good
-                self._expiry_outage.failed(f"{type(exc).__name__}: {exc}")
+                self._expiry_outage.failed(cause(exc))
             else:
                 self._expiry_outage.worked()
 
@@ -855,7 +857,7 @@ class HacService:
         try:
             self.sweep_undelivered()
         except Exception as exc:  # the next expiry run tries again
-            self._sweep_outage.failed(f"{type(exc).__name__}: {exc}")
+            self._sweep_outage.failed(cause(exc))
         else:
             self._sweep_outage.worked()
 

@@ -756,6 +756,10 @@ class FullDiskStore(SQLiteSAStore):
         self._check()
         super().confirm_retired_many(spis)
 
+    def confirm_retired(self, spi: int) -> None:
+        self._check()
+        super().confirm_retired(spi)
+
 
 class FullDiskStorePlugin:
     class Factory:
@@ -814,3 +818,37 @@ def test_delivered_marks_the_store_cannot_write_are_kept_not_swept(
     assert "database or disk is full" in lines[0] and "1 delivered SAs" in lines[0]
     assert "works again" in lines[1]
     assert "Traceback" not in caplog.text
+
+
+def test_a_withdrawal_confirmed_while_the_store_cannot_write_is_recorded_later(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HA confirms a withdrawal (here: a revocation's) while the HAC's
+    store cannot record it: the confirmation waits in the batch and is
+    written once the store works -- not lost with a traceback from the
+    withdrawal task, which would make the next run withdraw it again."""
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "full-disk"}
+    FullDiskStore.full, FullDiskStore.failed = False, 0
+
+    async def main() -> None:
+        async with Stack(hac_config(data, tmp_path), [FullDiskStorePlugin()]) as st:
+            hac = st.hac
+            assert hac is not None and st.ha is not None
+            got = await bootstrap(mn_config(pki, st.port))
+            assert got.ok and got.issued is not None
+            spi = got.issued.sa.spi
+            FullDiskStore.full = True
+            assert hac.retire(spi, "revoked")  # its own write gets through
+            assert await eventually(lambda: not st.ha.core.has_spi(spi))  # the HA confirmed
+            assert await eventually(lambda: FullDiskStore.failed >= 1)  # the batch failed
+            now = datetime.now(UTC)
+            assert [s for s, *_ in hac.store.retired_unconfirmed(now)] == [spi]
+            FullDiskStore.full = False
+            assert await eventually(lambda: hac.store.retired_unconfirmed(now) == [])
+            assert not hac._tasks  # the withdrawal task ended cleanly
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    assert "Traceback" not in caplog.text and "never retrieved" not in caplog.text
+    assert all(r.exc_info is None for r in caplog.records)

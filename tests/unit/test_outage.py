@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from mipsec.core.outage import Outage
+from mipsec.core.outage import Outage, cause
 
 
 def test_one_line_per_outage_and_one_per_recovery(caplog: pytest.LogCaptureFixture) -> None:
@@ -31,3 +31,14 @@ def test_one_line_per_outage_and_one_per_recovery(caplog: pytest.LogCaptureFixtu
             "binding cache write failed: database or disk is full; replies withheld until it works",
         ),
     ]
+
+
+def test_cause_names_a_store_error_but_only_the_class_of_anything_else() -> None:
+    assert cause(sqlite3.OperationalError("database or disk is full")) == (
+        "OperationalError: database or disk is full"
+    )
+    assert cause(OSError(28, "No space left on device")) == (
+        "OSError: [Errno 28] No space left on device"
+    )
+    # A third-party store's own exception may carry anything.
+    assert cause(RuntimeError("connect failed: postgres://mipsec:s3cret@db/sa")) == "RuntimeError"
