@@ -773,18 +773,23 @@ class FullDiskStorePlugin:
         return [self.Factory()]
 
 
+def full_disk_stack(tmp_path: Path, pki: PkiPaths) -> Stack:
+    """A HAC (+ its HA) whose SA store is a ``FullDiskStore``, not full yet."""
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "full-disk"}
+    FullDiskStore.full, FullDiskStore.failed = False, 0
+    return Stack(hac_config(data, tmp_path), [FullDiskStorePlugin()])
+
+
 def test_delivered_marks_the_store_cannot_write_are_kept_not_swept(
     tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The 200 left, then the store cannot record it (disk full): the mark is
     kept and written once the store works again.  Dropping it would let the
     sweep of undelivered SAs take back an SA the MN was told it holds."""
-    data = hac_data(tmp_path, pki)
-    data["sa_store"] = {"backend": "full-disk"}
-    FullDiskStore.full, FullDiskStore.failed = False, 0
 
     async def main() -> None:
-        async with Stack(hac_config(data, tmp_path), [FullDiskStorePlugin()]) as st:
+        async with full_disk_stack(tmp_path, pki) as st:
             hac = st.hac
             assert hac is not None and st.ha is not None
             mn = mn_config(pki, st.port)
@@ -827,12 +832,9 @@ def test_a_withdrawal_confirmed_while_the_store_cannot_write_is_recorded_later(
     store cannot record it: the confirmation waits in the batch and is
     written once the store works -- not lost with a traceback from the
     withdrawal task, which would make the next run withdraw it again."""
-    data = hac_data(tmp_path, pki)
-    data["sa_store"] = {"backend": "full-disk"}
-    FullDiskStore.full, FullDiskStore.failed = False, 0
 
     async def main() -> None:
-        async with Stack(hac_config(data, tmp_path), [FullDiskStorePlugin()]) as st:
+        async with full_disk_stack(tmp_path, pki) as st:
             hac = st.hac
             assert hac is not None and st.ha is not None
             got = await bootstrap(mn_config(pki, st.port))
