@@ -497,8 +497,9 @@ class HacService:
         """The MN did not get the 200 (it went away, or broke the sequence):
         take the SA back everywhere -- nothing stays live unannounced."""
         sa = issued.sa
-        self._issuing_spis.discard(sa.spi)
-        self.retire(sa.spi, "provisioning-failed")
+        if sa.spi in self._issuing_spis:  # else issue_sa's own failure path took it back
+            self._issuing_spis.discard(sa.spi)
+            self._take_back(sa.spi, sa.mn_id, "provisioning-failed")
         self.emit(
             "mipsec_provisioning_failed",
             mn_id=sa.mn_id,
@@ -555,6 +556,39 @@ class HacService:
                 "mipsec_sa_withdrawn", spi=sa.spi, mn_id=sa.mn_id, ha_id=sa.ha_id, reason=reason
             )
         self._schedule_withdraw(sa.ha_id, sa.spi, sa.validity_end)
+        return True
+
+    def _take_back(self, spi: int, mn_id: str, reason: str) -> None:
+        """``retire`` on a failure path, which must not raise (it runs in an
+        ``except`` or a cancelled task).  A store that cannot write now (full
+        disk) leaves the SA stored: an SA never delivered is still marked
+        pending, so the sweep of undelivered SAs retires it -- and withdraws
+        it from its HA -- once the store works; an older, superseded one is
+        retired by the MN's next bootstrap."""
+        try:
+            self.retire(spi, reason)
+        except Exception as exc:
+            log.error(
+                "mn_id=%s spi=%d: cannot retire it now (%s, reason=%s); retried later",
+                mn_id,
+                spi,
+                cause(exc),
+                reason,
+            )
+
+    def _restore(self, taken: list[Any], mn_id: str) -> bool:
+        """``restore`` of SAs an install refused by its HA did not withdraw;
+        False when the store cannot write it now (the caller withdraws them)."""
+        try:
+            self.store.restore(taken)  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.error(
+                "mn_id=%s: cannot put back %d superseded SA(s) (%s): withdrawn instead",
+                mn_id,
+                len(taken),
+                cause(exc),
+            )
+            return False
         return True
 
     def _schedule_withdraw(self, ha_id: str, spi: int, validity_end: datetime) -> None:
@@ -701,13 +735,13 @@ class HacService:
             # told to forget it in case it did install it (retried until it
             # confirms, also across restarts: the store records it).
             self._issuing_spis.discard(spi)
-            self.retire(spi, "provisioning-failed")
+            self._take_back(spi, mn_id, "provisioning-failed")
             refused = _refused(exc)
             if taken is not None:
-                if refused:
-                    # The HA refused the install: it withdrew nothing either.
-                    store.restore(taken)
-                else:
+                # The HA refused the install: it withdrew nothing either, so
+                # the older SAs are live again -- unless the store cannot
+                # write that now; then they are withdrawn as below.
+                if not (refused and self._restore(taken, mn_id)):
                     # No answer, or a 5xx (outcome unknown): the HA may have
                     # withdrawn them.  They stay retired, and are withdrawn
                     # until the HA confirms.
@@ -716,7 +750,7 @@ class HacService:
             elif old and not refused:
                 # The same without the one-transaction store.
                 for s in old:
-                    self.retire(s, "superseded")
+                    self._take_back(s, mn_id, "superseded")
             # An in-process HA's refusal is the same to the MN as a network
             # HA's 400: not confirmed, 504 (PROFILE §9).
             if isinstance(exc, TimeoutError | ConnectionError | OSError | ProvisioningRefused):

@@ -760,6 +760,10 @@ class FullDiskStore(SQLiteSAStore):
         self._check()
         super().confirm_retired(spi)
 
+    def retire(self, spi: int, reason: str) -> Any:
+        self._check()
+        return super().retire(spi, reason)
+
 
 class FullDiskStorePlugin:
     class Factory:
@@ -773,12 +777,18 @@ class FullDiskStorePlugin:
         return [self.Factory()]
 
 
-def full_disk_stack(tmp_path: Path, pki: PkiPaths) -> Stack:
-    """A HAC (+ its HA) whose SA store is a ``FullDiskStore``, not full yet."""
+def full_disk_stack(tmp_path: Path, pki: PkiPaths, slow: SlowLocal | None = None) -> Stack:
+    """A HAC (+ its HA) whose SA store is a ``FullDiskStore``, not full yet;
+    with ``slow``, the HA is reached through that slow transport."""
     data = hac_data(tmp_path, pki)
     data["sa_store"] = {"backend": "full-disk"}
     FullDiskStore.full, FullDiskStore.failed = False, 0
-    return Stack(hac_config(data, tmp_path), [FullDiskStorePlugin()])
+    if slow is None:
+        return Stack(hac_config(data, tmp_path), [FullDiskStorePlugin()])
+    ha_cfg = hac_config(data, tmp_path).local_ha
+    del data["local_ha"]
+    data["ha"][0]["transport"] = "slow-local"
+    return Stack(hac_config(data, tmp_path), [FullDiskStorePlugin(), slow], ha_cfg=ha_cfg)
 
 
 def test_delivered_marks_the_store_cannot_write_are_kept_not_swept(
@@ -840,8 +850,8 @@ def test_a_withdrawal_confirmed_while_the_store_cannot_write_is_recorded_later(
             got = await bootstrap(mn_config(pki, st.port))
             assert got.ok and got.issued is not None
             spi = got.issued.sa.spi
-            FullDiskStore.full = True
-            assert hac.retire(spi, "revoked")  # its own write gets through
+            assert hac.retire(spi, "revoked")  # its own write gets through, then:
+            FullDiskStore.full = True  # before the withdrawal task has run
             assert await eventually(lambda: not st.ha.core.has_spi(spi))  # the HA confirmed
             assert await eventually(lambda: FullDiskStore.failed >= 1)  # the batch failed
             now = datetime.now(UTC)
@@ -852,5 +862,42 @@ def test_a_withdrawal_confirmed_while_the_store_cannot_write_is_recorded_later(
 
     with caplog.at_level(logging.INFO):
         run(main())
+    assert "Traceback" not in caplog.text and "never retrieved" not in caplog.text
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_an_mn_gone_mid_issue_while_the_store_cannot_write_is_swept_later(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The MN leaves while its SA is being provisioned, and the store cannot
+    write the SA's retirement (disk full): one line, no traceback from the
+    cancelled issue; the SA stays stored as never delivered, and the sweep
+    takes it back -- off its HA too -- once the store works."""
+    slow = SlowLocal(0.5)
+
+    async def main() -> None:
+        async with full_disk_stack(tmp_path, pki, slow) as st:
+            hac = st.hac
+            assert hac is not None and st.ha is not None
+            _reader, writer, _exch = await done_request(st, pki)
+            await asyncio.sleep(0.1)  # the HAC is issuing (provisioning takes 0.5 s)
+            FullDiskStore.full = True
+            writer.close()
+            await asyncio.sleep(slow.delay + 0.2)
+            now = datetime.now(UTC)
+            # Still stored (pending: never delivered); the cancelled install
+            # may or may not have reached the HA.
+            assert len(hac.store.live(now)) == 1
+            FullDiskStore.full = False
+            hac._issuing_bound = lambda: -60.0  # type: ignore[method-assign]
+            assert hac.sweep_undelivered() == 1
+            assert hac.store.live(now) == []
+            assert await eventually(lambda: st.ha is not None and st.ha.core.spis() == [])
+            assert await eventually(lambda: hac.store.retired_unconfirmed(now) == [])
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "cannot retire it now" in r.getMessage()]
+    assert len(lines) == 1 and "database or disk is full" in lines[0], lines
     assert "Traceback" not in caplog.text and "never retrieved" not in caplog.text
     assert all(r.exc_info is None for r in caplog.records)
