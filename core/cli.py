@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -603,6 +604,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # e.g. a listener port already in use: say which, no traceback.
         print(f"mipsec: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except sqlite3.Error as exc:
+        # A store or binding cache that cannot be written at start or stop
+        # (full disk, I/O error): one line -- such messages carry no secret.
+        print(f"mipsec: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
 

@@ -392,7 +392,19 @@ class HaService:
         self._expiry_task = None
         # Exact data marks: a clean restart loses no data packet (ha_core).
         self.core.settle()
-        self.bindings.close()  # flushes what is pending
+        pending = self.bindings.pending
+        try:
+            self.bindings.close()  # flushes what is pending
+        except (sqlite3.Error, OSError) as exc:
+            # A store outage (full disk): what waits belongs to replies that
+            # were withheld, never sent -- the MNs retransmit -- and to
+            # withdrawals the HAC never heard confirmed (it sends them again).
+            log.error(
+                "binding cache: %d change(s) not written at stop (%s); their replies "
+                "were never sent",
+                pending,
+                cause(exc),
+            )
         self._discard_now()
         self.store.close()
         if self._started:

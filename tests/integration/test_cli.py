@@ -288,3 +288,22 @@ def test_expired_sa_releases_home_address(tmp_path: Path, start_hac: Any) -> Non
     p.terminate()
     log = p.communicate(timeout=10)[0]
     assert "sa_expired" in log and str(alice["sa"]["spi"]) in log
+
+
+def test_a_store_error_out_of_a_role_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store or binding cache that cannot be written when a role starts or
+    stops (full disk) ends the launcher with one line and status 1, never a
+    traceback."""
+    import sqlite3
+
+    from mipsec.core import cli
+
+    def full(args: object) -> int:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(cli, "cmd_role", full)
+    assert cli.main(["--role", "ha", "--config", "ha.toml"]) == 1
+    err = capsys.readouterr().err
+    assert err == "mipsec: OperationalError: database or disk is full\n"

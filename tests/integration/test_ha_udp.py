@@ -692,3 +692,38 @@ def test_burst_of_installs_touching_each_other_is_installed_in_order(tmp_path: P
     results = run(main())
     assert results[:2] == [None, None]
     assert isinstance(results[2], ProvisioningRefused) and "withdrawn" in str(results[2])
+
+
+def test_stop_while_the_binding_cache_cannot_be_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM during a store outage (full disk): the changes still waiting
+    belong to BAs that were withheld, never sent, so the HA stops cleanly
+    with one line saying how many were not written -- no exception out of
+    ``stop`` (which the launcher would print as a traceback) -- and the SA
+    store is closed too.  After a restart the MN's retransmission registers."""
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        issued = make_issued()
+        await svc.install_sa(issued)
+        mn = MN(issued)
+        counting(svc.bindings, "_write", fail=True)
+        await mn.send(mn.bu(1), addrs[0])
+        assert await mn.nothing(0.5)  # withheld
+        assert svc.bindings.pending > 0
+        await svc.stop()
+        again = HaService(ha_config(tmp_path))
+        addrs = await again.start()
+        try:
+            assert (await mn.register(2, addrs[0])).status == 0
+        finally:
+            mn.close()
+            await again.stop()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if "not written at stop" in r.getMessage()]
+    assert len(lines) == 1 and "disk I/O error" in lines[0], lines
+    assert all(r.exc_info is None for r in caplog.records)
