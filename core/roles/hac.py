@@ -591,6 +591,12 @@ class HacService:
             return False
         return True
 
+    def withdraw_unrecorded(self, ha_id: str, spi: int, validity_end: datetime) -> None:
+        """Withdraw an SA from its HA although the store could not retire it
+        (an outage): retried until the HA confirms, in this process only."""
+        self.stats["withdrawn"] += 1
+        self._schedule_withdraw(ha_id, spi, validity_end)
+
     def _schedule_withdraw(self, ha_id: str, spi: int, validity_end: datetime) -> None:
         if spi in self._withdrawing:
             return

@@ -26,6 +26,7 @@ from mipsec.core.errors import ConfigError
 from mipsec.core.hookspecs import hookimpl
 from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
+from mipsec.core.outage import cause
 from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
 from mipsec.core.roles.hac import HacService, hac_policy
 from mipsec.core.suites import Suite
@@ -335,9 +336,28 @@ class HacOps:
                 session.cancel()
                 ended += 1
         withdrawn = []
+        unrecorded = []
         for issued in svc.store.live_for_mn(mn_id, utcnow()):
-            if svc.retire(issued.sa.spi, "revoked"):
-                withdrawn.append(issued.sa.spi)
+            sa = issued.sa
+            try:
+                if svc.retire(sa.spi, "revoked"):
+                    withdrawn.append(sa.spi)
+            except Exception as exc:
+                # The store cannot record the retirement now (full disk):
+                # the HA is told all the same -- a withdrawal there is for
+                # good, and it never installs the SA again -- so a revoked
+                # MN keeps no working SA; the row expires in the store.
+                log.error(
+                    "mn_id=%s spi=%d: cannot record the revocation's withdrawal (%s); "
+                    "withdrawn from HA %s all the same",
+                    mn_id,
+                    sa.spi,
+                    cause(exc),
+                    sa.ha_id,
+                )
+                svc.withdraw_unrecorded(sa.ha_id, sa.spi, sa.validity_end)
+                withdrawn.append(sa.spi)
+                unrecorded.append(sa.spi)
         log.warning(
             "mn_id=%s revoked%s: %d SA(s) withdrawn (spi=%s), %d exchange(s) ended",
             mn_id,
@@ -346,7 +366,15 @@ class HacOps:
             ",".join(map(str, withdrawn)) or "-",
             ended,
         )
-        return {"mn_id": mn_id, "revoked": True, "withdrawn": withdrawn, "exchanges_ended": ended}
+        out: dict[str, Any] = {
+            "mn_id": mn_id,
+            "revoked": True,
+            "withdrawn": withdrawn,
+            "exchanges_ended": ended,
+        }
+        if unrecorded:
+            out["not_recorded"] = unrecorded  # withdrawn from the HA, still rows in the store
+        return out
 
     async def unrevoke(self, args: Mapping[str, Any]) -> dict[str, Any]:
         mn_id = arg_str(args, "mn_id")

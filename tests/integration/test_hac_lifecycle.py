@@ -777,11 +777,15 @@ class FullDiskStorePlugin:
         return [self.Factory()]
 
 
-def full_disk_stack(tmp_path: Path, pki: PkiPaths, slow: SlowLocal | None = None) -> Stack:
+def full_disk_stack(
+    tmp_path: Path, pki: PkiPaths, slow: SlowLocal | None = None, revocations: Path | None = None
+) -> Stack:
     """A HAC (+ its HA) whose SA store is a ``FullDiskStore``, not full yet;
     with ``slow``, the HA is reached through that slow transport."""
     data = hac_data(tmp_path, pki)
     data["sa_store"] = {"backend": "full-disk"}
+    if revocations is not None:
+        data["revocations"] = {"path": str(revocations)}
     FullDiskStore.full, FullDiskStore.failed = False, 0
     if slow is None:
         return Stack(hac_config(data, tmp_path), [FullDiskStorePlugin()])

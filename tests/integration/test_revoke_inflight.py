@@ -4,17 +4,23 @@ response and nothing of it stays live (in one process, as test_hac_lifecycle).""
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from test_hac_lifecycle import (  # noqa: F401  (pki: a fixture)
     MN_ID,
+    FullDiskStore,
     SlowLocal,
     Stack,
+    bootstrap,
     done_request,
     eventually,
+    full_disk_stack,
     hac_config,
     hac_data,
+    mn_config,
     pki,
     run,
 )
@@ -53,3 +59,38 @@ def test_revoke_during_issue_leaves_nothing_live(tmp_path: Path, pki: PkiPaths) 
             await ops.aclose()
 
     run(main())
+
+
+def test_revoke_while_the_store_cannot_write_still_withdraws_from_the_ha(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A revocation during a store outage (full disk): the revocation itself
+    is persisted (its own file), the store cannot record the SA's retirement
+    -- and the HA is told to withdraw it all the same, so the revoked MN's
+    SA stops working at once; one line says so, and the answer lists it."""
+    revoked = tmp_path / "revoked.json"
+
+    async def main() -> None:
+        async with full_disk_stack(tmp_path, pki, revocations=revoked) as st:
+            hac = st.hac
+            assert hac is not None and st.ha is not None
+            got = await bootstrap(mn_config(pki, st.port))
+            assert got.ok and got.issued is not None
+            spi = got.issued.sa.spi
+            ops = HacOps(hac, "<memory>")
+            FullDiskStore.full = True
+            result = await ops.revoke({"mn_id": MN_ID})
+            assert result["withdrawn"] == [spi] and result["not_recorded"] == [spi]
+            assert await eventually(lambda: st.ha is not None and not st.ha.core.has_spi(spi))
+            assert MN_ID in hac.revocations
+            await ops.aclose()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    lines = [
+        r.getMessage() for r in caplog.records if "cannot record the revocation" in r.getMessage()
+    ]
+    assert len(lines) == 1 and "database or disk is full" in lines[0], lines
+    assert all(r.exc_info is None for r in caplog.records)
