@@ -224,3 +224,79 @@ def test_never_an_address_in_use_and_same_as_a_fresh_look(
             if hoa is not None:
                 assert table.get(str(hoa), mn) == mn  # free, or already this MN's
         hold(table, mn, got)
+
+
+# Texts of one address in several spellings, and texts that are no address.
+_spellings = st.sampled_from(
+    [
+        "2001:db8:1::5",
+        "2001:db8:1:0::5",
+        "2001:DB8:1::5",
+        "2001:db8:1::6",
+        "2001:db8:1::1",
+        "2001:db8:100:30::1",
+        "10.0.0.2",
+        "10.0.0.3",
+        "10.0.0.9",
+        "not-an-address",
+        "fe80::1%eth0",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    table=st.dictionaries(_spellings, st.sampled_from(["a@x", "b@x", "c@x"]), max_size=11),
+    hnp=st.booleans(),
+)
+def test_bulk_index_is_the_per_item_index(table: dict[str, str], hnp: bool) -> None:
+    """The start-up's bulk rebuild indexes a table exactly as the per-item
+    path does -- falling back to it for other spellings and non-addresses --
+    so the next assignment is the same either way."""
+    opts: dict[str, Any] = {"ip4_pool": "10.0.0.0/28"}
+    if hnp:
+        opts.update(ip6_hnp_pool="2001:db8:100::/56", ip6_hnp_len=60)
+    else:
+        opts.update(ip6_prefix="2001:db8:1::/64", ip6_last="2001:db8:1::14")
+    bulk, reference = pool(**opts), pool(**opts)
+    bulk.prime(table)
+    reference._reset()
+    for text, mn_id in table.items():
+        reference._apply(text, None, mn_id)
+    for fam in ("_v6", "_v4"):
+        b, r = getattr(bulk, fam), getattr(reference, fam)
+        assert b.used == r.used and b.extra == r.extra
+        assert {k: sorted(v) for k, v in b.own.items()} == {k: sorted(v) for k, v in r.own.items()}
+    for mn in ("a@x", "d@x"):
+        try:
+            got = bulk.assign(mn, table)
+        except LookupError:
+            with pytest.raises(LookupError):
+                reference.assign(mn, table)
+            continue
+        assert got == reference.assign(mn, table)
+
+
+def test_bulk_index_of_the_stores_table_takes_no_per_item_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the SQLite store holds (canonical texts, each address once) is
+    indexed by the bulk loop alone: no ``_apply`` per address at start."""
+    table = HoATable()
+    table.load(
+        {f"2001:db8:1::{i:x}": f"m{i}@x" for i in range(10, 2000)}
+        | {f"10.0.{i >> 8}.{i & 255}": f"m{i}@x" for i in range(10, 2000)}
+    )
+    p = pool(ip6_prefix="2001:db8:1::/64", ip4_pool="10.0.0.0/16")
+    calls: list[str] = []
+    real = p._apply
+    monkeypatch.setattr(p, "_apply", lambda *a: calls.append(a[0]) or real(*a))
+    p.prime(table)
+    assert calls == []
+    assert len(p._v6.used) == len(p._v4.used) == 1990
+    got = p.assign("new@x", table)
+    assert (
+        str(got.ip6_hoa) == "2001:db8:1::1"
+        or int(got.ip6_hoa) >= 0x20010DB8000100000000000000000001
+    )
+    assert str(got.ip4_hoa) == "10.0.0.1"
