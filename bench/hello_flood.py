@@ -1,7 +1,9 @@
-"""HA CPU per ClientHello of a flood on its provisioning port, with and without
-``allowed_clients``.
+"""Server CPU per ClientHello of a flood, with and without the protection:
+the HA's provisioning port with and without ``allowed_clients`` (``--role
+ha``, the default), or the HAC's MN port with and without ``[hac]
+per_source_rate`` (``--role hac``: 10 per second, burst 20).
 
-    python bench/hello_flood.py [--rate 600] [--duration 10] [--quick]
+    python bench/hello_flood.py [--role ha|hac] [--rate 600] [--duration 10] [--quick]
 
 The attack the listener's ``allowed_clients`` is for: processes that replay
 one complete, canned ClientHello (no crypto of their own) from 127.0.0.2 at
@@ -79,28 +81,41 @@ def attacker(port: int, rate: float, until: float, out: mp.Queue) -> None:  # ty
     out.put((made, answered))
 
 
-def one_mode(root: Path, listed: bool, rate: float, duration: float) -> tuple[int, int, float]:
-    lab = root / ("listed" if listed else "open")
+PER_SOURCE = "per_source_rate = 10\nper_source_burst = 20\n"
+
+
+def one_mode(
+    root: Path, role: str, protected: bool, rate: float, duration: float
+) -> tuple[int, int, float]:
+    """Flood ``role``'s port (the HA's provisioning port, or the HAC's MN
+    port), with or without its protection; (connections, flights, CPU s)."""
+    lab = root / ("protected" if protected else "open")
     info = mipsec_init(lab)
-    ha_toml = Path(info["ha"]["config"])
-    text = ha_toml.read_text()
-    if LIST not in text:
-        raise RuntimeError(f"{ha_toml}: no {LIST!r}")
-    if not listed:
-        ha_toml.write_text(text.replace(LIST, ""))
-    with ha_toml.open("rb") as f:
-        port = int(tomllib.load(f)["provisioning"]["port"])
-    ha = _spawn([*_mipsec_cmd(None), "--role", "ha", "--config", str(ha_toml)], root / "ha.log")
+    toml = Path(info[role]["config"])
+    text = toml.read_text()
+    if role == "ha":
+        if LIST not in text:
+            raise RuntimeError(f"{toml}: no {LIST!r}")
+        if not protected:
+            toml.write_text(text.replace(LIST, ""))
+        with toml.open("rb") as f:
+            port = int(tomllib.load(f)["provisioning"]["port"])
+    else:
+        if protected:
+            toml.write_text(text.replace("[hac]\n", "[hac]\n" + PER_SOURCE, 1))
+        port = int(info["hac"]["port"])
+    log = root / f"{role}.log"
+    proc = _spawn([*_mipsec_cmd(None), "--role", role, "--config", str(toml)], log)
     try:
         end = time.monotonic() + 20
         while not port_open("127.0.0.1", port, 0.2):
-            if ha.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"HA did not start: {(root / 'ha.log').read_text()[-2000:]}")
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"{role} did not start: {log.read_text()[-2000:]}")
             time.sleep(0.1)
         time.sleep(0.5)  # past its start-up work
         queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
         until = time.monotonic() + duration
-        cpu0 = _proc_cpu(ha.pid)
+        cpu0 = _proc_cpu(proc.pid)
         procs = [
             mp.Process(target=attacker, args=(port, rate / ATTACKERS, until, queue))
             for _ in range(ATTACKERS)
@@ -110,9 +125,9 @@ def one_mode(root: Path, listed: bool, rate: float, duration: float) -> tuple[in
         results = [queue.get() for _ in procs]
         for p in procs:
             p.join()
-        cpu = _proc_cpu(ha.pid) - cpu0
+        cpu = _proc_cpu(proc.pid) - cpu0
     finally:
-        _stop(ha)
+        _stop(proc)
     return sum(r[0] for r in results), sum(r[1] for r in results), cpu
 
 
@@ -121,28 +136,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=600.0, help="connections/s in total (600)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per mode (10)")
     ap.add_argument("--quick", action="store_true", help="2 s per mode (CI)")
+    ap.add_argument(
+        "--role",
+        choices=("ha", "hac"),
+        default="ha",
+        help="ha: its provisioning port, allowed_clients; hac: its MN port, per_source_rate",
+    )
     args = ap.parse_args(argv)
     duration = 2.0 if args.quick else args.duration
+    if args.role == "ha":
+        where, key, name = "the HA's provisioning port", "allowed_clients", '["127.0.0.1"]'
+    else:
+        where, key, name = "the HAC's MN port", "per_source_rate", "10/s, burst 20"
     print(
         f"mipsec ClientHello flood bench: {ATTACKERS} processes replaying one ClientHello "
-        f"from {SOURCE} at {args.rate:.0f} connections/s for {duration:.0f} s against the "
-        "HA's provisioning port"
+        f"from {SOURCE} at {args.rate:.0f} connections/s for {duration:.0f} s against {where}"
     )
     rows = []
     with tempfile.TemporaryDirectory(prefix="mipsec-flood-") as tmp:
-        for listed in (False, True):
-            made, answered, cpu = one_mode(Path(tmp) / str(listed), listed, args.rate, duration)
-            rows.append((listed, made, answered, cpu))
+        for protected in (False, True):
+            got = one_mode(Path(tmp) / str(protected), args.role, protected, args.rate, duration)
+            rows.append((protected, *got))
     base = rows[0][3] / rows[0][1] if rows[0][1] else float("nan")
-    print(f"{'allowed_clients':>16} | connections | server flights | HA CPU s | µs/conn | ratio")
-    for listed, made, answered, cpu in rows:
+    who = args.role.upper()
+    print(f"{key:>16} | connections | server flights | {who} CPU s | µs/conn | ratio")
+    for protected, made, answered, cpu in rows:
         per = cpu / made if made else float("nan")
-        name = '["127.0.0.1"]' if listed else "(none)"
         print(
-            f"{name:>16} | {made:11d} | {answered:14d} | {cpu:8.2f} | "
-            f"{1e6 * per:7.0f} | {per / base:5.2f}"
+            f"{name if protected else '(none)':>16} | {made:11d} | {answered:14d} | "
+            f"{cpu:{len(who) + 6}.2f} | {1e6 * per:7.0f} | {per / base:5.2f}"
         )
-    print("ratio = HA CPU per connection / the same without the list, this run")
+    print(f"ratio = {who} CPU per connection / the same without {key}, this run")
     return 0
 
 

@@ -162,6 +162,11 @@ class HACService(_Strict):
     ] = 1024
     # SA issues in progress at once; beyond it the MN gets 503 + retry-after.
     max_in_progress: Annotated[int, Field(ge=1, le=100_000)] = 128
+    # New connections per second from one source (an IPv4 address, an IPv6
+    # /64), ``per_source_burst`` at once; the rest are closed as they are
+    # accepted, before any TLS work (core/ratelimit.py).  0: no limit.
+    per_source_rate: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
+    per_source_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 20
     expiry_interval: Seconds = 30.0
     # SIGTERM: exchanges under way may finish for this long before the stop.
     drain_timeout: Annotated[float, Field(ge=0, le=300)] = 10.0

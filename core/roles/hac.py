@@ -277,6 +277,8 @@ class HacService:
                 idle_timeout=svc.idle_timeout or svc.request_timeout,
                 max_connections=svc.max_connections,
                 max_in_progress=svc.max_in_progress,
+                per_source_rate=svc.per_source_rate or None,
+                per_source_burst=svc.per_source_burst,
             ),
             name="hac",
         )

@@ -64,6 +64,7 @@ from typing import Any
 
 from mipsec.core.conntable import ConnectionTable
 from mipsec.core.errors import LocalProtocolError
+from mipsec.core.ratelimit import SourceBuckets, source_key
 from mipsec.core.tls import set_nodelay
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "IDLE_TIMEOUT",
     "PEER_CLOSED",
     "PEER_RESET",
+    "RATE_LIMITED",
     "REFUSED",
     "REQUEST_TIMEOUT",
     "STOPPED",
@@ -100,6 +102,7 @@ PEER_RESET = "peer-reset"  # TCP error (reset, ...)
 EVICTED = "evicted"  # made room for a newcomer at the cap
 REFUSED = "refused"  # at the cap with nothing evictable, or the handler factory refused
 ADDRESS_REFUSED = "address-refused"  # from outside Limits.allowed_peers: closed at accept
+RATE_LIMITED = "rate-limited"  # its source opened too many connections lately (per_source_rate)
 HANDSHAKE_TIMEOUT = "handshake-timeout"
 IDLE_TIMEOUT = "idle-timeout"
 REQUEST_TIMEOUT = "request-timeout"
@@ -133,6 +136,10 @@ class Limits:
     # (150-230 µs of CPU in bench/hello_flood.py), not a handshake's key
     # exchange and signature (740-870 µs), and can never evict a proven client.
     allowed_peers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    # New connections per second per source (core/ratelimit.py), at most
+    # per_source_burst at once; beyond it closed as accepted.  None: no limit.
+    per_source_rate: float | None = None
+    per_source_burst: int = 20
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "request_timeout", "idle_timeout", "close_timeout"):
@@ -567,6 +574,11 @@ class TlsListener:
         self._summary_handle: asyncio.TimerHandle | None = None
         self._summary_last = float("-inf")
         self._drained: asyncio.Future[None] | None = None
+        self._buckets = (
+            SourceBuckets(limits.per_source_rate, limits.per_source_burst)
+            if limits.per_source_rate
+            else None
+        )
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -638,6 +650,13 @@ class TlsListener:
             self._count(ADDRESS_REFUSED)
             conn.abort(ADDRESS_REFUSED)
             return
+        buckets = self._buckets
+        if buckets is not None:
+            key = source_key(conn.peername)
+            if key is not None and not buckets.allow(key):
+                self._count(RATE_LIMITED)
+                conn.abort(RATE_LIMITED)
+                return
         admitted, victim = self.table.admit(conn)
         if victim is not None:
             self._count(EVICTED)
@@ -675,7 +694,7 @@ class TlsListener:
         now = self.loop.time()
         since = now - self._summary_last
         self._summary_last = now
-        if counts.keys() & {EVICTED, REFUSED, ADDRESS_REFUSED}:
+        if counts.keys() & {EVICTED, REFUSED, ADDRESS_REFUSED, RATE_LIMITED}:
             level = logging.WARNING  # the cap is reached: the operator should know
         elif counts.keys() - {IDLE_TIMEOUT}:
             level = logging.INFO

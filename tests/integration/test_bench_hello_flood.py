@@ -39,3 +39,25 @@ def test_quick_run_shows_the_list_stops_the_handshakes(tmp_path: Path) -> None:
     assert made > 0 and flights == 0  # none did
     assert processes_mentioning(str(tmp_path)) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quick_run_against_the_hac_shows_the_per_source_rate(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--rate", "200", "--role", "hac"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    rows = re.findall(r"^\s*(\(none\)|10/s, burst 20) \|\s+(\d+) \|\s+(\d+) \|", proc.stdout, re.M)
+    got = {name: (int(made), int(flights)) for name, made, flights in rows}
+    assert set(got) == {"(none)", "10/s, burst 20"}, proc.stdout
+    made, flights = got["(none)"]
+    assert made > 0 and flights == made
+    made, flights = got["10/s, burst 20"]
+    # 2 s at 10/s after a burst of 20 (a token or so of slack for timing).
+    assert made > 100 and 20 <= flights <= 20 + 10 * 3, (made, flights)
+    assert processes_mentioning(str(tmp_path)) == []
+    assert list(tmp_path.iterdir()) == []
