@@ -22,27 +22,40 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["SourceBuckets", "source_key"]
+__all__ = ["SourceBuckets", "bucket_key", "peer_ip", "source_key"]
 
 MAX_SOURCES = 65_536
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-def source_key(peername: Any) -> int | None:
-    """The bucket key of a socket peer: an IPv4 address as itself, an IPv6
-    one as its /64 (tagged so the two families never share a key); None
-    without a parsable address."""
+
+def peer_ip(peername: Any) -> IPAddress | None:
+    """A socket peer's address (``getpeername()``): an IPv4 peer on a
+    dual-stack socket (``::ffff:a.b.c.d``) as the IPv4 address it is, a
+    scope id dropped; None without a parsable address (a socket gone)."""
     if not peername:
         return None
     try:
         addr = ipaddress.ip_address(str(peername[0]).partition("%")[0])
     except (ValueError, IndexError):
         return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def bucket_key(addr: IPAddress) -> int:
+    """An IPv4 address as itself, an IPv6 one as its /64 (tagged so the two
+    families never share a key)."""
     if isinstance(addr, ipaddress.IPv6Address):
-        mapped = addr.ipv4_mapped
-        if mapped is None:
-            return (1 << 64) | (int(addr) >> 64)
-        addr = mapped
+        return (1 << 64) | (int(addr) >> 64)
     return int(addr)
+
+
+def source_key(peername: Any) -> int | None:
+    """The bucket key of a socket peer; None without a parsable address."""
+    addr = peer_ip(peername)
+    return None if addr is None else bucket_key(addr)
 
 
 class SourceBuckets:

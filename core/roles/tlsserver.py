@@ -64,7 +64,7 @@ from typing import Any
 
 from mipsec.core.conntable import ConnectionTable
 from mipsec.core.errors import LocalProtocolError
-from mipsec.core.ratelimit import SourceBuckets, source_key
+from mipsec.core.ratelimit import SourceBuckets, bucket_key, peer_ip
 from mipsec.core.tls import set_nodelay
 
 __all__ = [
@@ -645,15 +645,14 @@ class TlsListener:
 
     def _accepted(self, conn: TlsConnection) -> None:
         self.stats["accepted"] += 1
-        allowed = self.limits.allowed_peers
-        if allowed is not None and not peer_allowed(conn.peername, allowed):
-            self._count(ADDRESS_REFUSED)
-            conn.abort(ADDRESS_REFUSED)
-            return
-        buckets = self._buckets
-        if buckets is not None:
-            key = source_key(conn.peername)
-            if key is not None and not buckets.allow(key):
+        allowed, buckets = self.limits.allowed_peers, self._buckets
+        if allowed is not None or buckets is not None:
+            addr = peer_ip(conn.peername)  # parsed once for both checks
+            if allowed is not None and not _in_networks(addr, allowed):
+                self._count(ADDRESS_REFUSED)
+                conn.abort(ADDRESS_REFUSED)
+                return
+            if buckets is not None and addr is not None and not buckets.allow(bucket_key(addr)):
                 self._count(RATE_LIMITED)
                 conn.abort(RATE_LIMITED)
                 return
@@ -714,21 +713,16 @@ class TlsListener:
 def peer_allowed(
     peername: Any, allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 ) -> bool:
-    """Whether a socket's peer address lies in one of ``allowed``.
+    """Whether a socket's peer address lies in one of ``allowed`` (an IPv4
+    peer on a dual-stack socket matched as IPv4; no address: not allowed)."""
+    return _in_networks(peer_ip(peername), allowed)
 
-    An IPv4 peer on a dual-stack socket shows as ``::ffff:a.b.c.d``: it is
-    matched as the IPv4 address it is.  No address (a socket already gone):
-    not allowed.
-    """
-    if not peername:
-        return False
-    try:
-        addr = ipaddress.ip_address(peername[0].partition("%")[0])
-    except (ValueError, TypeError, AttributeError, IndexError):
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in allowed)
+
+def _in_networks(
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+) -> bool:
+    return addr is not None and any(addr in net for net in allowed)
 
 
 _fds_reserved = 0
