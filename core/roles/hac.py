@@ -834,18 +834,9 @@ class HacService:
             self._batch_outage.failed(
                 f"{cause(exc)} ({len(delivered)} delivered SAs, {len(spis)} confirmed withdrawals)"
             )
-            if self._loop_running():
-                self._batch_soon()
+            self._batch_soon()
             return
         self._batch_outage.worked()
-
-    @staticmethod
-    def _loop_running() -> bool:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return True
 
     def _background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
