@@ -343,11 +343,15 @@ async def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
     end = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"HA exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"{log.stem} process exited with {proc.returncode}: {log.read_text()[-2000:]}"
+            )
         if port_open(HOST, port, 0.2):  # never a connection to itself
             return
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"HA not listening on port {port} after {READY_TIMEOUT:.0f} s")
+    raise RuntimeError(
+        f"{log.stem} process not listening on port {port} after {READY_TIMEOUT:.0f} s"
+    )
 
 
 def _local_provisioning(text: str) -> str:

@@ -23,6 +23,7 @@ without the list) measured in the same run.  Never asserts.  ``--quick``:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import socket
 import ssl
@@ -33,10 +34,8 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bootstrap import _mipsec_cmd, _proc_cpu, _spawn, _stop  # sibling scripts
+from bootstrap import _mipsec_cmd, _proc_cpu, _spawn, _stop, _wait_tcp  # sibling scripts
 from scale import mipsec_init
-
-from mipsec.core.labsetup import port_open
 
 ATTACKERS = 2
 SOURCE = "127.0.0.2"  # loopback, but outside the lab's allowed_clients
@@ -107,11 +106,7 @@ def one_mode(
     log = root / f"{role}.log"
     proc = _spawn([*_mipsec_cmd(None), "--role", role, "--config", str(toml)], log)
     try:
-        end = time.monotonic() + 20
-        while not port_open("127.0.0.1", port, 0.2):
-            if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"{role} did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
+        asyncio.run(_wait_tcp(port, proc, log))
         time.sleep(0.5)  # past its start-up work
         queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
         until = time.monotonic() + duration
