@@ -219,3 +219,76 @@ def test_hac_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> 
     finally:
         hac.close()
         ha.close()
+
+
+def pending_on_disk(lab: Lab, store: str, spi: int) -> bool:
+    """Is ``spi`` still marked pending (its 200 not recorded) in the store file?"""
+    rows = query(lab.dir / store, f"SELECT pending FROM issued_sa WHERE spi = {int(spi)}")
+    assert rows, f"spi={spi} not stored"
+    return rows[0][0] is not None
+
+
+def test_hac_killed_during_a_disk_full_outage_leaves_nothing_unknown_to_its_peers(
+    lab: Lab, small_disk: Path
+) -> None:
+    """The worst instant of the outage above: the HAC is killed (SIGKILL)
+    while its disk is full, so the delivered marks it keeps in memory are
+    lost.  README promises the fail-closed outcome: after the restart an SA
+    whose 200 is not on record is taken back (withdrawn from the HA; its MN
+    bootstraps again), and the HAC and the HA hold exactly the same SAs --
+    none live on the HA that the HAC does not know of.
+
+    The disk is filled right after the lab MN's 200, inside the one-second
+    batch that records it, so the mark usually cannot be written; the test
+    reads the store file to know which case it is in and checks that one."""
+    hac_toml = Path(lab.info["hac"]["config"])
+    edit_toml(hac_toml, 'path = "hac-sa.sqlite"', 'path = "disk/hac-sa.sqlite"')
+    edit_toml(hac_toml, "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
+    ha, hac = HaProcess(lab), HacProcess(lab)
+    store = "disk/hac-sa.sqlite"
+    try:
+        ha.start()
+        hac.start()
+        first = Mn(lab)
+        try:
+            filler = fill(small_disk)
+            statuses = [bootstrap_status(lab) for _ in range(TRIES // 4)]
+            assert set(statuses) <= {"200", "500"}, statuses
+            time.sleep(2.5)  # past two delivery batches: each failed or wrote the mark
+            lost = pending_on_disk(lab, store, first.spi)
+            assert hac.proc is not None
+            hac.proc.kill()  # the disk is still full: what waits in memory is lost
+            hac.wait_killed()
+            filler.unlink()
+            hac.start()
+            wait_for("withdrawals confirmed", lambda: unconfirmed(lab, store) == [])
+            wait_for("HAC and HA agree", lambda: held_by_ha(lab) == live_on_hac(lab, store))
+            if lost:
+                # Its 200 left, but the record of it died with the HAC: the
+                # sweep takes it back once no issuing can still be under way.
+                wait_for("the SA swept", lambda: first.spi not in live_on_hac(lab, store))
+                wait_for("HAC and HA agree", lambda: held_by_ha(lab) == live_on_hac(lab, store))
+                assert first.spi not in held_by_ha(lab)
+                assert silent(first.bu(1), first.ha)
+                assert "never answered with" in hac.log_text()
+            else:
+                assert first.register(first.bu(1))["status"] == 0
+            assert set(live_on_hac(lab, store)) <= {first.spi}
+        finally:
+            first.close()
+        again = Mn(lab)
+        try:
+            # RFC 6275 §11.8: a new BU carries a Sequence # above every earlier one.
+            assert again.register(again.bu(2))["status"] == 0
+            wait_for(
+                "older SAs withdrawn",
+                lambda: held_by_ha(lab) == live_on_hac(lab, store) == [again.spi],
+            )
+        finally:
+            again.close()
+        hac.stop()
+        assert "Traceback" not in hac.log_text()  # the run after the kill
+        ha.stop()
+    finally:
+        hac.close()
+        ha.close()
