@@ -874,7 +874,12 @@ def test_pull_from_nothing_listening_is_connection_error(pki: PkiPaths) -> None:
 
 
 def hac_config(
-    tmp: Path, pki: PkiPaths, ha_port: int, *, pull_port: int | None = None
+    tmp: Path,
+    pki: PkiPaths,
+    ha_port: int,
+    *,
+    pull_port: int | None = None,
+    allowed_clients: list[str] | None = None,
 ) -> HACConfig:
     creds = tmp / "credentials.toml"
     creds.write_text(f'[[mn]]\nmn_id = "{MN_ID}"\npsk_hex = "{"00" * 32}"\n')
@@ -914,6 +919,8 @@ def hac_config(
             "client_ca": str(pki.ca_cert),
             "client_names": ["ha.mipsec.test"],
         }
+        if allowed_clients is not None:
+            data["provisioning"]["allowed_clients"] = allowed_clients
     cfg = validate_config(data, "hac", base=pki.ca_cert.parent)
     assert isinstance(cfg, HACConfig)
     return cfg
@@ -943,6 +950,39 @@ def test_hac_provisions_over_tls_and_serves_pull(tmp_path: Path, pki: PkiPaths) 
     assert rec.installed == [(issued, "ha1")]
     assert issued.sa.ha_id == "ha1" and issued.bootstrap.ip6_hoa is not None
     assert pulled == [issued, None, None]
+
+
+def test_hac_pull_listener_closes_a_client_outside_allowed_clients_before_tls(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """``[provisioning] allowed_clients`` on the HAC's pull listener (the same
+    ProvisioningListener as the HA's): a ClientHello from 127.0.0.2, with an
+    HA's own certificate, gets nothing back and is counted; the HA at
+    127.0.0.1 pulls its SA as before."""
+    from mipsec.core.roles.tlsserver import ADDRESS_REFUSED
+
+    rec = Recorder()
+    pull_port = free_port()
+
+    async def body(port: int) -> tuple[IssuedSA, bytes, IssuedSA | None, int, int]:
+        cfg = hac_config(tmp_path, pki, port, pull_port=pull_port, allowed_clients=["127.0.0.1"])
+        hac = HacService(cfg)
+        await hac.start()
+        try:
+            issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            ctx = flood_context(str(pki.ca_cert), str(pki.ha_cert), str(pki.ha_key))
+            answer = await hello_from("127.0.0.2", pull_port, ctx)
+            pulled = await pull_sa(pull_cfg(pki, pull_port), issued.sa.spi, "ha1")
+            assert hac._prov_server is not None
+            listener = hac._prov_server.listener
+            return issued, answer, pulled, listener.stats[ADDRESS_REFUSED], listener.connections
+        finally:
+            await hac.stop()
+
+    issued, answer, pulled, refused, held = run(serving(ha_listener(pki), rec, body))
+    assert answer == b"" and refused == 1
+    assert held <= 1  # at most the pull's own connection, on its way out
+    assert pulled == issued
 
 
 @pytest.mark.parametrize("ha", ["down", "refuses"])
