@@ -6,6 +6,7 @@ ClientHellos from 127.0.0.2."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from pathlib import Path
@@ -77,3 +78,42 @@ def test_per_source_rate_is_off_by_default_and_checked(tmp_path: Path, pki: PkiP
     with pytest.raises(ConfigError) as err:
         hac_config(hac_data(tmp_path, pki, per_source_burst=0), tmp_path)
     assert "hac.per_source_burst" in str(err.value)
+
+
+def test_idle_connections_of_one_source_hold_at_most_its_burst(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+) -> None:
+    """A slow attacker does not need handshakes: it opens connections and
+    sends nothing.  Tokens are taken at accept, so one source holds at most
+    its burst (plus what refills before the handshake deadline frees them),
+    whatever it opens; the others are closed at once, and an MN from another
+    host is served meanwhile."""
+    data = hac_data(tmp_path, pki, per_source_rate=0.001, per_source_burst=3)
+
+    async def main() -> tuple[int, int, int]:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            assert st.hac is not None and st.hac._listener is not None
+            listener = st.hac._listener
+            held = []
+            for _ in range(10):
+                held.append(
+                    await asyncio.open_connection("127.0.0.1", st.port, local_addr=("127.0.0.2", 0))
+                )
+            await asyncio.sleep(0.3)  # the accepts are handled
+            during = listener.connections
+            got = await bootstrap(mn_config(pki, st.port))
+            assert got.ok and got.status == 200
+            # The 7 refused ones see EOF at once; the 3 admitted ones are open.
+            closed = 0
+            for reader, _ in held:
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(1), 0.5) == b"":
+                        closed += 1
+            for _, writer in held:
+                writer.close()
+            return during, closed, listener.stats[RATE_LIMITED]
+
+    during, closed, limited = run(main())
+    assert during == 3
+    assert closed == 7 and limited == 7
