@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_psk_exchange import same_meaning
 
 from mipsec.core import pluginmanager
 from mipsec.core.authmethod import PeerMethodContext
@@ -620,3 +623,63 @@ def test_peer_options_are_validated_at_start() -> None:
         EapMethod().peer({"methods": ["tls9"]}, CTX)
     with pytest.raises(ValueError, match="example.secret_hex: required"):
         EapMethod().peer({"methods": ["example"]}, CTX)
+
+
+# ------------------------------------------------- tampering, as a property
+
+
+def _same_meaning(tampered: bytes, genuine: bytes) -> bool:
+    """Does an EAP HAC read the same request from both?  ``mn-rand`` is left
+    out: PROFILE §4 "EAP" -- rands belong to PSK only; in EAP ``mn-rand``
+    appears in the Init alone and nothing uses it."""
+    return same_meaning(tampered, genuine, ignore=("mn_rand",))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    k=st.integers(min_value=1, max_value=6),
+    at=st.integers(min_value=0, max_value=10_000),
+    mask=st.integers(min_value=1, max_value=255),
+    cut=st.booleans(),
+)
+def test_a_tampered_request_anywhere_in_the_conversation_never_gets_an_sa(
+    k: int, at: int, mask: int, cut: bool
+) -> None:
+    """One octet of the MN's k-th request changed (or the stream cut there):
+    the HAC answers a final 4xx, keyed as PROFILE §4 item 6 says, or closes;
+    it never issues an SA for a request that says something the MN did not,
+    and it never raises.  (Before the MSK exists the auth is keyed with
+    ``1``, so it guards against damage, not forgery -- forgery is the EAP
+    method's job, and the MSK-keyed Done ends it.)"""
+    h, m = hac(server()), mn(peer_factory())
+    data, n, changed = m.start(), 0, False
+    while True:
+        n += 1
+        if n == k:
+            at %= len(data)
+            tampered = data[:at] if cut else data[:at] + bytes([data[at] ^ mask]) + data[at + 1 :]
+            changed = not _same_meaning(tampered, data)
+            data = tampered
+        events = h.receive_data(data)
+        if not events and not h.finished:
+            events = h.receive_eof()  # a cut request: the stream ends there
+        assert len(events) == 1, events
+        ev = events[0]
+        if isinstance(ev, IssueSA):
+            assert not changed
+            ev = h.complete(issued_for(ev))
+        if not isinstance(ev, Send):
+            assert changed and h.finished  # Close: nothing answered
+            return
+        if ev.close:
+            assert ev.status is not None
+            if changed:  # 501: an Init naming a method the HAC does not offer
+                assert ev.status in (400, 401, 501), ev.status
+            return
+        out = m.receive_data(ev.data)
+        assert len(out) == 1
+        if isinstance(out[0], Finished):
+            assert not changed or not out[0].result.ok
+            return
+        assert isinstance(out[0], SendRequest)
+        data = out[0].data

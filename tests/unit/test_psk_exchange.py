@@ -8,6 +8,8 @@ import secrets
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.core.authmethod import PeerMethodContext
 from mipsec.core.hac_exchange import Close, HacExchange, HacPolicy, IssueSA, Send
@@ -264,3 +266,97 @@ def test_des3_degenerate_keys_detected() -> None:
     assert not _des3_degenerate(k)
     assert _des3_degenerate(k[:8] + bytes(b ^ 1 for b in k[:8]) + k[16:])  # k1 == k2 mod parity
     assert _des3_degenerate(k[:8] + k[8:16] + k[8:16])  # k2 == k3
+
+
+# ------------------------------------------------- tampering, as properties
+
+
+def _tamper(data: bytes, at: int, mask: int, cut: bool) -> bytes:
+    """``data`` with one octet XORed with ``mask`` (nonzero) or, with ``cut``,
+    truncated just before that octet."""
+    at %= len(data)
+    if cut:
+        return data[:at]
+    return data[:at] + bytes([data[at] ^ mask]) + data[at + 1 :]
+
+
+def hac_reads(data: bytes, *, ignore: tuple[str, ...] = ()) -> tuple[bytes, object] | None:
+    """The first request as the HAC reads it from ``data``: its Ver/Rsrvd and
+    Identifier octets and its message (the fields named in ``ignore`` blanked);
+    None if it is incomplete or malformed.  PROFILE §2: the container's Length
+    delimits the content, and the content's final empty line is optional."""
+    if len(data) < 4:
+        return None
+    end = 4 + int.from_bytes(data[2:4], "big")
+    if len(data) < end:
+        return None
+    try:
+        msg = decode_message(parse_content(data[4:end]))
+    except Exception:
+        return None
+    for name in ignore:
+        setattr(msg, name, None)
+    return data[:2], msg
+
+
+def same_meaning(tampered: bytes, genuine: bytes, *, ignore: tuple[str, ...] = ()) -> bool:
+    """Does the HAC read the same request from ``tampered`` as from ``genuine``?"""
+    read = hac_reads(tampered, ignore=ignore)
+    return read is not None and read == hac_reads(genuine, ignore=ignore)
+
+
+def _hac_events(hac: HacExchange, data: bytes) -> list[object]:
+    """What the HAC does with ``data`` followed by the end of the stream."""
+    events: list[object] = list(hac.receive_data(data))
+    if not hac.finished and not any(isinstance(e, IssueSA) for e in events):
+        events += hac.receive_eof()
+    return events
+
+
+TAMPER = dict(
+    at=st.integers(min_value=0, max_value=10_000),
+    mask=st.integers(min_value=1, max_value=255),
+    cut=st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(**TAMPER)
+def test_a_tampered_init_is_answered_or_closed_never_raises(at: int, mask: int, cut: bool) -> None:
+    """Any one-octet change or truncation of a genuine Init: the HAC answers a
+    final 4xx/5xx on the request's own terms, continues the exchange (a change
+    that keeps the Init well-formed, e.g. in ``mn-rand``), or closes -- never
+    an exception, never an SA."""
+    data = _tamper(make_mn().start(), at, mask, cut)
+    hac = make_hac()
+    for ev in _hac_events(hac, data):
+        assert not isinstance(ev, IssueSA)
+        if isinstance(ev, Send) and ev.close:
+            assert ev.status is not None and 400 <= ev.status < 600, ev.status
+        else:
+            assert isinstance(ev, Close | Send), ev
+
+
+@settings(max_examples=300, deadline=None)
+@given(**TAMPER)
+def test_a_tampered_done_never_gets_an_sa(at: int, mask: int, cut: bool) -> None:
+    """PROFILE §4: the Done is authenticated with the PSK over every header.
+    Any one-octet change or truncation of a genuine Done gets a final
+    4xx (keyed: the method was selected) or a close -- never an SA, unless
+    the change left the request meaning exactly what the MN sent."""
+    hac, mn = make_hac(), make_mn()
+    first = hac.receive_data(mn.start())
+    assert len(first) == 1 and isinstance(first[0], Send) and not first[0].close
+    done = mn.receive_data(first[0].data)
+    assert len(done) == 1 and isinstance(done[0], SendRequest)
+    genuine = done[0].data
+    data = _tamper(genuine, at, mask, cut)
+    for ev in _hac_events(hac, data):
+        if isinstance(ev, IssueSA):  # only if the HAC read what the MN sent
+            assert same_meaning(data, genuine)
+            continue
+        if isinstance(ev, Send):
+            assert ev.close and ev.status is not None and 400 <= ev.status < 500, ev.status
+            assert parse_content(ev.data[4:]).auth is not None  # keyed (PROFILE §4)
+        else:
+            assert isinstance(ev, Close), ev
