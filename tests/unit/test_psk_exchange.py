@@ -360,3 +360,43 @@ def test_a_tampered_done_never_gets_an_sa(at: int, mask: int, cut: bool) -> None
             assert parse_content(ev.data[4:]).auth is not None  # keyed (PROFILE §4)
         else:
             assert isinstance(ev, Close), ev
+
+
+@settings(max_examples=300, deadline=None)
+@given(k=st.sampled_from([1, 2]), **TAMPER)
+def test_a_tampered_hac_response_never_gives_the_mn_an_sa(
+    k: int, at: int, mask: int, cut: bool
+) -> None:
+    """The MN's side of the same property: one octet of the HAC's first
+    response (k=1) or of its final 200 (k=2) changed, or the stream cut
+    there.  The MN ends without an SA (PROFILE §4: it verifies the HAC's
+    ``auth`` and the echoed ``mn-rand``), never raises, and holds an SA only
+    if it read what the HAC sent."""
+    hac, mn = make_hac(), make_mn()
+    data, n = mn.start(), 0
+    while True:
+        events = hac.receive_data(data)
+        assert len(events) == 1
+        ev = events[0]
+        if isinstance(ev, IssueSA):
+            ev = hac.complete(issued_for(ev))
+        assert isinstance(ev, Send)
+        n += 1
+        answer = ev.data
+        changed = False
+        if n == k:
+            answer = _tamper(ev.data, at, mask, cut)
+            changed = not same_meaning(answer, ev.data)
+        out = mn.receive_data(answer)
+        if not out:
+            out = mn.receive_eof()  # incomplete: the stream ends there
+        assert len(out) == 1
+        if isinstance(out[0], Finished):
+            result = out[0].result
+            # Unchanged in meaning need not pass: the auth covers the octets
+            # as sent (PROFILE §2), so a changed hex case fails it too.
+            assert not (changed and result.ok), result
+            return
+        assert isinstance(out[0], SendRequest)
+        assert n == 1  # the Done; only after a first response it accepted
+        data = out[0].data
