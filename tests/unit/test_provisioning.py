@@ -377,3 +377,31 @@ def test_round_trip_prov_withdraw(spis: list[int]) -> None:
     spis = [s for s in spis if s != 4660] or [1]
     assert decode_request(encode_install(make_issued(), tuple(spis))).withdraw == tuple(spis)
     assert decode_response(encode_response(200, withdrawn=tuple(spis))).withdrawn == tuple(spis)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    issued_sas(),
+    st.integers(min_value=0, max_value=10_000),
+    st.integers(min_value=1, max_value=255),
+    st.booleans(),
+)
+def test_a_damaged_install_decodes_or_raises_header_error_naming_a_field(
+    issued: IssuedSA, at: int, mask: int, cut: bool
+) -> None:
+    """An install with one octet flipped (or cut short) is either still a
+    well-formed request -- mutual TLS, not this codec, vouches for its
+    sender -- or a ``HeaderError`` naming the field, which the HA answers
+    with 400 and goes on (PROFILE §9).  Never another exception."""
+    content = encode_install(issued, (issued.sa.spi % 268435455 + 1,))
+    at %= len(content)
+    flipped = content[:at] + bytes([content[at] ^ mask]) + content[at + 1 :]
+    damaged = content[:at] if cut else flipped
+    try:
+        req = decode_request(damaged)
+    except HeaderError as exc:
+        assert exc.args and isinstance(exc.args[0], str) and exc.args[0], exc.args
+        return
+    assert req.op in tuple(ProvOp)
+    if req.op is ProvOp.INSTALL:
+        assert req.issued is not None and req.spi == req.issued.sa.spi
