@@ -21,17 +21,26 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    IPvAnyInterface,
-    IPvAnyNetwork,
     PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from mipsec.core.errors import ConfigError
+from mipsec.core.confvalues import (
+    DnsName,
+    HaId,
+    Host,
+    InterfaceText,
+    IPv4Text,
+    IPv6Text,
+    ListenAddresses,
+    NetworkText,
+)
+from mipsec.core.errors import ConfigError, HeaderError
 from mipsec.core.model import DEFAULT_MIP6_PORT
 from mipsec.core.suites import DEFAULT_ALLOWED, Suite, suite_from_name
+from mipsec.core.wire.values import parse_nai
 
 DEFAULT_HAC_PORT = 7872  # PROFILE §1
 
@@ -109,7 +118,7 @@ SuiteList = Annotated[
 class PolicyConfig(_Strict):
     # Fail closed: the default names only the built-in PSK method; EAP is
     # enabled explicitly (it needs its own configuration).
-    methods: tuple[str, ...] = ("psk",)
+    methods: Annotated[tuple[str, ...], Field(min_length=1)] = ("psk",)
     realms: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     suites: SuiteList = DEFAULT_ALLOWED
     max_scope: Literal[0, 1] = 1
@@ -120,9 +129,9 @@ class PolicyConfig(_Strict):
 
 
 class HAEntry(_Strict):
-    id: str
-    address6: ipaddress.IPv6Address | None = None
-    address4: ipaddress.IPv4Address | None = None
+    id: HaId
+    address6: IPv6Text | None = None
+    address4: IPv4Text | None = None
     port: Port = DEFAULT_MIP6_PORT  # the MN-HA UDP port (mip6-port)
     # No default: how an SA reaches its HA is never chosen silently
     # ("tls" over the network, "local" for an HA in the HAC's own process).
@@ -137,12 +146,12 @@ class HAEntry(_Strict):
 
 
 class BootstrapConfig(_Strict):
-    dns_ip6: ipaddress.IPv6Address | None = None
-    dns_ip4: ipaddress.IPv4Address | None = None
+    dns_ip6: IPv6Text | None = None
+    dns_ip4: IPv4Text | None = None
 
 
 class HACService(_Strict):
-    listen: tuple[str, ...] = ("127.0.0.1", "::1")
+    listen: ListenAddresses = ("127.0.0.1", "::1")
     port: Port = DEFAULT_HAC_PORT
     cert: Path
     key: Path
@@ -175,13 +184,6 @@ class HACService(_Strict):
     @classmethod
     def _old_names(cls, data: Any) -> Any:
         return _renamed(data, "max_sessions", "max_connections")
-
-    @field_validator("listen")
-    @classmethod
-    def _addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for a in v:
-            ipaddress.ip_address(a)  # ValueError names the bad address
-        return v
 
 
 class PluginsConfig(_Strict):
@@ -255,10 +257,10 @@ class HADataPlane(_Strict):
     tun: IfName = "mipha0"
     mtu: TunMtu = 1400
     # Addresses put on the TUN device (e.g. the HA's own on the home prefix).
-    addresses: tuple[IPvAnyInterface, ...] = ()
+    addresses: tuple[InterfaceText, ...] = ()
     # Prefixes routed into the TUN device: the home network(s) the HoAs come
     # from.  Packets for a HoA with a live binding go to that MN.
-    routes: tuple[IPvAnyNetwork, ...] = ()
+    routes: tuple[NetworkText, ...] = ()
     # Merge in-order TCP segments before they enter the host's IP stack
     # (GRO in user space, gro.py).
     gro: bool = True
@@ -271,7 +273,7 @@ class MNDataPlane(_Strict):
     tun: IfName = "mip0"
     mtu: TunMtu = 1400
     # Destinations reached through the tunnel, from the home address.
-    routes: tuple[IPvAnyNetwork, ...] = ()
+    routes: tuple[NetworkText, ...] = ()
     gro: bool = True  # as the HA's
     # NAT keepalive: a BU at least this often (RFC 5555 §4.3; NATKATIMEOUT,
     # §6, is 110 s).  0 = only the lifetime's own refreshes.
@@ -321,8 +323,15 @@ class HACConfig(_Strict):
         return self
 
 
+def _nai(value: str) -> str:
+    try:
+        return parse_nai(value)  # PROFILE §3: the mn-id the MN will send
+    except HeaderError as exc:
+        raise ValueError(exc.reason) from None
+
+
 class MNIdentity(_Strict):
-    mn_id: Annotated[str, Field(min_length=1, max_length=253)]
+    mn_id: Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_nai)]
     method: str = "psk"
     psk_hex: str | None = Field(default=None, repr=False)
     psk_file: Path | None = None
@@ -347,9 +356,9 @@ class MNIdentity(_Strict):
 
 
 class MNHac(_Strict):
-    host: str
+    host: Host
     port: Port = DEFAULT_HAC_PORT
-    server_name: str | None = None  # None: the HAC is checked by its IP SAN
+    server_name: Host | None = None  # None: the HAC is checked by its IP SAN
     ca: Path
     strict_rfc6618: bool = False
     timeout: Seconds = 10.0
@@ -390,23 +399,16 @@ class MNConfig(_Strict):
 
 
 class HAService(_Strict):
-    id: str = "ha1"
-    listen: tuple[str, ...] = ("127.0.0.1", "::1")
+    id: HaId = "ha1"
+    listen: ListenAddresses = ("127.0.0.1", "::1")
     # MN-HA UDP port (PROFILE §7); 0 = an ephemeral port (tests, labs).
     port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_MIP6_PORT
     # The HA's own addresses as provisioned to MNs (mip6-haa-ip6/-ip4): the MH
     # checksum pseudo-header uses address6 (PROFILE §8).
-    address6: ipaddress.IPv6Address | None = None
-    address4: ipaddress.IPv4Address | None = None
+    address6: IPv6Text | None = None
+    address4: IPv4Text | None = None
     replay_window: Annotated[int, Field(ge=32, le=4096)] = 64
     max_binding_lifetime: Seconds = 3600.0
-
-    @field_validator("listen")
-    @classmethod
-    def _addresses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for a in v:
-            ipaddress.ip_address(a)
-        return v
 
 
 class BindingsConfig(_Strict):
@@ -419,14 +421,14 @@ class BindingsConfig(_Strict):
 class ProvisioningListener(_Strict):
     """A mutually authenticated TLS listener for PROFILE §9 provisioning."""
 
-    listen: tuple[str, ...] = ("127.0.0.1",)
+    listen: ListenAddresses = ("127.0.0.1",)
     port: Port
     cert: Path
     key: Path
     client_ca: Path
     # dNSName SANs a client certificate must carry (at least one: a CA alone
     # would let every certificate it ever issued in).
-    client_names: tuple[str, ...] = Field(min_length=1)
+    client_names: tuple[DnsName, ...] = Field(min_length=1)
     # Bounds the handshake, the wait for a request's first octet, each request
     # (first octet to last, not per chunk) and each operation's callback.
     timeout: Seconds = 10.0
@@ -437,15 +439,15 @@ class ProvisioningListener(_Strict):
     # from elsewhere is closed at accept, before any TLS work (a flood of
     # ClientHellos would otherwise cost a key exchange and a signature
     # each).  None: any address (the client certificate still decides).
-    allowed_clients: Annotated[tuple[IPvAnyNetwork, ...], Field(min_length=1)] | None = None
+    allowed_clients: Annotated[tuple[NetworkText, ...], Field(min_length=1)] | None = None
 
 
 class PullConfig(_Strict):
     """Where an HA pulls an SA for an unknown SPI (PROFILE §9)."""
 
-    host: str
+    host: Host
     port: Port
-    server_name: str | None = None
+    server_name: Host | None = None
     ca: Path
     cert: Path
     key: Path

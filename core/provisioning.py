@@ -50,6 +50,7 @@ import enum
 import re
 from dataclasses import dataclass
 
+from mipsec.core.confvalues import HA_ID_MAX, ha_id_problem
 from mipsec.core.errors import HeaderError, LocalProtocolError, RemoteProtocolError
 from mipsec.core.issuer import sa_from_message, sa_headers
 from mipsec.core.model import IssuedSA
@@ -92,7 +93,6 @@ PROV_REASON_HEADER = "prov-reason"
 PROV_WITHDRAW_HEADER = "prov-withdraw"
 PROV_WITHDRAWN_HEADER = "prov-withdrawn"
 MAX_PIGGYBACK = 16  # SPIs one install may withdraw (max_sas_per_mn is small)
-HA_ID_MAX = 253  # same bound as an NAI (PROFILE §3): an HA id is a name, not a payload
 
 OK = 200
 BAD_REQUEST = 400
@@ -165,10 +165,9 @@ class ProvisioningRefused(ValueError):
 
 
 def _format_ha_id(ha_id: str) -> str:
-    if not 1 <= len(ha_id) <= HA_ID_MAX:
-        raise LocalProtocolError(f"{HA_ID_HEADER}: length {len(ha_id)} outside 1..{HA_ID_MAX}")
-    if not all(0x20 <= ord(c) <= 0x7E for c in ha_id) or ha_id != ha_id.strip():
-        raise LocalProtocolError(f"{HA_ID_HEADER}: not printable ASCII without outer spaces")
+    problem = ha_id_problem(ha_id)  # the rule [ha] id is checked by at start
+    if problem is not None:
+        raise LocalProtocolError(f"{HA_ID_HEADER}: {problem}")
     return ha_id
 
 

@@ -28,9 +28,7 @@ option raises ``ValueError("key: reason")``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,6 +36,7 @@ from typing import Annotated, Any, Literal
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mipsec.core.confvalues import DnsName
 from mipsec.core.eap.eaptls import (
     DEFAULT_FRAGMENT_SIZE,
     DEFAULT_GROUPS,
@@ -65,12 +64,6 @@ from mipsec.core.wire.eap import EapType
 from mipsec.plugins._options import parse_options, resolve_path
 
 TlsVersion = Literal["1.2", "1.3"]
-
-# A host name as a dNSName carries it (A-labels), without wildcards.
-_DNS_NAME = re.compile(
-    r"(?=.{1,253}\.?$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
-)
 
 
 class _Common(BaseModel):
@@ -118,26 +111,8 @@ class ServerOptions(_Common):
 
 
 class PeerOptions(_Common):
-    server_name: str = Field(min_length=1)
-
-    @field_validator("server_name")
-    @classmethod
-    def _dns_name(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            pass
-        else:
-            raise ValueError("must be a DNS name (the EAP server is checked by dNSName)")
-        if "*" in value:
-            raise ValueError("must not hold a wildcard")
-        try:
-            ascii_name = value.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise ValueError("not a valid host name") from None
-        if not _DNS_NAME.fullmatch(ascii_name):
-            raise ValueError("not a valid host name")
-        return value
+    # The EAP server is checked by dNSName: an IP address is refused.
+    server_name: DnsName
 
 
 class _Credentials:

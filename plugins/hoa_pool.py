@@ -46,6 +46,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
+from mipsec.core.confvalues import IPv4Network as IPv4NetText
+from mipsec.core.confvalues import IPv6Network as IPv6NetText
+from mipsec.core.confvalues import IPv6Text
 from mipsec.core.hoa_table import HoATable
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.model import HomeAssignment
@@ -87,12 +90,12 @@ _AnyIP = Annotated[IPv4Address | IPv6Address, PlainValidator(_any_ip)]
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ip6_prefix: IPv6Network | None = None
-    ip6_first: IPv6Address | None = None
-    ip6_last: IPv6Address | None = None
-    ip6_hnp_pool: IPv6Network | None = None
+    ip6_prefix: IPv6NetText | None = None
+    ip6_first: IPv6Text | None = None
+    ip6_last: IPv6Text | None = None
+    ip6_hnp_pool: IPv6NetText | None = None
     ip6_hnp_len: int | None = Field(default=None, ge=1, le=127)
-    ip4_pool: IPv4Network | None = None
+    ip4_pool: IPv4NetText | None = None
     ip4_subnet_len: int | None = Field(default=None, ge=0, le=32)
     exclude: list[_AnyIP] = Field(default_factory=list)
 

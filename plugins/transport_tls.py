@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mipsec.core.confvalues import Host
 from mipsec.core.errors import CertificateError
 from mipsec.core.hookspecs import Factory, PluginContext, hookimpl
 from mipsec.core.model import HomeAgentInfo, IssuedSA
@@ -52,9 +53,9 @@ from mipsec.plugins._options import parse_options, resolve_path
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field(min_length=1)
+    host: Host
     port: Annotated[int, Field(ge=1, le=65535)]
-    server_name: str | None = Field(default=None, min_length=1)
+    server_name: Host | None = None
     ca: str = Field(min_length=1)
     cert: str = Field(min_length=1)
     key: str = Field(min_length=1)

@@ -111,12 +111,11 @@ def _mn(cfg: MNConfig, file: str) -> None:
     hac = cfg.hac
     _tls(file, [], lambda: mn_client_context(hac.ca), public=[("hac.ca", hac.ca)])
     pm = pluginmanager.make_plugin_manager(cfg.plugins.disable)
-    methods = pluginmanager.registry(pm, "mipsec_auth_methods")
-    if cfg.mn.method not in methods:
-        known = ", ".join(sorted(methods)) or "none"
-        raise ConfigError(
-            file, "mn.method", f"no plugin provides {cfg.mn.method!r} (known: {known})"
-        )
+    # What the MN's start builds: the method's peer factory from its options
+    # ([eap] for eap), so a wrong option fails here too, naming the key.
+    from mipsec.core.roles.mn import peer_factory
+
+    peer_factory(cfg, pm, file)
     if cfg.mn.psk_file is not None:
         _readable(file, "mn.psk_file", cfg.mn.psk_file)
         _private(file, "mn.psk_file", cfg.mn.psk_file)
