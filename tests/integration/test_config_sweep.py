@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import re
 import tomllib
 from collections.abc import Iterator
@@ -23,22 +22,9 @@ import pytest
 from conftest import Lab, make_lab
 
 from mipsec.core import cli
+from mipsec.core.netlab import toml_dump as dump
 
 FILES = ("hac.toml", "ha.toml", "mn.toml", "mn-eap-tls.toml")
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON's string escapes are TOML's basic-string escapes
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + "}"
-    raise TypeError(type(v))
 
 
 def _is_table(v: Any) -> bool:
@@ -47,28 +33,6 @@ def _is_table(v: Any) -> bool:
 
 def _is_table_list(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
-
-
-def dump(data: dict[str, Any]) -> str:
-    """A TOML writer for what these files hold (no library for it is installed)."""
-    out: list[str] = []
-
-    def table(prefix: str, t: dict[str, Any]) -> None:
-        for k, v in t.items():
-            if not _is_table(v) and not _is_table_list(v):
-                out.append(f'"{k}" = {_toml_value(v)}')
-        for k, v in t.items():
-            name = f'{prefix}."{k}"' if prefix else f'"{k}"'
-            if _is_table(v):
-                out.append(f"\n[{name}]")
-                table(name, v)
-            elif _is_table_list(v):
-                for item in v:
-                    out.append(f"\n[[{name}]]")
-                    table(name, item)
-
-    table("", data)
-    return "\n".join(out) + "\n"
 
 
 def leaves(data: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
