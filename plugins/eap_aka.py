@@ -161,7 +161,9 @@ class AkaMethod:
         policy = SqnPolicy(opts.ind_bits, opts.sqn_delta, opts.sqn_age_limit)
         sqn_path = resolve_path(opts.sqn_file, ctx.base_dir)
         try:
-            store = SqnStore(sqn_path, int(opts.sqn, 16), policy)
+            # check-config (``check_only``) creates nothing: a start would.
+            create = not ctx.extra.get("check_only", False)
+            store = SqnStore(sqn_path, int(opts.sqn, 16), policy, create=create)
         except UsimStateError as exc:
             raise ValueError(f"sqn_file: {exc}") from None
         amf = bytes.fromhex(opts.amf) if opts.amf is not None else None

@@ -119,12 +119,20 @@ class _State:
 class SqnStore:
     """The USIM's SQN state in ``path`` (created from ``initial_sqn`` if absent)."""
 
-    def __init__(self, path: Path, initial_sqn: int, policy: SqnPolicy) -> None:
+    def __init__(
+        self, path: Path, initial_sqn: int, policy: SqnPolicy, *, create: bool = True
+    ) -> None:
+        """``create=False`` (``mipsec check-config``): validate an existing
+        file without the lock, and create neither it nor its lock file."""
         if not 0 <= initial_sqn <= _SQN_MAX:
             raise LocalProtocolError("sqn store: initial SQN must fit 48 bits")
         self.path = path
         self.policy = policy
         self._lock_path = path.with_name(path.name + ".lock")
+        if not create:
+            if path.exists():
+                self.load()
+            return
         with self.locked():
             if not path.exists():
                 seq0 = initial_sqn >> policy.ind_bits

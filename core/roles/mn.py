@@ -68,13 +68,19 @@ def _is_ip(host: str) -> bool:
 
 
 def peer_factory(
-    cfg: MNConfig, pm: pluggy.PluginManager, config_file: str = "<memory>"
+    cfg: MNConfig,
+    pm: pluggy.PluginManager,
+    config_file: str = "<memory>",
+    *,
+    check_only: bool = False,
 ) -> PeerMethodFactory:
     """Build the configured method's peer factory once (options validated at start).
 
     The method's options are the MN's table named after it (``[eap]`` for
     ``eap``; ``psk`` takes none): a wrong option is a ConfigError naming
-    the file and the key.
+    the file and the key.  ``check_only`` (``mipsec check-config``): the
+    plugins validate and create nothing (``extra["check_only"]``, as the
+    HAC's and the HA's plugins are told).
     """
     methods = pluginmanager.registry(pm, "mipsec_auth_methods")
     method = methods.get(cfg.mn.method)
@@ -85,7 +91,10 @@ def peer_factory(
         )
     options = cfg.eap if cfg.mn.method == "eap" else {}
     base = Path(config_file).resolve().parent if config_file != "<memory>" else Path.cwd()
-    ctx = PluginContext(role="mn", base_dir=base, config_file=config_file, extra={"pm": pm})
+    extra: dict[str, Any] = {"pm": pm}
+    if check_only:
+        extra["check_only"] = True
+    ctx = PluginContext(role="mn", base_dir=base, config_file=config_file, extra=extra)
     key = "eap" if cfg.mn.method == "eap" else "mn.method"
     try:
         factory = method.peer(options, ctx)

@@ -115,7 +115,7 @@ def _mn(cfg: MNConfig, file: str) -> None:
     # ([eap] for eap), so a wrong option fails here too, naming the key.
     from mipsec.core.roles.mn import peer_factory
 
-    peer_factory(cfg, pm, file)
+    peer_factory(cfg, pm, file, check_only=True)
     if cfg.mn.psk_file is not None:
         _readable(file, "mn.psk_file", cfg.mn.psk_file)
         _private(file, "mn.psk_file", cfg.mn.psk_file)

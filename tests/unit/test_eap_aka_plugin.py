@@ -141,3 +141,16 @@ def test_config_dump_redacts_usim_keys() -> None:
     out = redacted(cfg)["eap"]["aka"]
     assert out["ki"] == out["opc"] == out["op"] == "<redacted>"
     assert out["sqn_file"] == "s" and out["ki_file"] == "k"
+
+
+def test_check_only_creates_no_sqn_file_and_still_checks_an_existing_one(tmp_path: Path) -> None:
+    """``mipsec check-config`` builds the MN's method with ``check_only``:
+    the USIM's SQN file and its lock file are not created (a start would),
+    while a damaged existing file is still a configuration error."""
+    check = PluginContext("mn", tmp_path, extra={"check_only": True})
+    AKA.peer({"ki": KI, "opc": OPC, "sqn_file": "s"}, check)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "s").write_text("{not json")
+    with pytest.raises(ValueError, match="^sqn_file: "):
+        AKA.peer({"ki": KI, "opc": OPC, "sqn_file": "s"}, check)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
