@@ -24,6 +24,8 @@ from eaptls_lab import (
     peer_options,
     server_options,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mipsec.core.eap.eaptls as eaptls
 from mipsec.core.eap.method import (
@@ -727,3 +729,47 @@ def test_tls_policy_of_the_contexts(pki, version):
     # No session cache on either side: nothing is kept for resumption.
     for conn in (server.connection, peer.connection):
         assert conn.get_context().get_session_cache_mode() == SSL.SESS_CACHE_OFF
+
+
+# ---------------------------------------------------- damage, as a property
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    version=st.sampled_from(VERSIONS),
+    to_server=st.booleans(),
+    k=st.integers(min_value=0, max_value=4),
+    at=st.integers(min_value=0, max_value=100_000),
+    mask=st.integers(min_value=1, max_value=255),
+)
+def test_one_damaged_octet_never_splits_the_verdict(pki, version, to_server, k, at, mask):
+    """One octet of the k-th EAP-TLS message (server's Request or peer's
+    Response) flipped.  Whatever that octet was -- a flag, a length, a TLS
+    record header, handshake bytes, a MAC -- the methods only decide, never
+    raise, and never disagree: when the server says success, the peer has
+    succeeded too and both hold the same MSK (RFC 5216 §2.3; the TLS
+    transcript covers the handshake bytes).  A flip of bits the receiver
+    must ignore may still end in success: measured, every such case was a
+    Flags octet alone (the Start, the peer's final empty response) with only
+    reserved bits -- or S in a Response, reserved there -- changed (RFC 5216
+    §3.1: "MUST ignore them on reception")."""
+    server, peer = machines(pki, server=pinned(version))
+
+    def flip(n: int, data: bytes) -> bytes:
+        if n != k or not data:
+            return data
+        i = at % len(data)
+        return data[:i] + bytes([data[i] ^ mask]) + data[i + 1 :]
+
+    run = drive(
+        server,
+        peer,
+        tamper_request=None if to_server else flip,
+        tamper_response=flip if to_server else None,
+    )
+    final = run.final
+    if final is not None and final.done and final.success:
+        assert run.last.peer.decision is Decision.UNCOND_SUCC
+        assert server.msk() is not None and server.msk() == peer.msk()
+    else:  # no verdict for success: the server holds no MSK to key anything with
+        assert server.msk() is None
