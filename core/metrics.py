@@ -38,7 +38,11 @@ log = logging.getLogger("mipsec.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 4096
 READ_TIMEOUT = 5.0
-MAX_CLIENTS = 16  # scrapes at once; more are closed at once
+# Connections held at once.  At the cap, the one that has waited longest for
+# its request head is closed to make room (the TLS listeners' eviction rule,
+# core/conntable.py): a scraper's GET arrives at once, so connections held
+# open without a request cannot keep it out.
+MAX_CLIENTS = 16
 
 
 class _ReadAtScrape(Collector):
@@ -228,7 +232,10 @@ class MetricsServer:
         self.registry = registry
         self.healthy = healthy
         self._server: asyncio.Server | None = None
-        self._clients = 0
+        # Held connections in arrival order; True while the request head is
+        # still awaited (evictable), False once it is being answered.
+        self._held: dict[asyncio.StreamWriter, bool] = {}
+        self.evicted = 0
         self.addresses: list[tuple[str, int]] = []
 
     async def listen(self, host: str, port: int) -> list[tuple[str, int]]:
@@ -243,11 +250,22 @@ class MetricsServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
 
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        """Hold ``writer``, evicting the longest wait for a head at the cap."""
+        if len(self._held) >= MAX_CLIENTS:
+            oldest = next((w for w, waiting in self._held.items() if waiting), None)
+            if oldest is None:  # every slot is answering a complete request
+                return False
+            del self._held[oldest]
+            oldest.transport.abort()  # its read ends at once; its task cleans up
+            self.evicted += 1
+        self._held[writer] = True
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._clients >= MAX_CLIENTS:
+        if not self._admit(writer):
             writer.close()
             return
-        self._clients += 1
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
@@ -255,6 +273,9 @@ class MetricsServer:
                 return
             except OSError:
                 return
+            if writer not in self._held:
+                return  # evicted just as its head arrived
+            self._held[writer] = False
             parts = head.split(b"\r\n", 1)[0].split(b" ")
             if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
                 await self._answer(writer, 400, b"bad request\n")
@@ -276,7 +297,7 @@ class MetricsServer:
                 else:
                     await self._answer(writer, 404, b"not found\n")
         finally:
-            self._clients -= 1
+            self._held.pop(writer, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), READ_TIMEOUT)
