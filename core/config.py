@@ -162,6 +162,10 @@ class HACService(_Strict):
     handshake_timeout: Seconds = 10.0
     idle_timeout: Seconds | None = None  # None: request_timeout
     request_timeout: Seconds = 10.0
+    # The whole MHAuth exchange, from the accept to the final response: a
+    # peer that keeps completing requests slowly (an EAP conversation may
+    # take up to 255 of them) holds its connection this long at most.
+    exchange_timeout: Seconds = 120.0
     provisioning_timeout: Seconds = 5.0
     # Every connection held, pending handshakes included; at the cap the one
     # that has waited longest without completing a request is evicted.

@@ -317,6 +317,7 @@ key = "{rel(pki.hac_key)}"
 strict_rfc6618 = false      # true pins TLS 1.2 (RFC 6618 as written)
 handshake_timeout = 10     # from the TCP accept
 request_timeout = 10       # each request, from its first octet to its last
+exchange_timeout = 120     # the whole exchange, from the TCP accept to the final response
 max_connections = 1024     # all held, handshakes included; the longest waiting is evicted
 max_in_progress = 128      # SA issues at once; beyond, 503 with retry-after
 

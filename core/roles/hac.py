@@ -279,6 +279,7 @@ class HacService:
                 max_in_progress=svc.max_in_progress,
                 per_source_rate=svc.per_source_rate or None,
                 per_source_burst=svc.per_source_burst,
+                exchange_timeout=svc.exchange_timeout,
             ),
             name="hac",
         )

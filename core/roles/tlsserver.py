@@ -71,6 +71,7 @@ __all__ = [
     "ADDRESS_REFUSED",
     "CLOSED",
     "EVICTED",
+    "EXCHANGE_TIMEOUT",
     "HANDSHAKE_TIMEOUT",
     "IDLE_TIMEOUT",
     "PEER_CLOSED",
@@ -106,6 +107,7 @@ RATE_LIMITED = "rate-limited"  # its source opened too many connections lately (
 HANDSHAKE_TIMEOUT = "handshake-timeout"
 IDLE_TIMEOUT = "idle-timeout"
 REQUEST_TIMEOUT = "request-timeout"
+EXCHANGE_TIMEOUT = "exchange-timeout"  # Limits.exchange_timeout after the accept
 TLS_ERROR = "tls-error"
 STOPPED = "stopped"  # the listener was closed
 
@@ -140,11 +142,20 @@ class Limits:
     # per_source_burst at once; beyond it closed as accepted.  None: no limit.
     per_source_rate: float | None = None
     per_source_burst: int = 20
+    # The whole connection, from the accept: every later deadline (handshake,
+    # idle, request) ends by then, so a peer that keeps completing requests
+    # slowly -- 255 one-octet EAP fragments, each within request_timeout --
+    # holds its slot this long at most.  Work in progress runs on its own
+    # deadline (AAA, provisioning); once it answers, the connection closes if
+    # this one has passed.  None: no bound.
+    exchange_timeout: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "request_timeout", "idle_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise LocalProtocolError(f"{name} must be positive")
+        if self.exchange_timeout is not None and not self.exchange_timeout > 0:
+            raise LocalProtocolError("exchange_timeout must be positive")
 
 
 class TlsHandler(typing.Protocol):
@@ -176,6 +187,7 @@ class TlsConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_deadline",
         "_eof",
+        "_expires",
         "_handler",
         "_in",
         "_in_pump",
@@ -198,6 +210,7 @@ class TlsConnection(asyncio.BufferedProtocol):
         self._handler: TlsHandler | None = None
         self._state = _HANDSHAKE
         self._deadline: float | None = None
+        self._expires: float | None = None  # Limits.exchange_timeout after the accept
         self._timer: asyncio.TimerHandle | None = None
         self._reason: str | None = None
         self._eof = False  # the peer's end of stream was handed to the handler
@@ -505,6 +518,9 @@ class TlsConnection(asyncio.BufferedProtocol):
     # later keeps the armed timer, which re-arms itself when it fires early;
     # a fast exchange thus costs one call_at and one cancel in all.
     def _set_deadline(self, when: float) -> None:
+        expires = self._expires
+        if expires is not None and when > expires and self._state < _CLOSING:
+            when = expires  # a closing connection keeps its grace to flush
         self._deadline = when
         timer = self._timer
         if timer is not None:
@@ -532,7 +548,7 @@ class TlsConnection(asyncio.BufferedProtocol):
         if state == _CLOSING:
             self.abort()  # did not drain in time
             return
-        reason = _STATE_REASON[state]
+        reason = EXCHANGE_TIMEOUT if deadline == self._expires else _STATE_REASON[state]
         self._lst._count(reason)
         self._reason = reason
         if state == _HANDSHAKE:
@@ -668,7 +684,10 @@ class TlsListener:
         sock = conn._transport.get_extra_info("socket")
         if sock is not None:
             set_nodelay(sock)  # lockstep small messages (DESIGN.md "Library traps")
-        conn._set_deadline(self.loop.time() + self.limits.handshake_timeout)
+        now = self.loop.time()
+        if self.limits.exchange_timeout is not None:
+            conn._expires = now + self.limits.exchange_timeout
+        conn._set_deadline(now + self.limits.handshake_timeout)
 
     def _lost(self, conn: TlsConnection) -> None:
         self.table.remove(conn)

@@ -21,10 +21,12 @@ from typing import Any, TypeVar
 import pytest
 from tlsflood import RawTls, client_context
 
+from mipsec.core.errors import LocalProtocolError
 from mipsec.core.pki import PkiPaths, init_pki
 from mipsec.core.roles.tlsserver import (
     CLOSED,
     EVICTED,
+    EXCHANGE_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     IDLE_TIMEOUT,
     PEER_CLOSED,
@@ -267,6 +269,64 @@ def test_no_deadline_while_the_server_works(pki: PkiPaths) -> None:
     )
     assert got == b"worked\n"
     assert ended == [IDLE_TIMEOUT]
+
+
+def test_exchange_deadline_ends_a_peer_that_keeps_completing_requests(pki: PkiPaths) -> None:
+    """Limits.exchange_timeout: a peer answering every turn well within its
+    request and idle deadlines still loses the connection that long after
+    the accept (an EAP conversation of 255 slow, valid rounds)."""
+
+    async def body(port: int, listener: TlsListener, ended: list[str]) -> tuple[int, float]:
+        start = asyncio.get_running_loop().time()
+        conn = await tls(pki, port)
+        answered = 0
+        while True:
+            try:
+                got = await ask(conn, b"hello\n")
+            except ConnectionResetError:
+                break
+            if got != b"hi\n":
+                break
+            answered += 1
+            await asyncio.sleep(0.2)  # well within idle_timeout
+        await until(lambda: bool(ended))
+        assert listener.stats[EXCHANGE_TIMEOUT] == 1
+        return answered, asyncio.get_running_loop().time() - start
+
+    (answered, lasted), ended = serve(
+        pki, body, request_timeout=0.5, idle_timeout=0.5, exchange_timeout=1.5
+    )
+    assert ended == [EXCHANGE_TIMEOUT]
+    assert answered >= 4  # it was making progress all along
+    assert lasted >= 1.5
+
+
+def test_exchange_deadline_spares_work_in_progress_then_closes(pki: PkiPaths) -> None:
+    """Work in progress runs on its own deadline (AAA, provisioning): the
+    exchange deadline passing meanwhile does not cut it, its answer is
+    sent, and the connection closes at once after it."""
+
+    async def body(port: int, listener: TlsListener, ended: list[str]) -> tuple[bytes, bytes]:
+        conn = await tls(pki, port)
+        answer = await ask(conn, b"work 1.0\n")  # past the exchange deadline
+        rest = await asyncio.wait_for(conn[0].read(), 10)
+        await until(lambda: bool(ended))
+        return answer, rest
+
+    (answer, rest), ended = serve(pki, body, exchange_timeout=0.5)
+    assert answer == b"worked\n" and rest == b""
+    assert ended == [EXCHANGE_TIMEOUT]
+
+
+def test_exchange_timeout_must_be_positive() -> None:
+    with pytest.raises(LocalProtocolError, match="exchange_timeout"):
+        Limits(
+            handshake_timeout=1,
+            request_timeout=1,
+            idle_timeout=1,
+            max_connections=1,
+            exchange_timeout=0,
+        )
 
 
 def test_watching_the_peer_while_working(pki: PkiPaths) -> None:
