@@ -159,6 +159,22 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
 # ------------------------------------------------------------ SA lifecycle
 
 
+def test_exchange_timeout_reaches_the_hac_listener(tmp_path: Path, pki: PkiPaths) -> None:
+    """[hac] exchange_timeout (default 120 s) is the listener's whole-exchange
+    deadline (core/roles/tlsserver.py, tested there); a bootstrap well within
+    it is unaffected."""
+    assert hac_config(hac_data(tmp_path, pki), tmp_path).hac.exchange_timeout == 120.0
+    data = hac_data(tmp_path, pki, exchange_timeout=7.5)
+
+    async def main() -> tuple[float | None, int | None]:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            assert st.hac is not None and st.hac._listener is not None
+            got = await bootstrap(mn_config(pki, st.port))
+            return st.hac._listener.limits.exchange_timeout, got.status
+
+    assert run(main()) == (7.5, 200)
+
+
 def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) -> None:
     """max_sas_per_mn = 1 (default): the older SA leaves the store and the HA,
     and a BU under it gets no answer, while the new one registers."""
