@@ -365,7 +365,11 @@ class MNHac(_Strict):
     server_name: Host | None = None  # None: the HAC is checked by its IP SAN
     ca: Path
     strict_rfc6618: bool = False
-    timeout: Seconds = 10.0
+    timeout: Seconds = 10.0  # each wait: the connect and handshake, each response
+    # The whole bootstrap, from the connect to the final response: a HAC that
+    # keeps the MN waiting by trickling its responses (each octet within
+    # ``timeout``) ends it then; the MN tries again later.
+    exchange_timeout: Seconds = 120.0
 
 
 class MNSA(_Strict):

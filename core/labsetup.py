@@ -92,7 +92,8 @@ host = "127.0.0.1"
 port = {hac_port}
 server_name = "{HAC_NAME}"
 ca = "{ca}"
-timeout = 10
+timeout = 10              # each wait: the connect and handshake, each response
+exchange_timeout = 120    # the whole bootstrap
 
 [sa]
 scope = 1

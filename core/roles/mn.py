@@ -131,10 +131,14 @@ async def bootstrap(
     hac = cfg.hac
     ctx = mn_client_context(str(hac.ca), strict_rfc6618=hac.strict_rfc6618)
     tls_name, by_ip = hac_identity(cfg)
+    loop = asyncio.get_running_loop()
+    # Every wait below ends by this deadline too: a HAC trickling one octet
+    # per ``timeout`` would otherwise hold the MN for 65,535 of them.
+    deadline = loop.time() + hac.exchange_timeout
     try:
         # Memory-BIO TLS client (core/tlsclient.py): the MHAuth messages are
         # small and lockstep, asyncio's SSL streams cost more than they do.
-        async with asyncio.timeout(hac.timeout):
+        async with asyncio.timeout(min(hac.timeout, hac.exchange_timeout)):
             tls = await TlsClient.connect(hac.host, hac.port, ctx, tls_name)
     except TimeoutError:
         return BootstrapResult(None, False, reason="timeout connecting to the HAC")
@@ -165,10 +169,18 @@ async def bootstrap(
         )
         tls.write(exch.start())
         while True:
+            left = deadline - loop.time()
             try:
-                async with asyncio.timeout(hac.timeout):
+                async with asyncio.timeout(min(hac.timeout, max(left, 0.0))):
                     data = await tls.read()
             except TimeoutError:
+                if loop.time() >= deadline:
+                    return BootstrapResult(
+                        None,
+                        False,
+                        reason=f"the HAC did not finish within exchange_timeout "
+                        f"({hac.exchange_timeout:g} s)",
+                    )
                 return BootstrapResult(None, False, reason="timeout waiting for the HAC")
             events = exch.receive_data(data) if data else exch.receive_eof()
             for ev in events:
