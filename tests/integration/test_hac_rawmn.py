@@ -3,7 +3,9 @@ independent MN (tests/integration/rawmn.py) that shares no code with mipsec."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import socket
 import ssl
 import struct
@@ -266,3 +268,76 @@ def test_ipv6_listener(lab: Lab, start_hac: Any) -> None:
         pytest.skip(f"::1 unreachable: {exc}")
     assert psk_bootstrap(mn, MN_ID, lab.psk)[1].headers["status-code"] == "200"
     mn.close()
+
+
+def _flip(data: bytes, rng: random.Random) -> bytes:
+    """One octet of ``data`` XORed with a nonzero mask, or ``data`` cut short."""
+    at = rng.randrange(len(data))
+    if rng.random() < 0.2:
+        return data[:at]
+    return data[:at] + bytes([data[at] ^ rng.randrange(1, 256)]) + data[at + 1 :]
+
+
+def _half_close(mn: RawMN) -> None:
+    """TCP FIN, TLS kept for reading the answer: the HAC sees the stream end
+    (a damaged Length that now reaches past the data is a truncated request)."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(mn.sock, socket.SHUT_WR)  # not SSLSocket's: it drops TLS
+
+
+def _final_or_close(mn: RawMN) -> str:
+    """The status of the HAC's answer, or how the connection ended."""
+    try:
+        return mn.recv().headers.get("status-code", "continue")  # a non-final response
+    except (EOFError, ConnectionError, ssl.SSLError, OSError):
+        return "closed"
+
+
+def test_a_running_hac_answers_damaged_requests_and_keeps_serving(lab: Lab, start_hac: Any) -> None:
+    """The sans-I/O property tests (tests/unit/test_psk_exchange.py), over real
+    TLS against a real HAC process: 150 Inits or Dones with one octet
+    flipped, or cut short, each on its own connection.  Every one gets a
+    final 4xx/501 or a close -- a 200 only for a damaged Done that still
+    verifies, a non-final response only for an Init still well-formed --
+    the HAC logs no traceback, and a genuine MN bootstraps
+    afterwards."""
+    hac = start_hac(lab)
+    rng = random.Random(6618)
+    seen: dict[str, int] = {}
+    for i in range(150):
+        mn = connect(lab)
+        try:
+            mn_rand = os.urandom(32).hex()
+            init = lines([("mn-id", MN_ID), ("mn-rand", mn_rand), ("auth-method", "psk")])
+            if i % 2 == 0:  # a damaged Init
+                mn.send_raw(_flip(container(1, init + b"\r\n"), rng))
+                _half_close(mn)
+                status = _final_or_close(mn)
+                # "continue": the flip left a well-formed Init (e.g. in mn-rand)
+                assert status in ("400", "501", "continue", "closed"), status
+            else:  # a genuine Init, then a damaged Done
+                mn.send(init + b"\r\n")
+                r1 = mn.recv()
+                body = lines(
+                    [
+                        ("mn-rand", mn_rand),
+                        ("hac-rand", r1.headers["hac-rand"]),
+                        ("mip6-sas", "1"),
+                        ("mip6-suitelist", "{00,3C}"),
+                    ]
+                )
+                mn.send_raw(_flip(container(2, with_auth(body, lab.psk, b"MN", mn.cb)), rng))
+                _half_close(mn)
+                status = _final_or_close(mn)
+                assert status in ("200", "400", "401", "closed"), status
+            seen[status] = seen.get(status, 0) + 1
+        finally:
+            mn.close()
+    assert seen.get("400", 0) + seen.get("401", 0) >= 75, seen  # answered, not only closed
+    assert seen.get("200", 0) <= 5, seen  # only flips that leave the auth valid (hex case)
+    good = connect(lab)
+    assert psk_bootstrap(good, MN_ID, lab.psk)[1].headers["status-code"] == "200"
+    good.close()
+    hac.terminate()
+    log = hac.communicate(timeout=10)[0]
+    assert "Traceback" not in log and "Task exception" not in log
