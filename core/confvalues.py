@@ -80,11 +80,14 @@ def dns_name(value: str) -> str:
 
 
 def host(value: str) -> str:
-    """An IP address literal or a host name."""
+    """An IP address literal or a host name to connect to.
+
+    Unlike :func:`dns_name` (a certificate's dNSName), an underscore is
+    allowed: resolvers accept such names and some networks use them."""
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        return dns_name(value)
+        dns_name(value.replace("_", "-"))  # the same rules, "_" counted as a letter
     return value
 
 
