@@ -22,9 +22,9 @@ __all__ = [
     "DnsName",
     "HaId",
     "Host",
-    "IPv4Network",
+    "IPv4NetText",
     "IPv4Text",
-    "IPv6Network",
+    "IPv6NetText",
     "IPv6Text",
     "InterfaceText",
     "ListenAddresses",
@@ -54,8 +54,8 @@ def not_a_number(value: Any) -> Any:
 
 IPv4Text = Annotated[ipaddress.IPv4Address, BeforeValidator(not_a_number)]
 IPv6Text = Annotated[ipaddress.IPv6Address, BeforeValidator(not_a_number)]
-IPv4Network = Annotated[ipaddress.IPv4Network, BeforeValidator(not_a_number)]
-IPv6Network = Annotated[ipaddress.IPv6Network, BeforeValidator(not_a_number)]
+IPv4NetText = Annotated[ipaddress.IPv4Network, BeforeValidator(not_a_number)]
+IPv6NetText = Annotated[ipaddress.IPv6Network, BeforeValidator(not_a_number)]
 NetworkText = Annotated[IPvAnyNetwork, BeforeValidator(not_a_number)]
 InterfaceText = Annotated[IPvAnyInterface, BeforeValidator(not_a_number)]
 

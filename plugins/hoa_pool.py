@@ -46,9 +46,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
-from mipsec.core.confvalues import IPv4Network as IPv4NetText
-from mipsec.core.confvalues import IPv6Network as IPv6NetText
-from mipsec.core.confvalues import IPv6Text
+from mipsec.core.confvalues import IPv4NetText, IPv6NetText, IPv6Text
 from mipsec.core.hoa_table import HoATable
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.model import HomeAssignment

@@ -107,6 +107,21 @@ def held_on_disk(disk: Path) -> list[int]:
     return sorted(int(r[0]) for r in rows)  # type: ignore[call-overload]
 
 
+def bootstraps_again(lab: Lab, store: str, *, sequence: int) -> None:
+    """After the outage: the MN bootstraps, registers (BU ``sequence``, above
+    every earlier one: RFC 6275 §11.8), and its older SAs are withdrawn, so
+    the HAC and the HA hold exactly its new SA."""
+    again = Mn(lab)
+    try:
+        assert again.register(again.bu(sequence))["status"] == 0
+        wait_for(
+            "older SAs withdrawn",
+            lambda: held_by_ha(lab) == live_on_hac(lab, store) == [again.spi],
+        )
+    finally:
+        again.close()
+
+
 def test_ha_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> None:
     ha_toml = Path(lab.info["ha"]["config"])
     edit_toml(ha_toml, 'path = "ha-sa.sqlite"', 'path = "disk/ha-sa.sqlite"')
@@ -198,15 +213,7 @@ def test_hac_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> 
                 assert first.register(first.bu(2))["status"] == 0
         finally:
             first.close()
-        again = Mn(lab)
-        try:
-            assert again.register(again.bu(3))["status"] == 0
-            wait_for(
-                "older SAs withdrawn",
-                lambda: held_by_ha(lab) == live_on_hac(lab, store) == [again.spi],
-            )
-        finally:
-            again.close()
+        bootstraps_again(lab, store, sequence=3)
         assert hac.proc is not None and hac.proc.poll() is None  # it kept running
         hac.stop()
         text = hac.log_text()
@@ -276,16 +283,7 @@ def test_hac_killed_during_a_disk_full_outage_leaves_nothing_unknown_to_its_peer
             assert set(live_on_hac(lab, store)) <= {first.spi}
         finally:
             first.close()
-        again = Mn(lab)
-        try:
-            # RFC 6275 §11.8: a new BU carries a Sequence # above every earlier one.
-            assert again.register(again.bu(2))["status"] == 0
-            wait_for(
-                "older SAs withdrawn",
-                lambda: held_by_ha(lab) == live_on_hac(lab, store) == [again.spi],
-            )
-        finally:
-            again.close()
+        bootstraps_again(lab, store, sequence=2)
         hac.stop()
         assert "Traceback" not in hac.log_text()  # the run after the kill
         ha.stop()
