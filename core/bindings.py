@@ -42,6 +42,17 @@ which ``checkpoint()`` (the HA calls it every second) bounds to about a
 second.  ``synchronous="full"``: every commit is fsynced and survives power
 loss too, at about 0.45 ms per commit instead of ~20 µs on the test machine.
 
+Shared file (``shared=`` a connection, the HA's ``[bindings] in_sa_store``):
+the tables live in the SA store's own SQLite file, on its connection, and the
+HA writes a burst's SA rows and their records in one transaction (issue 9:
+"the HA's SA row + out-mark in one transaction").  SQLite cannot commit two
+WAL files atomically, so one file is the only way to make them one commit.
+The version table is then ``binding_cache_version`` (the store has a
+``schema_version`` of its own) and records the HA id that owns the tables, so
+a second HA pointed at the same store file is refused instead of sharing
+replay state.  ``held()`` re-queues what a flush wrote into a transaction its
+owner then rolled back.
+
 The file holds no key material (truncated SHA-256 digests of SA keys, which
 reveal nothing of them), but it maps home addresses to care-of addresses
 (where a user is), so it is created with mode 0600 like the SA store.
@@ -61,13 +72,13 @@ from typing import Generic, Literal, TypeVar
 
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
+from mipsec.core.sqlitetx import transaction as sqlite_transaction
 
 __all__ = ["SCHEMA_VERSION", "Binding", "BindingCache", "DeadSpi", "DeletedBinding"]
 
 SCHEMA_VERSION = 2
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS binding (
     hoa         TEXT    PRIMARY KEY,
     coa_host    TEXT    NOT NULL,
@@ -95,6 +106,13 @@ CREATE TABLE IF NOT EXISTS deleted_binding (
     until     REAL    NOT NULL      -- epoch seconds, UTC
 );
 """
+
+# The version table of a file of its own, and of tables in the SA store's file.
+_VERSION_OWN = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+_VERSION_SHARED = (
+    "CREATE TABLE IF NOT EXISTS binding_cache_version "
+    "(version INTEGER NOT NULL, ha_id TEXT NOT NULL)"
+)
 
 # Version 1 kept (spi, out_mark, in_floor) in sa_counter, with no SA identity
 # and no end, and a BU's ESP number only in its binding row.  Its rows become
@@ -288,10 +306,20 @@ class BindingCache:
         *,
         write_behind: bool = False,
         synchronous: Literal["normal", "full"] = "normal",
+        shared: sqlite3.Connection | None = None,
+        owner: str = "",
     ) -> None:
         if synchronous not in ("normal", "full"):
             raise LocalProtocolError(f"synchronous: {synchronous!r} is not 'normal' or 'full'")
+        if shared is not None and (path is not None or not owner):
+            raise LocalProtocolError("shared: give no path, and the owner (HA id)")
         self.path = Path(path) if path is not None else None
+        # True: the tables live on another component's connection (see the
+        # module docstring); close() flushes but leaves it open.
+        self.shared = shared is not None
+        self._owner = owner
+        # What flush() wrote inside held(): re-queued if the transaction fails.
+        self._held: list[tuple[dict[str, Binding | None], set[int], set[str]]] | None = None
         self.write_behind = write_behind
         self.synchronous = synchronous
         # True while a change waits for flush() (write-behind); the HA reads it
@@ -310,6 +338,11 @@ class BindingCache:
         self._conn: sqlite3.Connection | None = None
         if self.path is not None:
             self._open(self.path)
+        elif shared is not None:
+            if synchronous == "full":
+                # Stricter for the store too, never weaker than it asked.
+                shared.execute("PRAGMA synchronous = FULL")
+            self._load(shared)
 
     # ------------------------------------------------------------ storage
 
@@ -321,38 +354,45 @@ class BindingCache:
             conn.execute("PRAGMA journal_mode = WAL")
             # See the module docstring: NORMAL is crash-safe, FULL power-loss-safe.
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._init_schema(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            for row in conn.execute(_SELECT).fetchall():
-                self._index(Binding(*row))
-            for spi, until, digest, dead, out_mark, in_floor, data_mark in conn.execute(
-                f"SELECT {_SPI_COLUMNS} FROM spi_state"  # noqa: S608 (constants)
-            ).fetchall():
-                rec = _SpiRecord(
-                    until,
-                    None if digest is None else bytes(digest),
-                    bool(dead),
-                    out_mark,
-                    in_floor,
-                    data_mark,
-                )
-                self._spis.set(spi, rec, until)
-            for hoa, sequence, until in conn.execute(
-                "SELECT hoa, sequence, until FROM deleted_binding"
-            ).fetchall():
-                self._deleted.set(hoa, sequence, until)
+            self._load(conn)
         except BaseException:
             conn.close()
             raise
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        """Create or check the schema on ``conn``, read every row, keep ``conn``."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._init_schema(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        for row in conn.execute(_SELECT).fetchall():
+            self._index(Binding(*row))
+        for spi, until, digest, dead, out_mark, in_floor, data_mark in conn.execute(
+            f"SELECT {_SPI_COLUMNS} FROM spi_state"  # noqa: S608 (constants)
+        ).fetchall():
+            rec = _SpiRecord(
+                until,
+                None if digest is None else bytes(digest),
+                bool(dead),
+                out_mark,
+                in_floor,
+                data_mark,
+            )
+            self._spis.set(spi, rec, until)
+        for hoa, sequence, until in conn.execute(
+            "SELECT hoa, sequence, until FROM deleted_binding"
+        ).fetchall():
+            self._deleted.set(hoa, sequence, until)
         self._conn = conn
 
-    @staticmethod
-    def _init_schema(conn: sqlite3.Connection) -> None:
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        if self.shared:
+            self._init_shared_schema(conn)
+            return
+        conn.execute(_VERSION_OWN)
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
                 conn.execute(stmt)
@@ -368,13 +408,37 @@ class BindingCache:
                 f"binding cache schema version {found} not supported (expected {SCHEMA_VERSION})"
             )
 
+    def _init_shared_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute(_VERSION_SHARED)
+        rows = conn.execute("SELECT version, ha_id FROM binding_cache_version").fetchall()
+        if not rows:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(
+                "INSERT INTO binding_cache_version (version, ha_id) VALUES (?, ?)",
+                (SCHEMA_VERSION, self._owner),
+            )
+            return
+        if len(rows) != 1 or rows[0][0] != SCHEMA_VERSION:
+            found = ", ".join(str(r[0]) for r in rows)
+            raise ValueError(
+                f"binding cache schema version {found} not supported (expected {SCHEMA_VERSION})"
+            )
+        if rows[0][1] != self._owner:
+            # Two HAs on one store file would share (and corrupt) replay state.
+            raise ValueError(
+                f"the binding cache in this file belongs to HA {rows[0][1]!r}, not {self._owner!r}"
+            )
+
     def close(self) -> None:
-        """Flush what is pending and close the file."""
+        """Flush what is pending and close the file (a shared connection stays open)."""
         if self._conn is not None:
             try:
                 self.flush()
             finally:
-                self._conn.close()
+                if not self.shared:
+                    self._conn.close()
                 self._conn = None
 
     @property
@@ -408,15 +472,13 @@ class BindingCache:
             self._write(conn, dirty, spis, deleted)
             if own:
                 conn.execute("COMMIT")
+            elif self._held is not None:
+                self._held.append((dirty, spis, deleted))
         except BaseException:
             if own and conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            # Keep them for the next try; newer changes win over these.
-            self._dirty = dirty | self._dirty
-            self._dirty_spis |= spis
-            self._dirty_deleted |= deleted
-            self.dirty = True
+            self._requeue(dirty, spis, deleted)  # for the next try
             raise
 
     def _write(
@@ -463,6 +525,28 @@ class BindingCache:
         if self._conn is not None and not self._conn.in_transaction:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Around a transaction that another component owns and flushes join
+        (a shared connection): if it fails, what they wrote is queued again,
+        so the next flush writes it (nothing acknowledged that is not on disk)."""
+        outer, self._held = self._held, []
+        try:
+            yield
+        except BaseException:
+            for dirty, spis, deleted in reversed(self._held):
+                self._requeue(dirty, spis, deleted)
+            raise
+        finally:
+            self._held = outer
+
+    def _requeue(self, dirty: dict[str, Binding | None], spis: set[int], deleted: set[str]) -> None:
+        # Newer changes win over these.
+        self._dirty = dirty | self._dirty
+        self._dirty_spis |= spis
+        self._dirty_deleted |= deleted
+        self.dirty = True
+
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         """Group many write-through changes in one commit (e.g. installing every SA at start)."""
         return self._transaction()
@@ -473,19 +557,13 @@ class BindingCache:
         if conn is None or conn.in_transaction:
             yield
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_transaction(conn):
             yield
-            conn.execute("COMMIT")
-        except BaseException:
-            # Also a failed COMMIT (full disk): never leave it open (see flush).
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
 
     def __repr__(self) -> str:
         where = str(self.path) if self.path is not None else ":memory:"
+        if self.shared:
+            where = "in the SA store's file"
         return f"BindingCache({where!r}, {len(self._entries)} bindings)"
 
     # ------------------------------------------------------------ lookups

@@ -421,9 +421,19 @@ class HAService(_Strict):
 
 class BindingsConfig(_Strict):
     path: Path | None = None  # SQLite file; None keeps the binding cache in memory
+    # True: the binding cache lives in the SA store's own SQLite file, so an
+    # install's SA row and its replay records are one commit (issue 9; the
+    # store must be "sqlite" with a path, and the file this HA's alone).
+    in_sa_store: bool = False
     # "normal": every commit survives a crash of the HA process; "full": also
     # a power loss, at an fsync per commit (core/bindings.py).
     synchronous: Literal["normal", "full"] = "normal"
+
+    @model_validator(mode="after")
+    def _one_place(self) -> BindingsConfig:
+        if self.in_sa_store and self.path is not None:
+            raise ValueError("give either path (a file of its own) or in_sa_store = true, not both")
+        return self
 
 
 class ProvisioningListener(_Strict):

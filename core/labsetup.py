@@ -386,8 +386,8 @@ backend = "sqlite"
 path = "ha-sa.sqlite"
 key_file = "ha-sa.key"    # SA keys are wrapped (AES-256-GCM) under this key
 
-[bindings]                # so does the binding cache
-path = "ha-bindings.sqlite"
+[bindings]                # so does the binding cache, in the SA store's file:
+in_sa_store = true        # an SA and its replay records are one commit
 
 [provisioning]            # the HAC hands SAs over mutually authenticated TLS
 listen = ["127.0.0.1"]

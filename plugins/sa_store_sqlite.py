@@ -37,7 +37,6 @@ ends slightly early, never late.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import logging
 import math
@@ -65,6 +64,7 @@ from mipsec.core.keywrap import (
 )
 from mipsec.core.model import SPI_MAX, SPI_MIN, BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.secretfiles import check_private, check_private_sqlite
+from mipsec.core.sqlitetx import transaction as sqlite_transaction
 from mipsec.core.suites import Suite
 from mipsec.plugins._options import parse_options, resolve_path
 from mipsec.plugins._sa_keys import (
@@ -580,6 +580,7 @@ class SQLiteSAStore:
         self.track_delivery = False
         self._reported: set[int] = set()
         self._view: _LiveView | None = None
+        self._outer = False  # inside transaction(): _tx joins it
         if path is not None:
             self._check_modes(path)
         conn = self._connect(path, check_only)
@@ -646,22 +647,51 @@ class SQLiteSAStore:
         return sqlite3.connect(path, isolation_level=None)
 
     @contextmanager
-    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front, so check-then-insert in
-        # add() cannot interleave with another process.
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    def transaction(self) -> Iterator[None]:
+        """Everything written inside -- by this store and on
+        ``shared_connection()`` -- in one transaction, one commit.
+
+        The HA stores a burst of installs and their binding-cache records this
+        way (``[bindings] in_sa_store``; issue 9).  On an error everything is
+        rolled back, the live view is dropped (it may list rolled-back rows;
+        it is rebuilt at the next look), and the error propagates.  Optional:
+        not part of the ``SAStore`` protocol.
+        """
+        if self._outer:
+            raise LocalProtocolError("transaction: already inside one")
+        self._outer = True
         try:
-            yield conn
-            conn.execute("COMMIT")
+            with sqlite_transaction(self._conn):
+                yield
         except BaseException:
-            # Also when COMMIT itself fails (SQLITE_FULL, SQLITE_IOERR): SQLite
-            # may leave the transaction open, and every later BEGIN would then
-            # fail ("within a transaction") after the disk came back.
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+            self._view = None
             raise
+        finally:
+            self._outer = False
+
+    def shared_connection(self) -> sqlite3.Connection:
+        """This store's connection, for a component of the same process that
+        keeps its own tables in this file and writes them inside
+        ``transaction()`` (the HA's binding cache, ``[bindings] in_sa_store``).
+
+        Only for a store with a file: a memory store's rows do not survive a
+        restart, so neither should anything joined to them.  Optional: not
+        part of the ``SAStore`` protocol.
+        """
+        if self.path is None:
+            raise StoreOptionError("path", "a memory store cannot hold another component's tables")
+        return self._conn
+
+    @contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE (core/sqlitetx.py): check-then-insert in add() cannot
+        # interleave with another process.
+        conn = self._conn
+        if self._outer:
+            yield conn  # transaction() commits, or rolls back, everything
+            return
+        with sqlite_transaction(conn, "BEGIN IMMEDIATE" if write else "BEGIN"):
+            yield conn
 
     def _init_schema(self, clear_keys: bool, check_only: bool) -> KeyCodec:
         """Create, check or convert the schema; the codec for this store's keys."""

@@ -42,7 +42,8 @@ import logging
 import socket
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -200,7 +201,12 @@ class HaService:
         )
         if puller is None and cfg.pull is not None:
             puller = self._pull_from_hac
-        if cfg.bindings.path is None and (cfg.sa_store.backend != "memory" or puller is not None):
+        in_store = cfg.bindings.in_sa_store
+        if (
+            cfg.bindings.path is None
+            and not in_store
+            and (cfg.sa_store.backend != "memory" or puller is not None)
+        ):
             # SAs would come back after a restart (from the store, or pulled)
             # without their replay floors: replays would be accepted.
             self.store.close()
@@ -210,18 +216,28 @@ class HaService:
                 "bindings.path",
                 f"required: with {why} SAs outlive the process, and so must their replay state",
             )
+        # [bindings] in_sa_store: the store's transaction() when the binding
+        # cache shares its file (one commit per burst of installs), else None.
+        self._one_commit: Callable[[], AbstractContextManager[None]] | None = None
         try:
             # Write-behind: one SQLite commit per burst of datagrams, made
             # before the burst's replies leave (burst_done; see bindings.py).
-            bindings_path = cfg.bindings.path
-            if check_only and bindings_path is not None and not bindings_path.exists():
-                bindings_path = None  # a start creates it: check-config does not
-            self.bindings = BindingCache(
-                bindings_path, write_behind=True, synchronous=cfg.bindings.synchronous
-            )
+            if in_store:
+                self.bindings = self._bindings_in_store(config_file, check_only)
+            else:
+                bindings_path = cfg.bindings.path
+                if check_only and bindings_path is not None and not bindings_path.exists():
+                    bindings_path = None  # a start creates it: check-config does not
+                self.bindings = BindingCache(
+                    bindings_path, write_behind=True, synchronous=cfg.bindings.synchronous
+                )
         except (OSError, sqlite3.Error, ValueError) as exc:
             self.store.close()
-            raise ConfigError(config_file, "bindings.path", f"cannot open: {exc}") from None
+            key = "bindings.in_sa_store" if in_store else "bindings.path"
+            raise ConfigError(config_file, key, f"cannot open: {exc}") from None
+        except ConfigError:
+            self.store.close()
+            raise
         svc = cfg.ha
         self._puller = puller
         self.core = HaCore(
@@ -265,6 +281,32 @@ class HaService:
         self._checkpoint_outage = Outage(log, "binding cache checkpoint")
         self._expiry_outage = Outage(log, "expiry run")
         self._to_discard: list[int] = []  # withdrawn, out of the store soon (_withdrawn)
+
+    def _bindings_in_store(self, config_file: str, check_only: bool) -> BindingCache:
+        """The binding cache in the SA store's own file (``[bindings] in_sa_store``)."""
+        shared = getattr(self.store, "shared_connection", None)
+        begin = getattr(self.store, "transaction", None)
+        if shared is None or begin is None:
+            raise ConfigError(
+                config_file,
+                "bindings.in_sa_store",
+                f"sa_store backend {self.cfg.sa_store.backend!r} cannot hold the binding "
+                'cache (it takes "sqlite" with a path); give [bindings] path instead',
+            )
+        try:
+            conn = shared()
+        except ValueError as exc:  # StoreOptionError: a memory store
+            why = f"sa_store backend {self.cfg.sa_store.backend!r}: {exc}"
+            raise ConfigError(config_file, "bindings.in_sa_store", why) from None
+        if check_only:
+            return BindingCache()  # check-config creates no tables
+        self._one_commit = begin
+        return BindingCache(
+            write_behind=True,
+            synchronous=self.cfg.bindings.synchronous,
+            shared=conn,
+            owner=self.cfg.ha.id,
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -709,13 +751,20 @@ class HaService:
         new: list[bool] = []  # per accepted item: installed now (not already held)
         gone: list[list[bool]] = []
         try:
-            self._store_all([items[i][0] for i in accepted], now)
-            for i in accepted:
-                issued, _ha_id, withdraw = items[i]
-                new.append(self.core.install_sa(issued))
-                gone.append([self._withdraw_in_core(spi) for spi in withdraw])
-            if any(new) or any(items[i][2] for i in accepted):
-                self.bindings.flush()  # its records, before the HAC hears "installed"
+            with self._burst_commit():
+                self._store_all([items[i][0] for i in accepted], now)
+                for i in accepted:
+                    issued, _ha_id, withdraw = items[i]
+                    new.append(self.core.install_sa(issued))
+                    gone.append([self._withdraw_in_core(spi) for spi in withdraw])
+                if any(new) or any(items[i][2] for i in accepted):
+                    self.bindings.flush()  # its records, before the HAC hears "installed"
+                if self._one_commit is not None:
+                    # Same transaction: the superseded rows go with their
+                    # withdrawal records (no later commit of their own).
+                    discarded = [spi for i in accepted for spi in items[i][2]]
+                    if discarded:
+                        self._discard(discarded)
         except BaseException as exc:
             # Nothing half-provisioned stays live: the HAC hears 500 and
             # withdraws these SAs (and, not knowing whether the older ones
@@ -734,7 +783,7 @@ class HaService:
         for i, fresh, known_list in zip(accepted, new, gone, strict=True):
             issued, _ha_id, withdraw = items[i]
             for spi, known in zip(withdraw, known_list, strict=True):
-                self._withdrawn(spi, known)
+                self._withdrawn(spi, known, discarded=self._one_commit is not None)
             if not fresh:
                 continue
             sa = issued.sa
@@ -756,6 +805,19 @@ class HaService:
                 sa.validity_end.isoformat(),
             )
         return results
+
+    @contextlib.contextmanager
+    def _burst_commit(self) -> Iterator[None]:
+        """One commit for a burst's SA rows and their binding-cache records
+        when they share a file (``[bindings] in_sa_store``); else each its own."""
+        begin = self._one_commit
+        if begin is None:
+            yield
+            return
+        # held(): a rollback queues the records again; the core's state for
+        # the new SAs is undone by the caller (remove_sa), as for any failure.
+        with self.bindings.held(), begin():
+            yield
 
     async def withdraw_sa(self, spi: int) -> None:
         """:meth:`withdraw_sa_now`, as a coroutine."""
@@ -783,7 +845,7 @@ class HaService:
             self._log_binding(ev)
         return known or held is not None
 
-    def _withdrawn(self, spi: int, known: bool) -> None:
+    def _withdrawn(self, spi: int, known: bool, *, discarded: bool = False) -> None:
         """After the flush: the store forgets the SA (soon); log and hook.
 
         The store's delete waits for the end of this turn of the event loop,
@@ -792,10 +854,13 @@ class HaService:
         critical path that safety does not need).  Safe to lose in a crash:
         the withdrawal record is durable already (the flush before this call),
         so a restart finds the row withdrawn and removes it (``start``).
+        ``discarded``: the row went already, in the withdrawal's own
+        transaction (``[bindings] in_sa_store``).
         """
-        self._to_discard.append(spi)
-        if len(self._to_discard) == 1:
-            asyncio.get_running_loop().call_soon(self._discard_now)
+        if not discarded:
+            self._to_discard.append(spi)
+            if len(self._to_discard) == 1:
+                asyncio.get_running_loop().call_soon(self._discard_now)
         # DEBUG: a superseded SA is withdrawn on every re-bootstrap, and the
         # HAC logs each withdrawal with its reason (issue 9: one INFO line per
         # bootstrap); an SPI this HA never held is worth a line.
@@ -805,18 +870,21 @@ class HaService:
             log.info("SA withdrawn spi=%d (unknown here)", spi)
         self.emit("mipsec_ha_sa_withdrawn", spi=spi)
 
+    def _discard(self, spis: list[int]) -> None:
+        many = getattr(self.store, "discard_many", None)
+        if many is not None:
+            many(spis)
+        else:
+            for spi in spis:
+                self.store.remove(spi)
+
     def _discard_now(self) -> None:
         """The store forgets the SAs withdrawn since the last call (see ``_withdrawn``)."""
         spis, self._to_discard = self._to_discard, []
         if not spis:
             return
         try:
-            many = getattr(self.store, "discard_many", None)
-            if many is not None:
-                many(spis)
-            else:
-                for spi in spis:
-                    self.store.remove(spi)
+            self._discard(spis)
         except Exception as exc:  # withdrawn already (durable record): removed at the next start
             log.warning(
                 "cannot remove %d withdrawn SAs from the store: %s", len(spis), type(exc).__name__

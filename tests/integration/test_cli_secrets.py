@@ -72,6 +72,8 @@ def test_secret_file_open_to_others_refused_with_chmod_hint(
 
 def test_world_readable_stores_and_binding_cache_refused(lab: Lab) -> None:
     ha_toml = lab.info["ha"]["config"]
+    # A binding cache in a file of its own (mipsec init keeps it in the store's).
+    edit_toml(Path(ha_toml), "in_sa_store = true", 'path = "ha-bindings.sqlite"')
     for name in ("ha-sa.sqlite", "ha-bindings.sqlite"):
         (lab.dir / name).write_bytes(b"")
         (lab.dir / name).chmod(0o644)

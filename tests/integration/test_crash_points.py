@@ -342,20 +342,16 @@ class _AsHac:
         self.tls.close()
 
 
-def test_ha_killed_between_a_bursts_store_commit_and_its_flush(
-    lab: Lab, ha_proc: HaProcess
-) -> None:
-    """A burst of installs is stored in one transaction, then the binding
-    cache's records of the whole burst (the new SAs' sequence-number marks,
-    the withdrawal one install carries) are flushed, then the HAC hears.
-    SIGKILL between the two: the SA rows are durable, their records and the
-    withdrawal are not, and the HAC heard nothing.  After the restart the HA
-    must hold what a HAC that got no answer expects -- every SA of the burst
-    and the older one it did not hear withdrawn -- so that the HAC's
-    withdrawals (504: outcome unknown) find them and end them for good, and
-    no anti-replay fact of the older SA is lost."""
-    # Call 1 of HaCore.install_sa: the first SA, alone.  Call 2: the first
-    # SA of the burst, after the burst's store transaction committed.
+_Sa = tuple[IssuedSA, RawSA]
+
+
+def _burst_killed(lab: Lab, ha_proc: HaProcess) -> tuple[int, _Sa, list[_Sa], bytes]:
+    """An older SA installed and registered, then a burst of three installs,
+    the first withdrawing it (``prov-withdraw``), sent in one TLS write to an
+    HA killed inside the burst: at call 2 of ``HaCore.install_sa`` (call 1
+    is the older SA alone; call 2 the burst's first, after its rows were
+    written).  Returns the HA's port, the older SA, the burst and a BU the
+    older SA protected before the crash."""
     ha_proc.launcher = [*CRASHPOINT, "mipsec.core.ha_core:HaCore.install_sa", "2", "--"]
     ha_proc.start()
     port = ha_proc.port
@@ -367,7 +363,6 @@ def test_ha_killed_between_a_bursts_store_commit_and_its_flush(
         assert hac.answers(1) == [200]
         assert _registers(old_raw, "2001:db8:1::10", 10, port) == 0
         captured = old_raw.protect(binding_update(10, 25, "2001:db8:1::10", "::1"), seq=0)
-        # The burst: the first install withdraws the older SA (prov-withdraw).
         hac.send(
             encode_install(burst[0][0], withdraw=(old.sa.spi,)),
             *(encode_install(issued) for issued, _ in burst[1:]),
@@ -379,6 +374,40 @@ def test_ha_killed_between_a_bursts_store_commit_and_its_flush(
     ha_proc.proc = None
     assert ha_proc.log is not None
     assert "SIGKILL at call 2 of mipsec.core.ha_core:HaCore.install_sa" in ha_proc.log.read_text()
+    return port, (old, old_raw), burst, captured
+
+
+def _withdraw_all(lab: Lab, port: int, spis: list[int]) -> None:
+    """What the HAC does after a 504: withdraw every SPI; the HA confirms each."""
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(*(encode_withdraw(spi) for spi in spis))
+        assert hac.answers(len(spis)) == [200] * len(spis)
+    finally:
+        hac.close()
+
+
+def own_bindings_file(lab: Lab) -> None:
+    """The HA's binding cache in a file of its own (``mipsec init`` keeps it
+    in the SA store's file: ``[bindings] in_sa_store``)."""
+    edit_toml(Path(lab.info["ha"]["config"]), "in_sa_store = true", 'path = "ha-bindings.sqlite"')
+
+
+def test_ha_killed_between_a_bursts_store_commit_and_its_flush(
+    lab: Lab, ha_proc: HaProcess
+) -> None:
+    """With the binding cache in a file of its own, a burst of installs is
+    stored in one transaction, then the binding cache's records of the whole
+    burst (the new SAs' sequence-number marks, the withdrawal one install
+    carries) are flushed, then the HAC hears.
+    SIGKILL between the two: the SA rows are durable, their records and the
+    withdrawal are not, and the HAC heard nothing.  After the restart the HA
+    must hold what a HAC that got no answer expects -- every SA of the burst
+    and the older one it did not hear withdrawn -- so that the HAC's
+    withdrawals (504: outcome unknown) find them and end them for good, and
+    no anti-replay fact of the older SA is lost."""
+    own_bindings_file(lab)
+    port, (old, old_raw), burst, captured = _burst_killed(lab, ha_proc)
     every = sorted([old.sa.spi, *(i.sa.spi for i, _ in burst)])
     assert held_by_ha(lab) == every  # the burst's one transaction committed; nothing discarded
 
@@ -393,12 +422,7 @@ def test_ha_killed_between_a_bursts_store_commit_and_its_flush(
     # again: it never sent a packet), so the HAC's withdrawal finds it.
     assert _registers(burst[1][1], "2001:db8:1::12", 1, port) == 0
     # What the HAC does after a 504: withdraw the new SAs and the older one.
-    hac = _AsHac(lab, port)
-    try:
-        hac.send(*(encode_withdraw(spi) for spi in every))
-        assert hac.answers(len(every)) == [200] * len(every)
-    finally:
-        hac.close()
+    _withdraw_all(lab, port, every)
     wait_for("the HA's store forgets them", lambda: held_by_ha(lab) == [])
     for (issued, raw), seq in zip([(old, old_raw), *burst], (12, 2, 3, 4), strict=True):
         hoa = str(issued.bootstrap.ip6_hoa)
@@ -410,6 +434,37 @@ def test_ha_killed_between_a_bursts_store_commit_and_its_flush(
     try:
         hac.send(encode_install(burst[2][0]))
         assert hac.answers(1) == [400]  # a withdrawn SA is never installed again
+    finally:
+        hac.close()
+    assert held_by_ha(lab) == []
+
+
+def test_ha_killed_inside_a_bursts_one_transaction(lab: Lab, ha_proc: HaProcess) -> None:
+    """``[bindings] in_sa_store`` (the ``mipsec init`` default): a burst's SA
+    rows, their binding-cache records, the withdrawal one install carries and
+    the superseded row's delete are one transaction.  SIGKILL inside it
+    (after the rows are written, before the commit): none of it happened.
+    The restarted HA holds only the older SA, with its replay floor; the
+    HAC's withdrawals after its 504 end all four SPIs for good -- the burst's,
+    never held here, are refused whatever keys come with them later."""
+    port, (old, old_raw), burst, captured = _burst_killed(lab, ha_proc)
+    assert held_by_ha(lab) == [old.sa.spi]  # the burst's transaction never committed
+    assert not (lab.dir / "ha-bindings.sqlite").exists()
+
+    ha_proc.launcher = list(LAUNCHER)
+    ha_proc.start()
+    assert silent(captured, ("127.0.0.1", port))  # the older SA's floor survived
+    assert _registers(old_raw, "2001:db8:1::10", 11, port) == 0
+    assert _registers(burst[1][1], "2001:db8:1::12", 1, port) == -1  # never installed
+    _withdraw_all(lab, port, sorted([old.sa.spi, *(i.sa.spi for i, _ in burst)]))
+    wait_for("the HA's store forgets the older SA", lambda: held_by_ha(lab) == [])
+    assert _registers(old_raw, "2001:db8:1::10", 12, port) == -1
+    ha_proc.stop()
+    ha_proc.start()
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(*(encode_install(issued) for issued, _ in burst))
+        assert hac.answers(3) == [400, 400, 400]  # withdrawn unheld: never installed
     finally:
         hac.close()
     assert held_by_ha(lab) == []

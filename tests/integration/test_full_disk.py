@@ -125,7 +125,7 @@ def bootstraps_again(lab: Lab, store: str, *, sequence: int) -> None:
 def test_ha_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> None:
     ha_toml = Path(lab.info["ha"]["config"])
     edit_toml(ha_toml, 'path = "ha-sa.sqlite"', 'path = "disk/ha-sa.sqlite"')
-    edit_toml(ha_toml, 'path = "ha-bindings.sqlite"', 'path = "disk/ha-bindings.sqlite"')
+    # The binding cache lives in the SA store's file ([bindings] in_sa_store).
     hac_toml = Path(lab.info["hac"]["config"])
     edit_toml(hac_toml, "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
     ha, hac = HaProcess(lab), HacProcess(lab)

@@ -176,8 +176,9 @@ def silent(datagram: bytes, ha: tuple[str, int], sock: socket.socket | None = No
 
 
 def binding_row(lab: Lab, hoa: str) -> tuple[str, int, int, int] | None:
-    """(coa_host, coa_port, BU sequence, spi) from the HA's binding cache file."""
-    conn = sqlite3.connect(f"file:{lab.dir / 'ha-bindings.sqlite'}?mode=ro", uri=True)
+    """(coa_host, coa_port, BU sequence, spi) from the HA's binding cache
+    (in its SA store's file: ``[bindings] in_sa_store``)."""
+    conn = sqlite3.connect(f"file:{lab.dir / 'ha-sa.sqlite'}?mode=ro", uri=True)
     try:
         row = conn.execute(
             "SELECT coa_host, coa_port, sequence, spi FROM binding WHERE hoa = ?", (hoa,)

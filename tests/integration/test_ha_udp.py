@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -556,17 +556,7 @@ def test_install_whose_commit_fails_leaves_the_new_sa_dead(tmp_path: Path) -> No
         svc = HaService(ha_config(tmp_path))
         addrs = await svc.start()
         await svc.install_sa(older)
-        real_write = svc.bindings._write
-        calls = 0
-
-        def failing_write(*args: Any) -> None:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise sqlite3.OperationalError("disk I/O error")
-            real_write(*args)
-
-        svc.bindings._write = failing_write  # type: ignore[method-assign]
+        fail_first_write(svc.bindings)
         with pytest.raises(sqlite3.OperationalError):
             svc.install_sa_now(newer, "ha1", (older.sa.spi,))
         assert not svc.core.has_spi(newer.sa.spi) and not svc.core.has_spi(older.sa.spi)
@@ -590,6 +580,31 @@ def test_install_whose_commit_fails_leaves_the_new_sa_dead(tmp_path: Path) -> No
             await again.stop()
 
     assert run(main()) == (False, False)
+
+
+def fail_first_write(bindings: BindingCache) -> None:
+    """The binding cache's next write fails (a disk I/O error), later ones work."""
+    real_write = bindings._write
+    calls = 0
+
+    def failing_write(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_write(*args)
+
+    bindings._write = failing_write  # type: ignore[method-assign]
+
+
+async def held_after_restart(cfg: HAConfig, issued: Sequence[IssuedSA]) -> tuple[bool, ...]:
+    """Which of ``issued`` a new HaService on ``cfg`` holds once started."""
+    again = HaService(cfg)
+    await again.start()
+    try:
+        return tuple(again.core.has_spi(x.sa.spi) for x in issued)
+    finally:
+        await again.stop()
 
 
 def counting(obj: Any, name: str, fail: bool = False) -> list[int]:
@@ -638,12 +653,7 @@ def test_burst_of_installs_is_committed_once(tmp_path: Path) -> None:
                 mn.close()
         finally:
             await svc.stop()
-        again = HaService(ha_config(tmp_path))
-        await again.start()
-        try:
-            return tuple(again.core.has_spi(x.sa.spi) for x in (a, b, c))  # type: ignore[return-value]
-        finally:
-            await again.stop()
+        return await held_after_restart(ha_config(tmp_path), (a, b, c))  # type: ignore[return-value]
 
     assert run(main()) == (True, True, True)
 
