@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,43 @@ def test_wrong_secret_is_401(lab: Lab, site: Path, start_hac: Any) -> None:
     start_hac(lab, env=env)
     rc, res = run_mn(lab, env)
     assert rc == 1 and res["status"] == 401 and res["authenticated"], res
+
+
+def test_a_slow_eap_peer_is_ended_at_the_hacs_exchange_timeout(
+    lab: Lab, site: Path, start_hac: Any
+) -> None:
+    """[hac] exchange_timeout against a real HAC process and a real MN: each
+    EAP round answered well within request_timeout (0.3 s of 2 s), but 30
+    rounds would take 9 s; the HAC ends the exchange at its 2-s deadline,
+    issues nothing, says why in one line naming the MN, and serves the next
+    MN (the same method, no delay) at once."""
+    env = dict(os.environ, PYTHONPATH=str(site))
+    eap_lab(lab)
+    hac = Path(lab.info["hac"]["config"])
+    edit_toml(hac, "rounds = 2\n", "rounds = 30\n")
+    edit_toml(hac, "request_timeout = 10 ", "request_timeout = 2 ")
+    edit_toml(hac, "exchange_timeout = 120 ", "exchange_timeout = 2 ")
+    mn = Path(lab.info["mn"]["config"])
+    fast = mn.read_text()
+    edit_toml(
+        mn,
+        f'[eap.example]\nsecret_hex = "{SECRET}"',
+        f'[eap.example]\nsecret_hex = "{SECRET}"\nping_delay = 0.3',
+    )
+    proc = start_hac(lab, env=env)
+    started = time.monotonic()
+    rc, res = run_mn(lab, env)
+    took = time.monotonic() - started
+    assert rc != 0 and res.get("status") != 200, res
+    assert took < 9.0, took  # ended by the HAC's deadline, not by finishing
+    mn.write_text(fast)
+    rc, res = run_mn(lab, env)
+    assert rc == 0 and res["status"] == 200, res
+    proc.terminate()
+    out, _ = proc.communicate(timeout=20)
+    ended = [ln for ln in out.splitlines() if "event=auth_failed" in ln]
+    assert len(ended) == 1, out
+    assert f"event=auth_failed mn_id={lab.info['mn']['mn_id']} peer=127.0.0.1:" in ended[0]
+    assert ended[0].endswith(" method=eap status=- reason=exchange-timeout"), ended[0]
+    assert "Traceback" not in out
+    assert out.count("event=sa_issued") == 1
