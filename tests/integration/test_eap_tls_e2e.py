@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import ssl
 import struct
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any
 import pytest
 from conftest import Lab, edit_toml, mipsec
 from OpenSSL import SSL
-from rawmn import RawMN, lines, with_auth
+from rawmn import RawMN, Response, container, lines, with_auth
+from test_hac_rawmn import _final_or_close, _flip, _half_close
 
 ONE = b"1"
 MN_ID = "demo@mipsec.test"
@@ -164,6 +166,20 @@ class IndependentEapTls:
         return bytes(self.conn.export_keying_material(b"client EAP encryption", 128, None))[:64]
 
 
+def next_request(peer: IndependentEapTls, r: Response, mn: RawMN, done: bool) -> tuple[bytes, bool]:
+    """The MN's next request for the HAC's response ``r``: its EAP answer,
+    keyed with ``1`` -- or, once the method is done, the Done (suites, keyed
+    with the MSK; PROFILE §4 items 4-5).  Returns it and whether it is the Done."""
+    answer, now_done = peer.answer(bytes.fromhex(r.headers["eap-payload"]))
+    done = done or now_done
+    headers = [("eap-payload", answer.hex())]
+    key = ONE
+    if done:
+        headers += [("mip6-sas", "1"), ("mip6-suitelist", "{00,3C}")]
+        key = peer.msk()
+    return with_auth(lines(headers), key, b"MN", mn.cb), done
+
+
 def independent_bootstrap(lab: Lab, *, inner: str, outer: str) -> dict[str, str]:
     mn = RawMN(
         "127.0.0.1",
@@ -181,14 +197,8 @@ def independent_bootstrap(lab: Lab, *, inner: str, outer: str) -> dict[str, str]
         assert r.auth_ok(ONE, mn.cb) and r.headers["auth-method"] == "eap"
         done = False
         for _ in range(100):
-            answer, now_done = peer.answer(bytes.fromhex(r.headers["eap-payload"]))
-            done = done or now_done
-            headers = [("eap-payload", answer.hex())]
-            key = ONE
-            if done:
-                headers += [("mip6-sas", "1"), ("mip6-suitelist", "{00,3C}")]
-                key = peer.msk()
-            mn.send(with_auth(lines(headers), key, b"MN", mn.cb))
+            body, done = next_request(peer, r, mn, done)
+            mn.send(body)
             r = mn.recv()
             if "status-code" in r.headers:
                 break
@@ -218,3 +228,76 @@ def test_demo_auth_eap_tls() -> None:
     out = mipsec("demo", "--auth", "eap-tls", timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "EAP-TLS" in out.stdout and "status 0" in out.stdout
+
+
+def damaged_bootstrap(lab: Lab, rng: random.Random, inner: str) -> tuple[str, int | str, bool]:
+    """The independent MN's EAP-TLS bootstrap with one request damaged (one
+    octet flipped, or cut short; ``_flip`` of test_hac_rawmn): the Init, one
+    of the EAP rounds, or the Done -- whichever comes first of a random round
+    and the Done.  Returns (the HAC's answer to it, its round -- "done" for
+    the Done --, and for a 200 whether it verifies under the MN's own MSK)."""
+    mn = RawMN("127.0.0.1", lab.hac_port, lab.info["ca"], "hac.mipsec.test")
+    try:
+        peer = IndependentEapTls(lab, inner)
+        at = rng.randrange(8)
+        init = lines([("mn-id", MN_ID), ("mn-rand", os.urandom(32).hex()),
+                      ("auth-method", "eap")]) + b"\r\n"  # fmt: skip
+        if at == 0:
+            mn.send_raw(_flip(container(1, init), rng))
+            _half_close(mn)
+            return _final_or_close(mn), 0, False
+        mn.send(init)
+        r = mn.recv()
+        done = False
+        for i in range(1, 100):
+            body, done = next_request(peer, r, mn, done)
+            if i >= at or done:
+                mn.send_raw(_flip(container(mn.next_id, body), rng))
+                _half_close(mn)
+                try:
+                    r = mn.recv()
+                except (EOFError, ConnectionError, ssl.SSLError, OSError):
+                    return "closed", "done" if done else i, False
+                status = r.headers.get("status-code", "continue")
+                return (
+                    status,
+                    "done" if done else i,
+                    status == "200" and r.auth_ok(peer.msk(), mn.cb),
+                )
+            mn.send(body)
+            r = mn.recv()
+            assert "status-code" not in r.headers, r.headers
+        raise AssertionError("no Done within 100 rounds")
+    finally:
+        mn.close()
+
+
+@pytest.mark.parametrize("inner", ["1.2", "1.3"])
+def test_a_running_hac_answers_damaged_eap_requests(lab: Lab, start_hac: Any, inner: str) -> None:
+    """test_hac_rawmn's damaged-request check for EAP, over real TLS against a
+    real HAC process: 40 EAP-TLS conversations of the independent MN, each
+    with one request damaged.  The HAC answers each with a final 4xx/501 or a
+    non-final response (the damage left a valid request), or closes; a 200
+    only when it verifies under the MN's own MSK (the damage changed nothing
+    the HAC reads: the EAP-TLS property test's reserved bits); as many SAs
+    issued as 200s seen; no traceback; a genuine MN bootstraps afterwards."""
+    pin(lab, inner=inner, outer="1.3")
+    hac = start_hac(lab)
+    rng = random.Random(5216)
+    seen: dict[str, int] = {}
+    rounds: set[int | str] = set()
+    for _ in range(40):
+        status, at, verifies = damaged_bootstrap(lab, rng, inner)
+        assert status in ("200", "400", "401", "501", "continue", "closed"), status
+        if status == "200":
+            assert verifies, at
+        seen[status] = seen.get(status, 0) + 1
+        rounds.add(at)
+    assert {0, 1, 2, "done"} <= rounds, rounds  # the Init, EAP rounds and the Done were hit
+    assert seen.get("400", 0) + seen.get("401", 0) >= 10, seen
+    final = independent_bootstrap(lab, inner=inner, outer="1.3")
+    assert final["status-code"] == "200", final
+    hac.terminate()
+    log = hac.communicate(timeout=10)[0]
+    assert "Traceback" not in log and "Task exception" not in log
+    assert log.count("event=sa_issued") == seen.get("200", 0) + 1, (seen, log[-3000:])
