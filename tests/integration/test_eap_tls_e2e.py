@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 from conftest import Lab, edit_toml, mipsec
 from OpenSSL import SSL
+from rawha import binding_update, parse_ba
 from rawmn import RawMN, Response, container, lines, with_auth
 from test_hac_rawmn import _final_or_close, _flip, _half_close
+from test_interop_ha import raw_sa, udp
 
 ONE = b"1"
 MN_ID = "demo@mipsec.test"
@@ -82,12 +84,12 @@ def test_mn_refuses_an_eap_server_certificate_with_another_name(lab: Lab, start_
 class IndependentEapTls:
     """EAP-TLS peer on pyOpenSSL (RFC 5216 / RFC 9190), written from the RFCs."""
 
-    def __init__(self, lab: Lab, tls: str) -> None:
+    def __init__(self, lab: Lab, tls: str, cert: str | None = None, key: str | None = None) -> None:
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_max_proto_version(SSL.TLS1_3_VERSION if tls == "1.3" else SSL.TLS1_2_VERSION)
-        ctx.use_certificate_file(lab.info["mn"]["cert"])
-        ctx.use_privatekey_file(lab.info["mn"]["key"])
+        ctx.use_certificate_file(cert or lab.info["mn"]["cert"])
+        ctx.use_privatekey_file(key or lab.info["mn"]["key"])
         ctx.load_verify_locations(lab.info["eap"]["ca"])
         ctx.set_verify(SSL.VERIFY_PEER, lambda *a: bool(a[-1]))
         self.conn = SSL.Connection(ctx, None)
@@ -98,6 +100,7 @@ class IndependentEapTls:
         self.inbuf = b""
         self.handshake_done = False
         self.committed = False  # RFC 9190: the server's 0x00 application data
+        self.alert: str | None = None  # the server's TLS alert, as pyOpenSSL reports it
 
     def _pump(self) -> None:
         try:
@@ -132,15 +135,21 @@ class IndependentEapTls:
         flags, body = req[5], req[6:]
         if flags & 0x80:
             body = body[4:]
-        if flags & 0x20:  # Start
-            self._pump()
-        elif body or not self.out:
-            self.inbuf += body
-            if flags & 0x40:
-                return resp(b"\x00"), False  # ACK a server fragment
-            self.conn.bio_write(self.inbuf)
-            self.inbuf = b""
-            self._pump()
+        try:
+            if flags & 0x20:  # Start
+                self._pump()
+            elif body or not self.out:
+                self.inbuf += body
+                if flags & 0x40:
+                    return resp(b"\x00"), False  # ACK a server fragment
+                self.conn.bio_write(self.inbuf)
+                self.inbuf = b""
+                self._pump()
+        except SSL.Error as exc:
+            # The server's TLS alert (RFC 5216 §2.1.3): answer with an empty
+            # EAP-TLS Response; the server then ends with EAP-Failure.
+            self.alert = str(exc)
+            return resp(b"\x00"), False
         if self.out:  # send (the next fragment of) our flight
             first, piece = len(self.out), self.out[:1000]
             self.out = self.out[1000:]
@@ -166,21 +175,31 @@ class IndependentEapTls:
         return bytes(self.conn.export_keying_material(b"client EAP encryption", 128, None))[:64]
 
 
-def next_request(peer: IndependentEapTls, r: Response, mn: RawMN, done: bool) -> tuple[bytes, bool]:
+def next_request(
+    peer: IndependentEapTls, r: Response, mn: RawMN, done: bool, *, done_key: bytes | None = None
+) -> tuple[bytes, bool]:
     """The MN's next request for the HAC's response ``r``: its EAP answer,
     keyed with ``1`` -- or, once the method is done, the Done (suites, keyed
-    with the MSK; PROFILE §4 items 4-5).  Returns it and whether it is the Done."""
+    with the MSK -- or ``done_key``, to test a wrong one; PROFILE §4 items
+    4-5).  Returns it and whether it is the Done."""
     answer, now_done = peer.answer(bytes.fromhex(r.headers["eap-payload"]))
     done = done or now_done
     headers = [("eap-payload", answer.hex())]
     key = ONE
     if done:
         headers += [("mip6-sas", "1"), ("mip6-suitelist", "{00,3C}")]
-        key = peer.msk()
+        key = peer.msk() if done_key is None else done_key
     return with_auth(lines(headers), key, b"MN", mn.cb), done
 
 
-def independent_bootstrap(lab: Lab, *, inner: str, outer: str) -> dict[str, str]:
+def independent_bootstrap(
+    lab: Lab,
+    *,
+    inner: str,
+    outer: str,
+    peer: IndependentEapTls | None = None,
+    done_key: bytes | None = None,
+) -> dict[str, str]:
     mn = RawMN(
         "127.0.0.1",
         lab.hac_port,
@@ -190,14 +209,14 @@ def independent_bootstrap(lab: Lab, *, inner: str, outer: str) -> dict[str, str]
     )
     try:
         assert mn.version == f"TLSv{outer}"
-        peer = IndependentEapTls(lab, inner)
+        peer = peer or IndependentEapTls(lab, inner)
         mn.send(lines([("mn-id", MN_ID), ("mn-rand", os.urandom(32).hex()),
                        ("auth-method", "eap")]) + b"\r\n")  # fmt: skip
         r = mn.recv()
         assert r.auth_ok(ONE, mn.cb) and r.headers["auth-method"] == "eap"
         done = False
         for _ in range(100):
-            body, done = next_request(peer, r, mn, done)
+            body, done = next_request(peer, r, mn, done, done_key=done_key)
             mn.send(body)
             r = mn.recv()
             if "status-code" in r.headers:
@@ -222,6 +241,20 @@ def test_independent_mn_eap_tls(lab: Lab, start_hac: Any, inner: str, outer: str
     assert final["eap-payload"][:2] == "03"  # EAP-Success
     assert final["_auth_with_msk"] == "True" and final["_auth_with_one"] == "False"
     assert "mip6-spi" in final and "mip6-mn-to-ha-ikey" in final
+    # ... and registers with the HA under the SA it got (issue 7 "Done when").
+    sa = raw_sa(final, final["mip6-ciphersuite"])
+    hoa, haa = final["mip6-ip6-hoa"], final["mip6-haa-ip6"]
+    sock = udp()
+    try:
+        sock.sendto(sa.protect(binding_update(7, 25, hoa, haa)), ("127.0.0.1", lab_ha_port(lab)))
+        _seq, nh, mh = sa.unprotect(sock.recvfrom(2048)[0])
+    finally:
+        sock.close()
+    assert nh == 135 and parse_ba(mh) == {"status": 0, "k": 0, "sequence": 7, "lifetime": 25}
+
+
+def lab_ha_port(lab: Lab) -> int:
+    return int(lab.info["ha"]["port"])
 
 
 def test_demo_auth_eap_tls() -> None:
