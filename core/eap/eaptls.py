@@ -53,6 +53,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ssl_ffi
 from OpenSSL._util import lib as _ssl_lib
 
 from mipsec.core.eap.method import (
@@ -191,6 +192,48 @@ def _verify_dispatch(
     return machine._on_verify(cert, errnum, depth, bool(ok))
 
 
+def _verify_raw(ok: int, store_ctx: Any) -> int:
+    """OpenSSL's verify callback: pyOpenSSL's own wrapper (``_VerifyHelper``,
+    pyOpenSSL 26), plus one thing it cannot do.
+
+    When our check refuses a certificate whose chain OpenSSL accepted (the
+    identity policy, the SAN rules), pyOpenSSL returns 0 and leaves the
+    verify error at X509_V_OK, which OpenSSL turns into an internal_error
+    alert -- "an error unrelated to the peer" (RFC 8446 §6.2), which is
+    wrong.  X509_V_ERR_CERT_REJECTED makes it bad_certificate, the alert
+    OpenSSL itself sends for a name mismatch.  Never raises: any error
+    refuses the certificate.
+    """
+    try:
+        x509 = _ssl_lib.X509_STORE_CTX_get_current_cert(store_ctx)
+        _ssl_lib.X509_up_ref(x509)
+        cert = crypto.X509._from_raw_x509_ptr(x509)
+        errnum = _ssl_lib.X509_STORE_CTX_get_error(store_ctx)
+        depth = _ssl_lib.X509_STORE_CTX_get_error_depth(store_ctx)
+        index = _ssl_lib.SSL_get_ex_data_X509_STORE_CTX_idx()
+        conn = SSL.Connection._reverse_mapping[
+            _ssl_lib.X509_STORE_CTX_get_ex_data(store_ctx, index)
+        ]
+        accepted = _verify_dispatch(conn, cert, errnum, depth, ok)
+    except Exception:
+        accepted = False
+    if accepted:
+        _ssl_lib.X509_STORE_CTX_set_error(store_ctx, _ssl_lib.X509_V_OK)
+        return 1
+    if ok:
+        _ssl_lib.X509_STORE_CTX_set_error(store_ctx, _ssl_lib.X509_V_ERR_CERT_REJECTED)
+    return 0
+
+
+# Module-level: the callback must outlive every context that points at it.
+_VERIFY_CALLBACK = _ssl_ffi.callback("int (*)(int, X509_STORE_CTX *)", _verify_raw)
+
+
+def _set_verify(ctx: SSL.Context, mode: int) -> None:
+    """``ctx.set_verify(mode, _verify_dispatch)``, with the alert fixed (``_verify_raw``)."""
+    _ssl_lib.SSL_CTX_set_verify(ctx._context, mode, _VERIFY_CALLBACK)
+
+
 def _check_cipher_policy(ctx: SSL.Context) -> None:
     # As core/tls.py does for the stdlib: the selection string must not
     # silently widen beyond ECDHE + AEAD on an OpenSSL that parses it otherwise.
@@ -280,7 +323,7 @@ def make_context(
         mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
     else:
         mode = SSL.VERIFY_PEER
-    ctx.set_verify(mode, _verify_dispatch)
+    _set_verify(ctx, mode)
     # Last: pyOpenSSL freezes a context once a connection was made from it.
     _check_cipher_policy(ctx)
     return ctx

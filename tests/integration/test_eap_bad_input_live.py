@@ -227,10 +227,9 @@ def test_expired_mn_certificate_is_401(lab: Lab, hac: Any, tmp_path: Path) -> No
 
 
 def test_mn_certificate_of_another_identity_is_401(lab: Lab, hac: Any, tmp_path: Path) -> None:
-    # The alert is internal_error: the identity policy refuses in pyOpenSSL's
-    # verify callback, which cannot set the certificate error OpenSSL maps
-    # to an alert (README, EAP-TLS).  The HAC's log line gives the reason.
-    final = _with_cert(lab, _mn_cert(tmp_path, lab, "other@mipsec.test"), "internal error")
+    # bad_certificate: the identity policy refused a chain OpenSSL accepted
+    # (core/eap/eaptls.py _verify_raw; it was internal_error before).
+    final = _with_cert(lab, _mn_cert(tmp_path, lab, "other@mipsec.test"), "bad certificate")
     assert final["status-code"] == "401" and final["eap-payload"][:2] == "04"
     assert any("reason=" in e and f"mn_id={MN_ID}" in e and "401" in e for e in events(hac))
 
