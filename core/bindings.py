@@ -408,6 +408,14 @@ class BindingCache:
                 f"binding cache schema version {found} not supported (expected {SCHEMA_VERSION})"
             )
 
+    @staticmethod
+    def exists_in(conn: sqlite3.Connection) -> bool:
+        """Whether ``conn``'s file already holds a shared binding cache."""
+        row = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'binding_cache_version'"
+        ).fetchone()
+        return row is not None
+
     def _init_shared_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute(_VERSION_SHARED)
         rows = conn.execute("SELECT version, ha_id FROM binding_cache_version").fetchall()

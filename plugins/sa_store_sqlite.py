@@ -1380,6 +1380,22 @@ class SQLiteSAStore:
             return view.count_by_ha()
         return self._count_by_ha_sql(now)
 
+    def has_live(self, now: datetime, ha_ids: Sequence[str]) -> bool:
+        """Whether a live SA is stored for one of ``ha_ids``: one indexed
+        look, no live view built (the HA asks it once, at start).  False for
+        a store check-config has not created (no table yet)."""
+        if not self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'issued_sa'"
+        ).fetchone():
+            return False
+        marks = ", ".join("?" for _ in ha_ids)
+        row = self._conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM issued_sa WHERE validity_end > ? "  # noqa: S608
+            f"AND ha_id IN ({marks}))",
+            (_timestamp(now, "now"), *ha_ids),
+        ).fetchone()
+        return bool(row[0])
+
     def _count_by_ha_sql(self, now: datetime) -> dict[str, int]:
         rows = self._conn.execute(
             "SELECT ha_id, COUNT(*) FROM issued_sa WHERE validity_end > ? GROUP BY ha_id",

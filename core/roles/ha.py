@@ -226,6 +226,10 @@ class HaService:
                 self.bindings = self._bindings_in_store(config_file, check_only)
             else:
                 bindings_path = cfg.bindings.path
+                if bindings_path is not None and (
+                    not bindings_path.exists() or bindings_path.stat().st_size == 0
+                ):
+                    self._no_replay_state(config_file, "bindings.path")
                 if check_only and bindings_path is not None and not bindings_path.exists():
                     bindings_path = None  # a start creates it: check-config does not
                 self.bindings = BindingCache(
@@ -298,6 +302,8 @@ class HaService:
         except ValueError as exc:  # StoreOptionError: a memory store
             why = f"sa_store backend {self.cfg.sa_store.backend!r}: {exc}"
             raise ConfigError(config_file, "bindings.in_sa_store", why) from None
+        if not BindingCache.exists_in(conn):
+            self._no_replay_state(config_file, "bindings.in_sa_store")
         if check_only:
             return BindingCache()  # check-config creates no tables
         self._one_commit = begin
@@ -307,6 +313,32 @@ class HaService:
             shared=conn,
             owner=self.cfg.ha.id,
         )
+
+    def _no_replay_state(self, config_file: str, key: str) -> None:
+        """The binding cache is about to be created, empty: refuse if the SA
+        store already holds live SAs of this HA.
+
+        Their replay state (sequence floors, out-marks, withdrawals) lived in
+        the binding cache they were stored with -- a file lost, or a switch
+        between ``path`` and ``in_sa_store``.  Starting anyway would take
+        them back as new SAs: packets captured before would be accepted
+        again (issue 6: every anti-replay fact survives a restart).
+        """
+        now = utcnow()
+        mine = (self.cfg.ha.id, "")  # "" : an SA stored without an HA id
+        has_live = getattr(self.store, "has_live", None)
+        if has_live is not None:
+            held = bool(has_live(now, mine))
+        else:
+            held = any(n for ha_id, n in self.store.count_by_ha(now).items() if ha_id in mine)
+        if held:
+            raise ConfigError(
+                config_file,
+                key,
+                "the SA store holds live SAs of this HA, but their binding cache (replay "
+                "state) is not there: restore the binding cache they were stored with, or "
+                "start with an empty SA store",
+            )
 
     # ------------------------------------------------------------ lifecycle
 

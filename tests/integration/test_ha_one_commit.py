@@ -203,3 +203,59 @@ def test_in_sa_store_needs_a_store_with_a_file(tmp_path: Path) -> None:
                 "bindings": {"in_sa_store": True, "path": str(tmp_path / "b.sqlite")},
             }
         )
+
+
+def own_file_config(tmp_path: Path, ha_id: str = "ha1") -> HAConfig:
+    cfg = in_store_config(tmp_path, ha_id)
+    bindings = {"path": str(tmp_path / "bindings.sqlite")}
+    return HAConfig.model_validate({**cfg.model_dump(mode="json"), "bindings": bindings})
+
+
+def _install_one(cfg: HAConfig, issued: Any) -> None:
+    async def main() -> None:
+        svc = HaService(cfg)
+        await svc.start()
+        try:
+            await svc.install_sa(issued)
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+REFUSED = (
+    "the SA store holds live SAs of this HA, but their binding cache (replay state) is not "
+    "there: restore the binding cache they were stored with, or start with an empty SA store"
+)
+
+
+def test_switching_to_in_sa_store_with_live_sas_is_refused(tmp_path: Path) -> None:
+    """The SAs' replay state is in the old file: starting with new, empty
+    tables would take them back as new SAs and accept replays."""
+    _install_one(own_file_config(tmp_path), make_issued(spi=0xA001))
+    with pytest.raises(ConfigError) as err:
+        HaService(in_store_config(tmp_path), "ha.toml")
+    assert str(err.value) == f"ha.toml: bindings.in_sa_store: {REFUSED}"
+
+
+def test_switching_back_to_a_file_or_losing_it_is_refused(tmp_path: Path) -> None:
+    _install_one(in_store_config(tmp_path), make_issued(spi=0xA002))
+    with pytest.raises(ConfigError) as err:
+        HaService(own_file_config(tmp_path), "ha.toml")
+    assert str(err.value) == f"ha.toml: bindings.path: {REFUSED}"
+    # A binding cache file of its own, lost: the same.
+    other = tmp_path / "other"
+    other.mkdir()
+    _install_one(own_file_config(other), make_issued(spi=0xA003))
+    (other / "bindings.sqlite").unlink()
+    with pytest.raises(ConfigError, match="bindings.path: the SA store holds live SAs"):
+        HaService(own_file_config(other), "ha.toml")
+
+
+def test_a_new_binding_cache_next_to_another_has_sas_is_fine(tmp_path: Path) -> None:
+    """Only this HA's SAs count: a store shared with the HAC (model 1) may
+    hold other HAs' SAs, whose replay state is theirs."""
+    _install_one(own_file_config(tmp_path, "ha2"), make_issued(spi=0xA004, ha_id="ha2"))
+    (tmp_path / "bindings.sqlite").unlink()
+    svc = HaService(in_store_config(tmp_path, "ha1"))
+    svc.store.close()
