@@ -72,6 +72,7 @@ from typing import Generic, Literal, TypeVar
 
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
+from mipsec.core.sqlitetx import table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
 
 __all__ = ["SCHEMA_VERSION", "Binding", "BindingCache", "DeadSpi", "DeletedBinding"]
@@ -151,6 +152,13 @@ _SELECT = (
     "SELECT hoa, coa_host, coa_port, spi, sequence, lifetime, expires_at, ip4_hoa, mn_seq "
     "FROM binding"
 )
+
+
+def _create_tables(conn: sqlite3.Connection) -> None:
+    for stmt in _SCHEMA.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
 
 _K = TypeVar("_K", int, str)
 _V = TypeVar("_V")
@@ -361,13 +369,8 @@ class BindingCache:
 
     def _load(self, conn: sqlite3.Connection) -> None:
         """Create or check the schema on ``conn``, read every row, keep ``conn``."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_transaction(conn):
             self._init_schema(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
         for row in conn.execute(_SELECT).fetchall():
             self._index(Binding(*row))
         for spi, until, digest, dead, out_mark, in_floor, data_mark in conn.execute(
@@ -393,9 +396,7 @@ class BindingCache:
             self._init_shared_schema(conn)
             return
         conn.execute(_VERSION_OWN)
-        for stmt in _SCHEMA.split(";"):
-            if stmt.strip():
-                conn.execute(stmt)
+        _create_tables(conn)
         rows = conn.execute("SELECT version FROM schema_version").fetchall()
         if not rows:
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -411,18 +412,13 @@ class BindingCache:
     @staticmethod
     def exists_in(conn: sqlite3.Connection) -> bool:
         """Whether ``conn``'s file already holds a shared binding cache."""
-        row = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'binding_cache_version'"
-        ).fetchone()
-        return row is not None
+        return table_exists(conn, "binding_cache_version")
 
     def _init_shared_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute(_VERSION_SHARED)
         rows = conn.execute("SELECT version, ha_id FROM binding_cache_version").fetchall()
         if not rows:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
+            _create_tables(conn)
             conn.execute(
                 "INSERT INTO binding_cache_version (version, ha_id) VALUES (?, ?)",
                 (SCHEMA_VERSION, self._owner),

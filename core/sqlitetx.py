@@ -1,4 +1,5 @@
-"""One SQLite transaction on an autocommit connection, never left open."""
+"""SQLite helpers shared by the stores: one transaction on an autocommit
+connection, never left open; whether a table exists."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator
 
-__all__ = ["transaction"]
+__all__ = ["table_exists", "transaction"]
 
 
 @contextlib.contextmanager
@@ -31,3 +32,11 @@ def transaction(
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+
+
+def table_exists(conn: sqlite3.Connection, name: str) -> bool:
+    """Whether ``conn``'s main database has a table ``name``."""
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return row is not None

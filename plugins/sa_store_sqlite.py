@@ -64,6 +64,7 @@ from mipsec.core.keywrap import (
 )
 from mipsec.core.model import SPI_MAX, SPI_MIN, BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.secretfiles import check_private, check_private_sqlite
+from mipsec.core.sqlitetx import table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
 from mipsec.core.suites import Suite
 from mipsec.plugins._options import parse_options, resolve_path
@@ -1384,9 +1385,7 @@ class SQLiteSAStore:
         """Whether a live SA is stored for one of ``ha_ids``: one indexed
         look, no live view built (the HA asks it once, at start).  False for
         a store check-config has not created (no table yet)."""
-        if not self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'issued_sa'"
-        ).fetchone():
+        if not table_exists(self._conn, "issued_sa"):
             return False
         marks = ", ".join("?" for _ in ha_ids)
         row = self._conn.execute(
