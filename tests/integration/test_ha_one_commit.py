@@ -12,6 +12,7 @@ dead in memory, and the records the failed flush had written queued again.
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -257,5 +258,11 @@ def test_a_new_binding_cache_next_to_another_has_sas_is_fine(tmp_path: Path) -> 
     hold other HAs' SAs, whose replay state is theirs."""
     _install_one(own_file_config(tmp_path, "ha2"), make_issued(spi=0xA004, ha_id="ha2"))
     (tmp_path / "bindings.sqlite").unlink()
-    svc = HaService(in_store_config(tmp_path, "ha1"))
-    svc.store.close()
+    svc = HaService(in_store_config(tmp_path, "ha1"))  # not refused
+    try:
+        assert svc.bindings.shared and len(svc.bindings) == 0
+        store: Any = svc.store
+        now = datetime.now(UTC)
+        assert store.has_live(now, ("ha2",)) and not store.has_live(now, ("ha1", ""))
+    finally:
+        svc.store.close()
