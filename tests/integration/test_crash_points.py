@@ -468,3 +468,66 @@ def test_ha_killed_inside_a_bursts_one_transaction(lab: Lab, ha_proc: HaProcess)
     finally:
         hac.close()
     assert held_by_ha(lab) == []
+
+
+def _tables(path: Path) -> set[str]:
+    rows = query(path, "SELECT name FROM sqlite_master WHERE type = 'table'")
+    return {str(r[0]) for r in rows}
+
+
+_BINDING_TABLES = {"binding", "spi_state", "deleted_binding", "binding_cache_version"}
+
+
+@pytest.mark.parametrize(
+    "nth",
+    [
+        "1",  # the version table made, the others not yet
+        "1+",  # every table made, the version row not yet written, no COMMIT
+    ],
+)
+def test_ha_killed_while_it_makes_the_shared_tables_at_first_start(
+    lab: Lab, ha_proc: HaProcess, nth: str
+) -> None:
+    """``[bindings] in_sa_store``: at its first start the HA makes the binding
+    cache's tables in the SA store's file, in one transaction.  SIGKILL in
+    the middle of it leaves none of them (the store's own tables, committed
+    before, stay), and the next start makes them all, owned by this HA, and
+    serves: an SA installed then registers with BA 0."""
+    store = lab.dir / "ha-sa.sqlite"
+    assert not store.exists()
+    target = "mipsec.core.bindings:_create_tables"
+    run = subprocess.run(
+        [*CRASHPOINT, target, nth, "--", "--role", "ha", "--config", lab.info["ha"]["config"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert run.returncode == -9, run.stdout + run.stderr
+    when = "after" if nth.endswith("+") else "at"
+    assert f"SIGKILL {when} call 1 of {target}" in run.stdout
+    tables = _tables(store)
+    assert "issued_sa" in tables  # the store's own schema, committed before
+    assert not tables & _BINDING_TABLES, tables  # nothing of the interrupted transaction
+
+    ha_proc.start()
+    assert _BINDING_TABLES <= _tables(store)
+    assert query(store, "SELECT version, ha_id FROM binding_cache_version") == [(2, "ha1")]
+    port = ha_proc.port
+    issued, raw = _sa(0x5101, "2001:db8:1::20")
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(encode_install(issued))
+        assert hac.answers(1) == [200]
+    finally:
+        hac.close()
+    assert _registers(raw, "2001:db8:1::20", 1, port) == 0
+    assert held_by_ha(lab) == [0x5101]
+    # And the restart after a clean stop finds the tables it made: no second set.
+    ha_proc.stop()
+    ha_proc.start()
+    assert query(store, "SELECT version, ha_id FROM binding_cache_version") == [(2, "ha1")]
+    assert _registers(raw, "2001:db8:1::20", 2, port) == 0
+    # The BU Sequence # it accepted survived: the same number again is 135
+    # (Sequence number out of window, RFC 6275 §9.5.1).
+    assert _registers(raw, "2001:db8:1::20", 2, port) == 135
