@@ -66,10 +66,10 @@ import math
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
+from mipsec.core.addrtext import packed_from_text
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
 from mipsec.core.sqlitetx import table_exists
@@ -292,7 +292,7 @@ def _row(b: Binding) -> tuple[object, ...]:
 
 
 def _packed(address: str) -> bytes:
-    return ip_address(address).packed
+    return packed_from_text(address)
 
 
 class BindingCache:

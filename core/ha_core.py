@@ -114,6 +114,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any, TypeAlias
 
+from mipsec.core.addrtext import ip_text
 from mipsec.core.bindings import Binding, BindingCache
 from mipsec.core.errors import LocalProtocolError, MobilityHeaderError, PacketError
 from mipsec.core.model import IssuedSA
@@ -394,7 +395,7 @@ class _SAEntry:
         self.ip4_hoa = bs.ip4_hoa
         self.ip4_hnp: IPv4Network | None = bs.ip4_hnp
         hoa = bs.ip6_hoa if bs.ip6_hoa is not None else bs.ip4_hoa
-        self.hoa: str | None = None if hoa is None else str(hoa)
+        self.hoa: str | None = None if hoa is None else ip_text(hoa)
         # PROFILE §8: pseudo-header of the equivalent native packet, with the
         # provisioned mip6-haa-ip6 and "::" where an address is unknown --
         # never the HA's own configured address: the MN computes the checksum
@@ -514,7 +515,7 @@ class HaCore:
             # reservation and guard what the earlier run accepted.
             out_seq = out_mark = bindings.out_mark(spi) or 0
             hoa = issued.bootstrap.ip6_hoa or issued.bootstrap.ip4_hoa
-            in_floor = bindings.replay_floor(spi, None if hoa is None else str(hoa))
+            in_floor = bindings.replay_floor(spi, None if hoa is None else ip_text(hoa))
             data_mark = bindings.data_mark(spi) or 0
             data_floor = data_mark - 1
         else:

@@ -52,6 +52,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
+from mipsec.core.addrtext import ip4_from_text, ip6_from_text, ip_text
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
 from mipsec.core.hoa_table import HoATable
@@ -278,21 +279,26 @@ def _text(value: object | None) -> str | None:
     hit = _text_by_id.get(id(value))
     if hit is not None and hit[0] is value:
         return hit[1]
-    text: str = _memo(_text_cache, value, lambda: str(value))
+    text: str = _memo(
+        _text_cache,
+        value,
+        lambda: ip_text(value) if isinstance(value, IPv4Address | IPv6Address) else str(value),
+    )
     if len(_text_by_id) >= _CACHE_MAX:
         _text_by_id.clear()
     _text_by_id[id(value)] = (value, text)
     return text
 
 
-def _opt(cls: Callable[[str], _T], value: str | None) -> _T | None:
-    # Parsing an address text costs ~2 us and every row holds up to eight of
-    # them, mostly the same few (HA, DNS, home prefix): reading an SA back
-    # (supersede, retire, withdraw) would spend more on ipaddress than on SQL.
-    # The objects are immutable, so one may be shared by many SAs.
+def _opt(parse: Callable[[str], _T], value: str | None) -> _T | None:
+    # Parsing an address text costs ~2 us in ipaddress (under 1 us with
+    # core/addrtext.py) and every row holds up to eight of them, mostly the
+    # same few (HA, DNS, home prefix): reading an SA back (supersede, retire,
+    # withdraw) would spend more on parsing than on SQL.  The objects are
+    # immutable, so one may be shared by many SAs.
     if value is None:
         return None
-    return _memo(_addr_cache, (cls, value), lambda: cls(value))  # type: ignore[no-any-return]
+    return _memo(_addr_cache, (parse, value), lambda: parse(value))  # type: ignore[no-any-return]
 
 
 def _head(issued: IssuedSA) -> tuple[Any, ...]:
@@ -347,15 +353,15 @@ def _from_row(row: tuple[Any, ...], keys: tuple[bytes, bytes, bytes, bytes]) -> 
         ha_id=ha_id,
     )
     bootstrap = BootstrapData(
-        haa_ip6=_opt(IPv6Address, haa_ip6),
-        haa_ip4=_opt(IPv4Address, haa_ip4),
+        haa_ip6=_opt(ip6_from_text, haa_ip6),
+        haa_ip4=_opt(ip4_from_text, haa_ip4),
         port=port,
-        ip6_hoa=_opt(IPv6Address, ip6_hoa),
-        ip4_hoa=_opt(IPv4Address, ip4_hoa),
+        ip6_hoa=_opt(ip6_from_text, ip6_hoa),
+        ip4_hoa=_opt(ip4_from_text, ip4_hoa),
         ip6_hnp=_opt(IPv6Network, ip6_hnp),
         ip4_hnp=_opt(IPv4Network, ip4_hnp),
-        dns_ip6=_opt(IPv6Address, dns_ip6),
-        dns_ip4=_opt(IPv4Address, dns_ip4),
+        dns_ip6=_opt(ip6_from_text, dns_ip6),
+        dns_ip4=_opt(ip4_from_text, dns_ip4),
     )
     return IssuedSA(sa=sa, bootstrap=bootstrap)
 
