@@ -1,0 +1,166 @@
+"""How long ``mipsec --role ha`` takes to start with N SAs and N bindings, against an empty HA.
+
+    python bench/ha_start.py [--n 100000] [--quick] [--runs 2]
+
+Two labs are made in a temp dir (``mipsec init``: the HA keeps its binding
+cache in its SA store's SQLite file, ``[bindings] in_sa_store``).  Before the
+HA starts, one store is filled with a single SA (the probe) and the other
+with the probe and N - 1 more, each with its binding (registered, BU
+Sequence # 1) and its replay records (``spi_state``) -- what an HA holding N
+registered MNs leaves on disk.  They are written the way the HA writes them
+(``SQLiteSAStore.add_bulk``, then ``HaCore.install_sa`` and one flush of the
+``BindingCache`` on the store's connection).
+
+Measured for each, alternately (``--runs`` times, best kept):
+
+* start -> first BA: from spawning ``mipsec --role ha`` until the probe MN's
+  refresh BU (Sequence # 2, protected under its SA) gets a BA that passes the
+  MN's checks (ESP, MH checksum, status 0, its sequence).  The BU is re-sent
+  every 10 ms until then, so this is the time until the HA has loaded
+  everything and serves;
+* RSS of the HA at that moment.
+
+Figures and the ratio N / empty are printed, never judged.  ``--quick`` is
+N = 10,000.  The bench stops the HAs it started and removes its temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bootstrap import _mipsec_cmd
+from ha import HAA, _issue, _Mn  # a sibling script: the same SAs, MNs and BA checks
+from scale import _rss, mipsec_init
+
+from mipsec.core.bindings import Binding, BindingCache
+from mipsec.core.ha_core import HaCore
+from mipsec.core.model import IssuedSA
+from mipsec.core.suites import Suite
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
+
+SPI_BASE = 4096
+RESEND = 0.01  # seconds between the probe's BUs while the HA starts
+START_LIMIT = 300.0  # seconds: an HA not serving by then is a failure
+
+
+def make_lab(root: Path, n: int) -> tuple[Path, IssuedSA, int]:
+    """A ``mipsec init`` lab whose HA store holds ``n`` SAs and bindings; the
+    probe's SA (the first) and the HA's UDP port."""
+    lab = root / f"ha-{n}"
+    info = mipsec_init(lab)
+    ha_toml = lab / "ha.toml"
+    text = ha_toml.read_text()
+    # The bench's SAs name HAA as their HA address (the MH checksum uses it).
+    old = 'address6 = "::1"'
+    if old not in text:
+        raise RuntimeError(f"{ha_toml}: no {old!r} to replace")
+    ha_toml.write_text(text.replace(old, f'address6 = "{HAA}"'))
+    issued = _issue(Suite.AES_128_CBC_SHA256, n, SPI_BASE)
+    store = SQLiteSAStore(lab / "ha-sa.sqlite", key_file=lab / "ha-sa.key")
+    try:
+        store.add_bulk(issued)
+        cache = BindingCache(shared=store.shared_connection(), owner="ha1")
+        core = HaCore("ha1", HAA, bindings=cache)
+        now = time.time()
+        for x in issued:
+            core.install_sa(x, now=now)
+            cache.put(
+                Binding(str(x.bootstrap.ip6_hoa), "127.0.0.1", 20000, x.sa.spi, 1, 3600,
+                        now + 3600, None, 0)
+            )  # fmt: skip
+        with store.transaction():
+            cache.flush()
+        cache.close()
+    finally:
+        store.close()
+    return lab, issued[0], int(info["ha"]["port"])
+
+
+def start_to_ba(lab: Path, probe_sa: IssuedSA, port: int) -> tuple[float, int]:
+    """Seconds from spawning the HA to the probe's first valid BA; its RSS then."""
+    # A new MN end each start: every start begins from the same files, so the
+    # HA's HA->MN ESP counter resumes at the same mark, and an MN end that
+    # saw the previous start's BA would take this one for a replay.
+    probe = _Mn(probe_sa)
+    log = (lab / "ha-bench.log").open("wb")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(RESEND)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [*_mipsec_cmd(None), "--role", "ha", "--config", str(lab / "ha.toml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        while True:
+            if proc.poll() is not None:
+                tail = (lab / "ha-bench.log").read_text()[-2000:]
+                raise RuntimeError(f"the HA exited ({proc.returncode}): {tail}")
+            if time.monotonic() - t0 > START_LIMIT:
+                raise RuntimeError(f"no BA within {START_LIMIT:.0f} s")
+            sock.sendto(probe.bu(2), ("127.0.0.1", port))
+            try:
+                datagram = sock.recv(2048)
+            except (TimeoutError, ConnectionRefusedError):
+                continue
+            if probe.ba_ok(datagram, 2):
+                return time.monotonic() - t0, _rss(proc.pid)
+            raise RuntimeError("the probe's BU got an answer that is not a valid BA")
+    finally:
+        sock.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=100_000, help="SAs and bindings (100000)")
+    p.add_argument("--quick", action="store_true", help="N = 10000")
+    p.add_argument("--runs", type=int, default=2, help="starts of each HA, best kept (2)")
+    args = p.parse_args(argv)
+    n = 10_000 if args.quick else args.n
+    root = Path(tempfile.mkdtemp(prefix="mipsec-ha-start-"))
+    try:
+        t = time.monotonic()
+        labs = {size: make_lab(root, size) for size in (1, n)}
+        print(f"filled the HA stores (1 and {n:,} SAs + bindings) in {time.monotonic() - t:.1f} s")
+        best: dict[int, tuple[float, int]] = {}
+        for _ in range(args.runs):
+            for size, (lab, probe, port) in labs.items():
+                # Each start is a fresh copy: a start rewrites nothing it
+                # loads, but the previous run's refresh would change the probe.
+                run = root / "run"
+                shutil.rmtree(run, ignore_errors=True)
+                shutil.copytree(lab, run)
+                seconds, rss = start_to_ba(run, probe, port)
+                if size not in best or seconds < best[size][0]:
+                    best[size] = (seconds, rss)
+        (s0, r0), (sn, rn) = best[1], best[n]
+        print(f"{'':>22} | {'empty (1 SA)':>14} | {f'{n:,} SAs':>14} | ratio")
+        print(f"{'start -> first BA (s)':>22} | {s0:14.2f} | {sn:14.2f} | {sn / s0:5.2f}")
+        print(f"{'HA RSS then (MB)':>22} | {r0 / 1e6:14.1f} | {rn / 1e6:14.1f} | {rn / r0:5.2f}")
+        per = (rn - r0) / (n - 1) / 1024
+        print(f"RSS per SA + binding: {per:.2f} KB; best of {args.runs} starts")
+        return 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
