@@ -21,6 +21,7 @@ registers with BA 0.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import ssl
@@ -524,7 +525,10 @@ def test_ha_killed_while_it_makes_the_shared_tables_at_first_start(
     assert _registers(raw, "2001:db8:1::20", 1, port) == 0
     assert held_by_ha(lab) == [0x5101]
     # And the restart after a clean stop finds the tables it made: no second set.
-    ha_proc.stop()
+    log = ha_proc.stop()
+    # The operator's line says what was loaded and how long the start took.
+    assert re.search(r"HA ha1: 0 SAs from the store, 0 bindings from the cache "
+                     r"\(start took \d+\.\d s\)", log)  # fmt: skip
     ha_proc.start()
     assert query(store, "SELECT version, ha_id FROM binding_cache_version") == [(2, "ha1")]
     assert _registers(raw, "2001:db8:1::20", 2, port) == 0
