@@ -56,6 +56,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ from mipsec.core.tls import (
 )
 from mipsec.core.tlsclient import TlsClient
 from mipsec.plugins.psk_auth import PskMethod
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rawclient import RawClient
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0
@@ -453,6 +457,7 @@ async def run(args: argparse.Namespace) -> int:
     levels = [int(x) for x in args.concurrency.split(",")]
     strict = args.tls12
     procs: list[subprocess.Popen[bytes]] = []
+    pools: list[ThreadPoolExecutor] = []
     with tempfile.TemporaryDirectory(prefix="mipsec-bench-") as tmp:
         root = Path(tmp)
         try:
@@ -490,8 +495,18 @@ async def run(args: argparse.Namespace) -> int:
             tls_port = _wait_for(r"READY (\d+)", tls_log.read_text, bare)
 
             ctx = mn_client_context(ca, strict_rfc6618=strict)
-            boot = Client(ctx, hac_port, server_name)
-            tls = Client(ctx, tls_port, server_name)
+            boot: Client | RawClient
+            tls: Client | RawClient
+            if args.client == "raw":
+                # PSK only: the independent MN speaks no EAP.
+                pool = ThreadPoolExecutor(max(levels), thread_name_prefix="raw-mn")
+                pools.append(pool)
+                boot = RawClient(ca, hac_port, server_name, pool)
+                tls = RawClient(ca, tls_port, server_name, pool)
+                args.psk_only = True
+            else:
+                boot = Client(ctx, hac_port, server_name)
+                tls = Client(ctx, tls_port, server_name)
             eap = Client(
                 ctx, hac_port, server_name, per_mn=eap_tls_factories(lab, creds), method_name="eap"
             )
@@ -518,6 +533,8 @@ async def run(args: argparse.Namespace) -> int:
                 return 1
             return 0
         finally:
+            for pool in pools:
+                pool.shutdown(wait=True)
             for p in procs:
                 _stop(p)
 
@@ -544,8 +561,13 @@ def _report(
         f"mipsec bootstrap bench: {tls_info}, {_key_info(cert_file)} server certificate, "
         f"{duration:g} s per figure"
     )
+    clients = (
+        "tests/integration/rawmn.py, the independent MN, one thread each"
+        if args.client == "raw"
+        else "asyncio, core/tlsclient.py + core/mn_exchange.py"
+    )
     print(
-        f"note: {cores} CPU cores; the clients (asyncio, this process) and the server "
+        f"note: {cores} CPU cores; the clients ({clients}; this process) and the server "
         "process compete for them, so every figure is client+server bound "
         f"(1-min load average at the end: {load:.2f})."
     )
@@ -576,7 +598,7 @@ def _report(
         ratio = b.rate / t.rate if t.rate else float("nan")
         eap_ratio = e.rate / t.rate if t.rate else float("nan")
         flags = ("" if ratio >= 0.7 else "  (PSK < 0.7)") + (
-            "" if eap_ratio >= 0.4 else "  (EAP-TLS < 0.4)"
+            "" if args.psk_only or eap_ratio >= 0.4 else "  (EAP-TLS < 0.4)"
         )
         server = f"{t.cpu_us(t.server_cpu):.0f} / {b.cpu_us(b.server_cpu):.0f} / " + (
             f"{e.cpu_us(e.server_cpu):.0f}"
@@ -584,9 +606,11 @@ def _report(
         client = f"{t.cpu_us(t.client_cpu):.0f} / {b.cpu_us(b.client_cpu):.0f} / " + (
             f"{e.cpu_us(e.client_cpu):.0f}"
         )
+        eap_rate = "-" if args.psk_only else f"{e.rate:.1f}"
+        eap_shown = "-" if args.psk_only else f"{eap_ratio:.2f}"
         print(
-            f"{n:>4} | {t.rate:>11.1f} | {b.rate:>11.1f} | {ratio:>5.2f} | {e.rate:>11.1f} | "
-            f"{eap_ratio:>5.2f} | {server:>24} | {client:>24}{flags}"
+            f"{n:>4} | {t.rate:>11.1f} | {b.rate:>11.1f} | {ratio:>5.2f} | {eap_rate:>11} | "
+            f"{eap_shown:>5} | {server:>24} | {client:>24}{flags}"
         )
     if args.provisioning == "tls":
         print()
@@ -648,6 +672,13 @@ def main(argv: list[str] | None = None) -> int:
         "--psk-only",
         action="store_true",
         help="skip the EAP-TLS figures (e.g. to profile the PSK path alone)",
+    )
+    p.add_argument(
+        "--client",
+        choices=("mipsec", "raw"),
+        default="mipsec",
+        help="the MN client: mipsec's own (default) or the test suite's independent "
+        "raw MN (tests/integration/rawmn.py; PSK only) for handshakes and bootstraps alike",
     )
     p.add_argument("--serve-tls", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -6,9 +6,13 @@ Issue 9's check "from outside": one ``mipsec init`` lab as an operator gets it
 (HAC and HA in their own processes, SAs provisioned over mutual TLS), with
 two changes an operator past a few thousand MNs makes (README "Scale"): the
 credentials in the SQLite backend and the IPv4 home-address pool widened to
-10.0.0.0/12.  The HAC and HA are real ``mipsec`` processes; the client is
+10.0.0.0/12.  The HAC and HA are real ``mipsec`` processes.  The client is
 bench/bootstrap.py's (what core/roles/mn.py does: TCP + TLS + certificate
-checks + PSK exchange + close).
+checks + PSK exchange + close), or with ``--client raw`` the independent MN
+of the test suite (tests/integration/rawmn.py: stdlib ``ssl``, ``hmac`` and
+hand-built octets, no mipsec code), one blocking connection per thread,
+``--concurrency`` threads; each of its bootstraps must end in a 200 whose
+``auth`` verifies under the MN's PSK.
 
 Then, with ``--concurrency`` MNs at a time:
 
@@ -37,6 +41,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +56,7 @@ from bootstrap import (  # a sibling script, not a package
     _wait_tcp,
     run_interruptible,
 )
+from rawclient import RawClient
 from scale import IP4_POOL, _fill_credentials, _make_lab  # the same lab changes
 
 from mipsec.core.tls import mn_client_context
@@ -81,7 +87,7 @@ class Failed(Exception):
 
 
 async def _bootstrap_all(
-    client: Client, mns: Sequence[MN], concurrency: int, pids: tuple[int, int]
+    client: Client | RawClient, mns: Sequence[MN], concurrency: int, pids: tuple[int, int]
 ) -> Figure:
     """Bootstrap each of ``mns`` once, ``concurrency`` at a time."""
     it = iter(mns)
@@ -111,6 +117,7 @@ async def run(args: argparse.Namespace) -> int:
         print("--n must be >= 2000 and --window <= 1000", file=sys.stderr)
         return 2
     procs: list[subprocess.Popen[bytes]] = []
+    pools: list[ThreadPoolExecutor] = []
     with tempfile.TemporaryDirectory(prefix="mipsec-growth-") as tmp:
         root = Path(tmp)
         try:
@@ -132,8 +139,14 @@ async def run(args: argparse.Namespace) -> int:
             hac = _spawn(hac_cmd, hac_log)
             procs.append(hac)
             port = _wait_for(r"HAC listening on 127\.0\.0\.1 port (\d+)", hac_log.read_text, hac)
-            ctx = mn_client_context(str(info["ca"]), strict_rfc6618=False)
-            client = Client(ctx, port, str(hac_info["server_name"]))
+            client: Client | RawClient
+            if args.client == "raw":
+                pool = ThreadPoolExecutor(args.concurrency, thread_name_prefix="raw-mn")
+                pools.append(pool)
+                client = RawClient(str(info["ca"]), port, str(hac_info["server_name"]), pool)
+            else:
+                ctx = mn_client_context(str(info["ca"]), strict_rfc6618=False)
+                client = Client(ctx, port, str(hac_info["server_name"]))
             pids = (hac.pid, ha.pid)
             c = args.concurrency
 
@@ -149,7 +162,7 @@ async def run(args: argparse.Namespace) -> int:
             await _bootstrap_all(client, mns[BASE : n - window], c, pids)
             at_n = await point(n, mns[n - window : n])
             fill_s = time.monotonic() - t_fill
-            _report(n, window, c, fill_s, at_base, at_n)
+            _report(n, window, c, fill_s, at_base, at_n, args.client)
             return 0
         except Failed as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -159,6 +172,8 @@ async def run(args: argparse.Namespace) -> int:
                     print(f"{name} tail:\n{log.read_text()[-2000:]}", file=sys.stderr)
             return 1
         finally:
+            for pool in pools:
+                pool.shutdown(wait=True)
             for p in procs:
                 _stop(p)
 
@@ -170,11 +185,14 @@ def _report(
     fill_s: float,
     at_base: tuple[Figure, Figure],
     at_n: tuple[Figure, Figure],
+    client: str,
 ) -> None:
+    who = "tests/integration/rawmn.py (independent)" if client == "raw" else "bench/bootstrap.py's"
     print(
         f"mipsec growth bench: default mipsec init lab (HA in its own process, TLS "
         f"provisioning), SQLite credentials, IPv4 pool {IP4_POOL}; {concurrency} MNs at a "
-        f"time, {window} bootstraps per figure; {n} MNs bootstrapped in {fill_s:.1f} s"
+        f"time, {window} bootstraps per figure; {n} MNs bootstrapped in {fill_s:.1f} s; "
+        f"client: {who}"
     )
     print(
         f"note: {os.cpu_count()} CPU cores shared by the clients (this process), the HAC and "
@@ -204,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16, help="MNs at a time (16)")
     p.add_argument("--window", type=int, default=1_000, help="bootstraps per figure (1000)")
     p.add_argument("--quick", action="store_true", help="N = 2500, window 500 (CI)")
+    p.add_argument(
+        "--client",
+        choices=("mipsec", "raw"),
+        default="mipsec",
+        help="bench/bootstrap.py's client (default) or the independent raw MN of the tests",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.concurrency <= 200:
         p.error("--concurrency: between 1 and 200")
