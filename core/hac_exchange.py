@@ -42,6 +42,7 @@ from mipsec.core.errors import ContainerError, HeaderError, LocalProtocolError, 
 from mipsec.core.hookspecs import CredentialBackend
 from mipsec.core.issuer import sa_headers, select_suite
 from mipsec.core.model import IssuedSA
+from mipsec.core.nai import nai_key
 from mipsec.core.suites import DEFAULT_ALLOWED, Suite
 from mipsec.core.wire.container import (
     IDENTIFIER_MAX,
@@ -295,7 +296,12 @@ class HacExchange:
             return self._final(BAD_REQUEST, reason="bad-init")
         if msg.mip6_sas is not None or msg.suitelist is not None:
             return self._final(BAD_REQUEST, reason="done-before-init")
-        self.mn_id = msg.mn_id
+        # Everything per MN is bound to the NAI's canonical form (PROFILE §4
+        # item 8, RFC 7542 §2.4: the realm is case-insensitive), so a change
+        # of case is the same MN -- its cap, its home address, a revocation.
+        # The method sees mn-id as sent: its identity checks apply the
+        # configured policy (``exact`` or ``nai``) to what the MN said.
+        self.mn_id = nai_key(msg.mn_id)
         name = self.policy.choose_method(msg.mn_id, msg.auth_method, self._methods)
         if name is None:
             return self._final(NOT_IMPLEMENTED, reason="no-acceptable-method")

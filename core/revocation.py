@@ -5,6 +5,11 @@ atomically (temporary file + rename, mode 0600) on every change, so a crash
 leaves either the old list or the new one, never half of either; it is read
 once at start.  A file that cannot be read is an error at start (fail
 closed: a HAC that forgot its revocations would let revoked MNs back in).
+
+Identities are kept and looked up under their canonical form
+(:func:`mipsec.core.nai.nai_key`: the realm is case-insensitive), so a revoked
+MN does not come back by changing the case of its realm; a file written
+before that is read the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from mipsec.core.errors import ConfigError
 from mipsec.core.fsutil import PRIVATE_FILE, write_file
+from mipsec.core.nai import nai_key
 
 VERSION = 1
 
@@ -42,10 +48,13 @@ class RevocationList:
             raise ConfigError(
                 config_file, "revocations.path", f"{str(path)!r} is not a revocation list"
             ) from None
-        self._revoked = dict(revoked)
+        canonical: dict[str, str] = {}
+        for k, v in sorted(revoked.items(), key=lambda kv: kv[1]):
+            canonical.setdefault(nai_key(k), v)  # spellings of one MN: the earliest
+        self._revoked = canonical
 
     def __contains__(self, mn_id: object) -> bool:
-        return mn_id in self._revoked
+        return isinstance(mn_id, str) and nai_key(mn_id) in self._revoked
 
     def __len__(self) -> int:
         return len(self._revoked)
@@ -55,6 +64,7 @@ class RevocationList:
 
     def add(self, mn_id: str) -> bool:
         """Revoke ``mn_id`` (persisted before this returns); False if it already was."""
+        mn_id = nai_key(mn_id)
         if mn_id in self._revoked:
             return False
         since = datetime.now(UTC).replace(microsecond=0).isoformat()
@@ -62,6 +72,7 @@ class RevocationList:
         return True
 
     def remove(self, mn_id: str) -> bool:
+        mn_id = nai_key(mn_id)
         if mn_id not in self._revoked:
             return False
         self._save({k: v for k, v in self._revoked.items() if k != mn_id})

@@ -32,9 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from mipsec.core.fsutil import create_private
 from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.nai import nai_key
 from mipsec.core.secretfiles import check_private_sqlite
 from mipsec.plugins._options import parse_options, resolve_path
-from mipsec.plugins.cred_toml import MIN_PASSPHRASE, nai_key, short_passphrase
+from mipsec.plugins.cred_toml import MIN_PASSPHRASE, short_passphrase
 
 log = logging.getLogger("mipsec.plugins.cred_sqlite")
 

@@ -40,7 +40,6 @@ import functools
 import logging
 import os
 import tomllib
-import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.nai import nai_key  # re-exported: the lookup key (was defined here)
 from mipsec.core.secretfiles import check_private
 from mipsec.plugins._options import error_text, parse_options, resolve_path
 
@@ -74,15 +74,6 @@ def short_passphrase(passphrase: str, mn_id: str) -> str | None:
         "test guesses offline; use psk_hex with 32 random octets, or set "
         "allow_short_passphrase = true in [credentials]"
     )
-
-
-def nai_key(mn_id: str) -> str:
-    """Lookup key of an NAI: NFC, realm lower-cased when ASCII (RFC 7542 §2.1, §3)."""
-    nfc = unicodedata.normalize("NFC", mn_id)
-    user, at, realm = nfc.rpartition("@")
-    if not at or not realm.isascii():
-        return nfc
-    return f"{user}@{realm.lower()}"
 
 
 class _Entry(BaseModel):

@@ -26,6 +26,7 @@ from mipsec.core.errors import ConfigError
 from mipsec.core.hookspecs import hookimpl
 from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
+from mipsec.core.nai import nai_key
 from mipsec.core.outage import cause
 from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
 from mipsec.core.roles.hac import HacService, hac_policy
@@ -300,6 +301,8 @@ class HacOps:
 
     async def sas(self, args: Mapping[str, Any]) -> dict[str, Any]:
         mn_id = arg_str(args, "mn_id", required=False)
+        if mn_id is not None:
+            mn_id = nai_key(mn_id)  # the form SAs are bound to (core/nai.py)
         now = utcnow()
         by_spi = self.tracker.by_spi
         listing = getattr(self.svc.store, "live_listing", None)
@@ -321,8 +324,11 @@ class HacOps:
     async def revoke(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """Refuse the MN from now on (persisted first), end its exchanges in
         progress, and withdraw every live SA it holds from its HA."""
-        mn_id = arg_str(args, "mn_id")
-        assert mn_id is not None
+        given = arg_str(args, "mn_id")
+        assert given is not None
+        # SAs and exchanges are bound to the canonical form (core/nai.py); an
+        # SA stored before that under the spelling given is found too.
+        mn_id = nai_key(given)
         svc = self.svc
         try:
             added = svc.revocations.add(mn_id)
@@ -337,7 +343,9 @@ class HacOps:
                 ended += 1
         withdrawn = []
         unrecorded = []
-        for issued in svc.store.live_for_mn(mn_id, utcnow()):
+        now = utcnow()
+        held = [i for key in dict.fromkeys((mn_id, given)) for i in svc.store.live_for_mn(key, now)]
+        for issued in held:
             sa = issued.sa
             try:
                 if svc.retire(sa.spi, "revoked"):
@@ -377,8 +385,9 @@ class HacOps:
         return out
 
     async def unrevoke(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        mn_id = arg_str(args, "mn_id")
-        assert mn_id is not None
+        given = arg_str(args, "mn_id")
+        assert given is not None
+        mn_id = nai_key(given)
         try:
             removed = self.svc.revocations.remove(mn_id)
         except OSError as exc:

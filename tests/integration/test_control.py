@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import LAUNCHER, Lab, edit_toml, free_port, mipsec, wait_port
-from rawmn import RawMN, lines, with_auth
+from rawmn import RawMN, lines, psk_bootstrap, with_auth
 
 from mipsec.core.config import MNConfig, load_config
 from mipsec.core.roles.mn import Registrar, bootstrap
@@ -293,6 +293,43 @@ def test_revoke_withdraws_refuses_until_unrevoke_and_persists(lab: Lab, roles: R
     # revoke is the HAC's: the HA refuses it by name.
     out = ctl("revoke", "--config", ha_cfg(lab), MN_ID)
     assert out.returncode == 1 and "not available on the ha" in out.stderr
+
+
+def _raw_psk(lab: Lab, mn_id: str) -> tuple[str, dict[str, str]]:
+    """One PSK bootstrap by the independent MN (rawmn.py) as ``mn_id``:
+    the final status and headers (verified under the PSK when 200)."""
+    raw = RawMN("127.0.0.1", lab.hac_port, lab.info["ca"], "hac.mipsec.test")
+    try:
+        _, final = psk_bootstrap(raw, mn_id, lab.psk)
+        status = final.headers["status-code"]
+        if status == "200":
+            assert final.auth_ok(lab.psk, raw.cb)
+        return status, final.headers
+    finally:
+        raw.close()
+
+
+def test_a_realm_in_another_case_is_the_same_mn(lab: Lab, roles: Roles) -> None:
+    """RFC 7542 §2.4, PROFILE §4 item 8: ``demo@MIPSEC.TEST`` is the MN
+    ``demo@mipsec.test`` (its credential is found under the same key), so
+    its SA is bound to the canonical NAI: a second spelling supersedes the
+    first SA (same home address, one live SA, ``max_sas_per_mn = 1``) and a
+    revocation holds whatever the case of the realm."""
+    roles.start("ha")
+    roles.start("hac")
+    status, first = _raw_psk(lab, MN_ID)
+    assert status == "200"
+    status, second = _raw_psk(lab, "demo@MIPSEC.TEST")
+    assert status == "200"
+    assert second["mip6-ip6-hoa"] == first["mip6-ip6-hoa"]
+    sas = ctl_json("sas", "--config", hac_cfg(lab), "--mn-id", "demo@Mipsec.Test")["sas"]
+    assert [(r["mn_id"], r["spi"]) for r in sas] == [(MN_ID, int(second["mip6-spi"]))]
+    out = ctl("revoke", "--config", hac_cfg(lab), "demo@MIPSEC.test")
+    assert out.returncode == 0, out.stderr
+    assert ctl_json("sas", "--config", hac_cfg(lab))["sas"] == []
+    for spelling in (MN_ID, "demo@MIPSEC.TEST", "demo@mipsec.TEST"):
+        assert _raw_psk(lab, spelling)[0] == "401", spelling
+    assert f"mn_id={MN_ID} revoked" in roles.log("hac")
 
 
 # ------------------------------------------------------------ reload

@@ -168,6 +168,23 @@ def test_revocation_list_persists_atomically(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["revoked.json"]  # no temporary left
 
 
+def test_a_revocation_holds_for_every_spelling_of_the_realm(tmp_path: Path) -> None:
+    """RFC 7542 §2.4: the realm is case-insensitive, so ``a@X.Example`` is the
+    MN ``a@x.example``; the user part is not (``A@x.example`` is another MN)."""
+    path = tmp_path / "revoked.json"
+    rl = RevocationList(path)
+    assert rl.add("a@X.Example")
+    for spelling in ("a@x.example", "a@X.EXAMPLE", "a@X.Example"):
+        assert spelling in rl and spelling in RevocationList(path)
+    assert "A@x.example" not in rl
+    assert not rl.add("a@x.EXAMPLE")  # already revoked
+    assert list(RevocationList(path).items()) == ["a@x.example"]
+    assert rl.remove("a@x.example") and "a@X.Example" not in RevocationList(path)
+    # A file written before the canonical form: read the same way.
+    path.write_text('{"version": 1, "revoked": {"b@Y.org": "2026-01-02T00:00:00+00:00"}}')
+    assert "b@y.ORG" in RevocationList(path)
+
+
 def test_revocation_list_unreadable_fails_closed(tmp_path: Path) -> None:
     path = tmp_path / "revoked.json"
     path.write_text('{"version": 1, "revoked": ["a"]}')

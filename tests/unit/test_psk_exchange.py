@@ -17,6 +17,7 @@ from mipsec.core.hookspecs import PluginContext
 from mipsec.core.issuer import new_sa, utcnow
 from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
 from mipsec.core.model import BootstrapData, IssuedSA
+from mipsec.core.nai import nai_key
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.wire.container import encode_container
 from mipsec.core.wire.message import decode_message
@@ -296,6 +297,10 @@ def hac_reads(data: bytes, *, ignore: tuple[str, ...] = ()) -> tuple[bytes, obje
         return None
     for name in ignore:
         setattr(msg, name, None)
+    if msg.mn_id is not None:
+        # The HAC binds the MN by the NAI's canonical form (core/nai.py):
+        # ``alice@Home.example`` is ``alice@home.example`` (RFC 7542 §2.4).
+        msg.mn_id = nai_key(msg.mn_id)
     return data[:2], msg
 
 
@@ -400,3 +405,32 @@ def test_a_tampered_hac_response_never_gives_the_mn_an_sa(
         assert isinstance(out[0], SendRequest)
         assert n == 1  # the Done; only after a first response it accepted
         data = out[0].data
+
+
+def test_the_sa_is_bound_to_the_canonical_nai() -> None:
+    """PROFILE §4 item 8 and RFC 7542 §2.4: a realm spelt in another case is
+    the same MN -- its credential is found under the same key, and the SA
+    (with everything the HAC keys per MN) is bound to the canonical form, so
+    that a spelling cannot buy a second SA, home address or a way past a
+    revocation."""
+
+    class NaiCreds(Creds):  # as the credential back ends look identities up
+        def get_psk(self, mn_id: str) -> bytes | None:
+            return self.table.get(nai_key(mn_id))
+
+    mn = make_mn(mn_id="alice@HOME.Example")
+    hac = HacExchange(
+        cb_octets=CB,
+        methods={"psk": PSK_SERVER},
+        credentials=NaiCreds({MN_ID: PSK}),
+        standin_key=secrets.token_bytes(32),
+        policy=HacPolicy(allowed_suites=ALL),
+    )
+    events = hac.receive_data(mn.start())
+    step = [e for e in events if isinstance(e, Send)]
+    assert step and not step[0].close
+    for ev in mn.receive_data(step[0].data):
+        assert isinstance(ev, SendRequest)
+        issue = [e for e in hac.receive_data(ev.data) if isinstance(e, IssueSA)]
+        assert len(issue) == 1 and issue[0].mn_id == MN_ID  # alice@home.example
+    assert hac.mn_id == MN_ID

@@ -1,0 +1,27 @@
+"""The canonical form of an NAI, the one key an MN's identity has everywhere.
+
+RFC 7542 §2.4: the realm is case-insensitive; §2.1 and §3: compare in
+Unicode NFC.  So ``alice@Home.Example`` and ``alice@home.example`` are one
+MN.  The credential back ends look identities up under this key, and the
+HAC binds what it does per MN to it (PROFILE §4 item 8: the SA, the home
+address, the per-MN SA cap, revocations, log lines): were those keyed by the
+text as sent, one MN could hold a home address and an SA per spelling of its
+realm, past ``max_sas_per_mn``, and a revoked MN could come back by changing
+the case of its realm.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+__all__ = ["nai_key"]
+
+
+def nai_key(mn_id: str) -> str:
+    """NFC, realm lower-cased when it is ASCII (a non-ASCII realm is left as
+    it is: its case mapping is the IDNA's business, not a lower())."""
+    nfc = unicodedata.normalize("NFC", mn_id)
+    user, at, realm = nfc.rpartition("@")
+    if not at or not realm.isascii():
+        return nfc
+    return f"{user}@{realm.lower()}"
