@@ -288,6 +288,12 @@ class HaService:
         self._checkpoint_outage = Outage(log, "binding cache checkpoint")
         self._expiry_outage = Outage(log, "expiry run")
         self._to_discard: list[int] = []  # withdrawn, out of the store soon (_withdrawn)
+        # A delete that failed (full disk) is retried by the expiry run until
+        # it works, not left to the next start: the store then holds only
+        # what is live here once the outage ends.
+        self._discard_outage = Outage(
+            log, "removing withdrawn SAs from the store", "they are withdrawn already; retried"
+        )
 
     def _bindings_in_store(self, config_file: str, check_only: bool) -> BindingCache:
         """The binding cache in the SA store's own file (``[bindings] in_sa_store``)."""
@@ -915,16 +921,22 @@ class HaService:
                 self.store.remove(spi)
 
     def _discard_now(self) -> None:
-        """The store forgets the SAs withdrawn since the last call (see ``_withdrawn``)."""
+        """The store forgets the SAs withdrawn since the last call (see ``_withdrawn``).
+
+        On a failure they are withdrawn already (durable record), so nothing
+        is at risk: they stay queued, and the expiry run and the next
+        withdrawal try again (a restart removes them too).
+        """
         spis, self._to_discard = self._to_discard, []
         if not spis:
             return
         try:
             self._discard(spis)
-        except Exception as exc:  # withdrawn already (durable record): removed at the next start
-            log.warning(
-                "cannot remove %d withdrawn SAs from the store: %s", len(spis), type(exc).__name__
-            )
+        except Exception as exc:
+            self._to_discard = spis + self._to_discard
+            self._discard_outage.failed(cause(exc), logging.WARNING)
+        else:
+            self._discard_outage.worked()
 
     # ------------------------------------------------------------ timers
 
@@ -952,6 +964,7 @@ class HaService:
         for ev in events:
             self._log_binding(ev)
         self._flush()
+        self._discard_now()  # a delete that failed earlier (see _discard_now)
         try:
             self.bindings.checkpoint()
         except (sqlite3.Error, OSError) as exc:
