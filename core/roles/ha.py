@@ -924,8 +924,9 @@ class HaService:
         """The store forgets the SAs withdrawn since the last call (see ``_withdrawn``).
 
         On a failure they are withdrawn already (durable record), so nothing
-        is at risk: they stay queued, and the expiry run and the next
-        withdrawal try again (a restart removes them too).
+        is at risk: they stay queued for the next expiry run (or an install
+        under one of their SPIs, which deletes first); a restart removes them
+        too.
         """
         spis, self._to_discard = self._to_discard, []
         if not spis:
