@@ -287,9 +287,11 @@ def _sa(spi: int, hoa: str) -> tuple[IssuedSA, RawSA]:
     return issued, raw
 
 
-def _registers(raw: RawSA, hoa: str, seq: int, port: int) -> int:
-    """The BA status for a BU under ``raw``; -1 when the HA stays silent."""
-    bu = raw.protect(binding_update(seq, 25, hoa, "::1"))
+def _bu_answer(raw: RawSA, hoa: str, seq: int, lifetime_units: int, port: int) -> tuple[int, int]:
+    """A BU under ``raw`` with the lifetime given (units of 4 s): (BA status,
+    the ESP Sequence Number of the HA's answer); (-1, -1) when the HA stays
+    silent."""
+    bu = raw.protect(binding_update(seq, lifetime_units, hoa, "::1"))
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.bind(("127.0.0.1", 0))
@@ -298,12 +300,17 @@ def _registers(raw: RawSA, hoa: str, seq: int, port: int) -> int:
         try:
             pkt, _ = s.recvfrom(2048)
         except TimeoutError:
-            return -1
-        _seq, nh, mh = raw.unprotect(pkt)
+            return -1, -1
+        esp_seq, nh, mh = raw.unprotect(pkt)
         assert nh == 135
-        return int(parse_ba(mh)["status"])
+        return int(parse_ba(mh)["status"]), esp_seq
     finally:
         s.close()
+
+
+def _registers(raw: RawSA, hoa: str, seq: int, port: int) -> int:
+    """The BA status for a BU under ``raw``; -1 when the HA stays silent."""
+    return _bu_answer(raw, hoa, seq, 25, port)[0]
 
 
 class _AsHac:
@@ -471,6 +478,32 @@ def test_ha_killed_inside_a_bursts_one_transaction(lab: Lab, ha_proc: HaProcess)
     assert held_by_ha(lab) == []
 
 
+def _installed(lab: Lab, port: int, spi: int, hoa: str) -> RawSA:
+    """Install an SA on the HA (as its HAC would) and return the MN's side of it."""
+    issued, raw = _sa(spi, hoa)
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(encode_install(issued))
+        assert hac.answers(1) == [200]
+    finally:
+        hac.close()
+    return raw
+
+
+def _ha_killed_at_start(lab: Lab, target: str, nth: str) -> None:
+    """Start the lab's HA with a crash point that fires during its start."""
+    run = subprocess.run(
+        [*CRASHPOINT, target, nth, "--", "--role", "ha", "--config", lab.info["ha"]["config"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert run.returncode == -9, run.stdout + run.stderr
+    when = "after" if nth.endswith("+") else "at"
+    assert f"SIGKILL {when} call 1 of {target}" in run.stdout
+
+
 def _tables(path: Path) -> set[str]:
     rows = query(path, "SELECT name FROM sqlite_master WHERE type = 'table'")
     return {str(r[0]) for r in rows}
@@ -497,16 +530,7 @@ def test_ha_killed_while_it_makes_the_shared_tables_at_first_start(
     store = lab.dir / "ha-sa.sqlite"
     assert not store.exists()
     target = "mipsec.core.bindings:_create_tables"
-    run = subprocess.run(
-        [*CRASHPOINT, target, nth, "--", "--role", "ha", "--config", lab.info["ha"]["config"]],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert run.returncode == -9, run.stdout + run.stderr
-    when = "after" if nth.endswith("+") else "at"
-    assert f"SIGKILL {when} call 1 of {target}" in run.stdout
+    _ha_killed_at_start(lab, target, nth)
     tables = _tables(store)
     assert "issued_sa" in tables  # the store's own schema, committed before
     assert not tables & _BINDING_TABLES, tables  # nothing of the interrupted transaction
@@ -515,13 +539,7 @@ def test_ha_killed_while_it_makes_the_shared_tables_at_first_start(
     assert _BINDING_TABLES <= _tables(store)
     assert query(store, "SELECT version, ha_id FROM binding_cache_version") == [(2, "ha1")]
     port = ha_proc.port
-    issued, raw = _sa(0x5101, "2001:db8:1::20")
-    hac = _AsHac(lab, port)
-    try:
-        hac.send(encode_install(issued))
-        assert hac.answers(1) == [200]
-    finally:
-        hac.close()
+    raw = _installed(lab, port, 0x5101, "2001:db8:1::20")
     assert _registers(raw, "2001:db8:1::20", 1, port) == 0
     assert held_by_ha(lab) == [0x5101]
     # And the restart after a clean stop finds the tables it made: no second set.
@@ -535,3 +553,47 @@ def test_ha_killed_while_it_makes_the_shared_tables_at_first_start(
     # The BU Sequence # it accepted survived: the same number again is 135
     # (Sequence number out of window, RFC 6275 §9.5.1).
     assert _registers(raw, "2001:db8:1::20", 2, port) == 135
+
+
+@pytest.mark.parametrize(
+    ("target", "nth"),
+    [
+        ("mipsec.core.ha_core:HaCore.install_sa", "1"),  # loading: reads only so far
+        ("mipsec.core.bindings:BindingCache._write", "1"),  # the start's flush, nothing written
+        ("mipsec.core.bindings:BindingCache._write", "1+"),  # written, not committed
+    ],
+)
+def test_ha_killed_during_its_start_loses_no_replay_fact(
+    lab: Lab, ha_proc: HaProcess, target: str, nth: str
+) -> None:
+    """The HA's start loads every SA of its store (reads), then ends what
+    ended while it was down -- here a binding whose lifetime ran out -- in
+    one flush of the binding cache.  SIGKILL anywhere in that start leaves
+    the files as the last clean stop left them, and the next start expires
+    the binding itself.  The SA's anti-replay facts survive both starts: a
+    BU captured before is dropped unanswered, and the HA's next BA does not
+    reuse an ESP Sequence Number it sent before.  (With the binding gone, a
+    fresh BU may reuse its BU Sequence #: RFC 6275 §9.5.1 accepts any
+    number when the HA holds no binding for the home address.)"""
+    store = lab.dir / "ha-sa.sqlite"
+    hoa = "2001:db8:1::30"
+    ha_proc.start()
+    port = ha_proc.port
+    raw = _installed(lab, port, 0x5301, hoa)
+    status, ba_seq = _bu_answer(raw, hoa, 20, 1, port)  # a binding of 4 s
+    assert status == 0
+    captured = raw.protect(binding_update(20, 1, hoa, "::1"), seq=0)  # the BU, as sent
+    ha_proc.stop()
+    assert query(store, "SELECT count(*) FROM binding") == [(1,)]
+    time.sleep(4.5)  # the binding's lifetime runs out while the HA is down
+
+    _ha_killed_at_start(lab, target, nth)
+    assert query(store, "SELECT count(*) FROM binding") == [(1,)]  # nothing committed
+
+    ha_proc.start()
+    assert query(store, "SELECT count(*) FROM binding") == [(0,)]  # expired by this start
+    assert held_by_ha(lab) == [0x5301]
+    assert silent(captured, ("127.0.0.1", port))  # ESP anti-replay: sequence 0 was seen
+    status, next_ba_seq = _bu_answer(raw, hoa, 21, 25, port)
+    assert status == 0
+    assert next_ba_seq > ba_seq  # the HA's out-mark survived: no ESP sequence reused
