@@ -13,11 +13,18 @@ from typing import Any
 
 import pytest
 from aaalab import aaa_lab  # noqa: F401  (the real AAA lab, a session fixture: tests/aaalab.py)
+from hypothesis import HealthCheck, settings
 
 from mipsec.core import labsetup
 from mipsec.core.labsetup import port_open
 
 LAUNCHER = [sys.executable, "-m", "mipsec.core.cli"]
+
+# Tests assert no wall-clock times: hypothesis's per-example deadline and its
+# "too slow" health check are timings, and the suite runs its tests in
+# parallel workers (README), so a loaded machine would fail them at random.
+settings.register_profile("mipsec", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mipsec")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
