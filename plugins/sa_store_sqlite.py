@@ -64,6 +64,7 @@ from mipsec.core.keywrap import (
     read_key_file,
 )
 from mipsec.core.model import SPI_MAX, SPI_MIN, BootstrapData, IssuedSA, SecurityAssociation
+from mipsec.core.nai import nai_key
 from mipsec.core.secretfiles import check_private, check_private_sqlite
 from mipsec.core.sqlitetx import table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
@@ -1088,10 +1089,12 @@ class SQLiteSAStore:
             "FROM issued_sa WHERE validity_end > ?"
         )
         params: tuple[Any, ...] = (_timestamp(now, "now"),)
-        if mn_id is not None:
-            sql += " AND mn_id = ?"
-            params += (mn_id,)
-        return self._conn.execute(sql, params).fetchall()
+        if mn_id is None:
+            return self._conn.execute(sql, params).fetchall()
+        # Any spelling of the NAI, as ``live_for_nai``.
+        key = nai_key(mn_id)
+        rows = self._conn.execute(sql + " AND mn_id = ? COLLATE NOCASE", (*params, key))
+        return [r for r in rows if nai_key(r[1]) == key]
 
     def live_counts(self, now: datetime) -> list[tuple[str, int, int]]:
         """``(ha_id, suite, count)`` of the live SAs: ``status`` without a listing."""
@@ -1100,6 +1103,25 @@ class SQLiteSAStore:
             "GROUP BY ha_id, suite",
             (_timestamp(now, "now"),),
         ).fetchall()
+
+    def live_for_nai(self, mn_id: str, now: datetime) -> list[IssuedSA]:
+        """The live SAs stored under any spelling of the NAI ``mn_id``: every
+        ``mn_id`` whose canonical form (core/nai.py) is ``mn_id``'s, oldest first.
+
+        Optional, for operator commands (``mipsec revoke``, ``sas --mn-id``):
+        SAs issued before the HAC bound them to the canonical NAI (2026-12-04)
+        may be stored under another case of the realm, and a revocation must
+        reach them too.  ASCII case is folded in SQL (``COLLATE NOCASE``, which
+        no index serves: one scan of the table), then the user part is held to
+        its exact case again here.  Not on a bootstrap's path.
+        """
+        key = nai_key(mn_id)
+        rows = self._conn.execute(
+            f"SELECT {_READ} FROM issued_sa WHERE mn_id = ? COLLATE NOCASE "  # noqa: S608
+            "AND validity_end > ? ORDER BY validity_end, spi",
+            (key, _timestamp(now, "now")),
+        ).fetchall()
+        return self._decoded([r for r in rows if nai_key(r[_MN_ID]) == key])
 
     def live_for_mn(self, mn_id: str, now: datetime) -> list[IssuedSA]:
         """The live SAs of one MN, oldest first (validity end, then SPI)."""

@@ -344,7 +344,14 @@ class HacOps:
         withdrawn = []
         unrecorded = []
         now = utcnow()
-        held = [i for key in dict.fromkeys((mn_id, given)) for i in svc.store.live_for_mn(key, now)]
+        by_nai = getattr(svc.store, "live_for_nai", None)
+        if by_nai is not None:
+            # Every spelling of its realm, those stored before the canonical
+            # binding included (plugins/sa_store_sqlite.py).
+            held = by_nai(mn_id, now)
+        else:
+            keys = dict.fromkeys((mn_id, given))
+            held = [i for key in keys for i in svc.store.live_for_mn(key, now)]
         for issued in held:
             sa = issued.sa
             try:

@@ -20,6 +20,8 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,11 @@ from conftest import LAUNCHER, Lab, edit_toml, free_port, mipsec, wait_port
 from rawmn import RawMN, lines, psk_bootstrap, with_auth
 
 from mipsec.core.config import MNConfig, load_config
+from mipsec.core.issuer import new_sa
+from mipsec.core.model import BootstrapData, IssuedSA
 from mipsec.core.roles.mn import Registrar, bootstrap
+from mipsec.core.suites import Suite
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
 
 MN_ID = "demo@mipsec.test"
 
@@ -330,6 +336,38 @@ def test_a_realm_in_another_case_is_the_same_mn(lab: Lab, roles: Roles) -> None:
     for spelling in (MN_ID, "demo@MIPSEC.TEST", "demo@mipsec.TEST"):
         assert _raw_psk(lab, spelling)[0] == "401", spelling
     assert f"mn_id={MN_ID} revoked" in roles.log("hac")
+
+
+def test_revoke_reaches_an_sa_stored_under_an_older_spelling(lab: Lab, roles: Roles) -> None:
+    """SAs issued before the HAC bound them to the canonical NAI (2026-12-04)
+    may be stored under another case of the realm (here ``demo@MIPSEC.test``,
+    written by a second handle on the store, as an older HAC sharing it
+    would).  ``sas --mn-id`` lists it under any spelling, and a revocation
+    given in a third spelling withdraws it with the MN's current SA."""
+    roles.start("ha")
+    roles.start("hac")
+    status, current = _raw_psk(lab, MN_ID)
+    assert status == "200"
+    old_sa = new_sa(
+        spi=0x0ABCDE,
+        mn_id="demo@MIPSEC.test",
+        suite=Suite.AES_128_CBC_SHA256,
+        scope=1,
+        lifetime=600,
+        now=datetime.now(UTC),
+        ha_id="ha1",
+    )
+    other = SQLiteSAStore(lab.dir / "hac-sa.sqlite", key_file=lab.dir / "hac-sa.key")
+    try:
+        assert other.add(IssuedSA(old_sa, BootstrapData(ip6_hoa=IPv6Address("2001:db8:1::99"))))
+    finally:
+        other.close()
+    spis = sorted([0x0ABCDE, int(current["mip6-spi"])])
+    listed = ctl_json("sas", "--config", hac_cfg(lab), "--mn-id", "demo@Mipsec.Test")["sas"]
+    assert sorted(r["spi"] for r in listed) == spis
+    revoked = ctl_json("revoke", "--config", hac_cfg(lab), "demo@mipsec.TEST")
+    assert sorted(revoked["withdrawn"]) == spis
+    assert ctl_json("sas", "--config", hac_cfg(lab))["sas"] == []
 
 
 # ------------------------------------------------------------ reload

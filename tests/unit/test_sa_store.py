@@ -713,3 +713,28 @@ def test_a_failed_commit_leaves_no_transaction_open(store: SQLiteSAStore) -> Non
         assert [x.sa.spi for x in store.live(T0)] == [102]
     finally:
         store._conn = real
+
+
+def test_live_for_nai_finds_every_spelling_of_the_realm_only(store: SQLiteSAStore) -> None:
+    """SAs issued before the HAC bound them to the canonical NAI may be stored
+    under another case of the realm: ``live_for_nai`` (``mipsec revoke``,
+    ``sas --mn-id``) finds them, and never another user part's case."""
+    store.add(issued(0x101, mn_id="alice@HOME.example", hoa6="2001:db8:1::11"), now=T0)
+    store.add(issued(0x102, mn_id="alice@home.example", hoa6="2001:db8:1::12"), now=T0)
+    store.add(issued(0x103, mn_id="Alice@home.example", hoa6="2001:db8:1::13"), now=T0)
+    store.add(issued(0x104, mn_id="alice@home.example.net", hoa6="2001:db8:1::14"), now=T0)
+    store.add(
+        issued(0x105, mn_id="alice@Home.Example", hoa6="2001:db8:1::15", end=T0 + timedelta(1)),
+        now=T0,
+    )
+    for spelling in ("alice@home.example", "alice@HOME.EXAMPLE"):
+        found = store.live_for_nai(spelling, T0)
+        assert [i.sa.spi for i in found] == [0x101, 0x102, 0x105], spelling  # oldest first
+        assert found[0].sa.mn_id == "alice@HOME.example"  # as stored, keys and all
+        assert found[0].sa.mn_to_ha_ikey == IK1
+        listed = store.live_listing(T0, spelling)
+        assert sorted(r[0] for r in listed) == [0x101, 0x102, 0x105], spelling
+    assert [i.sa.spi for i in store.live_for_nai("Alice@home.example", T0)] == [0x103]
+    assert store.live_for_nai("alice@home.example", T0 + timedelta(hours=2)) == [
+        store.get(0x105, T0 + timedelta(hours=2))
+    ]
