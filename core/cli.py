@@ -151,6 +151,9 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
         raise
     _ready("hac", config_file)
     await stop.wait()
+    # Refuse new connections before STOPPING=1 and the "stopping" line say
+    # so: a supervisor (or a test) that acts on them finds the port closed.
+    service.stop_accepting()
     _stopping("hac")
     left = await service.drain(cfg.hac.drain_timeout)
     if left:

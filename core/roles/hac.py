@@ -316,6 +316,12 @@ class HacService:
         if self._listener is not None:
             await self._listener.serve_forever()
 
+    def stop_accepting(self) -> None:
+        """Close the listening sockets (new connections are refused); the
+        connections held go on.  Idempotent."""
+        if self._listener is not None:
+            self._listener.close()
+
     async def drain(self, timeout: float) -> int:
         """SIGTERM: stop accepting, let exchanges under way finish (up to
         ``timeout`` seconds), then return how many were still open.
@@ -323,8 +329,7 @@ class HacService:
         Only exchanges that have begun (an Init was read) are waited for; an
         idle connection would only hold the stop for the whole bound.
         """
-        if self._listener is not None:
-            self._listener.close()
+        self.stop_accepting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
 
