@@ -11,10 +11,17 @@ needs it starts one with ``../shared/aaa-lab/start-freeradius.sh`` (every
 port 0) and the session stops it at the end.  In CI (``CI=true``) a lab that
 cannot start is a failure; locally the tests skip only when the lab's
 packages cannot be installed (not root, no apt-get, apt-get failing).
+
+Under pytest-xdist (README's test command runs 4 workers) the workers share
+one lab: the first to need it starts it under a file lock (so apt-get, when
+the packages are missing, runs once and never in parallel with itself), the
+others read its ``lab.env``, and the controller stops it when the whole run
+ends (``stop_shared_lab``, called from tests/conftest.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -89,21 +96,16 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"AAA lab unavailable: {reason}")
 
 
-@pytest.fixture(scope="session")
-def aaa_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AaaLab]:
-    given = os.environ.get("MIPSEC_AAA_LAB_ENV")
-    if given:
-        path = Path(given)
-        if not path.is_file():
-            pytest.fail(f"MIPSEC_AAA_LAB_ENV={given}: no such file")
-        yield AaaLab(_parse_env(path.read_text()))
-        return
+SHARED = "aaa-lab-shared"  # under the run's base temp dir, above the workers' own
+
+
+def _start_lab(d: Path) -> dict[str, str]:
+    """Start the lab in ``d``; its ``lab.env`` contents (skip/fail when it cannot start)."""
     if not LAB_SCRIPT.is_file():
         _unavailable(f"{LAB_SCRIPT} not found")
     why = _cannot_install()
     if why is not None:
         _unavailable(why)
-    d = tmp_path_factory.mktemp("aaa-lab")
     env = dict(os.environ, AAA_LAB_AUTH_PORT="0", AAA_LAB_ACCT_PORT="0", AAA_LAB_AKA_PORT="0")
     out = subprocess.run(
         ["bash", str(LAB_SCRIPT), "start", str(d)],
@@ -116,7 +118,51 @@ def aaa_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AaaLab]:
         if "apt-get failed" in out.stderr and not _in_ci():
             pytest.skip(f"AAA lab packages could not be installed: {out.stderr[-500:]}")
         pytest.fail(f"AAA lab did not start (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return _parse_env(out.stdout)
+
+
+def _stop_lab(d: Path) -> None:
+    subprocess.run(["bash", str(LAB_SCRIPT), "stop", str(d)], capture_output=True, timeout=120)
+
+
+def _shared_lab(base: Path) -> AaaLab:
+    """The lab of every xdist worker of this run, started by the first to ask."""
+    d = base / SHARED
+    d.mkdir(exist_ok=True)
+    with (d / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        ready = d / "env"
+        if ready.is_file():
+            return AaaLab(_parse_env(ready.read_text()))
+        lab = d / "lab"
+        lab.mkdir(exist_ok=True)
+        env = _start_lab(lab)
+        ready.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        return AaaLab(env)
+
+
+def stop_shared_lab(base: Path) -> None:
+    """The controller's end of a parallel run: stop the workers' shared lab, if one started."""
+    lab = base / SHARED / "lab"
+    if (base / SHARED / "env").is_file():
+        _stop_lab(lab)
+
+
+@pytest.fixture(scope="session")
+def aaa_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AaaLab]:
+    given = os.environ.get("MIPSEC_AAA_LAB_ENV")
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            pytest.fail(f"MIPSEC_AAA_LAB_ENV={given}: no such file")
+        yield AaaLab(_parse_env(path.read_text()))
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The run's base temp dir is the parent of this worker's own.
+        yield _shared_lab(tmp_path_factory.getbasetemp().parent)
+        return
+    d = tmp_path_factory.mktemp("aaa-lab")
     try:
-        yield AaaLab(_parse_env(out.stdout))
+        yield AaaLab(_start_lab(d))
     finally:
-        subprocess.run(["bash", str(LAB_SCRIPT), "stop", str(d)], capture_output=True, timeout=120)
+        _stop_lab(d)

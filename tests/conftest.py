@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aaalab import aaa_lab  # noqa: F401  (the real AAA lab, a session fixture: tests/aaalab.py)
+from aaalab import (
+    aaa_lab,  # noqa: F401  (the real AAA lab, a session fixture: tests/aaalab.py)
+    stop_shared_lab,
+)
 from hypothesis import HealthCheck, settings
 
 from mipsec.core import labsetup
@@ -25,6 +28,15 @@ LAUNCHER = [sys.executable, "-m", "mipsec.core.cli"]
 # parallel workers (README), so a loaded machine would fail them at random.
 settings.register_profile("mipsec", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("mipsec")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The xdist controller (not a worker) stops the lab its workers shared."""
+    if hasattr(session.config, "workerinput"):
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and os.environ.get("MIPSEC_AAA_LAB_ENV") is None:
+        stop_shared_lab(factory.getbasetemp())
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
