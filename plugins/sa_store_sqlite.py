@@ -1084,17 +1084,13 @@ class SQLiteSAStore:
         loop for seconds.  A row altered on disk is listed as it reads; it is
         still refused wherever the SA is used (its keys fail to unwrap).
         """
-        sql = (
-            "SELECT spi, mn_id, ha_id, suite, scope, validity_end, ip6_hoa, ip4_hoa "
-            "FROM issued_sa WHERE validity_end > ?"
-        )
-        params: tuple[Any, ...] = (_timestamp(now, "now"),)
-        if mn_id is None:
-            return self._conn.execute(sql, params).fetchall()
-        # Any spelling of the NAI, as ``live_for_nai``.
-        key = nai_key(mn_id)
-        rows = self._conn.execute(sql + " AND mn_id = ? COLLATE NOCASE", (*params, key))
-        return [r for r in rows if nai_key(r[1]) == key]
+        columns = "spi, mn_id, ha_id, suite, scope, validity_end, ip6_hoa, ip4_hoa"
+        if mn_id is not None:
+            return self._live_rows_of_nai(columns, 1, mn_id, now)  # any spelling
+        return self._conn.execute(
+            f"SELECT {columns} FROM issued_sa WHERE validity_end > ?",  # noqa: S608
+            (_timestamp(now, "now"),),
+        ).fetchall()
 
     def live_counts(self, now: datetime) -> list[tuple[str, int, int]]:
         """``(ha_id, suite, count)`` of the live SAs: ``status`` without a listing."""
@@ -1115,13 +1111,18 @@ class SQLiteSAStore:
         no index serves: one scan of the table), then the user part is held to
         its exact case again here.  Not on a bootstrap's path.
         """
+        return self._decoded(self._live_rows_of_nai(_READ, _MN_ID, mn_id, now))
+
+    def _live_rows_of_nai(self, columns: str, mn_col: int, mn_id: str, now: datetime) -> list[Any]:
+        """``columns`` of the live rows whose ``mn_id`` (at ``mn_col``) is a
+        spelling of the NAI ``mn_id``, oldest first (see :meth:`live_for_nai`)."""
         key = nai_key(mn_id)
         rows = self._conn.execute(
-            f"SELECT {_READ} FROM issued_sa WHERE mn_id = ? COLLATE NOCASE "  # noqa: S608
+            f"SELECT {columns} FROM issued_sa WHERE mn_id = ? COLLATE NOCASE "  # noqa: S608
             "AND validity_end > ? ORDER BY validity_end, spi",
             (key, _timestamp(now, "now")),
-        ).fetchall()
-        return self._decoded([r for r in rows if nai_key(r[_MN_ID]) == key])
+        )
+        return [r for r in rows if nai_key(r[mn_col]) == key]
 
     def live_for_mn(self, mn_id: str, now: datetime) -> list[IssuedSA]:
         """The live SAs of one MN, oldest first (validity end, then SPI)."""
