@@ -107,6 +107,13 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     early_hup: list[bool] = []
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
+    # Stop handlers before the listener opens: a SIGTERM right after
+    # "listening" (a supervisor that stops what it just saw start) must still
+    # stop cleanly, not kill the process by the default action.
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     local_ha = None
     if cfg.local_ha is not None:
         # Deployment model 1: the HA runs in this process; the ``local``
@@ -121,10 +128,6 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     service = HacService(cfg, config_file=config_file)
     await service.start()
     ops = HacOps(service, config_file, HaOps(local_ha, config_file) if local_ha else None)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
     if early_hup:
@@ -223,6 +226,9 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
     await stop.wait()
     # Nothing to drain on the HA: each BU is answered only after its state
     # is committed (issue 6), so stopping between packets loses nothing.
+    # As on the HAC: the provisioning listener is closed before STOPPING=1
+    # says so (tests/integration/stopprobe.py).
+    service.stop_accepting()
     _stopping("ha")
     if control is not None:
         await control.stop()

@@ -451,6 +451,12 @@ class HaService:
         await server.start()
         self._provisioning = server
 
+    def stop_accepting(self) -> None:
+        """Close the provisioning listener (a HAC's new connection is
+        refused); connections held and the data plane go on.  Idempotent."""
+        if self._provisioning is not None:
+            self._provisioning.listener.close()
+
     async def stop(self) -> None:
         if self.dataplane is not None:
             self.dataplane.stop()

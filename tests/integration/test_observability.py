@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -235,3 +236,44 @@ def test_sigterm_drains_an_exchange_in_flight(lab: Lab, tmp_path: Path) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+STOPPROBE = [sys.executable, str(Path(__file__).with_name("stopprobe.py"))]
+
+
+@pytest.mark.parametrize("at_start", [False, True], ids=["serving", "at-start"])
+@pytest.mark.parametrize("role", ["hac", "ha"])
+def test_stopping_is_announced_with_the_listener_closed(
+    lab: Lab, role: str, at_start: bool
+) -> None:
+    """At the instant a role says STOPPING=1 (and "stopping" in its log) its
+    listening port already refuses connections: the HAC's MN port, the HA's
+    provisioning port.  tests/integration/stopprobe.py probes the port at
+    that instant exactly; without ``stop_accepting()`` first, the probe is
+    accepted.  ``at-start``: the SIGTERM comes the instant the port opened;
+    the role still stops cleanly (exit 0), not by the signal's default
+    action (the HAC did, once, with its handlers set after its listener)."""
+    port = int(lab.info[role]["port"])
+    out = lab.dir / f"{role}.probe.log"
+    env = dict(os.environ, MIPSEC_STOP_PROBE=f"127.0.0.1:{port}")
+    if at_start:
+        env["MIPSEC_TERM_AFTER_START"] = "1"
+    with out.open("ab") as f:
+        p = subprocess.Popen(
+            [*STOPPROBE, "--role", role, "--config", lab.info[role]["config"]],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        if not at_start:
+            wait_port(port, p)
+            p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0, out.read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    text = out.read_text()
+    assert "stop-probe: refused" in text, text
+    assert f"{role} stopped (mipsec " in text, text
