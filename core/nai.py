@@ -18,8 +18,13 @@ __all__ = ["nai_key"]
 
 
 def nai_key(mn_id: str) -> str:
-    """NFC, realm lower-cased when it is ASCII (a non-ASCII realm is left as
-    it is: its case mapping is the IDNA's business, not a lower())."""
+    """NFC, realm lower-cased when it is ASCII.
+
+    A non-ASCII realm is left as it is, on purpose: RFC 7542 §3 warns that
+    "almost all 'case insensitive' comparisons can be wrong" for them (the
+    mapping depends on locale: dotted and dotless i, sharp s) and allows
+    case-insensitive matching only "where the utf8-realm is entirely ASCII".
+    """
     nfc = unicodedata.normalize("NFC", mn_id)
     user, at, realm = nfc.rpartition("@")
     if not at or not realm.isascii():
