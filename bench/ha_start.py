@@ -21,7 +21,15 @@ Measured for each, alternately (``--runs`` times, best kept):
 * RSS of the HA at that moment.
 
 Figures and the ratio N / empty are printed, never judged.  ``--quick`` (CI)
-is N = 5,000 and one start each.  The bench stops the HAs it started and
+is N = 5,000 and one start each.
+
+``--kill F[,F...]``: after the measurement, the N-SA HA is killed (SIGKILL,
+no cleanup) at each fraction F of its measured start time -- while it loads
+its rows, flushes their records or opens its sockets -- and then started
+again on the same files.  For each kill the bench prints the restart's start
+-> first BA and what the restarted HA reports holding ("N SAs from the
+store, N bindings from the cache"); a restart that does not serve, or holds
+fewer than N, ends the bench with an error.  The bench stops the HAs it started and
 removes its temp dir.
 """
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -128,12 +137,59 @@ def start_to_ba(lab: Path, probe_sa: IssuedSA, port: int) -> tuple[float, int]:
         log.close()
 
 
+def _held(lab: Path) -> tuple[int, int]:
+    """The SAs and bindings the last HA start in ``lab`` reported loading."""
+    text = (lab / "ha-bench.log").read_text()
+    found = re.findall(r": (\d+) SAs from the store, (\d+) bindings from the cache", text)
+    if not found:
+        raise RuntimeError(f"no start report in the HA's log: {text[-2000:]}")
+    sas, bindings = found[-1]
+    return int(sas), int(bindings)
+
+
+def killed_starts(
+    lab: Path, probe: IssuedSA, port: int, n: int, start: float, fractions: list[float]
+) -> None:
+    """SIGKILL the N-SA HA at each fraction of its start, then start it again."""
+    print(f"SIGKILL during the start of the {n:,}-SA HA, then a restart on the same files:")
+    print(f"{'kill at (s)':>12} | {'restart -> first BA (s)':>23} | {'SAs held':>9} | bindings")
+    for fraction in fractions:
+        run = lab.parent / "killed"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(lab, run)
+        with (run / "ha-bench.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [*_mipsec_cmd(None), "--role", "ha", "--config", str(run / "ha.toml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        at = fraction * start
+        time.sleep(at)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the HA exited ({proc.returncode}) before its kill at {at:.2f} s")
+        proc.kill()
+        proc.wait(timeout=30)
+        seconds, _ = start_to_ba(run, probe, port)
+        sas, bindings = _held(run)
+        print(f"{at:12.2f} | {seconds:23.2f} | {sas:9,} | {bindings:,}")
+        if sas != n or bindings != n:
+            raise RuntimeError(f"the restart after a kill at {at:.2f} s holds {sas} SAs, "
+                               f"{bindings} bindings, not {n}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=100_000, help="SAs and bindings (100000)")
     p.add_argument("--quick", action="store_true", help="N = 5000, one start each (CI)")
     p.add_argument("--runs", type=int, default=2, help="starts of each HA, best kept (2)")
+    p.add_argument(
+        "--kill",
+        default="",
+        help="SIGKILL the N-SA HA at these fractions of its start time, then restart it "
+        "(e.g. 0.2,0.5,0.8,0.95)",
+    )
     args = p.parse_args(argv)
+    fractions = [float(f) for f in args.kill.split(",") if f.strip()]
     n = 5_000 if args.quick else args.n
     runs = 1 if args.quick else args.runs
     precompile()  # the HA's start is timed: as an installed wheel, with bytecode
@@ -159,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'HA RSS then (MB)':>22} | {r0 / 1e6:14.1f} | {rn / 1e6:14.1f} | {rn / r0:5.2f}")
         per = (rn - r0) / (n - 1) / 1024
         print(f"RSS per SA + binding: {per:.2f} KB; best of {runs} starts")
+        if fractions:
+            lab, probe, port = labs[n]
+            killed_starts(lab, probe, port, n, sn, fractions)
         return 0
     finally:
         shutil.rmtree(root, ignore_errors=True)

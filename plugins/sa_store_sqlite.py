@@ -143,6 +143,13 @@ CREATE TABLE IF NOT EXISTS issued_sa (
 _PENDING_INDEX = (
     "CREATE INDEX IF NOT EXISTS issued_sa_pending ON issued_sa (pending) WHERE pending IS NOT NULL"
 )
+# One MN's rows: ``mn_id = ? COLLATE NOCASE`` is what this index serves, so
+# an operator's lookup of any spelling of a realm (``live_for_nai``: revoke,
+# ``sas --mn-id``) is a seek, not a scan of every live SA; the exact-case
+# lookups add ``AND mn_id = ?`` and take the same index.  It replaces the
+# binary index on mn_id (dropped when a store is opened): one index, not two,
+# on every insert of a bootstrap.
+_MN_INDEX = "CREATE INDEX IF NOT EXISTS issued_sa_mn_nocase ON issued_sa (mn_id COLLATE NOCASE)"
 # SAs taken back before their validity end (superseded, revoked, never
 # delivered).  A row keeps its SPI out of use until the old validity end (an
 # HA may still hold a tombstone for it) and, while ``confirmed`` is 0, tells
@@ -162,11 +169,12 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     _TABLE,
     "CREATE INDEX IF NOT EXISTS issued_sa_validity_end ON issued_sa (validity_end)",
-    "CREATE INDEX IF NOT EXISTS issued_sa_mn_id ON issued_sa (mn_id)",
+    _MN_INDEX,
     _PENDING_INDEX,
     _RETIRED,
 )
-_INDEXES = ("issued_sa_validity_end", "issued_sa_mn_id", "issued_sa_pending")
+# issued_sa_mn_id: the binary index of stores made before 2026-12-05.
+_INDEXES = ("issued_sa_validity_end", "issued_sa_mn_nocase", "issued_sa_mn_id", "issued_sa_pending")
 # Change log of issued_sa, written by triggers (so every writer, any version
 # of mipsec with these triggers, any tool, logs its changes): another HAC
 # sharing the file follows it to update its live view in O(changes) instead
@@ -711,6 +719,13 @@ class SQLiteSAStore:
                 if "pending" not in columns:  # a store made before ``pending``
                     c.execute("ALTER TABLE issued_sa ADD COLUMN pending REAL")
                     c.execute(_PENDING_INDEX)
+                indexes = {
+                    r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+                }
+                if "issued_sa_mn_nocase" not in indexes:  # a store made before 2026-12-05
+                    c.execute(_MN_INDEX)
+                if "issued_sa_mn_id" in indexes:
+                    c.execute("DROP INDEX issued_sa_mn_id")
         if not check_only and self.path is not None:  # a memory store has no other reader
             # Also on stores made before the log existed (no version change:
             # an older mipsec just ignores the table; its triggers keep logging).
@@ -1068,9 +1083,9 @@ class SQLiteSAStore:
         if view is not None:
             return view.spis_for_mn(mn_id)
         return self._conn.execute(
-            "SELECT spi, validity_end, ha_id FROM issued_sa WHERE mn_id = ? AND validity_end > ? "
-            "ORDER BY validity_end, spi",
-            (mn_id, _timestamp(now, "now")),
+            "SELECT spi, validity_end, ha_id FROM issued_sa WHERE mn_id = ? COLLATE NOCASE "
+            "AND mn_id = ? AND validity_end > ? ORDER BY validity_end, spi",
+            (mn_id, mn_id, _timestamp(now, "now")),
         ).fetchall()
 
     def live_listing(
@@ -1107,9 +1122,9 @@ class SQLiteSAStore:
         Optional, for operator commands (``mipsec revoke``, ``sas --mn-id``):
         SAs issued before the HAC bound them to the canonical NAI (2026-12-04)
         may be stored under another case of the realm, and a revocation must
-        reach them too.  ASCII case is folded in SQL (``COLLATE NOCASE``, which
-        no index serves: one scan of the table), then the user part is held to
-        its exact case again here.  Not on a bootstrap's path.
+        reach them too.  ASCII case is folded in SQL (``COLLATE NOCASE``, a
+        seek in ``issued_sa_mn_nocase``), then the user part is held to its
+        exact case again here.  Not on a bootstrap's path.
         """
         return self._decoded(self._live_rows_of_nai(_READ, _MN_ID, mn_id, now))
 
@@ -1127,9 +1142,9 @@ class SQLiteSAStore:
     def live_for_mn(self, mn_id: str, now: datetime) -> list[IssuedSA]:
         """The live SAs of one MN, oldest first (validity end, then SPI)."""
         rows = self._conn.execute(
-            f"SELECT {_READ} FROM issued_sa WHERE mn_id = ? AND validity_end > ? "  # noqa: S608
-            "ORDER BY validity_end, spi",
-            (mn_id, _timestamp(now, "now")),
+            f"SELECT {_READ} FROM issued_sa WHERE mn_id = ? COLLATE NOCASE "  # noqa: S608
+            "AND mn_id = ? AND validity_end > ? ORDER BY validity_end, spi",
+            (mn_id, mn_id, _timestamp(now, "now")),
         ).fetchall()
         return self._decoded(rows)
 
