@@ -44,21 +44,34 @@ def _write_new(path: Path, data: bytes, mode: int, *, sync: bool) -> None:
     os.close(fd)
 
 
-def write_file(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int, *, sync: bool = False) -> None:
     """Write ``path`` (new or replaced) with exactly ``mode``, whatever the umask.
 
     The octets go to a temporary file in the same directory first, which is
     then renamed over ``path``: nobody ever sees a half-written file, and a
     replaced file's old mode (or an open descriptor on it) gains nothing.
+    ``sync``: the octets and the rename are on disk before this returns
+    (fsync of the file, then of its directory).
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    _write_new(tmp, data, mode, sync=False)
+    _write_new(tmp, data, mode, sync=sync)
     try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if sync:
+        sync_dir(path.parent)
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a directory: the names created, renamed or removed in it are on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_private_atomic(path: Path, data: bytes) -> None:

@@ -288,7 +288,8 @@ def test_revoke_withdraws_refuses_until_unrevoke_and_persists(lab: Lab, roles: R
 
     # The list survives a restart of the HAC.
     assert roles.stop("hac") == 0
-    assert stat.S_IMODE(os.stat(lab.dir / "hac-revoked.json").st_mode) == 0o600
+    # One revoke: one line in the journal beside the (not yet written) snapshot.
+    assert stat.S_IMODE(os.stat(lab.dir / "hac-revoked.json.journal").st_mode) == 0o600
     roles.start("hac")
     assert mn_once(lab)["status"] == 401
     out = ctl("unrevoke", "--config", hac_cfg(lab), MN_ID)
