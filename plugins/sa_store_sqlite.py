@@ -1107,13 +1107,31 @@ class SQLiteSAStore:
             (_timestamp(now, "now"),),
         ).fetchall()
 
+    _LIVE_COUNTS = (
+        "SELECT ha_id, suite, COUNT(*) FROM issued_sa WHERE validity_end > ? GROUP BY ha_id, suite"
+    )
+
     def live_counts(self, now: datetime) -> list[tuple[str, int, int]]:
         """``(ha_id, suite, count)`` of the live SAs: ``status`` without a listing."""
-        return self._conn.execute(
-            "SELECT ha_id, suite, COUNT(*) FROM issued_sa WHERE validity_end > ? "
-            "GROUP BY ha_id, suite",
-            (_timestamp(now, "now"),),
-        ).fetchall()
+        return self._conn.execute(self._LIVE_COUNTS, (_timestamp(now, "now"),)).fetchall()
+
+    def live_counts_apart(self, now: datetime) -> list[tuple[str, int, int]] | None:
+        """:meth:`live_counts` on a connection of its own, for a worker thread;
+        None for a memory store (no file to open again).
+
+        The count reads every live row: 92 ms at 100,000 SAs on the bench
+        machine, which ``mipsec status`` (a liveness probe may run it every
+        few seconds) held the HAC's event loop for.  In a thread, on its own
+        connection, it leaves the loop free: sqlite3 releases the GIL while
+        the statement runs, and a WAL reader never waits for a writer.
+        """
+        if self.path is None:
+            return None
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            return conn.execute(self._LIVE_COUNTS, (_timestamp(now, "now"),)).fetchall()
+        finally:
+            conn.close()
 
     def live_for_nai(self, mn_id: str, now: datetime) -> list[IssuedSA]:
         """The live SAs stored under any spelling of the NAI ``mn_id``: every

@@ -225,15 +225,21 @@ class HacOps:
 
     # ------------------------------------------------------------ reading
 
-    def _live_counts(self) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
+    async def _live_counts(self) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
         """Live SAs in all, by HA, by suite, by method -- without reading each SA
-        back when the store can count (the SQLite store's ``live_counts``)."""
+        back when the store can count (the SQLite store's ``live_counts``), and
+        off the event loop when it can count apart (``live_counts_apart``)."""
         now = utcnow()
         by_ha: Counter[str] = Counter()
         by_suite: Counter[str] = Counter()
-        counts = getattr(self.svc.store, "live_counts", None)
-        if counts is not None:
-            for ha_id, suite, n in counts(now):
+        store = self.svc.store
+        apart = getattr(store, "live_counts_apart", None)
+        rows = await asyncio.to_thread(apart, now) if apart is not None else None
+        counts = getattr(store, "live_counts", None)
+        if rows is None and counts is not None:
+            rows = counts(now)
+        if rows is not None:
+            for ha_id, suite, n in rows:
                 by_ha[ha_id or "-"] += n
                 by_suite[_suite_name(suite)] += n
             total = sum(by_ha.values())
@@ -261,7 +267,7 @@ class HacOps:
 
     async def status(self, args: Mapping[str, Any]) -> dict[str, Any]:
         svc = self.svc
-        total, by_ha, by_suite, by_method = self._live_counts()
+        total, by_ha, by_suite, by_method = await self._live_counts()
         out: dict[str, Any] = {
             "role": "hac",
             "version": version(),
