@@ -1099,13 +1099,40 @@ class SQLiteSAStore:
         loop for seconds.  A row altered on disk is listed as it reads; it is
         still refused wherever the SA is used (its keys fail to unwrap).
         """
-        columns = "spi, mn_id, ha_id, suite, scope, validity_end, ip6_hoa, ip4_hoa"
         if mn_id is not None:
-            return self._live_rows_of_nai(columns, 1, mn_id, now)  # any spelling
+            return self._live_rows_of_nai(self._LISTING, 1, mn_id, now)  # any spelling
         return self._conn.execute(
-            f"SELECT {columns} FROM issued_sa WHERE validity_end > ?",  # noqa: S608
+            f"SELECT {self._LISTING} FROM issued_sa WHERE validity_end > ?",  # noqa: S608
             (_timestamp(now, "now"),),
         ).fetchall()
+
+    _LISTING = "spi, mn_id, ha_id, suite, scope, validity_end, ip6_hoa, ip4_hoa"
+
+    def live_listing_apart(
+        self, now: datetime
+    ) -> list[tuple[int, str, str, int, int, float, str | None, str | None]] | None:
+        """:meth:`live_listing` of every live SA on a connection of its own, for
+        a worker thread (``mipsec sas``: 100,000 rows held the event loop for
+        0.16 s); None for a memory store.  One MN's listing is an index seek
+        and stays on the loop."""
+        conn = self._apart()
+        if conn is None:
+            return None
+        try:
+            return conn.execute(
+                f"SELECT {self._LISTING} FROM issued_sa WHERE validity_end > ?",  # noqa: S608
+                (_timestamp(now, "now"),),
+            ).fetchall()
+        finally:
+            conn.close()
+
+    def _apart(self) -> sqlite3.Connection | None:
+        """A connection of its own to this store's file, for one read in a
+        worker thread (a WAL reader never waits for a writer, and sqlite3
+        releases the GIL while a statement runs); None for a memory store."""
+        if self.path is None:
+            return None
+        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
 
     _LIVE_COUNTS = (
         "SELECT ha_id, suite, COUNT(*) FROM issued_sa WHERE validity_end > ? GROUP BY ha_id, suite"
@@ -1125,9 +1152,9 @@ class SQLiteSAStore:
         connection, it leaves the loop free: sqlite3 releases the GIL while
         the statement runs, and a WAL reader never waits for a writer.
         """
-        if self.path is None:
+        conn = self._apart()
+        if conn is None:
             return None
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             return conn.execute(self._LIVE_COUNTS, (_timestamp(now, "now"),)).fetchall()
         finally:

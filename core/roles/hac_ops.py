@@ -144,7 +144,9 @@ def _listing_rows(
     raw: list[tuple[int, str, str, int, int, float, str | None, str | None]],
     methods: Mapping[int, str],
 ) -> list[dict[str, Any]]:
-    rows = [_listing_row(r, methods[r[0]]) for r in raw]
+    # In a worker thread while the loop may add to ``methods``: only single
+    # lookups (atomic under the GIL), never an iteration over it.
+    rows = [_listing_row(r, methods.get(r[0], "-")) for r in raw]
     rows.sort(key=lambda r: (r["mn_id"], r["validity_end"], r["spi"]))
     return rows
 
@@ -315,10 +317,16 @@ class HacOps:
         if listing is not None:
             # Columns only: no key is unwrapped to list SAs (100k SAs would
             # hold the event loop for seconds), and the rows are built and
-            # sorted in a worker thread (the store is read here, on its thread).
-            raw = listing(now, mn_id)
-            methods = {r[0]: by_spi.get(r[0], "-") for r in raw}
-            return {"role": "hac", "sas": await asyncio.to_thread(_listing_rows, raw, methods)}
+            # sorted in a worker thread; every live SA is also read there, on
+            # a connection of its own, when the store can (one MN's are an
+            # index seek, read here).
+            apart = getattr(self.svc.store, "live_listing_apart", None)
+            raw = None
+            if mn_id is None and apart is not None:
+                raw = await asyncio.to_thread(apart, now)
+            if raw is None:
+                raw = listing(now, mn_id)
+            return {"role": "hac", "sas": await asyncio.to_thread(_listing_rows, raw, by_spi)}
         store = self.svc.store
         live = store.live_for_mn(mn_id, now) if mn_id is not None else store.live(now)
         rows = [sa_row(i, by_spi.get(i.sa.spi, "-")) for i in live]

@@ -764,9 +764,12 @@ def test_live_counts_apart_counts_on_its_own_connection(tmp_path: Path) -> None:
         assert not t.is_alive() and len(got) == 1
         assert sorted(got[0]) == want and sum(n for *_, n in want) == 3
         assert sorted(s.live_counts_apart(T0) or []) == sorted(s.live_counts(T0))  # 4 now
+        assert sorted(s.live_listing_apart(T0) or []) == sorted(s.live_listing(T0))
+        assert len(s.live_listing(T0)) == 4
     finally:
         s.close()
-    assert SQLiteSAStore(None).live_counts_apart(T0) is None  # a memory store: on the loop
+    memory = SQLiteSAStore(None)  # a memory store: read on the loop
+    assert memory.live_counts_apart(T0) is None and memory.live_listing_apart(T0) is None
 
 
 def test_status_counts_the_live_sas_off_the_event_loop(tmp_path: Path) -> None:
@@ -792,6 +795,19 @@ def test_status_counts_the_live_sas_off_the_event_loop(tmp_path: Path) -> None:
         total, by_ha, _, by_method = asyncio.run(ops._live_counts())
         assert total == 1 and by_ha == {"ha1": 1} and by_method == {"-": 1}
         assert len(threads) == 1 and threads[0] is not threading.main_thread()
+        # ``sas``: every live SA read apart too; one MN's on the loop (a seek).
+        real_listing = s.live_listing_apart
+
+        def spy_listing(now: datetime) -> object:
+            threads.append(threading.current_thread())
+            return real_listing(now)
+
+        s.live_listing_apart = spy_listing  # type: ignore[method-assign, assignment]
+        listed = asyncio.run(ops.sas({}))["sas"]
+        assert [r["spi"] for r in listed] == [0x301] and listed[0]["method"] == "-"
+        assert len(threads) == 2 and threads[1] is not threading.main_thread()
+        assert [r["spi"] for r in asyncio.run(ops.sas({"mn_id": "a@X"}))["sas"]] == [0x301]
+        assert len(threads) == 2
     finally:
         s.close()
 
