@@ -118,7 +118,7 @@ from mipsec.core.addrtext import ip_text
 from mipsec.core.bindings import Binding, BindingCache
 from mipsec.core.errors import LocalProtocolError, MobilityHeaderError, PacketError
 from mipsec.core.model import IssuedSA
-from mipsec.core.suites import SUITES
+from mipsec.core.suites import SUITES, Suite
 from mipsec.core.wire.esp import (
     NEXT_HEADER_DSTOPTS,
     NEXT_HEADER_IPV4,
@@ -472,6 +472,10 @@ class HaCore:
         self.bindings = bindings if bindings is not None else BindingCache()
         self.pull = pull
         self._sas: dict[int, _SAEntry] = {}
+        # Installed SAs per suite, kept with _sas: ``mipsec status`` at 100,000
+        # SAs counted them with a pass over every SA, 55 ms of the loop that
+        # forwards the MNs' packets.
+        self._per_suite: dict[Suite, int] = {}
         self._sa_heap: list[tuple[float, int]] = []  # (validity_end, spi), stale allowed
         # SPIs whose data reservation is above the minimum: expire() trims
         # those that went quiet.
@@ -504,7 +508,7 @@ class HaCore:
         if old is not None:
             if same_sa(old.issued, issued):
                 return False
-            self._sas.pop(spi)
+            self._uncount(self._sas.pop(spi))
             self._big_reserves.discard(spi)
         if initial_out_seq is not None and not 0 <= initial_out_seq <= SEQ_MAX + 1:
             raise LocalProtocolError(f"initial_out_seq: {initial_out_seq} outside 0..2**32")
@@ -539,6 +543,8 @@ class HaCore:
         margin = min(self.reinit_margin, 0.2 * max(0.0, entry.validity_end - t))
         entry.reinit_at = entry.validity_end - margin
         self._sas[spi] = entry
+        suite = issued.sa.suite
+        self._per_suite[suite] = self._per_suite.get(suite, 0) + 1
         heapq.heappush(self._sa_heap, (entry.validity_end, spi))
         if len(self._sa_heap) > 2 * len(self._sas) + 64:
             self._sa_heap = [(e.validity_end, e.spi) for e in self._sas.values()]
@@ -571,6 +577,8 @@ class HaCore:
         t = time.time() if now is None else now
         entry = self._sas.pop(spi, None)
         self._big_reserves.discard(spi)
+        if entry is not None:
+            self._uncount(entry)
         known = entry.issued if entry is not None else issued
         digest: bytes | None
         if known is not None:
@@ -596,6 +604,21 @@ class HaCore:
     def installed(self) -> list[IssuedSA]:
         """The SAs installed now (for inspection: ``mipsec sas``)."""
         return [e.issued for e in self._sas.values()]
+
+    def sa_count(self) -> int:
+        return len(self._sas)
+
+    def per_suite(self) -> dict[Suite, int]:
+        """Installed SAs per suite, without a pass over them (``mipsec status``)."""
+        return dict(self._per_suite)
+
+    def _uncount(self, entry: _SAEntry) -> None:
+        suite = entry.issued.sa.suite
+        n = self._per_suite[suite] - 1
+        if n:
+            self._per_suite[suite] = n
+        else:
+            del self._per_suite[suite]
 
     def _unbind(self, entry: _SAEntry, event: str, now: float) -> list[BindingChanged]:
         if entry.hoa is None:
@@ -652,6 +675,7 @@ class HaCore:
             if entry is None or entry.validity_end != end:
                 continue  # removed or replaced since
             del self._sas[spi]
+            self._uncount(entry)
             self._big_reserves.discard(spi)
             # Bindings never outlive their SA (lifetime is capped by it), but
             # a clock step could leave one behind.

@@ -7,9 +7,9 @@ binding lifetime granted).  Rows are built field by field: no key leaves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 from mipsec.core.config import HAConfig, load_config
 from mipsec.core.control import Dispatcher, arg_str
 from mipsec.core.errors import ConfigError
+from mipsec.core.model import IssuedSA
 from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
 from mipsec.core.roles.ha import HaService
 from mipsec.core.roles.hac_ops import sa_row
@@ -56,7 +57,6 @@ class HaOps:
     async def status(self, args: Mapping[str, Any]) -> dict[str, Any]:
         svc = self.svc
         stats = svc.stats()
-        installed = svc.core.installed()
         return {
             "role": "ha",
             "version": version(),
@@ -67,8 +67,8 @@ class HaOps:
             "listen": [f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in svc.addresses],
             "plugins": sorted(n for n, p in svc.pm.list_name_plugin() if p),
             "sas": {
-                "live": len(installed),
-                "by_suite": dict(Counter(i.sa.suite.name for i in installed)),
+                "live": svc.core.sa_count(),
+                "by_suite": {suite.name: n for suite, n in svc.core.per_suite().items()},
             },
             "bindings": len(svc.bindings),
             # Every counter of the core and the shell: packets, BUs, BAs by
@@ -85,33 +85,22 @@ class HaOps:
 
     async def sas(self, args: Mapping[str, Any]) -> dict[str, Any]:
         mn_id = arg_str(args, "mn_id", required=False)
-        rows = [
-            sa_row(i) for i in self.svc.core.installed() if mn_id is None or i.sa.mn_id == mn_id
-        ]
-        rows.sort(key=lambda r: (r["mn_id"], r["validity_end"], r["spi"]))
-        return {"role": "ha", "sas": rows}
+        # The list of SAs is taken here (references: the SAs are immutable),
+        # the rows are built and sorted in a worker thread: at 100,000 SAs
+        # that took 1.9 s of the loop that forwards the MNs' packets.
+        installed = self.svc.core.installed()
+        return {"role": "ha", "sas": await asyncio.to_thread(_sa_rows, installed, mn_id)}
 
     async def bindings(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        by_spi = {i.sa.spi: i.sa.mn_id for i in self.svc.core.installed()}
-        now = time.time()
-        rows = []
-        for b in self.svc.bindings:
-            rows.append(
-                {
-                    "hoa": b.hoa,
-                    "ip4_hoa": b.ip4_hoa,
-                    "coa": f"[{b.coa_host}]:{b.coa_port}"
-                    if ":" in b.coa_host
-                    else f"{b.coa_host}:{b.coa_port}",
-                    "mn_id": by_spi.get(b.spi, "-"),
-                    "spi": b.spi,
-                    "sequence": b.sequence,
-                    "lifetime": b.lifetime,
-                    "expires": _iso(b.expires_at),
-                    "remaining_s": max(0, int(b.expires_at - now)),
-                }
-            )
-        rows.sort(key=lambda r: str(r["hoa"]))
+        # Bindings change in place (a refresh), so their fields are copied
+        # here, on the loop; mn_ids, formatting and sorting in a worker
+        # thread (0.9 s of the loop at 100,000 bindings before).
+        fields = [
+            (b.hoa, b.ip4_hoa, b.coa_host, b.coa_port, b.spi, b.sequence, b.lifetime, b.expires_at)
+            for b in self.svc.bindings
+        ]
+        installed = self.svc.core.installed()
+        rows = await asyncio.to_thread(_binding_rows, fields, installed, time.time())
         return {"role": "ha", "bindings": rows}
 
     async def reload(self, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,3 +125,33 @@ class HaOps:
         svc.core.max_binding_lifetime = float(new.ha.max_binding_lifetime)
         set_log_level(new)
         return changed
+
+
+def _sa_rows(installed: list[IssuedSA], mn_id: str | None) -> list[dict[str, Any]]:
+    rows = [sa_row(i) for i in installed if mn_id is None or i.sa.mn_id == mn_id]
+    rows.sort(key=lambda r: (r["mn_id"], r["validity_end"], r["spi"]))
+    return rows
+
+
+def _binding_rows(
+    fields: list[tuple[str, str | None, str, int, int, int, int, float]],
+    installed: list[IssuedSA],
+    now: float,
+) -> list[dict[str, Any]]:
+    by_spi = {i.sa.spi: i.sa.mn_id for i in installed}
+    rows = [
+        {
+            "hoa": hoa,
+            "ip4_hoa": ip4_hoa,
+            "coa": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            "mn_id": by_spi.get(spi, "-"),
+            "spi": spi,
+            "sequence": sequence,
+            "lifetime": lifetime,
+            "expires": _iso(expires_at),
+            "remaining_s": max(0, int(expires_at - now)),
+        }
+        for hoa, ip4_hoa, host, port, spi, sequence, lifetime, expires_at in fields
+    ]
+    rows.sort(key=lambda r: str(r["hoa"]))
+    return rows

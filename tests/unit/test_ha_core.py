@@ -31,6 +31,7 @@ from mipsec.core.ha_core import (
     HaCore,
     NeedSA,
     Reply,
+    SpiWithdrawn,
 )
 from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.suites import SUITES, Suite
@@ -814,3 +815,41 @@ def test_codec_errors_are_packet_errors() -> None:
     wrong = InboundSA(SUITES[sa.suite], sa.mn_to_ha_ikey, sa.mn_to_ha_ekey, SPI)
     with pytest.raises(PacketError):
         wrong.unprotect(reply.datagram)
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["install", "remove", "expire"]),
+            st.integers(min_value=0x1000, max_value=0x1007),
+            st.sampled_from(list(SUITES)),
+            st.sampled_from([60.0, 3600.0]),
+        ),
+        max_size=40,
+    )
+)
+def test_status_counts_follow_every_install_replace_removal_and_expiry(
+    ops: list[tuple[str, int, Suite, float]],
+) -> None:
+    """``sa_count``/``per_suite`` (``mipsec status``, no pass over the SAs)
+    always equal a count over ``installed()``: installs, an SPI's install
+    with other keys or suite (a replacement), removals, expiries."""
+    c = core()
+    t = NOW
+    for op, spi, suite, lifetime in ops:
+        t += 30
+        if op == "install":
+            try:
+                c.install_sa(issue(suite, spi=spi, lifetime=lifetime + t - NOW), now=t)
+            except SpiWithdrawn:
+                pass
+        elif op == "remove":
+            c.remove_sa(spi, now=t)
+        else:
+            c.expire(t)
+        installed = c.installed()
+        want: dict[Suite, int] = {}
+        for i in installed:
+            want[i.sa.suite] = want.get(i.sa.suite, 0) + 1
+        assert c.per_suite() == want and c.sa_count() == len(installed)
