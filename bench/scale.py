@@ -32,6 +32,13 @@ load on the machine hits both alike:
   MNs, the binding cache in a SQLite file flushed (committed) every 32 BUs as
   the HA does per burst, every BA checked the way an MN checks it.
 
+``--kill F[,F...]``: afterwards the N-live HAC is stopped and, for each F,
+started again and SIGKILLed (no cleanup) at F times its measured time to
+first bootstrap -- while it opens the store, loads its live view, sweeps,
+opens its listener -- then started once more on the same files: the bench
+prints that start's time to its first bootstrap and the live SAs the store
+then holds (N and the bootstraps made so far; fewer is an error).
+
 Figures and ratios (N live / empty) are printed, never judged.  ``--quick``
 is N = 10,000 and short slices (CI).  The clients run in this process and
 compete with the HACs for the CPU.  Exit status 1 if a bootstrap failed.
@@ -367,6 +374,9 @@ async def run(args: argparse.Namespace) -> int:
                     rows.append((kind, level, results["empty"], results["full"]))
             rss = {lab.name: _rss(lab.proc.pid) if lab.proc else 0 for lab in labs}
             _report(n, fill_s, duration, labs, rows, rss)
+            if args.kill:
+                full = labs[1]
+                await _killed_starts(full, clients[full.name], args.kill, n)
             bad = [r for *_, e, f in rows for r in (e, f) if r.errors or r.ops == 0]
             for r in bad:
                 print(f"errors: {r.errors} (first: {r.first_error})", file=sys.stderr)
@@ -380,6 +390,47 @@ async def run(args: argparse.Namespace) -> int:
             for lab in labs:
                 if lab.proc is not None:
                     _stop(lab.proc)
+
+
+def _live_rows(lab: Lab) -> int:
+    """Live SAs in the lab's store, read on a connection of the bench's own."""
+    conn = sqlite3.connect(lab.root / "hac-sa.sqlite")
+    try:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM issued_sa WHERE validity_end > ?", (int(time.time()),)
+        ).fetchone()
+        return int(row[0])
+    finally:
+        conn.close()
+
+
+async def _killed_starts(lab: Lab, client: Client, fractions: list[float], n: int) -> None:
+    """SIGKILL the N-live HAC during its start at each fraction, then start it again."""
+    assert lab.proc is not None
+    start_s = lab.first_bootstrap_s
+    _stop(lab.proc)
+    print(f"\nSIGKILL during the start of the {n:,}-SA HAC, then a start on the same files:")
+    print(f"{'kill at (s)':>12} | {'start -> first bootstrap (s)':>28} | live SAs after")
+    for fraction in fractions:
+        at = fraction * start_s
+        proc = _spawn(
+            [*_mipsec_cmd(None), "--role", "hac", "--config", str(lab.config)],
+            lab.root / "hac-killed.log",
+        )
+        await asyncio.sleep(at)
+        if proc.poll() is not None:
+            tail = (lab.root / "hac-killed.log").read_text()[-2000:]
+            raise RuntimeError(f"the HAC exited ({proc.returncode}) before its kill: {tail}")
+        proc.kill()
+        proc.wait(timeout=30)
+        await _start(lab, lambda port: Client(client.ctx, port, client.server_name))
+        live = _live_rows(lab)
+        print(f"{at:12.2f} | {lab.first_bootstrap_s:28.2f} | {live:,}")
+        assert lab.proc is not None
+        _stop(lab.proc)
+        lab.proc = None
+        if live < n:
+            raise RuntimeError(f"after a kill at {at:.2f} s: {live} live SAs in the store, not {n}")
 
 
 def _ratio(a: float, b: float) -> str:
@@ -572,6 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100_000, help="live SAs / MNs (100000)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per figure (3)")
     p.add_argument("--quick", action="store_true", help="N = 10000, 1 s per figure (CI)")
+    p.add_argument(
+        "--kill",
+        type=lambda v: [float(f) for f in v.split(",") if f.strip()],
+        default=[],
+        help="then SIGKILL the N-live HAC at these fractions of its start and restart it",
+    )
     p.add_argument("--ha-memory", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--bu-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
