@@ -277,6 +277,44 @@ class _Ending(Generic[_K, _V]):
         return out
 
 
+class _SpiRecords(_Ending[int, _SpiRecord]):
+    """The per-SPI records, counting the dead ones as they come and go: the
+    HA's stats (every ``status`` and metrics scrape) read the count instead
+    of a pass over every record (7 ms at 100,000 SAs).  A record's ``dead``
+    never changes once it is in the map (a withdrawal puts a new record)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dead = 0
+
+    def set(self, key: int, value: _SpiRecord, until: float) -> None:
+        old = self.items.get(key)
+        if old is not None and old.dead:
+            self.dead -= 1
+        super().set(key, value, until)
+        if value.dead:
+            self.dead += 1
+
+    def pop(self, key: int) -> _SpiRecord | None:
+        rec = super().pop(key)
+        if rec is not None and rec.dead:
+            self.dead -= 1
+        return rec
+
+    def pop_ended(self, now: float) -> list[int]:
+        items = self.items
+        heap = self._heap
+        out: list[int] = []
+        while heap and heap[0][0] <= now:
+            until, key = heapq.heappop(heap)
+            if self._until.get(key) == until:
+                if items.pop(key).dead:
+                    self.dead -= 1
+                del self._until[key]
+                out.append(key)
+        return out
+
+
 def _row(b: Binding) -> tuple[object, ...]:
     return (
         b.hoa,
@@ -341,7 +379,7 @@ class BindingCache:
         # hoa -> (the ip4_hoa it was indexed with, its keys in _by_packed)
         self._indexed: dict[str, tuple[str | None, tuple[bytes, ...]]] = {}
         self._heap: list[tuple[float, str]] = []
-        self._spis: _Ending[int, _SpiRecord] = _Ending()
+        self._spis = _SpiRecords()
         self._deleted: _Ending[str, int] = _Ending()  # hoa -> BU Sequence #
         self._conn: sqlite3.Connection | None = None
         if self.path is not None:
@@ -796,9 +834,8 @@ class BindingCache:
 
     def records(self) -> dict[str, int]:
         """How many records of each kind are held (for stats)."""
-        dead = sum(1 for rec in self._spis.items.values() if rec.dead)
         return {
             "spi_records": len(self._spis),
-            "withdrawn_spis": dead,
+            "withdrawn_spis": self._spis.dead,
             "deleted_bindings": len(self._deleted),
         }

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_ha_core import HOA, MN, MN_ADDR, NOW, SPI, core, ipv6_packet, issue
 
 from mipsec.core.bindings import BindingCache
@@ -440,3 +442,43 @@ def test_spi_record_ends_with_its_sas_validity(tmp_path: Path) -> None:
     assert ha.install_sa(IssuedSA(later, issued.bootstrap), now=NOW)  # another SA: replaces
     ha.expire(NOW + 10)
     assert ha.bindings.records()["spi_records"] == 0
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["bury", "claim", "forget", "purge", "reopen"]),
+            st.integers(min_value=1, max_value=6),
+            st.sampled_from([NOW + 50.0, NOW + 500.0]),
+        ),
+        max_size=40,
+    )
+)
+def test_the_withdrawn_count_follows_every_record_change(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, float]]
+) -> None:
+    """``records()["withdrawn_spis"]`` (every status and metrics scrape) is a
+    kept count, not a pass over the records: after each burial, claim,
+    forget, purge and restart it equals the count of dead records."""
+    path = tmp_path_factory.mktemp("wc") / "bc.sqlite"
+    cache = BindingCache(path)
+    t = NOW
+    try:
+        for op, spi, until in ops:
+            t += 40
+            if op == "bury":
+                cache.bury_spi(spi, until, None)
+            elif op == "claim" and cache.dead(spi) is None:
+                cache.claim_spi(spi, until, b"k" * 16)
+            elif op == "forget":
+                cache.forget_spi(spi)
+            elif op == "purge":
+                cache.purge(t)
+            elif op == "reopen":
+                cache.close()
+                cache = BindingCache(path)
+            want = sum(1 for rec in cache._spis.items.values() if rec.dead)
+            assert cache.records()["withdrawn_spis"] == want
+    finally:
+        cache.close()
