@@ -19,6 +19,8 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mipsec.core.issuer import utcnow
@@ -35,6 +37,30 @@ def warm_hac_views(store: Any, allocator: Any) -> None:
     prime = getattr(allocator, "prime", None)
     if prime is not None:
         prime(in_use)
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No automatic garbage collection while a role loads its state.
+
+    Loading 100,000 SAs makes millions of objects that all live; the
+    collector, counting allocations, runs again and again meanwhile, and its
+    full passes walk everything loaded so far -- for nothing, since nothing
+    loaded is garbage.  Paused, the load does not pay for them; the single
+    young-generation pass in :func:`freeze_heap`, inside the pause, then
+    takes what the load did leave as garbage before the rest is frozen.
+    Measured at 100,000 live SAs (HAC: store view and HoA index): 1.18-1.22 s
+    -> 0.99-1.01 s, plus 0.09-0.10 s for that pass.  Re-enabled on the way
+    out whatever happens (a start that fails must not leave a test process
+    without its collector).
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 _frozen = False

@@ -69,7 +69,7 @@ from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
 from mipsec.core.outage import Outage, cause
 from mipsec.core.provisioning import ProvisioningRefused
-from mipsec.core.startup_heap import freeze_heap
+from mipsec.core.startup_heap import collection_paused, freeze_heap
 
 log = logging.getLogger("mipsec.ha")
 
@@ -352,6 +352,12 @@ class HaService:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> list[tuple[str, int]]:
+        # Loading every SA and binding, then freezing them: without the
+        # collector's passes over what was loaded so far (core/startup_heap.py).
+        with collection_paused():
+            return await self._start()
+
+    async def _start(self) -> list[tuple[str, int]]:
         installed = 0
         now = time.time()
         for issued in self.store.live(utcnow()):

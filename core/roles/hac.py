@@ -59,7 +59,7 @@ from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
-from mipsec.core.startup_heap import freeze_heap, warm_hac_views
+from mipsec.core.startup_heap import collection_paused, freeze_heap, warm_hac_views
 from mipsec.core.tls import hac_server_context, server_cb_octets
 
 log = logging.getLogger("mipsec.hac")
@@ -306,8 +306,9 @@ class HacService:
             self._sweep_timer = asyncio.get_running_loop().call_later(
                 self._issuing_bound(), self._sweep_now
             )
-        warm_hac_views(self.store, self.allocator)  # core/startup_heap.py (issue 9)
-        freeze_heap("HAC")
+        with collection_paused():  # core/startup_heap.py (issue 9)
+            warm_hac_views(self.store, self.allocator)
+            freeze_heap("HAC")
         for host, p in self.addresses:
             log.info("HAC listening on %s port %d (TLS)", host, p)
         return self.addresses

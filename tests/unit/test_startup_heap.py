@@ -63,3 +63,27 @@ def test_warm_builds_the_live_view_and_the_allocator_index(
         assert allocator.assign("b@x", in_use).ip6_hoa == IPv6Address("2001:db8:1::2")
         assert allocator.assign("a@x", in_use).ip6_hoa == IPv6Address("2001:db8:1::1")
         assert walks == 0  # indexed at start, not at the first bootstrap
+
+
+def test_collection_paused_while_loading_and_restored_whatever_happens() -> None:
+    """No automatic collection inside (a load of 100,000 SAs would pay for
+    the collector's passes over everything loaded so far); the collector is
+    back on the way out, also when the start fails -- and stays off when
+    someone else had turned it off."""
+    import gc
+
+    assert gc.isenabled()
+    with startup_heap.collection_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(OSError), startup_heap.collection_paused():
+        assert not gc.isenabled()
+        raise OSError("address in use")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with startup_heap.collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
