@@ -63,21 +63,23 @@ def collection_paused() -> Iterator[None]:
             gc.enable()
 
 
-_frozen = False
+_frozen: set[str] = set()
 
 
 def freeze_heap(role: str) -> None:
-    """Move every object alive now out of the collector's sight; once per process.
+    """Move every object alive now out of the collector's sight; once per role.
 
-    Once: a process runs one role, and a test process that starts many
-    in-process roles should not freeze its heap again and again.  Only the
-    young generations are collected first: a full collection at start would
-    itself walk the whole loaded heap.
+    Once per role name: a process runs one role, or (deployment model 1) a
+    HAC with its HA in process -- the HA starts first, and the HAC's live
+    view and HoA index, loaded after it, must be frozen too (with one freeze
+    per process they were not, and a full collection walked them again and
+    again).  A test process that starts many in-process roles freezes at
+    most once per name.  Only the young generations are collected first: a
+    full collection at start would itself walk the whole loaded heap.
     """
-    global _frozen
-    if _frozen:
+    if role in _frozen:
         return
-    _frozen = True
+    _frozen.add(role)
     t0 = time.perf_counter()
     gc.collect(1)
     gc.freeze()

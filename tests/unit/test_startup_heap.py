@@ -17,14 +17,22 @@ from mipsec.plugins.hoa_pool import PoolAllocatorFactory
 from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
 
 
-def test_freeze_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_freeze_once_per_role_in_a_process(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(startup_heap, "_frozen", False)
+    monkeypatch.setattr(startup_heap, "_frozen", set())
     monkeypatch.setattr(startup_heap.gc, "freeze", lambda: calls.append("freeze"))
     monkeypatch.setattr(startup_heap.gc, "collect", lambda gen=2: calls.append(f"collect{gen}"))
     startup_heap.freeze_heap("HAC")
     startup_heap.freeze_heap("HAC")  # a second in-process start: no second freeze
     assert calls == ["collect1", "freeze"]
+    # Model 1: the HA in the HAC's process starts first; the HAC's views,
+    # loaded after it, are frozen by the HAC's own call.
+    calls.clear()
+    monkeypatch.setattr(startup_heap, "_frozen", set())
+    startup_heap.freeze_heap("HA")
+    startup_heap.freeze_heap("HAC")
+    startup_heap.freeze_heap("HA")
+    assert calls == ["collect1", "freeze", "collect1", "freeze"]
 
 
 def test_warm_builds_the_live_view_and_the_allocator_index(
