@@ -14,7 +14,8 @@ bootstrap).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from typing import Any
 
 _MARGIN = 1024
 
@@ -50,6 +51,20 @@ class HoATable(Mapping[str, str]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._map
+
+    # The Mapping mixins would call __getitem__ once per key: the allocator's
+    # rebuild at start walks 200,000 items at 100,000 live SAs (issue 9).
+    def items(self) -> ItemsView[str, str]:
+        return self._map.items()
+
+    def keys(self) -> KeysView[str]:
+        return self._map.keys()
+
+    def values(self) -> ValuesView[str]:
+        return self._map.values()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._map.get(key, default)
 
     def copy(self) -> dict[str, str]:
         return self._map.copy()

@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -420,20 +421,31 @@ class _LiveView:
         ``rows`` come ordered by (validity_end, spi): the heap is then the
         list itself, and for each HoA the last row seen is its newest holder.
         """
-        rows_d, heap, by_ha = self._rows, self._heap, self._by_ha
-        best_d, add_holder, mn_add = self._best, self._add_holder, self._mn_add
+        # One tight pass (a start with 100k live SAs waits for it: issue 9).
+        # ``setdefault`` looks up and stores in one call; what it returns
+        # tells the usual row (an MN's only SA, addresses nobody else holds)
+        # from the rare ones, handled as insert() would.
+        rows_d, heap, by_mn = self._rows, self._heap, self._by_mn
+        best_d, add_holder = self._best, self._add_holder
+        hoa_mn: dict[str, str] = {}
+        ha_ids: list[str] = []
         for spi, end, mn_id, ha_id, ip6, ip4 in rows:
             rows_d[spi] = (end, mn_id, ha_id, ip6, ip4)
-            mn_add(mn_id, spi)
+            held = by_mn.setdefault(mn_id, spi)
+            if held != spi:  # the MN's second (third...) live SA
+                by_mn[mn_id] = (held, spi) if isinstance(held, int) else (*held, spi)
             heap.append((end, spi))
-            by_ha[ha_id] = by_ha.get(ha_id, 0) + 1
+            ha_ids.append(ha_id)
+            best = (end, spi, mn_id)
             for hoa in (ip6, ip4):
                 if hoa is not None:
-                    best = best_d.get(hoa)
-                    if best is not None:
-                        add_holder(hoa, best, spi, end, mn_id)
-                    best_d[hoa] = (end, spi, mn_id)
-        self._hoa_mn.load({hoa: b[2] for hoa, b in best_d.items()})
+                    prev = best_d.setdefault(hoa, best)
+                    if prev is not best:  # a second holder: the newest wins
+                        add_holder(hoa, prev, spi, end, mn_id)
+                        best_d[hoa] = best
+                    hoa_mn[hoa] = mn_id  # rows come oldest first: the newest holder's
+        self._by_ha.update(Counter(ha_ids))
+        self._hoa_mn.load(hoa_mn)
 
     def _add_holder(
         self, hoa: str, best: tuple[int, int, str], spi: int, end: int, mn_id: str

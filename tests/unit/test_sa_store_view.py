@@ -57,6 +57,12 @@ def check(store: SQLiteSAStore, now: datetime) -> None:
     assert store.count_by_ha(now) == want_counts
     # The HAC's one-look read of both views gives the same answers.
     assert store.live_summary(now) == (want_counts, want_hoas)
+    # Each MN's live SAs (the supersede step), oldest first, as SQL has them.
+    for mn in range(4):
+        mn_id = f"mn{mn}@x"
+        want = [(r.sa.spi, r.sa.validity_end.timestamp()) for r in store.live_for_mn(mn_id, now)]
+        got = [(spi, end) for spi, end, _ in store.live_spis_for_mn(mn_id, now)]
+        assert got == want, mn_id
 
 
 _maybe = st.one_of(st.none(), st.integers(1, 3))
@@ -158,3 +164,48 @@ def test_log_trimmed_past_a_reader_rebuilds(tmp_path: Path, monkeypatch: Any) ->
         assert hac1.count_by_ha(T0) == {"ha1": 5}
         assert hac1._view is not view  # rebuilt: the entries it missed are gone
         assert len(hac1.hoas_in_use(T0)) == 5
+
+
+_row = st.tuples(
+    st.integers(1, 40),  # spi (deduplicated below)
+    st.integers(0, 5),  # validity end
+    st.integers(0, 3),  # mn
+    st.integers(1, 2),  # ha
+    _maybe,  # ip6 HoA
+    _maybe,  # ip4 HoA
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_row, max_size=30, unique_by=lambda r: r[0]))
+def test_bulk_load_equals_one_insert_per_row(
+    rows: list[tuple[int, int, int, int, int | None, int | None]],
+) -> None:
+    """The view a start builds in one pass (``_load``: MNs with several live
+    SAs, addresses with several holders) is the view that inserting the same
+    rows one by one gives."""
+    from mipsec.plugins.sa_store_sqlite import _LiveView
+
+    view_rows = sorted(
+        (
+            spi,
+            end,
+            f"mn{mn}@x",
+            f"ha{ha}",
+            f"2001:db8:1::{h6}" if h6 is not None else None,
+            f"192.0.2.{h4}" if h4 is not None else None,
+        )
+        for spi, end, mn, ha, h6, h4 in rows
+    )
+    view_rows.sort(key=lambda r: (r[1], r[0]))  # as the SELECT orders them
+    bulk = _LiveView(view_rows, 0)
+    one = _LiveView([], 0)
+    for r in view_rows:
+        one.insert(*r)
+    assert bulk._rows == one._rows
+    assert bulk._by_mn == one._by_mn
+    assert bulk._best == one._best
+    assert bulk._holders == one._holders
+    assert bulk._by_ha == one._by_ha
+    assert dict(bulk._hoa_mn.items()) == dict(one._hoa_mn.items())
+    assert sorted(bulk._heap) == sorted(one._heap)
