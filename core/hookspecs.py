@@ -67,6 +67,30 @@ class SAStore(Protocol):
     already held by a live SA -- that is how SPI uniqueness survives restarts
     and is shared by every HAC using the same store.  Expired SAs are not
     live: ``get`` never returns one.
+
+    The roles also use these methods when a store has them (looked up by
+    name; the SQLite and memory stores, ``plugins/sa_store_sqlite.py``, have
+    them all and document each).  Without one, the role falls back to the
+    methods above -- correct, but at a cost that grows with the live SAs
+    (issue 9), so a store meant for 100,000 MNs should offer them:
+
+    * HAC, every bootstrap: ``live_summary`` (SAs per HA and the HoA table
+      in one look, kept in memory), ``live_spis_for_mn``, ``add_superseding``
+      (the new SA stored and the MN's older ones retired in one
+      transaction); ``track_delivery`` (an attribute the HAC sets true),
+      ``delivered_many`` and ``undelivered`` together (an SA stays
+      "pending" until its 200 has left, so a crash in between cannot leave
+      it live);
+      ``confirm_retired_many``.
+    * HAC, operator commands: ``live_counts`` and ``live_listing`` (columns
+      only, no key unwrapped), ``live_counts_apart`` and
+      ``live_listing_apart`` (the same on a connection of their own, called
+      from a worker thread: they must not touch the role's connection; return
+      None to be asked on the loop instead), ``live_for_nai`` (every spelling
+      of the realm, for ``revoke``).
+    * HA: ``add_many``, ``discard_many``, ``transaction`` and
+      ``shared_connection`` (a burst of installs and their binding-cache
+      records in one commit), ``has_live``.
     """
 
     def add(self, issued: IssuedSA) -> bool: ...
