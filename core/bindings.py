@@ -261,7 +261,13 @@ class _Ending(Generic[_K, _V]):
 
     def pop(self, key: _K) -> _V | None:
         self._until.pop(key, None)
-        return self.items.pop(key, None)  # its heap entry goes stale
+        value = self.items.pop(key, None)  # its heap entry goes stale
+        if value is not None:
+            self._gone(value)
+        return value
+
+    def _gone(self, value: _V) -> None:
+        """``value`` left the map (``pop``, ``pop_ended``): for subclasses that count."""
 
     def until(self, key: _K) -> float:
         return self._until[key]
@@ -272,7 +278,8 @@ class _Ending(Generic[_K, _V]):
         while heap and heap[0][0] <= now:
             until, key = heapq.heappop(heap)
             if self._until.get(key) == until:
-                del self.items[key], self._until[key]
+                del self._until[key]
+                self._gone(self.items.pop(key))
                 out.append(key)
         return out
 
@@ -289,30 +296,15 @@ class _SpiRecords(_Ending[int, _SpiRecord]):
 
     def set(self, key: int, value: _SpiRecord, until: float) -> None:
         old = self.items.get(key)
-        if old is not None and old.dead:
-            self.dead -= 1
+        if old is not None:
+            self._gone(old)  # replaced
         super().set(key, value, until)
         if value.dead:
             self.dead += 1
 
-    def pop(self, key: int) -> _SpiRecord | None:
-        rec = super().pop(key)
-        if rec is not None and rec.dead:
+    def _gone(self, value: _SpiRecord) -> None:
+        if value.dead:
             self.dead -= 1
-        return rec
-
-    def pop_ended(self, now: float) -> list[int]:
-        items = self.items
-        heap = self._heap
-        out: list[int] = []
-        while heap and heap[0][0] <= now:
-            until, key = heapq.heappop(heap)
-            if self._until.get(key) == until:
-                if items.pop(key).dead:
-                    self.dead -= 1
-                del self._until[key]
-                out.append(key)
-        return out
 
 
 def _row(b: Binding) -> tuple[object, ...]:

@@ -1113,12 +1113,13 @@ class SQLiteSAStore:
         """
         if mn_id is not None:
             return self._live_rows_of_nai(self._LISTING, 1, mn_id, now)  # any spelling
-        return self._conn.execute(
-            f"SELECT {self._LISTING} FROM issued_sa WHERE validity_end > ?",  # noqa: S608
-            (_timestamp(now, "now"),),
-        ).fetchall()
+        return self._conn.execute(self._LIVE_LISTING, (_timestamp(now, "now"),)).fetchall()
 
     _LISTING = "spi, mn_id, ha_id, suite, scope, validity_end, ip6_hoa, ip4_hoa"
+    _LIVE_LISTING = f"SELECT {_LISTING} FROM issued_sa WHERE validity_end > ?"  # noqa: S608
+    _LIVE_COUNTS = (
+        "SELECT ha_id, suite, COUNT(*) FROM issued_sa WHERE validity_end > ? GROUP BY ha_id, suite"
+    )
 
     def live_listing_apart(
         self, now: datetime
@@ -1127,28 +1128,20 @@ class SQLiteSAStore:
         a worker thread (``mipsec sas``: 100,000 rows held the event loop for
         0.16 s); None for a memory store.  One MN's listing is an index seek
         and stays on the loop."""
-        conn = self._apart()
-        if conn is None:
-            return None
-        try:
-            return conn.execute(
-                f"SELECT {self._LISTING} FROM issued_sa WHERE validity_end > ?",  # noqa: S608
-                (_timestamp(now, "now"),),
-            ).fetchall()
-        finally:
-            conn.close()
+        return self._read_apart(self._LIVE_LISTING, now)
 
-    def _apart(self) -> sqlite3.Connection | None:
-        """A connection of its own to this store's file, for one read in a
-        worker thread (a WAL reader never waits for a writer, and sqlite3
-        releases the GIL while a statement runs); None for a memory store."""
+    def _read_apart(self, sql: str, now: datetime) -> list[Any] | None:
+        """The rows of ``sql`` (live at ``now``) read on a connection of its own
+        to this store's file, for a worker thread (a WAL reader never waits
+        for a writer, and sqlite3 releases the GIL while a statement runs);
+        None for a memory store (no file to open again)."""
         if self.path is None:
             return None
-        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-
-    _LIVE_COUNTS = (
-        "SELECT ha_id, suite, COUNT(*) FROM issued_sa WHERE validity_end > ? GROUP BY ha_id, suite"
-    )
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            return conn.execute(sql, (_timestamp(now, "now"),)).fetchall()
+        finally:
+            conn.close()
 
     def live_counts(self, now: datetime) -> list[tuple[str, int, int]]:
         """``(ha_id, suite, count)`` of the live SAs: ``status`` without a listing."""
@@ -1164,13 +1157,7 @@ class SQLiteSAStore:
         connection, it leaves the loop free: sqlite3 releases the GIL while
         the statement runs, and a WAL reader never waits for a writer.
         """
-        conn = self._apart()
-        if conn is None:
-            return None
-        try:
-            return conn.execute(self._LIVE_COUNTS, (_timestamp(now, "now"),)).fetchall()
-        finally:
-            conn.close()
+        return self._read_apart(self._LIVE_COUNTS, now)
 
     def live_for_nai(self, mn_id: str, now: datetime) -> list[IssuedSA]:
         """The live SAs stored under any spelling of the NAI ``mn_id``: every
