@@ -81,7 +81,11 @@ class SAStore(Protocol):
       ``delivered_many`` and ``undelivered`` together (an SA stays
       "pending" until its 200 has left, so a crash in between cannot leave
       it live);
-      ``confirm_retired_many``.
+      ``confirm_retired_many``; ``transaction`` (a context manager: every
+      write inside is one transaction, one commit, and is visible to the
+      store's own reads at once -- the HAC stores the SAs of one event-loop
+      turn in it, choosing each one's home address with the earlier ones in
+      view; on any error it rolls everything back and re-raises).
     * HAC, operator commands: ``live_counts`` and ``live_listing`` (columns
       only, no key unwrapped), ``live_counts_apart`` and
       ``live_listing_apart`` (the same on a connection of their own, called

@@ -21,6 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,29 @@ class IssueFailure(Exception):
         super().__init__(reason)
         self.status = status
         self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """What an SA needs before its store write (``HacService._prepare``)."""
+
+    ha: HomeAgentInfo
+    bootstrap: BootstrapData
+    transport: Any
+    superseding: Any  # the transport's provision_superseding, if it has one
+    old: tuple[int, ...]  # SPIs on the same HA to withdraw with the install
+
+
+@dataclass(slots=True)
+class _Stored:
+    """An SA in the store, not yet provisioned (``HacService._store_now``)."""
+
+    issued: IssuedSA
+    ha: HomeAgentInfo
+    transport: Any
+    superseding: Any
+    old: tuple[int, ...]  # the SAs it supersedes on its HA, withdrawn with the install
+    taken: list[Any] | None  # those retired in its transaction (add_superseding)
 
 
 # Withdrawal retries of a retired SA (superseded, revoked): back off up to
@@ -173,6 +197,12 @@ class HacService:
         self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
         self._withdrawing: set[int] = set()  # SPIs with a withdrawal task running
         self._issuing_spis: set[int] = set()  # SAs stored but not yet delivered (200)
+        # Issue 9: the SAs issued in one event-loop turn are stored in one
+        # transaction, one commit (``_commit_group``), with a store that can
+        # group writes (``transaction()``: the SQLite and memory stores).
+        self._grouped = callable(getattr(self.store, "transaction", None))
+        self._group: list[tuple[str, Any, int, datetime, asyncio.Future[_Stored]]] = []
+        self._group_handle: asyncio.Handle | None = None
         self._to_confirm: set[int] = set()  # withdrawals the HA confirmed, to record
         self._to_mark_delivered: set[int] = set()  # 200s sent, to record (same batch)
         self._confirm_timer: asyncio.TimerHandle | None = None
@@ -662,6 +692,59 @@ class HacService:
         take it back.
         """
         now = utcnow()
+        if self._grouped:
+            stored = await self._store_in_group(mn_id, suite, scope, now)
+        else:
+            stored = self._store_now(self._prepare(mn_id, now), mn_id, suite, scope, now)
+        issued, ha, transport = stored.issued, stored.ha, stored.transport
+        spi = issued.sa.spi
+        self._issuing_spis.add(spi)
+        if on_stored is not None:
+            on_stored(issued)
+        timeout = self.cfg.hac.provisioning_timeout
+        # An in-process HA answers before the call returns (no I/O): no
+        # deadline timer to arm and cancel on every bootstrap (issue 9).
+        deadline: Any = (
+            contextlib.nullcontext()
+            if getattr(transport, "in_process", False)
+            else asyncio.timeout(timeout)
+        )
+        old, superseding = stored.old, stored.superseding
+        try:
+            async with deadline:
+                if old and superseding is not None:
+                    confirmed = await superseding(ha, issued, old, timeout)
+                else:
+                    await transport.provision(ha, issued, timeout)
+                    confirmed = ()
+        except BaseException as exc:
+            # Nothing half-provisioned survives: out of the store, and the HA
+            # told to forget it in case it did install it (retried until it
+            # confirms, also across restarts: the store records it).
+            self._undo_stored(stored, refused=_refused(exc))
+            # An in-process HA's refusal is the same to the MN as a network
+            # HA's 400: not confirmed, 504 (PROFILE §9).
+            if isinstance(exc, TimeoutError | ConnectionError | OSError | ProvisioningRefused):
+                failure = IssueFailure(TIMEOUT, f"ha-no-confirmation:{type(exc).__name__}")
+                failure.ha_id = ha.ha_id  # type: ignore[attr-defined]
+                failure.spi = spi  # type: ignore[attr-defined]
+                raise failure from None
+            raise
+        if stored.taken is not None:
+            for x in stored.taken:
+                self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, x.spi in confirmed)
+        else:
+            # A store without add_superseding: retired now, confirmed already.
+            for s in confirmed:
+                held = self.store.retire(s, "superseded")
+                if held is not None:
+                    sa_o = held.sa
+                    self._superseded(s, sa_o.mn_id, sa_o.ha_id, sa_o.validity_end, True)
+        return issued
+
+    def _prepare(self, mn_id: str, now: datetime) -> _Prepared:
+        """Everything an SA needs before its store write, reading only: the
+        HA, the home address, the older SAs it supersedes on that HA."""
         store: Any = self.store
         summary = getattr(store, "live_summary", None)
         if summary is not None:
@@ -690,7 +773,6 @@ class HacService:
             dns_ip4=self.cfg.bootstrap.dns_ip4,
         )
         transport = self.transports[ha.ha_id]
-        timeout = self.cfg.hac.provisioning_timeout
         # Issue 6 item 3: once the new SA is confirmed by its HA, the older
         # ones are withdrawn.  Those on the same HA go with the install
         # (prov-withdraw, one round trip instead of two, both durable on the
@@ -700,11 +782,15 @@ class HacService:
         if superseding is not None:
             old = tuple(s for s, h in self._excess(mn_id, None) if h == ha.ha_id)
             old = old[:MAX_PIGGYBACK]
-        # With the SQLite store the new SA is stored and the older ones
-        # retired (unconfirmed) in one transaction: one commit, not two.
+        return _Prepared(ha, bootstrap, transport, superseding, old)
+
+    def _store_now(
+        self, prep: _Prepared, mn_id: str, suite: Any, scope: int, now: datetime
+    ) -> _Stored:
+        """Draw an SPI and store the SA (with the SQLite store: and retire the
+        SAs it supersedes, in the same transaction)."""
+        ha, old = prep.ha, prep.old
         add_superseding = getattr(self.store, "add_superseding", None) if old else None
-        taken: list[Any] | None = None
-        issued: IssuedSA | None = None
         for _ in range(SPI_DRAWS):
             sa = new_sa(
                 spi=random_spi(),
@@ -715,76 +801,89 @@ class HacService:
                 now=now,
                 ha_id=ha.ha_id,
             )
-            candidate = IssuedSA(sa, bootstrap)
+            candidate = IssuedSA(sa, prep.bootstrap)
             if add_superseding is not None:
                 taken = add_superseding(candidate, old, "superseded")
                 if taken is not None:
-                    issued = candidate
                     old = tuple(x.spi for x in taken)
-                    break
+                    return _Stored(candidate, ha, prep.transport, prep.superseding, old, taken)
             elif self.store.add(candidate):
-                issued = candidate
-                break
-        if issued is None:
-            raise IssueFailure(INTERNAL_ERROR, "no-free-spi")
-        spi = issued.sa.spi
-        self._issuing_spis.add(spi)
-        if on_stored is not None:
-            on_stored(issued)
-        # An in-process HA answers before the call returns (no I/O): no
-        # deadline timer to arm and cancel on every bootstrap (issue 9).
-        deadline: Any = (
-            contextlib.nullcontext()
-            if getattr(transport, "in_process", False)
-            else asyncio.timeout(timeout)
-        )
+                return _Stored(candidate, ha, prep.transport, prep.superseding, old, None)
+        raise IssueFailure(INTERNAL_ERROR, "no-free-spi")
+
+    async def _store_in_group(self, mn_id: str, suite: Any, scope: int, now: datetime) -> _Stored:
+        """``_store_now`` in the group of this event-loop turn: one
+        transaction, one commit, for every SA issued in the turn (issue 9)."""
+        fut: asyncio.Future[_Stored] = asyncio.get_running_loop().create_future()
+        self._group.append((mn_id, suite, scope, now, fut))
+        if self._group_handle is None:
+            self._group_handle = asyncio.get_running_loop().call_soon(self._commit_group)
         try:
-            async with deadline:
-                if old and superseding is not None:
-                    confirmed = await superseding(ha, issued, old, timeout)
-                else:
-                    await transport.provision(ha, issued, timeout)
-                    confirmed = ()
-        except BaseException as exc:
-            # Nothing half-provisioned survives: out of the store, and the HA
-            # told to forget it in case it did install it (retried until it
-            # confirms, also across restarts: the store records it).
-            self._issuing_spis.discard(spi)
-            self._take_back(spi, mn_id, "provisioning-failed")
-            refused = _refused(exc)
-            if taken is not None:
-                # The HA refused the install: it withdrew nothing either, so
-                # the older SAs are live again -- unless the store cannot
-                # write that now; then they are withdrawn as below.
-                if not (refused and self._restore(taken, mn_id)):
-                    # No answer, or a 5xx (outcome unknown): the HA may have
-                    # withdrawn them.  They stay retired, and are withdrawn
-                    # until the HA confirms.
-                    for x in taken:
-                        self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
-            elif old and not refused:
-                # The same without the one-transaction store.
-                for s in old:
-                    self._take_back(s, mn_id, "superseded")
-            # An in-process HA's refusal is the same to the MN as a network
-            # HA's 400: not confirmed, 504 (PROFILE §9).
-            if isinstance(exc, TimeoutError | ConnectionError | OSError | ProvisioningRefused):
-                failure = IssueFailure(TIMEOUT, f"ha-no-confirmation:{type(exc).__name__}")
-                failure.ha_id = ha.ha_id  # type: ignore[attr-defined]
-                failure.spi = spi  # type: ignore[attr-defined]
-                raise failure from None
+            return await fut
+        except asyncio.CancelledError:
+            # Cancelled after the commit stored it (the task had not resumed
+            # yet): nobody will provision it, so it goes, and what it
+            # superseded comes back -- its HA never heard of the new SA.
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._undo_stored(fut.result(), refused=True)
             raise
-        if taken is not None:
-            for x in taken:
-                self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, x.spi in confirmed)
-        else:
-            # A store without add_superseding: retired now, confirmed already.
-            for s in confirmed:
-                held = self.store.retire(s, "superseded")
-                if held is not None:
-                    sa_o = held.sa
-                    self._superseded(s, sa_o.mn_id, sa_o.ha_id, sa_o.validity_end, True)
-        return issued
+
+    def _commit_group(self) -> None:
+        """Store every SA queued in this turn in one transaction.
+
+        Each one is prepared (HA, home address: reading the store, which
+        shows the group's earlier rows) and written in turn; a failure of
+        the preparation fails that MN alone.  A failed write or COMMIT rolls
+        the whole group back and fails every MN in it: the store then holds
+        none of them, and no HA was told of any.
+        """
+        group, self._group, self._group_handle = self._group, [], None
+        queued = [q for q in group if not q[4].done()]  # a cancelled caller: nothing stored
+        if not queued:
+            return
+        results: list[_Stored | BaseException] = []
+        try:
+            with self.store.transaction():  # type: ignore[attr-defined]
+                for mn_id, suite, scope, now, _fut in queued:
+                    try:
+                        prep = self._prepare(mn_id, now)
+                    except Exception as exc:  # handed to that caller alone
+                        results.append(exc)
+                        continue
+                    try:
+                        results.append(self._store_now(prep, mn_id, suite, scope, now))
+                    except IssueFailure as exc:  # no free SPI: nothing written
+                        results.append(exc)
+        except Exception as exc:
+            for *_, fut in queued:
+                fut.set_exception(exc)
+            return
+        for (*_, fut), result in zip(queued, results, strict=True):
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    def _undo_stored(self, stored: _Stored, *, refused: bool) -> None:
+        """Take back a stored SA whose install failed or never went out;
+        ``refused``: its HA certainly did not install it (it refused, or was
+        never asked), so it withdrew nothing either."""
+        spi, mn_id = stored.issued.sa.spi, stored.issued.sa.mn_id
+        self._issuing_spis.discard(spi)
+        self._take_back(spi, mn_id, "provisioning-failed")
+        if stored.taken is not None:
+            # The older SAs are live again -- unless the store cannot write
+            # that now; then they are withdrawn as below.
+            if not (refused and self._restore(stored.taken, mn_id)):
+                # No answer, or a 5xx (outcome unknown): the HA may have
+                # withdrawn them.  They stay retired, and are withdrawn
+                # until the HA confirms.
+                for x in stored.taken:
+                    self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
+        elif stored.old and not refused:
+            # The same without the one-transaction store.
+            for s in stored.old:
+                self._take_back(s, mn_id, "superseded")
 
     def _superseded(
         self, spi: int, mn_id: str, ha_id: str, validity_end: datetime, confirmed: bool

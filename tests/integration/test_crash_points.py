@@ -246,6 +246,41 @@ def test_hac_killed_between_its_store_commit_and_the_install(
         first.close()
 
 
+def test_hac_killed_inside_its_group_transaction(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> None:
+    """The HAC stores the SAs of one event-loop turn in one transaction
+    (issue 9): the re-bootstrap's new row and the retirement of the MN's
+    first SA are written, then the HAC dies before the COMMIT.  None of it
+    survives: after the restart the first SA is still live on the HAC and on
+    the HA, nothing is retired or stranded, and the MN's binding under it
+    still works."""
+    ha_proc.start()
+    hac.start(
+        [*CRASHPOINT, "mipsec.plugins.sa_store_sqlite:SQLiteSAStore.add_superseding", "1+", "--"]
+    )
+    first = Mn(lab)
+    try:
+        assert first.register(first.bu(10))["status"] == 0
+        assert final_status(lab) is None  # killed inside the transaction: no 200
+        hac.wait_killed()
+        assert live_on_hac(lab) == [first.spi] and unconfirmed(lab) == []
+        hac.start()
+        assert first.register(first.bu(11))["status"] == 0
+        assert live_on_hac(lab) == [first.spi] and held_by_ha(lab) == [first.spi]
+        again = Mn(lab)
+        try:
+            assert again.register(again.bu(12))["status"] == 0
+            wait_for(
+                "the first SA withdrawn by the re-bootstrap",
+                lambda: live_on_hac(lab) == [again.spi] and held_by_ha(lab) == [again.spi],
+            )
+        finally:
+            again.close()
+    finally:
+        first.close()
+
+
 def test_a_clean_stop_right_after_a_200_keeps_the_sa(
     lab: Lab, hac: HacProcess, ha_proc: HaProcess
 ) -> None:

@@ -1,0 +1,286 @@
+"""The HAC's group commit (issue 9 item 3): the SAs issued in one event-loop
+turn are stored in one transaction, one commit.
+
+A real ``HacService`` with its HA in the same process (``[local_ha]``), the
+SQLite store on a file; the store is observed, and failures injected, by a
+store plugin registered through ``mipsec_sa_stores`` -- the hook a third
+party uses -- that subclasses the shipped SQLite store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_hac_lifecycle import Stack, hac_config, hac_data, mn_config, run
+
+from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.model import HomeAgentInfo
+from mipsec.core.pki import PkiPaths, init_pki
+from mipsec.core.roles.hac import IssueFailure
+from mipsec.core.roles.mn import bootstrap
+from mipsec.core.suites import Suite
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
+
+SUITE = Suite.AES_128_CBC_SHA256
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
+    return init_pki(tmp_path_factory.mktemp("pki"))
+
+
+class WatchedStore(SQLiteSAStore):
+    """The SQLite store, counting its commits and failing a COMMIT on demand."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.commits = 0
+        self.fail_commit = False
+        self._conn.set_trace_callback(self._trace)
+
+    def _trace(self, sql: str) -> None:
+        # A write outside BEGIN ... COMMIT is a transaction (and a commit) of
+        # its own in autocommit mode.
+        head = sql.lstrip().split(None, 1)[0].upper()
+        if head == "COMMIT" or (
+            head in ("INSERT", "UPDATE", "DELETE") and not self._conn.in_transaction
+        ):
+            self.commits += 1
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with super().transaction():
+            yield
+            if self.fail_commit:  # as a full disk fails the COMMIT
+                raise sqlite3.OperationalError("database or disk is full")
+
+
+class WatchedPlugin:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.store: WatchedStore | None = None
+
+    @hookimpl
+    def mipsec_sa_stores(self) -> list[Any]:
+        plugin = self
+
+        class Factory:
+            name = "watched"
+
+            def create(self, options: Mapping[str, Any], ctx: PluginContext) -> WatchedStore:
+                plugin.store = WatchedStore(plugin.path)
+                return plugin.store
+
+        return [Factory()]
+
+
+class PickySelector:
+    """Chooses the first HA, and fails (a plugin bug) for one MN."""
+
+    @hookimpl
+    def mipsec_ha_selectors(self) -> list[Any]:
+        class Selector:
+            def select(
+                self, mn_id: str, candidates: Any, live_sas: Mapping[str, int]
+            ) -> HomeAgentInfo | None:
+                if mn_id.startswith("boom"):
+                    raise RuntimeError("selector bug")
+                return candidates[0] if candidates else None
+
+        class Factory:
+            name = "picky"
+
+            def create(self, options: Mapping[str, Any], ctx: PluginContext) -> Selector:
+                return Selector()
+
+        return [Factory()]
+
+
+def stack(tmp_path: Path, pki: PkiPaths, *plugins: object, **hoa: Any) -> tuple[Stack, Path]:
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "watched"}
+    data["home_addresses"].update(hoa)
+    if any(isinstance(p, PickySelector) for p in plugins):
+        data["ha_selection"] = {"selector": "picky"}
+    return Stack(hac_config(data, tmp_path), plugins), tmp_path / "sa.db"
+
+
+def committed_rows(path: Path) -> list[tuple[str, str]]:
+    """(mn_id, ip6_hoa) of every SA row another connection sees: committed."""
+    with sqlite3.connect(path) as c:
+        return sorted(c.execute("SELECT mn_id, ip6_hoa FROM issued_sa").fetchall())
+
+
+def mn(i: int) -> str:
+    return f"mn{i}@mipsec.test"
+
+
+def test_sas_issued_in_one_turn_share_one_commit(tmp_path: Path, pki: PkiPaths) -> None:
+    """Eight MNs' SAs issued in one turn: one commit, eight rows that another
+    connection sees, eight distinct SPIs and home addresses, all on the HA."""
+    plugin = WatchedPlugin(tmp_path / "sa.db")
+    st, db = stack(tmp_path, pki, plugin)
+
+    async def main() -> tuple[list[Any], int, list[Any]]:
+        async with st:
+            assert st.hac is not None and st.ha is not None and plugin.store is not None
+            before = plugin.store.commits
+            issued = await asyncio.gather(*(st.hac.issue_sa(mn(i), SUITE, 1) for i in range(8)))
+            commits = plugin.store.commits - before
+            now = datetime.now(UTC)
+            on_ha = [st.ha.store.get(x.sa.spi, now) for x in issued]
+            return issued, commits, on_ha
+
+    issued, commits, on_ha = run(main())
+    assert commits == 1
+    assert len({x.sa.spi for x in issued}) == 8
+    assert len({x.bootstrap.ip6_hoa for x in issued}) == 8
+    assert committed_rows(db) == sorted((x.sa.mn_id, str(x.bootstrap.ip6_hoa)) for x in issued)
+    assert [x.sa.spi if x else None for x in on_ha] == [x.sa.spi for x in issued]
+
+
+def test_a_group_sees_its_own_home_addresses(tmp_path: Path, pki: PkiPaths) -> None:
+    """Four new MNs in one turn, three addresses in the pool: each member's
+    home address is chosen with the earlier members' rows in view, so three
+    get distinct addresses and the fourth 503 (pool exhausted), not a
+    duplicate."""
+    plugin = WatchedPlugin(tmp_path / "sa.db")
+    st, db = stack(tmp_path, pki, plugin, ip6_first="2001:db8:1::1", ip6_last="2001:db8:1::3")
+
+    async def main() -> list[Any]:
+        async with st:
+            assert st.hac is not None
+            return await asyncio.gather(
+                *(st.hac.issue_sa(mn(i), SUITE, 1) for i in range(4)), return_exceptions=True
+            )
+
+    got = run(main())
+    ok = [x for x in got if not isinstance(x, BaseException)]
+    failed = [x for x in got if isinstance(x, BaseException)]
+    assert sorted(str(x.bootstrap.ip6_hoa) for x in ok) == [f"2001:db8:1::{i}" for i in (1, 2, 3)]
+    assert len(failed) == 1 and isinstance(failed[0], IssueFailure)
+    assert failed[0].status == 503 and str(failed[0]) == "home-address-pool-exhausted"
+    assert len(committed_rows(db)) == 3
+
+
+def test_a_failed_group_commit_keeps_nothing_and_frees_its_addresses(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """The COMMIT fails (a full disk): every MN of the group gets the store's
+    error, the store holds none of their SAs, no HA was asked to install one,
+    and the addresses they were given are free again for the next group."""
+    plugin = WatchedPlugin(tmp_path / "sa.db")
+    st, db = stack(tmp_path, pki, plugin)
+
+    async def main() -> tuple[list[Any], list[Any], int]:
+        async with st:
+            assert st.hac is not None and st.ha is not None and plugin.store is not None
+            plugin.store.fail_commit = True
+            failed = await asyncio.gather(
+                *(st.hac.issue_sa(mn(i), SUITE, 1) for i in range(4)), return_exceptions=True
+            )
+            plugin.store.fail_commit = False
+            again = await asyncio.gather(*(st.hac.issue_sa(mn(i), SUITE, 1) for i in range(4)))
+            return failed, again, len(st.ha.store.live(datetime.now(UTC)))
+
+    failed, again, on_ha = run(main())
+    assert [type(x).__name__ for x in failed] == ["OperationalError"] * 4
+    # Nothing of the failed group anywhere: the HA holds only the second group.
+    assert on_ha == 4
+    assert committed_rows(db) == sorted((x.sa.mn_id, str(x.bootstrap.ip6_hoa)) for x in again)
+    assert sorted(str(x.bootstrap.ip6_hoa) for x in again) == [
+        f"2001:db8:1::{i}" for i in (1, 2, 3, 4)
+    ]
+
+
+def test_a_failed_group_answers_500_to_each_mn(tmp_path: Path, pki: PkiPaths) -> None:
+    """What MNs see of a failed group commit: three real MN bootstraps at
+    once, each gets a 500 final response (PROFILE §6) and no SA; the next
+    bootstrap, with the store writable again, gets its 200."""
+    plugin = WatchedPlugin(tmp_path / "sa.db")
+    st, db = stack(tmp_path, pki, plugin)
+
+    async def main() -> tuple[list[int | None], int | None]:
+        async with st:
+            assert plugin.store is not None
+            plugin.store.fail_commit = True
+            cfg = mn_config(pki, st.port)
+            got = await asyncio.gather(*(bootstrap(cfg) for _ in range(3)))
+            plugin.store.fail_commit = False
+            return [g.status for g in got], (await bootstrap(cfg)).status
+
+    statuses, after = run(main())
+    assert statuses == [500, 500, 500]
+    assert after == 200
+    assert len(committed_rows(db)) == 1
+
+
+def test_a_preparation_failure_fails_only_that_member(tmp_path: Path, pki: PkiPaths) -> None:
+    """A plugin raising for one MN (here the HA selector) fails that MN alone;
+    the rest of its group is stored and committed."""
+    plugin = WatchedPlugin(tmp_path / "sa.db")
+    st, db = stack(tmp_path, pki, plugin, PickySelector())
+    ids = [mn(0), "boom@mipsec.test", mn(2)]
+
+    async def main() -> list[Any]:
+        async with st:
+            assert st.hac is not None
+            return await asyncio.gather(
+                *(st.hac.issue_sa(i, SUITE, 1) for i in ids), return_exceptions=True
+            )
+
+    got = run(main())
+    assert isinstance(got[1], RuntimeError)
+    assert [x.sa.mn_id for x in (got[0], got[2])] == [mn(0), mn(2)]
+    assert [r[0] for r in committed_rows(db)] == [mn(0), mn(2)]
+
+
+@pytest.mark.parametrize("when", ["before-the-commit", "after-the-commit"])
+def test_a_caller_cancelled_around_the_commit_leaves_nothing_live(
+    tmp_path: Path, pki: PkiPaths, when: str
+) -> None:
+    """The MN goes away while its SA waits for the group's commit.
+
+    Before the commit: nothing of it is written.  After the commit but
+    before its task resumed: it is taken back from the store, no HA was
+    asked to install it, and the SA it superseded (same MN, same HA) is
+    live again -- its HA was never told to withdraw it.
+    """
+    plugin = WatchedPlugin(tmp_path / "sa.db")
+    st, _db = stack(tmp_path, pki, plugin)
+
+    async def main() -> tuple[bool, list[int], int, int, bool]:
+        async with st:
+            hac = st.hac
+            assert hac is not None and st.ha is not None
+            old = await hac.issue_sa(mn(1), SUITE, 1)
+            hac.deliver(old, "127.0.0.1:1")
+            tasks = [asyncio.create_task(hac.issue_sa(mn(i), SUITE, 1)) for i in range(3)]
+            await asyncio.sleep(0)  # each task queued its SA; the commit is next
+            assert len(hac._group) == 3 and hac._group_handle is not None
+            if when == "after-the-commit":
+                await asyncio.sleep(0)  # the commit ran; the tasks not resumed yet
+                assert not hac._group and not any(t.done() for t in tasks)
+            tasks[1].cancel()
+            got = await asyncio.gather(*tasks, return_exceptions=True)
+            now = datetime.now(UTC)
+            live = [x.sa.spi for x in hac.store.live(now) if x.sa.mn_id == mn(1)]
+            on_ha = len(st.ha.store.live(now))
+            cancelled = isinstance(got[1], asyncio.CancelledError)
+            # Only the two others wait for their 200 (``deliver``).
+            others = {got[0].sa.spi, got[2].sa.spi}
+            return cancelled, live, old.sa.spi, on_ha, hac._issuing_spis == others
+
+    cancelled, live, old_spi, on_ha, issuing = run(main())
+    assert cancelled
+    # mn1 holds exactly its old SA again; the HA holds it and the other two.
+    assert live == [old_spi]
+    assert on_ha == 3
+    assert issuing
