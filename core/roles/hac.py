@@ -201,7 +201,7 @@ class HacService:
         # transaction, one commit (``_commit_group``), with a store that can
         # group writes (``transaction()``: the SQLite and memory stores).
         self._grouped = callable(getattr(self.store, "transaction", None))
-        self._group: list[tuple[str, Any, int, datetime, asyncio.Future[_Stored]]] = []
+        self._group: list[tuple[str, Any, int, asyncio.Future[_Stored]]] = []
         self._group_handle: asyncio.Handle | None = None
         self._to_confirm: set[int] = set()  # withdrawals the HA confirmed, to record
         self._to_mark_delivered: set[int] = set()  # 200s sent, to record (same batch)
@@ -555,11 +555,19 @@ class HacService:
         for spi, _ha_id in self._excess(mn_id, keep):
             self.retire(spi, "superseded")
 
-    def _excess(self, mn_id: str, keep: int | None) -> list[tuple[int, str]]:
+    def _excess(
+        self, mn_id: str, keep: int | None, now: datetime | None = None
+    ) -> list[tuple[int, str]]:
         """``(spi, ha_id)`` of the MN's SAs beyond ``max_sas_per_mn`` once
-        ``keep`` is counted: the oldest first, SAs still being issued spared."""
+        ``keep`` is counted: the oldest first, SAs still being issued spared.
+
+        ``now``: the instant the caller read the store at.  A later one here
+        would move the store's live view past the caller's instant, and a
+        view asked about an instant it has passed answers with SQL over every
+        live SA (the next SA of a group commit would pay that).
+        """
         order = self._delivered
-        now = utcnow()
+        now = now or utcnow()
         fast = getattr(self.store, "live_spis_for_mn", None)
         # (spi, validity end, ha_id) of the MN's SAs; the SQLite store gives
         # them without unwrapping keys (this runs on every bootstrap).
@@ -691,10 +699,10 @@ class HacService:
         as it is in the store, so a caller cancelled at any instant can still
         take it back.
         """
-        now = utcnow()
         if self._grouped:
-            stored = await self._store_in_group(mn_id, suite, scope, now)
+            stored = await self._store_in_group(mn_id, suite, scope)
         else:
+            now = utcnow()
             stored = self._store_now(self._prepare(mn_id, now), mn_id, suite, scope, now)
         issued, ha, transport = stored.issued, stored.ha, stored.transport
         spi = issued.sa.spi
@@ -780,7 +788,7 @@ class HacService:
         superseding = getattr(transport, "provision_superseding", None)
         old: tuple[int, ...] = ()
         if superseding is not None:
-            old = tuple(s for s, h in self._excess(mn_id, None) if h == ha.ha_id)
+            old = tuple(s for s, h in self._excess(mn_id, None, now) if h == ha.ha_id)
             old = old[:MAX_PIGGYBACK]
         return _Prepared(ha, bootstrap, transport, superseding, old)
 
@@ -811,11 +819,11 @@ class HacService:
                 return _Stored(candidate, ha, prep.transport, prep.superseding, old, None)
         raise IssueFailure(INTERNAL_ERROR, "no-free-spi")
 
-    async def _store_in_group(self, mn_id: str, suite: Any, scope: int, now: datetime) -> _Stored:
+    async def _store_in_group(self, mn_id: str, suite: Any, scope: int) -> _Stored:
         """``_store_now`` in the group of this event-loop turn: one
         transaction, one commit, for every SA issued in the turn (issue 9)."""
         fut: asyncio.Future[_Stored] = asyncio.get_running_loop().create_future()
-        self._group.append((mn_id, suite, scope, now, fut))
+        self._group.append((mn_id, suite, scope, fut))
         if self._group_handle is None:
             self._group_handle = asyncio.get_running_loop().call_soon(self._commit_group)
         try:
@@ -838,13 +846,18 @@ class HacService:
         none of them, and no HA was told of any.
         """
         group, self._group, self._group_handle = self._group, [], None
-        queued = [q for q in group if not q[4].done()]  # a cancelled caller: nothing stored
+        queued = [q for q in group if not q[3].done()]  # a cancelled caller: nothing stored
         if not queued:
             return
+        # One instant for the whole group, taken now: a time from when an SA
+        # was queued may lie before what the store's view has seen since
+        # (``deliver`` reads it at the current time), and a view asked about
+        # the past answers with SQL over every live SA instead.
+        now = utcnow()
         results: list[_Stored | BaseException] = []
         try:
             with self.store.transaction():  # type: ignore[attr-defined]
-                for mn_id, suite, scope, now, _fut in queued:
+                for mn_id, suite, scope, _fut in queued:
                     try:
                         prep = self._prepare(mn_id, now)
                     except Exception as exc:  # handed to that caller alone

@@ -43,12 +43,15 @@ class WatchedStore(SQLiteSAStore):
         super().__init__(path)
         self.commits = 0
         self.fail_commit = False
+        self.selects: list[str] = []  # SELECTs that read issued_sa
         self._conn.set_trace_callback(self._trace)
 
     def _trace(self, sql: str) -> None:
         # A write outside BEGIN ... COMMIT is a transaction (and a commit) of
         # its own in autocommit mode.
         head = sql.lstrip().split(None, 1)[0].upper()
+        if head == "SELECT" and "FROM issued_sa" in sql:
+            self.selects.append(sql)
         if head == "COMMIT" or (
             head in ("INSERT", "UPDATE", "DELETE") and not self._conn.in_transaction
         ):
@@ -144,6 +147,38 @@ def test_sas_issued_in_one_turn_share_one_commit(tmp_path: Path, pki: PkiPaths) 
     assert len({x.bootstrap.ip6_hoa for x in issued}) == 8
     assert committed_rows(db) == sorted((x.sa.mn_id, str(x.bootstrap.ip6_hoa)) for x in issued)
     assert [x.sa.spi if x else None for x in on_ha] == [x.sa.spi for x in issued]
+
+
+def test_a_group_is_served_from_the_live_view(tmp_path: Path, pki: PkiPaths) -> None:
+    """Every SA of a group -- new MNs, then the same MNs again (each
+    superseding its first SA) -- is prepared from the store's live view, not
+    by SQL over every live SA: the cost per bootstrap must not grow with the
+    number of MNs (issue 9).  A member prepared at an instant the view had
+    already passed (the previous member's supersede step read it later) once
+    sent every later member of the group to SQL."""
+    plugin = WatchedPlugin(tmp_path / "sa.db")
+    st, _db = stack(tmp_path, pki, plugin)
+
+    async def main() -> tuple[list[str], int, list[Any]]:
+        async with st:
+            hac = st.hac
+            assert hac is not None and plugin.store is not None
+            first = await asyncio.gather(*(hac.issue_sa(mn(i), SUITE, 1) for i in range(8)))
+            for x in first:
+                hac.deliver(x, "127.0.0.1:1")
+            plugin.store.selects.clear()
+            commits = plugin.store.commits
+            again = await asyncio.gather(*(hac.issue_sa(mn(i), SUITE, 1) for i in range(8)))
+            commits = plugin.store.commits - commits
+            selects = list(plugin.store.selects)
+            live = sorted(x.sa.spi for x in hac.store.live(datetime.now(UTC)))
+            assert live == sorted(x.sa.spi for x in again)  # each first SA superseded
+            return selects, commits, again
+
+    selects, commits, again = run(main())
+    assert selects == []
+    assert commits == 1
+    assert len({x.sa.spi for x in again}) == 8
 
 
 def test_a_group_sees_its_own_home_addresses(tmp_path: Path, pki: PkiPaths) -> None:
