@@ -39,6 +39,12 @@ opens its listener -- then started once more on the same files: the bench
 prints that start's time to its first bootstrap and the live SAs the store
 then holds (N and the bootstraps made so far; fewer is an error).
 
+``--revoked R``: the N-live HAC also starts with R other MNs in its list of
+revoked MNs (``mipsec revoke``; the snapshot file, written before the
+start), so its time to first bootstrap includes reading that list.  One of
+them holds credentials, and its bootstrap must be refused (401) -- proof
+that the list was read.
+
 Figures and ratios (N live / empty) are printed, never judged.  ``--quick``
 is N = 10,000 and short slices (CI).  The clients run in this process and
 compete with the HACs for the CPU.  Exit status 1 if a bootstrap failed.
@@ -77,7 +83,7 @@ from bootstrap import (  # a sibling script, not a package
     run_interruptible,
 )
 
-from mipsec.core.fsutil import create_private
+from mipsec.core.fsutil import PRIVATE_FILE, create_private, write_file
 from mipsec.core.labsetup import free_port
 from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.suites import SUITES, Suite
@@ -196,6 +202,17 @@ def _live_sas(n: int, lifetime: timedelta) -> Iterator[IssuedSA]:
         yield IssuedSA(sa=sa, bootstrap=bs)
 
 
+def _revoke(lab_dir: Path, config: Path, count: int) -> None:
+    """``count`` MNs in a revocation list snapshot (core/revocation.py's
+    format), and ``[revocations] path`` pointing the HAC at it."""
+    since = datetime.now(UTC).isoformat()
+    path = lab_dir / "revoked.json"
+    listed = {_mn_id("revoked", i): since for i in range(count)}
+    write_file(path, json.dumps({"version": 1, "revoked": listed}).encode(), PRIVATE_FILE)
+    with config.open("a") as f:
+        f.write(f'\n[revocations]\npath = "{path}"\n')
+
+
 def _mn_id(kind: str, i: int) -> str:
     return f"scale-{kind}-{i:06d}{REALM}"
 
@@ -308,6 +325,7 @@ async def run(args: argparse.Namespace) -> int:
         labs: list[Lab] = []
         try:
             fill_s = 0.0
+            revoked_mn: MN | None = None
             for name, live in (("empty", 0), ("full", n)):
                 lab_dir, info = _make_lab(root, name)
                 hac = info["hac"]
@@ -323,7 +341,14 @@ async def run(args: argparse.Namespace) -> int:
                 filler = (
                     (_mn_id("live", i), secrets.token_bytes(32)) for i in range(max(LEVELS), live)
                 )
-                _fill_credentials(lab_dir / "creds.sqlite", iter([*returning, *new, *filler]))
+                revoked: list[MN] = []
+                if live and args.revoked:
+                    revoked = [(_mn_id("revoked", 0), secrets.token_bytes(32))]
+                    revoked_mn = revoked[0]
+                    _revoke(lab_dir, Path(str(hac["config"])), args.revoked)
+                _fill_credentials(
+                    lab_dir / "creds.sqlite", iter([*returning, *new, *revoked, *filler])
+                )
                 if live:
                     with SQLiteSAStore(
                         lab_dir / "hac-sa.sqlite", key_file=lab_dir / "hac-sa.key"
@@ -346,6 +371,21 @@ async def run(args: argparse.Namespace) -> int:
                 ctx = mn_client_context(lab.ca, strict_rfc6618=False)
                 await _start(lab, lambda port, c=ctx, sn=lab.server_name: Client(c, port, sn))
                 clients[lab.name] = Client(ctx, lab.port, lab.server_name)
+
+            if args.revoked:
+                full = labs[1]
+                assert revoked_mn is not None
+                try:
+                    await clients[full.name].bootstrap(revoked_mn)
+                except RuntimeError as exc:
+                    if "401" not in str(exc):
+                        raise
+                else:
+                    raise RuntimeError("a revoked MN got a 200: the revocation list was not read")
+                print(
+                    f"N-live HAC started with {args.revoked:,} revoked MNs "
+                    f"(first bootstrap {full.first_bootstrap_s:.2f} s); a revoked MN got 401"
+                )
 
             rows: list[tuple[str, int, Result, Result]] = []
             for kind in ("returning", "new"):
@@ -629,6 +669,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="then SIGKILL the N-live HAC at these fractions of its start and restart it",
     )
+    p.add_argument(
+        "--revoked",
+        type=int,
+        default=0,
+        help="the N-live HAC also starts with this many MNs revoked (0)",
+    )
     p.add_argument("--ha-memory", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--bu-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -640,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.n < 1 or args.n > 1_000_000:
         p.error("--n: between 1 and 1000000")
+    if not 0 <= args.revoked <= 1_000_000:
+        p.error("--revoked: between 0 and 1000000")
     if args.duration <= 0:
         p.error("--duration must be positive")
     return run_interruptible(run, args)
