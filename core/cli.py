@@ -97,7 +97,6 @@ def result_json(result: BootstrapResult, *, show_keys: bool = False) -> dict[str
 
 async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     from mipsec.core.control import start_control
-    from mipsec.core.roles.ha_ops import HaOps
     from mipsec.core.roles.hac import HacService
     from mipsec.core.roles.hac_ops import HacOps
 
@@ -127,7 +126,12 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
             raise exc.under("local_ha.") from None
     service = HacService(cfg, config_file=config_file)
     await service.start()
-    ops = HacOps(service, config_file, HaOps(local_ha, config_file) if local_ha else None)
+    ha_ops = None
+    if local_ha is not None:
+        from mipsec.core.roles.ha_ops import HaOps  # the HA's commands: model 1 only
+
+        ha_ops = HaOps(local_ha, config_file)
+    ops = HacOps(service, config_file, ha_ops)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
     if early_hup:

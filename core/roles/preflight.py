@@ -26,7 +26,6 @@ from pydantic import BaseModel
 from mipsec.core import pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, ProvisioningListener
 from mipsec.core.errors import CertificateError, ConfigError, LocalProtocolError
-from mipsec.core.roles.mn import mn_secret
 from mipsec.core.secretfiles import InsecureFileError, check_private, check_private_sqlite
 from mipsec.core.tls import hac_server_context, mn_client_context, server_cb_octets
 
@@ -113,7 +112,9 @@ def _mn(cfg: MNConfig, file: str) -> None:
     pm = pluginmanager.make_plugin_manager(cfg.plugins.disable)
     # What the MN's start builds: the method's peer factory from its options
     # ([eap] for eap), so a wrong option fails here too, naming the key.
-    from mipsec.core.roles.mn import peer_factory
+    # Imported here: the HAC's and the HA's starts run this module too, and
+    # the MN role's code is a tenth of a second of imports they do not need.
+    from mipsec.core.roles.mn import mn_secret, peer_factory
 
     peer_factory(cfg, pm, file, check_only=True)
     if cfg.mn.psk_file is not None:
