@@ -281,6 +281,42 @@ def test_hac_killed_inside_its_group_transaction(
         first.close()
 
 
+@pytest.mark.parametrize("nth", ["1", "1+"])
+def test_hac_killed_inside_a_revoke_starts_again_with_its_list_whole(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess, nth: str
+) -> None:
+    """SIGKILL of the running HAC inside ``mipsec revoke``: after the journal
+    line's write, before its fsync ("1") or after it ("1+"), in both cases
+    before the command is answered.  The revoke was never acknowledged; the
+    restarted HAC must start (the journal is whole: a process kill cannot
+    cut a write the kernel took) and hold the MN revoked, since the line
+    reached the file -- 401 to its bootstrap -- and ``unrevoke`` must work."""
+    config = lab.info["hac"]["config"]
+    ha_proc.start()
+    hac.start([*CRASHPOINT, "mipsec.core.revocation:os.fsync", nth, "--"])
+    assert final_status(lab) == "200"
+    out = subprocess.run(
+        [*LAUNCHER, "revoke", "--config", config, MN_ID],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0  # no answer: the HAC died inside the command
+    hac.wait_killed()
+    journal = Path(config).with_name("hac-revoked.json.journal").read_bytes()
+    assert journal.endswith(b"\n") and journal.count(b"\n") == 1
+    hac.start()
+    assert final_status(lab) == "401"
+    out = subprocess.run(
+        [*LAUNCHER, "unrevoke", "--config", config, MN_ID],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert final_status(lab) == "200"
+
+
 def test_a_clean_stop_right_after_a_200_keeps_the_sa(
     lab: Lab, hac: HacProcess, ha_proc: HaProcess
 ) -> None:
