@@ -745,6 +745,56 @@ def test_lookups_of_one_mn_seek_an_index_not_scan_the_table(tmp_path: Path) -> N
         s.close()
 
 
+def test_an_older_mipsec_sharing_the_file_during_the_index_change(tmp_path: Path) -> None:
+    """Two HACs on one store file, one from before 2026-12-05: opening the
+    file, this store drops the older binary ``issued_sa_mn_id`` index; the
+    older HAC recreates it at its next start (``CREATE INDEX IF NOT
+    EXISTS``).  Both indexes then exist side by side: rows written here are
+    found by the older one's lookup, every per-MN lookup here still seeks an
+    index (no table scan), and this store's next open drops the older index
+    again."""
+    path = tmp_path / "sa.db"
+    s = SQLiteSAStore(path)
+    try:
+        s.add(issued(0x300, mn_id="mn0@home.example", hoa6="2001:db8:1::30"), T0)
+        older = sqlite3.connect(path, isolation_level=None)  # the older HAC's start
+        older.execute("CREATE INDEX IF NOT EXISTS issued_sa_mn_id ON issued_sa (mn_id)")
+        s2 = SQLiteSAStore(path)  # a third HAC, or this one restarted, meanwhile
+        s2.add(issued(0x301, mn_id="mn1@home.example", hoa6="2001:db8:1::31"), T0)
+        s2.close()
+        older.execute("CREATE INDEX IF NOT EXISTS issued_sa_mn_id ON issued_sa (mn_id)")
+        s.add(issued(0x302, mn_id="mn1@home.example", hoa6="2001:db8:1::31"), T0)
+        # The older HAC's own lookup, through its index, sees the rows.
+        q = "SELECT spi FROM issued_sa WHERE mn_id = ? ORDER BY spi"
+        assert older.execute(q, ("mn1@home.example",)).fetchall() == [(0x301,), (0x302,)]
+        plan = " ".join(r[3] for r in older.execute("EXPLAIN QUERY PLAN " + q, ("x",)))
+        assert "USING" in plan and "INDEX issued_sa_mn_" in plan, plan
+        older.close()
+        names = {r[0] for r in s._conn.execute("SELECT name FROM sqlite_master")}
+        assert {"issued_sa_mn_id", "issued_sa_mn_nocase"} <= names
+        assert sorted(x.sa.spi for x in s.live_for_nai("mn1@HOME.example", T0)) == [0x301, 0x302]
+        seen: list[str] = []
+        s._conn.set_trace_callback(seen.append)
+        s.live_for_nai("mn1@HOME.example", T0)
+        s.live_listing(T0, "mn1@Home.Example")
+        s.live_for_mn("mn1@home.example", T0)
+        s._conn.set_trace_callback(None)
+        selects = [q for q in seen if q.lstrip().startswith("SELECT") and "WHERE mn_id" in q]
+        assert len(selects) == 3, seen
+        for q in selects:
+            plan = " ".join(r[3] for r in s._conn.execute("EXPLAIN QUERY PLAN " + q))
+            assert "USING INDEX issued_sa_mn_" in plan and "SCAN issued_sa" not in plan, plan
+    finally:
+        s.close()
+    s3 = SQLiteSAStore(path)
+    try:
+        names = {r[0] for r in s3._conn.execute("SELECT name FROM sqlite_master")}
+        assert "issued_sa_mn_id" not in names and "issued_sa_mn_nocase" in names
+        assert sorted(x.sa.spi for x in s3.live(T0)) == [0x300, 0x301, 0x302]
+    finally:
+        s3.close()
+
+
 def test_live_counts_apart_counts_on_its_own_connection(tmp_path: Path) -> None:
     """What ``mipsec status`` counts in a worker thread: the committed live
     SAs, the same figures as ``live_counts``, read on a connection of its own
