@@ -30,7 +30,7 @@ import os
 import secrets
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,11 +117,28 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
 class Dispatcher:
-    """Commands -> handlers of one role; a command the role lacks is a ``ControlError``."""
+    """Commands -> handlers of one role; a command the role lacks is a ``ControlError``.
 
-    def __init__(self, role: str, handlers: Mapping[str, Handler]) -> None:
+    ``listings``: the commands whose answer grows with the number of MNs
+    (``sas``, ``bindings``: tens of MB at 100,000 SAs).  The server builds
+    and sends one of those at a time (``ControlServer``).
+    """
+
+    def __init__(
+        self, role: str, handlers: Mapping[str, Handler], listings: Collection[str] = ()
+    ) -> None:
         self.role = role
         self.handlers = dict(handlers)
+        self.listings = frozenset(listings)
+
+    def is_listing(self, line: bytes) -> bool:
+        """Whether ``line`` asks for one of the ``listings`` (False if it is not a request)."""
+        if not self.listings:
+            return False
+        try:
+            return parse_request(line).cmd in self.listings
+        except ControlError:
+            return False
 
     async def handle(self, line: bytes) -> bytes:
         try:
@@ -206,6 +223,10 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._ino: tuple[int, int] | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        # One listing built and sent at a time: each is tens of MB at 100,000
+        # SAs, and MAX_CLIENTS of them held at once by clients that read
+        # slowly would be that many times over, until each one's timeout.
+        self._listing = asyncio.Lock()
 
     async def start(self) -> None:
         path = self.path
@@ -270,15 +291,26 @@ class ControlServer:
                 return
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return  # too slow, or gone: nothing to answer
-            try:
-                out = await self.dispatcher.handle(line)
-            except Exception as exc:  # a bug in a handler: answer, keep serving
-                log.error("control request failed: %s", type(exc).__name__)
-                out = encode_response(error=f"internal error: {type(exc).__name__}")
-            writer.write(out)
-            with contextlib.suppress(TimeoutError, ConnectionError):
-                async with asyncio.timeout(self.timeout):
-                    await writer.drain()
+            one: Any = (
+                self._listing if self.dispatcher.is_listing(line) else contextlib.nullcontext()
+            )
+            async with one:  # held until the answer left, or its reader timed out
+                try:
+                    out = await self.dispatcher.handle(line)
+                except Exception as exc:  # a bug in a handler: answer, keep serving
+                    log.error("control request failed: %s", type(exc).__name__)
+                    out = encode_response(error=f"internal error: {type(exc).__name__}")
+                writer.write(out)
+                del out  # the writer's buffer holds it until it is drained
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await writer.drain()
+                except TimeoutError:
+                    # A reader too slow for the timeout: drop what it has not
+                    # read (a close would keep the buffer until it reads).
+                    writer.transport.abort()
+                except ConnectionError:
+                    pass
         finally:
             writer.close()
             if task is not None:

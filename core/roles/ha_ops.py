@@ -52,6 +52,7 @@ class HaOps:
                 "bindings": self.bindings,
                 "reload": self.reload,
             },
+            listings=("sas", "bindings"),
         )
 
     async def status(self, args: Mapping[str, Any]) -> dict[str, Any]:

@@ -223,7 +223,7 @@ class HacOps:
         }
         if self.local_ha is not None:  # model 1: the in-process HA's bindings
             handlers["bindings"] = self.local_ha.bindings
-        return Dispatcher("hac", handlers)
+        return Dispatcher("hac", handlers, listings=("sas", "bindings"))
 
     # ------------------------------------------------------------ reading
 

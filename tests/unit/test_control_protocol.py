@@ -373,3 +373,83 @@ def test_server_caps_clients_held_at_once(tmp_path: Path) -> None:
         await server.stop()
 
     asyncio.run(main())
+
+
+def _listing_server(tmp_path: Path, timeout: float, size: int) -> tuple[ControlServer, Path, Any]:
+    """A server whose ``sas`` is a listing of ``size`` octets, counting how
+    many are being built or sent at once."""
+    state = {"now": 0, "most": 0, "built": 0}
+
+    async def sas(args: Any) -> dict[str, Any]:
+        state["now"] += 1
+        state["most"] = max(state["most"], state["now"])
+        state["built"] += 1
+        try:
+            await asyncio.sleep(0.05)
+            return {"sas": "x" * size}
+        finally:
+            state["now"] -= 1
+
+    async def status(args: Any) -> dict[str, Any]:
+        return {"listing_in_progress": state["now"]}
+
+    path = tmp_path / "l.ctl"
+    d = Dispatcher("hac", {"sas": sas, "status": status}, listings=("sas",))
+    return ControlServer(path, d, timeout=timeout, key="control.path"), path, state
+
+
+def test_listings_are_built_and_sent_one_at_a_time(tmp_path: Path) -> None:
+    """``sas`` and ``bindings`` grow with the number of MNs (tens of MB at
+    100,000): four asked at once are built one after the other, and each
+    client gets its whole answer."""
+    server, path, state = _listing_server(tmp_path, timeout=5.0, size=1 << 20)
+
+    async def main() -> list[dict[str, Any]]:
+        await server.start()
+        try:
+            return await asyncio.gather(
+                *(asyncio.to_thread(request, path, Request("sas")) for _ in range(4))
+            )
+        finally:
+            await server.stop()
+
+    answers = asyncio.run(main())
+    assert [len(a["result"]["sas"]) for a in answers] == [1 << 20] * 4
+    assert state["most"] == 1 and state["built"] == 4
+
+
+def test_a_listing_never_read_is_dropped_at_the_timeout(tmp_path: Path) -> None:
+    """A client asks for a listing bigger than the socket buffers and never
+    reads it.  Meanwhile other commands are answered at once; at the
+    timeout its connection is aborted -- the unsent octets dropped, not kept
+    in the transport until it reads -- and the next listing is served."""
+    size = 16 << 20
+    server, path, state = _listing_server(tmp_path, timeout=0.5, size=size)
+
+    async def main() -> tuple[dict[str, Any], int, dict[str, Any]]:
+        await server.start()
+        try:
+            sleeper = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sleeper.connect(str(path))
+            sleeper.sendall(b'{"cmd": "sas"}\n')
+            await asyncio.sleep(0.2)  # built, stuck in the send
+            status = await asyncio.to_thread(request, path, Request("status"), timeout=5)
+            await asyncio.sleep(0.6)  # past the timeout
+            got = 0
+            sleeper.settimeout(5)
+            try:
+                while chunk := sleeper.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+            finally:
+                sleeper.close()
+            after = await asyncio.to_thread(request, path, Request("sas"), timeout=5)
+            return status, got, after
+        finally:
+            await server.stop()
+
+    status, got, after = asyncio.run(main())
+    assert status["result"] == {"listing_in_progress": 0}
+    assert got < size  # what the socket buffers held, not the whole answer
+    assert len(after["result"]["sas"]) == size
