@@ -25,8 +25,11 @@ def nai_key(mn_id: str) -> str:
     mapping depends on locale: dotted and dotless i, sharp s) and allows
     case-insensitive matching only "where the utf8-realm is entirely ASCII".
     """
-    nfc = unicodedata.normalize("NFC", mn_id)
+    # ASCII text is in NFC already (the common case, and the one a 100,000-
+    # entry revocation list is read in at start).
+    nfc = mn_id if mn_id.isascii() else unicodedata.normalize("NFC", mn_id)
     user, at, realm = nfc.rpartition("@")
     if not at or not realm.isascii():
         return nfc
-    return f"{user}@{realm.lower()}"
+    lower = realm.lower()
+    return nfc if lower == realm else f"{user}@{lower}"

@@ -118,15 +118,17 @@ class RevocationList:
             if not isinstance(data, dict) or data.get("version") != VERSION:
                 raise ValueError
             revoked = data["revoked"]
-            if not isinstance(revoked, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in revoked.items()
-            ):
+            # JSON object keys are strings; the values are checked in C.
+            if not isinstance(revoked, dict) or not set(map(type, revoked.values())) <= {str}:
                 raise ValueError
         except (ValueError, KeyError):
             raise self._error(f"{str(self.path)!r} is not a revocation list") from None
         canonical: dict[str, str] = {}
-        for k, v in sorted(revoked.items(), key=lambda kv: kv[1]):
-            canonical.setdefault(nai_key(k), v)  # spellings of one MN: the earliest
+        for k, v in revoked.items():
+            key = nai_key(k)
+            held = canonical.get(key)
+            if held is None or v < held:  # spellings of one MN: the earliest
+                canonical[key] = v
         return canonical
 
     def _replay(self, raw: bytes) -> None:
