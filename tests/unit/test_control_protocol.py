@@ -426,15 +426,23 @@ def test_a_listing_never_read_is_dropped_at_the_timeout(tmp_path: Path) -> None:
     size = 16 << 20
     server, path, state = _listing_server(tmp_path, timeout=0.5, size=size)
 
-    async def main() -> tuple[dict[str, Any], int, dict[str, Any]]:
+    async def until(check: Any) -> None:
+        for _ in range(1000):  # no wall-clock bound on a loaded machine: 10 s
+            if check():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("never happened")
+
+    async def main() -> tuple[dict[str, Any], bool, int, dict[str, Any]]:
         await server.start()
         try:
             sleeper = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sleeper.connect(str(path))
             sleeper.sendall(b'{"cmd": "sas"}\n')
-            await asyncio.sleep(0.2)  # built, stuck in the send
+            await until(lambda: state["built"] == 1 and state["now"] == 0)  # built, sending
             status = await asyncio.to_thread(request, path, Request("status"), timeout=5)
-            await asyncio.sleep(0.6)  # past the timeout
+            held = server._listing.locked()  # status was answered during the listing's turn
+            await until(lambda: not server._conns)  # the stalled reader was cut off
             got = 0
             sleeper.settimeout(5)
             try:
@@ -445,11 +453,11 @@ def test_a_listing_never_read_is_dropped_at_the_timeout(tmp_path: Path) -> None:
             finally:
                 sleeper.close()
             after = await asyncio.to_thread(request, path, Request("sas"), timeout=5)
-            return status, got, after
+            return status, held, got, after
         finally:
             await server.stop()
 
-    status, got, after = asyncio.run(main())
-    assert status["result"] == {"listing_in_progress": 0}
+    status, held, got, after = asyncio.run(main())
+    assert status["result"] == {"listing_in_progress": 0} and held
     assert got < size  # what the socket buffers held, not the whole answer
     assert len(after["result"]["sas"]) == size
