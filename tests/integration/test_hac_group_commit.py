@@ -319,3 +319,55 @@ def test_a_caller_cancelled_around_the_commit_leaves_nothing_live(
     assert live == [old_spi]
     assert on_ha == 3
     assert issuing
+
+
+def test_two_hacs_sharing_one_store_never_hand_out_one_address_twice(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """Two HACs on one SQLite file (each its own connection, as two
+    processes have), issuing groups of new MNs in the same turns: each
+    group's transaction holds the write lock, and its first look at the
+    store follows the other HAC's commits (the change log), so the 24 SAs
+    get 24 distinct SPIs and 24 distinct home addresses, and both HACs'
+    views end with the same 24 live SAs."""
+    import copy
+
+    from conftest import free_port
+
+    from mipsec.core.roles.hac import HacService
+
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "sa.db")}
+    other = copy.deepcopy(data)
+    other["hac"]["port"] = free_port()
+    st = Stack(hac_config(data, tmp_path))
+
+    async def main() -> tuple[list[Any], list[int], list[int]]:
+        async with st:
+            a = st.hac
+            assert a is not None
+            b = HacService(hac_config(other, tmp_path))
+            await b.start()
+            try:
+                issued: list[Any] = []
+                for turn in range(3):
+                    ids = [(turn, i) for i in range(8)]
+                    issued += await asyncio.gather(
+                        *(
+                            (a if i % 2 else b).issue_sa(f"mn{t}-{i}@mipsec.test", SUITE, 1)
+                            for t, i in ids
+                        )
+                    )
+                now = datetime.now(UTC)
+                seen = [sorted(x.sa.spi for x in h.store.live(now)) for h in (a, b)]
+                in_use = [len(h.store.live_summary(now)[1]) for h in (a, b)]  # type: ignore[attr-defined]
+                assert seen[0] == seen[1]
+                return issued, seen[0], in_use
+            finally:
+                await b.stop()
+
+    issued, live, in_use = run(main())
+    assert len({x.sa.spi for x in issued}) == 24
+    assert len({x.bootstrap.ip6_hoa for x in issued}) == 24
+    assert live == sorted(x.sa.spi for x in issued)
+    assert in_use == [24, 24]
