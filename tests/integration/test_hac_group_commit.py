@@ -332,8 +332,7 @@ def test_two_hacs_sharing_one_store_never_hand_out_one_address_twice(
     views end with the same 24 live SAs."""
     import copy
 
-    from conftest import free_port
-
+    from mipsec.core.labsetup import free_port
     from mipsec.core.roles.hac import HacService
 
     data = hac_data(tmp_path, pki)
