@@ -281,6 +281,12 @@ def test_hac_killed_inside_its_group_transaction(
         first.close()
 
 
+def _ctl(verb: str, config: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LAUNCHER, verb, "--config", config, MN_ID], capture_output=True, text=True, timeout=30
+    )
+
+
 @pytest.mark.parametrize("nth", ["1", "1+"])
 def test_hac_killed_inside_a_revoke_starts_again_with_its_list_whole(
     lab: Lab, hac: HacProcess, ha_proc: HaProcess, nth: str
@@ -295,24 +301,14 @@ def test_hac_killed_inside_a_revoke_starts_again_with_its_list_whole(
     ha_proc.start()
     hac.start([*CRASHPOINT, "mipsec.core.revocation:os.fsync", nth, "--"])
     assert final_status(lab) == "200"
-    out = subprocess.run(
-        [*LAUNCHER, "revoke", "--config", config, MN_ID],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = _ctl("revoke", config)
     assert out.returncode != 0  # no answer: the HAC died inside the command
     hac.wait_killed()
     journal = Path(config).with_name("hac-revoked.json.journal").read_bytes()
     assert journal.endswith(b"\n") and journal.count(b"\n") == 1
     hac.start()
     assert final_status(lab) == "401"
-    out = subprocess.run(
-        [*LAUNCHER, "unrevoke", "--config", config, MN_ID],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = _ctl("unrevoke", config)
     assert out.returncode == 0, out.stderr
     assert final_status(lab) == "200"
 
