@@ -210,16 +210,40 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
+# Several processes drawing lab ports at once (parallel test workers, two
+# benches) each check a port free and bind it later: two of them may draw the
+# same port in between, and one role then answers the other's clients.  Each
+# may be given a range of its own in this variable, "LOW-HIGH" (inclusive).
+PORTS_ENV = "MIPSEC_LAB_PORTS"
+
+
+def lab_port_range() -> tuple[int, int]:
+    """The range lab ports are drawn from: ``MIPSEC_LAB_PORTS`` when set,
+    else from ``_LAB_PORTS_LOW`` to just below the ephemeral range."""
+    text = os.environ.get(PORTS_ENV)
+    if text is None:
+        return _LAB_PORTS_LOW, _ephemeral_low() - 1
+    low_s, sep, high_s = text.partition("-")
+    try:
+        low, high = int(low_s), int(high_s)
+    except ValueError:
+        low = high = -1
+    if not sep or not 1024 <= low <= high <= 65535:
+        raise ValueError(f"{PORTS_ENV}={text!r}: not LOW-HIGH within 1024-65535")
+    return low, high
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port free now for both TCP and UDP (the HA uses one number for both).
 
-    Drawn at random below the ephemeral range when there is room
-    (``_LAB_PORTS_LOW`` up to it), else from the kernel (bind to 0).
+    Drawn at random from ``lab_port_range()`` -- by default below the
+    ephemeral range -- when it has room (1,000 ports), else from the kernel
+    (bind to 0).
     """
-    high = _ephemeral_low() - 1
+    low, high = lab_port_range()
     for _ in range(200):
-        if high - _LAB_PORTS_LOW >= 1000:
-            port = secrets.choice(range(_LAB_PORTS_LOW, high + 1))
+        if high - low >= 1000:
+            port = secrets.choice(range(low, high + 1))
         else:
             with socket.socket(socket.AF_INET, kind) as s:
                 s.bind(("127.0.0.1", 0))

@@ -30,6 +30,20 @@ settings.register_profile("mipsec", deadline=None, suppress_health_check=[Health
 settings.load_profile("mipsec")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Each xdist worker draws lab ports from a slice of its own
+    (``MIPSEC_LAB_PORTS``, inherited by the processes it starts): two workers
+    that each found a port free could otherwise both take it, and one's MN
+    would talk to the other's HAC."""
+    info = getattr(config, "workerinput", None)
+    if info is None or labsetup.PORTS_ENV in os.environ:
+        return
+    index, count = int(info["workerid"].removeprefix("gw")), int(info["workercount"])
+    low, high = labsetup.lab_port_range()
+    width = (high - low + 1) // count
+    os.environ[labsetup.PORTS_ENV] = f"{low + index * width}-{low + (index + 1) * width - 1}"
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The xdist controller (not a worker) stops the lab its workers shared."""
     if hasattr(session.config, "workerinput"):

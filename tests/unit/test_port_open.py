@@ -59,5 +59,37 @@ def test_lab_ports_come_from_below_the_ephemeral_range() -> None:
 
 def test_lab_ports_from_the_kernel_when_no_room_below(monkeypatch: pytest.MonkeyPatch) -> None:
     real_low = labsetup._ephemeral_low()
+    monkeypatch.delenv(labsetup.PORTS_ENV, raising=False)  # a test worker's own slice
     monkeypatch.setattr(labsetup, "_ephemeral_low", lambda: labsetup._LAB_PORTS_LOW + 10)
     assert labsetup.free_port() >= real_low  # drawn by the kernel (bind to 0)
+
+
+def test_lab_ports_from_the_range_a_process_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel drawers (test workers) each given a range of their own never
+    draw the same port, however many they draw."""
+    monkeypatch.setenv(labsetup.PORTS_ENV, "21000-22999")
+    ports = {labsetup.free_port() for _ in range(60)}
+    assert all(21000 <= p <= 22999 for p in ports) and len(ports) == 60
+
+
+@pytest.mark.parametrize("text", ["", "21000", "22000-21000", "80-2000", "2000-70000", "a-b"])
+def test_a_malformed_lab_port_range_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    monkeypatch.setenv(labsetup.PORTS_ENV, text)
+    with pytest.raises(ValueError, match=f"^{labsetup.PORTS_ENV}=.*LOW-HIGH"):
+        labsetup.free_port()
+
+
+def test_each_test_worker_has_a_slice_of_its_own(request: pytest.FixtureRequest) -> None:
+    """tests/conftest.py gives each xdist worker a disjoint slice; in a run
+    without workers nothing is set and the default range applies."""
+    info = getattr(request.config, "workerinput", None)
+    if info is None:
+        pytest.skip("run without xdist workers: no slices to check")
+    low, high = labsetup.lab_port_range()
+    index, count = int(info["workerid"][2:]), int(info["workercount"])
+    width = high - low + 1
+    base = labsetup._LAB_PORTS_LOW + index * width
+    assert (low, high) == (base, base + width - 1)
+    assert high < labsetup._LAB_PORTS_LOW + count * width <= labsetup._ephemeral_low()
