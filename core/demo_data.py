@@ -1,6 +1,6 @@
 """``mipsec demo --data``: the demo in network namespaces, then user data through the HA.
 
-Needs root (CAP_NET_ADMIN), iproute2 and ping.  Builds a lab of namespaces
+Needs root (CAP_NET_ADMIN) and iproute2.  Builds a lab of namespaces
 (``netlab.NetLab``: MN, HA, correspondent), starts a real HA (data plane on a
 TUN device) and a real HAC in the HA's namespace and a real MN in its own,
 then sends pings and a short TCP transfer from the MN's home addresses to
@@ -115,7 +115,7 @@ def _run(lab: NetLab, info: dict[str, Any], say: Any) -> int:
         pings.append((hoa4, CN4, "IPv4 home address in IPv6, DSMIP6"))
     for src, dst, what in pings:
         received, summary = lab.ping(src, dst)
-        say(f"ping {src} -> {dst} ({what}): {summary}")
+        say(f"ICMP echo {src} -> {dst} ({what}): {summary}")
         ok = ok and received > 0
     report = lab.tcp_transfer(hoa6, CN6, TCP_BYTES)
     if report.get("ok"):

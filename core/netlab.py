@@ -400,37 +400,45 @@ class NetLab:
     # ------------------------------------------------------------ checks through the tunnel
 
     def ping(
-        self, src: str, dst: str, *, count: int = 3, interval: float = 0.2, role: str = "mn"
+        self,
+        src: str,
+        dst: str,
+        *,
+        count: int = 3,
+        interval: float = 0.2,
+        wait: float = 5.0,
+        role: str = "mn",
     ) -> tuple[int, str]:
-        """(replies received, ping's summary) for ``count`` echoes from ``src`` to ``dst``."""
-        family = "-6" if ":" in dst else "-4"
+        """(replies received, a summary) for ``count`` ICMP echoes from ``src``
+        to ``dst``, each answered in time when its reply arrives within
+        ``wait`` seconds of the last echo (``core/echo.py`` says why not
+        ping(8))."""
         out = self.run(
             role,
-            "ping",
-            family,
-            "-n",
-            "-c",
-            str(count),
-            "-i",
-            f"{interval:g}",
-            "-W",
-            "2",
-            "-I",
+            sys.executable,
+            "-m",
+            "mipsec.core.echo",
+            "--bind",
             src,
+            "--to",
             dst,
-            timeout=10 + 3 * count,
+            "--count",
+            str(count),
+            "--interval",
+            f"{interval:g}",
+            "--wait",
+            f"{wait:g}",
+            timeout=10 + interval * count + wait,
         )
-        received = 0
-        summary = ""
-        for line in out.stdout.splitlines():
-            if "packets transmitted" in line:
-                received = int(line.split(",")[1].split()[0])
-                summary = line.strip()
-            elif line.startswith("rtt"):
-                summary += "; " + line.strip()
-        if not summary:  # ping never sent: say why (bind, route, namespace)
-            summary = f"ping exited {out.returncode}: {out.stderr.strip() or out.stdout.strip()}"
-        return received, summary
+        try:
+            report = json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):  # never sent: say why (bind, route, namespace)
+            return 0, f"echo exited {out.returncode}: {_tail(out.stderr + out.stdout)}"
+        summary = f"{report['transmitted']} echoes, {report['received']} answered"
+        if report["rtt_ms"]:
+            rtt = report["rtt_ms"]
+            summary += f"; rtt min/max {rtt[0]:g}/{rtt[-1]:g} ms"
+        return int(report["received"]), summary
 
     def tcp_transfer(
         self,

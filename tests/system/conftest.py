@@ -4,7 +4,7 @@ Each module-scoped lab runs one HA (data plane on) and one HAC in its ``ha``
 namespace; tests start MNs with their own configuration in the ``mn``
 namespace.  Labs are built and torn down by these fixtures, also when a test
 fails.  Without CAP_NET_ADMIN the tests skip, saying so; with it, a missing
-tool (ip, ping, nft) is a failure that names the tool.
+tool (ip, nft) is a failure that names the tool.
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ Each module-scoped lab runs one HA (data plane on) and one HAC in its ``ha``
 namespace; tests start MNs with their own configuration in the ``mn``
 namespace.  Labs are built and torn down by the fixtures, also when a test
 fails.  Without CAP_NET_ADMIN the tests skip, saying so; with it, a missing
-tool (ip, ping, nft) is a failure that names the tool.
+tool (ip, nft) is a failure that names the tool.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,6 +65,20 @@ class RunningLab:
 
     def stop_mn(self, mn: Mn) -> str:
         return self.lab.stop(mn.name)
+
+    def why(self, mn: Mn) -> str:
+        """For a failed assertion: the HA's live counters (its control
+        socket: drops by reason, data plane) and the last lines the HA and
+        the MN logged -- what a lost packet leaves behind."""
+        ha = subprocess.run(
+            [sys.executable, "-m", "mipsec.core.cli", "status", "--json"]
+            + ["--config", str(self.info["ha"]["config"])],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        tails = {name: self.lab.log(name).splitlines()[-15:] for name in ("ha", mn.name)}
+        return json.dumps({"ha_status": ha.stdout or ha.stderr, "logs": tails}, indent=1)
 
 
 def until(check: Callable[[], bool], timeout: float = 15.0, every: float = 0.3) -> bool:

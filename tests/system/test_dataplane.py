@@ -13,7 +13,7 @@ import re
 import time
 
 import pytest
-from labfix import RunningLab, needs_net_admin, until
+from labfix import Mn, RunningLab, needs_net_admin, until
 
 from mipsec.core.netlab import CN4, CN6, HA4, HA6, NAT_OUT
 
@@ -22,16 +22,16 @@ pytestmark = [pytest.mark.system, needs_net_admin]
 TCP_BYTES = 512 * 1024
 
 
-def _traffic(run: RunningLab, hoa6: str, hoa4: str) -> None:
+def _traffic(run: RunningLab, mn: Mn) -> None:
     lab = run.lab
-    for src, dst in ((hoa6, CN6), (hoa4, CN4)):
+    for src, dst in ((mn.hoa6, CN6), (mn.hoa4, CN4)):
         received, summary = lab.ping(src, dst)
-        assert received == 3, f"{src} -> {dst}: {summary}"
+        assert received == 3, f"{src} -> {dst}: {summary}\n{run.why(mn)}"
         report = lab.tcp_transfer(src, dst, TCP_BYTES)
-        assert report["ok"], f"{src} -> {dst}: {report}"
+        assert report["ok"], f"{src} -> {dst}: {report}\n{run.why(mn)}"
         # ... and the other way: the HA's return path carries the bulk.
         back = lab.tcp_transfer(dst, src, TCP_BYTES, sender="cn", sink="mn")
-        assert back["ok"], f"{dst} -> {src}: {back}"
+        assert back["ok"], f"{dst} -> {src}: {back}\n{run.why(mn)}"
 
 
 def _counter(log: str, name: str) -> int:
@@ -56,7 +56,7 @@ def test_ping_and_tcp_through_the_ha(direct: RunningLab, outer: str, scope: int)
     assert mn.scope == scope
     coa = "[2001:db8:f0::10]:" if outer == "ip6" else "198.51.100.10:"
     assert f"hoa={mn.hoa6} coa={coa}" in direct.lab.log("ha")
-    _traffic(direct, mn.hoa6, mn.hoa4)
+    _traffic(direct, mn)
     log = direct.stop_mn(mn)
     up, plain_up = _counter(log, "up"), _counter(log, "plain_up")
     down, plain_down = _counter(log, "down"), _counter(log, "plain_down")
@@ -76,7 +76,7 @@ def test_care_of_address_change(direct: RunningLab) -> None:
         lab.wait_log("ha", f"binding refreshed hoa={mn.hoa6} coa=[{lab.mn6}]:", 15)
         # ... and the traffic follows it, both families inside.
         assert until(lambda: lab.ping(mn.hoa6, CN6, count=1)[0] == 1)
-        _traffic(direct, mn.hoa6, mn.hoa4)
+        _traffic(direct, mn)
     finally:
         direct.stop_mn(mn)
         lab.move_mn()  # back where the other tests expect the MN
@@ -89,7 +89,7 @@ def test_behind_nat(natted: RunningLab) -> None:
         # The HA saw the NAT's address, and answers there (PROFILE §7).
         line = lab.wait_log("ha", f"binding added hoa={mn.hoa6} coa={NAT_OUT}:", 10)
         port = int(re.search(rf"coa={re.escape(NAT_OUT)}:(\d+)", line).group(1))  # type: ignore[union-attr]
-        _traffic(natted, mn.hoa6, mn.hoa4)
+        _traffic(natted, mn)
         # A new address behind the NAT: a new socket, a new NAT mapping; the
         # binding follows it with the next BU.
         lab.move_mn()
@@ -98,7 +98,7 @@ def test_behind_nat(natted: RunningLab) -> None:
         new_port = int(re.search(rf"coa={re.escape(NAT_OUT)}:(\d+)", moved).group(1))  # type: ignore[union-attr]
         assert new_port != port
         assert until(lambda: lab.ping(mn.hoa4, CN4, count=1)[0] == 1)
-        _traffic(natted, mn.hoa6, mn.hoa4)
+        _traffic(natted, mn)
     finally:
         natted.stop_mn(mn)
 
@@ -138,7 +138,7 @@ def test_default_routes_through_the_tunnel(direct: RunningLab) -> None:
         lab.wait_log("mn-default", "route 198.51.100.0/25 removed", 10)
         table = lab.exec("mn", "ip", "-4", "route", "show", "dev", "mip0")
         assert "default" in table and "198.51.100.0/25" not in table
-        _traffic(direct, mn.hoa6, mn.hoa4)
+        _traffic(direct, mn)
     finally:
         direct.stop_mn(mn)
 
@@ -160,7 +160,7 @@ def test_tunnel_survives_an_ha_restart(direct: RunningLab) -> None:
         received, summary = lab.ping(mn.hoa6, CN6, count=80, interval=0.01)
         assert received > 0, summary
         assert until(lambda: lab.ping(mn.hoa6, CN6, count=1)[0] == 1, timeout=20)
-        _traffic(direct, mn.hoa6, mn.hoa4)
+        _traffic(direct, mn)
         assert "bootstrap" not in lab.log("mn-restart").split("data plane on", 1)[1]
     finally:
         direct.stop_mn(mn)
