@@ -15,6 +15,11 @@ class MipsecError(Exception):
     """Base of every error mipsec raises on purpose."""
 
 
+class StoreBusyError(MipsecError):
+    """A store write could not begin: another process holds the store's
+    write lock (a second HAC sharing the file, an operator's ``sqlite3``)."""
+
+
 class WireError(MipsecError):
     """Malformed octets on the wire.  ``field`` names what was wrong."""
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 
+from mipsec.core.errors import StoreBusyError
+
 __all__ = ["Outage", "cause"]
 
 
@@ -18,12 +20,13 @@ def cause(exc: BaseException) -> str:
     """What to say of ``exc`` in a log line, without risking a secret.
 
     ``sqlite3`` and ``OSError`` messages name the cause ("database or disk
-    is full") and never carry key material; any other exception may come
-    from a third-party plugin whose message could hold anything (a
-    connection string with its password): its class name only.
+    is full") and never carry key material, nor does ``StoreBusyError``;
+    any other exception may come from a third-party plugin whose message
+    could hold anything (a connection string with its password): its class
+    name only.
     """
     name = type(exc).__name__
-    if isinstance(exc, sqlite3.Error | OSError):
+    if isinstance(exc, sqlite3.Error | OSError | StoreBusyError):
         return f"{name}: {exc}"
     return name
 

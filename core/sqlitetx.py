@@ -7,12 +7,14 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator
 
+from mipsec.core.errors import StoreBusyError
+
 __all__ = ["table_exists", "transaction"]
 
 
 @contextlib.contextmanager
 def transaction(
-    conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE"
+    conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE", *, wait: float | None = None
 ) -> Iterator[sqlite3.Connection]:
     """``begin`` ... ``COMMIT``; on any error, a failed COMMIT included, ROLLBACK
     and re-raise.
@@ -22,8 +24,24 @@ def transaction(
     COMMIT matters: SQLite may leave the transaction open (SQLITE_FULL,
     SQLITE_IOERR), and every later BEGIN would then fail ("within a
     transaction") even after the disk came back.
+
+    ``wait``: seconds the BEGIN may wait for a write lock another connection
+    holds (the connection's ``busy_timeout`` for this BEGIN only, restored
+    after); still held then: ``StoreBusyError``, nothing begun.
     """
-    conn.execute(begin)
+    if wait is None:
+        conn.execute(begin)
+    else:
+        (previous,) = conn.execute("PRAGMA busy_timeout").fetchone()
+        conn.execute(f"PRAGMA busy_timeout = {max(0, round(wait * 1000))}")
+        try:
+            conn.execute(begin)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            raise StoreBusyError("the write lock is held by another process") from None
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
     try:
         yield conn
         conn.execute("COMMIT")

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from mipsec.core.addrtext import ip4_from_text, ip6_from_text, ip_text
-from mipsec.core.errors import LocalProtocolError
+from mipsec.core.errors import LocalProtocolError, StoreBusyError
 from mipsec.core.fsutil import create_private
 from mipsec.core.hoa_table import HoATable
 from mipsec.core.hookspecs import PluginContext, hookimpl
@@ -675,7 +675,7 @@ class SQLiteSAStore:
         return sqlite3.connect(path, isolation_level=None)
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, wait: float | None = None) -> Iterator[None]:
         """Everything written inside -- by this store and on
         ``shared_connection()`` -- in one transaction, one commit.
 
@@ -684,13 +684,21 @@ class SQLiteSAStore:
         rolled back, the live view is dropped (it may list rolled-back rows;
         it is rebuilt at the next look), and the error propagates.  Optional:
         not part of the ``SAStore`` protocol.
+
+        ``wait``: how long (seconds) to wait for the write lock if another
+        process holds it, instead of the connection's 5 s; ``StoreBusyError``
+        when it is still held -- nothing was written.  The HAC's group commit
+        passes 0 and retries from its event loop, which a 5 s wait inside
+        SQLite would stall for every MN.
         """
         if self._outer:
             raise LocalProtocolError("transaction: already inside one")
         self._outer = True
         try:
-            with sqlite_transaction(self._conn):
+            with sqlite_transaction(self._conn, wait=wait):
                 yield
+        except StoreBusyError:
+            raise  # nothing begun: the view is still right (a rebuild costs O(live SAs))
         except BaseException:
             self._view = None
             raise

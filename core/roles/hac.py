@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import secrets
 import time
@@ -32,7 +33,7 @@ from mipsec.core import pluginmanager
 from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
 from mipsec.core.config import HACConfig
 from mipsec.core.control import default_name, state_dir
-from mipsec.core.errors import ConfigError, ListenError
+from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
 from mipsec.core.hac_exchange import (
     INTERNAL_ERROR,
     TIMEOUT,
@@ -70,6 +71,13 @@ log = logging.getLogger("mipsec.hac")
 CONFIRM_BATCH_S = 1.0
 SPI_DRAWS = 32  # collisions among 2^28 SPIs are rare; this bounds a pathological store
 BUSY_RETRY_AFTER = 2  # seconds: saturation passes quickly, unlike "no HA available"
+# A group commit finding the store's write lock held by another process (a
+# second HAC on the file, an operator's sqlite3 shell) tries again from the
+# event loop -- after 2 ms, doubling up to 50 ms -- for up to 5 s (the wait a
+# write had inside SQLite, which stalled every MN meanwhile), then answers
+# its MNs 503.
+STORE_BUSY_LIMIT = 5.0
+STORE_BUSY_PAUSES = (0.002, 0.05)
 
 
 class IssueFailure(Exception):
@@ -201,8 +209,17 @@ class HacService:
         # transaction, one commit (``_commit_group``), with a store that can
         # group writes (``transaction()``: the SQLite and memory stores).
         self._grouped = callable(getattr(self.store, "transaction", None))
+        # ... whose transaction() can be told not to wait for the write lock.
+        self._lock_wait = self._grouped and "wait" in _parameters(self.store.transaction)  # type: ignore[attr-defined]
         self._group: list[tuple[str, Any, int, asyncio.Future[_Stored]]] = []
         self._group_handle: asyncio.Handle | None = None
+        self._busy_since: float | None = None  # loop time the lock was first found held
+        self._busy_pause = STORE_BUSY_PAUSES[0]
+        self._lock_outage = Outage(
+            log,
+            "SA store write",
+            f"bootstraps wait up to {STORE_BUSY_LIMIT:g} s for the lock, then get 503",
+        )
         self._to_confirm: set[int] = set()  # withdrawals the HA confirmed, to record
         self._to_mark_delivered: set[int] = set()  # 200s sent, to record (same batch)
         self._confirm_timer: asyncio.TimerHandle | None = None
@@ -235,6 +252,7 @@ class HacService:
             "sessions": 0,
             "status_200": 0,
             "saturated": 0,
+            "store_busy": 0,  # MNs answered 503: the store's write lock stayed held
             "withdrawn": 0,
             "hook_errors": 0,
         }
@@ -379,6 +397,14 @@ class HacService:
         issuing = [t for t in (session.cancel() for session in list(self._sessions)) if t]
         if issuing:  # let cancelled issues clean up (store, withdraw) before the store closes
             await asyncio.wait(issuing, timeout=self.cfg.hac.provisioning_timeout)
+        if self._group_handle is not None:  # a group waiting for the store's lock: never stored
+            self._group_handle.cancel()
+            self._group_handle = None
+            stopping = IssueFailure(UNAVAILABLE, "hac-stopping", _retry_after(BUSY_RETRY_AFTER))
+            for *_, fut in self._group:
+                if not fut.done():
+                    fut.set_exception(stopping)
+            self._group = []
         if self._expiry_task is not None:
             self._expiry_task.cancel()
         if self._tasks:
@@ -855,8 +881,9 @@ class HacService:
         # the past answers with SQL over every live SA instead.
         now = utcnow()
         results: list[_Stored | BaseException] = []
+        store: Any = self.store
         try:
-            with self.store.transaction():  # type: ignore[attr-defined]
+            with store.transaction(wait=0.0) if self._lock_wait else store.transaction():
                 for mn_id, suite, scope, _fut in queued:
                     try:
                         prep = self._prepare(mn_id, now)
@@ -867,15 +894,56 @@ class HacService:
                         results.append(self._store_now(prep, mn_id, suite, scope, now))
                     except IssueFailure as exc:  # no free SPI: nothing written
                         results.append(exc)
+        except StoreBusyError as exc:
+            if self._wait_for_lock(queued, exc):
+                return
+            busy = IssueFailure(UNAVAILABLE, "sa-store-busy", _retry_after(BUSY_RETRY_AFTER))
+            for *_, fut in queued:
+                fut.set_exception(busy)
+            return
         except Exception as exc:
+            self._busy_since = None
             for *_, fut in queued:
                 fut.set_exception(exc)
             return
+        self._busy_since = None
+        self._lock_outage.worked()  # a line if the lock had been found held
         for (*_, fut), result in zip(queued, results, strict=True):
             if isinstance(result, BaseException):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+
+    def _write_now(self) -> contextlib.AbstractContextManager[None]:
+        """A transaction for a background write (expiry, sweep, the delivery
+        batch) that does not wait for another process's write lock: they
+        all retry later, so ``StoreBusyError`` at once beats a wait of up to
+        5 s inside SQLite, during which the event loop serves nobody."""
+        if self._lock_wait:
+            tx: contextlib.AbstractContextManager[None] = self.store.transaction(wait=0.0)  # type: ignore[attr-defined]
+            return tx
+        return contextlib.nullcontext()
+
+    def _wait_for_lock(
+        self, queued: list[tuple[str, Any, int, asyncio.Future[_Stored]]], exc: Exception
+    ) -> bool:
+        """The group found the store's write lock held (nothing was written):
+        queue it again for a later turn, unless the lock has been held for
+        ``STORE_BUSY_LIMIT`` already (then False: the group fails).  MNs
+        issued meanwhile join the waiting group."""
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        if self._busy_since is None:
+            self._busy_since, self._busy_pause = t, STORE_BUSY_PAUSES[0]
+            self._lock_outage.failed(exc, logging.WARNING)
+        elif t - self._busy_since >= STORE_BUSY_LIMIT:
+            self._busy_since = None  # the next group waits afresh
+            self.stats["store_busy"] += len(queued)
+            return False
+        self._group = queued + self._group
+        self._group_handle = loop.call_later(self._busy_pause, self._commit_group)
+        self._busy_pause = min(2 * self._busy_pause, STORE_BUSY_PAUSES[1])
+        return True
 
     def _undo_stored(self, stored: _Stored, *, refused: bool) -> None:
         """Take back a stored SA whose install failed or never went out;
@@ -932,15 +1000,16 @@ class HacService:
         if not delivered and not spis:
             return
         try:
-            if delivered:
-                self.store.delivered_many(sorted(delivered))  # type: ignore[attr-defined]
-            if spis:
-                many = getattr(self.store, "confirm_retired_many", None)
-                if many is not None:
-                    many(sorted(spis))
-                else:
-                    for s in spis:
-                        self.store.confirm_retired(s)
+            with self._write_now():  # one commit for both
+                if delivered:
+                    self.store.delivered_many(sorted(delivered))  # type: ignore[attr-defined]
+                if spis:
+                    many = getattr(self.store, "confirm_retired_many", None)
+                    if many is not None:
+                        many(sorted(spis))
+                    else:
+                        for s in spis:
+                            self.store.confirm_retired(s)
         except Exception as exc:
             # A full disk, a store locked by another HAC: kept and written
             # with the next batch.  Dropping the delivered marks would let
@@ -1007,7 +1076,8 @@ class HacService:
 
     def _sweep_safely(self) -> None:
         try:
-            self.sweep_undelivered()
+            with self._write_now():
+                self.sweep_undelivered()
         except Exception as exc:  # the next expiry run tries again
             self._sweep_outage.failed(cause(exc))
         else:
@@ -1039,7 +1109,8 @@ class HacService:
 
     def expire_now(self) -> int:
         self._sweep_safely()  # a failing sweep must not skip the expiry
-        expired = self.store.expire(utcnow())
+        with self._write_now():
+            expired = self.store.expire(utcnow())
         for issued in expired:
             sa = issued.sa
             self._delivered.pop(sa.spi, None)
@@ -1067,6 +1138,13 @@ def _refused(exc: BaseException) -> bool:
         return True
     status = getattr(exc, "status", None)
     return isinstance(status, int) and 400 <= status < 500
+
+
+def _parameters(fn: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
 
 
 def _retry_after(seconds: int = 30) -> datetime:

@@ -1,0 +1,207 @@
+"""The SA store's write lock held by another process (a second HAC sharing
+the file, an operator's ``sqlite3`` shell): the HAC keeps serving.
+
+Before, every store write waited inside SQLite (``busy_timeout``, 5 s) on
+the event loop's thread: while the lock was held, no MN, no handshake, no
+timer was served, and the waiting bootstrap then failed with "internal
+error: OperationalError".  Now the group commit tries without waiting and
+again from the event loop, the MN gets its 200 once the lock is free -- or
+503 with ``retry-after`` when it stays held for ``STORE_BUSY_LIMIT`` -- and
+background writes (expiry, sweep, the delivery batch) skip a turn instead.
+
+A real ``HacService`` with its HA in the same process, the SQLite store on a
+file, a real MN (``roles.mn.bootstrap``); the lock is held by a second
+connection to the file, as another process holds it (SQLite locks between
+connections alike).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_hac_lifecycle import MN_ID, Stack, hac_config, hac_data, mn_config, run
+
+from mipsec.core.errors import StoreBusyError
+from mipsec.core.pki import PkiPaths, init_pki
+from mipsec.core.roles import hac as hac_module
+from mipsec.core.roles.mn import bootstrap
+from mipsec.core.sqlitetx import transaction
+from mipsec.core.suites import Suite
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
+    return init_pki(tmp_path_factory.mktemp("pki"))
+
+
+def stack(tmp_path: Path, pki: PkiPaths) -> tuple[Stack, Path]:
+    data = hac_data(tmp_path, pki)
+    db = tmp_path / "sa.db"
+    data["sa_store"] = {"backend": "sqlite", "path": str(db)}
+    return Stack(hac_config(data, tmp_path)), db
+
+
+@contextmanager
+def write_lock(db: Path) -> Iterator[sqlite3.Connection]:
+    """Hold the file's write lock, as another process's open write transaction does."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield holder
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+
+
+def rows(db: Path) -> list[str]:
+    with sqlite3.connect(db) as c:
+        return [r[0] for r in c.execute("SELECT mn_id FROM issued_sa")]
+
+
+async def until(check: Any) -> None:
+    for _ in range(2000):  # an event, not a time: at most 20 s on a loaded machine
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never happened")
+
+
+async def handshake(pki: PkiPaths, port: int) -> str | None:
+    """A TLS handshake with the HAC: its negotiated version."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="hac.mipsec.test"
+    )
+    version = writer.get_extra_info("ssl_object").version()
+    writer.close()
+    return str(version)
+
+
+def test_a_bootstrap_waits_for_the_lock_while_the_hac_serves_others(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """The lock is held when the MN's SA is to be stored: the bootstrap
+    waits -- meanwhile another client's TLS handshake completes, so the
+    event loop is not held -- and gets its 200 once the lock is released."""
+    st, db = stack(tmp_path, pki)
+
+    async def main() -> tuple[bool, str | None, int | None, list[str]]:
+        async with st:
+            hac = st.hac
+            assert hac is not None
+            with write_lock(db):
+                task = asyncio.create_task(bootstrap(mn_config(pki, st.port)))
+                await until(lambda: hac._busy_since is not None)  # found the lock held
+                other = await handshake(pki, st.port)  # served meanwhile
+                pending = not task.done()
+            result = await task
+            return pending, other, result.status, rows(db)
+
+    pending, other, status, stored = run(main())
+    assert pending and other is not None and other.startswith("TLS")
+    assert status == 200
+    assert stored == [MN_ID]
+
+
+def test_a_lock_held_too_long_answers_503_and_keeps_nothing(
+    tmp_path: Path, pki: PkiPaths, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """Held for the whole ``STORE_BUSY_LIMIT``: the MN gets 503 (PROFILE §6:
+    with ``retry-after``), nothing is stored, its HA holds no SA, the HAC
+    says so in one line -- and the next bootstrap, the lock released, gets
+    its 200."""
+    monkeypatch.setattr(hac_module, "STORE_BUSY_LIMIT", 0.3)
+    st, db = stack(tmp_path, pki)
+
+    async def main() -> tuple[Any, int, int, int | None]:
+        async with st:
+            assert st.hac is not None and st.ha is not None
+            with write_lock(db):
+                first = await bootstrap(mn_config(pki, st.port))
+            on_ha = len(st.ha.store.live(datetime.now(UTC)))
+            busy = st.hac.stats["store_busy"]
+            second = await bootstrap(mn_config(pki, st.port))
+            return first, on_ha, busy, second.status
+
+    with caplog.at_level(logging.INFO):
+        first, on_ha, busy, second = run(main())
+    assert first.status == 503 and first.authenticated and first.issued is None
+    assert first.retry_after is not None
+    assert on_ha == 0 and busy == 1
+    assert second == 200 and rows(db) == [MN_ID]
+    text = caplog.text
+    assert "SA store write failed: the write lock is held by another process" in text
+    assert "status=503 reason=sa-store-busy" in text
+    assert "SA store write works again" in text
+    assert "Traceback" not in text
+
+
+def test_background_writes_skip_a_turn_instead_of_waiting(tmp_path: Path, pki: PkiPaths) -> None:
+    """Expiry and the delivery batch find the lock held: ``StoreBusyError``
+    at once (not SQLite's "database is locked" after its 5 s wait), the
+    batch is kept for the next turn, and the store's live view survives (a
+    rebuild costs O(live SAs))."""
+    st, db = stack(tmp_path, pki)
+
+    async def main() -> tuple[BaseException | None, bool, bool, list[str]]:
+        async with st:
+            hac = st.hac
+            assert hac is not None
+            issued = await hac.issue_sa("view@mipsec.test", Suite.AES_128_CBC_SHA256, 1)
+            store = hac.store
+            assert isinstance(store, SQLiteSAStore)
+            store.live_summary(datetime.now(UTC))
+            view = store._view
+            assert view is not None
+            raised: BaseException | None = None
+            with write_lock(db):
+                try:
+                    hac.expire_now()
+                except Exception as exc:  # noqa: BLE001 - the type is the assertion
+                    raised = exc
+                hac._to_mark_delivered.add(issued.sa.spi)
+                hac._confirm_now()
+                kept = issued.sa.spi in hac._to_mark_delivered
+            same_view = store._view is view
+            hac._confirm_now()  # the lock released: written now
+            with sqlite3.connect(db) as c:
+                pending = [
+                    r[0] for r in c.execute("SELECT mn_id FROM issued_sa WHERE pending IS NOT NULL")
+                ]
+            return raised, kept, same_view, pending
+
+    raised, kept, same_view, pending = run(main())
+    assert isinstance(raised, StoreBusyError)
+    assert kept and same_view
+    assert pending == []
+
+
+def test_transaction_wait_zero_on_a_held_lock(tmp_path: Path) -> None:
+    """core/sqlitetx.transaction(wait=0): StoreBusyError, nothing begun, and
+    the connection's own busy_timeout restored."""
+    db = tmp_path / "t.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    with write_lock(db):
+        with pytest.raises(StoreBusyError, match="held by another process"):
+            with transaction(conn, wait=0.0):
+                conn.execute("INSERT INTO t VALUES (1)")
+        assert not conn.in_transaction
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    with transaction(conn, wait=0.0):
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert conn.execute("SELECT x FROM t").fetchall() == [(2,)]
+    conn.close()
