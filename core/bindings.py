@@ -72,7 +72,7 @@ from typing import Generic, Literal, TypeVar
 from mipsec.core.addrtext import packed_from_text
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
-from mipsec.core.sqlitetx import table_exists
+from mipsec.core.sqlitetx import begin_now, table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
 
 __all__ = ["SCHEMA_VERSION", "Binding", "BindingCache", "DeadSpi", "DeletedBinding"]
@@ -486,11 +486,13 @@ class BindingCache:
         if not self.write_behind:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, *, wait: float | None = None) -> None:
         """Write every pending change in one transaction (no-op when none).
 
         Inside ``transaction()`` the changes join the open transaction.  On an
         error nothing leaves the queue: the next flush tries again.
+        ``wait``: how long to wait for a write lock another process holds
+        (default: the connection's 5 s); still held: ``StoreBusyError``.
         """
         conn = self._conn
         if conn is None or not self.dirty:
@@ -502,7 +504,7 @@ class BindingCache:
         own = not conn.in_transaction
         try:
             if own:
-                conn.execute("BEGIN IMMEDIATE")
+                begin_now(conn, "BEGIN IMMEDIATE", wait)
             self._write(conn, dirty, spis, deleted)
             if own:
                 conn.execute("COMMIT")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from mipsec.core.errors import StoreBusyError
 
-__all__ = ["table_exists", "transaction"]
+__all__ = ["begin_now", "table_exists", "transaction"]
 
 
 @contextlib.contextmanager
@@ -29,19 +29,7 @@ def transaction(
     holds (the connection's ``busy_timeout`` for this BEGIN only, restored
     after); still held then: ``StoreBusyError``, nothing begun.
     """
-    if wait is None:
-        conn.execute(begin)
-    else:
-        (previous,) = conn.execute("PRAGMA busy_timeout").fetchone()
-        conn.execute(f"PRAGMA busy_timeout = {max(0, round(wait * 1000))}")
-        try:
-            conn.execute(begin)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise
-            raise StoreBusyError("the write lock is held by another process") from None
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
+    begin_now(conn, begin, wait)
     try:
         yield conn
         conn.execute("COMMIT")
@@ -50,6 +38,26 @@ def transaction(
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+
+
+def begin_now(conn: sqlite3.Connection, begin: str, wait: float | None) -> None:
+    """Execute ``begin``; with ``wait``, waiting at most that long (seconds)
+    for a write lock another connection holds -- the connection's
+    ``busy_timeout`` for this statement only, restored after -- and raising
+    ``StoreBusyError`` if it is still held: nothing begun."""
+    if wait is None:
+        conn.execute(begin)
+        return
+    (previous,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute(f"PRAGMA busy_timeout = {max(0, round(wait * 1000))}")
+    try:
+        conn.execute(begin)
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise
+        raise StoreBusyError("the write lock is held by another process") from None
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
 
 
 def table_exists(conn: sqlite3.Connection, name: str) -> bool:

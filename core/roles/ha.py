@@ -53,7 +53,7 @@ import pluggy
 from mipsec.core import pluginmanager
 from mipsec.core.bindings import BindingCache
 from mipsec.core.config import HAConfig
-from mipsec.core.errors import ConfigError, ListenError
+from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
 from mipsec.core.ha_core import (
     REFRESHED,
     BindingChanged,
@@ -564,7 +564,11 @@ class HaService:
         """After a burst of datagrams: commit its changes once, then release what waited."""
         if self.bindings.dirty:
             try:
-                self.bindings.flush()
+                # Not waiting for a write lock another process holds (an
+                # operator's sqlite3 shell): SQLite's wait would stall every
+                # MN's BUs and data on this loop; the burst's replies are
+                # withheld instead, and the next burst tries again.
+                self.bindings.flush(wait=0.0)
             except Exception as exc:  # sqlite3.Error, or a full disk's OSError
                 # Fail closed: nothing leaves that acknowledges a state the
                 # disk does not hold.  The changes stay queued; the next
@@ -587,8 +591,8 @@ class HaService:
     def _flush(self) -> None:
         """Commit outside the packet path (expiry); a failure is logged, retried later."""
         try:
-            self.bindings.flush()
-        except (sqlite3.Error, OSError) as exc:
+            self.bindings.flush(wait=0.0)  # retried later: never wait on the loop
+        except (sqlite3.Error, OSError, StoreBusyError) as exc:
             self.counts["store_errors"] += 1
             self._write_outage.failed(exc)
             return

@@ -12,7 +12,8 @@ background writes (expiry, sweep, the delivery batch) skip a turn instead.
 A real ``HacService`` with its HA in the same process, the SQLite store on a
 file, a real MN (``roles.mn.bootstrap``); the lock is held by a second
 connection to the file, as another process holds it (SQLite locks between
-connections alike).
+connections alike).  Last, the HA's per-burst commit of its binding cache,
+with an MN from the codecs on a real UDP socket (``test_ha_udp.MN``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_ha_udp import HOA, MN, ha_config, make_issued
 from test_hac_lifecycle import MN_ID, Stack, hac_config, hac_data, mn_config, run
 
+from mipsec.core.bindings import BindingCache
 from mipsec.core.errors import StoreBusyError
 from mipsec.core.pki import PkiPaths, init_pki
 from mipsec.core.roles import hac as hac_module
+from mipsec.core.roles.ha import HaService
 from mipsec.core.roles.mn import bootstrap
 from mipsec.core.sqlitetx import transaction
 from mipsec.core.suites import Suite
@@ -205,3 +209,44 @@ def test_transaction_wait_zero_on_a_held_lock(tmp_path: Path) -> None:
         conn.execute("INSERT INTO t VALUES (2)")
     assert conn.execute("SELECT x FROM t").fetchall() == [(2,)]
     conn.close()
+
+
+# ------------------------------------------------------------ the HA's burst commit
+
+
+def test_the_ha_withholds_a_burst_instead_of_waiting_for_the_lock(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """The binding cache's write lock held by another process: the BU's BA
+    is withheld at once (not after SQLite's 5 s wait, which held every
+    MN's BUs and data on the HA's loop), one line says why, and the MN's
+    next BU, the lock released, gets its BA -- on disk."""
+
+    async def main() -> tuple[int, int, bool, int]:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        try:
+            issued = make_issued()
+            await svc.install_sa(issued)
+            mn = MN(issued)
+            with write_lock(tmp_path / "bindings.sqlite"):
+                await mn.send(mn.bu(1), addrs[0])
+                await until(lambda: svc.stats()["store_errors"] == 1)
+                withheld = svc.stats()["withheld"]
+                silent = await mn.nothing(0.3)
+            ba = await mn.register(2, addrs[0])
+            mn.close()
+            return withheld, svc.stats()["store_errors"], silent, ba.status
+        finally:
+            await svc.stop()
+
+    with caplog.at_level(logging.INFO):
+        withheld, errors, silent, status = run(main())
+    assert (withheld, errors, silent, status) == (1, 1, True, 0)
+    assert "failed: the write lock is held by another process" in caplog.text
+    on_disk = BindingCache(tmp_path / "bindings.sqlite")
+    try:
+        b = on_disk.get(str(HOA))
+        assert b is not None and b.sequence == 2
+    finally:
+        on_disk.close()
