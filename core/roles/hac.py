@@ -113,6 +113,9 @@ class _Stored:
 # Withdrawal retries of a retired SA (superseded, revoked): back off up to
 # this interval, until the HA confirms or the SA's validity end passes.
 WITHDRAW_RETRY_MAX = 30.0
+# Withdrawals another HAC sharing the store owes and may never finish, taken
+# over per sweep (``adopt_owed_withdrawals``); the rest at the next ones.
+ADOPT_MAX = 4096
 
 
 class HacService:
@@ -214,6 +217,7 @@ class HacService:
         self._group: list[tuple[str, Any, int, asyncio.Future[_Stored]]] = []
         self._group_handle: asyncio.Handle | None = None
         self._busy_since: float | None = None  # loop time the lock was first found held
+        self._owed_seen: set[int] = set()  # unconfirmed withdrawals at the last sweep
         self._busy_pause = STORE_BUSY_PAUSES[0]
         self._lock_outage = Outage(
             log,
@@ -1078,6 +1082,7 @@ class HacService:
         try:
             with self._write_now():
                 self.sweep_undelivered()
+            self.adopt_owed_withdrawals()
         except Exception as exc:  # the next expiry run tries again
             self._sweep_outage.failed(cause(exc))
         else:
@@ -1103,9 +1108,43 @@ class HacService:
                 "%d SA(s) stored but never answered with (an HAC stopped before its 200): "
                 "withdrawn spi=%s",
                 len(taken),
-                ",".join(str(s) for s in taken[:20]) + (",..." if len(taken) > 20 else ""),
+                _spi_list(taken),
             )
         return len(taken)
+
+    def adopt_owed_withdrawals(self) -> int:
+        """Withdraw, from here too, what another HAC sharing the store owes
+        and may never finish: it retired the SA (superseded, revoked) and
+        died before its HA confirmed -- a SIGKILL in the middle of
+        ``mipsec revoke`` -- and only a start reads the owed list, so until
+        some HAC restarts, the HA would keep the SA live.
+
+        An SPI still unconfirmed, and not being withdrawn by this HAC, at two
+        sweeps in a row (an expiry interval apart) is adopted: a live owner
+        confirms within its retry delay (at most ``WITHDRAW_RETRY_MAX``), and
+        a withdrawal is idempotent, so adopting one a live HAC still works
+        on costs a duplicate request, never a wrong state.  At most
+        ``ADOPT_MAX`` per sweep; how many were adopted."""
+        owed = {
+            spi: (ha_id, end)
+            for spi, _mn_id, ha_id, end in self.store.retired_unconfirmed(utcnow())
+            if spi not in self._withdrawing
+            and spi not in self._to_confirm
+            and ha_id in self._ha_by_id  # another HAC's own HA: not ours to reach
+        }
+        adopt = [spi for spi in owed if spi in self._owed_seen][:ADOPT_MAX]
+        self._owed_seen = set(owed)
+        for spi in adopt:
+            ha_id, end = owed[spi]
+            self._schedule_withdraw(ha_id, spi, end)
+        if adopt:
+            log.warning(
+                "%d withdrawal(s) owed by another HAC sharing the store and still not "
+                "confirmed: withdrawing them from here too, spi=%s",
+                len(adopt),
+                _spi_list(adopt),
+            )
+        return len(adopt)
 
     def expire_now(self) -> int:
         self._sweep_safely()  # a failing sweep must not skip the expiry
@@ -1138,6 +1177,11 @@ def _refused(exc: BaseException) -> bool:
         return True
     status = getattr(exc, "status", None)
     return isinstance(status, int) and 400 <= status < 500
+
+
+def _spi_list(spis: list[int]) -> str:
+    """SPIs for a log line: the first 20, then "..."."""
+    return ",".join(str(s) for s in spis[:20]) + (",..." if len(spis) > 20 else "")
 
 
 def _parameters(fn: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:

@@ -41,6 +41,7 @@ from rawmn import RawMN, psk_bootstrap
 from test_ha_restart_replay import MN_ID, SILENCE, SUITE, HaProcess, Mn, silent
 
 from mipsec.core.issuer import new_sa
+from mipsec.core.labsetup import free_port
 from mipsec.core.model import BootstrapData, IssuedSA
 from mipsec.core.provisioning import decode_response, encode_install, encode_withdraw
 from mipsec.core.roles import provserver
@@ -90,6 +91,17 @@ def held_by_ha(lab: Lab) -> list[int]:
     return sorted(int(r[0]) for r in rows)  # type: ignore[call-overload]
 
 
+def registers_alone(lab: Lab, via: Lab, seq: int = 12) -> None:
+    """A fresh bootstrap through ``via``'s HAC registers (BA 0), and its SA
+    is then the only one live on the HAC's store and on the HA."""
+    again = Mn(via)
+    try:
+        assert again.register(again.bu(seq))["status"] == 0
+        assert live_on_hac(lab) == [again.spi] and held_by_ha(lab) == [again.spi]
+    finally:
+        again.close()
+
+
 def wait_for(what: str, check: object, timeout: float = SETTLE) -> None:
     assert callable(check)
     deadline = time.monotonic() + timeout
@@ -108,7 +120,7 @@ class HacProcess:
 
     def start(self, launcher: list[str] = LAUNCHER) -> None:
         self.runs += 1
-        log = self.lab.dir / f"hac-run{self.runs}.log"
+        log = self._log()
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [*launcher, "--role", "hac", "--config", self.lab.info["hac"]["config"]],
@@ -118,8 +130,12 @@ class HacProcess:
             )
         wait_port(self.lab.hac_port, self.proc)
 
+    def _log(self) -> Path:
+        # Named after the config file: two HACs of one lab keep two logs.
+        return self.lab.dir / f"{Path(self.lab.info['hac']['config']).stem}-run{self.runs}.log"
+
     def log_text(self) -> str:
-        return (self.lab.dir / f"hac-run{self.runs}.log").read_text()
+        return self._log().read_text()
 
     def stop(self) -> None:
         assert self.proc is not None
@@ -236,12 +252,7 @@ def test_hac_killed_between_its_store_commit_and_the_install(
         assert sorted(int(r[0]) for r in confirmed) == sorted([first.spi, *stranded])  # type: ignore[call-overload]
         assert silent(captured, first.ha)
         assert silent(first.bu(11), first.ha)
-        again = Mn(lab)
-        try:
-            assert again.register(again.bu(12))["status"] == 0
-            assert live_on_hac(lab) == [again.spi] and held_by_ha(lab) == [again.spi]
-        finally:
-            again.close()
+        registers_alone(lab, lab)
     finally:
         first.close()
 
@@ -279,6 +290,66 @@ def test_hac_killed_inside_its_group_transaction(
             again.close()
     finally:
         first.close()
+
+
+def _second_hac(lab: Lab) -> tuple[Lab, HacProcess]:
+    """A second HAC on the same SA store file (its own port, metrics port,
+    control socket and revocation list, by its config file's name), with a
+    1 s expiry interval: its sweeps are what the test waits for."""
+    text = Path(lab.info["hac"]["config"]).read_text()
+    port = free_port()
+    for old, new in (
+        (f"port = {lab.hac_port}\n", f"port = {port}\n"),
+        ("[hac]\n", "[hac]\nexpiry_interval = 1.0\n"),
+    ):
+        assert old in text
+        text = text.replace(old, new, 1)
+    text = re.sub(r"(\[metrics\][^\[]*?port = )\d+", rf"\g<1>{free_port()}", text)
+    config = lab.dir / "hac-b.toml"
+    config.write_text(text)
+    other = Lab(
+        lab.dir, {**lab.info, "hac": {**lab.info["hac"], "port": port, "config": str(config)}}
+    )
+    return other, HacProcess(other)
+
+
+def test_a_hac_killed_owing_a_withdrawal_is_finished_by_the_other_hac(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> None:
+    """Two HACs share one SA store.  HAC A stores a re-bootstrap's new SA
+    and retires the MN's first SA in one transaction, then dies (SIGKILL)
+    before telling the HA -- and is never started again.  HAC B, running
+    all along, takes over what A owed: the stranded SA (never answered
+    with) is taken back by B's sweep, and the withdrawal of the first SA,
+    which only a start of some HAC used to resume, is adopted by B's next
+    sweeps -- so the HA stops accepting the first SA, and nothing stays
+    live that no HAC will ever withdraw.  B serves the MN meanwhile."""
+    ha_proc.start()
+    hac.start(crash_at("mipsec.plugins.transport_tls:TlsTransport.provision_superseding"))
+    lab_b, hac_b = _second_hac(lab)
+    try:
+        hac_b.start()
+        first = Mn(lab)
+        try:
+            assert first.register(first.bu(10))["status"] == 0
+            assert final_status(lab) is None  # A killed after its commit, before the install
+            hac.wait_killed()
+            assert unconfirmed(lab) == [first.spi]
+            wait_for(
+                "B withdrew what A owed and took back A's stranded SA",
+                lambda: unconfirmed(lab) == [] and live_on_hac(lab) == [],
+            )
+            assert held_by_ha(lab) == []
+            assert silent(first.bu(11), first.ha)  # the first SA is dead on the HA
+            registers_alone(lab, lab_b)
+        finally:
+            first.close()
+        log = hac_b.log_text()
+        assert "1 withdrawal(s) owed by another HAC sharing the store" in log
+        assert f"spi={first.spi}" in log
+        assert "Traceback" not in log
+    finally:
+        hac_b.close()
 
 
 def _ctl(verb: str, config: str) -> subprocess.CompletedProcess[str]:
