@@ -26,13 +26,15 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mipsec.core import ctlcli, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
 from mipsec.core.errors import CertificateError, ConfigError, ListenError, PluginError
-from mipsec.core.mn_exchange import BootstrapResult
 from mipsec.core.version import version
+
+if TYPE_CHECKING:  # annotations only: a HAC or HA never imports the MN's exchange
+    from mipsec.core.mn_exchange import BootstrapResult
 
 EXIT_OK = 0
 EXIT_FAILED = 1

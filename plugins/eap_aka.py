@@ -43,13 +43,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mipsec.core.eap.aka_peer import AkaPeer, AkaPeerConfig
 from mipsec.core.eap.method import EapMethodPlugin, EapPeerContext
-from mipsec.core.eap.milenage import Milenage, opc_from_op
-from mipsec.core.eap.usim import SqnPolicy, SqnStore, Usim, UsimStateError
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.wire.eap import EapType, MethodKey
 from mipsec.plugins._options import parse_options, resolve_path
+
+if TYPE_CHECKING:
+    from mipsec.core.eap.aka_peer import AkaPeer, AkaPeerConfig
+    from mipsec.core.eap.usim import Usim
 
 __all__ = ["AKA", "AKA_PRIME", "AkaMethod", "AkaPeerFactory", "mipsec_eap_methods"]
 
@@ -136,6 +137,8 @@ class AkaPeerFactory:
         return f"AkaPeerFactory({self._usim!r}, {self._config!r})"
 
     def new(self, ctx: EapPeerContext) -> AkaPeer:
+        from mipsec.core.eap.aka_peer import AkaPeer
+
         return AkaPeer(self._usim, ctx.mn_id, self._config)
 
 
@@ -152,6 +155,12 @@ class AkaMethod:
         return f"AkaMethod({self.name!r}, eap_type={self.eap_type!r})"
 
     def peer(self, options: Mapping[str, Any], ctx: PluginContext) -> AkaPeerFactory:
+        # The peer's machinery only where a peer is built (an MN): a HAC,
+        # which loads every plugin module, does not import it (start time).
+        from mipsec.core.eap.aka_peer import AkaPeerConfig
+        from mipsec.core.eap.milenage import Milenage, opc_from_op
+        from mipsec.core.eap.usim import SqnPolicy, SqnStore, Usim, UsimStateError
+
         opts: _Options = parse_options(_AkaPrimeOptions if self.prime else _AkaOptions, options)
         k = _key(opts.ki, opts.ki_file, "ki", ctx.base_dir)
         if opts.op is not None or opts.op_file is not None:
