@@ -9,7 +9,14 @@ from collections.abc import Iterator
 
 from mipsec.core.errors import StoreBusyError
 
-__all__ = ["begin_now", "table_exists", "transaction"]
+__all__ = ["LOOP_LOCK_WAIT", "begin_now", "table_exists", "transaction"]
+
+# The longest a role's event loop waits inside SQLite for another
+# connection's write lock before a write that can be retried later gives up
+# (``StoreBusyError``): long enough for another process's commit (a HAC
+# sharing the file), far below the connections' 5 s ``busy_timeout``, which
+# would hold every MN of the role.
+LOOP_LOCK_WAIT = 0.05
 
 
 @contextlib.contextmanager

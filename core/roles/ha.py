@@ -69,6 +69,7 @@ from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
 from mipsec.core.outage import Outage, cause
 from mipsec.core.provisioning import ProvisioningRefused
+from mipsec.core.sqlitetx import LOOP_LOCK_WAIT
 from mipsec.core.startup_heap import collection_paused, freeze_heap
 
 log = logging.getLogger("mipsec.ha")
@@ -564,11 +565,12 @@ class HaService:
         """After a burst of datagrams: commit its changes once, then release what waited."""
         if self.bindings.dirty:
             try:
-                # Not waiting for a write lock another process holds (an
-                # operator's sqlite3 shell): SQLite's wait would stall every
+                # At most LOOP_LOCK_WAIT for a write lock another process
+                # holds (a HAC's commit on a shared file passes; an operator's
+                # sqlite3 shell does not): SQLite's 5 s wait would stall every
                 # MN's BUs and data on this loop; the burst's replies are
                 # withheld instead, and the next burst tries again.
-                self.bindings.flush(wait=0.0)
+                self.bindings.flush(wait=LOOP_LOCK_WAIT)
             except Exception as exc:  # sqlite3.Error, or a full disk's OSError
                 # Fail closed: nothing leaves that acknowledges a state the
                 # disk does not hold.  The changes stay queued; the next
@@ -591,7 +593,7 @@ class HaService:
     def _flush(self) -> None:
         """Commit outside the packet path (expiry); a failure is logged, retried later."""
         try:
-            self.bindings.flush(wait=0.0)  # retried later: never wait on the loop
+            self.bindings.flush(wait=LOOP_LOCK_WAIT)  # retried later: no 5 s wait on the loop
         except (sqlite3.Error, OSError, StoreBusyError) as exc:
             self.counts["store_errors"] += 1
             self._write_outage.failed(exc)

@@ -61,6 +61,7 @@ from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
+from mipsec.core.sqlitetx import LOOP_LOCK_WAIT
 from mipsec.core.startup_heap import collection_paused, freeze_heap, warm_hac_views
 from mipsec.core.tls import hac_server_context, server_cb_octets
 
@@ -78,6 +79,9 @@ BUSY_RETRY_AFTER = 2  # seconds: saturation passes quickly, unlike "no HA availa
 # its MNs 503.
 STORE_BUSY_LIMIT = 5.0
 STORE_BUSY_PAUSES = (0.002, 0.05)
+# Another HAC's commits hold the lock for a millisecond now and then: only a
+# lock held this long (or until the group fails) is worth a log line.
+STORE_BUSY_QUIET = 1.0
 
 
 class IssueFailure(Exception):
@@ -920,11 +924,14 @@ class HacService:
 
     def _write_now(self) -> contextlib.AbstractContextManager[None]:
         """A transaction for a background write (expiry, sweep, the delivery
-        batch) that does not wait for another process's write lock: they
-        all retry later, so ``StoreBusyError`` at once beats a wait of up to
-        5 s inside SQLite, during which the event loop serves nobody."""
+        batch) that waits at most ``LOOP_LOCK_WAIT`` for another process's
+        write lock -- enough for another HAC's commit -- then raises
+        ``StoreBusyError``: they all retry later, which beats a wait of up
+        to 5 s inside SQLite, during which the event loop serves nobody."""
         if self._lock_wait:
-            tx: contextlib.AbstractContextManager[None] = self.store.transaction(wait=0.0)  # type: ignore[attr-defined]
+            tx: contextlib.AbstractContextManager[None] = self.store.transaction(  # type: ignore[attr-defined]
+                wait=LOOP_LOCK_WAIT
+            )
             return tx
         return contextlib.nullcontext()
 
@@ -939,11 +946,13 @@ class HacService:
         t = loop.time()
         if self._busy_since is None:
             self._busy_since, self._busy_pause = t, STORE_BUSY_PAUSES[0]
-            self._lock_outage.failed(exc, logging.WARNING)
         elif t - self._busy_since >= STORE_BUSY_LIMIT:
             self._busy_since = None  # the next group waits afresh
             self.stats["store_busy"] += len(queued)
+            self._lock_outage.failed(exc, logging.WARNING)
             return False
+        elif t - self._busy_since >= STORE_BUSY_QUIET:
+            self._lock_outage.failed(exc, logging.WARNING)  # once per outage
         self._group = queued + self._group
         self._group_handle = loop.call_later(self._busy_pause, self._commit_group)
         self._busy_pause = min(2 * self._busy_pause, STORE_BUSY_PAUSES[1])
