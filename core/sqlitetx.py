@@ -4,12 +4,14 @@ connection, never left open; whether a table exists."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from mipsec.core.errors import StoreBusyError
 
-__all__ = ["LOOP_LOCK_WAIT", "begin_now", "table_exists", "transaction"]
+__all__ = ["LOOP_LOCK_WAIT", "begin_now", "table_exists", "takes_wait", "transaction"]
 
 # The longest a role's event loop waits inside SQLite for another
 # connection's write lock before a write that can be retried later gives up
@@ -65,6 +67,17 @@ def begin_now(conn: sqlite3.Connection, begin: str, wait: float | None) -> None:
         raise StoreBusyError("the write lock is held by another process") from None
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
+
+
+def takes_wait(transaction: Callable[..., Any] | None) -> bool:
+    """Whether a store's optional ``transaction()`` takes ``wait=`` (the
+    SQLite store's does; a third party's may not)."""
+    if transaction is None:
+        return False
+    try:
+        return "wait" in inspect.signature(transaction).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
 
 
 def table_exists(conn: sqlite3.Connection, name: str) -> bool:

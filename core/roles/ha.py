@@ -69,7 +69,7 @@ from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
 from mipsec.core.outage import Outage, cause
 from mipsec.core.provisioning import ProvisioningRefused
-from mipsec.core.sqlitetx import LOOP_LOCK_WAIT
+from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, takes_wait
 from mipsec.core.startup_heap import collection_paused, freeze_heap
 
 log = logging.getLogger("mipsec.ha")
@@ -223,6 +223,12 @@ class HaService:
         # [bindings] in_sa_store: the store's transaction() when the binding
         # cache shares its file (one commit per burst of installs), else None.
         self._one_commit: Callable[[], AbstractContextManager[None]] | None = None
+        # An SA store whose transaction() bounds its wait for the write lock
+        # (the SQLite store): an install burst waits at most LOOP_LOCK_WAIT.
+        tx = getattr(self.store, "transaction", None)
+        self._bounded_tx: Callable[..., AbstractContextManager[None]] | None = (
+            tx if takes_wait(tx) else None
+        )
         try:
             # Write-behind: one SQLite commit per burst of datagrams, made
             # before the burst's replies leave (burst_done; see bindings.py).
@@ -812,13 +818,15 @@ class HaService:
         gone: list[list[bool]] = []
         try:
             with self._burst_commit():
-                self._store_all([items[i][0] for i in accepted], now)
+                with self._rows_commit():
+                    self._store_all([items[i][0] for i in accepted], now)
                 for i in accepted:
                     issued, _ha_id, withdraw = items[i]
                     new.append(self.core.install_sa(issued))
                     gone.append([self._withdraw_in_core(spi) for spi in withdraw])
                 if any(new) or any(items[i][2] for i in accepted):
-                    self.bindings.flush()  # its records, before the HAC hears "installed"
+                    # Its records, before the HAC hears "installed".
+                    self.bindings.flush(wait=LOOP_LOCK_WAIT)
                 if self._one_commit is not None:
                     # Same transaction: the superseded rows go with their
                     # withdrawal records (no later commit of their own).
@@ -874,10 +882,24 @@ class HaService:
         if begin is None:
             yield
             return
+        bounded = self._bounded_tx
         # held(): a rollback queues the records again; the core's state for
         # the new SAs is undone by the caller (remove_sa), as for any failure.
-        with self.bindings.held(), begin():
+        with self.bindings.held(), bounded(wait=LOOP_LOCK_WAIT) if bounded is not None else begin():
             yield
+
+    def _rows_commit(self) -> AbstractContextManager[None]:
+        """The burst's SA rows in one transaction of their own, committed
+        before the core installs them and the records are flushed (the order
+        a crash test holds), begun within LOOP_LOCK_WAIT or StoreBusyError:
+        another process's lock must not hold every MN on this loop for
+        SQLite's 5 s; the HAC hears 500 and withdraws, as for any failure.
+        Inside ``_burst_commit``'s one transaction (``in_sa_store``): nothing
+        more to begin."""
+        bounded = self._bounded_tx
+        if self._one_commit is not None or bounded is None:
+            return contextlib.nullcontext()
+        return bounded(wait=LOOP_LOCK_WAIT)
 
     async def withdraw_sa(self, spi: int) -> None:
         """:meth:`withdraw_sa_now`, as a coroutine."""

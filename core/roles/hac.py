@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import secrets
 import time
@@ -61,7 +60,7 @@ from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
-from mipsec.core.sqlitetx import LOOP_LOCK_WAIT
+from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, takes_wait
 from mipsec.core.startup_heap import collection_paused, freeze_heap, warm_hac_views
 from mipsec.core.tls import hac_server_context, server_cb_octets
 
@@ -217,7 +216,7 @@ class HacService:
         # group writes (``transaction()``: the SQLite and memory stores).
         self._grouped = callable(getattr(self.store, "transaction", None))
         # ... whose transaction() can be told not to wait for the write lock.
-        self._lock_wait = self._grouped and "wait" in _parameters(self.store.transaction)  # type: ignore[attr-defined]
+        self._lock_wait = takes_wait(getattr(self.store, "transaction", None))
         self._group: list[tuple[str, Any, int, asyncio.Future[_Stored]]] = []
         self._group_handle: asyncio.Handle | None = None
         self._busy_since: float | None = None  # loop time the lock was first found held
@@ -1191,13 +1190,6 @@ def _refused(exc: BaseException) -> bool:
 def _spi_list(spis: list[int]) -> str:
     """SPIs for a log line: the first 20, then "..."."""
     return ",".join(str(s) for s in spis[:20]) + (",..." if len(spis) > 20 else "")
-
-
-def _parameters(fn: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
-    try:
-        return inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # a builtin without a signature
-        return {}
 
 
 def _retry_after(seconds: int = 30) -> datetime:

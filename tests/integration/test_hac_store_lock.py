@@ -281,3 +281,34 @@ def test_the_ha_withholds_a_burst_instead_of_waiting_for_the_lock(
         assert b is not None and b.sequence == 2
     finally:
         on_disk.close()
+
+
+@pytest.mark.parametrize("in_sa_store", [False, True])
+def test_an_install_fails_at_once_on_a_held_lock_and_leaves_nothing(
+    tmp_path: Path, in_sa_store: bool
+) -> None:
+    """An install burst from the HAC while the HA's SA store is locked by
+    another process: ``StoreBusyError`` within ``LOOP_LOCK_WAIT`` (not
+    SQLite's "database is locked" after 5 s on the HA's loop), the SA is
+    not live in the HA's core or store; once the lock is free, the same
+    install succeeds.  With its binding cache in its own file and in the
+    SA store's (``[bindings] in_sa_store``)."""
+    extra: dict[str, Any] = {"bindings": {"in_sa_store": True}} if in_sa_store else {}
+    issued = make_issued()
+
+    async def main() -> tuple[list[Any], bool, int, bool]:
+        svc = HaService(ha_config(tmp_path, **extra))
+        await svc.start()
+        try:
+            with write_lock(tmp_path / "sa.sqlite"):
+                failed = svc.install_many_now([(issued, "ha1", ())])
+            live = svc.core.has_spi(issued.sa.spi)
+            stored = len(svc.store.live(datetime.now(UTC)))
+            svc.install_sa_now(issued, "ha1", ())
+            return failed, live, stored, svc.core.has_spi(issued.sa.spi)
+        finally:
+            await svc.stop()
+
+    failed, live, stored, after = run(main())
+    assert [type(x) for x in failed] == [StoreBusyError]
+    assert (live, stored, after) == (False, 0, True)
