@@ -896,10 +896,16 @@ class HaService:
         SQLite's 5 s; the HAC hears 500 and withdraws, as for any failure.
         Inside ``_burst_commit``'s one transaction (``in_sa_store``): nothing
         more to begin."""
-        bounded = self._bounded_tx
-        if self._one_commit is not None or bounded is None:
+        if self._one_commit is not None:
             return contextlib.nullcontext()
-        return bounded(wait=LOOP_LOCK_WAIT)
+        return self._bounded_commit()
+
+    def _bounded_commit(self) -> AbstractContextManager[None]:
+        """A store transaction begun within LOOP_LOCK_WAIT (``StoreBusyError``
+        after), for a write that may fail now and be retried; a plain
+        context for a store that cannot bound its wait."""
+        bounded = self._bounded_tx
+        return contextlib.nullcontext() if bounded is None else bounded(wait=LOOP_LOCK_WAIT)
 
     async def withdraw_sa(self, spi: int) -> None:
         """:meth:`withdraw_sa_now`, as a coroutine."""
@@ -913,7 +919,9 @@ class HaService:
         point leaves the SPI dead, never live again.
         """
         known = self._withdraw_in_core(spi)
-        self.bindings.flush()  # raises: the HAC gets no confirmation, and retries
+        # Raises (also after LOOP_LOCK_WAIT for a lock held elsewhere): the
+        # HAC gets no confirmation, and retries.
+        self.bindings.flush(wait=LOOP_LOCK_WAIT)
         self._withdrawn(spi, known)
 
     def _withdraw_in_core(self, spi: int) -> bool:
@@ -972,7 +980,8 @@ class HaService:
         if not spis:
             return
         try:
-            self._discard(spis)
+            with self._bounded_commit():  # retried later: no 5 s wait on the loop
+                self._discard(spis)
         except Exception as exc:
             self._to_discard = spis + self._to_discard
             self._discard_outage.failed(cause(exc), logging.WARNING)

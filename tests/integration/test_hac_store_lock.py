@@ -312,3 +312,30 @@ def test_an_install_fails_at_once_on_a_held_lock_and_leaves_nothing(
     failed, live, stored, after = run(main())
     assert [type(x) for x in failed] == [StoreBusyError]
     assert (live, stored, after) == (False, 0, True)
+
+
+def test_a_withdrawal_fails_at_once_on_a_held_lock_and_is_retried(tmp_path: Path) -> None:
+    """The HAC's withdrawal reaches an HA whose binding cache is locked by
+    another process: ``StoreBusyError`` within ``LOOP_LOCK_WAIT`` (the HAC
+    gets no confirmation and retries, as it does); the retry, the lock
+    free, withdraws the SA for good and the store forgets it."""
+    issued = make_issued()
+
+    async def main() -> tuple[list[str], bool, int]:
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        try:
+            svc.install_sa_now(issued, "ha1", ())
+            raised: list[str] = []
+            with write_lock(tmp_path / "bindings.sqlite"):
+                try:
+                    svc.withdraw_sa_now(issued.sa.spi)
+                except Exception as exc:  # noqa: BLE001 - the type is the assertion
+                    raised.append(type(exc).__name__)
+            svc.withdraw_sa_now(issued.sa.spi)
+            await until(lambda: not svc._to_discard)
+            return raised, svc.core.has_spi(issued.sa.spi), len(svc.store.live(datetime.now(UTC)))
+        finally:
+            await svc.stop()
+
+    assert run(main()) == (["StoreBusyError"], False, 0)
