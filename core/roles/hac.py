@@ -425,7 +425,10 @@ class HacService:
             self._confirm_timer.cancel()
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
-        self._confirm_now()  # before the store closes
+        # Before the store closes, waiting as long as SQLite would for a lock
+        # held elsewhere: a mark not written here makes the next run's sweep
+        # take back SAs whose 200 left (the price of a crash, not of a stop).
+        self._confirm_now(final=True)
         if self._confirm_timer is not None:  # it failed: the next run's sweep decides
             self._confirm_timer.cancel()
             self._confirm_timer = None
@@ -1004,15 +1007,16 @@ class HacService:
             loop = asyncio.get_running_loop()
             self._confirm_timer = loop.call_later(CONFIRM_BATCH_S, self._confirm_now)
 
-    def _confirm_now(self) -> None:
-        """Write the batch: confirmed withdrawals, and SAs whose 200 left."""
+    def _confirm_now(self, *, final: bool = False) -> None:
+        """Write the batch: confirmed withdrawals, and SAs whose 200 left.
+        ``final`` (the stop): no bound on the wait for the store's lock."""
         self._confirm_timer = None
         delivered, self._to_mark_delivered = self._to_mark_delivered, set()
         spis, self._to_confirm = self._to_confirm, set()
         if not delivered and not spis:
             return
         try:
-            with self._write_now():  # one commit for both
+            with contextlib.nullcontext() if final else self._write_now():  # one commit
                 if delivered:
                     self.store.delivered_many(sorted(delivered))  # type: ignore[attr-defined]
                 if spis:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import sqlite3
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -339,3 +340,40 @@ def test_a_withdrawal_fails_at_once_on_a_held_lock_and_is_retried(tmp_path: Path
             await svc.stop()
 
     assert run(main()) == (["StoreBusyError"], False, 0)
+
+
+def test_a_stop_waits_for_the_lock_to_write_its_delivery_marks(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """A clean stop writes the marks of the SAs whose 200 left; the batch
+    skips a turn on a held lock, but the stop's last write waits for it
+    (as SQLite would, up to 5 s): a mark lost there would make the next
+    run's sweep take back an SA its MN holds."""
+    st, db = stack(tmp_path, pki)
+    released = threading.Event()
+
+    def hold_briefly() -> None:
+        with write_lock(db):
+            started.set()
+            time.sleep(0.3)
+        released.set()
+
+    started = threading.Event()
+
+    async def main() -> int | None:
+        async with st:
+            hac = st.hac
+            assert hac is not None
+            result = await bootstrap(mn_config(pki, st.port))
+            assert hac._to_mark_delivered  # the batch is not due yet (1 s)
+            threading.Thread(target=hold_briefly, daemon=True).start()
+            await asyncio.to_thread(started.wait, 10)
+        return result.status  # stopped: the lock was held when the stop began
+
+    assert run(main()) == 200
+    assert released.is_set()
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM issued_sa WHERE pending IS NOT NULL").fetchone() == (
+            0,
+        )
+    assert rows(db) == [MN_ID]
