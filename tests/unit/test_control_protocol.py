@@ -347,18 +347,45 @@ def test_every_cli_option_has_help() -> None:
     assert {"status", "sas", "bindings", "revoke", "unrevoke", "reload"} <= names
 
 
-def test_server_caps_clients_held_at_once(tmp_path: Path) -> None:
+async def _hold_every_slot(path: Path) -> list[Any]:
+    """MAX_CLIENTS connections that never send a line: the server's cap reached."""
     from mipsec.core.control import MAX_CLIENTS
+
+    held = [await asyncio.open_unix_connection(str(path)) for _ in range(MAX_CLIENTS)]
+    await asyncio.sleep(0.1)
+    return held
+
+
+def test_a_client_past_the_cap_reads_busy_not_a_reset(tmp_path: Path) -> None:
+    """``mipsec status`` while MAX_CLIENTS are held: the server answers
+    "busy" and closes without reading the request, which resets the
+    connection behind the answer; ``request()`` returns the answer (one
+    line), where it raised "Connection reset by peer" before."""
+
+    server, path = _serve(tmp_path, timeout=2.0)
+
+    async def main() -> list[dict[str, Any]]:
+        await server.start()
+        held = await _hold_every_slot(path)
+        try:
+            return [await asyncio.to_thread(request, path, Request("status")) for _ in range(5)]
+        finally:
+            for _, w in held:
+                w.close()
+            await server.stop()
+
+    answers = asyncio.run(main())
+    assert all(a["ok"] is False and a["error"].startswith("busy:") for a in answers), answers
+
+
+def test_server_caps_clients_held_at_once(tmp_path: Path) -> None:
 
     server, path = _serve(tmp_path, timeout=2.0)
 
     async def main() -> None:
         await server.start()
-        held = []
+        held = await _hold_every_slot(path)
         try:
-            for _ in range(MAX_CLIENTS):  # connected, never sending a line
-                held.append(await asyncio.open_unix_connection(str(path)))
-            await asyncio.sleep(0.1)
             reader, writer = await asyncio.open_unix_connection(str(path))
             busy = json.loads(await asyncio.wait_for(reader.read(), 5))
             writer.close()
