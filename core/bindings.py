@@ -72,7 +72,7 @@ from typing import Generic, Literal, TypeVar
 from mipsec.core.addrtext import packed_from_text
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
-from mipsec.core.sqlitetx import begin_now, table_exists
+from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS, begin_now, table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
 
 __all__ = ["SCHEMA_VERSION", "Binding", "BindingCache", "DeadSpi", "DeletedBinding"]
@@ -388,7 +388,7 @@ class BindingCache:
         create_private(path)
         conn = sqlite3.connect(path, isolation_level=None)
         try:
-            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             # See the module docstring: NORMAL is crash-safe, FULL power-loss-safe.
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")

@@ -11,7 +11,18 @@ from typing import Any
 
 from mipsec.core.errors import StoreBusyError
 
-__all__ = ["LOOP_LOCK_WAIT", "begin_now", "table_exists", "takes_wait", "transaction"]
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "LOOP_LOCK_WAIT",
+    "begin_now",
+    "table_exists",
+    "takes_wait",
+    "transaction",
+]
+
+# The wait for a write lock another connection holds, on the connections of
+# the SA store and the binding cache (several HACs may share one file).
+BUSY_TIMEOUT_MS = 5000
 
 # The longest a role's event loop waits inside SQLite for another
 # connection's write lock before a write that can be retried later gives up
@@ -52,12 +63,12 @@ def transaction(
 def begin_now(conn: sqlite3.Connection, begin: str, wait: float | None) -> None:
     """Execute ``begin``; with ``wait``, waiting at most that long (seconds)
     for a write lock another connection holds -- the connection's
-    ``busy_timeout`` for this statement only, restored after -- and raising
+    ``busy_timeout`` for this statement only, then ``BUSY_TIMEOUT_MS`` again,
+    which every connection this is used on was opened with -- and raising
     ``StoreBusyError`` if it is still held: nothing begun."""
     if wait is None:
         conn.execute(begin)
         return
-    (previous,) = conn.execute("PRAGMA busy_timeout").fetchone()
     conn.execute(f"PRAGMA busy_timeout = {max(0, round(wait * 1000))}")
     try:
         conn.execute(begin)
@@ -66,7 +77,7 @@ def begin_now(conn: sqlite3.Connection, begin: str, wait: float | None) -> None:
             raise
         raise StoreBusyError("the write lock is held by another process") from None
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(previous)}")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def takes_wait(transaction: Callable[..., Any] | None) -> bool:

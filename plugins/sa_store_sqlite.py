@@ -67,7 +67,7 @@ from mipsec.core.keywrap import (
 from mipsec.core.model import SPI_MAX, SPI_MIN, BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.nai import nai_key
 from mipsec.core.secretfiles import check_private, check_private_sqlite
-from mipsec.core.sqlitetx import table_exists
+from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS, table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
 from mipsec.core.suites import Suite
 from mipsec.plugins._options import parse_options, resolve_path
@@ -614,7 +614,7 @@ class SQLiteSAStore:
         conn = self._connect(path, check_only)
         try:
             # busy_timeout: several HAC processes may share one store.
-            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if path is not None and not check_only:
                 # WAL: readers never block the writer.  synchronous = NORMAL:
                 # no fsync per commit (it stalled the HAC's event loop on every
