@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -64,6 +64,7 @@ from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, takes_wait
 from mipsec.core.startup_heap import collection_paused, freeze_heap, warm_hac_views
 from mipsec.core.tls import hac_server_context, server_cb_octets
 
+_T = TypeVar("_T")
 log = logging.getLogger("mipsec.hac")
 
 # Withdrawals an HA confirmed with the install of their successor are
@@ -564,9 +565,40 @@ class HacService:
             peer=peer,
         )
         try:
-            self._supersede(sa.mn_id, keep=sa.spi)
+            with self._write_now():
+                self._supersede(sa.mn_id, keep=sa.spi)
+        except StoreBusyError:
+            # Another process holds the write lock: retried from the loop
+            # (not a wait of up to 5 s inside SQLite, serving nobody).
+            self._background(self._supersede_soon(sa.mn_id, sa.spi))
         except Exception as exc:  # the store failed: the next bootstrap tries again
-            log.error("mn_id=%s: cannot withdraw older SAs: %s", sa.mn_id, type(exc).__name__)
+            log.error("mn_id=%s: cannot withdraw older SAs: %s", sa.mn_id, cause(exc))
+
+    async def _supersede_soon(self, mn_id: str, keep: int) -> None:
+        try:
+            await self.write_soon(lambda: self._supersede(mn_id, keep))
+        except Exception as exc:  # still held after STORE_BUSY_LIMIT, or failed
+            log.error("mn_id=%s: cannot withdraw older SAs: %s", mn_id, cause(exc))
+
+    async def write_soon(self, write: Callable[[], _T]) -> _T:
+        """``write()`` in a transaction begun within ``LOOP_LOCK_WAIT``; while
+        another process holds the store's write lock, tried again from the
+        event loop (pauses of 2 ms doubling to 50 ms), which serves everyone
+        else meanwhile; ``StoreBusyError`` once it has been held for
+        ``STORE_BUSY_LIMIT``.  For a write that must happen but need not
+        happen in this turn (``mipsec revoke``, a withdrawal past
+        ``max_sas_per_mn``)."""
+        loop = asyncio.get_running_loop()
+        start, pause = loop.time(), STORE_BUSY_PAUSES[0]
+        while True:
+            try:
+                with self._write_now():
+                    return write()
+            except StoreBusyError:
+                if loop.time() - start >= STORE_BUSY_LIMIT:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, STORE_BUSY_PAUSES[1])
 
     def rollback(self, issued: IssuedSA, peer: str, reason: str) -> None:
         """The MN did not get the 200 (it went away, or broke the sequence):
@@ -649,7 +681,10 @@ class HacService:
         it from its HA -- once the store works; an older, superseded one is
         retired by the MN's next bootstrap."""
         try:
-            self.retire(spi, reason)
+            # At most LOOP_LOCK_WAIT for another process's write lock: the
+            # fallbacks above take over, and the loop serves everyone else.
+            with self._write_now():
+                self.retire(spi, reason)
         except Exception as exc:
             log.error(
                 "mn_id=%s spi=%d: cannot retire it now (%s, reason=%s); retried later",
@@ -663,7 +698,8 @@ class HacService:
         """``restore`` of SAs an install refused by its HA did not withdraw;
         False when the store cannot write it now (the caller withdraws them)."""
         try:
-            self.store.restore(taken)  # type: ignore[attr-defined]
+            with self._write_now():  # a held lock: withdrawn instead, as below
+                self.store.restore(taken)  # type: ignore[attr-defined]
         except Exception as exc:
             log.error(
                 "mn_id=%s: cannot put back %d superseded SA(s) (%s): withdrawn instead",

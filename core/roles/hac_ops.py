@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
@@ -369,10 +370,13 @@ class HacOps:
         for issued in held:
             sa = issued.sa
             try:
-                if svc.retire(sa.spi, "revoked"):
+                # Another process's write lock is waited out from the event
+                # loop, which serves every MN meanwhile (not inside SQLite).
+                if await svc.write_soon(functools.partial(svc.retire, sa.spi, "revoked")):
                     withdrawn.append(sa.spi)
             except Exception as exc:
-                # The store cannot record the retirement now (full disk):
+                # The store cannot record the retirement now (full disk, the
+                # write lock held for STORE_BUSY_LIMIT):
                 # the HA is told all the same -- a withdrawal there is for
                 # good, and it never installs the SA again -- so a revoked
                 # MN keeps no working SA; the row expires in the store.

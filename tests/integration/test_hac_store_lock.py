@@ -36,9 +36,12 @@ from test_hac_lifecycle import MN_ID, Stack, hac_config, hac_data, mn_config, ru
 
 from mipsec.core.bindings import BindingCache
 from mipsec.core.errors import StoreBusyError
+from mipsec.core.issuer import new_sa
+from mipsec.core.model import IssuedSA
 from mipsec.core.pki import PkiPaths, init_pki
 from mipsec.core.roles import hac as hac_module
 from mipsec.core.roles.ha import HaService
+from mipsec.core.roles.hac_ops import HacOps
 from mipsec.core.roles.mn import bootstrap
 from mipsec.core.sqlitetx import transaction
 from mipsec.core.suites import Suite
@@ -50,10 +53,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
     return init_pki(tmp_path_factory.mktemp("pki"))
 
 
-def stack(tmp_path: Path, pki: PkiPaths) -> tuple[Stack, Path]:
+def stack(tmp_path: Path, pki: PkiPaths, revocations: Path | None = None) -> tuple[Stack, Path]:
     data = hac_data(tmp_path, pki)
     db = tmp_path / "sa.db"
     data["sa_store"] = {"backend": "sqlite", "path": str(db)}
+    if revocations is not None:
+        data["revocations"] = {"path": str(revocations)}
     return Stack(hac_config(data, tmp_path)), db
 
 
@@ -221,6 +226,111 @@ def test_background_writes_skip_a_turn_instead_of_waiting(tmp_path: Path, pki: P
     assert isinstance(raised, StoreBusyError)
     assert kept and same_view
     assert pending == []
+
+
+def test_a_revoke_waits_out_the_lock_from_the_event_loop(tmp_path: Path, pki: PkiPaths) -> None:
+    """``mipsec revoke`` while another process holds the store's write
+    lock: the command waits (from the event loop, not inside SQLite for up
+    to 5 s) -- meanwhile another client's TLS handshake completes -- and,
+    the lock released, records the withdrawal: the answer lists the SPI, with
+    nothing "not recorded", the store holds no live SA, its HA none."""
+    st, db = stack(tmp_path, pki, revocations=tmp_path / "revoked.json")
+
+    async def main() -> tuple[bool, str | None, dict[str, Any], int, int, int]:
+        async with st:
+            hac, ha = st.hac, st.ha
+            assert hac is not None and ha is not None
+            got = await bootstrap(mn_config(pki, st.port))
+            assert got.issued is not None
+            ops = HacOps(hac, "<memory>")
+            with write_lock(db):
+                task = asyncio.create_task(ops.revoke({"mn_id": MN_ID}))
+                await asyncio.sleep(0.1)  # a few tries found the lock held
+                other = await handshake(pki, st.port)  # served meanwhile
+                pending = not task.done()
+            out = await task
+            await until(lambda: not ha.core.spis())
+            live = len(hac.store.live(datetime.now(UTC)))
+            await ops.aclose()
+            return pending, other, out, got.issued.sa.spi, live, len(ha.core.spis())
+
+    pending, other, out, spi, live, on_ha = run(main())
+    assert pending and other is not None and other.startswith("TLS")
+    assert out["withdrawn"] == [spi] and "not_recorded" not in out
+    assert (live, on_ha) == (0, 0)
+
+
+def test_a_take_back_on_a_held_lock_leaves_it_to_the_sweep(
+    tmp_path: Path, pki: PkiPaths, caplog: Any
+) -> None:
+    """A failure path takes back an SA while another process holds the
+    write lock: one line at once (not SQLite's 5 s wait on the loop), the
+    row stays marked undelivered -- and the sweep, the lock released,
+    retires it and withdraws it from its HA."""
+    st, db = stack(tmp_path, pki)
+
+    async def main() -> tuple[bool, int, int]:
+        async with st:
+            hac, ha = st.hac, st.ha
+            assert hac is not None and ha is not None
+            issued = await hac.issue_sa("back@mipsec.test", Suite.AES_128_CBC_SHA256, 1)
+            spi = issued.sa.spi
+            with write_lock(db):
+                hac.rollback(issued, "127.0.0.1", "test")
+            still = hac.store.get(spi, datetime.now(UTC)) is not None
+            hac._issuing_bound = lambda: -1.0  # type: ignore[method-assign]  # any age is due
+            hac._sweep_safely()
+            await until(lambda: spi not in ha.core.spis())
+            return still, len(hac.store.live(datetime.now(UTC))), len(ha.core.spis())
+
+    with caplog.at_level(logging.INFO):
+        still, live, on_ha = run(main())
+    assert still and (live, on_ha) == (0, 0)
+    assert "cannot retire it now (StoreBusyError: the write lock is held" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_a_withdrawal_past_max_sas_per_mn_is_retried_from_the_loop(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """The 200 has left and an older SA of the MN (beyond ``max_sas_per_mn``)
+    is to be retired while another process holds the write lock: ``deliver``
+    returns at once (no wait inside SQLite), the retirement is retried from
+    the event loop, and once the lock is released the older SA leaves the
+    store and its HA."""
+    st, db = stack(tmp_path, pki)
+
+    async def main() -> tuple[bool, list[int], list[int]]:
+        async with st:
+            hac, ha = st.hac, st.ha
+            assert hac is not None and ha is not None
+            issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            # An older SA of the same MN, stored beside it (as another HAC
+            # sharing the store, or one from before a policy change, leaves).
+            older = IssuedSA(
+                new_sa(
+                    spi=0x5A5A5,
+                    mn_id=MN_ID,
+                    suite=Suite.AES_128_CBC_SHA256,
+                    scope=1,
+                    lifetime=60,
+                    now=datetime.now(UTC),
+                    ha_id="ha1",
+                ),
+                issued.bootstrap,
+            )
+            assert hac.store.add(older)
+            with write_lock(db):
+                hac.deliver(issued, "127.0.0.1")
+                await asyncio.sleep(0.05)  # tries meet the lock
+                held = hac.store.get(older.sa.spi, datetime.now(UTC)) is not None
+            await until(lambda: hac.store.get(older.sa.spi, datetime.now(UTC)) is None)
+            live = sorted(i.sa.spi for i in hac.store.live(datetime.now(UTC)))
+            return held, live, [issued.sa.spi]
+
+    held, live, expected = run(main())
+    assert held
+    assert live == expected
 
 
 def test_transaction_wait_zero_on_a_held_lock(tmp_path: Path) -> None:
