@@ -15,6 +15,7 @@ __all__ = [
     "BUSY_TIMEOUT_MS",
     "LOOP_LOCK_WAIT",
     "begin_now",
+    "loop_writer",
     "table_exists",
     "takes_wait",
     "transaction",
@@ -89,6 +90,20 @@ def takes_wait(transaction: Callable[..., Any] | None) -> bool:
         return "wait" in inspect.signature(transaction).parameters
     except (TypeError, ValueError):  # a builtin without a signature
         return False
+
+
+def loop_writer(store: object) -> Callable[[], contextlib.AbstractContextManager[None]] | None:
+    """For a role's store: what begins a transaction for a write its event
+    loop may retry later -- waiting at most ``LOOP_LOCK_WAIT`` for another
+    process's write lock, then ``StoreBusyError``, nothing begun -- or None
+    when the store's optional ``transaction()`` cannot bound its wait (a
+    third party's store, which then writes as it always did).  Looked up
+    once, at start: ``takes_wait`` reads a signature."""
+    tx = getattr(store, "transaction", None)
+    if not takes_wait(tx):
+        return None
+    assert tx is not None
+    return lambda: tx(wait=LOOP_LOCK_WAIT)  # type: ignore[no-any-return]
 
 
 def table_exists(conn: sqlite3.Connection, name: str) -> bool:

@@ -34,6 +34,7 @@ from mipsec.core.fsutil import create_private
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.nai import nai_key
 from mipsec.core.secretfiles import check_private_sqlite
+from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS
 from mipsec.plugins._options import parse_options, resolve_path
 from mipsec.plugins.cred_toml import MIN_PASSPHRASE, short_passphrase
 
@@ -69,7 +70,7 @@ def add_psks(path: str | os.PathLike[str], items: Iterable[tuple[str, bytes]]) -
     conn = sqlite3.connect(p, isolation_level=None)
     new = replaced = 0
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(_SCHEMA)
@@ -109,7 +110,7 @@ def remove_psk(path: str | os.PathLike[str], mn_id: str) -> bool:
     check_private_sqlite(p)
     conn = sqlite3.connect(p, isolation_level=None)
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         gone = 0
         for key in dict.fromkeys((mn_id, nai_key(mn_id))):
             gone += conn.execute("DELETE FROM mn_credentials WHERE mn_id = ?", (key,)).rowcount
@@ -141,7 +142,7 @@ class SQLiteCredentials:
         uri = path.resolve().as_uri() + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         try:
-            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             # Fail at start, not at the first MN, when the table is missing.
             conn.execute("SELECT mn_id, psk FROM mn_credentials LIMIT 1").fetchall()
             # The first (by mn_id) passphrase that is too short, if any.

@@ -69,7 +69,7 @@ from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
 from mipsec.core.outage import Outage, cause
 from mipsec.core.provisioning import ProvisioningRefused
-from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, takes_wait
+from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, loop_writer
 from mipsec.core.startup_heap import collection_paused, freeze_heap
 
 log = logging.getLogger("mipsec.ha")
@@ -225,10 +225,7 @@ class HaService:
         self._one_commit: Callable[[], AbstractContextManager[None]] | None = None
         # An SA store whose transaction() bounds its wait for the write lock
         # (the SQLite store): an install burst waits at most LOOP_LOCK_WAIT.
-        tx = getattr(self.store, "transaction", None)
-        self._bounded_tx: Callable[..., AbstractContextManager[None]] | None = (
-            tx if takes_wait(tx) else None
-        )
+        self._bounded_tx = loop_writer(self.store)
         try:
             # Write-behind: one SQLite commit per burst of datagrams, made
             # before the burst's replies leave (burst_done; see bindings.py).
@@ -885,7 +882,7 @@ class HaService:
         bounded = self._bounded_tx
         # held(): a rollback queues the records again; the core's state for
         # the new SAs is undone by the caller (remove_sa), as for any failure.
-        with self.bindings.held(), bounded(wait=LOOP_LOCK_WAIT) if bounded is not None else begin():
+        with self.bindings.held(), bounded() if bounded is not None else begin():
             yield
 
     def _rows_commit(self) -> AbstractContextManager[None]:
@@ -905,7 +902,7 @@ class HaService:
         after), for a write that may fail now and be retried; a plain
         context for a store that cannot bound its wait."""
         bounded = self._bounded_tx
-        return contextlib.nullcontext() if bounded is None else bounded(wait=LOOP_LOCK_WAIT)
+        return contextlib.nullcontext() if bounded is None else bounded()
 
     async def withdraw_sa(self, spi: int) -> None:
         """:meth:`withdraw_sa_now`, as a coroutine."""

@@ -60,7 +60,7 @@ from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
-from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, takes_wait
+from mipsec.core.sqlitetx import loop_writer
 from mipsec.core.startup_heap import collection_paused, freeze_heap, warm_hac_views
 from mipsec.core.tls import hac_server_context, server_cb_octets
 
@@ -217,7 +217,8 @@ class HacService:
         # group writes (``transaction()``: the SQLite and memory stores).
         self._grouped = callable(getattr(self.store, "transaction", None))
         # ... whose transaction() can be told not to wait for the write lock.
-        self._lock_wait = takes_wait(getattr(self.store, "transaction", None))
+        self._loop_tx = loop_writer(self.store)
+        self._lock_wait = self._loop_tx is not None
         self._group: list[tuple[str, Any, int, asyncio.Future[_Stored]]] = []
         self._group_handle: asyncio.Handle | None = None
         self._busy_since: float | None = None  # loop time the lock was first found held
@@ -966,12 +967,8 @@ class HacService:
         write lock -- enough for another HAC's commit -- then raises
         ``StoreBusyError``: they all retry later, which beats a wait of up
         to 5 s inside SQLite, during which the event loop serves nobody."""
-        if self._lock_wait:
-            tx: contextlib.AbstractContextManager[None] = self.store.transaction(  # type: ignore[attr-defined]
-                wait=LOOP_LOCK_WAIT
-            )
-            return tx
-        return contextlib.nullcontext()
+        begin = self._loop_tx
+        return contextlib.nullcontext() if begin is None else begin()
 
     def _wait_for_lock(
         self, queued: list[tuple[str, Any, int, asyncio.Future[_Stored]]], exc: Exception
