@@ -27,6 +27,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -291,6 +292,53 @@ def test_hac_killed_inside_its_group_transaction(
     finally:
         first.close()
 
+
+
+def test_hac_killed_while_a_group_waits_for_the_write_lock(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> None:
+    """Another process holds the HAC's store write lock when a re-bootstrap's
+    SA is to be stored: the group waits, retried from the event loop -- and
+    the HAC is SIGKILLed meanwhile.  Nothing was written: once the lock is
+    released, the MN's first SA is still the only one live on the HAC and
+    on the HA, nothing is retired or owed, the MN's binding under it still
+    works after the restart, and a new bootstrap registers alone."""
+    ha_proc.start()
+    hac.start()
+    first = Mn(lab)
+    holder = sqlite3.connect(lab.dir / "hac-sa.sqlite", isolation_level=None, timeout=5)
+    try:
+        assert first.register(first.bu(10))["status"] == 0
+        holder.execute("BEGIN IMMEDIATE")
+        statuses: list[str | None] = []
+        thread = threading.Thread(target=lambda: statuses.append(final_status(lab)))
+        thread.start()
+        # Past STORE_BUSY_QUIET the HAC says it waits: the group is queued.
+        wait_for("the HAC waiting for the lock", lambda: "write lock is held" in hac.log_text())
+        assert hac.proc is not None
+        hac.proc.kill()
+        hac.wait_killed()
+        thread.join(timeout=30)
+        assert statuses == [None]  # the connection died: no 200, no SA for the MN
+        holder.execute("ROLLBACK")
+        assert live_on_hac(lab) == [first.spi] and unconfirmed(lab) == []
+        assert held_by_ha(lab) == [first.spi]
+        hac.start()
+        assert first.register(first.bu(11))["status"] == 0
+        again = Mn(lab)
+        try:
+            assert again.register(again.bu(12))["status"] == 0
+            wait_for(
+                "the first SA withdrawn by the new bootstrap",
+                lambda: live_on_hac(lab) == [again.spi] and held_by_ha(lab) == [again.spi],
+            )
+        finally:
+            again.close()
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+        first.close()
 
 def _second_hac(lab: Lab) -> tuple[Lab, HacProcess]:
     """A second HAC on the same SA store file (its own port, metrics port,
