@@ -293,7 +293,6 @@ def test_hac_killed_inside_its_group_transaction(
         first.close()
 
 
-
 def test_hac_killed_while_a_group_waits_for_the_write_lock(
     lab: Lab, hac: HacProcess, ha_proc: HaProcess
 ) -> None:
@@ -339,6 +338,7 @@ def test_hac_killed_while_a_group_waits_for_the_write_lock(
             holder.execute("ROLLBACK")
         holder.close()
         first.close()
+
 
 def _second_hac(lab: Lab) -> tuple[Lab, HacProcess]:
     """A second HAC on the same SA store file (its own port, metrics port,
