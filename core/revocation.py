@@ -27,6 +27,18 @@ last line without its newline: a change whose append was cut by a crash was
 never acknowledged, so it is dropped, and the next change folds the journal
 rather than append after the torn octets.
 
+**Several HACs may share one list** (the same ``path``, e.g. HACs that
+share an SA store): every change is made under an exclusive ``flock`` of
+``path`` + ``.lock``, after reading what the others changed, and every
+lookup first compares the two files' identity and size with what this
+process read (two ``stat`` calls): a grown journal is read from where this
+process stopped, a new snapshot (another process folded) or a new journal is
+read whole, under a shared lock, so no reader sees an append or a fold
+half-done.  A revocation made on one HAC therefore refuses the MN on every
+HAC from its next lookup on.  If the files cannot be read again later, the
+list last read stays in force and one line says so (a HAC does not refuse
+every MN, nor forget a revocation, because of a file it read before).
+
 Identities are kept and looked up under their canonical form
 (:func:`mipsec.core.nai.nai_key`: the realm is case-insensitive), so a revoked
 MN does not come back by changing the case of its realm; a file written
@@ -35,8 +47,13 @@ before that is read the same way.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +62,9 @@ from mipsec.core.errors import ConfigError
 from mipsec.core.fsutil import PRIVATE_FILE, write_file
 from mipsec.core.nai import nai_key
 
-__all__ = ["COMPACT_MIN", "RevocationList", "journal_path"]
+__all__ = ["COMPACT_MIN", "RevocationList", "journal_path", "lock_path"]
+
+log = logging.getLogger("mipsec.revocation")
 
 VERSION = 1
 COMPACT_MIN = 1024  # journal lines always allowed before a fold
@@ -55,49 +74,163 @@ def journal_path(path: Path) -> Path:
     return path.with_name(path.name + ".journal")
 
 
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+# What a lookup compares to notice another process's change: the file's
+# identity and size (None: absent).  A fold replaces the snapshot (a new
+# inode) and removes the journal; an append grows the journal.
+_Ident = tuple[int, int, int, int] | None
+
+
+def _same_file(now: _Ident, seen: _Ident) -> bool:
+    """The journal read before, perhaps grown (not replaced, removed, or cut)."""
+    if now is None or seen is None:
+        return now is seen
+    return now[:2] == seen[:2] and now[2] >= seen[2]
+
+
+def _ident(path: Path) -> _Ident:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class RevocationList:
     def __init__(self, path: Path, *, config_file: str = "<memory>") -> None:
         self.path = path
         self.journal = journal_path(path)
+        self.lock = lock_path(path)
         self._config_file = config_file
         self._revoked: dict[str, str] = {}
         self._lines = 0  # complete lines in the journal
         self._folded = 0  # entries in the snapshot
         self._torn = False  # the journal ends in a cut line: fold before appending
-        snapshot = self._read(path)
-        if snapshot is not None:
-            self._revoked = self._parse_snapshot(snapshot)
-            self._folded = len(self._revoked)
-        raw = self._read(self.journal)
-        if raw:
-            self._replay(raw)
+        self._snap_id: _Ident = None  # the snapshot as last read
+        self._journal_id: _Ident = None  # the journal as last read (its size: up to _offset)
+        self._offset = 0  # octets of the journal applied (complete lines)
+        self._stale = False  # a re-read failed: the list last read stays in force
+        with self._locked(fcntl.LOCK_SH):
+            self._load()
 
     def __contains__(self, mn_id: object) -> bool:
+        self.refresh()
         return isinstance(mn_id, str) and nai_key(mn_id) in self._revoked
 
     def __len__(self) -> int:
+        self.refresh()
         return len(self._revoked)
 
     def items(self) -> dict[str, str]:
+        self.refresh()
         return dict(self._revoked)
 
     def add(self, mn_id: str) -> bool:
         """Revoke ``mn_id`` (persisted before this returns); False if it already was."""
         mn_id = nai_key(mn_id)
-        if mn_id in self._revoked:
-            return False
-        since = datetime.now(UTC).replace(microsecond=0).isoformat()
-        self._change({"add": mn_id, "since": since})  # raises: nothing changed
-        self._revoked[mn_id] = since
-        return True
+        with self._locked(fcntl.LOCK_EX):
+            self._catch_up()  # another HAC's changes first: the journal's end, the fold due
+            if mn_id in self._revoked:
+                return False
+            since = datetime.now(UTC).replace(microsecond=0).isoformat()
+            self._change({"add": mn_id, "since": since})  # raises: nothing changed
+            self._revoked[mn_id] = since
+            return True
 
     def remove(self, mn_id: str) -> bool:
         mn_id = nai_key(mn_id)
-        if mn_id not in self._revoked:
-            return False
-        self._change({"remove": mn_id})
-        del self._revoked[mn_id]
-        return True
+        with self._locked(fcntl.LOCK_EX):
+            self._catch_up()
+            if mn_id not in self._revoked:
+                return False
+            self._change({"remove": mn_id})
+            del self._revoked[mn_id]
+            return True
+
+    # ------------------------------------------------------------ sharing
+
+    def refresh(self) -> None:
+        """Take in what another process sharing the files changed since this
+        one last read them (nothing to do, the usual case: two ``stat``)."""
+        if _ident(self.path) == self._snap_id and _ident(self.journal) == self._journal_id:
+            return
+        try:
+            with self._locked(fcntl.LOCK_SH):
+                self._catch_up()
+        except (ConfigError, OSError) as exc:
+            if not self._stale:
+                self._stale = True
+                reason = exc.reason if isinstance(exc, ConfigError) else exc.strerror
+                log.error(
+                    "revocation list %s: cannot read it again (%s); the %d revocation(s) "
+                    "read before stay in force",
+                    self.path,
+                    reason,
+                    len(self._revoked),
+                )
+            return
+        if self._stale:
+            self._stale = False
+            log.warning(
+                "revocation list %s: read again (%d revoked)", self.path, len(self._revoked)
+            )
+
+    def _catch_up(self) -> None:
+        """Under the lock: bring the list up to the files."""
+        snap, jour = _ident(self.path), _ident(self.journal)
+        if snap != self._snap_id or not _same_file(jour, self._journal_id):
+            self._load()  # a fold (new snapshot), a new journal: read both whole
+            return
+        if jour is not None and jour[2] > self._offset:
+            try:
+                with self.journal.open("rb") as f:
+                    f.seek(self._offset)  # only what this process has not read
+                    raw = f.read()
+            except OSError as exc:
+                raise self._error(f"{str(self.journal)!r}: cannot read: {exc.strerror}") from None
+            self._replay(raw, first_line=self._lines + 1)
+        self._journal_id = _ident(self.journal)
+
+    def _load(self) -> None:
+        """Read the snapshot and the journal whole (at start, after a fold)."""
+        snap_id = _ident(self.path)
+        snapshot = self._read(self.path)
+        revoked = self._parse_snapshot(snapshot) if snapshot is not None else {}
+        jour_id = _ident(self.journal)
+        raw = self._read(self.journal) or b""
+        self._revoked, self._folded = revoked, len(revoked)
+        self._lines = self._offset = 0
+        self._torn = False
+        self._replay(raw)
+        self._snap_id, self._journal_id = snap_id, jour_id
+
+    @contextmanager
+    def _locked(self, how: int) -> Iterator[None]:
+        """``flock`` of the lock file, shared by every process using ``path``
+        (created 0600 beside it); held for a change or a re-read, never longer."""
+        try:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE)
+        except FileNotFoundError:
+            if how == fcntl.LOCK_SH and not self.path.parent.exists():
+                yield  # nothing to read, and nowhere a change could be made yet
+                return
+            raise
+        except OSError as exc:
+            if how != fcntl.LOCK_SH:
+                raise  # a change: refused (the caller says why)
+            if exc.errno in (errno.EACCES, errno.EROFS):
+                # A list made read-only for this HAC: it can read, not change.
+                yield
+                return
+            raise self._error(f"{str(self.lock)!r}: cannot open: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, how)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # ------------------------------------------------------------ reading
 
@@ -131,13 +264,15 @@ class RevocationList:
                 canonical[key] = v
         return canonical
 
-    def _replay(self, raw: bytes) -> None:
+    def _replay(self, raw: bytes, first_line: int = 1) -> None:
+        """Apply the journal's complete lines in ``raw`` (read from ``_offset``)."""
         lines = raw.split(b"\n")
         tail = lines.pop()  # b"" when the journal ends with its newline
-        if tail:
-            # An append cut by a crash: that change was never acknowledged.
-            self._torn = True
-        for number, line in enumerate(lines, 1):
+        # A cut last line: an append cut by a crash (appends are made under
+        # the exclusive lock, and this is read under a lock too), a change
+        # never acknowledged.
+        self._torn = bool(tail)
+        for number, line in enumerate(lines, first_line):
             change = self._parse_line(line)
             if change is None:
                 raise self._error(f"{str(self.journal)!r} line {number}: not a revocation change")
@@ -146,7 +281,8 @@ class RevocationList:
                 self._revoked.setdefault(mn_id, since)
             else:
                 self._revoked.pop(mn_id, None)
-        self._lines = len(lines)
+        self._lines += len(lines)
+        self._offset += len(raw) - len(tail)
 
     @staticmethod
     def _parse_line(line: bytes) -> tuple[str, str, str] | None:
@@ -203,12 +339,15 @@ class RevocationList:
         finally:
             os.close(fd)
         self._lines += 1
+        self._offset += len(line)
+        self._journal_id = _ident(self.journal)  # our own append: nothing to re-read
 
     def _fold(self, revoked: dict[str, str]) -> None:
         """A new snapshot holding ``revoked``, then an empty journal."""
         data = json.dumps({"version": VERSION, "revoked": revoked}, indent=1, sort_keys=True)
         write_file(self.path, data.encode() + b"\n", PRIVATE_FILE, sync=True)
         self._folded = len(revoked)
+        self._snap_id = _ident(self.path)
         # Only now: a crash before this line replays changes the snapshot
         # already holds (the same list).
         try:
@@ -219,5 +358,6 @@ class RevocationList:
             # The change is durable in the snapshot already; the journal's
             # lines replay to the same list, and the next change folds again.
             return
-        self._lines = 0
+        self._lines = self._offset = 0
         self._torn = False
+        self._journal_id = None

@@ -512,6 +512,14 @@ class HacService:
         except Exception as exc:
             failure = IssueFailure(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
             return self._issue_failed(exch, req, peer, failure, None, None)
+        if req.mn_id in self.revocations:
+            # Revoked while its SA was being issued -- by another HAC sharing
+            # the list (this HAC's own revoke ends the exchange instead): that
+            # HAC appended the revocation before it looked for the MN's SAs,
+            # and this one stored the SA before looking again here, so either
+            # that HAC withdraws the SA or this check takes it back.
+            self.rollback(issued, peer, "revoked")
+            return exch.fail(UNAUTHORIZED, reason="revoked")
         return issued
 
     def issue_saturated(self, exch: HacExchange, req: IssueSA, peer: str) -> Send:

@@ -432,6 +432,41 @@ def test_hac_killed_inside_a_revoke_starts_again_with_its_list_whole(
     assert final_status(lab) == "200"
 
 
+def test_two_hacs_sharing_one_revocation_list(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> None:
+    """Two HACs share one SA store and one ``[revocations] path``.  An MN
+    registered through HAC B is revoked on HAC A: A withdraws its SA (the
+    store is shared), and B refuses the MN's next bootstrap (401, reason
+    revoked) without a restart; ``unrevoke`` on B lets it back in through
+    A."""
+    shared = lab.dir / "shared-revoked.json"
+    config = Path(lab.info["hac"]["config"])
+    config.write_text(config.read_text() + f'\n[revocations]\npath = "{shared}"\n')
+    ha_proc.start()
+    hac.start()
+    lab_b, hac_b = _second_hac(lab)
+    try:
+        hac_b.start()
+        first = Mn(lab_b)
+        try:
+            assert first.register(first.bu(10))["status"] == 0
+            out = _ctl("revoke", lab.info["hac"]["config"])
+            assert out.returncode == 0, out.stderr
+            assert str(first.spi) in out.stdout
+            wait_for("the SA withdrawn", lambda: held_by_ha(lab) == [] and live_on_hac(lab) == [])
+            assert silent(first.bu(11), first.ha)
+        finally:
+            first.close()
+        assert final_status(lab_b) == "401"
+        assert "reason=revoked" in hac_b.log_text()
+        out = _ctl("unrevoke", lab_b.info["hac"]["config"])
+        assert out.returncode == 0, out.stderr
+        assert final_status(lab) == "200"
+    finally:
+        hac_b.close()
+
+
 def test_a_clean_stop_right_after_a_200_keeps_the_sa(
     lab: Lab, hac: HacProcess, ha_proc: HaProcess
 ) -> None:

@@ -25,7 +25,9 @@ from test_hac_lifecycle import (  # noqa: F401  (pki: a fixture)
     run,
 )
 
+from mipsec.core.mn_exchange import Finished
 from mipsec.core.pki import PkiPaths
+from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.hac_ops import HacOps
 
 
@@ -94,3 +96,44 @@ def test_revoke_while_the_store_cannot_write_still_withdraws_from_the_ha(
     ]
     assert len(lines) == 1 and "database or disk is full" in lines[0], lines
     assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_revoked_by_another_hac_while_issuing_gets_401_and_nothing_stays(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two HACs share one revocation list.  The other HAC revokes the MN
+    while this one is issuing its SA (after this one's check at
+    authentication): this HAC cannot end the exchange the way its own
+    ``revoke`` does, so it looks at the list again once the SA is stored --
+    the MN gets 401 ``revoked``, not a 200, and the SA is taken back from the
+    store and withdrawn from the HA."""
+    data = hac_data(tmp_path, pki)
+    ha_cfg = hac_config(data, tmp_path).local_ha
+    del data["local_ha"]
+    data["ha"][0]["transport"] = "slow-local"
+    shared = tmp_path / "revoked.json"
+    data["revocations"] = {"path": str(shared)}
+    slow = SlowLocal(0.5)
+
+    async def main() -> int | None:
+        async with Stack(hac_config(data, tmp_path), [slow], ha_cfg=ha_cfg) as st:
+            assert st.hac is not None and st.ha is not None
+            other_hac = RevocationList(shared)  # the other HAC's view of the same files
+            reader, writer, exch = await done_request(st, pki)
+            await asyncio.sleep(0.1)  # this HAC is now issuing (provisioning takes 0.5 s)
+            assert other_hac.add(MN_ID)
+            got = await asyncio.wait_for(reader.read(65540), 5)
+            writer.close()
+            finished = [e for e in exch.receive_data(got) if isinstance(e, Finished)]
+            now = datetime.now(UTC)
+            assert st.hac.store.live(now) == []
+            assert await eventually(lambda: st.ha is not None and st.ha.core.spis() == [])
+            return finished[0].result.status if finished else None
+
+    with caplog.at_level(logging.INFO):
+        status = run(main())
+    assert status == 401
+    assert "reason=revoked" in caplog.text
+    assert "Traceback" not in caplog.text

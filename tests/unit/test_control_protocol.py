@@ -28,7 +28,7 @@ from mipsec.core.control import (
 )
 from mipsec.core.errors import ConfigError
 from mipsec.core.reload import restart_keys
-from mipsec.core.revocation import RevocationList, journal_path
+from mipsec.core.revocation import RevocationList, journal_path, lock_path
 
 # ------------------------------------------------------------ protocol
 
@@ -167,7 +167,9 @@ def test_revocation_list_persists_atomically(tmp_path: Path) -> None:
     assert "a@x" in RevocationList(path)
     assert rl.remove("a@x") and not rl.remove("a@x")
     assert "a@x" not in RevocationList(path) and len(RevocationList(path)) == 0
-    assert [p.name for p in tmp_path.iterdir()] == [journal.name]  # no temporary left
+    # No temporary left; the lock file every process sharing the list flocks.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [journal.name, lock_path(path).name]
+    assert stat.S_IMODE(os.stat(lock_path(path)).st_mode) == 0o600
 
 
 def test_a_revocation_costs_one_journal_line_and_folds_amortized(
