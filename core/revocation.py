@@ -91,7 +91,7 @@ def _same_file(now: _Ident, seen: _Ident) -> bool:
     return now[:2] == seen[:2] and now[2] >= seen[2]
 
 
-def _ident(path: Path) -> _Ident:
+def _ident(path: Path | str) -> _Ident:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -104,6 +104,7 @@ class RevocationList:
         self.path = path
         self.journal = journal_path(path)
         self.lock = lock_path(path)
+        self._path_s, self._journal_s = os.fspath(path), os.fspath(self.journal)
         self._config_file = config_file
         self._revoked: dict[str, str] = {}
         self._lines = 0  # complete lines in the journal
@@ -155,7 +156,9 @@ class RevocationList:
     def refresh(self) -> None:
         """Take in what another process sharing the files changed since this
         one last read them (nothing to do, the usual case: two ``stat``)."""
-        if _ident(self.path) == self._snap_id and _ident(self.journal) == self._journal_id:
+        # Two stat calls on every lookup, twice per bootstrap: the paths as
+        # str, ready (a Path converts itself each time).
+        if _ident(self._path_s) == self._snap_id and _ident(self._journal_s) == self._journal_id:
             return
         try:
             with self._locked(fcntl.LOCK_SH):
