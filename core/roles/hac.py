@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -102,6 +103,22 @@ class _Prepared:
     old: tuple[int, ...]  # SPIs on the same HA to withdraw with the install
 
 
+class _Owed:
+    """The withdrawals this HAC owes one HA (``spi`` -> validity end, oldest
+    first) and the one task that sends them (None when none runs)."""
+
+    __slots__ = ("outage", "spis", "task")
+
+    def __init__(self, ha_id: str) -> None:
+        self.spis: dict[int, datetime] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.outage = Outage(
+            log,
+            f"withdrawal from HA {ha_id}",
+            f"retried with backoff up to {WITHDRAW_RETRY_MAX:g} s until it confirms",
+        )
+
+
 @dataclass(slots=True)
 class _Stored:
     """An SA in the store, not yet provisioned (``HacService._store_now``)."""
@@ -114,9 +131,16 @@ class _Stored:
     taken: list[Any] | None  # those retired in its transaction (add_superseding)
 
 
-# Withdrawal retries of a retired SA (superseded, revoked): back off up to
-# this interval, until the HA confirms or the SA's validity end passes.
+# Withdrawals of retired SAs (superseded, revoked) are sent to each HA by one
+# task per HA, up to WITHDRAW_BATCH at once on its pipelined connection,
+# until the HA confirms or the SA's validity end passes.  A round in which
+# every one failed (the HA unreachable) backs off, 0.5 s doubling up to
+# WITHDRAW_RETRY_MAX, for the whole HA: 100,000 withdrawals owed to an HA
+# that is down cost one attempt per interval and one log line per outage, not
+# a task, a connection attempt and a line per SPI each interval.
+WITHDRAW_RETRY_MIN = 0.5
 WITHDRAW_RETRY_MAX = 30.0
+WITHDRAW_BATCH = 64
 # Withdrawals another HAC sharing the store owes and may never finish, taken
 # over per sweep (``adopt_owed_withdrawals``); the rest at the next ones.
 ADOPT_MAX = 4096
@@ -210,7 +234,9 @@ class HacService:
         self._sessions: set[_Session] = set()
         self._expiry_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background withdraws
-        self._withdrawing: set[int] = set()  # SPIs with a withdrawal task running
+        self._withdrawing: set[int] = set()  # SPIs owed a withdrawal by this HAC now
+        self._owed: dict[str, _Owed] = {}  # per HA id: its withdrawals and their task
+        self._stopping = False
         self._issuing_spis: set[int] = set()  # SAs stored but not yet delivered (200)
         # Issue 9: the SAs issued in one event-loop turn are stored in one
         # transaction, one commit (``_commit_group``), with a store that can
@@ -401,6 +427,7 @@ class HacService:
         return busy()
 
     async def stop(self) -> None:
+        self._stopping = True  # withdrawals left owed resume at the next start
         if self._listener is not None:
             self._listener.close()
         issuing = [t for t in (session.cancel() for session in list(self._sessions)) if t]
@@ -733,37 +760,72 @@ class HacService:
             log.warning("spi=%d: cannot withdraw, HA %s is not configured", spi, ha_id)
             return
         self._withdrawing.add(spi)
-        self._background(self._withdraw_until_confirmed(ha, spi, validity_end))
+        owed = self._owed.get(ha_id)
+        if owed is None:
+            owed = self._owed[ha_id] = _Owed(ha_id)
+        owed.spis[spi] = validity_end
+        if owed.task is None:
+            task = asyncio.create_task(self._withdraw_owed(ha, owed))
+            owed.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _withdraw_until_confirmed(
-        self, ha: HomeAgentInfo, spi: int, validity_end: datetime
-    ) -> None:
+    async def _withdraw_owed(self, ha: HomeAgentInfo, owed: _Owed) -> None:
+        """Withdraw from ``ha`` every SPI owed to it, oldest first, in rounds
+        of ``WITHDRAW_BATCH``; a failed one goes to the back of the queue.
+        Ends when nothing is owed (a later one starts a new task)."""
         transport = self.transports[ha.ha_id]
         timeout = self.cfg.hac.provisioning_timeout
-        delay = 0.5
+        delay = WITHDRAW_RETRY_MIN
+        spis = owed.spis
         try:
-            while utcnow() < validity_end:
-                try:
-                    await asyncio.wait_for(transport.withdraw(ha, spi, timeout), timeout)
-                except Exception as exc:
-                    log.info(
-                        "withdraw of spi=%d from HA %s failed (%s): retrying in %.1f s",
-                        spi,
-                        ha.ha_id,
-                        type(exc).__name__,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, WITHDRAW_RETRY_MAX)
+            while spis:
+                now = utcnow()
+                batch: list[int] = []
+                for spi, validity_end in list(itertools.islice(spis.items(), WITHDRAW_BATCH)):
+                    if validity_end <= now:
+                        # Past its validity end the HA drops it by itself.
+                        del spis[spi]
+                        self._withdrawing.discard(spi)
+                    else:
+                        batch.append(spi)
+                if not batch:
                     continue
-                # Recorded with the next batch, which keeps it through a
-                # store outage (a raise here would end this task with a
-                # traceback); lost in a crash, the next run withdraws again.
-                self._confirm_later(spi)
-                log.debug("spi=%d withdrawn from HA %s", spi, ha.ha_id)
-                return
+                results = await asyncio.gather(
+                    *(asyncio.wait_for(transport.withdraw(ha, s, timeout), timeout) for s in batch),
+                    return_exceptions=True,
+                )
+                failed: list[tuple[int, BaseException]] = []
+                for spi, result in zip(batch, results, strict=True):
+                    if isinstance(result, BaseException):
+                        failed.append((spi, result))
+                        end = spis.pop(spi, None)
+                        if end is not None:
+                            spis[spi] = end  # to the back: the others go first
+                        continue
+                    # Recorded with the next batch, which keeps it through a
+                    # store outage; lost in a crash, the next run withdraws again.
+                    spis.pop(spi, None)
+                    self._withdrawing.discard(spi)
+                    self._confirm_later(spi)
+                    log.debug("spi=%d withdrawn from HA %s", spi, ha.ha_id)
+                if len(failed) < len(batch):
+                    owed.outage.worked()
+                    delay = WITHDRAW_RETRY_MIN
+                    continue
+                spi, exc = failed[0]
+                owed.outage.failed(f"spi={spi}: {cause(exc)} ({len(spis)} owed)", logging.WARNING)
+                log.debug("withdrawals from HA %s: retrying in %.1f s", ha.ha_id, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WITHDRAW_RETRY_MAX)
         finally:
-            self._withdrawing.discard(spi)
+            owed.task = None
+            if spis and not self._stopping:
+                # Ended by something unforeseen: the owed SPIs keep a worker.
+                for spi, end in list(spis.items()):
+                    del spis[spi]
+                    self._withdrawing.discard(spi)
+                    self._schedule_withdraw(ha.ha_id, spi, end)
 
     async def issue_sa(
         self,

@@ -1430,3 +1430,122 @@ def test_bad_allowed_clients_is_a_config_error(tmp_path: Path, value: str) -> No
     with pytest.raises(ConfigError) as err:
         load_config(toml, "ha")
     assert str(toml) in str(err.value) and "provisioning.allowed_clients" in str(err.value)
+
+
+def test_withdrawals_owed_to_an_ha_that_is_down_cost_one_batch_per_interval(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """300 withdrawals owed to an HA that is down: the HAC sends at most
+    ``WITHDRAW_BATCH`` at once and, while all of them fail, one batch per
+    backoff interval for the whole HA -- not a task, an attempt and a log
+    line per SPI per interval (before: 300 attempts and 300 lines every
+    interval).  One WARNING line when it starts failing; the HA up again,
+    every one is withdrawn and one line says so."""
+    from mipsec.core.roles import hac as hac_module
+
+    rec = Recorder()
+    ha_port = free_port()
+    spis = list(range(5000, 5300))
+    calls = 0
+    in_flight = peak = 0
+
+    async def main() -> tuple[int, int, int]:
+        nonlocal calls, in_flight, peak
+        hac = HacService(hac_config(tmp_path, pki, ha_port))
+        await hac.start()
+        transport = hac.transports["ha1"]
+        real = transport.withdraw
+
+        async def counted(ha: HomeAgentInfo, spi: int, timeout: float) -> None:
+            nonlocal calls, in_flight, peak
+            calls += 1
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await real(ha, spi, timeout)
+            finally:
+                in_flight -= 1
+
+        transport.withdraw = counted  # type: ignore[method-assign]  # a spy on the neighbour
+        try:
+            end = datetime.now(UTC) + timedelta(hours=1)
+            for spi in spis:
+                hac.withdraw_unrecorded("ha1", spi, end)
+            await asyncio.sleep(1.2)  # HA down: rounds at 0 s and 0.5 s, then 1 s apart
+            while_down = calls
+            server = ProvisioningServer(
+                ha_listener(pki).model_copy(update={"port": ha_port}),
+                on_install=rec.install,
+                on_withdraw=rec.withdraw,
+            )
+            await server.start()
+            try:
+                for _ in range(3000):  # an event, not a time: at most 30 s
+                    if not hac._withdrawing:
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                await server.stop()
+            return while_down, len(hac._withdrawing), hac.stats["withdrawn"]
+        finally:
+            await hac.stop()
+
+    with caplog.at_level(logging.INFO):
+        while_down, left, counted_withdrawn = run(main())
+    batch = hac_module.WITHDRAW_BATCH
+    assert peak <= batch
+    assert while_down <= 3 * batch  # not 300 per interval
+    assert left == 0 and sorted(rec.withdrawn) == spis and counted_withdrawn == len(spis)
+    failing = [r for r in caplog.records if "withdrawal from HA ha1 failed" in r.getMessage()]
+    assert len(failing) == 1 and failing[0].levelno == logging.WARNING
+    assert "(300 owed)" in failing[0].getMessage()
+    assert "withdrawal from HA ha1 works again" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_a_withdrawal_the_ha_refuses_does_not_hold_the_others_back(
+    tmp_path: Path, pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HA refuses the withdrawal of one SPI (500) and confirms the
+    others: those are all withdrawn without waiting for it (it goes to the
+    back of the queue), it is retried alone, and only then, every round
+    failing, does one line report the HA's withdrawals as failing."""
+    ha_port = free_port()
+    spis = list(range(7000, 7200))
+    bad = spis[0]
+    done: list[int] = []
+
+    async def withdraw(spi: int) -> None:
+        if spi == bad:
+            raise RuntimeError("refused")
+        done.append(spi)
+
+    async def main() -> tuple[list[int], bool]:
+        server = ProvisioningServer(
+            ha_listener(pki).model_copy(update={"port": ha_port}),
+            on_install=Recorder().install,
+            on_withdraw=withdraw,
+        )
+        await server.start()
+        hac = HacService(hac_config(tmp_path, pki, ha_port))
+        await hac.start()
+        try:
+            end = datetime.now(UTC) + timedelta(hours=1)
+            for spi in spis:
+                hac.withdraw_unrecorded("ha1", spi, end)
+            for _ in range(3000):  # an event, not a time
+                if len(done) == len(spis) - 1 and "ha1 failed" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
+            return sorted(hac._withdrawing), bad in hac._owed["ha1"].spis
+        finally:
+            await hac.stop()
+            await server.stop()
+
+    with caplog.at_level(logging.INFO):
+        still, queued = run(main())
+    assert sorted(done) == spis[1:]
+    assert still == [bad] and queued
+    failing = [r for r in caplog.records if "withdrawal from HA ha1 failed" in r.getMessage()]
+    assert len(failing) == 1 and f"spi={bad}" in failing[0].getMessage()
+    assert "(1 owed)" in failing[0].getMessage()
