@@ -215,10 +215,18 @@ class RevocationList:
         """``flock`` of the lock file, shared by every process using ``path``
         (created 0600 beside it); held for a change or a re-read, never longer."""
         try:
-            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE)
+            if how == fcntl.LOCK_SH:
+                # A read creates nothing (``mipsec --check`` reads the list).
+                fd = os.open(self.lock, os.O_RDONLY | os.O_NOFOLLOW)
+            else:
+                fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE)
         except FileNotFoundError:
-            if how == fcntl.LOCK_SH and not self.path.parent.exists():
-                yield  # nothing to read, and nowhere a change could be made yet
+            if how == fcntl.LOCK_SH:
+                # No process ever changed the list under the lock: nothing to
+                # wait for (a change starting now reads the files again under
+                # its own lock first, so a half-appended line seen here is
+                # read again whole).
+                yield
                 return
             raise
         except OSError as exc:

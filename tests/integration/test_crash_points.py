@@ -459,7 +459,8 @@ def test_two_hacs_sharing_one_revocation_list(
         finally:
             first.close()
         assert final_status(lab_b) == "401"
-        assert "reason=revoked" in hac_b.log_text()
+        # The line may follow the answer by a moment.
+        wait_for("B's line", lambda: "reason=revoked" in hac_b.log_text(), timeout=10)
         out = _ctl("unrevoke", lab_b.info["hac"]["config"])
         assert out.returncode == 0, out.stderr
         assert final_status(lab) == "200"
