@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -249,6 +249,7 @@ class HacService:
         self._group_handle: asyncio.Handle | None = None
         self._busy_since: float | None = None  # loop time the lock was first found held
         self._owed_seen: set[int] = set()  # unconfirmed withdrawals at the last sweep
+        self._adopting: asyncio.Task[None] | None = None  # the sweep's adoption, in a thread
         self._busy_pause = STORE_BUSY_PAUSES[0]
         self._lock_outage = Outage(
             log,
@@ -1197,11 +1198,58 @@ class HacService:
         try:
             with self._write_now():
                 self.sweep_undelivered()
-            self.adopt_owed_withdrawals()
+            apart = getattr(self.store, "retired_unconfirmed_apart", None)
+            if apart is None or self._stopping:
+                self.adopt_owed_withdrawals()
+            elif self._adopting is None:
+                # The owed list read, and sifted, in a worker thread: it can
+                # hold 100,000 rows, and this is the event loop.
+                self._adopting = asyncio.create_task(self._adopt_apart(apart))
+                self._tasks.add(self._adopting)
+                self._adopting.add_done_callback(self._tasks.discard)
         except Exception as exc:  # the next expiry run tries again
             self._sweep_outage.failed(cause(exc))
         else:
             self._sweep_outage.worked()
+
+    async def _adopt_apart(self, apart: Callable[[datetime], list[Any] | None]) -> None:
+        try:
+            now = utcnow()
+            sifted = await asyncio.to_thread(self._sift_owed, apart, now)
+            if sifted is None:
+                self.adopt_owed_withdrawals()
+                return
+            owed, adopt = sifted
+            self._owed_seen = owed
+            self._adopt(
+                [(spi, ha_id, datetime.fromtimestamp(end, tz=UTC)) for spi, ha_id, end in adopt]
+            )
+        except Exception as exc:  # the next sweep tries again
+            self._sweep_outage.failed(cause(exc))
+        finally:
+            self._adopting = None
+
+    def _sift_owed(
+        self, apart: Callable[[datetime], list[Any] | None], now: datetime
+    ) -> tuple[set[int], list[tuple[int, str, int]]] | None:
+        """In a worker thread: the SPIs owed that this HAC could adopt, and
+        those of them to adopt now (seen at the last sweep too).  Reads only
+        membership of the loop's sets (atomic under the GIL), and
+        ``_owed_seen``, which the loop replaces, never changes."""
+        rows = apart(now)
+        if rows is None:
+            return None
+        withdrawing, to_confirm, has = self._withdrawing, self._to_confirm, self._ha_by_id
+        seen = self._owed_seen
+        owed: set[int] = set()
+        adopt: list[tuple[int, str, int]] = []
+        for spi, ha_id, end in rows:
+            if spi in withdrawing or spi in to_confirm or ha_id not in has:
+                continue
+            owed.add(spi)
+            if spi in seen and len(adopt) < ADOPT_MAX:
+                adopt.append((spi, ha_id, end))
+        return owed, adopt
 
     def sweep_undelivered(self) -> int:
         """Take back SAs stored but never answered with (issue 6: nothing stays
@@ -1249,17 +1297,24 @@ class HacService:
         }
         adopt = [spi for spi in owed if spi in self._owed_seen][:ADOPT_MAX]
         self._owed_seen = set(owed)
-        for spi in adopt:
-            ha_id, end = owed[spi]
+        return self._adopt([(spi, *owed[spi]) for spi in adopt])
+
+    def _adopt(self, adopt: list[tuple[int, str, datetime]]) -> int:
+        adopted = []
+        for spi, ha_id, end in adopt:
+            # Checked again on the loop: a sift in a thread may be a moment old.
+            if spi in self._withdrawing or spi in self._to_confirm:
+                continue
             self._schedule_withdraw(ha_id, spi, end)
-        if adopt:
+            adopted.append(spi)
+        if adopted:
             log.warning(
                 "%d withdrawal(s) owed by another HAC sharing the store and still not "
                 "confirmed: withdrawing them from here too, spi=%s",
-                len(adopt),
-                _spi_list(adopt),
+                len(adopted),
+                _spi_list(adopted),
             )
-        return len(adopt)
+        return len(adopted)
 
     def expire_now(self) -> int:
         self._sweep_safely()  # a failing sweep must not skip the expiry

@@ -487,3 +487,45 @@ def test_a_stop_waits_for_the_lock_to_write_its_delivery_marks(
             0,
         )
     assert rows(db) == [MN_ID]
+
+
+def test_the_sweep_reads_the_owed_withdrawals_in_a_worker_thread(
+    tmp_path: Path, pki: PkiPaths, caplog: Any
+) -> None:
+    """Adoption (a withdrawal another HAC owes, unconfirmed at two sweeps in a
+    row) reads every owed row -- 100,000 after a mass revocation while an HA
+    was down, about 1 s -- on a connection of its own in a worker thread,
+    never on the event loop; what it sifts is adopted on the loop."""
+    st, _db = stack(tmp_path, pki)
+    threads: list[str] = []
+
+    async def main() -> tuple[bool, bool]:
+        async with st:
+            hac, ha = st.hac, st.ha
+            assert hac is not None and ha is not None
+            store = hac.store
+            assert isinstance(store, SQLiteSAStore)
+            real = store.retired_unconfirmed_apart
+
+            def spy(now: datetime) -> Any:
+                threads.append(threading.current_thread().name)
+                return real(now)
+
+            store.retired_unconfirmed_apart = spy  # type: ignore[method-assign]
+            # Another HAC's SA, installed on the HA, retired by that HAC, which died.
+            issued = await hac.issue_sa("owed@mipsec.test", Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(issued, "127.0.0.1")
+            spi = issued.sa.spi
+            store.retire(spi, "revoked")  # by "the other HAC": nothing scheduled here
+            first_owed = spi in hac._withdrawing
+            for _ in range(2):  # seen at two sweeps in a row
+                hac._sweep_safely()
+                await until(lambda: hac._adopting is None)
+            await until(lambda: not ha.core.has_spi(spi))
+            return first_owed, spi in hac._withdrawing or not ha.core.has_spi(spi)
+
+    with caplog.at_level(logging.INFO):
+        first_owed, adopted = run(main())
+    assert not first_owed and adopted
+    assert threads and all(name != threading.main_thread().name for name in threads)
+    assert "withdrawing them from here too" in caplog.text

@@ -878,6 +878,41 @@ def test_a_store_with_the_older_binary_mn_index_gets_the_nocase_one(tmp_path: Pa
         s.close()
 
 
+def test_owed_withdrawals_read_the_unconfirmed_index_not_the_table(tmp_path: Path) -> None:
+    """Every HAC's sweep reads the withdrawals still owed, while retired_sa
+    holds every SA superseded in the last lifetime (nearly all confirmed):
+    a partial index keeps that read to the owed rows, on a new store and on
+    one made before the index (it is added at open).  The read for a worker
+    thread gives the same rows, as epoch seconds."""
+    path = tmp_path / "sa.db"
+    SQLiteSAStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX retired_sa_unconfirmed")
+    conn.commit()
+    conn.close()
+    s = SQLiteSAStore(path)
+    try:
+        sql = (
+            "SELECT spi, mn_id, ha_id, validity_end FROM retired_sa "
+            "WHERE confirmed = 0 AND validity_end > ? ORDER BY validity_end, spi"
+        )
+        plan = " ".join(str(r[-1]) for r in s._conn.execute(f"EXPLAIN QUERY PLAN {sql}", (0,)))
+        assert "USING INDEX retired_sa_unconfirmed" in plan and "SCAN" not in plan, plan
+        for spi in (0x201, 0x202, 0x203):
+            s.add(issued(spi, mn_id=f"m{spi}@x", hoa6=f"2001:db8:1::{spi:x}"), now=T0)
+            s.retire(spi, "revoked")
+        s.confirm_retired(0x202)
+        later = T0 + timedelta(seconds=1)
+        owed = s.retired_unconfirmed(later)
+        assert [r[0] for r in owed] == [0x201, 0x203]
+        apart = s.retired_unconfirmed_apart(later)
+        assert apart is not None
+        assert sorted(apart) == [(spi, ha_id, int(end.timestamp())) for spi, _, ha_id, end in owed]
+        assert SQLiteSAStore(None).retired_unconfirmed_apart(later) is None  # memory store
+    finally:
+        s.close()
+
+
 def test_live_for_nai_finds_every_spelling_of_the_realm_only(store: SQLiteSAStore) -> None:
     """SAs issued before the HAC bound them to the canonical NAI may be stored
     under another case of the realm: ``live_for_nai`` (``mipsec revoke``,
