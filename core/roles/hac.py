@@ -382,8 +382,21 @@ class HacService:
         if self._prov_server is not None:
             await self._prov_server.start()
         # Withdrawals a previous run did not see confirmed: keep at them.
+        # Those for an HA only another HAC sharing the store has configured
+        # are its to finish: one line for them all, not one per SPI.
+        elsewhere: dict[str, int] = {}
         for spi, _mn_id, ha_id, end in self.store.retired_unconfirmed(utcnow()):
-            self._schedule_withdraw(ha_id, spi, end)
+            if ha_id in self._ha_by_id:
+                self._schedule_withdraw(ha_id, spi, end)
+            else:
+                elsewhere[ha_id] = elsewhere.get(ha_id, 0) + 1
+        for ha_id, n in sorted(elsewhere.items()):
+            log.info(
+                "%d withdrawal(s) owed to HA %s, not configured here: left to the HACs "
+                "that have it",
+                n,
+                ha_id,
+            )
         # SAs a previous run stored but may not have answered with: taken
         # back once no HAC can still be issuing them (also every expiry run).
         if self._tracks_delivery:

@@ -37,7 +37,7 @@ from test_hac_lifecycle import MN_ID, Stack, hac_config, hac_data, mn_config, ru
 from mipsec.core.bindings import BindingCache
 from mipsec.core.errors import StoreBusyError
 from mipsec.core.issuer import new_sa
-from mipsec.core.model import IssuedSA
+from mipsec.core.model import BootstrapData, IssuedSA
 from mipsec.core.pki import PkiPaths, init_pki
 from mipsec.core.roles import hac as hac_module
 from mipsec.core.roles.ha import HaService
@@ -529,3 +529,39 @@ def test_the_sweep_reads_the_owed_withdrawals_in_a_worker_thread(
     assert not first_owed and adopted
     assert threads and all(name != threading.main_thread().name for name in threads)
     assert "withdrawing them from here too" in caplog.text
+
+
+def test_a_start_names_withdrawals_owed_to_another_hacs_ha_in_one_line(
+    tmp_path: Path, pki: PkiPaths, caplog: Any
+) -> None:
+    """The store holds withdrawals owed to an HA only another HAC sharing it
+    has configured: a start leaves them to that HAC with one line for them
+    all (before: a WARNING per SPI at every start)."""
+    st, db = stack(tmp_path, pki)
+    store = SQLiteSAStore(db)
+    try:
+        for spi in (0x301, 0x302, 0x303):
+            sa = new_sa(
+                spi=spi,
+                mn_id=f"m{spi}@mipsec.test",
+                suite=Suite.AES_128_CBC_SHA256,
+                scope=1,
+                lifetime=600,
+                now=datetime.now(UTC),
+                ha_id="ha9",
+            )
+            assert store.add(IssuedSA(sa, BootstrapData()))
+            store.retire(spi, "revoked")
+    finally:
+        store.close()
+
+    async def main() -> int:
+        async with st:
+            assert st.hac is not None
+            return len(st.hac._withdrawing)
+
+    with caplog.at_level(logging.INFO):
+        withdrawing = run(main())
+    assert withdrawing == 0
+    assert "3 withdrawal(s) owed to HA ha9, not configured here" in caplog.text
+    assert "cannot withdraw, HA ha9" not in caplog.text
