@@ -291,6 +291,9 @@ class HaService:
         self._write_outage = Outage(log, "binding cache write", "replies withheld until it works")
         self._checkpoint_outage = Outage(log, "binding cache checkpoint")
         self._expiry_outage = Outage(log, "expiry run")
+        # Pulls are rate-limited (PULL_RATE) but a HAC that is down would
+        # still have cost a WARNING line per pull, 20 a second.
+        self._pull_outage = Outage(log, "pull from the HAC", "packets of unknown SPIs dropped")
         self._to_discard: list[int] = []  # withdrawn, out of the store soon (_withdrawn)
         # A delete that failed (full disk) is retried by the expiry run until
         # it works, not left to the next start: the store then holds only
@@ -669,8 +672,11 @@ class HaService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("pull of spi=%d failed: %s", spi, exc)
+            if not self._pull_outage.failed(f"spi={spi}: {cause(exc)}", logging.WARNING):
+                log.debug("pull of spi=%d failed: %s", spi, cause(exc))
             issued = None
+        else:
+            self._pull_outage.worked()  # answered (found or not): the HAC is there
         if issued is None:
             self.counts["pulls_refused"] += 1
             if len(self._negative) >= NEGATIVE_MAX:

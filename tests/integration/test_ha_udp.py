@@ -346,6 +346,51 @@ def test_pull_unknown_spi(tmp_path: Path) -> None:
     run(main())
 
 
+
+def test_pulls_from_a_hac_that_is_down_cost_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HAC cannot be reached for pulls: each unknown SPI's pull fails
+    (its packets dropped, the SPI in the negative cache), with one WARNING
+    for the outage, not one per pull (up to PULL_RATE a second); the HAC
+    back, one line says so."""
+    down = True
+    asked: list[int] = []
+
+    async def puller(spi: int) -> IssuedSA | None:
+        asked.append(spi)
+        if down:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return None
+
+    async def main() -> None:
+        nonlocal down
+        svc = HaService(ha_config(tmp_path), puller=puller)
+        addrs = await svc.start()
+        try:
+            for spi in (0x3001, 0x3002, 0x3003, 0x3004):
+                mn = MN(make_issued(spi=spi))
+                await mn.send(mn.bu(1), addrs[0])
+                assert await mn.nothing(0.2)
+                mn.close()
+            down = False
+            mn = MN(make_issued(spi=0x3005))
+            await mn.send(mn.bu(1), addrs[0])
+            assert await mn.nothing(0.2)
+            mn.close()
+            assert asked == [0x3001, 0x3002, 0x3003, 0x3004, 0x3005]
+            assert svc.stats()["pulls_refused"] == 5
+        finally:
+            await svc.stop()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    failing = [r for r in caplog.records if "pull from the HAC failed" in r.getMessage()]
+    assert len(failing) == 1 and failing[0].levelno == logging.WARNING
+    assert "spi=12289: ConnectionRefusedError" in failing[0].getMessage()
+    assert "pull from the HAC works again" in caplog.text
+    assert "Traceback" not in caplog.text
+
 def test_pull_flood_is_rate_limited(tmp_path: Path) -> None:
     asked: list[int] = []
 
