@@ -346,7 +346,6 @@ def test_pull_unknown_spi(tmp_path: Path) -> None:
     run(main())
 
 
-
 def test_pulls_from_a_hac_that_is_down_cost_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -390,6 +389,7 @@ def test_pulls_from_a_hac_that_is_down_cost_one_line(
     assert "spi=12289: ConnectionRefusedError" in failing[0].getMessage()
     assert "pull from the HAC works again" in caplog.text
     assert "Traceback" not in caplog.text
+
 
 def test_pull_flood_is_rate_limited(tmp_path: Path) -> None:
     asked: list[int] = []
