@@ -21,7 +21,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -244,7 +244,6 @@ class HacService:
         self._grouped = callable(getattr(self.store, "transaction", None))
         # ... whose transaction() can be told not to wait for the write lock.
         self._loop_tx = loop_writer(self.store)
-        self._lock_wait = self._loop_tx is not None
         self._group: list[tuple[str, Any, int, asyncio.Future[_Stored]]] = []
         self._group_handle: asyncio.Handle | None = None
         self._busy_since: float | None = None  # loop time the lock was first found held
@@ -1014,7 +1013,7 @@ class HacService:
         results: list[_Stored | BaseException] = []
         store: Any = self.store
         try:
-            with store.transaction(wait=0.0) if self._lock_wait else store.transaction():
+            with store.transaction(wait=0.0) if self._loop_tx else store.transaction():
                 for mn_id, suite, scope, _fut in queued:
                     try:
                         prep = self._prepare(mn_id, now)
@@ -1250,15 +1249,21 @@ class HacService:
         membership of the loop's sets (atomic under the GIL), and
         ``_owed_seen``, which the loop replaces, never changes."""
         rows = apart(now)
-        if rows is None:
-            return None
+        return None if rows is None else self._sift(rows)
+
+    def _sift(
+        self, rows: Iterable[tuple[int, str, _T]]
+    ) -> tuple[set[int], list[tuple[int, str, _T]]]:
+        """Of the unconfirmed withdrawals ``(spi, ha_id, end)``: the SPIs this
+        HAC could adopt -- not its own, for an HA it has -- and those to adopt
+        now, seen at the last sweep too (at most ``ADOPT_MAX``)."""
         withdrawing, to_confirm, has = self._withdrawing, self._to_confirm, self._ha_by_id
         seen = self._owed_seen
         owed: set[int] = set()
-        adopt: list[tuple[int, str, int]] = []
+        adopt: list[tuple[int, str, _T]] = []
         for spi, ha_id, end in rows:
             if spi in withdrawing or spi in to_confirm or ha_id not in has:
-                continue
+                continue  # another HAC's own HA: not ours to reach
             owed.add(spi)
             if spi in seen and len(adopt) < ADOPT_MAX:
                 adopt.append((spi, ha_id, end))
@@ -1301,16 +1306,9 @@ class HacService:
         a withdrawal is idempotent, so adopting one a live HAC still works
         on costs a duplicate request, never a wrong state.  At most
         ``ADOPT_MAX`` per sweep; how many were adopted."""
-        owed = {
-            spi: (ha_id, end)
-            for spi, _mn_id, ha_id, end in self.store.retired_unconfirmed(utcnow())
-            if spi not in self._withdrawing
-            and spi not in self._to_confirm
-            and ha_id in self._ha_by_id  # another HAC's own HA: not ours to reach
-        }
-        adopt = [spi for spi in owed if spi in self._owed_seen][:ADOPT_MAX]
-        self._owed_seen = set(owed)
-        return self._adopt([(spi, *owed[spi]) for spi in adopt])
+        rows = self.store.retired_unconfirmed(utcnow())
+        self._owed_seen, adopt = self._sift((spi, h, end) for spi, _m, h, end in rows)
+        return self._adopt(adopt)
 
     def _adopt(self, adopt: list[tuple[int, str, datetime]]) -> int:
         adopted = []
