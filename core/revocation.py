@@ -353,9 +353,35 @@ class RevocationList:
         self._offset += len(line)
         self._journal_id = _ident(self.journal)  # our own append: nothing to re-read
 
+    def _remove_dead_temporaries(self) -> None:
+        """Under the exclusive lock: the temporary snapshots of folds killed
+        before their rename (``write_file``'s ``.NAME.HEX.tmp``).  Only a fold
+        writes one, and folds hold this lock, so none belongs to a live one;
+        without this, every crash mid-fold would leave one for good."""
+        prefix, suffix = f".{self.path.name}.", ".tmp"
+        try:
+            names = os.listdir(self.path.parent)
+        except OSError:
+            return  # the fold itself says what is wrong with the directory
+        for name in names:
+            if name.startswith(prefix) and name.endswith(suffix):
+                middle = name[len(prefix) : -len(suffix)]
+                if len(middle) == 12 and all(c in "0123456789abcdef" for c in middle):
+                    try:
+                        os.unlink(self.path.parent / name)
+                    except OSError:
+                        pass
+                    else:
+                        log.info(
+                            "revocation list %s: removed %s, left by a fold cut short",
+                            self.path,
+                            name,
+                        )
+
     def _fold(self, revoked: dict[str, str]) -> None:
         """A new snapshot holding ``revoked``, then an empty journal."""
         data = json.dumps({"version": VERSION, "revoked": revoked}, indent=1, sort_keys=True)
+        self._remove_dead_temporaries()
         write_file(self.path, data.encode() + b"\n", PRIVATE_FILE, sync=True)
         self._folded = len(revoked)
         self._snap_id = _ident(self.path)

@@ -132,3 +132,28 @@ def test_a_cut_line_of_another_process_is_not_applied_and_the_next_change_folds(
     assert b.add("two@x")
     assert not journal.exists()  # folded: the cut octets are gone
     assert set(RevocationList(path).items()) == set(a.items()) == {"one@x", "two@x"}
+
+
+def test_a_fold_removes_the_temporary_snapshot_a_killed_fold_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fold killed before its rename leaves ``.revoked.json.HEX.tmp``
+    (core/fsutil.write_file): the next fold, under the exclusive lock that
+    every fold holds, removes it -- and nothing else."""
+    monkeypatch.setattr(revocation, "COMPACT_MIN", 2)
+    path = tmp_path / "revoked.json"
+    dead = tmp_path / ".revoked.json.0123456789ab.tmp"
+    dead.write_bytes(b'{"version": 1, "revo')  # cut short by the kill
+    others = [tmp_path / ".revoked.json.mine.tmp", tmp_path / ".other.json.0123456789ab.tmp"]
+    for f in others:
+        f.write_bytes(b"x")
+    rl = RevocationList(path)
+    assert rl.add("a@x") and rl.add("b@x")
+    assert dead.exists()  # appends only: no fold yet
+    with caplog.at_level(logging.INFO, logger="mipsec.revocation"):
+        assert rl.add("c@x")  # the journal holds 2 lines: this change folds
+    assert not journal_path(path).exists()
+    assert not dead.exists()
+    assert all(f.exists() for f in others)
+    assert "removed .revoked.json.0123456789ab.tmp, left by a fold cut short" in caplog.text
+    assert set(RevocationList(path).items()) == {"a@x", "b@x", "c@x"}
