@@ -782,3 +782,65 @@ def test_stop_while_the_binding_cache_cannot_be_written(
     lines = [r.getMessage() for r in caplog.records if "not written at stop" in r.getMessage()]
     assert len(lines) == 1 and "disk I/O error" in lines[0], lines
     assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_bindings_expired_while_the_ha_was_down_cost_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HA restarted after its bindings' lifetimes ended expires them all at
+    start: every one reaches the hooks and has its line at DEBUG, but INFO
+    gets one line in all (at 100,000 bindings, one each was 100,000 lines and
+    40 % of the start)."""
+    n = 20  # > EXPIRED_LINES_MAX
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        hoas = [IPv6Address(int(HOA) + i) for i in range(n)]
+        mns = []
+        for i, hoa in enumerate(hoas):
+            base = make_issued(spi=0x1000 + i)
+            issued = IssuedSA(base.sa, dataclasses.replace(base.bootstrap, ip6_hoa=hoa))
+            await svc.install_sa(issued)
+            mn = MN(issued)
+            mh = encode_mh(
+                BindingUpdate(sequence=1, a=True, h=True, lifetime=100), src=hoa, dst=HAA
+            )
+            await mn.send(mn.out.protect(PTYPE_MH, NEXT_HEADER_MH, mh), addrs[0])
+            await mn.recv()  # its BA
+            mns.append(mn)
+        assert all(svc.core.binding(str(h)) is not None for h in hoas)
+        await svc.stop()
+        for mn in mns:
+            mn.close()
+        # The HA was down past every binding's lifetime.
+        with sqlite3.connect(tmp_path / "bindings.sqlite") as db:
+            assert db.execute("UPDATE binding SET expires_at = 1").rowcount == n
+
+        svc2 = HaService(ha_config(tmp_path))
+        events: list[dict[str, Any]] = []
+        real_emit = svc2.emit
+
+        def emit(hook: str, **kwargs: Any) -> None:
+            if hook == "mipsec_ha_binding_changed":
+                events.append(kwargs)
+            real_emit(hook, **kwargs)
+
+        svc2.emit = emit  # type: ignore[method-assign]
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="mipsec.ha"):
+            await svc2.start()
+        assert sorted(e["hoa"] for e in events) == sorted(str(h) for h in hoas)
+        assert {e["event"] for e in events} == {"expired"}
+        assert len(svc2.bindings) == 0 and svc2.core.binding(str(hoas[0])) is None
+        per_binding = [r for r in caplog.records if r.getMessage().startswith("binding expired")]
+        assert len(per_binding) == n and {r.levelno for r in per_binding} == {logging.DEBUG}
+        info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        summary = [m for m in info if "bindings expired" in m]
+        assert summary == [
+            f"HA ha1: {n} bindings expired while the HA was down (the first: "
+            f"hoa={events[0]['hoa']} spi={events[0]['spi']}; one line each at DEBUG)"
+        ]
+        await svc2.stop()
+
+    run(main())
