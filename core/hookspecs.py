@@ -95,6 +95,11 @@ class SAStore(Protocol):
     * HA: ``add_many``, ``discard_many``, ``transaction`` and
       ``shared_connection`` (a burst of installs and their binding-cache
       records in one commit), ``has_live``.
+    * Both, expiry timers: ``expire_some(now, limit)`` -- delete at most
+      ``limit`` expired SAs, oldest first, and return ``(spi, mn_id,
+      validity_end)`` of each, no key unwrapped; the roles call it again,
+      after a turn of the event loop, while it returns ``limit`` of them
+      (``expire`` does everything in one call: seconds for 100,000 SAs).
     """
 
     def add(self, issued: IssuedSA) -> bool: ...

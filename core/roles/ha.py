@@ -81,6 +81,7 @@ Puller = Callable[[int], Awaitable[IssuedSA | None]]
 
 EXPIRY_INTERVAL = 1.0  # seconds between HaCore.expire runs (binding lifetimes are 4-s units)
 STORE_EXPIRY_EVERY = 30  # ... and every this many runs, expired SAs leave the store
+EXPIRE_BATCH = 1000  # ... this many per call (``expire_some``), a turn of the loop between
 RCVBUF = 4 << 20  # socket receive buffer: absorbs bursts of BUs
 RECV_SIZE = 65535  # largest UDP payload
 DRAIN_BUDGET = 256  # datagrams read per wake-up beyond the one asyncio delivered
@@ -1023,7 +1024,12 @@ class HaService:
             await asyncio.sleep(self.expiry_interval)
             runs += 1
             try:
-                self.expire_now(store=runs % STORE_EXPIRY_EVERY == 0)
+                self.expire_now(store=False)
+                if runs % STORE_EXPIRY_EVERY == 0:
+                    # Bounded batches, a turn of the loop between them: no
+                    # stall however many SAs ended together.
+                    while self._expire_store() >= EXPIRE_BATCH:
+                        await asyncio.sleep(0)
             except Exception as exc:  # a failing store must not end expiry for good
                 # One line, no traceback; a store plugin's own message
                 # could hold anything (``cause``).
@@ -1048,8 +1054,17 @@ class HaService:
         else:
             self._checkpoint_outage.worked()
         if store:
-            self.store.expire(utcnow())
+            self._expire_store()
         return len(events)
+
+    def _expire_store(self) -> int:
+        """Expired SAs leave the store: one batch of EXPIRE_BATCH when the
+        store can bound its work (``expire_some``, no key unwrapped), else
+        all at once.  Returns how many went."""
+        expire_some = getattr(self.store, "expire_some", None)
+        if expire_some is not None:
+            return len(expire_some(utcnow(), EXPIRE_BATCH))
+        return len(self.store.expire(utcnow()))
 
     # ------------------------------------------------------------ inspection
 

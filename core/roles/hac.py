@@ -141,6 +141,9 @@ class _Stored:
 WITHDRAW_RETRY_MIN = 0.5
 WITHDRAW_RETRY_MAX = 30.0
 WITHDRAW_BATCH = 64
+# SAs expired per store call (``expire_some``): ~10-20 ms of the loop, then a
+# turn for every MN before the next batch.
+EXPIRE_BATCH = 1000
 # Withdrawals another HAC sharing the store owes and may never finish, taken
 # over per sweep (``adopt_owed_withdrawals``); the rest at the next ones.
 ADOPT_MAX = 4096
@@ -1190,12 +1193,19 @@ class HacService:
     async def _expiry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.hac.expiry_interval)
-            try:
-                self.expire_now()
-            except Exception as exc:  # a failing store must not end expiry for good
-                self._expiry_outage.failed(cause(exc))
-            else:
+            sweep = True
+            while True:
+                try:
+                    n = self.expire_now(sweep=sweep)
+                except Exception as exc:  # a failing store must not end expiry for good
+                    self._expiry_outage.failed(cause(exc))
+                    break
                 self._expiry_outage.worked()
+                if n < EXPIRE_BATCH:
+                    break
+                # A full batch: more are due.  Every MN gets a turn first.
+                sweep = False
+                await asyncio.sleep(0)
 
     def _issuing_bound(self) -> float:
         """Seconds after which no HAC still issues an SA it stored: the
@@ -1327,15 +1337,25 @@ class HacService:
             )
         return len(adopted)
 
-    def expire_now(self) -> int:
-        self._sweep_safely()  # a failing sweep must not skip the expiry
+    def expire_now(self, *, sweep: bool = True) -> int:
+        """Expire SAs whose validity ended: at most EXPIRE_BATCH when the
+        store can bound its work (``expire_some``; the timer calls again at
+        once, after a turn of the loop, while batches come back full), else
+        all of them.  Returns how many."""
+        if sweep:
+            self._sweep_safely()  # a failing sweep must not skip the expiry
+        expire_some = getattr(self.store, "expire_some", None)
         with self._write_now():
-            expired = self.store.expire(utcnow())
-        for issued in expired:
-            sa = issued.sa
-            self._delivered.pop(sa.spi, None)
-            self.emit("mipsec_sa_expired", spi=sa.spi, mn_id=sa.mn_id, validity_end=sa.validity_end)
-        return len(expired)
+            if expire_some is not None:
+                gone = expire_some(utcnow(), EXPIRE_BATCH)
+            else:
+                gone = [
+                    (x.sa.spi, x.sa.mn_id, x.sa.validity_end) for x in self.store.expire(utcnow())
+                ]
+        for spi, mn_id, validity_end in gone:
+            self._delivered.pop(spi, None)
+            self.emit("mipsec_sa_expired", spi=spi, mn_id=mn_id, validity_end=validity_end)
+        return len(gone)
 
 
 def hac_policy(cfg: HACConfig) -> HacPolicy:

@@ -179,6 +179,39 @@ def test_get_never_returns_expired(store: SQLiteSAStore) -> None:
     assert store.get(4, T0) is None
 
 
+def test_expire_some_deletes_at_most_limit_oldest_first_without_unwrapping(
+    store: SQLiteSAStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The roles' expiry timers: bounded batches (a call costs O(limit), not
+    O(expired SAs)), the oldest first, the live view following, and no key
+    unwrapped (the keys of an SA that is going are never needed)."""
+    for spi in range(1, 8):
+        end = T0 + timedelta(seconds=10 * (8 - spi))  # SPI 7 ends first
+        store.add(issued(spi, f"m{spi}@x", end, f"2001:db8:1::{spi:x}"), T0)
+    store.add(issued(9, "live@x", T0 + timedelta(hours=1), "2001:db8:1::9"), T0)
+    store.retire(1, "superseded")  # its SPI stays reserved until its old end
+    assert store.live_summary(T0) is not None  # the HAC's in-memory view, built
+    now = T0 + timedelta(seconds=70)
+
+    def no_unwrap(*args: object) -> None:
+        raise AssertionError("a key was unwrapped")
+
+    monkeypatch.setattr(store._codec, "open", no_unwrap)
+    first = store.expire_some(now, 4)
+    assert first == [
+        (7, "m7@x", T0 + timedelta(seconds=10)),
+        (6, "m6@x", T0 + timedelta(seconds=20)),
+        (5, "m5@x", T0 + timedelta(seconds=30)),
+        (4, "m4@x", T0 + timedelta(seconds=40)),
+    ]
+    assert [spi for spi, _, _ in store.expire_some(now, 4)] == [3, 2]  # 1 is retired
+    assert store.expire_some(now, 4) == []
+    assert store.count_by_ha(now) == {"ha1": 1}
+    assert store.hoas_in_use(now) == {"2001:db8:1::9": "live@x"}
+    # The retired SPI was freed with them (its old validity end passed).
+    assert store.add(issued(1, "again@x", T0 + timedelta(hours=2), "2001:db8:1::a"), now)
+
+
 def test_expire_returns_expired_and_frees_hoa(store: SQLiteSAStore) -> None:
     store.add(issued(1, "a@x", T0 + timedelta(seconds=20), "2001:db8:1::a", "192.0.2.10"), T0)
     store.add(issued(2, "b@x", T0 + timedelta(seconds=10), "2001:db8:1::b"), T0)
