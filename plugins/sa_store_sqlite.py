@@ -1383,17 +1383,31 @@ class SQLiteSAStore:
                 (t,),
             ).fetchall()
             # A retired SA's SPI is free again once its old validity end passed.
-            c.execute("DELETE FROM retired_sa WHERE validity_end <= ?", (t,))
-            if self._has_log:
-                c.execute(
-                    "DELETE FROM issued_sa_log WHERE seq <= "
-                    "(SELECT MAX(seq) FROM issued_sa_log) - ?",
-                    (max(1, _LOG_KEEP),),
-                )
-        if self._view is not None:
-            for r in rows:
-                self._view.discard(r[_SPI])
+            self._after_expiry(c, t, None)
+        self._discard_from_view(r[_SPI] for r in rows)
         return self._sorted(rows)
+
+    def _after_expiry(self, c: sqlite3.Connection, t: float, limit: int | None) -> None:
+        """In expiry's transaction: free retired SPIs whose old validity end
+        passed (at most ``limit``), and trim the change log."""
+        if limit is None:
+            c.execute("DELETE FROM retired_sa WHERE validity_end <= ?", (t,))
+        else:
+            c.execute(
+                "DELETE FROM retired_sa WHERE spi IN (SELECT spi FROM retired_sa "
+                "WHERE validity_end <= ? LIMIT ?)",
+                (t, limit),
+            )
+        if self._has_log:
+            c.execute(
+                "DELETE FROM issued_sa_log WHERE seq <= (SELECT MAX(seq) FROM issued_sa_log) - ?",
+                (max(1, _LOG_KEEP),),
+            )
+
+    def _discard_from_view(self, spis: Iterable[int]) -> None:
+        if self._view is not None:
+            for spi in spis:
+                self._view.discard(spi)
 
     def expire_some(self, now: datetime, limit: int) -> list[tuple[int, str, datetime]]:
         """Delete at most ``limit`` SAs whose validity end is <= now, the
@@ -1416,20 +1430,8 @@ class SQLiteSAStore:
                 (t, limit),
             ).fetchall()
             # A retired SA's SPI is free again once its old validity end passed.
-            c.execute(
-                "DELETE FROM retired_sa WHERE spi IN (SELECT spi FROM retired_sa "
-                "WHERE validity_end <= ? LIMIT ?)",
-                (t, limit),
-            )
-            if self._has_log:
-                c.execute(
-                    "DELETE FROM issued_sa_log WHERE seq <= "
-                    "(SELECT MAX(seq) FROM issued_sa_log) - ?",
-                    (max(1, _LOG_KEEP),),
-                )
-        if self._view is not None:
-            for r in rows:
-                self._view.discard(r[0])
+            self._after_expiry(c, t, limit)
+        self._discard_from_view(r[0] for r in rows)
         rows.sort(key=lambda r: (r[2], r[0]))
         return [(spi, mn_id, datetime.fromtimestamp(end, tz=UTC)) for spi, mn_id, end in rows]
 
