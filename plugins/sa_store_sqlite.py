@@ -1443,11 +1443,11 @@ class SQLiteSAStore:
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         view = self._view
         if view is None:
-            view = self._build_view(version)
+            view = self._build_view(version, t)
         elif view.data_version != version:
             # Another connection committed: follow its changes, or rebuild.
             if not self._catch_up(view):
-                view = self._build_view(version)
+                view = self._build_view(version, t)
             view.data_version = version
         return view if view.advance(t) else None
 
@@ -1457,14 +1457,20 @@ class SQLiteSAStore:
         row = self._conn.execute("SELECT MAX(seq) FROM issued_sa_log").fetchone()
         return int(row[0] or 0)
 
-    def _build_view(self, version: int) -> _LiveView:
+    def _build_view(self, version: int, t: float) -> _LiveView:
         # The log position first: a commit landing before the SELECT is then
         # replayed once more at the next catch-up (harmless), never missed.
         seq = self._log_seq()
+        # Only the rows live at t, and the floor at t (the view answers for
+        # no earlier instant): SAs that ended while the HAC was down are not
+        # loaded to be dropped at once -- 1.2 s of a start with 100,000 of them.
         rows = self._conn.execute(
-            f"SELECT {_VIEW_COLS} FROM issued_sa ORDER BY validity_end, spi"  # noqa: S608
+            f"SELECT {_VIEW_COLS} FROM issued_sa WHERE validity_end > ? "  # noqa: S608
+            "ORDER BY validity_end, spi",
+            (t,),
         ).fetchall()
         view = self._view = _LiveView(rows, version)
+        view.floor = t
         view.log_seq = seq
         return view
 

@@ -68,6 +68,7 @@ from mipsec.core.hookspecs import PluginContext, SAStore
 from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
 from mipsec.core.outage import Outage, cause
+from mipsec.core.pacing import in_paced_batches
 from mipsec.core.provisioning import ProvisioningRefused
 from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, loop_writer
 from mipsec.core.startup_heap import collection_paused, freeze_heap
@@ -81,7 +82,7 @@ Puller = Callable[[int], Awaitable[IssuedSA | None]]
 
 EXPIRY_INTERVAL = 1.0  # seconds between HaCore.expire runs (binding lifetimes are 4-s units)
 STORE_EXPIRY_EVERY = 30  # ... and every this many runs, expired SAs leave the store
-EXPIRE_BATCH = 1000  # ... this many per call (``expire_some``), a turn of the loop between
+EXPIRE_BATCH = 500  # ... this many per call (``expire_some``), paced (core/pacing.py)
 RCVBUF = 4 << 20  # socket receive buffer: absorbs bursts of BUs
 RECV_SIZE = 65535  # largest UDP payload
 DRAIN_BUDGET = 256  # datagrams read per wake-up beyond the one asyncio delivered
@@ -1026,10 +1027,9 @@ class HaService:
             try:
                 self.expire_now(store=False)
                 if runs % STORE_EXPIRY_EVERY == 0:
-                    # Bounded batches, a turn of the loop between them: no
-                    # stall however many SAs ended together.
-                    while self._expire_store() >= EXPIRE_BATCH:
-                        await asyncio.sleep(0)
+                    # Bounded batches, paced (core/pacing.py): no stall
+                    # however many SAs ended together.
+                    await in_paced_batches(self._expire_store, EXPIRE_BATCH)
             except Exception as exc:  # a failing store must not end expiry for good
                 # One line, no traceback; a store plugin's own message
                 # could hold anything (``cause``).

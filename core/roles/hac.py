@@ -57,6 +57,7 @@ from mipsec.core.hookspecs import (
 from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
 from mipsec.core.outage import Outage, cause
+from mipsec.core.pacing import in_paced_batches
 from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
@@ -141,9 +142,9 @@ class _Stored:
 WITHDRAW_RETRY_MIN = 0.5
 WITHDRAW_RETRY_MAX = 30.0
 WITHDRAW_BATCH = 64
-# SAs expired per store call (``expire_some``): ~10-20 ms of the loop, then a
-# turn for every MN before the next batch.
-EXPIRE_BATCH = 1000
+# SAs expired per store call (``expire_some``): ~10-20 ms of the loop, then as
+# long again for everything else before the next batch (core/pacing.py).
+EXPIRE_BATCH = 500
 # Withdrawals another HAC sharing the store owes and may never finish, taken
 # over per sweep (``adopt_owed_withdrawals``); the rest at the next ones.
 ADOPT_MAX = 4096
@@ -1193,19 +1194,14 @@ class HacService:
     async def _expiry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.hac.expiry_interval)
-            sweep = True
-            while True:
-                try:
-                    n = self.expire_now(sweep=sweep)
-                except Exception as exc:  # a failing store must not end expiry for good
-                    self._expiry_outage.failed(cause(exc))
-                    break
+            try:
+                self._sweep_safely()  # a failing sweep must not skip the expiry
+                # SAs that ended together: batch after batch, paced (core/pacing.py).
+                await in_paced_batches(lambda: self.expire_now(sweep=False), EXPIRE_BATCH)
+            except Exception as exc:  # a failing store must not end expiry for good
+                self._expiry_outage.failed(cause(exc))
+            else:
                 self._expiry_outage.worked()
-                if n < EXPIRE_BATCH:
-                    break
-                # A full batch: more are due.  Every MN gets a turn first.
-                sweep = False
-                await asyncio.sleep(0)
 
     def _issuing_bound(self) -> float:
         """Seconds after which no HAC still issues an SA it stored: the
