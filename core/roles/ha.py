@@ -66,6 +66,7 @@ from mipsec.core.ha_core import (
 )
 from mipsec.core.hookspecs import PluginContext, SAStore
 from mipsec.core.issuer import utcnow
+from mipsec.core.logburst import LineBurst
 from mipsec.core.model import IssuedSA
 from mipsec.core.outage import Outage, cause
 from mipsec.core.pacing import in_paced_batches
@@ -294,6 +295,7 @@ class HaService:
         self._write_outage = Outage(log, "binding cache write", "replies withheld until it works")
         self._checkpoint_outage = Outage(log, "binding cache checkpoint")
         self._expiry_outage = Outage(log, "expiry run")
+        self._unknown_withdrawals = LineBurst(log, "withdrawals of SPIs unknown here")
         # Pulls are rate-limited (PULL_RATE) but a HAC that is down would
         # still have cost a WARNING line per pull, 20 a second.
         self._pull_outage = Outage(log, "pull from the HAC", "packets of unknown SPIs dropped")
@@ -484,6 +486,7 @@ class HaService:
         if self._provisioning is not None:
             await self._provisioning.stop()
             self._provisioning = None
+        self._unknown_withdrawals.close()  # the count of a burst still open
         for t in self._transports:
             t.close()
         self._transports.clear()
@@ -986,7 +989,9 @@ class HaService:
         if known:
             log.debug("SA withdrawn spi=%d", spi)
         else:
-            log.info("SA withdrawn spi=%d (unknown here)", spi)
+            # A burst of them (an HA that lost its store, then a mass
+            # revocation): a few lines, then one that counts the rest.
+            self._unknown_withdrawals.line(logging.INFO, "SA withdrawn spi=%d (unknown here)", spi)
         self.emit("mipsec_ha_sa_withdrawn", spi=spi)
 
     def _discard(self, spis: list[int]) -> None:

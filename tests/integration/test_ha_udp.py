@@ -844,3 +844,27 @@ def test_bindings_expired_while_the_ha_was_down_cost_one_line(
         await svc2.stop()
 
     run(main())
+
+
+def test_a_burst_of_withdrawals_of_unknown_spis_costs_a_few_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HA that lost its store is sent a mass of withdrawals (a revoked
+    realm): each SPI is recorded dead and confirmed, but the log gets 16
+    lines and one that counts the rest (100,000 lines before)."""
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        with caplog.at_level(logging.INFO, logger="mipsec.ha"):
+            for spi in range(0x7000, 0x7000 + 40):
+                await svc.withdraw_sa(spi)
+            await svc.stop()
+        assert all(svc.bindings.dead(spi) is not None for spi in range(0x7000, 0x7028))
+
+    run(main())
+    lines = [r.getMessage() for r in caplog.records if "withdraw" in r.getMessage()]
+    assert lines[:16] == [f"SA withdrawn spi={spi} (unknown here)" for spi in range(0x7000, 0x7010)]
+    assert lines[16:] == [
+        "24 more withdrawals of SPIs unknown here in 1 s (one line each at DEBUG)"
+    ]
