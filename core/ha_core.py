@@ -110,6 +110,7 @@ import heapq
 import hmac
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any, TypeAlias
@@ -471,6 +472,10 @@ class HaCore:
         self.reinit_margin = float(reinit_margin)
         self.bindings = bindings if bindings is not None else BindingCache()
         self.pull = pull
+        # Set by the service while it loads its SAs after opening its sockets:
+        # called with an SPI this core does not hold before that SPI is
+        # judged unknown (it loads the SA now if the store has it).
+        self.load_missing: Callable[[int], None] | None = None
         self._sas: dict[int, _SAEntry] = {}
         # Installed SAs per suite, kept with _sas: ``mipsec status`` at 100,000
         # SAs counted them with a pass over every SA, 55 ms of the loop that
@@ -750,6 +755,9 @@ class HaCore:
         if ptype == PTYPE_PLAIN:
             return self._plain(datagram, src, now)
         entry = self._sas.get(spi)
+        if entry is None and self.load_missing is not None:
+            self.load_missing(spi)
+            entry = self._sas.get(spi)
         if entry is None:
             if self.bindings.dead(spi) is not None:
                 return self._drop("withdrawn_spi")  # never pulled back either
@@ -802,6 +810,9 @@ class HaCore:
         if b is None or src[0] != b.coa_host or src[1] != b.coa_port:
             return self._drop("scope")
         entry = self._sas.get(b.spi)
+        if entry is None and self.load_missing is not None:
+            self.load_missing(b.spi)
+            entry = self._sas.get(b.spi)
         if entry is None or entry.scope != 0:
             # RFC 6618 §6.4: with mip6-sas 1 the receiver MUST silently
             # discard PType 0.
@@ -992,6 +1003,9 @@ class HaCore:
         which binding the packet belongs to and counts the drop.
         """
         entry = self._sas.get(spi)
+        if entry is None and self.load_missing is not None:
+            self.load_missing(spi)
+            entry = self._sas.get(spi)
         if entry is None or now >= entry.validity_end:
             return None
         if entry.scope == 0:

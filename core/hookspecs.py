@@ -94,7 +94,10 @@ class SAStore(Protocol):
       of the realm, for ``revoke``).
     * HA: ``add_many``, ``discard_many``, ``transaction`` and
       ``shared_connection`` (a burst of installs and their binding-cache
-      records in one commit), ``has_live``.
+      records in one commit), ``has_live``; ``live_page(now, after, limit)``
+      -- up to ``limit`` rows with an SPI above ``after`` in SPI order: their
+      live SAs and the last SPI read (None when no row is left), so the HA
+      serves while it loads 100,000 SAs (without it, it loads them all first).
     * Both, expiry timers: ``expire_some(now, limit)`` -- delete at most
       ``limit`` expired SAs, oldest first, and return ``(spi, mn_id,
       validity_end)`` of each, no key unwrapped; the roles call it again,

@@ -1374,6 +1374,24 @@ class SQLiteSAStore:
         ).fetchall()
         return self._decoded(rows)
 
+    def live_page(self, now: datetime, after: int, limit: int) -> tuple[list[IssuedSA], int | None]:
+        """Up to ``limit`` rows with an SPI above ``after``, in SPI order: the
+        live SAs among them, and the last SPI read (None: no row left).
+
+        The HA's start reads its SAs with it page by page, serving between
+        pages (``after`` is its cursor); a row that fails authentication is
+        skipped (and reported once, as ``live`` does), the cursor passes it.
+        """
+        rows = self._conn.execute(
+            f"SELECT {_READ} FROM issued_sa WHERE spi > ? ORDER BY spi LIMIT ?",  # noqa: S608
+            (after, limit),
+        ).fetchall()
+        if not rows:
+            return [], None
+        t = _timestamp(now, "now")
+        live = [r for r in rows if r[_END] > t]
+        return self._decoded(live), rows[-1][_SPI] if len(rows) == limit else None
+
     def expire(self, now: datetime) -> list[IssuedSA]:
         """Delete and return every SA whose validity end is <= now."""
         t = _timestamp(now, "now")

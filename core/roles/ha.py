@@ -83,6 +83,10 @@ Puller = Callable[[int], Awaitable[IssuedSA | None]]
 
 EXPIRY_INTERVAL = 1.0  # seconds between HaCore.expire runs (binding lifetimes are 4-s units)
 STORE_EXPIRY_EVERY = 30  # ... and every this many runs, expired SAs leave the store
+# Start: SAs loaded before the sockets open; the rest in pages, paced, while
+# the HA serves (100,000 SAs kept it deaf for 8.8 s).
+LOAD_FIRST = 5000
+LOAD_PAGE = 1000
 EXPIRE_BATCH = 500  # ... this many per call (``expire_some``), paced (core/pacing.py)
 RCVBUF = 4 << 20  # socket receive buffer: absorbs bursts of BUs
 RECV_SIZE = 65535  # largest UDP payload
@@ -269,6 +273,7 @@ class HaService:
         self.counts: dict[str, int] = {
             "socket_errors": 0,
             "pulls": 0,
+            "loaded_on_demand": 0,  # SAs loaded by their first packet during the start's load
             "pulls_found": 0,
             "pulls_refused": 0,
             "internal_errors": 0,
@@ -282,6 +287,9 @@ class HaService:
         self._transports: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry_task: asyncio.Task[None] | None = None
+        self._loader: asyncio.Task[None] | None = None  # SAs loaded after the sockets opened
+        self._load_cursor = 0  # SPIs up to this one: read from the store by the start
+        self._installed = 0
         self._provisioning: Any = None
         self._pending: dict[int, list[tuple[bytes, tuple[Any, ...], Any]]] = {}
         self._negative: dict[int, float] = {}
@@ -370,19 +378,20 @@ class HaService:
             return await self._start()
 
     async def _start(self) -> list[tuple[str, int]]:
-        installed = 0
+        self._installed = 0
         now = time.time()
-        for issued in self.store.live(utcnow()):
-            # A store shared with the HAC (model 1) holds every HA's SAs.
-            if issued.sa.ha_id not in ("", self.cfg.ha.id):
-                continue
-            try:
-                if self.core.install_sa(issued, now=now):
-                    installed += 1
-            except SpiWithdrawn:
-                # Withdrawn, then the HA stopped before the store forgot it.
-                self.store.remove(issued.sa.spi)
-                log.info("SA spi=%d withdrawn earlier: removed from the store", issued.sa.spi)
+        page = getattr(self.store, "live_page", None)
+        if page is None:
+            for issued in self.store.live(utcnow()):
+                self._install_loaded(issued, now)
+            more = False
+        else:
+            # The first LOAD_FIRST SAs before the sockets open (a small
+            # store: all of them); the rest after, in paced pages, each SA
+            # loaded at once by its first packet meanwhile (``_load_missing``).
+            more = self._load_pages(page, now, LOAD_FIRST)
+            if more:
+                self.core.load_missing = self._load_missing
         # Bindings, SAs and records that ended while the HA was down.
         self._log_expired(self.core.expire(now), "while the HA was down")
         self.bindings.flush()  # one commit for every SA's records
@@ -408,17 +417,104 @@ class HaService:
         self._local_registered = True
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         self._started = True
-        freeze_heap("HA")  # SAs and bindings loaded: out of the collector's sight (issue 9)
         for host, port in self.addresses:
             log.info("HA %s listening on %s (UDP)", self.cfg.ha.id, _fmt((host, port)))
+        if more:
+            assert page is not None
+            log.info(
+                "HA %s: serving after %.1f s; loading the rest of its SAs from the store "
+                "(%d so far; an SA not loaded yet is loaded by its first packet)",
+                self.cfg.ha.id,
+                time.monotonic() - self._created,
+                self._installed,
+            )
+            self._loader = asyncio.create_task(self._load_rest(page))
+        else:
+            self._loaded_all()
+        return self.addresses
+
+    # ------------------------------------------------------------ loading at start
+
+    def _install_loaded(self, issued: IssuedSA, now: float) -> None:
+        """One SA read from the store at start into the core."""
+        # A store shared with the HAC (model 1) holds every HA's SAs.
+        if issued.sa.ha_id not in ("", self.cfg.ha.id):
+            return
+        try:
+            if self.core.install_sa(issued, now=now):
+                self._installed += 1
+        except SpiWithdrawn:
+            # Withdrawn, then the HA stopped before the store forgot it.
+            self.store.remove(issued.sa.spi)
+            log.info("SA spi=%d withdrawn earlier: removed from the store", issued.sa.spi)
+
+    def _load_pages(self, page: Callable[..., Any], now: float, budget: int) -> bool:
+        """Load up to ``budget`` SAs in pages of LOAD_PAGE, in SPI order from
+        ``_load_cursor``; True while the store holds more.  Each page is read
+        and installed within one turn of the loop: nothing (an install, a
+        withdrawal) can come between a row's read and its install."""
+        loaded = 0
+        when = utcnow()
+        while loaded < budget:
+            sas, last = page(when, self._load_cursor, LOAD_PAGE)
+            for issued in sas:
+                self._install_loaded(issued, now)
+            if last is None:
+                return False
+            self._load_cursor = last
+            loaded += LOAD_PAGE
+        return True
+
+    def _load_missing(self, spi: int) -> None:
+        """The core met an SPI it does not hold while the load goes on: if
+        the store holds its SA (an SPI the loader has not reached), load it
+        now, so its MN is served at once rather than after the whole load."""
+        if spi <= self._load_cursor or self.bindings.dead(spi) is not None:
+            return  # passed by the loader (loaded, or not there), or withdrawn
+        try:
+            issued = self.store.get(spi, utcnow())
+        except Exception as exc:  # a store error: the packet is dropped, counted
+            self.counts["store_errors"] += 1
+            log.debug("loading spi=%d on its first packet failed: %s", spi, cause(exc))
+            return
+        if issued is not None:
+            self.counts["loaded_on_demand"] += 1
+            self._install_loaded(issued, time.time())
+
+    async def _load_rest(self, page: Callable[..., Any]) -> None:
+        """The SAs the start left, in paced pages (core/pacing.py)."""
+        try:
+            with collection_paused():
+                await in_paced_batches(
+                    lambda: LOAD_PAGE if self._load_pages(page, time.time(), LOAD_PAGE) else 0,
+                    LOAD_PAGE,
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # SAs not loaded yet stay loadable by their first packet.
+            log.error(
+                "HA %s: loading SAs from the store stopped after spi %d: %s; an SA not "
+                "loaded yet is still loaded by its first packet",
+                self.cfg.ha.id,
+                self._load_cursor,
+                cause(exc),
+            )
+            return
+        finally:
+            self._loader = None
+        self.core.load_missing = None
+        self._loaded_all()
+
+    def _loaded_all(self) -> None:
+        freeze_heap("HA")  # SAs and bindings loaded: out of the collector's sight (issue 9)
         log.info(
             "HA %s: %d SAs from the store, %d bindings from the cache (start took %.1f s)",
             self.cfg.ha.id,
-            installed,
+            self._installed,
             len(self.bindings),
             time.monotonic() - self._created,
         )
-        return self.addresses
 
     async def _open_sockets(self) -> None:
         loop = asyncio.get_running_loop()
@@ -491,7 +587,11 @@ class HaService:
             t.close()
         self._transports.clear()
         self.sockets.clear()
-        tasks = [*self._tasks, *([self._expiry_task] if self._expiry_task else [])]
+        tasks = [
+            *self._tasks,
+            *([self._expiry_task] if self._expiry_task else []),
+            *([self._loader] if self._loader else []),
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -396,3 +396,22 @@ def test_memory_store_wraps_with_a_key_of_its_own() -> None:
     c.close()
     with pytest.raises(ValueError, match=r"^key_file: extra inputs"):
         MemoryStoreFactory().create({"key_file": "k"}, ctx(Path.cwd()))
+
+
+def test_live_page_reads_in_spi_order_and_passes_a_tampered_row(tmp_path: Path) -> None:
+    """The HA's start reads its SAs page by page (``live_page``): SPI order,
+    ended SAs left out, a row that fails authentication skipped but passed
+    by the cursor (a page of only bad rows does not end the load)."""
+    path = tmp_path / "sa.db"
+    with SQLiteSAStore(path) as s:
+        for spi in (7, 3, 5, 9, 4):
+            s.add(issued(spi, end=T0 + timedelta(seconds=spi)), T0)
+    _edit(path, "UPDATE issued_sa SET mn_id = 'mallory@x' WHERE spi = 7")
+    now = T0 + timedelta(seconds=6)  # 3, 4 and 5 have ended by then
+    with SQLiteSAStore(path) as s:
+        assert s.live_page(now, 0, 2) == ([], 4)  # 3 and 4: ended; the cursor passes them
+        assert s.live_page(now, 4, 2) == ([], 7)  # 5 ended, 7 tampered: skipped, passed
+        page = s.live_page(now, 7, 2)
+        assert [x.sa.spi for x in page[0]] == [9] and page[1] is None  # short: the last
+        assert s.live_page(now, 9, 2) == ([], None)
+        assert [x.sa.spi for x in s.live_page(T0, 0, 10)[0]] == [3, 4, 5, 9]

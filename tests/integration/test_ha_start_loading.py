@@ -1,0 +1,167 @@
+"""An HA with many SAs serves before it has loaded them all (core/roles/ha.py).
+
+The HA reads LOAD_FIRST SAs from its store, opens its sockets, then loads
+the rest in paced pages while it serves; an SA it has not reached yet is
+loaded by its MN's first packet.  Before, 100,000 SAs kept it deaf for 8.8 s.
+Real ``HaService`` on real UDP sockets, SQLite stores on files, MNs from the
+codecs (``test_ha_udp.MN``); small LOAD_FIRST / LOAD_PAGE so that a few
+dozen SAs make several pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from ipaddress import IPv6Address
+from pathlib import Path
+
+import pytest
+from test_ha_udp import HAA, HOA, MN, ha_config, make_issued, run
+
+from mipsec.core.model import IssuedSA
+from mipsec.core.roles import ha as ha_module
+from mipsec.core.roles.ha import HaService
+from mipsec.core.wire.esp import NEXT_HEADER_MH, PTYPE_MH
+from mipsec.core.wire.mh import BindingAck, BindingUpdate, decode_mh, encode_mh
+
+N = 30
+
+
+class MNAt(MN):
+    """An MN with a home address of its own."""
+
+    def __init__(self, issued: IssuedSA) -> None:
+        super().__init__(issued)
+        hoa = issued.bootstrap.ip6_hoa
+        assert hoa is not None
+        self.hoa = hoa
+
+    def bu(self, seq: int, lifetime: int = 100) -> bytes:
+        mh = encode_mh(
+            BindingUpdate(sequence=seq, a=True, h=True, lifetime=lifetime), src=self.hoa, dst=HAA
+        )
+        return self.out.protect(PTYPE_MH, NEXT_HEADER_MH, mh)
+
+    async def ba(self, seq: int, ha: tuple[str, int]) -> BindingAck:
+        self.sent = self.bu(seq)
+        await self.send(self.sent, ha)
+        u = self.inb.unprotect(await self.recv())
+        msg = decode_mh(u.payload, src=HAA, dst=self.hoa)
+        assert msg.checksum_ok and isinstance(msg.message, BindingAck)
+        return msg.message
+
+
+def many(n: int) -> list[IssuedSA]:
+    out = []
+    for i in range(n):
+        base = make_issued(spi=0x2000 + i)
+        bs = dataclasses.replace(base.bootstrap, ip6_hoa=IPv6Address(int(HOA) + i))
+        out.append(IssuedSA(base.sa, bs))
+    return out
+
+
+@pytest.fixture
+def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ha_module, "LOAD_FIRST", 10)
+    monkeypatch.setattr(ha_module, "LOAD_PAGE", 5)
+
+
+async def registered(tmp_path: Path, sas: list[IssuedSA]) -> list[MNAt]:
+    """A first run of the HA: every SA installed, every MN registered (BU 1)."""
+    svc = HaService(ha_config(tmp_path))
+    addrs = await svc.start()
+    mns = []
+    for issued in sas:
+        await svc.install_sa(issued)
+        mn = MNAt(issued)
+        assert (await mn.ba(1, addrs[0])).status == 0
+        mns.append(mn)
+    await svc.stop()
+    return mns
+
+
+async def wait_loaded(svc: HaService) -> None:
+    for _ in range(200):
+        if svc._loader is None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the load never ended")
+
+
+def test_an_mn_is_served_before_its_sa_was_reached_by_the_load(
+    tmp_path: Path, small_pages: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    sas = many(N)
+
+    async def main() -> None:
+        mns = await registered(tmp_path, sas)
+        last = mns[-1]  # the highest SPI: the last page
+        replayed = last.sent  # its BU of the last run, as it was sent
+        svc = HaService(ha_config(tmp_path))
+        with caplog.at_level(logging.INFO, logger="mipsec.ha"):
+            addrs = await svc.start()
+            assert svc._loader is not None  # serving, the load goes on
+            assert not svc.core.has_spi(sas[-1].sa.spi)
+            # Its BU is served at once, with its replay state of the last run:
+            # the next sequence number is accepted, the replayed BU dropped.
+            assert (await last.ba(2, addrs[0])).status == 0
+            assert svc.counts["loaded_on_demand"] == 1
+            await last.send(replayed, addrs[0])
+            assert await last.nothing()
+            await wait_loaded(svc)
+        assert all(svc.core.has_spi(x.sa.spi) for x in sas)
+        assert svc.stats()["drops"] == {"replay": 1}
+        # Every MN after the load, each with its own replay state.
+        for mn in mns[:-1]:
+            assert (await mn.ba(2, addrs[0])).status == 0
+        assert svc.counts["loaded_on_demand"] == 1
+        await svc.stop()
+        for mn in mns:
+            mn.close()
+
+    run(main())
+    text = caplog.text
+    assert "serving after" in text and "loading the rest of its SAs" in text
+    assert f"HA ha1: {N} SAs from the store, {N} bindings from the cache" in text
+
+
+def test_an_sa_withdrawn_before_the_load_reached_it_stays_dead(
+    tmp_path: Path, small_pages: None
+) -> None:
+    sas = many(N)
+
+    async def main() -> None:
+        mns = await registered(tmp_path, sas)
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        gone = sas[-2].sa.spi
+        assert not svc.core.has_spi(gone)
+        await svc.withdraw_sa(gone)  # the HAC revoked it: not loaded yet
+        await wait_loaded(svc)
+        assert not svc.core.has_spi(gone)  # the load did not bring it back
+        assert sum(svc.core.has_spi(x.sa.spi) for x in sas) == N - 1
+        await mns[-2].send(mns[-2].bu(2), addrs[0])
+        assert await mns[-2].nothing()
+        assert svc.stats()["drops"] == {"withdrawn_spi": 1}
+        await svc.stop()
+        for mn in mns:
+            mn.close()
+
+    run(main())
+
+
+def test_a_small_store_is_loaded_whole_before_the_sockets_open(tmp_path: Path) -> None:
+    sas = many(5)
+
+    async def main() -> None:
+        mns = await registered(tmp_path, sas)
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        assert svc._loader is None and svc.core.load_missing is None
+        assert all(svc.core.has_spi(x.sa.spi) for x in sas)
+        await svc.stop()
+        for mn in mns:
+            mn.close()
+
+    run(main())
