@@ -272,10 +272,13 @@ class _Ending(Generic[_K, _V]):
     def until(self, key: _K) -> float:
         return self._until[key]
 
-    def pop_ended(self, now: float) -> list[_K]:
+    def due(self, now: float) -> bool:
+        return bool(self._heap) and self._heap[0][0] <= now
+
+    def pop_ended(self, now: float, limit: int | None = None) -> list[_K]:
         out: list[_K] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= now and (limit is None or len(out) < limit):
             until, key = heapq.heappop(heap)
             if self._until.get(key) == until:
                 del self._until[key]
@@ -674,11 +677,16 @@ class BindingCache:
         """The earliest ``expires_at`` in the cache (stale heap entries may make it early)."""
         return self._heap[0][0] if self._heap else None
 
-    def pop_expired(self, now: float) -> list[Binding]:
-        """Delete and return every binding with ``expires_at <= now``, earliest first."""
+    def purge_due(self, now: float) -> bool:
+        """Are records due to end at ``now`` (stale heap entries may say so early)?"""
+        return self._spis.due(now) or self._deleted.due(now)
+
+    def pop_expired(self, now: float, limit: int | None = None) -> list[Binding]:
+        """Delete and return every binding with ``expires_at <= now`` (at most
+        ``limit``), earliest first."""
         out: list[Binding] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= now and (limit is None or len(out) < limit):
             expires_at, hoa = heapq.heappop(heap)
             b = self._entries.get(hoa)
             if b is not None and b.expires_at == expires_at:
@@ -813,13 +821,14 @@ class BindingCache:
 
     # ------------------------------------------------------------ ends
 
-    def purge(self, now: float) -> int:
-        """End SPI records past their SA's validity end and old deleted-binding records.
+    def purge(self, now: float, limit: int | None = None) -> int:
+        """End SPI records past their SA's validity end and old deleted-binding
+        records (at most ``limit`` of each).
 
         Returns how many ended.
         """
-        spis = self._spis.pop_ended(now)
-        hoas = self._deleted.pop_ended(now)
+        spis = self._spis.pop_ended(now, limit)
+        hoas = self._deleted.pop_ended(now, limit)
         if (spis or hoas) and self._conn is not None:
             self._dirty_spis.update(spis)
             self._dirty_deleted.update(hoas)

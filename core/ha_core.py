@@ -663,18 +663,23 @@ class HaCore:
             times.append(self._sa_heap[0][0])
         return min(times) if times else None
 
-    def expire(self, now: float) -> list[BindingChanged]:
+    def expire(self, now: float, limit: int | None = None) -> list[BindingChanged]:
         """End bindings whose lifetime passed and SAs past their validity end.
 
         Also ends the records that prevent replays once they have nothing
         left to guard, and shrinks the data reservation of SAs that went quiet.
+        ``limit``: at most that many bindings, SAs and records of each kind
+        (the rest stay due: ``expiry_due``), so that 100,000 of them ending
+        together do not hold the event loop for seconds in one call.
         """
         events = [
             BindingChanged(EXPIRED, b.hoa, b.coa, b.lifetime, b.spi)
-            for b in self.bindings.pop_expired(now)
+            for b in self.bindings.pop_expired(now, limit)
         ]
         heap = self._sa_heap
-        while heap and heap[0][0] <= now:
+        ended = 0
+        while heap and heap[0][0] <= now and (limit is None or ended < limit):
+            ended += 1
             end, spi = heapq.heappop(heap)
             entry = self._sas.get(spi)
             if entry is None or entry.validity_end != end:
@@ -686,10 +691,19 @@ class HaCore:
             # a clock step could leave one behind.
             events.extend(self._unbind(entry, EXPIRED, now))
             self.bindings.forget_spi(spi)
-        self.bindings.purge(now)
+        self.bindings.purge(now, limit)
         if self._big_reserves:
             self._trim_reserves(now)
         return events
+
+    def expiry_due(self, now: float) -> bool:
+        """Is anything left for ``expire`` at ``now`` (after a limited call)?"""
+        b = self.bindings.next_expiry()
+        return (
+            (b is not None and b <= now)
+            or (bool(self._sa_heap) and self._sa_heap[0][0] <= now)
+            or self.bindings.purge_due(now)
+        )
 
     def _trim_reserves(self, now: float) -> None:
         # A reservation sized for a fast sender that stopped would cost that
