@@ -394,3 +394,35 @@ def test_ha_protect_data_refuses_unknown_and_ended_sas() -> None:
     sa = p.issued.sa
     inb = InboundSA(SUITES[sa.suite], sa.ha_to_mn_ikey, sa.ha_to_mn_ekey, sa.spi)
     assert inb.unprotect(datagram).payload == up6()
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_an_sa_not_loaded_yet_is_loaded_by_its_first_data_packet(
+    tmp_path: Path, direction: str
+) -> None:
+    """An HA restarted with many SAs serves before it has loaded them all:
+    the core asks ``load_missing`` for an SPI it does not hold -- on the
+    home-network side (return traffic to a bound MN) as on the MN's side --
+    and the packet goes through once that SA is installed."""
+    path = tmp_path / "bindings.sqlite"
+    p = Pair(ha=HaCore("ha1", HAA, bindings=BindingCache(path)))
+    p.register()
+    p.ha.bindings.close()
+    ha = HaCore("ha1", HAA, bindings=BindingCache(path))  # restarted: the SA not loaded
+    asked: list[int] = []
+
+    def load_missing(spi: int) -> None:
+        asked.append(spi)
+        ha.install_sa(p.issued, now=NOW)
+
+    ha.load_missing = load_missing
+    p.ha, p.hf = ha, HaForwarder(ha, mtu=MTU)
+    if direction == "down":
+        assert p.down(up6(src=CN6, dst=str(HOA)))[0] == up6(src=CN6, dst=str(HOA))
+    else:
+        # The MN's BU from a new address (its data right after a restart is
+        # refused below the reserved mark, by design: test_..._replayed_...).
+        assert p.register(MOVED_ADDR, moved=True).status == 0
+    assert asked == [p.issued.sa.spi]
+    ha.load_missing = None  # the load is over: an unknown SPI is unknown
+    assert ha.protect_data(p.issued.sa.spi + 1, NEXT_HEADER_IPV6, up6(), NOW) is None
