@@ -83,6 +83,9 @@ Puller = Callable[[int], Awaitable[IssuedSA | None]]
 
 EXPIRY_INTERVAL = 1.0  # seconds between HaCore.expire runs (binding lifetimes are 4-s units)
 STORE_EXPIRY_EVERY = 30  # ... and every this many runs, expired SAs leave the store
+# Expired SAs per store call (``expire_some``), and bindings, SAs and records
+# per in-memory round (``HaCore.expire``): batches paced by core/pacing.py.
+EXPIRE_BATCH = 500
 # Start: SAs loaded before the sockets open; the rest in pages, paced, while
 # the HA serves (100,000 SAs kept it deaf for 8.8 s).
 LOAD_FIRST = 5000
@@ -92,7 +95,6 @@ LOAD_PAGE = 1000
 # SPIs costs in store reads (at most ~70 ms of the loop per second).
 LOAD_ON_DEMAND_RATE = 5000.0
 LOAD_ON_DEMAND_BURST = 1000
-EXPIRE_BATCH = 500  # ... this many per call (``expire_some``), paced (core/pacing.py)
 RCVBUF = 4 << 20  # socket receive buffer: absorbs bursts of BUs
 RECV_SIZE = 65535  # largest UDP payload
 DRAIN_BUDGET = 256  # datagrams read per wake-up beyond the one asyncio delivered
@@ -278,10 +280,10 @@ class HaService:
         self.counts: dict[str, int] = {
             "socket_errors": 0,
             "pulls": 0,
-            "loaded_on_demand": 0,  # SAs loaded by their first packet during the start's load
-            "load_on_demand_limited": 0,  # ... refused past LOAD_ON_DEMAND_RATE (a flood)
             "pulls_found": 0,
             "pulls_refused": 0,
+            "loaded_on_demand": 0,  # SAs loaded by their first packet during the start's load
+            "load_on_demand_limited": 0,  # ... refused past LOAD_ON_DEMAND_RATE (a flood)
             "internal_errors": 0,
             "store_errors": 0,
             "withheld": 0,
