@@ -24,6 +24,35 @@ def create_private(path: Path) -> None:
         os.close(fd)
 
 
+_TMP_HEX = 6  # random octets in a temporary name: ``.NAME.HEX.tmp``
+
+
+def _temporary(path: Path) -> Path:
+    """A new temporary name beside ``path`` (``write_file``, ``write_private_atomic``)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(_TMP_HEX)}.tmp")
+
+
+def left_temporaries(path: Path) -> list[Path]:
+    """The temporary files of ``path`` in its directory: those of writes
+    cut short by a crash, unless a write of ``path`` is going on (the caller
+    knows none is, e.g. under the lock every writer holds).  [] when the
+    directory cannot be listed."""
+    prefix, suffix = f".{path.name}.", ".tmp"
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    hexdigits = set("0123456789abcdef")
+    return [
+        path.parent / name
+        for name in names
+        if name.startswith(prefix)
+        and name.endswith(suffix)
+        and len(middle := name[len(prefix) : -len(suffix)]) == 2 * _TMP_HEX
+        and set(middle) <= hexdigits
+    ]
+
+
 def _write_new(path: Path, data: bytes, mode: int, *, sync: bool) -> None:
     # O_EXCL: never follow or reuse a file someone else put there.  fchmod
     # before the first octet: the mode never depends on the umask, not even
@@ -53,7 +82,7 @@ def write_file(path: Path, data: bytes, mode: int, *, sync: bool = False) -> Non
     ``sync``: the octets and the rename are on disk before this returns
     (fsync of the file, then of its directory).
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = _temporary(path)
     _write_new(tmp, data, mode, sync=sync)
     try:
         os.replace(tmp, path)
@@ -82,7 +111,7 @@ def write_private_atomic(path: Path, data: bytes) -> None:
     whole file, never a half-written key, and an existing ``path`` is never
     replaced.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = _temporary(path)
     _write_new(tmp, data, PRIVATE_FILE, sync=True)
     try:
         os.link(tmp, path)

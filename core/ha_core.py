@@ -698,12 +698,16 @@ class HaCore:
 
     def expiry_due(self, now: float) -> bool:
         """Is anything left for ``expire`` at ``now`` (after a limited call)?"""
-        b = self.bindings.next_expiry()
-        return (
-            (b is not None and b <= now)
-            or (bool(self._sa_heap) and self._sa_heap[0][0] <= now)
-            or self.bindings.purge_due(now)
-        )
+        nxt = self.next_expiry()
+        return (nxt is not None and nxt <= now) or self.bindings.purge_due(now)
+
+    def _missing(self, spi: int) -> _SAEntry | None:
+        """An SPI this core does not hold: while the service loads its SAs,
+        it may load this one now (``load_missing``)."""
+        if self.load_missing is None:
+            return None
+        self.load_missing(spi)
+        return self._sas.get(spi)
 
     def _trim_reserves(self, now: float) -> None:
         # A reservation sized for a fast sender that stopped would cost that
@@ -769,9 +773,8 @@ class HaCore:
         if ptype == PTYPE_PLAIN:
             return self._plain(datagram, src, now)
         entry = self._sas.get(spi)
-        if entry is None and self.load_missing is not None:
-            self.load_missing(spi)
-            entry = self._sas.get(spi)
+        if entry is None:
+            entry = self._missing(spi)
         if entry is None:
             if self.bindings.dead(spi) is not None:
                 return self._drop("withdrawn_spi")  # never pulled back either
@@ -824,9 +827,8 @@ class HaCore:
         if b is None or src[0] != b.coa_host or src[1] != b.coa_port:
             return self._drop("scope")
         entry = self._sas.get(b.spi)
-        if entry is None and self.load_missing is not None:
-            self.load_missing(b.spi)
-            entry = self._sas.get(b.spi)
+        if entry is None:
+            entry = self._missing(b.spi)
         if entry is None or entry.scope != 0:
             # RFC 6618 §6.4: with mip6-sas 1 the receiver MUST silently
             # discard PType 0.
@@ -1017,9 +1019,8 @@ class HaCore:
         which binding the packet belongs to and counts the drop.
         """
         entry = self._sas.get(spi)
-        if entry is None and self.load_missing is not None:
-            self.load_missing(spi)
-            entry = self._sas.get(spi)
+        if entry is None:
+            entry = self._missing(spi)
         if entry is None or now >= entry.validity_end:
             return None
         if entry.scope == 0:

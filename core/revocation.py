@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from mipsec.core.errors import ConfigError
-from mipsec.core.fsutil import PRIVATE_FILE, write_file
+from mipsec.core.fsutil import PRIVATE_FILE, left_temporaries, write_file
 from mipsec.core.nai import nai_key
 
 __all__ = ["COMPACT_MIN", "RevocationList", "journal_path", "lock_path"]
@@ -355,28 +355,17 @@ class RevocationList:
 
     def _remove_dead_temporaries(self) -> None:
         """Under the exclusive lock: the temporary snapshots of folds killed
-        before their rename (``write_file``'s ``.NAME.HEX.tmp``).  Only a fold
-        writes one, and folds hold this lock, so none belongs to a live one;
-        without this, every crash mid-fold would leave one for good."""
-        prefix, suffix = f".{self.path.name}.", ".tmp"
-        try:
-            names = os.listdir(self.path.parent)
-        except OSError:
-            return  # the fold itself says what is wrong with the directory
-        for name in names:
-            if name.startswith(prefix) and name.endswith(suffix):
-                middle = name[len(prefix) : -len(suffix)]
-                if len(middle) == 12 and all(c in "0123456789abcdef" for c in middle):
-                    try:
-                        os.unlink(self.path.parent / name)
-                    except OSError:
-                        pass
-                    else:
-                        log.info(
-                            "revocation list %s: removed %s, left by a fold cut short",
-                            self.path,
-                            name,
-                        )
+        before their rename.  Only a fold writes one, and folds hold this
+        lock, so none belongs to a live one; without this, every crash
+        mid-fold would leave one for good."""
+        for tmp in left_temporaries(self.path):
+            try:
+                tmp.unlink()
+            except OSError:
+                continue
+            log.info(
+                "revocation list %s: removed %s, left by a fold cut short", self.path, tmp.name
+            )
 
     def _fold(self, revoked: dict[str, str]) -> None:
         """A new snapshot holding ``revoked``, then an empty journal."""

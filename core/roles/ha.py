@@ -135,6 +135,50 @@ class _TokenBucket:
         return False
 
 
+class _ExpiryLines:
+    """The log of one expiry run, which may take several rounds: every
+    binding change to the hooks; a line each at INFO when the run is one
+    round of a few (up to EXPIRED_LINES_MAX), else each at DEBUG and one
+    line in all when it ends (100,000 bindings ended while the HA was down
+    were 100,000 lines and 40 % of its start)."""
+
+    __slots__ = ("first", "ha_id", "log_binding", "rounds", "total", "when")
+
+    def __init__(
+        self,
+        ha_id: str,
+        log_binding: Callable[[BindingChanged, int | None], None],
+        when: str,
+    ) -> None:
+        self.ha_id, self.log_binding, self.when = ha_id, log_binding, when
+        self.total = self.rounds = 0
+        self.first: BindingChanged | None = None
+
+    def take(self, events: Sequence[BindingChanged], more: bool) -> None:
+        """One round's events; ``more``: other rounds follow."""
+        if self.rounds == 0 and not more and len(events) <= EXPIRED_LINES_MAX:
+            for ev in events:
+                self.log_binding(ev, None)
+        else:
+            for ev in events:
+                self.log_binding(ev, logging.DEBUG)
+            if self.first is None and events:
+                self.first = events[0]
+        self.total += len(events)
+        self.rounds += 1
+
+    def close(self) -> None:
+        if self.first is not None:
+            log.info(
+                "HA %s: %d bindings expired %s (the first: hoa=%s spi=%d; one line each at DEBUG)",
+                self.ha_id,
+                self.total,
+                self.when,
+                self.first.hoa,
+                self.first.spi,
+            )
+
+
 class _Protocol(asyncio.DatagramProtocol):
     """Hands datagrams to the service and drains the socket while it has more.
 
@@ -296,9 +340,9 @@ class HaService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry_task: asyncio.Task[None] | None = None
         self._loader: asyncio.Task[None] | None = None  # SAs loaded after the sockets opened
-        # Expired at start (count, first event) when more was due: the
-        # expiry timer's first run finishes it.
-        self._expired_at_start: tuple[int, BindingChanged | None] | None = None
+        # The start's expiry when more was due: the expiry timer's first run
+        # finishes it.
+        self._expired_at_start: _ExpiryLines | None = None
         self._load_cursor = 0  # SPIs up to this one: read from the store by the start
         self._installed = 0
         self._provisioning: Any = None
@@ -409,13 +453,14 @@ class HaService:
         # were 4.2 s of the start) is finished by the expiry timer's first
         # run, in paced rounds, while the HA serves -- as between two ticks,
         # a binding past its lifetime may meet a BU before it is removed.
+        lines = self._expiry_lines("while the HA was down")
         events = self.core.expire(now, LOAD_FIRST)
-        if self.core.expiry_due(now):
-            for ev in events:
-                self._log_binding(ev, logging.DEBUG)
-            self._expired_at_start = (len(events), events[0] if events else None)
+        due = self.core.expiry_due(now)
+        lines.take(events, more=due)
+        if due:
+            self._expired_at_start = lines
         else:
-            self._log_expired(events, "while the HA was down")
+            lines.close()
         self.bindings.flush()  # one commit for every SA's records
         try:
             await self._open_sockets()
@@ -513,9 +558,9 @@ class HaService:
         """The SAs the start left, in paced pages (core/pacing.py)."""
         try:
             with collection_paused():
+                # One page a step; 1 while the store holds more.
                 await in_paced_batches(
-                    lambda: LOAD_PAGE if self._load_pages(page, time.time(), LOAD_PAGE) else 0,
-                    LOAD_PAGE,
+                    lambda: int(self._load_pages(page, time.time(), LOAD_PAGE)), 1
                 )
         except asyncio.CancelledError:
             raise
@@ -742,27 +787,6 @@ class HaService:
     def emit(self, hook: str, **kwargs: Any) -> None:
         """HA event hooks (``mipsec_ha_*``); a raising plugin never breaks the HA."""
         pluginmanager.emit(self.pm, hook, self.counts, log, ha_id=self.cfg.ha.id, **kwargs)
-
-    def _log_expired(self, events: Sequence[BindingChanged], when: str) -> None:
-        """Expiry's binding changes: every one to the hooks; a line each at
-        INFO when they are few, else one line in all (100,000 bindings ended
-        while the HA was down were 100,000 lines and 40 % of its start), the
-        lines of each at DEBUG."""
-        if len(events) <= EXPIRED_LINES_MAX:
-            for ev in events:
-                self._log_binding(ev)
-            return
-        for ev in events:
-            self._log_binding(ev, logging.DEBUG)
-        first = events[0]
-        log.info(
-            "HA %s: %d bindings expired %s (the first: hoa=%s spi=%d; one line each at DEBUG)",
-            self.cfg.ha.id,
-            len(events),
-            when,
-            first.hoa,
-            first.spi,
-        )
 
     def _log_binding(self, ev: BindingChanged, level: int | None = None) -> None:
         self.emit(
@@ -1158,7 +1182,7 @@ class HaService:
         if backlog is not None:
             # What ended while the HA was down and the start left: now, paced.
             try:
-                await self._expire_paced("while the HA was down", *backlog)
+                await self._expire_paced(backlog)
             except Exception as exc:
                 self._expiry_outage.failed(cause(exc))
         while True:
@@ -1177,46 +1201,27 @@ class HaService:
             else:
                 self._expiry_outage.worked()
 
-    async def _expire_paced(
-        self,
-        when: str = "at once",
-        total: int = 0,
-        first: BindingChanged | None = None,
-    ) -> None:
+    async def _expire_paced(self, lines: _ExpiryLines | None = None) -> None:
         """The timer's expiry: rounds of at most EXPIRE_BATCH bindings, SAs
         and records, each committed, paced (core/pacing.py).  100,000 that
         ended together cost 4.2 s of ``HaCore.expire`` and a 3.2 s commit in
-        one call.  One round (the usual tick) is logged as ``expire_now``
-        does; more, one line each at DEBUG and one line in all.  ``total``
-        and ``first``: what the start expired already (its backlog)."""
+        one call.  ``lines``: the start's run, to go on with."""
+        run = lines if lines is not None else self._expiry_lines("at once")
 
         def round_() -> int:
-            nonlocal total, first
             now = time.time()
             events = self.core.expire(now, EXPIRE_BATCH)
             more = self.core.expiry_due(now)
-            if total == 0 and first is None and not more:
-                self._log_expired(events, when)
-            else:
-                for ev in events:
-                    self._log_binding(ev, logging.DEBUG)
-                if first is None and events:
-                    first = events[0]
-            total += len(events)
+            run.take(events, more)
             self._flush()
-            return 1 if more else 0
+            return int(more)
 
         await in_paced_batches(round_, 1)
-        if first is not None:
-            log.info(
-                "HA %s: %d bindings expired %s (the first: hoa=%s spi=%d; one line each at DEBUG)",
-                self.cfg.ha.id,
-                total,
-                when,
-                first.hoa,
-                first.spi,
-            )
+        run.close()
         self._after_expiry()
+
+    def _expiry_lines(self, when: str) -> _ExpiryLines:
+        return _ExpiryLines(self.cfg.ha.id, self._log_binding, when)
 
     def expire_now(self, *, store: bool = True) -> int:
         """Expire bindings and SAs now, all of them in one call; returns the
@@ -1226,7 +1231,9 @@ class HaService:
         loss can take with ``synchronous = "normal"`` (bindings.py).
         """
         events = self.core.expire(time.time())
-        self._log_expired(events, "at once")
+        lines = self._expiry_lines("at once")
+        lines.take(events, more=False)
+        lines.close()
         self._flush()
         self._after_expiry()
         if store:
