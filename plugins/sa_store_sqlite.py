@@ -1293,12 +1293,32 @@ class SQLiteSAStore:
                 view.discard(x.spi)
         return taken
 
-    def restore(self, taken: Iterable[Taken]) -> None:
+    def restore(self, taken: Iterable[Taken]) -> list[Taken]:
         """Undo ``add_superseding``'s retirement of ``taken`` (their HA refused
-        the SA that superseded them, and withdrew nothing): live again."""
+        the SA that superseded them, and withdrew nothing): live again --
+        unless their MN holds a live SA again.  Returns those left retired
+        for that reason (unconfirmed: the caller withdraws them).
+
+        Why the exception: HACs sharing the store race on one MN.  HAC B
+        stores SA X, retiring the MN's SA W; HAC A then stores SA Y, retiring
+        X, and has its HA withdraw X -- before B's install of X arrives, which
+        the HA refuses (X was withdrawn).  Putting W back then would leave the
+        MN two live SAs, Y and W, and W live on the HA for good: A never saw
+        W, B forgot it.  So W stays retired, and is withdrawn."""
         back: list[Taken] = []
+        kept: list[Taken] = []
         with self._tx() as c:
             for x in taken:
+                # The MN's rows as live_for_mn finds them (a seek in the
+                # NOCASE index, then the exact NAI the HAC stores); an
+                # expired one counts too: leaving W retired is the safe side.
+                newer = c.execute(
+                    "SELECT 1 FROM issued_sa WHERE mn_id = ? COLLATE NOCASE AND mn_id = ? LIMIT 1",
+                    (x.mn_id, x.mn_id),
+                ).fetchone()
+                if newer is not None:
+                    kept.append(x)
+                    continue
                 c.execute("DELETE FROM retired_sa WHERE spi = ? AND confirmed = 0", (x.spi,))
                 # Guarded like add: an SPI whose withdrawal was confirmed stays dead.
                 if c.execute(_INSERT, (*x.row, None, x.spi)).rowcount == 1:
@@ -1307,6 +1327,7 @@ class SQLiteSAStore:
         if view is not None:
             for x in back:
                 self._view_insert(view, x.row[:_N_HEAD])
+        return kept
 
     def confirm_retired_many(self, spis: Iterable[int]) -> None:
         """``confirm_retired`` of many SPIs in one statement (one commit)."""

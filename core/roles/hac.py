@@ -749,10 +749,12 @@ class HacService:
 
     def _restore(self, taken: list[Any], mn_id: str) -> bool:
         """``restore`` of SAs an install refused by its HA did not withdraw;
-        False when the store cannot write it now (the caller withdraws them)."""
+        False when the store cannot write it now (the caller withdraws them).
+        Those the store leaves retired (their MN holds a newer SA, issued by
+        another HAC sharing the store meanwhile) are withdrawn here."""
         try:
             with self._write_now():  # a held lock: withdrawn instead, as below
-                self.store.restore(taken)  # type: ignore[attr-defined]
+                kept = self.store.restore(taken)  # type: ignore[attr-defined]
         except Exception as exc:
             log.error(
                 "mn_id=%s: cannot put back %d superseded SA(s) (%s): withdrawn instead",
@@ -761,6 +763,13 @@ class HacService:
                 cause(exc),
             )
             return False
+        for x in kept or ():
+            log.info(
+                "mn_id=%s spi=%d: not put back, the MN holds a newer SA: withdrawn",
+                mn_id,
+                x.spi,
+            )
+            self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
         return True
 
     def withdraw_unrecorded(self, ha_id: str, spi: int, validity_end: datetime) -> None:
@@ -893,7 +902,15 @@ class HacService:
             # An in-process HA's refusal is the same to the MN as a network
             # HA's 400: not confirmed, 504 (PROFILE §9).
             if isinstance(exc, TimeoutError | ConnectionError | OSError | ProvisioningRefused):
-                failure = IssueFailure(TIMEOUT, f"ha-no-confirmation:{type(exc).__name__}")
+                # The operator's line says which: the HA refused (it answered;
+                # its own log says why), or it never confirmed.
+                status = getattr(exc, "status", None)
+                why = (
+                    f"ha-refused:{status if isinstance(status, int) else 'refused'}"
+                    if _refused(exc)
+                    else f"ha-no-confirmation:{type(exc).__name__}"
+                )
+                failure = IssueFailure(TIMEOUT, why)
                 failure.ha_id = ha.ha_id  # type: ignore[attr-defined]
                 failure.spi = spi  # type: ignore[attr-defined]
                 raise failure from None

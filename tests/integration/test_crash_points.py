@@ -340,20 +340,20 @@ def test_hac_killed_while_a_group_waits_for_the_write_lock(
         first.close()
 
 
-def _second_hac(lab: Lab) -> tuple[Lab, HacProcess]:
-    """A second HAC on the same SA store file (its own port, metrics port,
-    control socket and revocation list, by its config file's name), with a
-    1 s expiry interval: its sweeps are what the test waits for."""
+def _second_hac(lab: Lab, name: str = "hac-b") -> tuple[Lab, HacProcess]:
+    """Another HAC on the same SA store file (its own port, metrics port,
+    control socket and revocation list, by its config file's name ``name``),
+    with a 1 s expiry interval: its sweeps are what the test waits for."""
     text = Path(lab.info["hac"]["config"]).read_text()
     port = free_port()
-    for old, new in (
-        (f"port = {lab.hac_port}\n", f"port = {port}\n"),
-        ("[hac]\n", "[hac]\nexpiry_interval = 1.0\n"),
-    ):
+    edits = [(f"port = {lab.hac_port}\n", f"port = {port}\n")]
+    if "expiry_interval" not in text:
+        edits.append(("[hac]\n", "[hac]\nexpiry_interval = 1.0\n"))
+    for old, new in edits:
         assert old in text
         text = text.replace(old, new, 1)
     text = re.sub(r"(\[metrics\][^\[]*?port = )\d+", rf"\g<1>{free_port()}", text)
-    config = lab.dir / "hac-b.toml"
+    config = lab.dir / f"{name}.toml"
     config.write_text(text)
     other = Lab(
         lab.dir, {**lab.info, "hac": {**lab.info["hac"], "port": port, "config": str(config)}}

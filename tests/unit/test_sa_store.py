@@ -585,6 +585,28 @@ def test_restore_puts_a_superseded_sa_back(store: SQLiteSAStore) -> None:
     assert store.get(93, T0) is None
 
 
+def test_restore_leaves_retired_what_a_newer_sa_of_its_mn_replaced(tmp_path: Path) -> None:
+    """Two HACs on one store race on one MN: B stores X retiring W; A then
+    stores Y retiring X, and the HA refuses B's install of X (withdrawn
+    earlier).  B's restore must not put W back beside Y: W stays retired and
+    unconfirmed (B withdraws it), returned to B; Y alone is live."""
+    path = tmp_path / "shared.db"
+    store, other = SQLiteSAStore(path), SQLiteSAStore(path)  # HAC B's, HAC A's
+    w = issued(111, mn_id="a@x")
+    store.add(w, T0)
+    b_taken = store.add_superseding(issued(112, mn_id="a@x", hoa6=None), [111], "superseded", T0)
+    assert b_taken is not None and [x.spi for x in b_taken] == [111]
+    a_taken = other.add_superseding(issued(113, mn_id="a@x", hoa6=None), [112], "superseded", T0)
+    assert a_taken is not None and [x.spi for x in a_taken] == [112]
+    store.remove(112)  # B's take-back of its refused SA (already gone: a no-op)
+    kept = store.restore(b_taken)
+    assert [x.spi for x in kept] == [111]
+    assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [113]
+    assert sorted(r[0] for r in store.retired_unconfirmed(T0)) == [111, 112]
+    store.close()
+    other.close()
+
+
 def test_address_text_memo_by_identity_and_value() -> None:
     # The memo answers by identity first (the configuration's objects recur),
     # then by value; the same integer as IPv4 and IPv6 are different texts.

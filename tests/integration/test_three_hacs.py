@@ -1,0 +1,225 @@
+"""Three HAC processes on one SA store, one HA, MNs bootstrapping through
+any of them at once -- and one HAC SIGKILLed in the middle of it.
+
+What a deployment of several HACs behind one name meets: the same MN's
+bootstraps reach two HACs at the same moment (a retry, a second device with
+the same identity), new and returning MNs interleave, and a HAC dies with
+SAs stored but not yet answered and withdrawals not yet confirmed.  The
+HACs share nothing but the SQLite file.  Once the traffic stops and the two
+surviving HACs' sweeps have run, what must hold:
+
+* every bootstrap through a surviving HAC got a 200, or a 504 because the
+  MN's bootstrap on another HAC superseded its SA before the HA installed
+  it (the HA refuses an SA it withdrew) -- and then the MN's older SA is
+  not put back beside the newer one;
+* no SPI was ever handed out twice, and no home address is held by two MNs;
+* each MN holds at most one live SA, and every live SA is one an MN was
+  answered 200 with (what the dead HAC stored without answering was taken
+  back by the others);
+* the HA holds exactly the live SAs -- every withdrawal owed, the dead
+  HAC's included, confirmed -- and each live SA registers (BA status 0);
+* no HAC logged a traceback.
+
+Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
+the independent raw MN (tests/integration/rawmn.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import Lab, edit_toml
+from rawha import RawSA, binding_update, parse_ba
+from rawmn import RawMN, psk_bootstrap
+from test_crash_points import (
+    HacProcess,
+    _second_hac,
+    held_by_ha,
+    live_on_hac,
+    query,
+    unconfirmed,
+    wait_for,
+)
+from test_ha_restart_replay import SUITE, HaProcess, udp
+
+MNS = 12
+ROUNDS = 8  # bootstraps per MN and HAC pair: each round, through two HACs at once
+SETTLE = 45.0  # the survivors' sweeps: issuing bound (1 s provisioning + slack) and retries
+
+
+@dataclass(frozen=True)
+class Answer:
+    mn_id: str
+    hac: int
+    status: str | None  # None: no final response (connection refused or cut)
+    spi: int | None = None
+    hoa: str | None = None
+    sa: RawSA | None = None
+    haa: str | None = None
+    ha_port: int | None = None
+
+
+def bootstrap(lab: Lab, hac: int, mn_id: str, psk: bytes) -> Answer:
+    raw: RawMN | None = None
+    try:
+        raw = RawMN("127.0.0.1", lab.hac_port, lab.info["ca"], "hac.mipsec.test")
+        _, final = psk_bootstrap(raw, mn_id, psk, suites=SUITE)
+    except (ConnectionError, EOFError, OSError, ValueError):
+        return Answer(mn_id, hac, None)
+    finally:
+        if raw is not None:
+            raw.close()
+    h = final.headers
+    if h.get("status-code") != "200":
+        return Answer(mn_id, hac, h.get("status-code"))
+    sa = RawSA(
+        SUITE,
+        int(h["mip6-spi"]),
+        bytes.fromhex(h["mip6-mn-to-ha-ikey"]),
+        bytes.fromhex(h["mip6-mn-to-ha-ekey"]),
+        bytes.fromhex(h["mip6-ha-to-mn-ikey"]),
+        bytes.fromhex(h["mip6-ha-to-mn-ekey"]),
+    )
+    return Answer(
+        mn_id,
+        hac,
+        "200",
+        int(h["mip6-spi"]),
+        str(ipaddress.ip_address(h["mip6-ip6-hoa"])),
+        sa,
+        h["mip6-haa-ip6"],
+        int(h["mip6-port"]),
+    )
+
+
+def registers(a: Answer, seq: int) -> int:
+    """The BA status of one protected BU under ``a``'s SA (checked as an MN does)."""
+    assert a.sa is not None and a.hoa is not None and a.haa is not None
+    sock = udp()
+    try:
+        sock.settimeout(5.0)
+        sock.sendto(a.sa.protect(binding_update(seq, 25, a.hoa, a.haa)), ("127.0.0.1", a.ha_port))
+        pkt, _ = sock.recvfrom(2048)
+        _, nh, mh = a.sa.unprotect(pkt)
+        assert nh == 135
+        return int(parse_ba(mh)["status"])
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def three(lab: Lab) -> Iterator[tuple[list[Lab], list[HacProcess], HaProcess]]:
+    # Every HAC: a short provisioning deadline and a 1 s expiry interval, so
+    # the sweeps that take back a dead HAC's unanswered SAs and adopt its
+    # owed withdrawals run within the test.
+    edit_toml(
+        Path(lab.info["hac"]["config"]),
+        "[hac]\n",
+        "[hac]\nprovisioning_timeout = 1.0\nexpiry_interval = 1.0\n",
+    )
+    with Path(lab.dir / "credentials.toml").open("a") as f:
+        for i in range(MNS):
+            f.write(f'\n[[mn]]\nmn_id = "mn{i}@mipsec.test"\npsk_hex = "{psk_of(i).hex()}"\n')
+    labs, hacs = [lab], [HacProcess(lab)]
+    for name in ("hac-b", "hac-c"):
+        other, proc = _second_hac(lab, name)
+        labs.append(other)
+        hacs.append(proc)
+    ha = HaProcess(lab)
+    try:
+        ha.start()
+        for proc in hacs:
+            proc.start()
+        yield labs, hacs, ha
+    finally:
+        for proc in hacs:
+            proc.close()
+        ha.close()
+
+
+def psk_of(i: int) -> bytes:
+    return bytes([i + 1]) * 32
+
+
+def test_three_hacs_one_store_one_killed_mid_traffic(
+    three: tuple[list[Lab], list[HacProcess], HaProcess],
+) -> None:
+    labs, hacs, _ha = three
+    lab = labs[0]
+    rng = random.Random(6618)
+    # Each MN, each round: two bootstraps at once, through two different HACs.
+    jobs = [
+        (hac, i) for _round in range(ROUNDS) for i in range(MNS) for hac in rng.sample(range(3), 2)
+    ]
+    rng.shuffle(jobs)
+    answers: list[Answer] = []
+    lock = threading.Lock()
+    done = threading.Semaphore(0)
+
+    def run(job: tuple[int, int]) -> None:
+        hac, i = job
+        a = bootstrap(labs[hac], hac, f"mn{i}@mipsec.test", psk_of(i))
+        with lock:
+            answers.append(a)
+        done.release()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for job in jobs:
+            pool.submit(run, job)
+        # A third of the way in, HAC C dies: no cleanup, mid-exchange.
+        for _ in range(len(jobs) // 3):
+            done.acquire(timeout=120)
+        proc = hacs[2].proc
+        assert proc is not None
+        proc.kill()
+        hacs[2].wait_killed()
+    assert len(answers) == len(jobs)
+
+    ok = [a for a in answers if a.status == "200"]
+    # Through A and B every bootstrap got a 200, or lost its MN's race: its
+    # SA was superseded by the MN's bootstrap on another HAC, whose HA
+    # withdrew it before this install arrived -- the HA refuses it, 504,
+    # and the HAC's one line says the HA refused.
+    lost = [a for a in answers if a.hac != 2 and a.status != "200"]
+    assert all(a.status == "504" for a in lost), [(a.mn_id, a.hac, a.status) for a in lost]
+    for a in lost:
+        text = (lab.dir / f"{('hac', 'hac-b')[a.hac]}-run1.log").read_text()
+        assert f"mn_id={a.mn_id} " in text and "status=504 reason=ha-refused:400" in text
+    assert len(lost) < len(jobs) // 4
+    assert any(a.hac == 2 for a in ok)  # C served before it died
+    spis = [a.spi for a in ok]
+    assert len(set(spis)) == len(spis), "an SPI handed out twice"
+
+    # The survivors take back what C stored but never answered and finish
+    # every withdrawal owed (C's own included).
+    answered = {a.spi for a in ok}
+
+    def settled() -> bool:
+        live = live_on_hac(lab)
+        return unconfirmed(lab) == [] and set(live) <= answered and held_by_ha(lab) == live
+
+    wait_for("the store settled: nothing unanswered live, nothing owed", settled, timeout=SETTLE)
+    rows = query(lab.dir / "hac-sa.sqlite", "SELECT spi, mn_id, ip6_hoa FROM issued_sa")
+    per_mn: dict[str, list[int]] = {}
+    for spi, mn_id, _hoa in rows:
+        per_mn.setdefault(str(mn_id), []).append(int(spi))  # type: ignore[call-overload]
+    assert all(len(v) == 1 for v in per_mn.values()), per_mn
+    hoas = [str(r[2]) for r in rows]
+    assert len(set(hoas)) == len(hoas), "a home address held by two MNs"
+    assert rows, "no MN holds an SA"
+    # Each live SA works at the HA, under the keys its MN was answered with.
+    by_spi = {a.spi: a for a in ok}
+    for seq, (spi, _mn_id, _hoa) in enumerate(rows, start=10):
+        assert registers(by_spi[int(spi)], seq) == 0  # type: ignore[call-overload]
+    for proc in hacs:
+        assert proc.runs == 1
+    for name in ("hac", "hac-b", "hac-c"):
+        text = (lab.dir / f"{name}-run1.log").read_text()
+        assert "Traceback" not in text, name
