@@ -906,7 +906,7 @@ class HacService:
                 # its own log says why), or it never confirmed.
                 status = getattr(exc, "status", None)
                 why = (
-                    f"ha-refused:{status if isinstance(status, int) else 'refused'}"
+                    (f"ha-refused:{status}" if isinstance(status, int) else "ha-refused")
                     if _refused(exc)
                     else f"ha-no-confirmation:{type(exc).__name__}"
                 )
@@ -1106,8 +1106,12 @@ class HacService:
         self._take_back(spi, mn_id, "provisioning-failed")
         if stored.taken is not None:
             # The older SAs are live again -- unless the store cannot write
-            # that now; then they are withdrawn as below.
-            if not (refused and self._restore(stored.taken, mn_id)):
+            # that now, or the MN was revoked meanwhile (by another HAC
+            # sharing the list: its revoke found the new SA live, not these,
+            # so only this HAC can withdraw them); then they are withdrawn.
+            if not (
+                refused and mn_id not in self.revocations and self._restore(stored.taken, mn_id)
+            ):
                 # No answer, or a 5xx (outcome unknown): the HA may have
                 # withdrawn them.  They stay retired, and are withdrawn
                 # until the HA confirms.

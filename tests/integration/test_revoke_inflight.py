@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_hac_lifecycle import (  # noqa: F401  (pki: a fixture)
@@ -25,10 +27,13 @@ from test_hac_lifecycle import (  # noqa: F401  (pki: a fixture)
     run,
 )
 
+from mipsec.core.hookspecs import PluginContext
 from mipsec.core.mn_exchange import Finished
+from mipsec.core.model import HomeAgentInfo, IssuedSA
 from mipsec.core.pki import PkiPaths
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.hac_ops import HacOps
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
 
 
 def test_revoke_during_issue_leaves_nothing_live(tmp_path: Path, pki: PkiPaths) -> None:  # noqa: F811
@@ -137,3 +142,74 @@ def test_revoked_by_another_hac_while_issuing_gets_401_and_nothing_stays(
     assert status == 401
     assert "reason=revoked" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+class SlowSuperseding(SlowLocal):
+    """``SlowLocal`` with the supersede-with-the-install step (as the TLS
+    transport has it): the install of a re-bootstrap's SA, and the withdrawal
+    of the SA it supersedes, after ``delay``."""
+
+    name = "slow-superseding"
+
+    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> SlowSuperseding:
+        return self
+
+    async def provision_superseding(
+        self, ha: HomeAgentInfo, issued: IssuedSA, withdraw: tuple[int, ...], timeout: float
+    ) -> tuple[int, ...]:
+        await asyncio.sleep(self.delay)
+        return await self.inner.provision_superseding(ha, issued, withdraw, timeout)
+
+
+def test_an_sa_superseded_by_a_refused_install_is_not_put_back_for_a_revoked_mn(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+) -> None:
+    """Two HACs share one store and one revocation list.  The MN holds SA W.
+    Its re-bootstrap on this HAC stores X, retiring W; while X's install is
+    on its way, the other HAC revokes the MN: it writes the list, finds X
+    (W is retired already), retires X and has the HA withdraw it.  The HA
+    then refuses X's install (an SPI it withdrew) -- and withdrew nothing,
+    W included.  This HAC must not put W back (it used to: the HA had
+    refused X): the MN is revoked, and no HAC would ever withdraw W.  W
+    stays retired and is withdrawn; nothing of the MN stays live."""
+    data = hac_data(tmp_path, pki)
+    ha_cfg = hac_config(data, tmp_path).local_ha
+    del data["local_ha"]
+    data["ha"][0]["transport"] = "slow-superseding"
+    data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "sa.db")}
+    shared = tmp_path / "revoked.json"
+    data["revocations"] = {"path": str(shared)}
+    slow = SlowSuperseding(0.0)
+
+    async def main() -> tuple[int | None, int, int]:
+        async with Stack(hac_config(data, tmp_path), [slow], ha_cfg=ha_cfg) as st:
+            hac, ha = st.hac, st.ha
+            assert hac is not None and ha is not None
+            first = await bootstrap(mn_config(pki, st.port))
+            assert first.ok and first.issued is not None
+            w = first.issued.sa.spi
+            slow.delay = 0.5
+            reader, writer, exch = await done_request(st, pki)
+            await asyncio.sleep(0.2)  # X is stored, W retired; X's install waits
+            other_store = SQLiteSAStore(tmp_path / "sa.db")  # the other HAC's connection
+            try:
+                now = datetime.now(UTC)
+                x = [s.sa.spi for s in other_store.live_for_mn(MN_ID, now)]
+                assert len(x) == 1 and x[0] != w
+                # The other HAC's revoke: the list first, then the MN's live SAs.
+                assert RevocationList(shared).add(MN_ID)
+                assert other_store.retire(x[0], "revoked") is not None
+            finally:
+                other_store.close()
+            await slow.inner.withdraw(hac.has[0], x[0], 1.0)
+            got = await asyncio.wait_for(reader.read(65540), 5)
+            writer.close()
+            finished = [e for e in exch.receive_data(got) if isinstance(e, Finished)]
+            assert await eventually(lambda: not ha.core.has_spi(w))
+            live = hac.store.live(datetime.now(UTC))
+            return (finished[0].result.status if finished else None), len(live), w
+
+    status, live, w = run(main())
+    assert status == 504  # the HA refused X
+    assert live == 0
