@@ -1293,22 +1293,29 @@ class SQLiteSAStore:
                 view.discard(x.spi)
         return taken
 
-    def restore(self, taken: Iterable[Taken]) -> list[Taken]:
+    def restore(self, taken: Iterable[Taken], now: datetime | None = None) -> list[Taken]:
         """Undo ``add_superseding``'s retirement of ``taken`` (their HA refused
         the SA that superseded them, and withdrew nothing): live again --
-        unless their MN holds a live SA again.  Returns those left retired
-        for that reason (unconfirmed: the caller withdraws them).
+        unless their MN holds a live SA again, or another MN now holds one
+        of their home addresses.  Returns those left retired for either
+        reason (unconfirmed: the caller withdraws them).
 
         Why the exception: HACs sharing the store race on one MN.  HAC B
         stores SA X, retiring the MN's SA W; HAC A then stores SA Y, retiring
         X, and has its HA withdraw X -- before B's install of X arrives, which
         the HA refuses (X was withdrawn).  Putting W back then would leave the
         MN two live SAs, Y and W, and W live on the HA for good: A never saw
-        W, B forgot it.  So W stays retired, and is withdrawn."""
+        W, B forgot it.  So W stays retired, and is withdrawn.  Likewise once
+        W's home address was free (W retired, X taken back) and a HAC gave
+        it to another MN: W back would make two MNs hold one address."""
         back: list[Taken] = []
         kept: list[Taken] = []
+        at = self._clock() if now is None else now
         with self._tx() as c:
             for x in taken:
+                if self._hoa_taken(c, x.row, at):
+                    kept.append(x)
+                    continue
                 # The MN's rows as live_for_mn finds them (a seek in the
                 # NOCASE index, then the exact NAI the HAC stores); an
                 # expired one counts too: leaving W retired is the safe side.
@@ -1328,6 +1335,26 @@ class SQLiteSAStore:
             for x in back:
                 self._view_insert(view, x.row[:_N_HEAD])
         return kept
+
+    def _hoa_taken(self, c: sqlite3.Connection, row: tuple[Any, ...], now: datetime) -> bool:
+        """Whether a live SA of another MN holds one of ``row``'s home
+        addresses: the live view's table (O(1), followed to the file's last
+        commit: this runs under the write lock), else one look in SQL."""
+        mn_id = row[_MN_ID]
+        hoas = [h for h in (row[_IP6_HOA], row[_IP4_HOA]) if h is not None]
+        if not hoas:
+            return False
+        view = self._live_view(now)
+        if view is not None:
+            table = view.hoa_table()
+            return any(table.get(h, mn_id) != mn_id for h in hoas)
+        marks = ", ".join("?" for _ in hoas)
+        found = c.execute(
+            "SELECT 1 FROM issued_sa WHERE validity_end > ? AND mn_id != ? "  # noqa: S608
+            f"AND (ip6_hoa IN ({marks}) OR ip4_hoa IN ({marks})) LIMIT 1",
+            (_timestamp(now, "now"), mn_id, *hoas, *hoas),
+        ).fetchone()
+        return found is not None
 
     def confirm_retired_many(self, spis: Iterable[int]) -> None:
         """``confirm_retired`` of many SPIs in one statement (one commit)."""

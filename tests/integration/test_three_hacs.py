@@ -18,6 +18,8 @@ surviving HACs' sweeps have run, what must hold:
   back by the others);
 * the HA holds exactly the live SAs -- every withdrawal owed, the dead
   HAC's included, confirmed -- and each live SA registers (BA status 0);
+* an MN revoked on one HAC mid-traffic holds nothing live anywhere, and
+  the other HACs (sharing the list) refuse it;
 * no HAC logged a traceback.
 
 Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
@@ -49,8 +51,12 @@ from test_crash_points import (
 )
 from test_ha_restart_replay import SUITE, HaProcess, udp
 
+from mipsec.core.control import Request, request
+from mipsec.core.ctlcli import locate
+
 MNS = 12
-ROUNDS = 8  # bootstraps per MN and HAC pair: each round, through two HACs at once
+REVOKED = "mn0@mipsec.test"  # revoked on one HAC in the middle of the traffic
+ROUNDS = 12  # bootstraps per MN and HAC pair: each round, through two HACs at once
 SETTLE = 45.0  # the survivors' sweeps: issuing bound (1 s provisioning + slack) and retries
 
 
@@ -119,11 +125,11 @@ def three(lab: Lab) -> Iterator[tuple[list[Lab], list[HacProcess], HaProcess]]:
     # Every HAC: a short provisioning deadline and a 1 s expiry interval, so
     # the sweeps that take back a dead HAC's unanswered SAs and adopt its
     # owed withdrawals run within the test.
-    edit_toml(
-        Path(lab.info["hac"]["config"]),
-        "[hac]\n",
-        "[hac]\nprovisioning_timeout = 1.0\nexpiry_interval = 1.0\n",
-    )
+    config = Path(lab.info["hac"]["config"])
+    edit_toml(config, "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\nexpiry_interval = 1.0\n")
+    # One revocation list for the three (as one store).
+    shared = lab.dir / "shared-revoked.json"
+    config.write_text(config.read_text() + f'\n[revocations]\npath = "{shared}"\n')
     with Path(lab.dir / "credentials.toml").open("a") as f:
         for i in range(MNS):
             f.write(f'\n[[mn]]\nmn_id = "mn{i}@mipsec.test"\npsk_hex = "{psk_of(i).hex()}"\n')
@@ -170,6 +176,9 @@ def test_three_hacs_one_store_one_killed_mid_traffic(
             answers.append(a)
         done.release()
 
+    # What ``mipsec revoke`` does, without its process start (the traffic
+    # would be over by then): one request on A's control socket.
+    _role, control = locate(lab.info["hac"]["config"])
     with ThreadPoolExecutor(max_workers=16) as pool:
         for job in jobs:
             pool.submit(run, job)
@@ -180,20 +189,30 @@ def test_three_hacs_one_store_one_killed_mid_traffic(
         assert proc is not None
         proc.kill()
         hacs[2].wait_killed()
+        # Right after, REVOKED is revoked on A, its bootstraps still under
+        # way on A and B.
+        resp = request(control, Request("revoke", {"mn_id": REVOKED}))
+        assert resp.get("ok"), resp
+        with lock:
+            by_then = len(answers)
     assert len(answers) == len(jobs)
+    assert by_then < len(jobs) * 3 // 4  # the revoke landed in the traffic
 
     ok = [a for a in answers if a.status == "200"]
     # Through A and B every bootstrap got a 200, or lost its MN's race: its
     # SA was superseded by the MN's bootstrap on another HAC, whose HA
     # withdrew it before this install arrived -- the HA refuses it, 504,
     # and the HAC's one line says the HA refused.
-    lost = [a for a in answers if a.hac != 2 and a.status != "200"]
+    lost = [a for a in answers if a.hac != 2 and a.status != "200" and a.mn_id != REVOKED]
     assert all(a.status == "504" for a in lost), [(a.mn_id, a.hac, a.status) for a in lost]
     for a in lost:
         text = (lab.dir / f"{('hac', 'hac-b')[a.hac]}-run1.log").read_text()
         assert f"mn_id={a.mn_id} " in text and "status=504 reason=ha-refused:400" in text
     assert len(lost) < len(jobs) // 4
     assert any(a.hac == 2 for a in ok)  # C served before it died
+    # REVOKED: 200s before, 401 after (504 if it lost a race, as above).
+    revoked = [a.status for a in answers if a.hac != 2 and a.mn_id == REVOKED]
+    assert set(revoked) <= {"200", "401", "504"} and "401" in revoked, revoked
     spis = [a.spi for a in ok]
     assert len(set(spis)) == len(spis), "an SPI handed out twice"
 
@@ -211,13 +230,16 @@ def test_three_hacs_one_store_one_killed_mid_traffic(
     for spi, mn_id, _hoa in rows:
         per_mn.setdefault(str(mn_id), []).append(int(spi))  # type: ignore[call-overload]
     assert all(len(v) == 1 for v in per_mn.values()), per_mn
+    assert REVOKED not in per_mn  # revoked: nothing of it live, on the HACs or the HA
     hoas = [str(r[2]) for r in rows]
-    assert len(set(hoas)) == len(hoas), "a home address held by two MNs"
+    assert len(set(hoas)) == len(hoas), ("a home address held by two MNs", rows)
     assert rows, "no MN holds an SA"
     # Each live SA works at the HA, under the keys its MN was answered with.
     by_spi = {a.spi: a for a in ok}
     for seq, (spi, _mn_id, _hoa) in enumerate(rows, start=10):
         assert registers(by_spi[int(spi)], seq) == 0  # type: ignore[call-overload]
+    for k in (0, 1):  # and both survivors refuse it
+        assert bootstrap(labs[k], k, REVOKED, psk_of(0)).status == "401"
     for proc in hacs:
         assert proc.runs == 1
     for name in ("hac", "hac-b", "hac-c"):

@@ -567,21 +567,20 @@ def test_add_superseding_of_a_held_spi_changes_nothing(store: SQLiteSAStore) -> 
 def test_restore_puts_a_superseded_sa_back(store: SQLiteSAStore) -> None:
     """The HA refused the successor (and withdrew nothing): the older SA is
     live again, keys intact; an SPI whose withdrawal was confirmed is not."""
-    old, other = issued(91, mn_id="a@x"), issued(93, mn_id="c@x")
+    old, other = issued(91, mn_id="a@x"), issued(93, mn_id="c@x", hoa6="2001:db8:1::11")
     store.add(old, T0)
     store.add(other, T0)
-    assert store.hoas_in_use(T0) == {"2001:db8:1::10": "c@x"}  # both share the test HoA
     taken = store.add_superseding(issued(92, mn_id="a@x", hoa6=None), [91], "superseded", T0)
     assert taken is not None
     store.remove(92)  # what the HAC's rollback of the refused SA does (via retire)
-    store.restore(taken)
+    assert store.restore(taken, T0) == []
     assert store.get(91, T0) == old
     assert store.retired_unconfirmed(T0) == []
     assert store.count_by_ha(T0) == {"ha1": 2}
     gone = store.add_superseding(issued(94, mn_id="c@x", hoa6=None), [93], "superseded", T0)
     assert gone is not None
     store.confirm_retired_many([93])
-    store.restore(gone)  # confirmed withdrawn: dead for good
+    store.restore(gone, T0)  # confirmed withdrawn: dead for good
     assert store.get(93, T0) is None
 
 
@@ -599,10 +598,39 @@ def test_restore_leaves_retired_what_a_newer_sa_of_its_mn_replaced(tmp_path: Pat
     a_taken = other.add_superseding(issued(113, mn_id="a@x", hoa6=None), [112], "superseded", T0)
     assert a_taken is not None and [x.spi for x in a_taken] == [112]
     store.remove(112)  # B's take-back of its refused SA (already gone: a no-op)
-    kept = store.restore(b_taken)
+    kept = store.restore(b_taken, T0)
     assert [x.spi for x in kept] == [111]
     assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [113]
     assert sorted(r[0] for r in store.retired_unconfirmed(T0)) == [111, 112]
+    store.close()
+    other.close()
+
+
+@pytest.mark.parametrize("view", [True, False])
+def test_restore_leaves_retired_an_sa_whose_home_address_another_mn_took(
+    tmp_path: Path, view: bool
+) -> None:
+    """HAC B stores X for MN a, retiring W (home address h); X's install is
+    refused and X taken back, so h is free -- and HAC A gives h to MN b.
+    B's restore of W must not make a and b both hold h: W stays retired,
+    returned.  With B's live view (the HAC's case) and without (SQL)."""
+    path = tmp_path / "shared.db"
+    store, other = SQLiteSAStore(path), SQLiteSAStore(path)  # HAC B's, HAC A's
+    h = "2001:db8:1::20"
+    store.add(issued(121, mn_id="a@x", hoa6=h), T0)
+    taken = store.add_superseding(issued(122, mn_id="a@x", hoa6=h), [121], "superseded", T0)
+    assert taken is not None
+    store.remove(122)
+    if view:
+        store.hoas_in_use(T0)  # builds B's view before A's commit: it must follow it
+    assert other.add(issued(123, mn_id="b@x", hoa6=h), T0)
+    if not view:
+        store._live_view = lambda now: None  # type: ignore[method-assign]  # SQL answers
+    kept = store.restore(taken, T0)
+    assert [x.spi for x in kept] == [121]
+    assert store.hoas_in_use(T0) == {h: "b@x"}
+    assert store.live_for_mn("a@x", T0) == []
+    assert [r[0] for r in store.retired_unconfirmed(T0)] == [121]
     store.close()
     other.close()
 
@@ -639,7 +667,7 @@ def test_sas_stored_by_a_tracking_hac_are_pending_until_delivered(store: SQLiteS
     assert store.undelivered(later) == [102]
     # A restored SA was delivered long ago: never pending.
     store.remove(103)
-    store.restore(taken)
+    store.restore(taken, T0)
     assert store.undelivered(later) == [102]
     store.retire(102, "undelivered")
     assert store.undelivered(later) == []
