@@ -819,3 +819,66 @@ def test_ha_killed_during_its_start_loses_no_replay_fact(
     status, next_ba_seq = _bu_answer(raw, hoa, 21, 25, port)
     assert status == 0
     assert next_ba_seq > ba_seq  # the HA's out-mark survived: no ESP sequence reused
+
+
+@pytest.mark.parametrize(
+    ("target", "committed"),
+    [
+        # Inside the first batch's transaction (expire_now holds it around
+        # the store's expire_some): rolled back, all 1,200 still stored.
+        ("mipsec.plugins.sa_store_sqlite:SQLiteSAStore.expire_some", False),
+        # Right after it committed: that batch gone for good.
+        ("mipsec.core.roles.hac:HacService.expire_now", True),
+    ],
+)
+def test_hac_killed_between_two_expiry_batches(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess, target: str, committed: bool
+) -> None:
+    """1,200 SAs ended together; the HAC's expiry timer takes them out in
+    batches of EXPIRE_BATCH (500), one transaction each, and the HAC is
+    SIGKILLed inside the first batch or right after it.  The batch is gone
+    whole or not at all; the restarted HAC serves at once (its view holds
+    only live SAs) and its expiry timer takes out the rest; nothing else is
+    touched: the MN registered before the crash keeps its SA and registers
+    again."""
+    from mipsec.core.roles.hac import EXPIRE_BATCH
+    from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
+
+    n = 1200
+    assert n > 2 * EXPIRE_BATCH
+    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
+    start = datetime.now(UTC)
+    sas = [
+        IssuedSA(
+            new_sa(
+                spi=0x100000 + i,
+                mn_id=f"gone{i}@mipsec.test",
+                suite=Suite.AES_128_CBC_SHA256,
+                scope=1,
+                lifetime=2,
+                now=start,
+                ha_id="ha1",
+            ),
+            BootstrapData(ip6_hoa=IPv6Address(0x2001_0DB8_0001 << 80 | 0x100 + i)),
+        )
+        for i in range(n)
+    ]
+    with SQLiteSAStore(lab.dir / "hac-sa.sqlite", key_file=lab.dir / "hac-sa.key") as store:
+        assert store.add_bulk(sas) == n
+    # All 1,200 have ended when the HAC starts: its first expiry run (1 s
+    # after the start) takes its first full batch, and dies.
+    time.sleep(max(0.0, (sas[0].sa.validity_end - datetime.now(UTC)).total_seconds()) + 0.2)
+    ha_proc.start()
+    hac.start([*CRASHPOINT, target, "1+", "--"])
+    first = Mn(lab)  # a live SA of its own, beside the 1,200 about to end
+    try:
+        assert first.register(first.bu(10))["status"] == 0
+        hac.wait_killed()  # the first expiry run, right after its first batch
+        assert len(live_on_hac(lab)) == n + 1 - (EXPIRE_BATCH if committed else 0)
+        hac.start()
+        assert first.register(first.bu(11))["status"] == 0
+        wait_for("the rest expired", lambda: live_on_hac(lab) == [first.spi])
+        assert final_status(lab) == "200"
+        assert "Traceback" not in hac.log_text()
+    finally:
+        first.close()
