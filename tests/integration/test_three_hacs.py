@@ -1,5 +1,5 @@
 """Three HAC processes on one SA store, one HA, MNs bootstrapping through
-any of them at once -- and one HAC SIGKILLed in the middle of it.
+any of them at once -- and one HAC, or the HA, SIGKILLed in the middle of it.
 
 What a deployment of several HACs behind one name meets: the same MN's
 bootstraps reach two HACs at the same moment (a retry, a second device with
@@ -22,6 +22,9 @@ surviving HACs' sweeps have run, what must hold:
   the other HACs (sharing the list) refuse it;
 * no HAC logged a traceback.
 
+With the HA killed and started again instead, the same facts hold once
+settled (no SA it was told to withdraw comes back with its restart).
+
 Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
 the independent raw MN (tests/integration/rawmn.py).
 """
@@ -31,7 +34,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,13 +157,12 @@ def psk_of(i: int) -> bytes:
     return bytes([i + 1]) * 32
 
 
-def test_three_hacs_one_store_one_killed_mid_traffic(
-    three: tuple[list[Lab], list[HacProcess], HaProcess],
-) -> None:
-    labs, hacs, _ha = three
-    lab = labs[0]
+def traffic(labs: list[Lab], at_a_third: Callable[[], None]) -> tuple[list[Answer], int]:
+    """Every MN, ROUNDS times, bootstraps through two HACs at once (288
+    bootstraps from 16 threads, in a shuffled order); ``at_a_third`` runs
+    once a third of them are answered, while the rest go on.  Returns the
+    answers and how many were in when ``at_a_third`` returned."""
     rng = random.Random(6618)
-    # Each MN, each round: two bootstraps at once, through two different HACs.
     jobs = [
         (hac, i) for _round in range(ROUNDS) for i in range(MNS) for hac in rng.sample(range(3), 2)
     ]
@@ -176,48 +178,25 @@ def test_three_hacs_one_store_one_killed_mid_traffic(
             answers.append(a)
         done.release()
 
-    # What ``mipsec revoke`` does, without its process start (the traffic
-    # would be over by then): one request on A's control socket.
-    _role, control = locate(lab.info["hac"]["config"])
     with ThreadPoolExecutor(max_workers=16) as pool:
         for job in jobs:
             pool.submit(run, job)
-        # A third of the way in, HAC C dies: no cleanup, mid-exchange.
         for _ in range(len(jobs) // 3):
-            done.acquire(timeout=120)
-        proc = hacs[2].proc
-        assert proc is not None
-        proc.kill()
-        hacs[2].wait_killed()
-        # Right after, REVOKED is revoked on A, its bootstraps still under
-        # way on A and B.
-        resp = request(control, Request("revoke", {"mn_id": REVOKED}))
-        assert resp.get("ok"), resp
+            assert done.acquire(timeout=120)
+        at_a_third()
         with lock:
             by_then = len(answers)
     assert len(answers) == len(jobs)
-    assert by_then < len(jobs) * 3 // 4  # the revoke landed in the traffic
-
-    ok = [a for a in answers if a.status == "200"]
-    # Through A and B every bootstrap got a 200, or lost its MN's race: its
-    # SA was superseded by the MN's bootstrap on another HAC, whose HA
-    # withdrew it before this install arrived -- the HA refuses it, 504,
-    # and the HAC's one line says the HA refused.
-    lost = [a for a in answers if a.hac != 2 and a.status != "200" and a.mn_id != REVOKED]
-    assert all(a.status == "504" for a in lost), [(a.mn_id, a.hac, a.status) for a in lost]
-    for a in lost:
-        text = (lab.dir / f"{('hac', 'hac-b')[a.hac]}-run1.log").read_text()
-        assert f"mn_id={a.mn_id} " in text and "status=504 reason=ha-refused:400" in text
-    assert len(lost) < len(jobs) // 4
-    assert any(a.hac == 2 for a in ok)  # C served before it died
-    # REVOKED: 200s before, 401 after (504 if it lost a race, as above).
-    revoked = [a.status for a in answers if a.hac != 2 and a.mn_id == REVOKED]
-    assert set(revoked) <= {"200", "401", "504"} and "401" in revoked, revoked
-    spis = [a.spi for a in ok]
+    assert by_then < len(jobs) * 3 // 4  # it landed in the traffic
+    spis = [a.spi for a in answers if a.status == "200"]
     assert len(set(spis)) == len(spis), "an SPI handed out twice"
+    return answers, by_then
 
-    # The survivors take back what C stored but never answered and finish
-    # every withdrawal owed (C's own included).
+
+def settled_rows(lab: Lab, answers: list[Answer]) -> list[tuple[object, ...]]:
+    """Wait until nothing unanswered is live and nothing is owed, then check
+    the store and the HA; the live rows (spi, mn_id, ip6_hoa)."""
+    ok = [a for a in answers if a.status == "200"]
     answered = {a.spi for a in ok}
 
     def settled() -> bool:
@@ -230,7 +209,6 @@ def test_three_hacs_one_store_one_killed_mid_traffic(
     for spi, mn_id, _hoa in rows:
         per_mn.setdefault(str(mn_id), []).append(int(spi))  # type: ignore[call-overload]
     assert all(len(v) == 1 for v in per_mn.values()), per_mn
-    assert REVOKED not in per_mn  # revoked: nothing of it live, on the HACs or the HA
     hoas = [str(r[2]) for r in rows]
     assert len(set(hoas)) == len(hoas), ("a home address held by two MNs", rows)
     assert rows, "no MN holds an SA"
@@ -238,10 +216,83 @@ def test_three_hacs_one_store_one_killed_mid_traffic(
     by_spi = {a.spi: a for a in ok}
     for seq, (spi, _mn_id, _hoa) in enumerate(rows, start=10):
         assert registers(by_spi[int(spi)], seq) == 0  # type: ignore[call-overload]
+    return rows
+
+
+def no_traceback(lab: Lab, *logs: str) -> None:
+    for name in logs:
+        text = (lab.dir / name).read_text()
+        assert "Traceback" not in text, name
+
+
+def test_three_hacs_one_store_one_killed_mid_traffic(
+    three: tuple[list[Lab], list[HacProcess], HaProcess],
+) -> None:
+    labs, hacs, _ha = three
+    lab = labs[0]
+    # What ``mipsec revoke`` does, without its process start (the traffic
+    # would be over by then): one request on A's control socket.
+    _role, control = locate(lab.info["hac"]["config"])
+
+    def kill_c_then_revoke() -> None:
+        # HAC C dies: no cleanup, mid-exchange.  Right after, REVOKED is
+        # revoked on A, its bootstraps still under way on A and B.
+        proc = hacs[2].proc
+        assert proc is not None
+        proc.kill()
+        hacs[2].wait_killed()
+        resp = request(control, Request("revoke", {"mn_id": REVOKED}))
+        assert resp.get("ok"), resp
+
+    answers, _ = traffic(labs, kill_c_then_revoke)
+    ok = [a for a in answers if a.status == "200"]
+    # Through A and B every bootstrap got a 200, or lost its MN's race: its
+    # SA was superseded by the MN's bootstrap on another HAC, whose HA
+    # withdrew it before this install arrived -- the HA refuses it, 504,
+    # and the HAC's one line says the HA refused.
+    lost = [a for a in answers if a.hac != 2 and a.status != "200" and a.mn_id != REVOKED]
+    assert all(a.status == "504" for a in lost), [(a.mn_id, a.hac, a.status) for a in lost]
+    for a in lost:
+        text = (lab.dir / f"{('hac', 'hac-b')[a.hac]}-run1.log").read_text()
+        assert f"mn_id={a.mn_id} " in text and "status=504 reason=ha-refused:400" in text
+    assert len(lost) < len(answers) // 4
+    assert any(a.hac == 2 for a in ok)  # C served before it died
+    # REVOKED: 200s before, 401 after (504 if it lost a race, as above).
+    revoked = [a.status for a in answers if a.hac != 2 and a.mn_id == REVOKED]
+    assert set(revoked) <= {"200", "401", "504"} and "401" in revoked, revoked
+    # The survivors take back what C stored but never answered and finish
+    # every withdrawal owed (C's own included).
+    rows = settled_rows(lab, answers)
+    assert REVOKED not in {str(r[1]) for r in rows}  # nothing of it live, on the HACs or the HA
     for k in (0, 1):  # and both survivors refuse it
         assert bootstrap(labs[k], k, REVOKED, psk_of(0)).status == "401"
     for proc in hacs:
         assert proc.runs == 1
-    for name in ("hac", "hac-b", "hac-c"):
-        text = (lab.dir / f"{name}-run1.log").read_text()
-        assert "Traceback" not in text, name
+    no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log")
+
+
+def test_three_hacs_one_store_the_ha_killed_mid_traffic(
+    three: tuple[list[Lab], list[HacProcess], HaProcess],
+) -> None:
+    """The HA is SIGKILLed a third of the way in, while the three HACs go
+    on: installs and withdrawals in flight are cut, a withdrawal the HA
+    made durable may never have been confirmed, an SA it installed may
+    never have been answered.  It is started again, and a second wave of
+    the same traffic meets the HACs' retried withdrawals.  Once settled,
+    the same facts hold -- in particular the HA holds exactly the live
+    SAs: nothing it was told to withdraw came back with its restart."""
+    labs, hacs, ha = three
+    lab = labs[0]
+    first, _ = traffic(labs, ha.kill9)
+    # 504 (or cut) while the HA was away.
+    assert {a.status for a in first} <= {"200", "504", None}
+    assert "504" in {a.status for a in first}
+    ha.start()
+    second, _ = traffic(labs, lambda: None)
+    assert {a.status for a in second} <= {"200", "504"}
+    spis = [a.spi for a in first + second if a.status == "200"]
+    assert len(set(spis)) == len(spis), "an SPI handed out twice"
+    settled_rows(lab, first + second)
+    for proc in hacs:
+        assert proc.runs == 1 and proc.proc is not None and proc.proc.poll() is None
+    no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log", "ha-run2.log")
