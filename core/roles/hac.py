@@ -701,8 +701,23 @@ class HacService:
             ]
         )
         issuing = self._issuing_spis
+        others = [x for x in held if x[0] != keep and x[0] not in issuing]
+        if keep is not None:
+            kept = [x for x in held if x[0] == keep]
+            if not kept:
+                # ``keep`` was superseded already, by another HAC sharing the
+                # store: that HAC's SA is the MN's newest, and withdrawing it
+                # from here would leave the MN nothing (each HAC withdrawing
+                # the other's SA).  The newest SA's HAC does the rest.
+                return []
+            # Only SAs older than ``keep``: an earlier validity end, or the
+            # same second and delivered before it by this process.  One of
+            # another HAC's in the same second is left alone (at worst the
+            # MN holds one SA too many until its next bootstrap).
+            end = kept[0][1]
+            others = [x for x in others if x[1] < end or (x[1] == end and x[0] in order)]
         live = sorted(
-            (x for x in held if x[0] != keep and x[0] not in issuing),
+            others,
             # Oldest first: validity end (whole seconds), then the order of
             # delivery in this process (SAs from before a restart come first).
             key=lambda x: (x[1], order.get(x[0], -1)),

@@ -921,3 +921,50 @@ def test_an_mn_gone_mid_issue_while_the_store_cannot_write_is_swept_later(
     assert len(lines) == 1 and "database or disk is full" in lines[0], lines
     assert "Traceback" not in caplog.text and "never retrieved" not in caplog.text
     assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_a_delivered_sa_withdraws_only_older_sas_of_its_mn(tmp_path: Path, pki: PkiPaths) -> None:
+    """After a 200, the HAC withdraws the MN's SAs beyond max_sas_per_mn --
+    only those older than the one delivered.  With several HACs on one
+    store, the MN's newer SA may be another HAC's: withdrawing it (as the
+    other HAC withdraws this one) left the MN nothing of two 200s.  So:
+    an SA with a later validity end, or one of the same second that this
+    HAC did not deliver before, is left alone; and if the delivered SA was
+    itself superseded meanwhile, nothing is withdrawn from here."""
+    from datetime import timedelta
+
+    from mipsec.core.issuer import new_sa
+    from mipsec.core.model import BootstrapData, IssuedSA
+    from mipsec.core.suites import Suite
+
+    now = datetime.now(UTC)
+
+    def sa(spi: int, end_in: int) -> IssuedSA:
+        x = new_sa(
+            spi=spi,
+            mn_id=MN_ID,
+            suite=Suite.AES_128_CBC_SHA256,
+            scope=1,
+            lifetime=3600 + end_in,
+            now=now,
+            ha_id="ha1",
+        )
+        return IssuedSA(x, BootstrapData())
+
+    async def main() -> tuple[list[int], list[int]]:
+        async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path)) as st:
+            hac = st.hac
+            assert hac is not None
+            for spi, end_in in ((101, -60), (102, 0), (103, 0), (104, 60)):
+                assert hac.store.add(sa(spi, end_in))
+            # 102 delivered: 101 is older (earlier end); 103 has the same
+            # second and was not delivered by this HAC; 104 is newer.
+            first = [s for s, _ in hac._excess(MN_ID, 102)]
+            # 105 was superseded by another HAC before its 200 left here:
+            # nothing goes, not even the older 101.
+            gone = [s for s, _ in hac._excess(MN_ID, 105, now + timedelta(seconds=1))]
+            return first, gone
+
+    first, gone = run(main())
+    assert first == [101]
+    assert gone == []

@@ -13,7 +13,8 @@ surviving HACs' sweeps have run, what must hold:
   it (the HA refuses an SA it withdrew) -- and then the MN's older SA is
   not put back beside the newer one;
 * no SPI was ever handed out twice, and no home address is held by two MNs;
-* each MN holds at most one live SA, and every live SA is one an MN was
+* each MN holds exactly one live SA (of two bootstraps of one MN at once,
+  one SA survives, never neither), and every live SA is one an MN was
   answered 200 with (what the dead HAC stored without answering was taken
   back by the others);
 * the HA holds exactly the live SAs -- every withdrawal owed, the dead
@@ -58,6 +59,7 @@ from mipsec.core.control import Request, request
 from mipsec.core.ctlcli import locate
 
 MNS = 12
+MN_IDS = {f"mn{i}@mipsec.test" for i in range(MNS)}
 REVOKED = "mn0@mipsec.test"  # revoked on one HAC in the middle of the traffic
 ROUNDS = 12  # bootstraps per MN and HAC pair: each round, through two HACs at once
 SETTLE = 45.0  # the survivors' sweeps: issuing bound (1 s provisioning + slack) and retries
@@ -193,9 +195,11 @@ def traffic(labs: list[Lab], at_a_third: Callable[[], None]) -> tuple[list[Answe
     return answers, by_then
 
 
-def settled_rows(lab: Lab, answers: list[Answer]) -> list[tuple[object, ...]]:
+def settled_rows(lab: Lab, answers: list[Answer], holders: set[str]) -> list[tuple[object, ...]]:
     """Wait until nothing unanswered is live and nothing is owed, then check
-    the store and the HA; the live rows (spi, mn_id, ip6_hoa)."""
+    the store and the HA; the live rows (spi, mn_id, ip6_hoa).  ``holders``:
+    the MNs that must hold an SA then (each bootstrapped to the end; of two
+    bootstraps at once, one SA survives -- never neither)."""
     ok = [a for a in answers if a.status == "200"]
     answered = {a.spi for a in ok}
 
@@ -209,6 +213,7 @@ def settled_rows(lab: Lab, answers: list[Answer]) -> list[tuple[object, ...]]:
     for spi, mn_id, _hoa in rows:
         per_mn.setdefault(str(mn_id), []).append(int(spi))  # type: ignore[call-overload]
     assert all(len(v) == 1 for v in per_mn.values()), per_mn
+    assert set(per_mn) == holders, sorted(holders - set(per_mn))
     hoas = [str(r[2]) for r in rows]
     assert len(set(hoas)) == len(hoas), ("a home address held by two MNs", rows)
     assert rows, "no MN holds an SA"
@@ -262,8 +267,8 @@ def test_three_hacs_one_store_one_killed_mid_traffic(
     assert set(revoked) <= {"200", "401", "504"} and "401" in revoked, revoked
     # The survivors take back what C stored but never answered and finish
     # every withdrawal owed (C's own included).
-    rows = settled_rows(lab, answers)
-    assert REVOKED not in {str(r[1]) for r in rows}  # nothing of it live, on the HACs or the HA
+    # Nothing of REVOKED live, on the HACs or the HA; every other MN holds one SA.
+    settled_rows(lab, answers, MN_IDS - {REVOKED})
     for k in (0, 1):  # and both survivors refuse it
         assert bootstrap(labs[k], k, REVOKED, psk_of(0)).status == "401"
     for proc in hacs:
@@ -292,7 +297,7 @@ def test_three_hacs_one_store_the_ha_killed_mid_traffic(
     assert {a.status for a in second} <= {"200", "504"}
     spis = [a.spi for a in first + second if a.status == "200"]
     assert len(set(spis)) == len(spis), "an SPI handed out twice"
-    settled_rows(lab, first + second)
+    settled_rows(lab, first + second, MN_IDS)
     for proc in hacs:
         assert proc.runs == 1 and proc.proc is not None and proc.proc.poll() is None
     no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log", "ha-run2.log")
