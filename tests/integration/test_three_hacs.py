@@ -24,7 +24,9 @@ surviving HACs' sweeps have run, what must hold:
 * no HAC logged a traceback.
 
 With the HA killed and started again instead, the same facts hold once
-settled (no SA it was told to withdraw comes back with its restart).
+settled (no SA it was told to withdraw comes back with its restart).  With
+two HAs, one MN's two SAs may land on different HAs; it then holds one or
+two (never none), and exactly one after its next bootstrap.
 
 Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
 the independent raw MN (tests/integration/rawmn.py).
@@ -32,8 +34,12 @@ the independent raw MN (tests/integration/rawmn.py).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import random
+import re
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Lab, edit_toml
+from conftest import LAUNCHER, Lab, edit_toml, wait_port
 from rawha import RawSA, binding_update, parse_ba
 from rawmn import RawMN, psk_bootstrap
 from test_crash_points import (
@@ -57,6 +63,7 @@ from test_ha_restart_replay import SUITE, HaProcess, udp
 
 from mipsec.core.control import Request, request
 from mipsec.core.ctlcli import locate
+from mipsec.core.labsetup import free_port
 
 MNS = 12
 MN_IDS = {f"mn{i}@mipsec.test" for i in range(MNS)}
@@ -127,6 +134,12 @@ def registers(a: Answer, seq: int) -> int:
 
 @pytest.fixture
 def three(lab: Lab) -> Iterator[tuple[list[Lab], list[HacProcess], HaProcess]]:
+    with three_hacs(lab) as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def three_hacs(lab: Lab) -> Iterator[tuple[list[Lab], list[HacProcess], HaProcess]]:
     # Every HAC: a short provisioning deadline and a 1 s expiry interval, so
     # the sweeps that take back a dead HAC's unanswered SAs and adopt its
     # owed withdrawals run within the test.
@@ -301,3 +314,123 @@ def test_three_hacs_one_store_the_ha_killed_mid_traffic(
     for proc in hacs:
         assert proc.runs == 1 and proc.proc is not None and proc.proc.poll() is None
     no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log", "ha-run2.log")
+
+
+class SecondHa:
+    """``mipsec --role ha`` as ha2: the lab's HA config with its own id,
+    port, store and metrics port; the HACs get it as a second ``[[ha]]``
+    (same provisioning certificate names)."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.port = free_port()
+        text = Path(lab.info["ha"]["config"]).read_text()
+        edits = [
+            ('id = "ha1"', 'id = "ha2"'),
+            ('listen = ["127.0.0.1", "::1"]', 'listen = ["127.0.0.1"]'),
+            (f"port = {lab.info['ha']['port']}", f"port = {self.port}"),
+            (f"port = {lab.info['ha']['port']}", f"port = {self.port}"),  # provisioning
+            ('path = "ha-sa.sqlite"', 'path = "ha2-sa.sqlite"'),
+            ('key_file = "ha-sa.key"', 'key_file = "ha2-sa.key"'),
+        ]
+        for old, new in edits:
+            assert old in text, old
+            text = text.replace(old, new, 1)
+        text = re.sub(r"(\[metrics\][^\[]*?port = )\d+", rf"\g<1>{free_port()}", text)
+        self.config = lab.dir / "ha2.toml"
+        self.config.write_text(text)
+        hac = Path(lab.info["hac"]["config"])
+        hac.write_text(
+            hac.read_text()
+            + f"""
+[[ha]]
+id = "ha2"
+address6 = "::1"
+address4 = "127.0.0.1"
+port = {self.port}
+transport = "tls"
+
+[ha.options]
+host = "127.0.0.1"
+port = {self.port}
+server_name = "ha.mipsec.test"
+ca = "pki/ca.pem"
+cert = "pki/hac-client.pem"
+key = "pki/hac-client.key"
+"""
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.lab.dir / "ha2-run1.log").open("wb") as out:
+            self.proc = subprocess.Popen(
+                [*LAUNCHER, "--role", "ha", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        wait_port(self.port, self.proc)
+
+    def held(self) -> list[int]:
+        rows = query(self.lab.dir / "ha2-sa.sqlite", "SELECT spi FROM issued_sa")
+        return sorted(int(r[0]) for r in rows)  # type: ignore[call-overload]
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+def test_three_hacs_two_has(lab: Lab) -> None:
+    """Three HACs on one store, two HAs (each HAC picks the HA with the
+    fewest SAs, so one MN's two bootstraps at once may land on different
+    HAs: no install carries the other's withdrawal, and each HAC's clean-up
+    after its 200 is what withdraws the older SA).  Once settled: every MN
+    holds one SA, or two on different HAs from bootstraps in the same
+    second (neither HAC withdraws the other's: never neither), each
+    answered 200 and held by exactly its HA, each registering; after one
+    more bootstrap per MN, every MN holds exactly one."""
+    ha2 = SecondHa(lab)  # before the other HACs copy hac.toml
+    with three_hacs(lab) as (labs, hacs, _ha):
+        ha2.start()
+        try:
+            answers, _ = traffic(labs, lambda: None)
+            assert {a.status for a in answers} <= {"200", "504"}
+            ok = [a for a in answers if a.status == "200"]
+            answered = {a.spi for a in ok}
+
+            def settled() -> bool:
+                live = live_on_hac(lab)
+                held = sorted(held_by_ha(lab) + ha2.held())
+                return unconfirmed(lab) == [] and set(live) <= answered and held == live
+
+            wait_for("settled over two HAs", settled, timeout=SETTLE)
+            rows = query(lab.dir / "hac-sa.sqlite", "SELECT spi, mn_id, ha_id FROM issued_sa")
+            per_mn: dict[str, list[str]] = {}
+            for _spi, mn_id, ha_id in rows:
+                per_mn.setdefault(str(mn_id), []).append(str(ha_id))
+            assert set(per_mn) == MN_IDS
+            # One, or two on different HAs; never two on one HA.
+            assert all(len(v) == len(set(v)) for v in per_mn.values()), per_mn
+            assert {r[2] for r in rows} <= {"ha1", "ha2"}
+            assert {str(r[2]) for r in rows} == {"ha1", "ha2"}  # both HAs were used
+            by_spi = {a.spi: a for a in ok}
+            for seq, (spi, _mn_id, _ha_id) in enumerate(rows, start=10):
+                assert registers(by_spi[int(spi)], seq) == 0  # type: ignore[call-overload]
+            # One more bootstrap each, one at a time: exactly one SA per MN.
+            for i in range(MNS):
+                assert (
+                    bootstrap(labs[i % 3], i % 3, f"mn{i}@mipsec.test", psk_of(i)).status == "200"
+                )
+            wait_for(
+                "one SA per MN",
+                lambda: (
+                    len(live_on_hac(lab)) == MNS
+                    and sorted(held_by_ha(lab) + ha2.held()) == live_on_hac(lab)
+                ),
+                timeout=SETTLE,
+            )
+            no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log", "ha2-run1.log")
+        finally:
+            ha2.close()
