@@ -127,6 +127,11 @@ class _FakeSession:
         return self._answer(EapBackendStep(BackendVerdict.CONTINUE, encode_eap(pkt)))
 
     def start(self, identity_response: bytes) -> Any:
+        # As a real server does (hostapd, FreeRADIUS): the next Identifier
+        # after the Identity exchange's.  A fixed start collided, one run in
+        # 256, with the HAC's random Identity Identifier (the MN then rightly
+        # refuses a new Request reusing it, RFC 3748 §4.1).
+        self.id = decode_eap(identity_response).identifier
         return self._next(None)
 
     def receive(self, eap_response: bytes) -> Any:
