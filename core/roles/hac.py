@@ -765,8 +765,9 @@ class HacService:
     def _restore(self, taken: list[Any], mn_id: str) -> bool:
         """``restore`` of SAs an install refused by its HA did not withdraw;
         False when the store cannot write it now (the caller withdraws them).
-        Those the store leaves retired (their MN holds a newer SA, issued by
-        another HAC sharing the store meanwhile) are withdrawn here."""
+        Those the store leaves retired (their MN holds a newer SA, or another
+        MN one of their home addresses: issued by another HAC sharing the
+        store meanwhile) are withdrawn here."""
         try:
             with self._write_now():  # a held lock: withdrawn instead, as below
                 kept = self.store.restore(taken)  # type: ignore[attr-defined]
@@ -780,7 +781,8 @@ class HacService:
             return False
         for x in kept or ():
             log.info(
-                "mn_id=%s spi=%d: not put back, the MN holds a newer SA: withdrawn",
+                "mn_id=%s spi=%d: not put back (the MN holds a newer SA, or another MN "
+                "its home address): withdrawn",
                 mn_id,
                 x.spi,
             )
