@@ -26,7 +26,8 @@ surviving HACs' sweeps have run, what must hold:
 With the HA killed and started again instead, the same facts hold once
 settled (no SA it was told to withdraw comes back with its restart).  With
 two HAs, one MN's two SAs may land on different HAs; it then holds one or
-two (never none), and exactly one after its next bootstrap.
+two (never none), and exactly one after its next bootstrap.  With HAC C
+stopped by SIGTERM instead of killed, the same facts hold.
 
 Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
 the independent raw MN (tests/integration/rawmn.py).
@@ -434,3 +435,23 @@ def test_three_hacs_two_has(lab: Lab) -> None:
             no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log", "ha2-run1.log")
         finally:
             ha2.close()
+
+
+def test_three_hacs_one_store_one_stopped_mid_traffic(
+    three: tuple[list[Lab], list[HacProcess], HaProcess],
+) -> None:
+    """HAC C gets SIGTERM a third of the way in, its exchanges under way:
+    it stops accepting, lets them finish or cancels them (an SA being
+    issued is rolled back: taken back from the store and withdrawn from
+    the HA) and exits 0.  Once settled, the same facts hold as after a
+    kill -- with no SA of C's left for the others to take back."""
+    labs, hacs, _ha = three
+    lab = labs[0]
+
+    def stop_c() -> None:
+        hacs[2].stop()  # SIGTERM; asserts exit status 0
+
+    answers, _ = traffic(labs, stop_c)
+    assert {a.status for a in answers if a.hac != 2} <= {"200", "504"}
+    settled_rows(lab, answers, MN_IDS)
+    no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log")
