@@ -1316,14 +1316,9 @@ class SQLiteSAStore:
                 if self._hoa_taken(c, x.row, at):
                     kept.append(x)
                     continue
-                # The MN's rows as live_for_mn finds them (a seek in the
-                # NOCASE index, then the exact NAI the HAC stores); an
-                # expired one counts too: leaving W retired is the safe side.
-                newer = c.execute(
-                    "SELECT 1 FROM issued_sa WHERE mn_id = ? COLLATE NOCASE AND mn_id = ? LIMIT 1",
-                    (x.mn_id, x.mn_id),
-                ).fetchone()
-                if newer is not None:
+                # The MN's live SAs as the supersede step reads them (the
+                # live view, followed to the last commit under this lock).
+                if self.live_spis_for_mn(x.mn_id, at):
                     kept.append(x)
                     continue
                 c.execute("DELETE FROM retired_sa WHERE spi = ? AND confirmed = 0", (x.spi,))
