@@ -711,16 +711,27 @@ class HacService:
                 # the other's SA).  The newest SA's HAC does the rest.
                 return []
             # Only SAs older than ``keep``: an earlier validity end, or the
-            # same second and delivered before it by this process.  One of
-            # another HAC's in the same second is left alone (at worst the
-            # MN holds one SA too many until its next bootstrap).
-            end = kept[0][1]
-            others = [x for x in others if x[1] < end or (x[1] == end and x[0] in order)]
+            # same second and delivered before it by this process -- or, for
+            # an SA this process did not deliver (another HAC's, or its own
+            # from before a restart), a smaller SPI.  Every HAC sharing the
+            # store applies that same rule to the same two SAs, so of one
+            # MN's SAs in one second from two HACs, exactly one is the newer
+            # for both: each HAC withdraws the older one, or nothing, and
+            # one SA survives -- never neither, never both.
+            end, mine = kept[0][1], order.get(keep)
+
+            def older(x: tuple[int, float, str]) -> bool:
+                if x[1] != end:
+                    return x[1] < end
+                seq = order.get(x[0])
+                return seq < mine if seq is not None and mine is not None else x[0] < keep
+
+            others = [x for x in others if older(x)]
         live = sorted(
             others,
             # Oldest first: validity end (whole seconds), then the order of
-            # delivery in this process (SAs from before a restart come first).
-            key=lambda x: (x[1], order.get(x[0], -1)),
+            # delivery in this process (SAs it did not deliver first, by SPI).
+            key=lambda x: (x[1], order.get(x[0], -1), x[0]),
         )
         # Keep ``keep`` and the newest limit-1 others.
         excess = len(live) - (self.cfg.policy.max_sas_per_mn - 1)

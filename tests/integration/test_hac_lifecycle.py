@@ -928,8 +928,10 @@ def test_a_delivered_sa_withdraws_only_older_sas_of_its_mn(tmp_path: Path, pki: 
     only those older than the one delivered.  With several HACs on one
     store, the MN's newer SA may be another HAC's: withdrawing it (as the
     other HAC withdraws this one) left the MN nothing of two 200s.  So:
-    an SA with a later validity end, or one of the same second that this
-    HAC did not deliver before, is left alone; and if the delivered SA was
+    an SA with a later validity end is left alone; of the same second, one
+    this HAC delivered after it, or one it did not deliver with a larger
+    SPI (the rule every HAC applies alike, so of two HACs' SAs in one
+    second exactly one is the newer for both); and if the delivered SA was
     itself superseded meanwhile, nothing is withdrawn from here."""
     from datetime import timedelta
 
@@ -951,20 +953,30 @@ def test_a_delivered_sa_withdraws_only_older_sas_of_its_mn(tmp_path: Path, pki: 
         )
         return IssuedSA(x, BootstrapData())
 
-    async def main() -> tuple[list[int], list[int]]:
+    async def main() -> tuple[list[int], ...]:
         async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path)) as st:
             hac = st.hac
             assert hac is not None
             for spi, end_in in ((101, -60), (102, 0), (103, 0), (104, 60)):
                 assert hac.store.add(sa(spi, end_in))
             # 102 delivered: 101 is older (earlier end); 103 has the same
-            # second and was not delivered by this HAC; 104 is newer.
+            # second, was not delivered by this HAC and has a larger SPI;
+            # 104 is newer.
             first = [s for s, _ in hac._excess(MN_ID, 102)]
+            # Another HAC delivering 103 judges the same pair the same way:
+            # 102 (same second, smaller SPI) is older, and goes with 101.
+            other = [s for s, _ in hac._excess(MN_ID, 103)]
+            # This HAC delivered both, 103 first: delivery order decides
+            # (the MN holds the later 200), not the SPIs.
+            hac._delivered.update({103: 1, 102: 2})
+            delivered_both = [s for s, _ in hac._excess(MN_ID, 102)]
             # 105 was superseded by another HAC before its 200 left here:
             # nothing goes, not even the older 101.
             gone = [s for s, _ in hac._excess(MN_ID, 105, now + timedelta(seconds=1))]
-            return first, gone
+            return first, other, delivered_both, gone
 
-    first, gone = run(main())
+    first, other, delivered_both, gone = run(main())
     assert first == [101]
+    assert other == [101, 102]
+    assert delivered_both == [101, 103]
     assert gone == []
