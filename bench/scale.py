@@ -1,6 +1,6 @@
 """HAC cost with N live SAs against an empty-state HAC, in one run.
 
-    python bench/scale.py [--n 100000] [--duration S] [--quick]
+    python bench/scale.py [--n 100000] [--duration S] [--quick] [--hacs K]
 
 Two labs are made in a temp dir (``mipsec init``), each run by a real
 ``mipsec --role hac`` process with the HA in the HAC's process (``local``
@@ -39,6 +39,13 @@ opens its listener -- then started once more on the same files: the bench
 prints that start's time to its first bootstrap and the live SAs the store
 then holds (N and the bootstraps made so far; fewer is an error).
 
+``--hacs K`` (2 or 3): each lab runs K HAC processes on its one SA store
+file (each with its own port, metrics port and control socket), and every
+worker spreads its bootstraps over them in turn, so nearly every bootstrap
+follows another HAC's commits first (the store's change log,
+``issued_sa_log``).  HAC CPU is then the sum over the K processes; the first
+bootstrap and RSS figures are the first HAC's.
+
 ``--revoked R``: the N-live HAC also starts with R other MNs in its list of
 revoked MNs (``mipsec revoke``; the snapshot file, written before the
 start), so its time to first bootstrap includes reading that list.  One of
@@ -57,6 +64,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import sqlite3
 import subprocess
@@ -64,7 +72,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -113,6 +121,13 @@ class Lab:
     first_bootstrap_s: float = float("nan")
     rss_start: int = 0
     log: Path | None = None
+    # --hacs K: the other K-1 HACs on the same store (process, port).
+    others: list[tuple[subprocess.Popen[bytes], int]] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return [self.proc.pid, *(p.pid for p, _ in self.others)]
 
 
 def mipsec_init(lab: Path) -> dict[str, Any]:
@@ -236,8 +251,12 @@ class Result:
     server_cpu: float = 0.0
     first_error: str = ""
     exhausted: bool = False
+    per_hac: list[int] = field(default_factory=list)  # completed bootstraps per HAC
 
     def add(self, other: Result) -> None:
+        self.per_hac += [0] * (len(other.per_hac) - len(self.per_hac))
+        for j, count in enumerate(other.per_hac):
+            self.per_hac[j] += count
         self.ops += other.ops
         self.seconds += other.seconds
         self.errors += other.errors
@@ -255,34 +274,40 @@ class Result:
 
 
 async def measure(
-    op: Callable[[MN], Awaitable[None]],
+    ops: list[Callable[[MN], Awaitable[None]]],
     pick: Callable[[int], MN | None],
     concurrency: int,
     duration: float,
-    pid: int,
+    pids: list[int],
 ) -> Result:
-    """Bootstraps by ``concurrency`` workers for ``duration`` s (or until ``pick`` runs dry)."""
-    res = Result()
+    """Bootstraps by ``concurrency`` workers for ``duration`` s (or until
+    ``pick`` runs dry); with several ``ops`` (HACs), each worker takes them
+    in turn."""
+    res = Result(per_hac=[0] * len(ops))
     max_errors = max(10, 4 * concurrency)
 
     async def worker(i: int, deadline: float) -> None:
+        k = i
         while time.monotonic() < deadline and res.errors < max_errors:
             mn = pick(i)
             if mn is None:
                 res.exhausted = True
                 return
+            j = k % len(ops)
+            k += 1
             try:
-                await op(mn)
+                await ops[j](mn)
             except Exception as exc:  # reported, and bounded by max_errors
                 res.errors += 1
                 res.first_error = res.first_error or f"{type(exc).__name__}: {exc}"
                 continue
             res.ops += 1
+            res.per_hac[j] += 1
 
-    cpu0, t0 = _proc_cpu(pid), time.monotonic()
+    cpu0, t0 = sum(map(_proc_cpu, pids)), time.monotonic()
     await asyncio.gather(*(worker(i, t0 + duration) for i in range(concurrency)))
     res.seconds = time.monotonic() - t0
-    res.server_cpu = _proc_cpu(pid) - cpu0
+    res.server_cpu = sum(map(_proc_cpu, pids)) - cpu0
     return res
 
 
@@ -311,6 +336,26 @@ async def _start(lab: Lab, client_for: Callable[[int], Client]) -> None:
             await asyncio.sleep(0.01)
     lab.first_bootstrap_s = time.monotonic() - t0
     lab.rss_start = _rss(lab.proc.pid)
+
+
+async def _start_others(lab: Lab, k: int) -> None:
+    """``k`` more HACs on the lab's store: copies of its config with their
+    own port and metrics port (the control socket follows the file name)."""
+    text = lab.config.read_text()
+    for j in range(k):
+        port = free_port()
+        other = re.sub(r"(?m)^port = \d+$", f"port = {port}", text, count=1)
+        other = re.sub(r"(\[metrics\][^\[]*?port = )\d+", rf"\g<1>{free_port()}", other)
+        config = lab.root / f"hac-{j + 2}.toml"
+        config.write_text(other)
+        log = lab.root / f"hac-{j + 2}.log"
+        proc = _spawn([*_mipsec_cmd(None), "--role", "hac", "--config", str(config)], log)
+        lab.others.append((proc, port))
+        got = await asyncio.to_thread(
+            _wait_for, r"HAC listening on 127\.0\.0\.1 port (\d+)", log.read_text, proc
+        )
+        if got != port:
+            raise RuntimeError(f"{config}: listening on {got}, not {port}")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -367,10 +412,16 @@ async def run(args: argparse.Namespace) -> int:
                     )
                 )
             clients: dict[str, Client] = {}
+            hac_clients: dict[str, list[Client]] = {}
             for lab in labs:
                 ctx = mn_client_context(lab.ca, strict_rfc6618=False)
                 await _start(lab, lambda port, c=ctx, sn=lab.server_name: Client(c, port, sn))
                 clients[lab.name] = Client(ctx, lab.port, lab.server_name)
+                await _start_others(lab, args.hacs - 1)
+                hac_clients[lab.name] = [
+                    clients[lab.name],
+                    *(Client(ctx, port, lab.server_name) for _, port in lab.others),
+                ]
 
             if args.revoked:
                 full = labs[1]
@@ -406,14 +457,14 @@ async def run(args: argparse.Namespace) -> int:
                                 def pick(i: int, it: Iterator[MN] = it) -> MN | None:
                                     return next(it, None)
 
-                            op = clients[lab.name].bootstrap
+                            ops = [c.bootstrap for c in hac_clients[lab.name]]
                             if s == 0:  # warm-up: returning MNs bootstrap once first
-                                await measure(op, pick, level, warmup, lab.proc.pid)
-                            r = await measure(op, pick, level, duration / slices, lab.proc.pid)
+                                await measure(ops, pick, level, warmup, lab.pids)
+                            r = await measure(ops, pick, level, duration / slices, lab.pids)
                             results[lab.name].add(r)
                     rows.append((kind, level, results["empty"], results["full"]))
             rss = {lab.name: _rss(lab.proc.pid) if lab.proc else 0 for lab in labs}
-            _report(n, fill_s, duration, labs, rows, rss)
+            _report(n, fill_s, duration, labs, rows, rss, args.hacs)
             if args.kill:
                 full = labs[1]
                 await _killed_starts(full, clients[full.name], args.kill, n)
@@ -430,6 +481,8 @@ async def run(args: argparse.Namespace) -> int:
             for lab in labs:
                 if lab.proc is not None:
                     _stop(lab.proc)
+                for proc, _port in lab.others:
+                    _stop(proc)
 
 
 def _live_rows(lab: Lab) -> int:
@@ -484,12 +537,18 @@ def _report(
     labs: list[Lab],
     rows: list[tuple[str, int, Result, Result]],
     rss: dict[str, int],
+    hacs: int = 1,
 ) -> None:
     empty, full = labs
     print(
         f"mipsec scale bench: HAC with {n} live SAs ({n} distinct MNs, SQLite SA store and "
         f"credentials) vs an empty-state HAC, {duration:g} s per figure"
     )
+    if hacs > 1:
+        print(
+            f"note: {hacs} HAC processes per lab on its one SA store, each worker's bootstraps "
+            f"spread over them in turn; HAC CPU = the sum over the {hacs}"
+        )
     print(
         f"note: {os.cpu_count()} CPU cores shared by the clients (this process) and both HACs; "
         f"1-min load average {os.getloadavg()[0]:.2f}; store filled in {fill_s:.1f} s"
@@ -531,6 +590,13 @@ def _report(
         f"bindings, ratio {_ratio(bu_full, bu_small)}"
         + ("" if bu_ok else "  (INVALID BAs: see the child)")
     )
+    if hacs > 1:
+        totals = {"empty": Result(), "full": Result()}
+        for *_, e, f in rows:
+            totals["empty"].add(e)
+            totals["full"].add(f)
+        for name, total in totals.items():
+            print(f"bootstraps per HAC process, {name} lab: {' / '.join(map(str, total.per_hac))}")
     print("ratio = N live / empty (1.00: the cost does not depend on the number of live SAs)")
 
 
@@ -675,6 +741,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="the N-live HAC also starts with this many MNs revoked (0)",
     )
+    p.add_argument(
+        "--hacs",
+        type=int,
+        default=1,
+        help="HAC processes per lab sharing its SA store, the bootstraps spread over them (1)",
+    )
     p.add_argument("--ha-memory", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--bu-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -690,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--revoked: between 0 and 1000000")
     if args.duration <= 0:
         p.error("--duration must be positive")
+    if not 1 <= args.hacs <= 3:
+        p.error("--hacs: 1, 2 or 3")
     return run_interruptible(run, args)
 
 

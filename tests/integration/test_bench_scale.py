@@ -53,3 +53,32 @@ def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
     assert "INVALID" not in out  # every BA checked the way an MN checks it
     assert processes_mentioning(str(tmp_path)) == []  # both HACs stopped
     assert list(tmp_path.iterdir()) == []  # temp labs removed
+
+
+def test_two_hacs_per_lab_share_the_store_and_both_serve(tmp_path: Path) -> None:
+    """``--hacs 2``: each lab runs two HAC processes on its one store, and
+    every worker's bootstraps alternate between them -- each HAC then follows
+    the other's commits.  Both serve in both labs, and all four stop."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--hacs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    out = proc.stdout
+    assert "2 HAC processes per lab on its one SA store" in out
+    rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
+    for kind in ("returning", "new"):
+        for level in (1, 32):
+            assert float(rows[f"bootstraps/s, {kind} MN, {level} concurrent"][1]) > 0
+    served = dict(re.findall(r"^bootstraps per HAC process, (\w+) lab: (\d+ / \d+)$", out, re.M))
+    assert set(served) == {"empty", "full"}, out[-2000:]
+    for counts in served.values():
+        a, b = (int(x) for x in counts.split(" / "))
+        assert a > 0 and b > 0
+        assert abs(a - b) <= max(a, b) // 4  # taken in turn: about half each
+    assert processes_mentioning(str(tmp_path)) == []  # all four HACs stopped
+    assert list(tmp_path.iterdir()) == []
