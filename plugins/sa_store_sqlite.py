@@ -162,8 +162,36 @@ CREATE TABLE IF NOT EXISTS retired_sa (
     ha_id          TEXT    NOT NULL,
     validity_end   INTEGER NOT NULL,
     reason         TEXT    NOT NULL,
-    confirmed      INTEGER NOT NULL DEFAULT 0
+    confirmed      INTEGER NOT NULL DEFAULT 0,
+    owner          TEXT                -- see _ALIVE
 )"""
+# Which HAC sharing the store owes each withdrawal (``owner``: the HAC that
+# retired the SA or took the withdrawal over) and which HACs are alive: each
+# one writes ``until`` (epoch seconds) at every sweep, a few sweeps ahead.
+# A withdrawal whose owner is alive is left to it -- it retries until its HA
+# confirms -- so during an HA outage N HACs do not all send, and warn about,
+# what each of them owes (issue 9 review); one whose owner stopped being
+# alive (killed, or gone for good) is taken over by the others' sweeps.
+# NULL owner: written by a store user that does not say who it is (a
+# tool, an older mipsec): anyone's.
+_ALIVE = "CREATE TABLE IF NOT EXISTS hac_alive (owner TEXT PRIMARY KEY, until REAL NOT NULL)"
+# The owed withdrawals a HAC may take over: not those of another live HAC.
+_ORPHANED = (
+    " AND (owner IS NULL OR owner = ? OR NOT EXISTS "
+    "(SELECT 1 FROM hac_alive a WHERE a.owner = retired_sa.owner AND a.until > ?))"
+)
+_ORPHANED_ROWS = (
+    "SELECT spi, mn_id, ha_id, validity_end FROM retired_sa "  # noqa: S608 (constants)
+    f"WHERE confirmed = 0 AND validity_end > ?{_ORPHANED} ORDER BY validity_end, spi"
+)
+_OWED_APART = (
+    "SELECT spi, ha_id, validity_end FROM retired_sa WHERE confirmed = 0 AND validity_end > ?"
+)
+_RETIRE = (
+    "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, confirmed, owner) "
+    "VALUES (?, ?, ?, ?, ?, 0, ?) "
+    "ON CONFLICT (spi) DO UPDATE SET confirmed = 0, owner = excluded.owner"
+)
 # The withdrawals still owed: read at every sweep of every HAC (adoption,
 # core/roles/hac.py), while retired_sa holds every SA superseded in the
 # last lifetime, nearly all confirmed -- 200,000 rows at 100,000 MNs: a scan
@@ -182,6 +210,7 @@ _SCHEMA = (
     _PENDING_INDEX,
     _RETIRED,
     _UNCONFIRMED_INDEX,
+    _ALIVE,
 )
 # issued_sa_mn_id: the binary index of stores made before 2026-12-05.
 _INDEXES = ("issued_sa_validity_end", "issued_sa_mn_nocase", "issued_sa_mn_id", "issued_sa_pending")
@@ -615,6 +644,8 @@ class SQLiteSAStore:
         self._clock = clock
         # Set by the HAC: SAs it stores are pending until ``delivered_many``.
         self.track_delivery = False
+        # Set by the HAC: who it is among the HACs sharing the store (_ALIVE).
+        self.owner: str | None = None
         self._reported: set[int] = set()
         self._view: _LiveView | None = None
         self._outer = False  # inside transaction(): _tx joins it
@@ -748,6 +779,10 @@ class SQLiteSAStore:
                 if "pending" not in columns:  # a store made before ``pending``
                     c.execute("ALTER TABLE issued_sa ADD COLUMN pending REAL")
                     c.execute(_PENDING_INDEX)
+                retired_columns = {r[1] for r in c.execute("PRAGMA table_info(retired_sa)")}
+                if "owner" not in retired_columns:  # a store made before owners
+                    c.execute("ALTER TABLE retired_sa ADD COLUMN owner TEXT")
+                c.execute(_ALIVE)
                 indexes = {
                     r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
                 }
@@ -1227,11 +1262,7 @@ class SQLiteSAStore:
             ).fetchall()
             if rows:
                 r = rows[0]
-                c.execute(
-                    "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, confirmed) "
-                    "VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (spi) DO UPDATE SET confirmed = 0",
-                    (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason),
-                )
+                c.execute(_RETIRE, (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason, self.owner))
         if not rows:
             return None
         if self._view is not None:
@@ -1274,12 +1305,7 @@ class SQLiteSAStore:
                     ).fetchone()
                     if r is None:
                         continue
-                    c.execute(
-                        "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, "
-                        "confirmed) VALUES (?, ?, ?, ?, ?, 0) "
-                        "ON CONFLICT (spi) DO UPDATE SET confirmed = 0",
-                        (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason),
-                    )
+                    c.execute(_RETIRE, (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason, self.owner))
                     end = datetime.fromtimestamp(r[_END], tz=UTC)
                     taken.append(Taken(r[_SPI], r[_MN_ID], r[_HA_ID], end, tuple(r)))
         except _NotAdded:
@@ -1392,18 +1418,71 @@ class SQLiteSAStore:
         ).fetchall()
         return [(s, m, h, datetime.fromtimestamp(e, tz=UTC)) for s, m, h, e in rows]
 
+    def orphaned_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
+        """:meth:`retired_unconfirmed` but for the withdrawals another live
+        HAC owes (``owner``, see ``_ALIVE``): those a HAC may take over.  All
+        of them while ``owner`` is unset."""
+        if self.owner is None:
+            return self.retired_unconfirmed(now)
+        t = _timestamp(now, "now")
+        rows = self._conn.execute(_ORPHANED_ROWS, (t, self.owner, t)).fetchall()
+        return [(s, m, h, datetime.fromtimestamp(e, tz=UTC)) for s, m, h, e in rows]
+
     def retired_unconfirmed_apart(self, now: datetime) -> list[tuple[int, str, int]] | None:
         """``(spi, ha_id, validity_end)`` -- epoch seconds -- of
-        :meth:`retired_unconfirmed`, read on a connection of its own, for a
+        :meth:`orphaned_unconfirmed`, read on a connection of its own, for a
         worker thread: a HAC's sweep looks at every withdrawal still owed
         (100,000 after a mass revocation while an HA was down: about 1 s of
         the event loop, with the ``datetime`` of each); None for a memory
         store."""
-        return self._read_apart(
-            "SELECT spi, ha_id, validity_end FROM retired_sa "
-            "WHERE confirmed = 0 AND validity_end > ?",
-            now,
-        )
+        if self.path is None:
+            return None
+        t = _timestamp(now, "now")
+        sql: str = _OWED_APART
+        args: tuple[Any, ...] = (t,)
+        if self.owner is not None:
+            sql, args = _OWED_APART + _ORPHANED, (t, self.owner, t)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+    def heartbeat(self, until: float, now: datetime | None = None) -> None:
+        """This HAC (``owner``) counts as alive until ``until`` (epoch
+        seconds); entries dead for a day are dropped."""
+        if self.owner is None:
+            return
+        t = self._now(now)
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO hac_alive (owner, until) VALUES (?, ?) "
+                "ON CONFLICT (owner) DO UPDATE SET until = excluded.until",
+                (self.owner, until),
+            )
+            c.execute("DELETE FROM hac_alive WHERE until < ?", (t - 86400,))
+
+    def alive_owners(self, now: datetime) -> list[tuple[str, float]]:
+        """``(owner, until)`` of the HACs sharing the store that count as alive."""
+        return self._conn.execute(
+            "SELECT owner, until FROM hac_alive WHERE until > ? ORDER BY owner",
+            (_timestamp(now, "now"),),
+        ).fetchall()
+
+    def claim(self, spis: Iterable[int]) -> None:
+        """This HAC (``owner``) now owes the withdrawals of ``spis`` (taken
+        over from a dead HAC, or resumed at its start)."""
+        if self.owner is None:
+            return
+        spis = list(spis)
+        with self._tx() as c:
+            for i in range(0, len(spis), 500):  # SQLite's bound-parameter limit
+                part = spis[i : i + 500]
+                marks = ", ".join("?" for _ in part)
+                c.execute(
+                    f"UPDATE retired_sa SET owner = ? WHERE confirmed = 0 AND spi IN ({marks})",  # noqa: S608
+                    (self.owner, *part),
+                )
 
     def confirm_retired(self, spi: int) -> None:
         """The HA confirmed the withdrawal of ``spi``: stop retrying (the SPI stays reserved)."""

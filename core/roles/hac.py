@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -278,6 +279,19 @@ class HacService:
         )
         if self._tracks_delivery:
             self.store.track_delivery = True  # type: ignore[attr-defined]
+        # Who this HAC is among those sharing the store: the withdrawals it
+        # owes are left to it while it is alive (``heartbeat`` at each sweep),
+        # and taken over by the others once it is not.  Its config file names
+        # it, so a restart resumes its own at once.  A HAC built without a
+        # config file (embedded, tests) takes no part: what it owes is
+        # anyone's, as before owners.
+        self._owns = config_file != "<memory>" and all(
+            hasattr(self.store, m) for m in ("owner", "heartbeat", "claim", "orphaned_unconfirmed")
+        )
+        if self._owns:
+            self.store.owner = (  # type: ignore[attr-defined]
+                f"{socket.gethostname()}:{Path(config_file).resolve()}"
+            )
         self._sweep_timer: asyncio.TimerHandle | None = None
         # spi -> delivery order in this process: "older" among SAs whose
         # validity ends fall in the same second (max_sas_per_mn).
@@ -384,15 +398,31 @@ class HacService:
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         if self._prov_server is not None:
             await self._prov_server.start()
-        # Withdrawals a previous run did not see confirmed: keep at them.
-        # Those for an HA only another HAC sharing the store has configured
-        # are its to finish: one line for them all, not one per SPI.
+        # Withdrawals a previous run did not see confirmed: keep at them --
+        # this HAC's own and those of HACs sharing the store that are no
+        # longer alive, not those another live HAC is retrying.  Those for an
+        # HA only another HAC sharing the store has configured are its to
+        # finish: one line for them all, not one per SPI.
         elsewhere: dict[str, int] = {}
-        for spi, _mn_id, ha_id, end in self.store.retired_unconfirmed(utcnow()):
+        owed = (
+            self.store.orphaned_unconfirmed  # type: ignore[attr-defined]
+            if self._owns
+            else self.store.retired_unconfirmed
+        )
+        if self._owns:
+            try:
+                self._heartbeat()
+            except Exception as exc:  # the first sweep writes it again
+                log.warning("cannot record this HAC as alive in the SA store: %s", cause(exc))
+        resumed: list[int] = []
+        for spi, _mn_id, ha_id, end in owed(utcnow()):
             if ha_id in self._ha_by_id:
                 self._schedule_withdraw(ha_id, spi, end)
+                resumed.append(spi)
             else:
                 elsewhere[ha_id] = elsewhere.get(ha_id, 0) + 1
+        if resumed:
+            self._claim(resumed)
         for ha_id, n in sorted(elsewhere.items()):
             log.info(
                 "%d withdrawal(s) owed to HA %s, not configured here: left to the HACs "
@@ -1261,9 +1291,29 @@ class HacService:
         self._sweep_timer = None
         self._sweep_safely()
 
+    def _heartbeat(self) -> None:
+        """Alive for three more sweeps (and slack): the others leave what
+        this HAC owes to it until then."""
+        grace = 3 * self.cfg.hac.expiry_interval + 5.0
+        self.store.heartbeat(time.time() + grace)  # type: ignore[attr-defined]
+
+    def _claim(self, spis: list[int]) -> None:
+        """Record that this HAC now owes these withdrawals (best effort: if
+        the store is busy, another HAC may send them too -- a withdrawal is
+        idempotent)."""
+        if not self._owns:
+            return
+        try:
+            with self._write_now():
+                self.store.claim(spis)  # type: ignore[attr-defined]
+        except Exception as exc:
+            log.debug("cannot record %d withdrawal(s) as this HAC's: %s", len(spis), cause(exc))
+
     def _sweep_safely(self) -> None:
         try:
             with self._write_now():
+                if self._owns:
+                    self._heartbeat()
                 self.sweep_undelivered()
             apart = getattr(self.store, "retired_unconfirmed_apart", None)
             if apart is None or self._stopping:
@@ -1356,12 +1406,21 @@ class HacService:
         some HAC restarts, the HA would keep the SA live.
 
         An SPI still unconfirmed, and not being withdrawn by this HAC, at two
-        sweeps in a row (an expiry interval apart) is adopted: a live owner
-        confirms within its retry delay (at most ``WITHDRAW_RETRY_MAX``), and
-        a withdrawal is idempotent, so adopting one a live HAC still works
-        on costs a duplicate request, never a wrong state.  At most
-        ``ADOPT_MAX`` per sweep; how many were adopted."""
-        rows = self.store.retired_unconfirmed(utcnow())
+        sweeps in a row (an expiry interval apart) is adopted -- with a store
+        that records owners (the SQLite store's ``hac_alive``), only if the
+        HAC that owes it is no longer alive: one that is retries it itself,
+        and N HACs waiting out one HA outage then send and warn about their
+        own withdrawals only.  Adopted SPIs are recorded as this HAC's.  A
+        withdrawal is idempotent, so adopting one a live HAC still works on
+        (a store without owners, a heartbeat missed) costs a duplicate
+        request, never a wrong state.  At most ``ADOPT_MAX`` per sweep; how
+        many were adopted."""
+        owed = (
+            self.store.orphaned_unconfirmed  # type: ignore[attr-defined]
+            if self._owns
+            else self.store.retired_unconfirmed
+        )
+        rows = owed(utcnow())
         self._owed_seen, adopt = self._sift((spi, h, end) for spi, _m, h, end in rows)
         return self._adopt(adopt)
 
@@ -1374,9 +1433,10 @@ class HacService:
             self._schedule_withdraw(ha_id, spi, end)
             adopted.append(spi)
         if adopted:
+            self._claim(adopted)
             log.warning(
-                "%d withdrawal(s) owed by another HAC sharing the store and still not "
-                "confirmed: withdrawing them from here too, spi=%s",
+                "%d withdrawal(s) owed by a HAC sharing the store that is no longer alive "
+                "(or by a tool) and still not confirmed: withdrawing them from here too, spi=%s",
                 len(adopted),
                 _spi_list(adopted),
             )

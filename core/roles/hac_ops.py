@@ -296,6 +296,14 @@ class HacOps:
             },
             "last_reload": self.reloader.last,
         }
+        if svc._owns:
+            # The HACs sharing the SA store that count as alive (each leaves
+            # the others' withdrawals to them: core/roles/hac.py).
+            store: Any = svc.store
+            out["store"] = {
+                "owner": store.owner,
+                "hacs_alive": [o for o, _ in store.alive_owners(utcnow())],
+            }
         aaa = aaa_health(svc.methods)
         if aaa:
             out["aaa"] = aaa

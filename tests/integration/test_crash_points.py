@@ -371,7 +371,10 @@ def test_a_hac_killed_owing_a_withdrawal_is_finished_by_the_other_hac(
     with) is taken back by B's sweep, and the withdrawal of the first SA,
     which only a start of some HAC used to resume, is adopted by B's next
     sweeps -- so the HA stops accepting the first SA, and nothing stays
-    live that no HAC will ever withdraw.  B serves the MN meanwhile."""
+    live that no HAC will ever withdraw.  B serves the MN meanwhile.  (A
+    sweeps every second, so the heartbeat it wrote at its start lapses 8 s
+    after its death; until then B leaves what A owes to A.)"""
+    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
     ha_proc.start()
     hac.start(crash_at("mipsec.plugins.transport_tls:TlsTransport.provision_superseding"))
     lab_b, hac_b = _second_hac(lab)
@@ -393,9 +396,74 @@ def test_a_hac_killed_owing_a_withdrawal_is_finished_by_the_other_hac(
         finally:
             first.close()
         log = hac_b.log_text()
-        assert "1 withdrawal(s) owed by another HAC sharing the store" in log
+        assert "1 withdrawal(s) owed by a HAC sharing the store that is no longer alive" in log
         assert f"spi={first.spi}" in log
         assert "Traceback" not in log
+    finally:
+        hac_b.close()
+
+
+def test_a_live_hacs_withdrawal_is_left_to_it_and_taken_over_once_it_dies(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> None:
+    """Two HACs share one SA store, the HA is down, and A owes the
+    withdrawal of a revoked MN's SA (it retries it with backoff).  While A
+    is alive -- its heartbeat in the store's ``hac_alive``, renewed at
+    every sweep -- B leaves the withdrawal to it: B sends nothing and warns
+    about nothing, however many sweeps pass (before owners, every HAC
+    sharing the store took over every withdrawal the others owed after two
+    sweeps, and said so in a WARNING each time).  Once A is killed, its
+    heartbeat lapses and B's sweeps take the withdrawal over: recorded as
+    B's, it is confirmed when the HA is back, and the HA no longer accepts
+    the SA."""
+    from mipsec.core.control import Request, request
+    from mipsec.core.ctlcli import locate
+
+    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
+    ha_proc.start()
+    hac.start()
+    lab_b, hac_b = _second_hac(lab)
+    store = lab.dir / "hac-sa.sqlite"
+    try:
+        hac_b.start()
+        first = Mn(lab)
+        try:
+            assert first.register(first.bu(10))["status"] == 0
+            ha_proc.kill9()
+            _role, control = locate(lab.info["hac"]["config"])
+            resp = request(control, Request("revoke", {"mn_id": MN_ID}))
+            assert resp.get("ok"), resp
+            assert unconfirmed(lab) == [first.spi]
+            owners = {str(r[0]) for r in query(store, "SELECT owner FROM hac_alive")}
+            assert len(owners) == 2  # A and B, each named by its config file
+            (owner_a,) = (o for o in owners if o.endswith("/hac.toml"))
+            assert query(store, "SELECT owner FROM retired_sa") == [(owner_a,)]
+            # ``mipsec status`` of B names both HACs sharing the store.
+            _role_b, control_b = locate(lab_b.info["hac"]["config"])
+            status = request(control_b, Request("status"))["result"]["store"]
+            assert sorted(status["hacs_alive"]) == sorted(owners)
+            assert status["owner"] != owner_a
+            time.sleep(5)  # five of B's sweeps, A alive
+            assert "withdrawing them from here too" not in hac_b.log_text()
+            assert query(store, "SELECT owner FROM retired_sa") == [(owner_a,)]
+            assert hac.proc is not None
+            hac.proc.kill()
+            hac.wait_killed()
+            wait_for(
+                "B took over what the dead A owed",
+                lambda: (
+                    query(store, "SELECT owner FROM retired_sa WHERE confirmed = 0")
+                    == [(owner_a.replace("/hac.toml", "/hac-b.toml"),)]
+                ),
+            )
+            assert "withdrawing them from here too" in hac_b.log_text()
+            ha_proc.start()
+            wait_for("the HA confirmed B's withdrawal", lambda: unconfirmed(lab) == [])
+            assert held_by_ha(lab) == []
+            assert silent(first.bu(11), first.ha)
+        finally:
+            first.close()
+        assert "Traceback" not in hac_b.log_text()
     finally:
         hac_b.close()
 

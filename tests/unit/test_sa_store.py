@@ -996,6 +996,88 @@ def test_owed_withdrawals_read_the_unconfirmed_index_not_the_table(tmp_path: Pat
         s.close()
 
 
+def test_owed_withdrawals_of_a_live_hac_are_left_to_it(tmp_path: Path) -> None:
+    """HACs sharing a store say who they are (``owner``) and until when they
+    count as alive (``heartbeat``).  A withdrawal another HAC owes is not
+    offered for taking over (``orphaned_unconfirmed`` and its worker-thread
+    read) while that HAC is alive; it is once its heartbeat lapses, and
+    ``claim`` makes it the taker's.  A HAC's own, and those recorded
+    without an owner, are always offered.  ``retired_unconfirmed`` still
+    lists them all (a start of the owner resumes its own)."""
+    path = tmp_path / "sa.db"
+    a, b, tool = SQLiteSAStore(path), SQLiteSAStore(path), SQLiteSAStore(path)
+    a.owner, b.owner = "host:/etc/mipsec/hac-a.toml", "host:/etc/mipsec/hac-b.toml"
+    try:
+        t0 = T0.timestamp()
+        a.heartbeat(t0 + 10, now=T0)
+        b.heartbeat(t0 + 10, now=T0)
+        assert [o for o, _ in a.alive_owners(T0)] == [b.owner, a.owner][::-1]
+        for spi, who in ((0x301, a), (0x302, b), (0x303, tool)):
+            who.add(issued(spi, mn_id=f"m{spi}@x", hoa6=f"2001:db8:1::{spi:x}"), now=T0)
+            who.retire(spi, "revoked")
+
+        def offered(s: SQLiteSAStore, at: datetime) -> list[int]:
+            rows = [r[0] for r in s.orphaned_unconfirmed(at)]
+            apart = s.retired_unconfirmed_apart(at)
+            assert apart is not None and sorted(r[0] for r in apart) == sorted(rows)
+            return rows
+
+        at = T0 + timedelta(seconds=5)
+        assert offered(b, at) == [0x302, 0x303]  # not A's: A is alive
+        assert offered(a, at) == [0x301, 0x303]
+        assert [r[0] for r in b.retired_unconfirmed(at)] == [0x301, 0x302, 0x303]
+        later = T0 + timedelta(seconds=11)  # A's heartbeat lapsed, B renewed its own
+        b.heartbeat(t0 + 30, now=later)
+        assert offered(b, later) == [0x301, 0x302, 0x303]
+        b.claim([0x301])  # B takes it over: B's now, and B is alive
+        assert offered(a, later) == [0x303]
+        assert query_owner(path, 0x301) == b.owner
+        # Heartbeats dead for a day are dropped.
+        days = T0 + timedelta(days=2)
+        b.heartbeat(days.timestamp() + 10, now=days)
+        assert [o for o, _ in b.alive_owners(days)] == [b.owner]
+        assert b._conn.execute("SELECT owner FROM hac_alive").fetchall() == [(b.owner,)]
+    finally:
+        for s in (a, b, tool):
+            s.close()
+
+
+def query_owner(path: Path, spi: int) -> str | None:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT owner FROM retired_sa WHERE spi = ?", (spi,)).fetchone()
+        return None if row is None else row[0]
+    finally:
+        conn.close()
+
+
+def test_a_store_made_before_owners_gets_them_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    old = SQLiteSAStore(path)
+    old.add(issued(0x311), now=T0)
+    old.retire(0x311, "revoked")
+    old.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE retired_sa DROP COLUMN owner")
+    conn.execute("DROP TABLE hac_alive")
+    conn.commit()
+    conn.close()
+    s = SQLiteSAStore(path)
+    try:
+        s.owner = "host:/etc/mipsec/hac.toml"
+        s.heartbeat(T0.timestamp() + 10, now=T0)
+        # The row written before owners has none: anyone's to take over.
+        assert [r[0] for r in s.orphaned_unconfirmed(T0)] == [0x311]
+        other = SQLiteSAStore(path)
+        other.owner = "host:/etc/mipsec/hac-b.toml"
+        try:
+            assert [r[0] for r in other.orphaned_unconfirmed(T0)] == [0x311]
+        finally:
+            other.close()
+    finally:
+        s.close()
+
+
 def test_live_for_nai_finds_every_spelling_of_the_realm_only(store: SQLiteSAStore) -> None:
     """SAs issued before the HAC bound them to the canonical NAI may be stored
     under another case of the realm: ``live_for_nai`` (``mipsec revoke``,
