@@ -27,7 +27,10 @@ With the HA killed and started again instead, the same facts hold once
 settled (no SA it was told to withdraw comes back with its restart).  With
 two HAs, one MN's two SAs may land on different HAs; it then holds one or
 two (never none), and exactly one after its next bootstrap.  With HAC C
-stopped by SIGTERM instead of killed, the same facts hold.  With a small
+stopped by SIGTERM instead of killed, the same facts hold.  And with
+attackers against all three HACs during the traffic (idle connections,
+garbage inside TLS, exchanges abandoned with a reset, wrong keys), each
+attacker gets the profile's answer and the same facts hold.  With a small
 IPv4 pool (14 addresses, then 6, for 12 MNs) no address is held twice.
 
 Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
@@ -41,9 +44,12 @@ import ipaddress
 import os
 import random
 import re
+import socket
+import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +58,7 @@ from pathlib import Path
 import pytest
 from conftest import LAUNCHER, Lab, edit_toml, wait_port
 from rawha import RawSA, binding_update, parse_ba
-from rawmn import RawMN, psk_bootstrap
+from rawmn import RawMN, lines, psk_bootstrap
 from test_crash_points import (
     HacProcess,
     _second_hac,
@@ -492,3 +498,133 @@ def test_three_hacs_small_ipv4_pool(lab: Lab, pool: str, usable: int) -> None:
         assert len(set(v4)) == len(v4), rows
         assert len(rows) <= usable
         no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log")
+
+
+def test_three_hacs_attacked_while_they_serve(
+    three: tuple[list[Lab], list[HacProcess], HaProcess],
+) -> None:
+    """The traffic of the first test, HAC C SIGKILLed a third of the way
+    in, while against every HAC attackers hold idle TCP connections, send
+    garbage inside TLS, abandon exchanges after the Init with a TCP reset,
+    and bootstrap with a wrong key.  The HACs answer each attacker as the
+    profile says (401 to a wrong key, a close to garbage) and keep serving
+    everyone else: once settled, the same facts as without attackers --
+    every MN holds exactly one SA, answered 200, held by the HA and
+    registering; nothing an attacker began is live; no traceback."""
+    labs, hacs, _ha = three
+    lab = labs[0]
+    stop = threading.Event()
+    seen: dict[str, list[str]] = {"wrong": [], "garbage": [], "abandon": [], "idle": []}
+    lock = threading.Lock()
+
+    def note(kind: str, what: str) -> None:
+        with lock:
+            seen[kind].append(what)
+
+    def wrong_key(k: int) -> None:
+        while not stop.is_set():
+            a = bootstrap(labs[k], k, f"mn{k + 1}@mipsec.test", b"\x55" * 32)
+            note("wrong", f"{k}:{a.status}")
+
+    def garbage(k: int) -> None:
+        rng = random.Random(k)
+        while not stop.is_set():
+            try:
+                raw = RawMN("127.0.0.1", labs[k].hac_port, lab.info["ca"], "hac.mipsec.test")
+            except OSError:
+                note("garbage", "refused")
+                time.sleep(0.05)
+                continue
+            try:
+                raw.send_raw(bytes([1, 7]) + rng.randbytes(rng.randrange(2, 300)))
+                raw.sock.settimeout(15)
+                try:
+                    # An error response (status 400 for a malformed
+                    # container), or nothing; then the close.
+                    got = raw.recv().headers.get("status-code", "?")
+                except (OSError, EOFError):
+                    got = "none"
+                note("garbage", f"{got} {'closed' if raw.at_eof() else 'open'}")
+            finally:
+                raw.sock.close()
+
+    def abandon(k: int) -> None:
+        while not stop.is_set():
+            try:
+                raw = RawMN("127.0.0.1", labs[k].hac_port, lab.info["ca"], "hac.mipsec.test")
+            except OSError:
+                note("abandon", "refused")
+                time.sleep(0.05)
+                continue
+            try:
+                raw.send(
+                    lines(
+                        [
+                            ("mn-id", f"mn{k + 2}@mipsec.test"),
+                            ("mn-rand", os.urandom(32).hex()),
+                            ("auth-method", "psk"),
+                        ]
+                    )
+                    + b"\r\n"
+                )
+                note("abandon", str(raw.recv().headers.get("status-code", "step-2")))
+            except (OSError, EOFError):
+                note("abandon", "cut")
+            finally:
+                # A reset, no close_notify: the exchange just stops.
+                raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raw.sock.close()
+
+    def idle(k: int) -> None:
+        held: list[socket.socket] = []
+        try:
+            while not stop.is_set():
+                held = [s for s in held if s.fileno() != -1]
+                while len(held) < 20:
+                    try:
+                        held.append(socket.create_connection(("127.0.0.1", labs[k].hac_port), 5))
+                    except OSError:
+                        break
+                note("idle", str(len(held)))
+                time.sleep(0.2)
+        finally:
+            for s in held:
+                s.close()
+
+    def kill_c() -> None:
+        proc = hacs[2].proc
+        assert proc is not None
+        proc.kill()
+        hacs[2].wait_killed()
+
+    attackers = [
+        threading.Thread(target=f, args=(k,), daemon=True)
+        for f in (wrong_key, garbage, abandon, idle)
+        for k in range(3)
+    ]
+    for t in attackers:
+        t.start()
+    try:
+        answers, _ = traffic(labs, kill_c)
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(30)
+    lost = [a for a in answers if a.hac != 2 and a.status != "200"]
+    assert all(a.status == "504" for a in lost), [(a.mn_id, a.hac, a.status) for a in lost]
+    assert len(lost) < len(answers) // 4
+    # Every attacker got the profile's answer from a live HAC.
+    print("\nattackers' answers:", {k: Counter(v) for k, v in seen.items() if k != "idle"})
+    assert seen["wrong"] and set(seen["wrong"]) <= {"0:401", "1:401", "2:401", "2:None"}, set(
+        seen["wrong"]
+    )
+    assert seen["garbage"] and all(g.endswith(("closed", "refused")) for g in seen["garbage"]), set(
+        seen["garbage"]
+    )
+    assert set(seen["abandon"]) <= {"step-2", "cut", "refused"}, set(seen["abandon"])
+    assert "step-2" in seen["abandon"]
+    assert max(int(n) for n in seen["idle"]) == 20
+    settled_rows(lab, answers, MN_IDS)
+    for proc in hacs[:2]:
+        assert proc.runs == 1 and proc.proc is not None and proc.proc.poll() is None
+    no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log")
