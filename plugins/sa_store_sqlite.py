@@ -167,18 +167,24 @@ CREATE TABLE IF NOT EXISTS retired_sa (
 )"""
 # Which HAC sharing the store owes each withdrawal (``owner``: the HAC that
 # retired the SA or took the withdrawal over) and which HACs are alive: each
-# one writes ``until`` (epoch seconds) at every sweep, a few sweeps ahead.
-# A withdrawal whose owner is alive is left to it -- it retries until its HA
-# confirms -- so during an HA outage N HACs do not all send, and warn about,
-# what each of them owes (issue 9 review); one whose owner stopped being
-# alive (killed, or gone for good) is taken over by the others' sweeps.
-# NULL owner: written by a store user that does not say who it is (a
-# tool, an older mipsec): anyone's.
-_ALIVE = "CREATE TABLE IF NOT EXISTS hac_alive (owner TEXT PRIMARY KEY, until REAL NOT NULL)"
-# The owed withdrawals a HAC may take over: not those of another live HAC.
+# one writes ``until`` (epoch seconds) at every sweep, a few sweeps ahead,
+# and ``has``, the HAs it has configured (each between two newlines, which
+# no HA id contains).  A withdrawal whose owner is alive and has its HA is
+# left to it -- it retries until the HA confirms -- so during an HA outage N
+# HACs do not all send, and warn about, what each of them owes; one whose
+# owner stopped being alive (killed, or gone for good), or cannot reach its
+# HA (not configured there), is taken over by the others' sweeps.  NULL
+# owner: written by a store user that does not say who it is (a tool, an
+# older mipsec): anyone's.
+_ALIVE = (
+    "CREATE TABLE IF NOT EXISTS hac_alive "
+    "(owner TEXT PRIMARY KEY, until REAL NOT NULL, has TEXT NOT NULL DEFAULT '')"
+)
+# The owed withdrawals a HAC may take over: not those another live HAC can send.
 _ORPHANED = (
     " AND (owner IS NULL OR owner = ? OR NOT EXISTS "
-    "(SELECT 1 FROM hac_alive a WHERE a.owner = retired_sa.owner AND a.until > ?))"
+    "(SELECT 1 FROM hac_alive a WHERE a.owner = retired_sa.owner AND a.until > ? "
+    "AND instr(a.has, char(10) || retired_sa.ha_id || char(10)) > 0))"
 )
 _ORPHANED_ROWS = (
     "SELECT spi, mn_id, ha_id, validity_end FROM retired_sa "  # noqa: S608 (constants)
@@ -1448,17 +1454,19 @@ class SQLiteSAStore:
         finally:
             conn.close()
 
-    def heartbeat(self, until: float, now: datetime | None = None) -> None:
+    def heartbeat(self, until: float, has: Iterable[str] = (), now: datetime | None = None) -> None:
         """This HAC (``owner``) counts as alive until ``until`` (epoch
-        seconds); entries dead for a day are dropped."""
+        seconds) and can withdraw from the HAs ``has``; entries dead for a
+        day are dropped."""
         if self.owner is None:
             return
         t = self._now(now)
+        listed = "".join(f"\n{ha_id}" for ha_id in sorted(has)) + "\n"
         with self._tx() as c:
             c.execute(
-                "INSERT INTO hac_alive (owner, until) VALUES (?, ?) "
-                "ON CONFLICT (owner) DO UPDATE SET until = excluded.until",
-                (self.owner, until),
+                "INSERT INTO hac_alive (owner, until, has) VALUES (?, ?, ?) "
+                "ON CONFLICT (owner) DO UPDATE SET until = excluded.until, has = excluded.has",
+                (self.owner, until, listed),
             )
             c.execute("DELETE FROM hac_alive WHERE until < ?", (t - 86400,))
 

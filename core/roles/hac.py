@@ -1292,10 +1292,11 @@ class HacService:
         self._sweep_safely()
 
     def _heartbeat(self) -> None:
-        """Alive for three more sweeps (and slack): the others leave what
-        this HAC owes to it until then."""
+        """Alive for three more sweeps (and slack), with these HAs: the
+        others leave what this HAC owes to them to it until then (not a
+        withdrawal from an HA it does not have: that one is theirs)."""
         grace = 3 * self.cfg.hac.expiry_interval + 5.0
-        self.store.heartbeat(time.time() + grace)  # type: ignore[attr-defined]
+        self.store.heartbeat(time.time() + grace, self._ha_by_id)  # type: ignore[attr-defined]
 
     def _claim(self, spis: list[int]) -> None:
         """Record that this HAC now owes these withdrawals (best effort: if

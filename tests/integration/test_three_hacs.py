@@ -628,3 +628,51 @@ def test_three_hacs_attacked_while_they_serve(
     for proc in hacs[:2]:
         assert proc.runs == 1 and proc.proc is not None and proc.proc.poll() is None
     no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log")
+
+
+def test_a_withdrawal_owed_to_an_ha_its_owner_lacks_is_sent_by_a_hac_that_has_it(
+    lab: Lab,
+) -> None:
+    """HAC A has only ha1; HAC B, on the same store, has ha1 and ha2.  An MN
+    whose SA B put on ha2 is revoked on A: A retires the SA and owes its
+    withdrawal, but cannot send it (ha2 is not configured there).  A is
+    alive, yet B takes the withdrawal over -- a live HAC keeps only the
+    withdrawals it can send (``hac_alive`` lists its HAs) -- and ha2 stops
+    accepting the SA."""
+    config = Path(lab.info["hac"]["config"])
+    edit_toml(config, "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
+    with Path(lab.dir / "credentials.toml").open("a") as f:
+        for i in range(2):
+            f.write(f'\n[[mn]]\nmn_id = "mn{i}@mipsec.test"\npsk_hex = "{psk_of(i).hex()}"\n')
+    without_ha2 = config.read_text()
+    ha2 = SecondHa(lab)  # appends ha2 to hac.toml ...
+    lab_b, hac_b = _second_hac(lab, "hac-b")  # ... which B's copy keeps
+    config.write_text(without_ha2)  # and A's loses
+    hac_a, ha1 = HacProcess(lab), HaProcess(lab)
+    try:
+        ha1.start()
+        ha2.start()
+        hac_a.start()
+        hac_b.start()
+        # Through B: two MNs, one SA on each HA (B picks the emptier one).
+        answers = [bootstrap(lab_b, 1, f"mn{i}@mipsec.test", psk_of(i)) for i in range(2)]
+        assert [a.status for a in answers] == ["200", "200"]
+        (on_ha2,) = [a for a in answers if a.spi in ha2.held()]
+        _role, control = locate(lab.info["hac"]["config"])
+        resp = request(control, Request("revoke", {"mn_id": on_ha2.mn_id}))
+        assert resp.get("ok"), resp
+        wait_for(
+            "B withdrew from ha2 what A owed and could not send",
+            lambda: unconfirmed(lab) == [] and on_ha2.spi not in ha2.held(),
+        )
+        assert "HA ha2 is not configured" in hac_a.log_text()
+        assert "withdrawing them from here too" in hac_b.log_text()
+        assert hac_a.proc is not None and hac_a.proc.poll() is None  # A alive throughout
+        other = next(a for a in answers if a is not on_ha2)
+        assert registers(other, 10) == 0  # the other MN is untouched
+        no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "ha2-run1.log")
+    finally:
+        hac_a.close()
+        hac_b.close()
+        ha1.close()
+        ha2.close()

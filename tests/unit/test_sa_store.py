@@ -1009,8 +1009,8 @@ def test_owed_withdrawals_of_a_live_hac_are_left_to_it(tmp_path: Path) -> None:
     a.owner, b.owner = "host:/etc/mipsec/hac-a.toml", "host:/etc/mipsec/hac-b.toml"
     try:
         t0 = T0.timestamp()
-        a.heartbeat(t0 + 10, now=T0)
-        b.heartbeat(t0 + 10, now=T0)
+        a.heartbeat(t0 + 10, ["ha1"], now=T0)
+        b.heartbeat(t0 + 10, ["ha1"], now=T0)
         assert [o for o, _ in a.alive_owners(T0)] == [b.owner, a.owner][::-1]
         for spi, who in ((0x301, a), (0x302, b), (0x303, tool)):
             who.add(issued(spi, mn_id=f"m{spi}@x", hoa6=f"2001:db8:1::{spi:x}"), now=T0)
@@ -1026,15 +1026,21 @@ def test_owed_withdrawals_of_a_live_hac_are_left_to_it(tmp_path: Path) -> None:
         assert offered(b, at) == [0x302, 0x303]  # not A's: A is alive
         assert offered(a, at) == [0x301, 0x303]
         assert [r[0] for r in b.retired_unconfirmed(at)] == [0x301, 0x302, 0x303]
+        # A withdrawal A owes to an HA it does not have is never A's to send:
+        # offered to B although A is alive.
+        a.add(issued(0x304, mn_id="m304@x", hoa6="2001:db8:1::304", ha_id="ha9"), now=T0)
+        a.retire(0x304, "revoked")
+        assert offered(b, at) == [0x302, 0x303, 0x304]
+        a.confirm_retired(0x304)
         later = T0 + timedelta(seconds=11)  # A's heartbeat lapsed, B renewed its own
-        b.heartbeat(t0 + 30, now=later)
+        b.heartbeat(t0 + 30, ["ha1"], now=later)
         assert offered(b, later) == [0x301, 0x302, 0x303]
         b.claim([0x301])  # B takes it over: B's now, and B is alive
         assert offered(a, later) == [0x303]
         assert query_owner(path, 0x301) == b.owner
         # Heartbeats dead for a day are dropped.
         days = T0 + timedelta(days=2)
-        b.heartbeat(days.timestamp() + 10, now=days)
+        b.heartbeat(days.timestamp() + 10, ["ha1"], now=days)
         assert [o for o, _ in b.alive_owners(days)] == [b.owner]
         assert b._conn.execute("SELECT owner FROM hac_alive").fetchall() == [(b.owner,)]
     finally:
@@ -1065,7 +1071,7 @@ def test_a_store_made_before_owners_gets_them_at_open(tmp_path: Path) -> None:
     s = SQLiteSAStore(path)
     try:
         s.owner = "host:/etc/mipsec/hac.toml"
-        s.heartbeat(T0.timestamp() + 10, now=T0)
+        s.heartbeat(T0.timestamp() + 10, ["ha1"], now=T0)
         # The row written before owners has none: anyone's to take over.
         assert [r[0] for r in s.orphaned_unconfirmed(T0)] == [0x311]
         other = SQLiteSAStore(path)
