@@ -1437,7 +1437,8 @@ class HacService:
             self._claim(adopted)
             log.warning(
                 "%d withdrawal(s) owed by a HAC sharing the store that is no longer alive "
-                "(or by a tool) and still not confirmed: withdrawing them from here too, spi=%s",
+                "or does not have their HA (or by a tool) and still not confirmed: "
+                "withdrawing them from here too, spi=%s",
                 len(adopted),
                 _spi_list(adopted),
             )
