@@ -103,6 +103,10 @@ class _Prepared:
     transport: Any
     superseding: Any  # the transport's provision_superseding, if it has one
     old: tuple[int, ...]  # SPIs on the same HA to withdraw with the install
+    # SPIs on other HAs it supersedes too (with a store that has
+    # add_superseding): retired with its store write, withdrawn once it is
+    # confirmed, put back if it is not.
+    elsewhere: tuple[int, ...] = ()
 
 
 class _Owed:
@@ -1019,13 +1023,20 @@ class HacService:
         # Issue 6 item 3: once the new SA is confirmed by its HA, the older
         # ones are withdrawn.  Those on the same HA go with the install
         # (prov-withdraw, one round trip instead of two, both durable on the
-        # HA before it confirms); the rest after the 200 (``deliver``).
+        # HA before it confirms).  With a store that retires them in the new
+        # SA's own transaction, so do those on other HAs -- withdrawn once
+        # the new SA is confirmed, put back if it is not: two HACs issuing
+        # to one MN at once on two HAs then leave one SA, the later stored,
+        # as on one HA.  The rest after the 200 (``deliver``).
         superseding = getattr(transport, "provision_superseding", None)
         old: tuple[int, ...] = ()
+        elsewhere: tuple[int, ...] = ()
         if superseding is not None:
-            old = tuple(s for s, h in self._excess(mn_id, None, now) if h == ha.ha_id)
-            old = old[:MAX_PIGGYBACK]
-        return _Prepared(ha, bootstrap, transport, superseding, old)
+            excess = self._excess(mn_id, None, now)
+            old = tuple(s for s, h in excess if h == ha.ha_id)[:MAX_PIGGYBACK]
+            if hasattr(store, "add_superseding"):
+                elsewhere = tuple(s for s, h in excess if h != ha.ha_id)[:MAX_PIGGYBACK]
+        return _Prepared(ha, bootstrap, transport, superseding, old, elsewhere)
 
     def _store_now(
         self, prep: _Prepared, mn_id: str, suite: Any, scope: int, now: datetime
@@ -1033,7 +1044,9 @@ class HacService:
         """Draw an SPI and store the SA (with the SQLite store: and retire the
         SAs it supersedes, in the same transaction)."""
         ha, old = prep.ha, prep.old
-        add_superseding = getattr(self.store, "add_superseding", None) if old else None
+        add_superseding = (
+            getattr(self.store, "add_superseding", None) if old or prep.elsewhere else None
+        )
         for _ in range(SPI_DRAWS):
             sa = new_sa(
                 spi=random_spi(),
@@ -1046,10 +1059,11 @@ class HacService:
             )
             candidate = IssuedSA(sa, prep.bootstrap)
             if add_superseding is not None:
-                taken = add_superseding(candidate, old, "superseded")
+                taken = add_superseding(candidate, old + prep.elsewhere, "superseded")
                 if taken is not None:
-                    old = tuple(x.spi for x in taken)
-                    return _Stored(candidate, ha, prep.transport, prep.superseding, old, taken)
+                    # With the install: only those on its HA.
+                    here = tuple(x.spi for x in taken if x.ha_id == ha.ha_id)
+                    return _Stored(candidate, ha, prep.transport, prep.superseding, here, taken)
             elif self.store.add(candidate):
                 return _Stored(candidate, ha, prep.transport, prep.superseding, old, None)
         raise IssueFailure(INTERNAL_ERROR, "no-free-spi")
@@ -1167,14 +1181,17 @@ class HacService:
             # that now, or the MN was revoked meanwhile (by another HAC
             # sharing the list: its revoke found the new SA live, not these,
             # so only this HAC can withdraw them); then they are withdrawn.
-            if not (
-                refused and mn_id not in self.revocations and self._restore(stored.taken, mn_id)
-            ):
-                # No answer, or a 5xx (outcome unknown): the HA may have
-                # withdrawn them.  They stay retired, and are withdrawn
-                # until the HA confirms.
-                for x in stored.taken:
-                    self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
+            # After no answer, or a 5xx (outcome unknown), the new SA's HA
+            # may have withdrawn those on it: they stay retired, and are
+            # withdrawn until it confirms.  Those on other HAs were never
+            # touched: put back all the same.
+            ha_id = stored.ha.ha_id
+            back = [x for x in stored.taken if refused or x.ha_id != ha_id]
+            gone = [x for x in stored.taken if not (refused or x.ha_id != ha_id)]
+            if back and not (mn_id not in self.revocations and self._restore(back, mn_id)):
+                gone += back
+            for x in gone:
+                self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
         elif stored.old and not refused:
             # The same without the one-transaction store.
             for s in stored.old:

@@ -880,6 +880,7 @@ def hac_config(
     *,
     pull_port: int | None = None,
     allowed_clients: list[str] | None = None,
+    ha2_port: int | None = None,
 ) -> HACConfig:
     creds = tmp / "credentials.toml"
     creds.write_text(f'[[mn]]\nmn_id = "{MN_ID}"\npsk_hex = "{"00" * 32}"\n')
@@ -911,6 +912,10 @@ def hac_config(
             }
         ],
     }
+    if ha2_port is not None:  # a second HA, ha2, on its own listener
+        second = {**data["ha"][0], "id": "ha2", "address6": "2001:db8::2"}
+        second["options"] = {**second["options"], "port": ha2_port}
+        data["ha"].append(second)
     if pull_port is not None:
         data["provisioning"] = {
             "port": pull_port,
@@ -1549,3 +1554,92 @@ def test_a_withdrawal_the_ha_refuses_does_not_hold_the_others_back(
     failing = [r for r in caplog.records if "withdrawal from HA ha1 failed" in r.getMessage()]
     assert len(failing) == 1 and f"spi={bad}" in failing[0].getMessage()
     assert "(1 owed)" in failing[0].getMessage()
+
+
+# ------------------------------------------- supersede across two HAs
+
+
+@pytest.mark.parametrize("outcome", ["confirmed", "refused", "500"])
+def test_a_new_sa_on_another_ha_supersedes_the_older_in_its_store_write(
+    tmp_path: Path, pki: PkiPaths, outcome: str
+) -> None:
+    """The MN's first SA is on ha1; its second lands on ha2 (the emptier).
+    The second's store write retires the first too (one transaction), so two
+    HACs issuing to one MN at once on two HAs leave one SA, as on one HA.
+    Confirmed by ha2: the first is withdrawn from ha1 then (after, never
+    before: ha2 could still refuse).  Refused by ha2, or a 500: ha1 was
+    never touched, so the first is put back, live, and never withdrawn --
+    the MN keeps the SA it has."""
+    ha1, ha2 = SupersedeRecorder(), SupersedeRecorder()
+    hacs: list[HacService] = []
+    live_during_install: list[list[int]] = []
+
+    async def install_on_ha2(issued: IssuedSA, ha_id: str, withdraw: tuple[int, ...] = ()) -> None:
+        # What the HAC's store calls live while ha2 has the install in hand.
+        now = datetime.now(UTC)
+        live_during_install.append([i.sa.spi for i in hacs[0].store.live_for_mn(MN_ID, now)])
+        await ha2.install(issued, ha_id, withdraw)
+
+    Result = tuple[IssuedSA, IssuedSA | None, list[int], list[int]]
+
+    async def body(port1: int, port2: int) -> Result:
+        hac = HacService(hac_config(tmp_path, pki, port1, ha2_port=port2))
+        hacs.append(hac)
+        await hac.start()
+        second: IssuedSA | None = None
+        try:
+            first = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(first, "test")
+            assert first.sa.ha_id == "ha1"
+            if outcome == "refused":
+                ha2.refuse_next = ProvisioningRefused("validity_end: already expired")
+            elif outcome == "500":
+                ha2.refuse_next = RuntimeError("disk I/O error")
+            if outcome == "confirmed":
+                second = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+                assert second.sa.ha_id == "ha2"
+                hac.deliver(second, "test")
+            else:
+                with pytest.raises(IssueFailure):
+                    await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            now = datetime.now(UTC)
+            for _ in range(100):  # the withdrawal from ha1 runs in the background
+                if not hac.store.retired_unconfirmed(now) and (
+                    outcome != "confirmed" or ha1.withdrawn
+                ):
+                    break
+                await asyncio.sleep(0.02)
+            live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, now)]
+            pending = [p[0] for p in hac.store.retired_unconfirmed(now)]
+        finally:
+            await hac.stop()
+        return first, second, live, pending
+
+    async def two_has() -> Result:
+        server2 = ProvisioningServer(
+            ha_listener(pki),
+            on_install=install_on_ha2,
+            on_withdraw=ha2.withdraw,
+            install_withdraws=True,
+        )
+        (_, port2), *_ = await server2.start()
+        try:
+            return await serving(
+                ha_listener(pki), ha1, lambda port1: body(port1, port2), install_withdraws=True
+            )
+        finally:
+            await server2.stop()
+
+    first, second, live, pending = run(two_has())
+    assert pending == []
+    # Retired with the second's store write, before ha2 answered: only the
+    # second was live while ha2 had its install in hand.
+    (during,) = live_during_install
+    assert len(during) == 1 and first.sa.spi not in during
+    if outcome == "confirmed":
+        assert second is not None and live == [second.sa.spi]
+        assert ha1.withdrawn == [first.sa.spi]  # withdrawn from its own HA
+        assert ha2.superseded == [(second.sa.spi, ())]  # nothing of ha1's rode on ha2's install
+    else:
+        assert live == [first.sa.spi]  # put back
+        assert first.sa.spi not in ha1.withdrawn
