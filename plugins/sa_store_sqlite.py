@@ -1487,9 +1487,12 @@ class SQLiteSAStore:
             for i in range(0, len(spis), 500):  # SQLite's bound-parameter limit
                 part = spis[i : i + 500]
                 marks = ", ".join("?" for _ in part)
+                # Rows already this HAC's (a restart resuming its own) are
+                # not written again.
                 c.execute(
-                    f"UPDATE retired_sa SET owner = ? WHERE confirmed = 0 AND spi IN ({marks})",  # noqa: S608
-                    (self.owner, *part),
+                    "UPDATE retired_sa SET owner = ? WHERE confirmed = 0 "  # noqa: S608
+                    f"AND owner IS NOT ? AND spi IN ({marks})",
+                    (self.owner, self.owner, *part),
                 )
 
     def confirm_retired(self, spi: int) -> None:
