@@ -672,3 +672,51 @@ def test_a_withdrawal_owed_to_an_ha_its_owner_lacks_is_sent_by_a_hac_that_has_it
         hac_b.close()
         ha1.close()
         ha2.close()
+
+
+def test_three_hacs_two_has_one_killed_mid_traffic(lab: Lab) -> None:
+    """Two HAs, and ha2 SIGKILLed a third of the way in, then started again
+    under a second wave.  While ha2 is down, a new SA meant for it is not
+    confirmed (504): the MN's older SA on ha1, retired with the new SA's
+    store write, is put back (ha1 was never touched), one on ha2 stays
+    retired and is withdrawn once ha2 is back.  Once settled: every MN
+    holds exactly one SA, held by exactly its HA and registering; nothing
+    ha2 was told to withdraw came back with its restart.  (The put-back
+    itself is checked step by step in test_provisioning_tls.py: here the
+    second wave would repair its absence.)"""
+    ha2 = SecondHa(lab)
+    with three_hacs(lab) as (labs, hacs, _ha):
+        ha2.start()
+        try:
+            first, _ = traffic(labs, ha2.close)
+            assert {a.status for a in first} <= {"200", "504"}
+            assert "504" in {a.status for a in first}
+            ha2.start()
+            second, _ = traffic(labs, lambda: None)
+            assert {a.status for a in second} <= {"200", "504"}
+            answers = first + second
+            spis = [a.spi for a in answers if a.status == "200"]
+            assert len(set(spis)) == len(spis), "an SPI handed out twice"
+            ok = [a for a in answers if a.status == "200"]
+            answered = {a.spi for a in ok}
+
+            def settled() -> bool:
+                live = live_on_hac(lab)
+                held = sorted(held_by_ha(lab) + ha2.held())
+                return unconfirmed(lab) == [] and set(live) <= answered and held == live
+
+            wait_for("settled over two HAs after ha2's restart", settled, timeout=SETTLE)
+            rows = query(lab.dir / "hac-sa.sqlite", "SELECT spi, mn_id, ha_id FROM issued_sa")
+            per_mn: dict[str, list[str]] = {}
+            for _spi, mn_id, ha_id in rows:
+                per_mn.setdefault(str(mn_id), []).append(str(ha_id))
+            assert set(per_mn) == MN_IDS
+            assert all(len(v) == 1 for v in per_mn.values()), per_mn
+            by_spi = {a.spi: a for a in ok}
+            for seq, (spi, _mn_id, _ha_id) in enumerate(rows, start=10):
+                assert registers(by_spi[int(spi)], seq) == 0  # type: ignore[call-overload]
+            for proc in hacs:
+                assert proc.runs == 1 and proc.proc is not None and proc.proc.poll() is None
+            no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log", "ha2-run1.log")
+        finally:
+            ha2.close()
