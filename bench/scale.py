@@ -28,7 +28,7 @@ load on the machine hits both alike:
   holding N SAs and N bindings (in a child process, so nothing else counts).
 * HA BU -> BA transactions/s of a ``HaCore`` holding N SAs and N bindings
   against one holding only the 1,000 that send the BUs, each in its own child
-  process (best of two alternating runs): protected refresh BUs from 1,000
+  process (best of three alternating runs): protected refresh BUs from 1,000
   MNs, the binding cache in a SQLite file flushed (committed) every 32 BUs as
   the HA does per burst, every BA checked the way an MN checks it.
 
@@ -684,11 +684,11 @@ def bu_rate(n: int, rounds: int, db: str) -> None:
 
 
 def _bu_figures(n: int, root: Path) -> tuple[float, float, bool]:
-    """BU -> BA/s with ``BU_ACTIVE`` bindings and with ``n``, best of two
+    """BU -> BA/s with ``BU_ACTIVE`` bindings and with ``n``, best of three
     alternating child runs each; and whether every BA was valid."""
     best = {BU_ACTIVE: 0.0, n: 0.0}
     ok = True
-    for run_no in range(2):
+    for run_no in range(3):
         for size in (BU_ACTIVE, n):
             db = root / f"bindings-{size}-{run_no}.sqlite"
             out = subprocess.run(
