@@ -186,13 +186,12 @@ _ORPHANED = (
     "(SELECT 1 FROM hac_alive a WHERE a.owner = retired_sa.owner AND a.until > ? "
     "AND instr(a.has, char(10) || retired_sa.ha_id || char(10)) > 0))"
 )
-_ORPHANED_ROWS = (
-    "SELECT spi, mn_id, ha_id, validity_end FROM retired_sa "  # noqa: S608 (constants)
-    f"WHERE confirmed = 0 AND validity_end > ?{_ORPHANED} ORDER BY validity_end, spi"
-)
-_OWED_APART = (
-    "SELECT spi, ha_id, validity_end FROM retired_sa WHERE confirmed = 0 AND validity_end > ?"
-)
+# The withdrawals still owed (``retired_unconfirmed``), and the columns a
+# sweep's read in a worker thread needs of them.
+_OWED_WHERE = " FROM retired_sa WHERE confirmed = 0 AND validity_end > ?"
+_OWED_ROWS = "SELECT spi, mn_id, ha_id, validity_end" + _OWED_WHERE
+_OWED_APART = "SELECT spi, ha_id, validity_end" + _OWED_WHERE
+_OWED_ORDER = " ORDER BY validity_end, spi"
 _RETIRE = (
     "INSERT INTO retired_sa (spi, mn_id, ha_id, validity_end, reason, confirmed, owner) "
     "VALUES (?, ?, ?, ?, ?, 0, ?) "
@@ -1190,16 +1189,18 @@ class SQLiteSAStore:
         and stays on the loop."""
         return self._read_apart(self._LIVE_LISTING, now)
 
-    def _read_apart(self, sql: str, now: datetime) -> list[Any] | None:
-        """The rows of ``sql`` (live at ``now``) read on a connection of its own
-        to this store's file, for a worker thread (a WAL reader never waits
-        for a writer, and sqlite3 releases the GIL while a statement runs);
-        None for a memory store (no file to open again)."""
+    def _read_apart(self, sql: str, *args: datetime | str) -> list[Any] | None:
+        """The rows of ``sql`` (its parameters ``args``, a ``datetime`` bound
+        as epoch seconds) read on a connection of its own to this store's
+        file, for a worker thread (a WAL reader never waits for a writer,
+        and sqlite3 releases the GIL while a statement runs); None for a
+        memory store (no file to open again)."""
         if self.path is None:
             return None
+        params = [_timestamp(a, "now") if isinstance(a, datetime) else a for a in args]
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            return conn.execute(sql, (_timestamp(now, "now"),)).fetchall()
+            return conn.execute(sql, params).fetchall()
         finally:
             conn.close()
 
@@ -1387,14 +1388,17 @@ class SQLiteSAStore:
         """``confirm_retired`` of many SPIs in one statement (one commit)."""
         self._update_spis("UPDATE retired_sa SET confirmed = 1", spis)
 
-    def _update_spis(self, update: str, spis: Iterable[int]) -> None:
-        """``update WHERE spi IN (...)``, 500 SPIs per statement (SQLite's
-        bound-parameter limit); ``update`` is one of this module's constants."""
+    def _update_spis(
+        self, update: str, spis: Iterable[int], where: str = "", params: tuple[Any, ...] = ()
+    ) -> None:
+        """``update WHERE <where>spi IN (...)``, 500 SPIs per statement
+        (SQLite's bound-parameter limit); ``update`` and ``where`` are this
+        module's constants, ``params`` bound before the SPIs."""
         spis = list(spis)
         for i in range(0, len(spis), 500):
             part = spis[i : i + 500]
             marks = ", ".join("?" for _ in part)
-            self._conn.execute(f"{update} WHERE spi IN ({marks})", part)
+            self._conn.execute(f"{update} WHERE {where}spi IN ({marks})", (*params, *part))
 
     def delivered_many(self, spis: Iterable[int]) -> None:
         """The MNs got their 200s: these SAs are no longer pending (``track_delivery``).
@@ -1417,11 +1421,10 @@ class SQLiteSAStore:
     def retired_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
         """``(spi, mn_id, ha_id, validity_end)`` of retired SAs whose HA has not
         confirmed the withdrawal and that are not yet past their validity end."""
-        rows = self._conn.execute(
-            "SELECT spi, mn_id, ha_id, validity_end FROM retired_sa "
-            "WHERE confirmed = 0 AND validity_end > ? ORDER BY validity_end, spi",
-            (_timestamp(now, "now"),),
-        ).fetchall()
+        return self._owed(_OWED_ROWS + _OWED_ORDER, (_timestamp(now, "now"),))
+
+    def _owed(self, sql: str, args: tuple[Any, ...]) -> list[tuple[int, str, str, datetime]]:
+        rows = self._conn.execute(sql, args).fetchall()
         return [(s, m, h, datetime.fromtimestamp(e, tz=UTC)) for s, m, h, e in rows]
 
     def orphaned_unconfirmed(self, now: datetime) -> list[tuple[int, str, str, datetime]]:
@@ -1431,8 +1434,7 @@ class SQLiteSAStore:
         if self.owner is None:
             return self.retired_unconfirmed(now)
         t = _timestamp(now, "now")
-        rows = self._conn.execute(_ORPHANED_ROWS, (t, self.owner, t)).fetchall()
-        return [(s, m, h, datetime.fromtimestamp(e, tz=UTC)) for s, m, h, e in rows]
+        return self._owed(_OWED_ROWS + _ORPHANED + _OWED_ORDER, (t, self.owner, t))
 
     def retired_unconfirmed_apart(self, now: datetime) -> list[tuple[int, str, int]] | None:
         """``(spi, ha_id, validity_end)`` -- epoch seconds -- of
@@ -1441,18 +1443,9 @@ class SQLiteSAStore:
         (100,000 after a mass revocation while an HA was down: about 1 s of
         the event loop, with the ``datetime`` of each); None for a memory
         store."""
-        if self.path is None:
-            return None
-        t = _timestamp(now, "now")
-        sql: str = _OWED_APART
-        args: tuple[Any, ...] = (t,)
-        if self.owner is not None:
-            sql, args = _OWED_APART + _ORPHANED, (t, self.owner, t)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            return conn.execute(sql, args).fetchall()
-        finally:
-            conn.close()
+        if self.owner is None:
+            return self._read_apart(_OWED_APART, now)
+        return self._read_apart(_OWED_APART + _ORPHANED, now, self.owner, now)
 
     def heartbeat(self, until: float, has: Iterable[str] = (), now: datetime | None = None) -> None:
         """This HAC (``owner``) counts as alive until ``until`` (epoch
@@ -1482,18 +1475,15 @@ class SQLiteSAStore:
         over from a dead HAC, or resumed at its start)."""
         if self.owner is None:
             return
-        spis = list(spis)
-        with self._tx() as c:
-            for i in range(0, len(spis), 500):  # SQLite's bound-parameter limit
-                part = spis[i : i + 500]
-                marks = ", ".join("?" for _ in part)
-                # Rows already this HAC's (a restart resuming its own) are
-                # not written again.
-                c.execute(
-                    "UPDATE retired_sa SET owner = ? WHERE confirmed = 0 "  # noqa: S608
-                    f"AND owner IS NOT ? AND spi IN ({marks})",
-                    (self.owner, self.owner, *part),
-                )
+        with self._tx():
+            # Rows already this HAC's (a restart resuming its own) are not
+            # written again.
+            self._update_spis(
+                "UPDATE retired_sa SET owner = ?",
+                spis,
+                "confirmed = 0 AND owner IS NOT ? AND ",
+                (self.owner, self.owner),
+            )
 
     def confirm_retired(self, spi: int) -> None:
         """The HA confirmed the withdrawal of ``spi``: stop retrying (the SPI stays reserved)."""

@@ -408,18 +408,13 @@ class HacService:
         # HA only another HAC sharing the store has configured are its to
         # finish: one line for them all, not one per SPI.
         elsewhere: dict[str, int] = {}
-        owed = (
-            self.store.orphaned_unconfirmed  # type: ignore[attr-defined]
-            if self._owns
-            else self.store.retired_unconfirmed
-        )
         if self._owns:
             try:
                 self._heartbeat()
             except Exception as exc:  # the first sweep writes it again
                 log.warning("cannot record this HAC as alive in the SA store: %s", cause(exc))
         resumed: list[int] = []
-        for spi, _mn_id, ha_id, end in owed(utcnow()):
+        for spi, _mn_id, ha_id, end in self._owed_rows():
             if ha_id in self._ha_by_id:
                 self._schedule_withdraw(ha_id, spi, end)
                 resumed.append(spi)
@@ -1185,9 +1180,10 @@ class HacService:
             # may have withdrawn those on it: they stay retired, and are
             # withdrawn until it confirms.  Those on other HAs were never
             # touched: put back all the same.
-            ha_id = stored.ha.ha_id
-            back = [x for x in stored.taken if refused or x.ha_id != ha_id]
-            gone = [x for x in stored.taken if not (refused or x.ha_id != ha_id)]
+            back: list[Any] = []
+            gone: list[Any] = []
+            for x in stored.taken:
+                (back if refused or x.ha_id != stored.ha.ha_id else gone).append(x)
             if back and not (mn_id not in self.revocations and self._restore(back, mn_id)):
                 gone += back
             for x in gone:
@@ -1307,6 +1303,13 @@ class HacService:
     def _sweep_now(self) -> None:
         self._sweep_timer = None
         self._sweep_safely()
+
+    def _owed_rows(self) -> list[tuple[int, str, str, datetime]]:
+        """The unconfirmed withdrawals this HAC may send: with owners, all
+        but those another live HAC that has their HA owes."""
+        if self._owns:
+            return self.store.orphaned_unconfirmed(utcnow())  # type: ignore[attr-defined,no-any-return]
+        return self.store.retired_unconfirmed(utcnow())
 
     def _heartbeat(self) -> None:
         """Alive for three more sweeps (and slack), with these HAs: the
@@ -1433,12 +1436,7 @@ class HacService:
         (a store without owners, a heartbeat missed) costs a duplicate
         request, never a wrong state.  At most ``ADOPT_MAX`` per sweep; how
         many were adopted."""
-        owed = (
-            self.store.orphaned_unconfirmed  # type: ignore[attr-defined]
-            if self._owns
-            else self.store.retired_unconfirmed
-        )
-        rows = owed(utcnow())
+        rows = self._owed_rows()
         self._owed_seen, adopt = self._sift((spi, h, end) for spi, _m, h, end in rows)
         return self._adopt(adopt)
 
