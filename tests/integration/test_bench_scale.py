@@ -19,18 +19,23 @@ NUM = r"([\d.]+|nan)"
 ROW = re.compile(rf"^(.+?)\s+\|\s+{NUM} \|\s+{NUM} \|\s+([\d.]+|-)$", re.M)
 
 
-def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
+def quick_run(tmp_path: Path, *args: str) -> str:
+    """``bench/scale.py --quick ARGS``: its output; it must exit 0."""
     # TMPDIR: the bench's labs (and every process it starts) live under tmp_path.
     env = dict(os.environ, TMPDIR=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
+        [sys.executable, str(BENCH), "--quick", *args],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
+    out = quick_run(tmp_path)
     assert "HAC with 10000 live SAs" in out
     assert "compete" in out or "shared by the clients" in out  # the shared-CPU caveat
     rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
@@ -59,16 +64,7 @@ def test_two_hacs_per_lab_share_the_store_and_both_serve(tmp_path: Path) -> None
     """``--hacs 2``: each lab runs two HAC processes on its one store, and
     every worker's bootstraps alternate between them -- each HAC then follows
     the other's commits.  Both serve in both labs, and all four stop."""
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--hacs", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    out = proc.stdout
+    out = quick_run(tmp_path, "--hacs", "2")
     assert "2 HAC processes per lab on its one SA store" in out
     rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
     for kind in ("returning", "new"):
