@@ -53,8 +53,8 @@ CRASHPOINT = [sys.executable, str(Path(__file__).with_name("crashpoint.py"))]
 SETTLE = 30.0  # seconds for retried withdrawals (0.5, 1, 2, 4... s apart) and the sweep
 
 
-def crash_at(target: str) -> list[str]:
-    return [*CRASHPOINT, target, "1", "--"]
+def crash_at(target: str, nth: int = 1) -> list[str]:
+    return [*CRASHPOINT, target, str(nth), "--"]
 
 
 def final_status(lab: Lab) -> str | None:

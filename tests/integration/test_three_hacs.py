@@ -32,6 +32,9 @@ attackers against all three HACs during the traffic (idle connections,
 garbage inside TLS, exchanges abandoned with a reset, wrong keys), each
 attacker gets the profile's answer and the same facts hold.  With a small
 IPv4 pool (14 addresses, then 6, for 12 MNs) no address is held twice.
+And one HAC killed right after the store write that put an MN's new SA on
+ha2 and retired its SA on ha1, before the install left: started again, it
+withdraws both, and the MN's next bootstrap registers.
 
 Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
 the independent raw MN (tests/integration/rawmn.py).
@@ -62,13 +65,15 @@ from rawmn import RawMN, lines, psk_bootstrap
 from test_crash_points import (
     HacProcess,
     _second_hac,
+    crash_at,
+    final_status,
     held_by_ha,
     live_on_hac,
     query,
     unconfirmed,
     wait_for,
 )
-from test_ha_restart_replay import SUITE, HaProcess, udp
+from test_ha_restart_replay import SUITE, HaProcess, Mn, silent, udp
 
 from mipsec.core.control import Request, request
 from mipsec.core.ctlcli import locate
@@ -688,3 +693,65 @@ def test_three_hacs_two_has_one_killed_mid_traffic(lab: Lab) -> None:
             no_traceback(lab, "hac-run1.log", "hac-b-run1.log", "hac-c-run1.log", "ha2-run1.log")
         finally:
             ha2.close()
+
+
+def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(lab: Lab) -> None:
+    """The cross-HA supersede (the store write of an MN's new SA also retires
+    its SA on the other HA) cut by a SIGKILL before the install leaves.
+
+    The MN's first SA is on one HA; its re-bootstrap lands on the other (each
+    HAC picks the HA with the fewest SAs).  The HAC dies after the store
+    commit and before the install: the MN gets no 200, the old SA is
+    retired (its withdrawal owed, not yet sent), the new one stored but
+    never delivered.  Started again, the HAC withdraws both -- the old one
+    from its HA, the stranded one from the HA it was meant for -- so
+    nothing the MN was not told of stays live, and nothing it was told of
+    comes back; the MN's next bootstrap registers.
+    """
+    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
+    ha2 = SecondHa(lab)
+    ha = HaProcess(lab)
+    hac = HacProcess(lab)
+    ports = {int(lab.info["ha"]["port"]): "ha1", ha2.port: "ha2"}
+    try:
+        ha.start()
+        ha2.start()
+        # Call 1 is the first bootstrap's install; call 2 the re-bootstrap's.
+        hac.start(crash_at("mipsec.plugins.transport_tls:TlsTransport.provision", 2))
+        first = Mn(lab)
+        try:
+            first_ha = ports[first.ha[1]]
+            captured = first.bu(10)
+            assert first.register(captured)["status"] == 0
+            assert final_status(lab) is None  # killed: no 200
+            hac.wait_killed()
+            (stranded,) = [s for s in live_on_hac(lab) if s != first.spi]
+            rows = query(
+                lab.dir / "hac-sa.sqlite", f"SELECT ha_id FROM issued_sa WHERE spi = {stranded}"
+            )
+            assert rows and rows[0][0] != first_ha  # the case under test: the other HA
+            # Retired in the new SA's transaction, its withdrawal owed.
+            assert unconfirmed(lab) == [first.spi]
+            assert first.spi in held_by_ha(lab) + ha2.held()  # not yet withdrawn
+            hac.start()
+            wait_for(
+                "both withdrawals confirmed, nothing live",
+                lambda: live_on_hac(lab) == [] and unconfirmed(lab) == [],
+                timeout=SETTLE,
+            )
+            assert held_by_ha(lab) == [] and ha2.held() == []
+            assert silent(captured, first.ha) and silent(first.bu(11), first.ha)
+            again = Mn(lab)
+            try:
+                assert again.register(again.bu(12))["status"] == 0
+                assert live_on_hac(lab) == [again.spi]
+                assert sorted(held_by_ha(lab) + ha2.held()) == [again.spi]
+            finally:
+                again.close()
+        finally:
+            first.close()
+        no_traceback(lab, "hac-run2.log", "ha2-run1.log")
+    finally:
+        hac.close()
+        ha.close()
+        ha2.close()
