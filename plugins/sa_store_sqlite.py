@@ -45,7 +45,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from types import TracebackType
@@ -176,14 +176,25 @@ CREATE TABLE IF NOT EXISTS retired_sa (
 # HA (not configured there), is taken over by the others' sweeps.  NULL
 # owner: written by a store user that does not say who it is (a tool, an
 # older mipsec): anyone's.
+#
+# ``beat`` is the writer's clock at the write.  A heartbeat whose ``beat``
+# lies more than BEAT_SKEW ahead of the reader's clock is not believed: it
+# was written by a clock running ahead, or before this host's clock was
+# stepped back, and its ``until`` could otherwise keep a dead HAC's
+# withdrawals unsent for as long as the step.  Not believing it errs towards
+# sending a withdrawal twice (idempotent, confirmed by the HA either way)
+# rather than late.  The owner's next sweep writes a heartbeat that is
+# believed again.
 _ALIVE = (
-    "CREATE TABLE IF NOT EXISTS hac_alive "
-    "(owner TEXT PRIMARY KEY, until REAL NOT NULL, has TEXT NOT NULL DEFAULT '')"
+    "CREATE TABLE IF NOT EXISTS hac_alive (owner TEXT PRIMARY KEY, until REAL NOT NULL, "
+    "has TEXT NOT NULL DEFAULT '', beat REAL NOT NULL DEFAULT 0)"
 )
+BEAT_SKEW = 5.0  # seconds a heartbeat may lie ahead of the reader's clock
 # The owed withdrawals a HAC may take over: not those another live HAC can send.
 _ORPHANED = (
     " AND (owner IS NULL OR owner = ? OR NOT EXISTS "
-    "(SELECT 1 FROM hac_alive a WHERE a.owner = retired_sa.owner AND a.until > ? "
+    "(SELECT 1 FROM hac_alive a WHERE a.owner = retired_sa.owner "
+    "AND a.until > ? AND a.beat <= ? "  # believed: see _ALIVE
     "AND instr(a.has, char(10) || retired_sa.ha_id || char(10)) > 0))"
 )
 # The withdrawals still owed (``retired_unconfirmed``), and the columns a
@@ -788,6 +799,9 @@ class SQLiteSAStore:
                 if "owner" not in retired_columns:  # a store made before owners
                     c.execute("ALTER TABLE retired_sa ADD COLUMN owner TEXT")
                 c.execute(_ALIVE)
+                alive_columns = {r[1] for r in c.execute("PRAGMA table_info(hac_alive)")}
+                if "beat" not in alive_columns:  # a store made before 2026-12-06
+                    c.execute("ALTER TABLE hac_alive ADD COLUMN beat REAL NOT NULL DEFAULT 0")
                 indexes = {
                     r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
                 }
@@ -1434,7 +1448,8 @@ class SQLiteSAStore:
         if self.owner is None:
             return self.retired_unconfirmed(now)
         t = _timestamp(now, "now")
-        return self._owed(_OWED_ROWS + _ORPHANED + _OWED_ORDER, (t, self.owner, t))
+        args = (t, self.owner, t, t + BEAT_SKEW)
+        return self._owed(_OWED_ROWS + _ORPHANED + _OWED_ORDER, args)
 
     def retired_unconfirmed_apart(self, now: datetime) -> list[tuple[int, str, int]] | None:
         """``(spi, ha_id, validity_end)`` -- epoch seconds -- of
@@ -1445,7 +1460,8 @@ class SQLiteSAStore:
         store."""
         if self.owner is None:
             return self._read_apart(_OWED_APART, now)
-        return self._read_apart(_OWED_APART + _ORPHANED, now, self.owner, now)
+        ahead = now + timedelta(seconds=BEAT_SKEW)
+        return self._read_apart(_OWED_APART + _ORPHANED, now, self.owner, now, ahead)
 
     def heartbeat(self, until: float, has: Iterable[str] = (), now: datetime | None = None) -> None:
         """This HAC (``owner``) counts as alive until ``until`` (epoch
@@ -1457,17 +1473,20 @@ class SQLiteSAStore:
         listed = "".join(f"\n{ha_id}" for ha_id in sorted(has)) + "\n"
         with self._tx() as c:
             c.execute(
-                "INSERT INTO hac_alive (owner, until, has) VALUES (?, ?, ?) "
-                "ON CONFLICT (owner) DO UPDATE SET until = excluded.until, has = excluded.has",
-                (self.owner, until, listed),
+                "INSERT INTO hac_alive (owner, until, has, beat) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (owner) DO UPDATE "
+                "SET until = excluded.until, has = excluded.has, beat = excluded.beat",
+                (self.owner, until, listed, t),
             )
             c.execute("DELETE FROM hac_alive WHERE until < ?", (t - 86400,))
 
     def alive_owners(self, now: datetime) -> list[tuple[str, float]]:
-        """``(owner, until)`` of the HACs sharing the store that count as alive."""
+        """``(owner, until)`` of the HACs sharing the store that count as alive
+        (a heartbeat from more than ``BEAT_SKEW`` ahead is not believed)."""
+        t = _timestamp(now, "now")
         return self._conn.execute(
-            "SELECT owner, until FROM hac_alive WHERE until > ? ORDER BY owner",
-            (_timestamp(now, "now"),),
+            "SELECT owner, until FROM hac_alive WHERE until > ? AND beat <= ? ORDER BY owner",
+            (t, t + BEAT_SKEW),
         ).fetchall()
 
     def claim(self, spis: Iterable[int]) -> None:

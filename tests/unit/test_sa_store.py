@@ -1057,6 +1057,71 @@ def query_owner(path: Path, spi: int) -> str | None:
         conn.close()
 
 
+def test_a_heartbeat_from_ahead_of_the_readers_clock_is_not_believed(tmp_path: Path) -> None:
+    """A heartbeat whose write time (``beat``) lies more than ``BEAT_SKEW``
+    ahead of the reader's clock -- the writer's clock runs ahead, or this
+    host's clock was stepped back since -- is not believed: its ``until``
+    would otherwise keep a dead HAC's withdrawals unsent for as long as the
+    step.  Within the skew it is; the owner's next heartbeat, written on
+    the corrected clock, is believed again."""
+    path = tmp_path / "sa.db"
+    a, b = SQLiteSAStore(path), SQLiteSAStore(path)
+    a.owner, b.owner = "host:/etc/mipsec/hac-a.toml", "host:/etc/mipsec/hac-b.toml"
+    try:
+        a.add(issued(0x321, mn_id="m321@x", hoa6="2001:db8:1::321"), now=T0)
+        a.retire(0x321, "revoked")
+
+        def offered(at: datetime) -> list[int]:
+            rows = [r[0] for r in b.orphaned_unconfirmed(at)]
+            apart = b.retired_unconfirmed_apart(at)
+            assert apart is not None and sorted(r[0] for r in apart) == sorted(rows)
+            return rows
+
+        hour = T0 + timedelta(hours=1)  # A wrote its heartbeat an hour ahead of B's clock
+        a.heartbeat(hour.timestamp() + 10, ["ha1"], now=hour)
+        assert offered(T0) == [0x321]
+        assert a.owner not in [o for o, _ in b.alive_owners(T0)]
+        skew = T0 + timedelta(seconds=sa_store_sqlite.BEAT_SKEW - 1)  # within the skew
+        a.heartbeat(skew.timestamp() + 10, ["ha1"], now=skew)
+        assert offered(T0) == []
+        assert a.owner in [o for o, _ in b.alive_owners(T0)]
+        a.heartbeat(T0.timestamp() + 10, ["ha1"], now=T0)  # the corrected clock
+        assert offered(T0 + timedelta(seconds=5)) == []
+        assert offered(T0 + timedelta(seconds=11)) == [0x321]  # and it lapses as before
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_heartbeat_table_made_before_beats_gets_the_column_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    old = SQLiteSAStore(path)
+    old.add(issued(0x331), now=T0)
+    old.owner = "host:/etc/mipsec/hac-a.toml"
+    old.retire(0x331, "revoked")
+    old.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE hac_alive")
+    conn.execute("CREATE TABLE hac_alive (owner TEXT PRIMARY KEY, until REAL NOT NULL, "
+                 "has TEXT NOT NULL DEFAULT '')")  # fmt: skip
+    conn.execute(
+        "INSERT INTO hac_alive VALUES (?, ?, ?)",
+        ("host:/etc/mipsec/hac-a.toml", T0.timestamp() + 10, "\nha1\n"),
+    )
+    conn.commit()
+    conn.close()
+    s = SQLiteSAStore(path)
+    try:
+        s.owner = "host:/etc/mipsec/hac-b.toml"
+        # The heartbeat written before beats is believed (beat 0): A is alive.
+        assert [o for o, _ in s.alive_owners(T0)] == ["host:/etc/mipsec/hac-a.toml"]
+        assert s.orphaned_unconfirmed(T0) == []
+        s.heartbeat(T0.timestamp() + 10, ["ha1"], now=T0)
+        assert len(s.alive_owners(T0)) == 2
+    finally:
+        s.close()
+
+
 def test_a_store_made_before_owners_gets_them_at_open(tmp_path: Path) -> None:
     path = tmp_path / "sa.db"
     old = SQLiteSAStore(path)
