@@ -695,18 +695,34 @@ def test_three_hacs_two_has_one_killed_mid_traffic(lab: Lab) -> None:
             ha2.close()
 
 
-def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(lab: Lab) -> None:
+@pytest.mark.parametrize(
+    ("target", "nth", "installed"),
+    [
+        # After the store commit, before the install leaves (call 1 is the
+        # first bootstrap's install).
+        ("mipsec.plugins.transport_tls:TlsTransport.provision", 2, False),
+        # After the new SA's HA confirmed it, before the older SA's
+        # withdrawal is sent and before the 200.
+        ("mipsec.core.roles.hac:HacService._superseded", 1, True),
+    ],
+    ids=["before-the-install", "after-the-confirmation"],
+)
+def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(
+    lab: Lab, target: str, nth: int, installed: bool
+) -> None:
     """The cross-HA supersede (the store write of an MN's new SA also retires
-    its SA on the other HA) cut by a SIGKILL before the install leaves.
+    its SA on the other HA) cut by a SIGKILL: before the install leaves, or
+    once the new SA is installed and confirmed but before the older one's
+    withdrawal is sent.
 
     The MN's first SA is on one HA; its re-bootstrap lands on the other (each
-    HAC picks the HA with the fewest SAs).  The HAC dies after the store
-    commit and before the install: the MN gets no 200, the old SA is
-    retired (its withdrawal owed, not yet sent), the new one stored but
-    never delivered.  Started again, the HAC withdraws both -- the old one
-    from its HA, the stranded one from the HA it was meant for -- so
-    nothing the MN was not told of stays live, and nothing it was told of
-    comes back; the MN's next bootstrap registers.
+    HAC picks the HA with the fewest SAs).  The HAC dies: the MN gets no
+    200, the old SA is retired (its withdrawal owed, not yet sent), the new
+    one stored (and, in the second case, live on its HA) but never
+    delivered.  Started again, the HAC withdraws both -- the old one from
+    its HA, the stranded one from the HA it was meant for -- so nothing the
+    MN was not told of stays live, and nothing it was told of comes back;
+    the MN's next bootstrap registers.
     """
     edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
     ha2 = SecondHa(lab)
@@ -717,7 +733,7 @@ def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(lab: Lab
         ha.start()
         ha2.start()
         # Call 1 is the first bootstrap's install; call 2 the re-bootstrap's.
-        hac.start(crash_at("mipsec.plugins.transport_tls:TlsTransport.provision", 2))
+        hac.start(crash_at(target, nth))
         first = Mn(lab)
         try:
             first_ha = ports[first.ha[1]]
@@ -733,6 +749,7 @@ def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(lab: Lab
             # Retired in the new SA's transaction, its withdrawal owed.
             assert unconfirmed(lab) == [first.spi]
             assert first.spi in held_by_ha(lab) + ha2.held()  # not yet withdrawn
+            assert (stranded in held_by_ha(lab) + ha2.held()) is installed
             hac.start()
             wait_for(
                 "both withdrawals confirmed, nothing live",
