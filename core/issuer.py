@@ -106,8 +106,9 @@ def sa_headers(issued: IssuedSA) -> Message:
     )
 
 
-def sa_from_message(msg: Message, mn_id: str) -> IssuedSA:
-    """MN side: rebuild the SA of a 200 response, checking every field.
+def sa_from_message(msg: Message, mn_id: str, ha_id: str = "") -> IssuedSA:
+    """MN side: rebuild the SA of a 200 response, checking every field
+    (also the HA's, for an install, with the HA it names: ``ha_id``).
 
     Raises ``RemoteProtocolError`` naming what is missing or inconsistent.
     """
@@ -149,6 +150,7 @@ def sa_from_message(msg: Message, mn_id: str) -> IssuedSA:
         ha_to_mn_ikey=msg.ha_to_mn_ikey,
         mn_to_ha_ekey=msg.mn_to_ha_ekey or b"",
         ha_to_mn_ekey=msg.ha_to_mn_ekey or b"",
+        ha_id=ha_id,
     )
     kwargs = {}
     if msg.port is not None:

@@ -45,7 +45,6 @@ the HAC-HA channel), and there is no per-MN key to bind a MAC to.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import re
 from dataclasses import dataclass
@@ -222,11 +221,10 @@ def _issued_from(parsed: ParsedContent, msg: Message) -> IssuedSA:
     ha_id = _parse_ha_id(parsed)
     try:
         # Same suite and key-length checks as the MN applies to its 200.
-        issued = sa_from_message(msg, msg.mn_id)
+        return sa_from_message(msg, msg.mn_id, ha_id)
     except RemoteProtocolError as exc:
         field, _, why = exc.reason.partition(": ")
         raise HeaderError(field, why or exc.reason) from None
-    return IssuedSA(dataclasses.replace(issued.sa, ha_id=ha_id), issued.bootstrap)
 
 
 # ------------------------------------------------------------------ requests

@@ -202,3 +202,35 @@ def test_per_ha_texts_are_made_once_per_object_and_never_confused() -> None:
     assert len(m._TEXT_MEMO) <= m._TEXT_MEMO_MAX
     with pytest.raises(LocalProtocolError):
         encode_message(Message(haa_ip6=IPv6Address("fe80::1%eth0")))  # zone id: never sent
+
+
+def test_per_ha_values_received_are_parsed_once_per_text_and_stay_strict() -> None:
+    """The same per-HA texts in every install are parsed once; a memo hit
+    gives the value the codec gives (the same field, the same text), a bad
+    text raises naming its field every time and is never kept, per-MN
+    headers never enter the memo, and the memo stays bounded."""
+    from mipsec.core.wire import message as m
+
+    def decode(*headers: tuple[str, str]) -> Message:
+        return decode_message(parse_content(encode_content(list(headers))))
+
+    m._VALUE_MEMO.clear()
+    one = decode(("mip6-haa-ip6", "2001:db8:0:0:0:0:0:1"), ("mip6-ip6-hoa", "2001:db8:1:0:0:0:0:7"))
+    two = decode(("mip6-haa-ip6", "2001:db8:0:0:0:0:0:1"), ("mip6-ip6-hoa", "2001:db8:1:0:0:0:0:8"))
+    assert one.haa_ip6 == two.haa_ip6 == IPv6Address("2001:db8::1")
+    assert two.ip6_hoa == IPv6Address("2001:db8:1::8")
+    assert set(m._VALUE_MEMO) == {("mip6-haa-ip6", "2001:db8:0:0:0:0:0:1")}  # not the HoA
+    # The same text under another header is that header's own parse.
+    assert decode(("dns-ip6", "2001:db8:0:0:0:0:0:1")).dns_ip6 == IPv6Address("2001:db8::1")
+    net = decode(("mip6-ip6-hnp", "2001:db8:1:0:0:0:0:5/64")).ip6_hnp
+    assert net == IPv6Network("2001:db8:1::/64")  # host bits cleared, as uncached
+    for _ in range(2):
+        with pytest.raises(HeaderError) as err:
+            decode(("dns-ip4", "192.0.2.256"))
+        assert err.value.field == "dns-ip4"
+    assert not any(text == "192.0.2.256" for _, text in m._VALUE_MEMO)
+    for i in range(2 * m._VALUE_MEMO_MAX):
+        assert decode(("dns-ip4", f"10.0.{i // 256}.{i % 256}")).dns_ip4 == IPv4Address(
+            f"10.0.{i // 256}.{i % 256}"
+        )
+    assert len(m._VALUE_MEMO) <= m._VALUE_MEMO_MAX
