@@ -27,7 +27,9 @@ def cause(exc: BaseException) -> str:
     """
     name = type(exc).__name__
     if isinstance(exc, sqlite3.Error | OSError | StoreBusyError):
-        return f"{name}: {exc}"
+        text = str(exc)
+        # TimeoutError (an OSError) from asyncio.timeout carries no text.
+        return f"{name}: {text}" if text else name
     return name
 
 

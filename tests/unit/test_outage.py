@@ -42,3 +42,4 @@ def test_cause_names_a_store_error_but_only_the_class_of_anything_else() -> None
     )
     # A third-party store's own exception may carry anything.
     assert cause(RuntimeError("connect failed: postgres://mipsec:s3cret@db/sa")) == "RuntimeError"
+    assert cause(TimeoutError()) == "TimeoutError"  # no "TimeoutError: " with nothing after
