@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sqlite3
 import ssl
@@ -464,6 +465,75 @@ def test_a_live_hacs_withdrawal_is_left_to_it_and_taken_over_once_it_dies(
         finally:
             first.close()
         assert "Traceback" not in hac_b.log_text()
+    finally:
+        hac_b.close()
+
+
+def test_a_wedged_hacs_withdrawal_is_taken_over_and_its_return_harms_nothing(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> None:
+    """As above, but HAC A is wedged (SIGSTOP: its process lives, its loop
+    runs nothing) instead of killed.  Its heartbeat lapses like a dead
+    HAC's, and B takes the withdrawal over and finishes it once the HA is
+    back.  Then A resumes (SIGCONT) with its own retry of the same
+    withdrawal still pending: it sends it again (a withdrawal is
+    idempotent), the HA confirms, nothing comes back live, A writes a
+    heartbeat again and answers its control socket, and neither HAC logs a
+    traceback."""
+    from mipsec.core.control import Request, request
+    from mipsec.core.ctlcli import locate
+
+    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
+    ha_proc.start()
+    hac.start()
+    lab_b, hac_b = _second_hac(lab)
+    store = lab.dir / "hac-sa.sqlite"
+    try:
+        hac_b.start()
+        first = Mn(lab)
+        try:
+            assert first.register(first.bu(10))["status"] == 0
+            ha_proc.kill9()
+            _role, control = locate(lab.info["hac"]["config"])
+            assert request(control, Request("revoke", {"mn_id": MN_ID})).get("ok")
+            assert unconfirmed(lab) == [first.spi]
+            (owner_a,) = (str(r[0]) for r in query(store, "SELECT owner FROM retired_sa"))
+            owner_b = owner_a.replace("/hac.toml", "/hac-b.toml")
+
+            def alive_until(owner: str) -> float:
+                rows = query(store, "SELECT owner, until FROM hac_alive")
+                (until,) = (u for o, u in rows if o == owner)
+                assert isinstance(until, float)
+                return until
+
+            assert hac.proc is not None
+            hac.proc.send_signal(signal.SIGSTOP)
+            try:
+                wait_for(
+                    "B took over what the wedged A owed",
+                    lambda: (
+                        query(store, "SELECT owner FROM retired_sa WHERE confirmed = 0")
+                        == [(owner_b,)]
+                    ),
+                )
+                ha_proc.start()
+                wait_for("the HA confirmed B's withdrawal", lambda: unconfirmed(lab) == [])
+                lapsed = alive_until(owner_a)
+                assert lapsed < time.time()  # A's heartbeat lapsed while it was wedged
+            finally:
+                hac.proc.send_signal(signal.SIGCONT)
+            wait_for("A alive again (a new heartbeat)", lambda: alive_until(owner_a) > lapsed)
+            status = request(control, Request("status"))["result"]["store"]
+            assert sorted(status["hacs_alive"]) == sorted([owner_a, owner_b])
+            time.sleep(3)  # A's pending retry and sweeps run
+            assert unconfirmed(lab) == [] and held_by_ha(lab) == [] and live_on_hac(lab) == []
+            assert silent(first.bu(11), first.ha)
+        finally:
+            first.close()
+        assert "Traceback" not in hac_b.log_text()
+        # A's own retry went out once it resumed, and the HA confirmed it.
+        assert "withdrawal from HA ha1 works again" in hac.log_text()
+        assert "Traceback" not in hac.log_text()
     finally:
         hac_b.close()
 
