@@ -20,6 +20,7 @@ registers with BA 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -404,6 +405,38 @@ def test_a_hac_killed_owing_a_withdrawal_is_finished_by_the_other_hac(
         hac_b.close()
 
 
+@contextlib.contextmanager
+def _a_owes_a_withdrawal_with_the_ha_down(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> Iterator[tuple[Lab, HacProcess, Mn, Path]]:
+    """HACs A (``hac``, 1 s sweeps) and B on one store; an MN registered
+    through A, the HA killed, the MN revoked on A: A owes the withdrawal of
+    its SA and retries it.  Yields B's lab, B, the MN and A's control socket."""
+    from mipsec.core.control import Request, request
+    from mipsec.core.ctlcli import locate
+
+    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
+    ha_proc.start()
+    hac.start()
+    lab_b, hac_b = _second_hac(lab)
+    try:
+        hac_b.start()
+        first = Mn(lab)
+        try:
+            assert first.register(first.bu(10))["status"] == 0
+            ha_proc.kill9()
+            _role, control = locate(lab.info["hac"]["config"])
+            resp = request(control, Request("revoke", {"mn_id": MN_ID}))
+            assert resp.get("ok"), resp
+            assert unconfirmed(lab) == [first.spi]
+            yield lab_b, hac_b, first, control
+        finally:
+            first.close()
+        assert "Traceback" not in hac_b.log_text()
+    finally:
+        hac_b.close()
+
+
 def test_a_live_hacs_withdrawal_is_left_to_it_and_taken_over_once_it_dies(
     lab: Lab, hac: HacProcess, ha_proc: HaProcess
 ) -> None:
@@ -420,53 +453,35 @@ def test_a_live_hacs_withdrawal_is_left_to_it_and_taken_over_once_it_dies(
     from mipsec.core.control import Request, request
     from mipsec.core.ctlcli import locate
 
-    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
-    ha_proc.start()
-    hac.start()
-    lab_b, hac_b = _second_hac(lab)
     store = lab.dir / "hac-sa.sqlite"
-    try:
-        hac_b.start()
-        first = Mn(lab)
-        try:
-            assert first.register(first.bu(10))["status"] == 0
-            ha_proc.kill9()
-            _role, control = locate(lab.info["hac"]["config"])
-            resp = request(control, Request("revoke", {"mn_id": MN_ID}))
-            assert resp.get("ok"), resp
-            assert unconfirmed(lab) == [first.spi]
-            owners = {str(r[0]) for r in query(store, "SELECT owner FROM hac_alive")}
-            assert len(owners) == 2  # A and B, each named by its config file
-            (owner_a,) = (o for o in owners if o.endswith("/hac.toml"))
-            assert query(store, "SELECT owner FROM retired_sa") == [(owner_a,)]
-            # ``mipsec status`` of B names both HACs sharing the store.
-            _role_b, control_b = locate(lab_b.info["hac"]["config"])
-            status = request(control_b, Request("status"))["result"]["store"]
-            assert sorted(status["hacs_alive"]) == sorted(owners)
-            assert status["owner"] != owner_a
-            time.sleep(5)  # five of B's sweeps, A alive
-            assert "withdrawing them from here too" not in hac_b.log_text()
-            assert query(store, "SELECT owner FROM retired_sa") == [(owner_a,)]
-            assert hac.proc is not None
-            hac.proc.kill()
-            hac.wait_killed()
-            wait_for(
-                "B took over what the dead A owed",
-                lambda: (
-                    query(store, "SELECT owner FROM retired_sa WHERE confirmed = 0")
-                    == [(owner_a.replace("/hac.toml", "/hac-b.toml"),)]
-                ),
-            )
-            assert "withdrawing them from here too" in hac_b.log_text()
-            ha_proc.start()
-            wait_for("the HA confirmed B's withdrawal", lambda: unconfirmed(lab) == [])
-            assert held_by_ha(lab) == []
-            assert silent(first.bu(11), first.ha)
-        finally:
-            first.close()
-        assert "Traceback" not in hac_b.log_text()
-    finally:
-        hac_b.close()
+    with _a_owes_a_withdrawal_with_the_ha_down(lab, hac, ha_proc) as (lab_b, hac_b, first, _):
+        owners = {str(r[0]) for r in query(store, "SELECT owner FROM hac_alive")}
+        assert len(owners) == 2  # A and B, each named by its config file
+        (owner_a,) = (o for o in owners if o.endswith("/hac.toml"))
+        assert query(store, "SELECT owner FROM retired_sa") == [(owner_a,)]
+        # ``mipsec status`` of B names both HACs sharing the store.
+        _role_b, control_b = locate(lab_b.info["hac"]["config"])
+        status = request(control_b, Request("status"))["result"]["store"]
+        assert sorted(status["hacs_alive"]) == sorted(owners)
+        assert status["owner"] != owner_a
+        time.sleep(5)  # five of B's sweeps, A alive
+        assert "withdrawing them from here too" not in hac_b.log_text()
+        assert query(store, "SELECT owner FROM retired_sa") == [(owner_a,)]
+        assert hac.proc is not None
+        hac.proc.kill()
+        hac.wait_killed()
+        wait_for(
+            "B took over what the dead A owed",
+            lambda: (
+                query(store, "SELECT owner FROM retired_sa WHERE confirmed = 0")
+                == [(owner_a.replace("/hac.toml", "/hac-b.toml"),)]
+            ),
+        )
+        assert "withdrawing them from here too" in hac_b.log_text()
+        ha_proc.start()
+        wait_for("the HA confirmed B's withdrawal", lambda: unconfirmed(lab) == [])
+        assert held_by_ha(lab) == []
+        assert silent(first.bu(11), first.ha)
 
 
 def test_a_wedged_hacs_withdrawal_is_taken_over_and_its_return_harms_nothing(
@@ -481,61 +496,42 @@ def test_a_wedged_hacs_withdrawal_is_taken_over_and_its_return_harms_nothing(
     heartbeat again and answers its control socket, and neither HAC logs a
     traceback."""
     from mipsec.core.control import Request, request
-    from mipsec.core.ctlcli import locate
 
-    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
-    ha_proc.start()
-    hac.start()
-    lab_b, hac_b = _second_hac(lab)
     store = lab.dir / "hac-sa.sqlite"
-    try:
-        hac_b.start()
-        first = Mn(lab)
+
+    def alive_until(owner: str) -> float:
+        rows = query(store, "SELECT owner, until FROM hac_alive")
+        (until,) = (u for o, u in rows if o == owner)
+        assert isinstance(until, float)
+        return until
+
+    with _a_owes_a_withdrawal_with_the_ha_down(lab, hac, ha_proc) as (_, _hac_b, first, control):
+        (owner_a,) = (str(r[0]) for r in query(store, "SELECT owner FROM retired_sa"))
+        owner_b = owner_a.replace("/hac.toml", "/hac-b.toml")
+        assert hac.proc is not None
+        hac.proc.send_signal(signal.SIGSTOP)
         try:
-            assert first.register(first.bu(10))["status"] == 0
-            ha_proc.kill9()
-            _role, control = locate(lab.info["hac"]["config"])
-            assert request(control, Request("revoke", {"mn_id": MN_ID})).get("ok")
-            assert unconfirmed(lab) == [first.spi]
-            (owner_a,) = (str(r[0]) for r in query(store, "SELECT owner FROM retired_sa"))
-            owner_b = owner_a.replace("/hac.toml", "/hac-b.toml")
-
-            def alive_until(owner: str) -> float:
-                rows = query(store, "SELECT owner, until FROM hac_alive")
-                (until,) = (u for o, u in rows if o == owner)
-                assert isinstance(until, float)
-                return until
-
-            assert hac.proc is not None
-            hac.proc.send_signal(signal.SIGSTOP)
-            try:
-                wait_for(
-                    "B took over what the wedged A owed",
-                    lambda: (
-                        query(store, "SELECT owner FROM retired_sa WHERE confirmed = 0")
-                        == [(owner_b,)]
-                    ),
-                )
-                ha_proc.start()
-                wait_for("the HA confirmed B's withdrawal", lambda: unconfirmed(lab) == [])
-                lapsed = alive_until(owner_a)
-                assert lapsed < time.time()  # A's heartbeat lapsed while it was wedged
-            finally:
-                hac.proc.send_signal(signal.SIGCONT)
-            wait_for("A alive again (a new heartbeat)", lambda: alive_until(owner_a) > lapsed)
-            status = request(control, Request("status"))["result"]["store"]
-            assert sorted(status["hacs_alive"]) == sorted([owner_a, owner_b])
-            time.sleep(3)  # A's pending retry and sweeps run
-            assert unconfirmed(lab) == [] and held_by_ha(lab) == [] and live_on_hac(lab) == []
-            assert silent(first.bu(11), first.ha)
+            wait_for(
+                "B took over what the wedged A owed",
+                lambda: (
+                    query(store, "SELECT owner FROM retired_sa WHERE confirmed = 0") == [(owner_b,)]
+                ),
+            )
+            ha_proc.start()
+            wait_for("the HA confirmed B's withdrawal", lambda: unconfirmed(lab) == [])
+            lapsed = alive_until(owner_a)
+            assert lapsed < time.time()  # A's heartbeat lapsed while it was wedged
         finally:
-            first.close()
-        assert "Traceback" not in hac_b.log_text()
-        # A's own retry went out once it resumed, and the HA confirmed it.
-        assert "withdrawal from HA ha1 works again" in hac.log_text()
-        assert "Traceback" not in hac.log_text()
-    finally:
-        hac_b.close()
+            hac.proc.send_signal(signal.SIGCONT)
+        wait_for("A alive again (a new heartbeat)", lambda: alive_until(owner_a) > lapsed)
+        status = request(control, Request("status"))["result"]["store"]
+        assert sorted(status["hacs_alive"]) == sorted([owner_a, owner_b])
+        time.sleep(3)  # A's pending retry and sweeps run
+        assert unconfirmed(lab) == [] and held_by_ha(lab) == [] and live_on_hac(lab) == []
+        assert silent(first.bu(11), first.ha)
+    # A's own retry went out once it resumed, and the HA confirmed it.
+    assert "withdrawal from HA ha1 works again" in hac.log_text()
+    assert "Traceback" not in hac.log_text()
 
 
 def _ctl(verb: str, config: str) -> subprocess.CompletedProcess[str]:
