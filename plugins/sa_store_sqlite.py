@@ -1480,6 +1480,17 @@ class SQLiteSAStore:
             )
             c.execute("DELETE FROM hac_alive WHERE until < ?", (t - 86400,))
 
+    def leave(self) -> None:
+        """This HAC (``owner``) stops: it no longer counts as alive, so the
+        withdrawals it still owes are the other HACs' to take over at once
+        rather than when its heartbeat would have lapsed (a HAC stopped for
+        good, or started again under another config file name).  Started
+        again under the same name, it resumes its own (``claim``)."""
+        if self.owner is None:
+            return
+        with self._tx() as c:
+            c.execute("DELETE FROM hac_alive WHERE owner = ?", (self.owner,))
+
     def alive_owners(self, now: datetime) -> list[tuple[str, float]]:
         """``(owner, until)`` of the HACs sharing the store that count as alive
         (a heartbeat from more than ``BEAT_SKEW`` ahead is not believed)."""

@@ -507,6 +507,7 @@ class HacService:
         if self._confirm_timer is not None:  # it failed: the next run's sweep decides
             self._confirm_timer.cancel()
             self._confirm_timer = None
+        self._leave()
         if self._listener is not None:
             await self._listener.aclose()
         if self._prov_server is not None:
@@ -1317,6 +1318,22 @@ class HacService:
         withdrawal from an HA it does not have: that one is theirs)."""
         grace = 3 * self.cfg.hac.expiry_interval + 5.0
         self.store.heartbeat(time.time() + grace, self._ha_by_id)  # type: ignore[attr-defined]
+
+    def _leave(self) -> None:
+        """At a stop: no longer alive in the store, so the other HACs take
+        over what this one still owes at their next sweeps instead of after
+        its heartbeat lapses (three intervals) -- it will not send it."""
+        leave = getattr(self.store, "leave", None)
+        if not self._owns or leave is None:
+            return
+        try:
+            leave()
+        except Exception as exc:  # store busy or failing: the heartbeat lapses instead
+            log.warning(
+                "could not mark this HAC stopped in the SA store (%s): the other HACs "
+                "take over its owed withdrawals once its heartbeat lapses",
+                cause(exc),
+            )
 
     def _claim(self, spis: list[int]) -> None:
         """Record that this HAC now owes these withdrawals (best effort: if

@@ -349,8 +349,8 @@ def _second_hac(lab: Lab, name: str = "hac-b") -> tuple[Lab, HacProcess]:
     text = Path(lab.info["hac"]["config"]).read_text()
     port = free_port()
     edits = [(f"port = {lab.hac_port}\n", f"port = {port}\n")]
-    if "expiry_interval" not in text:
-        edits.append(("[hac]\n", "[hac]\nexpiry_interval = 1.0\n"))
+    text = re.sub(r"expiry_interval = [0-9.]+\n", "", text)  # B's own: 1 s
+    edits.append(("[hac]\n", "[hac]\nexpiry_interval = 1.0\n"))
     for old, new in edits:
         assert old in text
         text = text.replace(old, new, 1)
@@ -407,15 +407,18 @@ def test_a_hac_killed_owing_a_withdrawal_is_finished_by_the_other_hac(
 
 @contextlib.contextmanager
 def _a_owes_a_withdrawal_with_the_ha_down(
-    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess, a_interval: float = 1.0
 ) -> Iterator[tuple[Lab, HacProcess, Mn, Path]]:
-    """HACs A (``hac``, 1 s sweeps) and B on one store; an MN registered
-    through A, the HA killed, the MN revoked on A: A owes the withdrawal of
-    its SA and retries it.  Yields B's lab, B, the MN and A's control socket."""
+    """HACs A (``hac``, sweeps every ``a_interval`` s) and B (1 s) on one
+    store; an MN registered through A, the HA killed, the MN revoked on A: A
+    owes the withdrawal of its SA and retries it.  Yields B's lab, B, the MN
+    and A's control socket."""
     from mipsec.core.control import Request, request
     from mipsec.core.ctlcli import locate
 
-    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
+    edit_toml(
+        Path(lab.info["hac"]["config"]), "[hac]\n", f"[hac]\nexpiry_interval = {a_interval}\n"
+    )
     ha_proc.start()
     hac.start()
     lab_b, hac_b = _second_hac(lab)
@@ -480,6 +483,38 @@ def test_a_live_hacs_withdrawal_is_left_to_it_and_taken_over_once_it_dies(
         assert "withdrawing them from here too" in hac_b.log_text()
         ha_proc.start()
         wait_for("the HA confirmed B's withdrawal", lambda: unconfirmed(lab) == [])
+        assert held_by_ha(lab) == []
+        assert silent(first.bu(11), first.ha)
+
+
+def test_a_stopped_hacs_withdrawal_is_taken_over_without_waiting_for_its_heartbeat(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> None:
+    """HAC A, sweeping every 30 s, owes a withdrawal (the HA is down) and is
+    stopped (SIGTERM, exit 0) -- for good, or to come back under another
+    config file name.  Its heartbeat would count it alive for 95 s more;
+    its stop removes it instead, so B takes the withdrawal over at its next
+    sweeps and finishes it when the HA is back."""
+    store = lab.dir / "hac-sa.sqlite"
+    with _a_owes_a_withdrawal_with_the_ha_down(lab, hac, ha_proc, a_interval=30.0) as ctx:
+        _lab_b, hac_b, first, _ = ctx
+        alive = dict(query(store, "SELECT owner, until FROM hac_alive"))
+        (owner_a,) = (str(o) for o in alive if str(o).endswith("/hac.toml"))
+        owner_b = owner_a.replace("/hac.toml", "/hac-b.toml")
+        until_a = alive[owner_a]
+        assert isinstance(until_a, float)
+        assert until_a > time.time() + 60  # A's heartbeat: alive for more than a minute
+        hac.stop()
+        assert query(store, "SELECT owner FROM hac_alive") == [(owner_b,)]
+        wait_for(
+            "B took over what the stopped A owed",
+            lambda: (
+                query(store, "SELECT owner FROM retired_sa WHERE confirmed = 0") == [(owner_b,)]
+            ),
+            timeout=15.0,
+        )
+        ha_proc.start()
+        wait_for("the HA confirmed B's withdrawal", lambda: unconfirmed(lab) == [], timeout=15.0)
         assert held_by_ha(lab) == []
         assert silent(first.bu(11), first.ha)
 

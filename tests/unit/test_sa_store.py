@@ -1093,6 +1093,33 @@ def test_a_heartbeat_from_ahead_of_the_readers_clock_is_not_believed(tmp_path: P
         b.close()
 
 
+def test_a_hac_that_leaves_is_no_longer_alive_and_its_withdrawals_are_offered(
+    tmp_path: Path,
+) -> None:
+    """``leave`` (a HAC's stop): its heartbeat is gone at once, so what it
+    owes is offered to the others before the heartbeat would have lapsed;
+    the others' heartbeats stay; a store user without an owner leaves
+    nothing."""
+    path = tmp_path / "sa.db"
+    a, b, tool = SQLiteSAStore(path), SQLiteSAStore(path), SQLiteSAStore(path)
+    a.owner, b.owner = "host:/etc/mipsec/hac-a.toml", "host:/etc/mipsec/hac-b.toml"
+    try:
+        t0 = T0.timestamp()
+        a.heartbeat(t0 + 100, ["ha1"], now=T0)
+        b.heartbeat(t0 + 100, ["ha1"], now=T0)
+        a.add(issued(0x341, mn_id="m341@x", hoa6="2001:db8:1::341"), now=T0)
+        a.retire(0x341, "revoked")
+        assert b.orphaned_unconfirmed(T0) == []  # A alive for 100 s more
+        tool.leave()  # no owner: nothing to leave
+        assert len(b.alive_owners(T0)) == 2
+        a.leave()
+        assert [o for o, _ in b.alive_owners(T0)] == [b.owner]
+        assert [r[0] for r in b.orphaned_unconfirmed(T0)] == [0x341]
+    finally:
+        for s in (a, b, tool):
+            s.close()
+
+
 def test_a_heartbeat_table_made_before_beats_gets_the_column_at_open(tmp_path: Path) -> None:
     path = tmp_path / "sa.db"
     old = SQLiteSAStore(path)
