@@ -996,7 +996,23 @@ def test_owed_withdrawals_read_the_unconfirmed_index_not_the_table(tmp_path: Pat
         s.close()
 
 
-def test_owed_withdrawals_of_a_live_hac_are_left_to_it(tmp_path: Path) -> None:
+@pytest.fixture
+def hacs(tmp_path: Path) -> Iterator[tuple[SQLiteSAStore, SQLiteSAStore, SQLiteSAStore]]:
+    """Three users of one store file: HACs A and B (each with its owner
+    name) and a tool without one."""
+    path = tmp_path / "sa.db"
+    a, b, tool = SQLiteSAStore(path), SQLiteSAStore(path), SQLiteSAStore(path)
+    a.owner, b.owner = "host:/etc/mipsec/hac-a.toml", "host:/etc/mipsec/hac-b.toml"
+    try:
+        yield a, b, tool
+    finally:
+        for s in (a, b, tool):
+            s.close()
+
+
+def test_owed_withdrawals_of_a_live_hac_are_left_to_it(
+    hacs: tuple[SQLiteSAStore, SQLiteSAStore, SQLiteSAStore],
+) -> None:
     """HACs sharing a store say who they are (``owner``) and until when they
     count as alive (``heartbeat``).  A withdrawal another HAC owes is not
     offered for taking over (``orphaned_unconfirmed`` and its worker-thread
@@ -1004,48 +1020,44 @@ def test_owed_withdrawals_of_a_live_hac_are_left_to_it(tmp_path: Path) -> None:
     ``claim`` makes it the taker's.  A HAC's own, and those recorded
     without an owner, are always offered.  ``retired_unconfirmed`` still
     lists them all (a start of the owner resumes its own)."""
-    path = tmp_path / "sa.db"
-    a, b, tool = SQLiteSAStore(path), SQLiteSAStore(path), SQLiteSAStore(path)
-    a.owner, b.owner = "host:/etc/mipsec/hac-a.toml", "host:/etc/mipsec/hac-b.toml"
-    try:
-        t0 = T0.timestamp()
-        a.heartbeat(t0 + 10, ["ha1"], now=T0)
-        b.heartbeat(t0 + 10, ["ha1"], now=T0)
-        assert [o for o, _ in a.alive_owners(T0)] == [b.owner, a.owner][::-1]
-        for spi, who in ((0x301, a), (0x302, b), (0x303, tool)):
-            who.add(issued(spi, mn_id=f"m{spi}@x", hoa6=f"2001:db8:1::{spi:x}"), now=T0)
-            who.retire(spi, "revoked")
+    a, b, tool = hacs
+    path = a.path
+    assert path is not None
+    t0 = T0.timestamp()
+    a.heartbeat(t0 + 10, ["ha1"], now=T0)
+    b.heartbeat(t0 + 10, ["ha1"], now=T0)
+    assert [o for o, _ in a.alive_owners(T0)] == [b.owner, a.owner][::-1]
+    for spi, who in ((0x301, a), (0x302, b), (0x303, tool)):
+        who.add(issued(spi, mn_id=f"m{spi}@x", hoa6=f"2001:db8:1::{spi:x}"), now=T0)
+        who.retire(spi, "revoked")
 
-        def offered(s: SQLiteSAStore, at: datetime) -> list[int]:
-            rows = [r[0] for r in s.orphaned_unconfirmed(at)]
-            apart = s.retired_unconfirmed_apart(at)
-            assert apart is not None and sorted(r[0] for r in apart) == sorted(rows)
-            return rows
+    def offered(s: SQLiteSAStore, at: datetime) -> list[int]:
+        rows = [r[0] for r in s.orphaned_unconfirmed(at)]
+        apart = s.retired_unconfirmed_apart(at)
+        assert apart is not None and sorted(r[0] for r in apart) == sorted(rows)
+        return rows
 
-        at = T0 + timedelta(seconds=5)
-        assert offered(b, at) == [0x302, 0x303]  # not A's: A is alive
-        assert offered(a, at) == [0x301, 0x303]
-        assert [r[0] for r in b.retired_unconfirmed(at)] == [0x301, 0x302, 0x303]
-        # A withdrawal A owes to an HA it does not have is never A's to send:
-        # offered to B although A is alive.
-        a.add(issued(0x304, mn_id="m304@x", hoa6="2001:db8:1::304", ha_id="ha9"), now=T0)
-        a.retire(0x304, "revoked")
-        assert offered(b, at) == [0x302, 0x303, 0x304]
-        a.confirm_retired(0x304)
-        later = T0 + timedelta(seconds=11)  # A's heartbeat lapsed, B renewed its own
-        b.heartbeat(t0 + 30, ["ha1"], now=later)
-        assert offered(b, later) == [0x301, 0x302, 0x303]
-        b.claim([0x301])  # B takes it over: B's now, and B is alive
-        assert offered(a, later) == [0x303]
-        assert query_owner(path, 0x301) == b.owner
-        # Heartbeats dead for a day are dropped.
-        days = T0 + timedelta(days=2)
-        b.heartbeat(days.timestamp() + 10, ["ha1"], now=days)
-        assert [o for o, _ in b.alive_owners(days)] == [b.owner]
-        assert b._conn.execute("SELECT owner FROM hac_alive").fetchall() == [(b.owner,)]
-    finally:
-        for s in (a, b, tool):
-            s.close()
+    at = T0 + timedelta(seconds=5)
+    assert offered(b, at) == [0x302, 0x303]  # not A's: A is alive
+    assert offered(a, at) == [0x301, 0x303]
+    assert [r[0] for r in b.retired_unconfirmed(at)] == [0x301, 0x302, 0x303]
+    # A withdrawal A owes to an HA it does not have is never A's to send:
+    # offered to B although A is alive.
+    a.add(issued(0x304, mn_id="m304@x", hoa6="2001:db8:1::304", ha_id="ha9"), now=T0)
+    a.retire(0x304, "revoked")
+    assert offered(b, at) == [0x302, 0x303, 0x304]
+    a.confirm_retired(0x304)
+    later = T0 + timedelta(seconds=11)  # A's heartbeat lapsed, B renewed its own
+    b.heartbeat(t0 + 30, ["ha1"], now=later)
+    assert offered(b, later) == [0x301, 0x302, 0x303]
+    b.claim([0x301])  # B takes it over: B's now, and B is alive
+    assert offered(a, later) == [0x303]
+    assert query_owner(path, 0x301) == b.owner
+    # Heartbeats dead for a day are dropped.
+    days = T0 + timedelta(days=2)
+    b.heartbeat(days.timestamp() + 10, ["ha1"], now=days)
+    assert [o for o, _ in b.alive_owners(days)] == [b.owner]
+    assert b._conn.execute("SELECT owner FROM hac_alive").fetchall() == [(b.owner,)]
 
 
 def query_owner(path: Path, spi: int) -> str | None:
@@ -1057,67 +1069,57 @@ def query_owner(path: Path, spi: int) -> str | None:
         conn.close()
 
 
-def test_a_heartbeat_from_ahead_of_the_readers_clock_is_not_believed(tmp_path: Path) -> None:
+def test_a_heartbeat_from_ahead_of_the_readers_clock_is_not_believed(
+    hacs: tuple[SQLiteSAStore, SQLiteSAStore, SQLiteSAStore],
+) -> None:
     """A heartbeat whose write time (``beat``) lies more than ``BEAT_SKEW``
     ahead of the reader's clock -- the writer's clock runs ahead, or this
     host's clock was stepped back since -- is not believed: its ``until``
     would otherwise keep a dead HAC's withdrawals unsent for as long as the
     step.  Within the skew it is; the owner's next heartbeat, written on
     the corrected clock, is believed again."""
-    path = tmp_path / "sa.db"
-    a, b = SQLiteSAStore(path), SQLiteSAStore(path)
-    a.owner, b.owner = "host:/etc/mipsec/hac-a.toml", "host:/etc/mipsec/hac-b.toml"
-    try:
-        a.add(issued(0x321, mn_id="m321@x", hoa6="2001:db8:1::321"), now=T0)
-        a.retire(0x321, "revoked")
+    a, b, _tool = hacs
+    a.add(issued(0x321, mn_id="m321@x", hoa6="2001:db8:1::321"), now=T0)
+    a.retire(0x321, "revoked")
 
-        def offered(at: datetime) -> list[int]:
-            rows = [r[0] for r in b.orphaned_unconfirmed(at)]
-            apart = b.retired_unconfirmed_apart(at)
-            assert apart is not None and sorted(r[0] for r in apart) == sorted(rows)
-            return rows
+    def offered(at: datetime) -> list[int]:
+        rows = [r[0] for r in b.orphaned_unconfirmed(at)]
+        apart = b.retired_unconfirmed_apart(at)
+        assert apart is not None and sorted(r[0] for r in apart) == sorted(rows)
+        return rows
 
-        hour = T0 + timedelta(hours=1)  # A wrote its heartbeat an hour ahead of B's clock
-        a.heartbeat(hour.timestamp() + 10, ["ha1"], now=hour)
-        assert offered(T0) == [0x321]
-        assert a.owner not in [o for o, _ in b.alive_owners(T0)]
-        skew = T0 + timedelta(seconds=sa_store_sqlite.BEAT_SKEW - 1)  # within the skew
-        a.heartbeat(skew.timestamp() + 10, ["ha1"], now=skew)
-        assert offered(T0) == []
-        assert a.owner in [o for o, _ in b.alive_owners(T0)]
-        a.heartbeat(T0.timestamp() + 10, ["ha1"], now=T0)  # the corrected clock
-        assert offered(T0 + timedelta(seconds=5)) == []
-        assert offered(T0 + timedelta(seconds=11)) == [0x321]  # and it lapses as before
-    finally:
-        a.close()
-        b.close()
+    hour = T0 + timedelta(hours=1)  # A wrote its heartbeat an hour ahead of B's clock
+    a.heartbeat(hour.timestamp() + 10, ["ha1"], now=hour)
+    assert offered(T0) == [0x321]
+    assert a.owner not in [o for o, _ in b.alive_owners(T0)]
+    skew = T0 + timedelta(seconds=sa_store_sqlite.BEAT_SKEW - 1)  # within the skew
+    a.heartbeat(skew.timestamp() + 10, ["ha1"], now=skew)
+    assert offered(T0) == []
+    assert a.owner in [o for o, _ in b.alive_owners(T0)]
+    a.heartbeat(T0.timestamp() + 10, ["ha1"], now=T0)  # the corrected clock
+    assert offered(T0 + timedelta(seconds=5)) == []
+    assert offered(T0 + timedelta(seconds=11)) == [0x321]  # and it lapses as before
 
 
 def test_a_hac_that_leaves_is_no_longer_alive_and_its_withdrawals_are_offered(
-    tmp_path: Path,
+    hacs: tuple[SQLiteSAStore, SQLiteSAStore, SQLiteSAStore],
 ) -> None:
     """``leave`` (a HAC's stop): its heartbeat is gone at once, so what it
     owes is offered to the others before the heartbeat would have lapsed;
     the others' heartbeats stay; a store user without an owner leaves
     nothing."""
-    path = tmp_path / "sa.db"
-    a, b, tool = SQLiteSAStore(path), SQLiteSAStore(path), SQLiteSAStore(path)
-    a.owner, b.owner = "host:/etc/mipsec/hac-a.toml", "host:/etc/mipsec/hac-b.toml"
-    try:
-        t0 = T0.timestamp()
-        a.heartbeat(t0 + 100, ["ha1"], now=T0)
-        b.heartbeat(t0 + 100, ["ha1"], now=T0)
-        a.add(issued(0x341, mn_id="m341@x", hoa6="2001:db8:1::341"), now=T0)
-        a.retire(0x341, "revoked")
-        assert b.orphaned_unconfirmed(T0) == []  # A alive for 100 s more
-        tool.leave()  # no owner: nothing to leave
-        assert len(b.alive_owners(T0)) == 2
-        a.leave()
-        assert [o for o, _ in b.alive_owners(T0)] == [b.owner]
-        assert [r[0] for r in b.orphaned_unconfirmed(T0)] == [0x341]
-    finally:
-        for s in (a, b, tool):
-            s.close()
+    a, b, tool = hacs
+    t0 = T0.timestamp()
+    a.heartbeat(t0 + 100, ["ha1"], now=T0)
+    b.heartbeat(t0 + 100, ["ha1"], now=T0)
+    a.add(issued(0x341, mn_id="m341@x", hoa6="2001:db8:1::341"), now=T0)
+    a.retire(0x341, "revoked")
+    assert b.orphaned_unconfirmed(T0) == []  # A alive for 100 s more
+    tool.leave()  # no owner: nothing to leave
+    assert len(b.alive_owners(T0)) == 2
+    a.leave()
+    assert [o for o, _ in b.alive_owners(T0)] == [b.owner]
+    assert [r[0] for r in b.orphaned_unconfirmed(T0)] == [0x341]
 
 
 def test_a_heartbeat_table_made_before_beats_gets_the_column_at_open(tmp_path: Path) -> None:
