@@ -63,6 +63,14 @@ class _Options(BaseModel):
     pipeline: Annotated[int, Field(ge=1, le=128)] = PIPELINE
 
 
+def _for_ha(issued: IssuedSA, ha: HomeAgentInfo) -> IssuedSA:
+    """The install names the HA it is meant for: the one this transport
+    serves.  The HAC's SAs name it already (no copy per bootstrap)."""
+    if issued.sa.ha_id == ha.ha_id:
+        return issued
+    return IssuedSA(dataclasses.replace(issued.sa, ha_id=ha.ha_id), issued.bootstrap)
+
+
 class TlsTransport:
     """One HA's provisioning client (the HAC builds one per ``[[ha]]`` entry)."""
 
@@ -74,10 +82,8 @@ class TlsTransport:
         return f"TlsTransport({self.client.host}:{self.client.port})"
 
     async def provision(self, ha: HomeAgentInfo, issued: IssuedSA, timeout: float) -> None:
-        # The install names the HA it is meant for: the one this transport serves.
-        sa = dataclasses.replace(issued.sa, ha_id=ha.ha_id)
-        content = encode_install(IssuedSA(sa, issued.bootstrap))
-        await self._confirm(ha, "install", sa.spi, content, timeout)
+        content = encode_install(_for_ha(issued, ha))
+        await self._confirm(ha, "install", issued.sa.spi, content, timeout)
 
     async def provision_superseding(
         self, ha: HomeAgentInfo, issued: IssuedSA, withdraw: tuple[int, ...], timeout: float
@@ -86,9 +92,8 @@ class TlsTransport:
         (``prov-withdraw``, core/provisioning.py).  Returns the SPIs the HA
         confirmed withdrawn: all of them, or none (an HA that ignores the
         header), in which case the HAC withdraws them one by one."""
-        sa = dataclasses.replace(issued.sa, ha_id=ha.ha_id)
-        content = encode_install(IssuedSA(sa, issued.bootstrap), withdraw)
-        response = await self._confirm(ha, "install", sa.spi, content, timeout)
+        content = encode_install(_for_ha(issued, ha), withdraw)
+        response = await self._confirm(ha, "install", issued.sa.spi, content, timeout)
         return withdraw if response.withdrawn == withdraw else ()
 
     async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:

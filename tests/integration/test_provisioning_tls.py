@@ -4,6 +4,7 @@ the ``tls`` transport, pull_sa, and HacService using them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
@@ -176,6 +177,11 @@ def test_install_withdraw_round_trip_reuses_one_connection(
         await t.provision(HA, issued, 5)
         await t.withdraw(HA, issued.sa.spi, 5)
         await t.provision(HA, make_issued(spi=99, suite=Suite.NULL_SHA), 5)
+        # An SA that does not name its HA yet (a plugin's) is sent naming
+        # the HA the transport serves.
+        anonymous = make_issued(spi=100)
+        anonymous = IssuedSA(dataclasses.replace(anonymous.sa, ha_id=""), anonymous.bootstrap)
+        await t.provision(HA, anonymous, 5)
         await t.aclose()
         return t
 
@@ -185,8 +191,9 @@ def test_install_withdraw_round_trip_reuses_one_connection(
     got = rec.installed[0][0].sa
     assert got.mn_to_ha_ekey == issued.sa.mn_to_ha_ekey and got.ha_id == "ha1"
     assert rec.installed[1][0].sa.mn_to_ha_ekey == b""  # NULL suite: no ekeys
+    assert rec.installed[2][1] == "ha1" and rec.installed[2][0].sa.ha_id == "ha1"
     assert rec.withdrawn == [4660]
-    assert t.client.stats["connects"] == 1 and t.client.stats["requests"] == 3
+    assert t.client.stats["connects"] == 1 and t.client.stats["requests"] == 4
     # One log line per operation, never a key.
     assert "op=install spi=4660 mn_id=alice@home.example ha_id=ha1 result=200" in caplog.text
     assert "op=withdraw spi=4660" in caplog.text
