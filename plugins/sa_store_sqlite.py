@@ -433,6 +433,14 @@ def _from_row(row: tuple[Any, ...], keys: tuple[bytes, bytes, bytes, bytes]) -> 
 # Columns the live view needs, in _LiveView.insert's argument order.
 _VIEW_COLS = "spi, validity_end, mn_id, ha_id, ip6_hoa, ip4_hoa"
 _ViewRow = tuple[int, int, str, str, str | None, str | None]
+# A catch-up's read: the changes logged after a position, each with its
+# SPI's current row (_VIEW_COLS; all NULL when the row is gone).
+_CATCH_UP_SQL = (
+    "SELECT l.seq, l.spi, "  # noqa: S608
+    + ", ".join(f"i.{c}" for c in _VIEW_COLS.split(", "))
+    + " FROM issued_sa_log l LEFT JOIN issued_sa i ON i.spi = l.spi "
+    "WHERE l.seq > ? ORDER BY l.seq LIMIT ?"
+)
 
 
 class _LiveView:
@@ -1649,26 +1657,21 @@ class SQLiteSAStore:
         """Apply the logged changes after ``view.log_seq``; False when a rebuild is needed."""
         if view.log_seq is None:
             return False
-        changes = self._conn.execute(
-            "SELECT seq, spi FROM issued_sa_log WHERE seq > ? ORDER BY seq LIMIT ?",
-            (view.log_seq, _CATCH_UP_MAX + 1),
-        ).fetchall()
+        # Each change with its SPI's row as it is now (NULL columns: the row
+        # is gone) -- one query, not the log and then the rows: a HAC
+        # sharing the store does this after every commit of another HAC.
+        changes = self._conn.execute(_CATCH_UP_SQL, (view.log_seq, _CATCH_UP_MAX + 1)).fetchall()
         if not changes:
             return True  # a commit that did not touch issued_sa (retired_sa, ...)
         if len(changes) > _CATCH_UP_MAX or changes[0][0] != view.log_seq + 1:
             return False  # too many, or trimmed before this view saw them
-        spis = list({spi for _, spi in changes})
-        for spi in spis:
+        now_rows: dict[int, tuple[Any, ...]] = {change[1]: change[2:] for change in changes}
+        for spi in now_rows:
             view.discard(spi)
         # The rows as they are now (own writes among the changes are replayed
         # the same way: discard + current row is idempotent).
-        for i in range(0, len(spis), 500):
-            part = spis[i : i + 500]
-            marks = ", ".join("?" * len(part))
-            for row in self._conn.execute(
-                f"SELECT {_VIEW_COLS} FROM issued_sa WHERE spi IN ({marks})",  # noqa: S608
-                part,
-            ):
+        for row in now_rows.values():
+            if row[0] is not None:
                 view.insert(*row)
         view.log_seq = changes[-1][0]
         return True

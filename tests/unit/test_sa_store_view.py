@@ -69,7 +69,10 @@ def check(store: SQLiteSAStore, now: datetime) -> None:
 
 _maybe = st.one_of(st.none(), st.integers(1, 3))
 _op = st.tuples(
-    st.sampled_from(["add", "add", "add", "other-add", "remove", "expire", "query"]),
+    st.sampled_from(
+        ["add", "add", "add", "other-add", "other-replace", "remove", "other-remove", "expire"]
+        + ["query"]
+    ),
     st.integers(1, 6),  # spi: few values, so collisions are common
     st.integers(0, 3),  # mn
     st.integers(-3, 6),  # validity end offset
@@ -96,8 +99,16 @@ def test_view_matches_sql(
                     store.add(issued(spi, mn, t + off, h6, h4, ha), now=now)
                 elif op == "other-add":
                     other.add(issued(spi, mn, t + off, h6, h4, ha), now=now)
+                elif op == "other-replace":
+                    # Two commits of another HAC before this one looks: the
+                    # SPI's row gone and back with other columns (the change
+                    # log names it twice; the view takes its row as it is now).
+                    other.remove(spi)
+                    other.add(issued(spi, (mn + 1) % 4, t + off + 1, h4, h6, 3 - ha), now=now)
                 elif op == "remove":
                     store.remove(spi)
+                elif op == "other-remove":
+                    other.remove(spi)
                 elif op == "expire":
                     store.expire(now)
                 elif op == "query":
