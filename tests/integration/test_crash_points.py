@@ -55,7 +55,7 @@ CRASHPOINT = [sys.executable, str(Path(__file__).with_name("crashpoint.py"))]
 SETTLE = 30.0  # seconds for retried withdrawals (0.5, 1, 2, 4... s apart) and the sweep
 
 
-def crash_at(target: str, nth: int = 1) -> list[str]:
+def crash_at(target: str, nth: int | str = 1) -> list[str]:
     return [*CRASHPOINT, target, str(nth), "--"]
 
 

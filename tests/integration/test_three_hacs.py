@@ -34,7 +34,10 @@ attacker gets the profile's answer and the same facts hold.  With a small
 IPv4 pool (14 addresses, then 6, for 12 MNs) no address is held twice.
 And one HAC killed right after the store write that put an MN's new SA on
 ha2 and retired its SA on ha1, before the install left: started again, it
-withdraws both, and the MN's next bootstrap registers.
+withdraws both, and the MN's next bootstrap registers.  And one HAC killed
+just before or just after it puts an MN's SA back when ha2 (a real HA with
+another id) refused the new one: the SA is withdrawn, or kept and still
+registering.
 
 Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
 the independent raw MN (tests/integration/rawmn.py).
@@ -695,6 +698,31 @@ def test_three_hacs_two_has_one_killed_mid_traffic(lab: Lab) -> None:
             ha2.close()
 
 
+@contextlib.contextmanager
+def _one_hac_two_has(
+    lab: Lab, crash: list[str], ha2_id: str = "ha2"
+) -> Iterator[tuple[HacProcess, SecondHa]]:
+    """The lab's HA (ha1) and a second HA process behind one HAC started
+    with a crash point (``ha2_id``: the id that process says it has -- not
+    "ha2" makes it refuse every install the HAC sends it).  On a normal
+    exit: no traceback in the restarted HAC's log or ha2's."""
+    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
+    ha2 = SecondHa(lab)
+    ha2.config.write_text(ha2.config.read_text().replace('id = "ha2"', f'id = "{ha2_id}"', 1))
+    ha = HaProcess(lab)
+    hac = HacProcess(lab)
+    try:
+        ha.start()
+        ha2.start()
+        hac.start(crash)
+        yield hac, ha2
+        no_traceback(lab, "hac-run2.log", "ha2-run1.log")
+    finally:
+        hac.close()
+        ha.close()
+        ha2.close()
+
+
 @pytest.mark.parametrize(
     ("target", "nth", "installed"),
     [
@@ -724,16 +752,9 @@ def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(
     MN was not told of stays live, and nothing it was told of comes back;
     the MN's next bootstrap registers.
     """
-    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nprovisioning_timeout = 1.0\n")
-    ha2 = SecondHa(lab)
-    ha = HaProcess(lab)
-    hac = HacProcess(lab)
-    ports = {int(lab.info["ha"]["port"]): "ha1", ha2.port: "ha2"}
-    try:
-        ha.start()
-        ha2.start()
-        # Call 1 is the first bootstrap's install; call 2 the re-bootstrap's.
-        hac.start(crash_at(target, nth))
+    # Call 1 is the first bootstrap's install; call 2 the re-bootstrap's.
+    with _one_hac_two_has(lab, crash_at(target, nth)) as (hac, ha2):
+        ports = {int(lab.info["ha"]["port"]): "ha1", ha2.port: "ha2"}
         first = Mn(lab)
         try:
             first_ha = ports[first.ha[1]]
@@ -767,8 +788,58 @@ def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(
                 again.close()
         finally:
             first.close()
-        no_traceback(lab, "hac-run2.log", "ha2-run1.log")
-    finally:
-        hac.close()
-        ha.close()
-        ha2.close()
+
+
+@pytest.mark.parametrize("nth", ["1", "1+"], ids=["before-the-put-back", "after-the-put-back"])
+def test_hac_killed_around_the_put_back_after_a_real_has_refusal(lab: Lab, nth: str) -> None:
+    """The put-back (``_restore``) after an HA refused an MN's new SA,
+    cut by a SIGKILL just before it or just after it.
+
+    A real HA refuses on demand when an install names another HA: the
+    second ``[[ha]]`` of the HAC (``ha2``) points at an HA process whose id
+    is ``ha3``.  The MN's first SA is on ha1; its re-bootstrap goes to ha2
+    (fewest SAs), whose store write retires the first SA (the cross-HA
+    supersede), and ha2 refuses.  The HAC then takes the new SA back and
+    puts the first one back -- unless it dies:
+
+    * before the put-back: the first SA stays retired, its withdrawal owed;
+      started again, the HAC withdraws it from ha1 (the MN, which got no
+      answer, bootstraps again); nothing is live anywhere;
+    * after it: the first SA is live again and owes nothing; started again,
+      the HAC keeps it, ha1 still holds it, and the MN still registers
+      with it.
+
+    Either way the refused SA is live nowhere.
+    """
+    crash = crash_at("mipsec.core.roles.hac:HacService._restore", nth)
+    with _one_hac_two_has(lab, crash, ha2_id="ha3") as (hac, ha2):
+        first: Mn | None = None
+        for _ in range(4):  # a tie of 0 and 0 SAs may go to ha2, which refuses: 504, nothing kept
+            try:
+                first = Mn(lab)
+                break
+            except AssertionError:
+                continue
+        assert first is not None
+        try:
+            assert first.ha[1] == int(lab.info["ha"]["port"])  # on ha1
+            assert first.register(first.bu(10))["status"] == 0
+            assert final_status(lab) is None  # killed: no answer
+            hac.wait_killed()
+            assert "refused" in (lab.dir / "ha2-run1.log").read_text()
+            hac.start()
+            if nth == "1":
+                wait_for(
+                    "the first SA withdrawn, nothing live",
+                    lambda: live_on_hac(lab) == [] and unconfirmed(lab) == [],
+                    timeout=SETTLE,
+                )
+                assert held_by_ha(lab) == [] and ha2.held() == []
+                assert silent(first.bu(11), first.ha)
+            else:
+                time.sleep(3)  # the restarted HAC's first sweeps
+                assert live_on_hac(lab) == [first.spi] and unconfirmed(lab) == []
+                assert held_by_ha(lab) == [first.spi] and ha2.held() == []
+                assert first.register(first.bu(11))["status"] == 0
+        finally:
+            first.close()
