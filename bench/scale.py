@@ -39,7 +39,7 @@ opens its listener -- then started once more on the same files: the bench
 prints that start's time to its first bootstrap and the live SAs the store
 then holds (N and the bootstraps made so far; fewer is an error).
 
-``--hacs K`` (2 or 3): each lab runs K HAC processes on its one SA store
+``--hacs K`` (2 to 6): each lab runs K HAC processes on its one SA store
 file (each with its own port, metrics port and control socket), and every
 worker spreads its bootstraps over them in turn, so nearly every bootstrap
 follows another HAC's commits first (the store's change log,
@@ -550,8 +550,8 @@ def _report(
             f"spread over them in turn; HAC CPU = the sum over the {hacs}"
         )
     print(
-        f"note: {os.cpu_count()} CPU cores shared by the clients (this process) and both HACs; "
-        f"1-min load average {os.getloadavg()[0]:.2f}; store filled in {fill_s:.1f} s"
+        f"note: {os.cpu_count()} CPU cores shared by the clients (this process) and the HACs "
+        f"of both labs; 1-min load average {os.getloadavg()[0]:.2f}; store filled in {fill_s:.1f} s"
     )
     print()
     head = f"{'figure':<50} | {'empty':>10} | {f'{n} live':>10} | {'ratio':>5}"
@@ -762,8 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--revoked: between 0 and 1000000")
     if args.duration <= 0:
         p.error("--duration must be positive")
-    if not 1 <= args.hacs <= 3:
-        p.error("--hacs: 1, 2 or 3")
+    if not 1 <= args.hacs <= 6:
+        p.error("--hacs: 1 to 6")
     return run_interruptible(run, args)
 
 
