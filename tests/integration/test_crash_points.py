@@ -363,6 +363,23 @@ def _second_hac(lab: Lab, name: str = "hac-b") -> tuple[Lab, HacProcess]:
     return other, HacProcess(other)
 
 
+@contextlib.contextmanager
+def _two_hacs(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess, launcher: list[str] = LAUNCHER
+) -> Iterator[tuple[Lab, HacProcess]]:
+    """The HA, HAC A (``hac``, started with ``launcher``) and HAC B on the
+    same SA store (``_second_hac``), running; yields B's lab and B, and
+    stops B at the end."""
+    ha_proc.start()
+    hac.start(launcher)
+    lab_b, hac_b = _second_hac(lab)
+    try:
+        hac_b.start()
+        yield lab_b, hac_b
+    finally:
+        hac_b.close()
+
+
 def test_a_hac_killed_owing_a_withdrawal_is_finished_by_the_other_hac(
     lab: Lab, hac: HacProcess, ha_proc: HaProcess
 ) -> None:
@@ -377,11 +394,8 @@ def test_a_hac_killed_owing_a_withdrawal_is_finished_by_the_other_hac(
     sweeps every second, so the heartbeat it wrote at its start lapses 8 s
     after its death; until then B leaves what A owes to A.)"""
     edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
-    ha_proc.start()
-    hac.start(crash_at("mipsec.plugins.transport_tls:TlsTransport.provision_superseding"))
-    lab_b, hac_b = _second_hac(lab)
-    try:
-        hac_b.start()
+    crash = crash_at("mipsec.plugins.transport_tls:TlsTransport.provision_superseding")
+    with _two_hacs(lab, hac, ha_proc, crash) as (lab_b, hac_b):
         first = Mn(lab)
         try:
             assert first.register(first.bu(10))["status"] == 0
@@ -401,8 +415,6 @@ def test_a_hac_killed_owing_a_withdrawal_is_finished_by_the_other_hac(
         assert "1 withdrawal(s) owed by a HAC sharing the store that is no longer alive" in log
         assert f"spi={first.spi}" in log
         assert "Traceback" not in log
-    finally:
-        hac_b.close()
 
 
 @contextlib.contextmanager
@@ -419,11 +431,7 @@ def _a_owes_a_withdrawal_with_the_ha_down(
     edit_toml(
         Path(lab.info["hac"]["config"]), "[hac]\n", f"[hac]\nexpiry_interval = {a_interval}\n"
     )
-    ha_proc.start()
-    hac.start()
-    lab_b, hac_b = _second_hac(lab)
-    try:
-        hac_b.start()
+    with _two_hacs(lab, hac, ha_proc) as (lab_b, hac_b):
         first = Mn(lab)
         try:
             assert first.register(first.bu(10))["status"] == 0
@@ -436,8 +444,6 @@ def _a_owes_a_withdrawal_with_the_ha_down(
         finally:
             first.close()
         assert "Traceback" not in hac_b.log_text()
-    finally:
-        hac_b.close()
 
 
 def test_a_live_hacs_withdrawal_is_left_to_it_and_taken_over_once_it_dies(
@@ -612,11 +618,7 @@ def test_two_hacs_sharing_one_revocation_list(
     shared = lab.dir / "shared-revoked.json"
     config = Path(lab.info["hac"]["config"])
     config.write_text(config.read_text() + f'\n[revocations]\npath = "{shared}"\n')
-    ha_proc.start()
-    hac.start()
-    lab_b, hac_b = _second_hac(lab)
-    try:
-        hac_b.start()
+    with _two_hacs(lab, hac, ha_proc) as (lab_b, hac_b):
         first = Mn(lab_b)
         try:
             assert first.register(first.bu(10))["status"] == 0
@@ -633,8 +635,6 @@ def test_two_hacs_sharing_one_revocation_list(
         out = _ctl("unrevoke", lab_b.info["hac"]["config"])
         assert out.returncode == 0, out.stderr
         assert final_status(lab) == "200"
-    finally:
-        hac_b.close()
 
 
 def test_a_clean_stop_right_after_a_200_keeps_the_sa(

@@ -510,6 +510,15 @@ def test_three_hacs_attacked_while_they_serve(
         with lock:
             seen[kind].append(what)
 
+    def connect(k: int, kind: str) -> RawMN | None:
+        """An attacker's TLS connection to HAC ``k``; None (noted) if refused."""
+        try:
+            return RawMN("127.0.0.1", labs[k].hac_port, lab.info["ca"], "hac.mipsec.test")
+        except OSError:
+            note(kind, "refused")
+            time.sleep(0.05)
+            return None
+
     def wrong_key(k: int) -> None:
         while not stop.is_set():
             a = bootstrap(labs[k], k, f"mn{k + 1}@mipsec.test", b"\x55" * 32)
@@ -518,11 +527,8 @@ def test_three_hacs_attacked_while_they_serve(
     def garbage(k: int) -> None:
         rng = random.Random(k)
         while not stop.is_set():
-            try:
-                raw = RawMN("127.0.0.1", labs[k].hac_port, lab.info["ca"], "hac.mipsec.test")
-            except OSError:
-                note("garbage", "refused")
-                time.sleep(0.05)
+            raw = connect(k, "garbage")
+            if raw is None:
                 continue
             try:
                 raw.send_raw(bytes([1, 7]) + rng.randbytes(rng.randrange(2, 300)))
@@ -539,11 +545,8 @@ def test_three_hacs_attacked_while_they_serve(
 
     def abandon(k: int) -> None:
         while not stop.is_set():
-            try:
-                raw = RawMN("127.0.0.1", labs[k].hac_port, lab.info["ca"], "hac.mipsec.test")
-            except OSError:
-                note("abandon", "refused")
-                time.sleep(0.05)
+            raw = connect(k, "abandon")
+            if raw is None:
                 continue
             try:
                 raw.send(
