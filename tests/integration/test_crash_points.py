@@ -71,12 +71,27 @@ def final_status(lab: Lab) -> str | None:
     return final.headers["status-code"]
 
 
-def query(path: Path, sql: str) -> list[tuple[object, ...]]:
+def query(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
-        return conn.execute(sql).fetchall()
+        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+def sweeps(store: Path, owner: str, n: int) -> None:
+    """Wait until HAC ``owner`` has swept ``n`` more times: each sweep writes
+    its heartbeat (``hac_alive.beat``), so "nothing happened over n sweeps"
+    is checked after sweeps that ran, not after a sleep that a loaded
+    machine may fill with none."""
+    sql = "SELECT beat FROM hac_alive WHERE owner = ?"
+    beats: set[object] = {row[0] for row in query(store, sql, (owner,))}
+    before = len(beats)
+    deadline = time.monotonic() + SETTLE + 2 * n
+    while len(beats) - before < n:
+        assert time.monotonic() < deadline, f"never: {n} sweeps of {owner}"
+        time.sleep(0.2)
+        beats.update(row[0] for row in query(store, sql, (owner,)))
 
 
 def unconfirmed(lab: Lab, store: str = "hac-sa.sqlite") -> list[int]:
@@ -473,7 +488,7 @@ def test_a_live_hacs_withdrawal_is_left_to_it_and_taken_over_once_it_dies(
         status = request(control_b, Request("status"))["result"]["store"]
         assert sorted(status["hacs_alive"]) == sorted(owners)
         assert status["owner"] != owner_a
-        time.sleep(5)  # five of B's sweeps, A alive
+        sweeps(store, status["owner"], 5)  # five of B's sweeps, A alive
         assert "withdrawing them from here too" not in hac_b.log_text()
         assert query(store, "SELECT owner FROM retired_sa") == [(owner_a,)]
         assert hac.proc is not None
@@ -567,11 +582,15 @@ def test_a_wedged_hacs_withdrawal_is_taken_over_and_its_return_harms_nothing(
         wait_for("A alive again (a new heartbeat)", lambda: alive_until(owner_a) > lapsed)
         status = request(control, Request("status"))["result"]["store"]
         assert sorted(status["hacs_alive"]) == sorted([owner_a, owner_b])
-        time.sleep(3)  # A's pending retry and sweeps run
+        # A's own retry goes out once it resumed, and the HA confirms it (a
+        # duplicate): waited for, not slept on, so a loaded machine cannot
+        # make the check come too early.
+        wait_for(
+            "A's pending retry went out and worked",
+            lambda: "withdrawal from HA ha1 works again" in hac.log_text(),
+        )
         assert unconfirmed(lab) == [] and held_by_ha(lab) == [] and live_on_hac(lab) == []
         assert silent(first.bu(11), first.ha)
-    # A's own retry went out once it resumed, and the HA confirmed it.
-    assert "withdrawal from HA ha1 works again" in hac.log_text()
     assert "Traceback" not in hac.log_text()
 
 
