@@ -20,7 +20,11 @@ load on the machine hits both alike:
 * bootstraps/s of returning MNs (they hold a live SA; each bootstrap
   supersedes it) and of new MNs (each bootstrap a fresh identity, so a new
   home address), at 1 and 32 concurrent MNs -- the PSK bootstrap of
-  bench/bootstrap.py (TCP + TLS + certificate checks + PSK exchange + close);
+  bench/bootstrap.py (TCP + TLS + certificate checks + PSK exchange + close).
+  Returning MNs come in two kinds: "returning" is the same 32 MNs again and
+  again (their rows stay in SQLite's page cache), "spread" is any of the N,
+  in a shuffled order, each once (as a real population returns: most of
+  its rows are cold); the empty lab has only its 32 returning MNs for both;
 * HAC CPU per bootstrap (/proc/PID/stat of the HAC, user + system);
 * HAC RSS, and (RSS of the N-live HAC - RSS of the empty one) / N per live SA;
 * time from starting the HAC process to its first served bootstrap (a new MN);
@@ -62,8 +66,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
+import itertools
 import json
 import os
+import random
 import re
 import secrets
 import sqlite3
@@ -114,6 +121,8 @@ class Lab:
     config: Path
     returning: list[MN]
     new: Iterator[MN]
+    # Returning MNs drawn from the whole live population (see the docstring).
+    spread: Iterator[MN]
     ca: str
     server_name: str
     proc: subprocess.Popen[bytes] | None = None
@@ -187,6 +196,22 @@ def _fill_credentials(path: Path, creds: Iterator[MN]) -> int:
         return cur.rowcount
     finally:
         conn.close()
+
+
+def _spread(key: bytes, live: int, first: int) -> Iterator[MN]:
+    """The live MNs ``first``..``live - 1`` in a shuffled order, over and over,
+    each with its PSK (``_filler_psk``)."""
+    order = list(range(first, live))
+    random.shuffle(order)
+    for i in itertools.cycle(order):
+        mn_id = _mn_id("live", i)
+        yield mn_id, _filler_psk(key, mn_id)
+
+
+def _filler_psk(key: bytes, mn_id: str) -> bytes:
+    # Derived, so that the bench can bootstrap any of the N live MNs
+    # without keeping N keys (a bench key, made fresh per run).
+    return hmac.digest(key, mn_id.encode(), "sha256")
 
 
 def _live_sas(n: int, lifetime: timedelta) -> Iterator[IssuedSA]:
@@ -383,8 +408,10 @@ async def run(args: argparse.Namespace) -> int:
                 new = [(_mn_id(f"new-{name}", i), secrets.token_bytes(32)) for i in range(new_pool)]
                 returning = [(m, secrets.token_bytes(32)) for m in returning_ids]
                 t0 = time.monotonic()
+                filler_key = secrets.token_bytes(32)
                 filler = (
-                    (_mn_id("live", i), secrets.token_bytes(32)) for i in range(max(LEVELS), live)
+                    (_mn_id("live", i), _filler_psk(filler_key, _mn_id("live", i)))
+                    for i in range(max(LEVELS), live)
                 )
                 revoked: list[MN] = []
                 if live and args.revoked:
@@ -407,6 +434,9 @@ async def run(args: argparse.Namespace) -> int:
                         Path(str(hac["config"])),
                         returning,
                         iter(new),
+                        _spread(filler_key, live, max(LEVELS))
+                        if live > max(LEVELS)
+                        else itertools.cycle(returning),
                         str(info["ca"]),  # each lab has its own CA
                         str(hac["server_name"]),
                     )
@@ -439,7 +469,7 @@ async def run(args: argparse.Namespace) -> int:
                 )
 
             rows: list[tuple[str, int, Result, Result]] = []
-            for kind in ("returning", "new"):
+            for kind in ("returning", "spread", "new"):
                 for level in LEVELS:
                     results = {lab.name: Result() for lab in labs}
                     for s in range(slices):
@@ -452,7 +482,7 @@ async def run(args: argparse.Namespace) -> int:
                                     return mns[i % len(mns)]
 
                             else:
-                                it = lab.new
+                                it = lab.spread if kind == "spread" else lab.new
 
                                 def pick(i: int, it: Iterator[MN] = it) -> MN | None:
                                     return next(it, None)

@@ -39,7 +39,7 @@ def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
     assert "HAC with 10000 live SAs" in out
     assert "compete" in out or "shared by the clients" in out  # the shared-CPU caveat
     rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
-    for kind in ("returning", "new"):
+    for kind in ("returning", "spread", "new"):
         for level in (1, 32):
             rate = rows[f"bootstraps/s, {kind} MN, {level} concurrent"]
             assert float(rate[0]) > 0 and float(rate[1]) > 0
@@ -67,7 +67,7 @@ def test_two_hacs_per_lab_share_the_store_and_both_serve(tmp_path: Path) -> None
     out = quick_run(tmp_path, "--hacs", "2")
     assert "2 HAC processes per lab on its one SA store" in out
     rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
-    for kind in ("returning", "new"):
+    for kind in ("returning", "spread", "new"):
         for level in (1, 32):
             assert float(rows[f"bootstraps/s, {kind} MN, {level} concurrent"][1]) > 0
     served = dict(re.findall(r"^bootstraps per HAC process, (\w+) lab: (\d+ / \d+)$", out, re.M))
