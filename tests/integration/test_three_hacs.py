@@ -799,10 +799,24 @@ def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(
             first.close()
 
 
-@pytest.mark.parametrize("nth", ["1", "1+"], ids=["before-the-put-back", "after-the-put-back"])
-def test_hac_killed_around_the_put_back_after_a_real_has_refusal(lab: Lab, nth: str) -> None:
+@pytest.mark.parametrize(
+    ("target", "nth", "put_back"),
+    [
+        ("mipsec.core.roles.hac:HacService._restore", "1", False),
+        # Inside the store's transaction (its write lock held): the HoA
+        # check is done, the rows not yet changed.  SQLite rolls it back,
+        # so the outcome is "before".
+        ("mipsec.plugins.sa_store_sqlite:SQLiteSAStore._hoa_taken", "1+", False),
+        ("mipsec.core.roles.hac:HacService._restore", "1+", True),
+    ],
+    ids=["before-the-put-back", "inside-its-transaction", "after-the-put-back"],
+)
+def test_hac_killed_around_the_put_back_after_a_real_has_refusal(
+    lab: Lab, target: str, nth: str, put_back: bool
+) -> None:
     """The put-back (``_restore``) after an HA refused an MN's new SA,
-    cut by a SIGKILL just before it or just after it.
+    cut by a SIGKILL just before it, inside its store transaction, or
+    just after it.
 
     A real HA refuses on demand when an install names another HA: the
     second ``[[ha]]`` of the HAC (``ha2``) points at an HA process whose id
@@ -811,7 +825,8 @@ def test_hac_killed_around_the_put_back_after_a_real_has_refusal(lab: Lab, nth: 
     supersede), and ha2 refuses.  The HAC then takes the new SA back and
     puts the first one back -- unless it dies:
 
-    * before the put-back: the first SA stays retired, its withdrawal owed;
+    * before the put-back, or inside its transaction (rolled back): the
+      first SA stays retired, its withdrawal owed;
       started again, the HAC withdraws it from ha1 (the MN, which got no
       answer, bootstraps again); nothing is live anywhere;
     * after it: the first SA is live again and owes nothing; started again,
@@ -820,7 +835,7 @@ def test_hac_killed_around_the_put_back_after_a_real_has_refusal(lab: Lab, nth: 
 
     Either way the refused SA is live nowhere.
     """
-    crash = crash_at("mipsec.core.roles.hac:HacService._restore", nth)
+    crash = crash_at(target, nth)
     with _one_hac_two_has(lab, crash, ha2_id="ha3") as (hac, ha2):
         first: Mn | None = None
         for _ in range(4):  # a tie of 0 and 0 SAs may go to ha2, which refuses: 504, nothing kept
@@ -837,7 +852,7 @@ def test_hac_killed_around_the_put_back_after_a_real_has_refusal(lab: Lab, nth: 
             hac.wait_killed()
             assert "refused" in (lab.dir / "ha2-run1.log").read_text()
             hac.start()
-            if nth == "1":
+            if not put_back:
                 wait_for(
                     "the first SA withdrawn, nothing live",
                     lambda: live_on_hac(lab) == [] and unconfirmed(lab) == [],
