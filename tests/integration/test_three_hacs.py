@@ -73,6 +73,7 @@ from test_crash_points import (
     held_by_ha,
     live_on_hac,
     query,
+    sweeps,
     unconfirmed,
     wait_for,
 )
@@ -836,6 +837,9 @@ def test_hac_killed_around_the_put_back_after_a_real_has_refusal(
     Either way the refused SA is live nowhere.
     """
     crash = crash_at(target, nth)
+    # Sweeps every second, so that "nothing changed after the restart" is
+    # checked after sweeps that ran (their heartbeats), not after a sleep.
+    edit_toml(Path(lab.info["hac"]["config"]), "[hac]\n", "[hac]\nexpiry_interval = 1.0\n")
     with _one_hac_two_has(lab, crash, ha2_id="ha3") as (hac, ha2):
         first: Mn | None = None
         for _ in range(4):  # a tie of 0 and 0 SAs may go to ha2, which refuses: 504, nothing kept
@@ -861,7 +865,9 @@ def test_hac_killed_around_the_put_back_after_a_real_has_refusal(
                 assert held_by_ha(lab) == [] and ha2.held() == []
                 assert silent(first.bu(11), first.ha)
             else:
-                time.sleep(3)  # the restarted HAC's first sweeps
+                store = lab.dir / "hac-sa.sqlite"
+                (owner,) = (str(r[0]) for r in query(store, "SELECT owner FROM hac_alive"))
+                sweeps(store, owner, 3)  # the restarted HAC's first sweeps
                 assert live_on_hac(lab) == [first.spi] and unconfirmed(lab) == []
                 assert held_by_ha(lab) == [first.spi] and ha2.held() == []
                 assert first.register(first.bu(11))["status"] == 0
