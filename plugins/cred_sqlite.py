@@ -130,8 +130,27 @@ def count_psks(path: str | os.PathLike[str]) -> int:
         conn.close()
 
 
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+_GONE = (-1, -1)  # remembered while the path cannot be stat()ed
+
+
 class SQLiteCredentials:
-    """``CredentialBackend`` over ``mn_credentials``, opened read-only."""
+    """``CredentialBackend`` over ``mn_credentials``, opened read-only.
+
+    Changes made in the file (``mipsec credentials``, any SQL client) are
+    seen at the next lookup through the open connection.  A file *replaced*
+    at the path (a database built elsewhere and moved into place: a new
+    inode) would not be: the connection would go on reading the old,
+    unlinked one, and an MN removed that way would keep authenticating
+    until a restart.  So each lookup compares the path's device and inode
+    with the open file's (one ``stat``) and opens the new file, checked as
+    at start; one that a start would refuse is logged once and the open one
+    kept, as the TOML backend keeps its last contents.
+    """
 
     def __init__(self, path: Path, *, allow_short_passphrase: bool = False) -> None:
         self.path = path
@@ -139,6 +158,13 @@ class SQLiteCredentials:
         self._reported: set[str] = set()
         if not path.is_file():
             raise ValueError(f"{str(path)!r}: no such file")
+        self._file = _file_id(path)
+        self._conn = self._open()
+        self._bad_file: tuple[int, int] | None = None
+
+    def _open(self) -> sqlite3.Connection:
+        """The file at ``path`` opened read-only and checked; ValueError if refused."""
+        path = self.path
         uri = path.resolve().as_uri() + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         try:
@@ -148,7 +174,7 @@ class SQLiteCredentials:
             # The first (by mn_id) passphrase that is too short, if any.
             short = (
                 None
-                if allow_short_passphrase
+                if self.allow_short_passphrase
                 else conn.execute(
                     "SELECT mn_id, psk FROM mn_credentials WHERE typeof(psk) = 'text' "
                     "AND length(psk) BETWEEN 1 AND ? ORDER BY mn_id LIMIT 1",
@@ -164,7 +190,39 @@ class SQLiteCredentials:
             if why is not None:
                 conn.close()
                 raise ValueError(f"{str(path)!r}: mn_credentials[mn_id={mn_id!r}].psk: {why}")
-        self._conn = conn
+        return conn
+
+    def _follow(self) -> None:
+        """Open the file now at ``path`` if it is another one (see the class)."""
+        try:
+            now = _file_id(self.path)
+        except OSError as exc:
+            if self._bad_file != _GONE:
+                self._bad_file = _GONE
+                log.error(
+                    "credential database %s unreadable, keeping the one open: %s",
+                    self.path,
+                    exc.strerror or type(exc).__name__,
+                )
+            return
+        if now == self._file or now == self._bad_file:
+            return
+        try:
+            check_private_sqlite(self.path)
+            conn = self._open()
+        except (OSError, ValueError) as exc:
+            # Once per refused file; the message never holds a key.
+            self._bad_file = now
+            log.error(
+                "credential database %s replaced by one that is refused, keeping the one open: %s",
+                self.path,
+                exc,
+            )
+            return
+        old, self._conn, self._file, self._bad_file = self._conn, conn, now, None
+        old.close()
+        self._reported.clear()
+        log.info("credential database %s replaced on disk: the new file is used", self.path)
 
     def __repr__(self) -> str:
         return f"SQLiteCredentials(path={str(self.path)!r})"
@@ -186,6 +244,7 @@ class SQLiteCredentials:
         return _as_key(value)
 
     def get_psk(self, mn_id: str) -> bytes | None:
+        self._follow()
         psk = self._lookup(mn_id)
         if psk is None:
             norm = nai_key(mn_id)

@@ -76,6 +76,13 @@ def test_import_add_remove_against_a_running_hac(lab: Lab) -> None:
         assert out.returncode == 0, out.stderr
         assert status(lab, "new@mipsec.test", other) == "401"
         assert credentials("count", str(db)).stdout.strip() == "1"
+        # A database rebuilt elsewhere and moved into place (a new inode)
+        # without the lab's MN: refused at its next bootstrap, no restart.
+        rebuilt = lab.dir / "creds.sqlite.new"
+        assert credentials("add", str(rebuilt), "new@mipsec.test", "--generate").returncode == 0
+        os.replace(rebuilt, db)
+        assert status(lab, MN_ID, lab.psk) == "401"
+        assert "creds.sqlite replaced on disk" in hac.log_text()
     finally:
         hac.close()
         ha.close()

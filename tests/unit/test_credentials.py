@@ -231,6 +231,65 @@ def test_sqlite_errors(tmp_path: Path) -> None:
         add_psk(tmp_path / "x.db", "", b"k")
 
 
+def test_sqlite_file_replaced_on_disk_is_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator who builds a new database and moves it into place (a new
+    inode: the open connection would go on reading the old, unlinked file)
+    is followed at the next lookup -- an MN removed that way must not keep
+    authenticating until a restart."""
+    db = tmp_path / "creds.db"
+    add_psk(db, "alice@home.example", ALICE_KEY)
+    add_psk(db, "bob@home.example", b"bob")
+    b = SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
+    assert b.get_psk("alice@home.example") == ALICE_KEY
+    fresh = tmp_path / "creds.db.new"
+    add_psk(fresh, "bob@home.example", b"bob2")  # alice removed, bob re-keyed
+    os.replace(fresh, db)
+    with caplog.at_level(logging.INFO, logger="mipsec.plugins.cred_sqlite"):
+        assert b.get_psk("alice@home.example") is None
+        assert b.get_psk("bob@home.example") == b"bob2"
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "replaced on disk" in caplog.text and ALICE_KEY.hex() not in caplog.text
+    b.close()
+
+
+@pytest.mark.parametrize("fault", ["no table", "open to others", "removed"])
+def test_sqlite_replacement_refused_keeps_the_open_database(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: str
+) -> None:
+    """A replacement that a start would refuse (no table, readable by others)
+    or a file gone: one ERROR naming the file and why, and the database
+    opened last keeps answering (as the TOML backend keeps its last
+    contents); a good replacement after it is taken."""
+    db = tmp_path / "creds.db"
+    add_psk(db, "alice@home.example", ALICE_KEY)
+    b = SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
+    if fault == "removed":
+        db.unlink()
+    else:
+        bad = tmp_path / "bad.db"
+        if fault == "no table":
+            sqlite3.connect(bad).close()
+            bad.write_bytes(b"")
+            bad.chmod(0o600)
+        else:
+            add_psk(bad, "alice@home.example", b"other")
+            bad.chmod(0o644)
+        os.replace(bad, db)
+    with caplog.at_level(logging.INFO, logger="mipsec.plugins.cred_sqlite"):
+        for _ in range(3):  # logged once, not once per lookup
+            assert b.get_psk("alice@home.example") == ALICE_KEY
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and len(caplog.records) == 1, caplog.text
+    assert "creds.db" in caplog.text and "keeping" in caplog.text
+    good = tmp_path / "good.db"
+    add_psk(good, "alice@home.example", b"new")
+    os.replace(good, db)
+    assert b.get_psk("alice@home.example") == b"new"
+    b.close()
+
+
 # ---------------------------------------------------------------- pluggy
 
 
