@@ -9,6 +9,7 @@ error message, a repr or a log line.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 from pathlib import Path
@@ -85,6 +86,23 @@ def _secret(s: ServerOptions, key: str, base_dir: Path) -> bytes:
     if not value:
         raise ValueError(f"{where}: the shared secret is empty")
     return value
+
+
+def secrets_changed(opts: ClientOptions, base_dir: Path, client: RadiusClient) -> bool:
+    """Whether a ``secret_file`` now holds another secret than ``client`` was
+    built with, or cannot be read (a rebuild then names the file and why).
+    ``secret`` changes with the configuration file, ``secret_env`` only
+    with a restart."""
+    for i, (s, server) in enumerate(zip(opts.servers, client.configs, strict=True)):
+        if s.secret_file is None:
+            continue
+        try:
+            now = _secret(s, f"servers[{i}]", base_dir)
+        except ValueError:
+            return True
+        if not hmac.compare_digest(now, server.secret):
+            return True
+    return False
 
 
 def make_client(opts: ClientOptions, base_dir: Path, default_port: int) -> RadiusClient:

@@ -42,12 +42,13 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Mapping, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field
 
 from mipsec.aaa.codec import RadiusCode, RadiusWireError, Reply, Request, encode_access_request
-from mipsec.aaa.options import ClientOptions, make_client, nas_attributes
+from mipsec.aaa.options import ClientOptions, make_client, nas_attributes, secrets_changed
 from mipsec.aaa.radius import RadiusClient, RadiusError, RadiusTimeout, RadiusUnavailable
 from mipsec.core.eap.backend import (
     BackendVerdict,
@@ -78,10 +79,20 @@ class PassthroughOptions(ClientOptions):
 class RadiusEapBackend:
     """A configured server group; ``session`` is called once per conversation."""
 
-    def __init__(self, client: RadiusClient, opts: PassthroughOptions) -> None:
+    def __init__(
+        self, client: RadiusClient, opts: PassthroughOptions, base_dir: Path | None = None
+    ) -> None:
         self.client = client
         self.opts = opts
         self._nas = nas_attributes(opts)
+        self._base_dir = base_dir  # where relative secret_file paths resolve
+
+    def stale(self) -> bool:
+        """A ``secret_file`` was rewritten (a rotated secret): the HAC's next
+        reload builds this back end again, though its options did not change."""
+        return self._base_dir is not None and secrets_changed(
+            self.opts, self._base_dir, self.client
+        )
 
     def __repr__(self) -> str:
         return f"RadiusEapBackend({', '.join(self.client.servers)})"
@@ -298,7 +309,7 @@ class RadiusBackendFactory:
 
     def create(self, options: Mapping[str, Any], ctx: PluginContext) -> RadiusEapBackend:
         opts = parse_options(PassthroughOptions, options)
-        return RadiusEapBackend(make_client(opts, ctx.base_dir, AUTH_PORT), opts)
+        return RadiusEapBackend(make_client(opts, ctx.base_dir, AUTH_PORT), opts, ctx.base_dir)
 
 
 @hookimpl

@@ -323,6 +323,11 @@ class RadiusClient:
     def servers(self) -> list[str]:
         return list(self._by_label)
 
+    @property
+    def configs(self) -> list[RadiusServer]:
+        """The servers as configured (their secrets included: never log them)."""
+        return [st.config for st in self._servers]
+
     def stats(self) -> dict[str, ServerStats]:
         return {label: st.stats for label, st in self._by_label.items()}
 

@@ -43,6 +43,19 @@ def restart_keys(
     return changed, restart
 
 
+def stale(obj: object) -> bool:
+    """Whether a plugin object says a file it was built from changed.
+
+    Optional for plugins (a method factory, an EAP back end): ``stale()``
+    returns True when something read at build time -- a RADIUS shared
+    secret in a ``secret_file`` -- is no longer what the file holds, so that
+    a reload builds the object again even though its options did not
+    change.  Objects without it are never stale.
+    """
+    check = getattr(obj, "stale", None)
+    return bool(check()) if callable(check) else False
+
+
 def set_log_level(cfg: Any) -> None:
     """Apply the new ``log_level``, ``log_format`` and ``log_levels`` (all live)."""
     from mipsec.core.logsetup import configure_from

@@ -77,6 +77,7 @@ from mipsec.core.eap.method import MSK_LEN, EapMethodPlugin, EapPeerContext, Eap
 from mipsec.core.eap.peer import EapPeerMachine
 from mipsec.core.hookspecs import PluginContext
 from mipsec.core.options import error_text
+from mipsec.core.reload import stale
 from mipsec.core.wire.eap import (
     EapCode,
     EapError,
@@ -284,6 +285,10 @@ class EapServerConfig:
                 if key in self.realms:
                     return tuple(self.realms[key])
         return self.types
+
+    def stale(self) -> bool:
+        """Any back end built from a file that changed since (core/reload.py)."""
+        return any(stale(b) for b in self.backends.values())
 
     async def aclose(self) -> None:
         for b in self.backends.values():
@@ -496,6 +501,9 @@ class _ServerFactory:
 
     def new(self, ctx: ServerMethodContext) -> EapServer:
         return EapServer(self.cfg, ctx)
+
+    def stale(self) -> bool:
+        return self.cfg.stale()
 
     async def aclose(self) -> None:
         await self.cfg.aclose()

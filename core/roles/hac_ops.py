@@ -29,7 +29,7 @@ from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
 from mipsec.core.nai import nai_key
 from mipsec.core.outage import cause
-from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
+from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level, stale
 from mipsec.core.roles.hac import HacService, hac_policy
 from mipsec.core.suites import Suite
 from mipsec.core.version import version
@@ -450,6 +450,10 @@ class HacOps:
         changed, restart = restart_keys(svc.cfg, new, LIVE_KEYS)
         if restart:
             raise ConfigError(file, ", ".join(restart), "changes only with a restart")
+        if "methods" not in changed and any(stale(f) for f in svc.methods.values()):
+            # A file a method was built from changed (a rotated RADIUS
+            # secret_file): built again as if its options had changed.
+            changed = sorted([*changed, "methods"])
         if not changed:
             return []
         ctx = svc.plugin_ctx

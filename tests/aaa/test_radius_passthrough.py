@@ -499,3 +499,35 @@ def test_secret_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         RadiusBackendFactory().create(
             {"servers": [{"host": "h", "secret_file": "empty.secret"}]}, ctx_
         )
+
+
+def test_a_rotated_secret_file_makes_the_back_end_stale(tmp_path: Path) -> None:
+    """``stale()`` (core/reload.py): True once a ``secret_file`` holds another
+    secret than the one the back end was built with, or cannot be read (the
+    rebuild then says why); False for the same secret rewritten and for an
+    inline ``secret``, which changes with the configuration file itself."""
+    path = tmp_path / "radius.secret"
+    path.write_text("first-secret\n")
+    path.chmod(0o600)
+    ctx = PluginContext(role="hac", base_dir=tmp_path, config_file="hac.toml")
+    options = {
+        "servers": [
+            {"host": "127.0.0.1", "port": 1812, "secret": SECRET},
+            {"host": "127.0.0.2", "port": 1812, "secret_file": "radius.secret"},
+        ]
+    }
+    b = RadiusBackendFactory().create(options, ctx)
+    assert b.stale() is False
+    path.write_text("first-secret\nignored second line\n")  # the first line is the secret
+    assert b.stale() is False
+    path.write_text("second-secret\n")
+    assert b.stale() is True
+    rebuilt = RadiusBackendFactory().create(options, ctx)
+    assert rebuilt.stale() is False
+    assert [s.secret for s in rebuilt.client.configs][1] == b"second-secret"
+    path.unlink()
+    assert rebuilt.stale() is True
+    with pytest.raises(ValueError, match=r"servers\[1\]\.secret_file: cannot read"):
+        RadiusBackendFactory().create(options, ctx)
+    assert backend(1812).stale() is False
+    assert "second-secret" not in repr(rebuilt) + repr(rebuilt.client)

@@ -460,7 +460,9 @@ def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
     assert ha.poll() is None
 
 
-def test_status_shows_radius_server_health(tmp_path: Path) -> None:
+def _radius_lab(tmp_path: Path) -> tuple[Lab, Path, str]:
+    """``mipsec init`` with a RADIUS server (nothing listens there) whose
+    secret is in a file: (the lab, the secret file, "host:port")."""
     # conftest is imported at the top: a function-level import runs after
     # tests/system/conftest.py has taken the name in a whole-suite run.
     secret = tmp_path / "radius.secret"
@@ -479,7 +481,39 @@ def test_status_shows_radius_server_health(tmp_path: Path) -> None:
         "--json",
     )
     assert out.returncode == 0, out.stderr
-    lab = Lab(tmp_path / "lab", json.loads(out.stdout))
+    return Lab(tmp_path / "lab", json.loads(out.stdout)), secret, radius
+
+
+def test_reload_takes_a_rotated_radius_secret_file(tmp_path: Path) -> None:
+    """A RADIUS secret rewritten in its ``secret_file`` (nothing else
+    changed) is taken by ``mipsec reload``: the EAP method is built again
+    (the reload names ``methods``); the same secret rewritten changes
+    nothing; a secret file gone is a refused reload naming it, and the
+    HAC goes on."""
+    lab, secret, _ = _radius_lab(tmp_path)
+    r = Roles(lab)
+    try:
+        hac = r.start("hac")
+        assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
+        secret.write_text("testing123\n")  # rewritten, the same secret
+        assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
+        secret.write_text("rotated-secret-456\n")
+        out = ctl("reload", "--config", hac_cfg(lab))
+        assert out.returncode == 0 and "methods" in out.stdout, out.stdout + out.stderr
+        assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
+        secret.unlink()
+        out = ctl("reload", "--config", hac_cfg(lab))
+        assert out.returncode == 1 and "secret_file: cannot read" in out.stderr, out.stderr
+        assert hac.poll() is None
+        log = r.log("hac")
+        assert "hac.toml applied: changed methods" in log, log[-2000:]
+        assert "rotated-secret-456" not in out.stdout + out.stderr + log
+    finally:
+        r.stop("hac")
+
+
+def test_status_shows_radius_server_health(tmp_path: Path) -> None:
+    lab, _, radius = _radius_lab(tmp_path)
     r = Roles(lab)
     try:
         r.start("hac")
