@@ -181,6 +181,10 @@ class PeerMethod(Protocol):
 
 
 class ServerMethodFactory(Protocol):
+    """Built once per start or reload.  Optional: ``stale() -> bool``, True
+    when a file it read at build time changed (core/reload.py ``stale``):
+    the next reload then builds it again."""
+
     def new(self, ctx: ServerMethodContext) -> ServerMethod: ...
 
 

@@ -101,7 +101,10 @@ class EapBackendSession(Protocol):
 
 @runtime_checkable
 class EapBackend(Protocol):
-    """A configured back end; ``session`` is called once per EAP conversation."""
+    """A configured back end; ``session`` is called once per EAP conversation.
+
+    Optional: ``stale() -> bool`` as for a server method factory
+    (core/authmethod.py): the EAP method asks it at each HAC reload."""
 
     def session(self, ctx: EapSessionContext) -> EapBackendSession: ...
 
