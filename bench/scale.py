@@ -410,8 +410,8 @@ async def run(args: argparse.Namespace) -> int:
                 t0 = time.monotonic()
                 filler_key = secrets.token_bytes(32)
                 filler = (
-                    (_mn_id("live", i), _filler_psk(filler_key, _mn_id("live", i)))
-                    for i in range(max(LEVELS), live)
+                    (m, _filler_psk(filler_key, m))
+                    for m in (_mn_id("live", i) for i in range(max(LEVELS), live))
                 )
                 revoked: list[MN] = []
                 if live and args.revoked:

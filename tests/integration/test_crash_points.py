@@ -378,6 +378,12 @@ def _second_hac(lab: Lab, name: str = "hac-b") -> tuple[Lab, HacProcess]:
     return other, HacProcess(other)
 
 
+def _owner_of_b(owner_a: str) -> str:
+    """HAC B's owner name in the store, from A's: its host and config file
+    (``_second_hac`` writes B's config beside A's, as hac-b.toml)."""
+    return owner_a.replace("/hac.toml", "/hac-b.toml")
+
+
 @contextlib.contextmanager
 def _two_hacs(
     lab: Lab, hac: HacProcess, ha_proc: HaProcess, launcher: list[str] = LAUNCHER
@@ -498,7 +504,7 @@ def test_a_live_hacs_withdrawal_is_left_to_it_and_taken_over_once_it_dies(
             "B took over what the dead A owed",
             lambda: (
                 query(store, "SELECT owner FROM retired_sa WHERE confirmed = 0")
-                == [(owner_a.replace("/hac.toml", "/hac-b.toml"),)]
+                == [(_owner_of_b(owner_a),)]
             ),
         )
         assert "withdrawing them from here too" in hac_b.log_text()
@@ -521,7 +527,7 @@ def test_a_stopped_hacs_withdrawal_is_taken_over_without_waiting_for_its_heartbe
         _lab_b, hac_b, first, _ = ctx
         alive = dict(query(store, "SELECT owner, until FROM hac_alive"))
         (owner_a,) = (str(o) for o in alive if str(o).endswith("/hac.toml"))
-        owner_b = owner_a.replace("/hac.toml", "/hac-b.toml")
+        owner_b = _owner_of_b(owner_a)
         until_a = alive[owner_a]
         assert isinstance(until_a, float)
         assert until_a > time.time() + 60  # A's heartbeat: alive for more than a minute
@@ -563,7 +569,7 @@ def test_a_wedged_hacs_withdrawal_is_taken_over_and_its_return_harms_nothing(
 
     with _a_owes_a_withdrawal_with_the_ha_down(lab, hac, ha_proc) as (_, _hac_b, first, control):
         (owner_a,) = (str(r[0]) for r in query(store, "SELECT owner FROM retired_sa"))
-        owner_b = owner_a.replace("/hac.toml", "/hac-b.toml")
+        owner_b = _owner_of_b(owner_a)
         assert hac.proc is not None
         hac.proc.send_signal(signal.SIGSTOP)
         try:

@@ -762,7 +762,6 @@ def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(
     MN was not told of stays live, and nothing it was told of comes back;
     the MN's next bootstrap registers.
     """
-    # Call 1 is the first bootstrap's install; call 2 the re-bootstrap's.
     with _one_hac_two_has(lab, crash_at(target, nth)) as (hac, ha2):
         ports = {int(lab.info["ha"]["port"]): "ha1", ha2.port: "ha2"}
         first = Mn(lab)
@@ -774,7 +773,7 @@ def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(
             hac.wait_killed()
             (stranded,) = [s for s in live_on_hac(lab) if s != first.spi]
             rows = query(
-                lab.dir / "hac-sa.sqlite", f"SELECT ha_id FROM issued_sa WHERE spi = {stranded}"
+                lab.dir / "hac-sa.sqlite", "SELECT ha_id FROM issued_sa WHERE spi = ?", (stranded,)
             )
             assert rows and rows[0][0] != first_ha  # the case under test: the other HA
             # Retired in the new SA's transaction, its withdrawal owed.
