@@ -34,12 +34,28 @@ def _leaves(a: Any, b: Any, prefix: str) -> list[str]:
 
 
 def restart_keys(
-    old: BaseModel, new: BaseModel, live: frozenset[str]
+    old: BaseModel,
+    new: BaseModel,
+    live: frozenset[str],
+    live_leaves: frozenset[str] = frozenset(),
 ) -> tuple[list[str], list[str]]:
-    """(top-level keys that changed, dotted keys whose change needs a restart)."""
+    """(keys that changed, dotted keys whose change needs a restart).
+
+    ``live``: top-level keys a reload applies; ``live_leaves``: dotted keys
+    it applies inside a table that otherwise needs a restart (the HAC's
+    ``hac.cert``).  A changed top-level key in ``live`` is named as such; a
+    changed live leaf by its dotted name."""
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    restart = [leaf for k in changed if k not in live for leaf in _leaves(a.get(k), b.get(k), k)]
+    changed: list[str] = []
+    restart: list[str] = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) == b.get(k):
+            continue
+        if k in live:
+            changed.append(k)
+            continue
+        for leaf in _leaves(a.get(k), b.get(k), k):
+            (changed if leaf in live_leaves else restart).append(leaf)
     return changed, restart
 
 

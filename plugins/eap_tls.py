@@ -24,6 +24,12 @@ rules), ``tls_min``, ``tls_max``, ``fragment_size``, ``max_message``,
 
 Relative paths resolve against the configuration file's directory.  A wrong
 option raises ``ValueError("key: reason")``.
+
+A renewed EAP server certificate (or key, or MN CA) written under the same
+paths is taken by the HAC's next reload: the server factory's ``stale()``
+(core/reload.py) compares the files with what they held when it was built,
+and the reload builds the method again.  A file that no longer loads makes
+the reload refused, naming the key; the running method stays.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from mipsec.core.eap.tls_identity import (
     builtin_policies,
 )
 from mipsec.core.errors import CertificateError, LocalProtocolError
+from mipsec.core.filedigest import FileDigests
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.pluginmanager import registry
 from mipsec.core.tls import load_matching_key, load_server_chain
@@ -122,6 +129,9 @@ class _Credentials:
         cert_file = resolve_path(opts.cert, base_dir)
         key_file = resolve_path(opts.key, base_dir)
         self.ca_file = resolve_path(opts.ca, base_dir)
+        # Before the files are loaded (core/filedigest.py says why); also
+        # refuses a FIFO or an oversized file, naming the key.
+        self.files = FileDigests([("cert", cert_file), ("key", key_file), ("ca", self.ca_file)])
         try:
             self.chain = load_server_chain(cert_file)
         except CertificateError as exc:
@@ -178,14 +188,20 @@ def _policy(name: str, ctx: PluginContext) -> EapTlsIdentityPolicy:
 class EapTlsServerFactory:
     """Builds one :class:`EapTlsServer` per EAP conversation (HAC)."""
 
-    def __init__(self, config: EapTlsServerConfig) -> None:
+    def __init__(self, config: EapTlsServerConfig, files: FileDigests | None = None) -> None:
         self.config = config
+        self.files = files
 
     def __repr__(self) -> str:
         return f"EapTlsServerFactory(policy={self.config.policy.name!r})"
 
     def new(self, ctx: EapServerContext) -> EapTlsServer:
         return EapTlsServer(self.config, ctx)
+
+    def stale(self) -> bool:
+        """Whether ``cert``, ``key`` or ``ca`` now hold something else than
+        this factory was built from, or cannot be read (core/reload.py)."""
+        return self.files is not None and self.files.changed()
 
 
 class EapTlsPeerFactory:
@@ -218,7 +234,7 @@ class EapTlsMethod:
             fragment_size=opts.fragment_size,
             max_message=opts.max_message,
         )
-        return EapTlsServerFactory(config)
+        return EapTlsServerFactory(config, creds.files)
 
     def peer(self, options: Mapping[str, Any], ctx: PluginContext) -> EapTlsPeerFactory:
         opts = parse_options(PeerOptions, options)

@@ -26,6 +26,7 @@ from mipsec.core.eap.backend import (
     StepOrPending,
 )
 from mipsec.core.eap.method import EapServerContext, EapServerFactory, EapServerMethod
+from mipsec.core.reload import stale
 from mipsec.core.wire.eap import (
     EapCode,
     EapError,
@@ -61,6 +62,11 @@ class LocalBackend:
     def session(self, ctx: EapSessionContext) -> _LocalSession:
         allowed = [self.methods[n] for n in ctx.allowed_types if n in self.methods]
         return _LocalSession(ctx, allowed)
+
+    def stale(self) -> bool:
+        """Any local method's server factory built from a file that changed
+        since -- a renewed EAP-TLS server certificate (core/reload.py)."""
+        return any(stale(m.factory) for m in self.methods.values())
 
     async def aclose(self) -> None:
         pass

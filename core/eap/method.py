@@ -161,6 +161,11 @@ class EapPeerFactory(Protocol):
 
 
 class EapServerFactory(Protocol):
+    """Built once per start or reload.  Optional: ``stale() -> bool``, True
+    when a file it read at build time (a certificate, a key) now holds
+    something else or cannot be read; the HAC's next reload then builds the
+    EAP method again (core/reload.py ``stale``)."""
+
     def new(self, ctx: EapServerContext) -> EapServerMethod: ...
 
 

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import pluggy
 
-from mipsec.core import pluginmanager
+from mipsec.core import pluginmanager, servercert
 from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
 from mipsec.core.config import HACConfig
 from mipsec.core.control import default_name, state_dir
@@ -63,9 +63,9 @@ from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
+from mipsec.core.servercert import ChannelBindings, ServerCert
 from mipsec.core.sqlitetx import loop_writer
 from mipsec.core.startup_heap import collection_paused, freeze_heap, warm_hac_views
-from mipsec.core.tls import hac_server_context, server_cb_octets
 
 _T = TypeVar("_T")
 log = logging.getLogger("mipsec.hac")
@@ -170,10 +170,11 @@ class HacService:
         self.config_file = config_file
         self.pm = pm or pluginmanager.make_plugin_manager(cfg.plugins.disable)
         svc = cfg.hac
-        self.ssl_context = hac_server_context(
-            str(svc.cert), str(svc.key), strict_rfc6618=svc.strict_rfc6618
+        # The MHAuth TLS certificate, its channel binding and what its files
+        # held: a reload may swap it (``use_cert``) for new connections.
+        self.bindings = ChannelBindings(
+            servercert.load(svc.cert, svc.key, strict_rfc6618=svc.strict_rfc6618)
         )
-        self.cb_octets = server_cb_octets(str(svc.cert))
         base = Path(config_file).resolve().parent if config_file != "<memory>" else svc.cert.parent
         extra: dict[str, Any] = {"pm": self.pm}
         if check_only:
@@ -368,13 +369,22 @@ class HacService:
             out[name] = factory
         return out
 
+    def use_cert(self, cert: ServerCert) -> None:
+        """Serve ``cert`` to the connections accepted from now on (a reload).
+
+        A connection whose TLS began with the old certificate keeps it and
+        its channel binding to the end (``bindings.of``)."""
+        self.bindings.use(cert)
+        if self._listener is not None:
+            self._listener.ssl_context = cert.context
+
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> list[tuple[str, int]]:
         svc = self.cfg.hac
         port = svc.port
         self._listener = TlsListener(
-            self.ssl_context,
+            self.bindings.current.context,
             lambda conn: _Session(self, conn),
             Limits(
                 handshake_timeout=svc.handshake_timeout,
@@ -1555,7 +1565,7 @@ class _Session:
         self._done = False  # answered or closing: further input is ignored
         self._reported = False
         self._exch = HacExchange(
-            cb_octets=service.cb_octets,
+            cb_octets=service.bindings.of(conn.ssl_object),
             methods=service.methods,
             credentials=service.credentials,
             standin_key=service._standin,

@@ -21,9 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mipsec.core import servercert
 from mipsec.core.config import HACConfig, load_config
 from mipsec.core.control import ControlError, Dispatcher, arg_str
-from mipsec.core.errors import ConfigError
+from mipsec.core.errors import CertificateError, ConfigError
+from mipsec.core.filedigest import UnreadableFileError
 from mipsec.core.hookspecs import hookimpl
 from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
@@ -31,6 +33,7 @@ from mipsec.core.nai import nai_key
 from mipsec.core.outage import cause
 from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level, stale
 from mipsec.core.roles.hac import HacService, hac_policy
+from mipsec.core.servercert import ServerCert
 from mipsec.core.suites import Suite
 from mipsec.core.version import version
 
@@ -53,7 +56,22 @@ LIVE_KEYS = frozenset(
         "log_levels",
     }
 )
+# Keys inside [hac] a reload applies: the MHAuth certificate and its key
+# (a renewal), paths and contents alike.
+LIVE_LEAVES = frozenset({"hac.cert", "hac.key"})
 TRACKER = "mipsec-control-tracker"
+
+
+def _load_cert(cfg: HACConfig, file: str) -> ServerCert:
+    """``cfg``'s MHAuth certificate, or ``ConfigError`` naming the key."""
+    hac = cfg.hac
+    try:
+        return servercert.load(hac.cert, hac.key, strict_rfc6618=hac.strict_rfc6618)
+    except UnreadableFileError as exc:
+        raise ConfigError(file, f"hac.{exc.key}", str(exc).split(": ", 1)[1]) from None
+    except CertificateError as exc:
+        key = "hac.key" if str(exc).startswith(str(hac.key)) else "hac.cert"
+        raise ConfigError(file, key, str(exc)) from None
 
 
 class _MethodTracker:
@@ -447,13 +465,20 @@ class HacOps:
         new = load_config(file, "hac")
         assert isinstance(new, HACConfig)
         preflight(new, file)
-        changed, restart = restart_keys(svc.cfg, new, LIVE_KEYS)
+        changed, restart = restart_keys(svc.cfg, new, LIVE_KEYS, LIVE_LEAVES)
         if restart:
             raise ConfigError(file, ", ".join(restart), "changes only with a restart")
         if "methods" not in changed and any(stale(f) for f in svc.methods.values()):
             # A file a method was built from changed (a rotated RADIUS
-            # secret_file): built again as if its options had changed.
+            # secret_file, a renewed EAP-TLS server certificate): built
+            # again as if its options had changed.
             changed = sorted([*changed, "methods"])
+        cert: ServerCert | None = None
+        if LIVE_LEAVES & set(changed) or svc.bindings.current.files.changed():
+            # A renewed MHAuth certificate (new paths, or new contents under
+            # the same ones): loaded now, served once everything else built.
+            cert = _load_cert(new, file)
+            changed = sorted({*changed, "hac.cert"} - {"hac.key"})
         if not changed:
             return []
         ctx = svc.plugin_ctx
@@ -486,6 +511,13 @@ class HacOps:
         svc.credentials = credentials
         svc.allocator = allocator
         svc.selector = selector
+        if cert is not None:
+            svc.use_cert(cert)
+            log.info(
+                "hac now serves the certificate in %s (valid until %s) to new connections",
+                new.hac.cert,
+                cert.not_after.isoformat(),
+            )
         set_log_level(new)
         self._close_later(old, in_flight)
         return changed

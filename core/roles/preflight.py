@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from mipsec.core import pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, ProvisioningListener
 from mipsec.core.errors import CertificateError, ConfigError, LocalProtocolError
+from mipsec.core.filedigest import read_regular
 from mipsec.core.secretfiles import InsecureFileError, check_private, check_private_sqlite
 from mipsec.core.tls import hac_server_context, mn_client_context, server_cb_octets
 
@@ -174,9 +175,10 @@ def _blame(message: str, entries: Sequence[_Entry]) -> str:
 
 
 def _readable(file: str, key: str, path: Path) -> None:
+    # A regular file of sane size: a FIFO named by mistake would otherwise
+    # block the start -- or a running role's event loop, at a reload.
     try:
-        with open(path, "rb"):
-            pass
+        read_regular(path)
     except OSError as exc:
         raise ConfigError(file, key, f"cannot read {path}: {exc.strerror or exc}") from None
 

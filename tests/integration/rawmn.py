@@ -129,6 +129,35 @@ class RawMN:
             return True
 
 
+def psk_init(mn: RawMN, mn_id: str) -> tuple[str, Response]:
+    """PSK step 1 of PROFILE §4: send Init; return (mn-rand, the response)."""
+    mn_rand = os.urandom(32).hex()
+    mn.send(lines([("mn-id", mn_id), ("mn-rand", mn_rand), ("auth-method", "psk")]) + b"\r\n")
+    return mn_rand, mn.recv()
+
+
+def psk_done(
+    mn: RawMN,
+    mn_rand: str,
+    r1: Response,
+    psk: bytes,
+    suites: str = "{00,3C}",
+    sas: str = "1",
+) -> Response:
+    """PSK step 3 after ``psk_init``: send Done keyed with ``psk`` and the
+    channel binding; return the final response."""
+    body = lines(
+        [
+            ("mn-rand", mn_rand),
+            ("hac-rand", r1.headers.get("hac-rand", "")),
+            ("mip6-sas", sas),
+            ("mip6-suitelist", suites),
+        ]
+    )
+    mn.send(with_auth(body, psk, b"MN", mn.cb))
+    return mn.recv()
+
+
 def psk_bootstrap(
     mn: RawMN,
     mn_id: str,
@@ -137,17 +166,5 @@ def psk_bootstrap(
     sas: str = "1",
 ) -> tuple[Response, Response]:
     """Run the PSK exchange of PROFILE §4; return (step-2, final) responses."""
-    mn_rand = os.urandom(32).hex()
-    mn.send(lines([("mn-id", mn_id), ("mn-rand", mn_rand), ("auth-method", "psk")]) + b"\r\n")
-    r1 = mn.recv()
-    hac_rand = r1.headers.get("hac-rand", "")
-    body = lines(
-        [
-            ("mn-rand", mn_rand),
-            ("hac-rand", hac_rand),
-            ("mip6-sas", sas),
-            ("mip6-suitelist", suites),
-        ]
-    )
-    mn.send(with_auth(body, psk, b"MN", mn.cb))
-    return r1, mn.recv()
+    mn_rand, r1 = psk_init(mn, mn_id)
+    return r1, psk_done(mn, mn_rand, r1, psk, suites, sas)

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import time
@@ -27,11 +28,16 @@ from typing import Any
 
 import pytest
 from conftest import LAUNCHER, Lab, edit_toml, free_port, mipsec, wait_port
-from rawmn import RawMN, lines, psk_bootstrap, with_auth
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from rawmn import RawMN, cb_octets, psk_bootstrap, psk_done, psk_init
 
 from mipsec.core.config import MNConfig, load_config
+from mipsec.core.fsutil import write_file
 from mipsec.core.issuer import new_sa
 from mipsec.core.model import BootstrapData, IssuedSA
+from mipsec.core.pki import make_ca, make_leaf, write_cert, write_key
 from mipsec.core.roles.mn import Registrar, bootstrap
 from mipsec.core.suites import Suite
 from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
@@ -380,9 +386,7 @@ def test_sighup_policy_applies_to_next_mn_not_to_exchange_in_flight(lab: Lab, ro
     # An exchange in flight: Init answered, Done not yet sent.
     mn = RawMN("127.0.0.1", lab.hac_port, str(lab.dir / "pki" / "ca.pem"), "hac.mipsec.test")
     try:
-        mn_rand = os.urandom(32).hex()
-        mn.send(lines([("mn-id", MN_ID), ("mn-rand", mn_rand), ("auth-method", "psk")]) + b"\r\n")
-        r1 = mn.recv()
+        mn_rand, r1 = psk_init(mn, MN_ID)
         assert r1.headers.get("hac-rand")
         # The policy no longer allows PSK, nor the suite this MN offers: by SIGHUP.
         edit_toml(Path(hac_cfg(lab)), 'methods = ["psk", "eap"]', 'methods = ["eap"]')
@@ -394,16 +398,7 @@ def test_sighup_policy_applies_to_next_mn_not_to_exchange_in_flight(lab: Lab, ro
         assert hac.poll() is None  # SIGHUP no longer ends the HAC
         # The exchange in flight finishes under the policy it started with
         # (under the new one its only suite would get 501).
-        body = lines(
-            [
-                ("mn-rand", mn_rand),
-                ("hac-rand", r1.headers["hac-rand"]),
-                ("mip6-sas", "1"),
-                ("mip6-suitelist", "{00,3C}"),
-            ]
-        )
-        mn.send(with_auth(body, lab.psk, b"MN", mn.cb))
-        final = mn.recv()
+        final = psk_done(mn, mn_rand, r1, lab.psk)
         assert final.headers.get("status-code") == "200", final.headers
     finally:
         mn.close()
@@ -458,6 +453,166 @@ def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
     log = roles.wait_log("ha", "reload refused")
     assert "ha.replay_window: changes only with a restart" in log
     assert ha.poll() is None
+
+
+def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False) -> int:
+    """Write a new certificate and key for ``name`` (``pki/NAME.pem``,
+    ``pki/NAME.key``, the renewal an operator's tooling does in place),
+    issued by the lab CA or by a CA nobody trusts; its serial number."""
+    pki = lab.dir / "pki"
+    if other_ca:
+        ca_key, ca_cert = make_ca("nobody's CA")
+    else:
+        ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+        loaded = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        ca_key = loaded
+    key, cert = make_leaf(
+        ca_key, ca_cert, common_name=dns, dns_names=[dns], ip_addresses=["127.0.0.1"]
+    )
+    write_cert(pki / f"{name}.pem", cert)
+    write_key(pki / f"{name}.key", key)
+    return int(cert.serial_number)
+
+
+class _HeldFinished:
+    """A TLS client over memory BIOs (the socket API RawMN uses) whose
+    handshake is done on its side, its Finished not yet sent: the HAC's
+    handshake began under one certificate and ends when ``release`` sends
+    the Finished."""
+
+    def __init__(self, lab: Lab) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(lab.info["ca"])
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self._in, self._out, server_hostname="hac.mipsec.test")
+        self.raw = socket.create_connection(("127.0.0.1", lab.hac_port), timeout=10)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if self._out.pending:
+                    self.raw.sendall(self._out.read())
+                self._in.write(self.raw.recv(65536))
+        self.finished = self._out.read()  # TLS 1.3: the client's Finished, held
+
+    def sendall(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.raw.sendall(self.finished + self._out.read())
+        self.finished = b""
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            try:
+                return self.tls.read(n)
+            except ssl.SSLWantReadError:
+                self._in.write(self.raw.recv(65536))
+
+    def mn(self) -> RawMN:
+        mn = RawMN.__new__(RawMN)
+        der = self.tls.getpeercert(binary_form=True)
+        assert der is not None
+        mn.sock, mn.cb, mn.version, mn.next_id = self, cb_octets(der), self.tls.version(), 1
+        return mn
+
+
+def _served_serial(lab: Lab) -> int:
+    raw = RawMN("127.0.0.1", lab.hac_port, lab.info["ca"], "hac.mipsec.test")
+    try:
+        der = raw.sock.getpeercert(binary_form=True)
+        assert der is not None
+        return int(x509.load_der_x509_certificate(der).serial_number)
+    finally:
+        raw.close()
+
+
+def test_reload_serves_a_renewed_hac_certificate(lab: Lab, roles: Roles) -> None:
+    """A MHAuth certificate and key renewed under the same paths are served
+    to new connections after ``mipsec reload`` (``changed hac.cert``),
+    while an exchange begun under the old certificate finishes with the old
+    channel binding (RFC 5929 §4.1).  A pair that does not load, or a FIFO
+    at the path, is a refused reload naming the key, and the HAC goes on
+    serving the certificate it had; the same files again change nothing."""
+    roles.start("ha")
+    hac = roles.start("hac")
+    pki = lab.dir / "pki"
+    old_serial = _served_serial(lab)
+    # A handshake begun under the old certificate, to end after the reload.
+    held = _HeldFinished(lab)
+    assert held.tls.version() == "TLSv1.3" and held.finished
+    # An exchange in flight under the old certificate: Init answered.
+    mn = RawMN("127.0.0.1", lab.hac_port, lab.info["ca"], "hac.mipsec.test")
+    try:
+        mn_rand, r1 = psk_init(mn, MN_ID)
+        assert r1.headers.get("hac-rand")
+        new_serial = _renew(lab, "hac", "hac.mipsec.test")
+        out = ctl("reload", "--config", hac_cfg(lab))
+        assert out.returncode == 0 and out.stdout.strip().endswith(": hac.cert"), out
+        final = psk_done(mn, mn_rand, r1, lab.psk)
+        assert final.headers.get("status-code") == "200", final.headers
+        assert final.auth_ok(lab.psk, mn.cb)  # the old certificate's binding
+        # The handshake that ends now: the old certificate and its binding.
+        late = held.mn()
+        _, late_final = psk_bootstrap(late, MN_ID, lab.psk)
+        assert late_final.headers.get("status-code") == "200", late_final.headers
+        assert late_final.auth_ok(lab.psk, late.cb)
+    finally:
+        mn.close()
+        held.raw.close()
+    assert new_serial != old_serial and _served_serial(lab) == new_serial
+    assert _raw_psk(lab, MN_ID)[0] == "200"
+    assert mn_once(lab)["status"] == 200  # mipsec's own MN: chain and SAN checks
+    log = roles.wait_log("hac", "hac.toml applied: changed hac.cert")
+    assert "now serves the certificate in" in log and "valid until" in log
+    assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
+    # A certificate whose key was not written with it: refused, still serving.
+    good_cert, good_key = (pki / "hac.pem").read_bytes(), (pki / "hac.key").read_bytes()
+    _, stray = make_leaf(*make_ca("stray"), common_name="hac.mipsec.test")
+    write_cert(pki / "hac.pem", stray)
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 1 and "hac.cert:" in out.stderr, out.stderr
+    assert "does not match the private key" in out.stderr
+    assert _served_serial(lab) == new_serial
+    # A FIFO at the path: refused at once, not waited on.
+    (pki / "hac.pem").unlink()
+    os.mkfifo(pki / "hac.pem")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 1 and "hac.cert:" in out.stderr, out.stderr
+    assert "not a regular file" in out.stderr
+    assert hac.poll() is None and _raw_psk(lab, MN_ID)[0] == "200"
+    # The renewed files put back: what is served already, nothing to do.
+    (pki / "hac.pem").unlink()
+    write_file(pki / "hac.pem", good_cert, 0o644)
+    assert (pki / "hac.key").read_bytes() == good_key
+    assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
+    assert good_key.decode().split("\n")[1] not in roles.log("hac")
+
+
+def test_reload_takes_a_renewed_eap_tls_server_certificate(lab: Lab, roles: Roles) -> None:
+    """The EAP server certificate (``[methods.eap.tls]``, not the MHAuth
+    one) renewed in place is taken by the next reload (``changed
+    methods``): renewed by a CA the MN does not trust, the MN's EAP-TLS
+    fails; renewed again by the lab CA, it succeeds."""
+    roles.start("ha")
+    roles.start("hac")
+    eap_mn = ("--config", str(lab.dir / "mn-eap-tls.toml"))
+
+    def eap_once() -> int:
+        out = mipsec("--role", "mn", *eap_mn, "--once", "--json")
+        return int(json.loads(out.stdout.strip().splitlines()[-1])["status"])
+
+    assert eap_once() == 200
+    _renew(lab, "eap", "eap.mipsec.test", other_ca=True)
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": methods"), out
+    assert eap_once() == 401  # the MN's alert inside EAP-TLS: EAP-Failure
+    assert _raw_psk(lab, MN_ID)[0] == "200"  # PSK unaffected
+    _renew(lab, "eap", "eap.mipsec.test")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": methods"), out
+    assert eap_once() == 200
+    assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
 
 
 def _radius_lab(tmp_path: Path) -> tuple[Lab, Path, str]:

@@ -194,7 +194,7 @@ def test_metrics_port_in_use_names_the_key(json_lab: Lab) -> None:
 def test_sigterm_drains_an_exchange_in_flight(lab: Lab, tmp_path: Path) -> None:
     """SIGTERM between Init and Done: the HAC stops accepting, the MN's Done
     still gets its 200, then the HAC exits 0."""
-    from rawmn import RawMN, lines, with_auth
+    from rawmn import RawMN, psk_done, psk_init
 
     notes = {r: Notify(tmp_path / f"{r}.notify") for r in ("ha", "hac")}
     procs = {}
@@ -204,27 +204,14 @@ def test_sigterm_drains_an_exchange_in_flight(lab: Lab, tmp_path: Path) -> None:
             notes[role].wait_for("READY=1")
         mn = RawMN("127.0.0.1", lab.hac_port, str(lab.dir / "pki" / "ca.pem"), "hac.mipsec.test")
         try:
-            mn_rand = os.urandom(32).hex()
-            mn.send(
-                lines([("mn-id", "demo@mipsec.test"), ("mn-rand", mn_rand), ("auth-method", "psk")])
-                + b"\r\n"
-            )
-            r1 = mn.recv()
+            mn_rand, r1 = psk_init(mn, "demo@mipsec.test")
             procs["hac"].send_signal(signal.SIGTERM)
             notes["hac"].wait_for("STOPPING=1")
             # Not accepting any more: a new connection is refused.
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", lab.hac_port), timeout=2).close()
-            body = lines(
-                [
-                    ("mn-rand", mn_rand),
-                    ("hac-rand", r1.headers["hac-rand"]),
-                    ("mip6-sas", "1"),
-                    ("mip6-suitelist", "{00,3C}"),
-                ]
-            )
-            mn.send(with_auth(body, lab.psk, b"MN", mn.cb))
-            assert mn.recv().headers.get("status-code") == "200"
+            final = psk_done(mn, mn_rand, r1, lab.psk)
+            assert final.headers.get("status-code") == "200"
         finally:
             mn.close()
         assert procs["hac"].wait(timeout=30) == 0

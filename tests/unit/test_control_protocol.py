@@ -322,9 +322,15 @@ def test_restart_keys_names_leaves_outside_live_keys(tmp_path: Path) -> None:
         {**base, "ha": {"id": "ha1", "replay_window": 128}, "log_level": "debug"}, "ha"
     )
     changed, restart = restart_keys(old, new, frozenset({"log_level"}))
-    assert changed == ["ha", "log_level"]
+    assert changed == ["log_level"]
     assert restart == ["ha.replay_window"]
     assert restart_keys(old, old, frozenset()) == ([], [])
+    # A leaf a reload applies inside a restart-only table (the HAC's hac.cert)
+    # is named as changed; its neighbours still need a restart.
+    changed, restart = restart_keys(
+        old, new, frozenset({"log_level"}), frozenset({"ha.replay_window"})
+    )
+    assert (changed, restart) == (["ha.replay_window", "log_level"], [])
 
 
 # ------------------------------------------------------------ CLI help

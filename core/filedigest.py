@@ -1,0 +1,103 @@
+"""What a set of files held when something was built from them.
+
+A reload (core/reload.py) must notice a certificate, key or CA file written
+anew under the same path -- a renewed certificate -- although the
+configuration naming it did not change.  ``FileDigests`` keeps one SHA-256
+over the files' contents, taken *before* the object is built from them: a
+file replaced between the digest and the build leaves the object newer than
+the digest, so the next reload builds it once more (harmless), never the
+other way round (a renewal missed).  Only the digest is kept, never a key's
+contents, and it is compared in constant time.
+
+Reads refuse anything but a regular file (a FIFO would block the event
+loop the reload runs on) and files above ``MAX_FILE`` octets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["MAX_FILE", "FileDigests", "UnreadableFileError", "read_regular"]
+
+# Far above any certificate chain, key or CA bundle a role is given.
+MAX_FILE = 1 << 20
+
+
+def read_regular(path: Path, limit: int = MAX_FILE) -> bytes:
+    """``path``'s contents; ``OSError`` naming the reason for a file that is
+    not a regular file (FIFO, device, directory) or is larger than ``limit``.
+
+    Opened non-blocking, so a FIFO is refused instead of waiting for a
+    writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        if st.st_size > limit:
+            raise OSError(f"larger than {limit} octets")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(f"larger than {limit} octets")
+    return data
+
+
+class UnreadableFileError(ValueError):
+    """A file named by ``key`` cannot be read: ``"key: path: reason"``, the
+    form a plugin's option errors take (the caller adds the config file)."""
+
+    def __init__(self, key: str, path: Path, reason: str) -> None:
+        super().__init__(f"{key}: {path}: cannot read ({reason})")
+        self.key = key
+        self.path = path
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _digest(entries: tuple[tuple[str, Path], ...]) -> bytes:
+    h = hashlib.sha256()
+    for key, p in entries:
+        try:
+            data = read_regular(p)
+        except OSError as exc:
+            raise UnreadableFileError(key, p, _reason(exc)) from None
+        # Length-prefixed: moving octets from one file to the next changes it.
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.digest()
+
+
+class FileDigests:
+    """One digest of the contents of ``entries`` (config key, path), taken
+    now; ``changed()`` later.
+
+    Raises ``UnreadableFileError`` naming the key if a file cannot be read
+    now: the caller was about to build from it."""
+
+    __slots__ = ("_digest", "entries")
+
+    def __init__(self, entries: Iterable[tuple[str, Path]]) -> None:
+        self.entries = tuple(entries)
+        self._digest = _digest(self.entries)
+
+    def __repr__(self) -> str:
+        return f"FileDigests({[str(p) for _, p in self.entries]!r})"
+
+    def changed(self) -> bool:
+        """Whether any file now holds something else, or cannot be read
+        (then a rebuild names the file and why)."""
+        try:
+            now = _digest(self.entries)
+        except UnreadableFileError:
+            return True
+        return not hmac.compare_digest(now, self._digest)
