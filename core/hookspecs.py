@@ -172,7 +172,13 @@ class HASelector(Protocol):
 @runtime_checkable
 class ProvisioningTransport(Protocol):
     """Hands an SA to an HA (PROFILE §9).  Async: it does network I/O, but it
-    is built by a synchronous factory."""
+    is built by a synchronous factory.
+
+    Optional: ``stale() -> bool``, True when a file it read at build time
+    (a client certificate, key or CA) now holds something else or cannot be
+    read.  The HAC's next reload then builds it again from the same options
+    and closes this one once the requests it may still carry are over
+    (core/reload.py ``stale``)."""
 
     async def provision(self, ha: HomeAgentInfo, issued: IssuedSA, timeout: float) -> None:
         """Return once the HA confirmed; raise TimeoutError or ConnectionError."""

@@ -19,6 +19,10 @@ Options (the ``options`` table of an ``[[ha]]`` entry)::
     timeout     = 5                  # seconds; the HAC's provisioning_timeout also bounds it
     pipeline    = 16                 # requests in flight per connection; 1 = lockstep
 
+A client certificate, key or CA renewed in place is taken by the HAC's next
+reload (``stale()``): the transport is built again for new connections, and
+the one it replaces is closed once its requests are over.
+
 Requests are pipelined (issue 9): written on a kept connection while earlier
 ones still wait for their answers, which the HA gives in order.  An HA
 implementation that reads one request at a time still works (TCP holds the
@@ -36,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mipsec.core.confvalues import Host
 from mipsec.core.errors import CertificateError
+from mipsec.core.filedigest import FileDigests
 from mipsec.core.hookspecs import Factory, PluginContext, hookimpl
 from mipsec.core.model import HomeAgentInfo, IssuedSA
 from mipsec.core.provisioning import (
@@ -74,9 +79,19 @@ def _for_ha(issued: IssuedSA, ha: HomeAgentInfo) -> IssuedSA:
 class TlsTransport:
     """One HA's provisioning client (the HAC builds one per ``[[ha]]`` entry)."""
 
-    def __init__(self, client: ProvisioningClient, timeout: float) -> None:
+    def __init__(
+        self, client: ProvisioningClient, timeout: float, files: FileDigests | None = None
+    ) -> None:
         self.client = client
         self.timeout = timeout
+        self.files = files
+
+    def stale(self) -> bool:
+        """Whether ``ca``, ``cert`` or ``key`` hold something else now than
+        this transport was built from (a renewed client certificate), or
+        cannot be read: the HAC's next reload builds it again
+        (core/reload.py)."""
+        return self.files is not None and self.files.changed()
 
     def __repr__(self) -> str:
         return f"TlsTransport({self.client.host}:{self.client.port})"
@@ -133,6 +148,7 @@ class TlsTransportFactory:
             check_private(paths["key"])  # the HAC's private key
         except InsecureFileError as exc:
             raise ValueError(f"key: {exc}") from None
+        files = FileDigests(paths.items())  # before the context: core/filedigest.py
         try:
             ssl_context = client_context(paths["ca"], paths["cert"], paths["key"])
         except CertificateError as exc:
@@ -145,7 +161,7 @@ class TlsTransportFactory:
             ssl_context=ssl_context,
             pipeline=opts.pipeline,
         )
-        return TlsTransport(client, opts.timeout)
+        return TlsTransport(client, opts.timeout, files)
 
 
 @hookimpl

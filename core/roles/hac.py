@@ -868,12 +868,14 @@ class HacService:
         """Withdraw from ``ha`` every SPI owed to it, oldest first, in rounds
         of ``WITHDRAW_BATCH``; a failed one goes to the back of the queue.
         Ends when nothing is owed (a later one starts a new task)."""
-        transport = self.transports[ha.ha_id]
         timeout = self.cfg.hac.provisioning_timeout
         delay = WITHDRAW_RETRY_MIN
         spis = owed.spis
         try:
             while spis:
+                # Looked up each round: a reload may have built the HA's
+                # transport again (a renewed client certificate).
+                transport = self.transports[ha.ha_id]
                 now = utcnow()
                 batch: list[int] = []
                 for spi, validity_end in list(itertools.islice(spis.items(), WITHDRAW_BATCH)):

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mipsec.core import servercert
+from mipsec.core import pluginmanager, servercert
 from mipsec.core.config import HACConfig, load_config
 from mipsec.core.control import ControlError, Dispatcher, arg_str
 from mipsec.core.errors import CertificateError, ConfigError
@@ -31,7 +31,13 @@ from mipsec.core.issuer import utcnow
 from mipsec.core.model import IssuedSA
 from mipsec.core.nai import nai_key
 from mipsec.core.outage import cause
-from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level, stale
+from mipsec.core.reload import (
+    ReloadRunner,
+    listener_renewal,
+    restart_keys,
+    set_log_level,
+    stale,
+)
 from mipsec.core.roles.hac import HacService, hac_policy
 from mipsec.core.servercert import ServerCert
 from mipsec.core.suites import Suite
@@ -64,14 +70,13 @@ TRACKER = "mipsec-control-tracker"
 
 def _load_cert(cfg: HACConfig, file: str) -> ServerCert:
     """``cfg``'s MHAuth certificate, or ``ConfigError`` naming the key."""
+    from mipsec.core.roles.preflight import file_error
+
     hac = cfg.hac
     try:
         return servercert.load(hac.cert, hac.key, strict_rfc6618=hac.strict_rfc6618)
-    except UnreadableFileError as exc:
-        raise ConfigError(file, f"hac.{exc.key}", str(exc).split(": ", 1)[1]) from None
-    except CertificateError as exc:
-        key = "hac.key" if str(exc).startswith(str(hac.key)) else "hac.cert"
-        raise ConfigError(file, key, str(exc)) from None
+    except (UnreadableFileError, CertificateError) as exc:
+        raise file_error(file, exc, [("hac.cert", hac.cert), ("hac.key", hac.key)]) from None
 
 
 class _MethodTracker:
@@ -479,6 +484,16 @@ class HacOps:
             # the same ones): loaded now, served once everything else built.
             cert = _load_cert(new, file)
             changed = sorted({*changed, "hac.cert"} - {"hac.key"})
+        # Provisioning TLS renewed in place: the pull listener's certificate
+        # ([provisioning]) and each HA transport's client certificate and CA
+        # (an [[ha]] entry's options, which otherwise change only with a
+        # restart).
+        prov = svc._prov_server
+        renew_listener = listener_renewal(prov, file, "provisioning.") if prov else None
+        if renew_listener is not None:
+            changed = sorted({*changed, "provisioning.cert"})
+        stale_has = [(i, h) for i, h in enumerate(new.ha) if stale(svc.transports.get(h.id))]
+        changed = sorted({*changed, *(f"ha[{i}]" for i, _ in stale_has)})
         if not changed:
             return []
         ctx = svc.plugin_ctx
@@ -498,6 +513,17 @@ class HacOps:
             selector = svc.selector
             if "ha_selection" in changed:
                 selector = svc.create_plugin("ha_selection", new)
+            transports = dict(svc.transports)
+            for i, h in stale_has:
+                transports[h.id] = pluginmanager.create(
+                    svc.pm,
+                    "mipsec_provisioning_transports",
+                    h.transport,
+                    dict(h.options),
+                    ctx,
+                    key=f"ha[{i}]",
+                )
+                built.append(transports[h.id])
         except BaseException:
             self._close_later(built, set())
             raise
@@ -505,6 +531,11 @@ class HacOps:
         if credentials is not svc.credentials:
             old.append(svc.credentials)
         in_flight = set(svc._sessions)
+        # A replaced transport may still carry a request begun before the
+        # swap (an install, a background withdrawal): it is closed once the
+        # exchanges in flight are over and a provisioning timeout has passed.
+        old_transports = [t for k, t in svc.transports.items() if transports[k] is not t]
+        svc.transports = transports
         svc.cfg = new
         svc.policy = hac_policy(new)
         svc.methods = methods
@@ -518,16 +549,32 @@ class HacOps:
                 new.hac.cert,
                 cert.not_after.isoformat(),
             )
+        if renew_listener is not None and new.provisioning is not None:
+            renew_listener()
+            log.info(
+                "hac provisioning listener now presents the certificate in %s to new connections",
+                new.provisioning.cert,
+            )
+        for i, h in stale_has:
+            log.info(
+                "hac provisioning to HA %s: ha[%d] transport built again from its "
+                "renewed files (new connections)",
+                h.id,
+                i,
+            )
         set_log_level(new)
         self._close_later(old, in_flight)
+        self._close_later(old_transports, in_flight, grace=new.hac.provisioning_timeout)
         return changed
 
-    def _close_later(self, objs: list[Any], sessions: set[Any]) -> None:
-        """Close replaced plugin objects once the exchanges that hold them are over."""
+    def _close_later(self, objs: list[Any], sessions: set[Any], grace: float = 0.0) -> None:
+        """Close replaced plugin objects once the exchanges that hold them
+        are over, and ``grace`` seconds have passed."""
         if not objs:
             return
 
         async def close() -> None:
+            await asyncio.sleep(grace)
             while sessions & self.svc._sessions:
                 await asyncio.sleep(1.0)
             for obj in objs:

@@ -26,11 +26,11 @@ from pydantic import BaseModel
 from mipsec.core import pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, ProvisioningListener
 from mipsec.core.errors import CertificateError, ConfigError, LocalProtocolError
-from mipsec.core.filedigest import read_regular
+from mipsec.core.filedigest import UnreadableFileError, read_regular
 from mipsec.core.secretfiles import InsecureFileError, check_private, check_private_sqlite
 from mipsec.core.tls import hac_server_context, mn_client_context, server_cb_octets
 
-__all__ = ["check_services", "preflight"]
+__all__ = ["check_services", "file_error", "preflight"]
 
 _Entry = tuple[str, Path]  # (config key, path)
 
@@ -161,6 +161,17 @@ def _tls(
         raise ConfigError(file, _blame(str(exc), entries), str(exc)) from None
     except (ssl.SSLError, OSError) as exc:  # anything core.tls did not already word
         raise ConfigError(file, entries[0][0], f"cannot load: {exc}") from None
+
+
+def file_error(file: str, exc: Exception, entries: Sequence[_Entry]) -> ConfigError:
+    """``ConfigError`` naming the key of ``entries`` (config key, path) whose
+    file ``exc`` -- an ``UnreadableFileError`` (keyed by its last dotted
+    part) or a ``CertificateError`` (whose message starts with the path) --
+    is about: for what a reload loads after ``preflight`` checked it."""
+    if isinstance(exc, UnreadableFileError):
+        key = next((k for k, _ in entries if k.rsplit(".", 1)[-1] == exc.key), entries[0][0])
+        return ConfigError(file, key, str(exc).split(": ", 1)[1])
+    return ConfigError(file, _blame(str(exc), entries), str(exc))
 
 
 def _blame(message: str, entries: Sequence[_Entry]) -> str:

@@ -36,6 +36,7 @@ from mipsec.core.errors import (
     TruncatedError,
     WireError,
 )
+from mipsec.core.filedigest import FileDigests
 from mipsec.core.model import IssuedSA
 from mipsec.core.provisioning import (
     BAD_REQUEST,
@@ -131,6 +132,11 @@ def server_context(cfg: ProvisioningListener) -> ssl.SSLContext:
     )
 
 
+def listener_files(cfg: ProvisioningListener) -> FileDigests:
+    """What ``cfg``'s certificate, key and client CA hold now."""
+    return FileDigests([("cert", cfg.cert), ("key", cfg.key), ("client_ca", cfg.client_ca)])
+
+
 def client_context(ca: StrPath, cert: StrPath, key: StrPath) -> ssl.SSLContext:
     """Trust only ``ca``; present ``cert``/``key``; no CN fallback (PROFILE §1 policy)."""
     return mn_client_context(ca, client_cert=cert, client_key=key)
@@ -205,6 +211,7 @@ class ProvisioningServer:
         self.on_install_many = on_install_many
         self.on_withdraw = on_withdraw
         self.on_pull = on_pull
+        self.files = listener_files(cfg)  # before the context: core/filedigest.py
         self.ssl_context = server_context(cfg)
         self.listener = TlsListener(
             self.ssl_context,
@@ -223,6 +230,27 @@ class ProvisioningServer:
         )
         self.addresses: list[tuple[str, int]] = []
         self._sessions: set[_ProvSession] = set()
+
+    def stale(self) -> bool:
+        """Whether ``cert``, ``key`` or ``client_ca`` hold something else now
+        than the listener's context was built from (a renewal), or cannot be
+        read (core/reload.py)."""
+        return self.files.changed()
+
+    def prepare_renewal(self) -> Callable[[], None]:
+        """Build a context from the files as they are now; return what makes
+        new connections use it (a reload swaps only once everything it
+        builds has built).  Raises ``UnreadableFileError`` or
+        ``CertificateError`` and changes nothing if they do not load.
+        Connections already made keep the context they were made with."""
+        files = listener_files(self.cfg)
+        context = server_context(self.cfg)
+
+        def commit() -> None:
+            self.files, self.ssl_context = files, context
+            self.listener.ssl_context = context
+
+        return commit
 
     async def start(self) -> list[tuple[str, int]]:
         for host in self.cfg.listen:

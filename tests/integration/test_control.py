@@ -455,7 +455,7 @@ def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
     assert ha.poll() is None
 
 
-def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False) -> int:
+def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False, **kw: Any) -> int:
     """Write a new certificate and key for ``name`` (``pki/NAME.pem``,
     ``pki/NAME.key``, the renewal an operator's tooling does in place),
     issued by the lab CA or by a CA nobody trusts; its serial number."""
@@ -468,7 +468,7 @@ def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False) -> int:
         assert isinstance(loaded, ec.EllipticCurvePrivateKey)
         ca_key = loaded
     key, cert = make_leaf(
-        ca_key, ca_cert, common_name=dns, dns_names=[dns], ip_addresses=["127.0.0.1"]
+        ca_key, ca_cert, common_name=dns, dns_names=[dns], ip_addresses=["127.0.0.1"], **kw
     )
     write_cert(pki / f"{name}.pem", cert)
     write_key(pki / f"{name}.key", key)
@@ -613,6 +613,70 @@ def test_reload_takes_a_renewed_eap_tls_server_certificate(lab: Lab, roles: Role
     assert out.returncode == 0 and out.stdout.strip().endswith(": methods"), out
     assert eap_once() == 200
     assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
+
+
+def _ha_served_serial(lab: Lab) -> int:
+    """The serial of the certificate the HA's provisioning listener presents
+    to a new connection (made with the HAC's client certificate)."""
+    pki = lab.dir / "pki"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki / "ca.pem")
+    ctx.check_hostname = False
+    ctx.load_cert_chain(pki / "hac-client.pem", pki / "hac-client.key")
+    with (
+        socket.create_connection(("127.0.0.1", int(lab.info["ha"]["port"])), timeout=10) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_reload_takes_renewed_provisioning_certificates(lab: Lab, roles: Roles) -> None:
+    """Provisioning TLS renewed in place, taken by reloads: the HA's
+    listener presents its renewed certificate to new connections
+    (``changed provisioning.cert``); the HAC's transport to the HA is built
+    again from its renewed client certificate (``changed ha[0]``) -- issued
+    by a CA the HA does not trust, the install fails and the MN gets no SA;
+    issued by the lab CA, it works."""
+    roles.start("ha")
+    roles.start("hac")
+    assert mn_once(lab)["status"] == 200
+    old = _ha_served_serial(lab)
+    new = _renew(lab, "ha", "ha.mipsec.test", client=True)
+    out = ctl("reload", "--config", ha_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": provisioning.cert"), out
+    assert new != old and _ha_served_serial(lab) == new
+    roles.wait_log("ha", "provisioning listener now presents the certificate in")
+    assert "nothing changed" in ctl("reload", "--config", ha_cfg(lab)).stdout
+    assert mn_once(lab)["status"] == 200
+    # The HAC's client certificate, from a CA the HA does not trust.
+    client = {"client": True, "server": False}
+    _renew(lab, "hac-client", "hac.mipsec.test", other_ca=True, **client)
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": ha[0]"), out
+    refused = mn_once(lab)
+    assert refused["status"] == 504 and refused.get("sa") is None, refused
+    # The HAC cannot reach the HA: it holds no live SA for the MN and owes
+    # the HA the withdrawal of the refused SA and of the one it superseded.
+    assert ctl_json("sas", "--config", hac_cfg(lab))["sas"] == []
+    roles.wait_log("hac", "(2 owed); retried with backoff")
+    _renew(lab, "hac-client", "hac.mipsec.test", **client)
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": ha[0]"), out
+    assert mn_once(lab)["status"] == 200
+    # ... and, the HA reachable again, the HA ends with exactly the HAC's
+    # live SA: nothing half-provisioned survives (within the 30-s backoff).
+    deadline = time.monotonic() + 45
+    while True:
+        on_ha = [r["spi"] for r in ctl_json("sas", "--config", ha_cfg(lab))["sas"]]
+        on_hac = [r["spi"] for r in ctl_json("sas", "--config", hac_cfg(lab))["sas"]]
+        if (len(on_hac) == 1 and on_ha == on_hac) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(on_hac) == 1 and on_ha == on_hac, (on_ha, on_hac)
+    assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
+    roles.wait_log("hac", "ha[0] transport built again from its renewed files", count=2)
 
 
 def _radius_lab(tmp_path: Path) -> tuple[Lab, Path, str]:

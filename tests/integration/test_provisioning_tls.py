@@ -1650,3 +1650,56 @@ def test_a_new_sa_on_another_ha_supersedes_the_older_in_its_store_write(
     else:
         assert live == [first.sa.spi]  # put back
         assert first.sa.spi not in ha1.withdrawn
+
+
+# ------------------------------------------------------------ renewal (reload)
+
+
+def test_listener_and_transport_go_stale_on_renewal_and_a_bad_pair_is_named(
+    tmp_path: Path,
+) -> None:
+    """What a reload asks (core/reload.py): the HA's listener and the HAC's
+    transport are stale once a file they were built from holds something
+    else; the listener's renewal is built first and swapped only by its
+    commit; a renewed pair that does not load is a ConfigError naming the
+    key, and nothing is swapped."""
+    import shutil
+
+    from mipsec.core.reload import listener_renewal
+
+    mine = init_pki(tmp_path / "pki")
+    other = init_pki(tmp_path / "other")
+    server = ProvisioningServer(ha_listener(mine))
+    transport = TlsTransportFactory().create(
+        {
+            "host": "127.0.0.1",
+            "port": 1,
+            "ca": str(mine.ca_cert),
+            "cert": str(mine.hac_client_cert),
+            "key": str(mine.hac_client_key),
+        },
+        PluginContext("hac", tmp_path),
+    )
+    assert not server.stale() and not transport.stale()
+    assert listener_renewal(server, "ha.toml", "provisioning.") is None
+    first = server.ssl_context
+    # Renewed (here: the other lab's pair, a matching one).
+    shutil.copy(other.ha_cert, mine.ha_cert)
+    shutil.copy(other.ha_key, mine.ha_key)
+    assert server.stale()
+    commit = listener_renewal(server, "ha.toml", "provisioning.")
+    assert commit is not None and server.ssl_context is first  # built, not swapped
+    commit()
+    assert server.ssl_context is not first and server.listener.ssl_context is server.ssl_context
+    assert not server.stale()
+    # A certificate whose key was not renewed with it: named, nothing swapped.
+    shutil.copy(mine.hac_cert, mine.ha_cert)
+    with pytest.raises(ConfigError) as err:
+        listener_renewal(server, "ha.toml", "provisioning.")
+    assert err.value.key == "provisioning.cert" and "does not match" in str(err.value)
+    # The client CA gone: named as such.
+    mine.ca_cert.unlink()
+    with pytest.raises(ConfigError) as err:
+        listener_renewal(server, "ha.toml", "provisioning.")
+    assert err.value.key == "provisioning.client_ca" and "cannot read" in str(err.value)
+    assert transport.stale()  # its ca is gone too
