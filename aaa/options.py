@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from mipsec.aaa.radius import RadiusClient, RadiusServer
+from mipsec.core.filedigest import read_regular
 from mipsec.plugins._options import resolve_path
 
 __all__ = ["ClientOptions", "ServerOptions", "make_client", "nas_attributes"]
@@ -76,12 +77,11 @@ def _secret(s: ServerOptions, key: str, base_dir: Path) -> bytes:
         where = f"{key}.secret_file"
         path = resolve_path(s.secret_file, base_dir)
         try:
-            with path.open("rb") as f:
-                data = f.read(MAX_SECRET_FILE + 1)
+            # A regular file only: a FIFO would block the event loop a
+            # reload's stale() check runs on (core/filedigest.py).
+            data = read_regular(path, MAX_SECRET_FILE)
         except OSError as exc:
             raise ValueError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
-        if len(data) > MAX_SECRET_FILE:
-            raise ValueError(f"{where}: {path} is larger than {MAX_SECRET_FILE} octets")
         value = data.splitlines()[0] if data.strip(b"\r\n") else b""
     if not value:
         raise ValueError(f"{where}: the shared secret is empty")

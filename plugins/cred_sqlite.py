@@ -21,9 +21,11 @@ the HAC refuses to start when group or others may access it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,11 @@ def count_psks(path: str | os.PathLike[str]) -> int:
 
 
 def _file_id(path: Path) -> tuple[int, int]:
+    """(device, inode) of the regular file at ``path``; ``OSError`` for
+    anything else -- a FIFO would block the event loop in SQLite's open."""
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
     return (st.st_dev, st.st_ino)
 
 

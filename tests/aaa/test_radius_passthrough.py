@@ -30,6 +30,7 @@ from radfake import (
     vsa,
 )
 
+from mipsec.aaa.options import MAX_SECRET_FILE
 from mipsec.aaa.passthrough import RadiusBackendFactory, RadiusEapBackend
 from mipsec.core import pluginmanager
 from mipsec.core.eap.backend import (
@@ -528,6 +529,18 @@ def test_a_rotated_secret_file_makes_the_back_end_stale(tmp_path: Path) -> None:
     path.unlink()
     assert rebuilt.stale() is True
     with pytest.raises(ValueError, match=r"servers\[1\]\.secret_file: cannot read"):
+        RadiusBackendFactory().create(options, ctx)
+    # A FIFO at the path is refused at once (a blocking open would hang the
+    # event loop a reload checks on), and so is a file above the cap.
+    os.mkfifo(path)
+    assert rebuilt.stale() is True
+    with pytest.raises(ValueError, match=r"secret_file: cannot read .*: not a regular file"):
+        RadiusBackendFactory().create(options, ctx)
+    path.unlink()
+    path.write_bytes(b"x" * (MAX_SECRET_FILE + 1))
+    with pytest.raises(
+        ValueError, match=f"secret_file: cannot read .*: larger than {MAX_SECRET_FILE}"
+    ):
         RadiusBackendFactory().create(options, ctx)
     assert backend(1812).stale() is False
     assert "second-secret" not in repr(rebuilt) + repr(rebuilt.client)

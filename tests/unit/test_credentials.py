@@ -254,7 +254,7 @@ def test_sqlite_file_replaced_on_disk_is_followed(
     b.close()
 
 
-@pytest.mark.parametrize("fault", ["no table", "open to others", "removed"])
+@pytest.mark.parametrize("fault", ["no table", "open to others", "removed", "fifo"])
 def test_sqlite_replacement_refused_keeps_the_open_database(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: str
 ) -> None:
@@ -267,6 +267,9 @@ def test_sqlite_replacement_refused_keeps_the_open_database(
     b = SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
     if fault == "removed":
         db.unlink()
+    elif fault == "fifo":  # refused by its type: SQLite's open would block the loop
+        db.unlink()
+        os.mkfifo(db, 0o600)
     else:
         bad = tmp_path / "bad.db"
         if fault == "no table":
@@ -283,6 +286,9 @@ def test_sqlite_replacement_refused_keeps_the_open_database(
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and len(caplog.records) == 1, caplog.text
     assert "creds.db" in caplog.text and "keeping" in caplog.text
+    if fault == "fifo":
+        assert "not a regular file" in caplog.text
+        db.unlink()
     good = tmp_path / "good.db"
     add_psk(good, "alice@home.example", b"new")
     os.replace(good, db)
