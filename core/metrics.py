@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -67,6 +68,21 @@ def _counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> Coun
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
+
+
+def _certificate_family(found: Mapping[str, datetime]) -> GaugeMetricFamily:
+    """notAfter (Unix time) of each certificate the role presents, labelled
+    with the configuration setting naming its file (core/certexpiry.py):
+    alert on ``value - time()``.  (No "key" in the text: the observability
+    test keeps that word out of every scrape.)"""
+    fam = GaugeMetricFamily(
+        "mipsec_certificate_not_after_seconds",
+        "notAfter of each certificate the role presents (Unix time), by setting",
+        labels=["cert"],
+    )
+    for key, end in sorted(found.items()):
+        fam.add_metric([key], end.timestamp())
+    return fam
 
 
 def _listener_families(prefix: str, listener: Any) -> Iterator[Metric]:
@@ -117,6 +133,7 @@ class HacMetrics:
         for ha_id in sorted({h.ha_id for h in svc.has} | set(by_ha)):
             live.add_metric([ha_id], float(by_ha.get(ha_id, 0)))
         yield live
+        yield _certificate_family(svc.certificates())
         yield _counter(
             "mipsec_hac_events", "HAC counters (sessions, saturated, withdrawn, ...)", "event",
             dict(svc.stats),
@@ -223,6 +240,7 @@ class HaMetrics:
         yield _gauge("mipsec_ha_bindings", "Bindings in the cache", st.get("bindings", 0))
         prov = getattr(svc, "_provisioning", None)
         yield from _listener_families("mipsec_ha_provisioning", getattr(prov, "listener", None))
+        yield _certificate_family(svc.certificates())
 
 
 class MetricsServer:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -188,9 +189,19 @@ def _policy(name: str, ctx: PluginContext) -> EapTlsIdentityPolicy:
 class EapTlsServerFactory:
     """Builds one :class:`EapTlsServer` per EAP conversation (HAC)."""
 
-    def __init__(self, config: EapTlsServerConfig, files: FileDigests | None = None) -> None:
+    def __init__(
+        self,
+        config: EapTlsServerConfig,
+        files: FileDigests | None = None,
+        not_after: datetime | None = None,
+    ) -> None:
         self.config = config
         self.files = files
+        self.not_after = not_after
+
+    def certificates(self) -> dict[str, datetime]:
+        """The EAP server certificate's notAfter (core/certexpiry.py)."""
+        return {"cert": self.not_after} if self.not_after is not None else {}
 
     def __repr__(self) -> str:
         return f"EapTlsServerFactory(policy={self.config.policy.name!r})"
@@ -234,7 +245,7 @@ class EapTlsMethod:
             fragment_size=opts.fragment_size,
             max_message=opts.max_message,
         )
-        return EapTlsServerFactory(config, creds.files)
+        return EapTlsServerFactory(config, creds.files, creds.chain[0].not_valid_after_utc)
 
     def peer(self, options: Mapping[str, Any], ctx: PluginContext) -> EapTlsPeerFactory:
         opts = parse_options(PeerOptions, options)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,6 +53,7 @@ from mipsec.core.provisioning import (
 )
 from mipsec.core.roles.provserver import PIPELINE, ProvisioningClient, client_context
 from mipsec.core.secretfiles import InsecureFileError, check_private
+from mipsec.core.tls import load_server_chain
 from mipsec.plugins._options import parse_options, resolve_path
 
 
@@ -80,11 +82,20 @@ class TlsTransport:
     """One HA's provisioning client (the HAC builds one per ``[[ha]]`` entry)."""
 
     def __init__(
-        self, client: ProvisioningClient, timeout: float, files: FileDigests | None = None
+        self,
+        client: ProvisioningClient,
+        timeout: float,
+        files: FileDigests | None = None,
+        not_after: datetime | None = None,
     ) -> None:
         self.client = client
         self.timeout = timeout
         self.files = files
+        self.not_after = not_after
+
+    def certificates(self) -> dict[str, datetime]:
+        """The HAC's client certificate's notAfter (core/certexpiry.py)."""
+        return {"cert": self.not_after} if self.not_after is not None else {}
 
     def stale(self) -> bool:
         """Whether ``ca``, ``cert`` or ``key`` hold something else now than
@@ -151,6 +162,7 @@ class TlsTransportFactory:
         files = FileDigests(paths.items())  # before the context: core/filedigest.py
         try:
             ssl_context = client_context(paths["ca"], paths["cert"], paths["key"])
+            not_after = load_server_chain(paths["cert"])[0].not_valid_after_utc
         except CertificateError as exc:
             key = "ca" if str(exc).startswith(str(paths["ca"])) else "cert"
             raise ValueError(f"{key}: {exc}") from None
@@ -161,7 +173,7 @@ class TlsTransportFactory:
             ssl_context=ssl_context,
             pipeline=opts.pipeline,
         )
-        return TlsTransport(client, opts.timeout, files)
+        return TlsTransport(client, opts.timeout, files, not_after)
 
 
 @hookimpl

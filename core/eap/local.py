@@ -18,7 +18,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
+from mipsec.core.certexpiry import certificates, merged, prefixed
 from mipsec.core.eap.backend import (
     BackendVerdict,
     EapBackendStep,
@@ -67,6 +69,10 @@ class LocalBackend:
         """Any local method's server factory built from a file that changed
         since -- a renewed EAP-TLS server certificate (core/reload.py)."""
         return any(stale(m.factory) for m in self.methods.values())
+
+    def certificates(self) -> dict[str, datetime]:
+        """Each local method's certificates, as ``NAME.cert`` (core/certexpiry.py)."""
+        return merged(prefixed(f"{n}.", certificates(m.factory)) for n, m in self.methods.items())
 
     async def aclose(self) -> None:
         pass

@@ -64,6 +64,7 @@ from mipsec.core.authmethod import (
     ServerMethodContext,
     ServerStep,
 )
+from mipsec.core.certexpiry import certificates, merged
 from mipsec.core.eap.backend import (
     BackendVerdict,
     EapBackend,
@@ -290,6 +291,10 @@ class EapServerConfig:
         """Any back end built from a file that changed since (core/reload.py)."""
         return any(stale(b) for b in self.backends.values())
 
+    def certificates(self) -> dict[str, datetime]:
+        """The certificates the back ends present (core/certexpiry.py)."""
+        return merged(certificates(b) for b in self.backends.values())
+
     async def aclose(self) -> None:
         for b in self.backends.values():
             await b.aclose()
@@ -504,6 +509,9 @@ class _ServerFactory:
 
     def stale(self) -> bool:
         return self.cfg.stale()
+
+    def certificates(self) -> dict[str, datetime]:
+        return self.cfg.certificates()
 
     async def aclose(self) -> None:
         await self.cfg.aclose()

@@ -44,14 +44,15 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import pluggy
 
-from mipsec.core import pluginmanager
+from mipsec.core import certexpiry, pluginmanager
 from mipsec.core.bindings import BindingCache
+from mipsec.core.certexpiry import certificates, prefixed
 from mipsec.core.config import HAConfig
 from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
 from mipsec.core.ha_core import (
@@ -465,6 +466,7 @@ class HaService:
         try:
             await self._open_sockets()
             await self._start_provisioning()
+            certexpiry.report(log, "ha", self.certificates(), datetime.now(UTC))
             if self.cfg.dataplane.enabled:
                 from mipsec.core.roles.ha_data import HaDataPlane
 
@@ -618,6 +620,12 @@ class HaService:
             self.addresses.append((addr[0], addr[1]))
             if port == 0:
                 port = addr[1]  # the same ephemeral port on every address if possible
+
+    def certificates(self) -> dict[str, datetime]:
+        """notAfter of the provisioning listener's certificate, by config
+        key (core/certexpiry.py); nothing before it starts or without one."""
+        prov = self._provisioning
+        return prefixed("provisioning.", certificates(prov)) if prov is not None else {}
 
     async def _start_provisioning(self) -> None:
         if self.cfg.provisioning is None:

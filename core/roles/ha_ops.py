@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mipsec.core import certexpiry
 from mipsec.core.config import HAConfig, load_config
 from mipsec.core.control import Dispatcher, arg_str
 from mipsec.core.errors import ConfigError
@@ -82,6 +83,7 @@ class HaOps:
                 "pulls_in_flight": stats.get("pulls_in_flight", 0),
             },
             "last_reload": self.reloader.last,
+            "certificates": certexpiry.status_rows(self.svc.certificates(), datetime.now(UTC)),
         }
 
     async def sas(self, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,6 +110,11 @@ class HaOps:
         return await self.reloader.via_control()
 
     def _reload(self) -> list[str]:
+        changed = self._apply()
+        certexpiry.report(log, "ha", self.svc.certificates(), datetime.now(UTC))
+        return changed
+
+    def _apply(self) -> list[str]:
         from mipsec.core.roles.preflight import preflight
 
         svc, file = self.svc, self.config_file

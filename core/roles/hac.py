@@ -30,8 +30,9 @@ from typing import Any, TypeVar
 
 import pluggy
 
-from mipsec.core import pluginmanager, servercert
+from mipsec.core import certexpiry, pluginmanager, servercert
 from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
+from mipsec.core.certexpiry import certificates, merged, prefixed
 from mipsec.core.config import HACConfig
 from mipsec.core.control import default_name, state_dir
 from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
@@ -369,6 +370,20 @@ class HacService:
             out[name] = factory
         return out
 
+    def certificates(self) -> dict[str, datetime]:
+        """notAfter of every certificate this HAC presents, by config key
+        (core/certexpiry.py): MHAuth, each method's, each HA transport's,
+        the pull listener's."""
+        parts = [{"hac.cert": self.bindings.current.not_after}]
+        parts += [prefixed(f"methods.{n}.", certificates(f)) for n, f in self.methods.items()]
+        parts += [
+            prefixed(f"ha[{i}].options.", certificates(self.transports.get(h.id)))
+            for i, h in enumerate(self.cfg.ha)
+        ]
+        if self._prov_server is not None:
+            parts.append(prefixed("provisioning.", certificates(self._prov_server)))
+        return merged(parts)
+
     def use_cert(self, cert: ServerCert) -> None:
         """Serve ``cert`` to the connections accepted from now on (a reload).
 
@@ -412,6 +427,7 @@ class HacService:
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         if self._prov_server is not None:
             await self._prov_server.start()
+        certexpiry.report(log, "hac", self.certificates(), utcnow())
         # Withdrawals a previous run did not see confirmed: keep at them --
         # this HAC's own and those of HACs sharing the store that are no
         # longer alive, not those another live HAC is retrying.  Those for an

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mipsec.core import pluginmanager, servercert
+from mipsec.core import certexpiry, pluginmanager, servercert
 from mipsec.core.config import HACConfig, load_config
 from mipsec.core.control import ControlError, Dispatcher, arg_str
 from mipsec.core.errors import CertificateError, ConfigError
@@ -318,6 +318,7 @@ class HacOps:
                 "withdrawals_pending": len(svc._withdrawing),
             },
             "last_reload": self.reloader.last,
+            "certificates": certexpiry.status_rows(svc.certificates(), utcnow()),
         }
         if svc._owns:
             # The HACs sharing the SA store that count as alive (each leaves
@@ -457,6 +458,12 @@ class HacOps:
         return await self.reloader.via_control()
 
     def _reload(self) -> list[str]:
+        changed = self._apply()
+        # The certificates now presented: any due for renewal, once per reload.
+        certexpiry.report(log, "hac", self.svc.certificates(), utcnow())
+        return changed
+
+    def _apply(self) -> list[str]:
         """Validate the file as a start does, then swap what new exchanges use.
 
         Raises ``ConfigError`` (nothing changed) or returns the keys changed.

@@ -24,6 +24,7 @@ import os
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -68,6 +69,7 @@ from mipsec.core.roles.tlsserver import (
 from mipsec.core.tls import (
     check_hac_certificate,
     hac_server_context,
+    load_server_chain,
     mn_client_context,
 )
 from mipsec.core.tlsclient import TlsClient
@@ -213,6 +215,7 @@ class ProvisioningServer:
         self.on_pull = on_pull
         self.files = listener_files(cfg)  # before the context: core/filedigest.py
         self.ssl_context = server_context(cfg)
+        self.not_after = load_server_chain(cfg.cert)[0].not_valid_after_utc
         self.listener = TlsListener(
             self.ssl_context,
             self._session,
@@ -237,6 +240,10 @@ class ProvisioningServer:
         read (core/reload.py)."""
         return self.files.changed()
 
+    def certificates(self) -> dict[str, datetime]:
+        """The listener certificate's notAfter (core/certexpiry.py)."""
+        return {"cert": self.not_after}
+
     def prepare_renewal(self) -> Callable[[], None]:
         """Build a context from the files as they are now; return what makes
         new connections use it (a reload swaps only once everything it
@@ -245,9 +252,10 @@ class ProvisioningServer:
         Connections already made keep the context they were made with."""
         files = listener_files(self.cfg)
         context = server_context(self.cfg)
+        not_after = load_server_chain(self.cfg.cert)[0].not_valid_after_utc
 
         def commit() -> None:
-            self.files, self.ssl_context = files, context
+            self.files, self.ssl_context, self.not_after = files, context, not_after
             self.listener.ssl_context = context
 
         return commit

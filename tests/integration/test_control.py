@@ -679,6 +679,56 @@ def test_reload_takes_renewed_provisioning_certificates(lab: Lab, roles: Roles) 
     roles.wait_log("hac", "ha[0] transport built again from its renewed files", count=2)
 
 
+def _scrape(url: str) -> dict[str, float]:
+    """``mipsec_certificate_not_after_seconds`` samples by their ``cert`` label."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("mipsec_certificate_not_after_seconds{"):
+            label, value = line.split("} ")
+            out[label.split('cert="', 1)[1].rstrip('"')] = float(value)
+    return out
+
+
+def test_certificate_expiry_in_status_metrics_and_logs(lab: Lab, roles: Roles) -> None:
+    """Every certificate a role presents, by the setting naming its file,
+    with its notAfter: in ``mipsec status`` and in
+    ``mipsec_certificate_not_after_seconds``.  One due within 14 days is a
+    WARNING at the reload that takes it; the figures follow the renewal."""
+    roles.start("ha")
+    roles.start("hac")
+    pki = lab.dir / "pki"
+
+    def not_after(name: str) -> float:
+        cert = x509.load_pem_x509_certificate((pki / f"{name}.pem").read_bytes())
+        return cert.not_valid_after_utc.timestamp()
+
+    hac_certs = ctl_json("status", "--config", hac_cfg(lab))["certificates"]
+    assert set(hac_certs) == {"hac.cert", "methods.eap.tls.cert", "ha[0].options.cert"}
+    assert hac_certs["hac.cert"]["days_left"] > 14
+    assert ctl_json("status", "--config", ha_cfg(lab))["certificates"].keys() == {
+        "provisioning.cert"
+    }
+    assert _scrape(lab.info["hac"]["metrics"]) == {
+        "hac.cert": not_after("hac"),
+        "methods.eap.tls.cert": not_after("eap"),
+        "ha[0].options.cert": not_after("hac-client"),
+    }
+    assert _scrape(lab.info["ha"]["metrics"]) == {"provisioning.cert": not_after("ha")}
+    assert "expires at" not in roles.log("hac")  # the lab's certificates run for years
+    # Renewed with a certificate due in 10 days: taken, and warned about.
+    _renew(lab, "hac", "hac.mipsec.test", days=10)
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": hac.cert"), out
+    log = roles.wait_log("hac", "hac certificate hac.cert expires at")
+    warning = next(line for line in log.splitlines() if "expires at" in line)
+    assert " WARNING " in warning and "(in 9 days)" in warning and "reload" in warning
+    hac_certs = ctl_json("status", "--config", hac_cfg(lab))["certificates"]
+    assert hac_certs["hac.cert"]["days_left"] == 9
+    assert _scrape(lab.info["hac"]["metrics"])["hac.cert"] == not_after("hac")
+
+
 def _radius_lab(tmp_path: Path) -> tuple[Lab, Path, str]:
     """``mipsec init`` with a RADIUS server (nothing listens there) whose
     secret is in a file: (the lab, the secret file, "host:port")."""

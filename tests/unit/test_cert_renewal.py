@@ -1,5 +1,6 @@
-"""core/filedigest.py and core/servercert.py: what a reload compares files
-and certificates against, and the channel binding per server context."""
+"""Renewing certificates in place: core/filedigest.py (what a reload
+compares files against), core/servercert.py (the channel binding per
+server context) and core/certexpiry.py (what is due)."""
 
 from __future__ import annotations
 
@@ -147,3 +148,38 @@ def test_eap_tls_server_factory_goes_stale_when_its_files_change(tmp_path: Path)
     assert rebuilt.stale() is False
     (pki.dir / "eap.key").unlink()
     assert rebuilt.stale() is True
+
+
+# ------------------------------------------------------------ certexpiry
+
+
+def test_expiry_report_warns_only_for_what_is_due(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    from datetime import UTC, datetime, timedelta
+
+    from mipsec.core.certexpiry import WARN_DAYS, certificates, prefixed, report, status_rows
+
+    now = datetime(2026, 12, 6, tzinfo=UTC)
+    found = {
+        "hac.cert": now + timedelta(days=400),
+        "provisioning.cert": now + timedelta(days=WARN_DAYS, hours=-1),
+        "ha[0].options.cert": now - timedelta(seconds=1),
+    }
+    log = logging.getLogger("test.certexpiry")
+    with caplog.at_level(logging.INFO, logger="test.certexpiry"):
+        report(log, "hac", found, now)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        ("ERROR", "hac certificate ha[0].options.cert expired at 2026-12-05T23:59:59+00:00"),
+        (
+            "WARNING",
+            "hac certificate provisioning.cert expires at 2026-12-19T23:00:00+00:00 "
+            "(in 13 days): renew it in place and reload",
+        ),
+    ]
+    rows = status_rows(found, now)
+    assert rows["hac.cert"] == {"not_after": "2028-01-10T00:00:00+00:00", "days_left": 400}
+    assert rows["ha[0].options.cert"]["days_left"] == -1
+    # Optional on plugin objects: none offered, none reported.
+    assert certificates(object()) == {}
+    assert prefixed("methods.eap.", {"tls.cert": now}) == {"methods.eap.tls.cert": now}
