@@ -100,7 +100,7 @@ from bootstrap import (  # a sibling script, not a package
 
 from mipsec.core.fsutil import PRIVATE_FILE, create_private, write_file
 from mipsec.core.labsetup import free_port
-from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
+from mipsec.core.model import SPI_MAX, SPI_MIN, BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.tls import mn_client_context
 from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
@@ -215,16 +215,23 @@ def _filler_psk(key: bytes, mn_id: str) -> bytes:
 
 
 def _live_sas(n: int, lifetime: timedelta) -> Iterator[IssuedSA]:
-    end = (datetime.now(UTC) + lifetime).replace(microsecond=0)
+    """N live SAs as a HAC that has run for a while holds them: SPIs drawn at
+    random (core/issuer.py ``random_spi``) and validity ends spread over the
+    second half of ``lifetime``.  Consecutive SPIs and one validity end (as
+    filled before 2026-12-06) kept a bootstrap's B-tree pages far hotter
+    than a real store's: every new SA landed in one corner of the table."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    half = int(lifetime.total_seconds()) // 2
+    spis = random.sample(range(SPI_MIN, SPI_MAX + 1), n)
     hnp6 = IPv6Network("2001:db8:1::/64")
     info = SUITES[Suite.AES_128_CBC_SHA256]
     for i in range(n):
         sa = SecurityAssociation(
-            spi=SPI_BASE + i,
+            spi=spis[i],
             mn_id=_mn_id("live", i),
             suite=Suite.AES_128_CBC_SHA256,
             scope=1,
-            validity_end=end,
+            validity_end=now + timedelta(seconds=half + random.randrange(half)),
             mn_to_ha_ikey=secrets.token_bytes(info.ikey_len),
             ha_to_mn_ikey=secrets.token_bytes(info.ikey_len),
             mn_to_ha_ekey=secrets.token_bytes(info.ekey_len),
