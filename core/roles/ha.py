@@ -74,6 +74,7 @@ from mipsec.core.pacing import in_paced_batches
 from mipsec.core.provisioning import ProvisioningRefused
 from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, loop_writer
 from mipsec.core.startup_heap import collection_paused, freeze_heap
+from mipsec.core.tls import load_server_chain
 
 log = logging.getLogger("mipsec.ha")
 
@@ -623,9 +624,15 @@ class HaService:
 
     def certificates(self) -> dict[str, datetime]:
         """notAfter of the provisioning listener's certificate, by config
-        key (core/certexpiry.py); nothing before it starts or without one."""
+        key (core/certexpiry.py); nothing without one."""
         prov = self._provisioning
-        return prefixed("provisioning.", certificates(prov)) if prov is not None else {}
+        if prov is not None:
+            return prefixed("provisioning.", certificates(prov))
+        listener = self.cfg.provisioning
+        if listener is None:
+            return {}
+        # Not started (``mipsec check-config``): read from the file.
+        return {"provisioning.cert": load_server_chain(listener.cert)[0].not_valid_after_utc}
 
     async def _start_provisioning(self) -> None:
         if self.cfg.provisioning is None:

@@ -1352,7 +1352,9 @@ class HacService:
         over what this one still owes at their next sweeps instead of after
         its heartbeat lapses (three intervals) -- it will not send it."""
         leave = getattr(self.store, "leave", None)
-        if not self._owns or leave is None:
+        if not self._owns or leave is None or self._listener is None:
+            # Never started (``mipsec check-config``, a start that failed
+            # before it served): never marked alive, nothing to undo.
             return
         try:
             leave()

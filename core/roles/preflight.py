@@ -15,15 +15,17 @@ therefore fail (exit 2) on the same configurations, short of a port in use.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from mipsec.core import pluginmanager
+from mipsec.core import certexpiry, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, ProvisioningListener
 from mipsec.core.errors import CertificateError, ConfigError, LocalProtocolError
 from mipsec.core.filedigest import UnreadableFileError, read_regular
@@ -61,6 +63,11 @@ def check_services(cfg: BaseModel, config_file: str) -> None:
         elif isinstance(cfg, HAConfig):
             built.append(HaService(cfg, config_file, check_only=True))
         # The MN builds nothing ahead of a bootstrap: preflight covered it.
+        # What a start would warn about: certificates expired or due soon.
+        now = datetime.now(UTC)
+        for svc in built:
+            role = "hac" if isinstance(svc, HacService) else "ha"
+            certexpiry.report(logging.getLogger(f"mipsec.{role}"), role, svc.certificates(), now)
     finally:
         if built:
             asyncio.run(_stop(built))

@@ -68,6 +68,34 @@ def test_init_json_and_files(lab: Lab) -> None:
     out = mipsec("check-config", info["hac"]["config"])
     assert out.returncode == 0
     assert len(json.loads(out.stdout)["config"]["policy"]["suites"]) == 5
+    # A valid configuration is checked in silence: the check's HAC, never
+    # started, does not try to mark itself stopped in a store it never made.
+    assert out.stderr == "", out.stderr
+    for role in ("ha", "mn"):
+        out = mipsec("check-config", info[role]["config"])
+        assert out.returncode == 0 and out.stderr == "", (role, out.stderr)
+
+
+def test_check_config_warns_of_a_certificate_due_soon(lab: Lab) -> None:
+    """What a start would warn about, check-config says too: the HA's
+    provisioning certificate due in 5 days, one line naming the setting."""
+    from cryptography.hazmat.primitives import serialization
+
+    d = lab.dir / "pki"
+    ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key, cert = pki.make_leaf(
+        ca_key, ca, common_name="ha.mipsec.test", dns_names=["ha.mipsec.test"],
+        ip_addresses=["127.0.0.1"], client=True, days=5,
+    )  # fmt: skip
+    pki.write_cert(d / "ha.pem", cert)
+    pki.write_key(d / "ha.key", key)
+    out = mipsec("check-config", lab.info["ha"]["config"])
+    assert out.returncode == 0
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert "ha certificate provisioning.cert expires at" in out.stderr
+    assert "(in 4 days)" in out.stderr
 
 
 def test_init_refuses_existing_lab(lab: Lab) -> None:
