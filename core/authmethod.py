@@ -189,6 +189,10 @@ class ServerMethodFactory(Protocol):
 
 
 class PeerMethodFactory(Protocol):
+    """Built once per MN start.  Optional: ``stale() -> bool``, True when a
+    file it read at build time changed (a renewed client certificate): a
+    long-running MN builds it again before its next bootstrap."""
+
     def new(self, ctx: PeerMethodContext) -> PeerMethod: ...
 
 

@@ -245,13 +245,34 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
     return EXIT_OK
 
 
+def _renewed(factory: Any, cfg: MNConfig, pm: Any, config_file: str, log: logging.Logger) -> Any:
+    """The MN's method built again when a file it was built from changed
+    (core/reload.py ``stale``: a renewed EAP-TLS client certificate, key or
+    CA), before a re-bootstrap; the one it has when the files do not load
+    (one ERROR naming the key), so a renewal half-written now is taken at
+    the next bootstrap."""
+    from mipsec.core.reload import stale
+    from mipsec.core.roles.mn import peer_factory
+
+    if not stale(factory):
+        return factory
+    try:
+        new = peer_factory(cfg, pm, config_file)
+    except ConfigError as exc:
+        log.error("mn method files changed but refused, keeping the ones loaded: %s", exc)
+        return factory
+    log.info("mn method files changed on disk: built again for this bootstrap")
+    return new
+
+
 async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:
     from mipsec.core.roles.mn import Registrar, RegistrationOutcome, bootstrap, peer_factory
 
     log = logging.getLogger("mipsec.mn")
     # The method's options are validated once, at start (a wrong one is a
     # configuration error naming the key, not a failure at each bootstrap).
-    factory = peer_factory(cfg, pluginmanager.make_plugin_manager(cfg.plugins.disable), config_file)
+    pm = pluginmanager.make_plugin_manager(cfg.plugins.disable)
+    factory = peer_factory(cfg, pm, config_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -296,6 +317,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             if stop.is_set():
                 break
         last_bootstrap = _monotonic()
+        factory = _renewed(factory, cfg, pm, config_file, log)
         result = await bootstrap(cfg, config_file=config_file, factory=factory)
         if not result.ok or result.issued is None or not cfg.registration.enabled:
             report(result, None)

@@ -218,8 +218,15 @@ class EapTlsServerFactory:
 class EapTlsPeerFactory:
     """Builds one :class:`EapTlsPeer` per EAP conversation (MN)."""
 
-    def __init__(self, config: EapTlsPeerConfig) -> None:
+    def __init__(self, config: EapTlsPeerConfig, files: FileDigests | None = None) -> None:
         self.config = config
+        self.files = files
+
+    def stale(self) -> bool:
+        """Whether the MN's ``cert``, ``key`` or ``ca`` hold something else
+        now (a renewed client certificate): the MN builds the method again
+        before its next bootstrap."""
+        return self.files is not None and self.files.changed()
 
     def __repr__(self) -> str:
         return f"EapTlsPeerFactory(server_name={self.config.server_name!r})"
@@ -256,7 +263,7 @@ class EapTlsMethod:
             fragment_size=opts.fragment_size,
             max_message=opts.max_message,
         )
-        return EapTlsPeerFactory(config)
+        return EapTlsPeerFactory(config, creds.files)
 
 
 @hookimpl

@@ -157,6 +157,10 @@ class EapServerMethod(Protocol):
 
 
 class EapPeerFactory(Protocol):
+    """Built once per MN start.  Optional: ``stale() -> bool`` (see
+    ``EapServerFactory``): a long-running MN builds the method again before
+    its next bootstrap."""
+
     def new(self, ctx: EapPeerContext) -> EapPeerMethod: ...
 
 

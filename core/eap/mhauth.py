@@ -554,6 +554,11 @@ class EapPeerConfig:
             if name not in opts.methods:
                 raise ValueError(f"{name}: options for an EAP method not listed in methods")
 
+    def stale(self) -> bool:
+        """Any method's peer factory built from a file that changed since --
+        a renewed EAP-TLS client certificate (core/reload.py)."""
+        return any(stale(f) for _, f in self.methods.values())
+
 
 class EapPeer:
     """MN side of one EAP exchange (see the module docstring)."""
@@ -645,6 +650,9 @@ class _PeerFactory:
 
     def new(self, ctx: PeerMethodContext) -> EapPeer:
         return EapPeer(self.cfg, ctx)
+
+    def stale(self) -> bool:
+        return self.cfg.stale()
 
 
 class EapMethod:

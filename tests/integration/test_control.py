@@ -459,6 +459,12 @@ def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False, **kw: Any) 
     """Write a new certificate and key for ``name`` (``pki/NAME.pem``,
     ``pki/NAME.key``, the renewal an operator's tooling does in place),
     issued by the lab CA or by a CA nobody trusts; its serial number."""
+    leaf = {"common_name": dns, "dns_names": [dns], "ip_addresses": ["127.0.0.1"], **kw}
+    return _renew_leaf(lab, name, other_ca=other_ca, **leaf)
+
+
+def _renew_leaf(lab: Lab, name: str, *, other_ca: bool = False, **leaf: Any) -> int:
+    """``_renew`` with ``make_leaf``'s arguments as given."""
     pki = lab.dir / "pki"
     if other_ca:
         ca_key, ca_cert = make_ca("nobody's CA")
@@ -467,9 +473,7 @@ def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False, **kw: Any) 
         loaded = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
         assert isinstance(loaded, ec.EllipticCurvePrivateKey)
         ca_key = loaded
-    key, cert = make_leaf(
-        ca_key, ca_cert, common_name=dns, dns_names=[dns], ip_addresses=["127.0.0.1"], **kw
-    )
+    key, cert = make_leaf(ca_key, ca_cert, **leaf)
     write_cert(pki / f"{name}.pem", cert)
     write_key(pki / f"{name}.key", key)
     return int(cert.serial_number)
@@ -677,6 +681,57 @@ def test_reload_takes_renewed_provisioning_certificates(lab: Lab, roles: Roles) 
     assert len(on_hac) == 1 and on_ha == on_hac, (on_ha, on_hac)
     assert "nothing changed" in ctl("reload", "--config", hac_cfg(lab)).stdout
     roles.wait_log("hac", "ha[0] transport built again from its renewed files", count=2)
+
+
+def test_long_running_mn_takes_a_renewed_eap_tls_client_certificate(lab: Lab, roles: Roles) -> None:
+    """A long-running MN (no ``--once``) re-bootstraps before its SA ends;
+    an EAP-TLS client certificate renewed on disk meanwhile is used by the
+    next bootstrap: renewed by a CA the HAC does not trust, that bootstrap
+    fails (401); renewed by the lab CA, the one after succeeds."""
+    edit_toml(Path(hac_cfg(lab)), "sa_lifetime = 3600", "sa_lifetime = 10")
+    mn_toml = lab.dir / "mn-eap-tls.toml"
+    edit_toml(mn_toml, "enabled = true", "enabled = false")  # bootstraps only
+    edit_toml(mn_toml, "[sa]\n", "[sa]\nrebootstrap_at = 0.5\n")  # every 5 s
+    roles.start("ha")
+    roles.start("hac")
+    log_path = lab.dir / "mn-long.log"
+    with log_path.open("ab") as out:
+        mn = subprocess.Popen(
+            [*LAUNCHER, "--role", "mn", "--config", str(mn_toml), "--json"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def statuses() -> list[int]:
+        rows = [r for r in log_path.read_text().splitlines() if r.startswith("{")]
+        return [int(json.loads(r)["status"]) for r in rows]
+
+    def wait_for(expected: list[int], timeout: float = 40) -> None:
+        deadline = time.monotonic() + timeout
+        while statuses() != expected and time.monotonic() < deadline:
+            assert mn.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        assert statuses() == expected, log_path.read_text()
+
+    client = {"common_name": MN_ID, "email_addresses": [MN_ID], "client": True, "server": False}
+    try:
+        wait_for([200])
+        _renew_leaf(lab, "mn", other_ca=True, **client)
+        wait_for([200, 401])
+        _renew_leaf(lab, "mn", **client)
+        wait_for([200, 401, 200])
+        # A certificate written without its key: refused, named, and the
+        # method loaded last goes on (the next bootstrap still succeeds).
+        _, stray = make_leaf(*make_ca("stray"), **client)
+        write_cert(lab.dir / "pki" / "mn.pem", stray)
+        wait_for([200, 401, 200, 200])
+    finally:
+        mn.terminate()
+        mn.wait(timeout=20)
+    text = log_path.read_text()
+    assert text.count("mn method files changed on disk: built again") == 2, text
+    refused = [line for line in text.splitlines() if "refused, keeping" in line]
+    assert len(refused) == 1 and " ERROR " in refused[0] and "eap" in refused[0], text
 
 
 def _scrape(url: str) -> dict[str, float]:
