@@ -249,6 +249,10 @@ class HacService:
         self._owed: dict[str, _Owed] = {}  # per HA id: its withdrawals and their task
         self._stopping = False
         self._issuing_spis: set[int] = set()  # SAs stored but not yet delivered (200)
+        # Issuing SAs a newer SA of their MN superseded when its 200 left:
+        # withdrawn once their own 200 has (``_supersede``), forgotten if
+        # their issue fails.  Each is in ``_issuing_spis`` when added.
+        self._withdraw_when_delivered: set[int] = set()
         # Issue 9: the SAs issued in one event-loop turn are stored in one
         # transaction, one commit (``_commit_group``), with a store that can
         # group writes (``transaction()``: the SQLite and memory stores).
@@ -715,6 +719,7 @@ class HacService:
         sa = issued.sa
         if sa.spi in self._issuing_spis:  # else issue_sa's own failure path took it back
             self._issuing_spis.discard(sa.spi)
+            self._withdraw_when_delivered.discard(sa.spi)
             self._take_back(sa.spi, sa.mn_id, "provisioning-failed")
         self.emit(
             "mipsec_provisioning_failed",
@@ -727,10 +732,23 @@ class HacService:
         )
 
     def _supersede(self, mn_id: str, keep: int) -> None:
+        if keep in self._withdraw_when_delivered:
+            # A newer SA of the MN had its 200 while this one was being
+            # issued here: its excess, spared then, goes now.
+            self.retire(keep, "superseded")  # a busy store: retried with the flag kept
+            self._withdraw_when_delivered.discard(keep)
+            return
         self._delivery_seq += 1
         self._delivered[keep] = self._delivery_seq
-        for spi, _ha_id in self._excess(mn_id, keep):
+        now_excess, spared = self._excess_split(mn_id, keep)
+        for spi, _ha_id in now_excess:
             self.retire(spi, "superseded")
+        # Older SAs of the MN still being issued by this HAC (their install
+        # under way) are not withdrawn under their feet: each goes once its
+        # own 200 has left.  Without this, of two bootstraps of one MN here,
+        # the older finishing last stayed live beside the newer: the newer's
+        # 200 spared it, and its own 200 withdraws only older SAs.
+        self._withdraw_when_delivered.update(spi for spi, _ in spared)
 
     def _excess(
         self, mn_id: str, keep: int | None, now: datetime | None = None
@@ -743,6 +761,15 @@ class HacService:
         view asked about an instant it has passed answers with SQL over every
         live SA (the next SA of a group commit would pay that).
         """
+        return self._excess_split(mn_id, keep, now)[0]
+
+    def _excess_split(
+        self, mn_id: str, keep: int | None, now: datetime | None = None
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """``_excess``, and the excess SAs it spared because this HAC is still
+        issuing them.  With ``keep`` (a delivered SA) those count towards the
+        limit like any older SA of the MN; without (at issue time) they are
+        left out of the count, as before."""
         order = self._delivered
         now = now or utcnow()
         fast = getattr(self.store, "live_spis_for_mn", None)
@@ -757,7 +784,7 @@ class HacService:
             ]
         )
         issuing = self._issuing_spis
-        others = [x for x in held if x[0] != keep and x[0] not in issuing]
+        others = [x for x in held if x[0] != keep and (keep is not None or x[0] not in issuing)]
         if keep is not None:
             kept = [x for x in held if x[0] == keep]
             if not kept:
@@ -765,7 +792,7 @@ class HacService:
                 # store: that HAC's SA is the MN's newest, and withdrawing it
                 # from here would leave the MN nothing (each HAC withdrawing
                 # the other's SA).  The newest SA's HAC does the rest.
-                return []
+                return [], []
             # Only SAs older than ``keep``: an earlier validity end, or the
             # same second and delivered before it by this process -- or, for
             # an SA this process did not deliver (another HAC's, or its own
@@ -791,7 +818,11 @@ class HacService:
         )
         # Keep ``keep`` and the newest limit-1 others.
         excess = len(live) - (self.cfg.policy.max_sas_per_mn - 1)
-        return [(spi, ha_id) for spi, _end, ha_id in live[: max(0, excess)]]
+        out = live[: max(0, excess)]
+        return (
+            [(spi, ha_id) for spi, _end, ha_id in out if spi not in issuing],
+            [(spi, ha_id) for spi, _end, ha_id in out if spi in issuing],
+        )
 
     def retire(self, spi: int, reason: str) -> bool:
         """Withdraw a live SA for good: out of the store now, off its HA soon."""
@@ -1199,6 +1230,7 @@ class HacService:
         never asked), so it withdrew nothing either."""
         spi, mn_id = stored.issued.sa.spi, stored.issued.sa.mn_id
         self._issuing_spis.discard(spi)
+        self._withdraw_when_delivered.discard(spi)
         self._take_back(spi, mn_id, "provisioning-failed")
         if stored.taken is not None:
             # The older SAs are live again -- unless the store cannot write

@@ -923,6 +923,25 @@ def test_an_mn_gone_mid_issue_while_the_store_cannot_write_is_swept_later(
     assert all(r.exc_info is None for r in caplog.records)
 
 
+def _mn_sa(spi: int, end_in: int, now: datetime) -> IssuedSA:
+    """An SA of ``MN_ID`` on ha1 issued at ``now``, ending ``end_in`` seconds
+    after an hour from then."""
+    from mipsec.core.issuer import new_sa
+    from mipsec.core.model import BootstrapData
+    from mipsec.core.suites import Suite
+
+    x = new_sa(
+        spi=spi,
+        mn_id=MN_ID,
+        suite=Suite.AES_128_CBC_SHA256,
+        scope=1,
+        lifetime=3600 + end_in,
+        now=now,
+        ha_id="ha1",
+    )
+    return IssuedSA(x, BootstrapData())
+
+
 def test_a_delivered_sa_withdraws_only_older_sas_of_its_mn(tmp_path: Path, pki: PkiPaths) -> None:
     """After a 200, the HAC withdraws the MN's SAs beyond max_sas_per_mn --
     only those older than the one delivered.  With several HACs on one
@@ -935,23 +954,10 @@ def test_a_delivered_sa_withdraws_only_older_sas_of_its_mn(tmp_path: Path, pki: 
     itself superseded meanwhile, nothing is withdrawn from here."""
     from datetime import timedelta
 
-    from mipsec.core.issuer import new_sa
-    from mipsec.core.model import BootstrapData, IssuedSA
-    from mipsec.core.suites import Suite
-
     now = datetime.now(UTC)
 
     def sa(spi: int, end_in: int) -> IssuedSA:
-        x = new_sa(
-            spi=spi,
-            mn_id=MN_ID,
-            suite=Suite.AES_128_CBC_SHA256,
-            scope=1,
-            lifetime=3600 + end_in,
-            now=now,
-            ha_id="ha1",
-        )
-        return IssuedSA(x, BootstrapData())
+        return _mn_sa(spi, end_in, now)
 
     async def main() -> tuple[list[int], ...]:
         async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path)) as st:
@@ -980,3 +986,46 @@ def test_a_delivered_sa_withdraws_only_older_sas_of_its_mn(tmp_path: Path, pki: 
     assert other == [101, 102]
     assert delivered_both == [101, 103]
     assert gone == []
+
+
+def test_an_older_sa_delivered_after_a_newer_one_of_its_mn_is_withdrawn(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """Two bootstraps of one MN on one HAC: the newer SA's 200 leaves while
+    the older is still being issued (its install under way).  The older is
+    spared then -- not withdrawn under its feet -- and withdrawn once its
+    own 200 has left, so the MN ends with the newer SA alone.  (Before, the
+    older stayed live beside it: found by the three-HAC stress test, one
+    MN holding one SA on each HA.)  An issue that fails instead forgets it."""
+    at = datetime.now(UTC)
+
+    async def main() -> tuple[list[int], ...]:
+        async with Stack(hac_config(hac_data(tmp_path, pki), tmp_path)) as st:
+            hac = st.hac
+            assert hac is not None
+
+            def live() -> list[int]:
+                return sorted(i.sa.spi for i in hac.store.live_for_mn(MN_ID, datetime.now(UTC)))
+
+            for spi, end_in in ((201, 0), (202, 1)):
+                assert hac.store.add(_mn_sa(spi, end_in, at))
+            hac._issuing_spis.add(201)  # 201 still being issued ...
+            hac._supersede(MN_ID, keep=202)  # ... when 202's 200 leaves
+            spared = live()
+            hac._issuing_spis.discard(201)  # 201's 200 leaves (deliver)
+            hac._supersede(MN_ID, keep=201)
+            after = live()
+            # The same, but 203's issue fails after 204's 200: nothing owed.
+            for spi, end_in in ((203, 2), (204, 3)):
+                assert hac.store.add(_mn_sa(spi, end_in, at))
+            hac._issuing_spis.add(203)
+            hac._supersede(MN_ID, keep=204)
+            flagged = sorted(hac._withdraw_when_delivered)
+            hac.rollback(_mn_sa(203, 2, at), "127.0.0.1:1", "test")
+            return spared, after, flagged, sorted(hac._withdraw_when_delivered), live()
+
+    spared, after, flagged, left, final = run(main())
+    assert spared == [201, 202]
+    assert after == [202]
+    assert flagged == [203]
+    assert left == [] and final == [204]
