@@ -593,6 +593,33 @@ def test_reload_serves_a_renewed_hac_certificate(lab: Lab, roles: Roles) -> None
     assert good_key.decode().split("\n")[1] not in roles.log("hac")
 
 
+def test_reload_takes_a_hac_certificate_at_new_paths(lab: Lab, roles: Roles) -> None:
+    """``hac.cert`` and ``hac.key`` pointed at new files are applied by a
+    reload (the rest of ``[hac]`` still needs a restart, named in a refusal
+    that applies nothing)."""
+    roles.start("ha")
+    roles.start("hac")
+    pki = lab.dir / "pki"
+    serial = _renew(lab, "hac", "hac.mipsec.test")  # new contents ...
+    for ext in ("pem", "key"):  # ... moved to new paths, the old files put back
+        (pki / f"hac.{ext}").rename(pki / f"hac-2027.{ext}")
+    old = _served_serial(lab)
+    _renew(lab, "hac", "hac.mipsec.test")  # something else at the old paths
+    cfg = Path(hac_cfg(lab))
+    edit_toml(cfg, 'cert = "pki/hac.pem"', 'cert = "pki/hac-2027.pem"')
+    edit_toml(cfg, 'key = "pki/hac.key"', 'key = "pki/hac-2027.key"')
+    edit_toml(cfg, "request_timeout = 10", "request_timeout = 11")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 1 and "hac.request_timeout: changes only with a restart" in out.stderr
+    assert "hac.cert" not in out.stderr and _served_serial(lab) == old  # nothing applied
+    edit_toml(cfg, "request_timeout = 11", "request_timeout = 10")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": hac.cert"), out
+    assert _served_serial(lab) == serial != old
+    assert _raw_psk(lab, MN_ID)[0] == "200"
+    roles.wait_log("hac", "now serves the certificate in " + str(pki / "hac-2027.pem"))
+
+
 def test_reload_takes_a_renewed_eap_tls_server_certificate(lab: Lab, roles: Roles) -> None:
     """The EAP server certificate (``[methods.eap.tls]``, not the MHAuth
     one) renewed in place is taken by the next reload (``changed
