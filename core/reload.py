@@ -13,14 +13,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
 from mipsec.core.errors import ConfigError, PluginError
-
-if TYPE_CHECKING:
-    from mipsec.core.roles.provserver import ProvisioningServer
 
 log = logging.getLogger("mipsec.reload")
 
@@ -73,27 +70,6 @@ def stale(obj: object) -> bool:
     """
     check = getattr(obj, "stale", None)
     return bool(check()) if callable(check) else False
-
-
-def listener_renewal(
-    server: ProvisioningServer, file: str, prefix: str
-) -> Callable[[], None] | None:
-    """For a reload: None when the provisioning listener's certificate, key
-    and client CA hold what it was built from; else what serves them from
-    now on (to new connections), built already.  ``ConfigError`` naming the
-    key (``provisioning.cert``...) when they do not load."""
-    from mipsec.core.errors import CertificateError
-    from mipsec.core.filedigest import UnreadableFileError
-    from mipsec.core.roles.preflight import file_error
-
-    if not server.stale():
-        return None
-    cfg = server.cfg
-    entries = [(f"{prefix}{k}", getattr(cfg, k)) for k in ("cert", "key", "client_ca")]
-    try:
-        return server.prepare_renewal()
-    except (UnreadableFileError, CertificateError) as exc:
-        raise file_error(file, exc, entries) from None
 
 
 def set_log_level(cfg: Any) -> None:

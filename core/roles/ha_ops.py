@@ -20,7 +20,7 @@ from mipsec.core.config import HAConfig, load_config
 from mipsec.core.control import Dispatcher, arg_str
 from mipsec.core.errors import ConfigError
 from mipsec.core.model import IssuedSA
-from mipsec.core.reload import ReloadRunner, listener_renewal, restart_keys, set_log_level
+from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
 from mipsec.core.roles.ha import HaService
 from mipsec.core.roles.hac_ops import sa_row
 from mipsec.core.version import version
@@ -130,7 +130,7 @@ class HaOps:
         if restart:
             raise ConfigError(file, ", ".join(restart), "changes only with a restart")
         prov = svc._provisioning
-        renew = listener_renewal(prov, file, "provisioning.") if prov is not None else None
+        renew = prov.renewal(file, "provisioning.") if prov is not None else None
         if renew is not None:
             changed = sorted({*changed, "provisioning.cert"})
         svc.cfg = new

@@ -33,7 +33,6 @@ from mipsec.core.nai import nai_key
 from mipsec.core.outage import cause
 from mipsec.core.reload import (
     ReloadRunner,
-    listener_renewal,
     restart_keys,
     set_log_level,
     stale,
@@ -496,7 +495,7 @@ class HacOps:
         # (an [[ha]] entry's options, which otherwise change only with a
         # restart).
         prov = svc._prov_server
-        renew_listener = listener_renewal(prov, file, "provisioning.") if prov else None
+        renew_listener = prov.renewal(file, "provisioning.") if prov else None
         if renew_listener is not None:
             changed = sorted({*changed, "provisioning.cert"})
         stale_has = [(i, h) for i, h in enumerate(new.ha) if stale(svc.transports.get(h.id))]

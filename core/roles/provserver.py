@@ -37,7 +37,7 @@ from mipsec.core.errors import (
     TruncatedError,
     WireError,
 )
-from mipsec.core.filedigest import FileDigests
+from mipsec.core.filedigest import FileDigests, UnreadableFileError
 from mipsec.core.model import IssuedSA
 from mipsec.core.provisioning import (
     BAD_REQUEST,
@@ -134,9 +134,12 @@ def server_context(cfg: ProvisioningListener) -> ssl.SSLContext:
     )
 
 
-def listener_files(cfg: ProvisioningListener) -> FileDigests:
-    """What ``cfg``'s certificate, key and client CA hold now."""
-    return FileDigests([("cert", cfg.cert), ("key", cfg.key), ("client_ca", cfg.client_ca)])
+def _load_listener(cfg: ProvisioningListener) -> tuple[FileDigests, ssl.SSLContext, datetime]:
+    """What ``cfg``'s certificate, key and client CA hold (taken first:
+    core/filedigest.py), the context built from them, the leaf's notAfter."""
+    files = FileDigests([("cert", cfg.cert), ("key", cfg.key), ("client_ca", cfg.client_ca)])
+    context = server_context(cfg)
+    return files, context, load_server_chain(cfg.cert)[0].not_valid_after_utc
 
 
 def client_context(ca: StrPath, cert: StrPath, key: StrPath) -> ssl.SSLContext:
@@ -213,9 +216,7 @@ class ProvisioningServer:
         self.on_install_many = on_install_many
         self.on_withdraw = on_withdraw
         self.on_pull = on_pull
-        self.files = listener_files(cfg)  # before the context: core/filedigest.py
-        self.ssl_context = server_context(cfg)
-        self.not_after = load_server_chain(cfg.cert)[0].not_valid_after_utc
+        self.files, self.ssl_context, self.not_after = _load_listener(cfg)
         self.listener = TlsListener(
             self.ssl_context,
             self._session,
@@ -234,25 +235,27 @@ class ProvisioningServer:
         self.addresses: list[tuple[str, int]] = []
         self._sessions: set[_ProvSession] = set()
 
-    def stale(self) -> bool:
-        """Whether ``cert``, ``key`` or ``client_ca`` hold something else now
-        than the listener's context was built from (a renewal), or cannot be
-        read (core/reload.py)."""
-        return self.files.changed()
-
     def certificates(self) -> dict[str, datetime]:
         """The listener certificate's notAfter (core/certexpiry.py)."""
         return {"cert": self.not_after}
 
-    def prepare_renewal(self) -> Callable[[], None]:
-        """Build a context from the files as they are now; return what makes
-        new connections use it (a reload swaps only once everything it
-        builds has built).  Raises ``UnreadableFileError`` or
-        ``CertificateError`` and changes nothing if they do not load.
-        Connections already made keep the context they were made with."""
-        files = listener_files(self.cfg)
-        context = server_context(self.cfg)
-        not_after = load_server_chain(self.cfg.cert)[0].not_valid_after_utc
+    def renewal(self, file: str, prefix: str) -> Callable[[], None] | None:
+        """For a reload: None when ``cert``, ``key`` and ``client_ca`` hold
+        what the listener was built from; else what makes new connections
+        use them as they are now, built already (a reload swaps only once
+        everything it builds has built; connections already made keep their
+        context).  ``ConfigError`` naming the key (``PREFIXcert``...) when
+        they do not load, and nothing changes."""
+        from mipsec.core.roles.preflight import file_error
+
+        if not self.files.changed():
+            return None
+        cfg = self.cfg
+        try:
+            files, context, not_after = _load_listener(cfg)
+        except (UnreadableFileError, CertificateError) as exc:
+            entries = [(f"{prefix}{k}", getattr(cfg, k)) for k in ("cert", "key", "client_ca")]
+            raise file_error(file, exc, entries) from None
 
         def commit() -> None:
             self.files, self.ssl_context, self.not_after = files, context, not_after

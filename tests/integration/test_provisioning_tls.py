@@ -1665,8 +1665,6 @@ def test_listener_and_transport_go_stale_on_renewal_and_a_bad_pair_is_named(
     key, and nothing is swapped."""
     import shutil
 
-    from mipsec.core.reload import listener_renewal
-
     mine = init_pki(tmp_path / "pki")
     other = init_pki(tmp_path / "other")
     server = ProvisioningServer(ha_listener(mine))
@@ -1680,26 +1678,26 @@ def test_listener_and_transport_go_stale_on_renewal_and_a_bad_pair_is_named(
         },
         PluginContext("hac", tmp_path),
     )
-    assert not server.stale() and not transport.stale()
-    assert listener_renewal(server, "ha.toml", "provisioning.") is None
+    assert not server.files.changed() and not transport.stale()
+    assert server.renewal("ha.toml", "provisioning.") is None
     first = server.ssl_context
     # Renewed (here: the other lab's pair, a matching one).
     shutil.copy(other.ha_cert, mine.ha_cert)
     shutil.copy(other.ha_key, mine.ha_key)
-    assert server.stale()
-    commit = listener_renewal(server, "ha.toml", "provisioning.")
+    assert server.files.changed()
+    commit = server.renewal("ha.toml", "provisioning.")
     assert commit is not None and server.ssl_context is first  # built, not swapped
     commit()
     assert server.ssl_context is not first and server.listener.ssl_context is server.ssl_context
-    assert not server.stale()
+    assert not server.files.changed()
     # A certificate whose key was not renewed with it: named, nothing swapped.
     shutil.copy(mine.hac_cert, mine.ha_cert)
     with pytest.raises(ConfigError) as err:
-        listener_renewal(server, "ha.toml", "provisioning.")
+        server.renewal("ha.toml", "provisioning.")
     assert err.value.key == "provisioning.cert" and "does not match" in str(err.value)
     # The client CA gone: named as such.
     mine.ca_cert.unlink()
     with pytest.raises(ConfigError) as err:
-        listener_renewal(server, "ha.toml", "provisioning.")
+        server.renewal("ha.toml", "provisioning.")
     assert err.value.key == "provisioning.client_ca" and "cannot read" in str(err.value)
     assert transport.stale()  # its ca is gone too
