@@ -70,6 +70,7 @@ from mipsec.core.secretfiles import check_private, check_private_sqlite
 from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS, table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
 from mipsec.core.suites import Suite
+from mipsec.core.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
 from mipsec.plugins._options import parse_options, resolve_path
 from mipsec.plugins._sa_keys import (
     MODE_CLEAR,
@@ -656,6 +657,7 @@ class SQLiteSAStore:
         clear_keys: bool = False,
         check_only: bool = False,
         clock: Callable[[], datetime] = _utcnow,
+        checkpoint_interval: float = 0.0,
     ) -> None:
         if clear_keys and key_file is not None:
             raise StoreOptionError(
@@ -673,6 +675,7 @@ class SQLiteSAStore:
         self._reported: set[int] = set()
         self._view: _LiveView | None = None
         self._outer = False  # inside transaction(): _tx joins it
+        self._checkpointer: WalCheckpointer | None = None
         if path is not None:
             self._check_modes(path)
         conn = self._connect(path, check_only)
@@ -692,6 +695,14 @@ class SQLiteSAStore:
             if isinstance(self._codec, ClearKeys):
                 # Keys in clear: at least do not leave deleted ones in free pages.
                 conn.execute("PRAGMA secure_delete = ON")
+            if checkpoint_interval > 0 and path is not None and not check_only:
+                # core/walcheckpoint.py: the WAL's copies and fsyncs off the
+                # thread that commits (the HAC's event loop).
+                conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+                self._checkpointer = WalCheckpointer(
+                    path, checkpoint_interval, log, f"SA store checkpoint of {str(path)!r}"
+                )
+                self._checkpointer.start()
         except BaseException:
             conn.close()
             raise
@@ -1742,8 +1753,15 @@ class SQLiteSAStore:
         ).fetchall()
         return {ha_id: n for ha_id, n in rows}
 
+    @property
+    def checkpointer(self) -> WalCheckpointer | None:
+        """The thread checkpointing this store's WAL, if it has one."""
+        return self._checkpointer
+
     def close(self) -> None:
         self._view = None
+        if self._checkpointer is not None:
+            self._checkpointer.close()  # first: the last connection to close checkpoints
         self._conn.close()
 
     def __enter__(self) -> SQLiteSAStore:
@@ -1766,6 +1784,9 @@ class _SQLiteOptions(BaseModel):
     path: str = Field(min_length=1)
     key_file: str | None = Field(default=None, min_length=1)
     clear_keys: StrictBool = False  # an opt-out of protection: TOML true, nothing looser
+    # Seconds between WAL checkpoints in a thread of the role's own
+    # (core/walcheckpoint.py); 0: SQLite's, on the commit that fills 1,000 pages.
+    checkpoint_interval: float = Field(default=1.0, ge=0, le=60, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_way(self) -> _SQLiteOptions:
@@ -1793,7 +1814,11 @@ class SQLiteStoreFactory:
         key_file = resolve_path(opts.key_file, ctx.base_dir) if opts.key_file else None
         try:
             return SQLiteSAStore(
-                path, key_file=key_file, clear_keys=opts.clear_keys, check_only=_check_only(ctx)
+                path,
+                key_file=key_file,
+                clear_keys=opts.clear_keys,
+                check_only=_check_only(ctx),
+                checkpoint_interval=opts.checkpoint_interval,
             )
         except StoreOptionError as exc:
             raise ValueError(f"{exc.option}: {exc}") from None

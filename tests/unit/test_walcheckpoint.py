@@ -1,0 +1,157 @@
+"""WAL checkpoints off the committing thread (core/walcheckpoint.py; issue 9)."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from test_sa_store import T0, issued
+
+from mipsec.core.hookspecs import PluginContext
+from mipsec.core.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
+from mipsec.plugins.sa_store_sqlite import SQLiteSAStore, SQLiteStoreFactory
+
+log = logging.getLogger("test.walcheckpoint")
+
+
+def _wait(cond: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+def _wal_frames(path: Path) -> int:
+    """Frames in the WAL file, from its size (32-octet header, 24 per frame header)."""
+    wal = path.with_name(path.name + "-wal")
+    size = wal.stat().st_size if wal.exists() else 0
+    return 0 if size <= 32 else (size - 32) // (24 + 4096)
+
+
+def test_store_checkpoints_in_its_thread(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    store = SQLiteSAStore(path, checkpoint_interval=0.02)
+    try:
+        cp = store.checkpointer
+        assert cp is not None and cp.running
+        # The committing connection checkpoints only past the backstop.
+        assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (BACKSTOP_PAGES,)
+        for i in range(1, 201):
+            assert store.add(issued(i, mn_id=f"mn{i}@home.example", hoa6=None), T0)
+        # Far under the backstop and under SQLite's default of 1,000 pages:
+        # only the thread can have copied the log into the database file.
+        after = cp.rounds + 1  # a checkpoint begun after the last commit
+        _wait(lambda: cp.rounds > after)
+        assert cp.last is not None and cp.last[0] > 0 and cp.last[1] == cp.last[0]
+        # The database file itself now holds the SAs: a reader that ignores
+        # the WAL (immutable=1) sees them all.
+        uri = path.as_uri() + "?immutable=1"
+        ro = sqlite3.connect(uri, uri=True)
+        try:
+            assert ro.execute("SELECT COUNT(*) FROM issued_sa").fetchone() == (200,)
+        finally:
+            ro.close()
+    finally:
+        store.close()
+    assert not cp.running
+    # The last connection closed: its checkpoint removed the log.
+    assert not path.with_name("sa.db-wal").exists()
+    with SQLiteSAStore(path) as again:
+        assert len(again.live(T0)) == 200
+
+
+def test_without_checkpointer_the_commit_does_it(tmp_path: Path) -> None:
+    path = tmp_path / "sa.db"
+    with SQLiteSAStore(path) as store:  # direct users (tools, tests): no thread
+        assert store.checkpointer is None
+        assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (1000,)
+        for i in range(1, 201):
+            store.add(issued(i, mn_id=f"mn{i}@home.example", hoa6=None), T0)
+        time.sleep(0.1)
+        assert _wal_frames(path) > 0  # nobody copied it yet: under 1,000 pages
+
+
+def test_memory_and_check_only_stores_have_none(tmp_path: Path) -> None:
+    assert SQLiteSAStore(None, checkpoint_interval=0.5).checkpointer is None
+    SQLiteSAStore(tmp_path / "sa.db").close()
+    checked = SQLiteSAStore(tmp_path / "sa.db", check_only=True, checkpoint_interval=0.5)
+    assert checked.checkpointer is None
+    checked.close()
+
+
+def test_factory_option(tmp_path: Path) -> None:
+    ctx = PluginContext(role="hac", base_dir=tmp_path)
+    s = SQLiteStoreFactory().create({"path": "a.db"}, ctx)
+    assert s.checkpointer is not None and s.checkpointer.interval == 1.0  # the default
+    s.close()
+    s = SQLiteStoreFactory().create({"path": "a.db", "checkpoint_interval": 0}, ctx)
+    assert s.checkpointer is None  # 0: SQLite's own, on the commit
+    s.close()
+    s = SQLiteStoreFactory().create({"path": "a.db", "checkpoint_interval": 0.25}, ctx)
+    assert s.checkpointer is not None and s.checkpointer.interval == 0.25
+    s.close()
+    for bad in (-1, 61, "soon", float("nan")):
+        with pytest.raises(ValueError, match=r"^checkpoint_interval: "):
+            SQLiteStoreFactory().create({"path": "a.db", "checkpoint_interval": bad}, ctx)
+    # check-config: nothing started.
+    checked = SQLiteStoreFactory().create(
+        {"path": "a.db"}, PluginContext(role="hac", base_dir=tmp_path, extra={"check_only": True})
+    )
+    assert checked.checkpointer is None
+    checked.close()
+
+
+def test_failure_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A real failure: the path is a directory, so the thread's connection
+    # cannot open it.  One line naming what and why; the thread ends.
+    cp = WalCheckpointer(tmp_path, 0.01, log, "SA store checkpoint of 'x'")
+    with caplog.at_level(logging.WARNING, logger="test.walcheckpoint"):
+        cp.start()
+        _wait(lambda: not cp.running)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "SA store checkpoint of 'x' failed: OperationalError: unable to open database file; "
+        "its writer checkpoints the log itself meanwhile"
+    ]
+
+
+def test_checkpoint_errors_logged_once_then_recovery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "x.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (x)")
+    cp = WalCheckpointer(path, 1.0, log, "checkpoint of x")
+    broken = sqlite3.connect(path, isolation_level=None)
+    broken.close()  # a closed connection: every call fails (ProgrammingError)
+    with caplog.at_level(logging.WARNING, logger="test.walcheckpoint"):
+        cp.checkpoint(broken)
+        cp.checkpoint(broken)  # still failing: no second line
+        cp.checkpoint(conn)
+    assert [r.getMessage() for r in caplog.records] == [
+        "checkpoint of x failed: ProgrammingError: Cannot operate on a closed database.; "
+        "its writer checkpoints the log itself meanwhile",
+        "checkpoint of x works again",
+    ]
+    assert cp.last is not None
+    conn.close()
+
+
+def test_interval_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="interval"):
+        WalCheckpointer(tmp_path / "x.db", 0, log, "x")
+
+
+def test_store_close_waits_for_the_thread(tmp_path: Path) -> None:
+    store = SQLiteSAStore(tmp_path / "sa.db", checkpoint_interval=0.01)
+    cp = store.checkpointer
+    assert cp is not None
+    store.add(issued(7, end=T0 + timedelta(hours=2)), T0)
+    store.close()
+    assert not cp.running
