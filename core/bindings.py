@@ -358,6 +358,9 @@ class BindingCache:
         # True: the tables live on another component's connection (see the
         # module docstring); close() flushes but leaves it open.
         self.shared = shared is not None
+        # Set by the HA when another component checkpoints this file (the SA
+        # store's thread, with a shared connection): checkpoint() does nothing.
+        self.checkpointed_elsewhere = False
         self._owner = owner
         # What flush() wrote inside held(): re-queued if the transaction fails.
         self._held: list[tuple[dict[str, Binding | None], set[int], set[str]]] | None = None
@@ -561,6 +564,8 @@ class BindingCache:
         With ``synchronous="normal"`` this bounds what a power loss can take
         (the commits since the last checkpoint).  PASSIVE: it never waits.
         """
+        if self.checkpointed_elsewhere:
+            return
         if self._conn is not None and not self._conn.in_transaction:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 

@@ -394,12 +394,17 @@ class HaService:
         if check_only:
             return BindingCache()  # check-config creates no tables
         self._one_commit = begin
-        return BindingCache(
+        cache = BindingCache(
             write_behind=True,
             synchronous=self.cfg.bindings.synchronous,
             shared=conn,
             owner=self.cfg.ha.id,
         )
+        # The store's own thread checkpoints the shared file (core/
+        # walcheckpoint.py): the cache's once-a-second checkpoint would put
+        # the copy and its fsyncs back on the event loop.
+        cache.checkpointed_elsewhere = getattr(self.store, "checkpointer", None) is not None
+        return cache
 
     def _no_replay_state(self, config_file: str, key: str) -> None:
         """The binding cache is about to be created, empty: refuse if the SA

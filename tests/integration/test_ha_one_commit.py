@@ -266,3 +266,46 @@ def test_a_new_binding_cache_next_to_another_has_sas_is_fine(tmp_path: Path) -> 
         assert store.has_live(now, ("ha2",)) and not store.has_live(now, ("ha1", ""))
     finally:
         svc.store.close()
+
+
+def test_binding_cache_in_store_is_checkpointed_by_the_store_thread(tmp_path: Path) -> None:
+    # With in_sa_store the store's thread (core/walcheckpoint.py) copies the
+    # shared file's log, bindings included, once a second by default.
+    async def main() -> None:
+        svc = HaService(in_store_config(tmp_path))
+        await svc.start()
+        try:
+            cp = svc.store.checkpointer  # type: ignore[attr-defined]
+            assert cp is not None and cp.running and cp.interval == 1.0
+            # The cache leaves it to that thread: no checkpoint on the loop.
+            assert svc.bindings.checkpointed_elsewhere
+            seen: list[str] = []
+            svc.store._conn.set_trace_callback(seen.append)  # type: ignore[attr-defined]
+            svc.bindings.checkpoint()
+            assert seen == []
+        finally:
+            await svc.stop()
+        assert not cp.running
+
+    run(main())
+
+
+def test_binding_cache_in_store_without_thread_checkpoints_itself(tmp_path: Path) -> None:
+    cfg = in_store_config(
+        tmp_path, backend="sqlite", path=str(tmp_path / "sa.sqlite"), checkpoint_interval=0
+    )
+
+    async def main() -> None:
+        svc = HaService(cfg)
+        await svc.start()
+        try:
+            assert svc.store.checkpointer is None  # type: ignore[attr-defined]
+            assert not svc.bindings.checkpointed_elsewhere
+            seen: list[str] = []
+            svc.store._conn.set_trace_callback(seen.append)  # type: ignore[attr-defined]
+            svc.bindings.checkpoint()
+            assert seen == ["PRAGMA wal_checkpoint(PASSIVE)"]
+        finally:
+            await svc.stop()
+
+    run(main())
