@@ -58,7 +58,11 @@ class WalCheckpointer:
         # The last checkpoint's (frames in the log, frames checkpointed).
         self.last: tuple[int, int] | None = None
         self.rounds = 0  # checkpoints run
-        self._outage = Outage(log, what, "its writer checkpoints the log itself meanwhile")
+        self._outage = Outage(
+            log,
+            what,
+            f"the log grows meanwhile (its writer checkpoints it past {BACKSTOP_PAGES:,} pages)",
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"checkpoint {path.name}", daemon=True
