@@ -37,7 +37,10 @@ ha2 and retired its SA on ha1, before the install left: started again, it
 withdraws both, and the MN's next bootstrap registers.  And one HAC killed
 just before or just after it puts an MN's SA back when ha2 (a real HA with
 another id) refused the new one: the SA is withdrawn, or kept and still
-registering.
+registering.  And one HAC with two HAs, three bootstraps of
+each MN in flight at once and the oldest held up on a stopped ha2 while
+the newer ones get their 200s: with ``max_sas_per_mn`` 1 or 2, each MN
+ends with no more SAs than that.
 
 Real processes (``mipsec --role hac`` x3, ``mipsec --role ha``), real TLS,
 the independent raw MN (tests/integration/rawmn.py).
@@ -50,6 +53,7 @@ import ipaddress
 import os
 import random
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -872,3 +876,91 @@ def test_hac_killed_around_the_put_back_after_a_real_has_refusal(
                 assert first.register(first.bu(11))["status"] == 0
         finally:
             first.close()
+
+
+@pytest.mark.parametrize("max_sas", [1, 2])
+def test_one_hac_three_of_one_mn_at_once_an_older_one_held_up(lab: Lab, max_sas: int) -> None:
+    """One HAC, two HAs, three bootstraps of each MN in flight at once, the
+    oldest held up (the double-SA race of the twentieth session, found with
+    two at once by the three-HAC stress test, there about once in ten runs).
+
+    Each round: ha2 is stopped (SIGSTOP); every MN bootstraps once (about
+    half of these SAs go to ha2 and wait there), then 1.2 s later -- a later
+    validity second, so these SAs are the newer ones -- twice more at once;
+    their SAs on ha1 get their 200 while the older SA on ha2 is still being
+    issued; then ha2 runs again and the held-up SAs get theirs (the whole
+    stop, 1.7 s, is well under the 5 s provisioning deadline).  After each of
+    three rounds, once settled, with ``[policy] max_sas_per_mn`` 1 or 2:
+    each MN holds at least one SA and at most ``max_sas``, every live SA
+    was answered 200, the two HAs together hold exactly the live SAs (every
+    withdrawal confirmed), and each live SA registers (BA status 0).
+    Without the fix (an older SA spared while it was being issued is
+    withdrawn once its own 200 has left), MNs end every round with one SA
+    too many."""
+    config = Path(lab.info["hac"]["config"])
+    edit_toml(config, "[hac]\n", "[hac]\nprovisioning_timeout = 5.0\nexpiry_interval = 1.0\n")
+    edit_toml(config, "[policy]\n", f"[policy]\nmax_sas_per_mn = {max_sas}\n")
+    with Path(lab.dir / "credentials.toml").open("a") as f:
+        for i in range(MNS):
+            f.write(f'\n[[mn]]\nmn_id = "mn{i}@mipsec.test"\npsk_hex = "{psk_of(i).hex()}"\n')
+    ha2 = SecondHa(lab)
+    ha, hac = HaProcess(lab), HacProcess(lab)
+    try:
+        ha.start()
+        ha2.start()
+        hac.start()
+        assert ha2.proc is not None
+        ok: list[Answer] = []
+        used: set[int | None] = set()
+        seq = 10
+        for _round in range(3):
+            answers = _held_up_round(lab, ha2.proc.pid)
+            assert {a.status for a in answers} == {"200"}, Counter(a.status for a in answers)
+            ok += answers
+            spis = [a.spi for a in ok]
+            assert len(set(spis)) == len(spis), "an SPI handed out twice"
+            answered = set(spis)
+            used |= {a.ha_port for a in answers}
+
+            def settled(answered: set[int | None] = answered) -> bool:
+                live = live_on_hac(lab)
+                held = sorted(held_by_ha(lab) + ha2.held())
+                return unconfirmed(lab) == [] and set(live) <= answered and held == live
+
+            wait_for("the store settled: nothing unanswered live, nothing owed", settled, SETTLE)
+            rows = query(lab.dir / "hac-sa.sqlite", "SELECT spi, mn_id FROM issued_sa")
+            per_mn = Counter(str(r[1]) for r in rows)
+            assert set(per_mn) == MN_IDS
+            assert all(1 <= n <= max_sas for n in per_mn.values()), per_mn
+            if max_sas == 2:
+                assert 2 in per_mn.values()  # the cap, not a stricter one, applied
+            by_spi = {a.spi: a for a in ok}
+            for spi, _mn_id in rows:
+                assert registers(by_spi[int(spi)], seq) == 0  # type: ignore[call-overload]
+                seq += 1
+        assert len(used) == 2  # both HAs took SAs
+        no_traceback(lab, "hac-run1.log", "ha2-run1.log")
+    finally:
+        hac.close()
+        ha.close()
+        ha2.close()
+
+
+def _held_up_round(lab: Lab, ha2_pid: int) -> list[Answer]:
+    """ha2 stopped; each MN once, then 1.2 s later twice more at once; ha2
+    running again 0.5 s after that.  Every answer, in no particular order."""
+
+    def one(i: int) -> Answer:
+        return bootstrap(lab, 0, f"mn{i}@mipsec.test", psk_of(i))
+
+    os.kill(ha2_pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(max_workers=3 * MNS) as pool:
+            first = [pool.submit(one, i) for i in range(MNS)]
+            time.sleep(1.2)
+            later = [pool.submit(one, i) for i in range(MNS) for _ in range(2)]
+            time.sleep(0.5)
+            os.kill(ha2_pid, signal.SIGCONT)
+            return [f.result(timeout=30) for f in first + later]
+    finally:
+        os.kill(ha2_pid, signal.SIGCONT)
