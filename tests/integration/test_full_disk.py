@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -90,6 +91,14 @@ def fill(disk: Path) -> Path:
         os.close(fd)
     assert os.statvfs(disk).f_bavail == 0
     return filler
+
+
+def checkpoint_outage(log: str) -> tuple[int, int]:
+    """Lines of the SA store's checkpoint thread (core/walcheckpoint.py):
+    (outages begun, outages ended)."""
+    begun = re.findall(r"SA store checkpoint of '[^']*' failed: ", log)
+    ended = re.findall(r"SA store checkpoint of '[^']*' works again", log)
+    return len(begun), len(ended)
 
 
 def bootstrap_status(lab: Lab) -> str:
@@ -180,6 +189,8 @@ def test_ha_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> N
             assert ha_log.count(f"{what} failed") <= 1
             assert ha_log.count(f"{what} failed") == ha_log.count(f"{what} works again")
         assert "result=500 reason=internal (OperationalError)" in ha_log
+        assert checkpoint_outage(ha_log)[0] <= 1
+        assert checkpoint_outage(ha_log)[0] == checkpoint_outage(ha_log)[1]
     finally:
         hac.close()
         ha.close()
@@ -223,6 +234,13 @@ def test_hac_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> 
         finally:
             first.close()
         bootstraps_again(lab, store, sequence=3)
+        # The store's checkpoint thread (a tick a second) found the disk
+        # full too, if it ticked in the outage: it says so once, and once
+        # that it works again.
+        wait_for(
+            "the checkpoint thread's outage over",
+            lambda: len(set(checkpoint_outage(hac.log_text()))) == 1,
+        )
         assert hac.proc is not None and hac.proc.poll() is None  # it kept running
         hac.stop()
         text = hac.log_text()
@@ -231,6 +249,8 @@ def test_hac_disk_full_fails_closed_and_recovers(lab: Lab, small_disk: Path) -> 
         assert "never answered with" not in text  # no SA swept from under its MN
         what = "store write of delivered SAs and confirmed withdrawals"
         assert text.count(f"{what} failed") == text.count(f"{what} works again") <= 1
+        assert checkpoint_outage(text)[0] <= 1
+        assert checkpoint_outage(text)[0] == checkpoint_outage(text)[1]
         ha.stop()
     finally:
         hac.close()
