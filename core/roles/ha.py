@@ -301,7 +301,12 @@ class HaService:
                 if check_only and bindings_path is not None and not bindings_path.exists():
                     bindings_path = None  # a start creates it: check-config does not
                 self.bindings = BindingCache(
-                    bindings_path, write_behind=True, synchronous=cfg.bindings.synchronous
+                    bindings_path,
+                    write_behind=True,
+                    synchronous=cfg.bindings.synchronous,
+                    # A thread checkpoints the file once a second (bounding
+                    # what a power loss takes, module docstring of bindings.py).
+                    checkpoint_interval=0.0 if check_only else 1.0,
                 )
         except (OSError, sqlite3.Error, ValueError) as exc:
             self.store.close()

@@ -309,3 +309,27 @@ def test_binding_cache_in_store_without_thread_checkpoints_itself(tmp_path: Path
             await svc.stop()
 
     run(main())
+
+
+def test_binding_cache_in_its_own_file_is_checkpointed_by_its_own_thread(tmp_path: Path) -> None:
+    # [bindings] path: the cache's own thread (core/walcheckpoint.py), once a
+    # second; the HA's once-a-second call issues nothing on the event loop.
+    from test_ha_udp import ha_config
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        try:
+            cp = svc.bindings._checkpointer
+            assert cp is not None and cp.running and cp.interval == 1.0
+            assert svc.bindings.checkpointed_elsewhere
+            seen: list[str] = []
+            assert svc.bindings._conn is not None
+            svc.bindings._conn.set_trace_callback(seen.append)
+            svc.expire_now(store=False)  # the HA's every-second round, checkpoint included
+            assert not any("checkpoint" in sql for sql in seen)
+        finally:
+            await svc.stop()
+        assert not cp.running
+
+    run(main())

@@ -156,3 +156,32 @@ def test_store_close_waits_for_the_thread(tmp_path: Path) -> None:
     store.add(issued(7, end=T0 + timedelta(hours=2)), T0)
     store.close()
     assert not cp.running
+
+
+def test_binding_cache_file_checkpointed_by_its_own_thread(tmp_path: Path) -> None:
+    from mipsec.core.bindings import Binding, BindingCache
+
+    path = tmp_path / "bindings.sqlite"
+    cache = BindingCache(path, checkpoint_interval=0.02)
+    try:
+        cp = cache._checkpointer
+        assert cp is not None and cp.running and cache.checkpointed_elsewhere
+        for i in range(50):
+            cache.put(Binding(f"2001:db8::{i + 1:x}", "192.0.2.1", 4000 + i, 100 + i, 1, 60, 2e9))
+        seen: list[str] = []
+        assert cache._conn is not None
+        cache._conn.set_trace_callback(seen.append)
+        cache.checkpoint()  # the thread's job now: nothing on the caller's connection
+        assert seen == []
+        after = cp.rounds + 1
+        _wait(lambda: cp.rounds > after)
+        alone = tmp_path / "alone.sqlite"
+        alone.write_bytes(path.read_bytes())  # the file without its WAL
+        ro = sqlite3.connect(alone)
+        try:
+            assert ro.execute("SELECT COUNT(*) FROM binding").fetchone() == (50,)
+        finally:
+            ro.close()
+    finally:
+        cache.close()
+    assert not cp.running
