@@ -26,6 +26,17 @@ def _wait(cond: object, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _rows_in_file_alone(path: Path, table: str) -> int:
+    """Rows of ``table`` in the database file itself: a copy without its WAL."""
+    alone = path.with_name("alone-" + path.name)
+    alone.write_bytes(path.read_bytes())
+    ro = sqlite3.connect(alone)
+    try:
+        return int(ro.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: S608
+    finally:
+        ro.close()
+
+
 def _wal_frames(path: Path) -> int:
     """Frames in the WAL file, from its size (32-octet header, 24 per frame header)."""
     wal = path.with_name(path.name + "-wal")
@@ -48,15 +59,8 @@ def test_store_checkpoints_in_its_thread(tmp_path: Path) -> None:
         after = cp.rounds + 1  # a checkpoint begun after the last commit
         _wait(lambda: cp.rounds > after)
         assert cp.last is not None and cp.last[0] > 0 and cp.last[1] == cp.last[0]
-        # The database file itself now holds the SAs: a copy of it without
-        # its WAL has them all.
-        alone = tmp_path / "alone.db"
-        alone.write_bytes(path.read_bytes())
-        ro = sqlite3.connect(alone)
-        try:
-            assert ro.execute("SELECT COUNT(*) FROM issued_sa").fetchone() == (200,)
-        finally:
-            ro.close()
+        # The database file itself now holds the SAs.
+        assert _rows_in_file_alone(path, "issued_sa") == 200
     finally:
         store.close()
     assert not cp.running
@@ -175,13 +179,7 @@ def test_binding_cache_file_checkpointed_by_its_own_thread(tmp_path: Path) -> No
         assert seen == []
         after = cp.rounds + 1
         _wait(lambda: cp.rounds > after)
-        alone = tmp_path / "alone.sqlite"
-        alone.write_bytes(path.read_bytes())  # the file without its WAL
-        ro = sqlite3.connect(alone)
-        try:
-            assert ro.execute("SELECT COUNT(*) FROM binding").fetchone() == (50,)
-        finally:
-            ro.close()
+        assert _rows_in_file_alone(path, "binding") == 50
     finally:
         cache.close()
     assert not cp.running
