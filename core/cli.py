@@ -127,7 +127,10 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
         except ListenError as exc:
             raise exc.under("local_ha.") from None
     service = HacService(cfg, config_file=config_file)
-    await service.start()
+    # Bound, not yet serving: the control socket and the metrics listener
+    # below may still fail the start, and a start that fails must not have
+    # served an MN.
+    await service.start(serve=False)
     ha_ops = None
     if local_ha is not None:
         from mipsec.core.roles.ha_ops import HaOps  # the HA's commands: model 1 only
@@ -149,6 +152,7 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
             metrics = await start_metrics(
                 cfg, service.metrics.registry, lambda: service._listener is not None, "hac"
             )
+        await service.serve()
     except BaseException:
         if metrics is not None:
             await metrics.stop()

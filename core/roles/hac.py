@@ -399,7 +399,12 @@ class HacService:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self) -> list[tuple[str, int]]:
+    async def start(self, *, serve: bool = True) -> list[tuple[str, int]]:
+        """Bind, load, sweep; then accept MNs -- or, with ``serve=False``,
+        only once :meth:`serve` is called: ``mipsec --role hac`` first opens
+        its control socket and metrics listener, either of which may fail
+        the start, and a start that fails must not have served an MN (its
+        SA would be stored, its exchange cut, the store closed under it)."""
         svc = self.cfg.hac
         port = svc.port
         self._listener = TlsListener(
@@ -419,7 +424,7 @@ class HacService:
         )
         for host in svc.listen:
             try:
-                bound = await self._listener.listen(host, port)
+                bound = await self._listener.listen(host, port, serve=serve)
             except OSError as exc:
                 if ":" in host and len(svc.listen) > 1:
                     log.warning("cannot listen on [%s]:%d: %s (skipped)", host, port, exc)
@@ -468,9 +473,19 @@ class HacService:
         with collection_paused():  # core/startup_heap.py (issue 9)
             warm_hac_views(self.store, self.allocator)
             freeze_heap("HAC")
+        if serve:
+            self._say_listening()
+        return self.addresses
+
+    async def serve(self) -> None:
+        """Accept MNs on the addresses ``start(serve=False)`` bound."""
+        assert self._listener is not None, "HacService.start() not called"
+        await self._listener.start_serving()
+        self._say_listening()
+
+    def _say_listening(self) -> None:
         for host, p in self.addresses:
             log.info("HAC listening on %s port %d (TLS)", host, p)
-        return self.addresses
 
     async def serve_forever(self) -> None:
         if self._listener is not None:

@@ -606,10 +606,13 @@ class TlsListener:
         """Connections held now (handshakes, idle, in a request, worked for, closing)."""
         return len(self.table)
 
-    async def listen(self, host: str, port: int) -> list[tuple[str, int]]:
+    async def listen(self, host: str, port: int, *, serve: bool = True) -> list[tuple[str, int]]:
         """Listen on ``host``/``port`` (0: ephemeral); returns the bound addresses.
 
-        Raises ``OSError`` as ``loop.create_server`` does (address in use, ...).
+        ``serve=False``: bound, but nobody is accepted until
+        :meth:`start_serving` (a role that has more to set up first, which
+        may still fail, serves no one before it can).  Raises ``OSError`` as
+        ``loop.create_server`` does (address in use, ...).
         """
         if self._loop is None:  # one cap, however many addresses
             _reserve_fds(self.limits.max_connections)
@@ -620,6 +623,7 @@ class TlsListener:
             port=port,
             reuse_address=True,
             backlog=BACKLOG,
+            start_serving=serve,
         )
         self._servers.append(server)
         bound = []
@@ -628,6 +632,11 @@ class TlsListener:
             bound.append((addr[0], addr[1]))
         self.addresses.extend(bound)
         return bound
+
+    async def start_serving(self) -> None:
+        """Accept connections on every address bound with ``serve=False``."""
+        for s in self._servers:
+            await s.start_serving()
 
     async def serve_forever(self) -> None:
         await asyncio.gather(*(s.serve_forever() for s in self._servers))

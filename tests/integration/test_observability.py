@@ -191,6 +191,45 @@ def test_metrics_port_in_use_names_the_key(json_lab: Lab) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_hac_whose_start_fails_late_served_no_mn(lab: Lab) -> None:
+    """The HAC's metrics port is taken: the start fails, naming the key --
+    and its MN port never accepted a connection meanwhile.  (It used to
+    accept MNs before opening its control socket and metrics listener: a
+    start that failed there cut exchanges it had begun, with their SAs
+    stored, and logged internal errors on the store it had closed.  Found
+    by a CI run where a parallel test took a lab's metrics port.)"""
+    import threading
+
+    port = int(lab.info["hac"]["metrics"].rsplit(":", 1)[1].split("/")[0])
+    accepted: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:  # as an MN would, throughout the start
+        while not done.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", lab.hac_port), timeout=1):
+                    accepted.append(time.monotonic())
+            except OSError:
+                pass
+            time.sleep(0.001)
+
+    prober = threading.Thread(target=probe)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        prober.start()
+        try:
+            out = mipsec("--role", "hac", "--config", lab.info["hac"]["config"], timeout=60)
+        finally:
+            done.set()
+            prober.join()
+    assert out.returncode != 0
+    assert "metrics.port" in out.stderr and str(port) in out.stderr
+    assert "Traceback" not in out.stderr
+    assert accepted == []
+    assert "HAC listening" not in out.stderr
+
+
 def test_sigterm_drains_an_exchange_in_flight(lab: Lab, tmp_path: Path) -> None:
     """SIGTERM between Init and Done: the HAC stops accepting, the MN's Done
     still gets its 200, then the HAC exits 0."""
