@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,17 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         del _RECENT[:-64]
         return port
     raise OSError("no free port on 127.0.0.1")
+
+
+def taken_elsewhere(ports: Iterable[int]) -> None:
+    """Ports another process chose and may not have bound yet (``mipsec
+    init`` run as a command picks the lab's metrics ports itself): this
+    process's ``free_port`` does not hand them out for a while, as if it had
+    drawn them."""
+    for port in ports:
+        if port not in _RECENT:
+            _RECENT.append(port)
+    del _RECENT[:-64]
 
 
 def _metrics_ports(taken: tuple[int, ...]) -> tuple[int, int]:

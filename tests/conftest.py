@@ -94,7 +94,16 @@ def make_lab(tmp: Path) -> Lab:
         "--json",
     )
     assert out.returncode == 0, out.stderr
-    return Lab(tmp, json.loads(out.stdout))
+    info = json.loads(out.stdout)
+    # The metrics ports were drawn by the init process, and are bound only
+    # when the roles start: this process must not hand them out meanwhile
+    # (a second HA's metrics port once took a lab HAC's, in CI).
+    labsetup.taken_elsewhere(
+        int(info[role]["metrics"].rsplit(":", 1)[1].split("/")[0])
+        for role in ("hac", "ha")
+        if info.get(role, {}).get("metrics")
+    )
+    return Lab(tmp, info)
 
 
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20) -> None:

@@ -93,3 +93,14 @@ def test_each_test_worker_has_a_slice_of_its_own(request: pytest.FixtureRequest)
     base = labsetup._LAB_PORTS_LOW + index * width
     assert (low, high) == (base, base + width - 1)
     assert high < labsetup._LAB_PORTS_LOW + count * width <= labsetup._ephemeral_low()
+
+
+def test_ports_taken_elsewhere_are_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # mipsec init, run as a command, draws the lab's metrics ports itself;
+    # the test process must not draw one of them before the roles bind them.
+    monkeypatch.setenv(labsetup.PORTS_ENV, "41000-42000")
+    monkeypatch.setattr(labsetup, "_RECENT", [])
+    draws = iter([41500, 41500, 41501])
+    monkeypatch.setattr(labsetup.secrets, "choice", lambda _r: next(draws))
+    labsetup.taken_elsewhere([41500])
+    assert labsetup.free_port() == 41501
