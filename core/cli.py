@@ -218,19 +218,34 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
-    await service.start()
+    # Control socket and metrics listener first: either may fail the start
+    # (a port in use), and a start that fails must not have taken a HAC's
+    # install or an MN's BU.  Until the HA has started, the control socket
+    # answers "starting" and the health check says not ready.
     metrics = None
     control = None
     try:
-        control = await start_control(cfg, "ha", config_file, ops.dispatcher())
+        control = await start_control(
+            cfg, "ha", config_file, ops.dispatcher().gated(lambda: service.started)
+        )
         if cfg.metrics is not None:
             from mipsec.core.metrics import HaMetrics, start_metrics
 
-            metrics = await start_metrics(cfg, HaMetrics(service).registry, lambda: True, "ha")
+            metrics = await start_metrics(
+                cfg, HaMetrics(service).registry, lambda: service.started, "ha"
+            )
     except BaseException:
         if control is not None:
             await control.stop()
-        await service.stop()
+        await service.stop()  # closes the store the constructor opened
+        raise
+    try:
+        await service.start()  # cleans up after itself if it fails
+    except BaseException:
+        if metrics is not None:
+            await metrics.stop()
+        if control is not None:
+            await control.stop()
         raise
     _ready("ha", config_file)
     await stop.wait()

@@ -131,6 +131,24 @@ class Dispatcher:
         self.handlers = dict(handlers)
         self.listings = frozenset(listings)
 
+    def gated(self, ready: Callable[[], bool]) -> Dispatcher:
+        """The same commands, each refused (``ControlError``) while ``ready()``
+        is false: a role that opens its control socket before it has
+        started (so that a socket it cannot open fails the start before it
+        serves anyone) answers "starting" until then."""
+
+        def gate(handler: Handler) -> Handler:
+            async def gated(args: Mapping[str, Any]) -> Any:
+                if not ready():
+                    raise ControlError(f"the {self.role} is starting: try again in a moment")
+                return await handler(args)
+
+            return gated
+
+        return Dispatcher(
+            self.role, {cmd: gate(h) for cmd, h in self.handlers.items()}, self.listings
+        )
+
     def is_listing(self, line: bytes) -> bool:
         """Whether ``line`` asks for one of the ``listings`` (False if it is not a request)."""
         if not self.listings:

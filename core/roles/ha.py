@@ -439,6 +439,11 @@ class HaService:
 
     # ------------------------------------------------------------ lifecycle
 
+    @property
+    def started(self) -> bool:
+        """Serving: sockets open, SAs loaded (or loading in the background)."""
+        return self._started
+
     async def start(self) -> list[tuple[str, int]]:
         # Loading every SA and binding, then freezing them: without the
         # collector's passes over what was loaded so far (core/startup_heap.py).

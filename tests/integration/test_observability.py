@@ -18,7 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,23 +192,26 @@ def test_metrics_port_in_use_names_the_key(json_lab: Lab) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_hac_whose_start_fails_late_served_no_mn(lab: Lab) -> None:
-    """The HAC's metrics port is taken: the start fails, naming the key --
-    and its MN port never accepted a connection meanwhile.  (It used to
-    accept MNs before opening its control socket and metrics listener: a
-    start that failed there cut exchanges it had begun, with their SAs
-    stored, and logged internal errors on the store it had closed.  Found
-    by a CI run where a parallel test took a lab's metrics port.)"""
+@dataclass
+class _Probed:
+    out: subprocess.CompletedProcess[str]
+    times: list[float]  # when a probe's connection was accepted
+
+
+def _probe_during(
+    target: int, taken: int, run: Callable[[], subprocess.CompletedProcess[str]]
+) -> _Probed:
+    """``run()`` while this process holds port ``taken``, connecting to port
+    ``target`` every millisecond meanwhile, as an MN or a HAC would."""
     import threading
 
-    port = int(lab.info["hac"]["metrics"].rsplit(":", 1)[1].split("/")[0])
     accepted: list[float] = []
     done = threading.Event()
 
-    def probe() -> None:  # as an MN would, throughout the start
+    def probe() -> None:
         while not done.is_set():
             try:
-                with socket.create_connection(("127.0.0.1", lab.hac_port), timeout=1):
+                with socket.create_connection(("127.0.0.1", target), timeout=1):
                     accepted.append(time.monotonic())
             except OSError:
                 pass
@@ -215,19 +219,55 @@ def test_hac_whose_start_fails_late_served_no_mn(lab: Lab) -> None:
 
     prober = threading.Thread(target=probe)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", taken))
         s.listen()
         prober.start()
         try:
-            out = mipsec("--role", "hac", "--config", lab.info["hac"]["config"], timeout=60)
+            out = run()
         finally:
             done.set()
             prober.join()
+    return _Probed(out, accepted)
+
+
+def test_hac_whose_start_fails_late_served_no_mn(lab: Lab) -> None:
+    """The HAC's metrics port is taken: the start fails, naming the key --
+    and its MN port never accepted a connection meanwhile.  (It used to
+    accept MNs before opening its control socket and metrics listener: a
+    start that failed there cut exchanges it had begun, with their SAs
+    stored, and logged internal errors on the store it had closed.  Found
+    by a CI run where a lab's metrics port was taken.)"""
+    port = int(lab.info["hac"]["metrics"].rsplit(":", 1)[1].split("/")[0])
+    probed = _probe_during(
+        lab.hac_port,
+        port,
+        lambda: mipsec("--role", "hac", "--config", lab.info["hac"]["config"], timeout=60),
+    )
+    out = probed.out
     assert out.returncode != 0
     assert "metrics.port" in out.stderr and str(port) in out.stderr
     assert "Traceback" not in out.stderr
-    assert accepted == []
+    assert probed.times == []
     assert "HAC listening" not in out.stderr
+
+
+def test_ha_whose_start_fails_late_took_no_install(lab: Lab) -> None:
+    """The HA's metrics port is taken: the start fails naming the key, and
+    its provisioning port (where HACs install SAs) never accepted a
+    connection meanwhile -- the HA opens its control socket and metrics
+    listener before it loads its SAs and opens its own ports."""
+    port = int(lab.info["ha"]["metrics"].rsplit(":", 1)[1].split("/")[0])
+    probed = _probe_during(
+        lab.info["ha"]["port"],
+        port,
+        lambda: mipsec("--role", "ha", "--config", lab.info["ha"]["config"], timeout=60),
+    )
+    out = probed.out
+    assert out.returncode != 0
+    assert "metrics.port" in out.stderr and str(port) in out.stderr
+    assert "Traceback" not in out.stderr
+    assert probed.times == []
+    assert "listening" not in out.stderr
 
 
 def test_sigterm_drains_an_exchange_in_flight(lab: Lab, tmp_path: Path) -> None:

@@ -74,6 +74,25 @@ def test_dispatcher_answers_errors_as_responses() -> None:
     asyncio.run(main())
 
 
+def test_gated_dispatcher_answers_starting_until_ready() -> None:
+    async def status(args: Any) -> dict[str, Any]:
+        return {"role": "x"}
+
+    ready = False
+    d = Dispatcher("ha", {"status": status}, listings=("status",)).gated(lambda: ready)
+
+    async def main() -> None:
+        nay = json.loads(await d.handle(b'{"cmd": "status"}\n'))
+        assert nay == {"ok": False, "error": "the ha is starting: try again in a moment"}
+        nonlocal ready
+        ready = True
+        yes = json.loads(await d.handle(b'{"cmd": "status"}\n'))
+        assert yes == {"ok": True, "result": {"role": "x"}}
+        assert d.is_listing(b'{"cmd": "status"}\n')  # listings kept
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------ server
 
 
