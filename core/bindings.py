@@ -507,6 +507,11 @@ class BindingCache:
                 self._conn = None
 
     @property
+    def checkpointer(self) -> WalCheckpointer | None:
+        """The thread checkpointing this cache's own file, if it has one."""
+        return self._checkpointer
+
+    @property
     def pending(self) -> int:
         """Changes not yet written (write-behind mode)."""
         return len(self._dirty) + len(self._dirty_spis) + len(self._dirty_deleted)

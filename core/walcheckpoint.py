@@ -28,6 +28,7 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 from mipsec.core.outage import Outage, cause
 
@@ -70,6 +71,19 @@ class WalCheckpointer:
 
     def start(self) -> None:
         self._thread.start()
+
+    def status(self) -> dict[str, Any]:
+        """For ``mipsec status``: the interval, whether the thread runs and
+        is failing, and the last checkpoint's frames (in the log, copied)."""
+        last = self.last
+        return {
+            "interval_s": self.interval,
+            "running": self.running,
+            "failing": self._outage.failing,
+            "rounds": self.rounds,
+            "log_frames": None if last is None else last[0],
+            "checkpointed": None if last is None else last[1],
+        }
 
     @property
     def running(self) -> bool:

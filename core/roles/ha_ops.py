@@ -59,7 +59,7 @@ class HaOps:
     async def status(self, args: Mapping[str, Any]) -> dict[str, Any]:
         svc = self.svc
         stats = svc.stats()
-        return {
+        out = {
             "role": "ha",
             "version": version(),
             "id": svc.cfg.ha.id,
@@ -85,6 +85,15 @@ class HaOps:
             "last_reload": self.reloader.last,
             "certificates": certexpiry.status_rows(self.svc.certificates(), datetime.now(UTC)),
         }
+        # The threads checkpointing the SA store's file and (with [bindings]
+        # path) the binding cache's (core/walcheckpoint.py).
+        for key, checkpointer in (
+            ("store_checkpoint", getattr(svc.store, "checkpointer", None)),
+            ("bindings_checkpoint", svc.bindings.checkpointer),
+        ):
+            if checkpointer is not None:
+                out[key] = checkpointer.status()
+        return out
 
     async def sas(self, args: Mapping[str, Any]) -> dict[str, Any]:
         mn_id = arg_str(args, "mn_id", required=False)

@@ -327,6 +327,9 @@ class HacOps:
                 "owner": store.owner,
                 "hacs_alive": [o for o, _ in store.alive_owners(utcnow())],
             }
+        checkpointer = getattr(svc.store, "checkpointer", None)
+        if checkpointer is not None:  # core/walcheckpoint.py
+            out["store_checkpoint"] = checkpointer.status()
         aaa = aaa_health(svc.methods)
         if aaa:
             out["aaa"] = aaa

@@ -164,6 +164,12 @@ def test_verbs_show_live_state_and_never_keys(lab: Lab, roles: Roles) -> None:
 
     ha = ctl_json("status", "--config", ha_cfg(lab))
     assert ha["role"] == "ha" and ha["bindings"] == 1 and ha["sas"]["live"] == 1
+    # The threads checkpointing the SA stores' files (core/walcheckpoint.py);
+    # the HA's binding cache lives in its store's file (mipsec init's lab).
+    for status in (hac, ha):
+        cp = status["store_checkpoint"]
+        assert cp["interval_s"] == 1.0 and cp["running"] is True and cp["failing"] is False
+    assert "bindings_checkpoint" not in ha
 
     # Garbage on the HA's UDP port: counted as drops by reason.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -59,6 +59,9 @@ def test_store_checkpoints_in_its_thread(tmp_path: Path) -> None:
         after = cp.rounds + 1  # a checkpoint begun after the last commit
         _wait(lambda: cp.rounds > after)
         assert cp.last is not None and cp.last[0] > 0 and cp.last[1] == cp.last[0]
+        st = cp.status()
+        assert st["interval_s"] == 0.02 and st["running"] and not st["failing"]
+        assert st["log_frames"] == st["checkpointed"] == cp.last[0] and st["rounds"] >= after
         # The database file itself now holds the SAs.
         assert _rows_in_file_alone(path, "issued_sa") == 200
     finally:
@@ -119,6 +122,7 @@ def test_failure_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
         cp.start()
         _wait(lambda: not cp.running)
     lines = [r.getMessage() for r in caplog.records]
+    assert cp.status()["failing"] and not cp.status()["running"]
     assert lines == [
         "SA store checkpoint of 'x' failed: OperationalError: unable to open database file; "
         "the log grows meanwhile (its writer checkpoints it past 8,192 pages)"
@@ -168,7 +172,7 @@ def test_binding_cache_file_checkpointed_by_its_own_thread(tmp_path: Path) -> No
     path = tmp_path / "bindings.sqlite"
     cache = BindingCache(path, checkpoint_interval=0.02)
     try:
-        cp = cache._checkpointer
+        cp = cache.checkpointer
         assert cp is not None and cp.running and cache.checkpointed_elsewhere
         for i in range(50):
             cache.put(Binding(f"2001:db8::{i + 1:x}", "192.0.2.1", 4000 + i, 100 + i, 1, 60, 2e9))
