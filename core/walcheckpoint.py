@@ -102,7 +102,10 @@ class WalCheckpointer:
             return
         try:
             while not self._stop.wait(self.interval):
-                self.checkpoint(conn)
+                try:
+                    self.checkpoint(conn)
+                except Exception as exc:  # a bug, not the file: said once, the thread goes on
+                    self._outage.failed(cause(exc), logging.ERROR)
         finally:
             conn.close()
 

@@ -187,3 +187,30 @@ def test_binding_cache_file_checkpointed_by_its_own_thread(tmp_path: Path) -> No
     finally:
         cache.close()
     assert not cp.running
+
+
+def test_an_unexpected_error_is_said_once_and_the_thread_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "x.db"
+    sqlite3.connect(path).close()
+    calls: list[int] = []
+
+    def broken(self: WalCheckpointer, conn: sqlite3.Connection) -> None:
+        calls.append(1)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(WalCheckpointer, "checkpoint", broken)
+    cp = WalCheckpointer(path, 0.01, log, "checkpoint of x")
+    with caplog.at_level(logging.WARNING, logger="test.walcheckpoint"):
+        cp.start()
+        _wait(lambda: len(calls) >= 5)
+        assert cp.running and cp.status()["failing"]
+        cp.close()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "ERROR",
+            "checkpoint of x failed: RuntimeError; the log grows meanwhile "
+            "(its writer checkpoints it past 8,192 pages)",
+        )
+    ]
