@@ -78,7 +78,7 @@ from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
 from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS, begin_now, table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
-from mipsec.core.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
+from mipsec.core.walcheckpoint import WalCheckpointer
 
 log = logging.getLogger("mipsec.bindings")
 
@@ -413,14 +413,13 @@ class BindingCache:
             if self._checkpoint_interval > 0:
                 # core/walcheckpoint.py: the copy and its fsyncs off the HA's
                 # event loop, which forwards every MN's packets.
-                conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
-                self._checkpointer = WalCheckpointer(
+                self._checkpointer = WalCheckpointer.attach(
+                    conn,
                     path,
                     self._checkpoint_interval,
                     log,
                     f"binding cache checkpoint of {str(path)!r}",
                 )
-                self._checkpointer.start()
                 self.checkpointed_elsewhere = True
         except BaseException:
             conn.close()

@@ -72,6 +72,17 @@ class WalCheckpointer:
     def start(self) -> None:
         self._thread.start()
 
+    @classmethod
+    def attach(
+        cls, conn: sqlite3.Connection, path: Path, interval: float, log: logging.Logger, what: str
+    ) -> WalCheckpointer:
+        """Started for the file ``conn`` (the owner's connection) writes:
+        ``conn`` keeps only the backstop checkpoint (:data:`BACKSTOP_PAGES`)."""
+        conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+        checkpointer = cls(path, interval, log, what)
+        checkpointer.start()
+        return checkpointer
+
     def status(self) -> dict[str, Any]:
         """For ``mipsec status``: the interval, whether the thread runs and
         is failing, and the last checkpoint's frames (in the log, copied)."""

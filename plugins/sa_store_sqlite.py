@@ -70,7 +70,7 @@ from mipsec.core.secretfiles import check_private, check_private_sqlite
 from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS, table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
 from mipsec.core.suites import Suite
-from mipsec.core.walcheckpoint import BACKSTOP_PAGES, WalCheckpointer
+from mipsec.core.walcheckpoint import WalCheckpointer
 from mipsec.plugins._options import parse_options, resolve_path
 from mipsec.plugins._sa_keys import (
     MODE_CLEAR,
@@ -698,11 +698,9 @@ class SQLiteSAStore:
             if checkpoint_interval > 0 and path is not None and not check_only:
                 # core/walcheckpoint.py: the WAL's copies and fsyncs off the
                 # thread that commits (the HAC's event loop).
-                conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
-                self._checkpointer = WalCheckpointer(
-                    path, checkpoint_interval, log, f"SA store checkpoint of {str(path)!r}"
+                self._checkpointer = WalCheckpointer.attach(
+                    conn, path, checkpoint_interval, log, f"SA store checkpoint of {str(path)!r}"
                 )
-                self._checkpointer.start()
         except BaseException:
             conn.close()
             raise
