@@ -116,9 +116,11 @@ def _edit(path: Path, sql: str, *args: object) -> None:
         "UPDATE issued_sa SET validity_end = validity_end + 86400 WHERE spi = 1",
         # another home address for the same keys
         "UPDATE issued_sa SET ip6_hoa = '2001:db8:1::99' WHERE spi = 1",
-        # a flipped ciphertext octet
+        # a changed ciphertext octet (never the octet it was: 0x00 was, one
+        # run in 256, and the "tampered" row was then intact)
         "UPDATE issued_sa SET sa_keys = substr(sa_keys, 1, 20) || "
-        "x'00' || substr(sa_keys, 22) WHERE spi = 1",
+        "CASE WHEN substr(sa_keys, 21, 1) = x'00' THEN x'01' ELSE x'00' END || "
+        "substr(sa_keys, 22) WHERE spi = 1",
         # a forged row in clear format (0x00, lengths, keys of the forger's choice)
         "UPDATE issued_sa SET sa_keys = x'0010101010' || zeroblob(64) WHERE spi = 1",
     ],
