@@ -38,6 +38,7 @@ from mipsec.core.confvalues import (
     NetworkText,
 )
 from mipsec.core.errors import ConfigError, HeaderError
+from mipsec.core.filedigest import read_regular
 from mipsec.core.model import DEFAULT_MIP6_PORT
 from mipsec.core.suites import DEFAULT_ALLOWED, Suite, suite_from_name
 from mipsec.core.wire.values import parse_nai
@@ -529,15 +530,26 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
+# Far above any role's configuration (it names files; it holds no tables).
+MAX_CONFIG_FILE = 16 << 20
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        with p.open("rb") as f:
-            return tomllib.load(f)
+        # A FIFO at the path (refused, not waited on: a reload reads this on
+        # the event loop), a directory, a file of absurd size.
+        raw = read_regular(p, MAX_CONFIG_FILE)
     except FileNotFoundError:
         raise ConfigError(str(p), "(file)", "no such file") from None
     except PermissionError:
         raise ConfigError(str(p), "(file)", "permission denied") from None
+    except OSError as exc:
+        raise ConfigError(str(p), "(file)", exc.strerror or str(exc)) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(str(p), "(file)", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(p), "(syntax)", str(exc)) from None
 

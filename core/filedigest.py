@@ -15,38 +15,55 @@ loop the reload runs on) and files above ``MAX_FILE`` octets.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["MAX_FILE", "FileDigests", "UnreadableFileError", "read_regular"]
+__all__ = [
+    "MAX_FILE",
+    "FileDigests",
+    "UnreadableFileError",
+    "open_regular",
+    "read_regular",
+]
+
+StrPath = str | os.PathLike[str]
 
 # Far above any certificate chain, key or CA bundle a role is given.
 MAX_FILE = 1 << 20
 
 
-def read_regular(path: Path, limit: int = MAX_FILE) -> bytes:
-    """``path``'s contents; ``OSError`` naming the reason for a file that is
-    not a regular file (FIFO, device, directory) or is larger than ``limit``.
+def open_regular(path: StrPath) -> BinaryIO:
+    """``path`` opened for reading; ``OSError`` (``strerror`` "not a regular
+    file") for a FIFO, device, socket or directory.
 
     Opened non-blocking, so a FIFO is refused instead of waiting for a
-    writer."""
+    writer (O_NONBLOCK changes nothing for a regular file's reads)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError("not a regular file")
-        if st.st_size > limit:
-            raise OSError(f"larger than {limit} octets")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_regular(path: StrPath, limit: int = MAX_FILE) -> bytes:
+    """``path``'s contents; ``OSError`` naming the reason (its ``strerror``)
+    for a file that is not a regular file (FIFO, device, directory) or is
+    larger than ``limit``: see :func:`open_regular`."""
+    with open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} octets")
+        data = f.read(limit + 1)
     if len(data) > limit:
-        raise OSError(f"larger than {limit} octets")
+        raise OSError(errno.EFBIG, f"larger than {limit} octets")
     return data
 
 

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mipsec.core.errors import MipsecError
+from mipsec.core.filedigest import open_regular
 from mipsec.core.fsutil import write_private_atomic
 from mipsec.core.secretfiles import check_private
 
@@ -97,7 +98,7 @@ def read_key_file(path: Path) -> bytes:
     """The key material in ``path``: exactly 32 octets, mode 0600 or stricter."""
     check_private(path)
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:  # a FIFO: refused, not waited on
             data = f.read(KEY_FILE_LEN + 1)
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read ({exc.strerror or exc})") from None

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from mipsec.core.errors import ConfigError
+from mipsec.core.filedigest import open_regular, read_regular
 from mipsec.core.fsutil import PRIVATE_FILE, left_temporaries, write_file
 from mipsec.core.nai import nai_key
 
@@ -68,6 +69,7 @@ log = logging.getLogger("mipsec.revocation")
 
 VERSION = 1
 COMPACT_MIN = 1024  # journal lines always allowed before a fold
+MAX_LIST_FILE = 1 << 30  # the snapshot or the journal: far above millions of MNs
 
 
 def journal_path(path: Path) -> Path:
@@ -189,7 +191,7 @@ class RevocationList:
             return
         if jour is not None and jour[2] > self._offset:
             try:
-                with self.journal.open("rb") as f:
+                with open_regular(self.journal) as f:  # a FIFO: refused, not waited on
                     f.seek(self._offset)  # only what this process has not read
                     raw = f.read()
             except OSError as exc:
@@ -247,7 +249,9 @@ class RevocationList:
 
     def _read(self, path: Path) -> bytes | None:
         try:
-            return path.read_bytes()
+            # Read on the event loop (every lookup may re-read the list): a
+            # FIFO put at the path is refused at once, not waited on.
+            return read_regular(path, MAX_LIST_FILE)
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -33,6 +33,7 @@ from mipsec.core.channel_binding import (
     tls_server_end_point_of,
 )
 from mipsec.core.errors import CertificateError, LocalProtocolError
+from mipsec.core.filedigest import read_regular
 
 __all__ = [
     "TLS12_CIPHERS",
@@ -95,8 +96,7 @@ def load_server_chain(cert_file: StrPath) -> list[x509.Certificate]:
     first one is what RFC 5929 hashes, so a mis-ordered file is refused.
     """
     try:
-        with open(cert_file, "rb") as f:
-            data = f.read()
+        data = read_regular(cert_file)  # a FIFO: refused, not waited on
     except OSError as exc:
         raise CertificateError(f"{os.fspath(cert_file)}: cannot read ({exc.strerror})")
     try:
@@ -132,8 +132,7 @@ def load_matching_key(
     Errors (:class:`CertificateError`) name the file and never quote the key.
     """
     try:
-        with open(key_file, "rb") as f:
-            key_pem = f.read()
+        key_pem = read_regular(key_file)
     except OSError as exc:
         raise CertificateError(f"{os.fspath(key_file)}: cannot read ({exc.strerror})")
     try:

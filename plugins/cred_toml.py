@@ -46,6 +46,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
+from mipsec.core.filedigest import read_regular
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.nai import nai_key  # re-exported: the lookup key (was defined here)
 from mipsec.core.secretfiles import check_private
@@ -58,6 +59,9 @@ _UNREADABLE = (-1, -1, -1)  # stamp remembered while the file cannot be stat()ed
 # Above this size a reload is parsed off the event loop (module docstring);
 # below it (~500 entries) parsing inline costs a few milliseconds at most.
 INLINE_RELOAD_MAX = 64 * 1024
+# A file larger than this is refused (~2.5 million entries; README points
+# past 10,000 MNs to the SQLite backend): it is read whole into memory.
+MAX_CREDENTIAL_FILE = 256 << 20
 
 # Characters a passphrase needs unless the operator opts out: a passphrase
 # faces offline guessing (module docstring), so it must carry entropy.
@@ -109,10 +113,13 @@ def load_credentials(path: Path, *, allow_short_passphrase: bool = False) -> dic
     (``creds.toml: mn[2].psk_hex: not valid hexadecimal``); never the key value.
     """
     try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
+        # Not a blocking open: a FIFO put at the path would stop the event
+        # loop a small file is re-read on (core/filedigest.py).
+        data = read_regular(path, MAX_CREDENTIAL_FILE)
     except OSError as exc:
         raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: {exc}") from None
     except UnicodeDecodeError:

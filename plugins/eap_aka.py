@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mipsec.core.eap.method import EapMethodPlugin, EapPeerContext
+from mipsec.core.filedigest import read_regular
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.wire.eap import EapType, MethodKey
 from mipsec.plugins._options import parse_options, resolve_path
@@ -117,7 +118,7 @@ def _key(inline: str | None, file: str | None, name: str, base: Path) -> bytes:
     assert file is not None
     path = resolve_path(file, base)
     try:
-        text = path.read_text(encoding="ascii").strip()
+        text = read_regular(path, 4096).decode("ascii").strip()  # a FIFO: refused
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not ASCII"
         raise ValueError(f"{name}_file: cannot read {path}: {reason}") from None

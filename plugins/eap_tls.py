@@ -64,7 +64,7 @@ from mipsec.core.eap.tls_identity import (
     builtin_policies,
 )
 from mipsec.core.errors import CertificateError, LocalProtocolError
-from mipsec.core.filedigest import FileDigests
+from mipsec.core.filedigest import FileDigests, read_regular
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.pluginmanager import registry
 from mipsec.core.tls import load_matching_key, load_server_chain
@@ -162,7 +162,7 @@ class _Credentials:
 
 def _load_cas(path: Path) -> list[x509.Certificate]:
     try:
-        data = path.read_bytes()
+        data = read_regular(path)  # a FIFO: refused, not waited on
     except OSError as exc:
         raise ValueError(f"ca: {path}: cannot read ({exc.strerror})") from None
     try:

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from mipsec.core.eap.milenage import AMF_LEN, RAND_LEN, SQN_LEN, Milenage
 from mipsec.core.errors import LocalProtocolError, MipsecError
+from mipsec.core.filedigest import read_regular
 
 __all__ = [
     "AUTN_LEN",
@@ -156,7 +157,7 @@ class SqnStore:
 
     def load(self) -> _State:
         try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            raw = json.loads(read_regular(self.path).decode("utf-8"))  # a FIFO: refused
         except (OSError, ValueError) as exc:
             raise UsimStateError(f"cannot read {self.path}: {exc}") from None
         n = 1 << self.policy.ind_bits

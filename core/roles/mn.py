@@ -35,6 +35,7 @@ from mipsec.core import pluginmanager
 from mipsec.core.authmethod import PeerMethodContext, PeerMethodFactory
 from mipsec.core.config import MNConfig
 from mipsec.core.errors import CertificateError, ConfigError
+from mipsec.core.filedigest import read_regular
 from mipsec.core.hookspecs import PluginContext
 from mipsec.core.issuer import utcnow
 from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendRequest
@@ -52,7 +53,7 @@ def mn_secret(cfg: MNConfig, config_file: str = "<memory>") -> bytes | None:
         return bytes.fromhex(cfg.mn.psk_hex)
     if cfg.mn.psk_file is not None:
         try:
-            text = Path(cfg.mn.psk_file).read_text().strip()
+            text = read_regular(cfg.mn.psk_file, 4096).decode("ascii").strip()
             return bytes.fromhex(text)
         except (OSError, ValueError) as exc:
             raise ConfigError(config_file, "mn.psk_file", f"unreadable hex PSK: {exc}") from None

@@ -419,6 +419,39 @@ def test_sighup_policy_applies_to_next_mn_not_to_exchange_in_flight(lab: Lab, ro
     assert ctl_json("status", "--config", hac_cfg(lab))["last_reload"]["applied"] is True
 
 
+def test_fifos_put_at_the_hacs_files_are_refused_while_it_serves(lab: Lab, roles: Roles) -> None:
+    """A FIFO put where the running HAC reads its credentials (every
+    bootstrap checks the file) and its configuration (SIGHUP): refused at
+    once, one line naming the file, and MNs keep bootstrapping on what was
+    read before.  A blocking open here waited for a writer on the event
+    loop: every MN stopped (tests/unit/test_fifo_files.py has each reader)."""
+    roles.start("ha")
+    hac = roles.start("hac")
+    creds = lab.dir / "credentials.toml"
+    creds_text = creds.read_bytes()
+    creds.unlink()
+    os.mkfifo(creds, 0o600)
+    assert _raw_psk(lab, MN_ID)[0] == "200"  # the credentials read before
+    assert _raw_psk(lab, MN_ID)[0] == "200"
+    log = roles.wait_log("hac", "not a regular file")
+    assert log.count("credential file not reloaded") == 1, log
+    cfg = Path(hac_cfg(lab))
+    cfg_text = cfg.read_bytes()
+    cfg.unlink()
+    os.mkfifo(cfg, 0o600)
+    hac.send_signal(signal.SIGHUP)
+    log = roles.wait_log("hac", "not a regular file", count=2)
+    assert str(cfg) in log.split("not a regular file")[-2].splitlines()[-1], log
+    assert hac.poll() is None and _raw_psk(lab, MN_ID)[0] == "200"
+    for path, text in ((cfg, cfg_text), (creds, creds_text)):
+        path.unlink()
+        write_file(path, text, 0o600)
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0, out.stderr
+    assert _raw_psk(lab, MN_ID)[0] == "200"
+    assert "Traceback" not in roles.log("hac")
+
+
 def test_sighup_with_broken_file_keeps_running_config(lab: Lab, roles: Roles) -> None:
     roles.start("ha")
     hac = roles.start("hac")
