@@ -59,6 +59,7 @@ class WalCheckpointer:
         # The last checkpoint's (frames in the log, frames checkpointed).
         self.last: tuple[int, int] | None = None
         self.rounds = 0  # checkpoints run
+        self._log, self._what = log, what
         self._outage = Outage(
             log,
             what,
@@ -104,6 +105,17 @@ class WalCheckpointer:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(_JOIN_S)
+            if self._thread.is_alive():
+                # Stuck in I/O (a failing disk, a hung network file system).
+                # Not waited for: the owner's connection closes on its own,
+                # a checkpoint cut by the process's exit is recovered by
+                # SQLite like a crash's, and no commit is in the thread.
+                self._log.warning(
+                    "%s: still under way after %g s at close, not waited for "
+                    "(the disk may be failing)",
+                    self._what,
+                    _JOIN_S,
+                )
 
     def _run(self) -> None:
         try:

@@ -974,6 +974,9 @@ def test_ha_killed_while_it_makes_the_shared_tables_at_first_start(
 @pytest.mark.parametrize(
     ("target", "nth"),
     [
+        # Control socket and metrics open (the HA answers "starting"), the
+        # store not yet opened: the next start takes over the socket file.
+        ("mipsec.core.roles.ha:HaService.start", "1"),
         ("mipsec.core.ha_core:HaCore.install_sa", "1"),  # loading: reads only so far
         ("mipsec.core.bindings:BindingCache._write", "1"),  # the start's flush, nothing written
         ("mipsec.core.bindings:BindingCache._write", "1+"),  # written, not committed

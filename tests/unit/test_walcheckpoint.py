@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -214,3 +215,43 @@ def test_an_unexpected_error_is_said_once_and_the_thread_goes_on(
             "(its writer checkpoints it past 8,192 pages)",
         )
     ]
+
+
+def test_a_checkpoint_stuck_at_close_is_said_and_not_waited_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint stuck in I/O (a failing disk) when the owner closes: the
+    close waits its bound, says so in one WARNING naming the file, and
+    closes the owner's connection; the thread ends once the I/O returns,
+    and every committed SA is in the file."""
+    from mipsec.core import walcheckpoint
+
+    monkeypatch.setattr(walcheckpoint, "_JOIN_S", 0.2)
+    entered, release = threading.Event(), threading.Event()
+    real = WalCheckpointer.checkpoint
+
+    def stuck(self: WalCheckpointer, conn: sqlite3.Connection) -> None:
+        entered.set()
+        assert release.wait(30)
+        real(self, conn)
+
+    monkeypatch.setattr(WalCheckpointer, "checkpoint", stuck)
+    path = tmp_path / "sa.db"
+    store = SQLiteSAStore(path, checkpoint_interval=0.01)
+    cp = store.checkpointer
+    assert cp is not None
+    store.add(issued(7, end=T0 + timedelta(hours=2)), T0)
+    assert entered.wait(10)
+    with caplog.at_level(logging.WARNING):
+        store.close()
+    assert cp.running  # not waited for
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "still under way" in warnings[0], warnings
+    assert str(path) in warnings[0]
+    release.set()
+    _wait(lambda: not cp.running)
+    again = SQLiteSAStore(path)
+    try:
+        assert again.get(7, T0) is not None
+    finally:
+        again.close()
