@@ -23,6 +23,7 @@ from mipsec.core.model import IssuedSA
 from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
 from mipsec.core.roles.ha import HaService
 from mipsec.core.roles.hac_ops import sa_row
+from mipsec.core.roles.provserver import ACCESS_LEAVES
 from mipsec.core.version import version
 
 log = logging.getLogger("mipsec.ha")
@@ -30,6 +31,9 @@ log = logging.getLogger("mipsec.ha")
 LIVE_KEYS = frozenset({"log_level", "log_format", "log_levels", "ha"})
 # Under [ha], only these apply live; every other [ha] key needs a restart.
 LIVE_HA_KEYS = frozenset({"max_binding_lifetime"})
+# Under [provisioning], who may connect (ACCESS_LEAVES): adding a HAC, or
+# cutting one off, needs no restart of the HA (and its data plane).
+LIVE_LEAVES = ACCESS_LEAVES
 
 
 def _iso(epoch: float) -> str:
@@ -130,7 +134,7 @@ class HaOps:
         new = load_config(file, "ha")
         assert isinstance(new, HAConfig)
         preflight(new, file)
-        changed, restart = restart_keys(svc.cfg, new, LIVE_KEYS)
+        changed, restart = restart_keys(svc.cfg, new, LIVE_KEYS, LIVE_LEAVES)
         restart += [
             f"ha.{k}"
             for k in sorted(type(svc.cfg.ha).model_fields)
@@ -142,8 +146,12 @@ class HaOps:
         renew = prov.renewal(file, "provisioning.") if prov is not None else None
         if renew is not None:
             changed = sorted({*changed, "provisioning.cert"})
+        access = prov is not None and bool(LIVE_LEAVES & set(changed))
         svc.cfg = new
         svc.core.max_binding_lifetime = float(new.ha.max_binding_lifetime)
+        if access:
+            assert new.provisioning is not None
+            prov.apply_access(new.provisioning)
         if renew is not None and new.provisioning is not None:
             renew()
             log.info(

@@ -38,6 +38,7 @@ from mipsec.core.reload import (
     stale,
 )
 from mipsec.core.roles.hac import HacService, hac_policy
+from mipsec.core.roles.provserver import ACCESS_LEAVES
 from mipsec.core.servercert import ServerCert
 from mipsec.core.suites import Suite
 from mipsec.core.version import version
@@ -62,8 +63,9 @@ LIVE_KEYS = frozenset(
     }
 )
 # Keys inside [hac] a reload applies: the MHAuth certificate and its key
-# (a renewal), paths and contents alike.
-LIVE_LEAVES = frozenset({"hac.cert", "hac.key"})
+# (a renewal), paths and contents alike; and who may connect to the pull
+# listener ([provisioning], ACCESS_LEAVES).
+LIVE_LEAVES = frozenset({"hac.cert", "hac.key"}) | ACCESS_LEAVES
 TRACKER = "mipsec-control-tracker"
 
 
@@ -488,7 +490,7 @@ class HacOps:
             # again as if its options had changed.
             changed = sorted([*changed, "methods"])
         cert: ServerCert | None = None
-        if LIVE_LEAVES & set(changed) or svc.bindings.current.files.changed():
+        if {"hac.cert", "hac.key"} & set(changed) or svc.bindings.current.files.changed():
             # A renewed MHAuth certificate (new paths, or new contents under
             # the same ones): loaded now, served once everything else built.
             cert = _load_cert(new, file)
@@ -558,6 +560,8 @@ class HacOps:
                 new.hac.cert,
                 cert.not_after.isoformat(),
             )
+        if prov is not None and new.provisioning is not None and ACCESS_LEAVES & set(changed):
+            prov.apply_access(new.provisioning)
         if renew_listener is not None and new.provisioning is not None:
             renew_listener()
             log.info(

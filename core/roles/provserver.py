@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import ssl
@@ -65,6 +66,7 @@ from mipsec.core.roles.tlsserver import (
     Limits,
     TlsConnection,
     TlsListener,
+    peer_allowed,
 )
 from mipsec.core.tls import (
     check_hac_certificate,
@@ -112,6 +114,7 @@ OnPull = Callable[[int, str], Awaitable[IssuedSA | None]]
 StrPath = str | os.PathLike[str]
 
 __all__ = [
+    "ACCESS_LEAVES",
     "MAX_CONNECTIONS",
     "PIPELINE",
     "ProvisioningClient",
@@ -169,6 +172,10 @@ def check_client_names(peer_cert_der: bytes, names: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------- server
+
+# The listener's keys a role's reload applies (``apply_access``), to new
+# connections and to the open ones: who may connect.
+ACCESS_LEAVES = frozenset({"provisioning.client_names", "provisioning.allowed_clients"})
 
 
 class ProvisioningServer:
@@ -263,6 +270,46 @@ class ProvisioningServer:
 
         return commit
 
+    def apply_access(self, cfg: ProvisioningListener) -> int:
+        """A reload's new ``client_names`` and ``allowed_clients`` (the rest
+        of ``cfg`` as before): new connections meet them from now on, and
+        every open one they no longer admit is closed -- removing a HAC's
+        name or address cuts it off, not only its next connection.  One
+        whose operation is under way gets its answer first (an install the
+        HA has done is confirmed to the HAC that asked), then is closed.
+        The number of connections closed."""
+        self.cfg = cfg
+        self.listener.limits = dataclasses.replace(
+            self.listener.limits, allowed_peers=cfg.allowed_clients
+        )
+        cut = 0
+        for session in list(self._sessions):
+            why = self._refusal(session.peername, session.peer_der)
+            if why is not None:
+                session.revoke(why)
+                cut += 1
+        allowed = cfg.allowed_clients
+        log.info(
+            "provisioning listener: client_names %s, allowed_clients %s from now on "
+            "(%d open connection(s) no longer admitted, closed)",
+            list(cfg.client_names),
+            "any" if allowed is None else [str(n) for n in allowed],
+            cut,
+        )
+        return cut
+
+    def _refusal(self, peername: Any, der: bytes) -> str | None:
+        """Why ``cfg`` no longer admits a client (None: it does)."""
+        cfg = self.cfg
+        if cfg.allowed_clients is not None and not peer_allowed(peername, cfg.allowed_clients):
+            return "its address is not in allowed_clients"
+        if cfg.client_names:  # required by the model: at least one
+            try:
+                check_client_names(der, cfg.client_names)
+            except CertificateError as exc:
+                return str(exc)
+        return None
+
     async def start(self) -> list[tuple[str, int]]:
         for host in self.cfg.listen:
             try:
@@ -289,12 +336,12 @@ class ProvisioningServer:
         if not der:  # CERT_REQUIRED makes this unreachable; never rely on it
             log.warning("provisioning peer=%s refused: no client certificate", peer)
             return None
-        if self.cfg.client_names:
-            try:
-                check_client_names(der, self.cfg.client_names)
-            except CertificateError as exc:
-                log.warning("provisioning peer=%s refused: %s", peer, exc)
-                return None
+        # Both checked here too: a reload may have changed them while this
+        # connection was in its handshake (accepted under the old list).
+        why = self._refusal(conn.peername, der)
+        if why is not None:
+            log.warning("provisioning peer=%s refused: %s", peer, why)
+            return None
         return _ProvSession(self, conn, der)
 
     @staticmethod
@@ -466,7 +513,26 @@ class _ProvSession:
         self._ids = IdentifierSequence()
         self._queue: deque[Container] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._revoked = False  # a reload no longer admits this client: closing
         server._sessions.add(self)
+
+    @property
+    def peername(self) -> Any:
+        return self._conn.peername
+
+    @property
+    def peer_der(self) -> bytes:
+        return self._der
+
+    def revoke(self, why: str) -> None:
+        """Closed for a reload's new access lists: now, or once the
+        operation under way has been answered (the requests queued behind
+        it stay unanswered: the client's own deadline fails them)."""
+        log.warning("provisioning peer=%s closed by the reload: %s", self._peer, why)
+        self._revoked = True
+        self._queue.clear()
+        if self._task is None:
+            self._conn.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -478,6 +544,8 @@ class _ProvSession:
                 encode_container(exc.identifier, _malformed()) if exc.identifier else b""
             )
             return
+        if self._revoked:
+            return  # closing: the answer under way is the last
         self._queue.extend(containers)
         if self._task is None:
             self._next()
@@ -548,6 +616,9 @@ class _ProvSession:
         finally:
             self._task = None
         if self._conn.closing:
+            return
+        if self._revoked:
+            self._conn.close(encode_container(identifier, content))
             return
         self._conn.write(encode_container(identifier, content))
         self._next()

@@ -494,6 +494,51 @@ def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
     assert ha.poll() is None
 
 
+def test_ha_reload_changes_who_may_provision_without_a_restart(lab: Lab, roles: Roles) -> None:
+    """``[provisioning] client_names`` and ``allowed_clients`` apply at a
+    reload of the HA: the HAC's open provisioning connection is closed the
+    moment its name (or address) is taken off, its next connection is
+    refused, so an MN gets no SA through it (fail closed: 504, nothing
+    new held by the HA); put back, the HAC provisions again.  The HA never
+    restarts."""
+    ha = roles.start("ha")
+    roles.start("hac")
+    cfg = Path(ha_cfg(lab))
+    first = mn_once(lab)
+    assert first["status"] == 200  # the HAC's provisioning connection is open now
+    for old, new, why in (
+        (
+            'client_names = ["hac.mipsec.test"]',
+            'client_names = ["other-hac.mipsec.test"]',
+            "client certificate: no dNSName in ['other-hac.mipsec.test']",
+        ),
+        (
+            'allowed_clients = ["127.0.0.1"]',
+            'allowed_clients = ["192.0.2.0/24"]',
+            "its address is not in allowed_clients",
+        ),
+    ):
+        held = ctl_json("sas", "--config", ha_cfg(lab))["sas"]
+        assert len(held) == 1  # the MN's last SA
+        edit_toml(cfg, old, new)
+        out = ctl("reload", "--config", ha_cfg(lab))
+        assert out.returncode == 0, out.stderr
+        key = new.split(" = ")[0]
+        assert out.stdout.strip().endswith(f": provisioning.{key}"), out.stdout
+        # The HAC cannot provision: its MN gets no SA, and the HA holds none new.
+        assert mn_once(lab)["status"] == 504
+        log = roles.wait_log("ha", f"closed by the reload: {why}")
+        assert "(1 open connection(s) no longer admitted, closed)" in log
+        assert ctl_json("sas", "--config", ha_cfg(lab))["sas"] == held
+        edit_toml(cfg, new, old)
+        out = ctl("reload", "--config", ha_cfg(lab))
+        assert out.returncode == 0 and f"provisioning.{key}" in out.stdout, out.stderr
+        assert mn_once(lab)["status"] == 200
+    assert ha.poll() is None
+    assert "Traceback" not in roles.log("ha")
+    assert roles.log("ha").count("ha ready") == 1  # one start: never restarted
+
+
 def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False, **kw: Any) -> int:
     """Write a new certificate and key for ``name`` (``pki/NAME.pem``,
     ``pki/NAME.key``, the renewal an operator's tooling does in place),

@@ -997,6 +997,56 @@ def test_hac_pull_listener_closes_a_client_outside_allowed_clients_before_tls(
     assert pulled == issued
 
 
+def test_hac_reload_changes_who_may_pull(
+    tmp_path: Path, pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HAC's pull listener takes a reload's ``client_names`` (as the
+    HA's provisioning listener does): the HA's name taken off, its pull is
+    refused and its open connection closed; put back, it pulls again.  Only
+    that key changes: nothing needs a restart."""
+    from mipsec.core.roles import hac_ops
+    from mipsec.core.roles.hac_ops import HacOps
+
+    rec = Recorder()
+    pull_port = free_port()
+
+    async def body(port: int) -> tuple[IssuedSA, list[Any], list[list[str]]]:
+        cfg = hac_config(tmp_path, pki, port, pull_port=pull_port)
+        hac = HacService(cfg)
+        await hac.start()
+        ops = HacOps(hac, str(tmp_path / "hac.toml"))
+        assert cfg.provisioning is not None
+        shut = cfg.model_copy(
+            update={
+                "provisioning": cfg.provisioning.model_copy(
+                    update={"client_names": ("other-ha.mipsec.test",)}
+                )
+            }
+        )
+        applied: list[list[str]] = []
+        outcomes: list[Any] = []
+        try:
+            issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            spi, pcfg = issued.sa.spi, pull_cfg(pki, pull_port)
+            outcomes.append(await pull_sa(pcfg, spi, "ha1"))
+            for new in (shut, cfg):
+                monkeypatch.setattr(hac_ops, "load_config", lambda *_: new)
+                applied.append(ops._apply())
+                try:
+                    outcomes.append(await pull_sa(pcfg, spi, "ha1"))
+                except ProvisioningFailed as exc:
+                    outcomes.append(str(exc))
+        finally:
+            await hac.stop()
+        return issued, outcomes, applied
+
+    issued, outcomes, applied = run(serving(ha_listener(pki), rec, body))
+    assert applied == [["provisioning.client_names"]] * 2
+    assert outcomes[0] == issued and outcomes[2] == issued
+    # Refused while the name was off: the HAC closes the connection at once.
+    assert isinstance(outcomes[1], str) and "closed by the peer" in outcomes[1], outcomes
+
+
 @pytest.mark.parametrize("ha", ["down", "refuses"])
 def test_hac_gets_504_and_keeps_nothing_when_the_ha_does_not_confirm(
     tmp_path: Path, pki: PkiPaths, ha: str
@@ -1701,3 +1751,65 @@ def test_listener_and_transport_go_stale_on_renewal_and_a_bad_pair_is_named(
         server.renewal("ha.toml", "provisioning.")
     assert err.value.key == "provisioning.client_ca" and "cannot read" in str(err.value)
     assert transport.stale()  # its ca is gone too
+
+
+def test_access_taken_away_by_a_reload_closes_open_connections(
+    pki: PkiPaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``apply_access`` (the HA's reload of ``client_names`` and
+    ``allowed_clients``): an idle connection of a client no longer admitted
+    is closed at once; one whose operation is under way gets that answer,
+    then is closed, and what it queued behind it is never worked on; a new
+    connection is refused.  Other clients stay served."""
+    rec = SyncRecorder()
+    release, started = asyncio.Event(), asyncio.Event()
+
+    async def slow_withdraw(spi: int) -> None:
+        started.set()
+        await release.wait()
+        rec.withdrawn.append(spi)
+
+    async def scenario() -> list[Any]:
+        server = ProvisioningServer(
+            ha_listener(pki), on_install=rec.install, on_withdraw=slow_withdraw
+        )
+        (_, port), *_ = await server.start()
+        ctx = client_context(pki.ca_cert, pki.hac_client_cert, pki.hac_client_key)
+        try:
+            idle_r, idle_w = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="ha.mipsec.test"
+            )
+            idle_w.write(encode_container(1, encode_install(make_issued(spi=41))))
+            got = ContainerDecoder().feed(await asyncio.wait_for(idle_r.read(65536), 10))
+            assert [decode_response(c.content).status for c in got] == [200]
+            busy_r, busy_w = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="ha.mipsec.test"
+            )
+            busy_w.write(
+                encode_container(1, encode_withdraw(41))
+                + encode_container(2, encode_install(make_issued(spi=43)))
+            )
+            await asyncio.wait_for(started.wait(), 10)
+            cfg = ha_listener(pki).model_copy(update={"client_names": ("other.mipsec.test",)})
+            assert server.apply_access(cfg) == 2
+            assert await asyncio.wait_for(idle_r.read(), 10) == b""  # closed at once
+            release.set()
+            answered = await asyncio.wait_for(busy_r.read(), 10)  # the answer, then EOF
+            with pytest.raises((ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)):
+                r, _ = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=ctx, server_hostname="ha.mipsec.test"
+                )
+                await asyncio.wait_for(r.readexactly(1), 10)
+            for w in (idle_w, busy_w):
+                w.close()
+            return ContainerDecoder().feed(answered)
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.INFO, logger="mipsec.provisioning"):
+        answered = run(scenario())
+    assert [(c.identifier, decode_response(c.content).status) for c in answered] == [(1, 200)]
+    assert rec.withdrawn == [41]
+    assert [i.sa.spi for i, _ in rec.installed] == [41]  # 43, queued behind: never worked on
+    assert caplog.text.count("closed by the reload: client certificate: no dNSName") == 2
+    assert "refused: client certificate: no dNSName" in caplog.text
