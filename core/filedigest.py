@@ -30,6 +30,7 @@ __all__ = [
     "UnreadableFileError",
     "open_regular",
     "read_regular",
+    "regular_path",
 ]
 
 StrPath = str | os.PathLike[str]
@@ -52,6 +53,16 @@ def open_regular(path: StrPath) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def regular_path(path: StrPath) -> str:
+    """``path`` as a string, for a library that opens it itself (OpenSSL's
+    ``load_cert_chain``, ``load_verify_locations``); ``OSError`` as
+    :func:`open_regular` when it is not a regular file.  Checked by ``stat``,
+    which never waits: what opens it next would wait on a FIFO."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return os.fspath(path)
 
 
 def read_regular(path: StrPath, limit: int = MAX_FILE) -> bytes:

@@ -33,7 +33,7 @@ from mipsec.core.channel_binding import (
     tls_server_end_point_of,
 )
 from mipsec.core.errors import CertificateError, LocalProtocolError
-from mipsec.core.filedigest import read_regular
+from mipsec.core.filedigest import read_regular, regular_path
 
 __all__ = [
     "TLS12_CIPHERS",
@@ -176,7 +176,7 @@ def hac_server_context(
     _apply_policy(ctx, strict_rfc6618)
     ctx.num_tickets = 0
     try:
-        ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
+        ctx.load_cert_chain(regular_path(cert_file), regular_path(key_file))
     except (ssl.SSLError, OSError) as exc:
         raise CertificateError(f"{os.fspath(cert_file)}: OpenSSL refused the chain ({exc})")
 
@@ -184,7 +184,7 @@ def hac_server_context(
         raise LocalProtocolError("require_client_cert needs client_ca_file")
     if client_ca_file is not None:
         try:
-            ctx.load_verify_locations(cafile=os.fspath(client_ca_file))
+            ctx.load_verify_locations(cafile=regular_path(client_ca_file))
         except (ssl.SSLError, OSError) as exc:
             raise CertificateError(f"{os.fspath(client_ca_file)}: cannot load CA ({exc})")
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
@@ -217,14 +217,14 @@ def mn_client_context(
     ctx.check_hostname = True
     ctx.hostname_checks_common_name = False
     try:
-        ctx.load_verify_locations(cafile=os.fspath(ca_file))
+        ctx.load_verify_locations(cafile=regular_path(ca_file))
     except (ssl.SSLError, OSError) as exc:
         raise CertificateError(f"{os.fspath(ca_file)}: cannot load CA ({exc})")
     if (client_cert is None) != (client_key is None):
         raise LocalProtocolError("client_cert and client_key go together")
     if client_cert is not None and client_key is not None:
         try:
-            ctx.load_cert_chain(os.fspath(client_cert), os.fspath(client_key))
+            ctx.load_cert_chain(regular_path(client_cert), regular_path(client_key))
         except (ssl.SSLError, OSError) as exc:
             raise CertificateError(f"{os.fspath(client_cert)}: cannot load ({exc})")
     return ctx

@@ -67,6 +67,7 @@ from mipsec.core.eap.method import (
 )
 from mipsec.core.eap.tls_identity import EapTlsIdentityPolicy
 from mipsec.core.errors import CertificateError, LocalProtocolError
+from mipsec.core.filedigest import regular_path
 from mipsec.core.tls import TLS12_CIPHERS, check_server_name
 from mipsec.core.wire.eap import EAP_HEADER_LEN, EapPacket, EapType
 from mipsec.core.wire.eaptls import (
@@ -312,7 +313,9 @@ def make_context(
     except (SSL.Error, TypeError) as exc:
         raise CertificateError(f"OpenSSL refused the certificate or key ({exc.__class__.__name__})")
     try:
-        ctx.load_verify_locations(os.fspath(ca_file))
+        ctx.load_verify_locations(regular_path(ca_file))  # a FIFO: refused, not waited on
+    except OSError as exc:
+        raise CertificateError(f"{os.fspath(ca_file)}: cannot read ({exc.strerror})") from None
     except SSL.Error as exc:
         raise CertificateError(
             f"{os.fspath(ca_file)}: OpenSSL refused the CA ({tls_error_text(exc)})"

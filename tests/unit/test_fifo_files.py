@@ -179,3 +179,51 @@ def test_usim_sqn_state_file(tmp_path: Path) -> None:
     fifo = fifo_at(tmp_path / "sqn.json")
     exc = refused_at_once(lambda: SqnStore(fifo, 0, SqnPolicy()), fifo)
     assert exc is not None and "not a regular file" in str(exc), exc
+
+
+# -------------------------------------------- paths OpenSSL opens itself
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from mipsec.core.pki import init_pki
+
+    return init_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_client_context_ca_and_certificate(tmp_path: Path, pki: Any) -> None:
+    """What the MN reads at every bootstrap (``[hac] ca``), and the HA at
+    every pull (``[pull]`` ``ca``, ``cert``, ``key``): on the event loop."""
+    fifo = fifo_at(tmp_path / "ca.pem")
+    exc = refused_at_once(lambda: tls.mn_client_context(fifo), fifo)
+    assert isinstance(exc, tls.CertificateError) and "not a regular file" in str(exc), exc
+    cert = fifo_at(tmp_path / "client.pem")
+    exc = refused_at_once(
+        lambda: tls.mn_client_context(pki.ca_cert, client_cert=cert, client_key=pki.hac_client_key),
+        cert,
+    )
+    assert isinstance(exc, tls.CertificateError) and "not a regular file" in str(exc), exc
+
+
+def test_server_context_client_ca(tmp_path: Path, pki: Any) -> None:
+    fifo = fifo_at(tmp_path / "client-ca.pem")
+    exc = refused_at_once(
+        lambda: tls.hac_server_context(pki.hac_cert, pki.hac_key, client_ca_file=fifo), fifo
+    )
+    assert isinstance(exc, tls.CertificateError) and "not a regular file" in str(exc), exc
+
+
+def test_eap_tls_context_ca(tmp_path: Path, pki: Any) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from mipsec.core.eap.eaptls import make_context
+
+    fifo = fifo_at(tmp_path / "ca.pem")
+    chain = x509.load_pem_x509_certificates(pki.hac_cert.read_bytes())
+    key = serialization.load_pem_private_key(pki.hac_key.read_bytes(), None)
+    exc = refused_at_once(
+        lambda: make_context(server=True, chain=chain, key=key, ca_file=fifo, ca_certs=chain),
+        fifo,
+    )
+    assert isinstance(exc, tls.CertificateError) and "not a regular file" in str(exc), exc
