@@ -52,6 +52,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -217,11 +218,15 @@ class RevocationList:
         """``flock`` of the lock file, shared by every process using ``path``
         (created 0600 beside it); held for a change or a re-read, never longer."""
         try:
+            # O_NONBLOCK: a FIFO put at the lock's path would make a
+            # read-only open wait for a writer, on the event loop.
             if how == fcntl.LOCK_SH:
                 # A read creates nothing (``mipsec --check`` reads the list).
-                fd = os.open(self.lock, os.O_RDONLY | os.O_NOFOLLOW)
+                fd = os.open(self.lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             else:
-                fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE)
+                fd = os.open(
+                    self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, PRIVATE_FILE
+                )
         except FileNotFoundError:
             if how == fcntl.LOCK_SH:
                 # No process ever changed the list under the lock: nothing to
@@ -240,6 +245,8 @@ class RevocationList:
                 return
             raise self._error(f"{str(self.lock)!r}: cannot open: {exc.strerror}") from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise self._error(f"{str(self.lock)!r}: not a regular file")
             fcntl.flock(fd, how)
             yield
         finally:

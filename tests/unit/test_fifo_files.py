@@ -227,3 +227,20 @@ def test_eap_tls_context_ca(tmp_path: Path, pki: Any) -> None:
         fifo,
     )
     assert isinstance(exc, tls.CertificateError) and "not a regular file" in str(exc), exc
+
+
+def test_revocation_lock_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The list's lock file (``PATH.lock``), opened at every re-read and
+    change: a FIFO there is refused, and the list read before stays."""
+    path = tmp_path / "revoked.json"
+    revoked = RevocationList(path)
+    assert revoked.add("mallory@home.example")
+    fifo = fifo_at(path.with_name(path.name + ".lock"))
+    exc = refused_at_once(lambda: revoked.add("eve@home.example"), fifo)
+    assert isinstance(exc, ConfigError) and "not a regular file" in str(exc), exc
+    os.utime(journal_path(path), ns=(1, 1))  # looks changed: the next lookup re-reads
+    answers: list[bool] = []
+    with caplog.at_level(logging.INFO, logger="mipsec.revocation"):
+        exc = refused_at_once(lambda: answers.append("mallory@home.example" in revoked), fifo)
+    assert exc is None and answers == [True]
+    assert "not a regular file" in caplog.text
