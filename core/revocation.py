@@ -336,9 +336,13 @@ class RevocationList:
             return
         line = json.dumps(change, ensure_ascii=False, sort_keys=True).encode() + b"\n"
         fd = os.open(
-            self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE
+            self.journal,
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+            PRIVATE_FILE,
         )
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO: never waited on
+                raise OSError(errno.EINVAL, "not a regular file")
             if self._lines == 0:
                 os.fchmod(fd, PRIVATE_FILE)  # independent of the process umask
             size = os.fstat(fd).st_size
