@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mipsec.core import certexpiry
-from mipsec.core.config import HAConfig, load_config
+from mipsec.core.config import HAConfig, ProvisioningListener, load_config
 from mipsec.core.control import Dispatcher, arg_str
 from mipsec.core.errors import ConfigError
 from mipsec.core.model import IssuedSA
@@ -83,6 +83,7 @@ class HaOps:
             "drops": stats.get("drops", {}),
             "provisioning": {
                 "listener": svc.cfg.provisioning is not None,
+                **_access(svc.cfg.provisioning, svc._provisioning),
                 "pull": svc.cfg.pull is not None,
                 "pulls_in_flight": stats.get("pulls_in_flight", 0),
             },
@@ -160,6 +161,19 @@ class HaOps:
             )
         set_log_level(new)
         return changed
+
+
+def _access(cfg: ProvisioningListener | None, server: Any) -> dict[str, Any]:
+    """Who may connect to the provisioning listener now (a reload may have
+    changed it), and the connections it holds whose client was admitted."""
+    if cfg is None:
+        return {}
+    allowed = cfg.allowed_clients
+    return {
+        "client_names": list(cfg.client_names),
+        "allowed_clients": None if allowed is None else [str(n) for n in allowed],
+        "sessions": server.sessions if server is not None else 0,
+    }
 
 
 def _sa_rows(installed: list[IssuedSA], mn_id: str | None) -> list[dict[str, Any]]:

@@ -270,6 +270,11 @@ class ProvisioningServer:
 
         return commit
 
+    @property
+    def sessions(self) -> int:
+        """Connections whose client certificate was accepted, open now."""
+        return len(self._sessions)
+
     def apply_access(self, cfg: ProvisioningListener) -> int:
         """A reload's new ``client_names`` and ``allowed_clients`` (the rest
         of ``cfg`` as before): new connections meet them from now on, and

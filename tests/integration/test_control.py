@@ -494,6 +494,17 @@ def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
     assert ha.poll() is None
 
 
+def _settled_sas(lab: Lab, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The HA's SAs once it holds ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held: list[dict[str, Any]] = ctl_json("sas", "--config", ha_cfg(lab))["sas"]
+        if len(held) == count or time.monotonic() > deadline:
+            assert len(held) == count, held
+            return held
+        time.sleep(0.05)
+
+
 def test_ha_reload_changes_who_may_provision_without_a_restart(lab: Lab, roles: Roles) -> None:
     """``[provisioning] client_names`` and ``allowed_clients`` apply at a
     reload of the HA: the HAC's open provisioning connection is closed the
@@ -518,8 +529,11 @@ def test_ha_reload_changes_who_may_provision_without_a_restart(lab: Lab, roles: 
             "its address is not in allowed_clients",
         ),
     ):
-        held = ctl_json("sas", "--config", ha_cfg(lab))["sas"]
-        assert len(held) == 1  # the MN's last SA
+        # The MN's last SA (an older one's withdrawal may still be on its way).
+        held = _settled_sas(lab, 1)
+        access = ctl_json("status", "--config", ha_cfg(lab))["provisioning"]
+        assert access["client_names"] == ["hac.mipsec.test"]
+        assert access["allowed_clients"] == ["127.0.0.1/32"] and access["sessions"] == 1
         edit_toml(cfg, old, new)
         out = ctl("reload", "--config", ha_cfg(lab))
         assert out.returncode == 0, out.stderr
@@ -529,6 +543,9 @@ def test_ha_reload_changes_who_may_provision_without_a_restart(lab: Lab, roles: 
         assert mn_once(lab)["status"] == 504
         log = roles.wait_log("ha", f"closed by the reload: {why}")
         assert "(1 open connection(s) no longer admitted, closed)" in log
+        access = ctl_json("status", "--config", ha_cfg(lab))["provisioning"]
+        assert access["sessions"] == 0
+        assert new.split(" = ")[1].strip('[]"') in str(access[key]), access
         assert ctl_json("sas", "--config", ha_cfg(lab))["sas"] == held
         edit_toml(cfg, new, old)
         out = ctl("reload", "--config", ha_cfg(lab))
@@ -537,6 +554,9 @@ def test_ha_reload_changes_who_may_provision_without_a_restart(lab: Lab, roles: 
     assert ha.poll() is None
     assert "Traceback" not in roles.log("ha")
     assert roles.log("ha").count("ha ready") == 1  # one start: never restarted
+    # The HAC first: it sends what it still owes the HA (the withdrawals of
+    # the SAs its refused installs left) before it stops.
+    assert roles.stop("hac") == 0 and roles.stop("ha") == 0
 
 
 def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False, **kw: Any) -> int:
