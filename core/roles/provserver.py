@@ -532,7 +532,8 @@ class _ProvSession:
     def revoke(self, why: str) -> None:
         """Closed for a reload's new access lists: now, or once the
         operation under way has been answered (the requests queued behind
-        it stay unanswered: the client's own deadline fails them)."""
+        it are not worked on: the client sees the connection close under
+        them, as after any failure, and its MNs get their 504)."""
         log.warning("provisioning peer=%s closed by the reload: %s", self._peer, why)
         self._revoked = True
         self._queue.clear()
