@@ -216,8 +216,14 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    # A SIGHUP during the start (a long one: 100,000 SAs) must neither end
+    # the process nor reload a service half built -- a provisioning listener
+    # being opened would miss new client_names while the configuration said
+    # them applied: remembered, and served as a reload once the HA runs (as
+    # the HAC does).
+    early_hup: list[bool] = []
     with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
+        loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
     # Control socket and metrics listener first: either may fail the start
     # (a port in use), and a start that fails must not have taken a HAC's
     # install or an MN's BU.  Until the HA has started, the control socket
@@ -247,6 +253,10 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
         if control is not None:
             await control.stop()
         raise
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
+    if early_hup:
+        ops.reloader.on_signal()
     _ready("ha", config_file)
     await stop.wait()
     # Nothing to drain on the HA: each BU is answered only after its state

@@ -18,6 +18,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -557,6 +558,56 @@ def test_ha_reload_changes_who_may_provision_without_a_restart(lab: Lab, roles: 
     # The HAC first: it sends what it still owes the HA (the withdrawals of
     # the SAs its refused installs left) before it stops.
     assert roles.stop("hac") == 0 and roles.stop("ha") == 0
+
+
+# The HA with its provisioning listener slow to open (1.5 s before it binds,
+# after it was built from the configuration): a window for a SIGHUP.
+_SLOW_LISTENER = """
+import asyncio, sys
+from mipsec.core.roles import provserver
+real = provserver.ProvisioningServer.start
+async def slow(self):
+    print("listener: opening slowly", flush=True)
+    await asyncio.sleep(1.5)
+    return await real(self)
+provserver.ProvisioningServer.start = slow
+from mipsec.core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ha_sighup_during_its_start_is_a_reload_after_it(lab: Lab, roles: Roles) -> None:
+    """A SIGHUP while the HA starts neither ends it nor reloads a service
+    half built: remembered, and served as a reload once the HA runs.  Here
+    the HAC's name is taken off ``client_names`` and the SIGHUP lands while
+    the provisioning listener, built from the old file, is being opened.
+    Reloaded then, the change said "applied" while that listener kept
+    admitting the HAC (its MN got a 200); now the reload comes after the
+    start and the HAC is refused (504)."""
+    out = (lab.dir / "ha.log").open("ab")
+    ha = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_LISTENER, "--role", "ha", "--config", ha_cfg(lab)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    out.close()
+    roles.procs["ha"] = ha  # stopped by the fixture
+    roles.wait_log("ha", "listener: opening slowly")
+    edit_toml(Path(ha_cfg(lab)), 'client_names = ["hac.mipsec.test"]', 'client_names = ["x.test"]')
+    ha.send_signal(signal.SIGHUP)
+    roles.wait_log("ha", "ha ready")
+    log = roles.wait_log("ha", "applied: changed provisioning.client_names")
+    assert ha.poll() is None
+    roles.start("hac")
+    assert mn_once(lab)["status"] == 504  # the listener serving now has the new list
+    assert ctl_json("sas", "--config", ha_cfg(lab))["sas"] == []
+    # The reload ran after the start, on the listener the HA serves with.
+    assert log.index("ha ready") < log.index("ha reload of")
+    assert "requested (SIGHUP)" in log
+    edit_toml(Path(ha_cfg(lab)), 'client_names = ["x.test"]', 'client_names = ["hac.mipsec.test"]')
+    assert ctl("reload", "--config", ha_cfg(lab)).returncode == 0
+    assert mn_once(lab)["status"] == 200
+    assert roles.stop("hac") == 0
 
 
 def _renew(lab: Lab, name: str, dns: str, *, other_ca: bool = False, **kw: Any) -> int:
