@@ -308,6 +308,19 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
 
+    def no_reload() -> None:
+        # The MN has no reload; without a handler SIGHUP's default action
+        # ended it (and its data plane) -- a `kill -HUP` sent to every
+        # mipsec process must not.
+        log.info(
+            "mn: SIGHUP ignored: the MN has no reload (its CA, PSK and EAP files are "
+            "read again at each bootstrap; a changed %s needs a restart)",
+            config_file,
+        )
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, no_reload)
+
     def report(result: BootstrapResult, reg: RegistrationOutcome | None) -> None:
         data = result_json(result, show_keys=keys)
         if reg is not None:

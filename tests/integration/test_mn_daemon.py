@@ -14,17 +14,22 @@ from typing import Any
 from conftest import LAUNCHER, Lab, edit_toml
 
 
-def test_rebootstrap_and_deregistration(lab: Lab, start_hac: Any) -> None:
-    edit_toml(Path(lab.info["hac"]["config"]), "sa_lifetime = 3600", "sa_lifetime = 10")
-    edit_toml(Path(lab.info["mn"]["config"]), "lifetime = 600", "lifetime = 8")
-    start_hac(lab)
-    mn = subprocess.Popen(
+def _daemon(lab: Lab) -> subprocess.Popen[str]:
+    """The lab's MN, long-running (no ``--once``), its results as JSON lines."""
+    return subprocess.Popen(
         [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ),
     )
+
+
+def test_rebootstrap_and_deregistration(lab: Lab, start_hac: Any) -> None:
+    edit_toml(Path(lab.info["hac"]["config"]), "sa_lifetime = 3600", "sa_lifetime = 10")
+    edit_toml(Path(lab.info["mn"]["config"]), "lifetime = 600", "lifetime = 8")
+    start_hac(lab)
+    mn = _daemon(lab)
     try:
         time.sleep(12)  # one re-bootstrap at 80 % of the 10 s SA
     finally:
@@ -35,4 +40,26 @@ def test_rebootstrap_and_deregistration(lab: Lab, start_hac: Any) -> None:
     assert len(results) >= 2, (out, err)
     assert all(r["status"] == 200 and r["ba"]["status"] == 0 for r in results), results
     assert len({r["sa"]["spi"] for r in results}) == len(results)  # a fresh SA each time
+    assert "deregistered" in err
+
+
+def test_sighup_neither_ends_the_mn_nor_its_registration(lab: Lab, start_hac: Any) -> None:
+    """The MN has no reload.  Without a handler a SIGHUP (``kill -HUP`` of
+    every mipsec process, a unit's reload) ended it by the default action,
+    registration and data plane with it.  Now one INFO line, and it runs on
+    until SIGTERM, which de-registers as always."""
+    start_hac(lab)
+    mn = _daemon(lab)
+    try:
+        assert mn.stdout is not None
+        first = json.loads(mn.stdout.readline())  # registered
+        assert first["status"] == 200 and first["ba"]["status"] == 0, first
+        mn.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert mn.poll() is None
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        out, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
+    assert "SIGHUP ignored: the MN has no reload" in err
     assert "deregistered" in err
