@@ -546,7 +546,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    # The demo's HA and HAC (and, with --data, its namespaces) are removed
+    # by its ``finally``: a SIGTERM or SIGHUP (``timeout 60 mipsec demo``, a
+    # closed terminal) must run it too, not end the demo by the default
+    # action and leave both daemons running on their ports.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     if getattr(args, "data", False):
         from mipsec.core.demo_data import run_data_demo
 

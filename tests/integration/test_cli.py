@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -335,3 +336,43 @@ def test_a_store_error_out_of_a_role_is_one_line(
     assert cli.main(["--role", "ha", "--config", "ha.toml"]) == 1
     err = capsys.readouterr().err
     assert err == "mipsec: OperationalError: database or disk is full\n"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_demo_ended_by_a_signal_leaves_no_role_running(sig: str) -> None:
+    """``timeout 60 mipsec demo``, a closed terminal: the demo's HA and HAC
+    stop with it and its lab directory goes.  Before, the signal's default
+    action ended the demo alone and both daemons ran on, on their ports."""
+    from conftest import LAUNCHER
+
+    demo = subprocess.Popen(
+        [*LAUNCHER, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pids: list[int] = []
+    lab_dir = ""
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if m := re.search(r"lab created in (\S+):", line):
+                lab_dir = m.group(1)
+            if m := re.search(r"(HA|HAC) starting \(pid (\d+)\)", line):
+                pids.append(int(m.group(2)))
+            if line.startswith("[") and "HAC starting" in line:
+                break
+        assert len(pids) == 2 and lab_dir, pids
+        demo.send_signal(getattr(signal, sig))
+        code = demo.wait(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+            time.sleep(0.05)
+        for p in alive:  # left by the demo: the test fails, after cleaning up
+            os.kill(p, signal.SIGKILL)
+    assert alive == [], f"still running after the demo ended: {alive}"
+    assert code == 128 + getattr(signal, sig)
+    assert not Path(lab_dir).exists()
