@@ -184,11 +184,22 @@ def hac_server_context(
         raise LocalProtocolError("require_client_cert needs client_ca_file")
     if client_ca_file is not None:
         try:
-            ctx.load_verify_locations(cafile=regular_path(client_ca_file))
+            ctx.load_verify_locations(cadata=_ca_text(client_ca_file))
         except (ssl.SSLError, OSError) as exc:
             raise CertificateError(f"{os.fspath(client_ca_file)}: cannot load CA ({exc})")
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
+
+
+def _ca_text(ca_file: StrPath) -> str:
+    """A PEM CA bundle's text, read here (``read_regular``: a FIFO is refused,
+    not waited on) and handed to OpenSSL from memory, so nothing swapped in
+    after the check is opened.  ``ssl.SSLError`` for text that is not PEM."""
+    data = read_regular(ca_file)
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ssl.SSLError("not PEM text") from None
 
 
 # --- MN side ----------------------------------------------------------------
@@ -217,7 +228,7 @@ def mn_client_context(
     ctx.check_hostname = True
     ctx.hostname_checks_common_name = False
     try:
-        ctx.load_verify_locations(cafile=regular_path(ca_file))
+        ctx.load_verify_locations(cadata=_ca_text(ca_file))
     except (ssl.SSLError, OSError) as exc:
         raise CertificateError(f"{os.fspath(ca_file)}: cannot load CA ({exc})")
     if (client_cert is None) != (client_key is None):
