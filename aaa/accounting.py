@@ -282,9 +282,22 @@ class RadiusAccounting:
         return self.client.timeout * (self.client.retries + 1) * len(self.client.servers) + 1
 
     async def aclose(self) -> None:
-        """Service stop: deliver what is queued within one request's budget, then close."""
+        """Service stop: deliver what is queued within one request's budget, then close.
+
+        What is still unsent then is lost (the queue is in memory, README
+        "Not (yet) done"): said in one WARNING with the count."""
+        budget = self._budget()
         with contextlib.suppress(TimeoutError):
-            await self.flush()
+            await self.flush(budget)
+        left = len(self._queue) + len(self._tasks)
+        if left:
+            self.stats.dropped += left
+            log.warning(
+                "accounting: %d record(s) not sent at stop (no server answered within "
+                "%.0f s): lost, there is no spool on disk",
+                left,
+                budget,
+            )
         self._closed = True
         for task in (self._runner, self._interim, *self._tasks):
             if task is not None:

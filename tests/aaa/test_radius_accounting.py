@@ -176,6 +176,27 @@ def test_give_up_after(caplog: pytest.LogCaptureFixture) -> None:
     assert all(SECRET not in r.getMessage() for r in caplog.records)
 
 
+def test_records_unsent_at_stop_are_counted_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Every server silent at stop: after one request's budget the records
+    still queued are lost (no spool), and the operator reads how many."""
+
+    async def main() -> RadiusAccounting:
+        fake = await fake_server(lambda s, d, a: None, secret=SECRET.encode())
+        acct = accounting(fake.port, timeout=0.2, retries=0, give_up_after=3600)
+        for spi in (1, 2, 3):
+            issue(acct, spi)
+        await acct.aclose()
+        fake.close()
+        return acct
+
+    with caplog.at_level(logging.WARNING, logger="mipsec.aaa.accounting"):
+        acct = asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "not sent at stop" in r.getMessage()]
+    assert lines == ["accounting: 3 record(s) not sent at stop (no server answered within "
+                     "1 s): lost, there is no spool on disk"]  # fmt: skip
+    assert acct.stats.dropped == 3 and acct.stats.sent == 0
+
+
 def test_queue_limit_drops_the_oldest() -> None:
     acct = accounting(9, queue_limit=2)
     for spi in (1, 2, 3):
