@@ -24,9 +24,9 @@ import logging
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mipsec.core import ctlcli, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
@@ -36,10 +36,18 @@ from mipsec.core.version import version
 if TYPE_CHECKING:  # annotations only: a HAC or HA never imports the MN's exchange
     from mipsec.core.mn_exchange import BootstrapResult
 
+_T = TypeVar("_T")
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 MIN_REBOOTSTRAP_INTERVAL = 5.0  # seconds
+# The MN stopped (SIGTERM) during a bootstrap: how long the bootstrap may
+# still finish (then the MN registers and de-registers at once, as when
+# stopped between bootstraps) before it is cut.  Far below systemd's
+# TimeoutStopSec (20 in conf/systemd), where the exchange's own deadline
+# ([hac] exchange_timeout, 120 s) is not.
+STOP_GRACE = 5.0  # seconds
 
 
 def _setup_logging(cfg: Any) -> None:
@@ -360,7 +368,13 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 break
         last_bootstrap = _monotonic()
         factory = _renewed(factory, cfg, pm, config_file, log)
-        result = await bootstrap(cfg, config_file=config_file, factory=factory)
+        boot = await _unless_stopped(
+            bootstrap(cfg, config_file=config_file, factory=factory), stop, STOP_GRACE
+        )
+        if boot is None:
+            log.info("mn: stopped during a bootstrap, which was cut after %.0f s", STOP_GRACE)
+            return EXIT_FAILED if once else EXIT_OK
+        result = boot
         if not result.ok or result.issued is None or not cfg.registration.enabled:
             report(result, None)
             if once:
@@ -415,6 +429,27 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     if dataplane is not None:
         dataplane.close()
     return EXIT_OK
+
+
+async def _unless_stopped(
+    work: Coroutine[Any, Any, _T], stop: asyncio.Event, grace: float
+) -> _T | None:
+    """``work``'s result; once ``stop`` is set, ``grace`` seconds more at
+    most, then ``work`` is cancelled and None returned."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+        return task.result()
+    finally:
+        stopped.cancel()
 
 
 def _monotonic() -> float:

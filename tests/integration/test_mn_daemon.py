@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -63,3 +64,38 @@ def test_sighup_neither_ends_the_mn_nor_its_registration(lab: Lab, start_hac: An
     assert mn.returncode == 0, err
     assert "SIGHUP ignored: the MN has no reload" in err
     assert "deregistered" in err
+
+
+def test_sigterm_during_a_stalled_bootstrap_stops_the_mn_within_its_grace(lab: Lab) -> None:
+    """A HAC that accepts and never answers, and an MN whose waits are long
+    (``[hac] timeout = 300``): SIGTERM in the middle of the bootstrap.  The
+    MN gives the bootstrap STOP_GRACE (5 s) to finish and then cuts it, so
+    it stops well inside systemd's TimeoutStopSec (20 s).  Before, it waited
+    for the bootstrap's own deadline -- here 300 s -- and was SIGKILLed."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)  # the kernel completes the TCP handshake; nobody answers
+    cfg = Path(lab.info["mn"]["config"])
+    text = cfg.read_text()
+    port = re.search(r"(?m)^port = (\d+)$", text)
+    assert port is not None
+    text = text.replace(port.group(0), f"port = {hole.getsockname()[1]}", 1)
+    text = text.replace("timeout = 10 ", "timeout = 300 ").replace(
+        "exchange_timeout = 120", "exchange_timeout = 600"
+    )
+    cfg.write_text(text)
+    mn = _daemon(lab)
+    try:
+        conn, _ = hole.accept()  # the MN is in its handshake now
+        mn.send_signal(signal.SIGTERM)
+        out, err = mn.communicate(timeout=60)  # not 300
+    finally:
+        if mn.poll() is None:
+            mn.kill()
+            mn.communicate()
+        hole.close()
+    conn.close()
+    assert mn.returncode == 0, err
+    assert "stopped during a bootstrap, which was cut after 5 s" in err
