@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Lab, edit_toml, make_lab, mipsec
+from conftest import LAUNCHER, Lab, edit_toml, make_lab, mipsec
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -343,8 +343,6 @@ def test_demo_ended_by_a_signal_leaves_no_role_running(sig: str) -> None:
     """``timeout 60 mipsec demo``, a closed terminal: the demo's HA and HAC
     stop with it and its lab directory goes.  Before, the signal's default
     action ended the demo alone and both daemons ran on, on their ports."""
-    from conftest import LAUNCHER
-
     demo = subprocess.Popen(
         [*LAUNCHER, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
