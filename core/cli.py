@@ -160,7 +160,12 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
             metrics = await start_metrics(
                 cfg, service.metrics.registry, lambda: service._listener is not None, "hac"
             )
-        await service.serve()
+        # A SIGTERM during the start (100,000 SAs take a second or two):
+        # stop without ever serving an MN, rather than open the port to cut
+        # or drain exchanges a moment later.
+        stopped_early = stop.is_set()
+        if not stopped_early:
+            await service.serve()
     except BaseException:
         if metrics is not None:
             await metrics.stop()
@@ -170,8 +175,9 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
         if local_ha is not None:
             await local_ha.stop()
         raise
-    _ready("hac", config_file)
-    await stop.wait()
+    if not stopped_early:
+        _ready("hac", config_file)
+        await stop.wait()
     # Refuse new connections before STOPPING=1 and the "stopping" line say
     # so: a supervisor (or a test) that acts on them finds the port closed.
     service.stop_accepting()

@@ -253,6 +253,78 @@ def test_a_start_that_fails_late_served_no_one(lab: Lab, role: str) -> None:
     assert "listening" not in out.stderr
 
 
+# The HAC with its control socket slow to open (1.5 s): a window inside its
+# start, after its MN port is bound and before it serves.
+_SLOW_CONTROL = """
+import asyncio, sys
+from mipsec.core import control
+real = control.start_control
+async def slow(*args, **kwargs):
+    print("control: opening slowly", flush=True)
+    await asyncio.sleep(1.5)
+    return await real(*args, **kwargs)
+control.start_control = slow
+from mipsec.core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_during_the_hac_start_serves_no_one(lab: Lab) -> None:
+    """SIGTERM while the HAC starts (its MN port bound, its control socket
+    opening): it stops, exit 0, without ever saying "ready" or accepting a
+    connection on its MN port.  Before, it finished its start, served, said
+    ready, and only then stopped."""
+    import threading
+
+    log = lab.dir / "hac.log"
+    with log.open("ab") as f:
+        hac = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _SLOW_CONTROL,
+                "--role",
+                "hac",
+                "--config",
+                lab.info["hac"]["config"],
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    accepted: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", lab.hac_port), timeout=1):
+                    accepted.append(time.monotonic())
+            except OSError:
+                pass
+            time.sleep(0.001)
+
+    prober = threading.Thread(target=probe)
+    try:
+        deadline = time.monotonic() + 30
+        while "control: opening slowly" not in log.read_text():
+            assert hac.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        prober.start()
+        hac.send_signal(signal.SIGTERM)
+        assert hac.wait(timeout=30) == 0, log.read_text()
+    finally:
+        done.set()
+        if prober.is_alive():
+            prober.join()
+        if hac.poll() is None:
+            hac.kill()
+            hac.wait()
+    text = log.read_text()
+    assert "hac ready" not in text and "hac stopped (mipsec " in text, text
+    assert accepted == []
+    assert "Traceback" not in text
+
+
 def test_sigterm_drains_an_exchange_in_flight(lab: Lab, tmp_path: Path) -> None:
     """SIGTERM between Init and Done: the HAC stops accepting, the MN's Done
     still gets its 200, then the HAC exits 0."""
