@@ -552,6 +552,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(str(p), "(file)", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(p), "(syntax)", str(exc)) from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise ConfigError(str(p), "(syntax)", "nested too deep") from None
 
 
 def load_config(path: str | Path, role: str) -> BaseModel:

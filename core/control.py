@@ -79,7 +79,8 @@ def parse_request(line: bytes) -> Request:
         raise ControlError(f"request: longer than {MAX_REQUEST} octets")
     try:
         data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # RecursionError: arrays nested thousands deep fit in MAX_REQUEST.
         raise ControlError("request: not a JSON object") from None
     if not isinstance(data, dict):
         raise ControlError("request: not a JSON object")
@@ -106,7 +107,7 @@ def encode_response(result: Any = None, error: str | None = None) -> bytes:
 def parse_response(line: bytes) -> dict[str, Any]:
     try:
         data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise NotRunning("the control socket answered something that is not JSON") from None
     if not isinstance(data, dict) or "ok" not in data:
         raise NotRunning("the control socket answered something that is not a response")

@@ -276,7 +276,7 @@ class RevocationList:
             # JSON object keys are strings; the values are checked in C.
             if not isinstance(revoked, dict) or not set(map(type, revoked.values())) <= {str}:
                 raise ValueError
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, RecursionError):  # RecursionError: nested too deep
             raise self._error(f"{str(self.path)!r} is not a revocation list") from None
         canonical: dict[str, str] = {}
         for k, v in revoked.items():
@@ -310,7 +310,7 @@ class RevocationList:
     def _parse_line(line: bytes) -> tuple[str, str, str] | None:
         try:
             obj: Any = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(obj, dict):
             return None

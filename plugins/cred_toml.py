@@ -122,6 +122,8 @@ def load_credentials(path: Path, *, allow_short_passphrase: bool = False) -> dic
         doc = tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise ValueError(f"{path}: nested too deep") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     try:

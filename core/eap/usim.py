@@ -158,7 +158,7 @@ class SqnStore:
     def load(self) -> _State:
         try:
             raw = json.loads(read_regular(self.path).decode("utf-8"))  # a FIFO: refused
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise UsimStateError(f"cannot read {self.path}: {exc}") from None
         n = 1 << self.policy.ind_bits
         try:
