@@ -77,6 +77,7 @@ def test_sigterm_during_a_stalled_bootstrap_stops_the_mn_within_its_grace(lab: L
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(8)  # the kernel completes the TCP handshake; nobody answers
+    hole.settimeout(30)  # an MN that never connects fails the test, not the run
     cfg = Path(lab.info["mn"]["config"])
     text = cfg.read_text()
     port = re.search(r"(?m)^port = (\d+)$", text)
