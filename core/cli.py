@@ -456,6 +456,8 @@ async def _unless_stopped(
         return task.result()
     finally:
         stopped.cancel()
+        if not task.done():  # this coroutine itself cancelled: work goes too
+            task.cancel()
 
 
 def _monotonic() -> float:
