@@ -24,7 +24,7 @@ import logging
 import signal
 import sqlite3
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -105,17 +105,31 @@ def result_json(result: BootstrapResult, *, show_keys: bool = False) -> dict[str
 # ---------------------------------------------------------------- roles
 
 
+def _hold_sighup(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], None]], None]:
+    """A SIGHUP during a role's start must neither end the process (the
+    default action) nor reload a service half built: remembered until the
+    returned function installs ``reload`` as the handler, which then runs
+    once for a SIGHUP that came meanwhile."""
+    early: list[bool] = []
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, early.append, True)
+
+    def release(reload: Callable[[], None]) -> None:
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, reload)
+        if early:
+            reload()
+
+    return release
+
+
 async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     from mipsec.core.control import start_control
     from mipsec.core.roles.hac import HacService
     from mipsec.core.roles.hac_ops import HacOps
 
     loop = asyncio.get_running_loop()
-    # A SIGHUP during start must not end the process: remembered, then
-    # served as a reload once the service runs.
-    early_hup: list[bool] = []
-    with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
+    release_sighup = _hold_sighup(loop)
     # Stop handlers before the listener opens: a SIGTERM right after
     # "listening" (a supervisor that stops what it just saw start) must still
     # stop cleanly, not kill the process by the default action.
@@ -145,10 +159,7 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
 
         ha_ops = HaOps(local_ha, config_file)
     ops = HacOps(service, config_file, ha_ops)
-    with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
-    if early_hup:
-        ops.reloader.on_signal()
+    release_sighup(ops.reloader.on_signal)
     metrics = None
     control = None
     try:
@@ -230,14 +241,10 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    # A SIGHUP during the start (a long one: 100,000 SAs) must neither end
-    # the process nor reload a service half built -- a provisioning listener
-    # being opened would miss new client_names while the configuration said
-    # them applied: remembered, and served as a reload once the HA runs (as
-    # the HAC does).
-    early_hup: list[bool] = []
-    with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
+    # Held until the HA runs: a reload of a service half built -- its
+    # provisioning listener being opened -- would miss new client_names
+    # while the configuration said them applied.
+    release_sighup = _hold_sighup(loop)
     # Control socket and metrics listener first: either may fail the start
     # (a port in use), and a start that fails must not have taken a HAC's
     # install or an MN's BU.  Until the HA has started, the control socket
@@ -267,10 +274,7 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
         if control is not None:
             await control.stop()
         raise
-    with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGHUP, ops.reloader.on_signal)
-    if early_hup:
-        ops.reloader.on_signal()
+    release_sighup(ops.reloader.on_signal)
     _ready("ha", config_file)
     await stop.wait()
     # Nothing to drain on the HA: each BU is answered only after its state

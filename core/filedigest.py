@@ -28,6 +28,7 @@ __all__ = [
     "MAX_FILE",
     "FileDigests",
     "UnreadableFileError",
+    "check_regular_fd",
     "open_regular",
     "read_regular",
     "regular_path",
@@ -39,6 +40,14 @@ StrPath = str | os.PathLike[str]
 MAX_FILE = 1 << 20
 
 
+def check_regular_fd(fd: int) -> None:
+    """``OSError`` (``strerror`` "not a regular file") unless ``fd`` is a
+    regular file: for a file opened ``O_NONBLOCK`` by its own flags (a lock,
+    an append) that must not be a FIFO."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+
+
 def open_regular(path: StrPath) -> BinaryIO:
     """``path`` opened for reading; ``OSError`` (``strerror`` "not a regular
     file") for a FIFO, device, socket or directory.
@@ -47,8 +56,7 @@ def open_regular(path: StrPath) -> BinaryIO:
     writer (O_NONBLOCK changes nothing for a regular file's reads)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+        check_regular_fd(fd)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

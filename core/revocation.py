@@ -52,7 +52,6 @@ import fcntl
 import json
 import logging
 import os
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -60,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from mipsec.core.errors import ConfigError
-from mipsec.core.filedigest import open_regular, read_regular
+from mipsec.core.filedigest import check_regular_fd, open_regular, read_regular
 from mipsec.core.fsutil import PRIVATE_FILE, left_temporaries, write_file
 from mipsec.core.nai import nai_key
 
@@ -245,8 +244,10 @@ class RevocationList:
                 return
             raise self._error(f"{str(self.lock)!r}: cannot open: {exc.strerror}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise self._error(f"{str(self.lock)!r}: not a regular file")
+            try:
+                check_regular_fd(fd)
+            except OSError as exc:
+                raise self._error(f"{str(self.lock)!r}: {exc.strerror}") from None
             fcntl.flock(fd, how)
             yield
         finally:
@@ -341,8 +342,7 @@ class RevocationList:
             PRIVATE_FILE,
         )
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO: never waited on
-                raise OSError(errno.EINVAL, "not a regular file")
+            check_regular_fd(fd)  # a FIFO: never waited on
             if self._lines == 0:
                 os.fchmod(fd, PRIVATE_FILE)  # independent of the process umask
             size = os.fstat(fd).st_size
