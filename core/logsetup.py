@@ -111,6 +111,13 @@ def configure(
     stream: TextIO | None = None,
 ) -> None:
     """Install (or update) the one root handler on stderr (``stream``: tests)."""
+    # Neither formatter prints the caller's file/line, thread or process: not
+    # looking them up saves a stack walk and three lookups on every record
+    # (the logging HOWTO's "Optimization"; issue 9: one line per bootstrap).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     handler = next((h for h in root.handlers if h.get_name() == _HANDLER_NAME), None)
     if handler is None or stream is not None:

@@ -82,6 +82,28 @@ def test_json_one_object_per_line_with_event_fields(stream: io.StringIO) -> None
     assert "traceback" not in recs[1]
 
 
+def test_records_skip_the_caller_thread_and_process_lookups(stream: io.StringIO) -> None:
+    """Neither format prints them; a record made after ``configure`` does not
+    pay for them (a stack walk per line on the hot path, issue 9)."""
+    logsetup.configure("info", "text", {}, stream=stream)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen.append(record)
+            return True
+
+    log = logging.getLogger("mipsec.test.lookups")
+    log.addFilter(keep := Keep())
+    try:
+        log.info("event=sa_issued spi=%d", 7)
+    finally:
+        log.removeFilter(keep)
+    (rec,) = seen
+    assert rec.lineno == 0 and rec.thread is None and rec.process is None
+    assert stream.getvalue().endswith("INFO mipsec.test.lookups: event=sa_issued spi=7\n")
+
+
 def test_level_and_per_component_levels(stream: io.StringIO) -> None:
     logsetup.configure("warning", "text", {"mipsec.loud": "debug"}, stream=stream)
     logging.getLogger("mipsec.quiet").info("hidden")
