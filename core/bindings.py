@@ -78,7 +78,7 @@ from mipsec.core.errors import LocalProtocolError
 from mipsec.core.fsutil import create_private
 from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS, begin_now, table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
-from mipsec.core.walcheckpoint import WalCheckpointer
+from mipsec.core.walcheckpoint import WalCheckpointer, limit_wal
 
 log = logging.getLogger("mipsec.bindings")
 
@@ -409,6 +409,7 @@ class BindingCache:
             conn.execute("PRAGMA journal_mode = WAL")
             # See the module docstring: NORMAL is crash-safe, FULL power-loss-safe.
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            limit_wal(conn)
             self._load(conn)
             if self._checkpoint_interval > 0:
                 # core/walcheckpoint.py: the copy and its fsyncs off the HA's

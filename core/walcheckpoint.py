@@ -32,12 +32,27 @@ from typing import Any
 
 from mipsec.core.outage import Outage, cause
 
-__all__ = ["BACKSTOP_PAGES", "WalCheckpointer"]
+__all__ = ["BACKSTOP_PAGES", "WAL_SIZE_LIMIT", "WalCheckpointer", "limit_wal"]
 
 # The owner's own wal_autocheckpoint while a checkpointer runs: ~32 MB of
 # log (4 KiB pages).  Reached only if the thread falls behind or fails.
 BACKSTOP_PAGES = 8192
 _JOIN_S = 5.0  # close(): how long to wait for a checkpoint under way
+# What the WAL file is cut back to once a checkpoint has emptied it: ~1,000
+# pages, more than a second's commits at the busiest HAC measured.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+
+
+def limit_wal(conn: sqlite3.Connection) -> None:
+    """Let the WAL file of ``conn`` (the writer's connection) shrink again.
+
+    SQLite reuses its WAL from the start after a checkpoint and never
+    shrinks it: one burst (a mass revocation, an HA loading 100k SAs, a
+    checkpoint thread that fell behind) left the file at its high-water
+    size for good.  With ``journal_size_limit`` the first commit after the
+    log was emptied cuts the file back to :data:`WAL_SIZE_LIMIT`.
+    """
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
 
 
 class WalCheckpointer:

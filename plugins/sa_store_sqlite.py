@@ -70,7 +70,7 @@ from mipsec.core.secretfiles import check_private, check_private_sqlite
 from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS, table_exists
 from mipsec.core.sqlitetx import transaction as sqlite_transaction
 from mipsec.core.suites import Suite
-from mipsec.core.walcheckpoint import WalCheckpointer
+from mipsec.core.walcheckpoint import WalCheckpointer, limit_wal
 from mipsec.plugins._options import parse_options, resolve_path
 from mipsec.plugins._sa_keys import (
     MODE_CLEAR,
@@ -690,6 +690,7 @@ class SQLiteSAStore:
                 # on durability: add() checks it in the same transaction.
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
+                limit_wal(conn)
             self._conn = conn
             self._codec: KeyCodec = self._init_schema(clear_keys, check_only)
             if isinstance(self._codec, ClearKeys):

@@ -255,3 +255,55 @@ def test_a_checkpoint_stuck_at_close_is_said_and_not_waited_for(
         assert again.get(7, T0) is not None
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("kind", ["sa_store", "bindings"])
+def test_wal_file_shrinks_after_a_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A burst grows the WAL far past its usual size; once a checkpoint has
+    copied it, the next commit cuts the file back to the limit (SQLite alone
+    keeps it at its high-water size for good)."""
+    from mipsec.core import walcheckpoint
+    from mipsec.core.bindings import Binding, BindingCache
+
+    limit = 64 * 1024
+    monkeypatch.setattr(walcheckpoint, "WAL_SIZE_LIMIT", limit)
+    wal = tmp_path / f"{kind}.db-wal"
+    if kind == "sa_store":
+        store = SQLiteSAStore(tmp_path / f"{kind}.db", checkpoint_interval=0.02)
+        cp, close = store.checkpointer, store.close
+
+        def burst() -> None:
+            with store.transaction():
+                for i in range(1, 1501):
+                    store.add(issued(i, mn_id=f"mn{i}@home.example", hoa6=None), T0)
+
+        def one_more() -> None:
+            store.add(issued(5000, mn_id="late@home.example", hoa6=None), T0)
+
+    else:
+        cache = BindingCache(tmp_path / f"{kind}.db", checkpoint_interval=0.02)
+        cp, close = cache.checkpointer, cache.close
+
+        def burst() -> None:
+            for i in range(3000):
+                cache.put(Binding(f"2001:db8::{i + 1:x}", "192.0.2.1", 4000, 100 + i, 1, 60, 2e9))
+            cache.flush()  # one transaction
+
+        def one_more() -> None:
+            cache.put(Binding("2001:db8:1::1", "192.0.2.1", 4000, 7, 1, 60, 2e9))
+            cache.flush()
+
+    try:
+        assert cp is not None
+        burst()
+        high = wal.stat().st_size
+        assert high > 4 * limit
+        after = cp.rounds + 1
+        _wait(lambda: cp.rounds > after and cp.last is not None and cp.last[0] == cp.last[1])
+        assert wal.stat().st_size == high  # copied, not shrunk: SQLite reuses it
+        one_more()
+        assert wal.stat().st_size <= limit
+    finally:
+        close()
