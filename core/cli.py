@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from mipsec.core import ctlcli, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
 from mipsec.core.errors import CertificateError, ConfigError, ListenError, PluginError
+from mipsec.core.stopcheck import stop_requested
 from mipsec.core.version import version
 
 if TYPE_CHECKING:  # annotations only: a HAC or HA never imports the MN's exchange
@@ -174,7 +175,7 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
         # A SIGTERM during the start (100,000 SAs take a second or two):
         # stop without ever serving an MN, rather than open the port to cut
         # or drain exchanges a moment later.
-        stopped_early = stop.is_set()
+        stopped_early = await stop_requested(stop)
         if not stopped_early:
             await service.serve()
     except BaseException:
@@ -230,7 +231,7 @@ def _stopping(role: str) -> None:
 
 async def _run_ha(cfg: HAConfig, config_file: str) -> int:
     from mipsec.core.control import start_control
-    from mipsec.core.roles.ha import HaService
+    from mipsec.core.roles.ha import HaService, StartAborted
     from mipsec.core.roles.ha_ops import HaOps
 
     service = HaService(cfg, config_file)
@@ -267,16 +268,22 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
         await service.stop()  # closes the store the constructor opened
         raise
     try:
-        await service.start()  # cleans up after itself if it fails
+        # A SIGTERM during the store's load (100,000 SAs take a second):
+        # stopped before any port opens, as the HAC does.
+        await service.start(stop)  # cleans up after itself if it fails
+        stopped_early = False
+    except StartAborted:
+        stopped_early = True
     except BaseException:
         if metrics is not None:
             await metrics.stop()
         if control is not None:
             await control.stop()
         raise
-    release_sighup(ops.reloader.on_signal)
-    _ready("ha", config_file)
-    await stop.wait()
+    if not stopped_early:
+        release_sighup(ops.reloader.on_signal)
+        _ready("ha", config_file)
+        await stop.wait()
     # Nothing to drain on the HA: each BU is answered only after its state
     # is committed (issue 6), so stopping between packets loses nothing.
     # As on the HAC: the provisioning listener is closed before STOPPING=1

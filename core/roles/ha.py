@@ -74,6 +74,7 @@ from mipsec.core.pacing import in_paced_batches
 from mipsec.core.provisioning import ProvisioningRefused
 from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, loop_writer
 from mipsec.core.startup_heap import collection_paused, freeze_heap
+from mipsec.core.stopcheck import stop_requested
 from mipsec.core.tls import load_server_chain
 
 log = logging.getLogger("mipsec.ha")
@@ -226,6 +227,10 @@ class _Protocol(asyncio.DatagramProtocol):
         # ICMP errors for earlier sends (e.g. port unreachable at an MN that
         # left): nothing to do, and not worth a line per packet.
         self.service.counts["socket_errors"] += 1
+
+
+class StartAborted(Exception):
+    """The HA was told to stop while it loaded its store: it opened no port."""
 
 
 class HaService:
@@ -444,13 +449,18 @@ class HaService:
         """Serving: sockets open, SAs loaded (or loading in the background)."""
         return self._started
 
-    async def start(self) -> list[tuple[str, int]]:
+    async def start(self, stop: asyncio.Event | None = None) -> list[tuple[str, int]]:
+        """Load the store, open the ports, serve; the UDP addresses.
+
+        ``stop``: the launcher's stop event.  Set by a SIGTERM that came
+        while the store was loading, it ends the start before any port
+        opens (:class:`StartAborted`): an HA told to stop never serves."""
         # Loading every SA and binding, then freezing them: without the
         # collector's passes over what was loaded so far (core/startup_heap.py).
         with collection_paused():
-            return await self._start()
+            return await self._start(stop)
 
-    async def _start(self) -> list[tuple[str, int]]:
+    async def _start(self, stop: asyncio.Event | None = None) -> list[tuple[str, int]]:
         self._installed = 0
         now = time.time()
         page = getattr(self.store, "live_page", None)
@@ -479,6 +489,8 @@ class HaService:
         else:
             lines.close()
         self.bindings.flush()  # one commit for every SA's records
+        if stop is not None and await stop_requested(stop):
+            raise StartAborted  # a SIGTERM during the load: no port opened
         try:
             await self._open_sockets()
             await self._start_provisioning()

@@ -325,6 +325,102 @@ def test_a_sigterm_during_the_hac_start_serves_no_one(lab: Lab) -> None:
     assert "Traceback" not in text
 
 
+# The HA with its store's load slowed (1.5 s, blocking, as a big store's
+# load is): a window inside its start, before any port opens.
+_SLOW_LOAD = """
+import sys, time
+from mipsec.core.roles import ha
+real = ha.HaService._load_pages
+def slow(self, *args, **kwargs):
+    print("store: loading slowly", flush=True)
+    time.sleep(1.5)
+    return real(self, *args, **kwargs)
+ha.HaService._load_pages = slow
+from mipsec.core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# The HAC with its views' warm-up slowed (1.5 s, blocking, as 100,000 SAs'
+# is): the last step of its start before it serves.
+_SLOW_WARM = """
+import sys, time
+from mipsec.core.roles import hac
+real = hac.warm_hac_views
+def slow(*args, **kwargs):
+    print("store: loading slowly", flush=True)
+    time.sleep(1.5)
+    return real(*args, **kwargs)
+hac.warm_hac_views = slow
+from mipsec.core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("role", ["ha", "hac"])
+def test_a_sigterm_during_the_store_load_serves_no_one(lab: Lab, role: str) -> None:
+    """SIGTERM while the role loads its store (the loop blocked, the signal
+    waiting in asyncio's pipe): it stops, exit 0, without ever accepting on
+    its port (the HA: provisioning, the HAC: MNs), opening the HA's UDP port
+    or saying "ready".  Before, the HA's load ran on and its ports opened;
+    the HAC checked its stop event before the loop had run the signal's
+    handler: both served, said ready, and only then stopped."""
+    import threading
+
+    log = lab.dir / f"{role}.log"
+    script = _SLOW_LOAD if role == "ha" else _SLOW_WARM
+    port = lab.info["ha"]["port"] if role == "ha" else lab.hac_port
+    config = Path(lab.info[role]["config"])
+    if role == "hac":
+        # No control socket, no metrics listener: nothing of the start yields
+        # between the blocking load and the check of the stop event.
+        text = config.read_text()
+        metrics = text.index("\n[metrics]")
+        end = text.find("\n[", metrics + 1)
+        text = text[:metrics] + ("" if end < 0 else text[end:])
+        config = config.with_name("hac-quiet.toml")
+        config.write_text(text + "\n[control]\nenabled = false\n")
+    with log.open("ab") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, "--role", role, "--config", str(config)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    accepted: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    accepted.append(time.monotonic())
+            except OSError:
+                pass
+            time.sleep(0.001)
+
+    prober = threading.Thread(target=probe)
+    try:
+        deadline = time.monotonic() + 30
+        while "store: loading slowly" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        prober.start()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        done.set()
+        if prober.is_alive():
+            prober.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert f"{role} ready" not in text and f"{role} stopped (mipsec " in text, text
+    assert "listening" not in text.split("store: loading slowly", 1)[1], text
+    assert accepted == []
+    assert "Traceback" not in text
+
+
 def test_sigterm_drains_an_exchange_in_flight(lab: Lab, tmp_path: Path) -> None:
     """SIGTERM between Init and Done: the HAC stops accepting, the MN's Done
     still gets its 200, then the HAC exits 0."""
