@@ -269,25 +269,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_sigterm_during_the_hac_start_serves_no_one(lab: Lab) -> None:
-    """SIGTERM while the HAC starts (its MN port bound, its control socket
-    opening): it stops, exit 0, without ever saying "ready" or accepting a
-    connection on its MN port.  Before, it finished its start, served, said
-    ready, and only then stopped."""
+def _sigterm_in_window(
+    script: str, role: str, config: str, log: Path, marker: str, port: int
+) -> tuple[str, list[float]]:
+    """Run ``mipsec --role`` through ``script`` (which slows a step of the
+    start and prints ``marker`` as it enters it), SIGTERM it in that window
+    while a prober connects to ``port`` every millisecond; wait for exit 0.
+    The log's text and when a probe's connection was accepted."""
     import threading
 
-    log = lab.dir / "hac.log"
     with log.open("ab") as f:
-        hac = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _SLOW_CONTROL,
-                "--role",
-                "hac",
-                "--config",
-                lab.info["hac"]["config"],
-            ],
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, "--role", role, "--config", config],
             stdout=f,
             stderr=subprocess.STDOUT,
         )
@@ -297,7 +290,7 @@ def test_a_sigterm_during_the_hac_start_serves_no_one(lab: Lab) -> None:
     def probe() -> None:
         while not done.is_set():
             try:
-                with socket.create_connection(("127.0.0.1", lab.hac_port), timeout=1):
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
                     accepted.append(time.monotonic())
             except OSError:
                 pass
@@ -306,20 +299,35 @@ def test_a_sigterm_during_the_hac_start_serves_no_one(lab: Lab) -> None:
     prober = threading.Thread(target=probe)
     try:
         deadline = time.monotonic() + 30
-        while "control: opening slowly" not in log.read_text():
-            assert hac.poll() is None and time.monotonic() < deadline, log.read_text()
+        while marker not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.02)
         prober.start()
-        hac.send_signal(signal.SIGTERM)
-        assert hac.wait(timeout=30) == 0, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
     finally:
         done.set()
         if prober.is_alive():
             prober.join()
-        if hac.poll() is None:
-            hac.kill()
-            hac.wait()
-    text = log.read_text()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return log.read_text(), accepted
+
+
+def test_a_sigterm_during_the_hac_start_serves_no_one(lab: Lab) -> None:
+    """SIGTERM while the HAC starts (its MN port bound, its control socket
+    opening): it stops, exit 0, without ever saying "ready" or accepting a
+    connection on its MN port.  Before, it finished its start, served, said
+    ready, and only then stopped."""
+    text, accepted = _sigterm_in_window(
+        _SLOW_CONTROL,
+        "hac",
+        lab.info["hac"]["config"],
+        lab.dir / "hac.log",
+        "control: opening slowly",
+        lab.hac_port,
+    )
     assert "hac ready" not in text and "hac stopped (mipsec " in text, text
     assert accepted == []
     assert "Traceback" not in text
@@ -365,9 +373,6 @@ def test_a_sigterm_during_the_store_load_serves_no_one(lab: Lab, role: str) -> N
     or saying "ready".  Before, the HA's load ran on and its ports opened;
     the HAC checked its stop event before the loop had run the signal's
     handler: both served, said ready, and only then stopped."""
-    import threading
-
-    log = lab.dir / f"{role}.log"
     script = _SLOW_LOAD if role == "ha" else _SLOW_WARM
     port = lab.info["ha"]["port"] if role == "ha" else lab.hac_port
     config = Path(lab.info[role]["config"])
@@ -380,41 +385,9 @@ def test_a_sigterm_during_the_store_load_serves_no_one(lab: Lab, role: str) -> N
         text = text[:metrics] + ("" if end < 0 else text[end:])
         config = config.with_name("hac-quiet.toml")
         config.write_text(text + "\n[control]\nenabled = false\n")
-    with log.open("ab") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", script, "--role", role, "--config", str(config)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    accepted: list[float] = []
-    done = threading.Event()
-
-    def probe() -> None:
-        while not done.is_set():
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    accepted.append(time.monotonic())
-            except OSError:
-                pass
-            time.sleep(0.001)
-
-    prober = threading.Thread(target=probe)
-    try:
-        deadline = time.monotonic() + 30
-        while "store: loading slowly" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.02)
-        prober.start()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()
-    finally:
-        done.set()
-        if prober.is_alive():
-            prober.join()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = log.read_text()
+    text, accepted = _sigterm_in_window(
+        script, role, str(config), lab.dir / f"{role}.log", "store: loading slowly", port
+    )
     assert f"{role} ready" not in text and f"{role} stopped (mipsec " in text, text
     assert "listening" not in text.split("store: loading slowly", 1)[1], text
     assert accepted == []
