@@ -1079,3 +1079,46 @@ def test_hac_killed_between_two_expiry_batches(
         assert "Traceback" not in hac.log_text()
     finally:
         first.close()
+
+
+def test_an_ha_wedged_past_the_deadline_of_a_superseding_install_leaves_nothing_live(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess
+) -> None:
+    """The HA wedged (SIGSTOP: its sockets open, its loop running nothing)
+    while the MN bootstraps again: the install of the new SA, which carries
+    the withdrawal of the MN's registered SA, waits in the HA's socket past
+    the HAC's 1-s provisioning deadline.  The MN gets 504; since the HA may
+    yet carry the install out, the HAC calls neither SA live and owes the HA
+    both withdrawals.  Then the HA resumes (SIGCONT) and does carry out the
+    stale install from its socket buffer: once settled, the HA holds
+    nothing, the HAC owes nothing and calls nothing live, the old SA's BU
+    goes unanswered (not a live SA the HAC forgot), and the MN's next
+    bootstrap registers alone (BA 0)."""
+    ha_proc.start()
+    hac.start()
+    first = Mn(lab)
+    try:
+        assert first.register(first.bu(10))["status"] == 0
+        assert ha_proc.proc is not None
+        ha_proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert final_status(lab) == "504"
+            assert live_on_hac(lab) == []
+            owed = unconfirmed(lab)
+            assert first.spi in owed and len(owed) == 2
+            (stale,) = set(owed) - {first.spi}
+        finally:
+            ha_proc.proc.send_signal(signal.SIGCONT)
+        wait_for(
+            "the HA confirmed both withdrawals",
+            lambda: unconfirmed(lab) == [] and held_by_ha(lab) == [],
+        )
+        assert live_on_hac(lab) == []
+        assert silent(first.bu(11), first.ha)
+        # The stale install was carried out on resuming, then withdrawn.
+        assert ha_proc.log is not None
+        assert f"SA installed spi={stale} " in ha_proc.log.read_text()
+        registers_alone(lab, lab)
+    finally:
+        first.close()
+    assert "Traceback" not in hac.log_text()
