@@ -17,6 +17,16 @@ later is ignored (that MN fails as an unknown one) and logged once.
 
 Keys are stored in clear; ``add_psk`` creates the file with mode 0600, and
 the HAC refuses to start when group or others may access it.
+
+Lookups run on the HAC's event loop.  A file locked by another process (an
+SQL client's ``BEGIN EXCLUSIVE``, the commit of a large import in rollback-
+journal mode) held each lookup for SQLite's 5-s busy timeout, and every MN
+of the HAC with it.  A lookup now waits at most ``LOOP_LOCK_WAIT`` (50 ms);
+a lock still held then fails it with :class:`CredentialsBusyError` -- the
+MN gets 503 with ``retry-after`` -- and the lookups of the next
+``BUSY_BACKOFF`` seconds fail at once without waiting, so a lock held for
+minutes costs the loop 50 ms per half second, not 5 s per MN.  One WARNING
+when the lock is met, one when lookups work again.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import logging
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,12 +46,22 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from mipsec.core.fsutil import create_private
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.nai import nai_key
+from mipsec.core.outage import Outage
 from mipsec.core.secretfiles import check_private_sqlite
-from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS
+from mipsec.core.sqlitetx import BUSY_TIMEOUT_MS, LOOP_LOCK_WAIT
 from mipsec.plugins._options import parse_options, resolve_path
 from mipsec.plugins.cred_toml import MIN_PASSPHRASE, short_passphrase
 
 log = logging.getLogger("mipsec.plugins.cred_sqlite")
+
+# After a lookup met the file locked: lookups fail at once for this long.
+BUSY_BACKOFF = 0.5
+
+
+class CredentialsBusyError(Exception):
+    """The credential database is locked by another process (its name is
+    what the HAC's log line says: the message never reaches a log)."""
+
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS mn_credentials (mn_id TEXT PRIMARY KEY, psk BLOB NOT NULL)"
 
@@ -165,16 +186,22 @@ class SQLiteCredentials:
         if not path.is_file():
             raise ValueError(f"{str(path)!r}: no such file")
         self._file = _file_id(path)
-        self._conn = self._open()
+        self._conn = self._open(BUSY_TIMEOUT_MS)  # at start, nobody waits on the loop yet
+        self._conn.execute(f"PRAGMA busy_timeout = {round(LOOP_LOCK_WAIT * 1000)}")
         self._bad_file: tuple[int, int] | None = None
+        self._busy_until = 0.0  # monotonic: lookups fail at once until then
+        self._lock = Outage(
+            log, f"lookup in credential database {path}", "its MNs get 503 with retry-after"
+        )
 
-    def _open(self) -> sqlite3.Connection:
-        """The file at ``path`` opened read-only and checked; ValueError if refused."""
+    def _open(self, wait_ms: int) -> sqlite3.Connection:
+        """The file at ``path`` opened read-only and checked, waiting up to
+        ``wait_ms`` for a lock; ValueError if refused."""
         path = self.path
         uri = path.resolve().as_uri() + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
             # Fail at start, not at the first MN, when the table is missing.
             conn.execute("SELECT mn_id, psk FROM mn_credentials LIMIT 1").fetchall()
             # The first (by mn_id) passphrase that is too short, if any.
@@ -215,7 +242,7 @@ class SQLiteCredentials:
             return
         try:
             check_private_sqlite(self.path)
-            conn = self._open()
+            conn = self._open(round(LOOP_LOCK_WAIT * 1000))  # on the event loop
         except (OSError, ValueError) as exc:
             # Once per refused file; the message never holds a key.
             self._bad_file = now
@@ -250,12 +277,24 @@ class SQLiteCredentials:
         return _as_key(value)
 
     def get_psk(self, mn_id: str) -> bytes | None:
+        if self._busy_until and time.monotonic() < self._busy_until:
+            raise CredentialsBusyError("credential database locked by another process")
         self._follow()
-        psk = self._lookup(mn_id)
-        if psk is None:
-            norm = nai_key(mn_id)
-            if norm != mn_id:
-                psk = self._lookup(norm)
+        try:
+            psk = self._lookup(mn_id)
+            if psk is None:
+                norm = nai_key(mn_id)
+                if norm != mn_id:
+                    psk = self._lookup(norm)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            self._busy_until = time.monotonic() + BUSY_BACKOFF
+            self._lock.failed("locked by another process", logging.WARNING)
+            raise CredentialsBusyError("credential database locked by another process") from None
+        if self._busy_until:
+            self._busy_until = 0.0
+            self._lock.worked()
         return psk
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pluggy
 import pytest
 from conftest import LAUNCHER, Lab, edit_toml
-from rawmn import RawMN, psk_bootstrap
+from rawmn import RawMN, psk_bootstrap, psk_init
 from test_crash_points import HacProcess
 from test_ha_restart_replay import MN_ID, SUITE, HaProcess
 
@@ -84,6 +84,56 @@ def test_import_add_remove_against_a_running_hac(lab: Lab) -> None:
         assert status(lab, MN_ID, lab.psk) == "401"
         assert "creds.sqlite replaced on disk" in hac.log_text()
     finally:
+        hac.close()
+        ha.close()
+
+
+def test_a_database_locked_by_another_process_gets_503_and_holds_no_one(lab: Lab) -> None:
+    """An operator's SQL client holds the credential database locked
+    (``BEGIN EXCLUSIVE``) while the HAC serves.  Six MNs bootstrap at once:
+    each gets 503 with ``retry-after`` within the raw MN's 10-s socket
+    timeout -- before, each lookup held the HAC's event loop for SQLite's
+    5-s busy timeout, so the later MNs' answers came 10-30 s late and their
+    sockets timed out.  Once the lock is gone, the MN bootstraps (200)."""
+    import sqlite3
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    db = lab.dir / "creds.sqlite"
+    assert credentials("import", str(lab.dir / "credentials.toml"), str(db)).returncode == 0
+    edit_toml(
+        Path(lab.info["hac"]["config"]),
+        'backend = "toml"\npath = "credentials.toml"',
+        'backend = "sqlite"\npath = "creds.sqlite"',
+    )
+    ha, hac = HaProcess(lab), HacProcess(lab)
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        ha.start()
+        hac.start()
+        assert status(lab, MN_ID, lab.psk) == "200"
+        holder.execute("BEGIN EXCLUSIVE")
+
+        def one(_: int) -> dict[str, str]:
+            raw = RawMN("127.0.0.1", lab.hac_port, lab.info["ca"], "hac.mipsec.test")
+            try:
+                return dict(psk_init(raw, MN_ID)[1].headers)  # the final answer to Init
+            finally:
+                raw.close()
+
+        with ThreadPoolExecutor(6) as pool:
+            finals = list(pool.map(one, range(6)))
+        assert [f["status-code"] for f in finals] == ["503"] * 6
+        assert all(f["retry-after"].endswith(" GMT") for f in finals)
+        holder.execute("ROLLBACK")
+        time.sleep(0.6)  # past the half second in which lookups fail at once
+        assert status(lab, MN_ID, lab.psk) == "200"
+        text = hac.log_text()
+        assert "creds.sqlite failed: locked by another process" in text
+        assert "creds.sqlite works again" in text
+        assert "Traceback" not in text and lab.psk.hex() not in text
+    finally:
+        holder.close()
         hac.close()
         ha.close()
 

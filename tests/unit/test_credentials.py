@@ -254,6 +254,45 @@ def test_sqlite_file_replaced_on_disk_is_followed(
     b.close()
 
 
+def test_sqlite_locked_by_another_process_fails_fast_and_backs_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the file locked (an SQL client's ``BEGIN
+    EXCLUSIVE``): a lookup, on the HAC's event loop, waits at most 50 ms
+    (SQLite's busy timeout on the connection; it was 5 s, every MN held
+    with it), then fails with ``CredentialsBusyError`` (the MN gets 503);
+    the lookups of the next half second fail without asking SQLite at all;
+    once the lock is gone lookups work again.  One WARNING each way."""
+    db = tmp_path / "creds.db"
+    add_psk(db, "alice@home.example", ALICE_KEY)
+    b = SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
+    assert b._conn.execute("PRAGMA busy_timeout").fetchone() == (50,)
+    asked: list[str] = []
+    b._conn.set_trace_callback(asked.append)
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with caplog.at_level(logging.INFO, logger="mipsec.plugins.cred_sqlite"):
+            with pytest.raises(cred_sqlite.CredentialsBusyError):
+                b.get_psk("alice@home.example")
+            assert len(asked) == 1  # the one lookup that met the lock
+            for _ in range(3):  # within the backoff: not even asked
+                with pytest.raises(cred_sqlite.CredentialsBusyError):
+                    b.get_psk("alice@home.example")
+            assert len(asked) == 1
+            holder.execute("ROLLBACK")
+            monkeypatch.setattr(b, "_busy_until", 1e-9)  # the backoff over
+            assert b.get_psk("alice@home.example") == ALICE_KEY
+            assert b.get_psk("alice@home.example") == ALICE_KEY
+    finally:
+        holder.close()
+        b.close()
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    assert "locked by another process; its MNs get 503" in caplog.records[0].getMessage()
+    assert caplog.records[1].getMessage().endswith("works again")
+    assert ALICE_KEY.hex() not in caplog.text
+
+
 @pytest.mark.parametrize("fault", ["no table", "open to others", "removed", "fifo"])
 def test_sqlite_replacement_refused_keeps_the_open_database(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: str
