@@ -21,16 +21,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mipsec.core import ctlcli, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
 from mipsec.core.errors import CertificateError, ConfigError, ListenError, PluginError
+from mipsec.core.mn_retry import next_wait
 from mipsec.core.stopcheck import stop_requested
 from mipsec.core.version import version
 
@@ -42,7 +45,10 @@ _T = TypeVar("_T")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
-MIN_REBOOTSTRAP_INTERVAL = 5.0  # seconds
+# A floor under every gap between two bootstraps.  The waits after failures
+# (a HAC down, an HA answering 176 to every BU) back off from [hac]
+# retry_min (core/mn_retry.py); this only keeps a tight loop impossible.
+MIN_REBOOTSTRAP_INTERVAL = 1.0  # seconds
 # The MN stopped (SIGTERM) during a bootstrap: how long the bootstrap may
 # still finish (then the MN registers and de-registers at once, as when
 # stopped between bootstraps) before it is cut.  Far below systemd's
@@ -373,10 +379,30 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         dataplane = MnDataPlane(cfg.dataplane, config_file)
         dataplane.open()
     last_bootstrap = -1e9
+    failures = 0  # bootstraps or registrations failed in a row (core/mn_retry.py)
+
+    async def after_failure(retry_after: datetime | None = None) -> None:
+        nonlocal failures
+        failures += 1
+        wait = next_wait(
+            failures,
+            retry_min=cfg.hac.retry_min,
+            retry_max=cfg.hac.retry_max,
+            retry_after=retry_after,
+            now=datetime.now(UTC),
+            uniform=random.uniform,
+        )
+        log.info(
+            "next bootstrap in %.1f s (failure %d in a row%s)",
+            wait,
+            failures,
+            "; the HAC's retry-after honoured" if retry_after is not None else "",
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+
     while not stop.is_set():
-        # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL: a
-        # misconfigured HA answering 176 to every BU must not make the MN
-        # hammer its HAC.
+        # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL.
         gap = _monotonic() - last_bootstrap
         if gap < MIN_REBOOTSTRAP_INTERVAL:
             with contextlib.suppress(TimeoutError):
@@ -396,12 +422,14 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             report(result, None)
             if once:
                 return EXIT_OK if result.ok else EXIT_FAILED
-            wait = 10.0
-            if result.ok and result.issued is not None:
-                from mipsec.core.issuer import utcnow
+            if not (result.ok and result.issued is not None):
+                await after_failure(result.retry_after)
+                continue
+            failures = 0
+            from mipsec.core.issuer import utcnow
 
-                lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
-                wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
+            lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
+            wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
             log.info("next bootstrap in %.0f s", wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
@@ -413,7 +441,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             report(result, RegistrationOutcome(None, reason=f"cannot reach the HA: {exc}"))
             if once:
                 return EXIT_FAILED
-            await asyncio.sleep(10)
+            await after_failure()
             continue
         try:
             if once:
@@ -427,6 +455,8 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             report(result, first)
             if dataplane is not None and first.accepted:
                 dataplane.attach(registrar, first.ip4_hoa)
+            if first.accepted and first.rebootstrap is None:
+                failures = 0
             outcome = first
             if first.accepted and first.rebootstrap is None:
                 outcome = await registrar.run_more(stop=stop)
@@ -435,10 +465,14 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 break
             if outcome.rebootstrap:
                 log.info("bootstrapping again: %s", outcome.rebootstrap)
+                if first.rebootstrap is not None:
+                    # Sent back by the SA's very first BA (an HA answering
+                    # 176 to every BU): a failure, backed off -- the MN
+                    # must not hammer its HAC.
+                    await after_failure()
             elif not outcome.accepted:
                 log.warning("registration failed: %s", outcome.reason or outcome.status)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 10)
+                await after_failure()
         finally:
             if dataplane is not None:
                 dataplane.detach()

@@ -371,6 +371,19 @@ class MNHac(_Strict):
     # keeps the MN waiting by trickling its responses (each octet within
     # ``timeout``) ends it then; the MN tries again later.
     exchange_timeout: Seconds = 120.0
+    # After a failed bootstrap or registration: waits doubling from
+    # retry_min to retry_max, jittered; a 503's retry-after honoured within
+    # retry_max (core/mn_retry.py).
+    retry_min: Annotated[float, Field(ge=1, le=3600)] = 10.0
+    retry_max: Annotated[float, Field(ge=1, le=86_400)] = 600.0
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> MNHac:
+        if self.retry_max < self.retry_min:
+            raise ValueError(
+                f"retry_max ({self.retry_max:g}) is below retry_min ({self.retry_min:g})"
+            )
+        return self
 
 
 class MNSA(_Strict):

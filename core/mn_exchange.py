@@ -174,7 +174,14 @@ class MnExchange:
             )
             status = msg.status_code
             if not authenticated:
-                return self._finish(status, False, "final response not authenticated")
+                # A 503's retry-after is kept all the same: it came over the
+                # TLS channel whose HAC certificate the MN checked (PROFILE
+                # §1), and it can only delay the next attempt, within [hac]
+                # retry_max (core/mn_retry.py).  PSK's 503 to an Init (a
+                # credential backend down) is keyed with the HAC's stand-in
+                # key, which the MN can never verify.
+                after = msg.retry_after if status == 503 else None
+                return self._finish(status, False, "final response not authenticated", None, after)
             problem = self._method.check_final(msg)
             if problem:
                 return self._finish(status, False, problem)

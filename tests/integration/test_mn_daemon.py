@@ -100,3 +100,95 @@ def test_sigterm_during_a_stalled_bootstrap_stops_the_mn_within_its_grace(lab: L
     conn.close()
     assert mn.returncode == 0, err
     assert "stopped during a bootstrap, which was cut after 5 s" in err
+
+
+_NEXT = re.compile(
+    r"next bootstrap in ([0-9.]+) s \(failure (\d+) in a row(; the HAC's retry-after honoured)?\)"
+)
+
+
+def _waits(
+    mn: subprocess.Popen[str], until: int, deadline: float = 90.0
+) -> list[tuple[float, int, bool]]:
+    """The MN's ``next bootstrap in`` lines (wait, failures in a row,
+    retry-after honoured) from its stderr, up to the ``until``-th failure."""
+    assert mn.stderr is not None
+    seen: list[tuple[float, int, bool]] = []
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        line = mn.stderr.readline()
+        if not line:
+            break
+        m = _NEXT.search(line)
+        if m is not None:
+            seen.append((float(m.group(1)), int(m.group(2)), m.group(3) is not None))
+            if int(m.group(2)) >= until:
+                break
+    return seen
+
+
+def _retry_bounds(lab: Lab, retry_min: float, retry_max: float) -> None:
+    edit_toml(
+        Path(lab.info["mn"]["config"]),
+        "exchange_timeout = 120",
+        f"exchange_timeout = 120\nretry_min = {retry_min}\nretry_max = {retry_max}",
+    )
+
+
+def test_failed_bootstraps_back_off_exponentially_with_jitter(lab: Lab) -> None:
+    """The HAC unreachable (its port closed): the MN's waits double from
+    ``[hac] retry_min`` (1 s) up to ``retry_max`` (4 s), each drawn from the
+    upper half of its step, and SIGTERM during a wait stops it at once.
+    Before, every wait was a fixed 10 s: after a HAC outage all of its MNs
+    came back in the same beat."""
+    _retry_bounds(lab, 1, 4)
+    mn = _daemon(lab)  # the lab's HAC is not started
+    try:
+        waits = _waits(mn, until=5)
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        _, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
+    assert [n for _, n, _ in waits] == [1, 2, 3, 4, 5], waits
+    for wait, n, honoured in waits:
+        step = min(4.0, 2.0 ** (n - 1))
+        assert step / 2 - 0.05 <= wait <= step + 0.05, (n, wait)
+        assert not honoured
+
+
+def test_a_503_retry_after_is_honoured(lab: Lab, start_hac: Any) -> None:
+    """The HAC answers 503 with ``retry-after`` 30 s (its credential database
+    locked by another process): the MN's next bootstrap waits for that date,
+    plus up to ``retry_min`` -- not its own backoff (1 s here), not the old
+    fixed 10 s."""
+    import sqlite3
+
+    from test_credentials_cli import credentials
+
+    db = lab.dir / "creds.sqlite"
+    assert credentials("import", str(lab.dir / "credentials.toml"), str(db)).returncode == 0
+    edit_toml(
+        Path(lab.info["hac"]["config"]),
+        'backend = "toml"\npath = "credentials.toml"',
+        'backend = "sqlite"\npath = "creds.sqlite"',
+    )
+    _retry_bounds(lab, 1, 600)
+    start_hac(lab)
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        mn = _daemon(lab)
+        try:
+            waits = _waits(mn, until=1)
+        finally:
+            mn.send_signal(signal.SIGTERM)
+            out, err = mn.communicate(timeout=20)
+    finally:
+        holder.close()
+    assert mn.returncode == 0, err
+    assert '"status": 503' in out, out
+    ((wait, n, honoured),) = waits
+    assert n == 1 and honoured, out
+    # retry-after is whole seconds, 30 s after the HAC's clock: 29-30 s from
+    # now, plus up to retry_min (1 s).
+    assert 28.5 <= wait <= 31.5, wait

@@ -253,6 +253,27 @@ def test_503_carries_retry_after() -> None:
     assert result.status == 503 and result.retry_after == when
 
 
+def test_an_unverifiable_503_still_gives_its_retry_after_and_nothing_else() -> None:
+    """A 503 answering the Init (the HAC's credential backend down) is keyed
+    with the HAC's stand-in key, which the MN cannot verify.  Its
+    ``retry-after`` still reaches the caller -- it came over the verified
+    TLS channel and can only delay the next attempt (core/mn_retry.py) --
+    while the result stays unauthenticated and carries no SA; an
+    unverifiable 401 gives no retry-after even if it carries one."""
+    when = utcnow().replace(microsecond=0)
+    for status, kept in ((503, when), (401, None)):
+        mn = make_mn()
+        mn.start()
+        body = f"status-code: {status}\r\nretry-after: {when:%a, %d %b %Y %H:%M:%S} GMT\r\n"
+        mac = hmac.new(b"stand-in", b"HAC" + body.encode() + CB, hashlib.sha256).hexdigest()
+        final = encode_container(1, body.encode() + f"auth: {mac}\r\n\r\n".encode())
+        (done,) = mn.receive_data(final)
+        assert isinstance(done, Finished)
+        result = done.result
+        assert result.status == status and not result.authenticated and not result.ok
+        assert result.issued is None and result.retry_after == kept
+
+
 def test_sa_keys_not_in_repr() -> None:
     result, _, _ = run(make_hac(), make_mn())
     text = repr(result)
