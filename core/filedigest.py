@@ -15,12 +15,13 @@ loop the reload runs on) and files above ``MAX_FILE`` octets.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,14 +64,21 @@ def open_regular(path: StrPath) -> BinaryIO:
         raise
 
 
-def regular_path(path: StrPath) -> str:
-    """``path`` as a string, for a library that opens it itself (OpenSSL's
-    ``load_cert_chain``, ``load_verify_locations``); ``OSError`` as
-    :func:`open_regular` when it is not a regular file.  Checked by ``stat``,
-    which never waits: what opens it next would wait on a FIFO."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file")
-    return os.fspath(path)
+@contextlib.contextmanager
+def regular_path(path: StrPath) -> Iterator[str]:
+    """A path to hand a library that opens the file itself (OpenSSL's
+    ``load_cert_chain``, ``load_verify_locations``), valid inside the block;
+    ``OSError`` as :func:`open_regular` when ``path`` is not a regular file.
+
+    The file is opened and checked here (non-blocking, ``fstat``), and the
+    library gets ``/proc/self/fd/N``, which opens that same file whatever
+    happens at ``path`` meanwhile: a check by name, then an open by name,
+    left a window in which a FIFO swapped in made OpenSSL's open wait for a
+    writer -- on the event loop, at a reload.  Without ``/proc``: ``path``
+    itself, checked the same way (the window is back)."""
+    with open_regular(path) as f:
+        proc = f"/proc/self/fd/{f.fileno()}"
+        yield proc if os.path.exists(proc) else os.fspath(path)
 
 
 def read_regular(path: StrPath, limit: int = MAX_FILE) -> bytes:

@@ -176,7 +176,8 @@ def hac_server_context(
     _apply_policy(ctx, strict_rfc6618)
     ctx.num_tickets = 0
     try:
-        ctx.load_cert_chain(regular_path(cert_file), regular_path(key_file))
+        with regular_path(cert_file) as cert, regular_path(key_file) as key:
+            ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
         raise CertificateError(f"{os.fspath(cert_file)}: OpenSSL refused the chain ({exc})")
 
@@ -235,7 +236,8 @@ def mn_client_context(
         raise LocalProtocolError("client_cert and client_key go together")
     if client_cert is not None and client_key is not None:
         try:
-            ctx.load_cert_chain(regular_path(client_cert), regular_path(client_key))
+            with regular_path(client_cert) as cert, regular_path(client_key) as key:
+                ctx.load_cert_chain(cert, key)
         except (ssl.SSLError, OSError) as exc:
             raise CertificateError(f"{os.fspath(client_cert)}: cannot load ({exc})")
     return ctx

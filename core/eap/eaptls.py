@@ -313,7 +313,8 @@ def make_context(
     except (SSL.Error, TypeError) as exc:
         raise CertificateError(f"OpenSSL refused the certificate or key ({exc.__class__.__name__})")
     try:
-        ctx.load_verify_locations(regular_path(ca_file))  # a FIFO: refused, not waited on
+        with regular_path(ca_file) as ca_path:  # a FIFO: refused, not waited on
+            ctx.load_verify_locations(ca_path)
     except OSError as exc:
         raise CertificateError(f"{os.fspath(ca_file)}: cannot read ({exc.strerror})") from None
     except SSL.Error as exc:

@@ -229,6 +229,40 @@ def test_eap_tls_context_ca(tmp_path: Path, pki: Any) -> None:
     assert isinstance(exc, tls.CertificateError) and "not a regular file" in str(exc), exc
 
 
+@pytest.mark.parametrize("side", ["hac", "mn"])
+def test_a_fifo_swapped_in_after_the_check_is_never_opened(
+    tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch, side: str
+) -> None:
+    """The certificate and key are checked (regular files), then, just as
+    OpenSSL is about to open them, replaced by FIFOs.  OpenSSL gets
+    ``/proc/self/fd/N`` of the files opened for the check, so it loads them
+    and never waits; by name (the old way) its open waited for a writer."""
+    import shutil
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(pki.hac_cert if side == "hac" else pki.hac_client_cert, cert)
+    shutil.copy(pki.hac_key if side == "hac" else pki.hac_client_key, key)
+    real = ssl.SSLContext.load_cert_chain
+    handed: list[str] = []
+
+    def swapped(
+        self: ssl.SSLContext, certfile: Any, keyfile: Any = None, password: Any = None
+    ) -> None:
+        fifo_at(cert)
+        fifo_at(key)
+        handed.extend([str(certfile), str(keyfile)])
+        real(self, certfile, keyfile, password)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", swapped)
+    if side == "hac":
+        build: Callable[[], Any] = lambda: tls.hac_server_context(cert, key)  # noqa: E731
+    else:
+        build = lambda: tls.mn_client_context(pki.ca_cert, client_cert=cert, client_key=key)  # noqa: E731
+    assert refused_at_once(build, cert) is None
+    assert all(h.startswith("/proc/self/fd/") for h in handed), handed
+
+
 def test_revocation_lock_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The list's lock file (``PATH.lock``), opened at every re-read and
     change: a FIFO there is refused, and the list read before stays."""
