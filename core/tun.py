@@ -17,8 +17,10 @@ tunnel, where the MN's ingress rule would only drop them.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import socket
 import struct
 import subprocess
 from collections.abc import Callable, Sequence
@@ -26,7 +28,7 @@ from collections.abc import Callable, Sequence
 from mipsec.core.errors import MipsecError
 from mipsec.core.gro import VNET_HDR_LEN, TcpCoalescer
 
-__all__ = ["IpCommandError", "TunDevice", "TunError", "TunWriter", "ip"]
+__all__ = ["IpCommandError", "TunDevice", "TunError", "TunGoneError", "TunWriter", "ip"]
 
 _TUNSETIFF = 0x400454CA  # _IOW('T', 202, int), linux/if_tun.h
 _IFF_TUN = 0x0001
@@ -39,6 +41,21 @@ _READ_SIZE = 65535 + VNET_HDR_LEN
 
 class TunError(MipsecError):
     """The TUN device cannot be created or used (names the device and why)."""
+
+
+# What a read or write of a TUN file descriptor returns once its interface is
+# gone (``ip link del``, a network manager): EBADFD ("File descriptor in bad
+# state").  The descriptor then polls readable for ever; a reader that only
+# counted the error was called again at once -- 180,000 times a second.
+_GONE_ERRNOS = frozenset({errno.EBADFD, errno.ENODEV, errno.ENXIO})
+
+
+class TunGoneError(OSError):
+    """The TUN interface behind a descriptor no longer exists."""
+
+    @classmethod
+    def of(cls, exc: OSError) -> TunGoneError:
+        return cls(exc.errno, exc.strerror)
 
 
 class IpCommandError(MipsecError):
@@ -93,6 +110,14 @@ class TunDevice:
     def fileno(self) -> int:
         return self.fd
 
+    def exists(self) -> bool:
+        """Whether the interface is still there (in this network namespace)."""
+        try:
+            socket.if_nametoindex(self.name)
+        except OSError:
+            return False
+        return True
+
     def read(self, size: int = 65535) -> bytes:
         """One packet; ``BlockingIOError`` when none is queued."""
         return os.read(self.fd, size)
@@ -105,7 +130,9 @@ class TunDevice:
 
         With vnet headers the header is stripped; a GSO frame (which a device
         without offloads never yields) is counted as ``not_read``.  A read
-        error other than "nothing queued" is counted as ``io_errors``.
+        error other than "nothing queued" is counted as ``io_errors``;
+        :class:`TunGoneError` once the interface is gone (the caller must
+        stop reading: the descriptor stays readable for ever).
         """
         fd, read, vnet = self.fd, os.read, self.vnet_hdr
         for _ in range(budget):
@@ -113,7 +140,9 @@ class TunDevice:
                 packet = read(fd, _READ_SIZE)
             except BlockingIOError:
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _GONE_ERRNOS:
+                    raise TunGoneError.of(exc) from None
                 counts["io_errors"] = counts.get("io_errors", 0) + 1
                 return
             if vnet:
@@ -191,8 +220,10 @@ class TunWriter:
         tun: TunDevice,
         schedule: Callable[[Callable[[], None]], object],
         counts: dict[str, int],
+        on_gone: Callable[[TunGoneError], None] | None = None,
     ) -> None:
         self.fd = tun.fd
+        self._on_gone = on_gone  # told once the interface is gone (a write found it)
         self._gro = TcpCoalescer() if tun.vnet_hdr else None
         self._schedule = schedule
         self._scheduled = False
@@ -223,7 +254,10 @@ class TunWriter:
             os.write(self.fd, frame)
         except BlockingIOError:
             self.counts["tun_full"] += 1
-        except OSError:
+        except OSError as exc:
+            if exc.errno in _GONE_ERRNOS and self._on_gone is not None:
+                self._on_gone(TunGoneError.of(exc))
+                return
             # e.g. EINVAL for a packet the kernel refuses; keep serving.
             self.counts["io_errors"] += 1
         else:

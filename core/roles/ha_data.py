@@ -43,7 +43,8 @@ from mipsec.core.config import HADataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import HaForwarder, stats_line
 from mipsec.core.ha_core import DataIn
-from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunWriter
+from mipsec.core.outage import Outage
+from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 from mipsec.core.udpgso import GsoSender
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("mipsec.ha.data")
 
 TUN_BUDGET = 256  # packets read from the TUN device per wake-up
+# The TUN interface removed under the HA (``ip link del``, a network
+# manager): how often it is created again, with its addresses and routes.
+RECREATE_S = 5.0
 _FORWARDING = (
     ("IPv4", "/proc/sys/net/ipv4/ip_forward"),
     ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding"),
@@ -85,8 +89,16 @@ class HaDataPlane:
         self._sock4: GsoSender | None = None
         self._sock6: GsoSender | None = None
         self._out: list[tuple[bytes, tuple[str, int]]] = []  # of the current TUN drain
+        self.counts["tun_lost"] = 0  # times the interface was removed under the HA
+        self.counts["tun_gone_drops"] = 0  # MN packets dropped while it was gone
+        self._recreate: asyncio.TimerHandle | None = None
+        self._recreating = Outage(
+            log, f"creating the TUN device {cfg.tun} again", f"retried every {RECREATE_S:g} s"
+        )
 
-    def start(self) -> None:
+    def _open_device(self) -> TunDevice:
+        """The TUN device up, with its addresses and routes; ``ConfigError``
+        naming the key that failed."""
         cfg, file = self.cfg, self.service.config_file
         try:
             tun = TunDevice(cfg.tun, vnet_hdr=cfg.gro)
@@ -104,9 +116,17 @@ class HaDataPlane:
         except IpCommandError as exc:
             tun.close()
             raise ConfigError(file, key, str(exc)) from None
+        return tun
+
+    def _use(self, tun: TunDevice) -> None:
         self.tun = tun
         loop = asyncio.get_running_loop()
-        self.writer = TunWriter(tun, loop.call_soon, self.counts)
+        self.writer = TunWriter(tun, loop.call_soon, self.counts, on_gone=self._lost)
+        loop.add_reader(tun.fd, self._tun_readable)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        tun = self._open_device()
         ha = self.service.cfg.ha
         socks = self.service.sockets
         six = str(ha.address6) if ha.address6 is not None else None
@@ -116,7 +136,7 @@ class HaDataPlane:
         self._sock6 = GsoSender(sock6) if sock6 is not None else None
         self._sock4 = GsoSender(sock4) if sock4 is not None else None
         self.service.on_data = self.on_data
-        loop.add_reader(tun.fd, self._tun_readable)
+        self._use(tun)
         for family, path in _FORWARDING:
             try:
                 off = Path(path).read_text().strip() == "0"
@@ -137,21 +157,66 @@ class HaDataPlane:
     def stop(self) -> None:
         if self.service.on_data == self.on_data:
             self.service.on_data = None
+        if self._recreate is not None:
+            self._recreate.cancel()
+            self._recreate = None
         if self.tun is not None:
             asyncio.get_running_loop().remove_reader(self.tun.fd)
             if self.writer is not None:
                 self.writer.flush()
                 self.writer = None
             self.tun.close()  # the interface, its addresses and routes go with it
-            log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
             self.tun = None
+        elif not self.counts["tun_lost"]:
+            return  # never started
+        log.info("data plane on %s stopped: %s", self.cfg.tun, stats_line(self.stats()))
+
+    def _lost(self, exc: TunGoneError) -> None:
+        """The interface was removed under the HA: stop reading its
+        descriptor (it polls readable for ever), drop the MNs' packets
+        meanwhile (``tun_gone_drops``), and create it again every
+        ``RECREATE_S`` seconds.  The control plane (BUs, BAs) goes on."""
+        tun = self.tun
+        if tun is None:
+            return
+        asyncio.get_running_loop().remove_reader(tun.fd)
+        tun.close()
+        self.tun = self.writer = None
+        self._out.clear()
+        self.counts["tun_lost"] += 1
+        log.error(
+            "data plane: TUN device %s is gone (%s): MN traffic is dropped; "
+            "creating it again every %g s",
+            tun.name,
+            exc.strerror,
+            RECREATE_S,
+        )
+        self._recreate = asyncio.get_running_loop().call_later(RECREATE_S, self._try_recreate)
+
+    def _try_recreate(self) -> None:
+        self._recreate = None
+        try:
+            tun = self._open_device()
+        except ConfigError as exc:  # e.g. the name taken by another process meanwhile
+            self._recreating.failed(f"{exc.key}: {exc.reason}", logging.WARNING)
+            self._recreate = asyncio.get_running_loop().call_later(RECREATE_S, self._try_recreate)
+            return
+        self._recreating.failing = False  # the line below says it works again
+        self._use(tun)
+        log.warning(
+            "data plane on %s again: the device was created anew, with its addresses and routes",
+            tun.name,
+        )
 
     # ------------------------------------------------------------ MN -> home network
 
     def on_data(self, data: DataIn) -> None:
         packet = self.forwarder.inbound(data, time.time())
-        if packet is not None and self.writer is not None:
-            self.writer.write(packet)
+        if packet is not None:
+            if self.writer is not None:
+                self.writer.write(packet)
+            else:  # the device is gone, being created again
+                self.counts["tun_gone_drops"] += 1
 
     # ------------------------------------------------------------ home network -> MN
 
@@ -159,7 +224,11 @@ class HaDataPlane:
         if self.tun is None:
             return
         out = self._out
-        self.tun.drain(self._to_mn, TUN_BUDGET, self.counts)
+        try:
+            self.tun.drain(self._to_mn, TUN_BUDGET, self.counts)
+        except TunGoneError as exc:
+            self._lost(exc)
+            return
         # Consecutive datagrams for one care-of address leave together: one
         # UDP GSO send per run of equal size (udpgso.py).
         start = 0

@@ -25,19 +25,25 @@ tunnel itself.  A default route is fine wherever a more specific route
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Any
 
 from mipsec.core.config import MNDataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import MnForwarder, stats_line
+from mipsec.core.outage import Outage
 from mipsec.core.roles.mn import Registrar
-from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunWriter
+from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 
 log = logging.getLogger("mipsec.mn.data")
 
 TUN_BUDGET = 256  # packets read from the TUN device per wake-up
+# The TUN interface removed under the MN: how often it is created again (and
+# the attached SA's home addresses and routes put back on it).
+RECREATE_S = 5.0
 
 
 class MnDataPlane:
@@ -54,8 +60,18 @@ class MnDataPlane:
         self._out: list[bytes] = []  # datagrams of the current TUN drain
         self._totals: dict[str, int] = {}  # forwarder counters of detached SAs
         self._drops: dict[str, int] = {}
+        self.counts["tun_lost"] = 0  # times the interface was removed under the MN
+        self.counts["tun_gone_drops"] = 0  # packets from the HA dropped meanwhile
+        self._ip4_hoa: str | None = None  # of the attached SA
+        self._recreate: asyncio.TimerHandle | None = None
+        self._recreating = Outage(
+            log, f"creating the TUN device {cfg.tun} again", f"retried every {RECREATE_S:g} s"
+        )
 
     def open(self) -> None:
+        self.tun = self._open_device()
+
+    def _open_device(self) -> TunDevice:
         try:
             tun = TunDevice(self.cfg.tun, vnet_hdr=self.cfg.gro)
         except TunError as exc:
@@ -65,14 +81,61 @@ class MnDataPlane:
         except IpCommandError as exc:
             tun.close()
             raise ConfigError(self.config_file, "dataplane.tun", str(exc)) from None
-        self.tun = tun
+        return tun
 
     def close(self) -> None:
         self.detach()
+        if self._recreate is not None:
+            self._recreate.cancel()
+            self._recreate = None
         if self.tun is not None:
             log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
             self.tun.close()
             self.tun = None
+        elif self.counts["tun_lost"]:
+            log.info("data plane on %s stopped: %s", self.cfg.tun, stats_line(self.stats()))
+
+    # ------------------------------------------------------------ the device removed
+
+    def _lost(self, exc: TunGoneError) -> None:
+        """The interface was removed under the MN: stop reading it (the
+        descriptor polls readable for ever), drop the HA's packets meanwhile
+        (``tun_gone_drops``), and create it again every ``RECREATE_S``
+        seconds, the attached SA's addresses and routes with it."""
+        tun = self.tun
+        if tun is None:
+            return
+        if self.writer is not None:
+            asyncio.get_running_loop().remove_reader(tun.fd)
+            self.writer = None
+        tun.close()
+        self.tun = None
+        self._out.clear()
+        self.counts["tun_lost"] += 1
+        log.error(
+            "data plane: TUN device %s is gone (%s): traffic of the home addresses is "
+            "dropped; creating it again every %g s",
+            tun.name,
+            exc.strerror,
+            RECREATE_S,
+        )
+        self._recreate = asyncio.get_running_loop().call_later(RECREATE_S, self._try_recreate)
+
+    def _try_recreate(self) -> None:
+        self._recreate = None
+        try:
+            tun = self._open_device()
+        except ConfigError as exc:
+            self._recreating.failed(f"{exc.key}: {exc.reason}", logging.WARNING)
+            self._recreate = asyncio.get_running_loop().call_later(RECREATE_S, self._try_recreate)
+            return
+        self._recreating.failing = False  # the line below says it works again
+        self.tun = tun
+        log.warning("data plane on %s again: the device was created anew", tun.name)
+        registrar = self.registrar
+        if registrar is not None:
+            self.detach()
+            self.attach(registrar, self._ip4_hoa)
 
     # ------------------------------------------------------------ attach / detach
 
@@ -81,9 +144,17 @@ class MnDataPlane:
 
         ``ip4_hoa``: the IPv4 home address the HA acknowledged (None: none).
         """
-        tun = self.tun
-        assert tun is not None, "open() first"
         self.detach()
+        tun = self.tun
+        if tun is not None and not tun.exists():
+            # Removed while no SA was attached (nothing read it): found now.
+            self._lost(TunGoneError(errno.ENODEV, os.strerror(errno.ENODEV)))
+            tun = None
+        if tun is None:
+            # The device is gone and being created again: attached then.
+            self.registrar, self._ip4_hoa = registrar, ip4_hoa
+            registrar.on_data = self._from_ha
+            return []
         bs = registrar.issued.bootstrap
         hoas: list[IPv6Address | IPv4Address] = []
         if bs.ip6_hoa is not None:
@@ -118,9 +189,10 @@ class MnDataPlane:
             registrar.machine, frozenset(h.packed for h in hoas), mtu=self.cfg.mtu
         )
         self.registrar = registrar
+        self._ip4_hoa = ip4_hoa
         registrar.on_data = self._from_ha
         loop = asyncio.get_running_loop()
-        self.writer = TunWriter(tun, loop.call_soon, self.counts)
+        self.writer = TunWriter(tun, loop.call_soon, self.counts, on_gone=self._lost)
         loop.add_reader(tun.fd, self._tun_readable)
         names = [str(h) for h in hoas]
         log.info(
@@ -144,8 +216,9 @@ class MnDataPlane:
         if self.writer is not None:
             self.writer.flush()
             self.writer = None
+            if self.tun is not None:
+                asyncio.get_running_loop().remove_reader(self.tun.fd)
         if self.tun is not None:
-            asyncio.get_running_loop().remove_reader(self.tun.fd)
             self.tun.flush()
 
     # ------------------------------------------------------------ the two directions
@@ -154,7 +227,11 @@ class MnDataPlane:
         if self.tun is None or self.forwarder is None or self.registrar is None:
             return
         out = self._out
-        self.tun.drain(self._to_ha, TUN_BUDGET, self.counts)
+        try:
+            self.tun.drain(self._to_ha, TUN_BUDGET, self.counts)
+        except TunGoneError as exc:
+            self._lost(exc)
+            return
         if out:
             self.registrar.send_all(out)  # one UDP GSO send per run of them
             out.clear()
@@ -169,6 +246,8 @@ class MnDataPlane:
     def _from_ha(self, datagram: bytes) -> None:
         fwd, writer = self.forwarder, self.writer
         if fwd is None or writer is None:
+            if self.tun is None and self.registrar is not None:
+                self.counts["tun_gone_drops"] += 1  # the device is being created again
             return
         packet = fwd.downlink(datagram)
         if packet is not None:

@@ -164,3 +164,89 @@ def test_tunnel_survives_an_ha_restart(direct: RunningLab) -> None:
         assert "bootstrap" not in lab.log("mn-restart").split("data plane on", 1)[1]
     finally:
         direct.stop_mn(mn)
+
+
+def _ha_dataplane(run: RunningLab) -> dict[str, int]:
+    """The HA's data-plane counters, from its control socket."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "mipsec.core.cli", "status", "--json"]
+        + ["--config", str(run.info["ha"]["config"])],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout)["counters"]["data"])
+
+
+@pytest.mark.parametrize("where", ["ha", "mn"])
+def test_a_tun_device_removed_is_created_again(direct: RunningLab, where: str) -> None:
+    """``ip link del`` of the HA's (or the MN's) TUN device while an MN's
+    traffic flows.  The descriptor then polls readable for ever: the role
+    read it 180,000 times a second, counting an error each time, a core
+    spent and no line logged.  Now one ERROR, no spin (the HA's io_errors
+    stay put), and the device created again within RECREATE_S (5 s) -- on
+    the HA with its routes, on the MN with the attached SA's home addresses
+    and routes: the MN's traffic flows again without a new bootstrap."""
+    lab = direct.lab
+    name = f"mn-tun-gone-{where}"
+    mn = direct.start_mn(name, direct.config(name))
+    log, tun = ("ha", "mipha0") if where == "ha" else (name, "mip0")
+    try:
+        assert lab.ping(mn.hoa6, CN6)[0] == 3
+        before = _ha_dataplane(direct)
+        lab.exec(where, "ip", "link", "del", tun)
+        lab.wait_log(log, f"data plane: TUN device {tun} is gone", 10)
+        if where == "ha":
+            time.sleep(1.0)
+            during = _ha_dataplane(direct)
+            assert during["tun_lost"] == 1
+            assert during.get("io_errors", 0) - before.get("io_errors", 0) < 10, during
+        lab.wait_log(log, f"data plane on {tun} again", 20)
+        assert until(lambda: lab.ping(mn.hoa6, CN6, count=1)[0] == 1, timeout=20)
+        _traffic(direct, mn)
+        assert "bootstrap" not in lab.log(name).split("data plane on", 1)[1]
+    finally:
+        direct.stop_mn(mn)
+
+
+def test_an_mn_device_removed_between_two_sas_is_found_at_the_next_attach() -> None:
+    """The MN's TUN device removed while no SA was attached (nothing reads
+    it then, between two bootstraps): the next ``attach`` finds it gone
+    instead of failing on its ``ip`` commands, counts the loss, and the
+    device is created again (here in this test's own namespace: a TUN
+    device made by this process, with a random name)."""
+    import asyncio
+    import secrets
+    import socket
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from mipsec.core.config import MNDataPlane
+    from mipsec.core.roles import mn_data
+    from mipsec.core.tun import ip
+
+    name = f"mipt{secrets.token_hex(3)}"
+
+    async def body() -> None:
+        plane = mn_data.MnDataPlane(MNDataPlane(enabled=True, tun=name))
+        plane.open()
+        try:
+            assert plane.tun is not None and plane.tun.exists()
+            ip("link", "del", name)
+            registrar = cast(Any, SimpleNamespace(on_data=None))
+            assert plane.attach(registrar, None) == []
+            assert plane.tun is None and plane.counts["tun_lost"] == 1
+            assert registrar.on_data == plane._from_ha and plane._recreate is not None
+            plane.registrar = None  # nothing to put back on it: the device alone
+            plane._recreate.cancel()
+            plane._try_recreate()
+            assert plane.tun is not None and socket.if_nametoindex(name) > 0
+        finally:
+            plane.close()
+
+    asyncio.run(body())
