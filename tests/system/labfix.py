@@ -66,17 +66,21 @@ class RunningLab:
     def stop_mn(self, mn: Mn) -> str:
         return self.lab.stop(mn.name)
 
-    def why(self, mn: Mn) -> str:
-        """For a failed assertion: the HA's live counters (its control
-        socket: drops by reason, data plane) and the last lines the HA and
-        the MN logged -- what a lost packet leaves behind."""
-        ha = subprocess.run(
+    def ha_status(self) -> subprocess.CompletedProcess[str]:
+        """``mipsec status --json`` of the HA (its control socket)."""
+        return subprocess.run(
             [sys.executable, "-m", "mipsec.core.cli", "status", "--json"]
             + ["--config", str(self.info["ha"]["config"])],
             capture_output=True,
             text=True,
             timeout=20,
         )
+
+    def why(self, mn: Mn) -> str:
+        """For a failed assertion: the HA's live counters (its control
+        socket: drops by reason, data plane) and the last lines the HA and
+        the MN logged -- what a lost packet leaves behind."""
+        ha = self.ha_status()
         tails = {name: self.lab.log(name).splitlines()[-15:] for name in ("ha", mn.name)}
         return json.dumps({"ha_status": ha.stdout or ha.stderr, "logs": tails}, indent=1)
 

@@ -169,16 +169,8 @@ def test_tunnel_survives_an_ha_restart(direct: RunningLab) -> None:
 def _ha_dataplane(run: RunningLab) -> dict[str, int]:
     """The HA's data-plane counters, from its control socket."""
     import json
-    import subprocess
-    import sys
 
-    out = subprocess.run(
-        [sys.executable, "-m", "mipsec.core.cli", "status", "--json"]
-        + ["--config", str(run.info["ha"]["config"])],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    out = run.ha_status()
     assert out.returncode == 0, out.stderr
     return dict(json.loads(out.stdout)["counters"]["data"])
 
