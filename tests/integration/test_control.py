@@ -748,6 +748,29 @@ def test_reload_serves_a_renewed_hac_certificate(lab: Lab, roles: Roles) -> None
     assert good_key.decode().split("\n")[1] not in roles.log("hac")
 
 
+def test_reload_takes_a_renewal_to_another_key_type(lab: Lab, roles: Roles) -> None:
+    """A renewal that changes the key type (ECDSA P-256 to RSA 2048, then
+    P-384) is served after ``mipsec reload``, and both MNs bootstrap over
+    it (the channel binding hashes with what each certificate's signature
+    uses, RFC 5929 §4.1).  Ed25519 is refused as at start -- no
+    tls-server-end-point is defined for it -- and the running certificate
+    stays."""
+    roles.start("ha")
+    roles.start("hac")
+    for key_type in ("rsa2048", "ec-p384"):
+        serial = _renew(lab, "hac", "hac.mipsec.test", key_type=key_type)
+        out = ctl("reload", "--config", hac_cfg(lab))
+        assert out.returncode == 0 and out.stdout.strip().endswith(": hac.cert"), out
+        assert _served_serial(lab) == serial
+        assert _raw_psk(lab, MN_ID)[0] == "200"
+        assert mn_once(lab)["status"] == 200
+    _renew(lab, "hac", "hac.mipsec.test", key_type="ed25519")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 1 and "hac.cert:" in out.stderr, out.stderr
+    assert "Ed25519, tls-server-end-point binding undefined" in out.stderr, out.stderr
+    assert _served_serial(lab) == serial and _raw_psk(lab, MN_ID)[0] == "200"
+
+
 def test_reload_takes_a_hac_certificate_at_new_paths(lab: Lab, roles: Roles) -> None:
     """``hac.cert`` and ``hac.key`` pointed at new files are applied by a
     reload (the rest of ``[hac]`` still needs a restart, named in a refusal
