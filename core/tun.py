@@ -249,14 +249,26 @@ class TunWriter:
             for frame in self._gro.flush():
                 self._write(frame)
 
+    def close(self) -> None:
+        """Write nothing more, ever: the device's descriptor is closed (or
+        about to be), and its number may soon be another file's.  What is
+        held is dropped; a flush already scheduled finds nothing to do."""
+        self.fd = -1
+        if self._gro is not None:
+            self._gro.flush()  # discarded
+
     def _write(self, frame: bytes) -> None:
+        if self.fd < 0:
+            return  # closed: the device is gone
         try:
             os.write(self.fd, frame)
         except BlockingIOError:
             self.counts["tun_full"] += 1
         except OSError as exc:
             if exc.errno in _GONE_ERRNOS and self._on_gone is not None:
-                self._on_gone(TunGoneError.of(exc))
+                on_gone = self._on_gone
+                self.close()  # before the callback closes the descriptor
+                on_gone(TunGoneError.of(exc))
                 return
             # e.g. EINVAL for a packet the kernel refuses; keep serving.
             self.counts["io_errors"] += 1

@@ -164,6 +164,7 @@ class HaDataPlane:
             asyncio.get_running_loop().remove_reader(self.tun.fd)
             if self.writer is not None:
                 self.writer.flush()
+                self.writer.close()
                 self.writer = None
             self.tun.close()  # the interface, its addresses and routes go with it
             self.tun = None
@@ -180,6 +181,8 @@ class HaDataPlane:
         if tun is None:
             return
         asyncio.get_running_loop().remove_reader(tun.fd)
+        if self.writer is not None:
+            self.writer.close()  # a flush it has scheduled must not write to a reused fd
         tun.close()
         self.tun = self.writer = None
         self._out.clear()

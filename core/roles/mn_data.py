@@ -107,6 +107,7 @@ class MnDataPlane:
             return
         if self.writer is not None:
             asyncio.get_running_loop().remove_reader(tun.fd)
+            self.writer.close()  # a flush it has scheduled must not write to a reused fd
             self.writer = None
         tun.close()
         self.tun = None
