@@ -381,7 +381,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     last_bootstrap = -1e9
     failures = 0  # bootstraps or registrations failed in a row (core/mn_retry.py)
 
-    async def after_failure(retry_after: datetime | None = None) -> None:
+    async def after_failure(why: str, retry_after: datetime | None = None) -> None:
         nonlocal failures
         failures += 1
         wait = next_wait(
@@ -392,11 +392,13 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             now=datetime.now(UTC),
             uniform=random.uniform,
         )
+        # One line says it all: the wait, how many failures, and why.
         log.info(
-            "next bootstrap in %.1f s (failure %d in a row%s)",
+            "next bootstrap in %.1f s (failure %d in a row%s): %s",
             wait,
             failures,
             "; the HAC's retry-after honoured" if retry_after is not None else "",
+            why,
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait)
@@ -423,7 +425,10 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             if once:
                 return EXIT_OK if result.ok else EXIT_FAILED
             if not (result.ok and result.issued is not None):
-                await after_failure(result.retry_after)
+                why = result.reason or "bootstrap failed"
+                if result.status is not None and str(result.status) not in why:
+                    why = f"status {result.status}: {why}"
+                await after_failure(why, result.retry_after)
                 continue
             failures = 0
             from mipsec.core.issuer import utcnow
@@ -441,7 +446,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             report(result, RegistrationOutcome(None, reason=f"cannot reach the HA: {exc}"))
             if once:
                 return EXIT_FAILED
-            await after_failure()
+            await after_failure(f"cannot reach the HA: {exc}")
             continue
         try:
             if once:
@@ -469,10 +474,11 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                     # Sent back by the SA's very first BA (an HA answering
                     # 176 to every BU): a failure, backed off -- the MN
                     # must not hammer its HAC.
-                    await after_failure()
+                    await after_failure(f"sent back by the SA's first BA: {outcome.rebootstrap}")
             elif not outcome.accepted:
-                log.warning("registration failed: %s", outcome.reason or outcome.status)
-                await after_failure()
+                why = outcome.reason or f"BA status {outcome.status}"
+                log.warning("registration failed: %s", why)
+                await after_failure(f"registration failed: {why}")
         finally:
             if dataplane is not None:
                 dataplane.detach()

@@ -104,16 +104,17 @@ def test_sigterm_during_a_stalled_bootstrap_stops_the_mn_within_its_grace(lab: L
 
 _NEXT = re.compile(
     r"next bootstrap in ([0-9.]+) s \(failure (\d+) in a row(; the HAC's retry-after honoured)?\)"
+    r": (.+)$"
 )
 
 
 def _waits(
     mn: subprocess.Popen[str], until: int, deadline: float = 90.0
-) -> list[tuple[float, int, bool]]:
+) -> list[tuple[float, int, bool, str]]:
     """The MN's ``next bootstrap in`` lines (wait, failures in a row,
     retry-after honoured) from its stderr, up to the ``until``-th failure."""
     assert mn.stderr is not None
-    seen: list[tuple[float, int, bool]] = []
+    seen: list[tuple[float, int, bool, str]] = []
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         line = mn.stderr.readline()
@@ -121,7 +122,7 @@ def _waits(
             break
         m = _NEXT.search(line)
         if m is not None:
-            seen.append((float(m.group(1)), int(m.group(2)), m.group(3) is not None))
+            seen.append((float(m.group(1)), int(m.group(2)), m.group(3) is not None, m.group(4)))
             if int(m.group(2)) >= until:
                 break
     return seen
@@ -149,8 +150,9 @@ def test_failed_bootstraps_back_off_exponentially_with_jitter(lab: Lab) -> None:
         mn.send_signal(signal.SIGTERM)
         _, err = mn.communicate(timeout=20)
     assert mn.returncode == 0, err
-    assert [n for _, n, _ in waits] == [1, 2, 3, 4, 5], waits
-    for wait, n, honoured in waits:
+    assert [w[1] for w in waits] == [1, 2, 3, 4, 5], waits
+    for wait, n, honoured, why in waits:
+        assert why.startswith("cannot connect to the HAC"), why  # the why, on the same line
         step = min(4.0, 2.0 ** (n - 1))
         assert step / 2 - 0.05 <= wait <= step + 0.05, (n, wait)
         assert not honoured
@@ -187,8 +189,9 @@ def test_a_503_retry_after_is_honoured(lab: Lab, start_hac: Any) -> None:
         holder.close()
     assert mn.returncode == 0, err
     assert '"status": 503' in out, out
-    ((wait, n, honoured),) = waits
+    ((wait, n, honoured, why),) = waits
     assert n == 1 and honoured, out
+    assert why == "status 503: final response not authenticated", why
     # retry-after is whole seconds, 30 s after the HAC's clock: 29-30 s from
     # now, plus up to retry_min (1 s).
     assert 28.5 <= wait <= 31.5, wait
