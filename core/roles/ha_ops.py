@@ -23,7 +23,7 @@ from mipsec.core.model import IssuedSA
 from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
 from mipsec.core.roles.ha import HaService
 from mipsec.core.roles.hac_ops import sa_row
-from mipsec.core.roles.provserver import ACCESS_LEAVES
+from mipsec.core.roles.provserver import ACCESS_LEAVES, TIMEOUT_LEAF
 from mipsec.core.version import version
 
 log = logging.getLogger("mipsec.ha")
@@ -32,8 +32,9 @@ LIVE_KEYS = frozenset({"log_level", "log_format", "log_levels", "ha"})
 # Under [ha], only these apply live; every other [ha] key needs a restart.
 LIVE_HA_KEYS = frozenset({"max_binding_lifetime"})
 # Under [provisioning], who may connect (ACCESS_LEAVES): adding a HAC, or
-# cutting one off, needs no restart of the HA (and its data plane).
-LIVE_LEAVES = ACCESS_LEAVES
+# cutting one off, needs no restart of the HA (and its data plane); nor does
+# the listener's timeout.
+LIVE_LEAVES = ACCESS_LEAVES | {TIMEOUT_LEAF}
 
 
 def _iso(epoch: float) -> str:
@@ -147,12 +148,16 @@ class HaOps:
         renew = prov.renewal(file, "provisioning.") if prov is not None else None
         if renew is not None:
             changed = sorted({*changed, "provisioning.cert"})
-        access = prov is not None and bool(LIVE_LEAVES & set(changed))
+        access = prov is not None and bool(ACCESS_LEAVES & set(changed))
+        timeout = prov is not None and TIMEOUT_LEAF in changed
         svc.cfg = new
         svc.core.max_binding_lifetime = float(new.ha.max_binding_lifetime)
         if access:
             assert new.provisioning is not None
             prov.apply_access(new.provisioning)
+        if timeout:
+            assert prov is not None and new.provisioning is not None
+            prov.apply_timeout(new.provisioning)
         if renew is not None and new.provisioning is not None:
             renew()
             log.info(
@@ -173,6 +178,7 @@ def _access(cfg: ProvisioningListener | None, server: Any) -> dict[str, Any]:
         "client_names": list(cfg.client_names),
         "allowed_clients": None if allowed is None else [str(n) for n in allowed],
         "sessions": server.sessions if server is not None else 0,
+        "timeout_s": cfg.timeout,
     }
 
 

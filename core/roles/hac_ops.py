@@ -38,7 +38,7 @@ from mipsec.core.reload import (
     stale,
 )
 from mipsec.core.roles.hac import HacService, hac_policy
-from mipsec.core.roles.provserver import ACCESS_LEAVES
+from mipsec.core.roles.provserver import ACCESS_LEAVES, TIMEOUT_LEAF
 from mipsec.core.servercert import ServerCert
 from mipsec.core.suites import Suite
 from mipsec.core.version import version
@@ -64,8 +64,8 @@ LIVE_KEYS = frozenset(
 )
 # Keys inside [hac] a reload applies: the MHAuth certificate and its key
 # (a renewal), paths and contents alike; and who may connect to the pull
-# listener ([provisioning], ACCESS_LEAVES).
-LIVE_LEAVES = frozenset({"hac.cert", "hac.key"}) | ACCESS_LEAVES
+# listener ([provisioning], ACCESS_LEAVES) and its timeout.
+LIVE_LEAVES = frozenset({"hac.cert", "hac.key", TIMEOUT_LEAF}) | ACCESS_LEAVES
 TRACKER = "mipsec-control-tracker"
 
 
@@ -562,6 +562,8 @@ class HacOps:
             )
         if prov is not None and new.provisioning is not None and ACCESS_LEAVES & set(changed):
             prov.apply_access(new.provisioning)
+        if prov is not None and new.provisioning is not None and TIMEOUT_LEAF in changed:
+            prov.apply_timeout(new.provisioning)
         if renew_listener is not None and new.provisioning is not None:
             renew_listener()
             log.info(

@@ -117,6 +117,7 @@ __all__ = [
     "ACCESS_LEAVES",
     "MAX_CONNECTIONS",
     "PIPELINE",
+    "TIMEOUT_LEAF",
     "ProvisioningClient",
     "ProvisioningServer",
     "check_client_names",
@@ -176,6 +177,8 @@ def check_client_names(peer_cert_der: bytes, names: Sequence[str]) -> None:
 # The listener's keys a role's reload applies (``apply_access``), to new
 # connections and to the open ones: who may connect.
 ACCESS_LEAVES = frozenset({"provisioning.client_names", "provisioning.allowed_clients"})
+# The listener's one timeout, which a reload also applies (apply_timeout).
+TIMEOUT_LEAF = "provisioning.timeout"
 
 
 class ProvisioningServer:
@@ -302,6 +305,24 @@ class ProvisioningServer:
             cut,
         )
         return cut
+
+    def apply_timeout(self, cfg: ProvisioningListener) -> None:
+        """A reload's new ``timeout``: it bounds new connections' handshakes,
+        every connection's next wait for a request and next request, and the
+        next operations -- open connections from their next step on (a step
+        under way keeps the deadline it was given)."""
+        self.cfg = cfg
+        self.listener.limits = dataclasses.replace(
+            self.listener.limits,
+            handshake_timeout=cfg.timeout,
+            request_timeout=cfg.timeout,
+            idle_timeout=cfg.timeout,
+        )
+        log.info(
+            "provisioning listener: timeout %g s from now on (open connections from their "
+            "next step)",
+            cfg.timeout,
+        )
 
     def _refusal(self, peername: Any, der: bytes) -> str | None:
         """Why ``cfg`` no longer admits a client (None: it does)."""

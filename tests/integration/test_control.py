@@ -560,6 +560,34 @@ def test_ha_reload_changes_who_may_provision_without_a_restart(lab: Lab, roles: 
     assert roles.stop("hac") == 0 and roles.stop("ha") == 0
 
 
+def test_ha_reload_applies_the_provisioning_timeout(lab: Lab, roles: Roles) -> None:
+    """``[provisioning] timeout`` applies at a reload of the HA: a
+    connection that never starts its handshake is closed at the new
+    deadline (10 s -> 1 s here), ``mipsec status`` shows it, the HAC still
+    provisions through the listener, and the HA never restarts."""
+    import socket
+
+    ha = roles.start("ha")
+    roles.start("hac")
+    cfg = Path(ha_cfg(lab))
+    assert ctl_json("status", "--config", ha_cfg(lab))["provisioning"]["timeout_s"] == 10
+    text = cfg.read_text()
+    assert "\ntimeout = 10" in text, text
+    cfg.write_text(text.replace("\ntimeout = 10", "\ntimeout = 1", 1))
+    out = ctl("reload", "--config", ha_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": provisioning.timeout"), out
+    assert ctl_json("status", "--config", ha_cfg(lab))["provisioning"]["timeout_s"] == 1
+    roles.wait_log("ha", "provisioning listener: timeout 1 s from now on")
+    # A silent TCP connection: closed by the HA at its handshake deadline
+    # (1 s now), not after the 10 s it had before the reload.
+    with socket.create_connection(("127.0.0.1", int(lab.info["ha"]["port"])), timeout=5) as s:
+        s.settimeout(5)  # the test's own bound: 10 s would time out here
+        assert s.recv(1) == b""  # closed by the HA
+    assert mn_once(lab)["status"] == 200
+    assert ha.poll() is None and roles.log("ha").count("ha ready") == 1
+    assert "Traceback" not in roles.log("ha")
+
+
 # The HA with its provisioning listener slow to open (1.5 s before it binds,
 # after it was built from the configuration): a window for a SIGHUP.
 _SLOW_LISTENER = """

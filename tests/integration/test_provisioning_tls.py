@@ -1047,6 +1047,49 @@ def test_hac_reload_changes_who_may_pull(
     assert isinstance(outcomes[1], str) and "closed by the peer" in outcomes[1], outcomes
 
 
+def test_hac_reload_applies_its_pull_listener_timeout(
+    tmp_path: Path, pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HAC's pull listener takes a reload's ``timeout`` (as the HA's
+    provisioning listener does): a connection that never starts its
+    handshake is closed at the new deadline; the HA still pulls."""
+    from mipsec.core.roles import hac_ops
+    from mipsec.core.roles.hac_ops import HacOps
+
+    rec = Recorder()
+    pull_port = free_port()
+
+    async def body(port: int) -> tuple[list[str], bytes, float, float]:
+        cfg = hac_config(tmp_path, pki, port, pull_port=pull_port)
+        hac = HacService(cfg)
+        await hac.start()
+        ops = HacOps(hac, str(tmp_path / "hac.toml"))
+        assert cfg.provisioning is not None
+        quick = cfg.model_copy(
+            update={"provisioning": cfg.provisioning.model_copy(update={"timeout": 0.5})}
+        )
+        try:
+            issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            monkeypatch.setattr(hac_ops, "load_config", lambda *_: quick)
+            applied = ops._apply()
+            reader, writer = await asyncio.open_connection("127.0.0.1", pull_port)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            got = await asyncio.wait_for(reader.read(1), 10)  # closed by the HAC
+            waited = loop.time() - t0
+            writer.close()
+            pulled = await pull_sa(pull_cfg(pki, pull_port), issued.sa.spi, "ha1")
+            assert pulled == issued
+        finally:
+            await hac.stop()
+        return applied, got, waited, cfg.provisioning.timeout
+
+    applied, got, waited, before = run(serving(ha_listener(pki), rec, body))
+    assert applied == ["provisioning.timeout"]
+    # Closed by the new deadline, well before the old one would have come.
+    assert got == b"" and waited < before, (waited, before)
+
+
 @pytest.mark.parametrize("ha", ["down", "refuses"])
 def test_hac_gets_504_and_keeps_nothing_when_the_ha_does_not_confirm(
     tmp_path: Path, pki: PkiPaths, ha: str
