@@ -997,6 +997,19 @@ def test_hac_pull_listener_closes_a_client_outside_allowed_clients_before_tls(
     assert pulled == issued
 
 
+async def _hac_with_pull_listener(
+    tmp_path: Path, pki: PkiPaths, port: int, pull_port: int
+) -> tuple[Any, HacService, Any]:
+    """A started HAC provisioning to ``port`` with its pull listener on
+    ``pull_port``, and the operations object a reload runs through."""
+    from mipsec.core.roles.hac_ops import HacOps
+
+    cfg = hac_config(tmp_path, pki, port, pull_port=pull_port)
+    hac = HacService(cfg)
+    await hac.start()
+    return cfg, hac, HacOps(hac, str(tmp_path / "hac.toml"))
+
+
 def test_hac_reload_changes_who_may_pull(
     tmp_path: Path, pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1005,16 +1018,12 @@ def test_hac_reload_changes_who_may_pull(
     refused and its open connection closed; put back, it pulls again.  Only
     that key changes: nothing needs a restart."""
     from mipsec.core.roles import hac_ops
-    from mipsec.core.roles.hac_ops import HacOps
 
     rec = Recorder()
     pull_port = free_port()
 
     async def body(port: int) -> tuple[IssuedSA, list[Any], list[list[str]]]:
-        cfg = hac_config(tmp_path, pki, port, pull_port=pull_port)
-        hac = HacService(cfg)
-        await hac.start()
-        ops = HacOps(hac, str(tmp_path / "hac.toml"))
+        cfg, hac, ops = await _hac_with_pull_listener(tmp_path, pki, port, pull_port)
         assert cfg.provisioning is not None
         shut = cfg.model_copy(
             update={
@@ -1054,16 +1063,12 @@ def test_hac_reload_applies_its_pull_listener_timeout(
     provisioning listener does): a connection that never starts its
     handshake is closed at the new deadline; the HA still pulls."""
     from mipsec.core.roles import hac_ops
-    from mipsec.core.roles.hac_ops import HacOps
 
     rec = Recorder()
     pull_port = free_port()
 
     async def body(port: int) -> tuple[list[str], bytes, float, float]:
-        cfg = hac_config(tmp_path, pki, port, pull_port=pull_port)
-        hac = HacService(cfg)
-        await hac.start()
-        ops = HacOps(hac, str(tmp_path / "hac.toml"))
+        cfg, hac, ops = await _hac_with_pull_listener(tmp_path, pki, port, pull_port)
         assert cfg.provisioning is not None
         quick = cfg.model_copy(
             update={"provisioning": cfg.provisioning.model_copy(update={"timeout": 0.5})}
