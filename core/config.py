@@ -10,7 +10,6 @@ options; the plugin validates them.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +40,7 @@ from mipsec.core.errors import ConfigError, HeaderError
 from mipsec.core.filedigest import read_regular
 from mipsec.core.model import DEFAULT_MIP6_PORT
 from mipsec.core.suites import DEFAULT_ALLOWED, Suite, suite_from_name
+from mipsec.core.tomltext import TomlTextError, parse_toml
 from mipsec.core.wire.values import parse_nai
 
 DEFAULT_HAC_PORT = 7872  # PROFILE §1
@@ -560,13 +560,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(str(p), "(file)", exc.strerror or str(exc)) from None
     try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(str(p), "(file)", "not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(p), "(syntax)", str(exc)) from None
-    except RecursionError:  # arrays or tables nested thousands deep
-        raise ConfigError(str(p), "(syntax)", "nested too deep") from None
+        return parse_toml(raw)
+    except TomlTextError as exc:
+        raise ConfigError(str(p), f"({exc.where})", exc.reason) from None
 
 
 def load_config(path: str | Path, role: str) -> BaseModel:

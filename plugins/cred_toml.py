@@ -39,7 +39,6 @@ import asyncio
 import functools
 import logging
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from mipsec.core.filedigest import read_regular
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.nai import nai_key  # re-exported: the lookup key (was defined here)
 from mipsec.core.secretfiles import check_private
+from mipsec.core.tomltext import TomlTextError, parse_toml
 from mipsec.plugins._options import error_text, parse_options, resolve_path
 
 log = logging.getLogger("mipsec.plugins.cred_toml")
@@ -119,13 +119,9 @@ def load_credentials(path: Path, *, allow_short_passphrase: bool = False) -> dic
     except OSError as exc:
         raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    except RecursionError:  # arrays or tables nested thousands deep
-        raise ValueError(f"{path}: nested too deep") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+        doc = parse_toml(data)
+    except TomlTextError as exc:
+        raise ValueError(f"{path}: {exc.reason}") from None
     try:
         top = _File.model_validate(doc)
     except ValidationError as exc:
