@@ -248,12 +248,10 @@ def test_hac_flood_beyond_the_cap_evicts_and_serves_every_mn(lab: Lab, start_hac
 # ------------------------------------------------- the HA's provisioning listener
 
 
-def test_ha_provisioning_listener_flood_installs_still_succeed(lab: Lab, start_hac: Any) -> None:
-    """Idle TCP and ClientHellos trickled octet by octet (a flooder has no
-    client certificate) against the HA's listener (cap 64, the lab's) while
-    MNs bootstrap, each bootstrap installing its SA on the HA over it."""
-    ha_toml = lab.dir / "ha.toml"
-    edit_toml(ha_toml, "timeout = 10", "timeout = 4")
+def _ha_for_flood(lab: Lab, start_hac: Any) -> tuple[subprocess.Popen[str], int]:
+    """The lab's HA (4-s listener timeout, its output piped) and its HAC,
+    two MNs bootstrapped through them; the HA's process and port."""
+    edit_toml(lab.dir / "ha.toml", "timeout = 10", "timeout = 4")
     ha = subprocess.Popen(
         [*LAUNCHER, "--role", "ha", "--config", lab.info["ha"]["config"]],
         stdout=subprocess.PIPE,
@@ -265,18 +263,38 @@ def test_ha_provisioning_listener_flood_installs_still_succeed(lab: Lab, start_h
         wait_port(port, ha)
         start_hac(lab, with_ha=False)
         assert [s for s, _ in bootstrap_many(lab, 2)] == ["200", "200"]
+    except BaseException:
+        stop_process(ha)
+        raise
+    return ha, port
+
+
+async def _flood_ha(
+    lab: Lab, port: int, idle_n: int, hello_n: int
+) -> tuple[list[RawTls], list[RawTls], list[asyncio.Task[Any]]]:
+    """``idle_n`` idle TCP connections and ``hello_n`` ClientHellos trickled
+    octet by octet (a flooder has no client certificate) to the HA's port."""
+    idle = await open_idle(port, idle_n)
+    hellos = await open_idle(port, hello_n)
+    ctx = client_context(lab.info["ca"])
+    trickling = [
+        asyncio.create_task(c.trickle(c.start_tls(ctx, "ha.mipsec.test"), 0.5)) for c in hellos
+    ]
+    return idle, hellos, trickling
+
+
+def test_ha_provisioning_listener_flood_installs_still_succeed(lab: Lab, start_hac: Any) -> None:
+    """Idle TCP and ClientHellos trickled octet by octet (a flooder has no
+    client certificate) against the HA's listener (cap 64, the lab's) while
+    MNs bootstrap, each bootstrap installing its SA on the HA over it."""
+    ha, port = _ha_for_flood(lab, start_hac)
+    try:
 
         async def flood() -> dict[str, Any]:
             sampler = Sampler(ha.pid)
             stop = asyncio.Event()
             sampling = asyncio.create_task(sampler.run(stop))
-            idle = await open_idle(port, IDLE_TCP)
-            hellos = await open_idle(port, TRICKLERS)
-            ctx = client_context(lab.info["ca"])
-            trickling = [
-                asyncio.create_task(c.trickle(c.start_tls(ctx, "ha.mipsec.test"), 0.5))
-                for c in hellos
-            ]
+            idle, hellos, trickling = await _flood_ha(lab, port, IDLE_TCP, TRICKLERS)
             await asyncio.sleep(0.5)
             results = await asyncio.to_thread(bootstrap_many, lab, MNS)
             closed = await asyncio.gather(*(c.wait_closed_by_server(20) for c in hellos))
@@ -300,3 +318,79 @@ def test_ha_provisioning_listener_flood_installs_still_succeed(lab: Lab, start_h
     assert got["closed"] == TRICKLERS  # evicted or at the handshake deadline
     assert "evicted" in out
     assert got["growth"] <= RSS_BOUND_KIB
+
+
+def test_ha_access_list_reload_during_a_flood(lab: Lab, start_hac: Any) -> None:
+    """The HA's listener held by idle TCP connections and ClientHellos
+    trickled octet by octet while its operator takes the HAC's name off
+    ``client_names`` and puts it back (two reloads over the control socket).
+    Each reload is applied while the flood goes on; while the name is off,
+    MNs get 504 and the HA holds nothing new; once it is back, every MN
+    bootstraps (200); the flood is evicted or closed at its deadlines as
+    without a reload; no traceback."""
+    import json
+
+    ha_toml = lab.dir / "ha.toml"
+    ha, port = _ha_for_flood(lab, start_hac)
+
+    def reload() -> str:
+        out = subprocess.run(
+            [*LAUNCHER, "reload", "--config", lab.info["ha"]["config"]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def held() -> int:
+        out = subprocess.run(
+            [*LAUNCHER, "sas", "--config", lab.info["ha"]["config"], "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        return len(json.loads(out.stdout)["sas"])
+
+    try:
+
+        async def flood() -> dict[str, Any]:
+            idle, hellos, trickling = await _flood_ha(lab, port, IDLE_TCP // 4, TRICKLERS // 3)
+            await asyncio.sleep(0.5)
+            before = await asyncio.to_thread(held)
+            edit_toml(
+                ha_toml, 'client_names = ["hac.mipsec.test"]', 'client_names = ["x.mipsec.test"]'
+            )
+            off = await asyncio.to_thread(reload)
+            refused = await asyncio.to_thread(bootstrap_many, lab, 4)
+            during = await asyncio.to_thread(held)
+            edit_toml(
+                ha_toml, 'client_names = ["x.mipsec.test"]', 'client_names = ["hac.mipsec.test"]'
+            )
+            on = await asyncio.to_thread(reload)
+            served = await asyncio.to_thread(bootstrap_many, lab, MNS)
+            closed = await asyncio.gather(*(c.wait_closed_by_server(20) for c in hellos))
+            for task in trickling:
+                task.cancel()
+            for c in [*idle, *hellos]:
+                c.close()
+            return {
+                "off": off,
+                "on": on,
+                "refused": refused,
+                "served": served,
+                "held": (before, during),
+                "closed": sum(closed),
+            }
+
+        got = asyncio.run(flood())
+    finally:
+        out = stop_process(ha)
+    assert got["off"].strip().endswith(": provisioning.client_names"), got["off"]
+    assert got["on"].strip().endswith(": provisioning.client_names"), got["on"]
+    assert [s for s, _ in got["refused"]] == ["504"] * 4
+    assert got["held"][1] <= got["held"][0]  # nothing new held while the HAC was off
+    assert [s for s, _ in got["served"]] == ["200"] * MNS
+    assert got["closed"] == TRICKLERS // 3  # evicted or at the handshake deadline
+    assert "Traceback" not in out
