@@ -43,7 +43,7 @@ from mipsec.core.config import HADataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import HaForwarder, stats_line
 from mipsec.core.ha_core import DataIn
-from mipsec.core.outage import Outage
+from mipsec.core.roles.tunrevive import TunReviver
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 from mipsec.core.udpgso import GsoSender
 
@@ -53,9 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mipsec.ha.data")
 
 TUN_BUDGET = 256  # packets read from the TUN device per wake-up
-# The TUN interface removed under the HA (``ip link del``, a network
-# manager): how often it is created again, with its addresses and routes.
-RECREATE_S = 5.0
 _FORWARDING = (
     ("IPv4", "/proc/sys/net/ipv4/ip_forward"),
     ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding"),
@@ -89,11 +86,11 @@ class HaDataPlane:
         self._sock4: GsoSender | None = None
         self._sock6: GsoSender | None = None
         self._out: list[tuple[bytes, tuple[str, int]]] = []  # of the current TUN drain
-        self.counts["tun_lost"] = 0  # times the interface was removed under the HA
         self.counts["tun_gone_drops"] = 0  # MN packets dropped while it was gone
-        self._recreate: asyncio.TimerHandle | None = None
-        self._recreating = Outage(
-            log, f"creating the TUN device {cfg.tun} again", f"retried every {RECREATE_S:g} s"
+        # The interface removed under the HA: created again, with its
+        # addresses and routes (roles/tunrevive.py; counts tun_lost).
+        self.reviver = TunReviver(
+            cfg.tun, self._open_device, self._use, self.counts, log, "MN traffic"
         )
 
     def _open_device(self) -> TunDevice:
@@ -157,9 +154,7 @@ class HaDataPlane:
     def stop(self) -> None:
         if self.service.on_data == self.on_data:
             self.service.on_data = None
-        if self._recreate is not None:
-            self._recreate.cancel()
-            self._recreate = None
+        self.reviver.cancel()
         if self.tun is not None:
             asyncio.get_running_loop().remove_reader(self.tun.fd)
             if self.writer is not None:
@@ -174,42 +169,15 @@ class HaDataPlane:
 
     def _lost(self, exc: TunGoneError) -> None:
         """The interface was removed under the HA: stop reading its
-        descriptor (it polls readable for ever), drop the MNs' packets
-        meanwhile (``tun_gone_drops``), and create it again every
-        ``RECREATE_S`` seconds.  The control plane (BUs, BAs) goes on."""
+        descriptor and drop the MNs' packets (``tun_gone_drops``) until the
+        reviver has created it again.  The control plane (BUs, BAs) goes on."""
         tun = self.tun
         if tun is None:
             return
         asyncio.get_running_loop().remove_reader(tun.fd)
-        if self.writer is not None:
-            self.writer.close()  # a flush it has scheduled must not write to a reused fd
-        tun.close()
-        self.tun = self.writer = None
+        writer, self.tun, self.writer = self.writer, None, None
         self._out.clear()
-        self.counts["tun_lost"] += 1
-        log.error(
-            "data plane: TUN device %s is gone (%s): MN traffic is dropped; "
-            "creating it again every %g s",
-            tun.name,
-            exc.strerror,
-            RECREATE_S,
-        )
-        self._recreate = asyncio.get_running_loop().call_later(RECREATE_S, self._try_recreate)
-
-    def _try_recreate(self) -> None:
-        self._recreate = None
-        try:
-            tun = self._open_device()
-        except ConfigError as exc:  # e.g. the name taken by another process meanwhile
-            self._recreating.failed(f"{exc.key}: {exc.reason}", logging.WARNING)
-            self._recreate = asyncio.get_running_loop().call_later(RECREATE_S, self._try_recreate)
-            return
-        self._recreating.failing = False  # the line below says it works again
-        self._use(tun)
-        log.warning(
-            "data plane on %s again: the device was created anew, with its addresses and routes",
-            tun.name,
-        )
+        self.reviver.lost(tun, writer, exc)
 
     # ------------------------------------------------------------ MN -> home network
 

@@ -34,16 +34,13 @@ from typing import Any
 from mipsec.core.config import MNDataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import MnForwarder, stats_line
-from mipsec.core.outage import Outage
 from mipsec.core.roles.mn import Registrar
+from mipsec.core.roles.tunrevive import TunReviver
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 
 log = logging.getLogger("mipsec.mn.data")
 
 TUN_BUDGET = 256  # packets read from the TUN device per wake-up
-# The TUN interface removed under the MN: how often it is created again (and
-# the attached SA's home addresses and routes put back on it).
-RECREATE_S = 5.0
 
 
 class MnDataPlane:
@@ -60,13 +57,14 @@ class MnDataPlane:
         self._out: list[bytes] = []  # datagrams of the current TUN drain
         self._totals: dict[str, int] = {}  # forwarder counters of detached SAs
         self._drops: dict[str, int] = {}
-        self.counts["tun_lost"] = 0  # times the interface was removed under the MN
         self.counts["tun_gone_drops"] = 0  # packets from the HA dropped meanwhile
         self._ip4_hoa: str | None = None  # of the attached SA
-        self._recreate: asyncio.TimerHandle | None = None
-        self._recreating = Outage(
-            log, f"creating the TUN device {cfg.tun} again", f"retried every {RECREATE_S:g} s"
-        )
+        # The interface removed under the MN: created again, the attached
+        # SA's addresses and routes with it (roles/tunrevive.py; tun_lost).
+        self.reviver = TunReviver(
+            cfg.tun, self._open_device, self._back, self.counts, log,
+            "traffic of the home addresses",
+        )  # fmt: skip
 
     def open(self) -> None:
         self.tun = self._open_device()
@@ -85,9 +83,7 @@ class MnDataPlane:
 
     def close(self) -> None:
         self.detach()
-        if self._recreate is not None:
-            self._recreate.cancel()
-            self._recreate = None
+        self.reviver.cancel()
         if self.tun is not None:
             log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
             self.tun.close()
@@ -98,41 +94,21 @@ class MnDataPlane:
     # ------------------------------------------------------------ the device removed
 
     def _lost(self, exc: TunGoneError) -> None:
-        """The interface was removed under the MN: stop reading it (the
-        descriptor polls readable for ever), drop the HA's packets meanwhile
-        (``tun_gone_drops``), and create it again every ``RECREATE_S``
-        seconds, the attached SA's addresses and routes with it."""
+        """The interface was removed under the MN: stop reading it and drop
+        the HA's packets (``tun_gone_drops``) until the reviver has created
+        it again."""
         tun = self.tun
         if tun is None:
             return
-        if self.writer is not None:
+        writer, self.writer, self.tun = self.writer, None, None
+        if writer is not None:  # attached: its reader is registered
             asyncio.get_running_loop().remove_reader(tun.fd)
-            self.writer.close()  # a flush it has scheduled must not write to a reused fd
-            self.writer = None
-        tun.close()
-        self.tun = None
         self._out.clear()
-        self.counts["tun_lost"] += 1
-        log.error(
-            "data plane: TUN device %s is gone (%s): traffic of the home addresses is "
-            "dropped; creating it again every %g s",
-            tun.name,
-            exc.strerror,
-            RECREATE_S,
-        )
-        self._recreate = asyncio.get_running_loop().call_later(RECREATE_S, self._try_recreate)
+        self.reviver.lost(tun, writer, exc)
 
-    def _try_recreate(self) -> None:
-        self._recreate = None
-        try:
-            tun = self._open_device()
-        except ConfigError as exc:
-            self._recreating.failed(f"{exc.key}: {exc.reason}", logging.WARNING)
-            self._recreate = asyncio.get_running_loop().call_later(RECREATE_S, self._try_recreate)
-            return
-        self._recreating.failing = False  # the line below says it works again
+    def _back(self, tun: TunDevice) -> None:
+        """The device created again: the attached SA goes back on it."""
         self.tun = tun
-        log.warning("data plane on %s again: the device was created anew", tun.name)
         registrar = self.registrar
         if registrar is not None:
             self.detach()

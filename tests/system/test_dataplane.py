@@ -233,10 +233,10 @@ def test_an_mn_device_removed_between_two_sas_is_found_at_the_next_attach() -> N
             registrar = cast(Any, SimpleNamespace(on_data=None))
             assert plane.attach(registrar, None) == []
             assert plane.tun is None and plane.counts["tun_lost"] == 1
-            assert registrar.on_data == plane._from_ha and plane._recreate is not None
+            assert registrar.on_data == plane._from_ha and plane.reviver._timer is not None
             plane.registrar = None  # nothing to put back on it: the device alone
-            plane._recreate.cancel()
-            plane._try_recreate()
+            plane.reviver.cancel()
+            plane.reviver.try_now()
             assert plane.tun is not None and socket.if_nametoindex(name) > 0
         finally:
             plane.close()
