@@ -41,6 +41,20 @@ def status(lab: Lab, mn_id: str, psk: bytes) -> str:
     return str(final.headers["status-code"])
 
 
+def use_sqlite_credentials(lab: Lab) -> Path:
+    """The lab's credentials.toml imported into ``creds.sqlite`` and the
+    HAC configured to use that database; its path."""
+    db = lab.dir / "creds.sqlite"
+    out = credentials("import", str(lab.dir / "credentials.toml"), str(db))
+    assert out.returncode == 0, out.stderr
+    edit_toml(
+        Path(lab.info["hac"]["config"]),
+        'backend = "toml"\npath = "credentials.toml"',
+        'backend = "sqlite"\npath = "creds.sqlite"',
+    )
+    return db
+
+
 def test_import_add_remove_against_a_running_hac(lab: Lab) -> None:
     db = lab.dir / "creds.sqlite"
     out = credentials("import", str(lab.dir / "credentials.toml"), str(db))
@@ -99,13 +113,7 @@ def test_a_database_locked_by_another_process_gets_503_and_holds_no_one(lab: Lab
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    db = lab.dir / "creds.sqlite"
-    assert credentials("import", str(lab.dir / "credentials.toml"), str(db)).returncode == 0
-    edit_toml(
-        Path(lab.info["hac"]["config"]),
-        'backend = "toml"\npath = "credentials.toml"',
-        'backend = "sqlite"\npath = "creds.sqlite"',
-    )
+    db = use_sqlite_credentials(lab)
     ha, hac = HaProcess(lab), HacProcess(lab)
     holder = sqlite3.connect(db, isolation_level=None)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import LAUNCHER, Lab, edit_toml
+from test_credentials_cli import use_sqlite_credentials
 
 
 def _daemon(lab: Lab) -> subprocess.Popen[str]:
@@ -165,15 +166,7 @@ def test_a_503_retry_after_is_honoured(lab: Lab, start_hac: Any) -> None:
     fixed 10 s."""
     import sqlite3
 
-    from test_credentials_cli import credentials
-
-    db = lab.dir / "creds.sqlite"
-    assert credentials("import", str(lab.dir / "credentials.toml"), str(db)).returncode == 0
-    edit_toml(
-        Path(lab.info["hac"]["config"]),
-        'backend = "toml"\npath = "credentials.toml"',
-        'backend = "sqlite"\npath = "creds.sqlite"',
-    )
+    db = use_sqlite_credentials(lab)
     _retry_bounds(lab, 1, 600)
     start_hac(lab)
     holder = sqlite3.connect(db, isolation_level=None)
