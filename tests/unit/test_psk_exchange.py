@@ -274,6 +274,35 @@ def test_an_unverifiable_503_still_gives_its_retry_after_and_nothing_else() -> N
         assert result.issued is None and result.retry_after == kept
 
 
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "tomorrow",
+        "30",  # delta-seconds: HTTP allows it, PROFILE §2 says an RFC 1123 date only
+        "Sun, 06 Nov 1994 08:49:37 PST",  # not GMT
+        "Sun, 31 Feb 2026 08:49:37 GMT",  # no such day
+        "Sun, 06 Nov 1994 25:49:37 GMT",  # no such hour
+        "Sun,  6 Nov 1994 08:49:37 GMT",  # two digits for the day
+        "",
+    ],
+)
+def test_a_malformed_retry_after_is_a_malformed_response_naming_it(value: str) -> None:
+    """A 503 whose ``retry-after`` is not an RFC 1123 date (PROFILE §2) ends
+    the bootstrap as a malformed response naming the header, with no
+    retry-after for the MN's backoff (it falls back to its own doubling
+    wait, core/mn_retry.py) -- never a crash, never a date guessed."""
+    mn = make_mn()
+    mn.start()
+    body = f"status-code: 503\r\nretry-after: {value}\r\n"
+    mac = hmac.new(b"stand-in", b"HAC" + body.encode() + CB, hashlib.sha256).hexdigest()
+    final = encode_container(1, body.encode() + f"auth: {mac}\r\n\r\n".encode())
+    (done,) = mn.receive_data(final)
+    assert isinstance(done, Finished)
+    result = done.result
+    assert result.status is None and not result.ok and result.retry_after is None
+    assert "malformed response" in result.reason and "retry-after" in result.reason
+
 def test_sa_keys_not_in_repr() -> None:
     result, _, _ = run(make_hac(), make_mn())
     text = repr(result)
