@@ -21,19 +21,18 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import signal
 import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mipsec.core import ctlcli, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
 from mipsec.core.errors import CertificateError, ConfigError, ListenError, PluginError
-from mipsec.core.mn_retry import next_wait
+from mipsec.core.mn_backoff import Backoff, backoff_path
 from mipsec.core.stopcheck import stop_requested
 from mipsec.core.version import version
 
@@ -379,29 +378,39 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         dataplane = MnDataPlane(cfg.dataplane, config_file)
         dataplane.open()
     last_bootstrap = -1e9
-    failures = 0  # bootstraps or registrations failed in a row (core/mn_retry.py)
+    # Failures in a row and the next allowed bootstrap (core/mn_retry.py),
+    # kept across a restart (core/mn_backoff.py); --once keeps nothing.
+    backoff = Backoff(
+        None if once or not cfg.hac.keep_backoff else backoff_path(cfg, config_file),
+        retry_min=cfg.hac.retry_min,
+        retry_max=cfg.hac.retry_max,
+        log=log,
+    )
 
     async def after_failure(why: str, retry_after: datetime | None = None) -> None:
-        nonlocal failures
-        failures += 1
-        wait = next_wait(
-            failures,
-            retry_min=cfg.hac.retry_min,
-            retry_max=cfg.hac.retry_max,
-            retry_after=retry_after,
-            now=datetime.now(UTC),
-            uniform=random.uniform,
-        )
+        wait = backoff.failed(retry_after)
         # One line says it all: the wait, how many failures, and why.
         log.info(
             "next bootstrap in %.1f s (failure %d in a row%s): %s",
             wait,
-            failures,
+            backoff.failures,
             "; the HAC's retry-after honoured" if retry_after is not None else "",
             why,
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait)
+
+    left = backoff.resume()
+    if left > 0:
+        log.info(
+            "next bootstrap in %.1f s (failure %d in a row, kept from before the restart "
+            "in %s; delete it to bootstrap at once)",
+            left,
+            backoff.failures,
+            backoff.path,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), left)
 
     while not stop.is_set():
         # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL.
@@ -430,7 +439,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                     why = f"status {result.status}: {why}"
                 await after_failure(why, result.retry_after)
                 continue
-            failures = 0
+            backoff.succeeded()
             from mipsec.core.issuer import utcnow
 
             lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
@@ -461,7 +470,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             if dataplane is not None and first.accepted:
                 dataplane.attach(registrar, first.ip4_hoa)
             if first.accepted and first.rebootstrap is None:
-                failures = 0
+                backoff.succeeded()
             outcome = first
             if first.accepted and first.rebootstrap is None:
                 outcome = await registrar.run_more(stop=stop)

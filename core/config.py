@@ -376,6 +376,11 @@ class MNHac(_Strict):
     # retry_max (core/mn_retry.py).
     retry_min: Annotated[float, Field(ge=1, le=3600)] = 10.0
     retry_max: Annotated[float, Field(ge=1, le=86_400)] = 600.0
+    # The failures in a row and the next allowed bootstrap, kept across a
+    # restart (core/mn_backoff.py); None: ``<config name>.backoff`` in
+    # $STATE_DIRECTORY, else next to this file.  keep_backoff = false: not kept.
+    backoff_file: Path | None = None
+    keep_backoff: bool = True
 
     @model_validator(mode="after")
     def _retry_order(self) -> MNHac:
@@ -515,6 +520,7 @@ _PATH_KEYS = {
     "client_cert",
     "client_key",
     "key_file",
+    "backoff_file",
 }
 
 

@@ -188,3 +188,67 @@ def test_a_503_retry_after_is_honoured(lab: Lab, start_hac: Any) -> None:
     # retry-after is whole seconds, 30 s after the HAC's clock: 29-30 s from
     # now, plus up to retry_min (1 s).
     assert 28.5 <= wait <= 31.5, wait
+
+
+def test_the_backoff_survives_a_kill_and_a_success_clears_it(lab: Lab, start_hac: Any) -> None:
+    """The HAC unreachable: after its first failure the MN writes its wait
+    down (``mn.backoff`` next to its config, core/mn_backoff.py) and is
+    SIGKILLed in that wait.  The next MN process waits out the rest -- it
+    says so, naming the file -- and its next failure is the second in a row,
+    not a first again; before, a supervisor's restart loop brought every MN
+    back to its HAC at once.  Then, the HAC up: ``--once`` neither reads nor
+    writes the file, and the daemon's success removes it."""
+    from mipsec.core.mn_backoff import decode_kept
+
+    _retry_bounds(lab, 4, 8)
+    kept = Path(lab.info["mn"]["config"]).with_suffix(".backoff")
+    assert not kept.exists()
+    mn = _daemon(lab)  # the lab's HAC is not started yet
+    try:
+        ((wait, n, _, _),) = _waits(mn, until=1)
+    finally:
+        mn.kill()
+        mn.communicate(timeout=20)
+    assert n == 1 and 2 <= wait <= 4
+    assert decode_kept(kept.read_bytes()).failures == 1
+    again = _daemon(lab)
+    try:
+        assert again.stderr is not None
+        resumed = again.stderr.readline()
+        waits = _waits(again, until=2)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        _, err = again.communicate(timeout=20)
+    assert again.returncode == 0, err
+    m = re.search(r"next bootstrap in ([0-9.]+) s \(failure 1 in a row, kept from before", resumed)
+    assert m is not None and 0 < float(m.group(1)) <= wait, resumed
+    assert str(kept) in resumed and "delete it to bootstrap at once" in resumed
+    assert [w[1] for w in waits] == [2], waits  # doubling on, 4-8 s
+    assert 4 <= waits[0][0] <= 8
+    assert decode_kept(kept.read_bytes()).failures == 2
+
+    start_hac(lab)
+    before = kept.read_bytes()
+    once = subprocess.run(
+        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--once", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert once.returncode == 0, once.stderr
+    assert json.loads(once.stdout.splitlines()[-1])["status"] == 200
+    assert kept.read_bytes() == before  # --once: not read (no wait), not written
+    # The daemon waits out the rest of the kept wait, then succeeds: no file.
+    daemon = _daemon(lab)
+    try:
+        assert daemon.stdout is not None
+        first = json.loads(daemon.stdout.readline())
+        assert first["status"] == 200 and first["ba"]["status"] == 0, first
+        end = time.monotonic() + 10  # removed just after the result is printed
+        while kept.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not kept.exists()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=20)
+    assert daemon.returncode == 0, err

@@ -274,7 +274,6 @@ def test_an_unverifiable_503_still_gives_its_retry_after_and_nothing_else() -> N
         assert result.issued is None and result.retry_after == kept
 
 
-
 @pytest.mark.parametrize(
     "value",
     [
@@ -302,6 +301,7 @@ def test_a_malformed_retry_after_is_a_malformed_response_naming_it(value: str) -
     result = done.result
     assert result.status is None and not result.ok and result.retry_after is None
     assert "malformed response" in result.reason and "retry-after" in result.reason
+
 
 def test_sa_keys_not_in_repr() -> None:
     result, _, _ = run(make_hac(), make_mn())

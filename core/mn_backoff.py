@@ -1,0 +1,217 @@
+"""The MN daemon's backoff, kept across a restart.
+
+Until the twenty-fourth session the failures-in-a-row count and the wait of
+:func:`mipsec.core.mn_retry.next_wait` lived in the process only.  An MN
+that a supervisor restarts (``Restart=on-failure``, ``RestartSec=2``), or
+that an operator's script restarts in a loop, therefore came back to its
+HAC at once each time, whatever it had been told: a 503's ``retry-after``
+and ten minutes of doubled waits were gone with the process.  Every timer
+is a deadline that survives a restart: the wait is written down as a date
+(``not_before``, UTC) with the count, and a new process waits out what is
+left of it -- within ``retry_max`` (a clock set back must not park the MN
+for days) -- before its first bootstrap.  A success removes the file.
+
+The file is ``[hac] backoff_file``, by default ``<config name>.backoff`` in
+``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``) or, without one, next
+to the configuration file.  Deleting it makes the next start bootstrap at
+once; a damaged file is reported (file and reason) and ignored -- it only
+ever delays, so ignoring it can cost the HAC one early attempt, never the
+MN its service.  A directory the MN may not write to costs one WARNING and
+the persistence, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from mipsec.core.fsutil import write_file
+from mipsec.core.mn_retry import next_wait
+
+__all__ = [
+    "Backoff",
+    "BackoffFileError",
+    "Kept",
+    "backoff_path",
+    "decode_kept",
+    "default_path",
+    "encode_kept",
+]
+
+# The file holds two small fields; anything larger is not one of ours.
+MAX_FILE = 4096
+# Failures in a row beyond this add nothing (the wait is at retry_max long
+# before); a larger count in the file is damage, not history.
+MAX_FAILURES = 1_000_000
+FILE_MODE = 0o600
+
+
+class BackoffFileError(ValueError):
+    """The backoff file cannot be used: names the file, the field and why."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Kept:
+    failures: int  # bootstraps or registrations failed in a row, >= 1
+    not_before: datetime  # aware, UTC: no bootstrap before this
+
+
+def encode_kept(kept: Kept) -> bytes:
+    return (
+        json.dumps(
+            {"failures": kept.failures, "not_before": kept.not_before.astimezone(UTC).isoformat()}
+        )
+        + "\n"
+    ).encode()
+
+
+def decode_kept(data: bytes, path: Path | str = "<backoff>") -> Kept:
+    """Parse a backoff file's octets; ``BackoffFileError`` names what is wrong."""
+    if len(data) > MAX_FILE:
+        raise BackoffFileError(path, f"{len(data)} octets, more than a backoff file holds")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BackoffFileError(path, f"not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BackoffFileError(path, "not a JSON object")
+    failures = obj.get("failures")
+    if type(failures) is not int or not 1 <= failures <= MAX_FAILURES:
+        raise BackoffFileError(
+            path, f"failures: {failures!r} is not a count from 1 to {MAX_FAILURES}"
+        )
+    text = obj.get("not_before")
+    if not isinstance(text, str):
+        raise BackoffFileError(path, f"not_before: {text!r} is not an ISO 8601 date")
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise BackoffFileError(path, f"not_before: {text!r} is not an ISO 8601 date") from None
+    if when.tzinfo is None:
+        raise BackoffFileError(path, f"not_before: {text!r} has no UTC offset")
+    return Kept(failures, when.astimezone(UTC))
+
+
+def default_path(config_file: str, environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    """``<config name>.backoff`` in ``$STATE_DIRECTORY`` (the first, if systemd
+    lists several), else in the configuration file's directory."""
+    config = Path(config_file)
+    name = f"{config.stem or 'mn'}.backoff"
+    state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / name
+    return config.resolve().parent / name
+
+
+def backoff_path(cfg: Any, config_file: str) -> Path:
+    """``[hac] backoff_file`` (already resolved against the configuration
+    file's directory), else :func:`default_path`."""
+    configured = cfg.hac.backoff_file
+    return Path(configured) if configured is not None else default_path(config_file)
+
+
+class Backoff:
+    """Failures in a row and the next allowed bootstrap, in memory and on disk.
+
+    ``path`` None: nothing is kept (``--once``, ``[hac] keep_backoff = false``).
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        retry_min: float,
+        retry_max: float,
+        log: logging.Logger,
+        uniform: Callable[[float, float], float] = random.uniform,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.path = path
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self.failures = 0
+        self._log = log
+        self._uniform = uniform
+        self._clock = clock
+        self._write_failed = False
+
+    def resume(self) -> float:
+        """What the last process left: sets ``failures`` and returns the
+        seconds still to wait (0: bootstrap now), at most ``retry_max``."""
+        if self.path is None:
+            return 0.0
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_FILE + 1)
+            kept = decode_kept(data, self.path)
+        except FileNotFoundError:
+            return 0.0
+        except OSError as exc:
+            self._log.warning(
+                "mn: backoff file %s not read, ignored: %s", self.path, exc.strerror or exc
+            )
+            return 0.0
+        except BackoffFileError as exc:
+            self._log.warning("mn: backoff file %s ignored: %s", exc.path, exc.reason)
+            return 0.0
+        self.failures = kept.failures
+        left = (kept.not_before - self._clock()).total_seconds()
+        return min(max(left, 0.0), self.retry_max)
+
+    def failed(self, retry_after: datetime | None = None) -> float:
+        """One more failure in a row: the seconds to wait, written down as a date."""
+        self.failures = min(self.failures + 1, MAX_FAILURES)
+        now = self._clock()
+        wait = next_wait(
+            self.failures,
+            retry_min=self.retry_min,
+            retry_max=self.retry_max,
+            retry_after=retry_after,
+            now=now,
+            uniform=self._uniform,
+        )
+        self._keep(Kept(self.failures, now + timedelta(seconds=wait)))
+        return wait
+
+    def succeeded(self) -> None:
+        """A bootstrap and registration went through: the count starts again."""
+        self.failures = 0
+        if self.path is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._warn_once(exc)
+
+    def _keep(self, kept: Kept) -> None:
+        if self.path is None:
+            return
+        try:
+            # Renamed into place: a kill at any instant leaves the old file
+            # or the new one, never half of one.
+            write_file(self.path, encode_kept(kept), FILE_MODE)
+        except OSError as exc:
+            self._warn_once(exc)
+
+    def _warn_once(self, exc: OSError) -> None:
+        if not self._write_failed:
+            self._write_failed = True
+            self._log.warning(
+                "mn: the backoff is not kept across restarts: cannot write %s: %s",
+                self.path,
+                exc.strerror or exc,
+            )

@@ -1,0 +1,172 @@
+"""The MN's backoff kept across a restart (core/mn_backoff.py)."""
+
+from __future__ import annotations
+
+import logging
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mipsec.core.mn_backoff import (
+    MAX_FAILURES,
+    Backoff,
+    BackoffFileError,
+    Kept,
+    decode_kept,
+    default_path,
+    encode_kept,
+)
+
+NOW = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
+LOG = logging.getLogger("test.mn_backoff")
+
+
+def high(a: float, b: float) -> float:
+    return b
+
+
+class Clock:
+    def __init__(self, now: datetime = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def make(path: Path | None, clock: Clock, retry_max: float = 600) -> Backoff:
+    return Backoff(path, retry_min=10, retry_max=retry_max, log=LOG, uniform=high, clock=clock)
+
+
+@given(
+    st.integers(1, MAX_FAILURES),
+    st.datetimes(
+        min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+    ),
+)
+def test_a_kept_backoff_reads_back_as_written(failures: int, when: datetime) -> None:
+    kept = Kept(failures, when)
+    assert decode_kept(encode_kept(kept)) == kept
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"failures": 0, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
+        (b'{"failures": -3, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
+        (b'{"failures": "3", "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
+        (b'{"failures": true, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
+        (b'{"failures": 10000001, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
+        (b'{"failures": 3}', "not_before"),
+        (b'{"failures": 3, "not_before": "soon"}', "not_before"),
+        (b'{"failures": 3, "not_before": "2026-12-06T12:00:00"}', "not_before"),  # no offset
+        (b" " * 5000, "octets"),
+    ],
+)
+def test_a_damaged_file_is_refused_naming_the_file_and_the_field(data: bytes, field: str) -> None:
+    with pytest.raises(BackoffFileError) as err:
+        decode_kept(data, "/var/lib/mipsec/mn.backoff")
+    assert err.value.path == "/var/lib/mipsec/mn.backoff"
+    assert field in err.value.reason and field in str(err.value)
+
+
+def test_the_wait_is_written_down_as_a_date_and_a_new_process_waits_out_the_rest(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "mn.backoff"
+    clock = Clock()
+    first = make(path, clock)
+    assert first.resume() == 0 and first.failures == 0  # no file: bootstrap now
+    assert [first.failed(), first.failed(), first.failed()] == [10, 20, 40]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert decode_kept(path.read_bytes()) == Kept(3, NOW + timedelta(seconds=40))
+    # The process dies 15 s into its 40-s wait; the next one waits 25 s
+    # more, and its next failure doubles on from the third.
+    clock.now = NOW + timedelta(seconds=15)
+    second = make(path, clock)
+    assert second.resume() == 25 and second.failures == 3
+    assert second.failed() == 80
+
+
+def test_an_elapsed_wait_lets_the_mn_bootstrap_at_once_but_keeps_the_count(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "mn.backoff"
+    path.write_bytes(encode_kept(Kept(4, NOW - timedelta(seconds=1))))
+    later = make(path, Clock())
+    assert later.resume() == 0 and later.failures == 4
+    assert later.failed() == 160
+
+
+def test_a_date_far_ahead_waits_retry_max_at_most(tmp_path: Path) -> None:
+    """A clock set back (or a file from another host) must not park the MN
+    for days: the new process waits ``retry_max`` at most -- the one it is
+    configured with now, even if it was larger when the file was written."""
+    path = tmp_path / "mn.backoff"
+    path.write_bytes(encode_kept(Kept(9, NOW + timedelta(days=30))))
+    assert make(path, Clock(), retry_max=120).resume() == 120
+
+
+def test_a_success_removes_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "mn.backoff"
+    backoff = make(path, Clock())
+    backoff.failed()
+    assert path.exists()
+    backoff.succeeded()
+    assert not path.exists() and backoff.failures == 0
+    backoff.succeeded()  # no file: nothing to do, no error
+    assert make(path, Clock()).resume() == 0
+
+
+def test_a_damaged_file_is_reported_and_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "mn.backoff"
+    path.write_bytes(b'{"failures": 3, "not_before": "soon"}')
+    backoff = make(path, Clock())
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert backoff.resume() == 0 and backoff.failures == 0
+    (record,) = caplog.records
+    assert str(path) in record.getMessage() and "not_before" in record.getMessage()
+    assert backoff.failed() == 10  # and it is replaced by a good one
+    assert decode_kept(path.read_bytes()).failures == 1
+
+
+def test_an_unwritable_file_costs_one_warning_and_the_persistence_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runs as root too: the file's place is a directory, which no rename replaces."""
+    path = tmp_path / "mn.backoff"
+    path.mkdir()
+    backoff = make(path, Clock())
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert backoff.resume() == 0  # a directory is not read: one warning
+        assert [backoff.failed(), backoff.failed()] == [10, 20]
+        backoff.succeeded()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "not read, ignored" in messages[0]
+    assert "not kept across restarts" in messages[1] and str(path) in messages[1]
+    assert backoff.failures == 0
+
+
+def test_nothing_is_kept_without_a_path(tmp_path: Path) -> None:
+    backoff = make(None, Clock())
+    assert backoff.resume() == 0
+    assert backoff.failed() == 10
+    backoff.succeeded()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_file_is_in_systemds_state_directory_else_next_to_the_config(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "etc" / "mn.toml"
+    env = {"STATE_DIRECTORY": "/var/lib/mipsec:/var/lib/other"}
+    assert default_path(str(config), env) == Path("/var/lib/mipsec/mn.backoff")
+    assert default_path(str(config), {}) == tmp_path / "etc" / "mn.backoff"
