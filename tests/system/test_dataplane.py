@@ -242,3 +242,35 @@ def test_an_mn_device_removed_between_two_sas_is_found_at_the_next_attach() -> N
             plane.close()
 
     asyncio.run(body())
+
+
+def test_an_ha_killed_while_its_tun_device_is_gone_starts_with_a_working_one(
+    direct: RunningLab,
+) -> None:
+    """The HA's TUN device removed, and the HA SIGKILLed inside the 5 s
+    before its reviver creates it again: the next HA process opens a fresh
+    device with its routes (a non-persistent TUN device goes with the last
+    descriptor, so nothing half-configured is left over to trip on), keeps
+    its SA and binding from the store, and the MN's traffic flows again
+    without a new bootstrap."""
+    lab = direct.lab
+    mn = direct.start_mn("mn-tun-kill", direct.config("mn-tun-kill"))
+    try:
+        assert lab.ping(mn.hoa6, CN6)[0] == 3
+        lab.exec("ha", "ip", "link", "del", "mipha0")
+        lab.wait_log("ha", "data plane: TUN device mipha0 is gone", 10)
+        lab.procs["ha"].kill()  # well inside RECREATE_S
+        lab.stop("ha")
+        assert "data plane on mipha0 again" not in lab.log("ha")
+        lab.mipsec("ha", "ha", direct.info["ha"]["config"])
+        lab.wait_log("ha", "bindings from the cache", 60)
+        # The MN's data below the mark the killed HA had reserved ahead is
+        # dropped as a possible replay (see the restart test above): a burst
+        # passes it.
+        received, summary = lab.ping(mn.hoa6, CN6, count=80, interval=0.01)
+        assert received > 0, summary
+        assert until(lambda: lab.ping(mn.hoa6, CN6, count=1)[0] == 1, timeout=20)
+        _traffic(direct, mn)
+        assert "bootstrap" not in lab.log("mn-tun-kill").split("data plane on", 1)[1]
+    finally:
+        direct.stop_mn(mn)
