@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 import pytest
 from labfix import Mn, RunningLab, needs_net_admin, until
@@ -149,19 +150,33 @@ def test_tunnel_survives_an_ha_restart(direct: RunningLab) -> None:
     # sent, so the MN's traffic flows again without a new bootstrap.  (An HA
     # that guards data with a high-water mark reserved ahead (issue 6) drops
     # the MN's packets below the mark after a crash: the burst passes it.)
+    _kill_ha_and_flow_again(direct, "mn-restart", before_kill=lambda: None)
+
+
+def _kill_ha_and_flow_again(
+    direct: RunningLab,
+    name: str,
+    before_kill: Callable[[], None],
+    after_kill: Callable[[], None] = lambda: None,
+) -> None:
+    """An MN's traffic, ``before_kill()``, the HA SIGKILLed, ``after_kill()``,
+    the HA started again on its files: the MN's traffic flows again without
+    a bootstrap."""
     lab = direct.lab
-    mn = direct.start_mn("mn-restart", direct.config("mn-restart"))
+    mn = direct.start_mn(name, direct.config(name))
     try:
         assert lab.ping(mn.hoa6, CN6)[0] == 3
+        before_kill()
         lab.procs["ha"].kill()
         lab.stop("ha")
+        after_kill()
         lab.mipsec("ha", "ha", direct.info["ha"]["config"])
         lab.wait_log("ha", "bindings from the cache", 60)
         received, summary = lab.ping(mn.hoa6, CN6, count=80, interval=0.01)
         assert received > 0, summary
         assert until(lambda: lab.ping(mn.hoa6, CN6, count=1)[0] == 1, timeout=20)
         _traffic(direct, mn)
-        assert "bootstrap" not in lab.log("mn-restart").split("data plane on", 1)[1]
+        assert "bootstrap" not in lab.log(name).split("data plane on", 1)[1]
     finally:
         direct.stop_mn(mn)
 
@@ -254,23 +269,17 @@ def test_an_ha_killed_while_its_tun_device_is_gone_starts_with_a_working_one(
     its SA and binding from the store, and the MN's traffic flows again
     without a new bootstrap."""
     lab = direct.lab
-    mn = direct.start_mn("mn-tun-kill", direct.config("mn-tun-kill"))
-    try:
-        assert lab.ping(mn.hoa6, CN6)[0] == 3
+
+    since = [0]  # the HA's log is the module's: only what follows this test's removal counts
+
+    def remove_the_device() -> None:
+        since[0] = len(lab.log("ha"))
         lab.exec("ha", "ip", "link", "del", "mipha0")
-        lab.wait_log("ha", "data plane: TUN device mipha0 is gone", 10)
-        lab.procs["ha"].kill()  # well inside RECREATE_S
-        lab.stop("ha")
-        assert "data plane on mipha0 again" not in lab.log("ha")
-        lab.mipsec("ha", "ha", direct.info["ha"]["config"])
-        lab.wait_log("ha", "bindings from the cache", 60)
-        # The MN's data below the mark the killed HA had reserved ahead is
-        # dropped as a possible replay (see the restart test above): a burst
-        # passes it.
-        received, summary = lab.ping(mn.hoa6, CN6, count=80, interval=0.01)
-        assert received > 0, summary
-        assert until(lambda: lab.ping(mn.hoa6, CN6, count=1)[0] == 1, timeout=20)
-        _traffic(direct, mn)
-        assert "bootstrap" not in lab.log("mn-tun-kill").split("data plane on", 1)[1]
-    finally:
-        direct.stop_mn(mn)
+        lab.wait_log("ha", "data plane: TUN device mipha0 is gone", 10, after=since[0])
+
+    def not_made_again() -> None:  # killed well inside RECREATE_S
+        assert "data plane on mipha0 again" not in lab.log("ha")[since[0] :]
+
+    _kill_ha_and_flow_again(
+        direct, "mn-tun-kill", before_kill=remove_the_device, after_kill=not_made_again
+    )
