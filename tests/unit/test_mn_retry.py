@@ -111,3 +111,50 @@ def test_config_defaults_and_errors_name_the_file_and_key(tmp_path: object) -> N
                 base=base,
             )
         assert str(ei.value).startswith(says), str(ei.value)
+
+
+def _first_back(crowd: int, outage: float, rng: random.Random) -> list[float]:
+    """When each of ``crowd`` MNs, all failing at 0 while their HAC is down
+    until ``outage``, first reaches it again (defaults: 10 s .. 600 s)."""
+    back = []
+    for _ in range(crowd):
+        t, failures = 0.0, 0
+        while t < outage:
+            failures += 1
+            t += next_wait(failures, retry_min=10, retry_max=600, uniform=rng.uniform)
+        back.append(t)
+    return back
+
+
+def _busiest_second(times: list[float]) -> int:
+    from collections import Counter
+
+    return max(Counter(int(t) for t in times).values())
+
+
+def test_ten_thousand_mns_failing_together_come_back_spread_out() -> None:
+    """The thundering herd, counted: 10,000 MNs lose their HAC at the same
+    instant for 5 minutes.  With the old fixed 10-s wait all 10,000 came
+    back within the same second (and every 10 s during the outage); with
+    the doubling, jittered waits no second of their return holds more than
+    2 % of them (0.8 % with this seed), spread over more than a minute."""
+    rng = random.Random(20261206)
+    back = _first_back(10_000, 300.0, rng)
+    assert min(back) >= 300.0
+    assert _busiest_second(back) <= 200, _busiest_second(back)
+    assert max(back) - min(back) > 60  # spread over minutes, not seconds
+
+
+def test_a_crowd_told_the_same_retry_after_spreads_over_retry_min() -> None:
+    """10,000 MNs answered 503 with the same ``retry-after`` (30 s): none
+    comes back before that date, and the extra draw of up to ``retry_min``
+    (10 s) spreads them -- no second holds more than 15 % of them (all of
+    them, had the date been honoured to the second)."""
+    rng = random.Random(6122026)
+    later = NOW + timedelta(seconds=30)
+    waits = [
+        next_wait(1, retry_min=10, retry_max=600, retry_after=later, now=NOW, uniform=rng.uniform)
+        for _ in range(10_000)
+    ]
+    assert min(waits) >= 30 and max(waits) <= 40
+    assert _busiest_second(waits) <= 1_500, _busiest_second(waits)
