@@ -79,7 +79,7 @@ from mipsec.core.tlsclient import TlsClient
 from mipsec.plugins.psk_auth import PskMethod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rawclient import RawClient
+from rawclient import EapTlsPeers, RawClient
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0
@@ -435,33 +435,42 @@ def make_lab(
     return info, creds
 
 
-def eap_tls_factories(lab: Path, creds: list[tuple[str, bytes]]) -> dict[str, PeerMethodFactory]:
-    """An EAP-TLS peer factory per bench MN: a client certificate each, issued
+def issue_mn_certs(lab: Path, creds: list[tuple[str, bytes]]) -> dict[str, tuple[str, str]]:
+    """A client certificate per bench MN (certificate and key files), issued
     by the lab CA with the rfc822Name SAN = its mn_id (the HAC's identity policy)."""
     from cryptography.hazmat.primitives import serialization
 
-    from mipsec.core.eap.mhauth import EapMethod
     from mipsec.core.pki import make_leaf, write_cert, write_key
-    from mipsec.core.pluginmanager import make_plugin_manager
 
     pki = lab / "pki"
     ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
     ca_key: Any = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
-    ctx = PluginContext("mn", lab, extra={"pm": make_plugin_manager()})
-    out: dict[str, PeerMethodFactory] = {}
+    out: dict[str, tuple[str, str]] = {}
     for i, (mn_id, _) in enumerate(creds):
         key, cert = make_leaf(
             ca_key, ca_cert, common_name=mn_id, email_addresses=(mn_id,), client=True, server=False
         )
         write_cert(pki / f"bench-{i}.pem", cert)
         write_key(pki / f"bench-{i}.key", key)
+        out[mn_id] = (str(pki / f"bench-{i}.pem"), str(pki / f"bench-{i}.key"))
+    return out
+
+
+def eap_tls_factories(lab: Path, peers: EapTlsPeers) -> dict[str, PeerMethodFactory]:
+    """mipsec's EAP-TLS peer factory per bench MN, on its certificate."""
+    from mipsec.core.eap.mhauth import EapMethod
+    from mipsec.core.pluginmanager import make_plugin_manager
+
+    ctx = PluginContext("mn", lab, extra={"pm": make_plugin_manager()})
+    out: dict[str, PeerMethodFactory] = {}
+    for mn_id, (cert, key) in peers.certs.items():
         options = {
             "methods": ["tls"],
             "tls": {
-                "cert": str(pki / f"bench-{i}.pem"),
-                "key": str(pki / f"bench-{i}.key"),
-                "ca": str(pki / "ca.pem"),
-                "server_name": "eap.mipsec.test",
+                "cert": cert,
+                "key": key,
+                "ca": peers.ca,
+                "server_name": peers.server_name,
             },
         }
         out[mn_id] = EapMethod().peer(options, ctx)
@@ -517,19 +526,28 @@ async def run(args: argparse.Namespace) -> int:
             ctx = mn_client_context(ca, strict_rfc6618=strict)
             boot: Client | RawClient
             tls: Client | RawClient
+            eap: Client | RawClient
+            eap_info = info["eap"]
+            assert isinstance(eap_info, dict)
+            peers = EapTlsPeers(
+                issue_mn_certs(lab, creds), str(eap_info["ca"]), str(eap_info["server_name"])
+            )
             if args.client == "raw":
-                # PSK only: the independent MN speaks no EAP.
                 pool = ThreadPoolExecutor(max(levels), thread_name_prefix="raw-mn")
                 pools.append(pool)
                 boot = RawClient(ca, hac_port, server_name, pool)
                 tls = RawClient(ca, tls_port, server_name, pool)
-                args.psk_only = True
+                eap = RawClient(ca, hac_port, server_name, pool, eap=peers)
             else:
                 boot = Client(ctx, hac_port, server_name)
                 tls = Client(ctx, tls_port, server_name)
-            eap = Client(
-                ctx, hac_port, server_name, per_mn=eap_tls_factories(lab, creds), method_name="eap"
-            )
+                eap = Client(
+                    ctx,
+                    hac_port,
+                    server_name,
+                    per_mn=eap_tls_factories(lab, peers),
+                    method_name="eap",
+                )
             rows = []
             slices = 2 if args.quick else 5
             for n in levels:
@@ -542,7 +560,14 @@ async def run(args: argparse.Namespace) -> int:
                     r_tls += await measure(tls.handshake, creds, n, part, w, [bare.pid])
                     r_boot += await measure(boot.bootstrap, creds, n, part, w, server_pids)
                     if not args.psk_only:
-                        r_eap += await measure(eap.bootstrap, creds, n, part, w, server_pids)
+                        r_eap += await measure(
+                            eap.eap_bootstrap if isinstance(eap, RawClient) else eap.bootstrap,
+                            creds,
+                            n,
+                            part,
+                            w,
+                            server_pids,
+                        )
                 rows.append((n, r_tls, r_boot, r_eap))
             _report(args, duration, boot.tls_info or tls.tls_info, cert, rows)
             bad = [r for _, *rs in rows for r in rs if r.errors]
@@ -698,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=("mipsec", "raw"),
         default="mipsec",
         help="the MN client: mipsec's own (default) or the test suite's independent "
-        "raw MN (tests/integration/rawmn.py; PSK only) for handshakes and bootstraps alike",
+        "raw MN (tests/integration/rawmn.py, EAP-TLS by raweap.py) for handshakes and "
+        "bootstraps alike",
     )
     p.add_argument("--serve-tls", nargs=2, metavar=("CERT", "KEY"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -50,3 +50,24 @@ def test_tls12_mode_pins_tls12(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bench: TLSv1.2 " in proc.stdout
     assert len(ROW.findall(proc.stdout)) == 1
+
+
+EAP_ROW = re.compile(
+    r"^\s+(\d+) \|\s+([\d.]+) \|\s+([\d.]+) \|\s+([\d.]+) \|\s+([\d.]+) \|\s+([\d.]+) \|", re.M
+)
+
+
+def test_the_independent_client_measures_psk_and_eap_tls(tmp_path: Path) -> None:
+    """``--client raw``: the test suite's independent MN (rawmn.py, its
+    EAP-TLS peer raweap.py) makes the bare handshakes, the PSK and the
+    EAP-TLS bootstraps against a HAC provisioning a separate HA; each
+    bootstrap the bench counts had a 200 verified under the PSK or the MSK
+    (the bench exits 1 on any error)."""
+    proc = _run(tmp_path, "--client", "raw", "--provisioning", "tls", "--concurrency", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tests/integration/rawmn.py, the independent MN" in proc.stdout
+    ((n, tls, psk, psk_ratio, eap, eap_ratio),) = EAP_ROW.findall(proc.stdout)
+    assert n == "2" and float(tls) > 0 and float(psk) > 0 and float(eap) > 0
+    assert abs(float(eap_ratio) - float(eap) / float(tls)) < 0.01
+    assert "EAP-TLS" in proc.stdout.split("split HAC + HA")[1]
+    assert processes_mentioning(str(tmp_path)) == []

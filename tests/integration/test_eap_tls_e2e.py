@@ -13,19 +13,17 @@ import json
 import os
 import random
 import ssl
-import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Lab, edit_toml, mipsec
-from OpenSSL import SSL
+from raweap import ONE, RawEapTlsPeer, eap_tls_exchange, next_request
 from rawha import binding_update, parse_ba
-from rawmn import RawMN, Response, container, lines, with_auth
+from rawmn import RawMN, container, lines
 from test_hac_rawmn import _final_or_close, _flip, _half_close
 from test_interop_ha import raw_sa, udp
 
-ONE = b"1"
 MN_ID = "demo@mipsec.test"
 
 
@@ -81,115 +79,18 @@ def test_mn_refuses_an_eap_server_certificate_with_another_name(lab: Lab, start_
 # ------------------------------------------------------------ an independent MN
 
 
-class IndependentEapTls:
-    """EAP-TLS peer on pyOpenSSL (RFC 5216 / RFC 9190), written from the RFCs."""
-
-    def __init__(self, lab: Lab, tls: str, cert: str | None = None, key: str | None = None) -> None:
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        ctx.set_max_proto_version(SSL.TLS1_3_VERSION if tls == "1.3" else SSL.TLS1_2_VERSION)
-        ctx.use_certificate_file(cert or lab.info["mn"]["cert"])
-        ctx.use_privatekey_file(key or lab.info["mn"]["key"])
-        ctx.load_verify_locations(lab.info["eap"]["ca"])
-        ctx.set_verify(SSL.VERIFY_PEER, lambda *a: bool(a[-1]))
-        self.conn = SSL.Connection(ctx, None)
-        self.conn.set_tlsext_host_name(lab.info["eap"]["server_name"].encode())
-        self.conn.set_connect_state()
-        self.tls13 = tls == "1.3"
-        self.out = b""
-        self.inbuf = b""
-        self.handshake_done = False
-        self.committed = False  # RFC 9190: the server's 0x00 application data
-        self.alert: str | None = None  # the server's TLS alert, as pyOpenSSL reports it
-
-    def _pump(self) -> None:
-        try:
-            self.conn.do_handshake()
-            self.handshake_done = True
-        except SSL.WantReadError:
-            pass
-        if self.handshake_done and self.tls13:
-            try:
-                data = self.conn.recv(16)
-                assert data == b"\x00", data
-                self.committed = True
-            except (SSL.WantReadError, SSL.ZeroReturnError):
-                pass
-        while True:
-            try:
-                self.out += self.conn.bio_read(65536)
-            except SSL.WantReadError:
-                break
-
-    def answer(self, req: bytes) -> tuple[bytes, bool]:
-        """(EAP-Response, Done-time) for one EAP-Request."""
-        code, ident, length, typ = req[0], req[1], struct.unpack("!H", req[2:4])[0], req[4]
-        assert code == 1 and length == len(req)
-
-        def resp(data: bytes) -> bytes:
-            return struct.pack("!BBHB", 2, ident, 5 + len(data), 13) + data
-
-        if typ == 1:  # Identity
-            return struct.pack("!BBHB", 2, ident, 5 + len(MN_ID), 1) + MN_ID.encode(), False
-        assert typ == 13
-        flags, body = req[5], req[6:]
-        if flags & 0x80:
-            body = body[4:]
-        try:
-            if flags & 0x20:  # Start
-                self._pump()
-            elif body or not self.out:
-                self.inbuf += body
-                if flags & 0x40:
-                    return resp(b"\x00"), False  # ACK a server fragment
-                self.conn.bio_write(self.inbuf)
-                self.inbuf = b""
-                self._pump()
-        except SSL.Error as exc:
-            # The server's TLS alert (RFC 5216 §2.1.3): answer with an empty
-            # EAP-TLS Response; the server then ends with EAP-Failure.
-            self.alert = str(exc)
-            return resp(b"\x00"), False
-        if self.out:  # send (the next fragment of) our flight
-            first, piece = len(self.out), self.out[:1000]
-            self.out = self.out[1000:]
-            head = b""
-            flags = 0x40 if self.out else 0
-            if self.out and first > 1000 and not hasattr(self, "_sent_len"):
-                flags |= 0x80
-                head = first.to_bytes(4, "big")
-                self._sent_len = True
-            if not self.out and hasattr(self, "_sent_len"):
-                del self._sent_len
-            return resp(bytes((flags,)) + head + piece), False
-        # An empty response: the final one once the method succeeded (PROFILE §4 item 4).
-        done = self.handshake_done and (self.committed or not self.tls13)
-        return resp(b"\x00"), done
-
-    def msk(self) -> bytes:
-        # RFC 9190 §2.3: 128 octets, the MSK is the first 64 (the TLS 1.3
-        # exporter's output depends on the length asked for, unlike TLS 1.2's PRF).
-        if self.tls13:
-            label, context = b"EXPORTER_EAP_TLS_Key_Material", b"\x0d"
-            return bytes(self.conn.export_keying_material(label, 128, context))[:64]
-        return bytes(self.conn.export_keying_material(b"client EAP encryption", 128, None))[:64]
-
-
-def next_request(
-    peer: IndependentEapTls, r: Response, mn: RawMN, done: bool, *, done_key: bytes | None = None
-) -> tuple[bytes, bool]:
-    """The MN's next request for the HAC's response ``r``: its EAP answer,
-    keyed with ``1`` -- or, once the method is done, the Done (suites, keyed
-    with the MSK -- or ``done_key``, to test a wrong one; PROFILE §4 items
-    4-5).  Returns it and whether it is the Done."""
-    answer, now_done = peer.answer(bytes.fromhex(r.headers["eap-payload"]))
-    done = done or now_done
-    headers = [("eap-payload", answer.hex())]
-    key = ONE
-    if done:
-        headers += [("mip6-sas", "1"), ("mip6-suitelist", "{00,3C}")]
-        key = peer.msk() if done_key is None else done_key
-    return with_auth(lines(headers), key, b"MN", mn.cb), done
+def IndependentEapTls(  # noqa: N802 -- was a class here; the tests' name for raweap's peer
+    lab: Lab, tls: str, cert: str | None = None, key: str | None = None
+) -> RawEapTlsPeer:
+    """The independent EAP-TLS peer (raweap.py) as the lab's demo MN."""
+    return RawEapTlsPeer(
+        MN_ID,
+        cert=cert or lab.info["mn"]["cert"],
+        key=key or lab.info["mn"]["key"],
+        ca=lab.info["eap"]["ca"],
+        server_name=lab.info["eap"]["server_name"],
+        tls=tls,
+    )
 
 
 def independent_bootstrap(
@@ -197,7 +98,7 @@ def independent_bootstrap(
     *,
     inner: str,
     outer: str,
-    peer: IndependentEapTls | None = None,
+    peer: RawEapTlsPeer | None = None,
     done_key: bytes | None = None,
 ) -> dict[str, str]:
     mn = RawMN(
@@ -210,18 +111,7 @@ def independent_bootstrap(
     try:
         assert mn.version == f"TLSv{outer}"
         peer = peer or IndependentEapTls(lab, inner)
-        mn.send(lines([("mn-id", MN_ID), ("mn-rand", os.urandom(32).hex()),
-                       ("auth-method", "eap")]) + b"\r\n")  # fmt: skip
-        r = mn.recv()
-        assert r.auth_ok(ONE, mn.cb) and r.headers["auth-method"] == "eap"
-        done = False
-        for _ in range(100):
-            body, done = next_request(peer, r, mn, done, done_key=done_key)
-            mn.send(body)
-            r = mn.recv()
-            if "status-code" in r.headers:
-                break
-            assert r.auth_ok(ONE, mn.cb)
+        r, done = eap_tls_exchange(mn, peer, done_key=done_key)
         final = r.headers
         final["_auth_with_msk"] = str(done and r.auth_ok(peer.msk(), mn.cb))
         final["_auth_with_one"] = str(r.auth_ok(ONE, mn.cb))
