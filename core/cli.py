@@ -382,6 +382,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     # kept across a restart (core/mn_backoff.py); --once keeps nothing.
     backoff = Backoff(
         None if once or not cfg.hac.keep_backoff else backoff_path(cfg, config_file),
+        mn_id=cfg.mn.mn_id,
         retry_min=cfg.hac.retry_min,
         retry_max=cfg.hac.retry_max,
         log=log,

@@ -66,12 +66,19 @@ class BackoffFileError(ValueError):
 class Kept:
     failures: int  # bootstraps or registrations failed in a row, >= 1
     not_before: datetime  # aware, UTC: no bootstrap before this
+    # Whose: two MNs given one file (a shared state directory, the same
+    # config name) must not inherit each other's waits.
+    mn_id: str
 
 
 def encode_kept(kept: Kept) -> bytes:
     return (
         json.dumps(
-            {"failures": kept.failures, "not_before": kept.not_before.astimezone(UTC).isoformat()}
+            {
+                "mn_id": kept.mn_id,
+                "failures": kept.failures,
+                "not_before": kept.not_before.astimezone(UTC).isoformat(),
+            }
         )
         + "\n"
     ).encode()
@@ -87,6 +94,9 @@ def decode_kept(data: bytes, path: Path | str = "<backoff>") -> Kept:
         raise BackoffFileError(path, f"not JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise BackoffFileError(path, "not a JSON object")
+    mn_id = obj.get("mn_id")
+    if not isinstance(mn_id, str) or not 1 <= len(mn_id) <= 253:
+        raise BackoffFileError(path, f"mn_id: {mn_id!r} is not an NAI")
     failures = obj.get("failures")
     if type(failures) is not int or not 1 <= failures <= MAX_FAILURES:
         raise BackoffFileError(
@@ -101,7 +111,7 @@ def decode_kept(data: bytes, path: Path | str = "<backoff>") -> Kept:
         raise BackoffFileError(path, f"not_before: {text!r} is not an ISO 8601 date") from None
     if when.tzinfo is None:
         raise BackoffFileError(path, f"not_before: {text!r} has no UTC offset")
-    return Kept(failures, when.astimezone(UTC))
+    return Kept(failures, when.astimezone(UTC), mn_id)
 
 
 def default_path(config_file: str, environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
@@ -132,6 +142,7 @@ class Backoff:
         self,
         path: Path | None,
         *,
+        mn_id: str,
         retry_min: float,
         retry_max: float,
         log: logging.Logger,
@@ -139,6 +150,7 @@ class Backoff:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.path = path
+        self.mn_id = mn_id
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.failures = 0
@@ -166,6 +178,14 @@ class Backoff:
         except BackoffFileError as exc:
             self._log.warning("mn: backoff file %s ignored: %s", exc.path, exc.reason)
             return 0.0
+        if kept.mn_id != self.mn_id:
+            self._log.warning(
+                "mn: backoff file %s ignored: kept for mn_id=%s, not this MN's %s",
+                self.path,
+                kept.mn_id,
+                self.mn_id,
+            )
+            return 0.0
         self.failures = kept.failures
         left = (kept.not_before - self._clock()).total_seconds()
         return min(max(left, 0.0), self.retry_max)
@@ -182,7 +202,7 @@ class Backoff:
             now=now,
             uniform=self._uniform,
         )
-        self._keep(Kept(self.failures, now + timedelta(seconds=wait)))
+        self._keep(Kept(self.failures, now + timedelta(seconds=wait), self.mn_id))
         return wait
 
     def succeeded(self) -> None:

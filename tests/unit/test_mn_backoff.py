@@ -23,6 +23,7 @@ from mipsec.core.mn_backoff import (
 
 NOW = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
 LOG = logging.getLogger("test.mn_backoff")
+MN_ID = "mn1@example.net"
 
 
 def high(a: float, b: float) -> float:
@@ -38,7 +39,9 @@ class Clock:
 
 
 def make(path: Path | None, clock: Clock, retry_max: float = 600) -> Backoff:
-    return Backoff(path, retry_min=10, retry_max=retry_max, log=LOG, uniform=high, clock=clock)
+    return Backoff(
+        path, mn_id=MN_ID, retry_min=10, retry_max=retry_max, log=LOG, uniform=high, clock=clock
+    )
 
 
 @given(
@@ -48,7 +51,7 @@ def make(path: Path | None, clock: Clock, retry_max: float = 600) -> Backoff:
     ),
 )
 def test_a_kept_backoff_reads_back_as_written(failures: int, when: datetime) -> None:
-    kept = Kept(failures, when)
+    kept = Kept(failures, when, MN_ID)
     assert decode_kept(encode_kept(kept)) == kept
 
 
@@ -57,14 +60,31 @@ def test_a_kept_backoff_reads_back_as_written(failures: int, when: datetime) -> 
     [
         (b"not json", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
-        (b'{"failures": 0, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
-        (b'{"failures": -3, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
-        (b'{"failures": "3", "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
-        (b'{"failures": true, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
-        (b'{"failures": 10000001, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
-        (b'{"failures": 3}', "not_before"),
-        (b'{"failures": 3, "not_before": "soon"}', "not_before"),
-        (b'{"failures": 3, "not_before": "2026-12-06T12:00:00"}', "not_before"),  # no offset
+        (b'{"failures": 3, "not_before": "2026-12-06T12:00:00+00:00"}', "mn_id"),
+        (b'{"mn_id": 7, "failures": 3, "not_before": "2026-12-06T12:00:00+00:00"}', "mn_id"),
+        (b'{"mn_id": "a@b", "failures": 0, "not_before": "2026-12-06T12:00:00+00:00"}', "failures"),
+        (
+            b'{"mn_id": "a@b", "failures": -3, "not_before": "2026-12-06T12:00:00+00:00"}',
+            "failures",
+        ),
+        (
+            b'{"mn_id": "a@b", "failures": "3", "not_before": "2026-12-06T12:00:00+00:00"}',
+            "failures",
+        ),
+        (
+            b'{"mn_id": "a@b", "failures": true, "not_before": "2026-12-06T12:00:00+00:00"}',
+            "failures",
+        ),
+        (
+            b'{"mn_id": "a@b", "failures": 10000001, "not_before": "2026-12-06T12:00:00+00:00"}',
+            "failures",
+        ),
+        (b'{"mn_id": "a@b", "failures": 3}', "not_before"),
+        (b'{"mn_id": "a@b", "failures": 3, "not_before": "soon"}', "not_before"),
+        (
+            b'{"mn_id": "a@b", "failures": 3, "not_before": "2026-12-06T12:00:00"}',
+            "not_before",
+        ),  # no offset
         (b" " * 5000, "octets"),
     ],
 )
@@ -84,7 +104,7 @@ def test_the_wait_is_written_down_as_a_date_and_a_new_process_waits_out_the_rest
     assert first.resume() == 0 and first.failures == 0  # no file: bootstrap now
     assert [first.failed(), first.failed(), first.failed()] == [10, 20, 40]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert decode_kept(path.read_bytes()) == Kept(3, NOW + timedelta(seconds=40))
+    assert decode_kept(path.read_bytes()) == Kept(3, NOW + timedelta(seconds=40), MN_ID)
     # The process dies 15 s into its 40-s wait; the next one waits 25 s
     # more, and its next failure doubles on from the third.
     clock.now = NOW + timedelta(seconds=15)
@@ -97,7 +117,7 @@ def test_an_elapsed_wait_lets_the_mn_bootstrap_at_once_but_keeps_the_count(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "mn.backoff"
-    path.write_bytes(encode_kept(Kept(4, NOW - timedelta(seconds=1))))
+    path.write_bytes(encode_kept(Kept(4, NOW - timedelta(seconds=1), MN_ID)))
     later = make(path, Clock())
     assert later.resume() == 0 and later.failures == 4
     assert later.failed() == 160
@@ -108,8 +128,24 @@ def test_a_date_far_ahead_waits_retry_max_at_most(tmp_path: Path) -> None:
     for days: the new process waits ``retry_max`` at most -- the one it is
     configured with now, even if it was larger when the file was written."""
     path = tmp_path / "mn.backoff"
-    path.write_bytes(encode_kept(Kept(9, NOW + timedelta(days=30))))
+    path.write_bytes(encode_kept(Kept(9, NOW + timedelta(days=30), MN_ID)))
     assert make(path, Clock(), retry_max=120).resume() == 120
+
+
+def test_a_file_kept_for_another_mn_is_reported_and_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two MNs given one file (one state directory, one config name): the
+    other's waits are not this MN's."""
+    path = tmp_path / "mn.backoff"
+    path.write_bytes(encode_kept(Kept(6, NOW + timedelta(seconds=300), "other@example.net")))
+    backoff = make(path, Clock())
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        assert backoff.resume() == 0 and backoff.failures == 0
+    (record,) = caplog.records
+    assert "mn_id=other@example.net" in record.getMessage() and MN_ID in record.getMessage()
+    backoff.failed()
+    assert decode_kept(path.read_bytes()).mn_id == MN_ID
 
 
 def test_a_success_removes_the_file(tmp_path: Path) -> None:
@@ -127,7 +163,7 @@ def test_a_damaged_file_is_reported_and_ignored(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "mn.backoff"
-    path.write_bytes(b'{"failures": 3, "not_before": "soon"}')
+    path.write_bytes(b'{"mn_id": "a@b", "failures": 3, "not_before": "soon"}')
     backoff = make(path, Clock())
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         assert backoff.resume() == 0 and backoff.failures == 0
