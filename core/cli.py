@@ -325,6 +325,8 @@ def _renewed(factory: Any, cfg: MNConfig, pm: Any, config_file: str, log: loggin
 
 
 async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:
+    from mipsec.core.issuer import utcnow
+    from mipsec.core.model import IssuedSA
     from mipsec.core.roles.mn import Registrar, RegistrationOutcome, bootstrap, peer_factory
 
     log = logging.getLogger("mipsec.mn")
@@ -401,6 +403,30 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait)
 
+    def short_sa(issued: IssuedSA) -> float | None:
+        """An SA with less than [sa] min_lifetime left by this MN's clock:
+        the backed-off wait before the next bootstrap, one WARNING saying
+        why.  Without it an MN whose clock runs an SA lifetime ahead of the
+        HAC's re-bootstrapped every second, each time "successfully", for
+        ever.  None: a normal SA."""
+        left = (issued.sa.validity_end - utcnow()).total_seconds()
+        if left >= cfg.sa.min_lifetime:
+            return None
+        wait = backoff.failed()
+        log.warning(
+            "mn: SA spi=%d arrived with %.0f s left by this MN's clock (validity end %s), "
+            "under [sa] min_lifetime (%g s): this MN's clock is probably ahead of the HAC's "
+            "(check NTP), or the HAC issues SAs that short; it is used, and the next bootstrap "
+            "is in %.1f s (failure %d in a row)",
+            issued.sa.spi,
+            left,
+            issued.sa.validity_end.isoformat(),
+            cfg.sa.min_lifetime,
+            wait,
+            backoff.failures,
+        )
+        return wait
+
     left = backoff.resume()
     if left > 0:
         log.info(
@@ -440,16 +466,21 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                     why = f"status {result.status}: {why}"
                 await after_failure(why, result.retry_after)
                 continue
-            backoff.succeeded()
-            from mipsec.core.issuer import utcnow
-
-            lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
-            wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
-            log.info("next bootstrap in %.0f s", wait)
+            short = short_sa(result.issued)
+            if short is None:
+                backoff.succeeded()
+                lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
+                wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
+                log.info("next bootstrap in %.0f s", wait)
+            else:
+                wait = short
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
             continue
-        registrar = Registrar(result.issued, cfg, rebootstrap_at=cfg.sa.rebootstrap_at)
+        short = None if once else short_sa(result.issued)
+        registrar = Registrar(
+            result.issued, cfg, rebootstrap_at=cfg.sa.rebootstrap_at, rebootstrap_after=short
+        )
         try:
             await registrar.open()
         except (OSError, LookupError) as exc:
@@ -470,7 +501,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             report(result, first)
             if dataplane is not None and first.accepted:
                 dataplane.attach(registrar, first.ip4_hoa)
-            if first.accepted and first.rebootstrap is None:
+            if first.accepted and first.rebootstrap is None and short is None:
                 backoff.succeeded()
             outcome = first
             if first.accepted and first.rebootstrap is None:

@@ -395,6 +395,11 @@ class MNSA(_Strict):
     scope: Literal[0, 1] = 1
     suites: SuiteList = DEFAULT_ALLOWED
     rebootstrap_at: Annotated[float, Field(gt=0, lt=1)] = 0.8  # PROFILE §5
+    # An SA that arrives with less than this left by the MN's clock is taken
+    # as the MN's clock running ahead of the HAC's (or a HAC issuing SAs
+    # that short): used, but the next bootstrap is backed off as after a
+    # failure, never at 80 % of what is "left" (core/cli.py).
+    min_lifetime: Annotated[float, Field(ge=1, le=86_400)] = 60.0
 
 
 class MNRegistrationConfig(_Strict):

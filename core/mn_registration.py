@@ -93,6 +93,7 @@ class MnRegistration:
         wall_now: datetime,
         lifetime: int = 600,
         rebootstrap_at: float = 0.8,
+        rebootstrap_after: float | None = None,
         refresh_at: float = 0.8,
         window: int = 64,
         request_ip4_hoa: bool = True,
@@ -114,10 +115,14 @@ class MnRegistration:
         self._keepalive = keepalive
         self._lifetime_units = mh.lifetime_units(lifetime)
         self._refresh_at = refresh_at
-        # The SA's end, measured on the monotonic clock from now.
+        # The SA's end, measured on the monotonic clock from now -- or, for
+        # an SA the MN's clock cannot place (``rebootstrap_after``: the
+        # caller's backoff), that many seconds from now.
         remaining = (sa.validity_end - wall_now).total_seconds()
         total = max(remaining, 1.0)
-        self._rebootstrap_deadline = now + total * rebootstrap_at
+        self._rebootstrap_deadline = (
+            now + total * rebootstrap_at if rebootstrap_after is None else now + rebootstrap_after
+        )
         self._request_ip4 = request_ip4_hoa and bs.ip4_hoa is not None
         self.sequence = secrets.randbelow(1 << 16) if first_sequence is None else first_sequence
         self._pending: bytes | None = None  # the BU awaiting its BA

@@ -180,3 +180,29 @@ def processes_mentioning(text: str) -> list[int]:
             if text.encode() in cmdline:
                 found.append(int(entry.name))
     return found
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def debian_tool(command: str, package: str) -> str:
+    """The path of ``command``, installing Debian ``package`` when it is
+    missing and we are root; a failure in CI, a skip only locally."""
+    import shutil
+
+    found = shutil.which(command)
+    if found is not None:
+        return found
+    reason = f"{command} missing and cannot be installed (needs root and apt-get)"
+    if os.geteuid() == 0 and shutil.which("apt-get") is not None:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+            subprocess.run(cmd, env=env, capture_output=True, timeout=400)
+        found = shutil.which(command)
+        if found is not None:
+            return found
+        reason = f"apt-get could not install {package}"
+    if in_ci():
+        pytest.fail(reason)
+    pytest.skip(reason)

@@ -251,7 +251,14 @@ def ha_destination(issued: IssuedSA, transport: str) -> tuple[str, int]:
 class Registrar:
     """Asyncio shell around ``MnRegistration`` for one SA."""
 
-    def __init__(self, issued: IssuedSA, cfg: MNConfig, *, rebootstrap_at: float = 0.8) -> None:
+    def __init__(
+        self,
+        issued: IssuedSA,
+        cfg: MNConfig,
+        *,
+        rebootstrap_at: float = 0.8,
+        rebootstrap_after: float | None = None,
+    ) -> None:
         self.issued = issued
         self.cfg = cfg
         loop_now = time.monotonic()
@@ -262,6 +269,7 @@ class Registrar:
             wall_now=utcnow(),
             lifetime=cfg.registration.lifetime,
             rebootstrap_at=rebootstrap_at,
+            rebootstrap_after=rebootstrap_after,
             window=cfg.registration.replay_window,
             request_ip4_hoa=cfg.registration.request_ip4_hoa,
             keepalive=data.keepalive_interval if data.enabled else 0.0,

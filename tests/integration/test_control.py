@@ -924,7 +924,7 @@ def test_long_running_mn_takes_a_renewed_eap_tls_client_certificate(lab: Lab, ro
     edit_toml(Path(hac_cfg(lab)), "sa_lifetime = 3600", "sa_lifetime = 10")
     mn_toml = lab.dir / "mn-eap-tls.toml"
     edit_toml(mn_toml, "enabled = true", "enabled = false")  # bootstraps only
-    edit_toml(mn_toml, "[sa]\n", "[sa]\nrebootstrap_at = 0.5\n")  # every 5 s
+    edit_toml(mn_toml, "[sa]\n", "[sa]\nrebootstrap_at = 0.5\nmin_lifetime = 5\n")  # every 5 s
     roles.start("ha")
     roles.start("hac")
     log_path = lab.dir / "mn-long.log"

@@ -11,9 +11,7 @@ MS-MPPE-Send-Key.  eapol_test derives its own MSK (RFC 5216 §2.3 / RFC 9190
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 import socket
 import subprocess
 import threading
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import debian_tool
 from minirad import (
     ACCESS_ACCEPT,
     ACCESS_CHALLENGE,
@@ -61,27 +60,10 @@ SERVER_NAME = "eap.example.net"
 SECRET = b"minirad-secret"
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def eapol_test_installed() -> None:
-    """eapol_test (Debian ``eapoltest``, as the AAA lab installs it): installed
-    when missing and we are root; a failure in CI, a skip only locally."""
-    if shutil.which("eapol_test") is not None:
-        return
-    reason = "eapol_test missing and cannot be installed (needs root and apt-get)"
-    if os.geteuid() == 0 and shutil.which("apt-get") is not None:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "eapoltest"]):
-            subprocess.run(cmd, env=env, capture_output=True, timeout=400)
-        if shutil.which("eapol_test") is not None:
-            return
-        reason = "apt-get could not install eapoltest"
-    if _in_ci():
-        pytest.fail(reason)
-    pytest.skip(reason)
+    """eapol_test (Debian ``eapoltest``, as the AAA lab installs it)."""
+    debian_tool("eapol_test", "eapoltest")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import in_ci
 from minirad import (
     ACCESS_ACCEPT,
     ACCESS_CHALLENGE,
@@ -48,14 +49,10 @@ IDENTITY = "mn1@lab.test"
 SERVER_NAME = "radius.lab.test"  # the lab's server certificate dNSName
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def _start_lab(directory: Path, tls_max: str) -> dict[str, str]:
     if not LAB_SCRIPT.exists() or shutil.which("apt-get") is None or os.geteuid() != 0:
         reason = "the AAA lab needs ../shared/aaa-lab, apt-get and root"
-        if _in_ci():
+        if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
     env = dict(

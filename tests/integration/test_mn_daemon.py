@@ -30,6 +30,7 @@ def _daemon(lab: Lab) -> subprocess.Popen[str]:
 def test_rebootstrap_and_deregistration(lab: Lab, start_hac: Any) -> None:
     edit_toml(Path(lab.info["hac"]["config"]), "sa_lifetime = 3600", "sa_lifetime = 10")
     edit_toml(Path(lab.info["mn"]["config"]), "lifetime = 600", "lifetime = 8")
+    edit_toml(Path(lab.info["mn"]["config"]), "[sa]\n", "[sa]\nmin_lifetime = 5\n")  # 10-s SAs
     start_hac(lab)
     mn = _daemon(lab)
     try:
@@ -252,3 +253,65 @@ def test_the_backoff_survives_a_kill_and_a_success_clears_it(lab: Lab, start_hac
         daemon.send_signal(signal.SIGTERM)
         _, err = daemon.communicate(timeout=20)
     assert daemon.returncode == 0, err
+
+
+def test_an_mn_whose_clock_runs_ahead_backs_off_instead_of_hammering(
+    lab: Lab, start_hac: Any
+) -> None:
+    """The MN's clock two hours ahead of its HAC's (libfaketime), SAs of one
+    hour: every SA arrives already past its validity end by the MN's clock.
+    Before, the MN re-bootstrapped every second -- each time a 200, so no
+    backoff -- for ever.  Now each SA is still used (registered, BA status
+    0), one WARNING names the cause, and the bootstraps are backed off as
+    failures: 1, 2, 3 in a row, waits doubling (retry_min 1 s, retry_max 4 s)."""
+    import glob
+
+    from conftest import debian_tool
+
+    debian_tool("faketime", "faketime")
+    (lib,) = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    _retry_bounds(lab, 1, 4)
+    start_hac(lab)
+    # Preloaded into the MN itself (the faketime wrapper would stand between
+    # it and SIGTERM); the wall clock only: asyncio's deadlines run on the
+    # monotonic one.
+    env = dict(os.environ, LD_PRELOAD=lib, FAKETIME="+2h", FAKETIME_DONT_FAKE_MONOTONIC="1")
+    mn = subprocess.Popen(
+        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    warned: list[str] = []
+    try:
+        assert mn.stderr is not None
+        end = time.monotonic() + 60
+        while len(warned) < 3 and time.monotonic() < end:
+            line = mn.stderr.readline()
+            if not line:
+                break
+            if "left by this MN's clock" in line:
+                warned.append(line)
+        assert mn.stdout is not None
+        results = [json.loads(mn.stdout.readline()) for _ in warned]  # each SA's outcome
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        _, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
+    assert len(warned) == 3, warned
+    for n, line in enumerate(warned, start=1):
+        m = re.search(
+            r"arrived with (-?\d+) s left by this MN's clock .* under \[sa\] min_lifetime "
+            r"\(60 s\): this MN's clock is probably ahead of the HAC's \(check NTP\).* "
+            r"next bootstrap is in ([0-9.]+) s \(failure (\d+) in a row\)",
+            line,
+        )
+        assert m is not None, line
+        assert -7300 < int(m.group(1)) < -3500  # an hour's SA, two hours ahead
+        assert int(m.group(3)) == n
+        step = min(4.0, 2.0 ** (n - 1))
+        assert step / 2 - 0.05 <= float(m.group(2)) <= step + 0.05
+    assert len(results) == 3 and all(
+        r["status"] == 200 and r["ba"]["status"] == 0 for r in results
+    ), results

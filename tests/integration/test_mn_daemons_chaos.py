@@ -39,6 +39,8 @@ def _mn_config(lab: Lab, i: int) -> Path:
         "exchange_timeout = 120", "exchange_timeout = 120\nretry_min = 1\nretry_max = 3", 1
     )
     text = text.replace("lifetime = 600", "lifetime = 8", 1)  # the binding's, refreshed at 80 %
+    text = text.replace("[sa]\n", "[sa]\nmin_lifetime = 5\n", 1)  # its 10-s SAs are meant
+    assert "min_lifetime = 5" in text
     path = lab.dir / f"mn-chaos{i}.toml"
     path.write_text(text)
     return path

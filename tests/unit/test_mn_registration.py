@@ -145,6 +145,24 @@ def test_refresh_and_rebootstrap_timers() -> None:
     assert any(isinstance(a, Rebootstrap) for a in acts)
 
 
+def test_an_sa_past_its_end_by_the_mns_clock_rebootstraps_after_the_callers_wait() -> None:
+    """An SA whose validity end lies two hours behind the MN's clock: by the
+    SA's end alone the machine would ask for a new bootstrap after 0.8 s
+    (its 1-s floor); ``rebootstrap_after`` (the MN's backoff, core/cli.py)
+    puts it that many seconds away instead, and the SA is used meanwhile."""
+    iss = issued(lifetime=3600)
+    ahead = NOW.replace(hour=NOW.hour + 2)
+    bare = MnRegistration(iss, now=0.0, wall_now=ahead)
+    assert bare.next_timer() == pytest.approx(0.8)
+    reg = MnRegistration(iss, now=0.0, wall_now=ahead, lifetime=100, rebootstrap_after=40.0)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    seq = ha.bu(tx.datagram).sequence
+    assert isinstance(reg.receive(ha.ba(0, seq, 25), 0.1)[0], Registered)
+    assert not any(isinstance(a, Rebootstrap) for a in reg.timer(39.9))
+    assert any(isinstance(a, Rebootstrap) for a in reg.timer(40.0))
+
+
 def test_forged_or_replayed_ba_ignored() -> None:
     iss = issued()
     reg = MnRegistration(iss, now=0.0, wall_now=NOW)
