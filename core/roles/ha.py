@@ -996,7 +996,22 @@ class HaService:
                 log.warning("spi=%d refused: provisioned for HA %s, this is %s", sa.spi, who, mine)
                 raise ProvisioningRefused(f"ha_id: SA is for HA {who!r}, this HA is {mine!r}")
         if sa.validity_end <= now:
-            raise ProvisioningRefused(f"validity_end: SA spi={sa.spi} already expired")
+            # The HAC issued it for sa_lifetime from its own clock: an SA
+            # ended on arrival says the two clocks disagree (or the install
+            # sat in a queue for a lifetime) -- the operator's one line.
+            behind = (now - sa.validity_end).total_seconds()
+            log.warning(
+                "spi=%d mn_id=%s refused: its validity end %s is %.0f s behind this HA's "
+                "clock -- are the HAC's and this HA's clocks in step (NTP)?",
+                sa.spi,
+                sa.mn_id,
+                sa.validity_end.isoformat(),
+                behind,
+            )
+            raise ProvisioningRefused(
+                f"validity_end: SA spi={sa.spi} already expired by this HA's clock "
+                f"({behind:.0f} s ago)"
+            )
         if self.core.is_withdrawn(issued):
             log.warning("spi=%d mn_id=%s refused: withdrawn earlier", sa.spi, sa.mn_id)
             raise ProvisioningRefused(f"spi: {sa.spi} was withdrawn; it is not accepted again")

@@ -291,7 +291,9 @@ def test_local_transport_and_withdraw(tmp_path: Path) -> None:
     run(main())
 
 
-def test_install_refuses_other_ha_and_expired(tmp_path: Path) -> None:
+def test_install_refuses_other_ha_and_expired(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def main() -> None:
         svc = HaService(ha_config(tmp_path))
         await svc.start()
@@ -300,10 +302,13 @@ def test_install_refuses_other_ha_and_expired(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="ha_id"):
             await svc.install_sa(make_issued(), "ha2")
         old = make_issued()
-        past = datetime.now(UTC) - timedelta(seconds=1)
+        past = datetime.now(UTC) - timedelta(seconds=7200)  # the HA's clock 2 h ahead
         expired = IssuedSA(dataclasses.replace(old.sa, validity_end=past), old.bootstrap)
-        with pytest.raises(ValueError, match="expired"):
+        with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="expired"):
             await svc.install_sa(expired)
+        (line,) = [r.getMessage() for r in caplog.records if "validity end" in r.getMessage()]
+        assert f"spi={old.sa.spi} mn_id={old.sa.mn_id} refused" in line
+        assert "720" in line and "s behind this HA's clock" in line and "(NTP)" in line
         assert svc.stats()["sas"] == 0
         # Installing the same SA twice is idempotent (HAC retries).
         issued = make_issued()
