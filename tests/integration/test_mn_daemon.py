@@ -255,6 +255,27 @@ def test_the_backoff_survives_a_kill_and_a_success_clears_it(lab: Lab, start_hac
     assert daemon.returncode == 0, err
 
 
+def _daemon_at(lab: Lab, offset: str) -> subprocess.Popen[str]:
+    """The lab's MN daemon with its wall clock moved by ``offset`` (libfaketime,
+    e.g. ``+2h``), preloaded into the MN itself (the faketime wrapper would
+    stand between it and SIGTERM); asyncio's deadlines run on the monotonic
+    clock, which stays true."""
+    import glob
+
+    from conftest import debian_tool
+
+    debian_tool("faketime", "faketime")
+    (lib,) = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    env = dict(os.environ, LD_PRELOAD=lib, FAKETIME=offset, FAKETIME_DONT_FAKE_MONOTONIC="1")
+    return subprocess.Popen(
+        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
 def test_an_mn_whose_clock_runs_ahead_backs_off_instead_of_hammering(
     lab: Lab, start_hac: Any
 ) -> None:
@@ -264,25 +285,9 @@ def test_an_mn_whose_clock_runs_ahead_backs_off_instead_of_hammering(
     backoff -- for ever.  Now each SA is still used (registered, BA status
     0), one WARNING names the cause, and the bootstraps are backed off as
     failures: 1, 2, 3 in a row, waits doubling (retry_min 1 s, retry_max 4 s)."""
-    import glob
-
-    from conftest import debian_tool
-
-    debian_tool("faketime", "faketime")
-    (lib,) = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
     _retry_bounds(lab, 1, 4)
     start_hac(lab)
-    # Preloaded into the MN itself (the faketime wrapper would stand between
-    # it and SIGTERM); the wall clock only: asyncio's deadlines run on the
-    # monotonic one.
-    env = dict(os.environ, LD_PRELOAD=lib, FAKETIME="+2h", FAKETIME_DONT_FAKE_MONOTONIC="1")
-    mn = subprocess.Popen(
-        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    mn = _daemon_at(lab, "+2h")
     warned: list[str] = []
     try:
         assert mn.stderr is not None
@@ -315,3 +320,28 @@ def test_an_mn_whose_clock_runs_ahead_backs_off_instead_of_hammering(
     assert len(results) == 3 and all(
         r["status"] == 200 and r["ba"]["status"] == 0 for r in results
     ), results
+
+
+def test_an_mn_whose_clock_runs_behind_is_sent_back_by_the_ha_in_time(
+    lab: Lab, start_hac: Any
+) -> None:
+    """The MN's clock 2 minutes behind (within the lab certificates' 5-min
+    backdating), SAs of 30 s: by its own clock the SA has 150 s, so it would
+    re-bootstrap only after 120 s -- 90 s after the SA ended at the HA.  The
+    HA grants binding lifetimes no longer than what the SA has left by its
+    clock, so the MN refreshes in time, and answers 176 near the end: the
+    MN bootstraps again while its SA still lives, each time with a 200 and
+    BA 0, and never logs a failure."""
+    edit_toml(Path(lab.info["hac"]["config"]), "sa_lifetime = 3600", "sa_lifetime = 30")
+    start_hac(lab)
+    mn = _daemon_at(lab, "-2m")
+    try:
+        assert mn.stdout is not None
+        results = [json.loads(mn.stdout.readline()) for _ in range(3)]  # 2 re-bootstraps
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        _, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
+    assert all(r["status"] == 200 and r["ba"]["status"] == 0 for r in results), results
+    assert err.count("bootstrapping again: HA answered REINIT_SA_WITH_HAC (176)") >= 2, err
+    assert "registration failed" not in err and "failure" not in err, err
