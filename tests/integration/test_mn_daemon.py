@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import LAUNCHER, Lab, edit_toml
+from conftest import LAUNCHER, Lab, debian_tool, edit_toml
 from test_credentials_cli import use_sqlite_credentials
 
 
@@ -261,8 +261,6 @@ def _daemon_at(lab: Lab, offset: str) -> subprocess.Popen[str]:
     stand between it and SIGTERM); asyncio's deadlines run on the monotonic
     clock, which stays true."""
     import glob
-
-    from conftest import debian_tool
 
     debian_tool("faketime", "faketime")
     (lib,) = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
