@@ -412,16 +412,19 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         left = (issued.sa.validity_end - utcnow()).total_seconds()
         if left >= cfg.sa.min_lifetime:
             return None
-        wait = backoff.failed()
-        log.warning(
+        cause = (
             "mn: SA spi=%d arrived with %.0f s left by this MN's clock (validity end %s), "
             "under [sa] min_lifetime (%g s): this MN's clock is probably ahead of the HAC's "
-            "(check NTP), or the HAC issues SAs that short; it is used, and the next bootstrap "
-            "is in %.1f s (failure %d in a row)",
-            issued.sa.spi,
-            left,
-            issued.sa.validity_end.isoformat(),
-            cfg.sa.min_lifetime,
+            "(check NTP), or the HAC issues SAs that short"
+        )
+        what = (issued.sa.spi, left, issued.sa.validity_end.isoformat(), cfg.sa.min_lifetime)
+        if once:  # no next bootstrap to put off: the cause alone
+            log.warning(cause, *what)
+            return None
+        wait = backoff.failed()
+        log.warning(
+            cause + "; it is used, and the next bootstrap is in %.1f s (failure %d in a row)",
+            *what,
             wait,
             backoff.failures,
         )
@@ -459,6 +462,8 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         if not result.ok or result.issued is None or not cfg.registration.enabled:
             report(result, None)
             if once:
+                if result.ok and result.issued is not None:
+                    short_sa(result.issued)  # the WARNING, if the clocks disagree
                 return EXIT_OK if result.ok else EXIT_FAILED
             if not (result.ok and result.issued is not None):
                 why = result.reason or "bootstrap failed"
@@ -477,7 +482,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
             continue
-        short = None if once else short_sa(result.issued)
+        short = short_sa(result.issued)  # None with --once (the WARNING alone)
         registrar = Registrar(
             result.issued, cfg, rebootstrap_at=cfg.sa.rebootstrap_at, rebootstrap_after=short
         )

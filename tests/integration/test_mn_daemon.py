@@ -255,7 +255,7 @@ def test_the_backoff_survives_a_kill_and_a_success_clears_it(lab: Lab, start_hac
     assert daemon.returncode == 0, err
 
 
-def _daemon_at(lab: Lab, offset: str) -> subprocess.Popen[str]:
+def _daemon_at(lab: Lab, offset: str, *extra: str) -> subprocess.Popen[str]:
     """The lab's MN daemon with its wall clock moved by ``offset`` (libfaketime,
     e.g. ``+2h``), preloaded into the MN itself (the faketime wrapper would
     stand between it and SIGTERM); asyncio's deadlines run on the monotonic
@@ -266,7 +266,7 @@ def _daemon_at(lab: Lab, offset: str) -> subprocess.Popen[str]:
     (lib,) = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
     env = dict(os.environ, LD_PRELOAD=lib, FAKETIME=offset, FAKETIME_DONT_FAKE_MONOTONIC="1")
     return subprocess.Popen(
-        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json"],
+        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -315,6 +315,14 @@ def test_an_mn_whose_clock_runs_ahead_backs_off_instead_of_hammering(
         assert int(m.group(3)) == n
         step = min(4.0, 2.0 ** (n - 1))
         assert step / 2 - 0.05 <= float(m.group(2)) <= step + 0.05
+    # --once: the same SA works, and the WARNING names the cause (no next
+    # bootstrap to put off).
+    once = _daemon_at(lab, "+2h", "--once")
+    once_out, once_err = once.communicate(timeout=60)
+    assert once.returncode == 0, once_err
+    assert json.loads(once_out.splitlines()[-1])["ba"]["status"] == 0
+    assert "left by this MN's clock" in once_err and "(check NTP)" in once_err
+    assert "next bootstrap" not in once_err
     assert len(results) == 3 and all(
         r["status"] == 200 and r["ba"]["status"] == 0 for r in results
     ), results
