@@ -49,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -658,6 +658,7 @@ class SQLiteSAStore:
         check_only: bool = False,
         clock: Callable[[], datetime] = _utcnow,
         checkpoint_interval: float = 0.0,
+        synchronous: Literal["normal", "full"] = "normal",
     ) -> None:
         if clear_keys and key_file is not None:
             raise StoreOptionError(
@@ -665,6 +666,8 @@ class SQLiteSAStore:
             )
         if path is None and key_file is not None:
             raise StoreOptionError("key_file", "a memory store has no key file")
+        if synchronous not in ("normal", "full"):  # it goes into a PRAGMA's text
+            raise StoreOptionError("synchronous", f'{synchronous!r}: "normal" or "full"')
         self.path = path
         self.key_file = None if clear_keys or path is None else key_file or default_key_file(path)
         self._clock = clock
@@ -683,13 +686,15 @@ class SQLiteSAStore:
             # busy_timeout: several HAC processes may share one store.
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if path is not None and not check_only:
-                # WAL: readers never block the writer.  synchronous = NORMAL:
-                # no fsync per commit (it stalled the HAC's event loop on every
-                # SA).  A commit still survives a process crash; a power loss
-                # can drop the last commits, and SPI uniqueness never depends
-                # on durability: add() checks it in the same transaction.
+                # WAL: readers never block the writer.  synchronous = NORMAL
+                # (default): no fsync per commit (it stalled the HAC's event
+                # loop on every SA).  A commit still survives a process crash;
+                # a power loss can drop the commits since the last checkpoint
+                # -- SAs an HA may already hold, whose SPIs and home addresses
+                # the HAC could then hand out again.  FULL: an fsync per
+                # commit (one per group commit on the HAC), power-loss-safe.
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
                 limit_wal(conn)
             self._conn = conn
             self._codec: KeyCodec = self._init_schema(clear_keys, check_only)
@@ -1786,6 +1791,9 @@ class _SQLiteOptions(BaseModel):
     # Seconds between WAL checkpoints in a thread of the role's own
     # (core/walcheckpoint.py); 0: SQLite's, on the commit that fills 1,000 pages.
     checkpoint_interval: float = Field(default=1.0, ge=0, le=60, allow_inf_nan=False)
+    # "normal": every commit survives a crash of the role; "full": also a
+    # power loss, at an fsync per commit (see SQLiteSAStore).
+    synchronous: Literal["normal", "full"] = "normal"
 
     @model_validator(mode="after")
     def _one_way(self) -> _SQLiteOptions:
@@ -1818,6 +1826,7 @@ class SQLiteStoreFactory:
                 clear_keys=opts.clear_keys,
                 check_only=_check_only(ctx),
                 checkpoint_interval=opts.checkpoint_interval,
+                synchronous=opts.synchronous,
             )
         except StoreOptionError as exc:
             raise ValueError(f"{exc.option}: {exc}") from None

@@ -1201,3 +1201,25 @@ def test_live_for_nai_finds_every_spelling_of_the_realm_only(store: SQLiteSAStor
     assert store.live_for_nai("alice@home.example", T0 + timedelta(hours=2)) == [
         store.get(0x105, T0 + timedelta(hours=2))
     ]
+
+
+def test_synchronous_option(tmp_path: Path) -> None:
+    """``[sa_store] synchronous``: "normal" (default: each commit survives a
+    crash of the role) or "full" (also a power loss: an fsync per commit).
+    A power loss under "normal" can take the last commits -- SAs an HA may
+    already hold, whose SPIs and home addresses the HAC could hand out
+    again -- so an operator who fears one asks for "full"."""
+    ctx = PluginContext(role="hac", base_dir=tmp_path)
+    for value, level in ((None, 1), ("normal", 1), ("full", 2)):
+        opts = {"path": f"s-{value}.db"} | ({} if value is None else {"synchronous": value})
+        s = SQLiteStoreFactory().create(opts, ctx)
+        try:
+            assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == level
+            assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            s.close()
+    with pytest.raises(ValueError, match=r"^synchronous: input should be 'normal' or 'full'"):
+        SQLiteStoreFactory().create({"path": "x.db", "synchronous": "off"}, ctx)
+    with pytest.raises(sa_store_sqlite.StoreOptionError) as err:  # never into the PRAGMA
+        SQLiteSAStore(tmp_path / "y.db", synchronous="off; DROP TABLE issued_sa")  # type: ignore[arg-type]
+    assert err.value.option == "synchronous" and not (tmp_path / "y.db").exists()
