@@ -119,6 +119,7 @@ from mipsec.core.addrtext import ip_text
 from mipsec.core.bindings import Binding, BindingCache
 from mipsec.core.errors import LocalProtocolError, MobilityHeaderError, PacketError
 from mipsec.core.model import IssuedSA
+from mipsec.core.nai import nai_key
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.wire.esp import (
     NEXT_HEADER_DSTOPTS,
@@ -258,7 +259,19 @@ class DataIn:
     protected: bool
 
 
-Action: TypeAlias = Reply | BindingChanged | NeedSA | DataIn
+@dataclass(frozen=True, slots=True)
+class AddressTaken:
+    """Two MNs' live SAs named one home address: the newer SA kept it and
+    the older was withdrawn (see ``HaCore._one_mn_per_address``)."""
+
+    hoa: str
+    kept_spi: int
+    kept_mn_id: str
+    withdrawn_spi: int
+    withdrawn_mn_id: str
+
+
+Action: TypeAlias = Reply | BindingChanged | NeedSA | DataIn | AddressTaken
 
 
 class SpiWithdrawn(LocalProtocolError):
@@ -868,6 +881,30 @@ class HaCore:
             # PROFILE §8: the HoA is the SA's; RFC 6275 §10.3.1 status 133.
             return self._ba(entry, src, NOT_HOME_AGENT, bu.sequence, 0)
         binding = self.bindings.get(hoa)
+        taken: list[Action] = []
+        if (binding is not None and binding.spi != entry.spi) or entry.ip4_hoa is not None:
+            taken = self._one_mn_per_address(entry, binding, hoa, now)
+            if taken and isinstance(taken[0], AddressTaken) and taken[0].kept_spi != entry.spi:
+                # This SA is the stale one: 176 sends its MN to the HAC for a
+                # new SA (and a new address); the SA is dead from now on.
+                out = self._ba(entry, src, REINIT_SA_WITH_HAC, bu.sequence, 0)
+                self.remove_sa(entry.spi, now=now)
+                return [*out, *taken]
+            binding = self.bindings.get(hoa)
+        return taken + self._bind(entry, u, src, now, bu, hoa_option, hoa, binding)
+
+    def _bind(
+        self,
+        entry: _SAEntry,
+        u: Unprotected,
+        src: Address,
+        now: float,
+        bu: BindingUpdate,
+        hoa_option: bytes | None,
+        hoa: str,
+        binding: Binding | None,
+    ) -> list[Action]:
+        """The BU of a verified SA for its own address: RFC 6275 §10.3."""
         last: int | None = None
         if binding is not None:
             last = binding.sequence
@@ -936,6 +973,51 @@ class HaCore:
             event = REFRESHED
         self.bindings.put(binding)
         out.append(BindingChanged(event, hoa, (coa_host, src[1]), lifetime, entry.spi, previous))
+        return out
+
+    def _one_mn_per_address(
+        self, entry: _SAEntry, binding: Binding | None, hoa: str, now: float
+    ) -> list[Action]:
+        """One MN per home address, whatever a HAC says.
+
+        A HAC hands an address to one MN at a time, but a HAC that lost its
+        last commits (a power loss under ``[sa_store] synchronous =
+        "normal"``) may hand an address again while this HA still holds the
+        older MN's SA for it; the two MNs' BUs would then take the binding
+        from each other.  The SA with the later validity end (issued later)
+        keeps the address; the other is withdrawn here (dead until its end,
+        as if its HAC had withdrawn it).  Another SA of the *same* MN is the
+        normal case of a re-bootstrap and is left alone.  Returns
+        ``AddressTaken`` (and the binding events) when something was
+        decided, else nothing.
+        """
+        holders: list[int] = []
+        if binding is not None and binding.spi != entry.spi:
+            holders.append(binding.spi)
+        if entry.ip4_hoa is not None:
+            b4 = self.bindings.by_address(entry.ip4_hoa.packed)
+            if b4 is not None and b4.hoa != hoa and b4.spi != entry.spi:
+                holders.append(b4.spi)
+        out: list[Action] = []
+        mine = nai_key(entry.issued.sa.mn_id)
+        for spi in holders:
+            holder = self._sas.get(spi)
+            if holder is None or nai_key(holder.issued.sa.mn_id) == mine:
+                continue
+            if entry.validity_end > holder.validity_end:
+                kept, stale = entry, holder
+            else:
+                kept, stale = holder, entry
+            out.insert(
+                0,
+                AddressTaken(hoa, kept.spi, kept.issued.sa.mn_id, stale.spi, stale.issued.sa.mn_id),
+            )
+            if stale is entry:
+                return out
+            out.extend(self.remove_sa(stale.spi, now=now))
+            # The tomb its binding left guards the old MN's numbers, not the
+            # new one's (whose own SA's replay checks hold).
+            self.bindings.clear_deleted(stale.hoa or hoa)
         return out
 
     def _deregister(

@@ -57,6 +57,7 @@ from mipsec.core.config import HAConfig
 from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
 from mipsec.core.ha_core import (
     REFRESHED,
+    AddressTaken,
     BindingChanged,
     DataIn,
     HaCore,
@@ -344,6 +345,7 @@ class HaService:
             "store_errors": 0,
             "withheld": 0,
             "hook_errors": 0,
+            "address_taken": 0,  # two MNs' SAs for one address (ha_core._one_mn_per_address)
         }
         self.on_data: Callable[[DataIn], None] | None = None  # the data plane plugs in here
         self.sockets: list[socket.socket] = []  # the UDP sockets (the data plane sends from them)
@@ -781,11 +783,27 @@ class HaService:
                 self._log_binding(action)
             elif isinstance(action, NeedSA):
                 self._need_sa(action.spi, data, addr, transport)
+            elif isinstance(action, AddressTaken):
+                self._address_taken(action)
             elif self.on_data is not None:
                 if hold:
                     self._held.append((transport, action))
                 else:
                     self.on_data(action)
+
+    def _address_taken(self, ev: AddressTaken) -> None:
+        # ha_core._one_mn_per_address: rare, and the operator must hear of it.
+        self.counts["address_taken"] += 1
+        log.warning(
+            "hoa=%s named by two MNs' live SAs: spi=%d mn_id=%s (issued later) keeps it, "
+            "spi=%d mn_id=%s is withdrawn -- a HAC gave the address again (its last commits "
+            'lost in a power loss? [sa_store] synchronous = "full" prevents that)',
+            ev.hoa,
+            ev.kept_spi,
+            ev.kept_mn_id,
+            ev.withdrawn_spi,
+            ev.withdrawn_mn_id,
+        )
 
     def burst_done(self) -> None:
         """After a burst of datagrams: commit its changes once, then release what waited."""

@@ -889,3 +889,57 @@ def test_a_burst_of_withdrawals_of_unknown_spis_costs_a_few_lines(
     assert lines[16:] == [
         "24 more withdrawals of SPIs unknown here in 1 s (one line each at DEBUG)"
     ]
+
+
+def test_two_mns_sas_for_one_address_across_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A HAC that lost its last commits gave alice's address to bob.  Over
+    real UDP: bob's BU (his SA issued later) takes the address with one
+    WARNING naming both and ``address_taken`` counted; alice's SA is then
+    dead -- her BU gets nothing back, and still nothing after the HA is
+    restarted on its files (her SA's withdrawal went to disk before bob's
+    BA left)."""
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        ha = (await svc.start())[0]
+        alice = make_issued(spi=0x101)
+        later = make_issued(spi=0x202)
+        bob = IssuedSA(
+            dataclasses.replace(
+                later.sa,
+                mn_id="bob@home.example",
+                validity_end=later.sa.validity_end + timedelta(seconds=60),
+            ),
+            later.bootstrap,
+        )
+        await svc.install_sa(alice)
+        await svc.install_sa(bob)
+        ma, mb = MN(alice), MN(bob)
+        assert (await ma.register(1, ha)).status == 0
+        with caplog.at_level(logging.WARNING, logger="mipsec.ha"):
+            assert (await mb.register(7, ha)).status == 0
+        (line,) = [r.getMessage() for r in caplog.records if "two MNs" in r.getMessage()]
+        assert f"hoa={HOA} named by two MNs' live SAs: spi={0x202} mn_id=bob@home.example" in line
+        assert f"spi={0x101} mn_id={MN_ID} is withdrawn" in line and "synchronous" in line
+        assert svc.stats()["address_taken"] == 1
+        b = svc.core.binding(str(HOA))
+        assert b is not None and b.spi == 0x202 and b.coa == mb.addr
+        await ma.send(ma.bu(2), ha)
+        assert await ma.nothing()
+        assert svc.stats()["drops"].get("withdrawn_spi") == 1
+        await svc.stop()
+
+        again = HaService(ha_config(tmp_path))
+        ha = (await again.start())[0]
+        await ma.send(ma.bu(3), ha)
+        assert await ma.nothing()
+        assert again.stats()["drops"].get("withdrawn_spi") == 1  # dead, not unknown
+        assert (await mb.register(8, ha)).status == 0
+        assert again.core.binding(str(HOA)).spi == 0x202
+        ma.close()
+        mb.close()
+        await again.stop()
+
+    run(main())

@@ -26,6 +26,7 @@ from mipsec.core.errors import PacketError
 from mipsec.core.ha_core import (
     MAX_DELETE_BCE_TIMEOUT,
     OUT_SEQ_RESERVE,
+    AddressTaken,
     BindingChanged,
     DataIn,
     HaCore,
@@ -853,3 +854,88 @@ def test_status_counts_follow_every_install_replace_removal_and_expiry(
         for i in installed:
             want[i.sa.suite] = want.get(i.sa.suite, 0) + 1
         assert c.per_suite() == want and c.sa_count() == len(installed)
+
+
+# ------------------------------------------------------------ one MN per address
+
+
+def _of(mn_id: str, spi: int, lifetime: float, **kw: object) -> IssuedSA:
+    base = issue(spi=spi, lifetime=lifetime, **kw)  # type: ignore[arg-type]
+    return IssuedSA(dataclasses.replace(base.sa, mn_id=mn_id), base.bootstrap)
+
+
+def _taken(actions: Sequence[object]) -> list[AddressTaken]:
+    return [a for a in actions if isinstance(a, AddressTaken)]
+
+
+def test_two_mns_sas_for_one_address_the_later_issued_keeps_it() -> None:
+    """A HAC that lost its last commits (power loss) gives alice's address
+    to bob while this HA still holds alice's SA.  Before, the two MNs' BUs
+    took the binding from each other for as long as both SAs lived.  Now
+    bob's SA (the later validity end) takes the address at his BU, alice's
+    SA is withdrawn (its packets dropped from then on), and the core says
+    so once."""
+    ha = core()
+    alice, bob = _of("alice@home.example", 101, 3000), _of("bob@home.example", 202, 3600)
+    assert ha.install_sa(alice) and ha.install_sa(bob)
+    ma, mb = MN(alice), MN(bob)
+    assert ma.ba(ha.receive(ma.bu(10), MN_ADDR, NOW)).status == 0
+    acts = ha.receive(mb.bu(11), ("192.0.2.8", 1), NOW + 1)
+    assert mb.ba(acts).status == 0 and ha.bindings.get(str(HOA)).spi == 202
+    (taken,) = _taken(acts)
+    assert (taken.kept_spi, taken.kept_mn_id) == (202, "bob@home.example")
+    assert (taken.withdrawn_spi, taken.withdrawn_mn_id) == (101, "alice@home.example")
+    assert [(e.event, e.spi) for e in events(acts)] == [("deleted", 101), ("added", 202)]
+    assert not ha.has_spi(101)
+    # Alice's next BU under her withdrawn SA gets nothing: the binding stays bob's.
+    assert ha.receive(ma.bu(12), MN_ADDR, NOW + 2) == []
+    assert ha.bindings.get(str(HOA)).spi == 202
+
+
+def test_the_older_sa_of_another_mn_is_sent_to_its_hac_with_176() -> None:
+    """The other order: bob (later) registered first; alice's BU under her
+    older SA gets 176 (go back to the HAC: a new SA, a new address) and
+    her SA is withdrawn; bob keeps the binding."""
+    ha = core()
+    alice, bob = _of("alice@home.example", 101, 3000), _of("bob@home.example", 202, 3600)
+    assert ha.install_sa(alice) and ha.install_sa(bob)
+    ma, mb = MN(alice), MN(bob)
+    assert mb.ba(ha.receive(mb.bu(11), ("192.0.2.8", 1), NOW)).status == 0
+    acts = ha.receive(ma.bu(10), MN_ADDR, NOW + 1)
+    ba = ma.ba(acts)
+    assert (ba.status, ba.lifetime) == (176, 0)
+    (taken,) = _taken(acts)
+    assert (taken.kept_spi, taken.withdrawn_spi) == (202, 101)
+    assert events(acts) == [] and ha.bindings.get(str(HOA)).spi == 202
+    assert not ha.has_spi(101) and ha.has_spi(202)
+
+
+def test_another_sa_of_the_same_mn_takes_its_binding_as_before() -> None:
+    """A re-bootstrap: the same MN (NAI realm case aside) under a new SA,
+    the old one still live until the HAC withdraws it -- no conflict."""
+    ha = core()
+    old, new = _of("alice@home.example", 101, 3000), _of("alice@HOME.example", 202, 3600)
+    assert ha.install_sa(old) and ha.install_sa(new)
+    mo, mn = MN(old), MN(new)
+    assert mo.ba(ha.receive(mo.bu(10), MN_ADDR, NOW)).status == 0
+    acts = ha.receive(mn.bu(11), MN_ADDR, NOW + 1)
+    assert mn.ba(acts).status == 0 and _taken(acts) == []
+    assert ha.has_spi(101) and ha.bindings.get(str(HOA)).spi == 202
+
+
+def test_two_mns_sas_for_one_ipv4_home_address() -> None:
+    """The same rule for the IPv4 home address (DSMIP6): bob's SA names
+    alice's IPv4 address with an IPv6 address of its own."""
+    ha = core()
+    alice = _of("alice@home.example", 101, 3000)
+    bob = _of("bob@home.example", 202, 3600, hoa=OTHER_HOA)
+    assert ha.install_sa(alice) and ha.install_sa(bob)
+    ma, mb = MN(alice), MN(bob)
+    ask = (IPv4HomeAddressRequest(home_address=IP4_HOA, prefix_len=32),)
+    assert ma.ba(ha.receive(ma.bu(10, options=ask), MN_ADDR, NOW)).status == 0
+    acts = ha.receive(mb.bu(11, options=ask), ("192.0.2.8", 1), NOW + 1)
+    assert mb.ba(acts).status == 0
+    (taken,) = _taken(acts)
+    assert (taken.kept_spi, taken.withdrawn_spi) == (202, 101)
+    assert ha.bindings.by_address(IP4_HOA.packed).spi == 202
+    assert ha.bindings.get(str(HOA)) is None and not ha.has_spi(101)
