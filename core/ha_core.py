@@ -998,6 +998,8 @@ class HaCore:
             b4 = self.bindings.by_address(entry.ip4_hoa.packed)
             if b4 is not None and b4.hoa != hoa and b4.spi != entry.spi:
                 holders.append(b4.spi)
+        if not holders:  # every BU of a DSMIP6 MN comes here: keep it cheap
+            return []
         out: list[Action] = []
         mine = nai_key(entry.issued.sa.mn_id)
         for spi in holders:
