@@ -374,3 +374,27 @@ def test_demo_ended_by_a_signal_leaves_no_role_running(sig: str) -> None:
     assert alive == [], f"still running after the demo ended: {alive}"
     assert code == 128 + getattr(signal, sig)
     assert not Path(lab_dir).exists()
+
+
+def test_power_loss_safe_stores_serve_a_bootstrap(lab: Lab, start_hac: Any) -> None:
+    """``[sa_store] synchronous = "full"`` on the HAC and the HA (whose
+    binding cache shares its store's file, ``in_sa_store``): check-config
+    takes it, both roles start on it and an MN bootstraps and registers
+    (the PRAGMA itself: tests/unit/test_sa_store.py); a wrong value is a
+    configuration error naming the key."""
+    for role in ("hac", "ha"):
+        edit_toml(
+            Path(lab.info[role]["config"]),
+            f'path = "{role}-sa.sqlite"',
+            f'path = "{role}-sa.sqlite"\nsynchronous = "full"',
+        )
+        checked = mipsec("check-config", lab.info[role]["config"])
+        assert checked.returncode == 0, checked.stderr
+        assert '"synchronous": "full"' in checked.stdout
+    start_hac(lab)
+    rc, res = run_mn(lab)
+    assert rc == 0 and res["status"] == 200 and res["ba"]["status"] == 0, res
+    edit_toml(Path(lab.info["hac"]["config"]), 'synchronous = "full"', 'synchronous = "off"')
+    wrong = mipsec("check-config", lab.info["hac"]["config"])
+    assert wrong.returncode == 2
+    assert "sa_store.backend: synchronous: input should be 'normal' or 'full'" in wrong.stderr
