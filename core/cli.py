@@ -335,10 +335,43 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     pm = pluginmanager.make_plugin_manager(cfg.plugins.disable)
     factory = peer_factory(cfg, pm, config_file)
     stop = asyncio.Event()
+    # Set with ``stop`` and by SIGUSR1: ends a wait before the next bootstrap
+    # (``pause``) -- an operator who fixed the HAC need not wait out the
+    # backoff (up to [hac] retry_max, kept across restarts).
+    wake = asyncio.Event()
+    waiting = False
     loop = asyncio.get_running_loop()
+
+    def stop_now() -> None:
+        stop.set()
+        wake.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop_now)
+
+    def bootstrap_now() -> None:
+        if waiting:
+            log.info("mn: SIGUSR1: the wait is cut, bootstrapping now")
+            wake.set()
+        else:
+            log.info("mn: SIGUSR1 ignored: not waiting to bootstrap (nothing to cut)")
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGUSR1, bootstrap_now)
+
+    async def pause(seconds: float) -> None:
+        """Wait ``seconds`` before the next bootstrap, less on SIGTERM or SIGUSR1."""
+        nonlocal waiting
+        if stop.is_set():
+            return
+        wake.clear()
+        waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), seconds)
+        finally:
+            waiting = False
 
     def no_reload() -> None:
         # The MN has no reload; without a handler SIGHUP's default action
@@ -400,8 +433,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             "; the HAC's retry-after honoured" if retry_after is not None else "",
             why,
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), wait)
+        await pause(wait)
 
     def short_sa(issued: IssuedSA) -> float | None:
         """An SA with less than [sa] min_lifetime left by this MN's clock:
@@ -434,13 +466,12 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     if left > 0:
         log.info(
             "next bootstrap in %.1f s (failure %d in a row, kept from before the restart "
-            "in %s; delete it to bootstrap at once)",
+            "in %s; SIGUSR1 bootstraps at once)",
             left,
             backoff.failures,
             backoff.path,
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), left)
+        await pause(left)
 
     while not stop.is_set():
         # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL.
@@ -479,8 +510,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 log.info("next bootstrap in %.0f s", wait)
             else:
                 wait = short
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+            await pause(wait)
             continue
         short = short_sa(result.issued)  # None with --once (the WARNING alone)
         registrar = Registrar(

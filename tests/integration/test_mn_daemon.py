@@ -223,7 +223,7 @@ def test_the_backoff_survives_a_kill_and_a_success_clears_it(lab: Lab, start_hac
     assert again.returncode == 0, err
     m = re.search(r"next bootstrap in ([0-9.]+) s \(failure 1 in a row, kept from before", resumed)
     assert m is not None and 0 < float(m.group(1)) <= wait, resumed
-    assert str(kept) in resumed and "delete it to bootstrap at once" in resumed
+    assert str(kept) in resumed and "SIGUSR1 bootstraps at once" in resumed
     assert [w[1] for w in waits] == [2], waits  # doubling on, 4-8 s
     assert 4 <= waits[0][0] <= 8
     assert decode_kept(kept.read_bytes()).failures == 2
@@ -351,3 +351,31 @@ def test_an_mn_whose_clock_runs_behind_is_sent_back_by_the_ha_in_time(
     assert all(r["status"] == 200 and r["ba"]["status"] == 0 for r in results), results
     assert err.count("bootstrapping again: HA answered REINIT_SA_WITH_HAC (176)") >= 2, err
     assert "registration failed" not in err and "failure" not in err, err
+
+
+def test_sigusr1_cuts_the_backoff_wait(lab: Lab) -> None:
+    """The HAC down, waits of 15 s or more (retry_min 30): SIGUSR1 in the
+    first wait makes the MN try again at once -- its second failure comes
+    within seconds, counted on (failure 2 in a row); SIGTERM still stops it.
+    Before, an operator who had fixed the HAC waited out the backoff (up to
+    retry_max, and since the backoff is kept, across a restart too)."""
+    _retry_bounds(lab, 30, 60)
+    mn = _daemon(lab)  # the lab's HAC is not started
+    try:
+        ((first, n, _, _),) = _waits(mn, until=1)
+        assert n == 1 and first >= 15
+        mn.send_signal(signal.SIGUSR1)
+        assert mn.stderr is not None
+        lines: list[str] = []
+        end = time.monotonic() + 12  # well inside the first wait's 15 s
+        while time.monotonic() < end:
+            line = mn.stderr.readline()
+            lines.append(line)
+            if "failure 2 in a row" in line:
+                break
+        assert any("SIGUSR1: the wait is cut, bootstrapping now" in ln for ln in lines), lines
+        assert "failure 2 in a row" in lines[-1], lines
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        _, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
