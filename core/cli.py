@@ -143,6 +143,7 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    _ignore_sigusr1(loop, "hac")
     local_ha = None
     if cfg.local_ha is not None:
         # Deployment model 1: the HA runs in this process; the ``local``
@@ -247,6 +248,7 @@ async def _run_ha(cfg: HAConfig, config_file: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    _ignore_sigusr1(loop, "ha")
     # Held until the HA runs: a reload of a service half built -- its
     # provisioning listener being opened -- would miss new client_names
     # while the configuration said them applied.
@@ -322,6 +324,19 @@ def _renewed(factory: Any, cfg: MNConfig, pm: Any, config_file: str, log: loggin
         return factory
     log.info("mn method files changed on disk: built again for this bootstrap")
     return new
+
+
+def _ignore_sigusr1(loop: asyncio.AbstractEventLoop, role: str) -> None:
+    """SIGUSR1 is the MN's "bootstrap now"; its default action would end a
+    HAC or HA that a ``pkill -USR1 -f mipsec`` meant for the MNs reached."""
+
+    def ignored() -> None:
+        logging.getLogger(f"mipsec.{role}").info(
+            "%s: SIGUSR1 ignored (it tells an MN to bootstrap now)", role
+        )
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGUSR1, ignored)
 
 
 async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LAUNCHER, Lab, edit_toml, make_lab, mipsec
+from conftest import LAUNCHER, Lab, edit_toml, make_lab, mipsec, wait_port
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -398,3 +398,32 @@ def test_power_loss_safe_stores_serve_a_bootstrap(lab: Lab, start_hac: Any) -> N
     wrong = mipsec("check-config", lab.info["hac"]["config"])
     assert wrong.returncode == 2
     assert "sa_store.backend: synchronous: input should be 'normal' or 'full'" in wrong.stderr
+
+
+def test_sigusr1_meant_for_the_mns_neither_ends_the_hac_nor_the_ha(lab: Lab) -> None:
+    """SIGUSR1 is the MN's "bootstrap now".  A ``pkill -USR1 -f mipsec``
+    reaches the HAC and the HA too, whose default action was to end: now
+    each logs one line, ignores it, and serves on."""
+    roles: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for role, port in (("ha", int(lab.info["ha"]["port"])), ("hac", lab.hac_port)):
+            roles[role] = subprocess.Popen(
+                [*LAUNCHER, "--role", role, "--config", lab.info[role]["config"]],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            wait_port(port, roles[role])
+        for proc in roles.values():
+            proc.send_signal(signal.SIGUSR1)
+        rc, res = run_mn(lab)
+        assert rc == 0 and res["status"] == 200 and res["ba"]["status"] == 0, res
+        assert all(proc.poll() is None for proc in roles.values())
+    finally:
+        logs = {}
+        for role, proc in roles.items():
+            proc.send_signal(signal.SIGTERM)
+            logs[role] = proc.communicate(timeout=20)[0]
+    for role, proc in roles.items():
+        assert proc.returncode == 0, logs[role]
+        assert f"{role}: SIGUSR1 ignored (it tells an MN to bootstrap now)" in logs[role]
