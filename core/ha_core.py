@@ -883,14 +883,15 @@ class HaCore:
         binding = self.bindings.get(hoa)
         taken: list[Action] = []
         if (binding is not None and binding.spi != entry.spi) or entry.ip4_hoa is not None:
-            taken = self._one_mn_per_address(entry, binding, hoa, now)
-            if taken and isinstance(taken[0], AddressTaken) and taken[0].kept_spi != entry.spi:
+            taken, stale = self._one_mn_per_address(entry, binding, hoa, now)
+            if stale:
                 # This SA is the stale one: 176 sends its MN to the HAC for a
                 # new SA (and a new address); the SA is dead from now on.
                 out = self._ba(entry, src, REINIT_SA_WITH_HAC, bu.sequence, 0)
                 self.remove_sa(entry.spi, now=now)
                 return [*out, *taken]
-            binding = self.bindings.get(hoa)
+            if taken:  # another MN's binding went with its SA
+                binding = self.bindings.get(hoa)
         return taken + self._bind(entry, u, src, now, bu, hoa_option, hoa, binding)
 
     def _bind(
@@ -977,7 +978,7 @@ class HaCore:
 
     def _one_mn_per_address(
         self, entry: _SAEntry, binding: Binding | None, hoa: str, now: float
-    ) -> list[Action]:
+    ) -> tuple[list[Action], bool]:
         """One MN per home address, whatever a HAC says.
 
         A HAC hands an address to one MN at a time, but a HAC that lost its
@@ -987,9 +988,9 @@ class HaCore:
         from each other.  The SA with the later validity end (issued later)
         keeps the address; the other is withdrawn here (dead until its end,
         as if its HAC had withdrawn it).  Another SA of the *same* MN is the
-        normal case of a re-bootstrap and is left alone.  Returns
-        ``AddressTaken`` (and the binding events) when something was
-        decided, else nothing.
+        normal case of a re-bootstrap and is left alone.  Returns what was
+        decided (``AddressTaken`` and the binding events; nothing when
+        nothing was) and whether ``entry`` itself is the stale SA.
         """
         holders: list[int] = []
         if binding is not None and binding.spi != entry.spi:
@@ -999,7 +1000,7 @@ class HaCore:
             if b4 is not None and b4.hoa != hoa and b4.spi != entry.spi:
                 holders.append(b4.spi)
         if not holders:  # every BU of a DSMIP6 MN comes here: keep it cheap
-            return []
+            return [], False
         out: list[Action] = []
         mine = nai_key(entry.issued.sa.mn_id)
         for spi in holders:
@@ -1010,17 +1011,15 @@ class HaCore:
                 kept, stale = entry, holder
             else:
                 kept, stale = holder, entry
-            out.insert(
-                0,
-                AddressTaken(hoa, kept.spi, kept.issued.sa.mn_id, stale.spi, stale.issued.sa.mn_id),
-            )
+            sa_k, sa_s = kept.issued.sa, stale.issued.sa
+            out.append(AddressTaken(hoa, sa_k.spi, sa_k.mn_id, sa_s.spi, sa_s.mn_id))
             if stale is entry:
-                return out
+                return out, True
             out.extend(self.remove_sa(stale.spi, now=now))
             # The tomb its binding left guards the old MN's numbers, not the
             # new one's (whose own SA's replay checks hold).
             self.bindings.clear_deleted(stale.hoa or hoa)
-        return out
+        return out, False
 
     def _deregister(
         self,

@@ -57,7 +57,7 @@ class AaaLab:
         return {"host": "127.0.0.1", "port": self.auth_port, "secret": self.secret, **extra}
 
 
-def _in_ci() -> bool:
+def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -91,7 +91,7 @@ def _cannot_install() -> str | None:
 
 
 def _unavailable(reason: str) -> None:
-    if _in_ci():
+    if in_ci():
         pytest.fail(f"AAA lab unavailable in CI: {reason}")
     pytest.skip(f"AAA lab unavailable: {reason}")
 
@@ -121,7 +121,7 @@ def _start_lab(d: Path) -> dict[str, str]:
         if out.returncode == 0:
             return _parse_env(out.stdout)
         if "apt-get failed" in out.stderr:
-            if not _in_ci():
+            if not in_ci():
                 pytest.skip(f"AAA lab packages could not be installed: {out.stderr[-500:]}")
             break
         if attempt < START_ATTEMPTS:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aaalab import (
     aaa_lab,  # noqa: F401  (the real AAA lab, a session fixture: tests/aaalab.py)
+    in_ci,
     stop_shared_lab,
 )
 from hypothesis import HealthCheck, settings
@@ -180,10 +181,6 @@ def processes_mentioning(text: str) -> list[int]:
             if text.encode() in cmdline:
                 found.append(int(entry.name))
     return found
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def debian_tool(command: str, package: str) -> str:

@@ -16,14 +16,14 @@ from conftest import LAUNCHER, Lab, debian_tool, edit_toml
 from test_credentials_cli import use_sqlite_credentials
 
 
-def _daemon(lab: Lab) -> subprocess.Popen[str]:
+def _daemon(lab: Lab, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """The lab's MN, long-running (no ``--once``), its results as JSON lines."""
     return subprocess.Popen(
-        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json"],
+        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ),
+        env=env or dict(os.environ),
     )
 
 
@@ -265,13 +265,7 @@ def _daemon_at(lab: Lab, offset: str, *extra: str) -> subprocess.Popen[str]:
     debian_tool("faketime", "faketime")
     (lib,) = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
     env = dict(os.environ, LD_PRELOAD=lib, FAKETIME=offset, FAKETIME_DONT_FAKE_MONOTONIC="1")
-    return subprocess.Popen(
-        [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return _daemon(lab, *extra, env=env)
 
 
 def test_an_mn_whose_clock_runs_ahead_backs_off_instead_of_hammering(

@@ -15,7 +15,7 @@ from mipsec.core.authmethod import PeerMethodContext
 from mipsec.core.hac_exchange import Close, HacExchange, HacPolicy, IssueSA, Send
 from mipsec.core.hookspecs import PluginContext
 from mipsec.core.issuer import new_sa, utcnow
-from mipsec.core.mn_exchange import Finished, MnExchange, SendRequest
+from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendRequest
 from mipsec.core.model import BootstrapData, IssuedSA
 from mipsec.core.nai import nai_key
 from mipsec.core.suites import SUITES, Suite
@@ -253,6 +253,17 @@ def test_503_carries_retry_after() -> None:
     assert result.status == 503 and result.retry_after == when
 
 
+def _standin_final(body: str) -> BootstrapResult:
+    """An MN's result for a final response ``body`` to its Init, keyed with
+    a HAC stand-in key (one the MN cannot verify)."""
+    mn = make_mn()
+    mn.start()
+    mac = hmac.new(b"stand-in", b"HAC" + body.encode() + CB, hashlib.sha256).hexdigest()
+    (done,) = mn.receive_data(encode_container(1, body.encode() + f"auth: {mac}\r\n\r\n".encode()))
+    assert isinstance(done, Finished)
+    return done.result
+
+
 def test_an_unverifiable_503_still_gives_its_retry_after_and_nothing_else() -> None:
     """A 503 answering the Init (the HAC's credential backend down) is keyed
     with the HAC's stand-in key, which the MN cannot verify.  Its
@@ -262,14 +273,8 @@ def test_an_unverifiable_503_still_gives_its_retry_after_and_nothing_else() -> N
     unverifiable 401 gives no retry-after even if it carries one."""
     when = utcnow().replace(microsecond=0)
     for status, kept in ((503, when), (401, None)):
-        mn = make_mn()
-        mn.start()
-        body = f"status-code: {status}\r\nretry-after: {when:%a, %d %b %Y %H:%M:%S} GMT\r\n"
-        mac = hmac.new(b"stand-in", b"HAC" + body.encode() + CB, hashlib.sha256).hexdigest()
-        final = encode_container(1, body.encode() + f"auth: {mac}\r\n\r\n".encode())
-        (done,) = mn.receive_data(final)
-        assert isinstance(done, Finished)
-        result = done.result
+        when_text = f"{when:%a, %d %b %Y %H:%M:%S} GMT"
+        result = _standin_final(f"status-code: {status}\r\nretry-after: {when_text}\r\n")
         assert result.status == status and not result.authenticated and not result.ok
         assert result.issued is None and result.retry_after == kept
 
@@ -291,14 +296,7 @@ def test_a_malformed_retry_after_is_a_malformed_response_naming_it(value: str) -
     the bootstrap as a malformed response naming the header, with no
     retry-after for the MN's backoff (it falls back to its own doubling
     wait, core/mn_retry.py) -- never a crash, never a date guessed."""
-    mn = make_mn()
-    mn.start()
-    body = f"status-code: 503\r\nretry-after: {value}\r\n"
-    mac = hmac.new(b"stand-in", b"HAC" + body.encode() + CB, hashlib.sha256).hexdigest()
-    final = encode_container(1, body.encode() + f"auth: {mac}\r\n\r\n".encode())
-    (done,) = mn.receive_data(final)
-    assert isinstance(done, Finished)
-    result = done.result
+    result = _standin_final(f"status-code: 503\r\nretry-after: {value}\r\n")
     assert result.status is None and not result.ok and result.retry_after is None
     assert "malformed response" in result.reason and "retry-after" in result.reason
 
