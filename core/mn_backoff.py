@@ -226,6 +226,16 @@ class Backoff:
             write_file(self.path, encode_kept(kept), FILE_MODE)
         except OSError as exc:
             self._warn_once(exc)
+        else:
+            self._written_again()
+
+    def _written_again(self) -> None:
+        # One line when the file works again (a disk that was full has room,
+        # a directory was fixed): the operator who read the warning learns
+        # that the backoff survives a restart again, without a line per write.
+        if self._write_failed:
+            self._write_failed = False
+            self._log.info("mn: backoff file %s written again: kept across restarts", self.path)
 
     def _warn_once(self, exc: OSError) -> None:
         if not self._write_failed:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import stat
+import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -206,3 +210,60 @@ def test_the_default_file_is_in_systemds_state_directory_else_next_to_the_config
     env = {"STATE_DIRECTORY": "/var/lib/mipsec:/var/lib/other"}
     assert default_path(str(config), env) == Path("/var/lib/mipsec/mn.backoff")
     assert default_path(str(config), {}) == tmp_path / "etc" / "mn.backoff"
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs filled to its last block (root: mount), and its filler file."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command")
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs CAP_SYS_ADMIN): {out.stderr.strip()}")
+    try:
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * 4096):
+                    pass
+        finally:
+            os.close(fd)
+        yield filler
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=10)
+
+
+def test_a_full_disk_costs_one_warning_leaves_no_debris_and_the_file_comes_back(
+    full_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backoff file's disk fills up while the MN keeps failing: the MN
+    goes on backing off from memory (one warning, no temporary file left
+    behind), and once there is room the next failure writes the file again
+    -- said in one line -- for a restart to resume from."""
+    disk = full_disk.parent
+    path = disk / "mn.backoff"
+    clock = Clock()
+    backoff = make(path, clock)
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        assert [backoff.failed(), backoff.failed()] == [10, 20]
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no debris
+        full_disk.unlink()  # room again
+        assert backoff.failed() == 40
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0][0] == "WARNING" and "No space left on device" in messages[0][1]
+    assert messages[1][0] == "INFO" and "written again" in messages[1][1]
+    assert str(path) in messages[0][1] and str(path) in messages[1][1]
+    kept = decode_kept(path.read_bytes())
+    assert (kept.failures, kept.not_before) == (3, NOW + timedelta(seconds=40))
+    restarted = make(path, clock)
+    assert restarted.resume() == 40 and restarted.failures == 3
