@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Lab, edit_toml
+from conftest import Lab, edit_toml, mount_tmpfs
 from rawmn import RawMN, psk_bootstrap
 from test_crash_points import (
     HacProcess,
@@ -47,27 +47,11 @@ from test_ha_restart_replay import MN_ID, SUITE, HaProcess, Mn, silent
 TRIES = 40  # re-bootstraps on the full disk: enough to need new blocks
 
 
-def _mount_tmpfs(where: Path) -> str | None:
-    """Mount a 2 MiB tmpfs at ``where``; the reason it cannot be, or None."""
-    where.mkdir(parents=True)
-    try:
-        out = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except FileNotFoundError:
-        return "no mount command"
-    if out.returncode != 0:
-        return f"cannot mount a tmpfs (needs CAP_SYS_ADMIN): {out.stderr.strip()}"
-    return None
-
-
 @pytest.fixture
 def small_disk(lab: Lab) -> Iterator[Path]:
     disk = lab.dir / "disk"
-    reason = _mount_tmpfs(disk)
+    disk.mkdir(parents=True)
+    reason = mount_tmpfs(disk, "2m")
     if reason is not None:
         pytest.skip(reason)
     try:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import mount_tmpfs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -217,17 +218,9 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs filled to its last block (root: mount), and its filler file."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    try:
-        out = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except FileNotFoundError:
-        pytest.skip("no mount command")
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs CAP_SYS_ADMIN): {out.stderr.strip()}")
+    reason = mount_tmpfs(disk, "64k")
+    if reason is not None:
+        pytest.skip(reason)
     try:
         filler = disk / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
