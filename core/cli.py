@@ -330,10 +330,13 @@ def _ignore_sigusr1(loop: asyncio.AbstractEventLoop, role: str) -> None:
     """SIGUSR1 is the MN's "bootstrap now"; its default action would end a
     HAC or HA that a ``pkill -USR1 -f mipsec`` meant for the MNs reached."""
 
+    from mipsec.core.logburst import LineBurst
+
+    # A flood of signals (a hook run in a loop) is a few lines, then a count.
+    lines = LineBurst(logging.getLogger(f"mipsec.{role}"), "SIGUSR1 lines", limit=4, window=10.0)
+
     def ignored() -> None:
-        logging.getLogger(f"mipsec.{role}").info(
-            "%s: SIGUSR1 ignored (it tells an MN to bootstrap now)", role
-        )
+        lines.line(logging.INFO, "%s: SIGUSR1 ignored (it tells an MN to bootstrap now)", role)
 
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGUSR1, ignored)
@@ -352,10 +355,20 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     stop = asyncio.Event()
     # Set with ``stop`` and by SIGUSR1: ends a wait before the next bootstrap
     # (``pause``) -- an operator who fixed the HAC need not wait out the
-    # backoff (up to [hac] retry_max, kept across restarts).
+    # backoff (up to [hac] retry_max, kept across restarts).  Two limits keep
+    # a flood of signals (a link-up hook on a flapping link, a script in a
+    # loop) from turning the backoff off: a wait is cut at most once per
+    # [hac] retry_min, and never below a 503's retry-after -- the HAC asked
+    # for that wait because it is overloaded, and a thousand MNs told to
+    # "bootstrap now" must not all come back at once.
     wake = asyncio.Event()
     waiting = False
+    hac_until = 0.0  # loop time before which the HAC's retry-after holds
+    last_cut = float("-inf")  # loop time of the last wait SIGUSR1 cut
     loop = asyncio.get_running_loop()
+    from mipsec.core.logburst import LineBurst
+
+    usr1_lines = LineBurst(log, "SIGUSR1 lines", limit=4, window=10.0)
 
     def stop_now() -> None:
         stop.set()
@@ -366,27 +379,56 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             loop.add_signal_handler(sig, stop_now)
 
     def bootstrap_now() -> None:
-        if waiting:
-            log.info("mn: SIGUSR1: the wait is cut, bootstrapping now")
-            wake.set()
+        nonlocal last_cut
+        now = loop.time()
+        if not waiting:
+            usr1_lines.line(
+                logging.INFO, "mn: SIGUSR1 ignored: not waiting to bootstrap (nothing to cut)"
+            )
+            return
+        if now - last_cut < cfg.hac.retry_min:
+            usr1_lines.line(
+                logging.INFO,
+                "mn: SIGUSR1 ignored: the last one cut a wait %.1f s ago (one per [hac] "
+                "retry_min, %g s)",
+                now - last_cut,
+                cfg.hac.retry_min,
+            )
+            return
+        last_cut = now
+        if now < hac_until:
+            usr1_lines.line(
+                logging.INFO,
+                "mn: SIGUSR1: the wait is cut to the HAC's retry-after: bootstrapping in %.1f s",
+                hac_until - now,
+            )
         else:
-            log.info("mn: SIGUSR1 ignored: not waiting to bootstrap (nothing to cut)")
+            usr1_lines.line(logging.INFO, "mn: SIGUSR1: the wait is cut, bootstrapping now")
+        wake.set()
 
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGUSR1, bootstrap_now)
 
-    async def pause(seconds: float) -> None:
-        """Wait ``seconds`` before the next bootstrap, less on SIGTERM or SIGUSR1."""
-        nonlocal waiting
+    async def pause(seconds: float, hac_seconds: float = 0.0) -> None:
+        """Wait ``seconds`` before the next bootstrap, less on SIGTERM or
+        SIGUSR1 -- but, SIGTERM aside, never less than ``hac_seconds`` (the
+        part of the wait the HAC's retry-after asked for)."""
+        nonlocal waiting, hac_until
         if stop.is_set():
             return
         wake.clear()
+        hac_until = loop.time() + min(hac_seconds, seconds)
         waiting = True
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), seconds)
+            rest = hac_until - loop.time()
+            if rest > 0 and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), rest)
         finally:
             waiting = False
+            hac_until = 0.0
 
     def no_reload() -> None:
         # The MN has no reload; without a handler SIGHUP's default action
@@ -440,6 +482,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
 
     async def after_failure(why: str, retry_after: datetime | None = None) -> None:
         wait = backoff.failed(retry_after)
+        asked = 0.0 if retry_after is None else (retry_after - utcnow()).total_seconds()
         # One line says it all: the wait, how many failures, and why.
         log.info(
             "next bootstrap in %.1f s (failure %d in a row%s): %s",
@@ -448,7 +491,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             "; the HAC's retry-after honoured" if retry_after is not None else "",
             why,
         )
-        await pause(wait)
+        await pause(wait, max(asked, 0.0))
 
     def short_sa(issued: IssuedSA) -> float | None:
         """An SA with less than [sa] min_lifetime left by this MN's clock:

@@ -3,12 +3,14 @@ de-registers (lifetime 0) when stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,27 +162,35 @@ def test_failed_bootstraps_back_off_exponentially_with_jitter(lab: Lab) -> None:
         assert not honoured
 
 
+@contextlib.contextmanager
+def _hac_answering_503(lab: Lab, start_hac: Any) -> Iterator[None]:
+    """The lab's HAC up, its credential database (SQLite) locked by another
+    process: every bootstrap meanwhile gets 503 with ``retry-after`` 30 s."""
+    import sqlite3
+
+    db = use_sqlite_credentials(lab)
+    start_hac(lab)
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        yield
+    finally:
+        holder.close()
+
+
 def test_a_503_retry_after_is_honoured(lab: Lab, start_hac: Any) -> None:
     """The HAC answers 503 with ``retry-after`` 30 s (its credential database
     locked by another process): the MN's next bootstrap waits for that date,
     plus up to ``retry_min`` -- not its own backoff (1 s here), not the old
     fixed 10 s."""
-    import sqlite3
-
-    db = use_sqlite_credentials(lab)
     _retry_bounds(lab, 1, 600)
-    start_hac(lab)
-    holder = sqlite3.connect(db, isolation_level=None)
-    try:
-        holder.execute("BEGIN EXCLUSIVE")
+    with _hac_answering_503(lab, start_hac):
         mn = _daemon(lab)
         try:
             waits = _waits(mn, until=1)
         finally:
             mn.send_signal(signal.SIGTERM)
             out, err = mn.communicate(timeout=20)
-    finally:
-        holder.close()
     assert mn.returncode == 0, err
     assert '"status": 503' in out, out
     ((wait, n, honoured, why),) = waits
@@ -373,3 +383,88 @@ def test_sigusr1_cuts_the_backoff_wait(lab: Lab) -> None:
         mn.send_signal(signal.SIGTERM)
         _, err = mn.communicate(timeout=20)
     assert mn.returncode == 0, err
+
+
+def _lines_until(mn: subprocess.Popen[str], seconds: float, stop: str | None = None) -> list[str]:
+    """The MN's stderr lines for ``seconds`` (or up to one containing ``stop``)."""
+    import selectors
+
+    assert mn.stderr is not None
+    lines: list[str] = []
+    sel = selectors.DefaultSelector()
+    sel.register(mn.stderr, selectors.EVENT_READ)
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if not sel.select(left):
+            break
+        line = mn.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if stop is not None and stop in line:
+            break
+    sel.close()
+    return lines
+
+
+def test_a_flood_of_sigusr1_cuts_one_wait_and_logs_a_few_lines(lab: Lab) -> None:
+    """The HAC down (retry_min 30): 300 SIGUSR1 in a burst, then 300 more in
+    the next wait.  The first cuts the wait (failure 2 comes at once); every
+    other one is ignored -- a wait is cut at most once per retry_min -- so
+    no third bootstrap follows, and the log holds a few SIGUSR1 lines and
+    one that counts the rest, not 600.  Before, each signal in a wait cut
+    it: a link-up hook on a flapping link made the MN bootstrap every
+    second, whatever its backoff."""
+    _retry_bounds(lab, 30, 60)
+    mn = _daemon(lab)  # the lab's HAC is not started
+    try:
+        ((first, n, _, _),) = _waits(mn, until=1)
+        assert n == 1 and first >= 15
+        for _ in range(300):
+            mn.send_signal(signal.SIGUSR1)
+        lines = _lines_until(mn, 12, stop="failure 2 in a row")
+        assert "failure 2 in a row" in lines[-1], lines
+        for _ in range(300):
+            mn.send_signal(signal.SIGUSR1)
+        lines += _lines_until(mn, 12)  # the 10-s window of lines closes: its count
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        _, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
+    text = "".join(lines)
+    assert text.count("SIGUSR1: the wait is cut, bootstrapping now") == 1, text
+    assert "failure 3 in a row" not in text, text
+    assert "one per [hac] retry_min, 30 s" in text, text
+    usr1 = [ln for ln in lines if "SIGUSR1" in ln]
+    counted = [int(m.group(1)) for m in re.finditer(r"(\d+) more SIGUSR1 lines in 10 s", text)]
+    assert counted, text
+    # A few lines each, the rest counted: all 600 signals accounted for
+    # (signals sent while one is pending merge: at most 600).
+    assert len(usr1) - len(counted) <= 8, usr1
+    assert 2 <= len(usr1) - len(counted) + sum(counted) <= 600, (usr1, counted)
+
+
+def test_sigusr1_does_not_cut_a_503s_retry_after(lab: Lab, start_hac: Any) -> None:
+    """The HAC answers 503 with ``retry-after`` 30 s (its credential database
+    locked): SIGUSR1 in that wait is told apart -- the wait is cut to the
+    retry-after, not to now -- so no bootstrap follows in the next seconds.
+    The HAC asked for the wait because it is overloaded; an operator's
+    "bootstrap now" sent to all its MNs must not bring them all back at
+    once."""
+    _retry_bounds(lab, 1, 600)
+    with _hac_answering_503(lab, start_hac):
+        mn = _daemon(lab)
+        try:
+            ((wait, n, honoured, _),) = _waits(mn, until=1)
+            assert n == 1 and honoured and wait >= 25, wait
+            mn.send_signal(signal.SIGUSR1)
+            lines = _lines_until(mn, 6)
+        finally:
+            mn.send_signal(signal.SIGTERM)
+            out, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
+    text = "".join(lines)
+    m = re.search(r"the wait is cut to the HAC's retry-after: bootstrapping in ([0-9.]+) s", text)
+    assert m is not None and 18 <= float(m.group(1)) <= 31, text
+    assert "failure 2 in a row" not in text and "bootstrapping now" not in text, text
+    assert out.count('"status": 503') == 1, out  # one bootstrap: the first
