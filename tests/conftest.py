@@ -183,24 +183,6 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def mount_tmpfs(where: Path, size: str) -> str | None:
-    """Mount a tmpfs of ``size`` (e.g. "2m") at the existing directory
-    ``where`` (mode 0700); the reason it cannot be (no root), or None.  The
-    caller unmounts it (``umount -l``)."""
-    try:
-        out = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except FileNotFoundError:
-        return "no mount command"
-    if out.returncode != 0:
-        return f"cannot mount a tmpfs (needs CAP_SYS_ADMIN): {out.stderr.strip()}"
-    return None
-
-
 def debian_tool(command: str, package: str) -> str:
     """The path of ``command``, installing Debian ``package`` when it is
     missing and we are root; a failure in CI, a skip only locally."""

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Lab, edit_toml, mount_tmpfs
+from conftest import Lab, edit_toml
 from rawmn import RawMN, psk_bootstrap
 from test_crash_points import (
     HacProcess,
@@ -43,6 +43,7 @@ from test_crash_points import (
     wait_for,
 )
 from test_ha_restart_replay import MN_ID, SUITE, HaProcess, Mn, silent
+from tmpfs import mount_tmpfs
 
 TRIES = 40  # re-bootstraps on the full disk: enough to need new blocks
 

@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import mount_tmpfs
 from hypothesis import given
 from hypothesis import strategies as st
+from tmpfs import mount_tmpfs
 
 from mipsec.core.mn_backoff import (
     MAX_FAILURES,
