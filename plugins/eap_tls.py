@@ -34,7 +34,6 @@ the reload refused, naming the key; the running method stays.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -149,15 +148,15 @@ class _Credentials:
                 server=server,
                 chain=self.chain,
                 key=self.key,
-                ca_file=self.ca_file,
                 ca_certs=self.ca_certs,
                 tls_min=opts.tls_min,
                 tls_max=opts.tls_max,
                 groups=opts.groups,
             )
         except CertificateError as exc:
-            key = "ca" if str(exc).startswith(os.fspath(self.ca_file)) else "cert"
-            raise ValueError(f"{key}: {exc}") from None
+            if "CA" in str(exc):
+                raise ValueError(f"ca: {self.ca_file}: {exc}") from None
+            raise ValueError(f"cert: {exc}") from None
 
 
 def _load_cas(path: Path) -> list[x509.Certificate]:

@@ -43,7 +43,6 @@ the system clock.
 from __future__ import annotations
 
 import enum
-import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,7 +66,6 @@ from mipsec.core.eap.method import (
 )
 from mipsec.core.eap.tls_identity import EapTlsIdentityPolicy
 from mipsec.core.errors import CertificateError, LocalProtocolError
-from mipsec.core.filedigest import regular_path
 from mipsec.core.tls import TLS12_CIPHERS, check_server_name
 from mipsec.core.wire.eap import EAP_HEADER_LEN, EapPacket, EapType
 from mipsec.core.wire.eaptls import (
@@ -271,7 +269,6 @@ def make_context(
     server: bool,
     chain: Sequence[x509.Certificate],
     key: PrivateKeyTypes,
-    ca_file: str | os.PathLike[str],
     ca_certs: Sequence[x509.Certificate],
     tls_min: str = "1.2",
     tls_max: str = "1.3",
@@ -280,7 +277,10 @@ def make_context(
     """An EAP-TLS context for one role, shared by all of that role's exchanges.
 
     ``chain`` (leaf first) and ``key`` are this side's credentials; only
-    ``ca_file`` is trusted for the other side's certificate (no system roots).
+    ``ca_certs`` are trusted for the other side's certificate (no system
+    roots).  They are the certificates the caller read and parsed: the CA
+    file is not opened again here, so what the server names to the peer
+    (its client CA list) and what it trusts come from one read of the file.
     Mutual authentication: the server demands a client certificate.  TLS 1.2
     suites are ECDHE + AEAD only (PROFILE §1), renegotiation is refused, no
     session is cached or resumed; key exchange uses ``groups`` (OpenSSL
@@ -312,15 +312,15 @@ def make_context(
         ctx.check_privatekey()
     except (SSL.Error, TypeError) as exc:
         raise CertificateError(f"OpenSSL refused the certificate or key ({exc.__class__.__name__})")
+    if not ca_certs:
+        raise CertificateError("no CA certificate to trust")
+    store = ctx.get_cert_store()
+    assert store is not None  # a new context always has one
     try:
-        with regular_path(ca_file) as ca_path:  # a FIFO: refused, not waited on
-            ctx.load_verify_locations(ca_path)
-    except OSError as exc:
-        raise CertificateError(f"{os.fspath(ca_file)}: cannot read ({exc.strerror})") from None
-    except SSL.Error as exc:
-        raise CertificateError(
-            f"{os.fspath(ca_file)}: OpenSSL refused the CA ({tls_error_text(exc)})"
-        )
+        for ca in ca_certs:
+            store.add_cert(crypto.X509.from_cryptography(ca))
+    except crypto.Error as exc:
+        raise CertificateError(f"OpenSSL refused the CA ({exc.__class__.__name__})") from None
     if server:
         for ca in ca_certs:
             ctx.add_client_ca(ca)  # tells the peer which certificate to send

@@ -213,22 +213,6 @@ def test_server_context_client_ca(tmp_path: Path, pki: Any) -> None:
     assert isinstance(exc, tls.CertificateError) and "not a regular file" in str(exc), exc
 
 
-def test_eap_tls_context_ca(tmp_path: Path, pki: Any) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    from mipsec.core.eap.eaptls import make_context
-
-    fifo = fifo_at(tmp_path / "ca.pem")
-    chain = x509.load_pem_x509_certificates(pki.hac_cert.read_bytes())
-    key = serialization.load_pem_private_key(pki.hac_key.read_bytes(), None)
-    exc = refused_at_once(
-        lambda: make_context(server=True, chain=chain, key=key, ca_file=fifo, ca_certs=chain),
-        fifo,
-    )
-    assert isinstance(exc, tls.CertificateError) and "not a regular file" in str(exc), exc
-
-
 @pytest.mark.parametrize("side", ["hac", "mn"])
 def test_a_fifo_swapped_in_after_the_check_is_never_opened(
     tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch, side: str
