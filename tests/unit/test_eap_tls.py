@@ -777,3 +777,54 @@ def test_one_damaged_octet_never_splits_the_verdict(pki, version, to_server, k, 
         assert server.msk() is not None and server.msk() == peer.msk()
     else:  # no verdict for success: the server holds no MSK to key anything with
         assert server.msk() is None
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_server_trusts_the_ca_file_it_read_not_one_swapped_in_after(
+    pki, version, tmp_path, monkeypatch
+):
+    """The CA file is replaced (by the other CA) right after the HAC read it
+    at start: the server goes on trusting -- and naming to the peer -- the
+    CA it read, so the lab's MN bootstraps and the other CA's MN does not.
+    Before, OpenSSL opened the file a second time for the trust store: the
+    server then named one CA to the peer and trusted another."""
+    import shutil
+
+    import mipsec.plugins.eap_tls as plugin
+
+    for name in (
+        "ca.pem",
+        "eap.pem",
+        "eap.key",
+        "mn.pem",
+        "mn.key",
+        "mn-other.pem",
+        "mn-other.key",
+    ):
+        shutil.copy(pki.dir / name, tmp_path / name)
+    read = plugin._load_cas
+
+    def read_then_swap(path):
+        cas = read(path)
+        if path == tmp_path / "ca.pem":
+            shutil.copy(pki.dir / "other-ca.pem", path)
+        return cas
+
+    monkeypatch.setattr(plugin, "_load_cas", read_then_swap)
+    method = EapTlsMethod()
+    sf = method.server(server_options(pki, **pinned(version)), PluginContext("hac", tmp_path))
+    monkeypatch.setattr(plugin, "_load_cas", read)
+    peer_ca = {"ca": str(pki.dir / "ca.pem")}  # the MN checks the EAP server with the lab CA
+    for cert, ok in (("mn", True), ("mn-other", False)):
+        pf = method.peer(
+            peer_options(pki, cert=f"{cert}.pem", key=f"{cert}.key", **peer_ca),
+            PluginContext("mn", tmp_path),
+        )
+        run = drive(
+            sf.new(EapServerContext(mn_id=MN_ID, identity=MN_ID, peer="test")),
+            pf.new(EapPeerContext(mn_id=MN_ID)),
+        )
+        if ok:
+            assert_success(run, version)
+        else:
+            assert_server_refused(run, "MN certificate: unable to get local issuer certificate")
