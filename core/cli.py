@@ -693,8 +693,7 @@ def cmd_role(args: argparse.Namespace) -> int:
         raise ConfigError(args.config, exc.key, exc.reason) from None
 
 
-def _guess_role(path: str) -> str:
-    data = load_toml(path)
+def _guess_role(data: dict[str, Any], path: str) -> str:
     # mn.toml also has a [hac] table, hac.toml an [[ha]] array: test in this order.
     for role in ("mn", "hac", "ha"):
         if role in data:
@@ -704,13 +703,25 @@ def _guess_role(path: str) -> str:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate what a start validates (files, certificates and keys, file modes,
-    plugins and their options), short of binding sockets; exit 2 where it would."""
-    role = args.role or _guess_role(args.file)
-    cfg = load_config(args.file, role)
+    plugins and their options), short of binding sockets; exit 2 where it would.
+
+    ``-``: the configuration from standard input (a pipe from a template
+    renderer), its relative paths taken from the working directory."""
+    from mipsec.core.config import STDIN_NAME, read_stdin_toml, validate_config
+
+    if args.file == "-":
+        file = STDIN_NAME
+        data = read_stdin_toml(sys.stdin.buffer)
+        role = args.role or _guess_role(data, file)
+        cfg = validate_config(data, role, file=file, base=Path.cwd())
+    else:
+        file = args.file
+        role = args.role or _guess_role(load_toml(file), file)
+        cfg = load_config(file, role)
     from mipsec.core.roles.preflight import check_services, preflight
 
-    preflight(cfg, args.file)
-    check_services(cfg, args.file)
+    preflight(cfg, file)
+    check_services(cfg, file)
     print(json.dumps({"role": role, "config": redacted(cfg)}, indent=2))
     return EXIT_OK
 
@@ -818,7 +829,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "check-config",
         help="validate a config file as a start would (no socket bound), print it redacted",
     )
-    p.add_argument("file", help="the configuration file to check")
+    p.add_argument("file", help="the configuration file to check; - reads it from standard input")
     p.add_argument(
         "--role", choices=("hac", "ha", "mn"), help="the file's role (default: guessed from it)"
     )

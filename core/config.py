@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import (
     AfterValidator,
@@ -570,10 +570,29 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(str(p), "(file)", "permission denied") from None
     except OSError as exc:
         raise ConfigError(str(p), "(file)", exc.strerror or str(exc)) from None
+    return toml_data(raw, str(p))
+
+
+# The name a configuration read from standard input goes by in messages;
+# its relative paths are relative to the working directory.
+STDIN_NAME = "<stdin>"
+
+
+def read_stdin_toml(stream: BinaryIO) -> dict[str, Any]:
+    """A configuration piped in (``mipsec check-config -``), at most
+    MAX_CONFIG_FILE octets: a start reads its file again at each reload, so
+    only the check takes one from a pipe."""
+    raw = stream.read(MAX_CONFIG_FILE + 1)
+    if len(raw) > MAX_CONFIG_FILE:
+        raise ConfigError(STDIN_NAME, "(file)", f"larger than {MAX_CONFIG_FILE} octets")
+    return toml_data(raw, STDIN_NAME)
+
+
+def toml_data(raw: bytes, file: str) -> dict[str, Any]:
     try:
         return parse_toml(raw)
     except TomlTextError as exc:
-        raise ConfigError(str(p), f"({exc.where})", exc.reason) from None
+        raise ConfigError(file, f"({exc.where})", exc.reason) from None
 
 
 def load_config(path: str | Path, role: str) -> BaseModel:

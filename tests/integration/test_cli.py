@@ -99,6 +99,45 @@ def test_check_config_warns_of_a_certificate_due_soon(lab: Lab) -> None:
     assert "(in 4 days)" in out.stderr
 
 
+def _check_piped(text: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LAUNCHER, "check-config", "-", *args],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def test_check_config_reads_a_configuration_piped_in(lab: Lab) -> None:
+    """``mipsec check-config -``: a configuration from a template renderer,
+    checked before it is written anywhere.  Its relative paths are taken
+    from the working directory; errors name ``<stdin>``, the key and why;
+    a pipe of absurd size is refused, not read to the end.  Before, the
+    file argument had to be a regular file (a pipe as /dev/stdin was
+    refused) and nothing said how relative paths were meant."""
+    for role in ("hac", "ha", "mn"):
+        text = Path(lab.info[role]["config"]).read_text()
+        out = _check_piped(text, lab.dir)
+        assert out.returncode == 0 and out.stderr == "", (role, out.stderr)
+        assert json.loads(out.stdout)["role"] == role
+    hac = Path(lab.info["hac"]["config"]).read_text()
+    elsewhere = _check_piped(hac, lab.dir / "pki")  # pki/pki/hac.pem: not there
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr.startswith("mipsec: configuration error: <stdin>: hac.cert: "), (
+        elsewhere.stderr
+    )
+    assert str(lab.dir / "pki" / "pki" / "hac.pem") in elsewhere.stderr
+    bad = _check_piped(hac.replace("max_connections = 1024", "max_connections = 0"), lab.dir)
+    assert bad.returncode == 2 and "<stdin>: hac.max_connections: " in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    huge = _check_piped("# " + "x" * (16 << 20) + "\n", lab.dir)
+    assert huge.returncode == 2 and "<stdin>: (file): larger than" in huge.stderr, huge.stderr
+    wrong = _check_piped(hac, lab.dir, "--role", "mn")
+    assert wrong.returncode == 2 and "<stdin>: " in wrong.stderr, wrong.stderr
+
+
 def test_init_refuses_existing_lab(lab: Lab) -> None:
     out = mipsec("init", str(lab.dir))
     assert out.returncode == 2 and "already" in out.stderr and "Traceback" not in out.stderr
