@@ -53,6 +53,7 @@ import pluggy
 from mipsec.core import certexpiry, pluginmanager
 from mipsec.core.bindings import BindingCache
 from mipsec.core.certexpiry import certificates, prefixed
+from mipsec.core.clockstep import ClockWatch, step_line
 from mipsec.core.config import HAConfig
 from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
 from mipsec.core.ha_core import (
@@ -373,6 +374,7 @@ class HaService:
         self._write_outage = Outage(log, "binding cache write", "replies withheld until it works")
         self._checkpoint_outage = Outage(log, "binding cache checkpoint")
         self._expiry_outage = Outage(log, "expiry run")
+        self._clock_watch = ClockWatch()
         self._unknown_withdrawals = LineBurst(log, "withdrawals of SPIs unknown here")
         # Pulls are rate-limited (PULL_RATE) but a HAC that is down would
         # still have cost a WARNING line per pull, 20 a second.
@@ -1263,6 +1265,9 @@ class HaService:
         while True:
             await asyncio.sleep(self.expiry_interval)
             runs += 1
+            step = self._clock_watch.check()
+            if step is not None:
+                log.warning("%s", step_line(step, f"HA {self.cfg.ha.id}: "))
             try:
                 await self._expire_paced()
                 if runs % STORE_EXPIRY_EVERY == 0:

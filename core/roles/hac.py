@@ -33,6 +33,7 @@ import pluggy
 from mipsec.core import certexpiry, pluginmanager, servercert
 from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
 from mipsec.core.certexpiry import certificates, merged, prefixed
+from mipsec.core.clockstep import ClockWatch, step_line
 from mipsec.core.config import HACConfig
 from mipsec.core.control import default_name, state_dir
 from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
@@ -277,6 +278,7 @@ class HacService:
         # a store locked by another HAC), one when it works again.
         every = "retried every expiry interval"
         self._expiry_outage = Outage(log, "expiry run", every)
+        self._clock_watch = ClockWatch()
         self._sweep_outage = Outage(log, "sweep of undelivered SAs", every)
         self._batch_outage = Outage(
             log, "store write of delivered SAs and confirmed withdrawals", "retried every second"
@@ -1362,6 +1364,9 @@ class HacService:
     async def _expiry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.hac.expiry_interval)
+            step = self._clock_watch.check()
+            if step is not None:
+                log.warning("%s", step_line(step, ""))
             try:
                 self._sweep_safely()  # a failing sweep must not skip the expiry
                 # SAs that ended together: batch after batch, paced (core/pacing.py).
