@@ -21,6 +21,7 @@ registers with BA 0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -32,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from ipaddress import IPv6Address
 from pathlib import Path
 from typing import Any
@@ -1122,3 +1123,72 @@ def test_an_ha_wedged_past_the_deadline_of_a_superseding_install_leaves_nothing_
     finally:
         first.close()
     assert "Traceback" not in hac.log_text()
+
+
+@pytest.mark.parametrize(
+    ("target", "when"),
+    [
+        # The decision made (alice's SA out of the core), nothing flushed.
+        ("mipsec.core.roles.ha:HaService._address_taken", "1"),
+        # Flushed -- alice's withdrawal and bob's binding durable -- and
+        # bob's BA not yet sent.  Flushes: the start's, the two installs',
+        # alice's BU's, bob's BU's (the test checks the decision was made).
+        ("mipsec.core.bindings:BindingCache.flush", "5+"),
+    ],
+    ids=["before-the-flush", "after-the-flush"],
+)
+def test_ha_killed_while_it_gives_one_address_to_the_later_of_two_mns(
+    lab: Lab, ha_proc: HaProcess, target: str, when: str
+) -> None:
+    """A HAC that lost its last commits gave alice's home address to bob
+    (ha_core._one_mn_per_address).  Bob's first BU makes the HA withdraw
+    alice's SA -- SIGKILLed at the decision, or after its flush but before
+    bob's BA left.  Either way bob got no BA, and after the restart the
+    outcome is the one a live HA reaches: bob's next BU binds the address
+    (BA 0), alice's SA is dead (her BUs get nothing back), and so it stays
+    across another restart.  Nothing of the crash leaves the address bound
+    to two MNs, or alice's SA alive once bob has been answered."""
+    hoa = "2001:db8:1::10"
+    alice, alice_raw = _sa(0x6001, hoa)
+    later, bob_raw = _sa(0x6002, hoa)
+    bob = IssuedSA(
+        dataclasses.replace(
+            later.sa,
+            mn_id="bob@mipsec.test",
+            validity_end=later.sa.validity_end + timedelta(seconds=60),
+        ),
+        later.bootstrap,
+    )
+    ha_proc.launcher = [*CRASHPOINT, target, when, "--"]
+    ha_proc.start()
+    port = ha_proc.port
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(encode_install(alice))
+        assert hac.answers(1) == [200]
+        hac.send(encode_install(bob))
+        assert hac.answers(1) == [200]
+    finally:
+        hac.close()
+    assert _registers(alice_raw, hoa, 10, port) == 0
+    assert _registers(bob_raw, hoa, 1, port) == -1  # killed: no BA
+    assert ha_proc.proc is not None and ha_proc.proc.wait(timeout=20) == -9
+    ha_proc.proc = None
+    assert ha_proc.log is not None
+    log = ha_proc.log.read_text()
+    assert f"crashpoint: SIGKILL {'after' if when.endswith('+') else 'at'} call" in log, log
+
+    ha_proc.launcher = list(LAUNCHER)
+    ha_proc.start()
+    assert _registers(bob_raw, hoa, 2, port) == 0
+    assert _registers(alice_raw, hoa, 11, port) == -1
+    first = ha_proc.stop()
+    ha_proc.start()
+    assert _registers(alice_raw, hoa, 12, port) == -1
+    assert _registers(bob_raw, hoa, 3, port) == 0
+    second = ha_proc.stop()
+    # Said once: by the killed run when its decision was flushed, else by
+    # the run after it, which decided again -- never once the withdrawal
+    # is durable.
+    said = [("named by two MNs" in text) for text in (log, first, second)]
+    assert said == ([True, False, False] if when.endswith("+") else [False, True, False]), said
