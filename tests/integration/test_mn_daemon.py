@@ -411,8 +411,8 @@ def test_a_flood_of_sigusr1_cuts_one_wait_and_logs_a_few_lines(lab: Lab) -> None
     """The HAC down (retry_min 30): 300 SIGUSR1 in a burst, then 300 more in
     the next wait.  The first cuts the wait (failure 2 comes at once); every
     other one is ignored -- a wait is cut at most once per retry_min -- so
-    no third bootstrap follows, and the log holds a few SIGUSR1 lines and
-    one that counts the rest, not 600.  Before, each signal in a wait cut
+    no third bootstrap follows, and the log holds a few SIGUSR1 lines (and
+    one that counts the rest), not one per signal.  Before, each signal in a wait cut
     it: a link-up hook on a flapping link made the MN bootstrap every
     second, whatever its backoff."""
     _retry_bounds(lab, 30, 60)
@@ -437,9 +437,9 @@ def test_a_flood_of_sigusr1_cuts_one_wait_and_logs_a_few_lines(lab: Lab) -> None
     assert "one per [hac] retry_min, 30 s" in text, text
     usr1 = [ln for ln in lines if "SIGUSR1" in ln]
     counted = [int(m.group(1)) for m in re.finditer(r"(\d+) more SIGUSR1 lines in 10 s", text)]
-    assert counted, text
-    # A few lines each, the rest counted: all 600 signals accounted for
-    # (signals sent while one is pending merge: at most 600).
+    # At most 4 lines per 10 s, the rest counted in one line.  How many of
+    # the 600 arrive is the kernel's affair (a signal sent while the same
+    # one is pending merges with it), so only the bounds are asserted.
     assert len(usr1) - len(counted) <= 8, usr1
     assert 2 <= len(usr1) - len(counted) + sum(counted) <= 600, (usr1, counted)
 
