@@ -160,6 +160,23 @@ class ConnectionTable(Generic[K]):
         self._working.discard(key)
         self._closing.discard(key)
 
+    def resize(self, max_connections: int) -> list[K]:
+        """A new cap (a reload): the connections over it, removed here for
+        the caller to close -- those ``admit`` would evict first (lowest
+        rank, longest waiting); never one being worked for, so the table may
+        stay over a lowered cap until that work ends."""
+        if max_connections < 1:
+            raise LocalProtocolError("max_connections must be at least 1")
+        self.max_connections = max_connections
+        victims: list[K] = []
+        while len(self._rank) > max_connections:
+            victim = self.oldest()
+            if victim is None:
+                break
+            self.remove(victim)
+            victims.append(victim)
+        return victims
+
     def oldest(self) -> K | None:
         """The connection that would be evicted next, if any."""
         for q in self._queues:

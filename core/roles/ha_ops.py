@@ -23,7 +23,7 @@ from mipsec.core.model import IssuedSA
 from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
 from mipsec.core.roles.ha import HaService
 from mipsec.core.roles.hac_ops import sa_row
-from mipsec.core.roles.provserver import ACCESS_LEAVES, TIMEOUT_LEAF
+from mipsec.core.roles.provserver import ACCESS_LEAVES, CAP_LEAF, TIMEOUT_LEAF
 from mipsec.core.version import version
 
 log = logging.getLogger("mipsec.ha")
@@ -33,8 +33,8 @@ LIVE_KEYS = frozenset({"log_level", "log_format", "log_levels", "ha"})
 LIVE_HA_KEYS = frozenset({"max_binding_lifetime"})
 # Under [provisioning], who may connect (ACCESS_LEAVES): adding a HAC, or
 # cutting one off, needs no restart of the HA (and its data plane); nor does
-# the listener's timeout.
-LIVE_LEAVES = ACCESS_LEAVES | {TIMEOUT_LEAF}
+# the listener's timeout and its cap on connections.
+LIVE_LEAVES = ACCESS_LEAVES | {TIMEOUT_LEAF, CAP_LEAF}
 
 
 def _iso(epoch: float) -> str:
@@ -150,6 +150,7 @@ class HaOps:
             changed = sorted({*changed, "provisioning.cert"})
         access = prov is not None and bool(ACCESS_LEAVES & set(changed))
         timeout = prov is not None and TIMEOUT_LEAF in changed
+        cap = prov is not None and CAP_LEAF in changed
         svc.cfg = new
         svc.core.max_binding_lifetime = float(new.ha.max_binding_lifetime)
         if access:
@@ -158,6 +159,9 @@ class HaOps:
         if timeout:
             assert prov is not None and new.provisioning is not None
             prov.apply_timeout(new.provisioning)
+        if cap:
+            assert prov is not None and new.provisioning is not None
+            prov.apply_max_connections(new.provisioning)
         if renew is not None and new.provisioning is not None:
             renew()
             log.info(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -398,6 +399,28 @@ class HacService:
         self.bindings.use(cert)
         if self._listener is not None:
             self._listener.ssl_context = cert.context
+
+    def apply_caps(self, cfg: HACConfig) -> None:
+        """A reload's ``[hac] max_connections`` and ``max_in_progress``:
+        raised, they admit more at once; a lowered connection cap closes the
+        connections over it now (``TlsListener.set_max_connections``); a
+        lowered ``max_in_progress`` lets the requests under way finish and
+        answers busy (503) until fewer are."""
+        lst = self._listener
+        if lst is None:
+            return
+        old = lst.limits
+        closed = lst.set_max_connections(cfg.hac.max_connections)
+        lst.limits = dataclasses.replace(lst.limits, max_in_progress=cfg.hac.max_in_progress)
+        lst.table.max_in_progress = cfg.hac.max_in_progress
+        log.info(
+            "hac listener: max_connections %d -> %d, max_in_progress %s -> %d%s",
+            old.max_connections,
+            cfg.hac.max_connections,
+            old.max_in_progress,
+            cfg.hac.max_in_progress,
+            f" ({closed} connection(s) over the cap closed, the longest waiting)" if closed else "",
+        )
 
     # ------------------------------------------------------------ lifecycle
 

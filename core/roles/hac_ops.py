@@ -38,7 +38,7 @@ from mipsec.core.reload import (
     stale,
 )
 from mipsec.core.roles.hac import HacService, hac_policy
-from mipsec.core.roles.provserver import ACCESS_LEAVES, TIMEOUT_LEAF
+from mipsec.core.roles.provserver import ACCESS_LEAVES, CAP_LEAF, TIMEOUT_LEAF
 from mipsec.core.servercert import ServerCert
 from mipsec.core.suites import Suite
 from mipsec.core.version import version
@@ -63,9 +63,14 @@ LIVE_KEYS = frozenset(
     }
 )
 # Keys inside [hac] a reload applies: the MHAuth certificate and its key
-# (a renewal), paths and contents alike; and who may connect to the pull
-# listener ([provisioning], ACCESS_LEAVES) and its timeout.
-LIVE_LEAVES = frozenset({"hac.cert", "hac.key", TIMEOUT_LEAF}) | ACCESS_LEAVES
+# (a renewal), paths and contents alike, and the listener's caps (an
+# operator raises them under load without dropping every MN mid-exchange);
+# and who may connect to the pull listener ([provisioning], ACCESS_LEAVES),
+# its timeout and its cap.
+CAP_LEAVES = frozenset({"hac.max_connections", "hac.max_in_progress"})
+LIVE_LEAVES = (
+    frozenset({"hac.cert", "hac.key", TIMEOUT_LEAF, CAP_LEAF}) | ACCESS_LEAVES | CAP_LEAVES
+)
 TRACKER = "mipsec-control-tracker"
 
 
@@ -564,6 +569,10 @@ class HacOps:
             prov.apply_access(new.provisioning)
         if prov is not None and new.provisioning is not None and TIMEOUT_LEAF in changed:
             prov.apply_timeout(new.provisioning)
+        if prov is not None and new.provisioning is not None and CAP_LEAF in changed:
+            prov.apply_max_connections(new.provisioning)
+        if CAP_LEAVES & set(changed):
+            svc.apply_caps(new)
         if renew_listener is not None and new.provisioning is not None:
             renew_listener()
             log.info(

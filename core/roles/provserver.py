@@ -115,6 +115,7 @@ StrPath = str | os.PathLike[str]
 
 __all__ = [
     "ACCESS_LEAVES",
+    "CAP_LEAF",
     "MAX_CONNECTIONS",
     "PIPELINE",
     "TIMEOUT_LEAF",
@@ -179,6 +180,8 @@ def check_client_names(peer_cert_der: bytes, names: Sequence[str]) -> None:
 ACCESS_LEAVES = frozenset({"provisioning.client_names", "provisioning.allowed_clients"})
 # The listener's one timeout, which a reload also applies (apply_timeout).
 TIMEOUT_LEAF = "provisioning.timeout"
+# ... and its cap on connections (``apply_max_connections``).
+CAP_LEAF = "provisioning.max_connections"
 
 
 class ProvisioningServer:
@@ -322,6 +325,18 @@ class ProvisioningServer:
             "provisioning listener: timeout %g s from now on (open connections from their "
             "next step)",
             cfg.timeout,
+        )
+
+    def apply_max_connections(self, cfg: ProvisioningListener) -> None:
+        """A reload's new ``max_connections`` (see ``TlsListener.set_max_connections``)."""
+        old = self.cfg.max_connections
+        self.cfg = cfg
+        closed = self.listener.set_max_connections(cfg.max_connections)
+        log.info(
+            "provisioning listener: max_connections %d -> %d%s",
+            old,
+            cfg.max_connections,
+            f" ({closed} connection(s) over it closed, the longest waiting)" if closed else "",
         )
 
     def _refusal(self, peername: Any, der: bytes) -> str | None:

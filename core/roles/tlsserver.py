@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import resource
@@ -600,6 +601,21 @@ class TlsListener:
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "TlsListener.listen() not called"
         return self._loop
+
+    def set_max_connections(self, max_connections: int) -> int:
+        """A reload's new cap: raised, room is made under the open-file
+        limit; lowered, the connections over it are closed at once, those a
+        newcomer would evict first (unauthenticated, longest waiting; never
+        one whose request is being worked on).  Returns how many closed."""
+        old = self.limits.max_connections
+        if max_connections > old and self._loop is not None:
+            _reserve_fds(max_connections - old)
+        self.limits = dataclasses.replace(self.limits, max_connections=max_connections)
+        victims = self.table.resize(max_connections)
+        for victim in victims:
+            self._count(EVICTED)  # in the listener's summary line, as any eviction
+            victim.abort(EVICTED)
+        return len(victims)
 
     @property
     def connections(self) -> int:

@@ -588,6 +588,71 @@ def test_ha_reload_applies_the_provisioning_timeout(lab: Lab, roles: Roles) -> N
     assert "Traceback" not in roles.log("ha")
 
 
+def _idle_tls(lab: Lab) -> ssl.SSLSocket:
+    """A TLS connection to the lab's HAC that sends no request."""
+    from mipsec.core.tls import mn_client_context
+
+    ctx = mn_client_context(lab.info["ca"], strict_rfc6618=False)
+    raw = socket.create_connection(("127.0.0.1", lab.hac_port), timeout=5)
+    return ctx.wrap_socket(raw, server_hostname=lab.info["hac"]["server_name"])
+
+
+def _closed_by_peer(s: ssl.SSLSocket) -> bool:
+    s.settimeout(0.5)
+    try:
+        return s.recv(1) == b""
+    except TimeoutError:
+        return False  # still open: nothing to read yet
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def test_reload_applies_the_connection_caps(lab: Lab, roles: Roles) -> None:
+    """``[hac] max_connections`` / ``max_in_progress`` and ``[provisioning]
+    max_connections`` apply at a reload: an operator raises them under load
+    without a restart, which would cut every MN mid-exchange.  Lowered under
+    the connections held, the HAC closes the ones over the cap at once, those
+    a newcomer would evict first (here the three that waited longest of
+    five idle ones); the two newest stay.  Before, each of these keys was
+    refused: "changes only with a restart"."""
+    roles.start("ha")
+    hac = roles.start("hac")
+    held = [_idle_tls(lab) for _ in range(5)]
+    try:
+        cfg = Path(hac_cfg(lab))
+        edit_toml(cfg, "max_connections = 1024", "max_connections = 2")
+        edit_toml(cfg, "max_in_progress = 128", "max_in_progress = 64")
+        out = ctl("reload", "--config", hac_cfg(lab))
+        assert out.returncode == 0, out.stderr
+        assert "hac.max_connections" in out.stdout and "hac.max_in_progress" in out.stdout
+        roles.wait_log(
+            "hac",
+            "hac listener: max_connections 1024 -> 2, max_in_progress 128 -> 64 "
+            "(3 connection(s) over the cap closed, the longest waiting)",
+        )
+        assert [_closed_by_peer(s) for s in held] == [True, True, True, False, False]
+    finally:
+        for s in held:
+            s.close()
+    edit_toml(Path(hac_cfg(lab)), "max_connections = 2", "max_connections = 1024")
+    assert ctl("reload", "--config", hac_cfg(lab)).returncode == 0
+    roles.wait_log("hac", "hac listener: max_connections 2 -> 1024, max_in_progress 64 -> 64")
+    assert mn_once(lab)["status"] == 200
+    # The HA's provisioning listener, the same way (the HAC's one connection
+    # is under any cap).
+    edit_toml(Path(ha_cfg(lab)), "max_connections = 64", "max_connections = 8")
+    out = ctl("reload", "--config", ha_cfg(lab))
+    assert out.returncode == 0 and out.stdout.strip().endswith(": provisioning.max_connections"), (
+        out.stdout,
+        out.stderr,
+    )
+    roles.wait_log("ha", "provisioning listener: max_connections 64 -> 8")
+    assert mn_once(lab)["status"] == 200
+    assert hac.poll() is None and roles.log("hac").count("hac ready") == 1
+    assert roles.log("ha").count("ha ready") == 1
+    assert "Traceback" not in roles.log("hac") + roles.log("ha")
+
+
 # The HA with its provisioning listener slow to open (1.5 s before it binds,
 # after it was built from the configuration): a window for a SIGHUP.
 _SLOW_LISTENER = """

@@ -183,3 +183,24 @@ def test_model(cap: int, in_progress: int | None, script: list[tuple[str, int]])
         assert len(t) == len(since) + len(working) <= cap
         assert t.in_progress == len(working)
         assert t.oldest() == first()
+
+
+def test_a_lowered_cap_gives_back_the_connections_over_it_in_eviction_order() -> None:
+    """A reload lowers the cap: the connections over it are those a newcomer
+    would evict first -- unauthenticated before authenticated, the longest
+    waiting first -- and never one being worked for, so the table may stay
+    over the cap until that work ends; raising it evicts nothing."""
+    t: ConnectionTable[str] = ConnectionTable(6)
+    for k in "abcdef":
+        t.admit(k)
+    t.authenticated("a")  # a proven peer: evicted last
+    assert t.begin_work("b")  # being worked for: never evicted
+    t.waiting("c")  # answered: now the newest of the unproven
+    assert t.resize(3) == ["d", "e", "f"]
+    assert len(t) == 3 and t.max_connections == 3
+    assert t.resize(1) == ["c", "a"]  # b stays: its request is being worked on
+    assert list(t) == ["b"] and len(t) == 1
+    assert t.resize(10) == [] and t.max_connections == 10
+    assert t.admit("g") == (True, None)
+    with pytest.raises(LocalProtocolError, match="at least 1"):
+        t.resize(0)
