@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mipsec.core import certexpiry
-from mipsec.core.config import HAConfig, ProvisioningListener, load_config
+from mipsec.core.config import HAConfig, ProvisioningListener, PullConfig, load_config
 from mipsec.core.control import Dispatcher, arg_str
 from mipsec.core.errors import ConfigError
 from mipsec.core.model import IssuedSA
@@ -33,8 +33,12 @@ LIVE_KEYS = frozenset({"log_level", "log_format", "log_levels", "ha"})
 LIVE_HA_KEYS = frozenset({"max_binding_lifetime"})
 # Under [provisioning], who may connect (ACCESS_LEAVES): adding a HAC, or
 # cutting one off, needs no restart of the HA (and its data plane); nor does
-# the listener's timeout and its cap on connections.
-LIVE_LEAVES = ACCESS_LEAVES | {TIMEOUT_LEAF, CAP_LEAF}
+# the listener's timeout and its cap on connections.  Inside an existing
+# [pull] table every option: each pull reads them (and its files) as they
+# are then; adding or removing [pull] needs a restart (it decides whether
+# SAs can come back from the HAC, and so what the binding cache must keep).
+PULL_LEAVES = frozenset(f"pull.{k}" for k in PullConfig.model_fields)
+LIVE_LEAVES = ACCESS_LEAVES | {TIMEOUT_LEAF, CAP_LEAF} | PULL_LEAVES
 
 
 def _iso(epoch: float) -> str:
@@ -167,6 +171,15 @@ class HaOps:
             log.info(
                 "ha provisioning listener now presents the certificate in %s to new connections",
                 new.provisioning.cert,
+            )
+        pulled = sorted(PULL_LEAVES & set(changed))
+        if pulled and new.pull is not None:
+            log.info(
+                "ha pulls from %s port %d (server_name %s) from its next pull on: %s",
+                new.pull.host,
+                new.pull.port,
+                new.pull.server_name or new.pull.host,
+                ", ".join(pulled),
             )
         set_log_level(new)
         return changed

@@ -20,6 +20,7 @@ from tlsflood import client_context as flood_context
 
 from mipsec.core.config import (
     HACConfig,
+    HAConfig,
     ProvisioningListener,
     PullConfig,
     load_config,
@@ -1861,3 +1862,63 @@ def test_access_taken_away_by_a_reload_closes_open_connections(
     assert [i.sa.spi for i, _ in rec.installed] == [41]  # 43, queued behind: never worked on
     assert caplog.text.count("closed by the reload: client certificate: no dNSName") == 2
     assert "refused: client certificate: no dNSName" in caplog.text
+
+
+def test_ha_reload_applies_its_pull_options(
+    tmp_path: Path, pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HA's ``[pull]`` options apply at a reload (each pull reads them,
+    and its files, as they are then): pointed at a port where no HAC
+    listens, its pull of an SA the HAC holds fails; the reload that puts the
+    HAC's pull port in brings it back -- ``changed pull.port``, one INFO
+    line, no restart.  Adding or removing the whole ``[pull]`` table still
+    needs a restart (it decides what the binding cache must keep).  Before,
+    any change under ``[pull]`` was refused."""
+    from mipsec.core.roles import ha_ops
+    from mipsec.core.roles.ha import HaService
+
+    rec = Recorder()
+    pull_port, nobody = free_port(), free_port()
+    base = {
+        "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
+        "sa_store": {"backend": "sqlite", "path": str(tmp_path / "ha-sa.sqlite")},
+        "bindings": {"path": str(tmp_path / "ha-bindings.sqlite")},
+    }
+
+    def ha_cfg(port: int | None) -> HAConfig:
+        data = dict(base)
+        if port is not None:
+            data["pull"] = pull_cfg(pki, port).model_dump()
+        return HAConfig.model_validate(data)
+
+    async def body(port: int) -> tuple[IssuedSA, list[Any], list[Any], str]:
+        _cfg, hac, _ops = await _hac_with_pull_listener(tmp_path, pki, port, pull_port)
+        ha = HaService(ha_cfg(nobody), str(tmp_path / "ha.toml"))
+        ops = ha_ops.HaOps(ha, str(tmp_path / "ha.toml"))
+        outcomes: list[Any] = []
+        applied: list[Any] = []
+        try:
+            issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            for new in (None, ha_cfg(pull_port)):
+                if new is not None:
+                    monkeypatch.setattr(ha_ops, "load_config", lambda *_a, n=new: n)
+                    applied.append(ops._apply())
+                try:
+                    outcomes.append(await ha._pull_from_hac(issued.sa.spi))
+                except Exception as exc:  # noqa: BLE001 -- the failure is the outcome
+                    outcomes.append(type(exc).__name__)
+            monkeypatch.setattr(ha_ops, "load_config", lambda *_a: ha_cfg(None))
+            try:
+                ops._apply()
+                refused = ""
+            except ConfigError as exc:
+                refused = str(exc)
+        finally:
+            await hac.stop()
+            ha.store.close()
+        return issued, outcomes, applied, refused
+
+    issued, outcomes, applied, refused = run(serving(ha_listener(pki), rec, body))
+    assert outcomes[0] != issued and outcomes[1] == issued, outcomes
+    assert applied == [["pull.port"]]
+    assert "pull: changes only with a restart" in refused, refused
