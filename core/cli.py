@@ -200,12 +200,13 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
     # so: a supervisor (or a test) that acts on them finds the port closed.
     service.stop_accepting()
     _stopping("hac")
-    left = await service.drain(cfg.hac.drain_timeout)
+    drain_timeout = service.cfg.hac.drain_timeout  # a reload may have changed it
+    left = await service.drain(drain_timeout)
     if left:
         logging.getLogger("mipsec.hac").warning(
             "hac drain: %d exchange(s) still under way after %.1f s are cut",
             left,
-            cfg.hac.drain_timeout,
+            drain_timeout,
         )
     if control is not None:
         await control.stop()

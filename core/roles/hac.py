@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import secrets
@@ -156,6 +155,34 @@ EXPIRE_BATCH = 500
 # Withdrawals another HAC sharing the store owes and may never finish, taken
 # over per sweep (``adopt_owed_withdrawals``); the rest at the next ones.
 ADOPT_MAX = 4096
+
+
+# The [hac] keys that make the MHAuth listener's Limits (a reload applies
+# them: HacService.apply_limits); idle_timeout unset is request_timeout.
+LISTENER_LIMITS = (
+    "handshake_timeout",
+    "request_timeout",
+    "idle_timeout",
+    "exchange_timeout",
+    "max_connections",
+    "max_in_progress",
+    "per_source_rate",
+    "per_source_burst",
+)
+
+
+def _limits(svc: Any) -> Limits:
+    """The MHAuth listener's limits from ``[hac]``."""
+    return Limits(
+        handshake_timeout=svc.handshake_timeout,
+        request_timeout=svc.request_timeout,
+        idle_timeout=svc.idle_timeout or svc.request_timeout,
+        max_connections=svc.max_connections,
+        max_in_progress=svc.max_in_progress,
+        per_source_rate=svc.per_source_rate or None,
+        per_source_burst=svc.per_source_burst,
+        exchange_timeout=svc.exchange_timeout,
+    )
 
 
 class HacService:
@@ -400,25 +427,40 @@ class HacService:
         if self._listener is not None:
             self._listener.ssl_context = cert.context
 
-    def apply_caps(self, cfg: HACConfig) -> None:
-        """A reload's ``[hac] max_connections`` and ``max_in_progress``:
-        raised, they admit more at once; a lowered connection cap closes the
-        connections over it now (``TlsListener.set_max_connections``); a
-        lowered ``max_in_progress`` lets the requests under way finish and
-        answers busy (503) until fewer are."""
+    def apply_limits(self, cfg: HACConfig) -> None:
+        """A reload's ``[hac]`` listener limits: the timeouts (new
+        connections' handshakes and exchanges; open connections from their
+        next step, a step under way keeping its deadline), the per-source
+        rate (its buckets start afresh), and the caps -- raised, they admit
+        more at once; a lowered connection cap closes the connections over
+        it now (``TlsListener.set_max_connections``); a lowered
+        ``max_in_progress`` lets the requests under way finish and answers
+        busy (503) until fewer are.  One line names what changed."""
         lst = self._listener
         if lst is None:
             return
+        svc = cfg.hac
         old = lst.limits
-        closed = lst.set_max_connections(cfg.hac.max_connections)
-        lst.limits = dataclasses.replace(lst.limits, max_in_progress=cfg.hac.max_in_progress)
-        lst.table.max_in_progress = cfg.hac.max_in_progress
+        closed = 0
+        if svc.max_connections != old.max_connections:
+            closed = lst.set_max_connections(svc.max_connections)
+        lst.limits = new = _limits(svc)
+        lst.table.max_in_progress = svc.max_in_progress
+        if (old.per_source_rate, old.per_source_burst) != (
+            new.per_source_rate,
+            new.per_source_burst,
+        ):
+            lst.use_source_rate(new.per_source_rate, new.per_source_burst)
+        said = [
+            f"{name} {getattr(old, name)} -> {getattr(new, name)}"
+            for name in LISTENER_LIMITS
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if not said:
+            return
         log.info(
-            "hac listener: max_connections %d -> %d, max_in_progress %s -> %d%s",
-            old.max_connections,
-            cfg.hac.max_connections,
-            old.max_in_progress,
-            cfg.hac.max_in_progress,
+            "hac listener: %s from now on%s",
+            ", ".join(said),
             f" ({closed} connection(s) over the cap closed, the longest waiting)" if closed else "",
         )
 
@@ -435,16 +477,7 @@ class HacService:
         self._listener = TlsListener(
             self.bindings.current.context,
             lambda conn: _Session(self, conn),
-            Limits(
-                handshake_timeout=svc.handshake_timeout,
-                request_timeout=svc.request_timeout,
-                idle_timeout=svc.idle_timeout or svc.request_timeout,
-                max_connections=svc.max_connections,
-                max_in_progress=svc.max_in_progress,
-                per_source_rate=svc.per_source_rate or None,
-                per_source_burst=svc.per_source_burst,
-                exchange_timeout=svc.exchange_timeout,
-            ),
+            _limits(svc),
             name="hac",
         )
         for host in svc.listen:

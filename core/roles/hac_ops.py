@@ -37,7 +37,7 @@ from mipsec.core.reload import (
     set_log_level,
     stale,
 )
-from mipsec.core.roles.hac import HacService, hac_policy
+from mipsec.core.roles.hac import LISTENER_LIMITS, HacService, hac_policy
 from mipsec.core.roles.provserver import ACCESS_LEAVES, CAP_LEAF, TIMEOUT_LEAF
 from mipsec.core.servercert import ServerCert
 from mipsec.core.suites import Suite
@@ -63,13 +63,21 @@ LIVE_KEYS = frozenset(
     }
 )
 # Keys inside [hac] a reload applies: the MHAuth certificate and its key
-# (a renewal), paths and contents alike, and the listener's caps (an
-# operator raises them under load without dropping every MN mid-exchange);
-# and who may connect to the pull listener ([provisioning], ACCESS_LEAVES),
-# its timeout and its cap.
-CAP_LEAVES = frozenset({"hac.max_connections", "hac.max_in_progress"})
+# (a renewal), paths and contents alike; the listener's timeouts, caps and
+# per-source rate (an operator tightens them under a slow-connection flood,
+# or raises a cap under load, without dropping every MN mid-exchange); the
+# timers read where they are used; and who may connect to the pull
+# listener ([provisioning], ACCESS_LEAVES), its timeout and its cap.
+LIMIT_LEAVES = frozenset(f"hac.{k}" for k in LISTENER_LIMITS)
+# Read from the configuration where they are used: live once it is swapped.
+READ_LIVE_LEAVES = frozenset(
+    {"hac.provisioning_timeout", "hac.expiry_interval", "hac.drain_timeout"}
+)
 LIVE_LEAVES = (
-    frozenset({"hac.cert", "hac.key", TIMEOUT_LEAF, CAP_LEAF}) | ACCESS_LEAVES | CAP_LEAVES
+    frozenset({"hac.cert", "hac.key", TIMEOUT_LEAF, CAP_LEAF})
+    | ACCESS_LEAVES
+    | LIMIT_LEAVES
+    | READ_LIVE_LEAVES
 )
 TRACKER = "mipsec-control-tracker"
 
@@ -571,8 +579,8 @@ class HacOps:
             prov.apply_timeout(new.provisioning)
         if prov is not None and new.provisioning is not None and CAP_LEAF in changed:
             prov.apply_max_connections(new.provisioning)
-        if CAP_LEAVES & set(changed):
-            svc.apply_caps(new)
+        if LIMIT_LEAVES & set(changed):
+            svc.apply_limits(new)
         if renew_listener is not None and new.provisioning is not None:
             renew_listener()
             log.info(

@@ -602,6 +602,11 @@ class TlsListener:
         assert self._loop is not None, "TlsListener.listen() not called"
         return self._loop
 
+    def use_source_rate(self, rate: float | None, burst: int) -> None:
+        """A reload's per-source rate: new buckets (every source starts
+        with a full one), or none when ``rate`` is off."""
+        self._buckets = SourceBuckets(rate, burst) if rate else None
+
     def set_max_connections(self, max_connections: int) -> int:
         """A reload's new cap: raised, room is made under the open-file
         limit; lowered, the connections over it are closed at once, those a

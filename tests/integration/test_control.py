@@ -470,10 +470,10 @@ def test_sighup_with_broken_file_keeps_running_config(lab: Lab, roles: Roles) ->
     assert out.returncode == 1 and "policy.max_scope" in out.stderr
     # A key that needs a restart is named in the refusal.
     edit_toml(Path(hac_cfg(lab)), "max_scope = 7", "max_scope = 1")
-    edit_toml(Path(hac_cfg(lab)), "request_timeout = 10", "request_timeout = 11")
+    edit_toml(Path(hac_cfg(lab)), "strict_rfc6618 = false", "strict_rfc6618 = true")
     out = ctl("reload", "--config", hac_cfg(lab))
     assert out.returncode == 1
-    assert "hac.request_timeout: changes only with a restart" in out.stderr
+    assert "hac.strict_rfc6618: changes only with a restart" in out.stderr
     assert hac.poll() is None and mn_once(lab)["status"] == 200
 
 
@@ -607,14 +607,16 @@ def _closed_by_peer(s: ssl.SSLSocket) -> bool:
         return True
 
 
-def test_reload_applies_the_connection_caps(lab: Lab, roles: Roles) -> None:
-    """``[hac] max_connections`` / ``max_in_progress`` and ``[provisioning]
-    max_connections`` apply at a reload: an operator raises them under load
-    without a restart, which would cut every MN mid-exchange.  Lowered under
+def test_reload_applies_the_connection_caps_and_timeouts(lab: Lab, roles: Roles) -> None:
+    """``[hac] max_connections`` / ``max_in_progress``, its timeouts and
+    ``[provisioning] max_connections`` apply at a reload: an operator raises
+    a cap under load, or tightens a timeout under a flood of slow
+    connections, without a restart, which would cut every MN mid-exchange.  Lowered under
     the connections held, the HAC closes the ones over the cap at once, those
     a newcomer would evict first (here the three that waited longest of
-    five idle ones); the two newest stay.  Before, each of these keys was
-    refused: "changes only with a restart"."""
+    five idle ones); the two newest stay.  A handshake timeout cut from 10
+    to 1 s closes a silent connection after 1 s.  Before, each of these keys
+    was refused: "changes only with a restart"."""
     roles.start("ha")
     hac = roles.start("hac")
     held = [_idle_tls(lab) for _ in range(5)]
@@ -627,16 +629,26 @@ def test_reload_applies_the_connection_caps(lab: Lab, roles: Roles) -> None:
         assert "hac.max_connections" in out.stdout and "hac.max_in_progress" in out.stdout
         roles.wait_log(
             "hac",
-            "hac listener: max_connections 1024 -> 2, max_in_progress 128 -> 64 "
+            "hac listener: max_connections 1024 -> 2, max_in_progress 128 -> 64 from now on "
             "(3 connection(s) over the cap closed, the longest waiting)",
         )
         assert [_closed_by_peer(s) for s in held] == [True, True, True, False, False]
     finally:
         for s in held:
             s.close()
-    edit_toml(Path(hac_cfg(lab)), "max_connections = 2", "max_connections = 1024")
-    assert ctl("reload", "--config", hac_cfg(lab)).returncode == 0
-    roles.wait_log("hac", "hac listener: max_connections 2 -> 1024, max_in_progress 64 -> 64")
+    cfg = Path(hac_cfg(lab))
+    edit_toml(cfg, "max_connections = 2", "max_connections = 1024")
+    edit_toml(cfg, "handshake_timeout = 10", "handshake_timeout = 1")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and "hac.handshake_timeout" in out.stdout, out.stderr
+    roles.wait_log(
+        "hac", "hac listener: handshake_timeout 10.0 -> 1.0, max_connections 2 -> 1024 from now on"
+    )
+    # A silent TCP connection: closed at the new handshake deadline (1 s),
+    # not after the 10 s it had before the reload.
+    with socket.create_connection(("127.0.0.1", lab.hac_port), timeout=5) as s:
+        s.settimeout(5)  # the test's own bound: 10 s would time out here
+        assert s.recv(1) == b""  # closed by the HAC
     assert mn_once(lab)["status"] == 200
     # The HA's provisioning listener, the same way (the HAC's one connection
     # is under any cap).
@@ -879,11 +891,11 @@ def test_reload_takes_a_hac_certificate_at_new_paths(lab: Lab, roles: Roles) -> 
     cfg = Path(hac_cfg(lab))
     edit_toml(cfg, 'cert = "pki/hac.pem"', 'cert = "pki/hac-2027.pem"')
     edit_toml(cfg, 'key = "pki/hac.key"', 'key = "pki/hac-2027.key"')
-    edit_toml(cfg, "request_timeout = 10", "request_timeout = 11")
+    edit_toml(cfg, "strict_rfc6618 = false", "strict_rfc6618 = true")
     out = ctl("reload", "--config", hac_cfg(lab))
-    assert out.returncode == 1 and "hac.request_timeout: changes only with a restart" in out.stderr
+    assert out.returncode == 1 and "hac.strict_rfc6618: changes only with a restart" in out.stderr
     assert "hac.cert" not in out.stderr and _served_serial(lab) == old  # nothing applied
-    edit_toml(cfg, "request_timeout = 11", "request_timeout = 10")
+    edit_toml(cfg, "strict_rfc6618 = true", "strict_rfc6618 = false")
     out = ctl("reload", "--config", hac_cfg(lab))
     assert out.returncode == 0 and out.stdout.strip().endswith(": hac.cert"), out
     assert _served_serial(lab) == serial != old

@@ -117,3 +117,34 @@ def test_idle_connections_of_one_source_hold_at_most_its_burst(
     during, closed, limited = run(main())
     assert during == 3
     assert closed == 7 and limited == 7
+
+
+def test_a_reload_turns_the_per_source_rate_on(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+) -> None:
+    """Off at start (the default); a reload's ``per_source_rate`` 1/s, burst
+    3, applies to the next connections: ten ClientHellos from one host,
+    three answered, the rest closed at accept -- no restart, which would have
+    cut every MN mid-exchange to stop a flood.  Before, the key was refused
+    ("changes only with a restart")."""
+    data = hac_data(tmp_path, pki)
+
+    async def main() -> tuple[list[bool], list[bool], int]:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            assert st.hac is not None and st.hac._listener is not None
+            before = [bool(await hello_from("127.0.0.2", st.port)) for _ in range(5)]
+            st.hac.apply_limits(
+                hac_config(
+                    hac_data(tmp_path, pki, per_source_rate=1.0, per_source_burst=3), tmp_path
+                )
+            )
+            after = [bool(await hello_from("127.0.0.2", st.port)) for _ in range(10)]
+            got = await bootstrap(mn_config(pki, st.port))
+            assert got.ok and got.status == 200
+            return before, after, st.hac._listener.stats[RATE_LIMITED]
+
+    before, after, limited = run(main())
+    assert before == [True] * 5
+    assert after[:3] == [True, True, True] and after.count(True) <= 4, after
+    assert limited == after.count(False) >= 6
