@@ -196,6 +196,7 @@ def _access(cfg: ProvisioningListener | None, server: Any) -> dict[str, Any]:
         "allowed_clients": None if allowed is None else [str(n) for n in allowed],
         "sessions": server.sessions if server is not None else 0,
         "timeout_s": cfg.timeout,
+        "max_connections": cfg.max_connections,
     }
 
 

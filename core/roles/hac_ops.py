@@ -237,6 +237,27 @@ def aaa_health(methods: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _listener_status(svc: HacService) -> dict[str, Any]:
+    """The MHAuth listener's connections against its limits now (a reload
+    may have changed them: "Listener limits" in README)."""
+    lst = svc._listener
+    if lst is None:
+        return {}
+    limits = lst.limits
+    return {
+        "connections": lst.connections,
+        "in_progress": lst.table.in_progress,
+        "max_connections": limits.max_connections,
+        "max_in_progress": limits.max_in_progress,
+        "handshake_timeout_s": limits.handshake_timeout,
+        "request_timeout_s": limits.request_timeout,
+        "idle_timeout_s": limits.idle_timeout,
+        "exchange_timeout_s": limits.exchange_timeout,
+        "per_source_rate": limits.per_source_rate or 0,
+        "per_source_burst": limits.per_source_burst,
+    }
+
+
 class HacOps:
     def __init__(
         self, service: HacService, config_file: str, local_ha: HaOps | None = None
@@ -324,6 +345,7 @@ class HacOps:
                 "by_method": dict(by_method),
             },
             "exchanges_in_progress": len(svc._sessions),
+            "listener": _listener_status(svc),
             "issuing": len(svc._issuing_spis),
             "revoked": len(svc.revocations),
             "counters": dict(svc.stats),

@@ -633,6 +633,9 @@ def test_reload_applies_the_connection_caps_and_timeouts(lab: Lab, roles: Roles)
             "(3 connection(s) over the cap closed, the longest waiting)",
         )
         assert [_closed_by_peer(s) for s in held] == [True, True, True, False, False]
+        listener = ctl_json("status", "--config", hac_cfg(lab))["listener"]
+        assert listener["max_connections"] == 2 and listener["max_in_progress"] == 64, listener
+        assert listener["connections"] <= 2, listener
     finally:
         for s in held:
             s.close()
@@ -649,6 +652,8 @@ def test_reload_applies_the_connection_caps_and_timeouts(lab: Lab, roles: Roles)
     with socket.create_connection(("127.0.0.1", lab.hac_port), timeout=5) as s:
         s.settimeout(5)  # the test's own bound: 10 s would time out here
         assert s.recv(1) == b""  # closed by the HAC
+    listener = ctl_json("status", "--config", hac_cfg(lab))["listener"]
+    assert listener["handshake_timeout_s"] == 1.0 and listener["max_connections"] == 1024
     assert mn_once(lab)["status"] == 200
     # The HA's provisioning listener, the same way (the HAC's one connection
     # is under any cap).
@@ -659,6 +664,7 @@ def test_reload_applies_the_connection_caps_and_timeouts(lab: Lab, roles: Roles)
         out.stderr,
     )
     roles.wait_log("ha", "provisioning listener: max_connections 64 -> 8")
+    assert ctl_json("status", "--config", ha_cfg(lab))["provisioning"]["max_connections"] == 8
     assert mn_once(lab)["status"] == 200
     assert hac.poll() is None and roles.log("hac").count("hac ready") == 1
     assert roles.log("ha").count("ha ready") == 1
