@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from mipsec.core import ctlcli, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
 from mipsec.core.errors import CertificateError, ConfigError, ListenError, PluginError
+from mipsec.core.logburst import LineBurst
 from mipsec.core.mn_backoff import Backoff, backoff_path
 from mipsec.core.stopcheck import stop_requested
 from mipsec.core.version import version
@@ -331,8 +332,6 @@ def _ignore_sigusr1(loop: asyncio.AbstractEventLoop, role: str) -> None:
     """SIGUSR1 is the MN's "bootstrap now"; its default action would end a
     HAC or HA that a ``pkill -USR1 -f mipsec`` meant for the MNs reached."""
 
-    from mipsec.core.logburst import LineBurst
-
     # A flood of signals (a hook run in a loop) is a few lines, then a count.
     lines = LineBurst(logging.getLogger(f"mipsec.{role}"), "SIGUSR1 lines", limit=4, window=10.0)
 
@@ -367,8 +366,6 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     hac_until = 0.0  # loop time before which the HAC's retry-after holds
     last_cut = float("-inf")  # loop time of the last wait SIGUSR1 cut
     loop = asyncio.get_running_loop()
-    from mipsec.core.logburst import LineBurst
-
     usr1_lines = LineBurst(log, "SIGUSR1 lines", limit=4, window=10.0)
 
     def stop_now() -> None:

@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from mipsec.core.filedigest import read_regular
 from mipsec.core.fsutil import write_file
 from mipsec.core.mn_retry import next_wait
 
@@ -165,9 +166,10 @@ class Backoff:
         if self.path is None:
             return 0.0
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_FILE + 1)
-            kept = decode_kept(data, self.path)
+            # Opened without blocking, refused unless a regular file of at
+            # most MAX_FILE octets: a FIFO put at the path must not hold the
+            # MN before its first bootstrap.
+            kept = decode_kept(read_regular(self.path, MAX_FILE), self.path)
         except FileNotFoundError:
             return 0.0
         except OSError as exc:

@@ -433,24 +433,14 @@ class HacService:
         next step, a step under way keeping its deadline), the per-source
         rate (its buckets start afresh), and the caps -- raised, they admit
         more at once; a lowered connection cap closes the connections over
-        it now (``TlsListener.set_max_connections``); a lowered
+        it now (``TlsListener.apply_limits``); a lowered
         ``max_in_progress`` lets the requests under way finish and answers
         busy (503) until fewer are.  One line names what changed."""
         lst = self._listener
         if lst is None:
             return
-        svc = cfg.hac
-        old = lst.limits
-        closed = 0
-        if svc.max_connections != old.max_connections:
-            closed = lst.set_max_connections(svc.max_connections)
-        lst.limits = new = _limits(svc)
-        lst.table.max_in_progress = svc.max_in_progress
-        if (old.per_source_rate, old.per_source_burst) != (
-            new.per_source_rate,
-            new.per_source_burst,
-        ):
-            lst.use_source_rate(new.per_source_rate, new.per_source_burst)
+        old, new = lst.limits, _limits(cfg.hac)
+        closed = lst.apply_limits(new)
         said = [
             f"{name} {getattr(old, name)} -> {getattr(new, name)}"
             for name in LISTENER_LIMITS

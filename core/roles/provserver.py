@@ -315,11 +315,13 @@ class ProvisioningServer:
         next operations -- open connections from their next step on (a step
         under way keeps the deadline it was given)."""
         self.cfg = cfg
-        self.listener.limits = dataclasses.replace(
-            self.listener.limits,
-            handshake_timeout=cfg.timeout,
-            request_timeout=cfg.timeout,
-            idle_timeout=cfg.timeout,
+        self.listener.apply_limits(
+            dataclasses.replace(
+                self.listener.limits,
+                handshake_timeout=cfg.timeout,
+                request_timeout=cfg.timeout,
+                idle_timeout=cfg.timeout,
+            )
         )
         log.info(
             "provisioning listener: timeout %g s from now on (open connections from their "
@@ -328,10 +330,13 @@ class ProvisioningServer:
         )
 
     def apply_max_connections(self, cfg: ProvisioningListener) -> None:
-        """A reload's new ``max_connections`` (see ``TlsListener.set_max_connections``)."""
+        """A reload's new ``max_connections`` (see ``TlsListener.apply_limits``)."""
         old = self.cfg.max_connections
         self.cfg = cfg
-        closed = self.listener.set_max_connections(cfg.max_connections)
+        limits = self.listener.limits
+        closed = self.listener.apply_limits(
+            dataclasses.replace(limits, max_connections=cfg.max_connections)
+        )
         log.info(
             "provisioning listener: max_connections %d -> %d%s",
             old,

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import logging
 import resource
@@ -591,32 +590,31 @@ class TlsListener:
         self._summary_handle: asyncio.TimerHandle | None = None
         self._summary_last = float("-inf")
         self._drained: asyncio.Future[None] | None = None
-        self._buckets = (
-            SourceBuckets(limits.per_source_rate, limits.per_source_burst)
-            if limits.per_source_rate
-            else None
-        )
+        self._buckets = _source_buckets(limits)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "TlsListener.listen() not called"
         return self._loop
 
-    def use_source_rate(self, rate: float | None, burst: int) -> None:
-        """A reload's per-source rate: new buckets (every source starts
-        with a full one), or none when ``rate`` is off."""
-        self._buckets = SourceBuckets(rate, burst) if rate else None
-
-    def set_max_connections(self, max_connections: int) -> int:
-        """A reload's new cap: raised, room is made under the open-file
-        limit; lowered, the connections over it are closed at once, those a
+    def apply_limits(self, limits: Limits) -> int:
+        """A reload's limits, in force from now on: timeouts for new
+        connections and for open ones from their next step (a step under way
+        keeps its deadline); a changed per-source rate starts every source
+        with a full bucket; a raised cap makes room under the open-file
+        limit; a lowered one closes the connections over it at once, those a
         newcomer would evict first (unauthenticated, longest waiting; never
         one whose request is being worked on).  Returns how many closed."""
-        old = self.limits.max_connections
-        if max_connections > old and self._loop is not None:
-            _reserve_fds(max_connections - old)
-        self.limits = dataclasses.replace(self.limits, max_connections=max_connections)
-        victims = self.table.resize(max_connections)
+        old, self.limits = self.limits, limits
+        if limits.max_connections > old.max_connections and self._loop is not None:
+            _reserve_fds(limits.max_connections - old.max_connections)
+        self.table.max_in_progress = limits.max_in_progress
+        if (limits.per_source_rate, limits.per_source_burst) != (
+            old.per_source_rate,
+            old.per_source_burst,
+        ):
+            self._buckets = _source_buckets(limits)
+        victims = self.table.resize(limits.max_connections)
         for victim in victims:
             self._count(EVICTED)  # in the listener's summary line, as any eviction
             victim.abort(EVICTED)
@@ -757,6 +755,12 @@ class TlsListener:
             len(self.table),
             self.limits.max_connections,
         )
+
+
+def _source_buckets(limits: Limits) -> SourceBuckets | None:
+    """The per-source token buckets ``limits`` ask for (None: no rate)."""
+    rate = limits.per_source_rate
+    return SourceBuckets(rate, limits.per_source_burst) if rate else None
 
 
 def peer_allowed(

@@ -262,3 +262,21 @@ def test_revocation_lock_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
         exc = refused_at_once(lambda: answers.append("mallory@home.example" in revoked), fifo)
     assert exc is None and answers == [True]
     assert "not a regular file" in caplog.text
+
+
+def test_mn_backoff_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The MN reads its kept backoff before its first bootstrap: a FIFO at
+    the path is reported and ignored at once, not waited on."""
+    import logging
+
+    from mipsec.core.mn_backoff import Backoff
+
+    fifo = fifo_at(tmp_path / "mn.backoff")
+    log = logging.getLogger("test.fifo.backoff")
+    backoff = Backoff(fifo, mn_id="mn1@example.net", retry_min=10, retry_max=600, log=log)
+    left: list[float] = []
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        assert refused_at_once(lambda: left.append(backoff.resume()), fifo) is None
+    assert left == [0.0] and backoff.failures == 0
+    (record,) = caplog.records
+    assert str(fifo) in record.getMessage() and "not a regular file" in record.getMessage()
