@@ -115,6 +115,11 @@ class MnRegistration:
         self._keepalive = keepalive
         self._lifetime_units = mh.lifetime_units(lifetime)
         self._refresh_at = refresh_at
+        self._rebootstrap_at = rebootstrap_at
+        self._validity_end = sa.validity_end
+        # False for an SA this MN's clock already could not place: its
+        # re-bootstrap is the caller's backoff, which a step must not cut.
+        self._placed_by_wall = rebootstrap_after is None
         # The SA's end, measured on the monotonic clock from now -- or, for
         # an SA the MN's clock cannot place (``rebootstrap_after``: the
         # caller's backoff), that many seconds from now.
@@ -225,6 +230,34 @@ class MnRegistration:
             self._rebootstrap_sent = True
             out.append(Rebootstrap("SA validity end is near"))
         return out
+
+    def clock_stepped(self, now: float, wall_now: datetime) -> float | None:
+        """The MN's wall clock was stepped ahead (NTP correcting a clock that
+        ran behind, ``date -s``): place the SA's end again by it.
+
+        The re-bootstrap time was fixed at the SA's arrival from the wall
+        clock of that instant; a clock that ran behind then put it too late,
+        and the HA, which judges the SA by its own clock, would start
+        dropping the BUs before the MN came back (an outage of several BU
+        timeouts).  The re-bootstrap only ever moves earlier: if the new
+        time is the wrong one, the early bootstrap's SA looks short by it
+        and the next is backed off as after a failure (core/cli.py); an SA
+        already on that backoff keeps it.  Returns the seconds until the
+        re-bootstrap when it moved, else None.
+        """
+        if self._rebootstrap_sent or not self._placed_by_wall:
+            return None
+        remaining = max((self._validity_end - wall_now).total_seconds(), 0.0)
+        at = now + remaining * self._rebootstrap_at
+        if at >= self._rebootstrap_deadline:
+            return None
+        self._rebootstrap_deadline = at
+        return at - now
+
+    @property
+    def rebootstrap_deadline(self) -> float:
+        """When the machine asks for the next bootstrap (its ``now`` clock)."""
+        return self._rebootstrap_deadline
 
     def next_timer(self) -> float:
         times = [self._rebootstrap_deadline]

@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,11 +34,11 @@ import pluggy
 
 from mipsec.core import pluginmanager
 from mipsec.core.authmethod import PeerMethodContext, PeerMethodFactory
+from mipsec.core.clockstep import ClockWatch, step_text
 from mipsec.core.config import MNConfig
 from mipsec.core.errors import CertificateError, ConfigError
 from mipsec.core.filedigest import read_regular
 from mipsec.core.hookspecs import PluginContext
-from mipsec.core.issuer import utcnow
 from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendRequest
 from mipsec.core.mn_registration import Failed, MnRegistration, Rebootstrap, Registered, Transmit
 from mipsec.core.model import IssuedSA
@@ -248,8 +249,37 @@ def ha_destination(issued: IssuedSA, transport: str) -> tuple[str, int]:
     return str(bs.haa_ip6), bs.port
 
 
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def mn_clock() -> float:
+    """The clock of the MN's registration timers: Linux's CLOCK_BOOTTIME,
+    which goes on counting while the host is suspended (the monotonic clock
+    elsewhere).  A laptop that slept through its binding's refresh or its
+    SA's end acts on waking, as the HA's clock has moved on; on the
+    monotonic clock, which stops during a suspend, it kept its old
+    schedule and sent BUs under an SA the HA had let go, until the BU
+    timeouts sent it back to its HAC."""
+    return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
+def mn_step_line(step: float, spi: int, moved: float | None, left: float) -> str:
+    """The MN's one line for a step of its wall clock while it holds an SA."""
+    size = step_text(step)
+    if step > 0 and moved is not None:
+        what = f"by it the SA (spi={spi}) is near its end: bootstrapping again in {moved:.0f} s"
+    else:
+        what = f"the SA (spi={spi}) keeps its schedule: bootstrapping again in {left:.0f} s"
+    way = "ahead" if step > 0 else "back"
+    return f"wall clock stepped {size} {way}: {what} -- is NTP in step?"
+
+
 class Registrar:
-    """Asyncio shell around ``MnRegistration`` for one SA."""
+    """Asyncio shell around ``MnRegistration`` for one SA.
+
+    ``clock`` (seconds) drives the machine's timers, ``wall`` (epoch
+    seconds) is the wall clock watched for steps; both injectable for tests.
+    """
 
     def __init__(
         self,
@@ -258,15 +288,22 @@ class Registrar:
         *,
         rebootstrap_at: float = 0.8,
         rebootstrap_after: float | None = None,
+        clock: Callable[[], float] = mn_clock,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.issued = issued
         self.cfg = cfg
-        loop_now = time.monotonic()
+        self._clock, self._wall = clock, wall
+        # A step of the wall clock (NTP, ``date -s``) is said once and may
+        # bring the re-bootstrap forward (``MnRegistration.clock_stepped``);
+        # a suspend is no step on this clock pair.
+        self._clock_watch = ClockWatch(wall=wall, mono=clock)
+        loop_now = clock()
         data = cfg.dataplane
         self.machine = MnRegistration(
             issued,
             now=loop_now,
-            wall_now=utcnow(),
+            wall_now=datetime.fromtimestamp(wall(), UTC),
             lifetime=cfg.registration.lifetime,
             rebootstrap_at=rebootstrap_at,
             rebootstrap_after=rebootstrap_after,
@@ -412,7 +449,7 @@ class Registrar:
         except OSError as exc:
             log.warning("cannot re-open the socket to the HA: %s", exc)
             return False
-        self._send(self.machine.moved(time.monotonic()))
+        self._send(self.machine.moved(self._clock()))
         return True
 
     async def run_more(self, *, stop: asyncio.Event) -> RegistrationOutcome:
@@ -431,7 +468,7 @@ class Registrar:
         """Drive the machine; return at the first BA (``until_registered``),
         on failure, on a re-bootstrap request, or when ``stop`` is set."""
         outcome = RegistrationOutcome(None, reason="no binding acknowledgement")
-        pending = self._send(self.machine.start(time.monotonic())) if start else []
+        pending = self._send(self.machine.start(self._clock())) if start else []
         while True:
             for a in pending:
                 if isinstance(a, Registered):
@@ -456,7 +493,8 @@ class Registrar:
                 elif isinstance(a, Rebootstrap):
                     outcome.rebootstrap = a.reason
                     return outcome
-            now = time.monotonic()
+            self._check_clock()
+            now = self._clock()
             wake = self.machine.next_timer()
             if deadline is not None:
                 wake = min(wake, deadline)
@@ -468,12 +506,23 @@ class Registrar:
                 return outcome
             try:
                 data = await asyncio.wait_for(self.queue.get(), max(0.0, wake - now))
-                pending = self._send(self.machine.receive(data, time.monotonic()))
+                pending = self._send(self.machine.receive(data, self._clock()))
             except TimeoutError:
-                pending = self._send(self.machine.timer(time.monotonic()))
+                pending = self._send(self.machine.timer(self._clock()))
+
+    def _check_clock(self) -> None:
+        step = self._clock_watch.check()
+        if step is None:
+            return
+        now = self._clock()
+        moved = None
+        if step > 0:
+            moved = self.machine.clock_stepped(now, datetime.fromtimestamp(self._wall(), UTC))
+        left = max(self.machine.rebootstrap_deadline - now, 0.0)
+        log.warning("%s", mn_step_line(step, self.issued.sa.spi, moved, left))
 
     async def deregister(self, timeout: float = 2.0) -> RegistrationOutcome:
-        pending = self._send(self.machine.deregister(time.monotonic()))
+        pending = self._send(self.machine.deregister(self._clock()))
         del pending
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -481,7 +530,7 @@ class Registrar:
                 data = await asyncio.wait_for(self.queue.get(), end - time.monotonic())
             except TimeoutError:
                 break
-            for a in self.machine.receive(data, time.monotonic()):
+            for a in self.machine.receive(data, self._clock()):
                 if isinstance(a, Registered):
                     log.info("binding deregistered (status %d)", a.status)
                     return RegistrationOutcome(a.status, a.lifetime, a.sequence)

@@ -12,16 +12,34 @@ from a HAC holding 100,000 SAs -- with no line saying why.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
+import select
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from conftest import LAUNCHER, Lab, debian_tool, edit_toml, wait_port
 
 STEP = re.compile(r"WARNING mipsec\.(hac|ha): (HA ha1: )?wall clock stepped ([0-9.]+ \w+) (\w+)")
+
+
+def _faketime(offset: Path) -> dict[str, str]:
+    """The environment of a process whose wall clock runs ``offset``'s
+    offset (rewritten by the test, "+0s" to begin), its monotonic clock true."""
+    debian_tool("faketime", "faketime")
+    (lib,) = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    offset.write_text("+0s\n")
+    return dict(
+        os.environ,
+        LD_PRELOAD=lib,
+        FAKETIME_TIMESTAMP_FILE=str(offset),
+        FAKETIME_NO_CACHE="1",
+        FAKETIME_DONT_FAKE_MONOTONIC="1",
+    )
 
 
 def _start(lab: Lab, role: str, env: dict[str, str], log: Path) -> subprocess.Popen[str]:
@@ -52,17 +70,8 @@ def _steps(logs: list[Path], want: int, deadline: float = 15.0) -> list[tuple[st
 
 
 def test_a_wall_clock_step_is_said_once_by_the_hac_and_by_the_ha(lab: Lab) -> None:
-    debian_tool("faketime", "faketime")
-    (lib,) = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
     offset = lab.dir / "faketime"
-    offset.write_text("+0s\n")
-    env = dict(
-        os.environ,
-        LD_PRELOAD=lib,
-        FAKETIME_TIMESTAMP_FILE=str(offset),
-        FAKETIME_NO_CACHE="1",
-        FAKETIME_DONT_FAKE_MONOTONIC="1",
-    )
+    env = _faketime(offset)
     hac_toml = Path(lab.info["hac"]["config"])
     edit_toml(hac_toml, "[hac]\n", "[hac]\nexpiry_interval = 1\n")
     logs = [lab.dir / "ha.log", lab.dir / "hac.log"]
@@ -86,3 +95,58 @@ def test_a_wall_clock_step_is_said_once_by_the_hac_and_by_the_ha(lab: Lab) -> No
     assert len(final) == 4, final
     text = logs[1].read_text()
     assert "every live SA now ends 2.0 h sooner" in text and "Traceback" not in text
+
+
+def _result(proc: subprocess.Popen[str], timeout: float) -> Any:
+    """The MN's next JSON result line, or a failure after ``timeout`` s."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no bootstrap result within {timeout} s"
+    return json.loads(proc.stdout.readline())
+
+
+def test_an_mn_holding_an_sa_through_a_step_says_so_and_goes_back_to_its_hac(
+    lab: Lab, start_hac: Any
+) -> None:
+    """A real MN daemon under libfaketime, its HAC and HA on the true time.
+    Its clock stepped 2 h ahead: by it, the 1-h SA it holds has ended, so it
+    says so in one WARNING and bootstraps again at once (before: nothing
+    said, and BUs under the SA until the re-bootstrap the old time had
+    fixed, 48 min on).  The new SA looks short by the wrong clock (one
+    WARNING, backed off) and is used: the MN stays registered.  Stepped
+    back, it says so again and keeps its schedule."""
+    offset = lab.dir / "faketime-mn"
+    env = _faketime(offset)
+    start_hac(lab)
+    err_log = lab.dir / "mn.err"
+    with err_log.open("w") as err:
+        mn = subprocess.Popen(
+            [*LAUNCHER, "--role", "mn", "--config", lab.info["mn"]["config"], "--json"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+        )
+    try:
+        first = _result(mn, 30)
+        assert first["status"] == 200 and first["ba"]["status"] == 0, first
+        offset.write_text("+2h\n")
+        second = _result(mn, 10)  # at once, not in 48 min
+        assert second["status"] == 200 and second["ba"]["status"] == 0, second
+        assert second["sa"]["spi"] != first["sa"]["spi"]
+        offset.write_text("+0s\n")
+        end = time.monotonic() + 10
+        while "stepped 2.0 h back" not in err_log.read_text() and time.monotonic() < end:
+            time.sleep(0.2)
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        mn.wait(timeout=20)
+    text = err_log.read_text()
+    assert mn.returncode == 0, text[-2000:]
+    ahead = [line for line in text.splitlines() if "wall clock stepped 2.0 h ahead" in line]
+    back = [line for line in text.splitlines() if "wall clock stepped 2.0 h back" in line]
+    assert len(ahead) == 1 and "WARNING" in ahead[0], text[-2000:]
+    assert f"the SA (spi={first['sa']['spi']}) is near its end" in ahead[0]
+    assert len(back) == 1 and "keeps its schedule" in back[0], text[-2000:]
+    assert "under [sa] min_lifetime" in text  # the new SA, judged by the wrong clock
+    assert "Traceback" not in text and "deregistered" in text

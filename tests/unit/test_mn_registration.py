@@ -288,3 +288,31 @@ def test_user_data_follows_the_scope() -> None:
     with pytest.raises(PacketError) as info:
         reg.open_data(ha.ba(0, 1, 1))  # a BA is not user data
     assert info.value.field == "ptype"
+
+
+def test_a_clock_step_ahead_only_ever_brings_the_rebootstrap_forward() -> None:
+    """The SA came while the MN's clock ran 2 h behind: placed at 80 % of
+    3 h.  After the step to the true time it is 80 % of what is left by it;
+    a later call with a clock behind that never moves it back."""
+    from datetime import timedelta
+
+    iss = issued(lifetime=3600)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW - timedelta(hours=2))
+    assert reg.rebootstrap_deadline == pytest.approx(8640.0)
+    assert reg.clock_stepped(100.0, NOW + timedelta(seconds=100)) == pytest.approx(2800.0)
+    assert reg.rebootstrap_deadline == pytest.approx(2900.0)
+    assert reg.clock_stepped(200.0, NOW - timedelta(hours=1)) is None
+    assert not any(isinstance(a, Rebootstrap) for a in reg.timer(2899.0))
+    assert any(isinstance(a, Rebootstrap) for a in reg.timer(2900.0))
+    assert reg.clock_stepped(3000.0, NOW + timedelta(hours=5)) is None  # already asked
+
+
+def test_a_clock_step_leaves_an_sa_on_the_callers_backoff_alone() -> None:
+    """An SA this MN's clock could not place already waits for the MN's
+    backoff (``rebootstrap_after``); a step must not cut that wait."""
+    from datetime import timedelta
+
+    iss = issued(lifetime=3600)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, rebootstrap_after=40.0)
+    assert reg.clock_stepped(1.0, NOW + timedelta(hours=3)) is None
+    assert reg.rebootstrap_deadline == pytest.approx(40.0)
