@@ -57,13 +57,14 @@ import logging
 import resource
 import ssl
 import typing
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mipsec.core.conntable import ConnectionTable
 from mipsec.core.errors import LocalProtocolError
+from mipsec.core.pacing import in_paced_batches
 from mipsec.core.ratelimit import SourceBuckets, bucket_key, peer_ip
 from mipsec.core.tls import set_nodelay
 
@@ -94,6 +95,8 @@ log = logging.getLogger("mipsec.tls")
 # reads would only let one connection's MemoryBIO grow further.
 READ_SIZE = 16 * 1024 + 512
 BACKLOG = 1024  # a burst of real MNs must not wait for SYN retransmits
+# Connections over a lowered cap aborted per batch (core/pacing.py): ~8 ms.
+EVICT_BATCH = 500
 SUMMARY_INTERVAL = 1.0  # seconds between two summary log lines, at least
 
 # Why a connection ended: TlsHandler.connection_lost(reason).
@@ -342,6 +345,18 @@ class TlsConnection(asyncio.BufferedProtocol):
             self._transport.write(out)
         self._transport.close()
 
+    def evict_later(self) -> None:
+        """Over a lowered cap: out of the table and deaf from now on (nothing
+        more is read, no timer runs), its TCP aborted by the listener's
+        paced closing (``TlsListener.apply_limits``)."""
+        if self._state == _CLOSED:
+            return
+        if self._reason is None:
+            self._reason = EVICTED
+        self._state = _CLOSED
+        self._lst.table.remove(self)
+        self._cancel_timer()
+
     def abort(self, reason: str = CLOSED) -> None:
         """Close TCP now; nothing more is sent."""
         if self._state == _CLOSED:
@@ -382,6 +397,8 @@ class TlsConnection(asyncio.BufferedProtocol):
             self._pump()
 
     def eof_received(self) -> bool:
+        if self._state == _CLOSED:
+            return False  # evicted, its abort still to come: let it go now
         if self._state == _HANDSHAKE or self._in is None:
             self.abort(PEER_CLOSED)
             return False
@@ -591,6 +608,9 @@ class TlsListener:
         self._summary_last = float("-inf")
         self._drained: asyncio.Future[None] | None = None
         self._buckets = _source_buckets(limits)
+        # Connections over a lowered cap, out of the table, their TCP to abort.
+        self._evicting: deque[TlsConnection] = deque()
+        self._evict_task: asyncio.Task[None] | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -617,8 +637,29 @@ class TlsListener:
         victims = self.table.resize(limits.max_connections)
         for victim in victims:
             self._count(EVICTED)  # in the listener's summary line, as any eviction
-            victim.abort(EVICTED)
+            victim.evict_later()
+        # The cap is in force at once (out of the table, deaf), but their
+        # TCP goes in paced batches: aborting 14,900 in one call stalled the
+        # loop for ~230 ms, every handshake and request waiting behind it.
+        self._evicting.extend(victims)
+        if self._evicting and self._evict_task is None:
+            self._evict_task = self.loop.create_task(self._close_evicted())
         return len(victims)
+
+    async def _close_evicted(self) -> None:
+        def batch() -> int:
+            done = 0
+            while self._evicting and done < EVICT_BATCH:
+                transport = self._evicting.popleft()._transport
+                if transport is not None:
+                    transport.abort()
+                done += 1
+            return done
+
+        try:
+            await in_paced_batches(batch, EVICT_BATCH)
+        finally:
+            self._evict_task = None
 
     @property
     def connections(self) -> int:
@@ -679,6 +720,12 @@ class TlsListener:
             self._drained = None
         for conn in list(self.table):
             conn.abort(STOPPED)
+        if self._evict_task is not None:
+            self._evict_task.cancel()
+        while self._evicting:
+            transport = self._evicting.popleft()._transport
+            if transport is not None:
+                transport.abort()
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), timeout)

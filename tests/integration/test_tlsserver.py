@@ -15,6 +15,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from tlsflood import RawTls, client_context
 
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.pki import PkiPaths, init_pki
+from mipsec.core.roles import tlsserver
 from mipsec.core.roles.tlsserver import (
     CLOSED,
     EVICTED,
@@ -374,6 +376,37 @@ def test_cap_evicts_the_longest_waiting_never_the_worked_for(pki: PkiPaths) -> N
 
     _, ended = serve(pki, body, max_connections=3)
     assert ended.count(EVICTED) == 1  # the quiet one (the TCP one had no handler)
+
+
+def test_a_lowered_cap_is_in_force_at_once_and_its_victims_go_in_paced_batches(
+    pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload lowering the cap under many held connections: out of the
+    table at once (a newcomer meets the new cap), their TCP aborted in
+    batches of EVICT_BATCH with the loop left to everyone else between them
+    (14,900 aborted in one call stalled the HAC's loop ~230 ms, measured);
+    the connections under the cap are untouched."""
+    monkeypatch.setattr(tlsserver, "EVICT_BATCH", 8)
+
+    async def body(port: int, listener: TlsListener, ended: list[str]) -> None:
+        idle = [await RawTls.open(port) for _ in range(40)]
+        quiet = await tls(pki, port)
+        await until(lambda: listener.connections == 41)
+        closed = listener.apply_limits(replace(listener.limits, max_connections=5))
+        assert closed == 36 and listener.connections == 5  # the cap, at once
+        pending = [len(listener._evicting)]
+        while listener._evicting:
+            await asyncio.sleep(0)
+            if len(listener._evicting) != pending[-1]:
+                pending.append(len(listener._evicting))
+        assert pending == [36, 28, 20, 12, 4, 0], pending  # batch after batch
+        for victim in idle[:36]:
+            assert await victim.wait_closed_by_server(10)
+        assert await ask(quiet, b"hello\n") == b"hi\n"
+        assert not any([s.reader.at_eof() for s in idle[36:]])
+        assert listener.stats[EVICTED] == 36
+
+    serve(pki, body, max_connections=50)
 
 
 def test_newcomer_refused_when_everyone_is_worked_for(pki: PkiPaths) -> None:
