@@ -344,8 +344,15 @@ def _ignore_sigusr1(loop: asyncio.AbstractEventLoop, role: str) -> None:
 
 async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:
     from mipsec.core.issuer import utcnow
+    from mipsec.core.mn_wait import BootstrapWait
     from mipsec.core.model import IssuedSA
-    from mipsec.core.roles.mn import Registrar, RegistrationOutcome, bootstrap, peer_factory
+    from mipsec.core.roles.mn import (
+        Registrar,
+        RegistrationOutcome,
+        bootstrap,
+        mn_clock,
+        peer_factory,
+    )
 
     log = logging.getLogger("mipsec.mn")
     # The method's options are validated once, at start (a wrong one is a
@@ -353,80 +360,28 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     pm = pluginmanager.make_plugin_manager(cfg.plugins.disable)
     factory = peer_factory(cfg, pm, config_file)
     stop = asyncio.Event()
-    # Set with ``stop`` and by SIGUSR1: ends a wait before the next bootstrap
-    # (``pause``) -- an operator who fixed the HAC need not wait out the
-    # backoff (up to [hac] retry_max, kept across restarts).  Two limits keep
-    # a flood of signals (a link-up hook on a flapping link, a script in a
-    # loop) from turning the backoff off: a wait is cut at most once per
-    # [hac] retry_min, and never below a 503's retry-after -- the HAC asked
-    # for that wait because it is overloaded, and a thousand MNs told to
-    # "bootstrap now" must not all come back at once.
-    wake = asyncio.Event()
-    waiting = False
-    hac_until = 0.0  # loop time before which the HAC's retry-after holds
-    last_cut = float("-inf")  # loop time of the last wait SIGUSR1 cut
+    # The wait before each next bootstrap: on the registration clock (a
+    # suspend counts), ended by SIGTERM, and cut by SIGUSR1 within limits
+    # that keep a flood of signals from turning the backoff off
+    # (core/mn_wait.py).
+    waits = BootstrapWait(mn_clock, cfg.hac.retry_min)
+    pause = waits.pause
     loop = asyncio.get_running_loop()
     usr1_lines = LineBurst(log, "SIGUSR1 lines", limit=4, window=10.0)
 
     def stop_now() -> None:
         stop.set()
-        wake.set()
+        waits.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop_now)
 
     def bootstrap_now() -> None:
-        nonlocal last_cut
-        now = loop.time()
-        if not waiting:
-            usr1_lines.line(
-                logging.INFO, "mn: SIGUSR1 ignored: not waiting to bootstrap (nothing to cut)"
-            )
-            return
-        if now - last_cut < cfg.hac.retry_min:
-            usr1_lines.line(
-                logging.INFO,
-                "mn: SIGUSR1 ignored: the last one cut a wait %.1f s ago (one per [hac] "
-                "retry_min, %g s)",
-                now - last_cut,
-                cfg.hac.retry_min,
-            )
-            return
-        last_cut = now
-        if now < hac_until:
-            usr1_lines.line(
-                logging.INFO,
-                "mn: SIGUSR1: the wait is cut to the HAC's retry-after: bootstrapping in %.1f s",
-                hac_until - now,
-            )
-        else:
-            usr1_lines.line(logging.INFO, "mn: SIGUSR1: the wait is cut, bootstrapping now")
-        wake.set()
+        usr1_lines.line(logging.INFO, "%s", waits.cut())
 
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGUSR1, bootstrap_now)
-
-    async def pause(seconds: float, hac_seconds: float = 0.0) -> None:
-        """Wait ``seconds`` before the next bootstrap, less on SIGTERM or
-        SIGUSR1 -- but, SIGTERM aside, never less than ``hac_seconds`` (the
-        part of the wait the HAC's retry-after asked for)."""
-        nonlocal waiting, hac_until
-        if stop.is_set():
-            return
-        wake.clear()
-        hac_until = loop.time() + min(hac_seconds, seconds)
-        waiting = True
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), seconds)
-            rest = hac_until - loop.time()
-            if rest > 0 and not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), rest)
-        finally:
-            waiting = False
-            hac_until = 0.0
 
     def no_reload() -> None:
         # The MN has no reload; without a handler SIGHUP's default action
