@@ -93,6 +93,14 @@ class HoATable(Mapping[str, str]):
         if old is not None:
             self._record(text, old, None)
 
+    def clear(self) -> None:
+        """Every address leaves use at once.  Not journalled: ``seq`` jumps
+        past the journal, so every reader sees None and rebuilds from the
+        (empty) table -- cheaper than reading one removal per address."""
+        self._map.clear()
+        self._base = self.seq + 1
+        self._log = []
+
     def _record(self, text: str, old: str | None, new: str | None) -> None:
         log = self._log
         log.append((text, old, new))

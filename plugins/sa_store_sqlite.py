@@ -476,6 +476,7 @@ class _LiveView:
         # otherwise: a set per MN would cost ~200 B per live SA).  The
         # supersede step asks for one MN's SAs on every bootstrap (issue 9).
         self._by_mn: dict[str, int | tuple[int, ...]] = {}
+        self._max_end = -math.inf  # the latest validity_end ever inserted
         self._load(rows)
 
     def _load(self, rows: Iterable[_ViewRow]) -> None:
@@ -509,6 +510,8 @@ class _LiveView:
                     hoa_mn[hoa] = mn_id  # rows come oldest first: the newest holder's
         self._by_ha.update(Counter(ha_ids))
         self._hoa_mn.load(hoa_mn)
+        if heap:
+            self._max_end = heap[-1][0]  # ordered by validity_end
 
     def _add_holder(
         self, hoa: str, best: tuple[int, int, str], spi: int, end: int, mn_id: str
@@ -529,6 +532,8 @@ class _LiveView:
         self._rows[spi] = (end, mn_id, ha_id, ip6, ip4)
         self._mn_add(mn_id, spi)
         heapq.heappush(self._heap, (end, spi))
+        if end > self._max_end:
+            self._max_end = end
         self._by_ha[ha_id] = self._by_ha.get(ha_id, 0) + 1
         for hoa in (ip6, ip4):
             if hoa is None:
@@ -609,6 +614,11 @@ class _LiveView:
         """Drop every SA with ``validity_end <= t``; False if ``t`` is before the floor."""
         if t < self.floor:
             return False
+        if self._rows and self._max_end <= t:
+            # Every SA has ended: a wall clock stepped past all of them (NTP
+            # after a boot with a wrong clock, a suspended host).  One pass
+            # per SA held a HAC with 100,000 of them ~300 ms, serving no one.
+            self._clear()
         heap = self._heap
         while heap and heap[0][0] <= t:
             end, spi = heapq.heappop(heap)
@@ -617,6 +627,13 @@ class _LiveView:
                 self.discard(spi)
         self.floor = t
         return True
+
+    def _clear(self) -> None:
+        """Drop every row at once (the HoA table's readers rebuild, from nothing)."""
+        for part in (self._rows, self._by_ha, self._best, self._holders, self._by_mn):
+            part.clear()
+        self._heap.clear()
+        self._hoa_mn.clear()
 
     def count_by_ha(self) -> dict[str, int]:
         return dict(sorted(self._by_ha.items()))

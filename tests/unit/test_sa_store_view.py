@@ -252,3 +252,48 @@ def test_a_view_built_after_sas_ended_loads_only_the_live_ones(
     check(reopened, at(5))  # before the floor: SQL answers, all six live then
     assert reopened.count_by_ha(at(5)) == {"ha1": 5, "ha2": 1}
     assert reopened._view is view  # and the view was not rebuilt for it
+
+
+def test_when_every_sa_has_ended_the_view_drops_them_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock stepped past every SA's end (NTP after a boot with a
+    wrong clock, a suspended host): the view drops them all in one sweep, not
+    one by one -- which held a HAC with 100,000 SAs ~300 ms, serving no one
+    -- and answers as SQL does; the HoA table's readers rebuild, from
+    nothing; SAs stored afterwards show as before."""
+    store = SQLiteSAStore(tmp_path / "sa.db")
+    for spi in range(1, 9):
+        assert store.add(issued(spi, spi % 4, 10 + spi, spi, spi % 3 or None, spi % 2), at(0))
+    check(store, at(1))
+    table = store._view.hoa_table() if store._view is not None else None
+    assert table is not None and len(table) > 0
+    seen = table.seq
+    discarded: list[int] = []
+    real_discard = sa_store_sqlite._LiveView.discard
+
+    def counting(self: Any, spi: int) -> None:
+        discarded.append(spi)
+        real_discard(self, spi)
+
+    monkeypatch.setattr(sa_store_sqlite._LiveView, "discard", counting)
+    check(store, at(3600))  # past every end
+    assert discarded == []  # one sweep, no SA by SA
+    assert store.count_by_ha(at(3600)) == {} and store.hoas_in_use(at(3600)) == {}
+    assert len(table) == 0 and table.changes_since(seen) is None  # readers rebuild
+    assert store.add(issued(20, 1, 7200, 1, 1, 1), at(3600))
+    check(store, at(3601))
+    assert store.count_by_ha(at(3601)) == {"ha1": 1}
+    assert table.changes_since(table.seq - 2) is not None  # journalled again
+
+
+def test_a_view_with_one_sa_left_still_drops_the_others_one_by_one(tmp_path: Path) -> None:
+    """The sweep is for "every SA ended" alone: one live SA left, the
+    others go as always, and the survivor stays."""
+    store = SQLiteSAStore(tmp_path / "sa.db")
+    for spi in range(1, 5):
+        assert store.add(issued(spi, spi % 4, 10, spi, None, 1), at(0))
+    assert store.add(issued(9, 0, 5000, 9, None, 2), at(0))
+    check(store, at(1))
+    check(store, at(3600))
+    assert store.count_by_ha(at(3600)) == {"ha2": 1}
