@@ -539,7 +539,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             if once:
                 outcome = await registrar.run(
                     until_registered=True,
-                    deadline=_monotonic() + cfg.registration.once_timeout,
+                    timeout=cfg.registration.once_timeout,
                 )
                 report(result, outcome)
                 return EXIT_OK if outcome.accepted else EXIT_FAILED

@@ -231,24 +231,29 @@ class MnRegistration:
             out.append(Rebootstrap("SA validity end is near"))
         return out
 
-    def clock_stepped(self, now: float, wall_now: datetime) -> float | None:
-        """The MN's wall clock was stepped ahead (NTP correcting a clock that
-        ran behind, ``date -s``): place the SA's end again by it.
+    def clock_stepped(self, now: float, step: float, wall_now: datetime) -> float | None:
+        """The MN's wall clock was stepped ``step`` seconds ahead (NTP
+        correcting a clock that ran behind, ``date -s``): place the SA's end
+        again by it.
 
         The re-bootstrap time was fixed at the SA's arrival from the wall
         clock of that instant; a clock that ran behind then put it too late,
         and the HA, which judges the SA by its own clock, would start
         dropping the BUs before the MN came back (an outage of several BU
-        timeouts).  The re-bootstrap only ever moves earlier: if the new
-        time is the wrong one, the early bootstrap's SA looks short by it
-        and the next is backed off as after a failure (core/cli.py); an SA
-        already on that backoff keeps it.  Returns the seconds until the
-        re-bootstrap when it moved, else None.
+        timeouts).  Where the clock stepped to would have put it: ``step``
+        times ``rebootstrap_at`` earlier -- now, if that has passed (a step
+        noticed late, or one beyond the SA's end).  Never later than 80 %
+        of what is left by the new time.  The re-bootstrap only ever moves
+        earlier: if the new time is the wrong one, the early bootstrap's SA
+        looks short by it and the next is backed off as after a failure
+        (core/cli.py); an SA already on that backoff keeps it.  Returns the
+        seconds until the re-bootstrap when it moved, else None.
         """
-        if self._rebootstrap_sent or not self._placed_by_wall:
+        if self._rebootstrap_sent or not self._placed_by_wall or step <= 0:
             return None
         remaining = max((self._validity_end - wall_now).total_seconds(), 0.0)
-        at = now + remaining * self._rebootstrap_at
+        r = self._rebootstrap_at
+        at = max(now, min(self._rebootstrap_deadline - step * r, now + remaining * r))
         if at >= self._rebootstrap_deadline:
             return None
         self._rebootstrap_deadline = at

@@ -461,12 +461,16 @@ class Registrar:
         self,
         *,
         until_registered: bool,
-        deadline: float | None = None,
+        timeout: float | None = None,
         stop: asyncio.Event | None = None,
         start: bool = True,
     ) -> RegistrationOutcome:
         """Drive the machine; return at the first BA (``until_registered``),
-        on failure, on a re-bootstrap request, or when ``stop`` is set."""
+        on failure, on a re-bootstrap request, when ``stop`` is set, or
+        ``timeout`` seconds from now (measured on the machine's clock: a
+        deadline from another clock -- the monotonic one lags CLOCK_BOOTTIME
+        by every suspend since boot -- would have already passed)."""
+        deadline = None if timeout is None else self._clock() + timeout
         outcome = RegistrationOutcome(None, reason="no binding acknowledgement")
         pending = self._send(self.machine.start(self._clock())) if start else []
         while True:
@@ -517,7 +521,8 @@ class Registrar:
         now = self._clock()
         moved = None
         if step > 0:
-            moved = self.machine.clock_stepped(now, datetime.fromtimestamp(self._wall(), UTC))
+            wall_now = datetime.fromtimestamp(self._wall(), UTC)
+            moved = self.machine.clock_stepped(now, step, wall_now)
         left = max(self.machine.rebootstrap_deadline - now, 0.0)
         log.warning("%s", mn_step_line(step, self.issued.sa.spi, moved, left))
 

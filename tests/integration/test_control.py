@@ -272,7 +272,7 @@ def test_revoke_withdraws_refuses_until_unrevoke_and_persists(lab: Lab, roles: R
         reg = Registrar(first.issued, mn)
         await reg.open()
         try:
-            ok = await reg.run(until_registered=True, deadline=time.monotonic() + 5)
+            ok = await reg.run(until_registered=True, timeout=5)
             assert ok.status == 0
             out = await _cli("revoke", "--config", hac_cfg(lab), MN_ID)
             assert out.returncode == 0, out.stderr
@@ -286,7 +286,7 @@ def test_revoke_withdraws_refuses_until_unrevoke_and_persists(lab: Lab, roles: R
                 await asyncio.sleep(0.1)
             assert st["sas"]["live"] == 0 and st["bindings"] == 0
             # The MN's next BU under its SA: no answer.
-            again = await reg.run(until_registered=True, deadline=time.monotonic() + 2)
+            again = await reg.run(until_registered=True, timeout=2)
             assert again.status is None
         finally:
             reg.close()

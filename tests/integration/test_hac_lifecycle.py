@@ -188,7 +188,7 @@ def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) 
             old = first.issued
             reg = Registrar(old, mn)
             await reg.open()
-            assert (await reg.run(until_registered=True, deadline=time.monotonic() + 5)).status == 0
+            assert (await reg.run(until_registered=True, timeout=5)).status == 0
             second = await bootstrap(mn)
             assert second.ok and second.issued is not None
             new = second.issued
@@ -201,7 +201,7 @@ def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) 
             assert [i.sa.spi for i in st.hac.store.live_for_mn(MN_ID, now)] == [new.sa.spi]
             assert await eventually(lambda: not st.ha.core.has_spi(old.sa.spi))
             # A BU under the old SA: silence (a later BU sequence number, new ESP seq).
-            out = await reg.run(until_registered=True, deadline=time.monotonic() + 2)
+            out = await reg.run(until_registered=True, timeout=2)
             assert out.status is None
             reg.close()
             # Dropped as an SPI withdrawn for good (not merely unknown: it can
@@ -210,9 +210,7 @@ def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) 
             # The new SA registers.
             reg2 = Registrar(new, mn)
             await reg2.open()
-            assert (
-                await reg2.run(until_registered=True, deadline=time.monotonic() + 5)
-            ).status == 0
+            assert (await reg2.run(until_registered=True, timeout=5)).status == 0
             reg2.close()
             # Withdrawal confirmed: nothing left to retry.
             assert await eventually(lambda: st.hac.store.retired_unconfirmed(now) == [])
@@ -734,7 +732,7 @@ def test_ha_event_hooks_see_sa_and_binding_events(tmp_path: Path, pki: PkiPaths)
             spi = first.issued.sa.spi
             reg = Registrar(first.issued, mn)
             await reg.open()
-            assert (await reg.run(until_registered=True, deadline=time.monotonic() + 5)).status == 0
+            assert (await reg.run(until_registered=True, timeout=5)).status == 0
             reg.close()
             second = await bootstrap(mn)  # supersedes the first SA
             assert second.ok
@@ -842,7 +840,7 @@ def test_delivered_marks_the_store_cannot_write_are_kept_not_swept(
             assert st.ha.core.has_spi(spi)
             reg = Registrar(got.issued, mn)
             await reg.open()
-            assert (await reg.run(until_registered=True, deadline=time.monotonic() + 5)).status == 0
+            assert (await reg.run(until_registered=True, timeout=5)).status == 0
             reg.close()
 
     with caplog.at_level(logging.INFO):

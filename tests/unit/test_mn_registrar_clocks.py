@@ -11,9 +11,11 @@ re-bootstrap forward when, by the new time, the SA is near its end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from ipaddress import IPv6Address
 from pathlib import Path
@@ -113,6 +115,24 @@ def _config(tmp_path: Path) -> MNConfig:
     return cfg
 
 
+@contextlib.asynccontextmanager
+async def _registered(tmp_path: Path, clocks: Clocks) -> AsyncIterator[tuple[Registrar, UdpHA]]:
+    """A Registrar on ``clocks`` with its socket open to an answering UdpHA."""
+    ha = UdpHA()
+    iss = _issued(ha.port)
+    ha.keys(iss)
+    loop = asyncio.get_running_loop()
+    loop.add_reader(ha.sock.fileno(), ha.serve)
+    reg = Registrar(iss, _config(tmp_path), clock=clocks.clock, wall=clocks.wall)
+    try:
+        await reg.open()
+        yield reg, ha
+    finally:
+        loop.remove_reader(ha.sock.fileno())
+        reg.close()
+        ha.sock.close()
+
+
 async def _drive(
     tmp_path: Path, move: str, seconds: float
 ) -> tuple[str | None, list[mh.BindingUpdate], float]:
@@ -120,15 +140,8 @@ async def _drive(
     SA was kept for 1.5 s), the BUs the HA saw, and how long after the
     move the run returned."""
     clocks = Clocks()
-    ha = UdpHA()
-    iss = _issued(ha.port)
-    ha.keys(iss)
-    loop = asyncio.get_running_loop()
-    loop.add_reader(ha.sock.fileno(), ha.serve)
-    reg = Registrar(iss, _config(tmp_path), clock=clocks.clock, wall=clocks.wall)
-    stop = asyncio.Event()
-    try:
-        await reg.open()
+    async with _registered(tmp_path, clocks) as (reg, ha):
+        stop = asyncio.Event()
         first = await reg.run(until_registered=True, stop=stop)
         assert first.status == 0 and len(ha.bus) == 1
         getattr(clocks, move)(seconds)
@@ -138,10 +151,20 @@ async def _drive(
         stop.set()
         outcome = await task
         return outcome.rebootstrap, ha.bus, time.monotonic() - moved_at if done else 1.5
-    finally:
-        loop.remove_reader(ha.sock.fileno())
-        reg.close()
-        ha.sock.close()
+
+
+def test_a_timeout_runs_on_the_registration_clock(tmp_path: Path) -> None:
+    """``--once`` on a host that slept an hour since boot (CLOCK_BOOTTIME an
+    hour ahead of the monotonic clock): the BA is waited for.  A deadline
+    taken on the monotonic clock had passed before the first BU left."""
+
+    async def main() -> int | None:
+        clocks = Clocks()
+        clocks.boot = 3600.0
+        async with _registered(tmp_path, clocks) as (reg, _):
+            return (await reg.run(until_registered=True, timeout=5.0)).status
+
+    assert asyncio.run(main()) == 0
 
 
 def test_the_registration_clock_counts_a_suspend() -> None:

@@ -292,19 +292,33 @@ def test_user_data_follows_the_scope() -> None:
 
 def test_a_clock_step_ahead_only_ever_brings_the_rebootstrap_forward() -> None:
     """The SA came while the MN's clock ran 2 h behind: placed at 80 % of
-    3 h.  After the step to the true time it is 80 % of what is left by it;
-    a later call with a clock behind that never moves it back."""
+    3 h.  After the step it is where the true time would have put it (80 %
+    of 1 h); a later step back never moves it later."""
     from datetime import timedelta
 
     iss = issued(lifetime=3600)
     reg = MnRegistration(iss, now=0.0, wall_now=NOW - timedelta(hours=2))
     assert reg.rebootstrap_deadline == pytest.approx(8640.0)
-    assert reg.clock_stepped(100.0, NOW + timedelta(seconds=100)) == pytest.approx(2800.0)
-    assert reg.rebootstrap_deadline == pytest.approx(2900.0)
-    assert reg.clock_stepped(200.0, NOW - timedelta(hours=1)) is None
-    assert not any(isinstance(a, Rebootstrap) for a in reg.timer(2899.0))
-    assert any(isinstance(a, Rebootstrap) for a in reg.timer(2900.0))
-    assert reg.clock_stepped(3000.0, NOW + timedelta(hours=5)) is None  # already asked
+    assert reg.clock_stepped(100.0, 7200.0, NOW + timedelta(seconds=100)) == pytest.approx(2780.0)
+    assert reg.rebootstrap_deadline == pytest.approx(2880.0)
+    assert reg.clock_stepped(200.0, -3600.0, NOW - timedelta(hours=1)) is None
+    assert not any(isinstance(a, Rebootstrap) for a in reg.timer(2879.0))
+    assert any(isinstance(a, Rebootstrap) for a in reg.timer(2880.0))
+    assert reg.clock_stepped(3000.0, 7200.0, NOW + timedelta(hours=5)) is None  # already asked
+
+
+def test_a_step_noticed_late_bootstraps_at_once_if_its_time_has_passed() -> None:
+    """A 1-h SA, the MN's clock 50 min behind: placed at 80 % of 110 min
+    (88 min).  NTP steps it at 55 min: the true re-bootstrap time (48 min)
+    has passed, so now -- not 80 % of the 5 min left (59 min, a minute
+    before the SA's end at the HA)."""
+    from datetime import timedelta
+
+    iss = issued(lifetime=3600)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW - timedelta(minutes=50))
+    assert reg.rebootstrap_deadline == pytest.approx(5280.0)
+    assert reg.clock_stepped(3300.0, 3000.0, NOW + timedelta(minutes=55)) == 0.0
+    assert any(isinstance(a, Rebootstrap) for a in reg.timer(3300.0))
 
 
 def test_a_clock_step_leaves_an_sa_on_the_callers_backoff_alone() -> None:
@@ -314,5 +328,5 @@ def test_a_clock_step_leaves_an_sa_on_the_callers_backoff_alone() -> None:
 
     iss = issued(lifetime=3600)
     reg = MnRegistration(iss, now=0.0, wall_now=NOW, rebootstrap_after=40.0)
-    assert reg.clock_stepped(1.0, NOW + timedelta(hours=3)) is None
+    assert reg.clock_stepped(1.0, 10800.0, NOW + timedelta(hours=3)) is None
     assert reg.rebootstrap_deadline == pytest.approx(40.0)
