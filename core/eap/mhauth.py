@@ -97,6 +97,15 @@ __all__ = ["EapMethod", "EapPeer", "EapServer", "nai_match"]
 ONE = b"1"  # PROFILE §4: the auth key before the MSK exists (ASCII "1", 0x31)
 RAND_LEN = 32
 DEFAULT_MAX_PACKET = 1400  # PROFILE §4 item 9
+# Item 5 makes the HAC keep Done requests until the key arrives.  Only the
+# ones that still need it are kept (the newest, and those that did not verify
+# with "1"), at most this many and this many octets in all -- a legitimate
+# exchange keeps one or two of a few kilobytes.  Beyond, 400: before, every
+# Done request of up to 255 rounds was kept whole, each up to a 64 KiB
+# container (its unknown headers are under the MAC too), ~50 MB per
+# connection for an attacker without credentials.
+MAX_DONES_KEPT = 4
+MAX_DONE_OCTETS_KEPT = 32 * 1024
 BACKEND_RETRY_AFTER = 30  # seconds, for a 503 when a back end is down
 
 BAD_REQUEST = 400
@@ -344,7 +353,8 @@ class EapServer:
             with_msk = self._msk is not None and verify_auth(self._msk, LABEL_MN, parsed, cb)
             if self._msk is not None and not (with_one or with_msk):
                 return self._fail(UNAUTHORIZED, "bad-auth")
-            self._dones.append((parsed, with_one))
+            if not self._keep_done(parsed, with_one):
+                return self._fail(BAD_REQUEST, "too-many-done")
         elif not with_one:
             return self._fail(UNAUTHORIZED, "bad-auth")
         raw = request.eap_payload
@@ -395,6 +405,19 @@ class EapServer:
                 pass
 
     # ---- internals
+
+    def _keep_done(self, parsed: ParsedContent, with_one: bool) -> bool:
+        """Keep what item 5 needs of a Done request; False past the caps.
+
+        A kept Done that verified with "1" and is no longer the newest needs
+        nothing more (each must verify with "1" or the key; only the newest
+        must verify with the key): it goes.  Of the rest only the MAC's
+        input is kept, not the parsed headers."""
+        self._dones = [d for d in self._dones if not d[1]]
+        slim = ParsedContent(headers=(), raw=b"", msg_octets=parsed.msg_octets, auth=parsed.auth)
+        self._dones.append((slim, with_one))
+        octets = sum(len(d[0].msg_octets) for d in self._dones)
+        return len(self._dones) <= MAX_DONES_KEPT and octets <= MAX_DONE_OCTETS_KEPT
 
     def _on_identity(self, type_: int | None, data: bytes, raw: bytes) -> ServerStep:
         if type_ != EapType.IDENTITY:

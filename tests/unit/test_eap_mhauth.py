@@ -688,3 +688,73 @@ def test_a_tampered_request_anywhere_in_the_conversation_never_gets_an_sa(
             return
         assert isinstance(out[0], SendRequest)
         data = out[0].data
+
+
+def _notices_then_accept(notices: int) -> Any:
+    """At the challenge response (the first Done request): ``notices`` more
+    example notices (each answered with the Done parameters again, keyed
+    with the MSK the MN holds), then the Accept with the MSK."""
+    state: dict[str, Any] = {}
+
+    def notice(session: Any) -> EapBackendStep:
+        session.id += 1
+        pkt = EapPacket(
+            EapCode.REQUEST, session.id, EapType.EXPANDED, b"\x05", example.EXAMPLE_TYPE
+        )
+        return EapBackendStep(BackendVerdict.CONTINUE, encode_eap(pkt))
+
+    def accept(session: Any) -> EapBackendStep:
+        return EapBackendStep(BackendVerdict.SUCCESS, success(session.id), msk=state["msk"],
+                              identity=None)  # fmt: skip
+
+    return notice, accept, state
+
+
+@pytest.mark.parametrize(("notices", "status"), [(3, 200), (4, 400)])
+def test_done_requests_kept_for_the_msk_are_capped(notices: int, status: int) -> None:
+    """PROFILE §4 item 5: the HAC keeps Done requests until the Access-Accept
+    brings the key.  A back end that keeps the conversation going after the
+    first Done (here: notices) makes the MN send the Done parameters again
+    each time; the HAC keeps at most MAX_DONES_KEPT of them (only their MAC
+    input), then answers 400 -- before, every one of up to 255 rounds was
+    kept whole (an attacker without credentials held ~50 MB per connection
+    with padded requests)."""
+    notice, accept, state = _notices_then_accept(notices)
+    f = EapMethod().server(ROUTED, CTX)
+    r: Run
+
+    def tamper(n: int, data: bytes) -> bytes:
+        if n == 3:  # the challenge response, the first Done
+            state["msk"] = r.m._method.machine.msk()  # type: ignore[attr-defined]
+            FAKE.script.extend([notice] * notices + [accept])
+        return data
+
+    r = Run(hac(f), mn(peer_factory()), tamper)
+    result = r.go()
+    assert result.status == status, (result, r.h.reason)
+    if status == 400:
+        assert r.h.reason == "too-many-done"
+        _, msg, parsed = final_fields(r)
+        assert decode_eap(msg.eap_payload or b"").code is EapCode.FAILURE
+
+
+def test_done_requests_kept_for_the_msk_are_capped_in_octets_too() -> None:
+    """Two Done requests padded with 20 KB of unknown headers each (under
+    the MAC, so they must be kept whole): past MAX_DONE_OCTETS_KEPT, 400."""
+    notice, accept, state = _notices_then_accept(1)
+    r: Run
+
+    def tamper(n: int, data: bytes) -> bytes:
+        msg = decode_message(parse_content(data[4:]))
+        if n == 3:
+            state["msk"] = r.m._method.machine.msk()  # type: ignore[attr-defined]
+            FAKE.script.extend([notice, accept])
+        if msg.mip6_sas is None:
+            return data
+        headers = [*encode_message(msg), *((f"x-pad-{i}", "p" * 1000) for i in range(20))]
+        content = encode_content_with_auth(headers, state["msk"], LABEL_MN, CB)
+        return encode_container(data[1], content)
+
+    r = Run(hac(EapMethod().server(ROUTED, CTX)), mn(peer_factory()), tamper)
+    result = r.go()
+    assert result.status == 400 and r.h.reason == "too-many-done", (result, r.h.reason)
