@@ -78,6 +78,7 @@ class RadiusCode(enum.IntEnum):
     ACCOUNTING_REQUEST = 4
     ACCOUNTING_RESPONSE = 5
     ACCESS_CHALLENGE = 11
+    STATUS_SERVER = 12  # RFC 5997
 
 
 # Which reply codes answer which request code (RFC 2865 §4, RFC 2866 §4).
@@ -86,7 +87,16 @@ _REPLIES = {
         {RadiusCode.ACCESS_ACCEPT, RadiusCode.ACCESS_REJECT, RadiusCode.ACCESS_CHALLENGE}
     ),
     RadiusCode.ACCOUNTING_REQUEST: frozenset({RadiusCode.ACCOUNTING_RESPONSE}),
+    # RFC 5997 §3: an authentication server answers Status-Server with Access-Accept.
+    RadiusCode.STATUS_SERVER: frozenset({RadiusCode.ACCESS_ACCEPT}),
 }
+# Requests whose replies must carry a Message-Authenticator (one that is
+# present is verified whatever the request).  Not Status-Server: FreeRADIUS
+# answers it with an Access-Accept without one (measured against the AAA
+# lab); its Response Authenticator still proves the shared secret, and a
+# forged one could only keep a server in service for another dead_time.
+_MA_REQUIRED = frozenset({RadiusCode.ACCESS_REQUEST})
+_NO_PROXY_STATE = frozenset({RadiusCode.ACCESS_REQUEST, RadiusCode.STATUS_SERVER})
 
 
 class RadiusWireError(WireError):
@@ -151,6 +161,25 @@ def _finish(pkt: Packet, raw: bytes, code: RadiusCode) -> Request:
     return Request(code, pkt.id, bytes(pkt.authenticator), raw)
 
 
+def _signed(
+    code: RadiusCode,
+    identifier: int,
+    secret: bytes,
+    dictionary: Dictionary | None,
+    authenticator: bytes | None,
+) -> AuthPacket:
+    """An authentication-port packet whose first attribute is a
+    Message-Authenticator (computed over the final packet by RequestPacket)."""
+    if not 0 <= identifier <= 255:
+        raise LocalProtocolError("radius identifier: outside 0..255")
+    auth = secrets.token_bytes(16) if authenticator is None else authenticator
+    pkt = AuthPacket(
+        code=code, id=identifier, secret=secret, authenticator=auth, dict=_dictionary(dictionary)
+    )
+    pkt.add_message_authenticator()
+    return pkt
+
+
 def encode_access_request(
     identifier: int,
     secret: bytes,
@@ -168,23 +197,25 @@ def encode_access_request(
     echoed as State (RFC 2865 §5.24).  The Request Authenticator is 16
     random octets (RFC 2865 §3) unless given (known-answer tests).
     """
-    if not 0 <= identifier <= 255:
-        raise LocalProtocolError("radius identifier: outside 0..255")
-    auth = secrets.token_bytes(16) if authenticator is None else authenticator
-    pkt = AuthPacket(
-        code=RadiusCode.ACCESS_REQUEST,
-        id=identifier,
-        secret=secret,
-        authenticator=auth,
-        dict=_dictionary(dictionary),
-    )
-    pkt.add_message_authenticator()  # computed over the final packet by RequestPacket
+    pkt = _signed(RadiusCode.ACCESS_REQUEST, identifier, secret, dictionary, authenticator)
     _fill(pkt, attributes)
     if state is not None:
         pkt[A_STATE] = [state]  # by code: raw octets, never re-encoded
     if eap is not None:
         pkt[A_EAP_MESSAGE] = split_eap(eap)
     return _finish(pkt, pkt.RequestPacket(), RadiusCode.ACCESS_REQUEST)
+
+
+def encode_status_server(
+    identifier: int,
+    secret: bytes,
+    *,
+    dictionary: Dictionary | None = None,
+    authenticator: bytes | None = None,
+) -> Request:
+    """A Status-Server (RFC 5997 §3): Message-Authenticator its only attribute."""
+    pkt = _signed(RadiusCode.STATUS_SERVER, identifier, secret, dictionary, authenticator)
+    return _finish(pkt, pkt.RequestPacket(), RadiusCode.STATUS_SERVER)
 
 
 def encode_accounting_request(
@@ -270,12 +301,12 @@ def verify_reply(raw: bytes, request: Request, secret: bytes) -> bytes:
         mac = hmac.new(secret, raw[:4] + vector + zeroed, "md5").digest()
         if not hmac.compare_digest(mac, attrs[start:end]):
             raise ReplyVerifyError("message-authenticator", "Message-Authenticator does not verify")
-    elif request.code is RadiusCode.ACCESS_REQUEST:
+    elif request.code in _MA_REQUIRED:
         raise ReplyVerifyError(
             "no-message-authenticator",
             f"{code.name} without Message-Authenticator (RFC 3579 §3.2, CVE-2024-3596)",
         )
-    if request.code is RadiusCode.ACCESS_REQUEST and any(t == A_PROXY_STATE for t, _, _ in walked):
+    if request.code in _NO_PROXY_STATE and any(t == A_PROXY_STATE for t, _, _ in walked):
         raise ReplyVerifyError("proxy-state", "Proxy-State that the HAC never sent")
     eap_at = [i for i, (t, _, _) in enumerate(walked) if t == A_EAP_MESSAGE]
     if eap_at and eap_at[-1] - eap_at[0] + 1 != len(eap_at):

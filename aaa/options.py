@@ -105,8 +105,11 @@ def secrets_changed(opts: ClientOptions, base_dir: Path, client: RadiusClient) -
     return False
 
 
-def make_client(opts: ClientOptions, base_dir: Path, default_port: int) -> RadiusClient:
-    """The servers with their secrets loaded, as one client; ValueError("key: reason")."""
+def make_client(
+    opts: ClientOptions, base_dir: Path, default_port: int, *, status_server: bool = False
+) -> RadiusClient:
+    """The servers with their secrets loaded, as one client; ValueError("key: reason").
+    ``status_server``: probe a silent server before holding it off (RadiusClient)."""
     servers: list[RadiusServer] = []
     for i, s in enumerate(opts.servers):
         key = f"servers[{i}]"
@@ -120,6 +123,7 @@ def make_client(opts: ClientOptions, base_dir: Path, default_port: int) -> Radiu
         retries=opts.retries,
         dead_time=opts.dead_time,
         max_sockets=opts.max_sockets,
+        status_server=status_server,
     )
 
 

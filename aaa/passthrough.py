@@ -35,6 +35,7 @@ Options (the back end's table in the HAC configuration)::
     nas_port_type = 5       # Virtual (0 = do not send)
     calling_station_id = true         # the MN's address and port
     framed_mtu = true       # Framed-MTU = the largest EAP packet the MN takes
+    status_server = true    # RFC 5997 probe before a silent server is held off
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class PassthroughOptions(ClientOptions):
     nas_port_type: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 5  # Virtual
     calling_station_id: bool = True
     framed_mtu: bool = True
+    # Before a silent server is held off for dead_time, one Status-Server
+    # (RFC 5997) asks it; answered, it is not (FreeRADIUS answers it with its
+    # default status_server = yes).  false: held off at the first request
+    # that went unanswered while it answered nothing else.
+    status_server: bool = True
 
 
 class RadiusEapBackend:
@@ -309,7 +315,8 @@ class RadiusBackendFactory:
 
     def create(self, options: Mapping[str, Any], ctx: PluginContext) -> RadiusEapBackend:
         opts = parse_options(PassthroughOptions, options)
-        return RadiusEapBackend(make_client(opts, ctx.base_dir, AUTH_PORT), opts, ctx.base_dir)
+        client = make_client(opts, ctx.base_dir, AUTH_PORT, status_server=opts.status_server)
+        return RadiusEapBackend(client, opts, ctx.base_dir)
 
 
 @hookimpl

@@ -53,6 +53,7 @@ from mipsec.aaa.codec import (
     ReplyVerifyError,
     Request,
     decode_reply,
+    encode_status_server,
 )
 from mipsec.aaa.dictionary import check_dictionary, load_dictionary
 from mipsec.core.errors import LocalProtocolError, MipsecError
@@ -107,6 +108,8 @@ class ServerStats:
     unexpected: int = 0  # replies to no outstanding request (late duplicates)
     timeouts: int = 0  # requests that got no verified reply
     stalled: int = 0  # of those, while the server answered other requests (not held off)
+    probes: int = 0  # Status-Server probes sent (RFC 5997) before a hold-off
+    probes_answered: int = 0  # ... that the server answered: not held off
     sockets: int = 0  # UDP sockets (source ports) opened
 
 
@@ -286,6 +289,9 @@ class RadiusClient:
     ``timeout``: seconds to wait for a verified reply before each
     retransmission; ``retries``: retransmissions after the first send;
     ``dead_time``: hold-off of a server that did not answer (0 = none).
+    ``status_server``: before holding a server off, ask it with one
+    Status-Server (RFC 5997) and hold it off only if that goes unanswered
+    too (an authentication server answers Access-Accept).
     Create it anywhere; sockets are opened on first use, in the running loop.
     """
 
@@ -299,6 +305,7 @@ class RadiusClient:
         max_sockets: int = 16,
         dictionary: Dictionary | None = None,
         clock: Callable[[], float] = time.monotonic,
+        status_server: bool = False,
     ) -> None:
         if not servers:
             raise LocalProtocolError("radius client: no server")
@@ -315,6 +322,8 @@ class RadiusClient:
         self.max_sockets = max_sockets
         self._clock = clock
         self._closed = False
+        self.status_server = status_server
+        self._probes: dict[str, asyncio.Task[None]] = {}  # server label -> its probe
 
     def __repr__(self) -> str:
         return f"RadiusClient({', '.join(self._by_label)})"
@@ -463,7 +472,7 @@ class RadiusClient:
         return st.dead and st.dead_until > now
 
     def _mark_dead(self, st: _ServerState, exc: RadiusTimeout, sent_at: float) -> None:
-        if self.dead_time <= 0:
+        if self.dead_time <= 0 or self._closed:
             return
         if st.last_reply >= sent_at:
             # It answered other requests since this one left: alive, only this
@@ -473,6 +482,20 @@ class RadiusClient:
             st.stats.stalled += 1
             log.info("RADIUS server %s: a request went unanswered (%s)", st.config.label, exc)
             return
+        if self.status_server and not self._held_off(st, self._clock()):
+            # On a quiet HAC "no reply since" is no evidence: one MN naming a
+            # realm whose upstream is slow -- or one that leaves after a
+            # retransmission timeout -- held the only server off for
+            # dead_time, every RADIUS bootstrap 503 meanwhile (found in
+            # review).  Ask the server itself first (RFC 5997).
+            label = st.config.label
+            if label not in self._probes:
+                task = asyncio.get_running_loop().create_task(self._probe(st, exc))
+                self._probes[label] = task
+            return
+        self._hold_off(st, exc)
+
+    def _hold_off(self, st: _ServerState, exc: RadiusTimeout) -> None:
         now = self._clock()
         if not self._held_off(st, now):
             log.warning(
@@ -480,6 +503,47 @@ class RadiusClient:
             )
         st.dead = True
         st.dead_until = now + self.dead_time
+
+    async def _probe(self, st: _ServerState, exc: RadiusTimeout) -> None:
+        """One Status-Server, ``timeout`` seconds for its Access-Accept; hold
+        ``st`` off if none comes (RFC 5997 §4: not retransmitted)."""
+        answered = False
+        st.stats.probes += 1
+        try:
+            channel, ident = await self._acquire(st)
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            try:
+                request = encode_status_server(ident, st.config.secret, dictionary=st.dictionary)
+                channel.pending[ident] = _Pending(future, request)
+                channel.send(request.raw)
+                done, _ = await asyncio.wait((future,), timeout=self.timeout)
+                answered = bool(done) and future.exception() is None
+            finally:
+                if not future.done():
+                    future.cancel()
+                channel.release(ident)
+                st.wake_one()
+        except (OSError, LocalProtocolError):
+            answered = False  # the socket or the packet failed: no evidence of life
+        finally:
+            self._probes.pop(st.config.label, None)
+        if self._closed:
+            return
+        if answered:
+            st.stats.probes_answered += 1
+            log.info(
+                "RADIUS server %s: a request went unanswered (%s), but it answers "
+                "Status-Server: not held off",
+                st.config.label,
+                exc,
+            )
+        else:
+            self._hold_off(st, exc)
+
+    async def probes_done(self) -> None:
+        """Until the Status-Server probes under way have ended (tests, shutdown)."""
+        while self._probes:
+            await asyncio.gather(*self._probes.values(), return_exceptions=True)
 
     def _mark_alive(self, st: _ServerState) -> None:
         if st.dead:
@@ -489,6 +553,8 @@ class RadiusClient:
     async def aclose(self) -> None:
         """Close every socket; outstanding requests end as unanswered."""
         self._closed = True
+        for task in list(self._probes.values()):
+            task.cancel()
         for st in self._servers:
             for channel in st.channels:
                 with contextlib.suppress(Exception):

@@ -340,3 +340,114 @@ def test_secret_never_in_repr() -> None:
     s = RadiusServer("127.0.0.1", 1812, b"top-secret-value")
     c = RadiusClient([s])
     assert "top-secret" not in repr(s) and "top-secret" not in repr(c)
+
+
+def _status_server_aware(stalls: set[bytes]):  # type: ignore[no-untyped-def]
+    """A server (a proxy) that never answers the users in ``stalls`` (their
+    realm's upstream is slow) but answers everyone else, and Status-Server
+    with Access-Accept (RFC 5997 §3)."""
+
+    def handler(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+        if data[0] == RadiusCode.STATUS_SERVER:  # as FreeRADIUS: no Message-Authenticator
+            return build_reply(ACCESS_ACCEPT, data, srv.secret, ma="none")
+        user = dict(request_attrs(data))[1]
+        return None if user in stalls else challenge(srv, data, addr)
+
+    return handler
+
+
+def test_a_quiet_server_that_answers_status_server_is_not_held_off() -> None:
+    """One MN naming a realm whose upstream never answers, on a quiet HAC (no
+    other request meanwhile): before, "no reply since it left" held the only
+    server off for dead_time -- every RADIUS bootstrap 503 -- so any MN
+    could take the AAA path down every 30 s.  Now one Status-Server asks
+    the server, which answers: not held off, the next MN is served."""
+
+    async def main() -> None:
+        srv = await fake_server(_status_server_aware({b"slow@upstream"}))
+        client = RadiusClient(
+            [server(srv)], timeout=0.2, retries=1, dead_time=60, status_server=True
+        )
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder("slow@upstream"))
+        await client.probes_done()
+        label = f"127.0.0.1:{srv.port}"
+        stats = client.stats()[label]
+        assert not client.is_dead(label)
+        assert stats.probes == 1 and stats.probes_answered == 1
+        assert [raw[0] for _, raw in srv.received] == [1, 1, 12]  # the request twice, a probe
+        _, reply = await client.send(builder("alice"))
+        assert reply.code is RadiusCode.ACCESS_CHALLENGE
+        await client.aclose()
+        srv.close()
+
+    asyncio.run(main())
+
+
+def test_a_caller_leaving_does_not_hold_off_a_server_that_answers_status_server() -> None:
+    """The MN disconnects after one retransmission timeout (the caller's
+    cancellation): the server is asked, answers, and stays in service."""
+
+    async def main() -> None:
+        srv = await fake_server(_status_server_aware({b"slow@upstream"}))
+        client = RadiusClient(
+            [server(srv)], timeout=0.2, retries=5, dead_time=60, status_server=True
+        )
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.send(builder("slow@upstream")), 0.3)
+        await client.probes_done()
+        assert not client.is_dead(f"127.0.0.1:{srv.port}")
+        await client.send(builder("alice"))
+        await client.aclose()
+        srv.close()
+
+    asyncio.run(main())
+
+
+def test_a_silent_server_is_held_off_once_its_status_server_goes_unanswered() -> None:
+    async def main() -> None:
+        quiet = await silent()
+        client = RadiusClient(
+            [server(quiet)], timeout=0.2, retries=0, dead_time=60, status_server=True
+        )
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder())
+        label = f"127.0.0.1:{quiet.port}"
+        assert not client.is_dead(label)  # not yet: its probe is under way
+        await client.probes_done()
+        assert client.is_dead(label)
+        assert client.stats()[label].probes == 1 and client.stats()[label].probes_answered == 0
+        with pytest.raises(RadiusUnavailable):
+            await client.send(builder())
+        assert [raw[0] for _, raw in quiet.received] == [1, 12]
+        await client.aclose()
+        quiet.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("forgery", ["other-secret", "bad-message-authenticator"])
+def test_a_forged_answer_to_status_server_keeps_nobody_in_service(forgery: str) -> None:
+    """An Access-Accept to the probe under another secret, or with a wrong
+    Message-Authenticator, is no evidence of life."""
+
+    async def main() -> None:
+        def forged(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+            if data[0] != RadiusCode.STATUS_SERVER:
+                return None
+            if forgery == "other-secret":
+                return build_reply(ACCESS_ACCEPT, data, b"not the shared secret")
+            return build_reply(ACCESS_ACCEPT, data, srv.secret, ma="bad")
+
+        srv = await fake_server(forged)
+        client = RadiusClient(
+            [server(srv)], timeout=0.2, retries=0, dead_time=60, status_server=True
+        )
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder())
+        await client.probes_done()
+        assert client.is_dead(f"127.0.0.1:{srv.port}")
+        await client.aclose()
+        srv.close()
+
+    asyncio.run(main())

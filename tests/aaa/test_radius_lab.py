@@ -280,7 +280,8 @@ def test_failover_to_second_server_and_hold_off(aaa_lab: AaaLab) -> None:
             dead_label, lab_label = b.client.servers
             stats = b.client.stats()
             assert stats[dead_label].requests == 1 and stats[dead_label].retransmissions == 1
-            assert b.client.is_dead(dead_label)
+            await b.client.probes_done()  # its Status-Server went unanswered too
+            assert b.client.is_dead(dead_label) and stats[dead_label].probes == 1
             # Hold-off: the next conversation goes straight to the live server.
             done = (await conversation(b, USER, md5_peer(PASSWORD)))[-1]
             assert done.verdict is BackendVerdict.SUCCESS
@@ -290,6 +291,28 @@ def test_failover_to_second_server_and_hold_off(aaa_lab: AaaLab) -> None:
             await b.aclose()
 
     asyncio.run(main())
+
+
+def test_freeradius_answers_our_status_server_and_it_verifies(aaa_lab: AaaLab) -> None:
+    """The probe a silent server gets before it is held off (RFC 5997):
+    FreeRADIUS (``status_server = yes``, its default) answers it with an
+    Access-Accept whose Response Authenticator verifies (it carries no
+    Message-Authenticator: verify_reply does not ask one of a Status-Server's
+    answer), so a live server is never held off for one conversation its
+    proxied upstream lost."""
+    import socket
+
+    from mipsec.aaa.codec import RadiusCode, encode_status_server, verify_reply
+
+    request = encode_status_server(42, aaa_lab.secret.encode())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(request.raw, ("127.0.0.1", aaa_lab.auth_port))
+        raw = sock.recv(4096)
+    reply = verify_reply(raw, request, aaa_lab.secret.encode())
+    assert reply[0] == RadiusCode.ACCESS_ACCEPT and reply[1] == 42
+    with pytest.raises(Exception, match="Response Authenticator"):
+        verify_reply(raw, request, b"another secret")
 
 
 def test_every_server_dead_is_503(aaa_lab: AaaLab) -> None:
@@ -302,6 +325,7 @@ def test_every_server_dead_is_503(aaa_lab: AaaLab) -> None:
         )
         try:
             first = await conversation(b, USER, md5_peer(PASSWORD))
+            await b.client.probes_done()
             second = await conversation(b, USER, md5_peer(PASSWORD))
             return first + second
         finally:
