@@ -36,6 +36,7 @@ Options (the back end's table in the HAC configuration)::
     calling_station_id = true         # the MN's address and port
     framed_mtu = true       # Framed-MTU = the largest EAP packet the MN takes
     status_server = true    # RFC 5997 probe before a silent server is held off
+    require_user_name = false         # an Accept must name the identity in User-Name
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ class PassthroughOptions(ClientOptions):
     # default status_server = yes).  false: held off at the first request
     # that went unanswered while it answered nothing else.
     status_server: bool = True
+    # The Access-Accept must name the identity the server authenticated in
+    # User-Name (the HAC then matches it with mn-id, PROFILE §4 item 8); an
+    # Accept without one is refused.  For a server set up to put the
+    # method's identity there (a certificate's SAN, an AKA permanent
+    # identity): without it, only the EAP Identity the HAC checked itself
+    # ties the MN's credential to mn-id -- and that is the AAA server's
+    # policy to enforce (README "Which identity the AAA server vouches for").
+    require_user_name: bool = False
 
 
 class RadiusEapBackend:
@@ -271,6 +280,8 @@ class RadiusEapSession:
             identity = reply.user_name()
         except RadiusWireError as exc:
             return self._fail(f"Access-Accept from {server}: {exc}")
+        if identity is None and self._backend.opts.require_user_name:
+            return self._fail(f"Access-Accept from {server} names no User-Name (require_user_name)")
         msk, note = _msk(reply)
         self._end()
         return EapBackendStep(

@@ -545,3 +545,21 @@ def test_a_rotated_secret_file_makes_the_back_end_stale(tmp_path: Path) -> None:
         RadiusBackendFactory().create(options, ctx)
     assert backend(1812).stale() is False
     assert "second-secret" not in repr(rebuilt) + repr(rebuilt.client)
+
+
+def test_require_user_name_refuses_an_accept_that_names_nobody() -> None:
+    """``require_user_name``: the Accept must name the identity the server
+    authenticated (the HAC then matches it with mn-id); one without
+    User-Name is a failure.  Off (the default), it is accepted."""
+    steps, _ = run(script(challenge(), accept()), MD5_RESPONSE, require_user_name=True)
+    assert steps[-1].verdict is BackendVerdict.FAILURE
+    assert "names no User-Name (require_user_name)" in steps[-1].reason
+    assert decode_eap(steps[-1].eap).code is EapCode.FAILURE
+    steps, _ = run(
+        script(challenge(), accept(user="alice@example.net")),
+        MD5_RESPONSE,
+        require_user_name=True,
+    )
+    assert steps[-1].verdict is BackendVerdict.SUCCESS and steps[-1].identity == "alice@example.net"
+    steps, _ = run(script(challenge(), accept()), MD5_RESPONSE)
+    assert steps[-1].verdict is BackendVerdict.SUCCESS and steps[-1].identity is None
