@@ -441,6 +441,11 @@ class HAService(_Strict):
     address4: IPv4Text | None = None
     replay_window: Annotated[int, Field(ge=32, le=4096)] = 64
     max_binding_lifetime: Seconds = 3600.0
+    # An SA whose validity end lies further ahead than this is refused: what
+    # a HAC with a valid provisioning certificate gone wrong (or rogue) can
+    # pin here at most.  Default: the longest [policy] sa_lifetime a HAC
+    # takes; set it to your HACs' sa_lifetime.
+    max_sa_lifetime: Seconds = 86400.0 * 365
 
 
 class BindingsConfig(_Strict):

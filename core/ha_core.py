@@ -616,6 +616,11 @@ class HaCore:
     def has_spi(self, spi: int) -> bool:
         return spi in self._sas
 
+    def installed_sa(self, spi: int) -> IssuedSA | None:
+        """The SA installed under ``spi``, if any."""
+        entry = self._sas.get(spi)
+        return None if entry is None else entry.issued
+
     def spis(self) -> list[int]:
         return list(self._sas)
 

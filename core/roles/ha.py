@@ -86,6 +86,8 @@ InstallItem = tuple[IssuedSA, str | None, Sequence[int]]
 
 Puller = Callable[[int], Awaitable[IssuedSA | None]]
 
+# Clock skew between a HAC and this HA tolerated by max_sa_lifetime.
+CLOCK_SLACK = 300.0
 EXPIRY_INTERVAL = 1.0  # seconds between HaCore.expire runs (binding lifetimes are 4-s units)
 STORE_EXPIRY_EVERY = 30  # ... and every this many runs, expired SAs leave the store
 # Expired SAs per store call (``expire_some``), and bindings, SAs and records
@@ -1032,6 +1034,35 @@ class HaService:
                 f"validity_end: SA spi={sa.spi} already expired by this HA's clock "
                 f"({behind:.0f} s ago)"
             )
+        ahead = (sa.validity_end - now).total_seconds()
+        if ahead > self.cfg.ha.max_sa_lifetime + CLOCK_SLACK:
+            log.warning(
+                "spi=%d mn_id=%s refused: its validity end %s is %.0f s ahead, beyond [ha] "
+                "max_sa_lifetime (%g s)",
+                sa.spi,
+                sa.mn_id,
+                sa.validity_end.isoformat(),
+                ahead,
+                self.cfg.ha.max_sa_lifetime,
+            )
+            raise ProvisioningRefused(
+                f"validity_end: SA spi={sa.spi} ends {ahead:.0f} s from now, beyond "
+                f"max_sa_lifetime ({self.cfg.ha.max_sa_lifetime:g} s)"
+            )
+        held = self.core.installed_sa(sa.spi)
+        if held is not None and not same_sa(held, issued):
+            # The HAC re-uses an SPI only once its SA was withdrawn here.  A
+            # different SA under a live SPI replaced it, and the old SA's
+            # binding stayed attached: the MN's home address then travelled
+            # under keys the newcomer chose (found in review).
+            log.warning(
+                "spi=%d mn_id=%s refused: the SPI is live here with another SA (mn_id=%s); "
+                "a HAC withdraws an SA before it re-uses its SPI",
+                sa.spi,
+                sa.mn_id,
+                held.sa.mn_id,
+            )
+            raise ProvisioningRefused(f"spi: {sa.spi} is live here with another SA")
         if self.core.is_withdrawn(issued):
             log.warning("spi=%d mn_id=%s refused: withdrawn earlier", sa.spi, sa.mn_id)
             raise ProvisioningRefused(f"spi: {sa.spi} was withdrawn; it is not accepted again")

@@ -51,9 +51,12 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+HA_TABLE = {"id": "ha1", "listen": ["127.0.0.1"], "port": 0, "address6": str(HAA)}
+
+
 def ha_config(tmp_path: Path, **extra: Any) -> HAConfig:
     data: dict[str, Any] = {
-        "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0, "address6": str(HAA)},
+        "ha": dict(HA_TABLE),
         "sa_store": {"backend": "sqlite", "path": str(tmp_path / "sa.sqlite")},
         "bindings": {"path": str(tmp_path / "bindings.sqlite")},
     }
@@ -314,6 +317,60 @@ def test_install_refuses_other_ha_and_expired(
         issued = make_issued()
         await svc.install_sa(issued)
         await svc.install_sa(issued, "ha1")
+        assert svc.stats()["sas"] == 1
+        await svc.stop()
+
+    run(main())
+
+
+def test_a_different_sa_under_a_live_spi_is_refused_and_the_binding_stays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A HAC with a valid provisioning certificate (gone wrong, or rogue)
+    installs other keys under a victim's live SPI.  Before, the SA was
+    replaced and the victim's binding stayed attached to the SPI: its home
+    address travelled under the newcomer's keys (found in review).  Now 400
+    (refused, nothing changed); the victim keeps its SA and binding."""
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        victim = make_issued()
+        await svc.install_sa(victim)
+        mn = MN(victim)
+        assert (await mn.register(1, addrs[0])).status == 0
+        rogue = make_issued()  # same SPI, fresh keys
+        with caplog.at_level(logging.WARNING), pytest.raises(ProvisioningRefused, match="live"):
+            await svc.install_sa(rogue)
+        held = svc.core.installed_sa(victim.sa.spi)
+        assert held is not None and held.sa.mn_to_ha_ikey == victim.sa.mn_to_ha_ikey
+        binding = svc.core.binding(str(HOA))
+        assert binding is not None and binding.spi == victim.sa.spi
+        assert (await mn.register(2, addrs[0])).status == 0  # still served
+        assert any("is live here with another SA" in r.getMessage() for r in caplog.records)
+        mn.close()
+        await svc.stop()
+
+    run(main())
+
+
+def test_an_sa_ending_beyond_max_sa_lifetime_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a HAC gone wrong can pin here is bounded: an SA ending in the
+    year 9999 was taken, and kept its home address that long."""
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path, ha={**HA_TABLE, "max_sa_lifetime": 3600}))
+        await svc.start()
+        base = make_issued()
+        far = datetime(9999, 1, 1, tzinfo=UTC)
+        forever = IssuedSA(dataclasses.replace(base.sa, validity_end=far), base.bootstrap)
+        with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="max_sa_lifetime"):
+            await svc.install_sa(forever)
+        assert svc.stats()["sas"] == 0
+        assert any("beyond [ha] max_sa_lifetime (3600 s)" in r.getMessage() for r in caplog.records)
+        await svc.install_sa(base)  # its 600 s are within
         assert svc.stats()["sas"] == 1
         await svc.stop()
 
