@@ -838,15 +838,17 @@ class HaService:
                 elif self.on_data is not None:
                     self.on_data(action)
 
-    def _flush(self) -> None:
-        """Commit outside the packet path (expiry); a failure is logged, retried later."""
+    def flush_bindings(self) -> bool:
+        """Commit outside the packet path (expiry, the data plane's reservations);
+        a failure is logged, retried later.  True: nothing is left unwritten."""
         try:
             self.bindings.flush(wait=LOOP_LOCK_WAIT)  # retried later: no 5 s wait on the loop
         except (sqlite3.Error, OSError, StoreBusyError) as exc:
             self.counts["store_errors"] += 1
             self._write_outage.failed(exc)
-            return
+            return False
         self._write_outage.worked()
+        return True
 
     def emit(self, hook: str, **kwargs: Any) -> None:
         """HA event hooks (``mipsec_ha_*``); a raising plugin never breaks the HA."""
@@ -1324,7 +1326,7 @@ class HaService:
             events = self.core.expire(now, EXPIRE_BATCH)
             more = self.core.expiry_due(now)
             run.take(events, more)
-            self._flush()
+            self.flush_bindings()
             return int(more)
 
         await in_paced_batches(round_, 1)
@@ -1345,7 +1347,7 @@ class HaService:
         lines = self._expiry_lines("at once")
         lines.take(events, more=False)
         lines.close()
-        self._flush()
+        self.flush_bindings()
         self._after_expiry()
         if store:
             self._expire_store()

@@ -82,7 +82,12 @@ class HaDataPlane:
         self.forwarder = HaForwarder(service.core, mtu=cfg.mtu)
         self.tun: TunDevice | None = None
         self.writer: TunWriter | None = None
-        self.counts: dict[str, int] = {"send_full": 0, "io_errors": 0, "not_read": 0}
+        self.counts: dict[str, int] = {
+            "send_full": 0,
+            "io_errors": 0,
+            "not_read": 0,
+            "reserve_unwritten": 0,  # datagrams dropped: their numbers' reservation not written
+        }
         self._sock4: GsoSender | None = None
         self._sock6: GsoSender | None = None
         self._out: list[tuple[bytes, tuple[str, int]]] = []  # of the current TUN drain
@@ -199,6 +204,16 @@ class HaDataPlane:
             self.tun.drain(self._to_mn, TUN_BUDGET, self.counts)
         except TunGoneError as exc:
             self._lost(exc)
+            return
+        if out and self.service.bindings.dirty and not self.service.flush_bindings():
+            # A new block of HA->MN sequence numbers was reserved for these
+            # datagrams (ha_core._reserve_out), write-behind.  On disk before
+            # any of them leaves, as a BA waits for its commit: sent first, a
+            # kill before the next commit made the restarted HA use those
+            # numbers again, and the MN drop its BAs and data as replays
+            # (found in review).  Not written: not sent.
+            self.counts["reserve_unwritten"] += len(out)
+            out.clear()
             return
         # Consecutive datagrams for one care-of address leave together: one
         # UDP GSO send per run of equal size (udpgso.py).

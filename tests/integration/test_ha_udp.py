@@ -1000,3 +1000,72 @@ def test_two_mns_sas_for_one_address_across_a_restart(
         await again.stop()
 
     run(main())
+
+
+def _downlink(hoa: IPv6Address, n: int) -> list[bytes]:
+    """``n`` minimal IPv6 packets (no next header) from the home network to ``hoa``."""
+    src = IPv6Address("2001:db8:1::99").packed
+    hdr = bytes((0x60, 0, 0, 0)) + (0).to_bytes(2, "big") + bytes((59, 64))
+    return [hdr + src + hoa.packed for _ in range(n)]
+
+
+class _Tun:
+    """The part of a TUN device ``_tun_readable`` reads: one drain of packets."""
+
+    def __init__(self, packets: list[bytes]) -> None:
+        self.packets = packets
+
+    def drain(self, take: Any, budget: int, counts: Any) -> None:
+        for p in self.packets:
+            take(p)
+        self.packets = []
+
+
+def test_downlink_numbers_are_on_disk_before_they_leave(tmp_path: Path) -> None:
+    """5,000 packets for an MN in one TUN drain use HA->MN sequence numbers
+    past the block reserved at install (4,096): the next block's reservation
+    is committed before any datagram leaves.  Before, it was write-behind,
+    sent first: an HA killed before its next commit started again at 4,096
+    after a restart, and the MN dropped its BAs and data as replays (found
+    in review).  Here the sender reads, as a restarted HA would, the mark on
+    disk at the moment the datagrams leave; and a reservation that cannot be
+    written is not used."""
+    from mipsec.core.config import HADataPlane
+    from mipsec.core.roles.ha_data import HaDataPlane
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        issued = make_issued()
+        await svc.install_sa(issued)
+        mn = MN(issued)
+        assert (await mn.register(1, addrs[0])).status == 0
+        dp = HaDataPlane(svc, HADataPlane(enabled=True))
+        seen: list[tuple[int, int]] = []  # (highest number sent, mark on disk then)
+
+        class Sender:
+            def send(self, datagrams: list[bytes], dst: Any) -> None:
+                top = max(int.from_bytes(d[4:8], "big") for d in datagrams)
+                on_disk = BindingCache(tmp_path / "bindings.sqlite")
+                try:
+                    mark = on_disk.out_mark(issued.sa.spi) or 0
+                finally:
+                    on_disk.close()
+                seen.append((top, mark))
+
+        dp._sock4 = dp._sock6 = Sender()  # type: ignore[assignment]
+        dp.tun = _Tun(_downlink(HOA, 5000))  # type: ignore[assignment]
+        dp._tun_readable()
+        assert seen and seen[-1][0] > 4096, seen
+        assert all(top < mark for top, mark in seen), seen
+        # The commit fails (a full disk): the datagrams are dropped, not sent
+        # under numbers a restart would hand out again.
+        seen.clear()
+        dp.tun = _Tun(_downlink(HOA, 5000))  # type: ignore[assignment]
+        svc.flush_bindings = lambda: False  # type: ignore[method-assign]
+        dp._tun_readable()
+        assert seen == [] and dp.counts["reserve_unwritten"] == 5000
+        mn.close()
+        await svc.stop()
+
+    run(main())
