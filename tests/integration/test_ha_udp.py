@@ -323,6 +323,17 @@ def test_install_refuses_other_ha_and_expired(
     run(main())
 
 
+async def _bound(tmp_path: Path) -> tuple[HaService, list[Any], IssuedSA, MN]:
+    """A started HA holding one SA whose MN registered over UDP."""
+    svc = HaService(ha_config(tmp_path))
+    addrs = await svc.start()
+    issued = make_issued()
+    await svc.install_sa(issued)
+    mn = MN(issued)
+    assert (await mn.register(1, addrs[0])).status == 0
+    return svc, addrs, issued, mn
+
+
 def test_a_different_sa_under_a_live_spi_is_refused_and_the_binding_stays(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -333,12 +344,7 @@ def test_a_different_sa_under_a_live_spi_is_refused_and_the_binding_stays(
     (refused, nothing changed); the victim keeps its SA and binding."""
 
     async def main() -> None:
-        svc = HaService(ha_config(tmp_path))
-        addrs = await svc.start()
-        victim = make_issued()
-        await svc.install_sa(victim)
-        mn = MN(victim)
-        assert (await mn.register(1, addrs[0])).status == 0
+        svc, addrs, victim, mn = await _bound(tmp_path)
         rogue = make_issued()  # same SPI, fresh keys
         with caplog.at_level(logging.WARNING), pytest.raises(ProvisioningRefused, match="live"):
             await svc.install_sa(rogue)
@@ -1034,12 +1040,7 @@ def test_downlink_numbers_are_on_disk_before_they_leave(tmp_path: Path) -> None:
     from mipsec.core.roles.ha_data import HaDataPlane
 
     async def main() -> None:
-        svc = HaService(ha_config(tmp_path))
-        addrs = await svc.start()
-        issued = make_issued()
-        await svc.install_sa(issued)
-        mn = MN(issued)
-        assert (await mn.register(1, addrs[0])).status == 0
+        svc, _, issued, mn = await _bound(tmp_path)
         dp = HaDataPlane(svc, HADataPlane(enabled=True))
         seen: list[tuple[int, int]] = []  # (highest number sent, mark on disk then)
 
