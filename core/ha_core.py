@@ -274,6 +274,20 @@ class AddressTaken:
 Action: TypeAlias = Reply | BindingChanged | NeedSA | DataIn | AddressTaken
 
 
+def _routable_coa(address: IPv6Address, haa: IPv6Address | None) -> bool:
+    """Whether an Alternate Care-of Address may be bound (RFC 6275 §6.1.7):
+    not multicast, unspecified, loopback, link- or site-local, IPv4-mapped
+    or -compatible (::/96), nor this HA's own address."""
+    return not (
+        address.is_multicast
+        or address.is_link_local
+        or address.is_site_local
+        or address.ipv4_mapped is not None
+        or address.packed[:12] == bytes(12)  # ::, ::1, IPv4-compatible
+        or address == haa
+    )
+
+
 class SpiWithdrawn(LocalProtocolError):
     """``install_sa`` of an SA whose SPI the HAC withdrew: it is dead for good."""
 
@@ -929,6 +943,12 @@ class HaCore:
         ip4_request: IPv4HomeAddressRequest | None = None
         for opt in bu.options:
             if isinstance(opt, AlternateCareOfAddress):
+                if not _routable_coa(opt.address, self.haa_ip6):
+                    # RFC 6275 §6.1.7: a care-of address that is not unicast
+                    # routable MUST be silently discarded.  Taken before
+                    # (found in review): the MN's downlink went to ff02::1,
+                    # ::1, or this HA's own address and a port of its choice.
+                    return self._drop("bad_coa")
                 coa_host = str(opt.address)
             elif isinstance(opt, IPv4HomeAddressRequest):
                 if ip4_request is None:

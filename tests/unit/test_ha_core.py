@@ -939,3 +939,26 @@ def test_two_mns_sas_for_one_ipv4_home_address() -> None:
     assert (taken.kept_spi, taken.withdrawn_spi) == (202, 101)
     assert ha.bindings.by_address(IP4_HOA.packed).spi == 202
     assert ha.bindings.get(str(HOA)) is None and not ha.has_spi(101)
+
+
+@pytest.mark.parametrize(
+    "coa",
+    ["ff02::1", "::", "::1", "fe80::1", "fec0::1", "::ffff:127.0.0.1", "::7f00:1", str(HAA)],
+)
+def test_an_alternate_care_of_address_that_is_not_unicast_routable_is_discarded(coa: str) -> None:
+    """RFC 6275 §6.1.7: silently discarded.  Taken before (found in review):
+    an MN could bind multicast, loopback, link-local, a v4-mapped address or
+    the HA's own address, and have its downlink sent there, to a port of its
+    choice."""
+    ha, mn = setup()
+    assert mn.ba(ha.receive(mn.bu(1), MN_ADDR, NOW)).status == 0
+    bad = (AlternateCareOfAddress(IPv6Address(coa)),)
+    assert ha.receive(mn.bu(2, options=bad), MN_ADDR, NOW + 1) == []
+    assert ha.drops["bad_coa"] == 1
+    b = ha.binding(str(HOA))
+    assert b is not None and (b.coa_host, b.coa_port) == MN_ADDR  # unchanged
+    # A routable one is taken, as before.
+    good = (AlternateCareOfAddress(IPv6Address("2001:db8:ffff::5")),)
+    assert mn.ba(ha.receive(mn.bu(3, options=good), MN_ADDR, NOW + 2)).status == 0
+    b = ha.binding(str(HOA))
+    assert b is not None and b.coa_host == "2001:db8:ffff::5"
