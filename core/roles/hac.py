@@ -1308,14 +1308,40 @@ class HacService:
             gone: list[Any] = []
             for x in stored.taken:
                 (back if refused or x.ha_id != stored.ha.ha_id else gone).append(x)
-            if back and not (mn_id not in self.revocations and self._restore(back, mn_id)):
-                gone += back
+            if back:
+                if mn_id not in self.revocations and self._restore(back, mn_id):
+                    if mn_id in self.revocations:
+                        # Revoked between the check and the restore: the
+                        # other HAC's revoke looked for live SAs when these
+                        # were retired and found none of them (found in
+                        # review).  Looked at again after the restore, as
+                        # ``issue`` does after its store: retired again,
+                        # withdrawn from here.
+                        for x in back:
+                            self._retire_revoked(x, mn_id)
+                else:
+                    gone += back
             for x in gone:
                 self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
         elif stored.old and not refused:
             # The same without the one-transaction store.
             for s in stored.old:
                 self._take_back(s, mn_id, "superseded")
+
+    def _retire_revoked(self, x: Any, mn_id: str) -> None:
+        """An SA just put back for an MN revoked meanwhile: out of the store
+        and off its HA; withdrawn all the same if the store cannot write."""
+        try:
+            with self._write_now():
+                self.retire(x.spi, "revoked")  # False: not put back (withdrawn already)
+        except Exception as exc:
+            log.error(
+                "mn_id=%s spi=%d: revoked, cannot retire it now (%s): withdrawn all the same",
+                mn_id,
+                x.spi,
+                cause(exc),
+            )
+            self.withdraw_unrecorded(x.ha_id, x.spi, x.validity_end)
 
     def _superseded(
         self, spi: int, mn_id: str, ha_id: str, validity_end: datetime, confirmed: bool

@@ -161,6 +161,47 @@ class SlowSuperseding(SlowLocal):
         return await self.inner.provision_superseding(ha, issued, withdraw, timeout)
 
 
+def _shared_store_and_list(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+) -> tuple[dict[str, Any], Any, Path, SlowSuperseding]:
+    """A HAC whose SA store file and revocation list another HAC (the test's
+    own connections) shares, its HA in process behind a slow transport."""
+    data = hac_data(tmp_path, pki)
+    ha_cfg = hac_config(data, tmp_path).local_ha
+    del data["local_ha"]
+    data["ha"][0]["transport"] = "slow-superseding"
+    data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "sa.db")}
+    shared = tmp_path / "revoked.json"
+    data["revocations"] = {"path": str(shared)}
+    return data, ha_cfg, shared, SlowSuperseding(0.0)
+
+
+async def _holding_w(st: Stack, pki: PkiPaths) -> tuple[Any, int]:  # noqa: F811
+    """The stack's HAC, once the MN holds its first SA W (its SPI)."""
+    assert st.hac is not None and st.ha is not None
+    first = await bootstrap(mn_config(pki, st.port))
+    assert first.ok and first.issued is not None
+    return st.hac, first.issued.sa.spi
+
+
+async def _refused(
+    st: Stack, slow: SlowSuperseding, x: int, w: int, conn: tuple[Any, Any, Any]
+) -> tuple[int | None, int]:
+    """X withdrawn from the HA, so its install is refused: the MN's final
+    status and how many SAs are live once W is off the HA."""
+    hac, ha = st.hac, st.ha
+    assert hac is not None and ha is not None
+    reader, writer, exch = conn
+    await slow.inner.withdraw(hac.has[0], x, 1.0)
+    got = await asyncio.wait_for(reader.read(65540), 5)
+    writer.close()
+    finished = [e for e in exch.receive_data(got) if isinstance(e, Finished)]
+    assert await eventually(lambda: not ha.core.has_spi(w))
+    live = hac.store.live(datetime.now(UTC))
+    return (finished[0].result.status if finished else None), len(live)
+
+
 def test_an_sa_superseded_by_a_refused_install_is_not_put_back_for_a_revoked_mn(
     tmp_path: Path,
     pki: PkiPaths,  # noqa: F811
@@ -173,22 +214,11 @@ def test_an_sa_superseded_by_a_refused_install_is_not_put_back_for_a_revoked_mn(
     W included.  This HAC must not put W back (it used to: the HA had
     refused X): the MN is revoked, and no HAC would ever withdraw W.  W
     stays retired and is withdrawn; nothing of the MN stays live."""
-    data = hac_data(tmp_path, pki)
-    ha_cfg = hac_config(data, tmp_path).local_ha
-    del data["local_ha"]
-    data["ha"][0]["transport"] = "slow-superseding"
-    data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "sa.db")}
-    shared = tmp_path / "revoked.json"
-    data["revocations"] = {"path": str(shared)}
-    slow = SlowSuperseding(0.0)
+    data, ha_cfg, shared, slow = _shared_store_and_list(tmp_path, pki)
 
     async def main() -> tuple[int | None, int, int]:
         async with Stack(hac_config(data, tmp_path), [slow], ha_cfg=ha_cfg) as st:
-            hac, ha = st.hac, st.ha
-            assert hac is not None and ha is not None
-            first = await bootstrap(mn_config(pki, st.port))
-            assert first.ok and first.issued is not None
-            w = first.issued.sa.spi
+            hac, w = await _holding_w(st, pki)
             slow.delay = 0.5
             reader, writer, exch = await done_request(st, pki)
             await asyncio.sleep(0.2)  # X is stored, W retired; X's install waits
@@ -202,14 +232,53 @@ def test_an_sa_superseded_by_a_refused_install_is_not_put_back_for_a_revoked_mn(
                 assert other_store.retire(x[0], "revoked") is not None
             finally:
                 other_store.close()
-            await slow.inner.withdraw(hac.has[0], x[0], 1.0)
-            got = await asyncio.wait_for(reader.read(65540), 5)
-            writer.close()
-            finished = [e for e in exch.receive_data(got) if isinstance(e, Finished)]
-            assert await eventually(lambda: not ha.core.has_spi(w))
-            live = hac.store.live(datetime.now(UTC))
-            return (finished[0].result.status if finished else None), len(live), w
+            return *await _refused(st, slow, x[0], w, (reader, writer, exch)), w
 
     status, live, w = run(main())
     assert status == 504  # the HA refused X
+    assert live == 0
+
+
+def test_a_revoke_between_the_check_and_the_put_back_still_withdraws_the_old_sa(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+) -> None:
+    """As above, but the other HAC's revoke lands after this HAC looked at
+    the list and before it put W back: that revoke found neither W nor X
+    live (both retired) and withdrew nothing.  Before, W went back live and
+    stayed on its HA until its end (found in review); now the list is read
+    again after the put-back, and W is retired and withdrawn."""
+    data, ha_cfg, shared, slow = _shared_store_and_list(tmp_path, pki)
+
+    async def main() -> tuple[int | None, int, list[int]]:
+        async with Stack(hac_config(data, tmp_path), [slow], ha_cfg=ha_cfg) as st:
+            hac, w = await _holding_w(st, pki)
+            restore = hac._restore
+            found: list[int] = []
+
+            def revoked_meanwhile(taken: list[Any], mn_id: str) -> bool:
+                # The other HAC's revoke: the list first, then the MN's live SAs.
+                assert RevocationList(shared).add(MN_ID)
+                other = SQLiteSAStore(tmp_path / "sa.db")
+                try:
+                    found.extend(s.sa.spi for s in other.live_for_mn(MN_ID, datetime.now(UTC)))
+                finally:
+                    other.close()
+                return restore(taken, mn_id)
+
+            hac._restore = revoked_meanwhile  # type: ignore[method-assign]
+            slow.delay = 0.5
+            reader, writer, exch = await done_request(st, pki)
+            await asyncio.sleep(0.2)  # X is stored, W retired; X's install waits
+            other_store = SQLiteSAStore(tmp_path / "sa.db")
+            try:
+                (x,) = [s.sa.spi for s in other_store.live_for_mn(MN_ID, datetime.now(UTC))]
+                assert other_store.retire(x, "superseded") is not None  # so the HA refuses X
+            finally:
+                other_store.close()
+            return *await _refused(st, slow, x, w, (reader, writer, exch)), found
+
+    status, live, found = run(main())
+    assert status == 504  # the HA refused X
+    assert found == []  # the other HAC's revoke had nothing to withdraw
     assert live == 0
