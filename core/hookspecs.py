@@ -276,7 +276,13 @@ class MipsecSpec:
 
     @hookspec
     def mipsec_hoa_allocators(self) -> Sequence[Factory]:
-        """Return factories of ``HoAAllocator`` (e.g. ``pool``)."""
+        """Return factories of ``HoAAllocator`` (e.g. ``pool``).
+
+        On the HAC, ``ctx.extra["reserved_addresses"]`` holds the addresses
+        the HAC itself provisions to MNs as servers -- every ``[[ha]]``
+        ``address6``/``address4`` and the ``[bootstrap]`` DNS servers
+        (``ipaddress`` objects): an allocator must never hand one out as a
+        home address (the built-in ``pool`` excludes them)."""
 
     @hookspec
     def mipsec_provisioning_transports(self) -> Sequence[Factory]:

@@ -27,7 +27,9 @@ range gets the k-th prefix, so unique HoAs imply unique prefixes.  With
 Never handed out: the Subnet-Router anycast address (interface identifier
 zero, RFC 4291 §2.6.1), the reserved subnet anycast addresses (RFC 2526 §2:
 the highest 128 interface identifiers), the IPv4 network and broadcast
-addresses of the home subnet, and ``exclude``.
+addresses of the home subnet, ``exclude``, and on a HAC every HA and DNS
+server address it provisions (``ctx.extra["reserved_addresses"]``, listed in
+``exclude`` or not: the first MN used to get the HA's ``prefix::1``).
 """
 
 from __future__ import annotations
@@ -520,7 +522,9 @@ class PoolAllocatorFactory:
             ip6_hnp_len=o.ip6_hnp_len,
             ip4_pool=o.ip4_pool,
             ip4_subnet_len=o.ip4_subnet_len,
-            exclude=o.exclude,
+            # The HAs' and DNS servers' addresses the HAC provisions
+            # (core/hookspecs.py mipsec_hoa_allocators), whether listed or not.
+            exclude=[*o.exclude, *ctx.extra.get("reserved_addresses", ())],
         )
 
 

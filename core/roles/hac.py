@@ -23,8 +23,9 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -183,6 +184,13 @@ def _limits(svc: Any) -> Limits:
         per_source_burst=svc.per_source_burst,
         exchange_timeout=svc.exchange_timeout,
     )
+
+
+def reserved_addresses(cfg: HACConfig) -> tuple[IPv6Address | IPv4Address, ...]:
+    """The addresses the HAC provisions to MNs as servers: HAs and DNS."""
+    texts = [a for h in cfg.ha for a in (h.address6, h.address4)]
+    texts += [cfg.bootstrap.dns_ip6, cfg.bootstrap.dns_ip4]
+    return tuple(ip_address(t) for t in dict.fromkeys(texts) if t is not None)
 
 
 class HacService:
@@ -361,8 +369,16 @@ class HacService:
     def create_plugin(self, table: str, cfg: HACConfig) -> Any:
         hook, field = self._PLUGIN_TABLES[table]
         ref = getattr(cfg, table)
+        ctx = self.plugin_ctx
+        if table == "home_addresses":
+            # What the HAC hands MNs as servers is never a home address: the
+            # lab's DNS server 192.0.2.53 lay in its pool 192.0.2.0/24, and an
+            # HA on its home link at prefix::1 would have been the first
+            # MN's address (found in review).  See mipsec_hoa_allocators.
+            reserved = reserved_addresses(cfg)
+            ctx = replace(ctx, extra={**ctx.extra, "reserved_addresses": reserved})
         return pluginmanager.create(
-            self.pm, hook, getattr(ref, field), ref.options, self.plugin_ctx, key=f"{table}.{field}"
+            self.pm, hook, getattr(ref, field), ref.options, ctx, key=f"{table}.{field}"
         )
 
     def _method_factories(

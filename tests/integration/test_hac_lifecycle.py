@@ -175,6 +175,25 @@ def test_exchange_timeout_reaches_the_hac_listener(tmp_path: Path, pki: PkiPaths
     assert run(main()) == (7.5, 200)
 
 
+def test_the_ha_and_dns_addresses_the_hac_provisions_are_never_home_addresses(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """The HA on its home link at 2001:db8:1::1 and the DNS server at
+    2001:db8:1::2, neither in ``exclude``: the first MN gets ::3 (it got the
+    HA's own address before -- found in review)."""
+    data = hac_data(tmp_path, pki)
+    data["ha"][0]["address6"] = "2001:db8:1::1"
+    data["bootstrap"] = {"dns_ip6": "2001:db8:1::2"}
+
+    async def main() -> Any:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            got = await bootstrap(mn_config(pki, st.port))
+            assert got.ok and got.issued is not None, got
+            return got.issued.bootstrap.ip6_hoa
+
+    assert str(run(main())) == "2001:db8:1::3"
+
+
 def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) -> None:
     """max_sas_per_mn = 1 (default): the older SA leaves the store and the HA,
     and a BU under it gets no answer, while the new one registers."""

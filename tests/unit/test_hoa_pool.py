@@ -209,3 +209,18 @@ def test_through_pluggy() -> None:
     assert set(factories) == {"pool"}
     p = factories["pool"].create({"ip4_pool": "192.0.2.0/24"}, CTX)
     assert p.assign("a@x", {}).ip4_hoa == IPv4Address("192.0.2.1")
+
+
+def test_the_addresses_a_hac_provisions_as_servers_are_never_home_addresses() -> None:
+    """``ctx.extra["reserved_addresses"]`` (the HAC's HAs and DNS servers)
+    are excluded whether ``exclude`` lists them or not."""
+    ctx = PluginContext(
+        role="hac",
+        base_dir=Path("."),
+        extra={"reserved_addresses": (IPv6Address("2001:db8:1::1"), IPv4Address("192.0.2.1"))},
+    )
+    p = PoolAllocatorFactory().create(
+        {"ip6_prefix": "2001:db8:1::/64", "ip4_pool": "192.0.2.0/29"}, ctx
+    )
+    a = p.assign("a@x", {})
+    assert a.ip6_hoa == IPv6Address("2001:db8:1::2") and a.ip4_hoa == IPv4Address("192.0.2.2")
