@@ -127,6 +127,13 @@ class PolicyConfig(_Strict):
     # Live SAs one MN may hold; once a newer one is delivered, older ones
     # beyond this are withdrawn from their HAs (issue 6 item 3).
     max_sas_per_mn: Annotated[int, Field(ge=1, le=64)] = 1
+    # An MN whose newest SA was issued less than this many seconds ago gets
+    # 503 with retry-after instead of another SA: each re-bootstrap leaves
+    # a retired SPI on the HAC and a withdrawal record on the HA until the
+    # old SA's end, and one credential bootstrapping in a loop grew both
+    # without bound (~460,000 of each per hour from one sequential client,
+    # found in review).  0: no limit.
+    min_rebootstrap_interval: Annotated[float, Field(ge=0, le=86400)] = 0.0
 
 
 class HAEntry(_Strict):

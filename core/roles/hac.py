@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import secrets
 import socket
 import time
@@ -353,6 +354,7 @@ class HacService:
             "sessions": 0,
             "status_200": 0,
             "saturated": 0,
+            "too_soon": 0,  # 503: [policy] min_rebootstrap_interval
             "store_busy": 0,  # MNs answered 503: the store's write lock stayed held
             "withdrawn": 0,
             "hook_errors": 0,
@@ -688,6 +690,11 @@ class HacService:
             # about which identities are revoked (PROFILE §4: no oracle).
             return exch.fail(UNAUTHORIZED, reason="revoked")
         self.emit("mipsec_mn_authenticated", mn_id=req.mn_id, method=req.method, peer=peer)
+        wait = self._too_soon(req.mn_id)
+        if wait is not None:
+            self.stats["too_soon"] += 1
+            failure = IssueFailure(UNAVAILABLE, "rebootstrap-too-soon", _retry_after(wait))
+            return self._issue_failed(exch, req, peer, failure, None, None)
         try:
             issued = await self.issue_sa(req.mn_id, req.suite, req.scope, on_stored=on_stored)
         except IssueFailure as exc:
@@ -704,6 +711,27 @@ class HacService:
             self.rollback(issued, peer, "revoked")
             return exch.fail(UNAUTHORIZED, reason="revoked")
         return issued
+
+    def _too_soon(self, mn_id: str) -> int | None:
+        """Seconds the MN must wait before another SA ([policy]
+        min_rebootstrap_interval), or None.  Its newest live SA's issue time
+        is read from the store (validity end minus sa_lifetime), so HACs
+        sharing the store agree and a restart forgets nothing."""
+        policy = self.cfg.policy
+        if policy.min_rebootstrap_interval <= 0:
+            return None
+        now = utcnow()
+        fast = getattr(self.store, "live_spis_for_mn", None)
+        ends = (
+            [end for _, end, _ in fast(mn_id, now)]
+            if fast is not None
+            else [i.sa.validity_end.timestamp() for i in self.store.live_for_mn(mn_id, now)]
+        )
+        if not ends:
+            return None
+        since = now.timestamp() - (max(ends) - policy.sa_lifetime)
+        left = policy.min_rebootstrap_interval - since
+        return max(1, math.ceil(left)) if left > 0 else None
 
     def issue_saturated(self, exch: HacExchange, req: IssueSA, peer: str) -> Send:
         """``max_in_progress`` requests are worked on already: 503 with

@@ -194,6 +194,35 @@ def test_the_ha_and_dns_addresses_the_hac_provisions_are_never_home_addresses(
     assert str(run(main())) == "2001:db8:1::3"
 
 
+def test_min_rebootstrap_interval_answers_503_and_keeps_the_sa(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """[policy] min_rebootstrap_interval = 30: an MN back for another SA a
+    moment after its last gets 503 with retry-after (about 30 s), and keeps
+    the SA it holds -- nothing retired, no withdrawal left behind.  Without
+    it one credential in a loop left a retired SPI on the HAC and a
+    withdrawal record on the HA per bootstrap (found in review)."""
+    data = hac_data(tmp_path, pki)
+    data["policy"] = {"min_rebootstrap_interval": 30}
+
+    async def main() -> tuple[Any, Any, list[int]]:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            assert st.hac is not None
+            first = await bootstrap(mn_config(pki, st.port))
+            assert first.ok and first.issued is not None
+            again = await bootstrap(mn_config(pki, st.port))
+            now = datetime.now(UTC)
+            live = [i.sa.spi for i in st.hac.store.live_for_mn(MN_ID, now)]
+            assert st.hac.stats["too_soon"] == 1
+            return first, again, live
+
+    first, again, live = run(main())
+    assert again.status == 503 and again.retry_after is not None
+    left = (again.retry_after - datetime.now(UTC)).total_seconds()
+    assert 25 <= left <= 31, left
+    assert live == [first.issued.sa.spi]
+
+
 def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) -> None:
     """max_sas_per_mn = 1 (default): the older SA leaves the store and the HA,
     and a BU under it gets no answer, while the new one registers."""
