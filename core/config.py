@@ -132,8 +132,9 @@ class PolicyConfig(_Strict):
     # a retired SPI on the HAC and a withdrawal record on the HA until the
     # old SA's end, and one credential bootstrapping in a loop grew both
     # without bound (~460,000 of each per hour from one sequential client,
-    # found in review).  0: no limit.
-    min_rebootstrap_interval: Annotated[float, Field(ge=0, le=86400)] = 0.0
+    # found in review).  0: no limit (labs and benches, which bootstrap
+    # one MN back to back: ``mipsec init`` writes 0).
+    min_rebootstrap_interval: Annotated[float, Field(ge=0, le=86400)] = 10.0
 
 
 class HAEntry(_Strict):

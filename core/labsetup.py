@@ -365,6 +365,7 @@ methods = ["psk", "eap"]
 suites = {_toml_list(LAB_SUITES)}
 max_scope = 1
 sa_lifetime = 3600
+min_rebootstrap_interval = 0  # the lab bootstraps one MN back to back; 10-60 s in production
 
 [credentials]
 backend = "toml"
