@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -492,6 +493,9 @@ class RadiusClient:
             if label not in self._probes:
                 task = asyncio.get_running_loop().create_task(self._probe(st, exc))
                 self._probes[label] = task
+                # Gone from the table however it ends, cancelled before its
+                # first step included (then its own ``finally`` never ran).
+                task.add_done_callback(functools.partial(self._drop_probe, label))
             return
         self._hold_off(st, exc)
 
@@ -525,10 +529,17 @@ class RadiusClient:
                 st.wake_one()
         except (OSError, LocalProtocolError):
             answered = False  # the socket or the packet failed: no evidence of life
-        finally:
-            self._probes.pop(st.config.label, None)
         if self._closed:
             return
+        now = self._clock()
+        if answered and any(o is not st and not self._held_off(o, now) for o in self._servers):
+            # Another server is in service: hold this one off all the same.
+            # A server whose requests go unanswered while it answers
+            # Status-Server (a stuck back end) would otherwise keep every
+            # conversation waiting out its timeouts before failing over;
+            # the probe spares only the last server in service, which
+            # holding off would turn into 503 for everyone.
+            answered = False
         if answered:
             st.stats.probes_answered += 1
             log.info(
@@ -540,10 +551,15 @@ class RadiusClient:
         else:
             self._hold_off(st, exc)
 
+    def _drop_probe(self, label: str, task: asyncio.Task[None]) -> None:
+        if self._probes.get(label) is task:
+            del self._probes[label]
+
     async def probes_done(self) -> None:
         """Until the Status-Server probes under way have ended (tests, shutdown)."""
         while self._probes:
-            await asyncio.gather(*self._probes.values(), return_exceptions=True)
+            await asyncio.gather(*list(self._probes.values()), return_exceptions=True)
+            await asyncio.sleep(0)  # their done callbacks
 
     def _mark_alive(self, st: _ServerState) -> None:
         if st.dead:
@@ -555,6 +571,7 @@ class RadiusClient:
         self._closed = True
         for task in list(self._probes.values()):
             task.cancel()
+        self._probes.clear()
         for st in self._servers:
             for channel in st.channels:
                 with contextlib.suppress(Exception):

@@ -514,6 +514,7 @@ class HaCore:
         self._big_reserves: set[int] = set()
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()  # packets, bu, data_in, need_sa, ...
+        self.out_blocks = 0  # HA->MN number blocks reserved so far (write-behind)
         self.ba_status: Counter[int] = Counter()
 
     # ------------------------------------------------------------ SAs
@@ -1114,6 +1115,7 @@ class HaCore:
             # them, so a restart resumes above anything sent (bindings.py).
             entry.out_mark = min(entry.outbound.seq + OUT_SEQ_RESERVE, SEQ_MAX + 1)
             self.bindings.set_out_mark(entry.spi, entry.out_mark)
+            self.out_blocks += 1  # the data plane commits before sending (ha_data.py)
 
     # ------------------------------------------------------------ user data out
 

@@ -317,13 +317,29 @@ class PoolAllocator:
 
     # ------------------------------------------------------------ index
 
+    def _hnp_offsets_excluded(self) -> frozenset[int]:
+        """Indexes k of the HNP pool's prefixes that hold an excluded address."""
+        pool, plen = self.ip6_hnp_pool, self.ip6_hnp_len
+        if pool is None or plen is None:
+            return frozenset()
+        plo, phi, shift = int(pool.network_address), int(pool.broadcast_address), 128 - plen
+        return frozenset((a - plo) >> shift for a in self._ex6 if plo <= a <= phi)
+
     def _reset(self) -> None:
         v6, v4 = _Family(), _Family()
         self._v6, self._v4 = v6, v4
         self._slots6 = self._slots_hnp = self._slots4 = None
         if self.ip6_prefix is not None:
             net, ex6, lo, hi = self.ip6_prefix, self._ex6, self._ip6_lo, self._ip6_hi
-            s6 = _Slots(lo, hi, v6.used, lambda a: _ip6_reserved(a, net) or a in ex6)
+            # With an HNP pool, the HoA at offset k brings the k-th prefix:
+            # an offset whose prefix holds an excluded address is skipped too.
+            hnp_ex = self._hnp_offsets_excluded()
+            s6 = _Slots(
+                lo,
+                hi,
+                v6.used,
+                lambda a: _ip6_reserved(a, net) or a in ex6 or (a - lo) in hnp_ex,
+            )
             v6.on_free.append(lambda a: s6.freed(a) if lo <= a <= hi else None)
             self._slots6 = s6
         elif self.ip6_hnp_pool is not None and self.ip6_hnp_len is not None:
@@ -448,7 +464,7 @@ class PoolAllocator:
     def _ip6_hoa(self, mn_id: str) -> IPv6Address:
         assert self._slots6 is not None
         own = self._v6.lowest_own(mn_id, self._ip6_lo, self._ip6_hi)
-        if own is not None:
+        if own is not None and not self._slots6.blocked(own):  # excluded since it was given
             return IPv6Address(own)
         a = self._slots6.first()
         if a is None:
@@ -469,7 +485,7 @@ class PoolAllocator:
         pool, shift = self.ip6_hnp_pool, 128 - self.ip6_hnp_len
         lo, hi = int(pool.network_address), int(pool.broadcast_address)
         own = self._v6.lowest_own(mn_id, lo, hi)
-        if own is not None:
+        if own is not None and not self._slots_hnp.blocked((own - lo) >> shift):
             return IPv6Address(own), self._hnp_at((own - lo) >> shift)
         k = self._slots_hnp.first()
         if k is None:
@@ -480,7 +496,7 @@ class PoolAllocator:
     def _ip4_hoa(self, mn_id: str) -> IPv4Address:
         assert self._slots4 is not None
         own = self._v4.lowest_own(mn_id, self._ip4_lo, self._ip4_hi)
-        if own is not None:
+        if own is not None and not self._slots4.blocked(own):  # excluded since it was given
             return IPv4Address(own)
         a = self._slots4.first()
         if a is None:

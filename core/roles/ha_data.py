@@ -200,18 +200,22 @@ class HaDataPlane:
         if self.tun is None:
             return
         out = self._out
+        core = self.service.core
+        blocks = core.out_blocks
         try:
             self.tun.drain(self._to_mn, TUN_BUDGET, self.counts)
         except TunGoneError as exc:
             self._lost(exc)
             return
-        if out and self.service.bindings.dirty and not self.service.flush_bindings():
-            # A new block of HA->MN sequence numbers was reserved for these
-            # datagrams (ha_core._reserve_out), write-behind.  On disk before
-            # any of them leaves, as a BA waits for its commit: sent first, a
-            # kill before the next commit made the restarted HA use those
+        if out and core.out_blocks != blocks and not self.service.flush_bindings():
+            # This drain reserved a new block of HA->MN sequence numbers
+            # (ha_core._reserve_out), write-behind.  On disk before any of
+            # its datagrams leaves, as a BA waits for its commit: sent first,
+            # a kill before the next commit made the restarted HA use those
             # numbers again, and the MN drop its BAs and data as replays
-            # (found in review).  Not written: not sent.
+            # (found in review).  Not written: not sent.  (Only then: any
+            # other record waiting, e.g. behind another process's lock, is
+            # no reason to hold the downlink.)
             self.counts["reserve_unwritten"] += len(out)
             out.clear()
             return

@@ -727,11 +727,15 @@ class HacService:
             if fast is not None
             else [i.sa.validity_end.timestamp() for i in self.store.live_for_mn(mn_id, now)]
         )
-        if not ends:
-            return None
+        if len(ends) < policy.max_sas_per_mn:
+            return None  # another SA supersedes nothing: no retired SPI, no record
         since = now.timestamp() - (max(ends) - policy.sa_lifetime)
         left = policy.min_rebootstrap_interval - since
-        return max(1, math.ceil(left)) if left > 0 else None
+        if left <= 0:
+            return None
+        # Never longer than the interval: the estimate moves with a lowered
+        # sa_lifetime (a reload) and with another HAC's clock running ahead.
+        return max(1, math.ceil(min(left, policy.min_rebootstrap_interval)))
 
     def issue_saturated(self, exch: HacExchange, req: IssueSA, peer: str) -> Send:
         """``max_in_progress`` requests are worked on already: 503 with

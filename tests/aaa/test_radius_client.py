@@ -404,14 +404,19 @@ def test_a_caller_leaving_does_not_hold_off_a_server_that_answers_status_server(
     asyncio.run(main())
 
 
+async def _timed_out_on_a_silent_server() -> tuple[FakeServer, RadiusClient]:
+    """A client with Status-Server probes whose one request a silent server
+    left unanswered (its probe now under way)."""
+    quiet = await silent()
+    client = RadiusClient([server(quiet)], timeout=0.2, retries=0, dead_time=60, status_server=True)
+    with pytest.raises(RadiusTimeout):
+        await client.send(builder())
+    return quiet, client
+
+
 def test_a_silent_server_is_held_off_once_its_status_server_goes_unanswered() -> None:
     async def main() -> None:
-        quiet = await silent()
-        client = RadiusClient(
-            [server(quiet)], timeout=0.2, retries=0, dead_time=60, status_server=True
-        )
-        with pytest.raises(RadiusTimeout):
-            await client.send(builder())
+        quiet, client = await _timed_out_on_a_silent_server()
         label = f"127.0.0.1:{quiet.port}"
         assert not client.is_dead(label)  # not yet: its probe is under way
         await client.probes_done()
@@ -449,5 +454,45 @@ def test_a_forged_answer_to_status_server_keeps_nobody_in_service(forgery: str) 
         assert client.is_dead(f"127.0.0.1:{srv.port}")
         await client.aclose()
         srv.close()
+
+    asyncio.run(main())
+
+
+def test_a_server_answering_only_status_server_is_held_off_while_another_serves() -> None:
+    """A stuck back end answers Status-Server but no Access-Request: with
+    another server in service it is held off all the same (found in review:
+    every conversation waited out its timeouts on it before failing over).
+    The probe spares only the last server in service."""
+
+    async def main() -> None:
+        stuck = await fake_server(_status_server_aware({b"alice", b"bob"}))
+        healthy = await fake_server(challenge)
+        client = RadiusClient(
+            [server(stuck), server(healthy)],
+            timeout=0.2,
+            retries=0,
+            dead_time=60,
+            status_server=True,
+        )
+        label, _ = await client.send(builder("alice"))
+        assert label == f"127.0.0.1:{healthy.port}"
+        await client.probes_done()
+        assert client.is_dead(f"127.0.0.1:{stuck.port}")
+        before = len(stuck.received)
+        label, _ = await client.send(builder("bob"))
+        assert label == f"127.0.0.1:{healthy.port}" and len(stuck.received) == before
+        await client.aclose()
+        stuck.close()
+        healthy.close()
+
+    asyncio.run(main())
+
+
+def test_aclose_ends_the_probes_under_way() -> None:
+    async def main() -> None:
+        quiet, client = await _timed_out_on_a_silent_server()
+        await client.aclose()  # its probe is under way
+        await asyncio.wait_for(client.probes_done(), 1.0)
+        quiet.close()
 
     asyncio.run(main())

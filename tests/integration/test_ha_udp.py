@@ -1059,11 +1059,20 @@ def test_downlink_numbers_are_on_disk_before_they_leave(tmp_path: Path) -> None:
         dp._tun_readable()
         assert seen and seen[-1][0] > 4096, seen
         assert all(top < mark for top, mark in seen), seen
-        # The commit fails (a full disk): the datagrams are dropped, not sent
-        # under numbers a restart would hand out again.
+        # The commit fails (a full disk, another process's lock).  Datagrams
+        # numbered inside the block already on disk still leave, whatever
+        # else waits to be written (found in review: any waiting record
+        # held the whole downlink) ...
+        seen.clear()
+        svc.flush_bindings = lambda: False  # type: ignore[method-assign]
+        svc.bindings.dirty = True
+        dp.tun = _Tun(_downlink(HOA, 10))  # type: ignore[assignment]
+        dp._tun_readable()
+        assert len(seen) == 1 and dp.counts["reserve_unwritten"] == 0
+        # ... but those that needed a new block are dropped, not sent under
+        # numbers a restart would hand out again.
         seen.clear()
         dp.tun = _Tun(_downlink(HOA, 5000))  # type: ignore[assignment]
-        svc.flush_bindings = lambda: False  # type: ignore[method-assign]
         dp._tun_readable()
         assert seen == [] and dp.counts["reserve_unwritten"] == 5000
         mn.close()

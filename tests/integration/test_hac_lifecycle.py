@@ -227,6 +227,45 @@ def test_min_rebootstrap_interval_answers_503_and_keeps_the_sa(
     assert live == [first.issued.sa.spi]
 
 
+def test_min_rebootstrap_interval_never_asks_more_than_the_interval(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """The issue time is estimated from the validity end and the current
+    sa_lifetime: lowered by a reload from 3600 to 600 s, an MN that got its
+    SA a moment ago was told to wait ~3,000 s (found in review); the wait is
+    capped at the interval."""
+    data = hac_data(tmp_path, pki)
+    data["policy"] = {"min_rebootstrap_interval": 30}
+
+    async def main() -> Any:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            assert st.hac is not None
+            assert (await bootstrap(mn_config(pki, st.port))).ok
+            policy = st.hac.cfg.policy.model_copy(update={"sa_lifetime": 600.0})
+            st.hac.cfg = st.hac.cfg.model_copy(update={"policy": policy})
+            return await bootstrap(mn_config(pki, st.port))
+
+    again = run(main())
+    assert again.status == 503 and again.retry_after is not None
+    assert (again.retry_after - datetime.now(UTC)).total_seconds() <= 31
+
+
+def test_min_rebootstrap_interval_spares_an_sa_that_supersedes_nothing(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """With max_sas_per_mn = 2 an MN's second SA retires nothing: it is
+    issued at once; the third, which would supersede, waits (found in
+    review: a second device of one identity was turned away)."""
+    data = hac_data(tmp_path, pki)
+    data["policy"] = {"min_rebootstrap_interval": 30, "max_sas_per_mn": 2}
+
+    async def main() -> list[int | None]:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            return [(await bootstrap(mn_config(pki, st.port))).status for _ in range(3)]
+
+    assert run(main()) == [200, 200, 503]
+
+
 def test_second_bootstrap_withdraws_the_first_sa(tmp_path: Path, pki: PkiPaths) -> None:
     """max_sas_per_mn = 1 (default): the older SA leaves the store and the HA,
     and a BU under it gets no answer, while the new one registers."""

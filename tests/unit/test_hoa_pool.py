@@ -224,3 +224,41 @@ def test_the_addresses_a_hac_provisions_as_servers_are_never_home_addresses() ->
     )
     a = p.assign("a@x", {})
     assert a.ip6_hoa == IPv6Address("2001:db8:1::2") and a.ip4_hoa == IPv4Address("192.0.2.2")
+
+
+def test_an_mn_holding_an_address_excluded_since_gets_another() -> None:
+    """An MN given the DNS server's address before it was reserved (an older
+    HAC, or before an upgrade) does not keep getting it back."""
+    ctx = PluginContext(
+        role="hac", base_dir=Path("."), extra={"reserved_addresses": (IPv4Address("192.0.2.1"),)}
+    )
+    p = PoolAllocatorFactory().create({"ip4_pool": "192.0.2.0/29"}, ctx)
+    a = p.assign("alice@x", {"192.0.2.1": "alice@x"})
+    assert a.ip4_hoa == IPv4Address("192.0.2.2")
+
+
+def test_a_home_prefix_holding_a_reserved_address_is_never_given() -> None:
+    """HoA range plus a per-MN prefix pool: the HoA at offset k brings the
+    k-th prefix, so an offset whose prefix holds the DNS server is skipped."""
+    ctx = PluginContext(
+        role="hac",
+        base_dir=Path("."),
+        extra={"reserved_addresses": (IPv6Address("2001:db8:100:1::53"),)},
+    )
+    p = PoolAllocatorFactory().create(
+        {
+            "ip6_prefix": "2001:db8:1::/64",
+            "ip6_first": "2001:db8:1::1",
+            "ip6_last": "2001:db8:1::10",
+            "ip6_hnp_pool": "2001:db8:100::/48",
+            "ip6_hnp_len": 64,
+        },
+        ctx,
+    )
+    in_use: dict[str, str] = {}
+    hnps = []
+    for i in range(3):
+        a = p.assign(f"mn{i}@x", in_use)
+        held(a, f"mn{i}@x", in_use)
+        hnps.append(str(a.ip6_hnp))
+    assert "2001:db8:100:1::/64" not in hnps, hnps
