@@ -186,7 +186,10 @@ class MnExchange:
             if problem:
                 return self._finish(status, False, problem)
             if status != 200:
-                return self._finish(status, True, f"HAC answered {status}", None, msg.retry_after)
+                # PROFILE §3: retry-after comes only with 503; on any other
+                # status it is not a HAC's request to wait (review, 2026-12-06).
+                after = msg.retry_after if status == 503 else None
+                return self._finish(status, True, f"HAC answered {status}", None, after)
             if msg.mip6_sas is not None and msg.mip6_sas > self._scope:
                 return self._finish(None, True, "HAC granted a wider scope than requested")
             if msg.ciphersuite not in self._suitelist:

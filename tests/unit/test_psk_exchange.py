@@ -21,7 +21,7 @@ from mipsec.core.nai import nai_key
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.wire.container import encode_container
 from mipsec.core.wire.message import decode_message
-from mipsec.core.wire.tvheader import parse_content
+from mipsec.core.wire.tvheader import LABEL_HAC, encode_content_with_auth, parse_content
 from mipsec.plugins.psk_auth import PskMethod
 
 CB = hashlib.sha256(b"certificate").digest()
@@ -251,6 +251,25 @@ def test_503_carries_retry_after() -> None:
     when = utcnow().replace(microsecond=0)
     result = mn.receive_data(hac.fail(503, when).data)[0].result
     assert result.status == 503 and result.retry_after == when
+
+
+def test_retry_after_on_an_authenticated_final_other_than_503_is_not_honoured() -> None:
+    """PROFILE §3: retry-after comes only with 503.  An authenticated 504
+    carrying one (a HAC outside the profile) does not set the MN's wait;
+    the MN honoured it before (review, 2026-12-06)."""
+    hac = make_hac()
+    mn = make_mn()
+    req = mn.receive_data(hac.receive_data(mn.start())[0].data)[0]
+    assert isinstance(hac.receive_data(req.data)[0], IssueSA)
+    when = utcnow().replace(microsecond=0)
+    # The HAC's own 503, turned into a 504 that keeps its retry-after and
+    # re-keyed with the PSK as a HAC outside the profile would send it.
+    final503 = hac.fail(503, when).data
+    parsed = parse_content(final503[4:])
+    headers = [(n, "504" if n == "status-code" else v) for n, v in parsed.headers if n != "auth"]
+    content = encode_content_with_auth(headers, PSK, LABEL_HAC, CB)
+    result = mn.receive_data(encode_container(final503[1], content))[0].result
+    assert result.status == 504 and result.authenticated and result.retry_after is None
 
 
 def _standin_final(body: str) -> BootstrapResult:
