@@ -835,6 +835,16 @@ class BindingCache:
         self._spis.set(spi, rec, until)
         self._spi_changed(spi)
 
+    def unbury_spi(self, spi: int) -> bool:
+        """Forget ``spi``'s withdrawal record if it is one for any keys (an
+        SPI withdrawn that this HA never held); True if one went."""
+        rec = self._spis.items.get(spi)
+        if rec is None or not rec.dead or rec.key_digest is not None:
+            return False
+        self._spis.pop(spi)
+        self._spi_changed(spi)
+        return True
+
     # ------------------------------------------------------------ deleted bindings
 
     def deleted(self, hoa: str) -> DeletedBinding | None:

@@ -206,6 +206,8 @@ DATA_RESERVE_PERIOD = 1.0
 # How long an SPI withdrawn before the HA knew its SA stays dead (its
 # validity end is unknown; an SA lives an hour by default).
 WITHDRAWN_UNKNOWN_TTL = 86400.0
+# Withdrawal records of SPIs this HA never held kept per process, at most.
+MAX_UNKNOWN_WITHDRAWN = 65536
 
 _HOME_ADDRESS_OPTION = 201  # RFC 6275 §6.3, in a Destination Options header
 _NONCE_INDICES_OPTION = 5  # RFC 6275 §6.2.6: must not appear with H set (§9.5.1)
@@ -515,6 +517,7 @@ class HaCore:
         self.drops: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()  # packets, bu, data_in, need_sa, ...
         self.out_blocks = 0  # HA->MN number blocks reserved so far (write-behind)
+        self._unknown_withdrawn: dict[int, None] = {}  # oldest first (_remember_unknown)
         self.ba_status: Counter[int] = Counter()
 
     # ------------------------------------------------------------ SAs
@@ -619,6 +622,8 @@ class HaCore:
         else:
             until, digest = t + WITHDRAWN_UNKNOWN_TTL, None
         prev = self.bindings.dead(spi)
+        if known is None and prev is None:
+            self._remember_unknown(spi)  # a record for an SPI never held here
         if prev is not None:
             # Withdrawn before: keep the longer end, and "any keys" when the
             # two records do not name the same SA.
@@ -627,6 +632,20 @@ class HaCore:
                 digest = None
         self.bindings.bury_spi(spi, until, digest)
         return [] if entry is None else self._unbind(entry, DELETED, t)
+
+    def _remember_unknown(self, spi: int) -> None:
+        """Withdrawals of SPIs this HA never held, each a record for any keys
+        (24 h): at most MAX_UNKNOWN_WITHDRAWN in this process, the oldest
+        forgotten.  Unbounded, a HAC withdrawing made-up SPIs grew the HA by
+        ~300 B each (200,000: 58 MB, found in review)."""
+        unknown = self._unknown_withdrawn
+        unknown.pop(spi, None)
+        unknown[spi] = None
+        while len(unknown) > MAX_UNKNOWN_WITHDRAWN:
+            oldest = next(iter(unknown))
+            del unknown[oldest]
+            if oldest not in self._sas and self.bindings.unbury_spi(oldest):
+                self.counts["unknown_withdrawals_forgotten"] += 1
 
     def has_spi(self, spi: int) -> bool:
         return spi in self._sas
