@@ -644,7 +644,7 @@ class HaCore:
         while len(unknown) > MAX_UNKNOWN_WITHDRAWN:
             oldest = next(iter(unknown))
             del unknown[oldest]
-            if oldest not in self._sas and self.bindings.unbury_spi(oldest):
+            if self.bindings.unbury_spi(oldest):  # still that record (not reinstalled)
                 self.counts["unknown_withdrawals_forgotten"] += 1
 
     def has_spi(self, spi: int) -> bool:

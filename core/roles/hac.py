@@ -721,12 +721,7 @@ class HacService:
         if policy.min_rebootstrap_interval <= 0:
             return None
         now = utcnow()
-        fast = getattr(self.store, "live_spis_for_mn", None)
-        ends = (
-            [end for _, end, _ in fast(mn_id, now)]
-            if fast is not None
-            else [i.sa.validity_end.timestamp() for i in self.store.live_for_mn(mn_id, now)]
-        )
+        ends = [end for _, end, _ in self._held(mn_id, now)]
         if len(ends) < policy.max_sas_per_mn:
             return None  # another SA supersedes nothing: no retired SPI, no record
         since = now.timestamp() - (max(ends) - policy.sa_lifetime)
@@ -874,6 +869,17 @@ class HacService:
         """
         return self._excess_split(mn_id, keep, now)[0]
 
+    def _held(self, mn_id: str, now: datetime) -> list[tuple[int, float, str]]:
+        """(spi, validity end, ha_id) of the MN's live SAs; the SQLite store
+        gives them without unwrapping keys (this runs on every bootstrap)."""
+        fast = getattr(self.store, "live_spis_for_mn", None)
+        if fast is not None:
+            return fast(mn_id, now)  # type: ignore[no-any-return]
+        return [
+            (i.sa.spi, i.sa.validity_end.timestamp(), i.sa.ha_id)
+            for i in self.store.live_for_mn(mn_id, now)
+        ]
+
     def _excess_split(
         self, mn_id: str, keep: int | None, now: datetime | None = None
     ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
@@ -883,17 +889,7 @@ class HacService:
         left out of the count, as before."""
         order = self._delivered
         now = now or utcnow()
-        fast = getattr(self.store, "live_spis_for_mn", None)
-        # (spi, validity end, ha_id) of the MN's SAs; the SQLite store gives
-        # them without unwrapping keys (this runs on every bootstrap).
-        held: list[tuple[int, float, str]] = (
-            fast(mn_id, now)
-            if fast is not None
-            else [
-                (i.sa.spi, i.sa.validity_end.timestamp(), i.sa.ha_id)
-                for i in self.store.live_for_mn(mn_id, now)
-            ]
-        )
+        held = self._held(mn_id, now)
         issuing = self._issuing_spis
         others = [x for x in held if x[0] != keep and (keep is not None or x[0] not in issuing)]
         if keep is not None:

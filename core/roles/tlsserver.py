@@ -349,25 +349,24 @@ class TlsConnection(asyncio.BufferedProtocol):
         """Over a lowered cap: out of the table and deaf from now on (nothing
         more is read, no timer runs), its TCP aborted by the listener's
         paced closing (``TlsListener.apply_limits``)."""
-        if self._state == _CLOSED:
-            return
-        if self._reason is None:
-            self._reason = EVICTED
-        self._state = _CLOSED
-        self._lst.table.remove(self)
-        self._cancel_timer()
+        self._deafen(EVICTED)
 
     def abort(self, reason: str = CLOSED) -> None:
         """Close TCP now; nothing more is sent."""
+        if self._deafen(reason) and self._transport is not None:
+            self._transport.abort()
+
+    def _deafen(self, reason: str) -> bool:
+        """Closed for this listener (``reason`` unless one is set already):
+        out of the table, no timer.  False if it was closed already."""
         if self._state == _CLOSED:
-            return
+            return False
         if self._reason is None:
             self._reason = reason
         self._state = _CLOSED
         self._lst.table.remove(self)
         self._cancel_timer()
-        if self._transport is not None:
-            self._transport.abort()
+        return True
 
     # ------------------------------------------------------------ asyncio
 
@@ -647,19 +646,20 @@ class TlsListener:
         return len(victims)
 
     async def _close_evicted(self) -> None:
-        def batch() -> int:
-            done = 0
-            while self._evicting and done < EVICT_BATCH:
-                transport = self._evicting.popleft()._transport
-                if transport is not None:
-                    transport.abort()
-                done += 1
-            return done
-
         try:
-            await in_paced_batches(batch, EVICT_BATCH)
+            await in_paced_batches(lambda: self._abort_evicted(EVICT_BATCH), EVICT_BATCH)
         finally:
             self._evict_task = None
+
+    def _abort_evicted(self, most: int) -> int:
+        """Abort the TCP of up to ``most`` evicted connections; how many."""
+        done = 0
+        while self._evicting and done < most:
+            transport = self._evicting.popleft()._transport
+            if transport is not None:
+                transport.abort()
+            done += 1
+        return done
 
     @property
     def connections(self) -> int:
@@ -722,10 +722,7 @@ class TlsListener:
             conn.abort(STOPPED)
         if self._evict_task is not None:
             self._evict_task.cancel()
-        while self._evicting:
-            transport = self._evicting.popleft()._transport
-            if transport is not None:
-                transport.abort()
+        self._abort_evicted(len(self._evicting))
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), timeout)
