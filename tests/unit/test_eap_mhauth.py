@@ -122,7 +122,10 @@ class _FakeSession:
                     )
                 )
             data = out.data or b""
-        self.id += 1
+        # Identifiers wrap (RFC 3748 §4: one octet): the HAC's random Identity
+        # Identifier was 255 one run in 256, and 256 failed to encode -- a
+        # 503 "backend error" in CI, 2026-12-06.
+        self.id = (self.id + 1) % 256
         pkt = EapPacket(EapCode.REQUEST, self.id, EapType.EXPANDED, data, example.EXAMPLE_TYPE)
         return self._answer(EapBackendStep(BackendVerdict.CONTINUE, encode_eap(pkt)))
 
@@ -697,7 +700,7 @@ def _notices_then_accept(notices: int) -> Any:
     state: dict[str, Any] = {}
 
     def notice(session: Any) -> EapBackendStep:
-        session.id += 1
+        session.id = (session.id + 1) % 256
         pkt = EapPacket(
             EapCode.REQUEST, session.id, EapType.EXPANDED, b"\x05", example.EXAMPLE_TYPE
         )
@@ -758,3 +761,14 @@ def test_done_requests_kept_for_the_msk_are_capped_in_octets_too() -> None:
     r = Run(hac(EapMethod().server(ROUTED, CTX)), mn(peer_factory()), tamper)
     result = r.go()
     assert result.status == 400 and r.h.reason == "too-many-done", (result, r.h.reason)
+
+
+def test_pass_through_after_an_identity_identifier_of_255(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HAC's Identity Request draws its Identifier at random; at 255 the
+    back end's next Request is 0 (one octet, RFC 3748 §4).  The fake back
+    end once failed to wrap: one CI run in 256 saw 503."""
+    from mipsec.core.eap import mhauth
+
+    monkeypatch.setattr(mhauth.secrets, "randbelow", lambda n: 255)
+    opts = dict(ROUTED, routes=[{"match": "home.example", "backend": "aaa"}])
+    assert Run(hac(EapMethod().server(opts, CTX)), mn(peer_factory())).go().ok
