@@ -52,13 +52,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bootstrap import _mipsec_cmd, precompile
 from ha import HAA, _issue, _Mn  # a sibling script: the same SAs, MNs and BA checks
-from scale import _rss, mipsec_init
+from scale import _rss, fill_ha_store, mipsec_init
 
-from mipsec.core.bindings import Binding, BindingCache
-from mipsec.core.ha_core import HaCore
 from mipsec.core.model import IssuedSA
 from mipsec.core.suites import Suite
-from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
 
 SPI_BASE = 4096
 RESEND = 0.01  # seconds between the probe's BUs while the HA starts
@@ -79,23 +76,7 @@ def make_lab(root: Path, n: int) -> tuple[Path, IssuedSA, int]:
         raise RuntimeError(f"{ha_toml}: no {old!r} to replace")
     ha_toml.write_text(text.replace(old, f'address6 = "{HAA}"'))
     issued = _issue(Suite.AES_128_CBC_SHA256, n, SPI_BASE)
-    store = SQLiteSAStore(lab / "ha-sa.sqlite", key_file=lab / "ha-sa.key")
-    try:
-        store.add_bulk(issued)
-        cache = BindingCache(shared=store.shared_connection(), owner="ha1")
-        core = HaCore("ha1", HAA, bindings=cache)
-        now = time.time()
-        for x in issued:
-            core.install_sa(x, now=now)
-            cache.put(
-                Binding(str(x.bootstrap.ip6_hoa), "127.0.0.1", 20000, x.sa.spi, 1, 3600,
-                        now + 3600, None, 0)
-            )  # fmt: skip
-        with store.transaction():
-            cache.flush()
-        cache.close()
-    finally:
-        store.close()
+    fill_ha_store(lab, issued)
     return lab, issued[-1], int(info["ha"]["port"])
 
 

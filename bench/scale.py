@@ -132,11 +132,16 @@ class Lab:
     log: Path | None = None
     # --hacs K: the other K-1 HACs on the same store (process, port).
     others: list[tuple[subprocess.Popen[bytes], int]] = field(default_factory=list)
+    # --provisioning tls: the lab's ``mipsec --role ha`` process.
+    ha_proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pids(self) -> list[int]:
+        """The server processes whose CPU a figure counts: the HACs, and the HA
+        when it runs in a process of its own."""
         assert self.proc is not None
-        return [self.proc.pid, *(p.pid for p, _ in self.others)]
+        ha = [] if self.ha_proc is None else [self.ha_proc.pid]
+        return [self.proc.pid, *(p.pid for p, _ in self.others), *ha]
 
 
 def mipsec_init(lab: Path) -> dict[str, Any]:
@@ -181,6 +186,45 @@ def _make_lab(
         text = text.replace(old, new)
     hac_toml.write_text(_local_provisioning(text) if local_provisioning else text)
     return lab, info
+
+
+def fill_ha_store(lab_dir: Path, sas: list[IssuedSA]) -> None:
+    """The lab HA's store (``ha-sa.sqlite``, the binding cache in its file, as
+    ``mipsec init`` writes it) holding the same SAs as the HAC's, each with a
+    binding: what the HA of a HAC with N live MNs holds, so that a returning
+    MN's bootstrap withdraws an SA the HA has (and its binding), not an SPI
+    unknown there (bench/ha_start.py fills its HA the same way)."""
+    from mipsec.core.bindings import Binding, BindingCache
+    from mipsec.core.ha_core import HaCore
+
+    store = SQLiteSAStore(lab_dir / "ha-sa.sqlite", key_file=lab_dir / "ha-sa.key")
+    try:
+        store.add_bulk(sas)
+        cache = BindingCache(shared=store.shared_connection(), owner="ha1")
+        core = HaCore("ha1", IPv6Address("::1"), IPv4Address("127.0.0.1"), bindings=cache)
+        now = time.time()
+        for x in sas:
+            core.install_sa(x, now=now)
+            cache.put(
+                Binding(str(x.bootstrap.ip6_hoa), "127.0.0.1", 20000, x.sa.spi, 1, 3600,
+                        now + 3600, None, 0)
+            )  # fmt: skip
+        with store.transaction():
+            cache.flush()
+        cache.close()
+    finally:
+        store.close()
+
+
+async def _start_ha(lab: Lab) -> None:
+    """``mipsec --role ha`` on the lab's ha.toml, until it has loaded its store."""
+    log = lab.root / "ha.log"
+    lab.ha_proc = _spawn(
+        [*_mipsec_cmd(None), "--role", "ha", "--config", str(lab.root / "ha.toml")], log
+    )
+    await asyncio.to_thread(
+        _wait_for, r"(\d+) SAs from the store, \d+ bindings", log.read_text, lab.ha_proc
+    )
 
 
 def _fill_credentials(path: Path, creds: Iterator[MN]) -> int:
@@ -281,6 +325,7 @@ class Result:
     seconds: float = 0.0
     errors: int = 0
     server_cpu: float = 0.0
+    last_cpu: float = 0.0  # of the last process measured: the HA's with --provisioning tls
     first_error: str = ""
     exhausted: bool = False
     per_hac: list[int] = field(default_factory=list)  # completed bootstraps per HAC
@@ -293,6 +338,7 @@ class Result:
         self.seconds += other.seconds
         self.errors += other.errors
         self.server_cpu += other.server_cpu
+        self.last_cpu += other.last_cpu
         self.first_error = self.first_error or other.first_error
         self.exhausted = self.exhausted or other.exhausted
 
@@ -303,6 +349,10 @@ class Result:
     @property
     def cpu_ms(self) -> float:
         return 1e3 * self.server_cpu / self.ops if self.ops else float("nan")
+
+    @property
+    def last_cpu_ms(self) -> float:
+        return 1e3 * self.last_cpu / self.ops if self.ops else float("nan")
 
 
 async def measure(
@@ -336,10 +386,12 @@ async def measure(
             res.ops += 1
             res.per_hac[j] += 1
 
-    cpu0, t0 = sum(map(_proc_cpu, pids)), time.monotonic()
+    cpu0, t0 = [_proc_cpu(p) for p in pids], time.monotonic()
     await asyncio.gather(*(worker(i, t0 + duration) for i in range(concurrency)))
     res.seconds = time.monotonic() - t0
-    res.server_cpu = sum(map(_proc_cpu, pids)) - cpu0
+    cpu = [_proc_cpu(p) - c for p, c in zip(pids, cpu0, strict=True)]
+    res.server_cpu = sum(cpu)
+    res.last_cpu = cpu[-1]
     return res
 
 
@@ -396,6 +448,7 @@ async def run(args: argparse.Namespace) -> int:
     slices = 2 if args.quick else 3
     warmup = 0.2 if args.quick else 0.5
     new_pool = 4_000 if args.quick else max(4_000, int(duration * 1_500))
+    tls = args.provisioning == "tls"
     precompile()  # the HAC's start is timed: as an installed wheel, with bytecode
     with tempfile.TemporaryDirectory(prefix="mipsec-scale-") as tmp:
         root = Path(tmp)
@@ -404,7 +457,7 @@ async def run(args: argparse.Namespace) -> int:
             fill_s = 0.0
             revoked_mn: MN | None = None
             for name, live in (("empty", 0), ("full", n)):
-                lab_dir, info = _make_lab(root, name)
+                lab_dir, info = _make_lab(root, name, local_provisioning=not tls)
                 hac = info["hac"]
                 assert isinstance(hac, dict)
                 returning_ids = (
@@ -429,10 +482,14 @@ async def run(args: argparse.Namespace) -> int:
                     lab_dir / "creds.sqlite", iter([*returning, *new, *revoked, *filler])
                 )
                 if live:
+                    sas = list(_live_sas(live, timedelta(hours=1)))
                     with SQLiteSAStore(
                         lab_dir / "hac-sa.sqlite", key_file=lab_dir / "hac-sa.key"
                     ) as store:
-                        store.add_bulk(_live_sas(live, timedelta(hours=1)))
+                        store.add_bulk(sas)
+                    if tls:
+                        fill_ha_store(lab_dir, sas)
+                    del sas
                     fill_s = time.monotonic() - t0
                 labs.append(
                     Lab(
@@ -452,6 +509,8 @@ async def run(args: argparse.Namespace) -> int:
             hac_clients: dict[str, list[Client]] = {}
             for lab in labs:
                 ctx = mn_client_context(lab.ca, strict_rfc6618=False)
+                if tls:
+                    await _start_ha(lab)
                 await _start(lab, lambda port, c=ctx, sn=lab.server_name: Client(c, port, sn))
                 clients[lab.name] = Client(ctx, lab.port, lab.server_name)
                 await _start_others(lab, args.hacs - 1)
@@ -501,7 +560,10 @@ async def run(args: argparse.Namespace) -> int:
                             results[lab.name].add(r)
                     rows.append((kind, level, results["empty"], results["full"]))
             rss = {lab.name: _rss(lab.proc.pid) if lab.proc else 0 for lab in labs}
-            _report(n, fill_s, duration, labs, rows, rss, args.hacs)
+            _report(n, fill_s, duration, labs, rows, rss, args.hacs, tls)
+            if tls:  # the fill's proof: every superseded SA was one the HA held
+                unknown = (labs[1].root / "ha.log").read_text().count("unknown here")
+                print(f"HA of the N-live lab: {unknown} withdrawals of SPIs unknown there logged")
             if args.kill:
                 full = labs[1]
                 await _killed_starts(full, clients[full.name], args.kill, n)
@@ -520,6 +582,8 @@ async def run(args: argparse.Namespace) -> int:
                     _stop(lab.proc)
                 for proc, _port in lab.others:
                     _stop(proc)
+                if lab.ha_proc is not None:
+                    _stop(lab.ha_proc)
 
 
 def _live_rows(lab: Lab) -> int:
@@ -575,6 +639,7 @@ def _report(
     rows: list[tuple[str, int, Result, Result]],
     rss: dict[str, int],
     hacs: int = 1,
+    tls: bool = False,
 ) -> None:
     empty, full = labs
     print(
@@ -586,23 +651,40 @@ def _report(
             f"note: {hacs} HAC processes per lab on its one SA store, each worker's bootstraps "
             f"spread over them in turn; HAC CPU = the sum over the {hacs}"
         )
+    if tls:
+        print(
+            "note: each lab's HA in a process of its own, SAs provisioned over TLS (the "
+            f"default deployment); the N-live HA's store holds the same {n} SAs, each with "
+            "a binding; server CPU = HAC + HA"
+        )
+    else:
+        print(
+            "note: the HA in the HAC's process (local provisioning, memory store): it holds "
+            "none of the N, so a spread MN's old SA is an SPI unknown there"
+        )
     print(
-        f"note: {os.cpu_count()} CPU cores shared by the clients (this process) and the HACs "
-        f"of both labs; 1-min load average {os.getloadavg()[0]:.2f}; store filled in {fill_s:.1f} s"
+        f"note: {os.cpu_count()} CPU cores shared by the clients (this process) and the "
+        f"servers of both labs; 1-min load average {os.getloadavg()[0]:.2f}; stores filled "
+        f"in {fill_s:.1f} s"
     )
     print()
-    head = f"{'figure':<50} | {'empty':>10} | {f'{n} live':>10} | {'ratio':>5}"
+    head = f"{'figure':<53} | {'empty':>10} | {f'{n} live':>10} | {'ratio':>5}"
     print(head)
     print("-" * len(head))
 
     def line(label: str, a: float, b: float, fmt: str) -> None:
-        print(f"{label:<50} | {a:>10{fmt}} | {b:>10{fmt}} | {_ratio(b, a):>5}")
+        print(f"{label:<53} | {a:>10{fmt}} | {b:>10{fmt}} | {_ratio(b, a):>5}")
 
     for kind, level, e, f in rows:
         mark = " (pool ran dry)" if e.exhausted or f.exhausted else ""
         line(f"bootstraps/s, {kind} MN, {level} concurrent{mark}", e.rate, f.rate, ".1f")
     for kind, level, e, f in rows:
-        line(f"HAC CPU ms/bootstrap, {kind} MN, {level} concurrent", e.cpu_ms, f.cpu_ms, ".2f")
+        who = "HAC+HA" if tls else "HAC"
+        line(f"{who} CPU ms/bootstrap, {kind} MN, {level} concurrent", e.cpu_ms, f.cpu_ms, ".2f")
+    if tls:
+        for kind, level, e, f in rows:
+            label = f"of which HA, {kind} MN, {level} concurrent"
+            line(label, e.last_cpu_ms, f.last_cpu_ms, ".2f")
     line(
         "first bootstrap after HAC start, s",
         empty.first_bootstrap_s,
@@ -783,6 +865,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="HAC processes per lab sharing its SA store, the bootstraps spread over them (1)",
+    )
+    p.add_argument(
+        "--provisioning",
+        choices=("local", "tls"),
+        default="local",
+        help="local: the HA in the HAC's process, holding none of the N (default); "
+        "tls: the lab's own HA process, its store holding the same N SAs with a binding each",
     )
     p.add_argument("--ha-memory", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--bu-child", nargs=2, help=argparse.SUPPRESS)

@@ -78,3 +78,26 @@ def test_two_hacs_per_lab_share_the_store_and_both_serve(tmp_path: Path) -> None
         assert abs(a - b) <= max(a, b) // 4  # taken in turn: about half each
     assert processes_mentioning(str(tmp_path)) == []  # all four HACs stopped
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tls_provisioning_runs_the_default_deployment_with_a_filled_ha(tmp_path: Path) -> None:
+    """``--provisioning tls``: each lab's HA is a ``mipsec --role ha`` process
+    reached over TLS, and the N-live HA's store holds the same SAs as the
+    HAC's -- proved by no withdrawal of an SPI unknown to that HA, though
+    every spread bootstrap withdraws one of the N.  The HA's CPU is counted
+    and shown as a share; every process stops."""
+    out = quick_run(tmp_path, "--provisioning", "tls")
+    assert "each lab's HA in a process of its own" in out
+    rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
+    for kind in ("returning", "spread", "new"):
+        for level in (1, 32):
+            assert float(rows[f"bootstraps/s, {kind} MN, {level} concurrent"][1]) > 0
+            both = rows[f"HAC+HA CPU ms/bootstrap, {kind} MN, {level} concurrent"]
+            ha = rows[f"of which HA, {kind} MN, {level} concurrent"]
+            for i in (0, 1):
+                assert 0 < float(ha[i]) < float(both[i])
+    spread = float(rows["bootstraps/s, spread MN, 32 concurrent"][1])
+    assert spread > 0  # spread MNs bootstrapped, each withdrawing an SA of the N
+    assert "HA of the N-live lab: 0 withdrawals of SPIs unknown there logged" in out
+    assert processes_mentioning(str(tmp_path)) == []  # both HACs and both HAs stopped
+    assert list(tmp_path.iterdir()) == []
