@@ -34,18 +34,25 @@ def quick_run(tmp_path: Path, *args: str) -> str:
     return proc.stdout
 
 
+def figures(out: str) -> dict[str, tuple[str, str, str]]:
+    """The table's rows: label -> (empty, N live, ratio)."""
+    return {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
+
+
+KINDS_LEVELS = [(kind, level) for kind in ("returning", "spread", "new") for level in (1, 32)]
+
+
 def test_quick_run_prints_every_figure_and_cleans_up(tmp_path: Path) -> None:
     out = quick_run(tmp_path)
     assert "HAC with 10000 live SAs" in out
     assert "compete" in out or "shared by the clients" in out  # the shared-CPU caveat
-    rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
-    for kind in ("returning", "spread", "new"):
-        for level in (1, 32):
-            rate = rows[f"bootstraps/s, {kind} MN, {level} concurrent"]
-            assert float(rate[0]) > 0 and float(rate[1]) > 0
-            assert abs(float(rate[2]) - float(rate[1]) / float(rate[0])) < 0.01
-            cpu = rows[f"HAC CPU ms/bootstrap, {kind} MN, {level} concurrent"]
-            assert float(cpu[0]) > 0 and float(cpu[1]) > 0
+    rows = figures(out)
+    for kind, level in KINDS_LEVELS:
+        rate = rows[f"bootstraps/s, {kind} MN, {level} concurrent"]
+        assert float(rate[0]) > 0 and float(rate[1]) > 0
+        assert abs(float(rate[2]) - float(rate[1]) / float(rate[0])) < 0.01
+        cpu = rows[f"HAC CPU ms/bootstrap, {kind} MN, {level} concurrent"]
+        assert float(cpu[0]) > 0 and float(cpu[1]) > 0
     first = rows["first bootstrap after HAC start, s"]
     assert float(first[0]) > 0 and float(first[1]) > 0
     assert re.search(r"HAC RSS per live SA .*: -?\d+ bytes", out)
@@ -66,10 +73,9 @@ def test_two_hacs_per_lab_share_the_store_and_both_serve(tmp_path: Path) -> None
     the other's commits.  Both serve in both labs, and all four stop."""
     out = quick_run(tmp_path, "--hacs", "2")
     assert "2 HAC processes per lab on its one SA store" in out
-    rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
-    for kind in ("returning", "spread", "new"):
-        for level in (1, 32):
-            assert float(rows[f"bootstraps/s, {kind} MN, {level} concurrent"][1]) > 0
+    rows = figures(out)
+    for kind, level in KINDS_LEVELS:
+        assert float(rows[f"bootstraps/s, {kind} MN, {level} concurrent"][1]) > 0
     served = dict(re.findall(r"^bootstraps per HAC process, (\w+) lab: (\d+ / \d+)$", out, re.M))
     assert set(served) == {"empty", "full"}, out[-2000:]
     for counts in served.values():
@@ -88,14 +94,13 @@ def test_tls_provisioning_runs_the_default_deployment_with_a_filled_ha(tmp_path:
     and shown as a share; every process stops."""
     out = quick_run(tmp_path, "--provisioning", "tls")
     assert "each lab's HA in a process of its own" in out
-    rows = {label.strip(): (a, b, r) for label, a, b, r in ROW.findall(out)}
-    for kind in ("returning", "spread", "new"):
-        for level in (1, 32):
-            assert float(rows[f"bootstraps/s, {kind} MN, {level} concurrent"][1]) > 0
-            both = rows[f"HAC+HA CPU ms/bootstrap, {kind} MN, {level} concurrent"]
-            ha = rows[f"of which HA, {kind} MN, {level} concurrent"]
-            for i in (0, 1):
-                assert 0 < float(ha[i]) < float(both[i])
+    rows = figures(out)
+    for kind, level in KINDS_LEVELS:
+        assert float(rows[f"bootstraps/s, {kind} MN, {level} concurrent"][1]) > 0
+        both = rows[f"HAC+HA CPU ms/bootstrap, {kind} MN, {level} concurrent"]
+        ha = rows[f"of which HA, {kind} MN, {level} concurrent"]
+        for i in (0, 1):
+            assert 0 < float(ha[i]) < float(both[i])
     spread = float(rows["bootstraps/s, spread MN, 32 concurrent"][1])
     assert spread > 0  # spread MNs bootstrapped, each withdrawing an SA of the N
     assert "HA of the N-live lab: 0 withdrawals of SPIs unknown there logged" in out
