@@ -186,9 +186,19 @@ CREATE TABLE IF NOT EXISTS retired_sa (
 # sending a withdrawal twice (idempotent, confirmed by the HA either way)
 # rather than late.  The owner's next sweep writes a heartbeat that is
 # believed again.
+#
+# ``issuing`` is the writer's issuing bound (seconds): how long after its
+# store write it may still be provisioning an SA and answering its MN (its
+# ``provisioning_timeout`` and slack).  The sweep of undelivered SAs of
+# every HAC waits the longest bound of any HAC that could still be issuing
+# (``issuing_bound``), not only its own: with its own alone, a HAC
+# configured with a shorter timeout took back SAs another one was still
+# waiting for its HA to confirm (found in review).  0: written by a mipsec
+# that did not say.
 _ALIVE = (
     "CREATE TABLE IF NOT EXISTS hac_alive (owner TEXT PRIMARY KEY, until REAL NOT NULL, "
-    "has TEXT NOT NULL DEFAULT '', beat REAL NOT NULL DEFAULT 0)"
+    "has TEXT NOT NULL DEFAULT '', beat REAL NOT NULL DEFAULT 0, "
+    "issuing REAL NOT NULL DEFAULT 0)"
 )
 BEAT_SKEW = 5.0  # seconds a heartbeat may lie ahead of the reader's clock
 # The owed withdrawals a HAC may take over: not those another live HAC can send.
@@ -842,6 +852,8 @@ class SQLiteSAStore:
                 alive_columns = {r[1] for r in c.execute("PRAGMA table_info(hac_alive)")}
                 if "beat" not in alive_columns:  # a store made before 2026-12-06
                     c.execute("ALTER TABLE hac_alive ADD COLUMN beat REAL NOT NULL DEFAULT 0")
+                if "issuing" not in alive_columns:  # a store made before 2026-12-07
+                    c.execute("ALTER TABLE hac_alive ADD COLUMN issuing REAL NOT NULL DEFAULT 0")
                 indexes = {
                     r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
                 }
@@ -1503,22 +1515,43 @@ class SQLiteSAStore:
         ahead = now + timedelta(seconds=BEAT_SKEW)
         return self._read_apart(_OWED_APART + _ORPHANED, now, self.owner, now, ahead)
 
-    def heartbeat(self, until: float, has: Iterable[str] = (), now: datetime | None = None) -> None:
+    def heartbeat(
+        self,
+        until: float,
+        has: Iterable[str] = (),
+        now: datetime | None = None,
+        *,
+        issuing: float = 0.0,
+    ) -> None:
         """This HAC (``owner``) counts as alive until ``until`` (epoch
-        seconds) and can withdraw from the HAs ``has``; entries dead for a
-        day are dropped."""
+        seconds), can withdraw from the HAs ``has`` and may still be issuing
+        an SA ``issuing`` seconds after storing it (see ``_ALIVE``); entries
+        dead for a day are dropped."""
         if self.owner is None:
             return
+        if not (isinstance(issuing, float | int) and 0 <= issuing < math.inf):
+            raise LocalProtocolError(f"sa store: heartbeat issuing {issuing!r}: not a bound")
         t = self._now(now)
         listed = "".join(f"\n{ha_id}" for ha_id in sorted(has)) + "\n"
         with self._tx() as c:
             c.execute(
-                "INSERT INTO hac_alive (owner, until, has, beat) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (owner) DO UPDATE "
-                "SET until = excluded.until, has = excluded.has, beat = excluded.beat",
-                (self.owner, until, listed, t),
+                "INSERT INTO hac_alive (owner, until, has, beat, issuing) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (owner) DO UPDATE SET until = excluded.until, has = excluded.has, "
+                "beat = excluded.beat, issuing = excluded.issuing",
+                (self.owner, until, listed, t, float(issuing)),
             )
             c.execute("DELETE FROM hac_alive WHERE until < ?", (t - 86400,))
+
+    def issuing_bound(self, now: datetime) -> float:
+        """The longest issuing bound (seconds) of the HACs sharing the store
+        that could still be issuing an SA they stored: alive, or dead less
+        than their bound ago (``until + issuing`` ahead of ``now``).  0.0
+        when none said one."""
+        t = _timestamp(now, "now")
+        row = self._conn.execute(
+            "SELECT MAX(issuing) FROM hac_alive WHERE until + issuing > ?", (t,)
+        ).fetchone()
+        return float(row[0] or 0.0)
 
     def leave(self) -> None:
         """This HAC (``owner``) stops: it no longer counts as alive, so the

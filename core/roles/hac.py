@@ -1513,7 +1513,9 @@ class HacService:
         others leave what this HAC owes to them to it until then (not a
         withdrawal from an HA it does not have: that one is theirs)."""
         grace = 3 * self.cfg.hac.expiry_interval + 5.0
-        self.store.heartbeat(time.time() + grace, self._ha_by_id)  # type: ignore[attr-defined]
+        self.store.heartbeat(  # type: ignore[attr-defined]
+            time.time() + grace, self._ha_by_id, issuing=self._issuing_bound()
+        )
 
     def _leave(self) -> None:
         """At a stop: no longer alive in the store, so the other HACs take
@@ -1617,7 +1619,15 @@ class HacService:
         its 200.  The MN bootstraps again; the HA is told to forget the SA."""
         if not self._tracks_delivery:
             return 0
-        cutoff = utcnow() - timedelta(seconds=self._issuing_bound())
+        now = utcnow()
+        bound = self._issuing_bound()
+        shared = getattr(self.store, "issuing_bound", None)
+        if shared is not None:
+            # Another HAC sharing the store may wait longer for its HAs
+            # (its provisioning_timeout): its SAs still being issued are
+            # not undelivered yet (plugins/sa_store_sqlite.py, _ALIVE).
+            bound = max(bound, shared(now))
+        cutoff = now - timedelta(seconds=bound)
         spis = [
             s
             for s in self.store.undelivered(cutoff)  # type: ignore[attr-defined]

@@ -1118,3 +1118,41 @@ def test_an_older_sa_delivered_after_a_newer_one_of_its_mn_is_withdrawn(
     assert after == [202]
     assert flagged == [203]
     assert left == [] and final == [204]
+
+
+def test_the_sweep_waits_for_the_slowest_hac_sharing_the_store(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """HACs sharing a store may have different provisioning timeouts.  An
+    SA another HAC stored 20 s ago and is still waiting for its HA to
+    confirm (its heartbeat says it may issue for 64 s after a store write)
+    is not this HAC's to take back as undelivered, though this one gives
+    up on its own after ~6 s; once that HAC says 9 s -- or its heartbeat
+    and bound have lapsed -- the sweep takes the SA back (found in review:
+    each HAC judged the others' SAs by its own timeout)."""
+    db = tmp_path / "sa.sqlite"
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "sqlite", "path": str(db)}
+
+    async def main() -> None:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            hac = st.hac
+            assert hac is not None
+            assert hac._issuing_bound() < 20  # this HAC alone would sweep it
+            other = SQLiteSAStore(db)  # the slow HAC's view of the same file
+            try:
+                other.owner = "host:/etc/mipsec/hac-slow.toml"
+                other.track_delivery = True
+                now = datetime.now(UTC)
+                stored = now - timedelta(seconds=20)
+                assert other.add(_mn_sa(0x4242, 0, stored), now=stored)
+                other.heartbeat(now.timestamp() + 60, ["ha1"], now=now, issuing=64.0)
+                assert hac.sweep_undelivered() == 0
+                assert hac.store.get(0x4242, now) is not None
+                other.heartbeat(now.timestamp() + 60, ["ha1"], now=now, issuing=9.0)
+                assert hac.sweep_undelivered() == 1
+                assert hac.store.get(0x4242, datetime.now(UTC)) is None
+            finally:
+                other.close()
+
+    run(main())

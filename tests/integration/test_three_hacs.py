@@ -429,6 +429,12 @@ def test_three_hacs_two_has(lab: Lab) -> None:
             settled_rows(lab, answers, MN_IDS, ha2)
             ha_ids = query(lab.dir / "hac-sa.sqlite", "SELECT DISTINCT ha_id FROM issued_sa")
             assert sorted(str(r[0]) for r in ha_ids) == ["ha1", "ha2"]  # both HAs were used
+            # Each HAC's heartbeat says how long it may still be issuing an
+            # SA after storing it (provisioning_timeout 1 s, the delivery
+            # batches and slack), which every HAC's sweep of undelivered
+            # SAs waits for (test_hac_lifecycle).
+            beats = query(lab.dir / "hac-sa.sqlite", "SELECT issuing FROM hac_alive")
+            assert [float(r[0]) for r in beats] == [1.0 + 2 * 1.0 + 2.0] * 3
             # One more bootstrap each, one at a time (in the same validity
             # second as the traffic's last SAs, as may be): exactly one SA
             # per MN, whichever HA it lands on.

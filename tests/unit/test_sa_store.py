@@ -1147,8 +1147,50 @@ def test_a_heartbeat_table_made_before_beats_gets_the_column_at_open(tmp_path: P
         assert s.orphaned_unconfirmed(T0) == []
         s.heartbeat(T0.timestamp() + 10, ["ha1"], now=T0)
         assert len(s.alive_owners(T0)) == 2
+        # Nor did it say an issuing bound (added later still, by the same
+        # open): 0, so the sweeps wait their own.
+        assert s.issuing_bound(T0) == 0.0
+        s.heartbeat(T0.timestamp() + 10, ["ha1"], now=T0, issuing=9.0)
+        assert s.issuing_bound(T0) == 9.0
     finally:
         s.close()
+
+
+def test_the_longest_issuing_bound_of_a_hac_that_may_still_issue(
+    hacs: tuple[SQLiteSAStore, SQLiteSAStore, SQLiteSAStore],
+) -> None:
+    """Each HAC's heartbeat says how long after its store write it may still
+    be issuing an SA (``issuing``: its provisioning_timeout and slack), and
+    ``issuing_bound`` is the longest of the HACs that may still be issuing:
+    alive, or killed less than their bound after their heartbeat lapsed (an
+    SA stored just before the kill).  So the sweep of undelivered SAs of a
+    HAC with a short timeout leaves alone an SA another HAC is still waiting
+    for its HA to confirm.  A HAC that left (stopped: it waited for its
+    issuing first) counts no more; a bound that is not one is refused."""
+    a, b, tool = hacs
+    t0 = T0.timestamp()
+    assert tool.issuing_bound(T0) == 0.0  # nobody said one
+    a.heartbeat(t0 + 10, ["ha1"], now=T0, issuing=9.0)
+    b.heartbeat(t0 + 10, ["ha1"], now=T0, issuing=64.0)
+    assert a.issuing_bound(T0) == 64.0 == tool.issuing_bound(T0)
+
+    def at(seconds: float) -> datetime:
+        return T0 + timedelta(seconds=seconds)
+
+    # Both killed at once: B's heartbeat lapses at +10, and it may have
+    # stored an SA just before, still provisioning until +74; A's until +19.
+    assert a.issuing_bound(at(18)) == 64.0
+    assert a.issuing_bound(at(73)) == 64.0
+    assert a.issuing_bound(at(74)) == 0.0
+    a.heartbeat(t0 + 90, ["ha1"], now=at(80), issuing=9.0)  # A started again
+    assert tool.issuing_bound(at(80)) == 9.0
+    b.heartbeat(t0 + 90, ["ha1"], now=at(80), issuing=64.0)
+    b.leave()
+    assert tool.issuing_bound(at(80)) == 9.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(LocalProtocolError, match="issuing"):
+            a.heartbeat(t0 + 90, ["ha1"], now=at(80), issuing=bad)
+    assert tool.issuing_bound(at(80)) == 9.0  # the refused heartbeat wrote nothing
 
 
 def test_a_store_made_before_owners_gets_them_at_open(tmp_path: Path) -> None:
