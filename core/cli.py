@@ -477,12 +477,17 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     if left > 0:
         log.info(
             "next bootstrap in %.1f s (failure %d in a row, kept from before the restart "
-            "in %s; SIGUSR1 bootstraps at once)",
+            "in %s; %s)",
             left,
             backoff.failures,
             backoff.path,
+            f"the HAC's retry-after holds {backoff.hac_left:.1f} s of it, SIGUSR1 cuts the rest"
+            if backoff.hac_left > 0
+            else "SIGUSR1 bootstraps at once",
         )
-        await pause(left)
+        # Not cut by SIGUSR1 below a 503's retry-after, as in the process
+        # that was told (core/mn_backoff.py ``hac_not_before``).
+        await pause(left, backoff.hac_left)
 
     while not stop.is_set():
         # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL.

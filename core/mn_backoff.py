@@ -70,19 +70,35 @@ class Kept:
     # Whose: two MNs given one file (a shared state directory, the same
     # config name) must not inherit each other's waits.
     mn_id: str
+    # Aware, UTC: the part of the wait a 503's retry-after asked for (at
+    # most ``not_before``), which SIGUSR1 does not cut (core/mn_wait.py) --
+    # in the process that was told, and in the one that resumes the wait
+    # after a restart.  None: no retry-after (files written before it).
+    hac_not_before: datetime | None = None
 
 
 def encode_kept(kept: Kept) -> bytes:
-    return (
-        json.dumps(
-            {
-                "mn_id": kept.mn_id,
-                "failures": kept.failures,
-                "not_before": kept.not_before.astimezone(UTC).isoformat(),
-            }
-        )
-        + "\n"
-    ).encode()
+    obj: dict[str, object] = {
+        "mn_id": kept.mn_id,
+        "failures": kept.failures,
+        "not_before": kept.not_before.astimezone(UTC).isoformat(),
+    }
+    if kept.hac_not_before is not None:
+        obj["hac_not_before"] = kept.hac_not_before.astimezone(UTC).isoformat()
+    return (json.dumps(obj) + "\n").encode()
+
+
+def _date(obj: dict[str, Any], name: str, path: Path | str) -> datetime:
+    text = obj.get(name)
+    if not isinstance(text, str):
+        raise BackoffFileError(path, f"{name}: {text!r} is not an ISO 8601 date")
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise BackoffFileError(path, f"{name}: {text!r} is not an ISO 8601 date") from None
+    if when.tzinfo is None:
+        raise BackoffFileError(path, f"{name}: {text!r} has no UTC offset")
+    return when.astimezone(UTC)
 
 
 def decode_kept(data: bytes, path: Path | str = "<backoff>") -> Kept:
@@ -103,16 +119,9 @@ def decode_kept(data: bytes, path: Path | str = "<backoff>") -> Kept:
         raise BackoffFileError(
             path, f"failures: {failures!r} is not a count from 1 to {MAX_FAILURES}"
         )
-    text = obj.get("not_before")
-    if not isinstance(text, str):
-        raise BackoffFileError(path, f"not_before: {text!r} is not an ISO 8601 date")
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise BackoffFileError(path, f"not_before: {text!r} is not an ISO 8601 date") from None
-    if when.tzinfo is None:
-        raise BackoffFileError(path, f"not_before: {text!r} has no UTC offset")
-    return Kept(failures, when.astimezone(UTC), mn_id)
+    when = _date(obj, "not_before", path)
+    hac = None if obj.get("hac_not_before") is None else _date(obj, "hac_not_before", path)
+    return Kept(failures, when, mn_id, hac)
 
 
 def default_path(config_file: str, environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
@@ -159,6 +168,9 @@ class Backoff:
         self._uniform = uniform
         self._clock = clock
         self._write_failed = False
+        # Set by ``resume``: of the seconds it returns, those a 503's
+        # retry-after asked for (SIGUSR1 cuts the wait no lower).
+        self.hac_left = 0.0
 
     def resume(self) -> float:
         """What the last process left: sets ``failures`` and returns the
@@ -189,8 +201,11 @@ class Backoff:
             )
             return 0.0
         self.failures = kept.failures
-        left = (kept.not_before - self._clock()).total_seconds()
-        return min(max(left, 0.0), self.retry_max)
+        now = self._clock()
+        left = min(max((kept.not_before - now).total_seconds(), 0.0), self.retry_max)
+        if kept.hac_not_before is not None:
+            self.hac_left = min(max((kept.hac_not_before - now).total_seconds(), 0.0), left)
+        return left
 
     def failed(self, retry_after: datetime | None = None) -> float:
         """One more failure in a row: the seconds to wait, written down as a date."""
@@ -204,7 +219,9 @@ class Backoff:
             now=now,
             uniform=self._uniform,
         )
-        self._keep(Kept(self.failures, now + timedelta(seconds=wait), self.mn_id))
+        not_before = now + timedelta(seconds=wait)
+        hac = None if retry_after is None or retry_after <= now else min(retry_after, not_before)
+        self._keep(Kept(self.failures, not_before, self.mn_id, hac))
         return wait
 
     def succeeded(self) -> None:

@@ -28,6 +28,7 @@ packets may use them.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import Counter
 from dataclasses import dataclass
@@ -265,7 +266,9 @@ class MnRegistration:
         return self._rebootstrap_deadline
 
     def next_timer(self) -> float:
-        times = [self._rebootstrap_deadline]
+        # The re-bootstrap deadline once its Rebootstrap was sent is no
+        # timer: kept, a past deadline woke the caller at once, for ever.
+        times = [math.inf if self._rebootstrap_sent else self._rebootstrap_deadline]
         if self._retransmit_at is not None:
             times.append(self._retransmit_at)
         if self._refresh_deadline is not None:

@@ -474,6 +474,12 @@ class Registrar:
         outcome = RegistrationOutcome(None, reason="no binding acknowledgement")
         pending = self._send(self.machine.start(self._clock())) if start else []
         while True:
+            # Every action of one step is read before returning: a BA with
+            # status 176 is a Registered and a Rebootstrap at once, and the
+            # machine sends its Rebootstrap only once -- returning at the
+            # Registered dropped it, and the MN never bootstrapped again,
+            # refreshing past its SA's end (found in review).
+            registered = False
             for a in pending:
                 if isinstance(a, Registered):
                     outcome = RegistrationOutcome(
@@ -483,20 +489,20 @@ class Registrar:
                         str(a.ip4_hoa) if a.ip4_hoa else None,
                         "",
                     )
+                    registered = True
                     log.info(
                         "binding registered: status %d lifetime %d s sequence %d",
                         a.status,
                         a.lifetime,
                         a.sequence,
                     )
-                    if until_registered:
-                        return outcome
                 elif isinstance(a, Failed):
                     outcome.status, outcome.reason = a.status, a.reason
                     return outcome
                 elif isinstance(a, Rebootstrap):
                     outcome.rebootstrap = a.reason
-                    return outcome
+            if outcome.rebootstrap is not None or (registered and until_registered):
+                return outcome
             self._check_clock()
             now = self._clock()
             wake = self.machine.next_timer()
@@ -509,7 +515,10 @@ class Registrar:
             if stop is not None and stop.is_set():
                 return outcome
             try:
-                data = await asyncio.wait_for(self.queue.get(), max(0.0, wake - now))
+                # At most an hour: with nothing due (a Rebootstrap sent, no
+                # refresh) the wait is endless -- and a look at the clock
+                # once an hour costs nothing.
+                data = await asyncio.wait_for(self.queue.get(), min(max(0.0, wake - now), 3600.0))
                 pending = self._send(self.machine.receive(data, self._clock()))
             except TimeoutError:
                 pending = self._send(self.machine.timer(self._clock()))

@@ -455,16 +455,62 @@ def test_sigusr1_does_not_cut_a_503s_retry_after(lab: Lab, start_hac: Any) -> No
     with _hac_answering_503(lab, start_hac):
         mn = _daemon(lab)
         try:
-            ((wait, n, honoured, _),) = _waits(mn, until=1)
-            assert n == 1 and honoured and wait >= 25, wait
-            mn.send_signal(signal.SIGUSR1)
-            lines = _lines_until(mn, 6)
+            _first_503_wait(mn)
         finally:
-            mn.send_signal(signal.SIGTERM)
-            out, err = mn.communicate(timeout=20)
-    assert mn.returncode == 0, err
-    text = "".join(lines)
+            text, out = _sigusr1_then_stop(mn)
     m = re.search(r"the wait is cut to the HAC's retry-after: bootstrapping in ([0-9.]+) s", text)
     assert m is not None and 18 <= float(m.group(1)) <= 31, text
     assert "failure 2 in a row" not in text and "bootstrapping now" not in text, text
     assert out.count('"status": 503') == 1, out  # one bootstrap: the first
+
+
+def _first_503_wait(mn: subprocess.Popen[str]) -> None:
+    """The MN's first wait: after a 503, its retry-after honoured."""
+    ((wait, n, honoured, _),) = _waits(mn, until=1)
+    assert n == 1 and honoured and wait >= 25, wait
+
+
+def _sigusr1_then_stop(mn: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGUSR1, then 6 s of the MN's log, then SIGTERM (it must exit 0):
+    the log's text and its stdout."""
+    try:
+        mn.send_signal(signal.SIGUSR1)
+        lines = _lines_until(mn, 6)
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        out, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
+    return "".join(lines), out
+
+
+def test_a_restarted_mn_keeps_the_503s_retry_after_against_sigusr1(
+    lab: Lab, start_hac: Any
+) -> None:
+    """The HAC answers 503 with ``retry-after`` 30 s; the MN is killed in that
+    wait and started again (a supervisor's restart).  The new process
+    resumes the wait and says how much of it is the HAC's; SIGUSR1 then
+    cuts it to the retry-after, not to now, and no bootstrap follows in
+    the next seconds.  Before, the kept wait had no floor: a restart plus
+    a link-up hook's SIGUSR1 sent every MN back to the overloaded HAC at
+    once (found in review)."""
+    _retry_bounds(lab, 1, 600)
+    with _hac_answering_503(lab, start_hac):
+        mn = _daemon(lab)
+        try:
+            _first_503_wait(mn)
+        finally:
+            mn.kill()
+            mn.communicate(timeout=20)
+        again = _daemon(lab)
+        try:
+            resumed = _lines_until(again, 10, stop="kept from before the restart")
+        finally:
+            text, out = _sigusr1_then_stop(again)
+    m = re.search(
+        r"the HAC's retry-after holds ([0-9.]+) s of it, SIGUSR1 cuts the rest", resumed[-1]
+    )
+    assert m is not None and 18 <= float(m.group(1)) <= 31, resumed
+    m = re.search(r"the wait is cut to the HAC's retry-after: bootstrapping in ([0-9.]+) s", text)
+    assert m is not None and 12 <= float(m.group(1)) <= 31, text
+    assert "bootstrapping now" not in text, text
+    assert '"status"' not in out, out  # no bootstrap in the restarted process yet

@@ -58,6 +58,8 @@ def make(path: Path | None, clock: Clock, retry_max: float = 600) -> Backoff:
 def test_a_kept_backoff_reads_back_as_written(failures: int, when: datetime) -> None:
     kept = Kept(failures, when, MN_ID)
     assert decode_kept(encode_kept(kept)) == kept
+    told = Kept(failures, when, MN_ID, when - timedelta(seconds=1))
+    assert decode_kept(encode_kept(told)) == told
 
 
 @pytest.mark.parametrize(
@@ -91,6 +93,16 @@ def test_a_kept_backoff_reads_back_as_written(failures: int, when: datetime) -> 
             "not_before",
         ),  # no offset
         (b" " * 5000, "octets"),
+        (
+            b'{"mn_id": "a@b", "failures": 3, "not_before": "2026-12-06T12:00:00+00:00", '
+            b'"hac_not_before": "later"}',
+            "hac_not_before",
+        ),
+        (
+            b'{"mn_id": "a@b", "failures": 3, "not_before": "2026-12-06T12:00:00+00:00", '
+            b'"hac_not_before": "2026-12-06T11:00:00"}',
+            "hac_not_before",
+        ),  # no offset
     ],
 )
 def test_a_damaged_file_is_refused_naming_the_file_and_the_field(data: bytes, field: str) -> None:
@@ -116,6 +128,36 @@ def test_the_wait_is_written_down_as_a_date_and_a_new_process_waits_out_the_rest
     second = make(path, clock)
     assert second.resume() == 25 and second.failures == 3
     assert second.failed() == 80
+
+
+def test_a_503s_retry_after_is_kept_as_the_part_sigusr1_does_not_cut(tmp_path: Path) -> None:
+    """A 503 with retry-after 300 s: the wait (309 s here) and the part of it
+    the HAC asked for are written down.  A process started again 100 s
+    later resumes both -- 209 s to wait, 200 of them the HAC's, which
+    SIGUSR1 does not cut (core/mn_wait.py).  Before, the resumed wait had
+    no floor, and an MN restarted by its supervisor with a link-up hook
+    sending SIGUSR1 came back to an overloaded HAC at once (found in
+    review).  A failure without retry-after keeps no floor."""
+    path = tmp_path / "mn.backoff"
+    clock = Clock()
+    first = make(path, clock)
+    wait = first.failed(NOW + timedelta(seconds=300))
+    assert wait == pytest.approx(310)  # retry-after plus up to retry_min (here: all of it)
+    kept = decode_kept(path.read_bytes())
+    assert kept.hac_not_before == NOW + timedelta(seconds=300)
+    clock.now = NOW + timedelta(seconds=100)
+    second = make(path, clock)
+    assert second.resume() == pytest.approx(210)
+    assert second.hac_left == pytest.approx(200)
+    second.failed()  # a failure of its own, no retry-after: no floor kept
+    third = make(path, clock)
+    third.resume()
+    assert decode_kept(path.read_bytes()).hac_not_before is None and third.hac_left == 0
+    # A retry-after beyond retry_max is held to the wait it got.
+    clock.now = NOW
+    fourth = make(path, clock, retry_max=60)
+    assert fourth.failed(NOW + timedelta(seconds=3600)) == 60
+    assert decode_kept(path.read_bytes()).hac_not_before == NOW + timedelta(seconds=60)
 
 
 def test_an_elapsed_wait_lets_the_mn_bootstrap_at_once_but_keeps_the_count(

@@ -66,6 +66,8 @@ class UdpHA:
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
         self.bus: list[mh.BindingUpdate] = []
+        self.status = 0  # of every BA
+        self.lifetime: int | None = None  # of every BA; None: the lifetime asked
 
     def keys(self, iss: IssuedSA) -> None:
         sa = iss.sa
@@ -84,7 +86,8 @@ class UdpHA:
             bu = mh.decode_mh(plain.payload, src=HOA, dst=HAA).message
             assert isinstance(bu, mh.BindingUpdate)
             self.bus.append(bu)
-            ba = mh.BindingAck(status=0, sequence=bu.sequence, lifetime=bu.lifetime)
+            lifetime = bu.lifetime if self.lifetime is None else self.lifetime
+            ba = mh.BindingAck(status=self.status, sequence=bu.sequence, lifetime=lifetime)
             packet = mh.encode_mh(ba, src=HAA, dst=HOA)
             self.sock.sendto(self.out.protect(PTYPE_MH, NEXT_HEADER_MH, packet), peer)
 
@@ -244,3 +247,25 @@ def test_a_step_back_keeps_the_schedule_and_is_said(
     [line] = [r.getMessage() for r in caplog.records if "wall clock stepped" in r.getMessage()]
     assert line.startswith("wall clock stepped 3.0 h back: the SA (spi=4242) keeps its schedule")
     assert "bootstrapping again in 2880 s" in line or "bootstrapping again in 2879 s" in line
+
+
+@pytest.mark.parametrize("lifetime", [None, 0])
+def test_176_on_the_first_ba_is_a_rebootstrap(tmp_path: Path, lifetime: int | None) -> None:
+    """An HA answering the SA's first BU with 176 (REINIT_SA_WITH_HAC), with
+    the lifetime asked or 0: the first run returns the status and the
+    re-bootstrap together, so the daemon backs off and goes back to its
+    HAC.  Before, the run returned at the BA and the re-bootstrap --
+    which the machine sends only once -- was lost: the MN refreshed under
+    that SA past its end and never bootstrapped again (with lifetime 0, it
+    spun at 100 % CPU instead; found in review)."""
+
+    async def main() -> tuple[int | None, str | None]:
+        clocks = Clocks()
+        async with _registered(tmp_path, clocks) as (reg, ha):
+            ha.status, ha.lifetime = mh.REINIT_SA_WITH_HAC, lifetime
+            first = await reg.run(until_registered=True, stop=asyncio.Event())
+            return first.status, first.rebootstrap
+
+    status, rebootstrap = asyncio.run(main())
+    assert status == mh.REINIT_SA_WITH_HAC
+    assert rebootstrap is not None and "176" in rebootstrap

@@ -130,6 +130,24 @@ def test_status_176_asks_for_rebootstrap() -> None:
     assert isinstance(acts[1], Rebootstrap) and "176" in acts[1].reason
 
 
+def test_a_rebootstrap_once_asked_for_leaves_no_timer_in_the_past() -> None:
+    """176 with lifetime 0 (the HA's "stale SA, dead from now on"): nothing
+    registered, the Rebootstrap sent.  Past the 80 % deadline the machine
+    has nothing due: its next timer is not in the past, and a timer call
+    sends nothing -- before, the spent deadline stayed the next timer, and
+    a caller woken by it called ``timer`` 150,000 times a second (found in
+    review)."""
+    iss = issued(lifetime=1000)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    acts = reg.receive(ha.ba(mh.REINIT_SA_WITH_HAC, ha.bu(tx.datagram).sequence, 0), 0.1)
+    assert [type(a) for a in acts] == [Registered, Rebootstrap] and not reg.registered
+    late = 900.0  # past 80 % of the SA
+    assert reg.next_timer() > late
+    assert reg.timer(late) == []
+
+
 def test_refresh_and_rebootstrap_timers() -> None:
     iss = issued(lifetime=1000)
     reg = MnRegistration(iss, now=0.0, wall_now=NOW, lifetime=100)
