@@ -58,6 +58,7 @@ from mipsec.aaa.codec import (
 )
 from mipsec.aaa.dictionary import check_dictionary, load_dictionary
 from mipsec.core.errors import LocalProtocolError, MipsecError
+from mipsec.core.outage import cause
 
 __all__ = [
     "RadiusClient",
@@ -112,6 +113,7 @@ class ServerStats:
     probes: int = 0  # Status-Server probes sent (RFC 5997) before a hold-off
     probes_answered: int = 0  # ... that the server answered: not held off
     sockets: int = 0  # UDP sockets (source ports) opened
+    socket_errors: int = 0  # requests that found no socket (name unresolved, no route)
 
 
 class RadiusError(MipsecError):
@@ -121,12 +123,22 @@ class RadiusError(MipsecError):
 class RadiusTimeout(RadiusError):
     """No verified reply from ``server`` after every retransmission."""
 
-    def __init__(self, server: str, tries: int, timeout: float, rejected: Counter[str]) -> None:
+    def __init__(
+        self,
+        server: str,
+        tries: int,
+        timeout: float,
+        rejected: Counter[str],
+        *,
+        reason: str | None = None,
+    ) -> None:
         self.server = server
         self.tries = tries
         self.rejected = rejected  # kind -> count of replies dropped for this request
         self.sent_at = -math.inf  # when the request was first sent (client clock)
-        if rejected:
+        if reason is not None:  # never sent: no socket (``send``)
+            pass
+        elif rejected:
             kinds = ", ".join(f"{k} x{n}" for k, n in sorted(rejected.items()))
             reason = (
                 f"RADIUS server {server} answered but no reply verified ({kinds}): "
@@ -374,6 +386,21 @@ class RadiusClient:
                 self._mark_dead(st, exc, exc.sent_at)
                 last = exc
                 continue
+            except OSError as exc:
+                # No socket to the server (its name does not resolve, no
+                # route): as good as no answer -- the next server is tried,
+                # and this one is held off like a silent one.  Raised out
+                # of send() before, no other server was ever tried (found
+                # in review).
+                if self._closed:
+                    raise RadiusError("RADIUS client closed") from None
+                st.stats.socket_errors += 1
+                why = f"no socket to RADIUS server {st.config.label}: {cause(exc)}"
+                err = RadiusTimeout(st.config.label, 0, self.timeout, Counter(), reason=why)
+                err.sent_at = self._clock()
+                self._mark_dead(st, err, err.sent_at)
+                last = err
+                continue
             self._mark_alive(st)
             return st.config.label, reply
         if last is None:  # every other candidate went into hold-off meanwhile
@@ -432,6 +459,8 @@ class RadiusClient:
 
     async def _acquire(self, st: _ServerState) -> tuple[_Channel, int]:
         while True:
+            if self._closed:
+                raise RadiusError("RADIUS client closed")
             if any(c.closed for c in st.channels):
                 st.channels[:] = [c for c in st.channels if not c.closed]
             for channel in st.channels:
@@ -440,8 +469,16 @@ class RadiusClient:
                     return channel, ident
             if len(st.channels) < self.max_sockets:
                 async with st.opening:  # one socket opened at a time, and only if needed
-                    if not any(c.has_free() for c in st.channels):
+                    # Both checked again once the lock is ours: the requests
+                    # queued on it each opened one more socket, past
+                    # max_sockets, when the server was silent (found in review).
+                    if len(st.channels) < self.max_sockets and not any(
+                        c.has_free() for c in st.channels
+                    ):
                         channel = await self._open(st)
+                        if self._closed:  # closed while the socket was being opened
+                            channel.close()
+                            raise RadiusError("RADIUS client closed")
                         st.channels.append(channel)
                 continue
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -499,6 +536,13 @@ class RadiusClient:
             return
         self._hold_off(st, exc)
 
+    def _in_service(self, st: _ServerState, now: float) -> bool:
+        """Not held off, and not found dead since its last answer: a server
+        whose hold-off merely ran out (nobody has tried it since) is no
+        server in service -- counted as one, it had a probed, answering
+        last server held off too, every MN then 503 (found in review)."""
+        return not st.dead and not self._held_off(st, now)
+
     def _hold_off(self, st: _ServerState, exc: RadiusTimeout) -> None:
         now = self._clock()
         if not self._held_off(st, now):
@@ -513,6 +557,7 @@ class RadiusClient:
         ``st`` off if none comes (RFC 5997 §4: not retransmitted)."""
         answered = False
         st.stats.probes += 1
+        probe_sent = self._clock()
         try:
             channel, ident = await self._acquire(st)
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -527,12 +572,17 @@ class RadiusClient:
                     future.cancel()
                 channel.release(ident)
                 st.wake_one()
-        except (OSError, LocalProtocolError):
+        except (OSError, LocalProtocolError, RadiusError):
             answered = False  # the socket or the packet failed: no evidence of life
         if self._closed:
             return
+        # A verified reply to any other request since the probe left is
+        # evidence of life too: a server that does not implement
+        # Status-Server (RFC 5997 makes it optional), or a lost probe, no
+        # longer held off a server that kept answering (found in review).
+        answered = answered or st.last_reply >= probe_sent
         now = self._clock()
-        if answered and any(o is not st and not self._held_off(o, now) for o in self._servers):
+        if answered and any(o is not st and self._in_service(o, now) for o in self._servers):
             # Another server is in service: hold this one off all the same.
             # A server whose requests go unanswered while it answers
             # Status-Server (a stuck back end) would otherwise keep every
@@ -579,4 +629,8 @@ class RadiusClient:
             st.channels.clear()
             for w in st.waiters:
                 if not w.done():
-                    w.cancel()
+                    # Woken, not cancelled: the waiter's _acquire sees the
+                    # client closed and raises RadiusError -- an unanswered
+                    # request, as the docstring says.  Cancelled, the
+                    # caller's task ended cancelled though nobody cancelled it.
+                    w.set_result(None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -493,6 +494,156 @@ def test_aclose_ends_the_probes_under_way() -> None:
         quiet, client = await _timed_out_on_a_silent_server()
         await client.aclose()  # its probe is under way
         await asyncio.wait_for(client.probes_done(), 1.0)
+        quiet.close()
+
+    asyncio.run(main())
+
+
+def test_a_backup_whose_hold_off_ran_out_is_not_a_server_in_service() -> None:
+    """Backup B was found dead once and nobody has tried it since its
+    hold-off ran out (A serves everything); then one MN's slow realm times
+    out on A, which answers Status-Server.  A stays in service: B, not
+    heard from since it was found dead, is no server in service to fail
+    over to.  Before, B counted as one, A was held off, the request failed
+    over to B, B's probe went unanswered, and every MN got 503 for
+    dead_time (found in review)."""
+
+    async def main() -> None:
+        now = [0.0]
+        a = await fake_server(_status_server_aware({b"slow@upstream"}))
+        b = await silent()
+        client = RadiusClient(
+            [server(a), server(b)],
+            timeout=0.2,
+            retries=0,
+            dead_time=30,
+            status_server=True,
+            clock=lambda: time.monotonic() + now[0],
+        )
+        la, lb = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder("x"), server=lb)
+        await client.probes_done()
+        assert client.is_dead(lb)
+        now[0] += 31  # B's hold-off runs out; A serves everyone
+        assert (await client.send(builder("alice")))[0] == la
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder("slow@upstream"), server=la)
+        await client.probes_done()
+        assert not client.is_dead(la)
+        assert client.stats()[la].probes_answered == 1
+        assert (await client.send(builder("bob")))[0] == la
+        await client.aclose()
+        a.close()
+        b.close()
+
+    asyncio.run(main())
+
+
+def test_a_reply_to_another_request_during_the_probe_is_evidence_of_life() -> None:
+    """A server that does not answer Status-Server (RFC 5997 makes it
+    optional) but keeps answering other MNs: one MN's slow realm times
+    out, the probe goes unanswered -- and bob, served while the probe
+    waited, proves the server alive: not held off.  Before, it was held
+    off, and the next MN got 503 for dead_time (found in review)."""
+
+    def handler(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+        if data[0] == RadiusCode.STATUS_SERVER or dict(request_attrs(data))[1] == b"slow@x":
+            return None
+        return challenge(srv, data, addr)
+
+    async def main() -> None:
+        srv = await fake_server(handler)
+        client = RadiusClient(
+            [server(srv)], timeout=0.3, retries=0, dead_time=30, status_server=True
+        )
+        label = f"127.0.0.1:{srv.port}"
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder("slow@x"))
+        assert (await client.send(builder("bob")))[0] == label  # the probe under way
+        await client.probes_done()
+        assert not client.is_dead(label)
+        assert client.stats()[label].probes_answered == 1
+        assert (await client.send(builder("carol")))[0] == label
+        await client.aclose()
+        srv.close()
+
+    asyncio.run(main())
+
+
+def test_a_server_without_a_socket_fails_over_and_is_held_off() -> None:
+    """The first server's name does not resolve: the request goes to the
+    second, the first is held off (a line naming it and why), and the
+    error is counted.  Before, the OSError escaped ``send`` and the
+    healthy second server was never tried (found in review)."""
+
+    async def main() -> None:
+        good = await fake_server(challenge)
+        client = RadiusClient(
+            [RadiusServer("radius1.nonexistent.invalid", 1812, SECRET), server(good)],
+            timeout=0.2,
+            retries=0,
+            dead_time=30,
+        )
+        bad = "radius1.nonexistent.invalid:1812"
+        assert (await client.send(builder()))[0] == f"127.0.0.1:{good.port}"
+        assert client.is_dead(bad) and client.stats()[bad].socket_errors == 1
+        assert (await client.send(builder()))[0] == f"127.0.0.1:{good.port}"
+        assert client.stats()[bad].socket_errors == 1  # held off: not tried again
+        await client.aclose()
+        good.close()
+
+    asyncio.run(main())
+
+
+def test_a_lone_server_without_a_socket_is_an_unanswered_request() -> None:
+    async def main() -> None:
+        client = RadiusClient([RadiusServer("radius1.nonexistent.invalid", 1812, SECRET)])
+        with pytest.raises(RadiusTimeout, match="no socket to RADIUS server"):
+            await client.send(builder())
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_max_sockets_holds_while_requests_queue_on_a_silent_server() -> None:
+    """1,000 requests at once to a silent server, max_sockets 1: one socket
+    (256 Identifiers), the rest wait for an Identifier.  Before, each
+    request queued on the socket-opening lock opened one more socket once
+    the lock was its: 4 sockets for 1,000 (found in review)."""
+
+    async def main() -> None:
+        quiet = await silent()
+        client = RadiusClient([server(quiet)], timeout=0.3, retries=0, max_sockets=1, dead_time=0)
+        tasks = [asyncio.create_task(client.send(builder())) for _ in range(1000)]
+        await asyncio.sleep(0.1)
+        assert client.stats()[f"127.0.0.1:{quiet.port}"].sockets == 1
+        await client.aclose()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, RadiusError) for r in results)
+        quiet.close()
+
+    asyncio.run(main())
+
+
+def test_close_ends_a_request_waiting_for_an_identifier_as_unanswered() -> None:
+    """257 requests on one socket to a silent server: the 257th waits for an
+    Identifier.  ``aclose`` ends it with RadiusError, like the others --
+    before, it ended cancelled, though nobody had cancelled its task
+    (found in review)."""
+
+    async def main() -> None:
+        quiet = await silent()
+        client = RadiusClient([server(quiet)], timeout=5, retries=0, max_sockets=1)
+        tasks = [asyncio.create_task(client.send(builder()))]
+        await asyncio.sleep(0.05)  # its socket open: the next 256 share it
+        tasks += [asyncio.create_task(client.send(builder())) for _ in range(256)]
+        await asyncio.sleep(0.1)
+        assert client.stats()[f"127.0.0.1:{quiet.port}"].sockets == 1
+        await client.aclose()
+        await asyncio.wait(tasks)
+        assert not any(t.cancelled() for t in tasks)
+        assert all(isinstance(t.exception(), RadiusError) for t in tasks)
         quiet.close()
 
     asyncio.run(main())
