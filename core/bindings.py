@@ -374,7 +374,9 @@ class BindingCache:
         self._checkpointer: WalCheckpointer | None = None
         self._owner = owner
         # What flush() wrote inside held(): re-queued if the transaction fails.
-        self._held: list[tuple[dict[str, Binding | None], set[int], set[str]]] | None = None
+        self._held: list[tuple[dict[str, Binding | None], set[int], set[str], set[int]]] | None = (
+            None
+        )
         self.write_behind = write_behind
         self.synchronous = synchronous
         # True while a change waits for flush() (write-behind); the HA reads it
@@ -383,6 +385,11 @@ class BindingCache:
         self._dirty: dict[str, Binding | None] = {}  # hoa -> row to write, None = delete
         self._dirty_spis: set[int] = set()  # written from _spis, deleted when absent
         self._dirty_deleted: set[str] = set()  # likewise from _deleted
+        # SPIs whose HA->MN out-mark was raised and is not yet on disk: a
+        # datagram numbered at or above a mark must not leave before its
+        # write (``marks_unwritten``).  Tracked apart from the other
+        # records, which must not hold the downlink (core/roles/ha_data.py).
+        self._unwritten_marks: set[int] = set()
         self._entries: dict[str, Binding] = {}
         self._by_packed: dict[bytes, str] = {}
         # hoa -> (the ip4_hoa it was indexed with, its keys in _by_packed)
@@ -536,6 +543,7 @@ class BindingCache:
         dirty, self._dirty = self._dirty, {}
         spis, self._dirty_spis = self._dirty_spis, set()
         deleted, self._dirty_deleted = self._dirty_deleted, set()
+        marks, self._unwritten_marks = self._unwritten_marks, set()
         self.dirty = False
         own = not conn.in_transaction
         try:
@@ -545,13 +553,25 @@ class BindingCache:
             if own:
                 conn.execute("COMMIT")
             elif self._held is not None:
-                self._held.append((dirty, spis, deleted))
+                self._held.append((dirty, spis, deleted, marks))
         except BaseException:
             if own and conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            self._requeue(dirty, spis, deleted)  # for the next try
+            self._requeue(dirty, spis, deleted, marks)  # for the next try
             raise
+
+    @property
+    def unwritten_marks(self) -> frozenset[int]:
+        """The SPIs whose HA->MN out-mark was raised and not yet written (a
+        flush failed, or none ran since): their numbers at or above the mark
+        on disk must not be sent until one succeeds."""
+        return frozenset(self._unwritten_marks)
+
+    @property
+    def marks_unwritten(self) -> bool:
+        """:attr:`unwritten_marks` is not empty (cheap: read per TUN drain)."""
+        return bool(self._unwritten_marks)
 
     def _write(
         self,
@@ -608,17 +628,24 @@ class BindingCache:
         try:
             yield
         except BaseException:
-            for dirty, spis, deleted in reversed(self._held):
-                self._requeue(dirty, spis, deleted)
+            for dirty, spis, deleted, marks in reversed(self._held):
+                self._requeue(dirty, spis, deleted, marks)
             raise
         finally:
             self._held = outer
 
-    def _requeue(self, dirty: dict[str, Binding | None], spis: set[int], deleted: set[str]) -> None:
+    def _requeue(
+        self,
+        dirty: dict[str, Binding | None],
+        spis: set[int],
+        deleted: set[str],
+        marks: set[int],
+    ) -> None:
         # Newer changes win over these.
         self._dirty = dirty | self._dirty
         self._dirty_spis |= spis
         self._dirty_deleted |= deleted
+        self._unwritten_marks |= marks
         self.dirty = True
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
@@ -781,6 +808,8 @@ class BindingCache:
         it sends a packet numbered at or above the previous mark.
         """
         self._record(spi).out_mark = mark
+        if self._conn is not None:  # cleared by the flush that writes it
+            self._unwritten_marks.add(spi)
         self._spi_changed(spi)
 
     def replay_floor(self, spi: int, hoa: str | None = None) -> int:

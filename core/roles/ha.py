@@ -1052,6 +1052,13 @@ class HaService:
                 f"max_sa_lifetime ({self.cfg.ha.max_sa_lifetime:g} s)"
             )
         held = self.core.installed_sa(sa.spi)
+        if held is None and self._loader is not None and sa.spi > self._load_cursor:
+            # The start's load has not reached this SPI yet: a live SA under
+            # it is in the store only.  Not looked at, another SA took the
+            # SPI over -- and the binding of the SA it replaced -- while the
+            # HA loaded (found in review).  (Sharing the HAC's store, model
+            # 1, the row is this very SA: the same, accepted.)
+            held = self.store.get(sa.spi, now)
         if held is not None and not same_sa(held, issued):
             # The HAC re-uses an SPI only once its SA was withdrawn here.  A
             # different SA under a live SPI replaced it, and the old SA's
@@ -1142,6 +1149,13 @@ class HaService:
             for i in accepted:
                 results[i] = exc
             return results
+        if self._to_discard:
+            # A withdrawn SA's delete that failed above (it stays queued) was
+            # done by the store write itself, which replaced the row: the
+            # queued delete would now remove the SA just installed under
+            # that SPI -- acknowledged to the HAC as durable (found in review).
+            stored = {items[i][0].sa.spi for i in accepted}
+            self._to_discard = [spi for spi in self._to_discard if spi not in stored]
         for i, fresh, known_list in zip(accepted, new, gone, strict=True):
             issued, _ha_id, withdraw = items[i]
             for spi, known in zip(withdraw, known_list, strict=True):

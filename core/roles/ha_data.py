@@ -43,6 +43,7 @@ from mipsec.core.config import HADataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import HaForwarder, stats_line
 from mipsec.core.ha_core import DataIn
+from mipsec.core.model import SPI_MAX
 from mipsec.core.roles.tunrevive import TunReviver
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 from mipsec.core.udpgso import GsoSender
@@ -207,18 +208,28 @@ class HaDataPlane:
         except TunGoneError as exc:
             self._lost(exc)
             return
-        if out and core.out_blocks != blocks and not self.service.flush_bindings():
-            # This drain reserved a new block of HA->MN sequence numbers
-            # (ha_core._reserve_out), write-behind.  On disk before any of
-            # its datagrams leaves, as a BA waits for its commit: sent first,
-            # a kill before the next commit made the restarted HA use those
-            # numbers again, and the MN drop its BAs and data as replays
-            # (found in review).  Not written: not sent.  (Only then: any
-            # other record waiting, e.g. behind another process's lock, is
-            # no reason to hold the downlink.)
-            self.counts["reserve_unwritten"] += len(out)
-            out.clear()
-            return
+        # A block of HA->MN sequence numbers reserved (ha_core._reserve_out,
+        # write-behind) is on disk before any datagram of its SA leaves, as a
+        # BA waits for its commit: sent first, a kill before the next commit
+        # made the restarted HA use those numbers again, and the MN drop its
+        # BAs and data as replays (found in review).  Not only this drain's
+        # reservations: one whose write failed before (this data plane's
+        # flush, a BA burst's, a drain cut by a lost TUN) still stands in
+        # memory, and the next drain sent numbers above the mark on disk
+        # without a commit (found in a later review).
+        bindings = self.service.bindings
+        reserved = core.out_blocks != blocks or bindings.marks_unwritten
+        if out and reserved and not self.service.flush_bindings():
+            # Not written: the datagrams of those SAs are not sent (their
+            # numbers already run past the mark on disk).  The other SAs'
+            # leave: no other record waiting, e.g. behind another
+            # process's lock, is a reason to hold their downlink.
+            held = bindings.unwritten_marks
+            # PType|SPI: the SPI is the low 28 bits (PROFILE §7; 0 in a
+            # plaintext datagram, which carries no sequence number).
+            keep = [o for o in out if (int.from_bytes(o[0][:4], "big") & SPI_MAX) not in held]
+            self.counts["reserve_unwritten"] += len(out) - len(keep)
+            out[:] = keep
         # Consecutive datagrams for one care-of address leave together: one
         # UDP GSO send per run of equal size (udpgso.py).
         start = 0

@@ -170,6 +170,47 @@ def test_an_sa_withdrawn_before_the_load_reached_it_stays_dead(
     run(main())
 
 
+def test_other_keys_under_an_spi_the_load_has_not_reached_are_refused(
+    tmp_path: Path, small_pages: None
+) -> None:
+    """While the HA loads its store, a HAC (gone wrong, or rogue) installs
+    other keys under the SPI of a live SA the load has not reached.  It is
+    refused as for an SA the core holds; the victim keeps its binding and
+    is served, and the rogue MN's BU is not.  Before, the install passed
+    the check of the core alone, replaced the stored row, and the rogue
+    took over the victim's binding (found in review).  The same SA again
+    is accepted (idempotent)."""
+    from mipsec.core.roles.ha import ProvisioningRefused
+
+    sas = many(N)
+
+    async def main() -> None:
+        mns = await registered(tmp_path, sas)
+        svc = HaService(ha_config(tmp_path))
+        addrs = await svc.start()
+        victim = sas[-1]
+        spi = victim.sa.spi
+        assert svc._loader is not None and not svc.core.has_spi(spi)
+        rogue = IssuedSA(make_issued(spi=spi).sa, victim.bootstrap)  # fresh keys
+        with pytest.raises(ProvisioningRefused, match="live here with another SA"):
+            await svc.install_sa(rogue)
+        await svc.install_sa(victim)  # the same SA: accepted
+        rogue_mn = MNAt(rogue)
+        await rogue_mn.send(rogue_mn.bu(7), addrs[0])
+        assert await rogue_mn.nothing()
+        await wait_loaded(svc)
+        held = svc.core.installed_sa(spi)
+        assert held is not None and held.sa.mn_to_ha_ikey == victim.sa.mn_to_ha_ikey
+        assert (await mns[-1].ba(2, addrs[0])).status == 0
+        binding = svc.core.binding(str(victim.bootstrap.ip6_hoa))
+        assert binding is not None and binding.spi == spi
+        await svc.stop()
+        for mn in [*mns, rogue_mn]:
+            mn.close()
+
+    run(main())
+
+
 def test_a_small_store_is_loaded_whole_before_the_sockets_open(tmp_path: Path) -> None:
     sas = many(5)
 

@@ -1075,7 +1075,63 @@ def test_downlink_numbers_are_on_disk_before_they_leave(tmp_path: Path) -> None:
         dp.tun = _Tun(_downlink(HOA, 5000))  # type: ignore[assignment]
         dp._tun_readable()
         assert seen == [] and dp.counts["reserve_unwritten"] == 5000
+        # The next drain reserves nothing new: its numbers lie inside the
+        # block reserved above, in memory only.  Still not written, still
+        # not sent -- before, it left numbered 5,010 with 4,096 on disk
+        # (found in a later review).
+        dp.tun = _Tun(_downlink(HOA, 10))  # type: ignore[assignment]
+        dp._tun_readable()
+        assert seen == [] and dp.counts["reserve_unwritten"] == 5010
+        # The store writes again: the block goes to disk first, then they leave.
+        del svc.flush_bindings
+        dp.tun = _Tun(_downlink(HOA, 10))  # type: ignore[assignment]
+        dp._tun_readable()
+        assert len(seen) == 1 and seen[0][0] > 5000
+        assert all(top < mark for top, mark in seen), seen
+        assert not svc.bindings.marks_unwritten
         mn.close()
         await svc.stop()
 
     run(main())
+
+
+def test_a_queued_delete_never_removes_the_sa_installed_after_it(tmp_path: Path) -> None:
+    """SA A withdrawn; the store cannot delete its row (twice: at once, and
+    when an install of B under the same SPI retries it).  B's store write
+    replaces A's row itself.  When the store works again, the queued delete
+    of A must not remove B -- installed and acknowledged to the HAC as
+    durable: B is in the store and survives a restart (found in review)."""
+    from mipsec.core.issuer import utcnow
+
+    async def main() -> tuple[bool, bool, bool]:
+        svc = HaService(ha_config(tmp_path))
+        await svc.start()
+        a = make_issued(spi=0x777)
+        await svc.install_sa(a)
+        real = svc._discard
+        fails = [2]
+
+        def flaky(spis: list[int]) -> None:
+            if fails[0]:
+                fails[0] -= 1
+                raise OSError(28, "No space left on device")
+            real(spis)
+
+        svc._discard = flaky  # type: ignore[method-assign]
+        svc.withdraw_sa_now(0x777)
+        await asyncio.sleep(0)  # the delete, at the end of the turn: fails
+        assert svc._to_discard == [0x777]
+        b = make_issued(spi=0x777)  # the HAC re-uses the SPI, with new keys
+        await svc.install_sa(b)  # retries the delete first: fails again
+        svc._discard_now()  # the expiry run: the store works again
+        stored = svc.store.get(0x777, utcnow())
+        in_store = stored is not None and stored.sa.mn_to_ha_ikey == b.sa.mn_to_ha_ikey
+        held = svc.core.has_spi(0x777)
+        await svc.stop()
+        again = HaService(ha_config(tmp_path))
+        await again.start()
+        after = again.core.installed_sa(0x777)
+        await again.stop()
+        return in_store, held, after is not None and after.sa.mn_to_ha_ikey == b.sa.mn_to_ha_ikey
+
+    assert run(main()) == (True, True, True)
