@@ -78,26 +78,30 @@ class ConnectionTable(Generic[K]):
         """Requests being worked on now."""
         return len(self._working)
 
-    def admit(self, key: K) -> tuple[bool, K | None]:
-        """A new connection: ``(admitted, victim)``.
+    def admit(self, key: K) -> tuple[bool, list[K]]:
+        """A new connection: ``(admitted, victims)``.
 
         Under the cap: admitted, no victim.  At the cap: the lowest-ranked
         connection that has waited longest is the victim (already removed
         here; the caller closes it) and ``key`` is admitted in its place.
-        When every held connection is being worked for there is no victim
-        and ``key`` is refused.
+        Over it (a lowered cap that ``resize`` could not reach because
+        those connections were being worked for): as many victims as bring
+        the table back under it -- one per admission kept the table over a
+        lowered cap for good (found in review).  When every held connection
+        is being worked for there is no victim left and ``key`` is refused.
         """
         if key in self._rank:
             raise LocalProtocolError("admit() of a connection already held")
-        victim: K | None = None
-        if len(self._rank) >= self.max_connections:
+        victims: list[K] = []
+        while len(self._rank) >= self.max_connections:
             victim = self.oldest()
             if victim is None:
-                return False, None
+                return False, victims
             self.remove(victim)
+            victims.append(victim)
         self._rank[key] = _UNPROVEN
         self._queues[_UNPROVEN][key] = None
-        return True, victim
+        return True, victims
 
     def authenticated(self, key: K) -> None:
         """``key``'s peer proved who it is: from now on it is evicted only
@@ -164,7 +168,8 @@ class ConnectionTable(Generic[K]):
         """A new cap (a reload): the connections over it, removed here for
         the caller to close -- those ``admit`` would evict first (lowest
         rank, longest waiting); never one being worked for, so the table may
-        stay over a lowered cap until that work ends."""
+        stay over a lowered cap until that work ends (then the next
+        ``admit`` evicts down to the cap)."""
         if max_connections < 1:
             raise LocalProtocolError("max_connections must be at least 1")
         self.max_connections = max_connections

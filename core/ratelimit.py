@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,11 @@ class SourceBuckets:
         # key -> (tokens, time of the last refill); insertion order is the
         # order of last use (each use re-inserts), so the first key is the
         # least recently used.
-        self._buckets: dict[int, tuple[float, float]] = {}
+        # Least recently used first.  An OrderedDict: a plain dict's
+        # ``next(iter(d))`` walks the deleted slots piling up at its front,
+        # ~23 µs per new source past the cap against 0.6 below it (found
+        # in review) -- a flood spread over many /64s paid it per accept.
+        self._buckets: OrderedDict[int, tuple[float, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -88,13 +93,14 @@ class SourceBuckets:
     def allow(self, key: int) -> bool:
         now = self.clock()
         buckets = self._buckets
-        held = buckets.pop(key, None)
+        held = buckets.get(key)
         if held is None:
             tokens = float(self.burst)
             if len(buckets) >= self.max_sources:
-                del buckets[next(iter(buckets))]  # the least recently used
+                buckets.popitem(last=False)  # the least recently used
         else:
             tokens = min(float(self.burst), held[0] + (now - held[1]) * self.rate)
+            buckets.move_to_end(key)
         if tokens >= 1.0:
             buckets[key] = (tokens - 1.0, now)
             return True

@@ -610,6 +610,7 @@ class TlsListener:
         # Connections over a lowered cap, out of the table, their TCP to abort.
         self._evicting: deque[TlsConnection] = deque()
         self._evict_task: asyncio.Task[None] | None = None
+        self._fds_given_back = False  # this listener's cap, out of _fds_reserved at aclose
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -625,7 +626,10 @@ class TlsListener:
         newcomer would evict first (unauthenticated, longest waiting; never
         one whose request is being worked on).  Returns how many closed."""
         old, self.limits = self.limits, limits
-        if limits.max_connections > old.max_connections and self._loop is not None:
+        if self._loop is not None:
+            # Up and down: a lowered cap gives its share back (it only ever
+            # grew, and reloads up and down drove the figure past the hard
+            # limit: a false WARNING, found in review).
             _reserve_fds(limits.max_connections - old.max_connections)
         self.table.max_in_progress = limits.max_in_progress
         if (limits.per_source_rate, limits.per_source_burst) != (
@@ -727,6 +731,9 @@ class TlsListener:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), timeout)
         self._servers.clear()
+        if self._loop is not None and not self._fds_given_back:
+            self._fds_given_back = True
+            _reserve_fds(-self.limits.max_connections)
         self._flush_summary()
 
     # ------------------------------------------------------------ internals
@@ -744,8 +751,8 @@ class TlsListener:
                 self._count(RATE_LIMITED)
                 conn.abort(RATE_LIMITED)
                 return
-        admitted, victim = self.table.admit(conn)
-        if victim is not None:
+        admitted, victims = self.table.admit(conn)
+        for victim in victims:
             self._count(EVICTED)
             victim.abort(EVICTED)
         if not admitted:
@@ -826,13 +833,16 @@ _fds_reserved = 0
 
 
 def _reserve_fds(count: int) -> None:
-    """Make room for ``count`` more sockets under RLIMIT_NOFILE if the hard limit allows.
+    """Make room for ``count`` more sockets under RLIMIT_NOFILE if the hard limit allows
+    (negative: a listener gives its share back, nothing else changes).
 
     An accept() that fails with EMFILE makes asyncio stop accepting for a
     second: every MN would wait.  The cap must be the limit, never the fds.
     """
     global _fds_reserved
-    _fds_reserved += count
+    _fds_reserved = max(0, _fds_reserved + count)
+    if count <= 0:
+        return
     want = _fds_reserved + 256  # files, stores, outgoing connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= want:

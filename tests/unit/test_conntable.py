@@ -12,7 +12,7 @@ from mipsec.core.errors import LocalProtocolError
 
 def test_under_the_cap_everyone_is_admitted() -> None:
     t: ConnectionTable[str] = ConnectionTable(3)
-    assert [t.admit(k) for k in "abc"] == [(True, None)] * 3
+    assert [t.admit(k) for k in "abc"] == [(True, [])] * 3
     assert len(t) == 3 and "b" in t and t.oldest() == "a"
 
 
@@ -21,10 +21,10 @@ def test_at_the_cap_the_longest_waiting_makes_room() -> None:
     for k in "abc":
         t.admit(k)
     t.waiting("a")  # a was answered: it waits again, now the newest
-    assert t.admit("d") == (True, "b")
+    assert t.admit("d") == (True, ["b"])
     assert "b" not in t and len(t) == 3
-    assert t.admit("e") == (True, "c")
-    assert t.admit("f") == (True, "a")
+    assert t.admit("e") == (True, ["c"])
+    assert t.admit("f") == (True, ["a"])
 
 
 def test_worked_for_connections_are_never_evicted() -> None:
@@ -32,13 +32,13 @@ def test_worked_for_connections_are_never_evicted() -> None:
     t.admit("a")
     t.admit("b")
     assert t.begin_work("a")
-    assert t.admit("c") == (True, "b")
+    assert t.admit("c") == (True, ["b"])
     assert t.begin_work("c")
     # Everyone held is being worked for: the newcomer is refused.
-    assert t.admit("d") == (False, None)
+    assert t.admit("d") == (False, [])
     assert "d" not in t and len(t) == 2
     t.waiting("a")  # a's work ended; it is evictable again
-    assert t.admit("d") == (True, "a")
+    assert t.admit("d") == (True, ["a"])
 
 
 def test_in_progress_cap() -> None:
@@ -60,7 +60,7 @@ def test_closing_connections_leave_first() -> None:
     t.begin_work("c")
     t.closing("c")  # was working, now closing: first in line
     assert t.in_progress == 0
-    assert t.admit("d") == (True, "c")
+    assert t.admit("d") == (True, ["c"])
 
 
 def test_authenticated_connections_go_only_when_nothing_else_is_left() -> None:
@@ -71,18 +71,18 @@ def test_authenticated_connections_go_only_when_nothing_else_is_left() -> None:
         t.admit(k)
     t.authenticated("a")  # the oldest, but proven
     flood = [t.admit(f"x{i}") for i in range(50)]
-    assert flood[:2] == [(True, "b"), (True, "c")]
-    assert all(v is not None and v.startswith("x") for _, v in flood[2:])
+    assert flood[:2] == [(True, ["b"]), (True, ["c"])]
+    assert all(len(v) == 1 and v[0].startswith("x") for _, v in flood[2:])
     assert "a" in t
     t.begin_work("a")  # keeps its rank while worked for
     t.waiting("a")
-    assert t.admit("y") == (True, "x48")
+    assert t.admit("y") == (True, ["x48"])
     t.authenticated("x49")
     t.authenticated("y")
-    assert t.admit("z") == (True, "a")  # only proven ones left: the longest waiting
+    assert t.admit("z") == (True, ["a"])  # only proven ones left: the longest waiting
     t.closing("y")  # a closing connection leaves first, whatever its rank
     t.authenticated("y")  # ... and stays first
-    assert t.admit("w") == (True, "y")
+    assert t.admit("w") == (True, ["y"])
 
 
 def test_misuse_is_a_local_error() -> None:
@@ -135,7 +135,9 @@ def test_model(cap: int, in_progress: int | None, script: list[tuple[str, int]])
         if op == "admit":
             fresh += 1
             expect_victim = first()
-            admitted, victim = t.admit(fresh)
+            admitted, victims = t.admit(fresh)
+            assert len(victims) <= 1  # never over the cap without a resize
+            victim = victims[0] if victims else None
             if len(since) + len(working) >= cap:
                 assert victim == expect_victim
                 assert admitted == (expect_victim is not None)
@@ -201,6 +203,25 @@ def test_a_lowered_cap_gives_back_the_connections_over_it_in_eviction_order() ->
     assert t.resize(1) == ["c", "a"]  # b stays: its request is being worked on
     assert list(t) == ["b"] and len(t) == 1
     assert t.resize(10) == [] and t.max_connections == 10
-    assert t.admit("g") == (True, None)
+    assert t.admit("g") == (True, [])
     with pytest.raises(LocalProtocolError, match="at least 1"):
         t.resize(0)
+
+
+def test_a_table_left_over_a_lowered_cap_comes_back_under_it_at_the_next_admission() -> None:
+    """Three connections worked for when the cap is lowered to 1: they stay
+    (``resize`` never takes one being worked for).  Once their work has
+    ended, the next admission evicts down to the cap -- before, it swapped
+    one connection for one, and the table stayed over the operator's cap
+    for good (found in review)."""
+    t: ConnectionTable[str] = ConnectionTable(5)
+    for k in "abcde":
+        t.admit(k)
+    for k in "abc":
+        assert t.begin_work(k)
+    assert t.resize(1) == ["d", "e"] and len(t) == 3
+    for k in "abc":
+        t.waiting(k)
+    assert t.admit("f") == (True, ["a", "b", "c"])
+    assert list(t) == ["f"]
+    assert t.admit("g") == (True, ["f"])
