@@ -524,9 +524,9 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
                 wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
                 log.info("next bootstrap in %.0f s", wait)
+                await pause(wait, stepped=_sa_clock_watch(cfg.sa.rebootstrap_at, log))
             else:
-                wait = short
-            await pause(wait)
+                await pause(short)
             continue
         short = short_sa(result.issued)  # None with --once (the WARNING alone)
         registrar = Registrar(
@@ -578,6 +578,33 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     if dataplane is not None:
         dataplane.close()
     return EXIT_OK
+
+
+def _sa_clock_watch(rebootstrap_at: float, log: logging.Logger) -> Callable[[], float]:
+    """For the wait to an SA's re-bootstrap with registration off: a wall-clock
+    step ahead (NTP correcting a clock that ran behind when the SA came)
+    brings the SA's end nearer, so the wait is cut by the step times
+    ``rebootstrap_at`` -- where the correct time would have put it, as the
+    Registrar does with registration on (core/mn_registration.py
+    ``clock_stepped``); a step back keeps the wait.  One WARNING per step.
+    Before the twenty-seventh session this wait ignored steps: a clock 2 h
+    behind when a 3-h SA came left the MN re-bootstrapping an hour after
+    the SA's end (found in review)."""
+    import time
+
+    from mipsec.core.clockstep import ClockWatch, step_line
+    from mipsec.core.roles.mn import mn_clock
+
+    watch = ClockWatch(wall=time.time, mono=mn_clock)  # a suspend is no step
+
+    def stepped() -> float:
+        step = watch.check()
+        if step is None:
+            return 0.0
+        log.warning("%s", step_line(step, "mn: "))
+        return max(0.0, step) * rebootstrap_at
+
+    return stepped
 
 
 async def _unless_stopped(

@@ -67,10 +67,18 @@ class BootstrapWait:
             )
         return "mn: SIGUSR1: the wait is cut, bootstrapping now"
 
-    async def pause(self, seconds: float, hac_seconds: float = 0.0) -> None:
+    async def pause(
+        self,
+        seconds: float,
+        hac_seconds: float = 0.0,
+        *,
+        stepped: Callable[[], float] | None = None,
+    ) -> None:
         """Wait ``seconds`` before the next bootstrap, less after ``stop`` or
         ``cut`` -- but, ``stop`` aside, never less than ``hac_seconds`` (the
-        part of the wait the HAC's retry-after asked for)."""
+        part of the wait the HAC's retry-after asked for).  ``stepped``,
+        called at every look at the clock: seconds to take off the wait now
+        (a wall-clock step that brought an SA's end nearer), 0 if none."""
         if self._stop.is_set():
             return
         self._wake.clear()
@@ -78,16 +86,20 @@ class BootstrapWait:
         self._hac_until = start + min(hac_seconds, seconds)
         self.waiting = True
         try:
-            await self._until(start + seconds, self._wake)
+            await self._until(start + seconds, self._wake, stepped)
             await self._until(self._hac_until, self._stop)
         finally:
             self.waiting = False
             self._hac_until = 0.0
 
-    async def _until(self, end: float, event: asyncio.Event) -> None:
+    async def _until(
+        self, end: float, event: asyncio.Event, stepped: Callable[[], float] | None = None
+    ) -> None:
         """Until ``end`` on the clock or ``event``, looking at the clock at
-        least every SLICE seconds."""
+        least every SLICE seconds (``stepped``: see ``pause``)."""
         while not event.is_set():
+            if stepped is not None:
+                end -= max(0.0, stepped())
             left = end - self._clock()
             if left <= 0:
                 return

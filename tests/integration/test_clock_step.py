@@ -105,16 +105,9 @@ def _result(proc: subprocess.Popen[str], timeout: float) -> Any:
     return json.loads(proc.stdout.readline())
 
 
-def test_an_mn_holding_an_sa_through_a_step_says_so_and_goes_back_to_its_hac(
-    lab: Lab, start_hac: Any
-) -> None:
-    """A real MN daemon under libfaketime, its HAC and HA on the true time.
-    Its clock stepped 2 h ahead: by it, the 1-h SA it holds has ended, so it
-    says so in one WARNING and bootstraps again at once (before: nothing
-    said, and BUs under the SA until the re-bootstrap the old time had
-    fixed, 48 min on).  The new SA looks short by the wrong clock (one
-    WARNING, backed off) and is used: the MN stays registered.  Stepped
-    back, it says so again and keeps its schedule."""
+def _mn_under_faketime(lab: Lab, start_hac: Any) -> tuple[subprocess.Popen[str], Path, Path]:
+    """The lab's HAC on the true time, and its MN daemon under libfaketime:
+    the process, its offset file ("+0s" to begin) and its stderr's file."""
     offset = lab.dir / "faketime-mn"
     env = _faketime(offset)
     start_hac(lab)
@@ -127,6 +120,30 @@ def test_an_mn_holding_an_sa_through_a_step_says_so_and_goes_back_to_its_hac(
             text=True,
             env=env,
         )
+    return mn, offset, err_log
+
+
+def _stopped(mn: subprocess.Popen[str], err_log: Path) -> tuple[str, list[str]]:
+    """SIGTERM; the MN must exit 0.  Its log, and the lines saying its clock
+    stepped 2 h ahead."""
+    mn.send_signal(signal.SIGTERM)
+    mn.wait(timeout=20)
+    text = err_log.read_text()
+    assert mn.returncode == 0, text[-2000:]
+    return text, [line for line in text.splitlines() if "wall clock stepped 2.0 h ahead" in line]
+
+
+def test_an_mn_holding_an_sa_through_a_step_says_so_and_goes_back_to_its_hac(
+    lab: Lab, start_hac: Any
+) -> None:
+    """A real MN daemon under libfaketime, its HAC and HA on the true time.
+    Its clock stepped 2 h ahead: by it, the 1-h SA it holds has ended, so it
+    says so in one WARNING and bootstraps again at once (before: nothing
+    said, and BUs under the SA until the re-bootstrap the old time had
+    fixed, 48 min on).  The new SA looks short by the wrong clock (one
+    WARNING, backed off) and is used: the MN stays registered.  Stepped
+    back, it says so again and keeps its schedule."""
+    mn, offset, err_log = _mn_under_faketime(lab, start_hac)
     try:
         first = _result(mn, 30)
         assert first["status"] == 200 and first["ba"]["status"] == 0, first
@@ -139,14 +156,31 @@ def test_an_mn_holding_an_sa_through_a_step_says_so_and_goes_back_to_its_hac(
         while "stepped 2.0 h back" not in err_log.read_text() and time.monotonic() < end:
             time.sleep(0.2)
     finally:
-        mn.send_signal(signal.SIGTERM)
-        mn.wait(timeout=20)
-    text = err_log.read_text()
-    assert mn.returncode == 0, text[-2000:]
-    ahead = [line for line in text.splitlines() if "wall clock stepped 2.0 h ahead" in line]
+        text, ahead = _stopped(mn, err_log)
     back = [line for line in text.splitlines() if "wall clock stepped 2.0 h back" in line]
     assert len(ahead) == 1 and "WARNING" in ahead[0], text[-2000:]
     assert f"the SA (spi={first['sa']['spi']}) is near its end" in ahead[0]
     assert len(back) == 1 and "keeps its schedule" in back[0], text[-2000:]
     assert "under [sa] min_lifetime" in text  # the new SA, judged by the wrong clock
     assert "Traceback" not in text and "deregistered" in text
+
+
+def test_an_mn_without_registration_cuts_its_wait_on_a_step_ahead(lab: Lab, start_hac: Any) -> None:
+    """Registration off: the MN only holds its SA and bootstraps again at
+    80 % of it (48 min for the lab's 1-h SA).  Its clock stepped 2 h ahead:
+    by the corrected time the SA has ended, so the wait is cut -- one
+    WARNING, and a new bootstrap within seconds.  Before, that wait ignored
+    steps: a clock 2 h behind when a 3-h SA came left the MN an hour past
+    its SA's end before it went back to its HAC (found in review)."""
+    edit_toml(Path(lab.info["mn"]["config"]), "enabled = true\n", "enabled = false\n")
+    mn, offset, err_log = _mn_under_faketime(lab, start_hac)
+    try:
+        first = _result(mn, 30)
+        assert first["status"] == 200 and "ba" not in first, first
+        offset.write_text("+2h\n")
+        second = _result(mn, 10)  # at once, not in 48 min
+        assert second["status"] == 200 and second["sa"]["spi"] != first["sa"]["spi"]
+    finally:
+        text, ahead = _stopped(mn, err_log)
+    assert len(ahead) == 1 and "WARNING" in ahead[0], text[-2000:]
+    assert "Traceback" not in text

@@ -98,3 +98,20 @@ def test_the_stop_ends_the_wait_and_the_retry_after_and_every_later_wait() -> No
         await asyncio.wait_for(waits.pause(60.0), 0.5)  # returns at once
 
     assert _timed(body) < 1.0
+
+
+def test_a_step_callback_cuts_the_wait_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``stepped`` is asked at every look at the clock: what it returns comes
+    off the wait (a step ahead that brought the SA's end nearer); 0 or a
+    negative figure (a step back) changes nothing, and the HAC's
+    retry-after floor is never cut by it."""
+    monkeypatch.setattr(mn_wait, "SLICE", 0.05)
+    waits = BootstrapWait(Clock(), min_gap=5.0)
+    cuts = iter([0.0, -3600.0, 3599.8])
+
+    async def body() -> None:
+        await waits.pause(3600.0, stepped=lambda: next(cuts, 0.0))
+
+    assert _timed(body) < 1.0
+    floor = BootstrapWait(Clock(), min_gap=5.0)
+    assert _timed(lambda: floor.pause(0.3, 0.3, stepped=lambda: 3600.0)) >= 0.3
