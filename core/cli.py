@@ -344,6 +344,8 @@ def _ignore_sigusr1(loop: asyncio.AbstractEventLoop, role: str) -> None:
 
 async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:
     from mipsec.core.issuer import utcnow
+    from mipsec.core.mn_keep import KeptBinding
+    from mipsec.core.mn_registration import NEAR_END
     from mipsec.core.mn_wait import BootstrapWait
     from mipsec.core.model import IssuedSA
     from mipsec.core.roles.mn import (
@@ -489,7 +491,12 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         # that was told (core/mn_backoff.py ``hac_not_before``).
         await pause(left, backoff.hac_left)
 
+    # The previous SA's binding, kept while the MN bootstraps again (make
+    # before break, core/mn_keep.py).
+    kept: KeptBinding | None = None
     while not stop.is_set():
+        if kept is not None and not kept.live:
+            kept = None
         # Never bootstrap more often than every MIN_REBOOTSTRAP_INTERVAL.
         gap = _monotonic() - last_bootstrap
         if gap < MIN_REBOOTSTRAP_INTERVAL:
@@ -504,6 +511,8 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         )
         if boot is None:
             log.info("mn: stopped during a bootstrap, which was cut after %.0f s", STOP_GRACE)
+            if kept is not None:
+                await kept.end(deregister=True)
             return EXIT_FAILED if once else EXIT_OK
         result = boot
         if not result.ok or result.issued is None or not cfg.registration.enabled:
@@ -521,10 +530,13 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             short = short_sa(result.issued)
             if short is None:
                 backoff.succeeded()
+                # Watched from before the wall clock is read for the wait: a
+                # step in between would go unseen.
+                stepped = _sa_clock_watch(cfg.sa.rebootstrap_at, log)
                 lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
                 wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
                 log.info("next bootstrap in %.0f s", wait)
-                await pause(wait, stepped=_sa_clock_watch(cfg.sa.rebootstrap_at, log))
+                await pause(wait, stepped=stepped)
             else:
                 await pause(short)
             continue
@@ -550,6 +562,9 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 return EXIT_OK if outcome.accepted else EXIT_FAILED
             first = await registrar.run(until_registered=True, stop=stop)
             report(result, first)
+            if kept is not None and first.accepted:
+                await kept.end(deregister=False)  # the new SA's binding took over
+                kept = None
             if dataplane is not None and first.accepted:
                 dataplane.attach(registrar, first.ip4_hoa)
             if first.accepted and first.rebootstrap is None and short is None:
@@ -562,7 +577,14 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 break
             if outcome.rebootstrap:
                 log.info("bootstrapping again: %s", outcome.rebootstrap)
-                if first.rebootstrap is not None:
+                if outcome.rebootstrap == NEAR_END and first.rebootstrap is None:
+                    # Make before break (core/mn_keep.py): the SA is still
+                    # good; its binding and data plane stay until a new SA
+                    # is registered or it ends.
+                    if kept is not None:
+                        await kept.end(deregister=False)
+                    kept = KeptBinding(registrar, _detach_from(dataplane))
+                elif first.rebootstrap is not None:
                     # Sent back by the SA's very first BA (an HA answering
                     # 176 to every BU): a failure, backed off -- the MN
                     # must not hammer its HAC.
@@ -572,12 +594,26 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 log.warning("registration failed: %s", why)
                 await after_failure(f"registration failed: {why}")
         finally:
-            if dataplane is not None:
-                dataplane.detach()
-            registrar.close()
+            if kept is None or kept.registrar is not registrar:
+                if dataplane is not None and dataplane.registrar is registrar:
+                    dataplane.detach()
+                registrar.close()
+    if kept is not None:
+        await kept.end(deregister=stop.is_set())  # a stop de-registers it
     if dataplane is not None:
         dataplane.close()
     return EXIT_OK
+
+
+def _detach_from(dataplane: Any) -> Callable[[Any], None]:
+    """For a kept binding that ends: the data plane lets go of it, if it
+    still carries it (a new SA's attach moved it on already)."""
+
+    def detach(registrar: Any) -> None:
+        if dataplane is not None and dataplane.registrar is registrar:
+            dataplane.detach()
+
+    return detach
 
 
 def _sa_clock_watch(rebootstrap_at: float, log: logging.Logger) -> Callable[[], float]:

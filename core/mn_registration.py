@@ -51,6 +51,11 @@ from mipsec.core.wire.esp import (
 )
 from mipsec.core.wire.inner import next_header_of
 
+# The reason of the Rebootstrap sent at ``rebootstrap_at`` of the SA: the SA
+# is still good, so the MN keeps its binding until a new one is registered
+# (core/mn_keep.py).
+NEAR_END = "SA validity end is near"
+
 # RFC 6275 §12 / §13: protocol constants for BU retransmission.
 INITIAL_BINDACK_TIMEOUT_FIRST_REG = 1.5  # InitialBindackTimeoutFirstReg (§13)
 INITIAL_BINDACK_TIMEOUT = 1.0  # INITIAL_BINDACK_TIMEOUT (§12)
@@ -229,7 +234,7 @@ class MnRegistration:
             out.append(self._send_bu(now, self._lifetime_units, first=False))
         if now >= self._rebootstrap_deadline and not self._rebootstrap_sent:
             self._rebootstrap_sent = True
-            out.append(Rebootstrap("SA validity end is near"))
+            out.append(Rebootstrap(NEAR_END))
         return out
 
     def clock_stepped(self, now: float, step: float, wall_now: datetime) -> float | None:

@@ -514,3 +514,39 @@ def test_a_restarted_mn_keeps_the_503s_retry_after_against_sigusr1(
     assert m is not None and 12 <= float(m.group(1)) <= 31, text
     assert "bootstrapping now" not in text, text
     assert '"status"' not in out, out  # no bootstrap in the restarted process yet
+
+
+def test_the_old_binding_is_kept_while_the_hac_cannot_give_a_new_sa(
+    lab: Lab, start_hac: Any
+) -> None:
+    """Make before break: at ``rebootstrap_at`` (here 50 % of a 12-s SA) the
+    HAC is down.  The MN's bootstrap fails and it backs off -- but its old
+    binding keeps being refreshed (BAs keep coming) until the SA's end, and
+    only then is it let go, in one line.  Before, the MN dropped the
+    binding and data plane first, and went without service for its whole
+    backoff although its SA was good for the rest of its life (found in
+    review)."""
+    edit_toml(Path(lab.info["hac"]["config"]), "sa_lifetime = 3600", "sa_lifetime = 12")
+    mn_config = Path(lab.info["mn"]["config"])
+    edit_toml(mn_config, "lifetime = 600", "lifetime = 4")  # a refresh every 3.2 s
+    edit_toml(mn_config, "[sa]\n", "[sa]\nmin_lifetime = 5\nrebootstrap_at = 0.5\n")
+    _retry_bounds(lab, 30, 60)
+    hac = start_hac(lab)
+    mn = _daemon(lab)
+    try:
+        assert mn.stdout is not None
+        first = json.loads(mn.stdout.readline())
+        assert first["status"] == 200 and first["ba"]["status"] == 0, first
+        hac.terminate()  # down before the re-bootstrap at 6 s
+        hac.communicate(timeout=20)
+        lines = _lines_until(mn, 15, stop="the kept binding of SA")
+    finally:
+        mn.send_signal(signal.SIGTERM)
+        _, err = mn.communicate(timeout=20)
+    assert mn.returncode == 0, err
+    text = "".join(lines)
+    spi = first["sa"]["spi"]
+    kept = text.index(f"keeping the binding of SA spi={spi}")
+    failed = text.index("next bootstrap in", kept)
+    gone = text.index(f"the kept binding of SA spi={spi} is gone: its SA ended", failed)
+    assert "binding registered" in text[failed:gone], text  # refreshed after the failure
