@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from mipsec.aaa.radius import RadiusClient, RadiusServer
 from mipsec.core.filedigest import read_regular
+from mipsec.core.secretfiles import check_private_option
 from mipsec.plugins._options import resolve_path
 
 __all__ = ["ClientOptions", "ServerOptions", "make_client", "nas_attributes"]
@@ -76,6 +77,9 @@ def _secret(s: ServerOptions, key: str, base_dir: Path) -> bytes:
         assert s.secret_file is not None
         where = f"{key}.secret_file"
         path = resolve_path(s.secret_file, base_dir)
+        # The shared secret forges Access-Accepts and opens the MPPE keys
+        # that carry the MSK: a secret file (core/secretfiles.py).
+        check_private_option(path, where)
         try:
             # A regular file only: a FIFO would block the event loop a
             # reload's stale() check runs on (core/filedigest.py).

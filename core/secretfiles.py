@@ -57,6 +57,15 @@ def check_private(path: StrPath) -> None:
         raise InsecureFileError(path, stat.S_IMODE(st.st_mode))
 
 
+def check_private_option(path: StrPath, option: str) -> None:
+    """:func:`check_private` for a plugin factory: the error names the option
+    (``ValueError("key: /etc/... secret file open to others ...")``)."""
+    try:
+        check_private(path)
+    except InsecureFileError as exc:
+        raise ValueError(f"{option}: {exc}") from None
+
+
 def check_private_sqlite(path: StrPath) -> None:
     """:func:`check_private` for an SQLite file and its ``-wal``/``-shm`` companions."""
     base = os.fspath(path)

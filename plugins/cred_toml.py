@@ -192,6 +192,15 @@ class TomlCredentials:
             return
         if stamp == self._stamp or stamp == self._bad_stamp or self._pending is not None:
             return
+        try:
+            # A new version open to group or others (``mv new.toml creds.toml``
+            # of a file made 0644) is refused as at start; before the
+            # twenty-seventh session it was loaded with an INFO line (found
+            # in review; the SQLite backend refused the same replacement).
+            check_private(self.path)
+        except ValueError as exc:
+            self._failed(stamp, exc)
+            return
         loop = _running_loop()
         if loop is not None and stamp[1] > INLINE_RELOAD_MAX:
             # Parsed in a worker thread; the last contents answer meanwhile.

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mipsec.core.eap.method import EapMethodPlugin, EapPeerContext
 from mipsec.core.filedigest import read_regular
 from mipsec.core.hookspecs import PluginContext, hookimpl
+from mipsec.core.secretfiles import check_private_option
 from mipsec.core.wire.eap import EapType, MethodKey
 from mipsec.plugins._options import parse_options, resolve_path
 
@@ -117,6 +118,7 @@ def _key(inline: str | None, file: str | None, name: str, base: Path) -> bytes:
         return bytes.fromhex(inline)
     assert file is not None
     path = resolve_path(file, base)
+    check_private_option(path, f"{name}_file")  # K, OP, OPc: the subscriber's secrets
     try:
         text = read_regular(path, 4096).decode("ascii").strip()  # a FIFO: refused
     except (OSError, UnicodeDecodeError) as exc:

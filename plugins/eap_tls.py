@@ -66,6 +66,7 @@ from mipsec.core.errors import CertificateError, LocalProtocolError
 from mipsec.core.filedigest import FileDigests, read_regular
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.pluginmanager import registry
+from mipsec.core.secretfiles import check_private_option
 from mipsec.core.tls import load_matching_key, load_server_chain
 from mipsec.core.wire.eap import EapType
 from mipsec.plugins._options import parse_options, resolve_path
@@ -132,6 +133,10 @@ class _Credentials:
         # Before the files are loaded (core/filedigest.py says why); also
         # refuses a FIFO or an oversized file, naming the key.
         self.files = FileDigests([("cert", cert_file), ("key", key_file), ("ca", self.ca_file)])
+        # The private key is a secret file like the MHAuth TLS key: refused
+        # when open to group or others (core/secretfiles.py; it was not
+        # checked before the twenty-seventh session, found in review).
+        check_private_option(key_file, "key")
         try:
             self.chain = load_server_chain(cert_file)
         except CertificateError as exc:

@@ -484,7 +484,9 @@ def test_bad_options(options: dict[str, Any], message: str) -> None:
 def test_secret_from_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MIPSEC_TEST_RADIUS_SECRET", "from-env")
     (tmp_path / "radius.secret").write_text("from-file\n")
+    (tmp_path / "radius.secret").chmod(0o600)  # a secret file
     (tmp_path / "empty.secret").write_text("\n")
+    (tmp_path / "empty.secret").chmod(0o600)
     ctx_ = PluginContext(role="hac", base_dir=tmp_path, config_file="hac.toml")
     b = RadiusBackendFactory().create(
         {
@@ -539,6 +541,7 @@ def test_a_rotated_secret_file_makes_the_back_end_stale(tmp_path: Path) -> None:
         RadiusBackendFactory().create(options, ctx)
     path.unlink()
     path.write_bytes(b"x" * (MAX_SECRET_FILE + 1))
+    path.chmod(0o600)
     with pytest.raises(
         ValueError, match=f"secret_file: cannot read .*: larger than {MAX_SECRET_FILE}"
     ):
@@ -563,3 +566,19 @@ def test_require_user_name_refuses_an_accept_that_names_nobody() -> None:
     assert steps[-1].verdict is BackendVerdict.SUCCESS and steps[-1].identity == "alice@example.net"
     steps, _ = run(script(challenge(), accept()), MD5_RESPONSE)
     assert steps[-1].verdict is BackendVerdict.SUCCESS and steps[-1].identity is None
+
+
+def test_a_secret_file_open_to_others_is_refused_naming_the_option(tmp_path: Path) -> None:
+    """The shared secret forges Access-Accepts and opens the MPPE keys that
+    carry the MSK: its ``secret_file`` is a secret file, refused when group
+    or others may read it, with the chmod that fixes it.  Before the
+    twenty-seventh session it was read at any mode (found in review)."""
+    path = tmp_path / "radius.secret"
+    path.write_text("a-secret\n")
+    path.chmod(0o644)
+    ctx = PluginContext(role="hac", base_dir=tmp_path, config_file="hac.toml")
+    options = {"servers": [{"host": "127.0.0.1", "port": 1812, "secret_file": "radius.secret"}]}
+    with pytest.raises(ValueError, match=r"^servers\[0\]\.secret_file: .*secret file open to"):
+        RadiusBackendFactory().create(options, ctx)
+    path.chmod(0o600)
+    assert RadiusBackendFactory().create(options, ctx).stale() is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from pathlib import Path
@@ -109,3 +110,25 @@ def test_reload_finishing_after_close_is_dropped(
 
     asyncio.run(scenario())
     assert backend._table == {}  # a closed backend holds no keys
+
+
+def test_a_new_file_open_to_others_is_not_loaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The credential file replaced by one that group or others may read
+    (``mv new.toml creds.toml`` of a 0644 file): refused as at start --
+    the last contents stay, one ERROR says why and how to fix it.  Before,
+    it was loaded with an INFO line (found in review)."""
+    path = tmp_path / "creds.toml"
+    _write(path, {"alice@x": "aa"}, 1_000_000_000_000_000_000)
+    backend = TomlCredentialsFactory().create({"path": str(path)}, PluginContext("hac", tmp_path))
+    _write(path, {"alice@x": "bb"}, 1_000_000_001_000_000_000)
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.ERROR):
+        assert backend.get_psk("alice@x") == b"\xaa"
+        assert backend.get_psk("alice@x") == b"\xaa"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "secret file open to" in errors[0], errors
+    os.chmod(path, 0o600)
+    os.utime(path, ns=(1_000_000_002_000_000_000,) * 2)
+    assert backend.get_psk("alice@x") == b"\xbb"  # fixed: loaded

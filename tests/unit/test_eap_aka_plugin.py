@@ -54,6 +54,8 @@ def test_keys_from_files_and_op(tmp_path: Path) -> None:
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "ki").write_text(KI.upper() + "\n")
     (tmp_path / "keys" / "op").write_text(OP)
+    for f in ("ki", "op"):
+        (tmp_path / "keys" / f).chmod(0o600)  # secret files
     opts = {"ki_file": "keys/ki", "op_file": "keys/op", "sqn": "ff9bb4d0b607", "sqn_file": "s"}
     assert _challenge_once(tmp_path, opts)  # OPc derived from OP, paths relative to base_dir
     sqn_file = tmp_path / "s"
@@ -109,6 +111,7 @@ def test_bad_options_name_the_key_not_the_value(
 
 def test_bad_key_file_content(tmp_path: Path) -> None:
     (tmp_path / "ki").write_text("not hex at all")
+    (tmp_path / "ki").chmod(0o600)
     with pytest.raises(ValueError, match="ki_file: .* must hold 32 hexadecimal digits"):
         AKA.peer({"ki_file": "ki", "opc": OPC, "sqn_file": "s"}, ctx(tmp_path))
 
@@ -154,3 +157,20 @@ def test_check_only_creates_no_sqn_file_and_still_checks_an_existing_one(tmp_pat
     with pytest.raises(ValueError, match="^sqn_file: "):
         AKA.peer({"ki": KI, "opc": OPC, "sqn_file": "s"}, check)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_a_key_file_open_to_others_is_refused_naming_the_option(tmp_path: Path) -> None:
+    """K and OP(c) are the subscriber's secrets: a ``ki_file`` or ``op_file``
+    that group or others may read is refused, naming the option (read at
+    any mode before; found in review)."""
+    (tmp_path / "ki").write_text(KI)
+    (tmp_path / "op").write_text(OP)
+    for f in ("ki", "op"):
+        (tmp_path / f).chmod(0o600)
+    opts = {"ki_file": "ki", "op_file": "op", "sqn": "ff9bb4d0b607", "sqn_file": "s"}
+    for loose in ("ki", "op"):
+        (tmp_path / loose).chmod(0o644)
+        with pytest.raises(ValueError, match=f"^{loose}_file: .*secret file open to"):
+            AKA.peer(opts, ctx(tmp_path))
+        (tmp_path / loose).chmod(0o600)
+    assert _challenge_once(tmp_path, opts)

@@ -156,3 +156,23 @@ def test_make_leaf_validity_window():
     assert cert.not_valid_after_utc < now
     with pytest.raises(ValueError, match="validity"):
         _cert(validity=(now, now))
+
+
+def test_a_private_key_open_to_others_is_refused_naming_the_option(pki, tmp_path):
+    """The EAP-TLS private key (the HAC's EAP server key, an MN's client key)
+    is a secret file like the MHAuth TLS key: refused at mode 0644, naming
+    the option and the fix.  It was loaded at any mode before (found in
+    review)."""
+    import shutil
+
+    for name, error in (("eap.key", server_error), ("mn.key", peer_error)):
+        loose = tmp_path / name
+        shutil.copy(pki.dir / name, loose)
+        loose.chmod(0o644)
+        over = {"key": str(loose)}
+        options = (
+            server_options(pki, **over) if error is server_error else peer_options(pki, **over)
+        )
+        message = error(pki, **options)
+        assert message.startswith("key: ") and "secret file open to" in message, message
+        assert f"chmod 600 {loose}" in message
