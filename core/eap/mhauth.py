@@ -77,6 +77,7 @@ from mipsec.core.eap.local import LocalBackend, LocalMethod
 from mipsec.core.eap.method import MSK_LEN, EapMethodPlugin, EapPeerContext, EapPeerFactory
 from mipsec.core.eap.peer import EapPeerMachine
 from mipsec.core.hookspecs import PluginContext
+from mipsec.core.nai import nai_key
 from mipsec.core.options import error_text
 from mipsec.core.reload import stale
 from mipsec.core.wire.eap import (
@@ -254,7 +255,12 @@ class EapServerConfig:
         for name in tables:
             if name not in local:
                 raise ValueError(f"{name}: options for an EAP method not listed in types")
-        self.realms = {k.lower(): v for k, v in opts.realms.items()}
+        # A per-NAI key keeps its user part's case (PROFILE §4 item 8: user
+        # parts are case-sensitive); realms, and the realm of an NAI, are
+        # matched case-insensitively.  Lower-casing the whole NAI gave
+        # "Bob@corp.example"'s methods to "bob@" and "BOB@" too (found in
+        # review).
+        self.realms = {(nai_key(k) if "@" in k else k.lower()): v for k, v in opts.realms.items()}
         self.backends: dict[str, EapBackend] = {"local": LocalBackend(list(local.values()))}
         backend_factories = pluginmanager.registry(pm, "mipsec_eap_backends")
         for name, table in opts.backends.items():
@@ -289,9 +295,8 @@ class EapServerConfig:
     def allowed_types(self, identity: str) -> tuple[str, ...]:
         """Local EAP types for this identity (PROFILE §4: the HAC picks, in its order)."""
         if self.realms:
-            user, realm = _split(identity)
-            nai = f"{user}@{realm.lower()}" if realm is not None else identity
-            for key in (nai.lower(), (realm or "").lower(), "*"):
+            _user, realm = _split(identity)
+            for key in (nai_key(identity), (realm or "").lower(), "*"):
                 if key in self.realms:
                     return tuple(self.realms[key])
         return self.types

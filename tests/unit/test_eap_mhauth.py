@@ -336,6 +336,26 @@ def test_policy_per_realm_limits_the_types() -> None:
     assert r.go().ok
 
 
+def test_a_per_nai_policy_keeps_its_user_parts_case() -> None:
+    """``realms`` keyed by one NAI applies to that NAI -- its realm in any
+    case, its user part as written (PROFILE §4 item 8: user parts are
+    case-sensitive) -- not to another user whose name differs only in
+    case.  Before, the whole key was lower-cased, and "Bob@corp.example"'s
+    methods went to "bob@" and "BOB@" too (found in review)."""
+    both = {"example-nomsk": {"secret_hex": SECRET}, "example": {"secret_hex": SECRET}}
+    f = server(
+        types=["example", "example-nomsk"],
+        allow_msk_less=True,
+        realms={"Bob@Corp.Example": ["example-nomsk", "example"], "corp.example": ["example"]},
+        **both,
+    )
+    assert f.cfg.allowed_types("Bob@corp.example") == ("example-nomsk", "example")
+    assert f.cfg.allowed_types("Bob@CORP.EXAMPLE") == ("example-nomsk", "example")
+    assert f.cfg.allowed_types("bob@corp.example") == ("example",)
+    assert f.cfg.allowed_types("BOB@corp.example") == ("example",)
+    assert f.cfg.allowed_types("alice@other.example") == ("example", "example-nomsk")
+
+
 # ------------------------------------------------------------ bad input
 
 
