@@ -342,6 +342,8 @@ class HacService:
                 f"{socket.gethostname()}:{Path(config_file).resolve()}"
             )
         self._sweep_timer: asyncio.TimerHandle | None = None
+        # (bound, monotonic until): see _issuing_bound.
+        self._bound_floor: tuple[float, float] = (0.0, 0.0)
         # spi -> delivery order in this process: "older" among SAs whose
         # validity ends fall in the same second (max_sas_per_mn).
         self._delivered: dict[int, int] = {}
@@ -1494,8 +1496,28 @@ class HacService:
 
     def _issuing_bound(self) -> float:
         """Seconds after which no HAC still issues an SA it stored: the
-        provisioning deadline, the batch that records delivery, and slack."""
-        return self.cfg.hac.provisioning_timeout + 2 * CONFIRM_BATCH_S + 2.0
+        provisioning deadline, the batch that records delivery, and slack
+        -- after a reload that lowered the deadline, the old one while an
+        issue begun before it may still run (``provisioning_timeout_changed``)."""
+        bound = self.cfg.hac.provisioning_timeout + 2 * CONFIRM_BATCH_S + 2.0
+        floor, until = self._bound_floor
+        return max(bound, floor) if time.monotonic() < until else bound
+
+    def provisioning_timeout_changed(self, old_timeout: float) -> None:
+        """A reload changed ``[hac] provisioning_timeout``: the HACs sharing
+        the store hear this HAC's issuing bound at once, not at its next
+        sweep (up to ``expiry_interval`` later), so none takes back an SA
+        this one may now wait longer for (found in review).  Lowered, the
+        old bound holds until the issues begun under it are over."""
+        old = old_timeout + 2 * CONFIRM_BATCH_S + 2.0
+        self._bound_floor = (old, time.monotonic() + old)
+        if self._owns:
+            try:
+                self._heartbeat()
+            except Exception as exc:  # the next sweep writes it again
+                log.warning(
+                    "cannot record this HAC's issuing bound in the SA store: %s", cause(exc)
+                )
 
     def _sweep_now(self) -> None:
         self._sweep_timer = None

@@ -582,7 +582,10 @@ class HacOps:
         # exchanges in flight are over and a provisioning timeout has passed.
         old_transports = [t for k, t in svc.transports.items() if transports[k] is not t]
         svc.transports = transports
+        old_timeout = svc.cfg.hac.provisioning_timeout
         svc.cfg = new
+        if new.hac.provisioning_timeout != old_timeout:
+            svc.provisioning_timeout_changed(old_timeout)
         svc.policy = hac_policy(new)
         svc.methods = methods
         svc.credentials = credentials

@@ -1169,3 +1169,36 @@ def test_status_shows_radius_server_health(tmp_path: Path) -> None:
         assert "testing123" not in text
     finally:
         r.stop("hac")
+
+
+def test_reload_of_the_provisioning_timeout_tells_the_hacs_sharing_the_store(
+    lab: Lab, roles: Roles
+) -> None:
+    """``[hac] provisioning_timeout`` applies at a reload; the HACs sharing
+    the SA store wait for the longest issuing bound any of them states in
+    its heartbeat before they take an SA back as undelivered.  The reload
+    writes the new bound at once (raised: 60 + 4 s), not at the HAC's next
+    sweep, up to ``expiry_interval`` later; lowered again, the old bound
+    stays stated while issues begun under it may still run (found in
+    review: another HAC could take back an SA this one still waited for)."""
+    import sqlite3
+
+    def stated() -> list[float]:
+        conn = sqlite3.connect(lab.dir / "hac-sa.sqlite")
+        try:
+            return [float(r[0]) for r in conn.execute("SELECT issuing FROM hac_alive")]
+        finally:
+            conn.close()
+
+    roles.start("ha")
+    roles.start("hac")
+    assert stated() == [5.0 + 4.0]  # the default 5 s, the delivery batches and slack
+    cfg = Path(hac_cfg(lab))
+    edit_toml(cfg, "[hac]\n", "[hac]\nprovisioning_timeout = 60\n")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0 and "hac.provisioning_timeout" in out.stdout, out.stderr
+    assert stated() == [64.0]
+    edit_toml(cfg, "provisioning_timeout = 60\n", "provisioning_timeout = 1\n")
+    out = ctl("reload", "--config", hac_cfg(lab))
+    assert out.returncode == 0, out.stderr
+    assert stated() == [64.0]  # issues begun under 60 s may still run
