@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import math
@@ -346,7 +347,13 @@ class HacService:
         self._bound_floor: tuple[float, float] = (0.0, 0.0)
         # spi -> delivery order in this process: "older" among SAs whose
         # validity ends fall in the same second (max_sas_per_mn).
-        self._delivered: dict[int, int] = {}
+        # spi -> (delivery order, validity end in whole seconds): an entry
+        # speaks for that SA only (an SPI drawn again later is another SA),
+        # and goes at its validity end (``_forget_delivered``) -- with HACs
+        # sharing the store, another HAC supersedes or expires most of
+        # this one's SAs, and the entries stayed for good (found in review).
+        self._delivered: dict[int, tuple[int, int]] = {}
+        self._delivered_ends: list[tuple[int, int]] = []  # heap of (end, spi)
         self._delivery_seq = 0
         self.addresses: list[tuple[str, int]] = []
         # ``mipsec_bootstraps_total`` and the latency histogram (core/metrics.py):
@@ -787,17 +794,17 @@ class HacService:
         )
         try:
             with self._write_now():
-                self._supersede(sa.mn_id, keep=sa.spi)
+                self._supersede(sa.mn_id, sa.spi, sa.validity_end)
         except StoreBusyError:
             # Another process holds the write lock: retried from the loop
             # (not a wait of up to 5 s inside SQLite, serving nobody).
-            self._background(self._supersede_soon(sa.mn_id, sa.spi))
+            self._background(self._supersede_soon(sa.mn_id, sa.spi, sa.validity_end))
         except Exception as exc:  # the store failed: the next bootstrap tries again
             log.error("mn_id=%s: cannot withdraw older SAs: %s", sa.mn_id, cause(exc))
 
-    async def _supersede_soon(self, mn_id: str, keep: int) -> None:
+    async def _supersede_soon(self, mn_id: str, keep: int, end: datetime) -> None:
         try:
-            await self.write_soon(lambda: self._supersede(mn_id, keep))
+            await self.write_soon(lambda: self._supersede(mn_id, keep, end))
         except Exception as exc:  # still held after STORE_BUSY_LIMIT, or failed
             log.error("mn_id=%s: cannot withdraw older SAs: %s", mn_id, cause(exc))
 
@@ -839,7 +846,7 @@ class HacService:
             peer=peer,
         )
 
-    def _supersede(self, mn_id: str, keep: int) -> None:
+    def _supersede(self, mn_id: str, keep: int, end: datetime) -> None:
         if keep in self._withdraw_when_delivered:
             # A newer SA of the MN had its 200 while this one was being
             # issued here: its excess, spared then, goes now.
@@ -847,7 +854,9 @@ class HacService:
             self._withdraw_when_delivered.discard(keep)
             return
         self._delivery_seq += 1
-        self._delivered[keep] = self._delivery_seq
+        end_s = int(end.timestamp())
+        self._delivered[keep] = (self._delivery_seq, end_s)
+        heapq.heappush(self._delivered_ends, (end_s, keep))
         now_excess, spared = self._excess_split(mn_id, keep)
         for spi, _ha_id in now_excess:
             self.retire(spi, "superseded")
@@ -889,7 +898,13 @@ class HacService:
         issuing them.  With ``keep`` (a delivered SA) those count towards the
         limit like any older SA of the MN; without (at issue time) they are
         left out of the count, as before."""
-        order = self._delivered
+        delivered = self._delivered
+
+        def order(spi: int, end: float) -> int | None:
+            # This process's delivery order of that very SA, if it has one.
+            entry = delivered.get(spi)
+            return entry[0] if entry is not None and entry[1] == int(end) else None
+
         now = now or utcnow()
         held = self._held(mn_id, now)
         issuing = self._issuing_spis
@@ -910,12 +925,13 @@ class HacService:
             # MN's SAs in one second from two HACs, exactly one is the newer
             # for both: each HAC withdraws the older one, or nothing, and
             # one SA survives -- never neither, never both.
-            end, mine = kept[0][1], order.get(keep)
+            end = kept[0][1]
+            mine = order(keep, end)
 
             def older(x: tuple[int, float, str]) -> bool:
                 if x[1] != end:
                     return x[1] < end
-                seq = order.get(x[0])
+                seq = order(x[0], x[1])
                 return seq < mine if seq is not None and mine is not None else x[0] < keep
 
             others = [x for x in others if older(x)]
@@ -923,7 +939,7 @@ class HacService:
             others,
             # Oldest first: validity end (whole seconds), then the order of
             # delivery in this process (SAs it did not deliver first, by SPI).
-            key=lambda x: (x[1], order.get(x[0], -1), x[0]),
+            key=lambda x: (x[1], _or_first(order(x[0], x[1])), x[0]),
         )
         # Keep ``keep`` and the newest limit-1 others.
         excess = len(live) - (self.cfg.policy.max_sas_per_mn - 1)
@@ -1724,7 +1740,23 @@ class HacService:
         for spi, mn_id, validity_end in gone:
             self._delivered.pop(spi, None)
             self.emit("mipsec_sa_expired", spi=spi, mn_id=mn_id, validity_end=validity_end)
+        self._forget_delivered(time.time())
         return len(gone)
+
+    def _forget_delivered(self, now: float) -> None:
+        """Drop the delivery order of SAs past their validity end, whoever
+        ended them (this HAC, another sharing the store, a tool)."""
+        ends, delivered = self._delivered_ends, self._delivered
+        while ends and ends[0][0] <= now:
+            end, spi = heapq.heappop(ends)
+            entry = delivered.get(spi)
+            if entry is not None and entry[1] == end:
+                del delivered[spi]
+
+
+def _or_first(seq: int | None) -> int:
+    """A delivery order for sorting: SAs this process did not deliver first."""
+    return -1 if seq is None else seq
 
 
 def hac_policy(cfg: HACConfig) -> HacPolicy:

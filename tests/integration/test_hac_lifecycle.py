@@ -1063,7 +1063,8 @@ def test_a_delivered_sa_withdraws_only_older_sas_of_its_mn(tmp_path: Path, pki: 
             other = [s for s, _ in hac._excess(MN_ID, 103)]
             # This HAC delivered both, 103 first: delivery order decides
             # (the MN holds the later 200), not the SPIs.
-            hac._delivered.update({103: 1, 102: 2})
+            ends = {spi: int(end) for spi, end, _ in hac._held(MN_ID, now)}
+            hac._delivered.update({103: (1, ends[103]), 102: (2, ends[102])})
             delivered_both = [s for s, _ in hac._excess(MN_ID, 102)]
             # 105 was superseded by another HAC before its 200 left here:
             # nothing goes, not even the older 101.
@@ -1099,16 +1100,18 @@ def test_an_older_sa_delivered_after_a_newer_one_of_its_mn_is_withdrawn(
             for spi, end_in in ((201, 0), (202, 1)):
                 assert hac.store.add(_mn_sa(spi, end_in, at))
             hac._issuing_spis.add(201)  # 201 still being issued ...
-            hac._supersede(MN_ID, keep=202)  # ... when 202's 200 leaves
+            hac._supersede(
+                MN_ID, 202, _mn_sa(202, 1, at).sa.validity_end
+            )  # ... when 202's 200 leaves
             spared = live()
             hac._issuing_spis.discard(201)  # 201's 200 leaves (deliver)
-            hac._supersede(MN_ID, keep=201)
+            hac._supersede(MN_ID, 201, _mn_sa(201, 0, at).sa.validity_end)
             after = live()
             # The same, but 203's issue fails after 204's 200: nothing owed.
             for spi, end_in in ((203, 2), (204, 3)):
                 assert hac.store.add(_mn_sa(spi, end_in, at))
             hac._issuing_spis.add(203)
-            hac._supersede(MN_ID, keep=204)
+            hac._supersede(MN_ID, 204, _mn_sa(204, 3, at).sa.validity_end)
             flagged = sorted(hac._withdraw_when_delivered)
             hac.rollback(_mn_sa(203, 2, at), "127.0.0.1:1", "test")
             return spared, after, flagged, sorted(hac._withdraw_when_delivered), live()
@@ -1156,3 +1159,41 @@ def test_the_sweep_waits_for_the_slowest_hac_sharing_the_store(
                 other.close()
 
     run(main())
+
+
+def test_delivery_order_is_forgotten_at_each_sas_end_whoever_ended_it(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """The HAC keeps the order in which it delivered SAs (a same-second tie
+    between one MN's SAs); with HACs sharing a store, another HAC
+    supersedes most of them, and the entries stayed for good -- about 2
+    million a day per HAC at 100,000 MNs (found in review).  Now each goes
+    at its SA's validity end, whoever ended the SA, and the expiry run
+    drops them."""
+    from mipsec.core.suites import Suite
+
+    db = tmp_path / "sa.sqlite"
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "sqlite", "path": str(db)}
+
+    async def main() -> tuple[int, int, int]:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            hac = st.hac
+            assert hac is not None
+            other = SQLiteSAStore(db)  # another HAC on the same file
+            try:
+                ends = set()
+                for i in range(50):
+                    issued = await hac.issue_sa(f"mn{i}@mipsec.test", Suite.AES_128_CBC_SHA256, 1)
+                    hac.deliver(issued, "127.0.0.1:1")
+                    ends.add(issued.sa.validity_end.timestamp())
+                    assert other.retire(issued.sa.spi, "superseded") is not None
+                held = len(hac._delivered)
+                hac._forget_delivered(min(ends) - 1)  # before any end: all kept
+                kept = len(hac._delivered)
+                hac._forget_delivered(max(ends))
+                return held, kept, len(hac._delivered) + len(hac._delivered_ends)
+            finally:
+                other.close()
+
+    assert run(main()) == (50, 50, 0)
