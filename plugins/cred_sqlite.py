@@ -126,7 +126,11 @@ def add_psks(path: str | os.PathLike[str], items: Iterable[tuple[str, bytes]]) -
 
 
 def remove_psk(path: str | os.PathLike[str], mn_id: str) -> bool:
-    """Delete ``mn_id``'s key (looked up as the backend does); True if it was there."""
+    """Delete ``mn_id``'s key -- every row the backend would find it under:
+    any spelling of its realm's case, its user part as written; True if one
+    was there.  (Only the exact and canonical spellings went before: a row
+    written by another tool as ``alice@HOME.example`` survived ``remove
+    alice@home.example``, which said it was gone -- found in review.)"""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{str(p)!r}: no such file")
@@ -134,9 +138,22 @@ def remove_psk(path: str | os.PathLike[str], mn_id: str) -> bool:
     conn = sqlite3.connect(p, isolation_level=None)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        gone = 0
-        for key in dict.fromkeys((mn_id, nai_key(mn_id))):
-            gone += conn.execute("DELETE FROM mn_credentials WHERE mn_id = ?", (key,)).rowcount
+        want = nai_key(mn_id)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(
+                "SELECT mn_id FROM mn_credentials WHERE mn_id = ? COLLATE NOCASE", (mn_id,)
+            ).fetchall()
+            keys = [r[0] for r in rows if isinstance(r[0], str) and nai_key(r[0]) == want]
+            gone = sum(
+                conn.execute("DELETE FROM mn_credentials WHERE mn_id = ?", (k,)).rowcount
+                for k in keys
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return gone > 0
     finally:
         conn.close()

@@ -197,6 +197,36 @@ def test_sqlite_add_get(tmp_path: Path) -> None:
     b.close()
 
 
+def test_sqlite_remove_takes_every_spelling_the_backend_would_find(tmp_path: Path) -> None:
+    """Rows written by another tool under other cases of the realm
+    (``alice@HOME.example``) are found by a lookup of any spelling: ``remove``
+    of any spelling takes them all, and the MN no longer authenticates.
+    Another user part (``Alice@``) is another user and stays.  Before, only
+    the exact and canonical spellings went, and ``remove`` said True while
+    the MN still got its key (found in review)."""
+    from mipsec.plugins.cred_sqlite import remove_psk
+
+    db = tmp_path / "creds.db"
+    add_psk(db, "bob@home.example", b"bob")
+    conn = sqlite3.connect(db)
+    conn.executemany(
+        "INSERT INTO mn_credentials (mn_id, psk) VALUES (?, ?)",
+        [("alice@HOME.example", ALICE_KEY), ("alice@Home.Example", ALICE_KEY),
+         ("Alice@home.example", b"other")],
+    )  # fmt: skip
+    conn.commit()
+    conn.close()
+    b = SQLiteCredentialsFactory().create({"path": "creds.db"}, ctx(tmp_path))
+    assert b.get_psk("alice@HOME.example") == ALICE_KEY
+    assert remove_psk(db, "alice@home.example") is True
+    for spelling in ("alice@HOME.example", "alice@Home.Example", "alice@home.example"):
+        assert b.get_psk(spelling) is None, spelling
+    assert b.get_psk("Alice@home.example") == b"other"
+    assert b.get_psk("bob@home.example") == b"bob"
+    assert remove_psk(db, "alice@home.example") is False
+    b.close()
+
+
 def test_sqlite_hand_made_rows(tmp_path: Path) -> None:
     db = tmp_path / "creds.db"
     conn = sqlite3.connect(db)
