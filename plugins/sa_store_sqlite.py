@@ -889,8 +889,12 @@ class SQLiteSAStore:
                 return self._wrapped_codec(c, clear_keys)
             if mode != MODE_CLEAR:
                 raise ValueError(f"key_mode {mode!r} not supported")
+            kf = self.key_file
+            key_existed = kf is not None and kf.exists()
             codec = self._fresh_codec(clear_keys, create=write)
             converted = write and (version == 1 or isinstance(codec, WrappedKeys))
+            if converted and isinstance(codec, WrappedKeys) and key_existed:
+                self._refuse_conversion(c)
             if converted:
                 self._convert(c, version, codec)
         if converted:
@@ -928,6 +932,26 @@ class SQLiteSAStore:
                 "INSERT INTO store_meta (name, value) VALUES ('key_check', ?)",
                 (codec.wrapper.verifier(),),
             )
+
+    def _refuse_conversion(self, c: sqlite3.Connection) -> None:
+        """A store that says it holds keys in clear, opened with a key file
+        that existed already: not converted.  The conversion trusts every row
+        it finds, so whoever could write the store file but not read the key
+        file could set ``key_mode`` to clear, drop ``key_check``, and have
+        rows of keys and validity ends of their choosing wrapped and served
+        at the next start (found in review).  A store really written in
+        clear (an older mipsec, ``clear_keys``) holds no key wrapped under
+        that file: it is converted when the key file is made for it."""
+        if c.execute("SELECT 1 FROM issued_sa LIMIT 1").fetchone() is None:
+            return  # no row to trust
+        raise StoreOptionError(
+            "key_file",
+            f"{self.path} says its SA keys are in clear while {self.key_file} already exists: "
+            "not converted (a store written with that key holds its keys wrapped, so this "
+            "one was written in clear -- or edited); if it was written in clear by an older "
+            "mipsec or with clear_keys, move the key file away and start again: a new key "
+            "is made and the store converted",
+        )
 
     def _fresh_codec(self, clear_keys: bool, *, create: bool) -> KeyCodec:
         """The codec for a store that holds no wrapped key yet (its key file may be new)."""

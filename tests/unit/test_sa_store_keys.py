@@ -269,6 +269,44 @@ def test_clear_store_converted_when_wrapping_is_turned_on(
     assert "2 SAs converted from schema 2, keys now aes-256-gcm" in caplog.text
 
 
+def test_a_wrapped_store_edited_to_say_clear_is_not_converted(tmp_path: Path) -> None:
+    """Someone who can write the store file but not read its key file sets
+    ``key_mode`` to clear, drops ``key_check`` and puts keys and validity
+    ends of their choosing in the rows.  The next start refuses, naming the
+    key file and what to do, instead of wrapping the forged rows and
+    serving them (found in review).  A store really written in clear is
+    converted once the key file is moved away (a new key is made); an
+    empty one is converted at once."""
+    path = tmp_path / "sa.db"
+    with make(tmp_path) as s:
+        assert s.add(full_issued(), T0)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE store_meta SET value = 'clear' WHERE name = 'key_mode'")
+    conn.execute("DELETE FROM store_meta WHERE name = 'key_check'")
+    forged = bytes((0, 16, 16, 16, 16)) + b"\x41" * 64
+    conn.execute(
+        "UPDATE issued_sa SET sa_keys = ?, validity_end = validity_end + 31536000", (forged,)
+    )
+    conn.commit()
+    conn.close()
+    with pytest.raises(ValueError, match=r"^key_file: .* already exists: not converted") as err:
+        make(tmp_path)
+    assert "4141" not in str(err.value)
+    (tmp_path / "sa.db.key").rename(tmp_path / "old.key")  # the operator's way out
+    with make(tmp_path) as s:
+        assert s.key_mode == "aes-256-gcm"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with make(empty, clear_keys=True):
+        pass
+    old_key = (tmp_path / "old.key").read_bytes()
+    fd = os.open(empty / "sa.db.key", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, old_key)
+    os.close(fd)
+    with make(empty) as s:  # a key file that existed, but no row to trust
+        assert s.key_mode == "aes-256-gcm"
+
+
 # ---------------------------------------------------------------- schema 1
 
 
