@@ -298,6 +298,11 @@ class Taken(NamedTuple):
     ha_id: str
     validity_end: datetime
     row: tuple[Any, ...]
+    # Its ``pending`` mark (None: delivered), kept through ``restore``: an
+    # SA put back that its MN never got stays pending, so the sweep of
+    # undelivered SAs still takes it back (restored as delivered, it stayed
+    # live for good; found in review).
+    pending: float | None = None
 
 
 class _NotAdded(Exception):
@@ -1396,15 +1401,16 @@ class SQLiteSAStore:
                     if c.execute(_INSERT, (*row, pending, spi)).rowcount != 1:
                         raise _NotAdded
                 for old in supersede:
-                    r = c.execute(
-                        f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_READ}",  # noqa: S608
+                    got = c.execute(
+                        f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_READ}, pending",  # noqa: S608
                         (old,),
                     ).fetchone()
-                    if r is None:
+                    if got is None:
                         continue
+                    r, was_pending = tuple(got[:-1]), got[-1]
                     c.execute(_RETIRE, (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason, self.owner))
                     end = datetime.fromtimestamp(r[_END], tz=UTC)
-                    taken.append(Taken(r[_SPI], r[_MN_ID], r[_HA_ID], end, tuple(r)))
+                    taken.append(Taken(r[_SPI], r[_MN_ID], r[_HA_ID], end, r, was_pending))
         except _NotAdded:
             return None
         view = self._view  # updated only once the transaction committed
@@ -1446,7 +1452,7 @@ class SQLiteSAStore:
                     continue
                 c.execute("DELETE FROM retired_sa WHERE spi = ? AND confirmed = 0", (x.spi,))
                 # Guarded like add: an SPI whose withdrawal was confirmed stays dead.
-                if c.execute(_INSERT, (*x.row, None, x.spi)).rowcount == 1:
+                if c.execute(_INSERT, (*x.row, x.pending, x.spi)).rowcount == 1:
                     back.append(x)
         view = self._view
         if view is not None:

@@ -1285,18 +1285,31 @@ class HacService:
         now = utcnow()
         results: list[_Stored | BaseException] = []
         store: Any = self.store
+        # Each SA stored counts as being issued at once, not when its task
+        # resumes: a later SA of the same MN in this group must not take it
+        # for an older live SA and retire it (its failure then put back an
+        # SA never delivered, marked delivered; found in review).
+        issuing: list[int] = []
         try:
-            with store.transaction(wait=0.0) if self._loop_tx else store.transaction():
-                for mn_id, suite, scope, _fut in queued:
-                    try:
-                        prep = self._prepare(mn_id, now)
-                    except Exception as exc:  # handed to that caller alone
-                        results.append(exc)
-                        continue
-                    try:
-                        results.append(self._store_now(prep, mn_id, suite, scope, now))
-                    except IssueFailure as exc:  # no free SPI: nothing written
-                        results.append(exc)
+            try:
+                with store.transaction(wait=0.0) if self._loop_tx else store.transaction():
+                    for mn_id, suite, scope, _fut in queued:
+                        try:
+                            prep = self._prepare(mn_id, now)
+                        except Exception as exc:  # handed to that caller alone
+                            results.append(exc)
+                            continue
+                        try:
+                            stored = self._store_now(prep, mn_id, suite, scope, now)
+                        except IssueFailure as exc:  # no free SPI: nothing written
+                            results.append(exc)
+                            continue
+                        issuing.append(stored.issued.sa.spi)
+                        self._issuing_spis.add(issuing[-1])
+                        results.append(stored)
+            except BaseException:
+                self._issuing_spis.difference_update(issuing)  # rolled back: none stored
+                raise
         except StoreBusyError as exc:
             if self._wait_for_lock(queued, exc):
                 return
@@ -1924,7 +1937,15 @@ class _Session:
         try:
             result = await svc.issue(exch, req, self._peer, on_stored=stored)
             if isinstance(result, Send):
-                issued = None  # issuing failed and took back what it stored
+                if issued is not None and issued.sa.spi in svc._issuing_spis:
+                    # A failure after the HA confirmed the install (a store
+                    # without add_superseding whose retire raised) answers
+                    # 500 without having taken the SA back: taken back here,
+                    # so nothing stays live that the MN was not told of
+                    # (found in review).  Every other failure path of the
+                    # issue took back what it stored already.
+                    svc.rollback(issued, self._peer, "internal-error")
+                issued = None
                 if self._alive():
                     self._send(result)
                 else:

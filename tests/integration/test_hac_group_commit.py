@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_hac_lifecycle import Stack, hac_config, hac_data, mn_config, run
+from test_hac_lifecycle import MN_ID, Stack, hac_config, hac_data, mn_config, run
 
 from mipsec.core.hookspecs import PluginContext, hookimpl
 from mipsec.core.model import HomeAgentInfo
@@ -370,3 +370,85 @@ def test_two_hacs_sharing_one_store_never_hand_out_one_address_twice(
     assert len({x.bootstrap.ip6_hoa for x in issued}) == 24
     assert live == sorted(x.sa.spi for x in issued)
     assert in_use == [24, 24]
+
+
+class RefusingTransport:
+    """The ``local`` transport, but the HA refuses every install while
+    ``refuse`` is set (a 4xx: it installed nothing, withdrew nothing)."""
+
+    name = "refusing"
+    in_process = True
+
+    def __init__(self) -> None:
+        from mipsec.plugins.transport_local import LocalTransport
+
+        self.inner = LocalTransport()
+        self.refuse = False
+
+    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> RefusingTransport:
+        return self
+
+    async def provision(self, ha: HomeAgentInfo, issued: Any, timeout: float) -> None:
+        from mipsec.core.provisioning import ProvisioningRefused
+
+        if self.refuse:
+            raise ProvisioningRefused("refused")
+        await self.inner.provision(ha, issued, timeout)
+
+    async def provision_superseding(
+        self, ha: HomeAgentInfo, issued: Any, withdraw: tuple[int, ...], timeout: float
+    ) -> tuple[int, ...]:
+        from mipsec.core.provisioning import ProvisioningRefused
+
+        if self.refuse:
+            raise ProvisioningRefused("refused")
+        return await self.inner.provision_superseding(ha, issued, withdraw, timeout)
+
+    async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:
+        await self.inner.withdraw(ha, spi, timeout)
+
+    @hookimpl
+    def mipsec_provisioning_transports(self) -> list[Any]:
+        return [self]
+
+
+def test_one_mn_twice_in_a_group_both_refused_leaves_no_undelivered_sa_live(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """One MN bootstraps twice in one event-loop turn (one group commit) and
+    its HA refuses both installs: both MNs' exchanges get 504, and no SA
+    that the MN was never told about stays live -- in the store or on the
+    HA.  Before, the second SA of the group took the first for an older live
+    SA and retired it; the first's failure then found nothing to take back,
+    and the second's failure put the first back, marked delivered: live for
+    good, never swept (found in review)."""
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "sa.db")}
+    ha_cfg = hac_config(data, tmp_path).local_ha
+    del data["local_ha"]
+    data["ha"][0]["transport"] = "refusing"
+    transport = RefusingTransport()
+
+    async def main() -> tuple[list[Any], list[int], list[int], list[int], int]:
+        async with Stack(hac_config(data, tmp_path), [transport], ha_cfg=ha_cfg) as st:
+            hac = st.hac
+            assert hac is not None and st.ha is not None
+            old = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(old, "127.0.0.1:1")
+            transport.refuse = True
+            got = await asyncio.gather(
+                hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1),
+                hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1),
+                return_exceptions=True,
+            )
+            await asyncio.sleep(0.2)  # withdrawals in the background
+            now = datetime.now(UTC)
+            live = [i.sa.spi for i in hac.store.live(now)]
+            pending = hac.store.undelivered(datetime(2100, 1, 1, tzinfo=UTC))
+            return got, live, pending, st.ha.core.spis(), old.sa.spi
+
+    got, live, pending, on_ha, old = run(main())
+    assert [getattr(g, "status", g) for g in got] == [504, 504]
+    assert set(live) <= {old}  # nothing the MN was never told about
+    assert pending == []
+    assert set(on_ha) <= set(live)

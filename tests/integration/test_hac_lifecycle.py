@@ -1197,3 +1197,61 @@ def test_delivery_order_is_forgotten_at_each_sas_end_whoever_ended_it(
                 other.close()
 
     assert run(main()) == (50, 50, 0)
+
+
+def test_a_failure_after_a_confirmed_install_takes_the_new_sa_back(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """A third-party store without ``add_superseding`` whose ``retire``
+    fails (a full disk) after the HA confirmed the new SA's install: the MN
+    gets 500, and the new SA -- never delivered -- is taken back from the
+    store and the HA.  Before, the 500 left it live in both, and counted
+    as being issued for good, so no sweep ever took it (found in review)."""
+    from mipsec.core.hookspecs import hookimpl
+
+    class NoSupersedeStore(SQLiteSAStore):
+        add_superseding = None  # type: ignore[assignment]
+        fail = False
+
+        def retire(self, spi: int, reason: str) -> Any:
+            if self.fail and reason == "superseded":
+                raise sqlite3.OperationalError("database or disk is full")
+            return super().retire(spi, reason)
+
+    class Plugin:
+        store: NoSupersedeStore | None = None
+
+        @hookimpl
+        def mipsec_sa_stores(self) -> list[Any]:
+            plugin = self
+
+            class Factory:
+                name = "nosupersede"
+
+                def create(self, options: Any, ctx: Any) -> NoSupersedeStore:
+                    plugin.store = NoSupersedeStore(None)
+                    return plugin.store
+
+            return [Factory()]
+
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "nosupersede"}
+    plugin = Plugin()
+
+    async def main() -> tuple[int | None, int, list[int], list[int], set[int]]:
+        async with Stack(hac_config(data, tmp_path), [plugin]) as st:
+            hac, ha = st.hac, st.ha
+            assert hac is not None and ha is not None and plugin.store is not None
+            mn = mn_config(pki, st.port)
+            first = await bootstrap(mn)
+            assert first.ok and first.issued is not None
+            plugin.store.fail = True
+            second = await bootstrap(mn)
+            await asyncio.sleep(0.3)  # the take-back's withdrawal
+            live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, datetime.now(UTC))]
+            return second.status, first.issued.sa.spi, live, ha.core.spis(), hac._issuing_spis
+
+    status, first, live, on_ha, issuing = run(main())
+    assert status == 500
+    assert live == [first]  # the new SA is gone; the old one's retire had failed
+    assert on_ha == [] and issuing == set()

@@ -584,6 +584,27 @@ def test_restore_puts_a_superseded_sa_back(store: SQLiteSAStore) -> None:
     assert store.get(93, T0) is None
 
 
+def test_restore_keeps_an_undelivered_sa_pending(store: SQLiteSAStore) -> None:
+    """An SA taken by ``add_superseding`` while still pending (its 200 not
+    sent: another HAC's, or this one's in the same group) and put back by
+    ``restore`` stays pending, so the sweep of undelivered SAs can still
+    take it back; a delivered one comes back delivered.  Before, every
+    restored SA came back as delivered: one never delivered stayed live for
+    good (found in review)."""
+    store.track_delivery = True
+    store.add(issued(95, mn_id="d@x"), T0)
+    store.add(issued(96, mn_id="e@x", hoa6="2001:db8:1::12"), T0)
+    store.delivered_many([96])
+    taken = store.add_superseding(issued(97, mn_id="d@x", hoa6=None), [95], "superseded", T0)
+    other = store.add_superseding(issued(98, mn_id="e@x", hoa6=None), [96], "superseded", T0)
+    assert taken is not None and other is not None
+    store.remove(97)
+    store.remove(98)
+    assert store.restore([*taken, *other], T0) == []
+    assert store.get(95, T0) is not None and store.get(96, T0) is not None
+    assert store.undelivered(T0 + timedelta(seconds=1)) == [95]
+
+
 def test_restore_leaves_retired_what_a_newer_sa_of_its_mn_replaced(tmp_path: Path) -> None:
     """Two HACs on one store race on one MN: B stores X retiring W; A then
     stores Y retiring X, and the HA refuses B's install of X (withdrawn
