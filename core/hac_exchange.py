@@ -195,9 +195,25 @@ class HacExchange:
         except ContainerError as exc:
             return [self._container_error(exc)]
         events: list[Event] = []
-        for container in containers:
+        for i, container in enumerate(containers):
             events.extend(self._on_request(container.identifier, container.content))
-            if self.finished or self.waiting is not None:
+            if self.finished:
+                break
+            if self.waiting is not None:
+                if i + 1 < len(containers) or self._decoder.buffered:
+                    # More came in the same read behind a request that must
+                    # be answered first: the lockstep broken, as when it
+                    # comes later -- 400, the work void.  It was dropped
+                    # without a word (found in review).
+                    self._pending_issue = None
+                    self._pending_method = False
+                    for e in events:
+                        if isinstance(e, AwaitMethod):  # never awaited: closed, no warning
+                            close = getattr(e.pending.awaitable, "close", None)
+                            if close is not None:
+                                close()
+                    events = [e for e in events if not isinstance(e, IssueSA | AwaitMethod)]
+                    events.append(self._final(BAD_REQUEST, reason="data-while-pending"))
                 break
         return events
 

@@ -1868,12 +1868,13 @@ class _Session:
             self._reported = True
             self._svc.exchange_ended(self._exch, self._peer, self._started)
 
-    def cancel(self) -> asyncio.Task[None] | None:
-        """Service stop: abandon work in progress (returned) and close."""
+    def cancel(self, reason: str = "service-stopped") -> asyncio.Task[None] | None:
+        """Service stop (or ``reason``: a revoke): abandon work in progress
+        (returned) and close."""
         task = self._work
         if task is not None:
             task.cancel()
-        self._exch.abort("service-stopped")
+        self._exch.abort(reason)
         self._close()
         return task
 

@@ -425,7 +425,7 @@ class HacOps:
         ended = 0
         for session in list(svc._sessions):
             if session._exch.mn_id == mn_id:
-                session.cancel()
+                session.cancel("revoked")  # the audit line says why, not "service-stopped"
                 ended += 1
         withdrawn = []
         unrecorded = []

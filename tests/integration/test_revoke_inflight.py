@@ -36,7 +36,14 @@ from mipsec.core.roles.hac_ops import HacOps
 from mipsec.plugins.sa_store_sqlite import SQLiteSAStore
 
 
-def test_revoke_during_issue_leaves_nothing_live(tmp_path: Path, pki: PkiPaths) -> None:  # noqa: F811
+def test_revoke_during_issue_leaves_nothing_live(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """... and the exchange's audit lines say "revoked" (they said
+    "service-stopped", as at a stop: found in review)."""
+    caplog.set_level(logging.INFO)
     data = hac_data(tmp_path, pki)
     ha_cfg = hac_config(data, tmp_path).local_ha
     del data["local_ha"]
@@ -66,6 +73,8 @@ def test_revoke_during_issue_leaves_nothing_live(tmp_path: Path, pki: PkiPaths) 
             await ops.aclose()
 
     run(main())
+    text = caplog.text
+    assert "reason=revoked" in text and "service-stopped" not in text, text[-3000:]
 
 
 def test_revoke_while_the_store_cannot_write_still_withdraws_from_the_ha(
