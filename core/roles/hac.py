@@ -1498,8 +1498,15 @@ class HacService:
         return None
 
     async def _on_pull(self, spi: int, ha_id: str) -> IssuedSA | None:
-        """PROFILE §9 pull: a live, delivered SA, and only to the HA it was provisioned to."""
+        """PROFILE §9 pull: a live SA (its 200 may have left before its
+        delivery mark is written: pending ones too), only to the HA it was
+        provisioned to, and never one of a revoked MN -- a revoke lists the
+        MN before it retires its SAs, and a pull in between must not hand one
+        out again (defence in depth, found in review)."""
         issued = self.store.get(spi, utcnow())
+        if issued is not None and issued.sa.mn_id in self.revocations:
+            log.warning("pull of spi=%d by ha_id=%s refused: its MN is revoked", spi, ha_id)
+            return None
         if issued is not None and issued.sa.ha_id != ha_id:
             # Answered exactly like an unknown SPI: no oracle for other HAs' SPIs.
             log.warning(

@@ -291,3 +291,27 @@ def test_a_revoke_between_the_check_and_the_put_back_still_withdraws_the_old_sa(
     assert status == 504  # the HA refused X
     assert found == []  # the other HAC's revoke had nothing to withdraw
     assert live == 0
+
+
+def test_a_pull_never_hands_out_an_sa_of_a_revoked_mn(tmp_path: Path, pki: PkiPaths) -> None:  # noqa: F811
+    """A revoke lists the MN before it retires its SAs: a pull (PROFILE §9)
+    in between -- or one after a retire that failed -- gets nothing for that
+    MN's SA, answered like an unknown SPI; before the revoke it was served
+    (found in review: defence in depth)."""
+    from mipsec.core.suites import Suite
+
+    data = hac_data(tmp_path, pki)
+    data["revocations"] = {"path": str(tmp_path / "revoked.json")}
+
+    async def main() -> tuple[bool, bool]:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            hac = st.hac
+            assert hac is not None
+            issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(issued, "127.0.0.1:1")
+            before = await hac._on_pull(issued.sa.spi, "ha1")
+            hac.revocations.add(MN_ID)  # listed; its SA not retired yet
+            after = await hac._on_pull(issued.sa.spi, "ha1")
+            return before == issued, after is None
+
+    assert run(main()) == (True, True)
