@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address
@@ -46,6 +47,7 @@ from mipsec.core.wire.esp import (
     PTYPE_PLAIN,
     InboundSA,
     OutboundSA,
+    SequenceExhausted,
     encode_plain,
     peek_header,
 )
@@ -55,6 +57,10 @@ from mipsec.core.wire.inner import next_header_of
 # is still good, so the MN keeps its binding until a new one is registered
 # (core/mn_keep.py).
 NEAR_END = "SA validity end is near"
+
+# ... and the one sent once the SA's outbound counter passes PROFILE §7's
+# threshold: the SA cannot be kept (its numbers run out).
+COUNTER_NEAR_END = "the SA's sequence numbers are nearly used up"
 
 # RFC 6275 §12 / §13: protocol constants for BU retransmission.
 INITIAL_BINDACK_TIMEOUT_FIRST_REG = 1.5  # InitialBindackTimeoutFirstReg (§13)
@@ -142,6 +148,10 @@ class MnRegistration:
         self._retransmit_at: float | None = None
         self._refresh_deadline: float | None = None
         self._rebootstrap_sent = False
+        self._reinit_told = False
+        # Called (by ``seal_data``) when the uplink crosses PROFILE §7's
+        # threshold; the shell wakes its registration with it.
+        self.on_reinit: Callable[[], None] | None = None
         self.registered = False
         self.drops: Counter[str] = Counter()  # BAs dropped before decoding, per reason
         self.last_status: int | None = None
@@ -207,6 +217,13 @@ class MnRegistration:
         return out
 
     def timer(self, now: float) -> list[Action]:
+        if self._out.needs_reinit and not self._rebootstrap_sent:
+            # PROFILE §7: past 2**32 - 2**20 the SA must be replaced; the HA
+            # says so (176) only in a BA, which may come too late for a fast
+            # uplink (2**20 packets: ~20 s at 50,000 a second).  Nothing
+            # else is sent under it now.
+            self._rebootstrap_sent = True
+            return [Rebootstrap(COUNTER_NEAR_END)]
         out: list[Action] = []
         if self._retransmit_at is not None and now >= self._retransmit_at:
             if self._timeout * 2 > MAX_BINDACK_TIMEOUT:
@@ -223,7 +240,8 @@ class MnRegistration:
                 self.sequence = (self.sequence + 1) & 0xFFFF
                 self._pending = self._bu(self._pending_lifetime)
                 out.append(self._protect_pending())
-                self._retransmit_at = now + self._timeout
+                if self._pending is not None:
+                    self._retransmit_at = now + self._timeout
         if (
             self._refresh_deadline is not None
             and now >= self._refresh_deadline
@@ -273,6 +291,8 @@ class MnRegistration:
     def next_timer(self) -> float:
         # The re-bootstrap deadline once its Rebootstrap was sent is no
         # timer: kept, a past deadline woke the caller at once, for ever.
+        if self._out.needs_reinit and not self._rebootstrap_sent:
+            return -math.inf  # due now: timer() sends the Rebootstrap
         times = [math.inf if self._rebootstrap_sent else self._rebootstrap_deadline]
         if self._retransmit_at is not None:
             times.append(self._retransmit_at)
@@ -305,7 +325,14 @@ class MnRegistration:
         """
         if self.scope == 0:
             return encode_plain(packet)
-        return self._out.protect(PTYPE_DATA, next_header, packet)
+        datagram = self._out.protect(PTYPE_DATA, next_header, packet)
+        if self._out.needs_reinit and not self._reinit_told:
+            # The data plane crossed the threshold: wake the registration,
+            # whose next timer is now due (``next_timer``).
+            self._reinit_told = True
+            if self.on_reinit is not None:
+                self.on_reinit()
+        return datagram
 
     def open_data(self, datagram: bytes) -> tuple[int, bytes]:
         """(Next Header, packet) of a user-data datagram from the HA.
@@ -343,13 +370,22 @@ class MnRegistration:
         )
         return mh.encode_mh(bu, src=self.hoa, dst=self.ha_addr)
 
-    def _send_bu(self, now: float, lifetime_units: int, *, first: bool) -> Transmit:
+    def _send_bu(self, now: float, lifetime_units: int, *, first: bool) -> Transmit | Failed:
         self._pending = self._bu(lifetime_units)
         self._pending_lifetime = lifetime_units
         self._timeout = INITIAL_BINDACK_TIMEOUT_FIRST_REG if first else INITIAL_BINDACK_TIMEOUT
         self._retransmit_at = now + self._timeout
         return self._protect_pending()
 
-    def _protect_pending(self) -> Transmit:
+    def _protect_pending(self) -> Transmit | Failed:
         assert self._pending is not None
-        return Transmit(self._out.protect(PTYPE_MH, NEXT_HEADER_MH, self._pending))
+        try:
+            return Transmit(self._out.protect(PTYPE_MH, NEXT_HEADER_MH, self._pending))
+        except SequenceExhausted:
+            # Every number of the SA is used (a fast uplink, a long SA): no
+            # BU can go under it.  A failure the caller acts on -- it raised
+            # out of the machine and ended the MN before (found in review).
+            self._pending = None
+            self._retransmit_at = None
+            self.registered = False
+            return Failed(None, "the SA's sequence numbers are used up")

@@ -40,7 +40,14 @@ from mipsec.core.errors import CertificateError, ConfigError
 from mipsec.core.filedigest import read_regular
 from mipsec.core.hookspecs import PluginContext
 from mipsec.core.mn_exchange import BootstrapResult, Finished, MnExchange, SendRequest
-from mipsec.core.mn_registration import Failed, MnRegistration, Rebootstrap, Registered, Transmit
+from mipsec.core.mn_registration import (
+    Action,
+    Failed,
+    MnRegistration,
+    Rebootstrap,
+    Registered,
+    Transmit,
+)
 from mipsec.core.model import IssuedSA
 from mipsec.core.tls import check_hac_certificate, mn_cb_octets, mn_client_context
 from mipsec.core.tlsclient import TlsClient
@@ -311,7 +318,12 @@ class Registrar:
             request_ip4_hoa=cfg.registration.request_ip4_hoa,
             keepalive=data.keepalive_interval if data.enabled else 0.0,
         )
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=256)  # BAs for run()
+        # What each BA asked for, for run(): the BA itself is opened on
+        # arrival (``_readable``), in order with the data around it.
+        self.queue: asyncio.Queue[list[Action]] = asyncio.Queue(maxsize=256)
+        # The uplink used up its SA's numbers but for PROFILE §7's last 2**20:
+        # run() is woken (nothing to do but look at its timers, now due).
+        self.machine.on_reinit = self._wake
         # User data from the HA (PType 1/0), raw; set by the data plane.
         self.on_data: Callable[[bytes], None] | None = None
         self.sock: socket.socket | None = None
@@ -361,6 +373,11 @@ class Registrar:
             self._movement_task = None
         self._close_socket()
 
+    def _wake(self) -> None:
+        """run() looks at its timers now (an empty list of actions)."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait([])
+
     def _readable(self, sock: socket.socket) -> None:
         """Drain the socket: BAs to the queue, user data to ``on_data``."""
         recv = sock.recv
@@ -381,8 +398,15 @@ class Registrar:
                 if on_data is not None:
                     on_data(data)
             else:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(data)
+                # Opened now, not when run() gets to it: BAs and data share
+                # one replay window (one HA counter), and 64 data packets
+                # behind a BA in one drain slid the window past it -- the
+                # refresh BA dropped as a replay under a bulk download, the
+                # binding taken for lost (found in review).
+                actions = self.machine.receive(data, self._clock())
+                if actions:
+                    with contextlib.suppress(asyncio.QueueFull):
+                        queue.put_nowait(actions)
 
     def send(self, datagram: bytes) -> None:
         """One datagram to the HA; a send the care-of address cannot make triggers a check."""
@@ -518,8 +542,8 @@ class Registrar:
                 # At most an hour: with nothing due (a Rebootstrap sent, no
                 # refresh) the wait is endless -- and a look at the clock
                 # once an hour costs nothing.
-                data = await asyncio.wait_for(self.queue.get(), min(max(0.0, wake - now), 3600.0))
-                pending = self._send(self.machine.receive(data, self._clock()))
+                got = await asyncio.wait_for(self.queue.get(), min(max(0.0, wake - now), 3600.0))
+                pending = self._send(got)
             except TimeoutError:
                 pending = self._send(self.machine.timer(self._clock()))
 
@@ -541,10 +565,10 @@ class Registrar:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
-                data = await asyncio.wait_for(self.queue.get(), end - time.monotonic())
+                got = await asyncio.wait_for(self.queue.get(), end - time.monotonic())
             except TimeoutError:
                 break
-            for a in self.machine.receive(data, self._clock()):
+            for a in got:
                 if isinstance(a, Registered):
                     log.info("binding deregistered (status %d)", a.status)
                     return RegistrationOutcome(a.status, a.lifetime, a.sequence)

@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 
 from mipsec.core.config import MNConfig, validate_config
+from mipsec.core.forwarding import MnForwarder
 from mipsec.core.issuer import new_sa
 from mipsec.core.model import BootstrapData, IssuedSA
 from mipsec.core.roles.mn import Registrar, mn_clock
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.wire import mh
-from mipsec.core.wire.esp import NEXT_HEADER_MH, PTYPE_MH, InboundSA, OutboundSA
+from mipsec.core.wire.esp import NEXT_HEADER_MH, PTYPE_DATA, PTYPE_MH, InboundSA, OutboundSA
 
 HOA = IPv6Address("2001:db8:1::7")
 HAA = IPv6Address("::1")
@@ -67,6 +68,7 @@ class UdpHA:
         self.port = self.sock.getsockname()[1]
         self.bus: list[mh.BindingUpdate] = []
         self.status = 0  # of every BA
+        self.data_after = 0  # protected data packets sent right behind each BA
         self.lifetime: int | None = None  # of every BA; None: the lifetime asked
 
     def keys(self, iss: IssuedSA) -> None:
@@ -90,6 +92,9 @@ class UdpHA:
             ba = mh.BindingAck(status=self.status, sequence=bu.sequence, lifetime=lifetime)
             packet = mh.encode_mh(ba, src=HAA, dst=HOA)
             self.sock.sendto(self.out.protect(PTYPE_MH, NEXT_HEADER_MH, packet), peer)
+            inner = bytes((0x60, 0, 0, 0, 0, 0, 59, 64)) + IPv6Address("2001:db8:9::1").packed
+            for _ in range(self.data_after):  # a bulk download, numbered behind the BA
+                self.sock.sendto(self.out.protect(PTYPE_DATA, 41, inner + HOA.packed), peer)
 
 
 def _issued(port: int, lifetime: float = 3600) -> IssuedSA:
@@ -269,3 +274,29 @@ def test_176_on_the_first_ba_is_a_rebootstrap(tmp_path: Path, lifetime: int | No
     status, rebootstrap = asyncio.run(main())
     assert status == mh.REINIT_SA_WITH_HAC
     assert rebootstrap is not None and "176" in rebootstrap
+
+
+def test_a_ba_with_a_burst_of_data_behind_it_is_not_a_replay(tmp_path: Path) -> None:
+    """BAs and data share the SA's one replay window.  The HA sends a BA and
+    then 100 data packets (a bulk download under way): the BA is accepted
+    -- it is opened on arrival, in order with the data -- and the data is
+    delivered.  Before, BAs waited in a queue for the run while the data
+    behind them slid the 64-packet window past them: a refresh BA was
+    dropped as a replay, and the MN took its binding for lost (found in
+    review)."""
+
+    async def main() -> tuple[int | None, int, dict[str, int]]:
+        clocks = Clocks()
+        async with _registered(tmp_path, clocks) as (reg, ha):
+            ha.data_after = 100
+            forwarder = MnForwarder(reg.machine, frozenset({HOA.packed}), mtu=1500)
+            delivered: list[bytes | None] = []
+            reg.on_data = lambda d: delivered.append(forwarder.downlink(d))
+            first = await reg.run(until_registered=True, timeout=4.0)
+            await asyncio.sleep(0.05)
+            return first.status, sum(1 for d in delivered if d), dict(reg.machine.drops)
+
+    status, delivered, drops = asyncio.run(main())
+    assert status == 0
+    assert delivered == 100
+    assert "replay" not in drops

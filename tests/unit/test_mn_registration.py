@@ -348,3 +348,53 @@ def test_a_clock_step_leaves_an_sa_on_the_callers_backoff_alone() -> None:
     reg = MnRegistration(iss, now=0.0, wall_now=NOW, rebootstrap_after=40.0)
     assert reg.clock_stepped(1.0, 10800.0, NOW + timedelta(hours=3)) is None
     assert reg.rebootstrap_deadline == pytest.approx(40.0)
+
+
+def _registered_machine() -> tuple[MnRegistration, FakeHA]:
+    iss = issued(lifetime=86400)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, lifetime=600)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    [act] = reg.receive(ha.ba(0, ha.bu(tx.datagram).sequence, 150), 0.1)
+    assert isinstance(act, Registered) and reg.registered
+    return reg, ha
+
+
+def test_an_uplink_past_the_reinit_threshold_asks_for_a_new_sa_at_once() -> None:
+    """PROFILE §7: once the SA's outbound counter passes 2**32 - 2**20 the
+    SA must be replaced.  The HA says so (176) only in a BA, which a fast
+    uplink may not live to see (2**20 packets: ~20 s at 50,000/s, the
+    refresh minutes away): the uplink that crosses the threshold wakes the
+    registration (``on_reinit``, once), whose timer is due at once and asks
+    for a re-bootstrap -- sending no BU under the nearly spent SA."""
+    from mipsec.core.wire.esp import SEQ_REINIT_THRESHOLD
+
+    reg, _ = _registered_machine()
+    woken: list[bool] = []
+    reg.on_reinit = lambda: woken.append(True)
+    reg._out._seq = SEQ_REINIT_THRESHOLD  # as after that many packets
+    inner = bytes((0x60, 0, 0, 0, 0, 0, 59, 64)) + HOA.packed + HAA.packed
+    reg.seal_data(41, inner)
+    reg.seal_data(41, inner)
+    assert woken == [True]  # once
+    assert reg.next_timer() < 1.0
+    acts = reg.timer(1.0)
+    assert len(acts) == 1 and isinstance(acts[0], Rebootstrap)
+    assert "sequence numbers" in acts[0].reason
+    assert reg.timer(2.0) == []  # asked once
+
+
+def test_a_bu_with_the_counter_used_up_is_a_failure_not_an_exception() -> None:
+    """Every number of the SA used (the re-bootstrap it asked for did not
+    come in time): a BU -- a refresh, a move, the de-registration at a stop
+    -- cannot be sent.  A Failed action, not an exception out of the machine
+    (it ended the MN with a traceback; found in review)."""
+    from mipsec.core.wire.esp import SEQ_MAX
+
+    reg, _ = _registered_machine()
+    reg._rebootstrap_sent = True  # asked already, as the threshold made it
+    reg._out._seq = SEQ_MAX + 1
+    for acts in (reg.timer(500.0), reg.moved(501.0), reg.deregister(502.0)):
+        assert len(acts) == 1 and isinstance(acts[0], Failed), acts
+        assert "used up" in acts[0].reason
+    assert not reg.registered
