@@ -101,7 +101,7 @@ def _ip_literals(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def ha_id_problem(value: str) -> str | None:
-    """Why ``value`` cannot be an HA id (it travels in ``prov-ha-id``), or None."""
+    """Why ``value`` cannot be an HA id (it travels in provisioning's ``ha-id``), or None."""
     if not 1 <= len(value) <= HA_ID_MAX:
         return f"length {len(value)} outside 1..{HA_ID_MAX}"
     if not all(0x20 <= ord(c) <= 0x7E for c in value) or value != value.strip():

@@ -1485,16 +1485,17 @@ class HacService:
         task.add_done_callback(self._tasks.discard)
 
     def _ha_cert_names(self, ha_id: str) -> list[str] | None:
-        """The names an HA proves with its certificate: the ``server_name`` the
-        HAC checks when it provisions to that HA (PROFILE §9 pull)."""
+        """The name an HA proves with its certificate: what the HAC checks
+        when it provisions to that HA (PROFILE §9 pull) -- its
+        ``server_name``, else the address it is reached at (an iPAddress
+        SAN).  Before the twenty-seventh session an HA without
+        ``server_name`` fell back to the pull listener's whole
+        ``client_names``: any admitted HA could pull another's SAs, keys
+        included (found in review)."""
         for h in self.cfg.ha:
             if h.id == ha_id:
-                name = h.options.get("server_name")
-                return (
-                    [str(name)]
-                    if name
-                    else list(self.cfg.provisioning.client_names if self.cfg.provisioning else [])
-                )
+                name = h.options.get("server_name") or h.options.get("host")
+                return [str(name)] if name else []
         return None
 
     async def _on_pull(self, spi: int, ha_id: str) -> IssuedSA | None:

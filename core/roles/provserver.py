@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import ssl
@@ -169,8 +170,23 @@ def check_client_names(peer_cert_der: bytes, names: Sequence[str]) -> None:
     if any("*" in n for n in dns):
         raise CertificateError("client certificate: wildcard dNSName refused")
     wanted = {n.lower().rstrip(".") for n in names}
-    if not wanted.intersection(dns):
-        raise CertificateError(f"client certificate: no dNSName in {sorted(wanted)} (has {dns})")
+    if wanted.intersection(dns):
+        return
+    # An IP literal among ``names`` (an HA configured by address, no
+    # server_name) is proven by an iPAddress SAN, as the HAC checks it when
+    # it provisions to that HA.
+    ips = {_ip(n) for n in names} - {None}
+    if ips and ips.intersection(san.get_values_for_type(x509.IPAddress)):
+        return
+    what = "dNSName or iPAddress" if ips else "dNSName"
+    raise CertificateError(f"client certificate: no {what} in {sorted(wanted)} (has {dns})")
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------- server
@@ -787,6 +803,12 @@ class _Connection:
         self.tls.close()  # close_notify, then TCP close; not awaited on error paths
 
 
+# A cancellation this long before a request's deadline is its caller's, not
+# the request's own timeout (asyncio runs a timer up to its clock's
+# resolution early).
+CANCEL_MARGIN = 0.01  # seconds
+
+
 class ConnectionFailed(ProvisioningFailed):
     """The connection or its handshake failed before any request was sent
     (not a certificate refusal): the request may try once more."""
@@ -849,6 +871,7 @@ class ProvisioningClient:
         (a ``ConnectionError``) for a refused or failed connection, a TLS or
         certificate failure, or a malformed response.
         """
+        deadline = asyncio.get_running_loop().time() + timeout
         async with asyncio.timeout(timeout):
             self.stats["requests"] += 1
             retry = True
@@ -878,7 +901,7 @@ class ProvisioningClient:
                         self.stats["retries"] += 1
                         continue
                 try:
-                    return await self._exchange(conn, content)
+                    return await self._exchange(conn, content, deadline)
                 except ProvisioningFailed as exc:
                     if (
                         fresh
@@ -942,14 +965,27 @@ class ProvisioningClient:
             if not fut.done():
                 fut.set_result(None)
 
-    async def _exchange(self, conn: _Connection, content: bytes) -> ProvResponse:
+    async def _exchange(self, conn: _Connection, content: bytes, deadline: float) -> ProvResponse:
         fut = conn.submit(content)
         try:
             raw = await fut
             response = decode_response(raw)
         except BaseException as exc:
-            # A timeout, a failed connection or a malformed response: this
-            # connection is done (its order of answers can no longer be trusted).
+            if (
+                isinstance(exc, asyncio.CancelledError)
+                and asyncio.get_running_loop().time() < deadline - CANCEL_MARGIN
+            ):
+                # The caller gave up before this request's own timeout (its
+                # MN went away, a revoke): the connection is sound, and its
+                # answer, when it comes, is skipped in its place (``_take``).
+                # Failing the connection failed every other request on it --
+                # the one that opened it with no retry, its MN's older SA
+                # withdrawn -- which any MN could cause by leaving at the
+                # right moment (found in review).
+                raise
+            # Its own timeout, a failed connection or a malformed response:
+            # this connection is done (an HA that does not answer in time,
+            # or whose order of answers can no longer be trusted).
             conn.fail(ConnectionResetError("an earlier request on this connection failed"))
             if isinstance(exc, ConnectionError | ssl.SSLError | OSError):
                 raise ProvisioningFailed(f"{self._who()}: connection failed: {exc!r}") from exc

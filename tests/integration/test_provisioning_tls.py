@@ -202,6 +202,43 @@ def test_install_withdraw_round_trip_reuses_one_connection(
         assert key.hex() not in caplog.text
 
 
+def test_a_caller_giving_up_leaves_the_other_requests_on_the_connection_alone(
+    pki: PkiPaths,
+) -> None:
+    """Three installs pipelined on one connection to an HA that takes 0.3 s
+    each; the caller of the second gives up after 0.15 s (its MN went away:
+    the HAC cancels that bootstrap's work).  The first and the third are
+    answered on the same connection, no retry; the HA installed all three
+    (the second is the HAC's to take back).  Before, the cancellation failed
+    the connection: the first -- which had opened it, so no retry -- failed
+    although its SA was installed, and its MN's older SA was withdrawn; any
+    MN could cause that by leaving at the right moment (found in review)."""
+    rec = Recorder()
+
+    async def install(issued: IssuedSA, ha_id: str | None) -> None:
+        await asyncio.sleep(0.3)  # an HA that takes a moment
+        await rec.install(issued, ha_id)
+
+    async def body(port: int) -> tuple[list[Any], dict[str, int]]:
+        t = transport(pki, port)
+        a = asyncio.create_task(t.provision(HA, make_issued(spi=1), 5))  # opens the connection
+        await asyncio.sleep(0)
+        b = asyncio.create_task(t.provision(HA, make_issued(spi=2), 5))
+        c = asyncio.create_task(t.provision(HA, make_issued(spi=3), 5))
+        await asyncio.sleep(0.15)
+        b.cancel()
+        got = await asyncio.gather(a, b, c, return_exceptions=True)
+        stats = dict(t.client.stats)
+        await t.aclose()
+        return got, stats
+
+    got, stats = run(serving(ha_listener(pki, timeout=3), rec, body, on_install=install))
+    assert got[0] is None and got[2] is None, got
+    assert isinstance(got[1], asyncio.CancelledError)
+    assert stats["connects"] == 1 and stats["retries"] == 0, stats
+    assert sorted(i.sa.spi for i, _ in rec.installed) == [1, 2, 3]
+
+
 def test_server_context_policy(pki: PkiPaths) -> None:
     ctx = ProvisioningServer(ha_listener(pki)).ssl_context
     assert ctx.verify_mode == ssl.CERT_REQUIRED
