@@ -637,7 +637,9 @@ class TlsListener:
             old.per_source_burst,
         ):
             self._buckets = _source_buckets(limits)
-        victims = self.table.resize(limits.max_connections)
+        # Those closing already finish their close (``_accepted``): a final
+        # answer in a write buffer is not thrown away (found in review).
+        victims = [v for v in self.table.resize(limits.max_connections) if not v.closing]
         for victim in victims:
             self._count(EVICTED)  # in the listener's summary line, as any eviction
             victim.evict_later()
@@ -753,6 +755,11 @@ class TlsListener:
                 return
         admitted, victims = self.table.admit(conn)
         for victim in victims:
+            if victim.closing:
+                # Closing already: out of the table, its close (and any final
+                # answer still in its write buffer) left to finish, bounded
+                # by its close timer -- not aborted, not counted as evicted.
+                continue
             self._count(EVICTED)
             victim.abort(EVICTED)
         if not admitted:

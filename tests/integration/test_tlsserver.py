@@ -518,3 +518,26 @@ def test_the_open_file_reservation_follows_the_caps_up_and_down(pki: PkiPaths) -
     reserved, _ = serve(pki, body, max_connections=1000)
     assert reserved == 1000
     assert tlsserver._fds_reserved == before  # given back at close
+
+
+def test_a_lowered_cap_lets_a_closing_connection_finish_its_close(pki: PkiPaths) -> None:
+    """A connection that is closing already (its final answer and close_notify
+    written) when a reload lowers the cap: out of the table, but its close
+    finishes -- the peer reads the answer -- and it is not counted as
+    evicted; the one connection over the cap besides it is.  Before, it was
+    aborted with the rest, throwing away what its write buffer still held
+    (found in review)."""
+
+    async def body(port: int, listener: TlsListener, ended: list[str]) -> None:
+        conns = [await tls(pki, port) for _ in range(3)]
+        await until(lambda: listener.connections == 3)
+        first = next(iter(listener.table))  # the one a newcomer would evict first
+        first.close(b"final\n")
+        closed = listener.apply_limits(replace(listener.limits, max_connections=1))
+        assert closed == 1 and listener.stats[EVICTED] == 1
+        reader = conns[0][0]
+        assert await asyncio.wait_for(reader.readline(), 10) == b"final\n"
+        for _, writer in conns:
+            writer.close()
+
+    serve(pki, body, max_connections=10)
