@@ -519,6 +519,16 @@ class HacOps:
         changed, restart = restart_keys(svc.cfg, new, LIVE_KEYS, LIVE_LEAVES)
         if restart:
             raise ConfigError(file, ", ".join(restart), "changes only with a restart")
+        if stale(svc.accounting):
+            # Accounting is built at start only: a rotated secret_file would
+            # go unnoticed -- every Accounting-Response then fails to verify,
+            # each record retried for an hour and dropped (found in review).
+            raise ConfigError(
+                file,
+                "accounting",
+                "a RADIUS secret_file now holds another secret: accounting takes it "
+                "only with a restart",
+            )
         if "methods" not in changed and any(stale(f) for f in svc.methods.values()):
             # A file a method was built from changed (a rotated RADIUS
             # secret_file, a renewed EAP-TLS server certificate): built

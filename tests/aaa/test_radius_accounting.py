@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tomllib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,107 @@ def test_queue_limit_drops_the_oldest() -> None:
     assert acct.stats.dropped == 1 and [r.spi for r in acct._queue] == [2, 3]
 
 
+class _DeadClient:
+    """A RADIUS client whose every server is held off (the accounting
+    server down): each record is retried until given up."""
+
+    timeout = 2.0
+    retries = 1
+    servers = ["x"]
+
+    async def send(self, build: Any) -> Any:
+        from mipsec.aaa.radius import RadiusUnavailable
+
+        raise RadiusUnavailable(30)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_down_server_holds_at_most_queue_limit_records() -> None:
+    """The accounting server down, 5,000 Starts against ``queue_limit`` 1,000:
+    at most 1,000 records are held -- 256 being retried, the rest waiting
+    -- and the rest dropped, counted, in a few log lines.  Before, every
+    record became a retrying task at once and the limit bounded nothing
+    (50,000 Starts held 176 MB; found in review)."""
+    from mipsec.aaa.accounting import IN_FLIGHT, AccountingOptions
+
+    async def main() -> tuple[int, int, int]:
+        opts = AccountingOptions(servers=[{"host": "h", "secret": "s"}], queue_limit=1000)
+        acct = RadiusAccounting(_DeadClient(), opts)  # type: ignore[arg-type]
+        for spi in range(1, 5001):
+            issue(acct, spi)
+            if spi % 500 == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        held = (len(acct._queue), len(acct._tasks), acct.stats.dropped)
+        for task in [*acct._tasks, acct._runner]:
+            if task is not None:
+                task.cancel()
+        return held
+
+    waiting, in_flight, dropped = asyncio.run(main())
+    assert in_flight == IN_FLIGHT and waiting + in_flight == 1000
+    assert dropped == 4000
+
+
+def test_a_full_queue_drops_an_interim_before_a_start() -> None:
+    acct = accounting(9, queue_limit=3)
+    issue(acct, 1)
+    acct._queue_record(3, 1)  # an Interim-Update
+    issue(acct, 2)
+    issue(acct, 3)  # full: the interim goes, not the oldest Start
+    assert [(r.status, r.spi) for r in acct._queue] == [(1, 1), (1, 2), (1, 3)]
+    assert acct.stats.dropped == 1
+
+
+def test_interims_stop_at_the_sas_end_when_another_hac_ended_it() -> None:
+    """HACs sharing a store: another HAC superseded or expired this one's SA
+    and sent its Stop.  Past the SA's validity end this HAC sends no more
+    Interim-Updates for it and forgets the session; before, it sent them
+    for good (found in review)."""
+
+    async def main() -> tuple[list[int], int]:
+        fake = await fake_server(answer, secret=SECRET.encode())
+        acct = accounting(fake.port, interim_interval=0.05)
+        acct.mipsec_sa_issued(
+            spi=7,
+            mn_id="alice@example.net",
+            suite="AES_128_CBC_SHA256",
+            scope=1,
+            validity_end=datetime.now(UTC) + timedelta(seconds=0.3),
+            ha_id="ha1",
+            peer="[2001:db8::5]:40000",
+        )
+        await asyncio.sleep(1.0)
+        sent = [status(r) for r in records(fake)]
+        left = len(acct._sessions)
+        await acct.aclose()
+        fake.close()
+        return sent, left
+
+    sent, left = asyncio.run(main())
+    assert sent[0] == 1 and 3 in sent and 2 not in sent
+    assert 3 <= len(sent) <= 12  # interims while it lived, then none: ~0.3 s of 0.05-s ticks
+    assert left == 0
+
+
+def test_a_rotated_secret_file_makes_accounting_stale(tmp_path: Path) -> None:
+    """Accounting is built at start; a ``secret_file`` rotated since is said
+    (``stale``), and a HAC reload refuses naming ``accounting`` -- before,
+    the reload reported no change and every record then failed to verify
+    (found in review)."""
+    secret = tmp_path / "acct.secret"
+    secret.write_text("first\n")
+    secret.chmod(0o600)
+    ctx = PluginContext(role="hac", base_dir=tmp_path, config_file="hac.toml")
+    options = {"servers": [{"host": "127.0.0.1", "secret_file": "acct.secret"}]}
+    acct = AccountingFactory().create(options, ctx)
+    assert acct.stale() is False
+    secret.write_text("rotated\n")
+    assert acct.stale() is True
+
+
 def test_interim_updates() -> None:
     async def main() -> list[int]:
         fake = await fake_server(answer, secret=SECRET.encode())
@@ -306,3 +407,40 @@ def test_hac_without_or_with_unknown_accounting(tmp_path: Path) -> None:
 def test_accounting_registry() -> None:
     pm = pluginmanager.make_plugin_manager()
     assert "radius" in pluginmanager.registry(pm, "mipsec_accounting_backends")
+
+
+def test_a_reload_after_the_accounting_secret_was_rotated_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """The accounting ``secret_file`` rewritten with another secret: the
+    HAC's reload is refused, naming ``accounting`` and why (accounting is
+    built at start only), and the HAC goes on; before, the reload said
+    nothing changed (found in review)."""
+    from mipsec.core.roles.hac_ops import HacOps
+
+    text = Path(_hac_data(tmp_path)[1]).read_text()  # type: ignore[index]
+    path = tmp_path / "lab" / "hac.toml"
+    secret = tmp_path / "lab" / "acct.secret"
+    secret.write_text("first\n")
+    secret.chmod(0o600)
+    path.write_text(
+        text + '\n[accounting]\nbackend = "radius"\n'
+        'servers = [{ host = "127.0.0.1", port = 1813, secret_file = "acct.secret" }]\n'
+    )
+    data = tomllib.loads(path.read_text())
+
+    async def main() -> str:
+        cfg = validate_config(data, "hac", file=str(path), base=path.parent)
+        svc = HacService(cfg, config_file=str(path))  # type: ignore[arg-type]
+        ops = HacOps(svc, str(path))
+        try:
+            assert ops._apply() == []  # nothing changed yet
+            secret.write_text("rotated\n")
+            with pytest.raises(ConfigError) as err:
+                ops._apply()
+            return str(err.value)
+        finally:
+            await svc.stop()
+
+    message = asyncio.run(main())
+    assert "accounting" in message and "only with a restart" in message
