@@ -540,6 +540,14 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             else:
                 await pause(short)
             continue
+        if kept is not None:
+            # A new SA: the old binding's refreshes stop before the new SA's
+            # first BU leaves -- one still in flight after it would take the
+            # home address's binding back to the old SA where the HA keeps
+            # both (max_sas_per_mn > 1; found in review).  The old binding
+            # stays at the HA for its lifetime meanwhile.
+            await kept.end(deregister=False)
+            kept = None
         short = short_sa(result.issued)  # None with --once (the WARNING alone)
         registrar = Registrar(
             result.issued, cfg, rebootstrap_at=cfg.sa.rebootstrap_at, rebootstrap_after=short
@@ -562,9 +570,6 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 return EXIT_OK if outcome.accepted else EXIT_FAILED
             first = await registrar.run(until_registered=True, stop=stop)
             report(result, first)
-            if kept is not None and first.accepted:
-                await kept.end(deregister=False)  # the new SA's binding took over
-                kept = None
             if dataplane is not None and first.accepted:
                 dataplane.attach(registrar, first.ip4_hoa)
             if first.accepted and first.rebootstrap is None and short is None:

@@ -309,6 +309,11 @@ class _NotAdded(Exception):
     """add_superseding: the SPI is held; the transaction is rolled back."""
 
 
+def _converting(key_file: Path) -> Path:
+    """Where a conversion's new key waits until its rows are committed."""
+    return key_file.with_name(key_file.name + ".converting")
+
+
 class StoreOptionError(ValueError):
     """A problem with one store option; ``option`` names it (``path``, ``key_file``, ...)."""
 
@@ -896,12 +901,26 @@ class SQLiteSAStore:
                 raise ValueError(f"key_mode {mode!r} not supported")
             kf = self.key_file
             key_existed = kf is not None and kf.exists()
-            codec = self._fresh_codec(clear_keys, create=write)
+            pending: Path | None = None
+            if write and not clear_keys and kf is not None and not key_existed:
+                # The key for a conversion is made beside its final name and
+                # put in place only once the rows it wraps are committed: a
+                # conversion cut short (killed, disk full) leaves no key file
+                # behind that the next start would take for an edited
+                # store's (found in review).
+                pending = _converting(kf)
+                pending.unlink(missing_ok=True)
+                codec = WrappedKeys(KeyWrapper(create_key_file(pending)))
+            else:
+                codec = self._fresh_codec(clear_keys, create=write)
             converted = write and (version == 1 or isinstance(codec, WrappedKeys))
-            if converted and isinstance(codec, WrappedKeys) and key_existed:
-                self._refuse_conversion(c)
+            if isinstance(codec, WrappedKeys) and key_existed and (converted or not write):
+                self._refuse_conversion(c)  # check-config says it too
             if converted:
                 self._convert(c, version, codec)
+        if pending is not None and kf is not None:
+            os.replace(pending, kf)
+            log.info("SA store %s: new key-wrapping key %s (mode 0600)", self.path, kf)
         if converted:
             self._after_conversion()
         return codec
@@ -990,6 +1009,13 @@ class SQLiteSAStore:
             )
         kf = self.key_file
         assert kf is not None
+        if not kf.exists() and _converting(kf).exists():
+            # Killed between a conversion's commit and putting its key in
+            # place: the key is beside it (key_check below proves it).
+            os.replace(_converting(kf), kf)
+            log.warning(
+                "SA store %s: key file %s of a conversion cut short put in place", self.path, kf
+            )
         if not kf.exists():
             raise StoreOptionError(
                 "key_file",

@@ -828,14 +828,17 @@ class HacService:
             await asyncio.sleep(pause)
             pause = min(2 * pause, STORE_BUSY_PAUSES[1])
 
-    def rollback(self, issued: IssuedSA, peer: str, reason: str) -> None:
+    def rollback(self, issued: IssuedSA, peer: str, reason: str, *, report: bool = True) -> None:
         """The MN did not get the 200 (it went away, or broke the sequence):
-        take the SA back everywhere -- nothing stays live unannounced."""
+        take the SA back everywhere -- nothing stays live unannounced.
+        ``report``: False when the failure was reported already (its 500)."""
         sa = issued.sa
         if sa.spi in self._issuing_spis:  # else issue_sa's own failure path took it back
             self._issuing_spis.discard(sa.spi)
             self._withdraw_when_delivered.discard(sa.spi)
             self._take_back(sa.spi, sa.mn_id, "provisioning-failed")
+        if not report:
+            return
         self.emit(
             "mipsec_provisioning_failed",
             mn_id=sa.mn_id,
@@ -991,6 +994,15 @@ class HacService:
         Those the store leaves retired (their MN holds a newer SA, or another
         MN one of their home addresses: issued by another HAC sharing the
         store meanwhile) are withdrawn here."""
+        # An SA whose 200 this HAC sent comes back delivered, whatever its
+        # row said: its delivery mark may not have been written yet (a batch
+        # a second later), and put back pending, the sweep would take it
+        # from the MN that holds it (found in review of keeping ``pending``).
+        mine = self._delivered.keys() | self._to_mark_delivered
+        taken = [
+            x._replace(pending=None) if getattr(x, "pending", None) and x.spi in mine else x
+            for x in taken
+        ]
         try:
             with self._write_now():  # a held lock: withdrawn instead, as below
                 kept = self.store.restore(taken)  # type: ignore[attr-defined]
@@ -1547,7 +1559,14 @@ class HacService:
         this one may now wait longer for (found in review).  Lowered, the
         old bound holds until the issues begun under it are over."""
         old = old_timeout + 2 * CONFIRM_BATCH_S + 2.0
-        self._bound_floor = (old, time.monotonic() + old)
+        floor, until = self._bound_floor
+        now = time.monotonic()
+        if now >= until:
+            floor, until = 0.0, 0.0
+        # The larger of the floor still in force (a reload shortly before)
+        # and this one: a second reload must not lower it under issues begun
+        # two reloads ago (found in review).
+        self._bound_floor = (max(floor, old), max(until, now + old))
         if self._owns:
             try:
                 self._heartbeat()
@@ -1953,7 +1972,7 @@ class _Session:
                     # so nothing stays live that the MN was not told of
                     # (found in review).  Every other failure path of the
                     # issue took back what it stored already.
-                    svc.rollback(issued, self._peer, "internal-error")
+                    svc.rollback(issued, self._peer, "internal-error", report=False)
                 issued = None
                 if self._alive():
                     self._send(result)

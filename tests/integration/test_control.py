@@ -1202,3 +1202,29 @@ def test_reload_of_the_provisioning_timeout_tells_the_hacs_sharing_the_store(
     out = ctl("reload", "--config", hac_cfg(lab))
     assert out.returncode == 0, out.stderr
     assert stated() == [64.0]  # issues begun under 60 s may still run
+
+
+def test_a_second_reload_keeps_the_issuing_bound_of_issues_begun_two_reloads_ago(
+    lab: Lab, roles: Roles
+) -> None:
+    """60 s, then 5, then 10 s of ``provisioning_timeout`` in quick
+    succession: the stated issuing bound stays 64 s while issues begun
+    under 60 s may run -- the second reload does not lower it to 14 (found
+    in review of the first fix)."""
+    import sqlite3
+
+    roles.start("ha")
+    roles.start("hac")
+    cfg = Path(hac_cfg(lab))
+    edit_toml(cfg, "[hac]\n", "[hac]\nprovisioning_timeout = 60\n")
+    for old, new in ((None, None), ("60", "5"), ("5", "10")):
+        if old is not None:
+            edit_toml(cfg, f"provisioning_timeout = {old}\n", f"provisioning_timeout = {new}\n")
+        out = ctl("reload", "--config", hac_cfg(lab))
+        assert out.returncode == 0, out.stderr
+    conn = sqlite3.connect(lab.dir / "hac-sa.sqlite")
+    try:
+        stated = [float(r[0]) for r in conn.execute("SELECT issuing FROM hac_alive")]
+    finally:
+        conn.close()
+    assert stated == [64.0]

@@ -412,6 +412,18 @@ class RefusingTransport:
         return [self]
 
 
+def refusing_stack(tmp_path: Path, pki: PkiPaths) -> tuple[tuple[Any, ...], RefusingTransport]:
+    """A HAC on a SQLite store whose one HA is reached through a
+    ``RefusingTransport``: (Stack arguments, the transport)."""
+    data = hac_data(tmp_path, pki)
+    data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "sa.db")}
+    ha_cfg = hac_config(data, tmp_path).local_ha
+    del data["local_ha"]
+    data["ha"][0]["transport"] = "refusing"
+    transport = RefusingTransport()
+    return (hac_config(data, tmp_path), [transport], ha_cfg), transport
+
+
 def test_one_mn_twice_in_a_group_both_refused_leaves_no_undelivered_sa_live(
     tmp_path: Path, pki: PkiPaths
 ) -> None:
@@ -422,15 +434,10 @@ def test_one_mn_twice_in_a_group_both_refused_leaves_no_undelivered_sa_live(
     SA and retired it; the first's failure then found nothing to take back,
     and the second's failure put the first back, marked delivered: live for
     good, never swept (found in review)."""
-    data = hac_data(tmp_path, pki)
-    data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "sa.db")}
-    ha_cfg = hac_config(data, tmp_path).local_ha
-    del data["local_ha"]
-    data["ha"][0]["transport"] = "refusing"
-    transport = RefusingTransport()
+    stack_args, transport = refusing_stack(tmp_path, pki)
 
     async def main() -> tuple[list[Any], list[int], list[int], list[int], int]:
-        async with Stack(hac_config(data, tmp_path), [transport], ha_cfg=ha_cfg) as st:
+        async with Stack(*stack_args[:2], ha_cfg=stack_args[2]) as st:
             hac = st.hac
             assert hac is not None and st.ha is not None
             old = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
@@ -452,3 +459,34 @@ def test_one_mn_twice_in_a_group_both_refused_leaves_no_undelivered_sa_live(
     assert set(live) <= {old}  # nothing the MN was never told about
     assert pending == []
     assert set(on_ha) <= set(live)
+
+
+def test_an_sa_put_back_that_its_mn_holds_comes_back_delivered(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """The MN's SA A has its 200 -- its delivery mark not yet written (a
+    batch a second later) -- when the MN's next SA B supersedes it and B's
+    HA refuses.  A is put back delivered, not pending: pending, the sweep of
+    undelivered SAs would take it from the MN that holds it (found in review
+    of keeping the mark through ``restore``)."""
+    stack_args, transport = refusing_stack(tmp_path, pki)
+
+    async def main() -> tuple[Any, list[int], list[int], int]:
+        async with Stack(*stack_args[:2], ha_cfg=stack_args[2]) as st:
+            hac = st.hac
+            assert hac is not None
+            old = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            hac.deliver(old, "127.0.0.1:1")  # its mark waits for the batch
+            transport.refuse = True
+            try:
+                await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
+            except IssueFailure as exc:
+                refused: Any = exc.status
+            live = [i.sa.spi for i in hac.store.live(datetime.now(UTC))]
+            pending = hac.store.undelivered(datetime(2100, 1, 1, tzinfo=UTC))
+            return refused, live, pending, old.sa.spi
+
+    refused, live, pending, old = run(main())
+    assert refused == 504
+    assert live == [old]
+    assert old not in pending

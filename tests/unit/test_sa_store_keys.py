@@ -307,6 +307,40 @@ def test_a_wrapped_store_edited_to_say_clear_is_not_converted(tmp_path: Path) ->
         assert s.key_mode == "aes-256-gcm"
 
 
+def test_a_conversion_cut_short_leaves_no_key_file_in_the_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clear store's conversion fails (a full disk, a kill): its new key
+    waits beside its final name until the rows are committed, so the next
+    start converts again instead of finding a key file and refusing the
+    store as edited (found in review of the refusal).  Killed between the
+    commit and the rename, the next start puts that key in place."""
+    path = tmp_path / "sa.db"
+    with make(tmp_path, clear_keys=True) as s:
+        s.add(full_issued(), T0)
+    real = SQLiteSAStore._convert
+
+    def full_disk(self: SQLiteSAStore, *args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(SQLiteSAStore, "_convert", full_disk)
+    with pytest.raises(ValueError, match="database or disk is full"):
+        make(tmp_path)
+    assert not (tmp_path / "sa.db.key").exists()
+    monkeypatch.setattr(SQLiteSAStore, "_convert", real)
+    with make(tmp_path) as s:
+        assert s.key_mode == "aes-256-gcm"
+        assert s.get(full_issued().sa.spi, T0) == full_issued()
+    # As if killed after the commit, before the key was put in place.
+    (tmp_path / "sa.db.key").rename(tmp_path / "sa.db.key.converting")
+    caplog.set_level(logging.WARNING)
+    with make(tmp_path) as s:
+        assert s.get(full_issued().sa.spi, T0) == full_issued()
+    assert (tmp_path / "sa.db.key").exists()
+    assert "conversion cut short put in place" in caplog.text
+    assert not holds_a_key(raw(path))
+
+
 # ---------------------------------------------------------------- schema 1
 
 
