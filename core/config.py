@@ -202,6 +202,25 @@ class HACService(_Strict):
 class PluginsConfig(_Strict):
     disable: tuple[str, ...] = ()
 
+    @field_validator("disable")
+    @classmethod
+    def _installed(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        # A name that is no installed plugin disables nothing: a typo
+        # ("event-log" for event_log) left the plugin running while
+        # check-config passed (fail open; found in review).
+        from importlib.metadata import entry_points
+
+        from mipsec.core.hookspecs import PROJECT
+
+        known = {ep.name for ep in entry_points(group=PROJECT)}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(
+                f"no installed plugin named {', '.join(map(repr, unknown))} "
+                f"(installed: {', '.join(sorted(known))})"
+            )
+        return names
+
 
 class ControlConfig(_Strict):
     """The role's control socket (core/control.py): ``mipsec status`` and friends."""
@@ -333,6 +352,22 @@ class HACConfig(_Strict):
                     f"local_ha: an [[ha]] entry with id {self.local_ha.ha.id!r} and "
                     'transport = "local" must point at the in-process HA'
                 )
+            # MNs are given the [[ha]] entry's port and addresses: the
+            # in-process HA must be there (found in review: a mismatch
+            # passed check-config, every BU then went where nobody listens).
+            # Port 0 (ephemeral, tests and labs) and addresses left unset
+            # are not compared.
+            entry, ha = local[0], self.local_ha.ha
+            for key, mine, theirs in (
+                ("port", ha.port or None, entry.port),
+                ("address6", ha.address6, entry.address6),
+                ("address4", ha.address4, entry.address4),
+            ):
+                if mine is not None and theirs is not None and str(mine) != str(theirs):
+                    raise ValueError(
+                        f"local_ha.ha.{key}: {mine} is not the {key} of [[ha]] {entry.id!r} "
+                        f"({theirs}), which MNs are given"
+                    )
         return self
 
 

@@ -1255,3 +1255,44 @@ def test_a_failure_after_a_confirmed_install_takes_the_new_sa_back(
     assert status == 500
     assert live == [first]  # the new SA is gone; the old one's retire had failed
     assert on_ha == [] and issuing == set()
+
+
+def test_an_in_process_ha_elsewhere_than_its_ha_entry_is_a_config_error(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """Model 1: MNs are given the ``[[ha]]`` entry's port and addresses, so
+    the in-process HA (``[local_ha.ha]``) must be there.  A different port
+    or address is refused at load, naming the key; before, it passed
+    ``check-config`` and every BU went where nobody listens (found in
+    review).  An ephemeral port (0) or an address left unset is not
+    compared."""
+    data = hac_data(tmp_path, pki)
+    ha_port = data["ha"][0]["port"]
+    for key, value in (("port", ha_port + 1), ("address6", "2001:db8::99")):
+        bad = hac_data(tmp_path, pki)
+        bad["ha"][0]["port"] = ha_port
+        bad["local_ha"]["ha"]["port"] = ha_port
+        bad["local_ha"]["ha"][key] = value
+        with pytest.raises(ConfigError) as info:
+            hac_config(bad, tmp_path)
+        assert f"local_ha.ha.{key}" in str(info.value), str(info.value)
+    ok = hac_data(tmp_path, pki)
+    ok["local_ha"]["ha"]["port"] = 0
+    ok["local_ha"]["ha"]["address6"] = ok["ha"][0]["address6"]
+    assert hac_config(ok, tmp_path).local_ha is not None
+
+
+def test_disabling_a_plugin_that_is_not_installed_is_a_config_error(
+    tmp_path: Path, pki: PkiPaths
+) -> None:
+    """``[plugins] disable = ["event-log"]`` (the plugin is ``event_log``):
+    refused at load, naming the key and the installed names; before, it
+    disabled nothing and passed ``check-config`` (found in review)."""
+    data = hac_data(tmp_path, pki)
+    data["plugins"] = {"disable": ["event-log"]}
+    with pytest.raises(ConfigError) as info:
+        hac_config(data, tmp_path)
+    assert "plugins.disable" in str(info.value) and "'event-log'" in str(info.value)
+    assert "event_log" in str(info.value)
+    data["plugins"] = {"disable": ["event_log"]}
+    assert hac_config(data, tmp_path).plugins.disable == ("event_log",)
