@@ -485,6 +485,13 @@ class RadiusClient:
             st.waiters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    # Woken for a freed Identifier, then cancelled before it
+                    # ran: the wake-up goes to the next waiter, or that
+                    # Identifier waited for the next release (found in review).
+                    st.wake_one()
+                raise
             finally:
                 if waiter in st.waiters:
                     st.waiters.remove(waiter)

@@ -647,3 +647,48 @@ def test_close_ends_a_request_waiting_for_an_identifier_as_unanswered() -> None:
         quiet.close()
 
     asyncio.run(main())
+
+
+def test_a_waiter_woken_then_cancelled_passes_the_wake_up_on() -> None:
+    """Two requests wait for an Identifier; one is freed and the first
+    waiter woken -- and cancelled (its MN gone) before it runs.  The second
+    waiter gets the Identifier; before, the wake-up was lost with the
+    cancelled one and the Identifier waited for the next release (found in
+    review)."""
+
+    class Channel:
+        closed = False
+
+        def __init__(self) -> None:
+            self.free = 0
+
+        def allocate(self) -> int | None:
+            if self.free:
+                self.free -= 1
+                return 7
+            return None
+
+        def has_free(self) -> bool:
+            return self.free > 0
+
+    async def main() -> Any:
+        client = RadiusClient([RadiusServer("127.0.0.1", 1, SECRET)], max_sockets=1)
+        st = client._servers[0]
+        channel = Channel()
+        st.channels.append(channel)  # type: ignore[arg-type]
+        first = asyncio.create_task(client._acquire(st))
+        second = asyncio.create_task(client._acquire(st))
+        await asyncio.sleep(0)
+        assert len(st.waiters) == 2
+        channel.free = 1
+        st.wake_one()  # the first is woken ...
+        first.cancel()  # ... and cancelled before it runs
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert first.cancelled()
+        got = await asyncio.wait_for(second, 1)
+        await client.aclose()
+        return got
+
+    channel, ident = asyncio.run(main())
+    assert ident == 7
