@@ -1,6 +1,6 @@
 """Cost of the per-source rate limiter's table (core/ratelimit.py) past its cap.
 
-    python bench/ratelimit.py [--sources N]
+    python bench/ratelimit.py [--sources N] [--quick]
 
 The HAC keeps a token bucket per source (an IPv4 address, an IPv6 /64) for
 ``[hac] per_source_rate``, at most ``max_sources`` (65,536) of them, the least
@@ -31,7 +31,10 @@ def per_call(buckets: SourceBuckets, first: int, count: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sources", type=int, default=200_000, help="new sources past the cap")
+    p.add_argument("--quick", action="store_true", help="20,000 new sources (CI)")
     args = p.parse_args()
+    if args.quick:
+        args.sources = 20_000
     cap = 65_536
     buckets = SourceBuckets(10.0, 20, max_sources=cap)
     below = per_call(buckets, 0, cap)  # filling: no eviction
