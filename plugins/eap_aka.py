@@ -142,7 +142,9 @@ class AkaPeerFactory:
     def new(self, ctx: EapPeerContext) -> AkaPeer:
         from mipsec.core.eap.aka_peer import AkaPeer
 
-        return AkaPeer(self._usim, ctx.mn_id, self._config)
+        # The identity of EAP-Response/Identity: the master key is bound to
+        # it (RFC 4187 §7), and it may differ from mn_id in realm case.
+        return AkaPeer(self._usim, ctx.eap_identity, self._config)
 
 
 class AkaMethod:

@@ -112,8 +112,17 @@ class ServerOutput:
 class EapPeerContext:
     """What a peer machine knows of its exchange."""
 
-    mn_id: str  # the MHAuth mn-id, also the EAP identity the MN sends (PROFILE §4 item 8)
+    mn_id: str  # the MHAuth mn-id (PROFILE §4 item 8)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The identity the MN sent in EAP-Response/Identity ("": ``mn_id``).  It
+    # may differ from ``mn_id`` in its realm's case ([eap] identity), and a
+    # method that binds keys to it (EAP-AKA's master key, RFC 4187 §7) must
+    # use this one (found in review: AT_MAC failed).
+    identity: str = ""
+
+    @property
+    def eap_identity(self) -> str:
+        return self.identity or self.mn_id
 
 
 @dataclass(frozen=True)

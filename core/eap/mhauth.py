@@ -597,10 +597,13 @@ class EapPeer:
         self._mn_rand = secrets.token_bytes(RAND_LEN)
         self._first = True
         self._done = False  # the Done parameters have been sent
+        identity = cfg.identity or ctx.mn_id
         self.machine = EapPeerMachine(
-            identity=cfg.identity or ctx.mn_id,
+            identity=identity,
             methods=cfg.methods,
-            ctx=EapPeerContext(mn_id=ctx.mn_id, extra={"max_packet": cfg.max_packet}),
+            ctx=EapPeerContext(
+                mn_id=ctx.mn_id, extra={"max_packet": cfg.max_packet}, identity=identity
+            ),
             max_packet=cfg.max_packet,
         )
 

@@ -18,6 +18,7 @@ content gets the same Response again).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -146,7 +147,9 @@ class EapPeerMachine:
         if entry is None:
             return self._nak(req)
         name, factory = entry
-        self.method = factory.new(self._ctx)
+        # The method learns the identity this machine sent (RFC 4187 §7: an
+        # AKA master key is bound to it), whatever its context said.
+        self.method = factory.new(dataclasses.replace(self._ctx, identity=self.identity))
         self.method_name = name
         self._method_key = key
         return self._run(req)

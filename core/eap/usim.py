@@ -150,7 +150,10 @@ class SqnStore:
         except OSError as exc:
             raise UsimStateError(f"cannot open {self._lock_path}: {exc.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # ENOLCK on some network file systems
+                raise UsimStateError(f"cannot lock {self._lock_path}: {exc.strerror}") from None
             yield
         finally:
             os.close(fd)  # closing releases the lock

@@ -138,6 +138,20 @@ def test_aka_prime_kdf_negotiation(tmp_path: Path) -> None:
     assert "KDF 1" in outs[1].reason and peer.msk() == sim.msk
 
 
+def test_aka_prime_kdf_negotiation_then_a_resync(tmp_path: Path) -> None:
+    """KDF negotiated (the server re-sends (1, 2, 1), the one duplicate RFC
+    5448 §3.2 allows), then the USIM is ahead of the network: AUTS, and the
+    next challenge repeats that list.  Accepted, and the run succeeds --
+    before, the repeat was refused as a duplicate AT_KDF (found in review)."""
+    peer = make_peer(tmp_path, prime=True, sqn=f"{LAB_SQN + (1 << 20):012x}")
+    sim = AkaServerSim(lab_auc(), AKA_PRIME_ID, prime=True, kdfs=(2, 1))
+    code, outs = run(peer, sim)
+    assert code == EapCode.SUCCESS, sim.outcome.reason
+    reasons = [o.reason for o in outs]
+    assert any("KDF 1" in r for r in reasons) and any("re-synchronisation" in r for r in reasons)
+    assert peer.msk() == sim.msk
+
+
 def test_result_indication_success_notification(tmp_path: Path) -> None:
     peer = make_peer(tmp_path, prime=True, result_ind=True)
     sim = AkaServerSim(lab_auc(), AKA_PRIME_ID, prime=True, result_ind=True)
@@ -468,3 +482,30 @@ def test_identity_round_after_a_challenge_refused(tmp_path: Path) -> None:
     assert "KDF 1" in out.reason
     late = peer.process(request(5, attr(13, b"\x00\x00"), ident=99, typ=50))
     assert "AKA-Identity after an AKA-Challenge" in late.reason
+
+
+def test_the_master_key_is_bound_to_the_identity_the_peer_sent(tmp_path: Path) -> None:
+    """The MN's ``[eap] identity`` differs from its mn-id in the realm's case
+    (the HAC accepts that: realms match in any case).  With no AKA-Identity
+    round the master key is bound to the EAP-Response/Identity (RFC 4187
+    §7): the peer uses that identity, and the server's AT_MAC verifies.
+    Before, the peer used mn-id: "invalid AT_MAC", EAP-Failure (found in
+    review)."""
+    from mipsec.core.eap.peer import EapPeerMachine
+
+    factory = AKA.peer(options(tmp_path), PluginContext("mn", tmp_path))
+    sent = AKA_ID.replace("wlan.mnc001", "WLAN.mnc001")
+    machine = EapPeerMachine(
+        identity=sent, methods={23: ("aka", factory)}, ctx=EapPeerContext(mn_id=AKA_ID)
+    )
+    response = machine.process(bytes((1, 1, 0, 5, 1))).response
+    assert response is not None and response[5:].decode() == sent
+    sim = AkaServerSim(lab_auc(), sent, identity_round=False)
+    packet = sim.start()
+    for _ in range(6):
+        if decode_eap(packet).code in (EapCode.SUCCESS, EapCode.FAILURE):
+            break
+        out = machine.process(packet)
+        assert out.response is not None, out.reason
+        packet = sim.handle(out.response)
+    assert decode_eap(packet).code == EapCode.SUCCESS, sim.outcome.reason

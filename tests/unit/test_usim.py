@@ -207,6 +207,26 @@ def test_no_res_without_durable_state(tmp_path: Path, monkeypatch: pytest.Monkey
     assert isinstance(u.authenticate(v["rand"], v["autn"]), UmtsAuth)  # ...and works
 
 
+def test_a_lock_that_cannot_be_taken_is_a_state_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flock failing (ENOLCK on a network file system) is a UsimStateError
+    naming the lock file -- no RES, and an error the peer turns into an
+    answer -- not an OSError out of the EAP exchange (found in review)."""
+    auc = AuC(KI, OPC, AMF, 0x40)
+    v = auc.vector(os.urandom(16))
+    u = make(tmp_path, 0x40)
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(usim_mod.fcntl, "flock", no_locks)
+    with pytest.raises(UsimStateError, match="cannot lock"):
+        u.authenticate(v["rand"], v["autn"])
+    monkeypatch.undo()
+    assert isinstance(u.authenticate(v["rand"], v["autn"]), UmtsAuth)
+
+
 def test_repr_hides_secrets(tmp_path: Path) -> None:
     u = make(tmp_path, 0)
     r = u.authenticate(
