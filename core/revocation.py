@@ -47,6 +47,7 @@ before that is read the same way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -60,7 +61,7 @@ from typing import Any
 
 from mipsec.core.errors import ConfigError
 from mipsec.core.filedigest import check_regular_fd, open_regular, read_regular
-from mipsec.core.fsutil import PRIVATE_FILE, left_temporaries, write_file
+from mipsec.core.fsutil import PRIVATE_FILE, left_temporaries, sync_dir, write_file
 from mipsec.core.nai import nai_key
 
 __all__ = ["COMPACT_MIN", "RevocationList", "journal_path", "lock_path"]
@@ -325,17 +326,31 @@ class RevocationList:
     # ------------------------------------------------------------ writing
 
     def _change(self, change: dict[str, str]) -> None:
-        """Persist one change: appended to the journal, or, when the journal is
-        due for a fold (or ends torn), a new snapshot holding it."""
-        if self._torn or self._lines >= max(COMPACT_MIN, self._folded):
-            revoked = dict(self._revoked)
-            if "add" in change:
-                revoked[change["add"]] = change["since"]
-            else:
-                revoked.pop(change["remove"], None)
-            self._fold(revoked)
-            return
+        """Persist one change: appended to the journal, and, when the journal
+        is due for a fold (or ends torn), a new snapshot holding it too.
+
+        Appended first in either case, so the journal always ends with the
+        change: a journal that outlives its fold (an unlink that failed, or
+        one a power loss undid) replays onto the new snapshot to the same
+        list.  Written into the snapshot alone, the change was undone by the
+        older lines of such a journal -- an acknowledged revoke lost (found
+        in review)."""
+        fold = self._torn or self._lines >= max(COMPACT_MIN, self._folded)
         line = json.dumps(change, ensure_ascii=False, sort_keys=True).encode() + b"\n"
+        self._append(line, cut_torn=self._torn)
+        if not fold:
+            return
+        revoked = dict(self._revoked)
+        if "add" in change:
+            revoked[change["add"]] = change["since"]
+        else:
+            revoked.pop(change["remove"], None)
+        self._fold(revoked)
+
+    def _append(self, line: bytes, *, cut_torn: bool) -> None:
+        """``line`` at the journal's end, fsynced (``cut_torn``: a torn tail
+        cut off first, so the line follows the last whole change)."""
+        created = not self.journal.exists()
         fd = os.open(
             self.journal,
             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
@@ -345,6 +360,8 @@ class RevocationList:
             check_regular_fd(fd)  # a FIFO: never waited on
             if self._lines == 0:
                 os.fchmod(fd, PRIVATE_FILE)  # independent of the process umask
+            if cut_torn:
+                os.ftruncate(fd, self._offset)  # raises: the change is refused
             size = os.fstat(fd).st_size
             try:
                 view = memoryview(line)
@@ -364,8 +381,11 @@ class RevocationList:
                 raise
         finally:
             os.close(fd)
+        if created:
+            sync_dir(self.journal.parent)  # the new journal's name survives a power loss
+        self._torn = False
         self._lines += 1
-        self._offset += len(line)
+        self._offset = size + len(line)
         self._journal_id = _ident(self.journal)  # our own append: nothing to re-read
 
     def _remove_dead_temporaries(self) -> None:
@@ -396,9 +416,12 @@ class RevocationList:
         except FileNotFoundError:
             pass
         except OSError:
-            # The change is durable in the snapshot already; the journal's
-            # lines replay to the same list, and the next change folds again.
+            # The change is durable in the snapshot, and the journal ends with
+            # it (``_change``): its lines replay to the same list, and the
+            # next change folds again.
             return
+        with contextlib.suppress(OSError):
+            sync_dir(self.journal.parent)  # the unlink survives a power loss
         self._lines = self._offset = 0
         self._torn = False
         self._journal_id = None

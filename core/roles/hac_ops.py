@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from mipsec.core import certexpiry, pluginmanager, servercert
 from mipsec.core.config import HACConfig, load_config
 from mipsec.core.control import ControlError, Dispatcher, arg_str
-from mipsec.core.errors import CertificateError, ConfigError
+from mipsec.core.errors import CertificateError, ConfigError, HeaderError
 from mipsec.core.filedigest import UnreadableFileError
 from mipsec.core.hookspecs import hookimpl
 from mipsec.core.issuer import utcnow
@@ -42,6 +42,7 @@ from mipsec.core.roles.provserver import ACCESS_LEAVES, CAP_LEAF, TIMEOUT_LEAF
 from mipsec.core.servercert import ServerCert
 from mipsec.core.suites import Suite
 from mipsec.core.version import version
+from mipsec.core.wire.values import parse_nai
 
 if TYPE_CHECKING:
     from mipsec.core.roles.ha_ops import HaOps
@@ -410,16 +411,16 @@ class HacOps:
     async def revoke(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """Refuse the MN from now on (persisted first), end its exchanges in
         progress, and withdraw every live SA it holds from its HA."""
-        given = arg_str(args, "mn_id")
-        assert given is not None
-        # SAs and exchanges are bound to the canonical form (core/nai.py); an
-        # SA stored before that under the spelling given is found too.
-        mn_id = nai_key(given)
+        given, mn_id = _mn_id_arg(args)
         svc = self.svc
         try:
             added = svc.revocations.add(mn_id)
         except OSError as exc:
             raise ControlError(f"revocations.path: cannot write: {exc.strerror}") from None
+        except ConfigError as exc:
+            # The shared list cannot be read back (another writer's bad
+            # line): said, not "internal error: ConfigError" (found in review).
+            raise ControlError(f"revocations.path: {exc.reason}") from None
         # An exchange of this MN already past authentication would otherwise
         # still end in a 200: cancelling rolls its SA back (roles/hac.py).
         ended = 0
@@ -481,13 +482,13 @@ class HacOps:
         return out
 
     async def unrevoke(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        given = arg_str(args, "mn_id")
-        assert given is not None
-        mn_id = nai_key(given)
+        _, mn_id = _mn_id_arg(args)
         try:
             removed = self.svc.revocations.remove(mn_id)
         except OSError as exc:
             raise ControlError(f"revocations.path: cannot write: {exc.strerror}") from None
+        except ConfigError as exc:
+            raise ControlError(f"revocations.path: {exc.reason}") from None
         log.warning("mn_id=%s unrevoked%s", mn_id, "" if removed else " (was not revoked)")
         return {"mn_id": mn_id, "revoked": False, "was_revoked": removed}
 
@@ -664,3 +665,18 @@ class HacOps:
         await asyncio.gather(*self._closing, return_exceptions=True)
         with contextlib.suppress(Exception):
             self.svc.pm.unregister(self.tracker)
+
+
+def _mn_id_arg(args: Mapping[str, Any]) -> tuple[str, str]:
+    """``mn_id`` as given and in its canonical form, if an MN can send it (PROFILE §3):
+    SAs and exchanges are bound to that (core/nai.py), and an SA stored
+    before under the spelling given is found too.  An identity no MN can
+    send (a stray CR from a pasted line, a space) is refused -- it was
+    persisted and acknowledged, and never matched the MN (found in review)."""
+    given = arg_str(args, "mn_id")
+    assert given is not None
+    try:
+        parse_nai(given)
+    except HeaderError as exc:
+        raise ControlError(f"mn_id: {exc.reason}") from None
+    return given, nai_key(given)

@@ -315,3 +315,64 @@ def test_a_pull_never_hands_out_an_sa_of_a_revoked_mn(tmp_path: Path, pki: PkiPa
             return before == issued, after is None
 
     assert run(main()) == (True, True)
+
+
+@pytest.mark.parametrize("bad", ["alice@home.example\r", "alice smith@home.example", "\ud800@x"])
+def test_a_revoke_of_an_identity_no_mn_can_send_is_refused(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+    bad: str,
+) -> None:
+    """``mipsec revoke`` of an identity no MN can send (a CR from a pasted
+    line, a space, a lone surrogate): refused naming ``mn_id``, nothing
+    persisted.  Before, it was acknowledged as revoked and never matched the
+    MN, or ended in "internal error" (found in review)."""
+    from mipsec.core.control import ControlError
+
+    data = hac_data(tmp_path, pki)
+    data["revocations"] = {"path": str(tmp_path / "revoked.json")}
+
+    async def main() -> tuple[str, int]:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            assert st.hac is not None
+            ops = HacOps(st.hac, "<memory>")
+            try:
+                with pytest.raises(ControlError) as err:
+                    await ops.revoke({"mn_id": bad})
+                return str(err.value), len(st.hac.revocations)
+            finally:
+                await ops.aclose()
+
+    message, listed = run(main())
+    assert message.startswith("mn_id: ") and listed == 0
+
+
+def test_a_revoke_on_a_list_that_cannot_be_read_back_says_why(
+    tmp_path: Path,
+    pki: PkiPaths,  # noqa: F811
+) -> None:
+    """Another writer left a bad line in the shared list's journal: a revoke
+    is refused naming ``revocations.path`` and the reason, not "internal
+    error: ConfigError" (found in review)."""
+    from mipsec.core.control import ControlError
+
+    listed = tmp_path / "revoked.json"
+    data = hac_data(tmp_path, pki)
+    data["revocations"] = {"path": str(listed)}
+
+    async def main() -> str:
+        async with Stack(hac_config(data, tmp_path)) as st:
+            assert st.hac is not None
+            ops = HacOps(st.hac, "<memory>")
+            try:
+                await ops.revoke({"mn_id": "a@home.example"})
+                with open(f"{listed}.journal", "ab") as f:
+                    f.write(b"garbage\n")
+                with pytest.raises(ControlError) as err:
+                    await ops.revoke({"mn_id": "b@home.example"})
+                return str(err.value)
+            finally:
+                await ops.aclose()
+
+    message = run(main())
+    assert message.startswith("revocations.path: ") and "line 2" in message, message

@@ -49,6 +49,9 @@ def test_parse_request_round_trip() -> None:
         (b'{"cmd": "shutdown"}\n', "cmd"),
         (b'{"cmd": "status", "args": []}\n', "args"),
         (b'{"cmd": "status", "pad": "' + b"x" * MAX_REQUEST + b'"}\n', "request"),
+        # An integer past Python's 4,300-digit limit: a plain ValueError,
+        # which went unanswered with a traceback (found in review).
+        (b'{"cmd": "status", "args": {"n": ' + b"1" * 5000 + b"}}\n", "request"),
     ],
 )
 def test_parse_request_errors_name_the_field(line: bytes, field: str) -> None:

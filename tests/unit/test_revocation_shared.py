@@ -157,3 +157,43 @@ def test_a_fold_removes_the_temporary_snapshot_a_killed_fold_left(
     assert all(f.exists() for f in others)
     assert "removed .revoked.json.0123456789ab.tmp, left by a fold cut short" in caplog.text
     assert set(RevocationList(path).items()) == {"a@x", "b@x", "c@x"}
+
+
+@pytest.mark.parametrize("how", ["unlink-fails", "unlink-undone"])
+def test_a_change_that_folds_survives_the_old_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """x revoked and unrevoked, then other changes, then x revoked again by
+    the change that folds.  The old journal outlives the fold -- its unlink
+    fails, or a power loss undoes it -- and another HAC, or a restart,
+    replays it onto the new snapshot: x is revoked.  Before, the change was
+    written into the snapshot alone, and the journal's older "remove x"
+    undid an acknowledged revoke (found in review)."""
+    import os
+    import shutil
+
+    monkeypatch.setattr(revocation, "COMPACT_MIN", 4)
+    path = tmp_path / "revoked.json"
+    journal = journal_path(path)
+    a = RevocationList(path)
+    a.add("x@home.example")
+    a.remove("x@home.example")
+    a.add("y@home.example")
+    a.remove("y@home.example")  # 4 lines: the next change folds
+    real_unlink = os.unlink
+    kept = tmp_path / "journal-as-it-was"
+
+    def unlink(target: object, *args: object, **kwargs: object) -> None:
+        if str(target) == str(journal):
+            shutil.copyfile(journal, kept)  # as it was on disk at the unlink
+            if how == "unlink-fails":
+                raise PermissionError(1, "Operation not permitted")
+        real_unlink(target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(revocation.os, "unlink", unlink)
+    assert a.add("x@home.example") is True
+    monkeypatch.setattr(revocation.os, "unlink", real_unlink)
+    if how == "unlink-undone":
+        shutil.copyfile(kept, journal)  # the power loss brought it back
+    assert "x@home.example" in a
+    assert "x@home.example" in RevocationList(path)
