@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import heapq
 import logging
 import time
 from collections import Counter
@@ -104,6 +105,12 @@ class _MethodTracker:
     def __init__(self) -> None:
         self.authenticated: dict[str, str] = {}
         self.by_spi: dict[int, str] = {}
+        # Each SPI's validity end, and a heap of them: an entry goes at its
+        # SA's end whoever ended the SA -- with HACs sharing a store, another
+        # HAC expires or supersedes most of this one's SAs, and the entries
+        # stayed for good (found in review).
+        self._end_of: dict[int, float] = {}
+        self._ends: list[tuple[float, int]] = []
         # Per HA since start: SAs provisioned, provisioning failures, the last reason.
         self.provisioning: dict[str, dict[str, Any]] = {}
 
@@ -123,17 +130,32 @@ class _MethodTracker:
             row["last_failure"] = reason
 
     @hookimpl
-    def mipsec_sa_issued(self, spi: int, mn_id: str, ha_id: str) -> None:
+    def mipsec_sa_issued(self, spi: int, mn_id: str, ha_id: str, validity_end: datetime) -> None:
+        self.prune(time.time())
         self.by_spi[spi] = self.authenticated.pop(mn_id, "-")
+        end = validity_end.timestamp()
+        self._end_of[spi] = end
+        heapq.heappush(self._ends, (end, spi))
         self._ha(ha_id)["issued"] += 1
 
     @hookimpl
     def mipsec_sa_expired(self, spi: int) -> None:
         self.by_spi.pop(spi, None)
+        self._end_of.pop(spi, None)
 
     @hookimpl
     def mipsec_sa_withdrawn(self, spi: int) -> None:
         self.by_spi.pop(spi, None)
+        self._end_of.pop(spi, None)
+
+    def prune(self, now: float) -> None:
+        """Forget the SPIs whose SA has reached its validity end."""
+        ends = self._ends
+        while ends and ends[0][0] <= now:
+            end, spi = heapq.heappop(ends)
+            if self._end_of.get(spi) == end:
+                del self._end_of[spi]
+                self.by_spi.pop(spi, None)
 
 
 def sa_row(issued: IssuedSA, method: str | None = None) -> dict[str, Any]:
@@ -307,6 +329,7 @@ class HacOps:
             total = sum(by_ha.values())
             # The tracker holds the SPIs issued since start that are still
             # live; the others were issued before it (method unknown: "-").
+            self.tracker.prune(time.time())
             by_method = Counter(self.tracker.by_spi.values())
             by_method["-"] += max(0, total - sum(by_method.values()))
             return total, by_ha, by_suite, +by_method

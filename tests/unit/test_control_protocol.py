@@ -525,3 +525,26 @@ def test_a_listing_never_read_is_dropped_at_the_timeout(tmp_path: Path) -> None:
     assert status["result"] == {"listing_in_progress": 0} and held
     assert got < size  # what the socket buffers held, not the whole answer
     assert len(after["result"]["sas"]) == size
+
+
+def test_the_method_tracker_forgets_each_sa_at_its_end() -> None:
+    """The HAC's status counts SAs by method from what this process saw.
+    With HACs sharing a store, another HAC ends most of this one's SAs:
+    each entry now goes at its SA's validity end, whoever ended it; before,
+    they stayed for good, and status counted dead SPIs (found in review)."""
+    from datetime import UTC, datetime, timedelta
+
+    from mipsec.core.roles.hac_ops import _MethodTracker
+
+    tracker = _MethodTracker()
+    now = datetime.now(UTC)
+    for spi in range(1, 101):
+        tracker.mipsec_mn_authenticated(mn_id=f"m{spi}@x", method="psk")
+        end = now + timedelta(seconds=60 if spi <= 50 else 3600)
+        tracker.mipsec_sa_issued(spi=spi, mn_id=f"m{spi}@x", ha_id="ha1", validity_end=end)
+    assert len(tracker.by_spi) == 100
+    tracker.prune((now + timedelta(seconds=61)).timestamp())
+    assert sorted(tracker.by_spi) == list(range(51, 101))
+    tracker.mipsec_sa_withdrawn(spi=51)  # ended here: gone at once, its heap entry harmless
+    tracker.prune((now + timedelta(seconds=3601)).timestamp())
+    assert tracker.by_spi == {} and tracker._end_of == {} and tracker._ends == []
