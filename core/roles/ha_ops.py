@@ -20,6 +20,7 @@ from mipsec.core.config import HAConfig, ProvisioningListener, PullConfig, load_
 from mipsec.core.control import Dispatcher, arg_str
 from mipsec.core.errors import ConfigError
 from mipsec.core.model import IssuedSA
+from mipsec.core.nai import nai_key
 from mipsec.core.reload import ReloadRunner, restart_keys, set_log_level
 from mipsec.core.roles.ha import HaService
 from mipsec.core.roles.hac_ops import sa_row
@@ -201,7 +202,10 @@ def _access(cfg: ProvisioningListener | None, server: Any) -> dict[str, Any]:
 
 
 def _sa_rows(installed: list[IssuedSA], mn_id: str | None) -> list[dict[str, Any]]:
-    rows = [sa_row(i) for i in installed if mn_id is None or i.sa.mn_id == mn_id]
+    # Any spelling of the realm, as the HAC's ``sas --mn-id`` (core/nai.py);
+    # an exact match found nothing for another case (found in review).
+    want = None if mn_id is None else nai_key(mn_id)
+    rows = [sa_row(i) for i in installed if want is None or nai_key(i.sa.mn_id) == want]
     rows.sort(key=lambda r: (r["mn_id"], r["validity_end"], r["spi"]))
     return rows
 

@@ -59,6 +59,12 @@ def test_status_counts_and_listings_are_right_and_built_off_the_loop(
     assert not any("key" in k for r in sas for k in r)
     only = asyncio.run(ops.sas({"mn_id": "nobody@x"}))["sas"]
     assert only == []
+    # Any spelling of the realm, as on the HAC (an exact match found
+    # nothing for another case; found in review).
+    mn = sas[0]["mn_id"]
+    user, _, realm = mn.rpartition("@")
+    again = asyncio.run(ops.sas({"mn_id": f"{user}@{realm.upper()}"}))["sas"]
+    assert again and {r["mn_id"] for r in again} == {mn}
     # What is left, taken before the listing: the listing's own (later)
     # figure can only be smaller.  Taken after it, a second boundary passing
     # in between made this fail (CI, 2026-12-06).
