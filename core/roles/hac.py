@@ -988,6 +988,11 @@ class HacService:
                 reason,
             )
 
+    def _sent_200(self, spi: int) -> bool:
+        """This HAC delivered the SA (two lookups, not a union of every
+        delivered SPI per restore)."""
+        return spi in self._delivered or spi in self._to_mark_delivered
+
     def _restore(self, taken: list[Any], mn_id: str) -> bool:
         """``restore`` of SAs an install refused by its HA did not withdraw;
         False when the store cannot write it now (the caller withdraws them).
@@ -998,9 +1003,8 @@ class HacService:
         # row said: its delivery mark may not have been written yet (a batch
         # a second later), and put back pending, the sweep would take it
         # from the MN that holds it (found in review of keeping ``pending``).
-        mine = self._delivered.keys() | self._to_mark_delivered
         taken = [
-            x._replace(pending=None) if getattr(x, "pending", None) and x.spi in mine else x
+            x._replace(pending=None) if getattr(x, "pending", None) and self._sent_200(x.spi) else x
             for x in taken
         ]
         try:
