@@ -23,6 +23,7 @@ from mipsec.core.control import (
     Request,
     encode_request,
     parse_request,
+    encode_response,
     request,
     socket_path,
 )
@@ -75,6 +76,36 @@ def test_dispatcher_answers_errors_as_responses() -> None:
         assert bad == {"ok": False, "error": "cmd: 'revoke' is not available on the ha"}
 
     asyncio.run(main())
+
+
+def test_a_long_listing_is_encoded_in_chunks_octet_for_octet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One json.dumps call over 100,000 rows holds the interpreter lock (and
+    # the role's event loop) for up to 1.3 s even in a worker thread; each
+    # call must see at most ENCODE_CHUNK rows, and the answer must not change.
+    from datetime import datetime, timezone
+
+    from mipsec.core import control
+
+    rows = [
+        {"spi": i, "mn_id": f"mn{i}@example.org", "end": datetime(2026, 1, 1, tzinfo=timezone.utc)}
+        for i in range(2 * control.ENCODE_CHUNK + 7)
+    ]
+    result = {"role": "hac", "sas": rows, "nested": {"bindings": rows[:3]}, "n": 5}
+    expected = json.dumps({"ok": True, "result": result}, default=str).encode() + b"\n"
+    real = json.dumps
+    sizes: list[int] = []
+
+    def counting(value: Any, **kw: Any) -> str:
+        if isinstance(value, list):
+            sizes.append(len(value))
+        return real(value, **kw)
+
+    monkeypatch.setattr(control.json, "dumps", counting)
+    assert encode_response(result) == expected
+    assert sizes and max(sizes) <= control.ENCODE_CHUNK
+    assert sum(n for n in sizes if n != 3) == len(rows)
 
 
 def test_gated_dispatcher_answers_starting_until_ready() -> None:
