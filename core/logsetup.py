@@ -63,13 +63,45 @@ def _traceback(record: logging.LogRecord) -> str | None:
     return None
 
 
+_DECODER = json.JSONDecoder()
+
+
 def event_fields(msg: str) -> dict[str, str]:
-    """``key=value`` tokens of an event line (values hold no spaces there)."""
+    """``key=value`` fields of an event line (plugins/event_log.py writes them).
+
+    A value is either plain (no space, quote, ``=`` or backslash) or a JSON
+    string; the JSON string is decoded whole, so a reason with spaces is one
+    field, not a stray quote plus whatever ``k=v`` its words spell (found in
+    review: ``reason="no answer ... admin=true"`` gave a field ``admin``).
+    """
     out: dict[str, str] = {}
-    for token in msg.split(" "):
-        key, sep, value = token.partition("=")
-        if sep and key.isidentifier():
-            out[key] = value
+    i, n = 0, len(msg)
+    while i < n:
+        end = msg.find(" ", i)
+        if end < 0:
+            end = n
+        eq = msg.find("=", i, end)
+        if eq < 0:
+            i = end + 1
+            continue
+        key = msg[i:eq]
+        if eq + 1 < n and msg[eq + 1] == '"':
+            try:
+                value, stop = _DECODER.raw_decode(msg, eq + 1)
+            except ValueError:
+                value, stop = None, end
+            if isinstance(value, str) and (stop == n or msg[stop] == " "):
+                if key.isidentifier():
+                    out.setdefault(key, value)
+                i = stop + 1
+                continue
+            end = msg.find(" ", stop) if stop < n else n
+            end = n if end < 0 else end
+            i = end + 1
+            continue
+        if key.isidentifier():
+            out.setdefault(key, msg[eq + 1 : end])
+        i = end + 1
     return out
 
 

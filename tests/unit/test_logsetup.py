@@ -82,6 +82,27 @@ def test_json_one_object_per_line_with_event_fields(stream: io.StringIO) -> None
     assert "traceback" not in recs[1]
 
 
+def test_json_event_values_with_spaces_stay_one_field(stream: io.StringIO) -> None:
+    # The event plugin writes a value with spaces, quotes or '=' as a JSON
+    # string; split at spaces it gave reason='"no' and a forged field
+    # admin='true"' (found in review).
+    from mipsec.plugins import event_log
+
+    logsetup.configure("info", "json", {}, stream=stream)
+    event_log.mipsec_auth_failed(
+        mn_id="a=b@x.test",
+        method="eap",
+        status=401,
+        peer="[::1]:5",
+        reason='no answer from HA within 5 s admin=true "q" \x1b',
+    )
+    (rec,) = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert rec["reason"] == 'no answer from HA within 5 s admin=true "q" \x1b'
+    assert rec["mn_id"] == "a=b@x.test" and rec["peer"] == "[::1]:5"
+    assert rec["status"] == "401" and "admin" not in rec
+    assert logsetup.event_fields('event=x r="cut k=v') == {"event": "x", "k": "v"}
+
+
 def test_records_skip_the_caller_thread_and_process_lookups(stream: io.StringIO) -> None:
     """Neither format prints them; a record made after ``configure`` does not
     pay for them (a stack walk per line on the hot path, issue 9)."""
