@@ -129,13 +129,32 @@ def _nai_problem(value: str) -> str | None:
             return problem
     if value.count("@") > 1:
         return "more than one '@' in NAI"
-    if "@" in value:
-        realm = value.split("@", 1)[1]
+    username, at, realm = value.partition("@")
+    if at:
         if not realm:
             return "empty realm in NAI"
         if any(not label for label in realm.split(".")):
             return "empty label in NAI realm"
+        if _NAI_REALM_RE.fullmatch(realm) is None:
+            return "NAI realm label not letters, digits and inner hyphens"
+    if username and _NAI_USERNAME_RE.fullmatch(username) is None:
+        return "NAI username not a dot-string of atext characters"
     return None
+
+
+# RFC 7542 §2.2 ABNF (UTF8-xtra-char: any non-ASCII character; the category
+# checks above keep out the ones that could disguise a log line).  Found in
+# review: without it `a<b>;c@ex!ample` or `a..b@x` reached the credential
+# lookup, the SA and every log line instead of a 400 (PROFILE §3, §6).
+# utf8-atext, written out from §2.2:
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
+_RTEXT = r"[A-Za-z0-9\u0080-\U0010ffff]"
+# dot-string = string *("." string); string = 1*utf8-atext
+_NAI_USERNAME_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+# label = utf8-rtext *(ldh-str): a hyphen neither first nor last.  One label
+# alone is accepted (the ABNF asks for two): realms such as `@lab` are common
+# in test and enterprise set-ups and route the same; every label is checked.
+_NAI_REALM_RE = re.compile(rf"{_RTEXT}(?:-*{_RTEXT})*(?:\.{_RTEXT}(?:-*{_RTEXT})*)*")
 
 
 # Unicode categories never allowed in an NAI: controls (Cc), format (Cf),

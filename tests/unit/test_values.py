@@ -18,7 +18,17 @@ from mipsec.core.wire import values as v
 
 
 @pytest.mark.parametrize(
-    "nai", ["alice@home.example", "bob", "@realm.example", "jürgen@bücher.example", "a" * 253]
+    "nai",
+    [
+        "alice@home.example",
+        "bob",
+        "@realm.example",
+        "jürgen@bücher.example",
+        "a" * 253,
+        "0001010000000001@wlan.mnc001.mcc001.3gppnetwork.org",
+        "o'neil+tag=1/x!y@a-b.c1",  # every atext class
+        "a@lab",  # one realm label: accepted (README)
+    ],
 )
 def test_nai_accepted(nai: str) -> None:
     assert v.parse_nai(nai, field="mn-id") == nai
@@ -39,6 +49,19 @@ def test_nai_accepted(nai: str) -> None:
         "al\x00ice",
         "al\u0085ice",
         "\udcff@x",
+        # RFC 7542 §2.2: a dot-string of atext, realm labels of letters,
+        # digits and inner hyphens (found in review: all were accepted).
+        "a:b@x.example",
+        "<script>@x.example",
+        "a;b,c[d]@e.f",
+        'a"b@x',
+        "a..b@x.example",
+        ".a@x.example",
+        "a.@x",
+        "a@-x.example",
+        "a@x-.example",
+        "a@ex!ample.com",
+        "a@x_y.example",
     ],
 )
 def test_nai_rejected(nai: str) -> None:
