@@ -172,6 +172,9 @@ def decode_eap(packet: bytes, *, max_len: int = MAX_EAP_LEN) -> EapPacket:
             raise EapError("eap.expanded", "expanded Type header shorter than 8 octets")
         vendor_id = int.from_bytes(packet[5:8], "big")
         vendor_type = int.from_bytes(packet[8:12], "big")
+        if code is EapCode.REQUEST and vendor_id == 0 and vendor_type == EapType.NAK:
+            # RFC 3748 §5.3.2: an Expanded Nak, like a Nak, is Response-only.
+            raise EapError("eap.type", "Expanded Nak (254/0/3) is a Response-only Type")
         return EapPacket(
             code, identifier, type_, bytes(packet[12:]), ExpandedType(vendor_id, vendor_type)
         )

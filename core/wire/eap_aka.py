@@ -284,6 +284,9 @@ def _decode_one(
             raise AkaError("eap-aka.AT_ENCR_DATA", "not a whole number of AES blocks")
         out["encr_data"] = value[2:]
     elif at is Attr.AT_PADDING:
+        # RFC 4187 §10.12: 4, 8 or 12 octets, as padding() builds it.
+        if len(value) + 2 not in (4, 8, 12):
+            raise AkaError("eap-aka.AT_PADDING", f"{len(value) + 2} octets, not 4, 8 or 12")
         if any(value):
             raise AkaError("eap-aka.AT_PADDING", "non-zero padding")
         out["padding"] = len(value) + 2

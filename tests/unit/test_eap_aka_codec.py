@@ -68,6 +68,7 @@ def test_res_and_identity_padding() -> None:
         (H("010000860200000000000000"), "eap-aka.AT_CHECKCODE", "checkcode of 4"),
         (H("0100008202000000000000"), "eap-aka.AT_ENCR_DATA", "AES blocks"),
         (H("010000060100ff"), "eap-aka.AT_PADDING", "non-zero"),
+        (H("0100000604" + "00" * 14), "eap-aka.AT_PADDING", "not 4, 8 or 12"),  # RFC 4187 §10.12
     ],
 )
 def test_typed_errors_name_the_attribute(data: bytes, field: str, reason: str) -> None:

@@ -56,6 +56,7 @@ def test_known_packets() -> None:
         ("01010004", "eap.type"),  # Request without a Type
         ("0101000500", "eap.type"),  # Type 0
         ("0101000503", "eap.type"),  # Nak in a Request
+        ("0101000cfe00000000000003", "eap.type"),  # Expanded Nak in a Request (§5.3.2)
         ("01010008fe007ed9", "eap.expanded"),  # expanded header cut short
     ],
 )
