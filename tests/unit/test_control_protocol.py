@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import stat
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from mipsec.core.control import (
     NotRunning,
     Request,
     encode_request,
-    parse_request,
     encode_response,
+    parse_request,
     request,
     socket_path,
 )
@@ -84,12 +85,12 @@ def test_a_long_listing_is_encoded_in_chunks_octet_for_octet(
     # One json.dumps call over 100,000 rows holds the interpreter lock (and
     # the role's event loop) for up to 1.3 s even in a worker thread; each
     # call must see at most ENCODE_CHUNK rows, and the answer must not change.
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from mipsec.core import control
 
     rows = [
-        {"spi": i, "mn_id": f"mn{i}@example.org", "end": datetime(2026, 1, 1, tzinfo=timezone.utc)}
+        {"spi": i, "mn_id": f"mn{i}@example.org", "end": datetime(2026, 1, 1, tzinfo=UTC)}
         for i in range(2 * control.ENCODE_CHUNK + 7)
     ]
     result = {"role": "hac", "sas": rows, "nested": {"bindings": rows[:3]}, "n": 5}
