@@ -175,7 +175,7 @@ async def _run_hac(cfg: HACConfig, config_file: str) -> int:
         if cfg.metrics is not None:
             from mipsec.core.metrics import HacMetrics, start_metrics
 
-            service.metrics = HacMetrics(service, ops.tracker)
+            service.metrics = HacMetrics(service, ops.tracker, local_ha)
             metrics = await start_metrics(
                 cfg, service.metrics.registry, lambda: service._listener is not None, "hac"
             )

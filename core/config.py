@@ -357,6 +357,16 @@ class HACConfig(_Strict):
             # passed check-config, every BU then went where nobody listens).
             # Port 0 (ephemeral, tests and labs) and addresses left unset
             # are not compared.
+            # An HA in this process has no control socket, metrics listener
+            # or log settings of its own: the HAC's serve it (its commands,
+            # its series on the HAC's /metrics).  Found in review: such
+            # tables passed check-config and were silently ignored.
+            for key in ("control", "metrics", "log_level", "log_format", "log_levels"):
+                if key in self.local_ha.model_fields_set:
+                    raise ValueError(
+                        f"local_ha.{key}: not used by an HA in the HAC's process; "
+                        f"set the HAC's own {key} (it serves the in-process HA too)"
+                    )
             entry, ha = local[0], self.local_ha.ha
             for key, mine, theirs in (
                 ("port", ha.port or None, entry.port),

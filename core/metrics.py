@@ -32,6 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mipsec.core.certexpiry import prefixed
+
 __all__ = ["HaMetrics", "HacMetrics", "MetricsServer", "start_metrics"]
 
 log = logging.getLogger("mipsec.metrics")
@@ -100,9 +102,12 @@ def _listener_families(prefix: str, listener: Any) -> Iterator[Metric]:
 class HacMetrics:
     """The HAC's registry; ``bootstrap()`` is called once per finished exchange."""
 
-    def __init__(self, service: Any, tracker: Any = None) -> None:
+    def __init__(self, service: Any, tracker: Any = None, local_ha: Any = None) -> None:
         self.svc = service
         self.tracker = tracker  # roles/hac_ops.py: SAs issued / failures per HA
+        # Model 1: the HA in this process has no listener of its own; its
+        # series come on the HAC's /metrics (found in review: none did).
+        self.local_ha = local_ha
         self.registry = CollectorRegistry(auto_describe=True)
         self.bootstraps = Counter(
             "mipsec_bootstraps",
@@ -133,7 +138,10 @@ class HacMetrics:
         for ha_id in sorted({h.ha_id for h in svc.has} | set(by_ha)):
             live.add_metric([ha_id], float(by_ha.get(ha_id, 0)))
         yield live
-        yield _certificate_family(svc.certificates())
+        certs = dict(svc.certificates())
+        if self.local_ha is not None:
+            certs.update(prefixed("local_ha.", self.local_ha.certificates()))
+        yield _certificate_family(certs)
         yield _counter(
             "mipsec_hac_events", "HAC counters (sessions, saturated, withdrawn, ...)", "event",
             dict(svc.stats),
@@ -153,24 +161,9 @@ class HacMetrics:
         yield from _transport_families(svc)
         from mipsec.core.roles.hac_ops import aaa_health
 
-        servers = aaa_health(svc.methods)
-        if servers:
-            rt = CounterMetricFamily(
-                "mipsec_radius", "RADIUS client counters per server", labels=["server", "counter"]
-            )
-            dead = GaugeMetricFamily(
-                "mipsec_radius_server_dead", "1 while a server is held off as dead",
-                labels=["server"],
-            )  # fmt: skip
-            for server, row in _radius_rows(servers):
-                for k, v in row.items():
-                    if isinstance(v, bool):
-                        if k == "dead":
-                            dead.add_metric([server], float(v))
-                    elif isinstance(v, int | float):
-                        rt.add_metric([server, k], float(v))
-            yield rt
-            yield dead
+        yield from _radius_families(aaa_health(svc.methods))
+        if self.local_ha is not None:
+            yield from _ha_families(self.local_ha)
 
 
 def _transport_families(svc: Any) -> Iterator[Metric]:
@@ -205,11 +198,38 @@ def _transport_families(svc: Any) -> Iterator[Metric]:
         yield now
 
 
-def _radius_rows(health: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """``aaa_health`` is {back end: {server: counters}}: one row per server."""
-    for servers in health.values():
+def _radius_families(servers: Mapping[str, Any]) -> Iterator[Metric]:
+    """``aaa_health``'s counters: per back end and server."""
+    if not servers:
+        return
+    rt = CounterMetricFamily(
+        "mipsec_radius",
+        "RADIUS client counters per back end and server",
+        labels=["backend", "server", "counter"],
+    )
+    dead = GaugeMetricFamily(
+        "mipsec_radius_server_dead", "1 while a server is held off as dead",
+        labels=["backend", "server"],
+    )  # fmt: skip
+    for backend, server, row in _radius_rows(servers):
+        for k, v in row.items():
+            if isinstance(v, bool):
+                if k == "dead":
+                    dead.add_metric([backend, server], float(v))
+            elif isinstance(v, int | float):
+                rt.add_metric([backend, server, k], float(v))
+    yield rt
+    yield dead
+
+
+def _radius_rows(health: Mapping[str, Any]) -> Iterator[tuple[str, str, Mapping[str, Any]]]:
+    """``aaa_health`` is {back end: {server: counters}}: one row per back end
+    and server.  Two back ends may name the same server, each with a client
+    and counters of its own: labelled by server alone they gave the same
+    series twice (found in review), so the back end is a label too."""
+    for backend, servers in sorted(health.items()):
         for name, row in servers.items():
-            yield str(name), row
+            yield str(backend), str(name), row
 
 
 class HaMetrics:
@@ -221,26 +241,57 @@ class HaMetrics:
         self.registry.register(_ReadAtScrape(self._collect))
 
     def _collect(self) -> Iterator[Metric]:
-        svc = self.svc
-        st = svc.stats()
+        yield from _ha_families(self.svc)
+        yield _certificate_family(self.svc.certificates())
+
+
+# The HA data plane's counters (roles/ha_data.py): packets by direction, the
+# forwarder's drops by reason, and two drops it counts on its own.
+_DATA_DIRECTIONS = ("in", "out", "plain_in", "plain_out")
+_DATA_DROP_COUNTS = {"reserve_unwritten": "reserve_unwritten", "tun_gone_drops": "tun_gone"}
+_DATA_NOT_EVENTS = frozenset(("drops", *_DATA_DIRECTIONS, *_DATA_DROP_COUNTS))
+
+
+def _ha_families(svc: Any) -> Iterator[Metric]:
+    """An HA's series (its own /metrics, or the HAC's for an HA in its process)."""
+    st = svc.stats()
+    yield _counter(
+        "mipsec_ha_packets_dropped", "Packets dropped by reason", "reason", st.get("drops", {})
+    )
+    yield CounterMetricFamily(
+        "mipsec_ha_packets", "Packets received on the MIP6 port", value=st.get("packets", 0)
+    )
+    yield CounterMetricFamily("mipsec_ha_binding_updates", "BUs accepted", value=st.get("bu", 0))
+    yield _counter(
+        "mipsec_ha_binding_acks", "BAs sent by status", "status",
+        {str(k): v for k, v in st.get("ba", {}).items()},
+    )  # fmt: skip
+    yield _gauge("mipsec_ha_sas", "SAs installed", st.get("sas", 0))
+    yield _gauge("mipsec_ha_bindings", "Bindings in the cache", st.get("bindings", 0))
+    data = st.get("data")
+    if isinstance(data, Mapping):
+        # The tunnel ([dataplane]): its drops were only in `mipsec status`
+        # (found in review: no_binding, not_hoa -- a spoofed inner source --,
+        # too_big... never reached /metrics).
+        drops = dict(data.get("drops", {}))
+        for key, reason in _DATA_DROP_COUNTS.items():
+            if isinstance(data.get(key), int):
+                drops[reason] = drops.get(reason, 0) + data[key]
         yield _counter(
-            "mipsec_ha_packets_dropped", "Packets dropped by reason", "reason", st.get("drops", {})
-        )
-        yield CounterMetricFamily(
-            "mipsec_ha_packets", "Packets received on the MIP6 port", value=st.get("packets", 0)
-        )
-        yield CounterMetricFamily(
-            "mipsec_ha_binding_updates", "BUs accepted", value=st.get("bu", 0)
-        )
-        yield _counter(
-            "mipsec_ha_binding_acks", "BAs sent by status", "status",
-            {str(k): v for k, v in st.get("ba", {}).items()},
+            "mipsec_ha_data_packets_dropped", "Tunnelled packets dropped by reason", "reason",
+            drops,
         )  # fmt: skip
-        yield _gauge("mipsec_ha_sas", "SAs installed", st.get("sas", 0))
-        yield _gauge("mipsec_ha_bindings", "Bindings in the cache", st.get("bindings", 0))
-        prov = getattr(svc, "_provisioning", None)
-        yield from _listener_families("mipsec_ha_provisioning", getattr(prov, "listener", None))
-        yield _certificate_family(svc.certificates())
+        yield _counter(
+            "mipsec_ha_data_packets", "Tunnelled packets by direction", "direction",
+            {k: v for k, v in data.items() if k in _DATA_DIRECTIONS},
+        )  # fmt: skip
+        yield _counter(
+            "mipsec_ha_data_events", "Tunnel device and socket events", "event",
+            {k: v for k, v in data.items()
+             if k not in _DATA_NOT_EVENTS and type(v) is int},
+        )  # fmt: skip
+    prov = getattr(svc, "_provisioning", None)
+    yield from _listener_families("mipsec_ha_provisioning", getattr(prov, "listener", None))
 
 
 class MetricsServer:

@@ -1158,14 +1158,15 @@ def test_status_shows_radius_server_health(tmp_path: Path) -> None:
     try:
         r.start("hac")
         st = ctl_json("status", "--config", hac_cfg(lab))
-        servers = next(iter(st["aaa"].values()))
+        backend, servers = next(iter(st["aaa"].items()))
         assert servers[radius]["dead"] is False and servers[radius]["timeouts"] == 0
         assert "testing123" not in json.dumps(st)
-        # The same counters on /metrics (issue 10 item 3), per server.
+        # The same counters on /metrics (issue 10 item 3), per back end and server.
         with urllib.request.urlopen(lab.info["hac"]["metrics"], timeout=10) as resp:
             text = resp.read().decode()
-        assert f'mipsec_radius_server_dead{{server="{radius}"}} 0.0' in text
-        assert f'mipsec_radius_total{{counter="timeouts",server="{radius}"}} 0.0' in text
+        where = f'backend="{backend}",'
+        assert f'mipsec_radius_server_dead{{{where}server="{radius}"}} 0.0' in text
+        assert f'mipsec_radius_total{{{where}counter="timeouts",server="{radius}"}} 0.0' in text
         assert "testing123" not in text
     finally:
         r.stop("hac")
