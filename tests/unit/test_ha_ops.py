@@ -19,6 +19,7 @@ import pytest
 from test_ha_core import NOW, issue
 
 from mipsec.core.bindings import Binding, BindingCache
+from mipsec.core.control import ControlError
 from mipsec.core.ha_core import HaCore
 from mipsec.core.roles import ha_ops
 from mipsec.core.roles.ha_ops import HaOps
@@ -65,6 +66,8 @@ def test_status_counts_and_listings_are_right_and_built_off_the_loop(
     user, _, realm = mn.rpartition("@")
     again = asyncio.run(ops.sas({"mn_id": f"{user}@{realm.upper()}"}))["sas"]
     assert again and {r["mn_id"] for r in again} == {mn}
+    with pytest.raises(ControlError, match="^mn_id: "):
+        asyncio.run(ops.sas({"mn_id": "a\ud800@x"}))
     # What is left, taken before the listing: the listing's own (later)
     # figure can only be smaller.  Taken after it, a second boundary passing
     # in between made this fail (CI, 2026-12-06).

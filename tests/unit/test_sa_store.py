@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mipsec.core.control import ControlError
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.hookspecs import MipsecSpec, PluginContext, SAStore
 from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
@@ -962,6 +963,11 @@ def test_status_counts_the_live_sas_off_the_event_loop(tmp_path: Path) -> None:
         assert len(threads) == 2 and threads[1] is not threading.main_thread()
         assert [r["spi"] for r in asyncio.run(ops.sas({"mn_id": "a@X"}))["sas"]] == [0x301]
         assert len(threads) == 2
+        # An identity no MN can send: the field named, not "internal error:
+        # UnicodeEncodeError" (a lone surrogate; found in review).
+        for bad in ("a\ud800@x", "a b@x"):
+            with pytest.raises(ControlError, match="^mn_id: "):
+                asyncio.run(ops.sas({"mn_id": bad}))
     finally:
         s.close()
 
