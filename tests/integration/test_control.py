@@ -495,6 +495,21 @@ def test_ha_reload_and_sighup(lab: Lab, roles: Roles) -> None:
     assert ha.poll() is None
 
 
+def test_a_file_that_does_not_parse_still_reaches_the_running_role(lab: Lab, roles: Roles) -> None:
+    """An edit under way (a TOML syntax error): ``status`` still answers and
+    ``reload`` reaches the role, which refuses and logs why; before, the CLI
+    stopped at the syntax error (exit 2) and the role never heard of it
+    (found in review)."""
+    ha = roles.start("ha")
+    path = Path(ha_cfg(lab))
+    path.write_text(path.read_text() + "\ngarbage = [\n")
+    assert ctl_json("status", "--config", ha_cfg(lab))["role"] == "ha"
+    out = ctl("reload", "--config", ha_cfg(lab))
+    assert out.returncode == 1 and "refused" in out.stderr, out.stderr
+    assert "(syntax)" in roles.wait_log("ha", "reload refused")
+    assert ha.poll() is None
+
+
 def _settled_sas(lab: Lab, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
     """The HA's SAs once it holds ``count`` of them."""
     deadline = time.monotonic() + timeout
