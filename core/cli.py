@@ -941,7 +941,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             role_parser.print_help()
             print()
             cmd_parser.print_help()
-            extra = plugin_commands()
+            try:
+                extra = plugin_commands()
+            except PluginError as exc:  # the help still shows; the broken plugin is named
+                print(f"\ncommands added by plugins: unavailable: {exc}")
+                extra = {}
             if extra:
                 print("\ncommands added by plugins:")
                 for name, command in sorted(extra.items()):

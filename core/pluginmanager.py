@@ -72,8 +72,19 @@ def make_plugin_manager(disable: Iterable[str] = ()) -> pluggy.PluginManager:
     pm.add_hookspecs(MipsecSpec)
     skip = set(disable)
     for ep in sorted(entry_points(group=PROJECT), key=lambda e: e.name):
-        if ep.name in skip or pm.get_plugin(ep.name) is not None:
+        if ep.name in skip:
             continue
+        if pm.get_plugin(ep.name) is not None:
+            first = _DIST[ep.name]
+            if first.value == ep.value:
+                continue  # the same plugin found twice on the path
+            # Another distribution reusing a name (a built-in's, "psk"):
+            # skipping it silently let the first one found win -- or, the
+            # other way round, replace a built-in (found in review).
+            raise PluginError(
+                f"plugin name {ep.name!r} is declared by two entry points: "
+                f"{first.value} and {ep.value}; uninstall one, or rename its entry point"
+            )
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken third-party plugin must not be a traceback
@@ -103,7 +114,7 @@ def registry(pm: pluggy.PluginManager, hook: str) -> dict[str, Any]:
     owner: dict[str, str] = {}
     caller = getattr(pm.hook, hook)
     for impl in caller.get_hookimpls():
-        for item in impl.function() or ():
+        for item in _provided(impl.plugin_name, hook, impl.function):
             name = getattr(item, "name", None)
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin {impl.plugin_name!r}: {hook} returned an unnamed item")
@@ -115,6 +126,16 @@ def registry(pm: pluggy.PluginManager, hook: str) -> dict[str, Any]:
             out[name] = item
             owner[name] = impl.plugin_name
     return out
+
+
+def _provided(plugin: str, hook: str, function: Any) -> list[Any]:
+    """What one plugin's registry hook returns; a raising plugin is a
+    ``PluginError`` naming it (its exception's type only: a traceback at
+    every start and even at ``mipsec --help`` before; found in review)."""
+    try:
+        return list(function() or ())
+    except Exception as exc:
+        raise PluginError(f"plugin {plugin!r}: {hook} failed ({type(exc).__name__})") from None
 
 
 def create(
@@ -134,8 +155,22 @@ def create(
         raise ConfigError(ctx.config_file, key, f"no plugin provides {name!r} (known: {known})")
     try:
         return factory.create(options, ctx)
+    except (ConfigError, PluginError):
+        raise
     except ValueError as exc:
         raise ConfigError(ctx.config_file, key, str(exc)) from None
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise ConfigError(
+            ctx.config_file, key, f"cannot open{where}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    except Exception as exc:
+        # A plugin's own bug (a KeyError on an option left out): the key and
+        # the plugin named, the exception's type only -- its text may quote
+        # an option's value, a secret (found in review: a traceback).
+        raise ConfigError(
+            ctx.config_file, key, f"plugin {name!r} failed to build it ({type(exc).__name__})"
+        ) from None
 
 
 def describe(pm: pluggy.PluginManager) -> list[LoadedPlugin]:
@@ -147,7 +182,7 @@ def describe(pm: pluggy.PluginManager) -> list[LoadedPlugin]:
         provides: dict[str, tuple[str, ...]] = {}
         for hook in hooks:
             if hook in REGISTRY_HOOKS:
-                items = getattr(plugin, hook)() or ()
+                items = _provided(name, hook, getattr(plugin, hook))
                 provides[hook] = tuple(getattr(i, "name", "?") for i in items)
         dist, version = _dist_of(name)
         out.append(
