@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,6 +40,7 @@ from mipsec.core.confvalues import (
 from mipsec.core.errors import ConfigError, HeaderError
 from mipsec.core.filedigest import read_regular
 from mipsec.core.model import DEFAULT_MIP6_PORT
+from mipsec.core.options import BOOL_FOR_NUMBER, takes_bool
 from mipsec.core.suites import DEFAULT_ALLOWED, Suite, suite_from_name
 from mipsec.core.tomltext import TomlTextError, parse_toml
 from mipsec.core.wire.values import parse_nai
@@ -54,6 +56,16 @@ MaxConnections = Annotated[int, Field(ge=1, le=100_000)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # core/options.py, takes_bool: true is not 1 here.
+        if isinstance(value, bool) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and not takes_bool(field.annotation):
+                raise ValueError(BOOL_FOR_NUMBER)
+        return value
 
 
 def _renamed(data: Any, old: str, new: str) -> Any:

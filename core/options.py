@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -41,8 +41,27 @@ def error_text(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+BOOL_FOR_NUMBER = "a boolean (true/false) where a number or a text is expected"
+
+
+def takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a TOML ``true``/``false``.
+
+    pydantic's lax mode reads true as 1 and false as 0, so `port = true` or
+    `max_scope = false` passed check-config (found in review); the
+    configuration models and ``parse_options`` refuse a boolean where the
+    type has no ``bool`` in it."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(takes_bool(a) for a in get_args(annotation) if not isinstance(a, int | str))
+
+
 def parse_options(model: type[M], options: Mapping[str, Any]) -> M:
     """Validate ``options`` against ``model`` or raise ``ValueError("key: reason")``."""
+    for key, value in options.items():
+        field = model.model_fields.get(key) if isinstance(value, bool) else None
+        if field is not None and not takes_bool(field.annotation):
+            raise ValueError(f"{key}: {BOOL_FOR_NUMBER}")
     try:
         return model.model_validate(dict(options))
     except ValidationError as exc:
