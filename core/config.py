@@ -494,6 +494,17 @@ class MNConfig(_Strict):
     log_format: Literal["text", "json"] = "text"
     log_levels: LogLevels = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _eap_only_for_eap(self) -> MNConfig:
+        # Read only when the MN authenticates with EAP: otherwise a typo in
+        # it passed check-config unread (found in review).
+        if self.eap and self.mn.method != "eap":
+            raise ValueError(
+                f'eap: read only with mn.method = "eap" (this MN uses {self.mn.method!r}); '
+                "remove the table or change the method"
+            )
+        return self
+
 
 class HAService(_Strict):
     id: HaId = "ha1"

@@ -7,8 +7,9 @@ plugins claiming one name is an error at start, not a silent override.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -153,23 +154,31 @@ def create(
     if factory is None:
         known = ", ".join(sorted(factories)) or "none"
         raise ConfigError(ctx.config_file, key, f"no plugin provides {name!r} (known: {known})")
-    try:
+    with building(ctx.config_file, key, name):
         return factory.create(options, ctx)
+
+
+@contextlib.contextmanager
+def building(config_file: str, key: str, name: str) -> Iterator[None]:
+    """Turn what a plugin raises while it builds ``key``'s object into a
+    ``ConfigError`` naming the file and the key."""
+    try:
+        yield
     except (ConfigError, PluginError):
         raise
     except ValueError as exc:
-        raise ConfigError(ctx.config_file, key, str(exc)) from None
+        raise ConfigError(config_file, key, str(exc)) from None
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise ConfigError(
-            ctx.config_file, key, f"cannot open{where}: {exc.strerror or type(exc).__name__}"
+            config_file, key, f"cannot open{where}: {exc.strerror or type(exc).__name__}"
         ) from None
     except Exception as exc:
         # A plugin's own bug (a KeyError on an option left out): the key and
         # the plugin named, the exception's type only -- its text may quote
         # an option's value, a secret (found in review: a traceback).
         raise ConfigError(
-            ctx.config_file, key, f"plugin {name!r} failed to build it ({type(exc).__name__})"
+            config_file, key, f"plugin {name!r} failed to build it ({type(exc).__name__})"
         ) from None
 
 

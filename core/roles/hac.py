@@ -407,10 +407,21 @@ class HacService:
         named: list[tuple[str, str]] = [(m, "policy.methods") for m in cfg.policy.methods]
         for realm, realm_methods in cfg.policy.realms.items():
             named += [(m, f"policy.realms.{realm}") for m in realm_methods]
+        in_use = {m for m, _ in named}
         for name in cfg.methods:
             if name not in installed:
                 raise ConfigError(
                     self.config_file, f"methods.{name}", f"no plugin provides method {name!r}"
+                )
+            if name not in in_use:
+                # Its options were never read, so a typo in them passed
+                # check-config (found in review); fail closed, as for a
+                # method the policy names that no plugin provides.
+                raise ConfigError(
+                    self.config_file,
+                    f"methods.{name}",
+                    f"method {name!r} is in neither policy.methods nor policy.realms, so these "
+                    "options would be ignored: add it there, or remove the table",
                 )
         out: dict[str, ServerMethodFactory] = {}
         for name, key in named:
@@ -422,10 +433,8 @@ class HacService:
                 raise ConfigError(
                     self.config_file, key, f"no plugin provides method {name!r} (known: {known})"
                 )
-            try:
+            with pluginmanager.building(self.config_file, f"methods.{name}", name):
                 factory = method.server(cfg.methods.get(name, {}), ctx)
-            except ValueError as exc:
-                raise ConfigError(self.config_file, f"methods.{name}", str(exc)) from None
             if factory is None:
                 raise ConfigError(self.config_file, key, f"method {name!r} has no HAC side")
             out[name] = factory

@@ -105,10 +105,8 @@ def peer_factory(
         extra["check_only"] = True
     ctx = PluginContext(role="mn", base_dir=base, config_file=config_file, extra=extra)
     key = "eap" if cfg.mn.method == "eap" else "mn.method"
-    try:
+    with pluginmanager.building(config_file, key, cfg.mn.method):
         factory = method.peer(options, ctx)
-    except ValueError as exc:
-        raise ConfigError(config_file, key, str(exc)) from None
     if factory is None:
         raise ConfigError(config_file, "mn.method", f"{cfg.mn.method!r} has no mobile-node side")
     return cast(PeerMethodFactory, factory)

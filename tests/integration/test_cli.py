@@ -172,6 +172,10 @@ def test_check_config_redacts_secrets(lab: Lab) -> None:
         ('backend = "toml"', 'backend = "ldap"', "credentials.backend", "no plugin provides"),
         ('path = "credentials.toml"', 'path = "nope.toml"', "credentials", "nope.toml"),
         ("[hac]", "[hac\n", "(syntax)", "line"),
+        # Options of a method no policy names were never read (review).
+        ('methods = ["psk", "eap"]', 'methods = ["psk"]', "methods.eap", "neither"),
+        # pydantic read true as 1 (review).
+        ("max_connections = 1024", "max_connections = true", "hac.max_connections", "boolean"),
     ],
 )
 def test_config_errors_name_file_key_reason(
@@ -184,6 +188,14 @@ def test_config_errors_name_file_key_reason(
     err = out.stderr
     assert str(hac_toml) in err and key in err and reason in err, err
     assert "Traceback" not in err
+
+
+def test_an_eap_table_of_a_psk_mn_is_refused(lab: Lab) -> None:
+    mn_toml = Path(lab.info["mn"]["config"])
+    mn_toml.write_text(mn_toml.read_text() + '\n[eap]\nmethods = ["tls"]\n')
+    out = mipsec("check-config", str(mn_toml))
+    assert out.returncode == 2 and "eap: read only with" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
