@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from mipsec.core import certexpiry, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, ProvisioningListener
+from mipsec.core.control import default_name, socket_path, state_dir
 from mipsec.core.errors import CertificateError, ConfigError, LocalProtocolError
 from mipsec.core.filedigest import UnreadableFileError, read_regular
 from mipsec.core.secretfiles import InsecureFileError, check_private, check_private_sqlite
@@ -95,6 +96,14 @@ def _hac(cfg: HACConfig, file: str) -> None:
         _listener(file, "provisioning.", cfg.provisioning)
     if cfg.local_ha is not None:
         _ha(cfg.local_ha, file, "local_ha.")
+    _control(cfg, file, "hac")
+    # The revocation list is written only when an operator revokes: an
+    # unwritable directory passed the start and failed `mipsec revoke`, the
+    # emergency action, when it was needed (found in review).
+    revoked = cfg.revocations.path or state_dir(cfg, file) / default_name(
+        file, "hac", "-revoked.json"
+    )
+    _writable_place(file, "revocations.path", revoked)
 
 
 def _ha(cfg: HAConfig, file: str, prefix: str) -> None:
@@ -111,7 +120,10 @@ def _ha(cfg: HAConfig, file: str, prefix: str) -> None:
             public=[(f"{prefix}pull.ca", pull.ca)],
         )
     if cfg.bindings.path is not None:
+        _writable_place(file, f"{prefix}bindings.path", cfg.bindings.path)
         _private(file, f"{prefix}bindings.path", cfg.bindings.path, sqlite=True)
+    if not prefix:  # an HA in the HAC's process has no control socket of its own
+        _control(cfg, file, "ha")
 
 
 def _mn(cfg: MNConfig, file: str) -> None:
@@ -136,6 +148,32 @@ def _mn(cfg: MNConfig, file: str) -> None:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _control(cfg: HACConfig | HAConfig, file: str, role: str) -> None:
+    """The control socket's place, as ``start_control`` will use it: found in
+    review, a missing directory or a path naming a regular file passed
+    check-config and failed the start."""
+    if not cfg.control.enabled:
+        return
+    try:
+        path = socket_path(cfg, role, file)
+    except ConfigError:
+        if cfg.control.path is not None:
+            raise
+        return  # only the default is too long: the start warns and runs without
+    _writable_place(file, "control.path", path)
+    if path.exists() and not path.is_socket():
+        raise ConfigError(file, "control.path", f"{path} exists and is not a socket")
+
+
+def _writable_place(file: str, key: str, path: Path) -> None:
+    """``path`` can be created (or written) by this process: its directory exists."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(file, key, f"no such directory {str(parent)!r}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(file, key, f"cannot create files in {str(parent)!r}: permission denied")
 
 
 def _listener(file: str, prefix: str, cfg: ProvisioningListener) -> None:

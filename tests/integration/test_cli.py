@@ -190,6 +190,27 @@ def test_config_errors_name_file_key_reason(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "role, table, key",
+    [
+        ("hac", '[control]\npath = "/nonexistent/dir/x.ctl"', "control.path"),
+        ("hac", '[control]\npath = "hac.toml"', "control.path"),
+        ("hac", '[revocations]\npath = "/nonexistent/dir/rev.json"', "revocations.path"),
+        ("ha", '[control]\npath = "/nonexistent/dir/x.ctl"', "control.path"),
+    ],
+)
+def test_check_config_refuses_what_the_start_or_a_revoke_would(
+    lab: Lab, role: str, table: str, key: str
+) -> None:
+    """Found in review: these passed check-config (and, for the revocation
+    list, the start) and failed the start or the first `mipsec revoke`."""
+    path = Path(lab.info[role]["config"])
+    path.write_text(path.read_text() + "\n" + table + "\n")
+    out = mipsec("check-config", str(path))
+    assert out.returncode == 2 and key in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_an_eap_table_of_a_psk_mn_is_refused(lab: Lab) -> None:
     mn_toml = Path(lab.info["mn"]["config"])
     mn_toml.write_text(mn_toml.read_text() + '\n[eap]\nmethods = ["tls"]\n')
