@@ -367,6 +367,11 @@ class HacService:
             "store_busy": 0,  # MNs answered 503: the store's write lock stayed held
             "withdrawn": 0,
             "hook_errors": 0,
+            # Connections closed without an answer: a container the HAC could
+            # not even answer 400 to (PROFILE §2: no Identifier to answer).
+            # Logged at DEBUG only (a flood must not flood the log), but no
+            # counter moved at all before (found in review).
+            "unanswerable": 0,
         }
 
     # Config table -> (hook, key naming the plugin): the plugin objects a
@@ -677,6 +682,8 @@ class HacService:
             self.stats["status_200"] += 1
             return  # sa_issued was emitted when the 200 left
         if exch.mn_id is None and status is None:
+            if exch.reason == "bad-container":
+                self.stats["unanswerable"] += 1
             # Nothing was asked (idle/handshake-only connection): not an
             # exchange worth a line at INFO; attackers could flood the log.
             log.debug("peer=%s closed before any request: %s", peer, exch.reason or "-")

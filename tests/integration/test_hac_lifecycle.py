@@ -589,6 +589,28 @@ async def done_request(st: Stack, pki: PkiPaths) -> tuple[Any, Any, MnExchange]:
     return reader, writer, exch
 
 
+def test_an_unanswerable_request_is_counted(tmp_path: Path, pki: PkiPaths) -> None:
+    """40 zero octets after the handshake: no Identifier to answer 400 to
+    (PROFILE §2), so the HAC closes -- and counts it (review: nothing did)."""
+    cfg = hac_config(hac_data(tmp_path, pki), tmp_path)
+
+    async def main() -> None:
+        async with Stack(cfg) as st:
+            assert st.hac is not None
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", st.port, ssl=mn_client_context(str(pki.ca_cert)),
+                server_hostname="hac.mipsec.test",
+            )  # fmt: skip
+            writer.write(bytes(40))
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, unanswered
+            writer.close()
+            hac = st.hac
+            assert await eventually(lambda: hac.stats["unanswerable"] == 1)
+            assert hac.stats["status_200"] == 0
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("how", ["close", "more-data"])
 def test_mn_gone_or_breaking_lockstep_mid_issue_leaves_nothing_live(
     tmp_path: Path, pki: PkiPaths, how: str
