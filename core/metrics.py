@@ -294,6 +294,11 @@ def _ha_families(svc: Any) -> Iterator[Metric]:
     yield from _listener_families("mipsec_ha_provisioning", getattr(prov, "listener", None))
 
 
+def _source(writer: asyncio.StreamWriter) -> Any:
+    peer = writer.get_extra_info("peername")
+    return peer[0] if isinstance(peer, tuple) and peer else None
+
+
 class MetricsServer:
     """``GET /metrics`` and ``GET /healthz`` over HTTP/1.0 on the role's loop."""
 
@@ -320,11 +325,26 @@ class MetricsServer:
             self._server = None
 
     def _admit(self, writer: asyncio.StreamWriter) -> bool:
-        """Hold ``writer``, evicting the longest wait for a head at the cap."""
+        """Hold ``writer``; at the cap evict the longest wait for a head from
+        the source address holding the most connections.
+
+        The longest wait overall was the rule: a flood from one address then
+        evicted the scraper's own connection now and then, when the flood's
+        next connection came in before the scraper's head was read (3 of 60
+        scrapes failed in review).  A scraper holds one connection; a flood
+        holds many, and pays for its own."""
         if len(self._held) >= MAX_CLIENTS:
-            oldest = next((w for w, waiting in self._held.items() if waiting), None)
-            if oldest is None:  # every slot is answering a complete request
+            waiting: dict[Any, list[asyncio.StreamWriter]] = {}
+            for w, is_waiting in self._held.items():  # arrival order: oldest first
+                if is_waiting:
+                    waiting.setdefault(_source(w), []).append(w)
+            if not waiting:  # every slot is answering a complete request
                 return False
+            mine = _source(writer)
+            # The busiest source (this connection's own counted with it);
+            # a tie goes to the source with the oldest wait.
+            victim_source = max(waiting, key=lambda src: len(waiting[src]) + (src == mine))
+            oldest = waiting[victim_source][0]
             del self._held[oldest]
             oldest.transport.abort()  # its read ends at once; its task cleans up
             self.evicted += 1

@@ -98,3 +98,35 @@ def test_held_connections_are_capped_and_trickled_heads_time_out(
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_a_flood_from_one_address_evicts_its_own_not_the_scraper() -> None:
+    """The scraper's connection is the oldest waiting one when a flood from
+    another address fills every slot: the flood's oldest goes, the scraper's
+    GET is answered (the longest wait overall went before: review)."""
+
+    async def main() -> None:
+        server, _ = _server()
+        (_, port), *_ = await server.listen("127.0.0.1", 0)
+        flood = []
+        try:
+            scraper = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.05)  # held first: the oldest wait
+            for _ in range(metrics.MAX_CLIENTS + 3):
+                flood.append(
+                    await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+                )
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert server.evicted == 4
+            scraper[1].write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            out = await _read_or_reset(scraper[0], 5)
+            assert out.startswith(b"HTTP/1.0 200") and b"mipsec_test_total 3.0" in out
+            for reader, _ in flood[:4]:  # the flood's four oldest made room
+                assert await _read_or_reset(reader, 1) == b""
+        finally:
+            for _, writer in flood:
+                writer.close()
+            await server.stop()
+
+    asyncio.run(main())
