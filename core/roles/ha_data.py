@@ -160,15 +160,20 @@ class HaDataPlane:
     def stop(self) -> None:
         if self.service.on_data == self.on_data:
             self.service.on_data = None
+        # Taken first: a last flush that finds the device gone calls _lost,
+        # which then sees nothing to lose.  Before, it set self.writer to
+        # None under the flush (an AttributeError cut HaService.stop short:
+        # bindings not closed, sockets left open) and armed the reviver, which
+        # created the device again after the stop (found in review).
+        tun, writer = self.tun, self.writer
+        self.tun = self.writer = None
         self.reviver.cancel()
-        if self.tun is not None:
-            asyncio.get_running_loop().remove_reader(self.tun.fd)
-            if self.writer is not None:
-                self.writer.flush()
-                self.writer.close()
-                self.writer = None
-            self.tun.close()  # the interface, its addresses and routes go with it
-            self.tun = None
+        if tun is not None:
+            asyncio.get_running_loop().remove_reader(tun.fd)
+            if writer is not None:
+                writer.flush()
+                writer.close()
+            tun.close()  # the interface, its addresses and routes go with it
         elif not self.counts["tun_lost"]:
             return  # never started
         log.info("data plane on %s stopped: %s", self.cfg.tun, stats_line(self.stats()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from labfix import Mn, RunningLab, needs_net_admin, until
@@ -283,3 +284,45 @@ def test_an_ha_killed_while_its_tun_device_is_gone_starts_with_a_working_one(
     _kill_ha_and_flow_again(
         direct, "mn-tun-kill", before_kill=remove_the_device, after_kill=not_made_again
     )
+
+
+def test_an_ha_stopping_as_its_tun_device_goes_stops_whole(tmp_path: Path) -> None:
+    """A stop whose last flush finds the TUN device gone (SIGTERM while the
+    network is torn down, a GRO run pending): before, the flush's loss
+    handler emptied the writer under it, an AttributeError cut
+    HaService.stop short (binding cache not closed, sockets open) and the
+    reviver created the device again after the stop (found in review)."""
+    import asyncio
+    import secrets
+    import struct
+
+    from mipsec.core.config import HAConfig
+    from mipsec.core.roles.ha import HaService
+    from mipsec.core.tun import ip
+
+    name = f"miph{secrets.token_hex(3)}"
+    cfg = HAConfig.model_validate(
+        {
+            "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
+            "sa_store": {"backend": "sqlite", "path": str(tmp_path / "sa.sqlite")},
+            "bindings": {"path": str(tmp_path / "bindings.sqlite")},
+            "dataplane": {"enabled": True, "tun": name},
+        }
+    )
+    # An in-order TCP segment (ACK, 1,000 octets) as an MN sends it: GRO
+    # holds it until the end of the callback.
+    tcp = struct.pack("!HHIIBBHHH", 1000, 80, 1, 1, 5 << 4, 0x10, 65535, 0, 0) + b"x" * 1000
+    ip6 = struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + bytes(15) + b"\x10" + bytes(15) + b"\x20"
+
+    async def body() -> None:
+        svc = HaService(cfg)
+        await svc.start()
+        plane = svc.dataplane
+        assert plane is not None and plane.writer is not None
+        plane.writer.write(ip6 + tcp)
+        ip("link", "del", name)
+        await svc.stop()  # raised AttributeError before
+        assert plane.reviver._timer is None and plane.tun is None and plane.writer is None
+        assert not svc._transports
+
+    asyncio.run(body())
