@@ -119,7 +119,11 @@ class HaForwarder:
         if b is None or b.expires_at <= now:
             drops["no_binding"] += 1
             return None
-        datagram = self.core.protect_data(b.spi, hdr.next_header, packet, now)
+        try:
+            datagram = self.core.protect_data(b.spi, hdr.next_header, packet, now)
+        except SequenceExhausted:
+            drops["seq_exhausted"] += 1  # counted as no_sa before (review)
+            return None
         if datagram is None:
             drops["no_sa"] += 1
             return None

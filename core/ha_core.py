@@ -195,6 +195,10 @@ REGISTRATION_TYPE_CHANGE_DISALLOWED = 139
 MAX_DELETE_BCE_TIMEOUT = 10.0
 # Seconds of SA validity below which a BA says 176 (see the module docstring).
 REINIT_MARGIN = 60.0
+# HA->MN numbers kept for BAs at the end of an SA's sequence space: user data
+# stops short of them, so a BA (176 above all, PROFILE §7) can always be sent.
+BA_SEQ_KEEP = 2**16
+DATA_SEQ_END = SEQ_MAX + 1 - BA_SEQ_KEEP
 # HA->MN sequence numbers reserved (persisted) at a time; a restart skips at
 # most this many, out of 2**32.
 OUT_SEQ_RESERVE = 4096
@@ -1143,9 +1147,11 @@ class HaCore:
 
         PType 1 under an SA of ``mip6-sas`` 1, PType 0 (plaintext) under 0
         (PROFILE §7).  It shares the SA's HA->MN sequence numbers with the
-        BAs, reserved the same way.  None: no such SA, it has ended, or its
-        counter is used up -- the caller (``forwarding.HaForwarder``) decides
-        which binding the packet belongs to and counts the drop.
+        BAs, reserved the same way.  None: no such SA or it has ended;
+        ``SequenceExhausted``: its numbers for data are used up (the last
+        ``BA_SEQ_KEEP`` are kept for BAs) -- the caller
+        (``forwarding.HaForwarder``) decides which binding the packet belongs
+        to and counts the drop.
         """
         entry = self._sas.get(spi)
         if entry is None:
@@ -1154,12 +1160,15 @@ class HaCore:
             return None
         if entry.scope == 0:
             return encode_plain(packet)
+        if entry.outbound.seq >= DATA_SEQ_END:
+            # The last BA_SEQ_KEEP numbers are the BAs': data used them up to
+            # 2**32 - 1 before, and the BA 176 that PROFILE §7 requires past
+            # SEQ_REINIT_THRESHOLD could then no longer be sent (found in
+            # review).  The MN re-bootstraps on its own inbound counter too
+            # (mn_registration.py), so the downlink resumes under a new SA.
+            raise SequenceExhausted("data numbers of this SA used up: the rest are the BAs'")
         self._reserve_out(entry)
-        try:
-            return entry.outbound.protect(PTYPE_DATA, next_header, packet)
-        except SequenceExhausted:
-            self.drops["seq_exhausted"] += 1
-            return None
+        return entry.outbound.protect(PTYPE_DATA, next_header, packet)
 
     # ------------------------------------------------------------ inspection
 

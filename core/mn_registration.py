@@ -217,7 +217,7 @@ class MnRegistration:
         return out
 
     def timer(self, now: float) -> list[Action]:
-        if self._out.needs_reinit and not self._rebootstrap_sent:
+        if self.needs_reinit and not self._rebootstrap_sent:
             # PROFILE §7: past 2**32 - 2**20 the SA must be replaced; the HA
             # says so (176) only in a BA, which may come too late for a fast
             # uplink (2**20 packets: ~20 s at 50,000 a second).  Nothing
@@ -291,7 +291,7 @@ class MnRegistration:
     def next_timer(self) -> float:
         # The re-bootstrap deadline once its Rebootstrap was sent is no
         # timer: kept, a past deadline woke the caller at once, for ever.
-        if self._out.needs_reinit and not self._rebootstrap_sent:
+        if self.needs_reinit and not self._rebootstrap_sent:
             return -math.inf  # due now: timer() sends the Rebootstrap
         times = [math.inf if self._rebootstrap_sent else self._rebootstrap_deadline]
         if self._retransmit_at is not None:
@@ -302,7 +302,13 @@ class MnRegistration:
 
     @property
     def needs_reinit(self) -> bool:
-        return self._out.needs_reinit
+        """Either direction passed SEQ_REINIT_THRESHOLD (PROFILE §7).
+
+        The inbound one too since the twenty-eighth session: a heavy
+        downlink ran the HA's counter out while the MN, whose own counter
+        was far from it, waited for a BA 176 that its next refresh (minutes
+        away) would bring -- the downlink dead meanwhile (found in review)."""
+        return self._out.needs_reinit or self._in.needs_reinit
 
     def moved(self, now: float) -> list[Action]:
         """The care-of address (or the NAT's port) changed: a BU at once (RFC 6275 §11.7.1).
@@ -355,6 +361,10 @@ class MnRegistration:
         if self.scope == 0:
             raise PacketError("ptype", "PType 1 under an SA of mip6-sas 0", "scope")
         u = self._in.unprotect(datagram)
+        if self._in.needs_reinit and not self._reinit_told:
+            self._reinit_told = True  # as seal_data: the registration's timer is due
+            if self.on_reinit is not None:
+                self.on_reinit()
         return u.next_header, u.payload
 
     # ------------------------------------------------------------ internals

@@ -392,6 +392,28 @@ def test_176_when_ha_sequence_passed_threshold() -> None:
     assert ha.binding(str(HOA)) is not None
 
 
+def test_data_leaves_the_last_numbers_to_the_bas() -> None:
+    """User data stops BA_SEQ_KEEP numbers short of 2**32 - 1, so the BA 176
+    of PROFILE §7 can still be sent; before, a heavy downlink used every
+    number and the MN's next BU refreshed its binding but got no BA at all
+    (found in review)."""
+    from mipsec.core.ha_core import DATA_SEQ_END
+    from mipsec.core.wire.esp import SequenceExhausted
+
+    ha = core()
+    issued = issue(Suite.AES_128_CBC_SHA)
+    ha.install_sa(issued, initial_out_seq=DATA_SEQ_END - 2)  # the BA takes one
+    mn = MN(issued)
+    assert mn.ba(ha.receive(mn.bu(1), MN_ADDR, NOW)).status == 176  # past the threshold
+    spi = issued.sa.spi
+    inner = bytes((0x60, 0, 0, 0, 0, 0, 59, 64)) + bytes(32)
+    assert ha.protect_data(spi, 59, inner, NOW) is not None  # DATA_SEQ_END - 1, then no more
+    with pytest.raises(SequenceExhausted):
+        ha.protect_data(spi, 59, inner, NOW)
+    ba = mn.ba(ha.receive(mn.bu(2), MN_ADDR, NOW))
+    assert ba.status == 176 and mn.inb.highest_seq > DATA_SEQ_END - 1
+
+
 def test_no_binding_when_less_than_one_unit_of_validity_left() -> None:
     ha, mn = setup(lifetime=3.0)
     actions = ha.receive(mn.bu(1), MN_ADDR, NOW)

@@ -384,6 +384,25 @@ def test_an_uplink_past_the_reinit_threshold_asks_for_a_new_sa_at_once() -> None
     assert reg.timer(2.0) == []  # asked once
 
 
+def test_a_downlink_past_the_reinit_threshold_asks_for_a_new_sa_at_once() -> None:
+    """The same for the HA's counter, read on the MN's inbound SA: a heavy
+    downlink ran it out while the MN waited for a BA 176 its next refresh
+    would bring, minutes later (found in review)."""
+    from mipsec.core.wire.esp import PTYPE_DATA, SEQ_REINIT_THRESHOLD
+
+    reg, ha = _registered_machine()
+    woken: list[bool] = []
+    reg.on_reinit = lambda: woken.append(True)
+    ha.out._seq = SEQ_REINIT_THRESHOLD  # as after that many packets to the MN
+    inner = bytes((0x60, 0, 0, 0, 0, 0, 59, 64)) + HAA.packed + HOA.packed
+    for _ in range(2):
+        assert reg.open_data(ha.out.protect(PTYPE_DATA, 41, inner)) == (41, inner)
+    assert woken == [True]  # once
+    assert reg.next_timer() < 1.0
+    acts = reg.timer(1.0)
+    assert len(acts) == 1 and isinstance(acts[0], Rebootstrap)
+
+
 def test_a_bu_with_the_counter_used_up_is_a_failure_not_an_exception() -> None:
     """Every number of the SA used (the re-bootstrap it asked for did not
     come in time): a BU -- a refresh, a move, the de-registration at a stop
