@@ -14,13 +14,15 @@ The kernel's rules, which ``runs`` follows: every datagram of a run has the
 run's segment size except the last, which may be shorter; at most
 ``MAX_SEGMENTS`` datagrams (UDP_MAX_SEGMENTS was 64 before Linux 6.9); the
 whole run fits one IP packet's length field.  A kernel or route that cannot
-do it answers the first such send with an error (EIO, EINVAL,
-ENOPROTOOPT...): the sender then sends that run, and every later one, one
-datagram at a time.
+do it answers the first such send with an error (EIO, ENOPROTOOPT...): the
+sender then sends that run, and every later one, one datagram at a time.
+An error about one destination (EINVAL: its path MTU is below the segment
+size) or one moment (a pending ICMP error) costs that run only.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from collections.abc import Sequence
@@ -32,6 +34,8 @@ UDP_SEGMENT = 103  # linux/udp.h: SOL_UDP option and control message type
 MAX_SEGMENTS = 64
 MAX_RUN_BYTES = 65535 - 40 - 8  # IPv6 Payload Length / IPv4 Total Length, minus the headers
 _SEGMENT = struct.Struct("=H")
+_NO_GSO = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+MAX_DECLINED = 64  # runs refused in a row (any other errno) before GSO is given up
 
 
 def runs(datagrams: Sequence[bytes]) -> list[list[bytes]]:
@@ -64,12 +68,13 @@ class GsoSender:
     counts it and decides, e.g. that its care-of address went away).
     """
 
-    __slots__ = ("enabled", "runs_sent", "sock")
+    __slots__ = ("declined", "enabled", "runs_sent", "sock")
 
     def __init__(self, sock: socket.socket, *, enabled: bool = True) -> None:
         self.sock = sock
         self.enabled = enabled
         self.runs_sent = 0
+        self.declined = 0  # runs refused in a row whose datagrams then went one by one
 
     def send(self, datagrams: Sequence[bytes], dst: Any = None) -> int:
         """Send them all, in order; returns the number of system calls made."""
@@ -88,6 +93,7 @@ class GsoSender:
                 else:
                     self.sock.sendmsg([b"".join(run)], cmsg, 0, dst)
                 self.runs_sent += 1
+                self.declined = 0
             except BlockingIOError as exc:
                 error = exc  # the send buffer is full: this run is dropped
             except OSError as exc:
@@ -103,10 +109,25 @@ class GsoSender:
                 except OSError as again:
                     error = again  # the path itself failed (e.g. the address went away)
                 else:
-                    self.enabled = False
+                    self._declined(exc)
         if error is not None:
             raise error
         return calls
+
+    def _declined(self, exc: OSError) -> None:
+        """A run failed where its datagrams one by one went through.
+
+        Only what says the kernel or the device cannot do UDP GSO turns it
+        off for good (EIO: no checksum offload; ENOPROTOOPT, EOPNOTSUPP).
+        EINVAL (this destination's path MTU below the segment size),
+        EMSGSIZE or a pending ICMP error (ECONNREFUSED) are about one
+        destination or one moment: on the HA's socket, shared by every MN,
+        one MN behind a small MTU turned GSO off for all of them (found in
+        review).  Those runs go one datagram at a time; only a long series
+        of them, with no run sent in between, gives up."""
+        self.declined += 1
+        if exc.errno in _NO_GSO or self.declined >= MAX_DECLINED:
+            self.enabled = False
 
     def _one(self, datagram: bytes, dst: Any) -> None:
         if dst is None:

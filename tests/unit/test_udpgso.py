@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mipsec.core.udpgso import MAX_RUN_BYTES, MAX_SEGMENTS, GsoSender, runs
+from mipsec.core.udpgso import MAX_DECLINED, MAX_RUN_BYTES, MAX_SEGMENTS, GsoSender, runs
 
 
 @settings(max_examples=300, deadline=None)
@@ -98,3 +98,26 @@ def test_a_failing_path_is_reported_and_gso_kept() -> None:
     with pytest.raises(OSError) as info:
         sender.send([b"a" * 10, b"b" * 10])
     assert info.value.errno == errno.EADDRNOTAVAIL and sender.enabled
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.EMSGSIZE, errno.ECONNREFUSED])
+def test_one_destinations_refusal_keeps_gso_for_the_others(err: int) -> None:
+    """EINVAL (a path MTU below the segment size), EMSGSIZE, a pending ICMP
+    error: that run goes one datagram at a time and GSO stays on for the
+    next -- on the HA's socket, one MN behind a small MTU turned it off for
+    every MN (found in review).  A long series of them alone gives up."""
+
+    class Refusing(_NoGsoSocket):
+        def sendmsg(self, *args: Any) -> int:
+            raise OSError(err, os.strerror(err))
+
+    sock = Refusing()
+    sender = GsoSender(sock)  # type: ignore[arg-type]
+    datagrams = [bytes([i]) * 100 for i in range(10)]
+    sender.send(datagrams)
+    assert sock.sent == datagrams and sender.enabled and sender.declined == 1
+    for _ in range(MAX_DECLINED - 2):
+        sender.send(datagrams[:2])
+    assert sender.enabled
+    sender.send(datagrams[:2])
+    assert not sender.enabled
