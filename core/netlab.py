@@ -41,6 +41,7 @@ from typing import Any
 
 from mipsec.core.errors import MipsecError
 from mipsec.core.labsetup import init_lab
+from mipsec.core.tomltext import toml_value
 
 __all__ = ["LabError", "NetLab", "lab_configs", "mn_variant", "no_net_admin", "toml_dump"]
 
@@ -90,18 +91,6 @@ def _run(cmd: Sequence[str], *, check: bool = True, timeout: float = _CMD_TIMEOU
 # ---------------------------------------------------------------- TOML out
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string is a JSON string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
 def toml_dump(data: dict[str, Any], prefix: str = "") -> str:
     """TOML text for ``data`` (scalars, lists, tables, arrays of tables)."""
     lines: list[str] = []
@@ -110,7 +99,7 @@ def toml_dump(data: dict[str, Any], prefix: str = "") -> str:
         if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)):
             tables.append((k, v))
         else:
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
     for k, v in tables:
         name = f"{prefix}{k}"
         for item in v if isinstance(v, list) else [v]:

@@ -1,4 +1,5 @@
-"""TOML text from a file's octets, with one error type for what can go wrong.
+"""TOML text from a file's octets, with one error type for what can go wrong;
+and TOML values written out (``toml_value``).
 
 The configuration loader (core/config.py) and the TOML credential backend
 (plugins/cred_toml.py) read files an operator writes; both refuse the same
@@ -13,7 +14,7 @@ from __future__ import annotations
 import tomllib
 from typing import Any, Literal
 
-__all__ = ["TomlTextError", "parse_toml"]
+__all__ = ["TomlTextError", "parse_toml", "toml_value"]
 
 
 class TomlTextError(ValueError):
@@ -37,3 +38,42 @@ def parse_toml(raw: bytes) -> dict[str, Any]:
         raise TomlTextError("syntax", str(exc)) from None
     except RecursionError:  # arrays or tables nested thousands deep
         raise TomlTextError("syntax", "nested too deep") from None
+
+
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _basic_string(v: str) -> str:
+    """A TOML basic string of ASCII only: quote, backslash, control and
+    non-ASCII characters escaped (``\\uXXXX``, ``\\UXXXXXXXX`` above the BMP:
+    a JSON string's surrogate pairs are no TOML).  ``ValueError`` for a lone
+    surrogate (a file name that is not UTF-8): no TOML string holds it."""
+    out = ['"']
+    for ch in v:
+        code = ord(ch)
+        if ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"{v!r}: not UTF-8 text (TOML holds only Unicode)")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def toml_value(v: Any) -> str:
+    """``v`` (a bool, number, string or list of them) as TOML text; a string
+    reads back exactly as written, whatever it holds (``_basic_string``)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return _basic_string(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
