@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mipsec.core.errors import ConfigError
 from mipsec.core.fsutil import PRIVATE_DIR, PRIVATE_FILE, PUBLIC_FILE, make_dir, write_file
 from mipsec.core.keywrap import create_key_file
 from mipsec.core.pki import init_pki
@@ -220,7 +221,11 @@ PORTS_ENV = "MIPSEC_LAB_PORTS"
 
 def lab_port_range() -> tuple[int, int]:
     """The range lab ports are drawn from: ``MIPSEC_LAB_PORTS`` when set,
-    else from ``_LAB_PORTS_LOW`` to just below the ephemeral range."""
+    else from ``_LAB_PORTS_LOW`` to just below the ephemeral range.
+
+    A malformed ``MIPSEC_LAB_PORTS`` is a ``ConfigError`` naming it (one
+    line from ``mipsec init`` and ``mipsec demo``, exit 2).
+    """
     text = os.environ.get(PORTS_ENV)
     if text is None:
         return _LAB_PORTS_LOW, _ephemeral_low() - 1
@@ -230,25 +235,44 @@ def lab_port_range() -> tuple[int, int]:
     except ValueError:
         low = high = -1
     if not sep or not 1024 <= low <= high <= 65535:
-        raise ValueError(f"{PORTS_ENV}={text!r}: not LOW-HIGH within 1024-65535")
+        raise ConfigError("(environment)", PORTS_ENV, f"{text!r} is not LOW-HIGH within 1024-65535")
     return low, high
+
+
+_DRAWS = 200  # random draws before a port search gives up
+
+
+def _candidates(low: int, high: int, given: bool, kind: int) -> Iterator[int]:
+    """Ports to try: from ``low``-``high`` when it was given (``MIPSEC_LAB_PORTS``,
+    whatever its size: outside it a port may be another drawer's) or has
+    room (1,000 ports), else from the kernel (bind to 0).  A range narrower
+    than the number of draws is tried whole, each port once, in random order."""
+    if given and high - low < _DRAWS:
+        ports = list(range(low, high + 1))
+        secrets.SystemRandom().shuffle(ports)
+        yield from ports
+        return
+    for _ in range(_DRAWS):
+        if given or high - low >= 1000:
+            yield secrets.choice(range(low, high + 1))
+        else:
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            yield port  # closed first: the caller binds it
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port free now for both TCP and UDP (the HA uses one number for both).
 
-    Drawn at random from ``lab_port_range()`` -- by default below the
-    ephemeral range -- when it has room (1,000 ports), else from the kernel
+    Drawn at random from ``MIPSEC_LAB_PORTS`` when set, whatever its size
+    (none free: a ``ConfigError`` naming it); else from below the
+    ephemeral range when that has room (1,000 ports), else from the kernel
     (bind to 0).
     """
     low, high = lab_port_range()
-    for _ in range(200):
-        if high - low >= 1000:
-            port = secrets.choice(range(low, high + 1))
-        else:
-            with socket.socket(socket.AF_INET, kind) as s:
-                s.bind(("127.0.0.1", 0))
-                port = int(s.getsockname()[1])
+    given = PORTS_ENV in os.environ
+    for port in _candidates(low, high, given, kind):
         if port in _RECENT:
             continue
         try:
@@ -263,6 +287,13 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         _RECENT.append(port)
         del _RECENT[:-64]
         return port
+    if given:
+        raise ConfigError(
+            "(environment)",
+            PORTS_ENV,
+            f"no port free for TCP and UDP on 127.0.0.1 in {low}-{high} "
+            "(a lab takes four: HAC, HA and two metrics)",
+        )
     raise OSError("no free port on 127.0.0.1")
 
 
@@ -301,7 +332,6 @@ def _control_path(config_file: Path, role: str) -> str | None:
     (the role then runs without it, saying so in a warning)."""
     from mipsec.core.config import load_config
     from mipsec.core.control import socket_path
-    from mipsec.core.errors import ConfigError
 
     try:
         return str(socket_path(load_config(config_file, role), role, str(config_file)))

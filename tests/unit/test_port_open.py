@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from mipsec.core import labsetup
+from mipsec.core.errors import ConfigError
 from mipsec.core.labsetup import port_open
 
 
@@ -76,9 +77,27 @@ def test_lab_ports_from_the_range_a_process_is_given(monkeypatch: pytest.MonkeyP
 def test_a_malformed_lab_port_range_is_refused_by_name(
     monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
+    """A ConfigError naming the variable: ``mipsec init`` and ``mipsec demo``
+    print it on one line and exit 2 (a traceback before)."""
     monkeypatch.setenv(labsetup.PORTS_ENV, text)
-    with pytest.raises(ValueError, match=f"^{labsetup.PORTS_ENV}=.*LOW-HIGH"):
+    with pytest.raises(ConfigError, match=f"^\\(environment\\): {labsetup.PORTS_ENV}: .*LOW-HIGH"):
         labsetup.free_port()
+
+
+@pytest.mark.parametrize("width", [1, 4, 200, 1000])
+def test_a_small_lab_port_range_is_honoured(monkeypatch: pytest.MonkeyPatch, width: int) -> None:
+    """Every port comes from the range given, however narrow (at 1,000 ports
+    or fewer it was ignored, and ports came from the kernel: a parallel
+    drawer's range); each once, then a ConfigError naming the variable."""
+    low = 46000
+    monkeypatch.setenv(labsetup.PORTS_ENV, f"{low}-{low + width - 1}")
+    monkeypatch.setattr(labsetup, "_RECENT", [])
+    count = min(width, 4)
+    ports = [labsetup.free_port() for _ in range(count)]
+    assert len(set(ports)) == count and all(low <= p < low + width for p in ports)
+    if width <= 4:
+        with pytest.raises(ConfigError, match=f"{labsetup.PORTS_ENV}: no port free .* {low}-"):
+            labsetup.free_port()
 
 
 def test_each_test_worker_has_a_slice_of_its_own(request: pytest.FixtureRequest) -> None:
