@@ -766,8 +766,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _option_error(exc: ValueError) -> ConfigError:
+    """``"--opt: why"`` from the lab setup, as the one-line error naming the option."""
+    opt, _, why = str(exc).partition(": ")
+    return (
+        ConfigError("(command line)", opt, why)
+        if why
+        else ConfigError("(command line)", "(options)", opt)
+    )
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    from mipsec.core.labsetup import Usim, init_lab
+    from mipsec.core.labsetup import LabExistsError, Usim, init_lab
 
     radius: tuple[str, int] | None = None
     secret_file: Path | None = None
@@ -784,10 +794,6 @@ def cmd_init(args: argparse.Namespace) -> int:
                 raise ValueError(f"--radius-secret-file: no such file {str(secret_file)!r}")
         if args.usim is not None:
             usim = Usim.parse(args.usim, args.mnc_digits)
-    except ValueError as exc:
-        opt, _, why = str(exc).partition(": ")
-        raise ConfigError("(command line)", opt, why) from None
-    try:
         info = init_lab(
             Path(args.dir),
             hac_port=args.hac_port,
@@ -796,12 +802,12 @@ def cmd_init(args: argparse.Namespace) -> int:
             radius_secret_file=secret_file,
             usim=usim,
         )
+    except LabExistsError as exc:
+        # Nothing was written.  Re-keying an existing CA would silently break
+        # every MN configured for it; any other file may be the operator's.
+        raise ConfigError(args.dir, "(directory)", f"{exc}; init overwrites no file") from None
     except ValueError as exc:
-        opt, _, why = str(exc).partition(": ")
-        raise ConfigError("(command line)", opt, why) from None
-    except FileExistsError as exc:
-        # Re-keying an existing CA would silently break every MN configured for it.
-        raise ConfigError(args.dir, "(directory)", f"already holds a lab ({exc.filename or exc})")
+        raise _option_error(exc) from None
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -12,18 +12,24 @@ PROFILE §5, which offers only the encrypting ones.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mipsec.core.errors import ConfigError
-from mipsec.core.fsutil import PRIVATE_DIR, PRIVATE_FILE, PUBLIC_FILE, make_dir, write_file
+from mipsec.core.fsutil import PRIVATE_DIR, PRIVATE_FILE, PUBLIC_FILE, write_file
 from mipsec.core.keywrap import create_key_file
-from mipsec.core.pki import init_pki
+from mipsec.core.pki import init_pki, pki_paths
+from mipsec.core.tomltext import toml_value as q
 
 DEMO_MN_ID = "demo@mipsec.test"
 LAB_REALM = "mipsec.test"
@@ -40,10 +46,6 @@ LAB_SUITES = [
 
 def _write(path: Path, text: str, mode: int = PUBLIC_FILE) -> None:
     write_file(path, text.encode(), mode)
-
-
-def _toml_list(items: list[str]) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,8 @@ log_level = "info"
 [hac]
 host = "127.0.0.1"
 port = {hac_port}
-server_name = "{HAC_NAME}"
-ca = "{ca}"
+server_name = {q(HAC_NAME)}
+ca = {q(ca)}
 timeout = 10              # each wait: the connect and handshake, each response
 exchange_timeout = 120    # the whole bootstrap
 
@@ -115,9 +117,9 @@ def _hac_eap(
     ``radius``, EAP of every other realm passes through to that server (RFC 3579)."""
     tls = f"""
 [methods.eap.tls]         # EAP-TLS served by the HAC (RFC 5216 / RFC 9190)
-cert = "{eap_tls["cert"]}"        # the EAP server certificate (eap.mipsec.test), not the MHAuth one
-key = "{eap_tls["key"]}"
-ca = "{eap_tls["ca"]}"           # the only CA for MN client certificates
+cert = {q(eap_tls["cert"])}  # the EAP server certificate (eap.mipsec.test), not the MHAuth one
+key = {q(eap_tls["key"])}
+ca = {q(eap_tls["ca"])}           # the only CA for MN client certificates
 identity_policy = "rfc822name"   # an rfc822Name SAN must equal mn-id
 """
     if radius is None:
@@ -130,20 +132,20 @@ types = ["tls"]
 # EAP of every realm but the lab's own passes through to the RADIUS server
 # (RFC 3579): EAP-AKA/AKA' for SIM identities, or whatever it supports.
 [policy.realms]
-"{LAB_REALM}" = ["psk", "eap"]
+{q(LAB_REALM)} = ["psk", "eap"]
 "*" = ["eap"]
 
 [methods.eap]
 types = ["tls"]
-realms = {{ "{LAB_REALM}" = ["tls"] }}
+realms = {{ {q(LAB_REALM)} = ["tls"] }}
 routes = [
-  {{ match = "{LAB_REALM}", backend = "local" }},
+  {{ match = {q(LAB_REALM)}, backend = "local" }},
   {{ match = "*", backend = "aaa" }},
 ]
 {tls}
 [methods.eap.backends.aaa]
 backend = "radius"
-servers = [{{ host = "{host}", port = {port}, secret_file = "{secret_file}" }}]
+servers = [{{ host = {q(host)}, port = {port}, secret_file = {q(str(secret_file))} }}]
 nas_identifier = "mipsec-lab-hac"
 """
 
@@ -162,8 +164,8 @@ methods = ["{method}"]
 [eap.{method}]                 # the software USIM (Milenage, TS 35.206)
 ki_file = "usim.ki"
 opc_file = "usim.opc"
-amf = "{usim.amf}"
-sqn = "{usim.sqn}"              # initial SQN_MS; then usim.sqn holds the state
+amf = {q(usim.amf)}
+sqn = {q(usim.sqn)}              # initial SQN_MS; then usim.sqn holds the state
 sqn_file = "usim.sqn"          # one USIM: shared by mn-aka.toml and mn-aka-prime.toml
 {extra if method == "aka-prime" else ""}"""
 
@@ -339,6 +341,91 @@ def _control_path(config_file: Path, role: str) -> str | None:
         return None
 
 
+class LabExistsError(FileExistsError):
+    """``mipsec init`` found one of its files (or a non-directory where it
+    needs a directory) already there; it wrote nothing.  ``path``: the first
+    such name, ``more``: how many others of its files exist too."""
+
+    def __init__(self, path: Path, more: int = 0, what: str = "already exists") -> None:
+        super().__init__(errno.EEXIST, what, str(path))
+        self.path, self.more, self.what = path, more, what
+
+    def __str__(self) -> str:
+        more = f" (and {self.more} more of the files init writes)" if self.more else ""
+        return f"{self.path} {self.what}{more}"
+
+
+def lab_files(directory: Path, usim: bool = False) -> list[Path]:
+    """Every file ``init_lab`` writes in ``directory``, in the order it puts
+    them there: a file before any configuration naming it."""
+    names = ["hac-sa.key", "ha-sa.key", "credentials.toml", "mn.psk"]
+    if usim:
+        names += ["usim.ki", "usim.opc"]
+    names += ["hac.toml", "ha.toml", "mn.toml", "mn-eap-tls.toml"]
+    if usim:
+        names += ["mn-aka.toml", "mn-aka-prime.toml"]
+    pki = list(vars(pki_paths(directory / "pki")).values())
+    return pki + [directory / n for n in names]
+
+
+def _state_files(directory: Path, usim: bool) -> list[Path]:
+    """Files the new lab's roles would take over as their own state: a store
+    left by another lab holds SAs wrapped under another key, a USIM's SQN
+    another subscriber's."""
+    names = ["hac-sa.sqlite", "ha-sa.sqlite", *(["usim.sqn"] if usim else [])]
+    return [directory / n for n in names]
+
+
+def _refuse_existing(directory: Path, usim: bool) -> None:
+    """``LabExistsError`` unless every name init writes is free."""
+    for d in (directory, directory / "pki"):
+        if os.path.lexists(d) and not d.is_dir():
+            raise LabExistsError(d, what="exists and is not a directory")
+    found = [
+        p
+        for p in [*lab_files(directory, usim), *_state_files(directory, usim)]
+        if os.path.lexists(p)
+    ]
+    if found:
+        raise LabExistsError(found[0], len(found) - 1)
+
+
+def _check_ports(hac_port: int, ha_port: int, radius: tuple[str, int] | None) -> None:
+    for option, port in (("--hac-port", hac_port), ("--ha-port", ha_port)):
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"{option}: {port!r} is not a port number (1-65535)")
+    if hac_port == ha_port:
+        raise ValueError(
+            f"--ha-port: {ha_port} is also --hac-port (the HA's TCP listener and the HAC's"
+            " cannot share it)"
+        )
+    if radius is not None and radius[1] == ha_port and _loopback(radius[0]):
+        raise ValueError(
+            f"--radius: UDP port {ha_port} on the loopback is also --ha-port (the HA binds it)"
+        )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _make_dirs(path: Path, created: list[Path]) -> None:
+    """``path`` and its missing parents; each one made is appended to ``created``."""
+    missing: list[Path] = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(mode=PRIVATE_DIR if d == path else 0o777)
+        created.append(d)
+    if missing:
+        os.chmod(path, PRIVATE_DIR)  # mkdir's mode is filtered by the umask
+
+
 def init_lab(
     directory: Path,
     *,
@@ -348,29 +435,101 @@ def init_lab(
     radius_secret_file: Path | None = None,
     usim: Usim | None = None,
 ) -> dict[str, Any]:
+    """Write a lab in ``directory`` (made if missing) and describe it.
+
+    All or nothing: every option is checked, every name init writes found
+    free (else ``LabExistsError``: nothing is ever written over) and the
+    metrics ports drawn before anything is written; the lab is then built in
+    a temporary directory inside ``directory`` and linked into place file by
+    file (a link never replaces a file).  On any failure exactly what this
+    call made is removed: its files, and the directories it created.
+    """
     if (radius is None) != (radius_secret_file is None):
         raise ValueError("--radius and --radius-secret-file go together")
     if usim is not None and radius is None:
         raise ValueError("--usim needs --radius (the AAA server runs EAP-AKA)")
+    _check_ports(hac_port, ha_port, radius)
+    if radius is not None:
+        try:
+            q(radius[0])
+        except ValueError as exc:
+            raise ValueError(f"--radius: {exc}") from None
+    if radius_secret_file is not None:
+        try:
+            q(str(radius_secret_file))
+        except ValueError as exc:
+            raise ValueError(f"--radius-secret-file: {exc}") from None
     directory = directory.resolve()
-    make_dir(directory, PRIVATE_DIR)
+    _refuse_existing(directory, usim is not None)
+    taken = (hac_port, ha_port, *([radius[1]] if radius is not None else []))
+    metrics_ports = _metrics_ports(taken)
+    dirs: list[Path] = []  # made by this call, outermost first
+    files: list[Path] = []  # linked into place by this call
+    try:
+        _make_dirs(directory, dirs)
+        stage = Path(tempfile.mkdtemp(prefix=".mipsec-init-", dir=directory))
+        try:
+            psk = _write_lab(
+                stage,
+                hac_port=hac_port,
+                ha_port=ha_port,
+                metrics_ports=metrics_ports,
+                radius=radius,
+                radius_secret_file=radius_secret_file,
+                usim=usim,
+            )
+            for path in lab_files(directory, usim is not None):
+                if path.parent != directory and not os.path.lexists(path.parent):
+                    _make_dirs(path.parent, dirs)  # pki/, mode 0700: it holds the keys
+                try:
+                    os.link(stage / path.relative_to(directory), path)
+                except FileExistsError:
+                    raise LabExistsError(path) from None  # made since the check
+                files.append(path)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return _describe(directory, psk, hac_port, ha_port, metrics_ports, usim)
+    except BaseException:
+        for path in reversed(files):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for d in reversed(dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty: never what someone else put there
+        raise
+
+
+def _write_lab(
+    directory: Path,
+    *,
+    hac_port: int,
+    ha_port: int,
+    metrics_ports: tuple[int, int],
+    radius: tuple[str, int] | None,
+    radius_secret_file: Path | None,
+    usim: Usim | None,
+) -> bytes:
+    """Every file of ``lab_files`` in ``directory`` (empty); the demo MN's PSK."""
     pki = init_pki(directory / "pki")
     # The SA stores wrap SA keys under these (plugins/sa_store_sqlite.py); each
     # role has its own store and its own key.
     for name in ("hac-sa.key", "ha-sa.key"):
         create_key_file(directory / name)
     psk = secrets.token_bytes(32)
-    metrics_ports = _metrics_ports((hac_port, ha_port))
 
     def rel(p: Path) -> str:
-        return os.path.relpath(p, directory)
+        return q(os.path.relpath(p, directory))
 
-    eap_tls = {"cert": rel(pki.eap_cert), "key": rel(pki.eap_key), "ca": rel(pki.ca_cert)}
+    eap_tls = {
+        "cert": os.path.relpath(pki.eap_cert, directory),
+        "key": os.path.relpath(pki.eap_key, directory),
+        "ca": os.path.relpath(pki.ca_cert, directory),
+    }
 
     _write(
         directory / "credentials.toml",
         "# MN credentials for the HAC (credential backend 'toml').\n"
-        f'[[mn]]\nmn_id = "{DEMO_MN_ID}"\npsk_hex = "{psk.hex()}"\n',
+        f"[[mn]]\nmn_id = {q(DEMO_MN_ID)}\npsk_hex = {q(psk.hex())}\n",
         PRIVATE_FILE,
     )
     hac_toml = f"""# HAC of the mipsec lab (mipsec init).
@@ -379,8 +538,8 @@ log_level = "info"
 [hac]
 listen = ["127.0.0.1", "::1"]
 port = {hac_port}
-cert = "{rel(pki.hac_cert)}"
-key = "{rel(pki.hac_key)}"
+cert = {rel(pki.hac_cert)}
+key = {rel(pki.hac_key)}
 strict_rfc6618 = false      # true pins TLS 1.2 (RFC 6618 as written)
 handshake_timeout = 10     # from the TCP accept
 request_timeout = 10       # each request, from its first octet to its last
@@ -392,7 +551,7 @@ max_in_progress = 128      # SA issues at once; beyond, 503 with retry-after
 methods = ["psk", "eap"]
 # Lab policy: all five suites, so each can be exercised. The built-in default
 # offers only the encrypting suites (PROFILE §5).
-suites = {_toml_list(LAB_SUITES)}
+suites = {q(LAB_SUITES)}
 max_scope = 1
 sa_lifetime = 3600
 min_rebootstrap_interval = 0  # the lab bootstraps one MN back to back; 10-60 s in production
@@ -427,9 +586,9 @@ transport = "tls"
 host = "127.0.0.1"
 port = {ha_port}
 server_name = "ha.mipsec.test"
-ca = "{rel(pki.ca_cert)}"
-cert = "{rel(pki.hac_client_cert)}"
-key = "{rel(pki.hac_client_key)}"
+ca = {rel(pki.ca_cert)}
+cert = {rel(pki.hac_client_cert)}
+key = {rel(pki.hac_client_key)}
 
 [bootstrap]
 dns_ip6 = "2001:db8:1::53"
@@ -459,19 +618,19 @@ in_sa_store = true        # an SA and its replay records are one commit
 [provisioning]            # the HAC hands SAs over mutually authenticated TLS
 listen = ["127.0.0.1"]
 port = {ha_port}
-cert = "{rel(pki.ha_cert)}"
-key = "{rel(pki.ha_key)}"
-client_ca = "{rel(pki.ca_cert)}"
+cert = {rel(pki.ha_cert)}
+key = {rel(pki.ha_key)}
+client_ca = {rel(pki.ca_cert)}
 client_names = ["hac.mipsec.test"]
 timeout = 10
 max_connections = 64      # all held, handshakes included; the longest waiting is evicted
 allowed_clients = ["127.0.0.1"]  # where the HAC connects from; others closed before TLS
 """
     _write(directory / "ha.toml", ha_toml + _metrics_table(metrics_ports[1]))
-    ca = rel(pki.ca_cert)
+    ca = os.path.relpath(pki.ca_cert, directory)
     mn_toml = _mn_toml(
         "Mobile node of the mipsec lab",
-        f'mn_id = "{DEMO_MN_ID}"\nmethod = "psk"\npsk_file = "mn.psk"\n',
+        f'mn_id = {q(DEMO_MN_ID)}\nmethod = "psk"\npsk_file = "mn.psk"\n',
         hac_port,
         ca,
     )
@@ -482,21 +641,56 @@ allowed_clients = ["127.0.0.1"]  # where the HAC connects from; others closed be
 methods = ["tls"]
 
 [eap.tls]                 # EAP-TLS with the demo MN's client certificate
-cert = "{rel(pki.mn_cert)}"      # rfc822Name SAN = {DEMO_MN_ID}
-key = "{rel(pki.mn_key)}"
-ca = "{ca}"          # the only CA for the HAC's EAP server certificate
-server_name = "{EAP_NAME}"
+cert = {rel(pki.mn_cert)}      # rfc822Name SAN = {DEMO_MN_ID}
+key = {rel(pki.mn_key)}
+ca = {q(ca)}          # the only CA for the HAC's EAP server certificate
+server_name = {q(EAP_NAME)}
 """
     _write(
         directory / "mn-eap-tls.toml",
         _mn_toml(
             "Mobile node of the mipsec lab, EAP-TLS",
-            f'mn_id = "{DEMO_MN_ID}"\nmethod = "eap"\n',
+            f'mn_id = {q(DEMO_MN_ID)}\nmethod = "eap"\n',
             hac_port,
             ca,
             eap_tls_table,
         ),
     )
+    if usim is not None:
+        _usim_files(directory, usim)
+        for method, prefix, title in _AKA_LABS:
+            table = f'mn_id = {q(usim.nai(prefix))}\nmethod = "eap"\n'
+            _write(
+                directory / f"mn-{method}.toml",
+                _mn_toml(title, table, hac_port, ca, _aka_table(method, usim)),
+            )
+    return psk
+
+
+# key in init_lab's description, EAP method, NAI prefix, title
+_AKA_LABS = (
+    ("aka", "0", "Mobile node with a software USIM, EAP-AKA"),
+    ("aka-prime", "6", "Mobile node with a software USIM, EAP-AKA'"),
+)
+
+
+def _describe(
+    directory: Path,
+    psk: bytes,
+    hac_port: int,
+    ha_port: int,
+    metrics_ports: tuple[int, int],
+    usim: Usim | None,
+) -> dict[str, Any]:
+    """init_lab's description of the lab it wrote in ``directory``."""
+    pki = pki_paths(directory / "pki")
+    aka: dict[str, Any] = {}
+    if usim is not None:  # mn-aka.toml and mn-aka-prime.toml for the --usim subscriber
+        for method, prefix, _title in _AKA_LABS:
+            aka["mn_" + method.replace("-", "_")] = {
+                "config": str(directory / f"mn-{method}.toml"),
+                "mn_id": usim.nai(prefix),
+            }
     return {
         "ca": str(pki.ca_cert),
         "hac": {
@@ -522,23 +716,5 @@ server_name = "{EAP_NAME}"
             "key": str(pki.mn_key),
         },
         "eap": {"ca": str(pki.ca_cert), "server_name": EAP_NAME},
-        **_aka_labs(directory, usim, hac_port, ca),
+        **aka,
     }
-
-
-def _aka_labs(directory: Path, usim: Usim | None, hac_port: int, ca: str) -> dict[str, Any]:
-    """mn-aka.toml and mn-aka-prime.toml for the ``--usim`` subscriber."""
-    if usim is None:
-        return {}
-    _usim_files(directory, usim)
-    out: dict[str, Any] = {}
-    for key, method, prefix, title in (
-        ("mn_aka", "aka", "0", "Mobile node with a software USIM, EAP-AKA"),
-        ("mn_aka_prime", "aka-prime", "6", "Mobile node with a software USIM, EAP-AKA'"),
-    ):
-        mn_id = usim.nai(prefix)
-        path = directory / f"mn-{method}.toml"
-        table = f'mn_id = "{mn_id}"\nmethod = "eap"\n'
-        _write(path, _mn_toml(title, table, hac_port, ca, _aka_table(method, usim)))
-        out[key] = {"config": str(path), "mn_id": mn_id}
-    return out

@@ -35,6 +35,7 @@ __all__ = [
     "make_ca",
     "make_leaf",
     "make_private_key",
+    "pki_paths",
     "write_cert",
     "write_key",
     "write_pem",
@@ -397,6 +398,26 @@ class PkiPaths:
     eap_key: Path
 
 
+def pki_paths(directory: Path) -> PkiPaths:
+    """The files :func:`init_pki` writes in ``directory``."""
+    return PkiPaths(
+        ca_cert=directory / "ca.pem",
+        ca_key=directory / "ca.key",
+        hac_cert=directory / "hac.pem",
+        hac_key=directory / "hac.key",
+        ha_cert=directory / "ha.pem",
+        ha_key=directory / "ha.key",
+        hac_client_cert=directory / "hac-client.pem",
+        hac_client_key=directory / "hac-client.key",
+        ha2_cert=directory / "ha2.pem",
+        ha2_key=directory / "ha2.key",
+        mn_cert=directory / "mn.pem",
+        mn_key=directory / "mn.key",
+        eap_cert=directory / "eap.pem",
+        eap_key=directory / "eap.key",
+    )
+
+
 def init_pki(
     directory: Path,
     *,
@@ -414,27 +435,12 @@ def init_pki(
     silently re-keying a CA would invalidate every certificate already handed out.
     """
     directory = Path(directory)
-    make_dir(directory, PRIVATE_DIR)  # it holds the private keys
-    paths = PkiPaths(
-        ca_cert=directory / "ca.pem",
-        ca_key=directory / "ca.key",
-        hac_cert=directory / "hac.pem",
-        hac_key=directory / "hac.key",
-        ha_cert=directory / "ha.pem",
-        ha_key=directory / "ha.key",
-        hac_client_cert=directory / "hac-client.pem",
-        hac_client_key=directory / "hac-client.key",
-        ha2_cert=directory / "ha2.pem",
-        ha2_key=directory / "ha2.key",
-        mn_cert=directory / "mn.pem",
-        mn_key=directory / "mn.key",
-        eap_cert=directory / "eap.pem",
-        eap_key=directory / "eap.key",
-    )
+    paths = pki_paths(directory)
     if not overwrite:
         for p in vars(paths).values():
             if p.exists():
                 raise FileExistsError(f"{p}: already exists (pass overwrite=True to replace)")
+    make_dir(directory, PRIVATE_DIR)  # it holds the private keys
 
     # A per-installation suffix keeps two lab CAs apart in a trust store.
     ca_key, ca_cert = make_ca(f"mipsec test CA {secrets.token_hex(4)}")

@@ -1,5 +1,6 @@
 """``mipsec init`` and ``mipsec demo`` as a user runs them: one-line errors
-naming the option, the variable or the file, never a traceback."""
+naming the option, the variable or the file, never a traceback; init writes
+over no file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import mipsec
+from conftest import free_port, mipsec
 
 from mipsec.core import labsetup
 
@@ -20,10 +21,51 @@ def _one_line_error(out: subprocess.CompletedProcess[str], *words: str) -> None:
         assert word in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("command", [["demo"]])
+@pytest.mark.parametrize("command", [["demo"], ["init", "LAB"]])
 def test_a_malformed_lab_port_range_is_one_line(tmp_path: Path, command: list[str]) -> None:
     """``MIPSEC_LAB_PORTS=abc`` ended both in a ValueError traceback."""
     args = [str(tmp_path / "lab") if a == "LAB" else a for a in command]
     out = mipsec(*args, env={**os.environ, labsetup.PORTS_ENV: "abc"})
     _one_line_error(out, labsetup.PORTS_ENV, "'abc'")
     assert not (tmp_path / "lab").exists()
+
+
+@pytest.mark.parametrize(
+    ("ports", "option"),
+    [
+        (("0", "7873"), "--hac-port"),
+        (("7872", "70000"), "--ha-port"),
+        (("9000", "9000"), "--ha-port"),
+    ],
+)
+def test_init_checks_its_ports(tmp_path: Path, ports: tuple[str, str], option: str) -> None:
+    """Each gave exit 0 and a lab that failed check-config or its start."""
+    out = mipsec("init", str(tmp_path / "lab"), "--hac-port", ports[0], "--ha-port", ports[1])
+    _one_line_error(out, f"(command line): {option}: ")
+    assert not (tmp_path / "lab").exists()
+
+
+def test_init_writes_over_no_file(tmp_path: Path) -> None:
+    """An operator's own credentials.toml in DIR was replaced without a word."""
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    (lab / "credentials.toml").write_text("# the operator's\n")
+    out = mipsec("init", str(lab))
+    _one_line_error(out, f"{lab / 'credentials.toml'} already exists")
+    assert (lab / "credentials.toml").read_text() == "# the operator's\n"
+    assert sorted(p.name for p in lab.iterdir()) == ["credentials.toml"]
+
+
+def test_init_escapes_paths(tmp_path: Path) -> None:
+    """A backslash in --radius-secret-file gave a hac.toml that did not parse."""
+    secret = tmp_path / "esc\\dir" / "radius.secret"
+    secret.parent.mkdir()
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    lab = tmp_path / "escl"
+    out = mipsec("init", str(lab), "--hac-port", str(free_port()), "--ha-port", str(free_port()),
+                 "--radius", "127.0.0.1:1812", "--radius-secret-file", str(secret))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    check = mipsec("check-config", str(lab / "hac.toml"))
+    assert check.returncode == 0, check.stderr
+    assert str(secret) in check.stdout.replace("\\\\", "\\")

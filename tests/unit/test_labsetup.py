@@ -1,0 +1,168 @@
+"""``mipsec init`` as a library call (core/labsetup.py): all or nothing, never
+over an existing file, options checked, every string escaped."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mipsec.core import labsetup
+from mipsec.core.errors import ConfigError
+from mipsec.core.labsetup import LabExistsError, init_lab, lab_files
+
+
+@pytest.fixture(autouse=True)
+def _ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics ports from a range of this test's own (no socket is bound here)."""
+    monkeypatch.setenv(labsetup.PORTS_ENV, "45000-45999")
+
+
+def _listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_lab_files_are_exactly_what_init_writes(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    usim = labsetup.Usim.parse(
+        "001010123456789," + "00" * 16 + "," + "11" * 16 + ",8000,000000000001"
+    )
+    secret = tmp_path / "radius.secret"
+    secret.write_text("s\n")
+    init_lab(lab, radius=("127.0.0.1", 1812), radius_secret_file=secret, usim=usim)
+    written = _listing(lab)
+    declared = {str(p.relative_to(lab)) for p in lab_files(lab, usim=True)}
+    assert written == declared | {"pki"}  # no temporary left, nothing undeclared
+
+
+@pytest.mark.parametrize(
+    "name", ["credentials.toml", "hac.toml", "mn.psk", "mn-eap-tls.toml", "pki/ca.key"]
+)
+def test_an_existing_file_is_never_overwritten(tmp_path: Path, name: str) -> None:
+    """The operator's own file, wherever init would write: refused by name,
+    before anything is written (init wrote over it before, via os.replace)."""
+    lab = tmp_path / "lab"
+    (lab / name).parent.mkdir(parents=True)
+    (lab / name).write_text("the operator's\n")
+    before = _listing(lab)
+    with pytest.raises(LabExistsError) as info:
+        init_lab(lab)
+    assert info.value.path == lab / name and str(lab / name) in str(info.value)
+    assert (lab / name).read_text() == "the operator's\n"
+    assert _listing(lab) == before
+
+
+def test_a_store_of_another_lab_is_refused(tmp_path: Path) -> None:
+    """The new lab's HAC would take it as its own, under a new key."""
+    (tmp_path / "ha-sa.sqlite").write_bytes(b"")
+    with pytest.raises(LabExistsError, match="ha-sa.sqlite already exists"):
+        init_lab(tmp_path)
+
+
+def test_a_lab_without_its_pki_names_a_real_file(tmp_path: Path) -> None:
+    """pki/ deleted: the refusal named a temporary (.hac-sa.key.<hex>.tmp)."""
+    lab = tmp_path / "lab"
+    init_lab(lab)
+    for p in sorted((lab / "pki").iterdir()):
+        p.unlink()
+    (lab / "pki").rmdir()
+    with pytest.raises(LabExistsError) as info:
+        init_lab(lab)
+    assert info.value.path == lab / "hac-sa.key" and info.value.more == 7
+    assert ".tmp" not in str(info.value)
+    assert not (lab / "pki").exists()
+
+
+def test_a_file_where_the_lab_directory_goes_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "lab").write_text("")
+    with pytest.raises(LabExistsError, match="not a directory"):
+        init_lab(tmp_path / "lab")
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 17, 21])
+def test_a_failed_init_removes_what_it_made_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    """Cut short while putting its files in place (the fail_at-th): what it
+    made goes -- files, pki/, the directory when it made it -- what was there
+    stays, and a second init then succeeds (a half lab made it refuse)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    made = tmp_path / "new" / "lab"
+    real_link = os.link
+    links = 0
+
+    def link(src: Any, dst: Any) -> None:
+        nonlocal links
+        if links == fail_at:
+            raise OSError(28, "No space left on device")
+        links += 1
+        real_link(src, dst)
+
+    monkeypatch.setattr(labsetup.os, "link", link)
+    for lab in (mine, made):
+        links = 0
+        with pytest.raises(OSError, match="No space"):
+            init_lab(lab)
+    assert _listing(mine) == {"notes.txt"}
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(labsetup.os, "link", real_link)
+    init_lab(mine)
+    assert (mine / "notes.txt").read_text() == "mine\n"
+
+
+def test_ports_are_drawn_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(labsetup.PORTS_ENV, "abc")
+    with pytest.raises(ConfigError, match=f"^\\(environment\\): {labsetup.PORTS_ENV}: 'abc'"):
+        init_lab(tmp_path / "lab")
+    assert not (tmp_path / "lab").exists()
+
+
+@pytest.mark.parametrize(
+    ("ports", "option"),
+    [((0, 7873), "--hac-port"), ((7872, 70000), "--ha-port"), ((9000, 9000), "--ha-port")],
+)
+def test_ports_are_checked(tmp_path: Path, ports: tuple[int, int], option: str) -> None:
+    """0, 70000, or one port for both: init wrote a lab that failed
+    check-config or its start."""
+    with pytest.raises(ValueError, match=f"^{option}: "):
+        init_lab(tmp_path / "lab", hac_port=ports[0], ha_port=ports[1])
+    assert not (tmp_path / "lab").exists()
+
+
+def test_radius_on_the_has_own_port_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "s"
+    secret.write_text("s\n")
+    with pytest.raises(ValueError, match="^--radius: "):
+        init_lab(
+            tmp_path / "lab", ha_port=7873, radius=("127.0.0.1", 7873), radius_secret_file=secret
+        )
+
+
+def test_every_string_is_escaped(tmp_path: Path) -> None:
+    """A backslash, a quote or a newline in a path or host gave a hac.toml
+    that did not parse (written between bare quotes)."""
+    odd = tmp_path / 'esc\\dir "q"\nx'
+    odd.mkdir()
+    secret = odd / "radius.secret"
+    secret.write_text("s\n")
+    lab = odd / "lab"
+    info = init_lab(lab, radius=('radius\\"host', 1812), radius_secret_file=secret)
+    hac = tomllib.loads((lab / "hac.toml").read_text())
+    server = hac["methods"]["eap"]["backends"]["aaa"]["servers"][0]
+    assert server == {"host": 'radius\\"host', "port": 1812, "secret_file": str(secret)}
+    for name in ("ha.toml", "mn.toml", "mn-eap-tls.toml", "credentials.toml"):
+        tomllib.loads((lab / name).read_text())
+    assert info["hac"]["config"] == str(lab / "hac.toml")
+
+
+def test_a_path_toml_cannot_hold_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "s\udcff"  # a file name that is not UTF-8
+    with pytest.raises(ValueError, match="^--radius-secret-file: .*not UTF-8"):
+        init_lab(tmp_path / "lab", radius=("127.0.0.1", 1812), radius_secret_file=secret)
