@@ -810,8 +810,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise _option_error(exc) from None
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
+    else:  # the HA first: the HAC's 200 waits for the HA to confirm the SA
         print(f"lab written to {args.dir}")
+        print(f"  HA:  mipsec --role ha --config {info['ha']['config']}")
         print(f"  HAC: mipsec --role hac --config {info['hac']['config']}")
         print(f"  MN:  mipsec --role mn --config {info['mn']['config']} --once")
     return EXIT_OK
@@ -891,7 +892,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     p.add_argument("--json", action="store_true", help="print the lab's facts as JSON")
     p.set_defaults(func=cmd_init)
-    p = sub.add_parser("demo", help="init a lab in a temp dir, run a HAC and one MN")
+    p = sub.add_parser(
+        "demo",
+        help="init a lab in a temp dir, run an HA, a HAC and one MN through it",
+        description="Init a lab in a temporary directory, start a real HA and a real HAC on "
+        "loopback, run one MN through bootstrap and Binding Update, then stop both roles and "
+        "remove the lab (also when ended by a signal).",
+    )
     p.add_argument(
         "--data",
         action="store_true",

@@ -5,6 +5,7 @@ over no file."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -56,6 +57,15 @@ def test_init_writes_over_no_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in lab.iterdir()) == ["credentials.toml"]
 
 
+def test_init_says_to_start_the_ha_first(tmp_path: Path) -> None:
+    """Started as printed before (HAC, then MN), the MN got a 504."""
+    out = mipsec("init", str(tmp_path / "lab"), "--hac-port", str(free_port()), "--ha-port",
+                 str(free_port()))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    roles = re.findall(r"--role (\w+)", out.stdout)
+    assert roles == ["ha", "hac", "mn"], out.stdout
+
+
 def test_init_escapes_paths(tmp_path: Path) -> None:
     """A backslash in --radius-secret-file gave a hac.toml that did not parse."""
     secret = tmp_path / "esc\\dir" / "radius.secret"
@@ -69,3 +79,10 @@ def test_init_escapes_paths(tmp_path: Path) -> None:
     check = mipsec("check-config", str(lab / "hac.toml"))
     assert check.returncode == 0, check.stderr
     assert str(secret) in check.stdout.replace("\\\\", "\\")
+
+
+def test_demo_help_names_the_ha() -> None:
+    """It said the demo runs "a HAC and one MN"; it runs an HA too."""
+    listing = " ".join(mipsec("--help").stdout.split())
+    assert "run an HA, a HAC and one MN" in listing
+    assert "start a real HA and a real HAC" in " ".join(mipsec("demo", "--help").stdout.split())
