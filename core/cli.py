@@ -818,7 +818,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_DEMO_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
+    # The first ends the demo; the ones after it are ignored, so that they
+    # cannot cut its cleanup short (a second SIGTERM raised out of the loop
+    # stopping the roles, and left the HAC running in a deleted lab).
+    for sig in _DEMO_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -827,7 +837,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # by its ``finally``: a SIGTERM or SIGHUP (``timeout 60 mipsec demo``, a
     # closed terminal) must run it too, not end the demo by the default
     # action and leave both daemons running on their ports.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in _DEMO_SIGNALS:
         signal.signal(sig, _exit_on_signal)
     if getattr(args, "data", False):
         from mipsec.core.demo_data import run_data_demo

@@ -1,16 +1,18 @@
 """``mipsec init`` and ``mipsec demo`` as a user runs them: one-line errors
 naming the option, the variable or the file, never a traceback; init writes
-over no file."""
+over no file; the demo's cleanup stops every role whatever signals come."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, mipsec
+from conftest import LAUNCHER, free_port, mipsec
 
 from mipsec.core import labsetup
 
@@ -86,3 +88,48 @@ def test_demo_help_names_the_ha() -> None:
     listing = " ".join(mipsec("--help").stdout.split())
     assert "run an HA, a HAC and one MN" in listing
     assert "start a real HA and a real HAC" in " ".join(mipsec("demo", "--help").stdout.split())
+
+
+@pytest.mark.parametrize("gap", [0.005, 0.01, 0.02, 0.04, 0.08, 0.2])
+def test_a_second_signal_does_not_cut_the_demos_cleanup_short(gap: float) -> None:
+    """Two SIGTERMs ``gap`` seconds apart once the MN runs: the second raised
+    out of the loop stopping the roles, and the HAC ran on in a deleted lab."""
+    demo = subprocess.Popen(
+        [*LAUNCHER, "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pids: list[int] = []
+    lab_dir = ""
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if m := re.search(r"lab created in (\S+):", line):
+                lab_dir = m.group(1)
+            if m := re.search(r"(HA|HAC) starting \(pid (\d+)\)", line):
+                pids.append(int(m.group(2)))
+            if line.startswith("[4]"):
+                break
+        assert len(pids) == 2 and lab_dir, pids
+        demo.send_signal(signal.SIGTERM)
+        time.sleep(gap)
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        alive = [p for p in pids if _running(p)]
+        for p in alive:  # left by the demo: the test fails, after cleaning up
+            os.kill(p, signal.SIGKILL)
+    assert alive == [], f"still running after the demo ended: {alive}"
+    assert code == 128 + signal.SIGTERM
+    assert not Path(lab_dir).exists()
+
+
+def _running(pid: int) -> bool:
+    """Not gone and not a zombie (the demo's children are reaped by it; once
+    it has exited, by init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
