@@ -412,6 +412,17 @@ def _loopback(host: str) -> bool:
         return host.lower() == "localhost"
 
 
+def loopback6_usable() -> bool:
+    """This host has ``::1`` (IPv6 on, and on its loopback): without it a lab
+    provisioning ``::1`` sends its MNs to an address they cannot reach."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def _make_dirs(path: Path, created: list[Path]) -> None:
     """``path`` and its missing parents; each one made is appended to ``created``."""
     missing: list[Path] = []
@@ -463,6 +474,7 @@ def init_lab(
     _refuse_existing(directory, usim is not None)
     taken = (hac_port, ha_port, *([radius[1]] if radius is not None else []))
     metrics_ports = _metrics_ports(taken)
+    ipv6 = loopback6_usable()
     dirs: list[Path] = []  # made by this call, outermost first
     files: list[Path] = []  # linked into place by this call
     try:
@@ -474,6 +486,7 @@ def init_lab(
                 hac_port=hac_port,
                 ha_port=ha_port,
                 metrics_ports=metrics_ports,
+                ipv6=ipv6,
                 radius=radius,
                 radius_secret_file=radius_secret_file,
                 usim=usim,
@@ -505,6 +518,7 @@ def _write_lab(
     hac_port: int,
     ha_port: int,
     metrics_ports: tuple[int, int],
+    ipv6: bool,
     radius: tuple[str, int] | None,
     radius_secret_file: Path | None,
     usim: Usim | None,
@@ -525,6 +539,16 @@ def _write_lab(
         "key": os.path.relpath(pki.eap_key, directory),
         "ca": os.path.relpath(pki.ca_cert, directory),
     }
+    # Without ::1 on this host (IPv6 off) the lab is IPv4 only: an MN sent
+    # to an IPv6 HA address it has no route to registers with nobody.
+    listen = q(["127.0.0.1", "::1"] if ipv6 else ["127.0.0.1"])
+    no6 = "# no address6: this host had no ::1 when the lab was made"
+    hac_address6 = 'address6 = "::1"          # mip6-haa-ip6' if ipv6 else no6
+    ha_address6 = (
+        'address6 = "::1"          # as provisioned to MNs: the MH checksum uses it (PROFILE §8)'
+        if ipv6
+        else no6
+    )
 
     _write(
         directory / "credentials.toml",
@@ -536,7 +560,7 @@ def _write_lab(
 log_level = "info"
 
 [hac]
-listen = ["127.0.0.1", "::1"]
+listen = {listen}
 port = {hac_port}
 cert = {rel(pki.hac_cert)}
 key = {rel(pki.hac_key)}
@@ -577,7 +601,7 @@ selector = "fewest-sas"
 # TLS (PROFILE §9) before the MN gets its 200.
 [[ha]]
 id = "ha1"
-address6 = "::1"          # mip6-haa-ip6
+{hac_address6}
 address4 = "127.0.0.1"    # mip6-haa-ip4
 port = {ha_port}              # MN-HA UDP port (mip6-port)
 transport = "tls"
@@ -600,9 +624,9 @@ log_level = "info"
 
 [ha]
 id = "ha1"
-listen = ["127.0.0.1", "::1"]
+listen = {listen}
 port = {ha_port}              # MN-HA UDP (PROFILE §7)
-address6 = "::1"          # as provisioned to MNs: the MH checksum uses it (PROFILE §8)
+{ha_address6}
 address4 = "127.0.0.1"
 replay_window = 64
 max_binding_lifetime = 3600

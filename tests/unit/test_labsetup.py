@@ -1,5 +1,6 @@
 """``mipsec init`` as a library call (core/labsetup.py): all or nothing, never
-over an existing file, options checked, every string escaped."""
+over an existing file, options checked, every string escaped, IPv4 only on a
+host without ``::1``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from mipsec.core import labsetup
+from mipsec.core.config import load_config
 from mipsec.core.errors import ConfigError
 from mipsec.core.labsetup import LabExistsError, init_lab, lab_files
 
@@ -166,3 +168,28 @@ def test_a_path_toml_cannot_hold_is_refused(tmp_path: Path) -> None:
     secret = tmp_path / "s\udcff"  # a file name that is not UTF-8
     with pytest.raises(ValueError, match="^--radius-secret-file: .*not UTF-8"):
         init_lab(tmp_path / "lab", radius=("127.0.0.1", 1812), radius_secret_file=secret)
+
+
+def _ha_addresses(lab: Path) -> tuple[Any, Any]:
+    hac = load_config(lab / "hac.toml", "hac")
+    ha = load_config(lab / "ha.toml", "ha")
+    return hac, ha
+
+
+def test_without_ipv6_the_lab_is_ipv4_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ::1 on this host: the lab neither listens there nor provisions it
+    (the MN, sent to ::1, could not reach the HA: Errno 99)."""
+    monkeypatch.setattr(labsetup, "loopback6_usable", lambda: False)
+    init_lab(tmp_path / "lab")
+    hac, ha = _ha_addresses(tmp_path / "lab")
+    assert [str(a) for a in hac.hac.listen] == ["127.0.0.1"]
+    assert hac.ha[0].address6 is None and str(hac.ha[0].address4) == "127.0.0.1"
+    assert [str(a) for a in ha.ha.listen] == ["127.0.0.1"] and ha.ha.address6 is None
+
+
+def test_with_ipv6_the_lab_is_dual_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(labsetup, "loopback6_usable", lambda: True)
+    init_lab(tmp_path / "lab")
+    hac, ha = _ha_addresses(tmp_path / "lab")
+    assert [str(a) for a in hac.hac.listen] == ["127.0.0.1", "::1"]
+    assert str(hac.ha[0].address6) == "::1" and str(ha.ha.address6) == "::1"
