@@ -227,6 +227,10 @@ RECV_SIZE = 65535
 SOCKET_BUFFER = 4 << 20  # absorbs bursts of tunnelled data
 # A send that fails with one of these means the care-of address is gone.
 _MOVED_ERRNOS = frozenset((errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH))
+# Opening the socket to an IPv6 HA failed with one of these: this host has no
+# IPv6 (EAFNOSUPPORT), not on the path to the HA (no ::1 with IPv6 off on the
+# loopback: EADDRNOTAVAIL), or no route there (ENETUNREACH).
+_NO_IP6_ERRNOS = frozenset((errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENETUNREACH))
 
 
 def source_address_for(host: str, port: int) -> str | None:
@@ -334,7 +338,23 @@ class Registrar:
 
     async def open(self) -> None:
         self.ha = ha_destination(self.issued, self.cfg.registration.transport)
-        self._open_socket()
+        try:
+            self._open_socket()
+        except OSError as exc:
+            ip4 = self.issued.bootstrap.haa_ip4
+            if not (
+                self.cfg.registration.transport == "auto"
+                and ":" in self.ha[0]
+                and ip4 is not None
+                and exc.errno in _NO_IP6_ERRNOS
+            ):
+                raise
+            # "auto" prefers IPv6; a host that cannot send IPv6 to the HA at
+            # all takes its IPv4 address (RFC 5555).  The MH checksum still
+            # uses mip6-haa-ip6 (PROFILE §8).
+            log.info("no IPv6 path to the HA at %s (%s): using %s", self.ha[0], exc, ip4)
+            self.ha = (str(ip4), self.ha[1])
+            self._open_socket()
         data = self.cfg.dataplane
         if data.enabled and data.movement_check > 0:
             self._movement_task = asyncio.create_task(self._watch_movement(data.movement_check))
