@@ -35,7 +35,7 @@ def _ip(*args: str) -> None:
 @pytest.fixture
 def no_ipv6() -> Iterator[list[str]]:
     """``ip netns exec NS``, NS a namespace with IPv6 off and lo up."""
-    ns = f"rvfx-nov6-{os.getpid()}-{secrets.token_hex(3)}"
+    ns = f"mipsec-nov6-{os.getpid()}-{secrets.token_hex(3)}"
     _ip("netns", "add", ns)
     try:
         prefix = ["ip", "netns", "exec", ns]
