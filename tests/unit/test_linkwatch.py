@@ -1,0 +1,223 @@
+"""core/linkwatch.py: rtnetlink link notifications read from crafted octets,
+folded into what changed.
+
+A TUN device taken down and up keeps its descriptor, but the kernel deleted
+its routes and IPv6 addresses at the down: the data plane hears of it here,
+not from its traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import struct
+from typing import Any, cast
+
+import pytest
+
+from mipsec.core import linkwatch
+from mipsec.core.linkwatch import (
+    IFF_UP,
+    RTM_DELLINK,
+    RTM_NEWLINK,
+    Change,
+    Link,
+    LinkState,
+    LinkWatcher,
+    interface_up,
+    link_events,
+)
+
+_IFF_RUNNING = 0x40
+_RTM_NEWADDR = 20
+_NLMSG_DONE = 3
+
+
+def nlmsg(kind: int, index: int, flags: int = 0, attrs: bytes = b"") -> bytes:
+    """One netlink message as the kernel sends it: nlmsghdr, ifinfomsg, attributes."""
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 65534, index, flags, 0xFFFFFFFF) + attrs
+    head = struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0)
+    msg = head + body
+    return msg + bytes(-len(msg) % 4)  # NLMSG_ALIGN
+
+
+# An IFLA_IFNAME attribute of 7 octets: the message's length is not a multiple of 4.
+_NAME_ATTR = struct.pack("=HH", 4 + 7, 3) + b"mip0\0\0\0" + b"\0"
+
+
+def test_up_down_and_removal_of_the_watched_index() -> None:
+    data = (
+        nlmsg(RTM_NEWLINK, 7, IFF_UP | _IFF_RUNNING)
+        + nlmsg(RTM_NEWLINK, 7, _IFF_RUNNING, _NAME_ATTR)
+        + nlmsg(RTM_DELLINK, 7)
+    )
+    assert link_events(data, 7) == [Link.UP, Link.DOWN, Link.GONE]
+
+
+def test_other_interfaces_and_other_messages_are_skipped() -> None:
+    data = (
+        nlmsg(RTM_NEWLINK, 8, 0)  # another interface down
+        + nlmsg(RTM_DELLINK, 9)
+        + nlmsg(_RTM_NEWADDR, 7, 0)  # not a link message, whatever its octets
+        + nlmsg(_NLMSG_DONE, 7, 0)
+        + nlmsg(RTM_NEWLINK, 7, IFF_UP, _NAME_ATTR)
+    )
+    assert link_events(data, 7) == [Link.UP]
+
+
+def test_a_link_message_too_short_for_its_ifinfomsg_is_skipped() -> None:
+    short = struct.pack("=IHHII", 16 + 8, RTM_NEWLINK, 0, 0, 0) + struct.pack("=BxHi", 0, 0, 7)
+    assert link_events(short + nlmsg(RTM_NEWLINK, 7, 0), 7) == [Link.DOWN]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        struct.pack("=IHHII", 0, RTM_NEWLINK, 0, 0, 0),  # length 0: would never advance
+        struct.pack("=IHHII", 15, RTM_NEWLINK, 0, 0, 0),  # shorter than its own header
+        struct.pack("=IHHII", 4096, RTM_NEWLINK, 0, 0, 0),  # runs past the datagram
+    ],
+)
+def test_a_malformed_header_ends_the_parse(broken: bytes) -> None:
+    assert link_events(nlmsg(RTM_NEWLINK, 7, IFF_UP) + broken + nlmsg(RTM_DELLINK, 7), 7) == [
+        Link.UP
+    ]
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        nlmsg(RTM_DELLINK, 7)[:-4],  # a truncated read (MSG_TRUNC)
+        nlmsg(RTM_DELLINK, 7)[:12],  # not even a whole header
+    ],
+)
+def test_a_truncated_last_message_is_not_read(tail: bytes) -> None:
+    assert link_events(nlmsg(RTM_NEWLINK, 7, IFF_UP) + tail, 7) == [Link.UP]
+
+
+def test_one_datagram_is_read_up_to_the_limit() -> None:
+    data = nlmsg(RTM_NEWLINK, 7, 0) * 5 + nlmsg(RTM_DELLINK, 7)
+    assert link_events(data, 7, limit=5) == [Link.DOWN] * 5
+    many = nlmsg(RTM_NEWLINK, 7, 0) * (linkwatch.MAX_MESSAGES + 10)
+    assert link_events(many, 7) == [Link.DOWN] * linkwatch.MAX_MESSAGES
+    assert link_events(b"", 7) == []
+
+
+def test_the_state_says_each_transition_once() -> None:
+    state = LinkState(up=True)
+    assert state.feed([]) is None
+    assert state.feed([Link.UP]) is None  # another flag changed, still up
+    assert state.feed([Link.DOWN]) == Change(down=True)
+    assert state.feed([Link.DOWN]) is None and not state.up
+    assert state.feed([Link.UP]) == Change(up=True)
+    assert state.feed([Link.DOWN, Link.UP]) == Change(down=True, up=True)  # one read
+    assert state.feed([Link.DOWN, Link.UP, Link.DOWN]) == Change(down=True)
+    # Up and down again inside one read: down it stays, nothing to say or do yet.
+    assert state.feed([Link.UP, Link.DOWN]) is None
+    assert state.feed([Link.UP, Link.DOWN, Link.UP]) == Change(up=True)
+    assert state.feed([Link.UP, Link.GONE]) == Change(gone=True)
+    assert state.feed([Link.UP]) is None and state.resync(True) is None  # gone for good
+
+
+def test_a_state_found_down_at_the_start_is_restored_when_it_comes_up() -> None:
+    state = LinkState(up=False)
+    assert state.feed([Link.UP]) == Change(up=True)
+
+
+def test_after_lost_notifications_the_state_is_the_kernels() -> None:
+    state = LinkState(up=True)
+    # Up now: it may have gone down and up unseen, what is on it is put back.
+    assert state.resync(True) == Change(up=True, missed=True)
+    assert state.resync(False) == Change(down=True, missed=True)
+    assert state.resync(False) is None
+    assert state.resync(True) == Change(up=True, missed=True)
+    assert state.resync(None) == Change(gone=True, missed=True) and state.gone
+
+
+def test_interface_flags_from_the_kernel() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert isinstance(interface_up(sock, "lo"), bool)
+        with pytest.raises(OSError) as info:
+            interface_up(sock, "mipnone0")
+        assert info.value.errno == errno.ENODEV
+
+
+# ---------------------------------------------------------------- LinkWatcher's reads
+
+
+class _Sock:
+    """recv() hands out queued datagrams (or raises queued errors), then EAGAIN."""
+
+    def __init__(self, queue: list[bytes | OSError]) -> None:
+        self.queue = queue
+        self.reads = 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        if not self.queue:
+            raise BlockingIOError(errno.EAGAIN, "again")
+        item = self.queue.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+
+def _watcher(queue: list[bytes | OSError], now: bool | None = True) -> tuple[Any, list[Change]]:
+    changes: list[Change] = []
+    w = LinkWatcher("mip0", changes.append)
+    w.ifindex = 7
+    w._sock = cast(Any, _Sock(queue))
+    w._now = lambda: now  # type: ignore[method-assign]
+    return w, changes
+
+
+def test_one_wake_up_reads_a_bounded_number_of_datagrams() -> None:
+    others = [nlmsg(RTM_NEWLINK, 8, IFF_UP)] * (linkwatch.READS_PER_WAKE + 3)
+    w, changes = _watcher([*others, nlmsg(RTM_NEWLINK, 7, 0)])
+    w._readable()
+    assert w._sock.reads == linkwatch.READS_PER_WAKE and changes == []
+    w._readable()  # the rest, at the next wake-up
+    assert changes == [Change(down=True)]
+
+
+def test_a_down_and_the_removal_read_together_are_the_removal() -> None:
+    # `ip link del` sends a down, then RTM_DELLINK: one ERROR, not a WARNING first.
+    w, changes = _watcher([nlmsg(RTM_NEWLINK, 7, 0), nlmsg(RTM_DELLINK, 7)])
+    w._readable()
+    assert changes == [Change(gone=True)]
+
+
+def test_an_overflowed_queue_asks_the_kernel() -> None:
+    lost = OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+    w, changes = _watcher([nlmsg(RTM_NEWLINK, 7, 0), lost, nlmsg(RTM_NEWLINK, 8, 0)], now=True)
+    w._readable()
+    assert changes == [Change(up=True, missed=True)] and w.state.up
+    w, changes = _watcher([lost], now=None)
+    w._readable()
+    assert changes == [Change(gone=True, missed=True)]
+
+
+def test_a_closed_watcher_reads_nothing() -> None:
+    w, changes = _watcher([nlmsg(RTM_NEWLINK, 7, 0)])
+    w._sock = None
+    w._readable()
+    assert changes == []
+
+
+def test_the_watcher_on_a_real_socket_starts_and_closes() -> None:
+    async def body() -> None:
+        w = LinkWatcher("lo", lambda change: None)
+        try:
+            w.start()
+        except PermissionError:  # pragma: no cover - a sandbox without netlink
+            pytest.skip("no AF_NETLINK socket here")
+        assert w.running and w.ifindex == socket.if_nametoindex("lo")
+        w.close()
+        w.close()
+        assert not w.running
+        with pytest.raises(OSError):
+            LinkWatcher("mipnone0", lambda change: None).start()
+
+    asyncio.run(body())
