@@ -44,7 +44,7 @@ from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import HaForwarder, stats_line
 from mipsec.core.ha_core import DataIn
 from mipsec.core.model import SPI_MAX
-from mipsec.core.roles.tunrevive import TunReviver
+from mipsec.core.roles.tunrevive import LinkKeeper, TunReviver
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 from mipsec.core.udpgso import GsoSender
 
@@ -98,6 +98,11 @@ class HaDataPlane:
         self.reviver = TunReviver(
             cfg.tun, self._open_device, self._use, self.counts, log, "MN traffic"
         )
+        # Taken down and up again (an operator, a network manager): the
+        # kernel deleted its routes and addresses; put back once it is up
+        # (roles/tunrevive.py; counts link_down, link_restored).
+        self.counts["tun_down_drops"] = 0  # MN packets dropped while it was down
+        self.link = LinkKeeper(self._configure, self._lost, self.counts, log, "MN traffic")
 
     def _open_device(self) -> TunDevice:
         """The TUN device up, with its addresses and routes; ``ConfigError``
@@ -107,25 +112,41 @@ class HaDataPlane:
             tun = TunDevice(cfg.tun, vnet_hdr=cfg.gro)
         except TunError as exc:
             raise ConfigError(file, "dataplane.tun", str(exc)) from None
-        key = "dataplane.tun"
         try:
             tun.up(cfg.mtu)
-            key = "dataplane.addresses"
+        except IpCommandError as exc:
+            tun.close()
+            raise ConfigError(file, "dataplane.tun", str(exc)) from None
+        try:
+            self._configure(tun)
+        except ConfigError:
+            tun.close()
+            raise
+        return tun
+
+    def _configure(self, tun: TunDevice) -> str:
+        """``addresses`` and ``routes`` on ``tun`` (again: ``ip ... replace``);
+        says what.  ``ConfigError`` naming the key that failed."""
+        cfg, key = self.cfg, "dataplane.addresses"
+        try:
             for address in cfg.addresses:
                 tun.add_address(str(address))
             key = "dataplane.routes"
             for route in cfg.routes:
                 tun.add_route(str(route))
         except IpCommandError as exc:
-            tun.close()
-            raise ConfigError(file, key, str(exc)) from None
-        return tun
+            raise ConfigError(self.service.config_file, key, str(exc)) from None
+        return (
+            f"addresses {', '.join(str(a) for a in cfg.addresses) or 'none'}, "
+            f"routes {', '.join(str(r) for r in cfg.routes) or 'none'}"
+        )
 
     def _use(self, tun: TunDevice) -> None:
         self.tun = tun
         loop = asyncio.get_running_loop()
         self.writer = TunWriter(tun, loop.call_soon, self.counts, on_gone=self._lost)
         loop.add_reader(tun.fd, self._tun_readable)
+        self.link.watch(tun)  # a device created anew: its new index
 
     def start(self) -> None:
         cfg = self.cfg
@@ -168,6 +189,7 @@ class HaDataPlane:
         tun, writer = self.tun, self.writer
         self.tun = self.writer = None
         self.reviver.cancel()
+        self.link.close()
         if tun is not None:
             asyncio.get_running_loop().remove_reader(tun.fd)
             if writer is not None:
@@ -186,6 +208,7 @@ class HaDataPlane:
         if tun is None:
             return
         asyncio.get_running_loop().remove_reader(tun.fd)
+        self.link.close()
         writer, self.tun, self.writer = self.writer, None, None
         self._out.clear()
         self.reviver.lost(tun, writer, exc)
@@ -195,10 +218,12 @@ class HaDataPlane:
     def on_data(self, data: DataIn) -> None:
         packet = self.forwarder.inbound(data, time.time())
         if packet is not None:
-            if self.writer is not None:
-                self.writer.write(packet)
-            else:  # the device is gone, being created again
+            if self.writer is None:  # the device is gone, being created again
                 self.counts["tun_gone_drops"] += 1
+            elif self.link.down:  # the kernel would refuse it (EIO)
+                self.counts["tun_down_drops"] += 1
+            else:
+                self.writer.write(packet)
 
     # ------------------------------------------------------------ home network -> MN
 

@@ -35,7 +35,7 @@ from mipsec.core.config import MNDataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import MnForwarder, stats_line
 from mipsec.core.roles.mn import Registrar
-from mipsec.core.roles.tunrevive import TunReviver
+from mipsec.core.roles.tunrevive import LinkKeeper, TunReviver
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 
 log = logging.getLogger("mipsec.mn.data")
@@ -65,9 +65,16 @@ class MnDataPlane:
             cfg.tun, self._open_device, self._back, self.counts, log,
             "traffic of the home addresses",
         )  # fmt: skip
+        # Taken down and up again: the kernel deleted the home addresses and
+        # routes; the attached SA's put back once it is up (tunrevive.py).
+        self.counts["tun_down_drops"] = 0  # packets from the HA dropped while it was down
+        self.link = LinkKeeper(
+            self._restore, self._lost, self.counts, log, "traffic of the home addresses"
+        )
 
     def open(self) -> None:
         self.tun = self._open_device()
+        self.link.watch(self.tun)
 
     def _open_device(self) -> TunDevice:
         try:
@@ -84,6 +91,7 @@ class MnDataPlane:
     def close(self) -> None:
         self.detach()
         self.reviver.cancel()
+        self.link.close()
         if self.tun is not None:
             log.info("data plane on %s stopped: %s", self.tun.name, stats_line(self.stats()))
             self.tun.close()
@@ -100,6 +108,7 @@ class MnDataPlane:
         tun = self.tun
         if tun is None:
             return
+        self.link.close()
         writer, self.writer, self.tun = self.writer, None, None
         if writer is not None:  # attached: its reader is registered
             asyncio.get_running_loop().remove_reader(tun.fd)
@@ -109,6 +118,7 @@ class MnDataPlane:
     def _back(self, tun: TunDevice) -> None:
         """The device created again: the attached SA goes back on it."""
         self.tun = tun
+        self.link.watch(tun)  # its new index
         registrar = self.registrar
         if registrar is not None:
             self.detach()
@@ -132,36 +142,14 @@ class MnDataPlane:
             self.registrar, self._ip4_hoa = registrar, ip4_hoa
             registrar.on_data = self._from_ha
             return []
-        bs = registrar.issued.bootstrap
-        hoas: list[IPv6Address | IPv4Address] = []
-        if bs.ip6_hoa is not None:
-            hoas.append(bs.ip6_hoa)
-        if ip4_hoa is not None:
-            hoas.append(IPv4Address(ip4_hoa))
-        tun.flush()
+        hoas = self._hoas(registrar, ip4_hoa)
         try:
-            for hoa in hoas:
-                tun.add_address(str(hoa))
+            self._configure(tun, registrar, hoas)
         except IpCommandError as exc:
             # The binding stands; only user data cannot flow.  Say so once.
             log.error("data plane on %s not attached: %s", tun.name, exc)
             tun.flush()
             return []
-        ha_host = ip_address(registrar.ha[0]) if registrar.ha is not None else None
-        for route in self.cfg.routes:
-            net = ip_network(route)
-            src = next((h for h in hoas if h.version == net.version), None)
-            if src is None:
-                log.warning("route %s skipped: no IPv%d home address", net, net.version)
-                continue
-            try:
-                tun.add_route(str(net), src=str(src))
-            except IpCommandError as exc:
-                log.warning("route %s not added: %s", net, exc)
-                continue
-            if ha_host is not None and ha_host in net and tun.routes_to(str(ha_host)):
-                tun.delete_route(str(net))
-                log.warning("route %s removed: it would take the HA address %s", net, ha_host)
         self.forwarder = MnForwarder(
             registrar.machine, frozenset(h.packed for h in hoas), mtu=self.cfg.mtu
         )
@@ -179,6 +167,58 @@ class MnDataPlane:
             registrar.machine.scope,
         )
         return names
+
+    @staticmethod
+    def _hoas(registrar: Registrar, ip4_hoa: str | None) -> list[IPv6Address | IPv4Address]:
+        bs = registrar.issued.bootstrap
+        hoas: list[IPv6Address | IPv4Address] = []
+        if bs.ip6_hoa is not None:
+            hoas.append(bs.ip6_hoa)
+        if ip4_hoa is not None:
+            hoas.append(IPv4Address(ip4_hoa))
+        return hoas
+
+    def _configure(
+        self, tun: TunDevice, registrar: Registrar, hoas: list[IPv6Address | IPv4Address]
+    ) -> list[str]:
+        """The home addresses and ``routes`` on ``tun`` (all else flushed);
+        returns the routes added.  ``IpCommandError`` if an address failed;
+        a route that fails or is skipped is a warning."""
+        tun.flush()
+        for hoa in hoas:
+            tun.add_address(str(hoa))
+        added: list[str] = []
+        ha_host = ip_address(registrar.ha[0]) if registrar.ha is not None else None
+        for route in self.cfg.routes:
+            net = ip_network(route)
+            src = next((h for h in hoas if h.version == net.version), None)
+            if src is None:
+                log.warning("route %s skipped: no IPv%d home address", net, net.version)
+                continue
+            try:
+                tun.add_route(str(net), src=str(src))
+            except IpCommandError as exc:
+                log.warning("route %s not added: %s", net, exc)
+                continue
+            if ha_host is not None and ha_host in net and tun.routes_to(str(ha_host)):
+                tun.delete_route(str(net))
+                log.warning("route %s removed: it would take the HA address %s", net, ha_host)
+                continue
+            added.append(str(net))
+        return added
+
+    def _restore(self, tun: TunDevice) -> str:
+        """The device up again after a down: the attached SA's home addresses
+        and routes back on it (``IpCommandError`` if an address fails)."""
+        registrar = self.registrar
+        if registrar is None or self.forwarder is None:
+            return "no SA attached, nothing"
+        hoas = self._hoas(registrar, self._ip4_hoa)
+        routes = self._configure(tun, registrar, hoas)
+        return (
+            f"home addresses {', '.join(str(h) for h in hoas) or 'none'}, "
+            f"routes {', '.join(routes) or 'none'}"
+        )
 
     def detach(self) -> None:
         if self.registrar is None:
@@ -225,6 +265,9 @@ class MnDataPlane:
         if fwd is None or writer is None:
             if self.tun is None and self.registrar is not None:
                 self.counts["tun_gone_drops"] += 1  # the device is being created again
+            return
+        if self.link.down:  # the kernel would refuse it (EIO)
+            self.counts["tun_down_drops"] += 1
             return
         packet = fwd.downlink(datagram)
         if packet is not None:

@@ -8,19 +8,28 @@ hand it to :class:`TunReviver`, which closes it (the writer first: its
 descriptor number is the next open's), logs one ERROR, and creates the
 device again every ``RECREATE_S`` seconds with what the data plane puts on
 it; a failed attempt is one WARNING per outage, not one per try.
+
+A device taken down and up again (``ip link set DEV down; ... up``) keeps
+its descriptor, but the kernel deleted its routes and IPv6 addresses at the
+down, and the up gives them back to nobody.  :class:`LinkKeeper` watches its
+link state (core/linkwatch.py) and, once it is up again, puts back what the
+data plane put on it; a removal it hears of goes the reviver's way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from collections.abc import Callable
 
 from mipsec.core.errors import ConfigError
+from mipsec.core.linkwatch import Change, LinkWatcher
 from mipsec.core.outage import Outage
-from mipsec.core.tun import TunDevice, TunGoneError, TunWriter
+from mipsec.core.tun import IpCommandError, TunDevice, TunGoneError, TunWriter
 
-__all__ = ["RECREATE_S", "TunReviver"]
+__all__ = ["RECREATE_S", "LinkKeeper", "TunReviver"]
 
 RECREATE_S = 5.0  # seconds between two attempts to create the device again
 
@@ -82,3 +91,105 @@ class TunReviver:
         self._failing.failing = False  # the line below says it works again
         self.log.warning("data plane on %s again: the device was created anew", tun.name)
         self._on_back(tun)
+
+
+class LinkKeeper:
+    """The link state of the data plane's device, watched (``watch(tun)``).
+
+    Down: one WARNING, and the data plane drops what it would write
+    (``down`` is true; the kernel would refuse it with EIO).  Up again:
+    ``restore(tun)`` puts back what the data plane put on it and says what,
+    then one WARNING.  The device is never brought up here: an operator who
+    took it down means it.  Removed: ``gone`` (the data plane's loss
+    handler, then the reviver).  ``counts`` gets ``link_down`` and
+    ``link_restored``.
+    """
+
+    def __init__(
+        self,
+        restore: Callable[[TunDevice], str],
+        gone: Callable[[TunGoneError], None],
+        counts: dict[str, int],
+        log: logging.Logger,
+        dropped: str,
+    ) -> None:
+        self._restore, self._gone = restore, gone
+        self.counts, self.log, self.dropped = counts, log, dropped
+        counts["link_down"] = 0
+        counts["link_restored"] = 0
+        self._watcher: LinkWatcher | None = None
+        self._tun: TunDevice | None = None
+
+    @property
+    def down(self) -> bool:
+        watcher = self._watcher
+        return watcher is not None and not watcher.state.up
+
+    def watch(self, tun: TunDevice) -> None:
+        """Watch ``tun`` (a device created anew has a new index)."""
+        self.close()
+        watcher = LinkWatcher(tun.name, self._changed)
+        try:
+            watcher.start()
+        except OSError as exc:
+            self.log.warning(
+                "data plane: link state of TUN device %s not watched (%s): after a down and up "
+                "its addresses and routes stay gone until a restart",
+                tun.name,
+                exc.strerror or exc,
+            )
+            return
+        self._watcher, self._tun = watcher, tun
+        if not watcher.state.up:  # taken down while it was being set up
+            self._changed(Change(down=True))
+
+    def close(self) -> None:
+        watcher, self._watcher, self._tun = self._watcher, None, None
+        if watcher is not None:
+            watcher.close()
+
+    def _changed(self, change: Change) -> None:
+        tun = self._tun
+        if tun is None:
+            return
+        if change.gone:
+            self.close()
+            self._gone(TunGoneError(errno.ENODEV, os.strerror(errno.ENODEV)))
+            return
+        if change.down:
+            self.counts["link_down"] += 1
+            self.log.warning(
+                "data plane: TUN device %s is down (its routes and IPv6 addresses went with it): "
+                "%s is dropped until it is up",
+                tun.name,
+                self.dropped,
+            )
+        if not change.up:
+            return
+        try:
+            what = self._restore(tun)
+        except ConfigError as exc:
+            why = f"{exc.key}: {exc.reason}"
+        except IpCommandError as exc:
+            why = str(exc)
+        else:
+            self.counts["link_restored"] += 1
+            if change.missed and not change.down:
+                self.log.warning(
+                    "data plane: TUN device %s: link notifications lost (receive queue full): "
+                    "%s restored in case it went down and up meanwhile",
+                    tun.name,
+                    what,
+                )
+            else:
+                self.log.warning(
+                    "data plane: TUN device %s is up again: %s restored", tun.name, what
+                )
+            return
+        self.log.warning(
+            "data plane: TUN device %s is up again but what was on it is not back (%s): "
+            "%s goes nowhere until it is taken down and up again or the role restarts",
+            tun.name,
+            why,
+            self.dropped,
+        )

@@ -326,3 +326,210 @@ def test_an_ha_stopping_as_its_tun_device_goes_stops_whole(tmp_path: Path) -> No
         assert not svc._transports
 
     asyncio.run(body())
+
+
+def _in_a_namespace_of_its_own(body: Callable[[], object]) -> None:
+    """``body()`` in a thread moved to a new network namespace of its own
+    (``unshare(CLONE_NEWNET)`` moves the calling thread only; the ``ip``
+    commands it runs, its sockets and devices are in there): the routes a
+    test gives a data plane touch nothing of the host's, and all of it goes
+    with the thread.  Loopback up, for an HA listening on 127.0.0.1."""
+    import ctypes
+    import os
+    import threading
+
+    from mipsec.core.tun import ip
+
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            ip("link", "set", "lo", "up")
+            body()
+        except BaseException as exc:  # handed to the test's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="own-netns")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+async def _soon(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _on_device(name: str) -> tuple[list[str], list[str]]:
+    """The device's addresses and routes, as ``ip`` lists them (sorted)."""
+    from mipsec.core.tun import ip
+
+    addresses = [ln.split()[3] for ln in ip("-o", "addr", "show", "dev", name).splitlines()]
+    routes = [
+        " ".join(ln.split())
+        for family in ("-4", "-6")
+        for ln in ip(family, "route", "show", "dev", name).splitlines()
+    ]
+    return sorted(addresses), sorted(routes)
+
+
+def test_an_ha_device_taken_down_and_up_gets_its_addresses_and_routes_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ip link set DEV down; ip link set DEV up`` (an operator, a network
+    manager) of the HA's TUN device: the kernel deletes the routes through
+    it and its IPv6 addresses, and the descriptor stays valid -- before, the
+    HA said nothing, counted nothing, and routed no home prefix into the
+    device until a restart (no downlink to any MN; found in review).  Now
+    one WARNING each way, ``addresses`` and ``routes`` back once it is up,
+    ``link_down`` / ``link_restored`` in the status's data counters; the HA
+    does not bring it up itself.  A device created anew by the reviver is
+    watched in turn (its new index).  In a namespace of the test's own."""
+    import asyncio
+    import logging
+    import secrets
+
+    from mipsec.core.config import HAConfig
+    from mipsec.core.roles.ha import HaService
+    from mipsec.core.tun import ip
+
+    caplog.set_level(logging.INFO, logger="mipsec.ha.data")
+    name = f"mipl{secrets.token_hex(3)}"
+    cfg = HAConfig.model_validate(
+        {
+            "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
+            "sa_store": {"backend": "sqlite", "path": str(tmp_path / "sa.sqlite")},
+            "bindings": {"path": str(tmp_path / "bindings.sqlite")},
+            "dataplane": {
+                "enabled": True,
+                "tun": name,
+                "addresses": ["2001:db8:77::1/128", "192.0.2.1/32"],
+                "routes": ["2001:db8:77::/64", "198.51.100.0/24"],
+            },
+        }
+    )
+
+    async def down_and_up(svc: HaService, before: object, times: int) -> None:
+        plane = svc.dataplane
+        assert plane is not None
+        ip("link", "set", name, "down")
+        assert await _soon(lambda: not _on_device(name)[1])  # what the kernel does
+        await asyncio.sleep(0.3)
+        assert "UP" not in ip("-o", "link", "show", name).split(">")[0]  # left down
+        assert plane.counts.get("link_down") == times and plane.link.down, plane.counts
+        ip("link", "set", name, "up")
+        assert await _soon(lambda: _on_device(name) == before), _on_device(name)
+        assert plane.counts["link_restored"] == times and not plane.link.down, plane.counts
+
+    async def body() -> None:
+        svc = HaService(cfg)
+        await svc.start()
+        plane = svc.dataplane
+        assert plane is not None
+        try:
+            before = _on_device(name)
+            assert "2001:db8:77::/64 metric 1024 pref medium" in before[1], before
+            assert "198.51.100.0/24 scope link" in before[1], before
+            await down_and_up(svc, before, 1)
+            said = [(r.levelname, r.getMessage()) for r in caplog.records if name in r.getMessage()]
+            assert said[-2:] == [
+                (
+                    "WARNING",
+                    f"data plane: TUN device {name} is down (its routes and IPv6 addresses went "
+                    "with it): MN traffic is dropped until it is up",
+                ),
+                (
+                    "WARNING",
+                    f"data plane: TUN device {name} is up again: addresses 2001:db8:77::1/128, "
+                    "192.0.2.1/32, routes 2001:db8:77::/64, 198.51.100.0/24 restored",
+                ),
+            ], said
+            assert "2001:db8:77::5 from :: dev " + name in " ".join(
+                ip("-6", "route", "get", "2001:db8:77::5").split()
+            )
+            data = svc.stats()["data"]  # what `mipsec status` shows
+            assert (data["link_down"], data["link_restored"], data["tun_lost"]) == (1, 1, 0)
+            # Removed, and created again: the new device is the one watched.
+            ip("link", "del", name)
+            assert await _soon(lambda: plane.counts["tun_lost"] == 1), plane.counts
+            plane.reviver.cancel()
+            plane.reviver.try_now()
+            assert plane.tun is not None and _on_device(name) == before
+            await down_and_up(svc, before, 2)
+        finally:
+            await svc.stop()
+        assert plane.link._watcher is None  # closed with the data plane
+
+    _in_a_namespace_of_its_own(lambda: asyncio.run(body()))
+
+
+def test_an_mn_device_taken_down_and_up_gets_the_sas_home_addresses_and_routes_back() -> None:
+    """The MN's TUN device taken down and up with an SA attached: the kernel
+    deleted the home address and the routes into the tunnel; before, they
+    stayed gone until a restart (found in review).  Now they are put back
+    once it is up (the attached SA's, as ``attach`` puts them), with one
+    WARNING each way and ``link_down`` / ``link_restored`` counted.  In a
+    namespace of the test's own."""
+    import asyncio
+    import secrets
+    from ipaddress import IPv6Address
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from mipsec.core.config import MNDataPlane
+    from mipsec.core.roles import mn_data
+    from mipsec.core.tun import ip
+
+    name = f"mipl{secrets.token_hex(3)}"
+
+    async def body() -> None:
+        plane = mn_data.MnDataPlane(
+            MNDataPlane(enabled=True, tun=name, routes=("2001:db8:c0::/64",))
+        )
+        plane.open()
+        registrar = cast(
+            Any,
+            SimpleNamespace(
+                on_data=None,
+                ha=("2001:db8:f0::1", 7872),
+                issued=SimpleNamespace(
+                    bootstrap=SimpleNamespace(ip6_hoa=IPv6Address("2001:db8:1::10"))
+                ),
+                machine=SimpleNamespace(scope=1),
+                send_all=lambda out: None,
+            ),
+        )
+        try:
+            assert plane.attach(registrar, None) == ["2001:db8:1::10"]
+            before = _on_device(name)
+            assert before[0] == ["2001:db8:1::10/128"], before
+            assert "2001:db8:c0::/64 src 2001:db8:1::10 metric 1024 pref medium" in before[1]
+            ip("link", "set", name, "down")
+            assert await _soon(lambda: _on_device(name) == ([], []))  # what the kernel does
+            ip("link", "set", name, "up")
+            assert await _soon(lambda: _on_device(name) == before), _on_device(name)
+            counts = plane.counts
+            assert (counts.get("link_down"), counts.get("link_restored")) == (1, 1), counts
+            assert counts["tun_lost"] == 0
+            # Removed with no SA attached (nothing reads it): heard of at
+            # once, the reviver's way.
+            plane.detach()
+            ip("link", "del", name)
+            assert await _soon(lambda: plane.counts["tun_lost"] == 1), plane.counts
+            assert plane.tun is None and plane.reviver._timer is not None
+        finally:
+            plane.close()
+        assert plane.link._watcher is None
+
+    _in_a_namespace_of_its_own(lambda: asyncio.run(body()))

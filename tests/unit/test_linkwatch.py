@@ -1,5 +1,5 @@
 """core/linkwatch.py: rtnetlink link notifications read from crafted octets,
-folded into what changed.
+folded into what changed; roles/tunrevive.py ``LinkKeeper`` acting on it.
 
 A TUN device taken down and up keeps its descriptor, but the kernel deleted
 its routes and IPv6 addresses at the down: the data plane hears of it here,
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 import struct
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
 from mipsec.core import linkwatch
+from mipsec.core.errors import ConfigError
 from mipsec.core.linkwatch import (
     IFF_UP,
     RTM_DELLINK,
@@ -29,6 +32,8 @@ from mipsec.core.linkwatch import (
     interface_up,
     link_events,
 )
+from mipsec.core.roles.tunrevive import LinkKeeper
+from mipsec.core.tun import IpCommandError, TunGoneError
 
 _IFF_RUNNING = 0x40
 _RTM_NEWADDR = 20
@@ -221,3 +226,110 @@ def test_the_watcher_on_a_real_socket_starts_and_closes() -> None:
             LinkWatcher("mipnone0", lambda change: None).start()
 
     asyncio.run(body())
+
+
+# ---------------------------------------------------------------- LinkKeeper (the roles' part)
+
+
+def _keeper(
+    restore: Any = None,
+) -> tuple[LinkKeeper, list[TunGoneError], dict[str, int]]:
+    gone: list[TunGoneError] = []
+    counts: dict[str, int] = {}
+    keeper = LinkKeeper(
+        restore or (lambda tun: "addresses 2001:db8::1/128, routes 2001:db8::/64"),
+        gone.append,
+        counts,
+        logging.getLogger("mipsec.test.link"),
+        "MN traffic",
+    )
+    keeper._tun = cast(Any, SimpleNamespace(name="mip0"))
+    return keeper, gone, counts
+
+
+def _said(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records]
+
+
+def test_down_then_up_is_one_warning_each_and_a_restore(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mipsec.test.link")
+    restored: list[object] = []
+
+    def restore(tun: object) -> str:
+        restored.append(tun)
+        return "addresses 2001:db8::1/128, routes 2001:db8::/64"
+
+    keeper, gone, counts = _keeper(restore)
+    keeper._changed(Change(down=True))
+    assert counts == {"link_down": 1, "link_restored": 0} and restored == []
+    keeper._changed(Change(up=True))
+    assert counts == {"link_down": 1, "link_restored": 1} and len(restored) == 1
+    assert _said(caplog) == [
+        (
+            "WARNING",
+            "data plane: TUN device mip0 is down (its routes and IPv6 addresses went with it): "
+            "MN traffic is dropped until it is up",
+        ),
+        (
+            "WARNING",
+            "data plane: TUN device mip0 is up again: "
+            "addresses 2001:db8::1/128, routes 2001:db8::/64 restored",
+        ),
+    ]
+    assert gone == []
+
+
+@pytest.mark.parametrize(
+    ("exc", "why"),
+    [
+        (IpCommandError("ip -6 route replace ...: Network is down"), "ip -6 route replace"),
+        (ConfigError("ha.toml", "dataplane.routes", "Network is down"), "dataplane.routes: "),
+    ],
+)
+def test_a_restore_that_fails_is_one_warning_and_not_counted(
+    caplog: pytest.LogCaptureFixture, exc: Exception, why: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="mipsec.test.link")
+
+    def restore(tun: object) -> str:
+        raise exc
+
+    keeper, _, counts = _keeper(restore)
+    keeper._changed(Change(up=True))
+    assert counts["link_restored"] == 0
+    [(level, line)] = _said(caplog)
+    assert level == "WARNING" and "is up again but what was on it is not back" in line
+    assert why in line and "\n" not in line
+
+
+def test_lost_notifications_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mipsec.test.link")
+    keeper, _, counts = _keeper()
+    keeper._changed(Change(up=True, missed=True))
+    assert counts["link_restored"] == 1
+    assert "link notifications lost" in _said(caplog)[0][1]
+
+
+def test_a_removal_goes_the_revivers_way() -> None:
+    keeper, gone, counts = _keeper()
+    keeper._changed(Change(gone=True))
+    assert [e.errno for e in gone] == [errno.ENODEV] and keeper._tun is None
+    keeper._changed(Change(up=True))  # closed: nothing more
+    assert counts == {"link_down": 0, "link_restored": 0} and len(gone) == 1
+    assert not keeper.down
+
+
+def test_a_device_that_cannot_be_watched_is_one_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="mipsec.test.link")
+
+    def refuse(self: LinkWatcher) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(LinkWatcher, "start", refuse)
+    keeper, _, _ = _keeper()
+    keeper.watch(cast(Any, SimpleNamespace(name="mip0")))
+    [(level, line)] = _said(caplog)
+    assert level == "WARNING" and "not watched (Operation not permitted)" in line
+    assert not keeper.down and keeper._watcher is None
