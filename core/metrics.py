@@ -246,9 +246,13 @@ class HaMetrics:
 
 
 # The HA data plane's counters (roles/ha_data.py): packets by direction, the
-# forwarder's drops by reason, and two drops it counts on its own.
+# forwarder's drops by reason, and those it counts on its own.
 _DATA_DIRECTIONS = ("in", "out", "plain_in", "plain_out")
-_DATA_DROP_COUNTS = {"reserve_unwritten": "reserve_unwritten", "tun_gone_drops": "tun_gone"}
+_DATA_DROP_COUNTS = {
+    "reserve_unwritten": "reserve_unwritten",
+    "tun_gone_drops": "tun_gone",
+    "tun_down_drops": "tun_down",
+}
 _DATA_NOT_EVENTS = frozenset(("drops", *_DATA_DIRECTIONS, *_DATA_DROP_COUNTS))
 
 

@@ -161,6 +161,9 @@ class _TunnelHa:
                 "reserve_unwritten": 3,
                 "tun_gone_drops": 5,
                 "tun_lost": 1,
+                "tun_down_drops": 4,
+                "link_down": 2,
+                "link_restored": 2,
             },
         }
 
@@ -175,7 +178,10 @@ def test_ha_tunnel_drops_are_exported() -> None:
     assert value(text, name, reason="not_hoa") == 2.0
     assert value(text, name, reason="reserve_unwritten") == 3.0
     assert value(text, name, reason="tun_gone") == 5.0
+    assert value(text, name, reason="tun_down") == 4.0
     assert value(text, "mipsec_ha_data_packets_total", direction="out") == 6.0
     assert value(text, "mipsec_ha_data_events_total", event="tun_lost") == 1.0
+    assert value(text, "mipsec_ha_data_events_total", event="link_restored") == 2.0
+    assert value(text, "mipsec_ha_data_events_total", event="tun_down_drops") is None
     assert value(text, "mipsec_ha_data_events_total", event="reserve_unwritten") is None
     assert value(text, "mipsec_ha_packets_dropped_total", reason="malformed") == 1.0
