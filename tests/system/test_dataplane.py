@@ -371,6 +371,15 @@ async def _soon(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
+def _ip6(src: str, dst: str) -> bytes:
+    """An IPv6 packet with no payload (next header 59)."""
+    import struct
+    from ipaddress import IPv6Address
+
+    head = struct.pack("!IHBB", 6 << 28, 0, 59, 64)
+    return head + IPv6Address(src).packed + IPv6Address(dst).packed
+
+
 def _on_device(name: str) -> tuple[list[str], list[str]]:
     """The device's addresses and routes, as ``ip`` lists them (sorted)."""
     from mipsec.core.tun import ip
@@ -399,6 +408,7 @@ def test_an_ha_device_taken_down_and_up_gets_its_addresses_and_routes_back(
     import asyncio
     import logging
     import secrets
+    from typing import Any, cast
 
     from mipsec.core.config import HAConfig
     from mipsec.core.roles.ha import HaService
@@ -428,15 +438,25 @@ def test_an_ha_device_taken_down_and_up_gets_its_addresses_and_routes_back(
         await asyncio.sleep(0.3)
         assert "UP" not in ip("-o", "link", "show", name).split(">")[0]  # left down
         assert plane.counts.get("link_down") == times and plane.link.down, plane.counts
+        # An MN's packet now: dropped and counted as such (the kernel would
+        # refuse it with EIO, an io_error before).
+        plane.on_data(cast(Any, None))
+        assert plane.counts.get("tun_down_drops") == times, plane.counts
         ip("link", "set", name, "up")
         assert await _soon(lambda: _on_device(name) == before), _on_device(name)
         assert plane.counts["link_restored"] == times and not plane.link.down, plane.counts
+        written = plane.counts["tun_writes"]
+        plane.on_data(cast(Any, None))
+        assert plane.counts["tun_writes"] == written + 1 and plane.counts["io_errors"] == 0
 
     async def body() -> None:
         svc = HaService(cfg)
         await svc.start()
         plane = svc.dataplane
         assert plane is not None
+        # What the forwarder lets through from an MN: an IPv6 packet, no payload.
+        packet = _ip6("2001:db8:77::5", "2001:db8:77::1")
+        plane.forwarder.inbound = lambda data, now: packet  # type: ignore[method-assign]
         try:
             before = _on_device(name)
             assert "2001:db8:77::/64 metric 1024 pref medium" in before[1], before
@@ -512,16 +532,24 @@ def test_an_mn_device_taken_down_and_up_gets_the_sas_home_addresses_and_routes_b
         )
         try:
             assert plane.attach(registrar, None) == ["2001:db8:1::10"]
+            # What the forwarder lets through from the HA: an IPv6 packet to the HoA.
+            packet = _ip6("2001:db8:f0::9", "2001:db8:1::10")
+            assert plane.forwarder is not None
+            plane.forwarder.downlink = lambda datagram: packet  # type: ignore[method-assign]
             before = _on_device(name)
             assert before[0] == ["2001:db8:1::10/128"], before
             assert "2001:db8:c0::/64 src 2001:db8:1::10 metric 1024 pref medium" in before[1]
             ip("link", "set", name, "down")
             assert await _soon(lambda: _on_device(name) == ([], []))  # what the kernel does
+            assert await _soon(lambda: plane.counts.get("link_down") == 1), plane.counts
+            plane._from_ha(b"")  # a packet from the HA: dropped, counted as such (not EIO)
             ip("link", "set", name, "up")
             assert await _soon(lambda: _on_device(name) == before), _on_device(name)
             counts = plane.counts
             assert (counts.get("link_down"), counts.get("link_restored")) == (1, 1), counts
-            assert counts["tun_lost"] == 0
+            assert (counts["tun_down_drops"], counts["io_errors"], counts["tun_lost"]) == (1, 0, 0)
+            plane._from_ha(b"")
+            assert counts["tun_writes"] == 1 and counts["io_errors"] == 0, counts
             # Removed with no SA attached (nothing reads it): heard of at
             # once, the reviver's way.
             plane.detach()
