@@ -83,13 +83,16 @@ per SA is shared by BUs and data, but the two are guarded differently:
   reserve adapts to each SA's rate -- about ``DATA_RESERVE_PERIOD`` (1 s) of
   its traffic, at least ``DATA_RESERVE_MIN`` (32) and at most
   ``DATA_RESERVE_MAX`` (65,536) numbers -- so an SA commits its mark about
-  once a second while it sends, and ``expire`` shrinks the reservation of
-  an SA that went quiet.  Cost: after a crash (SIGKILL, power loss), an SA
-  loses the data packets its MN numbers between the last one the HA accepted
-  and the mark -- at most about a second of its traffic, or 32 packets for a
-  slow sender.  After a clean stop (``settle``) the marks are exact and
-  nothing is lost.  A fresh BU does not lower the mark: a BU that was held
-  back (never delivered before the restart) would look just as fresh, and
+  once a second while it sends; a reservation that outlives that second
+  (the sender slowed or stopped) shrinks back at the SA's next packet or
+  the next ``expire`` tick.  Cost: after a crash (SIGKILL, power loss), an
+  SA loses the data packets its MN numbers between the last one the HA
+  accepted and the mark -- 32 for a slow sender; within about a second of
+  the end of a fast burst, up to about a second of the burst's rate
+  (at most 65,536), which an MN that then sends slowly takes long to pass.
+  After a clean stop (``settle``) the marks are exact and nothing is lost.
+  A fresh BU does not lower the mark: a BU that was held back (never
+  delivered before the restart) would look just as fresh, and
   accepting data below the mark on its strength could replay data the HA
   had accepted.  The BU's own number is not affected by the mark, so
   registration works at once; data resumes when the MN's counter passes the
@@ -775,15 +778,25 @@ class HaCore:
             if entry is None:
                 self._big_reserves.discard(spi)
                 continue
-            if now - entry.data_raised_at < 2 * DATA_RESERVE_PERIOD:
-                continue
-            self._big_reserves.discard(spi)
-            mark = max(entry.highest_in, entry.data_floor) + 1 + DATA_RESERVE_MIN
-            if mark < entry.data_mark:
-                entry.data_mark = mark
-                entry.data_reserve = DATA_RESERVE_MIN
-                entry.data_raised_at = now
-                self.bindings.set_data_mark(spi, mark)
+            if now - entry.data_raised_at > DATA_RESERVE_PERIOD:
+                self._trim_reserve(entry, now)
+
+    def _trim_reserve(self, entry: _SAEntry, now: float) -> None:
+        """The reservation back to the minimum above what was accepted.
+
+        Called once a reservation has outlived the DATA_RESERVE_PERIOD it
+        was sized for (the sender slowed or stopped): from the expiry tick
+        and from the SA's next data packet, whichever comes first.  The tick
+        waited two periods before, and no packet looked: a crash 1.4 s after
+        a 40,000-packet/s burst left the mark 39,000 numbers ahead, 2 hours
+        of an MN that went on at 5 packets/s (found in review)."""
+        self._big_reserves.discard(entry.spi)
+        mark = max(entry.highest_in, entry.data_floor) + 1 + DATA_RESERVE_MIN
+        if mark < entry.data_mark:
+            entry.data_mark = mark
+            entry.data_reserve = DATA_RESERVE_MIN
+            entry.data_raised_at = now
+            self.bindings.set_data_mark(entry.spi, mark)
 
     def _reserve_data(self, entry: _SAEntry, seq: int, now: float) -> None:
         """Data packet ``seq`` reached the mark: reserve the next block beyond it.
@@ -860,6 +873,11 @@ class HaCore:
         if u.ptype == PTYPE_DATA:
             if u.seq >= entry.data_mark:
                 self._reserve_data(entry, u.seq, now)
+            elif (
+                entry.data_reserve > DATA_RESERVE_MIN
+                and now - entry.data_raised_at > DATA_RESERVE_PERIOD
+            ):
+                self._trim_reserve(entry, now)  # the sender slowed: see _trim_reserve
             self.counts["data_in"] += 1
             return [DataIn(entry.spi, entry.hoa, u.next_header, u.payload, (src[0], src[1]), True)]
         # Whatever the BU leads to, its number is used: exact floor, committed

@@ -238,6 +238,35 @@ def test_data_reserve_follows_the_rate_and_shrinks_when_quiet() -> None:
     assert delivered(ha.receive(data(mn), MN_ADDR, NOW + 4))
 
 
+def test_a_sender_that_slows_down_gets_its_reserve_trimmed_at_its_next_packet() -> None:
+    """A burst, then a trickle: the reservation sized for the burst shrinks
+    at the first packet that comes more than DATA_RESERVE_PERIOD after the
+    last raise, before any expiry tick (which waited two periods).  In
+    review a crash 1.4 s after a 40,000/s burst left the mark 39,000 numbers
+    ahead: hours of dead uplink for an MN going on at 5 packets/s."""
+    ha = core()
+    issued = issue()
+    ha.install_sa(issued, now=NOW)
+    mn = MN(issued)
+    for i in range(10_000):
+        assert delivered(ha.receive(data(mn), MN_ADDR, NOW + i * 1e-5))
+    big = ha.bindings.data_mark(SPI)
+    assert big is not None and big - 10_000 > 10 * DATA_RESERVE_MIN
+    # The trickle: within the period the reservation stands ...
+    assert delivered(ha.receive(data(mn), MN_ADDR, NOW + 0.6))
+    assert ha.bindings.data_mark(SPI) == big
+    # ... past it, the next packet brings it back to the minimum above itself.
+    assert delivered(ha.receive(data(mn), MN_ADDR, NOW + 1.2))
+    assert ha.bindings.data_mark(SPI) == 10_002 + DATA_RESERVE_MIN
+    # And the expiry tick trims after one period too (two before).
+    for i in range(10_000):
+        assert delivered(ha.receive(data(mn), MN_ADDR, NOW + 2 + i * 1e-5))
+    again = ha.bindings.data_mark(SPI)
+    assert again is not None and again - 20_002 > 10 * DATA_RESERVE_MIN
+    ha.expire(NOW + 3.2)
+    assert ha.bindings.data_mark(SPI) == 20_002 + DATA_RESERVE_MIN
+
+
 def test_data_mark_is_never_lowered_below_what_an_earlier_run_accepted(
     tmp_path: Path,
 ) -> None:
