@@ -580,3 +580,23 @@ def test_the_method_tracker_forgets_each_sa_at_its_end() -> None:
     tracker.mipsec_sa_withdrawn(spi=51)  # ended here: gone at once, its heap entry harmless
     tracker.prune((now + timedelta(seconds=3601)).timestamp())
     assert tracker.by_spi == {} and tracker._end_of == {} and tracker._ends == []
+
+
+def test_unrevoke_takes_an_identity_listed_before_the_strict_nai_check(tmp_path: Path) -> None:
+    """`a..b@x` could be revoked before the twenty-eighth session's RFC 7542
+    grammar check; it must still come off the list, while an identity no MN
+    can send that is not listed is refused naming the field."""
+    from types import SimpleNamespace
+
+    from mipsec.core.roles.hac_ops import HacOps
+
+    rl = RevocationList(tmp_path / "rev.json")
+    assert rl.add("a..b@x.example")
+    ops = object.__new__(HacOps)
+    ops.svc = SimpleNamespace(revocations=rl)  # type: ignore[assignment]
+    out = asyncio.run(ops.unrevoke({"mn_id": "a..b@X.example"}))
+    assert out["was_revoked"] is True and "a..b@x.example" not in rl
+    with pytest.raises(ControlError, match="^mn_id: "):
+        asyncio.run(ops.unrevoke({"mn_id": "c..d@x.example"}))
+    with pytest.raises(ControlError, match="^mn_id: "):
+        asyncio.run(ops.revoke({"mn_id": "c..d@x.example"}))
