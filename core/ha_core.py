@@ -806,11 +806,17 @@ class HaCore:
         """
         used = seq + 1 - (entry.data_mark - entry.data_reserve)
         elapsed = now - entry.data_raised_at
+        # At most twice the last reserve: a rate measured over a burst's
+        # first microseconds (the 33 packets after a trim) claimed the whole
+        # 65,536 at once, so a bursty sender's mark sat ~65,000 ahead most of
+        # the time (found in review).  A sender that keeps the rate up
+        # doubles its way there in a few raises.
+        ceiling = min(2 * entry.data_reserve, DATA_RESERVE_MAX)
         if elapsed > 0:
             want = int(used * DATA_RESERVE_PERIOD / elapsed)
-            reserve = min(max(want, DATA_RESERVE_MIN), DATA_RESERVE_MAX)
+            reserve = min(max(want, DATA_RESERVE_MIN), ceiling)
         else:
-            reserve = min(2 * entry.data_reserve, DATA_RESERVE_MAX)
+            reserve = ceiling
         entry.data_reserve = reserve
         entry.data_raised_at = now
         entry.data_mark = min(seq + 1 + reserve, SEQ_MAX + 1)
