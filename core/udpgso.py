@@ -35,6 +35,10 @@ MAX_SEGMENTS = 64
 MAX_RUN_BYTES = 65535 - 40 - 8  # IPv6 Payload Length / IPv4 Total Length, minus the headers
 _SEGMENT = struct.Struct("=H")
 _NO_GSO = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+# About one destination or one moment: never turn GSO off for everyone.
+_ONE_DESTINATION = frozenset(
+    {errno.EINVAL, errno.EMSGSIZE, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH}
+)
 MAX_DECLINED = 64  # runs refused in a row (any other errno) before GSO is given up
 
 
@@ -123,8 +127,11 @@ class GsoSender:
         EMSGSIZE or a pending ICMP error (ECONNREFUSED) are about one
         destination or one moment: on the HA's socket, shared by every MN,
         one MN behind a small MTU turned GSO off for all of them (found in
-        review).  Those runs go one datagram at a time; only a long series
-        of them, with no run sent in between, gives up."""
+        review).  Those runs go one datagram at a time, however many there
+        are (one MN's download alone made 64 in a row); only a long series of
+        refusals of any other kind, with no run sent between, gives up."""
+        if exc.errno in _ONE_DESTINATION:
+            return  # never held against the others (a count in a row was: review)
         self.declined += 1
         if exc.errno in _NO_GSO or self.declined >= MAX_DECLINED:
             self.enabled = False
