@@ -100,10 +100,12 @@ def test_held_connections_are_capped_and_trickled_heads_time_out(
     asyncio.run(main())
 
 
-def test_a_flood_from_one_address_evicts_its_own_not_the_scraper() -> None:
+@pytest.mark.parametrize("many", [False, True])
+def test_a_flood_from_one_network_evicts_its_own_not_the_scraper(many: bool) -> None:
     """The scraper's connection is the oldest waiting one when a flood from
-    another address fills every slot: the flood's oldest goes, the scraper's
-    GET is answered (the longest wait overall went before: review)."""
+    another network fills every slot -- from one address or from many of
+    one /24: the flood's oldest goes, the scraper's GET is answered (the
+    longest wait overall went before: review)."""
 
     async def main() -> None:
         server, _ = _server()
@@ -112,10 +114,9 @@ def test_a_flood_from_one_address_evicts_its_own_not_the_scraper() -> None:
         try:
             scraper = await asyncio.open_connection("127.0.0.1", port)
             await asyncio.sleep(0.05)  # held first: the oldest wait
-            for _ in range(metrics.MAX_CLIENTS + 3):
-                flood.append(
-                    await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
-                )
+            for i in range(metrics.MAX_CLIENTS + 3):
+                src = f"127.0.1.{i + 2}" if many else "127.0.1.2"  # another /24
+                flood.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0)))
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.1)
             assert server.evicted == 4
