@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import traceback
@@ -63,7 +64,9 @@ def _traceback(record: logging.LogRecord) -> str | None:
     return None
 
 
-_DECODER = json.JSONDecoder()
+# A JSON string as json.dumps writes one: no raw control character, escapes
+# of a backslash and one character (\uXXXX checked by json.loads).
+_JSON_STRING = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*"')
 
 
 def event_fields(msg: str) -> dict[str, str]:
@@ -86,15 +89,21 @@ def event_fields(msg: str) -> dict[str, str]:
             continue
         key = msg[i:eq]
         if eq + 1 < n and msg[eq + 1] == '"':
-            try:
-                value, stop = _DECODER.raw_decode(msg, eq + 1)
-            except ValueError:
-                value, stop = None, end
-            if isinstance(value, str) and (stop == n or msg[stop] == " "):
-                if key.isidentifier():
-                    out.setdefault(key, value)
-                i = stop + 1
-                continue
+            # The string's extent by a regex (linear), decoded only if whole:
+            # a failed raw_decode counts lines from the start of the message,
+            # quadratic over a crafted line (review of the change).
+            m = _JSON_STRING.match(msg, eq + 1)
+            if m is not None and (m.end() == n or msg[m.end()] == " "):
+                try:
+                    value = json.loads(m.group())
+                except ValueError:
+                    value = None
+                if isinstance(value, str):
+                    if key.isidentifier():
+                        out.setdefault(key, value)
+                    i = m.end() + 1
+                    continue
+            stop = m.end() if m is not None else end
             end = msg.find(" ", stop) if stop < n else n
             end = n if end < 0 else end
             i = end + 1

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mipsec.core import logsetup, sdnotify
 
@@ -149,3 +151,21 @@ def test_sd_notify_datagrams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             assert s.recv(512) == b"STOPPING=1"
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "absent.sock"))
     assert sdnotify.ready() is False  # a dead socket never stops the role
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True).filter(lambda k: k != "event"),
+        st.text(max_size=40),
+        max_size=6,
+    )
+)
+def test_event_fields_reads_back_what_the_event_plugin_writes(fields: dict[str, str]) -> None:
+    """Whatever the values (spaces, quotes, '=', backslashes, controls,
+    non-ASCII), the JSON formatter's fields are the event's own."""
+    from mipsec.plugins.event_log import _Fields
+
+    line = f"event=x {_Fields(dict(fields))}" if fields else "event=x"
+    got = logsetup.event_fields(line)
+    assert got == {"event": "x", **{k: v for k, v in fields.items()}}
