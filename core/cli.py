@@ -776,6 +776,10 @@ def _option_error(exc: ValueError) -> ConfigError:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from mipsec.core.labsetup import LabExistsError, Usim, init_lab
 
@@ -794,6 +798,11 @@ def cmd_init(args: argparse.Namespace) -> int:
                 raise ValueError(f"--radius-secret-file: no such file {str(secret_file)!r}")
         if args.usim is not None:
             usim = Usim.parse(args.usim, args.mnc_digits)
+        # SIGTERM and SIGHUP end init as Ctrl-C does, through its
+        # all-or-nothing cleanup: by the default action they left the staging
+        # directory, keys included, and half the lab (found in review).
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
         info = init_lab(
             Path(args.dir),
             hac_port=args.hac_port,

@@ -494,11 +494,14 @@ def init_lab(
             for path in lab_files(directory, usim is not None):
                 if path.parent != directory and not os.path.lexists(path.parent):
                     _make_dirs(path.parent, dirs)  # pki/, mode 0700: it holds the keys
+                # Listed before the link: a Ctrl-C that lands as the link
+                # completes must still find it to remove (review).
+                files.append(path)
                 try:
                     os.link(stage / path.relative_to(directory), path)
                 except FileExistsError:
-                    raise LabExistsError(path) from None  # made since the check
-                files.append(path)
+                    files.pop()  # someone else's, made since the check: never removed
+                    raise LabExistsError(path) from None
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return _describe(directory, psk, hac_port, ha_port, metrics_ports, usim)

@@ -117,6 +117,32 @@ def test_a_failed_init_removes_what_it_made_and_nothing_else(
     assert (mine / "notes.txt").read_text() == "mine\n"
 
 
+@pytest.mark.parametrize("cut_at", [0, 5, 20])
+def test_an_interrupt_as_a_link_completes_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_at: int
+) -> None:
+    """Ctrl-C (or SIGTERM, which ``mipsec init`` turns into the same) landing
+    just as a link completes: that file goes too.  It was listed after the
+    link, and stayed behind -- a rerun then refused (found in review)."""
+    real_link = os.link
+    links = 0
+
+    def link(src: Any, dst: Any) -> None:
+        nonlocal links
+        real_link(src, dst)
+        links += 1
+        if links == cut_at + 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(labsetup.os, "link", link)
+    lab = tmp_path / "lab"
+    with pytest.raises(KeyboardInterrupt):
+        init_lab(lab)
+    assert not lab.exists()
+    monkeypatch.setattr(labsetup.os, "link", real_link)
+    init_lab(lab)
+
+
 def test_ports_are_drawn_before_anything_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
