@@ -44,7 +44,7 @@ from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import HaForwarder, stats_line
 from mipsec.core.ha_core import DataIn
 from mipsec.core.model import SPI_MAX
-from mipsec.core.roles.tunrevive import LinkKeeper, TunReviver
+from mipsec.core.roles.tunrevive import LinkKeeper, TunReviver, listed
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 from mipsec.core.udpgso import GsoSender
 
@@ -136,10 +136,7 @@ class HaDataPlane:
                 tun.add_route(str(route))
         except IpCommandError as exc:
             raise ConfigError(self.service.config_file, key, str(exc)) from None
-        return (
-            f"addresses {', '.join(str(a) for a in cfg.addresses) or 'none'}, "
-            f"routes {', '.join(str(r) for r in cfg.routes) or 'none'}"
-        )
+        return f"addresses {listed(cfg.addresses)}, routes {listed(cfg.routes)}"
 
     def _use(self, tun: TunDevice) -> None:
         self.tun = tun

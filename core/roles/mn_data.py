@@ -35,7 +35,7 @@ from mipsec.core.config import MNDataPlane
 from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import MnForwarder, stats_line
 from mipsec.core.roles.mn import Registrar
-from mipsec.core.roles.tunrevive import LinkKeeper, TunReviver
+from mipsec.core.roles.tunrevive import LinkKeeper, TunReviver, listed
 from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
 
 log = logging.getLogger("mipsec.mn.data")
@@ -215,10 +215,7 @@ class MnDataPlane:
             return "no SA attached, nothing"
         hoas = self._hoas(registrar, self._ip4_hoa)
         routes = self._configure(tun, registrar, hoas)
-        return (
-            f"home addresses {', '.join(str(h) for h in hoas) or 'none'}, "
-            f"routes {', '.join(routes) or 'none'}"
-        )
+        return f"home addresses {listed(hoas)}, routes {listed(routes)}"
 
     def detach(self) -> None:
         if self.registrar is None:

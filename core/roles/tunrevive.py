@@ -22,16 +22,20 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mipsec.core.errors import ConfigError
 from mipsec.core.linkwatch import Change, LinkWatcher
+from mipsec.core.logburst import LineBurst
 from mipsec.core.outage import Outage
 from mipsec.core.tun import IpCommandError, TunDevice, TunGoneError, TunWriter
 
-__all__ = ["RECREATE_S", "LinkKeeper", "TunReviver"]
+__all__ = ["LINES", "LINES_WINDOW", "RECREATE_S", "SETTLE_S", "LinkKeeper", "TunReviver", "listed"]
 
-RECREATE_S = 5.0  # seconds between two attempts to create the device again
+RECREATE_S = 5.0  # seconds between two attempts to create the device again (or to restore it)
+SETTLE_S = 0.5  # seconds a device stays up before what was on it is put back
+LINES = 4  # link lines logged per LINES_WINDOW seconds; the rest counted in one
+LINES_WINDOW = 10.0
 
 
 class TunReviver:
@@ -96,13 +100,21 @@ class TunReviver:
 class LinkKeeper:
     """The link state of the data plane's device, watched (``watch(tun)``).
 
-    Down: one WARNING, and the data plane drops what it would write
-    (``down`` is true; the kernel would refuse it with EIO).  Up again:
+    Down: a WARNING, and the data plane drops what it would write (``down``
+    is true; the kernel would refuse it with EIO).  Up again: once it has
+    stayed up ``SETTLE_S`` seconds (a down meanwhile cancels it),
     ``restore(tun)`` puts back what the data plane put on it and says what,
-    then one WARNING.  The device is never brought up here: an operator who
-    took it down means it.  Removed: ``gone`` (the data plane's loss
-    handler, then the reviver).  ``counts`` gets ``link_down`` and
-    ``link_restored``.
+    then a WARNING.  A restore that fails -- after trying every address and
+    route -- is one WARNING per outage and tried again every ``RECREATE_S``
+    seconds until it works or the device goes down or away.  The device is
+    never brought up here: an operator who took it down means it.  Removed:
+    ``gone`` (the data plane's loss handler, then the reviver).  ``counts``
+    gets ``link_down`` and ``link_restored``.
+
+    A down and up storm (a flapping link, a script) is not a restore and two
+    lines per flap: the restore waits for the link to settle, and the
+    lines go through a :class:`LineBurst` (``LINES`` per ``LINES_WINDOW``
+    seconds, the rest counted in one line).
     """
 
     def __init__(
@@ -119,6 +131,12 @@ class LinkKeeper:
         counts["link_restored"] = 0
         self._watcher: LinkWatcher | None = None
         self._tun: TunDevice | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the settled restore, or its retry
+        self._missed = False  # the pending restore is for lost notifications only
+        self._lines = LineBurst(
+            log, "lines about the TUN device's link", limit=LINES, window=LINES_WINDOW
+        )
+        self._failing = Outage(log, "data plane: putting back what was on the TUN device")
 
     @property
     def down(self) -> bool:
@@ -140,13 +158,28 @@ class LinkKeeper:
             )
             return
         self._watcher, self._tun = watcher, tun
+        self._failing = Outage(
+            self.log,
+            f"data plane: TUN device {tun.name} is up again but putting back what was on it",
+            f"tried again every {RECREATE_S:g} s; {self.dropped} goes nowhere meanwhile",
+        )
         if not watcher.state.up:  # taken down while it was being set up
             self._changed(Change(down=True))
 
     def close(self) -> None:
         watcher, self._watcher, self._tun = self._watcher, None, None
+        self._cancel()
         if watcher is not None:
             watcher.close()
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _later(self, delay: float) -> None:
+        self._cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self.restore_now)
 
     def _changed(self, change: Change) -> None:
         tun = self._tun
@@ -157,14 +190,24 @@ class LinkKeeper:
             self._gone(TunGoneError(errno.ENODEV, os.strerror(errno.ENODEV)))
             return
         if change.down:
+            self._cancel()  # nothing to put back on a device that is down
             self.counts["link_down"] += 1
-            self.log.warning(
+            self._lines.line(
+                logging.WARNING,
                 "data plane: TUN device %s is down (its routes and IPv6 addresses went with it): "
                 "%s is dropped until it is up",
                 tun.name,
                 self.dropped,
             )
-        if not change.up:
+        if change.up:
+            self._missed = change.missed and not change.down
+            self._later(SETTLE_S)
+
+    def restore_now(self) -> None:
+        """Put back what was on the device (the timer's; a test may call it)."""
+        self._timer = None
+        tun = self._tun
+        if tun is None or self.down:
             return
         try:
             what = self._restore(tun)
@@ -173,23 +216,33 @@ class LinkKeeper:
         except IpCommandError as exc:
             why = str(exc)
         else:
+            self._failing.failing = False  # the line below says it works again
             self.counts["link_restored"] += 1
-            if change.missed and not change.down:
-                self.log.warning(
+            if self._missed:
+                self._lines.line(
+                    logging.WARNING,
                     "data plane: TUN device %s: link notifications lost (receive queue full): "
-                    "%s restored in case it went down and up meanwhile",
+                    "what was missing of %s put back in case it went down and up meanwhile",
                     tun.name,
                     what,
                 )
             else:
-                self.log.warning(
-                    "data plane: TUN device %s is up again: %s restored", tun.name, what
+                self._lines.line(
+                    logging.WARNING,
+                    "data plane: TUN device %s is up again: %s restored",
+                    tun.name,
+                    what,
                 )
             return
-        self.log.warning(
-            "data plane: TUN device %s is up again but what was on it is not back (%s): "
-            "%s goes nowhere until it is taken down and up again or the role restarts",
-            tun.name,
-            why,
-            self.dropped,
-        )
+        self._failing.failed(why, logging.WARNING)
+        self._later(RECREATE_S)
+
+
+def listed(items: Sequence[object], limit: int = 4) -> str:
+    """``items`` for a log line: all of a few, the first ones and a count of many."""
+    if not items:
+        return "none"
+    if len(items) <= limit:
+        return ", ".join(str(i) for i in items)
+    shown = ", ".join(str(i) for i in items[: limit - 1])
+    return f"{len(items)} ({shown}, ...)"

@@ -32,6 +32,7 @@ from mipsec.core.linkwatch import (
     interface_up,
     link_events,
 )
+from mipsec.core.roles import tunrevive
 from mipsec.core.roles.tunrevive import LinkKeeper
 from mipsec.core.tun import IpCommandError, TunGoneError
 
@@ -259,11 +260,17 @@ def test_down_then_up_is_one_warning_each_and_a_restore(caplog: pytest.LogCaptur
         restored.append(tun)
         return "addresses 2001:db8::1/128, routes 2001:db8::/64"
 
-    keeper, gone, counts = _keeper(restore)
-    keeper._changed(Change(down=True))
-    assert counts == {"link_down": 1, "link_restored": 0} and restored == []
-    keeper._changed(Change(up=True))
-    assert counts == {"link_down": 1, "link_restored": 1} and len(restored) == 1
+    async def body() -> None:
+        keeper, gone, counts = _keeper(restore)
+        keeper._changed(Change(down=True))
+        assert counts == {"link_down": 1, "link_restored": 0} and restored == []
+        keeper._changed(Change(up=True))
+        assert restored == []  # not before the link settled
+        await asyncio.sleep(tunrevive.SETTLE_S + 0.1)
+        assert counts == {"link_down": 1, "link_restored": 1} and len(restored) == 1
+        assert gone == []
+
+    asyncio.run(body())
     assert _said(caplog) == [
         (
             "WARNING",
@@ -276,7 +283,50 @@ def test_down_then_up_is_one_warning_each_and_a_restore(caplog: pytest.LogCaptur
             "addresses 2001:db8::1/128, routes 2001:db8::/64 restored",
         ),
     ]
-    assert gone == []
+
+
+def test_a_down_and_up_storm_is_one_restore_and_a_bounded_number_of_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """500 flaps in a row (a script, a flapping link): before, a restore
+    of synchronous ``ip`` commands and two WARNINGs per flap (about 200
+    lines a second and 70 % of a core, found in review).  Now one restore
+    once the link settled, and a few lines with a count of the rest."""
+    caplog.set_level(logging.INFO, logger="mipsec.test.link")
+    restored: list[object] = []
+
+    def restore(tun: object) -> str:
+        restored.append(tun)
+        return "addresses 2001:db8::1/128, routes 2001:db8::/64"
+
+    async def body() -> None:
+        keeper, _, counts = _keeper(restore)
+        keeper._lines.window = 0.3
+        for _ in range(500):
+            keeper._changed(Change(down=True))
+            keeper._changed(Change(up=True))
+        assert restored == []
+        await asyncio.sleep(tunrevive.SETTLE_S + 0.1)
+        assert counts == {"link_down": 500, "link_restored": 1} and len(restored) == 1
+
+    asyncio.run(body())
+    said = [line for level, line in _said(caplog) if level != "DEBUG"]
+    assert len(said) <= tunrevive.LINES + 2, said
+    assert any(line.startswith("496 more lines about the TUN device's link") for line in said)
+    assert said[-1].endswith("restored")
+
+
+def test_a_down_before_the_link_settled_cancels_the_restore() -> None:
+    restored: list[object] = []
+
+    async def body() -> None:
+        keeper, _, counts = _keeper(lambda tun: restored.append(tun) or "x")
+        keeper._changed(Change(up=True))
+        keeper._changed(Change(down=True))
+        await asyncio.sleep(tunrevive.SETTLE_S + 0.1)
+        assert restored == [] and counts["link_restored"] == 0
+
+    asyncio.run(body())
 
 
 @pytest.mark.parametrize(
@@ -286,26 +336,73 @@ def test_down_then_up_is_one_warning_each_and_a_restore(caplog: pytest.LogCaptur
         (ConfigError("ha.toml", "dataplane.routes", "Network is down"), "dataplane.routes: "),
     ],
 )
-def test_a_restore_that_fails_is_one_warning_and_not_counted(
-    caplog: pytest.LogCaptureFixture, exc: Exception, why: str
+def test_a_restore_that_fails_is_one_warning_and_tried_again_until_it_works(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, exc: Exception, why: str
 ) -> None:
+    """A transient failure (ENOBUFS from the kernel, a busy ``ip``): before,
+    never tried again until the next down and up (found in review)."""
     caplog.set_level(logging.INFO, logger="mipsec.test.link")
+    monkeypatch.setattr(tunrevive, "RECREATE_S", 0.05)
+    tries: list[object] = []
 
     def restore(tun: object) -> str:
-        raise exc
+        tries.append(tun)
+        if len(tries) <= 3:
+            raise exc
+        return "addresses 2001:db8::1/128, routes none"
 
-    keeper, _, counts = _keeper(restore)
-    keeper._changed(Change(up=True))
-    assert counts["link_restored"] == 0
-    [(level, line)] = _said(caplog)
-    assert level == "WARNING" and "is up again but what was on it is not back" in line
-    assert why in line and "\n" not in line
+    async def body() -> None:
+        keeper, _, counts = _keeper(restore)
+        keeper._failing = tunrevive.Outage(keeper.log, "putting back", "tried again")
+        keeper._changed(Change(up=True))
+        await asyncio.sleep(tunrevive.SETTLE_S + 0.5)
+        assert len(tries) == 4 and counts["link_restored"] == 1
+        assert keeper._timer is None
+
+    asyncio.run(body())
+    [(level, line), (level2, line2)] = _said(caplog)
+    assert level == "WARNING" and line.startswith("putting back failed: ") and why in line
+    assert "\n" not in line and line.endswith("; tried again")
+    assert level2 == "WARNING" and line2.endswith("routes none restored")
+
+
+def test_the_retries_stop_when_the_device_goes_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tunrevive, "RECREATE_S", 0.05)
+    tries: list[object] = []
+
+    def restore(tun: object) -> str:
+        tries.append(tun)
+        raise IpCommandError("ip route replace ...: No buffer space available")
+
+    async def body() -> None:
+        keeper, _, _ = _keeper(restore)
+        keeper.restore_now()
+        assert keeper._timer is not None and len(tries) == 1
+        keeper._changed(Change(down=True))
+        assert keeper._timer is None
+        await asyncio.sleep(0.2)
+        assert len(tries) == 1
+
+    asyncio.run(body())
+
+
+def test_many_items_are_counted_in_a_line_not_listed() -> None:
+    assert tunrevive.listed([]) == "none"
+    assert tunrevive.listed(["a", "b"]) == "a, b"
+    line = tunrevive.listed([f"2001:db8:{i:x}::/64" for i in range(200)])
+    assert line == "200 (2001:db8:0::/64, 2001:db8:1::/64, 2001:db8:2::/64, ...)"
 
 
 def test_lost_notifications_say_so(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mipsec.test.link")
     keeper, _, counts = _keeper()
-    keeper._changed(Change(up=True, missed=True))
+
+    async def body() -> None:
+        keeper._changed(Change(up=True, missed=True))
+        keeper._cancel()
+        keeper.restore_now()
+
+    asyncio.run(body())
     assert counts["link_restored"] == 1
     assert "link notifications lost" in _said(caplog)[0][1]
 
