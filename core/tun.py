@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -28,7 +29,15 @@ from collections.abc import Callable, Sequence
 from mipsec.core.errors import MipsecError
 from mipsec.core.gro import VNET_HDR_LEN, TcpCoalescer
 
-__all__ = ["IpCommandError", "TunDevice", "TunError", "TunGoneError", "TunWriter", "ip"]
+__all__ = [
+    "IpCommandError",
+    "TunDevice",
+    "TunError",
+    "TunGoneError",
+    "TunWriter",
+    "ip",
+    "ip_batch",
+]
 
 _TUNSETIFF = 0x400454CA  # _IOW('T', 202, int), linux/if_tun.h
 _IFF_TUN = 0x0001
@@ -75,6 +84,63 @@ def ip(*args: str, check: bool = True) -> str:
         why = " ".join(out.stderr.split()) or f"exit status {out.returncode}"
         raise IpCommandError(f"{' '.join(cmd)}: {why}")
     return out.stdout
+
+
+# What ``ip -batch`` reads as one plain word: no quoting, comment or line break.
+_BATCH_WORD = re.compile(r"[A-Za-z0-9_.:/%@+=,-]+")
+_BATCH_FAILED = re.compile(r"Command failed -:(\d+)")
+
+
+def ip_batch(commands: Sequence[Sequence[str]]) -> list[tuple[int, IpCommandError]]:
+    """Run every command (``ip`` arguments without global options) with
+    one ``ip -force -batch -``; the ones that failed, by index, each worded
+    like :func:`ip`'s error.  ``-force``: a failed command does not stop
+    the others.  ``IpCommandError`` if ``ip`` does not run or answer (the
+    same timeout as one command).  A word ``ip -batch`` would read otherwise
+    (a quote, a ``#``) makes it one ``ip`` per command, as before."""
+    if not commands:
+        return []
+    if not all(_BATCH_WORD.fullmatch(word) for cmd in commands for word in cmd):
+        failed: list[tuple[int, IpCommandError]] = []
+        for i, cmd in enumerate(commands):
+            try:
+                ip(*cmd)
+            except IpCommandError as exc:
+                failed.append((i, exc))
+        return failed
+    script = "".join(" ".join(cmd) + "\n" for cmd in commands)
+    try:
+        out = subprocess.run(
+            ["ip", "-force", "-batch", "-"],
+            input=script,
+            capture_output=True,
+            text=True,
+            timeout=_IP_TIMEOUT,
+        )
+    except FileNotFoundError:
+        raise IpCommandError("ip: iproute2 is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise IpCommandError(
+            f"ip -force -batch - ({len(commands)} commands): no answer in {_IP_TIMEOUT:.0f} s"
+        ) from None
+    if out.returncode == 0:
+        return []
+    # ip's words for a failed command, then "Command failed -:LINE".
+    failed, said = [], []
+    for line in out.stderr.splitlines():
+        m = _BATCH_FAILED.fullmatch(line.strip())
+        if m is None:
+            said.append(line)
+            continue
+        index = int(m.group(1)) - 1
+        if 0 <= index < len(commands):
+            why = " ".join(" ".join(said).split()) or "failed"
+            failed.append((index, IpCommandError(f"ip {' '.join(commands[index])}: {why}")))
+        said = []
+    if not failed:  # not a command's failure: ip itself
+        why = " ".join(out.stderr.split()) or f"exit status {out.returncode}"
+        raise IpCommandError(f"ip -force -batch -: {why}")
+    return failed
 
 
 class TunDevice:
@@ -175,12 +241,31 @@ class TunDevice:
 
     def add_address(self, address: str) -> None:
         """Add ``address`` (``addr/len``; a bare address is a host address)."""
+        family = "-6" if ":" in address else "-4"
+        ip(family, *self.address_args(address))
+
+    def address_args(self, address: str) -> list[str]:
+        """The ``ip`` arguments that add ``address`` (for :func:`ip_batch`)."""
         if "/" not in address:
             address += "/128" if ":" in address else "/32"
-        family = "-6" if ":" in address else "-4"
         # nodad: the address is ours alone on a point-to-point device.
-        extra = ("nodad",) if family == "-6" else ()
-        ip(family, "addr", "replace", address, "dev", self.name, *extra)
+        extra = ["nodad"] if ":" in address else []
+        return ["addr", "replace", address, "dev", self.name, *extra]
+
+    def route_args(self, prefix: str, *, src: str | None = None) -> list[str]:
+        """The ``ip`` arguments that route ``prefix`` into the device."""
+        extra = ["src", src] if src is not None else []
+        return ["route", "replace", prefix, "dev", self.name, *extra]
+
+    def addresses(self) -> set[str]:
+        """The addresses on the device now (``addr/len``, as ``ipaddress`` writes them)."""
+        out = ip("-o", "addr", "show", "dev", self.name)
+        found = set()
+        for line in out.splitlines():
+            words = line.split()
+            if len(words) > 3 and words[2] in ("inet", "inet6"):
+                found.add(words[3])
+        return found
 
     def flush(self) -> None:
         """Remove every address and route of the device (it stays up)."""
@@ -191,8 +276,7 @@ class TunDevice:
     def add_route(self, prefix: str, *, src: str | None = None) -> None:
         """Route ``prefix`` into the device (``src``: the source address to prefer)."""
         family = "-6" if ":" in prefix else "-4"
-        extra: Sequence[str] = ("src", src) if src is not None else ()
-        ip(family, "route", "replace", prefix, "dev", self.name, *extra)
+        ip(family, *self.route_args(prefix, src=src))
 
     def delete_route(self, prefix: str) -> None:
         family = "-6" if ":" in prefix else "-4"

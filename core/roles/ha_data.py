@@ -36,6 +36,7 @@ import asyncio
 import logging
 import socket
 import time
+from ipaddress import ip_interface
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,14 @@ from mipsec.core.forwarding import HaForwarder, stats_line
 from mipsec.core.ha_core import DataIn
 from mipsec.core.model import SPI_MAX
 from mipsec.core.roles.tunrevive import LinkKeeper, TunReviver, listed
-from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
+from mipsec.core.tun import (
+    IpCommandError,
+    TunDevice,
+    TunError,
+    TunGoneError,
+    TunWriter,
+    ip_batch,
+)
 from mipsec.core.udpgso import GsoSender
 
 if TYPE_CHECKING:
@@ -102,7 +110,7 @@ class HaDataPlane:
         # kernel deleted its routes and addresses; put back once it is up
         # (roles/tunrevive.py; counts link_down, link_restored).
         self.counts["tun_down_drops"] = 0  # MN packets dropped while it was down
-        self.link = LinkKeeper(self._configure, self._lost, self.counts, log, "MN traffic")
+        self.link = LinkKeeper(self._restore, self._lost, self.counts, log, "MN traffic")
 
     def _open_device(self) -> TunDevice:
         """The TUN device up, with its addresses and routes; ``ConfigError``
@@ -124,19 +132,37 @@ class HaDataPlane:
             raise
         return tun
 
-    def _configure(self, tun: TunDevice) -> str:
+    def _configure(self, tun: TunDevice, *, missing_only: bool = False) -> str:
         """``addresses`` and ``routes`` on ``tun`` (again: ``ip ... replace``);
-        says what.  ``ConfigError`` naming the key that failed."""
-        cfg, key = self.cfg, "dataplane.addresses"
+        says what.  ``missing_only``: an address already on it is left as it
+        is (a restore).  Every one is tried, in one ``ip -batch``, whatever
+        fails before it; then ``ConfigError`` naming the key of the first
+        that failed (a restore found one failed route of many stopping the
+        others: found in review)."""
+        cfg, file = self.cfg, self.service.config_file
+        have = {ip_interface(a) for a in tun.addresses()} if missing_only else set()
+        commands: list[list[str]] = []
+        keys: list[str] = []
+        for address in cfg.addresses:
+            if ip_interface(str(address)) not in have:
+                commands.append(tun.address_args(str(address)))
+                keys.append("dataplane.addresses")
+        for route in cfg.routes:
+            commands.append(tun.route_args(str(route)))
+            keys.append("dataplane.routes")
         try:
-            for address in cfg.addresses:
-                tun.add_address(str(address))
-            key = "dataplane.routes"
-            for route in cfg.routes:
-                tun.add_route(str(route))
+            failed = ip_batch(commands)
         except IpCommandError as exc:
-            raise ConfigError(self.service.config_file, key, str(exc)) from None
+            raise ConfigError(file, keys[0], str(exc)) from None
+        if failed:
+            index, first = failed[0]
+            more = f" (and {len(failed) - 1} more of {len(commands)})" if len(failed) > 1 else ""
+            raise ConfigError(file, keys[index], f"{first}{more}")
         return f"addresses {listed(cfg.addresses)}, routes {listed(cfg.routes)}"
+
+    def _restore(self, tun: TunDevice) -> str:
+        """What ``_configure`` put on ``tun``, back after a down and up."""
+        return self._configure(tun, missing_only=True)
 
     def _use(self, tun: TunDevice) -> None:
         self.tun = tun

@@ -28,7 +28,7 @@ import asyncio
 import errno
 import logging
 import os
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface, ip_network
 from typing import Any
 
 from mipsec.core.config import MNDataPlane
@@ -36,7 +36,14 @@ from mipsec.core.errors import ConfigError
 from mipsec.core.forwarding import MnForwarder, stats_line
 from mipsec.core.roles.mn import Registrar
 from mipsec.core.roles.tunrevive import LinkKeeper, TunReviver, listed
-from mipsec.core.tun import IpCommandError, TunDevice, TunError, TunGoneError, TunWriter
+from mipsec.core.tun import (
+    IpCommandError,
+    TunDevice,
+    TunError,
+    TunGoneError,
+    TunWriter,
+    ip_batch,
+)
 
 log = logging.getLogger("mipsec.mn.data")
 
@@ -59,6 +66,7 @@ class MnDataPlane:
         self._drops: dict[str, int] = {}
         self.counts["tun_gone_drops"] = 0  # packets from the HA dropped meanwhile
         self._ip4_hoa: str | None = None  # of the attached SA
+        self._routes: list[str] = []  # added for it (put back after a down and up)
         # The interface removed under the MN: created again, the attached
         # SA's addresses and routes with it (roles/tunrevive.py; tun_lost).
         self.reviver = TunReviver(
@@ -144,7 +152,7 @@ class MnDataPlane:
             return []
         hoas = self._hoas(registrar, ip4_hoa)
         try:
-            self._configure(tun, registrar, hoas)
+            self._routes = self._configure(tun, registrar, hoas)
         except IpCommandError as exc:
             # The binding stands; only user data cannot flow.  Say so once.
             log.error("data plane on %s not attached: %s", tun.name, exc)
@@ -179,26 +187,52 @@ class MnDataPlane:
         return hoas
 
     def _configure(
-        self, tun: TunDevice, registrar: Registrar, hoas: list[IPv6Address | IPv4Address]
+        self,
+        tun: TunDevice,
+        registrar: Registrar,
+        hoas: list[IPv6Address | IPv4Address],
+        *,
+        restore: bool = False,
     ) -> list[str]:
         """The home addresses and ``routes`` on ``tun`` (all else flushed);
         returns the routes added.  ``IpCommandError`` if an address failed;
-        a route that fails or is skipped is a warning."""
-        tun.flush()
-        for hoa in hoas:
-            tun.add_address(str(hoa))
-        added: list[str] = []
-        ha_host = ip_address(registrar.ha[0]) if registrar.ha is not None else None
-        for route in self.cfg.routes:
+        a route that fails or is skipped is a warning.  Every one is tried,
+        in one ``ip -batch``.
+
+        ``restore`` (the device up again, or link notifications lost): the
+        routes added at the attach are put back, nothing is flushed and an
+        address already on it is left as it is -- a device that kept its
+        state is not touched (a flush after lost notifications took the
+        home addresses off a device nobody had touched: found in review);
+        ``IpCommandError`` if anything failed, after trying the rest."""
+        if restore:
+            have = {ip_interface(a) for a in tun.addresses()}
+        else:
+            tun.flush()
+            have = set()
+        commands = [tun.address_args(str(h)) for h in hoas if ip_interface(h) not in have]
+        n_addresses = len(commands)
+        nets = []
+        for route in self._routes if restore else self.cfg.routes:
             net = ip_network(route)
             src = next((h for h in hoas if h.version == net.version), None)
             if src is None:
-                log.warning("route %s skipped: no IPv%d home address", net, net.version)
+                if not restore:
+                    log.warning("route %s skipped: no IPv%d home address", net, net.version)
                 continue
-            try:
-                tun.add_route(str(net), src=str(src))
-            except IpCommandError as exc:
-                log.warning("route %s not added: %s", net, exc)
+            nets.append(net)
+            commands.append(tun.route_args(str(net), src=str(src)))
+        failed = dict(ip_batch(commands))
+        if failed and (restore or min(failed) < n_addresses):
+            first = failed[min(failed)]
+            if len(failed) == 1:
+                raise first
+            raise IpCommandError(f"{first} (and {len(failed) - 1} more of {len(commands)})")
+        added: list[str] = []
+        ha_host = ip_address(registrar.ha[0]) if registrar.ha is not None else None
+        for i, net in enumerate(nets, n_addresses):
+            if i in failed:
+                log.warning("route %s not added: %s", net, failed[i])
                 continue
             if ha_host is not None and ha_host in net and tun.routes_to(str(ha_host)):
                 tun.delete_route(str(net))
@@ -209,12 +243,12 @@ class MnDataPlane:
 
     def _restore(self, tun: TunDevice) -> str:
         """The device up again after a down: the attached SA's home addresses
-        and routes back on it (``IpCommandError`` if an address fails)."""
+        and routes back on it (``IpCommandError`` if any fails)."""
         registrar = self.registrar
         if registrar is None or self.forwarder is None:
             return "no SA attached, nothing"
         hoas = self._hoas(registrar, self._ip4_hoa)
-        routes = self._configure(tun, registrar, hoas)
+        routes = self._configure(tun, registrar, hoas, restore=True)
         return f"home addresses {listed(hoas)}, routes {listed(routes)}"
 
     def detach(self) -> None:

@@ -561,3 +561,85 @@ def test_an_mn_device_taken_down_and_up_gets_the_sas_home_addresses_and_routes_b
         assert plane.link._watcher is None
 
     _in_a_namespace_of_its_own(lambda: asyncio.run(body()))
+
+
+def test_a_restore_is_one_ip_that_tries_every_command_and_leaves_what_is_there() -> None:
+    """``ip_batch`` against the kernel: a failing command does not stop the
+    later ones (``-force``), and each failure is told apart.  The MN's
+    restore after lost notifications (``missed``) on a device nobody
+    touched: before, ``_configure`` flushed it and put the home address
+    back (its sockets saw it go; found in review); now nothing is removed
+    and nothing already there is added again.  In a namespace of its own."""
+    import asyncio
+    import secrets
+    import subprocess
+    from ipaddress import IPv6Address
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from mipsec.core.config import MNDataPlane
+    from mipsec.core.roles import mn_data
+    from mipsec.core.tun import ip, ip_batch
+
+    name = f"rvlf{secrets.token_hex(3)}"
+
+    async def body() -> None:
+        plane = mn_data.MnDataPlane(
+            MNDataPlane(enabled=True, tun=name, routes=("2001:db8:c0::/64", "2001:db8:c1::/64"))
+        )
+        plane.open()
+        registrar = cast(
+            Any,
+            SimpleNamespace(
+                on_data=None,
+                ha=("2001:db8:f0::1", 7872),
+                issued=SimpleNamespace(
+                    bootstrap=SimpleNamespace(ip6_hoa=IPv6Address("2001:db8:1::10"))
+                ),
+                machine=SimpleNamespace(scope=1),
+                send_all=lambda out: None,
+            ),
+        )
+        try:
+            failed = ip_batch(
+                [
+                    ["route", "replace", "2001:db8:d0::/64", "dev", "rvlfnone0"],
+                    ["route", "replace", "2001:db8:d1::/64", "dev", name],
+                ]
+            )
+            assert [(i, "Cannot find device" in str(e)) for i, e in failed] == [(0, True)]
+            assert "2001:db8:d1::/64" in ip("-6", "route", "show", "dev", name)
+            ip("-6", "route", "del", "2001:db8:d1::/64", "dev", name)
+            assert plane.attach(registrar, None) == ["2001:db8:1::10"]
+            before = _on_device(name)
+            tun = plane.tun
+            assert tun is not None
+
+            def no_flush() -> None:
+                raise AssertionError("a restore must not flush the device")
+
+            tun.flush = no_flush  # type: ignore[method-assign]
+            monitor = subprocess.Popen(
+                ["ip", "-o", "monitor", "address", "dev", name],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            await asyncio.sleep(0.2)
+            said = plane._restore(tun)
+            await asyncio.sleep(0.2)
+            monitor.terminate()
+            events = monitor.communicate()[0]
+            assert (
+                said == "home addresses 2001:db8:1::10, routes 2001:db8:c0::/64, 2001:db8:c1::/64"
+            )
+            assert _on_device(name) == before and events.strip() == "", events
+            # A route taken off meanwhile is put back, the rest left alone.
+            ip("-6", "route", "del", "2001:db8:c1::/64", "dev", name)
+            plane._restore(tun)
+            assert _on_device(name) == before
+        finally:
+            if plane.tun is not None:
+                vars(plane.tun).pop("flush", None)
+            plane.close()
+
+    _in_a_namespace_of_its_own(lambda: asyncio.run(body()))
