@@ -17,7 +17,8 @@ The parsing is sans-I/O: :func:`link_events` reads the octets of one
 most ``READS_PER_WAKE`` datagrams (the socket hears every interface of the
 namespace; a busy host must not hold the event loop), the rest waits for
 the next.  A full receive queue (``ENOBUFS``: notifications lost) is
-answered by asking the kernel for the interface's flags now.
+answered by asking the kernel for the interface's flags now; the queue is
+asked to hold ``RCVBUF`` octets (best effort) to make that rarer.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from enum import Enum
 
 __all__ = [
     "MAX_MESSAGES",
+    "RCVBUF",
     "READS_PER_WAKE",
     "Change",
     "Link",
     "LinkState",
     "LinkWatcher",
+    "enlarge_rcvbuf",
     "interface_up",
     "link_events",
 ]
@@ -52,6 +55,22 @@ _SIOCGIFFLAGS = 0x8913
 MAX_MESSAGES = 64  # netlink messages read from one datagram
 READS_PER_WAKE = 32  # datagrams read per wake-up
 _RECV_SIZE = 65536
+RCVBUF = 1 << 20  # octets of receive queue asked for (best effort): fewer ENOBUFS
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # past rmem_max, with CAP_NET_ADMIN
+
+
+def enlarge_rcvbuf(sock: socket.socket, size: int = RCVBUF) -> None:
+    """Ask for a ``size`` receive queue: ``SO_RCVBUFFORCE`` (the data plane
+    runs with ``CAP_NET_ADMIN``), else ``SO_RCVBUF`` (capped by
+    ``net.core.rmem_max``).  Best effort: the default (about 200 KB) overflowed
+    when another process made and removed a few hundred interfaces while the
+    loop was busy (found in review)."""
+    for option in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            continue
+        return
 
 
 class Link(Enum):
@@ -168,6 +187,7 @@ class LinkWatcher:
         kind = socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         sock = socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE)
         try:
+            enlarge_rcvbuf(sock)
             sock.bind((0, RTMGRP_LINK))  # subscribed before the state is read: nothing missed
             self.ifindex = socket.if_nametoindex(self.name)
             self.state = LinkState(up=interface_up(sock, self.name))

@@ -142,6 +142,29 @@ def test_after_lost_notifications_the_state_is_the_kernels() -> None:
     assert state.resync(None) == Change(gone=True, missed=True) and state.gone
 
 
+class _Opts:
+    def __init__(self, refused: set[int]) -> None:
+        self.refused = refused
+        self.set: list[tuple[int, int]] = []
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if option in self.refused:
+            raise PermissionError(errno.EPERM, "not permitted")
+        self.set.append((option, value))
+
+
+def test_the_receive_queue_is_enlarged_as_far_as_allowed() -> None:
+    """Lost notifications (ENOBUFS) from a default queue of about 200 KB
+    when a few hundred interfaces came and went (found in review)."""
+    sock = _Opts(set())
+    linkwatch.enlarge_rcvbuf(cast(Any, sock))
+    assert sock.set == [(linkwatch._SO_RCVBUFFORCE, linkwatch.RCVBUF)]
+    sock = _Opts({linkwatch._SO_RCVBUFFORCE})  # no CAP_NET_ADMIN: up to rmem_max
+    linkwatch.enlarge_rcvbuf(cast(Any, sock))
+    assert sock.set == [(socket.SO_RCVBUF, linkwatch.RCVBUF)]
+    linkwatch.enlarge_rcvbuf(cast(Any, _Opts({linkwatch._SO_RCVBUFFORCE, socket.SO_RCVBUF})))
+
+
 def test_interface_flags_from_the_kernel() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         assert isinstance(interface_up(sock, "lo"), bool)
@@ -220,6 +243,10 @@ def test_the_watcher_on_a_real_socket_starts_and_closes() -> None:
         except PermissionError:  # pragma: no cover - a sandbox without netlink
             pytest.skip("no AF_NETLINK socket here")
         assert w.running and w.ifindex == socket.if_nametoindex("lo")
+        assert w._sock is not None
+        got = w._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if os.geteuid() == 0:  # SO_RCVBUFFORCE (the kernel doubles what is asked)
+            assert got >= linkwatch.RCVBUF, got
         w.close()
         w.close()
         assert not w.running
