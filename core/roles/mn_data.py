@@ -228,18 +228,29 @@ class MnDataPlane:
             if len(failed) == 1:
                 raise first
             raise IpCommandError(f"{first} (and {len(failed) - 1} more of {len(commands)})")
-        added: list[str] = []
-        ha_host = ip_address(registrar.ha[0]) if registrar.ha is not None else None
+        kept = []
         for i, net in enumerate(nets, n_addresses):
             if i in failed:
                 log.warning("route %s not added: %s", net, failed[i])
                 continue
-            if ha_host is not None and ha_host in net and tun.routes_to(str(ha_host)):
+            kept.append(net)
+        # A route that takes the HA's address into the tunnel goes again.
+        # All are in place at once now (one batch): the most specific route
+        # holding the HA's address is the one the kernel uses, so it is
+        # checked first, then the next -- a default route stays as long as
+        # the care-of link's own route still leads to the HA (checked one by
+        # one as each was added, before the batch).
+        ha_host = ip_address(registrar.ha[0]) if registrar.ha is not None else None
+        removed = set()
+        if ha_host is not None:
+            holding = sorted((n for n in kept if ha_host in n), key=lambda n: -n.prefixlen)
+            for net in holding:
+                if not tun.routes_to(str(ha_host)):
+                    break
                 tun.delete_route(str(net))
+                removed.add(net)
                 log.warning("route %s removed: it would take the HA address %s", net, ha_host)
-                continue
-            added.append(str(net))
-        return added
+        return [str(net) for net in kept if net not in removed]
 
     def _restore(self, tun: TunDevice) -> str:
         """The device up again after a down: the attached SA's home addresses
