@@ -154,6 +154,10 @@ class MnRegistration:
         self.on_reinit: Callable[[], None] | None = None
         self.registered = False
         self.drops: Counter[str] = Counter()  # BAs dropped before decoding, per reason
+        # What an accepted BA carried that the MN did not act on, per reason.
+        self.ignored: Counter[str] = Counter()
+        # The IPv4 home address the pending BU requested (option 29), if any.
+        self._pending_ip4: IPv4Address | None = None
         self.last_status: int | None = None
         self.granted_lifetime = 0
         self.retransmissions = 0
@@ -203,8 +207,17 @@ class MnRegistration:
         self.registered = self._pending_lifetime > 0 and ba.lifetime > 0
         ip4 = None
         for opt in ba.options:
-            if isinstance(opt, mh.IPv4AddressAck) and opt.accepted:
-                ip4 = opt.home_address
+            if not isinstance(opt, mh.IPv4AddressAck) or not opt.accepted:
+                continue
+            # RFC 5555 §3.2.1/§4.2, PROFILE §8: an IPv4 Address Acknowledgement
+            # answers the BU's IPv4 Home Address Request; one this BU did not
+            # ask for (no option 29, or another address) is ignored -- taken,
+            # the shell put e.g. 8.8.8.8/32 on the TUN device and the kernel
+            # delivered all traffic to it locally (found in review).
+            if self._pending_ip4 is None or opt.home_address != self._pending_ip4:
+                self.ignored["unrequested_ip4_ack"] += 1
+                continue
+            ip4 = opt.home_address
         out: list[Action] = [Registered(ba.status, ba.lifetime_seconds, ba.sequence, ip4)]
         if self.registered:
             refresh = ba.lifetime_seconds * self._refresh_at
@@ -372,9 +385,11 @@ class MnRegistration:
     def _bu(self, lifetime_units: int) -> bytes:
         options: tuple[mh.MobilityOption, ...] = ()
         bs = self.issued.bootstrap
+        self._pending_ip4 = None
         if self._request_ip4 and lifetime_units and bs.ip4_hoa is not None:
             plen = bs.ip4_hnp.prefixlen if bs.ip4_hnp is not None else 32
             options = (mh.IPv4HomeAddressRequest(plen, bs.ip4_hoa),)
+            self._pending_ip4 = bs.ip4_hoa
         bu = mh.BindingUpdate(
             sequence=self.sequence, a=True, h=True, lifetime=lifetime_units, options=options
         )

@@ -244,6 +244,38 @@ def test_ipv4_hoa_request_and_ack() -> None:
     assert reg_act.ip4_hoa == IPv4Address("192.0.2.9")
 
 
+@pytest.mark.parametrize("ip4", [False, True])
+def test_unrequested_ipv4_address_ack_is_ignored(ip4: bool) -> None:
+    """RFC 5555 §4.2, PROFILE §8: an IPv4 Address Ack is taken only for the
+    address this BU requested (option 29); none asked for, or another
+    address acked, is ignored and counted (found in review: 8.8.8.8/32 went
+    on the TUN device)."""
+    iss = issued(ip4=ip4)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    bu = ha.bu(tx.datagram)
+    ack = mh.IPv4AddressAck(0, 32, IPv4Address("8.8.8.8"))
+    [act] = reg.receive(ha.ba(0, bu.sequence, 10, (ack,)), 0.1)
+    assert isinstance(act, Registered) and act.ip4_hoa is None and reg.registered
+    assert reg.ignored == {"unrequested_ip4_ack": 1}
+
+
+def test_ipv4_address_ack_without_request_when_not_asked() -> None:
+    """request_ip4_hoa off: the BU carries no option 29, so the provisioned
+    address acked is not taken either."""
+    iss = issued(ip4=True)
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, request_ip4_hoa=False)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    bu = ha.bu(tx.datagram)
+    assert bu.options == ()
+    ack = mh.IPv4AddressAck(0, 24, IPv4Address("192.0.2.9"))
+    [act] = reg.receive(ha.ba(0, bu.sequence, 10, (ack,)), 0.1)
+    assert isinstance(act, Registered) and act.ip4_hoa is None
+    assert reg.ignored == {"unrequested_ip4_ack": 1}
+
+
 def test_deregistration_lifetime_zero() -> None:
     iss = issued()
     reg = MnRegistration(iss, now=0.0, wall_now=NOW)
