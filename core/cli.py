@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mipsec.core import ctlcli, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, load_config, load_toml, redacted
-from mipsec.core.errors import CertificateError, ConfigError, ListenError, PluginError
+from mipsec.core.errors import (
+    CertificateError,
+    ConfigError,
+    ListenError,
+    LocalProtocolError,
+    PluginError,
+)
 from mipsec.core.logburst import LineBurst
 from mipsec.core.mn_backoff import Backoff, backoff_path
 from mipsec.core.stopcheck import stop_requested
@@ -549,9 +555,21 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             await kept.end(deregister=False)
             kept = None
         short = short_sa(result.issued)  # None with --once (the WARNING alone)
-        registrar = Registrar(
-            result.issued, cfg, rebootstrap_at=cfg.sa.rebootstrap_at, rebootstrap_after=short
-        )
+        try:
+            registrar = Registrar(
+                result.issued, cfg, rebootstrap_at=cfg.sa.rebootstrap_at, rebootstrap_after=short
+            )
+        except LocalProtocolError as exc:
+            # The SA cannot be used (keys its ciphers refuse, e.g. a 3DES key
+            # RFC 2451 §2.3 says MUST be rejected, should one pass the 200's
+            # checks): a failed bootstrap, backed off.  It was a traceback, and
+            # with no backoff written a supervisor's restarts hammered the
+            # HAC (found in review).
+            report(result, RegistrationOutcome(None, reason=f"unusable SA: {exc}"))
+            if once:
+                return EXIT_FAILED
+            await after_failure(f"unusable SA spi={result.issued.sa.spi}: {exc}")
+            continue
         try:
             await registrar.open()
         except (OSError, LookupError) as exc:

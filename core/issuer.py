@@ -140,6 +140,16 @@ def sa_from_message(msg: Message, mn_id: str, ha_id: str = "") -> IssuedSA:
         got = len(key) if key is not None else 0
         if got != size:
             raise RemoteProtocolError(200, f"{name}: {got} octets, suite needs {size}")
+        if info.encryption == "3des-cbc" and name.endswith("ekey") and key is not None:
+            # RFC 2451 §2.3: k1 == k2 or k2 == k3 makes 3DES single DES, and
+            # such keys MUST be rejected: the HAC's fault, so the bootstrap
+            # fails (with backoff) -- the MN crashed later building its
+            # cipher, and a supervisor's restarts hammered the HAC (found in
+            # review).
+            if _des3_degenerate(key):
+                raise RemoteProtocolError(
+                    200, f"{name}: 3DES key with k1 == k2 or k2 == k3 (RFC 2451 §2.3)"
+                )
     sa = SecurityAssociation(
         spi=msg.mip6_spi,
         mn_id=mn_id,
