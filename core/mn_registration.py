@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,6 +66,11 @@ COUNTER_NEAR_END = "the SA's sequence numbers are nearly used up"
 INITIAL_BINDACK_TIMEOUT_FIRST_REG = 1.5  # InitialBindackTimeoutFirstReg (§13)
 INITIAL_BINDACK_TIMEOUT = 1.0  # INITIAL_BINDACK_TIMEOUT (§12)
 MAX_BINDACK_TIMEOUT = 32.0  # MAX_BINDACK_TIMEOUT (§12)
+MAX_UPDATE_RATE = 3  # BUs to the HA within any second at most (§11.8, §12)
+# BAs with status 135 (Sequence # out of window) in a row before the
+# registration fails (and the caller backs off): an HA that answers every BU
+# so is broken or hostile (found in review: 195,000 BUs in 60 s).
+MAX_OUT_OF_WINDOW = 5
 UNSPECIFIED = IPv6Address("::")
 
 
@@ -146,6 +151,11 @@ class MnRegistration:
         self._pending_lifetime = self._lifetime_units
         self._timeout = INITIAL_BINDACK_TIMEOUT_FIRST_REG
         self._retransmit_at: float | None = None
+        # The pending BU waits for the rate limit (RFC 6275 §11.8): it is sent
+        # as it is at ``_retransmit_at``, not as a retransmission.
+        self._deferred = False
+        self._sent_at: deque[float] = deque(maxlen=MAX_UPDATE_RATE)
+        self._out_of_window = 0  # BAs with status 135 in a row
         self._refresh_deadline: float | None = None
         self._rebootstrap_sent = False
         self._reinit_told = False
@@ -169,12 +179,15 @@ class MnRegistration:
 
     def start(self, now: float) -> list[Action]:
         """Send the first BU (home registration)."""
-        return [self._send_bu(now, self._lifetime_units, first=True)]
+        return self._send_bu(now, self._lifetime_units, first=True)
 
     def deregister(self, now: float) -> list[Action]:
-        """BU with lifetime 0 (RFC 6275 §11.7.2), e.g. at shutdown."""
+        """BU with lifetime 0 (RFC 6275 §11.7.2), e.g. at shutdown.
+
+        Sent at once even past MAX_UPDATE_RATE: it is the last BU of the SA
+        (the shell waits for its BA, running no timer)."""
         self.sequence = (self.sequence + 1) & 0xFFFF
-        return [self._send_bu(now, 0, first=False)]
+        return self._send_bu(now, 0, first=False, limited=False)
 
     def receive(self, datagram: bytes, now: float) -> list[Action]:
         try:
@@ -192,13 +205,13 @@ class MnRegistration:
         if not isinstance(ba, mh.BindingAck) or self._pending is None:
             return []
         if ba.status == mh.SEQUENCE_OUT_OF_WINDOW:
-            # RFC 6275 §11.7.3: retry with a sequence above the HA's last one.
-            self.sequence = (ba.sequence + 1) & 0xFFFF
-            return [self._send_bu(now, self._pending_lifetime, first=False)]
+            return self._out_of_window_ba(ba, now)
         if ba.sequence != self.sequence:
             return []  # a BA for another BU
+        self._out_of_window = 0
         self._pending = None
         self._retransmit_at = None
+        self._deferred = False
         self.last_status = ba.status
         if ba.status >= 128 and ba.status != mh.REINIT_SA_WITH_HAC:
             self.registered = False
@@ -238,7 +251,10 @@ class MnRegistration:
             self._rebootstrap_sent = True
             return [Rebootstrap(COUNTER_NEAR_END)]
         out: list[Action] = []
-        if self._retransmit_at is not None and now >= self._retransmit_at:
+        if self._retransmit_at is not None and now >= self._retransmit_at and self._deferred:
+            # Held back by the rate limit: sent now, as it is.
+            out.extend(self._transmit(now))
+        elif self._retransmit_at is not None and now >= self._retransmit_at:
             if self._timeout * 2 > MAX_BINDACK_TIMEOUT:
                 self._pending = None
                 self._retransmit_at = None
@@ -252,9 +268,7 @@ class MnRegistration:
                 # would drop a copy.
                 self.sequence = (self.sequence + 1) & 0xFFFF
                 self._pending = self._bu(self._pending_lifetime)
-                out.append(self._protect_pending())
-                if self._pending is not None:
-                    self._retransmit_at = now + self._timeout
+                out.extend(self._transmit(now))
         if (
             self._refresh_deadline is not None
             and now >= self._refresh_deadline
@@ -262,7 +276,7 @@ class MnRegistration:
         ):
             self._refresh_deadline = None
             self.sequence = (self.sequence + 1) & 0xFFFF
-            out.append(self._send_bu(now, self._lifetime_units, first=False))
+            out.extend(self._send_bu(now, self._lifetime_units, first=False))
         if now >= self._rebootstrap_deadline and not self._rebootstrap_sent:
             self._rebootstrap_sent = True
             out.append(Rebootstrap(NEAR_END))
@@ -331,7 +345,7 @@ class MnRegistration:
         if self._pending is not None and self._pending_lifetime == 0:
             return []
         self.sequence = (self.sequence + 1) & 0xFFFF
-        return [self._send_bu(now, self._lifetime_units, first=False)]
+        return self._send_bu(now, self._lifetime_units, first=False)
 
     # ------------------------------------------------------------ user data (RFC 6618 §6.4)
 
@@ -395,12 +409,53 @@ class MnRegistration:
         )
         return mh.encode_mh(bu, src=self.hoa, dst=self.ha_addr)
 
-    def _send_bu(self, now: float, lifetime_units: int, *, first: bool) -> Transmit | Failed:
+    def _send_bu(
+        self, now: float, lifetime_units: int, *, first: bool, limited: bool = True
+    ) -> list[Action]:
+        self._out_of_window = 0
         self._pending = self._bu(lifetime_units)
         self._pending_lifetime = lifetime_units
         self._timeout = INITIAL_BINDACK_TIMEOUT_FIRST_REG if first else INITIAL_BINDACK_TIMEOUT
+        return self._transmit(now, limited=limited)
+
+    def _out_of_window_ba(self, ba: mh.BindingAck, now: float) -> list[Action]:
+        """RFC 6275 §11.7.3: status 135 -- the BU again, numbered above the
+        HA's last one, under the rate limit (§11.8) and on the running
+        exponential timer (a 135 does not start it again); MAX_OUT_OF_WINDOW
+        of them in a row fail the registration.  Before the twenty-eighth
+        session each 135 sent a BU at once, unbounded (found in review)."""
+        self._out_of_window += 1
+        if self._out_of_window >= MAX_OUT_OF_WINDOW:
+            self._pending = None
+            self._retransmit_at = None
+            self._deferred = False
+            self.registered = False
+            self.last_status = ba.status
+            return [
+                Failed(
+                    ba.status,
+                    f"HA answered {self._out_of_window} BUs in a row with status 135 "
+                    "(sequence number out of window)",
+                )
+            ]
+        self.sequence = (ba.sequence + 1) & 0xFFFF
+        self._pending = self._bu(self._pending_lifetime)
+        self._timeout = min(self._timeout * 2, MAX_BINDACK_TIMEOUT)  # one more try (§11.8)
+        return self._transmit(now)
+
+    def _transmit(self, now: float, *, limited: bool = True) -> list[Action]:
+        """The pending BU now, or -- past MAX_UPDATE_RATE in the last second
+        (RFC 6275 §11.8: MUST NOT) -- once the limit allows it."""
+        sent = self._sent_at
+        if limited and len(sent) == MAX_UPDATE_RATE and now < sent[0] + 1.0:
+            self._deferred = True
+            self._retransmit_at = sent[0] + 1.0
+            return []
+        self._deferred = False
+        sent.append(now)
         self._retransmit_at = now + self._timeout
-        return self._protect_pending()
+        act = self._protect_pending()
+        return [act]
 
     def _protect_pending(self) -> Transmit | Failed:
         assert self._pending is not None
@@ -412,5 +467,6 @@ class MnRegistration:
             # out of the machine and ended the MN before (found in review).
             self._pending = None
             self._retransmit_at = None
+            self._deferred = False
             self.registered = False
             return Failed(None, "the SA's sequence numbers are used up")

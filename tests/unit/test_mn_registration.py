@@ -10,6 +10,8 @@ import pytest
 from mipsec.core.issuer import new_sa
 from mipsec.core.mn_registration import (
     MAX_BINDACK_TIMEOUT,
+    MAX_OUT_OF_WINDOW,
+    MAX_UPDATE_RATE,
     Failed,
     MnRegistration,
     Rebootstrap,
@@ -111,6 +113,59 @@ def test_status_135_retries_with_higher_sequence() -> None:
     assert reg.receive(ha.ba(0, 901, 10), 0.2)[0] == Registered(0, 40, 901, None)
 
 
+def test_status_135_storm_is_rate_limited_and_fails() -> None:
+    """RFC 6275 §11.8: at most MAX_UPDATE_RATE (3) BUs within a second; an
+    HA answering every BU with 135 at once gets MAX_OUT_OF_WINDOW BUs in
+    all, then the registration fails (the caller backs off).  Found in
+    review: each 135 sent a BU at once, 195,000 in 60 s."""
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW)
+    ha = FakeHA(iss)
+    now = 0.0
+    [tx] = reg.start(now)
+    sent = [now]
+    acts: list = [tx]
+    failed = None
+    for _ in range(100):
+        txs = [a for a in acts if isinstance(a, Transmit)]
+        failed = next((a for a in acts if isinstance(a, Failed)), None)
+        if failed is not None:
+            break
+        if txs:
+            bu = ha.bu(txs[-1].datagram)
+            acts = reg.receive(ha.ba(mh.SEQUENCE_OUT_OF_WINDOW, (bu.sequence + 7) & 0xFFFF, 0), now)
+        else:
+            now = reg.next_timer()
+            acts = reg.timer(now)
+        sent += [now for a in acts if isinstance(a, Transmit)]
+    assert failed is not None and failed.status == mh.SEQUENCE_OUT_OF_WINDOW
+    assert len(sent) == MAX_OUT_OF_WINDOW
+    assert all(b - a >= 1.0 for a, b in zip(sent, sent[MAX_UPDATE_RATE:], strict=False))
+    assert not reg.registered and reg.next_timer() == reg.rebootstrap_deadline  # no BU due
+
+
+def test_status_135_keeps_the_exponential_timer() -> None:
+    """A 135 is answered by the BU again, but on the running exponential
+    timer (doubled, as for a retransmission), not a fresh 1 s one; a BA that
+    then accepts starts the count of 135s again."""
+    iss = issued()
+    reg = MnRegistration(iss, now=0.0, wall_now=NOW, first_sequence=5)
+    ha = FakeHA(iss)
+    [tx] = reg.start(0.0)
+    [retry] = reg.timer(1.5)  # timeout 1.5 s -> 3 s
+    assert reg.next_timer() == pytest.approx(4.5)
+    [again] = reg.receive(ha.ba(mh.SEQUENCE_OUT_OF_WINDOW, 900, 0), 2.0)
+    assert ha.bu(again.datagram).sequence == 901
+    assert reg.next_timer() == pytest.approx(2.0 + 6.0)
+    [ok] = reg.receive(ha.ba(0, 901, 10), 2.1)
+    assert isinstance(ok, Registered)
+    for i in range(MAX_OUT_OF_WINDOW - 1):  # the count started again
+        t = 100.0 + 10 * i
+        [tx] = reg.moved(t)
+        [act] = reg.receive(ha.ba(mh.SEQUENCE_OUT_OF_WINDOW, 2000 + i, 0), t + 0.1)
+        assert isinstance(act, Transmit)
+
+
 def test_status_133_fails() -> None:
     iss = issued()
     reg = MnRegistration(iss, now=0.0, wall_now=NOW)
@@ -207,17 +262,19 @@ def test_a_ba_is_accepted_once_even_when_its_sequence_matches_again() -> None:
     captured = ha.ba(0, ha.bu(tx.datagram).sequence, 10)
     assert isinstance(reg.receive(captured, 0.1)[0], Registered)
     for _ in range(69):  # more refreshes than the window (64) is wide
-        [refresh] = reg.timer(reg.next_timer())
+        t = reg.next_timer()
+        [refresh] = reg.timer(t)
         assert isinstance(
-            reg.receive(ha.ba(0, ha.bu(refresh.datagram).sequence, 10), 1.0)[0], Registered
+            reg.receive(ha.ba(0, ha.bu(refresh.datagram).sequence, 10), t + 0.1)[0], Registered
         )
     reg.sequence = 40  # the next BU carries 41 again, as after a wrap
-    [again] = reg.timer(reg.next_timer())
+    t = reg.next_timer()
+    [again] = reg.timer(t)
     assert ha.bu(again.datagram).sequence == 41
-    assert reg.receive(captured, 2.0) == []  # not the BA of this BU
+    assert reg.receive(captured, t + 0.1) == []  # not the BA of this BU
     assert reg.drops == {"replay": 1}
     # The BU was still pending: the HA's genuine answer completes it.
-    assert isinstance(reg.receive(ha.ba(0, 41, 10), 2.1)[0], Registered)
+    assert isinstance(reg.receive(ha.ba(0, 41, 10), t + 0.2)[0], Registered)
 
 
 def test_a_ba_of_another_sa_is_dropped() -> None:
