@@ -216,6 +216,20 @@ class MnRegistration:
         if ba.status >= 128 and ba.status != mh.REINIT_SA_WITH_HAC:
             self.registered = False
             return [Failed(ba.status, f"HA refused the binding update (status {ba.status})")]
+        if ba.status < 128 and self._pending_lifetime > 0 and ba.lifetime == 0:
+            # RFC 6275 §11.7.3: the binding lives for the lifetime granted --
+            # none.  Not a registration: a failure the caller backs off from.
+            # It was taken as one before the twenty-eighth session: no
+            # refresh, no BU for the rest of the SA (found in review).
+            self.registered = False
+            self.granted_lifetime = 0
+            return [
+                Failed(
+                    None,
+                    f"HA accepted the binding update (status {ba.status}) with lifetime 0: "
+                    "no binding",
+                )
+            ]
         self.granted_lifetime = ba.lifetime_seconds
         self.registered = self._pending_lifetime > 0 and ba.lifetime > 0
         ip4 = None
