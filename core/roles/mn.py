@@ -229,8 +229,12 @@ SOCKET_BUFFER = 4 << 20  # absorbs bursts of tunnelled data
 _MOVED_ERRNOS = frozenset((errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH))
 # Opening the socket to an IPv6 HA failed with one of these: this host has no
 # IPv6 (EAFNOSUPPORT), not on the path to the HA (no ::1 with IPv6 off on the
-# loopback: EADDRNOTAVAIL), or no route there (ENETUNREACH).
-_NO_IP6_ERRNOS = frozenset((errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENETUNREACH))
+# loopback: EADDRNOTAVAIL), or no route there (ENETUNREACH; since the
+# twenty-eighth session also an `unreachable` route's EHOSTUNREACH and a
+# `prohibit` route's EACCES -- found in review).
+_NO_IP6_ERRNOS = frozenset(
+    (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES)
+)
 
 
 def source_address_for(host: str, port: int) -> str | None:

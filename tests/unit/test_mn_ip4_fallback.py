@@ -74,7 +74,16 @@ def _open(
     return reg.ha, tried
 
 
-@pytest.mark.parametrize("code", [errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EAFNOSUPPORT])
+@pytest.mark.parametrize(
+    "code",
+    [
+        errno.EADDRNOTAVAIL,
+        errno.ENETUNREACH,
+        errno.EAFNOSUPPORT,
+        errno.EHOSTUNREACH,  # an `unreachable` IPv6 route (found in review)
+        errno.EACCES,  # a `prohibit` IPv6 route (found in review)
+    ],
+)
 def test_auto_takes_ipv4_when_ipv6_cannot_be_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
@@ -86,7 +95,7 @@ def test_auto_takes_ipv4_when_ipv6_cannot_be_sent(
     ("transport", "code", "ip4"),
     [
         ("ip6", errno.EADDRNOTAVAIL, True),  # asked for IPv6 alone
-        ("auto", errno.EACCES, True),  # not a missing IPv6 path
+        ("auto", errno.EPERM, True),  # not a missing IPv6 path
         ("auto", errno.EADDRNOTAVAIL, False),  # nothing to fall back to
     ],
 )
