@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address
 
 from mipsec.core.errors import RemoteProtocolError
 from mipsec.core.model import (
@@ -162,6 +163,7 @@ def sa_from_message(msg: Message, mn_id: str, ha_id: str = "") -> IssuedSA:
         ha_to_mn_ekey=msg.ha_to_mn_ekey or b"",
         ha_id=ha_id,
     )
+    _check_addresses(msg)
     kwargs = {}
     if msg.port is not None:
         kwargs["port"] = msg.port
@@ -177,6 +179,49 @@ def sa_from_message(msg: Message, mn_id: str, ha_id: str = "") -> IssuedSA:
         **kwargs,
     )
     return IssuedSA(sa, bs)
+
+
+def _bad_address(address: IPv4Address | IPv6Address, *, home: bool) -> str | None:
+    """Why ``address`` cannot be an HA address or (``home``) a home address."""
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_multicast:
+        return "multicast"
+    if address.is_link_local:
+        return "link-local"
+    if isinstance(address, IPv4Address) and address == IPv4Address("255.255.255.255"):
+        return "broadcast"
+    # Loopback only for a home address: the project's labs run the HA on
+    # ::1 / 127.0.0.1 (``mipsec init --lab``), and an HAC pointing its MNs at
+    # a loopback HA hurts no one but itself.
+    if home and address.is_loopback:
+        return "loopback"
+    return None
+
+
+def _check_addresses(msg: Message) -> None:
+    """The bootstrap data's HA and home addresses (RFC 6618 §5.7) must be
+    unicast addresses an MN can send to and be reached at: ``::`` as the HA
+    sent the BUs to this host, ff02::1 or ::1 as a home address was
+    registered and routed (found in review; since the twenty-eighth
+    session).  Refused, as the HAC's protocol error: multicast, unspecified,
+    link-local (and 255.255.255.255) HA and home addresses, loopback home
+    addresses, and a home address equal to the HA's address."""
+    for name, address, home in (
+        ("mip6-haa-ip6", msg.haa_ip6, False),
+        ("mip6-haa-ip4", msg.haa_ip4, False),
+        ("mip6-ip6-hoa", msg.ip6_hoa, True),
+        ("mip6-ip4-hoa", msg.ip4_hoa, True),
+    ):
+        if address is None:
+            continue
+        why = _bad_address(address, home=home)
+        if why is not None:
+            raise RemoteProtocolError(200, f"{name}: {address} is a {why} address")
+    if msg.ip6_hoa is not None and msg.ip6_hoa == msg.haa_ip6:
+        raise RemoteProtocolError(200, f"mip6-ip6-hoa: {msg.ip6_hoa} is the HA's own address")
+    if msg.ip4_hoa is not None and msg.ip4_hoa == msg.haa_ip4:
+        raise RemoteProtocolError(200, f"mip6-ip4-hoa: {msg.ip4_hoa} is the HA's own address")
 
 
 def utcnow() -> datetime:

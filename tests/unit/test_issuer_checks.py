@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime
-from ipaddress import IPv6Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
@@ -46,3 +46,48 @@ def test_a_degenerate_3des_key_is_refused(field: str, which: str) -> None:
     msg = dataclasses.replace(message(Suite(0x000A)), **{field: key})
     with pytest.raises(RemoteProtocolError, match="RFC 2451"):
         sa_from_message(msg, "a@b")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("haa_ip6", "::"),  # BUs went to this host (found in review)
+        ("haa_ip6", "ff02::1"),
+        ("haa_ip6", "fe80::1"),
+        ("haa_ip4", "0.0.0.0"),
+        ("haa_ip4", "224.0.0.1"),
+        ("haa_ip4", "255.255.255.255"),
+        ("haa_ip4", "169.254.0.1"),
+        ("ip6_hoa", "::"),
+        ("ip6_hoa", "ff02::1"),  # registered as a home address (found in review)
+        ("ip6_hoa", "::1"),
+        ("ip6_hoa", "fe80::7"),
+        ("ip6_hoa", str(HAA)),  # the HA's own address
+        ("ip4_hoa", "127.0.0.1"),
+        ("ip4_hoa", "224.0.0.1"),
+        ("ip4_hoa", "0.0.0.0"),
+        ("ip4_hoa", "192.0.2.1"),  # the HA's own IPv4 address (haa_ip4 below)
+    ],
+)
+def test_a_bad_ha_or_home_address_is_refused(field: str, value: str) -> None:
+    """Bootstrap addresses must be unicast, not link-local; a home address
+    not loopback and not the HA's own (since the twenty-eighth session)."""
+    address = IPv4Address(value) if "ip4" in field else IPv6Address(value)
+    bs: dict[str, object] = {"haa_ip4": IPv4Address("192.0.2.1"), field: address}
+    with pytest.raises(RemoteProtocolError) as info:
+        sa_from_message(message(**bs), "a@b")
+    assert info.value.reason.startswith("mip6-" + field.replace("_", "-") + ": ")
+
+
+@pytest.mark.parametrize(
+    "bs",
+    [
+        {"haa_ip6": IPv6Address("::1"), "haa_ip4": IPv4Address("127.0.0.1")},  # the labs' HA
+        {"haa_ip4": IPv4Address("192.0.2.1"), "ip4_hoa": IPv4Address("10.1.0.10")},
+        {"ip6_hoa": None},
+    ],
+)
+def test_loopback_ha_and_ordinary_addresses_are_taken(bs: dict[str, object]) -> None:
+    """Loopback stays accepted for the HA (``mipsec init --lab`` runs it on
+    ::1 / 127.0.0.1)."""
+    sa_from_message(message(**bs), "a@b")

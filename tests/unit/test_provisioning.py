@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mipsec.core.errors import HeaderError, LocalProtocolError
+from mipsec.core.issuer import _bad_address, _des3_degenerate
 from mipsec.core.model import BootstrapData, IssuedSA, SecurityAssociation
 from mipsec.core.provisioning import (
     ProvisioningFailed,
@@ -269,7 +270,10 @@ def issued_sas(draw: st.DrawFn) -> IssuedSA:
     suite = draw(st.sampled_from(list(Suite)))
     info = SUITES[suite]
     keys = [draw(st.binary(min_size=info.ikey_len, max_size=info.ikey_len)) for _ in range(2)]
-    ekeys = [draw(st.binary(min_size=info.ekey_len, max_size=info.ekey_len)) for _ in range(2)]
+    ekey = st.binary(min_size=info.ekey_len, max_size=info.ekey_len)
+    if info.encryption == "3des-cbc":  # RFC 2451 §2.3: sa_from_message refuses these
+        ekey = ekey.filter(lambda k: not _des3_degenerate(k))
+    ekeys = [draw(ekey) for _ in range(2)]
     end = draw(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2200, 1, 1)))
     sa = SecurityAssociation(
         spi=draw(st.integers(1, 268435455)),
@@ -283,12 +287,22 @@ def issued_sas(draw: st.DrawFn) -> IssuedSA:
         ha_to_mn_ekey=ekeys[1],
         ha_id=draw(_ha_ids),
     )
+
+    # Addresses sa_from_message takes (multicast, unspecified, link-local
+    # and, for a home address, loopback or the HA's own are refused).
+    def usable(v: int, home: bool) -> st.SearchStrategy[object]:
+        return st.ip_addresses(v=v).filter(lambda a: _bad_address(a, home=home) is None)
+
+    haa_ip6 = draw(st.none() | usable(6, False))
+    haa_ip4 = draw(st.none() | usable(4, False))
+    ip6_hoa = draw(st.none() | usable(6, True).filter(lambda a: a != haa_ip6))
+    ip4_hoa = None if haa_ip4 == IPv4Address("192.0.2.7") else IPv4Address("192.0.2.7")
     bs = BootstrapData(
-        haa_ip6=draw(st.none() | st.ip_addresses(v=6)),  # type: ignore[arg-type]
-        haa_ip4=draw(st.none() | st.ip_addresses(v=4)),  # type: ignore[arg-type]
+        haa_ip6=haa_ip6,  # type: ignore[arg-type]
+        haa_ip4=haa_ip4,  # type: ignore[arg-type]
         port=draw(st.integers(1, 65535)),
-        ip6_hoa=draw(st.none() | st.ip_addresses(v=6)),  # type: ignore[arg-type]
-        ip4_hoa=draw(st.none() | st.just(IPv4Address("192.0.2.7"))),
+        ip6_hoa=ip6_hoa,  # type: ignore[arg-type]
+        ip4_hoa=draw(st.none() | st.just(ip4_hoa)),
     )
     return IssuedSA(sa, bs)
 
