@@ -500,6 +500,8 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     # The previous SA's binding, kept while the MN bootstraps again (make
     # before break, core/mn_keep.py).
     kept: KeptBinding | None = None
+    # backoff.succeeded() once the SA registered has lived [sa] min_lifetime.
+    succeed_later: asyncio.TimerHandle | None = None
     while not stop.is_set():
         if kept is not None and not kept.live:
             kept = None
@@ -521,6 +523,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 await kept.end(deregister=True)
             return EXIT_FAILED if once else EXIT_OK
         result = boot
+        boot_at = mn_clock()  # the SA's age is measured from here (suspends count)
         if not result.ok or result.issued is None or not cfg.registration.enabled:
             report(result, None)
             if once:
@@ -591,19 +594,34 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             if dataplane is not None and first.accepted:
                 dataplane.attach(registrar, first.ip4_hoa)
             if first.accepted and first.rebootstrap is None and short is None:
-                backoff.succeeded()
+                # The count of failures starts again only once the SA has
+                # lived [sa] min_lifetime (the floor below): the HA can
+                # send an SA back at any time (176 on a refresh, a counter
+                # near its end on the first BA), and a reset at the first BA
+                # let such an HA drive a re-bootstrap every 1-3 s for ever
+                # (found in review; since the twenty-eighth session).
+                succeed_later = loop.call_later(
+                    max(0.0, cfg.sa.min_lifetime - (mn_clock() - boot_at)), backoff.succeeded
+                )
             outcome = first
             if first.accepted and first.rebootstrap is None:
                 outcome = await registrar.run_more(stop=stop)
+            if succeed_later is not None:
+                succeed_later.cancel()
+                succeed_later = None
             if stop.is_set():
                 await registrar.deregister()
                 break
             if outcome.rebootstrap:
                 log.info("bootstrapping again: %s", outcome.rebootstrap)
+                lived = mn_clock() - boot_at
                 if outcome.rebootstrap == NEAR_END and first.rebootstrap is None:
                     # Make before break (core/mn_keep.py): the SA is still
                     # good; its binding and data plane stay until a new SA
-                    # is registered or it ends.
+                    # is registered or it ends.  The SA's normal end: a
+                    # success, whatever its length.
+                    if short is None:
+                        backoff.succeeded()
                     if kept is not None:
                         await kept.end(deregister=False)
                     kept = KeptBinding(registrar, _detach_from(dataplane))
@@ -612,11 +630,23 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                     # 176 to every BU): a failure, backed off -- the MN
                     # must not hammer its HAC.
                     await after_failure(f"sent back by the SA's first BA: {outcome.rebootstrap}")
+                elif lived < cfg.sa.min_lifetime:
+                    # Sent back before it lived [sa] min_lifetime (RFC 6618
+                    # §8.2's 176 on a refresh, PROFILE §7's counter already
+                    # near its end): a failure too, backed off.
+                    await after_failure(
+                        f"SA spi={result.issued.sa.spi} sent back after {lived:.0f} s, "
+                        f"under [sa] min_lifetime ({cfg.sa.min_lifetime:g} s): "
+                        f"{outcome.rebootstrap}"
+                    )
             elif not outcome.accepted:
                 why = outcome.reason or f"BA status {outcome.status}"
                 log.warning("registration failed: %s", why)
                 await after_failure(f"registration failed: {why}")
         finally:
+            if succeed_later is not None:
+                succeed_later.cancel()
+                succeed_later = None
             if kept is None or kept.registrar is not registrar:
                 if dataplane is not None and dataplane.registrar is registrar:
                     dataplane.detach()

@@ -18,6 +18,7 @@ from mipsec.core import cli
 from mipsec.core.config import MNConfig, validate_config
 from mipsec.core.issuer import new_sa, utcnow
 from mipsec.core.mn_exchange import BootstrapResult
+from mipsec.core.mn_registration import COUNTER_NEAR_END, NEAR_END
 from mipsec.core.model import BootstrapData, IssuedSA
 from mipsec.core.suites import Suite
 
@@ -96,3 +97,91 @@ def test_an_sa_whose_cipher_refuses_its_keys_is_a_failed_bootstrap_backed_off(
     lines = [r.getMessage() for r in caplog.records if "next bootstrap in" in r.getMessage()]
     assert len(lines) == 3 and "failure 3 in a row" in lines[-1]
     assert "unusable SA spi=9" in lines[0] and "RFC 2451" in lines[0]
+
+
+class FakeRegistrar:
+    """Registers at the first BA; ``then`` is what the rest of the SA brings."""
+
+    then: Any = None
+    clock: list[float] = [0.0]
+
+    def __init__(self, issued: IssuedSA, cfg: MNConfig, **_k: Any) -> None:
+        self.issued = issued
+
+    async def open(self) -> None:
+        pass
+
+    async def run(self, **_k: Any) -> Any:
+        from mipsec.core.roles.mn import RegistrationOutcome
+
+        return RegistrationOutcome(0, 600, 1)
+
+    async def run_more(self, **_k: Any) -> Any:
+        from mipsec.core.roles.mn import RegistrationOutcome
+
+        lived, reason = FakeRegistrar.then
+        FakeRegistrar.clock[0] += lived
+        return RegistrationOutcome(0, 600, 2, rebootstrap=reason)
+
+    async def deregister(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def good_issued() -> IssuedSA:
+    sa = new_sa(spi=9, mn_id="alice@mipsec.test", suite=Suite.AES_128_CBC_SHA256, scope=1,
+                lifetime=3600, now=utcnow())  # fmt: skip
+    return IssuedSA(
+        sa, BootstrapData(haa_ip6=IPv6Address("::1"), ip6_hoa=IPv6Address("2001:db8::5"))
+    )
+
+
+@pytest.mark.parametrize(
+    ("lived", "reason", "failures"),
+    [
+        (2.0, "HA answered REINIT_SA_WITH_HAC (176)", 3),  # a 176 on an early refresh
+        (0.0, COUNTER_NEAR_END, 3),  # the HA's counter near its end at once
+        (61.0, "HA answered REINIT_SA_WITH_HAC (176)", 0),  # lived [sa] min_lifetime
+        (5.0, NEAR_END, 0),  # the SA's normal end is never a failure
+    ],
+)
+def test_an_sa_sent_back_before_it_lived_min_lifetime_is_a_failure(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    lived: float,
+    reason: str,
+    failures: int,
+) -> None:
+    """An HA sending every SA back soon after its first BA (176 on a
+    refresh of a short-granted binding, a counter near 2**32 - 2**20) drove
+    a re-bootstrap every 1-3 s for ever: the backoff was reset at the first
+    BA.  Since the twenty-eighth session a re-bootstrap asked before the SA
+    lived [sa] min_lifetime counts as a failure, and the count starts again
+    only once an SA lived that long (found in review)."""
+    from mipsec.core import mn_keep
+    from mipsec.core.roles import mn
+
+    caplog.set_level(logging.INFO, "mipsec.mn")
+    FakeRegistrar.then = (lived, reason)
+    FakeRegistrar.clock = [0.0]
+    monkeypatch.setattr(mn, "Registrar", FakeRegistrar)
+    monkeypatch.setattr(mn, "mn_clock", lambda: FakeRegistrar.clock[0])
+
+    class Kept:
+        def __init__(self, registrar: Any, detach: Any) -> None:
+            self.registrar, self.live = registrar, True
+
+        async def end(self, *, deregister: bool) -> None:
+            pass
+
+    monkeypatch.setattr(mn_keep, "KeptBinding", Kept)
+    waits = run_loop(
+        monkeypatch, config(tmp_path), lambda n: BootstrapResult(200, True, good_issued()), 3
+    )
+    lines = [r.getMessage() for r in caplog.records if "next bootstrap in" in r.getMessage()]
+    assert len(waits) == len(lines) == failures
+    if failures:
+        assert "failure 3 in a row" in lines[-1] and "under [sa] min_lifetime (60 s)" in lines[-1]
