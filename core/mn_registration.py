@@ -218,18 +218,19 @@ class MnRegistration:
             return [Failed(ba.status, f"HA refused the binding update (status {ba.status})")]
         if ba.status < 128 and self._pending_lifetime > 0 and ba.lifetime == 0:
             # RFC 6275 §11.7.3: the binding lives for the lifetime granted --
-            # none.  Not a registration: a failure the caller backs off from.
-            # It was taken as one before the twenty-eighth session: no
-            # refresh, no BU for the rest of the SA (found in review).
+            # none.  Not a registration (it was taken as one before the
+            # twenty-eighth session: no refresh, no BU for the rest of the
+            # SA; found in review).  Our HA answers so when less than 4 s of
+            # the SA are left by its clock (core/ha_core.py): the SA is of
+            # no more use, so bootstrap again -- the caller backs off when
+            # the SA is that young (core/cli.py, [sa] min_lifetime).
             self.registered = False
             self.granted_lifetime = 0
-            return [
-                Failed(
-                    None,
-                    f"HA accepted the binding update (status {ba.status}) with lifetime 0: "
-                    "no binding",
-                )
-            ]
+            self.ignored["lifetime_zero"] += 1
+            if self._rebootstrap_sent:
+                return []
+            self._rebootstrap_sent = True
+            return [Rebootstrap(f"HA granted lifetime 0 (BA status {ba.status}): no binding")]
         self.granted_lifetime = ba.lifetime_seconds
         self.registered = self._pending_lifetime > 0 and ba.lifetime > 0
         ip4 = None

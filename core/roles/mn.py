@@ -547,6 +547,8 @@ class Registrar:
                     return outcome
                 elif isinstance(a, Rebootstrap):
                     outcome.rebootstrap = a.reason
+                    if outcome.status is None:  # no BA registered: say why
+                        outcome.reason = a.reason
             if outcome.rebootstrap is not None or (registered and until_registered):
                 return outcome
             self._check_clock()

@@ -169,15 +169,17 @@ def test_status_135_keeps_the_exponential_timer() -> None:
 @pytest.mark.parametrize("status", [0, 1])
 def test_accepted_with_lifetime_zero_is_no_registration(status: int) -> None:
     """RFC 6275 §11.7.3: a BA accepting a BU of lifetime > 0 with lifetime 0
-    leaves no binding: a failure (the caller backs off), not a registration
+    leaves no binding: no registration but a re-bootstrap (the SA is of no
+    more use; the caller backs off when the SA is young), not a registration
     with no refresh for the rest of the SA (found in review)."""
     iss = issued()
     reg = MnRegistration(iss, now=0.0, wall_now=NOW)
     ha = FakeHA(iss)
     [tx] = reg.start(0.0)
     [act] = reg.receive(ha.ba(status, ha.bu(tx.datagram).sequence, 0), 0.1)
-    assert isinstance(act, Failed) and "lifetime 0" in act.reason
-    assert not reg.registered and reg.next_timer() == reg.rebootstrap_deadline
+    assert isinstance(act, Rebootstrap) and "lifetime 0" in act.reason
+    assert not reg.registered and reg.next_timer() == float("inf")
+    assert reg.ignored == {"lifetime_zero": 1}
 
 
 def test_status_133_fails() -> None:
