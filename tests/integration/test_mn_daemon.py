@@ -249,13 +249,17 @@ def test_the_backoff_survives_a_kill_and_a_success_clears_it(lab: Lab, start_hac
     assert once.returncode == 0, once.stderr
     assert json.loads(once.stdout.splitlines()[-1])["status"] == 200
     assert kept.read_bytes() == before  # --once: not read (no wait), not written
-    # The daemon waits out the rest of the kept wait, then succeeds: no file.
+    # The daemon waits out the rest of the kept wait, then succeeds: no file
+    # once its SA has lived [sa] min_lifetime (since the twenty-eighth
+    # session: an SA sent back sooner is a failure), here 2 s.
+    edit_toml(Path(lab.info["mn"]["config"]), "[sa]\n", "[sa]\nmin_lifetime = 2\n")
     daemon = _daemon(lab)
     try:
         assert daemon.stdout is not None
         first = json.loads(daemon.stdout.readline())
         assert first["status"] == 200 and first["ba"]["status"] == 0, first
-        end = time.monotonic() + 10  # removed just after the result is printed
+        assert kept.exists()  # not at the first BA
+        end = time.monotonic() + 10  # removed 2 s after the SA came
         while kept.exists() and time.monotonic() < end:
             time.sleep(0.05)
         assert not kept.exists()
@@ -343,6 +347,8 @@ def test_an_mn_whose_clock_runs_behind_is_sent_back_by_the_ha_in_time(
     MN bootstraps again while its SA still lives, each time with a 200 and
     BA 0, and never logs a failure."""
     edit_toml(Path(lab.info["hac"]["config"]), "sa_lifetime = 3600", "sa_lifetime = 30")
+    # Its 30-s SAs are meant: a 176 before [sa] min_lifetime is a failure.
+    edit_toml(Path(lab.info["mn"]["config"]), "[sa]\n", "[sa]\nmin_lifetime = 10\n")
     start_hac(lab)
     mn = _daemon_at(lab, "-2m")
     try:
