@@ -425,7 +425,18 @@ class Registrar:
                 # behind a BA in one drain slid the window past it -- the
                 # refresh BA dropped as a replay under a bulk download, the
                 # binding taken for lost (found in review).
+                ignored = self.machine.ignored["unrequested_ip4_ack"]
                 actions = self.machine.receive(data, self._clock())
+                if ignored == 0 and self.machine.ignored["unrequested_ip4_ack"]:
+                    # Once per SA: an HA acknowledging an IPv4 home address
+                    # its BU did not request is broken or hostile (the ack is
+                    # ignored, core/mn_registration.py).
+                    log.warning(
+                        "HA %s sent an IPv4 Address Acknowledgement its BU did not ask for "
+                        "(spi=%d); ignored",
+                        self.ha[0] if self.ha is not None else "?",
+                        self.machine.issued.sa.spi,
+                    )
                 if actions:
                     with contextlib.suppress(asyncio.QueueFull):
                         queue.put_nowait(actions)

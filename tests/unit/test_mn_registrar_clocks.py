@@ -70,6 +70,7 @@ class UdpHA:
         self.status = 0  # of every BA
         self.data_after = 0  # protected data packets sent right behind each BA
         self.lifetime: int | None = None  # of every BA; None: the lifetime asked
+        self.options: tuple[mh.MobilityOption, ...] = ()  # of every BA
 
     def keys(self, iss: IssuedSA) -> None:
         sa = iss.sa
@@ -89,7 +90,9 @@ class UdpHA:
             assert isinstance(bu, mh.BindingUpdate)
             self.bus.append(bu)
             lifetime = bu.lifetime if self.lifetime is None else self.lifetime
-            ba = mh.BindingAck(status=self.status, sequence=bu.sequence, lifetime=lifetime)
+            ba = mh.BindingAck(
+                status=self.status, sequence=bu.sequence, lifetime=lifetime, options=self.options
+            )
             packet = mh.encode_mh(ba, src=HAA, dst=HOA)
             self.sock.sendto(self.out.protect(PTYPE_MH, NEXT_HEADER_MH, packet), peer)
             inner = bytes((0x60, 0, 0, 0, 0, 0, 59, 64)) + IPv6Address("2001:db8:9::1").packed
@@ -300,3 +303,27 @@ def test_a_ba_with_a_burst_of_data_behind_it_is_not_a_replay(tmp_path: Path) -> 
     assert status == 0
     assert delivered == 100
     assert "replay" not in drops
+
+
+def test_an_unrequested_ipv4_ack_is_ignored_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HA acknowledging an IPv4 home address the BU did not ask for (none
+    was provisioned): the registration stands without it, and one WARNING
+    names the HA and the SA (the ack put 8.8.8.8 on the MN's TUN device
+    before: found in review)."""
+    from ipaddress import IPv4Address
+
+    caplog.set_level(logging.INFO, "mipsec.mn")
+
+    async def main() -> tuple[object, int]:
+        clocks = Clocks()
+        async with _registered(tmp_path, clocks) as (reg, ha):
+            ha.options = (mh.IPv4AddressAck(0, 32, IPv4Address("8.8.8.8")),)
+            first = await reg.run(until_registered=True, timeout=5.0)
+            return first.ip4_hoa, first.status or 0
+
+    ip4, status = asyncio.run(main())
+    assert ip4 is None and status == 0
+    lines = [r.getMessage() for r in caplog.records if "did not ask for" in r.getMessage()]
+    assert len(lines) == 1 and "spi=4242" in lines[0] and "::1" in lines[0]
