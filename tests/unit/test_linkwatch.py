@@ -202,13 +202,44 @@ def _watcher(queue: list[bytes | OSError], now: bool | None = True) -> tuple[Any
     return w, changes
 
 
-def test_one_wake_up_reads_a_bounded_number_of_datagrams() -> None:
-    others = [nlmsg(RTM_NEWLINK, 8, IFF_UP)] * (linkwatch.READS_PER_WAKE + 3)
-    w, changes = _watcher([*others, nlmsg(RTM_NEWLINK, 7, 0)])
-    w._readable()
-    assert w._sock.reads == linkwatch.READS_PER_WAKE and changes == []
-    w._readable()  # the rest, at the next wake-up
-    assert changes == [Change(down=True)]
+def test_one_wake_up_reads_a_bounded_number_of_datagrams_then_pauses() -> None:
+    """More than a wake-up's worth waiting (a flap storm): the reader is
+    taken off the loop for PAUSE_S, then put back and the rest read -- the
+    loop woke for each of ~10,000 notifications a second before (review)."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        readers: list[str] = []
+        loop.add_reader = lambda fd, cb: readers.append("add")  # type: ignore[method-assign,assignment,misc]
+        loop.remove_reader = lambda fd: readers.append("remove") or True  # type: ignore[method-assign,assignment,misc]
+        others = [nlmsg(RTM_NEWLINK, 8, IFF_UP)] * (linkwatch.READS_PER_WAKE + 3)
+        w, changes = _watcher([*others, nlmsg(RTM_NEWLINK, 7, 0)])
+        w._sock.fileno = lambda: 99
+        w._readable()
+        assert w._sock.reads == linkwatch.READS_PER_WAKE and changes == []
+        assert readers == ["remove"] and w.pauses == 1
+        await asyncio.sleep(linkwatch.PAUSE_S * 3)  # resumed: put back, the rest read
+        assert readers == ["remove", "add"] and changes == [Change(down=True)]
+        assert w.pauses == 1 and w._paused is None
+
+    asyncio.run(body())
+
+
+def test_a_watcher_closed_while_paused_stays_closed() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        added: list[int] = []
+        loop.add_reader = lambda fd, cb: added.append(fd)  # type: ignore[method-assign,assignment,misc]
+        loop.remove_reader = lambda fd: True  # type: ignore[method-assign,assignment,misc]
+        w, _ = _watcher([nlmsg(RTM_NEWLINK, 8, IFF_UP)] * (linkwatch.READS_PER_WAKE + 1))
+        w._sock.fileno = lambda: 99
+        w._sock.close = lambda: None
+        w._readable()
+        w.close()
+        await asyncio.sleep(linkwatch.PAUSE_S * 3)
+        assert added == [] and w._paused is None and not w.running
+
+    asyncio.run(body())
 
 
 def test_a_down_and_the_removal_read_together_are_the_removal() -> None:
