@@ -202,10 +202,26 @@ def _watcher(queue: list[bytes | OSError], now: bool | None = True) -> tuple[Any
     return w, changes
 
 
+def _wake(w: Any) -> None:
+    """One wake-up of the watcher's reader, on a loop that records reader changes."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader = lambda fd, cb: None  # type: ignore[method-assign,assignment,misc]
+        loop.remove_reader = lambda fd: True  # type: ignore[method-assign,assignment,misc]
+        if w._sock is not None:
+            w._sock.fileno = lambda: 99
+        w._readable()
+
+    asyncio.run(body())
+
+
 def test_one_wake_up_reads_a_bounded_number_of_datagrams_then_pauses() -> None:
-    """More than a wake-up's worth waiting (a flap storm): the reader is
-    taken off the loop for PAUSE_S, then put back and the rest read -- the
-    loop woke for each of ~10,000 notifications a second before (review)."""
+    """More than a wake-up's worth waiting (a flap storm): the rest is read
+    unparsed, the state asked of the kernel, and the reader taken off the
+    loop for PAUSE_S -- the loop woke for each of ~10,000 notifications a
+    second before (review).  A wake-up within PAUSE_S of the last does the
+    same, so a storm wakes the loop at most 1/PAUSE_S times a second."""
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
@@ -213,14 +229,21 @@ def test_one_wake_up_reads_a_bounded_number_of_datagrams_then_pauses() -> None:
         loop.add_reader = lambda fd, cb: readers.append("add")  # type: ignore[method-assign,assignment,misc]
         loop.remove_reader = lambda fd: readers.append("remove") or True  # type: ignore[method-assign,assignment,misc]
         others = [nlmsg(RTM_NEWLINK, 8, IFF_UP)] * (linkwatch.READS_PER_WAKE + 3)
-        w, changes = _watcher([*others, nlmsg(RTM_NEWLINK, 7, 0)])
+        w, changes = _watcher([*others, nlmsg(RTM_NEWLINK, 7, 0)], now=False)
         w._sock.fileno = lambda: 99
         w._readable()
-        assert w._sock.reads == linkwatch.READS_PER_WAKE and changes == []
-        assert readers == ["remove"] and w.pauses == 1
-        await asyncio.sleep(linkwatch.PAUSE_S * 3)  # resumed: put back, the rest read
-        assert readers == ["remove", "add"] and changes == [Change(down=True)]
-        assert w.pauses == 1 and w._paused is None
+        assert w._sock.queue == [] and readers == ["remove"] and w.pauses == 1
+        # Not the backlog's last word: the kernel's (down, here).
+        assert changes == [Change(down=True, missed=True)]
+        await asyncio.sleep(linkwatch.PAUSE_S * 3)
+        assert readers == ["remove", "add"] and w._paused is None
+        w._sock.queue.append(nlmsg(RTM_NEWLINK, 7, IFF_UP))
+        w._readable()  # long after the last: parsed as it comes
+        assert changes[-1] == Change(up=True) and w.pauses == 1
+        w._sock.queue.append(nlmsg(RTM_NEWLINK, 7, 0))
+        w._readable()  # within PAUSE_S of the last: the kernel asked, a pause
+        assert readers[-1] == "remove" and w.pauses == 2
+        assert changes[-1] == Change(down=True, missed=True)
 
     asyncio.run(body())
 
@@ -245,24 +268,24 @@ def test_a_watcher_closed_while_paused_stays_closed() -> None:
 def test_a_down_and_the_removal_read_together_are_the_removal() -> None:
     # `ip link del` sends a down, then RTM_DELLINK: one ERROR, not a WARNING first.
     w, changes = _watcher([nlmsg(RTM_NEWLINK, 7, 0), nlmsg(RTM_DELLINK, 7)])
-    w._readable()
+    _wake(w)
     assert changes == [Change(gone=True)]
 
 
 def test_an_overflowed_queue_asks_the_kernel() -> None:
     lost = OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
     w, changes = _watcher([nlmsg(RTM_NEWLINK, 7, 0), lost, nlmsg(RTM_NEWLINK, 8, 0)], now=True)
-    w._readable()
+    _wake(w)
     assert changes == [Change(up=True, missed=True)] and w.state.up
     w, changes = _watcher([lost], now=None)
-    w._readable()
+    _wake(w)
     assert changes == [Change(gone=True, missed=True)]
 
 
 def test_a_closed_watcher_reads_nothing() -> None:
     w, changes = _watcher([nlmsg(RTM_NEWLINK, 7, 0)])
     w._sock = None
-    w._readable()
+    _wake(w)
     assert changes == []
 
 
