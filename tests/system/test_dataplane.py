@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from labfix import Mn, RunningLab, needs_net_admin, until
@@ -494,6 +495,22 @@ def test_an_ha_device_taken_down_and_up_gets_its_addresses_and_routes_back(
     _in_a_namespace_of_its_own(lambda: asyncio.run(body()))
 
 
+def _fake_registrar() -> Any:
+    """What MnDataPlane.attach reads of a Registrar: an SA with the home
+    address 2001:db8:1::10, an HA at 2001:db8:f0::1 (the neighbour, not the
+    thing under test)."""
+    from ipaddress import IPv6Address
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        on_data=None,
+        ha=("2001:db8:f0::1", 7872),
+        issued=SimpleNamespace(bootstrap=SimpleNamespace(ip6_hoa=IPv6Address("2001:db8:1::10"))),
+        machine=SimpleNamespace(scope=1),
+        send_all=lambda out: None,
+    )
+
+
 def test_an_mn_device_taken_down_and_up_gets_the_sas_home_addresses_and_routes_back() -> None:
     """The MN's TUN device taken down and up with an SA attached: the kernel
     deleted the home address and the routes into the tunnel; before, they
@@ -503,9 +520,6 @@ def test_an_mn_device_taken_down_and_up_gets_the_sas_home_addresses_and_routes_b
     namespace of the test's own."""
     import asyncio
     import secrets
-    from ipaddress import IPv6Address
-    from types import SimpleNamespace
-    from typing import Any, cast
 
     from mipsec.core.config import MNDataPlane
     from mipsec.core.roles import mn_data
@@ -518,18 +532,7 @@ def test_an_mn_device_taken_down_and_up_gets_the_sas_home_addresses_and_routes_b
             MNDataPlane(enabled=True, tun=name, routes=("2001:db8:c0::/64",))
         )
         plane.open()
-        registrar = cast(
-            Any,
-            SimpleNamespace(
-                on_data=None,
-                ha=("2001:db8:f0::1", 7872),
-                issued=SimpleNamespace(
-                    bootstrap=SimpleNamespace(ip6_hoa=IPv6Address("2001:db8:1::10"))
-                ),
-                machine=SimpleNamespace(scope=1),
-                send_all=lambda out: None,
-            ),
-        )
+        registrar = _fake_registrar()
         try:
             assert plane.attach(registrar, None) == ["2001:db8:1::10"]
             # What the forwarder lets through from the HA: an IPv6 packet to the HoA.
@@ -573,9 +576,6 @@ def test_a_restore_is_one_ip_that_tries_every_command_and_leaves_what_is_there()
     import asyncio
     import secrets
     import subprocess
-    from ipaddress import IPv6Address
-    from types import SimpleNamespace
-    from typing import Any, cast
 
     from mipsec.core.config import MNDataPlane
     from mipsec.core.roles import mn_data
@@ -588,18 +588,7 @@ def test_a_restore_is_one_ip_that_tries_every_command_and_leaves_what_is_there()
             MNDataPlane(enabled=True, tun=name, routes=("2001:db8:c0::/64", "2001:db8:c1::/64"))
         )
         plane.open()
-        registrar = cast(
-            Any,
-            SimpleNamespace(
-                on_data=None,
-                ha=("2001:db8:f0::1", 7872),
-                issued=SimpleNamespace(
-                    bootstrap=SimpleNamespace(ip6_hoa=IPv6Address("2001:db8:1::10"))
-                ),
-                machine=SimpleNamespace(scope=1),
-                send_all=lambda out: None,
-            ),
-        )
+        registrar = _fake_registrar()
         try:
             failed = ip_batch(
                 [

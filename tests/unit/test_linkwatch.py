@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -329,17 +330,24 @@ def _keeper(
     return keeper, gone, counts
 
 
+def _recorder() -> tuple[list[object], Callable[[object], str]]:
+    """A restore that records the devices it is called with."""
+    restored: list[object] = []
+
+    def restore(tun: object) -> str:
+        restored.append(tun)
+        return "addresses 2001:db8::1/128, routes 2001:db8::/64"
+
+    return restored, restore
+
+
 def _said(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     return [(r.levelname, r.getMessage()) for r in caplog.records]
 
 
 def test_down_then_up_is_one_warning_each_and_a_restore(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mipsec.test.link")
-    restored: list[object] = []
-
-    def restore(tun: object) -> str:
-        restored.append(tun)
-        return "addresses 2001:db8::1/128, routes 2001:db8::/64"
+    restored, restore = _recorder()
 
     async def body() -> None:
         keeper, gone, counts = _keeper(restore)
@@ -374,11 +382,7 @@ def test_a_down_and_up_storm_is_one_restore_and_a_bounded_number_of_lines(
     lines a second and 70 % of a core, found in review).  Now one restore
     once the link settled, and a few lines with a count of the rest."""
     caplog.set_level(logging.INFO, logger="mipsec.test.link")
-    restored: list[object] = []
-
-    def restore(tun: object) -> str:
-        restored.append(tun)
-        return "addresses 2001:db8::1/128, routes 2001:db8::/64"
+    restored, restore = _recorder()
 
     async def body() -> None:
         keeper, _, counts = _keeper(restore)
