@@ -238,6 +238,16 @@ def default_name(config_file: str, role: str, suffix: str) -> str:
     return f"{stem or role}{suffix}"
 
 
+def revocations_path(cfg: BaseModel, config_file: str) -> Path:
+    """``[revocations] path``, or ``<config file name>-revoked.json`` in the
+    HAC's state directory (the HAC's start and preflight read the same)."""
+    revocations = getattr(cfg, "revocations", None)
+    configured = revocations.path if revocations is not None else None
+    if configured is not None:
+        return Path(configured)
+    return state_dir(cfg, config_file) / default_name(config_file, "hac", "-revoked.json")
+
+
 def socket_path(cfg: BaseModel, role: str, config_file: str) -> Path:
     """``[control] path``, or ``<config file name>.ctl`` in the state directory;
     checked for length."""

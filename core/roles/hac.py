@@ -38,7 +38,7 @@ from mipsec.core.authmethod import AuthMethod, Overloaded, ServerMethodFactory
 from mipsec.core.certexpiry import certificates, merged, prefixed
 from mipsec.core.clockstep import ClockWatch, step_line
 from mipsec.core.config import HACConfig
-from mipsec.core.control import default_name, state_dir
+from mipsec.core.control import revocations_path
 from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
 from mipsec.core.hac_exchange import (
     INTERNAL_ERROR,
@@ -274,9 +274,7 @@ class HacService:
         # MNs refused with 401 after authenticating (``mipsec revoke``); read
         # once here, so a list that cannot be read fails the start.
         self.revocations = RevocationList(
-            cfg.revocations.path
-            or state_dir(cfg, config_file) / default_name(config_file, "hac", "-revoked.json"),
-            config_file=config_file,
+            revocations_path(cfg, config_file), config_file=config_file
         )
         # PROFILE §4: one random stand-in key per process for unknown mn-ids.
         self._standin = secrets.token_bytes(32)

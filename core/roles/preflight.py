@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from mipsec.core import certexpiry, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, ProvisioningListener
-from mipsec.core.control import default_name, socket_path, state_dir
+from mipsec.core.control import revocations_path, socket_path
 from mipsec.core.errors import CertificateError, ConfigError, LocalProtocolError
 from mipsec.core.filedigest import UnreadableFileError, read_regular
 from mipsec.core.secretfiles import InsecureFileError, check_private, check_private_sqlite
@@ -100,10 +100,7 @@ def _hac(cfg: HACConfig, file: str) -> None:
     # The revocation list is written only when an operator revokes: an
     # unwritable directory passed the start and failed `mipsec revoke`, the
     # emergency action, when it was needed (found in review).
-    revoked = cfg.revocations.path or state_dir(cfg, file) / default_name(
-        file, "hac", "-revoked.json"
-    )
-    _writable_place(file, "revocations.path", revoked)
+    _writable_place(file, "revocations.path", revocations_path(cfg, file))
 
 
 def _ha(cfg: HAConfig, file: str, prefix: str) -> None:
