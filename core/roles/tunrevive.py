@@ -30,10 +30,23 @@ from mipsec.core.logburst import LineBurst
 from mipsec.core.outage import Outage
 from mipsec.core.tun import IpCommandError, TunDevice, TunGoneError, TunWriter
 
-__all__ = ["LINES", "LINES_WINDOW", "RECREATE_S", "SETTLE_S", "LinkKeeper", "TunReviver", "listed"]
+__all__ = [
+    "LINES",
+    "LINES_WINDOW",
+    "RECREATE_S",
+    "SETTLE_MAX_S",
+    "SETTLE_S",
+    "LinkKeeper",
+    "TunReviver",
+    "listed",
+]
 
 RECREATE_S = 5.0  # seconds between two attempts to create the device again (or to restore it)
 SETTLE_S = 0.5  # seconds a device stays up before what was on it is put back
+# A link that never stays up SETTLE_S (flapping without end) still gets its
+# routes back: SETTLE_MAX_S after the first up left unrestored, the next up
+# restores at once.  The settle is a debounce, and a debounce needs a deadline.
+SETTLE_MAX_S = 5.0
 LINES = 4  # link lines logged per LINES_WINDOW seconds; the rest counted in one
 LINES_WINDOW = 10.0
 
@@ -112,8 +125,9 @@ class LinkKeeper:
     gets ``link_down`` and ``link_restored``.
 
     A down and up storm (a flapping link, a script) is not a restore and two
-    lines per flap: the restore waits for the link to settle, and the
-    lines go through a :class:`LineBurst` (``LINES`` per ``LINES_WINDOW``
+    lines per flap: the restore waits for the link to settle (at most one
+    restore per ``SETTLE_MAX_S`` while it never does), and the lines go
+    through a :class:`LineBurst` (``LINES`` per ``LINES_WINDOW``
     seconds, the rest counted in one line).
     """
 
@@ -133,6 +147,9 @@ class LinkKeeper:
         self._tun: TunDevice | None = None
         self._timer: asyncio.TimerHandle | None = None  # the settled restore, or its retry
         self._missed = False  # the pending restore is for lost notifications only
+        # loop time of the first up not yet restored (the settle's deadline
+        # runs from it); None when nothing waits to be put back
+        self._unsettled_since: float | None = None
         self._lines = LineBurst(
             log, "lines about the TUN device's link", limit=LINES, window=LINES_WINDOW
         )
@@ -169,6 +186,7 @@ class LinkKeeper:
     def close(self) -> None:
         watcher, self._watcher, self._tun = self._watcher, None, None
         self._cancel()
+        self._unsettled_since = None
         if watcher is not None:
             watcher.close()
 
@@ -201,7 +219,10 @@ class LinkKeeper:
             )
         if change.up:
             self._missed = change.missed and not change.down
-            self._later(SETTLE_S)
+            now = asyncio.get_running_loop().time()
+            if self._unsettled_since is None:
+                self._unsettled_since = now
+            self._later(min(SETTLE_S, max(0.0, self._unsettled_since + SETTLE_MAX_S - now)))
 
     def restore_now(self) -> None:
         """Put back what was on the device (the timer's; a test may call it)."""
@@ -216,6 +237,7 @@ class LinkKeeper:
         except IpCommandError as exc:
             why = str(exc)
         else:
+            self._unsettled_since = None
             self._failing.failing = False  # the line below says it works again
             self.counts["link_restored"] += 1
             if self._missed:
@@ -235,6 +257,9 @@ class LinkKeeper:
                 )
             return
         self._failing.failed(why, logging.WARNING)
+        # the deadline starts again: a storm whose restores fail (the device
+        # down again under the commands) is not an ``ip`` run per flap
+        self._unsettled_since = asyncio.get_running_loop().time()
         self._later(RECREATE_S)
 
 

@@ -394,6 +394,21 @@ def _on_device(name: str) -> tuple[list[str], list[str]]:
     return sorted(addresses), sorted(routes)
 
 
+def _ha_with_device(tmp_path: Path, name: str, addresses: list[str], routes: list[str]) -> Any:
+    """An HA's config (stores under ``tmp_path``) whose data plane puts
+    ``addresses`` and ``routes`` on the TUN device ``name``."""
+    from mipsec.core.config import HAConfig
+
+    return HAConfig.model_validate(
+        {
+            "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
+            "sa_store": {"backend": "sqlite", "path": str(tmp_path / "sa.sqlite")},
+            "bindings": {"path": str(tmp_path / "bindings.sqlite")},
+            "dataplane": {"enabled": True, "tun": name, "addresses": addresses, "routes": routes},
+        }
+    )
+
+
 def test_an_ha_device_taken_down_and_up_gets_its_addresses_and_routes_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -411,24 +426,16 @@ def test_an_ha_device_taken_down_and_up_gets_its_addresses_and_routes_back(
     import secrets
     from typing import Any, cast
 
-    from mipsec.core.config import HAConfig
     from mipsec.core.roles.ha import HaService
     from mipsec.core.tun import ip
 
     caplog.set_level(logging.INFO, logger="mipsec.ha.data")
     name = f"mipl{secrets.token_hex(3)}"
-    cfg = HAConfig.model_validate(
-        {
-            "ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0},
-            "sa_store": {"backend": "sqlite", "path": str(tmp_path / "sa.sqlite")},
-            "bindings": {"path": str(tmp_path / "bindings.sqlite")},
-            "dataplane": {
-                "enabled": True,
-                "tun": name,
-                "addresses": ["2001:db8:77::1/128", "192.0.2.1/32"],
-                "routes": ["2001:db8:77::/64", "198.51.100.0/24"],
-            },
-        }
+    cfg = _ha_with_device(
+        tmp_path,
+        name,
+        ["2001:db8:77::1/128", "192.0.2.1/32"],
+        ["2001:db8:77::/64", "198.51.100.0/24"],
     )
 
     async def down_and_up(svc: HaService, before: object, times: int) -> None:
@@ -491,6 +498,52 @@ def test_an_ha_device_taken_down_and_up_gets_its_addresses_and_routes_back(
         finally:
             await svc.stop()
         assert plane.link._watcher is None  # closed with the data plane
+
+    _in_a_namespace_of_its_own(lambda: asyncio.run(body()))
+
+
+def test_an_ha_device_flapping_without_end_gets_its_routes_back_while_it_flaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real TUN device taken down and up every 0.15 s -- never up
+    ``SETTLE_S`` in a row -- for 3 s: before the twenty-ninth session each
+    up restarted the settle, and no route came back while the link kept
+    flapping (found in review).  Now the settle has a deadline
+    (``SETTLE_MAX_S``, 1 s here): restores happen during the storm, at most
+    one per deadline, and the device has everything back once it stays up."""
+    import asyncio
+    import secrets
+
+    from mipsec.core.roles import tunrevive
+    from mipsec.core.roles.ha import HaService
+    from mipsec.core.tun import ip
+
+    monkeypatch.setattr(tunrevive, "SETTLE_MAX_S", 1.0)
+    name = f"mipf{secrets.token_hex(3)}"
+    cfg = _ha_with_device(tmp_path, name, ["2001:db8:78::1/128"], ["2001:db8:78::/64"])
+
+    async def body() -> None:
+        svc = HaService(cfg)
+        await svc.start()
+        plane = svc.dataplane
+        assert plane is not None
+        try:
+            before = _on_device(name)
+            assert "2001:db8:78::/64 metric 1024 pref medium" in before[1], before
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while loop.time() - start < 3.0:
+                ip("link", "set", name, "down")
+                await asyncio.sleep(0.05)
+                ip("link", "set", name, "up")
+                await asyncio.sleep(0.15)
+            during = plane.counts["link_restored"]
+            assert plane.counts["link_down"] >= 10, plane.counts
+            assert 1 <= during <= 3.0 / 1.0 + 1, plane.counts
+            assert await _soon(lambda: _on_device(name) == before), _on_device(name)
+            assert plane.counts["link_restored"] <= during + 1, plane.counts
+        finally:
+            await svc.stop()
 
     _in_a_namespace_of_its_own(lambda: asyncio.run(body()))
 

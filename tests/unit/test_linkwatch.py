@@ -401,6 +401,43 @@ def test_a_down_and_up_storm_is_one_restore_and_a_bounded_number_of_lines(
     assert said[-1].endswith("restored")
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_storm_without_end_still_restores_once_per_settle_deadline(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """A link that flaps without end -- never up SETTLE_S in a row: before,
+    each up restarted the settle and the routes never came back while it
+    lasted (found in review).  Now the first up left unrestored starts a
+    deadline; once SETTLE_MAX_S has passed the next up restores at once,
+    and the deadline starts again after each restore, failed or not --
+    about one ``ip`` run per SETTLE_MAX_S, not one per flap."""
+    monkeypatch.setattr(tunrevive, "SETTLE_MAX_S", 0.3)
+    monkeypatch.setattr(tunrevive, "RECREATE_S", 60.0)
+    tries: list[float] = []
+
+    def restore(tun: object) -> str:
+        tries.append(asyncio.get_running_loop().time())
+        if fails:
+            raise IpCommandError("ip -6 route replace ...: Network is down")
+        return "addresses 2001:db8::1/128, routes none"
+
+    async def body() -> None:
+        keeper, _, counts = _keeper(restore)
+        keeper._failing = tunrevive.Outage(keeper.log, "putting back", "tried again")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < 1.5:  # up 0.1 s at a time, far below SETTLE_S
+            keeper._changed(Change(up=True))
+            await asyncio.sleep(0.1)
+            keeper._changed(Change(down=True))
+        assert 3 <= len(tries) <= 1.5 / 0.3 + 1, tries
+        gaps = [b - a for a, b in zip(tries, tries[1:], strict=False)]
+        assert min(gaps) >= 0.3 - 0.02, gaps
+        assert counts["link_restored"] == (0 if fails else len(tries))
+
+    asyncio.run(body())
+
+
 def test_a_down_before_the_link_settled_cancels_the_restore() -> None:
     restored: list[object] = []
 
