@@ -858,6 +858,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             radius=radius,
             radius_secret_file=secret_file,
             usim=usim,
+            notice=lambda line: print(f"mipsec init: {line}", file=sys.stderr),
         )
     except LabExistsError as exc:
         # Nothing was written.  Re-keying an existing CA would silently break

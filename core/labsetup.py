@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import os
 import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -390,6 +392,68 @@ def _refuse_existing(directory: Path, usim: bool) -> None:
         raise LabExistsError(found[0], len(found) - 1)
 
 
+# The staging directory of a running init, and its lock: held (flock) for the
+# whole run, so that a later init can tell an init killed outright (the lock
+# free) from one running now (held).
+STAGE_PREFIX = ".mipsec-init-"
+STAGE_LOCK = ".lock"
+# A staging directory without its lock (killed in the instant between the two,
+# or left by a mipsec before the twenty-ninth session) is taken for stale once
+# it is this old: a live init takes its lock at once.
+STAGE_UNLOCKED_STALE_S = 60.0
+
+
+def reclaim_interrupted(directory: Path) -> int:
+    """What an init killed outright (SIGKILL, the OOM killer, a power cut:
+    no cleanup runs) left in ``directory``, removed: its staging directory
+    -- every key of that run in it -- and the files it had already linked
+    into place.  Only those: a file is removed when it is the very file
+    staged (same device and inode: a hard link that run made), never a file
+    of the same name that is anyone else's.  A staging directory whose lock
+    is held (an init running now), or owned by another user, is left alone.
+    Returns how many linked files went."""
+    if not directory.is_dir() or directory.is_symlink():
+        return 0
+    removed = 0
+    for stage in sorted(directory.glob(STAGE_PREFIX + "*")):
+        try:
+            st = os.lstat(stage)
+        except OSError:
+            continue
+        if not os.path.isdir(stage) or os.path.islink(stage) or st.st_uid != os.geteuid():
+            continue
+        try:
+            fd: int | None = os.open(stage / STAGE_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if time.time() - st.st_mtime < STAGE_UNLOCKED_STALE_S:
+                continue  # possibly an init between its mkdtemp and its lock
+            fd = None
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # an init running now
+            for path in lab_files(directory, usim=True):
+                try:
+                    placed, staged = os.lstat(path), os.lstat(stage / path.relative_to(directory))
+                except OSError:
+                    continue
+                if (placed.st_dev, placed.st_ino) == (staged.st_dev, staged.st_ino):
+                    path.unlink()
+                    removed += 1
+            shutil.rmtree(stage, ignore_errors=True)
+            pki = directory / "pki"
+            with contextlib.suppress(OSError):
+                pki.rmdir()  # only if that run's files were all it held
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
 def _check_ports(hac_port: int, ha_port: int, radius: tuple[str, int] | None) -> None:
     for option, port in (("--hac-port", hac_port), ("--ha-port", ha_port)):
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -445,6 +509,7 @@ def init_lab(
     radius: tuple[str, int] | None = None,
     radius_secret_file: Path | None = None,
     usim: Usim | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write a lab in ``directory`` (made if missing) and describe it.
 
@@ -453,7 +518,9 @@ def init_lab(
     metrics ports drawn before anything is written; the lab is then built in
     a temporary directory inside ``directory`` and linked into place file by
     file (a link never replaces a file).  On any failure exactly what this
-    call made is removed: its files, and the directories it created.
+    call made is removed: its files, and the directories it created.  What
+    an init killed outright left (``reclaim_interrupted``) is removed first;
+    ``notice`` is told so in one line.
     """
     if (radius is None) != (radius_secret_file is None):
         raise ValueError("--radius and --radius-secret-file go together")
@@ -471,6 +538,12 @@ def init_lab(
         except ValueError as exc:
             raise ValueError(f"--radius-secret-file: {exc}") from None
     directory = directory.resolve()
+    reclaimed = reclaim_interrupted(directory)
+    if reclaimed and notice is not None:
+        notice(
+            f"{directory}: removed what an interrupted mipsec init left there"
+            f" ({reclaimed} files it had put in place, and its staging directory)"
+        )
     _refuse_existing(directory, usim is not None)
     taken = (hac_port, ha_port, *([radius[1]] if radius is not None else []))
     metrics_ports = _metrics_ports(taken)
@@ -479,8 +552,10 @@ def init_lab(
     files: list[Path] = []  # linked into place by this call
     try:
         _make_dirs(directory, dirs)
-        stage = Path(tempfile.mkdtemp(prefix=".mipsec-init-", dir=directory))
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=directory))
+        lock = os.open(stage / STAGE_LOCK, os.O_CREAT | os.O_EXCL | os.O_RDWR, PRIVATE_FILE)
         try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held until the stage is gone
             psk = _write_lab(
                 stage,
                 hac_port=hac_port,
@@ -504,6 +579,7 @@ def init_lab(
                     raise LabExistsError(path) from None
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+            os.close(lock)
         return _describe(directory, psk, hac_port, ha_port, metrics_ports, usim)
     except BaseException:
         for path in reversed(files):

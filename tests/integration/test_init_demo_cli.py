@@ -135,12 +135,9 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_init_stopped_by_a_signal_leaves_nothing(tmp_path: Path, sig: int) -> None:
-    """SIGTERM or SIGHUP while init puts its files in place (each link slowed
-    here by a sitecustomize): it cleans up as for Ctrl-C.  By the default
-    action it left the staging directory, every key in it, and half the
-    lab, which a rerun then refused (found in review)."""
+def _slowed_links(tmp_path: Path) -> dict[str, str]:
+    """An environment whose ``os.link`` sleeps 0.15 s (a sitecustomize): the
+    window in which init puts its files in place, widened for a signal."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(
@@ -151,14 +148,55 @@ def test_init_stopped_by_a_signal_leaves_nothing(tmp_path: Path, sig: int) -> No
         "    return _link(*a, **k)\n"
         "os.link = link\n"
     )
-    lab = tmp_path / "lab"
-    env = dict(os.environ, PYTHONPATH=str(hooks))
+    return dict(os.environ, PYTHONPATH=str(hooks))
+
+
+def _init_linking(tmp_path: Path, lab: Path, first: Path) -> subprocess.Popen[bytes]:
+    """``mipsec init lab`` with slowed links, once ``first`` is in place
+    (or 30 s have passed)."""
     p = subprocess.Popen(
-        [*LAUNCHER, "init", str(lab)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*LAUNCHER, "init", str(lab)],
+        env=_slowed_links(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 30
-    while not (lab / "pki").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)  # staged, and linking into place
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return p
+
+
+def test_init_killed_outright_is_cleaned_up_by_the_next_init(tmp_path: Path) -> None:
+    """SIGKILL while init puts its files in place: no cleanup can run, and
+    the staging directory (every key of the lab) and half the lab stayed;
+    every rerun refused until someone removed them by hand (known limit of
+    the twenty-eighth session).  The next init now removes exactly what the
+    killed one left, says so in one line, and writes the lab."""
+    lab = tmp_path / "lab"
+    p = _init_linking(tmp_path, lab, lab / "pki" / "ca.pem")
+    time.sleep(0.4)  # a few more links
+    p.kill()
+    p.communicate(timeout=30)
+    [stage] = lab.glob(labsetup.STAGE_PREFIX + "*")
+    left = [f for f in labsetup.lab_files(lab) if f.exists()]
+    assert 1 <= len(left) < len(labsetup.lab_files(lab)), left
+    again = mipsec("init", str(lab))
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.strip() == (
+        f"mipsec init: {lab}: removed what an interrupted mipsec init left there"
+        f" ({len(left)} files it had put in place, and its staging directory)"
+    )
+    assert not stage.exists() and all(f.exists() for f in labsetup.lab_files(lab))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_init_stopped_by_a_signal_leaves_nothing(tmp_path: Path, sig: int) -> None:
+    """SIGTERM or SIGHUP while init puts its files in place (each link slowed
+    here by a sitecustomize): it cleans up as for Ctrl-C.  By the default
+    action it left the staging directory, every key in it, and half the
+    lab, which a rerun then refused (found in review)."""
+    lab = tmp_path / "lab"
+    p = _init_linking(tmp_path, lab, lab / "pki")  # staged, and linking into place
     assert (lab / "pki").exists(), p.communicate(timeout=30)
     p.send_signal(sig)
     _, err = p.communicate(timeout=30)

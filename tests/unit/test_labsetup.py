@@ -5,6 +5,7 @@ host without ``::1``."""
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,111 @@ def test_with_ipv6_the_lab_is_dual_stack(tmp_path: Path, monkeypatch: pytest.Mon
     hac, ha = _ha_addresses(tmp_path / "lab")
     assert [str(a) for a in hac.hac.listen] == ["127.0.0.1", "::1"]
     assert str(hac.ha[0].address6) == "::1" and str(ha.ha.address6) == "::1"
+
+
+def _killed_init(tmp_path: Path, linked: int, *, lock: bool = True) -> tuple[Path, Path]:
+    """The state an init killed outright (SIGKILL) leaves: its staging
+    directory with the whole lab in it (and its lock, unless ``lock`` is
+    false), the first ``linked`` files of ``lab_files`` linked into place."""
+    source = tmp_path / "source"
+    init_lab(source)
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    stage = lab / (labsetup.STAGE_PREFIX + "x1y2")
+    (stage / "pki").mkdir(parents=True)
+    for path in lab_files(source):
+        (stage / path.relative_to(source)).write_bytes(path.read_bytes())
+    if lock:
+        (stage / labsetup.STAGE_LOCK).write_bytes(b"")
+    for path in lab_files(lab)[:linked]:
+        path.parent.mkdir(exist_ok=True)
+        os.link(stage / path.relative_to(lab), path)
+    return lab, stage
+
+
+def test_a_rerun_removes_what_an_init_killed_outright_left_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL (the OOM killer, a power cut) runs no cleanup: the staging
+    directory with every key and a half-linked lab stayed, and every rerun
+    refused until an operator cleaned up by hand (known limit of the
+    twenty-eighth session).  Now a rerun removes exactly that run's files
+    -- the same inode as its staged copy -- and its staging directory, says
+    so in one line, and writes the lab."""
+    lab, stage = _killed_init(tmp_path, 7)
+    (lab / "notes.txt").write_text("mine\n")
+    said: list[str] = []
+    init_lab(lab, notice=said.append)
+    assert not stage.exists()
+    assert said == [
+        f"{lab.resolve()}: removed what an interrupted mipsec init left there"
+        " (7 files it had put in place, and its staging directory)"
+    ]
+    assert (lab / "notes.txt").read_text() == "mine\n"
+    assert _listing(lab) >= {str(p.relative_to(lab)) for p in lab_files(lab)}
+    assert not [p for p in lab.iterdir() if p.name.startswith(labsetup.STAGE_PREFIX)]
+
+
+def test_a_file_of_the_same_name_that_is_not_the_staged_one_is_kept(tmp_path: Path) -> None:
+    lab, stage = _killed_init(tmp_path, 3)
+    (lab / "hac.toml").write_text("# the operator's own\n")
+    with pytest.raises(LabExistsError, match="hac.toml already exists"):
+        init_lab(lab)
+    assert (lab / "hac.toml").read_text() == "# the operator's own\n"
+    assert not stage.exists()
+    assert not any(p.exists() for p in lab_files(lab)[:3])
+
+
+def test_the_staging_directory_of_an_init_running_now_is_left_alone(tmp_path: Path) -> None:
+    import fcntl
+
+    lab, stage = _killed_init(tmp_path, 4)
+    fd = os.open(stage / labsetup.STAGE_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the running init holds it
+        assert labsetup.reclaim_interrupted(lab) == 0
+        with pytest.raises(LabExistsError):
+            init_lab(lab)
+        assert stage.exists() and all(p.exists() for p in lab_files(lab)[:4])
+    finally:
+        os.close(fd)
+    assert labsetup.reclaim_interrupted(lab) == 4 and not stage.exists()
+
+
+def test_a_staging_directory_without_its_lock_is_stale_only_once_old(tmp_path: Path) -> None:
+    """No lock: killed between the staging directory and its lock, or left
+    by an older mipsec.  A live init takes the lock at once, so only an old
+    one is taken for stale."""
+    lab, stage = _killed_init(tmp_path, 2, lock=False)
+    assert labsetup.reclaim_interrupted(lab) == 0 and stage.exists()
+    old = time.time() - labsetup.STAGE_UNLOCKED_STALE_S - 5
+    os.utime(stage, (old, old))
+    assert labsetup.reclaim_interrupted(lab) == 2 and not stage.exists()
+
+
+def test_an_init_holds_its_staging_lock_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a rerun relies on: during the links the lock is held."""
+    import fcntl
+
+    seen: list[bool] = []
+    real_link = os.link
+
+    def link(src: Any, dst: Any) -> None:
+        if not seen and labsetup.STAGE_PREFIX not in str(dst):  # a link into place
+            [stage] = (tmp_path / "lab").glob(labsetup.STAGE_PREFIX + "*")
+            fd = os.open(stage / labsetup.STAGE_LOCK, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                seen.append(True)
+            else:
+                seen.append(False)
+            finally:
+                os.close(fd)
+        real_link(src, dst)
+
+    monkeypatch.setattr(labsetup.os, "link", link)
+    init_lab(tmp_path / "lab")
+    assert seen == [True]
