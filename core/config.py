@@ -261,6 +261,11 @@ class MetricsConfig(_Strict):
 
     address: str = "127.0.0.1"
     port: Port
+    # Source addresses or networks a scraper may connect from; any other
+    # connection is closed at accept, before it holds one of the 16 slots
+    # or evicts anyone (a flood spread over 16 networks could otherwise
+    # still evict the scraper's connection).  None: any address.
+    allowed_clients: Annotated[tuple[NetworkText, ...], Field(min_length=1)] | None = None
 
     @field_validator("address")
     @classmethod

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mipsec.core.certexpiry import prefixed
+from mipsec.core.ratelimit import peer_ip
 
 __all__ = ["HaMetrics", "HacMetrics", "MetricsServer", "start_metrics"]
 
@@ -319,9 +320,17 @@ def _source(writer: asyncio.StreamWriter) -> Any:
 class MetricsServer:
     """``GET /metrics`` and ``GET /healthz`` over HTTP/1.0 on the role's loop."""
 
-    def __init__(self, registry: CollectorRegistry, healthy: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        healthy: Callable[[], bool],
+        allowed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+    ) -> None:
         self.registry = registry
         self.healthy = healthy
+        # ``[metrics] allowed_clients``: None, any source.
+        self.allowed = None if allowed is None else tuple(allowed)
+        self.refused = 0  # connections closed at accept: source not allowed
         self._server: asyncio.Server | None = None
         # Held connections in arrival order; True while the request head is
         # still awaited (evictable), False once it is being answered.
@@ -368,7 +377,19 @@ class MetricsServer:
         self._held[writer] = True
         return True
 
+    def _allowed(self, writer: asyncio.StreamWriter) -> bool:
+        if self.allowed is None:
+            return True
+        addr = peer_ip(writer.get_extra_info("peername"))
+        return addr is not None and any(addr in net for net in self.allowed)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._allowed(writer):
+            # Before _admit: a stranger never holds a slot nor evicts anyone.
+            # No line per connection (a flood would flood the log).
+            self.refused += 1
+            writer.transport.abort()
+            return
         if not self._admit(writer):
             writer.close()
             return
@@ -436,7 +457,7 @@ async def start_metrics(
         return None
     from mipsec.core.errors import ListenError
 
-    server = MetricsServer(registry, healthy)
+    server = MetricsServer(registry, healthy, mc.allowed_clients)
     try:
         bound = await server.listen(mc.address, mc.port)
     except OSError as exc:

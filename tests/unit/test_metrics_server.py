@@ -131,3 +131,50 @@ def test_a_flood_from_one_network_evicts_its_own_not_the_scraper(many: bool) -> 
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_allowed_clients_keep_a_flood_from_anywhere_else_away_from_the_scraper() -> None:
+    """A flood spread over 16 networks tied with the scraper's own network
+    and could still evict its connection (known limit of the twenty-eighth
+    session).  With ``[metrics] allowed_clients`` a connection from
+    elsewhere is closed at accept: it holds no slot and evicts no one."""
+    import ipaddress
+
+    async def main() -> None:
+        reg = CollectorRegistry()
+        Counter("mipsec_test", "a test counter", registry=reg).inc(3)
+        server = MetricsServer(reg, lambda: True, [ipaddress.ip_network("127.0.0.1/32")])
+        (_, port), *_ = await server.listen("127.0.0.1", 0)
+        flood = []
+        try:
+            scraper = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.05)  # held first: the oldest wait
+            for i in range(2 * metrics.MAX_CLIENTS):  # 32 networks, one connection each
+                src = f"127.{i + 1}.0.2"
+                flood.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0)))
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert (server.evicted, server.refused) == (0, 2 * metrics.MAX_CLIENTS)
+            for reader, _ in flood:
+                assert await _read_or_reset(reader, 1) == b""
+            scraper[1].write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            out = await _read_or_reset(scraper[0], 5)
+            assert out.startswith(b"HTTP/1.0 200") and b"mipsec_test_total 3.0" in out
+        finally:
+            for _, writer in flood:
+                writer.close()
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_metrics_allowed_clients_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from mipsec.core.config import MetricsConfig
+
+    cfg = MetricsConfig.model_validate({"port": 9100, "allowed_clients": ["10.0.0.0/8", "::1"]})
+    assert [str(n) for n in cfg.allowed_clients or ()] == ["10.0.0.0/8", "::1/128"]
+    for bad in ([], ["10.0.0.0/33"], ["nowhere"]):
+        with pytest.raises(ValidationError, match="allowed_clients"):
+            MetricsConfig.model_validate({"port": 9100, "allowed_clients": bad})
