@@ -124,11 +124,12 @@ class PskServer:
         # PROFILE §4 step 4: the final response echoes both rands and is keyed
         # with the key the HAC holds (the PSK or the stand-in), whatever the
         # status -- so a wrong-PSK MN cannot verify a 401 and treats it as
-        # unauthenticated.  An Init without mn-rand was never accepted by the
-        # method: its 400 answers the Init before a method was selected and
-        # carries no auth (PROFILE §4, last paragraph).
-        if self._mn_rand is None:
-            return FinalShape(Message(), None)
+        # unauthenticated.  An Init without mn-rand: the method was selected
+        # before it refused the Init, so its 400 carries auth too (PROFILE §4,
+        # last paragraph: "from the first response on"), keyed with the key
+        # held then -- the stand-in, no credential looked up for a malformed
+        # Init -- and echoes no rand (there is none).  It had no auth before
+        # the twenty-ninth session (found in review).
         return FinalShape(self._rands(), self._key)
 
     def close(self) -> None:

@@ -323,7 +323,6 @@ class EapServer:
     def __init__(self, cfg: EapServerConfig, ctx: ServerMethodContext) -> None:
         self._cfg = cfg
         self._ctx = ctx
-        self._started = False  # the Init was accepted
         self._req_id = secrets.randbelow(256)  # Identifier of the last EAP Request sent
         self._identity: str | None = None
         self._session: EapBackendSession | None = None
@@ -342,7 +341,6 @@ class EapServer:
         # PROFILE §4 EAP step 1: mn-id, mn-rand, auth-method: eap; no EAP yet.
         if init.mn_rand is None or init.eap_payload is not None or init.hac_rand is not None:
             return self._fail(BAD_REQUEST, "bad-init")
-        self._started = True
         msg = Message(auth_method=("eap",), eap_payload=identity_request(self._req_id))
         return ServerStep(Outcome.CONTINUE, msg, ONE)
 
@@ -393,8 +391,12 @@ class EapServer:
         return self._fail(INTERNAL_ERROR, "backend-bad-answer")
 
     def final(self, status: int) -> FinalShape:
-        if not self._started:
-            return FinalShape(Message(), None)  # a 400 answering the Init: no method yet
+        # A 400 answering an Init this method refused (no mn-rand, PSK
+        # headers) comes after the method was selected: keyed with "1" and
+        # carrying EAP-Failure like every other non-200 final (PROFILE §4,
+        # last paragraph: only a 400 or 501 before any method was selected
+        # carries no auth).  It had none before the twenty-ninth session
+        # (found in review).
         if status == 200 and self._success is not None:
             return FinalShape(Message(eap_payload=self._success), self._msk or ONE)
         # Item 6: every other final carries EAP-Failure and is keyed with "1"

@@ -482,6 +482,31 @@ def test_psk_headers_in_an_eap_exchange_are_400() -> None:
     assert r.go().status == 400 and r.h.reason == "psk-headers-in-eap"
 
 
+@pytest.mark.parametrize(
+    "init",
+    [
+        b"mn-id: alice@example.org\r\nauth-method: eap\r\n\r\n",  # no mn-rand
+        b"mn-id: alice@example.org\r\nmn-rand: "
+        + b"00" * 32
+        + b"\r\nhac-rand: "
+        + b"00" * 32
+        + b"\r\nauth-method: eap\r\n\r\n",  # PSK headers in the Init
+    ],
+)
+def test_an_init_the_eap_method_refuses_gets_eap_failure_keyed_with_1(init: bytes) -> None:
+    """The HAC selected EAP before the method refused the Init: its 400 is
+    keyed with "1" and carries EAP-Failure (PROFILE §4 item 6 and last
+    paragraph).  It had neither before the twenty-ninth session (found in
+    review)."""
+    h = hac(server())
+    [ev] = h.receive_data(encode_container(1, init))
+    assert isinstance(ev, Send) and ev.status == 400 and ev.close
+    parsed = parse_content(ev.data[4:])
+    assert verify_auth(ONE, LABEL_HAC, parsed, CB)
+    pkt = decode_eap(decode_message(parsed).eap_payload or b"")
+    assert pkt.code is EapCode.FAILURE
+
+
 def test_mid_request_with_a_bad_auth_is_401() -> None:
     def tamper(n: int, data: bytes) -> bytes:
         return rekey(data, b"2") if n == 2 else data

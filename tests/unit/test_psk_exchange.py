@@ -21,7 +21,12 @@ from mipsec.core.nai import nai_key
 from mipsec.core.suites import SUITES, Suite
 from mipsec.core.wire.container import encode_container
 from mipsec.core.wire.message import decode_message
-from mipsec.core.wire.tvheader import LABEL_HAC, encode_content_with_auth, parse_content
+from mipsec.core.wire.tvheader import (
+    LABEL_HAC,
+    encode_content_with_auth,
+    parse_content,
+    verify_auth,
+)
 from mipsec.plugins.psk_auth import PskMethod
 
 CB = hashlib.sha256(b"certificate").digest()
@@ -194,7 +199,6 @@ def test_mn_rand_mismatch_400() -> None:
             ),
             400,
         ),
-        (encode_container(1, b"mn-id: a@b\r\nauth-method: psk\r\n\r\n"), 400),  # no mn-rand
         (encode_container(1, b"mn-rand: " + b"00" * 32 + b"\r\nauth-method: psk\r\n\r\n"), 400),
         (encode_container(1, "mn-id: a@b\r\nx: \u00e9\r\n\r\n".encode()), 400),  # non-ASCII
     ],
@@ -211,6 +215,21 @@ def test_bad_init(data: bytes, expect: int | None) -> None:
         assert ev.data[1] == data[1]  # answered with the request's Identifier
         assert parse_content(ev.data[4:]).auth is None  # no method selected yet
     assert hac.finished
+
+
+def test_an_init_the_psk_method_refuses_gets_a_keyed_400() -> None:
+    """An Init without mn-rand: the HAC selected PSK before the method
+    refused it, so the 400 carries auth (PROFILE §4, last paragraph: only a
+    400 or 501 answering an Init before any method was selected carries
+    none), keyed with the stand-in -- no credential is looked up for a
+    malformed Init.  It had no auth before the twenty-ninth session (found
+    in review)."""
+    hac = make_hac()
+    [ev] = hac.receive_data(encode_container(1, b"mn-id: a@b\r\nauth-method: psk\r\n\r\n"))
+    assert isinstance(ev, Send) and ev.status == 400 and ev.close and hac.finished
+    parsed = parse_content(ev.data[4:])
+    assert parsed.names() == ("status-code", "auth")
+    assert verify_auth(hac._standin, LABEL_HAC, parsed, CB)
 
 
 def test_truncated_stream_closes() -> None:
