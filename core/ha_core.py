@@ -100,10 +100,14 @@ per SA is shared by BUs and data, but the two are guarded differently:
 * A withdrawn SPI (``remove_sa``: the HAC superseded or revoked the SA) is
   dead until the SA's validity end: its packets are dropped
   (``withdrawn_spi``) without asking the HAC (no ``NeedSA``), and
-  ``install_sa`` refuses the same SA again (``SpiWithdrawn``; an SA with
-  other keys under the same SPI is a new SA and starts afresh).  An SPI
-  withdrawn before the HA knew it is refused whatever the keys, for
-  ``WITHDRAWN_UNKNOWN_TTL``.
+  ``install_sa`` refuses any SA under it (``SpiWithdrawn``), whatever its
+  keys.  Until the twenty-ninth session an SA with other keys was taken
+  for a new SA and its record replaced the withdrawal record -- which then
+  no longer named the withdrawn SA: once the second SA was withdrawn in
+  turn, the first installed again with fresh replay floors and its
+  captured BUs were answered (found in review).  A HAC never issues an
+  SPI again before the end of the SA it retired.  An SPI withdrawn before
+  the HA knew it is refused for ``WITHDRAWN_UNKNOWN_TTL``.
 """
 
 from __future__ import annotations
@@ -537,9 +541,10 @@ class HaCore:
         Returns False when the very same SA is already installed (nothing
         changes: its replay window and counters stay).  A different SA under
         an installed SPI replaces it -- the provisioning side (HAC) decides
-        which SA an SPI means.  Raises ``SpiWithdrawn`` for an SA withdrawn
-        earlier (``remove_sa``).  The SPI's persisted record, when it is this
-        SA's, restores the counters and replay floors (a restart).
+        which SA an SPI means.  Raises ``SpiWithdrawn`` for any SA under an
+        SPI withdrawn earlier (``remove_sa``) whose record is in force.  The
+        SPI's persisted record, when it is this SA's, restores the counters
+        and replay floors (a restart).
         ``initial_out_seq`` overrides the HA->MN counter (tests).
         """
         spi = issued.sa.spi
@@ -597,13 +602,13 @@ class HaCore:
     def is_withdrawn(
         self, issued: IssuedSA, *, now: float | None = None, digest: bytes | None = None
     ) -> bool:
-        """Was this SA (same SPI and keys) withdrawn, or its SPI withdrawn unseen?"""
+        """Is ``issued``'s SPI withdrawn (a withdrawal record still in force)?
+
+        Whatever the keys: the record must keep naming the SA it buried, so
+        no other SA may claim the SPI before it ends (module docstring).
+        ``digest`` is accepted for the callers' convenience and not needed."""
         dead = self.bindings.dead(issued.sa.spi)
-        if dead is None or dead.until <= (time.time() if now is None else now):
-            return False
-        if dead.key_digest is None:
-            return True
-        return hmac.compare_digest(dead.key_digest, digest or key_digest(issued))
+        return dead is not None and dead.until > (time.time() if now is None else now)
 
     def remove_sa(
         self, spi: int, *, now: float | None = None, issued: IssuedSA | None = None

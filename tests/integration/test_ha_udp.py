@@ -1095,12 +1095,14 @@ def test_downlink_numbers_are_on_disk_before_they_leave(tmp_path: Path) -> None:
     run(main())
 
 
-def test_a_queued_delete_never_removes_the_sa_installed_after_it(tmp_path: Path) -> None:
+def test_a_queued_delete_is_retried_and_the_spi_takes_no_other_sa(tmp_path: Path) -> None:
     """SA A withdrawn; the store cannot delete its row (twice: at once, and
-    when an install of B under the same SPI retries it).  B's store write
-    replaces A's row itself.  When the store works again, the queued delete
-    of A must not remove B -- installed and acknowledged to the HAC as
-    durable: B is in the store and survives a restart (found in review)."""
+    at the next expiry run).  Until the
+    twenty-ninth session B was installed and its row had to survive the
+    queued delete (found in review); now the withdrawn SPI refuses B
+    outright (a record naming the SA it buried, found in review of that
+    session), the delete goes through once the store works, and after a
+    restart nothing is under the SPI and it is still withdrawn."""
     from mipsec.core.issuer import utcnow
 
     async def main() -> tuple[bool, bool, bool]:
@@ -1121,17 +1123,21 @@ def test_a_queued_delete_never_removes_the_sa_installed_after_it(tmp_path: Path)
         svc.withdraw_sa_now(0x777)
         await asyncio.sleep(0)  # the delete, at the end of the turn: fails
         assert svc._to_discard == [0x777]
-        b = make_issued(spi=0x777)  # the HAC re-uses the SPI, with new keys
-        await svc.install_sa(b)  # retries the delete first: fails again
-        svc._discard_now()  # the expiry run: the store works again
-        stored = svc.store.get(0x777, utcnow())
-        in_store = stored is not None and stored.sa.mn_to_ha_ikey == b.sa.mn_to_ha_ikey
-        held = svc.core.has_spi(0x777)
+        b = make_issued(spi=0x777)  # a HAC re-using the SPI, with new keys
+        try:
+            await svc.install_sa(b)  # retries the delete first: fails again
+        except ProvisioningRefused:
+            refused = True
+        else:
+            refused = False
+        svc._discard_now()  # the expiry run: the store still fails (a refused
+        svc._discard_now()  # install retries no delete), then works again
+        gone = svc.store.get(0x777, utcnow()) is None and not svc.core.has_spi(0x777)
         await svc.stop()
         again = HaService(ha_config(tmp_path))
         await again.start()
-        after = again.core.installed_sa(0x777)
+        after = again.core.installed_sa(0x777) is None and again.core.is_withdrawn(b)
         await again.stop()
-        return in_store, held, after is not None and after.sa.mn_to_ha_ikey == b.sa.mn_to_ha_ikey
+        return refused, gone, after
 
     assert run(main()) == (True, True, True)
