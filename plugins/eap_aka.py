@@ -14,7 +14,8 @@ file's directory.  Options:
                        rejected (aka-prime: the separation bit 8000 must be set)
 ``sqn``                initial SQN_MS (12 hex digits, default 000000000000),
                        used only when ``sqn_file`` does not exist yet
-``sqn_file``           the USIM's persisted SQN state (required; mode 0600)
+``sqn_file``           the USIM's persisted SQN state (required; mode 0600);
+                       with both methods configured, the same file in both
 ``ind_bits``           IND length of TS 33.102 Annex C (default 5: 32 slots)
 ``sqn_delta``          Annex C.3.1 Delta: the furthest jump ahead accepted
                        (default 2^28)
@@ -28,6 +29,11 @@ file's directory.  Options:
                        AT_BIDDING with the D bit fails (RFC 5448 §4)
 =====================  =========================================================
 
+An MN that configures both methods has one subscriber (one EAP identity)
+and so one USIM, with one SQN array (TS 33.102 Annex C): both tables must
+give the same K, OPc, ``sqn_file`` and SQN options, and the method built
+second shares the first one's SQN store (:class:`Subscriber`).
+
 The EAP identity -- and so the MK identity of RFC 4187 §7 -- is the MN's
 ``mn-id`` (``0<IMSI>@wlan.mnc<MNC>.mcc<MCC>.3gppnetwork.org`` for EAP-AKA,
 ``6<IMSI>@...`` for EAP-AKA').  No server role: the HAC reaches EAP-AKA
@@ -36,8 +42,10 @@ servers through RADIUS.
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -52,9 +60,9 @@ from mipsec.plugins._options import parse_options, resolve_path
 
 if TYPE_CHECKING:
     from mipsec.core.eap.aka_peer import AkaPeer, AkaPeerConfig
-    from mipsec.core.eap.usim import Usim
+    from mipsec.core.eap.usim import SqnStore, Usim
 
-__all__ = ["AKA", "AKA_PRIME", "AkaMethod", "AkaPeerFactory", "mipsec_eap_methods"]
+__all__ = ["AKA", "AKA_PRIME", "AkaMethod", "AkaPeerFactory", "Subscriber", "mipsec_eap_methods"]
 
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
@@ -129,12 +137,33 @@ def _key(inline: str | None, file: str | None, name: str, base: Path) -> bytes:
     return bytes.fromhex(text)
 
 
+@dataclass(frozen=True)
+class Subscriber:
+    """The USIM behind an MN's ``aka`` and ``aka-prime`` tables.
+
+    Both methods run for the one EAP identity of the MN, so for one
+    subscriber, and TS 33.102 Annex C gives a USIM one SQN array: the method
+    built second reuses this :class:`SqnStore` (and must name the same K,
+    OPc, ``sqn_file`` and SQN options).  Two arrays let an AUTN accepted by
+    one method be accepted again by the other (found in review).
+    """
+
+    method: str  # the method whose table built it
+    k: bytes = field(repr=False)
+    opc: bytes = field(repr=False)
+    k_key: str  # the option that gave K (``ki`` or ``ki_file``), for errors
+    opc_key: str  # likewise for OPc
+    sqn_options: tuple[tuple[str, Any], ...]  # (key, value) of the SQN options
+    store: SqnStore
+
+
 class AkaPeerFactory:
     """Built once per MN process: the USIM (and its SQN state) outlives exchanges."""
 
-    def __init__(self, usim: Usim, config: AkaPeerConfig) -> None:
+    def __init__(self, usim: Usim, config: AkaPeerConfig, subscriber: Subscriber) -> None:
         self._usim = usim
         self._config = config
+        self.subscriber = subscriber
 
     def __repr__(self) -> str:
         return f"AkaPeerFactory({self._usim!r}, {self._config!r})"
@@ -145,6 +174,45 @@ class AkaPeerFactory:
         # The identity of EAP-Response/Identity: the master key is bound to
         # it (RFC 4187 §7), and it may differ from mn_id in realm case.
         return AkaPeer(self._usim, ctx.eap_identity, self._config)
+
+
+def _sqn_options(opts: _Options, sqn_path: Path) -> tuple[tuple[str, Any], ...]:
+    return (
+        ("sqn_file", sqn_path.resolve()),  # one file, however it is spelt
+        ("sqn", int(opts.sqn, 16)),
+        ("ind_bits", opts.ind_bits),
+        ("sqn_delta", opts.sqn_delta),
+        ("sqn_age_limit", opts.sqn_age_limit),
+    )
+
+
+def _given(opts: _Options, *keys: str) -> str:
+    return next(k for k in keys if getattr(opts, k) is not None)
+
+
+def _sibling(ctx: PluginContext) -> Subscriber | None:
+    """The subscriber of the AKA method this MN built before this one, if any."""
+    for factory in ctx.extra.get("eap_peers", {}).values():
+        if isinstance(factory, AkaPeerFactory):
+            return factory.subscriber
+    return None
+
+
+def _same_subscriber(mine: Subscriber, other: Subscriber) -> None:
+    """One EAP identity, one subscriber: K, OPc and the SQN state must agree."""
+    why = (
+        f"{other.method} and {mine.method} authenticate the one EAP identity of this MN, "
+        "one subscriber whose USIM has one K, one OPc and one SQN array "
+        "(TS 33.102 Annex C): give both the same"
+    )
+    if not hmac.compare_digest(mine.k, other.k):
+        raise ValueError(f"{mine.k_key}: not the K of {other.method}.{other.k_key}: {why}")
+    if not hmac.compare_digest(mine.opc, other.opc):
+        raise ValueError(f"{mine.opc_key}: not the OPc of {other.method}.{other.opc_key}: {why}")
+    for (key, value), (_, theirs) in zip(mine.sqn_options, other.sqn_options, strict=True):
+        if value != theirs:
+            shown = f" {value} is not {theirs}" if key == "sqn_file" else ""
+            raise ValueError(f"{key}: differs from {other.method}.{key}{shown}: {why}")
 
 
 class AkaMethod:
@@ -163,32 +231,48 @@ class AkaMethod:
         # The peer's machinery only where a peer is built (an MN): a HAC,
         # which loads every plugin module, does not import it (start time).
         from mipsec.core.eap.aka_peer import AkaPeerConfig
-        from mipsec.core.eap.milenage import Milenage, opc_from_op
-        from mipsec.core.eap.usim import SqnPolicy, SqnStore, Usim, UsimStateError
+        from mipsec.core.eap.milenage import Milenage
+        from mipsec.core.eap.usim import Usim
 
         opts: _Options = parse_options(_AkaPrimeOptions if self.prime else _AkaOptions, options)
-        k = _key(opts.ki, opts.ki_file, "ki", ctx.base_dir)
-        if opts.op is not None or opts.op_file is not None:
-            opc = opc_from_op(k, _key(opts.op, opts.op_file, "op", ctx.base_dir))
-        else:
-            opc = _key(opts.opc, opts.opc_file, "opc", ctx.base_dir)
-        policy = SqnPolicy(opts.ind_bits, opts.sqn_delta, opts.sqn_age_limit)
-        sqn_path = resolve_path(opts.sqn_file, ctx.base_dir)
-        try:
-            # check-config (``check_only``) creates nothing: a start would.
-            create = not ctx.extra.get("check_only", False)
-            store = SqnStore(sqn_path, int(opts.sqn, 16), policy, create=create)
-        except UsimStateError as exc:
-            raise ValueError(f"sqn_file: {exc}") from None
+        subscriber = self._subscriber(opts, ctx)
         amf = bytes.fromhex(opts.amf) if opts.amf is not None else None
-        usim = Usim(Milenage(k, opc), store, amf)
+        usim = Usim(Milenage(subscriber.k, subscriber.opc), subscriber.store, amf)
         config = AkaPeerConfig(
             prime=self.prime,
             network_name=getattr(opts, "network_name", None),
             result_ind=opts.result_ind,
             aka_prime_supported=getattr(opts, "aka_prime_supported", False),
         )
-        return AkaPeerFactory(usim, config)
+        return AkaPeerFactory(usim, config, subscriber)
+
+    def _subscriber(self, opts: _Options, ctx: PluginContext) -> Subscriber:
+        """K, OPc and the SQN store: the sibling method's store when it has one."""
+        from mipsec.core.eap.milenage import opc_from_op
+        from mipsec.core.eap.usim import SqnPolicy, SqnStore, UsimStateError
+
+        k = _key(opts.ki, opts.ki_file, "ki", ctx.base_dir)
+        if opts.op is not None or opts.op_file is not None:
+            opc = opc_from_op(k, _key(opts.op, opts.op_file, "op", ctx.base_dir))
+        else:
+            opc = _key(opts.opc, opts.opc_file, "opc", ctx.base_dir)
+        sqn_path = resolve_path(opts.sqn_file, ctx.base_dir)
+        k_key = _given(opts, "ki", "ki_file")
+        opc_key = _given(opts, "opc", "op", "opc_file", "op_file")
+        options = _sqn_options(opts, sqn_path)
+        other = _sibling(ctx)
+        if other is not None:
+            mine = Subscriber(self.name, k, opc, k_key, opc_key, options, other.store)
+            _same_subscriber(mine, other)
+            return mine
+        policy = SqnPolicy(opts.ind_bits, opts.sqn_delta, opts.sqn_age_limit)
+        try:
+            # check-config (``check_only``) creates nothing: a start would.
+            create = not ctx.extra.get("check_only", False)
+            store = SqnStore(sqn_path, int(opts.sqn, 16), policy, create=create)
+        except UsimStateError as exc:
+            raise ValueError(f"sqn_file: {exc}") from None
+        return Subscriber(self.name, k, opc, k_key, opc_key, options, store)
 
     def server(self, options: Mapping[str, Any], ctx: PluginContext) -> None:
         return None  # EAP-AKA servers are reached through RADIUS (hostapd, ...)

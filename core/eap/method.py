@@ -192,7 +192,10 @@ class EapMethodPlugin(Protocol):
     are refused by default).  ``peer``/``server`` validate ``options`` (the
     method's table in the role's configuration, without selecting keys) and
     return the role's factory, or None when the plugin does not implement
-    that role.
+    that role.  On the MN, ``ctx.extra["eap_peers"]`` maps the names of the
+    methods built before this one (in ``[eap] methods`` order) to their
+    factories, for methods that must share state (EAP-AKA and EAP-AKA' share
+    one USIM).
     """
 
     name: str

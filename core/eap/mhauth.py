@@ -44,11 +44,13 @@ MN ``[eap]``: ``methods`` (in preference order), ``identity`` (default
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import inspect
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -550,6 +552,15 @@ class _ServerFactory:
 # ------------------------------------------------------------ MN side
 
 
+def _sibling_context(ctx: PluginContext, built: Mapping[str, EapPeerFactory]) -> PluginContext:
+    """``ctx`` plus ``extra["eap_peers"]``: the peer factories this MN built
+    before (by method name, in ``methods`` order).  Methods that share state
+    find each other there: EAP-AKA and EAP-AKA' run on one USIM, whose SQN
+    array TS 33.102 Annex C makes one per subscriber."""
+    extra = {**ctx.extra, "eap_peers": MappingProxyType(dict(built))}
+    return dataclasses.replace(ctx, extra=extra)
+
+
 class EapPeerConfig:
     """The MN's EAP configuration, built once at start."""
 
@@ -561,6 +572,7 @@ class EapPeerConfig:
         self.allow_msk_less = opts.allow_msk_less
         self.identity = opts.identity
         self.methods: dict[MethodKey, tuple[str, EapPeerFactory]] = {}
+        built: dict[str, EapPeerFactory] = {}
         for name in opts.methods:
             plugin = plugins.get(name)
             if plugin is None:
@@ -574,12 +586,13 @@ class EapPeerConfig:
                     "to allow it (PROFILE §4 item 7)"
                 )
             try:
-                factory = plugin.peer(tables.get(name, {}), ctx)
+                factory = plugin.peer(tables.get(name, {}), _sibling_context(ctx, built))
             except ValueError as exc:
                 raise ValueError(_prefixed(name, exc)) from None
             if factory is None:
                 raise ValueError(f"methods: EAP method {name!r} has no mobile-node side")
             self.methods[plugin.eap_type] = (name, factory)
+            built[name] = factory
         for name in tables:
             if name not in opts.methods:
                 raise ValueError(f"{name}: options for an EAP method not listed in methods")

@@ -242,6 +242,11 @@ class AkaServerSim:
             return self.pending_req
         return self._challenge()
 
+    def replay(self, vector: dict[str, bytes]) -> bytes:
+        """An AKA-Challenge with another exchange's (RAND, AUTN, CK, IK): what a
+        holder of a used vector (an EAP-AKA server gets CK/IK) would send."""
+        return self._challenge(again=vector)
+
     def _challenge(self, again: dict[str, bytes] | None = None) -> bytes:
         self.state = "challenge"
         self.challenges += 1

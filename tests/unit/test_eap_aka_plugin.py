@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aka_server_sim import AkaServerSim, AuC
+from aka_server_sim import SYNC_FAILURE, AkaServerSim, AuC
 from pydantic import BaseModel
 
-from mipsec.core.config import redacted
+from mipsec.core.config import MNConfig, load_config, redacted
 from mipsec.core.eap.method import EapPeerContext
+from mipsec.core.eap.mhauth import EapPeerConfig
+from mipsec.core.eap.peer import EapPeerMachine
+from mipsec.core.errors import ConfigError
 from mipsec.core.hookspecs import PluginContext
 from mipsec.core.pluginmanager import make_plugin_manager, registry
+from mipsec.core.roles.mn import peer_factory
 from mipsec.core.wire.eap import EapCode, EapPacket, EapType, decode_eap, encode_eap
 from mipsec.plugins.eap_aka import AKA, AKA_PRIME
 
@@ -174,3 +178,121 @@ def test_a_key_file_open_to_others_is_refused_naming_the_option(tmp_path: Path) 
             AKA.peer(opts, ctx(tmp_path))
         (tmp_path / loose).chmod(0o600)
     assert _challenge_once(tmp_path, opts)
+
+
+# ------------------------------------------------ one subscriber, one SQN array
+
+AKA_ID = "0001010000000001@wlan.mnc001.mcc001.3gppnetwork.org"
+LAB_SQN = "ff9bb4d0b607"
+
+
+def both_methods(tmp_path: Path, aka: dict[str, Any], prime: dict[str, Any]) -> EapPeerConfig:
+    """An MN whose ``[eap]`` configures ``aka-prime`` and ``aka`` (lab subscriber)."""
+    base = {"ki": KI, "opc": OPC, "amf": "b9b9", "sqn": LAB_SQN}
+
+    def table(over: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in (base | over).items() if v is not None}  # None: left out
+
+    opts = {"methods": ["aka-prime", "aka"], "aka": table(aka), "aka-prime": table(prime)}
+    return EapPeerConfig(opts, ctx(tmp_path))
+
+
+def machine(cfg: EapPeerConfig) -> EapPeerMachine:
+    return EapPeerMachine(identity=AKA_ID, methods=cfg.methods, ctx=EapPeerContext(AKA_ID))
+
+
+@pytest.mark.parametrize(
+    ("aka_file", "prime_file"), [("usim.sqn", "usim.sqn"), ("aka.sqn", "aka-prime.sqn")]
+)
+def test_an_autn_used_by_eap_aka_is_not_accepted_again_by_eap_aka_prime(
+    tmp_path: Path, aka_file: str, prime_file: str
+) -> None:
+    """TS 33.102 Annex C: one SQN array per USIM.  An AUTN that EAP-AKA
+    accepted, replayed as an EAP-AKA' challenge by a holder of its CK/IK,
+    gets AKA-Synchronization-Failure -- in every configuration the MN
+    accepts.  Before, one ``sqn_file`` per method (as the README's example
+    suggested) gave two arrays: the replay was accepted, and the attacker
+    held the MSK (found in review).  Such a configuration is now refused."""
+    try:
+        cfg = both_methods(tmp_path, {"sqn_file": aka_file}, {"sqn_file": prime_file})
+    except ValueError as exc:
+        assert aka_file != prime_file and "aka.sqn_file: differs from" in str(exc)
+        return
+    auc = AuC(bytes.fromhex(KI), bytes.fromhex(OPC), bytes.fromhex("b9b9"), int(LAB_SQN, 16))
+    genuine = AkaServerSim(auc, AKA_ID, identity_round=False, checkcode=False)
+    reply = machine(cfg).process(genuine.start()).response
+    assert reply is not None and decode_eap(genuine.handle(reply)).code is EapCode.SUCCESS
+    attacker = AkaServerSim(auc, AKA_ID, prime=True, identity_round=False, checkcode=False)
+    again = machine(cfg)
+    reply = again.process(attacker.replay(genuine.vector)).response
+    assert reply is not None and reply[5] == SYNC_FAILURE  # no RES, no MSK
+    assert again.msk() is None
+
+
+@pytest.mark.parametrize(
+    ("prime", "message"),
+    [
+        ({"sqn_file": "other.sqn"}, "aka.sqn_file: differs from aka-prime.sqn_file"),
+        ({"ki": "00" * 16}, "aka.ki: not the K of aka-prime.ki"),
+        ({"opc": None, "op": "00" * 16}, "aka.opc: not the OPc of aka-prime.op"),
+        ({"ind_bits": 4}, "aka.ind_bits: differs from aka-prime.ind_bits"),
+        ({"sqn": "000000000020"}, "aka.sqn: differs from aka-prime.sqn"),
+        ({"sqn_age_limit": 64}, "aka.sqn_age_limit: differs from aka-prime.sqn_age_limit"),
+    ],
+)
+def test_two_usims_for_one_identity_are_refused(
+    tmp_path: Path, prime: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as exc:
+        both_methods(tmp_path, {"sqn_file": "usim.sqn"}, {"sqn_file": "usim.sqn"} | prime)
+    text = str(exc.value)
+    assert text.startswith(message) and "TS 33.102 Annex C" in text, text
+    assert KI not in text and OPC not in text and "00" * 16 not in text
+
+
+def test_one_subscriber_under_both_methods_shares_one_sqn_store(tmp_path: Path) -> None:
+    """The same K and OPc (here once as OP), one ``sqn_file`` (spelt two
+    ways): accepted, and both methods use the one store; AMF and the
+    method's own options may differ."""
+    (tmp_path / "sub").mkdir()
+    cfg = both_methods(
+        tmp_path,
+        {"sqn_file": "sub/../usim.sqn", "amf": None},
+        {"sqn_file": "usim.sqn", "opc": None, "op": OP, "network_name": "WLAN"},
+    )
+    (_, prime), (_, aka) = cfg.methods.values()
+    assert prime.subscriber.store is aka.subscriber.store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub", "usim.sqn", "usim.sqn.lock"]
+
+
+def test_two_sqn_files_are_a_one_line_config_error(tmp_path: Path) -> None:
+    """What ``mipsec mn`` / ``check-config`` print: file, key, both options."""
+    (tmp_path / "ca.pem").write_text("")
+    conf = tmp_path / "mn.toml"
+    conf.write_text(
+        f"""
+[mn]
+mn_id = "{AKA_ID}"
+method = "eap"
+[hac]
+host = "hac.example"
+ca = "ca.pem"
+[eap]
+methods = ["aka-prime", "aka"]
+[eap.aka-prime]
+ki = "{KI}"
+opc = "{OPC}"
+sqn_file = "usim-aka-prime.sqn"
+[eap.aka]
+ki = "{KI}"
+opc = "{OPC}"
+sqn_file = "usim-aka.sqn"
+"""
+    )
+    cfg = load_config(conf, "mn")
+    assert isinstance(cfg, MNConfig)
+    with pytest.raises(ConfigError) as exc:
+        peer_factory(cfg, make_plugin_manager(), str(conf))
+    text = str(exc.value)
+    assert "\n" not in text and text.startswith(f"{conf}: eap: aka.sqn_file: differs from ")
+    assert "aka-prime.sqn_file" in text and "usim-aka.sqn is not " in text
