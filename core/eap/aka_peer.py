@@ -56,7 +56,7 @@ from mipsec.core.eap.aka_keys import (
 from mipsec.core.eap.method import Decision, MethodState, PeerOutput
 from mipsec.core.eap.usim import AuthReject, SyncFailure, Usim, UsimStateError
 from mipsec.core.wire import eap_aka as w
-from mipsec.core.wire.eap import EapCode, EapPacket, EapType, encode_eap
+from mipsec.core.wire.eap import EapCode, EapPacket, EapType, encode_eap, method_response
 from mipsec.core.wire.eap_aka import AkaAttributes, AkaError, Attr, Subtype
 
 __all__ = ["MAX_CHALLENGES", "AkaPeer", "AkaPeerConfig", "network_name_matches"]
@@ -202,9 +202,8 @@ class AkaPeer:
 
     @staticmethod
     def _response_packet(request: EapPacket, data: bytes) -> bytes:
-        return encode_eap(
-            EapPacket(EapCode.RESPONSE, request.identifier, request.type, data, request.expanded)
-        )
+        """The whole response as the framework sends it (RFC 4187 §10.15, §10.13)."""
+        return encode_eap(method_response(request, data))
 
     @staticmethod
     def _only(attrs: AkaAttributes, allowed: frozenset[Attr], what: str) -> None:

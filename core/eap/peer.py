@@ -5,7 +5,8 @@ Notification with an empty Notification Response (RFC 3748 §5.2), a Request
 for a method the MN is not configured for with a Nak naming what it would
 use (legacy Nak, or the expanded Nak for an expanded Request, §5.3), and
 everything of the selected method's Type goes to that method's machine
-(``core/eap/method.py``).  It keeps the method state and decision of RFC 4137
+(``core/eap/method.py``), whose answer goes back in the Request's Type form
+(legacy or expanded, RFC 3748 §5.7).  It keeps the method state and decision of RFC 4137
 §4.1 so the MHAuth layer knows when to add the Done parameters and whether an
 EAP-Success may be believed.
 
@@ -40,6 +41,7 @@ from mipsec.core.wire.eap import (
     encode_eap,
     expanded_nak_data,
     legacy_nak_data,
+    method_response,
 )
 
 __all__ = ["EapPeerMachine", "PeerReply"]
@@ -180,10 +182,6 @@ class EapPeerMachine:
         self.state, self.decision = out.state, out.decision
         if out.data is None:
             return PeerReply(None, out.reason or f"EAP method {self.method_name} discarded")
-        if isinstance(self._method_key, int):
-            pkt = EapPacket(EapCode.RESPONSE, req.identifier, self._method_key, out.data)
-        else:
-            pkt = EapPacket(
-                EapCode.RESPONSE, req.identifier, EapType.EXPANDED, out.data, self._method_key
-            )
-        return PeerReply(encode_eap(pkt), out.reason)
+        # In the Request's Type form (RFC 3748 §5.7): what the method's own
+        # integrity check, if any, was computed over (RFC 4187 §10.15).
+        return PeerReply(encode_eap(method_response(req, out.data)), out.reason)

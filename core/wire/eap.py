@@ -35,6 +35,7 @@ __all__ = [
     "identity_request",
     "legacy_nak_data",
     "method_key",
+    "method_response",
     "next_identifier",
     "parse_expanded_nak",
     "parse_legacy_nak",
@@ -140,6 +141,23 @@ class EapPacket:
             return EAP_HEADER_LEN
         head = EXPANDED_HEADER_LEN if self.type == EapType.EXPANDED else 1
         return EAP_HEADER_LEN + head + len(self.data)
+
+
+def method_response(request: EapPacket, data: bytes) -> EapPacket:
+    """The Response to a method's ``request`` carrying ``data``, in the request's
+    Type form: legacy for a legacy Type, expanded (same Vendor-Id and
+    Vendor-Type) for an expanded one.
+
+    RFC 3748 §5.7 makes both forms of an IETF Type (Vendor-Id 0) mean the
+    same, so the server that chose a form accepts it back; and a method whose
+    integrity check covers the EAP header (RFC 4187 §10.15: AT_MAC over the
+    whole packet) computes it over this very packet.  The MN's framework and
+    its methods build responses here only, so the two cannot disagree (before
+    the twenty-ninth session the framework answered an expanded EAP-AKA
+    request in the legacy form while AT_MAC covered the expanded one; found
+    in review).
+    """
+    return EapPacket(EapCode.RESPONSE, request.identifier, request.type, data, request.expanded)
 
 
 def decode_eap(packet: bytes, *, max_len: int = MAX_EAP_LEN) -> EapPacket:

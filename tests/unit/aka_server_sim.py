@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from mipsec.core.eap.aka_keys import ck_ik_prime, derive_aka, derive_aka_prime
 
 REQUEST, RESPONSE, SUCCESS, FAILURE = 1, 2, 3, 4
-AKA, AKA_PRIME = 23, 50
+AKA, AKA_PRIME, EXPANDED = 23, 50, 254
 # subtypes
 CHALLENGE, AUTH_REJECT, SYNC_FAILURE, IDENTITY, NOTIFICATION, CLIENT_ERROR = 1, 2, 4, 5, 12, 14
 # attribute types
@@ -136,8 +136,12 @@ def parse_attrs(data: bytes) -> dict[int, list[bytes]]:
     return out
 
 
-def eap(code: int, ident: int, typ: int, subtype: int, attrs: bytes) -> bytes:
-    body = struct.pack("!BBB", typ, subtype, 0) + b"\x00" + attrs
+def eap(
+    code: int, ident: int, typ: int, subtype: int, attrs: bytes, *, expanded: bool = False
+) -> bytes:
+    """An EAP-AKA(') packet; ``expanded``: Type 254, Vendor-Id 0, Vendor-Type ``typ``."""
+    head = struct.pack("!BBHI", EXPANDED, 0, 0, typ) if expanded else bytes((typ,))
+    body = head + struct.pack("!BBB", subtype, 0, 0) + attrs
     return struct.pack("!BBH", code, ident, 4 + len(body)) + body
 
 
@@ -168,6 +172,7 @@ class AkaServerSim:
         bad_challenge_mac: bool = False,
         bad_autn_mac: bool = False,
         late_failure_code: int = 0,
+        expanded: bool = False,
     ) -> None:
         self.auc = auc
         self.identity = identity.encode()
@@ -184,6 +189,7 @@ class AkaServerSim:
         self.bad_challenge_mac = bad_challenge_mac
         self.bad_autn_mac = bad_autn_mac
         self.late_failure_code = late_failure_code  # hostapd uses 16384 here
+        self.expanded = expanded  # requests as Type 254 / Vendor-Id 0 (RFC 3748 §5.7)
         self.ident = 0x40
         self.id_msgs = b""
         self.state = "start"
@@ -204,8 +210,9 @@ class AkaServerSim:
     def _req(self, subtype: int, attrs: bytes, *, with_mac: bool = False) -> bytes:
         self.ident = (self.ident + 1) & 0xFF
         if not with_mac:
-            return eap(REQUEST, self.ident, self.typ, subtype, attrs)
-        pkt = eap(REQUEST, self.ident, self.typ, subtype, attrs + attr(AT_MAC, bytes(18)))
+            return eap(REQUEST, self.ident, self.typ, subtype, attrs, expanded=self.expanded)
+        attrs += attr(AT_MAC, bytes(18))
+        pkt = eap(REQUEST, self.ident, self.typ, subtype, attrs, expanded=self.expanded)
         mac = self._mac(pkt)
         if self.bad_challenge_mac and subtype == CHALLENGE:
             mac = bytes(b ^ 0x01 for b in mac)
@@ -293,10 +300,12 @@ class AkaServerSim:
     def handle(self, pkt: bytes) -> bytes:
         code, ident, length = struct.unpack("!BBH", pkt[:4])
         assert code == RESPONSE and ident == self.ident and length == len(pkt)
-        assert pkt[4] == self.typ, "response of another EAP type"
-        subtype = pkt[5]
+        # The response in the request's Type form (what its AT_MAC covers).
+        head = eap(RESPONSE, ident, self.typ, 0, b"", expanded=self.expanded)[4:-3]
+        assert pkt[4 : 4 + len(head)] == head, "response of another EAP type or Type form"
+        subtype = pkt[4 + len(head)]
         self.outcome.subtypes_seen.append(subtype)
-        attrs = parse_attrs(pkt[8:])
+        attrs = parse_attrs(pkt[4 + len(head) + 3 :])
         if subtype == CLIENT_ERROR:
             code_ = struct.unpack("!H", attrs[AT_CLIENT_ERROR_CODE][0])[0]
             if self.state == "notified-success":

@@ -13,7 +13,9 @@ from aka_server_sim import (
     AT_MAC,
     AT_RES,
     AUTH_REJECT,
+    CHALLENGE,
     CLIENT_ERROR,
+    IDENTITY,
     NOTIFICATION,
     SYNC_FAILURE,
     AkaServerSim,
@@ -28,6 +30,7 @@ from hypothesis import strategies as st
 from mipsec.core.eap import usim as usim_mod
 from mipsec.core.eap.aka_peer import AkaPeer, network_name_matches
 from mipsec.core.eap.method import Decision, EapPeerContext, MethodState, PeerOutput
+from mipsec.core.eap.peer import EapPeerMachine
 from mipsec.core.hookspecs import PluginContext
 from mipsec.core.wire.eap import EapCode, EapPacket, decode_eap, encode_eap
 from mipsec.plugins.eap_aka import AKA, AKA_PRIME
@@ -491,8 +494,6 @@ def test_the_master_key_is_bound_to_the_identity_the_peer_sent(tmp_path: Path) -
     §7): the peer uses that identity, and the server's AT_MAC verifies.
     Before, the peer used mn-id: "invalid AT_MAC", EAP-Failure (found in
     review)."""
-    from mipsec.core.eap.peer import EapPeerMachine
-
     factory = AKA.peer(options(tmp_path), PluginContext("mn", tmp_path))
     sent = AKA_ID.replace("wlan.mnc001", "WLAN.mnc001")
     machine = EapPeerMachine(
@@ -501,11 +502,40 @@ def test_the_master_key_is_bound_to_the_identity_the_peer_sent(tmp_path: Path) -
     response = machine.process(bytes((1, 1, 0, 5, 1))).response
     assert response is not None and response[5:].decode() == sent
     sim = AkaServerSim(lab_auc(), sent, identity_round=False)
+    assert converse(machine, sim) == EapCode.SUCCESS, sim.outcome.reason
+
+
+def converse(machine: EapPeerMachine, sim: AkaServerSim) -> EapCode:
+    """Whole packets between the MN's EAP framework and the server; the final code."""
     packet = sim.start()
     for _ in range(6):
-        if decode_eap(packet).code in (EapCode.SUCCESS, EapCode.FAILURE):
-            break
+        if (code := decode_eap(packet).code) in (EapCode.SUCCESS, EapCode.FAILURE):
+            return code
         out = machine.process(packet)
         assert out.response is not None, out.reason
         packet = sim.handle(out.response)
-    assert decode_eap(packet).code == EapCode.SUCCESS, sim.outcome.reason
+    raise AssertionError("conversation did not end")
+
+
+@pytest.mark.parametrize("prime", [False, True], ids=["aka", "aka-prime"])
+def test_an_expanded_request_is_answered_expanded_under_its_at_mac(
+    tmp_path: Path, prime: bool
+) -> None:
+    """A server sending EAP-AKA(') as Type 254, Vendor-Id 0 (RFC 3748 §5.7)
+    gets every response in that form, and AT_MAC (RFC 4187 §10.15: the whole
+    packet), AT_CHECKCODE and the notification's AT_MAC cover the octets
+    sent.  Before, the framework answered in the legacy form while the
+    method had computed AT_MAC over the expanded one: the server's check
+    failed (found in review)."""
+    identity = AKA_PRIME_ID if prime else AKA_ID
+    method = AKA_PRIME if prime else AKA
+    factory = method.peer(options(tmp_path, result_ind=True), PluginContext("mn", tmp_path))
+    machine = EapPeerMachine(
+        identity=identity,
+        methods={method.eap_type: (method.name, factory)},
+        ctx=EapPeerContext(identity),
+    )
+    sim = AkaServerSim(lab_auc(), identity, prime=prime, result_ind=True, expanded=True)
+    assert converse(machine, sim) == EapCode.SUCCESS, sim.outcome.reason
+    assert sim.outcome.subtypes_seen == [IDENTITY, CHALLENGE, NOTIFICATION]  # checked by the sim
+    assert machine.msk() == sim.msk and machine.succeeded

@@ -210,6 +210,23 @@ def test_nak_for_an_unconfigured_method() -> None:
     assert parse_legacy_nak(r.data) == [EapType.EXPANDED]
 
 
+def test_a_method_is_answered_in_the_type_form_of_each_request() -> None:
+    """RFC 3748 §5.7: Type 13 and Type 254 / Vendor-Id 0 / Vendor-Type 13 are
+    one method; each Response takes its Request's form, which is what a
+    method's integrity check over the header (EAP-AKA's AT_MAC) covers.
+    Before, the form the method was configured under was sent (found in
+    review)."""
+    m = machine()
+    expanded = req(1, EapType.EXPANDED, b"go", ExpandedType(0, 13))
+    r = decode_eap(m.process(expanded).response or b"")
+    assert (r.type, r.expanded, r.data) == (EapType.EXPANDED, ExpandedType(0, 13), b"ok")
+    r = decode_eap(m.process(req(2, 13, b"go")).response or b"")
+    assert (r.type, r.expanded, r.data) == (13, None, b"ok")
+    vendor = machine({ExpandedType(32473, 1): ("example", Echo())})
+    r = decode_eap(vendor.process(req(3, 254, b"go", ExpandedType(32473, 1))).response or b"")
+    assert (r.type, r.expanded, r.data) == (EapType.EXPANDED, ExpandedType(32473, 1), b"ok")
+
+
 def test_other_method_or_identity_after_the_method_started_is_discarded() -> None:
     m = machine({13: ("tls", Echo()), 23: ("aka", Echo())})
     assert m.process(req(1, 13, b"go")).response is not None
