@@ -26,7 +26,9 @@ file's directory.  Options:
                        AT_KDF_INPUT (RFC 5448 §3.1 prefix match; unset = no
                        check); a mismatch fails as AKA'-Authentication-Reject
 ``aka_prime_supported`` aka only: this MN would rather use EAP-AKA', so an
-                       AT_BIDDING with the D bit fails (RFC 5448 §4)
+                       AT_BIDDING with the D bit fails (RFC 5448 §4); default:
+                       whether ``aka-prime`` is in the MN's ``methods``, and
+                       ``false`` with ``aka-prime`` there is refused
 =====================  =========================================================
 
 An MN that configures both methods has one subscriber (one EAP identity)
@@ -108,7 +110,7 @@ class _Options(BaseModel):
 
 
 class _AkaOptions(_Options):
-    aka_prime_supported: bool = False
+    aka_prime_supported: bool | None = None  # None: derived from the MN's methods
 
 
 class _AkaPrimeOptions(_Options):
@@ -215,6 +217,23 @@ def _same_subscriber(mine: Subscriber, other: Subscriber) -> None:
             raise ValueError(f"{key}: differs from {other.method}.{key}{shown}: {why}")
 
 
+def _aka_prime_supported(opts: _Options, ctx: PluginContext) -> bool:
+    """RFC 5448 §4: a peer that supports EAP-AKA' checks AT_BIDDING in
+    EAP-AKA.  An MN supports it when ``aka-prime`` is among its methods; it
+    cannot then opt out, which would leave bidding down undetected (the
+    option defaulted to false, whatever the methods, before the
+    twenty-ninth session; found in review)."""
+    configured = AKA_PRIME.name in ctx.extra.get("eap_methods", ())
+    explicit = getattr(opts, "aka_prime_supported", None)
+    if explicit is False and configured:
+        raise ValueError(
+            f"aka_prime_supported: false, but {AKA_PRIME.name} is in methods: an MN that "
+            "supports EAP-AKA' must refuse an EAP-AKA challenge whose AT_BIDDING has the "
+            "D bit (RFC 5448 §4): remove the option"
+        )
+    return configured if explicit is None else explicit
+
+
 class AkaMethod:
     """The ``mipsec_eap_methods`` entry for EAP-AKA or EAP-AKA' (peer role only)."""
 
@@ -242,7 +261,7 @@ class AkaMethod:
             prime=self.prime,
             network_name=getattr(opts, "network_name", None),
             result_ind=opts.result_ind,
-            aka_prime_supported=getattr(opts, "aka_prime_supported", False),
+            aka_prime_supported=not self.prime and _aka_prime_supported(opts, ctx),
         )
         return AkaPeerFactory(usim, config, subscriber)
 

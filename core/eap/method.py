@@ -192,10 +192,11 @@ class EapMethodPlugin(Protocol):
     are refused by default).  ``peer``/``server`` validate ``options`` (the
     method's table in the role's configuration, without selecting keys) and
     return the role's factory, or None when the plugin does not implement
-    that role.  On the MN, ``ctx.extra["eap_peers"]`` maps the names of the
-    methods built before this one (in ``[eap] methods`` order) to their
-    factories, for methods that must share state (EAP-AKA and EAP-AKA' share
-    one USIM).
+    that role.  On the MN, ``ctx.extra["eap_methods"]`` is the MN's ``[eap]
+    methods`` and ``ctx.extra["eap_peers"]`` maps the names of the methods
+    built before this one to their factories, for methods that depend on
+    their siblings (EAP-AKA's AT_BIDDING check, the USIM EAP-AKA and
+    EAP-AKA' share).
     """
 
     name: str

@@ -552,12 +552,15 @@ class _ServerFactory:
 # ------------------------------------------------------------ MN side
 
 
-def _sibling_context(ctx: PluginContext, built: Mapping[str, EapPeerFactory]) -> PluginContext:
-    """``ctx`` plus ``extra["eap_peers"]``: the peer factories this MN built
-    before (by method name, in ``methods`` order).  Methods that share state
-    find each other there: EAP-AKA and EAP-AKA' run on one USIM, whose SQN
-    array TS 33.102 Annex C makes one per subscriber."""
-    extra = {**ctx.extra, "eap_peers": MappingProxyType(dict(built))}
+def _sibling_context(
+    ctx: PluginContext, methods: tuple[str, ...], built: Mapping[str, EapPeerFactory]
+) -> PluginContext:
+    """``ctx`` plus ``extra["eap_methods"]`` (the MN's ``methods``) and
+    ``extra["eap_peers"]`` (the peer factories built before, by name).  A
+    method learns its siblings there: EAP-AKA checks AT_BIDDING when
+    EAP-AKA' is configured too (RFC 5448 §4), and both run on one USIM, whose
+    SQN array TS 33.102 Annex C makes one per subscriber."""
+    extra = {**ctx.extra, "eap_methods": methods, "eap_peers": MappingProxyType(dict(built))}
     return dataclasses.replace(ctx, extra=extra)
 
 
@@ -586,7 +589,8 @@ class EapPeerConfig:
                     "to allow it (PROFILE §4 item 7)"
                 )
             try:
-                factory = plugin.peer(tables.get(name, {}), _sibling_context(ctx, built))
+                sibling_ctx = _sibling_context(ctx, opts.methods, built)
+                factory = plugin.peer(tables.get(name, {}), sibling_ctx)
             except ValueError as exc:
                 raise ValueError(_prefixed(name, exc)) from None
             if factory is None:

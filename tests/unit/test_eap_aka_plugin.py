@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aka_server_sim import SYNC_FAILURE, AkaServerSim, AuC
+from aka_server_sim import AUTH_REJECT, SYNC_FAILURE, AkaServerSim, AuC
 from pydantic import BaseModel
 
 from mipsec.core.config import MNConfig, load_config, redacted
@@ -197,6 +197,10 @@ def both_methods(tmp_path: Path, aka: dict[str, Any], prime: dict[str, Any]) -> 
     return EapPeerConfig(opts, ctx(tmp_path))
 
 
+def lab_auc() -> AuC:
+    return AuC(bytes.fromhex(KI), bytes.fromhex(OPC), bytes.fromhex("b9b9"), int(LAB_SQN, 16))
+
+
 def machine(cfg: EapPeerConfig) -> EapPeerMachine:
     return EapPeerMachine(identity=AKA_ID, methods=cfg.methods, ctx=EapPeerContext(AKA_ID))
 
@@ -218,7 +222,7 @@ def test_an_autn_used_by_eap_aka_is_not_accepted_again_by_eap_aka_prime(
     except ValueError as exc:
         assert aka_file != prime_file and "aka.sqn_file: differs from" in str(exc)
         return
-    auc = AuC(bytes.fromhex(KI), bytes.fromhex(OPC), bytes.fromhex("b9b9"), int(LAB_SQN, 16))
+    auc = lab_auc()
     genuine = AkaServerSim(auc, AKA_ID, identity_round=False, checkcode=False)
     reply = machine(cfg).process(genuine.start()).response
     assert reply is not None and decode_eap(genuine.handle(reply)).code is EapCode.SUCCESS
@@ -296,3 +300,41 @@ sqn_file = "usim-aka.sqn"
     text = str(exc.value)
     assert "\n" not in text and text.startswith(f"{conf}: eap: aka.sqn_file: differs from ")
     assert "aka-prime.sqn_file" in text and "usim-aka.sqn is not " in text
+
+
+# ------------------------------------------------ bidding down (RFC 5448 §4)
+
+
+def test_with_aka_prime_configured_eap_aka_refuses_a_bidding_down(tmp_path: Path) -> None:
+    """The server says (AT_BIDDING, D bit, under AT_MAC) that it would have
+    used EAP-AKA'; an MN that lists ``aka-prime`` would have too, so someone
+    bid the pair down to EAP-AKA: Authentication-Reject, no MSK.  Before,
+    the check was off unless ``aka_prime_supported = true`` was set by hand,
+    whatever the methods (found in review)."""
+    cfg = both_methods(tmp_path, {"sqn_file": "usim.sqn"}, {"sqn_file": "usim.sqn"})
+    sim = AkaServerSim(lab_auc(), AKA_ID, identity_round=False, checkcode=False, bidding_d=True)
+    mn = machine(cfg)
+    reply = mn.process(sim.start())
+    assert reply.response is not None and reply.response[5] == AUTH_REJECT, reply.reason
+    assert "bidding down" in reply.reason and mn.msk() is None
+    assert decode_eap(sim.handle(reply.response)).code is EapCode.FAILURE
+    # An MN without EAP-AKA' ignores the D bit (nothing better to bid for).
+    (tmp_path / "aka-only").mkdir()
+    table = {"ki": KI, "opc": OPC, "sqn": LAB_SQN, "sqn_file": "usim.sqn"}
+    only = EapPeerConfig({"methods": ["aka"], "aka": table}, ctx(tmp_path / "aka-only"))
+    sim = AkaServerSim(lab_auc(), AKA_ID, identity_round=False, checkcode=False, bidding_d=True)
+    reply = machine(only).process(sim.start())
+    assert reply.response is not None
+    assert decode_eap(sim.handle(reply.response)).code is EapCode.SUCCESS
+
+
+def test_opting_out_of_the_bidding_check_next_to_aka_prime_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as exc:
+        both_methods(
+            tmp_path,
+            {"sqn_file": "usim.sqn", "aka_prime_supported": False},
+            {"sqn_file": "usim.sqn"},
+        )
+    text = str(exc.value)
+    assert text.startswith("aka.aka_prime_supported: false, but aka-prime is in methods")
+    assert "RFC 5448 §4" in text and "\n" not in text
