@@ -23,9 +23,15 @@ What it does, by Subtype of the Request:
   AT_KDF list).  Then keys, AT_MAC, AT_CHECKCODE, AT_ENCR_DATA, and the
   response AT_RES (+ AT_CHECKCODE when the server sent one) (+ AT_RESULT_IND
   when the server offered it and ``result_ind`` is on) + AT_MAC.
-* AKA-Notification (RFC 4187 §6, §9.10-§9.11): one round; P bit set only
-  before the challenge and without AT_MAC, P bit clear only after it and
-  with a valid AT_MAC (echoed in the response); S bit clear = failure.
+* AKA-Notification (RFC 4187 §6, §9.10-§9.11): one round; S bit clear =
+  failure.  P bit clear: only after the challenge and with a valid AT_MAC
+  (echoed in the response).  P bit set: a failure (the S bit set with it is
+  an error), without AT_MAC, accepted before *and after* the challenge.
+  RFC 4187 §6.1 allows P = 1 only before the challenge; the deviation is
+  deliberate and tolerated because hostapd sends "General failure" (16384)
+  after refusing a challenge response, and the outcome is failure either
+  way -- an unprotected failure ends no more than an attacker who drops
+  packets could end.
 * Anything malformed or out of sequence: AKA-Client-Error (code 0).
 
 RFC 4137 §4.1 outputs: after the challenge response the decision is
@@ -400,10 +406,11 @@ class AkaPeer:
         code = attrs.notification
         if code & _P_BIT:
             # A failure the server decided before authenticating us, never
-            # protected.  hostapd also sends one (16384) when it refuses our
-            # challenge response, so it is accepted after the challenge too:
-            # an unprotected failure can only end what an attacker could
-            # end anyway by dropping packets.
+            # protected.  RFC 4187 §6.1 allows it only before the challenge;
+            # hostapd also sends one (16384) when it refuses our challenge
+            # response, so it is tolerated after the challenge too (see the
+            # module docstring): an unprotected failure can only end what an
+            # attacker could end anyway by dropping packets.
             if code & _S_BIT:
                 raise _Fail(f"notification {code}: P bit set with the S bit")
             if attrs.mac is not None:
