@@ -110,8 +110,8 @@ class ServerStats:
     unexpected: int = 0  # replies to no outstanding request (late duplicates)
     timeouts: int = 0  # requests that got no verified reply
     stalled: int = 0  # of those, while the server answered other requests (not held off)
-    probes: int = 0  # Status-Server probes sent (RFC 5997) before a hold-off
-    probes_answered: int = 0  # ... that the server answered: not held off
+    probes: int = 0  # Status-Server probes sent (RFC 5997): before a hold-off, of it or another
+    probes_answered: int = 0  # ... that the server answered (evidence of life)
     sockets: int = 0  # UDP sockets (source ports) opened
     socket_errors: int = 0  # requests that found no socket (name unresolved, no route)
 
@@ -241,6 +241,7 @@ class _ServerState:
         self.waiters: list[asyncio.Future[None]] = []
         self.dead_until = 0.0
         self.dead = False
+        self.found_dead = -math.inf  # when it was last held off
         # When the server last sent a verified reply (to any request): a
         # server that answers others is alive, even if one conversation
         # stalls behind it (a proxied realm whose upstream did not answer).
@@ -543,28 +544,35 @@ class RadiusClient:
             return
         self._hold_off(st, exc)
 
-    def _in_service(self, st: _ServerState, now: float) -> bool:
-        """Not held off, and not found dead since its last answer: a server
-        whose hold-off merely ran out (nobody has tried it since) is no
-        server in service -- counted as one, it had a probed, answering
-        last server held off too, every MN then 503 (found in review)."""
-        return not st.dead and not self._held_off(st, now)
+    def _shows_life(self, st: _ServerState, now: float) -> bool:
+        """Evidence that ``st`` serves: not held off, and a verified reply
+        (an answered Status-Server included) within ``dead_time`` and since
+        it was last found dead.  A server nobody has heard from -- a backup
+        never tried, or one whose hold-off merely ran out -- shows none."""
+        return (
+            not self._held_off(st, now)
+            and st.last_reply > st.found_dead
+            and now - st.last_reply <= self.dead_time
+        )
 
-    def _hold_off(self, st: _ServerState, exc: RadiusTimeout) -> None:
+    def _hold_off(self, st: _ServerState, exc: RadiusTimeout, why: str = "") -> None:
         now = self._clock()
         if not self._held_off(st, now):
             log.warning(
-                "RADIUS server %s marked dead for %g s: %s", st.config.label, self.dead_time, exc
+                "RADIUS server %s marked dead for %g s: %s%s",
+                st.config.label,
+                self.dead_time,
+                exc,
+                why,
             )
         st.dead = True
         st.dead_until = now + self.dead_time
+        st.found_dead = now
 
-    async def _probe(self, st: _ServerState, exc: RadiusTimeout) -> None:
-        """One Status-Server, ``timeout`` seconds for its Access-Accept; hold
-        ``st`` off if none comes (RFC 5997 §4: not retransmitted)."""
-        answered = False
+    async def _ask(self, st: _ServerState) -> bool:
+        """One Status-Server to ``st``, ``timeout`` seconds for its verified
+        Access-Accept (RFC 5997 §4: not retransmitted): answered?"""
         st.stats.probes += 1
-        probe_sent = self._clock()
         try:
             channel, ident = await self._acquire(st)
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -573,14 +581,38 @@ class RadiusClient:
                 channel.pending[ident] = _Pending(future, request)
                 channel.send(request.raw)
                 done, _ = await asyncio.wait((future,), timeout=self.timeout)
-                answered = bool(done) and future.exception() is None
+                return bool(done) and future.exception() is None
             finally:
                 if not future.done():
                     future.cancel()
                 channel.release(ident)
                 st.wake_one()
         except (OSError, LocalProtocolError, RadiusError):
-            answered = False  # the socket or the packet failed: no evidence of life
+            return False  # the socket or the packet failed: no evidence of life
+
+    async def _another_serves(self, st: _ServerState) -> str | None:
+        """The label of another server that shows life (``_shows_life``), or
+        answers a Status-Server now; None if none does.  Each one not held
+        off and not heard from lately is asked at once (in parallel)."""
+        now = self._clock()
+        others = [o for o in self._servers if o is not st and not self._held_off(o, now)]
+        for o in others:
+            if self._shows_life(o, now):
+                return o.config.label
+        if not others:
+            return None
+        answers = await asyncio.gather(*(self._ask(o) for o in others))
+        for o, answered in zip(others, answers, strict=True):
+            if answered:
+                o.stats.probes_answered += 1
+                return o.config.label
+        return None
+
+    async def _probe(self, st: _ServerState, exc: RadiusTimeout) -> None:
+        """Ask ``st`` (one Status-Server); hold it off if it does not answer,
+        or if it answers while another server shows life."""
+        probe_sent = self._clock()
+        answered = await self._ask(st)
         if self._closed:
             return
         # A verified reply to any other request since the probe left is
@@ -588,25 +620,33 @@ class RadiusClient:
         # Status-Server (RFC 5997 makes it optional), or a lost probe, no
         # longer held off a server that kept answering (found in review).
         answered = answered or st.last_reply >= probe_sent
-        now = self._clock()
-        if answered and any(o is not st and self._in_service(o, now) for o in self._servers):
-            # Another server is in service: hold this one off all the same.
-            # A server whose requests go unanswered while it answers
-            # Status-Server (a stuck back end) would otherwise keep every
-            # conversation waiting out its timeouts before failing over;
-            # the probe spares only the last server in service, which
-            # holding off would turn into 503 for everyone.
-            answered = False
-        if answered:
-            st.stats.probes_answered += 1
-            log.info(
-                "RADIUS server %s: a request went unanswered (%s), but it answers "
-                "Status-Server: not held off",
-                st.config.label,
-                exc,
-            )
-        else:
+        if not answered:
             self._hold_off(st, exc)
+            return
+        st.stats.probes_answered += 1
+        # A server whose requests go unanswered while it answers
+        # Status-Server (a stuck back end) would keep every conversation
+        # waiting out its timeouts before failing over: held off, but only
+        # in favour of another server with evidence of life.  A client
+        # cannot tell a dead next hop from a stalled upstream behind it
+        # (RFC 5997 §1, §4): an answering server is not held off for one
+        # stalled conversation when the alternative is a server nobody has
+        # heard from.  Before the twenty-ninth session a never-tried backup
+        # counted as "in service": one MN of a slow realm had an answering
+        # primary held off, the request failed over to a dead backup, and
+        # every MN got 503 for dead_time (found in review).
+        other = await self._another_serves(st)
+        if self._closed:
+            return
+        if other is not None:
+            self._hold_off(st, exc, f" (it answers Status-Server, but {other} serves)")
+            return
+        log.info(
+            "RADIUS server %s: a request went unanswered (%s), but it answers "
+            "Status-Server and no other server is known to serve: not held off",
+            st.config.label,
+            exc,
+        )
 
     def _drop_probe(self, label: str, task: asyncio.Task[None]) -> None:
         if self._probes.get(label) is task:

@@ -59,6 +59,23 @@ async def silent() -> FakeServer:
     return await fake_server(lambda s, d, a: None)
 
 
+async def served_by(client: RadiusClient, user: str) -> str:
+    """The label of the server that answered ``user``'s request."""
+    return (await client.send(builder(user)))[0]
+
+
+def probing(*fakes: FakeServer, **kw: Any) -> RadiusClient:
+    """A client of ``fakes`` (in order) that asks Status-Server before a hold-off."""
+    opts: dict[str, Any] = {"timeout": 0.2, "retries": 0, "dead_time": 60, **kw}
+    return RadiusClient([server(f) for f in fakes], status_server=True, **opts)
+
+
+async def shut(client: RadiusClient, *fakes: FakeServer) -> None:
+    await client.aclose()
+    for fake in fakes:
+        fake.close()
+
+
 def test_retransmission_is_the_same_packet() -> None:
     async def main() -> None:
         def second_copy_only(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
@@ -468,13 +485,7 @@ def test_a_server_answering_only_status_server_is_held_off_while_another_serves(
     async def main() -> None:
         stuck = await fake_server(_status_server_aware({b"alice", b"bob"}))
         healthy = await fake_server(challenge)
-        client = RadiusClient(
-            [server(stuck), server(healthy)],
-            timeout=0.2,
-            retries=0,
-            dead_time=60,
-            status_server=True,
-        )
+        client = probing(stuck, healthy)
         label, _ = await client.send(builder("alice"))
         assert label == f"127.0.0.1:{healthy.port}"
         await client.probes_done()
@@ -536,6 +547,53 @@ def test_a_backup_whose_hold_off_ran_out_is_not_a_server_in_service() -> None:
         await client.aclose()
         a.close()
         b.close()
+
+    asyncio.run(main())
+
+
+def test_an_answering_server_is_not_held_off_for_a_backup_nobody_has_heard_from() -> None:
+    """The reviewer's scenario (twenty-ninth session): primary A answers
+    Status-Server and every MN but one of a slow realm; backup B is dead
+    and was never tried.  That MN times out on A, then on B.  A stays in
+    service: B has shown no life, so it is no alternative.  Before, B
+    counted as in service (never found dead), A was held off, B then was
+    too, and every MN got 503 for dead_time."""
+
+    async def main() -> None:
+        a = await fake_server(_status_server_aware({b"slow@upstream"}))
+        b = await silent()
+        client = probing(a, b, retries=1)
+        la, lb = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder("slow@upstream"))
+        await client.probes_done()
+        assert not client.is_dead(la) and client.is_dead(lb)
+        assert client.stats()[la].probes_answered == 1
+        assert client.stats()[lb].probes_answered == 0
+        assert [await served_by(client, u) for u in ("alice", "bob", "carol")] == [la] * 3
+        await shut(client, a, b)
+
+    asyncio.run(main())
+
+
+def test_a_stuck_server_is_held_off_once_an_untried_backup_answers_status_server() -> None:
+    """A stuck back end (answers Status-Server, no Access-Request) and a
+    backup no request has reached yet: the backup is asked too, answers,
+    and so the stuck one is held off -- the next MN goes to the backup."""
+
+    async def main() -> None:
+        stuck = await fake_server(_status_server_aware({b"alice", b"bob"}))
+        backup = await fake_server(_status_server_aware(set()))
+        client = probing(stuck, backup)
+        ls, lb = f"127.0.0.1:{stuck.port}", f"127.0.0.1:{backup.port}"
+        with pytest.raises(RadiusTimeout):
+            await client.send(builder("alice"), server=ls)  # a conversation pinned to it
+        await client.probes_done()
+        assert client.is_dead(ls)
+        assert [raw[0] for _, raw in backup.received] == [RadiusCode.STATUS_SERVER]
+        assert client.stats()[lb].probes_answered == 1
+        assert await served_by(client, "bob") == lb
+        await shut(client, stuck, backup)
 
     asyncio.run(main())
 
