@@ -47,6 +47,7 @@ __all__ = [
     "Reply",
     "ReplyVerifyError",
     "Request",
+    "answers_authenticator",
     "decode_reply",
     "encode_access_request",
     "encode_accounting_request",
@@ -259,6 +260,29 @@ def _walk(attrs: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
+def _response_authenticator_ok(raw: bytes, request_authenticator: bytes, secret: bytes) -> bool:
+    """RFC 2865 §3: Response Authenticator =
+    MD5(Code+Identifier+Length+RequestAuth+Attributes+Secret); ``raw`` cut to Length."""
+    expected = hashlib.md5(  # noqa: S324
+        raw[:4] + request_authenticator + raw[HEADER_LEN:] + secret
+    ).digest()
+    return hmac.compare_digest(expected, raw[4:HEADER_LEN])
+
+
+def answers_authenticator(raw: bytes, request_authenticator: bytes, secret: bytes) -> bool:
+    """Whether ``raw`` is a reply, under ``secret``, to the request whose
+    Request Authenticator was ``request_authenticator`` -- a reply to an
+    earlier request on the same Identifier (a late duplicate) is one, a
+    forgery or a wrong secret is not.  Only the Response Authenticator is
+    checked: this never makes a reply acceptable, only says what it was."""
+    if len(raw) < HEADER_LEN:
+        return False
+    length = int.from_bytes(raw[2:4], "big")
+    if not HEADER_LEN <= length <= min(len(raw), MAX_PACKET):
+        return False
+    return _response_authenticator_ok(raw[:length], request_authenticator, secret)
+
+
 def verify_reply(raw: bytes, request: Request, secret: bytes) -> bytes:
     """Check ``raw`` answers ``request``; return it without padding.
 
@@ -281,9 +305,7 @@ def verify_reply(raw: bytes, request: Request, secret: bytes) -> bytes:
         raise RadiusWireError("radius.identifier", "does not match the request")
     attrs = raw[HEADER_LEN:]
     walked = _walk(attrs)
-    # RFC 2865 §3: MD5(Code+Identifier+Length+RequestAuth+Attributes+Secret).
-    expected = hashlib.md5(raw[:4] + request.authenticator + attrs + secret).digest()  # noqa: S324
-    if not hmac.compare_digest(expected, raw[4:20]):
+    if not _response_authenticator_ok(raw, request.authenticator, secret):
         raise ReplyVerifyError("response-authenticator", "Response Authenticator does not verify")
     ma = [(s, e) for t, s, e in walked if t == A_MESSAGE_AUTHENTICATOR]
     if len(ma) > 1:

@@ -337,6 +337,45 @@ def test_duplicate_reply_counted_unexpected() -> None:
     asyncio.run(main())
 
 
+def test_a_late_duplicate_on_a_reused_identifier_is_not_blamed_on_the_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server answers every request, and a copy of each answer arrives
+    late.  All 256 Identifiers of the one socket were used, so the next
+    requests reuse them and the late copies land on them.  They verify
+    against the request each Identifier carried before: counted as late
+    (``unexpected``), not ``unverifiable``, and the new requests' timeout
+    does not say "wrong shared secret?" (found in review, twenty-ninth
+    session: it did, on a server sharing our secret)."""
+    answering = {"on": True}
+
+    def answer_then_copy(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+        if not answering["on"]:
+            return None
+        reply = challenge(srv, data, addr)
+        asyncio.get_running_loop().call_later(0.2, srv.send, reply, addr)
+        return reply
+
+    async def main() -> None:
+        fake = await fake_server(answer_then_copy)
+        client = RadiusClient([server(fake)], timeout=1.0, retries=0, dead_time=0, max_sockets=1)
+        await asyncio.gather(*(client.send(builder()) for _ in range(256)))
+        answering["on"] = False
+        results = await asyncio.gather(
+            *(client.send(builder()) for _ in range(5)), return_exceptions=True
+        )
+        stats = client.stats()[f"127.0.0.1:{fake.port}"]
+        assert all(isinstance(r, RadiusTimeout) for r in results), results
+        assert all(not r.rejected and "secret?" not in str(r) for r in results)  # type: ignore[union-attr]
+        assert stats.unverifiable == 0 and stats.unexpected >= 5
+        await shut(client, fake)
+
+    with caplog.at_level(logging.DEBUG, logger="mipsec.aaa.radius"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("late reply" in r.getMessage() for r in caplog.records)
+
+
 def test_closed_client_refuses() -> None:
     async def main() -> None:
         fake = await silent()

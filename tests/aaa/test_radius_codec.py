@@ -29,6 +29,7 @@ from mipsec.aaa.codec import (
     RadiusCode,
     RadiusWireError,
     ReplyVerifyError,
+    answers_authenticator,
     decode_reply,
     encode_access_request,
     encode_accounting_request,
@@ -300,3 +301,20 @@ def test_mppe_wrong_secret_or_authenticator_detected() -> None:
     tampered[2] ^= 0x20  # flips Key-Length to 47
     with pytest.raises(MppeError, match="Key-Length"):
         recover_key(bytes(tampered), SECRET, req_auth)
+
+
+def test_answers_authenticator_tells_a_late_reply_from_a_forgery() -> None:
+    """What the client uses to name a reply that lands on a reused
+    Identifier: one to the earlier request (its Request Authenticator) under
+    our secret is a late reply; another secret, another request, or a
+    packet whose Length is wrong is not."""
+    earlier, now = _req(), _req()
+    reply = build_reply(ACCESS_CHALLENGE, earlier.raw, SECRET, eap_attrs(b"\x01\x02\x00\x04"))
+    assert answers_authenticator(reply, earlier.authenticator, SECRET)
+    assert answers_authenticator(reply + b"\0" * 3, earlier.authenticator, SECRET)  # padding
+    assert not answers_authenticator(reply, now.authenticator, SECRET)
+    assert not answers_authenticator(reply, earlier.authenticator, b"other")
+    forged = build_reply(ACCESS_CHALLENGE, earlier.raw, b"other", eap_attrs(b"\x01\x02\x00\x04"))
+    assert not answers_authenticator(forged, earlier.authenticator, SECRET)
+    assert not answers_authenticator(reply[:19], earlier.authenticator, SECRET)
+    assert not answers_authenticator(reply[:4] + reply[4:-1], earlier.authenticator, SECRET)
