@@ -13,7 +13,11 @@ manager, so its event hooks receive:
 
 One SA is one accounting session: Acct-Session-Id is its SPI as 8 hex
 digits, User-Name its ``mn_id``, Calling-Station-Id the MN's address,
-Called-Station-Id the HA's id; Acct-Session-Time counts from the Start.
+Called-Station-Id the HA's id; Acct-Session-Time counts from the Start up
+to now or the SA's validity end, whichever is first.  Past that end a
+session gets no more Interim-Updates and waits ``stop_grace`` (two of the
+HAC's ``expiry_interval`` and 10 s) for its Stop, then is forgotten (another
+HAC sharing the store ended it); at most ``ENDED_KEEP`` wait.
 
 Hooks never block: they queue a record and return.  A sender task (started
 in the running loop on the first event) delivers each record with the
@@ -34,11 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -76,9 +81,11 @@ class _Session:
     started: float  # monotonic
     peer: str
     ha_id: str
-    # The SA's validity end (epoch seconds): past it the session is dropped
-    # without a Stop of its own -- another HAC sharing the store ended the
-    # SA and sent it (the interims went on for good before; found in review).
+    # The SA's validity end (epoch seconds): past it no more Interim-Updates;
+    # the session waits ``stop_grace`` for its Stop (the HAC's expiry sweep
+    # comes up to an expiry_interval later), then is forgotten -- another
+    # HAC sharing the store ended the SA and sent it (the interims went on
+    # for good before the twenty-seventh session; found in review).
     end: float = float("inf")
 
 
@@ -90,6 +97,20 @@ IN_FLIGHT = 256
 # How far into the queue a full one looks for an Interim-Update to drop
 # before a Start or a Stop.
 INTERIM_SCAN = 64
+# A session past its SA's validity end waits for its Stop two of the HAC's
+# expiry_interval (its sweep sends the Stop up to one interval late, and a
+# paced or failed sweep one later still) and this much slack, seconds.
+STOP_SLACK = 10.0
+DEFAULT_EXPIRY_INTERVAL = 30.0  # [hac] expiry_interval's default (core/config.py)
+# At most this many sessions past their validity end wait for their Stop;
+# beyond, those that ended first are forgotten (a Stop that still comes for
+# one is sent as after a restart: no Acct-Session-Time, no station ids).
+ENDED_KEEP = 100_000
+
+
+def stop_grace(expiry_interval: float) -> float:
+    """Seconds a session past its validity end waits for its Stop."""
+    return 2 * expiry_interval + STOP_SLACK
 
 
 @dataclass
@@ -117,8 +138,10 @@ class RadiusAccounting:
         opts: AccountingOptions,
         *,
         clock: Any = time.monotonic,
+        grace: Callable[[], float] = lambda: stop_grace(DEFAULT_EXPIRY_INTERVAL),
     ) -> None:
         self.client = client
+        self._grace = grace  # -> seconds an ended session waits for its Stop (read live)
         self.opts = opts
         self.stats = AccountingStats()
         self._nas = nas_attributes(opts)
@@ -195,10 +218,17 @@ class RadiusAccounting:
         if s.ha_id:
             attrs.append(("Called-Station-Id", s.ha_id))
         if status != START and s.started >= 0:
-            attrs.append(("Acct-Session-Time", int(self._clock() - s.started)))
+            attrs.append(("Acct-Session-Time", self._session_time(s)))
         if cause is not None:
             attrs.append(("Acct-Terminate-Cause", cause))
         return attrs
+
+    def _session_time(self, s: _Session) -> int:
+        """RFC 2866 §5.7: seconds of service, from the Start up to now or
+        the SA's validity end, whichever is first -- an expired SA's Stop
+        comes from the HAC's sweep, up to an expiry_interval later."""
+        overrun = max(0.0, time.time() - s.end)
+        return max(0, int(self._clock() - s.started - overrun))
 
     def _queue_record(self, status: int, spi: int, cause: int | None = None) -> None:
         if self._closed:
@@ -246,8 +276,7 @@ class RadiusAccounting:
             self._wake = asyncio.Event()
             self._room = asyncio.Event()
             self._runner = loop.create_task(self._run())
-            if self.opts.interim_interval > 0:
-                self._interim = loop.create_task(self._interim_loop())
+            self._interim = loop.create_task(self._session_loop())
         assert self._wake is not None
         self._wake.set()
 
@@ -312,26 +341,65 @@ class RadiusAccounting:
                 return
             await asyncio.sleep(max(wait, 1.0))
 
-    async def _interim_loop(self) -> None:
+    async def _session_loop(self) -> None:
+        """Every ``interim_interval`` (without interims: every grace): forget
+        the sessions that ended long enough ago, then the Interim-Updates."""
         while True:
-            await asyncio.sleep(self.opts.interim_interval)
+            interval = self.opts.interim_interval
+            await asyncio.sleep(interval if interval > 0 else self._grace())
             now = time.time()
-            for spi, session in list(self._sessions.items()):
-                if session.end <= now:
-                    # Ended elsewhere (another HAC sharing the store sent its
-                    # Stop): no more records, and the session goes.
-                    if self._sessions.get(spi) is session:
-                        del self._sessions[spi]
-                    continue
-                # Queued as room comes, not dropped by the thousand in one
-                # burst (100k SAs against the default queue_limit: 90k
-                # interims and log lines lost per interval; found in review).
-                while len(self._queue) + len(self._tasks) >= self.opts.queue_limit:
-                    assert self._room is not None
-                    self._room.clear()
-                    await self._room.wait()
-                if spi in self._sessions:
-                    self._queue_record(INTERIM, spi)
+            self._forget_ended(now)
+            if interval > 0:
+                await self._interims(now)
+
+    def _forget_ended(self, now: float) -> None:
+        """Sessions past their validity end wait ``grace`` seconds for their
+        Stop, which the HAC's expiry sweep sends up to an expiry_interval
+        late: forgotten before, an interim tick in between made that Stop
+        one with no Acct-Session-Time nor station ids (found in review,
+        twenty-ninth session).  Past the grace, another HAC ended the SA and
+        sent the Stop: the session goes.  At most ENDED_KEEP wait; beyond,
+        those that ended first go."""
+        grace = self._grace()
+        waiting: list[tuple[float, int]] = []
+        gone = 0
+        for spi, s in list(self._sessions.items()):
+            if s.end + grace <= now:
+                del self._sessions[spi]
+                gone += 1
+            elif s.end <= now:
+                waiting.append((s.end, spi))
+        if gone:
+            log.debug(
+                "accounting: %d session(s) past validity end + %g s, no Stop: forgotten",
+                gone,
+                grace,
+            )
+        over = len(waiting) - ENDED_KEEP
+        if over > 0:
+            for _, spi in heapq.nsmallest(over, waiting):
+                del self._sessions[spi]
+            log.warning(
+                "accounting: %d sessions past their validity end await a Stop, over %d: "
+                "the %d that ended first forgotten (a Stop for them carries no session time)",
+                len(waiting),
+                ENDED_KEEP,
+                over,
+            )
+
+    async def _interims(self, now: float) -> None:
+        for spi, session in list(self._sessions.items()):
+            if session.end <= now:
+                continue  # ended: its Stop comes from the expiry sweep, or from elsewhere
+            # Queued as room comes, not dropped by the thousand in one
+            # burst (100k SAs against the default queue_limit: 90k
+            # interims and log lines lost per interval; found in review).
+            while len(self._queue) + len(self._tasks) >= self.opts.queue_limit:
+                assert self._room is not None
+                self._room.clear()
+                await self._room.wait()
+            if self._sessions.get(spi) is session:
+                self._queue_record(INTERIM, spi)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -381,7 +449,16 @@ class AccountingFactory:
 
     def create(self, options: Mapping[str, Any], ctx: PluginContext) -> RadiusAccounting:
         opts = parse_options(AccountingOptions, options)
-        backend = RadiusAccounting(make_client(opts, ctx.base_dir, ACCT_PORT), opts)
+        # The HAC's [hac] expiry_interval, read live (a reload may change it).
+        expiry = ctx.extra.get("expiry_interval")
+        interval: Callable[[], float] = (
+            expiry if callable(expiry) else lambda: DEFAULT_EXPIRY_INTERVAL
+        )
+        backend = RadiusAccounting(
+            make_client(opts, ctx.base_dir, ACCT_PORT),
+            opts,
+            grace=lambda: stop_grace(interval()),
+        )
         backend._base_dir = ctx.base_dir
         return backend
 

@@ -216,7 +216,9 @@ class HacService:
             servercert.load(svc.cert, svc.key, strict_rfc6618=svc.strict_rfc6618)
         )
         base = Path(config_file).resolve().parent if config_file != "<memory>" else svc.cert.parent
-        extra: dict[str, Any] = {"pm": self.pm}
+        # expiry_interval: read live (a reload may change it), e.g. by the
+        # accounting back end, which waits that long for an expired SA's Stop.
+        extra: dict[str, Any] = {"pm": self.pm, "expiry_interval": self._expiry_interval}
         if check_only:
             extra["check_only"] = True  # mipsec check-config: plugins create nothing
         ctx = PluginContext(role="hac", base_dir=base, config_file=config_file, extra=extra)
@@ -1545,6 +1547,9 @@ class HacService:
             )
             return None
         return issued
+
+    def _expiry_interval(self) -> float:
+        return self.cfg.hac.expiry_interval
 
     async def _expiry_loop(self) -> None:
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from radfake import ACCOUNTING_RESPONSE, FakeServer, build_reply, fake_server, request_attrs
 
+from mipsec.aaa import accounting as accounting_module
 from mipsec.aaa.accounting import AccountingFactory, RadiusAccounting
 from mipsec.core import pluginmanager
 from mipsec.core.config import validate_config
@@ -45,16 +47,20 @@ def status(a: dict[int, bytes]) -> int:
     return int.from_bytes(a[40], "big")
 
 
-def issue(acct: RadiusAccounting, spi: int = 0x1234ABCD) -> None:
+def issue(acct: RadiusAccounting, spi: int = 0x1234ABCD, end: datetime = END) -> None:
     acct.mipsec_sa_issued(
         spi=spi,
         mn_id="alice@example.net",
         suite="AES_128_CBC_SHA256",
         scope=1,
-        validity_end=END,
+        validity_end=end,
         ha_id="ha1",
         peer="[2001:db8::5]:40000",
     )
+
+
+def soon(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 def test_start_and_stop_attributes() -> None:
@@ -261,21 +267,17 @@ def test_a_full_queue_drops_an_interim_before_a_start() -> None:
 def test_interims_stop_at_the_sas_end_when_another_hac_ended_it() -> None:
     """HACs sharing a store: another HAC superseded or expired this one's SA
     and sent its Stop.  Past the SA's validity end this HAC sends no more
-    Interim-Updates for it and forgets the session; before, it sent them
-    for good (found in review)."""
+    Interim-Updates for it, and once the grace for its own Stop has passed
+    too it forgets the session; before, it sent them for good (found in
+    review).  Since the twenty-ninth session the session waits out that
+    grace first (here 0.3 s instead of two expiry intervals and 10 s):
+    until then it was forgotten at the first tick past the end."""
 
     async def main() -> tuple[list[int], int]:
         fake = await fake_server(answer, secret=SECRET.encode())
         acct = accounting(fake.port, interim_interval=0.05)
-        acct.mipsec_sa_issued(
-            spi=7,
-            mn_id="alice@example.net",
-            suite="AES_128_CBC_SHA256",
-            scope=1,
-            validity_end=datetime.now(UTC) + timedelta(seconds=0.3),
-            ha_id="ha1",
-            peer="[2001:db8::5]:40000",
-        )
+        acct._grace = lambda: 0.3
+        issue(acct, 7, soon(0.3))
         await asyncio.sleep(1.0)
         sent = [status(r) for r in records(fake)]
         left = len(acct._sessions)
@@ -287,6 +289,85 @@ def test_interims_stop_at_the_sas_end_when_another_hac_ended_it() -> None:
     assert sent[0] == 1 and 3 in sent and 2 not in sent
     assert 3 <= len(sent) <= 12  # interims while it lived, then none: ~0.3 s of 0.05-s ticks
     assert left == 0
+
+
+def test_a_stop_after_an_interim_tick_past_the_end_keeps_every_attribute() -> None:
+    """The reviewer's scenario: the SA's validity end passes, an interim tick
+    comes, and only then the HAC's expiry sweep (every expiry_interval)
+    says the SA expired.  The session waited for that Stop, which carries
+    Acct-Session-Time and both station ids; before the twenty-ninth
+    session the tick had forgotten it, and the Stop carried neither."""
+
+    async def main() -> tuple[list[int], dict[int, bytes], int]:
+        fake = await fake_server(answer, secret=SECRET.encode())
+        acct = accounting(fake.port, interim_interval=0.1)
+        issue(acct, 9, soon(0.25))
+        await asyncio.sleep(0.6)  # ticks past the end; the sweep has not run yet
+        waiting = len(acct._sessions)
+        acct.mipsec_sa_expired(spi=9, mn_id="alice@example.net", validity_end=END)
+        await acct.flush(20)
+        await acct.aclose()
+        fake.close()
+        recs = records(fake)
+        return [status(r) for r in recs], recs[-1], waiting
+
+    sent, stop, waiting = asyncio.run(main())
+    assert waiting == 1 and sent[0] == 1 and sent[-1] == 2
+    assert stop[31] == b"[2001:db8::5]:40000" and stop[30] == b"ha1"
+    assert int.from_bytes(stop[46], "big") == 0  # up to the validity end (0.25 s), not the sweep
+    assert int.from_bytes(stop[49], "big") == 5
+
+
+def test_acct_session_time_counts_up_to_the_validity_end() -> None:
+    """RFC 2866 §5.7: the service ended at the SA's validity end; the sweep
+    that sends the Stop comes up to an expiry_interval later.  Started 100 s
+    ago, ended 40 s ago: 60 s of service (it said 100 before the
+    twenty-ninth session)."""
+    acct = accounting(9)
+    t = [1000.0]
+    acct._clock = lambda: t[0]
+    issue(acct, 5, datetime.now(UTC) - timedelta(seconds=40))
+    t[0] += 100
+    acct.mipsec_sa_expired(spi=5, mn_id="alice@example.net", validity_end=END)
+    assert dict(acct._queue[-1].attrs)["Acct-Session-Time"] in (59, 60)  # whole seconds
+
+
+def test_without_interims_ended_sessions_are_forgotten_after_the_grace() -> None:
+    """interim_interval = 0: the sessions of SAs another HAC ended are still
+    forgotten, a grace after their end (before the twenty-ninth session
+    only the interim loop forgot them, and without interims they stayed)."""
+
+    async def main() -> int:
+        fake = await fake_server(answer, secret=SECRET.encode())
+        acct = accounting(fake.port)
+        acct._grace = lambda: 0.2
+        issue(acct, 11, soon(0.1))
+        issue(acct, 12)  # lives on
+        await asyncio.sleep(0.8)
+        left = sorted(acct._sessions)
+        await acct.aclose()
+        fake.close()
+        return left  # type: ignore[return-value]
+
+    assert asyncio.run(main()) == [12]
+
+
+def test_ended_sessions_waiting_for_their_stop_are_capped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At most ENDED_KEEP sessions past their end wait for a Stop; beyond,
+    those that ended first are forgotten, in one WARNING with the count."""
+    monkeypatch.setattr(accounting_module, "ENDED_KEEP", 2)
+    acct = accounting(9)
+    now = datetime.now(UTC)
+    for spi, ago in ((1, 4), (2, 1), (3, 3), (4, 2)):
+        issue(acct, spi, now - timedelta(seconds=ago))
+    issue(acct, 5)  # lives on
+    with caplog.at_level(logging.WARNING, logger="mipsec.aaa.accounting"):
+        acct._forget_ended(time.time())
+    assert sorted(acct._sessions) == [2, 4, 5]  # 1 and 3 ended first
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "the 2 that ended first forgotten" in lines[0]
 
 
 def test_a_rotated_secret_file_makes_accounting_stale(tmp_path: Path) -> None:
@@ -383,6 +464,24 @@ def test_hac_registers_the_accounting_backend(tmp_path: Path) -> None:
 
     recs = asyncio.run(main())
     assert len(recs) == 1 and status(recs[0]) == 1 and recs[0][44] == b"00000007"
+
+
+def test_the_stop_grace_follows_the_hacs_expiry_interval(tmp_path: Path) -> None:
+    """An expired SA's Stop comes from the HAC's sweep, every
+    ``[hac] expiry_interval``: accounting waits two of them and 10 s, read
+    live (a reload may change the interval)."""
+    data, path = _hac_data(tmp_path)  # type: ignore[misc]
+    data["hac"]["expiry_interval"] = 7
+    data["accounting"] = {"backend": "radius", "servers": [{"host": "127.0.0.1", "secret": "s"}]}
+    cfg = validate_config(data, "hac", file=str(path), base=path.parent)
+    svc = HacService(cfg, config_file=str(path))  # type: ignore[arg-type]
+    try:
+        assert svc.accounting._grace() == 24
+        data["hac"]["expiry_interval"] = 20  # what a reload swaps in
+        svc.cfg = validate_config(data, "hac", file=str(path), base=path.parent)  # type: ignore[assignment]
+        assert svc.accounting._grace() == 50
+    finally:
+        asyncio.run(svc.stop())
 
 
 def test_hac_without_or_with_unknown_accounting(tmp_path: Path) -> None:
