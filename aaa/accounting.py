@@ -154,7 +154,10 @@ class RadiusAccounting:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tail: dict[int, asyncio.Task[None]] = {}  # spi -> its last delivery
         self._room: asyncio.Event | None = None  # set when a delivery ends
-        self._drops = LineBurst(log, "accounting records dropped from a full queue")
+        # Every dropped record -- pushed out of a full queue, or given up
+        # while every server was down -- goes through one burst limiter:
+        # a few lines, then a count (core/logburst.py).
+        self._drops = LineBurst(log, "accounting records dropped")
         self._base_dir: Path | None = None  # set by the factory: secret_file paths resolve here
         self._closed = False
 
@@ -267,6 +270,21 @@ class RadiusAccounting:
             spi,
         )
 
+    def _given_up(self, rec: _Record, why: str) -> None:
+        """No server took ``rec`` within ``give_up_after``: dropped.  Through
+        the burst limiter -- one WARNING per record flooded the log during
+        an outage (300 lines for 300 records; found in review, twenty-ninth
+        session)."""
+        self.stats.dropped += 1
+        self._drops.line(
+            logging.WARNING,
+            "accounting record status=%d spi=%08x dropped after %.0f s: %s",
+            rec.status,
+            rec.spi,
+            self._clock() - rec.created,
+            why,
+        )
+
     def _kick(self) -> None:
         try:
             loop = asyncio.get_running_loop()
@@ -334,10 +352,7 @@ class RadiusAccounting:
                 )
                 return
             if self._closed or self._clock() - rec.created + wait > self.opts.give_up_after:
-                self.stats.dropped += 1
-                log.warning(
-                    "accounting record status=%d spi=%08x dropped: %s", rec.status, rec.spi, why
-                )
+                self._given_up(rec, why)
                 return
             await asyncio.sleep(max(wait, 1.0))
 

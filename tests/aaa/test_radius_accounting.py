@@ -254,6 +254,36 @@ def test_a_down_server_holds_at_most_queue_limit_records() -> None:
     assert dropped == 4000
 
 
+def test_records_given_up_during_an_outage_log_a_few_lines_then_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every server down longer than give_up_after: 300 records given up.
+    A few WARNING lines, then one that counts the rest (the LineBurst of the
+    queue-full drops); before the twenty-ninth session, one line each."""
+
+    async def main() -> RadiusAccounting:
+        quiet = await fake_server(lambda s, d, a: None, secret=SECRET.encode())
+        acct = accounting(quiet.port, timeout=0.1, retries=0, dead_time=1.0, give_up_after=0.5)
+        for spi in range(1, 301):
+            issue(acct, spi)
+        for _ in range(200):
+            if acct.stats.dropped == 300:
+                break
+            await asyncio.sleep(0.05)
+        await acct.aclose()  # says the count of a burst still open
+        quiet.close()
+        return acct
+
+    with caplog.at_level(logging.WARNING, logger="mipsec.aaa.accounting"):
+        acct = asyncio.run(main())
+    assert acct.stats.dropped == 300 and acct.stats.sent == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "mipsec.aaa.accounting"]
+    given_up = [m for m in lines if "spi=" in m]  # one line per record
+    counted = [m for m in lines if "more accounting records dropped" in m]
+    assert 1 <= len(given_up) <= 48 and counted  # at most 16 a second, then a count
+    assert len(given_up) + sum(int(m.split()[0]) for m in counted) == 300
+
+
 def test_a_full_queue_drops_an_interim_before_a_start() -> None:
     acct = accounting(9, queue_limit=3)
     issue(acct, 1)
