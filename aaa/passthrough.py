@@ -10,12 +10,14 @@ pass-through authenticator, strongSwan's eap-radius):
 * Access-Challenge -> CONTINUE with the joined EAP-Message, which must be one
   well-formed EAP-Request of at most ``ctx.max_packet`` octets (PROFILE §4
   item 9) -- anything else ends the conversation with FAILURE;
-* Access-Accept -> SUCCESS with its EAP-Success (or one built for it), the
+* Access-Accept -> SUCCESS with its EAP-Success, the
   MSK = MS-MPPE-Recv-Key || MS-MPPE-Send-Key (None when absent: the MHAuth
   layer decides) and ``identity`` = the Accept's User-Name when present.
   An Access-Accept to the very first Access-Request is a FAILURE: no EAP
-  method ran (strongSwan's rule);
-* Access-Reject -> FAILURE with its EAP-Failure (or one built for it);
+  method ran (strongSwan's rule); so is one without EAP-Message, or whose
+  EAP packet is no EAP-Success (RFC 3579 §2.6.3: never manufactured);
+* Access-Reject -> FAILURE with its EAP-Failure (or the HAC's own, which
+  every refusal carries: PROFILE §4 item 6);
 * no verified answer -> UNAVAILABLE 504; every server in hold-off ->
   UNAVAILABLE 503 with ``retry_after``.
 
@@ -60,7 +62,7 @@ from mipsec.core.eap.backend import (
 from mipsec.core.errors import LocalProtocolError
 from mipsec.core.hookspecs import Factory, PluginContext, hookimpl
 from mipsec.core.issuer import utcnow
-from mipsec.core.wire.eap import EapCode, EapError, decode_eap, failure, success
+from mipsec.core.wire.eap import EapCode, EapError, decode_eap, failure
 from mipsec.plugins._options import parse_options
 
 __all__ = ["RadiusBackendFactory", "RadiusEapBackend", "RadiusEapSession"]
@@ -265,15 +267,24 @@ class RadiusEapSession:
             return self._fail(f"Access-Accept from {server} to the first Access-Request")
         eap = reply.eap_message
         if eap is None:
-            # RFC 3579 §2.6.3: the NAS sends the peer an EAP-Success itself.
-            eap = success(self._last_id)
-        else:
-            try:
-                pkt = decode_eap(eap, max_len=self._ctx.max_packet)
-            except EapError as exc:
-                return self._fail(f"Access-Accept from {server}: malformed EAP ({exc})")
-            if pkt.code is not EapCode.SUCCESS:
-                return self._fail(f"Access-Accept from {server} carries EAP {pkt.code.name}")
+            # RFC 3579 §2.6.3: "Access-Accept/no EAP-Message attribute" is a
+            # combination a server SHOULD NOT send, and the NAS "MUST NOT
+            # 'manufacture' EAP packets in order to correct contradictory
+            # messages".  A 200 carries the server's EAP-Success (PROFILE §4
+            # item 6): without one the HAC cannot grant, so it refuses -- 401
+            # with the EAP-Failure every refusal carries (fail closed; until
+            # the twenty-ninth session the HAC built an EAP-Success itself,
+            # citing this section for the opposite of what it says).
+            return self._fail(
+                f"Access-Accept from {server} without EAP-Message: refused "
+                "(RFC 3579 §2.6.3, no EAP-Success to give the MN)"
+            )
+        try:
+            pkt = decode_eap(eap, max_len=self._ctx.max_packet)
+        except EapError as exc:
+            return self._fail(f"Access-Accept from {server}: malformed EAP ({exc})")
+        if pkt.code is not EapCode.SUCCESS:
+            return self._fail(f"Access-Accept from {server} carries EAP {pkt.code.name}")
         if reply.mppe_error is not None:
             return self._fail(f"Access-Accept from {server}: {reply.mppe_error}")
         try:

@@ -195,10 +195,17 @@ def test_accept_user_name_differs_is_returned_as_identity() -> None:
     assert steps[-1].identity == "mallory@example.net"  # the MHAuth layer compares with mn-id
 
 
-def test_accept_without_eap_message_gets_our_eap_success() -> None:
-    steps, _ = run(script(challenge(), accept(eap=None)), MD5_RESPONSE)
-    assert steps[-1].verdict is BackendVerdict.SUCCESS
-    assert steps[-1].eap == b"\x03\x02\x00\x04"  # Identifier of the last response
+def test_accept_without_eap_message_is_refused() -> None:
+    """RFC 3579 §2.6.3: an Access-Accept without EAP-Message is a combination
+    a server SHOULD NOT send, and the NAS MUST NOT manufacture the EAP
+    packet it lacks.  It is refused with the HAC's EAP-Failure (401,
+    PROFILE §4 item 6), naming the server.  This test expected the HAC's
+    own EAP-Success until the twenty-ninth session, when a review found the
+    comment citing §2.6.3 for the opposite of what it says."""
+    steps, fake = run(script(challenge(), accept(eap=None)), MD5_RESPONSE)
+    assert steps[-1].verdict is BackendVerdict.FAILURE and steps[-1].msk is None
+    assert steps[-1].eap == b"\x04\x02\x00\x04"  # EAP-Failure, Identifier of the last response
+    assert f"Access-Accept from 127.0.0.1:{fake.port} without EAP-Message" in steps[-1].reason
 
 
 def test_accept_to_the_first_request_is_a_failure() -> None:
