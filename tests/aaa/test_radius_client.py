@@ -348,22 +348,28 @@ def test_a_late_duplicate_on_a_reused_identifier_is_not_blamed_on_the_secret(
     does not say "wrong shared secret?" (found in review, twenty-ninth
     session: it did, on a server sharing our secret)."""
     answering = {"on": True}
+    copies: list[tuple[bytes, Any]] = []
 
-    def answer_then_copy(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
+    def answer_and_keep_a_copy(srv: FakeServer, data: bytes, addr: Any) -> bytes | None:
         if not answering["on"]:
             return None
         reply = challenge(srv, data, addr)
-        asyncio.get_running_loop().call_later(0.2, srv.send, reply, addr)
+        copies.append((reply, addr))
         return reply
 
     async def main() -> None:
-        fake = await fake_server(answer_then_copy)
+        fake = await fake_server(answer_and_keep_a_copy)
         client = RadiusClient([server(fake)], timeout=1.0, retries=0, dead_time=0, max_sockets=1)
         await asyncio.gather(*(client.send(builder()) for _ in range(256)))
         answering["on"] = False
-        results = await asyncio.gather(
-            *(client.send(builder()) for _ in range(5)), return_exceptions=True
-        )
+        pending = [asyncio.ensure_future(client.send(builder())) for _ in range(5)]
+        # The copies once the new requests are out on the reused Identifiers
+        # (not on a timer: a loaded machine let them all arrive before).
+        while len(fake.received) < 256 + 5:
+            await asyncio.sleep(0.01)
+        for reply, addr in copies:
+            fake.send(reply, addr)
+        results = await asyncio.gather(*pending, return_exceptions=True)
         stats = client.stats()[f"127.0.0.1:{fake.port}"]
         assert all(isinstance(r, RadiusTimeout) for r in results), results
         assert all(not r.rejected and "secret?" not in str(r) for r in results)  # type: ignore[union-attr]
