@@ -349,18 +349,10 @@ def _ignore_sigusr1(loop: asyncio.AbstractEventLoop, role: str) -> None:
 
 
 async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, keys: bool) -> int:
-    from mipsec.core.issuer import utcnow
-    from mipsec.core.mn_keep import KeptBinding
-    from mipsec.core.mn_registration import NEAR_END
+    from mipsec.core.control import start_control
+    from mipsec.core.mn_status import MnStatus
     from mipsec.core.mn_wait import BootstrapWait
-    from mipsec.core.model import IssuedSA
-    from mipsec.core.roles.mn import (
-        Registrar,
-        RegistrationOutcome,
-        bootstrap,
-        mn_clock,
-        peer_factory,
-    )
+    from mipsec.core.roles.mn import RegistrationOutcome, mn_clock, peer_factory
 
     log = logging.getLogger("mipsec.mn")
     # The method's options are validated once, at start (a wrong one is a
@@ -373,7 +365,6 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     # that keep a flood of signals from turning the backoff off
     # (core/mn_wait.py).
     waits = BootstrapWait(mn_clock, cfg.hac.retry_min)
-    pause = waits.pause
     loop = asyncio.get_running_loop()
     usr1_lines = LineBurst(log, "SIGUSR1 lines", limit=4, window=10.0)
 
@@ -422,6 +413,46 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
         else:
             _print_result(result, reg)
 
+    # What `mipsec status` shows (core/mn_status.py): told below what the
+    # loop does; the daemon only -- --once ends before anyone could ask.
+    status = MnStatus(cfg.mn.mn_id, config_file)
+    control = (
+        None
+        if once
+        else await start_control(cfg, "mn", config_file, status.dispatcher(), default_optional=True)
+    )
+    try:
+        return await _mn_loop(
+            cfg, config_file, once, status, pm, factory, stop, waits, report, log, loop
+        )
+    finally:
+        status.stopping()
+        if control is not None:
+            await control.stop()
+
+
+async def _mn_loop(
+    cfg: MNConfig,
+    config_file: str,
+    once: bool,
+    status: Any,
+    pm: Any,
+    factory: Any,
+    stop: asyncio.Event,
+    waits: Any,
+    report: Callable[..., None],
+    log: logging.Logger,
+    loop: asyncio.AbstractEventLoop,
+) -> int:
+    """The MN daemon's loop (``_run_mn``'s signals, control socket and
+    reporting set up around it): bootstrap, register, keep, again."""
+    from mipsec.core.issuer import utcnow
+    from mipsec.core.mn_keep import KeptBinding
+    from mipsec.core.mn_registration import NEAR_END
+    from mipsec.core.model import IssuedSA
+    from mipsec.core.roles.mn import Registrar, RegistrationOutcome, bootstrap, mn_clock
+
+    pause = waits.pause
     dataplane = None
     if cfg.dataplane.enabled and not once:
         # The TUN device lives across re-bootstraps; each registered SA is
@@ -430,6 +461,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
 
         dataplane = MnDataPlane(cfg.dataplane, config_file)
         dataplane.open()
+        status.dataplane = dataplane
     last_bootstrap = -1e9
     # Failures in a row and the next allowed bootstrap (core/mn_retry.py),
     # kept across a restart (core/mn_backoff.py); --once keeps nothing.
@@ -443,6 +475,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
 
     async def after_failure(why: str, retry_after: datetime | None = None) -> None:
         wait = backoff.failed(retry_after)
+        status.waiting(wait, why, backoff.failures)
         asked = 0.0 if retry_after is None else (retry_after - utcnow()).total_seconds()
         # One line says it all: the wait, how many failures, and why.
         log.info(
@@ -473,6 +506,9 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             log.warning(cause, *what)
             return None
         wait = backoff.failed()
+        status.waiting(
+            wait, f"SA spi={issued.sa.spi} arrived with {left:.0f} s left", backoff.failures
+        )
         log.warning(
             cause + "; it is used, and the next bootstrap is in %.1f s (failure %d in a row)",
             *what,
@@ -483,6 +519,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
 
     left = backoff.resume()
     if left > 0:
+        status.waiting(left, "a wait kept from before the restart", backoff.failures)
         log.info(
             "next bootstrap in %.1f s (failure %d in a row, kept from before the restart "
             "in %s; %s)",
@@ -500,6 +537,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
     # The previous SA's binding, kept while the MN bootstraps again (make
     # before break, core/mn_keep.py).
     kept: KeptBinding | None = None
+    status.kept_of = lambda: kept
     # backoff.succeeded() once the SA registered has lived [sa] min_lifetime.
     succeed_later: asyncio.TimerHandle | None = None
     while not stop.is_set():
@@ -513,6 +551,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
             if stop.is_set():
                 break
         last_bootstrap = _monotonic()
+        status.bootstrapping()
         factory = _renewed(factory, cfg, pm, config_file, log)
         boot = await _unless_stopped(
             bootstrap(cfg, config_file=config_file, factory=factory), stop, STOP_GRACE
@@ -523,6 +562,12 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 await kept.end(deregister=True)
             return EXIT_FAILED if once else EXIT_OK
         result = boot
+        status.bootstrapped(
+            result.status,
+            result.ok,
+            result.reason,
+            None if result.issued is None else result.issued.sa.spi,
+        )
         boot_at = mn_clock()  # the SA's age is measured from here (suspends count)
         if not result.ok or result.issued is None or not cfg.registration.enabled:
             report(result, None)
@@ -544,6 +589,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 stepped = _sa_clock_watch(cfg.sa.rebootstrap_at, log)
                 lifetime = (result.issued.sa.validity_end - utcnow()).total_seconds()
                 wait = max(1.0, lifetime * cfg.sa.rebootstrap_at)
+                status.waiting(wait, "", backoff.failures)
                 log.info("next bootstrap in %.0f s", wait)
                 await pause(wait, stepped=stepped)
             else:
@@ -573,6 +619,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 return EXIT_FAILED
             await after_failure(f"unusable SA spi={result.issued.sa.spi}: {exc}")
             continue
+        status.registering(registrar)
         try:
             await registrar.open()
         except (OSError, LookupError) as exc:
@@ -591,6 +638,8 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 return EXIT_OK if outcome.accepted else EXIT_FAILED
             first = await registrar.run(until_registered=True, stop=stop)
             report(result, first)
+            if first.accepted:
+                status.registered()
             if dataplane is not None and first.accepted:
                 dataplane.attach(registrar, first.ip4_hoa)
             if first.accepted and first.rebootstrap is None and short is None:
@@ -651,6 +700,7 @@ async def _run_mn(cfg: MNConfig, config_file: str, once: bool, as_json: bool, ke
                 if dataplane is not None and dataplane.registrar is registrar:
                     dataplane.detach()
                 registrar.close()
+            status.unregistered(registrar)
     if kept is not None:
         await kept.end(deregister=stop.is_set())  # a stop de-registers it
     if dataplane is not None:

@@ -488,6 +488,8 @@ class MNRegistrationConfig(_Strict):
 class MNConfig(_Strict):
     mn: MNIdentity
     hac: MNHac
+    # The daemon's control socket (``mipsec status``; not with --once).
+    control: ControlConfig = ControlConfig()
     # Options of the ``eap`` method (``[eap]``: methods, per-method tables);
     # validated by the method's plugin at start.
     eap: dict[str, Any] = Field(default_factory=dict)

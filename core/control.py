@@ -394,9 +394,19 @@ class ControlServer:
 
 
 async def start_control(
-    cfg: BaseModel, role: str, config_file: str, dispatcher: Dispatcher
+    cfg: BaseModel,
+    role: str,
+    config_file: str,
+    dispatcher: Dispatcher,
+    *,
+    default_optional: bool = False,
 ) -> ControlServer | None:
-    """The role's control server, started; None when ``[control] enabled = false``."""
+    """The role's control server, started; None when ``[control] enabled = false``.
+
+    ``default_optional`` (the MN): a default path that cannot be listened on
+    -- a configuration directory the service may not write (systemd's
+    ProtectSystem), another MN on the same file -- is a WARNING and no
+    socket, not a failed start; a configured path must work."""
     control = getattr(cfg, "control", None)
     if control is None or not control.enabled:
         return None
@@ -418,6 +428,9 @@ async def start_control(
             if exc.strerror
             else str(exc).removeprefix("control.path: ")
         )
+        if default_optional and control.path is None:
+            log.warning("no control socket: %s; set [control] path", reason)
+            return None
         raise ConfigError(config_file, "control.path", reason) from None
     return server
 

@@ -67,8 +67,6 @@ def locate(file: str, *, lenient: bool = False) -> tuple[str, Path]:
             return stem, guess
         raise
     role = _role(file, data)
-    if role == "mn":
-        raise ConfigError(file, "(top level)", "an MN has no control socket")
     try:
         cfg = load_config(file, role)
     except ConfigError:
