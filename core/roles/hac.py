@@ -64,7 +64,7 @@ from mipsec.core.issuer import new_sa, random_spi, utcnow
 from mipsec.core.model import BootstrapData, HomeAgentInfo, IssuedSA
 from mipsec.core.outage import Outage, cause
 from mipsec.core.pacing import in_paced_batches
-from mipsec.core.provisioning import MAX_PIGGYBACK, ProvisioningRefused
+from mipsec.core.provisioning import ProvisioningRefused
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.provserver import ProvisioningServer
 from mipsec.core.roles.tlsserver import Limits, TlsConnection, TlsListener
@@ -106,12 +106,10 @@ class _Prepared:
     ha: HomeAgentInfo
     bootstrap: BootstrapData
     transport: Any
-    superseding: Any  # the transport's provision_superseding, if it has one
-    old: tuple[int, ...]  # SPIs on the same HA to withdraw with the install
-    # SPIs on other HAs it supersedes too (with a store that has
-    # add_superseding): retired with its store write, withdrawn once it is
-    # confirmed, put back if it is not.
-    elsewhere: tuple[int, ...] = ()
+    # The MN's SAs (on any HA) the new SA supersedes, as the store showed them
+    # when it was prepared: withdrawn once its 200 has left (``deliver``),
+    # left alone if it has not.
+    supersedes: tuple[int, ...] = ()
 
 
 class _Owed:
@@ -137,9 +135,7 @@ class _Stored:
     issued: IssuedSA
     ha: HomeAgentInfo
     transport: Any
-    superseding: Any
-    old: tuple[int, ...]  # the SAs it supersedes on its HA, withdrawn with the install
-    taken: list[Any] | None  # those retired in its transaction (add_superseding)
+    supersedes: tuple[int, ...]  # see _Prepared: touched only after its 200
 
 
 # Withdrawals of retired SAs (superseded, revoked) are sent to each HA by one
@@ -292,6 +288,10 @@ class HacService:
         # withdrawn once their own 200 has (``_supersede``), forgotten if
         # their issue fails.  Each is in ``_issuing_spis`` when added.
         self._withdraw_when_delivered: set[int] = set()
+        # Issued SAs (installed, 200 not yet sent) -> the MN's SAs each
+        # supersedes (``_prepare``): withdrawn by ``deliver``, dropped by a
+        # rollback.
+        self._supersedes: dict[int, tuple[int, ...]] = {}
         # Issue 9: the SAs issued in one event-loop turn are stored in one
         # transaction, one commit (``_commit_group``), with a store that can
         # group writes (``transaction()``: the SQLite and memory stores).
@@ -790,11 +790,13 @@ class HacService:
         """The 200 carrying ``issued`` has left: it is the MN's now.
 
         Events run after the fact; then older SAs of the same MN beyond
-        ``max_sas_per_mn`` are withdrawn (issue 6 item 3) -- in the
-        background, so a withdrawal never delays the MN's 200.
+        ``max_sas_per_mn`` are withdrawn (issue 6 item 3) -- never before
+        this point, and in the background, so a withdrawal never delays the
+        MN's 200.
         """
         sa = issued.sa
         self._issuing_spis.discard(sa.spi)
+        supersedes = self._supersedes.pop(sa.spi, ())
         if self._tracks_delivery:
             self._to_mark_delivered.add(sa.spi)
             self._batch_soon()
@@ -810,17 +812,22 @@ class HacService:
         )
         try:
             with self._write_now():
-                self._supersede(sa.mn_id, sa.spi, sa.validity_end)
+                marked = self._supersede(sa.mn_id, sa.spi, sa.validity_end, supersedes)
         except StoreBusyError:
             # Another process holds the write lock: retried from the loop
             # (not a wait of up to 5 s inside SQLite, serving nobody).
-            self._background(self._supersede_soon(sa.mn_id, sa.spi, sa.validity_end))
+            self._background(self._supersede_soon(sa.mn_id, sa.spi, sa.validity_end, supersedes))
         except Exception as exc:  # the store failed: the next bootstrap tries again
             log.error("mn_id=%s: cannot withdraw older SAs: %s", sa.mn_id, cause(exc))
+        else:
+            if marked:  # committed with the retirement: nothing left for the batch
+                self._to_mark_delivered.discard(sa.spi)
 
-    async def _supersede_soon(self, mn_id: str, keep: int, end: datetime) -> None:
+    async def _supersede_soon(
+        self, mn_id: str, keep: int, end: datetime, supersedes: tuple[int, ...]
+    ) -> None:
         try:
-            await self.write_soon(lambda: self._supersede(mn_id, keep, end))
+            await self.write_soon(lambda: self._supersede(mn_id, keep, end, supersedes))
         except Exception as exc:  # still held after STORE_BUSY_LIMIT, or failed
             log.error("mn_id=%s: cannot withdraw older SAs: %s", mn_id, cause(exc))
 
@@ -853,6 +860,7 @@ class HacService:
             self._issuing_spis.discard(sa.spi)
             self._withdraw_when_delivered.discard(sa.spi)
             self._take_back(sa.spi, sa.mn_id, "provisioning-failed")
+        self._supersedes.pop(sa.spi, None)  # the MN's older SAs stay as they are
         if not report:
             return
         self.emit(
@@ -865,18 +873,32 @@ class HacService:
             peer=peer,
         )
 
-    def _supersede(self, mn_id: str, keep: int, end: datetime) -> None:
+    def _supersede(
+        self, mn_id: str, keep: int, end: datetime, supersedes: tuple[int, ...] = ()
+    ) -> bool:
+        """Retire the MN's SAs that ``keep``, just delivered, supersedes: those
+        older beyond ``max_sas_per_mn``, and ``supersedes`` (what its store
+        write would have superseded, see ``_prepare``).  True when ``keep``'s
+        delivery mark was written with them, in this transaction."""
         if keep in self._withdraw_when_delivered:
             # A newer SA of the MN had its 200 while this one was being
             # issued here: its excess, spared then, goes now.
             self.retire(keep, "superseded")  # a busy store: retried with the flag kept
             self._withdraw_when_delivered.discard(keep)
-            return
+            return False
         self._delivery_seq += 1
         end_s = int(end.timestamp())
         self._delivered[keep] = (self._delivery_seq, end_s)
         heapq.heappush(self._delivered_ends, (end_s, keep))
-        now_excess, spared = self._excess_split(mn_id, keep)
+        now_excess, spared = self._excess_split(mn_id, keep, also=supersedes)
+        marked = False
+        if now_excess and self._tracks_delivery:
+            # The new SA's delivery mark in the same commit as the retirement
+            # of those it supersedes: a kill between the two cannot leave the
+            # MN without either (the new one swept as undelivered, the older
+            # withdrawn), only with both or with the new one.
+            self.store.delivered_many([keep])  # type: ignore[attr-defined]
+            marked = True
         for spi, _ha_id in now_excess:
             self.retire(spi, "superseded")
         # Older SAs of the MN still being issued by this HAC (their install
@@ -885,6 +907,7 @@ class HacService:
         # the older finishing last stayed live beside the newer: the newer's
         # 200 spared it, and its own 200 withdraws only older SAs.
         self._withdraw_when_delivered.update(spi for spi, _ in spared)
+        return marked
 
     def _excess(
         self, mn_id: str, keep: int | None, now: datetime | None = None
@@ -911,12 +934,19 @@ class HacService:
         ]
 
     def _excess_split(
-        self, mn_id: str, keep: int | None, now: datetime | None = None
+        self,
+        mn_id: str,
+        keep: int | None,
+        now: datetime | None = None,
+        *,
+        also: tuple[int, ...] = (),
     ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
         """``_excess``, and the excess SAs it spared because this HAC is still
         issuing them.  With ``keep`` (a delivered SA) those count towards the
         limit like any older SA of the MN; without (at issue time) they are
-        left out of the count, as before."""
+        left out of the count, as before.  ``also``: SAs of the MN counted as
+        older than ``keep`` whatever their age (those its store write found
+        live: see ``_prepare``)."""
         delivered = self._delivered
 
         def order(spi: int, end: float) -> int | None:
@@ -953,7 +983,7 @@ class HacService:
                 seq = order(x[0], x[1])
                 return seq < mine if seq is not None and mine is not None else x[0] < keep
 
-            others = [x for x in others if older(x)]
+            others = [x for x in others if x[0] in also or older(x)]
         live = sorted(
             others,
             # Oldest first: validity end (whole seconds), then the order of
@@ -1003,46 +1033,6 @@ class HacService:
                 cause(exc),
                 reason,
             )
-
-    def _sent_200(self, spi: int) -> bool:
-        """This HAC delivered the SA (two lookups, not a union of every
-        delivered SPI per restore)."""
-        return spi in self._delivered or spi in self._to_mark_delivered
-
-    def _restore(self, taken: list[Any], mn_id: str) -> bool:
-        """``restore`` of SAs an install refused by its HA did not withdraw;
-        False when the store cannot write it now (the caller withdraws them).
-        Those the store leaves retired (their MN holds a newer SA, or another
-        MN one of their home addresses: issued by another HAC sharing the
-        store meanwhile) are withdrawn here."""
-        # An SA whose 200 this HAC sent comes back delivered, whatever its
-        # row said: its delivery mark may not have been written yet (a batch
-        # a second later), and put back pending, the sweep would take it
-        # from the MN that holds it (found in review of keeping ``pending``).
-        taken = [
-            x._replace(pending=None) if getattr(x, "pending", None) and self._sent_200(x.spi) else x
-            for x in taken
-        ]
-        try:
-            with self._write_now():  # a held lock: withdrawn instead, as below
-                kept = self.store.restore(taken)  # type: ignore[attr-defined]
-        except Exception as exc:
-            log.error(
-                "mn_id=%s: cannot put back %d superseded SA(s) (%s): withdrawn instead",
-                mn_id,
-                len(taken),
-                cause(exc),
-            )
-            return False
-        for x in kept or ():
-            log.info(
-                "mn_id=%s spi=%d: not put back (the MN holds a newer SA, or another MN "
-                "its home address): withdrawn",
-                mn_id,
-                x.spi,
-            )
-            self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
-        return True
 
     def withdraw_unrecorded(self, ha_id: str, spi: int, validity_end: datetime) -> None:
         """Withdraw an SA from its HA although the store could not retire it
@@ -1160,19 +1150,16 @@ class HacService:
             if getattr(transport, "in_process", False)
             else asyncio.timeout(timeout)
         )
-        old, superseding = stored.old, stored.superseding
         try:
             async with deadline:
-                if old and superseding is not None:
-                    confirmed = await superseding(ha, issued, old, timeout)
-                else:
-                    await transport.provision(ha, issued, timeout)
-                    confirmed = ()
+                await transport.provision(ha, issued, timeout)
         except BaseException as exc:
             # Nothing half-provisioned survives: out of the store, and the HA
             # told to forget it in case it did install it (retried until it
-            # confirms, also across restarts: the store records it).
-            self._undo_stored(stored, refused=_refused(exc))
+            # confirms, also across restarts: the store records it).  The
+            # MN's older SAs were never touched: still live, here and on
+            # their HAs, as before this bootstrap.
+            self._undo_stored(stored)
             # An in-process HA's refusal is the same to the MN as a network
             # HA's 400: not confirmed, 504 (PROFILE §9).
             if isinstance(exc, TimeoutError | ConnectionError | OSError | ProvisioningRefused):
@@ -1189,16 +1176,8 @@ class HacService:
                 failure.spi = spi  # type: ignore[attr-defined]
                 raise failure from None
             raise
-        if stored.taken is not None:
-            for x in stored.taken:
-                self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, x.spi in confirmed)
-        else:
-            # A store without add_superseding: retired now, confirmed already.
-            for s in confirmed:
-                held = self.store.retire(s, "superseded")
-                if held is not None:
-                    sa_o = held.sa
-                    self._superseded(s, sa_o.mn_id, sa_o.ha_id, sa_o.validity_end, True)
+        if stored.supersedes and spi in self._issuing_spis:
+            self._supersedes[spi] = stored.supersedes  # for deliver; rollback drops it
         return issued
 
     def _prepare(self, mn_id: str, now: datetime) -> _Prepared:
@@ -1232,33 +1211,25 @@ class HacService:
             dns_ip4=self.cfg.bootstrap.dns_ip4,
         )
         transport = self.transports[ha.ha_id]
-        # Issue 6 item 3: once the new SA is confirmed by its HA, the older
-        # ones are withdrawn.  Those on the same HA go with the install
-        # (prov-withdraw, one round trip instead of two, both durable on the
-        # HA before it confirms).  With a store that retires them in the new
-        # SA's own transaction, so do those on other HAs -- withdrawn once
-        # the new SA is confirmed, put back if it is not: two HACs issuing
-        # to one MN at once on two HAs then leave one SA, the later stored,
-        # as on one HA.  The rest after the 200 (``deliver``).
-        superseding = getattr(transport, "provision_superseding", None)
-        old: tuple[int, ...] = ()
-        elsewhere: tuple[int, ...] = ()
-        if superseding is not None:
-            excess = self._excess(mn_id, None, now)
-            old = tuple(s for s, h in excess if h == ha.ha_id)[:MAX_PIGGYBACK]
-            if hasattr(store, "add_superseding"):
-                elsewhere = tuple(s for s, h in excess if h != ha.ha_id)[:MAX_PIGGYBACK]
-        return _Prepared(ha, bootstrap, transport, superseding, old, elsewhere)
+        # Issue 6 item 3: the MN's older SAs beyond max_sas_per_mn, on any HA,
+        # as the store shows them now (SAs this HAC is still issuing left
+        # out).  Nothing happens to them before the new SA's 200 has left
+        # (``deliver``): a bootstrap that fails or is abandoned before that
+        # leaves the MN the SA it holds.  Until the twenty-ninth session the
+        # install withdrew those on its HA (``prov-withdraw``) and the store
+        # write retired them all, so a 504, a 5xx or an MN gone before its
+        # 200 cost the MN its still valid SA on the HAC and the HA (found in
+        # review).  Recorded here, they also keep "the later stored wins" of
+        # two HACs issuing to one MN at once: the later one withdraws the
+        # earlier's SA after its 200 even where the rule of ``_excess_split``
+        # alone would call the earlier one newer.
+        supersedes = tuple(s for s, _h in self._excess(mn_id, None, now))
+        return _Prepared(ha, bootstrap, transport, supersedes)
 
     def _store_now(
         self, prep: _Prepared, mn_id: str, suite: Any, scope: int, now: datetime
     ) -> _Stored:
-        """Draw an SPI and store the SA (with the SQLite store: and retire the
-        SAs it supersedes, in the same transaction)."""
-        ha, old = prep.ha, prep.old
-        add_superseding = (
-            getattr(self.store, "add_superseding", None) if old or prep.elsewhere else None
-        )
+        """Draw an SPI and store the SA."""
         for _ in range(SPI_DRAWS):
             sa = new_sa(
                 spi=random_spi(),
@@ -1267,17 +1238,11 @@ class HacService:
                 scope=scope,
                 lifetime=self.cfg.policy.sa_lifetime,
                 now=now,
-                ha_id=ha.ha_id,
+                ha_id=prep.ha.ha_id,
             )
             candidate = IssuedSA(sa, prep.bootstrap)
-            if add_superseding is not None:
-                taken = add_superseding(candidate, old + prep.elsewhere, "superseded")
-                if taken is not None:
-                    # With the install: only those on its HA.
-                    here = tuple(x.spi for x in taken if x.ha_id == ha.ha_id)
-                    return _Stored(candidate, ha, prep.transport, prep.superseding, here, taken)
-            elif self.store.add(candidate):
-                return _Stored(candidate, ha, prep.transport, prep.superseding, old, None)
+            if self.store.add(candidate):
+                return _Stored(candidate, prep.ha, prep.transport, prep.supersedes)
         raise IssueFailure(INTERNAL_ERROR, "no-free-spi")
 
     async def _store_in_group(self, mn_id: str, suite: Any, scope: int) -> _Stored:
@@ -1291,10 +1256,9 @@ class HacService:
             return await fut
         except asyncio.CancelledError:
             # Cancelled after the commit stored it (the task had not resumed
-            # yet): nobody will provision it, so it goes, and what it
-            # superseded comes back -- its HA never heard of the new SA.
+            # yet): nobody will provision it, so it goes.
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._undo_stored(fut.result(), refused=True)
+                self._undo_stored(fut.result())
             raise
 
     def _commit_group(self) -> None:
@@ -1394,75 +1358,14 @@ class HacService:
         self._busy_pause = min(2 * self._busy_pause, STORE_BUSY_PAUSES[1])
         return True
 
-    def _undo_stored(self, stored: _Stored, *, refused: bool) -> None:
-        """Take back a stored SA whose install failed or never went out;
-        ``refused``: its HA certainly did not install it (it refused, or was
-        never asked), so it withdrew nothing either."""
+    def _undo_stored(self, stored: _Stored) -> None:
+        """Take back a stored SA whose install failed or never went out (the
+        MN's older SAs stay as they are: they go only after a 200)."""
         spi, mn_id = stored.issued.sa.spi, stored.issued.sa.mn_id
         self._issuing_spis.discard(spi)
         self._withdraw_when_delivered.discard(spi)
+        self._supersedes.pop(spi, None)
         self._take_back(spi, mn_id, "provisioning-failed")
-        if stored.taken is not None:
-            # The older SAs are live again -- unless the store cannot write
-            # that now, or the MN was revoked meanwhile (by another HAC
-            # sharing the list: its revoke found the new SA live, not these,
-            # so only this HAC can withdraw them); then they are withdrawn.
-            # After no answer, or a 5xx (outcome unknown), the new SA's HA
-            # may have withdrawn those on it: they stay retired, and are
-            # withdrawn until it confirms.  Those on other HAs were never
-            # touched: put back all the same.
-            back: list[Any] = []
-            gone: list[Any] = []
-            for x in stored.taken:
-                (back if refused or x.ha_id != stored.ha.ha_id else gone).append(x)
-            if back:
-                if mn_id not in self.revocations and self._restore(back, mn_id):
-                    if mn_id in self.revocations:
-                        # Revoked between the check and the restore: the
-                        # other HAC's revoke looked for live SAs when these
-                        # were retired and found none of them (found in
-                        # review).  Looked at again after the restore, as
-                        # ``issue`` does after its store: retired again,
-                        # withdrawn from here.
-                        for x in back:
-                            self._retire_revoked(x, mn_id)
-                else:
-                    gone += back
-            for x in gone:
-                self._superseded(x.spi, x.mn_id, x.ha_id, x.validity_end, False)
-        elif stored.old and not refused:
-            # The same without the one-transaction store.
-            for s in stored.old:
-                self._take_back(s, mn_id, "superseded")
-
-    def _retire_revoked(self, x: Any, mn_id: str) -> None:
-        """An SA just put back for an MN revoked meanwhile: out of the store
-        and off its HA; withdrawn all the same if the store cannot write."""
-        try:
-            with self._write_now():
-                self.retire(x.spi, "revoked")  # False: not put back (withdrawn already)
-        except Exception as exc:
-            log.error(
-                "mn_id=%s spi=%d: revoked, cannot retire it now (%s): withdrawn all the same",
-                mn_id,
-                x.spi,
-                cause(exc),
-            )
-            self.withdraw_unrecorded(x.ha_id, x.spi, x.validity_end)
-
-    def _superseded(
-        self, spi: int, mn_id: str, ha_id: str, validity_end: datetime, confirmed: bool
-    ) -> None:
-        """An SA retired with the store write of its successor: withdrawn by
-        its HA already (``confirmed``: the confirmation is written in the next
-        batch) or to be withdrawn until the HA confirms."""
-        self._delivered.pop(spi, None)
-        self.stats["withdrawn"] += 1
-        self.emit("mipsec_sa_withdrawn", spi=spi, mn_id=mn_id, ha_id=ha_id, reason="superseded")
-        if confirmed:
-            self._confirm_later(spi)
-        else:
-            self._schedule_withdraw(ha_id, spi, validity_end)
 
     def _confirm_later(self, spi: int) -> None:
         # Confirmations are batched (one UPDATE per CONFIRM_BATCH_S): losing a

@@ -1225,14 +1225,19 @@ def test_delivery_order_is_forgotten_at_each_sas_end_whoever_ended_it(
     assert run(main()) == (50, 50, 0)
 
 
-def test_a_failure_after_a_confirmed_install_takes_the_new_sa_back(
+def test_a_store_failing_the_retire_after_the_200_keeps_both_sas_until_the_next(
     tmp_path: Path, pki: PkiPaths
 ) -> None:
     """A third-party store without ``add_superseding`` whose ``retire``
-    fails (a full disk) after the HA confirmed the new SA's install: the MN
-    gets 500, and the new SA -- never delivered -- is taken back from the
-    store and the HA.  Before, the 500 left it live in both, and counted
-    as being issued for good, so no sweep ever took it (found in review)."""
+    fails (a full disk) when the MN's new SA supersedes its older one.
+
+    Until the twenty-ninth session that retire ran after the HA confirmed
+    the install and before the 200: the MN got 500, and the new SA was taken
+    back (it once stayed live in both, found in review).  Since then the
+    older SA is retired only after the new one's 200 has left (found in
+    review: a failed re-bootstrap withdrew the MN's valid SA), so the
+    failure is the clean-up's: the MN holds its new SA, delivered; the older
+    one stays live (logged), and the MN's next bootstrap withdraws both."""
     from mipsec.core.hookspecs import hookimpl
 
     class NoSupersedeStore(SQLiteSAStore):
@@ -1264,7 +1269,10 @@ def test_a_failure_after_a_confirmed_install_takes_the_new_sa_back(
     data["sa_store"] = {"backend": "nosupersede"}
     plugin = Plugin()
 
-    async def main() -> tuple[int | None, int, list[int], list[int], set[int]]:
+    def live(hac: Any) -> list[int]:
+        return sorted(i.sa.spi for i in hac.store.live_for_mn(MN_ID, datetime.now(UTC)))
+
+    async def main() -> tuple[Any, ...]:
         async with Stack(hac_config(data, tmp_path), [plugin]) as st:
             hac, ha = st.hac, st.ha
             assert hac is not None and ha is not None and plugin.store is not None
@@ -1273,14 +1281,21 @@ def test_a_failure_after_a_confirmed_install_takes_the_new_sa_back(
             assert first.ok and first.issued is not None
             plugin.store.fail = True
             second = await bootstrap(mn)
-            await asyncio.sleep(0.3)  # the take-back's withdrawal
-            live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, datetime.now(UTC))]
-            return second.status, first.issued.sa.spi, live, ha.core.spis(), hac._issuing_spis
+            assert second.issued is not None
+            await asyncio.sleep(0.3)
+            both = (live(hac), sorted(ha.core.spis()), set(hac._issuing_spis))
+            plugin.store.fail = False
+            third = await bootstrap(mn)
+            assert third.ok and third.issued is not None
+            await asyncio.sleep(0.3)  # the withdrawals after the 200
+            spis = (first.issued.sa.spi, second.issued.sa.spi, third.issued.sa.spi)
+            return second.status, spis, both, (live(hac), sorted(ha.core.spis()))
 
-    status, first, live, on_ha, issuing = run(main())
-    assert status == 500
-    assert live == [first]  # the new SA is gone; the old one's retire had failed
-    assert on_ha == [] and issuing == set()
+    status, (first, second, third), both, after = run(main())
+    assert status == 200
+    held, on_ha, issuing = both
+    assert held == sorted([first, second]) and on_ha == held and issuing == set()
+    assert after == ([third], [third])
 
 
 def test_an_in_process_ha_elsewhere_than_its_ha_entry_is_a_config_error(

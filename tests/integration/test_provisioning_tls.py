@@ -1211,7 +1211,7 @@ def test_pull_ha_id_bound_to_certificate(pki: PkiPaths) -> None:
     assert own is not None and other is None and unknown is None
 
 
-# ------------------------------------------- supersede with the install (prov-withdraw)
+# ------------------------------------------- supersede after the 200 (and prov-withdraw)
 
 
 class SupersedeRecorder(Recorder):
@@ -1231,13 +1231,16 @@ class SupersedeRecorder(Recorder):
 
 
 @pytest.mark.parametrize("ha_takes_it", [True, False])
-def test_second_sa_install_withdraws_the_first_in_the_same_exchange(
+def test_second_sa_withdraws_the_first_after_its_200(
     tmp_path: Path, pki: PkiPaths, ha_takes_it: bool
 ) -> None:
-    """Issue 6 item 3 with one round trip: the install of an MN's new SA
-    carries the older SPI; once the HA confirms both, the HAC records the
-    withdrawal as confirmed at once (no withdraw request, nothing to retry).
-    An HA that ignores ``prov-withdraw`` (no echo) gets the withdraw as before."""
+    """Issue 6 item 3: once the MN's new SA has had its 200 (``deliver``),
+    the older one is withdrawn from the HA by a withdraw request, confirmed
+    and recorded.  Until the twenty-ninth session the new SA's install
+    carried the older SPI (``prov-withdraw``, one round trip fewer) when the
+    HA took it: a re-bootstrap that then failed (504, 5xx, the MN gone
+    before its 200) had withdrawn the MN's valid SA (found in review).  The
+    install no longer carries it, whatever the HA takes."""
     rec = SupersedeRecorder()
 
     async def body(port: int) -> tuple[IssuedSA, IssuedSA, list[Any], int]:
@@ -1266,36 +1269,35 @@ def test_second_sa_install_withdraws_the_first_in_the_same_exchange(
         serving(ha_listener(pki), rec, body, install_withdraws=ha_takes_it)
     )
     assert pending == []
-    if ha_takes_it:
-        assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, (first.sa.spi,))]
-        assert rec.withdrawn == [] and requests == 2
-    else:
-        assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, ())]
-        assert rec.withdrawn == [first.sa.spi] and requests == 3
+    assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, ())]
+    assert rec.withdrawn == [first.sa.spi] and requests == 3
 
 
 def test_refused_superseding_install_keeps_the_older_sa(tmp_path: Path, pki: PkiPaths) -> None:
-    """An HA that refuses the install (400 ``refused``: nothing changed)
-    withdrew nothing: the MN's older SA stays live (the MN got 504 for the
-    new one, nothing of it survives)."""
+    """An HA that refuses the install (400 ``refused``: nothing changed):
+    the MN's older SA stays live (the MN got 504 for the new one, nothing of
+    it survives)."""
     first, status, live, pending = _superseding_install_failing(
         tmp_path, pki, ProvisioningRefused("validity_end: already expired")
     )
     assert status == 504 and live == [first.sa.spi] and first.sa.spi not in pending
 
 
-def test_superseding_install_failing_with_500_retires_the_older_sa_too(
+def test_superseding_install_failing_with_500_keeps_the_older_sa(
     tmp_path: Path, pki: PkiPaths
 ) -> None:
-    """A 500 from the HA (e.g. its binding cache could not commit after it
-    had withdrawn the older SA in memory) leaves the outcome unknown: the HAC
-    must not keep calling live what the HA may have killed.  The older SA is
-    retired and withdrawn until the HA confirms, as for no answer at all."""
+    """A 500 from the HA (e.g. its binding cache could not commit): the
+    outcome of the install is unknown, so the new SA is withdrawn until the
+    HA confirms -- and the MN's older SA stays live, on the HAC and the HA,
+    never withdrawn.  Until the twenty-ninth session the install carried the
+    older SA's withdrawal, which the HA may have carried out, so the HAC
+    retired it too: the MN, told 504, lost the SA it still held (found in
+    review)."""
     first, status, live, pending = _superseding_install_failing(
         tmp_path, pki, RuntimeError("disk I/O error")
     )
-    assert status == 504 and live == []
-    assert first.sa.spi in pending
+    assert status == 504 and live == [first.sa.spi]
+    assert first.sa.spi not in pending
 
 
 def _superseding_install_failing(
@@ -1317,26 +1319,27 @@ def _superseding_install_failing(
             pending = [p[0] for p in hac.store.retired_unconfirmed(now)]
         finally:
             await hac.stop()
-        # The failed SA is withdrawn (in case it was installed).
+        # The failed SA is withdrawn (in case it was installed), the older never.
         assert [s for s in rec.withdrawn if s != first.sa.spi]
-        if isinstance(exc, ProvisioningRefused):
-            assert first.sa.spi not in rec.withdrawn
+        assert first.sa.spi not in rec.withdrawn
         return first, info.value.status, live, pending
 
     return run(serving(ha_listener(pki), rec, body, install_withdraws=True))
 
 
-def test_unanswered_superseding_install_retires_the_older_sa_too(
-    tmp_path: Path, pki: PkiPaths
-) -> None:
-    """No answer to an install carrying ``prov-withdraw``: the HA may have
-    withdrawn the older SA, so the HAC's store must not call it live -- it is
-    retired as well and withdrawn until the HA confirms (fail closed)."""
+def test_unanswered_superseding_install_keeps_the_older_sa(tmp_path: Path, pki: PkiPaths) -> None:
+    """No answer to the install of an MN's new SA: the new one is withdrawn
+    until the HA confirms, the older one stays live and is never withdrawn
+    (before the twenty-ninth session the install carried its withdrawal, and
+    the HAC retired it too: see above)."""
     rec = SupersedeRecorder()
     hang = asyncio.Event()
+    installs = 0
 
     async def install(issued: IssuedSA, ha_id: str, withdraw: tuple[int, ...] = ()) -> None:
-        if withdraw:
+        nonlocal installs
+        installs += 1
+        if installs == 2:
             await hang.wait()  # never answers (the HAC's provisioning_timeout is 3 s)
         await rec.install(issued, ha_id, withdraw)
 
@@ -1359,14 +1362,16 @@ def test_unanswered_superseding_install_retires_the_older_sa_too(
     first, status, live, pending = run(
         serving(ha_listener(pki), rec, body, install_withdraws=True, on_install=install)
     )
-    assert status == 504 and live == []
-    assert first.sa.spi in pending  # to be withdrawn until the HA confirms
+    assert status == 504 and live == [first.sa.spi]
+    assert first.sa.spi not in pending and first.sa.spi not in rec.withdrawn
+    assert len(pending) == 1  # the new SA: withdrawn until the HA confirms
 
 
 def test_kept_connection_serves_many_installs(tmp_path: Path, pki: PkiPaths) -> None:
     """One bootstrap after another: the HAC keeps one provisioning connection
     (a TLS handshake per install would cost the HAC and the HA more than the
-    install itself)."""
+    install itself) for the installs and the withdrawals of the SAs each
+    supersedes."""
     rec = SupersedeRecorder()
 
     async def body(port: int) -> dict[str, int]:
@@ -1376,6 +1381,10 @@ def test_kept_connection_serves_many_installs(tmp_path: Path, pki: PkiPaths) -> 
             for _ in range(20):
                 issued = await hac.issue_sa(MN_ID, Suite.AES_128_CBC_SHA256, 1)
                 hac.deliver(issued, "test")
+            for _ in range(100):  # the last withdrawal runs in the background
+                if len(rec.withdrawn) == 19:
+                    break
+                await asyncio.sleep(0.02)
             transport = hac.transports["ha1"]
             assert isinstance(transport, TlsTransport)
             return dict(transport.client.stats)
@@ -1383,7 +1392,7 @@ def test_kept_connection_serves_many_installs(tmp_path: Path, pki: PkiPaths) -> 
             await hac.stop()
 
     stats = run(serving(ha_listener(pki), rec, body, install_withdraws=True))
-    assert stats["requests"] == 20 and stats["connects"] == 1 and stats["retries"] == 0
+    assert stats["requests"] == 20 + 19 and stats["connects"] == 1 and stats["retries"] == 0
 
 
 class ProtocolOnlyStore:
@@ -1426,7 +1435,7 @@ def test_superseding_install_with_a_protocol_only_store(tmp_path: Path, pki: Pki
             hac.deliver(second, "test")
             now = datetime.now(UTC)
             live = [i.sa.spi for i in hac.store.live_for_mn(MN_ID, now)]
-            for _ in range(100):  # confirmations are recorded in a batch
+            for _ in range(100):  # the withdrawal, then its confirmation (a batch)
                 if not hac.store.retired_unconfirmed(now):
                     break
                 await asyncio.sleep(0.02)
@@ -1435,8 +1444,8 @@ def test_superseding_install_with_a_protocol_only_store(tmp_path: Path, pki: Pki
             await hac.stop()
 
     first, second, live, pending = run(serving(ha_listener(pki), rec, body, install_withdraws=True))
-    assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, (first.sa.spi,))]
-    assert rec.withdrawn == [] and live == [second.sa.spi] and pending == []
+    assert rec.superseded == [(first.sa.spi, ()), (second.sa.spi, ())]
+    assert rec.withdrawn == [first.sa.spi] and live == [second.sa.spi] and pending == []
 
 
 def test_garbage_from_the_ha_mid_burst_fails_that_burst(tmp_path: Path, pki: PkiPaths) -> None:
@@ -1703,16 +1712,16 @@ def test_a_withdrawal_the_ha_refuses_does_not_hold_the_others_back(
 
 
 @pytest.mark.parametrize("outcome", ["confirmed", "refused", "500"])
-def test_a_new_sa_on_another_ha_supersedes_the_older_in_its_store_write(
+def test_a_new_sa_on_another_ha_supersedes_the_older_after_its_200(
     tmp_path: Path, pki: PkiPaths, outcome: str
 ) -> None:
     """The MN's first SA is on ha1; its second lands on ha2 (the emptier).
-    The second's store write retires the first too (one transaction), so two
-    HACs issuing to one MN at once on two HAs leave one SA, as on one HA.
-    Confirmed by ha2: the first is withdrawn from ha1 then (after, never
-    before: ha2 could still refuse).  Refused by ha2, or a 500: ha1 was
-    never touched, so the first is put back, live, and never withdrawn --
-    the MN keeps the SA it has."""
+    Both are live while ha2 has the install in hand (until the twenty-ninth
+    session the second's store write retired the first at once, to put it
+    back on a failure).  Confirmed by ha2 and delivered: the first is
+    withdrawn from ha1 then, never before.  Refused by ha2, or a 500: the
+    first was never touched, live and never withdrawn -- the MN keeps the SA
+    it has."""
     ha1, ha2 = SupersedeRecorder(), SupersedeRecorder()
     hacs: list[HacService] = []
     live_during_install: list[list[int]] = []
@@ -1775,16 +1784,16 @@ def test_a_new_sa_on_another_ha_supersedes_the_older_in_its_store_write(
 
     first, second, live, pending = run(two_has())
     assert pending == []
-    # Retired with the second's store write, before ha2 answered: only the
-    # second was live while ha2 had its install in hand.
+    # Not touched by the second's store write: both live while ha2 had the
+    # install in hand.
     (during,) = live_during_install
-    assert len(during) == 1 and first.sa.spi not in during
+    assert len(during) == 2 and first.sa.spi in during
     if outcome == "confirmed":
         assert second is not None and live == [second.sa.spi]
         assert ha1.withdrawn == [first.sa.spi]  # withdrawn from its own HA
         assert ha2.superseded == [(second.sa.spi, ())]  # nothing of ha1's rode on ha2's install
     else:
-        assert live == [first.sa.spi]  # put back
+        assert live == [first.sa.spi]  # never retired
         assert first.sa.spi not in ha1.withdrawn
 
 

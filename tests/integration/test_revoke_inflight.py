@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,7 @@ from test_hac_lifecycle import (  # noqa: F401  (pki: a fixture)
     run,
 )
 
-from mipsec.core.hookspecs import PluginContext
 from mipsec.core.mn_exchange import Finished
-from mipsec.core.model import HomeAgentInfo, IssuedSA
 from mipsec.core.pki import PkiPaths
 from mipsec.core.revocation import RevocationList
 from mipsec.core.roles.hac_ops import HacOps
@@ -153,37 +150,20 @@ def test_revoked_by_another_hac_while_issuing_gets_401_and_nothing_stays(
     assert "Traceback" not in caplog.text
 
 
-class SlowSuperseding(SlowLocal):
-    """``SlowLocal`` with the supersede-with-the-install step (as the TLS
-    transport has it): the install of a re-bootstrap's SA, and the withdrawal
-    of the SA it supersedes, after ``delay``."""
-
-    name = "slow-superseding"
-
-    def create(self, options: Mapping[str, Any], ctx: PluginContext) -> SlowSuperseding:
-        return self
-
-    async def provision_superseding(
-        self, ha: HomeAgentInfo, issued: IssuedSA, withdraw: tuple[int, ...], timeout: float
-    ) -> tuple[int, ...]:
-        await asyncio.sleep(self.delay)
-        return await self.inner.provision_superseding(ha, issued, withdraw, timeout)
-
-
 def _shared_store_and_list(
     tmp_path: Path,
     pki: PkiPaths,  # noqa: F811
-) -> tuple[dict[str, Any], Any, Path, SlowSuperseding]:
+) -> tuple[dict[str, Any], Any, Path, SlowLocal]:
     """A HAC whose SA store file and revocation list another HAC (the test's
     own connections) shares, its HA in process behind a slow transport."""
     data = hac_data(tmp_path, pki)
     ha_cfg = hac_config(data, tmp_path).local_ha
     del data["local_ha"]
-    data["ha"][0]["transport"] = "slow-superseding"
+    data["ha"][0]["transport"] = "slow-local"
     data["sa_store"] = {"backend": "sqlite", "path": str(tmp_path / "sa.db")}
     shared = tmp_path / "revoked.json"
     data["revocations"] = {"path": str(shared)}
-    return data, ha_cfg, shared, SlowSuperseding(0.0)
+    return data, ha_cfg, shared, SlowLocal(0.0)
 
 
 async def _holding_w(st: Stack, pki: PkiPaths) -> tuple[Any, int]:  # noqa: F811
@@ -195,7 +175,7 @@ async def _holding_w(st: Stack, pki: PkiPaths) -> tuple[Any, int]:  # noqa: F811
 
 
 async def _refused(
-    st: Stack, slow: SlowSuperseding, x: int, w: int, conn: tuple[Any, Any, Any]
+    st: Stack, slow: SlowLocal, x: int, w: int, conn: tuple[Any, Any, Any]
 ) -> tuple[int | None, int]:
     """X withdrawn from the HA, so its install is refused: the MN's final
     status and how many SAs are live once W is off the HA."""
@@ -211,85 +191,47 @@ async def _refused(
     return (finished[0].result.status if finished else None), len(live)
 
 
-def test_an_sa_superseded_by_a_refused_install_is_not_put_back_for_a_revoked_mn(
+def test_a_revoke_on_another_hac_during_a_rebootstrap_finds_both_sas(
     tmp_path: Path,
     pki: PkiPaths,  # noqa: F811
 ) -> None:
     """Two HACs share one store and one revocation list.  The MN holds SA W.
-    Its re-bootstrap on this HAC stores X, retiring W; while X's install is
-    on its way, the other HAC revokes the MN: it writes the list, finds X
-    (W is retired already), retires X and has the HA withdraw it.  The HA
-    then refuses X's install (an SPI it withdrew) -- and withdrew nothing,
-    W included.  This HAC must not put W back (it used to: the HA had
-    refused X): the MN is revoked, and no HAC would ever withdraw W.  W
-    stays retired and is withdrawn; nothing of the MN stays live."""
+    Its re-bootstrap on this HAC stores X; while X's install is on its way,
+    the other HAC revokes the MN: it writes the list, finds W and X live,
+    retires both and has the HA withdraw them.  The HA then refuses X's
+    install (an SPI it withdrew): the MN gets 504, and nothing of it stays
+    live.
+
+    Until the twenty-ninth session X's store write retired W at once, and
+    the put-back after the refusal had to notice the revoke: the other HAC
+    found only X (two tests here covered the put-back racing the revoke).
+    Now W is untouched until X's 200, so the revoke sees it like any live
+    SA, and there is no put-back to race."""
     data, ha_cfg, shared, slow = _shared_store_and_list(tmp_path, pki)
 
-    async def main() -> tuple[int | None, int, int]:
+    async def main() -> tuple[int | None, int, list[int], int, int]:
         async with Stack(hac_config(data, tmp_path), [slow], ha_cfg=ha_cfg) as st:
             hac, w = await _holding_w(st, pki)
             slow.delay = 0.5
             reader, writer, exch = await done_request(st, pki)
-            await asyncio.sleep(0.2)  # X is stored, W retired; X's install waits
+            await asyncio.sleep(0.2)  # X is stored; its install waits
             other_store = SQLiteSAStore(tmp_path / "sa.db")  # the other HAC's connection
             try:
                 now = datetime.now(UTC)
-                x = [s.sa.spi for s in other_store.live_for_mn(MN_ID, now)]
-                assert len(x) == 1 and x[0] != w
                 # The other HAC's revoke: the list first, then the MN's live SAs.
                 assert RevocationList(shared).add(MN_ID)
-                assert other_store.retire(x[0], "revoked") is not None
+                found = sorted(s.sa.spi for s in other_store.live_for_mn(MN_ID, now))
+                for spi in found:
+                    assert other_store.retire(spi, "revoked") is not None
             finally:
                 other_store.close()
-            return *await _refused(st, slow, x[0], w, (reader, writer, exch)), w
+            (x,) = [s for s in found if s != w]
+            await slow.inner.withdraw(hac.has[0], w, 1.0)  # what X's refusal waits for
+            return *await _refused(st, slow, x, w, (reader, writer, exch)), found, w, x
 
-    status, live, w = run(main())
+    status, live, found, w, x = run(main())
+    assert found == sorted([w, x])
     assert status == 504  # the HA refused X
-    assert live == 0
-
-
-def test_a_revoke_between_the_check_and_the_put_back_still_withdraws_the_old_sa(
-    tmp_path: Path,
-    pki: PkiPaths,  # noqa: F811
-) -> None:
-    """As above, but the other HAC's revoke lands after this HAC looked at
-    the list and before it put W back: that revoke found neither W nor X
-    live (both retired) and withdrew nothing.  Before, W went back live and
-    stayed on its HA until its end (found in review); now the list is read
-    again after the put-back, and W is retired and withdrawn."""
-    data, ha_cfg, shared, slow = _shared_store_and_list(tmp_path, pki)
-
-    async def main() -> tuple[int | None, int, list[int]]:
-        async with Stack(hac_config(data, tmp_path), [slow], ha_cfg=ha_cfg) as st:
-            hac, w = await _holding_w(st, pki)
-            restore = hac._restore
-            found: list[int] = []
-
-            def revoked_meanwhile(taken: list[Any], mn_id: str) -> bool:
-                # The other HAC's revoke: the list first, then the MN's live SAs.
-                assert RevocationList(shared).add(MN_ID)
-                other = SQLiteSAStore(tmp_path / "sa.db")
-                try:
-                    found.extend(s.sa.spi for s in other.live_for_mn(MN_ID, datetime.now(UTC)))
-                finally:
-                    other.close()
-                return restore(taken, mn_id)
-
-            hac._restore = revoked_meanwhile  # type: ignore[method-assign]
-            slow.delay = 0.5
-            reader, writer, exch = await done_request(st, pki)
-            await asyncio.sleep(0.2)  # X is stored, W retired; X's install waits
-            other_store = SQLiteSAStore(tmp_path / "sa.db")
-            try:
-                (x,) = [s.sa.spi for s in other_store.live_for_mn(MN_ID, datetime.now(UTC))]
-                assert other_store.retire(x, "superseded") is not None  # so the HA refuses X
-            finally:
-                other_store.close()
-            return *await _refused(st, slow, x, w, (reader, writer, exch)), found
-
-    status, live, found = run(main())
-    assert status == 504  # the HA refused X
-    assert found == []  # the other HAC's revoke had nothing to withdraw
     assert live == 0
 
 

@@ -73,6 +73,7 @@ from test_crash_points import (
     HacProcess,
     _second_hac,
     crash_at,
+    delivered,
     final_status,
     held_by_ha,
     live_on_hac,
@@ -744,106 +745,127 @@ def _one_hac_two_has(
 
 
 @pytest.mark.parametrize(
-    ("target", "nth", "installed"),
+    ("target", "nth", "told", "kept"),
     [
         # After the store commit, before the install leaves (call 1 is the
         # first bootstrap's install).
-        ("mipsec.plugins.transport_tls:TlsTransport.provision", 2, False),
-        # After the new SA's HA confirmed it, before the older SA's
-        # withdrawal is sent and before the 200.
-        ("mipsec.core.roles.hac:HacService._superseded", 1, True),
+        ("mipsec.plugins.transport_tls:TlsTransport.provision", 2, False, "old"),
+        # After the new SA's HA confirmed it, before the 200.
+        ("mipsec.core.hac_exchange:HacExchange.complete", 2, False, "old"),
+        # After the 200, before the older SA is retired (its delivery mark
+        # is written with that retirement, so neither is).
+        ("mipsec.core.roles.hac:HacService._supersede", 2, True, "old"),
+        # After the retirement and the new SA's delivery mark (one commit),
+        # before the withdrawal reaches the older SA's HA.
+        ("mipsec.plugins.transport_tls:TlsTransport.withdraw", 1, True, "new"),
     ],
-    ids=["before-the-install", "after-the-confirmation"],
+    ids=["before-the-install", "after-the-confirmation", "after-the-200", "after-the-retire"],
 )
-def test_hac_killed_after_its_store_write_retired_an_sa_on_the_other_ha(
-    lab: Lab, target: str, nth: int, installed: bool
+def test_hac_killed_while_an_sa_on_one_ha_supersedes_one_on_the_other(
+    lab: Lab, target: str, nth: int, told: bool, kept: str
 ) -> None:
-    """The cross-HA supersede (the store write of an MN's new SA also retires
-    its SA on the other HA) cut by a SIGKILL: before the install leaves, or
-    once the new SA is installed and confirmed but before the older one's
-    withdrawal is sent.
+    """The cross-HA supersede cut by a SIGKILL.  The MN's first SA W is on
+    one HA; its re-bootstrap's SA X lands on the other (each HAC picks the
+    HA with the fewest SAs).  The HAC dies before X's install leaves, once
+    X is confirmed, once X's 200 has left, or once W is retired.
 
-    The MN's first SA is on one HA; its re-bootstrap lands on the other (each
-    HAC picks the HA with the fewest SAs).  The HAC dies: the MN gets no
-    200, the old SA is retired (its withdrawal owed, not yet sent), the new
-    one stored (and, in the second case, live on its HA) but never
-    delivered.  Started again, the HAC withdraws both -- the old one from
-    its HA, the stranded one from the HA it was meant for -- so nothing the
-    MN was not told of stays live, and nothing it was told of comes back;
-    the MN's next bootstrap registers.
+    Before X's 200 the MN gets nothing and W is untouched: started again,
+    the HAC takes X back (the sweep of undelivered SAs) from wherever it
+    is, and W stays live on its HA and registers.  Killed right after the
+    200, X's delivery mark was never written: X is swept likewise and W
+    kept (the MN, its X refused, bootstraps again).  Once W is retired, X's
+    mark is in the same commit: the HAC finishes W's withdrawal and X is
+    the MN's.  Either way one SA of the MN stays, on exactly its HA.
+
+    Until the twenty-ninth session X's store write retired W at once: every
+    kill before the 200 cost the MN W (found in review).
     """
     with _one_hac_two_has(lab, crash_at(target, nth)) as (hac, ha2):
         ports = {int(lab.info["ha"]["port"]): "ha1", ha2.port: "ha2"}
         first = Mn(lab)
+        second: Mn | None = None
         try:
             first_ha = ports[first.ha[1]]
             captured = first.bu(10)
             assert first.register(captured)["status"] == 0
-            assert final_status(lab) is None  # killed: no 200
+            # W's delivery mark written (a batch a second later): a kill
+            # before it would make the restart take W back as well.
+            store = lab.dir / "hac-sa.sqlite"
+            wait_for("W marked delivered", lambda: delivered(lab, first.spi))
+            if told:
+                second = Mn(lab)
+            else:
+                assert final_status(lab) is None  # killed: no 200
             hac.wait_killed()
-            (stranded,) = [s for s in live_on_hac(lab) if s != first.spi]
-            rows = query(
-                lab.dir / "hac-sa.sqlite", "SELECT ha_id FROM issued_sa WHERE spi = ?", (stranded,)
-            )
+            if kept == "old":
+                (new,) = [s for s in live_on_hac(lab) if s != first.spi]
+                assert unconfirmed(lab) == []  # W never retired
+            else:
+                assert second is not None
+                new = second.spi
+                assert live_on_hac(lab) == [new] and unconfirmed(lab) == [first.spi]
+            rows = query(store, "SELECT ha_id FROM issued_sa WHERE spi = ?", (new,))
             assert rows and rows[0][0] != first_ha  # the case under test: the other HA
-            # Retired in the new SA's transaction, its withdrawal owed.
-            assert unconfirmed(lab) == [first.spi]
-            assert first.spi in held_by_ha(lab) + ha2.held()  # not yet withdrawn
-            assert (stranded in held_by_ha(lab) + ha2.held()) is installed
             hac.start()
+            keep = first if kept == "old" else second
+            assert keep is not None
             wait_for(
-                "both withdrawals confirmed, nothing live",
-                lambda: live_on_hac(lab) == [] and unconfirmed(lab) == [],
+                "the stranded SA withdrawn, nothing owed",
+                lambda: live_on_hac(lab) == [keep.spi] and unconfirmed(lab) == [],
                 timeout=SETTLE,
             )
-            assert held_by_ha(lab) == [] and ha2.held() == []
-            assert silent(captured, first.ha) and silent(first.bu(11), first.ha)
+            wait_for(
+                "the HAs hold exactly the kept SA",
+                lambda: sorted(held_by_ha(lab) + ha2.held()) == [keep.spi],
+            )
+            assert keep.register(keep.bu(11))["status"] == 0
+            if kept == "new":
+                assert silent(captured, first.ha) and silent(first.bu(12), first.ha)
             again = Mn(lab)
             try:
-                assert again.register(again.bu(12))["status"] == 0
-                assert live_on_hac(lab) == [again.spi]
-                assert sorted(held_by_ha(lab) + ha2.held()) == [again.spi]
+                assert again.register(again.bu(13))["status"] == 0
+                wait_for(
+                    "the MN's older SA withdrawn after the 200",
+                    lambda: (
+                        live_on_hac(lab) == [again.spi]
+                        and sorted(held_by_ha(lab) + ha2.held()) == [again.spi]
+                    ),
+                )
             finally:
                 again.close()
         finally:
             first.close()
+            if second is not None:
+                second.close()
 
 
 @pytest.mark.parametrize(
-    ("target", "nth", "put_back"),
+    ("target", "nth"),
     [
-        ("mipsec.core.roles.hac:HacService._restore", "1", False),
-        # Inside the store's transaction (its write lock held): the HoA
-        # check is done, the rows not yet changed.  SQLite rolls it back,
-        # so the outcome is "before".
-        ("mipsec.plugins.sa_store_sqlite:SQLiteSAStore._hoa_taken", "1+", False),
-        ("mipsec.core.roles.hac:HacService._restore", "1+", True),
+        ("mipsec.core.roles.hac:HacService._undo_stored", "1"),
+        ("mipsec.core.roles.hac:HacService._undo_stored", "1+"),
     ],
-    ids=["before-the-put-back", "inside-its-transaction", "after-the-put-back"],
+    ids=["before-the-take-back", "after-the-take-back"],
 )
-def test_hac_killed_around_the_put_back_after_a_real_has_refusal(
-    lab: Lab, target: str, nth: str, put_back: bool
+def test_hac_killed_around_the_take_back_after_a_real_has_refusal(
+    lab: Lab, target: str, nth: str
 ) -> None:
-    """The put-back (``_restore``) after an HA refused an MN's new SA,
-    cut by a SIGKILL just before it, inside its store transaction, or
-    just after it.
+    """The take-back (``_undo_stored``) after an HA refused an MN's new SA,
+    cut by a SIGKILL just before it or just after it.
 
     A real HA refuses on demand when an install names another HA: the
     second ``[[ha]]`` of the HAC (``ha2``) points at an HA process whose id
     is ``ha3``.  The MN's first SA is on ha1; its re-bootstrap goes to ha2
-    (fewest SAs), whose store write retires the first SA (the cross-HA
-    supersede), and ha2 refuses.  The HAC then takes the new SA back and
-    puts the first one back -- unless it dies:
+    (fewest SAs), which refuses.  Either way, started again, the HAC keeps
+    the first SA (never retired: an MN's older SAs go only after a newer
+    one's 200), ha1 still holds it, and the MN still registers with it; the
+    refused SA is live nowhere (killed before the take-back, the sweep of
+    undelivered SAs takes it).
 
-    * before the put-back, or inside its transaction (rolled back): the
-      first SA stays retired, its withdrawal owed;
-      started again, the HAC withdraws it from ha1 (the MN, which got no
-      answer, bootstraps again); nothing is live anywhere;
-    * after it: the first SA is live again and owes nothing; started again,
-      the HAC keeps it, ha1 still holds it, and the MN still registers
-      with it.
-
-    Either way the refused SA is live nowhere.
+    Until the twenty-ninth session the re-bootstrap's store write retired
+    the first SA and the HAC put it back after the refusal (``_restore``):
+    killed before that, the first SA was withdrawn at the restart and the
+    MN, told nothing, lost it (found in review).
     """
     crash = crash_at(target, nth)
     # Sweeps every second, so that "nothing changed after the restart" is
@@ -861,25 +883,25 @@ def test_hac_killed_around_the_put_back_after_a_real_has_refusal(
         try:
             assert first.ha[1] == int(lab.info["ha"]["port"])  # on ha1
             assert first.register(first.bu(10))["status"] == 0
+            # Its delivery mark written (a batch a second later): a kill
+            # before it would make the restart take the first SA back too.
+            store = lab.dir / "hac-sa.sqlite"
+            wait_for("the first SA marked delivered", lambda: delivered(lab, first.spi))
             assert final_status(lab) is None  # killed: no answer
             hac.wait_killed()
             assert "refused" in (lab.dir / "ha2-run1.log").read_text()
+            assert first.spi not in unconfirmed(lab)  # nothing of the first SA owed
             hac.start()
-            if not put_back:
-                wait_for(
-                    "the first SA withdrawn, nothing live",
-                    lambda: live_on_hac(lab) == [] and unconfirmed(lab) == [],
-                    timeout=SETTLE,
-                )
-                assert held_by_ha(lab) == [] and ha2.held() == []
-                assert silent(first.bu(11), first.ha)
-            else:
-                store = lab.dir / "hac-sa.sqlite"
-                (owner,) = (str(r[0]) for r in query(store, "SELECT owner FROM hac_alive"))
-                sweeps(store, owner, 3)  # the restarted HAC's first sweeps
-                assert live_on_hac(lab) == [first.spi] and unconfirmed(lab) == []
-                assert held_by_ha(lab) == [first.spi] and ha2.held() == []
-                assert first.register(first.bu(11))["status"] == 0
+            wait_for(
+                "the refused SA live nowhere, nothing owed",
+                lambda: live_on_hac(lab) == [first.spi] and unconfirmed(lab) == [],
+                timeout=SETTLE,
+            )
+            (owner,) = (str(r[0]) for r in query(store, "SELECT owner FROM hac_alive"))
+            sweeps(store, owner, 3)  # the restarted HAC's first sweeps
+            assert live_on_hac(lab) == [first.spi] and unconfirmed(lab) == []
+            assert held_by_ha(lab) == [first.spi] and ha2.held() == []
+            assert first.register(first.bu(11))["status"] == 0
         finally:
             first.close()
 
