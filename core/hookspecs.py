@@ -75,9 +75,8 @@ class SAStore(Protocol):
     (issue 9), so a store meant for 100,000 MNs should offer them:
 
     * HAC, every bootstrap: ``live_summary`` (SAs per HA and the HoA table
-      in one look, kept in memory), ``live_spis_for_mn``, ``add_superseding``
-      (the new SA stored and the MN's older ones retired in one
-      transaction); ``track_delivery`` (an attribute the HAC sets true),
+      in one look, kept in memory), ``live_spis_for_mn``;
+      ``track_delivery`` (an attribute the HAC sets true),
       ``delivered_many`` and ``undelivered`` together (an SA stays
       "pending" until its 200 has left, so a crash in between cannot leave
       it live);

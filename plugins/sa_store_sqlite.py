@@ -1409,7 +1409,8 @@ class SQLiteSAStore:
         their HA does (``confirm_retired_many``), or puts them back with
         ``restore`` if the HA refused the new SA (it then withdrew nothing).
         Optional fast path of the HAC's supersede-with-the-install: not part of
-        the ``SAStore`` protocol.
+        the ``SAStore`` protocol.  Not used by the HAC since the twenty-ninth
+        session (it retires an MN's older SAs only after the new SA's 200).
         """
         spi, head, row = self._sealed_row(issued)
         t = self._now(now)

@@ -1892,12 +1892,13 @@ class _Session:
             result = await svc.issue(exch, req, self._peer, on_stored=stored)
             if isinstance(result, Send):
                 if issued is not None and issued.sa.spi in svc._issuing_spis:
-                    # A failure after the HA confirmed the install (a store
-                    # without add_superseding whose retire raised) answers
-                    # 500 without having taken the SA back: taken back here,
-                    # so nothing stays live that the MN was not told of
-                    # (found in review).  Every other failure path of the
-                    # issue took back what it stored already.
+                    # A failure answered without having taken the SA back
+                    # (once: a store without add_superseding whose retire
+                    # raised after the install, found in review; that
+                    # retire follows the 200 since the twenty-ninth
+                    # session): taken back here, so nothing stays live that
+                    # the MN was not told of.  Every failure path of the
+                    # issue takes back what it stored already.
                     svc.rollback(issued, self._peer, "internal-error", report=False)
                 issued = None
                 if self._alive():
