@@ -258,6 +258,15 @@ _DATA_DROP_COUNTS = {
 _DATA_NOT_EVENTS = frozenset(("drops", *_DATA_DIRECTIONS, *_DATA_DROP_COUNTS))
 
 
+_PULL_OUTCOMES = {
+    "started": "pulls",
+    "found": "pulls_found",
+    "refused": "pulls_refused",
+    "deferred": "pulls_deferred",
+    "limited": "pulls_limited",
+}
+
+
 def _ha_families(svc: Any) -> Iterator[Metric]:
     """An HA's series (its own /metrics, or the HAC's for an HA in its process)."""
     st = svc.stats()
@@ -273,6 +282,16 @@ def _ha_families(svc: Any) -> Iterator[Metric]:
         {str(k): v for k, v in st.get("ba", {}).items()},
     )  # fmt: skip
     yield _gauge("mipsec_ha_sas", "SAs installed", st.get("sas", 0))
+    # Pulls of unknown SPIs ([pull], core/pullgate.py): until the twenty-
+    # ninth session only `mipsec status` showed them.
+    yield _counter(
+        "mipsec_ha_pulls", "Pulls of unknown SPIs from the HAC, and SPIs not pulled", "outcome",
+        {out: st[key] for out, key in _PULL_OUTCOMES.items() if isinstance(st.get(key), int)},
+    )  # fmt: skip
+    yield _gauge(
+        "mipsec_ha_pull_sightings", "Unknown SPIs remembered for their second sighting",
+        st.get("pull_sightings", 0),
+    )  # fmt: skip
     yield _gauge("mipsec_ha_bindings", "Bindings in the cache", st.get("bindings", 0))
     data = st.get("data")
     if isinstance(data, Mapping):

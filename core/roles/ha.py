@@ -22,7 +22,9 @@ What it adds to the sans-I/O core:
 * the provisioning listener (``[provisioning]``, PROFILE §9) and the
   in-process receiver for a co-located HAC (``transport_local``, model 1);
 * pulling unknown SPIs from the HAC (``[pull]``), rate-limited, with a
-  negative cache, so a flood of random SPIs cannot become a flood of pulls;
+  negative cache, so a flood of random SPIs cannot become a flood of pulls,
+  nor starve an MN's pull (``core/pullgate.py``: under pressure an SPI is
+  pulled at its second sighting, from a reserve, per source);
 * a periodic expiry task and one log line per binding change;
 * with ``[dataplane] enabled``, the data plane (``roles/ha_data.py``): a TUN
   device that takes the ``DataIn`` actions (``on_data``) and sends the home
@@ -74,6 +76,8 @@ from mipsec.core.model import IssuedSA
 from mipsec.core.outage import Outage, cause
 from mipsec.core.pacing import in_paced_batches
 from mipsec.core.provisioning import ProvisioningRefused
+from mipsec.core.pullgate import PullGate, Verdict
+from mipsec.core.ratelimit import source_key
 from mipsec.core.sqlitetx import LOOP_LOCK_WAIT, loop_writer
 from mipsec.core.startup_heap import collection_paused, freeze_heap
 from mipsec.core.stopcheck import stop_requested
@@ -108,7 +112,7 @@ DRAIN_BUDGET = 256  # datagrams read per wake-up beyond the one asyncio delivere
 # Pull limits (PROFILE §9 pull is for the rare SA the HA missed, not for every
 # random SPI an attacker sends).
 PULL_RATE = 20.0  # pulls per second on average ...
-PULL_BURST = 50  # ... with bursts of this many
+PULL_BURST = 50  # ... with bursts of this many (half kept for repeated sightings: pullgate.py)
 MAX_PULLS_IN_FLIGHT = 16
 MAX_QUEUED_PER_SPI = 8  # datagrams kept while their SPI is being pulled
 EXPIRED_LINES_MAX = 16  # bindings expiring at once logged one line each; more: one line in all
@@ -342,6 +346,11 @@ class HaService:
             "pulls": 0,
             "pulls_found": 0,
             "pulls_refused": 0,
+            # Unknown SPIs not pulled (core/pullgate.py, since the twenty-
+            # ninth session): a first sighting under pressure, pulled at its
+            # next; a repeated one past its source's share or the global cap.
+            "pulls_deferred": 0,
+            "pulls_limited": 0,
             "loaded_on_demand": 0,  # SAs loaded by their first packet during the start's load
             "load_on_demand_limited": 0,  # ... refused past LOAD_ON_DEMAND_RATE (a flood)
             "internal_errors": 0,
@@ -365,7 +374,7 @@ class HaService:
         self._provisioning: Any = None
         self._pending: dict[int, list[tuple[bytes, tuple[Any, ...], Any]]] = {}
         self._negative: dict[int, float] = {}
-        self._bucket = _TokenBucket(PULL_RATE, PULL_BURST)
+        self._pull_gate = PullGate(PULL_RATE, PULL_BURST, MAX_PULLS_IN_FLIGHT)
         self._load_bucket = _TokenBucket(LOAD_ON_DEMAND_RATE, LOAD_ON_DEMAND_BURST)
         self._local_registered = False
         self._started = False
@@ -893,18 +902,21 @@ class HaService:
             if len(pending) < MAX_QUEUED_PER_SPI:
                 pending.append((data, addr, transport))
                 return
-        elif (
-            self._negative.get(spi, 0.0) <= now
-            and len(self._pending) < MAX_PULLS_IN_FLIGHT
-            and self._bucket.take(now)
-        ):
-            self._negative.pop(spi, None)
-            self._pending[spi] = [(data, addr, transport)]
-            task = asyncio.create_task(self._pull(spi))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        # Known-unknown, rate limit or queue full: drop it (counted as unknown_spi).
+        elif self._negative.get(spi, 0.0) <= now:
+            # core/pullgate.py: a flood of made-up SPIs cannot starve the
+            # pull of an MN's SPI, which it sees again at the MN's
+            # retransmission.
+            verdict = self._pull_gate.admit(spi, source_key(addr), len(self._pending))
+            if verdict is Verdict.PULL:
+                self._negative.pop(spi, None)
+                self._pending[spi] = [(data, addr, transport)]
+                task = asyncio.create_task(self._pull(spi))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+            self.counts["pulls_deferred" if verdict is Verdict.DEFERRED else "pulls_limited"] += 1
+        # Known-unknown, deferred, rate limit or queue full: drop it (counted
+        # as unknown_spi); an MN sends it again.
         self.handle(data, addr, transport, allow_pull=False)
 
     async def _pull(self, spi: int) -> None:
@@ -1391,6 +1403,7 @@ class HaService:
         out = self.core.stats()
         out.update(self.counts)
         out["pulls_in_flight"] = len(self._pending)
+        out["pull_sightings"] = len(self._pull_gate)
         if self.dataplane is not None:
             out["data"] = self.dataplane.stats()
         return out

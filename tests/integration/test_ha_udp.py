@@ -11,11 +11,13 @@ import asyncio
 import dataclasses
 import logging
 import os
+import random
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -383,14 +385,22 @@ def test_an_sa_ending_beyond_max_sa_lifetime_is_refused(
     run(main())
 
 
-def test_pull_unknown_spi(tmp_path: Path) -> None:
-    issued = make_issued(spi=0x1111)
-    asked: list[int] = []
+def hac_knowing(issued: IssuedSA, asked: list[int], delay: float) -> ha_module.Puller:
+    """A puller standing for a HAC that knows ``issued`` alone and answers
+    after ``delay``; every SPI asked for is appended to ``asked``."""
 
     async def puller(spi: int) -> IssuedSA | None:
         asked.append(spi)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(delay)
         return issued if spi == issued.sa.spi else None
+
+    return puller
+
+
+def test_pull_unknown_spi(tmp_path: Path) -> None:
+    issued = make_issued(spi=0x1111)
+    asked: list[int] = []
+    puller = hac_knowing(issued, asked, 0.01)
 
     async def main() -> None:
         svc = HaService(ha_config(tmp_path), puller=puller)
@@ -482,6 +492,66 @@ def test_pull_flood_is_rate_limited(tmp_path: Path) -> None:
         assert len(asked) <= 60  # burst 50 plus what the bucket refilled meanwhile
         assert svc.stats()["drops"]["unknown_spi"] == 300
         await svc.stop()
+
+    run(main())
+
+
+def test_a_flood_of_made_up_spis_does_not_starve_an_mns_pull(tmp_path: Path) -> None:
+    """2,000 made-up SPIs a second (any source can send them) kept the pull
+    bucket empty: an MN whose SA the HA lacked was never pulled while the
+    flood lasted (found in review, twenty-ninth session).  Now its first BU
+    is remembered and its retransmission pulled (core/pullgate.py), and the
+    HAC still pays the global rate only."""
+    legit = make_issued(spi=0x0ABCDE)
+    asked: list[int] = []
+    puller = hac_knowing(legit, asked, 0.005)
+
+    async def main() -> None:
+        svc = HaService(ha_config(tmp_path), puller=puller)
+        addrs = await svc.start()
+        stop = threading.Event()
+
+        def flood() -> None:
+            rng = random.Random(5)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                t0, sent = time.monotonic(), 0
+                while not stop.is_set():
+                    spi = rng.randrange(1, 1 << 28)
+                    s.sendto(((8 << 28) | spi).to_bytes(4, "big") + bytes(60), addrs[0])
+                    sent += 1
+                    ahead = sent / 2000 - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+
+        thread = threading.Thread(target=flood, daemon=True)
+        thread.start()
+        mn = MN(legit)
+        status = None
+        try:
+            await asyncio.sleep(0.5)  # the flood under way
+            t0 = time.monotonic()
+            for seq in range(1, 8):  # an MN retransmits its BU (here every 0.5 s)
+                await mn.send(mn.bu(seq), addrs[0])
+                try:
+                    pkt = await mn.recv(0.5)
+                except TimeoutError:
+                    continue
+                decoded = decode_mh(mn.inb.unprotect(pkt).payload, src=HAA, dst=HOA)
+                assert isinstance(decoded.message, BindingAck)
+                status = decoded.message.status
+                break
+            took = time.monotonic() - t0
+        finally:
+            stop.set()
+            thread.join()
+            mn.close()
+        st = svc.stats()
+        await svc.stop()
+        assert status == 0 and legit.sa.spi in asked, st
+        assert took < 2.0, took  # its first retransmission
+        assert st["pulls_deferred"] > 100
+        # Burst (50) plus the rate (20 a second) over the flood's ~1-2 s.
+        assert len(asked) <= 50 + 20 * (took + 1.0) + 1
 
     run(main())
 

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mipsec.core import metrics
-from mipsec.core.config import HACConfig, validate_config
+from mipsec.core.config import HACConfig, HAConfig, validate_config
 from mipsec.core.errors import ConfigError
 from mipsec.core.metrics import HacMetrics, HaMetrics
 from mipsec.core.pki import PkiPaths, init_pki
@@ -185,3 +185,23 @@ def test_ha_tunnel_drops_are_exported() -> None:
     assert value(text, "mipsec_ha_data_events_total", event="tun_down_drops") is None
     assert value(text, "mipsec_ha_data_events_total", event="reserve_unwritten") is None
     assert value(text, "mipsec_ha_packets_dropped_total", reason="malformed") == 1.0
+
+
+def test_ha_pulls_are_exported() -> None:
+    """Pulls of unknown SPIs, and those deferred or limited by the pull gate
+    (core/pullgate.py), were in `mipsec status` only (twenty-ninth session)."""
+    cfg = HAConfig.model_validate(
+        {"ha": {"id": "ha1", "listen": ["127.0.0.1"], "port": 0}, "sa_store": {"backend": "memory"}}
+    )
+    svc = HaService(cfg)
+    try:
+        svc.counts.update(
+            pulls=4, pulls_found=1, pulls_refused=3, pulls_deferred=7, pulls_limited=2
+        )
+        text = generate_latest(HaMetrics(svc).registry).decode()
+    finally:
+        svc.store.close()
+    want = {"started": 4, "found": 1, "refused": 3, "deferred": 7, "limited": 2}
+    got = {k: value(text, "mipsec_ha_pulls_total", outcome=k) for k in want}
+    assert got == want
+    assert value(text, "mipsec_ha_pull_sightings") == 0.0
