@@ -848,6 +848,14 @@ class BindingCache:
         if self._spis.pop(spi) is not None:
             self._spi_changed(spi)
 
+    def has_spi_record(self, spi: int) -> bool:
+        """Does ``spi`` have a record (a live SA's counters, or a withdrawal)?"""
+        return spi in self._spis.items
+
+    def spi_record_count(self) -> int:
+        """SPI records held: what ``[ha] max_spi_records`` caps."""
+        return len(self._spis)
+
     def dead(self, spi: int) -> DeadSpi | None:
         """The withdrawal record of ``spi``; None when it was not withdrawn (or it ended)."""
         rec = self._spis.items.get(spi)

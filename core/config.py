@@ -526,9 +526,20 @@ class HAService(_Strict):
     max_binding_lifetime: Seconds = 3600.0
     # An SA whose validity end lies further ahead than this is refused: what
     # a HAC with a valid provisioning certificate gone wrong (or rogue) can
-    # pin here at most.  Default: the longest [policy] sa_lifetime a HAC
-    # takes; set it to your HACs' sa_lifetime.
-    max_sa_lifetime: Seconds = 86400.0 * 365
+    # pin here at most -- and how long a withdrawal record (one per SA the
+    # HAC withdraws) is kept.  Default 7 days since the twenty-ninth session
+    # (365 before: a HAC's made-up install + withdraw pairs left records for
+    # a year, found in review): 168 times the HAC's default sa_lifetime
+    # (3600 s); a HAC issuing longer SAs needs this raised to its sa_lifetime.
+    max_sa_lifetime: Seconds = 86400.0 * 7
+    # SPI records held at most: live SAs plus withdrawal records (each SA a
+    # HAC withdraws is remembered until its validity end, so that it is never
+    # accepted again).  An install that would add one beyond is refused (400
+    # prov-reason refused); a withdrawal never is.  Default: 100,000 MNs, each
+    # with its SA and the withdrawal records of its superseded ones, ten
+    # times over.  Since the twenty-ninth session (found in review: an
+    # admitted HAC's install + withdraw pairs grew them without bound).
+    max_spi_records: Annotated[int, Field(ge=1, le=100_000_000)] = 1_000_000
 
 
 class BindingsConfig(_Strict):

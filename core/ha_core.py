@@ -108,6 +108,13 @@ per SA is shared by BUs and data, but the two are guarded differently:
   captured BUs were answered (found in review).  A HAC never issues an
   SPI again before the end of the SA it retired.  An SPI withdrawn before
   the HA knew it is refused for ``WITHDRAWN_UNKNOWN_TTL``.
+* Records are capped (``max_spi_records``: live SAs plus withdrawal
+  records): ``install_sa`` of an SPI without a record refuses past it
+  (``SpiRecordsFull``); a withdrawal is never refused (its record is what
+  keeps the SA dead).  Until the twenty-ninth session only withdrawals of
+  SPIs never held were capped (``MAX_UNKNOWN_WITHDRAWN``), and an admitted
+  HAC's install + withdraw pairs each left a record until the SA's end, up
+  to a year away (found in review).
 """
 
 from __future__ import annotations
@@ -175,6 +182,7 @@ __all__ = [
     "DELETED",
     "EXPIRED",
     "MAX_DELETE_BCE_TIMEOUT",
+    "MAX_SPI_RECORDS",
     "OUT_SEQ_RESERVE",
     "REFRESHED",
     "REGISTRATION_TYPE_CHANGE_DISALLOWED",
@@ -186,6 +194,7 @@ __all__ = [
     "HaCore",
     "NeedSA",
     "Reply",
+    "SpiRecordsFull",
     "SpiWithdrawn",
     "key_digest",
     "same_sa",
@@ -219,6 +228,9 @@ DATA_RESERVE_PERIOD = 1.0
 WITHDRAWN_UNKNOWN_TTL = 86400.0
 # Withdrawal records of SPIs this HA never held kept per process, at most.
 MAX_UNKNOWN_WITHDRAWN = 65536
+# SPI records (live SAs and withdrawal records) at most, by default: the
+# default of [ha] max_spi_records (core/config.py).
+MAX_SPI_RECORDS = 1_000_000
 
 _HOME_ADDRESS_OPTION = 201  # RFC 6275 §6.3, in a Destination Options header
 _NONCE_INDICES_OPTION = 5  # RFC 6275 §6.2.6: must not appear with H set (§9.5.1)
@@ -303,6 +315,10 @@ def _routable_coa(address: IPv6Address, haa: IPv6Address | None) -> bool:
 
 class SpiWithdrawn(LocalProtocolError):
     """``install_sa`` of an SA whose SPI the HAC withdrew: it is dead for good."""
+
+
+class SpiRecordsFull(LocalProtocolError):
+    """``install_sa`` of a new SPI while ``max_spi_records`` are held."""
 
 
 def key_digest(issued: IssuedSA) -> bytes:
@@ -501,6 +517,7 @@ class HaCore:
         reinit_margin: float = REINIT_MARGIN,
         bindings: BindingCache | None = None,
         pull: bool = False,
+        max_spi_records: int | None = MAX_SPI_RECORDS,
     ) -> None:
         if max_binding_lifetime <= 0:
             raise LocalProtocolError("max_binding_lifetime: must be > 0 seconds")
@@ -512,6 +529,9 @@ class HaCore:
         self.reinit_margin = float(reinit_margin)
         self.bindings = bindings if bindings is not None else BindingCache()
         self.pull = pull
+        # SPI records (live SAs and withdrawal records) at most: ``install_sa``
+        # of an SPI without one refuses past it (``SpiRecordsFull``); None: no cap.
+        self.max_spi_records = max_spi_records
         # Set by the service while it loads its SAs after opening its sockets:
         # called with an SPI this core does not hold before that SPI is
         # judged unknown (it loads the SA now if the store has it).
@@ -534,7 +554,12 @@ class HaCore:
     # ------------------------------------------------------------ SAs
 
     def install_sa(
-        self, issued: IssuedSA, *, initial_out_seq: int | None = None, now: float | None = None
+        self,
+        issued: IssuedSA,
+        *,
+        initial_out_seq: int | None = None,
+        now: float | None = None,
+        capped: bool = True,
     ) -> bool:
         """Prepare the SA's crypto once and start accepting its SPI.
 
@@ -544,7 +569,9 @@ class HaCore:
         which SA an SPI means.  Raises ``SpiWithdrawn`` for any SA under an
         SPI withdrawn earlier (``remove_sa``) whose record is in force.  The
         SPI's persisted record, when it is this SA's, restores the counters
-        and replay floors (a restart).
+        and replay floors (a restart).  Raises ``SpiRecordsFull`` for an SPI
+        without a record while ``max_spi_records`` are held (``capped``
+        False: an SA this HA held already, read from its store at start).
         ``initial_out_seq`` overrides the HA->MN counter (tests).
         """
         spi = issued.sa.spi
@@ -553,9 +580,14 @@ class HaCore:
         if self.is_withdrawn(issued, now=t, digest=digest):
             raise SpiWithdrawn(f"spi: {spi} was withdrawn; its SA is not accepted again")
         old = self._sas.get(spi)
+        if old is not None and same_sa(old.issued, issued):
+            return False
+        if capped and not self.room_for(spi):
+            raise SpiRecordsFull(
+                f"spi: {spi} refused: {self.bindings.spi_record_count()} SPI records held "
+                f"(live SAs and withdrawal records), max_spi_records {self.max_spi_records}"
+            )
         if old is not None:
-            if same_sa(old.issued, issued):
-                return False
             self._uncount(self._sas.pop(spi))
             self._big_reserves.discard(spi)
         if initial_out_seq is not None and not 0 <= initial_out_seq <= SEQ_MAX + 1:
@@ -598,6 +630,16 @@ class HaCore:
             self._sa_heap = [(e.validity_end, e.spi) for e in self._sas.values()]
             heapq.heapify(self._sa_heap)
         return True
+
+    def room_for(self, spi: int, more: int = 0) -> bool:
+        """May an SA under ``spi`` be installed with ``more`` new records
+        already promised (a burst)?  An SPI with a record takes no more room."""
+        cap = self.max_spi_records
+        return (
+            cap is None
+            or self.bindings.has_spi_record(spi)
+            or self.bindings.spi_record_count() + more < cap
+        )
 
     def is_withdrawn(
         self, issued: IssuedSA, *, now: float | None = None, digest: bytes | None = None

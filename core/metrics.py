@@ -258,6 +258,14 @@ _DATA_DROP_COUNTS = {
 _DATA_NOT_EVENTS = frozenset(("drops", *_DATA_DIRECTIONS, *_DATA_DROP_COUNTS))
 
 
+# HA gauges added in the twenty-ninth session: what [ha] max_spi_records
+# caps, the cap, and the unknown SPIs the pull gate remembers.
+_HA_GAUGES = (
+    ("mipsec_ha_spi_records", "SPI records held: live SAs and withdrawal records", "spi_records"),
+    ("mipsec_ha_withdrawn_spis", "Withdrawal records held", "withdrawn_spis"),
+    ("mipsec_ha_spi_records_max", "[ha] max_spi_records", "max_spi_records"),
+    ("mipsec_ha_pull_sightings", "Unknown SPIs remembered for a second sighting", "pull_sightings"),
+)
 _PULL_OUTCOMES = {
     "started": "pulls",
     "found": "pulls_found",
@@ -282,15 +290,18 @@ def _ha_families(svc: Any) -> Iterator[Metric]:
         {str(k): v for k, v in st.get("ba", {}).items()},
     )  # fmt: skip
     yield _gauge("mipsec_ha_sas", "SAs installed", st.get("sas", 0))
+    for name, doc, key in _HA_GAUGES:
+        if isinstance(st.get(key), int):
+            yield _gauge(name, doc, st[key])
+    yield CounterMetricFamily(
+        "mipsec_ha_installs_refused_full", "Installs refused at [ha] max_spi_records",
+        value=st.get("installs_refused_full", 0),
+    )  # fmt: skip
     # Pulls of unknown SPIs ([pull], core/pullgate.py): until the twenty-
     # ninth session only `mipsec status` showed them.
     yield _counter(
         "mipsec_ha_pulls", "Pulls of unknown SPIs from the HAC, and SPIs not pulled", "outcome",
         {out: st[key] for out, key in _PULL_OUTCOMES.items() if isinstance(st.get(key), int)},
-    )  # fmt: skip
-    yield _gauge(
-        "mipsec_ha_pull_sightings", "Unknown SPIs remembered for their second sighting",
-        st.get("pull_sightings", 0),
     )  # fmt: skip
     yield _gauge("mipsec_ha_bindings", "Bindings in the cache", st.get("bindings", 0))
     data = st.get("data")

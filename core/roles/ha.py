@@ -338,6 +338,7 @@ class HaService:
             max_binding_lifetime=svc.max_binding_lifetime,
             bindings=self.bindings,
             pull=puller is not None,
+            max_spi_records=svc.max_spi_records,
         )
         self.expiry_interval = expiry_interval
         self.addresses: list[tuple[str, int]] = []
@@ -358,6 +359,7 @@ class HaService:
             "withheld": 0,
             "hook_errors": 0,
             "address_taken": 0,  # two MNs' SAs for one address (ha_core._one_mn_per_address)
+            "installs_refused_full": 0,  # at [ha] max_spi_records (twenty-ninth session)
         }
         self.on_data: Callable[[DataIn], None] | None = None  # the data plane plugs in here
         self.sockets: list[socket.socket] = []  # the UDP sockets (the data plane sends from them)
@@ -387,6 +389,10 @@ class HaService:
         self._expiry_outage = Outage(log, "expiry run")
         self._clock_watch = ClockWatch()
         self._unknown_withdrawals = LineBurst(log, "withdrawals of SPIs unknown here")
+        # A HAC filling the cap sends installs in bursts: one line per 10 s.
+        self._full_refusals = LineBurst(
+            log, "installs refused at [ha] max_spi_records", limit=1, window=10.0
+        )
         # Pulls are rate-limited (PULL_RATE) but a HAC that is down would
         # still have cost a WARNING line per pull, 20 a second.
         self._pull_outage = Outage(log, "pull from the HAC", "packets of unknown SPIs dropped")
@@ -553,7 +559,8 @@ class HaService:
         if issued.sa.ha_id not in ("", self.cfg.ha.id):
             return
         try:
-            if self.core.install_sa(issued, now=now):
+            # Held here already: loaded whatever [ha] max_spi_records says.
+            if self.core.install_sa(issued, now=now, capped=False):
                 self._installed += 1
         except SpiWithdrawn:
             # Withdrawn, then the HA stopped before the store forgot it.
@@ -713,6 +720,7 @@ class HaService:
             await self._provisioning.stop()
             self._provisioning = None
         self._unknown_withdrawals.close()  # the count of a burst still open
+        self._full_refusals.close()
         for t in self._transports:
             t.close()
         self._transports.clear()
@@ -930,6 +938,11 @@ class HaService:
                 self.counts["pulls_found"] += 1
         except asyncio.CancelledError:
             raise
+        except ProvisioningRefused:
+            # This HA's own refusal (its line said why, e.g. max_spi_records):
+            # the HAC answered, nothing failed.
+            issued = None
+            self._pull_outage.worked()
         except Exception as exc:
             if not self._pull_outage.failed(f"spi={spi}: {cause(exc)}", logging.WARNING):
                 log.debug("pull of spi=%d failed: %s", spi, cause(exc))
@@ -1088,6 +1101,31 @@ class HaService:
             log.warning("spi=%d mn_id=%s refused: withdrawn earlier", sa.spi, sa.mn_id)
             raise ProvisioningRefused(f"spi: {sa.spi} was withdrawn; it is not accepted again")
 
+    def _room(self, issued: IssuedSA, withdraw: Sequence[int], promised: int) -> int:
+        """Refuse ``issued`` if its SPI would be a record beyond ``[ha]
+        max_spi_records`` (``promised``: new records of the burst so far);
+        else how many new records it may add -- its own and, counted to be
+        safe, those of its ``prov-withdraw`` SPIs held nowhere here (a
+        withdrawal is never refused, so its record must not later make the
+        core refuse an install this check let through)."""
+        core, has = self.core, self.bindings.has_spi_record
+        spi = issued.sa.spi
+        if not core.room_for(spi, promised):
+            self.counts["installs_refused_full"] += 1
+            cap = core.max_spi_records
+            self._full_refusals.line(
+                logging.WARNING,
+                "spi=%d mn_id=%s refused: this HA holds %d SPI records (live SAs and "
+                "withdrawal records), [ha] max_spi_records = %s; raise it, or find the "
+                "HAC that fills it",
+                spi,
+                issued.sa.mn_id,
+                self.bindings.spi_record_count(),
+                cap,
+            )
+            raise ProvisioningRefused(f"spi: {spi} refused: [ha] max_spi_records ({cap}) reached")
+        return int(not has(spi)) + sum(1 for w in withdraw if w != spi and not has(w))
+
     def _store_all(self, group: list[IssuedSA], now: datetime) -> None:
         """Store the SAs of ``group``: one transaction where the store can."""
         # One SA: ``add``'s single autocommitted INSERT is cheaper than a transaction.
@@ -1114,9 +1152,11 @@ class HaService:
         results: list[Exception | None] = [None] * len(items)
         now = utcnow()
         accepted: list[int] = []
-        for i, (issued, ha_id, _withdraw) in enumerate(items):
+        promised = 0  # new SPI records of the burst's accepted items
+        for i, (issued, ha_id, withdraw) in enumerate(items):
             try:
                 self._refusal(issued, ha_id, now)
+                promised += self._room(issued, withdraw, promised)
             except ProvisioningRefused as exc:
                 results[i] = exc
             else:
@@ -1404,6 +1444,7 @@ class HaService:
         out.update(self.counts)
         out["pulls_in_flight"] = len(self._pending)
         out["pull_sightings"] = len(self._pull_gate)
+        out["max_spi_records"] = self.core.max_spi_records
         if self.dataplane is not None:
             out["data"] = self.dataplane.stats()
         return out

@@ -31,7 +31,7 @@ log = logging.getLogger("mipsec.ha")
 
 LIVE_KEYS = frozenset({"log_level", "log_format", "log_levels", "ha"})
 # Under [ha], only these apply live; every other [ha] key needs a restart.
-LIVE_HA_KEYS = frozenset({"max_binding_lifetime"})
+LIVE_HA_KEYS = frozenset({"max_binding_lifetime", "max_spi_records"})
 # Under [provisioning], who may connect (ACCESS_LEAVES): adding a HAC, or
 # cutting one off, needs no restart of the HA (and its data plane); nor does
 # the listener's timeout and its cap on connections.  Inside an existing
@@ -160,6 +160,7 @@ class HaOps:
         cap = prov is not None and CAP_LEAF in changed
         svc.cfg = new
         svc.core.max_binding_lifetime = float(new.ha.max_binding_lifetime)
+        svc.core.max_spi_records = new.ha.max_spi_records
         if access:
             assert new.provisioning is not None
             prov.apply_access(new.provisioning)

@@ -425,6 +425,46 @@ def test_pull_unknown_spi(tmp_path: Path) -> None:
     run(main())
 
 
+def test_a_pull_at_max_spi_records_is_refused_without_an_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At ``[ha] max_spi_records`` a pulled SA is refused like an installed
+    one (twenty-ninth session): counted, its SPI negative-cached, one line
+    for the cap -- and no "pull from the HAC failed" (the HAC answered)."""
+    held = make_issued(spi=0x4001)
+    pulled = make_issued(spi=0x4002)
+    asked: list[int] = []
+
+    async def main() -> None:
+        svc = HaService(
+            ha_config(tmp_path, ha={**HA_TABLE, "max_spi_records": 1}),
+            puller=hac_knowing(pulled, asked, 0.0),
+        )
+        addrs = await svc.start()
+        try:
+            svc.install_sa_now(held)
+            with pytest.raises(ProvisioningRefused, match="max_spi_records"):
+                svc.install_sa_now(make_issued(spi=0x4003))
+            mn = MN(pulled)
+            for seq in (1, 2):
+                await mn.send(mn.bu(seq), addrs[0])
+                assert await mn.nothing(0.3)
+            mn.close()
+            assert asked == [pulled.sa.spi]  # the second BU met the negative cache
+            st = svc.stats()
+            assert not svc.core.has_spi(pulled.sa.spi)
+            got = {k: st[k] for k in ("installs_refused_full", "pulls_refused", "spi_records")}
+            assert got == {"installs_refused_full": 2, "pulls_refused": 1, "spi_records": 1}
+        finally:
+            await svc.stop()
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    lines = [r for r in caplog.records if "max_spi_records = 1" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "pull from the HAC failed" not in caplog.text
+
+
 def test_pulls_from_a_hac_that_is_down_cost_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

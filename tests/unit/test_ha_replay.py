@@ -28,6 +28,7 @@ from mipsec.core.ha_core import (
     HaCore,
     NeedSA,
     Reply,
+    SpiRecordsFull,
     SpiWithdrawn,
     key_digest,
 )
@@ -583,3 +584,55 @@ def test_withdrawals_of_spis_never_held_are_capped_oldest_forgotten(
     again = restart(path)  # on disk too
     assert again.bindings.dead(0x9001) is None and again.bindings.dead(0x9005) is not None
     assert again.bindings.dead(SPI) is not None
+
+
+def test_spi_records_are_capped_an_install_refused_a_withdrawal_never(tmp_path: Path) -> None:
+    """An admitted HAC's install + withdraw pairs each left a withdrawal
+    record until the SA's validity end, without bound (found in review,
+    twenty-ninth session: 70,104 pairs, 70,104 records kept across a
+    restart).  ``max_spi_records`` caps live SAs plus withdrawal records:
+    an install that would add one beyond is refused, changing nothing; a
+    withdrawal never is; the records (and so the refusal) survive a
+    restart; a record that ends makes room."""
+    path = tmp_path / "b.sqlite"
+    ha = core(bindings=BindingCache(path, write_behind=True), max_spi_records=4)
+    pairs = [issue(spi=0x100 + i, lifetime=600) for i in range(3)]
+    for iss in pairs:  # made-up SAs, installed and withdrawn at once
+        ha.install_sa(iss, now=NOW)
+        ha.remove_sa(iss.sa.spi, now=NOW)
+    live = issue(spi=0x200, lifetime=3600)
+    ha.install_sa(live, now=NOW)  # the fourth record
+    ha.bindings.flush()
+    extra = issue(spi=0x300, lifetime=600)
+    with pytest.raises(SpiRecordsFull, match="max_spi_records 4"):
+        ha.install_sa(extra, now=NOW)
+    assert not ha.has_spi(extra.sa.spi) and not ha.bindings.has_spi_record(extra.sa.spi)
+    assert ha.install_sa(live, now=NOW) is False  # the same SA again: no new record
+    # Withdrawals are never refused: a live SA's (no new record), and one of
+    # an SPI never held here (a record beyond the cap).
+    ha.remove_sa(live.sa.spi, now=NOW)
+    ha.remove_sa(0x400, now=NOW)
+    assert ha.bindings.dead(live.sa.spi) is not None and ha.bindings.dead(0x400) is not None
+    ha.bindings.flush()
+    ha.bindings.close()
+    again = restart(path)  # the records, and so the cap, survive a restart
+    again.max_spi_records = 4
+    assert again.bindings.spi_record_count() == 5
+    with pytest.raises(SpiRecordsFull):
+        again.install_sa(extra, now=NOW)
+    # The made-up SAs' records end with them (600 s): room again.
+    again.expire(NOW + 601)
+    assert again.bindings.spi_record_count() == 2
+    assert again.install_sa(extra, now=NOW + 601)
+    again.bindings.close()
+
+
+def test_an_sa_held_already_loads_whatever_the_cap() -> None:
+    """The SAs a restarted HA reads from its store were live here: loaded
+    (``capped=False``) even past a cap lowered meanwhile."""
+    ha = core(max_spi_records=1)
+    ha.install_sa(issue(spi=0x501), now=NOW)
+    held = issue(spi=0x502)
+    with pytest.raises(SpiRecordsFull):
+        ha.install_sa(held, now=NOW)
+    assert ha.install_sa(held, now=NOW, capped=False)

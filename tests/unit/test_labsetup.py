@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mipsec.core import labsetup
-from mipsec.core.config import load_config
+from mipsec.core.config import HACConfig, HAConfig, load_config
 from mipsec.core.errors import ConfigError
 from mipsec.core.labsetup import LabExistsError, init_lab, lab_files
 
@@ -328,3 +328,19 @@ def test_an_init_holds_its_staging_lock_while_it_runs(
     monkeypatch.setattr(labsetup.os, "link", link)
     init_lab(tmp_path / "lab")
     assert seen == [True]
+
+
+def test_a_labs_sas_fit_the_has_max_sa_lifetime(tmp_path: Path) -> None:
+    """``[ha] max_sa_lifetime``'s default went from 365 to 7 days in the
+    twenty-ninth session (a HAC's made-up install + withdraw pairs left
+    withdrawal records for a year, found in review): the SAs a lab's HAC
+    issues still fit, and an SA ending 300 days ahead (the review's) does not."""
+    lab = tmp_path / "lab"
+    init_lab(lab)
+    hac = load_config(lab / "hac.toml", "hac")
+    ha = load_config(lab / "ha.toml", "ha")
+    assert isinstance(hac, HACConfig) and isinstance(ha, HAConfig)
+    assert hac.policy.sa_lifetime <= ha.ha.max_sa_lifetime
+    assert HACConfig.model_fields["policy"].default.sa_lifetime <= ha.ha.max_sa_lifetime
+    assert ha.ha.max_sa_lifetime < 300 * 86400
+    assert ha.ha.max_spi_records == 1_000_000
