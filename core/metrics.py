@@ -265,6 +265,7 @@ _HA_GAUGES = (
     ("mipsec_ha_withdrawn_spis", "Withdrawal records held", "withdrawn_spis"),
     ("mipsec_ha_spi_records_max", "[ha] max_spi_records", "max_spi_records"),
     ("mipsec_ha_pull_sightings", "Unknown SPIs remembered for a second sighting", "pull_sightings"),
+    ("mipsec_ha_pull_sources", "Sources with a pull bucket (LRU evicted)", "pull_sources"),
 )
 _PULL_OUTCOMES = {
     "started": "pulls",

@@ -1444,6 +1444,7 @@ class HaService:
         out.update(self.counts)
         out["pulls_in_flight"] = len(self._pending)
         out["pull_sightings"] = len(self._pull_gate)
+        out["pull_sources"] = len(self._pull_gate.sources)  # at most pullgate.MAX_SOURCES
         out["max_spi_records"] = self.core.max_spi_records
         if self.dataplane is not None:
             out["data"] = self.dataplane.stats()

@@ -205,3 +205,4 @@ def test_ha_pulls_are_exported() -> None:
     got = {k: value(text, "mipsec_ha_pulls_total", outcome=k) for k in want}
     assert got == want
     assert value(text, "mipsec_ha_pull_sightings") == 0.0
+    assert value(text, "mipsec_ha_pull_sources") == 0.0
