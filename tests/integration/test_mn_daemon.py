@@ -439,9 +439,13 @@ def test_a_flood_of_sigusr1_cuts_one_wait_and_logs_a_few_lines(lab: Lab) -> None
     text = "".join(lines)
     assert text.count("SIGUSR1: the wait is cut, bootstrapping now") == 1, text
     assert "failure 3 in a row" not in text, text
-    assert "one per [hac] retry_min, 30 s" in text, text
     usr1 = [ln for ln in lines if "SIGUSR1" in ln]
     counted = [int(m.group(1)) for m in re.finditer(r"(\d+) more SIGUSR1 lines in 10 s", text)]
+    # The second burst's lines name the rule -- unless the first burst spent
+    # the window's 4 lines (signals delivered one by one while the MN
+    # bootstrapped, "not waiting"; a loaded CI machine did): then they are
+    # at DEBUG and counted.  No third bootstrap (above) is what shows the rule.
+    assert "one per [hac] retry_min, 30 s" in text or counted, text
     # At most 4 lines per 10 s, the rest counted in one line.  How many of
     # the 600 arrive is the kernel's affair (a signal sent while the same
     # one is pending merges with it), so only the bounds are asserted.
