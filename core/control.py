@@ -277,8 +277,11 @@ def socket_path(cfg: BaseModel, role: str, config_file: str) -> Path:
 class ControlServer:
     """Serves a ``Dispatcher`` on a Unix socket from the role's event loop."""
 
-    def __init__(self, path: Path, dispatcher: Dispatcher, *, timeout: float, key: str) -> None:
+    def __init__(
+        self, path: Path, dispatcher: Dispatcher, *, timeout: float, key: str, quiet: bool = False
+    ) -> None:
         self.path = path
+        self.quiet = quiet  # its start said at DEBUG (the MN's first INFO line is its state)
         self.dispatcher = dispatcher
         self.timeout = timeout
         self.key = key  # "control.path": errors name it
@@ -312,7 +315,7 @@ class ControlServer:
         st = os.stat(path)
         self._ino = (st.st_dev, st.st_ino)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
-        log.info("control socket %s", path)
+        log.log(logging.DEBUG if self.quiet else logging.INFO, "control socket %s", path)
 
     def _take_stale(self, path: Path) -> None:
         try:
@@ -406,7 +409,8 @@ async def start_control(
     ``default_optional`` (the MN): a default path that cannot be listened on
     -- a configuration directory the service may not write (systemd's
     ProtectSystem), another MN on the same file -- is a WARNING and no
-    socket, not a failed start; a configured path must work."""
+    socket, not a failed start; a configured path must work.  Its start is
+    then said at DEBUG: an MN's first INFO line says what it does."""
     control = getattr(cfg, "control", None)
     if control is None or not control.enabled:
         return None
@@ -419,7 +423,9 @@ async def start_control(
         # runs; the operator sets [control] path to get the socket back.
         log.warning("no control socket: %s; set [control] path", exc.reason)
         return None
-    server = ControlServer(path, dispatcher, timeout=control.timeout, key="control.path")
+    server = ControlServer(
+        path, dispatcher, timeout=control.timeout, key="control.path", quiet=default_optional
+    )
     try:
         await server.start()
     except OSError as exc:
