@@ -143,15 +143,17 @@ class PullGate:
             self._cur = set()
             self._cur_since = now
         elif age >= self.window or len(self._cur) >= self.generation:
-            self._prev = self._cur
-            self._cur = set()
-            self._cur_since = now
+            self._rotate(now)
+
+    def _rotate(self, now: float) -> None:
+        """The current generation becomes the previous one (the older goes)."""
+        self._prev = self._cur
+        self._cur = set()
+        self._cur_since = now
 
     def _sight(self, spi: int) -> None:
         if spi in self._cur:
             return
         if len(self._cur) >= self.generation:
-            self._prev = self._cur
-            self._cur = set()
-            self._cur_since = self._clock()
+            self._rotate(self._clock())
         self._cur.add(spi)
