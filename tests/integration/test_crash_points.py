@@ -10,7 +10,10 @@ durable facts of a re-bootstrap (an MN's second SA supersedes its first):
 * the HAC, after it stored the new SA but before the install left for the
   HA (``TlsTransport.provision``; until the twenty-ninth session the same
   transaction retired the old SA, which now goes only after the new one's
-  200 has left).
+  200 has left);
+* the HAC, after the new SA's 200 left, just before and just after the
+  transaction that marks it delivered and retires the old SA
+  (``HacService._supersede``).
 
 After each crash the role is started again on the same files.  What must
 hold: the MN was never told of an SA it cannot use (no 200, so it bootstraps
@@ -288,6 +291,74 @@ def test_hac_killed_between_its_store_commit_and_the_install(
         registers_alone(lab, lab)
     finally:
         first.close()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        ("mipsec.core.roles.hac:HacService._supersede", 2),
+        ("mipsec.plugins.transport_tls:TlsTransport.withdraw", 1),
+    ],
+    ids=["before-the-retirement", "after-it"],
+)
+def test_hac_killed_between_the_200_and_the_retirement_of_the_older_sa(
+    lab: Lab, hac: HacProcess, ha_proc: HaProcess, target: tuple[str, int]
+) -> None:
+    """The re-bootstrap's 200 has left; the HAC dies (SIGKILL) at the one
+    write that follows it -- the new SA's delivery mark together with the
+    retirement of the MN's first SA (``HacService._supersede``):
+
+    * before that transaction (at ``_supersede``): neither fact is on disk.  After the
+      restart the new SA is what it looks like, stored and never marked
+      delivered, and the sweep takes it back; the first SA is untouched and
+      still registers.  The MN loses the new SA (its BU goes unanswered, so
+      it bootstraps again), never both.
+    * after its commit, as the withdrawal is about to leave (at
+      ``TlsTransport.withdraw``, the first one of the test): the
+      restarted HAC finishes the withdrawal it owes, so the HA drops the
+      first SA for good; the new SA, delivered, stays and registers.
+
+    Either way nothing is live that the MN was not told of, and exactly one
+    of its two SAs survives."""
+    ha_proc.start()
+    hac.start(crash_at(*target))
+    before = target[0].endswith("_supersede")
+    first = Mn(lab)
+    second: Mn | None = None
+    try:
+        captured = first.bu(10)
+        assert first.register(captured)["status"] == 0
+        # The first SA's delivery mark is written by the next batch, in its
+        # own transaction: a kill before it would take the first SA back too.
+        wait_for("the first SA marked delivered", lambda: delivered(lab, first.spi))
+        second = Mn(lab)  # its 200 arrived; the HAC dies right after
+        hac.wait_killed()
+        assert held_by_ha(lab) == sorted([first.spi, second.spi])
+        if before:
+            assert live_on_hac(lab) == sorted([first.spi, second.spi])
+            assert not delivered(lab, second.spi) and unconfirmed(lab) == []
+            gone, kept = second, first
+        else:  # the first SA retired, its withdrawal owed
+            assert live_on_hac(lab) == [second.spi] and delivered(lab, second.spi)
+            assert unconfirmed(lab) == [first.spi]
+            gone, kept = first, second
+        hac.start()
+        wait_for(
+            "one SA left, every withdrawal confirmed",
+            lambda: live_on_hac(lab) == [kept.spi] and unconfirmed(lab) == [],
+        )
+        assert held_by_ha(lab) == [kept.spi]
+        assert silent(gone.bu(20), gone.ha)  # dead on the HA for good
+        assert kept.register(kept.bu(21))["status"] == 0
+        log = hac.log_text()
+        if before:
+            assert "1 SA(s) stored but never answered with" in log
+        assert "Traceback" not in log
+        registers_alone(lab, lab, 30)
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
 
 
 def test_hac_killed_inside_its_group_transaction(
