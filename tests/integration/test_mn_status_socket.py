@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 from conftest import Lab, edit_toml, mipsec
 from test_mn_daemon import _daemon, _retry_bounds
+
+from mipsec.core.control import MAX_CLIENTS
 
 
 def _status(lab: Lab, timeout: float = 20.0, until: Any = None) -> dict[str, Any]:
@@ -122,3 +125,49 @@ def test_a_default_socket_that_cannot_be_opened_is_a_warning_not_a_failed_start(
     )
     out = mipsec("--role", "mn", "--config", lab.info["mn"]["config"])
     assert out.returncode == 2 and "control.path" in out.stderr, out.stderr
+
+
+def test_clients_that_hold_the_socket_never_stall_the_mn_and_are_dropped_at_the_timeout(
+    lab: Lab, start_hac: Any
+) -> None:
+    """An attacker (or a stuck script) with access to the socket opens
+    ``MAX_CLIENTS`` connections and sends half a request on each.  The next
+    client reads "busy" at once; the MN meanwhile re-bootstraps on time (at
+    80 % of a 10-s SA) and registers, its loop untouched; each held
+    connection is closed at ``[control] timeout`` (15 s here, past the
+    re-bootstrap), and ``mipsec status`` then answers again."""
+    edit_toml(Path(lab.info["mn"]["config"]), "[hac]", "[control]\ntimeout = 15.0\n\n[hac]")
+    edit_toml(Path(lab.info["hac"]["config"]), "sa_lifetime = 3600", "sa_lifetime = 10")
+    edit_toml(Path(lab.info["mn"]["config"]), "lifetime = 600", "lifetime = 8")
+    edit_toml(Path(lab.info["mn"]["config"]), "[sa]\n", "[sa]\nmin_lifetime = 5\n")
+    start_hac(lab)
+    path = Path(lab.info["mn"]["config"]).with_suffix(".ctl")
+    mn = _daemon(lab)
+    held: list[socket.socket] = []
+    try:
+        assert mn.stdout is not None
+        assert json.loads(mn.stdout.readline())["ba"]["status"] == 0
+        _status(lab, until=lambda s: s["state"] == "registered")
+        for _ in range(MAX_CLIENTS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(b'{"verb": "sta')  # never finished
+            held.append(s)
+        time.sleep(0.2)  # all accepted before the next one
+        busy = mipsec("status", "--config", lab.info["mn"]["config"], "--json")
+        assert busy.returncode != 0 and "busy" in busy.stderr, busy.stderr
+        assert "Traceback" not in busy.stderr
+        again = json.loads(mn.stdout.readline())  # the re-bootstrap, on time
+        assert again["status"] == 200 and again["ba"]["status"] == 0
+        for s in held:  # each one closed by the MN at its timeout, no answer
+            s.settimeout(30)
+            assert s.recv(4096) == b""
+        # Answering again, and every bootstrap meanwhile a success.
+        st = _status(lab, until=lambda s: s["bootstraps"]["ok"] >= 2)
+        assert st["state"] == "registered" and st["bootstraps"]["failed"] == 0
+    finally:
+        for s in held:
+            s.close()
+        err = _stop(mn)
+    assert "Traceback" not in err
