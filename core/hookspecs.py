@@ -80,7 +80,11 @@ class SAStore(Protocol):
       ``delivered_many`` and ``undelivered`` together (an SA stays
       "pending" until its 200 has left, so a crash in between cannot leave
       it live);
-      ``confirm_retired_many``; ``transaction`` (a context manager: every
+      ``confirm_retired_many``; ``retire_record(spi, reason)`` (``retire``
+      answering ``(mn_id, ha_id, validity_end)`` of the SA taken back, or
+      None, with no key unwrapped: an MN's older SA is retired on every
+      re-bootstrap; a row whose keys fail authentication is still answered
+      for, so it is withdrawn from its HA); ``transaction`` (a context manager: every
       write inside is one transaction, one commit, and is visible to the
       store's own reads at once -- the HAC stores the SAs of one event-loop
       turn in it, choosing each one's home address with the earlier ones in

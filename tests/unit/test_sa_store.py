@@ -412,6 +412,33 @@ def test_retire_reserves_the_spi_until_its_old_validity_end(store: SQLiteSAStore
     assert store.add(issued(21, mn_id="b@x", end=end + timedelta(seconds=60)), end)
 
 
+def test_retire_record_is_retire_without_the_keys(store: SQLiteSAStore) -> None:
+    """The HAC's fast path on every re-bootstrap: the same retirement as
+    ``retire`` (row gone, SPI reserved, withdrawal owed, the live view
+    following), answering who held it instead of the unwrapped SA."""
+    end = T0 + timedelta(seconds=60)
+    assert store.add(issued(31, mn_id="a@x", end=end, ha_id="ha2"), T0)
+    assert store.add(issued(32, mn_id="a@x", end=end + timedelta(seconds=1)), T0)
+    assert [s for s, *_ in store.live_spis_for_mn("a@x", T0)] == [31, 32]  # the view, built
+    assert store.retire_record(31, "superseded") == ("a@x", "ha2", end)
+    assert store.retire_record(31, "superseded") is None
+    assert [s for s, *_ in store.live_spis_for_mn("a@x", T0)] == [32]
+    assert store.get(31, T0) is None and not store.add(issued(31, mn_id="b@x"), T0)
+    assert store.retired_unconfirmed(T0) == [(31, "a@x", "ha2", end)]
+
+
+def test_retire_record_answers_for_a_row_whose_keys_fail(tmp_path: Path) -> None:
+    """A row altered on disk: ``retire`` takes it out but answers None (its
+    SA is never handed out); ``retire_record`` names its MN and HA, so the
+    HAC withdraws the SPI from that HA instead of leaving it there."""
+    with SQLiteSAStore(tmp_path / "sa.db") as s:
+        assert s.add(issued(41, mn_id="a@x"), T0) and s.add(issued(42, mn_id="a@x"), T0)
+        s._conn.execute("UPDATE issued_sa SET mn_id = 'b@x'")  # keys bound to the old row
+        assert s.retire(41, "superseded") is None
+        assert s.retire_record(42, "superseded") == ("b@x", "ha1", T0 + timedelta(hours=1))
+        assert [r[0] for r in s.retired_unconfirmed(T0)] == [41, 42]
+
+
 def test_live_for_mn_oldest_first(store: SQLiteSAStore) -> None:
     store.add(issued(31, mn_id="a@x", end=T0 + timedelta(seconds=90)), T0)
     store.add(issued(32, mn_id="a@x", end=T0 + timedelta(seconds=30)), T0)
