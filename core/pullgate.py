@@ -31,6 +31,11 @@ What it does not stop: an attacker who sends each made-up SPI twice from
 spoofed sources spends the reserve as an MN would; the global bucket still
 bounds what the HAC pays.  Every call is O(1), whatever the number of MNs.
 Pure and clock-injected.
+
+The limits -- ``rate``, ``burst``, ``max_in_flight`` and the per-source
+``source_rate``, ``source_burst`` -- are the HA's ``[pull]`` keys (defaults
+below); a reload changes them in place (:meth:`PullGate.configure`), the
+sightings kept.
 """
 
 from __future__ import annotations
@@ -45,9 +50,20 @@ __all__ = ["PullGate", "Verdict"]
 
 SIGHTING_WINDOW = 30.0  # seconds a first sighting waits for the second
 SIGHTINGS_PER_GENERATION = 65_536
-SOURCE_RATE = 5.0  # pulls a second per source (IPv4 address, IPv6 /64) ...
+# The defaults of the HA's [pull] rate, burst, max_in_flight, source_rate and
+# source_burst (core/config.py PullConfig, which also bounds them).  PROFILE
+# §9 pull is for the rare SA the HA missed, not for every random SPI an
+# attacker sends: an HA that lost its store recovers its MNs at ``rate``.
+RATE = 20.0  # pulls a second on average ...
+BURST = 50  # ... with bursts of this many (half kept for repeated sightings)
+MAX_IN_FLIGHT = 16  # pulls at once (half kept for repeated sightings)
+SOURCE_RATE = 5.0  # repeated sightings pulled a second per source (IPv4 address, IPv6 /64) ...
 SOURCE_BURST = 10  # ... with bursts of this many
 MAX_SOURCES = 4096
+# Upper bounds of those keys (PullConfig says why).
+MAX_RATE = 10_000.0
+MAX_BURST = 100_000
+MAX_MAX_IN_FLIGHT = 256
 
 
 class Verdict(Enum):
@@ -86,10 +102,9 @@ class PullGate:
         window: float = SIGHTING_WINDOW,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not rate > 0 or burst < 2 or max_in_flight < 2 or generation < 1 or not window > 0:
-            raise ValueError(
-                "rate > 0, burst >= 2, max_in_flight >= 2, generation >= 1 and window > 0"
-            )
+        if generation < 1 or not window > 0:
+            raise ValueError("generation >= 1 and window > 0")
+        self._check(rate, burst, max_in_flight)
         self.rate = rate
         self.burst = float(burst)
         self.reserve = float(burst // 2)  # tokens first sightings leave to repeated ones
@@ -106,9 +121,48 @@ class PullGate:
         self._prev: set[int] = set()
         self._cur_since = self._at
 
+    @staticmethod
+    def _check(rate: float, burst: int, max_in_flight: int) -> None:
+        if not rate > 0 or burst < 2 or max_in_flight < 2:
+            raise ValueError("rate > 0, burst >= 2 and max_in_flight >= 2")
+
     def __len__(self) -> int:
         """SPIs remembered as sighted (both generations)."""
         return len(self._cur) + len(self._prev)
+
+    def configure(
+        self,
+        rate: float,
+        burst: int,
+        max_in_flight: int,
+        *,
+        source_rate: float,
+        source_burst: int,
+    ) -> None:
+        """New limits from now on (a reload), in place: the sightings stay
+        (an MN deferred before the reload is pulled at its next BU), the
+        tokens earned so far at the old rate are kept up to the new burst,
+        and each source keeps its bucket the same way."""
+        self._check(rate, burst, max_in_flight)
+        self.sources.configure(source_rate, source_burst)  # may raise: nothing changed yet
+        now = self._clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        self.rate = rate
+        self.burst = float(burst)
+        self.reserve = float(burst // 2)
+        self.tokens = min(self.tokens, self.burst)
+        self.max_in_flight = max_in_flight
+
+    def limits(self) -> dict[str, float | int]:
+        """The limits in force (``mipsec status``)."""
+        return {
+            "rate": self.rate,
+            "burst": int(self.burst),
+            "max_in_flight": self.max_in_flight,
+            "source_rate": self.sources.rate,
+            "source_burst": self.sources.burst,
+        }
 
     def admit(self, spi: int, source: int | None, in_flight: int) -> Verdict:
         """May ``spi``, seen now from ``source`` (``ratelimit.bucket_key``;

@@ -90,6 +90,19 @@ class SourceBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def configure(self, rate: float, burst: int) -> None:
+        """A new ``rate`` and ``burst`` for every source from now on, in
+        place: each bucket keeps its tokens (refilled at the old rate up to
+        now, then held to the new burst) and its place in the table."""
+        if not rate > 0 or burst < 1:
+            raise ValueError("rate > 0 and burst >= 1 are required")
+        now = self.clock()
+        for key, (tokens, at) in list(self._buckets.items()):
+            held = min(float(self.burst), tokens + (now - at) * self.rate)
+            self._buckets[key] = (min(float(burst), held), now)  # an update: no move
+        self.rate = rate
+        self.burst = burst
+
     def allow(self, key: int) -> bool:
         now = self.clock()
         buckets = self._buckets

@@ -68,3 +68,29 @@ def test_source_keys() -> None:
     # An IPv4 address and an IPv6 /64 of the same integer value never share a bucket.
     assert source_key(("0.0.0.1", 1)) != source_key(("0:0:0:1::", 1, 0, 0))
     assert source_key(None) is None and source_key(("nonsense", 1)) is None
+
+
+def test_configure_in_place_clamps_tokens_and_keeps_the_table() -> None:
+    """A reload's per-source limits: each bucket keeps its tokens up to the
+    new burst, and its place in the least-recently-used order."""
+    clock = Clock()
+    b = SourceBuckets(1.0, 10, max_sources=2, clock=clock)
+    assert b.allow(1) and b.allow(2)  # 9 tokens each; 1 the least recently used
+    b.configure(2.0, 3)
+    assert (b.rate, b.burst, len(b)) == (2.0, 3, 2)
+    assert [b.allow(2) for _ in range(4)] == [True, True, True, False]  # 9 held to 3
+    assert b.allow(3)  # evicts 1, still the least recently used: 2 stays, empty
+    assert not b.allow(2)
+    clock.t += 0.5  # one token back at the new rate
+    assert b.allow(2) and not b.allow(2)
+    with pytest.raises(ValueError):
+        b.configure(0, 1)
+
+
+def test_configure_credits_the_time_before_it_at_the_old_rate() -> None:
+    clock = Clock()
+    b = SourceBuckets(1.0, 10, clock=clock)
+    assert all(b.allow(1) for _ in range(10)) and not b.allow(1)
+    clock.t += 2.0  # two tokens earned at 1 a second ...
+    b.configure(100.0, 10)  # ... not 200 at the new rate
+    assert [b.allow(1) for _ in range(3)] == [True, True, False]
