@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from mipsec.core import pullgate
 from mipsec.core.confvalues import (
     DnsName,
     HaId,
@@ -584,7 +585,7 @@ class ProvisioningListener(_Strict):
 
 
 class PullConfig(_Strict):
-    """Where an HA pulls an SA for an unknown SPI (PROFILE §9)."""
+    """Where an HA pulls an SA for an unknown SPI (PROFILE §9), and how fast."""
 
     host: Host
     port: Port
@@ -593,6 +594,45 @@ class PullConfig(_Strict):
     cert: Path
     key: Path
     timeout: Seconds = 2.0
+    # The pull limits (core/pullgate.py; all apply at a reload).  An HA that
+    # lost its store recovers its MNs at ``rate`` (100,000 at 20 a second:
+    # 83 minutes).  Each pull costs the HAC a TLS handshake (~0.9 ms of CPU
+    # measured) and a store read: the upper bounds are against a typo, not
+    # advice -- 10,000 a second is ~9 cores of the HAC's, and more than one
+    # HA's event loop can start (it pays a handshake per pull too).
+    rate: Annotated[float, Field(gt=0, le=pullgate.MAX_RATE)] = pullgate.RATE
+    # Half of it (and of max_in_flight) is kept for an SPI's repeated
+    # sighting under a flood: at least 2, or a flood of made-up SPIs would
+    # starve an MN's pull again.
+    burst: Annotated[int, Field(ge=2, le=pullgate.MAX_BURST)] = pullgate.BURST
+    # Each pull in flight is a TCP+TLS connection (a descriptor here, a
+    # connection slot at the HAC's [provisioning] listener, whose
+    # max_connections evicts beyond it) and up to 8 queued datagrams; 256
+    # sustain the highest rate at 25 ms a pull.
+    max_in_flight: Annotated[int, Field(ge=2, le=pullgate.MAX_MAX_IN_FLIGHT)] = (
+        pullgate.MAX_IN_FLIGHT
+    )
+    # Per source (an IPv4 address, an IPv6 /64), for repeated sightings: MNs
+    # behind one NAT share it.
+    source_rate: Annotated[float, Field(gt=0, le=pullgate.MAX_RATE)] = pullgate.SOURCE_RATE
+    source_burst: Annotated[int, Field(ge=1, le=pullgate.MAX_BURST)] = pullgate.SOURCE_BURST
+
+    @model_validator(mode="after")
+    def _source_within_global(self) -> PullConfig:
+        # One source's share beyond everyone's would never be reached: a
+        # mistake (often a lowered rate or burst whose source_* kept its default).
+        for key, mine, of in (
+            ("source_rate", self.source_rate, "rate"),
+            ("source_burst", self.source_burst, "burst"),
+        ):
+            limit = getattr(self, of)
+            if mine > limit:
+                default = "" if key in self.model_fields_set else ", its default"
+                raise ValueError(
+                    f"source_{of} ({mine:g}{default}) is above {of} ({limit:g}): one "
+                    f"source's share cannot exceed every source's; set source_{of} <= {of}"
+                )
+        return self
 
 
 class HAConfig(_Strict):

@@ -52,7 +52,7 @@ from typing import Any, cast
 
 import pluggy
 
-from mipsec.core import certexpiry, pluginmanager
+from mipsec.core import certexpiry, pluginmanager, pullgate
 from mipsec.core.bindings import BindingCache
 from mipsec.core.certexpiry import certificates, prefixed
 from mipsec.core.clockstep import ClockWatch, step_line
@@ -109,11 +109,8 @@ LOAD_ON_DEMAND_BURST = 1000
 RCVBUF = 4 << 20  # socket receive buffer: absorbs bursts of BUs
 RECV_SIZE = 65535  # largest UDP payload
 DRAIN_BUDGET = 256  # datagrams read per wake-up beyond the one asyncio delivered
-# Pull limits (PROFILE §9 pull is for the rare SA the HA missed, not for every
-# random SPI an attacker sends).
-PULL_RATE = 20.0  # pulls per second on average ...
-PULL_BURST = 50  # ... with bursts of this many (half kept for repeated sightings: pullgate.py)
-MAX_PULLS_IN_FLIGHT = 16
+# The pull limits are [pull] rate, burst, max_in_flight, source_rate and
+# source_burst (defaults in core/pullgate.py).
 MAX_QUEUED_PER_SPI = 8  # datagrams kept while their SPI is being pulled
 EXPIRED_LINES_MAX = 16  # bindings expiring at once logged one line each; more: one line in all
 NEGATIVE_TTL = 10.0  # seconds an SPI the HAC did not know stays "unknown"
@@ -376,7 +373,19 @@ class HaService:
         self._provisioning: Any = None
         self._pending: dict[int, list[tuple[bytes, tuple[Any, ...], Any]]] = {}
         self._negative: dict[int, float] = {}
-        self._pull_gate = PullGate(PULL_RATE, PULL_BURST, MAX_PULLS_IN_FLIGHT)
+        # [pull]'s limits; without it (a puller given by a test) the defaults.
+        pull = cfg.pull
+        self._pull_gate = (
+            PullGate(
+                pull.rate,
+                pull.burst,
+                pull.max_in_flight,
+                source_rate=pull.source_rate,
+                source_burst=pull.source_burst,
+            )
+            if pull is not None
+            else PullGate(pullgate.RATE, pullgate.BURST, pullgate.MAX_IN_FLIGHT)
+        )
         self._load_bucket = _TokenBucket(LOAD_ON_DEMAND_RATE, LOAD_ON_DEMAND_BURST)
         self._local_registered = False
         self._started = False
@@ -393,8 +402,8 @@ class HaService:
         self._full_refusals = LineBurst(
             log, "installs refused at [ha] max_spi_records", limit=1, window=10.0
         )
-        # Pulls are rate-limited (PULL_RATE) but a HAC that is down would
-        # still have cost a WARNING line per pull, 20 a second.
+        # Pulls are rate-limited ([pull] rate) but a HAC that is down would
+        # still have cost a WARNING line per pull, 20 a second by default.
         self._pull_outage = Outage(log, "pull from the HAC", "packets of unknown SPIs dropped")
         self._to_discard: list[int] = []  # withdrawn, out of the store soon (_withdrawn)
         # A delete that failed (full disk) is retried by the expiry run until
@@ -1445,6 +1454,7 @@ class HaService:
         out["pulls_in_flight"] = len(self._pending)
         out["pull_sightings"] = len(self._pull_gate)
         out["pull_sources"] = len(self._pull_gate.sources)  # at most pullgate.MAX_SOURCES
+        out["pull_limits"] = self._pull_gate.limits()  # [pull]'s, as a reload left them
         out["max_spi_records"] = self.core.max_spi_records
         if self.dataplane is not None:
             out["data"] = self.dataplane.stats()

@@ -470,7 +470,7 @@ def test_pulls_from_a_hac_that_is_down_cost_one_line(
 ) -> None:
     """The HAC cannot be reached for pulls: each unknown SPI's pull fails
     (its packets dropped, the SPI in the negative cache), with one WARNING
-    for the outage, not one per pull (up to PULL_RATE a second); the HAC
+    for the outage, not one per pull (up to [pull] rate a second); the HAC
     back, one line says so."""
     down = True
     asked: list[int] = []
