@@ -56,7 +56,7 @@ from mipsec.core import certexpiry, pluginmanager, pullgate
 from mipsec.core.bindings import BindingCache
 from mipsec.core.certexpiry import certificates, prefixed
 from mipsec.core.clockstep import ClockWatch, step_line
-from mipsec.core.config import HAConfig
+from mipsec.core.config import HAConfig, PullConfig
 from mipsec.core.errors import ConfigError, ListenError, StoreBusyError
 from mipsec.core.ha_core import (
     REFRESHED,
@@ -970,6 +970,17 @@ class HaService:
             if not transport.is_closing():
                 self.handle(data, addr, transport, allow_pull=False)
         self.burst_done()
+
+    def apply_pull_limits(self, cfg: PullConfig) -> None:
+        """A reload's ``[pull]`` limits, in force from the next unknown SPI on
+        (``PullGate.configure``: sightings and earned tokens kept)."""
+        self._pull_gate.configure(
+            cfg.rate,
+            cfg.burst,
+            cfg.max_in_flight,
+            source_rate=cfg.source_rate,
+            source_burst=cfg.source_burst,
+        )
 
     async def _pull_from_hac(self, spi: int) -> IssuedSA | None:
         from mipsec.core.roles.provserver import pull_sa

@@ -36,9 +36,13 @@ LIVE_HA_KEYS = frozenset({"max_binding_lifetime", "max_spi_records"})
 # cutting one off, needs no restart of the HA (and its data plane); nor does
 # the listener's timeout and its cap on connections.  Inside an existing
 # [pull] table every option: each pull reads them (and its files) as they
-# are then; adding or removing [pull] needs a restart (it decides whether
-# SAs can come back from the HAC, and so what the binding cache must keep).
+# are then, and the pull gate takes the new limits in place (PULL_LIMITS);
+# adding or removing [pull] needs a restart (it decides whether SAs can come
+# back from the HAC, and so what the binding cache must keep).
 PULL_LEAVES = frozenset(f"pull.{k}" for k in PullConfig.model_fields)
+PULL_LIMITS = frozenset(
+    f"pull.{k}" for k in ("rate", "burst", "max_in_flight", "source_rate", "source_burst")
+)
 LIVE_LEAVES = ACCESS_LEAVES | {TIMEOUT_LEAF, CAP_LEAF} | PULL_LEAVES
 
 
@@ -158,6 +162,9 @@ class HaOps:
         access = prov is not None and bool(ACCESS_LEAVES & set(changed))
         timeout = prov is not None and TIMEOUT_LEAF in changed
         cap = prov is not None and CAP_LEAF in changed
+        limits = sorted(PULL_LIMITS & set(changed))
+        if limits and new.pull is not None:
+            svc.apply_pull_limits(new.pull)
         svc.cfg = new
         svc.core.max_binding_lifetime = float(new.ha.max_binding_lifetime)
         svc.core.max_spi_records = new.ha.max_spi_records
@@ -176,7 +183,19 @@ class HaOps:
                 "ha provisioning listener now presents the certificate in %s to new connections",
                 new.provisioning.cert,
             )
-        pulled = sorted(PULL_LEAVES & set(changed))
+        if limits and new.pull is not None:
+            p = new.pull
+            log.info(
+                "ha pull limits from now on: %g a second, bursts of %d, %d at once; per "
+                "source %g a second, bursts of %d (sightings kept): %s",
+                p.rate,
+                p.burst,
+                p.max_in_flight,
+                p.source_rate,
+                p.source_burst,
+                ", ".join(limits),
+            )
+        pulled = sorted((PULL_LEAVES - PULL_LIMITS) & set(changed))
         if pulled and new.pull is not None:
             log.info(
                 "ha pulls from %s port %d (server_name %s) from its next pull on: %s",
