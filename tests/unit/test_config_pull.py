@@ -96,3 +96,22 @@ def test_a_source_share_above_everyones_is_refused(limits: dict[str, Any], words
     err = refused(**limits)
     assert err.key == "pull", err  # a check across keys: the table, both keys in the reason
     assert words in err.reason and "set source_" in err.reason, err
+
+
+def test_the_examples_comment_out_the_defaults() -> None:
+    """conf/'s HA examples with [pull] list the limits commented out, each
+    with its default (uncommented, they change nothing)."""
+    import tomllib
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    defaults = pull()
+    examples = [p for p in sorted(conf.glob("*/*.toml")) if "\n[pull]" in p.read_text()]
+    assert len(examples) == 3
+    for path in examples:
+        table = path.read_text().split("\n[pull]", 1)[1].split("\n[", 1)[0]
+        lines = [ln[2:] for ln in table.splitlines() if ln.startswith("# ") and " = " in ln]
+        shown = tomllib.loads("\n".join(lines))
+        assert sorted(shown) == sorted(
+            ["rate", "burst", "max_in_flight", "source_rate", "source_burst"]
+        ), path
+        assert pull(**shown) == defaults, path
