@@ -17,29 +17,15 @@ from mipsec.core.model import HomeAgentInfo, IssuedSA
 Receiver = Callable[[IssuedSA], Awaitable[None]]
 Withdrawer = Callable[[int], Awaitable[None]]
 
-# (issued, ha_id, withdraw): install ``issued`` and withdraw the SPIs it supersedes
-# in one step (HaService.install_sa; the ``prov-withdraw`` of the tls transport).
-SupersedingReceiver = Callable[[IssuedSA, str | None, tuple[int, ...]], Awaitable[None]]
 _RECEIVERS: dict[str, tuple[Receiver, Withdrawer]] = {}
-_SUPERSEDING: dict[str, SupersedingReceiver] = {}
 
 
-def register_local_ha(
-    ha_id: str,
-    receive: Receiver,
-    withdraw: Withdrawer,
-    *,
-    receive_superseding: SupersedingReceiver | None = None,
-) -> None:
+def register_local_ha(ha_id: str, receive: Receiver, withdraw: Withdrawer) -> None:
     _RECEIVERS[ha_id] = (receive, withdraw)
-    _SUPERSEDING.pop(ha_id, None)
-    if receive_superseding is not None:
-        _SUPERSEDING[ha_id] = receive_superseding
 
 
 def unregister_local_ha(ha_id: str) -> None:
     _RECEIVERS.pop(ha_id, None)
-    _SUPERSEDING.pop(ha_id, None)
 
 
 class LocalTransport:
@@ -58,19 +44,6 @@ class LocalTransport:
 
     async def provision(self, ha: HomeAgentInfo, issued: IssuedSA, timeout: float) -> None:
         await self._entry(ha)[0](issued)
-
-    async def provision_superseding(
-        self, ha: HomeAgentInfo, issued: IssuedSA, withdraw: tuple[int, ...], timeout: float
-    ) -> tuple[int, ...]:
-        """``provision`` and withdraw ``withdraw`` in the same step, when the
-        HA registered for it; returns the SPIs it withdrew (all, or none)."""
-        self._entry(ha)  # fail closed first
-        superseding = _SUPERSEDING.get(ha.ha_id)
-        if superseding is None:
-            await self.provision(ha, issued, timeout)
-            return ()
-        await superseding(issued, None, withdraw)
-        return withdraw
 
     async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:
         await self._entry(ha)[1](spi)

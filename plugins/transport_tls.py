@@ -111,22 +111,6 @@ class TlsTransport:
         content = encode_install(_for_ha(issued, ha))
         await self._confirm(ha, "install", issued.sa.spi, content, timeout)
 
-    async def provision_superseding(
-        self, ha: HomeAgentInfo, issued: IssuedSA, withdraw: tuple[int, ...], timeout: float
-    ) -> tuple[int, ...]:
-        """``provision``, asking the HA to withdraw ``withdraw`` in the same step
-        (``prov-withdraw``, core/provisioning.py).  Returns the SPIs the HA
-        confirmed withdrawn: all of them, or none (an HA that ignores the
-        header), in which case the HAC withdraws them one by one.
-
-        Not used by the HAC since the twenty-ninth session: it withdraws an
-        MN's older SAs only after the new SA's 200 has left, and an install
-        that carried their withdrawal could not be undone when the
-        re-bootstrap failed after it (found in review)."""
-        content = encode_install(_for_ha(issued, ha), withdraw)
-        response = await self._confirm(ha, "install", issued.sa.spi, content, timeout)
-        return withdraw if response.withdrawn == withdraw else ()
-
     async def withdraw(self, ha: HomeAgentInfo, spi: int, timeout: float) -> None:
         await self._confirm(ha, "withdraw", spi, encode_withdraw(spi), timeout)
 

@@ -535,12 +535,7 @@ class HaService:
             raise
         from mipsec.plugins.transport_local import register_local_ha
 
-        register_local_ha(
-            self.cfg.ha.id,
-            self._install_in_process,
-            self.withdraw_sa,
-            receive_superseding=self._install_in_process,
-        )
+        register_local_ha(self.cfg.ha.id, self._install_in_process, self.withdraw_sa)
         self._local_registered = True
         self._expiry_task = asyncio.create_task(self._expiry_loop())
         self._started = True
@@ -990,13 +985,11 @@ class HaService:
 
     # ------------------------------------------------------------ provisioning
 
-    async def _install_in_process(
-        self, issued: IssuedSA, ha_id: str | None = None, withdraw: Sequence[int] = ()
-    ) -> None:
+    async def _install_in_process(self, issued: IssuedSA) -> None:
         # From a HAC in this process (local transport): its event_log line
         # (sa_issued) already tells the operator, so the install's own line is
         # DEBUG -- one INFO line per bootstrap (issue 9).
-        self.install_sa_now(issued, ha_id, withdraw, log_level=logging.DEBUG)
+        self.install_sa_now(issued, log_level=logging.DEBUG)
 
     async def install_sa(
         self,
