@@ -49,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -287,26 +287,6 @@ _DISCARD_ONE = "DELETE FROM issued_sa WHERE spi = ?"
 # The undelivered sweep reads the partial index of pending rows only, so it
 # costs what the pending SAs cost, not what the live ones do (issue 9).
 _UNDELIVERED = "SELECT spi FROM issued_sa WHERE pending IS NOT NULL AND pending < ? ORDER BY spi"
-
-
-class Taken(NamedTuple):
-    """An SA ``add_superseding`` retired: what the HAC needs to withdraw it,
-    and the stored row itself, for ``restore``."""
-
-    spi: int
-    mn_id: str
-    ha_id: str
-    validity_end: datetime
-    row: tuple[Any, ...]
-    # Its ``pending`` mark (None: delivered), kept through ``restore``: an
-    # SA put back that its MN never got stays pending, so the sweep of
-    # undelivered SAs still takes it back (restored as delivered, it stayed
-    # live for good; found in review).
-    pending: float | None = None
-
-
-class _NotAdded(Exception):
-    """add_superseding: the SPI is held; the transaction is rolled back."""
 
 
 def _converting(key_file: Path) -> Path:
@@ -1418,116 +1398,6 @@ class SQLiteSAStore:
         if self._view is not None:
             self._view.discard(spi)
         return tuple(rows[0][4:])
-
-    def add_superseding(
-        self, issued: IssuedSA, supersede: Iterable[int], reason: str, now: datetime | None = None
-    ) -> list[Taken] | None:
-        """``add`` of ``issued`` and ``retire`` of the SAs in ``supersede``, in
-        one transaction -- one commit where a re-bootstrap took two.
-
-        None (nothing changed) when the SPI is held, exactly as ``add`` says
-        False.  Otherwise the SAs actually taken back (live ones among
-        ``supersede``), retired and unconfirmed: the caller confirms them when
-        their HA does (``confirm_retired_many``), or puts them back with
-        ``restore`` if the HA refused the new SA (it then withdrew nothing).
-        Optional fast path of the HAC's supersede-with-the-install: not part of
-        the ``SAStore`` protocol.  Not used by the HAC since the twenty-ninth
-        session (it retires an MN's older SAs only after the new SA's 200).
-        """
-        spi, head, row = self._sealed_row(issued)
-        t = self._now(now)
-        pending = t if self.track_delivery else None
-        deleted = False
-        taken: list[Taken] = []
-        try:
-            with self._tx() as c:
-                if c.execute(_INSERT, (*row, pending, spi)).rowcount != 1:
-                    # An expired SA no longer holds its SPI (PROFILE §5).
-                    cur = c.execute(
-                        "DELETE FROM issued_sa WHERE spi = ? AND validity_end <= ?", (spi, t)
-                    )
-                    deleted = cur.rowcount > 0
-                    if c.execute(_INSERT, (*row, pending, spi)).rowcount != 1:
-                        raise _NotAdded
-                for old in supersede:
-                    got = c.execute(
-                        f"DELETE FROM issued_sa WHERE spi = ? RETURNING {_READ}, pending",  # noqa: S608
-                        (old,),
-                    ).fetchone()
-                    if got is None:
-                        continue
-                    r, was_pending = tuple(got[:-1]), got[-1]
-                    c.execute(_RETIRE, (r[_SPI], r[_MN_ID], r[_HA_ID], r[_END], reason, self.owner))
-                    end = datetime.fromtimestamp(r[_END], tz=UTC)
-                    taken.append(Taken(r[_SPI], r[_MN_ID], r[_HA_ID], end, r, was_pending))
-        except _NotAdded:
-            return None
-        view = self._view  # updated only once the transaction committed
-        if view is not None:
-            if deleted:
-                view.discard(spi)
-            self._view_insert(view, head)
-            for x in taken:
-                view.discard(x.spi)
-        return taken
-
-    def restore(self, taken: Iterable[Taken], now: datetime | None = None) -> list[Taken]:
-        """Undo ``add_superseding``'s retirement of ``taken`` (their HA refused
-        the SA that superseded them, and withdrew nothing): live again --
-        unless their MN holds a live SA again, or another MN now holds one
-        of their home addresses.  Returns those left retired for either
-        reason (unconfirmed: the caller withdraws them).
-
-        Why the exception: HACs sharing the store race on one MN.  HAC B
-        stores SA X, retiring the MN's SA W; HAC A then stores SA Y, retiring
-        X, and has its HA withdraw X -- before B's install of X arrives, which
-        the HA refuses (X was withdrawn).  Putting W back then would leave the
-        MN two live SAs, Y and W, and W live on the HA for good: A never saw
-        W, B forgot it.  So W stays retired, and is withdrawn.  Likewise once
-        W's home address was free (W retired, X taken back) and a HAC gave
-        it to another MN: W back would make two MNs hold one address."""
-        back: list[Taken] = []
-        kept: list[Taken] = []
-        at = self._clock() if now is None else now
-        with self._tx() as c:
-            for x in taken:
-                if self._hoa_taken(c, x.row, at):
-                    kept.append(x)
-                    continue
-                # The MN's live SAs as the supersede step reads them (the
-                # live view, followed to the last commit under this lock).
-                if self.live_spis_for_mn(x.mn_id, at):
-                    kept.append(x)
-                    continue
-                c.execute("DELETE FROM retired_sa WHERE spi = ? AND confirmed = 0", (x.spi,))
-                # Guarded like add: an SPI whose withdrawal was confirmed stays dead.
-                if c.execute(_INSERT, (*x.row, x.pending, x.spi)).rowcount == 1:
-                    back.append(x)
-        view = self._view
-        if view is not None:
-            for x in back:
-                self._view_insert(view, x.row[:_N_HEAD])
-        return kept
-
-    def _hoa_taken(self, c: sqlite3.Connection, row: tuple[Any, ...], now: datetime) -> bool:
-        """Whether a live SA of another MN holds one of ``row``'s home
-        addresses: the live view's table (O(1), followed to the file's last
-        commit: this runs under the write lock), else one look in SQL."""
-        mn_id = row[_MN_ID]
-        hoas = [h for h in (row[_IP6_HOA], row[_IP4_HOA]) if h is not None]
-        if not hoas:
-            return False
-        view = self._live_view(now)
-        if view is not None:
-            table = view.hoa_table()
-            return any(table.get(h, mn_id) != mn_id for h in hoas)
-        marks = ", ".join("?" for _ in hoas)
-        found = c.execute(
-            "SELECT 1 FROM issued_sa WHERE validity_end > ? AND mn_id != ? "  # noqa: S608
-            f"AND (ip6_hoa IN ({marks}) OR ip4_hoa IN ({marks})) LIMIT 1",
-            (_timestamp(now, "now"), mn_id, *hoas, *hoas),
-        ).fetchone()
-        return found is not None
 
     def confirm_retired_many(self, spis: Iterable[int]) -> None:
         """``confirm_retired`` of many SPIs in one statement (one commit)."""

@@ -1905,12 +1905,12 @@ class _Session:
             if isinstance(result, Send):
                 if issued is not None and issued.sa.spi in svc._issuing_spis:
                     # A failure answered without having taken the SA back
-                    # (once: a store without add_superseding whose retire
-                    # raised after the install, found in review; that
-                    # retire follows the 200 since the twenty-ninth
-                    # session): taken back here, so nothing stays live that
-                    # the MN was not told of.  Every failure path of the
-                    # issue takes back what it stored already.
+                    # (once: a retire of the older SAs that raised after
+                    # the install, found in review; that retire follows
+                    # the 200 since the twenty-ninth session): taken back
+                    # here, so nothing stays live that the MN was not told
+                    # of.  Every failure path of the issue takes back what
+                    # it stored already.
                     svc.rollback(issued, self._peer, "internal-error", report=False)
                 issued = None
                 if self._alive():

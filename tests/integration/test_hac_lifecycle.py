@@ -1232,8 +1232,8 @@ def test_delivery_order_is_forgotten_at_each_sas_end_whoever_ended_it(
 def test_a_store_failing_the_retire_after_the_200_keeps_both_sas_until_the_next(
     tmp_path: Path, pki: PkiPaths
 ) -> None:
-    """A third-party store without ``add_superseding`` whose ``retire``
-    fails (a full disk) when the MN's new SA supersedes its older one.
+    """A store whose ``retire`` fails (a full disk) when the MN's new SA
+    supersedes its older one.
 
     Until the twenty-ninth session that retire ran after the HA confirmed
     the install and before the 200: the MN got 500, and the new SA was taken
@@ -1244,8 +1244,7 @@ def test_a_store_failing_the_retire_after_the_200_keeps_both_sas_until_the_next(
     one stays live (logged), and the MN's next bootstrap withdraws both."""
     from mipsec.core.hookspecs import hookimpl
 
-    class NoSupersedeStore(SQLiteSAStore):
-        add_superseding = None  # type: ignore[assignment]
+    class FailingRetireStore(SQLiteSAStore):
         retire_record = None  # type: ignore[assignment]  # a third party's: retire() only
         fail = False
 
@@ -1255,23 +1254,23 @@ def test_a_store_failing_the_retire_after_the_200_keeps_both_sas_until_the_next(
             return super().retire(spi, reason)
 
     class Plugin:
-        store: NoSupersedeStore | None = None
+        store: FailingRetireStore | None = None
 
         @hookimpl
         def mipsec_sa_stores(self) -> list[Any]:
             plugin = self
 
             class Factory:
-                name = "nosupersede"
+                name = "failingretire"
 
-                def create(self, options: Any, ctx: Any) -> NoSupersedeStore:
-                    plugin.store = NoSupersedeStore(None)
+                def create(self, options: Any, ctx: Any) -> FailingRetireStore:
+                    plugin.store = FailingRetireStore(None)
                     return plugin.store
 
             return [Factory()]
 
     data = hac_data(tmp_path, pki)
-    data["sa_store"] = {"backend": "nosupersede"}
+    data["sa_store"] = {"backend": "failingretire"}
     plugin = Plugin()
 
     def live(hac: Any) -> list[int]:

@@ -1448,8 +1448,6 @@ class ProtocolOnlyStore:
 
     OPTIONAL = frozenset(
         {
-            "add_superseding",
-            "restore",
             "confirm_retired_many",
             "live_spis_for_mn",
             "live_listing",

@@ -468,7 +468,7 @@ def test_live_spis_for_mn_matches_live_for_mn(store: SQLiteSAStore) -> None:
 # commits to a shared file (the view follows them through the change log).
 _mn_ops = st.lists(
     st.tuples(
-        st.sampled_from(["add", "add-other", "superseding", "retire", "discard", "expire"]),
+        st.sampled_from(["add", "add-other", "supersede", "retire", "discard", "expire"]),
         st.integers(1, 6),  # spi
         st.sampled_from(["a@x", "b@x", "c@x"]),  # mn_id
         st.integers(-3, 6),  # validity end offset from now
@@ -503,9 +503,11 @@ def test_live_spis_for_mn_view_agrees_with_sql(
                 s.add(x, now)
             elif op == "add-other":
                 other.add(x, now)
-            elif op == "superseding":
+            elif op == "supersede":  # the HAC's re-bootstrap: add, then retire the older SAs
                 old = tuple(v[0] for v in s.live_spis_for_mn(mn_id, now))
-                s.add_superseding(x, old, "superseded")
+                if s.add(x, now):
+                    for o in old:
+                        s.retire(o, "superseded")
             elif op == "retire":
                 s.retire(spi, "superseded")
             elif op == "discard":
@@ -566,124 +568,6 @@ def test_operator_listing_reads_columns_not_keys(store: SQLiteSAStore) -> None:
     assert sorted(store.live_counts(later))[1] == ("ha1", int(Suite.AES_128_CBC_SHA), 1)
 
 
-def test_add_superseding_is_add_and_retire_in_one_step(store: SQLiteSAStore) -> None:
-    end = T0 + timedelta(seconds=60)
-    old = issued(71, mn_id="a@x", end=end)
-    store.add(old, T0)
-    assert store.count_by_ha(T0) == {"ha1": 1}  # the live view is built
-    new = issued(72, mn_id="a@x")
-    taken = store.add_superseding(new, [71, 99], "superseded", T0)  # 99: not live, skipped
-    assert taken is not None and [(x.spi, x.mn_id, x.ha_id, x.validity_end) for x in taken] == [
-        (71, "a@x", "ha1", end)
-    ]
-    assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [72]
-    assert store.count_by_ha(T0) == {"ha1": 1}
-    assert store.retired_unconfirmed(T0) == [(71, "a@x", "ha1", end)]
-    store.confirm_retired_many([71])
-    assert store.retired_unconfirmed(T0) == []
-    assert not store.add(issued(71, mn_id="b@x"), T0)  # reserved until its old validity end
-
-
-def test_add_superseding_of_a_held_spi_changes_nothing(store: SQLiteSAStore) -> None:
-    store.add(issued(81, mn_id="a@x"), T0)
-    store.add(issued(82, mn_id="b@x"), T0)
-    assert store.add_superseding(issued(82, mn_id="a@x"), [81], "superseded", T0) is None
-    assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [81]  # rolled back
-    assert store.retired_unconfirmed(T0) == []
-
-
-def test_restore_puts_a_superseded_sa_back(store: SQLiteSAStore) -> None:
-    """The HA refused the successor (and withdrew nothing): the older SA is
-    live again, keys intact; an SPI whose withdrawal was confirmed is not."""
-    old, other = issued(91, mn_id="a@x"), issued(93, mn_id="c@x", hoa6="2001:db8:1::11")
-    store.add(old, T0)
-    store.add(other, T0)
-    taken = store.add_superseding(issued(92, mn_id="a@x", hoa6=None), [91], "superseded", T0)
-    assert taken is not None
-    store.remove(92)  # what the HAC's rollback of the refused SA does (via retire)
-    assert store.restore(taken, T0) == []
-    assert store.get(91, T0) == old
-    assert store.retired_unconfirmed(T0) == []
-    assert store.count_by_ha(T0) == {"ha1": 2}
-    gone = store.add_superseding(issued(94, mn_id="c@x", hoa6=None), [93], "superseded", T0)
-    assert gone is not None
-    store.confirm_retired_many([93])
-    store.restore(gone, T0)  # confirmed withdrawn: dead for good
-    assert store.get(93, T0) is None
-
-
-def test_restore_keeps_an_undelivered_sa_pending(store: SQLiteSAStore) -> None:
-    """An SA taken by ``add_superseding`` while still pending (its 200 not
-    sent: another HAC's, or this one's in the same group) and put back by
-    ``restore`` stays pending, so the sweep of undelivered SAs can still
-    take it back; a delivered one comes back delivered.  Before, every
-    restored SA came back as delivered: one never delivered stayed live for
-    good (found in review)."""
-    store.track_delivery = True
-    store.add(issued(95, mn_id="d@x"), T0)
-    store.add(issued(96, mn_id="e@x", hoa6="2001:db8:1::12"), T0)
-    store.delivered_many([96])
-    taken = store.add_superseding(issued(97, mn_id="d@x", hoa6=None), [95], "superseded", T0)
-    other = store.add_superseding(issued(98, mn_id="e@x", hoa6=None), [96], "superseded", T0)
-    assert taken is not None and other is not None
-    store.remove(97)
-    store.remove(98)
-    assert store.restore([*taken, *other], T0) == []
-    assert store.get(95, T0) is not None and store.get(96, T0) is not None
-    assert store.undelivered(T0 + timedelta(seconds=1)) == [95]
-
-
-def test_restore_leaves_retired_what_a_newer_sa_of_its_mn_replaced(tmp_path: Path) -> None:
-    """Two HACs on one store race on one MN: B stores X retiring W; A then
-    stores Y retiring X, and the HA refuses B's install of X (withdrawn
-    earlier).  B's restore must not put W back beside Y: W stays retired and
-    unconfirmed (B withdraws it), returned to B; Y alone is live."""
-    path = tmp_path / "shared.db"
-    store, other = SQLiteSAStore(path), SQLiteSAStore(path)  # HAC B's, HAC A's
-    w = issued(111, mn_id="a@x")
-    store.add(w, T0)
-    b_taken = store.add_superseding(issued(112, mn_id="a@x", hoa6=None), [111], "superseded", T0)
-    assert b_taken is not None and [x.spi for x in b_taken] == [111]
-    a_taken = other.add_superseding(issued(113, mn_id="a@x", hoa6=None), [112], "superseded", T0)
-    assert a_taken is not None and [x.spi for x in a_taken] == [112]
-    store.remove(112)  # B's take-back of its refused SA (already gone: a no-op)
-    kept = store.restore(b_taken, T0)
-    assert [x.spi for x in kept] == [111]
-    assert [x.sa.spi for x in store.live_for_mn("a@x", T0)] == [113]
-    assert sorted(r[0] for r in store.retired_unconfirmed(T0)) == [111, 112]
-    store.close()
-    other.close()
-
-
-@pytest.mark.parametrize("view", [True, False])
-def test_restore_leaves_retired_an_sa_whose_home_address_another_mn_took(
-    tmp_path: Path, view: bool
-) -> None:
-    """HAC B stores X for MN a, retiring W (home address h); X's install is
-    refused and X taken back, so h is free -- and HAC A gives h to MN b.
-    B's restore of W must not make a and b both hold h: W stays retired,
-    returned.  With B's live view (the HAC's case) and without (SQL)."""
-    path = tmp_path / "shared.db"
-    store, other = SQLiteSAStore(path), SQLiteSAStore(path)  # HAC B's, HAC A's
-    h = "2001:db8:1::20"
-    store.add(issued(121, mn_id="a@x", hoa6=h), T0)
-    taken = store.add_superseding(issued(122, mn_id="a@x", hoa6=h), [121], "superseded", T0)
-    assert taken is not None
-    store.remove(122)
-    if view:
-        store.hoas_in_use(T0)  # builds B's view before A's commit: it must follow it
-    assert other.add(issued(123, mn_id="b@x", hoa6=h), T0)
-    if not view:
-        store._live_view = lambda now: None  # type: ignore[method-assign]  # SQL answers
-    kept = store.restore(taken, T0)
-    assert [x.spi for x in kept] == [121]
-    assert store.hoas_in_use(T0) == {h: "b@x"}
-    assert store.live_for_mn("a@x", T0) == []
-    assert [r[0] for r in store.retired_unconfirmed(T0)] == [121]
-    store.close()
-    other.close()
-
-
 def test_address_text_memo_by_identity_and_value() -> None:
     # The memo answers by identity first (the configuration's objects recur),
     # then by value; the same integer as IPv4 and IPv6 are different texts.
@@ -707,16 +591,13 @@ def test_sas_stored_by_a_tracking_hac_are_pending_until_delivered(store: SQLiteS
     assert store.undelivered(later) == []
     store.track_delivery = True
     store.add(issued(102, mn_id="b@x"), T0)
-    taken = store.add_superseding(issued(103, mn_id="a@x"), [101], "superseded", T0)
-    assert taken is not None
+    assert store.add(issued(103, mn_id="a@x"), T0)
     # Stored at T0: pending from T0 on, listed once the cutoff is past it.
     assert store.undelivered(T0) == []
     assert store.undelivered(later) == [102, 103]
     store.delivered_many([103, 999])  # an SPI no longer held is ignored
     assert store.undelivered(later) == [102]
-    # A restored SA was delivered long ago: never pending.
-    store.remove(103)
-    store.restore(taken, T0)
+    store.retire(101, "superseded")  # never pending: retiring it changes nothing here
     assert store.undelivered(later) == [102]
     store.retire(102, "undelivered")
     assert store.undelivered(later) == []
@@ -836,15 +717,15 @@ def test_a_failed_commit_leaves_no_transaction_open(store: SQLiteSAStore) -> Non
     store._conn = _FailingCommit(real)  # type: ignore[assignment]
     try:
         with pytest.raises(sqlite3.OperationalError, match="full"):
-            store.add_superseding(issued(102, mn_id="a@x"), [101], "superseded", T0)
+            store.retire(101, "superseded")
         assert not real.in_transaction
         assert [x.sa.spi for x in store.live(T0)] == [101]
         assert store.count_by_ha(T0) == {"ha1": 1}
         assert store.retired_unconfirmed(T0) == []
         # Space is back: the same write goes through.
-        taken = store.add_superseding(issued(102, mn_id="a@x"), [101], "superseded", T0)
-        assert taken is not None and [x.spi for x in taken] == [101]
-        assert [x.sa.spi for x in store.live(T0)] == [102]
+        assert store.retire(101, "superseded") is not None
+        assert [x.sa.spi for x in store.live(T0)] == []
+        assert [r[0] for r in store.retired_unconfirmed(T0)] == [101]
     finally:
         store._conn = real
 
