@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -271,6 +272,40 @@ def socket_path(cfg: BaseModel, role: str, config_file: str) -> Path:
     return path
 
 
+def check_place(path: Path, key: str = "control.path") -> None:
+    """What a control socket at ``path`` needs before it can be bound, checked
+    without binding it: its directory, the right to create files there (the
+    socket is bound under a temporary name beside it), and nothing but a
+    socket under its name.  ``ControlServer.start`` runs it first, and
+    ``mipsec check-config`` runs it alone (core/roles/preflight.py); both
+    word an error with :func:`place_reason`.  Raises ``OSError``: a missing
+    directory is a ``FileNotFoundError`` (check-config of an MN only warns
+    of it: systemd may create its ``RuntimeDirectory`` at start)."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{key}: no such directory {str(parent)!r}")
+    effective = os.access in os.supports_effective_ids
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=effective):
+        # What the bind would say: a read-only mount (systemd's
+        # ProtectSystem) is EROFS, the rest EACCES.
+        code = errno.EROFS if os.statvfs(parent).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{key}: {str(path)!r} exists and is not a socket")
+
+
+def place_reason(path: Path, exc: OSError) -> str:
+    """The reason, after ``control.path:``, that a socket could not be
+    listened on at ``path`` (``check_place``, or the bind itself)."""
+    if exc.strerror:
+        return f"cannot listen on {str(path)!r}: {exc.strerror}"
+    return str(exc).removeprefix("control.path: ")
+
+
 # ---------------------------------------------------------------- server
 
 
@@ -295,8 +330,7 @@ class ControlServer:
 
     async def start(self) -> None:
         path = self.path
-        if not path.parent.is_dir():
-            raise OSError(f"{self.key}: no such directory {str(path.parent)!r}")
+        check_place(path, self.key)
         self._take_stale(path)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -318,12 +352,10 @@ class ControlServer:
         log.log(logging.DEBUG if self.quiet else logging.INFO, "control socket %s", path)
 
     def _take_stale(self, path: Path) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        """A socket at ``path`` (``check_place`` refused anything else) that
+        nobody listens on is removed; one in use is an error."""
+        if not os.path.lexists(path):
             return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(f"{self.key}: {str(path)!r} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.settimeout(1.0)
@@ -429,11 +461,7 @@ async def start_control(
     try:
         await server.start()
     except OSError as exc:
-        reason = (
-            f"cannot listen on {str(path)!r}: {exc.strerror}"
-            if exc.strerror
-            else str(exc).removeprefix("control.path: ")
-        )
+        reason = place_reason(path, exc)
         if default_optional and control.path is None:
             log.warning("no control socket: %s; set [control] path", reason)
             return None

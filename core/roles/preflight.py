@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from mipsec.core import certexpiry, pluginmanager
 from mipsec.core.config import HACConfig, HAConfig, MNConfig, ProvisioningListener
-from mipsec.core.control import revocations_path, socket_path
+from mipsec.core.control import check_place, place_reason, revocations_path, socket_path
 from mipsec.core.errors import CertificateError, ConfigError, LocalProtocolError
 from mipsec.core.filedigest import UnreadableFileError, read_regular
 from mipsec.core.secretfiles import InsecureFileError, check_private, check_private_sqlite
@@ -148,9 +148,10 @@ def _mn(cfg: MNConfig, file: str) -> None:
 
 
 def _control(cfg: HACConfig | HAConfig, file: str, role: str) -> None:
-    """The control socket's place, as ``start_control`` will use it: found in
-    review, a missing directory or a path naming a regular file passed
-    check-config and failed the start."""
+    """The control socket's place, as ``start_control`` will use it, with its
+    check (``check_place``) and its words: found in review, a missing
+    directory or a path naming a regular file passed check-config and failed
+    the start."""
     if not cfg.control.enabled:
         return
     try:
@@ -159,9 +160,10 @@ def _control(cfg: HACConfig | HAConfig, file: str, role: str) -> None:
         if cfg.control.path is not None:
             raise
         return  # only the default is too long: the start warns and runs without
-    _writable_place(file, "control.path", path)
-    if path.exists() and not path.is_socket():
-        raise ConfigError(file, "control.path", f"{path} exists and is not a socket")
+    try:
+        check_place(path)
+    except OSError as exc:
+        raise ConfigError(file, "control.path", place_reason(path, exc)) from None
 
 
 def _writable_place(file: str, key: str, path: Path) -> None:
