@@ -63,7 +63,13 @@ def check_services(cfg: BaseModel, config_file: str) -> None:
             built.append(HacService(cfg, config_file=config_file, check_only=True))
         elif isinstance(cfg, HAConfig):
             built.append(HaService(cfg, config_file, check_only=True))
-        # The MN builds nothing ahead of a bootstrap: preflight covered it.
+        else:
+            # The MN builds nothing ahead of a bootstrap (preflight covered
+            # it), but its daemon opens a control socket: checked here, not
+            # in preflight, which its start runs too -- with --once it opens
+            # none, and without, ``start_control`` checks the same place.
+            assert isinstance(cfg, MNConfig)
+            _control(cfg, config_file, "mn")
         # What a start would warn about: certificates expired or due soon.
         now = datetime.now(UTC)
         for svc in built:
@@ -147,11 +153,16 @@ def _mn(cfg: MNConfig, file: str) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _control(cfg: HACConfig | HAConfig, file: str, role: str) -> None:
+def _control(cfg: HACConfig | HAConfig | MNConfig, file: str, role: str) -> None:
     """The control socket's place, as ``start_control`` will use it, with its
     check (``check_place``) and its words: found in review, a missing
     directory or a path naming a regular file passed check-config and failed
-    the start."""
+    the start (and an MN's configured path was not looked at).
+
+    The MN's default path is no error (its start warns and runs without a
+    socket), and neither is a configured path's missing directory: that is a
+    WARNING, since the example unit's ``RuntimeDirectory`` (``/run/mipsec-mn``)
+    exists only while the MN runs."""
     if not cfg.control.enabled:
         return
     try:
@@ -160,8 +171,19 @@ def _control(cfg: HACConfig | HAConfig, file: str, role: str) -> None:
         if cfg.control.path is not None:
             raise
         return  # only the default is too long: the start warns and runs without
+    if role == "mn" and cfg.control.path is None:
+        return
     try:
         check_place(path)
+    except FileNotFoundError as exc:
+        if role != "mn":
+            raise ConfigError(file, "control.path", place_reason(path, exc)) from None
+        logging.getLogger("mipsec.mn").warning(
+            "%s: control.path: %s: the MN's start fails unless it exists by then "
+            "(systemd creates a RuntimeDirectory at start)",
+            file,
+            place_reason(path, exc),
+        )
     except OSError as exc:
         raise ConfigError(file, "control.path", place_reason(path, exc)) from None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LAUNCHER, Lab, edit_toml, make_lab, mipsec, wait_port
+from conftest import LAUNCHER, Lab, edit_toml, make_lab, mipsec, not_writable_dir, wait_port
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -209,6 +209,64 @@ def test_check_config_refuses_what_the_start_or_a_revoke_would(
     out = mipsec("check-config", str(path))
     assert out.returncode == 2 and key in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("case", ["too long", "not a socket", "a directory", "not writable"])
+def test_check_config_of_an_mn_refuses_its_control_path(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A configured ``[control] path`` the MN daemon's start would refuse
+    (exit 2 naming the key) fails check-config too, in one line naming the
+    file and ``control.path`` (before, check-config of an MN never looked)."""
+    mn_toml = Path(lab.info["mn"]["config"])
+    if case == "too long":
+        path = lab.dir / ("x" * 100)
+    elif case == "not a socket":
+        path = mn_toml
+    elif case == "a directory":
+        path = lab.dir / "mn.ctl"
+        path.mkdir()
+    else:  # checked in this process: as root only a patched os.access refuses
+        path = not_writable_dir(lab.dir / "ro", monkeypatch) / "mn.ctl"
+    mn_toml.write_text(mn_toml.read_text() + f'\n[control]\npath = "{path}"\n')
+    if case == "not writable":
+        code, err = _check_config_here(mn_toml)
+    else:
+        out = mipsec("check-config", str(mn_toml))
+        code, err = out.returncode, out.stderr
+    assert code == 2, err
+    [line] = err.splitlines()
+    assert line.startswith(f"mipsec: configuration error: {mn_toml}: control.path: "), line
+
+
+def _check_config_here(path: Path) -> tuple[int, str]:
+    """``mipsec check-config PATH`` in this process: exit status, stderr."""
+    import contextlib
+    import io
+
+    from mipsec.core import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["check-config", str(path)])
+    return code, err.getvalue()
+
+
+def test_check_config_of_an_mn_passes_a_usable_control_path(lab: Lab) -> None:
+    """A path in a directory it can write, and a missing directory (the
+    example unit's RuntimeDirectory, made at start): a WARNING naming the
+    key, exit 0."""
+    mn_toml = Path(lab.info["mn"]["config"])
+    text = mn_toml.read_text()
+    mn_toml.write_text(text + f'\n[control]\npath = "{lab.dir / "run-mn.ctl"}"\n')
+    out = mipsec("check-config", str(mn_toml))
+    assert out.returncode == 0 and "control.path" not in out.stderr, out.stderr
+    missing = lab.dir / "run" / "mn.ctl"
+    mn_toml.write_text(text + f'\n[control]\npath = "{missing}"\n')
+    out = mipsec("check-config", str(mn_toml))
+    assert out.returncode == 0, out.stderr
+    [line] = [ln for ln in out.stderr.splitlines() if "control.path" in ln]
+    assert f"{mn_toml}: control.path: no such directory" in line, line
 
 
 def test_an_eap_table_of_a_psk_mn_is_refused(lab: Lab) -> None:

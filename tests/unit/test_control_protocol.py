@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import not_writable_dir
 
 from mipsec.core import revocation
 from mipsec.core.config import validate_config
@@ -27,6 +28,7 @@ from mipsec.core.control import (
     parse_request,
     request,
     socket_path,
+    start_control,
 )
 from mipsec.core.errors import ConfigError
 from mipsec.core.reload import restart_keys
@@ -206,6 +208,84 @@ def test_socket_path_default_and_length(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         validate_config({**data, "control": {"timeout": 0}}, "ha", file="ha.toml")
     assert err.value.key == "control.timeout"
+
+
+# ------------------------------------------------------------ the MN's control path
+
+MN_DATA: dict[str, Any] = {
+    "mn": {"mn_id": "alice@mipsec.test", "psk_hex": "00" * 32},
+    "hac": {"host": "127.0.0.1", "ca": "ca.pem"},
+}
+
+
+def _mn(tmp_path: Path, path: Path | str | None) -> Any:
+    control = {} if path is None else {"path": str(path)}
+    return validate_config({**MN_DATA, "control": control}, "mn", base=tmp_path)
+
+
+def _start_error(cfg: Any, file: str) -> ConfigError:
+    """What the MN daemon's start says of its control path."""
+    with pytest.raises(ConfigError) as err:
+        asyncio.run(start_control(cfg, "mn", file, Dispatcher("mn", {}), default_optional=True))
+    return err.value
+
+
+@pytest.mark.parametrize("case", ["too long", "not writable", "not a socket", "a directory"])
+def test_check_config_of_an_mn_refuses_the_control_path_its_start_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """``check_services`` (check-config) refuses a configured MN control
+    path that the daemon's start refuses, with the start's very words.
+    Before, check-config of an MN did not look at it."""
+    from mipsec.core.roles.preflight import check_services
+
+    if case == "too long":
+        path = tmp_path / ("x" * 100)
+    elif case == "not writable":
+        path = not_writable_dir(tmp_path / "ro", monkeypatch) / "mn.ctl"
+    elif case == "not a socket":
+        path = tmp_path / "mn.ctl"
+        path.write_text("")
+    else:
+        path = tmp_path / "mn.ctl"
+        path.mkdir()
+    cfg, file = _mn(tmp_path, path), str(tmp_path / "mn.toml")
+    with pytest.raises(ConfigError) as checked:
+        check_services(cfg, file)
+    assert checked.value.key == "control.path"
+    assert str(checked.value) == str(_start_error(cfg, file)), case
+
+
+def test_check_config_of_an_mn_warns_of_a_missing_control_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A configured path whose directory is missing fails the start, but
+    check-config only warns, with the start's words: the example unit's
+    RuntimeDirectory (``/run/mipsec-mn``) exists only while the MN runs."""
+    from mipsec.core.roles.preflight import check_services
+
+    cfg, file = _mn(tmp_path, tmp_path / "run" / "mn.ctl"), str(tmp_path / "mn.toml")
+    check_services(cfg, file)
+    [line] = [r.getMessage() for r in caplog.records if "control.path" in r.getMessage()]
+    assert line.startswith(f"{_start_error(cfg, file)}: ")
+
+
+def test_check_config_of_an_mn_passes_a_usable_or_default_control_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mipsec.core.roles.preflight import check_services
+
+    file = str(tmp_path / "mn.toml")
+    check_services(_mn(tmp_path, tmp_path / "mn.ctl"), file)
+    stale = tmp_path / "stale.ctl"  # a socket left by a killed MN: the start replaces it
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(stale))
+    sock.close()
+    check_services(_mn(tmp_path, stale), file)
+    # The default beside a directory it cannot write: the start only warns.
+    ro = not_writable_dir(tmp_path / "ro", monkeypatch)
+    check_services(_mn(tmp_path, None), str(ro / "mn.toml"))
+    assert not [r for r in caplog.records if "control.path" in r.getMessage()]
 
 
 # ------------------------------------------------------------ revocation list
