@@ -699,6 +699,7 @@ class HaService:
             on_install=self.install_sa_now,
             on_install_many=self.install_many_now,
             on_withdraw=self.withdraw_sa_now,
+            on_withdraw_many=self.withdraw_many_now,
             install_withdraws=True,
             on_pull=None,
         )
@@ -1291,11 +1292,48 @@ class HaService:
         and before this returns (the HAC's confirmation), so a crash at any
         point leaves the SPI dead, never live again.
         """
-        known = self._withdraw_in_core(spi)
-        # Raises (also after LOOP_LOCK_WAIT for a lock held elsewhere): the
-        # HAC gets no confirmation, and retries.
-        self.bindings.flush(wait=LOOP_LOCK_WAIT)
-        self._withdrawn(spi, known)
+        exc = self.withdraw_many_now([spi])[0]
+        if exc is not None:
+            raise exc
+
+    def withdraw_many_now(self, spis: Sequence[int]) -> list[Exception | None]:
+        """``withdraw_sa_now`` of each SPI, in order, with one commit for them all.
+
+        The provisioning server hands a pipelined burst of withdrawals here
+        (the HAC sends those it owes an HA together): one binding-cache
+        commit per burst instead of one per SA -- measured ~5.6 withdrawals
+        per read when the bench re-bootstraps its MNs back to back.  Per SPI:
+        None (withdrawn, its record durable) or the exception
+        ``withdraw_sa_now`` would have raised.  Every record of the burst is
+        committed before this returns, so no confirmation leaves before its
+        withdrawal is durable; a failed commit fails them all (the HAC
+        retries each).  With ``[bindings] in_sa_store`` the withdrawn rows
+        are deleted in that same transaction (no later commit of their own).
+        """
+        results: list[Exception | None] = [None] * len(spis)
+        done: list[tuple[int, bool]] = []  # (spi, known) of those the core let go
+        for i, spi in enumerate(spis):
+            try:
+                done.append((spi, self._withdraw_in_core(spi)))
+            except Exception as exc:  # that SPI alone: its HAC retries it
+                results[i] = exc
+        if not done:
+            return results
+        one_commit = self._one_commit is not None
+        try:
+            with self._burst_commit():
+                # Also after LOOP_LOCK_WAIT for a lock held elsewhere: the
+                # HAC gets no confirmation, and retries.
+                self.bindings.flush(wait=LOOP_LOCK_WAIT)
+                if one_commit:
+                    self._discard([spi for spi, _ in done])
+        except Exception as exc:
+            # The core let them go already (dead here either way); their
+            # records wait in the binding cache for the next flush.
+            return [exc if r is None else r for r in results]
+        for spi, known in done:
+            self._withdrawn(spi, known, discarded=one_commit)
+        return results
 
     def _withdraw_in_core(self, spi: int) -> bool:
         """The core's half of a withdrawal (its records wait for the next

@@ -110,6 +110,10 @@ OnInstallMany = Callable[
     [list[tuple[IssuedSA, str | None, tuple[int, ...]]]], list[Exception | None]
 ]
 OnWithdraw = Callable[[int], Awaitable[None] | None]
+# A pipelined burst of withdrawals at once: per SPI, in order, None
+# (withdrawn, durable) or the exception it failed with; one commit for the
+# burst where ``on_withdraw`` commits per SPI.
+OnWithdrawMany = Callable[[list[int]], list[Exception | None]]
 OnPull = Callable[[int, str], Awaitable[IssuedSA | None]]
 
 StrPath = str | os.PathLike[str]
@@ -226,6 +230,7 @@ class ProvisioningServer:
         on_install: OnInstall | None = None,
         on_install_many: OnInstallMany | None = None,
         on_withdraw: OnWithdraw | None = None,
+        on_withdraw_many: OnWithdrawMany | None = None,
         on_pull: OnPull | None = None,
         pull_names: Callable[[str], Sequence[str] | None] | None = None,
         install_withdraws: bool = False,
@@ -237,13 +242,15 @@ class ProvisioningServer:
         ``prov-withdraw``; without it the header is ignored (and not echoed),
         so the HAC withdraws them one by one.  ``on_install_many``: installs
         that arrived together (consecutive on one connection) go to it in
-        one call instead of to ``on_install`` one by one."""
+        one call instead of to ``on_install`` one by one, and so do
+        withdrawals to ``on_withdraw_many``."""
         self.cfg = cfg
         self.install_withdraws = install_withdraws
         self.pull_names = pull_names
         self.on_install = on_install
         self.on_install_many = on_install_many
         self.on_withdraw = on_withdraw
+        self.on_withdraw_many = on_withdraw_many
         self.on_pull = on_pull
         self.files, self.ssl_context, self.not_after = _load_listener(cfg)
         self.listener = TlsListener(
@@ -460,27 +467,43 @@ class ProvisioningServer:
         return self._confirmed(req, peer, withdraw)
 
     def groups(self, req: ProvRequest) -> bool:
-        """Whether ``req`` joins a burst answered by :meth:`install_burst`."""
-        return req.op is ProvOp.INSTALL and self.on_install_many is not None
+        """Whether ``req`` joins a burst answered by :meth:`answer_burst`."""
+        if req.op is ProvOp.INSTALL:
+            return self.on_install_many is not None
+        return req.op is ProvOp.WITHDRAW and self.on_withdraw_many is not None
 
-    def install_burst(self, burst: list[tuple[int, ProvRequest]], peer: str) -> list[bytes]:
-        """The answers (containers) to consecutive installs ``(identifier, request)``."""
-        assert self.on_install_many is not None
-        items: list[tuple[IssuedSA, str | None, tuple[int, ...]]] = []
-        for _ident, req in burst:
-            assert req.issued is not None
-            items.append((req.issued, req.ha_id, req.withdraw if self.install_withdraws else ()))
+    def answer_burst(self, burst: list[tuple[int, ProvRequest]], peer: str) -> list[bytes]:
+        """The answers (containers) to consecutive requests ``(identifier,
+        request)`` of one operation that :meth:`groups`, made in one call."""
+        withdraws: list[tuple[int, ...]] = []
         results: list[Exception | None]
         try:
-            results = self.on_install_many(items)
-            if len(results) != len(items):  # a callback's bug: outcome unknown
-                raise RuntimeError(f"on_install_many: {len(results)} results for {len(items)}")
+            if burst[0][1].op is ProvOp.INSTALL:
+                assert self.on_install_many is not None
+                items: list[tuple[IssuedSA, str | None, tuple[int, ...]]] = []
+                for _ident, req in burst:
+                    assert req.issued is not None
+                    withdraw = req.withdraw if self.install_withdraws else ()
+                    items.append((req.issued, req.ha_id, withdraw))
+                    withdraws.append(withdraw)
+                results = self.on_install_many(items)
+            else:
+                assert self.on_withdraw_many is not None
+                spis: list[int] = []
+                for _ident, req in burst:
+                    assert req.spi is not None
+                    spis.append(req.spi)
+                    withdraws.append(())
+                results = self.on_withdraw_many(spis)
+            if len(results) != len(burst):  # a callback's bug: outcome unknown
+                raise RuntimeError(f"{len(results)} results for {len(burst)} requests")
         except Exception as exc:
-            results = [exc] * len(items)
+            results = [exc] * len(burst)
+            withdraws = [()] * len(burst)
         out: list[bytes] = []
-        for (ident, req), item, failure in zip(burst, items, results, strict=True):
+        for (ident, req), withdraw, failure in zip(burst, withdraws, results, strict=True):
             content = (
-                self._confirmed(req, peer, item[2])
+                self._confirmed(req, peer, withdraw)
                 if failure is None
                 else self._failed(req, peer, failure)
             )
@@ -636,7 +659,9 @@ class _ProvSession:
         """Answer the queued requests, then wait for more."""
         out: list[bytes] = []
         server = self._server
-        burst: list[tuple[int, ProvRequest]] = []  # consecutive installs, committed together
+        # Consecutive requests of one operation (installs, or withdrawals),
+        # committed together.
+        burst: list[tuple[int, ProvRequest]] = []
         while self._queue:
             c = self._queue.popleft()
             try:
@@ -646,16 +671,16 @@ class _ProvSession:
                 log.info("provisioning peer=%s op=? result=400 (%s)", self._peer, exc)
                 self._queue.clear()
                 if burst:
-                    out.extend(server.install_burst(burst, self._peer))
+                    out.extend(server.answer_burst(burst, self._peer))
                 out.append(encode_container(c.identifier, _malformed()))
                 self._conn.close(b"".join(out))
                 return
+            if burst and req.op is not burst[0][1].op:
+                out.extend(server.answer_burst(burst, self._peer))
+                burst = []
             if server.groups(req):
                 burst.append((c.identifier, req))
                 continue
-            if burst:
-                out.extend(server.install_burst(burst, self._peer))
-                burst = []
             result = server._dispatch_now(req, self._peer, self._der)
             if isinstance(result, bytes):
                 out.append(encode_container(c.identifier, result))
@@ -668,7 +693,7 @@ class _ProvSession:
             self._task = asyncio.create_task(self._answer(c.identifier, result))
             return
         if burst:
-            out.extend(server.install_burst(burst, self._peer))
+            out.extend(server.answer_burst(burst, self._peer))
         if out:
             self._conn.write(b"".join(out))
         self._conn.await_request()

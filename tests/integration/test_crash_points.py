@@ -879,11 +879,16 @@ def _burst_killed(lab: Lab, ha_proc: HaProcess) -> tuple[int, _Sa, list[_Sa], by
         assert hac.answers(3) is None  # killed before any answer left
     finally:
         hac.close()
+    _killed(ha_proc, "call 2 of mipsec.core.ha_core:HaCore.install_sa")
+    return port, (old, old_raw), burst, captured
+
+
+def _killed(ha_proc: HaProcess, where: str) -> None:
+    """The HA died of its crash point's SIGKILL at ``where`` (not an exit)."""
     assert ha_proc.proc is not None and ha_proc.proc.wait(timeout=20) == -9
     ha_proc.proc = None
     assert ha_proc.log is not None
-    assert "SIGKILL at call 2 of mipsec.core.ha_core:HaCore.install_sa" in ha_proc.log.read_text()
-    return port, (old, old_raw), burst, captured
+    assert f"SIGKILL at {where}" in ha_proc.log.read_text()
 
 
 def _withdraw_all(lab: Lab, port: int, spis: list[int]) -> None:
@@ -977,6 +982,65 @@ def test_ha_killed_inside_a_bursts_one_transaction(lab: Lab, ha_proc: HaProcess)
     finally:
         hac.close()
     assert held_by_ha(lab) == []
+
+
+@pytest.mark.parametrize(
+    ("target", "durable"),
+    [
+        # Inside the burst's one transaction: its records written (the
+        # flush), the rows' delete under way, no COMMIT.
+        ("mipsec.core.roles.ha:HaService._discard", False),
+        # After its COMMIT, before any answer was written.
+        ("mipsec.core.roles.ha:HaService._withdrawn", True),
+    ],
+)
+def test_ha_killed_inside_a_burst_of_withdrawals(
+    lab: Lab, ha_proc: HaProcess, target: str, durable: bool
+) -> None:
+    """Withdrawals that arrive in one read share one transaction (records
+    and, ``[bindings] in_sa_store``, the rows' deletes) and are answered
+    after its COMMIT.  SIGKILL inside that transaction or between its
+    COMMIT and the answers: the HAC heard nothing, and on disk the burst is
+    all or nothing -- never some of its SPIs dead and others not.  Withdrawn
+    or not, the HAC's retries (it got no answer) end every SPI for good, and
+    a BU captured before stays refused."""
+    ha_proc.launcher = [*CRASHPOINT, target, "1", "--"]
+    ha_proc.start()
+    port = ha_proc.port
+    sas = [_sa(0x5101 + i, f"2001:db8:1::{0x21 + i:x}") for i in range(3)]
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(*(encode_install(issued) for issued, _ in sas))
+        assert hac.answers(3) == [200, 200, 200]
+        (old, old_raw) = sas[0]
+        assert _registers(old_raw, "2001:db8:1::21", 10, port) == 0
+        captured = old_raw.protect(binding_update(10, 25, "2001:db8:1::21", "::1"), seq=0)
+        hac.send(*(encode_withdraw(issued.sa.spi) for issued, _ in sas))
+        assert hac.answers(3) is None  # killed before any answer left
+    finally:
+        hac.close()
+    _killed(ha_proc, f"call 1 of {target}")
+    spis = sorted(issued.sa.spi for issued, _ in sas)
+    dead = query(lab.dir / "ha-sa.sqlite", "SELECT spi, dead FROM spi_state")
+    assert {int(spi) for spi, d in dead if d} == (set(spis) if durable else set())  # type: ignore[call-overload]
+    assert held_by_ha(lab) == ([] if durable else spis)
+
+    ha_proc.launcher = list(LAUNCHER)
+    ha_proc.start()
+    assert silent(captured, ("127.0.0.1", port))  # the floor survived either way
+    hoa = "2001:db8:1::21"
+    assert _registers(old_raw, hoa, 11, port) == (-1 if durable else 0)
+    _withdraw_all(lab, port, spis)  # the HAC's retries: confirmed, durable
+    wait_for("the HA's store forgets them", lambda: held_by_ha(lab) == [])
+    assert _registers(old_raw, hoa, 12, port) == -1
+    ha_proc.stop()
+    ha_proc.start()
+    hac = _AsHac(lab, port)
+    try:
+        hac.send(*(encode_install(issued) for issued, _ in sas))
+        assert hac.answers(3) == [400, 400, 400]  # dead for good
+    finally:
+        hac.close()
 
 
 def _installed(lab: Lab, port: int, spi: int, hoa: str) -> RawSA:

@@ -758,6 +758,114 @@ def test_install_many_answering_the_wrong_count_is_500_for_the_burst(pki: PkiPat
     assert answers == [(1, 500), (2, 500), (3, 200)] and rec.withdrawn == [61]
 
 
+def test_withdrawals_of_a_burst_go_to_on_withdraw_many_together(pki: PkiPaths) -> None:
+    """Consecutive withdrawals that arrived together reach ``on_withdraw_many``
+    in one call (the HA commits them once) and are answered only once it has
+    returned; an install ends the run (and another begins after it); a
+    failure answers its own withdrawal only; a callback answering the wrong
+    count is 500 for its whole run, the connection serving on."""
+    calls: list[list[int]] = []
+    rec = SyncRecorder()
+
+    def withdraw_many(spis: list[int]) -> list[Exception | None]:
+        calls.append(list(spis))
+        if 79 in spis:
+            return [None]  # a third party's bug: too few results
+        return [RuntimeError("k3y") if spi == 72 else None for spi in spis]
+
+    data = b"".join(encode_container(i, encode_withdraw(70 + i)) for i in (1, 2, 3))
+    data += encode_container(4, encode_install(make_issued(spi=74)))
+    data += encode_container(5, encode_withdraw(75)) + encode_container(6, encode_withdraw(76))
+    data += encode_container(7, encode_install(make_issued(spi=77)))
+    data += encode_container(8, encode_withdraw(78)) + encode_container(9, encode_withdraw(79))
+    got = run(
+        serving(
+            ha_listener(pki),
+            rec,
+            lambda port: burst(pki, port, data, 9),
+            on_install_many=lambda items: [None] * len(items),
+            on_withdraw_many=withdraw_many,
+        )
+    )
+    answers = [(c.identifier, decode_response(c.content).status) for c in got]
+    assert answers == [
+        (1, 200),
+        (2, 500),
+        (3, 200),
+        (4, 200),
+        (5, 200),
+        (6, 200),
+        (7, 200),
+        (8, 500),
+        (9, 500),
+    ]
+    assert calls == [[71, 72, 73], [75, 76], [78, 79]]
+    assert rec.withdrawn == []  # on_withdraw is not used for a burst
+
+
+def test_the_ha_commits_a_burst_of_withdrawals_once_before_any_answer(
+    tmp_path: Path, pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HA (``[bindings] in_sa_store``, as ``mipsec init`` writes it):
+    withdrawals that arrive in one read share one transaction -- their
+    records and their rows' deletes, one BEGIN and one COMMIT (one each per
+    withdrawal before) -- and the answers are written only after that
+    COMMIT: a HAC never holds a confirmation of a withdrawal that is not
+    durable.  Nothing is left for a later commit."""
+    from test_ha_one_commit import in_store_config, rows
+    from test_ha_udp import make_issued as ha_issued
+
+    from mipsec.core.roles.ha import HaService
+    from mipsec.core.roles.tlsserver import TlsConnection
+
+    events: list[str] = []
+    real_write = TlsConnection.write
+
+    def write(self: Any, data: bytes) -> None:
+        events.append("answers written")
+        real_write(self, data)
+
+    monkeypatch.setattr(TlsConnection, "write", write)
+    sas = [ha_issued(spi=0x8001 + i) for i in range(4)]
+
+    async def main() -> list[int]:
+        svc = HaService(in_store_config(tmp_path))
+        await svc.start()
+        try:
+            assert svc.install_many_now([(x, "ha1", ()) for x in sas]) == [None] * 4
+            svc.store._conn.set_trace_callback(  # type: ignore[attr-defined]
+                lambda sql: (
+                    events.append(sql.split()[0]) if sql.startswith(("BEGIN", "COMMIT")) else None
+                )
+            )
+            server = ProvisioningServer(
+                ha_listener(pki),
+                on_install=svc.install_sa_now,
+                on_install_many=svc.install_many_now,
+                on_withdraw=svc.withdraw_sa_now,
+                on_withdraw_many=svc.withdraw_many_now,
+                install_withdraws=True,
+            )
+            (_, port), *_ = await server.start()
+            try:
+                data = b"".join(
+                    encode_container(i, encode_withdraw(x.sa.spi)) for i, x in enumerate(sas, 1)
+                )
+                got = await burst(pki, port, data, len(sas))
+                await asyncio.sleep(0.05)  # a delete queued for later would run here
+            finally:
+                await server.stop()
+            return [decode_response(c.content).status for c in got]
+        finally:
+            await svc.stop()
+
+    assert run(main()) == [200] * 4
+    assert events == ["BEGIN", "COMMIT", "answers written"]
+    path = tmp_path / "sa.sqlite"
+    assert rows(path, "SELECT spi FROM issued_sa") == []
+    assert sorted(rows(path, "SELECT spi, dead FROM spi_state")) == [(x.sa.spi, 1) for x in sas]
+
+
 def test_waiting_callback_in_a_burst_keeps_the_order(pki: PkiPaths) -> None:
     # Install 31 completes at once, the withdraw waits, install 33 completes
     # at once: the answer to 31 leaves before the withdraw is done, and 33 is
