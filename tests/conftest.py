@@ -129,21 +129,6 @@ def edit_toml(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-def not_writable_dir(path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``path`` made, a directory this process may not create files in: mode
-    0555, and as root, whom a mode does not stop, ``os.access`` says so."""
-    path.mkdir()
-    path.chmod(0o555)
-    if os.access(path, os.W_OK):
-        real = os.access
-
-        def access(p: Any, mode: int, **kw: Any) -> bool:
-            return False if Path(p) == path and mode & os.W_OK else real(p, mode, **kw)
-
-        monkeypatch.setattr(os, "access", access)
-    return path
-
-
 @pytest.fixture
 def start_hac() -> Iterator[Any]:
     procs: list[subprocess.Popen[str]] = []

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LAUNCHER, Lab, edit_toml, make_lab, mipsec, not_writable_dir, wait_port
+from conftest import LAUNCHER, Lab, edit_toml, make_lab, mipsec, wait_port
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from fsaccess import not_writable_dir
 
 from mipsec.core import pki
 

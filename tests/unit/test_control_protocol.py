@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import not_writable_dir
+from fsaccess import not_writable_dir
 
 from mipsec.core import revocation
 from mipsec.core.config import validate_config
