@@ -288,6 +288,8 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
                 u.bind(("127.0.0.1", port))
         except OSError:
             continue
+        if not _claim(port):
+            continue
         _RECENT.append(port)
         del _RECENT[:-64]
         return port
@@ -299,6 +301,64 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
             "(a lab takes four: HAC, HA and two metrics)",
         )
     raise OSError("no free port on 127.0.0.1")
+
+
+# A port one process drew is not drawn by another for this long, across
+# every process of this user on the machine (``_claim``): from the draw to
+# the bind takes a role seconds, a bench's lab a minute at most.
+CLAIM_S = 120.0
+
+
+def _claims_dir(base: Path | None = None) -> Path | None:
+    """Where drawn ports are claimed: ``mipsec-lab-ports-UID`` in ``base``,
+    by default ``/tmp`` (not ``$TMPDIR``, which a test or bench may point
+    elsewhere for the processes it starts), a directory of this user's that
+    nobody else may write; None when it cannot be had (ports are then drawn
+    as before, unclaimed)."""
+    if base is None:
+        base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())  # noqa: S108 (owner, mode and symlink checked below)
+    path = base / f"mipsec-lab-ports-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.getuid():
+        return None
+    if st.st_mode & 0o022:
+        return None
+    return path
+
+
+def _claim(port: int) -> bool:
+    """Claim ``port`` for this draw among every process that draws lab ports
+    (a file named after it, made with O_EXCL); False when another drew it
+    less than ``CLAIM_S`` ago.
+
+    Each process's ``_RECENT`` keeps it from handing a port out twice, but
+    not from handing out one another process drew and has not bound yet: a
+    bench's second ``mipsec init`` drew the first lab's HAC metrics port,
+    and that HAC failed with "Address already in use" (a clean-clone CI
+    run, thirtieth session).  A claim older than ``CLAIM_S`` is stale and
+    taken over."""
+    where = _claims_dir()
+    if where is None:
+        return True
+    path = where / str(port)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE)
+    except FileExistsError:
+        try:
+            if time.time() - os.stat(path).st_mtime < CLAIM_S:
+                return False
+            os.utime(path)  # stale: this draw's now
+        except OSError:
+            return False
+        return True
+    except OSError:
+        return True  # nowhere to record it: drawn as before
+    os.close(fd)
+    return True
 
 
 def taken_elsewhere(ports: Iterable[int]) -> None:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from mipsec.core import labsetup
 from mipsec.core.errors import ConfigError
 from mipsec.core.labsetup import port_open
+
+REAL_CLAIMS_DIR = labsetup._claims_dir
+
+
+@pytest.fixture(autouse=True)
+def claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test claims its drawn ports in a directory of its own: the
+    fixed ranges below are drawn again by every run (claims last CLAIM_S)."""
+    where = tmp_path / "claims"
+    where.mkdir(mode=0o700)
+    monkeypatch.setattr(labsetup, "_claims_dir", lambda: where)
+    return where
 
 
 def test_open_only_while_something_listens() -> None:
@@ -123,3 +140,46 @@ def test_ports_taken_elsewhere_are_not_handed_out(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(labsetup.secrets, "choice", lambda _r: next(draws))
     labsetup.taken_elsewhere([41500])
     assert labsetup.free_port() == 41501
+
+
+def test_a_port_another_process_drew_is_not_drawn_until_its_claim_is_stale(
+    monkeypatch: pytest.MonkeyPatch, claims: Path
+) -> None:
+    """Every process draws with its own ``_RECENT``: a port another process
+    drew and has not bound yet looked free (a bench's second ``mipsec init``
+    drew the first lab's metrics port; its HAC then failed with "Address
+    already in use", in CI).  The claim is a file: another process's draw of
+    the one port of a range leaves none for this one, until the claim is
+    ``CLAIM_S`` old."""
+    monkeypatch.setenv(labsetup.PORTS_ENV, "46100-46100")
+    monkeypatch.setattr(labsetup, "_RECENT", [])
+    code = (
+        "from pathlib import Path\n"
+        "from mipsec.core import labsetup\n"
+        f"labsetup._claims_dir = lambda: Path({str(claims)!r})\n"
+        "print(labsetup.free_port())\n"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert other.stdout.strip() == "46100"
+    with pytest.raises(ConfigError, match="no port free"):
+        labsetup.free_port()
+    old = time.time() - labsetup.CLAIM_S - 1
+    os.utime(claims / "46100", (old, old))
+    assert labsetup.free_port() == 46100  # a stale claim is taken over
+
+
+def test_claims_are_kept_only_in_a_directory_of_this_users_alone(tmp_path: Path) -> None:
+    """/tmp is shared: a claims directory another user could write (or a
+    symlink planted there) is not used -- ports are drawn unclaimed, as
+    before claims existed."""
+    target = tmp_path / f"mipsec-lab-ports-{os.getuid()}"
+    assert REAL_CLAIMS_DIR(tmp_path) == target  # made, mode 0700
+    assert target.stat().st_mode & 0o777 == 0o700
+    target.chmod(0o777)
+    assert REAL_CLAIMS_DIR(tmp_path) is None  # others may write it
+    target.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    target.symlink_to(tmp_path / "elsewhere")
+    assert REAL_CLAIMS_DIR(tmp_path) is None  # a symlink
