@@ -294,6 +294,14 @@ def _ha_families(svc: Any) -> Iterator[Metric]:
     for name, doc, key in _HA_GAUGES:
         if isinstance(st.get(key), int):
             yield _gauge(name, doc, st[key])
+    limits = st.get("pull_limits")
+    if isinstance(limits, dict):
+        # [pull]'s limits in force (a reload changes them in place): a
+        # dashboard sets pulls_total against what was allowed (thirtieth session).
+        fam = GaugeMetricFamily("mipsec_ha_pull_limit", "[pull] limits in force", labels=["limit"])
+        for limit, v in limits.items():
+            fam.add_metric([limit], float(v))
+        yield fam
     yield CounterMetricFamily(
         "mipsec_ha_installs_refused_full", "Installs refused at [ha] max_spi_records",
         value=st.get("installs_refused_full", 0),

@@ -206,3 +206,7 @@ def test_ha_pulls_are_exported() -> None:
     assert got == want
     assert value(text, "mipsec_ha_pull_sightings") == 0.0
     assert value(text, "mipsec_ha_pull_sources") == 0.0
+    # The limits in force: the defaults, with no [pull] (thirtieth session).
+    limits = {"rate": 20.0, "burst": 50.0, "max_in_flight": 16.0, "source_rate": 5.0,
+              "source_burst": 10.0}  # fmt: skip
+    assert {k: value(text, "mipsec_ha_pull_limit", limit=k) for k in limits} == limits
