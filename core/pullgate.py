@@ -145,14 +145,17 @@ class PullGate:
         and each source keeps its bucket the same way."""
         self._check(rate, burst, max_in_flight)
         self.sources.configure(source_rate, source_burst)  # may raise: nothing changed yet
-        now = self._clock()
-        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
-        self._at = now
+        self._refill(self._clock())  # earned at the old rate
         self.rate = rate
         self.burst = float(burst)
         self.reserve = float(burst // 2)
         self.tokens = min(self.tokens, self.burst)
         self.max_in_flight = max_in_flight
+
+    def _refill(self, now: float) -> None:
+        """The global bucket's tokens earned since the last look, up to ``burst``."""
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
 
     def limits(self) -> dict[str, float | int]:
         """The limits in force (``mipsec status``)."""
@@ -169,8 +172,7 @@ class PullGate:
         None: unknown), be pulled while ``in_flight`` pulls run?  PULL takes
         a token (and one of the source's, for a repeated sighting)."""
         now = self._clock()
-        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
-        self._at = now
+        self._refill(now)
         self._age(now)
         if spi not in self._cur and spi not in self._prev:
             if self.tokens >= 1.0 + self.reserve and 2 * in_flight < self.max_in_flight:

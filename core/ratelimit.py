@@ -98,10 +98,15 @@ class SourceBuckets:
             raise ValueError("rate > 0 and burst >= 1 are required")
         now = self.clock()
         for key, (tokens, at) in list(self._buckets.items()):
-            held = min(float(self.burst), tokens + (now - at) * self.rate)
+            held = self._refilled(tokens, at, now)  # earned at the old rate
             self._buckets[key] = (min(float(burst), held), now)  # an update: no move
         self.rate = rate
         self.burst = burst
+
+    def _refilled(self, tokens: float, at: float, now: float) -> float:
+        """A bucket's tokens at ``now``: those it held at ``at`` plus what it
+        earned since, up to ``burst``."""
+        return min(float(self.burst), tokens + (now - at) * self.rate)
 
     def allow(self, key: int) -> bool:
         now = self.clock()
@@ -112,7 +117,7 @@ class SourceBuckets:
             if len(buckets) >= self.max_sources:
                 buckets.popitem(last=False)  # the least recently used
         else:
-            tokens = min(float(self.burst), held[0] + (now - held[1]) * self.rate)
+            tokens = self._refilled(held[0], held[1], now)
             buckets.move_to_end(key)
         if tokens >= 1.0:
             buckets[key] = (tokens - 1.0, now)
